@@ -1,0 +1,1 @@
+"""Measuring instruments: load drivers, profiler, cost models, comparisons."""

@@ -1,0 +1,1 @@
+"""The filter plugins (fault, ratelimit, tap, lua, wasm) and example filter programs."""

@@ -1,0 +1,1 @@
+"""Traffic capture: iptables redirect rule sets and network-namespace helpers."""
