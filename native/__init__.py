@@ -1,1 +1,74 @@
-"""Native I/O module (cffi): splice relay, MSG_ZEROCOPY sends; optional, with pure-Python fallback."""
+"""Native I/O module (cffi): splice relay, MSG_ZEROCOPY sends; optional, with pure-Python fallback.
+
+The proxy's hot path calls the C functions directly through ``lib`` (one cffi
+call, no Python wrapper in between); every function is non-blocking and
+returns ``-errno`` instead of raising. ``ffi`` is exported for buffers
+(``ffi.from_buffer``, ``ffi.new``).
+
+``AVAILABLE`` says whether the compiled module loaded; when it did not,
+``UNAVAILABLE_REASON`` says why and ``lib``/``ffi`` are None. Setting
+``PYPROXY_DISABLE_NATIVE=1`` before import forces the fallback, so tests and
+operators can run the pure-Python path on a host that has the module.
+
+C API (see pyproxy_native.h for the full contract):
+
+=====================================================  ==========================================
+``pp_splice_in(sock_fd, pipe_wr, max) -> ssize_t``     >0 moved, 0 EOF, -EAGAIN would block
+``pp_splice_out(pipe_rd, sock_fd, max) -> ssize_t``    >0 moved, -EAGAIN would block
+``pp_pipe(int fds[2], size) -> int``                   capacity granted, or -errno
+``pp_zc_enable(fd) -> int``                            0 or -errno (SO_ZEROCOPY)
+``pp_zc_send(fd, buf, len) -> ssize_t``                bytes queued, -ENOBUFS: fall back to copy
+``pp_zc_reap(fd, lo*, hi*, copied*, max) -> int``      notifications read, 0 none, -errno
+``pp_send(fd, buf, len) -> ssize_t``                   plain MSG_DONTWAIT send
+``pp_relay_copy(in, out, buf, len, sent*) -> ssize_t`` recv+send in one call
+=====================================================  ==========================================
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import os as _os
+from typing import Any
+
+__all__ = [
+    "AVAILABLE",
+    "UNAVAILABLE_REASON",
+    "ffi",
+    "lib",
+    "EAGAIN",
+    "ENOBUFS",
+    "pipe",
+]
+
+# Negated once here so the hot path compares against a module constant.
+EAGAIN = -_errno.EAGAIN
+ENOBUFS = -_errno.ENOBUFS
+
+ffi: Any = None
+lib: Any = None
+AVAILABLE: bool = False
+UNAVAILABLE_REASON: str | None = None
+
+if _os.environ.get("PYPROXY_DISABLE_NATIVE", "") not in ("", "0"):
+    UNAVAILABLE_REASON = "disabled by PYPROXY_DISABLE_NATIVE"
+else:
+    try:
+        from ._native import ffi, lib  # type: ignore[no-redef]
+    except ImportError as exc:  # not built: no compiler at install time, or a foreign platform
+        UNAVAILABLE_REASON = f"{type(exc).__name__}: {exc}"
+    else:
+        AVAILABLE = True
+
+
+def pipe(size: int = 0) -> tuple[int, int, int]:
+    """Create a non-blocking pipe for a splice relay: (read_fd, write_fd, capacity).
+
+    Called once per connection, so it may raise; the per-chunk calls do not.
+    """
+    if lib is None:
+        raise RuntimeError(f"pyproxy.native unavailable: {UNAVAILABLE_REASON}")
+    fds = ffi.new("int[2]")
+    cap = lib.pp_pipe(fds, size)
+    if cap < 0:
+        raise OSError(-cap, _os.strerror(-cap))
+    return fds[0], fds[1], cap

@@ -1,0 +1,176 @@
+/* Native I/O primitives for the proxy's relay: splice(2), MSG_ZEROCOPY sends
+ * and completion reaping, and a fused recv+send. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/socket.h>
+#include <netinet/in.h>
+#include <linux/errqueue.h>
+
+#include "pyproxy_native.h"
+
+/* Older libc headers lack these; the values are kernel ABI. */
+#ifndef SO_ZEROCOPY
+#define SO_ZEROCOPY 60
+#endif
+#ifndef MSG_ZEROCOPY
+#define MSG_ZEROCOPY 0x4000000
+#endif
+#ifndef SO_EE_ORIGIN_ZEROCOPY
+#define SO_EE_ORIGIN_ZEROCOPY 5
+#endif
+#ifndef SO_EE_CODE_ZEROCOPY_COPIED
+#define SO_EE_CODE_ZEROCOPY_COPIED 1
+#endif
+
+/* SPLICE_F_NONBLOCK only makes the pipe side non-blocking; the socket side
+ * follows the socket's own O_NONBLOCK, which the proxy always sets. */
+#define PP_SPLICE_FLAGS (SPLICE_F_MOVE | SPLICE_F_NONBLOCK)
+
+ssize_t pp_splice_in(int sock_fd, int pipe_wr, size_t max)
+{
+    ssize_t n;
+    do {
+        n = splice(sock_fd, NULL, pipe_wr, NULL, max, PP_SPLICE_FLAGS);
+    } while (n < 0 && errno == EINTR);
+    return n < 0 ? -errno : n;
+}
+
+ssize_t pp_splice_out(int pipe_rd, int sock_fd, size_t max)
+{
+    ssize_t n;
+    do {
+        n = splice(pipe_rd, NULL, sock_fd, NULL, max, PP_SPLICE_FLAGS);
+    } while (n < 0 && errno == EINTR);
+    return n < 0 ? -errno : n;
+}
+
+int pp_pipe(int fds[2], int size)
+{
+    if (pipe2(fds, O_NONBLOCK | O_CLOEXEC) < 0)
+        return -errno;
+    if (size > 0 && fcntl(fds[0], F_SETPIPE_SZ, size) < 0) {
+        /* EPERM above pipe-max-size for unprivileged users: keep the pipe at
+         * its default size rather than fail the connection. */
+        if (errno != EPERM) {
+            int err = errno;
+            close(fds[0]);
+            close(fds[1]);
+            return -err;
+        }
+    }
+    int cap = fcntl(fds[0], F_GETPIPE_SZ);
+    if (cap < 0) {
+        int err = errno;
+        close(fds[0]);
+        close(fds[1]);
+        return -err;
+    }
+    return cap;
+}
+
+int pp_zc_enable(int fd)
+{
+    int one = 1;
+    if (setsockopt(fd, SOL_SOCKET, SO_ZEROCOPY, &one, sizeof(one)) < 0)
+        return -errno;
+    return 0;
+}
+
+ssize_t pp_zc_send(int fd, const char *buf, size_t len)
+{
+    ssize_t n;
+    do {
+        n = send(fd, buf, len, MSG_ZEROCOPY | MSG_DONTWAIT | MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    return n < 0 ? -errno : n;
+}
+
+ssize_t pp_send(int fd, const char *buf, size_t len)
+{
+    ssize_t n;
+    do {
+        n = send(fd, buf, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+    } while (n < 0 && errno == EINTR);
+    return n < 0 ? -errno : n;
+}
+
+/* Reads up to max zerocopy notifications from the error queue. Each fills
+ * lo[i]..hi[i] (inclusive send sequence numbers, u32 that wrap) and copied[i]
+ * (1 when the kernel fell back to copying that range). Returns how many were
+ * read: 0 when the queue is empty, -errno on a real error. Non-zerocopy
+ * entries (e.g. ICMP errors) are consumed and skipped: the zerocopy socket
+ * never asked for them, and leaving them would keep POLLERR raised. */
+int pp_zc_reap(int fd, uint32_t *lo, uint32_t *hi, int *copied, int max)
+{
+    int count = 0;
+    /* Room for one sock_extended_err plus its offender address, IPv4 or v6. */
+    char control[CMSG_SPACE(sizeof(struct sock_extended_err) + sizeof(struct sockaddr_in6))];
+
+    while (count < max) {
+        struct msghdr msg;
+        memset(&msg, 0, sizeof(msg));
+        msg.msg_control = control;
+        msg.msg_controllen = sizeof(control);
+
+        ssize_t r = recvmsg(fd, &msg, MSG_ERRQUEUE | MSG_DONTWAIT);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            return count > 0 ? count : -errno;
+        }
+        for (struct cmsghdr *cm = CMSG_FIRSTHDR(&msg); cm; cm = CMSG_NXTHDR(&msg, cm)) {
+            if (!((cm->cmsg_level == SOL_IP && cm->cmsg_type == IP_RECVERR) ||
+                  (cm->cmsg_level == SOL_IPV6 && cm->cmsg_type == IPV6_RECVERR)))
+                continue;
+            struct sock_extended_err serr;
+            memcpy(&serr, CMSG_DATA(cm), sizeof(serr));
+            if (serr.ee_origin != SO_EE_ORIGIN_ZEROCOPY || serr.ee_errno != 0)
+                continue;
+            lo[count] = serr.ee_info;
+            hi[count] = serr.ee_data;
+            copied[count] = (serr.ee_code & SO_EE_CODE_ZEROCOPY_COPIED) ? 1 : 0;
+            count++;
+            break;
+        }
+    }
+    return count;
+}
+
+/* One Python->C transition instead of two for a copying relay step: recv up
+ * to len bytes into buf, then send as much of them as the peer takes.
+ * Returns bytes received (0 = EOF, -errno on a recv error, -EAGAIN when
+ * nothing was readable) and stores in *sent how many of them went out; the
+ * caller owns buf[*sent:ret] and must flush it before the next call. A send
+ * error other than EAGAIN is returned as -errno (the received bytes are then
+ * lost with the connection, which is being torn down anyway). */
+ssize_t pp_relay_copy(int in_fd, int out_fd, char *buf, size_t len, size_t *sent)
+{
+    ssize_t n;
+    *sent = 0;
+    do {
+        n = recv(in_fd, buf, len, MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    if (n <= 0)
+        return n < 0 ? -errno : 0;
+
+    size_t off = 0;
+    while (off < (size_t)n) {
+        ssize_t w = send(out_fd, buf + off, (size_t)n - off, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            *sent = off;
+            return -errno;
+        }
+        off += (size_t)w;
+    }
+    *sent = off;
+    return n;
+}

@@ -1,0 +1,29 @@
+/* Declarations of the native I/O primitives; every call is non-blocking and
+ * returns -errno instead of raising so the Python hot path stays one cheap call. */
+#ifndef PYPROXY_NATIVE_H
+#define PYPROXY_NATIVE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+/* splice relay: socket -> pipe, pipe -> socket. >0 bytes moved; 0 from
+ * pp_splice_in means the peer closed (EOF); -EAGAIN means would block (no
+ * data, pipe full, pipe empty or socket send buffer full); else -errno. */
+ssize_t pp_splice_in(int sock_fd, int pipe_wr, size_t max);
+ssize_t pp_splice_out(int pipe_rd, int sock_fd, size_t max);
+/* pipe2(O_NONBLOCK|O_CLOEXEC) resized to size bytes (size <= 0 keeps the
+ * default). Returns the capacity the kernel granted, or -errno. */
+int pp_pipe(int fds[2], int size);
+
+/* MSG_ZEROCOPY */
+int pp_zc_enable(int fd);
+ssize_t pp_zc_send(int fd, const char *buf, size_t len);
+int pp_zc_reap(int fd, uint32_t *lo, uint32_t *hi, int *copied, int max);
+
+/* plain non-blocking send, the copy path a zerocopy caller falls back to */
+ssize_t pp_send(int fd, const char *buf, size_t len);
+/* recv into buf then send it on in one C call; see pyproxy_native.c */
+ssize_t pp_relay_copy(int in_fd, int out_fd, char *buf, size_t len, size_t *sent);
+
+#endif
