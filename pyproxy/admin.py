@@ -1,0 +1,109 @@
+"""Admin, Prometheus and health endpoints: a tiny HTTP/1.1 server off the data path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
+
+from pyproxy.addresses import Address
+from pyproxy.io import sockets
+
+log = logging.getLogger("pyproxy.admin")
+
+MAX_HEAD = 16 * 1024
+READ_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    status: int
+    body: bytes
+    content_type: str = "text/plain; charset=utf-8"
+
+    @classmethod
+    def json(cls, data: object, status: int = 200) -> Response:
+        return cls(
+            status, json.dumps(data, indent=2, sort_keys=False).encode() + b"\n", "application/json"
+        )
+
+    @classmethod
+    def text(cls, text: str, status: int = 200) -> Response:
+        return cls(status, text.encode())
+
+
+Handler = Callable[[dict[str, list[str]]], Awaitable[Response] | Response]
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+class EndpointServer:
+    """Serves a fixed route table: {path: (method, handler)}; anything else is 404 or 405."""
+
+    def __init__(self, routes: dict[str, tuple[str, Handler]]) -> None:
+        self.routes = routes
+        self._server: asyncio.base_events.Server | None = None
+
+    async def start(self, address: Address) -> None:
+        sock = sockets.listen(address, reuse_port=False, backlog=128)
+        self._server = await asyncio.start_server(self._serve, sock=sock)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            response = await self._respond(reader)
+        except (
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            TimeoutError,
+            ConnectionError,
+        ):
+            response = Response.text("bad request\n", 400)
+        except Exception:  # an endpoint bug must not take the admin server down
+            log.exception("admin handler failed")
+            response = Response.text("internal error\n", 500)
+        head = (
+            f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Unknown')}\r\n"
+            f"Content-Type: {response.content_type}\r\nContent-Length: {len(response.body)}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        try:
+            writer.write(head.encode() + response.body)
+            await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    async def _respond(self, reader: asyncio.StreamReader) -> Response:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
+        if len(head) > MAX_HEAD:
+            return Response.text("request head too large\n", 431)
+        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+        parts = request_line.split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            return Response.text("malformed request line\n", 400)
+        method, target = parts[0], urlsplit(parts[1])
+        route = self.routes.get(target.path)
+        if route is None:
+            return Response.text("not found; try: " + " ".join(sorted(self.routes)) + "\n", 404)
+        allowed, handler = route
+        if method != allowed and not (allowed == "GET" and method == "HEAD"):
+            return Response.text(f"method not allowed; use {allowed}\n", 405)
+        result = handler(parse_qs(target.query))
+        if asyncio.iscoroutine(result):
+            result = await result
+        return result

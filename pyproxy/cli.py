@@ -1,0 +1,200 @@
+"""The `pyproxy` command: run, stats, capture, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import urllib.error
+import urllib.request
+from typing import Any
+
+from pyproxy import __version__
+from pyproxy.config import (
+    ADMIN_DEFAULT,
+    HEALTH_DEFAULT,
+    MODES,
+    PROMETHEUS_DEFAULT,
+    ConfigError,
+    ProxyConfig,
+    build_config,
+    load_config,
+    sidecar_listeners,
+)
+
+EXIT_CONFIG = 2
+
+
+def _add_run(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser(
+        "run", help="run the proxy", description="Run pyproxy from a config file or quick flags."
+    )
+    run.add_argument("-c", "--config", help="YAML config file (SIGHUP reloads it)")
+    run.add_argument(
+        "--sidecar",
+        action="store_true",
+        help="capture listeners 15001 (outbound) and 15006 (inbound), admin, metrics and health",
+    )
+    run.add_argument(
+        "--capture-mode",
+        choices=("redirect", "tproxy"),
+        default="redirect",
+        help="how capture rules deliver traffic (tproxy sets IP_TRANSPARENT)",
+    )
+    run.add_argument("--mode", choices=MODES, help="protocol mode of the listener(s) (default tcp)")
+    run.add_argument("--listen", help="standalone listener address, host:port or unix:/path")
+    run.add_argument("--upstream", help="standalone upstream address, host:port or unix:/path")
+    run.add_argument(
+        "--concurrency", type=int, help="worker processes sharing the listeners (SO_REUSEPORT)"
+    )
+    run.add_argument("--admin", help=f"admin address (default {ADMIN_DEFAULT}; 'off' disables)")
+    run.add_argument(
+        "--prometheus",
+        help=f"Prometheus address (sidecar default {PROMETHEUS_DEFAULT}; 'off' disables)",
+    )
+    run.add_argument(
+        "--health", help=f"health address (sidecar default {HEALTH_DEFAULT}; 'off' disables)"
+    )
+    run.add_argument("--no-stage-clock", action="store_true", help="switch per-stage timing off")
+    run.add_argument(
+        "--drain-timeout", help="how long SIGTERM waits for in-flight connections (e.g. 5s)"
+    )
+    run.add_argument("--idle-timeout", help="close connections idle this long (e.g. 1h)")
+    run.add_argument("--connect-timeout", help="upstream connect timeout (e.g. 5s)")
+    run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    run.set_defaults(func=cmd_run)
+
+
+def config_from_args(args: argparse.Namespace) -> ProxyConfig:
+    """Build the same document a YAML file would hold, then validate it the same way."""
+    quick = args.listen or args.upstream or args.sidecar
+    if args.config and quick:
+        raise ConfigError(
+            "<flags>",
+            "--listen/--upstream/--sidecar",
+            "cannot be combined with -c; put listeners in the file",
+        )
+    if args.config:
+        with open(args.config, encoding="utf-8"):
+            pass  # let load_config report unreadable files with the path
+        config = load_config(args.config)
+        return _apply_top_flags(config.raw, args, args.config)
+    listener_extra: dict[str, Any] = {}
+    if args.idle_timeout:
+        listener_extra["idle_timeout"] = args.idle_timeout
+    if args.connect_timeout:
+        listener_extra["connect_timeout"] = args.connect_timeout
+    data: dict[str, Any] = {}
+    if args.sidecar:
+        data["listeners"] = [
+            dict(lst, **listener_extra)
+            for lst in sidecar_listeners(args.mode or "tcp", args.capture_mode == "tproxy")
+        ]
+        data["prometheus"] = PROMETHEUS_DEFAULT
+        data["health"] = HEALTH_DEFAULT
+    else:
+        if not args.listen or not args.upstream:
+            raise ConfigError(
+                "<flags>", "--listen/--upstream", "give both (or -c FILE, or --sidecar)"
+            )
+        data["listeners"] = [
+            {
+                "name": "main",
+                "address": args.listen,
+                "upstream": args.upstream,
+                "mode": args.mode or "tcp",
+                **listener_extra,
+            }
+        ]
+    return _apply_top_flags(data, args, "<flags>")
+
+
+def _apply_top_flags(data: dict, args: argparse.Namespace, source: str) -> ProxyConfig:
+    data = dict(data)
+    for flag in ("admin", "prometheus", "health", "concurrency"):
+        value = getattr(args, flag)
+        if value is not None:
+            data[flag] = value
+    if args.no_stage_clock:
+        data["stage_clock"] = False
+    if args.drain_timeout:
+        data["drain_timeout"] = args.drain_timeout
+    if args.mode and source != "<flags>":
+        raise ConfigError("<flags>", "--mode", "set the mode per listener in the config file")
+    return build_config(data, source=source)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s pyproxy[%(process)d] %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"pyproxy: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"pyproxy: config error: {args.config}: cannot read: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    from pyproxy.supervisor import Supervisor
+
+    reload_config = (lambda: config_from_args(args)) if args.config else None
+    return Supervisor(config, reload_config).run()
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from pyproxy.stats import stage_table
+
+    url = f"http://{args.admin}/stats?format=json"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            snap = json.load(response)
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"pyproxy stats: cannot reach the admin at {args.admin}: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        json.dump(snap, sys.stdout, indent=2)
+        print()
+    else:
+        sys.stdout.write(stage_table(snap))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyproxy", description="A userspace L7 sidecar proxy that measures itself."
+    )
+    parser.add_argument("--version", action="version", version=f"pyproxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run(sub)
+    stats = sub.add_parser("stats", help="print a running proxy's per-stage breakdown")
+    stats.add_argument("--admin", default=ADMIN_DEFAULT, help="admin address of the running proxy")
+    stats.add_argument("--json", action="store_true", help="raw JSON instead of the table")
+    stats.set_defaults(func=cmd_stats)
+    demo = sub.add_parser(
+        "demo", help="demo: an echo service, pyproxy in front, traffic, the stage table"
+    )
+    demo.add_argument("--messages", type=int, default=20000)
+    demo.add_argument("--connections", type=int, default=4)
+    demo.set_defaults(func=lambda a: __import__("pyproxy.demo", fromlist=["main"]).main(a))
+    try:
+        from pyproxy.iptables import cli as capture_cli
+    except ImportError:
+        capture_cli = None
+    if capture_cli is not None and hasattr(capture_cli, "add_parser"):
+        capture_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The stage clock's storage: int64 accumulators in shared memory, one block per worker and listener.
+
+The hot path only adds integers into a memoryview over an anonymous shared
+mapping created before the workers fork; the admin process reads every
+worker's block and sums at scrape time. No locks: each slot has one writer.
+"""
+
+from __future__ import annotations
+
+import mmap
+from bisect import bisect_left
+
+# Stages, in MeshInsight's component order. Filter stages follow, one per filter slot.
+STAGES = ("ipc", "read", "write", "notify", "parse", "other")
+IPC, READ, WRITE, NOTIFY, PARSE, OTHER = range(6)
+MAX_FILTERS = 16
+STAGE_SLOTS = len(STAGES) + MAX_FILTERS
+
+# Response flags, Envoy's vocabulary where one exists.
+FLAGS = (
+    "UF",  # upstream connection failure (refused, unreachable, connect timeout)
+    "UT",  # upstream timeout
+    "UR",  # upstream reset
+    "DR",  # downstream reset
+    "SI",  # idle timeout
+    "NR",  # no route (e.g. original destination is the proxy itself)
+    "DC",  # downstream terminated before the upstream was reached
+    "LR",  # connection reset locally
+    "DPE",  # downstream protocol error
+    "FI",  # fault injected
+    "RL",  # rate limited
+    "UO",  # overflow
+)
+FLAG_INDEX = {name: i for i, name in enumerate(FLAGS)}
+
+# Connection (TCP) / request (HTTP) duration buckets, seconds.
+BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    300,
+)
+BUCKET_BOUNDS_NS = tuple(int(b * 1e9) for b in BUCKETS)
+
+# Slot offsets within one listener's block.
+STAGE_NS = 0
+STAGE_EVENTS = STAGE_NS + STAGE_SLOTS
+CONNECTIONS_TOTAL = STAGE_EVENTS + STAGE_SLOTS
+CONNECTIONS_ACTIVE = CONNECTIONS_TOTAL + 1
+DOWNSTREAM_RX = CONNECTIONS_ACTIVE + 1
+DOWNSTREAM_TX = DOWNSTREAM_RX + 1
+UPSTREAM_RX = DOWNSTREAM_TX + 1
+UPSTREAM_TX = UPSTREAM_RX + 1
+MESSAGES = UPSTREAM_TX + 1  # downstream reads that carried data: TCP mode's "message"
+REQUESTS = MESSAGES + 1
+FLAG_BASE = REQUESTS + 1
+HIST_BASE = FLAG_BASE + len(FLAGS)
+HIST_SUM_NS = HIST_BASE + len(BUCKETS) + 1  # buckets, then +Inf
+HIST_COUNT = HIST_SUM_NS + 1
+LISTENER_SLOTS = HIST_COUNT + 1
+
+# Per-worker header slots.
+W_PID = 0
+W_READY = 1
+W_NOTIFY_COST_NS = 2  # calibrated cost of one readiness notification (see io/notify.py)
+W_STARTED_NS = 3
+W_DRAINING = 4
+WORKER_HEADER = 8
+
+MAX_LISTENERS = 64
+
+
+class CounterStore:
+    """One shared mapping: for each worker a header plus MAX_LISTENERS listener blocks."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._stride = WORKER_HEADER + MAX_LISTENERS * LISTENER_SLOTS
+        self._map = mmap.mmap(-1, workers * self._stride * 8)
+        self._all = memoryview(self._map).cast("q")
+        # Listener names by slot, assigned in the supervisor before fork and on reload.
+        self._slots: dict[str, int] = {}
+
+    def slot_for(self, listener_name: str) -> int:
+        slot = self._slots.get(listener_name)
+        if slot is None:
+            if len(self._slots) >= MAX_LISTENERS:
+                raise RuntimeError(f"more than {MAX_LISTENERS} listener names seen")
+            slot = self._slots[listener_name] = len(self._slots)
+        return slot
+
+    def slots(self) -> dict[str, int]:
+        return dict(self._slots)
+
+    def worker_header(self, worker: int) -> memoryview:
+        base = worker * self._stride
+        return self._all[base : base + WORKER_HEADER]
+
+    def listener_block(self, worker: int, slot: int) -> memoryview:
+        base = worker * self._stride + WORKER_HEADER + slot * LISTENER_SLOTS
+        return self._all[base : base + LISTENER_SLOTS]
+
+    def summed_block(self, slot: int) -> list[int]:
+        """The listener's slots summed over every worker (admin side, scrape time)."""
+        total = [0] * LISTENER_SLOTS
+        for worker in range(self.workers):
+            block = self.listener_block(worker, slot).tolist()
+            total = [a + b for a, b in zip(total, block, strict=True)]
+            # notify is derived: readiness events x this worker's calibrated cost.
+            total[STAGE_NS + NOTIFY] += block[STAGE_EVENTS + NOTIFY] * self.notify_cost_ns(worker)
+        return total
+
+    def notify_cost_ns(self, worker: int) -> int:
+        return self.worker_header(worker)[W_NOTIFY_COST_NS]
+
+
+def observe_duration(block: memoryview, elapsed_ns: int) -> None:
+    """Add one observation to the listener's duration histogram (cumulative at export)."""
+    block[HIST_BASE + bisect_left(BUCKET_BOUNDS_NS, elapsed_ns)] += 1
+    block[HIST_SUM_NS] += elapsed_ns
+    block[HIST_COUNT] += 1

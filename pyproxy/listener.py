@@ -1,0 +1,248 @@
+"""A listener: accepts connections, decides where each goes, connects upstream and starts the relay."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from time import perf_counter_ns
+
+from pyproxy.addresses import Address
+from pyproxy.config import ListenerConfig
+from pyproxy.counters import (
+    CONNECTIONS_ACTIVE,
+    CONNECTIONS_TOTAL,
+    FLAG_BASE,
+    FLAG_INDEX,
+    IPC,
+    READ,
+    STAGE_EVENTS,
+    STAGE_NS,
+    WRITE,
+    observe_duration,
+)
+from pyproxy.io import sockets
+from pyproxy.io.relay import Relay
+
+log = logging.getLogger("pyproxy.listener")
+
+ACCEPTS_PER_WAKEUP = 64  # bounded so one busy listener cannot starve the rest of the loop
+IN_PROGRESS = (errno.EINPROGRESS, errno.EAGAIN)
+
+
+class _PendingConnect:
+    """A downstream connection waiting for its upstream connect to finish (or fail, or time out)."""
+
+    __slots__ = ("listener", "downstream", "upstream", "started_ns", "timer", "connect_started_ns")
+
+    def __init__(
+        self,
+        listener: Listener,
+        downstream: socket.socket,
+        upstream: socket.socket,
+        started_ns: int,
+    ) -> None:
+        self.listener = listener
+        self.downstream, self.upstream = downstream, upstream
+        self.started_ns = started_ns
+        self.connect_started_ns = perf_counter_ns()
+        loop = listener.loop
+        self.timer = loop.call_later(listener.config.connect_timeout, self.close, "UF")
+        loop.add_writer(upstream.fileno(), self.on_connected)
+
+    def on_connected(self) -> None:
+        listener = self.listener
+        listener.loop.remove_writer(self.upstream.fileno())
+        self.timer.cancel()
+        code = self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if listener.timed:
+            block = listener.block
+            block[listener.connect_ns] += perf_counter_ns() - self.connect_started_ns
+            block[listener.connect_events] += 1
+        listener.connections.discard(self)
+        if code:
+            self.upstream.close()
+            listener.fail(self.downstream, "UF", self.started_ns)
+            return
+        listener.start_relay(self.downstream, self.upstream, self.started_ns)
+
+    def close(self, flag: str = "UF") -> None:
+        listener = self.listener
+        listener.connections.discard(self)
+        self.timer.cancel()
+        fd = self.upstream.fileno()
+        if fd >= 0:
+            listener.loop.remove_writer(fd)
+        self.upstream.close()
+        listener.fail(self.downstream, flag, self.started_ns)
+
+
+class Listener:
+    """Accept loop and per-connection routing for one configured listener."""
+
+    def __init__(
+        self, loop, config: ListenerConfig, block: memoryview, timed: bool, connections: set
+    ) -> None:
+        self.loop = loop
+        self.config = config
+        self.block = block
+        self.timed = timed
+        self.connections = connections
+        self.sockets: list[socket.socket] = []
+        self.own_addresses: set[tuple[str, int]] = set()
+        self._set_stages()
+
+    def _set_stages(self) -> None:
+        down_app = self.config.app_side == "downstream"
+        accept_stage = IPC if down_app else READ
+        connect_stage = WRITE if down_app else IPC
+        self.accept_ns, self.accept_events = STAGE_NS + accept_stage, STAGE_EVENTS + accept_stage
+        self.connect_ns, self.connect_events = (
+            STAGE_NS + connect_stage,
+            STAGE_EVENTS + connect_stage,
+        )
+
+    def start(self) -> None:
+        for address in self.config.addresses:
+            sock = sockets.listen(address, transparent=self.config.transparent)
+            self.sockets.append(sock)
+            if not address.is_unix:
+                self.own_addresses.add(sock.getsockname()[:2])
+            self.loop.add_reader(sock.fileno(), self._on_acceptable, sock)
+
+    def update(self, config: ListenerConfig) -> None:
+        """Take a reloaded config with the same addresses; live connections keep the old one."""
+        self.config = config
+        self._set_stages()
+
+    def stop_accepting(self) -> None:
+        for sock in self.sockets:
+            self.loop.remove_reader(sock.fileno())
+            if sock.family == socket.AF_UNIX:
+                path = sock.getsockname()
+                sock.close()
+                _unlink_quietly(path)
+            else:
+                sock.close()
+        self.sockets.clear()
+
+    def bound_addresses(self) -> list[Address]:
+        out = []
+        for sock in self.sockets:
+            name = sock.getsockname()
+            out.append(
+                Address(path=name)
+                if sock.family == socket.AF_UNIX
+                else Address(host=name[0], port=name[1])
+            )
+        return out
+
+    def _on_acceptable(self, lsock: socket.socket) -> None:
+        timed = self.timed
+        block = self.block
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            if timed:
+                t0 = perf_counter_ns()
+            try:
+                conn, _peer = lsock.accept()
+            except BlockingIOError:
+                return
+            except OSError as exc:
+                # EMFILE/ENFILE/ENOBUFS: keep the listener; the backlog waits for resources.
+                log.warning("accept on %s failed: %s", self.config.name, exc)
+                return
+            if timed:
+                block[self.accept_ns] += perf_counter_ns() - t0
+                block[self.accept_events] += 1
+            self._handle(conn)
+
+    def _handle(self, conn: socket.socket) -> None:
+        started = perf_counter_ns()
+        block = self.block
+        block[CONNECTIONS_TOTAL] += 1
+        block[CONNECTIONS_ACTIVE] += 1
+        conn.setblocking(False)
+        if conn.family != socket.AF_UNIX:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            target, source = self._route(conn)
+        except OSError as exc:
+            log.debug("no original destination on %s: %s", self.config.name, exc)
+            target = None
+        if target is None:
+            self.fail(conn, "NR", started)
+            return
+        try:
+            t0 = perf_counter_ns()
+            upstream, code = sockets.connect_nonblocking(target, source)
+        except OSError:
+            self.fail(conn, "UF", started)
+            return
+        if code == 0:
+            if self.timed:
+                block[self.connect_ns] += perf_counter_ns() - t0
+                block[self.connect_events] += 1
+            self.start_relay(conn, upstream, started)
+        elif code in IN_PROGRESS:
+            self.connections.add(_PendingConnect(self, conn, upstream, started))
+        else:
+            upstream.close()
+            self.fail(conn, "UF", started)
+
+    def _route(self, conn: socket.socket) -> tuple[Address | None, str]:
+        config = self.config
+        if config.kind == "standalone":
+            return config.upstream, ""
+        destination, redirected = sockets.original_destination(conn)
+        if not redirected and not config.transparent:
+            # Reached directly, not through capture: forwarding would loop back to ourselves.
+            return None, ""
+        if (destination.host, destination.port) in self.own_addresses:
+            return None, ""
+        if config.kind == "outbound":
+            return destination, ""
+        # Inbound: deliver to the local app at the port the client asked for.
+        if conn.family == socket.AF_INET6:
+            host = config.inbound_target if ":" in config.inbound_target else "::1"
+            return Address(host=host, port=destination.port), ""
+        return Address(host=config.inbound_target, port=destination.port), config.inbound_source
+
+    def start_relay(
+        self, downstream: socket.socket, upstream: socket.socket, started_ns: int
+    ) -> None:
+        config = self.config
+        relay = Relay(
+            self.loop,
+            downstream,
+            upstream,
+            self.block,
+            timed=self.timed,
+            app_side=config.app_side,
+            buffer_size=config.buffer_size,
+            idle_timeout=config.idle_timeout,
+            started_ns=started_ns,
+            on_close=self._relay_closed,
+        )
+        self.connections.add(relay)
+        relay.start()
+
+    def _relay_closed(self, relay: Relay) -> None:
+        self.connections.discard(relay)
+        self.block[CONNECTIONS_ACTIVE] -= 1
+
+    def fail(self, downstream: socket.socket, flag: str, started_ns: int) -> None:
+        """The connection could not be relayed: close the downstream and count why."""
+        block = self.block
+        block[FLAG_BASE + FLAG_INDEX[flag]] += 1
+        block[CONNECTIONS_ACTIVE] -= 1
+        observe_duration(block, perf_counter_ns() - started_ns)
+        downstream.close()
+
+
+def _unlink_quietly(path: str) -> None:
+    import os
+
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,97 @@
+"""A custom Prometheus collector: metrics are built from the shared counters at scrape time only."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+
+from pyproxy.counters import BUCKETS
+
+
+class StageCollector:
+    """Turns a stats snapshot into metric families; nothing on the data path touches prometheus_client."""
+
+    def __init__(self, take_snapshot: Callable[[], dict]) -> None:
+        self._take_snapshot = take_snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._take_snapshot()
+        labels = ["listener", "mode"]
+        stage_seconds = CounterMetricFamily(
+            "pyproxy_stage_seconds",
+            "Time spent per proxy stage (ipc, read, write, notify, parse, other, filter:*)",
+            labels=labels + ["stage"],
+        )
+        stage_events = CounterMetricFamily(
+            "pyproxy_stage_events",
+            "Operations counted per stage (syscalls, notifications)",
+            labels=labels + ["stage"],
+        )
+        connections = CounterMetricFamily(
+            "pyproxy_connections", "Downstream connections accepted", labels=labels
+        )
+        active = GaugeMetricFamily(
+            "pyproxy_connections_active", "Downstream connections open now", labels=labels
+        )
+        byte_count = CounterMetricFamily(
+            "pyproxy_bytes",
+            "Bytes moved, by side and direction",
+            labels=labels + ["side", "direction"],
+        )
+        messages = CounterMetricFamily(
+            "pyproxy_messages", "TCP mode: downstream reads that carried data", labels=labels
+        )
+        requests = CounterMetricFamily("pyproxy_requests", "HTTP/gRPC requests", labels=labels)
+        flags = CounterMetricFamily(
+            "pyproxy_response_flags",
+            "Connections or requests ended with a response flag",
+            labels=labels + ["flag"],
+        )
+        duration = HistogramMetricFamily(
+            "pyproxy_request_duration_seconds",
+            "Request duration (TCP mode: connection lifetime)",
+            labels=labels,
+        )
+        for name, listener in snap["listeners"].items():
+            key = [name, listener["mode"]]
+            for stage, values in listener["stages"].items():
+                stage_seconds.add_metric(key + [stage], values["ns"] / 1e9)
+                stage_events.add_metric(key + [stage], values["events"])
+            connections.add_metric(key, listener["connections_total"])
+            active.add_metric(key, listener["connections_active"])
+            for field, value in listener["bytes"].items():
+                side, direction = field.split("_")
+                byte_count.add_metric(key + [side, direction], value)
+            messages.add_metric(key, listener["messages"])
+            requests.add_metric(key, listener["requests"])
+            for flag, value in listener["flags"].items():
+                flags.add_metric(key + [flag], value)
+            hist = listener["duration"]
+            buckets = [(str(float(b)), hist["buckets"][str(b)]) for b in BUCKETS] + [
+                ("+Inf", hist["count"])
+            ]
+            duration.add_metric(key, buckets, hist["sum_seconds"])
+        yield from (
+            stage_seconds,
+            stage_events,
+            connections,
+            active,
+            byte_count,
+            messages,
+            requests,
+            flags,
+            duration,
+        )
+
+
+def exposition(take_snapshot: Callable[[], dict]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StageCollector(take_snapshot))
+    return generate_latest(registry)

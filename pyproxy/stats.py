@@ -1,0 +1,96 @@
+"""Read the counter store into a summed snapshot, and render it: JSON, Envoy-style text, stage table."""
+
+from __future__ import annotations
+
+from pyproxy import counters as c
+from pyproxy.config import ProxyConfig
+from pyproxy.counters import CounterStore
+
+
+def snapshot(store: CounterStore, config: ProxyConfig) -> dict:
+    """Every listener's counters summed over all workers (what /stats?format=json returns)."""
+    slots = store.slots()
+    listeners = {}
+    for lconf in config.listeners:
+        slot = slots.get(lconf.name)
+        if slot is None:
+            continue
+        block = store.summed_block(slot)
+        stages = {
+            name: {"ns": block[c.STAGE_NS + i], "events": block[c.STAGE_EVENTS + i]}
+            for i, name in enumerate(c.STAGES)
+        }
+        cumulative, buckets = 0, {}
+        for bound, i in zip(c.BUCKETS, range(len(c.BUCKETS)), strict=True):
+            cumulative += block[c.HIST_BASE + i]
+            buckets[str(bound)] = cumulative
+        listeners[lconf.name] = {
+            "mode": lconf.mode,
+            "kind": lconf.kind,
+            "connections_total": block[c.CONNECTIONS_TOTAL],
+            "connections_active": block[c.CONNECTIONS_ACTIVE],
+            "messages": block[c.MESSAGES],
+            "requests": block[c.REQUESTS],
+            "bytes": {
+                "downstream_rx": block[c.DOWNSTREAM_RX],
+                "downstream_tx": block[c.DOWNSTREAM_TX],
+                "upstream_rx": block[c.UPSTREAM_RX],
+                "upstream_tx": block[c.UPSTREAM_TX],
+            },
+            "stages": stages,
+            "flags": {
+                flag: block[c.FLAG_BASE + i]
+                for i, flag in enumerate(c.FLAGS)
+                if block[c.FLAG_BASE + i]
+            },
+            "duration": {
+                "count": block[c.HIST_COUNT],
+                "sum_seconds": block[c.HIST_SUM_NS] / 1e9,
+                "buckets": buckets,
+            },
+        }
+    return {"listeners": listeners}
+
+
+def to_text(snap: dict) -> str:
+    """Envoy-style `name: value` lines, one counter per line, sorted."""
+    lines = []
+
+    def walk(prefix: str, node: object) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), value)
+        else:
+            lines.append(f"{prefix}: {node}")
+
+    walk("", snap)
+    return "\n".join(sorted(lines)) + "\n"
+
+
+def stage_table(snap: dict) -> str:
+    """The per-stage breakdown per listener, like Table 2 of the MeshInsight paper."""
+    out = []
+    for name, listener in snap.get("listeners", {}).items():
+        stages = listener["stages"]
+        total = sum(s["ns"] for s in stages.values())
+        unit = "message" if listener["mode"] == "tcp" else "request"
+        per = listener["messages"] if unit == "message" else listener["requests"]
+        out.append(
+            f"listener {name} ({listener['mode']}, {listener['kind']}): {listener['connections_total']} connections, "
+            f"{per} {unit}s, {listener['bytes']['downstream_rx']} B in / {listener['bytes']['downstream_tx']} B out"
+        )
+        out.append(f"  {'stage':<10} {'total ms':>10} {'µs/' + unit:>12} {'share':>7}")
+        for stage, values in stages.items():
+            ns = values["ns"]
+            per_unit = ns / per / 1000 if per else 0.0
+            share = ns / total * 100 if total else 0.0
+            out.append(f"  {stage:<10} {ns / 1e6:>10.3f} {per_unit:>12.2f} {share:>6.1f}%")
+        per_total = total / per / 1000 if per else 0.0
+        out.append(
+            f"  {'total':<10} {total / 1e6:>10.3f} {per_total:>12.2f} {100.0 if total else 0.0:>6.1f}%"
+        )
+        if listener["flags"]:
+            out.append(
+                "  response flags: " + ", ".join(f"{k}={v}" for k, v in listener["flags"].items())
+            )
+    return "\n".join(out) + "\n"

@@ -1,0 +1,433 @@
+"""The main process: starts workers (in-process or forked), serves admin/metrics/health, handles signals."""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import dataclasses
+import logging
+import os
+import pickle
+import signal
+import struct
+import sys
+import time
+from collections.abc import Callable
+
+from pyproxy import __version__, stats
+from pyproxy.admin import EndpointServer, Response
+from pyproxy.config import ConfigError, ProxyConfig
+from pyproxy.counters import W_NOTIFY_COST_NS, W_PID, W_READY, CounterStore
+from pyproxy.io import sockets
+from pyproxy.prometheus import exposition
+from pyproxy.worker import Worker
+
+log = logging.getLogger("pyproxy")
+
+PR_SET_PDEATHSIG = 1
+_FRAME = struct.Struct("!I")
+START_TIMEOUT = 15.0
+
+
+def event_loop_name() -> str:
+    try:
+        import uvloop  # noqa: F401
+    except ImportError:
+        return "asyncio"
+    return "uvloop"
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def native_status() -> tuple[bool, str]:
+    try:
+        from pyproxy import native
+    except ImportError as exc:  # pragma: no cover - the package is part of pyproxy
+        return False, str(exc)
+    available = bool(getattr(native, "AVAILABLE", False))
+    return available, "" if available else str(getattr(native, "UNAVAILABLE_REASON", "not built"))
+
+
+class _ForkedWorker:
+    """The master's handle on a worker process: its pid and the control pipe into it."""
+
+    def __init__(self, index: int, pid: int, control_fd: int) -> None:
+        self.index, self.pid, self.control_fd = index, pid, control_fd
+        self.exited = False
+
+    def send(self, *message: object) -> None:
+        payload = pickle.dumps(message)
+        try:
+            os.write(self.control_fd, _FRAME.pack(len(payload)) + payload)
+        except OSError as exc:
+            log.warning("worker %d unreachable: %s", self.index, exc)
+
+
+class Supervisor:
+    def __init__(
+        self, config: ProxyConfig, reload_config: Callable[[], ProxyConfig] | None = None
+    ) -> None:
+        self.config = config
+        self.reload_config = reload_config
+        self.store = CounterStore(config.concurrency)
+        for listener in config.listeners:
+            self.store.slot_for(listener.name)
+        self.local: Worker | None = None
+        self.children: list[_ForkedWorker] = []
+        self.started = time.time()
+        self.draining = False
+        self._shutting_down = False
+        self._done: asyncio.Future | None = None
+        self._servers: list[EndpointServer] = []
+
+    # ---- process lifecycle -------------------------------------------------
+
+    def run(self) -> int:
+        if self.config.concurrency > 1:
+            for index in range(self.config.concurrency):
+                self._fork_worker(index)
+        loop = new_event_loop()
+        try:
+            return loop.run_until_complete(self._main())
+        finally:
+            loop.close()
+
+    def _fork_worker(self, index: int) -> None:
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(write_fd)
+            code = 1
+            try:
+                code = _worker_process(index, self.store, self.config, self.store.slots(), read_fd)
+            finally:
+                os._exit(code)
+        os.close(read_fd)
+        self.children.append(_ForkedWorker(index, pid, write_fd))
+
+    async def _main(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._done = loop.create_future()
+        try:
+            if self.children:
+                await self._wait_children_ready()
+            else:
+                self.local = Worker(0, self.store)
+                await self.local.start(self.config, self.store.slots())
+            await self._start_endpoints(self.config)
+        except (OSError, RuntimeError) as exc:
+            print(f"pyproxy: cannot start: {exc}", file=sys.stderr)
+            self._kill_children()
+            return 1
+        for signum, handler in (
+            (signal.SIGTERM, self.shutdown),
+            (signal.SIGINT, self.shutdown),
+            (signal.SIGHUP, self.reload),
+        ):
+            loop.add_signal_handler(signum, handler)
+        self._log_ready()
+        if self.children:
+            loop.create_task(self._watch_children())
+        return await self._done
+
+    async def _wait_children_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            self._reap()
+            dead = [child for child in self.children if child.exited]
+            if dead:
+                raise RuntimeError(
+                    f"worker {dead[0].index} exited during start (see its error above)"
+                )
+            if all(self.store.worker_header(c.index)[W_READY] for c in self.children):
+                return
+            await asyncio.sleep(0.01)
+        raise RuntimeError("workers did not become ready in time")
+
+    def _reap(self) -> None:
+        for child in self.children:
+            if child.exited:
+                continue
+            try:
+                pid, _status = os.waitpid(child.pid, os.WNOHANG)
+            except ChildProcessError:
+                pid = child.pid
+            if pid:
+                child.exited = True
+                self.store.worker_header(child.index)[W_READY] = 0
+
+    async def _watch_children(self) -> None:
+        while not self._done.done():
+            self._reap()
+            if not self.draining and any(child.exited for child in self.children):
+                # A worker died: stop reporting ready so the orchestrator restarts the pod.
+                log.error("a worker exited unexpectedly; health now reports not ready")
+            await asyncio.sleep(0.25)
+
+    def _kill_children(self) -> None:
+        for child in self.children:
+            if not child.exited:
+                try:
+                    os.kill(child.pid, signal.SIGKILL)
+                    os.waitpid(child.pid, 0)
+                except (ProcessLookupError, ChildProcessError):
+                    pass
+                child.exited = True
+
+    def _log_ready(self) -> None:
+        native, reason = native_status()
+        log.info(
+            "pyproxy %s ready: %d worker(s), event loop %s, I/O backend userspace-copy, native module %s",
+            __version__,
+            self.config.concurrency,
+            event_loop_name(),
+            "available" if native else f"unavailable ({reason}); using pure-Python paths",
+        )
+        for listener in self.config.listeners:
+            where = ", ".join(map(str, listener.addresses))
+            target = f" -> {listener.upstream}" if listener.upstream else f" ({listener.kind})"
+            log.info("listener %s: %s mode on %s%s", listener.name, listener.mode, where, target)
+
+    # ---- drain, stop, reload --------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        self.draining = True
+        if self.local is not None:
+            self.local.stop_accepting()
+        for child in self.children:
+            child.send("stop_accepting")
+
+    def shutdown(self) -> None:
+        if self._shutting_down:
+            return
+        self._shutting_down = True
+        self.draining = True
+        asyncio.get_running_loop().create_task(self._drain_and_exit())
+
+    async def _drain_and_exit(self) -> None:
+        timeout = self.config.drain_timeout
+        log.info("draining: no new connections; in-flight ones get up to %.1fs", timeout)
+        if self.local is not None:
+            await self.local.drain(timeout)
+        for child in self.children:
+            child.send("drain", timeout)
+        deadline = time.monotonic() + timeout + 2.0
+        while self.children and time.monotonic() < deadline:
+            self._reap()
+            if all(child.exited for child in self.children):
+                break
+            await asyncio.sleep(0.02)
+        self._kill_children()
+        for server in self._servers:
+            server.close()
+        if not self._done.done():
+            self._done.set_result(0)
+
+    def reload(self) -> None:
+        if self.reload_config is None:
+            log.warning("SIGHUP: started without a config file; nothing to reload")
+            return
+        try:
+            new = self.reload_config()
+            self._check_bindable(new)
+        except ConfigError as exc:
+            log.error("reload refused, running config stays: %s", exc)
+            return
+        except OSError as exc:
+            log.error("reload refused, running config stays: cannot bind: %s", exc)
+            return
+        fixed = {
+            f: getattr(self.config, f) for f in ("concurrency", "admin", "prometheus", "health")
+        }
+        if any(getattr(new, f) != v for f, v in fixed.items()):
+            log.warning(
+                "reload: concurrency and admin/metrics/health addresses change only on restart"
+            )
+        new = dataclasses.replace(new, **fixed)
+        for listener in new.listeners:
+            self.store.slot_for(listener.name)
+        if self.local is not None:
+            try:
+                self.local.apply(new, self.store.slots())
+            except OSError as exc:
+                log.error("reload refused, running config stays: %s", exc)
+                return
+        for child in self.children:
+            child.send("apply", new, self.store.slots())
+        self.config = new
+        log.info("reloaded %s: %d listener(s)", new.source, len(new.listeners))
+
+    def _check_bindable(self, new: ProxyConfig) -> None:
+        current = {a for listener in self.config.listeners for a in listener.addresses}
+        for listener in new.listeners:
+            for address in listener.addresses:
+                if address in current or address.is_unix:
+                    continue
+                sockets.listen(address, transparent=listener.transparent).close()
+
+    # ---- endpoints -----------------------------------------------------------
+
+    def snapshot(self) -> dict:
+        return stats.snapshot(self.store, self.config)
+
+    def ready(self) -> bool:
+        workers = range(self.config.concurrency)
+        return not self.draining and all(self.store.worker_header(i)[W_READY] for i in workers)
+
+    def server_info(self) -> dict:
+        native, reason = native_status()
+        return {
+            "version": __version__,
+            "state": "DRAINING" if self.draining else ("LIVE" if self.ready() else "INITIALIZING"),
+            "uptime_seconds": round(time.time() - self.started, 3),
+            "concurrency": self.config.concurrency,
+            "workers": [
+                {
+                    "index": i,
+                    "pid": self.store.worker_header(i)[W_PID],
+                    "ready": bool(self.store.worker_header(i)[W_READY]),
+                    "notify_cost_ns": self.store.worker_header(i)[W_NOTIFY_COST_NS],
+                }
+                for i in range(self.config.concurrency)
+            ],
+            "event_loop": event_loop_name(),
+            "io_backends": {"relay": "userspace-copy", "write": "send", "ipc": "tcp"},
+            "native": {"available": native, "reason": reason or None},
+            "stage_clock": self.config.stage_clock,
+        }
+
+    def config_dump(self) -> dict:
+        def plain(value: object) -> object:
+            if dataclasses.is_dataclass(value):
+                return {
+                    f.name: plain(getattr(value, f.name))
+                    for f in dataclasses.fields(value)
+                    if f.name != "raw"
+                }
+            if isinstance(value, tuple | list):
+                return [plain(v) for v in value]
+            if value.__class__.__name__ == "Address":
+                return str(value)
+            return value
+
+        return plain(self.config)
+
+    async def _start_endpoints(self, config: ProxyConfig) -> None:
+        def ready(_q: dict) -> Response:
+            return Response.text("LIVE\n") if self.ready() else Response.text("NOT READY\n", 503)
+
+        def stats_endpoint(query: dict) -> Response:
+            snap = self.snapshot()
+            if query.get("format") == ["json"]:
+                return Response.json(snap)
+            return Response.text(stats.to_text(snap))
+
+        def prometheus(_q: dict) -> Response:
+            return Response(
+                200, exposition(self.snapshot), "text/plain; version=0.0.4; charset=utf-8"
+            )
+
+        def drain_listeners(_q: dict) -> Response:
+            self.stop_accepting()
+            return Response.text("OK\n")
+
+        def quit_(_q: dict) -> Response:
+            asyncio.get_running_loop().call_soon(self.shutdown)
+            return Response.text("OK\n")
+
+        admin_routes = {
+            "/ready": ("GET", ready),
+            "/stats": ("GET", stats_endpoint),
+            "/stats/prometheus": ("GET", prometheus),
+            "/config_dump": ("GET", lambda q: Response.json(self.config_dump())),
+            "/server_info": ("GET", lambda q: Response.json(self.server_info())),
+            "/drain_listeners": ("POST", drain_listeners),
+            "/quitquitquit": ("POST", quit_),
+        }
+        plan = [
+            (config.admin, admin_routes),
+            (
+                config.prometheus,
+                {"/stats/prometheus": ("GET", prometheus), "/metrics": ("GET", prometheus)},
+            ),
+            (config.health, {"/healthz/ready": ("GET", ready)}),
+        ]
+        for address, routes in plan:
+            if address is None:
+                continue
+            server = EndpointServer(routes)
+            await server.start(address)
+            self._servers.append(server)
+
+
+def _worker_process(
+    index: int, store: CounterStore, config: ProxyConfig, slots: dict, control_fd: int
+) -> int:
+    """Body of a forked worker: its own event loop; obeys the control pipe; drains on SIGTERM too."""
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+    signal.signal(
+        signal.SIGINT, signal.SIG_IGN
+    )  # Ctrl-C reaches the whole group; the master decides
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    worker = Worker(index, store)
+    loop = new_event_loop()
+    asyncio.set_event_loop(loop)
+    pending = bytearray()
+
+    def on_control() -> None:
+        try:
+            chunk = os.read(control_fd, 65536)
+        except OSError:
+            chunk = b""
+        if not chunk:
+            # The master is gone: drain and leave.
+            loop.remove_reader(control_fd)
+            loop.create_task(worker.drain(worker.config.drain_timeout if worker.config else 1.0))
+            return
+        pending.extend(chunk)
+        while len(pending) >= 4:
+            (size,) = _FRAME.unpack_from(pending)
+            if len(pending) < 4 + size:
+                break
+            message = pickle.loads(bytes(pending[4 : 4 + size]))
+            del pending[: 4 + size]
+            _obey(message)
+
+    def _obey(message: tuple) -> None:
+        kind = message[0]
+        if kind == "apply":
+            try:
+                worker.apply(message[1], message[2])
+            except OSError as exc:
+                log.error("worker %d: reload not applied: %s", index, exc)
+        elif kind == "stop_accepting":
+            worker.stop_accepting()
+        elif kind == "drain":
+            loop.create_task(worker.drain(message[1]))
+
+    async def main() -> int:
+        try:
+            await worker.start(config, slots)
+        except OSError as exc:
+            print(f"pyproxy worker {index}: cannot start: {exc}", file=sys.stderr)
+            return 1
+        loop.add_reader(control_fd, on_control)
+        loop.add_signal_handler(
+            signal.SIGTERM, lambda: loop.create_task(worker.drain(worker.config.drain_timeout))
+        )
+        await worker.wait_stopped()
+        return 0
+
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.close()

@@ -1,0 +1,103 @@
+"""A worker: one event loop serving every listener; applies config, drains on request."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+from pyproxy.config import ListenerConfig, ProxyConfig
+from pyproxy.counters import (
+    W_DRAINING,
+    W_NOTIFY_COST_NS,
+    W_PID,
+    W_READY,
+    W_STARTED_NS,
+    CounterStore,
+)
+from pyproxy.io.notify import calibrate_notify_cost
+from pyproxy.listener import Listener
+
+log = logging.getLogger("pyproxy.worker")
+
+
+class Worker:
+    def __init__(self, index: int, store: CounterStore) -> None:
+        self.index = index
+        self.store = store
+        self.header = store.worker_header(index)
+        self.listeners: dict[str, Listener] = {}
+        self.connections: set = set()
+        self.config: ProxyConfig | None = None
+        self.draining = False
+        self._stopped: asyncio.Future | None = None
+
+    async def start(self, config: ProxyConfig, slots: dict[str, int]) -> None:
+        loop = asyncio.get_running_loop()
+        self._stopped = loop.create_future()
+        header = self.header
+        header[W_PID] = os.getpid()
+        header[W_STARTED_NS] = time.time_ns()
+        header[W_NOTIFY_COST_NS] = await calibrate_notify_cost()
+        self.apply(config, slots)
+        header[W_READY] = 1
+
+    async def wait_stopped(self) -> None:
+        assert self._stopped is not None
+        await self._stopped
+
+    def apply(self, config: ProxyConfig, slots: dict[str, int]) -> None:
+        """Move to a new config: keep listeners whose addresses are unchanged, rebind the rest.
+
+        New sockets are bound before old ones close, so a failed bind leaves the
+        old listeners serving (an unchanged address is briefly bound twice with
+        SO_REUSEPORT, which only splits new connections between the two). Connections in flight keep the settings they started with.
+        """
+        loop = asyncio.get_running_loop()
+        wanted = {listener.name: listener for listener in config.listeners}
+        started: dict[str, Listener] = {}
+        try:
+            for name, lconf in wanted.items():
+                current = self.listeners.get(name)
+                if current is not None and _same_sockets(current.config, lconf):
+                    continue
+                block = self.store.listener_block(self.index, slots[name])
+                listener = Listener(loop, lconf, block, config.stage_clock, self.connections)
+                started[name] = listener
+                listener.start()
+        except OSError:
+            for listener in started.values():
+                listener.stop_accepting()
+            raise
+        for name, listener in list(self.listeners.items()):
+            if name not in wanted or name in started:
+                listener.stop_accepting()
+                del self.listeners[name]
+            else:
+                listener.update(wanted[name])
+                listener.timed = config.stage_clock
+        self.listeners.update(started)
+        self.config = config
+
+    def stop_accepting(self) -> None:
+        self.draining = True
+        self.header[W_DRAINING] = 1
+        for listener in self.listeners.values():
+            listener.stop_accepting()
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, let in-flight connections finish within `timeout`, then close the rest."""
+        self.stop_accepting()
+        deadline = time.monotonic() + timeout
+        while self.connections and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        for connection in list(self.connections):
+            connection.close("LR")
+        self.header[W_READY] = 0
+        if self._stopped is not None and not self._stopped.done():
+            self._stopped.set_result(None)
+
+
+def _same_sockets(old: ListenerConfig, new: ListenerConfig) -> bool:
+    return old.addresses == new.addresses and old.transparent == new.transparent
