@@ -1,0 +1,212 @@
+"""Shared test fixtures: a real pyproxy process, free ports, and small real upstream servers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, method: str = "GET", timeout: float = 5.0) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+class ProxyProcess:
+    """`python -m pyproxy run ...` as a child process, with its admin address known."""
+
+    def __init__(self, args: list[str], admin_port: int | None = None, cwd: Path | None = None) -> None:
+        self.admin_port = admin_port or free_port()
+        self.args = [sys.executable, "-m", "pyproxy", "run", *args, "--admin", f"127.0.0.1:{self.admin_port}"]
+        self.proc = subprocess.Popen(self.args, cwd=cwd or ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._output: list[str] = []
+        self._reader = threading.Thread(target=self._read_output, daemon=True)
+        self._reader.start()
+
+    def _read_output(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._output.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self._output)
+
+    @property
+    def admin(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def wait_ready(self, timeout: float = 15.0) -> ProxyProcess:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"pyproxy exited {self.proc.returncode}:\n{self.output}")
+            try:
+                status, _ = http_get(self.admin + "/ready", timeout=1)
+                if status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"pyproxy not ready in {timeout}s:\n{self.output}")
+
+    def stats(self) -> dict:
+        status, body = http_get(self.admin + "/stats?format=json")
+        assert status == 200, body
+        return json.loads(body)
+
+    def listener(self, name: str = "main") -> dict:
+        return self.stats()["listeners"][name]
+
+    def wait_for(self, predicate: Callable[[dict], bool], name: str = "main", timeout: float = 5.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            snap = self.listener(name)
+            if predicate(snap) or time.monotonic() > deadline:
+                return snap
+            time.sleep(0.02)
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"pyproxy did not exit after SIGTERM:\n{self.output}") from None
+
+    def rss_kib(self) -> int:
+        """Resident memory of the proxy and its workers."""
+        total = 0
+        pids = [self.proc.pid] + _children(self.proc.pid)
+        for pid in pids:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        return total
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
+@pytest.fixture
+def start_proxy() -> Iterator[Callable[..., ProxyProcess]]:
+    started: list[ProxyProcess] = []
+
+    def start(*args: str, ready: bool = True) -> ProxyProcess:
+        proxy = ProxyProcess(list(args))
+        started.append(proxy)
+        return proxy.wait_ready() if ready else proxy
+
+    yield start
+    for proxy in started:
+        if proxy.proc.poll() is None:
+            proxy.proc.kill()
+            proxy.proc.wait()
+
+
+class ThreadedServer:
+    """A real TCP server on loopback; `handler(conn)` runs in a thread per connection."""
+
+    def __init__(self, handler: Callable[[socket.socket], None], host: str = "127.0.0.1", backlog: int = 128) -> None:
+        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, 0))
+        self.sock.listen(backlog)
+        self.port = self.sock.getsockname()[1]
+        self.address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        self.handler = handler
+        self.errors: list[BaseException] = []
+        self.connections = 0
+        self._closed = False
+        threading.Thread(target=self._accept_loop, daemon=True).start()
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        try:
+            self.handler(conn)
+        except BaseException as exc:  # surfaced by the test through .errors
+            self.errors.append(exc)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self.sock.close()
+
+
+def echo_handler(conn: socket.socket) -> None:
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            conn.shutdown(socket.SHUT_WR)
+            return
+        conn.sendall(data)
+
+
+@pytest.fixture
+def echo_server() -> Iterator[ThreadedServer]:
+    server = ThreadedServer(echo_handler)
+    yield server
+    server.close()
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes:
+    chunks = bytearray()
+    while len(chunks) < n:
+        data = sock.recv(n - len(chunks))
+        if not data:
+            raise AssertionError(f"EOF after {len(chunks)} of {n} bytes")
+        chunks += data
+    return bytes(chunks)
+
+
+def require_capability(what: str, ok: bool) -> None:
+    """In CI a missing capability is a failure; on a laptop, a skip."""
+    if ok:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI requires {what}")
+    pytest.skip(f"needs {what}")

@@ -1,0 +1,109 @@
+"""Config validation: every refusal names the field and the reason; flags validate like files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pyproxy.addresses import parse_address
+from pyproxy.config import ConfigError, build_config, load_config
+from pyproxy.durations import parse_duration
+
+
+def test_addresses_parse_ipv4_ipv6_and_unix():
+    assert str(parse_address("127.0.0.1:80")) == "127.0.0.1:80"
+    assert parse_address("[::1]:443").host == "::1"
+    assert parse_address("unix:/run/app.sock").path == "/run/app.sock"
+    assert parse_address("localhost:8080").host == "127.0.0.1"
+
+
+@pytest.mark.parametrize("bad", ["", "127.0.0.1", "::1:80", "1.2.3.4:70000", "unix:relative", "example.com:80", "[::1]80"])
+def test_bad_addresses_are_refused_with_a_reason(bad):
+    with pytest.raises(ValueError):
+        parse_address(bad)
+
+
+def test_durations():
+    assert parse_duration("250us") == pytest.approx(250e-6)
+    assert parse_duration("10ms") == pytest.approx(0.01)
+    assert parse_duration("1.5s") == 1.5
+    assert parse_duration("2m") == 120
+    assert parse_duration(3) == 3.0
+    for bad in ("fast", "-1s", True, "10"):
+        with pytest.raises(ValueError):
+            parse_duration(bad)
+
+
+def _doc(**listener):
+    base = {"name": "l", "address": "127.0.0.1:1000", "upstream": "127.0.0.1:2000"}
+    base.update(listener)
+    return {"listeners": [base]}
+
+
+def test_valid_config_builds_immutable_objects():
+    config = build_config(_doc(idle_timeout="2s", buffer_size=4096))
+    listener = config.listeners[0]
+    assert listener.idle_timeout == 2.0 and listener.buffer_size == 4096 and listener.app_side == "upstream"
+    with pytest.raises(AttributeError):
+        listener.idle_timeout = 1
+
+
+@pytest.mark.parametrize(
+    ("doc", "path", "reason"),
+    [
+        ({"listeners": []}, "listeners", "non-empty"),
+        (_doc(mode="smtp"), "listeners[0].mode", "must be one of"),
+        (_doc(address="nowhere"), "listeners[0].address", "host:port"),
+        (_doc(upstream=None) | {"listeners": [{"name": "l", "address": "127.0.0.1:1"}]}, "listeners[0].upstream", "required"),
+        (_doc(idle_timeout="soon"), "listeners[0].idle_timeout", "duration"),
+        (_doc(buffer_size=10), "listeners[0].buffer_size", "1024"),
+        (_doc(colour="blue"), "listeners[0].colour", "unknown field"),
+        (_doc() | {"concurrency": 0}, "concurrency", "1..256"),
+        (_doc() | {"admin": "x"}, "admin", "host:port"),
+        (_doc(kind="outbound"), "listeners[0].upstream", "original destination"),
+        (_doc(mode="http"), "listeners[0].mode", "not available"),
+    ],
+)
+def test_bad_config_names_field_and_reason(doc, path, reason):
+    with pytest.raises(ConfigError) as info:
+        build_config(doc, source="test.yaml")
+    assert info.value.path == path
+    assert reason in info.value.reason
+    assert str(info.value).startswith(f"test.yaml: {path}: ")
+
+
+def test_duplicate_listener_names_and_addresses_refused():
+    doc = {"listeners": [_doc()["listeners"][0], _doc()["listeners"][0]]}
+    with pytest.raises(ConfigError, match="duplicate name"):
+        build_config(doc)
+    doc["listeners"][1] = dict(doc["listeners"][1], name="other")
+    with pytest.raises(ConfigError, match="already used"):
+        build_config(doc)
+
+
+def test_yaml_syntax_error_reports_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("listeners:\n  - name: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: invalid YAML: line \d+"):
+        load_config(str(path))
+
+
+def test_cli_bad_config_exits_2_naming_file_and_field(tmp_path):
+    path = tmp_path / "proxy.yaml"
+    path.write_text("listeners:\n  - name: main\n    address: 127.0.0.1:1\n    upstream: 127.0.0.1:2\n    idle_timeout: forever\n")
+    result = subprocess.run([sys.executable, "-m", "pyproxy", "run", "-c", str(path)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert f"{path}: listeners[0].idle_timeout: expected a duration" in result.stderr
+
+
+def test_cli_flags_validate_like_the_file():
+    result = subprocess.run(
+        [sys.executable, "-m", "pyproxy", "run", "--listen", "127.0.0.1:99999", "--upstream", "127.0.0.1:1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "listeners[0].address: port must be 0..65535" in result.stderr
