@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 
 from pyproxy import __version__, stats
+from pyproxy.addresses import Address
 from pyproxy.admin import EndpointServer, Response
 from pyproxy.config import ConfigError, ProxyConfig
 from pyproxy.counters import W_NOTIFY_COST_NS, W_PID, W_READY, CounterStore
@@ -293,6 +294,7 @@ class Supervisor:
                     "pid": self.store.worker_header(i)[W_PID],
                     "ready": bool(self.store.worker_header(i)[W_READY]),
                     "notify_cost_ns": self.store.worker_header(i)[W_NOTIFY_COST_NS],
+                    "connections_total": self.store.worker_connections(i),
                 }
                 for i in range(self.config.concurrency)
             ],
@@ -304,6 +306,8 @@ class Supervisor:
 
     def config_dump(self) -> dict:
         def plain(value: object) -> object:
+            if isinstance(value, Address):
+                return str(value)
             if dataclasses.is_dataclass(value):
                 return {
                     f.name: plain(getattr(value, f.name))
@@ -312,8 +316,6 @@ class Supervisor:
                 }
             if isinstance(value, tuple | list):
                 return [plain(v) for v in value]
-            if value.__class__.__name__ == "Address":
-                return str(value)
             return value
 
         return plain(self.config)

@@ -1,0 +1,423 @@
+"""The default HTTP/1 backend: llhttp (via httptools) parses, a byte-constant serialiser writes.
+
+What this backend does differently from the h11 one (documented, tested):
+
+- Trailers: llhttp reports trailer fields through the same header callback
+  after the last chunk, so they are surfaced as a Trailers event, like h11.
+- Methods: llhttp only knows the methods in its table; any other token is
+  answered 501 (h11 accepts any token method).
+- Pipelining: llhttp cannot stop mid-buffer, so a chunk holding several
+  requests is parsed at once and the later cycles' events are queued; the
+  proxy still only sees them after ``start_next_cycle`` (same contract).
+- HEAD and CONNECT responses: llhttp's response parser cannot be told the
+  request method, so for those the head is delimited here (up to CRLFCRLF)
+  and only the head is given to llhttp (RFC 9112 §6.3 (1), (2)).
+- A single header line larger than one read is buffered by llhttp until it
+  completes; the limit is then enforced, so at most one read too many is held.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import httptools
+
+from pyproxy.codec.events import (
+    END,
+    Body,
+    Buffer,
+    Headers,
+    ProtocolError,
+    RequestHead,
+    ResponseHead,
+    Reset,
+    Trailers,
+)
+from pyproxy.codec.http1 import (
+    _FACT_NAMES,
+    CHUNKED,
+    DEFAULT_LIMITS,
+    UNTIL_CLOSE,
+    CodecUsageError,
+    HeadFacts,
+    Http1Codec,
+    Http1Limits,
+    Role,
+)
+
+_VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
+_CRLF: Final = b"\r\n"
+_SEP: Final = b": "
+_HEAD_END: Final = b"\r\n\r\n"
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+_LAST_CHUNK_OPEN: Final = b"0\r\n"
+_REQUEST_LINE_TAIL: Final = b" HTTP/1.1\r\n"
+_TE_CHUNKED: Final = (b"transfer-encoding", b"chunked")
+_CONN_CLOSE: Final = (b"connection", b"close")
+_CONN_KEEP_ALIVE: Final = (b"connection", b"keep-alive")
+
+# Status lines for the common codes, built once (RFC 9110 §15 reason phrases).
+_PHRASES: Final = {
+    100: b"Continue",
+    101: b"Switching Protocols",
+    200: b"OK",
+    201: b"Created",
+    202: b"Accepted",
+    204: b"No Content",
+    206: b"Partial Content",
+    301: b"Moved Permanently",
+    302: b"Found",
+    304: b"Not Modified",
+    307: b"Temporary Redirect",
+    308: b"Permanent Redirect",
+    400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
+    404: b"Not Found",
+    405: b"Method Not Allowed",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    501: b"Not Implemented",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+_STATUS_LINES: Final = {
+    code: (phrase, b"HTTP/1.1 %d %s\r\n" % (code, phrase)) for code, phrase in _PHRASES.items()
+}
+
+
+class _Reject(Exception):
+    """Raised inside an llhttp callback to stop parsing with a chosen status."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class FastHttp1Codec(Http1Codec):
+    """Http1Codec on llhttp; the codec object itself is the httptools callback target."""
+
+    __slots__ = (
+        "_parser",
+        "_dead",
+        "_raw",
+        "_headbuf",
+        "_facts",
+        "_headers",
+        "_trailers",
+        "_url",
+        "_reason",
+        "_count",
+        "_size",
+        "_in_message",
+        "_in_head",
+        "_in_trailers",
+        "_head_fed",
+        "_status",
+        "_final_seen",
+        "_message_done",
+        "_until_close",
+    )
+
+    def __init__(self, role: Role, limits: Http1Limits = DEFAULT_LIMITS) -> None:
+        super().__init__(role, limits)
+        self._parser: httptools.HttpRequestParser | httptools.HttpResponseParser | None = (
+            self._new_parser()
+        )
+        self._dead = False
+        # Bytes llhttp must not see: after an Upgrade/CONNECT head (raw relay
+        # or, if declined, re-parsed next cycle).
+        self._raw: bytearray | None = None
+        # Response head being delimited by hand (HEAD / CONNECT requests).
+        self._headbuf = bytearray()
+        self._facts = HeadFacts()
+        self._headers: Headers = []
+        self._trailers: Headers = []
+        self._url = b""
+        self._reason = b""
+        self._count = 0
+        self._size = 0
+        self._in_message = False
+        self._in_head = False
+        self._in_trailers = False
+        self._head_fed = 0
+        self._status = 0
+        self._final_seen = False
+        self._message_done = False
+        self._until_close = False
+
+    def _new_parser(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
+        if self.role == "server":
+            return httptools.HttpRequestParser(self)
+        return httptools.HttpResponseParser(self)
+
+    # -- llhttp callbacks (names fixed by httptools) --------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_message = self._in_head = True
+        self._in_trailers = self._message_done = False
+        self._head_fed = self._count = self._size = 0
+        self._facts = HeadFacts()
+        self._headers = []
+        self._trailers = []
+        self._url = self._reason = b""
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._size += len(url)
+        if self._size > self.limits.max_header_bytes:
+            raise _Reject(431, "request target over the header size limit")
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count += 1
+        self._size += len(name) + len(value) + 4
+        limits = self.limits
+        if self._count > limits.max_header_count or self._size > limits.max_header_bytes:
+            raise _Reject(431, "header section over limits")
+        name = name.lower()
+        if self._in_trailers:
+            self._trailers.append((name, value))
+            return
+        if name in _FACT_NAMES:
+            err = self._facts.add(name, value)
+            if err is not None:
+                raise _Reject(err.status, err.reason)
+        self._headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        assert parser is not None
+        self._in_head = False
+        raw_version = parser.get_http_version()
+        version = _VERSIONS.get(raw_version) or raw_version.encode("ascii")
+        head: RequestHead | ResponseHead | ProtocolError
+        if self.role == "server":
+            head = self._facts.request_head(
+                parser.get_method(), self._url, self._headers, version
+            )
+            if type(head) is ProtocolError:
+                raise _Reject(head.status, head.reason)
+        else:
+            status = parser.get_status_code()  # type: ignore[union-attr]
+            if status == 101 and not self._upgrade:
+                raise _Reject(400, "101 without an Upgrade offer")
+            self._status = status
+            head = self._facts.response_head(
+                status, self._reason, self._headers, version, self._method
+            )
+            if status >= 200:
+                self._final_seen = True
+                self._until_close = not head.keep_alive and (
+                    head.content_length is None and not head.chunked
+                )
+        self._pending.append(head)
+        # Trailers get their own budget (RFC 9112 §7.1.2 puts them after the body).
+        self._count = self._size = 0
+        self._in_trailers = True
+
+    def on_body(self, body: bytes) -> None:
+        self._pending.append(Body(body))
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        if self.role == "client" and self._status < 200:
+            return  # interim response: the final one follows, no End (RFC 9110 §15.2)
+        if self._trailers:
+            self._pending.append(Trailers(self._trailers))
+        self._pending.append(END)
+        self._message_done = True
+
+    # -- parsing -------------------------------------------------------------
+
+    def _fail(self, status: int, reason: str) -> None:
+        self._dead = True
+        self._parser = None
+        self._pending.append(ProtocolError(status, reason))
+
+    def _parse(self, data: Buffer) -> None:
+        parser = self._parser
+        if parser is None:
+            return
+        if self._in_head:
+            self._head_fed += len(data)
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            # RFC 9110 §7.8 / §9.3.6: the bytes after the head are not HTTP.
+            self._raw = bytearray(data[exc.args[0] :])
+            self._parser = None
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if not isinstance(cause, _Reject):
+                raise
+            self._fail(cause.status, cause.reason)
+        except httptools.HttpParserInvalidMethodError:
+            self._fail(501, "method not implemented")
+        except httptools.HttpParserError as exc:
+            self._fail(400, str(exc))
+        else:
+            if self._in_head and self._head_fed > self.limits.max_header_bytes:
+                self._fail(431, "header section over limits")
+
+    def _feed(self, data: Buffer) -> None:
+        if self._dead:
+            return
+        if self._raw is not None:
+            self._raw += data
+        elif (
+            self.role == "client"
+            and not self._final_seen
+            and (self._method == b"HEAD" or self._method == b"CONNECT")
+        ):
+            self._feed_head_only(data)
+        else:
+            self._parse(data)
+
+    def _feed_head_only(self, data: Buffer) -> None:
+        # llhttp would read a body after a HEAD response or a 2xx to CONNECT,
+        # so it gets exactly the head bytes (RFC 9112 §6.3 (1), (2)).
+        buf = self._headbuf
+        buf += data
+        while not self._final_seen:
+            end = buf.find(_HEAD_END)
+            if end < 0:
+                if len(buf) > self.limits.max_header_bytes:
+                    self._fail(431, "header section over limits")
+                return
+            head = bytes(buf[: end + 4])
+            del buf[: end + 4]
+            self._parse(head)
+            if self._dead:
+                return
+        rest = bytes(buf)
+        buf.clear()
+        if self._method == b"HEAD":
+            if not self._message_done:
+                self._in_message = False
+                self._pending.append(END)
+            self._parser = self._new_parser()
+            if rest:
+                self._parse(rest)
+        elif 200 <= self._status < 300:
+            self._raw = bytearray(rest)
+            self._parser = None
+        elif rest:
+            self._parse(rest)
+
+    def _feed_eof(self) -> None:
+        if self._dead:
+            return
+        if self._headbuf:
+            self._pending.append(Reset(0, "connection closed mid-head"))
+        elif self._in_message:
+            if self._until_close and not self._in_head:
+                # RFC 9112 §6.3 (8): close is how this body ends.
+                self._in_message = False
+                self._pending.append(END)
+            else:
+                self._pending.append(Reset(0, "connection closed mid-message"))
+
+    def _holding(self) -> bool:
+        return bool(self._raw) or bool(self._headbuf)
+
+    def _take_trailing(self) -> bytes:
+        raw = self._raw
+        if raw is None:
+            return b""
+        self._raw = bytearray()
+        return bytes(raw)
+
+    def _next_cycle(self) -> None:
+        self._status = 0
+        self._final_seen = self._message_done = self._until_close = False
+        raw = self._raw
+        if raw is not None:
+            # An Upgrade was declined: what followed the request is HTTP after all.
+            self._raw = None
+            self._parser = self._new_parser()
+            if raw:
+                self._parse(bytes(raw))
+
+    # -- serialising ---------------------------------------------------------
+
+    def _encode_request(self, ev: RequestHead, mode: int) -> Buffer:
+        parts = [ev.method, b" ", ev.target, _REQUEST_LINE_TAIL]
+        return _join_head(parts, ev.headers, None, None)
+
+    def _encode_response(self, ev: ResponseHead, mode: int, facts: HeadFacts | None) -> Buffer:
+        status = ev.status
+        cached = _STATUS_LINES.get(status)
+        reason = ev.reason
+        if cached is not None and (not reason or reason == cached[0]):
+            line = cached[1]
+        else:
+            line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+        headers = ev.headers
+        extra1 = extra2 = None
+        if facts is not None:
+            if mode is CHUNKED and not facts.chunked:
+                extra1 = _TE_CHUNKED
+            elif mode is UNTIL_CLOSE and facts.chunked:
+                # RFC 9112 §6.1: no chunked to an HTTP/1.0 recipient.
+                headers = [h for h in headers if h[0] != b"transfer-encoding"]
+            if not self._keep_alive:
+                if not facts.close:
+                    extra2 = _CONN_CLOSE
+            elif self._peer_version != b"1.1" and not facts.keep_alive:
+                # RFC 9112 §9.3: a 1.0 peer only persists if we say so.
+                extra2 = _CONN_KEEP_ALIVE
+        return _join_head([line], headers, extra1, extra2)
+
+    def _encode_body(self, data: Buffer, mode: int) -> Buffer:
+        if mode is CHUNKED:
+            size = len(data)
+            if not size:
+                return b""  # an empty chunk would end the message (RFC 9112 §7.1)
+            return b"".join((b"%x\r\n" % size, data, _CRLF))
+        return data
+
+    def _encode_end(self, mode: int, trailers: Headers | None) -> Buffer:
+        if mode is not CHUNKED:
+            return b""
+        if not trailers:
+            return _LAST_CHUNK
+        return _join_head([_LAST_CHUNK_OPEN], trailers, None, None)
+
+
+def _join_head(
+    parts: list[Buffer],
+    headers: Headers,
+    extra1: tuple[bytes, bytes] | None,
+    extra2: tuple[bytes, bytes] | None,
+) -> bytes:
+    append = parts.append
+    lines = 1
+    for name, value in headers:
+        append(name)
+        append(_SEP)
+        append(value)
+        append(_CRLF)
+    lines += len(headers)
+    for extra in (extra1, extra2):
+        if extra is not None:
+            append(extra[0])
+            append(_SEP)
+            append(extra[1])
+            append(_CRLF)
+            lines += 1
+    append(_CRLF)
+    out = b"".join(parts)
+    # A CR or LF smuggled inside a name, value or target would split the head
+    # (response splitting); one count per byte class catches it without a
+    # per-header check.
+    if out.count(b"\n") != lines + 1 or out.count(b"\r") != lines + 1:
+        raise CodecUsageError("CR or LF inside a header field or start line")
+    return out
