@@ -6,6 +6,7 @@ import contextlib
 import ipaddress
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -27,6 +28,38 @@ NETNS_DIR = "/run/netns"
 
 class NetnsError(RuntimeError):
     """A namespace, link or address could not be set up."""
+
+
+def missing_capabilities() -> list[str]:
+    """What this host lacks to build pods and apply real rules (empty when everything is there)."""
+    missing = []
+    if os.geteuid() != 0:
+        missing.append("root (euid 0)")
+    for tool in (
+        "ip",
+        "setpriv",
+        "iptables-restore",
+        "iptables-save",
+        "ip6tables-restore",
+        "ip6tables-save",
+    ):
+        if shutil.which(tool) is None:
+            missing.append(f"{tool} on PATH")
+    if missing:
+        return missing
+    try:
+        with namespace("probe") as name:
+            result = subprocess.run(
+                ["ip", "netns", "exec", name, "iptables-save"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
+            if result.returncode != 0:
+                missing.append(f"iptables in a namespace ({result.stderr.strip()})")
+    except Exception as exc:  # noqa: BLE001 - any failure here means "cannot build pods"
+        missing.append(f"network namespaces ({exc})")
+    return missing
 
 
 def unique_name(role: str) -> str:
