@@ -126,7 +126,9 @@ class CounterStore:
         return total
 
     def worker_connections(self, worker: int) -> int:
-        return sum(self.listener_block(worker, slot)[CONNECTIONS_TOTAL] for slot in self._slots.values())
+        return sum(
+            self.listener_block(worker, slot)[CONNECTIONS_TOTAL] for slot in self._slots.values()
+        )
 
     def notify_cost_ns(self, worker: int) -> int:
         return self.worker_header(worker)[W_NOTIFY_COST_NS]

@@ -89,7 +89,6 @@ class Listener:
         self.timed = timed
         self.connections = connections
         self.sockets: list[socket.socket] = []
-        self.own_addresses: set[tuple[str, int]] = set()
         self._set_stages()
 
     def _set_stages(self) -> None:
@@ -106,8 +105,6 @@ class Listener:
         for address in self.config.addresses:
             sock = sockets.listen(address, transparent=self.config.transparent)
             self.sockets.append(sock)
-            if not address.is_unix:
-                self.own_addresses.add(sock.getsockname()[:2])
             self.loop.add_reader(sock.fileno(), self._on_acceptable, sock)
 
     def update(self, config: ListenerConfig) -> None:
@@ -196,8 +193,6 @@ class Listener:
         destination, redirected = sockets.original_destination(conn)
         if not redirected and not config.transparent:
             # Reached directly, not through capture: forwarding would loop back to ourselves.
-            return None, ""
-        if (destination.host, destination.port) in self.own_addresses:
             return None, ""
         if config.kind == "outbound":
             return destination, ""

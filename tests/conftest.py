@@ -39,10 +39,22 @@ def http_get(url: str, method: str = "GET", timeout: float = 5.0) -> tuple[int, 
 class ProxyProcess:
     """`python -m pyproxy run ...` as a child process, with its admin address known."""
 
-    def __init__(self, args: list[str], admin_port: int | None = None, cwd: Path | None = None) -> None:
+    def __init__(
+        self, args: list[str], admin_port: int | None = None, cwd: Path | None = None
+    ) -> None:
         self.admin_port = admin_port or free_port()
-        self.args = [sys.executable, "-m", "pyproxy", "run", *args, "--admin", f"127.0.0.1:{self.admin_port}"]
-        self.proc = subprocess.Popen(self.args, cwd=cwd or ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.args = [
+            sys.executable,
+            "-m",
+            "pyproxy",
+            "run",
+            *args,
+            "--admin",
+            f"127.0.0.1:{self.admin_port}",
+        ]
+        self.proc = subprocess.Popen(
+            self.args, cwd=cwd or ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         self._output: list[str] = []
         self._reader = threading.Thread(target=self._read_output, daemon=True)
         self._reader.start()
@@ -82,7 +94,9 @@ class ProxyProcess:
     def listener(self, name: str = "main") -> dict:
         return self.stats()["listeners"][name]
 
-    def wait_for(self, predicate: Callable[[dict], bool], name: str = "main", timeout: float = 5.0) -> dict:
+    def wait_for(
+        self, predicate: Callable[[dict], bool], name: str = "main", timeout: float = 5.0
+    ) -> dict:
         deadline = time.monotonic() + timeout
         while True:
             snap = self.listener(name)
@@ -142,7 +156,9 @@ def start_proxy() -> Iterator[Callable[..., ProxyProcess]]:
 class ThreadedServer:
     """A real TCP server on loopback; `handler(conn)` runs in a thread per connection."""
 
-    def __init__(self, handler: Callable[[socket.socket], None], host: str = "127.0.0.1", backlog: int = 128) -> None:
+    def __init__(
+        self, handler: Callable[[socket.socket], None], host: str = "127.0.0.1", backlog: int = 128
+    ) -> None:
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))

@@ -19,7 +19,10 @@ def test_addresses_parse_ipv4_ipv6_and_unix():
     assert parse_address("localhost:8080").host == "127.0.0.1"
 
 
-@pytest.mark.parametrize("bad", ["", "127.0.0.1", "::1:80", "1.2.3.4:70000", "unix:relative", "example.com:80", "[::1]80"])
+@pytest.mark.parametrize(
+    "bad",
+    ["", "127.0.0.1", "::1:80", "1.2.3.4:70000", "unix:relative", "example.com:80", "[::1]80"],
+)
 def test_bad_addresses_are_refused_with_a_reason(bad):
     with pytest.raises(ValueError):
         parse_address(bad)
@@ -45,7 +48,11 @@ def _doc(**listener):
 def test_valid_config_builds_immutable_objects():
     config = build_config(_doc(idle_timeout="2s", buffer_size=4096))
     listener = config.listeners[0]
-    assert listener.idle_timeout == 2.0 and listener.buffer_size == 4096 and listener.app_side == "upstream"
+    assert (
+        listener.idle_timeout == 2.0
+        and listener.buffer_size == 4096
+        and listener.app_side == "upstream"
+    )
     with pytest.raises(AttributeError):
         listener.idle_timeout = 1
 
@@ -56,7 +63,11 @@ def test_valid_config_builds_immutable_objects():
         ({"listeners": []}, "listeners", "non-empty"),
         (_doc(mode="smtp"), "listeners[0].mode", "must be one of"),
         (_doc(address="nowhere"), "listeners[0].address", "host:port"),
-        (_doc(upstream=None) | {"listeners": [{"name": "l", "address": "127.0.0.1:1"}]}, "listeners[0].upstream", "required"),
+        (
+            _doc(upstream=None) | {"listeners": [{"name": "l", "address": "127.0.0.1:1"}]},
+            "listeners[0].upstream",
+            "required",
+        ),
         (_doc(idle_timeout="soon"), "listeners[0].idle_timeout", "duration"),
         (_doc(buffer_size=10), "listeners[0].buffer_size", "1024"),
         (_doc(colour="blue"), "listeners[0].colour", "unknown field"),
@@ -92,15 +103,31 @@ def test_yaml_syntax_error_reports_line(tmp_path):
 
 def test_cli_bad_config_exits_2_naming_file_and_field(tmp_path):
     path = tmp_path / "proxy.yaml"
-    path.write_text("listeners:\n  - name: main\n    address: 127.0.0.1:1\n    upstream: 127.0.0.1:2\n    idle_timeout: forever\n")
-    result = subprocess.run([sys.executable, "-m", "pyproxy", "run", "-c", str(path)], capture_output=True, text=True, timeout=30)
+    path.write_text(
+        "listeners:\n  - name: main\n    address: 127.0.0.1:1\n    upstream: 127.0.0.1:2\n    idle_timeout: forever\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "pyproxy", "run", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 2
     assert f"{path}: listeners[0].idle_timeout: expected a duration" in result.stderr
 
 
 def test_cli_flags_validate_like_the_file():
     result = subprocess.run(
-        [sys.executable, "-m", "pyproxy", "run", "--listen", "127.0.0.1:99999", "--upstream", "127.0.0.1:1"],
+        [
+            sys.executable,
+            "-m",
+            "pyproxy",
+            "run",
+            "--listen",
+            "127.0.0.1:99999",
+            "--upstream",
+            "127.0.0.1:1",
+        ],
         capture_output=True,
         text=True,
         timeout=30,

@@ -14,7 +14,12 @@ from conftest import ThreadedServer, free_port, http_get, recv_exactly
 
 
 def _config(path, listen_port: int, upstream: str, **extra) -> None:
-    lines = ["listeners:", "  - name: main", f"    address: 127.0.0.1:{listen_port}", f"    upstream: {upstream}"]
+    lines = [
+        "listeners:",
+        "  - name: main",
+        f"    address: 127.0.0.1:{listen_port}",
+        f"    upstream: {upstream}",
+    ]
     lines += [f"    {key}: {value}" for key, value in extra.items()]
     path.write_text("\n".join(lines) + "\n")
 
@@ -33,7 +38,9 @@ def test_drain_lets_an_in_flight_transfer_finish_then_exits_0(start_proxy):
 
     server = ThreadedServer(slow_upstream)
     port = free_port()
-    proxy = start_proxy("--listen", f"127.0.0.1:{port}", "--upstream", server.address, "--drain-timeout", "20s")
+    proxy = start_proxy(
+        "--listen", f"127.0.0.1:{port}", "--upstream", server.address, "--drain-timeout", "20s"
+    )
     client = socket.create_connection(("127.0.0.1", port))
     assert started.wait(5)
     proxy.signal(signal.SIGTERM)
@@ -56,7 +63,14 @@ def test_drain_lets_an_in_flight_transfer_finish_then_exits_0(start_proxy):
 
 def test_drain_timeout_bounds_shutdown(start_proxy, echo_server):
     port = free_port()
-    proxy = start_proxy("--listen", f"127.0.0.1:{port}", "--upstream", echo_server.address, "--drain-timeout", "500ms")
+    proxy = start_proxy(
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--upstream",
+        echo_server.address,
+        "--drain-timeout",
+        "500ms",
+    )
     client = socket.create_connection(("127.0.0.1", port))
     client.sendall(b"hi")
     assert recv_exactly(client, 2) == b"hi"
@@ -97,12 +111,17 @@ def test_sighup_reload_applies_good_config_and_refuses_bad_one(start_proxy, tmp_
     client.sendall(b"new")
     assert recv_exactly(client, 3) == b"new"
     client.close()
-    assert proxy.wait_for(lambda s: s["connections_total"] == 1, name="extra")["connections_total"] == 1
+    assert (
+        proxy.wait_for(lambda s: s["connections_total"] == 1, name="extra")["connections_total"]
+        == 1
+    )
 
 
 def test_several_workers_serve_and_admin_sums_them(start_proxy, echo_server):
     port = free_port()
-    proxy = start_proxy("--listen", f"127.0.0.1:{port}", "--upstream", echo_server.address, "--concurrency", "2")
+    proxy = start_proxy(
+        "--listen", f"127.0.0.1:{port}", "--upstream", echo_server.address, "--concurrency", "2"
+    )
     info = json.loads(http_get(proxy.admin + "/server_info")[1])
     pids = {w["pid"] for w in info["workers"]}
     assert len(pids) == 2 and all(w["ready"] for w in info["workers"])
@@ -113,7 +132,9 @@ def test_several_workers_serve_and_admin_sums_them(start_proxy, echo_server):
         client.sendall(payload)
         assert recv_exactly(client, 4) == payload
         client.close()
-    stats = proxy.wait_for(lambda s: s["connections_active"] == 0 and s["connections_total"] == connections)
+    stats = proxy.wait_for(
+        lambda s: s["connections_active"] == 0 and s["connections_total"] == connections
+    )
     assert stats["connections_total"] == connections
     assert stats["bytes"]["downstream_rx"] == stats["bytes"]["downstream_tx"] == 4 * connections
     # Both workers took connections (SO_REUSEPORT hashing spreads 40 connections across 2).
@@ -131,8 +152,14 @@ def test_admin_endpoints(start_proxy, echo_server):
     port = free_port()
     prom, health = free_port(), free_port()
     proxy = start_proxy(
-        "--listen", f"127.0.0.1:{port}", "--upstream", echo_server.address,
-        "--prometheus", f"127.0.0.1:{prom}", "--health", f"127.0.0.1:{health}",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--upstream",
+        echo_server.address,
+        "--prometheus",
+        f"127.0.0.1:{prom}",
+        "--health",
+        f"127.0.0.1:{health}",
     )
     assert http_get(proxy.admin + "/ready") == (200, b"LIVE\n")
     assert http_get(f"http://127.0.0.1:{health}/healthz/ready")[0] == 200
@@ -157,8 +184,13 @@ def test_admin_endpoints(start_proxy, echo_server):
         text = body.decode()
         assert status == 200
         assert 'pyproxy_connections_total{listener="main",mode="tcp"} 1.0' in text
-        assert 'pyproxy_bytes_total{direction="rx",listener="main",mode="tcp",side="downstream"} 10.0' in text or (
-            'pyproxy_bytes_total{listener="main",mode="tcp",side="downstream",direction="rx"} 10.0' in text
+        assert (
+            'pyproxy_bytes_total{direction="rx",listener="main",mode="tcp",side="downstream"} 10.0'
+            in text
+            or (
+                'pyproxy_bytes_total{listener="main",mode="tcp",side="downstream",direction="rx"} 10.0'
+                in text
+            )
         )
         assert 'pyproxy_stage_seconds_total{listener="main",mode="tcp",stage="ipc"}' in text
         assert 'pyproxy_request_duration_seconds_count{listener="main",mode="tcp"} 1.0' in text
@@ -177,7 +209,9 @@ def test_admin_endpoints(start_proxy, echo_server):
 
 def test_stage_clock_off_records_no_stage_time(start_proxy, echo_server):
     port = free_port()
-    proxy = start_proxy("--listen", f"127.0.0.1:{port}", "--upstream", echo_server.address, "--no-stage-clock")
+    proxy = start_proxy(
+        "--listen", f"127.0.0.1:{port}", "--upstream", echo_server.address, "--no-stage-clock"
+    )
     client = socket.create_connection(("127.0.0.1", port))
     client.sendall(b"abc")
     assert recv_exactly(client, 3) == b"abc"
@@ -214,7 +248,10 @@ def test_pyproxy_stats_prints_the_stage_table(start_proxy, echo_server):
     client.close()
     out = subprocess.run(
         [sys.executable, "-m", "pyproxy", "stats", "--admin", f"127.0.0.1:{proxy.admin_port}"],
-        capture_output=True, text=True, timeout=30, check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
     ).stdout
     assert "listener main (tcp, standalone)" in out
     for stage in ("ipc", "read", "write", "notify", "parse", "other", "total"):

@@ -56,7 +56,9 @@ def test_100mb_each_way_at_once_is_byte_exact_and_counted_exactly(start_proxy):
 
     def upstream(conn: socket.socket) -> None:
         # Send our own stream while receiving the client's: both directions at once.
-        sender = threading.Thread(target=lambda: upstream_result.update(sent=_stream_random(conn, total, 2)))
+        sender = threading.Thread(
+            target=lambda: upstream_result.update(sent=_stream_random(conn, total, 2))
+        )
         sender.start()
         upstream_result["received"] = _drain_digest(conn)
         sender.join()
@@ -77,7 +79,12 @@ def test_100mb_each_way_at_once_is_byte_exact_and_counted_exactly(start_proxy):
     assert client_result["received"] == (total, upstream_result["sent"])
     stats = proxy.wait_for(lambda s: s["connections_active"] == 0)
     assert stats["connections_total"] == 1
-    assert stats["bytes"] == {"downstream_rx": total, "upstream_tx": total, "upstream_rx": total, "downstream_tx": total}
+    assert stats["bytes"] == {
+        "downstream_rx": total,
+        "upstream_tx": total,
+        "upstream_rx": total,
+        "downstream_tx": total,
+    }
     assert stats["duration"]["count"] == 1
     assert stats["flags"] == {}
 
@@ -189,7 +196,9 @@ def test_connect_timeout_closes_downstream(start_proxy):
         s.connect_ex(stuck.getsockname())
         fillers.append(s)
     time.sleep(0.2)
-    proxy, port = _standalone(start_proxy, f"127.0.0.1:{stuck.getsockname()[1]}", "--connect-timeout", "300ms")
+    proxy, port = _standalone(
+        start_proxy, f"127.0.0.1:{stuck.getsockname()[1]}", "--connect-timeout", "300ms"
+    )
     client = _connect(port)
     started = time.monotonic()
     assert client.recv(10) == b""
@@ -243,7 +252,9 @@ def test_slow_consumer_keeps_proxy_memory_bounded(start_proxy):
         received += len(client.recv(64 * 1024))
         time.sleep(0.02)
         peak = max(peak, proxy.rss_kib())
-    assert not done.is_set(), "upstream finished: the proxy buffered everything instead of pushing back"
+    assert not done.is_set(), (
+        "upstream finished: the proxy buffered everything instead of pushing back"
+    )
     # The proxy holds one 64 KiB buffer per direction; kernel socket buffers are not RSS.
     assert peak - baseline < 16 * 1024, (baseline, peak)
     stats = proxy.listener()
@@ -265,4 +276,8 @@ def test_several_connections_at_once_are_isolated(start_proxy, echo_server):
     stats = proxy.wait_for(lambda s: s["connections_active"] == 0)
     assert stats["connections_total"] == 20
     assert stats["messages"] >= 20  # merged writes may arrive as one read
-    assert stats["bytes"]["downstream_rx"] == stats["bytes"]["downstream_tx"] == stats["bytes"]["upstream_rx"]
+    assert (
+        stats["bytes"]["downstream_rx"]
+        == stats["bytes"]["downstream_tx"]
+        == stats["bytes"]["upstream_rx"]
+    )

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from pyproxy.codec.events import (
-    END,
     PAUSED,
     Body,
     Buffer,
@@ -17,7 +16,6 @@ from pyproxy.codec.events import (
     Headers,
     ProtocolError,
     RequestHead,
-    Reset,
     ResponseHead,
     Trailers,
 )

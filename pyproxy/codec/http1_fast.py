@@ -29,8 +29,8 @@ from pyproxy.codec.events import (
     Headers,
     ProtocolError,
     RequestHead,
-    ResponseHead,
     Reset,
+    ResponseHead,
     Trailers,
 )
 from pyproxy.codec.http1 import (
@@ -200,9 +200,7 @@ class FastHttp1Codec(Http1Codec):
         version = _VERSIONS.get(raw_version) or raw_version.encode("ascii")
         head: RequestHead | ResponseHead | ProtocolError
         if self.role == "server":
-            head = self._facts.request_head(
-                parser.get_method(), self._url, self._headers, version
-            )
+            head = self._facts.request_head(parser.get_method(), self._url, self._headers, version)
             if type(head) is ProtocolError:
                 raise _Reject(head.status, head.reason)
         else:

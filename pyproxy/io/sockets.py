@@ -33,7 +33,7 @@ def listen(
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         if transparent:
             level, option = (
-                (socket.SOL_IPV6, IPV6_TRANSPARENT)
+                (socket.IPPROTO_IPV6, IPV6_TRANSPARENT)
                 if address.family == socket.AF_INET6
                 else (socket.SOL_IP, IP_TRANSPARENT)
             )
@@ -105,24 +105,30 @@ def original_destination(sock: socket.socket) -> tuple[Address, bool]:
 
     Under REDIRECT the answer is SO_ORIGINAL_DST (conntrack's pre-NAT address);
     under TPROXY, or for a direct connection, it is the accepted socket's
-    local address, and `redirected` is False.
+    local address. conntrack answers SO_ORIGINAL_DST for every tracked
+    connection, NATed or not, so "redirected" means the original destination
+    differs from where the connection actually landed.
     """
+    local_host, local_port = sock.getsockname()[:2]
+    local = Address(host=local_host, port=local_port)
     family = sock.family
     try:
         if family == socket.AF_INET:
             raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
             port, packed = struct.unpack_from("!2xH4s", raw)
-            return Address(host=socket.inet_ntop(socket.AF_INET, packed), port=port), True
-        if family == socket.AF_INET6:
-            raw = sock.getsockopt(socket.SOL_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+            original = Address(host=socket.inet_ntop(socket.AF_INET, packed), port=port)
+        elif family == socket.AF_INET6:
+            raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)
             port, packed = struct.unpack_from("!2xH4x16s", raw)
-            return Address(host=socket.inet_ntop(socket.AF_INET6, packed), port=port), True
+            original = Address(host=socket.inet_ntop(socket.AF_INET6, packed), port=port)
+        else:
+            return local, False
     except OSError as exc:
-        # ENOENT: no NAT entry (TPROXY, or a direct connection); the local address is the destination.
+        # ENOENT: no conntrack entry (TPROXY without NAT, or no netfilter at all).
         if exc.errno not in (errno.ENOENT, errno.ENOPROTOOPT):
             raise
-    host, port = sock.getsockname()[:2]
-    return Address(host=host, port=port), False
+        return local, False
+    return original, original != local
 
 
 def abort(sock: socket.socket) -> None:

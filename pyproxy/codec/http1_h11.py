@@ -1,0 +1,250 @@
+"""The reference HTTP/1 backend: h11 parses and serialises, held to the proxy's stricter rules.
+
+h11 is lenient where a proxy must not be, so before h11 sees a head this
+wrapper checks the raw bytes: bare-LF line ends and obs-fold are refused
+(RFC 9112 §2.2, §5.2; h11 accepts and unfolds them), and the framing fields
+are checked in wire order by the same ``HeadFacts`` the fast backend uses
+(h11 silently collapses duplicate Content-Length and lets
+Transfer-Encoding win over Content-Length). h11 also never keeps an
+HTTP/1.0 connection alive; RFC 9112 §9.3 allows it, so a fresh h11
+connection takes over the buffered bytes for the next cycle, and the
+``Connection: close`` h11 writes to a 1.0 keep-alive peer is rewritten.
+Trailers are surfaced (h11's EndOfMessage carries them).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import h11
+
+from pyproxy.codec.events import (
+    END,
+    Body,
+    Buffer,
+    Event,
+    Headers,
+    ProtocolError,
+    RequestHead,
+    Reset,
+    ResponseHead,
+    Trailers,
+)
+from pyproxy.codec.http1 import (
+    _FACT_NAMES,
+    DEFAULT_LIMITS,
+    CodecUsageError,
+    HeadFacts,
+    Http1Codec,
+    Http1Limits,
+    Role,
+    head_size,
+)
+
+_CLOSE_LINE: Final = b"\r\nConnection: close\r\n"
+_KEEP_ALIVE_LINE: Final = b"\r\nConnection: keep-alive\r\n"
+
+
+class H11Http1Codec(Http1Codec):
+    """Http1Codec on h11 (strict, pure Python: the reference the fast backend is tested against)."""
+
+    __slots__ = ("_conn", "_dead", "_raw", "_facts")
+
+    def __init__(self, role: Role, limits: Http1Limits = DEFAULT_LIMITS) -> None:
+        super().__init__(role, limits)
+        self._conn = self._new_conn()
+        self._dead = False
+        self._raw: bytearray | None = None
+        # Facts of the head h11 is about to parse; None until the raw check passed.
+        self._facts: HeadFacts | None = None
+
+    def _new_conn(self) -> h11.Connection:
+        return h11.Connection(
+            h11.SERVER if self.role == "server" else h11.CLIENT,
+            max_incomplete_event_size=self.limits.max_header_bytes,
+        )
+
+    # -- parsing -------------------------------------------------------------
+
+    def _fail(self, status: int, reason: str) -> None:
+        self._dead = True
+        self._pending.append(ProtocolError(status, reason))
+
+    def _waiting_for_head(self) -> bool:
+        state = self._conn.their_state
+        return state is (h11.IDLE if self.role == "server" else h11.SEND_RESPONSE)
+
+    def _check_raw_head(self) -> bool:
+        """Vet the buffered head before h11 parses it; False means wait or failed."""
+        buf = self._conn.trailing_data[0]
+        end = buf.find(b"\r\n\r\n")
+        head = buf if end < 0 else buf[: end + 2]
+        # RFC 9112 §2.2: we accept CRLF only (llhttp's rule), never a bare LF.
+        if head.count(b"\n") != head.count(b"\r\n"):
+            self._fail(400, "bare LF in head")
+            return False
+        if end < 0:
+            if len(buf) > self.limits.max_header_bytes:
+                self._fail(431, "header section over limits")
+            return False
+        # RFC 9112 §5.2: obs-fold is rejected with 400, not unfolded.
+        if b"\r\n " in head or b"\r\n\t" in head:
+            self._fail(400, "obs-fold in head")
+            return False
+        lines = head.split(b"\r\n")[1:-1]
+        if len(lines) > self.limits.max_header_count:
+            self._fail(431, "header section over limits")
+            return False
+        facts = HeadFacts()
+        for line in lines:
+            name, _, value = line.partition(b":")
+            name = name.lower()
+            if name in _FACT_NAMES:
+                err = facts.add(name, value.strip(b" \t"))
+                if err is not None:
+                    self._fail(err.status, err.reason)
+                    return False
+        self._facts = facts
+        return True
+
+    def _pump(self) -> None:
+        conn = self._conn
+        pending = self._pending
+        while not self._dead and self._raw is None:
+            if self._facts is None and self._waiting_for_head() and conn.trailing_data[0]:
+                if not self._check_raw_head():
+                    return
+            try:
+                ev = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                if self._eof:
+                    self._dead = True
+                    pending.append(Reset(0, "connection closed mid-message"))
+                else:
+                    self._fail(exc.error_status_hint, str(exc))
+                return
+            if ev is h11.NEED_DATA or ev is h11.PAUSED:
+                return
+            out = self._convert(ev)
+            if out is not None:
+                pending.append(out)
+                if type(out) is ProtocolError:
+                    self._dead = True
+                    return
+            if conn.their_state is h11.SWITCHED_PROTOCOL:
+                self._raw = bytearray(conn.trailing_data[0])
+
+    def _convert(self, ev: object) -> Event | None:
+        kind = type(ev)
+        if kind is h11.Data:
+            return Body(ev.data)  # type: ignore[attr-defined]
+        if kind is h11.EndOfMessage:
+            trailers = ev.headers  # type: ignore[attr-defined]
+            if trailers:
+                self._pending.append(Trailers(list(trailers)))
+            return END
+        if kind is h11.ConnectionClosed:
+            return None
+        facts = self._facts or HeadFacts()
+        self._facts = None
+        headers: Headers = list(ev.headers)  # type: ignore[attr-defined]
+        if kind is h11.Request:
+            target = ev.target  # type: ignore[attr-defined]
+            if head_size(len(target), headers) > self.limits.max_header_bytes:
+                return ProtocolError(431, "header section over limits")
+            return facts.request_head(
+                ev.method,  # type: ignore[attr-defined]
+                target,
+                headers,
+                ev.http_version,  # type: ignore[attr-defined]
+            )
+        # Response or InformationalResponse
+        if head_size(0, headers) > self.limits.max_header_bytes:
+            return ProtocolError(431, "header section over limits")
+        return facts.response_head(
+            ev.status_code,  # type: ignore[attr-defined]
+            ev.reason,  # type: ignore[attr-defined]
+            headers,
+            ev.http_version,  # type: ignore[attr-defined]
+            self._method,
+        )
+
+    def _feed(self, data: Buffer) -> None:
+        if self._dead:
+            return
+        if self._raw is not None:
+            self._raw += data
+            return
+        self._conn.receive_data(bytes(data))
+        self._pump()
+
+    def _feed_eof(self) -> None:
+        if self._dead or self._raw is not None:
+            return
+        if self._facts is None and self._waiting_for_head() and self._conn.trailing_data[0]:
+            # A partial head the raw check was still waiting on.
+            self._dead = True
+            self._pending.append(Reset(0, "connection closed mid-head"))
+            return
+        self._conn.receive_data(b"")
+        self._pump()
+
+    def _holding(self) -> bool:
+        return bool(self._raw) or bool(self._conn.trailing_data[0])
+
+    def _take_trailing(self) -> bytes:
+        raw = self._raw
+        if raw is None:
+            return b""
+        self._raw = bytearray()
+        return bytes(raw)
+
+    def _next_cycle(self) -> None:
+        conn = self._conn
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+            conn.start_next_cycle()
+        else:
+            # h11 refuses HTTP/1.0 keep-alive (MUST_CLOSE); hand the unparsed
+            # bytes to a fresh h11 connection instead.
+            rest = conn.trailing_data[0]
+            self._conn = self._new_conn()
+            if rest:
+                self._conn.receive_data(rest)
+        self._facts = None
+        self._pump()
+
+    # -- serialising ---------------------------------------------------------
+
+    def _h11_send(self, event: object) -> bytes:
+        try:
+            out = self._conn.send(event)  # type: ignore[arg-type]
+        except h11.LocalProtocolError as exc:
+            raise CodecUsageError(str(exc)) from exc
+        return out or b""
+
+    def _encode_request(self, ev: RequestHead, mode: int) -> Buffer:
+        return self._h11_send(h11.Request(method=ev.method, target=ev.target, headers=ev.headers))
+
+    def _encode_response(self, ev: ResponseHead, mode: int, facts: HeadFacts | None) -> Buffer:
+        if ev.status < 200:
+            out = self._h11_send(
+                h11.InformationalResponse(
+                    status_code=ev.status, headers=ev.headers, reason=ev.reason
+                )
+            )
+        else:
+            out = self._h11_send(
+                h11.Response(status_code=ev.status, headers=ev.headers, reason=ev.reason)
+            )
+            if self._keep_alive and self._peer_version != b"1.1":
+                # RFC 9112 §9.3: tell the 1.0 peer the connection persists.
+                out = out.replace(_CLOSE_LINE, _KEEP_ALIVE_LINE, 1)
+        if self._conn.their_state is h11.SWITCHED_PROTOCOL:
+            self._raw = bytearray(self._conn.trailing_data[0])
+        return out
+
+    def _encode_body(self, data: Buffer, mode: int) -> Buffer:
+        return self._h11_send(h11.Data(data=data))
+
+    def _encode_end(self, mode: int, trailers: Headers | None) -> Buffer:
+        return self._h11_send(h11.EndOfMessage(headers=trailers or []))
