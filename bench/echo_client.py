@@ -1,0 +1,56 @@
+"""Echo round-trip latency at one outstanding message: the measuring stick for added latency."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+from pyproxy.addresses import parse_address
+
+
+def connect(address: str) -> socket.socket:
+    target = parse_address(address)
+    sock = socket.socket(target.family, socket.SOCK_STREAM)
+    sock.connect(target.sockaddr())
+    if not target.is_unix:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def measure_rtts(address: str, count: int, size: int = 100, warmup: int = 200) -> list[int]:
+    """Nanosecond round trips of `size`-byte messages, one outstanding at a time."""
+    payload = b"p" * size
+    buf = bytearray(size)
+    view = memoryview(buf)
+    rtts = []
+    clock = time.perf_counter_ns
+    with connect(address) as sock:
+        for i in range(warmup + count):
+            started = clock()
+            sock.sendall(payload)
+            got = 0
+            while got < size:
+                n = sock.recv_into(view[got:])
+                if not n:
+                    raise ConnectionError(f"EOF after {got} of {size} bytes")
+                got += n
+            if i >= warmup:
+                rtts.append(clock() - started)
+    return rtts
+
+
+def percentile(sorted_values: list[int], fraction: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, int(fraction * len(sorted_values)))
+    return float(sorted_values[index])
+
+
+def summarize(rtts: list[int]) -> dict:
+    ordered = sorted(rtts)
+    return {
+        "count": len(ordered),
+        "p50_us": percentile(ordered, 0.50) / 1000,
+        "p99_us": percentile(ordered, 0.99) / 1000,
+        "mean_us": sum(ordered) / len(ordered) / 1000 if ordered else 0.0,
+    }
