@@ -24,7 +24,7 @@ def original_destination(conn: socket.socket) -> str | None:
     """host:port conntrack saw before NAT, or None when the connection was not NATed."""
     try:
         if conn.family == socket.AF_INET6:
-            raw = conn.getsockopt(socket.SOL_IPV6, SO_ORIGINAL_DST, 28)
+            raw = conn.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
             port, packed = struct.unpack_from("!2xH4x16s", raw)
             return f"[{socket.inet_ntop(socket.AF_INET6, packed)}]:{port}"
         raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
@@ -49,7 +49,7 @@ def _listener(host: str, port: int, transparent: bool) -> socket.socket:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     if transparent:
         level, option = (
-            (socket.SOL_IPV6, IPV6_TRANSPARENT)
+            (socket.IPPROTO_IPV6, IPV6_TRANSPARENT)
             if family == socket.AF_INET6
             else (socket.SOL_IP, IP_TRANSPARENT)
         )
