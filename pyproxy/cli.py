@@ -62,6 +62,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     )
     run.add_argument("--idle-timeout", help="close connections idle this long (e.g. 1h)")
     run.add_argument("--connect-timeout", help="upstream connect timeout (e.g. 5s)")
+    run.add_argument(
+        "--buffer-size",
+        type=int,
+        help="relay buffer per direction per connection, bytes (default 65536)",
+    )
     run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     run.set_defaults(func=cmd_run)
 
@@ -85,6 +90,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         listener_extra["idle_timeout"] = args.idle_timeout
     if args.connect_timeout:
         listener_extra["connect_timeout"] = args.connect_timeout
+    if args.buffer_size:
+        listener_extra["buffer_size"] = args.buffer_size
     data: dict[str, Any] = {}
     if args.sidecar:
         data["listeners"] = [
