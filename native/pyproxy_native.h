@@ -16,9 +16,16 @@ ssize_t pp_splice_out(int pipe_rd, int sock_fd, size_t max);
  * default). Returns the capacity the kernel granted, or -errno. */
 int pp_pipe(int fds[2], int size);
 
-/* MSG_ZEROCOPY */
+/* MSG_ZEROCOPY. pp_zc_enable sets SO_ZEROCOPY (0 or -errno). pp_zc_send
+ * returns bytes queued (each call that queues >= 1 byte takes the socket's
+ * next sequence number, from 0; a failed call takes none), -ENOBUFS when the
+ * socket's option memory is used up (reap, then retry or send by copy),
+ * -EAGAIN when the send buffer is full. buf must stay untouched until a
+ * completion covering its sequence number has been reaped. */
 int pp_zc_enable(int fd);
 ssize_t pp_zc_send(int fd, const char *buf, size_t len);
+/* Reads up to max completions into lo[i]..hi[i] (inclusive, wrapping u32)
+ * and copied[i]; returns how many, 0 if none, -errno on error. */
 int pp_zc_reap(int fd, uint32_t *lo, uint32_t *hi, int *copied, int max);
 
 /* plain non-blocking send, the copy path a zerocopy caller falls back to */

@@ -19,21 +19,40 @@ How MSG_ZEROCOPY works, and what this class does about each part:
 Reaping from an event loop (asyncio has no ``add_error_reader``):
 
 A non-empty error queue makes the socket report POLLERR, and epoll reports
-POLLERR whether or not it was asked for. asyncio's selector loop turns it into
-*both* read and write readiness, and uvloop/libuv likewise run the reader
-callback. So a zerocopy socket with a registered reader gets its read callback
-called while completions wait; if that callback only does ``recv`` (which gets
-EAGAIN) the loop spins. Therefore the integration must:
+POLLERR whether or not it was asked for. What the loops do with it (pinned by
+tests/test_native_zerocopy.py):
 
-1. call ``reap()`` at the start of the socket's read-ready callback when
-   ``outstanding`` is non-zero (this is the "error reader");
-2. rely on ``send`` reaping on its own every ``reap_every`` sends and when
-   the ``max_outstanding_bytes`` window is full (then ``send`` returns 0 and
-   ``window_full`` is True: wait for the read callback or a short timer);
+* asyncio's selector loop turns it into read *and* write readiness: a reader
+  callback that only does ``recv`` (EAGAIN) is called again and again, a busy
+  loop, until the queue is reaped.
+* uvloop (libuv ``uv_poll``) runs the reader callback once and then *stops
+  the poll handle*: the reader never fires again, not even for data, and
+  reaping does not restart it. The callback must reap and then re-register
+  (``remove_reader`` + ``add_reader``, and the writer if one is registered).
+  Decide by ``notifications`` having changed since the last re-registration,
+  not by what this call's ``reap`` returned: another callback in the same
+  loop iteration may already have reaped (``send`` reaps too).
+* Transports (``create_connection``/``connect_accepted_socket``) on either
+  loop have no such hook: unreaped completions keep the loop spinning at
+  100% CPU. Use MSG_ZEROCOPY only on sockets driven by add_reader/add_writer.
+
+So the integration should:
+
+1. at the start of the zerocopy socket's read-ready callback, ``reap()`` when
+   ``outstanding`` is non-zero (this is the "error reader"), then re-arm on
+   uvloop as above;
+2. rely on ``send`` reaping on its own every ``reap_every`` zerocopy sends,
+   on ENOBUFS, and when the ``max_outstanding_bytes`` window is full (then
+   ``send`` returns 0 and ``window_full`` is True: wait for the read callback
+   or a short timer);
 3. arm a timer (a few ms) while ``outstanding`` is non-zero and no reader is
    registered (e.g. a half-closed downstream), and before closing: drain with
    ``reap`` until ``outstanding == 0`` or abort the connection with a reset, so
    no pinned buffer is released while the kernel may still transmit from it.
+
+On loopback a send completes only once the *receiver has read* the data
+(the kernel's deferred copy), so for app<->sidecar IPC the pinned window is
+as large as what the peer application leaves unread.
 
 The sender must own every MSG_ZEROCOPY send on its socket from the socket's
 first one, or the sequence numbers will not line up (``reap`` raises).
@@ -88,6 +107,7 @@ class ZeroCopySender:
         "_hi",
         "_cp",
         "_batch",
+        "_until_reap",
     )
 
     def __init__(
@@ -128,6 +148,7 @@ class ZeroCopySender:
         # Sequence numbers completed ahead of _head (out-of-order completions).
         self._early: set[int] = set()
         self._batch = reap_batch
+        self._until_reap = reap_every
         self._lo = ffi.new("uint32_t[]", reap_batch)
         self._hi = ffi.new("uint32_t[]", reap_batch)
         self._cp = ffi.new("int[]", reap_batch)
@@ -168,7 +189,11 @@ class ZeroCopySender:
             self._next = (self._next + 1) & _U32
             self.outstanding_bytes += r
             self.zc_sends += 1
-            if len(self._pending) >= self.reap_every:
+            # Every reap_every sends, not whenever reap_every are pending: on a
+            # slow peer that would be one extra empty recvmsg per send.
+            self._until_reap -= 1
+            if not self._until_reap:
+                self._until_reap = self.reap_every
                 self.reap()
             return r
         if r == EAGAIN:
