@@ -7,7 +7,7 @@ import asyncio
 import socket
 
 from pyproxy.addresses import parse_address
-from pyproxy.supervisor import new_event_loop
+from pyproxy.eventloop import new_event_loop
 
 
 class _Echo(asyncio.Protocol):

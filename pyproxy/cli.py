@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import urllib.error
 import urllib.request
@@ -22,6 +23,7 @@ from pyproxy.config import (
     load_config,
     sidecar_listeners,
 )
+from pyproxy.eventloop import ENV as ENV_EVENT_LOOP
 
 EXIT_CONFIG = 2
 
@@ -66,6 +68,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "--buffer-size",
         type=int,
         help="relay buffer per direction per connection, bytes (default 65536)",
+    )
+    run.add_argument(
+        "--event-loop",
+        choices=("auto", "uvloop", "asyncio"),
+        help="event loop (default: uvloop when installed)",
     )
     run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     run.set_defaults(func=cmd_run)
@@ -147,6 +154,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"pyproxy: config error: {args.config}: cannot read: {exc.strerror}", file=sys.stderr)
         return EXIT_CONFIG
 
+    if args.event_loop:
+        os.environ[ENV_EVENT_LOOP] = args.event_loop  # forked workers inherit it
     from pyproxy.supervisor import Supervisor
 
     reload_config = (lambda: config_from_args(args)) if args.config else None

@@ -19,6 +19,7 @@ from pyproxy.addresses import Address
 from pyproxy.admin import EndpointServer, Response
 from pyproxy.config import ConfigError, ProxyConfig
 from pyproxy.counters import W_NOTIFY_COST_NS, W_PID, W_READY, CounterStore
+from pyproxy.eventloop import event_loop_name, new_event_loop
 from pyproxy.io import sockets
 from pyproxy.prometheus import exposition
 from pyproxy.worker import Worker
@@ -28,22 +29,6 @@ log = logging.getLogger("pyproxy")
 PR_SET_PDEATHSIG = 1
 _FRAME = struct.Struct("!I")
 START_TIMEOUT = 15.0
-
-
-def event_loop_name() -> str:
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return "asyncio"
-    return "uvloop"
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.new_event_loop()
-    return uvloop.new_event_loop()
 
 
 def native_status() -> tuple[bool, str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import time
@@ -41,6 +42,8 @@ class Worker:
         header[W_STARTED_NS] = time.time_ns()
         header[W_NOTIFY_COST_NS] = await calibrate_notify_cost()
         self.apply(config, slots)
+        # Startup objects live forever: keep them out of every later GC pass.
+        gc.freeze()
         header[W_READY] = 1
 
     async def wait_stopped(self) -> None:

@@ -256,3 +256,17 @@ def test_pyproxy_stats_prints_the_stage_table(start_proxy, echo_server):
     assert "listener main (tcp, standalone)" in out
     for stage in ("ipc", "read", "write", "notify", "parse", "other", "total"):
         assert f"\n  {stage} " in out
+
+
+def test_runs_on_plain_asyncio_too(start_proxy, echo_server):
+    port = free_port()
+    proxy = start_proxy("--listen", f"127.0.0.1:{port}", "--upstream", echo_server.address, "--event-loop", "asyncio")
+    assert json.loads(http_get(proxy.admin + "/server_info")[1])["event_loop"] == "asyncio"
+    client = socket.create_connection(("127.0.0.1", port))
+    payload = b"a" * 300_000
+    client.sendall(payload)
+    assert recv_exactly(client, len(payload)) == payload
+    client.close()
+    stats = proxy.wait_for(lambda s: s["connections_active"] == 0)
+    assert stats["bytes"]["upstream_rx"] == len(payload)
+    assert stats["stages"]["notify"]["ns"] > 0
