@@ -1,0 +1,43 @@
+"""The pod echo benchmark runs end to end with a tiny bounded load and reports both paths and both sidecars."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from pyproxy.iptables.netns import list_namespaces, missing_capabilities
+
+
+@pytest.fixture(scope="module")
+def require_netns() -> None:
+    """Skip without root/netns/iptables; under CI=true a missing capability is a failure."""
+    missing = missing_capabilities()
+    if missing:
+        message = "pod bench test needs: " + ", ".join(missing)
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def test_pod_echo_reports_baseline_sidecars_and_stage_breakdown(require_netns, tmp_path):
+    out = tmp_path / "pod_echo.json"
+    argv = [sys.executable, "-m", "pyproxy.bench.pod_echo", "--count", "200", "--warmup", "20"]
+    argv += ["--max-seconds", "10", "--output", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, stderr = proc.communicate(timeout=100)
+    assert proc.returncode == 0, stderr
+    report = json.loads(out.read_text())
+    assert report["baseline"]["count"] == 200
+    assert report["sidecars"]["count"] == 200
+    assert 0 < report["baseline"]["p50_us"] <= report["baseline"]["p99_us"]
+    for name in ("a_outbound", "b_inbound"):
+        stage = report["stages"][name]
+        assert stage["connections_total"] == 1
+        # 220 messages of 100 bytes crossed each sidecar in both directions.
+        assert stage["bytes"]["downstream_rx"] == stage["bytes"]["upstream_rx"] == 220 * 100
+        assert stage["total_us_per_message"] > 0
+    # Every namespace the bench created (named after its pid) is gone.
+    assert not [n for n in list_namespaces() if n.startswith(f"pp{proc.pid}-")]
