@@ -24,6 +24,7 @@ PROMETHEUS_DEFAULT = "0.0.0.0:15090"
 HEALTH_DEFAULT = "0.0.0.0:15021"
 # Source address for inbound deliveries, so capture rules can tell them from app traffic.
 INBOUND_SOURCE_V4 = "127.0.0.6"
+INBOUND_SOURCE_V6 = "::6"
 
 
 class ConfigError(Exception):
@@ -46,6 +47,7 @@ class ListenerConfig:
     app_side: str = "upstream"
     inbound_target: str = "127.0.0.1"
     inbound_source: str = ""
+    inbound_source_v6: str = ""
     transparent: bool = False
     connect_timeout: float = 5.0
     idle_timeout: float = 3600.0
@@ -149,6 +151,10 @@ def _ip(value: Any) -> str:
     return parse_address(f"[{value}]:0" if ":" in str(value) else f"{value}:0").host
 
 
+def _optional_ip(value: Any) -> str:
+    return "" if value in ("", None) else _ip(value)
+
+
 def _listener(fields: _Fields, index: int) -> ListenerConfig:
     name = fields.take("name", _name, f"listener{index}")
     kind = fields.take("kind", _choice(KINDS), "standalone")
@@ -179,9 +185,8 @@ def _listener(fields: _Fields, index: int) -> ListenerConfig:
         upstream=upstream,
         app_side=fields.take("app_side", _choice(("upstream", "downstream")), default_app_side),
         inbound_target=fields.take("inbound_target", _ip, "127.0.0.1"),
-        inbound_source=fields.take(
-            "inbound_source", lambda v: "" if v in ("", None) else _ip(v), ""
-        ),
+        inbound_source=fields.take("inbound_source", _optional_ip, ""),
+        inbound_source_v6=fields.take("inbound_source_v6", _optional_ip, ""),
         transparent=fields.take("transparent", _bool, False),
         connect_timeout=fields.take("connect_timeout", parse_duration, 5.0),
         idle_timeout=fields.take("idle_timeout", parse_duration, 3600.0),
@@ -276,6 +281,7 @@ def sidecar_listeners(mode: str, transparent: bool = False) -> list[dict]:
             "mode": mode,
             "addresses": addresses(INBOUND_PORT),
             "inbound_source": INBOUND_SOURCE_V4,
+            "inbound_source_v6": INBOUND_SOURCE_V6,
             "transparent": transparent,
         },
     ]

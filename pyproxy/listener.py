@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 from time import perf_counter_ns
@@ -22,59 +21,54 @@ from pyproxy.counters import (
     observe_duration,
 )
 from pyproxy.io import sockets
+from pyproxy.io.connector import Connect
 from pyproxy.io.relay import Relay
 
 log = logging.getLogger("pyproxy.listener")
 
 ACCEPTS_PER_WAKEUP = 64  # bounded so one busy listener cannot starve the rest of the loop
-IN_PROGRESS = (errno.EINPROGRESS, errno.EAGAIN)
 
 
 class _PendingConnect:
-    """A downstream connection waiting for its upstream connect to finish (or fail, or time out)."""
+    """A downstream connection waiting for its upstream connect; closable by drain like a relay."""
 
-    __slots__ = ("listener", "downstream", "upstream", "started_ns", "timer", "connect_started_ns")
+    __slots__ = ("listener", "downstream", "started_ns", "connect")
 
     def __init__(
         self,
         listener: Listener,
         downstream: socket.socket,
-        upstream: socket.socket,
+        target: Address,
+        source: str,
         started_ns: int,
     ) -> None:
         self.listener = listener
-        self.downstream, self.upstream = downstream, upstream
+        self.downstream = downstream
         self.started_ns = started_ns
-        self.connect_started_ns = perf_counter_ns()
-        loop = listener.loop
-        self.timer = loop.call_later(listener.config.connect_timeout, self.close, "UF")
-        loop.add_writer(upstream.fileno(), self.on_connected)
+        block = listener.block if listener.timed else None
+        self.connect = Connect(
+            listener.loop,
+            target,
+            listener.config.connect_timeout,
+            self._connected,
+            self._failed,
+            source_host=source,
+            block=block,
+            stage_ns=listener.connect_ns,
+            stage_events=listener.connect_events,
+        )
 
-    def on_connected(self) -> None:
-        listener = self.listener
-        listener.loop.remove_writer(self.upstream.fileno())
-        self.timer.cancel()
-        code = self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if listener.timed:
-            block = listener.block
-            block[listener.connect_ns] += perf_counter_ns() - self.connect_started_ns
-            block[listener.connect_events] += 1
-        listener.connections.discard(self)
-        if code:
-            self.upstream.close()
-            listener.fail(self.downstream, "UF", self.started_ns)
-            return
-        listener.start_relay(self.downstream, self.upstream, self.started_ns)
+    def _connected(self, upstream: socket.socket) -> None:
+        self.listener.connections.discard(self)
+        self.listener.start_relay(self.downstream, upstream, self.started_ns)
 
-    def close(self, flag: str = "UF") -> None:
-        listener = self.listener
-        listener.connections.discard(self)
-        self.timer.cancel()
-        fd = self.upstream.fileno()
-        if fd >= 0:
-            listener.loop.remove_writer(fd)
-        self.upstream.close()
-        listener.fail(self.downstream, flag, self.started_ns)
+    def _failed(self, flag: str) -> None:
+        self.listener.connections.discard(self)
+        self.listener.fail(self.downstream, flag, self.started_ns)
+
+    def close(self, flag: str = "LR") -> None:
+        self.connect.cancel()
+        self._failed(flag)
 
 
 class Listener:
@@ -169,22 +163,7 @@ class Listener:
         if target is None:
             self.fail(conn, "NR", started)
             return
-        try:
-            t0 = perf_counter_ns()
-            upstream, code = sockets.connect_nonblocking(target, source)
-        except OSError:
-            self.fail(conn, "UF", started)
-            return
-        if code == 0:
-            if self.timed:
-                block[self.connect_ns] += perf_counter_ns() - t0
-                block[self.connect_events] += 1
-            self.start_relay(conn, upstream, started)
-        elif code in IN_PROGRESS:
-            self.connections.add(_PendingConnect(self, conn, upstream, started))
-        else:
-            upstream.close()
-            self.fail(conn, "UF", started)
+        self.connections.add(_PendingConnect(self, conn, target, source, started))
 
     def _route(self, conn: socket.socket) -> tuple[Address | None, str]:
         config = self.config
@@ -199,7 +178,7 @@ class Listener:
         # Inbound: deliver to the local app at the port the client asked for.
         if conn.family == socket.AF_INET6:
             host = config.inbound_target if ":" in config.inbound_target else "::1"
-            return Address(host=host, port=destination.port), ""
+            return Address(host=host, port=destination.port), config.inbound_source_v6
         return Address(host=config.inbound_target, port=destination.port), config.inbound_source
 
     def start_relay(

@@ -92,7 +92,12 @@ def connect_nonblocking(target: Address, source_host: str = "") -> tuple[socket.
         if not target.is_unix:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if source_host:
-                sock.bind((source_host, 0))
+                try:
+                    sock.bind((source_host, 0))
+                except OSError as exc:
+                    # ::6 exists only once capture has added it to lo; without it, deliver unmarked.
+                    if exc.errno != errno.EADDRNOTAVAIL:
+                        raise
         code = sock.connect_ex(target.sockaddr())
     except BaseException:
         sock.close()

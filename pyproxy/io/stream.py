@@ -1,0 +1,246 @@
+"""A byte stream for L7 modes: timed recv handed to a protocol, timed buffered sends, flow control.
+
+The TCP relay moves bytes buffer-to-socket itself; HTTP and gRPC need the
+bytes handed to a codec and the codec's output sent, possibly from several
+places. A Stream owns one non-blocking socket, times every syscall into the
+listener's stage block exactly like the relay does, queues what the kernel
+does not take, and tells its owner when the queue crosses the high/low
+watermarks so backpressure can travel to the other side of the proxy.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import deque
+from time import perf_counter_ns
+from typing import Protocol
+
+from pyproxy.counters import NOTIFY, STAGE_EVENTS, STAGE_NS
+from pyproxy.io.sockets import abort
+
+NOTIFY_EVENTS = STAGE_EVENTS + NOTIFY
+READ_SIZE = 65536
+
+
+class StreamOwner(Protocol):
+    """What a Stream reports to the session that owns it."""
+
+    def data_received(self, data: bytes) -> None: ...
+    def eof_received(self) -> None: ...
+    def stream_failed(self, error: OSError) -> None: ...
+    def write_paused(self) -> None: ...
+    def write_resumed(self) -> None: ...
+
+
+class Stream:
+    __slots__ = (
+        "loop",
+        "sock",
+        "fd",
+        "block",
+        "timed",
+        "owner",
+        "read_ns",
+        "read_events",
+        "write_ns",
+        "write_events",
+        "rx",
+        "tx",
+        "_queue",
+        "_queued",
+        "_reading",
+        "_writer_armed",
+        "_write_paused",
+        "_shutdown_pending",
+        "_close_pending",
+        "closed",
+        "high_water",
+        "low_water",
+        "bytes_in",
+        "bytes_out",
+    )
+
+    def __init__(
+        self,
+        loop,
+        sock: socket.socket,
+        block: memoryview,
+        owner: StreamOwner,
+        *,
+        timed: bool,
+        read_stage: int,
+        write_stage: int,
+        rx_slot: int,
+        tx_slot: int,
+        high_water: int = 256 * 1024,
+    ) -> None:
+        self.loop = loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.block = block
+        self.timed = timed
+        self.owner = owner
+        self.read_ns, self.read_events = STAGE_NS + read_stage, STAGE_EVENTS + read_stage
+        self.write_ns, self.write_events = STAGE_NS + write_stage, STAGE_EVENTS + write_stage
+        self.rx, self.tx = rx_slot, tx_slot
+        self._queue: deque[memoryview] = deque()
+        self._queued = 0
+        self._reading = False
+        self._writer_armed = False
+        self._write_paused = False
+        self._shutdown_pending = False
+        self._close_pending = False
+        self.closed = False
+        self.high_water = high_water
+        self.low_water = high_water // 4
+        self.bytes_in = self.bytes_out = 0
+
+    # ---- reading ---------------------------------------------------------------
+
+    def resume_reading(self) -> None:
+        if not self._reading and not self.closed:
+            self._reading = True
+            self.loop.add_reader(self.fd, self._on_readable)
+
+    def pause_reading(self) -> None:
+        if self._reading:
+            self._reading = False
+            if not self.closed:
+                self.loop.remove_reader(self.fd)
+
+    @property
+    def reading(self) -> bool:
+        return self._reading
+
+    def _on_readable(self) -> None:
+        timed = self.timed
+        if timed:
+            t0 = perf_counter_ns()
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.owner.stream_failed(exc)
+            return
+        if timed:
+            block = self.block
+            block[self.read_ns] += perf_counter_ns() - t0
+            block[self.read_events] += 1
+            block[NOTIFY_EVENTS] += 1
+        if not data:
+            self.pause_reading()
+            self.owner.eof_received()
+            return
+        n = len(data)
+        self.block[self.rx] += n
+        self.bytes_in += n
+        self.owner.data_received(data)
+
+    # ---- writing ---------------------------------------------------------------
+
+    @property
+    def buffered(self) -> int:
+        return self._queued
+
+    def write(self, data) -> None:
+        """Send now what the kernel takes; queue the rest (the owner hears about the watermarks)."""
+        if self.closed or not data:
+            return
+        if not self._queue:
+            sent = self._send(data)
+            if sent is None:
+                return
+            if sent == len(data):
+                return
+            data = memoryview(data)[sent:]
+        self._queue.append(memoryview(data))
+        self._queued += len(data)
+        if not self._writer_armed:
+            self._writer_armed = True
+            self.loop.add_writer(self.fd, self._on_writable)
+        if not self._write_paused and self._queued > self.high_water:
+            self._write_paused = True
+            self.owner.write_paused()
+
+    def _send(self, data) -> int | None:
+        timed = self.timed
+        if timed:
+            t0 = perf_counter_ns()
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            self.owner.stream_failed(exc)
+            return None
+        if timed:
+            block = self.block
+            block[self.write_ns] += perf_counter_ns() - t0
+            block[self.write_events] += 1
+        self.block[self.tx] += sent
+        self.bytes_out += sent
+        return sent
+
+    def _on_writable(self) -> None:
+        if self.timed:
+            self.block[NOTIFY_EVENTS] += 1
+        queue = self._queue
+        while queue:
+            head = queue[0]
+            sent = self._send(head)
+            if sent is None:
+                return
+            self._queued -= sent
+            if sent < len(head):
+                queue[0] = head[sent:]
+                return
+            queue.popleft()
+        self._writer_armed = False
+        self.loop.remove_writer(self.fd)
+        if self._close_pending:
+            self.close()
+            return
+        if self._shutdown_pending:
+            self._shutdown_now()
+        if self._write_paused and self._queued <= self.low_water:
+            self._write_paused = False
+            self.owner.write_resumed()
+
+    def shutdown_write(self) -> None:
+        """Half-close once everything queued has been sent."""
+        if self._queue:
+            self._shutdown_pending = True
+        else:
+            self._shutdown_now()
+
+    def _shutdown_now(self) -> None:
+        self._shutdown_pending = False
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    # ---- closing ---------------------------------------------------------------
+
+    def close(self, reset: bool = False) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.fd >= 0:
+            self.loop.remove_reader(self.fd)
+            self.loop.remove_writer(self.fd)
+        self._reading = self._writer_armed = False
+        self._queue.clear()
+        if reset:
+            abort(self.sock)
+        else:
+            self.sock.close()
+
+    def close_after_flush(self) -> None:
+        """Close gracefully once queued bytes are out (e.g. after a final local reply)."""
+        self.pause_reading()
+        if not self._queue:
+            self.close()
+        else:
+            self._close_pending = True
