@@ -30,6 +30,9 @@ FLAGS = (
     "FI",  # fault injected
     "RL",  # rate limited
     "UO",  # overflow
+    "UC",  # upstream connection terminated before the response (HTTP 503)
+    "UPE",  # upstream protocol error (HTTP 502)
+    "DT",  # request header timeout (HTTP 408)
 )
 FLAG_INDEX = {name: i for i, name in enumerate(FLAGS)}
 
@@ -69,7 +72,8 @@ UPSTREAM_TX = UPSTREAM_RX + 1
 MESSAGES = UPSTREAM_TX + 1  # downstream reads that carried data: TCP mode's "message"
 REQUESTS = MESSAGES + 1
 FLAG_BASE = REQUESTS + 1
-HIST_BASE = FLAG_BASE + len(FLAGS)
+STATUS_BASE = FLAG_BASE + len(FLAGS)  # responses by class: 1xx..5xx
+HIST_BASE = STATUS_BASE + 5
 HIST_SUM_NS = HIST_BASE + len(BUCKETS) + 1  # buckets, then +Inf
 HIST_COUNT = HIST_SUM_NS + 1
 LISTENER_SLOTS = HIST_COUNT + 1

@@ -38,6 +38,7 @@ def snapshot(store: CounterStore, config: ProxyConfig) -> dict:
                 "upstream_tx": block[c.UPSTREAM_TX],
             },
             "stages": stages,
+            "responses": {f"{k + 1}xx": block[c.STATUS_BASE + k] for k in range(5)},
             "flags": {
                 flag: block[c.FLAG_BASE + i]
                 for i, flag in enumerate(c.FLAGS)
