@@ -15,7 +15,7 @@ from pyproxy.durations import parse_duration
 MODES = ("tcp", "http", "grpc")
 KINDS = ("standalone", "inbound", "outbound")
 # Modes whose data path exists in this build; the others are refused at load time.
-IMPLEMENTED_MODES = ("tcp",)
+IMPLEMENTED_MODES = ("tcp", "http")
 
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
@@ -25,6 +25,13 @@ HEALTH_DEFAULT = "0.0.0.0:15021"
 # Source address for inbound deliveries, so capture rules can tell them from app traffic.
 INBOUND_SOURCE_V4 = "127.0.0.6"
 INBOUND_SOURCE_V6 = "::6"
+# I/O backends (issue 7; chosen per listener by pyproxy/io/backends.py).
+IPC_KINDS = ("tcp", "uds")
+WRITE_BACKENDS = ("send", "zerocopy")
+RELAY_BACKENDS = ("copy", "splice")
+# Below this many bytes a zerocopy listener sends by copy: pinning pages and reaping the
+# completion cost more than copying (see README "Native I/O paths" for the measurement).
+ZEROCOPY_THRESHOLD_DEFAULT = 16384
 
 
 class ConfigError(Exception):
@@ -34,6 +41,39 @@ class ConfigError(Exception):
         self.source, self.path, self.reason = source, path, reason
         where = f"{source}: {path}" if path else source
         super().__init__(f"{where}: {reason}")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpSettings:
+    """Per-listener HTTP behaviour (mode http)."""
+
+    codec: str = "fast"  # fast (httptools/llhttp) | h11 (reference)
+    max_header_bytes: int = 60 * 1024
+    max_headers: int = 100
+    request_header_timeout: float = 10.0  # slowloris guard: whole head must arrive within this
+    idle_timeout: float = 300.0  # downstream keep-alive connection with no request in flight
+    server_timing: bool = False
+    access_log: str = ""  # "" (off) | "stdout" | a file path
+    upstream_protocol: str = "http1"  # for the listener's default route
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    """Requests whose authority and path prefix match go to `cluster` ("" = the listener's default)."""
+
+    authority: str = "*"
+    prefix: str = "/"
+    cluster: str = ""
+    timeout: float = 15.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterConfig:
+    name: str
+    endpoints: tuple[Address, ...]
+    protocol: str = "http1"
+    idle_timeout: float = 4.0  # pooled upstream connections: shorter than app servers' keep-alive
+    connect_timeout: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,11 +92,21 @@ class ListenerConfig:
     connect_timeout: float = 5.0
     idle_timeout: float = 3600.0
     buffer_size: int = 65536
+    http: HttpSettings = HttpSettings()
+    routes: tuple[RouteConfig, ...] = ()
+    # I/O backends: app-facing transport, how TCP sockets are written, how TCP mode relays.
+    ipc: str = "tcp"
+    write: str = "send"
+    relay: str = "copy"
+    zerocopy_threshold: int = ZEROCOPY_THRESHOLD_DEFAULT
+    # Inbound only: deliver to the app's Unix socket instead of inbound_target:<port>.
+    app_socket: Address | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ProxyConfig:
     listeners: tuple[ListenerConfig, ...]
+    clusters: tuple[ClusterConfig, ...] = ()
     admin: Address | None = None
     prometheus: Address | None = None
     health: Address | None = None
@@ -170,12 +220,7 @@ def _listener(fields: _Fields, index: int) -> ListenerConfig:
             raise fields.error("address", "required")
         addresses = (address,)
     upstream = fields.take("upstream", parse_address, None)
-    if kind == "standalone" and upstream is None:
-        raise fields.error("upstream", "required for a standalone listener")
-    if kind != "standalone" and upstream is not None:
-        raise fields.error(
-            "upstream", f"not used by an {kind} listener (it uses the original destination)"
-        )
+    _check_upstream(fields, kind, addresses, upstream)
     default_app_side = "downstream" if kind == "outbound" else "upstream"
     listener = ListenerConfig(
         name=name,
@@ -191,15 +236,240 @@ def _listener(fields: _Fields, index: int) -> ListenerConfig:
         connect_timeout=fields.take("connect_timeout", parse_duration, 5.0),
         idle_timeout=fields.take("idle_timeout", parse_duration, 3600.0),
         buffer_size=fields.take("buffer_size", _int_range(1024, 16 * 1024 * 1024), 65536),
+        http=_http_settings(fields.nested("http"), mode),
+        routes=_routes(fields),
     )
+    listener = _io_backends(fields, listener)
     fields.done()
     return listener
+
+
+def _check_upstream(
+    fields: _Fields, kind: str, addresses: tuple[Address, ...], upstream: Address | None
+) -> None:
+    """Who needs `upstream`: standalone always; outbound only on unix: (no original destination)."""
+    if kind == "standalone":
+        if upstream is None:
+            raise fields.error("upstream", "required for a standalone listener")
+        return
+    unix = [a.is_unix for a in addresses]
+    if kind == "outbound" and any(unix):
+        if not all(unix):
+            raise fields.error(
+                "addresses", "an outbound listener is either all unix: or all host:port; split it"
+            )
+        if upstream is None:
+            raise fields.error(
+                "upstream",
+                "required for an outbound listener on unix: (a Unix socket has no original destination)",
+            )
+        return
+    if any(unix):
+        raise fields.error(
+            "address",
+            f"an {kind} capture listener needs host:port addresses (iptables captures TCP)",
+        )
+    if upstream is not None:
+        hint = "; to deliver to a Unix socket use app_socket" if kind == "inbound" else ""
+        raise fields.error(
+            "upstream",
+            f"not used by an {kind} listener on host:port (it uses the original destination){hint}",
+        )
+
+
+def _app_socket(value: Any) -> Address:
+    address = parse_address(value)
+    if not address.is_unix:
+        raise ValueError(f"expected unix:/path (the app's socket), got {value!r}")
+    rest = address.path.replace("{port}", "")
+    if "{" in rest or "}" in rest:
+        raise ValueError("the only placeholder allowed in the path is {port}")
+    return address
+
+
+def _native_reason() -> str | None:
+    """None when the native module loaded, else why not (imported only for native choices)."""
+    from pyproxy import native
+
+    return None if native.AVAILABLE else str(native.UNAVAILABLE_REASON)
+
+
+def _io_backends(fields: _Fields, listener: ListenerConfig) -> ListenerConfig:
+    """Validate ipc/write/relay/zerocopy_threshold/app_socket against the listener's sockets."""
+    app_socket = fields.take("app_socket", _app_socket, None)
+    if app_socket is not None and listener.kind != "inbound":
+        raise fields.error(
+            "app_socket", "only for inbound listeners (a standalone listener names its upstream)"
+        )
+    # The app-facing side's addresses decide what the ipc stage measures.
+    if listener.app_side == "downstream":
+        app_role, app_addresses = "listen address", listener.addresses
+    elif app_socket is not None:
+        app_role, app_addresses = "app_socket", (app_socket,)
+    elif listener.kind == "standalone":
+        app_role, app_addresses = "upstream", (listener.upstream,)
+    else:
+        app_role = "inbound_target"
+        app_addresses = (Address(host=listener.inbound_target),)
+    unix = [a.is_unix for a in app_addresses]
+    if any(unix) and not all(unix):
+        raise fields.error(
+            "addresses", "the app-facing addresses mix unix: and host:port; use one listener each"
+        )
+    derived = "uds" if all(unix) else "tcp"
+    ipc = fields.take("ipc", _choice(IPC_KINDS), derived)
+    if ipc != derived:
+        shown = ", ".join(map(str, app_addresses))
+        need = (
+            "ipc: uds needs the app-facing address to be unix:/path"
+            if ipc == "uds"
+            else "ipc: tcp needs the app-facing address to be host:port"
+        )
+        raise fields.error("ipc", f"{need}; this listener's app side is its {app_role}: {shown}")
+    write = fields.take("write", _choice(WRITE_BACKENDS), "send")
+    relay = fields.take("relay", _choice(RELAY_BACKENDS), "copy")
+    has_threshold = "zerocopy_threshold" in fields.data
+    threshold = fields.take(
+        "zerocopy_threshold", _int_range(0, 1 << 30), ZEROCOPY_THRESHOLD_DEFAULT
+    )
+    peer_addresses = (
+        (listener.upstream,) if listener.app_side == "downstream" else listener.addresses
+    )
+    if write == "zerocopy":
+        if listener.mode != "tcp":
+            raise fields.error("write", "zerocopy is implemented for mode tcp only")
+        if ipc == "uds" and all(a is not None and a.is_unix for a in peer_addresses):
+            raise fields.error(
+                "write",
+                "zerocopy needs a TCP socket to write to; both sides of this listener are unix:",
+            )
+    elif has_threshold:
+        raise fields.error("zerocopy_threshold", "only used with write: zerocopy")
+    if relay == "splice":
+        if listener.mode != "tcp":
+            raise fields.error(
+                "relay", f"splice relays opaque bytes: tcp mode only, not {listener.mode}"
+            )
+        if write == "zerocopy":
+            raise fields.error(
+                "write", "zerocopy does not combine with relay: splice (splice already moves pages)"
+            )
+    for key, value, native_only in (("write", write, "zerocopy"), ("relay", relay, "splice")):
+        if value == native_only:
+            reason = _native_reason()
+            if reason is not None:
+                raise fields.error(
+                    key, f"{value} needs the native module (pyproxy.native), unavailable: {reason}"
+                )
+    return replace(
+        listener,
+        ipc=ipc,
+        write=write,
+        relay=relay,
+        zerocopy_threshold=threshold,
+        app_socket=app_socket,
+    )
 
 
 def _address_list(value: Any) -> tuple[Address, ...]:
     if not isinstance(value, list) or not value:
         raise ValueError("expected a non-empty list of addresses")
     return tuple(parse_address(v) for v in value)
+
+
+def _http_settings(fields: _Fields | None, mode: str) -> HttpSettings:
+    if fields is None:
+        return HttpSettings()
+    if mode == "tcp":
+        raise ConfigError(fields.source, fields.path, "only for mode http or grpc")
+    settings = HttpSettings(
+        codec=fields.take("codec", _choice(("fast", "h11")), "fast"),
+        max_header_bytes=fields.take("max_header_bytes", _int_range(1024, 1024 * 1024), 60 * 1024),
+        max_headers=fields.take("max_headers", _int_range(1, 10000), 100),
+        request_header_timeout=fields.take("request_header_timeout", parse_duration, 10.0),
+        idle_timeout=fields.take("idle_timeout", parse_duration, 300.0),
+        server_timing=fields.take("server_timing", _bool, False),
+        access_log=fields.take("access_log", _access_log_target, ""),
+        upstream_protocol=fields.take("upstream_protocol", _choice(("http1", "http2")), "http1"),
+    )
+    fields.done()
+    return settings
+
+
+def _access_log_target(value: Any) -> str:
+    if value in (None, False, "", "off"):
+        return ""
+    if not isinstance(value, str):
+        raise ValueError("expected 'stdout', 'off' or a file path")
+    return value
+
+
+def _routes(fields: _Fields) -> tuple[RouteConfig, ...]:
+    items = fields.data.pop("routes", None)
+    if items is None:
+        return ()
+    path = fields._join("routes")
+    if not isinstance(items, list):
+        raise ConfigError(fields.source, path, "expected a list of routes")
+    routes = []
+    for i, item in enumerate(items):
+        route = _Fields(fields.source, f"{path}[{i}]", item)
+        match = route.nested("match")
+        authority, prefix = "*", "/"
+        if match is not None:
+            authority = match.take("authority", _authority, "*")
+            prefix = match.take("prefix", _prefix, "/")
+            match.done()
+        routes.append(
+            RouteConfig(
+                authority=authority,
+                prefix=prefix,
+                cluster=route.take("cluster", _name, ""),
+                timeout=route.take("timeout", parse_duration, 15.0),
+            )
+        )
+        route.done()
+    return tuple(routes)
+
+
+def _authority(value: Any) -> str:
+    if not isinstance(value, str) or not value or " " in value:
+        raise ValueError("expected a host name like api.example.com, or *")
+    return value.lower()
+
+
+def _prefix(value: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ValueError("a path prefix starts with /")
+    return value
+
+
+def _clusters(source: str, data: Any) -> tuple[ClusterConfig, ...]:
+    if data is None:
+        return ()
+    if not isinstance(data, dict):
+        raise ConfigError(source, "clusters", "expected a mapping of name -> cluster")
+    clusters = []
+    for name, item in data.items():
+        fields = _Fields(source, f"clusters.{name}", item)
+        try:
+            _name(name)
+        except ValueError as exc:
+            raise ConfigError(source, f"clusters.{name}", str(exc)) from None
+        endpoints = fields.take("endpoints", _address_list, None)
+        if endpoints is None:
+            raise fields.error("endpoints", "required")
+        clusters.append(
+            ClusterConfig(
+                name=name,
+                endpoints=endpoints,
+                protocol=fields.take("protocol", _choice(("http1", "http2")), "http1"),
+                idle_timeout=fields.take("idle_timeout", parse_duration, 4.0),
+                connect_timeout=fields.take("connect_timeout", parse_duration, 5.0),
+            )
+        )
+        fields.done()
+    return tuple(clusters)
 
 
 def build_config(data: Any, source: str = "<flags>") -> ProxyConfig:
@@ -230,8 +500,19 @@ def build_config(data: Any, source: str = "<flags>") -> ProxyConfig:
                     f"{address} is already used by listeners[{bound[address]}]",
                 )
             bound[address] = i
+    clusters = _clusters(source, top.data.pop("clusters", None))
+    names = {cluster.name for cluster in clusters}
+    for i, listener in enumerate(listeners):
+        for j, route in enumerate(listener.routes):
+            if route.cluster and route.cluster not in names:
+                raise ConfigError(
+                    source,
+                    f"listeners[{i}].routes[{j}].cluster",
+                    f"no cluster named {route.cluster!r}",
+                )
     config = ProxyConfig(
         listeners=listeners,
+        clusters=clusters,
         admin=top.take("admin", _optional_address, parse_address(ADMIN_DEFAULT)),
         prometheus=top.take("prometheus", _optional_address, None),
         health=top.take("health", _optional_address, None),

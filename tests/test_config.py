@@ -74,7 +74,7 @@ def test_valid_config_builds_immutable_objects():
         (_doc() | {"concurrency": 0}, "concurrency", "1..256"),
         (_doc() | {"admin": "x"}, "admin", "host:port"),
         (_doc(kind="outbound"), "listeners[0].upstream", "original destination"),
-        (_doc(mode="http"), "listeners[0].mode", "not available"),
+        (_doc(mode="grpc"), "listeners[0].mode", "not available"),
     ],
 )
 def test_bad_config_names_field_and_reason(doc, path, reason):
@@ -134,3 +134,20 @@ def test_cli_flags_validate_like_the_file():
     )
     assert result.returncode == 2
     assert "listeners[0].address: port must be 0..65535" in result.stderr
+
+
+def test_http_routes_and_clusters_validate():
+    doc = _doc(mode="http", routes=[{"match": {"prefix": "/api"}, "cluster": "api", "timeout": "2s"}])
+    doc["clusters"] = {"api": {"endpoints": ["127.0.0.1:9000", "127.0.0.1:9001"]}}
+    config = build_config(doc)
+    assert config.listeners[0].routes[0].cluster == "api"
+    assert len(config.clusters[0].endpoints) == 2
+    doc["clusters"] = {"other": {"endpoints": ["127.0.0.1:9000"]}}
+    with pytest.raises(ConfigError) as info:
+        build_config(doc)
+    assert info.value.path == "listeners[0].routes[0].cluster"
+    bad_prefix = _doc(mode="http", routes=[{"match": {"prefix": "api"}}])
+    with pytest.raises(ConfigError, match=r"routes\[0\].match.prefix: a path prefix starts with /"):
+        build_config(bad_prefix)
+    with pytest.raises(ConfigError, match="only for mode http"):
+        build_config(_doc(http={"codec": "h11"}))
