@@ -70,6 +70,16 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         help="relay buffer per direction per connection, bytes (default 65536)",
     )
     run.add_argument(
+        "--write",
+        choices=("send", "zerocopy"),
+        help="how TCP sockets are written (zerocopy: MSG_ZEROCOPY, needs the native module)",
+    )
+    run.add_argument(
+        "--relay",
+        choices=("copy", "splice"),
+        help="TCP mode relay (splice: splice(2) through a pipe, needs the native module)",
+    )
+    run.add_argument(
         "--event-loop",
         choices=("auto", "uvloop", "asyncio"),
         help="event loop (default: uvloop when installed)",
@@ -99,6 +109,9 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         listener_extra["connect_timeout"] = args.connect_timeout
     if args.buffer_size:
         listener_extra["buffer_size"] = args.buffer_size
+    for backend in ("write", "relay"):
+        if getattr(args, backend, None):
+            listener_extra[backend] = getattr(args, backend)
     data: dict[str, Any] = {}
     if args.sidecar:
         data["listeners"] = [

@@ -321,9 +321,9 @@ def _io_backends(fields: _Fields, listener: ListenerConfig) -> ListenerConfig:
     if ipc != derived:
         shown = ", ".join(map(str, app_addresses))
         need = (
-            "ipc: uds needs the app-facing address to be unix:/path"
+            "uds needs the app-facing address to be unix:/path"
             if ipc == "uds"
-            else "ipc: tcp needs the app-facing address to be host:port"
+            else "tcp needs the app-facing address to be host:port"
         )
         raise fields.error("ipc", f"{need}; this listener's app side is its {app_role}: {shown}")
     write = fields.take("write", _choice(WRITE_BACKENDS), "send")
