@@ -76,7 +76,18 @@ STATUS_BASE = FLAG_BASE + len(FLAGS)  # responses by class: 1xx..5xx
 HIST_BASE = STATUS_BASE + 5
 HIST_SUM_NS = HIST_BASE + len(BUCKETS) + 1  # buckets, then +Inf
 HIST_COUNT = HIST_SUM_NS + 1
-LISTENER_SLOTS = HIST_COUNT + 1
+# MSG_ZEROCOPY accounting (write: zerocopy), published by io/zerocopy_writer.py.
+ZC_FIELDS = (
+    "sends",  # sends that went MSG_ZEROCOPY
+    "plain_sends",  # sends by copy on a zerocopy socket: below the threshold, or ENOBUFS
+    "fallbacks",  # the ENOBUFS subset of plain_sends
+    "completed",  # zerocopy sends the kernel reported done
+    "copied",  # completed ones the kernel copied anyway (always, on loopback)
+    "notifications",  # error-queue messages read
+    "outstanding_bytes",  # gauge: bytes pinned until their completion arrives
+)
+ZC_BASE = HIST_COUNT + 1
+LISTENER_SLOTS = ZC_BASE + len(ZC_FIELDS)
 
 # Per-worker header slots.
 W_PID = 0

@@ -7,7 +7,7 @@ import socket
 from time import perf_counter_ns
 
 from pyproxy.addresses import Address
-from pyproxy.config import ListenerConfig
+from pyproxy.config import ListenerConfig, ProxyConfig
 from pyproxy.counters import (
     CONNECTIONS_ACTIVE,
     CONNECTIONS_TOTAL,
@@ -20,7 +20,10 @@ from pyproxy.counters import (
     WRITE,
     observe_duration,
 )
+from pyproxy.http.context import HttpContext
+from pyproxy.http.downstream_h1 import Http1Downstream
 from pyproxy.io import sockets
+from pyproxy.io.backends import relay_factory
 from pyproxy.io.connector import Connect
 from pyproxy.io.relay import Relay
 
@@ -75,7 +78,13 @@ class Listener:
     """Accept loop and per-connection routing for one configured listener."""
 
     def __init__(
-        self, loop, config: ListenerConfig, block: memoryview, timed: bool, connections: set
+        self,
+        loop,
+        config: ListenerConfig,
+        block: memoryview,
+        timed: bool,
+        connections: set,
+        proxy_config: ProxyConfig | None = None,
     ) -> None:
         self.loop = loop
         self.config = config
@@ -84,6 +93,14 @@ class Listener:
         self.connections = connections
         self.sockets: list[socket.socket] = []
         self._set_stages()
+        self._relay = relay_factory(config)
+        self.proxy_config = proxy_config
+        self.http: HttpContext | None = self._http_context()
+
+    def _http_context(self) -> HttpContext | None:
+        if self.config.mode == "tcp":
+            return None
+        return HttpContext(self.loop, self.config, self.proxy_config, self.block, self.timed)
 
     def _set_stages(self) -> None:
         down_app = self.config.app_side == "downstream"
@@ -105,8 +122,14 @@ class Listener:
         """Take a reloaded config with the same addresses; live connections keep the old one."""
         self.config = config
         self._set_stages()
+        self._relay = relay_factory(config)
+        if self.http is not None:
+            self.http.close()
+        self.http = self._http_context()
 
     def stop_accepting(self) -> None:
+        if self.http is not None:
+            self.http.pool.close_idle()
         for sock in self.sockets:
             self.loop.remove_reader(sock.fileno())
             if sock.family == socket.AF_UNIX:
@@ -163,11 +186,17 @@ class Listener:
         if target is None:
             self.fail(conn, "NR", started)
             return
+        if self.http is not None:
+            session = Http1Downstream(self.http, conn, self._session_closed, target, source)
+            self.connections.add(session)
+            session.start()
+            return
         self.connections.add(_PendingConnect(self, conn, target, source, started))
 
     def _route(self, conn: socket.socket) -> tuple[Address | None, str]:
         config = self.config
-        if config.kind == "standalone":
+        if config.upstream is not None:
+            # Standalone, or outbound on unix: (a Unix socket has no original destination).
             return config.upstream, ""
         destination, redirected = sockets.original_destination(conn)
         if not redirected and not config.transparent:
@@ -175,6 +204,10 @@ class Listener:
             return None, ""
         if config.kind == "outbound":
             return destination, ""
+        if config.app_socket is not None:
+            # The app serves on a Unix socket: one path, or one per captured port.
+            path = config.app_socket.path.replace("{port}", str(destination.port))
+            return Address(path=path), ""
         # Inbound: deliver to the local app at the port the client asked for.
         if conn.family == socket.AF_INET6:
             host = config.inbound_target if ":" in config.inbound_target else "::1"
@@ -185,18 +218,43 @@ class Listener:
         self, downstream: socket.socket, upstream: socket.socket, started_ns: int
     ) -> None:
         config = self.config
+        try:
+            relay = self._relay(
+                self.loop,
+                downstream,
+                upstream,
+                self.block,
+                timed=self.timed,
+                app_side=config.app_side,
+                buffer_size=config.buffer_size,
+                idle_timeout=config.idle_timeout,
+                started_ns=started_ns,
+                on_close=self._relay_closed,
+            )
+        except OSError as exc:
+            # A backend's per-connection resource (pipe, SO_ZEROCOPY) was refused: e.g. EMFILE.
+            log.warning("%s: cannot start the relay: %s", config.name, exc)
+            upstream.close()
+            self.fail(downstream, "LR", started_ns)
+            return
+        self.connections.add(relay)
+        relay.start()
+
+    def _session_closed(self, session: Http1Downstream, tunnel: tuple | None = None) -> None:
+        """An HTTP connection ended, or switched protocols and becomes a byte relay (WebSocket, CONNECT)."""
+        self.connections.discard(session)
+        if tunnel is None:
+            self.block[CONNECTIONS_ACTIVE] -= 1
+            return
+        upstream, from_downstream, from_upstream = tunnel
+        down_sock, down_unsent = session.stream.detach()
+        up_sock, up_unsent = upstream.stream.detach()
         relay = Relay(
-            self.loop,
-            downstream,
-            upstream,
-            self.block,
-            timed=self.timed,
-            app_side=config.app_side,
-            buffer_size=config.buffer_size,
-            idle_timeout=config.idle_timeout,
-            started_ns=started_ns,
-            on_close=self._relay_closed,
-        )
+            self.loop, down_sock, up_sock, self.block, timed=self.timed, app_side=self.config.app_side,
+            buffer_size=self.config.buffer_size, idle_timeout=self.config.idle_timeout,
+            started_ns=perf_counter_ns(), on_close=self._relay_closed,
+        )  # fmt: skip
+        relay.preload(up_unsent + from_downstream, down_unsent + from_upstream)
         self.connections.add(relay)
         relay.start()
 

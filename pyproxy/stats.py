@@ -50,6 +50,10 @@ def snapshot(store: CounterStore, config: ProxyConfig) -> dict:
                 "buckets": buckets,
             },
         }
+        if lconf.write == "zerocopy":
+            listeners[lconf.name]["zerocopy"] = {
+                name: block[c.ZC_BASE + i] for i, name in enumerate(c.ZC_FIELDS)
+            }
     return {"listeners": listeners}
 
 

@@ -8,6 +8,11 @@ direction. Every syscall is timed here, into the listener's stage block:
 the app-facing socket's recv/send count as `ipc`, the peer-facing socket's
 as `read`/`write`; the Python work between them is `other`; each readiness
 callback is one `notify` event (its cost is derived, see io/notify.py).
+
+This is the default backend (plain recv/send through one userspace buffer).
+Other backends (io/splice_relay.py, io/zerocopy_writer.py) subclass Relay and
+override the per-connection hooks `_directions` and `_close_sockets`, so
+choosing one costs nothing per message here; io/backends.py picks the class.
 """
 
 from __future__ import annotations
@@ -214,8 +219,7 @@ class Relay:
         self.block = block
         self.timed = timed
         self.downstream, self.upstream = downstream, upstream
-        self._request = _Direction(self, downstream, upstream, buffer_size, DOWNSTREAM, app_side)
-        self._response = _Direction(self, upstream, downstream, buffer_size, UPSTREAM, app_side)
+        self._request, self._response = self._directions(buffer_size, app_side)
         self._started_ns = started_ns
         self._closed = False
         self._on_close = on_close
@@ -229,9 +233,30 @@ class Relay:
         )
         self.flag = ""
 
+    def _directions(self, buffer_size: int, app_side: str) -> tuple[_Direction, _Direction]:
+        """The request and response directions (the backend hook, called once per connection)."""
+        down, up = self.downstream, self.upstream
+        return (
+            _Direction(self, down, up, buffer_size, DOWNSTREAM, app_side),
+            _Direction(self, up, down, buffer_size, UPSTREAM, app_side),
+        )
+
+    def preload(self, to_upstream: bytes, to_downstream: bytes) -> None:
+        """Bytes that arrived before the relay took over (e.g. around an HTTP Upgrade) go out first."""
+        for direction, data in ((self._request, to_upstream), (self._response, to_downstream)):
+            if len(data) > len(direction.buf):
+                direction.buf = bytearray(len(data))
+                direction.view = memoryview(direction.buf)
+            direction.buf[: len(data)] = data
+            direction.start, direction.end = 0, len(data)
+
     def start(self) -> None:
-        self.loop.add_reader(self._request.src_fd, self._request.on_readable)
-        self.loop.add_reader(self._response.src_fd, self._response.on_readable)
+        loop = self.loop
+        for direction in (self._request, self._response):
+            if direction.end > direction.start:
+                loop.add_writer(direction.dst_fd, direction.on_writable)
+            else:
+                loop.add_reader(direction.src_fd, direction.on_readable)
 
     @property
     def bytes_moved(self) -> tuple[int, int]:
@@ -261,6 +286,17 @@ class Relay:
             return
         self._closed = True
         self.flag = flag
+        self._close_sockets(reset)
+        if self._idle_handle is not None:
+            self._idle_handle.cancel()
+        block = self.block
+        if flag:
+            block[FLAG_BASE + FLAG_INDEX[flag]] += 1
+        observe_duration(block, perf_counter_ns() - self._started_ns)
+        self._on_close(self)
+
+    def _close_sockets(self, reset: bool) -> None:
+        """Stop watching both sockets and close them (with RST when `reset`); a backend hook."""
         loop = self.loop
         for sock in (self.downstream, self.upstream):
             fd = sock.fileno()
@@ -271,10 +307,3 @@ class Relay:
                 abort(sock)
             else:
                 sock.close()
-        if self._idle_handle is not None:
-            self._idle_handle.cancel()
-        block = self.block
-        if flag:
-            block[FLAG_BASE + FLAG_INDEX[flag]] += 1
-        observe_duration(block, perf_counter_ns() - self._started_ns)
-        self._on_close(self)
