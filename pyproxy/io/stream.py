@@ -15,10 +15,12 @@ from collections import deque
 from time import perf_counter_ns
 from typing import Protocol
 
-from pyproxy.counters import NOTIFY, STAGE_EVENTS, STAGE_NS
+from pyproxy.counters import NOTIFY, OTHER, STAGE_EVENTS, STAGE_NS, STAGE_SLOTS
 from pyproxy.io.sockets import abort
 
 NOTIFY_EVENTS = STAGE_EVENTS + NOTIFY
+OTHER_NS = STAGE_NS + OTHER
+STAGE_END = STAGE_NS + STAGE_SLOTS
 READ_SIZE = 65536
 
 
@@ -58,6 +60,9 @@ class Stream:
         "low_water",
         "bytes_in",
         "bytes_out",
+        "read_stage",
+        "write_stage",
+        "trace",
     )
 
     def __init__(
@@ -94,6 +99,9 @@ class Stream:
         self.high_water = high_water
         self.low_water = high_water // 4
         self.bytes_in = self.bytes_out = 0
+        self.read_stage, self.write_stage = read_stage, write_stage
+        # Per-request stage totals (Server-Timing, access log), set by the exchange when wanted.
+        self.trace: list[int] | None = None
 
     # ---- reading ---------------------------------------------------------------
 
@@ -123,19 +131,28 @@ class Stream:
         except OSError as exc:
             self.owner.stream_failed(exc)
             return
+        block = self.block
         if timed:
-            block = self.block
-            block[self.read_ns] += perf_counter_ns() - t0
+            t1 = perf_counter_ns()
+            block[self.read_ns] += t1 - t0
             block[self.read_events] += 1
             block[NOTIFY_EVENTS] += 1
+            if self.trace is not None:
+                self.trace[self.read_stage] += t1 - t0
         if not data:
             self.pause_reading()
             self.owner.eof_received()
             return
         n = len(data)
-        self.block[self.rx] += n
+        block[self.rx] += n
         self.bytes_in += n
+        if not timed:
+            self.owner.data_received(data)
+            return
+        # `other` is this callback's time not claimed by a timed stage (syscalls, parse, filters).
+        claimed = sum(block[STAGE_NS:STAGE_END])
         self.owner.data_received(data)
+        block[OTHER_NS] += perf_counter_ns() - t1 - (sum(block[STAGE_NS:STAGE_END]) - claimed)
 
     # ---- writing ---------------------------------------------------------------
 
@@ -175,9 +192,12 @@ class Stream:
             self.owner.stream_failed(exc)
             return None
         if timed:
+            elapsed = perf_counter_ns() - t0
             block = self.block
-            block[self.write_ns] += perf_counter_ns() - t0
+            block[self.write_ns] += elapsed
             block[self.write_events] += 1
+            if self.trace is not None:
+                self.trace[self.write_stage] += elapsed
         self.block[self.tx] += sent
         self.bytes_out += sent
         return sent
@@ -236,6 +256,16 @@ class Stream:
             abort(self.sock)
         else:
             self.sock.close()
+
+    def detach(self) -> tuple[socket.socket, bytes]:
+        """Give the socket away (e.g. to a byte relay after an Upgrade) with what is still unsent."""
+        self.closed = True
+        self.loop.remove_reader(self.fd)
+        self.loop.remove_writer(self.fd)
+        self._reading = self._writer_armed = False
+        unsent = b"".join(self._queue)
+        self._queue.clear()
+        return self.sock, unsent
 
     def close_after_flush(self) -> None:
         """Close gracefully once queued bytes are out (e.g. after a final local reply)."""

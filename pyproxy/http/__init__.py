@@ -1,0 +1,1 @@
+"""HTTP mode: sessions, exchanges, upstream pools, routing, access log."""

@@ -1,0 +1,51 @@
+"""What every HTTP session of one listener shares: settings, router, pool, codecs, stage slots, log."""
+
+from __future__ import annotations
+
+from pyproxy.codec.http1 import Http1Codec, Http1Limits, make_http1_codec
+from pyproxy.config import ListenerConfig, ProxyConfig
+from pyproxy.counters import IPC, PARSE, READ, STAGE_EVENTS, STAGE_NS, WRITE
+from pyproxy.http.access_log import AccessLog
+from pyproxy.http.router import Router, build_clusters
+
+
+class HttpContext:
+    """Built once per listener (and rebuilt on reload); sessions hold a reference, never copy."""
+
+    def __init__(
+        self, loop, listener: ListenerConfig, config: ProxyConfig, block: memoryview, timed: bool
+    ) -> None:
+        from pyproxy.http.upstream_h1 import UpstreamPool
+
+        self.loop = loop
+        self.listener = listener
+        self.settings = listener.http
+        self.block = block
+        self.timed = timed
+        self.router = Router(listener, config, build_clusters(config))
+        self.pool = UpstreamPool(self)
+        self.limits = Http1Limits(
+            max_header_bytes=listener.http.max_header_bytes,
+            max_header_count=listener.http.max_headers,
+        )
+        self.access_log = (
+            AccessLog.open(listener.http.access_log, listener.name)
+            if listener.http.access_log
+            else None
+        )
+        down_app = listener.app_side == "downstream"
+        self.downstream_stages = (IPC, IPC) if down_app else (READ, WRITE)
+        self.upstream_stages = (READ, WRITE) if down_app else (IPC, IPC)
+        self.connect_stage = WRITE if down_app else IPC
+        self.parse_ns, self.parse_events = STAGE_NS + PARSE, STAGE_EVENTS + PARSE
+
+    def server_codec(self) -> Http1Codec:
+        return make_http1_codec(self.settings.codec, "server", self.limits)
+
+    def client_codec(self) -> Http1Codec:
+        return make_http1_codec(self.settings.codec, "client", self.limits)
+
+    def close(self) -> None:
+        self.pool.close_idle()
+        if self.access_log is not None:
+            self.access_log.close()

@@ -1,0 +1,305 @@
+"""An HTTP/1.1 downstream connection: parses requests, runs one exchange at a time, keeps alive.
+
+Pipelined requests are answered in order: the codec holds the next request
+back (PAUSED) until the current exchange ends, and reading stops meanwhile,
+so pipelining cannot make the proxy buffer without bound.
+"""
+
+from __future__ import annotations
+
+import socket
+from time import perf_counter_ns
+from typing import TYPE_CHECKING
+
+from pyproxy.addresses import Address
+from pyproxy.codec.events import END, PAUSED, Body, End, ProtocolError, RequestHead, Reset, Trailers
+from pyproxy.codec.http1 import DONE
+from pyproxy.counters import (
+    DOWNSTREAM_RX,
+    DOWNSTREAM_TX,
+    FLAG_BASE,
+    FLAG_INDEX,
+    PARSE,
+    REQUESTS,
+    STAGES,
+    STATUS_BASE,
+)
+from pyproxy.http.exchange import Exchange
+from pyproxy.http.local_reply import local_reply_head
+from pyproxy.io.stream import Stream
+
+if TYPE_CHECKING:
+    from pyproxy.http.context import HttpContext
+
+
+class Http1Downstream:
+    __slots__ = (
+        "ctx",
+        "stream",
+        "codec",
+        "exchange",
+        "on_close",
+        "target",
+        "source",
+        "_held",
+        "_timer",
+        "_closing_after",
+        "_want_reading",
+        "_closed",
+        "protocol",
+    )
+
+    def __init__(
+        self, ctx: HttpContext, sock: socket.socket, on_close, target: Address, source: str
+    ) -> None:
+        self.ctx = ctx
+        read_stage, write_stage = ctx.downstream_stages
+        self.stream = Stream(
+            ctx.loop, sock, ctx.block, self, timed=ctx.timed, read_stage=read_stage, write_stage=write_stage,
+            rx_slot=DOWNSTREAM_RX, tx_slot=DOWNSTREAM_TX,
+        )  # fmt: skip
+        self.codec = ctx.server_codec()
+        self.exchange: Exchange | None = None
+        self.on_close = on_close
+        self.target, self.source = target, source
+        self._held = False  # the codec holds a pipelined request back until this cycle ends
+        self._closing_after = False  # answer the current request, then close
+        self._want_reading = True
+        self._closed = False
+        self._timer = ctx.loop.call_later(ctx.settings.request_header_timeout, self._header_timeout)
+        self.protocol = "HTTP/1.1"
+
+    def start(self) -> None:
+        self.stream.resume_reading()
+
+    def default_target(self) -> tuple[Address, str]:
+        """Where a request goes when its route names no cluster: the listener's upstream, or where
+        the client was going (capture), with the source address to bind (inbound: 127.0.0.6)."""
+        return self.target, self.source
+
+    # ---- bytes in ------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        ctx = self.ctx
+        if ctx.timed:
+            t0 = perf_counter_ns()
+            events = self.codec.receive_data(data)
+            self._account_parse(perf_counter_ns() - t0)
+        else:
+            events = self.codec.receive_data(data)
+        if self.exchange is None and self._timer is None and not events:
+            # First bytes of a new request on a kept-alive connection: the slowloris clock starts.
+            self._timer = ctx.loop.call_later(
+                ctx.settings.request_header_timeout, self._header_timeout
+            )
+        self._dispatch(events)
+
+    def _dispatch(self, events: list) -> None:
+        for event in events:
+            kind = type(event)
+            if kind is Body:
+                if self.exchange is not None:
+                    self.exchange.request_body(event.data)
+            elif kind is RequestHead:
+                self._start_exchange(event)
+            elif kind is End:
+                if self.exchange is not None:
+                    self.exchange.request_end()
+            elif event is PAUSED:
+                self._held = True
+                self.stream.pause_reading()
+            elif kind is Trailers:
+                if self.exchange is not None:
+                    self.exchange.request_trailers(event.headers)
+            elif kind is ProtocolError:
+                self._protocol_error(event)
+                return
+            elif kind is Reset:
+                self._downstream_gone()
+                return
+
+    def _start_exchange(self, head: RequestHead) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        ctx = self.ctx
+        ctx.block[REQUESTS] += 1
+        wants_trace = ctx.settings.server_timing or ctx.access_log is not None
+        trace = [0] * len(STAGES) if wants_trace else None
+        self.stream.trace = trace
+        self.exchange = Exchange(ctx, self, head, trace)
+        self.exchange.start()
+
+    def _protocol_error(self, error: ProtocolError) -> None:
+        """Malformed or over-limit request: answer with its status and close (RFC 9112 §2.2)."""
+        ctx = self.ctx
+        if self.exchange is not None:
+            self.exchange.downstream_reset()
+            self.exchange = None
+        block = ctx.block
+        block[FLAG_BASE + FLAG_INDEX["DPE"]] += 1
+        block[STATUS_BASE + error.status // 100 - 1] += 1
+        self._reply_and_close(error.status, (error.reason + "\n").encode())
+
+    def _reply_and_close(self, status: int, body: bytes) -> None:
+        # The codec is latched in ERROR: write a fixed response directly.
+        head = local_reply_head(status, len(body), keep_alive=False)
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, head.reason)]
+        lines += [name + b": " + value + b"\r\n" for name, value in head.headers]
+        self.stream.write(b"".join(lines) + b"\r\n" + body)
+        self._close(after_flush=True)
+
+    def _header_timeout(self) -> None:
+        self._timer = None
+        if self.exchange is not None:
+            return
+        block = self.ctx.block
+        block[FLAG_BASE + FLAG_INDEX["DT"]] += 1
+        block[STATUS_BASE + 3] += 1
+        self._reply_and_close(408, b"request header timeout\n")
+
+    def eof_received(self) -> None:
+        events = self.codec.receive_eof()
+        self._dispatch(events)
+        if self.exchange is None:
+            self._close()
+        elif self.exchange.request_done:
+            self._closing_after = (
+                True  # the client half-closed after a full request: answer, then close
+            )
+        else:
+            self._downstream_gone()
+
+    def stream_failed(self, error: OSError) -> None:
+        self._downstream_gone()
+
+    def _downstream_gone(self) -> None:
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.downstream_reset()
+        self._close(reset=True)
+
+    # ---- flow control --------------------------------------------------------------
+
+    def write_paused(self) -> None:
+        if self.exchange is not None:
+            self.exchange.downstream_write_paused()
+
+    def write_resumed(self) -> None:
+        if self.exchange is not None:
+            self.exchange.downstream_write_resumed()
+
+    def pause_request(self) -> None:
+        self._want_reading = False
+        self.stream.pause_reading()
+
+    def resume_request(self) -> None:
+        self._want_reading = True
+        if not self._held and not self.stream.closed:
+            self.stream.resume_reading()
+
+    # ---- bytes out (called by the exchange) --------------------------------------
+
+    def _send(self, event) -> None:
+        ctx = self.ctx
+        if ctx.timed:
+            t0 = perf_counter_ns()
+            data = self.codec.send(event)
+            self._account_parse(perf_counter_ns() - t0)
+        else:
+            data = self.codec.send(event)
+        self.stream.write(data)
+
+    def send_interim(self, head) -> None:
+        self._send(head)
+
+    def send_head(self, head) -> None:
+        if self._closing_after:
+            head.headers.append((b"connection", b"close"))
+        self._send(head)
+
+    def send_body(self, data) -> None:
+        self._send(Body(data))
+
+    def send_trailers(self, headers) -> None:
+        self._send(Trailers(headers))
+
+    def send_end(self) -> None:
+        self._send(END)
+
+    def _account_parse(self, elapsed: int) -> None:
+        block = self.ctx.block
+        block[self.ctx.parse_ns] += elapsed
+        block[self.ctx.parse_events] += 1
+        trace = self.stream.trace
+        if trace is not None:
+            trace[PARSE] += elapsed
+
+    # ---- cycle end --------------------------------------------------------------------
+
+    def exchange_done(self, exchange: Exchange, reset: bool = False) -> None:
+        self.exchange = None
+        self.stream.trace = None
+        if reset:
+            self._close(reset=True)
+            return
+        codec = self.codec
+        if (
+            self._closing_after
+            or codec.our_state is not DONE
+            or codec.their_state is not DONE
+            or not codec.keep_alive
+        ):
+            # Request not fully read (early reply), or not persistent: finish writing, then close.
+            self._close(after_flush=True)
+            return
+        codec.start_next_cycle()
+        if self._held:
+            self._held = False
+            self.ctx.loop.call_soon(
+                self._release_held
+            )  # not re-entrantly: the exchange is still unwinding
+        elif self._want_reading:
+            self.stream.resume_reading()
+        else:
+            self.resume_request()
+
+    def _release_held(self) -> None:
+        if self.stream.closed:
+            return
+        self.data_received(b"")
+        if self.exchange is None and not self._held and not self.stream.closed:
+            self._want_reading = True
+            self.stream.resume_reading()
+
+    def switch_to_tunnel(self, upstream) -> None:
+        """After 101 (or a 2xx to CONNECT): both sockets become a plain byte relay."""
+        self.exchange = None
+        self._cancel_timer()
+        self._closed = True
+        self.on_close(
+            self, tunnel=(upstream, self.codec.trailing_data, upstream.codec.trailing_data)
+        )
+
+    def close(self, flag: str = "LR") -> None:
+        """Drain deadline: abandon what is in flight."""
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.downstream_reset()
+        self._close(reset=exchange is not None)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _close(self, reset: bool = False, after_flush: bool = False) -> None:
+        self._cancel_timer()
+        if self._closed:
+            return
+        self._closed = True
+        if after_flush and not reset:
+            self.stream.close_after_flush()
+        else:
+            self.stream.close(reset=reset)
+        self.on_close(self)

@@ -1,0 +1,352 @@
+"""One request/response exchange: routes it, binds an upstream, streams both ways, maps every failure.
+
+The exchange speaks to its downstream (an HTTP/1 session, later an HTTP/2
+stream) and its upstream connection through small interfaces, so protocol
+versions can be mixed. Backpressure crosses here: when one side's send
+buffer passes its high watermark the other side stops reading, and resumes
+below the low watermark. Until an upstream is bound, the downstream is
+paused and what was already parsed waits in a short list (at most one read).
+"""
+
+from __future__ import annotations
+
+import time
+from time import perf_counter_ns
+from typing import TYPE_CHECKING
+
+from pyproxy.addresses import Address
+from pyproxy.codec.events import END, Body, RequestHead, ResponseHead, Trailers
+from pyproxy.codec.http1 import strip_hop_by_hop
+from pyproxy.counters import FLAG_BASE, FLAG_INDEX, STAGES, STATUS_BASE, observe_duration
+from pyproxy.http.local_reply import local_reply_head
+
+if TYPE_CHECKING:
+    from pyproxy.http.context import HttpContext
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_CHUNKED = (b"transfer-encoding", b"chunked")
+
+
+class Exchange:
+    __slots__ = (
+        "ctx",
+        "downstream",
+        "request",
+        "upstream",
+        "route",
+        "target",
+        "source",
+        "started_ns",
+        "started_wall",
+        "timer",
+        "pending",
+        "request_done",
+        "response_started",
+        "response_done",
+        "finished",
+        "status",
+        "flag",
+        "retried",
+        "attach",
+        "trace",
+        "bytes_in",
+        "bytes_out",
+    )
+
+    def __init__(
+        self, ctx: HttpContext, downstream, request: RequestHead, trace: list[int] | None
+    ) -> None:
+        self.ctx = ctx
+        self.downstream = downstream
+        self.request = request
+        self.upstream = None
+        self.route = None
+        self.target: Address | None = None
+        self.source = ""
+        self.started_ns = perf_counter_ns()
+        self.started_wall = time.time()
+        self.timer = None
+        self.pending: list = []
+        self.request_done = False
+        self.response_started = False
+        self.response_done = False
+        self.finished = False
+        self.status = 0
+        self.flag = ""
+        self.retried = False
+        self.attach = None
+        self.trace = trace
+        self.bytes_in = self.bytes_out = 0
+
+    # ---- request side (called by the downstream) -----------------------------
+
+    def start(self) -> None:
+        request = self.request
+        authority = _authority_of(request)
+        route = self.ctx.router.match(authority, request.target)
+        if route is None:
+            self.local_reply(404, b"no route\n", "NR")
+            return
+        self.route = route
+        if route.cluster is not None:
+            self.target = route.cluster.pick()
+        else:
+            self.target, self.source = self.downstream.default_target()
+        self.timer = self.ctx.loop.call_later(route.timeout, self._timed_out)
+        self.downstream.pause_request()
+        self._acquire()
+
+    def _acquire(self) -> None:
+        cluster = (
+            self.route.cluster
+            if self.route.cluster is not None
+            else self.ctx.router.default_cluster
+        )
+        self.attach = self.ctx.pool.acquire(
+            self.target, self.source, cluster, self._attached, self._connect_failed
+        )
+
+    def request_body(self, data) -> None:
+        self.bytes_in += len(data)
+        if self.upstream is None:
+            self.pending.append(Body(data))
+        else:
+            self.upstream.send(Body(data))
+
+    def request_trailers(self, headers) -> None:
+        if self.upstream is None:
+            self.pending.append(Trailers(headers))
+        else:
+            self.upstream.send(Trailers(headers))
+
+    def request_end(self) -> None:
+        self.request_done = True
+        if self.finished:
+            return
+        if self.upstream is None:
+            self.pending.append(END)
+        else:
+            self.upstream.send(END)
+
+    def downstream_reset(self) -> None:
+        """The downstream went away mid-exchange: abandon the upstream side too."""
+        if self.finished:
+            return
+        if self.attach is not None:
+            self.attach.cancel()
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+        self._finish("DR", reset_downstream=False)
+
+    def downstream_write_paused(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_response()
+
+    def downstream_write_resumed(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_response()
+
+    # ---- binding the upstream ------------------------------------------------
+
+    def _attached(self, upstream) -> None:
+        self.attach = None
+        if self.finished:
+            self.ctx.pool.release(upstream)
+            return
+        self.upstream = upstream
+        upstream.bind(self)
+        upstream.send(self._upstream_head())
+        for event in self.pending:
+            upstream.send(event)
+        self.pending.clear()
+        self.downstream.resume_request()
+
+    def _connect_failed(self, flag: str) -> None:
+        self.attach = None
+        if not self.finished:
+            self.local_reply(503, b"upstream connect error\n", flag)
+
+    def _upstream_head(self) -> RequestHead:
+        request = self.request
+        headers = strip_hop_by_hop(request.headers)
+        if request.chunked:
+            headers.append(_CHUNKED)
+        if request.upgrade:
+            # The Upgrade offer is hop-by-hop but must reach the app for it to switch (RFC 9110 §7.8).
+            headers.append((b"connection", b"upgrade"))
+            headers.extend((name, value) for name, value in request.headers if name == b"upgrade")
+        return RequestHead(request.method, request.target, headers, request.http_version)
+
+    # ---- response side (called by the upstream connection) ------------------------
+
+    def response_head(self, head: ResponseHead) -> None:
+        if head.status < 200 and head.status != 101:
+            self.downstream.send_interim(head)
+            return
+        self.response_started = True
+        self.status = head.status
+        headers = strip_hop_by_hop(head.headers)
+        if head.status == 101:
+            headers.append((b"connection", b"upgrade"))
+            headers.extend((name, value) for name, value in head.headers if name == b"upgrade")
+        elif head.chunked or (
+            head.content_length is None and _has_body(self.request.method, head.status)
+        ):
+            headers.append(_CHUNKED)
+        if self.ctx.settings.server_timing and self.trace is not None:
+            headers.append((b"server-timing", _server_timing(self.trace)))
+        self.downstream.send_head(
+            ResponseHead(head.status, head.reason, headers, head.http_version)
+        )
+        if head.status == 101:
+            self._switch_protocols()
+
+    def response_body(self, data) -> None:
+        self.bytes_out += len(data)
+        self.downstream.send_body(data)
+
+    def response_trailers(self, headers) -> None:
+        self.downstream.send_trailers(headers)
+
+    def response_end(self) -> None:
+        self.response_done = True
+        self.downstream.send_end()
+        self._finish("")
+
+    def upstream_failed(self, flag: str) -> None:
+        """The upstream connection broke (reset, EOF mid-response, protocol error)."""
+        upstream, self.upstream = self.upstream, None
+        if self.finished:
+            return
+        if not self.response_started:
+            if upstream is not None and upstream.reused and self._retryable():
+                # The pooled connection was closed by the app just as we reused it: try once more.
+                self.retried = True
+                self._acquire()
+                return
+            status = 502 if flag == "UPE" else 503
+            self.local_reply(
+                status, b"upstream connect error or disconnect/reset before headers\n", flag
+            )
+            return
+        self._finish("UR" if flag == "UC" else flag, reset_downstream=True)
+
+    def upstream_write_paused(self) -> None:
+        self.downstream.pause_request()
+
+    def upstream_write_resumed(self) -> None:
+        self.downstream.resume_request()
+
+    def _retryable(self) -> bool:
+        request = self.request
+        return (
+            not self.retried
+            and request.method in IDEMPOTENT
+            and not request.chunked
+            and not request.content_length
+            and not request.upgrade
+        )
+
+    def _switch_protocols(self) -> None:
+        upstream, self.upstream = self.upstream, None
+        self._finish("", switched=True)
+        self.downstream.switch_to_tunnel(upstream)
+
+    # ---- ending ----------------------------------------------------------------
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.finished:
+            return
+        if self.attach is not None:
+            self.attach.cancel()
+            self.attach = None
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+        if not self.response_started:
+            self.local_reply(504, b"upstream request timeout\n", "UT")
+        else:
+            self._finish("UT", reset_downstream=True)
+
+    def local_reply(self, status: int, body: bytes, flag: str) -> None:
+        """Answer the downstream ourselves; the connection closes if the request was not fully read."""
+        self.response_started = True
+        self.status = status
+        keep = self.request_done and self.request.keep_alive
+        self.downstream.send_head(local_reply_head(status, len(body), keep))
+        if body and self.request.method != b"HEAD":
+            self.bytes_out += len(body)
+            self.downstream.send_body(body)
+        self.response_done = True
+        self.downstream.send_end()
+        self._finish(flag)
+
+    def _finish(self, flag: str, reset_downstream: bool = False, switched: bool = False) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.flag = flag
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        ctx = self.ctx
+        block = ctx.block
+        if flag:
+            block[FLAG_BASE + FLAG_INDEX[flag]] += 1
+        if self.status:
+            block[STATUS_BASE + min(self.status // 100, 5) - 1] += 1
+        elapsed = perf_counter_ns() - self.started_ns
+        observe_duration(block, elapsed)
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None and not switched:
+            if self.request_done and self.response_done:
+                ctx.pool.release(upstream)
+            else:
+                upstream.abort()
+        if ctx.access_log is not None:
+            ctx.access_log.write(ctx.loop, self._log_record(elapsed))
+        if not switched:
+            self.downstream.exchange_done(self, reset=reset_downstream)
+
+    def _log_record(self, elapsed_ns: int) -> dict:
+        request = self.request
+        record = {
+            "time": round(self.started_wall, 6),
+            "method": request.method.decode("latin-1"),
+            "authority": _authority_of(request).decode("latin-1"),
+            "path": request.target.decode("latin-1"),
+            "protocol": self.downstream.protocol,
+            "status": self.status,
+            "response_flags": self.flag or "-",
+            "bytes_received": self.bytes_in,
+            "bytes_sent": self.bytes_out,
+            "duration_ms": round(elapsed_ns / 1e6, 3),
+            "upstream_host": str(self.target) if self.target is not None else None,
+        }
+        if self.trace is not None:
+            record["stages_us"] = {
+                name: round(self.trace[i] / 1000, 2)
+                for i, name in enumerate(STAGES)
+                if self.trace[i]
+            }
+        return record
+
+
+def _authority_of(request: RequestHead) -> bytes:
+    for name, value in request.headers:
+        if name == b"host" or name == b":authority":
+            return value
+    return b""
+
+
+def _has_body(method: bytes, status: int) -> bool:
+    # RFC 9110 §6.4.1: HEAD responses, 1xx, 204 and 304 never carry content.
+    return method != b"HEAD" and status not in (204, 304) and status >= 200
+
+
+def _server_timing(trace: list[int]) -> bytes:
+    """W3C Server-Timing: this request's stages so far, in milliseconds."""
+    parts = [f"{name};dur={trace[i] / 1e6:.3f}" for i, name in enumerate(STAGES) if trace[i]]
+    return ", ".join(parts).encode() if parts else b"total;dur=0"

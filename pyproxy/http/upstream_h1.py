@@ -1,0 +1,258 @@
+"""HTTP/1.1 upstream connections and the keep-alive pool they return to between exchanges."""
+
+from __future__ import annotations
+
+import socket
+from collections import defaultdict
+from time import perf_counter_ns
+from typing import TYPE_CHECKING
+
+from pyproxy.addresses import Address
+from pyproxy.codec.events import PAUSED, Body, End, ProtocolError, Reset, ResponseHead, Trailers
+from pyproxy.codec.http1 import DONE
+from pyproxy.counters import PARSE, STAGE_EVENTS, STAGE_NS, UPSTREAM_RX, UPSTREAM_TX
+from pyproxy.io.connector import Connect
+from pyproxy.io.stream import Stream
+
+if TYPE_CHECKING:
+    from pyproxy.http.context import HttpContext
+    from pyproxy.http.exchange import Exchange
+    from pyproxy.http.router import Cluster
+
+DEFAULT_IDLE_TIMEOUT = 4.0
+
+
+class Http1Upstream:
+    """One upstream connection: a client-role codec over a Stream; bound to at most one exchange."""
+
+    __slots__ = (
+        "ctx",
+        "key",
+        "stream",
+        "codec",
+        "exchange",
+        "reused",
+        "idle_timeout",
+        "_idle_timer",
+        "protocol",
+    )
+
+    def __init__(
+        self, ctx: HttpContext, key: Address, sock: socket.socket, idle_timeout: float
+    ) -> None:
+        self.ctx = ctx
+        self.key = key
+        read_stage, write_stage = ctx.upstream_stages
+        self.stream = Stream(
+            ctx.loop, sock, ctx.block, self, timed=ctx.timed, read_stage=read_stage, write_stage=write_stage,
+            rx_slot=UPSTREAM_RX, tx_slot=UPSTREAM_TX,
+        )  # fmt: skip
+        self.codec = ctx.client_codec()
+        self.exchange: Exchange | None = None
+        self.reused = False
+        self.idle_timeout = idle_timeout
+        self._idle_timer = None
+        self.protocol = "HTTP/1.1"
+
+    # ---- used by the exchange ------------------------------------------------
+
+    def bind(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+        self.stream.trace = exchange.trace
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        self.stream.resume_reading()
+
+    def send(self, event) -> None:
+        ctx = self.ctx
+        if ctx.timed:
+            t0 = perf_counter_ns()
+            data = self.codec.send(event)
+            _account_parse(ctx, perf_counter_ns() - t0, self.stream.trace)
+        else:
+            data = self.codec.send(event)
+        self.stream.write(data)
+
+    def pause_response(self) -> None:
+        self.stream.pause_reading()
+
+    def resume_response(self) -> None:
+        if self.exchange is not None:
+            self.stream.resume_reading()
+
+    def abort(self) -> None:
+        self.exchange = None
+        self.stream.close(reset=True)
+        self.ctx.pool.forget(self)
+
+    def reusable(self) -> bool:
+        codec = self.codec
+        return (
+            not self.stream.closed
+            and codec.our_state is DONE
+            and codec.their_state is DONE
+            and codec.keep_alive
+        )
+
+    def park(self) -> None:
+        """Back in the pool: keep reading, so a close by the app is noticed while idle."""
+        self.exchange = None
+        self.stream.trace = None
+        self.codec.start_next_cycle()
+        self.reused = True
+        self._idle_timer = self.ctx.loop.call_later(self.idle_timeout, self._idle_expired)
+        self.stream.resume_reading()
+
+    def _idle_expired(self) -> None:
+        self._idle_timer = None
+        self.ctx.pool.forget(self)
+        self.stream.close()
+
+    # ---- StreamOwner ---------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        ctx = self.ctx
+        if ctx.timed:
+            t0 = perf_counter_ns()
+            events = self.codec.receive_data(data)
+            _account_parse(ctx, perf_counter_ns() - t0, self.stream.trace)
+        else:
+            events = self.codec.receive_data(data)
+        self._dispatch(events)
+
+    def _dispatch(self, events: list) -> None:
+        for event in events:
+            exchange = self.exchange
+            if exchange is None:
+                # Bytes from an idle pooled connection are a protocol violation: drop the connection.
+                self._broken()
+                return
+            kind = type(event)
+            if kind is Body:
+                exchange.response_body(event.data)
+            elif kind is ResponseHead:
+                exchange.response_head(event)
+            elif kind is End:
+                exchange.response_end()
+            elif kind is Trailers:
+                exchange.response_trailers(event.headers)
+            elif kind is ProtocolError:
+                self._fail("UPE")
+                return
+            elif kind is Reset:
+                self._fail("UC")
+                return
+            elif event is PAUSED:
+                self.stream.pause_reading()
+
+    def eof_received(self) -> None:
+        self._dispatch(self.codec.receive_eof())
+        if self.exchange is not None:
+            self._fail("UC")
+        else:
+            self._broken()
+
+    def stream_failed(self, error: OSError) -> None:
+        self._fail("UC")
+
+    def write_paused(self) -> None:
+        if self.exchange is not None:
+            self.exchange.upstream_write_paused()
+
+    def write_resumed(self) -> None:
+        if self.exchange is not None:
+            self.exchange.upstream_write_resumed()
+
+    def _fail(self, flag: str) -> None:
+        exchange, self.exchange = self.exchange, None
+        self.stream.close(reset=flag != "UC")
+        self.ctx.pool.forget(self)
+        if exchange is not None:
+            exchange.upstream_failed(flag)
+
+    def _broken(self) -> None:
+        self.exchange = None
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        self.ctx.pool.forget(self)
+        self.stream.close()
+
+
+def _account_parse(ctx: HttpContext, elapsed: int, trace: list[int] | None) -> None:
+    block = ctx.block
+    block[ctx.parse_ns] += elapsed
+    block[ctx.parse_events] += 1
+    if trace is not None:
+        trace[PARSE] += elapsed
+
+
+class _Attach:
+    """A pending acquire: cancellable while the connect is in flight."""
+
+    __slots__ = ("connect",)
+
+    def __init__(self, connect: Connect | None) -> None:
+        self.connect = connect
+
+    def cancel(self) -> None:
+        if self.connect is not None:
+            self.connect.cancel()
+            self.connect = None
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per endpoint, newest first (the warmest, least likely closed)."""
+
+    def __init__(self, ctx: HttpContext) -> None:
+        self.ctx = ctx
+        self.idle: dict[Address, list[Http1Upstream]] = defaultdict(list)
+
+    def acquire(
+        self, target: Address, source: str, cluster: Cluster | None, on_ready, on_failed
+    ) -> _Attach:
+        idle = self.idle.get(target)
+        while idle:
+            conn = idle.pop()
+            if not conn.stream.closed:
+                on_ready(conn)
+                return _Attach(None)
+        ctx = self.ctx
+        timeout = cluster.connect_timeout if cluster is not None else ctx.listener.connect_timeout
+        idle_timeout = cluster.idle_timeout if cluster is not None else DEFAULT_IDLE_TIMEOUT
+        attach = _Attach(None)
+
+        def connected(sock: socket.socket) -> None:
+            attach.connect = None
+            on_ready(Http1Upstream(ctx, target, sock, idle_timeout))
+
+        def failed(flag: str) -> None:
+            attach.connect = None
+            on_failed(flag)
+
+        stage = ctx.connect_stage
+        attach.connect = Connect(
+            ctx.loop, target, timeout, connected, failed, source_host=source,
+            block=ctx.block if ctx.timed else None, stage_ns=STAGE_NS + stage, stage_events=STAGE_EVENTS + stage,
+        )  # fmt: skip
+        return attach
+
+    def release(self, conn: Http1Upstream) -> None:
+        if conn.reusable():
+            conn.park()
+            self.idle[conn.key].append(conn)
+        else:
+            conn.exchange = None
+            conn.stream.close()
+
+    def forget(self, conn: Http1Upstream) -> None:
+        idle = self.idle.get(conn.key)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def close_idle(self) -> None:
+        for conns in self.idle.values():
+            for conn in conns:
+                conn.stream.close()
+        self.idle.clear()
