@@ -66,7 +66,7 @@ class Worker:
                 if current is not None and _same_sockets(current.config, lconf):
                     continue
                 block = self.store.listener_block(self.index, slots[name])
-                listener = Listener(loop, lconf, block, config.stage_clock, self.connections)
+                listener = Listener(loop, lconf, block, config.stage_clock, self.connections, config)
                 started[name] = listener
                 listener.start()
         except OSError:
@@ -78,8 +78,9 @@ class Worker:
                 listener.stop_accepting()
                 del self.listeners[name]
             else:
-                listener.update(wanted[name])
                 listener.timed = config.stage_clock
+                listener.proxy_config = config
+                listener.update(wanted[name])
         self.listeners.update(started)
         self.config = config
 
