@@ -20,7 +20,7 @@ from pyproxy.admin import EndpointServer, Response
 from pyproxy.config import ConfigError, ProxyConfig
 from pyproxy.counters import W_NOTIFY_COST_NS, W_PID, W_READY, CounterStore
 from pyproxy.eventloop import event_loop_name, new_event_loop
-from pyproxy.io import sockets
+from pyproxy.io import backends, sockets
 from pyproxy.prometheus import exposition
 from pyproxy.worker import Worker
 
@@ -76,6 +76,11 @@ class Supervisor:
 
     def run(self) -> int:
         if self.config.concurrency > 1:
+            try:
+                sockets.share_unix_listeners(_unix_addresses(self.config))
+            except OSError as exc:
+                print(f"pyproxy: cannot start: {exc}", file=sys.stderr)
+                return 1
             for index in range(self.config.concurrency):
                 self._fork_worker(index)
         loop = new_event_loop()
@@ -102,7 +107,11 @@ class Supervisor:
         self._done = loop.create_future()
         try:
             if self.children:
-                await self._wait_children_ready()
+                try:
+                    await self._wait_children_ready()
+                finally:
+                    # Workers hold their own copies now; if none started, nobody will unlink.
+                    sockets.release_shared_unix(unlink=not self.ready())
             else:
                 self.local = Worker(0, self.store)
                 await self.local.start(self.config, self.store.slots())
@@ -169,7 +178,7 @@ class Supervisor:
     def _log_ready(self) -> None:
         native, reason = native_status()
         log.info(
-            "pyproxy %s ready: %d worker(s), event loop %s, I/O backend userspace-copy, native module %s",
+            "pyproxy %s ready: %d worker(s), event loop %s, native module %s",
             __version__,
             self.config.concurrency,
             event_loop_name(),
@@ -178,7 +187,17 @@ class Supervisor:
         for listener in self.config.listeners:
             where = ", ".join(map(str, listener.addresses))
             target = f" -> {listener.upstream}" if listener.upstream else f" ({listener.kind})"
-            log.info("listener %s: %s mode on %s%s", listener.name, listener.mode, where, target)
+            io = backends.describe(listener)
+            log.info(
+                "listener %s: %s mode on %s%s; I/O: ipc %s, relay %s, write %s",
+                listener.name,
+                listener.mode,
+                where,
+                target,
+                io["ipc"],
+                io["relay"],
+                io["write"],
+            )
 
     # ---- drain, stop, reload --------------------------------------------------
 
@@ -222,6 +241,7 @@ class Supervisor:
         try:
             new = self.reload_config()
             self._check_bindable(new)
+            self._check_shareable(new)
         except ConfigError as exc:
             log.error("reload refused, running config stays: %s", exc)
             return
@@ -248,6 +268,18 @@ class Supervisor:
             child.send("apply", new, self.store.slots())
         self.config = new
         log.info("reloaded %s: %d listener(s)", new.source, len(new.listeners))
+
+    def _check_shareable(self, new: ProxyConfig) -> None:
+        """Forked workers cannot share a Unix socket bound after the fork: that takes a restart."""
+        if not self.children:
+            return
+        added = set(_unix_addresses(new)) - set(_unix_addresses(self.config))
+        if added:
+            raise ConfigError(
+                new.source,
+                "listeners",
+                f"new unix: address {sorted(map(str, added))[0]} with concurrency > 1 needs a restart",
+            )
 
     def _check_bindable(self, new: ProxyConfig) -> None:
         current = {a for listener in self.config.listeners for a in listener.addresses}
@@ -284,7 +316,15 @@ class Supervisor:
                 for i in range(self.config.concurrency)
             ],
             "event_loop": event_loop_name(),
-            "io_backends": {"relay": "userspace-copy", "write": "send", "ipc": "tcp"},
+            # Per listener; every backend that is not native-only is always available.
+            "io_backends": {
+                "available": {
+                    "ipc": ["tcp", "uds"],
+                    "relay": ["userspace-copy"] + (["splice"] if native else []),
+                    "write": ["send"] + (["zerocopy"] if native else []),
+                },
+                "listeners": {lst.name: backends.describe(lst) for lst in self.config.listeners},
+            },
             "native": {"available": native, "reason": reason or None},
             "stage_clock": self.config.stage_clock,
         }
@@ -351,6 +391,10 @@ class Supervisor:
             server = EndpointServer(routes)
             await server.start(address)
             self._servers.append(server)
+
+
+def _unix_addresses(config: ProxyConfig) -> list[Address]:
+    return [a for listener in config.listeners for a in listener.addresses if a.is_unix]
 
 
 def _worker_process(

@@ -15,6 +15,9 @@ IP6T_SO_ORIGINAL_DST = 80  # linux/netfilter_ipv6/ip6_tables.h
 IP_TRANSPARENT = getattr(socket, "IP_TRANSPARENT", 19)
 IPV6_TRANSPARENT = 75
 UNIX_SOCKET_MODE = 0o660
+# Unix listening sockets bound by the master before it forks workers (path -> socket):
+# a Unix socket has no SO_REUSEPORT, so the workers share one socket instead of each binding.
+_shared_unix: dict[str, socket.socket] = {}
 
 
 def listen(
@@ -22,6 +25,10 @@ def listen(
 ) -> socket.socket:
     """A non-blocking listening socket; SO_REUSEPORT so several workers can share the address."""
     if address.is_unix:
+        # In a forked worker: take the inherited socket (the master closes its own copy).
+        shared = _shared_unix.pop(address.path, None)
+        if shared is not None:
+            return shared
         return _listen_unix(address.path, backlog)
     sock = socket.socket(address.family, socket.SOCK_STREAM)
     try:
@@ -45,6 +52,29 @@ def listen(
         sock.close()
         raise
     return sock
+
+
+def share_unix_listeners(addresses: list[Address], backlog: int = 1024) -> None:
+    """Bind these Unix addresses now (in the master) so workers forked afterwards share them."""
+    try:
+        for address in addresses:
+            if address.path not in _shared_unix:
+                _shared_unix[address.path] = _listen_unix(address.path, backlog)
+    except BaseException:
+        release_shared_unix(unlink=True)
+        raise
+
+
+def release_shared_unix(unlink: bool) -> None:
+    """The master's copies: close them once workers hold theirs (unlink if none ever will)."""
+    for path, sock in _shared_unix.items():
+        sock.close()
+        if unlink:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+    _shared_unix.clear()
 
 
 def _listen_unix(path: str, backlog: int) -> socket.socket:
