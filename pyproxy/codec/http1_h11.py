@@ -123,18 +123,18 @@ class H11Http1Codec(Http1Codec):
                 else:
                     self._fail(exc.error_status_hint, str(exc))
                 return
-            if ev is h11.NEED_DATA or ev is h11.PAUSED:
+            if ev is h11.NEED_DATA or ev is h11.PAUSED or type(ev) is h11.ConnectionClosed:
+                # ConnectionClosed repeats forever once the peer is gone: stop pumping.
                 return
             out = self._convert(ev)
-            if out is not None:
-                pending.append(out)
-                if type(out) is ProtocolError:
-                    self._dead = True
-                    return
+            pending.append(out)
+            if type(out) is ProtocolError:
+                self._dead = True
+                return
             if conn.their_state is h11.SWITCHED_PROTOCOL:
                 self._raw = bytearray(conn.trailing_data[0])
 
-    def _convert(self, ev: object) -> Event | None:
+    def _convert(self, ev: object) -> Event:
         kind = type(ev)
         if kind is h11.Data:
             return Body(ev.data)  # type: ignore[attr-defined]
@@ -143,8 +143,6 @@ class H11Http1Codec(Http1Codec):
             if trailers:
                 self._pending.append(Trailers(list(trailers)))
             return END
-        if kind is h11.ConnectionClosed:
-            return None
         facts = self._facts or HeadFacts()
         self._facts = None
         headers: Headers = list(ev.headers)  # type: ignore[attr-defined]
