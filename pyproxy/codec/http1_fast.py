@@ -4,8 +4,9 @@ What this backend does differently from the h11 one (documented, tested):
 
 - Trailers: llhttp reports trailer fields through the same header callback
   after the last chunk, so they are surfaced as a Trailers event, like h11.
-- Methods: llhttp only knows the methods in its table; any other token is
-  answered 501 (h11 accepts any token method).
+- Methods: llhttp only knows the methods in its table and cannot tell an
+  unknown token from garbage, so any other method is a 400 (h11 accepts any
+  token method and leaves the 501 to the proxy).
 - Pipelining: llhttp cannot stop mid-buffer, so a chunk holding several
   requests is parsed at once and the later cycles' events are queued; the
   proxy still only sees them after ``start_next_cycle`` (same contract).
@@ -257,8 +258,6 @@ class FastHttp1Codec(Http1Codec):
             if not isinstance(cause, _Reject):
                 raise
             self._fail(cause.status, cause.reason)
-        except httptools.HttpParserInvalidMethodError:
-            self._fail(501, "method not implemented")
         except httptools.HttpParserError as exc:
             self._fail(400, str(exc))
         else:

@@ -14,6 +14,7 @@ Trailers are surfaced (h11's EndOfMessage carries them).
 
 from __future__ import annotations
 
+import re
 from typing import Final
 
 import h11
@@ -41,6 +42,7 @@ from pyproxy.codec.http1 import (
     head_size,
 )
 
+_CTL: Final = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _CLOSE_LINE: Final = b"\r\nConnection: close\r\n"
 _KEEP_ALIVE_LINE: Final = b"\r\nConnection: keep-alive\r\n"
 
@@ -78,10 +80,13 @@ class H11Http1Codec(Http1Codec):
         """Vet the buffered head before h11 parses it; False means wait or failed."""
         buf = self._conn.trailing_data[0]
         end = buf.find(b"\r\n\r\n")
-        head = buf if end < 0 else buf[: end + 2]
-        # RFC 9112 §2.2: we accept CRLF only (llhttp's rule), never a bare LF.
-        if head.count(b"\n") != head.count(b"\r\n"):
-            self._fail(400, "bare LF in head")
+        # An unfinished head may end in the CR of a CRLF still on its way.
+        head = (buf[:-1] if buf.endswith(b"\r") else buf) if end < 0 else buf[: end + 2]
+        # RFC 9112 §2.2: we accept CRLF only (llhttp's rule), never a bare LF or CR;
+        # RFC 9110 §5.5: no other control characters in field values (h11 lets them by).
+        crlf = head.count(b"\r\n")
+        if head.count(b"\n") != crlf or head.count(b"\r") != crlf or _CTL.search(head):
+            self._fail(400, "bare CR/LF or control character in head")
             return False
         if end < 0:
             if len(buf) > self.limits.max_header_bytes:
@@ -213,26 +218,32 @@ class H11Http1Codec(Http1Codec):
 
     # -- serialising ---------------------------------------------------------
 
-    def _h11_send(self, event: object) -> bytes:
+    def _h11_send(self, make: type, **fields: object) -> bytes:
+        # h11 validates while building the event, so both steps are guarded.
         try:
-            out = self._conn.send(event)  # type: ignore[arg-type]
+            out = self._conn.send(make(**fields))
         except h11.LocalProtocolError as exc:
             raise CodecUsageError(str(exc)) from exc
         return out or b""
 
     def _encode_request(self, ev: RequestHead, mode: int) -> Buffer:
-        return self._h11_send(h11.Request(method=ev.method, target=ev.target, headers=ev.headers))
+        return self._h11_send(h11.Request, method=ev.method, target=ev.target, headers=ev.headers)
 
     def _encode_response(self, ev: ResponseHead, mode: int, facts: HeadFacts | None) -> Buffer:
         if ev.status < 200:
             out = self._h11_send(
-                h11.InformationalResponse(
-                    status_code=ev.status, headers=ev.headers, reason=ev.reason
-                )
+                h11.InformationalResponse,
+                status_code=ev.status,
+                headers=ev.headers,
+                reason=ev.reason,
             )
         else:
+            headers = ev.headers
+            if not self._keep_alive and facts is not None and not facts.close:
+                # h11 does not know our wrapper refused the request; say close.
+                headers = [*headers, (b"connection", b"close")]
             out = self._h11_send(
-                h11.Response(status_code=ev.status, headers=ev.headers, reason=ev.reason)
+                h11.Response, status_code=ev.status, headers=headers, reason=ev.reason
             )
             if self._keep_alive and self._peer_version != b"1.1":
                 # RFC 9112 §9.3: tell the 1.0 peer the connection persists.
@@ -242,7 +253,7 @@ class H11Http1Codec(Http1Codec):
         return out
 
     def _encode_body(self, data: Buffer, mode: int) -> Buffer:
-        return self._h11_send(h11.Data(data=data))
+        return self._h11_send(h11.Data, data=data)
 
     def _encode_end(self, mode: int, trailers: Headers | None) -> Buffer:
-        return self._h11_send(h11.EndOfMessage(headers=trailers or []))
+        return self._h11_send(h11.EndOfMessage, headers=trailers or [])
