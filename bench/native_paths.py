@@ -8,11 +8,14 @@ sits behind loopback TCP or a Unix socket, at message sizes 100 B .. 256 KiB:
 * load: 8 connections, each with one outstanding message: messages/s and
   proxy CPU per message.
 
-The proxy runs alone on CPU 1, client and app on CPU 0 (a sidecar with its
-own core): were they on one CPU, a send that wakes the peer would be preempted
-by it and the `ipc` stage would include the peer's run time. Proxy CPU is its
-utime+stime, read at nanosecond resolution from /proc/<pid>/schedstat (the
-same quantity /proc/<pid>/stat reports in 10 ms ticks, too coarse here).
+Placement: serial runs everything on CPU 0, like bench/tcp_echo.py, so no
+configuration wins by spreading work and latencies compare with that bench;
+load gives the proxy CPU 1 to itself (a sidecar with its own core), client
+and app share CPU 0. Proxy CPU is its utime+stime, read at nanosecond
+resolution from /proc/<pid>/task/*/schedstat (the same quantity
+/proc/<pid>/stat reports in 10 ms ticks, too coarse for these points).
+Bulk: on a 2-CPU host the iperf3 pair on CPU 0 caps every path near the same
+Gbit/s, so each path's CPU per GB moved is reported too (proxy on CPU 1).
 
 Variants: tcp (copy), uds (copy), tcp-zerocopy (MSG_ZEROCOPY for every send,
 threshold 0, so the crossover against copy shows). Bulk: iperf3 (TCP only:
@@ -219,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(RESULTS / "native_paths.json"))
     args = parser.parse_args(argv)
     started = time.monotonic()
-    pin(0, 0)  # the client shares CPU 0 with the app; the proxy has CPU 1
+    pin(0, 0)  # the client runs on CPU 0 with the app
     result: dict = {
         "config": vars(args),
         "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
@@ -248,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             total_points = len(SIZES) * (len(proxies) + 1) * 2
             done = 0
             for mode in ("serial", "load"):
+                for proxy in proxies.values():
+                    pin(proxy.pid, 0 if mode == "serial" else 1)
                 for size in SIZES:
                     count = max(100, min(args.messages, (64 << 20) // size))
                     row = result[mode].setdefault(str(size), {})
@@ -293,29 +298,38 @@ def bulk(procs: Processes, workdir: Path, seconds: int, rounds: int) -> dict:
     procs.start(pinned(0, ["iperf3", "-s", "-p", str(server)]))
     wait_port(server)
     ports = {"direct": server}
+    pids: dict[str, int] = {}
     port = free_port()
     if start_nginx(procs, workdir, port, server, 1):
-        ports["nginx stream"] = port
+        ports["nginx stream"], pids["nginx stream"] = port, procs.procs[-1].pid
     port = free_port()
     if start_haproxy(procs, workdir, port, server, 1):
-        ports["haproxy"] = port
+        ports["haproxy"], pids["haproxy"] = port, procs.procs[-1].pid
     for name, extra in (
         ("pyproxy copy", ""),
         ("pyproxy splice", "    relay: splice\n"),
         ("pyproxy splice 256K pipe", "    relay: splice\n    buffer_size: 262144\n"),
         ("pyproxy zerocopy", "    write: zerocopy\n"),
     ):
-        ports[name] = Proxy(
-            procs, workdir, name.replace(" ", "-"), f"127.0.0.1:{server}", extra
-        ).port
-    runs: dict[str, list[float]] = {name: [] for name in ports}
+        proxy = Proxy(procs, workdir, name.replace(" ", "-"), f"127.0.0.1:{server}", extra)
+        ports[name], pids[name] = proxy.port, proxy.pid
+    runs: dict[str, list[tuple[float, float | None]]] = {name: [] for name in ports}
     for r in range(rounds):
         for name, port in ports.items():
+            pid = pids.get(name)
+            cpu0 = cpu_seconds(pid) if pid else 0.0
             gbps = iperf3(port, seconds)
             if gbps is not None:
-                runs[name].append(gbps)
+                gb = gbps * seconds / 8
+                cpu = (cpu_seconds(pid) - cpu0) / gb if pid else None
+                runs[name].append((gbps, cpu))
         print(f"  bulk round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
-    return {name: max(values) if values else None for name, values in runs.items()}
+    out = {}
+    for name, values in runs.items():
+        if values:
+            gbps, cpu = max(values, key=lambda v: v[0])
+            out[name] = {"gbps": gbps, "cpu_s_per_gb": cpu}
+    return out
 
 
 def summarize_targets(result: dict) -> dict:
@@ -336,8 +350,13 @@ def summarize_targets(result: dict) -> dict:
     wins = [s for s, r in out["zerocopy_cpu_ratio_by_size"].items() if r < 1.0]
     out["zerocopy_crossover_bytes"] = int(min(wins, key=int)) if wins else None
     bulk_ = result.get("bulk_gbps", {})
-    if bulk_.get("pyproxy splice") and bulk_.get("nginx stream"):
-        out["splice_vs_nginx_bulk"] = bulk_["pyproxy splice"] / bulk_["nginx stream"]
+    nginx = bulk_.get("nginx stream")
+    for name in ("pyproxy splice", "pyproxy splice 256K pipe", "pyproxy copy"):
+        if bulk_.get(name) and nginx:
+            out[f"{name} / nginx stream bulk"] = bulk_[name]["gbps"] / nginx["gbps"]
+    copy, splice = bulk_.get("pyproxy copy"), bulk_.get("pyproxy splice")
+    if copy and splice and copy["cpu_s_per_gb"]:
+        out["splice / copy CPU per GB"] = splice["cpu_s_per_gb"] / copy["cpu_s_per_gb"]
     return out
 
 
@@ -361,9 +380,10 @@ def report(result: dict) -> str:
                     f"{'' if ipc is None else f'{ipc:.2f}'} |"
                 )
     if result.get("bulk_gbps"):
-        lines.append("\n| bulk (iperf3, TCP) | Gbit/s |\n| --- | ---: |")
-        for name, gbps in result["bulk_gbps"].items():
-            lines.append(f"| {name} | {gbps:.2f} |" if gbps is not None else f"| {name} | n/a |")
+        lines.append("\n| bulk (iperf3, TCP) | Gbit/s | CPU s per GB |\n| --- | ---: | ---: |")
+        for name, v in result["bulk_gbps"].items():
+            cpu = v["cpu_s_per_gb"]
+            lines.append(f"| {name} | {v['gbps']:.2f} | {'' if cpu is None else f'{cpu:.3f}'} |")
     s = result["summary"]
     lines.append(
         f"\nUDS ipc stage per message at 100 B: {s['uds_ipc_drop_100B'] * 100:+.0f}% drop "
@@ -374,8 +394,9 @@ def report(result: dict) -> str:
         + ", ".join(f"{k} B {v:.2f}×" for k, v in s["zerocopy_cpu_ratio_by_size"].items())
         + f"; crossover: {s['zerocopy_crossover_bytes'] or 'none on this host'}"
     )
-    if "splice_vs_nginx_bulk" in s:
-        lines.append(f"splice bulk / nginx stream bulk: {s['splice_vs_nginx_bulk']:.2f}×")
+    for key, value in s.items():
+        if " / " in key:
+            lines.append(f"{key}: {value:.2f}×")
     return "\n".join(lines)
 
 
