@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from pyproxy.addresses import Address, parse_address
+from pyproxy.counters import MAX_FILTERS
 from pyproxy.durations import parse_duration
 
 MODES = ("tcp", "http", "grpc")
@@ -58,6 +59,15 @@ class HttpSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class FilterSpec:
+    """One filter in a chain: its name (unique in the listener), its type (entry point) and validated config."""
+
+    name: str
+    type: str
+    config: dict = field(default_factory=dict, hash=False)
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
     """Requests whose authority and path prefix match go to `cluster` ("" = the listener's default)."""
 
@@ -65,6 +75,7 @@ class RouteConfig:
     prefix: str = "/"
     cluster: str = ""
     timeout: float = 15.0
+    filters: tuple[FilterSpec, ...] | None = None  # None: the listener's chain; () : no filters
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +105,17 @@ class ListenerConfig:
     buffer_size: int = 65536
     http: HttpSettings = HttpSettings()
     routes: tuple[RouteConfig, ...] = ()
+    filters: tuple[FilterSpec, ...] = ()
+
+    @property
+    def filter_names(self) -> tuple[str, ...]:
+        """Every filter name used by this listener or its routes, in first-seen order: the stage slots."""
+        names: dict[str, None] = {spec.name: None for spec in self.filters}
+        for route in self.routes:
+            for spec in route.filters or ():
+                names.setdefault(spec.name, None)
+        return tuple(names)
+
     # I/O backends: app-facing transport, how TCP sockets are written, how TCP mode relays.
     ipc: str = "tcp"
     write: str = "send"
@@ -237,7 +259,8 @@ def _listener(fields: _Fields, index: int) -> ListenerConfig:
         idle_timeout=fields.take("idle_timeout", parse_duration, 3600.0),
         buffer_size=fields.take("buffer_size", _int_range(1024, 16 * 1024 * 1024), 65536),
         http=_http_settings(fields.nested("http"), mode),
-        routes=_routes(fields),
+        routes=_routes(fields, mode),
+        filters=_filters(fields, mode) or (),
     )
     listener = _io_backends(fields, listener)
     fields.done()
@@ -404,7 +427,40 @@ def _access_log_target(value: Any) -> str:
     return value
 
 
-def _routes(fields: _Fields) -> tuple[RouteConfig, ...]:
+def _filters(fields: _Fields, mode: str) -> tuple[FilterSpec, ...] | None:
+    """`filters:` — a list of {name, type?, config}; each filter validates its own config."""
+    from pyproxy.chain.api import FilterConfigError
+    from pyproxy.chain.registry import validate
+
+    items = fields.data.pop("filters", None)
+    if items is None:
+        return None
+    path = fields._join("filters")
+    if not isinstance(items, list):
+        raise ConfigError(fields.source, path, "expected a list of filters")
+    specs: list[FilterSpec] = []
+    for i, item in enumerate(items):
+        entry = _Fields(fields.source, f"{path}[{i}]", item)
+        name = entry.take("name", _name, None)
+        if name is None:
+            raise entry.error("name", "required")
+        type_name = entry.take("type", _name, name)
+        raw = entry.data.pop("config", None)
+        entry.done()
+        try:
+            config = validate(type_name, raw, mode)
+        except FilterConfigError as exc:
+            where = f"{path}[{i}].config.{exc.field}" if exc.field else f"{path}[{i}]"
+            raise ConfigError(fields.source, where, exc.reason) from None
+        if any(spec.name == name for spec in specs):
+            raise ConfigError(fields.source, f"{path}[{i}].name", f"duplicate filter name {name!r}")
+        specs.append(FilterSpec(name, type_name, config))
+    if len(specs) > MAX_FILTERS:
+        raise ConfigError(fields.source, path, f"at most {MAX_FILTERS} filters per listener")
+    return tuple(specs)
+
+
+def _routes(fields: _Fields, mode: str) -> tuple[RouteConfig, ...]:
     items = fields.data.pop("routes", None)
     if items is None:
         return ()
@@ -426,6 +482,7 @@ def _routes(fields: _Fields) -> tuple[RouteConfig, ...]:
                 prefix=prefix,
                 cluster=route.take("cluster", _name, ""),
                 timeout=route.take("timeout", parse_duration, 15.0),
+                filters=_filters(route, mode),
             )
         )
         route.done()

@@ -20,6 +20,12 @@ def snapshot(store: CounterStore, config: ProxyConfig) -> dict:
             name: {"ns": block[c.STAGE_NS + i], "events": block[c.STAGE_EVENTS + i]}
             for i, name in enumerate(c.STAGES)
         }
+        base = len(c.STAGES)
+        for i, name in enumerate(lconf.filter_names):
+            stages[f"filter:{name}"] = {
+                "ns": block[c.STAGE_NS + base + i],
+                "events": block[c.STAGE_EVENTS + base + i],
+            }
         cumulative, buckets = 0, {}
         for bound, i in zip(c.BUCKETS, range(len(c.BUCKETS)), strict=True):
             cumulative += block[c.HIST_BASE + i]

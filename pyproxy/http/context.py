@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pyproxy.chain.api import FactoryContext
+from pyproxy.chain.http_chain import ChainFactory
 from pyproxy.codec.http1 import Http1Codec, Http1Limits, make_http1_codec
 from pyproxy.config import ListenerConfig, ProxyConfig
 from pyproxy.counters import IPC, PARSE, READ, STAGE_EVENTS, STAGE_NS, WRITE
 from pyproxy.http.access_log import AccessLog
-from pyproxy.http.router import Router, build_clusters
+from pyproxy.http.router import Route, Router, build_clusters
 
 
 class HttpContext:
@@ -38,6 +40,24 @@ class HttpContext:
         self.upstream_stages = (READ, WRITE) if down_app else (IPC, IPC)
         self.connect_stage = WRITE if down_app else IPC
         self.parse_ns, self.parse_events = STAGE_NS + PARSE, STAGE_EVENTS + PARSE
+        self._chains = self._build_chains(loop, listener)
+
+    def _build_chains(self, loop, listener: ListenerConfig) -> dict:
+        """Chain factories, built once: the listener's, and each route's override (None = no filters)."""
+        slots = {name: i for i, name in enumerate(listener.filter_names)}
+        context = FactoryContext(loop, listener.name, listener.mode)
+
+        def build(specs) -> ChainFactory | None:
+            return ChainFactory(specs, context, slots) if specs else None
+
+        default = build(listener.filters)
+        chains: dict = {None: default}
+        for route in self.router.routes:
+            chains[id(route)] = default if route.filters is None else build(route.filters)
+        return chains
+
+    def chain_for(self, route: Route) -> ChainFactory | None:
+        return self._chains.get(id(route), self._chains[None])
 
     def server_codec(self) -> Http1Codec:
         return make_http1_codec(self.settings.codec, "server", self.limits)
@@ -47,5 +67,7 @@ class HttpContext:
 
     def close(self) -> None:
         self.pool.close_idle()
+        for chain in {id(c): c for c in self._chains.values() if c is not None}.values():
+            chain.close()
         if self.access_log is not None:
             self.access_log.close()

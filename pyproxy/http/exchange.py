@@ -11,10 +11,12 @@ paused and what was already parsed waits in a short list (at most one read).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from time import perf_counter_ns
 from typing import TYPE_CHECKING
 
 from pyproxy.addresses import Address
+from pyproxy.chain.api import HeaderMap
 from pyproxy.codec.events import END, Body, RequestHead, ResponseHead, Trailers
 from pyproxy.codec.http1 import strip_hop_by_hop
 from pyproxy.counters import FLAG_BASE, FLAG_INDEX, STAGES, STATUS_BASE, observe_duration
@@ -51,6 +53,9 @@ class Exchange:
         "trace",
         "bytes_in",
         "bytes_out",
+        "chain",
+        "head_only",
+        "response_head_in",
     )
 
     def __init__(
@@ -77,6 +82,10 @@ class Exchange:
         self.attach = None
         self.trace = trace
         self.bytes_in = self.bytes_out = 0
+        self.chain = None
+        self.response_head_in: ResponseHead | None = None
+        # No body follows the request head (Envoy's end_stream on decode_headers).
+        self.head_only = not request.chunked and not request.content_length and not request.upgrade
 
     # ---- request side (called by the downstream) -----------------------------
 
@@ -88,6 +97,35 @@ class Exchange:
             self.local_reply(404, b"no route\n", "NR")
             return
         self.route = route
+        chain_factory = self.ctx.chain_for(route)
+        if chain_factory is None:
+            self.headers_decoded()
+            return
+        self.chain = chain = chain_factory.start(self)
+        self.downstream.pause_request()
+        headers = HeaderMap(
+            list(request.headers),
+            {b":method": request.method, b":path": request.target, b":authority": authority},
+        )
+        if chain.decode_headers(headers, self.head_only):
+            self.headers_decoded()
+
+    def headers_decoded(self) -> None:
+        """Every filter let the request head through: pick the upstream and go."""
+        if self.finished:
+            return
+        chain = self.chain
+        if chain is not None:
+            headers = chain.maps["decode"]
+            if headers.changed:
+                pseudo = headers.pseudo
+                self.request = replace(
+                    self.request,
+                    method=pseudo[b":method"],
+                    target=pseudo[b":path"],
+                    headers=headers.headers,
+                )
+        route = self.route
         if route.cluster is not None:
             self.target = route.cluster.pick()
         else:
@@ -108,25 +146,47 @@ class Exchange:
 
     def request_body(self, data) -> None:
         self.bytes_in += len(data)
-        if self.upstream is None:
-            self.pending.append(Body(data))
+        chain = self.chain
+        if chain is not None and chain.factory.decodes_body:
+            chain.decode_data(data, False)
         else:
-            self.upstream.send(Body(data))
+            self._to_upstream(Body(data))
 
     def request_trailers(self, headers) -> None:
-        if self.upstream is None:
-            self.pending.append(Trailers(headers))
+        chain = self.chain
+        if chain is not None and chain.factory.decodes_body:
+            chain.decode_trailers(headers)
         else:
-            self.upstream.send(Trailers(headers))
+            self._to_upstream(Trailers(headers))
 
     def request_end(self) -> None:
         self.request_done = True
         if self.finished:
             return
-        if self.upstream is None:
-            self.pending.append(END)
+        chain = self.chain
+        if chain is not None and chain.factory.decodes_body and not self.head_only:
+            chain.decode_data(b"", True)
         else:
-            self.upstream.send(END)
+            self._to_upstream(END)
+
+    # What the chain lets through, toward the upstream:
+    def forward_request_body(self, data, end_stream: bool) -> None:
+        if data:
+            self._to_upstream(Body(data))
+        if end_stream:
+            self._to_upstream(END)
+
+    def forward_request_trailers(self, headers) -> None:
+        self._to_upstream(Trailers(headers))
+        self._to_upstream(END)
+
+    def _to_upstream(self, event) -> None:
+        if self.finished:
+            return
+        if self.upstream is None:
+            self.pending.append(event)
+        else:
+            self.upstream.send(event)
 
     def downstream_reset(self) -> None:
         """The downstream went away mid-exchange: abandon the upstream side too."""
@@ -184,35 +244,93 @@ class Exchange:
         if head.status < 200 and head.status != 101:
             self.downstream.send_interim(head)
             return
-        self.response_started = True
         self.status = head.status
-        headers = strip_hop_by_hop(head.headers)
-        if head.status == 101:
+        self.response_head_in = head
+        chain = self.chain
+        if chain is not None and chain.factory.encodes and head.status != 101:
+            headers = HeaderMap(strip_hop_by_hop(head.headers), {b":status": b"%d" % head.status})
+            chain.encode_headers(headers, False)
+        else:
+            self.forward_response_head(False)
+
+    def forward_response_head(self, end_stream: bool) -> None:
+        head = self.response_head_in
+        chain = self.chain
+        if chain is not None and "encode" in chain.maps:
+            headers = chain.maps["encode"]
+            status = int(headers.pseudo.get(b":status", b"%d" % head.status))
+            headers = headers.headers
+        else:
+            status = head.status
+            headers = strip_hop_by_hop(head.headers)
+        self.response_started = True
+        self.status = status
+        if status == 101:
             headers.append((b"connection", b"upgrade"))
             headers.extend((name, value) for name, value in head.headers if name == b"upgrade")
-        elif head.chunked or (
-            head.content_length is None and _has_body(self.request.method, head.status)
+        elif (
+            not _has_length(headers)
+            and (head.chunked or head.content_length is None)
+            and _has_body(self.request.method, status)
         ):
             headers.append(_CHUNKED)
         if self.ctx.settings.server_timing and self.trace is not None:
             headers.append((b"server-timing", _server_timing(self.trace)))
-        self.downstream.send_head(
-            ResponseHead(head.status, head.reason, headers, head.http_version)
-        )
-        if head.status == 101:
+        self.downstream.send_head(ResponseHead(status, head.reason, headers, head.http_version))
+        if status == 101:
             self._switch_protocols()
 
     def response_body(self, data) -> None:
-        self.bytes_out += len(data)
-        self.downstream.send_body(data)
+        chain = self.chain
+        if chain is not None and chain.factory.encodes:
+            chain.encode_data(data, False)
+        else:
+            self.forward_response_body(data, False)
 
     def response_trailers(self, headers) -> None:
-        self.downstream.send_trailers(headers)
+        chain = self.chain
+        if chain is not None and chain.factory.encodes:
+            chain.encode_trailers(headers)
+        else:
+            self.forward_response_trailers(headers)
 
     def response_end(self) -> None:
         self.response_done = True
+        chain = self.chain
+        if chain is not None and chain.factory.encodes:
+            chain.encode_data(b"", True)
+        else:
+            self.forward_response_body(b"", True)
+
+    def forward_response_body(self, data, end_stream: bool) -> None:
+        if data:
+            self.bytes_out += len(data)
+            self.downstream.send_body(data)
+        if end_stream:
+            self.downstream.send_end()
+            self._finish("")
+
+    def forward_response_trailers(self, headers) -> None:
+        self.downstream.send_trailers(headers)
         self.downstream.send_end()
         self._finish("")
+
+    def filter_local_reply(
+        self, status: int, body: bytes, headers: list, grpc_status, flag: str, details: str
+    ) -> None:
+        """A filter answers instead of the upstream (fault abort, rate limit, script reply)."""
+        if self.finished:
+            return
+        if self.attach is not None:
+            self.attach.cancel()
+            self.attach = None
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+        if self.response_started:
+            self._finish(flag, reset_downstream=True)  # the head is out: all we can do is reset
+            return
+        self.local_reply(status, body, flag, headers)
 
     def upstream_failed(self, flag: str) -> None:
         """The upstream connection broke (reset, EOF mid-response, protocol error)."""
@@ -270,12 +388,17 @@ class Exchange:
         else:
             self._finish("UT", reset_downstream=True)
 
-    def local_reply(self, status: int, body: bytes, flag: str) -> None:
+    def local_reply(
+        self, status: int, body: bytes, flag: str, extra_headers: list | None = None
+    ) -> None:
         """Answer the downstream ourselves; the connection closes if the request was not fully read."""
         self.response_started = True
         self.status = status
         keep = self.request_done and self.request.keep_alive
-        self.downstream.send_head(local_reply_head(status, len(body), keep))
+        head = local_reply_head(status, len(body), keep)
+        if extra_headers:
+            head.headers.extend(extra_headers)
+        self.downstream.send_head(head)
         if body and self.request.method != b"HEAD":
             self.bytes_out += len(body)
             self.downstream.send_body(body)
@@ -305,6 +428,8 @@ class Exchange:
                 ctx.pool.release(upstream)
             else:
                 upstream.abort()
+        if self.chain is not None:
+            self.chain.destroy()
         if ctx.access_log is not None:
             ctx.access_log.write(ctx.loop, self._log_record(elapsed))
         if not switched:
@@ -339,6 +464,13 @@ def _authority_of(request: RequestHead) -> bytes:
         if name == b"host" or name == b":authority":
             return value
     return b""
+
+
+def _has_length(headers) -> bool:
+    for name, _ in headers:
+        if name == b"content-length" or name == b"transfer-encoding":
+            return True
+    return False
 
 
 def _has_body(method: bytes, status: int) -> bool:

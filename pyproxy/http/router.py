@@ -51,10 +51,10 @@ class Cluster:
 class Route:
     authority: str  # lower-case host without port, or "*"
     prefix: bytes
-    cluster: (
-        Cluster | None
-    )  # None: the listener's default (its upstream, or the original destination)
+    # None: the listener's default (its upstream, or the original destination)
+    cluster: Cluster | None
     timeout: float
+    filters: tuple | None = None  # FilterSpecs overriding the listener's chain; None keeps it
 
 
 class Router:
@@ -69,6 +69,7 @@ class Router:
                 r.prefix.encode(),
                 clusters[r.cluster] if r.cluster else None,
                 r.timeout,
+                r.filters,
             )
             for r in listener.routes
         )

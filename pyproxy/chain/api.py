@@ -1,0 +1,178 @@
+"""The filter contract: hooks, statuses, callbacks, header maps and config errors.
+
+An HTTP filter is a class with any of six plain-function hooks, called in
+chain order on the request (`decode_*`, toward the upstream) and in reverse
+order on the response (`encode_*`, toward the downstream), each with
+`end_stream`. A hook returns one of three statuses; to answer locally it calls
+`callbacks.send_local_reply(...)` and returns STOP. Work that must wait (a
+delay) returns STOP and later calls `callbacks.continue_decoding()` from a
+timer: no coroutine per request or per chunk.
+
+A filter factory is built once per worker from validated config and creates
+one filter instance per request (or per connection, for TCP filters). The
+chain keeps, per hook, only the filters whose class defines that hook, so a
+hook no filter implements costs nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+# Hook statuses (ints: compared on the hot path).
+CONTINUE = 0  # go on to the next filter
+STOP = 1  # pause this direction; the filter resumes it later (continue_decoding/continue_encoding)
+STOP_AND_BUFFER = 2  # pause and buffer the body (bounded by the watermark) until the filter resumes
+
+DECODE_HOOKS = ("decode_headers", "decode_data", "decode_trailers")
+ENCODE_HOOKS = ("encode_headers", "encode_data", "encode_trailers")
+TCP_HOOKS = ("on_new_connection", "on_data", "on_close")
+
+
+class FilterConfigError(ValueError):
+    """Bad filter config: `field` is the dotted path inside the filter's config."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(reason)
+        self.field, self.reason = field, reason
+
+
+class HttpFilter:
+    """Base class for HTTP filters. Define only the hooks you need; the others are never called.
+
+    Per-request instance attributes set by the chain: `callbacks` (FilterCallbacks).
+    """
+
+    callbacks: Any
+
+    def on_destroy(self) -> None:
+        """The request ended (completed, reset or answered locally); release resources."""
+
+
+class TcpFilter:
+    """Base class for TCP-mode filters (connection open, data each way, close).
+
+    `on_new_connection(conn)` returns CONTINUE, STOP (resume later with
+    `conn.continue_connecting()`), or calls `conn.close(reset=...)`.
+    `on_data(data, from_downstream, end_stream)` sees each chunk (defining it costs a hook per read).
+    """
+
+    callbacks: Any
+
+
+class FilterFactory:
+    """Built once per worker from the filter's validated config; `create()` runs per request.
+
+    Subclasses set `name` (the entry-point name) and `filter_class`, and implement
+    `validate(config) -> normalized config` (raise FilterConfigError). `modes` lists the
+    listener modes the filter supports ("http", "grpc", "tcp").
+    """
+
+    name: ClassVar[str] = ""
+    modes: ClassVar[tuple[str, ...]] = ("http", "grpc")
+    filter_class: ClassVar[type] = HttpFilter
+    tcp_filter_class: ClassVar[type | None] = None
+
+    def __init__(self, config: dict, context: FactoryContext) -> None:
+        self.config = config
+        self.context = context
+
+    @classmethod
+    def validate(cls, config: dict) -> dict:
+        if config:
+            raise FilterConfigError(next(iter(config)), "unknown field")
+        return {}
+
+    def create(self) -> HttpFilter:
+        return self.filter_class()
+
+    def create_tcp(self) -> TcpFilter:
+        assert self.tcp_filter_class is not None
+        return self.tcp_filter_class()
+
+    def close(self) -> None:
+        """The worker dropped this factory (reload or exit)."""
+
+
+class FactoryContext:
+    """What a factory may use at build time: the worker's loop, the listener, the mode, the tap hub."""
+
+    def __init__(self, loop, listener_name: str, mode: str, tap_hub=None) -> None:
+        self.loop = loop
+        self.listener_name = listener_name
+        self.mode = mode
+        self.tap_hub = tap_hub
+
+
+class HeaderMap:
+    """A mutable view of a message's header list (lower-case byte names) plus HTTP/2-style pseudo-headers.
+
+    Filters (and Lua/WASM through them) read and edit headers here; the chain
+    rebuilds the head once at the end if anything changed.
+    """
+
+    __slots__ = ("headers", "pseudo", "changed")
+
+    def __init__(self, headers: list[tuple[bytes, bytes]], pseudo: dict[bytes, bytes]) -> None:
+        self.headers = headers
+        self.pseudo = pseudo
+        self.changed = False
+
+    def get(self, name: bytes) -> bytes | None:
+        name = name.lower()
+        if name[:1] == b":":
+            return self.pseudo.get(name)
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+    def get_all(self, name: bytes) -> list[bytes]:
+        name = name.lower()
+        if name[:1] == b":":
+            value = self.pseudo.get(name)
+            return [value] if value is not None else []
+        return [value for key, value in self.headers if key == name]
+
+    def add(self, name: bytes, value: bytes) -> None:
+        _check(name, value)
+        name = name.lower()
+        if name[:1] == b":":
+            self.pseudo[name] = value
+        else:
+            self.headers.append((name, value))
+        self.changed = True
+
+    def set(self, name: bytes, value: bytes) -> None:
+        """Replace every value of `name` with one (adds it if absent)."""
+        _check(name, value)
+        name = name.lower()
+        if name[:1] == b":":
+            self.pseudo[name] = value
+        else:
+            self.headers[:] = [(k, v) for k, v in self.headers if k != name]
+            self.headers.append((name, value))
+        self.changed = True
+
+    def remove(self, name: bytes) -> None:
+        name = name.lower()
+        if name[:1] == b":":
+            return  # pseudo-headers are part of the message itself
+        before = len(self.headers)
+        self.headers[:] = [(k, v) for k, v in self.headers if k != name]
+        self.changed = self.changed or len(self.headers) != before
+
+    def items(self) -> list[tuple[bytes, bytes]]:
+        return list(self.pseudo.items()) + list(self.headers)
+
+
+def _check(name: bytes, value: bytes) -> None:
+    # A filter (or script) must not be able to smuggle a header line break onto the wire.
+    if (
+        b"\r" in name
+        or b"\n" in name
+        or b"\r" in value
+        or b"\n" in value
+        or b":" in name[1:]
+        or not name
+    ):
+        raise ValueError(f"invalid header {name!r}: {value!r}")

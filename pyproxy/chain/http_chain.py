@@ -1,0 +1,301 @@
+"""Runs an HTTP filter chain for one request: hooks in order, stop/resume, bounded buffering, timing.
+
+The exchange hands request events to `decode_*` and response events to
+`encode_*`; each returns whatever must travel on (or nothing while a filter
+holds the direction). A stopped filter resumes its direction with
+`callbacks.continue_decoding()` / `continue_encoding()`; the chain then
+replays what it held, in order, from the next filter on.
+"""
+
+from __future__ import annotations
+
+from time import perf_counter_ns
+
+from pyproxy.chain.api import CONTINUE, STOP_AND_BUFFER, FactoryContext, HeaderMap
+from pyproxy.chain.registry import factory_class
+from pyproxy.config import FilterSpec
+from pyproxy.counters import STAGE_EVENTS, STAGE_NS, STAGES
+
+FILTER_STAGE_BASE = len(STAGES)
+DEFAULT_BUFFER_LIMIT = (
+    1024 * 1024
+)  # STOP_AND_BUFFER beyond this answers 413 (request) or 500 (response)
+
+
+class ChainFactory:
+    """Built once per worker for a listener or a route: factories plus, per hook, who implements it."""
+
+    def __init__(
+        self, specs: tuple[FilterSpec, ...], context: FactoryContext, slot_of: dict[str, int]
+    ) -> None:
+        self.factories = [factory_class(spec.type)(spec.config, context) for spec in specs]
+        self.names = [spec.name for spec in specs]
+        self.stage_ns = [STAGE_NS + FILTER_STAGE_BASE + slot_of[spec.name] for spec in specs]
+        self.stage_events = [
+            STAGE_EVENTS + FILTER_STAGE_BASE + slot_of[spec.name] for spec in specs
+        ]
+        classes = [factory.filter_class for factory in self.factories]
+
+        def implementing(hook: str, reverse: bool = False) -> tuple[int, ...]:
+            order = range(len(classes) - 1, -1, -1) if reverse else range(len(classes))
+            return tuple(i for i in order if getattr(classes[i], hook, None) is not None)
+
+        # Encoders run in reverse chain order (Envoy's rule: the first filter sees the response last).
+        self.hooks = {
+            "decode_headers": implementing("decode_headers"),
+            "decode_data": implementing("decode_data"),
+            "decode_trailers": implementing("decode_trailers"),
+            "encode_headers": implementing("encode_headers", True),
+            "encode_data": implementing("encode_data", True),
+            "encode_trailers": implementing("encode_trailers", True),
+        }
+        self.decodes_body = bool(self.hooks["decode_data"] or self.hooks["decode_trailers"])
+        self.encodes = any(
+            self.hooks[h] for h in ("encode_headers", "encode_data", "encode_trailers")
+        )
+
+    def start(self, exchange) -> HttpChain:
+        return HttpChain(self, exchange)
+
+    def close(self) -> None:
+        for factory in self.factories:
+            factory.close()
+
+
+class _Callbacks:
+    """What one filter instance may call back into; one per filter per request."""
+
+    __slots__ = ("chain", "index")
+
+    def __init__(self, chain: HttpChain, index: int) -> None:
+        self.chain, self.index = chain, index
+
+    @property
+    def loop(self):
+        return self.chain.exchange.ctx.loop
+
+    @property
+    def exchange(self):
+        return self.chain.exchange
+
+    def continue_decoding(self) -> None:
+        self.chain.resume("decode", self.index)
+
+    def continue_encoding(self) -> None:
+        self.chain.resume("encode", self.index)
+
+    def send_local_reply(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers=(),
+        grpc_status: int | None = None,
+        flag: str = "LR",
+        details: str = "",
+    ) -> None:
+        self.chain.local_reply(status, body, list(headers), grpc_status, flag, details)
+
+    def decoding_buffer(self) -> bytes:
+        return b"".join(self.chain.held_body["decode"])
+
+    def encoding_buffer(self) -> bytes:
+        return b"".join(self.chain.held_body["encode"])
+
+    def request_headers(self) -> HeaderMap | None:
+        return self.chain.maps.get("decode")
+
+    def response_headers(self) -> HeaderMap | None:
+        return self.chain.maps.get("encode")
+
+
+class HttpChain:
+    """One request's pass through the chain, in both directions."""
+
+    __slots__ = (
+        "factory",
+        "exchange",
+        "filters",
+        "timed",
+        "block",
+        "maps",
+        "stopped",
+        "held",
+        "held_body",
+        "done",
+        "replied",
+    )
+
+    def __init__(self, factory: ChainFactory, exchange) -> None:
+        self.factory = factory
+        self.exchange = exchange
+        self.filters = []
+        for index, f in enumerate(factory.factories):
+            instance = f.create()
+            instance.callbacks = _Callbacks(self, index)
+            self.filters.append(instance)
+        self.timed = exchange.ctx.timed
+        self.block = exchange.ctx.block
+        self.maps: dict[str, HeaderMap] = {}
+        # Per direction: position in the hook list where a filter stopped, and the events held since.
+        self.stopped: dict[str, tuple[str, int] | None] = {"decode": None, "encode": None}
+        self.held: dict[str, list] = {"decode": [], "encode": []}
+        self.held_body: dict[str, list[bytes]] = {"decode": [], "encode": []}
+        self.done = False
+        self.replied = False
+
+    # ---- entry points (from the exchange) ---------------------------------------------
+
+    def decode_headers(self, headers: HeaderMap, end_stream: bool) -> bool:
+        """True when every filter let the headers through (the exchange may go upstream now)."""
+        self.maps["decode"] = headers
+        return self._run("decode", "headers", headers, end_stream, 0)
+
+    def decode_data(self, data, end_stream: bool) -> None:
+        self._feed("decode", "data", data, end_stream)
+
+    def decode_trailers(self, trailers) -> None:
+        self._feed("decode", "trailers", trailers, True)
+
+    def encode_headers(self, headers: HeaderMap, end_stream: bool) -> bool:
+        self.maps["encode"] = headers
+        return self._run("encode", "headers", headers, end_stream, 0)
+
+    def encode_data(self, data, end_stream: bool) -> None:
+        self._feed("encode", "data", data, end_stream)
+
+    def encode_trailers(self, trailers) -> None:
+        self._feed("encode", "trailers", trailers, True)
+
+    # ---- the engine ------------------------------------------------------------------
+
+    def _feed(self, direction: str, kind: str, payload, end_stream: bool) -> None:
+        stop = self.stopped[direction]
+        if stop is not None:
+            stopped_kind, position = stop
+            if stopped_kind == "data" and kind == "data":
+                # The stopped filter (STOP_AND_BUFFER) sees each further chunk; it decides when to go on.
+                self._run(direction, kind, payload, end_stream, position, hold_first=True)
+                return
+            self.held[direction].append((kind, payload, end_stream))
+            return
+        self._run(direction, kind, payload, end_stream, 0)
+
+    def _run(
+        self,
+        direction: str,
+        kind: str,
+        payload,
+        end_stream: bool,
+        position: int,
+        hold_first: bool = False,
+    ) -> bool:
+        if self.replied:
+            return False
+        hook = f"{direction}_{kind}"
+        order = self.factory.hooks[hook]
+        filters = self.filters
+        block = self.block
+        timed = self.timed
+        for pos in range(position, len(order)):
+            index = order[pos]
+            method = getattr(filters[index], hook)
+            if timed:
+                t0 = perf_counter_ns()
+                status = method(payload, end_stream) if kind != "trailers" else method(payload)
+                block[self.factory.stage_ns[index]] += perf_counter_ns() - t0
+                block[self.factory.stage_events[index]] += 1
+            else:
+                status = method(payload, end_stream) if kind != "trailers" else method(payload)
+            if self.replied:
+                return False
+            if status != CONTINUE:
+                self.stopped[direction] = (kind, pos)
+                if kind == "data":
+                    held = self.held_body[direction]
+                    if status == STOP_AND_BUFFER or hold_first:
+                        held.append(bytes(payload))
+                        if sum(map(len, held)) > DEFAULT_BUFFER_LIMIT:
+                            over = 413 if direction == "decode" else 500
+                            self.local_reply(over, b"buffer limit exceeded\n", [], None, "LR", "")
+                    if end_stream:
+                        self.held[direction].append(("end", None, True))
+                return False
+            if kind == "data" and hold_first:
+                # The buffering filter let go: what it held travels on as one chunk.
+                held = self.held_body[direction]
+                held.append(bytes(payload))
+                payload = b"".join(held)
+                held.clear()
+                hold_first = False
+        self.stopped[direction] = None
+        self._emit(direction, kind, payload, end_stream)
+        return True
+
+    def resume(self, direction: str, index: int) -> None:
+        """A stopped filter continues: finish its event, then replay what was held, in order."""
+        stop = self.stopped[direction]
+        if stop is None or self.replied or self.done:
+            return
+        kind, position = stop
+        self.stopped[direction] = None
+        if kind == "headers":
+            if (
+                self._run(direction, "headers", self.maps[direction], False, position + 1)
+                and direction == "decode"
+            ):
+                self.exchange.headers_decoded()
+        elif kind == "data":
+            held = self.held_body[direction]
+            payload = b"".join(held)
+            held.clear()
+            end = bool(self.held[direction]) and self.held[direction][0][0] == "end"
+            if end:
+                self.held[direction].pop(0)
+            self._run(direction, "data", payload, end, position + 1)
+        elif kind == "trailers":
+            self._run(direction, "trailers", None, True, position + 1)
+        pending, self.held[direction] = self.held[direction], []
+        for held_kind, payload, end_stream in pending:
+            if self.stopped[direction] is not None:
+                self.held[direction].append((held_kind, payload, end_stream))
+                continue
+            if held_kind == "end":
+                self._emit(direction, "data", b"", True)
+            else:
+                self._run(direction, held_kind, payload, end_stream, 0)
+
+    def _emit(self, direction: str, kind: str, payload, end_stream: bool) -> None:
+        exchange = self.exchange
+        if direction == "decode":
+            if kind == "data":
+                exchange.forward_request_body(payload, end_stream)
+            elif kind == "trailers":
+                exchange.forward_request_trailers(payload)
+        else:
+            if kind == "headers":
+                exchange.forward_response_head(end_stream)
+            elif kind == "data":
+                exchange.forward_response_body(payload, end_stream)
+            else:
+                exchange.forward_response_trailers(payload)
+
+    def local_reply(
+        self,
+        status: int,
+        body: bytes,
+        headers: list,
+        grpc_status: int | None,
+        flag: str,
+        details: str,
+    ) -> None:
+        if self.replied:
+            return
+        self.replied = True
+        self.exchange.filter_local_reply(status, body, headers, grpc_status, flag, details)
+
+    def destroy(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        for f in self.filters:
+            f.on_destroy()
