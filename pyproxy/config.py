@@ -56,6 +56,12 @@ class HttpSettings:
     server_timing: bool = False
     access_log: str = ""  # "" (off) | "stdout" | a file path
     upstream_protocol: str = "http1"  # for the listener's default route
+    # HTTP/2 (RFC 9113), per connection: advertised in SETTINGS and enforced.
+    max_concurrent_streams: int = 100  # excess streams are refused (RST_STREAM REFUSED_STREAM)
+    stream_window: int = 65535  # flow-control window per stream (§6.9.2): bytes held per stream
+    connection_window: int = 1024 * 1024  # receive window per connection (§6.9.1)
+    rapid_reset_max: int = 200  # client resets tolerated per window (CVE-2023-44487), then GOAWAY
+    rapid_reset_window: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +127,11 @@ class ListenerConfig:
     write: str = "send"
     relay: str = "copy"
     zerocopy_threshold: int = ZEROCOPY_THRESHOLD_DEFAULT
+    # Protocol detection (mode http): auto = HTTP/2 preface, HTTP/1 request line, else opaque
+    # TCP; http = HTTP/2 or HTTP/1 only. Per destination port: tcp | http | http1 | http2.
+    detect: str = "http"
+    detect_timeout: float = 0.1
+    ports: tuple[tuple[int, str], ...] = ()
     # Inbound only: deliver to the app's Unix socket instead of inbound_target:<port>.
     app_socket: Address | None = None
 
@@ -261,6 +272,7 @@ def _listener(fields: _Fields, index: int) -> ListenerConfig:
         http=_http_settings(fields.nested("http"), mode),
         routes=_routes(fields, mode),
         filters=_filters(fields, mode) or (),
+        **_detection(fields, kind, mode),
     )
     listener = _io_backends(fields, listener)
     fields.done()
@@ -414,9 +426,50 @@ def _http_settings(fields: _Fields | None, mode: str) -> HttpSettings:
         server_timing=fields.take("server_timing", _bool, False),
         access_log=fields.take("access_log", _access_log_target, ""),
         upstream_protocol=fields.take("upstream_protocol", _choice(("http1", "http2")), "http1"),
+        max_concurrent_streams=fields.take("max_concurrent_streams", _int_range(1, 10000), 100),
+        stream_window=fields.take("stream_window", _int_range(1024, 16 * 1024 * 1024), 65535),
+        connection_window=fields.take(
+            "connection_window", _int_range(65535, 256 * 1024 * 1024), 1024 * 1024
+        ),
+        rapid_reset_max=fields.take("rapid_reset_max", _int_range(1, 1_000_000), 200),
+        rapid_reset_window=fields.take("rapid_reset_window", parse_duration, 10.0),
     )
     fields.done()
     return settings
+
+
+PORT_PROTOCOLS = ("tcp", "http", "http1", "http2")
+
+
+def _detection(fields: _Fields, kind: str, mode: str) -> dict:
+    """How a mode-http listener picks a protocol per connection (pyproxy/http/detect.py)."""
+    keys = [key for key in ("detect", "detect_timeout", "ports") if key in fields.data]
+    if mode == "tcp":
+        if keys:
+            raise fields.error(keys[0], "only for mode http")
+        return {}
+    # Capture listeners see any protocol the app speaks: fall back to TCP; standalone is HTTP.
+    default = "http" if kind == "standalone" else "auto"
+    return {
+        "detect": fields.take("detect", _choice(("auto", "http")), default),
+        "detect_timeout": fields.take("detect_timeout", parse_duration, 0.1),
+        "ports": fields.take("ports", _port_protocols, ()),
+    }
+
+
+def _port_protocols(value: Any) -> tuple[tuple[int, str], ...]:
+    if not isinstance(value, dict):
+        raise ValueError("expected a mapping of port: protocol")
+    out = []
+    for port, protocol in value.items():
+        if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ValueError(f"expected a port 1..65535, got {port!r}")
+        if protocol not in PORT_PROTOCOLS:
+            raise ValueError(
+                f"port {port}: must be one of {', '.join(PORT_PROTOCOLS)}, got {protocol!r}"
+            )
+        out.append((port, protocol))
+    return tuple(sorted(out))
 
 
 def _access_log_target(value: Any) -> str:
