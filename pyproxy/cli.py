@@ -84,6 +84,13 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         choices=("auto", "uvloop", "asyncio"),
         help="event loop (default: uvloop when installed)",
     )
+    run.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
+        help='add a filter to every listener, in order (repeatable), e.g. --filter \'fault={"abort":{"http_status":503,"percentage":10}}\'',
+    )
     run.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     run.set_defaults(func=cmd_run)
 
@@ -137,8 +144,34 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     return _apply_top_flags(data, args, "<flags>")
 
 
+def _filter_flags(args: argparse.Namespace) -> list[dict]:
+    """--filter NAME=JSON, validated by the filter itself so errors name the flag."""
+    specs = []
+    for i, text in enumerate(args.filter):
+        name, sep, raw = text.partition("=")
+        where = f"--filter #{i + 1} ({name or text})"
+        if not sep or not name:
+            raise ConfigError(
+                "<flags>", where, 'expected NAME=JSON, e.g. fault={"delay":{"fixed_delay":"10ms"}}'
+            )
+        try:
+            config = json.loads(raw) if raw.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise ConfigError(
+                "<flags>", where, f"invalid JSON: {exc.msg} at column {exc.colno}"
+            ) from None
+        specs.append({"name": name, "config": config})
+    return specs
+
+
 def _apply_top_flags(data: dict, args: argparse.Namespace, source: str) -> ProxyConfig:
     data = dict(data)
+    flag_filters = _filter_flags(args)
+    if flag_filters:
+        data["listeners"] = [
+            dict(lst, filters=list(lst.get("filters") or []) + flag_filters)
+            for lst in data["listeners"]
+        ]
     for flag in ("admin", "prometheus", "health", "concurrency"):
         value = getattr(args, flag)
         if value is not None:

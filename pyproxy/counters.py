@@ -33,6 +33,7 @@ FLAGS = (
     "UC",  # upstream connection terminated before the response (HTTP 503)
     "UPE",  # upstream protocol error (HTTP 502)
     "DT",  # request header timeout (HTTP 408)
+    "DI",  # delay injected (fault filter)
 )
 FLAG_INDEX = {name: i for i, name in enumerate(FLAGS)}
 
@@ -87,7 +88,10 @@ ZC_FIELDS = (
     "outstanding_bytes",  # gauge: bytes pinned until their completion arrives
 )
 ZC_BASE = HIST_COUNT + 1
-LISTENER_SLOTS = ZC_BASE + len(ZC_FIELDS)
+# Each filter slot owns a few counters of its own (names declared by its factory: `counter_names`).
+FILTER_COUNTERS_PER_SLOT = 4
+FILTER_COUNTERS_BASE = ZC_BASE + len(ZC_FIELDS)
+LISTENER_SLOTS = FILTER_COUNTERS_BASE + MAX_FILTERS * FILTER_COUNTERS_PER_SLOT
 
 # Per-worker header slots.
 W_PID = 0

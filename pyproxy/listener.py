@@ -7,6 +7,8 @@ import socket
 from time import perf_counter_ns
 
 from pyproxy.addresses import Address
+from pyproxy.chain.api import FactoryContext
+from pyproxy.chain.tcp_chain import ConnectionGate, TcpChainFactory
 from pyproxy.config import ListenerConfig, ProxyConfig
 from pyproxy.counters import (
     CONNECTIONS_ACTIVE,
@@ -96,6 +98,16 @@ class Listener:
         self._relay = relay_factory(config)
         self.proxy_config = proxy_config
         self.http: HttpContext | None = self._http_context()
+        self.tcp_chain: TcpChainFactory | None = self._tcp_chain()
+
+    def _tcp_chain(self) -> TcpChainFactory | None:
+        config = self.config
+        if config.mode != "tcp" or not config.filters:
+            return None
+        slots = {name: i for i, name in enumerate(config.filter_names)}
+        context = FactoryContext(self.loop, config.name, config.mode, self.block, slots)
+        chain = TcpChainFactory(config.filters, context, slots)
+        return chain if chain.factories else None
 
     def _http_context(self) -> HttpContext | None:
         if self.config.mode == "tcp":
@@ -126,6 +138,9 @@ class Listener:
         if self.http is not None:
             self.http.close()
         self.http = self._http_context()
+        if self.tcp_chain is not None:
+            self.tcp_chain.close()
+        self.tcp_chain = self._tcp_chain()
 
     def stop_accepting(self) -> None:
         if self.http is not None:
@@ -191,6 +206,16 @@ class Listener:
             self.connections.add(session)
             session.start()
             return
+        if self.tcp_chain is not None:
+            gate = ConnectionGate(self.tcp_chain, self, conn, target, source, started)
+            self.connections.add(gate)
+            gate.run()
+            return
+        self.connect_upstream(conn, target, source, started)
+
+    def connect_upstream(
+        self, conn: socket.socket, target: Address, source: str, started: int
+    ) -> None:
         self.connections.add(_PendingConnect(self, conn, target, source, started))
 
     def _route(self, conn: socket.socket) -> tuple[Address | None, str]:

@@ -21,11 +21,15 @@ def snapshot(store: CounterStore, config: ProxyConfig) -> dict:
             for i, name in enumerate(c.STAGES)
         }
         base = len(c.STAGES)
+        filter_counters = {}
         for i, name in enumerate(lconf.filter_names):
             stages[f"filter:{name}"] = {
                 "ns": block[c.STAGE_NS + base + i],
                 "events": block[c.STAGE_EVENTS + base + i],
             }
+            counter_base = c.FILTER_COUNTERS_BASE + i * c.FILTER_COUNTERS_PER_SLOT
+            names = _counter_names(lconf, name)
+            filter_counters[name] = {n: block[counter_base + k] for k, n in enumerate(names)}
         cumulative, buckets = 0, {}
         for bound, i in zip(c.BUCKETS, range(len(c.BUCKETS)), strict=True):
             cumulative += block[c.HIST_BASE + i]
@@ -44,6 +48,7 @@ def snapshot(store: CounterStore, config: ProxyConfig) -> dict:
                 "upstream_tx": block[c.UPSTREAM_TX],
             },
             "stages": stages,
+            "filters": filter_counters,
             "responses": {f"{k + 1}xx": block[c.STATUS_BASE + k] for k in range(5)},
             "flags": {
                 flag: block[c.FLAG_BASE + i]
@@ -61,6 +66,19 @@ def snapshot(store: CounterStore, config: ProxyConfig) -> dict:
                 name: block[c.ZC_BASE + i] for i, name in enumerate(c.ZC_FIELDS)
             }
     return {"listeners": listeners}
+
+
+def _counter_names(lconf, filter_name: str) -> tuple[str, ...]:
+    from pyproxy.chain.registry import factory_class
+
+    specs = list(lconf.filters) + [s for r in lconf.routes for s in (r.filters or ())]
+    for spec in specs:
+        if spec.name == filter_name:
+            try:
+                return factory_class(spec.type).counter_names
+            except ValueError:
+                return ()
+    return ()
 
 
 def to_text(snap: dict) -> str:

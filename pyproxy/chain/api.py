@@ -69,12 +69,16 @@ class FilterFactory:
 
     name: ClassVar[str] = ""
     modes: ClassVar[tuple[str, ...]] = ("http", "grpc")
+    # Up to FILTER_COUNTERS_PER_SLOT counters, summed over workers and shown in /stats and Prometheus;
+    # the factory adds to `self.counters[i]` (a memoryview slice of the shared store).
+    counter_names: ClassVar[tuple[str, ...]] = ()
     filter_class: ClassVar[type] = HttpFilter
     tcp_filter_class: ClassVar[type | None] = None
 
     def __init__(self, config: dict, context: FactoryContext) -> None:
         self.config = config
         self.context = context
+        self.counters = context.counters_for(self)
 
     @classmethod
     def validate(cls, config: dict) -> dict:
@@ -89,6 +93,9 @@ class FilterFactory:
         assert self.tcp_filter_class is not None
         return self.tcp_filter_class()
 
+    def supports_tcp(self) -> bool:
+        return "tcp" in self.modes
+
     def close(self) -> None:
         """The worker dropped this factory (reload or exit)."""
 
@@ -96,11 +103,32 @@ class FilterFactory:
 class FactoryContext:
     """What a factory may use at build time: the worker's loop, the listener, the mode, the tap hub."""
 
-    def __init__(self, loop, listener_name: str, mode: str, tap_hub=None) -> None:
+    def __init__(
+        self,
+        loop,
+        listener_name: str,
+        mode: str,
+        block: memoryview | None = None,
+        slots: dict | None = None,
+        tap_hub=None,
+    ) -> None:
         self.loop = loop
         self.listener_name = listener_name
         self.mode = mode
         self.tap_hub = tap_hub
+        self._block = block
+        self._slots = slots or {}
+        self.filter_name = ""  # set by the chain builder before each factory is made
+
+    def counters_for(self, factory: FilterFactory):
+        """The factory's counter slots in the listener block (a throwaway list when there is none)."""
+        from pyproxy.counters import FILTER_COUNTERS_BASE, FILTER_COUNTERS_PER_SLOT
+
+        slot = self._slots.get(self.filter_name)
+        if self._block is None or slot is None:
+            return [0] * FILTER_COUNTERS_PER_SLOT
+        base = FILTER_COUNTERS_BASE + slot * FILTER_COUNTERS_PER_SLOT
+        return self._block[base : base + FILTER_COUNTERS_PER_SLOT]
 
 
 class HeaderMap:

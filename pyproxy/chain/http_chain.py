@@ -28,7 +28,10 @@ class ChainFactory:
     def __init__(
         self, specs: tuple[FilterSpec, ...], context: FactoryContext, slot_of: dict[str, int]
     ) -> None:
-        self.factories = [factory_class(spec.type)(spec.config, context) for spec in specs]
+        self.factories = []
+        for spec in specs:
+            context.filter_name = spec.name
+            self.factories.append(factory_class(spec.type)(spec.config, context))
         self.names = [spec.name for spec in specs]
         self.stage_ns = [STAGE_NS + FILTER_STAGE_BASE + slot_of[spec.name] for spec in specs]
         self.stage_events = [

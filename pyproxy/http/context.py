@@ -45,7 +45,7 @@ class HttpContext:
     def _build_chains(self, loop, listener: ListenerConfig) -> dict:
         """Chain factories, built once: the listener's, and each route's override (None = no filters)."""
         slots = {name: i for i, name in enumerate(listener.filter_names)}
-        context = FactoryContext(loop, listener.name, listener.mode)
+        context = FactoryContext(loop, listener.name, listener.mode, self.block, slots)
 
         def build(specs) -> ChainFactory | None:
             return ChainFactory(specs, context, slots) if specs else None
