@@ -23,7 +23,9 @@ from pyproxy.counters import (
     observe_duration,
 )
 from pyproxy.http.context import HttpContext
+from pyproxy.http.detect import HTTP2, TCP, Detector, protocol_for
 from pyproxy.http.downstream_h1 import Http1Downstream
+from pyproxy.http.downstream_h2 import Http2Downstream
 from pyproxy.io import sockets
 from pyproxy.io.backends import relay_factory
 from pyproxy.io.connector import Connect
@@ -37,7 +39,7 @@ ACCEPTS_PER_WAKEUP = 64  # bounded so one busy listener cannot starve the rest o
 class _PendingConnect:
     """A downstream connection waiting for its upstream connect; closable by drain like a relay."""
 
-    __slots__ = ("listener", "downstream", "started_ns", "connect")
+    __slots__ = ("listener", "downstream", "started_ns", "connect", "preload")
 
     def __init__(
         self,
@@ -50,6 +52,7 @@ class _PendingConnect:
         self.listener = listener
         self.downstream = downstream
         self.started_ns = started_ns
+        self.preload = b""  # bytes protocol detection read before choosing TCP
         block = listener.block if listener.timed else None
         self.connect = Connect(
             listener.loop,
@@ -65,7 +68,7 @@ class _PendingConnect:
 
     def _connected(self, upstream: socket.socket) -> None:
         self.listener.connections.discard(self)
-        self.listener.start_relay(self.downstream, upstream, self.started_ns)
+        self.listener.start_relay(self.downstream, upstream, self.started_ns, self.preload)
 
     def _failed(self, flag: str) -> None:
         self.listener.connections.discard(self)
@@ -145,6 +148,11 @@ class Listener:
     def stop_accepting(self) -> None:
         if self.http is not None:
             self.http.pool.close_idle()
+        for connection in list(self.connections):
+            # HTTP/2 sessions say GOAWAY now and let their streams finish (RFC 9113 §6.8).
+            start_drain = getattr(connection, "start_drain", None)
+            if start_drain is not None:
+                start_drain()
         for sock in self.sockets:
             self.loop.remove_reader(sock.fileno())
             if sock.family == socket.AF_UNIX:
@@ -202,9 +210,13 @@ class Listener:
             self.fail(conn, "NR", started)
             return
         if self.http is not None:
-            session = Http1Downstream(self.http, conn, self._session_closed, target, source)
-            self.connections.add(session)
-            session.start()
+            protocol = protocol_for(self.config, conn, target)
+            if protocol in ("auto", "http"):
+                detector = Detector(self, conn, target, source, started, protocol == "auto")
+                self.connections.add(detector)
+                detector.start()
+            else:
+                self.start_protocol(conn, target, source, started, protocol)
             return
         if self.tcp_chain is not None:
             gate = ConnectionGate(self.tcp_chain, self, conn, target, source, started)
@@ -217,6 +229,35 @@ class Listener:
         self, conn: socket.socket, target: Address, source: str, started: int
     ) -> None:
         self.connections.add(_PendingConnect(self, conn, target, source, started))
+
+    def start_protocol(
+        self, conn: socket.socket, target: Address, source: str, started: int, protocol: str,
+        preload: bytes = b"",
+    ) -> None:  # fmt: skip
+        """Mode http, protocol known (configured or detected): every byte read so far goes along."""
+        if protocol == TCP:
+            pending = _PendingConnect(self, conn, target, source, started)
+            pending.preload = preload
+            self.connections.add(pending)
+            return
+        if protocol == HTTP2:
+            session = Http2Downstream(self.http, conn, self._session_closed, target, source)
+            self.connections.add(session)
+            session.start(preload)
+            return
+        session = Http1Downstream(self.http, conn, self._session_closed, target, source)
+        self.connections.add(session)
+        session.start()
+        if preload:
+            session.data_received(preload)
+
+    def drop(self, conn: socket.socket, flag: str, started_ns: int) -> None:
+        """Closed before a protocol was chosen (EOF, error, header timeout, drain)."""
+        if flag:
+            self.block[FLAG_BASE + FLAG_INDEX[flag]] += 1
+        self.block[CONNECTIONS_ACTIVE] -= 1
+        observe_duration(self.block, perf_counter_ns() - started_ns)
+        conn.close()
 
     def _route(self, conn: socket.socket) -> tuple[Address | None, str]:
         config = self.config
@@ -240,8 +281,9 @@ class Listener:
         return Address(host=config.inbound_target, port=destination.port), config.inbound_source
 
     def start_relay(
-        self, downstream: socket.socket, upstream: socket.socket, started_ns: int
-    ) -> None:
+        self, downstream: socket.socket, upstream: socket.socket, started_ns: int,
+        preload: bytes = b"",
+    ) -> None:  # fmt: skip
         config = self.config
         try:
             relay = self._relay(
@@ -262,6 +304,8 @@ class Listener:
             upstream.close()
             self.fail(downstream, "LR", started_ns)
             return
+        if preload:
+            relay.preload(preload, b"")
         self.connections.add(relay)
         relay.start()
 

@@ -25,6 +25,8 @@ DEFAULT_IDLE_TIMEOUT = 4.0
 class Http1Upstream:
     """One upstream connection: a client-role codec over a Stream; bound to at most one exchange."""
 
+    multiplexed = False  # HTTP/2 upstream streams share a connection (upstream_h2.py)
+
     __slots__ = (
         "ctx",
         "key",
@@ -206,12 +208,18 @@ class UpstreamPool:
     """Idle keep-alive connections per endpoint, newest first (the warmest, least likely closed)."""
 
     def __init__(self, ctx: HttpContext) -> None:
+        from pyproxy.http.upstream_h2 import Http2Pool
+
         self.ctx = ctx
         self.idle: dict[Address, list[Http1Upstream]] = defaultdict(list)
+        self.h2 = Http2Pool(ctx)
 
     def acquire(
         self, target: Address, source: str, cluster: Cluster | None, on_ready, on_failed
     ) -> _Attach:
+        protocol = cluster.protocol if cluster is not None else self.ctx.settings.upstream_protocol
+        if protocol == "http2":
+            return self.h2.acquire(target, source, cluster, on_ready, on_failed)
         idle = self.idle.get(target)
         while idle:
             conn = idle.pop()
@@ -239,6 +247,9 @@ class UpstreamPool:
         return attach
 
     def release(self, conn: Http1Upstream) -> None:
+        if conn.multiplexed:
+            conn.release()
+            return
         if conn.reusable():
             conn.park()
             self.idle[conn.key].append(conn)
@@ -252,6 +263,7 @@ class UpstreamPool:
             idle.remove(conn)
 
     def close_idle(self) -> None:
+        self.h2.close_idle()
         for conns in self.idle.values():
             for conn in conns:
                 conn.stream.close()

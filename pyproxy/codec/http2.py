@@ -1,0 +1,263 @@
+"""HTTP/2 helpers that stay sans-I/O: header translation to and from the HTTP/1 event vocabulary, and
+a frame scanner that bounds header blocks and lifts GOAWAY out of the byte stream ahead of h2."""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+from typing import Final
+
+from pyproxy.codec.events import Headers, RequestHead, ResponseHead
+
+PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 §3.4
+
+# Frame types and flags the scanner looks at (RFC 9113 §6).
+_HEADERS, _PUSH_PROMISE, _GOAWAY, _CONTINUATION = 0x1, 0x5, 0x7, 0x9
+_END_HEADERS = 0x4
+_FRAME_HEADER = 9
+
+# RFC 9113 §8.2.2: connection-specific fields never appear in HTTP/2; Host becomes :authority
+# (§8.3.1). TE is handled apart: only "trailers" may cross.
+_NOT_IN_H2: Final = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"upgrade",
+        b"te",
+        b"host",
+    }
+)
+_REASONS: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+
+class HeaderBlockTooLarge(Exception):
+    """A HEADERS/PUSH_PROMISE + CONTINUATION sequence passed the byte limit before it ended."""
+
+
+class FrameScanner:
+    """Walks frame boundaries (RFC 9113 §4.1) of one inbound HTTP/2 byte stream before h2 sees it.
+
+    Two jobs h2 does not do the way a proxy needs:
+
+    * bound a header block across HEADERS + CONTINUATION by bytes (2024 CONTINUATION
+      flood): h2 buffers up to 64 frames of max_frame_size before it complains, and its
+      header-list limit applies only after the whole block arrived;
+    * take GOAWAY frames out of the stream and report them: h2 moves its connection state
+      to CLOSED on any GOAWAY, so in-flight streams could no longer finish (§6.8 says they
+      may).
+
+    Everything else passes through untouched; when nothing is cut the caller gets its own
+    buffer back. A frame header split across reads is held back until complete.
+    """
+
+    __slots__ = ("limit", "_preface_left", "_carry", "_left", "_goaway", "_block")
+
+    def __init__(self, limit: int, server: bool) -> None:
+        self.limit = limit
+        self._preface_left = len(PREFACE) if server else 0
+        self._carry = b""
+        self._left = 0  # payload bytes of the current frame still to come
+        self._goaway: bytearray | None = None  # payload of a GOAWAY being lifted out
+        self._block = 0  # bytes of the header block in progress (frame headers included)
+
+    def feed(self, data: bytes) -> tuple[bytes, list[bytes]]:
+        """Return (bytes for h2, GOAWAY payloads); raise HeaderBlockTooLarge past the limit."""
+        if self._carry:
+            data = self._carry + data
+            self._carry = b""
+        n = len(data)
+        pos = 0
+        if self._preface_left:
+            step = min(self._preface_left, n)
+            self._preface_left -= step
+            pos = step
+        parts: list[bytes] | None = None
+        goaways: list[bytes] = []
+        keep_from = 0  # start of the bytes not yet cut or copied into parts
+        end = n
+        while pos < n:
+            left = self._left
+            if left:
+                step = left if left < n - pos else n - pos
+                if self._goaway is not None:
+                    self._goaway += data[pos : pos + step]
+                pos += step
+                self._left = left - step
+                if not self._left and self._goaway is not None:
+                    goaways.append(bytes(self._goaway))
+                    self._goaway = None
+                    keep_from = pos
+                continue
+            if n - pos < _FRAME_HEADER:
+                self._carry = bytes(data[pos:])
+                end = pos
+                break
+            length = int.from_bytes(data[pos : pos + 3], "big")
+            kind = data[pos + 3]
+            if kind == _GOAWAY:
+                if parts is None:
+                    parts = []
+                parts.append(data[keep_from:pos])
+                self._goaway = bytearray()
+                pos += _FRAME_HEADER
+                keep_from = pos
+                self._left = length
+                if not length:
+                    goaways.append(b"")
+                    self._goaway = None
+                continue
+            if kind == _HEADERS or kind == _PUSH_PROMISE or kind == _CONTINUATION:
+                block = (self._block if kind == _CONTINUATION else 0) + length + _FRAME_HEADER
+                if block > self.limit:
+                    raise HeaderBlockTooLarge(block)
+                self._block = 0 if data[pos + 4] & _END_HEADERS else block
+            pos += _FRAME_HEADER
+            self._left = length
+        if self._goaway is not None:
+            keep_from = n  # the GOAWAY continues in the next read: cut what we have of it
+        if parts is None and keep_from == 0 and end == n:
+            return data, goaways
+        if parts is None:
+            parts = []
+        if keep_from < end:
+            parts.append(data[keep_from:end])
+        return b"".join(parts), goaways
+
+
+def parse_goaway(payload: bytes) -> tuple[int, int]:
+    """(last_stream_id, error_code) of a GOAWAY payload (RFC 9113 §6.8)."""
+    if len(payload) < 8:
+        return 0, 0x1  # malformed: treat as PROTOCOL_ERROR with nothing processed
+    return int.from_bytes(payload[:4], "big") & 0x7FFFFFFF, int.from_bytes(payload[4:8], "big")
+
+
+def goaway_frame(last_stream_id: int, error_code: int) -> bytes:
+    """A GOAWAY frame built by hand, so h2's connection state stays open for in-flight streams."""
+    payload = (last_stream_id & 0x7FFFFFFF).to_bytes(4, "big") + error_code.to_bytes(4, "big")
+    return len(payload).to_bytes(3, "big") + bytes((_GOAWAY, 0)) + b"\0\0\0\0" + payload
+
+
+# ---- translation ---------------------------------------------------------------------
+
+
+def header_list_size(headers: Headers) -> int:
+    """Measured like the HTTP/1 limit (name + value + 4 per field) so one setting means one size."""
+    size = 0
+    for name, value in headers:
+        size += len(name) + len(value) + 4
+    return size
+
+
+def request_from_h2(headers: Headers, ended: bool) -> RequestHead | None:
+    """An HTTP/2 request header list (validated by h2) as the RequestHead an HTTP/1 peer expects.
+
+    None for what this proxy does not relay (CONNECT, RFC 9113 §8.5).
+    """
+    method = path = authority = host = None
+    content_length = None
+    cookies: list[bytes] = []
+    fields: Headers = []
+    for name, value in headers:
+        if name[:1] == b":":
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                path = value
+            elif name == b":authority":
+                authority = value
+        elif name == b"cookie":
+            cookies.append(value)
+        elif name == b"host":
+            host = value
+        else:
+            if name == b"content-length":
+                try:
+                    content_length = int(value)
+                except ValueError:
+                    return None
+            fields.append((name, value))
+    if method is None or path is None or method == b"CONNECT":
+        return None
+    # §8.2.3: cookie crumbs are joined back for an HTTP/1.1 hop.
+    if cookies:
+        fields.append((b"cookie", b"; ".join(cookies)))
+    fields.insert(0, (b"host", authority if authority is not None else (host or b"")))
+    return RequestHead(
+        method,
+        path,
+        fields,
+        b"2",
+        keep_alive=True,
+        content_length=content_length,
+        # A body of unknown length: an HTTP/1.1 upstream needs chunked framing for it.
+        chunked=not ended and content_length is None,
+    )
+
+
+def h2_request_headers(head: RequestHead, te_trailers: bool) -> tuple[Headers, bool]:
+    """(header list, has body) for an HTTP/2 upstream; framing is read from the head's fields."""
+    authority = None
+    has_body = False
+    fields: Headers = []
+    for name, value in head.headers:
+        if name in _NOT_IN_H2:
+            if name == b"host":
+                authority = value
+            elif name == b"transfer-encoding":
+                has_body = True
+            continue
+        if name == b"content-length":
+            has_body = value.strip() not in (b"0", b"")
+        fields.append((name, value))
+    pseudo: Headers = [(b":method", head.method), (b":scheme", b"http")]
+    if authority:
+        pseudo.append((b":authority", authority))
+    pseudo.append((b":path", head.target))
+    if te_trailers:
+        fields.append((b"te", b"trailers"))
+    return pseudo + fields, has_body
+
+
+def response_from_h2(headers: Headers) -> ResponseHead:
+    status = 0
+    content_length = None
+    fields: Headers = []
+    for name, value in headers:
+        if name == b":status":
+            status = int(value)
+        elif name[:1] != b":":
+            if name == b"content-length":
+                content_length = int(value)
+            fields.append((name, value))
+    return ResponseHead(
+        status, _REASONS.get(status, b""), fields, b"2", content_length=content_length
+    )
+
+
+def h2_response_headers(head: ResponseHead) -> Headers:
+    fields: Headers = [(b":status", b"%d" % head.status)]
+    fields.extend(item for item in head.headers if item[0] not in _NOT_IN_H2)
+    return fields
+
+
+def h2_trailers(headers: Headers) -> Headers:
+    return [item for item in headers if item[0] not in _NOT_IN_H2 and item[0][:1] != b":"]
+
+
+def wants_trailers(headers: Headers) -> bool:
+    """Did the client say it accepts trailers (TE: trailers, RFC 9110 §10.1.4)?"""
+    for name, value in headers:
+        if name == b"te" and b"trailers" in value.lower():
+            return True
+    return False
+
+
+def response_has_body(method: bytes, head: ResponseHead) -> bool:
+    # RFC 9110 §6.4.1: HEAD, 1xx, 204 and 304 never carry content; nor does a zero length.
+    if method == b"HEAD" or head.status in (204, 304) or head.status < 200:
+        return False
+    for name, value in head.headers:
+        if name == b"content-length" and value.strip() == b"0":
+            return False
+    return True

@@ -1,0 +1,413 @@
+"""An HTTP/2 downstream connection (h2c, prior knowledge): many streams, each one an Exchange.
+
+Limits (RFC 9113 §10.5): streams past `max_concurrent_streams` are refused with
+RST_STREAM REFUSED_STREAM (§5.1.2) rather than killing the connection; a
+client that resets more than `rapid_reset_max` streams within
+`rapid_reset_window` (CVE-2023-44487) gets GOAWAY ENHANCE_YOUR_CALM; a header
+block that grows past `max_header_bytes` across CONTINUATION frames ends the
+connection before more of it is buffered, a decoded one over the limit is
+answered 431.
+"""
+
+from __future__ import annotations
+
+import socket
+from time import perf_counter_ns
+from typing import TYPE_CHECKING
+
+from h2.events import (
+    DataReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+
+from pyproxy.addresses import Address
+from pyproxy.codec.http2 import (
+    h2_response_headers,
+    h2_trailers,
+    header_list_size,
+    request_from_h2,
+    response_has_body,
+)
+from pyproxy.counters import (
+    DOWNSTREAM_RX,
+    DOWNSTREAM_TX,
+    FLAG_BASE,
+    FLAG_INDEX,
+    REQUESTS,
+    STAGES,
+    STATUS_BASE,
+)
+from pyproxy.http.exchange import Exchange
+from pyproxy.http.h2_session import (
+    ENHANCE_YOUR_CALM,
+    INTERNAL_ERROR,
+    NO_ERROR,
+    REFUSED_STREAM,
+    STREAM_GONE,
+    H2Session,
+    H2StreamBase,
+    discard,
+)
+
+if TYPE_CHECKING:
+    from pyproxy.http.context import HttpContext
+
+# h2 treats a stream past its own limit as a connection error; ours is enforced first, so h2's
+# ceiling sits above it by what one read can open before we refuse (§5.1.2).
+_H2_CEILING_SLACK = 4096
+
+
+class Http2Downstream(H2Session):
+    __slots__ = (
+        "on_close",
+        "target",
+        "source",
+        "protocol",
+        "draining",
+        "last_stream_id",
+        "_timer",
+        "_resets",
+        "_reset_window_start",
+        "_served",
+    )
+
+    def __init__(
+        self, ctx: HttpContext, sock: socket.socket, on_close, target: Address, source: str
+    ) -> None:
+        super().__init__(ctx, client_side=False)
+        self.attach_socket(sock, ctx.downstream_stages, DOWNSTREAM_RX, DOWNSTREAM_TX)
+        self.on_close = on_close
+        self.target, self.source = target, source
+        self.protocol = "HTTP/2"
+        self.draining = False
+        self.last_stream_id = 0
+        self._resets = 0
+        self._reset_window_start = 0.0
+        self._served = False
+        # Until the first request: the slowloris clock; later: the idle clock.
+        self._timer = ctx.loop.call_later(ctx.settings.request_header_timeout, self._idle)
+
+    def start(self, preload: bytes = b"") -> None:
+        limit = self.ctx.settings.max_concurrent_streams
+        self.open(limit, limit + _H2_CEILING_SLACK)
+        self.flush()
+        if preload:
+            self.data_received(preload)
+        if not self.closed:
+            self.stream.resume_reading()
+
+    # ---- events ------------------------------------------------------------------
+
+    def handle(self, events: list) -> None:
+        streams = self.streams
+        for event in events:
+            if self.closed:
+                return
+            kind = type(event)
+            if kind is DataReceived:
+                stream = streams.get(event.stream_id)
+                if stream is not None and stream.exchange is not None:
+                    stream.received(event.data, event.flow_controlled_length)
+                else:
+                    discard(self, event.stream_id, event.flow_controlled_length)
+            elif kind is RequestReceived:
+                self._request(event)
+            elif kind is StreamEnded:
+                stream = streams.get(event.stream_id)
+                if stream is not None:
+                    stream.request_ended()
+            elif kind is TrailersReceived:
+                stream = streams.get(event.stream_id)
+                exchange = stream.exchange if stream is not None else None
+                # Trailers need chunked framing on an HTTP/1.1 hop: not after a Content-Length.
+                if exchange is not None and exchange.request.content_length is None:
+                    exchange.request_trailers(event.headers)
+            elif kind is StreamReset:
+                self._stream_reset(event)
+            elif kind is WindowUpdated:
+                if event.stream_id:
+                    stream = streams.get(event.stream_id)
+                    if stream is not None:
+                        stream.pump()
+                else:
+                    self.pump_all()
+            elif kind is RemoteSettingsChanged:
+                self.pump_all()
+
+    def _request(self, event: RequestReceived) -> None:
+        sid = event.stream_id
+        ctx = self.ctx
+        settings = ctx.settings
+        if (self.draining and sid > self.last_stream_id) or len(
+            self.streams
+        ) >= settings.max_concurrent_streams:
+            # §5.1.2 / §8.7: REFUSED_STREAM tells the client the request was not processed.
+            self._reset_raw(sid, REFUSED_STREAM)
+            return
+        if not self.draining:
+            self.last_stream_id = sid
+        self._served = True
+        self._cancel_timer()
+        ended = event.stream_ended is not None
+        headers = event.headers
+        if (
+            len(headers) > settings.max_headers
+            or header_list_size(headers) > settings.max_header_bytes
+        ):
+            self._direct_reply(sid, 431, b"request header fields too large\n", ended)
+            return
+        head = request_from_h2(headers, ended)
+        if head is None:
+            self._direct_reply(sid, 501, b"method not supported over HTTP/2 here\n", ended)
+            return
+        stream = _DownstreamStream(self, sid)
+        self.streams[sid] = stream
+        ctx.block[REQUESTS] += 1
+        wants_trace = settings.server_timing or ctx.access_log is not None
+        exchange = Exchange(ctx, stream, head, [0] * len(STAGES) if wants_trace else None)
+        stream.exchange = exchange
+        exchange.start()
+
+    def _stream_reset(self, event: StreamReset) -> None:
+        stream = self.streams.pop(event.stream_id, None)
+        if event.remote_reset:
+            loop_time = self.ctx.loop.time()
+            settings = self.ctx.settings
+            if loop_time - self._reset_window_start > settings.rapid_reset_window:
+                self._reset_window_start = loop_time
+                self._resets = 0
+            self._resets += 1
+            if self._resets > settings.rapid_reset_max:
+                # CVE-2023-44487: resetting is free for the client, the work it started is not.
+                if stream is not None:
+                    stream.closed = True
+                    self._abandon(stream)
+                self.fail_connection(ENHANCE_YOUR_CALM, b"too many stream resets")
+                return
+        if stream is not None:
+            stream.closed = True
+            stream.ack()
+            self._abandon(stream)
+        self._maybe_done()
+
+    def _abandon(self, stream: _DownstreamStream) -> None:
+        exchange, stream.exchange = stream.exchange, None
+        if exchange is not None:
+            exchange.downstream_reset()
+
+    def _reset_raw(self, sid: int, code: int) -> None:
+        try:
+            self.conn.reset_stream(sid, code)
+        except STREAM_GONE:
+            pass
+        self.mark_dirty()
+
+    def _direct_reply(self, sid: int, status: int, body: bytes, ended: bool) -> None:
+        """A reply made here, before any exchange exists (limits)."""
+        block = self.ctx.block
+        block[FLAG_BASE + FLAG_INDEX["DPE"]] += 1
+        block[STATUS_BASE + status // 100 - 1] += 1
+        headers = [
+            (b":status", b"%d" % status),
+            (b"content-type", b"text/plain"),
+            (b"content-length", b"%d" % len(body)),
+        ]
+        try:
+            self.conn.send_headers(sid, headers)
+            self.conn.send_data(sid, body, end_stream=True)
+            if not ended:
+                # §8.1: a complete response lets the server stop the upload with NO_ERROR.
+                self.conn.reset_stream(sid, NO_ERROR)
+        except STREAM_GONE:
+            pass
+        self.mark_dirty()
+        self._maybe_done()
+
+    # ---- stream bookkeeping --------------------------------------------------------
+
+    def stream_finished(self, stream: _DownstreamStream) -> None:
+        if self.streams.get(stream.stream_id) is stream:
+            del self.streams[stream.stream_id]
+        self._maybe_done()
+
+    def _maybe_done(self) -> None:
+        if self.streams or self.closed:
+            return
+        if self.draining:
+            self.flush()
+            self._close(after_flush=True)
+        elif self._timer is None and self._served:
+            self._timer = self.ctx.loop.call_later(self.ctx.settings.idle_timeout, self._idle)
+
+    def _idle(self) -> None:
+        self._timer = None
+        if self.streams or self.closed:
+            return
+        if not self._served:
+            block = self.ctx.block
+            block[FLAG_BASE + FLAG_INDEX["DT"]] += 1
+        self.send_goaway(self.last_stream_id, NO_ERROR)
+        self._close(after_flush=True)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # ---- failures and endings ------------------------------------------------------------
+
+    def goaway_received(self, last_stream_id: int, error_code: int) -> None:
+        # The client will open no more streams; those in flight finish (§6.8).
+        self.draining = True
+        self._maybe_done()
+
+    def protocol_failed(self, exc: Exception | None) -> None:
+        self.ctx.block[FLAG_BASE + FLAG_INDEX["DPE"]] += 1
+        self.flush()
+        self._abandon_all()
+        self._close(after_flush=True)
+
+    def eof_received(self) -> None:
+        self._abandon_all()
+        self._close()
+
+    def stream_failed(self, error: OSError) -> None:
+        self._abandon_all()
+        self._close(reset=True)
+
+    def _abandon_all(self) -> None:
+        streams = list(self.streams.values())
+        self.streams.clear()
+        for stream in streams:
+            stream.closed = True
+            self._abandon(stream)
+
+    def start_drain(self) -> None:
+        """SIGTERM / drain_listeners: GOAWAY now (§6.8), let the streams in flight finish."""
+        if self.draining or self.closed:
+            return
+        self.draining = True
+        self.last_stream_id = self.conn.highest_inbound_stream_id
+        self.send_goaway(self.last_stream_id, NO_ERROR)
+        self._maybe_done()
+
+    def close(self, flag: str = "LR") -> None:
+        """Drain deadline: abandon what is in flight."""
+        had_streams = bool(self.streams)
+        self._abandon_all()
+        if not self.closed:
+            self.send_goaway(self.last_stream_id, NO_ERROR)
+        self._close(reset=had_streams)
+
+    def _close(self, reset: bool = False, after_flush: bool = False) -> None:
+        self._cancel_timer()
+        if self.closed:
+            return
+        self.closed = True
+        if after_flush and not reset:
+            self.stream.close_after_flush()
+        else:
+            self.stream.close(reset=reset)
+        self.on_close(self)
+
+
+class _DownstreamStream(H2StreamBase):
+    """The downstream an Exchange talks to: one HTTP/2 stream of an Http2Downstream."""
+
+    __slots__ = ("done",)
+    protocol = "HTTP/2"
+
+    def __init__(self, session: Http2Downstream, stream_id: int) -> None:
+        super().__init__(session, stream_id)
+        self.done = False
+
+    # ---- request side ----------------------------------------------------------
+
+    def deliver(self, data) -> None:
+        self.exchange.request_body(data)
+
+    def request_ended(self) -> None:
+        self.ended_in = True
+        if self.exchange is not None:
+            self.exchange.request_end()
+
+    def pause_request(self) -> None:
+        self.pause()
+
+    def resume_request(self) -> None:
+        self.resume()
+
+    def default_target(self) -> tuple[Address, str]:
+        return self.session.target, self.session.source
+
+    # ---- response side (called by the exchange) ----------------------------------------
+
+    def signal_blocked(self, blocked: bool) -> None:
+        if blocked:
+            self.exchange.downstream_write_paused()
+        else:
+            self.exchange.downstream_write_resumed()
+
+    def send_interim(self, head) -> None:
+        if head.status == 101 or self.closed:
+            return  # §8.6: no Upgrade in HTTP/2
+        self._headers(h2_response_headers(head), False)
+
+    def send_head(self, head) -> None:
+        if self.closed:
+            return
+        exchange = self.exchange
+        method = exchange.request.method if exchange is not None else b"GET"
+        has_body = response_has_body(method, head)
+        self._headers(h2_response_headers(head), not has_body)
+        if not has_body:
+            self.ended_out = True
+
+    def _headers(self, headers, end_stream: bool) -> None:
+        session = self.session
+        t0 = perf_counter_ns()
+        try:
+            session.conn.send_headers(self.stream_id, headers, end_stream=end_stream)
+        except STREAM_GONE:
+            self.closed = True
+        self.account(t0)
+        session.mark_dirty()
+
+    def send_body(self, data) -> None:
+        self.queue_data(data)
+
+    def send_trailers(self, headers) -> None:
+        self.queue_end(h2_trailers(headers))
+
+    def send_end(self) -> None:
+        self.queue_end(None)
+
+    def exchange_done(self, exchange, reset: bool = False) -> None:
+        self.exchange = None
+        self.done = True
+        if reset:
+            self.reset(INTERNAL_ERROR)
+            self.session.stream_finished(self)
+        elif self.ended_out or self.closed:
+            self.sent_all()
+
+    def sent_all(self) -> None:
+        if not self.done:
+            return
+        if not self.ended_in and not self.closed:
+            # §8.1: the response is complete; stop the rest of the upload without an error.
+            self.reset(NO_ERROR)
+        self.ack()
+        self.session.stream_finished(self)
+
+    def peer_gone(self) -> None:
+        self.closed = True
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.downstream_reset()
+        self.session.stream_finished(self)
