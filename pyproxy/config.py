@@ -427,7 +427,8 @@ def _http_settings(fields: _Fields | None, mode: str) -> HttpSettings:
         access_log=fields.take("access_log", _access_log_target, ""),
         upstream_protocol=fields.take("upstream_protocol", _choice(("http1", "http2")), "http1"),
         max_concurrent_streams=fields.take("max_concurrent_streams", _int_range(1, 10000), 100),
-        stream_window=fields.take("stream_window", _int_range(1024, 16 * 1024 * 1024), 65535),
+        # Not below the protocol default: the peer may send that much before our SETTINGS arrive.
+        stream_window=fields.take("stream_window", _int_range(65535, 16 * 1024 * 1024), 65535),
         connection_window=fields.take(
             "connection_window", _int_range(65535, 256 * 1024 * 1024), 1024 * 1024
         ),
