@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
@@ -33,6 +33,14 @@ class Response:
     @classmethod
     def text(cls, text: str, status: int = 200) -> Response:
         return cls(status, text.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class StreamResponse:
+    """A 200 whose body is sent with chunked encoding as `chunks` yields (b"" = nothing yet)."""
+
+    chunks: AsyncIterator[bytes]
+    content_type: str = "text/plain; charset=utf-8"
 
 
 Handler = Callable[[dict[str, list[str]]], Awaitable[Response] | Response]
@@ -75,6 +83,9 @@ class EndpointServer:
         except Exception:  # an endpoint bug must not take the admin server down
             log.exception("admin handler failed")
             response = Response.text("internal error\n", 500)
+        if isinstance(response, StreamResponse):
+            await _stream(reader, writer, response)
+            return
         head = (
             f"HTTP/1.1 {response.status} {REASONS.get(response.status, 'Unknown')}\r\n"
             f"Content-Type: {response.content_type}\r\nContent-Length: {len(response.body)}\r\n"
@@ -88,7 +99,7 @@ class EndpointServer:
         finally:
             writer.close()
 
-    async def _respond(self, reader: asyncio.StreamReader) -> Response:
+    async def _respond(self, reader: asyncio.StreamReader) -> Response | StreamResponse:
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), READ_TIMEOUT)
         if len(head) > MAX_HEAD:
             return Response.text("request head too large\n", 431)
@@ -107,3 +118,29 @@ class EndpointServer:
         if asyncio.iscoroutine(result):
             result = await result
         return result
+
+
+async def _stream(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, response: StreamResponse
+) -> None:
+    """Chunked body until the iterator ends or the client goes away (noticed on each idle poll)."""
+    chunks = response.chunks
+    try:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: %s\r\nTransfer-Encoding: chunked\r\n"
+            b"Cache-Control: no-cache\r\nConnection: close\r\n\r\n" % response.content_type.encode()
+        )
+        await writer.drain()
+        async for chunk in chunks:
+            if reader.at_eof() or writer.is_closing():
+                return
+            if chunk:
+                writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+    except ConnectionError:
+        pass
+    finally:
+        await chunks.aclose()
+        writer.close()

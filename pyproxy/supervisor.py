@@ -368,6 +368,11 @@ class Supervisor:
             asyncio.get_running_loop().call_soon(self.shutdown)
             return Response.text("OK\n")
 
+        def tap(query: dict):
+            from pyproxy.filters.tap import admin_endpoint  # the tap filter owns its record format
+
+            return admin_endpoint(self.config, query)
+
         admin_routes = {
             "/ready": ("GET", ready),
             "/stats": ("GET", stats_endpoint),
@@ -376,6 +381,7 @@ class Supervisor:
             "/server_info": ("GET", lambda q: Response.json(self.server_info())),
             "/drain_listeners": ("POST", drain_listeners),
             "/quitquitquit": ("POST", quit_),
+            "/tap": ("GET", tap),
         }
         plan = [
             (config.admin, admin_routes),

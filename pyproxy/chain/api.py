@@ -86,6 +86,10 @@ class FilterFactory:
             raise FilterConfigError(next(iter(config)), "unknown field")
         return {}
 
+    @classmethod
+    def check_mode(cls, config: dict, mode: str) -> None:
+        """Refuse (FilterConfigError) a validated config that makes no sense in this listener mode."""
+
     def create(self) -> HttpFilter:
         return self.filter_class()
 

@@ -42,4 +42,6 @@ def validate(type_name: str, config: object, mode: str) -> dict:
         config = {}
     if not isinstance(config, dict):
         raise FilterConfigError("", "expected a mapping")
-    return cls.validate(dict(config))
+    normalized = cls.validate(dict(config))
+    cls.check_mode(normalized, mode)
+    return normalized
