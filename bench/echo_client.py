@@ -17,15 +17,23 @@ def connect(address: str) -> socket.socket:
     return sock
 
 
-def measure_rtts(address: str, count: int, size: int = 100, warmup: int = 200) -> list[int]:
-    """Nanosecond round trips of `size`-byte messages, one outstanding at a time."""
+def measure_rtts(
+    address: str, count: int, size: int = 100, warmup: int = 200, max_seconds: float = 0.0
+) -> list[int]:
+    """Nanosecond round trips of `size`-byte messages, one outstanding at a time.
+
+    With `max_seconds` the run also stops at that deadline (bounded benchmarks).
+    """
     payload = b"p" * size
     buf = bytearray(size)
     view = memoryview(buf)
     rtts = []
     clock = time.perf_counter_ns
+    deadline = time.monotonic() + max_seconds if max_seconds else None
     with connect(address) as sock:
         for i in range(warmup + count):
+            if deadline is not None and time.monotonic() > deadline:
+                break
             started = clock()
             sock.sendall(payload)
             got = 0

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import socket
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
 
+from pyproxy.bench.echo_client import measure_rtts, percentile
 from pyproxy.iptables.netns import Pod, missing_capabilities, pods
 
 PY = sys.executable
@@ -24,40 +24,16 @@ APP_PORT = 8080
 ADMIN = "127.0.0.1:15000"
 
 
-def _percentile(ordered: list[int], fraction: float) -> float:
-    if not ordered:
-        return 0.0
-    return float(ordered[min(len(ordered) - 1, int(fraction * len(ordered)))])
-
-
 def measure(host: str, port: int, count: int, size: int, warmup: int, max_seconds: float) -> dict:
     """Round trips of `size`-byte messages, one outstanding; stops at `count` or `max_seconds`."""
-    payload = b"p" * size
-    view = memoryview(bytearray(size))
-    clock = time.perf_counter_ns
-    rtts: list[int] = []
-    deadline = time.monotonic() + max_seconds
-    with socket.create_connection((host, port), timeout=5) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for i in range(warmup + count):
-            if time.monotonic() > deadline:
-                break
-            started = clock()
-            sock.sendall(payload)
-            got = 0
-            while got < size:
-                n = sock.recv_into(view[got:])
-                if not n:
-                    raise ConnectionError(f"EOF after {got} of {size} bytes")
-                got += n
-            if i >= warmup:
-                rtts.append(clock() - started)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    rtts = measure_rtts(address, count, size=size, warmup=warmup, max_seconds=max_seconds)
     ordered = sorted(rtts)
     return {
         "count": len(ordered),
         "messages_sent": min(warmup + count, warmup + len(ordered)),
-        "p50_us": _percentile(ordered, 0.50) / 1000,
-        "p99_us": _percentile(ordered, 0.99) / 1000,
+        "p50_us": percentile(ordered, 0.50) / 1000,
+        "p99_us": percentile(ordered, 0.99) / 1000,
         "mean_us": (sum(ordered) / len(ordered) / 1000) if ordered else 0.0,
         "truncated_by_time": len(ordered) < count,
     }

@@ -4,31 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 
 from pyproxy.bench.echo_client import connect, measure_rtts, summarize
+from pyproxy.bench.procs import free_port, wait_port
 from pyproxy.stats import stage_table
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
 
 
 def _get_json(url: str) -> dict:
@@ -58,7 +41,7 @@ def _bulk(address: str, total: int) -> float:
 
 
 def main(args: argparse.Namespace) -> int:
-    app_port, proxy_port, admin_port = _free_port(), _free_port(), _free_port()
+    app_port, proxy_port, admin_port = free_port(), free_port(), free_port()
     python = sys.executable
     processes = []
     try:
@@ -67,7 +50,7 @@ def main(args: argparse.Namespace) -> int:
                 [python, "-m", "pyproxy.bench.echo_server", "--listen", f"127.0.0.1:{app_port}"]
             )
         )
-        _wait_port(app_port)
+        wait_port(app_port)
         processes.append(
             subprocess.Popen(
                 [
@@ -88,8 +71,8 @@ def main(args: argparse.Namespace) -> int:
                 ]
             )
         )
-        _wait_port(admin_port)
-        _wait_port(proxy_port)
+        wait_port(admin_port)
+        wait_port(proxy_port)
         print(
             f"demo: echo service on 127.0.0.1:{app_port}, pyproxy (tcp mode) on 127.0.0.1:{proxy_port}, admin on 127.0.0.1:{admin_port}\n"
         )
