@@ -1,0 +1,1250 @@
+"""The wasm filter: runs Proxy-Wasm ABI v0.2.1 modules (Envoy's WebAssembly filter contract) in wasmtime.
+
+Config (Envoy's `envoy.extensions.wasm.v3.PluginConfig` names, plus shortcuts and limits):
+
+    name: my_plugin                    # plugin_name property and log prefix (default: the filter's name)
+    root_id: ""                        # plugin_root_id property
+    configuration: "..."               # PLUGIN_CONFIGURATION: a string, {value: "..."} or any mapping (sent as JSON)
+    vm_config:
+      vm_id: ""
+      runtime: envoy.wasm.runtime.wasmtime   # optional; only wasmtime is available
+      configuration: "..."             # VM_CONFIGURATION, read in proxy_on_vm_start
+      code: {local: {filename: plugin.wasm}}  # or {local: {inline_string: "(module ...)"}}; .wat text works too
+    wasm_file: plugin.wasm             # shortcut for vm_config.code.local.filename
+    code_wat: "(module ...)"           # shortcut for vm_config.code.local.inline_string
+    fuel_per_call: 10000000            # wasm instructions per host→guest entry; past it the request gets a 500
+    max_memory_bytes: 16777216         # the guest's linear memory cap (memory.grow fails past it)
+    pause_timeout: 5s                  # a request the guest pauses without replying gets a 500 after this
+
+The module is compiled once, when the config is validated (the compiled
+artifact travels with the config to forked workers, shown in /config_dump as
+its digest); validation also instantiates it and runs its start, VM start and
+configure callbacks, so a bad module is refused at load with the field named.
+Each worker holds one Store and instance per filter; each request gets a
+context id (created at its first hook, done/deleted when the request ends).
+
+A trap (including running out of fuel) answers the request 500, is counted,
+logs one line, and replaces the instance with a fresh one (Envoy's
+FAIL_RELOAD): the guest's memory may be inconsistent after a trap. Requests
+begun on the replaced instance skip their remaining hooks.
+
+Every host function a module imports is present: the ones below are real, any
+other `env.*` import answers UNIMPLEMENTED (12), any other WASI import ENOSYS
+(the `fd_*` ones BADF, which ends wasi-libc's preopen scan). Only request and
+response headers are exposed to the guest (no body callbacks, no HTTP/gRPC
+callouts).
+
+Hot path: Python's `wasmtime.Func.__call__` costs ~65 µs (it re-reads the
+function type and boxes every value), so host→guest calls go straight to the C
+API (`wasmtime_func_call_unchecked`) through wasmtime's own ctypes library with
+a preallocated argument buffer, and host functions are raw unchecked callbacks.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import logging
+import os
+import struct
+import time
+from ctypes import CFUNCTYPE, c_char_p, c_int32, c_int64, c_size_t, c_uint32, c_uint64, c_void_p
+
+import wasmtime
+from wasmtime import _bindings as _capi
+
+from pyproxy.chain.api import CONTINUE, STOP, FilterConfigError, FilterFactory, HttpFilter
+from pyproxy.durations import parse_duration
+
+log = logging.getLogger("pyproxy.wasm")
+
+# proxy_status_t
+OK, NOT_FOUND, BAD_ARGUMENT, INVALID_MEMORY_ACCESS, UNIMPLEMENTED = 0, 1, 2, 6, 12
+# wasi_errno_t
+WASI_SUCCESS, WASI_BADF, WASI_FAULT, WASI_INVAL, WASI_NOSYS, WASI_NOTSUP = 0, 8, 21, 28, 52, 58
+# proxy_map_type_t / proxy_buffer_type_t / proxy_stream_type_t
+REQUEST_HEADERS, RESPONSE_HEADERS = 0, 2
+VM_CONFIGURATION, PLUGIN_CONFIGURATION = 6, 7
+PAUSE = 1  # proxy_action_t
+
+ABI_MARKERS = ("proxy_abi_version_0_2_1", "proxy_abi_version_0_2_0", "proxy_abi_version_0_1_0")
+ROOT_CONTEXT_ID = 1
+DEFAULT_FUEL = 10_000_000
+DEFAULT_MEMORY = 16 * 1024 * 1024
+DEFAULT_PAUSE_TIMEOUT = 5.0
+RESTART_BACKOFF = 1.0  # seconds between attempts to replace a failed instance
+
+TRAPS, OUT_OF_FUEL, LOCAL_REPLIES, PAUSE_TIMEOUTS = range(4)
+
+# Proxy-Wasm log levels (trace..critical) to logging levels, and back.
+LOG_LEVELS = (5, logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
+
+# Callbacks the host calls, with their full (v0.2.1) parameter count and result count.
+# A module may export fewer parameters (ABI v0.1.0 had no end_of_stream), never more.
+CALLBACKS = {
+    "proxy_on_memory_allocate": (1, 1),
+    "malloc": (1, 1),
+    "proxy_on_vm_start": (2, 1),
+    "proxy_on_configure": (2, 1),
+    "proxy_on_context_create": (2, 0),
+    "proxy_on_request_headers": (3, 1),
+    "proxy_on_response_headers": (3, 1),
+    "proxy_on_done": (1, 1),
+    "proxy_on_log": (1, 0),
+    "proxy_on_delete": (1, 0),
+    "proxy_on_tick": (1, 0),
+    "_initialize": (0, 0),
+    "_start": (0, 0),
+    "main": (2, 1),
+}
+
+# ---- the C API, typed for speed (plain ints for pointers: no ctypes object per call) -----------
+
+_dll = _capi.dll
+
+
+def _c(name: str, restype, *argtypes):
+    return CFUNCTYPE(restype, *argtypes)(ctypes.cast(getattr(_dll, name), c_void_p).value)
+
+
+_call_unchecked = _c(
+    "wasmtime_func_call_unchecked", c_void_p, c_void_p, c_void_p, c_void_p, c_size_t, c_void_p
+)
+_set_fuel = _c("wasmtime_context_set_fuel", c_void_p, c_void_p, c_uint64)
+_memory_data = _c("wasmtime_memory_data", c_void_p, c_void_p, c_void_p)
+_memory_size = _c("wasmtime_memory_data_size", c_size_t, c_void_p, c_void_p)
+_caller_context = _c("wasmtime_caller_context", c_void_p, c_void_p)
+_trap_new = _c("wasmtime_trap_new", c_void_p, c_char_p, c_size_t)
+_HostCallback = CFUNCTYPE(c_void_p, c_void_p, c_void_p, c_void_p, c_size_t)
+_define_unchecked = _c(
+    "wasmtime_linker_define_func_unchecked",
+    c_void_p,
+    c_void_p,
+    c_char_p,
+    c_size_t,
+    c_char_p,
+    c_size_t,
+    c_void_p,
+    _HostCallback,
+    c_void_p,
+    c_void_p,
+)
+_RAW = 16  # sizeof(wasmtime_val_raw_t)
+
+
+def _addr(pointer) -> int:
+    return ctypes.cast(pointer, c_void_p).value or 0
+
+
+_engines: dict[int, wasmtime.Engine] = {}
+
+
+def _engine() -> wasmtime.Engine:
+    """One engine per process: a forked worker never touches the engine its parent compiled with."""
+    pid = os.getpid()
+    engine = _engines.get(pid)
+    if engine is None:
+        config = wasmtime.Config()
+        config.consume_fuel = True
+        config.parallel_compilation = False  # no compiler threads in a process that forks
+        engine = _engines[pid] = wasmtime.Engine(config)
+    return engine
+
+
+class CompiledModule(str):
+    """A compiled module inside a config: reads (and compares, and dumps) as its digest, pickles with its artifact."""
+
+    artifact: bytes
+
+    def __new__(cls, digest: str, artifact: bytes) -> CompiledModule:
+        self = super().__new__(cls, digest)
+        self.artifact = artifact
+        return self
+
+
+class WasmFault(Exception):
+    """The guest trapped, ran out of fuel, or a call into it failed."""
+
+    def __init__(self, message: str, out_of_fuel: bool = False) -> None:
+        super().__init__(message)
+        self.out_of_fuel = out_of_fuel
+
+
+class _ProcExit(Exception):
+    def __init__(self, code: int) -> None:
+        super().__init__(f"proc_exit({code})")
+        self.code = code
+
+
+# ---- pairs serialization (spec: "Serialization", little-endian) ------------------------------
+
+
+def serialize_pairs(pairs) -> bytes:
+    """count, then (key length, value length) per pair, then each key and value followed by NUL."""
+    pairs = list(pairs)
+    out = [struct.pack("<I", len(pairs))]
+    out.extend(struct.pack("<II", len(k), len(v)) for k, v in pairs)
+    for k, v in pairs:
+        out.append(k + b"\0" + v + b"\0")
+    return b"".join(out)
+
+
+def deserialize_pairs(data: bytes) -> list[tuple[bytes, bytes]]:
+    if len(data) <= 1:  # an empty map may be empty or a single NUL
+        return []
+    (count,) = struct.unpack_from("<I", data)
+    if count > (len(data) - 4) // 8:
+        raise ValueError("pair count larger than the data")
+    sizes = struct.unpack_from(f"<{2 * count}I", data, 4)
+    pos = 4 + 8 * count
+    pairs = []
+    for i in range(count):
+        klen, vlen = sizes[2 * i], sizes[2 * i + 1]
+        if pos + klen + vlen + 2 > len(data):
+            raise ValueError("pair sizes overrun the data")
+        key = data[pos : pos + klen]
+        pos += klen + 1
+        value = data[pos : pos + vlen]
+        pos += vlen + 1
+        pairs.append((key, value))
+    return pairs
+
+
+# ---- config ----------------------------------------------------------------------------------
+
+
+def _string(value, where: str) -> str:
+    if not isinstance(value, str):
+        raise FilterConfigError(where, "expected a string")
+    return value
+
+
+def _configuration(value, where: str) -> str:
+    """Envoy wraps it as google.protobuf.StringValue ({value: ...}); a plain string or any mapping is fine here."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        if set(value) <= {"@type", "value"} and isinstance(value.get("value"), str):
+            return value["value"]
+        return json.dumps(value, separators=(",", ":"))
+    raise FilterConfigError(where, "expected a string or a mapping")
+
+
+def _positive_int(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise FilterConfigError(where, "expected a positive integer")
+    return value
+
+
+def _source(config: dict) -> tuple[str, str | bytes]:
+    """(field, code): exactly one of vm_config.code.local.{filename,inline_string}, wasm_file, code_wat."""
+    found: list[tuple[str, object]] = []
+    vm = config.get("vm_config") or {}
+    code = vm.pop("code", None)
+    if code is not None:
+        if not isinstance(code, dict) or not isinstance(code.get("local"), dict):
+            raise FilterConfigError("vm_config.code", "expected {local: {filename: ...}}")
+        local = dict(code["local"])
+        for key in ("filename", "inline_string"):
+            if key in local:
+                found.append((f"vm_config.code.local.{key}", local.pop(key)))
+        if local:
+            raise FilterConfigError(f"vm_config.code.local.{next(iter(local))}", "unknown field")
+        if len(code) > 1:
+            raise FilterConfigError("vm_config.code", "only `local` code is supported")
+    for key in ("wasm_file", "code_wat"):
+        if key in config:
+            found.append((key, config.pop(key)))
+    if not found:
+        raise FilterConfigError("vm_config.code", "required (or wasm_file, or code_wat)")
+    if len(found) > 1:
+        raise FilterConfigError(found[1][0], f"give one module source (already have {found[0][0]})")
+    field, value = found[0]
+    value = _string(value, field)
+    if field.endswith("filename") or field == "wasm_file":
+        try:
+            with open(value, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise FilterConfigError(field, f"cannot read {value!r}: {exc.strerror}") from None
+        if value.endswith(".wat") or not data.startswith(b"\0asm"):
+            try:
+                return field, data.decode()
+            except UnicodeDecodeError:
+                raise FilterConfigError(field, "neither a wasm binary nor WAT text") from None
+        return field, data
+    return field, value
+
+
+def compile_module(field: str, code: str | bytes) -> wasmtime.Module:
+    try:
+        return wasmtime.Module(_engine(), code)
+    except wasmtime.WasmtimeError as exc:
+        text = " ".join(str(exc).split())
+        raise FilterConfigError(field, f"invalid module: {text[:200]}") from None
+
+
+def check_module(field: str, module: wasmtime.Module) -> None:
+    """Refuse modules this host cannot run: ABI version, memory, allocator, callback signatures, imports."""
+    exports = {e.name: e.type for e in module.exports}
+    markers = [name for name in exports if name.startswith("proxy_abi_version_")]
+    if not markers:
+        raise FilterConfigError(field, "not a Proxy-Wasm module (no proxy_abi_version_* export)")
+    if not any(m in ABI_MARKERS for m in markers):
+        raise FilterConfigError(
+            field,
+            f"unsupported Proxy-Wasm ABI {markers[0][len('proxy_abi_version_') :].replace('_', '.')}"
+            " (supported: 0.2.1, 0.2.0, 0.1.0)",
+        )
+    if not isinstance(exports.get("memory"), wasmtime.MemoryType):
+        raise FilterConfigError(field, "the module exports no memory named `memory`")
+    if "proxy_on_memory_allocate" not in exports and "malloc" not in exports:
+        raise FilterConfigError(field, "the module exports no proxy_on_memory_allocate (or malloc)")
+    for name, (nparams, nresults) in CALLBACKS.items():
+        ty = exports.get(name)
+        if ty is None:
+            continue
+        if not isinstance(ty, wasmtime.FuncType):
+            raise FilterConfigError(field, f"export {name} is not a function")
+        params, results = [str(t) for t in ty.params], [str(t) for t in ty.results]
+        if (
+            len(params) > nparams
+            or any(p != "i32" for p in params)
+            or len(results) != nresults
+            or any(r != "i32" for r in results)
+        ):
+            raise FilterConfigError(
+                field, f"export {name} has signature {params} -> {results}, not the ABI's"
+            )
+    for imp in module.imports:
+        if imp.module not in ("env", "wasi_snapshot_preview1"):
+            raise FilterConfigError(
+                field, f"imports {imp.module}.{imp.name}: only env and wasi_snapshot_preview1 exist"
+            )
+        if not isinstance(imp.type, wasmtime.FuncType):
+            raise FilterConfigError(
+                field, f"imports {imp.module}.{imp.name}, which is not a function (not provided)"
+            )
+
+
+# ---- the runtime: one store and instance -----------------------------------------------------
+
+
+class Runtime:
+    """One instance of a module (per worker per filter) and the host functions it calls."""
+
+    def __init__(self, module: wasmtime.Module, settings: dict, loop=None) -> None:
+        self.module = module
+        self.settings = settings
+        self.loop = loop
+        self.name = settings["name"]
+        self.fuel = settings["fuel_per_call"]
+        self.vm_config = settings["vm_configuration"].encode()
+        self.plugin_config = settings["configuration"].encode()
+        self.engine = _engine()
+        self.linker = wasmtime.Linker(self.engine)
+        self._host_callbacks: list = []  # must outlive every store made from the linker
+        self._link()
+        self.generation = 0
+        self.store = None
+        self.live: dict[int, WasmFilter] = {}
+        self.filter: WasmFilter | None = None  # the stream whose callback is running, None for root
+        self.next_id = ROOT_CONTEXT_ID
+        self.tick_timer = None
+        self.tick_period = 0.0
+        self.metrics: dict[int, int] = {}
+        self.metric_ids: dict[bytes, int] = {}
+        self.shared: dict[bytes, tuple[bytes, int]] = {}
+        self.failed_at = 0.0
+        self.start()
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Make a fresh store and instance, then run the module's start, VM start and configure."""
+        store = wasmtime.Store(self.engine)
+        store.set_limits(memory_size=self.settings["max_memory_bytes"])
+        store.set_fuel(self.fuel)
+        try:
+            instance = self.linker.instantiate(store, self.module)
+        except wasmtime.WasmtimeError as exc:
+            raise WasmFault(f"instantiation failed: {_first_line(exc)}") from None
+        except wasmtime.Trap as exc:
+            raise WasmFault(f"instantiation trapped: {_first_line(exc)}") from None
+        self.generation += 1
+        self.store, self.instance = store, instance
+        self.ctx = _addr(store._context())
+        self.caller_ctx = 0  # the caller's context while a host function runs
+        exports = instance.exports(store)
+        self.memory = exports["memory"]
+        self.memory_handle = ctypes.addressof(self.memory._memory)
+        self.exports: dict[str, tuple[int, int]] = {}
+        self._funcs = []  # keep the Func objects (their handles are used by address)
+        for name in CALLBACKS:
+            func = exports.get(name) if hasattr(exports, "get") else None
+            if func is None:
+                try:
+                    func = exports[name]
+                except KeyError:
+                    continue
+            ty = func.type(store)
+            self._funcs.append(func)
+            self.exports[name] = (
+                ctypes.addressof(func._func),
+                max(len(ty.params), len(ty.results), 1),
+            )
+        self.alloc = self.exports.get("proxy_on_memory_allocate") or self.exports.get("malloc")
+        # Argument/result buffers: one for host→guest entries, one for allocations made from a host function.
+        self.raw = (c_int32 * (4 * 8))()
+        self.raw_addr = ctypes.addressof(self.raw)
+        self.raw_alloc = (c_int32 * 4)()
+        self.raw_alloc_addr = ctypes.addressof(self.raw_alloc)
+        self.trapbox = c_void_p()
+        self.trap_addr = ctypes.addressof(self.trapbox)
+        self.live.clear()
+        self.filter = None
+        self._init_guest()
+
+    def _init_guest(self) -> None:
+        exports = self.exports
+        self.refuel()
+        try:
+            if "_initialize" in exports:
+                self.call("_initialize")
+                if "main" in exports:
+                    self.call("main", 0, 0)
+            elif "_start" in exports:
+                self.call("_start")
+        except WasmFault as exc:
+            if "proc_exit(0)" not in str(exc):
+                raise
+        self.refuel()
+        if "proxy_on_context_create" in exports:
+            self.call("proxy_on_context_create", ROOT_CONTEXT_ID, 0)
+        if "proxy_on_vm_start" in exports:
+            if not self.call("proxy_on_vm_start", ROOT_CONTEXT_ID, len(self.vm_config)):
+                raise WasmFault("proxy_on_vm_start returned false")
+        self.refuel()
+        if "proxy_on_configure" in exports:
+            if not self.call("proxy_on_configure", ROOT_CONTEXT_ID, len(self.plugin_config)):
+                raise WasmFault(
+                    "proxy_on_configure returned false (plugin refused its configuration)"
+                )
+
+    def refuel(self) -> None:
+        _set_fuel(self.ctx, self.fuel)
+
+    def close(self) -> None:
+        if self.tick_timer is not None:
+            self.tick_timer.cancel()
+            self.tick_timer = None
+        self.live.clear()
+        self.store = None
+
+    def failed(self, exc: WasmFault, where: str, counters) -> None:
+        """A trap: count it, log one line, and replace the instance (its memory may be inconsistent)."""
+        counters[OUT_OF_FUEL if exc.out_of_fuel else TRAPS] += 1
+        log.warning("wasm filter %s: %s in %s; request answered 500", self.name, exc, where)
+        for f in list(self.live.values()):
+            f.orphaned()
+        self.restart()
+
+    def restart(self) -> None:
+        self.failed_at = time.monotonic()
+        try:
+            self.start()
+        except WasmFault as exc:
+            self.store = None
+            log.error("wasm filter %s: could not restart the VM: %s", self.name, exc)
+
+    def usable(self) -> bool:
+        if self.store is not None:
+            return True
+        if time.monotonic() - self.failed_at >= RESTART_BACKOFF:
+            self.restart()
+        return self.store is not None
+
+    # ---- host → guest -------------------------------------------------------------------
+
+    def call(self, name: str, a: int = 0, b: int = 0, c: int = 0) -> int:
+        """Call an export by name (start-up and rare paths); raises WasmFault."""
+        func, n = self.exports[name]
+        return self.call_raw(func, n, a, b, c)
+
+    def call_raw(self, func: int, n: int, a: int = 0, b: int = 0, c: int = 0) -> int:
+        raw = self.raw
+        raw[0] = a
+        raw[4] = b
+        raw[8] = c
+        error = _call_unchecked(self.ctx, func, self.raw_addr, n, self.trap_addr)
+        if error or self.trapbox.value:
+            raise self._fault(error)
+        return raw[0]
+
+    def _fault(self, error: int | None) -> WasmFault:
+        if self.trapbox.value:
+            trap = wasmtime.Trap._from_ptr(
+                ctypes.cast(self.trapbox.value, ctypes.POINTER(_capi.wasm_trap_t))
+            )
+            self.trapbox.value = None
+            code = trap.trap_code
+            out_of_fuel = code == wasmtime.TrapCode.OUT_OF_FUEL
+            message = "out of fuel" if out_of_fuel else _first_line(trap)
+            return WasmFault(f"trap: {message}", out_of_fuel)
+        err = wasmtime.WasmtimeError._from_ptr(
+            ctypes.cast(error, ctypes.POINTER(_capi.wasmtime_error_t))
+        )
+        return WasmFault(f"error: {_first_line(err)}")
+
+    def _allocate(self, size: int) -> int:
+        """Memory in the guest, from inside a host function (uses the caller's context)."""
+        func, n = self.alloc
+        raw = self.raw_alloc
+        raw[0] = size
+        ctx = self.caller_ctx or self.ctx
+        error = _call_unchecked(ctx, func, self.raw_alloc_addr, n, self.trap_addr)
+        if error or self.trapbox.value:
+            raise self._fault(error)
+        return raw[0] & 0xFFFFFFFF
+
+    # ---- guest memory -------------------------------------------------------------------
+
+    def _bounds(self, ptr: int, size: int) -> int:
+        ctx = self.caller_ctx or self.ctx
+        if ptr + size > _memory_size(ctx, self.memory_handle):
+            raise IndexError
+        return _memory_data(ctx, self.memory_handle) + ptr
+
+    def read(self, ptr: int, size: int) -> bytes:
+        return ctypes.string_at(self._bounds(ptr, size), size) if size else b""
+
+    def write(self, ptr: int, data: bytes) -> None:
+        ctypes.memmove(self._bounds(ptr, len(data)), data, len(data))
+
+    def write_u32(self, ptr: int, value: int) -> None:
+        c_uint32.from_address(self._bounds(ptr, 4)).value = value
+
+    def write_u64(self, ptr: int, value: int) -> None:
+        c_uint64.from_address(self._bounds(ptr, 8)).value = value
+
+    def give(self, data: bytes, ret_ptr: int, ret_size: int) -> int:
+        """Copy `data` into guest-allocated memory and return (pointer, size) through the out-params."""
+        ptr = 0
+        if data:
+            ptr = self._allocate(len(data))
+            if not ptr:
+                return INVALID_MEMORY_ACCESS
+            self.write(ptr, data)
+        self.write_u32(ret_ptr, ptr)
+        self.write_u32(ret_size, len(data))
+        return OK
+
+    # ---- linking ------------------------------------------------------------------------
+
+    def _link(self) -> None:
+        host = _host_functions(self)
+        for imp in self.module.imports:
+            ty = imp.type
+            signature = ([str(t) for t in ty.params], [str(t) for t in ty.results])
+            entry = host.get((imp.module, imp.name))
+            if entry is not None and (entry[0], entry[1]) == signature:
+                impl = entry[2]
+            else:
+                impl = _stub(imp.module, imp.name, signature[1])
+            self._define(imp.module, imp.name, ty, signature, impl)
+
+    def _define(self, module: str, name: str, ty, signature, impl) -> None:
+        params, results = signature
+        fmt = "<" + "".join("q8x" if p == "i64" else "I12x" for p in params)
+        size = _RAW * len(params)
+        result = results[0] if results else None
+        unpack = struct.Struct(fmt).unpack_from if params else None
+        runtime = self
+        label = f"{module}.{name}"
+
+        def callback(_env, caller, args, _nargs):
+            outer = runtime.caller_ctx
+            runtime.caller_ctx = _caller_context(caller)
+            try:
+                values = unpack(ctypes.string_at(args, size)) if unpack else ()
+                try:
+                    value = impl(*values)
+                except IndexError:
+                    value = WASI_FAULT if module != "env" else INVALID_MEMORY_ACCESS
+                if result == "i32":
+                    c_uint32.from_address(args).value = value & 0xFFFFFFFF
+                elif result == "i64":
+                    c_int64.from_address(args).value = value
+                elif result is not None:
+                    ctypes.memset(args, 0, _RAW)
+                return None
+            except WasmFault as exc:  # a nested call into the guest failed: unwind the guest too
+                return _make_trap(str(exc))
+            except _ProcExit as exc:
+                return _make_trap(str(exc))
+            except Exception as exc:  # a host bug must not take the proxy down: the guest traps
+                log.exception("wasm filter %s: host function %s failed", runtime.name, label)
+                return _make_trap(f"host function {label} failed: {exc}")
+            finally:
+                runtime.caller_ctx = outer
+
+        cb = _HostCallback(callback)
+        self._host_callbacks.append(cb)
+        m, n = module.encode(), name.encode()
+        error = _define_unchecked(
+            _addr(self.linker.ptr()), m, len(m), n, len(n), _addr(ty.ptr()), cb, None, None
+        )
+        if error:
+            err = wasmtime.WasmtimeError._from_ptr(
+                ctypes.cast(error, ctypes.POINTER(_capi.wasmtime_error_t))
+            )
+            raise WasmFault(f"cannot link {label}: {err}")
+
+    # ---- ticks --------------------------------------------------------------------------
+
+    def set_tick(self, ms: int) -> int:
+        if self.tick_timer is not None:
+            self.tick_timer.cancel()
+            self.tick_timer = None
+        self.tick_period = ms / 1000
+        if ms and self.loop is not None and "proxy_on_tick" in self.exports:
+            self.tick_timer = self.loop.call_later(self.tick_period, self._tick)
+        return OK
+
+    def _tick(self) -> None:
+        self.tick_timer = None
+        if self.store is None:
+            return
+        self.filter = None
+        self.refuel()
+        try:
+            self.call("proxy_on_tick", ROOT_CONTEXT_ID)
+        except WasmFault as exc:
+            log.warning("wasm filter %s: %s in proxy_on_tick", self.name, exc)
+            self.restart()
+            return
+        if self.tick_period and self.tick_timer is None and self.store is not None:
+            self.tick_timer = self.loop.call_later(self.tick_period, self._tick)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _make_trap(message: str) -> int:
+    data = message.encode()
+    return _trap_new(data, len(data))
+
+
+def _stub(module: str, name: str, results: list[str]):
+    if module == "env":
+        answer = UNIMPLEMENTED
+    elif name.startswith("fd_"):
+        answer = WASI_BADF
+    else:
+        answer = WASI_NOSYS
+
+    def stub(*_args) -> int:
+        return answer if results else None
+
+    return stub
+
+
+# ---- host functions --------------------------------------------------------------------------
+
+
+def _host_functions(rt: Runtime) -> dict:
+    """(module, name) -> (param types, result types, implementation), per the v0.2.1 spec."""
+    I, L = "i32", "i64"  # noqa: E741
+
+    def headers_of(map_id: int):
+        f = rt.filter
+        if f is None:
+            return None
+        if map_id == REQUEST_HEADERS:
+            return f.request
+        if map_id == RESPONSE_HEADERS:
+            return f.response
+        return None
+
+    def known_map(map_id: int) -> bool:
+        return 0 <= map_id <= 7
+
+    def proxy_log(level, ptr, size):
+        if level > 5:
+            return BAD_ARGUMENT
+        message = rt.read(ptr, size)
+        py_level = LOG_LEVELS[level]
+        if log.isEnabledFor(py_level):
+            log.log(py_level, "wasm filter %s: %s", rt.name, message.decode(errors="replace"))
+        return OK
+
+    def proxy_get_log_level(ret):
+        effective = log.getEffectiveLevel()
+        level = next((i for i, lv in enumerate(LOG_LEVELS) if lv >= effective), 5)
+        rt.write_u32(ret, level)
+        return OK
+
+    def proxy_get_current_time_nanoseconds(ret):
+        rt.write_u64(ret, time.time_ns())
+        return OK
+
+    def proxy_get_buffer_bytes(buffer_id, start, max_size, ret_ptr, ret_size):
+        if buffer_id == VM_CONFIGURATION:
+            data = rt.vm_config
+        elif buffer_id == PLUGIN_CONFIGURATION:
+            data = rt.plugin_config
+        elif 0 <= buffer_id <= 8:
+            return NOT_FOUND
+        else:
+            return BAD_ARGUMENT
+        if start > len(data):
+            return BAD_ARGUMENT
+        return rt.give(data[start : start + max_size], ret_ptr, ret_size)
+
+    def proxy_get_buffer_status(buffer_id, ret_size, ret_flags):
+        if buffer_id == VM_CONFIGURATION:
+            size = len(rt.vm_config)
+        elif buffer_id == PLUGIN_CONFIGURATION:
+            size = len(rt.plugin_config)
+        else:
+            return NOT_FOUND if 0 <= buffer_id <= 8 else BAD_ARGUMENT
+        rt.write_u32(ret_size, size)
+        rt.write_u32(ret_flags, 0)
+        return OK
+
+    def proxy_get_configuration(ret_ptr, ret_size):  # ABI v0.1.0
+        return rt.give(rt.plugin_config, ret_ptr, ret_size)
+
+    def proxy_get_header_map_value(map_id, kptr, ksize, ret_ptr, ret_size):
+        if not known_map(map_id):
+            return BAD_ARGUMENT
+        headers = headers_of(map_id)
+        if headers is None:
+            return NOT_FOUND
+        value = headers.get(rt.read(kptr, ksize))
+        if value is None:
+            return NOT_FOUND
+        return rt.give(value, ret_ptr, ret_size)
+
+    def edit(map_id, kptr, ksize, vptr, vsize, how) -> int:
+        if not known_map(map_id):
+            return BAD_ARGUMENT
+        headers = headers_of(map_id)
+        if headers is None:
+            return NOT_FOUND
+        key = rt.read(kptr, ksize)
+        try:
+            if how == "remove":
+                headers.remove(key)
+            elif how == "add":
+                headers.add(key, rt.read(vptr, vsize))
+            else:
+                headers.set(key, rt.read(vptr, vsize))
+        except ValueError:  # a CR/LF or bad name: refused, never smuggled onto the wire
+            return BAD_ARGUMENT
+        return OK
+
+    def proxy_add_header_map_value(map_id, kptr, ksize, vptr, vsize):
+        return edit(map_id, kptr, ksize, vptr, vsize, "add")
+
+    def proxy_replace_header_map_value(map_id, kptr, ksize, vptr, vsize):
+        return edit(map_id, kptr, ksize, vptr, vsize, "set")
+
+    def proxy_remove_header_map_value(map_id, kptr, ksize):
+        return edit(map_id, kptr, ksize, 0, 0, "remove")
+
+    def proxy_get_header_map_pairs(map_id, ret_ptr, ret_size):
+        if not known_map(map_id):
+            return BAD_ARGUMENT
+        headers = headers_of(map_id)
+        pairs = headers.items() if headers is not None else []
+        return rt.give(serialize_pairs(pairs), ret_ptr, ret_size)
+
+    def proxy_get_header_map_size(map_id, ret_size):
+        if not known_map(map_id):
+            return BAD_ARGUMENT
+        headers = headers_of(map_id)
+        pairs = headers.items() if headers is not None else []
+        rt.write_u32(ret_size, len(serialize_pairs(pairs)))
+        return OK
+
+    def proxy_set_header_map_pairs(map_id, ptr, size):
+        if not known_map(map_id):
+            return BAD_ARGUMENT
+        headers = headers_of(map_id)
+        if headers is None:
+            return NOT_FOUND
+        try:
+            pairs = deserialize_pairs(rt.read(ptr, size))
+        except (ValueError, struct.error):
+            return BAD_ARGUMENT
+        try:
+            for name in {k for k, _ in headers.headers}:
+                headers.remove(name)
+            for key, value in pairs:
+                if key[:1] == b":":
+                    headers.set(key, value)
+                else:
+                    headers.add(key, value)
+        except ValueError:
+            return BAD_ARGUMENT
+        return OK
+
+    def proxy_send_local_response(status, dptr, dsize, bptr, bsize, hptr, hsize, grpc_status):
+        f = rt.filter
+        if f is None:
+            return NOT_FOUND
+        try:
+            headers = deserialize_pairs(rt.read(hptr, hsize))
+        except (ValueError, struct.error):
+            return BAD_ARGUMENT
+        grpc = grpc_status if 0 <= grpc_status <= 16 else None
+        if not 100 <= status <= 999:
+            return BAD_ARGUMENT
+        # Sent after the guest returns: answering now could end the request (and call the guest) mid-call.
+        f.reply = (status, rt.read(bptr, bsize), headers, grpc, rt.read(dptr, dsize))
+        return OK
+
+    def proxy_get_property(pptr, psize, ret_ptr, ret_size):
+        path = tuple(p for p in rt.read(pptr, psize).split(b"\0") if p)
+        value = _property(rt, path)
+        if value is None:
+            return NOT_FOUND
+        return rt.give(value, ret_ptr, ret_size)
+
+    def proxy_set_effective_context(context_id):
+        if context_id == ROOT_CONTEXT_ID:
+            rt.filter = None
+            return OK
+        f = rt.live.get(context_id)
+        if f is None:
+            return BAD_ARGUMENT
+        rt.filter = f
+        return OK
+
+    def continue_stream(stream_type):
+        f = rt.filter
+        if f is None or stream_type > 3:
+            return BAD_ARGUMENT
+        if stream_type > 1:
+            return UNIMPLEMENTED
+        f.resume(stream_type)
+        return OK
+
+    def proxy_continue_request():  # ABI v0.1.0
+        return continue_stream(0)
+
+    def proxy_continue_response():  # ABI v0.1.0
+        return continue_stream(1)
+
+    def proxy_done():
+        return NOT_FOUND  # contexts are never kept pending here
+
+    def proxy_set_tick_period_milliseconds(ms):
+        return rt.set_tick(ms)
+
+    def proxy_define_metric(metric_type, nptr, nsize, ret_id):
+        if metric_type > 2:
+            return BAD_ARGUMENT
+        name = rt.read(nptr, nsize)
+        metric_id = rt.metric_ids.setdefault(name, len(rt.metric_ids) + 1)
+        rt.metrics.setdefault(metric_id, 0)
+        rt.write_u32(ret_id, metric_id)
+        return OK
+
+    def proxy_increment_metric(metric_id, delta):
+        if metric_id not in rt.metrics:
+            return NOT_FOUND
+        rt.metrics[metric_id] += delta
+        return OK
+
+    def proxy_record_metric(metric_id, value):
+        if metric_id not in rt.metrics:
+            return NOT_FOUND
+        rt.metrics[metric_id] = value
+        return OK
+
+    def proxy_get_metric(metric_id, ret):
+        if metric_id not in rt.metrics:
+            return NOT_FOUND
+        rt.write_u64(ret, rt.metrics[metric_id] & 0xFFFFFFFFFFFFFFFF)
+        return OK
+
+    def proxy_get_shared_data(kptr, ksize, ret_ptr, ret_size, ret_cas):
+        item = rt.shared.get(rt.read(kptr, ksize))
+        if item is None:
+            return NOT_FOUND
+        status = rt.give(item[0], ret_ptr, ret_size)
+        rt.write_u32(ret_cas, item[1])
+        return status
+
+    def proxy_set_shared_data(kptr, ksize, vptr, vsize, cas):
+        key = rt.read(kptr, ksize)
+        current = rt.shared.get(key)
+        if cas and current is not None and current[1] != cas:
+            return 8  # CAS_MISMATCH
+        rt.shared[key] = (rt.read(vptr, vsize), (current[1] + 1 if current else 1) & 0xFFFFFFFF)
+        return OK
+
+    # WASI: just enough for Rust and TinyGo SDK modules (their runtimes print, read clocks, seed hashers).
+    def fd_write(fd, iovs, iovs_len, ret_written):
+        if fd not in (1, 2):
+            return WASI_BADF
+        chunks = []
+        for i in range(iovs_len):
+            ptr, size = struct.unpack("<II", rt.read(iovs + 8 * i, 8))
+            chunks.append(rt.read(ptr, size))
+        data = b"".join(chunks)
+        level = logging.INFO if fd == 1 else logging.ERROR
+        if data.strip() and log.isEnabledFor(level):
+            log.log(level, "wasm filter %s: %s", rt.name, data.decode(errors="replace").rstrip())
+        rt.write_u32(ret_written, len(data))
+        return WASI_SUCCESS
+
+    def clock_time_get(clock_id, _precision, ret):
+        if clock_id == 0:
+            rt.write_u64(ret, time.time_ns())
+        elif clock_id in (1, 2, 3):
+            rt.write_u64(ret, time.monotonic_ns())
+        else:
+            return WASI_NOTSUP
+        return WASI_SUCCESS
+
+    def clock_res_get(clock_id, ret):
+        if clock_id > 3:
+            return WASI_NOTSUP
+        rt.write_u64(ret, 1000)
+        return WASI_SUCCESS
+
+    def random_get(ptr, size):
+        if size > 65536:
+            return WASI_INVAL
+        rt.write(ptr, os.urandom(size))
+        return WASI_SUCCESS
+
+    def zero_sizes(ret_count, ret_size):
+        rt.write_u32(ret_count, 0)
+        rt.write_u32(ret_size, 0)
+        return WASI_SUCCESS
+
+    def nothing(_a, _b):
+        return WASI_SUCCESS
+
+    def proc_exit(code):
+        raise _ProcExit(code)
+
+    def sched_yield():
+        return WASI_SUCCESS
+
+    env = {
+        "proxy_log": ([I, I, I], proxy_log),
+        "proxy_get_log_level": ([I], proxy_get_log_level),
+        "proxy_get_current_time_nanoseconds": ([I], proxy_get_current_time_nanoseconds),
+        "proxy_get_buffer_bytes": ([I] * 5, proxy_get_buffer_bytes),
+        "proxy_get_buffer_status": ([I] * 3, proxy_get_buffer_status),
+        "proxy_get_configuration": ([I, I], proxy_get_configuration),
+        "proxy_get_header_map_value": ([I] * 5, proxy_get_header_map_value),
+        "proxy_add_header_map_value": ([I] * 5, proxy_add_header_map_value),
+        "proxy_replace_header_map_value": ([I] * 5, proxy_replace_header_map_value),
+        "proxy_remove_header_map_value": ([I] * 3, proxy_remove_header_map_value),
+        "proxy_get_header_map_pairs": ([I] * 3, proxy_get_header_map_pairs),
+        "proxy_get_header_map_size": ([I] * 2, proxy_get_header_map_size),
+        "proxy_set_header_map_pairs": ([I] * 3, proxy_set_header_map_pairs),
+        "proxy_send_local_response": ([I] * 8, proxy_send_local_response),
+        "proxy_get_property": ([I] * 4, proxy_get_property),
+        "proxy_set_effective_context": ([I], proxy_set_effective_context),
+        "proxy_continue_stream": ([I], continue_stream),
+        "proxy_continue_request": ([], proxy_continue_request),
+        "proxy_continue_response": ([], proxy_continue_response),
+        "proxy_done": ([], proxy_done),
+        "proxy_set_tick_period_milliseconds": ([I], proxy_set_tick_period_milliseconds),
+        "proxy_define_metric": ([I] * 4, proxy_define_metric),
+        "proxy_increment_metric": ([I, L], proxy_increment_metric),
+        "proxy_record_metric": ([I, L], proxy_record_metric),
+        "proxy_get_metric": ([I, I], proxy_get_metric),
+        "proxy_get_shared_data": ([I] * 5, proxy_get_shared_data),
+        "proxy_set_shared_data": ([I] * 5, proxy_set_shared_data),
+    }
+    wasi = {
+        "fd_write": ([I] * 4, [I], fd_write),
+        "clock_time_get": ([I, L, I], [I], clock_time_get),
+        "clock_res_get": ([I, I], [I], clock_res_get),
+        "random_get": ([I, I], [I], random_get),
+        "environ_sizes_get": ([I, I], [I], zero_sizes),
+        "environ_get": ([I, I], [I], nothing),
+        "args_sizes_get": ([I, I], [I], zero_sizes),
+        "args_get": ([I, I], [I], nothing),
+        "proc_exit": ([I], [], proc_exit),
+        "sched_yield": ([], [I], sched_yield),
+    }
+    table = {("env", name): (params, [I], impl) for name, (params, impl) in env.items()}
+    table.update({("wasi_snapshot_preview1", name): entry for name, entry in wasi.items()})
+    return table
+
+
+def _property(rt: Runtime, path: tuple[bytes, ...]) -> bytes | None:
+    """A minimal property tree: plugin identity, and the current request's method/path/host and status."""
+    settings = rt.settings
+    if path == (b"plugin_name",):
+        return settings["name"].encode()
+    if path == (b"plugin_root_id",):
+        return settings["root_id"].encode()
+    if path == (b"plugin_vm_id",):
+        return settings["vm_id"].encode()
+    f = rt.filter
+    if f is None or len(path) != 2:
+        return None
+    if path[0] == b"request" and f.request is not None:
+        pseudo = {b"path": b":path", b"method": b":method", b"host": b":authority"}.get(path[1])
+        return f.request.get(pseudo) if pseudo else None
+    if path == (b"response", b"code") and f.response is not None:
+        return f.response.get(b":status")
+    return None
+
+
+# ---- the filter --------------------------------------------------------------------------------
+
+
+class WasmFactory(FilterFactory):
+    name = "wasm"
+    counter_names = ("traps", "out_of_fuel", "local_replies", "pause_timeouts")
+
+    @classmethod
+    def validate(cls, config: dict) -> dict:
+        vm = config.get("vm_config")
+        if vm is not None and not isinstance(vm, dict):
+            raise FilterConfigError("vm_config", "expected a mapping")
+        vm = dict(vm or {})
+        config["vm_config"] = vm
+        field, code = _source(config)
+        runtime = vm.pop("runtime", None)
+        if runtime is not None and "wasmtime" not in str(runtime):
+            raise FilterConfigError("vm_config.runtime", "only wasmtime is available")
+        out = {
+            "name": _string(config.pop("name", ""), "name"),
+            "root_id": _string(config.pop("root_id", ""), "root_id"),
+            "vm_id": _string(vm.pop("vm_id", ""), "vm_config.vm_id"),
+            "configuration": _configuration(config.pop("configuration", None), "configuration"),
+            "vm_configuration": _configuration(
+                vm.pop("configuration", None), "vm_config.configuration"
+            ),
+            "fuel_per_call": _positive_int(
+                config.pop("fuel_per_call", DEFAULT_FUEL), "fuel_per_call"
+            ),
+            "max_memory_bytes": _positive_int(
+                config.pop("max_memory_bytes", DEFAULT_MEMORY), "max_memory_bytes"
+            ),
+        }
+        try:
+            out["pause_timeout"] = parse_duration(
+                config.pop("pause_timeout", DEFAULT_PAUSE_TIMEOUT)
+            )
+        except ValueError as exc:
+            raise FilterConfigError("pause_timeout", str(exc)) from None
+        if vm:
+            raise FilterConfigError(f"vm_config.{next(iter(vm))}", "unknown field")
+        config.pop("vm_config")
+        if config:
+            raise FilterConfigError(next(iter(config)), "unknown field")
+        module = compile_module(field, code)
+        check_module(field, module)
+        # Instantiate and configure once here: a module that traps, exceeds the memory cap or
+        # refuses its configuration is refused at load, not on the first request.
+        try:
+            Runtime(module, out).close()
+        except WasmFault as exc:
+            where = "configuration" if "configuration" in str(exc) else field
+            raise FilterConfigError(where, str(exc)) from None
+        artifact = module.serialize()
+        digest = hashlib.sha256(artifact).hexdigest()[:16]
+        out["module"] = CompiledModule(
+            f"sha256:{digest} ({len(artifact)} bytes compiled)", artifact
+        )
+        return out
+
+    def __init__(self, config: dict, context) -> None:
+        super().__init__(config, context)
+        module = wasmtime.Module.deserialize(_engine(), config["module"].artifact)
+        settings = dict(config, name=config["name"] or context.filter_name or "wasm")
+        self.runtime = Runtime(module, settings, context.loop)
+        self.pause_timeout = config["pause_timeout"]
+        # Only the hooks the module exports: a callback it lacks costs nothing per request.
+        exports = self.runtime.exports
+        hooks = {}
+        if "proxy_on_request_headers" in exports:
+            hooks["decode_headers"] = WasmFilter._decode_headers
+        if "proxy_on_response_headers" in exports:
+            hooks["encode_headers"] = WasmFilter._encode_headers
+        self.filter_class = type("WasmFilter", (WasmFilter,), hooks)
+
+    def create(self) -> WasmFilter:
+        return self.filter_class(self)
+
+    def close(self) -> None:
+        self.runtime.close()
+
+
+class WasmFilter(HttpFilter):
+    """One request's stream context in the module."""
+
+    __slots__ = (
+        "factory",
+        "runtime",
+        "callbacks",
+        "context_id",
+        "generation",
+        "request",
+        "response",
+        "reply",
+        "paused",
+        "timer",
+    )
+
+    def __init__(self, factory: WasmFactory) -> None:
+        self.factory = factory
+        self.runtime = factory.runtime
+        self.context_id = 0
+        self.generation = 0
+        self.request = None
+        self.response = None
+        self.reply = None
+        self.paused = -1  # the stream type (0 request, 1 response) the guest paused, or -1
+        self.timer = None
+
+    def _enter(self) -> bool:
+        """Make sure this request has a live context in the current instance; False: skip the hook."""
+        rt = self.runtime
+        if self.context_id:
+            if self.generation != rt.generation:
+                return False
+            rt.filter = self
+            rt.refuel()
+            return True
+        if not rt.usable():
+            return False
+        rt.next_id = context_id = rt.next_id + 1 if rt.next_id < 0x7FFFFFFF else ROOT_CONTEXT_ID + 1
+        self.context_id = context_id
+        self.generation = rt.generation
+        rt.live[context_id] = self
+        rt.filter = self
+        rt.refuel()
+        func = rt.exports.get("proxy_on_context_create")
+        if func is not None:
+            rt.call_raw(func[0], func[1], context_id, ROOT_CONTEXT_ID)
+        return True
+
+    def _decode_headers(self, headers, end_stream: bool) -> int:
+        self.request = headers
+        return self._headers("proxy_on_request_headers", headers, end_stream, 0)
+
+    def _encode_headers(self, headers, end_stream: bool) -> int:
+        self.response = headers
+        return self._headers("proxy_on_response_headers", headers, end_stream, 1)
+
+    def _headers(self, callback: str, headers, end_stream: bool, stream: int) -> int:
+        rt = self.runtime
+        try:
+            if not self._enter():
+                return self._unavailable()
+            func, n = rt.exports[callback]
+            action = rt.call_raw(
+                func, n, self.context_id, len(headers.headers) + len(headers.pseudo), end_stream
+            )
+        except WasmFault as exc:
+            return self._fault(exc, callback)
+        if self.reply is not None:
+            return self._send_reply()
+        if action == PAUSE:
+            if self.paused == -2 - stream:  # the guest resumed before returning
+                self.paused = -1
+                return CONTINUE
+            self.paused = stream
+            self.timer = self.callbacks.loop.call_later(self.factory.pause_timeout, self._timed_out)
+            return STOP
+        return CONTINUE
+
+    def _unavailable(self) -> int:
+        if self.context_id:
+            return CONTINUE  # begun on an instance that has since been replaced
+        self.callbacks.send_local_reply(500, b"wasm filter unavailable\n")
+        return STOP
+
+    def _fault(self, exc: WasmFault, where: str) -> int:
+        self.runtime.failed(exc, where, self.factory.counters)
+        self.callbacks.send_local_reply(500, b"wasm filter failed\n")
+        return STOP
+
+    def _send_reply(self) -> int:
+        status, body, headers, grpc, details = self.reply
+        self.reply = None
+        self.factory.counters[LOCAL_REPLIES] += 1
+        self._cancel_timer()
+        self.callbacks.send_local_reply(
+            status, body, headers, grpc_status=grpc, details=details.decode(errors="replace")
+        )
+        return STOP
+
+    def resume(self, stream: int) -> None:
+        """proxy_continue_stream from the guest: go on after the current guest call returns."""
+        if self.paused == stream:
+            self.paused = -1
+            self._cancel_timer()
+            go_on = (
+                self.callbacks.continue_decoding
+                if stream == 0
+                else self.callbacks.continue_encoding
+            )
+            self.callbacks.loop.call_soon(go_on)
+        elif self.paused == -1:
+            self.paused = -2 - stream  # resumed during the very callback that will return Pause
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        self.paused = -1
+        self.factory.counters[PAUSE_TIMEOUTS] += 1
+        self.callbacks.send_local_reply(500, b"wasm filter paused the request and never resumed\n")
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def orphaned(self) -> None:
+        """The instance holding this context was replaced: forget the context, release a pause."""
+        if self.paused >= 0:
+            self._cancel_timer()
+            stream, self.paused = self.paused, -1
+            go_on = (
+                self.callbacks.continue_decoding
+                if stream == 0
+                else self.callbacks.continue_encoding
+            )
+            self.callbacks.loop.call_soon(go_on)
+
+    def on_destroy(self) -> None:
+        self._cancel_timer()
+        context_id = self.context_id
+        if not context_id:
+            return
+        rt = self.runtime
+        if self.generation != rt.generation:
+            return
+        rt.live.pop(context_id, None)
+        rt.filter = self
+        rt.refuel()
+        exports = rt.exports
+        try:
+            for name in ("proxy_on_done", "proxy_on_log", "proxy_on_delete"):
+                func = exports.get(name)
+                if func is not None:
+                    rt.call_raw(func[0], func[1], context_id)
+        except WasmFault as exc:
+            rt.failed(exc, "proxy_on_done/log/delete", self.factory.counters)
+        finally:
+            rt.filter = None
+        self.reply = None  # a reply asked for after the request ended has nowhere to go

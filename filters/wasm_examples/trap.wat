@@ -1,0 +1,20 @@
+;; Traps (`unreachable`) in proxy_on_request_headers when the request carries `x-trap`; otherwise a no-op.
+(module
+  (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (global $heap (mut i32) (i32.const 4096))
+  (data (i32.const 0) "x-trap")  ;; 6
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param $size i32) (result i32)
+    (local $ptr i32)
+    (local.set $ptr (global.get $heap))
+    (global.set $heap (i32.add (local.get $ptr) (local.get $size)))
+    (local.get $ptr))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "proxy_on_request_headers") (param $ctx i32) (param $n i32) (param $eos i32) (result i32)
+    (global.set $heap (i32.const 4096))
+    (if (i32.eqz (call $get (i32.const 0) (i32.const 0) (i32.const 6) (i32.const 256) (i32.const 260)))
+      (then unreachable))
+    (i32.const 0))
+  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1))
+  (func (export "proxy_on_delete") (param i32)))
