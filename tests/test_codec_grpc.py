@@ -68,3 +68,45 @@ def test_timeouts_and_status_helpers():
     )
     headers = grpc.trailers_only_headers(grpc.UNAVAILABLE, "no healthy upstream")
     assert (b"grpc-status", b"14") in headers and (b"content-type", b"application/grpc") in headers
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_scanner_counts_like_the_framer_across_any_split(seed):
+    rng = random.Random(1000 + seed)
+    sizes = [rng.choice([0, 0, 1, 4, 5, 6, 100, 4096, 70000]) for _ in range(rng.randint(1, 15))]
+    wire = _stream(sizes)
+    scanner = grpc.MessageScanner()
+    pos, completed, boundaries = 0, 0, 0
+    ends = {sum(s + grpc.PREFIX for s in sizes[: i + 1]) for i in range(len(sizes))}
+    while pos < len(wire):
+        step = rng.choice([1, 2, 3, 5, 7, rng.randint(1, 9000)])
+        completed += scanner.feed(memoryview(wire)[pos : pos + step])
+        pos = min(pos + step, len(wire))
+        # at_boundary tells whether what passed so far is whole messages.
+        assert scanner.at_boundary == (pos in ends)
+        boundaries += scanner.at_boundary
+    scanner.finish()
+    assert completed == scanner.messages == len(sizes)
+    assert scanner.bytes == sum(sizes)
+
+
+def test_scanner_holds_no_payload_and_checks_prefixes():
+    big = grpc.frame(b"z" * 3_000_000)
+    scanner = grpc.MessageScanner()
+    for i in range(0, len(big), 16384):
+        scanner.feed(big[i : i + 16384])
+        assert len(scanner._prefix) < grpc.PREFIX
+    assert scanner.messages == 1 and scanner.at_boundary
+    small = grpc.MessageScanner(max_size=10)
+    small.feed(b"\x00\x00")  # a prefix cut after two bytes: the limit is checked once it is whole
+    with pytest.raises(grpc.FramingError) as exc:
+        small.feed(b"\x00\x00\x0b")
+    assert exc.value.status == grpc.RESOURCE_EXHAUSTED
+    with pytest.raises(grpc.FramingError) as exc:
+        grpc.MessageScanner().feed(grpc.frame(b"ok") + b"\x02\x00\x00\x00\x00")
+    assert exc.value.status == grpc.INTERNAL
+    truncated = grpc.MessageScanner()
+    truncated.feed(grpc.frame(b"abcdef")[:-1])
+    with pytest.raises(grpc.FramingError) as exc:
+        truncated.finish()
+    assert exc.value.status == grpc.INTERNAL

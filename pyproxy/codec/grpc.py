@@ -109,6 +109,84 @@ class MessageFramer:
         return len(self._tail)
 
 
+class MessageScanner:
+    """Counts one direction's messages as bytes stream past, holding nothing but a split prefix.
+
+    A proxy forwards the payload untouched, so it only needs each message's
+    boundary, flag and size: payload bytes are skipped by arithmetic, never
+    buffered (the framer above would join a 4 MiB message spread over 256
+    DATA frames; this keeps at most 4 bytes of a prefix cut by a frame).
+    Same checks as MessageFramer: the flag, and the size limit at the prefix.
+    """
+
+    __slots__ = ("max_size", "messages", "bytes", "_skip", "_prefix")
+
+    def __init__(self, max_size: int = DEFAULT_MAX_MESSAGE) -> None:
+        self.max_size = max_size
+        self.messages = 0
+        self.bytes = 0
+        self._skip = 0  # payload bytes of the current message still to come
+        self._prefix = b""  # the start of a prefix cut by a chunk boundary
+
+    def feed(self, data: bytes | memoryview) -> int:
+        """Return how many messages `data` completed; raise FramingError on a bad flag or size."""
+        end = len(data)
+        skip = self._skip
+        pos = done = 0
+        if skip:
+            if skip > end:
+                self._skip = skip - end
+                return 0
+            pos, done = skip, 1  # the message in progress ends inside this chunk
+        elif self._prefix:
+            need = PREFIX - len(self._prefix)
+            if end < need:
+                self._prefix += bytes(data[:end])
+                return 0
+            head = self._prefix + bytes(data[:need])
+            self._prefix = b""
+            size = self._check(head, 0)
+            pos = need + size
+            if pos <= end:
+                done += 1
+        while pos + PREFIX <= end:
+            size = self._check(data, pos)
+            pos += PREFIX + size
+            if pos <= end:
+                done += 1
+        if pos < end:
+            # Fewer than PREFIX bytes left: a prefix cut by the chunk boundary.
+            self._prefix = bytes(data[pos:end])
+            self._skip = 0
+        else:
+            self._skip = pos - end
+        self.messages += done
+        return done
+
+    def _check(self, data, pos: int) -> int:
+        flag = data[pos]
+        if flag > 1:
+            raise FramingError(INTERNAL, f"invalid compressed flag {flag}")
+        size = int.from_bytes(data[pos + 1 : pos + PREFIX], "big")
+        if size > self.max_size:
+            raise FramingError(
+                RESOURCE_EXHAUSTED,
+                f"message of {size} bytes exceeds the {self.max_size}-byte limit",
+            )
+        self.bytes += size
+        return size
+
+    @property
+    def at_boundary(self) -> bool:
+        """Nothing of a message is half-way: what was forwarded so far is whole messages."""
+        return not self._skip and not self._prefix
+
+    def finish(self) -> None:
+        """End of stream: a partial message left over is a truncated call."""
+        if not self.at_boundary:
+            raise FramingError(INTERNAL, "stream ended inside a message")
+
+
 def frame(payload: bytes, compressed: bool = False) -> bytes:
     return bytes((1 if compressed else 0,)) + len(payload).to_bytes(4, "big") + payload
 
