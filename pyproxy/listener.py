@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from functools import partial
 from time import perf_counter_ns
 
 from pyproxy.addresses import Address
@@ -29,6 +30,7 @@ from pyproxy.http.downstream_h2 import Http2Downstream
 from pyproxy.io import sockets
 from pyproxy.io.backends import relay_factory
 from pyproxy.io.connector import Connect
+from pyproxy.io.filtered_relay import FilteredRelay
 from pyproxy.io.relay import Relay
 
 log = logging.getLogger("pyproxy.listener")
@@ -39,7 +41,7 @@ ACCEPTS_PER_WAKEUP = 64  # bounded so one busy listener cannot starve the rest o
 class _PendingConnect:
     """A downstream connection waiting for its upstream connect; closable by drain like a relay."""
 
-    __slots__ = ("listener", "downstream", "started_ns", "connect", "preload")
+    __slots__ = ("listener", "downstream", "started_ns", "connect", "preload", "filters")
 
     def __init__(
         self,
@@ -53,6 +55,7 @@ class _PendingConnect:
         self.downstream = downstream
         self.started_ns = started_ns
         self.preload = b""  # bytes protocol detection read before choosing TCP
+        self.filters: list | None = None  # TCP filter instances that watch the stream
         block = listener.block if listener.timed else None
         self.connect = Connect(
             listener.loop,
@@ -68,7 +71,9 @@ class _PendingConnect:
 
     def _connected(self, upstream: socket.socket) -> None:
         self.listener.connections.discard(self)
-        self.listener.start_relay(self.downstream, upstream, self.started_ns, self.preload)
+        self.listener.start_relay(
+            self.downstream, upstream, self.started_ns, self.preload, self.filters
+        )
 
     def _failed(self, flag: str) -> None:
         self.listener.connections.discard(self)
@@ -226,9 +231,16 @@ class Listener:
         self.connect_upstream(conn, target, source, started)
 
     def connect_upstream(
-        self, conn: socket.socket, target: Address, source: str, started: int
+        self,
+        conn: socket.socket,
+        target: Address,
+        source: str,
+        started: int,
+        filters: list | None = None,
     ) -> None:
-        self.connections.add(_PendingConnect(self, conn, target, source, started))
+        pending = _PendingConnect(self, conn, target, source, started)
+        pending.filters = filters
+        self.connections.add(pending)
 
     def start_protocol(
         self, conn: socket.socket, target: Address, source: str, started: int, protocol: str,
@@ -282,11 +294,14 @@ class Listener:
 
     def start_relay(
         self, downstream: socket.socket, upstream: socket.socket, started_ns: int,
-        preload: bytes = b"",
+        preload: bytes = b"", filters: list | None = None,
     ) -> None:  # fmt: skip
         config = self.config
+        relay_class = self._relay
+        if filters:
+            relay_class = partial(FilteredRelay, filters=filters, stages=self.tcp_chain.stages)
         try:
-            relay = self._relay(
+            relay = relay_class(
                 self.loop,
                 downstream,
                 upstream,

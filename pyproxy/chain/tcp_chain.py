@@ -29,6 +29,13 @@ class TcpChainFactory:
                 slot = FILTER_STAGE_BASE + slot_of[spec.name]
                 self.stages.append((STAGE_NS + slot, STAGE_EVENTS + slot))
 
+        # Only a chain with stream hooks pays for the watched relay.
+        classes = [type(factory.create_tcp()) for factory in self.factories]
+        self.watches_stream = any(
+            getattr(cls, "on_data", None) is not None or getattr(cls, "on_close", None) is not None
+            for cls in classes
+        )
+
     def close(self) -> None:
         for factory in self.factories:
             factory.close()
@@ -90,7 +97,14 @@ class ConnectionGate:
                 self.position = index
                 return
         self.listener.connections.discard(self)
-        self.listener.connect_upstream(self.downstream, self.target, self.source, self.started_ns)
+        watching = self.chain.watches_stream
+        self.listener.connect_upstream(
+            self.downstream,
+            self.target,
+            self.source,
+            self.started_ns,
+            self.filters if watching else None,
+        )
 
     def continue_connecting(self) -> None:
         if not self.closed:
