@@ -50,6 +50,7 @@ import os
 import struct
 import time
 from ctypes import CFUNCTYPE, c_char_p, c_int32, c_int64, c_size_t, c_uint32, c_uint64, c_void_p
+from time import perf_counter_ns
 
 import wasmtime
 from wasmtime import _bindings as _capi
@@ -492,7 +493,10 @@ class Runtime:
             self.trapbox.value = None
             code = trap.trap_code
             out_of_fuel = code == wasmtime.TrapCode.OUT_OF_FUEL
-            message = "out of fuel" if out_of_fuel else _first_line(trap)
+            if code is not None:  # e.g. "unreachable", "out of fuel", "memory out of bounds"
+                message = code.name.lower().replace("_", " ")
+            else:  # a host function's trap (proc_exit, a failed nested call): its message
+                message = " ".join(str(trap).split())[:200]
             return WasmFault(f"trap: {message}", out_of_fuel)
         err = wasmtime.WasmtimeError._from_ptr(
             ctypes.cast(error, ctypes.POINTER(_capi.wasmtime_error_t))
@@ -1228,12 +1232,21 @@ class WasmFilter(HttpFilter):
 
     def on_destroy(self) -> None:
         self._cancel_timer()
+        if not self.context_id or self.generation != self.runtime.generation:
+            return
+        # The chain times hooks but not on_destroy; done/log/delete are guest calls the request
+        # pays for, so they go into this filter's stage too (ns only: the events count hooks).
+        chain = getattr(self.callbacks, "chain", None)
+        if chain is None or not chain.timed:
+            self._delete_context()
+            return
+        t0 = perf_counter_ns()
+        self._delete_context()
+        chain.block[chain.factory.stage_ns[self.callbacks.index]] += perf_counter_ns() - t0
+
+    def _delete_context(self) -> None:
         context_id = self.context_id
-        if not context_id:
-            return
         rt = self.runtime
-        if self.generation != rt.generation:
-            return
         rt.live.pop(context_id, None)
         rt.filter = self
         rt.refuel()
