@@ -104,6 +104,13 @@ class _Callbacks:
     def encoding_buffer(self) -> bytes:
         return b"".join(self.chain.held_body["encode"])
 
+    def set_decoding_buffer(self, data: bytes) -> None:
+        """Replace the buffered request body (the filter updates content-length itself)."""
+        self.chain.held_body["decode"][:] = [bytes(data)]
+
+    def set_encoding_buffer(self, data: bytes) -> None:
+        self.chain.held_body["encode"][:] = [bytes(data)]
+
     def request_headers(self) -> HeaderMap | None:
         return self.chain.maps.get("decode")
 
@@ -124,6 +131,7 @@ class HttpChain:
         "stopped",
         "held",
         "held_body",
+        "body_for",
         "done",
         "replied",
     )
@@ -143,6 +151,9 @@ class HttpChain:
         self.stopped: dict[str, tuple[str, int] | None] = {"decode": None, "encode": None}
         self.held: dict[str, list] = {"decode": [], "encode": []}
         self.held_body: dict[str, list[bytes]] = {"decode": [], "encode": []}
+        # Per direction: the filter that stopped the headers with STOP_AND_BUFFER and wants the
+        # whole body (its data hook is called once, at the end) before the headers move on.
+        self.body_for: dict[str, int | None] = {"decode": None, "encode": None}
         self.done = False
         self.replied = False
 
@@ -175,6 +186,9 @@ class HttpChain:
         stop = self.stopped[direction]
         if stop is not None:
             stopped_kind, position = stop
+            if stopped_kind == "headers" and self.body_for[direction] is not None:
+                self._buffer_whole_body(direction, kind, payload, end_stream)
+                return
             if stopped_kind == "data" and kind == "data":
                 # The stopped filter (STOP_AND_BUFFER) sees each further chunk; it decides when to go on.
                 self._run(direction, kind, payload, end_stream, position, hold_first=True)
@@ -213,6 +227,10 @@ class HttpChain:
                 return False
             if status != CONTINUE:
                 self.stopped[direction] = (kind, pos)
+                if kind == "headers" and status == STOP_AND_BUFFER and not end_stream:
+                    self.body_for[direction] = index
+                    if direction == "decode":
+                        self.exchange.downstream.resume_request()  # the body must come in now
                 if kind == "data":
                     held = self.held_body[direction]
                     if status == STOP_AND_BUFFER or hold_first:
@@ -234,6 +252,46 @@ class HttpChain:
         self._emit(direction, kind, payload, end_stream)
         return True
 
+    def _buffer_whole_body(self, direction: str, kind: str, payload, end_stream: bool) -> None:
+        """Headers held for a filter that wants the whole body: collect it, then call its data hook once."""
+        if kind == "data":
+            held = self.held_body[direction]
+            if payload:
+                held.append(bytes(payload))
+                if sum(map(len, held)) > DEFAULT_BUFFER_LIMIT:
+                    over = 413 if direction == "decode" else 500
+                    self.local_reply(over, b"buffer limit exceeded\n", [], None, "LR", "")
+                    return
+            if end_stream:
+                self.held[direction].append(("end", None, True))
+        else:
+            self.held[direction].append((kind, payload, end_stream))
+        if not end_stream:
+            return
+        index = self.body_for[direction]
+        method = getattr(self.filters[index], f"{direction}_data")
+        if self.timed:
+            t0 = perf_counter_ns()
+            status = method(b"", True)
+            self.block[self.factory.stage_ns[index]] += perf_counter_ns() - t0
+            self.block[self.factory.stage_events[index]] += 1
+        else:
+            status = method(b"", True)
+        if status == CONTINUE and not self.replied:
+            self.resume(direction, index)
+
+    def _release_body(self, direction: str) -> None:
+        # The buffered body goes first in the replay, carrying end_stream if it was complete.
+        self.body_for[direction] = None
+        held = self.held_body[direction]
+        body = b"".join(held)
+        held.clear()
+        pending = self.held[direction]
+        if pending and pending[0][0] == "end":
+            pending[0] = ("data", body, True)
+        elif body:
+            pending.insert(0, ("data", body, False))
+
     def resume(self, direction: str, index: int) -> None:
         """A stopped filter continues: finish its event, then replay what was held, in order."""
         stop = self.stopped[direction]
@@ -242,6 +300,8 @@ class HttpChain:
         kind, position = stop
         self.stopped[direction] = None
         if kind == "headers":
+            if self.body_for[direction] is not None:
+                self._release_body(direction)
             if (
                 self._run(direction, "headers", self.maps[direction], False, position + 1)
                 and direction == "decode"

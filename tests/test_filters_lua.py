@@ -1,0 +1,307 @@
+"""The Lua filter through a real pyproxy process: Envoy's handle API, body buffering, sandbox, limits, bad scripts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import subprocess
+import textwrap
+import time
+
+import pytest
+from conftest import ProxyProcess, free_port
+from http_peer import HttpUpstream
+
+HEADERS_SCRIPT = """
+function envoy_on_request(handle)
+  local h = handle:headers()
+  local path = h:get(":path")
+  h:add("x-lua-added", "yes")
+  h:replace("x-replace-me", "replaced")
+  h:remove("x-remove-me")
+  h:add("x-lua-protocol", handle:streamInfo():protocol())
+  h:add("x-lua-sandbox", table.concat({tostring(os.execute), tostring(io), tostring(require),
+    tostring(debug), tostring(load), tostring(loadstring), tostring(dofile), tostring(package),
+    tostring(collectgarbage), tostring(string.dump)}, ","))
+  local n = 0
+  for name, value in pairs(h) do
+    if name == "x-count-me" then n = n + 1 end
+  end
+  h:add("x-lua-counted", n)
+  h:add("x-lua-multi", h:get("x-multi") or "none")
+  handle:logInfo("lua saw " .. path)
+  if path == "/reply" then
+    handle:respond({[":status"] = "418", ["x-lua-reply"] = "teapot",
+                    ["content-type"] = "text/plain"}, "short and stout")
+  elseif path == "/error" then
+    error("deliberate failure")
+  elseif path == "/spin" then
+    while true do end
+  elseif path == "/spin-pcall" then
+    while true do pcall(function() while true do end end) end
+  elseif path == "/memory" then
+    local s = string.rep("x", 64 * 1024 * 1024)
+  end
+end
+
+function envoy_on_response(handle)
+  handle:headers():replace("x-lua-response", "set")
+  handle:headers():add("x-lua-status", handle:headers():get(":status"))
+end
+"""
+
+BODY_SCRIPT = """
+function envoy_on_request(handle)
+  local body = handle:body()
+  if body == nil then
+    handle:headers():add("x-lua-body", "none")
+    return
+  end
+  handle:headers():add("x-lua-body-length", body:length())
+  handle:headers():add("x-lua-first", body:getBytes(0, 3))
+  body:setBytes(string.upper(body:getBytes(0, body:length())) .. "!")
+end
+
+function envoy_on_response(handle)
+  local body = handle:body()
+  handle:headers():add("x-lua-response-body-length", body and body:length() or 0)
+end
+"""
+
+
+def _write_config(tmp_path, listeners: list[tuple[str, int, str, str]]) -> str:
+    parts = ["listeners:"]
+    for name, port, upstream, script in listeners:
+        parts.append(
+            f"""
+  - name: {name}
+    mode: http
+    address: 127.0.0.1:{port}
+    upstream: {upstream}
+    filters:
+      - name: script
+        type: lua
+        config:
+          inline_code: |
+{textwrap.indent(script.strip(), " " * 12)}
+"""
+        )
+    path = tmp_path / "proxy.yaml"
+    path.write_text("".join(parts))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def lua_proxy(tmp_path_factory):
+    """One proxy, two listeners (headers script, body script), one upstream, for the whole module."""
+    upstream = HttpUpstream()
+    tmp = tmp_path_factory.mktemp("lua")
+    main, body = free_port(), free_port()
+    path = _write_config(
+        tmp,
+        [
+            ("main", main, upstream.address, HEADERS_SCRIPT),
+            ("body", body, upstream.address, BODY_SCRIPT),
+        ],
+    )
+    proxy = ProxyProcess(["-c", path]).wait_ready()
+    yield proxy, main, body
+    proxy.stop()
+    upstream.close()
+
+
+def curl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "10", "-D", "-", *args], capture_output=True, timeout=15
+    )
+
+
+def _split(out: bytes) -> tuple[int, dict[str, str], bytes]:
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, body
+
+
+def _get(port: int, path: str, *extra: str) -> tuple[int, dict[str, str], bytes]:
+    result = curl(*extra, f"http://127.0.0.1:{port}{path}")
+    assert result.returncode == 0, result.stderr
+    return _split(result.stdout)
+
+
+def _echoed(body: bytes) -> dict:
+    info = json.loads(body)
+    info["h"] = {}
+    for name, value in info["headers"]:
+        info["h"].setdefault(name, []).append(value)
+    return info
+
+
+def test_request_headers_added_replaced_removed_seen_upstream(lua_proxy):
+    proxy, port, _ = lua_proxy
+    status, headers, body = _get(
+        port,
+        "/echo",
+        "-H",
+        "x-replace-me: original",
+        "-H",
+        "x-remove-me: gone",
+        "-H",
+        "x-count-me: 1",
+        "-H",
+        "x-multi: a",
+        "-H",
+        "x-multi: b",
+    )
+    assert status == 200
+    seen = _echoed(body)["h"]
+    assert seen["x-lua-added"] == ["yes"]
+    assert seen["x-replace-me"] == ["replaced"]
+    assert "x-remove-me" not in seen
+    assert seen["x-lua-counted"] == ["1"]  # pairs() iterates the headers
+    assert seen["x-lua-multi"] == ["a,b"]  # Envoy joins repeated values with ","
+    assert seen["x-lua-protocol"] == ["HTTP/1.1"]
+    # Response side: set by envoy_on_response, which also saw the upstream's status.
+    assert headers["x-lua-response"] == "set"
+    assert headers["x-lua-status"] == "200"
+
+
+def test_sandbox_has_no_os_io_require_debug_load(lua_proxy):
+    _, port, _ = lua_proxy
+    _, _, body = _get(port, "/echo")
+    sandbox = _echoed(body)["h"]["x-lua-sandbox"][0].split(",")
+    assert sandbox == ["nil"] * 10, sandbox
+
+
+def test_respond_answers_locally_with_status_headers_body(lua_proxy):
+    _, port, _ = lua_proxy
+    status, headers, body = _get(port, "/reply")
+    assert status == 418
+    assert headers["x-lua-reply"] == "teapot"
+    assert headers["content-type"] == "text/plain"
+    assert body == b"short and stout"
+
+
+def test_log_info_reaches_the_proxy_log(lua_proxy):
+    proxy, port, _ = lua_proxy
+    _get(port, "/echo?log-marker")
+    deadline = time.monotonic() + 3
+    while "lua saw /echo?log-marker" not in proxy.output and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "lua saw /echo?log-marker" in proxy.output
+
+
+def test_script_error_is_500_and_one_log_line(lua_proxy):
+    proxy, port, _ = lua_proxy
+    before = proxy.output.count("deliberate failure")
+    for _ in range(3):
+        status, _, _ = _get(port, "/error")
+        assert status == 500
+    time.sleep(0.2)
+    # Rate-limited: three errors within a second log once.
+    assert proxy.output.count("deliberate failure") - before == 1, proxy.output
+    assert proxy.listener("main")["filters"]["script"]["errors"] >= 3
+
+
+@pytest.mark.parametrize("path", ["/spin", "/spin-pcall", "/memory"])
+def test_runaway_script_is_stopped_and_the_proxy_keeps_serving(lua_proxy, path):
+    proxy, port, _ = lua_proxy
+    t0 = time.monotonic()
+    status, _, _ = _get(port, path)
+    elapsed = time.monotonic() - t0
+    assert status == 500
+    assert elapsed < 1.0, elapsed
+    status, _, _ = _get(port, "/echo")
+    assert status == 200
+    if path != "/memory":
+        assert proxy.listener("main")["filters"]["script"]["timeouts"] >= 1
+
+
+def test_body_is_buffered_read_and_replaced(lua_proxy):
+    _, _, port = lua_proxy
+    payload = b"hello lua body " * 500  # several reads' worth
+    status, headers, body = _get(
+        port, "/echo", "-X", "POST", "-H", "Expect:", "--data-binary", payload.decode()
+    )
+    assert status == 200
+    info = _echoed(body)
+    replaced = payload.upper() + b"!"
+    assert info["h"]["x-lua-body-length"] == [str(len(payload))]
+    assert info["h"]["x-lua-first"] == ["hel"]
+    assert info["body_length"] == len(replaced)
+    assert info["body_sha256"] == hashlib.sha256(replaced).hexdigest()
+    assert info["h"]["content-length"] == [str(len(replaced))]
+    # envoy_on_response waited for the whole response body too.
+    assert headers["x-lua-response-body-length"] == str(len(body))
+
+
+def test_body_of_a_request_without_one_is_nil(lua_proxy):
+    _, _, port = lua_proxy
+    status, _, body = _get(port, "/echo")
+    assert status == 200
+    assert _echoed(body)["h"]["x-lua-body"] == ["none"]
+
+
+def test_body_with_chunked_request_over_a_raw_socket(lua_proxy):
+    _, _, port = lua_proxy
+    chunks = b"5\r\nabcde\r\n3\r\nfgh\r\n0\r\n\r\n"
+    request = (
+        b"POST /echo HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        time.sleep(0.05)  # the body arrives after the headers were held
+        sock.sendall(chunks)
+        out = b""
+        while chunk := sock.recv(65536):
+            out += chunk
+    status, _, body = _split(out)
+    assert status == 200
+    info = json.loads(body)
+    assert info["body_length"] == len(b"ABCDEFGH!")
+    assert info["body_sha256"] == hashlib.sha256(b"ABCDEFGH!").hexdigest()
+
+
+def test_filter_stage_is_timed(lua_proxy):
+    proxy, port, _ = lua_proxy
+    _get(port, "/echo")
+    stage = proxy.listener("main")["stages"]["filter:script"]
+    assert stage["events"] >= 2 and stage["ns"] > 0
+
+
+@pytest.mark.parametrize(
+    ("config", "expect"),
+    [
+        ("inline_code: 'function envoy_on_request(h) h:headers( end'", "unexpected symbol"),
+        ("inline_code: 'local x = 1'", "neither envoy_on_request nor envoy_on_response"),
+        ("inline_code: 'while true do end'", "instruction limit"),
+        ("source_file: /nonexistent/script.lua", "cannot read"),
+    ],
+)
+def test_bad_script_is_refused_at_load_naming_the_field(tmp_path, config, expect):
+    field = config.split(":", 1)[0]
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        f"""
+listeners:
+  - name: main
+    mode: http
+    address: 127.0.0.1:{free_port()}
+    upstream: 127.0.0.1:9
+    filters:
+      - name: script
+        type: lua
+        config:
+          {config}
+"""
+    )
+    proxy = ProxyProcess(["-c", str(path)])
+    assert proxy.proc.wait(15) == 2
+    time.sleep(0.05)
+    assert f"filters[0].config.{field}" in proxy.output, proxy.output
+    assert expect in proxy.output, proxy.output
