@@ -248,6 +248,7 @@ class H2Client:
 
     def __init__(self, port: int, window: int | None = None, timeout: float = 10.0) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
         if window is not None:
             self.conn.local_settings = Settings(

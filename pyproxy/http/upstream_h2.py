@@ -57,6 +57,7 @@ class Http2Upstream(H2Session):
         "accepting",
         "used",
         "connect",
+        "route",
         "_idle_timer",
     )
 
@@ -65,7 +66,9 @@ class Http2Upstream(H2Session):
         self.pool = pool
         self.key = key
         self.idle_timeout = idle_timeout
-        self.waiting: list = []  # (stream, on_ready, on_failed) until the connect completes
+        # (stream, on_ready, on_failed, attach) until the peer's SETTINGS tell its stream limit.
+        self.waiting: list = []
+        self.route: tuple = ()  # (source, cluster), to place streams the peer has no room for
         self.reserved = 0  # streams handed out and not yet released
         self.settings_known = False
         self.accepting = True
@@ -84,11 +87,12 @@ class Http2Upstream(H2Session):
         stream = Http2UpstreamStream(self)
         self.reserved += 1
         self._cancel_idle()
-        if self.stream is not None:
+        if self.settings_known:
             on_ready(stream)
             return _NO_ATTACH
-        self.waiting.append((stream, on_ready, on_failed))
-        return _WaitingAttach(self, stream)
+        attach = _WaitingAttach(self, stream)
+        self.waiting.append((stream, on_ready, on_failed, attach))
+        return attach
 
     def start_connect(self, source: str, timeout: float) -> None:
         ctx = self.ctx
@@ -106,9 +110,18 @@ class Http2Upstream(H2Session):
         self.open(limit, limit)
         self.flush()
         self.stream.resume_reading()
+
+    def _settings_arrived(self) -> None:
+        """The peer's limit is known (§6.5.2): start what fits, place the rest elsewhere."""
+        self.settings_known = True
         waiting, self.waiting = self.waiting, []
-        for stream, on_ready, _failed in waiting:
+        room = self.conn.remote_settings.max_concurrent_streams - (self.reserved - len(waiting))
+        for stream, on_ready, _failed, _attach in waiting[:room]:
             on_ready(stream)
+        for _stream, on_ready, on_failed, attach in waiting[room:]:
+            self.reserved -= 1
+            source, cluster = self.route
+            attach.inner = self.pool.acquire(self.key, source, cluster, on_ready, on_failed)
         self._maybe_idle()
 
     def _connect_failed(self, flag: str) -> None:
@@ -116,7 +129,7 @@ class Http2Upstream(H2Session):
         self.closed = True
         self.pool.forget(self)
         waiting, self.waiting = self.waiting, []
-        for _stream, _ready, on_failed in waiting:
+        for _stream, _ready, on_failed, _attach in waiting:
             on_failed(flag)
 
     def cancel_waiting(self, stream: Http2UpstreamStream) -> None:
@@ -174,7 +187,8 @@ class Http2Upstream(H2Session):
                 else:
                     self.pump_all()
             elif kind is RemoteSettingsChanged:
-                self.settings_known = True
+                if not self.settings_known:
+                    self._settings_arrived()
                 self.pump_all()
 
     def goaway_received(self, last_stream_id: int, error_code: int) -> None:
@@ -370,14 +384,18 @@ _NO_ATTACH = _NoAttach()
 class _WaitingAttach:
     """A stream promised on a connection still connecting: cancellable (Exchange.attach)."""
 
-    __slots__ = ("conn", "stream")
+    __slots__ = ("conn", "stream", "inner")
 
     def __init__(self, conn: Http2Upstream, stream: Http2UpstreamStream) -> None:
         self.conn = conn
         self.stream = stream
+        self.inner = None  # where the stream went when this connection had no room
 
     def cancel(self) -> None:
-        self.conn.cancel_waiting(self.stream)
+        if self.inner is not None:
+            self.inner.cancel()
+        else:
+            self.conn.cancel_waiting(self.stream)
 
 
 class Http2Pool:
@@ -396,6 +414,7 @@ class Http2Pool:
         timeout = cluster.connect_timeout if cluster is not None else ctx.listener.connect_timeout
         idle_timeout = cluster.idle_timeout if cluster is not None else 4.0
         conn = Http2Upstream(ctx, self, target, idle_timeout)
+        conn.route = (source, cluster)
         conns.append(conn)
         attach = conn.open_stream(on_ready, on_failed)
         conn.start_connect(source, timeout)
