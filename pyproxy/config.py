@@ -16,7 +16,7 @@ from pyproxy.durations import parse_duration
 MODES = ("tcp", "http", "grpc")
 KINDS = ("standalone", "inbound", "outbound")
 # Modes whose data path exists in this build; the others are refused at load time.
-IMPLEMENTED_MODES = ("tcp", "http")
+IMPLEMENTED_MODES = ("tcp", "http", "grpc")
 
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
@@ -65,6 +65,15 @@ class HttpSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class GrpcSettings:
+    """Per-listener gRPC limits (mode grpc, and gRPC calls on mode http listeners)."""
+
+    # Per direction, like gRPC's own 4 MiB receive default; larger → RESOURCE_EXHAUSTED.
+    max_request_message_bytes: int = 4 * 1024 * 1024
+    max_response_message_bytes: int = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
 class FilterSpec:
     """One filter in a chain: its name (unique in the listener), its type (entry point) and validated config."""
 
@@ -110,6 +119,7 @@ class ListenerConfig:
     idle_timeout: float = 3600.0
     buffer_size: int = 65536
     http: HttpSettings = HttpSettings()
+    grpc: GrpcSettings = GrpcSettings()
     routes: tuple[RouteConfig, ...] = ()
     filters: tuple[FilterSpec, ...] = ()
 
@@ -243,7 +253,10 @@ def _listener(fields: _Fields, index: int) -> ListenerConfig:
     kind = fields.take("kind", _choice(KINDS), "standalone")
     mode = fields.take("mode", _choice(MODES), "tcp")
     if mode not in IMPLEMENTED_MODES:
-        raise fields.error("mode", f"mode {mode!r} is not available in this build (have: tcp)")
+        raise fields.error(
+            "mode",
+            f"mode {mode!r} is not available in this build (have: {', '.join(IMPLEMENTED_MODES)})",
+        )
     if "address" in fields.data and "addresses" in fields.data:
         raise fields.error("addresses", "give either address or addresses, not both")
     addresses = fields.take("addresses", _address_list, None)
@@ -270,6 +283,7 @@ def _listener(fields: _Fields, index: int) -> ListenerConfig:
         idle_timeout=fields.take("idle_timeout", parse_duration, 3600.0),
         buffer_size=fields.take("buffer_size", _int_range(1024, 16 * 1024 * 1024), 65536),
         http=_http_settings(fields.nested("http"), mode),
+        grpc=_grpc_settings(fields.nested("grpc"), mode),
         routes=_routes(fields, mode),
         filters=_filters(fields, mode) or (),
         **_detection(fields, kind, mode),
@@ -414,7 +428,7 @@ def _address_list(value: Any) -> tuple[Address, ...]:
 
 def _http_settings(fields: _Fields | None, mode: str) -> HttpSettings:
     if fields is None:
-        return HttpSettings()
+        return HttpSettings(upstream_protocol="http2") if mode == "grpc" else HttpSettings()
     if mode == "tcp":
         raise ConfigError(fields.source, fields.path, "only for mode http or grpc")
     settings = HttpSettings(
@@ -425,7 +439,12 @@ def _http_settings(fields: _Fields | None, mode: str) -> HttpSettings:
         idle_timeout=fields.take("idle_timeout", parse_duration, 300.0),
         server_timing=fields.take("server_timing", _bool, False),
         access_log=fields.take("access_log", _access_log_target, ""),
-        upstream_protocol=fields.take("upstream_protocol", _choice(("http1", "http2")), "http1"),
+        # gRPC needs HTTP/2 end to end (trailers, streams both ways at once).
+        upstream_protocol=fields.take(
+            "upstream_protocol",
+            _choice(("http2",) if mode == "grpc" else ("http1", "http2")),
+            "http2" if mode == "grpc" else "http1",
+        ),
         max_concurrent_streams=fields.take("max_concurrent_streams", _int_range(1, 10000), 100),
         # Not below the protocol default: the peer may send that much before our SETTINGS arrive.
         stream_window=fields.take("stream_window", _int_range(65535, 16 * 1024 * 1024), 65535),
@@ -434,6 +453,25 @@ def _http_settings(fields: _Fields | None, mode: str) -> HttpSettings:
         ),
         rapid_reset_max=fields.take("rapid_reset_max", _int_range(1, 1_000_000), 200),
         rapid_reset_window=fields.take("rapid_reset_window", parse_duration, 10.0),
+    )
+    fields.done()
+    return settings
+
+
+def _grpc_settings(fields: _Fields | None, mode: str) -> GrpcSettings:
+    if fields is None:
+        return GrpcSettings()
+    if mode == "tcp":
+        raise ConfigError(fields.source, fields.path, "only for mode grpc or http")
+    size = _int_range(0, 1 << 30)
+    default = GrpcSettings()
+    settings = GrpcSettings(
+        max_request_message_bytes=fields.take(
+            "max_request_message_bytes", size, default.max_request_message_bytes
+        ),
+        max_response_message_bytes=fields.take(
+            "max_response_message_bytes", size, default.max_response_message_bytes
+        ),
     )
     fields.done()
     return settings
@@ -621,6 +659,14 @@ def build_config(data: Any, source: str = "<flags>") -> ProxyConfig:
                     f"listeners[{i}].routes[{j}].cluster",
                     f"no cluster named {route.cluster!r}",
                 )
+            if listener.mode == "grpc" and route.cluster:
+                cluster = next(c for c in clusters if c.name == route.cluster)
+                if cluster.protocol != "http2":
+                    raise ConfigError(
+                        source,
+                        f"listeners[{i}].routes[{j}].cluster",
+                        f"cluster {route.cluster!r} speaks {cluster.protocol}; gRPC needs http2",
+                    )
     config = ProxyConfig(
         listeners=listeners,
         clusters=clusters,

@@ -91,7 +91,14 @@ ZC_BASE = HIST_COUNT + 1
 # Each filter slot owns a few counters of its own (names declared by its factory: `counter_names`).
 FILTER_COUNTERS_PER_SLOT = 4
 FILTER_COUNTERS_BASE = ZC_BASE + len(ZC_FIELDS)
-LISTENER_SLOTS = FILTER_COUNTERS_BASE + MAX_FILTERS * FILTER_COUNTERS_PER_SLOT
+# gRPC calls: listener totals, then a bounded table of per-method entries (names included, so a
+# worker's block stands alone); layout and access in pyproxy/grpc_metrics.py.
+GRPC_BASE = FILTER_COUNTERS_BASE + MAX_FILTERS * FILTER_COUNTERS_PER_SLOT
+GRPC_METHOD_SLOTS = 32  # per worker and listener; later methods count under "other"
+GRPC_NAME_WORDS = 15  # 120 bytes of method name per entry
+GRPC_ENTRY = 2 + 17 + GRPC_NAME_WORDS  # name length, started, one per grpc-status, name
+GRPC_SLOTS = 2 + len(BUCKETS) + 3 + (GRPC_METHOD_SLOTS + 1) * GRPC_ENTRY
+LISTENER_SLOTS = GRPC_BASE + GRPC_SLOTS
 
 # Per-worker header slots.
 W_PID = 0

@@ -74,7 +74,17 @@ def test_valid_config_builds_immutable_objects():
         (_doc() | {"concurrency": 0}, "concurrency", "1..256"),
         (_doc() | {"admin": "x"}, "admin", "host:port"),
         (_doc(kind="outbound"), "listeners[0].upstream", "original destination"),
-        (_doc(mode="grpc"), "listeners[0].mode", "not available"),
+        (
+            _doc(mode="grpc", http={"upstream_protocol": "http1"}),
+            "listeners[0].http.upstream_protocol",
+            "must be one of http2",
+        ),
+        (_doc(grpc={"max_request_message_bytes": 1}), "listeners[0].grpc", "only for mode grpc"),
+        (
+            _doc(mode="grpc", grpc={"max_response_message_bytes": -1}),
+            "listeners[0].grpc.max_response_message_bytes",
+            "0..",
+        ),
     ],
 )
 def test_bad_config_names_field_and_reason(doc, path, reason):
@@ -83,6 +93,20 @@ def test_bad_config_names_field_and_reason(doc, path, reason):
     assert info.value.path == path
     assert reason in info.value.reason
     assert str(info.value).startswith(f"test.yaml: {path}: ")
+
+
+def test_grpc_mode_speaks_http2_upstream_with_4mib_message_limits():
+    listener = build_config(_doc(mode="grpc")).listeners[0]
+    assert listener.mode == "grpc" and listener.http.upstream_protocol == "http2"
+    assert listener.grpc.max_request_message_bytes == 4 * 1024 * 1024
+    assert listener.grpc.max_response_message_bytes == 4 * 1024 * 1024
+    doc = _doc(mode="grpc", grpc={"max_request_message_bytes": 100})
+    assert build_config(doc).listeners[0].grpc.max_request_message_bytes == 100
+    doc = _doc(mode="grpc", routes=[{"cluster": "h1"}]) | {
+        "clusters": {"h1": {"endpoints": ["127.0.0.1:1"]}}
+    }
+    with pytest.raises(ConfigError, match="gRPC needs http2"):
+        build_config(doc)
 
 
 def test_duplicate_listener_names_and_addresses_refused():
