@@ -538,7 +538,8 @@ class _Engine:
     def log(self, level: int, message: bytes) -> None:
         py_level = _LEVELS.get(level, logging.INFO)
         if log.isEnabledFor(py_level):
-            log.log(py_level, "lua: %s", message.decode(errors="replace"))
+            name = self.factory.filter_name if self.factory is not None else "lua"
+            log.log(py_level, "lua filter %s: %s", name, message.decode(errors="replace"))
 
     def protocol(self) -> bytes:
         return self.filter.callbacks.exchange.downstream.protocol.encode()

@@ -180,7 +180,9 @@ def test_sandbox_has_no_os_io_require_debug_load(lua_proxy):
 
 def test_respond_answers_locally_with_status_headers_body(lua_proxy):
     _, port, _ = lua_proxy
-    status, headers, body = _get(port, "/reply")
+    result = curl(f"http://127.0.0.1:{port}/reply")
+    status, headers, body = _split(result.stdout)
+    assert result.stdout.lower().count(b"content-type:") == 1  # the script's replaces the default
     assert status == 418
     assert headers["x-lua-reply"] == "teapot"
     assert headers["content-type"] == "text/plain"

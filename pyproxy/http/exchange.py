@@ -397,6 +397,9 @@ class Exchange:
         keep = self.request_done and self.request.keep_alive
         head = local_reply_head(status, len(body), keep)
         if extra_headers:
+            # A filter's own content-type replaces the default one.
+            if any(name == b"content-type" for name, _ in extra_headers):
+                head.headers[:] = [h for h in head.headers if h[0] != b"content-type"]
             head.headers.extend(extra_headers)
         self.downstream.send_head(head)
         if body and self.request.method != b"HEAD":
