@@ -12,7 +12,7 @@ Config (Envoy's `envoy.extensions.wasm.v3.PluginConfig` names, plus shortcuts an
       code: {local: {filename: plugin.wasm}}  # or {local: {inline_string: "(module ...)"}}; .wat text works too
     wasm_file: plugin.wasm             # shortcut for vm_config.code.local.filename
     code_wat: "(module ...)"           # shortcut for vm_config.code.local.inline_string
-    fuel_per_call: 10000000            # wasm instructions per host→guest entry; past it the request gets a 500
+    fuel_per_call: 50000000            # wasm instructions per host→guest entry (~20 ms); past it: 500
     max_memory_bytes: 16777216         # the guest's linear memory cap (memory.grow fails past it)
     pause_timeout: 5s                  # a request the guest pauses without replying gets a 500 after this
 
@@ -71,7 +71,7 @@ PAUSE = 1  # proxy_action_t
 
 ABI_MARKERS = ("proxy_abi_version_0_2_1", "proxy_abi_version_0_2_0", "proxy_abi_version_0_1_0")
 ROOT_CONTEXT_ID = 1
-DEFAULT_FUEL = 10_000_000
+DEFAULT_FUEL = 50_000_000  # a tight loop burns it in ~20 ms
 DEFAULT_MEMORY = 16 * 1024 * 1024
 DEFAULT_PAUSE_TIMEOUT = 5.0
 RESTART_BACKOFF = 1.0  # seconds between attempts to replace a failed instance
@@ -162,6 +162,9 @@ class CompiledModule(str):
         self = super().__new__(cls, digest)
         self.artifact = artifact
         return self
+
+    def __reduce__(self):
+        return (CompiledModule, (str(self), self.artifact))
 
 
 class WasmFault(Exception):
@@ -1060,7 +1063,7 @@ class WasmFactory(FilterFactory):
         # Instantiate and configure once here: a module that traps, exceeds the memory cap or
         # refuses its configuration is refused at load, not on the first request.
         try:
-            Runtime(module, out).close()
+            Runtime(module, dict(out, name=f"{out['name'] or 'wasm'} (load check)")).close()
         except WasmFault as exc:
             where = "configuration" if "configuration" in str(exc) else field
             raise FilterConfigError(where, str(exc)) from None
