@@ -1,0 +1,807 @@
+"""HTTP mode benchmark (issue 4): pyproxy's HTTP/1.1 path beside nginx, haproxy, proxy.py and mitmproxy.
+
+Every proxy runs in the same bench run, in front of the same upstream: a
+separate nginx instance answering `return 200` with a 100-byte body (it is not
+what is measured, and it is fast). Measured per path:
+
+(a) latency: 100-byte GETs on one kept-alive connection, one request
+    outstanding, timed with perf_counter_ns by a small client in this file;
+    every process (client, upstream, proxies) pinned to CPU 0 so no path wins
+    by spreading work; rounds interleave the paths in shuffled order so
+    machine noise hits all alike. Reported: p50/p99 and added p50/p99 over
+    the direct path.
+(b) throughput: `wrk -t1 -c32` with the proxy under test alone on CPU 1, wrk
+    and the upstream on CPU 0: requests/s, and the proxy's CPU use (a core
+    saturated or not).
+(c) CPU per request: utime+stime of the proxy's processes (all of them, all
+    threads; /proc/<pid>/stat) before/after each wrk run, divided by the
+    requests wrk completed. Its inverse is requests per proxy CPU-second.
+(d) RSS of the proxy's processes after the load (summed over processes).
+
+pyproxy runs three times: fast codec (llhttp), h11 codec, and fast with the
+stage clock off (the clock's own cost is on - off). Its stage breakdown is
+taken from /stats?format=json deltas over the latency phase (per request,
+serial) and over the load phase. proxy.py runs as a *forward* proxy with
+absolute-form requests (its reverse-proxy plugin does not serve a second
+request on a kept-alive connection: the request times out), mitmproxy as
+`mitmdump --mode reverse:`. They come from their own venvs under /tmp
+(`--install-peers` creates them; the project venv is never touched); a peer
+that is missing is reported as skipped.
+HTTP/2: h2load -c32 -m10 (h2c prior knowledge) against haproxy (`bind ...
+proto h2`), nginx (`listen ... http2`) and pyproxy, the latter only if
+`curl --http2-prior-knowledge` through it succeeds; otherwise reported pending.
+
+Bounded: < 6 minutes with the defaults; progress on stderr; JSON in
+bench/results/http_bench.json; the markdown report on stdout. Every process
+started here is stopped at the end, whatever happens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyproxy.bench.echo_client import summarize
+from pyproxy.bench.tcp_echo import free_port, get_json, pinned
+
+from pyproxy.stats import stage_table
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BODY = b"0123456789" * 10  # the upstream's 100-byte answer
+PEER_VENVS = {
+    "proxypy": ("/tmp/venv-proxypy", "proxy.py"),
+    "mitmproxy": ("/tmp/venv-mitm", "mitmproxy"),
+}
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+LOAD_CPU, SIDE_CPU = 1, 0  # proxy under load alone on CPU 1; wrk/h2load + upstream on CPU 0
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---- processes -----------------------------------------------------------------------
+
+
+class Processes:
+    """Background processes (and their children) that are always stopped, whatever happens."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+        logfile = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            argv, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})}, cwd=self.workdir,
+        )  # fmt: skip
+        logfile.close()
+        self.procs.append(proc)
+        return proc
+
+    def stop_all(self) -> None:
+        children = {proc.pid: tree_pids(proc.pid) for proc in self.procs}
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+            for pid in children[proc.pid][1:]:  # e.g. proxy.py's acceptor/worker processes
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.procs.clear()
+
+
+def tree_pids(root: int) -> list[int]:
+    """The process and its descendants (from /proc/*/stat parent pids)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += parents.get(pid, [])
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime+stime (all threads) of the given processes, from /proc/<pid>/stat."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / CLK_TCK
+
+
+def rss_mib(pids: list[int]) -> float:
+    total_kib = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total_kib += int(line.split()[1])
+        except OSError:
+            pass
+    return total_kib / 1024
+
+
+def foreign_cpu() -> dict[int, int]:
+    """CPU ticks of every process outside this bench's own tree (other users of the machine)."""
+    ours = set(tree_pids(os.getpid()))
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) not in ours:
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                out[int(entry)] = int(fields[11]) + int(fields[12])
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+class Noise:
+    """How much CPU the rest of the machine took while a phase ran (in CPUs, 2.0 = both busy)."""
+
+    def __init__(self) -> None:
+        self.t0, self.before = time.monotonic(), foreign_cpu()
+
+    def cpus(self) -> float:
+        after = foreign_cpu()
+        ticks = sum(after[pid] - self.before[pid] for pid in after if pid in self.before)
+        return ticks / CLK_TCK / max(time.monotonic() - self.t0, 1e-9)
+
+
+def move_to_cpu(pids: list[int], cpu: int) -> None:
+    for pid in pids:
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(tid), {cpu})
+        except OSError:
+            pass
+
+
+def wait_http(port: int, absolute: str | None = None, timeout: float = 20.0) -> None:
+    """Until a GET through the port answers 200 (the proxy is up and reaches the upstream)."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            rtts = measure_http(port, 1, 0, absolute=absolute, timeout=2.0)
+            if rtts:
+                return
+        except (OSError, ValueError) as exc:
+            last = exc
+        time.sleep(0.1)
+    raise RuntimeError(f"no 200 through 127.0.0.1:{port}: {last}")
+
+
+# ---- the latency client ---------------------------------------------------------------
+
+
+def measure_http(
+    port: int,
+    count: int,
+    warmup: int,
+    absolute: str | None = None,
+    max_seconds: float = 1e9,
+    timeout: float = 10.0,
+) -> list[int]:
+    """Nanosecond GET round trips on one kept-alive connection, one request outstanding."""
+    target = absolute or "/"
+    request = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: http_bench\r\n\r\n".encode()
+    buf = bytearray(65536)
+    view = memoryview(buf)
+    clock = time.perf_counter_ns
+    rtts: list[int] = []
+    deadline = clock() + int(max_seconds * 1e9)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        gc_was = gc.isenabled()
+        gc.disable()
+        try:
+            for i in range(warmup + count):
+                started = clock()
+                sock.sendall(request)
+                have, need = 0, -1
+                while need < 0 or have < need:
+                    n = sock.recv_into(view[have:])
+                    if not n:
+                        raise ConnectionError(f"EOF after {have} bytes of a response")
+                    have += n
+                    if need < 0:
+                        end = buf.find(b"\r\n\r\n", 0, have)
+                        if end >= 0:
+                            need = end + 4 + _body_length(bytes(buf[:end]))
+                if i >= warmup:
+                    rtts.append(clock() - started)
+                if buf[9:12] != b"200":
+                    raise ValueError(f"status {bytes(buf[9:12])!r} from 127.0.0.1:{port}")
+                if i >= warmup and clock() > deadline:
+                    break
+        finally:
+            if gc_was:
+                gc.enable()
+    return rtts
+
+
+def _body_length(head: bytes) -> int:
+    match = re.search(rb"\r\ncontent-length:\s*(\d+)", head, re.IGNORECASE)
+    if match is None:
+        raise ValueError("response without content-length (the upstream always sends one)")
+    return int(match.group(1))
+
+
+# ---- the paths under test ------------------------------------------------------------
+
+
+@dataclass
+class Path_:
+    name: str
+    port: int
+    pid: int | None = None  # root process of the proxy (None: direct)
+    admin: int | None = None  # pyproxy admin port
+    absolute: str | None = None  # absolute-form target (forward proxy)
+    note: str = ""
+    h2_port: int | None = None
+    snaps: dict = field(default_factory=dict)
+
+    def pids(self) -> list[int]:
+        return tree_pids(self.pid) if self.pid else []
+
+    def stats(self) -> dict:
+        return get_json(f"http://127.0.0.1:{self.admin}/stats?format=json")
+
+
+NGINX_TEMP = (
+    "client_body_temp_path {d}/cb; proxy_temp_path {d}/pt; fastcgi_temp_path {d}/ft;"
+    " uwsgi_temp_path {d}/ut; scgi_temp_path {d}/st;"
+)
+
+
+def nginx_conf(workdir: Path, name: str, http_block: str) -> Path:
+    conf = workdir / f"{name}.conf"
+    conf.write_text(
+        f"daemon off; master_process off; worker_processes 1; pid {workdir}/{name}.pid;\n"
+        f"error_log {workdir}/{name}.err warn;\n"
+        "events { worker_connections 4096; }\n"
+        "http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;\n"
+        + NGINX_TEMP.format(d=workdir)
+        + "\n"
+        + http_block
+        + "}\n"
+    )
+    return conf
+
+
+def start_upstream(procs: Processes, workdir: Path) -> int:
+    port = free_port()
+    conf = nginx_conf(
+        workdir, "upstream",
+        f"server {{ listen 127.0.0.1:{port} reuseport backlog=4096; location / {{ default_type text/plain; "
+        f'return 200 "{BODY.decode()}"; }} }}\n',
+    )  # fmt: skip
+    procs.start("upstream", pinned(SIDE_CPU, ["nginx", "-c", str(conf), "-p", str(workdir)]))
+    wait_http(port)
+    return port
+
+
+def start_nginx(procs: Processes, workdir: Path, upstream: int) -> Path_:
+    port, h2 = free_port(), free_port()
+    conf = nginx_conf(
+        workdir, "nginx",
+        f"upstream app {{ server 127.0.0.1:{upstream}; keepalive 64; keepalive_requests 1000000; }}\n"
+        f"server {{ listen 127.0.0.1:{port}; listen 127.0.0.1:{h2} http2;\n"
+        "  location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }\n",
+    )  # fmt: skip
+    proc = procs.start("nginx", pinned(SIDE_CPU, ["nginx", "-c", str(conf), "-p", str(workdir)]))
+    wait_http(port)
+    return Path_("nginx", port, proc.pid, note="http proxy_pass, keepalive 64 upstream", h2_port=h2)
+
+
+def start_haproxy(procs: Processes, workdir: Path, upstream: int) -> Path_:
+    port, h2 = free_port(), free_port()
+    conf = workdir / "haproxy.cfg"
+    conf.write_text(
+        "global\n  nbthread 1\n  maxconn 4096\n"
+        "defaults\n  mode http\n  option http-keep-alive\n  http-reuse always\n"
+        "  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n"
+        f"frontend h1\n  bind 127.0.0.1:{port}\n  default_backend app\n"
+        f"frontend h2c\n  bind 127.0.0.1:{h2} proto h2\n  default_backend app\n"
+        f"backend app\n  server s1 127.0.0.1:{upstream}\n"
+    )
+    proc = procs.start("haproxy", pinned(SIDE_CPU, ["haproxy", "-db", "-f", str(conf)]))
+    wait_http(port)
+    return Path_(
+        "haproxy", port, proc.pid, note="mode http, nbthread 1, http-reuse always", h2_port=h2
+    )
+
+
+def start_pyproxy(
+    procs: Processes, workdir: Path, name: str, upstream: int, codec: str, clock: bool
+) -> Path_:
+    port, admin = free_port(), free_port()
+    conf = workdir / f"{name}.yaml"
+    conf.write_text(
+        f"stage_clock: {'true' if clock else 'false'}\n"
+        f"admin: 127.0.0.1:{admin}\n"
+        "listeners:\n"
+        f"  - name: main\n    mode: http\n    address: 127.0.0.1:{port}\n"
+        f"    upstream: 127.0.0.1:{upstream}\n"
+        f"    http:\n      codec: {codec}\n"
+    )
+    argv = [sys.executable, "-m", "pyproxy", "run", "-c", str(conf), "--log-level", "warning"]
+    proc = procs.start(name, pinned(SIDE_CPU, argv))
+    wait_http(port)
+    note = f"{codec} codec" + ("" if clock else ", stage clock off")
+    return Path_(name, port, proc.pid, admin=admin, note=note)
+
+
+def start_proxypy(procs: Processes, workdir: Path, upstream: int) -> Path_ | None:
+    exe = Path(PEER_VENVS["proxypy"][0]) / "bin" / "proxy"
+    if not exe.exists():
+        return None
+    port = free_port()
+    argv = [str(exe), "--hostname", "127.0.0.1", "--port", str(port), "--num-workers", "1",
+            "--num-acceptors", "1", "--log-level", "ERROR"]  # fmt: skip
+    proc = procs.start("proxypy", pinned(SIDE_CPU, argv))
+    absolute = f"http://127.0.0.1:{upstream}/"
+    wait_http(port, absolute=absolute)
+    return Path_(
+        "proxy.py", port, proc.pid, absolute=absolute,
+        note="forward proxy, absolute-form requests (1 acceptor, 1 threadless worker)",
+    )  # fmt: skip
+
+
+def start_mitmproxy(procs: Processes, workdir: Path, upstream: int) -> Path_ | None:
+    exe = Path(PEER_VENVS["mitmproxy"][0]) / "bin" / "mitmdump"
+    if not exe.exists():
+        return None
+    port = free_port()
+    argv = [str(exe), "--mode", f"reverse:http://127.0.0.1:{upstream}", "--listen-host", "127.0.0.1",
+            "--listen-port", str(port), "-q", "--set", f"confdir={workdir / 'mitm'}"]  # fmt: skip
+    proc = procs.start("mitmproxy", pinned(SIDE_CPU, argv))
+    wait_http(port, timeout=30)
+    return Path_("mitmproxy", port, proc.pid, note="mitmdump --mode reverse")
+
+
+def install_peers() -> None:
+    for venv, package in PEER_VENVS.values():
+        if (Path(venv) / "bin" / "python").exists():
+            continue
+        log(f"installing {package} into {venv}")
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        subprocess.run([f"{venv}/bin/pip", "install", "-q", package], check=True)
+
+
+# ---- measurements ------------------------------------------------------------------------
+
+
+def snap_delta(after: dict, before: dict) -> dict:
+    """after - before for every number in a /stats snapshot (strings kept from after)."""
+    if isinstance(after, dict):
+        return {
+            k: snap_delta(v, before.get(k, 0) if isinstance(before, dict) else 0)
+            for k, v in after.items()
+        }
+    if isinstance(after, (int, float)) and not isinstance(after, bool):
+        return after - (before if isinstance(before, (int, float)) else 0)
+    return after
+
+
+def latency_phase(paths: list[Path_], rounds: int, count: int, seconds: float) -> dict:
+    samples: dict[str, list[int]] = {p.name: [] for p in paths}
+    order = list(paths)
+    rng = random.Random(4)
+    for r in range(rounds):
+        rng.shuffle(order)
+        for p in order:
+            samples[p.name] += measure_http(p.port, count, 100, p.absolute, max_seconds=seconds)
+        log(f"  latency round {r + 1}/{rounds} done")
+    out = {name: summarize(values) for name, values in samples.items()}
+    base = out["direct"]
+    for values in out.values():
+        values["added_p50_us"] = values["p50_us"] - base["p50_us"]
+        values["added_p99_us"] = values["p99_us"] - base["p99_us"]
+    return out
+
+
+WRK_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}
+
+
+def parse_wrk(text: str) -> dict:
+    out: dict = {}
+    match = re.search(r"(\d+) requests in ([\d.]+)(\w+),", text)
+    if match:
+        out["requests"] = int(match.group(1))
+    match = re.search(r"Requests/sec:\s+([\d.]+)", text)
+    if match:
+        out["rps"] = float(match.group(1))
+    for pct in ("50", "99"):
+        match = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", text, re.MULTILINE)
+        if match:
+            out[f"p{pct}_us"] = float(match.group(1)) * WRK_UNITS[match.group(2)]
+    match = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    out["non_2xx"] = int(match.group(1)) if match else 0
+    match = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    out["socket_errors"] = sum(int(x) for x in match.groups()) if match else 0
+    return out
+
+
+def run_wrk(p: Path_, workdir: Path, seconds: int, connections: int) -> dict:
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    if p.absolute:
+        script = workdir / "absolute.lua"
+        script.write_text(f'wrk.path = "{p.absolute}"\n')
+        argv += ["-s", str(script)]
+    argv.append(f"http://127.0.0.1:{p.port}/")
+    run = subprocess.run(
+        pinned(SIDE_CPU, argv), capture_output=True, text=True, timeout=seconds + 30
+    )
+    out = parse_wrk(run.stdout)
+    if "requests" not in out:
+        raise RuntimeError(f"wrk via {p.name}: {run.stdout[-300:]} {run.stderr[-300:]}")
+    return out
+
+
+def parse_h2load(text: str) -> dict:
+    out: dict = {}
+    match = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", text)
+    if match:
+        out["rps"] = float(match.group(3))
+    match = re.search(
+        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored",
+        text,
+    )
+    if match:
+        out["requests"] = int(match.group(4))
+        out["failed"] = int(match.group(5)) + int(match.group(6))
+    match = re.search(r"status codes: (\d+) 2xx", text)
+    if match:
+        out["2xx"] = int(match.group(1))
+    return out
+
+
+def run_h2load(p: Path_, seconds: int) -> dict:
+    argv = ["h2load", "-t1", "-c32", "-m10", "-D", str(seconds), f"http://127.0.0.1:{p.h2_port}/"]
+    run = subprocess.run(
+        pinned(SIDE_CPU, argv), capture_output=True, text=True, timeout=seconds + 30
+    )
+    out = parse_h2load(run.stdout)
+    if "requests" not in out:
+        raise RuntimeError(f"h2load via {p.name}: {run.stdout[-300:]} {run.stderr[-300:]}")
+    return out
+
+
+def under_load(p: Path_, run) -> dict:
+    """Run a load generator with the proxy alone on CPU 1; add its CPU per request and RSS."""
+    pids = p.pids()
+    if pids:
+        move_to_cpu(pids, LOAD_CPU)
+    cpu0 = cpu_seconds(pids)
+    wall0 = time.perf_counter()
+    out = run()
+    wall = time.perf_counter() - wall0
+    if pids:
+        cpu = cpu_seconds(pids) - cpu0
+        out["proxy_cpu_s"] = cpu
+        out["proxy_cpu_util"] = cpu / wall
+        out["proxy_cpu_us_per_req"] = cpu / out["requests"] * 1e6 if out["requests"] else None
+        out["rss_mib"] = rss_mib(pids)
+        out["processes"] = len(pids)
+        move_to_cpu(pids, SIDE_CPU)
+    return out
+
+
+def throughput_phase(paths: list[Path_], workdir: Path, rounds: int, seconds: int) -> dict:
+    runs: dict[str, list[dict]] = {p.name: [] for p in paths}
+    order = list(paths)
+    rng = random.Random(5)
+    for r in range(rounds):
+        rng.shuffle(order)
+        for p in order:
+            runs[p.name].append(under_load(p, lambda p=p: run_wrk(p, workdir, seconds, 32)))
+        log(f"  throughput round {r + 1}/{rounds} done")
+    out = {}
+    for name, values in runs.items():
+        best = max(values, key=lambda v: v["rps"])
+        summary = {
+            "rps": best["rps"],
+            "rps_rounds": [v["rps"] for v in values],
+            "p50_us": best.get("p50_us"),
+            "p99_us": best.get("p99_us"),
+            "errors": sum(v["non_2xx"] + v["socket_errors"] for v in values),
+        }
+        if "proxy_cpu_s" in values[0]:
+            cpu = sum(v["proxy_cpu_s"] for v in values)
+            reqs = sum(v["requests"] for v in values)
+            summary["proxy_cpu_util"] = best["proxy_cpu_util"]
+            summary["proxy_cpu_us_per_req"] = cpu / reqs * 1e6
+            summary["rps_per_cpu_second"] = reqs / cpu if cpu else None
+            summary["rss_mib"] = values[-1]["rss_mib"]
+            summary["processes"] = values[-1]["processes"]
+        out[name] = summary
+    return out
+
+
+def h2_works(port: int) -> bool:
+    if not shutil.which("curl"):
+        return False
+    run = subprocess.run(
+        ["curl", "-s", "--max-time", "3", "--http2-prior-knowledge", "-o", "/dev/null",
+         "-w", "%{http_code} %{http_version}", f"http://127.0.0.1:{port}/"],
+        capture_output=True, text=True, timeout=10,
+    )  # fmt: skip
+    return run.stdout.strip() == "200 2"
+
+
+# ---- main ------------------------------------------------------------------------------
+
+
+def git_state() -> dict:
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"head": head, "dirty_files": dirty.splitlines()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="latency rounds")
+    parser.add_argument("--requests", type=int, default=2000, help="per path per latency round")
+    parser.add_argument("--round-seconds", type=float, default=2.0, help="cap per path per round")
+    parser.add_argument("--load-rounds", type=int, default=3, help="wrk runs per path")
+    parser.add_argument("--seconds", type=int, default=5, help="wrk / h2load duration")
+    parser.add_argument("--install-peers", action="store_true",
+                        help="create /tmp venvs with proxy.py and mitmproxy if missing")  # fmt: skip
+    parser.add_argument("--out", default=str(RESULTS / "http_bench.json"))
+    args = parser.parse_args(argv)
+    for tool in ("nginx", "wrk", "taskset"):
+        if not shutil.which(tool):
+            parser.error(f"{tool} is needed")
+    if args.install_peers:
+        install_peers()
+    # SIGTERM/SIGHUP unwind through the finally below, so nothing is left running.
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sys.exit(1))
+
+    started = time.monotonic()
+    result: dict = {
+        "config": vars(args),
+        "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
+        "git": git_state(),
+        "skipped": {},
+    }
+    affinity = os.sched_getaffinity(0)
+    with tempfile.TemporaryDirectory(prefix="pyproxy-http-bench-") as tmp:
+        workdir = Path(tmp)
+        procs = Processes(workdir)
+        try:
+            log("starting upstream and proxies (all on CPU 0)")
+            upstream = start_upstream(procs, workdir)
+            paths = [Path_("direct", upstream, note="nginx return 200, 100 B")]
+            paths.append(start_nginx(procs, workdir, upstream))
+            if shutil.which("haproxy"):
+                paths.append(start_haproxy(procs, workdir, upstream))
+            else:
+                result["skipped"]["haproxy"] = "not installed"
+            for name, codec, clock in (("pyproxy_fast", "fast", True), ("pyproxy_h11", "h11", True),
+                                       ("pyproxy_fast_clock_off", "fast", False)):  # fmt: skip
+                paths.append(start_pyproxy(procs, workdir, name, upstream, codec, clock))
+            for name, starter in (("proxypy", start_proxypy), ("mitmproxy", start_mitmproxy)):
+                try:
+                    p = starter(procs, workdir, upstream)
+                except RuntimeError as exc:
+                    p, result["skipped"][name] = None, f"did not start: {exc}"
+                if p is None:
+                    result["skipped"].setdefault(
+                        name, f"not installed in {PEER_VENVS[name][0]} (run with --install-peers)"
+                    )
+                else:
+                    paths.append(p)
+            result["paths"] = {p.name: p.note for p in paths}
+            pyproxies = [p for p in paths if p.admin]
+
+            # (a) latency: client pinned with everything else to CPU 0.
+            log(f"latency: {len(paths)} paths x {args.rounds} rounds")
+            os.sched_setaffinity(0, {SIDE_CPU})
+            for p in pyproxies:
+                p.snaps["start"] = p.stats()
+            noise = Noise()
+            result["latency"] = latency_phase(paths, args.rounds, args.requests, args.round_seconds)
+            result["foreign_cpus"] = {"latency": noise.cpus()}
+            for p in pyproxies:
+                p.snaps["after_latency"] = p.stats()
+            os.sched_setaffinity(0, affinity)
+
+            # (b, c, d) throughput, CPU per request, RSS: proxy alone on CPU 1.
+            log(f"throughput: wrk -t1 -c32 -d{args.seconds}s x {args.load_rounds} rounds per path")
+            noise = Noise()
+            result["throughput"] = throughput_phase(paths, workdir, args.load_rounds, args.seconds)
+            result["foreign_cpus"]["throughput"] = noise.cpus()
+            for p in pyproxies:
+                p.snaps["after_load"] = p.stats()
+
+            # HTTP/2 (h2c prior knowledge), if pyproxy speaks it yet.
+            h2_paths = [p for p in paths if p.h2_port]
+            py_fast = next(p for p in pyproxies if p.name == "pyproxy_fast")
+            if h2_works(py_fast.port):
+                py_fast.h2_port = py_fast.port
+                h2_paths.append(py_fast)
+                result["h2_pyproxy"] = "measured"
+            else:
+                result["h2_pyproxy"] = "pending: curl --http2-prior-knowledge through pyproxy fails"
+            if shutil.which("h2load"):
+                log(f"http/2: h2load -c32 -m10 -D {args.seconds} on {[p.name for p in h2_paths]}")
+                result["h2"] = {
+                    p.name: under_load(p, lambda p=p: run_h2load(p, args.seconds)) for p in h2_paths
+                }
+                if py_fast in h2_paths:
+                    py_fast.snaps["after_h2"] = py_fast.stats()
+
+            # pyproxy's stage breakdown per phase.
+            stages = {}
+            for p in pyproxies:
+                lat = snap_delta(p.snaps["after_latency"], p.snaps["start"])
+                load = snap_delta(p.snaps["after_load"], p.snaps["after_latency"])
+                stages[p.name] = {
+                    "latency": lat["listeners"]["main"],
+                    "latency_table": stage_table(lat),
+                    "load": load["listeners"]["main"],
+                    "load_table": stage_table(load),
+                }
+                if "after_h2" in p.snaps:
+                    h2 = snap_delta(p.snaps["after_h2"], p.snaps["after_load"])
+                    stages[p.name]["h2_table"] = stage_table(h2)
+            result["stages"] = stages
+        finally:
+            os.sched_setaffinity(0, affinity)
+            procs.stop_all()
+
+    result["targets"] = targets(result)
+    result["elapsed_s"] = time.monotonic() - started
+    RESULTS.mkdir(exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(report(result))
+    print(f"\nresults: {args.out} ({result['elapsed_s']:.0f} s)")
+    return 0
+
+
+def targets(result: dict) -> dict:
+    """Issue 4's targets for the fast codec, each with the measured ratio and met or not."""
+    lat, tput = result["latency"], result["throughput"]
+    out = {}
+    fast = "pyproxy_fast"
+    if lat["nginx"]["added_p50_us"] > 0:
+        ratio = lat[fast]["added_p50_us"] / lat["nginx"]["added_p50_us"]
+        out["added_p50_vs_nginx"] = {"value": ratio, "target": "<= 1.5", "met": ratio <= 1.5}
+    ratio = tput[fast]["rps"] / tput["nginx"]["rps"]
+    out["rps_vs_nginx"] = {"value": ratio, "target": ">= 0.35", "met": ratio >= 0.35}
+    if tput[fast].get("rps_per_cpu_second") and tput["nginx"].get("rps_per_cpu_second"):
+        ratio = tput[fast]["rps_per_cpu_second"] / tput["nginx"]["rps_per_cpu_second"]
+        out["rps_per_cpu_second_vs_nginx"] = {
+            "value": ratio,
+            "target": ">= 0.35",
+            "met": ratio >= 0.35,
+        }
+    if "proxy.py" in tput:
+        ratio = tput[fast]["rps"] / tput["proxy.py"]["rps"]
+        out["rps_vs_proxypy"] = {"value": ratio, "target": ">= 6", "met": ratio >= 6}
+    off = "pyproxy_fast_clock_off"
+    out["stage_clock_cost_p50_us"] = {"value": lat[fast]["p50_us"] - lat[off]["p50_us"]}
+    out["stage_clock_cost_cpu_us_per_req"] = {
+        "value": tput[fast]["proxy_cpu_us_per_req"] - tput[off]["proxy_cpu_us_per_req"]
+    }
+    return out
+
+
+def _f(value, fmt: str = ".1f") -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def report(result: dict) -> str:
+    lat, tput = result["latency"], result["throughput"]
+    lines = [
+        "| path | p50 µs | p99 µs | added p50 µs | added p99 µs | req/s, c32 | proxy CPU | "
+        "CPU µs/req | req per CPU-s | RSS MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, v in lat.items():
+        t = tput[name]
+        util = t.get("proxy_cpu_util")
+        lines.append(
+            f"| {name} | {v['p50_us']:.1f} | {v['p99_us']:.1f} | "
+            + (
+                f"{v['added_p50_us']:.1f} | {v['added_p99_us']:.1f}"
+                if name != "direct"
+                else "— | —"
+            )
+            + f" | {t['rps']:.0f} | {_f(util * 100 if util else None, '.0f')}{'%' if util else ''} | "
+            f"{_f(t.get('proxy_cpu_us_per_req'))} | {_f(t.get('rps_per_cpu_second'), '.0f')} | "
+            f"{_f(t.get('rss_mib'))} |" + (f" ({t['errors']} errors)" if t["errors"] else "")
+        )
+    lines.append("")
+    for name, note in result["paths"].items():
+        lines.append(f"* {name}: {note}")
+    for name, why in result["skipped"].items():
+        lines.append(f"* {name}: skipped, {why}")
+    lines.append("\n| target (fast codec) | measured | target | met |\n| --- | ---: | ---: | --- |")
+    for name, t in result["targets"].items():
+        if "met" in t:
+            lines.append(
+                f"| {name} | {t['value']:.2f} | {t['target']} | {'yes' if t['met'] else '**no**'} |"
+            )
+        else:
+            lines.append(f"| {name} | {t['value']:.2f} | — | — |")
+    noise = result.get("foreign_cpus", {})
+    if noise:
+        lines.append(
+            "\nCPU taken by other processes on the machine while phases ran (CPUs of 2): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in noise.items())
+            + (
+                " — **the machine was not quiet; rates are disturbed**"
+                if max(noise.values()) > 0.1
+                else ""
+            )
+        )
+    lines.append(f"\nHTTP/2 through pyproxy: {result.get('h2_pyproxy')}")
+    if result.get("h2"):
+        lines.append("\n| h2c, h2load -c32 -m10 | req/s | proxy CPU | CPU µs/req | failed |")
+        lines.append("| --- | ---: | ---: | ---: | ---: |")
+        for name, v in result["h2"].items():
+            lines.append(
+                f"| {name} | {v['rps']:.0f} | {v['proxy_cpu_util'] * 100:.0f}% | "
+                f"{_f(v['proxy_cpu_us_per_req'])} | {v.get('failed', 0)} |"
+            )
+    for name, s in result["stages"].items():
+        lines.append(
+            f"\n{name}, latency phase (one request outstanding):\n```\n{s['latency_table']}```"
+        )
+        lines.append(f"{name}, load phase (wrk -c32):\n```\n{s['load_table']}```")
+        if "h2_table" in s:
+            lines.append(f"{name}, h2 phase:\n```\n{s['h2_table']}```")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
