@@ -1,0 +1,203 @@
+"""The fault filter through a real proxy: abort rates, measured delays, header faults, the active cap, TCP mode."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+import time
+
+import pytest
+from conftest import free_port
+from http_peer import HttpUpstream
+
+
+@pytest.fixture
+def upstream():
+    server = HttpUpstream()
+    yield server
+    server.close()
+
+
+def _proxy(start_proxy, tmp_path, upstream_address: str, fault_config: str, mode: str = "http"):
+    port = free_port()
+    path = tmp_path / "proxy.yaml"
+    path.write_text(
+        f"""
+listeners:
+  - name: main
+    mode: {mode}
+    address: 127.0.0.1:{port}
+    upstream: {upstream_address}
+    filters:
+      - name: fault
+        config: {fault_config}
+"""
+    )
+    return start_proxy("-c", str(path)), port
+
+
+class Client:
+    """Keep-alive requests on one connection, reconnecting when the proxy closed it (local replies)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+
+    def get(self, path: str = "/x", headers=None) -> tuple[int, dict]:
+        for attempt in range(2):
+            try:
+                self.conn.request("GET", path, headers=headers or {})
+                response = self.conn.getresponse()
+                response.read()
+                if response.will_close:
+                    self.conn.close()
+                return response.status, {k.lower(): v for k, v in response.getheaders()}
+            except (http.client.RemoteDisconnected, ConnectionError, BrokenPipeError):
+                self.conn.close()
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _timed_get(port: int, headers=None) -> tuple[int, float]:
+    client = Client(port)
+    try:
+        start = time.monotonic()
+        status, _ = client.get(headers=headers)
+        return status, time.monotonic() - start
+    finally:
+        client.close()
+
+
+def test_abort_percentage_holds_over_400_requests(start_proxy, tmp_path, upstream):
+    proxy, port = _proxy(
+        start_proxy, tmp_path, upstream.address, "{abort: {http_status: 503, percentage: 25}}"
+    )
+    client = Client(port)
+    try:
+        statuses = [client.get()[0] for _ in range(400)]
+    finally:
+        client.close()
+    aborted = statuses.count(503)
+    assert statuses.count(200) + aborted == 400
+    # Binomial(400, 0.25): mean 100, sd 8.7; ±5 sd keeps a false failure below 1e-6.
+    assert 57 <= aborted <= 143, aborted
+    snap = proxy.listener()
+    assert snap["filters"]["fault"]["aborts_injected"] == aborted
+    assert snap["flags"].get("FI") == aborted
+    assert len(upstream.requests) == 400 - aborted
+
+
+def test_fixed_delay_is_measured(start_proxy, tmp_path, upstream):
+    proxy, port = _proxy(
+        start_proxy, tmp_path, upstream.address, "{delay: {fixed_delay: 250ms, percentage: 100}}"
+    )
+    timings = [_timed_get(port) for _ in range(3)]
+    for status, elapsed in timings:
+        assert status == 200
+        assert 0.25 <= elapsed < 0.25 + 0.4, timings
+    snap = proxy.listener()
+    assert snap["filters"]["fault"]["delays_injected"] == 3
+    assert snap["filters"]["fault"]["active_faults"] == 0
+
+
+def test_header_faults_ignored_unless_enabled(start_proxy, tmp_path, upstream):
+    asks = {"x-envoy-fault-abort-request": "418", "x-envoy-fault-delay-request": "300"}
+    proxy, port = _proxy(
+        start_proxy,
+        tmp_path,
+        upstream.address,
+        "{abort: {http_status: 503, percentage: 0}, delay: {fixed_delay: 1s, percentage: 0}}",
+    )
+    status, elapsed = _timed_get(port, asks)
+    assert status == 200 and elapsed < 0.25
+    assert proxy.listener()["filters"]["fault"]["aborts_injected"] == 0
+
+    # A second proxy with header faults on.
+    enabled, port2 = _proxy(
+        start_proxy,
+        tmp_path,
+        upstream.address,
+        "{abort: {header_abort: true, percentage: 100}, delay: {header_delay: true}}",
+    )
+    assert _timed_get(port2, {"x-envoy-fault-abort-request": "418"})[0] == 418
+    status, elapsed = _timed_get(port2, {"x-envoy-fault-delay-request": "300"})
+    assert status == 200 and 0.3 <= elapsed < 0.7
+    status, elapsed = _timed_get(port2)  # no header: no fault
+    assert status == 200 and elapsed < 0.25
+    counters = enabled.listener()["filters"]["fault"]
+    assert counters["aborts_injected"] == 1 and counters["delays_injected"] == 1
+
+
+def test_max_active_faults_overflow_counted(start_proxy, tmp_path, upstream):
+    proxy, port = _proxy(
+        start_proxy,
+        tmp_path,
+        upstream.address,
+        "{delay: {fixed_delay: 600ms, percentage: 100}, max_active_faults: 2}",
+    )
+    results: list[tuple[int, float]] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        result = _timed_get(port)
+        with lock:
+            results.append(result)
+
+    threads = [threading.Thread(target=one) for _ in range(5)]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.03)  # all five start well inside the first two delays
+    for thread in threads:
+        thread.join(10)
+    assert len(results) == 5 and all(status == 200 for status, _ in results)
+    delayed = [elapsed for _, elapsed in results if elapsed >= 0.6]
+    assert len(delayed) == 2, results
+    counters = proxy.listener()["filters"]["fault"]
+    assert counters == {
+        "delays_injected": 2,
+        "aborts_injected": 0,
+        "faults_overflow": 3,
+        "active_faults": 0,
+    }
+
+
+def test_tcp_delay_holds_the_connection(start_proxy, tmp_path, echo_server):
+    proxy, port = _proxy(
+        start_proxy,
+        tmp_path,
+        echo_server.address,
+        "{delay: {fixed_delay: 300ms, percentage: 100}}",
+        mode="tcp",
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        start = time.monotonic()
+        sock.sendall(b"hello")
+        assert sock.recv(16) == b"hello"
+        elapsed = time.monotonic() - start
+    assert 0.3 <= elapsed < 0.8, elapsed
+    assert proxy.listener()["filters"]["fault"]["delays_injected"] == 1
+
+
+def test_tcp_abort_resets(start_proxy, tmp_path, echo_server):
+    proxy, port = _proxy(
+        start_proxy,
+        tmp_path,
+        echo_server.address,
+        "{abort: {http_status: 503, percentage: 100}}",
+        mode="tcp",
+    )
+    for _ in range(3):
+        with pytest.raises(ConnectionResetError):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(b"hello")
+                if sock.recv(16) == b"":
+                    raise AssertionError("closed with FIN, expected a reset")
+    snap = proxy.wait_for(lambda s: s["flags"].get("FI", 0) == 3)
+    assert snap["filters"]["fault"]["aborts_injected"] == 3
+    assert snap["flags"]["FI"] == 3
+    assert echo_server.connections == 0
