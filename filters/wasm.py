@@ -50,7 +50,6 @@ import os
 import struct
 import time
 from ctypes import CFUNCTYPE, c_char_p, c_int32, c_int64, c_size_t, c_uint32, c_uint64, c_void_p
-from time import perf_counter_ns
 
 import wasmtime
 from wasmtime import _bindings as _capi
@@ -1237,15 +1236,7 @@ class WasmFilter(HttpFilter):
         self._cancel_timer()
         if not self.context_id or self.generation != self.runtime.generation:
             return
-        # The chain times hooks but not on_destroy; done/log/delete are guest calls the request
-        # pays for, so they go into this filter's stage too (ns only: the events count hooks).
-        chain = getattr(self.callbacks, "chain", None)
-        if chain is None or not chain.timed:
-            self._delete_context()
-            return
-        t0 = perf_counter_ns()
-        self._delete_context()
-        chain.block[chain.factory.stage_ns[self.callbacks.index]] += perf_counter_ns() - t0
+        self._delete_context()  # guest calls the request pays for: the chain times on_destroy
 
     def _delete_context(self) -> None:
         context_id = self.context_id

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from time import perf_counter_ns
 
-from pyproxy.chain.api import CONTINUE, STOP_AND_BUFFER, FactoryContext, HeaderMap
+from pyproxy.chain.api import CONTINUE, STOP_AND_BUFFER, FactoryContext, HeaderMap, HttpFilter
 from pyproxy.chain.registry import factory_class
 from pyproxy.config import FilterSpec
 from pyproxy.counters import STAGE_EVENTS, STAGE_NS, STAGES
@@ -52,6 +52,12 @@ class ChainFactory:
             "encode_data": implementing("encode_data", True),
             "encode_trailers": implementing("encode_trailers", True),
         }
+        # on_destroy is a hook too (WASM/Lua contexts end there): called and timed only where overridden.
+        self.destroyers = tuple(
+            i
+            for i, cls in enumerate(classes)
+            if getattr(cls, "on_destroy", None) is not HttpFilter.on_destroy
+        )
         self.decodes_body = bool(self.hooks["decode_data"] or self.hooks["decode_trailers"])
         self.encodes = any(
             self.hooks[h] for h in ("encode_headers", "encode_data", "encode_trailers")
@@ -360,5 +366,13 @@ class HttpChain:
         if self.done:
             return
         self.done = True
-        for f in self.filters:
-            f.on_destroy()
+        factory = self.factory
+        filters = self.filters
+        block = self.block
+        for index in factory.destroyers:
+            if self.timed:
+                t0 = perf_counter_ns()
+                filters[index].on_destroy()
+                block[factory.stage_ns[index]] += perf_counter_ns() - t0
+            else:
+                filters[index].on_destroy()
