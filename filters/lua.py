@@ -281,38 +281,32 @@ local function direct(fn, handle)
   return run
 end
 
--- Coroutine runners, for scripts that may wait in body().
-local function resume(co)
+-- Coroutine runners, for scripts that may wait in body(). The hook is armed and
+-- cleared around each resume (LuaJIT's hooks are global, PUC Lua's per thread),
+-- so each resume has its own budget and nothing stays hooked in between.
+local function step(co)
   expired = false
+  sethook(co, hook, "", max_instructions)
   local ok, err = co_resume(co)
+  sethook(co)
   if ok and co_status(co) == "suspended" then
     if err == BODY_WAIT then return 3, co end
     return 2, "script yielded outside body()"
   end
   return outcome(ok, err)
 end
-ours[resume] = true
+ours[step] = true
 local function started(fn, handle)
-  local function start()
-    local co = co_create(function() return fn(handle) end)
-    sethook(co, hook, "", max_instructions)
-    expired = false
-    local ok, err = co_resume(co)
-    if ok and co_status(co) == "suspended" then
-      if err == BODY_WAIT then return 3, co end
-      return 2, "script yielded outside body()"
-    end
-    return outcome(ok, err)
+  return function()
+    return step(co_create(function() return fn(handle) end))
   end
-  ours[start] = true
-  return start
 end
 
 local make = py.uses_body and started or direct
 return {
   on_request = on_request and make(on_request, make_handle(true)),
   on_response = on_response and make(on_response, make_handle(false)),
-  resume = resume,
+  resume = step,
 }
 """
 
@@ -601,7 +595,10 @@ class _LuaFilter(HttpFilter):
         engine.filter = self
         self.no_body = end_stream
         self.body_changed = False
-        result = runner()
+        try:
+            result = runner()
+        except Exception as exc:  # e.g. out of memory outside the script's own pcall
+            result = (_ERROR, str(exc).encode())
         if result is None:
             if self.reply is None:
                 return CONTINUE
@@ -639,7 +636,10 @@ class _LuaFilter(HttpFilter):
         engine.map = headers
         engine.filter = self
         self.body = buffer()
-        result = engine.resume(co)
+        try:
+            result = engine.resume(co)
+        except Exception as exc:
+            result = (_ERROR, str(exc).encode())
         if self.body_changed:
             set_buffer(self.body)
         if result is None:

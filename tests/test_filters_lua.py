@@ -40,6 +40,8 @@ function envoy_on_request(handle)
     while true do end
   elseif path == "/spin-pcall" then
     while true do pcall(function() while true do end end) end
+  elseif path == "/badheader" then
+    h:add("x-smuggled", "a\\r\\nb: c")
   elseif path == "/memory" then
     local s = string.rep("x", 64 * 1024 * 1024)
   end
@@ -57,6 +59,9 @@ function envoy_on_request(handle)
   if body == nil then
     handle:headers():add("x-lua-body", "none")
     return
+  end
+  if handle:headers():get(":path") == "/spin" then
+    while true do end
   end
   handle:headers():add("x-lua-body-length", body:length())
   handle:headers():add("x-lua-first", body:getBytes(0, 3))
@@ -210,7 +215,7 @@ def test_script_error_is_500_and_one_log_line(lua_proxy):
     assert proxy.listener("main")["filters"]["script"]["errors"] >= 3
 
 
-@pytest.mark.parametrize("path", ["/spin", "/spin-pcall", "/memory"])
+@pytest.mark.parametrize("path", ["/spin", "/spin-pcall", "/memory", "/badheader"])
 def test_runaway_script_is_stopped_and_the_proxy_keeps_serving(lua_proxy, path):
     proxy, port, _ = lua_proxy
     t0 = time.monotonic()
@@ -220,7 +225,7 @@ def test_runaway_script_is_stopped_and_the_proxy_keeps_serving(lua_proxy, path):
     assert elapsed < 1.0, elapsed
     status, _, _ = _get(port, "/echo")
     assert status == 200
-    if path != "/memory":
+    if path.startswith("/spin"):
         assert proxy.listener("main")["filters"]["script"]["timeouts"] >= 1
 
 
@@ -240,6 +245,17 @@ def test_body_is_buffered_read_and_replaced(lua_proxy):
     assert info["h"]["content-length"] == [str(len(replaced))]
     # envoy_on_response waited for the whole response body too.
     assert headers["x-lua-response-body-length"] == str(len(body))
+
+
+def test_runaway_script_waiting_on_the_body_is_stopped(lua_proxy):
+    proxy, _, port = lua_proxy
+    t0 = time.monotonic()
+    status, _, _ = _get(port, "/spin", "-X", "POST", "-H", "Expect:", "--data-binary", "x" * 3000)
+    assert status == 500
+    assert time.monotonic() - t0 < 1.0
+    assert proxy.listener("body")["filters"]["script"]["timeouts"] >= 1
+    status, _, _ = _get(port, "/echo", "-X", "POST", "-H", "Expect:", "--data-binary", "okay")
+    assert status == 200
 
 
 def test_body_of_a_request_without_one_is_nil(lua_proxy):
