@@ -6,7 +6,7 @@ Config (Envoy's name for the code):
       function envoy_on_request(handle)
         handle:headers():add("x-hello", "world")
       end
-    max_instructions: 1000000  # per hook call; a runaway script is stopped with a 500
+    max_instructions: 1000000  # per hook call (and 100 ms CPU); a runaway script gets a 500
     max_memory: 33554432       # bytes, the whole runtime (one per worker)
 
 Design:
@@ -50,6 +50,7 @@ log = logging.getLogger("pyproxy.filters.lua")
 
 DEFAULT_MAX_INSTRUCTIONS = 1_000_000
 DEFAULT_MAX_MEMORY = 32 * 1024 * 1024
+MAX_CPU_SECONDS = 0.1  # per hook call, on top of the instruction limit
 ERRORS, TIMEOUTS, REPLIES = range(3)
 # Outcome codes returned by the Lua runners (nil means "went through").
 _TIMEOUT, _ERROR, _WAITING = 1, 2, 3
@@ -135,10 +136,19 @@ string_mt.__metatable = false
 local LIMIT = setmetatable({}, {__tostring = function() return "instruction limit exceeded" end})
 local RESPONDED = {}
 local BODY_WAIT = {}
+-- It fires every PERIOD instructions and also bounds CPU time, since one
+-- instruction (string.rep, a Python call) can do much work.
+local PERIOD = 200
+local MAX_SECONDS = py.max_seconds
+local clock = os.clock
+local budget = math.max(1, math.floor(max_instructions / PERIOD))
 local ours = {}
-local expired = false
+local expired, ticks, started_at = false, 0, 0
 local function hook()
   if not expired then
+    ticks = ticks + 1
+    if ticks == 1 then started_at = clock() end
+    if ticks < budget and clock() - started_at < MAX_SECONDS then return end
     expired = true
     sethook(hook, "", 1)
   end
@@ -253,8 +263,8 @@ local chunk, err = load(code, chunkname, "t", env)
 if not chunk then return nil, err end
 if jit then jit.off(chunk, true) end
 local function run_top()
-  expired = false
-  sethook(hook, "", max_instructions)
+  expired, ticks = false, 0
+  sethook(hook, "", PERIOD)
   local ok, e = pcall(chunk)
   sethook()
   return ok, e
@@ -271,8 +281,8 @@ if type(on_response) ~= "function" then on_response = nil end
 -- Direct runners: one pcall on the calling thread, the hook armed around it.
 local function direct(fn, handle)
   local function run()
-    expired = false
-    sethook(hook, "", max_instructions)
+    expired, ticks = false, 0
+    sethook(hook, "", PERIOD)
     local ok, err = pcall(fn, handle)
     sethook()
     return outcome(ok, err)
@@ -285,8 +295,8 @@ end
 -- cleared around each resume (LuaJIT's hooks are global, PUC Lua's per thread),
 -- so each resume has its own budget and nothing stays hooked in between.
 local function step(co)
-  expired = false
-  sethook(co, hook, "", max_instructions)
+  expired, ticks = false, 0
+  sethook(co, hook, "", PERIOD)
   local ok, err = co_resume(co)
   sethook(co)
   if ok and co_status(co) == "suspended" then
@@ -452,6 +462,7 @@ class _Engine:
                 b"body_get": self.body_get,
                 b"body_set": self.body_set,
                 b"uses_body": config["uses_body"],
+                b"max_seconds": MAX_CPU_SECONDS,
             }
         )
         self.error = None

@@ -40,6 +40,9 @@ function envoy_on_request(handle)
     while true do end
   elseif path == "/spin-pcall" then
     while true do pcall(function() while true do end end) end
+  elseif path == "/heavy" then
+    local s
+    for i = 1, 1e6 do s = string.rep("x", 1e6) end
   elseif path == "/badheader" then
     h:add("x-smuggled", "a\\r\\nb: c")
   elseif path == "/memory" then
@@ -215,7 +218,7 @@ def test_script_error_is_500_and_one_log_line(lua_proxy):
     assert proxy.listener("main")["filters"]["script"]["errors"] >= 3
 
 
-@pytest.mark.parametrize("path", ["/spin", "/spin-pcall", "/memory", "/badheader"])
+@pytest.mark.parametrize("path", ["/spin", "/spin-pcall", "/heavy", "/memory", "/badheader"])
 def test_runaway_script_is_stopped_and_the_proxy_keeps_serving(lua_proxy, path):
     proxy, port, _ = lua_proxy
     t0 = time.monotonic()
@@ -225,7 +228,7 @@ def test_runaway_script_is_stopped_and_the_proxy_keeps_serving(lua_proxy, path):
     assert elapsed < 1.0, elapsed
     status, _, _ = _get(port, "/echo")
     assert status == 200
-    if path.startswith("/spin"):
+    if path in ("/spin", "/spin-pcall", "/heavy"):
         assert proxy.listener("main")["filters"]["script"]["timeouts"] >= 1
 
 
