@@ -13,6 +13,7 @@ from prometheus_client.core import (
 )
 
 from pyproxy.counters import BUCKETS
+from pyproxy.grpc_metrics import grpc_families
 
 
 class StageCollector:
@@ -89,6 +90,7 @@ class StageCollector:
             flags,
             duration,
         )
+        yield from grpc_families(snap)
 
 
 def exposition(take_snapshot: Callable[[], dict]) -> bytes:

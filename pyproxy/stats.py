@@ -5,6 +5,7 @@ from __future__ import annotations
 from pyproxy import counters as c
 from pyproxy.config import ProxyConfig
 from pyproxy.counters import CounterStore
+from pyproxy.grpc_metrics import grpc_snapshot
 
 
 def snapshot(store: CounterStore, config: ProxyConfig) -> dict:
@@ -65,6 +66,10 @@ def snapshot(store: CounterStore, config: ProxyConfig) -> dict:
             listeners[lconf.name]["zerocopy"] = {
                 name: block[c.ZC_BASE + i] for i, name in enumerate(c.ZC_FIELDS)
             }
+        if lconf.mode != "tcp":
+            grpc = grpc_snapshot(store, slot)
+            if lconf.mode == "grpc" or grpc["calls_started"]:
+                listeners[lconf.name]["grpc"] = grpc
     return {"listeners": listeners}
 
 

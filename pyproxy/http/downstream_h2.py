@@ -363,7 +363,9 @@ class _DownstreamStream(H2StreamBase):
             return
         exchange = self.exchange
         method = exchange.request.method if exchange is not None else b"GET"
-        has_body = response_has_body(method, head)
+        # A head carrying grpc-status is a gRPC trailers-only response: clients need it as one
+        # HEADERS frame with END_STREAM, not HEADERS then an empty DATA frame ending the stream.
+        has_body = response_has_body(method, head) and not _trailers_only(head)
         self._headers(h2_response_headers(head), not has_body)
         if not has_body:
             self.ended_out = True
@@ -411,3 +413,10 @@ class _DownstreamStream(H2StreamBase):
         if exchange is not None:
             exchange.downstream_reset()
         self.session.stream_finished(self)
+
+
+def _trailers_only(head) -> bool:
+    for name, _ in head.headers:
+        if name == b"grpc-status":
+            return True
+    return False

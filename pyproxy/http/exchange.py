@@ -20,6 +20,7 @@ from pyproxy.chain.api import HeaderMap
 from pyproxy.codec.events import END, Body, RequestHead, ResponseHead, Trailers
 from pyproxy.codec.http1 import strip_hop_by_hop
 from pyproxy.counters import FLAG_BASE, FLAG_INDEX, STAGES, STATUS_BASE, observe_duration
+from pyproxy.http.grpc_call import HTTP1_REFUSED, GrpcCall, wants_call
 from pyproxy.http.local_reply import local_reply_head
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class Exchange:
         "chain",
         "head_only",
         "response_head_in",
+        "grpc",
     )
 
     def __init__(
@@ -84,6 +86,7 @@ class Exchange:
         self.bytes_in = self.bytes_out = 0
         self.chain = None
         self.response_head_in: ResponseHead | None = None
+        self.grpc: GrpcCall | None = None
         # No body follows the request head (Envoy's end_stream on decode_headers).
         self.head_only = not request.chunked and not request.content_length and not request.upgrade
 
@@ -91,6 +94,11 @@ class Exchange:
 
     def start(self) -> None:
         request = self.request
+        if wants_call(self):
+            self.grpc = GrpcCall(self)
+        elif self.ctx.listener.mode == "grpc":
+            self.local_reply(505, HTTP1_REFUSED, "DPE")
+            return
         authority = _authority_of(request)
         route = self.ctx.router.match(authority, request.target)
         if route is None:
@@ -146,6 +154,8 @@ class Exchange:
 
     def request_body(self, data) -> None:
         self.bytes_in += len(data)
+        if self.grpc is not None and not self.grpc.request_data(data):
+            return
         chain = self.chain
         if chain is not None and chain.factory.decodes_body:
             chain.decode_data(data, False)
@@ -161,7 +171,7 @@ class Exchange:
 
     def request_end(self) -> None:
         self.request_done = True
-        if self.finished:
+        if self.finished or (self.grpc is not None and not self.grpc.request_ended()):
             return
         chain = self.chain
         if chain is not None and chain.factory.decodes_body and not self.head_only:
@@ -246,6 +256,8 @@ class Exchange:
             return
         self.status = head.status
         self.response_head_in = head
+        if self.grpc is not None:
+            self.grpc.response_headers(head.headers)  # trailers-only: the status is in the head
         chain = self.chain
         if chain is not None and chain.factory.encodes and head.status != 101:
             headers = HeaderMap(strip_hop_by_hop(head.headers), {b":status": b"%d" % head.status})
@@ -281,6 +293,8 @@ class Exchange:
             self._switch_protocols()
 
     def response_body(self, data) -> None:
+        if self.grpc is not None and not self.grpc.response_data(data):
+            return
         chain = self.chain
         if chain is not None and chain.factory.encodes:
             chain.encode_data(data, False)
@@ -288,6 +302,8 @@ class Exchange:
             self.forward_response_body(data, False)
 
     def response_trailers(self, headers) -> None:
+        if self.grpc is not None:
+            self.grpc.response_headers(headers)
         chain = self.chain
         if chain is not None and chain.factory.encodes:
             chain.encode_trailers(headers)
@@ -295,6 +311,8 @@ class Exchange:
             self.forward_response_trailers(headers)
 
     def response_end(self) -> None:
+        if self.grpc is not None and not self.grpc.response_ended():
+            return
         self.response_done = True
         chain = self.chain
         if chain is not None and chain.factory.encodes:
@@ -330,7 +348,7 @@ class Exchange:
         if self.response_started:
             self._finish(flag, reset_downstream=True)  # the head is out: all we can do is reset
             return
-        self.local_reply(status, body, flag, headers)
+        self.local_reply(status, body, flag, headers, grpc_status, details)
 
     def upstream_failed(self, flag: str) -> None:
         """The upstream connection broke (reset, EOF mid-response, protocol error)."""
@@ -373,6 +391,32 @@ class Exchange:
 
     # ---- ending ----------------------------------------------------------------
 
+    def fail_call(self, grpc_status: int, message: str, flag: str) -> None:
+        """gRPC: end the call with a status of ours (deadline, bad framing, message too large).
+
+        The upstream stream is cancelled (RST_STREAM CANCEL). Before the response
+        started the caller gets a trailers-only reply; after, trailers if every
+        message relayed so far is whole, else a stream reset (the connection stays).
+        """
+        if self.finished:
+            return
+        if self.attach is not None:
+            self.attach.cancel()
+            self.attach = None
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+        if not self.response_started:
+            self.local_reply(200, b"", flag, grpc_status=grpc_status, details=message)
+        elif self.grpc.response_at_boundary and not self.response_done:
+            self.response_done = True
+            self.downstream.send_trailers(self.grpc.status_trailers(grpc_status, message))
+            self.downstream.send_end()
+            self._finish(flag)
+        else:
+            self.grpc.status = grpc_status
+            self._finish(flag, reset_downstream=True)
+
     def _timed_out(self) -> None:
         self.timer = None
         if self.finished:
@@ -389,10 +433,21 @@ class Exchange:
             self._finish("UT", reset_downstream=True)
 
     def local_reply(
-        self, status: int, body: bytes, flag: str, extra_headers: list | None = None
-    ) -> None:
+        self, status: int, body: bytes, flag: str, extra_headers: list | None = None,
+        grpc_status: int | None = None, details: str = "",
+    ) -> None:  # fmt: skip
         """Answer the downstream ourselves; the connection closes if the request was not fully read."""
         self.response_started = True
+        if self.grpc is not None:
+            # gRPC: trailers-only (one HEADERS frame with END_STREAM); the text goes in grpc-message.
+            message = details or body.decode("utf-8", "replace").strip()
+            head = self.grpc.local_reply_head(status, flag, grpc_status, message, extra_headers)
+            self.status = 200
+            self.response_done = True
+            self.downstream.send_head(head)
+            self.downstream.send_end()
+            self._finish(flag)
+            return
         self.status = status
         keep = self.request_done and self.request.keep_alive
         head = local_reply_head(status, len(body), keep)
@@ -425,6 +480,8 @@ class Exchange:
             block[STATUS_BASE + min(self.status // 100, 5) - 1] += 1
         elapsed = perf_counter_ns() - self.started_ns
         observe_duration(block, elapsed)
+        if self.grpc is not None:
+            self.grpc.finished(flag, elapsed)
         upstream, self.upstream = self.upstream, None
         if upstream is not None and not switched:
             if self.request_done and self.response_done:
@@ -453,6 +510,8 @@ class Exchange:
             "duration_ms": round(elapsed_ns / 1e6, 3),
             "upstream_host": str(self.target) if self.target is not None else None,
         }
+        if self.grpc is not None:
+            self.grpc.log_fields(record)
         if self.trace is not None:
             record["stages_us"] = {
                 name: round(self.trace[i] / 1000, 2)
