@@ -458,3 +458,24 @@ def _wait_trailers_only(client: H2Client, sid: int, timeout: float = 5.0) -> dic
 def _drain(q: queue.Queue) -> None:
     while not q.empty():
         q.get_nowait()
+
+
+def test_cli_grpc_mode_with_two_workers_merges_methods_by_name(pb, upstream, start_proxy):
+    port = free_port()
+    proxy = start_proxy("--mode", "grpc", "--listen", f"127.0.0.1:{port}", "--upstream",
+                        f"127.0.0.1:{upstream.port}", "--concurrency", "2")  # fmt: skip
+    for i in range(12):  # a channel each: SO_REUSEPORT spreads the connections over both workers
+        # grpcio shares connections between channels to one target unless told not to.
+        options = GRPC_OPTIONS + [("grpc.use_local_subchannel_pool", 1)]
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=options)
+        stub = pb[1].EchoStub(channel)
+        assert stub.Unary(pb[0].Msg(data=b"%d" % i), timeout=5).data == b"%d" % i
+        channel.close()
+    snap = proxy.wait_for(lambda s: s["grpc"]["calls_finished"] >= 12)
+    assert snap["mode"] == "grpc"
+    assert snap["grpc"]["methods"] == {
+        "pyproxytest.Echo/Unary": {"started": 12, "statuses": {"OK": 12}}
+    }
+    assert snap["grpc"]["messages"] == {"received": 12, "sent": 12}
+    info = json.loads(urllib.request.urlopen(proxy.admin + "/server_info", timeout=5).read())
+    assert all(w["connections_total"] > 0 for w in info["workers"])  # both workers took calls
