@@ -6,7 +6,7 @@ from pyproxy.chain.api import FactoryContext
 from pyproxy.chain.http_chain import ChainFactory
 from pyproxy.codec.http1 import Http1Codec, Http1Limits, make_http1_codec
 from pyproxy.config import ListenerConfig, ProxyConfig
-from pyproxy.counters import IPC, PARSE, READ, STAGE_EVENTS, STAGE_NS, WRITE
+from pyproxy.counters import IPC, PARSE, READ, STAGE_EVENTS, STAGE_NS, STAGES, WRITE
 from pyproxy.http.access_log import AccessLog
 from pyproxy.http.router import Route, Router, build_clusters
 
@@ -40,6 +40,8 @@ class HttpContext:
         self.upstream_stages = (READ, WRITE) if down_app else (IPC, IPC)
         self.connect_stage = WRITE if down_app else IPC
         self.parse_ns, self.parse_events = STAGE_NS + PARSE, STAGE_EVENTS + PARSE
+        # Stage slots a callback can add to: the base stages plus this listener's filters.
+        self.claim_end = STAGE_NS + len(STAGES) + len(listener.filter_names)
         self._chains = self._build_chains(loop, listener)
 
     def _build_chains(self, loop, listener: ListenerConfig) -> dict:

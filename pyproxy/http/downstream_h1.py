@@ -56,7 +56,7 @@ class Http1Downstream:
         read_stage, write_stage = ctx.downstream_stages
         self.stream = Stream(
             ctx.loop, sock, ctx.block, self, timed=ctx.timed, read_stage=read_stage, write_stage=write_stage,
-            rx_slot=DOWNSTREAM_RX, tx_slot=DOWNSTREAM_TX,
+            rx_slot=DOWNSTREAM_RX, tx_slot=DOWNSTREAM_TX, claim_end=ctx.claim_end,
         )  # fmt: skip
         self.codec = ctx.server_codec()
         self.exchange: Exchange | None = None
@@ -209,6 +209,12 @@ class Http1Downstream:
         else:
             data = self.codec.send(event)
         self.stream.write(data)
+
+    def cork(self) -> None:
+        self.stream.cork()
+
+    def uncork(self) -> None:
+        self.stream.uncork()
 
     def send_interim(self, head) -> None:
         self._send(head)

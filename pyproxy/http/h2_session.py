@@ -112,7 +112,7 @@ class H2Session:
         ctx = self.ctx
         self.stream = Stream(
             ctx.loop, sock, ctx.block, self, timed=ctx.timed, read_stage=stages[0],
-            write_stage=stages[1], rx_slot=rx, tx_slot=tx,
+            write_stage=stages[1], rx_slot=rx, tx_slot=tx, claim_end=ctx.claim_end,
         )  # fmt: skip
 
     def open(self, max_streams: int, enforced_streams: int) -> None:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from pyproxy.http.router import Cluster
 
 DEFAULT_IDLE_TIMEOUT = 4.0
+SWEEP_INTERVAL = 0.5  # idle connections live at most their timeout plus this
 
 
 class Http1Upstream:
@@ -35,7 +36,7 @@ class Http1Upstream:
         "exchange",
         "reused",
         "idle_timeout",
-        "_idle_timer",
+        "idle_since",
         "protocol",
     )
 
@@ -47,13 +48,13 @@ class Http1Upstream:
         read_stage, write_stage = ctx.upstream_stages
         self.stream = Stream(
             ctx.loop, sock, ctx.block, self, timed=ctx.timed, read_stage=read_stage, write_stage=write_stage,
-            rx_slot=UPSTREAM_RX, tx_slot=UPSTREAM_TX,
+            rx_slot=UPSTREAM_RX, tx_slot=UPSTREAM_TX, claim_end=ctx.claim_end,
         )  # fmt: skip
         self.codec = ctx.client_codec()
         self.exchange: Exchange | None = None
         self.reused = False
         self.idle_timeout = idle_timeout
-        self._idle_timer = None
+        self.idle_since = 0.0
         self.protocol = "HTTP/1.1"
 
     # ---- used by the exchange ------------------------------------------------
@@ -61,9 +62,6 @@ class Http1Upstream:
     def bind(self, exchange: Exchange) -> None:
         self.exchange = exchange
         self.stream.trace = exchange.trace
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
         self.stream.resume_reading()
 
     def send(self, event) -> None:
@@ -103,13 +101,8 @@ class Http1Upstream:
         self.stream.trace = None
         self.codec.start_next_cycle()
         self.reused = True
-        self._idle_timer = self.ctx.loop.call_later(self.idle_timeout, self._idle_expired)
+        self.idle_since = self.ctx.loop.time()  # the pool's sweeper closes it once idle too long
         self.stream.resume_reading()
-
-    def _idle_expired(self) -> None:
-        self._idle_timer = None
-        self.ctx.pool.forget(self)
-        self.stream.close()
 
     # ---- StreamOwner ---------------------------------------------------------------
 
@@ -121,7 +114,18 @@ class Http1Upstream:
             _account_parse(ctx, perf_counter_ns() - t0, self.stream.trace)
         else:
             events = self.codec.receive_data(data)
-        self._dispatch(events)
+        exchange = self.exchange
+        cork = getattr(exchange.downstream, "cork", None) if exchange is not None else None
+        if cork is None:
+            self._dispatch(events)
+            return
+        # Head, body and end of a response read together leave in one send, not three.
+        downstream = exchange.downstream
+        cork()
+        try:
+            self._dispatch(events)
+        finally:
+            downstream.uncork()
 
     def _dispatch(self, events: list) -> None:
         for event in events:
@@ -175,9 +179,6 @@ class Http1Upstream:
 
     def _broken(self) -> None:
         self.exchange = None
-        if self._idle_timer is not None:
-            self._idle_timer.cancel()
-            self._idle_timer = None
         self.ctx.pool.forget(self)
         self.stream.close()
 
@@ -213,6 +214,7 @@ class UpstreamPool:
         self.ctx = ctx
         self.idle: dict[Address, list[Http1Upstream]] = defaultdict(list)
         self.h2 = Http2Pool(ctx)
+        self._sweeper = None
 
     def acquire(
         self, target: Address, source: str, cluster: Cluster | None, on_ready, on_failed
@@ -253,9 +255,23 @@ class UpstreamPool:
         if conn.reusable():
             conn.park()
             self.idle[conn.key].append(conn)
+            if self._sweeper is None:
+                self._sweeper = self.ctx.loop.call_later(SWEEP_INTERVAL, self._sweep)
         else:
             conn.exchange = None
             conn.stream.close()
+
+    def _sweep(self) -> None:
+        """Close pooled connections idle past their timeout: one timer per pool, not one per request."""
+        self._sweeper = None
+        now = self.ctx.loop.time()
+        for conns in self.idle.values():
+            expired = [c for c in conns if now - c.idle_since >= c.idle_timeout]
+            for conn in expired:
+                conns.remove(conn)
+                conn.stream.close()
+        if any(self.idle.values()):
+            self._sweeper = self.ctx.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     def forget(self, conn: Http1Upstream) -> None:
         idle = self.idle.get(conn.key)
@@ -263,6 +279,9 @@ class UpstreamPool:
             idle.remove(conn)
 
     def close_idle(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         self.h2.close_idle()
         for conns in self.idle.values():
             for conn in conns:

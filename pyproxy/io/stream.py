@@ -15,12 +15,11 @@ from collections import deque
 from time import perf_counter_ns
 from typing import Protocol
 
-from pyproxy.counters import NOTIFY, OTHER, STAGE_EVENTS, STAGE_NS, STAGE_SLOTS
+from pyproxy.counters import NOTIFY, OTHER, STAGE_EVENTS, STAGE_NS, STAGES
 from pyproxy.io.sockets import abort
 
 NOTIFY_EVENTS = STAGE_EVENTS + NOTIFY
 OTHER_NS = STAGE_NS + OTHER
-STAGE_END = STAGE_NS + STAGE_SLOTS
 READ_SIZE = 65536
 
 
@@ -51,6 +50,10 @@ class Stream:
         "_queue",
         "_queued",
         "_reading",
+        "_reader_armed",
+        "_corked",
+        "_cork",
+        "claim_end",
         "_writer_armed",
         "_write_paused",
         "_shutdown_pending",
@@ -78,6 +81,7 @@ class Stream:
         rx_slot: int,
         tx_slot: int,
         high_water: int = 256 * 1024,
+        claim_end: int = STAGE_NS + len(STAGES),
     ) -> None:
         self.loop = loop
         self.sock = sock
@@ -91,6 +95,11 @@ class Stream:
         self._queue: deque[memoryview] = deque()
         self._queued = 0
         self._reading = False
+        self._reader_armed = False  # whether the loop watches the fd (pausing is lazy, see below)
+        self._corked = False
+        self._cork: list = []
+        # `other` subtracts the stage slots [STAGE_NS, claim_end) touched inside a callback.
+        self.claim_end = claim_end
         self._writer_armed = False
         self._write_paused = False
         self._shutdown_pending = False
@@ -108,11 +117,19 @@ class Stream:
     def resume_reading(self) -> None:
         if not self._reading and not self.closed:
             self._reading = True
-            self.loop.add_reader(self.fd, self._on_readable)
+            if not self._reader_armed:
+                self._reader_armed = True
+                self.loop.add_reader(self.fd, self._on_readable)
 
     def pause_reading(self) -> None:
-        if self._reading:
-            self._reading = False
+        # Lazy: the fd stays watched; if data arrives while paused, the callback un-watches it then.
+        # Pauses are mostly short (an upstream picked from the pool, a flush), and each real
+        # remove/add costs several syscalls in the event loop.
+        self._reading = False
+
+    def _unwatch(self) -> None:
+        if self._reader_armed:
+            self._reader_armed = False
             if not self.closed:
                 self.loop.remove_reader(self.fd)
 
@@ -121,6 +138,9 @@ class Stream:
         return self._reading
 
     def _on_readable(self) -> None:
+        if not self._reading:
+            self._unwatch()
+            return
         timed = self.timed
         if timed:
             t0 = perf_counter_ns()
@@ -140,7 +160,8 @@ class Stream:
             if self.trace is not None:
                 self.trace[self.read_stage] += t1 - t0
         if not data:
-            self.pause_reading()
+            self._reading = False
+            self._unwatch()
             self.owner.eof_received()
             return
         n = len(data)
@@ -150,9 +171,10 @@ class Stream:
             self.owner.data_received(data)
             return
         # `other` is this callback's time not claimed by a timed stage (syscalls, parse, filters).
-        claimed = sum(block[STAGE_NS:STAGE_END])
+        end = self.claim_end
+        claimed = sum(block[STAGE_NS:end])
         self.owner.data_received(data)
-        block[OTHER_NS] += perf_counter_ns() - t1 - (sum(block[STAGE_NS:STAGE_END]) - claimed)
+        block[OTHER_NS] += perf_counter_ns() - t1 - (sum(block[STAGE_NS:end]) - claimed)
 
     # ---- writing ---------------------------------------------------------------
 
@@ -160,9 +182,26 @@ class Stream:
     def buffered(self) -> int:
         return self._queued
 
+    def cork(self) -> None:
+        """Collect writes until uncork(): one send for a head, its body and its end."""
+        self._corked = True
+
+    def uncork(self) -> None:
+        self._corked = False
+        pending = self._cork
+        if pending:
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            self.write(data)
+        if self._close_pending and not self._queue:
+            self.close()
+
     def write(self, data) -> None:
         """Send now what the kernel takes; queue the rest (the owner hears about the watermarks)."""
         if self.closed or not data:
+            return
+        if self._corked:
+            self._cork.append(data)
             return
         if not self._queue:
             sent = self._send(data)
@@ -250,7 +289,7 @@ class Stream:
         if self.fd >= 0:
             self.loop.remove_reader(self.fd)
             self.loop.remove_writer(self.fd)
-        self._reading = self._writer_armed = False
+        self._reading = self._writer_armed = self._reader_armed = False
         self._queue.clear()
         if reset:
             abort(self.sock)
@@ -262,15 +301,16 @@ class Stream:
         self.closed = True
         self.loop.remove_reader(self.fd)
         self.loop.remove_writer(self.fd)
-        self._reading = self._writer_armed = False
-        unsent = b"".join(self._queue)
+        self._reading = self._writer_armed = self._reader_armed = False
+        unsent = b"".join(self._cork) + b"".join(self._queue)
+        self._cork.clear()
         self._queue.clear()
         return self.sock, unsent
 
     def close_after_flush(self) -> None:
         """Close gracefully once queued bytes are out (e.g. after a final local reply)."""
         self.pause_reading()
-        if not self._queue:
+        if not self._queue and not self._cork:
             self.close()
         else:
             self._close_pending = True
