@@ -346,3 +346,13 @@ def test_wrk_smoke(start_proxy, tmp_path, upstream):
         stats["requests"] > 100
         and stats["responses"]["2xx"] == stats["requests"] - stats["connections_active"] * 0
     )
+
+
+def test_local_reply_keeps_a_bodyless_request_connection_alive(start_proxy, tmp_path, upstream):
+    proxy, port = _http_proxy(
+        start_proxy, tmp_path, upstream.address,
+        extra='    filters:\n      - name: fault\n        config: {abort: {http_status: 503}}\n',
+    )  # fmt: skip
+    result = curl("-o", "/dev/null", "-o", "/dev/null", "-w", "%{http_code} %{num_connects}\n",
+                  f"http://127.0.0.1:{port}/a", f"http://127.0.0.1:{port}/b")  # fmt: skip
+    assert result.stdout.decode().split() == ["503", "1", "503", "0"]

@@ -449,7 +449,8 @@ class Exchange:
             self._finish(flag)
             return
         self.status = status
-        keep = self.request_done and self.request.keep_alive
+        # A bodyless request is complete with its head: answering early need not cost the connection.
+        keep = (self.request_done or self.head_only) and self.request.keep_alive
         head = local_reply_head(status, len(body), keep)
         if extra_headers:
             # A filter's own content-type replaces the default one.
