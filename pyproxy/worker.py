@@ -66,7 +66,9 @@ class Worker:
                 if current is not None and _same_sockets(current.config, lconf):
                     continue
                 block = self.store.listener_block(self.index, slots[name])
-                listener = Listener(loop, lconf, block, config.stage_clock, self.connections, config)
+                listener = Listener(
+                    loop, lconf, block, config.stage_clock, self.connections, config
+                )
                 started[name] = listener
                 listener.start()
         except OSError:

@@ -161,7 +161,9 @@ def test_cli_flags_validate_like_the_file():
 
 
 def test_http_routes_and_clusters_validate():
-    doc = _doc(mode="http", routes=[{"match": {"prefix": "/api"}, "cluster": "api", "timeout": "2s"}])
+    doc = _doc(
+        mode="http", routes=[{"match": {"prefix": "/api"}, "cluster": "api", "timeout": "2s"}]
+    )
     doc["clusters"] = {"api": {"endpoints": ["127.0.0.1:9000", "127.0.0.1:9001"]}}
     config = build_config(doc)
     assert config.listeners[0].routes[0].cluster == "api"

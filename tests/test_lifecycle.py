@@ -260,7 +260,14 @@ def test_pyproxy_stats_prints_the_stage_table(start_proxy, echo_server):
 
 def test_runs_on_plain_asyncio_too(start_proxy, echo_server):
     port = free_port()
-    proxy = start_proxy("--listen", f"127.0.0.1:{port}", "--upstream", echo_server.address, "--event-loop", "asyncio")
+    proxy = start_proxy(
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--upstream",
+        echo_server.address,
+        "--event-loop",
+        "asyncio",
+    )
     assert json.loads(http_get(proxy.admin + "/server_info")[1])["event_loop"] == "asyncio"
     client = socket.create_connection(("127.0.0.1", port))
     payload = b"a" * 300_000
