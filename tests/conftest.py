@@ -203,6 +203,16 @@ def echo_handler(conn: socket.socket) -> None:
 
 
 @pytest.fixture
+def upstream():
+    """A real HTTP/1.1 upstream (h11) whose paths are behaviours; see tests/http_peer.py."""
+    from http_peer import HttpUpstream
+
+    server = HttpUpstream()
+    yield server
+    server.close()
+
+
+@pytest.fixture
 def echo_server() -> Iterator[ThreadedServer]:
     server = ThreadedServer(echo_handler)
     yield server

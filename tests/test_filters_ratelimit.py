@@ -10,14 +10,6 @@ import time
 
 import pytest
 from conftest import free_port, http_get
-from http_peer import HttpUpstream
-
-
-@pytest.fixture
-def upstream():
-    server = HttpUpstream()
-    yield server
-    server.close()
 
 
 def _proxy(start_proxy, tmp_path, upstream_address: str, filter_config: str, mode: str = "http"):

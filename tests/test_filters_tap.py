@@ -14,14 +14,6 @@ import time
 
 import pytest
 from conftest import free_port
-from http_peer import HttpUpstream
-
-
-@pytest.fixture
-def upstream():
-    server = HttpUpstream()
-    yield server
-    server.close()
 
 
 def _proxy(start_proxy, tmp_path, upstream_address: str, tap_config: str, concurrency: int = 1):

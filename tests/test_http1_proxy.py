@@ -14,13 +14,6 @@ from http_peer import HttpUpstream
 CODECS = ["fast", "h11"]
 
 
-@pytest.fixture
-def upstream():
-    server = HttpUpstream()
-    yield server
-    server.close()
-
-
 def _config(tmp_path, body: str) -> str:
     path = tmp_path / "proxy.yaml"
     path.write_text(body)

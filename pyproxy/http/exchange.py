@@ -202,11 +202,7 @@ class Exchange:
         """The downstream went away mid-exchange: abandon the upstream side too."""
         if self.finished:
             return
-        if self.attach is not None:
-            self.attach.cancel()
-        if self.upstream is not None:
-            self.upstream.abort()
-            self.upstream = None
+        self._abandon_upstream()
         self._finish("DR", reset_downstream=False)
 
     def downstream_write_paused(self) -> None:
@@ -339,12 +335,7 @@ class Exchange:
         """A filter answers instead of the upstream (fault abort, rate limit, script reply)."""
         if self.finished:
             return
-        if self.attach is not None:
-            self.attach.cancel()
-            self.attach = None
-        if self.upstream is not None:
-            self.upstream.abort()
-            self.upstream = None
+        self._abandon_upstream()
         if self.response_started:
             self._finish(flag, reset_downstream=True)  # the head is out: all we can do is reset
             return
@@ -400,12 +391,7 @@ class Exchange:
         """
         if self.finished:
             return
-        if self.attach is not None:
-            self.attach.cancel()
-            self.attach = None
-        if self.upstream is not None:
-            self.upstream.abort()
-            self.upstream = None
+        self._abandon_upstream()
         if not self.response_started:
             self.local_reply(200, b"", flag, grpc_status=grpc_status, details=message)
         elif self.grpc.response_at_boundary and not self.response_done:
@@ -417,16 +403,20 @@ class Exchange:
             self.grpc.status = grpc_status
             self._finish(flag, reset_downstream=True)
 
-    def _timed_out(self) -> None:
-        self.timer = None
-        if self.finished:
-            return
+    def _abandon_upstream(self) -> None:
+        """Stop a pending connect, or reset the bound upstream stream/connection."""
         if self.attach is not None:
             self.attach.cancel()
             self.attach = None
         if self.upstream is not None:
             self.upstream.abort()
             self.upstream = None
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if self.finished:
+            return
+        self._abandon_upstream()
         if not self.response_started:
             self.local_reply(504, b"upstream request timeout\n", "UT")
         else:
