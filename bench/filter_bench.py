@@ -1,0 +1,575 @@
+"""Filter cost benchmark (issue 5): MeshInsight's Table 3 on pyproxy.
+
+One pyproxy per configuration, all in HTTP mode in front of the same upstream
+(a separate nginx answering `return 200` with a 100-byte body), all running
+in the same bench run:
+
+* baseline: no filters; plus a second, identical instance (`baseline_b`) as
+  an A/A control: its "added cost" is the measurement's noise floor;
+* each filter alone, configured so it runs on every request but never acts:
+  fault (delay and abort, percentage 0: the decision runs, never fires),
+  ratelimit (one bucket of 10^9 tokens), tap (every request to a file in a
+  temp dir, max_body_bytes 1024), no-op Lua (`envoy_on_request` doing
+  nothing), no-op WASM (`filters/wasm_examples/noop.wat`);
+* combinations: the three native filters (fault+ratelimit+tap), lua+wasm,
+  lua+native, wasm+native, all five.
+
+Three measures of each configuration's added cost per request:
+
+(1) stage clock: the proxy's own `filter:<name>` stages summed, divided by
+    its requests (deltas of /stats?format=json over each phase). The tap
+    filter encodes and writes its records outside its stage (counter
+    `drain_ns`); that is reported beside it and counted when tap is judged
+    against Envoy's "tap to file".
+(2) end-to-end latency: p50 of 100-byte GETs at one outstanding request on one
+    kept-alive connection minus the baseline's p50; client, upstream and every
+    proxy pinned to CPU 0; rounds interleave the configurations in shuffled
+    order so machine noise hits all alike.
+(3) CPU per request under `wrk -t1 -c8`, the proxy under test alone on CPU 1
+    (wrk and the upstream on CPU 0): utime+stime of the proxy's processes at
+    ns resolution (/proc/<pid>/task/*/schedstat) over the wrk runs divided by
+    the requests wrk completed, minus the baseline's.
+
+For each combination: predicted = sum of its parts' added costs (from the
+single-filter runs) vs measured, and the error %. Targets: each filter
+cheaper than the paper's Envoy figure; additivity within 20 %.
+
+Bounded: < 5 minutes with the defaults; progress on stderr; JSON in
+bench/results/filter_bench.json; the markdown report on stdout. Every process
+started here is stopped at the end, whatever happens. Loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pyproxy.bench.echo_client import summarize
+from pyproxy.bench.http_bench import (
+    LOAD_CPU,
+    SIDE_CPU,
+    Noise,
+    Path_,
+    Processes,
+    git_state,
+    log,
+    measure_http,
+    move_to_cpu,
+    run_wrk,
+    snap_delta,
+    start_upstream,
+    tree_pids,
+    wait_http,
+)
+from pyproxy.bench.tcp_echo import free_port, pinned
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WASM_NOOP = Path(__file__).resolve().parent.parent / "filters" / "wasm_examples" / "noop.wat"
+
+# MeshInsight (SoCC'23) Table 3: Envoy's added cost per request, µs.
+ENVOY_US = {"fault": 5.7, "ratelimit": 8.2, "tap": 156.0, "lua": 80.6, "wasm": 26.3}
+SINGLES = ("fault", "ratelimit", "tap", "lua", "wasm")
+NATIVE = ("fault", "ratelimit", "tap")
+COMBOS = {
+    "native3": NATIVE,
+    "lua+wasm": ("lua", "wasm"),
+    "lua+native3": ("lua", *NATIVE),
+    "wasm+native3": ("wasm", *NATIVE),
+    "all5": ("lua", "wasm", *NATIVE),
+}
+CHAIN_ORDER = ("fault", "ratelimit", "tap", "lua", "wasm")  # native first, then scripted
+ADDITIVITY_TOLERANCE = 0.20
+
+
+def filter_entry(kind: str, workdir: Path, config_name: str) -> dict:
+    """One filter, configured so it runs on every request and never acts."""
+    if kind == "fault":
+        config = {
+            "delay": {"fixed_delay": "10ms", "percentage": 0},
+            "abort": {"http_status": 503, "percentage": 0},
+        }
+    elif kind == "ratelimit":
+        config = {
+            "token_bucket": {
+                "max_tokens": 10**9,
+                "tokens_per_fill": 10**9,
+                "fill_interval": "1s",
+            }
+        }
+    elif kind == "tap":
+        config = {"path": str(workdir / f"tap-{config_name}.jsonl"), "max_body_bytes": 1024}
+    elif kind == "lua":
+        config = {"inline_code": "function envoy_on_request(handle)\nend\n"}
+    elif kind == "wasm":
+        config = {"wasm_file": str(WASM_NOOP)}
+    else:
+        raise ValueError(kind)
+    return {"name": kind, "type": kind, "config": config}
+
+
+def configurations() -> dict[str, tuple[str, ...]]:
+    out: dict[str, tuple[str, ...]] = {"baseline": (), "baseline_b": ()}
+    out.update({kind: (kind,) for kind in SINGLES})
+    out.update(COMBOS)
+    return out
+
+
+def start_proxy(
+    procs: Processes, workdir: Path, name: str, filters: tuple[str, ...], upstream: int
+) -> Path_:
+    port, admin = free_port(), free_port()
+    chain = [filter_entry(k, workdir, name) for k in CHAIN_ORDER if k in filters]
+    config = {
+        "stage_clock": True,
+        "admin": f"127.0.0.1:{admin}",
+        "listeners": [
+            {
+                "name": "main",
+                "mode": "http",
+                "address": f"127.0.0.1:{port}",
+                "upstream": f"127.0.0.1:{upstream}",
+                "http": {"codec": "fast"},
+                **({"filters": chain} if chain else {}),
+            }
+        ],
+    }
+    path = workdir / f"{name}.yaml"
+    path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+    argv = [sys.executable, "-m", "pyproxy", "run", "-c", str(path), "--log-level", "warning"]
+    proc = procs.start(name, pinned(SIDE_CPU, argv))
+    wait_http(port, timeout=30)
+    return Path_(name, port, proc.pid, admin=admin, note="+".join(filters) or "no filters")
+
+
+# ---- measurements ------------------------------------------------------------------------
+
+
+def cpu_ns(pids: list[int]) -> int:
+    """utime+stime of the processes, all threads, ns resolution (schedstat's run time)."""
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+    return total
+
+
+def latency_phase(paths: list[Path_], rounds: int, count: int, seconds: float) -> dict:
+    samples: dict[str, list[int]] = {p.name: [] for p in paths}
+    per_round: dict[str, list[float]] = {p.name: [] for p in paths}
+    order = list(paths)
+    rng = random.Random(3)
+    for r in range(rounds):
+        rng.shuffle(order)
+        for p in order:
+            rtts = measure_http(p.port, count, 100, max_seconds=seconds)
+            samples[p.name] += rtts
+            per_round[p.name].append(summarize(rtts)["p50_us"])
+        log(f"  latency round {r + 1}/{rounds} done")
+    out = {name: summarize(values) for name, values in samples.items()}
+    base = out["baseline"]["p50_us"]
+    for name, values in out.items():
+        values["added_p50_us_pooled"] = values["p50_us"] - base
+        values["p50_us_rounds"] = per_round[name]
+        values["added_p50_us"] = paired_median(per_round[name], per_round["baseline"])
+    return out
+
+
+def paired_median(values: list[float], base: list[float]) -> float:
+    """Median over rounds of (value - baseline) within the same round.
+
+    The host's slow spells last seconds and hit every path alike (the direct
+    path too), so a difference taken within one round, then the median over
+    rounds, is what survives them; the pooled figure is kept beside it.
+    """
+    diffs = sorted(a - b for a, b in zip(values, base, strict=True))
+    mid = len(diffs) // 2
+    return diffs[mid] if len(diffs) % 2 else (diffs[mid - 1] + diffs[mid]) / 2
+
+
+def load_phase(paths: list[Path_], workdir: Path, rounds: int, seconds: int) -> dict:
+    runs: dict[str, list[dict]] = {p.name: [] for p in paths}
+    order = list(paths)
+    rng = random.Random(8)
+    for r in range(rounds):
+        rng.shuffle(order)
+        for p in order:
+            pids = p.pids()
+            move_to_cpu(pids, LOAD_CPU)
+            before = cpu_ns(pids)
+            wall0 = time.perf_counter()
+            out = run_wrk(p, workdir, seconds, 8)
+            wall = time.perf_counter() - wall0
+            out["cpu_ns"] = cpu_ns(pids) - before
+            out["cpu_util"] = out["cpu_ns"] / 1e9 / wall
+            move_to_cpu(pids, SIDE_CPU)
+            runs[p.name].append(out)
+            for sink in workdir.glob(f"tap-{p.name}.jsonl"):  # keep the sinks small
+                os.truncate(sink, 0)
+        log(f"  load round {r + 1}/{rounds} done")
+    out = {}
+    for name, values in runs.items():
+        requests = sum(v["requests"] for v in values)
+        cpu = sum(v["cpu_ns"] for v in values)
+        out[name] = {
+            "requests": requests,
+            "rps_rounds": [v["rps"] for v in values],
+            "cpu_us_per_req": cpu / requests / 1e3,
+            "cpu_us_per_req_rounds": [v["cpu_ns"] / v["requests"] / 1e3 for v in values],
+            "cpu_util_rounds": [v["cpu_util"] for v in values],
+            "errors": sum(v["non_2xx"] + v["socket_errors"] for v in values),
+        }
+    base = out["baseline"]
+    for values in out.values():
+        values["added_cpu_us_per_req_pooled"] = values["cpu_us_per_req"] - base["cpu_us_per_req"]
+        values["added_cpu_us_per_req"] = paired_median(
+            values["cpu_us_per_req_rounds"], base["cpu_us_per_req_rounds"]
+        )
+    return out
+
+
+def stage_costs(delta: dict) -> dict:
+    """Per request, from a /stats delta: each filter stage, their sum, tap's drain, checks."""
+    listener = delta["listeners"]["main"]
+    requests = listener["requests"]
+    filters = {
+        stage.split(":", 1)[1]: v["ns"] / requests / 1e3
+        for stage, v in listener["stages"].items()
+        if stage.startswith("filter:") and requests
+    }
+    events = {
+        stage.split(":", 1)[1]: v["events"]
+        for stage, v in listener["stages"].items()
+        if stage.startswith("filter:")
+    }
+    counters = listener.get("filters", {})
+    tap = counters.get("tap", {})
+    return {
+        "requests": requests,
+        "filters_us": filters,
+        "stage_us": sum(filters.values()),
+        "events": events,
+        "tap_drain_us": tap.get("drain_ns", 0) / requests / 1e3 if requests else 0.0,
+        "counters": counters,
+        "all_stages_us": {
+            stage: v["ns"] / requests / 1e3 for stage, v in listener["stages"].items() if requests
+        },
+    }
+
+
+def sanity(name: str, filters: tuple[str, ...], costs: dict) -> list[str]:
+    """Every filter ran on every request and none acted."""
+    problems = []
+    counters = costs["counters"]
+    for kind in filters:
+        if costs["events"].get(kind, 0) < costs["requests"]:
+            problems.append(f"{name}: filter {kind} ran {costs['events'].get(kind, 0)} times")
+    if "fault" in filters:
+        c = counters["fault"]
+        if c["delays_injected"] or c["aborts_injected"]:
+            problems.append(f"{name}: fault injected {c}")
+    if "ratelimit" in filters and counters["ratelimit"]["limited"]:
+        problems.append(f"{name}: ratelimit limited {counters['ratelimit']['limited']}")
+    if "tap" in filters:
+        c = counters["tap"]
+        if c["dropped"] or c["tapped"] < costs["requests"] - 8:
+            problems.append(f"{name}: tap tapped {c['tapped']} dropped {c['dropped']}")
+    for kind in ("lua", "wasm"):
+        if kind in filters and any(counters[kind].values()):
+            problems.append(f"{name}: {kind} {counters[kind]}")
+    return problems
+
+
+# ---- analysis ----------------------------------------------------------------------------
+
+
+def measures(result: dict) -> dict[str, dict[str, float]]:
+    """Added µs per request for each configuration, by measure."""
+    out = {}
+    base_stage = result["stages"]["baseline"]["load"]["stage_us"]
+    for name in result["configurations"]:
+        stages = result["stages"][name]
+        out[name] = {
+            "stage": stages["load"]["stage_us"] - base_stage,
+            "stage_serial": stages["latency"]["stage_us"],
+            "tap_drain": stages["load"]["tap_drain_us"],
+            "p50": result["latency"][name]["added_p50_us"],
+            "p50_pooled": result["latency"][name]["added_p50_us_pooled"],
+            "cpu": result["load"][name]["added_cpu_us_per_req"],
+            "cpu_pooled": result["load"][name]["added_cpu_us_per_req_pooled"],
+        }
+    return out
+
+
+def targets(m: dict) -> dict:
+    out = {}
+    for kind in SINGLES:
+        envoy = ENVOY_US[kind]
+        stage = m[kind]["stage"] + (m[kind]["tap_drain"] if kind == "tap" else 0.0)
+        out[kind] = {
+            "envoy_us": envoy,
+            "stage_us": stage,
+            "p50_us": m[kind]["p50"],
+            "cpu_us": m[kind]["cpu"],
+            "met_stage": stage < envoy,
+            "met_p50": m[kind]["p50"] < envoy,
+            "met_cpu": m[kind]["cpu"] < envoy,
+        }
+    return out
+
+
+def chain_fixed_cost(m: dict) -> dict[str, float]:
+    """The per-request cost of having a chain at all, outside every filter:* stage.
+
+    Estimated, per end-to-end measure, from the cheapest native filters alone:
+    min over fault and ratelimit of (added end-to-end − its own stage). A
+    combination pays it once, its parts each paid it, so the plain sum of
+    parts counts it k times for k filters.
+    """
+    return {
+        measure: max(0.0, min(m[k][measure] - m[k]["stage"] for k in ("fault", "ratelimit")))
+        for measure in ("p50", "cpu")
+    }
+
+
+def additivity(m: dict) -> dict:
+    out = {}
+    fixed = chain_fixed_cost(m)
+    for combo, parts in COMBOS.items():
+        row = {}
+        for measure in ("stage", "p50", "cpu"):
+            predicted = sum(m[p][measure] for p in parts)
+            measured = m[combo][measure]
+            error = (measured - predicted) / predicted if predicted > 0 else None
+            row[measure] = {
+                "predicted_us": predicted,
+                "measured_us": measured,
+                "error": error,
+                "met": error is not None and abs(error) <= ADDITIVITY_TOLERANCE,
+            }
+            if measure in fixed:
+                # The same with the chain's fixed cost counted once instead of once per part.
+                one_chain = predicted - (len(parts) - 1) * fixed[measure]
+                err = (measured - one_chain) / one_chain if one_chain > 0 else None
+                row[measure]["predicted_one_chain_us"] = one_chain
+                row[measure]["error_one_chain"] = err
+                row[measure]["met_one_chain"] = err is not None and abs(err) <= ADDITIVITY_TOLERANCE
+        # Including the tap's drain (its file write), where tap is a part.
+        if "tap" in parts:
+            predicted = row["stage"]["predicted_us"] + m["tap"]["tap_drain"]
+            measured = m[combo]["stage"] + m[combo]["tap_drain"]
+            row["stage_with_drain"] = {
+                "predicted_us": predicted,
+                "measured_us": measured,
+                "error": (measured - predicted) / predicted,
+                "met": abs(measured - predicted) / predicted <= ADDITIVITY_TOLERANCE,
+            }
+        out[combo] = row
+    return out
+
+
+# ---- main ----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=15, help="latency rounds")
+    parser.add_argument("--requests", type=int, default=600, help="per config per latency round")
+    parser.add_argument("--round-seconds", type=float, default=0.5, help="cap per config per round")
+    parser.add_argument("--load-rounds", type=int, default=6, help="wrk runs per config")
+    parser.add_argument("--seconds", type=int, default=2, help="wrk duration")
+    parser.add_argument("--out", default=str(RESULTS / "filter_bench.json"))
+    args = parser.parse_args(argv)
+    for tool in ("nginx", "wrk", "taskset"):
+        if not shutil.which(tool):
+            parser.error(f"{tool} is needed")
+    if os.cpu_count() is None or os.cpu_count() < 2:
+        parser.error("two CPUs are needed (proxy alone on CPU 1 under load)")
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sys.exit(1))
+
+    started = time.monotonic()
+    configs = configurations()
+    result: dict = {
+        "config": vars(args),
+        "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
+        "git": git_state(),
+        "configurations": {name: list(f) for name, f in configs.items()},
+        "envoy_us": ENVOY_US,
+    }
+    affinity = os.sched_getaffinity(0)
+    with tempfile.TemporaryDirectory(prefix="pyproxy-filter-bench-") as tmp:
+        workdir = Path(tmp)
+        procs = Processes(workdir)
+        try:
+            log(f"starting the upstream and {len(configs)} proxies (all on CPU 0)")
+            upstream = start_upstream(procs, workdir)
+            paths = [start_proxy(procs, workdir, n, f, upstream) for n, f in configs.items()]
+            snaps: dict[str, dict] = {p.name: {"start": p.stats()} for p in paths}
+
+            log(f"latency: {len(paths)} configs x {args.rounds} rounds x {args.requests} requests")
+            os.sched_setaffinity(0, {SIDE_CPU})
+            noise = Noise()
+            result["latency"] = latency_phase(paths, args.rounds, args.requests, args.round_seconds)
+            result["foreign_cpus"] = {"latency": noise.cpus()}
+            os.sched_setaffinity(0, affinity)
+            for p in paths:
+                snaps[p.name]["latency"] = p.stats()
+
+            log(f"load: wrk -t1 -c8 -d{args.seconds}s x {args.load_rounds} rounds per config")
+            noise = Noise()
+            result["load"] = load_phase(paths, workdir, args.load_rounds, args.seconds)
+            result["foreign_cpus"]["load"] = noise.cpus()
+            for p in paths:
+                snaps[p.name]["load"] = p.stats()
+                snaps[p.name]["pids"] = len(tree_pids(p.pid))
+        finally:
+            os.sched_setaffinity(0, affinity)
+            procs.stop_all()
+
+    result["stages"] = {}
+    problems = []
+    for name, filters in configs.items():
+        s = snaps[name]
+        lat = stage_costs(snap_delta(s["latency"], s["start"]))
+        load = stage_costs(snap_delta(s["load"], s["latency"]))
+        result["stages"][name] = {"latency": lat, "load": load, "processes": s["pids"]}
+        problems += sanity(name, filters, lat) + sanity(name, filters, load)
+        if result["load"][name]["errors"]:
+            problems.append(f"{name}: {result['load'][name]['errors']} wrk errors / non-2xx")
+    result["problems"] = problems
+    m = measures(result)
+    result["added_us"] = m
+    result["targets"] = targets(m)
+    result["chain_fixed_cost_us"] = chain_fixed_cost(m)
+    result["additivity"] = additivity(m)
+    result["elapsed_s"] = time.monotonic() - started
+    RESULTS.mkdir(exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(report(result))
+    print(f"\nresults: {args.out} ({result['elapsed_s']:.0f} s)")
+    return 1 if problems else 0
+
+
+def _yes(met: bool) -> str:
+    return "yes" if met else "**no**"
+
+
+def _pct(error: float | None) -> str:
+    return "—" if error is None else f"{error * 100:+.0f} %"
+
+
+def report(result: dict) -> str:
+    m, lat, load = result["added_us"], result["latency"], result["load"]
+    lines = [
+        "| configuration | filter stages µs/req, serial | filter stages µs/req, c8 "
+        "| tap drain µs/req, c8 | p50 µs | added p50 µs (paired / pooled) | CPU µs/req, c8 "
+        "| added CPU µs/req (paired / pooled) | Envoy µs (paper) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in result["configurations"]:
+        drain = m[name]["tap_drain"]
+        lines.append(
+            f"| {name} | {m[name]['stage_serial']:.2f} | {m[name]['stage']:.2f} | "
+            f"{f'{drain:.2f}' if drain else '—'} | {lat[name]['p50_us']:.1f} | "
+            + (
+                "—"
+                if name == "baseline"
+                else f"{m[name]['p50']:+.1f} / {m[name]['p50_pooled']:+.1f}"
+            )
+            + f" | {load[name]['cpu_us_per_req']:.1f} | "
+            + (
+                "—"
+                if name == "baseline"
+                else f"{m[name]['cpu']:+.1f} / {m[name]['cpu_pooled']:+.1f}"
+            )
+            + f" | {ENVOY_US.get(name, '—')} |"
+        )
+    lines += [
+        "",
+        "| filter | Envoy µs | stage µs (+ drain for tap) | met | added p50 µs | met | added CPU µs | met |",
+        "| --- | ---: | ---: | --- | ---: | --- | ---: | --- |",
+    ]
+    for kind, t in result["targets"].items():
+        lines.append(
+            f"| {kind} | {t['envoy_us']} | {t['stage_us']:.2f} | {_yes(t['met_stage'])} | "
+            f"{t['p50_us']:+.1f} | {_yes(t['met_p50'])} | {t['cpu_us']:+.1f} | {_yes(t['met_cpu'])} |"
+        )
+    lines += [
+        "",
+        "| combination | stage: predicted / measured µs | error | p50: predicted / measured µs | error "
+        "| CPU: predicted / measured µs | error |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for combo, row in result["additivity"].items():
+        cells = []
+        for measure in ("stage", "p50", "cpu"):
+            a = row[measure]
+            mark = "" if a["met"] else " ✗"
+            cells.append(
+                f"{a['predicted_us']:.1f} / {a['measured_us']:.1f} | {_pct(a['error'])}{mark}"
+            )
+        lines.append(f"| {combo} ({'+'.join(COMBOS[combo])}) | " + " | ".join(cells) + " |")
+    fixed = result["chain_fixed_cost_us"]
+    lines += [
+        "",
+        f"Chain fixed cost (outside the filter:* stages; min over fault, ratelimit of added − stage): "
+        f"{fixed['p50']:.1f} µs p50, {fixed['cpu']:.1f} µs CPU per request. Counted once per "
+        "combination instead of once per part:",
+        "",
+        "| combination | p50: predicted (one chain) / measured µs | error "
+        "| CPU: predicted (one chain) / measured µs | error |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for combo, row in result["additivity"].items():
+        cells = []
+        for measure in ("p50", "cpu"):
+            a = row[measure]
+            mark = "" if a["met_one_chain"] else " ✗"
+            cells.append(
+                f"{a['predicted_one_chain_us']:.1f} / {a['measured_us']:.1f} | "
+                f"{_pct(a['error_one_chain'])}{mark}"
+            )
+        lines.append(f"| {combo} | " + " | ".join(cells) + " |")
+    lines.append(
+        f"\n✗ = outside ±{ADDITIVITY_TOLERANCE * 100:.0f} %. "
+        "Added p50 and CPU: paired = median over rounds of (configuration − baseline) in the same "
+        "round (used for targets and additivity); pooled = all samples' figure − baseline's. "
+        f"A/A control (baseline_b, an identical no-filter proxy): added p50 "
+        f"{m['baseline_b']['p50']:+.1f} µs, added CPU {m['baseline_b']['cpu']:+.1f} µs/req (paired)."
+    )
+    noise = result.get("foreign_cpus", {})
+    if noise:
+        lines.append(
+            "CPU taken by other processes on the machine while phases ran (CPUs of 2): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in noise.items())
+            + (" — **the machine was not quiet**" if max(noise.values()) > 0.1 else "")
+        )
+    util = [u for v in load.values() for u in v["cpu_util_rounds"]]
+    lines.append(
+        f"Proxy CPU use under wrk -c8: {min(util) * 100:.0f}–{max(util) * 100:.0f} % of CPU 1."
+    )
+    if result["problems"]:
+        lines.append("\n**Problems:**\n" + "\n".join(f"* {p}" for p in result["problems"]))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
