@@ -124,6 +124,21 @@ class _Callbacks:
         return self.chain.maps.get("encode")
 
 
+class _ChainState:
+    """Where a direction stopped and what it holds: only built once some filter stops (rare)."""
+
+    __slots__ = ("stopped", "held", "held_body", "body_for")
+
+    def __init__(self) -> None:
+        # Per direction: position in the hook list where a filter stopped, and the events held since.
+        self.stopped: dict[str, tuple[str, int] | None] = {"decode": None, "encode": None}
+        self.held: dict[str, list] = {"decode": [], "encode": []}
+        self.held_body: dict[str, list[bytes]] = {"decode": [], "encode": []}
+        # Per direction: the filter that stopped the headers with STOP_AND_BUFFER and wants the
+        # whole body (its data hook is called once, at the end) before the headers move on.
+        self.body_for: dict[str, int | None] = {"decode": None, "encode": None}
+
+
 class HttpChain:
     """One request's pass through the chain, in both directions."""
 
@@ -134,10 +149,7 @@ class HttpChain:
         "timed",
         "block",
         "maps",
-        "stopped",
-        "held",
-        "held_body",
-        "body_for",
+        "state",
         "done",
         "replied",
     )
@@ -145,30 +157,33 @@ class HttpChain:
     def __init__(self, factory: ChainFactory, exchange) -> None:
         self.factory = factory
         self.exchange = exchange
-        self.filters = []
-        for index, f in enumerate(factory.factories):
-            instance = f.create()
+        self.filters = filters = [f.create() for f in factory.factories]
+        for index, instance in enumerate(filters):
             instance.callbacks = _Callbacks(self, index)
-            self.filters.append(instance)
-        self.timed = exchange.ctx.timed
-        self.block = exchange.ctx.block
+        ctx = exchange.ctx
+        self.timed = ctx.timed
+        self.block = ctx.block
         self.maps: dict[str, HeaderMap] = {}
-        # Per direction: position in the hook list where a filter stopped, and the events held since.
-        self.stopped: dict[str, tuple[str, int] | None] = {"decode": None, "encode": None}
-        self.held: dict[str, list] = {"decode": [], "encode": []}
-        self.held_body: dict[str, list[bytes]] = {"decode": [], "encode": []}
-        # Per direction: the filter that stopped the headers with STOP_AND_BUFFER and wants the
-        # whole body (its data hook is called once, at the end) before the headers move on.
-        self.body_for: dict[str, int | None] = {"decode": None, "encode": None}
+        self.state: _ChainState | None = None  # built on the first stop (see _ChainState)
         self.done = False
         self.replied = False
+
+    def _st(self) -> _ChainState:
+        state = self.state
+        if state is None:
+            state = self.state = _ChainState()
+        return state
+
+    @property
+    def held_body(self) -> dict[str, list[bytes]]:
+        return self._st().held_body
 
     # ---- entry points (from the exchange) ---------------------------------------------
 
     def decode_headers(self, headers: HeaderMap, end_stream: bool) -> bool:
         """True when every filter let the headers through (the exchange may go upstream now)."""
         self.maps["decode"] = headers
-        return self._run("decode", "headers", headers, end_stream, 0)
+        return self._run("decode", "headers", headers, end_stream, 0, hook="decode_headers")
 
     def decode_data(self, data, end_stream: bool) -> None:
         self._feed("decode", "data", data, end_stream)
@@ -178,7 +193,7 @@ class HttpChain:
 
     def encode_headers(self, headers: HeaderMap, end_stream: bool) -> bool:
         self.maps["encode"] = headers
-        return self._run("encode", "headers", headers, end_stream, 0)
+        return self._run("encode", "headers", headers, end_stream, 0, hook="encode_headers")
 
     def encode_data(self, data, end_stream: bool) -> None:
         self._feed("encode", "data", data, end_stream)
@@ -189,17 +204,18 @@ class HttpChain:
     # ---- the engine ------------------------------------------------------------------
 
     def _feed(self, direction: str, kind: str, payload, end_stream: bool) -> None:
-        stop = self.stopped[direction]
+        state = self.state
+        stop = state.stopped[direction] if state is not None else None
         if stop is not None:
             stopped_kind, position = stop
-            if stopped_kind == "headers" and self.body_for[direction] is not None:
+            if stopped_kind == "headers" and state.body_for[direction] is not None:
                 self._buffer_whole_body(direction, kind, payload, end_stream)
                 return
             if stopped_kind == "data" and kind == "data":
                 # The stopped filter (STOP_AND_BUFFER) sees each further chunk; it decides when to go on.
                 self._run(direction, kind, payload, end_stream, position, hold_first=True)
                 return
-            self.held[direction].append((kind, payload, end_stream))
+            state.held[direction].append((kind, payload, end_stream))
             return
         self._run(direction, kind, payload, end_stream, 0)
 
@@ -211,10 +227,11 @@ class HttpChain:
         end_stream: bool,
         position: int,
         hold_first: bool = False,
+        hook: str = "",
     ) -> bool:
         if self.replied:
             return False
-        hook = f"{direction}_{kind}"
+        hook = hook or f"{direction}_{kind}"
         order = self.factory.hooks[hook]
         filters = self.filters
         block = self.block
@@ -232,36 +249,39 @@ class HttpChain:
             if self.replied:
                 return False
             if status != CONTINUE:
-                self.stopped[direction] = (kind, pos)
+                state = self._st()
+                state.stopped[direction] = (kind, pos)
                 if kind == "headers" and status == STOP_AND_BUFFER and not end_stream:
-                    self.body_for[direction] = index
+                    state.body_for[direction] = index
                     if direction == "decode":
                         self.exchange.downstream.resume_request()  # the body must come in now
                 if kind == "data":
-                    held = self.held_body[direction]
+                    held = state.held_body[direction]
                     if status == STOP_AND_BUFFER or hold_first:
                         held.append(bytes(payload))
                         if sum(map(len, held)) > DEFAULT_BUFFER_LIMIT:
                             over = 413 if direction == "decode" else 500
                             self.local_reply(over, b"buffer limit exceeded\n", [], None, "LR", "")
                     if end_stream:
-                        self.held[direction].append(("end", None, True))
+                        state.held[direction].append(("end", None, True))
                 return False
             if kind == "data" and hold_first:
                 # The buffering filter let go: what it held travels on as one chunk.
-                held = self.held_body[direction]
+                held = self._st().held_body[direction]
                 held.append(bytes(payload))
                 payload = b"".join(held)
                 held.clear()
                 hold_first = False
-        self.stopped[direction] = None
+        if self.state is not None:
+            self.state.stopped[direction] = None
         self._emit(direction, kind, payload, end_stream)
         return True
 
     def _buffer_whole_body(self, direction: str, kind: str, payload, end_stream: bool) -> None:
         """Headers held for a filter that wants the whole body: collect it, then call its data hook once."""
+        state = self._st()
         if kind == "data":
-            held = self.held_body[direction]
+            held = state.held_body[direction]
             if payload:
                 held.append(bytes(payload))
                 if sum(map(len, held)) > DEFAULT_BUFFER_LIMIT:
@@ -269,12 +289,12 @@ class HttpChain:
                     self.local_reply(over, b"buffer limit exceeded\n", [], None, "LR", "")
                     return
             if end_stream:
-                self.held[direction].append(("end", None, True))
+                state.held[direction].append(("end", None, True))
         else:
-            self.held[direction].append((kind, payload, end_stream))
+            state.held[direction].append((kind, payload, end_stream))
         if not end_stream:
             return
-        index = self.body_for[direction]
+        index = state.body_for[direction]
         method = getattr(self.filters[index], f"{direction}_data")
         if self.timed:
             t0 = perf_counter_ns()
@@ -288,11 +308,12 @@ class HttpChain:
 
     def _release_body(self, direction: str) -> None:
         # The buffered body goes first in the replay, carrying end_stream if it was complete.
-        self.body_for[direction] = None
-        held = self.held_body[direction]
+        state = self._st()
+        state.body_for[direction] = None
+        held = state.held_body[direction]
         body = b"".join(held)
         held.clear()
-        pending = self.held[direction]
+        pending = state.held[direction]
         if pending and pending[0][0] == "end":
             pending[0] = ("data", body, True)
         elif body:
@@ -300,13 +321,14 @@ class HttpChain:
 
     def resume(self, direction: str, index: int) -> None:
         """A stopped filter continues: finish its event, then replay what was held, in order."""
-        stop = self.stopped[direction]
+        state = self.state
+        stop = state.stopped[direction] if state is not None else None
         if stop is None or self.replied or self.done:
             return
         kind, position = stop
-        self.stopped[direction] = None
+        state.stopped[direction] = None
         if kind == "headers":
-            if self.body_for[direction] is not None:
+            if state.body_for[direction] is not None:
                 self._release_body(direction)
             if (
                 self._run(direction, "headers", self.maps[direction], False, position + 1)
@@ -314,19 +336,19 @@ class HttpChain:
             ):
                 self.exchange.headers_decoded()
         elif kind == "data":
-            held = self.held_body[direction]
+            held = state.held_body[direction]
             payload = b"".join(held)
             held.clear()
-            end = bool(self.held[direction]) and self.held[direction][0][0] == "end"
+            end = bool(state.held[direction]) and state.held[direction][0][0] == "end"
             if end:
-                self.held[direction].pop(0)
+                state.held[direction].pop(0)
             self._run(direction, "data", payload, end, position + 1)
         elif kind == "trailers":
             self._run(direction, "trailers", None, True, position + 1)
-        pending, self.held[direction] = self.held[direction], []
+        pending, state.held[direction] = state.held[direction], []
         for held_kind, payload, end_stream in pending:
-            if self.stopped[direction] is not None:
-                self.held[direction].append((held_kind, payload, end_stream))
+            if state.stopped[direction] is not None:
+                state.held[direction].append((held_kind, payload, end_stream))
                 continue
             if held_kind == "end":
                 self._emit(direction, "data", b"", True)

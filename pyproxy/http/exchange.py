@@ -111,8 +111,9 @@ class Exchange:
             return
         self.chain = chain = chain_factory.start(self)
         self.downstream.pause_request()
+        # The head's header list belongs to this exchange: filters edit it in place, no copy.
         headers = HeaderMap(
-            list(request.headers),
+            request.headers,
             {b":method": request.method, b":path": request.target, b":authority": authority},
         )
         if chain.decode_headers(headers, self.head_only):
