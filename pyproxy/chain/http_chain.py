@@ -229,7 +229,7 @@ class HttpChain:
         hold_first: bool = False,
         hook: str = "",
     ) -> bool:
-        if self.replied:
+        if self.replied or self.done:
             return False
         hook = hook or f"{direction}_{kind}"
         order = self.factory.hooks[hook]
@@ -292,7 +292,7 @@ class HttpChain:
                 state.held[direction].append(("end", None, True))
         else:
             state.held[direction].append((kind, payload, end_stream))
-        if not end_stream:
+        if not end_stream or self.done:
             return
         index = state.body_for[direction]
         method = getattr(self.filters[index], f"{direction}_data")
@@ -398,3 +398,6 @@ class HttpChain:
                 block[factory.stage_ns[index]] += perf_counter_ns() - t0
             else:
                 filters[index].on_destroy()
+        # Break the filter -> callbacks -> chain -> filters cycle so refcounting frees the
+        # request's objects now, instead of leaving cyclic garbage for the GC every request.
+        self.filters = ()

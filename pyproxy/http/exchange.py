@@ -480,8 +480,10 @@ class Exchange:
                 ctx.pool.release(upstream)
             else:
                 upstream.abort()
-        if self.chain is not None:
-            self.chain.destroy()
+        chain = self.chain
+        if chain is not None:
+            chain.destroy()
+            self.chain = None  # no exchange <-> chain cycle left behind
         if ctx.access_log is not None:
             ctx.access_log.write(ctx.loop, self._log_record(elapsed))
         if not switched:
