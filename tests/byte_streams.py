@@ -9,12 +9,13 @@ are deterministic (seeded), hashed on the fly, never held whole in memory.
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import socket
 import struct
 import threading
 from collections.abc import Callable
+
+from conftest import ThreadedServer
 
 HEADER = struct.Struct("!QB")
 CONCURRENT, AFTER_EOF = 0, 1
@@ -90,43 +91,12 @@ def _send_and_close(conn: socket.socket, size: int) -> None:
     conn.shutdown(socket.SHUT_WR)
 
 
-class UnixServer:
+class UnixServer(ThreadedServer):
     """A real Unix-socket server; `handler(conn)` runs in a thread per connection."""
 
     def __init__(self, path: str, handler: Callable[[socket.socket], None]) -> None:
+        super().__init__(handler, unix_path=path)
         self.path = path
-        self.address = f"unix:{path}"
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen(128)
-        self.handler = handler
-        self.errors: list[BaseException] = []
-        self.connections = 0
-        threading.Thread(target=self._accept_loop, daemon=True).start()
-
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
-
-    def _run(self, conn: socket.socket) -> None:
-        try:
-            self.handler(conn)
-        except BaseException as exc:  # surfaced by the test through .errors
-            self.errors.append(exc)
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        self.sock.close()
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
 
 
 def connect(address: str, timeout: float = 60) -> socket.socket:

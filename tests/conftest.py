@@ -154,17 +154,28 @@ def start_proxy() -> Iterator[Callable[..., ProxyProcess]]:
 
 
 class ThreadedServer:
-    """A real TCP server on loopback; `handler(conn)` runs in a thread per connection."""
+    """A real TCP (or, with `unix_path`, Unix-socket) server; `handler(conn)` runs in a thread per connection."""
 
     def __init__(
-        self, handler: Callable[[socket.socket], None], host: str = "127.0.0.1", backlog: int = 128
+        self,
+        handler: Callable[[socket.socket], None],
+        host: str = "127.0.0.1",
+        backlog: int = 128,
+        unix_path: str | None = None,
     ) -> None:
-        self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, 0))
+        if unix_path is not None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.bind(unix_path)
+            self.port = 0
+            self.address = f"unix:{unix_path}"
+        else:
+            self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind((host, 0))
+            self.port = self.sock.getsockname()[1]
+            self.address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
         self.sock.listen(backlog)
-        self.port = self.sock.getsockname()[1]
-        self.address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        self.unix_path = unix_path
         self.handler = handler
         self.errors: list[BaseException] = []
         self.connections = 0
@@ -191,6 +202,11 @@ class ThreadedServer:
     def close(self) -> None:
         self._closed = True
         self.sock.close()
+        if self.unix_path is not None:
+            try:
+                os.unlink(self.unix_path)
+            except OSError:
+                pass
 
 
 def echo_handler(conn: socket.socket) -> None:
