@@ -42,6 +42,9 @@ class HttpContext:
         self.parse_ns, self.parse_events = STAGE_NS + PARSE, STAGE_EVENTS + PARSE
         # Stage slots a callback can add to: the base stages plus this listener's filters.
         self.claim_end = STAGE_NS + len(STAGES) + len(listener.filter_names)
+        self.filter_ns_start = STAGE_NS + len(
+            STAGES
+        )  # the filter:<name> slots are [start, claim_end)
         self._chains = self._build_chains(loop, listener)
 
     def _build_chains(self, loop, listener: ListenerConfig) -> dict:
