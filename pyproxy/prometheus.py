@@ -55,6 +55,19 @@ class StageCollector:
             "Connections or requests ended with a response flag",
             labels=labels + ["flag"],
         )
+        responses = CounterMetricFamily(
+            "pyproxy_responses", "HTTP responses by status class", labels=labels + ["class"]
+        )
+        filter_counters = CounterMetricFamily(
+            "pyproxy_filter_events",
+            "Counters each filter declares (e.g. fault aborts_injected, ratelimit limited)",
+            labels=labels + ["filter", "counter"],
+        )
+        zerocopy = CounterMetricFamily(
+            "pyproxy_zerocopy",
+            "MSG_ZEROCOPY accounting (write: zerocopy)",
+            labels=labels + ["field"],
+        )
         duration = HistogramMetricFamily(
             "pyproxy_request_duration_seconds",
             "Request duration (TCP mode: connection lifetime)",
@@ -74,6 +87,14 @@ class StageCollector:
             requests.add_metric(key, listener["requests"])
             for flag, value in listener["flags"].items():
                 flags.add_metric(key + [flag], value)
+            if listener["mode"] != "tcp":
+                for status_class, value in listener.get("responses", {}).items():
+                    responses.add_metric(key + [status_class], value)
+            for filter_name, counters in listener.get("filters", {}).items():
+                for counter, value in counters.items():
+                    filter_counters.add_metric(key + [filter_name, counter], value)
+            for field, value in (listener.get("zerocopy") or {}).items():
+                zerocopy.add_metric(key + [field], value)
             hist = listener["duration"]
             buckets = [(str(float(b)), hist["buckets"][str(b)]) for b in BUCKETS] + [
                 ("+Inf", hist["count"])
@@ -88,6 +109,9 @@ class StageCollector:
             messages,
             requests,
             flags,
+            responses,
+            filter_counters,
+            zerocopy,
             duration,
         )
         yield from grpc_families(snap)

@@ -349,3 +349,21 @@ def test_local_reply_keeps_a_bodyless_request_connection_alive(start_proxy, tmp_
     result = curl("-o", "/dev/null", "-o", "/dev/null", "-w", "%{http_code} %{num_connects}\n",
                   f"http://127.0.0.1:{port}/a", f"http://127.0.0.1:{port}/b")  # fmt: skip
     assert result.stdout.decode().split() == ["503", "1", "503", "0"]
+
+
+def test_prometheus_has_status_classes_and_filter_counters(start_proxy, tmp_path, upstream):
+    proxy, port = _http_proxy(
+        start_proxy, tmp_path, upstream.address,
+        extra='    filters:\n      - name: fault\n        config: {abort: {http_status: 503, header_abort: true, percentage: 100}}\n',
+    )  # fmt: skip
+    assert (
+        curl("-o", "/dev/null", "-w", "%{http_code}", f"http://127.0.0.1:{port}/x").stdout == b"503"
+    )
+    from conftest import http_get
+
+    text = http_get(proxy.admin + "/stats/prometheus")[1].decode()
+    assert 'pyproxy_responses_total{class="5xx",listener="main",mode="http"} 1.0' in text or (
+        'pyproxy_responses_total{listener="main",mode="http",class="5xx"} 1.0' in text
+    )
+    assert 'counter="aborts_injected"' in text and 'filter="fault"' in text
+    assert 'stage="filter:fault"' in text
