@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, require_capability
 from http_peer import HttpUpstream
 
 pytest.importorskip("wasmtime")
@@ -188,8 +188,7 @@ def test_noop_module_is_timed_as_its_own_stage(start_proxy, tmp_path, upstream):
     """Every request's guest calls land in the filter's stage (the cost itself is bench/filter_bench.py's job)."""
     import shutil
 
-    if not shutil.which("wrk"):
-        pytest.skip("wrk not installed (make bench installs it)")
+    require_capability("wrk (wrk; make test installs it)", shutil.which("wrk") is not None)
     proxy, port = _proxy(
         start_proxy,
         tmp_path,

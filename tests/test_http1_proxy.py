@@ -8,7 +8,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import free_port, recv_exactly
+from conftest import free_port, recv_exactly, require_capability
 from http_peer import HttpUpstream
 
 CODECS = ["fast", "h11"]
@@ -323,8 +323,7 @@ def test_access_log_and_server_timing(start_proxy, tmp_path, upstream):
 def test_wrk_smoke(start_proxy, tmp_path, upstream):
     import shutil
 
-    if not shutil.which("wrk"):
-        pytest.skip("wrk not installed (make bench installs it)")
+    require_capability("wrk (wrk; make test installs it)", shutil.which("wrk") is not None)
     proxy, port = _http_proxy(start_proxy, tmp_path, upstream.address)
     run = subprocess.run(
         ["wrk", "-t1", "-c4", "-d1s", f"http://127.0.0.1:{port}/w"],

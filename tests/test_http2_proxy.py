@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import free_port
+from conftest import free_port, require_capability
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.exceptions import ProtocolError as H2ProtocolError
@@ -182,8 +182,9 @@ def test_rst_stream_propagates_both_ways(start_proxy, tmp_path, h2_upstream):
 
 
 def test_goaway_on_sigterm_drain_lets_streams_finish(start_proxy, tmp_path, h1_upstream):
-    if not shutil.which("nghttp"):
-        pytest.skip("nghttp (nghttp2-client) not installed")
+    require_capability(
+        "nghttp (nghttp2-client; make test installs it)", shutil.which("nghttp") is not None
+    )
     proxy, port = _proxy(start_proxy, tmp_path, h1_upstream.address)
     run = subprocess.Popen(
         ["nghttp", "-v", "-t", "10", f"http://127.0.0.1:{port}/slow?ms=800",
@@ -311,8 +312,9 @@ def test_continuation_flood_and_header_limits(start_proxy, tmp_path, h1_upstream
 
 
 def test_h2load_smoke(start_proxy, tmp_path, h1_upstream):
-    if not shutil.which("h2load"):
-        pytest.skip("h2load (nghttp2-client) not installed")
+    require_capability(
+        "h2load (nghttp2-client; make test installs it)", shutil.which("h2load") is not None
+    )
     proxy, port = _proxy(start_proxy, tmp_path, h1_upstream.address)
     run = subprocess.run(
         ["h2load", "-n", "2000", "-c", "4", "-m", "10", f"http://127.0.0.1:{port}/h"],
