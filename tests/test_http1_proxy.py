@@ -366,3 +366,34 @@ def test_prometheus_has_status_classes_and_filter_counters(start_proxy, tmp_path
     )
     assert 'counter="aborts_injected"' in text and 'filter="fault"' in text
     assert 'stage="filter:fault"' in text
+
+
+def test_sighup_reload_swaps_the_filter_chain_for_new_requests(start_proxy, tmp_path, upstream):
+    import signal
+
+    port = free_port()
+    path = tmp_path / "proxy.yaml"
+    base = f"listeners:\n  - name: main\n    mode: http\n    address: 127.0.0.1:{port}\n    upstream: {upstream.address}\n"
+    path.write_text(
+        base + "    filters:\n      - name: fault\n        config: {abort: {http_status: 418}}\n"
+    )
+    proxy = start_proxy("-c", str(path))
+    url = f"http://127.0.0.1:{port}/r"
+    assert curl("-o", "/dev/null", "-w", "%{http_code}", url).stdout == b"418"
+    # A bad filter config is refused and the running chain stays.
+    path.write_text(
+        base + "    filters:\n      - name: fault\n        config: {abort: {http_status: 99}}\n"
+    )
+    proxy.signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert "reload refused" in proxy.output and "abort.http_status" in proxy.output
+    assert curl("-o", "/dev/null", "-w", "%{http_code}", url).stdout == b"418"
+    # A good one without filters applies to the next request.
+    path.write_text(base)
+    proxy.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if curl("-o", "/dev/null", "-w", "%{http_code}", url).stdout == b"200":
+            break
+        time.sleep(0.1)
+    assert curl(url).stdout == b"ok:/r:up"
