@@ -151,7 +151,8 @@ class Exchange:
             self.target = route.cluster.pick()
         else:
             self.target, self.source = self.downstream.default_target()
-        self.timer = self.ctx.loop.call_later(route.timeout, self._timed_out)
+        if route.timeout > 0:  # 0 disables it (Envoy's rule), e.g. for long-lived gRPC streams
+            self.timer = self.ctx.loop.call_later(route.timeout, self._timed_out)
         self.downstream.pause_request()
         self._acquire()
 

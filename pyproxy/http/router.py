@@ -73,7 +73,9 @@ class Router:
             )
             for r in listener.routes
         )
-        self.default_route = Route("*", b"/", None, DEFAULT_TIMEOUT) if not self.routes else None
+        # gRPC streams may live long: only their own grpc-timeout bounds them by default.
+        default_timeout = 0.0 if listener.mode == "grpc" else DEFAULT_TIMEOUT
+        self.default_route = Route("*", b"/", None, default_timeout) if not self.routes else None
         default_cluster = None
         if listener.upstream is not None:
             default_cluster = Cluster(
