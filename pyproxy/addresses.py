@@ -73,4 +73,4 @@ def from_sockaddr(family: int, sockaddr: tuple | str) -> Address:
     """Turn what accept()/getsockname() return into an Address."""
     if family == socket.AF_UNIX:
         return Address(path=sockaddr if isinstance(sockaddr, str) else "")
-    return Address(host=sockaddr[0], port=sockaddr[1])
+    return Address(host=str(sockaddr[0]), port=int(sockaddr[1]))

@@ -338,7 +338,7 @@ def _app_socket(value: Any) -> Address:
 
 def _native_reason() -> str | None:
     """None when the native module loaded, else why not (imported only for native choices)."""
-    from pyproxy import native
+    from pyproxy import native  # type: ignore[attr-defined]  # mapped from native/ by pyproject
 
     return None if native.AVAILABLE else str(native.UNAVAILABLE_REASON)
 

@@ -120,6 +120,7 @@ class Listener:
     def _http_context(self) -> HttpContext | None:
         if self.config.mode == "tcp":
             return None
+        assert self.proxy_config is not None, "HTTP listeners are built with the proxy config"
         return HttpContext(self.loop, self.config, self.proxy_config, self.block, self.timed)
 
     def _set_stages(self) -> None:
@@ -252,16 +253,18 @@ class Listener:
             pending.preload = preload
             self.connections.add(pending)
             return
+        http = self.http
+        assert http is not None, "start_protocol runs on mode-http listeners only"
         if protocol == HTTP2:
-            session = Http2Downstream(self.http, conn, self._session_closed, target, source)
-            self.connections.add(session)
-            session.start(preload)
+            h2 = Http2Downstream(http, conn, self._session_closed, target, source)
+            self.connections.add(h2)
+            h2.start(preload)
             return
-        session = Http1Downstream(self.http, conn, self._session_closed, target, source)
-        self.connections.add(session)
-        session.start()
+        h1 = Http1Downstream(http, conn, self._session_closed, target, source)
+        self.connections.add(h1)
+        h1.start()
         if preload:
-            session.data_received(preload)
+            h1.data_received(preload)
 
     def drop(self, conn: socket.socket, flag: str, started_ns: int) -> None:
         """Closed before a protocol was chosen (EOF, error, header timeout, drain)."""
@@ -298,7 +301,7 @@ class Listener:
     ) -> None:  # fmt: skip
         config = self.config
         relay_class = self._relay
-        if filters:
+        if filters and self.tcp_chain is not None:
             relay_class = partial(FilteredRelay, filters=filters, stages=self.tcp_chain.stages)
         try:
             relay = relay_class(

@@ -13,6 +13,7 @@ import struct
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from pyproxy import __version__, stats
 from pyproxy.addresses import Address
@@ -33,7 +34,7 @@ START_TIMEOUT = 15.0
 
 def native_status() -> tuple[bool, str]:
     try:
-        from pyproxy import native
+        from pyproxy import native  # type: ignore[attr-defined]  # mapped from native/ by pyproject
     except ImportError as exc:  # pragma: no cover - the package is part of pyproxy
         return False, str(exc)
     available = bool(getattr(native, "AVAILABLE", False))
@@ -69,7 +70,7 @@ class Supervisor:
         self.started = time.time()
         self.draining = False
         self._shutting_down = False
-        self._done: asyncio.Future | None = None
+        self._done: Any = None  # the future _main awaits; set when the loop starts
         self._servers: list[EndpointServer] = []
 
     # ---- process lifecycle -------------------------------------------------
@@ -343,7 +344,9 @@ class Supervisor:
                 return [plain(v) for v in value]
             return value
 
-        return plain(self.config)
+        dump = plain(self.config)
+        assert isinstance(dump, dict)
+        return dump
 
     async def _start_endpoints(self, config: ProxyConfig) -> None:
         def ready(_q: dict) -> Response:
@@ -383,7 +386,7 @@ class Supervisor:
             "/quitquitquit": ("POST", quit_),
             "/tap": ("GET", tap),
         }
-        plan = [
+        plan: list[tuple[Any, Any]] = [
             (config.admin, admin_routes),
             (
                 config.prometheus,
@@ -459,7 +462,10 @@ def _worker_process(
             return 1
         loop.add_reader(control_fd, on_control)
         loop.add_signal_handler(
-            signal.SIGTERM, lambda: loop.create_task(worker.drain(worker.config.drain_timeout))
+            signal.SIGTERM,
+            lambda: loop.create_task(
+                worker.drain(worker.config.drain_timeout if worker.config else 1.0)
+            ),
         )
         await worker.wait_stopped()
         return 0

@@ -214,7 +214,7 @@ class HttpChain:
     def _feed(self, direction: str, kind: str, payload, end_stream: bool) -> None:
         state = self.state
         stop = state.stopped[direction] if state is not None else None
-        if stop is not None:
+        if state is not None and stop is not None:
             stopped_kind, position = stop
             if stopped_kind == "headers" and state.body_for[direction] is not None:
                 self._buffer_whole_body(direction, kind, payload, end_stream)
@@ -303,6 +303,8 @@ class HttpChain:
         if not end_stream or self.done:
             return
         index = state.body_for[direction]
+        if index is None:
+            return
         method = getattr(self.filters[index], f"{direction}_data")
         if self.timed:
             t0 = perf_counter_ns()
@@ -331,7 +333,7 @@ class HttpChain:
         """A stopped filter continues: finish its event, then replay what was held, in order."""
         state = self.state
         stop = state.stopped[direction] if state is not None else None
-        if stop is None or self.replied or self.done:
+        if state is None or stop is None or self.replied or self.done:
             return
         kind, position = stop
         state.stopped[direction] = None
@@ -408,4 +410,4 @@ class HttpChain:
                 filters[index].on_destroy()
         # Break the filter -> callbacks -> chain -> filters cycle so refcounting frees the
         # request's objects now, instead of leaving cyclic garbage for the GC every request.
-        self.filters = ()
+        self.filters = []

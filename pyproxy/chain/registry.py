@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from functools import cache
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 
 from pyproxy.chain.api import FilterConfigError, FilterFactory
 
@@ -11,7 +11,7 @@ GROUP = "pyproxy.filters"
 
 
 @cache
-def available() -> dict[str, object]:
+def available() -> dict[str, EntryPoint]:
     """Entry points by name; built-in filters register here exactly like third-party ones."""
     return {ep.name: ep for ep in entry_points(group=GROUP)}
 

@@ -116,8 +116,7 @@ class ConnectionGate:
         self.closed = True
         self.listener.connections.discard(self)
         if reset:
-            sock, self.downstream = self.downstream, None
-            self.listener.fail(_Aborted(sock), flag, self.started_ns)
+            self.listener.fail(_Aborted(self.downstream), flag, self.started_ns)
         else:
             self.listener.fail(self.downstream, flag, self.started_ns)
 

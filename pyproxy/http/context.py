@@ -65,10 +65,10 @@ class HttpContext:
         return self._chains.get(id(route), self._chains[None])
 
     def server_codec(self) -> Http1Codec:
-        return make_http1_codec(self.settings.codec, "server", self.limits)
+        return make_http1_codec(self.settings.codec, "server", self.limits)  # type: ignore[arg-type]
 
     def client_codec(self) -> Http1Codec:
-        return make_http1_codec(self.settings.codec, "client", self.limits)
+        return make_http1_codec(self.settings.codec, "client", self.limits)  # type: ignore[arg-type]
 
     def close(self) -> None:
         self.pool.close_idle()

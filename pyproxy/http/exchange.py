@@ -13,9 +13,8 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from time import perf_counter_ns
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from pyproxy.addresses import Address
 from pyproxy.chain.api import HeaderMap
 from pyproxy.codec.events import END, Body, RequestHead, ResponseHead, Trailers
 from pyproxy.codec.http1 import strip_hop_by_hop
@@ -66,13 +65,15 @@ class Exchange:
         self.ctx = ctx
         self.downstream = downstream
         self.request = request
-        self.upstream = None
-        self.route = None
-        self.target: Address | None = None
+        # Set as the exchange proceeds; typed Any where several classes fill the role
+        # (HTTP/1 connection or HTTP/2 stream upstream; timer and attach handles).
+        self.upstream: Any = None
+        self.route: Any = None  # a Route once start() matched one
+        self.target: Any = None  # an Address once the route or the default picked one
         self.source = ""
         self.started_ns = perf_counter_ns()
         self.started_wall = time.time()
-        self.timer = None
+        self.timer: Any = None
         self.pending: list = []
         self.request_done = False
         self.response_started = False
@@ -81,12 +82,12 @@ class Exchange:
         self.status = 0
         self.flag = ""
         self.retried = False
-        self.attach = None
+        self.attach: Any = None
         self.trace = trace
         self.bytes_in = self.bytes_out = 0
-        self.chain = None
-        self.response_head_in: ResponseHead | None = None
-        self.grpc: GrpcCall | None = None
+        self.chain: Any = None  # an HttpChain when the route has filters
+        self.response_head_in: Any = None  # the upstream's ResponseHead once it arrived
+        self.grpc: Any = None  # a GrpcCall for gRPC requests
         # No body follows the request head (Envoy's end_stream on decode_headers).
         self.head_only = not request.chunked and not request.content_length and not request.upgrade
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from collections import defaultdict
 from time import perf_counter_ns
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pyproxy.addresses import Address
 from pyproxy.codec.events import PAUSED, Body, End, ProtocolError, Reset, ResponseHead, Trailers
@@ -248,7 +248,8 @@ class UpstreamPool:
         )  # fmt: skip
         return attach
 
-    def release(self, conn: Http1Upstream) -> None:
+    def release(self, conn: Any) -> None:
+        """Take back an upstream: an HTTP/1 connection (pooled if reusable) or an HTTP/2 stream."""
         if conn.multiplexed:
             conn.release()
             return

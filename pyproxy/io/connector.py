@@ -6,6 +6,7 @@ import errno
 import socket
 from collections.abc import Callable
 from time import perf_counter_ns
+from typing import Any
 
 from pyproxy.addresses import Address
 from pyproxy.io import sockets
@@ -51,6 +52,7 @@ class Connect:
         self._stage_ns, self._stage_events = stage_ns, stage_events
         self._done = False
         self._timer = None
+        self.sock: Any = None  # the socket once created (None if socket() itself failed)
         # Only the syscalls count toward the stage (socket+connect now, SO_ERROR later), never
         # the wait for the handshake: that is time the loop spends on other work.
         started = perf_counter_ns()

@@ -71,7 +71,8 @@ class FilteredRelay(Relay):
         if data_hooks:
             for direction in (self._request, self._response):
                 from_downstream = direction.is_request
-                direction.src = _WatchedSocket(
+                # Duck-typed on purpose: the relay only calls recv_into/fileno/shutdown on it.
+                direction.src = _WatchedSocket(  # type: ignore[assignment]
                     direction.src,
                     data_hooks,
                     from_downstream,
