@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 APT_TEST := iptables iproute2 util-linux curl procps wrk nghttp2-client
 APT_BENCH := nginx-light libnginx-mod-stream iperf3 haproxy
 
-.PHONY: demo test bench lint system-deps system-deps-bench clean
+.PHONY: demo test bench lint system-deps system-deps-bench clean apt
 
 demo: system-deps $(VENV)/.installed-test
 	$(PY) -m pyproxy demo
@@ -13,8 +13,14 @@ demo: system-deps $(VENV)/.installed-test
 test: system-deps $(VENV)/.installed-test
 	$(VENV)/bin/pytest
 
+# Every bench measures its own baselines in the same run; results land in bench/results/.
+BENCHES := tcp_echo http_bench filter_bench grpc_bench native_paths
+
 bench: system-deps system-deps-bench $(VENV)/.installed-test
-	$(PY) -m pyproxy.bench.tcp_echo
+	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) -m pyproxy.bench.$$b || exit 1; done
+
+bench-%: system-deps system-deps-bench $(VENV)/.installed-test
+	$(PY) -m pyproxy.bench.$*
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
