@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pyproxy.chain.api import FactoryContext
 from pyproxy.chain.http_chain import ChainFactory
 from pyproxy.codec.http1 import Http1Codec, Http1Limits, make_http1_codec
@@ -40,6 +42,7 @@ class HttpContext:
         self.upstream_stages = (READ, WRITE) if down_app else (IPC, IPC)
         self.connect_stage = WRITE if down_app else IPC
         self.parse_ns, self.parse_events = STAGE_NS + PARSE, STAGE_EVENTS + PARSE
+        self.h2_flushes: Any = None  # the HTTP/2 sessions' shared flush queue, made on first use
         # Stage slots a callback can add to: the base stages plus this listener's filters.
         self.claim_end = STAGE_NS + len(STAGES) + len(listener.filter_names)
         self.filter_ns_start = STAGE_NS + len(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from time import perf_counter_ns
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -100,7 +100,7 @@ class H2Session:
         # hpack's own ceiling stops a compression bomb while decoding; between our limit and
         # this, the request is decoded (HPACK state must stay in sync, §4.3) and answered 431.
         self.conn.decoder.max_header_list_size = 4 * limit + 32 * ctx.settings.max_headers
-        self.stream: Stream | None = None
+        self.stream: Any = None  # the Stream, once attach_socket() ran
         self.streams: dict = {}
         self.flushes = flush_queue(ctx)
         self.dirty = False
@@ -254,10 +254,12 @@ class H2StreamBase:
         "closed",
     )
 
-    def __init__(self, session: H2Session, stream_id: int | None) -> None:
+    def __init__(self, session: Any, stream_id: int | None) -> None:
+        # `session` is a downstream or upstream subclass of H2Session; its stream-lifecycle
+        # methods (stream_finished, stream_released, ...) live there.
         self.session = session
-        self.stream_id = stream_id
-        self.exchange = None
+        self.stream_id: Any = stream_id  # None until an upstream stream is opened
+        self.exchange: Any = None
         self.chunks: deque = deque()
         self.queued = 0
         self.end_pending = False
