@@ -23,7 +23,7 @@ bench-%: system-deps system-deps-bench $(VENV)/.installed-test
 	$(PY) -m pyproxy.bench.$*
 
 lint: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
 
 $(VENV)/.installed-test: pyproject.toml setup.py native/build_native.py native/pyproxy_native.c
 	@python3 -m venv $(VENV) 2>/dev/null || { $(MAKE) --no-print-directory apt PKGS=python3-venv && python3 -m venv $(VENV); }

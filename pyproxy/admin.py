@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from pyproxy.addresses import Address
@@ -114,7 +115,7 @@ class EndpointServer:
         allowed, handler = route
         if method != allowed and not (allowed == "GET" and method == "HEAD"):
             return Response.text(f"method not allowed; use {allowed}\n", 405)
-        result = handler(parse_qs(target.query))
+        result: Any = handler(parse_qs(target.query))
         if asyncio.iscoroutine(result):
             result = await result
         return result

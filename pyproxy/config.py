@@ -355,7 +355,7 @@ def _io_backends(fields: _Fields, listener: ListenerConfig) -> ListenerConfig:
         app_role, app_addresses = "listen address", listener.addresses
     elif app_socket is not None:
         app_role, app_addresses = "app_socket", (app_socket,)
-    elif listener.kind == "standalone":
+    elif listener.kind == "standalone" and listener.upstream is not None:
         app_role, app_addresses = "upstream", (listener.upstream,)
     else:
         app_role = "inbound_target"

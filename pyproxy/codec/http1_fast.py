@@ -201,7 +201,8 @@ class FastHttp1Codec(Http1Codec):
         version = _VERSIONS.get(raw_version) or raw_version.encode("ascii")
         head: RequestHead | ResponseHead | ProtocolError
         if self.role == "server":
-            head = self._facts.request_head(parser.get_method(), self._url, self._headers, version)
+            method = parser.get_method()  # type: ignore[union-attr]  # server role: a request parser
+            head = self._facts.request_head(method, self._url, self._headers, version)
             if type(head) is ProtocolError:
                 raise _Reject(head.status, head.reason)
         else:
@@ -346,7 +347,7 @@ class FastHttp1Codec(Http1Codec):
     # -- serialising ---------------------------------------------------------
 
     def _encode_request(self, ev: RequestHead, mode: int) -> Buffer:
-        parts = [ev.method, b" ", ev.target, _REQUEST_LINE_TAIL]
+        parts: list[Buffer] = [ev.method, b" ", ev.target, _REQUEST_LINE_TAIL]
         return _join_head(parts, ev.headers, None, None)
 
     def _encode_response(self, ev: ResponseHead, mode: int, facts: HeadFacts | None) -> Buffer:

@@ -100,7 +100,9 @@ class Detector:
         self.buf = b""
         self.timer = None
         self.done = False
-        stage = listener.http.downstream_stages[0]
+        http = listener.http
+        assert http is not None, "detection runs on mode-http listeners"
+        stage = http.downstream_stages[0]
         self.read_ns, self.read_events = STAGE_NS + stage, STAGE_EVENTS + stage
 
     def start(self) -> None:

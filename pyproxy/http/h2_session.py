@@ -110,8 +110,10 @@ class H2Session:
 
     def attach_socket(self, sock, stages: tuple[int, int], rx: int, tx: int) -> None:
         ctx = self.ctx
+        # The subclasses (downstream/upstream sessions) are the StreamOwner.
+        owner: Any = self
         self.stream = Stream(
-            ctx.loop, sock, ctx.block, self, timed=ctx.timed, read_stage=stages[0],
+            ctx.loop, sock, ctx.block, owner, timed=ctx.timed, read_stage=stages[0],
             write_stage=stages[1], rx_slot=rx, tx_slot=tx, claim_end=ctx.claim_end,
         )  # fmt: skip
 

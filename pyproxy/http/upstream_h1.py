@@ -115,12 +115,12 @@ class Http1Upstream:
         else:
             events = self.codec.receive_data(data)
         exchange = self.exchange
-        cork = getattr(exchange.downstream, "cork", None) if exchange is not None else None
+        downstream: Any = exchange.downstream if exchange is not None else None
+        cork = getattr(downstream, "cork", None)
         if cork is None:
             self._dispatch(events)
             return
         # Head, body and end of a response read together leave in one send, not three.
-        downstream = exchange.downstream
         cork()
         try:
             self._dispatch(events)

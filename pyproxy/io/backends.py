@@ -24,7 +24,7 @@ def relay_factory(config: ListenerConfig) -> Callable[..., Relay]:
 
 def describe(config: ListenerConfig) -> dict:
     """What /server_info and the startup log report for one listener."""
-    out = {
+    out: dict[str, object] = {
         "ipc": config.ipc,
         "relay": "splice" if config.relay == "splice" else "userspace-copy",
         "write": config.write,

@@ -16,7 +16,7 @@ import os
 import socket
 from time import perf_counter_ns
 
-from pyproxy import native
+from pyproxy import native  # type: ignore[attr-defined]  # mapped from native/ by pyproject
 from pyproxy.counters import MESSAGES
 from pyproxy.io.relay import DOWNSTREAM, NOTIFY_EVENTS, OTHER_NS, UPSTREAM, Relay, _Direction
 
@@ -137,5 +137,5 @@ class SpliceRelay(Relay):
 
     def _close_sockets(self, reset: bool) -> None:
         super()._close_sockets(reset)
-        self._request.close_pipe()
-        self._response.close_pipe()
+        self._request.close_pipe()  # type: ignore[attr-defined]  # _SpliceDirection, see _directions
+        self._response.close_pipe()  # type: ignore[attr-defined]

@@ -105,7 +105,9 @@ class _Watch(_Plain):
         )
 
     def _released(self, _data) -> None:
-        self.owner.returned(self.lent.popleft())
+        owner = self.owner
+        assert owner is not None, "a completion can only come for a send some direction made"
+        owner.returned(self.lent.popleft())
 
     def add_reader(self, callback) -> None:
         self.reader = callback
@@ -379,6 +381,7 @@ class _ZcDirection(_Direction):
                 if zc is not None:
                     zc.small_sends += 1
                 return sent
+            assert zc is not None  # the small-send branch above returned when there is no watch
             cur = self.cur
             sender = zc.sender
             before = sender.zc_sends
