@@ -398,6 +398,10 @@ class HttpChain:
         if self.done:
             return
         self.done = True
+        self.run_destroyers()
+
+    def run_destroyers(self) -> None:
+        """Call (and time) the on_destroy hooks; the chain is done, resumes are ignored."""
         factory = self.factory
         filters = self.filters
         block = self.block

@@ -496,8 +496,14 @@ class Exchange:
                 upstream.abort()
         chain = self.chain
         if chain is not None:
-            chain.destroy()
             self.chain = None  # no exchange <-> chain cycle left behind
+            if chain.factory.destroyers:
+                # Filters' end-of-request work (WASM on_done/on_delete, Lua cleanup) runs after
+                # the response has left: a corked response is only sent when this call unwinds.
+                chain.done = True
+                ctx.loop.call_soon(chain.run_destroyers)
+            else:
+                chain.destroy()
         if ctx.access_log is not None:
             ctx.access_log.write(ctx.loop, self._log_record(elapsed))
         if not switched:
