@@ -160,6 +160,7 @@ class HttpChain:
         "state",
         "done",
         "replied",
+        "hook_ns",
     )
 
     def __init__(self, factory: ChainFactory, exchange) -> None:
@@ -175,6 +176,9 @@ class HttpChain:
         self.state: _ChainState | None = None  # built on the first stop (see _ChainState)
         self.done = False
         self.replied = False
+        self.hook_ns = (
+            0  # time inside filter hooks (timed): the rest of the chain's time is its own
+        )
 
     def _st(self) -> _ChainState:
         state = self.state
@@ -250,8 +254,10 @@ class HttpChain:
             if timed:
                 t0 = perf_counter_ns()
                 status = method(payload, end_stream) if kind != "trailers" else method(payload)
-                block[self.factory.stage_ns[index]] += perf_counter_ns() - t0
+                spent = perf_counter_ns() - t0
+                block[self.factory.stage_ns[index]] += spent
                 block[self.factory.stage_events[index]] += 1
+                self.hook_ns += spent
             else:
                 status = method(payload, end_stream) if kind != "trailers" else method(payload)
             if self.replied:
@@ -309,8 +315,10 @@ class HttpChain:
         if self.timed:
             t0 = perf_counter_ns()
             status = method(b"", True)
-            self.block[self.factory.stage_ns[index]] += perf_counter_ns() - t0
+            spent = perf_counter_ns() - t0
+            self.block[self.factory.stage_ns[index]] += spent
             self.block[self.factory.stage_events[index]] += 1
+            self.hook_ns += spent
         else:
             status = method(b"", True)
         if status == CONTINUE and not self.replied:

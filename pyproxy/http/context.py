@@ -45,9 +45,6 @@ class HttpContext:
         self.h2_flushes: Any = None  # the HTTP/2 sessions' shared flush queue, made on first use
         # Stage slots a callback can add to: the base stages plus this listener's filters.
         self.claim_end = STAGE_NS + len(STAGES) + len(listener.filter_names)
-        self.filter_ns_start = STAGE_NS + len(
-            STAGES
-        )  # the filter:<name> slots are [start, claim_end)
         self._chains = self._build_chains(loop, listener)
 
     def _build_chains(self, loop, listener: ListenerConfig) -> dict:
@@ -63,6 +60,14 @@ class HttpContext:
         for route in self.router.routes:
             chains[id(route)] = default if route.filters is None else build(route.filters)
         return chains
+
+    def account_parse(self, elapsed: int, trace: list[int] | None) -> None:
+        """Protocol work (codec, HTTP/2 state machine, gRPC framing) into the `parse` stage."""
+        block = self.block
+        block[self.parse_ns] += elapsed
+        block[self.parse_events] += 1
+        if trace is not None:
+            trace[PARSE] += elapsed
 
     def chain_for(self, route: Route) -> ChainFactory | None:
         return self._chains.get(id(route), self._chains[None])

@@ -19,7 +19,6 @@ from pyproxy.counters import (
     DOWNSTREAM_TX,
     FLAG_BASE,
     FLAG_INDEX,
-    PARSE,
     REQUESTS,
     STAGES,
     STATUS_BASE,
@@ -84,7 +83,7 @@ class Http1Downstream:
         if ctx.timed:
             t0 = perf_counter_ns()
             events = self.codec.receive_data(data)
-            self._account_parse(perf_counter_ns() - t0)
+            ctx.account_parse(perf_counter_ns() - t0, self.stream.trace)
         else:
             events = self.codec.receive_data(data)
         if self.exchange is None and self._timer is None and not events:
@@ -205,7 +204,7 @@ class Http1Downstream:
         if ctx.timed:
             t0 = perf_counter_ns()
             data = self.codec.send(event)
-            self._account_parse(perf_counter_ns() - t0)
+            ctx.account_parse(perf_counter_ns() - t0, self.stream.trace)
         else:
             data = self.codec.send(event)
         self.stream.write(data)
@@ -232,14 +231,6 @@ class Http1Downstream:
 
     def send_end(self) -> None:
         self._send(END)
-
-    def _account_parse(self, elapsed: int) -> None:
-        block = self.ctx.block
-        block[self.ctx.parse_ns] += elapsed
-        block[self.ctx.parse_events] += 1
-        trace = self.stream.trace
-        if trace is not None:
-            trace[PARSE] += elapsed
 
     # ---- cycle end --------------------------------------------------------------------
 

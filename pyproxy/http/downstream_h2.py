@@ -51,7 +51,6 @@ from pyproxy.http.h2_session import (
     STREAM_GONE,
     H2Session,
     H2StreamBase,
-    discard,
 )
 
 if TYPE_CHECKING:
@@ -110,11 +109,7 @@ class Http2Downstream(H2Session):
                 return
             kind = type(event)
             if kind is DataReceived:
-                stream = streams.get(event.stream_id)
-                if stream is not None and stream.exchange is not None:
-                    stream.received(event.data, event.flow_controlled_length)
-                else:
-                    discard(self, event.stream_id, event.flow_controlled_length)
+                self.data_event(event)
             elif kind is RequestReceived:
                 self._request(event)
             elif kind is StreamEnded:
@@ -130,12 +125,7 @@ class Http2Downstream(H2Session):
             elif kind is StreamReset:
                 self._stream_reset(event)
             elif kind is WindowUpdated:
-                if event.stream_id:
-                    stream = streams.get(event.stream_id)
-                    if stream is not None:
-                        stream.pump()
-                else:
-                    self.pump_all()
+                self.window_event(event)
             elif kind is RemoteSettingsChanged:
                 self.pump_all()
 

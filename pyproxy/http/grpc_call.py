@@ -31,7 +31,6 @@ from pyproxy.codec.grpc import (
     status_from_headers,
     trailers_only_headers,
 )
-from pyproxy.counters import PARSE
 from pyproxy.grpc_metrics import E_STARTED, GrpcMethodTable, record_finished
 
 if TYPE_CHECKING:
@@ -128,20 +127,11 @@ class GrpcCall:
         try:
             scanner.feed(data)
         except FramingError as exc:
-            self._account(perf_counter_ns() - t0)
+            self.exchange.ctx.account_parse(perf_counter_ns() - t0, self.exchange.trace)
             self.exchange.fail_call(exc.status, str(exc), flag)
             return False
-        self._account(perf_counter_ns() - t0)
+        self.exchange.ctx.account_parse(perf_counter_ns() - t0, self.exchange.trace)
         return True
-
-    def _account(self, elapsed: int) -> None:
-        ctx = self.exchange.ctx
-        block = ctx.block
-        block[ctx.parse_ns] += elapsed
-        block[ctx.parse_events] += 1
-        trace = self.exchange.trace
-        if trace is not None:
-            trace[PARSE] += elapsed
 
     def request_ended(self) -> bool:
         return self._finish_scan(self.requests, "DPE")

@@ -20,7 +20,6 @@ from h2.exceptions import StreamClosedError
 from h2.settings import SettingCodes, Settings
 
 from pyproxy.codec.http2 import FrameScanner, HeaderBlockTooLarge, goaway_frame, parse_goaway
-from pyproxy.counters import PARSE
 from pyproxy.io.stream import Stream
 
 if TYPE_CHECKING:
@@ -145,11 +144,7 @@ class H2Session:
     def account(self, elapsed: int, trace: list[int] | None) -> None:
         if not self.ctx.timed:
             return
-        block = self.ctx.block
-        block[self.parse_ns] += elapsed
-        block[self.parse_events] += 1
-        if trace is not None:
-            trace[PARSE] += elapsed
+        self.ctx.account_parse(elapsed, trace)
 
     # ---- bytes in ------------------------------------------------------------------
 
@@ -219,6 +214,22 @@ class H2Session:
         self.write_blocked = False
         for stream in list(self.streams.values()):
             stream.update_blocked()
+
+    # Events both sides handle alike (the subclasses' `handle` dispatches the rest).
+    def data_event(self, event) -> None:
+        stream = self.streams.get(event.stream_id)
+        if stream is not None and stream.exchange is not None:
+            stream.received(event.data, event.flow_controlled_length)
+        else:
+            discard(self, event.stream_id, event.flow_controlled_length)
+
+    def window_event(self, event) -> None:
+        if event.stream_id:
+            stream = self.streams.get(event.stream_id)
+            if stream is not None:
+                stream.pump()
+        else:
+            self.pump_all()
 
     def pump_all(self) -> None:
         for stream in list(self.streams.values()):

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from pyproxy.addresses import Address
 from pyproxy.codec.events import PAUSED, Body, End, ProtocolError, Reset, ResponseHead, Trailers
 from pyproxy.codec.http1 import DONE
-from pyproxy.counters import PARSE, STAGE_EVENTS, STAGE_NS, UPSTREAM_RX, UPSTREAM_TX
+from pyproxy.counters import STAGE_EVENTS, STAGE_NS, UPSTREAM_RX, UPSTREAM_TX
 from pyproxy.io.connector import Connect
 from pyproxy.io.stream import Stream
 
@@ -69,7 +69,7 @@ class Http1Upstream:
         if ctx.timed:
             t0 = perf_counter_ns()
             data = self.codec.send(event)
-            _account_parse(ctx, perf_counter_ns() - t0, self.stream.trace)
+            ctx.account_parse(perf_counter_ns() - t0, self.stream.trace)
         else:
             data = self.codec.send(event)
         self.stream.write(data)
@@ -111,7 +111,7 @@ class Http1Upstream:
         if ctx.timed:
             t0 = perf_counter_ns()
             events = self.codec.receive_data(data)
-            _account_parse(ctx, perf_counter_ns() - t0, self.stream.trace)
+            ctx.account_parse(perf_counter_ns() - t0, self.stream.trace)
         else:
             events = self.codec.receive_data(data)
         exchange = self.exchange
@@ -181,14 +181,6 @@ class Http1Upstream:
         self.exchange = None
         self.ctx.pool.forget(self)
         self.stream.close()
-
-
-def _account_parse(ctx: HttpContext, elapsed: int, trace: list[int] | None) -> None:
-    block = ctx.block
-    block[ctx.parse_ns] += elapsed
-    block[ctx.parse_events] += 1
-    if trace is not None:
-        trace[PARSE] += elapsed
 
 
 class _Attach:

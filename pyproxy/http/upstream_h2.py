@@ -37,7 +37,6 @@ from pyproxy.http.h2_session import (
     REFUSED_STREAM,
     H2Session,
     H2StreamBase,
-    discard,
 )
 from pyproxy.io.connector import Connect
 
@@ -153,11 +152,7 @@ class Http2Upstream(H2Session):
                 return
             kind = type(event)
             if kind is DataReceived:
-                stream = streams.get(event.stream_id)
-                if stream is not None and stream.exchange is not None:
-                    stream.received(event.data, event.flow_controlled_length)
-                else:
-                    discard(self, event.stream_id, event.flow_controlled_length)
+                self.data_event(event)
             elif kind is ResponseReceived or kind is InformationalResponseReceived:
                 stream = streams.get(event.stream_id)
                 if stream is not None and stream.exchange is not None:
@@ -180,12 +175,7 @@ class Http2Upstream(H2Session):
                         stream.reused = True  # §8.7: not processed, safe to retry
                     stream.fail("UC")
             elif kind is WindowUpdated:
-                if event.stream_id:
-                    stream = streams.get(event.stream_id)
-                    if stream is not None:
-                        stream.pump()
-                else:
-                    self.pump_all()
+                self.window_event(event)
             elif kind is RemoteSettingsChanged:
                 if not self.settings_known:
                     self._settings_arrived()
