@@ -153,6 +153,26 @@ def start_proxy() -> Iterator[Callable[..., ProxyProcess]]:
             proxy.proc.wait()
 
 
+def start_listener(
+    start_proxy,
+    tmp_path,
+    upstream: str,
+    body: str = "",
+    mode: str = "http",
+    top: str = "",
+    ready: bool = True,
+):
+    """pyproxy from a config file: `top` lines, then one listener `main` (mode, a free port, the
+    upstream) followed by `body` lines (indented 4, e.g. `    filters:` ...); returns (proxy, port)."""
+    port = free_port()
+    path = tmp_path / "proxy.yaml"
+    path.write_text(
+        f"{top}listeners:\n  - name: main\n    mode: {mode}\n    address: 127.0.0.1:{port}\n"
+        f"    upstream: {upstream}\n{body}\n"
+    )
+    return start_proxy("-c", str(path), ready=ready), port
+
+
 class ThreadedServer:
     """A real TCP (or, with `unix_path`, Unix-socket) server; `handler(conn)` runs in a thread per connection."""
 
@@ -162,6 +182,7 @@ class ThreadedServer:
         host: str = "127.0.0.1",
         backlog: int = 128,
         unix_path: str | None = None,
+        nodelay: bool = False,
     ) -> None:
         if unix_path is not None:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -176,6 +197,7 @@ class ThreadedServer:
             self.address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
         self.sock.listen(backlog)
         self.unix_path = unix_path
+        self.nodelay = nodelay
         self.handler = handler
         self.errors: list[BaseException] = []
         self.connections = 0
@@ -189,6 +211,8 @@ class ThreadedServer:
             except OSError:
                 return
             self.connections += 1
+            if self.nodelay:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._run, args=(conn,), daemon=True).start()
 
     def _run(self, conn: socket.socket) -> None:

@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 
+from conftest import ThreadedServer
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import (
@@ -24,7 +25,7 @@ from h2.exceptions import StreamClosedError
 from h2.settings import SettingCodes, Settings
 
 
-class H2Upstream:
+class H2Upstream(ThreadedServer):
     """Threaded h2c (prior knowledge) server on loopback. Paths:
 
     /echo          200, JSON: method, path, authority, headers, body length + sha256, trailers
@@ -40,33 +41,12 @@ class H2Upstream:
     def __init__(self, name: str = "h2up", max_streams: int = 100) -> None:
         self.name = name
         self.max_streams = max_streams
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
-        self.address = f"127.0.0.1:{self.port}"
-        self.connections = 0
         self.requests: list[dict] = []
         self.resets: list[tuple[int, int]] = []  # (stream id, error code) sent by the proxy
         self.peak_streams = 0
-        self.errors: list[BaseException] = []
         self._active = 0
         self._lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=_ServerConn(self, conn).run, daemon=True).start()
-
-    def close(self) -> None:
-        self.sock.close()
+        super().__init__(lambda conn: _ServerConn(self, conn).run(), nodelay=True)
 
     def stream_started(self) -> None:
         with self._lock:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import socket
 import struct
-import threading
 import time
 
 import h11
+from conftest import ThreadedServer
 
 
-class HttpUpstream:
+class HttpUpstream(ThreadedServer):
     """Threaded h11 server on loopback. Paths:
 
     /echo            200, JSON of what arrived (method, target, headers, body length, sha of body)
@@ -27,29 +27,8 @@ class HttpUpstream:
 
     def __init__(self, name: str = "up") -> None:
         self.name = name
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(128)
-        self.port = self.sock.getsockname()[1]
-        self.address = f"127.0.0.1:{self.port}"
-        self.connections = 0
         self.requests: list[dict] = []
-        self.errors: list[BaseException] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def close(self) -> None:
-        self.sock.close()
+        super().__init__(self._serve, nodelay=True)
 
     def _serve(self, conn: socket.socket) -> None:
         h = h11.Connection(h11.SERVER)

@@ -8,25 +8,12 @@ import threading
 import time
 
 import pytest
-from conftest import free_port
+from conftest import start_listener
 
 
 def _proxy(start_proxy, tmp_path, upstream_address: str, fault_config: str, mode: str = "http"):
-    port = free_port()
-    path = tmp_path / "proxy.yaml"
-    path.write_text(
-        f"""
-listeners:
-  - name: main
-    mode: {mode}
-    address: 127.0.0.1:{port}
-    upstream: {upstream_address}
-    filters:
-      - name: fault
-        config: {fault_config}
-"""
-    )
-    return start_proxy("-c", str(path)), port
+    filters = f"    filters:\n      - name: fault\n        config: {fault_config}"
+    return start_listener(start_proxy, tmp_path, upstream_address, filters, mode)
 
 
 class Client:

@@ -9,26 +9,14 @@ import sys
 import time
 
 import pytest
-from conftest import free_port, http_get
+from conftest import http_get, start_listener
 
 
 def _proxy(start_proxy, tmp_path, upstream_address: str, filter_config: str, mode: str = "http"):
-    port = free_port()
-    path = tmp_path / "proxy.yaml"
-    path.write_text(
-        f"""
-listeners:
-  - name: main
-    mode: {mode}
-    address: 127.0.0.1:{port}
-    upstream: {upstream_address}
-    filters:
-      - name: rl
-        type: ratelimit
-        config: {filter_config}
-"""
+    filters = (
+        f"    filters:\n      - name: rl\n        type: ratelimit\n        config: {filter_config}"
     )
-    return start_proxy("-c", str(path)), port
+    return start_listener(start_proxy, tmp_path, upstream_address, filters, mode)
 
 
 def _get(port: int, headers: dict | None = None, source: str | None = None):

@@ -13,26 +13,14 @@ import threading
 import time
 
 import pytest
-from conftest import free_port
+from conftest import start_listener
 
 
 def _proxy(start_proxy, tmp_path, upstream_address: str, tap_config: str, concurrency: int = 1):
-    port = free_port()
-    path = tmp_path / "proxy.yaml"
-    path.write_text(
-        f"""
-concurrency: {concurrency}
-listeners:
-  - name: main
-    mode: http
-    address: 127.0.0.1:{port}
-    upstream: {upstream_address}
-    filters:
-      - name: tap
-        config: {tap_config}
-"""
+    filters = f"    filters:\n      - name: tap\n        config: {tap_config}"
+    return start_listener(
+        start_proxy, tmp_path, upstream_address, filters, top=f"concurrency: {concurrency}\n"
     )
-    return start_proxy("-c", str(path)), port
 
 
 def _request(port: int, method: str, target: str, body: bytes | None = None, headers=None):

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port, require_capability
+from conftest import require_capability, start_listener
 from http_peer import HttpUpstream
 
 pytest.importorskip("wasmtime")
@@ -24,20 +24,9 @@ def upstream():
 
 
 def _proxy(start_proxy, tmp_path, upstream_address: str, filters: str, ready: bool = True):
-    port = free_port()
-    path = tmp_path / "proxy.yaml"
-    path.write_text(
-        f"""
-listeners:
-  - name: main
-    mode: http
-    address: 127.0.0.1:{port}
-    upstream: {upstream_address}
-    filters:
-{filters}
-"""
+    return start_listener(
+        start_proxy, tmp_path, upstream_address, f"    filters:\n{filters}", ready=ready
     )
-    return start_proxy("-c", str(path), ready=ready), port
 
 
 def _wasm(name: str, source: str, extra: str = "") -> str:

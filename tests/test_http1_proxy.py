@@ -8,35 +8,15 @@ import subprocess
 import time
 
 import pytest
-from conftest import free_port, recv_exactly, require_capability
+from conftest import free_port, recv_exactly, require_capability, start_listener
 from http_peer import HttpUpstream
 
 CODECS = ["fast", "h11"]
 
 
-def _config(tmp_path, body: str) -> str:
-    path = tmp_path / "proxy.yaml"
-    path.write_text(body)
-    return str(path)
-
-
 def _http_proxy(start_proxy, tmp_path, upstream_address: str, codec: str = "fast", extra: str = ""):
-    port = free_port()
-    path = _config(
-        tmp_path,
-        f"""
-listeners:
-  - name: main
-    mode: http
-    address: 127.0.0.1:{port}
-    upstream: {upstream_address}
-    http:
-      codec: {codec}
-      request_header_timeout: 1s
-{extra}
-""",
-    )
-    return start_proxy("-c", path), port
+    http = f"    http:\n      codec: {codec}\n      request_header_timeout: 1s\n{extra}"
+    return start_listener(start_proxy, tmp_path, upstream_address, http)
 
 
 def curl(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
