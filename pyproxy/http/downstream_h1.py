@@ -8,7 +8,6 @@ so pipelining cannot make the proxy buffer without bound.
 from __future__ import annotations
 
 import socket
-from time import perf_counter_ns
 from typing import TYPE_CHECKING
 
 from pyproxy.addresses import Address
@@ -24,6 +23,7 @@ from pyproxy.counters import (
     STATUS_BASE,
 )
 from pyproxy.http.exchange import Exchange
+from pyproxy.http.http1_side import Http1Side
 from pyproxy.http.local_reply import local_reply_head
 from pyproxy.io.stream import Stream
 
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from pyproxy.http.context import HttpContext
 
 
-class Http1Downstream:
+class Http1Downstream(Http1Side):
     __slots__ = (
         "ctx",
         "stream",
@@ -80,12 +80,7 @@ class Http1Downstream:
 
     def data_received(self, data: bytes) -> None:
         ctx = self.ctx
-        if ctx.timed:
-            t0 = perf_counter_ns()
-            events = self.codec.receive_data(data)
-            ctx.account_parse(perf_counter_ns() - t0, self.stream.trace)
-        else:
-            events = self.codec.receive_data(data)
+        events = self.decode(data)
         if self.exchange is None and self._timer is None and not events:
             # First bytes of a new request on a kept-alive connection: the slowloris clock starts.
             self._timer = ctx.loop.call_later(
@@ -199,16 +194,6 @@ class Http1Downstream:
 
     # ---- bytes out (called by the exchange) --------------------------------------
 
-    def _send(self, event) -> None:
-        ctx = self.ctx
-        if ctx.timed:
-            t0 = perf_counter_ns()
-            data = self.codec.send(event)
-            ctx.account_parse(perf_counter_ns() - t0, self.stream.trace)
-        else:
-            data = self.codec.send(event)
-        self.stream.write(data)
-
     def cork(self) -> None:
         self.stream.cork()
 
@@ -216,21 +201,21 @@ class Http1Downstream:
         self.stream.uncork()
 
     def send_interim(self, head) -> None:
-        self._send(head)
+        self.encode(head)
 
     def send_head(self, head) -> None:
         if self._closing_after:
             head.headers.append((b"connection", b"close"))
-        self._send(head)
+        self.encode(head)
 
     def send_body(self, data) -> None:
-        self._send(Body(data))
+        self.encode(Body(data))
 
     def send_trailers(self, headers) -> None:
-        self._send(Trailers(headers))
+        self.encode(Trailers(headers))
 
     def send_end(self) -> None:
-        self._send(END)
+        self.encode(END)
 
     # ---- cycle end --------------------------------------------------------------------
 

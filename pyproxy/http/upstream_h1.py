@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import socket
 from collections import defaultdict
-from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
 from pyproxy.addresses import Address
 from pyproxy.codec.events import PAUSED, Body, End, ProtocolError, Reset, ResponseHead, Trailers
 from pyproxy.codec.http1 import DONE
 from pyproxy.counters import STAGE_EVENTS, STAGE_NS, UPSTREAM_RX, UPSTREAM_TX
+from pyproxy.http.http1_side import Http1Side
 from pyproxy.io.connector import Connect
 from pyproxy.io.stream import Stream
 
@@ -23,7 +23,7 @@ DEFAULT_IDLE_TIMEOUT = 4.0
 SWEEP_INTERVAL = 0.5  # idle connections live at most their timeout plus this
 
 
-class Http1Upstream:
+class Http1Upstream(Http1Side):
     """One upstream connection: a client-role codec over a Stream; bound to at most one exchange."""
 
     multiplexed = False  # HTTP/2 upstream streams share a connection (upstream_h2.py)
@@ -64,15 +64,7 @@ class Http1Upstream:
         self.stream.trace = exchange.trace
         self.stream.resume_reading()
 
-    def send(self, event) -> None:
-        ctx = self.ctx
-        if ctx.timed:
-            t0 = perf_counter_ns()
-            data = self.codec.send(event)
-            ctx.account_parse(perf_counter_ns() - t0, self.stream.trace)
-        else:
-            data = self.codec.send(event)
-        self.stream.write(data)
+    send = Http1Side.encode  # the exchange's name for it
 
     def pause_response(self) -> None:
         self.stream.pause_reading()
@@ -107,13 +99,7 @@ class Http1Upstream:
     # ---- StreamOwner ---------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        ctx = self.ctx
-        if ctx.timed:
-            t0 = perf_counter_ns()
-            events = self.codec.receive_data(data)
-            ctx.account_parse(perf_counter_ns() - t0, self.stream.trace)
-        else:
-            events = self.codec.receive_data(data)
+        events = self.decode(data)
         exchange = self.exchange
         downstream: Any = exchange.downstream if exchange is not None else None
         cork = getattr(downstream, "cork", None)

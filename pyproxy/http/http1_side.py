@@ -1,0 +1,41 @@
+"""What both ends of an HTTP/1.1 hop share: codec calls, timed into the `parse` stage."""
+
+from __future__ import annotations
+
+from time import perf_counter_ns
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pyproxy.codec.http1 import Http1Codec
+    from pyproxy.http.context import HttpContext
+    from pyproxy.io.stream import Stream
+
+
+class Http1Side:
+    """Mixin for the downstream session and the upstream connection (each has ctx, codec, stream)."""
+
+    __slots__ = ()
+    ctx: HttpContext
+    codec: Http1Codec
+    stream: Stream
+
+    def decode(self, data) -> list:
+        """Bytes from the peer → events (PAUSED last when the codec holds input back)."""
+        ctx = self.ctx
+        if not ctx.timed:
+            return self.codec.receive_data(data)
+        t0 = perf_counter_ns()
+        events = self.codec.receive_data(data)
+        ctx.account_parse(perf_counter_ns() - t0, self.stream.trace)
+        return events
+
+    def encode(self, event) -> None:
+        """One event → bytes on the wire (queued or corked by the stream as needed)."""
+        ctx = self.ctx
+        if ctx.timed:
+            t0 = perf_counter_ns()
+            data = self.codec.send(event)
+            ctx.account_parse(perf_counter_ns() - t0, self.stream.trace)
+        else:
+            data = self.codec.send(event)
+        self.stream.write(data)
