@@ -67,10 +67,3 @@ def parse_address(text: str) -> Address:
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
         raise ValueError(f"port must be 0..65535, got {port_text!r}")
     return Address(host=str(ip), port=int(port_text))
-
-
-def from_sockaddr(family: int, sockaddr: tuple | str) -> Address:
-    """Turn what accept()/getsockname() return into an Address."""
-    if family == socket.AF_UNIX:
-        return Address(path=sockaddr if isinstance(sockaddr, str) else "")
-    return Address(host=str(sockaddr[0]), port=int(sockaddr[1]))

@@ -723,7 +723,3 @@ def sidecar_listeners(mode: str, transparent: bool = False) -> list[dict]:
             "transparent": transparent,
         },
     ]
-
-
-def with_overrides(config: ProxyConfig, **changes: Any) -> ProxyConfig:
-    return replace(config, **changes)

@@ -28,9 +28,3 @@ def parse_duration(value: object) -> float:
                 raise ValueError("duration must not be negative")
             return seconds
     raise ValueError(f"expected a duration like 10ms, 1s or 5m, got {value!r}")
-
-
-def format_duration(seconds: float) -> str:
-    if seconds >= 1 and float(seconds).is_integer():
-        return f"{int(seconds)}s"
-    return f"{seconds * 1000:g}ms"

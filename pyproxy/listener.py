@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from functools import partial
 from time import perf_counter_ns
@@ -168,17 +169,6 @@ class Listener:
             else:
                 sock.close()
         self.sockets.clear()
-
-    def bound_addresses(self) -> list[Address]:
-        out = []
-        for sock in self.sockets:
-            name = sock.getsockname()
-            out.append(
-                Address(path=name)
-                if sock.family == socket.AF_UNIX
-                else Address(host=name[0], port=name[1])
-            )
-        return out
 
     def _on_acceptable(self, lsock: socket.socket) -> None:
         timed = self.timed
@@ -359,8 +349,6 @@ class Listener:
 
 
 def _unlink_quietly(path: str) -> None:
-    import os
-
     try:
         os.unlink(path)
     except OSError:

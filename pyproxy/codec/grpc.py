@@ -56,6 +56,19 @@ class Message:
     data: bytes | memoryview
 
 
+def read_prefix(data, pos: int, max_size: int) -> tuple[int, int]:
+    """The compressed flag and length at `pos`; FramingError for a bad flag or an oversized message."""
+    flag = data[pos]
+    if flag > 1:
+        raise FramingError(INTERNAL, f"invalid compressed flag {flag}")
+    size = int.from_bytes(data[pos + 1 : pos + PREFIX], "big")
+    if size > max_size:
+        raise FramingError(
+            RESOURCE_EXHAUSTED, f"message of {size} bytes exceeds the {max_size}-byte limit"
+        )
+    return flag, size
+
+
 class MessageFramer:
     """Splits one direction of a call into messages; bytes in, messages out."""
 
@@ -76,15 +89,7 @@ class MessageFramer:
         out: list[Message] = []
         pos, end = 0, len(buf)
         while end - pos >= PREFIX:
-            flag = buf[pos]
-            if flag > 1:
-                raise FramingError(INTERNAL, f"invalid compressed flag {flag}")
-            size = int.from_bytes(buf[pos + 1 : pos + PREFIX], "big")
-            if size > self.max_size:
-                raise FramingError(
-                    RESOURCE_EXHAUSTED,
-                    f"message of {size} bytes exceeds the {self.max_size}-byte limit",
-                )
+            flag, size = read_prefix(buf, pos, self.max_size)
             if end - pos - PREFIX < size:
                 break
             start = pos + PREFIX
@@ -164,15 +169,7 @@ class MessageScanner:
         return done
 
     def _check(self, data, pos: int) -> int:
-        flag = data[pos]
-        if flag > 1:
-            raise FramingError(INTERNAL, f"invalid compressed flag {flag}")
-        size = int.from_bytes(data[pos + 1 : pos + PREFIX], "big")
-        if size > self.max_size:
-            raise FramingError(
-                RESOURCE_EXHAUSTED,
-                f"message of {size} bytes exceeds the {self.max_size}-byte limit",
-            )
+        _, size = read_prefix(data, pos, self.max_size)
         self.bytes += size
         return size
 

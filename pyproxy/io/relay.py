@@ -258,10 +258,6 @@ class Relay:
             else:
                 loop.add_reader(direction.src_fd, direction.on_readable)
 
-    @property
-    def bytes_moved(self) -> tuple[int, int]:
-        return self._request.moved, self._response.moved
-
     def direction_finished(self) -> None:
         if self._request.eof and self._response.eof:
             self.close()
