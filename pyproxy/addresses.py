@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,6 +14,14 @@ class Address:
     host: str = ""
     port: int = 0
     path: str = ""  # set for Unix-domain sockets only
+    # Addresses key the upstream pools, looked up twice per request: hash once.
+    _hash: int = field(init=False, repr=False, compare=False, default=0)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash((self.host, self.port, self.path)))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     @property
     def is_unix(self) -> bool:

@@ -77,19 +77,37 @@ def connection_tokens(value: bytes) -> list[bytes]:
     return [t.strip(b" \t").lower() for t in value.split(b",") if t.strip(b" \t")]
 
 
+def _connection_named(headers: Headers) -> set[bytes]:
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            named.update(connection_tokens(value))
+    return named
+
+
 def strip_hop_by_hop(headers: Headers) -> Headers:
     """Return a copy of ``headers`` without hop-by-hop fields (RFC 9110 §7.6.1).
 
     Besides the fixed list, every field named in a Connection header is
     connection-specific and removed too.
     """
-    named: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            named.update(connection_tokens(value))
+    named = _connection_named(headers)
     return [
         (name, value) for name, value in headers if name not in HOP_BY_HOP and name not in named
     ]
+
+
+def strip_hop_by_hop_lines(head: bytes, headers: Headers) -> bytes:
+    """The same for a head as received: ``head`` holds the start line and one line per
+    entry of ``headers`` (a parser accepted it, so no folding), ending in CRLFCRLF."""
+    named = _connection_named(headers)
+    lines = head[:-4].split(b"\r\n")
+    kept = [lines[0]]
+    for line, (name, _) in zip(lines[1:], headers, strict=True):
+        if name not in HOP_BY_HOP and name not in named:
+            kept.append(line)
+    kept.append(b"\r\n")
+    return b"\r\n".join(kept)
 
 
 def head_size(start: int, headers: Headers) -> int:
@@ -295,6 +313,11 @@ class Http1Codec(ABC):
         return self._our
 
     @property
+    def cycle_done(self) -> bool:
+        """Both sides are DONE and the connection persists: ``start_next_cycle`` may follow."""
+        return self._our is DONE and self._their is DONE and self._keep_alive
+
+    @property
     def keep_alive(self) -> bool:
         """Whether the connection may carry another cycle once both sides are DONE."""
         return self._keep_alive
@@ -489,7 +512,7 @@ class Http1Codec(ABC):
 
         Call ``receive_data(b"")`` afterwards to get any pipelined request.
         """
-        if self.their_state is not DONE or self.our_state is not DONE:
+        if not (self._our is DONE and self._their is DONE and self._keep_alive):
             raise CodecUsageError(
                 f"start_next_cycle in their={self.their_state} our={self.our_state}"
             )

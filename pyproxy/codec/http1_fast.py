@@ -38,12 +38,19 @@ from pyproxy.codec.http1 import (
     _FACT_NAMES,
     CHUNKED,
     DEFAULT_LIMITS,
+    DONE,
+    HOP_BY_HOP,
+    IDLE,
+    LENGTH,
+    NO_BODY,
+    SEND_BODY,
     UNTIL_CLOSE,
     CodecUsageError,
     HeadFacts,
     Http1Codec,
     Http1Limits,
     Role,
+    strip_hop_by_hop_lines,
 )
 
 _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
@@ -56,6 +63,7 @@ _REQUEST_LINE_TAIL: Final = b" HTTP/1.1\r\n"
 _TE_CHUNKED: Final = (b"transfer-encoding", b"chunked")
 _CONN_CLOSE: Final = (b"connection", b"close")
 _CONN_KEEP_ALIVE: Final = (b"connection", b"keep-alive")
+_WATCHED: Final = _FACT_NAMES | HOP_BY_HOP
 
 # Status lines for the common codes, built once (RFC 9110 §15 reason phrases).
 _PHRASES: Final = {
@@ -123,6 +131,8 @@ class FastHttp1Codec(Http1Codec):
         "_final_seen",
         "_message_done",
         "_until_close",
+        "_wire_src",
+        "_hop",
     )
 
     def __init__(self, role: Role, limits: Http1Limits = DEFAULT_LIMITS) -> None:
@@ -151,6 +161,9 @@ class FastHttp1Codec(Http1Codec):
         self._final_seen = False
         self._message_done = False
         self._until_close = False
+        # The buffer being fed when it starts at a message boundary: the head's wire bytes.
+        self._wire_src: Buffer | None = None
+        self._hop = False  # a hop-by-hop field was seen in this head
 
     def _new_parser(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
         if self.role == "server":
@@ -167,6 +180,7 @@ class FastHttp1Codec(Http1Codec):
         self._headers = []
         self._trailers = []
         self._url = self._reason = b""
+        self._hop = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -187,10 +201,13 @@ class FastHttp1Codec(Http1Codec):
         if self._in_trailers:
             self._trailers.append((name, value))
             return
-        if name in _FACT_NAMES:
-            err = self._facts.add(name, value)
-            if err is not None:
-                raise _Reject(err.status, err.reason)
+        if name in _WATCHED:
+            if name in _FACT_NAMES:
+                err = self._facts.add(name, value)
+                if err is not None:
+                    raise _Reject(err.status, err.reason)
+            if name in HOP_BY_HOP:
+                self._hop = True
         self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -218,10 +235,31 @@ class FastHttp1Codec(Http1Codec):
                 self._until_close = not head.keep_alive and (
                     head.content_length is None and not head.chunked
                 )
+        if self._wire_src is not None:
+            self._keep_wire(head, version)
         self._pending.append(head)
         # Trailers get their own budget (RFC 9112 §7.1.2 puts them after the body).
         self._count = self._size = 0
         self._in_trailers = True
+
+    def _keep_wire(self, head: RequestHead | ResponseHead, version: bytes) -> None:
+        """Give a head that arrived whole its wire bytes, when its framing lets them be forwarded.
+
+        Only HTTP/1.1 heads framed by Content-Length (or bodiless): chunked, upgrade and
+        read-until-close messages are re-framed on the way out, so they are serialised anew.
+        """
+        src, self._wire_src = self._wire_src, None
+        if version != b"1.1" or head.chunked or src is None or src[0] == 13 or src[0] == 10:
+            return
+        if type(head) is RequestHead:
+            if head.upgrade:
+                return
+        elif head.content_length is None and head.status != 204 and head.status != 304:  # type: ignore[union-attr]
+            return
+        elif head.status < 200 or head.status == 101:  # type: ignore[union-attr]
+            return
+        raw = bytes(src[: src.find(_HEAD_END) + 4])
+        head.wire = strip_hop_by_hop_lines(raw, head.headers) if self._hop else raw
 
     def on_body(self, body: bytes) -> None:
         self._pending.append(Body(body))
@@ -248,6 +286,8 @@ class FastHttp1Codec(Http1Codec):
             return
         if self._in_head:
             self._head_fed += len(data)
+        elif not self._in_message:
+            self._wire_src = data
         try:
             parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -262,6 +302,7 @@ class FastHttp1Codec(Http1Codec):
         except httptools.HttpParserError as exc:
             self._fail(400, str(exc))
         else:
+            self._wire_src = None
             if self._in_head and self._head_fed > self.limits.max_header_bytes:
                 self._fail(431, "header section over limits")
 
@@ -345,6 +386,46 @@ class FastHttp1Codec(Http1Codec):
                 self._parse(bytes(raw))
 
     # -- serialising ---------------------------------------------------------
+
+    # A head carrying ``wire`` bytes (it arrived whole and is forwarded unchanged) is sent as
+    # those bytes when the framing they state is the framing this side would choose anyway.
+
+    def _send_request(self, ev: RequestHead) -> Buffer:
+        wire = ev.wire
+        if wire is None or self.role != "client" or self._our is not IDLE:
+            return super()._send_request(ev)
+        self._method = ev.method
+        self._upgrade = False
+        length = ev.content_length
+        if length:
+            self._send_mode, self._send_left = LENGTH, length
+        else:
+            self._send_mode = NO_BODY  # RFC 9112 §6.3 (7)
+        self._our = SEND_BODY
+        return wire
+
+    def _send_response(self, ev: ResponseHead) -> Buffer:
+        wire = ev.wire
+        their = self._their
+        if (
+            wire is None
+            or self.role != "server"
+            or self._our is not IDLE
+            or (their is not SEND_BODY and their is not DONE)
+            or not self._keep_alive
+            or self._peer_version != b"1.1"
+            or self._method == b"HEAD"
+        ):
+            return super()._send_response(ev)
+        status = ev.status
+        if status == 204 or status == 304:
+            self._send_mode = NO_BODY
+        elif ev.content_length is not None:
+            self._send_mode, self._send_left = LENGTH, ev.content_length
+        else:
+            return super()._send_response(ev)
+        self._our = SEND_BODY
+        return wire
 
     def _encode_request(self, ev: RequestHead, mode: int) -> Buffer:
         parts: list[Buffer] = [ev.method, b" ", ev.target, _REQUEST_LINE_TAIL]

@@ -11,6 +11,7 @@ from pyproxy.config import ListenerConfig, ProxyConfig
 from pyproxy.counters import IPC, PARSE, READ, STAGE_EVENTS, STAGE_NS, STAGES, WRITE
 from pyproxy.http.access_log import AccessLog
 from pyproxy.http.router import Route, Router, build_clusters
+from pyproxy.io.deadlines import Deadlines
 
 
 class HttpContext:
@@ -28,6 +29,7 @@ class HttpContext:
         self.timed = timed
         self.router = Router(listener, config, build_clusters(config))
         self.pool = UpstreamPool(self)
+        self.deadlines = Deadlines(loop)
         self.limits = Http1Limits(
             max_header_bytes=listener.http.max_header_bytes,
             max_header_count=listener.http.max_headers,
@@ -79,6 +81,8 @@ class HttpContext:
         return make_http1_codec(self.settings.codec, "client", self.limits)  # type: ignore[arg-type]
 
     def close(self) -> None:
+        # Deadlines are left alone: in-flight requests of a draining listener keep their timeouts
+        # (its tick stops by itself once none is armed).
         self.pool.close_idle()
         for chain in {id(c): c for c in self._chains.values() if c is not None}.values():
             chain.close()

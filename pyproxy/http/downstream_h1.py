@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 from pyproxy.addresses import Address
 from pyproxy.codec.events import END, PAUSED, Body, End, ProtocolError, RequestHead, Reset, Trailers
-from pyproxy.codec.http1 import DONE
 from pyproxy.counters import (
     DOWNSTREAM_RX,
     DOWNSTREAM_TX,
@@ -206,6 +205,7 @@ class Http1Downstream(Http1Side):
     def send_head(self, head) -> None:
         if self._closing_after:
             head.headers.append((b"connection", b"close"))
+            head.wire = None
         self.encode(head)
 
     def send_body(self, data) -> None:
@@ -226,12 +226,7 @@ class Http1Downstream(Http1Side):
             self._close(reset=True)
             return
         codec = self.codec
-        if (
-            self._closing_after
-            or codec.our_state is not DONE
-            or codec.their_state is not DONE
-            or not codec.keep_alive
-        ):
+        if self._closing_after or not codec.cycle_done:
             # Request not fully read (early reply), or not persistent: finish writing, then close.
             self._close(after_flush=True)
             return

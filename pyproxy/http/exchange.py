@@ -40,7 +40,7 @@ class Exchange:
         "source",
         "started_ns",
         "started_wall",
-        "timer",
+        "timeout",
         "pending",
         "request_done",
         "response_started",
@@ -66,14 +66,14 @@ class Exchange:
         self.downstream = downstream
         self.request = request
         # Set as the exchange proceeds; typed Any where several classes fill the role
-        # (HTTP/1 connection or HTTP/2 stream upstream; timer and attach handles).
+        # (HTTP/1 connection or HTTP/2 stream upstream; the attach handle).
         self.upstream: Any = None
         self.route: Any = None  # a Route once start() matched one
         self.target: Any = None  # an Address once the route or the default picked one
         self.source = ""
         self.started_ns = perf_counter_ns()
         self.started_wall = time.time()
-        self.timer: Any = None
+        self.timeout = 0.0  # the armed route timeout (0: none)
         self.pending: list = []
         self.request_done = False
         self.response_started = False
@@ -142,6 +142,7 @@ class Exchange:
                     method=pseudo[b":method"],
                     target=pseudo[b":path"],
                     headers=headers.headers,
+                    wire=None,  # the received bytes no longer say what goes on
                 )
         route = self.route
         if route.cluster is not None:
@@ -149,7 +150,8 @@ class Exchange:
         else:
             self.target, self.source = self.downstream.default_target()
         if route.timeout > 0:  # 0 disables it (Envoy's rule), e.g. for long-lived gRPC streams
-            self.timer = self.ctx.loop.call_later(route.timeout, self._timed_out)
+            self.ctx.deadlines.arm(route.timeout, self)
+            self.timeout = route.timeout
         self.downstream.pause_request()
         self._acquire()
 
@@ -253,7 +255,14 @@ class Exchange:
             # The Upgrade offer is hop-by-hop but must reach the app for it to switch (RFC 9110 §7.8).
             headers.append((b"connection", b"upgrade"))
             headers.extend((name, value) for name, value in request.headers if name == b"upgrade")
-        return RequestHead(request.method, request.target, headers, request.http_version)
+        return RequestHead(
+            request.method,
+            request.target,
+            headers,
+            request.http_version,
+            content_length=request.content_length,
+            wire=request.wire,
+        )
 
     # ---- response side (called by the upstream connection) ------------------------
 
@@ -275,6 +284,7 @@ class Exchange:
     def forward_response_head(self, end_stream: bool) -> None:
         head = self.response_head_in
         chain = self.chain
+        wire = None
         if chain is not None and "encode" in chain.maps:
             headers = chain.maps["encode"]
             status = int(headers.pseudo.get(b":status", b"%d" % head.status))
@@ -282,6 +292,7 @@ class Exchange:
         else:
             status = head.status
             headers = strip_hop_by_hop(head.headers)
+            wire = head.wire  # forwarded unchanged: an HTTP/1 downstream sends these bytes
         self.response_started = True
         self.status = status
         if status == 101:
@@ -295,7 +306,17 @@ class Exchange:
             headers.append(_CHUNKED)
         if self.ctx.settings.server_timing and self.trace is not None:
             headers.append((b"server-timing", _server_timing(self.trace)))
-        self.downstream.send_head(ResponseHead(status, head.reason, headers, head.http_version))
+            wire = None
+        self.downstream.send_head(
+            ResponseHead(
+                status,
+                head.reason,
+                headers,
+                head.http_version,
+                content_length=head.content_length,
+                wire=wire,
+            )
+        )
         if status == 101:
             self._switch_protocols()
 
@@ -423,8 +444,9 @@ class Exchange:
             self.upstream.abort()
             self.upstream = None
 
-    def _timed_out(self) -> None:
-        self.timer = None
+    def deadline_expired(self) -> None:
+        """The route timeout passed (called by the context's Deadlines)."""
+        self.timeout = 0.0
         if self.finished:
             return
         self._abandon_upstream()
@@ -471,10 +493,10 @@ class Exchange:
             return
         self.finished = True
         self.flag = flag
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         ctx = self.ctx
+        if self.timeout:
+            ctx.deadlines.disarm(self.timeout, self)
+            self.timeout = 0.0
         block = ctx.block
         if flag:
             block[FLAG_BASE + FLAG_INDEX[flag]] += 1

@@ -5,6 +5,8 @@ from __future__ import annotations
 from time import perf_counter_ns
 from typing import TYPE_CHECKING
 
+from pyproxy.counters import PARSE
+
 if TYPE_CHECKING:
     from pyproxy.codec.http1 import Http1Codec
     from pyproxy.http.context import HttpContext
@@ -19,6 +21,8 @@ class Http1Side:
     codec: Http1Codec
     stream: Stream
 
+    # HttpContext.account_parse, inlined: these run several times per request.
+
     def decode(self, data) -> list:
         """Bytes from the peer → events (PAUSED last when the codec holds input back)."""
         ctx = self.ctx
@@ -26,7 +30,13 @@ class Http1Side:
             return self.codec.receive_data(data)
         t0 = perf_counter_ns()
         events = self.codec.receive_data(data)
-        ctx.account_parse(perf_counter_ns() - t0, self.stream.trace)
+        elapsed = perf_counter_ns() - t0
+        block = ctx.block
+        block[ctx.parse_ns] += elapsed
+        block[ctx.parse_events] += 1
+        trace = self.stream.trace
+        if trace is not None:
+            trace[PARSE] += elapsed
         return events
 
     def encode(self, event) -> None:
@@ -35,7 +45,14 @@ class Http1Side:
         if ctx.timed:
             t0 = perf_counter_ns()
             data = self.codec.send(event)
-            ctx.account_parse(perf_counter_ns() - t0, self.stream.trace)
+            elapsed = perf_counter_ns() - t0
+            block = ctx.block
+            block[ctx.parse_ns] += elapsed
+            block[ctx.parse_events] += 1
+            trace = self.stream.trace
+            if trace is not None:
+                trace[PARSE] += elapsed
         else:
             data = self.codec.send(event)
-        self.stream.write(data)
+        if data:
+            self.stream.write(data)

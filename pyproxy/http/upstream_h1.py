@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 from pyproxy.addresses import Address
 from pyproxy.codec.events import PAUSED, Body, End, ProtocolError, Reset, ResponseHead, Trailers
-from pyproxy.codec.http1 import DONE
 from pyproxy.counters import STAGE_EVENTS, STAGE_NS, UPSTREAM_RX, UPSTREAM_TX
 from pyproxy.http.http1_side import Http1Side
 from pyproxy.io.connector import Connect
@@ -79,13 +78,7 @@ class Http1Upstream(Http1Side):
         self.ctx.pool.forget(self)
 
     def reusable(self) -> bool:
-        codec = self.codec
-        return (
-            not self.stream.closed
-            and codec.our_state is DONE
-            and codec.their_state is DONE
-            and codec.keep_alive
-        )
+        return not self.stream.closed and self.codec.cycle_done
 
     def park(self) -> None:
         """Back in the pool: keep reading, so a close by the app is noticed while idle."""
