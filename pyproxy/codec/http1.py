@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Final, Literal
 
 from pyproxy.codec.events import (
+    END,
     PAUSED,
     Body,
     Buffer,
@@ -72,8 +73,15 @@ HOP_BY_HOP: Final = frozenset(
 )
 
 
+# Connection options that name no extra field to drop ("close" names none at all).
+_ALREADY_DROPPED: Final = HOP_BY_HOP | {b"close"}
+
+
 def connection_tokens(value: bytes) -> list[bytes]:
     """The lower-cased options of one Connection field value (RFC 9110 §7.6.1)."""
+    if b"," not in value:  # the usual single option ("keep-alive", "close")
+        token = value.strip(b" \t").lower()
+        return [token] if token else []
     return [t.strip(b" \t").lower() for t in value.split(b",") if t.strip(b" \t")]
 
 
@@ -91,10 +99,20 @@ def strip_hop_by_hop(headers: Headers) -> Headers:
     Besides the fixed list, every field named in a Connection header is
     connection-specific and removed too.
     """
-    named = _connection_named(headers)
-    return [
-        (name, value) for name, value in headers if name not in HOP_BY_HOP and name not in named
-    ]
+    kept = []
+    named = None
+    for field in headers:
+        name = field[0]
+        if name in HOP_BY_HOP:
+            if name == b"connection":
+                options = connection_tokens(field[1])
+                if any(option not in _ALREADY_DROPPED for option in options):
+                    named = (named or set()).union(options)
+            continue
+        kept.append(field)
+    if named:
+        kept = [field for field in kept if field[0] not in named]
+    return kept
 
 
 def strip_hop_by_hop_lines(head: bytes, headers: Headers) -> bytes:
@@ -431,6 +449,14 @@ class Http1Codec(ABC):
             self._send_trailers = event.headers  # type: ignore[union-attr]
             return b""
         raise CodecUsageError(f"cannot send {kind.__name__} on HTTP/1")
+
+    def send_message(self, head: RequestHead | ResponseHead, body: Buffer) -> Buffer:
+        """A whole message at once (head, body, end): the bytes of the three ``send`` calls."""
+        out = self.send(head)
+        if body:
+            out = b"".join((out, self.send(Body(body))))
+        end = self.send(END)
+        return b"".join((out, end)) if end else out
 
     def _send_request(self, ev: RequestHead) -> Buffer:
         if self.role != "client" or self._our is not IDLE:

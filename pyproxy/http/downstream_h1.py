@@ -208,6 +208,13 @@ class Http1Downstream(Http1Side):
             head.wire = None
         self.encode(head)
 
+    def send_whole(self, head, body) -> bool:
+        """Head, body and end in one go; False (nothing sent) when this response needs more care."""
+        if self._closing_after:
+            return False
+        self.encode(head, body)
+        return True
+
     def send_body(self, data) -> None:
         self.encode(Body(data))
 

@@ -57,6 +57,7 @@ class Exchange:
         "head_only",
         "response_head_in",
         "grpc",
+        "forwards_unchanged",
     )
 
     def __init__(
@@ -88,6 +89,9 @@ class Exchange:
         self.chain: Any = None  # an HttpChain when the route has filters
         self.response_head_in: Any = None  # the upstream's ResponseHead once it arrived
         self.grpc: Any = None  # a GrpcCall for gRPC requests
+        # The response leaves as it came unless a filter, gRPC or Server-Timing needs a say
+        # (set once the request is on its way upstream).
+        self.forwards_unchanged = False
         # No body follows the request head (Envoy's end_stream on decode_headers).
         self.head_only = not request.chunked and not request.content_length and not request.upgrade
 
@@ -149,6 +153,11 @@ class Exchange:
             self.target = route.cluster.pick()
         else:
             self.target, self.source = self.downstream.default_target()
+        self.forwards_unchanged = (
+            self.grpc is None
+            and (chain is None or not chain.factory.encodes)
+            and not (self.ctx.settings.server_timing and self.trace is not None)
+        )
         if route.timeout > 0:  # 0 disables it (Envoy's rule), e.g. for long-lived gRPC streams
             self.ctx.deadlines.arm(route.timeout, self)
             self.timeout = route.timeout
@@ -187,7 +196,9 @@ class Exchange:
         if self.finished or (self.grpc is not None and not self.grpc.request_ended()):
             return
         chain = self.chain
-        if chain is not None and chain.factory.decodes_body and not self.head_only:
+        if self.head_only:
+            return  # its end went upstream with its head
+        if chain is not None and chain.factory.decodes_body:
             chain.decode_data(b"", True)
         else:
             self._to_upstream(END)
@@ -235,10 +246,14 @@ class Exchange:
             return
         self.upstream = upstream
         upstream.bind(self)
-        upstream.send(self._upstream_head())
-        for event in self.pending:
-            upstream.send(event)
-        self.pending.clear()
+        if self.head_only:
+            # A bodyless request is complete with its head: both leave together.
+            upstream.send_whole(self._upstream_head())
+        else:
+            upstream.send(self._upstream_head())
+            for event in self.pending:
+                upstream.send(event)
+            self.pending.clear()
         self.downstream.resume_request()
 
     def _connect_failed(self, flag: str) -> None:
@@ -280,6 +295,28 @@ class Exchange:
             chain.encode_headers(headers, False)
         else:
             self.forward_response_head(False)
+
+    def response_whole(self, head: ResponseHead, body) -> bool:
+        """A whole response read at once, nothing to change: straight to the downstream.
+
+        Only for heads carrying their wire bytes (final, length-framed HTTP/1.1); False
+        when the downstream cannot take it whole, and the events go the usual way.
+        """
+        if head.wire is None or head.status < 200:
+            return False
+        response = ResponseHead(
+            head.status, head.reason, strip_hop_by_hop(head.headers), head.http_version,
+            content_length=head.content_length, wire=head.wire,
+        )  # fmt: skip
+        send_whole = getattr(self.downstream, "send_whole", None)
+        if send_whole is None or not send_whole(response, body):
+            return False
+        self.status = head.status
+        self.response_head_in = head
+        self.response_started = self.response_done = True
+        self.bytes_out += len(body)
+        self._finish("")
+        return True
 
     def forward_response_head(self, end_stream: bool) -> None:
         head = self.response_head_in

@@ -39,12 +39,15 @@ class Http1Side:
             trace[PARSE] += elapsed
         return events
 
-    def encode(self, event) -> None:
-        """One event → bytes on the wire (queued or corked by the stream as needed)."""
+    def encode(self, event, body=None) -> None:
+        """One event → bytes on the wire (queued or corked by the stream as needed).
+
+        With ``body`` (maybe empty), ``event`` is a head and the whole message goes at once.
+        """
         ctx = self.ctx
         if ctx.timed:
             t0 = perf_counter_ns()
-            data = self.codec.send(event)
+            data = self.codec.send(event) if body is None else self.codec.send_message(event, body)
             elapsed = perf_counter_ns() - t0
             block = ctx.block
             block[ctx.parse_ns] += elapsed
@@ -53,6 +56,6 @@ class Http1Side:
             if trace is not None:
                 trace[PARSE] += elapsed
         else:
-            data = self.codec.send(event)
+            data = self.codec.send(event) if body is None else self.codec.send_message(event, body)
         if data:
             self.stream.write(data)

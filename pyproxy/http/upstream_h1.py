@@ -7,7 +7,16 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 from pyproxy.addresses import Address
-from pyproxy.codec.events import PAUSED, Body, End, ProtocolError, Reset, ResponseHead, Trailers
+from pyproxy.codec.events import (
+    END,
+    PAUSED,
+    Body,
+    End,
+    ProtocolError,
+    Reset,
+    ResponseHead,
+    Trailers,
+)
 from pyproxy.counters import STAGE_EVENTS, STAGE_NS, UPSTREAM_RX, UPSTREAM_TX
 from pyproxy.http.http1_side import Http1Side
 from pyproxy.io.connector import Connect
@@ -65,6 +74,10 @@ class Http1Upstream(Http1Side):
 
     send = Http1Side.encode  # the exchange's name for it
 
+    def send_whole(self, head) -> None:
+        """A bodyless request: head and end in one call."""
+        self.encode(head, b"")
+
     def pause_response(self) -> None:
         self.stream.pause_reading()
 
@@ -94,6 +107,15 @@ class Http1Upstream(Http1Side):
     def data_received(self, data: bytes) -> None:
         events = self.decode(data)
         exchange = self.exchange
+        if (
+            exchange is not None
+            and exchange.forwards_unchanged
+            and events
+            and events[-1] is END
+            and type(events[0]) is ResponseHead
+            and self._forward_whole(exchange, events)
+        ):
+            return  # a small response, read whole: forwarded as it came (the common case)
         downstream: Any = exchange.downstream if exchange is not None else None
         cork = getattr(downstream, "cork", None)
         if cork is None:
@@ -105,6 +127,14 @@ class Http1Upstream(Http1Side):
             self._dispatch(events)
         finally:
             downstream.uncork()
+
+    @staticmethod
+    def _forward_whole(exchange: Exchange, events: list) -> bool:
+        if len(events) == 2:
+            return exchange.response_whole(events[0], b"")
+        if len(events) == 3 and type(events[1]) is Body:
+            return exchange.response_whole(events[0], events[1].data)
+        return False
 
     def _dispatch(self, events: list) -> None:
         for event in events:

@@ -285,6 +285,11 @@ class Http2UpstreamStream(H2StreamBase):
         elif kind is RequestHead:
             self._open(event)
 
+    def send_whole(self, head: RequestHead) -> None:
+        """A bodyless request (its HEADERS frame carries END_STREAM)."""
+        self.send(head)
+        self.send(END)
+
     def _open(self, head: RequestHead) -> None:
         session = self.session
         conn = session.conn
