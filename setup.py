@@ -1,6 +1,6 @@
 """Build hook for the optional native module: everything else lives in pyproject.toml."""
 
-from setuptools import setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 
@@ -38,4 +38,12 @@ class OptionalBuildExt(build_ext):
 setup(
     cmdclass={"build_ext": OptionalBuildExt},
     cffi_modules=["native/build_native.py:ffibuilder"],
+    # The HTTP/1 head scanner builds Python objects itself, so it is a plain C extension.
+    ext_modules=[
+        Extension(
+            "pyproxy.native._http1head",
+            ["native/http1_head.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+        )
+    ],
 )

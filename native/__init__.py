@@ -38,6 +38,7 @@ __all__ = [
     "EAGAIN",
     "ENOBUFS",
     "pipe",
+    "http1_head_scanner",
 ]
 
 # Negated once here so the hot path compares against a module constant.
@@ -58,6 +59,17 @@ else:
         UNAVAILABLE_REASON = f"{type(exc).__name__}: {exc}"
     else:
         AVAILABLE = True
+
+
+def http1_head_scanner() -> Any:
+    """``_http1head.scan`` (see http1_head.c), or None: not built, or native code disabled."""
+    if UNAVAILABLE_REASON == "disabled by PYPROXY_DISABLE_NATIVE":
+        return None
+    try:
+        from ._http1head import scan
+    except ImportError:
+        return None
+    return scan
 
 
 def pipe(size: int = 0) -> tuple[int, int, int]:

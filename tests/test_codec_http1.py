@@ -19,6 +19,7 @@ from pyproxy.codec.events import (
 )
 from pyproxy.codec.http1 import (
     CLOSED,
+    DEFAULT_LIMITS,
     DONE,
     ERROR,
     IDLE,
@@ -31,8 +32,11 @@ from pyproxy.codec.http1 import (
     make_http1_codec,
     strip_hop_by_hop,
 )
+from pyproxy.codec.http1_fast import FastHttp1Codec
 
-BACKENDS = ["fast", "h11"]
+# "fast-llhttp" is the fast backend with its native head scanner off: every head goes
+# through llhttp, as on a host without the native module.
+BACKENDS = ["fast", "fast-llhttp", "h11"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -40,12 +44,18 @@ def backend(request: pytest.FixtureRequest) -> str:
     return request.param
 
 
+def make(backend: str, role: str, limits: Http1Limits = DEFAULT_LIMITS) -> Http1Codec:
+    if backend == "fast-llhttp":
+        return FastHttp1Codec(role, limits, native_scan=False)  # type: ignore[arg-type]
+    return make_http1_codec(backend, role, limits)  # type: ignore[arg-type]
+
+
 def server(backend: str, **limits: int) -> Http1Codec:
-    return make_http1_codec(backend, "server", Http1Limits(**limits))
+    return make(backend, "server", Http1Limits(**limits))
 
 
 def client(backend: str, method: bytes = b"GET", **limits: int) -> Http1Codec:
-    c = make_http1_codec(backend, "client", Http1Limits(**limits))
+    c = make(backend, "client", Http1Limits(**limits))
     c.send(RequestHead(method, b"/", [(b"host", b"up")]))
     c.send(END)
     return c
@@ -392,7 +402,7 @@ def test_connect_tunnel_on_server_side(backend: str) -> None:
 
 
 def test_client_switches_after_101(backend: str) -> None:
-    c = make_http1_codec(backend, "client")
+    c = make(backend, "client")
     c.send(
         RequestHead(
             b"GET", b"/ws", [(b"host", b"a"), (b"connection", b"upgrade"), (b"upgrade", b"ws")]
@@ -408,7 +418,7 @@ def test_client_switches_after_101(backend: str) -> None:
 
 
 def test_client_connect_2xx_becomes_tunnel(backend: str) -> None:
-    c = make_http1_codec(backend, "client")
+    c = make(backend, "client")
     c.send(RequestHead(b"CONNECT", b"db:5432", [(b"host", b"db:5432")]))
     c.send(END)
     events = c.receive_data(b"HTTP/1.1 200 OK\r\n\r\n\x00tunnel")
@@ -418,7 +428,7 @@ def test_client_connect_2xx_becomes_tunnel(backend: str) -> None:
 
 
 def test_client_connect_refused_reads_the_body(backend: str) -> None:
-    c = make_http1_codec(backend, "client")
+    c = make(backend, "client")
     c.send(RequestHead(b"CONNECT", b"db:5432", [(b"host", b"db:5432")]))
     c.send(END)
     events = c.receive_data(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")
@@ -561,7 +571,7 @@ def test_serialiser_refuses_crlf_injection(backend: str) -> None:
 
 
 def test_serialiser_enforces_content_length(backend: str) -> None:
-    c = make_http1_codec(backend, "client")
+    c = make(backend, "client")
     c.send(RequestHead(b"POST", b"/", [(b"host", b"a"), (b"content-length", b"2")]))
     with pytest.raises(CodecUsageError):
         c.send(Body(b"abc"))
@@ -571,7 +581,7 @@ def test_serialiser_enforces_content_length(backend: str) -> None:
 
 
 def test_chunked_send_with_trailers(backend: str) -> None:
-    c = make_http1_codec(backend, "client")
+    c = make(backend, "client")
     out = bytes(
         c.send(RequestHead(b"POST", b"/", [(b"host", b"a"), (b"transfer-encoding", b"chunked")]))
     )
@@ -600,8 +610,8 @@ BODIES = [[], [b"hello", b" world"], [b"a" * 1000, b"b", b"c" * 70000]]
 
 @pytest.mark.parametrize("parser_backend", BACKENDS)
 def test_round_trip_requests(backend: str, parser_backend: str) -> None:
-    sender = make_http1_codec(backend, "client")
-    parser = make_http1_codec(parser_backend, "server")
+    sender = make(backend, "client")
+    parser = make(parser_backend, "server")
     for head, bodies in zip(REQUESTS, BODIES, strict=True):
         wire = bytes(sender.send(head))
         for b in bodies:
@@ -629,7 +639,7 @@ def test_round_trip_responses(backend: str, parser_backend: str) -> None:
         ([b"abc", b"defg"], [(b"x-a", b"1")]),  # no length: chunked to a 1.1 peer
         ([], [(b"content-length", b"0")]),
     ]:
-        srv = make_http1_codec(backend, "server")
+        srv = make(backend, "server")
         srv.receive_data(GET)
         wire = bytes(srv.send(ResponseHead(200, b"OK", headers)))
         for b in body_parts:
@@ -675,6 +685,81 @@ def test_backends_agree(index: int) -> None:
         return [e.status if type(e) is ProtocolError else e for e in normalise(events)]
 
     assert shape(server("fast").receive_data(data)) == shape(server("h11").receive_data(data))
+
+
+# Heads the native scanner takes (and some it must hand to llhttp): same events either way.
+SCANNED_REQUESTS = [
+    GET,
+    b"GET /a/b?c=d&e=%20f HTTP/1.1\r\nHost: svc:8080\r\nUser-Agent: x/1\r\nAccept: */*\r\n\r\n",
+    b"POST /p HTTP/1.1\r\nhost: a\r\nContent-Length: 5\r\nExpect: 100-Continue\r\n\r\nhello",
+    b"GET / HTTP/1.1\r\nHost:a\r\nConnection: close\r\nX-Empty:\r\nX-Sp:  a  b \t\r\n\r\n",
+    b"GET / HTTP/1.0\r\nConnection: Keep-Alive\r\nKeep-Alive: 5\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nTE: trailers\r\n\r\n",
+    b"DELETE /x HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"PROPFIND / HTTP/1.1\r\nHost: a\r\n\r\n",  # not in the scanned set: llhttp
+    b"GET /\xc3\xa9 HTTP/1.1\r\nHost: a\r\n\r\n",  # non-ASCII target: llhttp decides
+    b"GET / HTTP/1.1\r\nHost: a\r\nX: caf\xc3\xa9\r\n\r\n",  # obs-text value: llhttp
+]
+SCANNED_RESPONSES = [
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Sat, 21 Nov 2026 23:30:00 GMT\r\n"
+    b"Content-Length: 3\r\nConnection: keep-alive\r\n\r\nabc",
+    b"HTTP/1.1 204 No Content\r\nContent-Length: 7\r\n\r\n",
+    b"HTTP/1.1 304\r\nETag: x\r\n\r\n",
+    b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok",
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n\r\nuntil close",  # no length: llhttp reads until EOF
+]
+
+
+def _all_events(codec: Http1Codec, data: bytes) -> list:
+    events = codec.receive_data(data)
+    while codec.their_state == DONE and codec.role == "server":
+        codec.send(ResponseHead(204, b"", []))
+        codec.send(END)
+        codec.start_next_cycle()
+        more = codec.receive_data(b"")
+        if not more:
+            break
+        events += more
+    return normalise(events + codec.receive_eof())
+
+
+@pytest.mark.parametrize("index", range(len(SCANNED_REQUESTS)))
+def test_native_scanner_agrees_with_llhttp_on_requests(index: int) -> None:
+    data = SCANNED_REQUESTS[index]
+    assert _all_events(server("fast"), data) == _all_events(server("fast-llhttp"), data)
+
+
+@pytest.mark.parametrize("index", range(len(SCANNED_RESPONSES)))
+def test_native_scanner_agrees_with_llhttp_on_responses(index: int) -> None:
+    data = SCANNED_RESPONSES[index]
+    assert _all_events(client("fast"), data) == _all_events(client("fast-llhttp"), data)
+
+
+@pytest.mark.parametrize("backend_name", ["fast", "fast-llhttp"])
+def test_whole_heads_carry_their_wire_bytes_less_hop_by_hop(backend_name: str) -> None:
+    head = server(backend_name).receive_data(SCANNED_REQUESTS[5])[0]
+    # Connection names X-Hop: llhttp's path cuts that line too, the scanner leaves it to the
+    # serialiser (wire None); either way X-Hop and TE never reach the next hop.
+    assert head.wire == (None if backend_name == "fast" else b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    head = server(backend_name).receive_data(SCANNED_REQUESTS[3])[0]
+    assert head.wire == b"GET / HTTP/1.1\r\nHost:a\r\nX-Empty:\r\nX-Sp:  a  b \t\r\n\r\n"
+    response = client(backend_name).receive_data(SCANNED_RESPONSES[0])[0]
+    assert b"Connection" not in response.wire and response.wire.endswith(
+        b"GMT\r\nContent-Length: 3\r\n\r\n"
+    )
+    # HTTP/1.0 heads are always serialised anew (the proxy speaks 1.1).
+    assert server(backend_name).receive_data(SCANNED_REQUESTS[4])[0].wire is None
+
+
+def test_a_head_sent_as_its_wire_bytes_round_trips() -> None:
+    down, up = server("fast"), make("fast", "client")
+    request = down.receive_data(SCANNED_REQUESTS[1])[0]
+    assert bytes(up.send(request)) == SCANNED_REQUESTS[1] and up.send(END) == b""
+    response = up.receive_data(SCANNED_RESPONSES[0])[0]
+    out = bytes(down.send_message(response, b"abc"))
+    assert out == response.wire + b"abc"
+    assert down.our_state == DONE and up.their_state == DONE
 
 
 def test_response_incremental_feeding(backend: str) -> None:

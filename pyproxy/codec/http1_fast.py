@@ -52,6 +52,10 @@ from pyproxy.codec.http1 import (
     Role,
     strip_hop_by_hop_lines,
 )
+from pyproxy.native import http1_head_scanner
+
+# The native head scanner (pyproxy.native._http1head) when built and not disabled.
+_scan_head = http1_head_scanner()
 
 _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
 _CRLF: Final = b"\r\n"
@@ -133,10 +137,16 @@ class FastHttp1Codec(Http1Codec):
         "_until_close",
         "_wire_src",
         "_hop",
+        "_left",
+        "_scanner",
     )
 
-    def __init__(self, role: Role, limits: Http1Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self, role: Role, limits: Http1Limits = DEFAULT_LIMITS, native_scan: bool = True
+    ) -> None:
         super().__init__(role, limits)
+        # The native head scanner, unless unavailable or switched off (tests: the llhttp path).
+        self._scanner = _scan_head if native_scan else None
         self._parser: httptools.HttpRequestParser | httptools.HttpResponseParser | None = (
             self._new_parser()
         )
@@ -164,6 +174,8 @@ class FastHttp1Codec(Http1Codec):
         # The buffer being fed when it starts at a message boundary: the head's wire bytes.
         self._wire_src: Buffer | None = None
         self._hop = False  # a hop-by-hop field was seen in this head
+        # Body bytes still due for a message whose head the native scanner took (-1: none).
+        self._left = -1
 
     def _new_parser(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
         if self.role == "server":
@@ -198,6 +210,8 @@ class FastHttp1Codec(Http1Codec):
         if self._count > limits.max_header_count or self._size > limits.max_header_bytes:
             raise _Reject(431, "header section over limits")
         name = name.lower()
+        if value and (value[-1] == 32 or value[-1] == 9):
+            value = value.rstrip(b" \t")  # llhttp can leave trailing OWS (RFC 9110 §5.5)
         if self._in_trailers:
             self._trailers.append((name, value))
             return
@@ -309,6 +323,18 @@ class FastHttp1Codec(Http1Codec):
     def _feed(self, data: Buffer) -> None:
         if self._dead:
             return
+        if self._scanner is not None and (
+            self._left >= 0
+            or (
+                not self._in_message
+                and self._raw is None
+                and not self._headbuf
+                and self._scannable()
+            )
+        ):
+            data = self._scan(data)
+            if not data:
+                return
         if self._raw is not None:
             self._raw += data
         elif (
@@ -319,6 +345,60 @@ class FastHttp1Codec(Http1Codec):
             self._feed_head_only(data)
         else:
             self._parse(data)
+
+    def _scannable(self) -> bool:
+        # Responses to HEAD and CONNECT are delimited by _feed_head_only.
+        return self.role == "server" or (self._method != b"HEAD" and self._method != b"CONNECT")
+
+    def _scan(self, data: Buffer) -> Buffer:
+        """Take whole plain heads (native scanner) and their Content-Length bodies.
+
+        Called at a message boundary or inside a scanned body; returns what llhttp
+        must parse. Pipelined messages in one read are taken in one call, as llhttp would.
+        """
+        pending = self._pending
+        server = self.role == "server"
+        limits = self.limits
+        assert self._scanner is not None
+        while True:
+            left = self._left
+            if left > 0:
+                size = len(data)
+                if not size:
+                    return b""
+                if size < left:
+                    pending.append(Body(data))
+                    self._left = left - size
+                    return b""
+                pending.append(Body(data if size == left else data[:left]))
+                data = data[left:]
+            if left >= 0:
+                pending.append(END)
+                self._left = -1
+                if not data:
+                    return b""
+            found = self._scanner(data, server, limits.max_header_bytes, limits.max_header_count)
+            if found is None:
+                return data
+            size, first, second, version, headers, length, close, keep_alive, expect, wire = found
+            persistent = not close and (version == b"1.1" or keep_alive)
+            head: RequestHead | ResponseHead
+            if server:
+                head = RequestHead(
+                    first, second, headers, version, persistent, length, False, expect, False, wire
+                )
+                self._left = length or 0
+            else:
+                if length is None and first != 204 and first != 304:
+                    return data  # delimited by close: llhttp's path
+                head = ResponseHead(
+                    first, second, headers, version, persistent, length, False, wire
+                )
+                self._status = first
+                self._final_seen = True
+                self._left = 0 if first == 204 or first == 304 else length or 0
+            pending.append(head)
+            data = data[size:]
 
     def _feed_head_only(self, data: Buffer) -> None:
         # llhttp would read a body after a HEAD response or a 2xx to CONNECT,
@@ -356,6 +436,8 @@ class FastHttp1Codec(Http1Codec):
             return
         if self._headbuf:
             self._pending.append(Reset(0, "connection closed mid-head"))
+        elif self._left > 0:
+            self._pending.append(Reset(0, "connection closed mid-message"))
         elif self._in_message:
             if self._until_close and not self._in_head:
                 # RFC 9112 §6.3 (8): close is how this body ends.
