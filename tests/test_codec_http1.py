@@ -851,3 +851,17 @@ def test_fuzz_detects_a_raising_codec() -> None:
 
     with pytest.raises(ValueError):
         _drive(Broken("server"), b"GET", random.Random(1))
+
+
+def test_a_head_with_wire_bytes_is_serialised_anew_without_hop_by_hop_when_it_must_be() -> None:
+    # An HTTP/1.0 client cannot take the upstream's 1.1 head as is: the codec writes its own,
+    # and the upstream's Connection line (as received in the list) must not come along.
+    down, up = server("fast"), make("fast", "client")
+    down.receive_data(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    up.send(RequestHead(b"GET", b"/", [(b"host", b"a")]))
+    up.send(END)
+    response = up.receive_data(SCANNED_RESPONSES[0])[0]
+    assert response.wire is not None and (b"connection", b"keep-alive") in response.headers
+    out = bytes(down.send_message(response, b"abc"))
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"\r\n\r\nabc")
+    assert out.lower().count(b"connection:") == 1  # the codec's own keep-alive announcement

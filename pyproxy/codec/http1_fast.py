@@ -19,6 +19,7 @@ What this backend does differently from the h11 one (documented, tested):
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Final
 
 import httptools
@@ -50,6 +51,7 @@ from pyproxy.codec.http1 import (
     Http1Codec,
     Http1Limits,
     Role,
+    strip_hop_by_hop,
     strip_hop_by_hop_lines,
 )
 from pyproxy.native import http1_head_scanner
@@ -472,10 +474,15 @@ class FastHttp1Codec(Http1Codec):
     # A head carrying ``wire`` bytes (it arrived whole and is forwarded unchanged) is sent as
     # those bytes when the framing they state is the framing this side would choose anyway.
 
+    # A head with wire bytes keeps its header list as received: serialised anew, it drops
+    # the hop-by-hop fields its wire bytes never had.
+
     def _send_request(self, ev: RequestHead) -> Buffer:
         wire = ev.wire
-        if wire is None or self.role != "client" or self._our is not IDLE:
+        if wire is None:
             return super()._send_request(ev)
+        if self.role != "client" or self._our is not IDLE:
+            return super()._send_request(_without_wire(ev))
         self._method = ev.method
         self._upgrade = False
         length = ev.content_length
@@ -498,14 +505,14 @@ class FastHttp1Codec(Http1Codec):
             or self._peer_version != b"1.1"
             or self._method == b"HEAD"
         ):
-            return super()._send_response(ev)
+            return super()._send_response(ev if wire is None else _without_wire(ev))
         status = ev.status
         if status == 204 or status == 304:
             self._send_mode = NO_BODY
         elif ev.content_length is not None:
             self._send_mode, self._send_left = LENGTH, ev.content_length
         else:
-            return super()._send_response(ev)
+            return super()._send_response(_without_wire(ev))
         self._our = SEND_BODY
         return wire
 
@@ -551,6 +558,10 @@ class FastHttp1Codec(Http1Codec):
         if not trailers:
             return _LAST_CHUNK
         return _join_head([_LAST_CHUNK_OPEN], trailers, None, None)
+
+
+def _without_wire(ev):
+    return replace(ev, headers=strip_hop_by_hop(ev.headers), wire=None)
 
 
 def _join_head(

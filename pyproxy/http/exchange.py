@@ -246,11 +246,12 @@ class Exchange:
             return
         self.upstream = upstream
         upstream.bind(self)
+        head = self._upstream_head(upstream.multiplexed)
         if self.head_only:
             # A bodyless request is complete with its head: both leave together.
-            upstream.send_whole(self._upstream_head())
+            upstream.send_whole(head)
         else:
-            upstream.send(self._upstream_head())
+            upstream.send(head)
             for event in self.pending:
                 upstream.send(event)
             self.pending.clear()
@@ -261,8 +262,15 @@ class Exchange:
         if not self.finished:
             self.local_reply(503, b"upstream connect error\n", flag)
 
-    def _upstream_head(self) -> RequestHead:
+    def _upstream_head(self, multiplexed: bool) -> RequestHead:
         request = self.request
+        if request.wire is not None and not multiplexed:
+            # An HTTP/1 upstream gets the wire bytes, which hold no hop-by-hop line; the list
+            # stays as received (a serialiser that cannot use the bytes strips it).
+            return RequestHead(
+                request.method, request.target, request.headers, request.http_version,
+                content_length=request.content_length, wire=request.wire,
+            )  # fmt: skip
         headers = strip_hop_by_hop(request.headers)
         if request.chunked:
             headers.append(_CHUNKED)
@@ -304,8 +312,9 @@ class Exchange:
         """
         if head.wire is None or head.status < 200:
             return False
+        # The downstream sends the wire bytes (or strips the list if it cannot use them).
         response = ResponseHead(
-            head.status, head.reason, strip_hop_by_hop(head.headers), head.http_version,
+            head.status, head.reason, head.headers, head.http_version,
             content_length=head.content_length, wire=head.wire,
         )  # fmt: skip
         send_whole = getattr(self.downstream, "send_whole", None)
