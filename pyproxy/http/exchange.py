@@ -161,7 +161,6 @@ class Exchange:
         if route.timeout > 0:  # 0 disables it (Envoy's rule), e.g. for long-lived gRPC streams
             self.ctx.deadlines.arm(route.timeout, self)
             self.timeout = route.timeout
-        self.downstream.pause_request()
         self._acquire()
 
     def _acquire(self) -> None:
@@ -173,6 +172,8 @@ class Exchange:
         self.attach = self.ctx.pool.acquire(
             self.target, self.source, cluster, self._attached, self._connect_failed
         )
+        if self.upstream is None and not self.finished:
+            self.downstream.pause_request()  # a connect is in flight: hold the request body
 
     def request_body(self, data) -> None:
         self.bytes_in += len(data)

@@ -206,6 +206,9 @@ class _Attach:
             self.connect = None
 
 
+_READY = _Attach(None)  # what a pooled connection's acquire returns: nothing to cancel
+
+
 class UpstreamPool:
     """Idle keep-alive connections per endpoint, newest first (the warmest, least likely closed)."""
 
@@ -228,7 +231,7 @@ class UpstreamPool:
             conn = idle.pop()
             if not conn.stream.closed:
                 on_ready(conn)
-                return _Attach(None)
+                return _READY
         ctx = self.ctx
         timeout = cluster.connect_timeout if cluster is not None else ctx.listener.connect_timeout
         idle_timeout = cluster.idle_timeout if cluster is not None else DEFAULT_IDLE_TIMEOUT
