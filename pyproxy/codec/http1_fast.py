@@ -174,7 +174,7 @@ class FastHttp1Codec(Http1Codec):
         self._message_done = False
         self._until_close = False
         # The buffer being fed when it starts at a message boundary: the head's wire bytes.
-        self._wire_src: Buffer | None = None
+        self._wire_src: bytes | None = None
         self._hop = False  # a hop-by-hop field was seen in this head
         # Body bytes still due for a message whose head the native scanner took (-1: none).
         self._left = -1
@@ -236,7 +236,7 @@ class FastHttp1Codec(Http1Codec):
         if self.role == "server":
             method = parser.get_method()  # type: ignore[union-attr]  # server role: a request parser
             head = self._facts.request_head(method, self._url, self._headers, version)
-            if type(head) is ProtocolError:
+            if isinstance(head, ProtocolError):
                 raise _Reject(head.status, head.reason)
         else:
             status = parser.get_status_code()  # type: ignore[union-attr]
@@ -302,7 +302,7 @@ class FastHttp1Codec(Http1Codec):
             return
         if self._in_head:
             self._head_fed += len(data)
-        elif not self._in_message:
+        elif not self._in_message and type(data) is bytes:
             self._wire_src = data
         try:
             parser.feed_data(data)
