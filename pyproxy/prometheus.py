@@ -50,6 +50,11 @@ class StageCollector:
             "pyproxy_messages", "TCP mode: downstream reads that carried data", labels=labels
         )
         requests = CounterMetricFamily("pyproxy_requests", "HTTP/gRPC requests", labels=labels)
+        express = CounterMetricFamily(
+            "pyproxy_express_requests",
+            "HTTP/1.1 requests carried end to end by the express lane (a subset of requests)",
+            labels=labels,
+        )
         flags = CounterMetricFamily(
             "pyproxy_response_flags",
             "Connections or requests ended with a response flag",
@@ -85,6 +90,7 @@ class StageCollector:
                 byte_count.add_metric(key + [side, direction], value)
             messages.add_metric(key, listener["messages"])
             requests.add_metric(key, listener["requests"])
+            express.add_metric(key, listener["express_requests"])
             for flag, value in listener["flags"].items():
                 flags.add_metric(key + [flag], value)
             if listener["mode"] != "tcp":
@@ -108,6 +114,7 @@ class StageCollector:
             byte_count,
             messages,
             requests,
+            express,
             flags,
             responses,
             filter_counters,

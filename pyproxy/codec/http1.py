@@ -336,6 +336,15 @@ class Http1Codec(ABC):
         return self._our is DONE and self._their is DONE and self._keep_alive
 
     @property
+    def at_rest(self) -> bool:
+        """Between messages with nothing held: the next bytes begin a new message.
+
+        Backends that can vouch for their input buffer say so (the fast one does);
+        False otherwise, which only forgoes shortcuts.
+        """
+        return False
+
+    @property
     def keep_alive(self) -> bool:
         """Whether the connection may carry another cycle once both sides are DONE."""
         return self._keep_alive

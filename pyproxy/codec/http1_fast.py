@@ -179,6 +179,18 @@ class FastHttp1Codec(Http1Codec):
         # Body bytes still due for a message whose head the native scanner took (-1: none).
         self._left = -1
 
+    @property
+    def at_rest(self) -> bool:
+        return (
+            self._their is IDLE
+            and self._our is IDLE
+            and not self._pending
+            and not self._in_message
+            and self._left < 0
+            and self._raw is None
+            and not self._headbuf
+        )
+
     def _new_parser(self) -> httptools.HttpRequestParser | httptools.HttpResponseParser:
         if self.role == "server":
             return httptools.HttpRequestParser(self)

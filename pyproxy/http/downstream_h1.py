@@ -8,7 +8,7 @@ so pipelining cannot make the proxy buffer without bound.
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pyproxy.addresses import Address
 from pyproxy.codec.events import END, PAUSED, Body, End, ProtocolError, RequestHead, Reset, Trailers
@@ -21,6 +21,7 @@ from pyproxy.counters import (
     STAGES,
     STATUS_BASE,
 )
+from pyproxy.http import express
 from pyproxy.http.exchange import Exchange
 from pyproxy.http.http1_side import Http1Side
 from pyproxy.http.local_reply import local_reply_head
@@ -45,6 +46,7 @@ class Http1Downstream(Http1Side):
         "_want_reading",
         "_closed",
         "protocol",
+        "express",
     )
 
     def __init__(
@@ -66,6 +68,7 @@ class Http1Downstream(Http1Side):
         self._closed = False
         self._timer = ctx.loop.call_later(ctx.settings.request_header_timeout, self._header_timeout)
         self.protocol = "HTTP/1.1"
+        self.express: Any = None  # the request on the express lane (express.py), if any
 
     def start(self) -> None:
         self.stream.resume_reading()
@@ -79,6 +82,18 @@ class Http1Downstream(Http1Side):
 
     def data_received(self, data: bytes) -> None:
         ctx = self.ctx
+        if self.express is not None:
+            self.express.materialize()  # more bytes while one is in flight: the general path
+        elif (
+            ctx.express_route is not None
+            and self.exchange is None
+            and data
+            and not self._held
+            and self.codec.at_rest
+            and express.start(self, data, ctx.express_route)
+        ):
+            self._cancel_timer()
+            return
         events = self.decode(data)
         if self.exchange is None and self._timer is None and not events:
             # First bytes of a new request on a kept-alive connection: the slowloris clock starts.
@@ -151,7 +166,13 @@ class Http1Downstream(Http1Side):
         block[STATUS_BASE + 3] += 1
         self._reply_and_close(408, b"request header timeout\n")
 
+    def _settle(self) -> None:
+        """Anything but its response turns an express request into an Exchange."""
+        if self.express is not None:
+            self.express.materialize()
+
     def eof_received(self) -> None:
+        self._settle()
         events = self.codec.receive_eof()
         self._dispatch(events)
         if self.exchange is None:
@@ -164,6 +185,7 @@ class Http1Downstream(Http1Side):
             self._downstream_gone()
 
     def stream_failed(self, error: OSError) -> None:
+        self._settle()
         self._downstream_gone()
 
     def _downstream_gone(self) -> None:
@@ -175,10 +197,12 @@ class Http1Downstream(Http1Side):
     # ---- flow control --------------------------------------------------------------
 
     def write_paused(self) -> None:
+        self._settle()
         if self.exchange is not None:
             self.exchange.downstream_write_paused()
 
     def write_resumed(self) -> None:
+        self._settle()
         if self.exchange is not None:
             self.exchange.downstream_write_resumed()
 
@@ -267,6 +291,7 @@ class Http1Downstream(Http1Side):
 
     def close(self, flag: str = "LR") -> None:
         """Drain deadline: abandon what is in flight."""
+        self._settle()
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.downstream_reset()

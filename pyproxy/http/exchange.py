@@ -58,6 +58,7 @@ class Exchange:
         "response_head_in",
         "grpc",
         "forwards_unchanged",
+        "deadline_key",
     )
 
     def __init__(
@@ -92,6 +93,7 @@ class Exchange:
         # The response leaves as it came unless a filter, gRPC or Server-Timing needs a say
         # (set once the request is on its way upstream).
         self.forwards_unchanged = False
+        self.deadline_key: Any = None  # whose entry the armed timeout is (None: this exchange)
         # No body follows the request head (Envoy's end_stream on decode_headers).
         self.head_only = not request.chunked and not request.content_length and not request.upgrade
 
@@ -257,6 +259,22 @@ class Exchange:
                 upstream.send(event)
             self.pending.clear()
         self.downstream.resume_request()
+
+    def adopt_express(self, express, upstream) -> None:
+        """Take over a request the express lane carried (express.py): its bytes are upstream."""
+        self.started_ns = express.started_ns
+        self.route = self.ctx.express_route
+        self.target, self.source = express.target, express.source
+        self.forwards_unchanged = True
+        self.request_done = True
+        if express.timeout:
+            # The deadline stays the express entry's (armed when the request left): it forwards.
+            self.timeout, self.deadline_key = express.timeout, express
+        self.upstream = upstream
+        upstream.bind(self)
+        # The upstream codec learns what was sent; the bytes themselves are already out.
+        body = express.data[len(express.data) - (self.request.content_length or 0) :]
+        upstream.codec.send_message(self._upstream_head(False), body)
 
     def _connect_failed(self, flag: str) -> None:
         self.attach = None
@@ -542,7 +560,7 @@ class Exchange:
         self.flag = flag
         ctx = self.ctx
         if self.timeout:
-            ctx.deadlines.disarm(self.timeout, self)
+            ctx.deadlines.disarm(self.timeout, self.deadline_key or self)
             self.timeout = 0.0
         block = ctx.block
         if flag:

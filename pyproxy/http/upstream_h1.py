@@ -46,6 +46,7 @@ class Http1Upstream(Http1Side):
         "idle_timeout",
         "idle_since",
         "protocol",
+        "express",
     )
 
     def __init__(
@@ -64,6 +65,7 @@ class Http1Upstream(Http1Side):
         self.idle_timeout = idle_timeout
         self.idle_since = 0.0
         self.protocol = "HTTP/1.1"
+        self.express: Any = None  # the express request it carries (express.py), if any
 
     # ---- used by the exchange ------------------------------------------------
 
@@ -99,12 +101,21 @@ class Http1Upstream(Http1Side):
         self.stream.trace = None
         self.codec.start_next_cycle()
         self.reused = True
-        self.idle_since = self.ctx.loop.time()  # the pool's sweeper closes it once idle too long
         self.stream.resume_reading()
 
     # ---- StreamOwner ---------------------------------------------------------------
 
+    def _settle(self) -> None:
+        """Anything but a whole plain response turns an express request into an Exchange."""
+        if self.express is not None:
+            self.express.materialize()
+
     def data_received(self, data: bytes) -> None:
+        express = self.express
+        if express is not None:
+            if express.response(data):
+                return
+            express.materialize()
         events = self.decode(data)
         exchange = self.exchange
         if (
@@ -162,6 +173,7 @@ class Http1Upstream(Http1Side):
                 self.stream.pause_reading()
 
     def eof_received(self) -> None:
+        self._settle()
         self._dispatch(self.codec.receive_eof())
         if self.exchange is not None:
             self._fail("UC")
@@ -169,13 +181,16 @@ class Http1Upstream(Http1Side):
             self._broken()
 
     def stream_failed(self, error: OSError) -> None:
+        self._settle()
         self._fail("UC")
 
     def write_paused(self) -> None:
+        self._settle()
         if self.exchange is not None:
             self.exchange.upstream_write_paused()
 
     def write_resumed(self) -> None:
+        self._settle()
         if self.exchange is not None:
             self.exchange.upstream_write_resumed()
 
@@ -226,12 +241,10 @@ class UpstreamPool:
         protocol = cluster.protocol if cluster is not None else self.ctx.settings.upstream_protocol
         if protocol == "http2":
             return self.h2.acquire(target, source, cluster, on_ready, on_failed)
-        idle = self.idle.get(target)
-        while idle:
-            conn = idle.pop()
-            if not conn.stream.closed:
-                on_ready(conn)
-                return _READY
+        conn = self.take_idle(target)
+        if conn is not None:
+            on_ready(conn)
+            return _READY
         ctx = self.ctx
         timeout = cluster.connect_timeout if cluster is not None else ctx.listener.connect_timeout
         idle_timeout = cluster.idle_timeout if cluster is not None else DEFAULT_IDLE_TIMEOUT
@@ -259,12 +272,26 @@ class UpstreamPool:
             return
         if conn.reusable():
             conn.park()
-            self.idle[conn.key].append(conn)
-            if self._sweeper is None:
-                self._sweeper = self.ctx.loop.call_later(SWEEP_INTERVAL, self._sweep)
+            self.keep(conn)
         else:
             conn.exchange = None
             conn.stream.close()
+
+    def take_idle(self, target: Address) -> Http1Upstream | None:
+        """The newest pooled connection to ``target`` still open (the warmest), or None."""
+        idle = self.idle.get(target)
+        while idle:
+            conn = idle.pop()
+            if not conn.stream.closed:
+                return conn
+        return None
+
+    def keep(self, conn: Http1Upstream) -> None:
+        """Pool a connection at rest: parked after an exchange, or back from the express lane."""
+        conn.idle_since = self.ctx.loop.time()  # the sweeper closes it once idle too long
+        self.idle[conn.key].append(conn)
+        if self._sweeper is None:
+            self._sweeper = self.ctx.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     def _sweep(self) -> None:
         """Close pooled connections idle past their timeout: one timer per pool, not one per request."""
