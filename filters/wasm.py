@@ -1098,6 +1098,8 @@ class WasmFactory(FilterFactory):
 class WasmFilter(HttpFilter):
     """One request's stream context in the module."""
 
+    defer_destroy = True  # proxy_on_done/log/delete are guest calls: after the response has left
+
     __slots__ = (
         "factory",
         "runtime",
