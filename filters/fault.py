@@ -126,8 +126,16 @@ class FaultFactory(FilterFactory):
 
     def __init__(self, config: dict, context) -> None:
         super().__init__(config, context)
-        self.delay = config["delay"]
-        self.abort = config["abort"]
+        self.delay = delay = config["delay"]
+        self.abort = abort = config["abort"]
+        # Flattened for the per-request decision (no dict lookups on the hot path).
+        self.delay_seconds = delay["seconds"] if delay else None
+        self.delay_percentage = delay["percentage"] if delay else 0.0
+        self.delay_header = bool(delay and delay["header"])
+        self.abort_status = abort["http_status"] if abort else None
+        self.abort_grpc_status = abort["grpc_status"] if abort else None
+        self.abort_percentage = abort["percentage"] if abort else 0.0
+        self.abort_header = bool(abort and abort["header"])
         self.max_active = config["max_active_faults"]
         self.active = 0
         self.grpc = context.mode == "grpc"
@@ -161,61 +169,53 @@ def _header_number(headers, name: bytes) -> float | None:
 
 
 class FaultFilter(HttpFilter):
-    __slots__ = ("factory", "callbacks", "timer", "holding", "abort_after_delay")
+    """The decision, per request; no per-request state unless a delay fires (then a _Delay holds it)."""
+
+    shared = (
+        True  # one instance per worker: most requests get no fault and need nothing of their own
+    )
+    __slots__ = ("factory", "callbacks")
 
     def __init__(self, factory: FaultFactory) -> None:
         self.factory = factory
-        self.timer = None
-        self.holding = False
-        self.abort_after_delay = None
 
     def decode_headers(self, headers, end_stream: bool) -> int:
         factory = self.factory
-        abort = self._abort_decision(headers)
-        delay = self._delay_decision(headers)
-        if (abort is not None or delay) and not factory.admit():
+        abort = self._abort_decision(headers) if factory.abort is not None else None
+        delay = self._delay_decision(headers) if factory.delay is not None else 0.0
+        if abort is None and not delay:
             return CONTINUE
+        if not factory.admit():
+            return CONTINUE
+        callbacks = self.callbacks
         if delay:
-            factory.counters[DELAYS] += 1
-            factory.active += 1
-            factory.counters[ACTIVE] += 1
-            self.holding = True
-            self.abort_after_delay = abort
-            self.timer = self.callbacks.loop.call_later(delay, self._delay_over)
+            held = _Delay(factory, callbacks, abort, delay)
+            callbacks.defer_cleanup(self, held.end)
             return STOP
-        if abort is not None:
-            self._abort(abort)
-            return STOP
-        return CONTINUE
+        _abort(factory, callbacks, abort)
+        return STOP
 
     def _delay_decision(self, headers) -> float:
-        delay = self.factory.delay
-        if delay is None:
-            return 0.0
-        seconds = delay["seconds"]
-        percentage = delay["percentage"]
-        if delay["header"]:
+        factory = self.factory
+        seconds = factory.delay_seconds
+        percentage = factory.delay_percentage
+        if factory.delay_header:
             ms = _header_number(headers, DELAY_HEADER)
             if ms is not None and ms >= 0:
                 seconds = ms / 1000
             pct = _header_number(headers, DELAY_PERCENT_HEADER)
             if pct is not None:
                 percentage = min(max(pct, 0.0), 100.0)
-        if not seconds or not self.factory.roll(percentage):
+        if not seconds or not factory.roll(percentage):
             return 0.0
         return seconds
 
     def _abort_decision(self, headers) -> tuple[int, int | None] | None:
         factory = self.factory
-        abort = factory.abort
-        if abort is None:
-            return None
-        status, grpc_status, percentage = (
-            abort["http_status"],
-            abort["grpc_status"],
-            abort["percentage"],
-        )
-        if abort["header"]:
+        status = factory.abort_status
+        grpc_status = factory.abort_grpc_status
+        percentage = factory.abort_percentage
+        if factory.abort_header:
             asked = _header_number(headers, ABORT_HEADER)
             if asked is not None and 200 <= asked <= 599:
                 status = int(asked)
@@ -231,20 +231,37 @@ class FaultFilter(HttpFilter):
             return None
         return (status or 503, grpc_status)
 
-    def _delay_over(self) -> None:
+
+def _abort(factory: FaultFactory, callbacks, decision: tuple[int, int | None]) -> None:
+    status, grpc_status = decision
+    factory.counters[ABORTS] += 1
+    callbacks.send_local_reply(status, b"fault filter abort\n", grpc_status=grpc_status, flag="FI")
+
+
+class _Delay:
+    """One request held by an injected delay: its timer and its place under max_active_faults."""
+
+    __slots__ = ("factory", "callbacks", "abort", "timer", "holding")
+
+    def __init__(
+        self, factory: FaultFactory, callbacks, abort: tuple[int, int | None] | None, seconds: float
+    ) -> None:
+        self.factory = factory
+        self.callbacks = callbacks
+        self.abort = abort
+        factory.counters[DELAYS] += 1
+        factory.active += 1
+        factory.counters[ACTIVE] += 1
+        self.holding = True
+        self.timer = callbacks.loop.call_later(seconds, self._over)
+
+    def _over(self) -> None:
         self.timer = None
         self._release()
-        if self.abort_after_delay is not None:
-            self._abort(self.abort_after_delay)
+        if self.abort is not None:
+            _abort(self.factory, self.callbacks, self.abort)
         else:
             self.callbacks.continue_decoding()
-
-    def _abort(self, decision: tuple[int, int | None]) -> None:
-        status, grpc_status = decision
-        self.factory.counters[ABORTS] += 1
-        self.callbacks.send_local_reply(
-            status, b"fault filter abort\n", grpc_status=grpc_status, flag="FI"
-        )
 
     def _release(self) -> None:
         if self.holding:
@@ -252,7 +269,8 @@ class FaultFilter(HttpFilter):
             self.factory.active -= 1
             self.factory.counters[ACTIVE] -= 1
 
-    def on_destroy(self) -> None:
+    def end(self) -> None:
+        """The request ended (completed, reset or answered): stop the timer, leave the active count."""
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None

@@ -606,6 +606,9 @@ class _LuaFilter(HttpFilter):
         engine.filter = self
         self.no_body = end_stream
         self.body_changed = False
+        # Per call: a shared instance (see _filter_class) serves every request.
+        self.reply = None
+        self.body = None
         try:
             result = runner()
         except Exception as exc:  # e.g. out of memory outside the script's own pcall
@@ -659,6 +662,12 @@ class _LuaFilter(HttpFilter):
             return self._respond()
         return self._outcome(result)
 
+
+class _Waits:
+    """Scripts that may wait for a body: a suspended coroutine is dropped with its request."""
+
+    __slots__ = ()
+
     def on_destroy(self) -> None:
         self.co = None
 
@@ -684,8 +693,6 @@ class _Response:
     __slots__ = ()
 
     def encode_headers(self, headers, end_stream: bool) -> int:
-        self.body = None
-        self.reply = None
         return self._run(self.engine.on_response, headers, end_stream)
 
 
@@ -703,11 +710,15 @@ _CLASSES: dict[tuple[bool, bool, bool], type] = {}
 
 
 def _filter_class(config: dict) -> type:
-    """A class with only the hooks this script needs: no response function, no encode hooks."""
+    """A class with only the hooks this script needs: no response function, no encode hooks.
+
+    A script that never waits for a body keeps nothing between hook calls (each call's state
+    is reset when it starts), so one instance per worker serves every request.
+    """
     key = (config["on_request"], config["on_response"], config["uses_body"])
     cls = _CLASSES.get(key)
     if cls is None:
-        bases: list[type] = []
+        bases: list[type] = [_Waits] if config["uses_body"] else []
         if config["on_request"]:
             bases.append(_Request)
             if config["uses_body"]:
@@ -716,7 +727,8 @@ def _filter_class(config: dict) -> type:
             bases.append(_Response)
             if config["uses_body"]:
                 bases.append(_ResponseBody)
-        cls = type("LuaFilter", (*bases, _LuaFilter), {"__slots__": ()})
+        namespace = {"__slots__": (), "shared": not config["uses_body"]}
+        cls = type("LuaFilter", (*bases, _LuaFilter), namespace)
         _CLASSES[key] = cls
     return cls
 

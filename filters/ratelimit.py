@@ -220,6 +220,9 @@ def _connection_socket(exchange):
 
 
 class RateLimitFilter(HttpFilter):
+    """The buckets live in the factory: the filter has nothing per request (one instance per worker)."""
+
+    shared = True
     __slots__ = ("factory", "callbacks")
 
     def __init__(self, factory: RateLimitFactory) -> None:

@@ -156,6 +156,11 @@ class TapFactory(FilterFactory):
             self.filter_class = TapHeadsFilter  # no body hooks: the chain then never sees bodies
         self.listener = context.listener_name
         self.worker = os.getpid()
+        # Every record of this worker starts the same way (see encode_record).
+        self.record_prefix = (
+            f'{{"listener":{json.encoder.encode_basestring_ascii(self.listener)},'
+            f'"worker":{self.worker}'
+        )
         sink_class = ThreadSink if config["drain"] == "thread" else LoopSink
         self.sink = sink_class(self, config["path"], config["queue_size"], context.loop)
 
@@ -337,8 +342,42 @@ def _utf8(data: bytes, truncated: bool) -> str | None:
     return None
 
 
-def _head(items) -> list[list[str]]:
-    return [[n.decode("latin-1"), v.decode("latin-1")] for n, v in items]
+# JSON for records, written out by hand with json's own string escaper: the same bytes as
+# json.dumps(record, separators=(",", ":")), at a fraction of the cost (no dicts, no walk).
+_json_str = json.encoder.encode_basestring_ascii
+_PAIR_CACHE_MAX = 4096
+_pairs: dict[tuple[bytes, bytes], str] = {}  # header (name, value) -> its JSON; most repeat
+
+
+def _head_json(items) -> str:
+    if not items:
+        return "[]"
+    pairs = _pairs
+    parts = []
+    for item in items:
+        text = pairs.get(item)
+        if text is None:
+            name, value = item
+            text = f"[{_json_str(name.decode('latin-1'))},{_json_str(value.decode('latin-1'))}]"
+            if len(pairs) >= _PAIR_CACHE_MAX:
+                pairs.clear()
+            pairs[item] = text
+        parts.append(text)
+    return "[" + ",".join(parts) + "]"
+
+
+def _body_json(chunks: list[bytes], size: int, items) -> str:
+    body = _body(chunks, size, items)
+    return (
+        f'"bytes":{size},"truncated":{"true" if body["truncated"] else "false"},'
+        f'"body":{_json_str(body["body"])},"encoding":"{body["encoding"]}"'
+    )
+
+
+def _number(value) -> str:
+    if value is None:
+        return "null"
+    return float.__repr__(value) if isinstance(value, float) else int.__repr__(value)
 
 
 def encode_record(factory: TapFactory, record: tuple) -> bytes:
@@ -354,21 +393,15 @@ def encode_record(factory: TapFactory, record: tuple) -> bytes:
         status,
         flag,
     ) = record
-    out = {
-        "listener": factory.listener,
-        "worker": factory.worker,
-        "start": started,
-        "end": started + duration_ns / 1e9,
-        "duration_ms": duration_ns / 1e6,
-        "status": status,
-        "flag": flag or "",
-        "request": {"headers": _head(request), **_body(req_body, req_size, request)},
-        "response": {
-            "headers": _head(response or ()),
-            **_body(resp_body, resp_size, response),
-        },
-    }
-    return json.dumps(out, separators=(",", ":")).encode() + b"\n"
+    return (
+        f"{factory.record_prefix}"
+        f',"start":{_number(started)},"end":{_number(started + duration_ns / 1e9)}'
+        f',"duration_ms":{_number(duration_ns / 1e6)},"status":{_number(status)}'
+        f',"flag":{_json_str(flag or "")}'
+        f',"request":{{"headers":{_head_json(request)},{_body_json(req_body, req_size, request)}}}'
+        f',"response":{{"headers":{_head_json(response)},'
+        f"{_body_json(resp_body, resp_size, response)}}}}}\n"
+    ).encode()
 
 
 def _open_sink(path: str) -> int:

@@ -262,3 +262,114 @@ def test_header_pairs_round_trip_through_the_guest(start_proxy, tmp_path, upstre
     assert ("x-keep", "kept") in seen
     assert [v for k, v in seen if k == "x-twice"] == ["1", "2"]
     assert proxy.listener()["filters"]["pairs"]["traps"] == 0
+
+
+# ---- in-process: the host's entries into the guest ----------------------------------------
+
+_RECORDER = """(module
+  (memory (export "memory") 1)
+  (global $log (mut i32) (i32.const 0))
+  (global $spin (mut i32) (i32.const 0))
+  (func $rec (param $d i32)
+    (local $i i32)
+    (global.set $log (i32.add (i32.mul (global.get $log) (i32.const 10)) (local.get $d)))
+    ;; Burn roughly the same fuel in every callback (the fuel test sets $spin).
+    (block $out (loop $again
+      (br_if $out (i32.ge_u (local.get $i) (global.get $spin)))
+      (local.set $i (i32.add (local.get $i) (i32.const 1)))
+      (br $again))))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param $c i32) (param $p i32)
+    (if (i32.eq (local.get $p) (i32.const 1)) (then (call $rec (i32.const 1)))))
+  REQUEST
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (call $rec (i32.const 3)) (i32.const 0))
+  (func (export "proxy_on_done") (param i32) (result i32) (call $rec (i32.const 4)) (i32.const 1))
+  LOG
+  (func (export "proxy_on_delete") (param i32) (call $rec (i32.const 6)))
+  (func (export "spin") (param i32) (global.set $spin (local.get 0)))
+  (func (export "take") (result i32) (global.get $log) (global.set $log (i32.const 0))))"""
+_REQUEST_V021 = """(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (call $rec (i32.const 2)) (i32.const 0))"""
+_REQUEST_V010 = """(func (export "proxy_on_request_headers") (param i32 i32) (result i32)
+    (call $rec (i32.const 2)) (i32.const 0))"""
+_LOG = """(func (export "proxy_on_log") (param i32) (call $rec (i32.const 5)))"""
+
+
+def _recorder(request: str = _REQUEST_V021, log: str = _LOG, **config):
+    from pyproxy.filters.wasm import WasmFactory
+
+    from pyproxy.chain.api import FactoryContext
+
+    wat = _RECORDER.replace("REQUEST", request).replace("LOG", log)
+    validated = WasmFactory.validate({"code_wat": wat, **config})
+    return WasmFactory(validated, FactoryContext(None, "main", "http"))
+
+
+class _Replies:
+    """Stands in for the chain's callbacks: records the local replies the filter sends."""
+
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+
+    def send_local_reply(self, status: int, *args, **kwargs) -> None:
+        self.sent.append(status)
+
+
+def _one_request(factory) -> list[int]:
+    from pyproxy.chain.api import HeaderMap
+
+    instance = factory.create()
+    instance.callbacks = replies = _Replies()
+    request = HeaderMap([(b"host", b"x")], {b":method": b"GET", b":path": b"/"})
+    response = HeaderMap([(b"content-length", b"0")], {b":status": b"200"})
+    instance.decode_headers(request, True)
+    instance.encode_headers(response, False)
+    instance.on_destroy()
+    return replies.sent
+
+
+@pytest.mark.parametrize(
+    ("request_hook", "log_hook", "expected"),
+    [
+        (_REQUEST_V021, _LOG, 123456),
+        (_REQUEST_V010, _LOG, 123456),  # ABI 0.1.0: no end_of_stream parameter
+        (_REQUEST_V021, "", 12346),  # no proxy_on_log
+    ],
+)
+def test_each_request_callback_runs_once_in_abi_order(request_hook, log_hook, expected):
+    """Context create + request headers, and done/log/delete, go in one entry each: same calls, same order."""
+    factory = _recorder(request_hook, log_hook)
+    take = factory.runtime.instance.exports(factory.runtime.store)["take"]
+    try:
+        for _ in range(3):
+            assert _one_request(factory) == []
+            assert factory.counters[0] == factory.counters[1] == 0  # no trap: same instance
+            assert take(factory.runtime.store) == expected
+        assert not factory.runtime.live
+    finally:
+        factory.close()
+
+
+def test_callbacks_within_fuel_per_call_never_run_out_when_fuel_is_batched():
+    """Fuel is refilled for several entries at once; each entry still has its fuel_per_call.
+
+    Each callback burns ~20 % of fuel_per_call: a request's three entries (create+request,
+    response, done+log+delete) burn ~120 % together, ~60 % at most in one entry.
+    """
+    factory = _recorder(fuel_per_call=100_000)
+    rt = factory.runtime
+    exports = rt.instance.exports(rt.store)
+    exports["spin"](rt.store, 2_000)
+    try:
+        for _ in range(10):
+            assert _one_request(factory) == []
+            # Checked first: a trap replaces the instance, and its old exports must not be used.
+            assert factory.counters[1] == 0 and factory.counters[0] == 0  # out_of_fuel, traps
+            assert exports["take"](rt.store) == 123456
+        exports["spin"](rt.store, 1_000_000)  # now a callback runs away on its own
+        assert _one_request(factory) == [500]
+        assert factory.counters[1] == 1
+    finally:
+        factory.close()

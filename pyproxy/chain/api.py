@@ -9,9 +9,10 @@ delay) returns STOP and later calls `callbacks.continue_decoding()` from a
 timer: no coroutine per request or per chunk.
 
 A filter factory is built once per worker from validated config and creates
-one filter instance per request (or per connection, for TCP filters). The
-chain keeps, per hook, only the filters whose class defines that hook, so a
-hook no filter implements costs nothing.
+one filter instance per request (or per connection, for TCP filters), unless
+the filter class is `shared` (no per-request state: one instance serves every
+request). The chain keeps, per hook, only the filters whose class defines
+that hook, so a hook no filter implements costs nothing.
 """
 
 from __future__ import annotations
@@ -39,10 +40,21 @@ class FilterConfigError(ValueError):
 class HttpFilter:
     """Base class for HTTP filters. Define only the hooks you need; the others are never called.
 
-    Per-request instance attributes set by the chain: `callbacks` (FilterCallbacks).
+    Per-request instance attributes set by the chain: `callbacks` (the request's chain:
+    continue_decoding/continue_encoding, send_local_reply, loop, exchange, the buffers and
+    header maps, defer_cleanup).
     """
 
     callbacks: Any
+    # True: the filter keeps no per-request state, so the factory's create() is called once
+    # per worker and that instance serves every request. `callbacks` is then set just before
+    # each hook call and is only valid during it; per-request work that outlives the hook
+    # captures it, and end-of-request work goes through `callbacks.defer_cleanup(self, fn)`
+    # (a shared filter cannot define on_destroy).
+    shared: ClassVar[bool] = False
+    # True: on_destroy does enough work (e.g. calls into a WASM guest) that it should run after
+    # the response has left, from the loop; False: it runs as the request ends.
+    defer_destroy: ClassVar[bool] = False
 
     def on_destroy(self) -> None:
         """The request ended (completed, reset or answered locally); release resources."""

@@ -5,10 +5,15 @@ The exchange hands request events to `decode_*` and response events to
 holds the direction). A stopped filter resumes its direction with
 `callbacks.continue_decoding()` / `continue_encoding()`; the chain then
 replays what it held, in order, from the next filter on.
+
+The chain object is also every filter's `callbacks` for its request: no
+per-filter callbacks object. Filters that keep no per-request state
+(`HttpFilter.shared`) are made once per worker and reused by every request.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from time import perf_counter_ns
 
 from pyproxy.chain.api import CONTINUE, STOP_AND_BUFFER, FactoryContext, HeaderMap, HttpFilter
@@ -20,6 +25,14 @@ FILTER_STAGE_BASE = len(STAGES)
 DEFAULT_BUFFER_LIMIT = (
     1024 * 1024
 )  # STOP_AND_BUFFER beyond this answers 413 (request) or 500 (response)
+HOOKS = (
+    "decode_headers",
+    "decode_data",
+    "decode_trailers",
+    "encode_headers",
+    "encode_data",
+    "encode_trailers",
+)
 
 
 class ChainFactory:
@@ -39,29 +52,51 @@ class ChainFactory:
         ]
         classes = [factory.filter_class for factory in self.factories]
 
-        def implementing(hook: str, reverse: bool = False) -> tuple[int, ...]:
-            order = range(len(classes) - 1, -1, -1) if reverse else range(len(classes))
-            return tuple(i for i in order if getattr(classes[i], hook, None) is not None)
+        def implementing(hook: str) -> tuple[tuple, ...]:
+            # Encoders run in reverse chain order (Envoy's rule: the first filter sees the response last).
+            order: Iterable[int] = range(len(classes))
+            if hook.startswith("encode"):
+                order = reversed(range(len(classes)))
+            # (index, the class's function, its stage slots): no attribute lookup by name per call.
+            return tuple(
+                (i, fn, self.stage_ns[i], self.stage_events[i])
+                for i in order
+                if (fn := getattr(classes[i], hook, None)) is not None
+            )
 
-        # Encoders run in reverse chain order (Envoy's rule: the first filter sees the response last).
-        self.hooks = {
-            "decode_headers": implementing("decode_headers"),
-            "decode_data": implementing("decode_data"),
-            "decode_trailers": implementing("decode_trailers"),
-            "encode_headers": implementing("encode_headers", True),
-            "encode_data": implementing("encode_data", True),
-            "encode_trailers": implementing("encode_trailers", True),
-        }
-        # on_destroy is a hook too (WASM/Lua contexts end there): called and timed only where overridden.
+        self.hooks = {hook: implementing(hook) for hook in HOOKS}
+        overrides = [
+            getattr(cls, "on_destroy", None) is not HttpFilter.on_destroy for cls in classes
+        ]
+        # Filters without per-request state: one instance per worker (see HttpFilter.shared).
+        self.shared: tuple[HttpFilter | None, ...] = tuple(
+            factory.create() if getattr(cls, "shared", False) else None
+            for factory, cls in zip(self.factories, classes, strict=True)
+        )
+        for i, instance in enumerate(self.shared):
+            if instance is not None and overrides[i]:
+                raise TypeError(f"{classes[i].__name__}: a shared filter cannot define on_destroy")
+        self.shared_instances = tuple(s for s in self.shared if s is not None)
+        self.all_shared = len(self.shared_instances) == len(classes)
+        self.creators = tuple(
+            (i, factory.create)
+            for i, factory in enumerate(self.factories)
+            if self.shared[i] is None
+        )
+        # on_destroy is a hook too (WASM/Lua contexts end there): called and timed only where
+        # overridden. `destroyers` (what the exchange checks) are those whose work should wait
+        # until the response has left (HttpFilter.defer_destroy); the others run at once.
+        self.finishers = tuple(i for i in range(len(classes)) if overrides[i])
         self.destroyers = tuple(
-            i
-            for i, cls in enumerate(classes)
-            if getattr(cls, "on_destroy", None) is not HttpFilter.on_destroy
+            i for i in self.finishers if getattr(classes[i], "defer_destroy", False)
         )
         self.decodes_body = bool(self.hooks["decode_data"] or self.hooks["decode_trailers"])
         self.encodes = any(
             self.hooks[h] for h in ("encode_headers", "encode_data", "encode_trailers")
         )
+        # With one filter, the exchange's clock around the whole decode pass (set-up included)
+        # is that filter's cost: the chain need not read the clock after its hook.
+        self.single = len(classes) == 1
 
     def start(self, exchange) -> HttpChain:
         return HttpChain(self, exchange)
@@ -70,8 +105,12 @@ class ChainFactory:
         """Share the chain's own per-request work (set-up, run loop) among its filters' stages."""
         if overhead_ns <= 0:
             return
-        share = overhead_ns // len(self.stage_ns)
-        for slot in self.stage_ns:
+        stage_ns = self.stage_ns
+        if len(stage_ns) == 1:
+            block[stage_ns[0]] += overhead_ns
+            return
+        share = overhead_ns // len(stage_ns)
+        for slot in stage_ns:
             block[slot] += share
 
     def close(self) -> None:
@@ -79,63 +118,10 @@ class ChainFactory:
             factory.close()
 
 
-class _Callbacks:
-    """What one filter instance may call back into; one per filter per request."""
-
-    __slots__ = ("chain", "index")
-
-    def __init__(self, chain: HttpChain, index: int) -> None:
-        self.chain, self.index = chain, index
-
-    @property
-    def loop(self):
-        return self.chain.exchange.ctx.loop
-
-    @property
-    def exchange(self):
-        return self.chain.exchange
-
-    def continue_decoding(self) -> None:
-        self.chain.resume("decode", self.index)
-
-    def continue_encoding(self) -> None:
-        self.chain.resume("encode", self.index)
-
-    def send_local_reply(
-        self,
-        status: int,
-        body: bytes = b"",
-        headers=(),
-        grpc_status: int | None = None,
-        flag: str = "LR",
-        details: str = "",
-    ) -> None:
-        self.chain.local_reply(status, body, list(headers), grpc_status, flag, details)
-
-    def decoding_buffer(self) -> bytes:
-        return b"".join(self.chain.held_body["decode"])
-
-    def encoding_buffer(self) -> bytes:
-        return b"".join(self.chain.held_body["encode"])
-
-    def set_decoding_buffer(self, data: bytes) -> None:
-        """Replace the buffered request body (the filter updates content-length itself)."""
-        self.chain.held_body["decode"][:] = [bytes(data)]
-
-    def set_encoding_buffer(self, data: bytes) -> None:
-        self.chain.held_body["encode"][:] = [bytes(data)]
-
-    def request_headers(self) -> HeaderMap | None:
-        return self.chain.maps.get("decode")
-
-    def response_headers(self) -> HeaderMap | None:
-        return self.chain.maps.get("encode")
-
-
 class _ChainState:
     """Where a direction stopped and what it holds: only built once some filter stops (rare)."""
 
-    __slots__ = ("stopped", "held", "held_body", "body_for")
+    __slots__ = ("stopped", "held", "held_body", "body_for", "cleanups")
 
     def __init__(self) -> None:
         # Per direction: position in the hook list where a filter stopped, and the events held since.
@@ -145,40 +131,30 @@ class _ChainState:
         # Per direction: the filter that stopped the headers with STOP_AND_BUFFER and wants the
         # whole body (its data hook is called once, at the end) before the headers move on.
         self.body_for: dict[str, int | None] = {"decode": None, "encode": None}
+        # (filter index, function): end-of-request work a filter asked for (defer_cleanup).
+        self.cleanups: list[tuple[int, Callable[[], None]]] = []
 
 
 class HttpChain:
-    """One request's pass through the chain, in both directions."""
+    """One request's pass through the chain, in both directions; also its filters' callbacks."""
 
-    __slots__ = (
-        "factory",
-        "exchange",
-        "filters",
-        "timed",
-        "block",
-        "maps",
-        "state",
-        "done",
-        "replied",
-        "hook_ns",
-    )
+    __slots__ = ("factory", "exchange", "filters", "maps", "state", "done", "replied", "hook_ns")
 
     def __init__(self, factory: ChainFactory, exchange) -> None:
         self.factory = factory
         self.exchange = exchange
-        self.filters = filters = [f.create() for f in factory.factories]
-        for index, instance in enumerate(filters):
-            instance.callbacks = _Callbacks(self, index)
-        ctx = exchange.ctx
-        self.timed = ctx.timed
-        self.block = ctx.block
-        self.maps: dict[str, HeaderMap] = {}
+        if factory.all_shared:
+            self.filters: tuple | list = factory.shared
+        else:
+            self.filters = filters = list(factory.shared)
+            for index, create in factory.creators:
+                instance = filters[index] = create()
+                instance.callbacks = self
         self.state: _ChainState | None = None  # built on the first stop (see _ChainState)
         self.done = False
         self.replied = False
-        self.hook_ns = (
-            0  # time inside filter hooks (timed): the rest of the chain's time is its own
-        )
+        # Time inside filter hooks (timed): the exchange charges the rest of the chain's time.
+        self.hook_ns = 0
 
     def _st(self) -> _ChainState:
         state = self.state
@@ -194,10 +170,18 @@ class HttpChain:
 
     def decode_headers(self, headers: HeaderMap, end_stream: bool) -> bool:
         """True when every filter let the headers through (the exchange may go upstream now)."""
-        self.maps["decode"] = headers
-        return self._run("decode", "headers", headers, end_stream, 0, hook="decode_headers")
+        self.maps = {"decode": headers}
+        factory = self.factory
+        return self._run(
+            "decode", "headers", factory.hooks["decode_headers"], headers, end_stream, 0,
+            clock_last=not factory.single,
+        )  # fmt: skip
 
     def decode_data(self, data, end_stream: bool) -> None:
+        if self.state is None and not self.factory.hooks["decode_data"]:
+            if not (self.replied or self.done):
+                self.exchange.forward_request_body(data, end_stream)
+            return
         self._feed("decode", "data", data, end_stream)
 
     def decode_trailers(self, trailers) -> None:
@@ -205,13 +189,70 @@ class HttpChain:
 
     def encode_headers(self, headers: HeaderMap, end_stream: bool) -> bool:
         self.maps["encode"] = headers
-        return self._run("encode", "headers", headers, end_stream, 0, hook="encode_headers")
+        return self._run(
+            "encode", "headers", self.factory.hooks["encode_headers"], headers, end_stream, 0
+        )
 
     def encode_data(self, data, end_stream: bool) -> None:
+        # Nobody encodes bodies and nothing is held: straight through, no run loop.
+        if self.state is None and not self.factory.hooks["encode_data"]:
+            if not (self.replied or self.done):
+                self.exchange.forward_response_body(data, end_stream)
+            return
         self._feed("encode", "data", data, end_stream)
 
     def encode_trailers(self, trailers) -> None:
         self._feed("encode", "trailers", trailers, True)
+
+    # ---- callbacks (what a filter may call for its request) -------------------------
+
+    @property
+    def loop(self):
+        return self.exchange.ctx.loop
+
+    def continue_decoding(self) -> None:
+        self.resume("decode")
+
+    def continue_encoding(self) -> None:
+        self.resume("encode")
+
+    def send_local_reply(
+        self,
+        status: int,
+        body: bytes = b"",
+        headers=(),
+        grpc_status: int | None = None,
+        flag: str = "LR",
+        details: str = "",
+    ) -> None:
+        self.local_reply(status, body, list(headers), grpc_status, flag, details)
+
+    def decoding_buffer(self) -> bytes:
+        return b"".join(self._st().held_body["decode"])
+
+    def encoding_buffer(self) -> bytes:
+        return b"".join(self._st().held_body["encode"])
+
+    def set_decoding_buffer(self, data: bytes) -> None:
+        """Replace the buffered request body (the filter updates content-length itself)."""
+        self._st().held_body["decode"][:] = [bytes(data)]
+
+    def set_encoding_buffer(self, data: bytes) -> None:
+        self._st().held_body["encode"][:] = [bytes(data)]
+
+    def request_headers(self) -> HeaderMap | None:
+        return self.maps.get("decode")
+
+    def response_headers(self) -> HeaderMap | None:
+        return self.maps.get("encode")
+
+    def defer_cleanup(self, owner: HttpFilter, fn: Callable[[], None]) -> None:
+        """Call `fn()` when the request ends (timed in `owner`'s stage): end-of-request work for
+        a shared filter, which has no on_destroy of its own."""
+        if self.done:
+            fn()
+            return
+        self._st().cleanups.append((self.filters.index(owner), fn))
 
     # ---- the engine ------------------------------------------------------------------
 
@@ -225,61 +266,57 @@ class HttpChain:
                 return
             if stopped_kind == "data" and kind == "data":
                 # The stopped filter (STOP_AND_BUFFER) sees each further chunk; it decides when to go on.
-                self._run(direction, kind, payload, end_stream, position, hold_first=True)
+                entries = self.factory.hooks[f"{direction}_{kind}"]
+                self._run(direction, kind, entries, payload, end_stream, position, hold_first=True)
                 return
             state.held[direction].append((kind, payload, end_stream))
             return
-        self._run(direction, kind, payload, end_stream, 0)
+        self._run(
+            direction, kind, self.factory.hooks[f"{direction}_{kind}"], payload, end_stream, 0
+        )
 
     def _run(
         self,
         direction: str,
         kind: str,
+        entries: tuple,
         payload,
         end_stream: bool,
         position: int,
         hold_first: bool = False,
-        hook: str = "",
+        clock_last: bool = True,
     ) -> bool:
         if self.replied or self.done:
             return False
-        hook = hook or f"{direction}_{kind}"
-        order = self.factory.hooks[hook]
         filters = self.filters
-        block = self.block
-        timed = self.timed
-        for pos in range(position, len(order)):
-            index = order[pos]
-            method = getattr(filters[index], hook)
+        ctx = self.exchange.ctx
+        timed = ctx.timed
+        if timed:
+            block = ctx.block
+            # One clock read per hook: each hook's time runs from the previous read (the run
+            # loop's own steps included, which are the filters' cost too).
+            t = perf_counter_ns()
+        trailers = kind == "trailers"
+        last = len(entries) - 1
+        for pos in range(position, last + 1):
+            index, fn, ns_slot, events_slot = entries[pos]
+            instance = filters[index]
+            instance.callbacks = self  # a shared instance learns its request for this call
+            status = fn(instance, payload) if trailers else fn(instance, payload, end_stream)
             if timed:
-                t0 = perf_counter_ns()
-                status = method(payload, end_stream) if kind != "trailers" else method(payload)
-                spent = perf_counter_ns() - t0
-                block[self.factory.stage_ns[index]] += spent
-                block[self.factory.stage_events[index]] += 1
-                self.hook_ns += spent
-            else:
-                status = method(payload, end_stream) if kind != "trailers" else method(payload)
+                if clock_last or pos != last or status != CONTINUE or self.replied:
+                    now = perf_counter_ns()
+                    spent = now - t
+                    t = now
+                    block[ns_slot] += spent
+                    self.hook_ns += spent
+                block[events_slot] += 1
             if self.replied:
                 return False
             if status != CONTINUE:
-                state = self._st()
-                state.stopped[direction] = (kind, pos)
-                if kind == "headers" and status == STOP_AND_BUFFER and not end_stream:
-                    state.body_for[direction] = index
-                    if direction == "decode":
-                        self.exchange.downstream.resume_request()  # the body must come in now
-                if kind == "data":
-                    held = state.held_body[direction]
-                    if status == STOP_AND_BUFFER or hold_first:
-                        held.append(bytes(payload))
-                        if sum(map(len, held)) > DEFAULT_BUFFER_LIMIT:
-                            over = 413 if direction == "decode" else 500
-                            self.local_reply(over, b"buffer limit exceeded\n", [], None, "LR", "")
-                    if end_stream:
-                        state.held[direction].append(("end", None, True))
+                self._stopped(direction, kind, payload, end_stream, pos, index, status, hold_first)
                 return False
-            if kind == "data" and hold_first:
+            if hold_first and kind == "data":
                 # The buffering filter let go: what it held travels on as one chunk.
                 held = self._st().held_body[direction]
                 held.append(bytes(payload))
@@ -288,8 +325,29 @@ class HttpChain:
                 hold_first = False
         if self.state is not None:
             self.state.stopped[direction] = None
-        self._emit(direction, kind, payload, end_stream)
+        if kind != "headers" or direction == "encode":
+            self._emit(direction, kind, payload, end_stream)
         return True
+
+    def _stopped(
+        self, direction: str, kind: str, payload, end_stream: bool, pos: int, index: int,
+        status: int, hold_first: bool,
+    ) -> None:  # fmt: skip
+        state = self._st()
+        state.stopped[direction] = (kind, pos)
+        if kind == "headers" and status == STOP_AND_BUFFER and not end_stream:
+            state.body_for[direction] = index
+            if direction == "decode":
+                self.exchange.downstream.resume_request()  # the body must come in now
+        if kind == "data":
+            held = state.held_body[direction]
+            if status == STOP_AND_BUFFER or hold_first:
+                held.append(bytes(payload))
+                if sum(map(len, held)) > DEFAULT_BUFFER_LIMIT:
+                    over = 413 if direction == "decode" else 500
+                    self.local_reply(over, b"buffer limit exceeded\n", [], None, "LR", "")
+            if end_stream:
+                state.held[direction].append(("end", None, True))
 
     def _buffer_whole_body(self, direction: str, kind: str, payload, end_stream: bool) -> None:
         """Headers held for a filter that wants the whole body: collect it, then call its data hook once."""
@@ -311,18 +369,21 @@ class HttpChain:
         index = state.body_for[direction]
         if index is None:
             return
-        method = getattr(self.filters[index], f"{direction}_data")
-        if self.timed:
+        instance = self.filters[index]
+        instance.callbacks = self
+        method = getattr(instance, f"{direction}_data")
+        ctx = self.exchange.ctx
+        if ctx.timed:
             t0 = perf_counter_ns()
             status = method(b"", True)
             spent = perf_counter_ns() - t0
-            self.block[self.factory.stage_ns[index]] += spent
-            self.block[self.factory.stage_events[index]] += 1
+            ctx.block[self.factory.stage_ns[index]] += spent
+            ctx.block[self.factory.stage_events[index]] += 1
             self.hook_ns += spent
         else:
             status = method(b"", True)
         if status == CONTINUE and not self.replied:
-            self.resume(direction, index)
+            self.resume(direction)
 
     def _release_body(self, direction: str) -> None:
         # The buffered body goes first in the replay, carrying end_stream if it was complete.
@@ -337,7 +398,7 @@ class HttpChain:
         elif body:
             pending.insert(0, ("data", body, False))
 
-    def resume(self, direction: str, index: int) -> None:
+    def resume(self, direction: str) -> None:
         """A stopped filter continues: finish its event, then replay what was held, in order."""
         state = self.state
         stop = state.stopped[direction] if state is not None else None
@@ -345,11 +406,13 @@ class HttpChain:
             return
         kind, position = stop
         state.stopped[direction] = None
+        hooks = self.factory.hooks
         if kind == "headers":
             if state.body_for[direction] is not None:
                 self._release_body(direction)
+            entries = hooks[f"{direction}_headers"]
             if (
-                self._run(direction, "headers", self.maps[direction], False, position + 1)
+                self._run(direction, "headers", entries, self.maps[direction], False, position + 1)
                 and direction == "decode"
             ):
                 self.exchange.headers_decoded()
@@ -360,9 +423,10 @@ class HttpChain:
             end = bool(state.held[direction]) and state.held[direction][0][0] == "end"
             if end:
                 state.held[direction].pop(0)
-            self._run(direction, "data", payload, end, position + 1)
+            self._run(direction, "data", hooks[f"{direction}_data"], payload, end, position + 1)
         elif kind == "trailers":
-            self._run(direction, "trailers", None, True, position + 1)
+            entries = hooks[f"{direction}_trailers"]
+            self._run(direction, "trailers", entries, None, True, position + 1)
         pending, state.held[direction] = state.held[direction], []
         for held_kind, payload, end_stream in pending:
             if state.stopped[direction] is not None:
@@ -371,7 +435,8 @@ class HttpChain:
             if held_kind == "end":
                 self._emit(direction, "data", b"", True)
             else:
-                self._run(direction, held_kind, payload, end_stream, 0)
+                entries = hooks[f"{direction}_{held_kind}"]
+                self._run(direction, held_kind, entries, payload, end_stream, 0)
 
     def _emit(self, direction: str, kind: str, payload, end_stream: bool) -> None:
         exchange = self.exchange
@@ -409,17 +474,32 @@ class HttpChain:
         self.run_destroyers()
 
     def run_destroyers(self) -> None:
-        """Call (and time) the on_destroy hooks; the chain is done, resumes are ignored."""
+        """Call (and time) the on_destroy hooks and cleanups; the chain is done, resumes are ignored."""
         factory = self.factory
-        filters = self.filters
-        block = self.block
-        for index in factory.destroyers:
-            if self.timed:
-                t0 = perf_counter_ns()
-                filters[index].on_destroy()
-                block[factory.stage_ns[index]] += perf_counter_ns() - t0
-            else:
-                filters[index].on_destroy()
-        # Break the filter -> callbacks -> chain -> filters cycle so refcounting frees the
-        # request's objects now, instead of leaving cyclic garbage for the GC every request.
-        self.filters = []
+        state = self.state
+        if factory.finishers or (state is not None and state.cleanups):
+            ctx = self.exchange.ctx
+            timed, block = ctx.timed, ctx.block
+            filters = self.filters
+            for index in factory.finishers:
+                if timed:
+                    t0 = perf_counter_ns()
+                    filters[index].on_destroy()
+                    block[factory.stage_ns[index]] += perf_counter_ns() - t0
+                else:
+                    filters[index].on_destroy()
+            if state is not None:
+                cleanups, state.cleanups = state.cleanups, []
+                for index, fn in cleanups:
+                    if timed:
+                        t0 = perf_counter_ns()
+                        fn()
+                        block[factory.stage_ns[index]] += perf_counter_ns() - t0
+                    else:
+                        fn()
+        # Break the filter -> callbacks (this chain) -> filters cycle so refcounting frees the
+        # request's objects now, instead of leaving cyclic garbage for the GC every request;
+        # shared instances must not keep the last request alive either.
+        self.filters = ()
+        for instance in factory.shared_instances:
+            instance.callbacks = None
