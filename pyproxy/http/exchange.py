@@ -122,17 +122,18 @@ class Exchange:
             # charged to the chain's filter stages, so the stage clock shows a filter's whole cost.
             t0 = perf_counter_ns()
         self.chain = chain = chain_factory.start(self)
-        self.downstream.pause_request()
         # The head's header list belongs to this exchange: filters edit it in place, no copy.
         headers = HeaderMap(
             request.headers,
             {b":method": request.method, b":path": request.target, b":authority": authority},
         )
         passed = chain.decode_headers(headers, self.head_only)
-        if ctx.timed and not self.finished:
+        if ctx.timed:  # a local reply from a filter is its cost too
             chain_factory.charge(ctx.block, perf_counter_ns() - t0 - chain.hook_ns)
         if passed:
             self.headers_decoded()
+        elif not self.finished and (chain.state is None or chain.state.body_for["decode"] is None):
+            self.downstream.pause_request()  # a filter holds the head (a buffering one reads on)
 
     def headers_decoded(self) -> None:
         """Every filter let the request head through: pick the upstream and go."""
