@@ -48,10 +48,10 @@ class HttpContext:
         # Stage slots a callback can add to: the base stages plus this listener's filters.
         self.claim_end = STAGE_NS + len(STAGES) + len(listener.filter_names)
         self._chains = self._build_chains(loop, listener)
-        from pyproxy.http.express import express_route
+        from pyproxy.http.express import express_routes
 
-        # The route the express lane carries every request of (express.py), or None.
-        self.express_route = express_route(self)
+        # Which routes' requests the express lane may carry (express.py); None: none.
+        self.express_routes = express_routes(self)
 
     def _build_chains(self, loop, listener: ListenerConfig) -> dict:
         """Chain factories, built once: the listener's, and each route's override (None = no filters)."""

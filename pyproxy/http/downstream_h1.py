@@ -85,12 +85,12 @@ class Http1Downstream(Http1Side):
         if self.express is not None:
             self.express.materialize()  # more bytes while one is in flight: the general path
         elif (
-            ctx.express_route is not None
+            ctx.express_routes is not None
             and self.exchange is None
             and data
             and not self._held
             and self.codec.at_rest
-            and express.start(self, data, ctx.express_route)
+            and express.start(self, data, ctx.express_routes)
         ):
             self._cancel_timer()
             return

@@ -264,7 +264,7 @@ class Exchange:
     def adopt_express(self, express, upstream) -> None:
         """Take over a request the express lane carried (express.py): its bytes are upstream."""
         self.started_ns = express.started_ns
-        self.route = self.ctx.express_route
+        self.route = express.route
         self.target, self.source = express.target, express.source
         self.forwards_unchanged = True
         self.request_done = True

@@ -17,10 +17,10 @@ Exchange the general path would have built, tells the upstream codec what
 was sent, and the event continues on the general path. So behaviour outside
 the common case is the general path's, by construction.
 
-Eligible listeners (decided once per listener context): HTTP mode, the fast
-codec with the native scanner built, a single default route with no filter,
-an HTTP/1 upstream, no access log and no Server-Timing (they need the
-per-request stage trace the general path keeps).
+Eligible requests: on an HTTP-mode listener with the fast codec (and the
+native scanner built), no access log and no Server-Timing (they need the
+per-request stage trace the general path keeps), routed to a route with no
+filter and an HTTP/1 upstream (decided once per listener context, per route).
 """
 
 from __future__ import annotations
@@ -41,22 +41,28 @@ if TYPE_CHECKING:
 _scan = http1_head_scanner()
 
 
-def express_route(ctx: HttpContext) -> Route | None:
-    """The route every request of this listener takes, if the express lane may carry them."""
-    route = ctx.router.default_route
+def express_routes(ctx: HttpContext) -> frozenset[int] | None:
+    """The ids of the routes whose requests the express lane may carry; None: none may."""
     if (
-        route is None
-        or _scan is None
+        _scan is None
         or ctx.listener.mode != "http"
         or ctx.settings.codec != "fast"
         or ctx.access_log is not None
         or ctx.settings.server_timing
-        or ctx.chain_for(route) is not None
     ):
         return None
+    routes = [ctx.router.default_route] if ctx.router.default_route else ctx.router.routes
+    eligible = frozenset(id(route) for route in routes if _plain(ctx, route))  # type: ignore[arg-type]
+    return eligible or None
+
+
+def _plain(ctx: HttpContext, route: Route) -> bool:
+    """No filter, and an HTTP/1 upstream."""
+    if ctx.chain_for(route) is not None:
+        return False
     cluster = route.cluster if route.cluster is not None else ctx.router.default_cluster
     protocol = cluster.protocol if cluster is not None else ctx.settings.upstream_protocol
-    return route if protocol == "http1" else None
+    return protocol == "http1"
 
 
 class Express:
@@ -65,6 +71,7 @@ class Express:
     __slots__ = (
         "ctx",
         "session",
+        "route",
         "upstream",
         "data",
         "target",
@@ -77,6 +84,7 @@ class Express:
     def __init__(self, ctx: HttpContext, session: Http1Downstream, data: bytes) -> None:
         self.ctx = ctx
         self.session = session
+        self.route: Any = None
         self.upstream: Any = None
         self.data = data  # the request as read: replayed into the codec if this materializes
         self.target: Any = None
@@ -130,26 +138,38 @@ class Express:
         return exchange
 
 
-def start(session: Http1Downstream, data: bytes, route: Route) -> bool:
+def start(session: Http1Downstream, data: bytes, eligible: frozenset[int]) -> bool:
     """Take the downstream's read onto the express lane if it is one whole plain request."""
     ctx = session.ctx
     found = _timed_scan(ctx, data, True)
     if found is None:
         return False
-    size, method, _, _, _, length, close, _, expect, wire = found
+    size, method, target, _, headers, length, close, _, expect, wire = found
     if wire is None or close or expect or method == b"HEAD":
         return False
     if size + (length or 0) != len(data):
         return False  # a body still to come, or pipelined requests
-    if route.cluster is not None:
-        target, source = route.cluster.pick(), ""
+    route = ctx.router.default_route
+    if route is None:
+        authority = next(value for name, value in headers if name == b"host")  # one, scanned
+        route = ctx.router.match(authority, target)
+        if route is None:
+            return False  # the general path answers 404
+    if id(route) not in eligible:
+        return False
+    cluster = route.cluster
+    if cluster is not None:
+        upstream_target, source = cluster.peek(), ""
     else:
-        target, source = session.target, session.source
-    upstream: Http1Upstream | None = ctx.pool.take_idle(target)
+        upstream_target, source = session.target, session.source
+    upstream: Http1Upstream | None = ctx.pool.take_idle(upstream_target)
     if upstream is None:
-        return False  # a connect: the general path waits for it
+        return False  # a connect: the general path takes this endpoint's turn and waits for it
+    if cluster is not None:
+        cluster.pick()  # round robin: the turn is taken
     express = Express(ctx, session, data)
-    express.upstream, express.target, express.source = upstream, target, source
+    express.route, express.upstream = route, upstream
+    express.target, express.source = upstream_target, source
     session.express = upstream.express = express
     ctx.block[REQUESTS] += 1
     if route.timeout > 0:

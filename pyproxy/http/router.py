@@ -46,6 +46,10 @@ class Cluster:
         self._next = (index + 1) % len(endpoints)
         return endpoints[index]
 
+    def peek(self) -> Address:
+        """The endpoint ``pick`` returns next, without taking its turn."""
+        return self.endpoints[self._next]
+
 
 @dataclass(frozen=True, slots=True)
 class Route:

@@ -1,0 +1,251 @@
+"""The HTTP/1 express lane (pyproxy/http/express.py) through a real pyproxy process.
+
+The upstream here answers each request with one write, the way most app
+servers do, so the express lane can carry it; some paths answer in ways it
+must not (pieces, chunked, close, silence), and then the general path takes
+over mid-request. Every test checks what the client got, what the upstream
+got, and the `express_requests` counter that says which lane carried what.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+from conftest import ThreadedServer, start_listener
+
+OK = b"HTTP/1.1 200 OK\r\nServer: raw\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n%s"
+
+
+class RawUpstream:
+    """Reads whole requests; answers by path; keeps each request's bytes as received."""
+
+    def __init__(self) -> None:
+        self.requests: list[bytes] = []
+        self.lock = threading.Lock()
+        self.server = ThreadedServer(self._serve, nodelay=True)
+        self.address = self.server.address
+
+    def _serve(self, conn: socket.socket) -> None:
+        buf = b""
+        while True:
+            while b"\r\n\r\n" not in buf:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                buf += chunk
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            while len(buf) < length:
+                buf += conn.recv(65536)
+            body, buf = buf[:length], buf[length:]
+            with self.lock:
+                self.requests.append(head + b"\r\n\r\n" + body)
+            path = head.split(b" ")[1].partition(b"?")[0]
+            if not self._answer(conn, path, body):
+                return
+
+    def _answer(self, conn: socket.socket, path: bytes, body: bytes) -> bool:
+        if path == b"/pieces":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\npie")
+            time.sleep(0.05)
+            conn.sendall(b"ces")
+        elif path == b"/chunked":
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            )
+        elif path == b"/close":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nbye")
+            return False
+        elif path == b"/vanish":
+            return False  # closes without an answer
+        elif path == b"/slow":
+            time.sleep(0.8)
+            conn.sendall(OK % (4, b"slow"))
+        elif path == b"/echo":
+            conn.sendall(OK % (len(body), body))
+        elif path == b"/204":
+            conn.sendall(b"HTTP/1.1 204 No Content\r\nX-A: 1\r\n\r\n")
+        else:
+            answer = b"ok:" + path
+            conn.sendall(OK % (len(answer), answer))
+        return True
+
+
+def _listener(start_proxy, tmp_path, upstream: RawUpstream, body: str = ""):
+    return start_listener(start_proxy, tmp_path, upstream.address, body)
+
+
+class Client:
+    """One kept-alive downstream connection; reads Content-Length or bodiless responses."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def response(self) -> tuple[bytes, bytes]:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            chunk = self.sock.recv(65536)
+            assert chunk, f"closed after {buf!r}"
+            buf += chunk
+        head, _, rest = buf.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if head.startswith(b"HTTP/1.1 204"):
+            length = 0
+        chunked = b"transfer-encoding: chunked" in head.lower()
+        while (len(rest) < length) or (chunked and not rest.endswith(b"0\r\n\r\n")):
+            rest += self.sock.recv(65536)
+        return head, rest
+
+    def get(self, path: bytes, extra: bytes = b"") -> tuple[bytes, bytes]:
+        self.send(b"GET " + path + b" HTTP/1.1\r\nHost: svc\r\n" + extra + b"\r\n")
+        return self.response()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_kept_alive_requests_ride_the_express_lane(start_proxy, tmp_path):
+    upstream = RawUpstream()
+    proxy, port = _listener(start_proxy, tmp_path, upstream)
+    client = Client(port)
+    for i in range(20):
+        head, body = client.get(b"/r%d" % i)
+        assert head.startswith(b"HTTP/1.1 200 OK") and body == b"ok:/r%d" % i
+        assert b"connection" not in head.lower()  # the upstream's hop-by-hop line was cut
+    stats = proxy.wait_for(lambda s: s["requests"] == 20)
+    # The first request needed a connect (general path); the pooled connection carried the rest.
+    assert stats["express_requests"] == 19, stats
+    assert stats["responses"]["2xx"] == 20 and stats["flags"] == {}
+    assert stats["duration"]["count"] == 20
+    assert stats["stages"]["parse"]["events"] >= 38  # the scans are on the clock
+    assert upstream.server.connections == 1
+    client.close()
+
+
+def test_express_forwards_bytes_as_received_less_hop_by_hop(start_proxy, tmp_path):
+    upstream = RawUpstream()
+    proxy, port = _listener(start_proxy, tmp_path, upstream)
+    client = Client(port)
+    client.get(b"/warm")
+    request = (
+        b"POST /echo?x=1 HTTP/1.1\r\nHost: svc\r\nX-Mixed-Case:  kept as is \r\n"
+        b"Keep-Alive: timeout=5\r\nContent-Length: 5\r\n\r\nhello"
+    )
+    client.send(request)
+    head, body = client.response()
+    assert body == b"hello"
+    assert upstream.requests[-1] == (
+        b"POST /echo?x=1 HTTP/1.1\r\nHost: svc\r\nX-Mixed-Case:  kept as is \r\n"
+        b"Content-Length: 5\r\n\r\nhello"
+    )
+    head, body = client.get(b"/204")
+    assert head.startswith(b"HTTP/1.1 204") and b"X-A: 1" in head and body == b""
+    assert proxy.wait_for(lambda s: s["express_requests"] == 2)["express_requests"] == 2
+    client.close()
+
+
+def test_anything_else_continues_on_the_general_path(start_proxy, tmp_path):
+    upstream = RawUpstream()
+    proxy, port = _listener(start_proxy, tmp_path, upstream)
+    client = Client(port)
+    client.get(b"/warm")
+    head, body = client.get(b"/pieces")  # the response arrives in two reads
+    assert body == b"pieces"
+    head, body = client.get(b"/chunked")
+    assert b"chunked" in head.lower() and body.startswith(b"3\r\nabc\r\n")
+    head, body = client.get(b"/close")  # the upstream closes: the client stays kept alive
+    assert body == b"bye" and b"close" not in head.lower()
+    head, body = client.get(b"/after")  # a new upstream connection: the general path
+    assert body == b"ok:/after"
+    assert client.get(b"/pooled")[1] == b"ok:/pooled"
+    # A named connection option: the head is rewritten, X-Drop never reaches the upstream.
+    head, body = client.get(b"/named", b"Connection: X-Drop\r\nX-Drop: 1\r\n")
+    assert body == b"ok:/named" and b"x-drop" not in upstream.requests[-1].lower()
+    stats = proxy.wait_for(lambda s: s["requests"] == 7)
+    assert stats["responses"]["2xx"] == 7 and stats["flags"] == {}
+    # Only /pooled took the express lane end to end.
+    assert stats["express_requests"] == 1, stats
+    client.close()
+
+
+def test_upstream_gone_on_a_pooled_connection_is_retried(start_proxy, tmp_path):
+    upstream = RawUpstream()
+    proxy, port = _listener(start_proxy, tmp_path, upstream)
+    client = Client(port)
+    client.get(b"/warm")
+    # The app closes the pooled connection without answering: the one safe retry, on a new one.
+    client.send(b"GET /vanish HTTP/1.1\r\nHost: svc\r\n\r\n")
+    client.send(b"")
+    head, _ = client.response()
+    # The retry reaches /vanish again, which closes again: a 503 with the reset flag.
+    assert head.startswith(b"HTTP/1.1 503"), head
+    head, body = client.get(b"/next")
+    assert body == b"ok:/next"
+    stats = proxy.wait_for(lambda s: s["requests"] == 3)
+    assert sum(1 for r in upstream.requests if b"/vanish" in r) == 2  # tried, retried once
+    assert stats["flags"].get("UC") == 1, stats
+    client.close()
+
+
+def test_route_timeout_fires_for_an_express_request(start_proxy, tmp_path):
+    upstream = RawUpstream()
+    routes = "    routes:\n      - match: {prefix: /}\n        timeout: 300ms\n"
+    proxy, port = _listener(start_proxy, tmp_path, upstream, routes)
+    client = Client(port)
+    client.get(b"/warm")
+    started = time.monotonic()
+    head, _ = client.get(b"/slow")
+    elapsed = time.monotonic() - started
+    assert head.startswith(b"HTTP/1.1 504"), head
+    assert 0.3 <= elapsed < 0.7, elapsed
+    stats = proxy.wait_for(lambda s: s["flags"].get("UT") == 1)
+    assert stats["flags"] == {"UT": 1}
+    client.close()
+
+
+def test_pipelined_and_more_data_leave_the_express_lane(start_proxy, tmp_path):
+    upstream = RawUpstream()
+    proxy, port = _listener(start_proxy, tmp_path, upstream)
+    client = Client(port)
+    client.get(b"/warm")
+    client.send(b"GET /p1 HTTP/1.1\r\nHost: svc\r\n\r\nGET /p2 HTTP/1.1\r\nHost: svc\r\n\r\n")
+    assert client.response()[1] == b"ok:/p1"
+    assert client.response()[1] == b"ok:/p2"
+    # A second request sent while the first (slow) one is on the express lane.
+    client.send(b"GET /slow HTTP/1.1\r\nHost: svc\r\n\r\n")
+    time.sleep(0.1)
+    client.send(b"GET /p3 HTTP/1.1\r\nHost: svc\r\n\r\n")
+    assert client.response()[1] == b"slow"
+    assert client.response()[1] == b"ok:/p3"
+    stats = proxy.wait_for(lambda s: s["requests"] == 5)
+    assert stats["responses"]["2xx"] == 5 and stats["flags"] == {}
+    client.close()
+
+
+def test_filtered_routes_never_take_the_express_lane(start_proxy, tmp_path):
+    upstream = RawUpstream()
+    filters = (
+        "    filters:\n      - name: stamp\n        type: lua\n        config:\n"
+        "          inline_code: |\n            function envoy_on_request(h)\n"
+        "              h:headers():add('x-lua', '1')\n            end\n"
+    )
+    proxy, port = _listener(start_proxy, tmp_path, upstream, filters)
+    client = Client(port)
+    for _ in range(3):
+        assert client.get(b"/f")[1] == b"ok:/f"
+    assert all(b"x-lua: 1" in r.lower() for r in upstream.requests)
+    assert proxy.wait_for(lambda s: s["requests"] == 3)["express_requests"] == 0
+    client.close()
