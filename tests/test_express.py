@@ -12,8 +12,11 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from pathlib import Path
 
 from conftest import ThreadedServer, start_listener
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "filters" / "wasm_examples"
 
 OK = b"HTTP/1.1 200 OK\r\nServer: raw\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n%s"
 
@@ -235,17 +238,71 @@ def test_pipelined_and_more_data_leave_the_express_lane(start_proxy, tmp_path):
     client.close()
 
 
-def test_filtered_routes_never_take_the_express_lane(start_proxy, tmp_path):
+def _filters(*entries: str) -> str:
+    return "    filters:\n" + "".join(entries)
+
+
+LUA_BOTH_WAYS = (
+    "      - name: stamp\n        type: lua\n        config:\n          inline_code: |\n"
+    "            function envoy_on_request(h)\n              h:headers():add('x-lua', '1')\n"
+    "            end\n            function envoy_on_response(h)\n"
+    "              h:headers():add('x-lua-response', h:headers():get(':status'))\n            end\n"
+)
+
+
+def test_header_only_filters_run_on_the_express_lane(start_proxy, tmp_path):
     upstream = RawUpstream()
-    filters = (
-        "    filters:\n      - name: stamp\n        type: lua\n        config:\n"
-        "          inline_code: |\n            function envoy_on_request(h)\n"
-        "              h:headers():add('x-lua', '1')\n            end\n"
+    wasm = f"      - name: headers\n        type: wasm\n        config:\n          wasm_file: {EXAMPLES / 'headers.wat'}\n"
+    proxy, port = _listener(start_proxy, tmp_path, upstream, _filters(LUA_BOTH_WAYS, wasm))
+    client = Client(port)
+    for i in range(4):
+        head, body = client.get(b"/f%d" % i, b"X-Wasm-Remove: 1\r\nX-Wasm-Replace: a\r\n")
+        assert body == b"ok:/f%d" % i
+        lowered = head.lower()
+        assert b"x-lua-response: 200" in lowered and b"x-wasm-response: hello" in lowered
+        assert lowered.count(b"content-length: %d" % len(body)) == 1
+        sent = upstream.requests[-1].lower()
+        assert b"x-lua: 1" in sent and b"x-wasm-added: yes" in sent
+        assert b"x-wasm-replace: replaced" in sent and b"x-wasm-remove" not in sent
+    stats = proxy.wait_for(lambda s: s["requests"] == 4)
+    assert stats["express_requests"] == 3, stats  # the first one connected
+    assert stats["stages"]["filter:stamp"]["events"] >= 8  # request and response hooks, timed
+    assert stats["stages"]["filter:headers"]["ns"] > 0
+    client.close()
+
+
+def test_filters_that_answer_or_wait_leave_the_express_lane(start_proxy, tmp_path):
+    upstream = RawUpstream()
+    fault = (
+        "      - name: fault\n        type: fault\n        config:\n"
+        "          abort: {percentage: 100, header_abort: true}\n"
+        "          delay: {header_delay: true}\n"
     )
-    proxy, port = _listener(start_proxy, tmp_path, upstream, filters)
+    proxy, port = _listener(start_proxy, tmp_path, upstream, _filters(fault))
+    client = Client(port)
+    client.get(b"/warm")
+    before = len(upstream.requests)
+    head, _ = client.get(b"/abort", b"x-envoy-fault-abort-request: 418\r\n")
+    assert head.startswith(b"HTTP/1.1 418"), head
+    assert len(upstream.requests) == before  # answered before anything went upstream
+    started = time.monotonic()
+    head, body = client.get(b"/delayed", b"x-envoy-fault-delay-request: 150\r\n")
+    assert body == b"ok:/delayed" and time.monotonic() - started >= 0.14
+    assert client.get(b"/plain")[1] == b"ok:/plain"
+    stats = proxy.wait_for(lambda s: s["requests"] == 4)
+    assert stats["flags"] == {"FI": 1}, stats
+    counters = stats["filters"]["fault"]
+    assert counters["aborts_injected"] == 1 and counters["delays_injected"] == 1
+    assert stats["express_requests"] == 1, stats  # /plain; /abort and /delayed materialized
+    client.close()
+
+
+def test_filters_that_read_bodies_never_take_the_express_lane(start_proxy, tmp_path):
+    upstream = RawUpstream()
+    tap = f"      - name: tap\n        type: tap\n        config:\n          path: {tmp_path / 'tap.jsonl'}\n"
+    proxy, port = _listener(start_proxy, tmp_path, upstream, _filters(tap))
     client = Client(port)
     for _ in range(3):
-        assert client.get(b"/f")[1] == b"ok:/f"
-    assert all(b"x-lua: 1" in r.lower() for r in upstream.requests)
+        assert client.get(b"/t")[1] == b"ok:/t"
     assert proxy.wait_for(lambda s: s["requests"] == 3)["express_requests"] == 0
     client.close()

@@ -116,24 +116,20 @@ class Exchange:
         if chain_factory is None:
             self.headers_decoded()
             return
-        ctx = self.ctx
-        if ctx.timed:
-            # The chain's own set-up and run loop are part of what filters cost: measured here and
-            # charged to the chain's filter stages, so the stage clock shows a filter's whole cost.
-            t0 = perf_counter_ns()
-        self.chain = chain = chain_factory.start(self)
-        # The head's header list belongs to this exchange: filters edit it in place, no copy.
-        headers = HeaderMap(
-            request.headers,
-            {b":method": request.method, b":path": request.target, b":authority": authority},
-        )
-        passed = chain.decode_headers(headers, self.head_only)
-        if ctx.timed:  # a local reply from a filter is its cost too
-            chain_factory.charge(ctx.block, perf_counter_ns() - t0 - chain.hook_ns)
+        passed = start_chain(
+            self, chain_factory, request.method, request.target, request.headers, authority,
+            self.head_only,
+        )  # fmt: skip
         if passed:
             self.headers_decoded()
-        elif not self.finished and (chain.state is None or chain.state.body_for["decode"] is None):
-            self.downstream.pause_request()  # a filter holds the head (a buffering one reads on)
+        else:
+            self.hold_if_chain_holds()
+
+    def hold_if_chain_holds(self) -> None:
+        """A filter holds the head: stop reading (unless it buffers the body: then it reads on)."""
+        chain = self.chain
+        if not self.finished and (chain.state is None or chain.state.body_for["decode"] is None):
+            self.downstream.pause_request()
 
     def headers_decoded(self) -> None:
         """Every filter let the request head through: pick the upstream and go."""
@@ -266,7 +262,7 @@ class Exchange:
         self.started_ns = express.started_ns
         self.route = express.route
         self.target, self.source = express.target, express.source
-        self.forwards_unchanged = True
+        self.forwards_unchanged = self.chain is None or not self.chain.factory.encodes
         self.request_done = True
         if express.timeout:
             # The deadline stays the express entry's (armed when the request left): it forwards.
@@ -581,13 +577,7 @@ class Exchange:
         chain = self.chain
         if chain is not None:
             self.chain = None  # no exchange <-> chain cycle left behind
-            if chain.factory.destroyers:
-                # Filters' end-of-request work (WASM on_done/on_delete, Lua cleanup) runs after
-                # the response has left: a corked response is only sent when this call unwinds.
-                chain.done = True
-                ctx.loop.call_soon(chain.run_destroyers)
-            else:
-                chain.destroy()
+            end_chain(ctx, chain)
         if ctx.access_log is not None:
             ctx.access_log.write(ctx.loop, self._log_record(elapsed))
         if not switched:
@@ -617,6 +607,40 @@ class Exchange:
                 if self.trace[i]
             }
         return record
+
+
+def start_chain(
+    owner, factory, method: bytes, target: bytes, headers, authority: bytes, end_stream: bool
+) -> bool:
+    """Start a request's filter chain (``owner.chain``) and run its request-header pass.
+
+    The owner is the Exchange, or an express request (express.py). True when every
+    filter let the head through. The chain's own set-up and run loop are part of what
+    filters cost: measured here and charged to their stages (a local reply's too).
+    """
+    ctx = owner.ctx
+    if ctx.timed:
+        t0 = perf_counter_ns()
+    owner.chain = chain = factory.start(owner)
+    # The head's header list belongs to this request: filters edit it in place, no copy.
+    header_map = HeaderMap(
+        headers, {b":method": method, b":path": target, b":authority": authority}
+    )
+    passed = chain.decode_headers(header_map, end_stream)
+    if ctx.timed:
+        factory.charge(ctx.block, perf_counter_ns() - t0 - chain.hook_ns)
+    return passed
+
+
+def end_chain(ctx: HttpContext, chain) -> None:
+    """The request is over: its filters' end-of-request work."""
+    if chain.factory.destroyers:
+        # Filters' end-of-request work (WASM on_done/on_delete) runs after the response has
+        # left: a corked response is only sent when the current call unwinds.
+        chain.done = True
+        ctx.loop.call_soon(chain.run_destroyers)
+    else:
+        chain.destroy()
 
 
 def _authority_of(request: RequestHead) -> bytes:

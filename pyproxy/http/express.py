@@ -28,8 +28,11 @@ from __future__ import annotations
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
+from pyproxy.chain.api import HeaderMap
+from pyproxy.codec.events import Body, ResponseHead
+from pyproxy.codec.http1 import strip_hop_by_hop
 from pyproxy.counters import EXPRESS_REQUESTS, REQUESTS, STATUS_BASE, observe_duration
-from pyproxy.http.exchange import Exchange
+from pyproxy.http.exchange import Exchange, end_chain, start_chain
 from pyproxy.native import http1_head_scanner
 
 if TYPE_CHECKING:
@@ -52,13 +55,16 @@ def express_routes(ctx: HttpContext) -> frozenset[int] | None:
     ):
         return None
     routes = [ctx.router.default_route] if ctx.router.default_route else ctx.router.routes
-    eligible = frozenset(id(route) for route in routes if _plain(ctx, route))  # type: ignore[arg-type]
+    eligible = frozenset(id(route) for route in routes if _eligible(ctx, route))  # type: ignore[arg-type]
     return eligible or None
 
 
-def _plain(ctx: HttpContext, route: Route) -> bool:
-    """No filter, and an HTTP/1 upstream."""
-    if ctx.chain_for(route) is not None:
+def _eligible(ctx: HttpContext, route: Route) -> bool:
+    """An HTTP/1 upstream, and filters (if any) that look at headers only."""
+    chain = ctx.chain_for(route)
+    if chain is not None and (
+        chain.decodes_body or chain.hooks["encode_data"] or chain.hooks["encode_trailers"]
+    ):
         return False
     cluster = route.cluster if route.cluster is not None else ctx.router.default_cluster
     protocol = cluster.protocol if cluster is not None else ctx.settings.upstream_protocol
@@ -66,11 +72,11 @@ def _plain(ctx: HttpContext, route: Route) -> bool:
 
 
 class Express:
-    """One request on the express lane, between its head going up and its response coming back."""
+    """One request on the express lane; to its filters (if any) it is their exchange."""
 
     __slots__ = (
         "ctx",
-        "session",
+        "downstream",
         "route",
         "upstream",
         "data",
@@ -78,12 +84,13 @@ class Express:
         "source",
         "started_ns",
         "timeout",
+        "chain",
         "exchange",
     )
 
-    def __init__(self, ctx: HttpContext, session: Http1Downstream, data: bytes) -> None:
+    def __init__(self, ctx: HttpContext, downstream: Http1Downstream, data: bytes) -> None:
         self.ctx = ctx
-        self.session = session
+        self.downstream = downstream
         self.route: Any = None
         self.upstream: Any = None
         self.data = data  # the request as read: replayed into the codec if this materializes
@@ -91,7 +98,10 @@ class Express:
         self.source = ""
         self.started_ns = perf_counter_ns()
         self.timeout = 0.0
-        self.exchange: Exchange | None = None
+        self.chain: Any = None  # the route's filters, when it has some
+        self.exchange: Exchange | None = None  # once materialized
+
+    # ---- the response --------------------------------------------------------------
 
     def response(self, data: bytes) -> bool:
         """The upstream's read: forwarded if it is one whole plain response, else False."""
@@ -99,7 +109,7 @@ class Express:
         found = _timed_scan(ctx, data, False)
         if found is None:
             return False
-        size, status, _, _, _, length, close, _, _, wire = found
+        size, status, reason, version, headers, length, close, keep_alive, _, wire = found
         if wire is None or close:
             return False  # HTTP/1.0, or the upstream wants to close: the general path's care
         if status == 204 or status == 304:
@@ -108,9 +118,22 @@ class Express:
             return False
         if size + length != len(data):
             return False  # more to come, or more than one response
-        session, upstream = self.session, self.upstream
-        session.express = upstream.express = None
-        session.stream.write(data if len(wire) == size else wire + data[size:])
+        out = data if len(wire) == size else wire + data[size:]
+        chain = self.chain
+        if chain is not None and chain.factory.encodes:
+            header_map = HeaderMap(strip_hop_by_hop(headers), {b":status": b"%d" % status})
+            passed = chain.encode_headers(header_map, length == 0)
+            if self.exchange is not None:
+                return True  # a filter answered instead (the Exchange did, and dropped this)
+            if not passed:
+                head = ResponseHead(status, reason, headers, version, True, length, False, wire)
+                self._materialize_holding_response(data, head, data[size:])
+                return True
+            if header_map.changed:
+                out = _response_bytes(header_map, status, reason, data[size:])
+        downstream, upstream = self.downstream, self.upstream
+        downstream.express = upstream.express = None
+        downstream.stream.write(out)
         block = ctx.block
         if self.timeout:
             ctx.deadlines.disarm(self.timeout, self)
@@ -118,7 +141,12 @@ class Express:
         block[EXPRESS_REQUESTS] += 1
         observe_duration(block, perf_counter_ns() - self.started_ns)
         ctx.pool.keep(upstream)
+        if chain is not None:
+            self.chain = None
+            end_chain(ctx, chain)
         return True
+
+    # ---- what filters (and timers) call on their exchange ----------------------------
 
     def deadline_expired(self) -> None:
         if self.exchange is None:
@@ -126,21 +154,72 @@ class Express:
         assert self.exchange is not None
         self.exchange.deadline_expired()
 
+    def headers_decoded(self) -> None:
+        """A filter resumed the request head: the general path carries it on."""
+        if self.exchange is None:
+            self._materialize_unsent()
+        assert self.exchange is not None
+        self.exchange.headers_decoded()
+
+    def forward_response_head(self, end_stream: bool) -> None:
+        """The filters let the response head through (``response`` sends it on)."""
+
+    def filter_local_reply(self, *args) -> None:
+        if self.exchange is None:
+            if self.upstream.express is self:
+                self.materialize()  # the request is upstream: the Exchange abandons it
+            else:
+                self._materialize_unsent()
+        assert self.exchange is not None
+        self.exchange.filter_local_reply(*args)
+
+    # ---- becoming an Exchange -------------------------------------------------------
+
     def materialize(self) -> Exchange:
-        """Become the Exchange the general path would have built for this request."""
-        session, upstream = self.session, self.upstream
-        session.express = upstream.express = None
-        events = session.decode(self.data)  # the downstream codec sees the request it carried
-        exchange = Exchange(self.ctx, session, events[0], None)
+        """Become the Exchange the general path would have built (the request is upstream)."""
+        downstream, upstream = self.downstream, self.upstream
+        downstream.express = upstream.express = None
+        events = downstream.decode(self.data)  # the downstream codec sees the request it carried
+        exchange = self.exchange = Exchange(self.ctx, downstream, events[0], None)
+        if self.chain is not None:
+            exchange.chain, self.chain.exchange = self.chain, exchange
+            self.chain = None
         exchange.adopt_express(self, upstream)
-        self.exchange = exchange
-        session.exchange = exchange
+        downstream.exchange = exchange
         return exchange
 
+    def _materialize_unsent(self) -> Exchange:
+        """Become the Exchange for a request a filter holds or answers: nothing went upstream."""
+        downstream = self.downstream
+        downstream.express = None
+        self.ctx.pool.keep(self.upstream)  # taken for this request, unused
+        events = downstream.decode(self.data)
+        exchange = self.exchange = Exchange(self.ctx, downstream, events[0], None)
+        exchange.started_ns = self.started_ns
+        exchange.route = self.route
+        exchange.chain, self.chain.exchange = self.chain, exchange
+        self.chain = None
+        downstream.exchange = exchange
+        for event in events[1:]:  # the body (already whole) and the end wait for the upstream
+            if type(event) is Body:
+                exchange.request_body(event.data)
+        exchange.request_end()
+        return exchange
 
-def start(session: Http1Downstream, data: bytes, eligible: frozenset[int]) -> bool:
+    def _materialize_holding_response(self, data: bytes, head: ResponseHead, body) -> None:
+        """A filter holds the response head: the Exchange takes it, and the body, from here."""
+        exchange = self.materialize()
+        self.upstream.codec.receive_data(data)  # its state: this response was read
+        exchange.status = head.status
+        exchange.response_head_in = head
+        if body:
+            exchange.response_body(body)
+        exchange.response_end()
+
+
+def start(downstream: Http1Downstream, data: bytes, eligible: frozenset[int]) -> bool:
     """Take the downstream's read onto the express lane if it is one whole plain request."""
-    ctx = session.ctx
+    ctx = downstream.ctx
     found = _timed_scan(ctx, data, True)
     if found is None:
         return False
@@ -150,8 +229,10 @@ def start(session: Http1Downstream, data: bytes, eligible: frozenset[int]) -> bo
     if size + (length or 0) != len(data):
         return False  # a body still to come, or pipelined requests
     route = ctx.router.default_route
-    if route is None:
+    authority = b""
+    if route is None or ctx.chain_for(route) is not None:
         authority = next(value for name, value in headers if name == b"host")  # one, scanned
+    if route is None:
         route = ctx.router.match(authority, target)
         if route is None:
             return False  # the general path answers 404
@@ -161,22 +242,63 @@ def start(session: Http1Downstream, data: bytes, eligible: frozenset[int]) -> bo
     if cluster is not None:
         upstream_target, source = cluster.peek(), ""
     else:
-        upstream_target, source = session.target, session.source
+        upstream_target, source = downstream.target, downstream.source
     upstream: Http1Upstream | None = ctx.pool.take_idle(upstream_target)
     if upstream is None:
         return False  # a connect: the general path takes this endpoint's turn and waits for it
     if cluster is not None:
         cluster.pick()  # round robin: the turn is taken
-    express = Express(ctx, session, data)
+    express = Express(ctx, downstream, data)
     express.route, express.upstream = route, upstream
     express.target, express.source = upstream_target, source
-    session.express = upstream.express = express
+    downstream.express = express
     ctx.block[REQUESTS] += 1
+    out = data if len(wire) == size else wire + data[size:]
+    factory = ctx.chain_for(route)
+    if factory is not None:
+        passed = start_chain(express, factory, method, target, headers, authority, not length)
+        if express.exchange is not None:
+            return True  # a filter answered, or resumed later: the Exchange carries on
+        if not passed:
+            express._materialize_unsent().hold_if_chain_holds()
+            return True
+        header_map = express.chain.maps["decode"]
+        if header_map.changed:
+            out = _request_bytes(header_map, data[size:])
     if route.timeout > 0:
         ctx.deadlines.arm(route.timeout, express)
         express.timeout = route.timeout
-    upstream.stream.write(data if len(wire) == size else wire + data[size:])
+    upstream.express = express
+    upstream.stream.write(out)
     return True
+
+
+# ---- heads a filter changed, written anew (hop-by-hop fields never go on) --------------
+
+
+def _request_bytes(header_map: HeaderMap, body: bytes) -> bytes:
+    pseudo = header_map.pseudo
+    fields = strip_hop_by_hop(header_map.headers)
+    if body and not any(name == b"content-length" for name, _ in fields):
+        fields.append((b"content-length", b"%d" % len(body)))
+    return _head_bytes([pseudo[b":method"], b" ", pseudo[b":path"], b" HTTP/1.1\r\n"], fields, body)
+
+
+def _response_bytes(header_map: HeaderMap, status: int, reason: bytes, body: bytes) -> bytes:
+    new_status = int(header_map.pseudo.get(b":status", b"%d" % status))
+    if new_status != status:
+        reason = b""
+    fields = [(n, v) for n, v in header_map.headers if n != b"content-length"]
+    if new_status != 204 and new_status != 304:
+        fields.append((b"content-length", b"%d" % len(body)))
+    return _head_bytes([b"HTTP/1.1 %d %s\r\n" % (new_status, reason)], fields, body)
+
+
+def _head_bytes(parts: list, fields, body: bytes) -> bytes:
+    for name, value in fields:
+        parts += (name, b": ", value, b"\r\n")
+    parts += (b"\r\n", body)
+    return b"".join(parts)
 
 
 def _timed_scan(ctx: HttpContext, data: bytes, request: bool):
