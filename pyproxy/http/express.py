@@ -32,7 +32,7 @@ from pyproxy.chain.api import HeaderMap
 from pyproxy.codec.events import Body, ResponseHead
 from pyproxy.codec.http1 import strip_hop_by_hop
 from pyproxy.counters import EXPRESS_REQUESTS, REQUESTS, STATUS_BASE, observe_duration
-from pyproxy.http.exchange import Exchange, end_chain, start_chain
+from pyproxy.http.exchange import Exchange, start_chain
 from pyproxy.native import http1_head_scanner
 
 if TYPE_CHECKING:
@@ -142,8 +142,10 @@ class Express:
         observe_duration(block, perf_counter_ns() - self.started_ns)
         ctx.pool.keep(upstream)
         if chain is not None:
+            # The response is already on its way (nothing corked here): the filters'
+            # end-of-request work can run now, without a loop turn of its own.
             self.chain = None
-            end_chain(ctx, chain)
+            chain.destroy()
         return True
 
     # ---- what filters (and timers) call on their exchange ----------------------------
