@@ -232,14 +232,14 @@ def start(downstream: Http1Downstream, data: bytes, eligible: frozenset[int]) ->
         return False  # a body still to come, or pipelined requests
     route = ctx.router.default_route
     authority = b""
-    if route is None or ctx.chain_for(route) is not None:
-        authority = next(value for name, value in headers if name == b"host")  # one, scanned
     if route is None:
+        authority = _host(headers)
         route = ctx.router.match(authority, target)
         if route is None:
             return False  # the general path answers 404
     if id(route) not in eligible:
         return False
+    factory = ctx.chain_for(route)
     cluster = route.cluster
     if cluster is not None:
         upstream_target, source = cluster.peek(), ""
@@ -256,8 +256,8 @@ def start(downstream: Http1Downstream, data: bytes, eligible: frozenset[int]) ->
     downstream.express = express
     ctx.block[REQUESTS] += 1
     out = data if len(wire) == size else wire + data[size:]
-    factory = ctx.chain_for(route)
     if factory is not None:
+        authority = authority or _host(headers)
         passed = start_chain(express, factory, method, target, headers, authority, not length)
         if express.exchange is not None:
             return True  # a filter answered, or resumed later: the Exchange carries on
@@ -273,6 +273,13 @@ def start(downstream: Http1Downstream, data: bytes, eligible: frozenset[int]) ->
     upstream.express = express
     upstream.stream.write(out)
     return True
+
+
+def _host(headers) -> bytes:
+    for name, value in headers:
+        if name == b"host":
+            return value
+    return b""  # unreachable: the scanner takes HTTP/1.1 heads with exactly one Host
 
 
 # ---- heads a filter changed, written anew (hop-by-hop fields never go on) --------------
