@@ -66,6 +66,7 @@ from pyproxy.counters import (
     MAX_FILTERS,
     STAGE_NS,
 )
+from pyproxy.http.exchange import end_chain, start_chain
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # What wrk / the filter_bench client send, and what nginx answers (100-byte body).
@@ -130,21 +131,11 @@ class _Exchange:
         authority = request.headers[0][1]
         if chain_factory is None:
             self.headers_decoded()
-        else:
-            ctx = self.ctx
-            if ctx.timed:
-                t0 = perf_counter_ns()
-            self.chain = chain = chain_factory.start(self)
-            self.downstream.pause_request()
-            headers = HeaderMap(
-                request.headers,
-                {b":method": request.method, b":path": request.target, b":authority": authority},
-            )
-            passed = chain.decode_headers(headers, self.head_only)
-            if ctx.timed and not self.finished:
-                chain_factory.charge(ctx.block, perf_counter_ns() - t0 - chain.hook_ns)
-            if passed:
-                self.headers_decoded()
+        elif start_chain(
+            self, chain_factory, request.method, request.target, request.headers, authority,
+            self.head_only,
+        ):  # fmt: skip
+            self.headers_decoded()
         # ---- Exchange.response_head
         self.status = response.status
         self.response_head_in = response
@@ -200,11 +191,7 @@ class _Exchange:
         chain = self.chain
         if chain is not None:
             self.chain = None
-            if chain.factory.destroyers:
-                chain.done = True
-                self.ctx.loop.call_soon(chain.run_destroyers)
-            else:
-                chain.destroy()
+            end_chain(self.ctx, chain)
 
 
 def run_batch(loop, ctx: _Context, factory: ChainFactory | None, count: int) -> int:
