@@ -18,6 +18,9 @@ what is measured, and it is fast). Measured per path:
     requests wrk completed. Its inverse is requests per proxy CPU-second.
 (d) RSS of the proxy's processes after the load (summed over processes).
 
+A lower bound runs beside them: `python_floor.py`, the leanest keep-alive
+relay Python can make (no parsing, no accounting), which shows what any
+Python proxy pays before doing a proxy's work.
 pyproxy runs three times: fast codec (llhttp), h11 codec, and fast with the
 stage clock off (the clock's own cost is on - off). Its stage breakdown is
 taken from /stats?format=json deltas over the latency phase (per request,
@@ -370,6 +373,17 @@ def start_pyproxy(
     return Path_(name, port, proc.pid, admin=admin, note=note)
 
 
+def start_python_floor(procs: Processes, upstream: int) -> Path_:
+    port = free_port()
+    argv = [sys.executable, "-m", "pyproxy.bench.python_floor", str(port), str(upstream)]
+    proc = procs.start("python_floor", pinned(SIDE_CPU, argv))
+    wait_http(port)
+    return Path_(
+        "python_floor", port, proc.pid,
+        note="lower bound: the leanest Python keep-alive relay, no parsing or accounting",
+    )  # fmt: skip
+
+
 def start_proxypy(procs: Processes, workdir: Path, upstream: int) -> Path_ | None:
     exe = Path(PEER_VENVS["proxypy"][0]) / "bin" / "proxy"
     if not exe.exists():
@@ -628,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, codec, clock in (("pyproxy_fast", "fast", True), ("pyproxy_h11", "h11", True),
                                        ("pyproxy_fast_clock_off", "fast", False)):  # fmt: skip
                 paths.append(start_pyproxy(procs, workdir, name, upstream, codec, clock))
+            paths.append(start_python_floor(procs, upstream))
             for name, starter in (("proxypy", start_proxypy), ("mitmproxy", start_mitmproxy)):
                 try:
                     p = starter(procs, workdir, upstream)

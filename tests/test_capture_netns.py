@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -61,6 +62,9 @@ def applied(pod: Pod, *args: str, env: dict[str, str] | None = None) -> None:
     assert result.returncode == 0, result.stderr
 
 
+_COUNTERS = re.compile(r"\[\d+:\d+\]")
+
+
 def state(pod: Pod) -> str:
     """Everything capture may touch: both families' rules, policy routing, tables, lo addresses."""
     parts = []
@@ -74,8 +78,10 @@ def state(pod: Pod) -> str:
         ["ip", "addr", "show", "dev", "lo"],
     ):
         out = pod.run(argv).stdout
-        # iptables-save stamps its comment lines with the time, and eth0's link-local address
-        # appears whenever autoconfiguration gets to it; nothing else varies by itself.
+        # iptables-save stamps its comment lines with the time and its chain lines with packet
+        # counters (a stray neighbour-discovery packet bumps PREROUTING's), and eth0's link-local
+        # address appears whenever autoconfiguration gets to it; nothing else varies by itself.
+        out = _COUNTERS.sub("[0:0]", out)
         parts.append(
             "\n".join(
                 line for line in out.splitlines() if not line.startswith("#") and "fe80" not in line
