@@ -50,7 +50,7 @@ class HttpContext:
         self._chains = self._build_chains(loop, listener)
         from pyproxy.http.express import express_routes
 
-        # Which routes' requests the express lane may carry (express.py); None: none.
+        # The routes whose requests the express lane may carry, with their chains; None: none.
         self.express_routes = express_routes(self)
 
     def _build_chains(self, loop, listener: ListenerConfig) -> dict:

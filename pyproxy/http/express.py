@@ -44,8 +44,8 @@ if TYPE_CHECKING:
 _scan = http1_head_scanner()
 
 
-def express_routes(ctx: HttpContext) -> frozenset[int] | None:
-    """The ids of the routes whose requests the express lane may carry; None: none may."""
+def express_routes(ctx: HttpContext) -> dict[int, Any] | None:
+    """Route id → its chain factory (or None) for the routes the express lane may carry; None: none."""
     if (
         _scan is None
         or ctx.listener.mode != "http"
@@ -55,7 +55,11 @@ def express_routes(ctx: HttpContext) -> frozenset[int] | None:
     ):
         return None
     routes = [ctx.router.default_route] if ctx.router.default_route else ctx.router.routes
-    eligible = frozenset(id(route) for route in routes if _eligible(ctx, route))  # type: ignore[arg-type]
+    eligible = {
+        id(route): ctx.chain_for(route)  # type: ignore[arg-type]
+        for route in routes
+        if _eligible(ctx, route)  # type: ignore[arg-type]
+    }
     return eligible or None
 
 
@@ -219,7 +223,10 @@ class Express:
         exchange.response_end()
 
 
-def start(downstream: Http1Downstream, data: bytes, eligible: frozenset[int]) -> bool:
+_NOT_ELIGIBLE = object()
+
+
+def start(downstream: Http1Downstream, data: bytes, eligible: dict[int, Any]) -> bool:
     """Take the downstream's read onto the express lane if it is one whole plain request."""
     ctx = downstream.ctx
     found = _timed_scan(ctx, data, True)
@@ -237,9 +244,9 @@ def start(downstream: Http1Downstream, data: bytes, eligible: frozenset[int]) ->
         route = ctx.router.match(authority, target)
         if route is None:
             return False  # the general path answers 404
-    if id(route) not in eligible:
+    factory = eligible.get(id(route), _NOT_ELIGIBLE)
+    if factory is _NOT_ELIGIBLE:
         return False
-    factory = ctx.chain_for(route)
     cluster = route.cluster
     if cluster is not None:
         upstream_target, source = cluster.peek(), ""
