@@ -530,16 +530,10 @@ class FastHttp1Codec(Http1Codec):
 
     def _encode_request(self, ev: RequestHead, mode: int) -> Buffer:
         parts: list[Buffer] = [ev.method, b" ", ev.target, _REQUEST_LINE_TAIL]
-        return _join_head(parts, ev.headers, None, None)
+        return join_head(parts, ev.headers, None, None)
 
     def _encode_response(self, ev: ResponseHead, mode: int, facts: HeadFacts | None) -> Buffer:
-        status = ev.status
-        cached = _STATUS_LINES.get(status)
-        reason = ev.reason
-        if cached is not None and (not reason or reason == cached[0]):
-            line = cached[1]
-        else:
-            line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+        line = status_line(ev.status, ev.reason)
         headers = ev.headers
         extra1 = extra2 = None
         if facts is not None:
@@ -554,7 +548,7 @@ class FastHttp1Codec(Http1Codec):
             elif self._peer_version != b"1.1" and not facts.keep_alive:
                 # RFC 9112 §9.3: a 1.0 peer only persists if we say so.
                 extra2 = _CONN_KEEP_ALIVE
-        return _join_head([line], headers, extra1, extra2)
+        return join_head([line], headers, extra1, extra2)
 
     def _encode_body(self, data: Buffer, mode: int) -> Buffer:
         if mode is CHUNKED:
@@ -569,19 +563,28 @@ class FastHttp1Codec(Http1Codec):
             return b""
         if not trailers:
             return _LAST_CHUNK
-        return _join_head([_LAST_CHUNK_OPEN], trailers, None, None)
+        return join_head([_LAST_CHUNK_OPEN], trailers, None, None)
 
 
 def _without_wire(ev):
     return replace(ev, headers=strip_hop_by_hop(ev.headers), wire=None)
 
 
-def _join_head(
+def status_line(status: int, reason: bytes) -> bytes:
+    """``HTTP/1.1 <status> <reason>\\r\\n``, prebuilt for the common codes."""
+    cached = _STATUS_LINES.get(status)
+    if cached is not None and (not reason or reason == cached[0]):
+        return cached[1]
+    return b"HTTP/1.1 %d %s\r\n" % (status, reason)
+
+
+def join_head(
     parts: list[Buffer],
     headers: Headers,
     extra1: tuple[bytes, bytes] | None,
     extra2: tuple[bytes, bytes] | None,
 ) -> bytes:
+    """``parts`` (a start line) then each field and up to two extra ones as lines, then CRLF."""
     append = parts.append
     lines = 1
     for name, value in headers:

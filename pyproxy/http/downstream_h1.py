@@ -90,7 +90,7 @@ class Http1Downstream(Http1Side):
             and data
             and not self._held
             and self.codec.at_rest
-            and express.start(self, data, ctx.express_routes)
+            and express.start(self, data)
         ):
             self._cancel_timer()
             return
@@ -165,11 +165,6 @@ class Http1Downstream(Http1Side):
         block[FLAG_BASE + FLAG_INDEX["DT"]] += 1
         block[STATUS_BASE + 3] += 1
         self._reply_and_close(408, b"request header timeout\n")
-
-    def _settle(self) -> None:
-        """Anything but its response turns an express request into an Exchange."""
-        if self.express is not None:
-            self.express.materialize()
 
     def eof_received(self) -> None:
         self._settle()

@@ -281,12 +281,9 @@ class Exchange:
     def _upstream_head(self, multiplexed: bool) -> RequestHead:
         request = self.request
         if request.wire is not None and not multiplexed:
-            # An HTTP/1 upstream gets the wire bytes, which hold no hop-by-hop line; the list
-            # stays as received (a serialiser that cannot use the bytes strips it).
-            return RequestHead(
-                request.method, request.target, request.headers, request.http_version,
-                content_length=request.content_length, wire=request.wire,
-            )  # fmt: skip
+            # An HTTP/1 upstream gets the wire bytes, which hold no hop-by-hop line (a
+            # serialiser that cannot use them strips the list): the request goes as it is.
+            return request
         headers = strip_hop_by_hop(request.headers)
         if request.chunked:
             headers.append(_CHUNKED)
@@ -294,14 +291,7 @@ class Exchange:
             # The Upgrade offer is hop-by-hop but must reach the app for it to switch (RFC 9110 §7.8).
             headers.append((b"connection", b"upgrade"))
             headers.extend((name, value) for name, value in request.headers if name == b"upgrade")
-        return RequestHead(
-            request.method,
-            request.target,
-            headers,
-            request.http_version,
-            content_length=request.content_length,
-            wire=request.wire,
-        )
+        return RequestHead(request.method, request.target, headers, request.http_version)
 
     # ---- response side (called by the upstream connection) ------------------------
 
@@ -329,12 +319,8 @@ class Exchange:
         if head.wire is None or head.status < 200:
             return False
         # The downstream sends the wire bytes (or strips the list if it cannot use them).
-        response = ResponseHead(
-            head.status, head.reason, head.headers, head.http_version,
-            content_length=head.content_length, wire=head.wire,
-        )  # fmt: skip
         send_whole = getattr(self.downstream, "send_whole", None)
-        if send_whole is None or not send_whole(response, body):
+        if send_whole is None or not send_whole(head, body):
             return False
         self.status = head.status
         self.response_head_in = head

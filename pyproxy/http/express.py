@@ -29,8 +29,9 @@ from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
 from pyproxy.chain.api import HeaderMap
-from pyproxy.codec.events import Body, ResponseHead
+from pyproxy.codec.events import Body, Buffer, ResponseHead
 from pyproxy.codec.http1 import strip_hop_by_hop
+from pyproxy.codec.http1_fast import join_head, status_line
 from pyproxy.counters import EXPRESS_REQUESTS, REQUESTS, STATUS_BASE, observe_duration
 from pyproxy.http.exchange import Exchange, start_chain
 from pyproxy.native import http1_head_scanner
@@ -113,7 +114,7 @@ class Express:
         found = _timed_scan(ctx, data, False)
         if found is None:
             return False
-        size, status, reason, version, headers, length, close, keep_alive, _, wire = found
+        size, status, reason, version, headers, length, close, _, _, wire = found
         if wire is None or close:
             return False  # HTTP/1.0, or the upstream wants to close: the general path's care
         if status == 204 or status == 304:
@@ -183,34 +184,34 @@ class Express:
 
     def materialize(self) -> Exchange:
         """Become the Exchange the general path would have built (the request is upstream)."""
-        downstream, upstream = self.downstream, self.upstream
-        downstream.express = upstream.express = None
-        events = downstream.decode(self.data)  # the downstream codec sees the request it carried
-        exchange = self.exchange = Exchange(self.ctx, downstream, events[0], None)
-        if self.chain is not None:
-            exchange.chain, self.chain.exchange = self.chain, exchange
-            self.chain = None
-        exchange.adopt_express(self, upstream)
-        downstream.exchange = exchange
+        self.upstream.express = None
+        exchange, _ = self._exchange()
+        exchange.adopt_express(self, self.upstream)
         return exchange
 
     def _materialize_unsent(self) -> Exchange:
         """Become the Exchange for a request a filter holds or answers: nothing went upstream."""
-        downstream = self.downstream
-        downstream.express = None
         self.ctx.pool.keep(self.upstream)  # taken for this request, unused
-        events = downstream.decode(self.data)
-        exchange = self.exchange = Exchange(self.ctx, downstream, events[0], None)
+        exchange, events = self._exchange()
         exchange.started_ns = self.started_ns
         exchange.route = self.route
-        exchange.chain, self.chain.exchange = self.chain, exchange
-        self.chain = None
-        downstream.exchange = exchange
         for event in events[1:]:  # the body (already whole) and the end wait for the upstream
             if type(event) is Body:
                 exchange.request_body(event.data)
         exchange.request_end()
         return exchange
+
+    def _exchange(self) -> tuple[Exchange, list]:
+        """The Exchange for this request, its filters handed over; the request's events."""
+        downstream = self.downstream
+        downstream.express = None
+        events = downstream.decode(self.data)  # the downstream codec sees the request it carried
+        exchange = Exchange(self.ctx, downstream, events[0], None)
+        self.exchange = downstream.exchange = exchange
+        if self.chain is not None:
+            exchange.chain, self.chain.exchange = self.chain, exchange
+            self.chain = None
+        return exchange, events
 
     def _materialize_holding_response(self, data: bytes, head: ResponseHead, body) -> None:
         """A filter holds the response head: the Exchange takes it, and the body, from here."""
@@ -226,9 +227,11 @@ class Express:
 _NOT_ELIGIBLE = object()
 
 
-def start(downstream: Http1Downstream, data: bytes, eligible: dict[int, Any]) -> bool:
+def start(downstream: Http1Downstream, data: bytes) -> bool:
     """Take the downstream's read onto the express lane if it is one whole plain request."""
     ctx = downstream.ctx
+    eligible = ctx.express_routes
+    assert eligible is not None  # the downstream checks before calling
     found = _timed_scan(ctx, data, True)
     if found is None:
         return False
@@ -295,26 +298,18 @@ def _host(headers) -> bytes:
 def _request_bytes(header_map: HeaderMap, body: bytes) -> bytes:
     pseudo = header_map.pseudo
     fields = strip_hop_by_hop(header_map.headers)
+    length = None
     if body and not any(name == b"content-length" for name, _ in fields):
-        fields.append((b"content-length", b"%d" % len(body)))
-    return _head_bytes([pseudo[b":method"], b" ", pseudo[b":path"], b" HTTP/1.1\r\n"], fields, body)
+        length = (b"content-length", b"%d" % len(body))
+    start: list[Buffer] = [pseudo[b":method"], b" ", pseudo[b":path"], b" HTTP/1.1\r\n"]
+    return join_head(start, fields, length, None) + body
 
 
 def _response_bytes(header_map: HeaderMap, status: int, reason: bytes, body: bytes) -> bytes:
-    new_status = int(header_map.pseudo.get(b":status", b"%d" % status))
-    if new_status != status:
-        reason = b""
+    status = int(header_map.pseudo.get(b":status", b"%d" % status))
     fields = [(n, v) for n, v in header_map.headers if n != b"content-length"]
-    if new_status != 204 and new_status != 304:
-        fields.append((b"content-length", b"%d" % len(body)))
-    return _head_bytes([b"HTTP/1.1 %d %s\r\n" % (new_status, reason)], fields, body)
-
-
-def _head_bytes(parts: list, fields, body: bytes) -> bytes:
-    for name, value in fields:
-        parts += (name, b": ", value, b"\r\n")
-    parts += (b"\r\n", body)
-    return b"".join(parts)
+    length = None if status == 204 or status == 304 else (b"content-length", b"%d" % len(body))
+    return join_head([status_line(status, reason)], fields, length, None) + body
 
 
 def _timed_scan(ctx: HttpContext, data: bytes, request: bool):
@@ -323,7 +318,5 @@ def _timed_scan(ctx: HttpContext, data: bytes, request: bool):
         return _scan(data, request, limits.max_header_bytes, limits.max_header_count)  # type: ignore[misc]
     t0 = perf_counter_ns()
     found = _scan(data, request, limits.max_header_bytes, limits.max_header_count)  # type: ignore[misc]
-    block = ctx.block
-    block[ctx.parse_ns] += perf_counter_ns() - t0
-    block[ctx.parse_events] += 1
+    ctx.account_parse(perf_counter_ns() - t0, None)
     return found

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from time import perf_counter_ns
-from typing import TYPE_CHECKING
-
-from pyproxy.counters import PARSE
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pyproxy.codec.http1 import Http1Codec
@@ -20,8 +18,12 @@ class Http1Side:
     ctx: HttpContext
     codec: Http1Codec
     stream: Stream
+    express: Any  # the request on the express lane through this connection (express.py), if any
 
-    # HttpContext.account_parse, inlined: these run several times per request.
+    def _settle(self) -> None:
+        """Anything but the express lane's next step turns its request into an Exchange."""
+        if self.express is not None:
+            self.express.materialize()
 
     def decode(self, data) -> list:
         """Bytes from the peer → events (PAUSED last when the codec holds input back)."""
@@ -30,13 +32,7 @@ class Http1Side:
             return self.codec.receive_data(data)
         t0 = perf_counter_ns()
         events = self.codec.receive_data(data)
-        elapsed = perf_counter_ns() - t0
-        block = ctx.block
-        block[ctx.parse_ns] += elapsed
-        block[ctx.parse_events] += 1
-        trace = self.stream.trace
-        if trace is not None:
-            trace[PARSE] += elapsed
+        ctx.account_parse(perf_counter_ns() - t0, self.stream.trace)
         return events
 
     def encode(self, event, body=None) -> None:
@@ -44,18 +40,11 @@ class Http1Side:
 
         With ``body`` (maybe empty), ``event`` is a head and the whole message goes at once.
         """
-        ctx = self.ctx
-        if ctx.timed:
-            t0 = perf_counter_ns()
-            data = self.codec.send(event) if body is None else self.codec.send_message(event, body)
-            elapsed = perf_counter_ns() - t0
-            block = ctx.block
-            block[ctx.parse_ns] += elapsed
-            block[ctx.parse_events] += 1
-            trace = self.stream.trace
-            if trace is not None:
-                trace[PARSE] += elapsed
-        else:
-            data = self.codec.send(event) if body is None else self.codec.send_message(event, body)
+        ctx, codec = self.ctx, self.codec
+        timed = ctx.timed
+        t0 = perf_counter_ns() if timed else 0
+        data = codec.send(event) if body is None else codec.send_message(event, body)
+        if timed:
+            ctx.account_parse(perf_counter_ns() - t0, self.stream.trace)
         if data:
             self.stream.write(data)

@@ -105,11 +105,6 @@ class Http1Upstream(Http1Side):
 
     # ---- StreamOwner ---------------------------------------------------------------
 
-    def _settle(self) -> None:
-        """Anything but a whole plain response turns an express request into an Exchange."""
-        if self.express is not None:
-            self.express.materialize()
-
     def data_received(self, data: bytes) -> None:
         express = self.express
         if express is not None:
