@@ -47,7 +47,6 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from time import perf_counter_ns
 
@@ -66,7 +65,7 @@ from pyproxy.counters import (
     MAX_FILTERS,
     STAGE_NS,
 )
-from pyproxy.http.exchange import end_chain, start_chain
+from pyproxy.http.exchange import end_chain, filtered_request, start_chain
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # What wrk / the filter_bench client send, and what nginx answers (100-byte body).
@@ -157,15 +156,7 @@ class _Exchange:
     def headers_decoded(self) -> None:
         chain = self.chain
         if chain is not None:
-            headers = chain.maps["decode"]
-            if headers.changed:
-                pseudo = headers.pseudo
-                self.request = replace(
-                    self.request,
-                    method=pseudo[b":method"],
-                    target=pseudo[b":path"],
-                    headers=headers.headers,
-                )
+            self.request = filtered_request(self.request, chain.maps["decode"])
 
     def forward_response_head(self, end_stream: bool) -> tuple:
         head = self.response_head_in

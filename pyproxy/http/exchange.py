@@ -137,16 +137,7 @@ class Exchange:
             return
         chain = self.chain
         if chain is not None:
-            headers = chain.maps["decode"]
-            if headers.changed:
-                pseudo = headers.pseudo
-                self.request = replace(
-                    self.request,
-                    method=pseudo[b":method"],
-                    target=pseudo[b":path"],
-                    headers=headers.headers,
-                    wire=None,  # the received bytes no longer say what goes on
-                )
+            self.request = filtered_request(self.request, chain.maps["decode"])
         route = self.route
         if route.cluster is not None:
             self.target = route.cluster.pick()
@@ -616,6 +607,20 @@ def start_chain(
     if ctx.timed:
         factory.charge(ctx.block, perf_counter_ns() - t0 - chain.hook_ns)
     return passed
+
+
+def filtered_request(request: RequestHead, headers: HeaderMap) -> RequestHead:
+    """The request as the decode filters left it (the same object if none changed it)."""
+    if not headers.changed:
+        return request
+    pseudo = headers.pseudo
+    return replace(
+        request,
+        method=pseudo[b":method"],
+        target=pseudo[b":path"],
+        headers=headers.headers,
+        wire=None,  # the received bytes no longer say what goes on
+    )
 
 
 def end_chain(ctx: HttpContext, chain) -> None:

@@ -100,10 +100,7 @@ class _Direction:
 
     def on_readable(self) -> None:
         relay = self.relay
-        block = relay.block
-        timed = relay.timed
-        if timed:
-            t0 = perf_counter_ns()
+        t0 = perf_counter_ns() if relay.timed else 0
         try:
             n = self.src.recv_into(self.buf)
         except BlockingIOError:
@@ -111,22 +108,9 @@ class _Direction:
         except OSError:
             relay.reset_by(self.src_side)
             return
-        if timed:
-            t1 = perf_counter_ns()
-            block[self.read_ns] += t1 - t0
-            block[self.read_events] += 1
-            block[NOTIFY_EVENTS] += 1
-        if n == 0:
-            self.eof = True
-            relay.loop.remove_reader(self.src_fd)
-            self._shutdown_dst()
+        t2 = self._received(n, t0)
+        if t2 < 0:
             return
-        block[self.rx] += n
-        if self.is_request:
-            block[MESSAGES] += 1
-        if timed:
-            t2 = perf_counter_ns()
-            block[OTHER_NS] += t2 - t1
         try:
             sent = self.dst.send(self.view[:n])
         except BlockingIOError:
@@ -134,11 +118,7 @@ class _Direction:
         except OSError:
             relay.reset_by(self.dst_side)
             return
-        if timed:
-            block[self.write_ns] += perf_counter_ns() - t2
-            block[self.write_events] += 1
-        block[self.tx] += sent
-        self.moved += sent
+        self._sent(sent, t2, False)
         if sent < n:
             # Destination is full: park the rest and stop reading until it drains.
             self.start, self.end = sent, n
@@ -148,10 +128,7 @@ class _Direction:
 
     def on_writable(self) -> None:
         relay = self.relay
-        block = relay.block
-        timed = relay.timed
-        if timed:
-            t0 = perf_counter_ns()
+        t0 = perf_counter_ns() if relay.timed else 0
         try:
             sent = self.dst.send(self.view[self.start : self.end])
         except BlockingIOError:
@@ -159,17 +136,53 @@ class _Direction:
         except OSError:
             relay.reset_by(self.dst_side)
             return
-        if timed:
-            block[self.write_ns] += perf_counter_ns() - t0
-            block[self.write_events] += 1
-            block[NOTIFY_EVENTS] += 1
-        block[self.tx] += sent
-        self.moved += sent
+        self._sent(sent, t0, True)
         self.start += sent
         if self.start == self.end:
             loop = relay.loop
             loop.remove_writer(self.dst_fd)
             loop.add_reader(self.src_fd, self.on_readable)
+
+    # Accounting shared by every backend's readiness callbacks (copy, splice, zero-copy).
+
+    def _received(self, n: int, t0: int) -> int:
+        """Account a read of ``n`` bytes begun at ``t0`` (timed); the clock after it, or -1 at EOF."""
+        relay = self.relay
+        block = relay.block
+        timed = relay.timed
+        if timed:
+            t1 = perf_counter_ns()
+            block[self.read_ns] += t1 - t0
+            block[self.read_events] += 1
+            block[NOTIFY_EVENTS] += 1
+        if n == 0:
+            self.eof = True
+            self._stop_reading()
+            self._shutdown_dst()
+            return -1
+        block[self.rx] += n
+        if self.is_request:
+            block[MESSAGES] += 1
+        if not timed:
+            return 0
+        t2 = perf_counter_ns()
+        block[OTHER_NS] += t2 - t1
+        return t2
+
+    def _sent(self, sent: int, t0: int, notified: bool) -> None:
+        """Account a write of ``sent`` bytes begun at ``t0`` (timed), from a writable wake-up or not."""
+        relay = self.relay
+        block = relay.block
+        if relay.timed:
+            block[self.write_ns] += perf_counter_ns() - t0
+            block[self.write_events] += 1
+            if notified:
+                block[NOTIFY_EVENTS] += 1
+        block[self.tx] += sent
+        self.moved += sent
+
+    def _stop_reading(self) -> None:
+        self.relay.loop.remove_reader(self.src_fd)
 
     def _shutdown_dst(self) -> None:
         # Half-close travels: the source's FIN becomes our FIN toward the destination.

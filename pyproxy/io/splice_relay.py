@@ -17,8 +17,7 @@ import socket
 from time import perf_counter_ns
 
 from pyproxy import native  # type: ignore[attr-defined]  # mapped from native/ by pyproject
-from pyproxy.counters import MESSAGES
-from pyproxy.io.relay import DOWNSTREAM, NOTIFY_EVENTS, OTHER_NS, UPSTREAM, Relay, _Direction
+from pyproxy.io.relay import DOWNSTREAM, UPSTREAM, Relay, _Direction
 
 EAGAIN = native.EAGAIN
 _lib = native.lib
@@ -45,42 +44,22 @@ class _SpliceDirection(_Direction):
 
     def on_readable(self) -> None:
         relay = self.relay
-        block = relay.block
-        timed = relay.timed
-        if timed:
-            t0 = perf_counter_ns()
+        t0 = perf_counter_ns() if relay.timed else 0
         n = _lib.pp_splice_in(self.src_fd, self.pipe_wr, self.capacity)
         if n < 0:
             if n != EAGAIN:
                 relay.reset_by(self.src_side)
             return
-        if timed:
-            t1 = perf_counter_ns()
-            block[self.read_ns] += t1 - t0
-            block[self.read_events] += 1
-            block[NOTIFY_EVENTS] += 1
-        if n == 0:
-            self.eof = True
-            relay.loop.remove_reader(self.src_fd)
-            self._shutdown_dst()
+        t2 = self._received(n, t0)
+        if t2 < 0:
             return
-        block[self.rx] += n
-        if self.is_request:
-            block[MESSAGES] += 1
-        if timed:
-            t2 = perf_counter_ns()
-            block[OTHER_NS] += t2 - t1
         sent = _lib.pp_splice_out(self.pipe_rd, self.dst_fd, n)
         if sent < 0:
             if sent != EAGAIN:
                 relay.reset_by(self.dst_side)
                 return
             sent = 0
-        if timed:
-            block[self.write_ns] += perf_counter_ns() - t2
-            block[self.write_events] += 1
-        block[self.tx] += sent
-        self.moved += sent
+        self._sent(sent, t2, False)
         if sent < n:
             # Destination is full: the rest waits in the pipe; stop reading until it drains.
             self.in_pipe = n - sent
@@ -90,21 +69,13 @@ class _SpliceDirection(_Direction):
 
     def on_writable(self) -> None:
         relay = self.relay
-        block = relay.block
-        timed = relay.timed
-        if timed:
-            t0 = perf_counter_ns()
+        t0 = perf_counter_ns() if relay.timed else 0
         sent = _lib.pp_splice_out(self.pipe_rd, self.dst_fd, self.in_pipe)
         if sent < 0:
             if sent != EAGAIN:
                 relay.reset_by(self.dst_side)
             return
-        if timed:
-            block[self.write_ns] += perf_counter_ns() - t0
-            block[self.write_events] += 1
-            block[NOTIFY_EVENTS] += 1
-        block[self.tx] += sent
-        self.moved += sent
+        self._sent(sent, t0, True)
         self.in_pipe -= sent
         if not self.in_pipe:
             loop = relay.loop

@@ -26,8 +26,8 @@ import socket
 from collections import deque
 from time import perf_counter_ns
 
-from pyproxy.counters import MESSAGES, STAGE_NS, WRITE, ZC_BASE
-from pyproxy.io.relay import DOWNSTREAM, NOTIFY_EVENTS, OTHER_NS, UPSTREAM, Relay, _Direction
+from pyproxy.counters import STAGE_NS, WRITE, ZC_BASE
+from pyproxy.io.relay import DOWNSTREAM, UPSTREAM, Relay, _Direction
 from pyproxy.io.sockets import abort
 from pyproxy.native.zerocopy import ZeroCopySender
 
@@ -295,10 +295,7 @@ class _ZcDirection(_Direction):
             return
         if relay._closed or self.starved:
             return  # a POLLERR wake-up of a reader that is (about to be) off duty
-        block = relay.block
-        timed = relay.timed
-        if timed:
-            t0 = perf_counter_ns()
+        t0 = perf_counter_ns() if relay.timed else 0
         try:
             n = self.src.recv_into(self.buf)
         except BlockingIOError:
@@ -306,30 +303,13 @@ class _ZcDirection(_Direction):
         except OSError:
             relay.reset_by(self.src_side)
             return
-        if timed:
-            t1 = perf_counter_ns()
-            block[self.read_ns] += t1 - t0
-            block[self.read_events] += 1
-            block[NOTIFY_EVENTS] += 1
-        if n == 0:
-            self.eof = True
-            self.src_ctl.remove_reader()
-            self._shutdown_dst()
+        t2 = self._received(n, t0)
+        if t2 < 0:
             return
-        block[self.rx] += n
-        if self.is_request:
-            block[MESSAGES] += 1
-        if timed:
-            t2 = perf_counter_ns()
-            block[OTHER_NS] += t2 - t1
         sent = self._send(0, n)
         if sent < 0:
             return
-        if timed:
-            block[self.write_ns] += perf_counter_ns() - t2
-            block[self.write_events] += 1
-        block[self.tx] += sent
-        self.moved += sent
+        self._sent(sent, t2, False)
         if sent < n:
             # Destination is full: park the rest and stop reading until it drains.
             self.start, self.end = sent, n
@@ -347,19 +327,11 @@ class _ZcDirection(_Direction):
             return
         if relay._closed or self.start == self.end:
             return
-        block = relay.block
-        timed = relay.timed
-        if timed:
-            t0 = perf_counter_ns()
+        t0 = perf_counter_ns() if relay.timed else 0
         sent = self._send(self.start, self.end)
         if sent < 0:
             return
-        if timed:
-            block[self.write_ns] += perf_counter_ns() - t0
-            block[self.write_events] += 1
-            block[NOTIFY_EVENTS] += 1
-        block[self.tx] += sent
-        self.moved += sent
+        self._sent(sent, t0, True)
         self.start += sent
         if self.start == self.end:
             self.dst_ctl.remove_writer()
@@ -367,6 +339,9 @@ class _ZcDirection(_Direction):
                 self._next_buffer()
             if not self.starved:
                 self.src_ctl.add_reader(self.on_readable)
+
+    def _stop_reading(self) -> None:
+        self.src_ctl.remove_reader()
 
     def _send(self, start: int, end: int) -> int:
         """Send view[start:end]: zero-copy (lending the buffer) at or above the threshold; -1 after a reset."""
