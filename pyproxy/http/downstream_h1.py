@@ -302,8 +302,5 @@ class Http1Downstream(Http1Side):
         if self._closed:
             return
         self._closed = True
-        if after_flush and not reset:
-            self.stream.close_after_flush()
-        else:
-            self.stream.close(reset=reset)
+        self.stream.close(reset=reset, after_flush=after_flush)
         self.on_close(self)

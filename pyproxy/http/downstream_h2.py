@@ -299,10 +299,7 @@ class Http2Downstream(H2Session):
         if self.closed:
             return
         self.closed = True
-        if after_flush and not reset:
-            self.stream.close_after_flush()
-        else:
-            self.stream.close(reset=reset)
+        self.stream.close(reset=reset, after_flush=after_flush)
         self.on_close(self)
 
 

@@ -282,7 +282,11 @@ class Stream:
 
     # ---- closing ---------------------------------------------------------------
 
-    def close(self, reset: bool = False) -> None:
+    def close(self, reset: bool = False, after_flush: bool = False) -> None:
+        """Close now (``reset``: with an RST), or with ``after_flush`` once queued bytes are out."""
+        if after_flush and not reset:
+            self.close_after_flush()
+            return
         if self.closed:
             return
         self.closed = True

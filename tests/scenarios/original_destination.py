@@ -10,74 +10,19 @@ import threading
 import time
 import urllib.request
 
+
+def redirect(tool: str, destination: str, port: int, to_port: int) -> list[str]:
+    """A nat OUTPUT rule capturing `destination:port`, except the proxy's own connections (uid 1337)."""
+    return [
+        tool, "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", destination, "--dport", str(port),
+        "-m", "owner", "!", "--uid-owner", "1337", "-j", "REDIRECT", "--to-ports", str(to_port),
+    ]  # fmt: skip
+
+
 RULES = [
-    # Capture the test destinations, except the proxy's own connections (uid 1337).
-    [
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        "127.0.0.1",
-        "--dport",
-        "9999",
-        "-m",
-        "owner",
-        "!",
-        "--uid-owner",
-        "1337",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "15001",
-    ],
-    [
-        "iptables",
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        "127.0.0.1",
-        "--dport",
-        "8080",
-        "-m",
-        "owner",
-        "!",
-        "--uid-owner",
-        "1337",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "15006",
-    ],
-    [
-        "ip6tables",
-        "-t",
-        "nat",
-        "-A",
-        "OUTPUT",
-        "-p",
-        "tcp",
-        "-d",
-        "::1",
-        "--dport",
-        "9999",
-        "-m",
-        "owner",
-        "!",
-        "--uid-owner",
-        "1337",
-        "-j",
-        "REDIRECT",
-        "--to-ports",
-        "15001",
-    ],
+    redirect("iptables", "127.0.0.1", 9999, 15001),
+    redirect("iptables", "127.0.0.1", 8080, 15006),
+    redirect("ip6tables", "::1", 9999, 15001),
 ]
 peers: list[str] = []
 
