@@ -25,7 +25,7 @@ bench-%: system-deps system-deps-bench $(VENV)/.installed-test
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
 
-$(VENV)/.installed-test: pyproject.toml setup.py native/build_native.py native/pyproxy_native.c native/http1_head.c
+$(VENV)/.installed-test: pyproject.toml setup.py native/build_native.py native/pyproxy_native.c native/http1_head.c native/http1_scan.h native/express_lane.c
 	@python3 -m venv $(VENV) 2>/dev/null || { $(MAKE) --no-print-directory apt PKGS=python3-venv && python3 -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

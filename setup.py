@@ -38,12 +38,15 @@ class OptionalBuildExt(build_ext):
 setup(
     cmdclass={"build_ext": OptionalBuildExt},
     cffi_modules=["native/build_native.py:ffibuilder"],
-    # The HTTP/1 head scanner builds Python objects itself, so it is a plain C extension.
+    # The HTTP/1 head scanner builds Python objects itself, and the native express lane is a
+    # Python type called by the event loop: plain C extensions, both on http1_scan.h.
     ext_modules=[
         Extension(
-            "pyproxy.native._http1head",
-            ["native/http1_head.c"],
+            f"pyproxy.native.{name}",
+            [f"native/{source}"],
+            depends=["native/http1_scan.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         )
+        for name, source in (("_http1head", "http1_head.c"), ("_express", "express_lane.c"))
     ],
 )

@@ -27,6 +27,7 @@ C API (see pyproxy_native.h for the full contract):
 from __future__ import annotations
 
 import errno as _errno
+import importlib
 import os as _os
 from typing import Any
 
@@ -39,6 +40,7 @@ __all__ = [
     "ENOBUFS",
     "pipe",
     "http1_head_scanner",
+    "express_pair",
 ]
 
 # Negated once here so the hot path compares against a module constant.
@@ -63,13 +65,23 @@ else:
 
 def http1_head_scanner() -> Any:
     """``_http1head.scan`` (see http1_head.c), or None: not built, or native code disabled."""
+    return _extension("_http1head", "scan")
+
+
+def express_pair() -> Any:
+    """The ``_express`` module (see express_lane.c), or None: not built, or native code disabled."""
+    return _extension("_express", None)
+
+
+def _extension(module: str, name: str | None) -> Any:
+    """A plain C extension of this package (or one of its names); None when it cannot be used."""
     if UNAVAILABLE_REASON == "disabled by PYPROXY_DISABLE_NATIVE":
         return None
     try:
-        from ._http1head import scan
+        loaded = importlib.import_module(f"{__name__}.{module}")
     except ImportError:
         return None
-    return scan
+    return loaded if name is None else getattr(loaded, name)
 
 
 def pipe(size: int = 0) -> tuple[int, int, int]:

@@ -55,6 +55,9 @@ class HttpSettings:
     idle_timeout: float = 300.0  # downstream keep-alive connection with no request in flight
     server_timing: bool = False
     access_log: str = ""  # "" (off) | "stdout" | a file path
+    # Plain HTTP/1.1 exchanges as bytes: "native" (C once a connection qualifies, else Python),
+    # "python" (http/express.py only), "off" (every request through the general path).
+    express_lane: str = "native"
     upstream_protocol: str = "http1"  # for the listener's default route
     # HTTP/2 (RFC 9113), per connection: advertised in SETTINGS and enforced.
     max_concurrent_streams: int = 100  # excess streams are refused (RST_STREAM REFUSED_STREAM)
@@ -439,6 +442,7 @@ def _http_settings(fields: _Fields | None, mode: str) -> HttpSettings:
         idle_timeout=fields.take("idle_timeout", parse_duration, 300.0),
         server_timing=fields.take("server_timing", _bool, False),
         access_log=fields.take("access_log", _access_log_target, ""),
+        express_lane=fields.take("express_lane", _choice(("native", "python", "off")), "native"),
         # gRPC needs HTTP/2 end to end (trailers, streams both ways at once).
         upstream_protocol=fields.take(
             "upstream_protocol",

@@ -72,10 +72,10 @@ UPSTREAM_RX = DOWNSTREAM_TX + 1
 UPSTREAM_TX = UPSTREAM_RX + 1
 MESSAGES = UPSTREAM_TX + 1  # downstream reads that carried data: TCP mode's "message"
 REQUESTS = MESSAGES + 1
-EXPRESS_REQUESTS = (
-    REQUESTS + 1
-)  # those the HTTP/1 express lane carried end to end (http/express.py)
-FLAG_BASE = EXPRESS_REQUESTS + 1
+# Requests the HTTP/1 express lanes carried end to end (http/express.py, http/native_lane.py)...
+EXPRESS_REQUESTS = REQUESTS + 1
+NATIVE_REQUESTS = EXPRESS_REQUESTS + 1  # ... and those of them the native lane carried (in C)
+FLAG_BASE = NATIVE_REQUESTS + 1
 STATUS_BASE = FLAG_BASE + len(FLAGS)  # responses by class: 1xx..5xx
 HIST_BASE = STATUS_BASE + 5
 HIST_SUM_NS = HIST_BASE + len(BUCKETS) + 1  # buckets, then +Inf

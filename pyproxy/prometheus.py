@@ -55,6 +55,11 @@ class StageCollector:
             "HTTP/1.1 requests carried end to end by the express lane (a subset of requests)",
             labels=labels,
         )
+        native = CounterMetricFamily(
+            "pyproxy_native_requests",
+            "HTTP/1.1 requests the native express lane carried in C (a subset of express requests)",
+            labels=labels,
+        )
         flags = CounterMetricFamily(
             "pyproxy_response_flags",
             "Connections or requests ended with a response flag",
@@ -91,6 +96,7 @@ class StageCollector:
             messages.add_metric(key, listener["messages"])
             requests.add_metric(key, listener["requests"])
             express.add_metric(key, listener["express_requests"])
+            native.add_metric(key, listener["native_requests"])
             for flag, value in listener["flags"].items():
                 flags.add_metric(key + [flag], value)
             if listener["mode"] != "tcp":
@@ -115,6 +121,7 @@ class StageCollector:
             messages,
             requests,
             express,
+            native,
             flags,
             responses,
             filter_counters,

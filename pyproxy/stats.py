@@ -43,6 +43,7 @@ def snapshot(store: CounterStore, config: ProxyConfig) -> dict:
             "messages": block[c.MESSAGES],
             "requests": block[c.REQUESTS],
             "express_requests": block[c.EXPRESS_REQUESTS],
+            "native_requests": block[c.NATIVE_REQUESTS],
             "bytes": {
                 "downstream_rx": block[c.DOWNSTREAM_RX],
                 "downstream_tx": block[c.DOWNSTREAM_TX],
@@ -125,7 +126,10 @@ def stage_table(snap: dict) -> str:
             f"  {'total':<10} {total / 1e6:>10.3f} {per_total:>12.2f} {100.0 if total else 0.0:>6.1f}%"
         )
         if listener.get("express_requests"):
-            out.append(f"  express lane: {listener['express_requests']} of the {per} requests")
+            out.append(
+                f"  express lane: {listener['express_requests']} of the {per} requests"
+                f" ({listener['native_requests']} in the native lane)"
+            )
         if listener["flags"]:
             out.append(
                 "  response flags: " + ", ".join(f"{k}={v}" for k, v in listener["flags"].items())

@@ -52,6 +52,10 @@ class HttpContext:
 
         # The routes whose requests the express lane may carry, with their chains; None: none.
         self.express_routes = express_routes(self)
+        from pyproxy.http.native_lane import native_lanes
+
+        # Whether (and how) connections pair for the native express lane; None: they never do.
+        self.native_lanes = native_lanes(self)
 
     def _build_chains(self, loop, listener: ListenerConfig) -> dict:
         """Chain factories, built once: the listener's, and each route's override (None = no filters)."""

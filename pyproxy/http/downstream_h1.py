@@ -47,6 +47,7 @@ class Http1Downstream(Http1Side):
         "_closed",
         "protocol",
         "express",
+        "lane",
     )
 
     def __init__(
@@ -69,6 +70,7 @@ class Http1Downstream(Http1Side):
         self._timer = ctx.loop.call_later(ctx.settings.request_header_timeout, self._header_timeout)
         self.protocol = "HTTP/1.1"
         self.express: Any = None  # the request on the express lane (express.py), if any
+        self.lane: Any = None  # the native lane this connection is paired in (native_lane.py)
 
     def start(self) -> None:
         self.stream.resume_reading()
@@ -286,6 +288,8 @@ class Http1Downstream(Http1Side):
 
     def close(self, flag: str = "LR") -> None:
         """Drain deadline: abandon what is in flight."""
+        if self.lane is not None:
+            self.lane.release()
         self._settle()
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
@@ -298,6 +302,8 @@ class Http1Downstream(Http1Side):
             self._timer = None
 
     def _close(self, reset: bool = False, after_flush: bool = False) -> None:
+        if self.lane is not None:
+            self.lane.release()
         self._cancel_timer()
         if self._closed:
             return

@@ -49,6 +49,7 @@ def express_routes(ctx: HttpContext) -> dict[int, Any] | None:
     """Route id → its chain factory (or None) for the routes the express lane may carry; None: none."""
     if (
         _scan is None
+        or ctx.settings.express_lane == "off"
         or ctx.listener.mode != "http"
         or ctx.settings.codec != "fast"
         or ctx.access_log is not None
@@ -106,6 +107,23 @@ class Express:
         self.chain: Any = None  # the route's filters, when it has some
         self.exchange: Exchange | None = None  # once materialized
 
+    @classmethod
+    def in_flight(
+        cls, ctx: HttpContext, downstream, upstream, route: Route, data: bytes, started_ns: int
+    ) -> Express:
+        """A request the native lane (native_lane.py) sent upstream and handed back before its
+        response: carried on from here, its route timeout counting from when it was read."""
+        express = cls(ctx, downstream, data)
+        express.started_ns = started_ns
+        express.route, express.upstream = route, upstream
+        express.target, express.source = downstream.target, downstream.source
+        downstream.express = upstream.express = express
+        if route.timeout > 0:
+            left = route.timeout - (perf_counter_ns() - started_ns) / 1e9
+            ctx.deadlines.arm(route.timeout, express, due=ctx.loop.time() + left)
+            express.timeout = route.timeout
+        return express
+
     # ---- the response --------------------------------------------------------------
 
     def response(self, data: bytes) -> bool:
@@ -145,7 +163,9 @@ class Express:
         block[STATUS_BASE + min(status // 100, 5) - 1] += 1
         block[EXPRESS_REQUESTS] += 1
         observe_duration(block, perf_counter_ns() - self.started_ns)
-        ctx.pool.keep(upstream)
+        lanes = ctx.native_lanes
+        if lanes is None or not lanes.pair(downstream, upstream, self.route):
+            ctx.pool.keep(upstream)
         if chain is not None:
             # The response is already on its way (nothing corked here): the filters'
             # end-of-request work can run now, without a loop turn of its own.

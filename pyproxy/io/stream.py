@@ -133,6 +133,20 @@ class Stream:
             if not self.closed:
                 self.loop.remove_reader(self.fd)
 
+    def lend(self, on_readable) -> None:
+        """Let another reader (the native express lane) watch the fd until ``take_back``."""
+        self._unwatch()
+        self.loop.add_reader(self.fd, on_readable)
+
+    def take_back(self, bytes_in: int, bytes_out: int) -> None:
+        """Watch the fd again; the borrower moved these bytes (already in the listener's counts)."""
+        self.loop.remove_reader(self.fd)
+        self.bytes_in += bytes_in
+        self.bytes_out += bytes_out
+        if self._reading:
+            self._reader_armed = True
+            self.loop.add_reader(self.fd, self._on_readable)
+
     @property
     def reading(self) -> bool:
         return self._reading

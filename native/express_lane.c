@@ -1,0 +1,431 @@
+/*
+ * pyproxy.native._express: the native express lane.
+ *
+ * Once the Python express lane (pyproxy/http/express.py) has carried a plain
+ * exchange between a downstream connection and a pooled upstream, and every
+ * request on that connection must take the same route with no filter, the
+ * two sockets are paired here: each readiness callback of the event loop
+ * calls straight into C, which reads, validates the head with the same scan
+ * as _http1head, forwards the bytes (less hop-by-hop lines) and keeps the
+ * accounts the Python lane keeps (requests, express requests, status class,
+ * duration histogram, bytes, and the stage clock: read/ipc, write, notify,
+ * parse, other) in the listener's shared int64 block. No Python object is
+ * made per request.
+ *
+ * Anything else is handed over, never handled here: the first time a read is
+ * not one whole plain request (or response), a send is short or fails, the
+ * downstream speaks while a request is in flight, or the idle upstream stirs,
+ * the pair calls on_handover(kind, payload) once and goes inert. Python then
+ * takes both sockets back and carries on exactly as its own lane would from
+ * that point (see pyproxy/http/native_lane.py). Timeouts stay in Python: it
+ * reads in_flight, started_ns and last_active_ns from its watchdog timer.
+ *
+ * Pair(down_fd, up_fd, block, slots, bounds, timed, max_bytes, max_count, on_handover)
+ *   slots: the block indices listed in enum slot below, in that order;
+ *   bounds: the duration histogram's bucket bounds in ns (counters.BUCKET_BOUNDS_NS).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>
+#include <errno.h>
+#include <stdint.h>
+#include <sys/socket.h>
+#include <time.h>
+#include "http1_scan.h"
+
+/* Handover kinds; payload in brackets. */
+enum handover {
+    DOWN_DATA,         /* [bytes] a downstream read that is not one whole plain request (b"": EOF) */
+    DOWN_READABLE,     /* [None] the downstream is readable while a request is in flight (nothing read) */
+    DOWN_FAILED,       /* [errno] a downstream recv or send failed */
+    UP_IDLE_READABLE,  /* [None] the upstream is readable with nothing in flight (nothing read) */
+    UP_DATA,           /* [bytes] an upstream read that is not one whole plain response (b"": EOF) */
+    UP_FAILED,         /* [errno] an upstream recv or send failed (a request is in flight) */
+    REQUEST_UNSENT,    /* [bytes] the rest of a request the upstream did not take */
+    RESPONSE_UNSENT,   /* [bytes] the rest of a response the downstream did not take (cycle done) */
+};
+
+/* Indices into the listener block, in the order Python passes them. */
+enum slot {
+    S_DOWN_READ_NS, S_DOWN_READ_EV, S_DOWN_WRITE_NS, S_DOWN_WRITE_EV,
+    S_UP_READ_NS, S_UP_READ_EV, S_UP_WRITE_NS, S_UP_WRITE_EV,
+    S_PARSE_NS, S_PARSE_EV, S_NOTIFY_EV, S_OTHER_NS,
+    S_DOWN_RX, S_DOWN_TX, S_UP_RX, S_UP_TX,
+    S_REQUESTS, S_EXPRESS, S_NATIVE, S_STATUS_BASE, S_HIST_BASE, S_HIST_SUM, S_HIST_COUNT,
+    S_CLAIM_START, S_CLAIM_END, /* the stage slots `other` must not count twice: [start, end) */
+    N_SLOTS
+};
+
+#define READ_SIZE 65536
+#define MAX_BOUNDS 64
+
+/* One event loop per process and the GIL held: every pair can share these. */
+static char in_buf[READ_SIZE];
+static char out_buf[READ_SIZE];
+
+typedef struct {
+    PyObject_HEAD
+    int down_fd, up_fd;
+    int timed;
+    int released; /* handed over (or detached): callbacks do nothing */
+    Py_buffer view;
+    int64_t *block;
+    Py_ssize_t slot[N_SLOTS];
+    int64_t bounds[MAX_BOUNDS];
+    int nbounds;
+    Py_ssize_t max_bytes, max_count;
+    PyObject *on_handover;
+    int in_flight;
+    long long started_ns, last_active_ns;
+    char *request; /* the request in flight, as read: Python replays it on a handover */
+    Py_ssize_t request_len, request_cap;
+    long long down_in, down_out, up_in, up_out; /* for the streams' own byte counts */
+    long long served;
+} Pair;
+
+static inline long long now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.perf_counter_ns's clock on Linux */
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+#define SLOT(p, s) ((p)->block[(p)->slot[s]])
+
+static long long claimed(Pair *p)
+{
+    long long sum = 0;
+    for (Py_ssize_t i = p->slot[S_CLAIM_START]; i < p->slot[S_CLAIM_END]; i++) sum += p->block[i];
+    return sum;
+}
+
+/* `other`: the callback's time after its recv that no stage claimed (parse, write, filters). */
+static void account_other(Pair *p, long long since, long long claimed_before)
+{
+    if (p->timed) SLOT(p, S_OTHER_NS) += now_ns() - since - (claimed(p) - claimed_before);
+}
+
+static int keep_request(Pair *p, const char *data, Py_ssize_t n)
+{
+    if (n > p->request_cap) {
+        char *grown = PyMem_Realloc(p->request, n);
+        if (grown == NULL) { PyErr_NoMemory(); return -1; }
+        p->request = grown;
+        p->request_cap = n;
+    }
+    memcpy(p->request, data, n);
+    p->request_len = n;
+    return 0;
+}
+
+/* Go inert and let Python take over; payload is stolen. */
+static PyObject *hand_over(Pair *p, enum handover kind, PyObject *payload)
+{
+    p->released = 1;
+    if (payload == NULL) return NULL;
+    Py_INCREF(p); /* Python drops its references to the pair as it takes the sockets back */
+    PyObject *result = PyObject_CallFunction(p->on_handover, "iN", (int)kind, payload);
+    Py_DECREF(p);
+    if (result == NULL) return NULL;
+    Py_DECREF(result);
+    Py_RETURN_NONE;
+}
+
+/* The same, charging Python's handover work to `other` like the C work before it. */
+static PyObject *hand_over_timed(Pair *p, enum handover kind, PyObject *payload, long long since,
+                                 long long claimed_before)
+{
+    PyObject *result = hand_over(p, kind, payload);
+    account_other(p, since, claimed_before);
+    return result;
+}
+
+/* recv with the read stage's accounting: >0 bytes, 0 EOF, -1 would block, -2 failed (errno kept). */
+static Py_ssize_t timed_recv(Pair *p, int fd, int ns_slot, int ev_slot, int rx_slot, long long *in,
+                             long long *t_after)
+{
+    long long t0 = p->timed ? now_ns() : 0;
+    Py_ssize_t n = recv(fd, in_buf, READ_SIZE, 0);
+    if (n < 0) return (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR) ? -1 : -2;
+    if (p->timed) {
+        *t_after = now_ns();
+        SLOT(p, ns_slot) += *t_after - t0;
+        SLOT(p, ev_slot) += 1;
+        SLOT(p, S_NOTIFY_EV) += 1;
+    }
+    SLOT(p, rx_slot) += n;
+    *in += n;
+    return n;
+}
+
+/* send with the write stage's accounting: bytes taken (0: would block), -1 failed (errno kept). */
+static Py_ssize_t timed_send(Pair *p, int fd, const char *data, Py_ssize_t n, int ns_slot, int ev_slot,
+                             int tx_slot, long long *out)
+{
+    long long t0 = p->timed ? now_ns() : 0;
+    Py_ssize_t sent = send(fd, data, n, MSG_NOSIGNAL);
+    int err = errno;
+    if (p->timed) {
+        SLOT(p, ns_slot) += now_ns() - t0;
+        SLOT(p, ev_slot) += 1;
+    }
+    if (sent < 0) {
+        if (err != EAGAIN && err != EWOULDBLOCK && err != EINTR) { errno = err; return -1; }
+        sent = 0;
+    }
+    SLOT(p, tx_slot) += sent;
+    *out += sent;
+    return sent;
+}
+
+/* Scan into h, charging the parse stage: 1 when it is in the subset and forwardable as bytes. */
+static int timed_scan(Pair *p, Py_ssize_t n, int is_request, head_t *h)
+{
+    long long t0 = p->timed ? now_ns() : 0;
+    int ok = scan_head(in_buf, n, is_request, p->max_bytes, p->max_count, h) && has_wire(h) && !h->close;
+    if (p->timed) {
+        SLOT(p, S_PARSE_NS) += now_ns() - t0;
+        SLOT(p, S_PARSE_EV) += 1;
+    }
+    return ok;
+}
+
+/* What goes on: the read itself, or its head less hop-by-hop lines followed by its body. */
+static const char *forwarded(Py_ssize_t n, const head_t *h, Py_ssize_t *out_len)
+{
+    if (!h->hop) {
+        *out_len = n;
+        return in_buf;
+    }
+    Py_ssize_t head = wire_len(h);
+    wire_copy(in_buf, h, out_buf);
+    memcpy(out_buf + head, in_buf + h->head_len, n - h->head_len);
+    *out_len = head + n - h->head_len;
+    return out_buf;
+}
+
+static PyObject *errno_object(void) { return PyLong_FromLong(errno); }
+
+static PyObject *Pair_downstream_readable(Pair *p, PyObject *unused)
+{
+    if (p->released) Py_RETURN_NONE;
+    if (p->in_flight) return hand_over(p, DOWN_READABLE, Py_NewRef(Py_None));
+    long long t1 = 0;
+    Py_ssize_t n = timed_recv(p, p->down_fd, S_DOWN_READ_NS, S_DOWN_READ_EV, S_DOWN_RX, &p->down_in, &t1);
+    if (n == -1) Py_RETURN_NONE;
+    if (n == -2) return hand_over(p, DOWN_FAILED, errno_object());
+    long long before = p->timed ? claimed(p) : 0;
+    head_t h;
+    if (n == 0 || !timed_scan(p, n, 1, &h) || h.expect ||
+        (h.a1 - h.a0 == 4 && memcmp(in_buf + h.a0, "HEAD", 4) == 0) || /* the response's framing differs */
+        h.head_len + (h.content_length > 0 ? h.content_length : 0) != n) /* more to come, or pipelined */
+        return hand_over_timed(p, DOWN_DATA, PyBytes_FromStringAndSize(in_buf, n), t1, before);
+    if (keep_request(p, in_buf, n) < 0) return NULL;
+    p->in_flight = 1;
+    p->started_ns = p->timed ? t1 : now_ns();
+    SLOT(p, S_REQUESTS) += 1;
+    Py_ssize_t out_len;
+    const char *out = forwarded(n, &h, &out_len);
+    Py_ssize_t sent = timed_send(p, p->up_fd, out, out_len, S_UP_WRITE_NS, S_UP_WRITE_EV, S_UP_TX, &p->up_out);
+    if (sent < 0) return hand_over_timed(p, UP_FAILED, errno_object(), t1, before);
+    if (sent < out_len)
+        return hand_over_timed(p, REQUEST_UNSENT, PyBytes_FromStringAndSize(out + sent, out_len - sent), t1,
+                               before);
+    account_other(p, t1, before);
+    Py_RETURN_NONE;
+}
+
+static void observe_duration(Pair *p, long long elapsed)
+{
+    int bucket = 0;
+    while (bucket < p->nbounds && p->bounds[bucket] < elapsed) bucket++; /* bisect_left */
+    p->block[p->slot[S_HIST_BASE] + bucket] += 1;
+    SLOT(p, S_HIST_SUM) += elapsed;
+    SLOT(p, S_HIST_COUNT) += 1;
+}
+
+static PyObject *Pair_upstream_readable(Pair *p, PyObject *unused)
+{
+    if (p->released) Py_RETURN_NONE;
+    if (!p->in_flight) return hand_over(p, UP_IDLE_READABLE, Py_NewRef(Py_None));
+    long long t1 = 0;
+    Py_ssize_t n = timed_recv(p, p->up_fd, S_UP_READ_NS, S_UP_READ_EV, S_UP_RX, &p->up_in, &t1);
+    if (n == -1) Py_RETURN_NONE;
+    if (n == -2) return hand_over(p, UP_FAILED, errno_object());
+    long long before = p->timed ? claimed(p) : 0;
+    head_t h;
+    int ok = n > 0 && timed_scan(p, n, 0, &h);
+    Py_ssize_t length = ok ? h.content_length : -1;
+    if (ok && (h.status == 204 || h.status == 304)) length = 0;
+    if (!ok || length < 0 || h.head_len + length != n) /* in pieces, more than one, or no framing */
+        return hand_over_timed(p, UP_DATA, PyBytes_FromStringAndSize(in_buf, n), t1, before);
+    Py_ssize_t out_len;
+    const char *out = forwarded(n, &h, &out_len);
+    Py_ssize_t sent =
+        timed_send(p, p->down_fd, out, out_len, S_DOWN_WRITE_NS, S_DOWN_WRITE_EV, S_DOWN_TX, &p->down_out);
+    int send_errno = errno;
+    long long done = now_ns();
+    p->in_flight = 0;
+    p->last_active_ns = done;
+    p->served += 1;
+    SLOT(p, S_EXPRESS) += 1;
+    SLOT(p, S_NATIVE) += 1;
+    p->block[p->slot[S_STATUS_BASE] + h.status / 100 - 1] += 1;
+    observe_duration(p, done - p->started_ns);
+    if (sent < 0) {
+        errno = send_errno;
+        return hand_over_timed(p, DOWN_FAILED, errno_object(), t1, before);
+    }
+    if (sent < out_len)
+        return hand_over_timed(p, RESPONSE_UNSENT, PyBytes_FromStringAndSize(out + sent, out_len - sent), t1,
+                               before);
+    account_other(p, t1, before);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Pair_detach(Pair *p, PyObject *unused)
+{
+    p->released = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Pair_get_request(Pair *p, void *closure)
+{
+    return PyBytes_FromStringAndSize(p->request, p->in_flight ? p->request_len : 0);
+}
+
+static int Pair_init(Pair *p, PyObject *args, PyObject *kwargs)
+{
+    PyObject *block, *slots, *bounds, *on_handover;
+    int timed;
+    if (!PyArg_ParseTuple(args, "iiOOOpnnO", &p->down_fd, &p->up_fd, &block, &slots, &bounds, &timed,
+                          &p->max_bytes, &p->max_count, &on_handover))
+        return -1;
+    if (p->block != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Pair is initialised once");
+        return -1;
+    }
+    if (!PyCallable_Check(on_handover)) {
+        PyErr_SetString(PyExc_TypeError, "on_handover must be callable");
+        return -1;
+    }
+    if (PyObject_GetBuffer(block, &p->view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return -1;
+    p->block = p->view.buf;
+    Py_ssize_t nblock = p->view.len / (Py_ssize_t)sizeof(int64_t);
+    PyObject *seq = PySequence_Fast(slots, "slots must be a sequence");
+    if (seq == NULL) return -1;
+    if (PySequence_Fast_GET_SIZE(seq) != N_SLOTS) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "slots: expected %d indices", N_SLOTS);
+        return -1;
+    }
+    for (int i = 0; i < N_SLOTS; i++) {
+        p->slot[i] = PyLong_AsSsize_t(PySequence_Fast_GET_ITEM(seq, i));
+        if (p->slot[i] < 0 || p->slot[i] > nblock) {
+            Py_DECREF(seq);
+            if (!PyErr_Occurred()) PyErr_Format(PyExc_ValueError, "slots[%d] outside the block", i);
+            return -1;
+        }
+    }
+    Py_DECREF(seq);
+    seq = PySequence_Fast(bounds, "bounds must be a sequence");
+    if (seq == NULL) return -1;
+    p->nbounds = (int)PySequence_Fast_GET_SIZE(seq);
+    if (p->nbounds > MAX_BOUNDS || p->slot[S_HIST_BASE] + p->nbounds >= nblock ||
+        p->slot[S_STATUS_BASE] + 5 > nblock) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError, "bounds: too many, or the histogram or status slots overrun the block");
+        return -1;
+    }
+    for (int i = 0; i < p->nbounds; i++) p->bounds[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, i));
+    Py_DECREF(seq);
+    if (PyErr_Occurred()) return -1;
+    p->timed = timed;
+    p->on_handover = Py_NewRef(on_handover);
+    p->last_active_ns = now_ns();
+    return 0;
+}
+
+static int Pair_traverse(Pair *p, visitproc visit, void *arg)
+{
+    Py_VISIT(p->on_handover);
+    return 0;
+}
+
+static int Pair_clear(Pair *p)
+{
+    Py_CLEAR(p->on_handover);
+    return 0;
+}
+
+static void Pair_dealloc(Pair *p)
+{
+    PyObject_GC_UnTrack(p);
+    Pair_clear(p);
+    if (p->block != NULL) PyBuffer_Release(&p->view);
+    PyMem_Free(p->request);
+    Py_TYPE(p)->tp_free((PyObject *)p);
+}
+
+static PyMethodDef Pair_methods[] = {
+    {"downstream_readable", (PyCFunction)Pair_downstream_readable, METH_NOARGS,
+     "The event loop's reader callback for the downstream socket."},
+    {"upstream_readable", (PyCFunction)Pair_upstream_readable, METH_NOARGS,
+     "The event loop's reader callback for the upstream socket."},
+    {"detach", (PyCFunction)Pair_detach, METH_NOARGS, "Go inert: Python has taken the sockets back."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyMemberDef Pair_members[] = {
+    {"in_flight", T_INT, offsetof(Pair, in_flight), READONLY, "a request is upstream, its response not yet sent"},
+    {"released", T_INT, offsetof(Pair, released), READONLY, "handed over or detached"},
+    {"started_ns", T_LONGLONG, offsetof(Pair, started_ns), READONLY, "when the request in flight was read"},
+    {"last_active_ns", T_LONGLONG, offsetof(Pair, last_active_ns), READONLY, "when the last response left"},
+    {"served", T_LONGLONG, offsetof(Pair, served), READONLY, "exchanges completed here"},
+    {"down_in", T_LONGLONG, offsetof(Pair, down_in), READONLY, "bytes read from the downstream"},
+    {"down_out", T_LONGLONG, offsetof(Pair, down_out), READONLY, "bytes sent to the downstream"},
+    {"up_in", T_LONGLONG, offsetof(Pair, up_in), READONLY, "bytes read from the upstream"},
+    {"up_out", T_LONGLONG, offsetof(Pair, up_out), READONLY, "bytes sent to the upstream"},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyGetSetDef Pair_getset[] = {
+    {"request", (getter)Pair_get_request, NULL, "the request in flight as read (b\"\" when none)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject PairType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "pyproxy.native._express.Pair",
+    .tp_basicsize = sizeof(Pair),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A downstream socket and its upstream, relaying plain HTTP/1.1 exchanges in C.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Pair_init,
+    .tp_dealloc = (destructor)Pair_dealloc,
+    .tp_traverse = (traverseproc)Pair_traverse,
+    .tp_clear = (inquiry)Pair_clear,
+    .tp_methods = Pair_methods,
+    .tp_members = Pair_members,
+    .tp_getset = Pair_getset,
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "_express", .m_size = -1};
+
+PyMODINIT_FUNC PyInit__express(void)
+{
+    init_tables();
+    if (PyType_Ready(&PairType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddObjectRef(m, "Pair", (PyObject *)&PairType) < 0) { Py_DECREF(m); return NULL; }
+    static const struct { const char *name; int value; } kinds[] = {
+        {"DOWN_DATA", DOWN_DATA}, {"DOWN_READABLE", DOWN_READABLE}, {"DOWN_FAILED", DOWN_FAILED},
+        {"UP_IDLE_READABLE", UP_IDLE_READABLE}, {"UP_DATA", UP_DATA}, {"UP_FAILED", UP_FAILED},
+        {"REQUEST_UNSENT", REQUEST_UNSENT}, {"RESPONSE_UNSENT", RESPONSE_UNSENT},
+        {"N_SLOTS", N_SLOTS},
+    };
+    for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++)
+        if (PyModule_AddIntConstant(m, kinds[i].name, kinds[i].value) < 0) { Py_DECREF(m); return NULL; }
+    return m;
+}

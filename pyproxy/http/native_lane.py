@@ -1,0 +1,198 @@
+"""The native express lane: a downstream connection and its upstream, relaying in C.
+
+The Python express lane (express.py) still spends two Python callbacks and a
+few dozen bytecodes on every plain exchange. When a listener has a single
+filterless route (no route table: every request on a connection goes where
+the last one went), the connection that just finished a plain exchange on the
+express lane is paired with the upstream connection it used: the event loop's
+reader callbacks for both sockets become the C methods of an
+``_express.Pair`` (native/express_lane.c), which forwards each whole plain
+request and response as bytes and keeps every account the Python lane keeps.
+
+The pair holds the upstream connection instead of the pool: with one endpoint
+and no routing that is the connection the pool would have handed out next.
+The pool's idle timeout still applies (a watchdog closes the upstream once it
+has idled that long), and so does the route timeout (the watchdog hands an
+overdue request back, and the Python lane answers 504).
+
+The pair hands over at the first thing that is not plain — a request or
+response in pieces, chunked, asking to close, pipelined, an error, EOF, a
+short send — and goes inert. ``release`` takes both sockets back, turns a
+request in flight into a Python express request with the time it has already
+spent, and the handed-over event then runs through the Python objects exactly
+as it would have without the pair. Behaviour outside the plain case is
+therefore the Python lane's and the general path's, by construction.
+"""
+
+from __future__ import annotations
+
+import os
+from time import perf_counter_ns
+from typing import TYPE_CHECKING, Any
+
+from pyproxy.counters import (
+    BUCKET_BOUNDS_NS,
+    DOWNSTREAM_RX,
+    DOWNSTREAM_TX,
+    EXPRESS_REQUESTS,
+    HIST_BASE,
+    HIST_COUNT,
+    HIST_SUM_NS,
+    NATIVE_REQUESTS,
+    NOTIFY,
+    OTHER,
+    REQUESTS,
+    STAGE_EVENTS,
+    STAGE_NS,
+    STATUS_BASE,
+    UPSTREAM_RX,
+    UPSTREAM_TX,
+)
+from pyproxy.http.express import Express
+from pyproxy.native import express_pair
+
+if TYPE_CHECKING:
+    from pyproxy.http.context import HttpContext
+    from pyproxy.http.downstream_h1 import Http1Downstream
+    from pyproxy.http.router import Route
+    from pyproxy.http.upstream_h1 import Http1Upstream
+
+_express = express_pair()
+_NO_CHAIN_ELIGIBLE = None  # express_routes maps an eligible route without filters to None
+_MISSING = object()
+
+
+class NativeLanes:
+    """Per listener context: whether connections may pair, and what every pair shares."""
+
+    __slots__ = ("ctx", "route", "slots", "timeout_ns")
+
+    def __init__(self, ctx: HttpContext, route: Route) -> None:
+        self.ctx = ctx
+        self.route = route
+        self.timeout_ns = int(route.timeout * 1e9)
+        (down_read, down_write), (up_read, up_write) = ctx.downstream_stages, ctx.upstream_stages
+        # In express_lane.c's `enum slot` order.
+        self.slots = (
+            STAGE_NS + down_read, STAGE_EVENTS + down_read, STAGE_NS + down_write, STAGE_EVENTS + down_write,
+            STAGE_NS + up_read, STAGE_EVENTS + up_read, STAGE_NS + up_write, STAGE_EVENTS + up_write,
+            ctx.parse_ns, ctx.parse_events, STAGE_EVENTS + NOTIFY, STAGE_NS + OTHER,
+            DOWNSTREAM_RX, DOWNSTREAM_TX, UPSTREAM_RX, UPSTREAM_TX,
+            REQUESTS, EXPRESS_REQUESTS, NATIVE_REQUESTS, STATUS_BASE, HIST_BASE, HIST_SUM_NS, HIST_COUNT,
+            STAGE_NS, ctx.claim_end,
+        )  # fmt: skip
+
+    def pair(self, downstream: Http1Downstream, upstream: Http1Upstream, route: Route) -> bool:
+        """After an express exchange: pair the two connections if both are at rest; else False."""
+        if (
+            route is not self.route
+            or downstream.stream.buffered
+            or upstream.stream.buffered
+            or not downstream.stream.reading
+        ):
+            return False
+        NativeLane(self, downstream, upstream)
+        return True
+
+
+def native_lanes(ctx: HttpContext) -> NativeLanes | None:
+    """The listener's NativeLanes, or None when its connections cannot pair."""
+    route = ctx.router.default_route
+    if (
+        _express is None
+        or ctx.settings.express_lane != "native"
+        or ctx.express_routes is None
+        or route is None
+        or ctx.express_routes.get(id(route), _MISSING) is not _NO_CHAIN_ELIGIBLE
+    ):
+        return None
+    return NativeLanes(ctx, route)
+
+
+class NativeLane:
+    """One downstream connection paired with its upstream connection (see the module doc)."""
+
+    __slots__ = ("lanes", "downstream", "upstream", "pair", "_watchdog")
+
+    def __init__(
+        self, lanes: NativeLanes, downstream: Http1Downstream, upstream: Http1Upstream
+    ) -> None:
+        ctx = lanes.ctx
+        self.lanes = lanes
+        self.downstream, self.upstream = downstream, upstream
+        down, up = downstream.stream, upstream.stream
+        limits = ctx.limits
+        self.pair: Any = _express.Pair(
+            down.fd, up.fd, ctx.block, lanes.slots, BUCKET_BOUNDS_NS, ctx.timed,
+            limits.max_header_bytes, limits.max_header_count, self._handover,
+        )  # fmt: skip
+        down.lend(self.pair.downstream_readable)
+        up.lend(self.pair.upstream_readable)
+        downstream.lane = self
+        self._watchdog = ctx.loop.call_later(self._next_check(perf_counter_ns()) / 1e9, self._watch)
+
+    def release(self, keep_upstream: bool = True) -> Express | None:
+        """Take both sockets back; a request in flight becomes a Python express request."""
+        pair = self.pair
+        pair.detach()
+        self._watchdog.cancel()
+        ctx, downstream, upstream = self.lanes.ctx, self.downstream, self.upstream
+        downstream.lane = None
+        downstream.stream.take_back(pair.down_in, pair.down_out)
+        upstream.stream.take_back(pair.up_in, pair.up_out)
+        if pair.in_flight:
+            return Express.in_flight(
+                ctx, downstream, upstream, self.lanes.route, pair.request, pair.started_ns
+            )
+        if keep_upstream:
+            ctx.pool.keep(upstream)
+        else:
+            upstream.stream.close()
+        return None
+
+    # ---- timeouts ---------------------------------------------------------------------
+
+    def _next_check(self, now: int) -> int:
+        """Nanoseconds until the route timeout of the request in flight, or the idle timeout."""
+        pair = self.pair
+        timeout_ns = self.lanes.timeout_ns
+        idle_ns = int(self.upstream.idle_timeout * 1e9)
+        if pair.in_flight:
+            due = pair.started_ns + timeout_ns if timeout_ns else now + idle_ns
+        else:
+            due = pair.last_active_ns + idle_ns
+        return max(due - now, 0)
+
+    def _watch(self) -> None:
+        now = perf_counter_ns()
+        if self._next_check(now) > 0:  # not yet: timers may fire early, deadlines never do
+            self._watchdog = self.lanes.ctx.loop.call_later(self._next_check(now) / 1e9, self._watch)
+        elif self.pair.in_flight:
+            self.release()  # its deadline, armed already past due, fires on the next tick: 504
+        else:
+            self.release(keep_upstream=False)  # idle past the pool's timeout: close it
+
+    # ---- what the pair hands over -------------------------------------------------------
+
+    def _handover(self, kind: int, payload: Any) -> None:
+        self.release()
+        downstream, upstream = self.downstream, self.upstream
+        if kind == _express.DOWN_DATA:
+            if payload:
+                downstream.data_received(payload)
+            else:
+                downstream.eof_received()
+        elif kind == _express.UP_DATA:
+            if payload:
+                upstream.data_received(payload)
+            else:
+                upstream.eof_received()
+        elif kind == _express.DOWN_FAILED:
+            downstream.stream_failed(OSError(payload, os.strerror(payload)))
+        elif kind == _express.UP_FAILED:
+            upstream.stream_failed(OSError(payload, os.strerror(payload)))
+        elif kind == _express.REQUEST_UNSENT:
+            upstream.stream.write(payload)
+        elif kind == _express.RESPONSE_UNSENT:
+            downstream.stream.write(payload)
+        # DOWN_READABLE, UP_IDLE_READABLE: nothing was read; the streams' own readers fire next.
