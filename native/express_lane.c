@@ -218,6 +218,7 @@ static PyObject *Pair_downstream_readable(Pair *p, PyObject *unused)
     head_t h;
     if (n == 0 || !timed_scan(p, n, 1, &h) || h.expect ||
         (h.a1 - h.a0 == 4 && memcmp(in_buf + h.a0, "HEAD", 4) == 0) || /* the response's framing differs */
+        in_buf[h.b0] != '/' || /* not origin-form: the router has a say */
         h.head_len + (h.content_length > 0 ? h.content_length : 0) != n) /* more to come, or pipelined */
         return hand_over_timed(p, DOWN_DATA, PyBytes_FromStringAndSize(in_buf, n), t1, before);
     if (keep_request(p, in_buf, n) < 0) return NULL;

@@ -214,6 +214,11 @@ def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
     return parse
 
 
+def _express_lane(value: Any) -> str:
+    # YAML reads a bare `off` as false.
+    return _choice(("native", "python", "off"))("off" if value is False else value)
+
+
 def _int_range(low: int, high: int) -> Callable[[Any], int]:
     def parse(value: Any) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -442,7 +447,7 @@ def _http_settings(fields: _Fields | None, mode: str) -> HttpSettings:
         idle_timeout=fields.take("idle_timeout", parse_duration, 300.0),
         server_timing=fields.take("server_timing", _bool, False),
         access_log=fields.take("access_log", _access_log_target, ""),
-        express_lane=fields.take("express_lane", _choice(("native", "python", "off")), "native"),
+        express_lane=fields.take("express_lane", _express_lane, "native"),
         # gRPC needs HTTP/2 end to end (trailers, streams both ways at once).
         upstream_protocol=fields.take(
             "upstream_protocol",

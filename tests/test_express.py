@@ -89,9 +89,11 @@ class Client:
 
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.sent = 0
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
+        self.sent += len(data)
 
     def response(self) -> tuple[bytes, bytes]:
         buf = b""

@@ -116,7 +116,10 @@ class Express:
         express = cls(ctx, downstream, data)
         express.started_ns = started_ns
         express.route, express.upstream = route, upstream
-        express.target, express.source = downstream.target, downstream.source
+        if route.cluster is not None:  # one endpoint: the native lane pairs no other
+            express.target, express.source = route.cluster.endpoints[0], ""
+        else:
+            express.target, express.source = downstream.target, downstream.source
         downstream.express = upstream.express = express
         if route.timeout > 0:
             left = route.timeout - (perf_counter_ns() - started_ns) / 1e9

@@ -54,7 +54,7 @@ from pyproxy.native import express_pair
 if TYPE_CHECKING:
     from pyproxy.http.context import HttpContext
     from pyproxy.http.downstream_h1 import Http1Downstream
-    from pyproxy.http.router import Route
+    from pyproxy.http.router import Route, Router
     from pyproxy.http.upstream_h1 import Http1Upstream
 
 _express = express_pair()
@@ -97,16 +97,28 @@ class NativeLanes:
 
 def native_lanes(ctx: HttpContext) -> NativeLanes | None:
     """The listener's NativeLanes, or None when its connections cannot pair."""
-    route = ctx.router.default_route
+    route = _only_route(ctx.router)
     if (
         _express is None
         or ctx.settings.express_lane != "native"
         or ctx.express_routes is None
         or route is None
         or ctx.express_routes.get(id(route), _MISSING) is not _NO_CHAIN_ELIGIBLE
+        or (route.cluster is not None and len(route.cluster.endpoints) != 1)
     ):
         return None
     return NativeLanes(ctx, route)
+
+
+def _only_route(router: Router) -> Route | None:
+    """The route every origin-form request takes, if there is one: the default route, or a
+    first route matching any authority and path (later routes are unreachable)."""
+    if router.default_route is not None:
+        return router.default_route
+    first = router.routes[0] if router.routes else None
+    if first is not None and first.authority == "*" and first.prefix in (b"", b"/"):
+        return first
+    return None
 
 
 class NativeLane:
@@ -153,7 +165,11 @@ class NativeLane:
     # ---- timeouts ---------------------------------------------------------------------
 
     def _next_check(self, now: int) -> int:
-        """Nanoseconds until the route timeout of the request in flight, or the idle timeout."""
+        """Nanoseconds until the request in flight is overdue or the upstream has idled too long.
+
+        While idle, the check comes no later than one route timeout from now: a request that
+        starts meanwhile is not due before then.
+        """
         pair = self.pair
         timeout_ns = self.lanes.timeout_ns
         idle_ns = int(self.upstream.idle_timeout * 1e9)
@@ -161,13 +177,24 @@ class NativeLane:
             due = pair.started_ns + timeout_ns if timeout_ns else now + idle_ns
         else:
             due = pair.last_active_ns + idle_ns
+            if timeout_ns:
+                due = min(due, now + timeout_ns)
         return max(due - now, 0)
 
     def _watch(self) -> None:
         now = perf_counter_ns()
-        if self._next_check(now) > 0:  # not yet: timers may fire early, deadlines never do
-            self._watchdog = self.lanes.ctx.loop.call_later(self._next_check(now) / 1e9, self._watch)
-        elif self.pair.in_flight:
+        pair = self.pair
+        overdue = (
+            pair.in_flight
+            and self.lanes.timeout_ns
+            and now >= pair.started_ns + self.lanes.timeout_ns
+        )
+        idled = not pair.in_flight and now >= pair.last_active_ns + self.upstream.idle_timeout * 1e9
+        if not overdue and not idled:  # not yet (timers may also fire early; deadlines never do)
+            self._watchdog = self.lanes.ctx.loop.call_later(
+                self._next_check(now) / 1e9, self._watch
+            )
+        elif overdue:
             self.release()  # its deadline, armed already past due, fires on the next tick: 504
         else:
             self.release(keep_upstream=False)  # idle past the pool's timeout: close it
