@@ -4,6 +4,11 @@ One pyproxy per configuration, all in HTTP mode in front of the same upstream
 (a separate nginx answering `return 200` with a 100-byte body), all running
 in the same bench run:
 
+Every configuration runs with `express_lane: python`, the lane a header-only
+filter chain rides, so a filter's added cost is the filter's and not also the
+native express lane's (which a filterless listener would get, and which
+http_bench reports separately).
+
 * baseline: no filters; plus a second, identical instance (`baseline_b`) as
   an A/A control: its "added cost" is the measurement's noise floor;
 * each filter alone, configured so it runs on every request but never acts:
@@ -136,7 +141,10 @@ def start_proxy(
                 "mode": "http",
                 "address": f"127.0.0.1:{port}",
                 "upstream": f"127.0.0.1:{upstream}",
-                "http": {"codec": "fast"},
+                # Filter chains ride the Python express lane; without this, the filterless
+                # baseline would pair into the native lane and every filter's added cost would
+                # include the native lane's gain (http_bench measures that gain on its own).
+                "http": {"codec": "fast", "express_lane": "python"},
                 **({"filters": chain} if chain else {}),
             }
         ],
