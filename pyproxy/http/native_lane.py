@@ -1,9 +1,10 @@
 """The native express lane: a downstream connection and its upstream, relaying in C.
 
 The Python express lane (express.py) still spends two Python callbacks and a
-few dozen bytecodes on every plain exchange. When a listener has a single
-filterless route (no route table: every request on a connection goes where
-the last one went), the connection that just finished a plain exchange on the
+few dozen bytecodes on every plain exchange. When every origin-form request
+on a listener takes one filterless route to one endpoint (no route table, or
+a first route matching any host and path: each request on a connection goes
+where the last one went), the connection that just finished a plain exchange on the
 express lane is paired with the upstream connection it used: the event loop's
 reader callbacks for both sockets become the C methods of an
 ``_express.Pair`` (native/express_lane.c), which forwards each whole plain
