@@ -158,7 +158,7 @@ static Py_ssize_t timed_recv(Pair *p, int fd, int ns_slot, int ev_slot, int rx_s
     return n;
 }
 
-/* send with the write stage's accounting: bytes taken (0: would block), -1 failed (errno kept). */
+/* send with the write stage's accounting: bytes taken (0: would block), or -errno. */
 static Py_ssize_t timed_send(Pair *p, int fd, const char *data, Py_ssize_t n, int ns_slot, int ev_slot,
                              int tx_slot, long long *out)
 {
@@ -170,7 +170,7 @@ static Py_ssize_t timed_send(Pair *p, int fd, const char *data, Py_ssize_t n, in
         SLOT(p, ev_slot) += 1;
     }
     if (sent < 0) {
-        if (err != EAGAIN && err != EWOULDBLOCK && err != EINTR) { errno = err; return -1; }
+        if (err != EAGAIN && err != EWOULDBLOCK && err != EINTR) return -err;
         sent = 0;
     }
     SLOT(p, tx_slot) += sent;
@@ -204,6 +204,19 @@ static const char *forwarded(Py_ssize_t n, const head_t *h, Py_ssize_t *out_len)
     return out_buf;
 }
 
+/* After a send: hand a failure or the unsent rest over, else charge `other` and carry on. */
+static PyObject *sent_or_hand_over(Pair *p, Py_ssize_t sent, const char *out, Py_ssize_t out_len,
+                                   enum handover failed, enum handover unsent, long long since,
+                                   long long claimed_before)
+{
+    if (sent < 0) return hand_over_timed(p, failed, PyLong_FromSsize_t(-sent), since, claimed_before);
+    if (sent < out_len)
+        return hand_over_timed(p, unsent, PyBytes_FromStringAndSize(out + sent, out_len - sent), since,
+                               claimed_before);
+    account_other(p, since, claimed_before);
+    Py_RETURN_NONE;
+}
+
 static PyObject *errno_object(void) { return PyLong_FromLong(errno); }
 
 static PyObject *Pair_downstream_readable(Pair *p, PyObject *unused)
@@ -228,12 +241,7 @@ static PyObject *Pair_downstream_readable(Pair *p, PyObject *unused)
     Py_ssize_t out_len;
     const char *out = forwarded(n, &h, &out_len);
     Py_ssize_t sent = timed_send(p, p->up_fd, out, out_len, S_UP_WRITE_NS, S_UP_WRITE_EV, S_UP_TX, &p->up_out);
-    if (sent < 0) return hand_over_timed(p, UP_FAILED, errno_object(), t1, before);
-    if (sent < out_len)
-        return hand_over_timed(p, REQUEST_UNSENT, PyBytes_FromStringAndSize(out + sent, out_len - sent), t1,
-                               before);
-    account_other(p, t1, before);
-    Py_RETURN_NONE;
+    return sent_or_hand_over(p, sent, out, out_len, UP_FAILED, REQUEST_UNSENT, t1, before);
 }
 
 static void observe_duration(Pair *p, long long elapsed)
@@ -264,7 +272,6 @@ static PyObject *Pair_upstream_readable(Pair *p, PyObject *unused)
     const char *out = forwarded(n, &h, &out_len);
     Py_ssize_t sent =
         timed_send(p, p->down_fd, out, out_len, S_DOWN_WRITE_NS, S_DOWN_WRITE_EV, S_DOWN_TX, &p->down_out);
-    int send_errno = errno;
     long long done = now_ns();
     p->in_flight = 0;
     p->last_active_ns = done;
@@ -273,15 +280,7 @@ static PyObject *Pair_upstream_readable(Pair *p, PyObject *unused)
     SLOT(p, S_NATIVE) += 1;
     p->block[p->slot[S_STATUS_BASE] + h.status / 100 - 1] += 1;
     observe_duration(p, done - p->started_ns);
-    if (sent < 0) {
-        errno = send_errno;
-        return hand_over_timed(p, DOWN_FAILED, errno_object(), t1, before);
-    }
-    if (sent < out_len)
-        return hand_over_timed(p, RESPONSE_UNSENT, PyBytes_FromStringAndSize(out + sent, out_len - sent), t1,
-                               before);
-    account_other(p, t1, before);
-    Py_RETURN_NONE;
+    return sent_or_hand_over(p, sent, out, out_len, DOWN_FAILED, RESPONSE_UNSENT, t1, before);
 }
 
 static PyObject *Pair_detach(Pair *p, PyObject *unused)

@@ -302,8 +302,6 @@ class Http1Downstream(Http1Side):
             self._timer = None
 
     def _close(self, reset: bool = False, after_flush: bool = False) -> None:
-        if self.lane is not None:
-            self.lane.release()
         self._cancel_timer()
         if self._closed:
             return

@@ -116,10 +116,7 @@ class Express:
         express = cls(ctx, downstream, data)
         express.started_ns = started_ns
         express.route, express.upstream = route, upstream
-        if route.cluster is not None:  # one endpoint: the native lane pairs no other
-            express.target, express.source = route.cluster.endpoints[0], ""
-        else:
-            express.target, express.source = downstream.target, downstream.source
+        express.target, express.source = _destination(route, downstream)
         downstream.express = upstream.express = express
         if route.timeout > 0:
             left = route.timeout - (perf_counter_ns() - started_ns) / 1e9
@@ -273,16 +270,12 @@ def start(downstream: Http1Downstream, data: bytes) -> bool:
     factory = eligible.get(id(route), _NOT_ELIGIBLE)
     if factory is _NOT_ELIGIBLE:
         return False
-    cluster = route.cluster
-    if cluster is not None:
-        upstream_target, source = cluster.peek(), ""
-    else:
-        upstream_target, source = downstream.target, downstream.source
+    upstream_target, source = _destination(route, downstream)
     upstream: Http1Upstream | None = ctx.pool.take_idle(upstream_target)
     if upstream is None:
         return False  # a connect: the general path takes this endpoint's turn and waits for it
-    if cluster is not None:
-        cluster.pick()  # round robin: the turn is taken
+    if route.cluster is not None:
+        route.cluster.pick()  # round robin: the turn is taken
     express = Express(ctx, downstream, data)
     express.route, express.upstream = route, upstream
     express.target, express.source = upstream_target, source
@@ -306,6 +299,14 @@ def start(downstream: Http1Downstream, data: bytes) -> bool:
     upstream.express = express
     upstream.stream.write(out)
     return True
+
+
+def _destination(route: Route, downstream: Http1Downstream) -> tuple[Any, str]:
+    """Where the route sends a request, and the source address to bind: the cluster's next
+    endpoint (its turn not yet taken), or the downstream's default target."""
+    if route.cluster is not None:
+        return route.cluster.peek(), ""
+    return downstream.default_target()
 
 
 def _host(headers) -> bytes:

@@ -183,19 +183,11 @@ class NativeLane:
         return max(due - now, 0)
 
     def _watch(self) -> None:
-        now = perf_counter_ns()
-        pair = self.pair
-        overdue = (
-            pair.in_flight
-            and self.lanes.timeout_ns
-            and now >= pair.started_ns + self.lanes.timeout_ns
-        )
-        idled = not pair.in_flight and now >= pair.last_active_ns + self.upstream.idle_timeout * 1e9
-        if not overdue and not idled:  # not yet (timers may also fire early; deadlines never do)
+        if self._next_check(perf_counter_ns()) > 0:  # not yet: timers may fire early
             self._watchdog = self.lanes.ctx.loop.call_later(
-                self._next_check(now) / 1e9, self._watch
+                self._next_check(perf_counter_ns()) / 1e9, self._watch
             )
-        elif overdue:
+        elif self.pair.in_flight:
             self.release()  # its deadline, armed already past due, fires on the next tick: 504
         else:
             self.release(keep_upstream=False)  # idle past the pool's timeout: close it
