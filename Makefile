@@ -1,11 +1,14 @@
 # Two commands matter: `make demo` and `make test`. Both set up what they need.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Debian packages: iptables/iproute2/util-linux for capture tests, the rest for benchmarks.
+# Debian packages: a C toolchain and Python headers for the native module, acl to let the sidecar's
+# uid 1337 reach the checkout, iptables/iproute2/util-linux for capture tests, the rest for tests
+# and benchmarks.
+APT_BUILD := gcc libc6-dev python3-dev acl
 APT_TEST := iptables iproute2 util-linux curl procps wrk nghttp2-client
 APT_BENCH := nginx-light libnginx-mod-stream iperf3 haproxy
 
-.PHONY: demo test bench lint system-deps system-deps-bench clean apt
+.PHONY: demo test bench lint fresh-check system-deps system-deps-bench clean apt
 
 demo: system-deps $(VENV)/.installed-test
 	$(PY) -m pyproxy demo
@@ -29,6 +32,8 @@ $(VENV)/.installed-test: pyproject.toml setup.py native/build_native.py native/p
 	@python3 -m venv $(VENV) 2>/dev/null || { $(MAKE) --no-print-directory apt PKGS=python3-venv && python3 -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	@$(PY) -m pyproxy.native.check $$( [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && echo --strict)
+	@scripts/proxy-user-access.sh $(PY)
 	@touch $@
 
 # Install Debian packages only when root with apt, and only those missing.
@@ -42,10 +47,17 @@ apt:
 	fi
 
 system-deps:
-	@$(MAKE) --no-print-directory apt PKGS="$(APT_TEST)"
+	@$(MAKE) --no-print-directory apt PKGS="$(APT_BUILD) $(APT_TEST)"
+	@[ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null || echo "set-up: not root with apt-get:" \
+	  "Debian packages are not installed; the native module needs $(APT_BUILD)," \
+	  "the capture tests need root and $(APT_TEST)"
 
 system-deps-bench:
 	@$(MAKE) --no-print-directory apt PKGS="$(APT_BENCH)"
+
+# The two commands above on a minimal Debian root made by debootstrap, from a clean clone (root).
+fresh-check:
+	scripts/fresh-check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info native/_native*.so
