@@ -19,7 +19,7 @@ root=$dir/root
 [ "$(id -u)" = 0 ] || { echo "fresh-check: needs root (debootstrap, chroot, namespaces)" >&2; exit 1; }
 command -v debootstrap >/dev/null || make --no-print-directory apt PKGS=debootstrap
 
-cleanup() { [ -d "$root" ] && rm -rf --one-file-system "$root"; }
+cleanup() { if [ -d "$root" ]; then rm -rf --one-file-system "$root"; fi; }
 trap cleanup EXIT
 cleanup
 mkdir -p "$dir"
