@@ -30,6 +30,16 @@ step "debootstrap $suite (minbase + python3 make git ca-certificates)"
 timeout 900 debootstrap --variant=minbase --include=python3,make,git,ca-certificates \
     "$suite" "$root" "$mirror" >>"$log" 2>&1 || { tail -n 20 "$log"; exit 1; }
 cp /etc/resolv.conf "$root/etc/resolv.conf"
+# This machine's network: certificate authorities the host added (an egress proxy's, say) are
+# trusted inside too, and the host's CA-bundle settings pass through; nothing else of the host does.
+if compgen -G "/usr/local/share/ca-certificates/*.crt" >/dev/null; then
+    cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+    chroot "$root" update-ca-certificates >>"$log" 2>&1
+fi
+trust_env=()
+for var in SSL_CERT_FILE PIP_CERT REQUESTS_CA_BUNDLE CURL_CA_BUNDLE PIP_DEFAULT_TIMEOUT; do
+    [ -n "${!var:-}" ] && trust_env+=("$var=${!var}")
+done
 
 step "clean clone of $(git rev-parse --short HEAD) into /root/pyproxy"
 git clone -q --no-local "$project" "$root/root/pyproxy"
@@ -54,7 +64,7 @@ step "make demo && make test inside the fresh root"
 set +e
 timeout --kill-after=30 3600 unshare --mount --propagation private --pid --fork \
     env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-    LANG=C.UTF-8 CI=true ROOT="$root" INNER="$inner" /bin/sh -c '
+    LANG=C.UTF-8 CI=true "${trust_env[@]}" ROOT="$root" INNER="$inner" /bin/sh -c '
         set -e
         mount --rbind /dev "$ROOT/dev"
         mount --rbind /sys "$ROOT/sys"
