@@ -66,6 +66,7 @@ timeout --kill-after=30 3600 unshare --mount --propagation private --pid --fork 
     env -i HOME=/root PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     LANG=C.UTF-8 CI=true "${trust_env[@]}" ROOT="$root" INNER="$inner" /bin/sh -c '
         set -e
+        mount --bind "$ROOT" "$ROOT"  # / inside must be a mount point (ip netns exec remounts it)
         mount --rbind /dev "$ROOT/dev"
         mount --rbind /sys "$ROOT/sys"
         mount -t proc proc "$ROOT/proc"

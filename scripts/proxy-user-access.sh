@@ -15,14 +15,15 @@ as_proxy() { setpriv --reuid "$uid" --regid "$uid" --clear-groups "$@"; }
 can_run() { as_proxy "$py" -c 'import pyproxy.cli' >/dev/null 2>&1; }
 
 can_run && exit 0
+# Top down, so a directory is only opened when a parent was what blocked it.
 for start in "$(pwd -P)" "$(dirname "$(readlink -f "$py")")"; do
-    dir=$start
-    while [ "$dir" != / ]; do
-        if ! as_proxy test -x "$dir"; then
-            setfacl -m "u:$uid:x" "$dir"
-            echo "set-up: granted uid $uid traverse-only access (setfacl -m u:$uid:x) to $dir"
+    path=""
+    for part in $(echo "$start" | tr / ' '); do
+        path="$path/$part"
+        if ! as_proxy test -x "$path"; then
+            setfacl -m "u:$uid:x" "$path"
+            echo "set-up: granted uid $uid traverse-only access (setfacl -m u:$uid:x) to $path"
         fi
-        dir=$(dirname "$dir")
     done
 done
 can_run && exit 0
