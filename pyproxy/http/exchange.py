@@ -220,6 +220,17 @@ class Exchange:
         self._abandon_upstream()
         self._finish("DR", reset_downstream=False)
 
+    def request_malformed(self, status: int, body: bytes) -> None:
+        """The request body turned out malformed (a bad chunk): the upstream, which has the head
+        already, is reset so the request never completes there; the client hears why."""
+        if self.finished:
+            return
+        self._abandon_upstream()
+        if self.response_started:
+            self._finish("DPE", reset_downstream=True)
+        else:
+            self.local_reply(status, body, "DPE")
+
     def downstream_write_paused(self) -> None:
         if self.upstream is not None:
             self.upstream.pause_response()

@@ -1,0 +1,78 @@
+"""The hostile-input suite's instruments: an upstream that records every byte it receives, and a
+raw downstream that sends one crafted input and reads back what the proxy answered."""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+import time
+
+from http_peer import HttpUpstream
+
+# Where the proxy's answer to a rejected input ends: its fixed local reply closes the connection.
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3}) ")
+
+
+class _Recorded:
+    """A socket whose received bytes are appended to its upstream's log."""
+
+    def __init__(self, conn: socket.socket, log: RecordingUpstream) -> None:
+        self._conn = conn
+        self._log = log
+
+    def recv(self, size: int) -> bytes:
+        data = self._conn.recv(size)
+        self._log.record(data)
+        return data
+
+    def __getattr__(self, name: str):
+        return getattr(self._conn, name)
+
+
+class RecordingUpstream(HttpUpstream):
+    """The h11 test upstream (tests/http_peer.py) that also keeps every raw byte it was sent, so a
+    test can tell that a rejected input never reached it, even one h11 itself would refuse."""
+
+    def __init__(self, name: str = "up") -> None:
+        self._lock = threading.Lock()
+        self.received = bytearray()
+        super().__init__(name)
+
+    def record(self, data: bytes) -> None:
+        with self._lock:
+            self.received += data
+
+    def received_since(self, mark: int) -> bytes:
+        with self._lock:
+            return bytes(self.received[mark:])
+
+    def _serve(self, conn: socket.socket) -> None:
+        super()._serve(_Recorded(conn, self))  # type: ignore[arg-type]
+
+
+def raw_exchange(port: int, data: bytes, timeout: float = 5.0) -> bytes:
+    """Send ``data`` on a new connection, half-close, and read until the proxy closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        chunks = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def status_of(reply: bytes) -> int | None:
+    """The status of the first response in ``reply`` (None: no response at all)."""
+    match = _STATUS_LINE.match(reply)
+    return int(match.group(1)) if match else None
