@@ -429,8 +429,9 @@ class Exchange:
         if self.finished:
             return
         if not self.response_started:
-            if upstream is not None and upstream.reused and self._retryable():
+            if flag == "UC" and upstream is not None and upstream.retry_safe and self._retryable():
                 # The pooled connection was closed by the app just as we reused it: try once more.
+                # Never after a protocol error or once response bytes came: the app has the request.
                 self.retried = True
                 self._acquire()
                 return
