@@ -76,3 +76,44 @@ def status_of(reply: bytes) -> int | None:
     """The status of the first response in ``reply`` (None: no response at all)."""
     match = _STATUS_LINE.match(reply)
     return int(match.group(1)) if match else None
+
+
+def after_marker(received: bytes, marker: bytes) -> bytes:
+    """What the upstream received before ``marker`` (the normal request sent after an input)."""
+    return received.split(marker, 1)[0]
+
+
+class RejectionCheck:
+    """One hostile input at a time through a running proxy: its answer, the counter it moves,
+    what reached the upstream, and a normal request served after it."""
+
+    def __init__(self, proxy, upstream: RecordingUpstream, port: int) -> None:
+        self.proxy = proxy
+        self.upstream = upstream
+        self.port = port
+        self.serial = 0
+
+    def rejected(self) -> dict[str, int]:
+        return dict(self.proxy.listener().get("rejected", {}))
+
+    def run(self, send, reason: str) -> tuple[object, bytes]:
+        """``send()`` delivers the input and returns its outcome; returns (outcome, what the
+        upstream received meanwhile), after checking the counter and a normal request."""
+        from conftest import http_get
+
+        before = self.rejected()
+        mark = len(self.upstream.received)
+        requests_before = len(self.upstream.requests)
+        outcome = send()
+        self.serial += 1
+        marker = b"GET /served-after-%d " % self.serial
+        status, _ = http_get(f"http://127.0.0.1:{self.port}{marker.split()[1].decode()}")
+        assert status == 200, f"the proxy stopped serving after the input: {status}"
+        reached = after_marker(self.upstream.received_since(mark), marker)
+        # No hostile input ever becomes a complete request at the upstream.
+        assert len(self.upstream.requests) == requests_before + 1, self.upstream.requests[-2:]
+        after = self.rejected()
+        expected = dict(before)
+        expected[reason] = expected.get(reason, 0) + 1
+        assert after == expected, (before, after)
+        return outcome, reached

@@ -304,6 +304,8 @@ def reject_reason(error: ProtocolError) -> str:
     text = error.reason.lower()
     if "connect" in text and "connection" not in text:
         return "method"
+    if any(word in text for word in _FIELD_WORDS):
+        return "header"
     if any(word in text for word in _FRAMING_WORDS):
         return "framing"
     if any(word in text for word in _REQUEST_LINE_WORDS):
@@ -311,8 +313,9 @@ def reject_reason(error: ProtocolError) -> str:
     return "header"
 
 
+_FIELD_WORDS: Final = ("header line", "header field", "header value", "field name", "field value")
 _FRAMING_WORDS: Final = ("content-length", "transfer-encoding", "chunk", "framing")
-_REQUEST_LINE_WORDS: Final = ("method", "url", "target", "request line", "http/0.9", "version")
+_REQUEST_LINE_WORDS: Final = ("method", "url", "target", "request line", "http/", "version")
 
 
 # --- the codec interface and the cycle rules ---------------------------------

@@ -280,6 +280,17 @@ class Http2Downstream(H2Session):
         self._abandon_all()
         self._close()
 
+    def write_paused(self) -> None:
+        # A client that does not read what it is sent (SETTINGS and PING acks included) is not
+        # read from either: a control-frame flood would otherwise queue here without bound.
+        super().write_paused()
+        self.stream.pause_reading()
+
+    def write_resumed(self) -> None:
+        super().write_resumed()
+        if not self.closed:
+            self.stream.resume_reading()
+
     def stream_failed(self, error: OSError) -> None:
         self._abandon_all()
         self._close(reset=True)
