@@ -156,7 +156,7 @@ class Http2Downstream(H2Session):
             self._direct_reply(sid, 431, b"request header fields too large\n", ended)
             return
         head = request_from_h2(headers, ended)
-        if type(head) is ProtocolError:
+        if isinstance(head, ProtocolError):
             if head.status == 501:
                 ctx.block[reject_slot("method")] += 1
                 self._direct_reply(sid, 501, b"CONNECT is not relayed\n", ended)
