@@ -238,3 +238,21 @@ def test_a_control_frame_flood_by_a_client_that_never_reads_leaks_nothing(hostil
         time.sleep(0.05)
     assert _fd_count(proxy) <= fds_before
     assert "RuntimeError" not in proxy.output
+
+
+def test_request_trailers_after_a_content_length_reach_an_http1_upstream(hostile_h2):
+    # A request announcing trailers (RFC 9110 §6.6.2) goes chunked on the HTTP/1.1 hop, so they
+    # can follow its body there; its Content-Length cannot frame them.
+    client = RawH2Client(hostile_h2.port)
+    mark = len(hostile_h2.upstream.received)
+    extra = [(b"content-length", b"5"), (b"trailer", b"x-checksum")]
+    client.conn.send_headers(1, _request(method=b"POST", path=b"/echo", extra=extra))
+    client.conn.send_data(1, b"hello")
+    client.conn.send_headers(1, [(b"x-checksum", b"abc")], end_stream=True)
+    client.send()
+    assert client.outcome() == ("status", 200)
+    client.close()
+    received = hostile_h2.upstream.received_since(mark)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head and b"content-length" not in head, head
+    assert body == b"5\r\nhello\r\n0\r\nx-checksum: abc\r\n\r\n", body

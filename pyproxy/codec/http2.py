@@ -173,6 +173,7 @@ def request_from_h2(headers: Headers, ended: bool) -> RequestHead | ProtocolErro
     """
     method = path = authority = host = scheme = None
     content_length = None
+    trailers_announced = False
     cookies: list[bytes] = []
     fields: Headers = []
     for name, value in headers:
@@ -190,6 +191,8 @@ def request_from_h2(headers: Headers, ended: bool) -> RequestHead | ProtocolErro
         elif name == b"host":
             host = value
         else:
+            if name == b"trailer":
+                trailers_announced = True
             if name == b"content-length":
                 if not value.isdigit():
                     return ProtocolError(400, "invalid content-length")
@@ -212,8 +215,9 @@ def request_from_h2(headers: Headers, ended: bool) -> RequestHead | ProtocolErro
         b"2",
         keep_alive=True,
         content_length=content_length,
-        # A body of unknown length: an HTTP/1.1 upstream needs chunked framing for it.
-        chunked=not ended and content_length is None,
+        # A body of unknown length, or one with trailers to follow (RFC 9110 §6.6.2 Trailer):
+        # an HTTP/1.1 upstream needs chunked framing for it (its Content-Length stays for HTTP/2).
+        chunked=not ended and (content_length is None or trailers_announced),
     )
 
 

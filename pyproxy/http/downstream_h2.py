@@ -122,8 +122,11 @@ class Http2Downstream(H2Session):
             elif kind is TrailersReceived:
                 stream = streams.get(event.stream_id)
                 exchange = stream.exchange if stream is not None else None
-                # Trailers need chunked framing on an HTTP/1.1 hop: not after a Content-Length.
-                if exchange is not None and exchange.request.content_length is None:
+                # Trailers need chunked framing on an HTTP/1.1 hop, not a Content-Length one; a
+                # request that means to send them says so (Trailer) and goes chunked.
+                if exchange is not None and (
+                    exchange.request.chunked or getattr(exchange.upstream, "multiplexed", False)
+                ):
                     exchange.request_trailers(event.headers)
             elif kind is StreamReset:
                 self._stream_reset(event)

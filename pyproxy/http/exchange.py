@@ -288,6 +288,9 @@ class Exchange:
             return request
         headers = strip_hop_by_hop(request.headers)
         if request.chunked:
+            if request.content_length is not None and not multiplexed:
+                # An HTTP/2 request that announced trailers: chunked carries them (RFC 9112 §7.1).
+                headers = [field for field in headers if field[0] != b"content-length"]
             headers.append(_CHUNKED)
         if request.upgrade:
             # The Upgrade offer is hop-by-hop but must reach the app for it to switch (RFC 9110 §7.8).
