@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 
+from conftest import ProxyProcess, free_port
 from http_peer import HttpUpstream
 
 # Where the proxy's answer to a rejected input ends: its fixed local reply closes the connection.
@@ -182,3 +183,15 @@ class RawH2Client:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def module_proxy(directory, mode: str, upstream: str, settings: str) -> tuple[ProxyProcess, int]:
+    """A proxy shared by a module's cases: one listener `main` (mode, a free port, the upstream)
+    with ``settings`` lines under it (indented 4); returns (proxy, port), ready."""
+    port = free_port()
+    config = directory / "proxy.yaml"
+    config.write_text(
+        f"listeners:\n  - name: main\n    mode: {mode}\n    address: 127.0.0.1:{port}\n"
+        f"    upstream: {upstream}\n{settings}"
+    )
+    return ProxyProcess(["-c", str(config)]).wait_ready(), port

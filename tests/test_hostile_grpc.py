@@ -5,8 +5,8 @@ rejected-input counter, never completes at the upstream, and the connection carr
 from __future__ import annotations
 
 import pytest
-from conftest import ProxyProcess, free_port
 from h2_peer import H2Client, H2Upstream
+from hostile import module_proxy
 
 LIMIT = 1024
 INTERNAL, RESOURCE_EXHAUSTED = b"13", b"8"
@@ -32,14 +32,8 @@ CASES = {
 @pytest.fixture(scope="module")
 def grpc_proxy(tmp_path_factory):
     upstream = H2Upstream()
-    port = free_port()
-    config = tmp_path_factory.mktemp("grpc") / "proxy.yaml"
-    config.write_text(
-        f"listeners:\n  - name: main\n    mode: grpc\n    address: 127.0.0.1:{port}\n"
-        f"    upstream: {upstream.address}\n"
-        f"    grpc: {{max_request_message_bytes: {LIMIT}}}\n"
-    )
-    proxy = ProxyProcess(["-c", str(config)]).wait_ready()
+    settings = f"    grpc: {{max_request_message_bytes: {LIMIT}}}\n"
+    proxy, port = module_proxy(tmp_path_factory.mktemp("grpc"), "grpc", upstream.address, settings)
     client = H2Client(port)
     yield proxy, upstream, client
     client.close()

@@ -7,8 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
-from conftest import ProxyProcess, free_port
-from hostile import RecordingUpstream, RejectionCheck, raw_exchange, status_of
+from hostile import RecordingUpstream, RejectionCheck, module_proxy, raw_exchange, status_of
 
 
 @dataclass(frozen=True)
@@ -153,13 +152,9 @@ CASES = SMUGGLING + HEADERS + REQUEST_LINES
 @pytest.fixture(scope="module", params=["fast", "h11"])
 def hostile_proxy(request, tmp_path_factory):
     upstream = RecordingUpstream()
-    port = free_port()
-    config = tmp_path_factory.mktemp(request.param) / "proxy.yaml"
-    config.write_text(
-        f"listeners:\n  - name: main\n    mode: http\n    address: 127.0.0.1:{port}\n"
-        f"    upstream: {upstream.address}\n    http:\n      codec: {request.param}\n"
-    )
-    proxy = ProxyProcess(["-c", str(config)]).wait_ready()
+    settings = f"    http:\n      codec: {request.param}\n"
+    directory = tmp_path_factory.mktemp(request.param)
+    proxy, port = module_proxy(directory, "http", upstream.address, settings)
     yield request.param, RejectionCheck(proxy, upstream, port)
     proxy.stop()
     upstream.close()

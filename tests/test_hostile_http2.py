@@ -10,8 +10,15 @@ import struct
 import time
 
 import pytest
-from conftest import ProxyProcess, free_port, http_get
-from hostile import H2_PREFACE_SETTINGS, RawH2Client, RecordingUpstream, RejectionCheck, h2_frame
+from conftest import ProxyProcess, http_get
+from hostile import (
+    H2_PREFACE_SETTINGS,
+    RawH2Client,
+    RecordingUpstream,
+    RejectionCheck,
+    h2_frame,
+    module_proxy,
+)
 
 PROTOCOL_ERROR, ENHANCE_YOUR_CALM = 0x1, 0xB
 _HEADERS, _RST_STREAM, _CONTINUATION = 0x1, 0x3, 0x9
@@ -79,14 +86,8 @@ CONNECTION_ERRORS = {
 @pytest.fixture(scope="module")
 def hostile_h2(tmp_path_factory):
     upstream = RecordingUpstream()
-    port = free_port()
-    config = tmp_path_factory.mktemp("h2") / "proxy.yaml"
-    config.write_text(
-        f"listeners:\n  - name: main\n    mode: http\n    address: 127.0.0.1:{port}\n"
-        f"    upstream: {upstream.address}\n    http:\n      rapid_reset_max: 20\n"
-        f"      request_header_timeout: 300ms\n"
-    )
-    proxy = ProxyProcess(["-c", str(config)]).wait_ready()
+    settings = "    http:\n      rapid_reset_max: 20\n      request_header_timeout: 300ms\n"
+    proxy, port = module_proxy(tmp_path_factory.mktemp("h2"), "http", upstream.address, settings)
     yield RejectionCheck(proxy, upstream, port)
     proxy.stop()
     upstream.close()
@@ -107,21 +108,17 @@ def _send_request(port: int, headers, body: bytes | None = None):
     return send
 
 
-@pytest.mark.parametrize("name", list(PSEUDO_HEADERS))
-def test_a_malformed_pseudo_header_is_a_stream_error(hostile_h2, name):
-    outcome, reached = hostile_h2.run(
-        _send_request(hostile_h2.port, PSEUDO_HEADERS[name]), "pseudo_header"
-    )
-    assert outcome == ("reset", PROTOCOL_ERROR)
-    assert reached == b""
+# Each malformed request: (the proxy's answer, the rejected-input reason).
+ANSWERS = {name: (("reset", PROTOCOL_ERROR), "pseudo_header") for name in PSEUDO_HEADERS}
+ANSWERS.update({name: (("goaway", PROTOCOL_ERROR), "h2_protocol") for name in CONNECTION_ERRORS})
 
 
-@pytest.mark.parametrize("name", list(CONNECTION_ERRORS))
-def test_a_malformed_field_ends_the_connection(hostile_h2, name):
-    outcome, reached = hostile_h2.run(
-        _send_request(hostile_h2.port, CONNECTION_ERRORS[name]), "h2_protocol"
-    )
-    assert outcome == ("goaway", PROTOCOL_ERROR)
+@pytest.mark.parametrize("name", list(ANSWERS))
+def test_a_malformed_request_gets_its_documented_answer(hostile_h2, name):
+    headers = PSEUDO_HEADERS.get(name) or CONNECTION_ERRORS[name]
+    answer, reason = ANSWERS[name]
+    outcome, reached = hostile_h2.run(_send_request(hostile_h2.port, headers), reason)
+    assert outcome == answer
     assert reached == b""
 
 

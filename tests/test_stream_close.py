@@ -38,22 +38,28 @@ class _Owner:
         pass
 
 
+def _closing_stream(loop, listener: socket.socket) -> tuple[Stream, socket.socket]:
+    """A Stream with 16 MiB queued for a peer that never reads, closed after-flush by its owner."""
+    block = memoryview(bytearray(8 * LISTENER_SLOTS)).cast("q")
+    peer = socket.create_connection(listener.getsockname())
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock, _ = listener.accept()
+    sock.setblocking(False)
+    stream = Stream(
+        loop, sock, block, _Owner(), timed=False, read_stage=IPC, write_stage=READ,
+        rx_slot=DOWNSTREAM_RX, tx_slot=DOWNSTREAM_TX,
+    )  # fmt: skip
+    stream.resume_reading()
+    stream.write(b"x" * (16 << 20))  # most of it stays queued
+    stream.close(after_flush=True)  # the owner is done; the stream waits to flush
+    return stream, peer
+
+
 async def _closed_stream_then_peer_resets() -> tuple[bool, bool]:
     loop = asyncio.get_running_loop()
-    block = memoryview(bytearray(8 * LISTENER_SLOTS)).cast("q")
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        peer = socket.create_connection(listener.getsockname())
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock, _ = listener.accept()
-        sock.setblocking(False)
-        fd = sock.fileno()
-        stream = Stream(
-            loop, sock, block, _Owner(), timed=False, read_stage=IPC, write_stage=READ,
-            rx_slot=DOWNSTREAM_RX, tx_slot=DOWNSTREAM_TX,
-        )  # fmt: skip
-        stream.resume_reading()
-        stream.write(b"x" * (16 << 20))  # a peer that never reads: most of it stays queued
-        stream.close(after_flush=True)  # the owner is done; the stream waits to flush
+        stream, peer = _closing_stream(loop, listener)
+        fd = stream.fd
         assert not stream.closed
         peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         peer.close()  # a reset, not a read
@@ -62,9 +68,10 @@ async def _closed_stream_then_peer_resets() -> tuple[bool, bool]:
             if stream.closed:
                 break
         closed_by_itself = stream.closed
-        del stream, sock
+        del stream
         gc.collect()  # whatever is left open is closed now, as the garbage collector would
-        # The kernel hands the lowest free fd number out next: the one the stream had.
+        # The kernel hands out the lowest free numbers: the peer's and the stream's, in that
+        # order, so the accepted socket gets the number the stream had.
         other = socket.create_connection(listener.getsockname())
         new, _ = listener.accept()
         new.setblocking(False)
@@ -88,18 +95,8 @@ def test_a_stream_closing_after_flush_closes_itself_when_the_peer_resets():
 
 async def _lingering_stream() -> bool:
     loop = asyncio.get_running_loop()
-    block = memoryview(bytearray(8 * LISTENER_SLOTS)).cast("q")
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        peer = socket.create_connection(listener.getsockname())
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock, _ = listener.accept()
-        sock.setblocking(False)
-        stream = Stream(
-            loop, sock, block, _Owner(), timed=False, read_stage=IPC, write_stage=READ,
-            rx_slot=DOWNSTREAM_RX, tx_slot=DOWNSTREAM_TX,
-        )  # fmt: skip
-        stream.write(b"x" * (16 << 20))
-        stream.close(after_flush=True)
+        stream, peer = _closing_stream(loop, listener)
         await asyncio.sleep(0.3)
         closed = stream.closed
         peer.close()
