@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+from conftest import http_get
 from hostile import RecordingUpstream, RejectionCheck, module_proxy, raw_exchange, status_of
 
 
@@ -174,3 +175,17 @@ def test_hostile_http1_input_is_refused_with_its_documented_answer(hostile_proxy
         assert b"ab" not in reached.split(b"\r\n\r\n", 1)[-1], reached
     else:
         assert reached == b"", reached
+
+
+def test_prometheus_reports_the_rejected_inputs_by_reason(hostile_proxy):
+    _, check = hostile_proxy
+    raw_exchange(check.port, b"GET /h HTTP/2.0\r\nHost: x\r\n\r\n")  # one at least: 505, version
+    rejected = check.rejected()
+    status, body = http_get(check.proxy.admin + "/stats/prometheus")
+    assert status == 200
+    lines = body.decode().splitlines()
+    for reason, count in rejected.items():
+        sample = (
+            f'pyproxy_downstream_rejected_total{{listener="main",mode="http",reason="{reason}"}}'
+        )
+        assert f"{sample} {float(count)}" in lines, (sample, count)
