@@ -1,5 +1,7 @@
-"""The hostile-input suite's instruments: an upstream that records every byte it receives, and a
-raw downstream that sends one crafted input and reads back what the proxy answered."""
+"""The hostile-input suite's instruments: an upstream that records every byte it receives, raw
+HTTP/1 and HTTP/2 downstreams that send crafted input and report how the proxy answered, and
+the check every input goes through (its answer, its counter, nothing at the upstream, a normal
+request served after it)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,9 @@ import socket
 import threading
 import time
 
-from conftest import ProxyProcess, free_port
+from conftest import ProxyProcess, free_port, http_get
 from http_peer import HttpUpstream
 
-# Where the proxy's answer to a rejected input ends: its fixed local reply closes the connection.
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3}) ")
 
 
@@ -101,20 +102,18 @@ class RejectionCheck:
         """``send()`` delivers the input and returns its outcome; returns (outcome, what the
         upstream received meanwhile), after checking the counter and a normal request.
         ``valid_path``: requests the input makes that are valid on their own (a flood's)."""
-        from conftest import http_get
-
         before = self.rejected()
         mark = len(self.upstream.received)
         requests_before = len(self.upstream.requests)
         outcome = send()
         self.serial += 1
-        marker = b"GET /served-after-%d " % self.serial
-        status, _ = http_get(f"http://127.0.0.1:{self.port}{marker.split()[1].decode()}")
+        path = f"/served-after-{self.serial}"
+        status, _ = http_get(f"http://127.0.0.1:{self.port}{path}")
         assert status == 200, f"the proxy stopped serving after the input: {status}"
-        reached = after_marker(self.upstream.received_since(mark), marker)
+        reached = after_marker(self.upstream.received_since(mark), f"GET {path} ".encode())
         # No hostile input ever becomes a complete request at the upstream.
         arrived = [r["path"] for r in self.upstream.requests[requests_before:]]
-        assert [p for p in arrived if p != valid_path] == [marker.split()[1].decode()], arrived
+        assert [p for p in arrived if p != valid_path] == [path], arrived
         after = self.rejected()
         expected = dict(before)
         expected[reason] = expected.get(reason, 0) + 1
