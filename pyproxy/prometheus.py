@@ -65,6 +65,11 @@ class StageCollector:
             "Connections or requests ended with a response flag",
             labels=labels + ["flag"],
         )
+        rejected = CounterMetricFamily(
+            "pyproxy_downstream_rejected",
+            "Downstream input refused before it reached the upstream, by reason",
+            labels=labels + ["reason"],
+        )
         responses = CounterMetricFamily(
             "pyproxy_responses", "HTTP responses by status class", labels=labels + ["class"]
         )
@@ -99,6 +104,8 @@ class StageCollector:
             native.add_metric(key, listener["native_requests"])
             for flag, value in listener["flags"].items():
                 flags.add_metric(key + [flag], value)
+            for reason, value in listener.get("rejected", {}).items():
+                rejected.add_metric(key + [reason], value)
             if listener["mode"] != "tcp":
                 for status_class, value in listener.get("responses", {}).items():
                     responses.add_metric(key + [status_class], value)
@@ -123,6 +130,7 @@ class StageCollector:
             express,
             native,
             flags,
+            rejected,
             responses,
             filter_counters,
             zerocopy,

@@ -67,6 +67,12 @@ class RawUpstream:
             return False
         elif path == b"/vanish":
             return False  # closes without an answer
+        elif path == b"/both-framings":
+            # RFC 9112 §6.3 (3): framed both ways, so nobody can tell where it ends.
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5\r\nhello\r\n0\r\n\r\n"
+            )
         elif path == b"/slow":
             time.sleep(0.8)
             conn.sendall(OK % (4, b"slow"))
