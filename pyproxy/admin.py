@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -48,6 +49,7 @@ Handler = Callable[[dict[str, list[str]]], Awaitable[Response] | Response]
 REASONS = {
     200: "OK",
     400: "Bad Request",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     431: "Request Header Fields Too Large",
@@ -56,11 +58,61 @@ REASONS = {
 }
 
 
-class EndpointServer:
-    """Serves a fixed route table: {path: (method, handler)}; anything else is 404 or 405."""
+def _host_name(host: str) -> str:
+    """The name part of a Host header value: "[::1]:15000" -> "::1", "LocalHost:80" -> "localhost"."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
 
-    def __init__(self, routes: dict[str, tuple[str, Handler]]) -> None:
+
+def _is_loopback(name: str) -> bool:
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def mutation_refusal(headers: dict[str, list[str]], admin_host: str) -> str | None:
+    """Why a state-changing request must be refused, or None. The one rule for admin mutations:
+    Host names a loopback address or the admin's own, and Origin is absent or that same origin,
+    so neither a browser page (cross-site POST) nor DNS rebinding can reach them."""
+    hosts = headers.get("host", [])
+    if len(hosts) != 1:
+        return "exactly one Host header is required"
+    host = hosts[0].strip()
+    name = _host_name(host)
+    if not (_is_loopback(name) or (admin_host and name == admin_host)):
+        return f"Host {host!r} is neither a loopback address nor the admin address"
+    origins = headers.get("origin", [])
+    if origins and [o.strip().lower() for o in origins] != ["http://" + host.lower()]:
+        return f"Origin {', '.join(origins)!r} is not this admin server"
+    return None
+
+
+def _headers(head: bytes) -> dict[str, list[str]]:
+    headers: dict[str, list[str]] = {}
+    for line in head.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep:
+            headers.setdefault(name.strip().lower().decode("latin-1"), []).append(
+                value.strip().decode("latin-1")
+            )
+    return headers
+
+
+class EndpointServer:
+    """Serves a fixed route table: {path: (method, handler)}; anything else is 404 or 405.
+
+    POST routes change state: each is checked by `mutation_refusal` first (403 when refused,
+    counted in `refused` and logged)."""
+
+    def __init__(self, routes: dict[str, tuple[str, Handler]], admin_host: str = "") -> None:
         self.routes = routes
+        self.admin_host = admin_host.lower()
+        self.refused = 0
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self, address: Address) -> None:
@@ -115,6 +167,12 @@ class EndpointServer:
         allowed, handler = route
         if method != allowed and not (allowed == "GET" and method == "HEAD"):
             return Response.text(f"method not allowed; use {allowed}\n", 405)
+        if allowed == "POST":
+            reason = mutation_refusal(_headers(head), self.admin_host)
+            if reason is not None:
+                self.refused += 1
+                log.warning("admin: refused %s %s: %s", method, target.path, reason)
+                return Response.text(f"forbidden: {reason}\n", 403)
         result: Any = handler(parse_qs(target.query))
         if asyncio.iscoroutine(result):
             result = await result

@@ -129,6 +129,12 @@ class StageCollector:
             duration,
         )
         yield from grpc_families(snap)
+        if "admin" in snap:
+            yield CounterMetricFamily(
+                "pyproxy_admin_refused_mutations",
+                "Admin POSTs refused for a foreign Host or Origin (browser page, DNS rebinding)",
+                value=snap["admin"]["refused_mutations"],
+            )
 
 
 def exposition(take_snapshot: Callable[[], dict]) -> bytes:

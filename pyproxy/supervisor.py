@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import dataclasses
+import ipaddress
 import logging
 import os
 import pickle
@@ -72,6 +73,7 @@ class Supervisor:
         self._shutting_down = False
         self._done: Any = None  # the future _main awaits; set when the loop starts
         self._servers: list[EndpointServer] = []
+        self._admin: EndpointServer | None = None
 
     # ---- process lifecycle -------------------------------------------------
 
@@ -293,7 +295,10 @@ class Supervisor:
     # ---- endpoints -----------------------------------------------------------
 
     def snapshot(self) -> dict:
-        return stats.snapshot(self.store, self.config)
+        snap = stats.snapshot(self.store, self.config)
+        if self._admin is not None:
+            snap["admin"] = {"refused_mutations": self._admin.refused}
+        return snap
 
     def ready(self) -> bool:
         workers = range(self.config.concurrency)
@@ -397,9 +402,18 @@ class Supervisor:
         for address, routes in plan:
             if address is None:
                 continue
-            server = EndpointServer(routes)
+            server = EndpointServer(routes, admin_host=_own_host(address))
             await server.start(address)
             self._servers.append(server)
+            if routes is admin_routes:
+                self._admin = server
+
+
+def _own_host(address: Address) -> str:
+    """The host a request names when it reaches this address directly (none for a wildcard bind)."""
+    if address.is_unix or ipaddress.ip_address(address.host).is_unspecified:
+        return ""
+    return address.host
 
 
 def _unix_addresses(config: ProxyConfig) -> list[Address]:
