@@ -75,15 +75,32 @@ def _is_loopback(name: str) -> bool:
         return False
 
 
-def mutation_refusal(headers: dict[str, list[str]], admin_host: str) -> str | None:
-    """Why a state-changing request must be refused, or None. The one rule for admin mutations:
-    Host names a loopback address or the admin's own, and Origin is absent or that same origin,
-    so neither a browser page (cross-site POST) nor DNS rebinding can reach them."""
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def refusal(mutation: bool, headers: dict[str, list[str]], admin_host: str) -> str | None:
+    """Why an admin request must be refused, or None: the one rule against browser pages.
+
+    DNS rebinding makes a page's own name resolve to this host, so its requests carry that
+    name in Host: every admin request must name an IP address or localhost. A state change
+    must come from here: Host names a loopback address or the admin's own, and Origin is
+    absent or that same origin (a cross-site POST carries the attacker's Origin)."""
     hosts = headers.get("host", [])
-    if len(hosts) != 1:
+    if len(hosts) > 1 or (mutation and not hosts):
         return "exactly one Host header is required"
+    if not hosts:
+        return None  # an HTTP/1.0 tool; a browser always sends Host
     host = hosts[0].strip()
     name = _host_name(host)
+    if not mutation:
+        if _is_address(name) or _is_loopback(name) or name == admin_host:
+            return None
+        return f"Host {host!r} is a name, not an address (DNS rebinding?)"
     if not (_is_loopback(name) or (admin_host and name == admin_host)):
         return f"Host {host!r} is neither a loopback address nor the admin address"
     origins = headers.get("origin", [])
@@ -106,11 +123,15 @@ def _headers(head: bytes) -> dict[str, list[str]]:
 class EndpointServer:
     """Serves a fixed route table: {path: (method, handler)}; anything else is 404 or 405.
 
-    POST routes change state: each is checked by `mutation_refusal` first (403 when refused,
-    counted in `refused` and logged)."""
+    With `guarded` (the admin server: it shows config and taps, and POST routes change state),
+    each request is checked by `refusal` first: 403 when refused, counted in `refused`, logged.
+    `admin_host` is the address the server is bound to, unless a wildcard."""
 
-    def __init__(self, routes: dict[str, tuple[str, Handler]], admin_host: str = "") -> None:
+    def __init__(
+        self, routes: dict[str, tuple[str, Handler]], guarded: bool = False, admin_host: str = ""
+    ) -> None:
         self.routes = routes
+        self.guarded = guarded
         self.admin_host = admin_host.lower()
         self.refused = 0
         self._server: asyncio.base_events.Server | None = None
@@ -167,8 +188,8 @@ class EndpointServer:
         allowed, handler = route
         if method != allowed and not (allowed == "GET" and method == "HEAD"):
             return Response.text(f"method not allowed; use {allowed}\n", 405)
-        if allowed == "POST":
-            reason = mutation_refusal(_headers(head), self.admin_host)
+        if self.guarded:
+            reason = refusal(allowed == "POST", _headers(head), self.admin_host)
             if reason is not None:
                 self.refused += 1
                 log.warning("admin: refused %s %s: %s", method, target.path, reason)

@@ -131,9 +131,9 @@ class StageCollector:
         yield from grpc_families(snap)
         if "admin" in snap:
             yield CounterMetricFamily(
-                "pyproxy_admin_refused_mutations",
-                "Admin POSTs refused for a foreign Host or Origin (browser page, DNS rebinding)",
-                value=snap["admin"]["refused_mutations"],
+                "pyproxy_admin_refused_requests",
+                "Admin requests refused for a foreign Host or Origin (browser page, DNS rebinding)",
+                value=snap["admin"]["refused_requests"],
             )
 
 

@@ -24,6 +24,7 @@ from pyproxy.counters import W_NOTIFY_COST_NS, W_PID, W_READY, CounterStore
 from pyproxy.eventloop import event_loop_name, new_event_loop
 from pyproxy.io import backends, sockets
 from pyproxy.prometheus import exposition
+from pyproxy.redaction import redact
 from pyproxy.worker import Worker
 
 log = logging.getLogger("pyproxy")
@@ -297,7 +298,7 @@ class Supervisor:
     def snapshot(self) -> dict:
         snap = stats.snapshot(self.store, self.config)
         if self._admin is not None:
-            snap["admin"] = {"refused_mutations": self._admin.refused}
+            snap["admin"] = {"refused_requests": self._admin.refused}
         return snap
 
     def ready(self) -> bool:
@@ -349,7 +350,7 @@ class Supervisor:
                 return [plain(v) for v in value]
             return value
 
-        dump = plain(self.config)
+        dump = redact(plain(self.config))
         assert isinstance(dump, dict)
         return dump
 
@@ -402,10 +403,11 @@ class Supervisor:
         for address, routes in plan:
             if address is None:
                 continue
-            server = EndpointServer(routes, admin_host=_own_host(address))
+            guarded = routes is admin_routes
+            server = EndpointServer(routes, guarded, _own_host(address))
             await server.start(address)
             self._servers.append(server)
-            if routes is admin_routes:
+            if guarded:
                 self._admin = server
 
 
