@@ -19,7 +19,7 @@ from typing import Any
 from pyproxy import __version__, stats
 from pyproxy.addresses import Address
 from pyproxy.admin import EndpointServer, Response
-from pyproxy.config import ConfigError, ProxyConfig
+from pyproxy.config import ConfigError, ProxyConfig, root_refusal
 from pyproxy.counters import W_NOTIFY_COST_NS, W_PID, W_READY, CounterStore
 from pyproxy.eventloop import event_loop_name, new_event_loop
 from pyproxy.io import backends, sockets
@@ -244,6 +244,9 @@ class Supervisor:
             return
         try:
             new = self.reload_config()
+            refusal = root_refusal(new, os.geteuid())
+            if refusal:
+                raise ConfigError(new.source, "listeners", refusal)
             self._check_bindable(new)
             self._check_shareable(new)
         except ConfigError as exc:

@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
-from conftest import ProxyProcess, free_port, http_get, start_listener
+from conftest import ProxyProcess, free_port, http_get, require_capability, start_listener
 
+from pyproxy.config import build_config, load_config, root_refusal
 from pyproxy.redaction import is_secret_name, redact
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "filters" / "wasm_examples"
@@ -152,3 +156,52 @@ def test_secret_like_names_are_matched_by_their_last_word(name, secret):
     assert dump == {
         name: hidden if secret else {"value": "hunter2", "nested": [1, "x"], "enabled": True}
     }
+
+
+def _capture_config(tmp_path, extra: str = "") -> str:
+    """An outbound capture listener on a free port (its upstream is each connection's original
+    destination), as the sidecar has on 15001."""
+    path = tmp_path / "capture.yaml"
+    path.write_text(
+        f"{extra}listeners:\n  - {{name: out, kind: outbound, address: '127.0.0.1:{free_port()}'}}\n"
+    )
+    return str(path)
+
+
+def test_capture_listeners_as_root_are_refused_with_the_reason(start_proxy, tmp_path):
+    require_capability("root (uid 0)", os.geteuid() == 0)
+    proxy = start_proxy("-c", _capture_config(tmp_path), ready=False)
+    assert proxy.proc.wait(15) == 2
+    time.sleep(0.05)  # the reader thread collects the last lines
+    assert "refusing to run the sidecar as root (uid 0)" in proxy.output, proxy.output
+    assert "exclude only the proxy's uid" in proxy.output
+    assert "--allow-root" in proxy.output
+    # Told to, it runs: by flag or by config field.
+    start_proxy("-c", _capture_config(tmp_path), "--allow-root")
+    start_proxy("-c", _capture_config(tmp_path, "allow_root: true\n"))
+
+
+def test_root_rule_spares_other_uids_and_standalone_listeners(tmp_path):
+    capture = load_config(_capture_config(tmp_path))
+    assert root_refusal(capture, 1337) == ""
+    assert root_refusal(capture, 0) != ""
+    standalone = build_config(
+        {"listeners": [{"name": "main", "address": "127.0.0.1:0", "upstream": "127.0.0.1:9"}]}
+    )
+    assert root_refusal(standalone, 0) == ""  # `pyproxy run --listen`, `pyproxy demo` as root
+
+
+def test_reload_adding_capture_listeners_as_root_is_refused(start_proxy, tmp_path):
+    require_capability("root (uid 0)", os.geteuid() == 0)
+    path = tmp_path / "proxy.yaml"
+    path.write_text(
+        f"listeners:\n  - {{name: main, address: '127.0.0.1:{free_port()}', upstream: '127.0.0.1:9'}}\n"
+    )
+    proxy = start_proxy("-c", str(path))
+    path.write_text(Path(_capture_config(tmp_path)).read_text())
+    proxy.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while "reload refused" not in proxy.output and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert "reload refused" in proxy.output and "as root (uid 0)" in proxy.output
+    assert list(proxy.stats()["listeners"]) == ["main"]

@@ -124,7 +124,7 @@ def test_outbound_listener_on_unix_relays_to_its_upstream_and_times_uds_as_ipc(
         "listeners:\n"
         f"  - {{name: out, kind: outbound, address: 'unix:{path}', upstream: '{echo_server.address}'}}\n"
     )
-    proxy = start_proxy("-c", str(config))
+    proxy = start_proxy("-c", str(config), "--allow-root")  # a capture listener; tests run as root
     status, body = http_get(proxy.admin + "/server_info")
     assert json.loads(body)["io_backends"]["listeners"]["out"]["ipc"] == "uds"
     client = _unix_connect(path)
@@ -154,7 +154,7 @@ def test_inbound_delivers_to_the_apps_unix_socket_per_port(start_proxy, short_di
         f"      app_socket: 'unix:{short_dir}/app-{{port}}.sock'}}\n"
     )
     try:
-        proxy = start_proxy("-c", str(config), ready=False)
+        proxy = start_proxy("-c", str(config), "--allow-root", ready=False)
         try:
             proxy.wait_ready()
         except AssertionError:
