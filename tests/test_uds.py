@@ -98,6 +98,23 @@ def test_stale_socket_is_replaced_but_live_socket_and_regular_file_are_refused(
     assert regular.read_text() == "precious"
 
 
+def test_socket_in_a_world_writable_directory_without_sticky_bit_is_refused(
+    start_proxy, short_dir, echo_server
+):
+    shared = short_dir / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone may unlink and re-create entries here
+    path = shared / "sidecar.sock"
+    proxy = start_proxy("--listen", f"unix:{path}", "--upstream", echo_server.address, ready=False)
+    assert proxy.proc.wait(15) == 1
+    time.sleep(0.05)
+    assert "world-writable without the sticky bit (mode 0777)" in proxy.output, proxy.output
+    assert not path.exists()
+    shared.chmod(0o1777)  # like /tmp: only an entry's owner may remove it
+    proxy = start_proxy("--listen", f"unix:{path}", "--upstream", echo_server.address)
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o660
+
+
 def test_reload_that_drops_a_unix_listener_removes_its_file(start_proxy, short_dir, echo_server):
     path = short_dir / "extra.sock"
     config = short_dir / "proxy.yaml"
