@@ -29,6 +29,13 @@ def _proxy(start_proxy, tmp_path, upstream_address: str, filters: str, ready: bo
     )
 
 
+def _proxy_wat(start_proxy, tmp_path, upstream_address: str, name: str, wat: str):
+    """A proxy whose one filter is this WebAssembly text, inline."""
+    return _proxy(
+        start_proxy, tmp_path, upstream_address, _wasm(name, f"code_wat: {json.dumps(wat)}")
+    )
+
+
 def _wasm(name: str, source: str, extra: str = "") -> str:
     return f"""
       - name: {name}
@@ -245,12 +252,7 @@ PAIRS_ROUND_TRIP = """
 
 
 def test_header_pairs_round_trip_through_the_guest(start_proxy, tmp_path, upstream):
-    proxy, port = _proxy(
-        start_proxy,
-        tmp_path,
-        upstream.address,
-        _wasm("pairs", f"code_wat: {json.dumps(PAIRS_ROUND_TRIP)}"),
-    )
+    proxy, port = _proxy_wat(start_proxy, tmp_path, upstream.address, "pairs", PAIRS_ROUND_TRIP)
     run = curl(
         "-i",
         "-H",
@@ -432,12 +434,7 @@ WASI_ESCAPE = (
 
 
 def test_guest_cannot_reach_host_files_or_sockets_through_wasi(start_proxy, tmp_path, upstream):
-    proxy, port = _proxy(
-        start_proxy,
-        tmp_path,
-        upstream.address,
-        _wasm("wasi", f"code_wat: {json.dumps(WASI_ESCAPE)}"),
-    )
+    proxy, port = _proxy_wat(start_proxy, tmp_path, upstream.address, "wasi", WASI_ESCAPE)
     status, _, body = _response(curl("-i", f"http://127.0.0.1:{port}/echo"))
     assert status == 200
     errnos = dict(json.loads(body)["headers"])["x-wasi"].split(",")
@@ -482,9 +479,7 @@ def test_host_time_and_memory_a_guest_asks_for_are_bounded(start_proxy, tmp_path
         + '(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)'
         + f" (local $i i32) {body} (i32.const 0)))"
     )
-    proxy, port = _proxy(
-        start_proxy, tmp_path, upstream.address, _wasm("bomb", f"code_wat: {json.dumps(wat)}")
-    )
+    proxy, port = _proxy_wat(start_proxy, tmp_path, upstream.address, "bomb", wat)
     rss_before = proxy.rss_kib()
     started = time.monotonic()
     status, _, _ = _response(curl("-i", f"http://127.0.0.1:{port}/echo"))
