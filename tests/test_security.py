@@ -29,6 +29,11 @@ FOREIGN = [
 ]
 
 
+def test_admin_listens_on_loopback_unless_told_otherwise():
+    listeners = [{"name": "main", "address": "127.0.0.1:0", "upstream": "127.0.0.1:9"}]
+    assert str(build_config({"listeners": listeners}).admin) == "127.0.0.1:15000"
+
+
 @pytest.fixture(scope="module")
 def tcp_proxy():
     proxy = ProxyProcess(["--listen", f"127.0.0.1:{free_port()}", "--upstream", "127.0.0.1:9"])
