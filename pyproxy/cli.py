@@ -21,6 +21,7 @@ from pyproxy.config import (
     ProxyConfig,
     build_config,
     load_config,
+    root_refusal,
     sidecar_listeners,
 )
 from pyproxy.eventloop import ENV as ENV_EVENT_LOOP
@@ -43,6 +44,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         choices=("redirect", "tproxy"),
         default="redirect",
         help="how capture rules deliver traffic (tproxy sets IP_TRANSPARENT)",
+    )
+    run.add_argument(
+        "--allow-root",
+        action="store_true",
+        help="run capture listeners as root (only if your capture rules exclude uid 0 as well)",
     )
     run.add_argument("--mode", choices=MODES, help="protocol mode of the listener(s) (default tcp)")
     run.add_argument("--listen", help="standalone listener address, host:port or unix:/path")
@@ -178,6 +184,8 @@ def _apply_top_flags(data: dict, args: argparse.Namespace, source: str) -> Proxy
             data[flag] = value
     if args.no_stage_clock:
         data["stage_clock"] = False
+    if args.allow_root:
+        data["allow_root"] = True
     if args.drain_timeout:
         data["drain_timeout"] = args.drain_timeout
     if args.mode and source != "<flags>":
@@ -200,6 +208,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"pyproxy: config error: {args.config}: cannot read: {exc.strerror}", file=sys.stderr)
         return EXIT_CONFIG
 
+    refusal = root_refusal(config, os.geteuid())
+    if refusal:
+        print(f"pyproxy: {refusal}", file=sys.stderr)
+        return EXIT_CONFIG
     if args.event_loop:
         os.environ[ENV_EVENT_LOOP] = args.event_loop  # forked workers inherit it
     from pyproxy.supervisor import Supervisor

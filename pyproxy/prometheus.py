@@ -137,6 +137,12 @@ class StageCollector:
             duration,
         )
         yield from grpc_families(snap)
+        if "admin" in snap:
+            yield CounterMetricFamily(
+                "pyproxy_admin_refused_requests",
+                "Admin requests refused for a foreign Host or Origin (browser page, DNS rebinding)",
+                value=snap["admin"]["refused_requests"],
+            )
 
 
 def exposition(take_snapshot: Callable[[], dict]) -> bytes:
