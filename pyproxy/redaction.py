@@ -4,8 +4,8 @@ The structure stays (every field is still there, so an operator sees what is con
 the values that must not leave the process are replaced:
 
 - secret-like fields: a key whose last word (split on `_`, `-`, `.`) is one of SECRET_WORDS,
-  e.g. `password`, `api_key`, `client_secret`, `auth_token` (but not `token_bucket` or
-  `max_tokens`): every value under it becomes "[redacted]", nothing of it is shown.
+  e.g. `password`, `api_key`, `client_secret`, `auth_token` (but not `token_bucket`,
+  `max_tokens` or a bare `key`): every value under it becomes "[redacted]", nothing of it is shown.
 - a match on a secret-like header, e.g. {name: authorization, exact: "Bearer ..."}: the
   values it compares with (MATCH_FIELDS) are redacted the same way.
 - inline code and plugin configuration (CODE_FIELDS): Lua source, WebAssembly text, a Wasm
@@ -25,7 +25,6 @@ SECRET_WORDS = frozenset(
         "passwd",
         "passphrase",
         "token",
-        "key",
         "apikey",
         "authorization",
         "credential",
@@ -34,6 +33,9 @@ SECRET_WORDS = frozenset(
         "signature",
     }
 )
+# Words that say secret only with a qualifier: `api_key`, `private-key`, but not a bare `key`
+# (the rate limit's descriptor key names a header; hiding it would hide the configuration).
+QUALIFIED_SECRET_WORDS = frozenset({"key"})
 CODE_FIELDS = frozenset(
     {"inline_code", "code", "code_wat", "inline_string", "configuration", "vm_configuration"}
 )
@@ -45,7 +47,9 @@ _WORDS = re.compile(r"[_.\-]+")
 def is_secret_name(name: str) -> bool:
     """`x-api-key`, `client_secret`, `Authorization`: the last word of the name says secret."""
     words = [w for w in _WORDS.split(name.lower()) if w]
-    return bool(words) and words[-1] in SECRET_WORDS
+    if not words:
+        return False
+    return words[-1] in SECRET_WORDS or (len(words) > 1 and words[-1] in QUALIFIED_SECRET_WORDS)
 
 
 def code_mark(value: str | bytes) -> str:

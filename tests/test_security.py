@@ -152,6 +152,8 @@ def test_config_dump_hides_inline_code_plugin_configuration_and_secret_header_ma
         ("max_tokens", False),
         ("keepalive", False),
         ("path_prefix", False),
+        ("private_key", True),
+        ("key", False),  # the rate limit's descriptor key names a header, not a secret
     ],
 )
 def test_secret_like_names_are_matched_by_their_last_word(name, secret):
