@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Debian packages: iptables/iproute2/util-linux for capture tests, the rest for benchmarks.
-APT_TEST := iptables iproute2 util-linux curl procps wrk nghttp2-client
+APT_TEST := iptables iproute2 util-linux curl procps wrk nghttp2-client openssl
 APT_BENCH := nginx-light libnginx-mod-stream iperf3 haproxy
 
 .PHONY: demo test bench lint system-deps system-deps-bench clean apt
