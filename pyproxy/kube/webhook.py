@@ -154,11 +154,16 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     policy = Policy(Target(args.kubernetes_version), args.failure_policy == "fail")
     server = _Server((address.host, address.port), context, policy)
-    host, port = server.server_address[:2]
-    print(f"pyproxy webhook: serving https://{host}:{port}{PATH}", flush=True)
+    port = server.server_address[1]
+    print(f"pyproxy webhook: serving https://{address.host}:{port}{PATH}", flush=True)
     stop = threading.Event()
+
+    def stop_on_signal() -> None:
+        stop.wait()
+        server.shutdown()  # from another thread: serve_forever returns after its current poll
+
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    threading.Thread(target=lambda: (stop.wait(), server.shutdown()), daemon=True).start()
+    threading.Thread(target=stop_on_signal, daemon=True).start()
     try:
         server.serve_forever()
     except KeyboardInterrupt:
