@@ -1,8 +1,9 @@
 # Two commands matter: `make demo` and `make test`. Both set up what they need.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Debian packages: iptables/iproute2/util-linux for capture tests, the rest for benchmarks.
-APT_TEST := iptables iproute2 util-linux curl procps wrk nghttp2-client openssl
+# Debian packages: iptables/iproute2/util-linux for capture tests, openssl for the webhook
+# tests, podman/runc/debootstrap for the image tests; the rest for benchmarks.
+APT_TEST := iptables iproute2 util-linux curl procps wrk nghttp2-client openssl podman runc buildah debootstrap
 APT_BENCH := nginx-light libnginx-mod-stream iperf3 haproxy
 
 .PHONY: demo test bench lint system-deps system-deps-bench clean apt
