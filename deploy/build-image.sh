@@ -26,7 +26,11 @@ if ! podman image exists "$BASE"; then
         mv "$CACHE/$SUITE-rootfs.tmp" "$CACHE/$SUITE-rootfs"
     fi
     log "importing $BASE"
-    tar -C "$CACHE/$SUITE-rootfs" --numeric-owner -c . \
+    # Trimmed as Debian's slim images are: no docs, manuals, translations or apt lists.
+    tar -C "$CACHE/$SUITE-rootfs" --numeric-owner \
+        --exclude=./usr/share/doc --exclude=./usr/share/man --exclude=./usr/share/info \
+        --exclude=./usr/share/locale --exclude='./var/lib/apt/lists/*' \
+        --exclude='./var/cache/apt/*' -c . \
         | podman import --change 'CMD ["/bin/bash"]' - "$BASE" >&2
 fi
 
@@ -49,6 +53,10 @@ if ! podman image exists "$IMAGE"; then
     # shellcheck disable=SC2086
     podman $PODMAN_OPTS build $LIMITS $TRUST --build-arg BASE="$BASE" \
         -f deploy/Dockerfile -t "$IMAGE" . >&2
+    # Only this script's own leftovers: older builds and the builder stage's layers.
+    podman images --format '{{.Repository}}:{{.Tag}}' | grep '^localhost/pyproxy:build-' \
+        | grep -vx "$IMAGE" | xargs -r podman rmi >&2 || true
+    podman image prune --force --filter label=io.pyproxy.stage=builder >&2 || true
 fi
 podman tag "$IMAGE" "$TAG"
 echo "$IMAGE"

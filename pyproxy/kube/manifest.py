@@ -32,7 +32,7 @@ def inject_text(text: str, target: Target) -> str:
         where = describe(obj, index) if isinstance(obj, dict) else f"document {index}"
         injected = inject_document(obj, target, where)
         if injected is not obj:
-            parts[i] = ("\n" if i else "") + dump(injected)
+            parts[i] = _leading_comments(chunk) + dump(injected)
     return "".join(parts)
 
 
@@ -52,6 +52,17 @@ def inject_document(obj: Any, target: Target, where: str) -> Any:
 class _Dumper(yaml.SafeDumper):
     def ignore_aliases(self, data: Any) -> bool:
         return True  # kubectl reads anchors, but people reading the manifest should not need to
+
+
+def _leading_comments(chunk: str) -> str:
+    """The separator line's end and the comment lines above a document, which dumping would lose."""
+    kept = []
+    for line in chunk.splitlines(keepends=True):
+        if line.strip() and not line.lstrip().startswith("#"):
+            break
+        kept.append(line)
+    text = "".join(kept)
+    return text if not text or text.endswith("\n") else text + "\n"
 
 
 def dump(obj: Any) -> str:
