@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 
 import kubernetes_validate
 import pytest
 import yaml
 from conftest import ROOT, http_get, start_listener
+from test_kube_inject import inject
 
 from pyproxy.config import build_config
 from pyproxy.kube import annotations as ann
@@ -35,13 +34,7 @@ def test_deploy_manifests_validate(name):
 
 
 def test_injected_demo_is_current():
-    result = subprocess.run(
-        [sys.executable, "-m", "pyproxy", "inject", "-f", str(DEPLOY / "demo" / "app.yaml")],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-    )
+    result = inject("-f", str(DEPLOY / "demo" / "app.yaml"))
     assert result.returncode == 0, result.stderr
     assert result.stdout == (DEPLOY / "demo" / "app.injected.yaml").read_text()
 

@@ -7,11 +7,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 
 import pytest
 from conftest import ROOT, http_get, require_capability
+from test_kube_inject import inject
 
 CONF = ROOT / "deploy" / "podman" / "containers.conf"
 ENV = dict(os.environ, CONTAINERS_CONF=str(CONF))
@@ -73,15 +73,8 @@ spec:
 """
 
 
-def inject(text: str) -> str:
-    result = subprocess.run(
-        [sys.executable, "-m", "pyproxy", "inject", "--kubernetes-version", "1.27"],
-        input=text,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-    )
+def injected_without_native_sidecars(text: str) -> str:
+    result = inject("--kubernetes-version", "1.27", stdin=text)  # podman 4.3 has none
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -111,7 +104,7 @@ def pod_ip(name: str) -> str:
 def test_podman_kube_play_runs_the_injected_pod(image, tmp_path):
     name = f"ppk{os.getpid()}"
     manifest = tmp_path / "pod.yaml"
-    manifest.write_text(inject(APP.format(name=name, image=image)))
+    manifest.write_text(injected_without_native_sidecars(APP.format(name=name, image=image)))
     try:
         podman("kube", "play", str(manifest), timeout=180)
         ip = pod_ip(name)

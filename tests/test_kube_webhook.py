@@ -19,6 +19,7 @@ import jsonpatch
 import pytest
 import yaml
 from conftest import ROOT, free_port, require_capability
+from test_kube_inject import inject
 
 VERSION = "1.27"
 POD = {
@@ -112,14 +113,7 @@ def webhook(certs) -> Iterator[Webhook]:
 
 
 def inject_cli(pod: dict) -> dict:
-    result = subprocess.run(
-        [sys.executable, "-m", "pyproxy", "inject", "--kubernetes-version", VERSION],
-        input=yaml.safe_dump(pod),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-    )
+    result = inject("--kubernetes-version", VERSION, stdin=yaml.safe_dump(pod))
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
 
