@@ -3,15 +3,18 @@ Kubernetes versions, idempotence, untouched fields, and clear errors that produc
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
-import sys
 from pathlib import Path
+from unittest import mock
 
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import ROOT
+
+from pyproxy.cli import main
 
 GOLDEN = Path(__file__).parent / "golden" / "kube"
 INPUTS = ("kinds", "annotations")
@@ -20,15 +23,19 @@ VERSIONS = ("1.27", "1.29")
 UPDATE = os.environ.get("PYPROXY_UPDATE_GOLDEN") == "1"
 
 
-def inject(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pyproxy", "inject", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-    )
+def inject(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """`pyproxy inject ARGS` through the CLI's own code, in this process (no start-up cost)."""
+    out, err = io.StringIO(), io.StringIO()
+    with (
+        contextlib.redirect_stdout(out),
+        contextlib.redirect_stderr(err),
+        mock.patch("sys.stdin", io.StringIO(stdin)),
+    ):
+        try:
+            code = main(["inject", *args])
+        except SystemExit as exc:  # argparse's own errors
+            code = int(exc.code or 0)
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
 
 
 def injected(name: str, version: str) -> str:
@@ -276,3 +283,51 @@ def test_bad_manifests_are_refused_with_the_document_and_field_and_no_output(tex
     # The good first document shifts every position by one.
     shifted = message.replace("document 2", "document 3").replace("document 1", "document 2")
     assert shifted in result.stderr, result.stderr
+
+
+def _paths(node, path=()):
+    yield path
+    children = (
+        node.items()
+        if isinstance(node, dict)
+        else enumerate(node)
+        if isinstance(node, list)
+        else ()
+    )
+    for key, child in children:
+        yield from _paths(child, path + (key,))
+
+
+def _replaced(node, path, value):
+    if not path:
+        return value
+    copy = dict(node) if isinstance(node, dict) else list(node)
+    copy[path[0]] = _replaced(node[path[0]], path[1:], value)
+    return copy
+
+
+def test_any_field_of_the_wrong_type_is_an_error_or_is_carried_never_a_crash():
+    """Every node of a rich pod and Deployment replaced by each odd value: injection either works
+    or raises InjectError (reported with the document and field), nothing else."""
+    from pyproxy.kube.injector import InjectError, Target
+    from pyproxy.kube.manifest import inject_text
+
+    docs = objects((GOLDEN / "annotations.yaml").read_text())[2:3] + [
+        o for o in objects((GOLDEN / "kinds.yaml").read_text()) if o["kind"] == "Deployment"
+    ]
+    docs[0]["spec"]["terminationGracePeriodSeconds"] = 10
+    odd = [None, "text", ["x"], {"a": 1}]
+    failures, tried = [], 0
+    for doc in docs:
+        for path in _paths(doc):
+            for value in odd:
+                tried += 1
+                text = yaml.safe_dump(_replaced(doc, path, value))
+                try:
+                    inject_text(text, Target("1.29"))
+                except InjectError:
+                    pass
+                except Exception as exc:  # noqa: BLE001 - the point of the test
+                    failures.append((path, value, repr(exc)))
+    assert tried > 150
+    assert failures == []

@@ -49,7 +49,7 @@ class AnnotationError(ValueError):
 
     def __init__(self, annotation: str, reason: str) -> None:
         super().__init__(f"annotation {annotation}: {reason}")
-        self.annotation = annotation
+        self.annotation, self.reason = annotation, reason
 
 
 @dataclass(frozen=True, slots=True)

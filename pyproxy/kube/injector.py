@@ -7,19 +7,28 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pyproxy.config import HEALTH_DEFAULT, PROMETHEUS_DEFAULT, ConfigError
+from pyproxy.config import (
+    ADMIN_DEFAULT,
+    HEALTH_DEFAULT,
+    INBOUND_PORT,
+    OUTBOUND_PORT,
+    PROMETHEUS_DEFAULT,
+    ConfigError,
+)
 from pyproxy.iptables.cli import OPTIONS as CAPTURE_FLAGS
 from pyproxy.kube import annotations as ann
 
 SIDECAR = "pyproxy"
 INIT = "pyproxy-init"
 PROXY_UID = 1337
-ADMIN_PORT, OUTBOUND_PORT, INBOUND_PORT = 15000, 15001, 15006
+ADMIN_PORT = int(ADMIN_DEFAULT.rsplit(":", 1)[1])
 METRICS_PORT = int(PROMETHEUS_DEFAULT.rsplit(":", 1)[1])
 HEALTH_PORT = int(HEALTH_DEFAULT.rsplit(":", 1)[1])
 RESERVED_PORTS = (ADMIN_PORT, OUTBOUND_PORT, INBOUND_PORT, HEALTH_PORT, METRICS_PORT)
 READY_PATH = "/healthz/ready"
 CONFIG_DIR = "/etc/pyproxy"
+TMP_VOLUME, CONFIG_VOLUME, UDS_VOLUME = "pyproxy-tmp", "pyproxy-config", "pyproxy-uds"
+VOLUMES = (TMP_VOLUME, CONFIG_VOLUME, UDS_VOLUME)
 UDS_DIR = "/var/run/pyproxy"
 # Native sidecars (init containers with restartPolicy: Always) are on by default from 1.29.
 NATIVE_SIDECAR_SINCE = (1, 29)
@@ -88,7 +97,9 @@ def describe(obj: Mapping[str, Any], index: int) -> str:
 def inject_object(obj: Any, target: Target, where: str) -> Any:
     """The object with pyproxy injected into its pod template, or the same object when there is
     nothing to do (not a workload, opted out, host network, already injected)."""
-    if not isinstance(obj, dict) or obj.get("kind") not in WORKLOADS:
+    if not isinstance(obj, dict) or not isinstance(obj.get("kind"), str):
+        return obj
+    if obj["kind"] not in WORKLOADS:
         return obj
     versions, path = WORKLOADS[obj["kind"]]
     if obj.get("apiVersion") not in versions:
@@ -127,8 +138,9 @@ def inject_template(template: dict, target: Target, where: str, prefix: str = ""
     annotations = metadata.get("annotations") or {}
     if not isinstance(annotations, dict):
         raise InjectError(where, prefix + "metadata.annotations", "not an object")
+    # A host-network pod shares the node's namespace: capture rules there would hijack the node.
     if ann.opted_out(annotations) or spec.get("hostNetwork") is True:
-        return template  # capture rules in the node's own namespace would hijack the node
+        return template
     _check_containers(spec, annotations, where, prefix)
     if annotations.get(ann.STATUS) == "injected":
         return template
@@ -136,7 +148,7 @@ def inject_template(template: dict, target: Target, where: str, prefix: str = ""
         options = ann.parse(annotations)
     except ann.AnnotationError as exc:
         raise InjectError(
-            where, f"{prefix}metadata.annotations[{exc.annotation}]", str(exc).split(": ", 1)[1]
+            where, f"{prefix}metadata.annotations[{exc.annotation}]", exc.reason
         ) from None
     result = copy.deepcopy(template)
     try:
@@ -144,7 +156,8 @@ def inject_template(template: dict, target: Target, where: str, prefix: str = ""
     except ConfigError as exc:
         reason = f"{exc.path}: {exc.reason}" if exc.path else exc.reason
         raise InjectError(where, f"{prefix}metadata.annotations[{ann.FILTERS}]", reason) from None
-    added = result.setdefault("metadata", {}).setdefault("annotations", {})
+    metadata = result["metadata"] = result.get("metadata") or {}
+    added = metadata["annotations"] = metadata.get("annotations") or {}
     added[ann.STATUS] = "injected"
     # A user's own scrape settings win: injection never changes fields it did not add.
     added.setdefault("prometheus.io/scrape", "true")
@@ -181,32 +194,56 @@ def _check_containers(spec: dict, annotations: Mapping[str, Any], where: str, pr
                 raise InjectError(
                     where, f"{field}.name", f"{name!r} is reserved for the injected sidecar"
                 )
-            for j, port in enumerate(container.get("ports") or []):
+            ports = container.get("ports") or []
+            if not isinstance(ports, list):
+                raise InjectError(where, f"{field}.ports", "not a list")
+            for j, port in enumerate(ports):
                 if isinstance(port, dict) and port.get("containerPort") in RESERVED_PORTS:
                     raise InjectError(
                         where,
                         f"{field}.ports[{j}].containerPort",
                         f"{port['containerPort']} is one of the sidecar's ports {RESERVED_PORTS}",
                     )
+            mounts = container.get("volumeMounts", [])
+            if not isinstance(mounts, list):
+                raise InjectError(where, f"{field}.volumeMounts", "not a list")
     if not spec.get("containers"):
         raise InjectError(where, f"{prefix}spec.containers", "a pod needs at least one container")
+    volumes = spec.get("volumes", [])
+    if not isinstance(volumes, list):
+        raise InjectError(where, f"{prefix}spec.volumes", "not a list")
+    for i, volume in enumerate(volumes):
+        if not injected and isinstance(volume, dict) and volume.get("name") in VOLUMES:
+            raise InjectError(
+                where,
+                f"{prefix}spec.volumes[{i}].name",
+                f"{volume['name']!r} is reserved for the sidecar",
+            )
+    grace = spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)
+    if isinstance(grace, bool) or not isinstance(grace, int) or grace < 0:
+        raise InjectError(
+            where,
+            f"{prefix}spec.terminationGracePeriodSeconds",
+            f"{grace!r} is not a number of seconds",
+        )
 
 
 def _inject_spec(spec: dict, options: ann.Options, target: Target) -> None:
-    grace = spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS)
-    drain = max(1, int(grace) - DRAIN_MARGIN_SECONDS)
+    drain = max(
+        1, spec.get("terminationGracePeriodSeconds", DEFAULT_GRACE_SECONDS) - DRAIN_MARGIN_SECONDS
+    )
     sidecar = sidecar_container(options, drain, target.native_sidecars)
     check_sidecar_command(sidecar["command"])
     init = init_container(options)
     volumes = spec.setdefault("volumes", [])
-    volumes.append({"name": "pyproxy-tmp", "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}})
+    volumes.append({"name": TMP_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "16Mi"}})
     if options.config_map:
-        volumes.append({"name": "pyproxy-config", "configMap": {"name": options.config_map}})
+        volumes.append({"name": CONFIG_VOLUME, "configMap": {"name": options.config_map}})
     if options.ipc == "uds":
-        volumes.append({"name": "pyproxy-uds", "emptyDir": {"medium": "Memory"}})
+        volumes.append({"name": UDS_VOLUME, "emptyDir": {"medium": "Memory"}})
         for container in spec["containers"]:
             container.setdefault("volumeMounts", []).append(
-                {"name": "pyproxy-uds", "mountPath": UDS_DIR}
+                {"name": UDS_VOLUME, "mountPath": UDS_DIR}
             )
     users_init = spec.get("initContainers") or []
     if target.native_sidecars:
@@ -310,14 +347,14 @@ def sidecar_container(options: ann.Options, drain_seconds: int, native: bool) ->
             "readOnlyRootFilesystem": True,
             "capabilities": {"drop": ["ALL"], **({"add": add} if add else {})},
         },
-        "volumeMounts": [{"name": "pyproxy-tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [{"name": TMP_VOLUME, "mountPath": "/tmp"}],
     }
     if options.config_map:
         container["volumeMounts"].append(
-            {"name": "pyproxy-config", "mountPath": CONFIG_DIR, "readOnly": True}
+            {"name": CONFIG_VOLUME, "mountPath": CONFIG_DIR, "readOnly": True}
         )
     if options.ipc == "uds":
-        container["volumeMounts"].append({"name": "pyproxy-uds", "mountPath": UDS_DIR})
+        container["volumeMounts"].append({"name": UDS_VOLUME, "mountPath": UDS_DIR})
     if native:
         # The kubelet starts the next container only once the startup probe has passed.
         container["restartPolicy"] = "Always"
