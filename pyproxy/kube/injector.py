@@ -85,13 +85,13 @@ def parse_version(text: str) -> tuple[int, int]:
         raise ValueError(f"{text!r} is not a Kubernetes version like 1.29") from None
 
 
-def describe(obj: Mapping[str, Any], index: int) -> str:
-    """How errors name a document: its position, kind and name."""
+def describe(obj: Mapping[str, Any]) -> str:
+    """How errors name an object: its kind and name, e.g. (Deployment web)."""
     meta = obj.get("metadata")
     if not isinstance(meta, Mapping):
         meta = {}
     name = meta.get("name") or meta.get("generateName") or "<unnamed>"
-    return f"document {index} ({obj.get('kind', '<no kind>')} {name})"
+    return f"({obj.get('kind', '<no kind>')} {name})"
 
 
 def inject_object(obj: Any, target: Target, where: str) -> Any:

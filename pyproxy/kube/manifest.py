@@ -29,7 +29,7 @@ def inject_text(text: str, target: Target) -> str:
         if obj is None:
             continue  # blank, or comments only
         index += 1
-        where = describe(obj, index) if isinstance(obj, dict) else f"document {index}"
+        where = f"document {index}" + (f" {describe(obj)}" if isinstance(obj, dict) else "")
         injected = inject_document(obj, target, where)
         if injected is not obj:
             parts[i] = _leading_comments(chunk) + dump(injected)

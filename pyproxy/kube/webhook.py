@@ -57,7 +57,7 @@ def review(body: bytes, policy: Policy) -> dict:
     if request.get("operation", "CREATE") != "CREATE" or not isinstance(pod, dict):
         return answer
     try:
-        injected = inject_object(pod, policy.target, "request.object " + describe(pod, 1))
+        injected = inject_object(pod, policy.target, "request.object " + describe(pod))
     except InjectError as exc:
         message = str(exc)
         log.warning("cannot inject %s: %s", request["uid"], message)
