@@ -199,6 +199,13 @@ def test_annotations_reach_the_commands():
     assert init[init.index("--exclude-outbound-cidrs") + 1] == "10.96.0.1/32"
     assert init[init.index("--inbound-ports") + 1] == "8080,8443"
     assert "--app-socket" in sidecar_of(pods["uds"])["command"]
+    # Without a memoryLimit, eight workers get room for eight (64 MiB + 48 MiB each).
+    eight = inject(
+        stdin=POD.format(annotations="{sidecar.pyproxy.io/cpuLimit: '8'}", containers=APP)
+    )
+    sidecar = sidecar_of(yaml.safe_load(eight.stdout))
+    assert sidecar["resources"]["limits"] == {"cpu": "8", "memory": "448Mi"}
+    assert sidecar["command"][sidecar["command"].index("--concurrency") + 1] == "8"
     assert "pyproxy" not in str(pods["opted-out"]["spec"])
     assert "pyproxy" not in str(pods["host-network"]["spec"])
 
