@@ -5,6 +5,7 @@ behind its readiness gate, then the app), with traffic counted, drain on SIGTERM
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,16 +19,17 @@ import yaml
 from pyproxy.iptables.netns import Pod, pods
 from test_capture_pods import FETCH, Sidecar, require_netns, settled  # noqa: F401 - a fixture
 
-from pyproxy.kube.injector import Target
+from pyproxy.kube.injector import UDS_DIR, Target
 from pyproxy.kube.manifest import inject_text
 
 PY = sys.executable
 pytestmark = pytest.mark.usefixtures("require_netns")
 APP_UID = 1000
 APP_PORT = 8080
-# The app: answers / at once and /slow?ms=N after N ms (an in-flight request to drain).
+# The app: answers / at once and /slow?ms=N after N ms (an in-flight request to drain); listens
+# on a port, or on unix:PATH (writable by the sidecar's uid, as a shared volume needs).
 APP = """
-import sys, time
+import os, socketserver, sys, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 class App(BaseHTTPRequestHandler):
     def do_GET(self):
@@ -41,7 +43,13 @@ class App(BaseHTTPRequestHandler):
         self.wfile.write(body)
     def log_message(self, *args):
         pass
-server = ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), App)
+class UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+if sys.argv[1].startswith("unix:"):
+    server = UnixServer(sys.argv[1][5:], App)
+    os.chmod(sys.argv[1][5:], 0o666)
+else:
+    server = ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), App)
 print("READY", flush=True)
 server.serve_forever()
 """
@@ -61,7 +69,7 @@ MANIFEST = """apiVersion: {api}
 kind: {kind}
 metadata:
   name: app
-  annotations: {{sidecar.pyproxy.io/mode: http}}
+  annotations: {{{annotations}}}
 spec:
   terminationGracePeriodSeconds: 8
   restartPolicy: {restart}
@@ -70,8 +78,12 @@ spec:
 """
 
 
-def injected_pod(version: str, restart: str = "Always") -> dict:
-    text = MANIFEST.format(api="v1", kind="Pod", restart=restart, port=APP_PORT)
+def injected_pod(
+    version: str, restart: str = "Always", annotations: str = "sidecar.pyproxy.io/mode: http"
+) -> dict:
+    text = MANIFEST.format(
+        api="v1", kind="Pod", restart=restart, port=APP_PORT, annotations=annotations
+    )
     return yaml.safe_load(inject_text(text, Target(version)))
 
 
@@ -96,6 +108,19 @@ class Kubelet:
     spec: dict
     client: Pod
     sidecar: Sidecar | None = None
+    volume: str | None = None  # a host folder standing for the pod's shared UDS volume
+
+    def popen(
+        self, argv: list[str], uid: int, gid: int | None = None, **kwargs
+    ) -> subprocess.Popen:
+        """A container's process; with a volume, it sees that folder at the volume's mount path
+        (each `ip netns exec` has its own mount namespace, so the bind stays its own)."""
+        if self.volume is None:
+            return self.pod.popen(argv, uid=uid, gid=gid, **kwargs)
+        in_pod = self.pod.command(argv, uid, gid)
+        assert in_pod[:4] == ["ip", "netns", "exec", self.pod.netns]
+        mount = 'mount --bind "$0" "$1" && shift && exec "$@"'
+        return self.pod.popen(["sh", "-c", mount, self.volume, UDS_DIR, *in_pod[4:]], **kwargs)
 
     def run_init(self, container: dict) -> None:
         uid, _, caps = security(container)
@@ -115,7 +140,7 @@ class Kubelet:
         gate = self.readiness_gate(container)
         time.sleep(0.5)
         assert gate.poll() is None, "the gate opened before the sidecar even started"
-        proc = self.pod.popen(
+        proc = self.popen(
             argv(container["command"]),
             uid=uid,
             gid=gid,
@@ -157,7 +182,7 @@ class Kubelet:
             if container["name"] == "pyproxy":
                 self.start_sidecar(container)
         assert self.sidecar is not None
-        self.app = self.pod.popen(app, uid=APP_UID, stdout=subprocess.PIPE, text=True)
+        self.app = self.popen(app, uid=APP_UID, stdout=subprocess.PIPE, text=True)
 
     @staticmethod
     def fetch(pod: Pod, url: str) -> str:
@@ -165,9 +190,9 @@ class Kubelet:
 
 
 @contextmanager
-def kubelet(spec: dict) -> Iterator[Kubelet]:
+def kubelet(spec: dict, volume: str | None = None) -> Iterator[Kubelet]:
     with pods(("client", "app"), bridge=True) as made:
-        yield Kubelet(made["app"], spec, made["client"])
+        yield Kubelet(made["app"], spec, made["client"], volume=volume)
 
 
 def start_app(pod: Pod, port: int, name: str) -> None:
@@ -225,3 +250,29 @@ def test_job_app_stops_its_sidecar_when_done():
         assert report == {"answer": "remote:/work", "outbound_requests": 1}
         assert k.sidecar is not None
         assert k.sidecar.proc.wait(timeout=15) == 0
+
+
+def test_uds_ipc_pod_reaches_its_app_over_the_shared_socket(tmp_path):
+    """ipc: uds: the sidecar delivers inbound traffic to the app's socket in the shared volume."""
+    spec = injected_pod(
+        "1.29", annotations="sidecar.pyproxy.io/mode: http, sidecar.pyproxy.io/ipc: uds"
+    )["spec"]
+    assert {"name": "pyproxy-uds", "mountPath": UDS_DIR} in spec["containers"][0]["volumeMounts"]
+    volume = tmp_path / "pyproxy-uds"
+    volume.mkdir()
+    volume.chmod(0o777)  # an emptyDir is writable by every container
+    created = not os.path.exists(UDS_DIR)
+    os.makedirs(UDS_DIR, exist_ok=True)  # the mount point; each process binds its own volume there
+    try:
+        with kubelet(spec, str(volume)) as k:
+            k.start([PY, "-c", APP, f"unix:{UDS_DIR}/{APP_PORT}.sock", "uds-app"])
+            assert k.app.stdout.readline().strip() == "READY"  # type: ignore[union-attr]
+            assert (volume / f"{APP_PORT}.sock").is_socket()
+            assert k.fetch(k.client, f"http://{k.pod.ipv4}:{APP_PORT}/hi") == "uds-app:/hi"
+            assert k.sidecar is not None
+            assert k.sidecar.stats()["inbound"]["requests"] == 1
+            info = json.loads(k.sidecar.fetch("/server_info"))
+            assert info["io_backends"]["listeners"]["inbound"]["ipc"] == "uds"
+    finally:
+        if created:
+            os.rmdir(UDS_DIR)
