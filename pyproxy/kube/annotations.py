@@ -37,7 +37,7 @@ CAPTURE = {
 
 DEFAULT_IMAGE = "pyproxy:0.1.0"
 DEFAULT_RESOURCES = {CPU: "100m", MEMORY: "64Mi", CPU_LIMIT: "1", MEMORY_LIMIT: "256Mi"}
-# Measured resident memory: ~37 MiB for the supervisor, ~30 MiB more per worker (uvloop, HTTP).
+# Measured resident memory at rest (HTTP mode): 37 MiB for one worker, ~37 + 30·N MiB for N >= 2.
 # Without a memoryLimit annotation, the limit grows with the workers so many CPUs do not OOM.
 MEMORY_PER_WORKER_MIB, MEMORY_BASE_MIB = 48, 64
 IPC_KINDS = ("tcp", "uds")
