@@ -53,10 +53,10 @@ if ! podman image exists "$IMAGE"; then
     # shellcheck disable=SC2086
     podman $PODMAN_OPTS build $LIMITS $TRUST --build-arg BASE="$BASE" \
         -f deploy/Dockerfile -t "$IMAGE" . >&2
-    # Only this script's own leftovers: older builds and the builder stage's layers.
+    # Only this script's own leftovers: older builds and both stages' intermediate layers.
     podman images --format '{{.Repository}}:{{.Tag}}' | grep '^localhost/pyproxy:build-' \
         | grep -vx "$IMAGE" | xargs -r podman rmi >&2 || true
-    podman image prune --force --filter label=io.pyproxy.stage=builder >&2 || true
+    podman image prune --force --filter label=io.pyproxy.build=pyproxy >&2 || true
 fi
 podman tag "$IMAGE" "$TAG"
 echo "$IMAGE"
