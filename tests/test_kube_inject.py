@@ -338,3 +338,38 @@ def test_any_field_of_the_wrong_type_is_an_error_or_is_carried_never_a_crash():
                     failures.append((path, value, repr(exc)))
     assert tried > 150
     assert failures == []
+
+
+@pytest.mark.parametrize(
+    "argv, field",
+    [
+        (
+            ["--app-socket", "unix:/run/a.sock", "--listen", "127.0.0.1:1", "--upstream", "x:2"],
+            "--app-socket",
+        ),
+        (
+            ["--app-socket", "unix:/run/a.sock", "-c", "proxy.yaml"],
+            "--listen/--upstream/--sidecar/--app-socket",
+        ),
+        (["--sidecar", "--app-socket", "127.0.0.1:80"], "app_socket"),
+    ],
+    ids=["without-sidecar", "with-a-config-file", "not-a-unix-socket"],
+)
+def test_run_app_socket_is_only_for_the_sidecar_and_only_unix(argv, field):
+    """The flag `ipc: uds` injection relies on: refused where it has no meaning."""
+    from pyproxy.cli import build_parser, config_from_args
+    from pyproxy.config import ConfigError
+
+    with pytest.raises(ConfigError, match=field.replace("/", ".")):
+        config_from_args(build_parser().parse_args(["run", *argv]))
+
+
+def test_run_app_socket_delivers_the_sidecar_inbound_listener_to_the_socket():
+    from pyproxy.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(
+        ["run", "--sidecar", "--app-socket", "unix:/run/app/{port}.sock"]
+    )
+    listeners = {lst.name: lst for lst in config_from_args(args).listeners}
+    assert str(listeners["inbound"].app_socket) == "unix:/run/app/{port}.sock"
+    assert listeners["outbound"].app_socket is None
