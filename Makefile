@@ -2,10 +2,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Debian packages: a C toolchain and Python headers for the native module, acl to let the sidecar's
-# uid 1337 reach the checkout, iptables/iproute2/util-linux for capture tests, the rest for tests
-# and benchmarks.
+# uid 1337 reach the checkout; iptables/iproute2/util-linux for capture tests, openssl for the
+# webhook tests, podman/runc/debootstrap for the image tests; the rest for benchmarks.
 APT_BUILD := gcc libc6-dev python3-dev python3-venv acl
-APT_TEST := iptables iproute2 util-linux curl procps wrk nghttp2-client
+APT_TEST := iptables iproute2 util-linux curl procps wrk nghttp2-client openssl podman runc buildah debootstrap
 APT_BENCH := nginx-light libnginx-mod-stream iperf3 haproxy
 
 .PHONY: demo test bench lint fresh-check system-deps system-deps-bench clean apt

@@ -1,4 +1,4 @@
-"""The `pyproxy` command: run, stats, capture, demo."""
+"""The `pyproxy` command: run, stats, capture, inject, webhook, demo."""
 
 from __future__ import annotations
 
@@ -49,6 +49,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "--allow-root",
         action="store_true",
         help="run capture listeners as root (only if your capture rules exclude uid 0 as well)",
+    )
+    run.add_argument(
+        "--app-socket",
+        metavar="unix:/path",
+        help="with --sidecar: deliver inbound traffic to the app's Unix socket ({port} allowed)",
     )
     run.add_argument("--mode", choices=MODES, help="protocol mode of the listener(s) (default tcp)")
     run.add_argument("--listen", help="standalone listener address, host:port or unix:/path")
@@ -103,11 +108,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     """Build the same document a YAML file would hold, then validate it the same way."""
-    quick = args.listen or args.upstream or args.sidecar
+    quick = args.listen or args.upstream or args.sidecar or args.app_socket
     if args.config and quick:
         raise ConfigError(
             "<flags>",
-            "--listen/--upstream/--sidecar",
+            "--listen/--upstream/--sidecar/--app-socket",
             "cannot be combined with -c; put listeners in the file",
         )
     if args.config:
@@ -126,11 +131,16 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         if getattr(args, backend, None):
             listener_extra[backend] = getattr(args, backend)
     data: dict[str, Any] = {}
+    if args.app_socket and not args.sidecar:
+        raise ConfigError("<flags>", "--app-socket", "only with --sidecar")
     if args.sidecar:
         data["listeners"] = [
             dict(lst, **listener_extra)
             for lst in sidecar_listeners(args.mode or "tcp", args.capture_mode == "tproxy")
         ]
+        for listener in data["listeners"]:
+            if args.app_socket and listener["kind"] == "inbound":
+                listener["app_socket"] = args.app_socket
         data["prometheus"] = PROMETHEUS_DEFAULT
         data["health"] = HEALTH_DEFAULT
     else:
@@ -261,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
         capture_cli = None
     if capture_cli is not None and hasattr(capture_cli, "add_parser"):
         capture_cli.add_parser(sub)
+    from pyproxy.kube import cli as kube_cli
+
+    kube_cli.add_parsers(sub)
     return parser
 
 
