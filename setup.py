@@ -33,7 +33,9 @@ class OptionalBuildExt(build_ext):
         clang = shutil.which("clang")
         sources = sorted(glob("native/*.bpf.c"))
         if clang is None:
-            self._warn(RuntimeError("clang not found"), "eBPF programs (" + ", ".join(sources) + ")")
+            self._warn(
+                RuntimeError("clang not found"), "eBPF programs (" + ", ".join(sources) + ")"
+            )
             return
         out_dir = os.path.dirname(self.get_ext_fullpath("pyproxy.native._bpf"))
         os.makedirs(out_dir, exist_ok=True)

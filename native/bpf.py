@@ -105,7 +105,9 @@ class LoadedObject:
         if code != 0:
             log = ffi.string(lib.pp_bpf_log()).decode(errors="replace")
             lib.bpf_object__close(obj)
-            raise BpfError(f"loading {obj_name} failed ({os.strerror(abs(code))}); libbpf says:\n{log}")
+            raise BpfError(
+                f"loading {obj_name} failed ({os.strerror(abs(code))}); libbpf says:\n{log}"
+            )
         self._obj = obj
 
     def program_fd(self, name: str) -> int:

@@ -61,7 +61,9 @@ class SockmapPath:
             _load_and_pin(cgroup, directory)
         path = cls(cgroup, directory, owned)
         try:
-            path._fds = {name: bpf.open_pinned(directory / name) for name in ("pp_ports", "pp_stats")}
+            path._fds = {
+                name: bpf.open_pinned(directory / name) for name in ("pp_ports", "pp_stats")
+            }
             path.register_ports(ports)
         except bpf.BpfError:
             path.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -27,7 +28,9 @@ HEALTH_DEFAULT = "0.0.0.0:15021"
 INBOUND_SOURCE_V4 = "127.0.0.6"
 INBOUND_SOURCE_V6 = "::6"
 # I/O backends (issue 7; chosen per listener by pyproxy/io/backends.py).
-IPC_KINDS = ("tcp", "uds")
+# sockmap: the app still connects over loopback TCP; an eBPF program moves the bytes socket to
+# socket (native/sockmap.bpf.c, installed by pyproxy/io/fast_path.py).
+IPC_KINDS = ("tcp", "uds", "sockmap")
 WRITE_BACKENDS = ("send", "zerocopy")
 RELAY_BACKENDS = ("copy", "splice")
 # Below this many bytes a zerocopy listener sends by copy: pinning pages and reaping the
@@ -351,6 +354,23 @@ def _native_reason() -> str | None:
     return None if native.AVAILABLE else str(native.UNAVAILABLE_REASON)
 
 
+def _check_sockmap(fields: _Fields, listener: ListenerConfig, derived: str) -> None:
+    """sockmap redirects connections the app makes to this listener's fixed IPv4 ports."""
+    if listener.app_side != "downstream":
+        raise fields.error(
+            "ipc",
+            "sockmap redirects the app's connections to this listener: needs app_side: downstream "
+            "(the default for outbound listeners)",
+        )
+    if derived != "tcp" or any(
+        a.family != socket.AF_INET or a.port == 0 for a in listener.addresses
+    ):
+        shown = ", ".join(map(str, listener.addresses))
+        raise fields.error(
+            "ipc", f"sockmap needs IPv4 host:port listen addresses with a fixed port, got {shown}"
+        )
+
+
 def _io_backends(fields: _Fields, listener: ListenerConfig) -> ListenerConfig:
     """Validate ipc/write/relay/zerocopy_threshold/app_socket against the listener's sockets."""
     app_socket = fields.take("app_socket", _app_socket, None)
@@ -375,7 +395,9 @@ def _io_backends(fields: _Fields, listener: ListenerConfig) -> ListenerConfig:
         )
     derived = "uds" if all(unix) else "tcp"
     ipc = fields.take("ipc", _choice(IPC_KINDS), derived)
-    if ipc != derived:
+    if ipc == "sockmap":
+        _check_sockmap(fields, listener, derived)
+    elif ipc != derived:
         shown = ", ".join(map(str, app_addresses))
         need = (
             "uds needs the app-facing address to be unix:/path"

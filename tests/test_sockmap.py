@@ -1,0 +1,146 @@
+"""ipc: sockmap in a real pod (netns + cgroup v2): the app's bytes go socket to socket, exactly."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import require_capability
+from pyproxy.iptables.netns import Pod, missing_capabilities, mount_point, pods
+from pyproxy.native import bpf, sockmap
+from test_capture_pods import PY, Sidecar, bulk, settled, start_echo
+
+SIDECAR_PORT = 15001
+ECHO_PORT = 9000
+BULK = 64 * 1024 * 1024
+CONFIG = f"""\
+admin: 127.0.0.1:15000
+listeners:
+  - name: app
+    address: 127.0.0.1:{SIDECAR_PORT}
+    mode: tcp
+    upstream: 127.0.0.1:{ECHO_PORT}
+    app_side: downstream
+    ipc: sockmap
+"""
+
+
+@pytest.fixture(scope="module")
+def require_sockmap() -> None:
+    missing = missing_capabilities()
+    if mount_point("cgroup2") is None:
+        missing.append("cgroup v2")
+    reason = sockmap.unavailable_reason()
+    if reason:
+        missing.append(reason)
+    require_capability("sockmap pods: " + ", ".join(missing), not missing)
+
+
+def probe(pod: Pod, *args: str) -> dict:
+    argv = [PY, "-m", "pyproxy.iptables.probe", *args]
+    return json.loads(pod.run(argv, timeout=120).stdout)
+
+
+def outside_cgroup(pod: Pod) -> Pod:
+    """The same network namespace, but processes started from it are not in the pod's cgroup."""
+    return dataclasses.replace(pod, cgroup=None, _processes=[])
+
+
+@contextlib.contextmanager
+def sockmap_pod(tmp_path: Path) -> Iterator[tuple[Pod, Sidecar]]:
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(CONFIG)
+    with pods(("s",), bridge=True, cgroups=True) as made:
+        pod = made["s"]
+        pins = sockmap.pin_dir(pod.cgroup)  # type: ignore[arg-type]
+        try:
+            start_echo(pod, ECHO_PORT)
+            proc = pod.popen(
+                [PY, "-m", "pyproxy", "run", "-c", str(config)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            sidecar = Sidecar(pod, proc)
+            sidecar.wait_ready()
+            yield pod, sidecar
+            proc.send_signal(signal.SIGTERM)  # the sidecar's own exit must unpin everything
+            proc.wait(15)
+        finally:
+            leftover = pins.exists()
+            bpf.remove_pins(pins)  # even on failure nothing stays pinned
+        assert not leftover, f"the sidecar left {pins} behind"
+
+
+def server_info(sidecar: Sidecar) -> dict:
+    return json.loads(sidecar.fetch("/server_info"))
+
+
+def ipc_path(sidecar: Sidecar) -> dict:
+    return server_info(sidecar)["io_backends"]["listeners"]["app"]["ipc_path"]
+
+
+def test_sockmap_carries_small_messages_bulk_half_close_and_reset_exactly(
+    require_sockmap, tmp_path
+):
+    with sockmap_pod(tmp_path) as (pod, sidecar):
+        info = server_info(sidecar)
+        assert "sockmap" in info["io_backends"]["available"]["ipc"], info["io_backends"]
+        assert ipc_path(sidecar)["path"] == "sockmap"
+        small = probe(pod, "pingpong", "127.0.0.1", str(SIDECAR_PORT), "--count", "300")
+        assert small == {"messages": 300, "mismatched": [], "eof_after": True}
+        # 64 MB each way, the app half-closes after sending and reads until the echo's EOF.
+        big = probe(pod, "bulk", "127.0.0.1", str(SIDECAR_PORT), "--bytes", str(BULK))
+        assert big["intact"] and big["received"] == BULK, big
+        assert probe(pod, "reset", "127.0.0.1", str(SIDECAR_PORT)) == {"echoed": "before the reset"}
+        stats = settled(sidecar.stats, lambda s: s["app"]["connections_active"] == 0)["app"]
+        assert stats["flags"] == {"DR": 1}  # the reset reached the sidecar as a downstream reset
+        assert stats["connections_total"] == 3
+        path = ipc_path(sidecar)
+        assert path["connections_redirected"] == 3 and path["connections_bypassed"] == 0
+        assert stats["ipc_connections"] == {"sockmap": 3, "tcp": 0}
+        # The kernel moved the app leg's bytes: both directions of the bulk run at least.
+        moved = server_info(sidecar)["io_backends"]["sockmap_messages"]
+        assert moved["bytes_redirected"] >= 2 * BULK, moved
+        metrics = sidecar.fetch("/stats/prometheus")
+        assert (
+            'pyproxy_ipc_connections_total{listener="app",mode="tcp",path="sockmap"} 3.0' in metrics
+        )
+
+
+def test_connection_from_outside_the_pod_cgroup_is_not_redirected(require_sockmap, tmp_path):
+    with sockmap_pod(tmp_path) as (pod, sidecar):
+        before = server_info(sidecar)["io_backends"]["sockmap_messages"]
+        result = bulk(outside_cgroup(pod), "127.0.0.1", SIDECAR_PORT, 1024 * 1024)
+        assert result["intact"], result
+        stats = settled(sidecar.stats, lambda s: s["app"]["connections_active"] == 0)["app"]
+        assert stats["ipc_connections"] == {"sockmap": 0, "tcp": 1}
+        path = ipc_path(sidecar)
+        assert path["connections_redirected"] == 0 and path["connections_bypassed"] == 1
+        after = server_info(sidecar)["io_backends"]["sockmap_messages"]
+        assert after["bytes_redirected"] == before["bytes_redirected"]
+
+
+def test_sidecar_exit_removes_programs_maps_and_pins(require_sockmap, tmp_path):
+    with sockmap_pod(tmp_path) as (pod, sidecar):
+        pins = sockmap.pin_dir(pod.cgroup)  # type: ignore[arg-type]
+        assert sorted(p.name for p in pins.iterdir()) == sorted(
+            [*sockmap.MAPS, *sockmap.PROGRAMS, sockmap.LINK]
+        )
+        attached = subprocess.run(
+            ["bpftool", "cgroup", "show", str(pod.cgroup)], capture_output=True, text=True
+        )
+        assert "pp_sockops" in attached.stdout
+        sidecar.proc.send_signal(signal.SIGTERM)
+        assert sidecar.proc.wait(15) == 0
+        assert not pins.exists()
+        attached = subprocess.run(
+            ["bpftool", "cgroup", "show", str(pod.cgroup)], capture_output=True, text=True
+        )
+        assert "pp_sockops" not in attached.stdout
