@@ -93,22 +93,21 @@ def own_cgroup() -> Path:
 class LoadedObject:
     """A compiled object loaded into the kernel; programs and maps by name until close()."""
 
-    def __init__(self, obj_name: str) -> None:
+    def __init__(self, obj: str | Path) -> None:
+        """obj: a file name in native/ (the compiled programs shipped with pyproxy), or a path."""
         ffi, lib = _binding()
         self._ffi, self._lib = ffi, lib
-        path = OBJECT_DIR / obj_name
+        path = OBJECT_DIR / obj
         lib.pp_bpf_log_start()
-        obj = lib.bpf_object__open_file(str(path).encode(), ffi.NULL)
-        if obj == ffi.NULL:
+        loaded = lib.bpf_object__open_file(str(path).encode(), ffi.NULL)
+        if loaded == ffi.NULL:
             raise _fail(f"opening {path}", ffi.errno) from None
-        code = lib.bpf_object__load(obj)
+        code = lib.bpf_object__load(loaded)
         if code != 0:
             log = ffi.string(lib.pp_bpf_log()).decode(errors="replace")
-            lib.bpf_object__close(obj)
-            raise BpfError(
-                f"loading {obj_name} failed ({os.strerror(abs(code))}); libbpf says:\n{log}"
-            )
-        self._obj = obj
+            lib.bpf_object__close(loaded)
+            raise BpfError(f"loading {path} failed ({os.strerror(abs(code))}); libbpf says:\n{log}")
+        self._obj = loaded
 
     def program_fd(self, name: str) -> int:
         prog = self._lib.bpf_object__find_program_by_name(self._obj, name.encode())

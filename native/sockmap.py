@@ -53,6 +53,12 @@ class SockmapPath:
         reason = unavailable_reason()
         if reason is not None:
             raise bpf.BpfError(reason)
+        if cgroup == bpf.mount_point("cgroup2"):
+            # Every process on the host is under the root cgroup: that is no pod.
+            raise bpf.BpfError(
+                f"refusing to attach to the root cgroup {cgroup} (the whole host); "
+                "run the sidecar in its pod's cgroup"
+            )
         bpf.ensure_bpffs()
         directory = pin_dir(cgroup)
         owned = not (directory / LINK).exists()

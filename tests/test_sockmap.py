@@ -6,16 +6,22 @@ import contextlib
 import dataclasses
 import json
 import signal
+import socket
 import subprocess
+import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_capability
+import yaml
+from conftest import http_get, recv_exactly, require_capability, start_listener
 from pyproxy.iptables.netns import Pod, missing_capabilities, mount_point, pods
 from pyproxy.native import bpf, sockmap
 from test_capture_pods import PY, Sidecar, bulk, settled, start_echo
 
+from pyproxy.config import ConfigError, build_config
+
+MULTIARCH = sysconfig.get_config_var("MULTIARCH") or ""
 SIDECAR_PORT = 15001
 ECHO_PORT = 9000
 BULK = 64 * 1024 * 1024
@@ -144,3 +150,58 @@ def test_sidecar_exit_removes_programs_maps_and_pins(require_sockmap, tmp_path):
             ["bpftool", "cgroup", "show", str(pod.cgroup)], capture_output=True, text=True
         )
         assert "pp_sockops" not in attached.stdout
+
+
+def test_sidecar_outside_a_pod_cgroup_says_why_and_relays_over_tcp(
+    start_proxy, tmp_path, echo_server
+):
+    # This test process (and so the proxy) sits in the root cgroup, or runs without root: either
+    # way the sockmap path is refused with a reason and the listener carries bytes over TCP.
+    proxy, port = start_listener(
+        start_proxy,
+        tmp_path,
+        echo_server.address,
+        "    app_side: downstream\n    ipc: sockmap",
+        mode="tcp",
+    )
+    _, body = http_get(proxy.admin + "/server_info")
+    path = json.loads(body)["io_backends"]["listeners"]["main"]["ipc_path"]
+    assert path["path"] == "tcp" and path["sockmap_unavailable"], path
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(b"still relayed")
+        assert recv_exactly(conn, 13) == b"still relayed"
+    stats = proxy.wait_for(lambda s: s["connections_active"] == 0)
+    assert stats["ipc_connections"] == {"tcp": 1}
+    assert "ipc sockmap unavailable" in proxy.output
+
+
+def test_verifier_log_is_shown_when_a_program_is_rejected(require_sockmap, tmp_path):
+    source = tmp_path / "reject.bpf.c"
+    # Reads past the end of the sock_ops context: the verifier refuses it.
+    source.write_text(
+        "#include <linux/bpf.h>\n#include <bpf/bpf_helpers.h>\n"
+        'SEC("sockops") int bad(struct bpf_sock_ops *ops) { return *((__u32 *)ops + 4096); }\n'
+        'char _license[] SEC("license") = "GPL";\n'
+    )
+    compiled = tmp_path / "reject.bpf.o"
+    argv = ["clang", "-O2", "-g", "-target", "bpf", f"-I/usr/include/{MULTIARCH}"]
+    subprocess.run([*argv, "-c", str(source), "-o", str(compiled)], check=True)
+    with pytest.raises(bpf.BpfError) as info:
+        bpf.LoadedObject(compiled)
+    message = str(info.value)
+    assert "BEGIN PROG LOAD LOG" in message and "invalid bpf_context access" in message, message
+
+
+@pytest.mark.parametrize(
+    ("listener", "reason"),
+    [
+        ("address: 127.0.0.1:15001, upstream: 127.0.0.1:9000", "needs app_side: downstream"),
+        ("address: '127.0.0.1:0', upstream: 127.0.0.1:9000, app_side: downstream", "fixed port"),
+        ("address: '[::1]:15001', upstream: 127.0.0.1:9000, app_side: downstream", "IPv4"),
+    ],
+)
+def test_sockmap_config_that_cannot_be_redirected_is_refused(listener, reason):
+    doc = yaml.safe_load(f"listeners:\n  - {{name: app, mode: tcp, ipc: sockmap, {listener}}}\n")
+    with pytest.raises(ConfigError, match=reason) as info:
+        build_config(doc)
+    assert ".ipc" in str(info.value)  # the error names the field
