@@ -13,6 +13,7 @@ import ctypes.util
 import errno
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +110,22 @@ class LoadedObject:
             raise BpfError(f"loading {path} failed ({os.strerror(abs(code))}); libbpf says:\n{log}")
         self._obj = loaded
 
+    def program_names(self) -> list[str]:
+        names, prog = [], self._lib.bpf_object__next_program(self._obj, self._ffi.NULL)
+        while prog != self._ffi.NULL:
+            names.append(self._ffi.string(self._lib.bpf_program__name(prog)).decode())
+            prog = self._lib.bpf_object__next_program(self._obj, prog)
+        return names
+
+    def map_names(self) -> list[str]:
+        names, found = [], self._lib.bpf_object__next_map(self._obj, self._ffi.NULL)
+        while found != self._ffi.NULL:
+            name = self._ffi.string(self._lib.bpf_map__name(found)).decode()
+            if not name.startswith("."):  # .rodata/.bss: internal to the programs
+                names.append(name)
+            found = self._lib.bpf_object__next_map(self._obj, found)
+        return names
+
     def program_fd(self, name: str) -> int:
         prog = self._lib.bpf_object__find_program_by_name(self._obj, name.encode())
         if prog == self._ffi.NULL:
@@ -195,6 +212,43 @@ def map_keys(fd: int, key_size: int) -> list[bytes]:
 def possible_cpus() -> int:
     """How many per-CPU slots a PERCPU map value has."""
     return int(_binding()[1].libbpf_num_possible_cpus())
+
+
+def load_and_pin(
+    obj_name: str,
+    directory: Path,
+    map_attachments: Iterable[tuple[str, str, str]] = (),
+    cgroup_links: Iterable[tuple[str, str, str]] = (),
+    cgroup: Path | None = None,
+) -> None:
+    """Load an object and pin every map and program under directory, then attach.
+
+    map_attachments: (program, map, attach type), e.g. an SK_MSG program on its sockhash;
+    cgroup_links: (program, attach type, link pin name), attached to cgroup as pinned links,
+    the last pinned last so its presence marks a complete installation. On any failure,
+    everything pinned so far is removed.
+    """
+    obj = LoadedObject(obj_name)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        for name in obj.map_names():
+            pin(obj.map_fd(name), directory / name)
+        for name in obj.program_names():
+            pin(obj.program_fd(name), directory / name)
+        for program, target, kind in map_attachments:
+            attach_to_map(obj.program_fd(program), obj.map_fd(target), kind)
+        for program, kind, link_name in cgroup_links:
+            assert cgroup is not None, "cgroup links need a cgroup"
+            link_fd = link_to_cgroup(obj.program_fd(program), cgroup, kind)
+            try:
+                pin(link_fd, directory / link_name)
+            finally:
+                os.close(link_fd)
+    except BaseException:
+        remove_pins(directory)
+        raise
+    finally:
+        obj.close()
 
 
 def remove_pins(directory: Path) -> list[str]:

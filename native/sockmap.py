@@ -64,7 +64,13 @@ class SockmapPath:
         owned = not (directory / LINK).exists()
         if owned:
             bpf.remove_pins(directory)  # a half-made installation (a crash mid-install)
-            _load_and_pin(cgroup, directory)
+            bpf.load_and_pin(
+                OBJECT,
+                directory,
+                map_attachments=[("pp_sk_msg", "pp_socks", "BPF_SK_MSG_VERDICT")],
+                cgroup_links=[("pp_sockops", "BPF_CGROUP_SOCK_OPS", LINK)],
+                cgroup=cgroup,
+            )
         path = cls(cgroup, directory, owned)
         try:
             path._fds = {
@@ -117,28 +123,6 @@ class SockmapPath:
         self.close()
         if self.owned:
             bpf.remove_pins(self.directory)
-
-
-def _load_and_pin(cgroup: Path, directory: Path) -> None:
-    obj = bpf.LoadedObject(OBJECT)
-    link_fd = -1
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        for name in MAPS:
-            bpf.pin(obj.map_fd(name), directory / name)
-        for name in PROGRAMS:
-            bpf.pin(obj.program_fd(name), directory / name)
-        bpf.attach_to_map(obj.program_fd("pp_sk_msg"), obj.map_fd("pp_socks"), "BPF_SK_MSG_VERDICT")
-        link_fd = bpf.link_to_cgroup(obj.program_fd("pp_sockops"), cgroup, "BPF_CGROUP_SOCK_OPS")
-        # Pinned last: its presence marks a complete installation.
-        bpf.pin(link_fd, directory / LINK)
-    except BaseException:
-        bpf.remove_pins(directory)
-        raise
-    finally:
-        if link_fd >= 0:
-            os.close(link_fd)
-        obj.close()
 
 
 def installations() -> list[Path]:
