@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyproxy.native.bpf import mount_point
+from pyproxy.native.bpf import cgroup_pin_dirs, mount_point, remove_pins
 
 # Every namespace this process creates starts with this prefix, so parallel runs never clash and
 # a crashed run's leftovers can be recognised (the pid in the name is no longer alive).
@@ -262,19 +262,26 @@ def create_cgroup(name: str) -> Path:
     return path
 
 
-def remove_cgroup(path: Path, timeout: float = 5.0) -> None:
-    """Kill whatever still runs in the cgroup, then remove it; a missing one is not an error."""
+def remove_cgroup(path: Path, timeout: float = 5.0) -> list[Path]:
+    """Kill whatever still runs in the cgroup, unpin pyproxy's eBPF objects for it, remove it.
+
+    Returns the pin directories that were still there (a test asserting a clean exit checks it);
+    a missing cgroup is not an error.
+    """
     if not path.exists():
-        return
+        return []
+    leftovers = cgroup_pin_dirs(path)
+    for directory in leftovers:
+        remove_pins(directory)
     with contextlib.suppress(OSError):
         (path / "cgroup.kill").write_text("1")
     deadline = time.monotonic() + timeout
     while True:
         try:
             path.rmdir()
-            return
+            return leftovers
         except FileNotFoundError:
-            return
+            return leftovers
         except OSError:  # EBUSY until the killed processes are reaped
             if time.monotonic() > deadline:
                 raise

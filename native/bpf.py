@@ -188,6 +188,12 @@ def map_update(fd: int, key: bytes, value: bytes) -> None:
         raise _fail("updating a map", code)
 
 
+def map_delete(fd: int, key: bytes) -> None:
+    code = _binding()[1].bpf_map_delete_elem(fd, key)
+    if code not in (0, -errno.ENOENT):
+        raise _fail("deleting from a map", code)
+
+
 def map_lookup(fd: int, key: bytes, value_size: int) -> bytes | None:
     ffi, lib = _binding()
     out = ffi.new("char[]", value_size)
@@ -249,6 +255,14 @@ def load_and_pin(
         raise
     finally:
         obj.close()
+
+
+def cgroup_pin_dirs(cgroup: Path) -> list[Path]:
+    """Every pyproxy pin directory for this cgroup (named <kind>-cg<cgroup id>)."""
+    if not PIN_ROOT.is_dir():
+        return []
+    suffix = f"-cg{os.stat(cgroup).st_ino}"
+    return sorted(p for p in PIN_ROOT.iterdir() if p.name.endswith(suffix))
 
 
 def remove_pins(directory: Path) -> list[str]:

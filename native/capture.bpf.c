@@ -16,6 +16,7 @@
 #define AF_INET 2
 #define AF_INET6 10
 #define SOCK_STREAM 1
+#define CTX32(field) (*(volatile __u32 *)&(field))
 
 struct endpoint {
 	__u32 addr[4]; /* network order; IPv4 as ::ffff:a.b.c.d */
@@ -175,14 +176,17 @@ int pp_cap_sockops(struct bpf_sock_ops *ops)
 	dst = bpf_map_lookup_elem(&pp_cap_pending, &cookie);
 	if (!dst)
 		return 1;
-	if (ops->family == AF_INET) {
+	/* Every context field read once, unconditionally and 4 bytes at a time: the verifier
+	 * refuses the offset context pointer or the merged 8-byte load the compiler would make. */
+	__u32 family = CTX32(ops->family), ip4 = CTX32(ops->local_ip4);
+	__u32 ip6[4] = { CTX32(ops->local_ip6[0]), CTX32(ops->local_ip6[1]),
+			 CTX32(ops->local_ip6[2]), CTX32(ops->local_ip6[3]) };
+
+	if (family == AF_INET) {
 		app.addr[2] = bpf_htonl(0xffff);
-		app.addr[3] = ops->local_ip4;
+		app.addr[3] = ip4;
 	} else {
-		app.addr[0] = ops->local_ip6[0];
-		app.addr[1] = ops->local_ip6[1];
-		app.addr[2] = ops->local_ip6[2];
-		app.addr[3] = ops->local_ip6[3];
+		__builtin_memcpy(app.addr, ip6, sizeof(app.addr));
 	}
 	bpf_map_update_elem(&pp_cap_orig, &app, dst, BPF_ANY);
 	bpf_map_delete_elem(&pp_cap_pending, &cookie);

@@ -40,9 +40,10 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     )
     run.add_argument(
         "--capture-mode",
-        choices=("redirect", "tproxy"),
+        choices=("redirect", "tproxy", "ebpf"),
         default="redirect",
-        help="how capture rules deliver traffic (tproxy sets IP_TRANSPARENT)",
+        help="how capture rules deliver traffic (tproxy sets IP_TRANSPARENT; ebpf reads the "
+        "original destination from the eBPF capture's map)",
     )
     run.add_argument("--mode", choices=MODES, help="protocol mode of the listener(s) (default tcp)")
     run.add_argument("--listen", help="standalone listener address, host:port or unix:/path")
@@ -123,7 +124,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     if args.sidecar:
         data["listeners"] = [
             dict(lst, **listener_extra)
-            for lst in sidecar_listeners(args.mode or "tcp", args.capture_mode == "tproxy")
+            for lst in sidecar_listeners(args.mode or "tcp", args.capture_mode)
         ]
         data["prometheus"] = PROMETHEUS_DEFAULT
         data["health"] = HEALTH_DEFAULT

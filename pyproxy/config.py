@@ -121,6 +121,8 @@ class ListenerConfig:
     inbound_source: str = ""
     inbound_source_v6: str = ""
     transparent: bool = False
+    # Outbound capture: netfilter (SO_ORIGINAL_DST) or ebpf (capture: ebpf's map).
+    original_dst: str = "netfilter"
     connect_timeout: float = 5.0
     idle_timeout: float = 3600.0
     buffer_size: int = 65536
@@ -290,6 +292,7 @@ def _listener(fields: _Fields, index: int) -> ListenerConfig:
         inbound_source=fields.take("inbound_source", _optional_ip, ""),
         inbound_source_v6=fields.take("inbound_source_v6", _optional_ip, ""),
         transparent=fields.take("transparent", _bool, False),
+        original_dst=_original_dst(fields, kind),
         connect_timeout=fields.take("connect_timeout", parse_duration, 5.0),
         idle_timeout=fields.take("idle_timeout", parse_duration, 3600.0),
         buffer_size=fields.take("buffer_size", _int_range(1024, 16 * 1024 * 1024), 65536),
@@ -352,6 +355,13 @@ def _native_reason() -> str | None:
     from pyproxy import native  # type: ignore[attr-defined]  # mapped from native/ by pyproject
 
     return None if native.AVAILABLE else str(native.UNAVAILABLE_REASON)
+
+
+def _original_dst(fields: _Fields, kind: str) -> str:
+    value = fields.take("original_dst", _choice(("netfilter", "ebpf")), "netfilter")
+    if value == "ebpf" and kind != "outbound":
+        raise fields.error("original_dst", "ebpf is for outbound capture listeners only")
+    return value
 
 
 def _check_sockmap(fields: _Fields, listener: ListenerConfig, derived: str) -> None:
@@ -729,8 +739,9 @@ def load_config(path: str) -> ProxyConfig:
     return build_config(data, source=path)
 
 
-def sidecar_listeners(mode: str, transparent: bool = False) -> list[dict]:
-    """The two capture listeners a Kubernetes sidecar runs (Istio's ports)."""
+def sidecar_listeners(mode: str, capture: str = "redirect") -> list[dict]:
+    """The two capture listeners a Kubernetes sidecar runs (Istio's ports), for a capture mode."""
+    transparent = capture == "tproxy"
     ipv6 = os.path.exists("/proc/net/if_inet6")
 
     def addresses(port: int) -> list[str]:
@@ -743,6 +754,7 @@ def sidecar_listeners(mode: str, transparent: bool = False) -> list[dict]:
             "mode": mode,
             "addresses": addresses(OUTBOUND_PORT),
             "transparent": transparent,
+            "original_dst": "ebpf" if capture == "ebpf" else "netfilter",
         },
         {
             "name": "inbound",
