@@ -51,6 +51,24 @@ def unavailable_reason(obj_name: str) -> str | None:
     return None
 
 
+def prepare(obj_name: str, cgroup: Path, hint: str) -> None:
+    """Refuse (BpfError) an object this host cannot load, or a cgroup that is no pod; mount bpffs.
+
+    The root cgroup holds every process on the host; `hint` says where to run instead.
+    """
+    reason = unavailable_reason(obj_name)
+    if reason is not None:
+        raise BpfError(reason)
+    if cgroup == mount_point("cgroup2"):
+        raise BpfError(f"refusing to attach to the root cgroup {cgroup} (the whole host); {hint}")
+    ensure_bpffs()
+
+
+def pin_dir(kind: str, cgroup: Path) -> Path:
+    """Where one kind of installation for one cgroup is pinned: <PIN_ROOT>/<kind>-cg<cgroup id>."""
+    return PIN_ROOT / f"{kind}-cg{os.stat(cgroup).st_ino}"
+
+
 def _fail(what: str, code: int) -> BpfError:
     code = abs(code)
     return BpfError(f"{what}: {os.strerror(code)} (errno {code})")

@@ -17,17 +17,24 @@ ssize_t pp_send(int fd, const char *buf, size_t len);
 ssize_t pp_relay_copy(int in_fd, int out_fd, char *buf, size_t len, size_t *sent);
 """
 
-ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
-ffibuilder.set_source(
-    "pyproxy.native._native",
-    '#include "pyproxy_native.h"',
-    # setuptools wants paths relative to the project root (the cwd of setup.py);
-    # relpath keeps this working when the script is run from elsewhere too.
-    sources=[os.path.relpath(os.path.join(_HERE, "pyproxy_native.c"))],
-    include_dirs=[os.path.relpath(_HERE)],
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-)
+
+def _builder(module: str, cdef: str, includes: str, source: str, libraries: tuple = ()) -> FFI:
+    builder = FFI()
+    builder.cdef(cdef)
+    builder.set_source(
+        f"pyproxy.native.{module}",
+        includes,
+        # setuptools wants paths relative to the project root (the cwd of setup.py);
+        # relpath keeps this working when the script is run from elsewhere too.
+        sources=[os.path.relpath(os.path.join(_HERE, source))],
+        include_dirs=[os.path.relpath(_HERE)],
+        libraries=list(libraries),
+        extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+    )
+    return builder
+
+
+ffibuilder = _builder("_native", CDEF, '#include "pyproxy_native.h"', "pyproxy_native.c")
 
 # The eBPF loader's view of libbpf (Debian's libbpf-dev): open/load an object, pin, attach,
 # read and write maps. Built separately so a host without libbpf still gets _native.
@@ -63,15 +70,12 @@ void pp_bpf_log_start(void);
 const char *pp_bpf_log(void);
 """
 
-bpf_ffibuilder = FFI()
-bpf_ffibuilder.cdef(BPF_CDEF)
-bpf_ffibuilder.set_source(
-    "pyproxy.native._bpf",
+bpf_ffibuilder = _builder(
+    "_bpf",
+    BPF_CDEF,
     '#include <bpf/libbpf.h>\n#include <bpf/bpf.h>\n#include "pyproxy_bpf.h"',
-    sources=[os.path.relpath(os.path.join(_HERE, "pyproxy_bpf.c"))],
-    include_dirs=[os.path.relpath(_HERE)],
-    libraries=["bpf"],
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+    "pyproxy_bpf.c",
+    libraries=("bpf",),
 )
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 from . import bpf
 
 OBJECT = "capture.bpf.o"
-PIN_PREFIX = "capture-cg"
+KIND = "capture"
 ORIGINALS = "pp_cap_orig"
 # (program, attach type, link pin) per address family; sockops files the original destination.
 FAMILY_LINKS = {
@@ -49,7 +49,7 @@ class Selection:
 
 
 def pin_dir(cgroup: Path) -> Path:
-    return bpf.PIN_ROOT / f"{PIN_PREFIX}{os.stat(cgroup).st_ino}"
+    return bpf.pin_dir(KIND, cgroup)
 
 
 def _mapped(address: str) -> bytes:
@@ -62,15 +62,7 @@ def _mapped(address: str) -> bytes:
 
 def apply(cgroup: Path, selection: Selection) -> Path:
     """Install (replacing an earlier installation on this cgroup); returns the pin directory."""
-    reason = bpf.unavailable_reason(OBJECT)
-    if reason is not None:
-        raise bpf.BpfError(reason)
-    if cgroup == bpf.mount_point("cgroup2"):
-        raise bpf.BpfError(
-            f"refusing to capture the root cgroup {cgroup} (the whole host); "
-            "run `pyproxy capture apply --mode ebpf` in the pod's cgroup"
-        )
-    bpf.ensure_bpffs()
+    bpf.prepare(OBJECT, cgroup, "run `pyproxy capture apply --mode ebpf` in the pod's cgroup")
     directory = pin_dir(cgroup)
     links = [FAMILY_LINKS[f] for f in selection.families] + [SOCKOPS_LINK]
     if sorted(p.name for p in directory.glob("link_*")) == sorted(link for *_, link in links):

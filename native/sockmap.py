@@ -19,7 +19,7 @@ from pathlib import Path
 from . import bpf
 
 OBJECT = "sockmap.bpf.o"
-PIN_PREFIX = "sockmap-cg"
+KIND = "sockmap"
 PORT_KEY = struct.Struct("=I")
 PORT_STATS = struct.Struct("=QQ")  # struct port_stats: redirected, bypassed
 COUNTER = struct.Struct("=Q")
@@ -35,7 +35,7 @@ def unavailable_reason() -> str | None:
 
 
 def pin_dir(cgroup: Path) -> Path:
-    return bpf.PIN_ROOT / f"{PIN_PREFIX}{os.stat(cgroup).st_ino}"
+    return bpf.pin_dir(KIND, cgroup)
 
 
 @dataclass
@@ -50,16 +50,7 @@ class SockmapPath:
     @classmethod
     def install(cls, cgroup: Path, ports: Iterable[int]) -> SockmapPath:
         """Load and attach (or join an installation already pinned for this cgroup)."""
-        reason = unavailable_reason()
-        if reason is not None:
-            raise bpf.BpfError(reason)
-        if cgroup == bpf.mount_point("cgroup2"):
-            # Every process on the host is under the root cgroup: that is no pod.
-            raise bpf.BpfError(
-                f"refusing to attach to the root cgroup {cgroup} (the whole host); "
-                "run the sidecar in its pod's cgroup"
-            )
-        bpf.ensure_bpffs()
+        bpf.prepare(OBJECT, cgroup, "run the sidecar in its pod's cgroup")
         directory = pin_dir(cgroup)
         owned = not (directory / LINK).exists()
         if owned:
@@ -123,10 +114,3 @@ class SockmapPath:
         self.close()
         if self.owned:
             bpf.remove_pins(self.directory)
-
-
-def installations() -> list[Path]:
-    """Every pinned sockmap installation on this host."""
-    if not bpf.PIN_ROOT.is_dir():
-        return []
-    return sorted(p for p in bpf.PIN_ROOT.iterdir() if p.name.startswith(PIN_PREFIX))
