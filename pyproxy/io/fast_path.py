@@ -62,6 +62,8 @@ class IpcFastPath:
     def describe(self, listener: ListenerConfig) -> dict:
         """The effective IPC path of one listener (what /server_info reports)."""
         if listener.name not in self._ports:
+            if listener.ipc == "sockmap":
+                return {"path": "tcp", "sockmap_unavailable": "added by a reload: needs a restart"}
             return {"path": listener.ipc}
         if self.path is None:
             return {"path": "tcp", "sockmap_unavailable": self.reason}
