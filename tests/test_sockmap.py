@@ -59,29 +59,39 @@ def outside_cgroup(pod: Pod) -> Pod:
 
 
 @contextlib.contextmanager
-def sockmap_pod(tmp_path: Path) -> Iterator[tuple[Pod, Sidecar]]:
+def sockmap_pods(tmp_path: Path, roles: tuple[str, ...]) -> Iterator[dict[str, Sidecar]]:
+    """Pods (netns + cgroup) each with an echo app and a sidecar relaying to it over ipc: sockmap."""
     config = tmp_path / "sidecar.yaml"
     config.write_text(CONFIG)
-    with pods(("s",), bridge=True, cgroups=True) as made:
-        pod = made["s"]
-        pins = sockmap.pin_dir(pod.cgroup)  # type: ignore[arg-type]
+    with pods(roles, bridge=True, cgroups=True) as made:
+        pins = [sockmap.pin_dir(pod.cgroup) for pod in made.values()]  # type: ignore[arg-type]
         try:
-            start_echo(pod, ECHO_PORT)
-            proc = pod.popen(
-                [PY, "-m", "pyproxy", "run", "-c", str(config)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            sidecar = Sidecar(pod, proc)
-            sidecar.wait_ready()
-            yield pod, sidecar
-            proc.send_signal(signal.SIGTERM)  # the sidecar's own exit must unpin everything
-            proc.wait(15)
+            sidecars = {}
+            for role, pod in made.items():
+                start_echo(pod, ECHO_PORT)
+                proc = pod.popen(
+                    [PY, "-m", "pyproxy", "run", "-c", str(config)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                sidecars[role] = Sidecar(pod, proc)
+                sidecars[role].wait_ready()
+            yield sidecars
+            for sidecar in sidecars.values():
+                sidecar.proc.send_signal(signal.SIGTERM)  # its own exit must unpin everything
+                sidecar.proc.wait(15)
         finally:
-            leftover = pins.exists()
-            bpf.remove_pins(pins)  # even on failure nothing stays pinned
-        assert not leftover, f"the sidecar left {pins} behind"
+            leftover = [str(p) for p in pins if p.exists()]
+            for directory in pins:
+                bpf.remove_pins(directory)  # even on failure nothing stays pinned
+        assert not leftover, f"the sidecars left {leftover} behind"
+
+
+@contextlib.contextmanager
+def sockmap_pod(tmp_path: Path) -> Iterator[tuple[Pod, Sidecar]]:
+    with sockmap_pods(tmp_path, ("s",)) as sidecars:
+        yield sidecars["s"].pod, sidecars["s"]
 
 
 def server_info(sidecar: Sidecar) -> dict:
@@ -131,6 +141,21 @@ def test_connection_from_outside_the_pod_cgroup_is_not_redirected(require_sockma
         assert path["connections_redirected"] == 0 and path["connections_bypassed"] == 1
         after = server_info(sidecar)["io_backends"]["sockmap_messages"]
         assert after["bytes_redirected"] == before["bytes_redirected"]
+
+
+def test_two_pods_on_one_host_each_redirect_only_their_own_connections(require_sockmap, tmp_path):
+    with sockmap_pods(tmp_path, ("a", "b")) as sidecars:
+        a, b = sidecars["a"], sidecars["b"]
+        assert sockmap.pin_dir(a.pod.cgroup) != sockmap.pin_dir(b.pod.cgroup)  # type: ignore[arg-type]
+        # The same 4-tuples exist in both pods (127.0.0.1 -> 127.0.0.1:15001): one map each.
+        argv = ["bulk", "127.0.0.1", str(SIDECAR_PORT), "--bytes", str(4 * 1024 * 1024)]
+        for sidecar in (a, b):
+            assert probe(sidecar.pod, *argv)["intact"]
+        assert probe(a.pod, *argv)["intact"]
+        counts = {
+            role: ipc_path(sidecar)["connections_redirected"] for role, sidecar in sidecars.items()
+        }
+        assert counts == {"a": 2, "b": 1}
 
 
 def test_sidecar_exit_removes_programs_maps_and_pins(require_sockmap, tmp_path):
