@@ -3,9 +3,10 @@
 1. Bare: echo round trips (one outstanding message, 100 B–10 KB) between two processes in a pod
    (netns + cgroup v2) over a loopback TCP pair, and over the same kind of pair with
    native/sockmap.bpf.c redirecting it (ADM measured 1.4–1.6× faster for up to 10 KB).
-2. Through the sidecar: one pyproxy with two TCP listeners to the same echo app, `ipc: tcp` and
-   `ipc: sockmap`; 100 B round trips (p50/p99), the `ipc` stage per message from /stats,
-   and 64 MB bulk throughput (echoed, so 128 MB cross the sidecar).
+2. Through the sidecar: one pyproxy with three TCP-mode listeners to the same echo app, the
+   app side over loopback TCP, a Unix socket, and `ipc: sockmap`; 100 B round trips (p50/p99),
+   the `ipc` stage and the sidecar's CPU time per message, and 64 MB bulk throughput (echoed,
+   so 128 MB cross the sidecar; TCP and sockmap only: the bulk client speaks TCP).
 Rounds alternate between the paths so drift on a shared machine hits both alike.
 Run as root: `python -m pyproxy.bench.sockmap_echo` (results in bench/results/sockmap_echo.json).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -27,6 +29,7 @@ from pyproxy.native import sockmap
 PY = sys.executable
 TCP_PORT, SOCKMAP_PORT, SIDECAR_TCP, SIDECAR_SOCKMAP, APP_PORT = 7001, 7002, 15001, 15002, 9000
 ADMIN = "127.0.0.1:15000"
+UDS_PATH = f"/tmp/pp{os.getpid()}-sockmap-bench.sock"
 SIZES = (100, 1024, 4096, 10240)
 RESULTS = Path(__file__).resolve().parent / "results"
 SIDECAR_CONFIG = f"""\
@@ -36,6 +39,8 @@ listeners:
       app_side: downstream, ipc: tcp}}
   - {{name: sockmap, mode: tcp, address: 127.0.0.1:{SIDECAR_SOCKMAP},
       upstream: 127.0.0.1:{APP_PORT}, app_side: downstream, ipc: sockmap}}
+  - {{name: uds, mode: tcp, address: 'unix:{UDS_PATH}', upstream: 127.0.0.1:{APP_PORT},
+      app_side: downstream}}
 """
 
 
@@ -46,19 +51,40 @@ def _echo(pod: Pod, port: int) -> None:
         raise RuntimeError(f"echo on port {port} did not start")
 
 
-def _rtts(pod: Pod, port: int, size: int, count: int) -> list[int]:
+def _rtts(pod: Pod, address: str, size: int, count: int) -> list[int]:
     """Round trips measured by a client inside the pod (its cgroup decides the redirect)."""
-    argv = [PY, "-m", "pyproxy.bench.sockmap_echo", "--client", str(port)]
+    argv = [PY, "-m", "pyproxy.bench.sockmap_echo", "--client", address]
     argv += ["--size", str(size), "--count", str(count)]
     return json.loads(pod.run(argv, timeout=300).stdout)
 
 
-def _alternate(pod: Pod, ports: dict[str, int], size: int, rounds: int, per_round: int) -> dict:
-    samples: dict[str, list[int]] = {name: [] for name in ports}
-    for _ in range(rounds):
-        for name, port in ports.items():
-            samples[name] += _rtts(pod, port, size, per_round)
-    return {name: summarize(values) for name, values in samples.items()}
+def _cpu_ns(pid: int | None) -> int:
+    """CPU time a process's threads have run (schedstat, ns); 0 without a process."""
+    if pid is None:
+        return 0
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        total += int((task / "schedstat").read_text().split()[0])
+    return total
+
+
+def _alternate(
+    pod: Pod, targets: dict[str, str], size: int, args: argparse.Namespace, pid: int | None = None
+) -> dict:
+    """Rounds alternating between the targets; with pid, that process's CPU time per target."""
+    samples: dict[str, list[int]] = {name: [] for name in targets}
+    cpu = dict.fromkeys(targets, 0)
+    for _ in range(args.rounds):
+        for name, address in targets.items():
+            before = _cpu_ns(pid)
+            samples[name] += _rtts(pod, address, size, args.per_round)
+            cpu[name] += _cpu_ns(pid) - before
+    out = {name: summarize(values) for name, values in samples.items()}
+    if pid is not None:
+        messages = args.rounds * (args.per_round + WARMUP)
+        for name in targets:
+            out[name]["sidecar_cpu_us_per_message"] = round(cpu[name] / 1000 / messages, 3)
+    return out
 
 
 def _speedup(result: dict, slow: str, fast: str) -> dict:
@@ -85,10 +111,9 @@ def bare(pod: Pod, args: argparse.Namespace) -> dict:
         _echo(pod, TCP_PORT)
         _echo(pod, SOCKMAP_PORT)
         out = {}
+        targets = {"tcp": f"127.0.0.1:{TCP_PORT}", "sockmap": f"127.0.0.1:{SOCKMAP_PORT}"}
         for size in SIZES:
-            result = _alternate(
-                pod, {"tcp": TCP_PORT, "sockmap": SOCKMAP_PORT}, size, args.rounds, args.per_round
-            )
+            result = _alternate(pod, targets, size, args)
             result["speedup"] = _speedup(result, "tcp", "sockmap")
             out[str(size)] = result
             print(f"bare {size} B: {json.dumps(result)}", file=sys.stderr, flush=True)
@@ -111,11 +136,13 @@ def through_sidecar(pod: Pod, args: argparse.Namespace, config: Path) -> dict:
                 raise RuntimeError("sidecar did not start") from None
             time.sleep(0.2)
     ports = {"tcp": SIDECAR_TCP, "sockmap": SIDECAR_SOCKMAP}
-    result = _alternate(pod, ports, 100, args.rounds, args.per_round)
+    targets = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
+    targets["uds"] = f"unix:{UDS_PATH}"
+    result = _alternate(pod, targets, 100, args, pid=proc.pid)
     result["speedup"] = _speedup(result, "tcp", "sockmap")
     stats = _admin(pod, "/stats?format=json")["listeners"]
     messages = args.rounds * (args.per_round + WARMUP)
-    for name in ports:
+    for name in targets:
         stages = stats[name]["stages"]
         result[name]["ipc_us_per_message"] = round(stages["ipc"]["ns"] / 1000 / messages, 3)
         result[name]["all_stages_us_per_message"] = round(
@@ -146,10 +173,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", default=str(RESULTS / "sockmap_echo.json"))
     parser.add_argument("--size", type=int, default=100, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=1000, help=argparse.SUPPRESS)
-    parser.add_argument("--client", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--client", metavar="ADDRESS", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.client:  # internal: one measuring client inside the pod
-        rtts = measure_rtts(f"127.0.0.1:{args.client}", args.count, args.size, warmup=WARMUP)
+        rtts = measure_rtts(args.client, args.count, args.size, warmup=WARMUP)
         print(json.dumps(rtts))
         return 0
     missing = missing_capabilities()
