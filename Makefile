@@ -61,4 +61,4 @@ fresh-check:
 	scripts/fresh-check.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info native/_native*.so
+	rm -rf $(VENV) build *.egg-info native/_native*.so native/_bpf*.so native/*.bpf.o
