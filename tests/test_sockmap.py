@@ -121,9 +121,12 @@ def test_sockmap_carries_small_messages_bulk_half_close_and_reset_exactly(
         path = ipc_path(sidecar)
         assert path["connections_redirected"] == 3 and path["connections_bypassed"] == 0
         assert stats["ipc_connections"] == {"sockmap": 3, "tcp": 0}
-        # The kernel moved the app leg's bytes: both directions of the bulk run at least.
+        # The kernel moved every byte of the app leg, both ways, and nothing of the sidecar's
+        # own leg to the echo app (a port it did not accept on).
         moved = server_info(sidecar)["io_backends"]["sockmap_messages"]
-        assert moved["bytes_redirected"] >= 2 * BULK, moved
+        app_leg = 2 * (sum(range(1, 301)) + BULK + len("before the reset"))
+        assert moved["bytes_redirected"] == app_leg, moved
+        assert moved["messages_passed"] == 0, moved
         metrics = sidecar.fetch("/stats/prometheus")
         assert (
             'pyproxy_ipc_connections_total{listener="app",mode="tcp",path="sockmap"} 3.0' in metrics
