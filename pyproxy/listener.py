@@ -28,7 +28,7 @@ from pyproxy.http.context import HttpContext
 from pyproxy.http.detect import HTTP2, TCP, Detector, protocol_for
 from pyproxy.http.downstream_h1 import Http1Downstream
 from pyproxy.http.downstream_h2 import Http2Downstream
-from pyproxy.io import sockets
+from pyproxy.io import original_dst, sockets
 from pyproxy.io.backends import relay_factory
 from pyproxy.io.connector import Connect
 from pyproxy.io.filtered_relay import FilteredRelay
@@ -105,6 +105,7 @@ class Listener:
         self.sockets: list[socket.socket] = []
         self._set_stages()
         self._relay = relay_factory(config)
+        self._original_destination = original_dst.resolver(config)
         self.proxy_config = proxy_config
         self.http: HttpContext | None = self._http_context()
         self.tcp_chain: TcpChainFactory | None = self._tcp_chain()
@@ -142,6 +143,8 @@ class Listener:
 
     def update(self, config: ListenerConfig) -> None:
         """Take a reloaded config with the same addresses; live connections keep the old one."""
+        if config.original_dst != self.config.original_dst:
+            self._original_destination = original_dst.resolver(config)
         self.config = config
         self._set_stages()
         self._relay = relay_factory(config)
@@ -285,7 +288,7 @@ class Listener:
         if config.upstream is not None:
             # Standalone, or outbound on unix: (a Unix socket has no original destination).
             return config.upstream, ""
-        destination, redirected = sockets.original_destination(conn)
+        destination, redirected = self._original_destination(conn)
         if not redirected and not config.transparent:
             # Reached directly, not through capture: forwarding would loop back to ourselves.
             return None, ""

@@ -23,6 +23,7 @@ from pyproxy.config import ConfigError, ProxyConfig, root_refusal
 from pyproxy.counters import W_NOTIFY_COST_NS, W_PID, W_READY, CounterStore
 from pyproxy.eventloop import event_loop_name, new_event_loop
 from pyproxy.io import backends, sockets
+from pyproxy.io.fast_path import IpcFastPath
 from pyproxy.prometheus import exposition
 from pyproxy.redaction import redact
 from pyproxy.worker import Worker
@@ -75,10 +76,18 @@ class Supervisor:
         self._done: Any = None  # the future _main awaits; set when the loop starts
         self._servers: list[EndpointServer] = []
         self._admin: EndpointServer | None = None
+        self.fast_path = IpcFastPath(config)  # installed by run(), before any worker starts
 
     # ---- process lifecycle -------------------------------------------------
 
     def run(self) -> int:
+        self.fast_path = IpcFastPath.start(self.config)
+        try:
+            return self._run()
+        finally:
+            self.fast_path.stop()
+
+    def _run(self) -> int:
         if self.config.concurrency > 1:
             try:
                 sockets.share_unix_listeners(_unix_addresses(self.config))
@@ -302,6 +311,11 @@ class Supervisor:
         snap = stats.snapshot(self.store, self.config)
         if self._admin is not None:
             snap["admin"] = {"refused_requests": self._admin.refused}
+        for lconf in self.config.listeners:
+            listener = snap["listeners"].get(lconf.name)
+            if listener is not None:
+                total = listener["connections_total"]
+                listener["ipc_connections"] = self.fast_path.connections(lconf, total)
         return snap
 
     def ready(self) -> bool:
@@ -329,11 +343,15 @@ class Supervisor:
             # Per listener; every backend that is not native-only is always available.
             "io_backends": {
                 "available": {
-                    "ipc": ["tcp", "uds"],
+                    "ipc": ["tcp", "uds"] + (["sockmap"] if self.fast_path.path else []),
                     "relay": ["userspace-copy"] + (["splice"] if native else []),
                     "write": ["send"] + (["zerocopy"] if native else []),
                 },
-                "listeners": {lst.name: backends.describe(lst) for lst in self.config.listeners},
+                "listeners": {
+                    lst.name: {**backends.describe(lst), "ipc_path": self.fast_path.describe(lst)}
+                    for lst in self.config.listeners
+                },
+                "sockmap_messages": self.fast_path.messages(),
             },
             "native": {"available": native, "reason": reason or None},
             "stage_clock": self.config.stage_clock,
