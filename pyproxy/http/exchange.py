@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyproxy.chain.api import HeaderMap
 from pyproxy.codec.events import END, Body, RequestHead, ResponseHead, Trailers
+from pyproxy.codec.grpc import DEADLINE_EXCEEDED
 from pyproxy.codec.http1 import strip_hop_by_hop
 from pyproxy.counters import FLAG_BASE, FLAG_INDEX, STAGES, STATUS_BASE, observe_duration
 from pyproxy.http.grpc_call import HTTP1_REFUSED, GrpcCall, wants_call
@@ -148,10 +149,17 @@ class Exchange:
             and (chain is None or not chain.factory.encodes)
             and not (self.ctx.settings.server_timing and self.trace is not None)
         )
-        if route.timeout > 0:  # 0 disables it (Envoy's rule), e.g. for long-lived gRPC streams
-            self.ctx.deadlines.arm(route.timeout, self)
-            self.timeout = route.timeout
+        if self.head_only or self.request_done:
+            self._arm_route_timeout()
         self._acquire()
+
+    def _arm_route_timeout(self) -> None:
+        """The whole request is in and on its way: the route timeout starts (router.py's rule)."""
+        route = self.route
+        timeout = route.grpc_timeout if self.grpc is not None else route.timeout
+        if timeout > 0:
+            self.ctx.deadlines.arm(timeout, self)
+            self.timeout = timeout
 
     def _acquire(self) -> None:
         cluster = (
@@ -186,6 +194,8 @@ class Exchange:
         self.request_done = True
         if self.finished or (self.grpc is not None and not self.grpc.request_ended()):
             return
+        if self.target is not None and not self.timeout:
+            self._arm_route_timeout()  # the head went on before the body ended
         chain = self.chain
         if self.head_only:
             return  # its end went upstream with its head
@@ -487,6 +497,10 @@ class Exchange:
         """The route timeout passed (called by the context's Deadlines)."""
         self.timeout = 0.0
         if self.finished:
+            return
+        if self.grpc is not None:
+            # A call ends with a status the caller can read, trailers once the response started.
+            self.fail_call(DEADLINE_EXCEEDED, "route timeout at the sidecar", "UT")
             return
         self._abandon_upstream()
         if not self.response_started:
