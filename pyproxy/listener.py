@@ -155,11 +155,7 @@ class Listener:
     def stop_accepting(self) -> None:
         if self.http is not None:
             self.http.pool.close_idle()
-        for connection in list(self.connections):
-            # HTTP/2 sessions say GOAWAY now and let their streams finish (RFC 9113 §6.8).
-            start_drain = getattr(connection, "start_drain", None)
-            if start_drain is not None:
-                start_drain()
+        start_draining(list(self.connections))
         for sock in self.sockets:
             self.loop.remove_reader(sock.fileno())
             if sock.family == socket.AF_UNIX:
@@ -346,6 +342,18 @@ class Listener:
         block[CONNECTIONS_ACTIVE] -= 1
         observe_duration(block, perf_counter_ns() - started_ns)
         downstream.close()
+
+
+def start_draining(connections: list) -> list:
+    """Ask each HTTP connection to close once its work in flight is answered (HTTP/1: Connection:
+    close; HTTP/2: GOAWAY, RFC 9113 §6.8); returns those asked. TCP relays have no such point."""
+    asked = []
+    for connection in connections:
+        start_drain = getattr(connection, "start_drain", None)
+        if start_drain is not None:
+            start_drain()
+            asked.append(connection)
+    return asked
 
 
 def _unlink_quietly(path: str) -> None:
