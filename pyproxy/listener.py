@@ -103,6 +103,7 @@ class Listener:
         self.timed = timed
         self.connections = connections
         self.sockets: list[socket.socket] = []
+        self.draining = False  # stopped accepting: sessions starting now drain from the start
         self._set_stages()
         self._relay = relay_factory(config)
         self.proxy_config = proxy_config
@@ -153,11 +154,16 @@ class Listener:
         self.tcp_chain = self._tcp_chain()
 
     def stop_accepting(self) -> None:
+        self.draining = True
         if self.http is not None:
             self.http.pool.close_idle()
-        start_draining(list(self.connections))
         for sock in self.sockets:
             self.loop.remove_reader(sock.fileno())
+            # Connections the kernel completed already are clients we answer: closing the
+            # listening socket would reset them.
+            self._accept_backlog(sock)
+        start_draining(list(self.connections))
+        for sock in self.sockets:
             if sock.family == socket.AF_UNIX:
                 path = sock.getsockname()
                 sock.close()
@@ -165,6 +171,14 @@ class Listener:
             else:
                 sock.close()
         self.sockets.clear()
+
+    def _accept_backlog(self, lsock: socket.socket) -> None:
+        while True:
+            try:
+                conn, _peer = lsock.accept()
+            except OSError:  # BlockingIOError: the backlog is empty
+                return
+            self._handle(conn)
 
     def _on_acceptable(self, lsock: socket.socket) -> None:
         timed = self.timed
@@ -245,9 +259,13 @@ class Listener:
             h2 = Http2Downstream(http, conn, self._session_closed, target, source)
             self.connections.add(h2)
             h2.start(preload)
+            if self.draining:  # accepted before the drain, its protocol known only now
+                h2.start_drain()
             return
         h1 = Http1Downstream(http, conn, self._session_closed, target, source)
         self.connections.add(h1)
+        if self.draining:
+            h1.start_drain()
         h1.start()
         if preload:
             h1.data_received(preload)
