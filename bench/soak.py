@@ -1,9 +1,9 @@
 """Soak: HTTP mode with every filter on, held near capacity; memory and fds must not grow.
 
-One pyproxy worker runs a chain of all five built-in filters (fault at 0 %,
-a rate limit far above the load, tap recording every request's heads, Lua
-and WebAssembly no-ops: filter_bench's configurations) in front of nginx
-answering ``ok:<path>:soak``. The load is bench/steady_load.py: keep-alive
+One pyproxy worker runs a chain of all five built-in filters, started as
+filter_bench starts it (fault at 0 %, a rate limit far above the load, tap
+recording every request, Lua and WebAssembly no-ops; the stage clock counts
+each filter's runs), in front of nginx answering ``ok:<path>:soak``. The load is bench/steady_load.py: keep-alive
 clients sending POSTs one at a time, every request accounted for.
 
 1. Capacity: the clients go flat out for ``--capacity-seconds``; answered
@@ -32,13 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from pyproxy.bench.filter_bench import CHAIN_ORDER, filter_entry, sanity
+from pyproxy.bench.filter_bench import CHAIN_ORDER, sanity, start_proxy
 from pyproxy.bench.http_bench import (
     Processes,
     log,
     nginx_conf,
     rss_mib,
-    tree_pids,
     wait_http,
 )
 from pyproxy.bench.steady_load import Counts, SteadyLoad
@@ -64,32 +63,6 @@ def start_upstream(procs: Processes, workdir: Path) -> int:
     return port
 
 
-def start_proxy(procs: Processes, workdir: Path, upstream: int) -> tuple[int, int]:
-    port, admin = free_port(), free_port()
-    tap = filter_entry("tap", workdir, "soak")
-    tap["config"]["max_body_bytes"] = 0  # heads only: the file grows by a record per request
-    chain = [tap if kind == "tap" else filter_entry(kind, workdir, "soak") for kind in CHAIN_ORDER]
-    config = {
-        "stage_clock": True,  # each filter's runs are counted: the soak shows they all ran
-        "admin": f"127.0.0.1:{admin}",
-        "listeners": [
-            {
-                "name": "main",
-                "mode": "http",
-                "address": f"127.0.0.1:{port}",
-                "upstream": f"127.0.0.1:{upstream}",
-                "filters": chain,
-            }
-        ],
-    }
-    path = workdir / "soak.yaml"
-    path.write_text(json.dumps(config, indent=2))  # JSON is YAML
-    argv = [sys.executable, "-m", "pyproxy", "run", "-c", str(path), "--log-level", "warning"]
-    procs.start("pyproxy", argv)
-    wait_http(port, timeout=30)
-    return port, admin
-
-
 def open_fds(pids: list[int]) -> int:
     total = 0
     for pid in pids:
@@ -113,8 +86,7 @@ def measure_capacity(port: int, seconds: float) -> float:
     return counts.answered / seconds
 
 
-def soak(port: int, proxy_pid: int, rate: float, seconds: float, warmup: float) -> dict:
-    pids = tree_pids(proxy_pid)
+def soak(port: int, pids: list[int], rate: float, seconds: float, warmup: float) -> dict:
     samples: list[dict] = []
     load = SteadyLoad(port, CLIENTS, rate, keep_ids=False).start()
     started = time.monotonic()
@@ -207,19 +179,20 @@ def main(argv: list[str] | None = None) -> int:
         procs = Processes(workdir)
         try:
             upstream = start_upstream(procs, workdir)
-            port, admin = start_proxy(procs, workdir, upstream)
-            proxy_pid = procs.procs[-1].pid
+            proxy = start_proxy(procs, workdir, "soak", CHAIN_ORDER, upstream)
+            port, admin = proxy.port, proxy.admin
+            assert admin is not None
             log(f"capacity: {CLIENTS} clients flat out for {args.capacity_seconds:.0f}s")
             capacity = measure_capacity(port, args.capacity_seconds)
             rate = capacity * args.fraction
             log(
                 f"capacity {capacity:.0f} req/s; soaking at {rate:.0f} req/s for {args.seconds:.0f}s"
             )
-            result = soak(port, proxy_pid, rate, args.seconds, warmup)
+            result = soak(port, proxy.pids(), rate, args.seconds, warmup)
             result["capacity_rate"] = round(capacity)
             result["fraction"] = args.fraction
             result["filters"] = filters_ran(admin)
-            with open(workdir / "pyproxy.log") as f:
+            with open(workdir / "soak.log") as f:
                 result["proxy_log_tail"] = f.read().splitlines()[-5:]
         finally:
             procs.stop_all()
