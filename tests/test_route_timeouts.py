@@ -1,5 +1,6 @@
-"""Route timeouts (router.py's rule): a whole-response deadline counted from the request's end, never
-cutting an upload still coming in; gRPC calls bounded only by an explicit route timeout."""
+"""Route timeouts (router.py's rule): a whole-response deadline counted from the request's end; streams
+(an upload still arriving, a response of no set length) are bounded by silence instead, so one that
+moves is never cut; gRPC calls are bounded only by an explicit route timeout."""
 
 from __future__ import annotations
 
@@ -54,6 +55,51 @@ def test_the_route_timeout_still_bounds_the_wait_for_the_response(start_proxy, t
         sock.sendall(b"GET /slow?ms=3000 HTTP/1.1\r\nHost: x\r\n\r\n")
         assert sock.recv(65536).startswith(b"HTTP/1.1 504")
         assert 0.9 < time.monotonic() - started < 2.5
+    assert proxy.listener()["flags"] == {"UT": 1}
+
+
+def test_an_upload_gone_silent_gets_408(start_proxy, tmp_path, upstream):
+    proxy, port = start_listener(
+        start_proxy, tmp_path, upstream.address, ROUTE_1S.replace("CODEC", "fast")
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nhalf")
+        started = time.monotonic()
+        assert sock.recv(65536).startswith(b"HTTP/1.1 408")
+        assert 0.9 < time.monotonic() - started < 2.5
+    assert proxy.listener()["flags"] == {"SI": 1}
+
+
+def _read_chunked_response(sock: socket.socket) -> tuple[bytes, bool]:
+    """Everything until the last chunk or the connection's end; True if the last chunk came."""
+    response = b""
+    while not response.endswith(b"\r\n0\r\n\r\n"):
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return response, False
+        if not chunk:
+            return response, False
+        response += chunk
+    return response, True
+
+
+def test_a_response_stream_still_moving_is_not_cut_but_a_stalled_one_is(
+    start_proxy, tmp_path, upstream
+):
+    proxy, port = start_listener(
+        start_proxy, tmp_path, upstream.address, ROUTE_1S.replace("CODEC", "fast")
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        started = time.monotonic()
+        sock.sendall(b"GET /drip?n=20&ms=100 HTTP/1.1\r\nHost: x\r\n\r\n")
+        response, whole = _read_chunked_response(sock)
+        assert whole and response.count(b"d" * 1000) == 20
+        assert time.monotonic() - started > 1.8  # twice the route timeout, moving all along
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /drip?n=3&ms=1500 HTTP/1.1\r\nHost: x\r\n\r\n")
+        response, whole = _read_chunked_response(sock)
+        assert not whole and response.startswith(b"HTTP/1.1 200")
     assert proxy.listener()["flags"] == {"UT": 1}
 
 

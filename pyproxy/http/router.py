@@ -4,7 +4,11 @@ The route timeout rule lives here (``route_timeouts``), once:
 
 * A plain HTTP exchange must be answered in full within the route ``timeout``
   (default 15 s), counted from the moment its whole request has arrived
-  (Envoy's rule): an upload is never cut while it is still coming in.
+  (Envoy's rule). Streams are never cut while they move: while a request body
+  is still arriving, and for a response of no set length (chunked,
+  close-delimited, an HTTP/2 response without content-length), the timeout
+  bounds silence instead: every chunk restarts it. An upload that goes silent
+  gets 408, a response that never starts 504, a stalled stream a reset.
 * A gRPC call is a stream that may rightly live long (a health ``Watch``, a
   subscription); the caller's ``grpc-timeout`` is its deadline. The route
   timeout bounds it only where the route sets ``timeout`` explicitly, and then
