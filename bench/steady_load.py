@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pyproxy.eventloop import new_event_loop
 
 RECONNECT_PAUSE = 0.01  # after a refused connect
+CATCH_UP = 0.5  # seconds
 
 
 @dataclass
@@ -116,7 +117,8 @@ class SteadyLoad:
                 delay = next_at - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                next_at = max(next_at + self.interval, time.monotonic() - self.interval)
+                # A client held up by a slow response catches up on at most CATCH_UP of slots.
+                next_at = max(next_at + self.interval, time.monotonic() - CATCH_UP)
             if writer is None:
                 try:
                     reader, writer = await asyncio.open_connection(self.host, self.port)
