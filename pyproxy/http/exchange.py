@@ -151,7 +151,6 @@ class Exchange:
             and (chain is None or not chain.factory.encodes)
             and not (self.ctx.settings.server_timing and self.trace is not None)
         )
-        route = self.route
         timeout = route.grpc_timeout if self.grpc is not None else route.timeout
         if timeout > 0:  # router.py's rule: while the body still arrives, it bounds silence
             self.ctx.deadlines.arm(timeout, self)

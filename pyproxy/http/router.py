@@ -11,8 +11,9 @@ The route timeout rule lives here (``route_timeouts``), once:
   gets 408, a response that never starts 504, a stalled stream a reset.
 * A gRPC call is a stream that may rightly live long (a health ``Watch``, a
   subscription); the caller's ``grpc-timeout`` is its deadline. The route
-  timeout bounds it only where the route sets ``timeout`` explicitly, and then
-  it ends the call with DEADLINE_EXCEEDED, as trailers once the response has
+  timeout bounds it only where the route sets ``timeout`` explicitly: counted
+  as above (silence while the client streams, then the whole response), it
+  ends the call with DEADLINE_EXCEEDED, as trailers once the response has
   started.
 * ``0s`` disables the route timeout.
 """
