@@ -9,7 +9,7 @@ APT_BUILD := gcc libc6-dev python3-dev python3-venv acl clang llvm libbpf-dev li
 APT_TEST := iptables iproute2 util-linux curl procps wrk nghttp2-client openssl podman runc buildah debootstrap
 APT_BENCH := nginx-light libnginx-mod-stream iperf3 haproxy
 
-.PHONY: demo test bench lint fresh-check system-deps system-deps-bench clean apt
+.PHONY: demo test bench soak lint fresh-check system-deps system-deps-bench clean apt
 
 demo: system-deps $(VENV)/.installed-test
 	$(PY) -m pyproxy demo
@@ -25,6 +25,11 @@ bench: system-deps system-deps-bench $(VENV)/.installed-test
 
 bench-%: system-deps system-deps-bench $(VENV)/.installed-test
 	$(PY) -m pyproxy.bench.$*
+
+# HTTP mode, every filter on, near capacity; fails on lost requests or RSS/fd growth.
+SOAK_SECONDS ?= 180
+soak: system-deps system-deps-bench $(VENV)/.installed-test
+	$(PY) -m pyproxy.bench.soak --seconds $(SOAK_SECONDS)
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy

@@ -95,7 +95,8 @@ class RouteConfig:
     authority: str = "*"
     prefix: str = "/"
     cluster: str = ""
-    timeout: float = 15.0
+    # None: unset, so each kind of exchange takes its default (router.py: route_timeouts)
+    timeout: float | None = None
     filters: tuple[FilterSpec, ...] | None = None  # None: the listener's chain; () : no filters
 
 
@@ -616,7 +617,7 @@ def _routes(fields: _Fields, mode: str) -> tuple[RouteConfig, ...]:
                 authority=authority,
                 prefix=prefix,
                 cluster=route.take("cluster", _name, ""),
-                timeout=route.take("timeout", parse_duration, 15.0),
+                timeout=route.take("timeout", parse_duration, None),
                 filters=_filters(route, mode),
             )
         )

@@ -103,6 +103,7 @@ class Listener:
         self.timed = timed
         self.connections = connections
         self.sockets: list[socket.socket] = []
+        self.draining = False  # stopped accepting: sessions starting now drain from the start
         self._set_stages()
         self._relay = relay_factory(config)
         self._original_destination = original_dst.resolver(config)
@@ -156,15 +157,16 @@ class Listener:
         self.tcp_chain = self._tcp_chain()
 
     def stop_accepting(self) -> None:
+        self.draining = True
         if self.http is not None:
             self.http.pool.close_idle()
-        for connection in list(self.connections):
-            # HTTP/2 sessions say GOAWAY now and let their streams finish (RFC 9113 §6.8).
-            start_drain = getattr(connection, "start_drain", None)
-            if start_drain is not None:
-                start_drain()
         for sock in self.sockets:
             self.loop.remove_reader(sock.fileno())
+            # Connections the kernel completed already are clients we answer: closing the
+            # listening socket would reset them.
+            self._accept_backlog(sock)
+        start_draining(list(self.connections))
+        for sock in self.sockets:
             if sock.family == socket.AF_UNIX:
                 path = sock.getsockname()
                 sock.close()
@@ -172,6 +174,14 @@ class Listener:
             else:
                 sock.close()
         self.sockets.clear()
+
+    def _accept_backlog(self, lsock: socket.socket) -> None:
+        while True:
+            try:
+                conn, _peer = lsock.accept()
+            except OSError:  # BlockingIOError: the backlog is empty
+                return
+            self._accepted(conn)
 
     def _on_acceptable(self, lsock: socket.socket) -> None:
         timed = self.timed
@@ -190,20 +200,25 @@ class Listener:
             if timed:
                 block[self.accept_ns] += perf_counter_ns() - t0
                 block[self.accept_events] += 1
-            started = perf_counter_ns()
-            block[CONNECTIONS_TOTAL] += 1
-            block[CONNECTIONS_ACTIVE] += 1
-            try:
-                # A new fd number has no watcher: any the loop still holds for it is a stale
-                # one, left by a socket closed while watched. Drop it, or it cannot be watched.
-                fd = conn.fileno()
-                self.loop.remove_reader(fd)
-                self.loop.remove_writer(fd)
-                self._handle(conn, started)
-            except RuntimeError as exc:
-                # The loop refused to watch it anyway: close it and count it, never leak it.
-                log.error("%s: cannot serve an accepted connection: %s", self.config.name, exc)
-                self._abandon(conn, started)
+            self._accepted(conn)
+
+    def _accepted(self, conn: socket.socket) -> None:
+        """Count an accepted connection and serve it; one that cannot be served is closed."""
+        started = perf_counter_ns()
+        block = self.block
+        block[CONNECTIONS_TOTAL] += 1
+        block[CONNECTIONS_ACTIVE] += 1
+        try:
+            # A new fd number has no watcher: any the loop still holds for it is a stale
+            # one, left by a socket closed while watched. Drop it, or it cannot be watched.
+            fd = conn.fileno()
+            self.loop.remove_reader(fd)
+            self.loop.remove_writer(fd)
+            self._handle(conn, started)
+        except RuntimeError as exc:
+            # The loop refused to watch it anyway: close it and count it, never leak it.
+            log.error("%s: cannot serve an accepted connection: %s", self.config.name, exc)
+            self._abandon(conn, started)
 
     def _abandon(self, conn: socket.socket, started: int) -> None:
         for holder in list(self.connections):
@@ -268,9 +283,13 @@ class Listener:
             h2 = Http2Downstream(http, conn, self._session_closed, target, source)
             self.connections.add(h2)
             h2.start(preload)
+            if self.draining:  # accepted before the drain, its protocol known only now
+                h2.start_drain()
             return
         h1 = Http1Downstream(http, conn, self._session_closed, target, source)
         self.connections.add(h1)
+        if self.draining:
+            h1.start_drain()
         h1.start()
         if preload:
             h1.data_received(preload)
@@ -375,6 +394,18 @@ def _socket_of(holder) -> socket.socket | None:
             return sock
     stream = getattr(holder, "stream", None)
     return getattr(stream, "sock", None)
+
+
+def start_draining(connections: list) -> list:
+    """Ask each HTTP connection to close once its work in flight is answered (HTTP/1: Connection:
+    close; HTTP/2: GOAWAY, RFC 9113 §6.8); returns those asked. TCP relays have no such point."""
+    asked = []
+    for connection in connections:
+        start_drain = getattr(connection, "start_drain", None)
+        if start_drain is not None:
+            start_drain()
+            asked.append(connection)
+    return asked
 
 
 def _unlink_quietly(path: str) -> None:
