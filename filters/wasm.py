@@ -48,6 +48,7 @@ most FUEL_BATCH × `fuel_per_call` instructions.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import hashlib
 import json
@@ -58,9 +59,17 @@ import time
 from ctypes import CFUNCTYPE, c_char_p, c_int32, c_int64, c_size_t, c_uint32, c_uint64, c_void_p
 
 import wasmtime
+from pyproxy.filters.callout import http_call
 from wasmtime import _bindings as _capi
 
-from pyproxy.chain.api import CONTINUE, STOP, FilterConfigError, FilterFactory, HttpFilter
+from pyproxy.chain.api import (
+    CONTINUE,
+    STOP,
+    FilterConfigError,
+    FilterFactory,
+    HeaderMap,
+    HttpFilter,
+)
 from pyproxy.durations import parse_duration
 
 log = logging.getLogger("pyproxy.wasm")
@@ -71,10 +80,14 @@ OK, NOT_FOUND, BAD_ARGUMENT, INVALID_MEMORY_ACCESS, UNIMPLEMENTED = 0, 1, 2, 6, 
 WASI_SUCCESS, WASI_BADF, WASI_FAULT, WASI_INVAL, WASI_NOSYS, WASI_NOTSUP = 0, 8, 21, 28, 52, 58
 # proxy_map_type_t / proxy_buffer_type_t / proxy_stream_type_t
 REQUEST_HEADERS, RESPONSE_HEADERS = 0, 2
-VM_CONFIGURATION, PLUGIN_CONFIGURATION = 6, 7
+HTTP_CALL_RESPONSE_HEADERS, HTTP_CALL_RESPONSE_TRAILERS = 6, 7
+HTTP_CALL_RESPONSE_BODY, VM_CONFIGURATION, PLUGIN_CONFIGURATION = 4, 6, 7
 PAUSE = 1  # proxy_action_t
 
 ABI_MARKERS = ("proxy_abi_version_0_2_1", "proxy_abi_version_0_2_0", "proxy_abi_version_0_1_0")
+# Envoy registers WASI under both names: the AssemblyScript SDK's runtime imports wasi_unstable.
+WASI_MODULES = ("wasi_snapshot_preview1", "wasi_unstable")
+MAX_HTTP_CALLS = 100  # callouts in flight per instance
 ROOT_CONTEXT_ID = 1
 DEFAULT_FUEL = 50_000_000  # a tight loop burns it in ~20 ms
 DEFAULT_MEMORY = 16 * 1024 * 1024
@@ -118,6 +131,7 @@ CALLBACKS = {
     "proxy_on_log": (1, 0),
     "proxy_on_delete": (1, 0),
     "proxy_on_tick": (1, 0),
+    "proxy_on_http_call_response": (5, 0),
     "_initialize": (0, 0),
     "_start": (0, 0),
     "main": (2, 1),
@@ -351,9 +365,10 @@ def check_module(field: str, module: wasmtime.Module) -> None:
                 field, f"export {name} has signature {params} -> {results}, not the ABI's"
             )
     for imp in module.imports:
-        if imp.module not in ("env", "wasi_snapshot_preview1"):
+        if imp.module != "env" and imp.module not in WASI_MODULES:
             raise FilterConfigError(
-                field, f"imports {imp.module}.{imp.name}: only env and wasi_snapshot_preview1 exist"
+                field,
+                f"imports {imp.module}.{imp.name}: only env, {' and '.join(WASI_MODULES)} exist",
             )
         if not isinstance(imp.type, wasmtime.FuncType):
             raise FilterConfigError(
@@ -390,6 +405,10 @@ class Runtime:
         self.metric_ids: dict[bytes, int] = {}
         self.shared: dict[bytes, tuple[bytes, int]] = {}
         self.shared_bytes = 0
+        self.clusters: dict = {}  # name -> ClusterConfig, for proxy_http_call (set by the factory)
+        self.calls: dict[int, tuple[WasmFilter | None, asyncio.Task]] = {}  # token -> caller, task
+        self.next_token = 0
+        self.call_response = None  # the HttpCallResult being delivered to the guest, or None
         self.failed_at = 0.0
         self.batch_entries = 0  # entries left on the current fuel batch (see FUEL_BATCH)
         self.host_calls = self.host_bytes = 0  # this entry's, against the MAX_HOST_* limits
@@ -511,6 +530,7 @@ class Runtime:
         if self.tick_timer is not None:
             self.tick_timer.cancel()
             self.tick_timer = None
+        self.cancel_calls()
         self.live.clear()
         self.store = None
 
@@ -520,6 +540,7 @@ class Runtime:
         log.warning("wasm filter %s: %s in %s; request answered 500", self.name, exc, where)
         for f in list(self.live.values()):
             f.orphaned()
+        self.cancel_calls()
         self.restart()
 
     def restart(self) -> None:
@@ -679,6 +700,71 @@ class Runtime:
             )
             raise WasmFault(f"cannot link {label}: {err}")
 
+    # ---- HTTP callouts (proxy_http_call) ---------------------------------------------------
+
+    def dispatch_call(self, cluster, pairs, body: bytes, timeout: float) -> int:
+        """Start a callout for the current context; returns its token (the answer comes later)."""
+        self.next_token = token = self.next_token % 0x7FFFFFFF + 1
+        caller = self.filter
+        task = self.loop.create_task(http_call(cluster, pairs, body, timeout))
+        self.calls[token] = (caller, task)
+        generation = self.generation
+        task.add_done_callback(lambda done: self._call_done(token, generation, done))
+        return token
+
+    def cancel_calls(self, caller: WasmFilter | None = None) -> None:
+        """Drop callouts: a stream's when it ends (nobody to resume), all when the instance goes."""
+        for token, (owner, task) in list(self.calls.items()):
+            if caller is None or owner is caller:
+                del self.calls[token]
+                task.cancel()
+
+    def _call_done(self, token: int, generation: int, task: asyncio.Task) -> None:
+        """Envoy's host calls proxy_on_http_call_response on the root context; an SDK sets the
+        effective context to the stream that asked. A failed call arrives with no headers."""
+        entry = self.calls.pop(token, None)
+        if entry is None or task.cancelled() or generation != self.generation or self.store is None:
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.info("wasm filter %s: http call %d failed: %s", self.name, token, exc)
+            result = None
+        else:
+            result = task.result()
+        callback = self.exports.get("proxy_on_http_call_response")
+        if callback is None:
+            return
+        caller = entry[0]
+        self.call_response = result
+        self.filter = None
+        self.refuel()
+        nheaders = len(result.headers) if result else 0
+        ntrailers = len(result.trailers) if result else 0
+        body_size = len(result.body) if result else 0
+        try:
+            self.call5(callback, ROOT_CONTEXT_ID, token, nheaders, body_size, ntrailers)
+        except WasmFault as exc:
+            if caller is not None and caller.generation == self.generation:
+                caller._fault(exc, "proxy_on_http_call_response")
+            else:
+                self.failed(exc, "proxy_on_http_call_response", [0] * 4)
+            return
+        finally:
+            self.call_response = None
+            self.filter = None
+        if caller is not None and caller.reply is not None:
+            caller._send_reply()
+
+    def call5(self, func: tuple[int, int], a: int, b: int, c: int, d: int, e: int) -> int:
+        """A five-argument callback (proxy_on_http_call_response): rare, so no fast path."""
+        raw = self.raw
+        for i, value in enumerate((a, b, c, d, e)):
+            raw[4 * i] = value
+        error = _call_unchecked(self.ctx, func[0], self.raw_addr, func[1], self.trap_addr)
+        if error or self.trapbox.value:
+            raise self._fault(error)
+        return raw[0]
+
     # ---- ticks --------------------------------------------------------------------------
 
     def set_tick(self, ms: int) -> int:
@@ -806,6 +892,14 @@ def _host_functions(rt: Runtime) -> dict:
     I, L = "i32", "i64"  # noqa: E741
 
     def headers_of(map_id: int):
+        if map_id == HTTP_CALL_RESPONSE_HEADERS or map_id == HTTP_CALL_RESPONSE_TRAILERS:
+            answer = rt.call_response
+            if answer is None:
+                return None
+            pairs = answer.headers if map_id == HTTP_CALL_RESPONSE_HEADERS else answer.trailers
+            return HeaderMap(
+                [p for p in pairs if p[0][:1] != b":"], dict(p for p in pairs if p[0][:1] == b":")
+            )
         f = rt.filter
         if f is None:
             return None
@@ -838,27 +932,31 @@ def _host_functions(rt: Runtime) -> dict:
         rt.write_u64(ret, time.time_ns())
         return OK
 
-    def proxy_get_buffer_bytes(buffer_id, start, max_size, ret_ptr, ret_size):
+    def buffer_of(buffer_id: int) -> bytes | None:
         if buffer_id == VM_CONFIGURATION:
-            data = rt.vm_config
-        elif buffer_id == PLUGIN_CONFIGURATION:
-            data = rt.plugin_config
-        elif 0 <= buffer_id <= 8:
-            return NOT_FOUND
-        else:
-            return BAD_ARGUMENT
+            return rt.vm_config
+        if buffer_id == PLUGIN_CONFIGURATION:
+            return rt.plugin_config
+        if buffer_id == HTTP_CALL_RESPONSE_BODY and rt.call_response is not None:
+            return rt.call_response.body
+        return None
+
+    def proxy_get_buffer_bytes(buffer_id, start, max_size, ret_ptr, ret_size):
+        data = buffer_of(buffer_id)
+        if data is None:
+            return NOT_FOUND if 0 <= buffer_id <= 8 else BAD_ARGUMENT
         if start > len(data):
             return BAD_ARGUMENT
-        return rt.give(data[start : start + max_size], ret_ptr, ret_size)
+        chunk = data[start : start + max_size]
+        if not chunk:  # as Envoy's host: nothing to copy, the out-params are left alone
+            return OK
+        return rt.give(chunk, ret_ptr, ret_size)
 
     def proxy_get_buffer_status(buffer_id, ret_size, ret_flags):
-        if buffer_id == VM_CONFIGURATION:
-            size = len(rt.vm_config)
-        elif buffer_id == PLUGIN_CONFIGURATION:
-            size = len(rt.plugin_config)
-        else:
+        data = buffer_of(buffer_id)
+        if data is None:
             return NOT_FOUND if 0 <= buffer_id <= 8 else BAD_ARGUMENT
-        rt.write_u32(ret_size, size)
+        rt.write_u32(ret_size, len(data))
         rt.write_u32(ret_flags, 0)
         return OK
 
@@ -995,6 +1093,25 @@ def _host_functions(rt: Runtime) -> dict:
     def proxy_set_tick_period_milliseconds(ms):
         return rt.set_tick(ms)
 
+    def proxy_http_call(uptr, usize, hptr, hsize, bptr, bsize, tptr, tsize, timeout_ms, ret_token):
+        """Envoy: `upstream` names a cluster; headers need :method, :path and :authority."""
+        cluster = rt.clusters.get(rt.read(uptr, usize).decode(errors="replace"))
+        if cluster is None or rt.loop is None:
+            return BAD_ARGUMENT
+        if len(rt.calls) >= MAX_HTTP_CALLS:
+            return BAD_ARGUMENT
+        rt.charge(hsize + bsize + tsize)
+        try:
+            pairs = deserialize_pairs(rt.read(hptr, hsize))
+        except (ValueError, struct.error):
+            return BAD_ARGUMENT
+        names = {k for k, _ in pairs}
+        if not {b":method", b":path", b":authority"} <= names:
+            return BAD_ARGUMENT
+        token = rt.dispatch_call(cluster, pairs, rt.read(bptr, bsize), timeout_ms / 1000)
+        rt.write_u32(ret_token, token)
+        return OK
+
     def proxy_define_metric(metric_type, nptr, nsize, ret_id):
         if metric_type > 2:
             return BAD_ARGUMENT
@@ -1118,6 +1235,7 @@ def _host_functions(rt: Runtime) -> dict:
         "proxy_continue_response": ([], proxy_continue_response),
         "proxy_done": ([], proxy_done),
         "proxy_set_tick_period_milliseconds": ([I], proxy_set_tick_period_milliseconds),
+        "proxy_http_call": ([I] * 10, proxy_http_call),
         "proxy_define_metric": ([I] * 4, proxy_define_metric),
         "proxy_increment_metric": ([I, L], proxy_increment_metric),
         "proxy_record_metric": ([I, L], proxy_record_metric),
@@ -1138,7 +1256,8 @@ def _host_functions(rt: Runtime) -> dict:
         "sched_yield": ([], [I], sched_yield),
     }
     table = {("env", name): (params, [I], impl) for name, (params, impl) in env.items()}
-    table.update({("wasi_snapshot_preview1", name): entry for name, entry in wasi.items()})
+    for wasi_module in WASI_MODULES:
+        table.update({(wasi_module, name): entry for name, entry in wasi.items()})
     return table
 
 
@@ -1227,6 +1346,7 @@ class WasmFactory(FilterFactory):
         module = wasmtime.Module.deserialize(_engine(), config["module"].artifact)
         settings = dict(config, name=config["name"] or context.filter_name or "wasm")
         self.runtime = Runtime(module, settings, context.loop)
+        self.runtime.clusters = context.clusters
         self.pause_timeout = config["pause_timeout"]
         # Only the hooks the module exports: a callback it lacks costs nothing per request.
         exports = self.runtime.exports
@@ -1394,6 +1514,8 @@ class WasmFilter(HttpFilter):
 
     def on_destroy(self) -> None:
         self._cancel_timer()
+        if self.runtime.calls:
+            self.runtime.cancel_calls(self)
         if not self.context_id or self.generation != self.runtime.generation:
             return
         self._delete_context()  # guest calls the request pays for: the chain times on_destroy
