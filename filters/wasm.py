@@ -57,6 +57,7 @@ import os
 import struct
 import time
 from ctypes import CFUNCTYPE, c_char_p, c_int32, c_int64, c_size_t, c_uint32, c_uint64, c_void_p
+from typing import cast
 
 import wasmtime
 from pyproxy.filters.callout import http_call
@@ -88,6 +89,20 @@ ABI_MARKERS = ("proxy_abi_version_0_2_1", "proxy_abi_version_0_2_0", "proxy_abi_
 # Envoy registers WASI under both names: the AssemblyScript SDK's runtime imports wasi_unstable.
 WASI_MODULES = ("wasi_snapshot_preview1", "wasi_unstable")
 MAX_HTTP_CALLS = 100  # callouts in flight per instance
+MAX_QUEUES, MAX_QUEUE_ITEMS = 64, 1024
+# Host functions of ABI 0.2.1 this host does not carry out: present, answering UNIMPLEMENTED as
+# Envoy does for what it lacks. Any other env import is refused at load, by name.
+UNIMPLEMENTED_FUNCTIONS = frozenset(
+    {
+        "proxy_grpc_call",
+        "proxy_grpc_stream",
+        "proxy_grpc_send",
+        "proxy_grpc_cancel",
+        "proxy_grpc_close",
+        "proxy_close_stream",
+        "proxy_set_buffer_bytes",
+    }
+)
 ROOT_CONTEXT_ID = 1
 DEFAULT_FUEL = 50_000_000  # a tight loop burns it in ~20 ms
 DEFAULT_MEMORY = 16 * 1024 * 1024
@@ -132,6 +147,7 @@ CALLBACKS = {
     "proxy_on_delete": (1, 0),
     "proxy_on_tick": (1, 0),
     "proxy_on_http_call_response": (5, 0),
+    "proxy_on_queue_ready": (2, 0),
     "_initialize": (0, 0),
     "_start": (0, 0),
     "main": (2, 1),
@@ -374,6 +390,16 @@ def check_module(field: str, module: wasmtime.Module) -> None:
             raise FilterConfigError(
                 field, f"imports {imp.module}.{imp.name}, which is not a function (not provided)"
             )
+        if imp.module == "env" and imp.name not in _env_functions():
+            raise FilterConfigError(
+                field, f"imports env.{imp.name}, a host function pyproxy does not provide"
+            )
+
+
+def _env_functions() -> frozenset[str]:
+    """Every env.* name a module may import: the implemented ones and UNIMPLEMENTED_FUNCTIONS."""
+    table = _host_functions(cast(Runtime, None))  # names only: no host function is called
+    return frozenset(name for module, name in table if module == "env") | UNIMPLEMENTED_FUNCTIONS
 
 
 # ---- the runtime: one store and instance -----------------------------------------------------
@@ -409,6 +435,8 @@ class Runtime:
         self.calls: dict[int, tuple[WasmFilter | None, asyncio.Task]] = {}  # token -> caller, task
         self.next_token = 0
         self.call_response = None  # the HttpCallResult being delivered to the guest, or None
+        self.queues: dict[bytes, list[bytes]] = {}  # name -> items; the token is the index + 1
+        self.queue_names: list[bytes] = []
         self.failed_at = 0.0
         self.batch_entries = 0  # entries left on the current fuel batch (see FUEL_BATCH)
         self.host_calls = self.host_bytes = 0  # this entry's, against the MAX_HOST_* limits
@@ -764,6 +792,28 @@ class Runtime:
         if error or self.trapbox.value:
             raise self._fault(error)
         return raw[0]
+
+    # ---- shared queues ------------------------------------------------------------------
+
+    def queue_ready(self, token: int) -> None:
+        """proxy_on_queue_ready on the root context, after the enqueuing call has returned."""
+        callback = self.exports.get("proxy_on_queue_ready")
+        if callback is None or self.loop is None:
+            return
+        generation = self.generation
+
+        def deliver() -> None:
+            if self.store is None or generation != self.generation:
+                return
+            self.filter = None
+            self.refuel()
+            try:
+                self.call_raw(callback[0], callback[1], ROOT_CONTEXT_ID, token)
+            except WasmFault as exc:
+                log.warning("wasm filter %s: %s in proxy_on_queue_ready", self.name, exc)
+                self.restart()
+
+        self.loop.call_soon(deliver)
 
     # ---- ticks --------------------------------------------------------------------------
 
@@ -1142,6 +1192,72 @@ def _host_functions(rt: Runtime) -> dict:
         rt.write_u64(ret, rt.metrics[metric_id] & 0xFFFFFFFFFFFFFFFF)
         return OK
 
+    def proxy_register_shared_queue(nptr, nsize, ret_token):
+        name = rt.read(nptr, nsize)
+        if name not in rt.queues:
+            if len(rt.queues) >= MAX_QUEUES:
+                return BAD_ARGUMENT
+            rt.charge(nsize)
+            rt.queues[name] = []
+            rt.queue_names.append(name)
+        rt.write_u32(ret_token, rt.queue_names.index(name) + 1)
+        return OK
+
+    def proxy_resolve_shared_queue(_vptr, _vsize, nptr, nsize, ret_token):
+        """One VM per filter here: any vm_id resolves among this instance's queues."""
+        name = rt.read(nptr, nsize)
+        if name not in rt.queues:
+            return NOT_FOUND
+        rt.write_u32(ret_token, rt.queue_names.index(name) + 1)
+        return OK
+
+    def queue_of(token: int) -> list[bytes] | None:
+        if not 1 <= token <= len(rt.queue_names):
+            return None
+        return rt.queues[rt.queue_names[token - 1]]
+
+    def proxy_enqueue_shared_queue(token, ptr, size):
+        queue = queue_of(token)
+        if queue is None:
+            return NOT_FOUND
+        if len(queue) >= MAX_QUEUE_ITEMS:
+            return BAD_ARGUMENT
+        rt.charge(size)
+        queue.append(rt.read(ptr, size))
+        rt.queue_ready(token)
+        return OK
+
+    def proxy_dequeue_shared_queue(token, ret_ptr, ret_size):
+        queue = queue_of(token)
+        if queue is None:
+            return NOT_FOUND
+        if not queue:
+            return 7  # EMPTY
+        return rt.give(queue.pop(0), ret_ptr, ret_size)
+
+    def proxy_get_status(ret_code, ret_ptr, ret_size):
+        """The last callout's status: 0 with an answer, 14 (UNAVAILABLE) without (gRPC codes)."""
+        answer = rt.call_response
+        rt.write_u32(ret_code, 0 if answer is not None else 14)
+        return rt.give(b"" if answer is not None else b"unavailable", ret_ptr, ret_size)
+
+    def proxy_set_property(pptr, psize, vptr, vsize):
+        rt.charge(psize + vsize)
+        f = rt.filter
+        if f is None:
+            return NOT_FOUND
+        path = rt.read(pptr, psize).replace(b"\0", b".").strip(b".")
+        if f.properties is None:
+            f.properties = {}
+        f.properties[path] = rt.read(vptr, vsize)
+        return OK
+
+    def proxy_clear_route_cache():
+        return OK  # routes are chosen after the request filters have run: nothing is cached
+
+    def proxy_call_foreign_function(_nptr, _nsize, _aptr, _asize, _ret_ptr, _ret_size):
+        return NOT_FOUND  # Envoy's foreign functions (compress, expr) are not provided
+
     def proxy_get_shared_data(kptr, ksize, ret_ptr, ret_size, ret_cas):
         item = rt.shared.get(rt.read(kptr, ksize))
         if item is None:
@@ -1236,6 +1352,14 @@ def _host_functions(rt: Runtime) -> dict:
         "proxy_done": ([], proxy_done),
         "proxy_set_tick_period_milliseconds": ([I], proxy_set_tick_period_milliseconds),
         "proxy_http_call": ([I] * 10, proxy_http_call),
+        "proxy_register_shared_queue": ([I] * 3, proxy_register_shared_queue),
+        "proxy_resolve_shared_queue": ([I] * 5, proxy_resolve_shared_queue),
+        "proxy_enqueue_shared_queue": ([I] * 3, proxy_enqueue_shared_queue),
+        "proxy_dequeue_shared_queue": ([I] * 3, proxy_dequeue_shared_queue),
+        "proxy_get_status": ([I] * 3, proxy_get_status),
+        "proxy_set_property": ([I] * 4, proxy_set_property),
+        "proxy_clear_route_cache": ([], proxy_clear_route_cache),
+        "proxy_call_foreign_function": ([I] * 6, proxy_call_foreign_function),
         "proxy_define_metric": ([I] * 4, proxy_define_metric),
         "proxy_increment_metric": ([I, L], proxy_increment_metric),
         "proxy_record_metric": ([I, L], proxy_record_metric),
@@ -1261,8 +1385,18 @@ def _host_functions(rt: Runtime) -> dict:
     return table
 
 
+_REQUEST_PSEUDO = {
+    b"path": b":path",
+    b"method": b":method",
+    b"host": b":authority",
+    b"scheme": b":scheme",
+}
+
+
 def _property(rt: Runtime, path: tuple[bytes, ...]) -> bytes | None:
-    """A minimal property tree: plugin identity, and the current request's method/path/host and status."""
+    """Envoy's attributes that this host knows: plugin identity, the request's method, path,
+    url_path, host, scheme and headers, response code and headers, the upstream's address, and
+    whatever the guest set with proxy_set_property. The rest (source.*, connection.*) is NOT_FOUND."""
     settings = rt.settings
     if path == (b"plugin_name",):
         return settings["name"].encode()
@@ -1271,13 +1405,31 @@ def _property(rt: Runtime, path: tuple[bytes, ...]) -> bytes | None:
     if path == (b"plugin_vm_id",):
         return settings["vm_id"].encode()
     f = rt.filter
-    if f is None or len(path) != 2:
+    if f is None or not path:
         return None
-    if path[0] == b"request" and f.request is not None:
-        pseudo = {b"path": b":path", b"method": b":method", b"host": b":authority"}.get(path[1])
-        return f.request.get(pseudo) if pseudo else None
-    if path == (b"response", b"code") and f.response is not None:
-        return f.response.get(b":status")
+    if f.properties is not None:
+        value = f.properties.get(b".".join(path))
+        if value is not None:
+            return value
+    kind, rest = path[0], path[1:]
+    if kind == b"request" and f.request is not None and rest:
+        if rest[0] == b"url_path":
+            return (f.request.get(b":path") or b"").partition(b"?")[0]
+        if rest[0] == b"headers" and len(rest) == 2:
+            return f.request.get(rest[1].lower())
+        pseudo = _REQUEST_PSEUDO.get(rest[0])
+        return f.request.get(pseudo) if pseudo and len(rest) == 1 else None
+    if kind == b"response" and f.response is not None and rest:
+        if rest == (b"code",):
+            return f.response.get(b":status")
+        if rest[0] == b"headers" and len(rest) == 2:
+            return f.response.get(rest[1].lower())
+        return None
+    if path == (b"upstream", b"address"):
+        target = getattr(getattr(f.callbacks, "exchange", None), "target", None)
+        if target is None:
+            return None
+        return (target.path or f"{target.host}:{target.port}").encode()
     return None
 
 
@@ -1380,6 +1532,7 @@ class WasmFilter(HttpFilter):
         "reply",
         "paused",
         "timer",
+        "properties",
     )
 
     def __init__(self, factory: WasmFactory) -> None:
@@ -1392,6 +1545,7 @@ class WasmFilter(HttpFilter):
         self.reply = None
         self.paused = -1  # the stream type (0 request, 1 response) the guest paused, or -1
         self.timer = None
+        self.properties: dict[bytes, bytes] | None = None  # set by proxy_set_property
 
     def _enter(self) -> int:
         """Make sure this request has a context in the current instance, and fuel for one entry.
