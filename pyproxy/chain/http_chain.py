@@ -138,7 +138,17 @@ class _ChainState:
 class HttpChain:
     """One request's pass through the chain, in both directions; also its filters' callbacks."""
 
-    __slots__ = ("factory", "exchange", "filters", "maps", "state", "done", "replied", "hook_ns")
+    __slots__ = (
+        "factory",
+        "exchange",
+        "filters",
+        "maps",
+        "state",
+        "done",
+        "replied",
+        "hook_ns",
+        "dynamic_metadata",
+    )
 
     def __init__(self, factory: ChainFactory, exchange) -> None:
         self.factory = factory
@@ -155,6 +165,8 @@ class HttpChain:
         self.replied = False
         # Time inside filter hooks (timed): the exchange charges the rest of the chain's time.
         self.hook_ns = 0
+        # Envoy's dynamic metadata: {namespace: {key: value}}, shared by the request's filters.
+        self.dynamic_metadata: dict | None = None
 
     def _st(self) -> _ChainState:
         state = self.state
