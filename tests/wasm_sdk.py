@@ -1,60 +1,13 @@
-"""Proxy-Wasm test modules built from source by a real SDK: the AssemblyScript SDK
-(`@solo-io/proxy-runtime` and its pinned `assemblyscript` compiler, from npm, installed with
-`npm ci` from the committed package-lock.json), built the way the SDK's README says
-(`--use abort=abort_proc_exit`). Built modules are cached by content hash in the gitignored
-`build/` folder beside the sources; a file lock keeps concurrent test runs from racing."""
+"""Proxy-Wasm test modules built from source by a real SDK (see pyproxy.filters.sdk_modules)."""
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import shutil
-import subprocess
 from pathlib import Path
 
 from conftest import require_capability
-
-ASSEMBLYSCRIPT = (
-    Path(__file__).resolve().parent.parent / "filters" / "wasm_examples" / "assemblyscript"
-)
-
-
-def _run(args: list[str]) -> None:
-    run = subprocess.run(args, cwd=ASSEMBLYSCRIPT, capture_output=True, text=True, timeout=300)
-    if run.returncode:
-        raise RuntimeError(f"{' '.join(args)} failed:\n{run.stdout[-2000:]}{run.stderr[-2000:]}")
+from pyproxy.filters import sdk_modules
 
 
 def assemblyscript_module(name: str) -> Path:
-    """assembly/<name>.ts compiled to wasm by the SDK's compiler (npm ci first when needed)."""
-    require_capability("node and npm (the AssemblyScript SDK)", bool(shutil.which("npm")))
-    lock = (ASSEMBLYSCRIPT / "package-lock.json").read_bytes()
-    source = (ASSEMBLYSCRIPT / "assembly" / f"{name}.ts").read_bytes()
-    digest = hashlib.sha256(lock + b"\0" + source).hexdigest()[:16]
-    build = ASSEMBLYSCRIPT / "build"
-    build.mkdir(exist_ok=True)
-    out = build / f"{name}-{digest}.wasm"
-    with open(build / ".lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX)
-        if out.exists():
-            return out
-        installed = (
-            ASSEMBLYSCRIPT / "node_modules" / f".installed-{hashlib.sha256(lock).hexdigest()[:16]}"
-        )
-        if not installed.exists():
-            _run(["npm", "ci", "--no-audit", "--no-fund"])
-            installed.touch()
-        partial = out.with_suffix(".partial")
-        _run(
-            [
-                "node_modules/.bin/asc",
-                f"assembly/{name}.ts",
-                "-b",
-                str(partial),
-                "--use",
-                "abort=abort_proc_exit",
-                "-O3",
-            ]
-        )
-        partial.rename(out)
-    return out
+    require_capability("node and npm (the AssemblyScript SDK)", sdk_modules.have_npm())
+    return sdk_modules.assemblyscript_module(name)
