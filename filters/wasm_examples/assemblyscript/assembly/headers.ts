@@ -24,8 +24,12 @@ class AddHeader extends Context {
     return FilterHeadersStatusValues.Continue;
   }
   onResponseHeaders(a: u32, end_of_stream: bool): FilterHeadersStatusValues {
-    const configuration = this.root_context.getConfiguration();
-    stream_context.headers.response.add("hello", configuration == "" ? "world!" : configuration);
+    const root_context = this.root_context;
+    if (root_context.getConfiguration() == "") {
+      stream_context.headers.response.add("hello", "world!");
+    } else {
+      stream_context.headers.response.add("hello", root_context.getConfiguration());
+    }
     return FilterHeadersStatusValues.Continue;
   }
 }
