@@ -25,8 +25,13 @@ Design:
 - `handle:body()` must wait for the whole body: scripts that mention `body`
   run their handlers in a coroutine that yields; the hook returns
   STOP_AND_BUFFER and the chain calls the data hook once the body is complete,
-  which resumes it. Scripts that never mention `body` call straight through and
-  have no data hooks at all.
+  which resumes it. `handle:httpCall()` (synchronous) yields the same way: the
+  call goes to a configured cluster (filters/callout.py) and its answer resumes
+  the script. Scripts that mention neither call straight through and have no
+  data hooks at all.
+- Dynamic metadata lives on the request's chain (`dynamic_metadata`), so later
+  filters and the response handler see what the request handler set. A handle
+  method Envoy has and pyproxy lacks is a script error naming it.
 - A script error or the instruction limit answers 500 and logs one line (at
   most one per second per filter, with a count of what was suppressed).
 - What the hook cannot stop is priced instead: Lua's pattern matcher backtracks

@@ -28,11 +28,15 @@ logs one line, and replaces the instance with a fresh one (Envoy's
 FAIL_RELOAD): the guest's memory may be inconsistent after a trap. Requests
 begun on the replaced instance skip their remaining hooks.
 
-Every host function a module imports is present: the ones below are real, any
-other `env.*` import answers UNIMPLEMENTED (12), any other WASI import ENOSYS
-(the `fd_*` ones BADF, which ends wasi-libc's preopen scan). Only request and
-response headers are exposed to the guest (no body callbacks, no HTTP/gRPC
-callouts).
+Host functions are ABI 0.2.1's as Envoy's host implements them (README, Filters, has the
+table): the ones pyproxy lacks (gRPC calls, close_stream, set_buffer_bytes) answer
+UNIMPLEMENTED, and any env import outside the ABI is refused at load, by name. WASI is
+registered under both `wasi_snapshot_preview1` and `wasi_unstable`, as Envoy does; beyond
+clocks, random, fd_write (to the log) and proc_exit, WASI calls answer ENOSYS (`fd_*`: BADF,
+which ends wasi-libc's preopen scan). `proxy_http_call` goes to a configured cluster (see
+filters/callout.py) and answers on the root context (proxy_on_http_call_response), as in
+Envoy; shared queues wake proxy_on_queue_ready the same way. Request and response headers
+are exposed to the guest; bodies and trailers are not.
 
 Hot path: Python's `wasmtime.Func.__call__` costs ~65 µs (it re-reads the
 function type and boxes every value), so host→guest calls go straight to the C

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ProxyProcess, free_port
+from conftest import ProxyProcess, free_port, start_listener
 from http_peer import HttpUpstream
 from test_filters_lua import _get, _split, _write_config, curl
 
@@ -339,3 +339,31 @@ def test_unsupported_method_is_a_named_script_error(envoy_proxy):
     status, _, body = _get(ports["handle_api"], "/missing")
     assert status == 500
     _wait_for(proxy, "streamInfo:filterState() is not supported by pyproxy")
+
+
+def test_dynamic_metadata_reaches_a_later_filter_and_the_access_log(start_proxy, tmp_path):
+    upstream = HttpUpstream()
+    log_path = tmp_path / "access.log"
+    setter = (
+        'function envoy_on_request(h) h:streamInfo():dynamicMetadata():set("ns", "user", "ann") end'
+    )
+    reader = (
+        "function envoy_on_request(h)\n"
+        '  h:headers():add("x-user", h:streamInfo():dynamicMetadata():get("ns")["user"])\nend'
+    )
+    body = (
+        f"    http:\n      access_log: {log_path}\n    filters:\n"
+        f"      - {{name: setter, type: lua, config: {{inline_code: {json.dumps(setter)}}}}}\n"
+        f"      - {{name: reader, type: lua, config: {{inline_code: {json.dumps(reader)}}}}}\n"
+    )
+    try:
+        proxy, port = start_listener(start_proxy, tmp_path, upstream.address, body)
+        status, _, sent = _get(port, "/echo")
+        assert status == 200 and ["x-user", "ann"] in json.loads(sent)["headers"]
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not (log_path.exists() and log_path.read_text()):
+            time.sleep(0.05)
+        record = json.loads(log_path.read_text().splitlines()[0])
+        assert record["dynamic_metadata"] == {"ns": {"user": "ann"}}
+    finally:
+        upstream.close()

@@ -223,3 +223,12 @@ def _check(name: bytes, value: bytes) -> None:
         or not name
     ):
         raise ValueError(f"invalid header {name!r}: {value!r}")
+
+
+def loggable(value):
+    """Dynamic metadata as the JSON access log carries it: byte strings decoded, keys as text."""
+    if isinstance(value, dict):
+        return {str(loggable(k)): loggable(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return value
