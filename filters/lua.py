@@ -58,6 +58,7 @@ from pyproxy.chain.api import (
     STOP_AND_BUFFER,
     FilterConfigError,
     FilterFactory,
+    HeaderMap,
     HttpFilter,
 )
 
@@ -198,6 +199,7 @@ local py_body_state, py_body_len, py_body_get, py_body_set =
   py.body_state, py.body_len, py.body_get, py.body_set
 local py_meta_set, py_meta_get, py_meta_items = py.meta_set, py.meta_get, py.meta_items
 local py_address, py_call_start, py_b64, py_now_us = py.address, py.call_start, py.b64, py.now_us
+local py_trailers, py_use_trailers = py.trailers, py.use_trailers
 local py_import_key, py_verify = py.import_key, py.verify
 
 local function copy(t, skip)
@@ -381,6 +383,30 @@ local function body_chunks(self)
   end
 end
 
+-- trailers(): the header methods, acting on the trailers held with the body for one call each.
+local function on_trailers(fn)
+  return function(...)
+    py_use_trailers(true)
+    local ok, a, b = pcall(fn, ...)
+    py_use_trailers(false)
+    if not ok then error(a, 0) end
+    return a, b
+  end
+end
+local trailers_methods = {}
+for name, fn in next, headers_methods do trailers_methods[name] = on_trailers(fn) end
+local trailers_obj = setmetatable({}, {
+  __index = trailers_methods,
+  __pairs = function(self)
+    local i = 0
+    return on_trailers(function()
+      i = i + 1
+      return py_item(i)
+    end), self, nil
+  end,
+  __metatable = false,
+})
+
 -- pyproxy's routes carry no metadata: route metadata is always empty.
 local empty_mt = {__index = {get = function() return nil end}, __pairs = function(self)
   return function() return nil end, self, nil
@@ -454,7 +480,10 @@ local function make_handle(request)
     headers = function() return headers end,
     body = body,
     bodyChunks = body_chunks,
-    trailers = function() return nil end,
+    trailers = function()
+      if py_trailers() then return trailers_obj end
+      return nil
+    end,
     metadata = function() return metadata end,
     streamInfo = function() return stream_info end,
     connectionStreamInfo = function() return connection_stream_info end,
@@ -686,6 +715,7 @@ class _Engine:
         # What the current hook call acts on.
         self.map = None
         self.filter = None
+        self.headers_map = self.trailer_map = None  # the header map aside while trailers are used
         self.added = 0
         self.items: list = []
         primitives = runtime.table_from(
@@ -704,6 +734,8 @@ class _Engine:
                 b"body_len": self.body_len,
                 b"body_get": self.body_get,
                 b"body_set": self.body_set,
+                b"trailers": self.trailers,
+                b"use_trailers": self.use_trailers,
                 b"meta_set": self.meta_set,
                 b"meta_get": self.meta_get,
                 b"meta_items": self.meta_items,
@@ -844,7 +876,20 @@ class _Engine:
             self.map.set(b"content-length", b"%d" % len(data))
         return len(data)
 
-    # ---- dynamic metadata, addresses, callouts, signatures (act on self.filter) ----------
+    # ---- trailers, dynamic metadata, addresses, callouts, signatures (act on self.filter) ---
+
+    def trailers(self) -> bool:
+        """Whether trailers arrived with the body the script waited for (Envoy: after body())."""
+        f = self.filter
+        held = f.callbacks.held_trailers("decode" if f.decoding else "encode")
+        self.trailer_map = None if held is None else HeaderMap(held, {})
+        return held is not None
+
+    def use_trailers(self, on: bool) -> None:
+        if on:
+            self.headers_map, self.map = self.map, self.trailer_map
+        else:
+            self.map = self.headers_map
 
     def _from_lua(self, value, depth: int = 0):
         if self.lua_type(value) != "table":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import time
 from pathlib import Path
 
@@ -365,5 +366,36 @@ def test_dynamic_metadata_reaches_a_later_filter_and_the_access_log(start_proxy,
             time.sleep(0.05)
         record = json.loads(log_path.read_text().splitlines()[0])
         assert record["dynamic_metadata"] == {"ns": {"user": "ann"}}
+    finally:
+        upstream.close()
+
+
+def test_trailers_after_body_are_read_and_edited(start_proxy, tmp_path):
+    script = (
+        "function envoy_on_request(h)\n"
+        "  local size = h:body():length()\n"
+        "  local t = h:trailers()\n"
+        '  h:headers():add("x-trailer-seen", t and t:get("x-trailer") or "none")\n'
+        '  if t then t:replace("x-trailer", "edited") end\nend'
+    )
+    upstream = HttpUpstream()
+    body = f"    filters:\n      - {{name: t, type: lua, config: {{inline_code: {json.dumps(script)}}}}}\n"
+    try:
+        proxy, port = start_listener(start_proxy, tmp_path, upstream.address, body)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(
+                b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5\r\nhello\r\n0\r\nx-trailer: t1\r\n\r\n"
+            )
+            answer = b""
+            while b"}" not in answer:
+                chunk = conn.recv(65536)
+                assert chunk, answer
+                answer += chunk
+        status, _, sent = _split(answer)
+        assert status == 200
+        assert ["x-trailer-seen", "t1"] in json.loads(sent)["headers"]
+        status, _, sent = _get(port, "/echo", "-d", "no trailers")  # trailers() is nil
+        assert status == 200 and ["x-trailer-seen", "none"] in json.loads(sent)["headers"]
     finally:
         upstream.close()

@@ -252,6 +252,17 @@ class HttpChain:
     def set_encoding_buffer(self, data: bytes) -> None:
         self._st().held_body["encode"][:] = [bytes(data)]
 
+    def held_trailers(self, direction: str) -> list[tuple[bytes, bytes]] | None:
+        """The trailers held with a buffered body ("decode" or "encode"), editable in place
+        until they are released; None when none arrived (or nothing is held)."""
+        state = self.state
+        if state is None:
+            return None
+        for kind, payload, _ in state.held[direction]:
+            if kind == "trailers":
+                return payload
+        return None
+
     def request_headers(self) -> HeaderMap | None:
         return self.maps.get("decode")
 
