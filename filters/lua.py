@@ -199,7 +199,7 @@ local py_body_state, py_body_len, py_body_get, py_body_set =
   py.body_state, py.body_len, py.body_get, py.body_set
 local py_meta_set, py_meta_get, py_meta_items = py.meta_set, py.meta_get, py.meta_items
 local py_address, py_call_start, py_b64, py_now_us = py.address, py.call_start, py.b64, py.now_us
-local py_trailers, py_use_trailers = py.trailers, py.use_trailers
+local py_trailers, py_use_trailers, py_route_metadata = py.trailers, py.use_trailers, py.route_metadata
 local py_import_key, py_verify = py.import_key, py.verify
 
 local function copy(t, skip)
@@ -407,11 +407,15 @@ local trailers_obj = setmetatable({}, {
   __metatable = false,
 })
 
--- pyproxy's routes carry no metadata: route metadata is always empty.
-local empty_mt = {__index = {get = function() return nil end}, __pairs = function(self)
-  return function() return nil end, self, nil
-end, __metatable = false}
-local metadata = setmetatable({}, empty_mt)
+-- The route's metadata under this filter's name (or envoy.filters.http.lua), read-only.
+local function route_metadata()
+  local entry = py_route_metadata() or {}
+  return setmetatable({}, {
+    __index = {get = function(_, k) return entry[k] end},
+    __pairs = function(self) return next, entry, nil end,
+    __metatable = false,
+  })
+end
 
 -- A method Envoy has and pyproxy does not: a script error that names it, not a bare nil call.
 local function strict(kind, methods)
@@ -484,13 +488,13 @@ local function make_handle(request)
       if py_trailers() then return trailers_obj end
       return nil
     end,
-    metadata = function() return metadata end,
+    metadata = route_metadata,
     streamInfo = function() return stream_info end,
     connectionStreamInfo = function() return connection_stream_info end,
     connection = function() return connection end,
-    route = function() return setmetatable({}, strict("route", {metadata = function() return metadata end})) end,
+    route = function() return setmetatable({}, strict("route", {metadata = route_metadata})) end,
     filterContext = function() return {} end,
-    clearRouteCache = function() end,  -- routes are chosen after the request filters: no cache
+    clearRouteCache = function() end,  -- a no-op: the route is matched once, before the filters
     base64Escape = function(_, s) return py_b64(checkstring(s, "base64Escape")) end,
     timestamp = function() return math.floor(py_now_us() / 1000) end,
     timestampString = function(_, resolution)
@@ -736,6 +740,7 @@ class _Engine:
                 b"body_set": self.body_set,
                 b"trailers": self.trailers,
                 b"use_trailers": self.use_trailers,
+                b"route_metadata": self.route_metadata,
                 b"meta_set": self.meta_set,
                 b"meta_get": self.meta_get,
                 b"meta_items": self.meta_items,
@@ -885,6 +890,15 @@ class _Engine:
         self.trailer_map = None if held is None else HeaderMap(held, {})
         return held is not None
 
+    def route_metadata(self):
+        route = getattr(self.filter.callbacks.exchange, "route", None)
+        metadata = getattr(route, "metadata", None)
+        if not metadata:
+            return None
+        name = self.factory.filter_name if self.factory is not None else ""
+        entry = metadata.get(name, metadata.get("envoy.filters.http.lua"))
+        return None if entry is None else self._to_lua(_as_bytes(entry))
+
     def use_trailers(self, on: bool) -> None:
         if on:
             self.headers_map, self.map = self.map, self.trailer_map
@@ -1001,6 +1015,15 @@ class _Engine:
         except Exception:
             return False, b"Failed to verify digest. Error code: 0"
         return True, None
+
+
+def _as_bytes(value):
+    """Config (YAML) text as the byte strings Lua scripts see."""
+    if isinstance(value, dict):
+        return {_as_bytes(k): _as_bytes(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return {i + 1: _as_bytes(v) for i, v in enumerate(value)}
+    return value.encode() if isinstance(value, str) else value
 
 
 def _forget(tasks: set):

@@ -1257,7 +1257,7 @@ def _host_functions(rt: Runtime) -> dict:
         return OK
 
     def proxy_clear_route_cache():
-        return OK  # routes are chosen after the request filters have run: nothing is cached
+        return OK  # a no-op: the route is matched once, before the filters
 
     def proxy_call_foreign_function(_nptr, _nsize, _aptr, _asize, _ret_ptr, _ret_size):
         return NOT_FOUND  # Envoy's foreign functions (compress, expr) are not provided

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pyproxy.addresses import Address
 from pyproxy.config import ClusterConfig, ListenerConfig, ProxyConfig
@@ -59,6 +59,8 @@ class Route:
     cluster: Cluster | None
     timeout: float
     filters: tuple | None = None  # FilterSpecs overriding the listener's chain; None keeps it
+    # {filter name: {key: value}} (RouteConfig.metadata); a dict: left out of hash and eq
+    metadata: dict | None = field(default=None, hash=False, compare=False)
 
 
 class Router:
@@ -74,6 +76,7 @@ class Router:
                 clusters[r.cluster] if r.cluster else None,
                 r.timeout,
                 r.filters,
+                r.metadata or None,
             )
             for r in listener.routes
         )
