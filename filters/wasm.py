@@ -644,6 +644,11 @@ class Runtime:
             raise IndexError
         return _memory_data(ctx, self.memory_handle) + ptr
 
+    def check(self, ptr: int, size: int) -> None:
+        """Raise IndexError (INVALID_MEMORY_ACCESS) unless [ptr, ptr + size) is guest memory."""
+        if ptr + size > _memory_size(self.caller_ctx or self.ctx, self.memory_handle):
+            raise IndexError
+
     def read(self, ptr: int, size: int) -> bytes:
         return ctypes.string_at(self._bounds(ptr, size), size) if size else b""
 
@@ -969,11 +974,15 @@ def _host_functions(rt: Runtime) -> dict:
     def proxy_log(level, ptr, size):
         if level > 5:
             return BAD_ARGUMENT
+        py_level = LOG_LEVELS[level]
+        if not log.isEnabledFor(py_level):
+            # SDK runtimes log at debug on every hook without asking proxy_get_log_level: a
+            # dropped line is only bounds-checked, never copied.
+            rt.check(ptr, size)
+            return OK
         rt.charge(size)
         message = rt.read(ptr, size)
-        py_level = LOG_LEVELS[level]
-        if log.isEnabledFor(py_level):
-            log.log(py_level, "wasm filter %s: %s", rt.name, message.decode(errors="replace"))
+        log.log(py_level, "wasm filter %s: %s", rt.name, message.decode(errors="replace"))
         return OK
 
     def proxy_get_log_level(ret):
