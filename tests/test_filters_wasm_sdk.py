@@ -22,7 +22,14 @@ def upstream():
 
 
 def _sdk_proxy(
-    start_proxy, tmp_path, upstream, module: str, root_id: str, extra: str = "", top: str = ""
+    start_proxy,
+    tmp_path,
+    upstream,
+    module: str,
+    root_id: str,
+    extra: str = "",
+    top: str = "",
+    mode: str = "http",
 ):
     """A proxy running the SDK-built module. This SDK version reads its plugin configuration
     passing the size where the host writes the returned size, so, as in Envoy, it needs one."""
@@ -36,7 +43,7 @@ def _sdk_proxy(
           vm_config: {{code: {{local: {{filename: {wasm}}}}}}}
           {extra}
 """
-    return start_listener(start_proxy, tmp_path, upstream.address, filters, top=top)
+    return start_listener(start_proxy, tmp_path, upstream.address, filters, mode=mode, top=top)
 
 
 def test_wasi_unstable_import_is_provided(tmp_path):
@@ -119,3 +126,20 @@ def test_shared_data_example_counts_hits_per_path(start_proxy, tmp_path, upstrea
         for path in ("/a", "/a", "/b", "/a")
     ]
     assert hits == ["1", "2", "1", "3"]
+
+
+def test_local_response_example_answers_grpc_with_its_status(start_proxy, tmp_path, upstream):
+    """In a gRPC listener the reply is trailers-only with the module's grpc-status and details."""
+    proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "local_response", "deny", mode="grpc")
+    run = curl(
+        "-i",
+        "--http2-prior-knowledge",
+        "-H",
+        "content-type: application/grpc",
+        "-d",
+        "",
+        f"http://127.0.0.1:{port}/pkg.Svc/M",
+    )
+    status, headers, _ = _response(run)
+    assert (status, headers.get("grpc-status")) == (200, "7"), run.stdout + run.stderr
+    assert headers.get("grpc-message") == "missing_token"
