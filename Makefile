@@ -4,7 +4,9 @@ PY := $(VENV)/bin/python
 # Debian packages: a C toolchain and Python headers for the native module, acl to let the sidecar's
 # uid 1337 reach the checkout; clang, llvm, libbpf-dev and linux-libc-dev build and load the eBPF
 # programs; iptables/iproute2/util-linux for capture tests, openssl for the webhook tests,
-# podman/runc/debootstrap for the image tests; the rest for benchmarks.
+# podman/runc/debootstrap for the image tests; the rest for benchmarks. Node and npm (for the
+# AssemblyScript Proxy-Wasm SDK that builds the wasm test modules) come from Debian only when no
+# node is installed: a NodeSource node bundles its own npm.
 APT_BUILD := gcc libc6-dev python3-dev python3-venv acl clang llvm libbpf-dev linux-libc-dev bpftool
 APT_TEST := iptables iproute2 util-linux curl procps wrk nghttp2-client openssl podman runc buildah debootstrap
 APT_BENCH := nginx-light libnginx-mod-stream iperf3 haproxy
@@ -55,6 +57,7 @@ apt:
 
 system-deps:
 	@$(MAKE) --no-print-directory apt PKGS="$(APT_BUILD) $(APT_TEST)"
+	@command -v npm >/dev/null || $(MAKE) --no-print-directory apt PKGS="nodejs npm"
 	@[ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null || echo "set-up: not root with apt-get:" \
 	  "Debian packages are not installed; the native module needs $(APT_BUILD)," \
 	  "the capture tests need root and $(APT_TEST)"

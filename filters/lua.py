@@ -25,8 +25,13 @@ Design:
 - `handle:body()` must wait for the whole body: scripts that mention `body`
   run their handlers in a coroutine that yields; the hook returns
   STOP_AND_BUFFER and the chain calls the data hook once the body is complete,
-  which resumes it. Scripts that never mention `body` call straight through and
-  have no data hooks at all.
+  which resumes it. `handle:httpCall()` (synchronous) yields the same way: the
+  call goes to a configured cluster (filters/callout.py) and its answer resumes
+  the script. Scripts that mention neither call straight through and have no
+  data hooks at all.
+- Dynamic metadata lives on the request's chain (`dynamic_metadata`), so later
+  filters and the response handler see what the request handler set. A handle
+  method Envoy has and pyproxy lacks is a script error naming it.
 - A script error or the instruction limit answers 500 and logs one line (at
   most one per second per filter, with a count of what was suppressed).
 - What the hook cannot stop is priced instead: Lua's pattern matcher backtracks
@@ -38,10 +43,14 @@ Design:
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import importlib
 import logging
 import re
 import time
+
+from pyproxy.filters.callout import CalloutError, CallResult, http_call
 
 from pyproxy.chain.api import (
     CONTINUE,
@@ -49,6 +58,7 @@ from pyproxy.chain.api import (
     STOP_AND_BUFFER,
     FilterConfigError,
     FilterFactory,
+    HeaderMap,
     HttpFilter,
 )
 
@@ -65,7 +75,8 @@ DEFAULT_MAX_PATTERN_STEPS = 10_000_000
 MAX_ADDED_HEADER_BYTES = 64 * 1024
 ERRORS, TIMEOUTS, REPLIES = range(3)
 # Outcome codes returned by the Lua runners (nil means "went through").
-_TIMEOUT, _ERROR, _WAITING = 1, 2, 3
+_TIMEOUT, _ERROR, _WAITING, _CALLING = 1, 2, 3, 4
+MAX_CALL_TIMEOUT = 60.0  # httpCall with no timeout (0) still ends
 _LEVELS = {
     0: logging.DEBUG,  # logTrace: Python has no TRACE level
     1: logging.DEBUG,
@@ -74,8 +85,11 @@ _LEVELS = {
     4: logging.ERROR,
     5: logging.CRITICAL,
 }
-# `handle:body()`, `h.body(h)`, `h["body"]`: only such scripts pay for a coroutine and data hooks.
-_USES_BODY = re.compile(rb"[:.]\s*body(?:Chunks)?\s*\(|\[\s*[\"']body(?:Chunks)?[\"']\s*\]")
+# `handle:body()`, `h.body(h)`, `h["body"]`, and the same for httpCall: only such scripts pay for
+# a coroutine and data hooks.
+_WAITS = re.compile(
+    rb"[:.]\s*(?:body(?:Chunks)?|httpCall)\s*\(|\[\s*[\"'](?:body(?:Chunks)?|httpCall)[\"']\s*\]"
+)
 _announced = False
 
 
@@ -183,6 +197,10 @@ local py_get, py_get_at, py_count, py_add, py_set, py_remove, py_item =
 local py_respond, py_log, py_protocol = py.respond, py.log, py.protocol
 local py_body_state, py_body_len, py_body_get, py_body_set =
   py.body_state, py.body_len, py.body_get, py.body_set
+local py_meta_set, py_meta_get, py_meta_items = py.meta_set, py.meta_get, py.meta_items
+local py_address, py_call_start, py_b64, py_now_us = py.address, py.call_start, py.b64, py.now_us
+local py_trailers, py_use_trailers, py_route_metadata = py.trailers, py.use_trailers, py.route_metadata
+local py_import_key, py_verify = py.import_key, py.verify
 
 local function copy(t, skip)
   local c = {}
@@ -221,6 +239,7 @@ string_mt.__metatable = false
 local LIMIT = setmetatable({}, {__tostring = function() return "instruction limit exceeded" end})
 local RESPONDED = {}
 local BODY_WAIT = {}
+local CALL_WAIT = {}
 -- It fires every PERIOD instructions and also bounds CPU time, since one
 -- instruction (string.rep, a Python call) can do much work.
 local PERIOD = 200
@@ -364,32 +383,137 @@ local function body_chunks(self)
   end
 end
 
-local empty_mt = {__index = {get = function() return nil end}, __pairs = function(self)
-  return function() return nil end, self, nil
-end, __metatable = false}
-local metadata = setmetatable({}, empty_mt)
-local stream_info = setmetatable({}, {__index = {
-  protocol = function() return py_protocol() end,
-  dynamicMetadata = function() return metadata end,
-}, __metatable = false})
-local connection = setmetatable({}, {__index = {ssl = function() return nil end}, __metatable = false})
+-- trailers(): the header methods, acting on the trailers held with the body for one call each.
+local function on_trailers(fn)
+  return function(...)
+    py_use_trailers(true)
+    local ok, a, b = pcall(fn, ...)
+    py_use_trailers(false)
+    if not ok then error(a, 0) end
+    return a, b
+  end
+end
+local trailers_methods = {}
+for name, fn in next, headers_methods do trailers_methods[name] = on_trailers(fn) end
+local trailers_obj = setmetatable({}, {
+  __index = trailers_methods,
+  __pairs = function(self)
+    local i = 0
+    return on_trailers(function()
+      i = i + 1
+      return py_item(i)
+    end), self, nil
+  end,
+  __metatable = false,
+})
+
+-- The route's metadata under this filter's name (or envoy.filters.http.lua), read-only.
+local function route_metadata()
+  local entry = py_route_metadata() or {}
+  return setmetatable({}, {
+    __index = {get = function(_, k) return entry[k] end},
+    __pairs = function(self) return next, entry, nil end,
+    __metatable = false,
+  })
+end
+
+-- A method Envoy has and pyproxy does not: a script error that names it, not a bare nil call.
+local function strict(kind, methods)
+  return {__index = function(_, name)
+    local m = methods[name]
+    if m == nil then error(kind .. ":" .. tostring(name) .. "() is not supported by pyproxy", 2) end
+    return m
+  end, __metatable = false}
+end
+
+local function pairs_of(items)
+  local i = 0
+  return function()
+    i = i + 1
+    local item = items[i]
+    if item ~= nil then return item[1], item[2] end
+  end
+end
+
+-- Dynamic metadata: {namespace = {key = value}}, one per request, shared with later filters.
+local dynamic_metadata = setmetatable({}, strict("dynamicMetadata", {
+  set = function(_, ns, key, value)
+    py_meta_set(checkstring(ns, "set"), checkstring(key, "set"), value)
+  end,
+  get = function(_, ns) return py_meta_get(checkstring(ns, "get")) end,
+}))
+dgetmt(dynamic_metadata).__pairs = function(self) return pairs_of(py_meta_items()), self, nil end
+
+local function info_methods()
+  return {
+    protocol = function() return py_protocol() end,
+    dynamicMetadata = function() return dynamic_metadata end,
+    downstreamLocalAddress = function() return py_address(0) end,
+    downstreamDirectLocalAddress = function() return py_address(0) end,
+    downstreamRemoteAddress = function() return py_address(1) end,
+    downstreamDirectRemoteAddress = function() return py_address(1) end,
+    requestedServerName = function() return "" end,  -- no TLS termination: no SNI
+    downstreamSslConnection = function() return nil end,
+    routeName = function() return "" end,  -- pyproxy's routes have no names
+    virtualClusterName = function() return "" end,
+  }
+end
+local stream_info = setmetatable({}, strict("streamInfo", info_methods()))
+local connection_stream_info = setmetatable({}, strict("connectionStreamInfo", info_methods()))
+local connection = setmetatable({}, strict("connection", {ssl = function() return nil end}))
+
+local TIMESTAMP = {MILLISECOND = 0, MICROSECOND = 1}
+env.EnvoyTimestampResolution = TIMESTAMP
+local function http_call(_, cluster, hdrs, call_body, timeout_or_options, asynchronous)
+  if type(hdrs) ~= "table" then error("httpCall: headers table expected", 2) end
+  local timeout = timeout_or_options
+  if type(timeout_or_options) == "table" then
+    timeout = timeout_or_options.timeout_ms or 0
+    asynchronous = timeout_or_options.asynchronous
+  end
+  if call_body ~= nil then call_body = checkstring(call_body, "httpCall") end
+  py_call_start(checkstring(cluster, "httpCall"), hdrs, call_body, tonumber(timeout) or 0,
+    asynchronous and true or false)
+  if asynchronous then return nil end
+  local answer_headers, answer_body = co_yield(CALL_WAIT)
+  return answer_headers, answer_body
+end
 
 local function make_handle(request)
   local m = {
     headers = function() return headers end,
     body = body,
     bodyChunks = body_chunks,
-    trailers = function() return nil end,
-    metadata = function() return metadata end,
+    trailers = function()
+      if py_trailers() then return trailers_obj end
+      return nil
+    end,
+    metadata = route_metadata,
     streamInfo = function() return stream_info end,
+    connectionStreamInfo = function() return connection_stream_info end,
     connection = function() return connection end,
+    route = function() return setmetatable({}, strict("route", {metadata = route_metadata})) end,
+    filterContext = function() return {} end,
+    clearRouteCache = function() end,  -- a no-op: the route is matched once, before the filters
+    base64Escape = function(_, s) return py_b64(checkstring(s, "base64Escape")) end,
+    timestamp = function() return math.floor(py_now_us() / 1000) end,
+    timestampString = function(_, resolution)
+      local us = py_now_us()
+      if resolution == TIMESTAMP.MICROSECOND then return string.format("%d", us) end
+      return string.format("%d", math.floor(us / 1000))
+    end,
+    importPublicKey = function(_, der, len) return py_import_key(checkstring(der, "importPublicKey"), len) end,
+    verifySignature = function(_, hash, key, sig, sig_len, data, data_len)
+      return py_verify(checkstring(hash, "verifySignature"), key, checkstring(sig, "verifySignature"),
+        sig_len, checkstring(data, "verifySignature"), data_len)
+    end,
     logTrace = function(_, msg) py_log(0, tostring(msg)) end,
     logDebug = function(_, msg) py_log(1, tostring(msg)) end,
     logInfo = function(_, msg) py_log(2, tostring(msg)) end,
     logWarn = function(_, msg) py_log(3, tostring(msg)) end,
     logErr = function(_, msg) py_log(4, tostring(msg)) end,
     logCritical = function(_, msg) py_log(5, tostring(msg)) end,
-    httpCall = function() error("httpCall() is not supported by pyproxy", 2) end,
+    httpCall = http_call,
   }
   if request then
     m.respond = function(_, hdrs, reply_body)
@@ -401,7 +525,7 @@ local function make_handle(request)
   else
     m.respond = function() error("respond() is only valid in the request flow", 2) end
   end
-  return setmetatable({}, {__index = m, __metatable = false})
+  return setmetatable({}, strict("handle", m))
 end
 
 -- Compile into the sandbox; refuse bytecode (mode "t"): the VM trusts it to be well formed.
@@ -441,14 +565,15 @@ end
 -- Coroutine runners, for scripts that may wait in body(). The hook is armed and
 -- cleared around each resume (LuaJIT's hooks are global, PUC Lua's per thread),
 -- so each resume has its own budget and nothing stays hooked in between.
-local function step(co)
+local function step(co, ...)
   expired, ticks = false, 0
   sethook(co, hook, "", PERIOD)
-  local ok, err = co_resume(co)
+  local ok, err = co_resume(co, ...)
   sethook(co)
   if ok and co_status(co) == "suspended" then
     if err == BODY_WAIT then return 3, co end
-    return 2, "script yielded outside body()"
+    if err == CALL_WAIT then return 4, co end
+    return 2, "script yielded outside body() or httpCall()"
   end
   return outcome(ok, err)
 end
@@ -459,7 +584,7 @@ local function started(fn, handle)
   end
 end
 
-local make = py.uses_body and started or direct
+local make = py.waits and started or direct
 return {
   on_request = on_request and make(on_request, make_handle(true)),
   on_response = on_response and make(on_response, make_handle(false)),
@@ -507,7 +632,7 @@ class LuaFactory(FilterFactory):
             "code": code,
             "field": field,
             "chunkname": chunkname,
-            "uses_body": bool(_USES_BODY.search(code.encode())),
+            "waits": bool(_WAITS.search(code.encode())),
             **limits,
         }
         # Compile now, in a throwaway runtime, so a bad script is refused at load.
@@ -539,6 +664,8 @@ class LuaFactory(FilterFactory):
         self.next_log = 0.0
         self.suppressed = 0
         self.filter_name = context.filter_name
+        self.clusters = context.clusters
+        self.background: set = set()  # asynchronous httpCalls in flight (kept from the GC)
 
     def create(self) -> HttpFilter:
         return self.filter_class(self)
@@ -592,6 +719,7 @@ class _Engine:
         # What the current hook call acts on.
         self.map = None
         self.filter = None
+        self.headers_map = self.trailer_map = None  # the header map aside while trailers are used
         self.added = 0
         self.items: list = []
         primitives = runtime.table_from(
@@ -610,7 +738,19 @@ class _Engine:
                 b"body_len": self.body_len,
                 b"body_get": self.body_get,
                 b"body_set": self.body_set,
-                b"uses_body": config["uses_body"],
+                b"trailers": self.trailers,
+                b"use_trailers": self.use_trailers,
+                b"route_metadata": self.route_metadata,
+                b"meta_set": self.meta_set,
+                b"meta_get": self.meta_get,
+                b"meta_items": self.meta_items,
+                b"address": self.address,
+                b"call_start": self.call_start,
+                b"b64": lambda data: base64.b64encode(data),
+                b"now_us": lambda: time.time_ns() // 1000,
+                b"import_key": self.import_key,
+                b"verify": self.verify,
+                b"waits": config["waits"],
                 b"max_seconds": MAX_CPU_SECONDS,
                 b"pattern_steps": config["max_pattern_steps"],
                 b"pattern_shape": pattern_shape,
@@ -741,6 +881,175 @@ class _Engine:
             self.map.set(b"content-length", b"%d" % len(data))
         return len(data)
 
+    # ---- trailers, dynamic metadata, addresses, callouts, signatures (act on self.filter) ---
+
+    def trailers(self) -> bool:
+        """Whether trailers arrived with the body the script waited for (Envoy: after body())."""
+        f = self.filter
+        held = f.callbacks.held_trailers("decode" if f.decoding else "encode")
+        self.trailer_map = None if held is None else HeaderMap(held, {})
+        return held is not None
+
+    def route_metadata(self):
+        route = getattr(self.filter.callbacks.exchange, "route", None)
+        metadata = getattr(route, "metadata", None)
+        if not metadata:
+            return None
+        name = self.factory.filter_name if self.factory is not None else ""
+        entry = metadata.get(name, metadata.get("envoy.filters.http.lua"))
+        return None if entry is None else self._to_lua(_as_bytes(entry))
+
+    def use_trailers(self, on: bool) -> None:
+        if on:
+            self.headers_map, self.map = self.map, self.trailer_map
+        else:
+            self.map = self.headers_map
+
+    def _from_lua(self, value, depth: int = 0):
+        if self.lua_type(value) != "table":
+            return value
+        if depth > 8:
+            raise ValueError("dynamicMetadata: value nested deeper than 8 tables")
+        return {k: self._from_lua(v, depth + 1) for k, v in value.items()}
+
+    def _to_lua(self, value):
+        if isinstance(value, dict):
+            return self.runtime.table_from({k: self._to_lua(v) for k, v in value.items()})
+        return value
+
+    def _metadata(self, create: bool = False) -> dict | None:
+        chain = self.filter.callbacks
+        metadata = chain.dynamic_metadata
+        if metadata is None and create:
+            metadata = chain.dynamic_metadata = {}
+        return metadata
+
+    def meta_set(self, namespace: bytes, key: bytes, value) -> None:
+        self._metadata(create=True).setdefault(namespace, {})[key] = self._from_lua(value)
+
+    def meta_get(self, namespace: bytes):
+        entry = (self._metadata() or {}).get(namespace)
+        return None if entry is None else self._to_lua(entry)
+
+    def meta_items(self):
+        items = (self._metadata() or {}).items()
+        table_from = self.runtime.table_from
+        return table_from([table_from([ns, self._to_lua(entry)]) for ns, entry in items])
+
+    def address(self, remote: int) -> bytes | None:
+        """The downstream connection's local (0) or remote (1) address, as Envoy prints it."""
+        down = self.filter.callbacks.exchange.downstream
+        stream = getattr(down, "stream", None) or getattr(
+            getattr(down, "session", None), "stream", None
+        )
+        sock = getattr(stream, "sock", None)
+        if sock is None:
+            return None
+        try:
+            name = sock.getpeername() if remote else sock.getsockname()
+        except OSError:
+            return None
+        if isinstance(name, str):  # a Unix socket
+            return name.encode() or b"@"
+        host, port = name[0], name[1]
+        return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
+
+    def call_start(self, cluster: bytes, headers, body, timeout_ms, asynchronous: bool) -> None:
+        """handle:httpCall(): checked here; a synchronous call starts when the script has yielded."""
+        factory = self.factory
+        config = factory.clusters.get(cluster.decode(errors="replace")) if factory else None
+        if config is None:
+            raise ValueError(f"httpCall: no cluster named {cluster.decode(errors='replace')!r}")
+        pairs = []
+        for key, value in headers.items():
+            key = key if isinstance(key, bytes) else str(key).encode()
+            values = value.values() if self.lua_type(value) == "table" else (value,)
+            for v in values:
+                pairs.append((key.lower(), v if isinstance(v, bytes) else str(v).encode()))
+        names = {k for k, _ in pairs}
+        if not {b":method", b":path", b":authority"} <= names:
+            raise ValueError("httpCall: headers need :method, :path and :authority")
+        timeout = min(timeout_ms / 1000, MAX_CALL_TIMEOUT) if timeout_ms > 0 else MAX_CALL_TIMEOUT
+        call = http_call(config, pairs, body or b"", timeout)
+        if asynchronous:  # fire and forget, as in Envoy: the script goes on at once
+            task = self.filter.callbacks.loop.create_task(call)
+            factory.background.add(task)
+            task.add_done_callback(_forget(factory.background))
+        else:
+            self.filter.pending_call = call
+
+    def call_answer(self, result: CallResult | None):
+        """(headers table, body or nil) for the script; a failed call reads as a 503 like Envoy's."""
+        if result is None:
+            return self.runtime.table_from({b":status": b"503"}), None
+        headers: dict[bytes, bytes] = {}
+        for key, value in result.headers:
+            headers[key] = value  # a repeated header: the last value, Envoy's default
+        return self.runtime.table_from(headers), result.body or None
+
+    def import_key(self, der: bytes, _length=None):
+        serialization = _crypto("serialization")
+        try:
+            return serialization.load_der_public_key(der)
+        except ValueError:
+            return None
+
+    def verify(self, hash_name: bytes, key, signature: bytes, _slen, data: bytes, _dlen):
+        hashes, padding, ec = _crypto("hashes"), _crypto("padding"), _crypto("ec")
+        algorithm = getattr(hashes, hash_name.decode(errors="replace").upper(), None)
+        if algorithm is None or hash_name.upper() not in (
+            b"SHA1",
+            b"SHA224",
+            b"SHA256",
+            b"SHA384",
+            b"SHA512",
+        ):
+            return False, b"unknown is not supported."
+        if key is None:
+            return False, b"Failed to verify digest. Error code: 0"
+        try:
+            if isinstance(key, ec.EllipticCurvePublicKey):
+                key.verify(signature, data, ec.ECDSA(algorithm()))
+            else:
+                key.verify(signature, data, padding.PKCS1v15(), algorithm())
+        except Exception:
+            return False, b"Failed to verify digest. Error code: 0"
+        return True, None
+
+
+def _as_bytes(value):
+    """Config (YAML) text as the byte strings Lua scripts see."""
+    if isinstance(value, dict):
+        return {_as_bytes(k): _as_bytes(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return {i + 1: _as_bytes(v) for i, v in enumerate(value)}
+    return value.encode() if isinstance(value, str) else value
+
+
+def _forget(tasks: set):
+    def done(task) -> None:
+        tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.info("lua filter: asynchronous httpCall failed: %s", task.exception())
+
+    return done
+
+
+def _crypto(name: str):
+    """importPublicKey/verifySignature need the `cryptography` package."""
+    try:
+        if name == "serialization":
+            from cryptography.hazmat.primitives import serialization as module
+        elif name == "hashes":
+            from cryptography.hazmat.primitives import hashes as module
+        elif name == "padding":
+            from cryptography.hazmat.primitives.asymmetric import padding as module
+        else:
+            from cryptography.hazmat.primitives.asymmetric import ec as module
+    except ImportError:
+        raise ValueError("importPublicKey/verifySignature need the cryptography package") from None
+    return module
+
 
 class _LuaFilter(HttpFilter):
     """Per request; which hooks exist depends on the script (see _filter_class)."""
@@ -755,6 +1064,9 @@ class _LuaFilter(HttpFilter):
         "body_changed",
         "no_body",
         "can_wait",
+        "pending_call",
+        "call_task",
+        "decoding",
     )
 
     def __init__(self, factory: LuaFactory) -> None:
@@ -763,7 +1075,10 @@ class _LuaFilter(HttpFilter):
         self.reply = None
         self.co = None
         self.body = None
-        self.can_wait = factory.config["uses_body"]
+        self.can_wait = factory.config["waits"]
+        self.pending_call = None  # the coroutine of a synchronous httpCall, started on its yield
+        self.call_task: asyncio.Task | None = None
+        self.decoding = True
 
     def _run(self, runner, headers, end_stream: bool) -> int:
         engine = self.engine
@@ -788,6 +1103,12 @@ class _LuaFilter(HttpFilter):
         if code == _WAITING:
             self.co = result[1]
             return STOP_AND_BUFFER
+        if code == _CALLING:
+            self.co = result[1]
+            call, self.pending_call = self.pending_call, None
+            self.call_task = task = self.callbacks.loop.create_task(call)
+            task.add_done_callback(self._call_done)
+            return STOP_AND_BUFFER  # a body arriving meanwhile is held
         factory = self.factory
         if code == _TIMEOUT:
             factory.counters[TIMEOUTS] += 1
@@ -804,6 +1125,36 @@ class _LuaFilter(HttpFilter):
         self.factory.counters[REPLIES] += 1
         self.callbacks.send_local_reply(status, body, headers, flag="LR")
         return STOP
+
+    def _call_done(self, task: asyncio.Task) -> None:
+        """The synchronous httpCall answered (or failed): resume the script where it waits."""
+        self.call_task = None
+        co, self.co = self.co, None
+        if co is None or task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and not isinstance(exc, (CalloutError, ValueError)):
+            log.warning("lua filter: httpCall failed: %r", exc)
+        engine = self.engine
+        cb = self.callbacks
+        engine.bind(cb.request_headers() if self.decoding else cb.response_headers(), self)
+        self.reply = None
+        try:
+            answer = engine.call_answer(None if exc is not None else task.result())
+            result = engine.resume(co, *answer)
+        except Exception as error:
+            result = (_ERROR, str(error).encode())
+        if result is None:
+            if self.reply is not None:
+                self._respond()
+            elif self.decoding:
+                cb.continue_decoding()
+            else:
+                cb.continue_encoding()
+            return
+        if isinstance(result, tuple) and result[0] == _WAITING:
+            result = (_ERROR, b"body() after httpCall() in one handler is not supported by pyproxy")
+        self._outcome(result)
 
     def _body_done(self, headers, buffer, set_buffer) -> int:
         co = self.co
@@ -827,18 +1178,23 @@ class _LuaFilter(HttpFilter):
 
 
 class _Waits:
-    """Scripts that may wait for a body: a suspended coroutine is dropped with its request."""
+    """Scripts that may wait (body, httpCall): a suspended coroutine or call is dropped with its request."""
 
     __slots__ = ()
 
     def on_destroy(self) -> None:
         self.co = None
+        self.pending_call = None
+        if self.call_task is not None:
+            self.call_task.cancel()
+            self.call_task = None
 
 
 class _Request:
     __slots__ = ()
 
     def decode_headers(self, headers, end_stream: bool) -> int:
+        self.decoding = True
         return self._run(self.engine.on_request, headers, end_stream)
 
 
@@ -846,6 +1202,8 @@ class _RequestBody:
     __slots__ = ()
 
     def decode_data(self, data, end_stream: bool) -> int:
+        if self.call_task is not None:
+            return STOP_AND_BUFFER
         if self.co is None:
             return CONTINUE
         cb = self.callbacks
@@ -856,6 +1214,7 @@ class _Response:
     __slots__ = ()
 
     def encode_headers(self, headers, end_stream: bool) -> int:
+        self.decoding = False
         return self._run(self.engine.on_response, headers, end_stream)
 
 
@@ -863,6 +1222,8 @@ class _ResponseBody:
     __slots__ = ()
 
     def encode_data(self, data, end_stream: bool) -> int:
+        if self.call_task is not None:
+            return STOP_AND_BUFFER
         if self.co is None:
             return CONTINUE
         cb = self.callbacks
@@ -878,19 +1239,19 @@ def _filter_class(config: dict) -> type:
     A script that never waits for a body keeps nothing between hook calls (each call's state
     is reset when it starts), so one instance per worker serves every request.
     """
-    key = (config["on_request"], config["on_response"], config["uses_body"])
+    key = (config["on_request"], config["on_response"], config["waits"])
     cls = _CLASSES.get(key)
     if cls is None:
-        bases: list[type] = [_Waits] if config["uses_body"] else []
+        bases: list[type] = [_Waits] if config["waits"] else []
         if config["on_request"]:
             bases.append(_Request)
-            if config["uses_body"]:
+            if config["waits"]:
                 bases.append(_RequestBody)
         if config["on_response"]:
             bases.append(_Response)
-            if config["uses_body"]:
+            if config["waits"]:
                 bases.append(_ResponseBody)
-        namespace = {"__slots__": (), "shared": not config["uses_body"]}
+        namespace = {"__slots__": (), "shared": not config["waits"]}
         cls = type("LuaFilter", (*bases, _LuaFilter), namespace)
         _CLASSES[key] = cls
     return cls

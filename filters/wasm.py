@@ -28,11 +28,15 @@ logs one line, and replaces the instance with a fresh one (Envoy's
 FAIL_RELOAD): the guest's memory may be inconsistent after a trap. Requests
 begun on the replaced instance skip their remaining hooks.
 
-Every host function a module imports is present: the ones below are real, any
-other `env.*` import answers UNIMPLEMENTED (12), any other WASI import ENOSYS
-(the `fd_*` ones BADF, which ends wasi-libc's preopen scan). Only request and
-response headers are exposed to the guest (no body callbacks, no HTTP/gRPC
-callouts).
+Host functions are ABI 0.2.1's as Envoy's host implements them (README, Filters, has the
+table): the ones pyproxy lacks (gRPC calls, close_stream, set_buffer_bytes) answer
+UNIMPLEMENTED, and any env import outside the ABI is refused at load, by name. WASI is
+registered under both `wasi_snapshot_preview1` and `wasi_unstable`, as Envoy does; beyond
+clocks, random, fd_write (to the log) and proc_exit, WASI calls answer ENOSYS (`fd_*`: BADF,
+which ends wasi-libc's preopen scan). `proxy_http_call` goes to a configured cluster (see
+filters/callout.py) and answers on the root context (proxy_on_http_call_response), as in
+Envoy; shared queues wake proxy_on_queue_ready the same way. Request and response headers
+are exposed to the guest; bodies and trailers are not.
 
 Hot path: Python's `wasmtime.Func.__call__` costs ~65 µs (it re-reads the
 function type and boxes every value), so host→guest calls go straight to the C
@@ -48,6 +52,7 @@ most FUEL_BATCH × `fuel_per_call` instructions.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import hashlib
 import json
@@ -56,11 +61,20 @@ import os
 import struct
 import time
 from ctypes import CFUNCTYPE, c_char_p, c_int32, c_int64, c_size_t, c_uint32, c_uint64, c_void_p
+from typing import cast
 
 import wasmtime
+from pyproxy.filters.callout import http_call
 from wasmtime import _bindings as _capi
 
-from pyproxy.chain.api import CONTINUE, STOP, FilterConfigError, FilterFactory, HttpFilter
+from pyproxy.chain.api import (
+    CONTINUE,
+    STOP,
+    FilterConfigError,
+    FilterFactory,
+    HeaderMap,
+    HttpFilter,
+)
 from pyproxy.durations import parse_duration
 
 log = logging.getLogger("pyproxy.wasm")
@@ -71,10 +85,28 @@ OK, NOT_FOUND, BAD_ARGUMENT, INVALID_MEMORY_ACCESS, UNIMPLEMENTED = 0, 1, 2, 6, 
 WASI_SUCCESS, WASI_BADF, WASI_FAULT, WASI_INVAL, WASI_NOSYS, WASI_NOTSUP = 0, 8, 21, 28, 52, 58
 # proxy_map_type_t / proxy_buffer_type_t / proxy_stream_type_t
 REQUEST_HEADERS, RESPONSE_HEADERS = 0, 2
-VM_CONFIGURATION, PLUGIN_CONFIGURATION = 6, 7
+HTTP_CALL_RESPONSE_HEADERS, HTTP_CALL_RESPONSE_TRAILERS = 6, 7
+HTTP_CALL_RESPONSE_BODY, VM_CONFIGURATION, PLUGIN_CONFIGURATION = 4, 6, 7
 PAUSE = 1  # proxy_action_t
 
 ABI_MARKERS = ("proxy_abi_version_0_2_1", "proxy_abi_version_0_2_0", "proxy_abi_version_0_1_0")
+# Envoy registers WASI under both names: the AssemblyScript SDK's runtime imports wasi_unstable.
+WASI_MODULES = ("wasi_snapshot_preview1", "wasi_unstable")
+MAX_HTTP_CALLS = 100  # callouts in flight per instance
+MAX_QUEUES, MAX_QUEUE_ITEMS = 64, 1024
+# Host functions of ABI 0.2.1 this host does not carry out: present, answering UNIMPLEMENTED as
+# Envoy does for what it lacks. Any other env import is refused at load, by name.
+UNIMPLEMENTED_FUNCTIONS = frozenset(
+    {
+        "proxy_grpc_call",
+        "proxy_grpc_stream",
+        "proxy_grpc_send",
+        "proxy_grpc_cancel",
+        "proxy_grpc_close",
+        "proxy_close_stream",
+        "proxy_set_buffer_bytes",
+    }
+)
 ROOT_CONTEXT_ID = 1
 DEFAULT_FUEL = 50_000_000  # a tight loop burns it in ~20 ms
 DEFAULT_MEMORY = 16 * 1024 * 1024
@@ -118,6 +150,8 @@ CALLBACKS = {
     "proxy_on_log": (1, 0),
     "proxy_on_delete": (1, 0),
     "proxy_on_tick": (1, 0),
+    "proxy_on_http_call_response": (5, 0),
+    "proxy_on_queue_ready": (2, 0),
     "_initialize": (0, 0),
     "_start": (0, 0),
     "main": (2, 1),
@@ -351,14 +385,25 @@ def check_module(field: str, module: wasmtime.Module) -> None:
                 field, f"export {name} has signature {params} -> {results}, not the ABI's"
             )
     for imp in module.imports:
-        if imp.module not in ("env", "wasi_snapshot_preview1"):
+        if imp.module != "env" and imp.module not in WASI_MODULES:
             raise FilterConfigError(
-                field, f"imports {imp.module}.{imp.name}: only env and wasi_snapshot_preview1 exist"
+                field,
+                f"imports {imp.module}.{imp.name}: only env, {' and '.join(WASI_MODULES)} exist",
             )
         if not isinstance(imp.type, wasmtime.FuncType):
             raise FilterConfigError(
                 field, f"imports {imp.module}.{imp.name}, which is not a function (not provided)"
             )
+        if imp.module == "env" and imp.name not in _env_functions():
+            raise FilterConfigError(
+                field, f"imports env.{imp.name}, a host function pyproxy does not provide"
+            )
+
+
+def _env_functions() -> frozenset[str]:
+    """Every env.* name a module may import: the implemented ones and UNIMPLEMENTED_FUNCTIONS."""
+    table = _host_functions(cast(Runtime, None))  # names only: no host function is called
+    return frozenset(name for module, name in table if module == "env") | UNIMPLEMENTED_FUNCTIONS
 
 
 # ---- the runtime: one store and instance -----------------------------------------------------
@@ -390,6 +435,12 @@ class Runtime:
         self.metric_ids: dict[bytes, int] = {}
         self.shared: dict[bytes, tuple[bytes, int]] = {}
         self.shared_bytes = 0
+        self.clusters: dict = {}  # name -> ClusterConfig, for proxy_http_call (set by the factory)
+        self.calls: dict[int, tuple[WasmFilter | None, asyncio.Task]] = {}  # token -> caller, task
+        self.next_token = 0
+        self.call_response = None  # the HttpCallResult being delivered to the guest, or None
+        self.queues: dict[bytes, list[bytes]] = {}  # name -> items; the token is the index + 1
+        self.queue_names: list[bytes] = []
         self.failed_at = 0.0
         self.batch_entries = 0  # entries left on the current fuel batch (see FUEL_BATCH)
         self.host_calls = self.host_bytes = 0  # this entry's, against the MAX_HOST_* limits
@@ -511,6 +562,7 @@ class Runtime:
         if self.tick_timer is not None:
             self.tick_timer.cancel()
             self.tick_timer = None
+        self.cancel_calls()
         self.live.clear()
         self.store = None
 
@@ -520,6 +572,7 @@ class Runtime:
         log.warning("wasm filter %s: %s in %s; request answered 500", self.name, exc, where)
         for f in list(self.live.values()):
             f.orphaned()
+        self.cancel_calls()
         self.restart()
 
     def restart(self) -> None:
@@ -590,6 +643,11 @@ class Runtime:
         if ptr + size > _memory_size(ctx, self.memory_handle):
             raise IndexError
         return _memory_data(ctx, self.memory_handle) + ptr
+
+    def check(self, ptr: int, size: int) -> None:
+        """Raise IndexError (INVALID_MEMORY_ACCESS) unless [ptr, ptr + size) is guest memory."""
+        if ptr + size > _memory_size(self.caller_ctx or self.ctx, self.memory_handle):
+            raise IndexError
 
     def read(self, ptr: int, size: int) -> bytes:
         return ctypes.string_at(self._bounds(ptr, size), size) if size else b""
@@ -678,6 +736,93 @@ class Runtime:
                 ctypes.cast(error, ctypes.POINTER(_capi.wasmtime_error_t))
             )
             raise WasmFault(f"cannot link {label}: {err}")
+
+    # ---- HTTP callouts (proxy_http_call) ---------------------------------------------------
+
+    def dispatch_call(self, cluster, pairs, body: bytes, timeout: float) -> int:
+        """Start a callout for the current context; returns its token (the answer comes later)."""
+        self.next_token = token = self.next_token % 0x7FFFFFFF + 1
+        caller = self.filter
+        task = self.loop.create_task(http_call(cluster, pairs, body, timeout))
+        self.calls[token] = (caller, task)
+        generation = self.generation
+        task.add_done_callback(lambda done: self._call_done(token, generation, done))
+        return token
+
+    def cancel_calls(self, caller: WasmFilter | None = None) -> None:
+        """Drop callouts: a stream's when it ends (nobody to resume), all when the instance goes."""
+        for token, (owner, task) in list(self.calls.items()):
+            if caller is None or owner is caller:
+                del self.calls[token]
+                task.cancel()
+
+    def _call_done(self, token: int, generation: int, task: asyncio.Task) -> None:
+        """Envoy's host calls proxy_on_http_call_response on the root context; an SDK sets the
+        effective context to the stream that asked. A failed call arrives with no headers."""
+        entry = self.calls.pop(token, None)
+        if entry is None or task.cancelled() or generation != self.generation or self.store is None:
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.info("wasm filter %s: http call %d failed: %s", self.name, token, exc)
+            result = None
+        else:
+            result = task.result()
+        callback = self.exports.get("proxy_on_http_call_response")
+        if callback is None:
+            return
+        caller = entry[0]
+        self.call_response = result
+        self.filter = None
+        self.refuel()
+        nheaders = len(result.headers) if result else 0
+        ntrailers = len(result.trailers) if result else 0
+        body_size = len(result.body) if result else 0
+        try:
+            self.call5(callback, ROOT_CONTEXT_ID, token, nheaders, body_size, ntrailers)
+        except WasmFault as exc:
+            if caller is not None and caller.generation == self.generation:
+                caller._fault(exc, "proxy_on_http_call_response")
+            else:
+                self.failed(exc, "proxy_on_http_call_response", [0] * 4)
+            return
+        finally:
+            self.call_response = None
+            self.filter = None
+        if caller is not None and caller.reply is not None:
+            caller._send_reply()
+
+    def call5(self, func: tuple[int, int], a: int, b: int, c: int, d: int, e: int) -> int:
+        """A five-argument callback (proxy_on_http_call_response): rare, so no fast path."""
+        raw = self.raw
+        for i, value in enumerate((a, b, c, d, e)):
+            raw[4 * i] = value
+        error = _call_unchecked(self.ctx, func[0], self.raw_addr, func[1], self.trap_addr)
+        if error or self.trapbox.value:
+            raise self._fault(error)
+        return raw[0]
+
+    # ---- shared queues ------------------------------------------------------------------
+
+    def queue_ready(self, token: int) -> None:
+        """proxy_on_queue_ready on the root context, after the enqueuing call has returned."""
+        callback = self.exports.get("proxy_on_queue_ready")
+        if callback is None or self.loop is None:
+            return
+        generation = self.generation
+
+        def deliver() -> None:
+            if self.store is None or generation != self.generation:
+                return
+            self.filter = None
+            self.refuel()
+            try:
+                self.call_raw(callback[0], callback[1], ROOT_CONTEXT_ID, token)
+            except WasmFault as exc:
+                log.warning("wasm filter %s: %s in proxy_on_queue_ready", self.name, exc)
+                self.restart()
+
+        self.loop.call_soon(deliver)
 
     # ---- ticks --------------------------------------------------------------------------
 
@@ -806,6 +951,14 @@ def _host_functions(rt: Runtime) -> dict:
     I, L = "i32", "i64"  # noqa: E741
 
     def headers_of(map_id: int):
+        if map_id == HTTP_CALL_RESPONSE_HEADERS or map_id == HTTP_CALL_RESPONSE_TRAILERS:
+            answer = rt.call_response
+            if answer is None:
+                return None
+            pairs = answer.headers if map_id == HTTP_CALL_RESPONSE_HEADERS else answer.trailers
+            return HeaderMap(
+                [p for p in pairs if p[0][:1] != b":"], dict(p for p in pairs if p[0][:1] == b":")
+            )
         f = rt.filter
         if f is None:
             return None
@@ -821,11 +974,15 @@ def _host_functions(rt: Runtime) -> dict:
     def proxy_log(level, ptr, size):
         if level > 5:
             return BAD_ARGUMENT
+        py_level = LOG_LEVELS[level]
+        if not log.isEnabledFor(py_level):
+            # SDK runtimes log at debug on every hook without asking proxy_get_log_level: a
+            # dropped line is only bounds-checked, never copied.
+            rt.check(ptr, size)
+            return OK
         rt.charge(size)
         message = rt.read(ptr, size)
-        py_level = LOG_LEVELS[level]
-        if log.isEnabledFor(py_level):
-            log.log(py_level, "wasm filter %s: %s", rt.name, message.decode(errors="replace"))
+        log.log(py_level, "wasm filter %s: %s", rt.name, message.decode(errors="replace"))
         return OK
 
     def proxy_get_log_level(ret):
@@ -838,27 +995,31 @@ def _host_functions(rt: Runtime) -> dict:
         rt.write_u64(ret, time.time_ns())
         return OK
 
-    def proxy_get_buffer_bytes(buffer_id, start, max_size, ret_ptr, ret_size):
+    def buffer_of(buffer_id: int) -> bytes | None:
         if buffer_id == VM_CONFIGURATION:
-            data = rt.vm_config
-        elif buffer_id == PLUGIN_CONFIGURATION:
-            data = rt.plugin_config
-        elif 0 <= buffer_id <= 8:
-            return NOT_FOUND
-        else:
-            return BAD_ARGUMENT
+            return rt.vm_config
+        if buffer_id == PLUGIN_CONFIGURATION:
+            return rt.plugin_config
+        if buffer_id == HTTP_CALL_RESPONSE_BODY and rt.call_response is not None:
+            return rt.call_response.body
+        return None
+
+    def proxy_get_buffer_bytes(buffer_id, start, max_size, ret_ptr, ret_size):
+        data = buffer_of(buffer_id)
+        if data is None:
+            return NOT_FOUND if 0 <= buffer_id <= 8 else BAD_ARGUMENT
         if start > len(data):
             return BAD_ARGUMENT
-        return rt.give(data[start : start + max_size], ret_ptr, ret_size)
+        chunk = data[start : start + max_size]
+        if not chunk:  # as Envoy's host: nothing to copy, the out-params are left alone
+            return OK
+        return rt.give(chunk, ret_ptr, ret_size)
 
     def proxy_get_buffer_status(buffer_id, ret_size, ret_flags):
-        if buffer_id == VM_CONFIGURATION:
-            size = len(rt.vm_config)
-        elif buffer_id == PLUGIN_CONFIGURATION:
-            size = len(rt.plugin_config)
-        else:
+        data = buffer_of(buffer_id)
+        if data is None:
             return NOT_FOUND if 0 <= buffer_id <= 8 else BAD_ARGUMENT
-        rt.write_u32(ret_size, size)
+        rt.write_u32(ret_size, len(data))
         rt.write_u32(ret_flags, 0)
         return OK
 
@@ -995,6 +1156,25 @@ def _host_functions(rt: Runtime) -> dict:
     def proxy_set_tick_period_milliseconds(ms):
         return rt.set_tick(ms)
 
+    def proxy_http_call(uptr, usize, hptr, hsize, bptr, bsize, tptr, tsize, timeout_ms, ret_token):
+        """Envoy: `upstream` names a cluster; headers need :method, :path and :authority."""
+        cluster = rt.clusters.get(rt.read(uptr, usize).decode(errors="replace"))
+        if cluster is None or rt.loop is None:
+            return BAD_ARGUMENT
+        if len(rt.calls) >= MAX_HTTP_CALLS:
+            return BAD_ARGUMENT
+        rt.charge(hsize + bsize + tsize)
+        try:
+            pairs = deserialize_pairs(rt.read(hptr, hsize))
+        except (ValueError, struct.error):
+            return BAD_ARGUMENT
+        names = {k for k, _ in pairs}
+        if not {b":method", b":path", b":authority"} <= names:
+            return BAD_ARGUMENT
+        token = rt.dispatch_call(cluster, pairs, rt.read(bptr, bsize), timeout_ms / 1000)
+        rt.write_u32(ret_token, token)
+        return OK
+
     def proxy_define_metric(metric_type, nptr, nsize, ret_id):
         if metric_type > 2:
             return BAD_ARGUMENT
@@ -1024,6 +1204,72 @@ def _host_functions(rt: Runtime) -> dict:
             return NOT_FOUND
         rt.write_u64(ret, rt.metrics[metric_id] & 0xFFFFFFFFFFFFFFFF)
         return OK
+
+    def proxy_register_shared_queue(nptr, nsize, ret_token):
+        name = rt.read(nptr, nsize)
+        if name not in rt.queues:
+            if len(rt.queues) >= MAX_QUEUES:
+                return BAD_ARGUMENT
+            rt.charge(nsize)
+            rt.queues[name] = []
+            rt.queue_names.append(name)
+        rt.write_u32(ret_token, rt.queue_names.index(name) + 1)
+        return OK
+
+    def proxy_resolve_shared_queue(_vptr, _vsize, nptr, nsize, ret_token):
+        """One VM per filter here: any vm_id resolves among this instance's queues."""
+        name = rt.read(nptr, nsize)
+        if name not in rt.queues:
+            return NOT_FOUND
+        rt.write_u32(ret_token, rt.queue_names.index(name) + 1)
+        return OK
+
+    def queue_of(token: int) -> list[bytes] | None:
+        if not 1 <= token <= len(rt.queue_names):
+            return None
+        return rt.queues[rt.queue_names[token - 1]]
+
+    def proxy_enqueue_shared_queue(token, ptr, size):
+        queue = queue_of(token)
+        if queue is None:
+            return NOT_FOUND
+        if len(queue) >= MAX_QUEUE_ITEMS:
+            return BAD_ARGUMENT
+        rt.charge(size)
+        queue.append(rt.read(ptr, size))
+        rt.queue_ready(token)
+        return OK
+
+    def proxy_dequeue_shared_queue(token, ret_ptr, ret_size):
+        queue = queue_of(token)
+        if queue is None:
+            return NOT_FOUND
+        if not queue:
+            return 7  # EMPTY
+        return rt.give(queue.pop(0), ret_ptr, ret_size)
+
+    def proxy_get_status(ret_code, ret_ptr, ret_size):
+        """The last callout's status: 0 with an answer, 14 (UNAVAILABLE) without (gRPC codes)."""
+        answer = rt.call_response
+        rt.write_u32(ret_code, 0 if answer is not None else 14)
+        return rt.give(b"" if answer is not None else b"unavailable", ret_ptr, ret_size)
+
+    def proxy_set_property(pptr, psize, vptr, vsize):
+        rt.charge(psize + vsize)
+        f = rt.filter
+        if f is None:
+            return NOT_FOUND
+        path = rt.read(pptr, psize).replace(b"\0", b".").strip(b".")
+        if f.properties is None:
+            f.properties = {}
+        f.properties[path] = rt.read(vptr, vsize)
+        return OK
+
+    def proxy_clear_route_cache():
+        return OK  # a no-op: the route is matched once, before the filters
+
+    def proxy_call_foreign_function(_nptr, _nsize, _aptr, _asize, _ret_ptr, _ret_size):
+        return NOT_FOUND  # Envoy's foreign functions (compress, expr) are not provided
 
     def proxy_get_shared_data(kptr, ksize, ret_ptr, ret_size, ret_cas):
         item = rt.shared.get(rt.read(kptr, ksize))
@@ -1118,6 +1364,15 @@ def _host_functions(rt: Runtime) -> dict:
         "proxy_continue_response": ([], proxy_continue_response),
         "proxy_done": ([], proxy_done),
         "proxy_set_tick_period_milliseconds": ([I], proxy_set_tick_period_milliseconds),
+        "proxy_http_call": ([I] * 10, proxy_http_call),
+        "proxy_register_shared_queue": ([I] * 3, proxy_register_shared_queue),
+        "proxy_resolve_shared_queue": ([I] * 5, proxy_resolve_shared_queue),
+        "proxy_enqueue_shared_queue": ([I] * 3, proxy_enqueue_shared_queue),
+        "proxy_dequeue_shared_queue": ([I] * 3, proxy_dequeue_shared_queue),
+        "proxy_get_status": ([I] * 3, proxy_get_status),
+        "proxy_set_property": ([I] * 4, proxy_set_property),
+        "proxy_clear_route_cache": ([], proxy_clear_route_cache),
+        "proxy_call_foreign_function": ([I] * 6, proxy_call_foreign_function),
         "proxy_define_metric": ([I] * 4, proxy_define_metric),
         "proxy_increment_metric": ([I, L], proxy_increment_metric),
         "proxy_record_metric": ([I, L], proxy_record_metric),
@@ -1138,12 +1393,23 @@ def _host_functions(rt: Runtime) -> dict:
         "sched_yield": ([], [I], sched_yield),
     }
     table = {("env", name): (params, [I], impl) for name, (params, impl) in env.items()}
-    table.update({("wasi_snapshot_preview1", name): entry for name, entry in wasi.items()})
+    for wasi_module in WASI_MODULES:
+        table.update({(wasi_module, name): entry for name, entry in wasi.items()})
     return table
 
 
+_REQUEST_PSEUDO = {
+    b"path": b":path",
+    b"method": b":method",
+    b"host": b":authority",
+    b"scheme": b":scheme",
+}
+
+
 def _property(rt: Runtime, path: tuple[bytes, ...]) -> bytes | None:
-    """A minimal property tree: plugin identity, and the current request's method/path/host and status."""
+    """Envoy's attributes that this host knows: plugin identity, the request's method, path,
+    url_path, host, scheme and headers, response code and headers, the upstream's address, and
+    whatever the guest set with proxy_set_property. The rest (source.*, connection.*) is NOT_FOUND."""
     settings = rt.settings
     if path == (b"plugin_name",):
         return settings["name"].encode()
@@ -1152,13 +1418,31 @@ def _property(rt: Runtime, path: tuple[bytes, ...]) -> bytes | None:
     if path == (b"plugin_vm_id",):
         return settings["vm_id"].encode()
     f = rt.filter
-    if f is None or len(path) != 2:
+    if f is None or not path:
         return None
-    if path[0] == b"request" and f.request is not None:
-        pseudo = {b"path": b":path", b"method": b":method", b"host": b":authority"}.get(path[1])
-        return f.request.get(pseudo) if pseudo else None
-    if path == (b"response", b"code") and f.response is not None:
-        return f.response.get(b":status")
+    if f.properties is not None:
+        value = f.properties.get(b".".join(path))
+        if value is not None:
+            return value
+    kind, rest = path[0], path[1:]
+    if kind == b"request" and f.request is not None and rest:
+        if rest[0] == b"url_path":
+            return (f.request.get(b":path") or b"").partition(b"?")[0]
+        if rest[0] == b"headers" and len(rest) == 2:
+            return f.request.get(rest[1].lower())
+        pseudo = _REQUEST_PSEUDO.get(rest[0])
+        return f.request.get(pseudo) if pseudo and len(rest) == 1 else None
+    if kind == b"response" and f.response is not None and rest:
+        if rest == (b"code",):
+            return f.response.get(b":status")
+        if rest[0] == b"headers" and len(rest) == 2:
+            return f.response.get(rest[1].lower())
+        return None
+    if path == (b"upstream", b"address"):
+        target = getattr(getattr(f.callbacks, "exchange", None), "target", None)
+        if target is None:
+            return None
+        return (target.path or f"{target.host}:{target.port}").encode()
     return None
 
 
@@ -1227,6 +1511,7 @@ class WasmFactory(FilterFactory):
         module = wasmtime.Module.deserialize(_engine(), config["module"].artifact)
         settings = dict(config, name=config["name"] or context.filter_name or "wasm")
         self.runtime = Runtime(module, settings, context.loop)
+        self.runtime.clusters = context.clusters
         self.pause_timeout = config["pause_timeout"]
         # Only the hooks the module exports: a callback it lacks costs nothing per request.
         exports = self.runtime.exports
@@ -1260,6 +1545,7 @@ class WasmFilter(HttpFilter):
         "reply",
         "paused",
         "timer",
+        "properties",
     )
 
     def __init__(self, factory: WasmFactory) -> None:
@@ -1272,6 +1558,7 @@ class WasmFilter(HttpFilter):
         self.reply = None
         self.paused = -1  # the stream type (0 request, 1 response) the guest paused, or -1
         self.timer = None
+        self.properties: dict[bytes, bytes] | None = None  # set by proxy_set_property
 
     def _enter(self) -> int:
         """Make sure this request has a context in the current instance, and fuel for one entry.
@@ -1394,6 +1681,8 @@ class WasmFilter(HttpFilter):
 
     def on_destroy(self) -> None:
         self._cancel_timer()
+        if self.runtime.calls:
+            self.runtime.cancel_calls(self)
         if not self.context_id or self.generation != self.runtime.generation:
             return
         self._delete_context()  # guest calls the request pays for: the chain times on_destroy

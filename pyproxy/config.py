@@ -98,6 +98,9 @@ class RouteConfig:
     # None: unset, so each kind of exchange takes its default (router.py: route_timeouts)
     timeout: float | None = None
     filters: tuple[FilterSpec, ...] | None = None  # None: the listener's chain; () : no filters
+    # Envoy's route metadata, {filter name: {key: value}}: what a filter program reads for this
+    # route (Lua's handle:metadata()).
+    metadata: dict = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -619,10 +622,19 @@ def _routes(fields: _Fields, mode: str) -> tuple[RouteConfig, ...]:
                 cluster=route.take("cluster", _name, ""),
                 timeout=route.take("timeout", parse_duration, None),
                 filters=_filters(route, mode),
+                metadata=route.take("metadata", _metadata, {}),
             )
         )
         route.done()
     return tuple(routes)
+
+
+def _metadata(value: Any) -> dict:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, dict) for k, v in value.items()
+    ):
+        raise ValueError("expected a mapping of filter name -> {key: value}")
+    return value
 
 
 def _authority(value: Any) -> str:

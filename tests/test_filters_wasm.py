@@ -168,6 +168,12 @@ BAD_MODULES = {
         " i32.const 1))",
         "out of fuel",
     ),
+    "imports_a_host_function_pyproxy_lacks": (
+        '(module (import "env" "proxy_make_coffee" (func (param i32) (result i32)))'
+        ' (memory (export "memory") 1) (func (export "proxy_abi_version_0_2_1"))'
+        ' (func (export "malloc") (param i32) (result i32) i32.const 0))',
+        "imports env.proxy_make_coffee, a host function pyproxy does not provide",
+    ),
     "traps_at_start": (
         '(module (memory (export "memory") 1) (func (export "proxy_abi_version_0_2_1"))'
         ' (func (export "malloc") (param i32) (result i32) i32.const 0)'
@@ -492,3 +498,53 @@ def test_host_time_and_memory_a_guest_asks_for_are_bounded(start_proxy, tmp_path
         time.sleep(0.02)
     assert reason in proxy.output, proxy.output
     assert proxy.listener()["filters"]["bomb"]["traps"] == 1
+
+
+# A shared queue (register, enqueue, proxy_on_queue_ready, dequeue) and properties: the request's
+# url_path goes into a request header; the queued item, moved to shared data by the queue
+# callback, into a response header.
+QUEUE_AND_PROPERTIES = (
+    """
+(module
+  (import "env" "proxy_register_shared_queue" (func $register (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_enqueue_shared_queue" (func $enqueue (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_dequeue_shared_queue" (func $dequeue (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_set_shared_data" (func $set (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_shared_data" (func $get (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_property" (func $property (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+"""
+    + _GUEST.format(pages=1)
+    + """
+  (data (i32.const 100) "q")
+  (data (i32.const 110) "hello")
+  (data (i32.const 120) "got")
+  (data (i32.const 130) "x-queued")
+  (data (i32.const 140) "request\\00url_path")
+  (data (i32.const 160) "x-url-path")
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $register (i32.const 100) (i32.const 1) (i32.const 200)))
+    (drop (call $enqueue (i32.load (i32.const 200)) (i32.const 110) (i32.const 5)))
+    (drop (call $property (i32.const 140) (i32.const 16) (i32.const 204) (i32.const 208)))
+    (drop (call $add (i32.const 0) (i32.const 160) (i32.const 10)
+      (i32.load (i32.const 204)) (i32.load (i32.const 208))))
+    (i32.const 0))
+  (func (export "proxy_on_queue_ready") (param i32 i32)
+    (drop (call $dequeue (local.get 1) (i32.const 204) (i32.const 208)))
+    (drop (call $set (i32.const 120) (i32.const 3)
+      (i32.load (i32.const 204)) (i32.load (i32.const 208)) (i32.const 0))))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (drop (call $get (i32.const 120) (i32.const 3) (i32.const 204) (i32.const 208) (i32.const 212)))
+    (drop (call $add (i32.const 2) (i32.const 130) (i32.const 8)
+      (i32.load (i32.const 204)) (i32.load (i32.const 208))))
+    (i32.const 0)))
+"""
+)
+
+
+def test_shared_queue_and_properties_reach_the_guest(start_proxy, tmp_path, upstream):
+    proxy, port = _proxy_wat(start_proxy, tmp_path, upstream.address, "q", QUEUE_AND_PROPERTIES)
+    status, headers, body = _response(curl("-i", f"http://127.0.0.1:{port}/echo?x=1"))
+    assert status == 200
+    assert headers["x-queued"] == "hello"
+    assert dict(json.loads(body)["headers"])["x-url-path"] == "/echo"

@@ -117,7 +117,8 @@ class FilterFactory:
 
 
 class FactoryContext:
-    """What a factory may use at build time: the worker's loop, the listener, the mode, the tap hub."""
+    """What a factory may use at build time: the worker's loop, the listener, the mode, the tap hub,
+    and the configured clusters (by name) that filter programs may call."""
 
     def __init__(
         self,
@@ -127,8 +128,10 @@ class FactoryContext:
         block: memoryview | None = None,
         slots: dict | None = None,
         tap_hub=None,
+        clusters: dict | None = None,
     ) -> None:
         self.loop = loop
+        self.clusters = clusters or {}
         self.listener_name = listener_name
         self.mode = mode
         self.tap_hub = tap_hub
@@ -220,3 +223,12 @@ def _check(name: bytes, value: bytes) -> None:
         or not name
     ):
         raise ValueError(f"invalid header {name!r}: {value!r}")
+
+
+def loggable(value):
+    """Dynamic metadata as the JSON access log carries it: byte strings decoded, keys as text."""
+    if isinstance(value, dict):
+        return {str(loggable(k)): loggable(v) for k, v in value.items()}
+    if isinstance(value, bytes):
+        return value.decode(errors="replace")
+    return value

@@ -138,7 +138,17 @@ class _ChainState:
 class HttpChain:
     """One request's pass through the chain, in both directions; also its filters' callbacks."""
 
-    __slots__ = ("factory", "exchange", "filters", "maps", "state", "done", "replied", "hook_ns")
+    __slots__ = (
+        "factory",
+        "exchange",
+        "filters",
+        "maps",
+        "state",
+        "done",
+        "replied",
+        "hook_ns",
+        "dynamic_metadata",
+    )
 
     def __init__(self, factory: ChainFactory, exchange) -> None:
         self.factory = factory
@@ -155,6 +165,8 @@ class HttpChain:
         self.replied = False
         # Time inside filter hooks (timed): the exchange charges the rest of the chain's time.
         self.hook_ns = 0
+        # Envoy's dynamic metadata: {namespace: {key: value}}, shared by the request's filters.
+        self.dynamic_metadata: dict | None = None
 
     def _st(self) -> _ChainState:
         state = self.state
@@ -239,6 +251,17 @@ class HttpChain:
 
     def set_encoding_buffer(self, data: bytes) -> None:
         self._st().held_body["encode"][:] = [bytes(data)]
+
+    def held_trailers(self, direction: str) -> list[tuple[bytes, bytes]] | None:
+        """The trailers held with a buffered body ("decode" or "encode"), editable in place
+        until they are released; None when none arrived (or nothing is held)."""
+        state = self.state
+        if state is None:
+            return None
+        for kind, payload, _ in state.held[direction]:
+            if kind == "trailers":
+                return payload
+        return None
 
     def request_headers(self) -> HeaderMap | None:
         return self.maps.get("decode")

@@ -47,7 +47,7 @@ class HttpContext:
         self.h2_flushes: Any = None  # the HTTP/2 sessions' shared flush queue, made on first use
         # Stage slots a callback can add to: the base stages plus this listener's filters.
         self.claim_end = STAGE_NS + len(STAGES) + len(listener.filter_names)
-        self._chains = self._build_chains(loop, listener)
+        self._chains = self._build_chains(loop, listener, config)
         from pyproxy.http.express import express_routes
 
         # The routes whose requests the express lane may carry, with their chains; None: none.
@@ -57,10 +57,13 @@ class HttpContext:
         # Whether (and how) connections pair for the native express lane; None: they never do.
         self.native_lanes = native_lanes(self)
 
-    def _build_chains(self, loop, listener: ListenerConfig) -> dict:
+    def _build_chains(self, loop, listener: ListenerConfig, config: ProxyConfig) -> dict:
         """Chain factories, built once: the listener's, and each route's override (None = no filters)."""
         slots = {name: i for i, name in enumerate(listener.filter_names)}
-        context = FactoryContext(loop, listener.name, listener.mode, self.block, slots)
+        clusters = {cluster.name: cluster for cluster in config.clusters}
+        context = FactoryContext(
+            loop, listener.name, listener.mode, self.block, slots, clusters=clusters
+        )
 
         def build(specs) -> ChainFactory | None:
             return ChainFactory(specs, context, slots) if specs else None

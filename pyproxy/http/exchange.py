@@ -15,7 +15,7 @@ from dataclasses import replace
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
-from pyproxy.chain.api import HeaderMap
+from pyproxy.chain.api import HeaderMap, loggable
 from pyproxy.codec.events import END, Body, RequestHead, ResponseHead, Trailers
 from pyproxy.codec.grpc import DEADLINE_EXCEEDED
 from pyproxy.codec.http1 import strip_hop_by_hop
@@ -600,11 +600,12 @@ class Exchange:
             self.chain = None  # no exchange <-> chain cycle left behind
             end_chain(ctx, chain)
         if ctx.access_log is not None:
-            ctx.access_log.write(ctx.loop, self._log_record(elapsed))
+            metadata = chain.dynamic_metadata if chain is not None else None
+            ctx.access_log.write(ctx.loop, self._log_record(elapsed, metadata))
         if not switched:
             self.downstream.exchange_done(self, reset=reset_downstream)
 
-    def _log_record(self, elapsed_ns: int) -> dict:
+    def _log_record(self, elapsed_ns: int, metadata: dict | None) -> dict:
         request = self.request
         record = {
             "time": round(self.started_wall, 6),
@@ -621,6 +622,8 @@ class Exchange:
         }
         if self.grpc is not None:
             self.grpc.log_fields(record)
+        if metadata:  # Envoy's dynamic metadata, as filters set it
+            record["dynamic_metadata"] = loggable(metadata)
         if self.trace is not None:
             record["stages_us"] = {
                 name: round(self.trace[i] / 1000, 2)

@@ -20,7 +20,7 @@ The route timeout rule lives here (``route_timeouts``), once:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pyproxy.addresses import Address
 from pyproxy.config import ClusterConfig, ListenerConfig, ProxyConfig
@@ -78,6 +78,8 @@ class Route:
     timeout: float  # plain HTTP exchanges (0: none)
     filters: tuple | None = None  # FilterSpecs overriding the listener's chain; None keeps it
     grpc_timeout: float = 0.0  # gRPC calls: only an explicit route timeout (0: none)
+    # {filter name: {key: value}} (RouteConfig.metadata); a dict: left out of hash and eq
+    metadata: dict | None = field(default=None, hash=False, compare=False)
 
 
 def route_timeouts(configured: float | None) -> tuple[float, float]:
@@ -100,6 +102,7 @@ class Router:
                 clusters[r.cluster] if r.cluster else None,
                 r.timeout,
                 r.filters,
+                r.metadata or None,
             )
             for r in listener.routes
         )
@@ -128,10 +131,15 @@ class Router:
 
 
 def _route(
-    authority: str, prefix: bytes, cluster: Cluster | None, timeout: float | None, filters
+    authority: str,
+    prefix: bytes,
+    cluster: Cluster | None,
+    timeout: float | None,
+    filters,
+    metadata: dict | None = None,
 ) -> Route:
     plain, grpc = route_timeouts(timeout)
-    return Route(authority, prefix, cluster, plain, filters, grpc)
+    return Route(authority, prefix, cluster, plain, filters, grpc, metadata)
 
 
 def _host_of(authority: bytes) -> str:
