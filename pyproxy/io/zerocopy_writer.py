@@ -2,7 +2,7 @@
 
 A zero-copy send lends the buffer to the kernel until its completion is
 reaped, so a direction cannot read into it again right away: each direction
-owns a small pool of ZC_BUFFERS buffers and reads into a free one. When every
+owns a small pool of ZC_BUFFERS buffers (each made on first use) and reads into a free one. When every
 buffer is still lent out it stops reading from its source until a completion
 returns one; that keeps the proxy's memory bounded at ZC_BUFFERS buffers per
 direction, the same backpressure idea as the copy relay.
@@ -247,7 +247,9 @@ class _ZcDirection(_Direction):
         "dst_ctl",
         "zc",
         "threshold",
-        "pool",
+        "size",
+        "buf",
+        "buffers",
         "views",
         "pins",
         "free",
@@ -274,15 +276,18 @@ class _ZcDirection(_Direction):
             self.zc.owner = self
             self.zc.reap_ns = self.write_ns
             self.threshold = threshold
-            extra = [bytearray(buffer_size) for _ in range(ZC_BUFFERS - 1)]
+            count = ZC_BUFFERS
         else:
             self.threshold = 1 << 62  # never: nothing to lend on a Unix socket
-            extra = []
-        self.pool = [self.buf, *extra]
-        self.views = [memoryview(b) for b in self.pool]
-        self.view = self.views[0]
-        self.pins = [0] * len(self.pool)
-        self.free = deque(range(1, len(self.pool)))
+            count = 1
+        # Lent buffers must stay put until reaped, so this backend does not share the worker's
+        # pool; an idle connection still holds nothing until its first read.
+        self.size = buffer_size
+        self.buffers: list[bytearray | None] = [None] * count
+        self.views: list[memoryview | None] = [None] * count
+        self.buf: bytearray | None = None
+        self.pins = [0] * count
+        self.free = deque(range(1, count))
         self.cur = 0
         self.starved = False
 
@@ -295,6 +300,8 @@ class _ZcDirection(_Direction):
             return
         if relay._closed or self.starved:
             return  # a POLLERR wake-up of a reader that is (about to be) off duty
+        if self.buf is None:
+            self._use(self.cur)
         t0 = perf_counter_ns() if relay.timed else 0
         try:
             n = self.src.recv_into(self.buf)
@@ -385,7 +392,11 @@ class _ZcDirection(_Direction):
 
     def _use(self, slot: int) -> None:
         self.cur = slot
-        self.buf = self.pool[slot]
+        buf = self.buffers[slot]
+        if buf is None:
+            buf = self.buffers[slot] = bytearray(self.size)
+            self.views[slot] = memoryview(buf)
+        self.buf = buf
         self.view = self.views[slot]
 
     def returned(self, slot: int) -> None:
