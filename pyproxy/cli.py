@@ -50,6 +50,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.add_argument(
         "--concurrency", type=int, help="worker processes sharing the listeners (SO_REUSEPORT)"
     )
+    run.add_argument(
+        "--max-connections", type=int, help="per worker; beyond it new connections are closed"
+    )
+    run.add_argument(
+        "--max-pending-requests", type=int, help="per worker; beyond it requests are answered 503"
+    )
     run.add_argument("--admin", help=f"admin address (default {ADMIN_DEFAULT}; 'off' disables)")
     run.add_argument(
         "--prometheus",
@@ -172,7 +178,14 @@ def _apply_top_flags(data: dict, args: argparse.Namespace, source: str) -> Proxy
             dict(lst, filters=list(lst.get("filters") or []) + flag_filters)
             for lst in data["listeners"]
         ]
-    for flag in ("admin", "prometheus", "health", "concurrency"):
+    for flag in (
+        "admin",
+        "prometheus",
+        "health",
+        "concurrency",
+        "max_connections",
+        "max_pending_requests",
+    ):
         value = getattr(args, flag)
         if value is not None:
             data[flag] = value

@@ -33,6 +33,10 @@ RELAY_BACKENDS = ("copy", "splice")
 # Below this many bytes a zerocopy listener sends by copy: pinning pages and reaping the
 # completion cost more than copying (see README "Native I/O paths" for the measurement).
 ZEROCOPY_THRESHOLD_DEFAULT = 16384
+# Per worker. An idle connection costs a few KB of the worker's memory (bench/memory.py), so the
+# connection limit is set by file descriptors: the worker raises RLIMIT_NOFILE to fit it.
+MAX_CONNECTIONS_DEFAULT = 16384
+MAX_PENDING_REQUESTS_DEFAULT = 4096
 
 
 class ConfigError(Exception):
@@ -159,6 +163,10 @@ class ProxyConfig:
     concurrency: int = 1
     stage_clock: bool = True
     drain_timeout: float = 5.0
+    # Overload, per worker (pyproxy/admission.py): beyond max_connections a new connection is
+    # closed at once; beyond max_pending_requests a request is answered 503 (gRPC UNAVAILABLE).
+    max_connections: int = MAX_CONNECTIONS_DEFAULT
+    max_pending_requests: int = MAX_PENDING_REQUESTS_DEFAULT
     source: str = "<flags>"
     raw: dict = field(default_factory=dict, compare=False)
 
@@ -685,6 +693,12 @@ def build_config(data: Any, source: str = "<flags>") -> ProxyConfig:
         concurrency=top.take("concurrency", _int_range(1, 256), 1),
         stage_clock=top.take("stage_clock", _bool, True),
         drain_timeout=top.take("drain_timeout", parse_duration, 5.0),
+        max_connections=top.take(
+            "max_connections", _int_range(1, 1 << 20), MAX_CONNECTIONS_DEFAULT
+        ),
+        max_pending_requests=top.take(
+            "max_pending_requests", _int_range(1, 1 << 20), MAX_PENDING_REQUESTS_DEFAULT
+        ),
         source=source,
         raw=raw,
     )

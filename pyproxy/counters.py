@@ -75,7 +75,10 @@ REQUESTS = MESSAGES + 1
 # Requests the HTTP/1 express lanes carried end to end (http/express.py, http/native_lane.py)...
 EXPRESS_REQUESTS = REQUESTS + 1
 NATIVE_REQUESTS = EXPRESS_REQUESTS + 1  # ... and those of them the native lane carried (in C)
-FLAG_BASE = NATIVE_REQUESTS + 1
+# Overload (pyproxy/admission.py): refused beyond the worker's limits, never started.
+REFUSED_CONNECTIONS = NATIVE_REQUESTS + 1
+REFUSED_REQUESTS = REFUSED_CONNECTIONS + 1
+FLAG_BASE = REFUSED_REQUESTS + 1
 STATUS_BASE = FLAG_BASE + len(FLAGS)  # responses by class: 1xx..5xx
 HIST_BASE = STATUS_BASE + 5
 HIST_SUM_NS = HIST_BASE + len(BUCKETS) + 1  # buckets, then +Inf

@@ -9,6 +9,7 @@ from functools import partial
 from time import perf_counter_ns
 
 from pyproxy.addresses import Address
+from pyproxy.admission import Admission
 from pyproxy.chain.api import FactoryContext
 from pyproxy.chain.tcp_chain import ConnectionGate, TcpChainFactory
 from pyproxy.config import ListenerConfig, ProxyConfig
@@ -19,6 +20,7 @@ from pyproxy.counters import (
     FLAG_INDEX,
     IPC,
     READ,
+    REFUSED_CONNECTIONS,
     STAGE_EVENTS,
     STAGE_NS,
     WRITE,
@@ -95,13 +97,15 @@ class Listener:
         block: memoryview,
         timed: bool,
         connections: set,
-        proxy_config: ProxyConfig | None = None,
+        proxy_config: ProxyConfig,
+        admission: Admission,
     ) -> None:
         self.loop = loop
         self.config = config
         self.block = block
         self.timed = timed
         self.connections = connections
+        self.admission = admission
         self.sockets: list[socket.socket] = []
         self._set_stages()
         self._relay = relay_factory(config)
@@ -122,7 +126,9 @@ class Listener:
         if self.config.mode == "tcp":
             return None
         assert self.proxy_config is not None, "HTTP listeners are built with the proxy config"
-        return HttpContext(self.loop, self.config, self.proxy_config, self.block, self.timed)
+        return HttpContext(
+            self.loop, self.config, self.proxy_config, self.block, self.timed, self.admission
+        )
 
     def _set_stages(self) -> None:
         down_app = self.config.app_side == "downstream"
@@ -187,6 +193,11 @@ class Listener:
             if timed:
                 block[self.accept_ns] += perf_counter_ns() - t0
                 block[self.accept_events] += 1
+            if not self.admission.connection_allowed():
+                # Over the worker's limit: a reset now, so the client neither waits nor retries here.
+                block[REFUSED_CONNECTIONS] += 1
+                sockets.abort(conn)
+                continue
             self._handle(conn)
 
     def _handle(self, conn: socket.socket) -> None:

@@ -140,8 +140,10 @@ class _Direction:
     def on_writable(self) -> None:
         relay = self.relay
         t0 = perf_counter_ns() if relay.timed else 0
+        view = self.view
+        assert view is not None, "writable is watched only while bytes are parked"
         try:
-            sent = self.dst.send(self.view[self.start : self.end])
+            sent = self.dst.send(view[self.start : self.end])
         except BlockingIOError:
             return
         except OSError:

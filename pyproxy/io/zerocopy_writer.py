@@ -300,11 +300,12 @@ class _ZcDirection(_Direction):
             return
         if relay._closed or self.starved:
             return  # a POLLERR wake-up of a reader that is (about to be) off duty
-        if self.buf is None:
-            self._use(self.cur)
+        buf = self.buf
+        if buf is None:
+            buf = self._use(self.cur)
         t0 = perf_counter_ns() if relay.timed else 0
         try:
-            n = self.src.recv_into(self.buf)
+            n = self.src.recv_into(buf)
         except BlockingIOError:
             return
         except OSError:
@@ -352,7 +353,9 @@ class _ZcDirection(_Direction):
 
     def _send(self, start: int, end: int) -> int:
         """Send view[start:end]: zero-copy (lending the buffer) at or above the threshold; -1 after a reset."""
-        chunk = self.view[start:end]
+        view = self.view
+        assert view is not None, "sends come after a read into the current buffer"
+        chunk = view[start:end]
         zc = self.zc
         try:
             if end - start < self.threshold:
@@ -390,7 +393,7 @@ class _ZcDirection(_Direction):
             if not self.eof and self.start == self.end:
                 self.src_ctl.remove_reader()
 
-    def _use(self, slot: int) -> None:
+    def _use(self, slot: int) -> bytearray:
         self.cur = slot
         buf = self.buffers[slot]
         if buf is None:
@@ -398,6 +401,7 @@ class _ZcDirection(_Direction):
             self.views[slot] = memoryview(buf)
         self.buf = buf
         self.view = self.views[slot]
+        return buf
 
     def returned(self, slot: int) -> None:
         """The kernel finished with one send from buffer `slot` (called from reap)."""
