@@ -7,8 +7,6 @@ import json
 import logging
 import os
 import sys
-import urllib.error
-import urllib.request
 from typing import Any
 
 from pyproxy import __version__
@@ -226,6 +224,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     url = f"http://{args.admin}/stats?format=json"
     try:
+        import urllib.error  # `pyproxy stats` only: `run` does not load an HTTP client
+        import urllib.request
+
         with urllib.request.urlopen(url, timeout=5) as response:
             snap = json.load(response)
     except (urllib.error.URLError, OSError) as exc:

@@ -35,7 +35,7 @@ RELAY_BACKENDS = ("copy", "splice")
 ZEROCOPY_THRESHOLD_DEFAULT = 16384
 # Per worker. An idle connection costs a few KB of the worker's memory (bench/memory.py), so the
 # connection limit is set by file descriptors: the worker raises RLIMIT_NOFILE to fit it.
-MAX_CONNECTIONS_DEFAULT = 16384
+MAX_CONNECTIONS_DEFAULT = 8192
 MAX_PENDING_REQUESTS_DEFAULT = 4096
 
 

@@ -22,7 +22,6 @@ from pyproxy.config import ConfigError, ProxyConfig
 from pyproxy.counters import W_NOTIFY_COST_NS, W_PID, W_READY, CounterStore
 from pyproxy.eventloop import event_loop_name, new_event_loop
 from pyproxy.io import backends, sockets
-from pyproxy.prometheus import exposition
 from pyproxy.worker import Worker
 
 log = logging.getLogger("pyproxy")
@@ -360,7 +359,7 @@ class Supervisor:
 
         def prometheus(_q: dict) -> Response:
             return Response(
-                200, exposition(self.snapshot), "text/plain; version=0.0.4; charset=utf-8"
+                200, _exposition(self.snapshot), "text/plain; version=0.0.4; charset=utf-8"
             )
 
         def drain_listeners(_q: dict) -> Response:
@@ -474,3 +473,10 @@ def _worker_process(
         return loop.run_until_complete(main())
     finally:
         loop.close()
+
+
+def _exposition(take_snapshot: Callable[[], dict]) -> bytes:
+    # prometheus_client is imported on the first scrape: a worker nobody scrapes never pays for it.
+    from pyproxy.prometheus import exposition
+
+    return exposition(take_snapshot)

@@ -8,7 +8,6 @@ import threading
 import time
 
 from conftest import free_port, http_get, recv_exactly, start_listener
-
 from pyproxy.bench.memory import measure
 
 IDLE_BYTES_PER_CONNECTION = 10 * 1024
