@@ -7,8 +7,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import yaml
-
 from pyproxy.addresses import Address, parse_address
 from pyproxy.counters import MAX_FILTERS
 from pyproxy.durations import parse_duration
@@ -707,6 +705,8 @@ def build_config(data: Any, source: str = "<flags>") -> ProxyConfig:
 
 
 def load_config(path: str) -> ProxyConfig:
+    import yaml  # a config file is YAML; flags-only runs never load the parser
+
     try:
         with open(path, encoding="utf-8") as handle:
             data = yaml.safe_load(handle)

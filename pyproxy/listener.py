@@ -7,6 +7,7 @@ import os
 import socket
 from functools import partial
 from time import perf_counter_ns
+from typing import TYPE_CHECKING
 
 from pyproxy.addresses import Address
 from pyproxy.admission import Admission
@@ -26,15 +27,15 @@ from pyproxy.counters import (
     WRITE,
     observe_duration,
 )
-from pyproxy.http.context import HttpContext
-from pyproxy.http.detect import HTTP2, TCP, Detector, protocol_for
-from pyproxy.http.downstream_h1 import Http1Downstream
-from pyproxy.http.downstream_h2 import Http2Downstream
 from pyproxy.io import sockets
 from pyproxy.io.backends import relay_factory
 from pyproxy.io.connector import Connect
 from pyproxy.io.filtered_relay import FilteredRelay
 from pyproxy.io.relay import Relay
+
+if TYPE_CHECKING:
+    from pyproxy.http.context import HttpContext
+    from pyproxy.http.downstream_h1 import Http1Downstream
 
 log = logging.getLogger("pyproxy.listener")
 
@@ -125,6 +126,10 @@ class Listener:
     def _http_context(self) -> HttpContext | None:
         if self.config.mode == "tcp":
             return None
+        # The HTTP stack (h2, codecs, filters' chain) loads only for listeners that speak HTTP:
+        # a TCP-only worker stays small.
+        from pyproxy.http.context import HttpContext
+
         assert self.proxy_config is not None, "HTTP listeners are built with the proxy config"
         return HttpContext(
             self.loop, self.config, self.proxy_config, self.block, self.timed, self.admission
@@ -217,6 +222,8 @@ class Listener:
             self.fail(conn, "NR", started)
             return
         if self.http is not None:
+            from pyproxy.http.detect import Detector, protocol_for
+
             protocol = protocol_for(self.config, conn, target)
             if protocol in ("auto", "http"):
                 detector = Detector(self, conn, target, source, started, protocol == "auto")
@@ -249,6 +256,10 @@ class Listener:
         preload: bytes = b"",
     ) -> None:  # fmt: skip
         """Mode http, protocol known (configured or detected): every byte read so far goes along."""
+        from pyproxy.http.detect import HTTP2, TCP
+        from pyproxy.http.downstream_h1 import Http1Downstream
+        from pyproxy.http.downstream_h2 import Http2Downstream
+
         if protocol == TCP:
             pending = _PendingConnect(self, conn, target, source, started)
             pending.preload = preload
