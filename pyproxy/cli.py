@@ -240,7 +240,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(with_capture: bool = True) -> argparse.ArgumentParser:
+    """Every subcommand; `with_capture=False` leaves out the capture ones (and their imports)."""
     parser = argparse.ArgumentParser(
         prog="pyproxy", description="A userspace L7 sidecar proxy that measures itself."
     )
@@ -257,17 +258,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--messages", type=int, default=20000)
     demo.add_argument("--connections", type=int, default=4)
     demo.set_defaults(func=lambda a: __import__("pyproxy.demo", fromlist=["main"]).main(a))
-    try:
-        from pyproxy.iptables import cli as capture_cli
-    except ImportError:
-        capture_cli = None
-    if capture_cli is not None and hasattr(capture_cli, "add_parser"):
-        capture_cli.add_parser(sub)
+    if with_capture:
+        try:
+            from pyproxy.iptables import cli as capture_cli
+        except ImportError:
+            return parser
+        if hasattr(capture_cli, "add_parser"):
+            capture_cli.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    # `run` is the long-lived process: it need not load the capture commands (iptables, subprocess).
+    parser = build_parser(with_capture=argv[:1] != ["run"])
     args = parser.parse_args(argv)
     return args.func(args)
 

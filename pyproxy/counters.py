@@ -14,7 +14,8 @@ from bisect import bisect_left
 STAGES = ("ipc", "read", "write", "notify", "parse", "other")
 IPC, READ, WRITE, NOTIFY, PARSE, OTHER = range(6)
 MAX_FILTERS = 16
-STAGE_SLOTS = len(STAGES) + MAX_FILTERS
+FILTER_STAGE_BASE = len(STAGES)  # filter slot i's stage is FILTER_STAGE_BASE + i
+STAGE_SLOTS = FILTER_STAGE_BASE + MAX_FILTERS
 
 # Response flags, Envoy's vocabulary where one exists.
 FLAGS = (

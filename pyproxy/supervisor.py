@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import dataclasses
 import logging
 import os
-import pickle
 import signal
 import struct
 import sys
@@ -48,6 +46,8 @@ class _ForkedWorker:
         self.exited = False
 
     def send(self, *message: object) -> None:
+        import pickle  # forked workers only: a single-process proxy never loads it
+
         payload = pickle.dumps(message)
         try:
             os.write(self.control_fd, _FRAME.pack(len(payload)) + payload)
@@ -409,6 +409,9 @@ def _worker_process(
     index: int, store: CounterStore, config: ProxyConfig, slots: dict, control_fd: int
 ) -> int:
     """Body of a forked worker: its own event loop; obeys the control pipe; drains on SIGTERM too."""
+    import ctypes
+    import pickle
+
     try:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
