@@ -100,7 +100,11 @@ def settle_rss(pid: int, seconds: float = 1.0) -> int:
     return rss_kib(pid)
 
 
-def measure(mode: str, connections: int, rounds: int, extra: list[str]) -> dict:
+def measure(
+    mode: str, connections: int, rounds: int, extra: list[str], settle: float = 12.0
+) -> dict:
+    """Open/close rounds; `settle`: seconds after the last close before the RSS sample (the
+    worker trims over ~10 s: pooled upstream connections close after their idle timeout)."""
     raise_fd_limit(2 * connections + 1024)
     with tempfile.TemporaryDirectory(prefix="pyproxy-memory-") as tmp:
         procs = Processes(Path(tmp))
@@ -115,14 +119,15 @@ def measure(mode: str, connections: int, rounds: int, extra: list[str]) -> dict:
             port, admin = free_port(), free_port()
             argv = [sys.executable, "-m", "pyproxy", "run", "--mode", mode, "--listen", f"127.0.0.1:{port}",
                     "--upstream", f"127.0.0.1:{upstream}", "--admin", f"127.0.0.1:{admin}",
-                    "--log-level", "warning", *extra]  # fmt: skip
+                    "--max-connections", str(connections + 64), "--log-level", "warning", *extra]  # fmt: skip
             procs.start("pyproxy", argv)
             wait_port(admin)
             wait_port(port)
             pid = get_json(f"http://127.0.0.1:{admin}/server_info")["workers"][0]["pid"]
             # The readiness probes above were connections too: let them close first.
             wait_active(admin, 0, 10)
-            result: dict = {"mode": mode, "connections": connections, "extra_args": extra}
+            result: dict = {"mode": mode, "connections": connections, "extra_args": extra,
+                            "settle_seconds": settle}  # fmt: skip
             result["baseline_kib"] = baseline = settle_rss(pid)
             result["rounds"] = []
             for _ in range(rounds):
@@ -134,7 +139,7 @@ def measure(mode: str, connections: int, rounds: int, extra: list[str]) -> dict:
                 for sock in conns:
                     sock.close()
                 remaining = wait_active(admin, 0, 60)
-                after = settle_rss(pid, 5.0)  # the worker checks every 2 s whether to trim
+                after = settle_rss(pid, settle)
                 result["rounds"].append(
                     {
                         "open_seconds": round(opened_s, 2),
@@ -163,10 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("tcp", "http"), default="tcp")
     parser.add_argument("--connections", type=int, default=10000)
     parser.add_argument("--rounds", type=int, default=2, help="open/close cycles (growth shows)")
+    parser.add_argument("--settle", type=float, default=12.0, help="seconds after close")
     parser.add_argument("--out", default="", help="default: bench/results/memory-<mode>.json")
     parser.add_argument("extra", nargs="*", help="more `pyproxy run` arguments (after --)")
     args = parser.parse_args(argv)
-    result = measure(args.mode, args.connections, args.rounds, args.extra)
+    result = measure(args.mode, args.connections, args.rounds, args.extra, args.settle)
     out = Path(args.out) if args.out else RESULTS / f"memory-{args.mode}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -19,6 +19,10 @@ log = logging.getLogger("pyproxy.memory_trim")
 
 CHECK_INTERVAL = 2.0  # seconds between checks of the connection count
 TRIM_AFTER_DROP = 500  # connections closed since the high-water mark before a trim is worth it
+# What closed connections leave behind goes on closing after them (upstream connections they
+# kept go back to the pool, which closes them after its idle timeout, 4 s by default): trim
+# again on this many following checks.
+FOLLOW_UP_CHECKS = 5
 
 _malloc_trim: Any = None  # looked up on first use: ctypes costs memory an idle worker need not pay
 
@@ -39,19 +43,23 @@ def trim() -> bool:
 class Trimmer:
     """The worker's periodic check: after TRIM_AFTER_DROP connections went away, trim once."""
 
-    __slots__ = ("loop", "admission", "_handle")
+    __slots__ = ("loop", "admission", "_handle", "_follow_ups")
 
     def __init__(self, loop, admission) -> None:
         self.loop, self.admission = loop, admission
+        self._follow_ups = 0
         self._handle = loop.call_later(CHECK_INTERVAL, self._check)
 
     def _check(self) -> None:
         admission = self.admission
         now = len(admission.connections)
         if admission.high_water - now >= TRIM_AFTER_DROP:
+            log.debug("trimming after %d -> %d connections", admission.high_water, now)
+            self._follow_ups = FOLLOW_UP_CHECKS + 1
+        if self._follow_ups:
+            self._follow_ups -= 1
             gc.collect()
             trim()
-            log.debug("trimmed after %d -> %d connections", admission.high_water, now)
         admission.high_water = now
         self._handle = self.loop.call_later(CHECK_INTERVAL, self._check)
 
