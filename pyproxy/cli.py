@@ -240,9 +240,32 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Formatter(argparse.HelpFormatter):
+    """argparse's own would import shutil (and zlib, bz2, lzma with it) for the terminal width:
+    memory the long-running `run` process would carry for nothing."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:  # fmt: skip
+        if width is None:
+            try:
+                columns = int(os.environ.get("COLUMNS", "")) or os.get_terminal_size(1).columns
+            except (ValueError, OSError):
+                columns = 80
+            width = columns - 2  # argparse's margin
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every parser, subcommands' included (argparse makes them with the parent's class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser(with_capture: bool = True) -> argparse.ArgumentParser:
     """Every subcommand; `with_capture=False` leaves out the capture ones (and their imports)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pyproxy", description="A userspace L7 sidecar proxy that measures itself."
     )
     parser.add_argument("--version", action="version", version=f"pyproxy {__version__}")

@@ -20,7 +20,7 @@ from pyproxy.counters import (
 )
 from pyproxy.io.notify import calibrate_notify_cost
 from pyproxy.listener import Listener
-from pyproxy.memory_trim import Trimmer, trim
+from pyproxy.memory_trim import Trimmer
 
 log = logging.getLogger("pyproxy.worker")
 
@@ -48,11 +48,8 @@ class Worker:
         self.apply(config, slots)
         assert self.admission is not None
         self._trimmer = Trimmer(loop, self.admission)
-        # Startup objects live forever: keep them out of every later GC pass. What starting
-        # left behind (import and config scratch) goes back to the OS.
-        gc.collect()
+        # Startup objects live forever: keep them out of every later GC pass.
         gc.freeze()
-        trim()
         header[W_READY] = 1
 
     async def wait_stopped(self) -> None:
