@@ -8,7 +8,10 @@ import threading
 import time
 
 from conftest import free_port, http_get, recv_exactly, start_listener
+from h2_peer import H2Client
 from pyproxy.bench.memory import measure
+
+from pyproxy.codec.grpc import frame
 
 IDLE_BYTES_PER_CONNECTION = 10 * 1024
 
@@ -39,13 +42,13 @@ def test_connections_beyond_max_connections_are_reset_and_counted(start_proxy, e
     first = socket.create_connection(("127.0.0.1", port), timeout=5)
     second = socket.create_connection(("127.0.0.1", port), timeout=5)
     assert _echoes(first) and _echoes(second)
-    third = socket.create_connection(("127.0.0.1", port), timeout=5)
     try:
-        third.sendall(b"ping")
-        assert third.recv(16) == b"", "the refused connection carried data"
+        # The reset can beat connect()'s own completion check: then connect raises it.
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as third:
+            third.sendall(b"ping")
+            assert third.recv(16) == b"", "the refused connection carried data"
     except ConnectionResetError:
         pass  # the expected outcome: reset at once
-    third.close()
     snap = proxy.wait_for(lambda s: s["refused"]["connections"] == 1)
     assert snap["refused"] == {"connections": 1, "requests": 0}
     assert snap["connections_active"] == 2
@@ -87,3 +90,35 @@ def test_requests_beyond_max_pending_are_answered_503_at_once(start_proxy, tmp_p
     assert snap["refused"] == {"connections": 0, "requests": 1}
     assert snap["flags"]["UO"] == 1
     assert [r["path"] for r in upstream.requests] == ["/slow", "/third"]
+
+
+def test_http2_streams_beyond_max_pending_get_503_and_grpc_calls_unavailable(
+    start_proxy, tmp_path, upstream
+):
+    proxy, port = start_listener(
+        start_proxy, tmp_path, upstream.address, top="max_pending_requests: 1\n"
+    )
+    client = H2Client(port)
+    try:
+        held = client.request("/slow?ms=1500")
+        deadline = time.monotonic() + 5
+        while not upstream.requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert upstream.requests, "the first stream never reached the upstream"
+        refused = client.request("/second")
+        call = client.request(
+            "/echo.Echo/Say", method="POST", body=frame(b""),
+            headers=[("content-type", "application/grpc"), ("te", "trailers")],
+        )  # fmt: skip
+        answered = client.wait([refused, call], timeout=1.0)
+        assert [r["done"] for r in answered] == [True, True], "refused at once"
+        assert answered[0]["status"] == 503
+        assert bytes(answered[0]["body"]) == b"overloaded: too many requests in progress\n"
+        grpc_reply = dict(answered[1]["headers"])
+        assert answered[1]["status"] == 200 and grpc_reply[b"grpc-status"] == b"14"  # UNAVAILABLE
+        first = client.wait([held])[0]
+        assert (first["status"], bytes(first["body"])) == (200, b"slow")
+    finally:
+        client.close()
+    assert proxy.listener()["refused"] == {"connections": 0, "requests": 2}
+    assert [r["path"] for r in upstream.requests] == ["/slow"]
