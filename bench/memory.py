@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pyproxy.bench.http_bench import Processes, start_upstream
+from pyproxy.bench.http_bench import Processes, _body_length, start_upstream
 from pyproxy.bench.procs import free_port, wait_port
 from pyproxy.bench.tcp_echo import get_json
 
@@ -55,19 +55,15 @@ def read_response(sock: socket.socket) -> None:
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(4096)
         if not chunk:
-            raise RuntimeError("upstream closed before the response head")
+            raise RuntimeError("closed before the response head")
         data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    while len(body) < length:
+    end = data.index(b"\r\n\r\n") + 4
+    need = end + _body_length(data[: end - 4])
+    while len(data) < need:
         chunk = sock.recv(4096)
         if not chunk:
             raise RuntimeError("closed inside the response body")
-        body += chunk
+        data += chunk
 
 
 def open_idle(port: int, count: int, http: bool) -> list[socket.socket]:
