@@ -536,12 +536,12 @@ def _access_log_target(value: Any) -> str:
 
 def _filters(fields: _Fields, mode: str) -> tuple[FilterSpec, ...] | None:
     """`filters:` — a list of {name, type?, config}; each filter validates its own config."""
-    from pyproxy.chain.api import FilterConfigError
-    from pyproxy.chain.registry import validate
-
     items = fields.data.pop("filters", None)
     if items is None:
         return None
+    from pyproxy.chain.api import FilterConfigError  # loaded only for a config that has filters
+    from pyproxy.chain.registry import validate
+
     path = fields._join("filters")
     if not isinstance(items, list):
         raise ConfigError(fields.source, path, "expected a list of filters")

@@ -11,8 +11,6 @@ from typing import TYPE_CHECKING
 
 from pyproxy.addresses import Address
 from pyproxy.admission import Admission
-from pyproxy.chain.api import FactoryContext
-from pyproxy.chain.tcp_chain import ConnectionGate, TcpChainFactory
 from pyproxy.config import ListenerConfig, ProxyConfig
 from pyproxy.counters import (
     CONNECTIONS_ACTIVE,
@@ -30,10 +28,10 @@ from pyproxy.counters import (
 from pyproxy.io import sockets
 from pyproxy.io.backends import relay_factory
 from pyproxy.io.connector import Connect
-from pyproxy.io.filtered_relay import FilteredRelay
 from pyproxy.io.relay import Relay
 
 if TYPE_CHECKING:
+    from pyproxy.chain.tcp_chain import TcpChainFactory
     from pyproxy.http.context import HttpContext
     from pyproxy.http.downstream_h1 import Http1Downstream
 
@@ -118,6 +116,10 @@ class Listener:
         config = self.config
         if config.mode != "tcp" or not config.filters:
             return None
+        # The filter machinery loads only for listeners with TCP filters.
+        from pyproxy.chain.api import FactoryContext
+        from pyproxy.chain.tcp_chain import TcpChainFactory
+
         slots = {name: i for i, name in enumerate(config.filter_names)}
         context = FactoryContext(self.loop, config.name, config.mode, self.block, slots)
         chain = TcpChainFactory(config.filters, context, slots)
@@ -233,6 +235,8 @@ class Listener:
                 self.start_protocol(conn, target, source, started, protocol)
             return
         if self.tcp_chain is not None:
+            from pyproxy.chain.tcp_chain import ConnectionGate
+
             gate = ConnectionGate(self.tcp_chain, self, conn, target, source, started)
             self.connections.add(gate)
             gate.run()
@@ -314,6 +318,8 @@ class Listener:
         config = self.config
         relay_class = self._relay
         if filters and self.tcp_chain is not None:
+            from pyproxy.io.filtered_relay import FilteredRelay
+
             relay_class = partial(FilteredRelay, filters=filters, stages=self.tcp_chain.stages)
         try:
             relay = relay_class(

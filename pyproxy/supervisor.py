@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pyproxy import __version__, stats
+from pyproxy import __version__
 from pyproxy.addresses import Address
 from pyproxy.admin import EndpointServer, Response
 from pyproxy.config import ConfigError, ProxyConfig
@@ -292,6 +292,8 @@ class Supervisor:
     # ---- endpoints -----------------------------------------------------------
 
     def snapshot(self) -> dict:
+        from pyproxy import stats  # on the first scrape, like prometheus_client
+
         return stats.snapshot(self.store, self.config)
 
     def ready(self) -> bool:
@@ -355,7 +357,9 @@ class Supervisor:
             snap = self.snapshot()
             if query.get("format") == ["json"]:
                 return Response.json(snap)
-            return Response.text(stats.to_text(snap))
+            from pyproxy.stats import to_text
+
+            return Response.text(to_text(snap))
 
         def prometheus(_q: dict) -> Response:
             return Response(
