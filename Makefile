@@ -1,11 +1,14 @@
 # Two commands matter: `make demo` and `make test`. Both set up what they need.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# Debian packages: iptables/iproute2/util-linux for capture tests, the rest for benchmarks.
-APT_TEST := iptables iproute2 util-linux curl procps wrk nghttp2-client
+# Debian packages: a C toolchain and Python headers for the native module, acl to let the sidecar's
+# uid 1337 reach the checkout; iptables/iproute2/util-linux for capture tests, openssl for the
+# webhook tests, podman/runc/debootstrap for the image tests; the rest for benchmarks.
+APT_BUILD := gcc libc6-dev python3-dev python3-venv acl
+APT_TEST := iptables iproute2 util-linux curl procps wrk nghttp2-client openssl podman runc buildah debootstrap
 APT_BENCH := nginx-light libnginx-mod-stream iperf3 haproxy
 
-.PHONY: demo test bench lint system-deps system-deps-bench clean apt
+.PHONY: demo test bench lint fresh-check system-deps system-deps-bench clean apt
 
 demo: system-deps $(VENV)/.installed-test
 	$(PY) -m pyproxy demo
@@ -26,9 +29,11 @@ lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
 
 $(VENV)/.installed-test: pyproject.toml setup.py native/build_native.py native/pyproxy_native.c native/http1_head.c native/http1_scan.h native/express_lane.c
-	@python3 -m venv $(VENV) 2>/dev/null || { $(MAKE) --no-print-directory apt PKGS=python3-venv && python3 -m venv $(VENV); }
+	@python3 -m venv $(VENV) >/dev/null 2>&1 || { $(MAKE) --no-print-directory apt PKGS=python3-venv && python3 -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	@$(PY) -m pyproxy.native.check $$( [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && echo --strict)
+	@scripts/proxy-user-access.sh $(PY)
 	@touch $@
 
 # Install Debian packages only when root with apt, and only those missing.
@@ -42,10 +47,17 @@ apt:
 	fi
 
 system-deps:
-	@$(MAKE) --no-print-directory apt PKGS="$(APT_TEST)"
+	@$(MAKE) --no-print-directory apt PKGS="$(APT_BUILD) $(APT_TEST)"
+	@[ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null || echo "set-up: not root with apt-get:" \
+	  "Debian packages are not installed; the native module needs $(APT_BUILD)," \
+	  "the capture tests need root and $(APT_TEST)"
 
 system-deps-bench:
 	@$(MAKE) --no-print-directory apt PKGS="$(APT_BENCH)"
+
+# The two commands above on a minimal Debian root made by debootstrap, from a clean clone (root).
+fresh-check:
+	scripts/fresh-check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info native/_native*.so

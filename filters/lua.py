@@ -8,6 +8,7 @@ Config (Envoy's name for the code):
       end
     max_instructions: 1000000  # per hook call (and 100 ms CPU); a runaway script gets a 500
     max_memory: 33554432       # bytes, the whole runtime (one per worker)
+    max_pattern_steps: 10000000  # worst-case matcher steps of one string.find/match/gmatch/gsub
 
 Design:
 
@@ -28,6 +29,11 @@ Design:
   have no data hooks at all.
 - A script error or the instruction limit answers 500 and logs one line (at
   most one per second per filter, with a count of what was suppressed).
+- What the hook cannot stop is priced instead: Lua's pattern matcher backtracks
+  in C, so string.find/match/gmatch/gsub are wrapped and a call whose worst
+  case (see pattern_shape) exceeds max_pattern_steps is a script error; header
+  bytes handed to Python are capped per call (MAX_ADDED_HEADER_BYTES), outside
+  the Lua memory cap.
 """
 
 from __future__ import annotations
@@ -51,6 +57,12 @@ log = logging.getLogger("pyproxy.filters.lua")
 DEFAULT_MAX_INSTRUCTIONS = 1_000_000
 DEFAULT_MAX_MEMORY = 32 * 1024 * 1024
 MAX_CPU_SECONDS = 0.1  # per hook call, on top of the instruction limit
+# A string.find/match/gmatch/gsub whose worst case exceeds this many matcher steps (~6 ns each)
+# is refused before it starts: the matcher runs in C, out of the instruction hook's reach.
+DEFAULT_MAX_PATTERN_STEPS = 10_000_000
+# Header bytes (names + values) a script may add or replace per hook call: the Lua memory cap
+# does not cover what it hands to Python.
+MAX_ADDED_HEADER_BYTES = 64 * 1024
 ERRORS, TIMEOUTS, REPLIES = range(3)
 # Outcome codes returned by the Lua runners (nil means "went through").
 _TIMEOUT, _ERROR, _WAITING = 1, 2, 3
@@ -75,6 +87,79 @@ def _lupa():
         except ImportError:
             continue
     return importlib.import_module("lupa")
+
+
+def pattern_shape(pattern: bytes) -> tuple[bool, bytes | None, int, int]:
+    """What bounds a Lua pattern's matching cost: (anchored, the literal byte every match starts
+    with or None, items that may span the subject and backtrack, `?` items).
+
+    A matcher step count is at most starts x (n+1)**spans x 2**optionals: each quantified item
+    (`*`, `+`, `-`), %b and back-reference may cover up to n bytes and is retried at every
+    length when what follows fails. The last item spans without retries when nothing follows."""
+    n = len(pattern)
+    anchored = pattern.startswith(b"^")
+    i = 1 if anchored else 0
+    items: list[tuple[str, bytes | None]] = []  # (kind, literal byte of a single-byte item)
+    while i < n:
+        c = pattern[i : i + 1]
+        literal: bytes | None = None
+        if c in (b"(", b")"):  # captures (and position captures) are zero width
+            i += 1
+            continue
+        if c == b"$" and i == n - 1:
+            items.append(("end", None))
+            break
+        if c == b"%":
+            d = pattern[i + 1 : i + 2]
+            if d == b"b":
+                items.append(("span", None))
+                i += 4
+                continue
+            if d == b"f":  # frontier: zero width
+                i = _set_end(pattern, i + 2)
+                continue
+            if d.isdigit():
+                items.append(("span", None))
+                i += 2
+                continue
+            literal = None if d.isalpha() else d
+            i += 2
+        elif c == b"[":
+            i = _set_end(pattern, i)
+        elif c == b".":
+            i += 1
+        else:
+            literal = c
+            i += 1
+        quantifier = pattern[i : i + 1]
+        if quantifier and quantifier in b"*+-?":
+            i += 1
+            kind = "optional" if quantifier == b"?" else "span"
+            items.append((kind, literal if quantifier == b"+" else None))
+        else:
+            items.append(("one", literal))
+    spans = sum(kind == "span" for kind, _ in items)
+    if items and items[-1][0] == "span":
+        spans -= 1
+    optionals = sum(kind == "optional" for kind, _ in items)
+    first = items[0][1] if items and items[0][0] in ("one", "span") else None
+    return anchored, first, spans, optionals
+
+
+def _set_end(pattern: bytes, i: int) -> int:
+    """Index after the `[...]` set starting at i (Lua's rules: a `]` right after `[` or `[^`
+    is a member; `%` escapes). A set left open runs to the end: the matcher will raise."""
+    i += 1
+    if pattern[i : i + 1] == b"^":
+        i += 1
+    first = True
+    while i < len(pattern):
+        c = pattern[i : i + 1]
+        if c == b"]" and not first:
+            return i + 1
+        i += 2 if c == b"%" else 1
+        first = False
+    return len(pattern)
 
 
 def _deny_attributes(obj, name, is_setting):
@@ -155,6 +240,67 @@ local function hook()
   local info = getinfo(2, "f")
   if info and ours[info.func] then return end
   error(LIMIT, 0)
+end
+
+-- Lua's pattern matcher backtracks in C, where no hook can stop it: ("a"):rep(3000):find(".-.-.-b")
+-- would run for hours. Each find/match/gmatch/gsub is priced first (its worst case in matcher
+-- steps, from the pattern's shape and the subject's length) and refused past PATTERN_STEPS;
+-- one that is allowed but slow ends the run when the CPU time is up.
+local PATTERN_STEPS = py.pattern_steps
+local py_pattern_shape, py_count_byte = py.pattern_shape, py.count_byte
+local s_find, s_match, s_gmatch, s_gsub = string.find, string.match, string.gmatch, string.gsub
+local shapes, n_shapes = {}, 0
+local function price(s, p, can_anchor)
+  if type(s) ~= "string" or type(p) ~= "string" then return 0 end  -- numbers are short
+  local shape = shapes[p]
+  if shape == nil then
+    shape = {py_pattern_shape(p)}
+    if n_shapes < 512 then shapes[p], n_shapes = shape, n_shapes + 1 end
+  end
+  local anchored, literal, spans, optionals = shape[1], shape[2], shape[3], shape[4]
+  if spans == 0 and optionals == 0 then return 0 end  -- no backtracking: linear
+  local n = #s + 1
+  local per_start = n ^ spans * 2 ^ optionals
+  local starts = (can_anchor and anchored) and 1 or n
+  if starts * per_start > PATTERN_STEPS and starts > 1 and literal then
+    starts = py_count_byte(s, literal) + 1  -- only where the first literal occurs
+  end
+  local cost = starts * per_start
+  if cost > PATTERN_STEPS then
+    error(("pattern %q costs up to %.3g matcher steps on a %d-byte subject (limit %d): "
+      .. "anchor it with ^, start it with a literal, or use find(s, text, 1, true)")
+      :format(p, cost, #s, PATTERN_STEPS), 3)
+  end
+  if ticks == 0 then ticks, started_at = 1, clock() end  -- the run's CPU clock starts now
+  return cost
+end
+local function time_up()
+  if clock() - started_at >= MAX_SECONDS then
+    expired = true
+    sethook(hook, "", 1)
+    error(LIMIT, 0)
+  end
+end
+local function after(...)
+  time_up()
+  return ...
+end
+safe_string.find = function(s, p, init, plain)
+  if plain or price(s, p, true) == 0 then return s_find(s, p, init, plain) end
+  return after(s_find(s, p, init))
+end
+safe_string.match = function(s, p, init)
+  if price(s, p, true) == 0 then return s_match(s, p, init) end
+  return after(s_match(s, p, init))
+end
+safe_string.gsub = function(s, p, repl, n)
+  if price(s, p, true) == 0 then return s_gsub(s, p, repl, n) end
+  return after(s_gsub(s, p, repl, n))
+end
+safe_string.gmatch = function(s, p)
+  if price(s, p, false) == 0 then return s_gmatch(s, p) end
+  local it = s_gmatch(s, p)
+  return function() return after(it()) end
 end
 
 local function outcome(ok, err)
@@ -258,7 +404,8 @@ local function make_handle(request)
   return setmetatable({}, {__index = m, __metatable = false})
 end
 
--- Compile into the sandbox; refuse bytecode (mode "t").
+-- Compile into the sandbox; refuse bytecode (mode "t"): the VM trusts it to be well formed.
+if code:byte(1) == 27 then return nil, "precompiled Lua bytecode is refused: give the source" end
 local chunk, err = load(code, chunkname, "t", env)
 if not chunk then return nil, err end
 if jit then jit.off(chunk, true) end
@@ -348,6 +495,7 @@ class LuaFactory(FilterFactory):
         for key, default, low in (
             ("max_instructions", DEFAULT_MAX_INSTRUCTIONS, 1000),
             ("max_memory", DEFAULT_MAX_MEMORY, 1024 * 1024),
+            ("max_pattern_steps", DEFAULT_MAX_PATTERN_STEPS, 1000),
         ):
             value = config.pop(key, default)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -444,6 +592,7 @@ class _Engine:
         # What the current hook call acts on.
         self.map = None
         self.filter = None
+        self.added = 0
         self.items: list = []
         primitives = runtime.table_from(
             {
@@ -463,6 +612,9 @@ class _Engine:
                 b"body_set": self.body_set,
                 b"uses_body": config["uses_body"],
                 b"max_seconds": MAX_CPU_SECONDS,
+                b"pattern_steps": config["max_pattern_steps"],
+                b"pattern_shape": pattern_shape,
+                b"count_byte": bytes.count,
             }
         )
         self.error = None
@@ -502,10 +654,23 @@ class _Engine:
     def count(self, name: bytes) -> int:
         return len(self.map.get_all(name))
 
+    def bind(self, headers, lua_filter) -> None:
+        """Act on this request's headers and filter until the next bind."""
+        self.map = headers
+        self.filter = lua_filter
+        self.added = 0
+
+    def _charge(self, name: bytes, value: bytes) -> None:
+        self.added += len(name) + len(value)
+        if self.added > MAX_ADDED_HEADER_BYTES:
+            raise ValueError(f"a script may add at most {MAX_ADDED_HEADER_BYTES} header bytes")
+
     def add(self, name: bytes, value: bytes) -> None:
+        self._charge(name, value)
         self.map.add(name, value)
 
     def set(self, name: bytes, value: bytes) -> None:
+        self._charge(name, value)
         self.map.set(name, value)
 
     def remove(self, name: bytes) -> None:
@@ -602,8 +767,7 @@ class _LuaFilter(HttpFilter):
 
     def _run(self, runner, headers, end_stream: bool) -> int:
         engine = self.engine
-        engine.map = headers
-        engine.filter = self
+        engine.bind(headers, self)
         self.no_body = end_stream
         self.body_changed = False
         # Per call: a shared instance (see _filter_class) serves every request.
@@ -647,8 +811,7 @@ class _LuaFilter(HttpFilter):
             return CONTINUE  # the replay of a body this filter already handled, or no wait
         self.co = None
         engine = self.engine
-        engine.map = headers
-        engine.filter = self
+        engine.bind(headers, self)
         self.body = buffer()
         try:
             result = engine.resume(co)

@@ -85,6 +85,15 @@ RESTART_BACKOFF = 1.0  # seconds between attempts to replace a failed instance
 # fuel_per_call, so an entry that stays within fuel_per_call never runs short, and a runaway
 # one is stopped after at most FUEL_BATCH x fuel_per_call instructions.
 FUEL_BATCH = 4
+# Fuel counts guest instructions, not the host's work on the guest's behalf: a loop around a
+# host call burns little fuel per iteration but microseconds of Python, and whatever it hands
+# the host (header values, log lines) is host memory outside the guest's cap. Per entry, a
+# guest may make this many host calls and hand over this many bytes; past either it traps.
+MAX_HOST_CALLS_PER_ENTRY = 10_000
+MAX_HOST_BYTES_PER_ENTRY = 1024 * 1024
+MAX_SHARED_DATA_BYTES = 16 * 1024 * 1024  # keys + values, per instance, across entries
+MAX_METRICS = 10_000
+WASI_IOV_MAX = 1024
 # A request's guest calls that always come together, made from one host->guest entry through
 # a small module that imports them (a wasm->wasm call costs nanoseconds, an entry ~0.9 µs).
 STREAM_CALLBACKS = ("proxy_on_request_headers", "proxy_on_response_headers")
@@ -187,6 +196,10 @@ class WasmFault(Exception):
     def __init__(self, message: str, out_of_fuel: bool = False) -> None:
         super().__init__(message)
         self.out_of_fuel = out_of_fuel
+
+
+class _HostLimit(Exception):
+    """The guest asked the host for more work or memory than one entry may use."""
 
 
 class _ProcExit(Exception):
@@ -376,8 +389,10 @@ class Runtime:
         self.metrics: dict[int, int] = {}
         self.metric_ids: dict[bytes, int] = {}
         self.shared: dict[bytes, tuple[bytes, int]] = {}
+        self.shared_bytes = 0
         self.failed_at = 0.0
         self.batch_entries = 0  # entries left on the current fuel batch (see FUEL_BATCH)
+        self.host_calls = self.host_bytes = 0  # this entry's, against the MAX_HOST_* limits
         self.trampoline = _trampoline_module(self.engine, module)
         self.start()
 
@@ -475,14 +490,22 @@ class Runtime:
         """Exactly fuel_per_call for the next entry (start-up, ticks); ends the current batch."""
         _set_fuel(self.ctx, self.fuel)
         self.batch_entries = 0
+        self.host_calls = self.host_bytes = 0
 
     def entry_fuel(self) -> None:
         """A request's guest entry: refill only when the current batch is used up (FUEL_BATCH)."""
+        self.host_calls = self.host_bytes = 0
         if self.batch_entries:
             self.batch_entries -= 1
         else:
             _set_fuel(self.ctx, self.fuel * FUEL_BATCH)
             self.batch_entries = FUEL_BATCH - 1
+
+    def charge(self, size: int) -> None:
+        """Bytes the guest hands the host to keep or emit (headers, logs, shared data)."""
+        self.host_bytes += size
+        if self.host_bytes > MAX_HOST_BYTES_PER_ENTRY:
+            raise _HostLimit(f"more than {MAX_HOST_BYTES_PER_ENTRY} bytes handed to the host")
 
     def close(self) -> None:
         if self.tick_timer is not None:
@@ -616,6 +639,9 @@ class Runtime:
         label = f"{module}.{name}"
 
         def callback(_env, caller, args, _nargs):
+            runtime.host_calls += 1
+            if runtime.host_calls > MAX_HOST_CALLS_PER_ENTRY:
+                return _make_trap(f"more than {MAX_HOST_CALLS_PER_ENTRY} host calls in one entry")
             outer = runtime.caller_ctx
             runtime.caller_ctx = _caller_context(caller)
             try:
@@ -633,7 +659,7 @@ class Runtime:
                 return None
             except WasmFault as exc:  # a nested call into the guest failed: unwind the guest too
                 return _make_trap(str(exc))
-            except _ProcExit as exc:
+            except (_ProcExit, _HostLimit) as exc:
                 return _make_trap(str(exc))
             except Exception as exc:  # a host bug must not take the proxy down: the guest traps
                 log.exception("wasm filter %s: host function %s failed", runtime.name, label)
@@ -746,8 +772,11 @@ def _trampoline_module(
 
 
 def _first_line(exc: BaseException) -> str:
+    """The line that says what went wrong: wasmtime puts a host trap's reason under "Caused by:"."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    head, _, cause = text.partition("Caused by:")
+    lines = cause.strip().splitlines() or head.strip().splitlines()
+    return lines[0].strip() if lines else type(exc).__name__
 
 
 def _make_trap(message: str) -> int:
@@ -792,6 +821,7 @@ def _host_functions(rt: Runtime) -> dict:
     def proxy_log(level, ptr, size):
         if level > 5:
             return BAD_ARGUMENT
+        rt.charge(size)
         message = rt.read(ptr, size)
         py_level = LOG_LEVELS[level]
         if log.isEnabledFor(py_level):
@@ -852,6 +882,7 @@ def _host_functions(rt: Runtime) -> dict:
         headers = headers_of(map_id)
         if headers is None:
             return NOT_FOUND
+        rt.charge(ksize + vsize)
         key = rt.read(kptr, ksize)
         try:
             if how == "remove":
@@ -894,6 +925,7 @@ def _host_functions(rt: Runtime) -> dict:
         headers = headers_of(map_id)
         if headers is None:
             return NOT_FOUND
+        rt.charge(size)
         try:
             pairs = deserialize_pairs(rt.read(ptr, size))
         except (ValueError, struct.error):
@@ -967,6 +999,9 @@ def _host_functions(rt: Runtime) -> dict:
         if metric_type > 2:
             return BAD_ARGUMENT
         name = rt.read(nptr, nsize)
+        if name not in rt.metric_ids and len(rt.metric_ids) >= MAX_METRICS:
+            return BAD_ARGUMENT
+        rt.charge(nsize)
         metric_id = rt.metric_ids.setdefault(name, len(rt.metric_ids) + 1)
         rt.metrics.setdefault(metric_id, 0)
         rt.write_u32(ret_id, metric_id)
@@ -999,10 +1034,15 @@ def _host_functions(rt: Runtime) -> dict:
         return status
 
     def proxy_set_shared_data(kptr, ksize, vptr, vsize, cas):
+        rt.charge(ksize + vsize)
         key = rt.read(kptr, ksize)
         current = rt.shared.get(key)
         if cas and current is not None and current[1] != cas:
             return 8  # CAS_MISMATCH
+        old = ksize + len(current[0]) if current else 0
+        if rt.shared_bytes - old + ksize + vsize > MAX_SHARED_DATA_BYTES:
+            return BAD_ARGUMENT
+        rt.shared_bytes += ksize + vsize - old
         rt.shared[key] = (rt.read(vptr, vsize), (current[1] + 1 if current else 1) & 0xFFFFFFFF)
         return OK
 
@@ -1010,11 +1050,11 @@ def _host_functions(rt: Runtime) -> dict:
     def fd_write(fd, iovs, iovs_len, ret_written):
         if fd not in (1, 2):
             return WASI_BADF
-        chunks = []
-        for i in range(iovs_len):
-            ptr, size = struct.unpack("<II", rt.read(iovs + 8 * i, 8))
-            chunks.append(rt.read(ptr, size))
-        data = b"".join(chunks)
+        if iovs_len > WASI_IOV_MAX:
+            return WASI_INVAL
+        spans = [struct.unpack("<II", rt.read(iovs + 8 * i, 8)) for i in range(iovs_len)]
+        rt.charge(sum(size for _, size in spans))  # before copying: iovecs may all alias one region
+        data = b"".join(rt.read(ptr, size) for ptr, size in spans)
         level = logging.INFO if fd == 1 else logging.ERROR
         if data.strip() and log.isEnabledFor(level):
             log.log(level, "wasm filter %s: %s", rt.name, data.decode(errors="replace").rstrip())

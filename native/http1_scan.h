@@ -8,8 +8,9 @@
  * with its own status: a method from a common set (no CONNECT), a target of
  * RFC 3986 characters, HTTP/1.0 or 1.1, a final status 200-599, token field
  * names, visible-ASCII values, Content-Length framing or none (no
- * Transfer-Encoding, no Upgrade field), one Host in a 1.1 request, within the
- * size and count limits.
+ * Transfer-Encoding, no Upgrade field), one Host in a 1.1 request, an
+ * origin-form target, no Connection option naming a field in a request, within
+ * the size and count limits.
  */
 #ifndef PYPROXY_HTTP1_SCAN_H
 #define PYPROXY_HTTP1_SCAN_H
@@ -107,6 +108,7 @@ static int scan_head(const char *d, Py_ssize_t n, int is_request, Py_ssize_t max
         if (!known) return 0;
         h->a0 = 0; h->a1 = sp - d;
         const char *t = sp + 1, *te = t;
+        if (*t != '/') return 0; /* origin-form only: other forms are checked by the fallback */
         while (te < line_end && target_ok[(unsigned char)*te]) te++;
         if (te == t || te + 9 != line_end || *te != ' ') return 0;
         if (memcmp(te + 1, "HTTP/1.", 7) != 0 || (te[8] != '1' && te[8] != '0')) return 0;
@@ -181,6 +183,8 @@ static int scan_head(const char *d, Py_ssize_t n, int is_request, Py_ssize_t max
         p = le + 2;
     }
     if (is_request && (hosts > 1 || (hosts == 0 && h->v11))) return 0;
+    /* A request whose Connection names fields: the fallback checks what it names. */
+    if (is_request && h->named) return 0;
     h->nfields = nfields;
     return 1;
 }

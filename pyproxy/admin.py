@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -48,6 +49,7 @@ Handler = Callable[[dict[str, list[str]]], Awaitable[Response] | Response]
 REASONS = {
     200: "OK",
     400: "Bad Request",
+    403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
     431: "Request Header Fields Too Large",
@@ -56,11 +58,82 @@ REASONS = {
 }
 
 
-class EndpointServer:
-    """Serves a fixed route table: {path: (method, handler)}; anything else is 404 or 405."""
+def _host_name(host: str) -> str:
+    """The name part of a Host header value: "[::1]:15000" -> "::1", "LocalHost:80" -> "localhost"."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
 
-    def __init__(self, routes: dict[str, tuple[str, Handler]]) -> None:
+
+def _is_loopback(name: str) -> bool:
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def refusal(mutation: bool, headers: dict[str, list[str]], admin_host: str) -> str | None:
+    """Why an admin request must be refused, or None: the one rule against browser pages.
+
+    DNS rebinding makes a page's own name resolve to this host, so its requests carry that
+    name in Host: every admin request must name an IP address or localhost. A state change
+    must come from here: Host names a loopback address or the admin's own, and Origin is
+    absent or that same origin (a cross-site POST carries the attacker's Origin)."""
+    hosts = headers.get("host", [])
+    if len(hosts) > 1 or (mutation and not hosts):
+        return "exactly one Host header is required"
+    if not hosts:
+        return None  # an HTTP/1.0 tool; a browser always sends Host
+    host = hosts[0].strip()
+    name = _host_name(host)
+    if not mutation:
+        if _is_address(name) or _is_loopback(name) or name == admin_host:
+            return None
+        return f"Host {host!r} is a name, not an address (DNS rebinding?)"
+    if not (_is_loopback(name) or (admin_host and name == admin_host)):
+        return f"Host {host!r} is neither a loopback address nor the admin address"
+    origins = headers.get("origin", [])
+    if origins and [o.strip().lower() for o in origins] != ["http://" + host.lower()]:
+        return f"Origin {', '.join(origins)!r} is not this admin server"
+    return None
+
+
+def _headers(head: bytes) -> dict[str, list[str]]:
+    headers: dict[str, list[str]] = {}
+    for line in head.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep:
+            headers.setdefault(name.strip().lower().decode("latin-1"), []).append(
+                value.strip().decode("latin-1")
+            )
+    return headers
+
+
+class EndpointServer:
+    """Serves a fixed route table: {path: (method, handler)}; anything else is 404 or 405.
+
+    With `guarded` (the admin server: it shows config and taps, and POST routes change state),
+    each request is checked by `refusal` first: 403 when refused, counted in `refused`, logged.
+    `admin_host` is the address the server is bound to, unless a wildcard."""
+
+    def __init__(
+        self, routes: dict[str, tuple[str, Handler]], guarded: bool = False, admin_host: str = ""
+    ) -> None:
         self.routes = routes
+        self.guarded = guarded
+        self.admin_host = admin_host.lower()
+        self.refused = 0
         self._server: asyncio.base_events.Server | None = None
 
     async def start(self, address: Address) -> None:
@@ -115,6 +188,12 @@ class EndpointServer:
         allowed, handler = route
         if method != allowed and not (allowed == "GET" and method == "HEAD"):
             return Response.text(f"method not allowed; use {allowed}\n", 405)
+        if self.guarded:
+            reason = refusal(allowed == "POST", _headers(head), self.admin_host)
+            if reason is not None:
+                self.refused += 1
+                log.warning("admin: refused %s %s: %s", method, target.path, reason)
+                return Response.text(f"forbidden: {reason}\n", 403)
         result: Any = handler(parse_qs(target.query))
         if asyncio.iscoroutine(result):
             result = await result

@@ -1,4 +1,4 @@
-"""The `pyproxy` command: run, stats, capture, demo."""
+"""The `pyproxy` command: run, stats, capture, inject, webhook, demo."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from pyproxy.config import (
     ProxyConfig,
     build_config,
     load_config,
+    root_refusal,
     sidecar_listeners,
 )
 from pyproxy.eventloop import ENV as ENV_EVENT_LOOP
@@ -41,6 +42,16 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         choices=("redirect", "tproxy"),
         default="redirect",
         help="how capture rules deliver traffic (tproxy sets IP_TRANSPARENT)",
+    )
+    run.add_argument(
+        "--allow-root",
+        action="store_true",
+        help="run capture listeners as root (only if your capture rules exclude uid 0 as well)",
+    )
+    run.add_argument(
+        "--app-socket",
+        metavar="unix:/path",
+        help="with --sidecar: deliver inbound traffic to the app's Unix socket ({port} allowed)",
     )
     run.add_argument("--mode", choices=MODES, help="protocol mode of the listener(s) (default tcp)")
     run.add_argument("--listen", help="standalone listener address, host:port or unix:/path")
@@ -101,11 +112,11 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     """Build the same document a YAML file would hold, then validate it the same way."""
-    quick = args.listen or args.upstream or args.sidecar
+    quick = args.listen or args.upstream or args.sidecar or args.app_socket
     if args.config and quick:
         raise ConfigError(
             "<flags>",
-            "--listen/--upstream/--sidecar",
+            "--listen/--upstream/--sidecar/--app-socket",
             "cannot be combined with -c; put listeners in the file",
         )
     if args.config:
@@ -124,11 +135,16 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         if getattr(args, backend, None):
             listener_extra[backend] = getattr(args, backend)
     data: dict[str, Any] = {}
+    if args.app_socket and not args.sidecar:
+        raise ConfigError("<flags>", "--app-socket", "only with --sidecar")
     if args.sidecar:
         data["listeners"] = [
             dict(lst, **listener_extra)
             for lst in sidecar_listeners(args.mode or "tcp", args.capture_mode == "tproxy")
         ]
+        for listener in data["listeners"]:
+            if args.app_socket and listener["kind"] == "inbound":
+                listener["app_socket"] = args.app_socket
         data["prometheus"] = PROMETHEUS_DEFAULT
         data["health"] = HEALTH_DEFAULT
     else:
@@ -189,6 +205,8 @@ def _apply_top_flags(data: dict, args: argparse.Namespace, source: str) -> Proxy
             data[flag] = value
     if args.no_stage_clock:
         data["stage_clock"] = False
+    if args.allow_root:
+        data["allow_root"] = True
     if args.drain_timeout:
         data["drain_timeout"] = args.drain_timeout
     if args.mode and source != "<flags>":
@@ -211,6 +229,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"pyproxy: config error: {args.config}: cannot read: {exc.strerror}", file=sys.stderr)
         return EXIT_CONFIG
 
+    refusal = root_refusal(config, os.geteuid())
+    if refusal:
+        print(f"pyproxy: {refusal}", file=sys.stderr)
+        return EXIT_CONFIG
     if args.event_loop:
         os.environ[ENV_EVENT_LOOP] = args.event_loop  # forked workers inherit it
     from pyproxy.supervisor import Supervisor
@@ -263,8 +285,8 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
-def build_parser(with_capture: bool = True) -> argparse.ArgumentParser:
-    """Every subcommand; `with_capture=False` leaves out the capture ones (and their imports)."""
+def build_parser(with_tools: bool = True) -> argparse.ArgumentParser:
+    """Every subcommand; `with_tools=False` leaves out capture and kube (and their imports)."""
     parser = _Parser(
         prog="pyproxy", description="A userspace L7 sidecar proxy that measures itself."
     )
@@ -281,20 +303,24 @@ def build_parser(with_capture: bool = True) -> argparse.ArgumentParser:
     demo.add_argument("--messages", type=int, default=20000)
     demo.add_argument("--connections", type=int, default=4)
     demo.set_defaults(func=lambda a: __import__("pyproxy.demo", fromlist=["main"]).main(a))
-    if with_capture:
-        try:
-            from pyproxy.iptables import cli as capture_cli
-        except ImportError:
-            return parser
-        if hasattr(capture_cli, "add_parser"):
-            capture_cli.add_parser(sub)
+    if not with_tools:
+        return parser
+    try:
+        from pyproxy.iptables import cli as capture_cli
+    except ImportError:
+        capture_cli = None
+    if capture_cli is not None and hasattr(capture_cli, "add_parser"):
+        capture_cli.add_parser(sub)
+    from pyproxy.kube import cli as kube_cli
+
+    kube_cli.add_parsers(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    # `run` is the long-lived process: it need not load the capture commands (iptables, subprocess).
-    parser = build_parser(with_capture=argv[:1] != ["run"])
+    # `run` is the long-lived process: it need not load the capture and kube commands' modules.
+    parser = build_parser(with_tools=argv[:1] != ["run"])
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -165,6 +165,8 @@ class ProxyConfig:
     # closed at once; beyond max_pending_requests a request is answered 503 (gRPC UNAVAILABLE).
     max_connections: int = MAX_CONNECTIONS_DEFAULT
     max_pending_requests: int = MAX_PENDING_REQUESTS_DEFAULT
+    # Capture listeners as root: only when the capture rules exclude uid 0 too (see cli).
+    allow_root: bool = False
     source: str = "<flags>"
     raw: dict = field(default_factory=dict, compare=False)
 
@@ -697,11 +699,27 @@ def build_config(data: Any, source: str = "<flags>") -> ProxyConfig:
         max_pending_requests=top.take(
             "max_pending_requests", _int_range(1, 1 << 20), MAX_PENDING_REQUESTS_DEFAULT
         ),
+        allow_root=top.take("allow_root", _bool, False),
         source=source,
         raw=raw,
     )
     top.done()
     return config
+
+
+def root_refusal(config: ProxyConfig, euid: int) -> str:
+    """Why this config must not run as `euid` ("" if it may): capture listeners as root loop."""
+    capture = [lst.name for lst in config.listeners if lst.kind in ("outbound", "inbound")]
+    if euid != 0 or not capture or config.allow_root:
+        return ""
+    return (
+        f"refusing to run the sidecar as root (uid 0): listener(s) {', '.join(capture)} take "
+        "captured traffic, and the capture rules exclude only the proxy's uid (1337 by default), "
+        "so a root sidecar would capture its own upstream connections and send them back to "
+        "itself. Run it as that uid (e.g. setpriv --reuid 1337 --regid 1337 --clear-groups "
+        "pyproxy run ...), or pass --allow-root (config: allow_root: true) if your capture "
+        "rules exclude uid 0 too."
+    )
 
 
 def load_config(path: str) -> ProxyConfig:

@@ -38,6 +38,22 @@ FLAGS = (
 )
 FLAG_INDEX = {name: i for i, name in enumerate(FLAGS)}
 
+# Why downstream input was refused before any of it reached the upstream (the hostile-input
+# classes; each refusal also carries its response flag, DPE for most).
+REJECTS = (
+    "request_line",  # HTTP/1 request line or target malformed (400), HTTP/0.9 (400)
+    "version",  # an HTTP version this hop cannot speak, e.g. "HTTP/2.0" on HTTP/1 (505)
+    "method",  # CONNECT: not relayed (501)
+    "header",  # a field name or value that is not allowed (400)
+    "framing",  # message framing in doubt: CL/TE conflicts, bad chunks, framing named in Connection
+    "too_large",  # header section over the limits (431)
+    "pseudo_header",  # HTTP/2 :method, :path, :scheme, :authority invalid (RFC 9113 §8.3)
+    "h2_protocol",  # HTTP/2 connection error (GOAWAY PROTOCOL_ERROR and kin)
+    "h2_flood",  # HTTP/2 abuse: rapid reset, CONTINUATION or control-frame flood (ENHANCE_YOUR_CALM)
+    "grpc_framing",  # gRPC message framing: compressed flag, length, truncation
+)
+REJECT_INDEX = {name: i for i, name in enumerate(REJECTS)}
+
 # Connection (TCP) / request (HTTP) duration buckets, seconds.
 BUCKETS = (
     0.0001,
@@ -105,7 +121,8 @@ GRPC_METHOD_SLOTS = 32  # per worker and listener; later methods count under "ot
 GRPC_NAME_WORDS = 15  # 120 bytes of method name per entry
 GRPC_ENTRY = 2 + 17 + GRPC_NAME_WORDS  # name length, started, one per grpc-status, name
 GRPC_SLOTS = 2 + len(BUCKETS) + 3 + (GRPC_METHOD_SLOTS + 1) * GRPC_ENTRY
-LISTENER_SLOTS = GRPC_BASE + GRPC_SLOTS
+REJECT_BASE = GRPC_BASE + GRPC_SLOTS  # downstream input refused, one slot per REJECTS reason
+LISTENER_SLOTS = REJECT_BASE + len(REJECTS)
 
 # Per-worker header slots.
 W_PID = 0
@@ -165,6 +182,11 @@ class CounterStore:
 
     def notify_cost_ns(self, worker: int) -> int:
         return self.worker_header(worker)[W_NOTIFY_COST_NS]
+
+
+def reject_slot(reason: str) -> int:
+    """The block slot counting refusals for ``reason`` (look it up once, add to it on the hot path)."""
+    return REJECT_BASE + REJECT_INDEX[reason]
 
 
 def observe_duration(block: memoryview, elapsed_ns: int) -> None:

@@ -103,7 +103,12 @@ def main(args: argparse.Namespace) -> int:
         sys.stdout.write(stage_table(snap))
         print(
             f"\nevent loop {info['event_loop']}, notify cost calibrated at {info['workers'][0]['notify_cost_ns']} ns per readiness event, "
-            f"native module {'available' if info['native']['available'] else 'unavailable'}"
+            + (
+                "native module available"
+                if info["native"]["available"]
+                else f"native module unavailable ({info['native']['reason']}): "
+                "python -m pyproxy.native.check says what is missing"
+            )
         )
         print(
             f"live numbers: curl http://127.0.0.1:{admin_port}/stats/prometheus  (while a proxy runs: pyproxy stats --admin ...)"

@@ -97,14 +97,15 @@ class Listener:
         timed: bool,
         connections: set,
         proxy_config: ProxyConfig,
-        admission: Admission,
+        admission: Admission | None = None,
     ) -> None:
         self.loop = loop
         self.config = config
         self.block = block
         self.timed = timed
         self.connections = connections
-        self.admission = admission
+        # The worker's, shared by its listeners; a listener on its own has limits of its own.
+        self.admission = admission or Admission(connections, proxy_config)
         self.sockets: list[socket.socket] = []
         self._set_stages()
         self._relay = relay_factory(config)
@@ -205,13 +206,29 @@ class Listener:
                 block[REFUSED_CONNECTIONS] += 1
                 sockets.abort(conn)
                 continue
-            self._handle(conn)
+            started = perf_counter_ns()
+            block[CONNECTIONS_TOTAL] += 1
+            block[CONNECTIONS_ACTIVE] += 1
+            try:
+                # A new fd number has no watcher: any the loop still holds for it is a stale
+                # one, left by a socket closed while watched. Drop it, or it cannot be watched.
+                fd = conn.fileno()
+                self.loop.remove_reader(fd)
+                self.loop.remove_writer(fd)
+                self._handle(conn, started)
+            except RuntimeError as exc:
+                # The loop refused to watch it anyway: close it and count it, never leak it.
+                log.error("%s: cannot serve an accepted connection: %s", self.config.name, exc)
+                self._abandon(conn, started)
 
-    def _handle(self, conn: socket.socket) -> None:
-        started = perf_counter_ns()
-        block = self.block
-        block[CONNECTIONS_TOTAL] += 1
-        block[CONNECTIONS_ACTIVE] += 1
+    def _abandon(self, conn: socket.socket, started: int) -> None:
+        for holder in list(self.connections):
+            if _socket_of(holder) is conn:
+                holder.close("LR")  # its own ending closes the socket and counts it
+                return
+        self.fail(conn, "LR", started)
+
+    def _handle(self, conn: socket.socket, started: int) -> None:
         conn.setblocking(False)
         if conn.family != socket.AF_UNIX:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -374,6 +391,16 @@ class Listener:
         block[CONNECTIONS_ACTIVE] -= 1
         observe_duration(block, perf_counter_ns() - started_ns)
         downstream.close()
+
+
+def _socket_of(holder) -> socket.socket | None:
+    """The downstream socket of whatever `connections` holds (sessions, detectors, pending)."""
+    for name in ("sock", "downstream"):
+        sock = getattr(holder, name, None)
+        if isinstance(sock, socket.socket):
+            return sock
+    stream = getattr(holder, "stream", None)
+    return getattr(stream, "sock", None)
 
 
 def _unlink_quietly(path: str) -> None:

@@ -70,6 +70,11 @@ class StageCollector:
             "Connections or requests ended with a response flag",
             labels=labels + ["flag"],
         )
+        rejected = CounterMetricFamily(
+            "pyproxy_downstream_rejected",
+            "Downstream input refused before it reached the upstream, by reason",
+            labels=labels + ["reason"],
+        )
         responses = CounterMetricFamily(
             "pyproxy_responses", "HTTP responses by status class", labels=labels + ["class"]
         )
@@ -106,6 +111,8 @@ class StageCollector:
                 refused.add_metric(key + [kind], value)
             for flag, value in listener["flags"].items():
                 flags.add_metric(key + [flag], value)
+            for reason, value in listener.get("rejected", {}).items():
+                rejected.add_metric(key + [reason], value)
             if listener["mode"] != "tcp":
                 for status_class, value in listener.get("responses", {}).items():
                     responses.add_metric(key + [status_class], value)
@@ -131,12 +138,19 @@ class StageCollector:
             native,
             refused,
             flags,
+            rejected,
             responses,
             filter_counters,
             zerocopy,
             duration,
         )
         yield from grpc_families(snap)
+        if "admin" in snap:
+            yield CounterMetricFamily(
+                "pyproxy_admin_refused_requests",
+                "Admin requests refused for a foreign Host or Origin (browser page, DNS rebinding)",
+                value=snap["admin"]["refused_requests"],
+            )
 
 
 def exposition(take_snapshot: Callable[[], dict]) -> bytes:

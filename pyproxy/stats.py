@@ -62,6 +62,11 @@ def snapshot(store: CounterStore, config: ProxyConfig) -> dict:
                 for i, flag in enumerate(c.FLAGS)
                 if block[c.FLAG_BASE + i]
             },
+            "rejected": {
+                reason: block[c.REJECT_BASE + i]
+                for i, reason in enumerate(c.REJECTS)
+                if block[c.REJECT_BASE + i]
+            },
             "duration": {
                 "count": block[c.HIST_COUNT],
                 "sum_seconds": block[c.HIST_SUM_NS] / 1e9,

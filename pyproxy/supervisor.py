@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ipaddress
 import logging
 import os
 import signal
@@ -16,10 +17,11 @@ from typing import Any
 from pyproxy import __version__
 from pyproxy.addresses import Address
 from pyproxy.admin import EndpointServer, Response
-from pyproxy.config import ConfigError, ProxyConfig
+from pyproxy.config import ConfigError, ProxyConfig, root_refusal
 from pyproxy.counters import W_NOTIFY_COST_NS, W_PID, W_READY, CounterStore
 from pyproxy.eventloop import event_loop_name, new_event_loop
 from pyproxy.io import backends, sockets
+from pyproxy.redaction import redact
 from pyproxy.worker import Worker
 
 log = logging.getLogger("pyproxy")
@@ -71,6 +73,7 @@ class Supervisor:
         self._shutting_down = False
         self._done: Any = None  # the future _main awaits; set when the loop starts
         self._servers: list[EndpointServer] = []
+        self._admin: EndpointServer | None = None
 
     # ---- process lifecycle -------------------------------------------------
 
@@ -240,6 +243,9 @@ class Supervisor:
             return
         try:
             new = self.reload_config()
+            refusal = root_refusal(new, os.geteuid())
+            if refusal:
+                raise ConfigError(new.source, "listeners", refusal)
             self._check_bindable(new)
             self._check_shareable(new)
         except ConfigError as exc:
@@ -294,7 +300,10 @@ class Supervisor:
     def snapshot(self) -> dict:
         from pyproxy import stats  # on the first scrape, like prometheus_client
 
-        return stats.snapshot(self.store, self.config)
+        snap = stats.snapshot(self.store, self.config)
+        if self._admin is not None:
+            snap["admin"] = {"refused_requests": self._admin.refused}
+        return snap
 
     def ready(self) -> bool:
         workers = range(self.config.concurrency)
@@ -345,7 +354,7 @@ class Supervisor:
                 return [plain(v) for v in value]
             return value
 
-        dump = plain(self.config)
+        dump = redact(plain(self.config))
         assert isinstance(dump, dict)
         return dump
 
@@ -400,9 +409,19 @@ class Supervisor:
         for address, routes in plan:
             if address is None:
                 continue
-            server = EndpointServer(routes)
+            guarded = routes is admin_routes
+            server = EndpointServer(routes, guarded, _own_host(address))
             await server.start(address)
             self._servers.append(server)
+            if guarded:
+                self._admin = server
+
+
+def _own_host(address: Address) -> str:
+    """The host a request names when it reaches this address directly (none for a wildcard bind)."""
+    if address.is_unix or ipaddress.ip_address(address.host).is_unspecified:
+        return ""
+    return address.host
 
 
 def _unix_addresses(config: ProxyConfig) -> list[Address]:

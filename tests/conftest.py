@@ -27,8 +27,10 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def http_get(url: str, method: str = "GET", timeout: float = 5.0) -> tuple[int, bytes]:
-    request = urllib.request.Request(url, method=method)
+def http_get(
+    url: str, method: str = "GET", timeout: float = 5.0, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, method=method, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read()

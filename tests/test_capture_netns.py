@@ -8,9 +8,11 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+from pyproxy.iptables import probe as probe_module
 from pyproxy.iptables.capture import parse_save
 from pyproxy.iptables.netns import Pod, missing_capabilities, pods
 from pyproxy.iptables.rules import CaptureOptions, build_ruleset
@@ -299,6 +301,22 @@ def start_tag(pod: Pod, port: int, tag: str, transparent: bool = False, uid: int
     return proc
 
 
+@pytest.fixture(scope="module")
+def app_probe(tmp_path_factory) -> list[str]:
+    """The probe as an app user runs it: the base interpreter and a world-readable copy.
+
+    An app's uid need not reach this checkout or its venv (only the sidecar's uid 1337 is given
+    that by the set-up: a clone in root's home is mode 0700); the probe needs only the stdlib.
+    """
+    folder = Path(tempfile.mkdtemp(prefix="pyproxy-app-probe-"))
+    folder.chmod(0o755)
+    probe = folder / "probe.py"
+    shutil.copyfile(Path(probe_module.__file__), probe)
+    probe.chmod(0o644)
+    yield [sys._base_executable, str(probe)]  # type: ignore[attr-defined]
+    shutil.rmtree(folder)
+
+
 def ask(
     pod: Pod,
     host: str,
@@ -306,8 +324,9 @@ def ask(
     uid: int | None = None,
     gid: int | None = None,
     source: str | None = None,
+    probe: list[str] | None = None,
 ):
-    argv = [PY, "-m", "pyproxy.iptables.probe", "ask", host, str(port)]
+    argv = [*(probe or [PY, "-m", "pyproxy.iptables.probe"]), "ask", host, str(port)]
     if source:
         argv += ["--source", source]
     return json.loads(pod.run(argv, uid=uid, gid=gid).stdout)
@@ -331,15 +350,15 @@ def test_outbound_connection_is_redirected_to_15001_with_its_original_destinatio
 
 
 @pytest.mark.parametrize("family", [4, 6])
-def test_proxy_uid_and_gid_are_never_captured(pair, family):
+def test_proxy_uid_and_gid_are_never_captured(pair, family, app_probe):
     a, b = pair
     start_tag(a, 15001, "a-outbound")
     start_tag(b, 8080, "b-app")
     applied(a)
     target = b.address(family)
-    assert ask(a, target, 8080, uid=1000, gid=1000)["tag"] == "a-outbound"
+    assert ask(a, target, 8080, uid=1000, gid=1000, probe=app_probe)["tag"] == "a-outbound"
     assert ask(a, target, 8080, uid=PROXY_UID)["tag"] == "b-app"
-    assert ask(a, target, 8080, uid=1000, gid=PROXY_UID)["tag"] == "b-app"
+    assert ask(a, target, 8080, uid=1000, gid=PROXY_UID, probe=app_probe)["tag"] == "b-app"
 
 
 @pytest.mark.parametrize("family", [4, 6])

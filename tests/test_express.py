@@ -67,6 +67,12 @@ class RawUpstream:
             return False
         elif path == b"/vanish":
             return False  # closes without an answer
+        elif path == b"/both-framings":
+            # RFC 9112 §6.3 (3): framed both ways, so nobody can tell where it ends.
+            conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"5\r\nhello\r\n0\r\n\r\n"
+            )
         elif path == b"/slow":
             time.sleep(0.8)
             conn.sendall(OK % (4, b"slow"))
@@ -90,18 +96,21 @@ class Client:
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         self.sent = 0
+        self.unread = b""  # bytes of the next responses (pipelined answers can share a read)
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
         self.sent += len(data)
 
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        assert chunk, f"closed after {self.unread!r}"
+        self.unread += chunk
+
     def response(self) -> tuple[bytes, bytes]:
-        buf = b""
-        while b"\r\n\r\n" not in buf:
-            chunk = self.sock.recv(65536)
-            assert chunk, f"closed after {buf!r}"
-            buf += chunk
-        head, _, rest = buf.partition(b"\r\n\r\n")
+        while b"\r\n\r\n" not in self.unread:
+            self._fill()
+        head, _, rest = self.unread.partition(b"\r\n\r\n")
         length = 0
         for line in head.split(b"\r\n")[1:]:
             name, _, value = line.partition(b":")
@@ -109,10 +118,16 @@ class Client:
                 length = int(value)
         if head.startswith(b"HTTP/1.1 204"):
             length = 0
-        chunked = b"transfer-encoding: chunked" in head.lower()
-        while (len(rest) < length) or (chunked and not rest.endswith(b"0\r\n\r\n")):
-            rest += self.sock.recv(65536)
-        return head, rest
+        if b"transfer-encoding: chunked" in head.lower():
+            while b"0\r\n\r\n" not in rest:
+                self._fill()
+                rest = self.unread.partition(b"\r\n\r\n")[2]
+            length = rest.index(b"0\r\n\r\n") + 5
+        while len(rest) < length:
+            self._fill()
+            rest = self.unread.partition(b"\r\n\r\n")[2]
+        self.unread = rest[length:]
+        return head, rest[:length]
 
     def get(self, path: bytes, extra: bytes = b"") -> tuple[bytes, bytes]:
         self.send(b"GET " + path + b" HTTP/1.1\r\nHost: svc\r\n" + extra + b"\r\n")

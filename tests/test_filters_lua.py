@@ -326,3 +326,144 @@ listeners:
     time.sleep(0.05)
     assert f"filters[0].config.{field}" in proxy.output, proxy.output
     assert expect in proxy.output, proxy.output
+
+
+# Each path tries one way out of the sandbox or one way to stall the worker; the marker file
+# shows whether os.execute got anywhere.
+ESCAPE_SCRIPT = """
+function envoy_on_request(handle)
+  local h = handle:headers()
+  local path = h:get(":path")
+  if path == "/io-open" then
+    h:add("x-leak", io.open("/etc/passwd"):read("*a"))
+  elseif path == "/os-execute" then
+    os.execute("touch MARKER")
+  elseif path == "/require-socket" then
+    local socket = require("socket")
+    socket.connect("127.0.0.1", 9)
+  elseif path == "/require-ffi" then
+    require("ffi").C.system("touch MARKER")
+  elseif path == "/load-bytecode" then
+    local loader = load or loadstring
+    loader(string.dump(function() return 1 end))()
+  elseif path == "/string-metatable" then
+    getmetatable("").__index.dump = function() end
+  elseif path == "/debug-registry" then
+    debug.getregistry()
+  elseif path == "/rep-bomb" then
+    local s = string.rep("x", 2 ^ 30)
+  elseif path == "/concat-bomb" then
+    local t = {}
+    for i = 1, 1e8 do t[i] = "0123456789abcdef" end
+    h:add("x-big", table.concat(t))
+  elseif path == "/pattern-bomb" then
+    string.find(string.rep("a", 3000), ".-.-.-.-b")
+  elseif path == "/gmatch-bomb" then
+    for m in (string.rep("a", 200000)):gmatch(".-b") do end
+  elseif path == "/pattern-loop" then
+    local s = string.rep("a", 3000)
+    while true do pcall(string.find, s, ".-b") end
+  elseif path == "/header-bomb" then
+    for i = 1, 100 do h:add("x-bomb-" .. i, string.rep("y", 1000)) end  -- 100 KB, past the cap
+  elseif path == "/spin" then
+    while true do end
+  elseif path == "/echo?patterns" then
+    local _, _, version, name = string.find("/api/v1/users", "^/api/(v%d+)/(%w+)")
+    h:add("x-route", version .. "," .. name)
+    h:add("x-trim", ("  padded  "):match("^%s*(.-)%s*$"))
+    h:add("x-swap", (("k=v"):gsub("(%w)=(%w)", "%2=%1")))
+    for k, v in string.gmatch("a=1,b=2", "(%w+)=(%w+)") do h:add("x-kv-" .. k, v) end
+    h:add("x-plain", tostring(string.find("a.-b", ".-", 1, true)))
+    h:add("x-body-scan", tostring(string.find(string.rep("a", 100000) .. "needle", "needle")))
+  end
+end
+"""
+
+ESCAPES = [
+    "/io-open",
+    "/os-execute",
+    "/require-socket",
+    "/require-ffi",
+    "/load-bytecode",
+    "/string-metatable",
+    "/debug-registry",
+    "/rep-bomb",
+    "/concat-bomb",
+    "/pattern-bomb",
+    "/gmatch-bomb",
+    "/pattern-loop",
+    "/header-bomb",
+    "/spin",
+]
+
+
+@pytest.fixture(scope="module")
+def escape_proxy(tmp_path_factory):
+    upstream = HttpUpstream()
+    tmp = tmp_path_factory.mktemp("lua-escape")
+    marker = tmp / "pwned"
+    port = free_port()
+    script = ESCAPE_SCRIPT.replace("MARKER", str(marker))
+    proxy = ProxyProcess(
+        ["-c", _write_config(tmp, [("main", port, upstream.address, script)])]
+    ).wait_ready()
+    yield proxy, port, marker
+    proxy.stop()
+    upstream.close()
+
+
+@pytest.mark.parametrize("path", ESCAPES)
+def test_sandbox_escape_fails_with_500_and_the_proxy_serves_the_next_request(escape_proxy, path):
+    proxy, port, marker = escape_proxy
+    t0 = time.monotonic()
+    status, headers, body = _get(port, path)
+    elapsed = time.monotonic() - t0
+    assert status == 500, (status, body)
+    assert body == b"lua script error\n" and "x-leak" not in headers
+    assert elapsed < 2.0, elapsed  # 0.1 s CPU per hook call; the machine may be busy
+    assert not marker.exists()
+    status, _, body = _get(port, "/echo")
+    assert status == 200
+    assert "root:" not in body.decode(errors="replace")
+
+
+def test_pattern_bomb_is_refused_naming_the_pattern_and_the_limit(escape_proxy):
+    proxy, port, _ = escape_proxy
+    time.sleep(1.1)  # past the one-line-per-second log limit
+    assert _get(port, "/pattern-bomb")[0] == 500
+    deadline = time.monotonic() + 3
+    while "costs up to" not in proxy.output and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert 'pattern ".-.-.-.-b" costs up to' in proxy.output, proxy.output
+    assert "on a 3000-byte subject (limit 10000000)" in proxy.output
+
+
+def test_everyday_patterns_still_work_in_the_sandbox(escape_proxy):
+    _, port, _ = escape_proxy
+    status, _, body = _get(port, "/echo?patterns")
+    assert status == 200
+    seen = _echoed(body)["h"]
+    assert seen["x-route"] == ["v1,users"]
+    assert seen["x-trim"] == ["padded"]
+    assert seen["x-swap"] == ["v=k"]
+    assert seen["x-kv-a"] == ["1"] and seen["x-kv-b"] == ["2"]
+    assert seen["x-plain"] == ["2"]  # find(..., true) is a plain search: ".-" at 2
+    assert seen["x-body-scan"] == ["100001"]  # a literal search over a large subject is linear
+
+
+def test_bytecode_script_is_refused_at_load(tmp_path):
+    lupa = pytest.importorskip("lupa.luajit21")
+    bytecode = lupa.LuaRuntime(encoding=None).eval("string.dump(function() end)")
+    source = tmp_path / "compiled.lua"
+    source.write_bytes(bytecode)
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        f"listeners:\n  - name: main\n    mode: http\n    address: 127.0.0.1:{free_port()}\n"
+        f"    upstream: 127.0.0.1:9\n    filters:\n      - name: script\n        type: lua\n"
+        f"        config: {{source_file: {source}}}\n"
+    )
+    proxy = ProxyProcess(["-c", str(path)])
+    assert proxy.proc.wait(15) == 2
+    time.sleep(0.05)
+    assert "filters[0].config.source_file" in proxy.output
+    assert "precompiled Lua bytecode is refused" in proxy.output, proxy.output

@@ -29,6 +29,13 @@ def _proxy(start_proxy, tmp_path, upstream_address: str, filters: str, ready: bo
     )
 
 
+def _proxy_wat(start_proxy, tmp_path, upstream_address: str, name: str, wat: str):
+    """A proxy whose one filter is this WebAssembly text, inline."""
+    return _proxy(
+        start_proxy, tmp_path, upstream_address, _wasm(name, f"code_wat: {json.dumps(wat)}")
+    )
+
+
 def _wasm(name: str, source: str, extra: str = "") -> str:
     return f"""
       - name: {name}
@@ -154,6 +161,13 @@ BAD_MODULES = {
         ' (func (export "malloc") (param i32) (result i32) i32.const 0))',
         "exports no memory",
     ),
+    "spins_in_configure": (
+        '(module (memory (export "memory") 1) (func (export "proxy_abi_version_0_2_1"))'
+        ' (func (export "malloc") (param i32) (result i32) i32.const 0)'
+        ' (func (export "proxy_on_configure") (param i32 i32) (result i32) (loop $l (br $l))'
+        " i32.const 1))",
+        "out of fuel",
+    ),
     "traps_at_start": (
         '(module (memory (export "memory") 1) (func (export "proxy_abi_version_0_2_1"))'
         ' (func (export "malloc") (param i32) (result i32) i32.const 0)'
@@ -238,12 +252,7 @@ PAIRS_ROUND_TRIP = """
 
 
 def test_header_pairs_round_trip_through_the_guest(start_proxy, tmp_path, upstream):
-    proxy, port = _proxy(
-        start_proxy,
-        tmp_path,
-        upstream.address,
-        _wasm("pairs", f"code_wat: {json.dumps(PAIRS_ROUND_TRIP)}"),
-    )
+    proxy, port = _proxy_wat(start_proxy, tmp_path, upstream.address, "pairs", PAIRS_ROUND_TRIP)
     run = curl(
         "-i",
         "-H",
@@ -373,3 +382,113 @@ def test_callbacks_within_fuel_per_call_never_run_out_when_fuel_is_batched():
         assert factory.counters[1] == 1
     finally:
         factory.close()
+
+
+# The guest's header-writing and allocation boilerplate for the modules below.
+_GUEST = """
+  (memory (export "memory") {pages})
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 8192))
+"""
+
+# Tries the host's files and sockets through WASI, then reports each errno (two digits) in a
+# request header. A WASI runtime with a preopened directory would answer 0 (success) somewhere.
+WASI_ESCAPE = (
+    """
+(module
+  (import "wasi_snapshot_preview1" "fd_prestat_get" (func $prestat (param i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "path_open"
+    (func $open (param i32 i32 i32 i32 i32 i64 i64 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_read" (func $read (param i32 i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "sock_accept" (func $accept (param i32 i32 i32) (result i32)))
+  (import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+"""
+    + _GUEST.format(pages=1)
+    + """
+  (data (i32.const 100) "x-wasi")
+  (data (i32.const 200) "/etc/passwd")
+  (func $put (param $i i32) (param $e i32)
+    (local $at i32)
+    (local.set $at (i32.add (i32.const 400) (i32.mul (local.get $i) (i32.const 3))))
+    (i32.store8 (local.get $at) (i32.add (i32.const 48) (i32.div_u (local.get $e) (i32.const 10))))
+    (i32.store8 (i32.add (local.get $at) (i32.const 1))
+      (i32.add (i32.const 48) (i32.rem_u (local.get $e) (i32.const 10))))
+    (i32.store8 (i32.add (local.get $at) (i32.const 2)) (i32.const 44)))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (i32.store (i32.const 320) (i32.const 1024))
+    (i32.store (i32.const 324) (i32.const 512))
+    ;; the preopened directory wasi-libc looks for first
+    (call $put (i32.const 0) (call $prestat (i32.const 3) (i32.const 300)))
+    (call $put (i32.const 1) (call $open (i32.const 3) (i32.const 0) (i32.const 200) (i32.const 11)
+      (i32.const 0) (i64.const -1) (i64.const -1) (i32.const 0) (i32.const 304)))
+    ;; the host process's own stdin, a guessed file descriptor, a guessed listening socket
+    (call $put (i32.const 2) (call $read (i32.const 0) (i32.const 320) (i32.const 1) (i32.const 308)))
+    (call $put (i32.const 3) (call $read (i32.const 5) (i32.const 320) (i32.const 1) (i32.const 308)))
+    (call $put (i32.const 4) (call $accept (i32.const 6) (i32.const 0) (i32.const 312)))
+    (call $put (i32.const 5) (call $write (i32.const 7) (i32.const 320) (i32.const 1) (i32.const 308)))
+    (drop (call $add (i32.const 0) (i32.const 100) (i32.const 6) (i32.const 400) (i32.const 17)))
+    (i32.const 0)))
+"""
+)
+
+
+def test_guest_cannot_reach_host_files_or_sockets_through_wasi(start_proxy, tmp_path, upstream):
+    proxy, port = _proxy_wat(start_proxy, tmp_path, upstream.address, "wasi", WASI_ESCAPE)
+    status, _, body = _response(curl("-i", f"http://127.0.0.1:{port}/echo"))
+    assert status == 200
+    errnos = dict(json.loads(body)["headers"])["x-wasi"].split(",")
+    # BADF for descriptors (no preopens: nothing to open relative to), NOSYS for the rest.
+    assert errnos == ["08", "52", "08", "08", "52", "08"], errnos
+
+
+# Each spends the host's time or memory, not its own fuel or memory: a host call in a loop,
+# 300 header values of 1 MiB, one fd_write whose 300 iovecs all point at the same 1 MiB.
+HOST_BOMBS = {
+    "host_call_loop": (
+        '(import "env" "proxy_get_log_level" (func $level (param i32) (result i32)))',
+        "(loop $more (drop (call $level (i32.const 64))) (br $more))",
+        "more than 10000 host calls in one entry",
+    ),
+    "header_values": (
+        '(import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))',
+        "(loop $more (drop (call $add (i32.const 0) (i32.const 0) (i32.const 6) (i32.const 8192)"
+        " (i32.const 1048576))) (local.set $i (i32.add (local.get $i) (i32.const 1)))"
+        " (br_if $more (i32.lt_u (local.get $i) (i32.const 300))))",
+        "more than 1048576 bytes handed to the host",
+    ),
+    "aliased_iovecs": (
+        '(import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))',
+        "(loop $fill (i32.store (i32.add (i32.const 1024) (i32.mul (local.get $i) (i32.const 8)))"
+        " (i32.const 8192)) (i32.store (i32.add (i32.const 1028) (i32.mul (local.get $i) (i32.const 8)))"
+        " (i32.const 1048576)) (local.set $i (i32.add (local.get $i) (i32.const 1)))"
+        " (br_if $fill (i32.lt_u (local.get $i) (i32.const 300))))"
+        " (drop (call $write (i32.const 1) (i32.const 1024) (i32.const 300) (i32.const 0)))",
+        "more than 1048576 bytes handed to the host",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOST_BOMBS))
+def test_host_time_and_memory_a_guest_asks_for_are_bounded(start_proxy, tmp_path, upstream, case):
+    imports, body, reason = HOST_BOMBS[case]
+    wat = (
+        f"(module {imports}"
+        + _GUEST.format(pages=17)
+        + '(data (i32.const 0) "x-bomb")'
+        + '(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)'
+        + f" (local $i i32) {body} (i32.const 0)))"
+    )
+    proxy, port = _proxy_wat(start_proxy, tmp_path, upstream.address, "bomb", wat)
+    rss_before = proxy.rss_kib()
+    started = time.monotonic()
+    status, _, _ = _response(curl("-i", f"http://127.0.0.1:{port}/echo"))
+    assert status == 500
+    assert time.monotonic() - started < 2.0
+    assert proxy.rss_kib() - rss_before < 64 * 1024  # old: +300 MiB
+    assert _response(curl("-i", f"{proxy.admin}/ready"))[0] == 200
+    deadline = time.monotonic() + 3
+    while reason not in proxy.output and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert reason in proxy.output, proxy.output
+    assert proxy.listener()["filters"]["bomb"]["traps"] == 1

@@ -98,6 +98,23 @@ def test_stale_socket_is_replaced_but_live_socket_and_regular_file_are_refused(
     assert regular.read_text() == "precious"
 
 
+def test_socket_in_a_world_writable_directory_without_sticky_bit_is_refused(
+    start_proxy, short_dir, echo_server
+):
+    shared = short_dir / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # anyone may unlink and re-create entries here
+    path = shared / "sidecar.sock"
+    proxy = start_proxy("--listen", f"unix:{path}", "--upstream", echo_server.address, ready=False)
+    assert proxy.proc.wait(15) == 1
+    time.sleep(0.05)
+    assert "world-writable without the sticky bit (mode 0777)" in proxy.output, proxy.output
+    assert not path.exists()
+    shared.chmod(0o1777)  # like /tmp: only an entry's owner may remove it
+    proxy = start_proxy("--listen", f"unix:{path}", "--upstream", echo_server.address)
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o660
+
+
 def test_reload_that_drops_a_unix_listener_removes_its_file(start_proxy, short_dir, echo_server):
     path = short_dir / "extra.sock"
     config = short_dir / "proxy.yaml"
@@ -124,7 +141,7 @@ def test_outbound_listener_on_unix_relays_to_its_upstream_and_times_uds_as_ipc(
         "listeners:\n"
         f"  - {{name: out, kind: outbound, address: 'unix:{path}', upstream: '{echo_server.address}'}}\n"
     )
-    proxy = start_proxy("-c", str(config))
+    proxy = start_proxy("-c", str(config), "--allow-root")  # a capture listener; tests run as root
     status, body = http_get(proxy.admin + "/server_info")
     assert json.loads(body)["io_backends"]["listeners"]["out"]["ipc"] == "uds"
     client = _unix_connect(path)
@@ -154,7 +171,7 @@ def test_inbound_delivers_to_the_apps_unix_socket_per_port(start_proxy, short_di
         f"      app_socket: 'unix:{short_dir}/app-{{port}}.sock'}}\n"
     )
     try:
-        proxy = start_proxy("-c", str(config), ready=False)
+        proxy = start_proxy("-c", str(config), "--allow-root", ready=False)
         try:
             proxy.wait_ready()
         except AssertionError:

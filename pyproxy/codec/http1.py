@@ -76,6 +76,13 @@ HOP_BY_HOP: Final = frozenset(
 # Connection options that name no extra field to drop ("close" names none at all).
 _ALREADY_DROPPED: Final = HOP_BY_HOP | {b"close"}
 
+# Fields a request cannot name in Connection: dropping them as hop-by-hop would re-frame the
+# message (its body cut off or read differently) or take its Host away (RFC 9112 §6.3, §3.2).
+_FRAMING_FIELDS: Final = frozenset({b"content-length", b"transfer-encoding", b"host"})
+
+# RFC 9112 §3.2: origin-form starts with "/"; absolute-form with a scheme; "*" is OPTIONS only.
+_ABSOLUTE_FORM: Final = (b"http://", b"https://")
+
 
 def connection_tokens(value: bytes) -> list[bytes]:
     """The lower-cased options of one Connection field value (RFC 9110 §7.6.1)."""
@@ -152,6 +159,7 @@ class HeadFacts:
         "expect",
         "upgrade_field",
         "upgrade_token",
+        "names_framing",
     )
 
     def __init__(self) -> None:
@@ -163,6 +171,7 @@ class HeadFacts:
         self.expect = False
         self.upgrade_field = False
         self.upgrade_token = False
+        self.names_framing = False
 
     def add(self, name: bytes, value: bytes) -> ProtocolError | None:
         if name == b"content-length":
@@ -197,6 +206,8 @@ class HeadFacts:
                     self.keep_alive = True
                 elif token == b"upgrade":
                     self.upgrade_token = True
+                elif token in _FRAMING_FIELDS:
+                    self.names_framing = True
         elif name == b"expect":
             self.expect = value.strip(b" \t").lower() == b"100-continue"
         elif name == b"upgrade":
@@ -213,9 +224,22 @@ class HeadFacts:
         self, method: bytes, target: bytes, headers: Headers, version: bytes
     ) -> RequestHead | ProtocolError:
         """Build the RequestHead, or the ProtocolError the finished head deserves."""
+        if version != b"1.1" and version != b"1.0":
+            return _version_error(version)
+        if not _target_form_ok(method, target):
+            return ProtocolError(
+                400, "request target is not origin-form, absolute-form or OPTIONS *"
+            )
         # RFC 9112 §3.2: exactly one Host in an HTTP/1.1 request, else 400.
         if self.hosts > 1 or (self.hosts == 0 and version == b"1.1"):
             return ProtocolError(400, "missing or repeated Host")
+        if self.names_framing:
+            return ProtocolError(
+                400, "Connection names a framing field (Content-Length, Transfer-Encoding or Host)"
+            )
+        # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 means the framing is faulty.
+        if self.chunked and version == b"1.0":
+            return ProtocolError(400, "Transfer-Encoding in an HTTP/1.0 request")
         return RequestHead(
             method,
             target,
@@ -250,6 +274,48 @@ class HeadFacts:
             self.content_length,
             self.chunked,
         )
+
+
+def _version_error(version: bytes) -> ProtocolError:
+    # RFC 9112 §2.3 / Appendix C.1: an HTTP/0.9 request line has no version at all, so it is a
+    # malformed 1.x request line (400); a version this hop cannot speak is 505 (RFC 9110 §15.6.6).
+    if version == b"0.9":
+        return ProtocolError(400, "HTTP/0.9 request line")
+    return ProtocolError(505, "HTTP version not supported on HTTP/1: " + version.decode("latin-1"))
+
+
+def _target_form_ok(method: bytes, target: bytes) -> bool:
+    if target[:1] == b"/":
+        return True
+    if target == b"*":
+        return method == b"OPTIONS"
+    if method == b"CONNECT":
+        return True  # authority-form (RFC 9112 §3.2.3); the proxy refuses CONNECT itself
+    return target.lower().startswith(_ABSOLUTE_FORM)
+
+
+def reject_reason(error: ProtocolError) -> str:
+    """The counters' reason (pyproxy.counters.REJECTS) for a refused request; both backends'
+    messages are classified here, once, off the hot path."""
+    if error.status == 431:
+        return "too_large"
+    if error.status == 505:
+        return "version"
+    text = error.reason.lower()
+    if "connect" in text and "connection" not in text:
+        return "method"
+    if any(word in text for word in _FIELD_WORDS):
+        return "header"
+    if any(word in text for word in _FRAMING_WORDS):
+        return "framing"
+    if any(word in text for word in _REQUEST_LINE_WORDS):
+        return "request_line"
+    return "header"
+
+
+_FIELD_WORDS: Final = ("header line", "header field", "header value", "field name", "field value")
+_FRAMING_WORDS: Final = ("content-length", "transfer-encoding", "chunk", "framing")
+_REQUEST_LINE_WORDS: Final = ("method", "url", "target", "request line", "http/", "version")
 
 
 # --- the codec interface and the cycle rules ---------------------------------

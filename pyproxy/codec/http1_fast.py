@@ -280,7 +280,9 @@ class FastHttp1Codec(Http1Codec):
         if version != b"1.1" or head.chunked or src is None or src[0] == 13 or src[0] == 10:
             return
         if type(head) is RequestHead:
-            if head.upgrade:
+            # llhttp reads words between runs of spaces (RFC 9112 §3 allows it): such a request
+            # line is re-serialised, never passed on as it came.
+            if head.upgrade or not src.startswith(b"%s %s " % (head.method, head.target)):
                 return
         elif head.content_length is None and head.status != 204 and head.status != 304:  # type: ignore[union-attr]
             return

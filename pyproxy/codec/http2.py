@@ -6,7 +6,7 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Final
 
-from pyproxy.codec.events import Headers, RequestHead, ResponseHead
+from pyproxy.codec.events import Headers, ProtocolError, RequestHead, ResponseHead
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 §3.4
 
@@ -29,6 +29,20 @@ _NOT_IN_H2: Final = frozenset(
     }
 )
 _REASONS: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
+
+# RFC 9110 §5.6.2 token characters (a method); RFC 3986 characters of a path and an authority
+# (a path also takes "%"-escapes, no whitespace, controls or non-ASCII: they would split or
+# bend the HTTP/1 request line this request becomes).
+_TCHAR: Final = frozenset(
+    b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+)
+_UNRESERVED_SUB: Final = (
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=%"
+)
+_PATH_CHARS: Final = frozenset(_UNRESERVED_SUB + b":@/?#[]")
+# §8.3.1: no userinfo ("@") in :authority; host, optional port, IPv6 literals in brackets.
+_AUTHORITY_CHARS: Final = frozenset(_UNRESERVED_SUB + b":[]")
+_SCHEMES: Final = (b"http", b"https")
 
 
 class HeaderBlockTooLarge(Exception):
@@ -149,13 +163,17 @@ def header_list_size(headers: Headers) -> int:
     return size
 
 
-def request_from_h2(headers: Headers, ended: bool) -> RequestHead | None:
-    """An HTTP/2 request header list (validated by h2) as the RequestHead an HTTP/1 peer expects.
+def request_from_h2(headers: Headers, ended: bool) -> RequestHead | ProtocolError:
+    """An HTTP/2 request header list as the RequestHead an HTTP/1 peer expects, or why not.
 
-    None for what this proxy does not relay (CONNECT, RFC 9113 §8.5).
+    h2 has checked the field names and values (§8.2) and which pseudo-headers are present
+    (§8.3); what goes into the HTTP/1 request line is checked here. The ProtocolError's status
+    is 501 for what this proxy does not relay (CONNECT, §8.5), else 400: a malformed request,
+    a stream error of type PROTOCOL_ERROR (§8.1.1).
     """
-    method = path = authority = host = None
+    method = path = authority = host = scheme = None
     content_length = None
+    trailers_announced = False
     cookies: list[bytes] = []
     fields: Headers = []
     for name, value in headers:
@@ -166,19 +184,26 @@ def request_from_h2(headers: Headers, ended: bool) -> RequestHead | None:
                 path = value
             elif name == b":authority":
                 authority = value
+            elif name == b":scheme":
+                scheme = value
         elif name == b"cookie":
             cookies.append(value)
         elif name == b"host":
             host = value
         else:
+            if name == b"trailer":
+                trailers_announced = True
             if name == b"content-length":
-                try:
-                    content_length = int(value)
-                except ValueError:
-                    return None
+                if not value.isdigit():
+                    return ProtocolError(400, "invalid content-length")
+                content_length = int(value)
             fields.append((name, value))
-    if method is None or path is None or method == b"CONNECT":
-        return None
+    if method == b"CONNECT":
+        return ProtocolError(501, "CONNECT is not relayed")
+    problem = _pseudo_header_problem(method, path, scheme, authority)
+    if problem:
+        return ProtocolError(400, problem)
+    assert method is not None and path is not None
     # §8.2.3: cookie crumbs are joined back for an HTTP/1.1 hop.
     if cookies:
         fields.append((b"cookie", b"; ".join(cookies)))
@@ -190,9 +215,30 @@ def request_from_h2(headers: Headers, ended: bool) -> RequestHead | None:
         b"2",
         keep_alive=True,
         content_length=content_length,
-        # A body of unknown length: an HTTP/1.1 upstream needs chunked framing for it.
-        chunked=not ended and content_length is None,
+        # A body of unknown length, or one with trailers to follow (RFC 9110 §6.6.2 Trailer):
+        # an HTTP/1.1 upstream needs chunked framing for it (its Content-Length stays for HTTP/2).
+        chunked=not ended and (content_length is None or trailers_announced),
     )
+
+
+def _pseudo_header_problem(
+    method: bytes | None, path: bytes | None, scheme: bytes | None, authority: bytes | None
+) -> str:
+    """What is wrong with a request's pseudo-headers (RFC 9113 §8.3.1), or ""."""
+    if not method or not _TCHAR.issuperset(method):
+        return ":method is not a token"
+    if scheme not in _SCHEMES:
+        return ":scheme is not http or https"
+    if not path:
+        return ":path is missing or empty"
+    if path == b"*":
+        if method != b"OPTIONS":
+            return ":path * is for OPTIONS only"
+    elif path[:1] != b"/" or not _PATH_CHARS.issuperset(path):
+        return ":path is not an origin-form path"
+    if authority is not None and not _AUTHORITY_CHARS.issuperset(authority):
+        return ":authority is not host[:port]"
+    return ""
 
 
 def h2_request_headers(head: RequestHead, te_trailers: bool) -> tuple[Headers, bool]:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyproxy.addresses import Address
 from pyproxy.codec.events import END, PAUSED, Body, End, ProtocolError, RequestHead, Reset, Trailers
+from pyproxy.codec.http1 import reject_reason
 from pyproxy.counters import (
     DOWNSTREAM_RX,
     DOWNSTREAM_TX,
@@ -20,6 +21,7 @@ from pyproxy.counters import (
     REQUESTS,
     STAGES,
     STATUS_BASE,
+    reject_slot,
 )
 from pyproxy.http import express
 from pyproxy.http.exchange import Exchange
@@ -129,6 +131,11 @@ class Http1Downstream(Http1Side):
                 return
 
     def _start_exchange(self, head: RequestHead) -> None:
+        if head.method == b"CONNECT":
+            # RFC 9110 §9.1: a method the server does not implement is answered 501. A sidecar
+            # relays to its one service; a tunnel would bypass every filter on the route.
+            self._protocol_error(ProtocolError(501, "CONNECT is not relayed"))
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -142,14 +149,16 @@ class Http1Downstream(Http1Side):
 
     def _protocol_error(self, error: ProtocolError) -> None:
         """Malformed or over-limit request: answer with its status and close (RFC 9112 §2.2)."""
-        ctx = self.ctx
+        block = self.ctx.block
+        block[reject_slot(reject_reason(error))] += 1
+        body = (error.reason + "\n").encode()
         if self.exchange is not None:
-            self.exchange.downstream_reset()
-            self.exchange = None
-        block = ctx.block
+            # Mid-body: the exchange answers (it counts the flag and status) and closes.
+            self.exchange.request_malformed(error.status, body)
+            return
         block[FLAG_BASE + FLAG_INDEX["DPE"]] += 1
         block[STATUS_BASE + error.status // 100 - 1] += 1
-        self._reply_and_close(error.status, (error.reason + "\n").encode())
+        self._reply_and_close(error.status, body)
 
     def _reply_and_close(self, status: int, body: bytes) -> None:
         # The codec is latched in ERROR: write a fixed response directly.

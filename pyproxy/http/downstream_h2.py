@@ -26,6 +26,7 @@ from h2.events import (
 )
 
 from pyproxy.addresses import Address
+from pyproxy.codec.events import ProtocolError
 from pyproxy.codec.http2 import (
     h2_response_headers,
     h2_trailers,
@@ -41,12 +42,14 @@ from pyproxy.counters import (
     REQUESTS,
     STAGES,
     STATUS_BASE,
+    reject_slot,
 )
 from pyproxy.http.exchange import Exchange
 from pyproxy.http.h2_session import (
     ENHANCE_YOUR_CALM,
     INTERNAL_ERROR,
     NO_ERROR,
+    PROTOCOL_ERROR,
     REFUSED_STREAM,
     STREAM_GONE,
     H2Session,
@@ -119,8 +122,11 @@ class Http2Downstream(H2Session):
             elif kind is TrailersReceived:
                 stream = streams.get(event.stream_id)
                 exchange = stream.exchange if stream is not None else None
-                # Trailers need chunked framing on an HTTP/1.1 hop: not after a Content-Length.
-                if exchange is not None and exchange.request.content_length is None:
+                # Trailers need chunked framing on an HTTP/1.1 hop, not a Content-Length one; a
+                # request that means to send them says so (Trailer) and goes chunked.
+                if exchange is not None and (
+                    exchange.request.chunked or getattr(exchange.upstream, "multiplexed", False)
+                ):
                     exchange.request_trailers(event.headers)
             elif kind is StreamReset:
                 self._stream_reset(event)
@@ -149,11 +155,19 @@ class Http2Downstream(H2Session):
             len(headers) > settings.max_headers
             or header_list_size(headers) > settings.max_header_bytes
         ):
+            ctx.block[reject_slot("too_large")] += 1
             self._direct_reply(sid, 431, b"request header fields too large\n", ended)
             return
         head = request_from_h2(headers, ended)
-        if head is None:
-            self._direct_reply(sid, 501, b"method not supported over HTTP/2 here\n", ended)
+        if isinstance(head, ProtocolError):
+            if head.status == 501:
+                ctx.block[reject_slot("method")] += 1
+                self._direct_reply(sid, 501, b"CONNECT is not relayed\n", ended)
+            else:
+                # §8.1.1: malformed, a stream error; nothing of it goes anywhere.
+                ctx.block[reject_slot("pseudo_header")] += 1
+                ctx.block[FLAG_BASE + FLAG_INDEX["DPE"]] += 1
+                self._reset_raw(sid, PROTOCOL_ERROR)
             return
         stream = _DownstreamStream(self, sid)
         self.streams[sid] = stream
@@ -257,7 +271,10 @@ class Http2Downstream(H2Session):
         self._maybe_done()
 
     def protocol_failed(self, exc: Exception | None) -> None:
-        self.ctx.block[FLAG_BASE + FLAG_INDEX["DPE"]] += 1
+        block = self.ctx.block
+        block[FLAG_BASE + FLAG_INDEX["DPE"]] += 1
+        # fail_connection (a flood or limit) calls with None; h2's own verdicts carry the exception.
+        block[reject_slot("h2_protocol" if exc is not None else "h2_flood")] += 1
         self.flush()
         self._abandon_all()
         self._close(after_flush=True)
@@ -265,6 +282,17 @@ class Http2Downstream(H2Session):
     def eof_received(self) -> None:
         self._abandon_all()
         self._close()
+
+    def write_paused(self) -> None:
+        # A client that does not read what it is sent (SETTINGS and PING acks included) is not
+        # read from either: a control-frame flood would otherwise queue here without bound.
+        super().write_paused()
+        self.stream.pause_reading()
+
+    def write_resumed(self) -> None:
+        super().write_resumed()
+        if not self.closed:
+            self.stream.resume_reading()
 
     def stream_failed(self, error: OSError) -> None:
         self._abandon_all()

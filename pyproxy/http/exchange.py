@@ -236,6 +236,17 @@ class Exchange:
         self._abandon_upstream()
         self._finish("DR", reset_downstream=False)
 
+    def request_malformed(self, status: int, body: bytes) -> None:
+        """The request body turned out malformed (a bad chunk): the upstream, which has the head
+        already, is reset so the request never completes there; the client hears why."""
+        if self.finished:
+            return
+        self._abandon_upstream()
+        if self.response_started:
+            self._finish("DPE", reset_downstream=True)
+        else:
+            self.local_reply(status, body, "DPE")
+
     def downstream_write_paused(self) -> None:
         if self.upstream is not None:
             self.upstream.pause_response()
@@ -293,6 +304,9 @@ class Exchange:
             return request
         headers = strip_hop_by_hop(request.headers)
         if request.chunked:
+            if request.content_length is not None and not multiplexed:
+                # An HTTP/2 request that announced trailers: chunked carries them (RFC 9112 §7.1).
+                headers = [field for field in headers if field[0] != b"content-length"]
             headers.append(_CHUNKED)
         if request.upgrade:
             # The Upgrade offer is hop-by-hop but must reach the app for it to switch (RFC 9110 §7.8).
@@ -434,8 +448,9 @@ class Exchange:
         if self.finished:
             return
         if not self.response_started:
-            if upstream is not None and upstream.reused and self._retryable():
+            if flag == "UC" and upstream is not None and upstream.retry_safe and self._retryable():
                 # The pooled connection was closed by the app just as we reused it: try once more.
+                # Never after a protocol error or once response bytes came: the app has the request.
                 self.retried = True
                 self._acquire()
                 return

@@ -31,6 +31,7 @@ from pyproxy.codec.grpc import (
     status_from_headers,
     trailers_only_headers,
 )
+from pyproxy.counters import reject_slot
 from pyproxy.grpc_metrics import E_STARTED, GrpcMethodTable, record_finished
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ _FLAG_STATUS = {
     "DPE": INTERNAL,
 }
 _OK_HEAD = b"OK"
+REJECT_GRPC_FRAMING = reject_slot("grpc_framing")
 HTTP1_REFUSED = b"this is a gRPC listener: it speaks HTTP/2 only (h2c with prior knowledge)\n"
 
 
@@ -120,7 +122,7 @@ class GrpcCall:
             try:
                 scanner.feed(data)
             except FramingError as exc:
-                self.exchange.fail_call(exc.status, str(exc), flag)
+                self._framing_failed(exc, flag)
                 return False
             return True
         t0 = perf_counter_ns()
@@ -128,7 +130,7 @@ class GrpcCall:
             scanner.feed(data)
         except FramingError as exc:
             self.exchange.ctx.account_parse(perf_counter_ns() - t0, self.exchange.trace)
-            self.exchange.fail_call(exc.status, str(exc), flag)
+            self._framing_failed(exc, flag)
             return False
         self.exchange.ctx.account_parse(perf_counter_ns() - t0, self.exchange.trace)
         return True
@@ -143,9 +145,14 @@ class GrpcCall:
         try:
             scanner.finish()
         except FramingError as exc:
-            self.exchange.fail_call(exc.status, str(exc), flag)
+            self._framing_failed(exc, flag)
             return False
         return True
+
+    def _framing_failed(self, exc: FramingError, flag: str) -> None:
+        if flag == "DPE":  # the caller's messages, not the app's
+            self.exchange.ctx.block[REJECT_GRPC_FRAMING] += 1
+        self.exchange.fail_call(exc.status, str(exc), flag)
 
     @property
     def response_at_boundary(self) -> bool:

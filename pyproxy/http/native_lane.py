@@ -133,6 +133,9 @@ class NativeLane:
         ctx = lanes.ctx
         self.lanes = lanes
         self.downstream, self.upstream = downstream, upstream
+        # Responses the pair carries whole are not the business of a later retry decision: a
+        # request in flight at the handover counts as answered once Python reads a byte of it.
+        upstream.answered = False
         down, up = downstream.stream, upstream.stream
         limits = ctx.limits
         self.pair: Any = _express.Pair(

@@ -44,6 +44,7 @@ class Http1Upstream(Http1Side):
         "codec",
         "exchange",
         "reused",
+        "answered",
         "idle_timeout",
         "idle_since",
         "protocol",
@@ -63,6 +64,7 @@ class Http1Upstream(Http1Side):
         self.codec = ctx.client_codec()
         self.exchange: Exchange | None = None
         self.reused = False
+        self.answered = False  # a byte of the current request's response arrived
         self.idle_timeout = idle_timeout
         self.idle_since = 0.0
         self.protocol = "HTTP/1.1"
@@ -102,11 +104,19 @@ class Http1Upstream(Http1Side):
         self.stream.trace = None
         self.codec.start_next_cycle()
         self.reused = True
+        self.answered = False
         self.stream.resume_reading()
+
+    @property
+    def retry_safe(self) -> bool:
+        """A pooled connection that closed before any byte of this request's response: the app
+        closed it as we reused it (the keep-alive race), so the request was never processed."""
+        return self.reused and not self.answered
 
     # ---- StreamOwner ---------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        self.answered = True
         express = self.express
         if express is not None:
             if express.response(data):

@@ -267,6 +267,12 @@ class Http2UpstreamStream(H2StreamBase):
         self.reused = session.used
         self.released = False
 
+    @property
+    def retry_safe(self) -> bool:
+        """Refused (§8.7), above a GOAWAY's last stream (§6.8), or on a pooled session that went
+        away before answering: the request was not processed."""
+        return self.reused
+
     # ---- used by the exchange ------------------------------------------------------
 
     def bind(self, exchange) -> None:

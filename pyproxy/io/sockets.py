@@ -78,6 +78,7 @@ def release_shared_unix(unlink: bool) -> None:
 
 
 def _listen_unix(path: str, backlog: int) -> socket.socket:
+    _check_socket_directory(path)
     _remove_stale_unix_socket(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o117)  # the file is born 0660: never a window where others can connect
@@ -91,6 +92,20 @@ def _listen_unix(path: str, backlog: int) -> socket.socket:
     sock.listen(backlog)
     sock.setblocking(False)
     return sock
+
+
+def _check_socket_directory(path: str) -> None:
+    """Refuse a directory anyone may rename or delete entries in (world-writable, no sticky bit,
+    like /tmp has): another user could swap our socket for theirs and receive the app's traffic."""
+    directory = os.path.dirname(path) or "."
+    mode = os.stat(directory).st_mode
+    if mode & stat.S_IWOTH and not mode & stat.S_ISVTX:
+        raise OSError(
+            errno.EPERM,
+            f"{directory} is world-writable without the sticky bit (mode "
+            f"{stat.S_IMODE(mode):04o}): another user could replace {os.path.basename(path)}; "
+            "use a directory only the proxy (and the app's group) can write",
+        )
 
 
 def _remove_stale_unix_socket(path: str) -> None:

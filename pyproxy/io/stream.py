@@ -21,6 +21,9 @@ from pyproxy.io.sockets import abort
 NOTIFY_EVENTS = STAGE_EVENTS + NOTIFY
 OTHER_NS = STAGE_NS + OTHER
 READ_SIZE = 65536
+# How long a closed stream may wait for a peer to take its last bytes: one that never reads
+# must not keep the socket (and the loop's watch on it) after its owner has let go.
+CLOSE_LINGER_S = 10.0
 
 
 class StreamOwner(Protocol):
@@ -58,6 +61,7 @@ class Stream:
         "_write_paused",
         "_shutdown_pending",
         "_close_pending",
+        "_linger",
         "closed",
         "high_water",
         "low_water",
@@ -104,6 +108,7 @@ class Stream:
         self._write_paused = False
         self._shutdown_pending = False
         self._close_pending = False
+        self._linger = None
         self.closed = False
         self.high_water = high_water
         self.low_water = high_water // 4
@@ -163,7 +168,7 @@ class Stream:
         except BlockingIOError:
             return
         except OSError as exc:
-            self.owner.stream_failed(exc)
+            self._failed(exc)
             return
         block = self.block
         if timed:
@@ -242,7 +247,7 @@ class Stream:
         except BlockingIOError:
             sent = 0
         except OSError as exc:
-            self.owner.stream_failed(exc)
+            self._failed(exc)
             return None
         if timed:
             elapsed = perf_counter_ns() - t0
@@ -296,6 +301,16 @@ class Stream:
 
     # ---- closing ---------------------------------------------------------------
 
+    def _failed(self, error: OSError) -> None:
+        if self._close_pending:
+            # The owner closed already and hears nothing more: the socket is ours to close. Left
+            # to the garbage collector, its fd number would go back to the kernel while the event
+            # loop still holds its (closed) watch, and the next socket given that number could
+            # not be watched.
+            self.close(reset=True)
+            return
+        self.owner.stream_failed(error)
+
     def close(self, reset: bool = False, after_flush: bool = False) -> None:
         """Close now (``reset``: with an RST), or with ``after_flush`` once queued bytes are out."""
         if after_flush and not reset:
@@ -304,6 +319,9 @@ class Stream:
         if self.closed:
             return
         self.closed = True
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         if self.fd >= 0:
             self.loop.remove_reader(self.fd)
             self.loop.remove_writer(self.fd)
@@ -330,5 +348,6 @@ class Stream:
         self.pause_reading()
         if not self._queue and not self._cork:
             self.close()
-        else:
+        elif not self._close_pending:
             self._close_pending = True
+            self._linger = self.loop.call_later(CLOSE_LINGER_S, self.close, True)

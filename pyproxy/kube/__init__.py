@@ -1,0 +1,1 @@
+"""Kubernetes injection: one injector behind `pyproxy inject` and the admission webhook."""

@@ -1,0 +1,82 @@
+"""The accept path with a stale watch in the event loop (uvloop, real sockets, in process).
+
+A socket closed while uvloop still watched it (its watch closed by a poll error, not removed)
+leaves that fd number unwatchable: `add_reader` raises RuntimeError for the next socket given
+the number. The listener drops such a watch before it starts a new connection on the number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+
+import pytest
+from conftest import ThreadedServer, echo_handler
+
+from pyproxy.config import build_config
+from pyproxy.counters import LISTENER_SLOTS
+from pyproxy.listener import Listener
+
+uvloop = pytest.importorskip("uvloop")
+
+
+async def _leave_a_stale_watch(loop, side: socket.socket) -> tuple[int, socket.socket]:
+    """Watch a socket for writing with its send buffer full; its peer resets (a poll error closes
+    the watch, which stays in the loop's table); the socket is then closed unwatched. Returns
+    its number, the lowest free one, and a socket holding the peer's number meanwhile."""
+    peer = socket.create_connection(side.getsockname())
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock, _ = side.accept()
+    sock.setblocking(False)
+    try:
+        while True:
+            sock.send(b"x" * 65536)
+    except BlockingIOError:
+        pass
+    loop.add_writer(sock.fileno(), lambda: None)
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    peer.close()
+    filler = socket.socket()  # takes the peer's number, so the next socket made gets ours
+    await asyncio.sleep(0.1)
+    fd = sock.fileno()
+    sock.close()
+    return fd, filler
+
+
+async def _relay_through_a_stale_number(upstream: str) -> bytes:
+    loop = asyncio.get_running_loop()
+    config = build_config(
+        {
+            "listeners": [
+                {"name": "main", "mode": "tcp", "address": "127.0.0.1:0", "upstream": upstream}
+            ]
+        }
+    )
+    block = memoryview(bytearray(8 * LISTENER_SLOTS)).cast("q")
+    listener = Listener(loop, config.listeners[0], block, False, set(), config)
+    listener.start()
+    address = listener.sockets[0].getsockname()
+    client = socket.socket()
+    client.setblocking(False)
+    side = socket.create_server(("127.0.0.1", 0))
+    stale, filler = await _leave_a_stale_watch(loop, side)
+    with socket.socket() as probe:
+        assert probe.fileno() == stale  # so the listener's next accepted socket gets it
+    await loop.sock_connect(client, address)
+    await loop.sock_sendall(client, b"ping")
+    reply = await asyncio.wait_for(loop.sock_recv(client, 16), 3)
+    client.close()
+    side.close()
+    filler.close()
+    listener.stop_accepting()
+    return reply
+
+
+def test_a_connection_accepted_on_a_number_with_a_stale_watch_is_served():
+    upstream = ThreadedServer(echo_handler)
+    try:
+        reply = uvloop.run(_relay_through_a_stale_number(upstream.address))
+    finally:
+        upstream.close()
+    assert reply == b"ping"
