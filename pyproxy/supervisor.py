@@ -21,7 +21,6 @@ from pyproxy.config import ConfigError, ProxyConfig, root_refusal
 from pyproxy.counters import W_NOTIFY_COST_NS, W_PID, W_READY, CounterStore
 from pyproxy.eventloop import event_loop_name, new_event_loop
 from pyproxy.io import backends, sockets
-from pyproxy.redaction import redact
 from pyproxy.worker import Worker
 
 log = logging.getLogger("pyproxy")
@@ -353,6 +352,8 @@ class Supervisor:
             if isinstance(value, tuple | list):
                 return [plain(v) for v in value]
             return value
+
+        from pyproxy.redaction import redact  # hashlib and its patterns: on the first dump only
 
         dump = redact(plain(self.config))
         assert isinstance(dump, dict)
