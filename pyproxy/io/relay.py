@@ -6,12 +6,13 @@ destination has not taken everything, so an idle connection holds none and
 the worker's relay memory follows the bytes in flight. Backpressure is
 structural: while a direction holds bytes, reading from its source stops
 (remove_reader) and resumes only once the rest is written, so a slow reader
-can never make the proxy hold more than one buffer per direction. Every syscall is timed here, into the listener's stage block:
-the app-facing socket's recv/send count as `ipc`, the peer-facing socket's
-as `read`/`write`; the Python work between them is `other`; each readiness
+can never make the proxy hold more than one buffer per direction. Every
+syscall is timed here, into the listener's stage block: the app-facing
+socket's recv/send count as `ipc`, the peer-facing socket's as
+`read`/`write`; the Python work between them is `other`; each readiness
 callback is one `notify` event (its cost is derived, see io/notify.py).
 
-This is the default backend (plain recv/send through one userspace buffer).
+This is the default backend (plain recv/send through userspace buffers).
 Other backends (io/splice_relay.py, io/zerocopy_writer.py) subclass Relay and
 override the per-connection hooks `_directions` and `_close_sockets`, so
 choosing one costs nothing per message here; io/backends.py picks the class.
