@@ -3,15 +3,18 @@ per-worker limits connections are reset and requests answered 503 at once, count
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
 
-from conftest import free_port, http_get, recv_exactly, start_listener
+from conftest import free_port, http_get, recv_exactly, require_capability, start_listener
 from h2_peer import H2Client
 from pyproxy.bench.memory import measure
 
+from pyproxy import native
 from pyproxy.codec.grpc import frame
+from pyproxy.io.buffer_pool import SPARE
 
 IDLE_BYTES_PER_CONNECTION = 10 * 1024
 
@@ -25,6 +28,27 @@ def test_idle_tcp_connections_cost_under_10kb_each_and_memory_returns():
     assert result["per_connection_bytes"] < IDLE_BYTES_PER_CONNECTION, result
     # Within a few MB of the baseline: what stays is allocator slack, not per-connection state.
     assert result["after_close_above_baseline_kib"] < 4 * 1024, result
+
+
+def test_idle_splice_connections_hold_no_pipes(start_proxy, echo_server):
+    # Each connection used to own two pipes (four fds) for its whole life; now a pipe is held
+    # only while a destination is full, so idle connections cost their two sockets alone.
+    require_capability("the native module (splice)", native.AVAILABLE)
+    port = free_port()
+    proxy = start_proxy(
+        "--listen", f"127.0.0.1:{port}", "--upstream", echo_server.address, "--relay", "splice"
+    )  # fmt: skip
+    before = len(os.listdir(f"/proc/{proxy.proc.pid}/fd"))
+    conns = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(50)]
+    try:
+        assert all(_echoes(sock) for sock in conns), "every connection relayed through a pipe"
+        assert proxy.wait_for(lambda s: s["connections_active"] == 50)["connections_active"] == 50
+        opened = len(os.listdir(f"/proc/{proxy.proc.pid}/fd")) - before
+        # 100 sockets, plus the pool's spare pipes (a handful here; at most 2 x SPARE fds).
+        assert 100 <= opened <= 100 + 2 * SPARE, opened
+    finally:
+        for sock in conns:
+            sock.close()
 
 
 def _echoes(sock: socket.socket) -> bool:
