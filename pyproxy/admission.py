@@ -18,9 +18,8 @@ from pyproxy.config import ProxyConfig
 
 log = logging.getLogger("pyproxy.admission")
 
-FDS_PER_CONNECTION = (
-    2  # downstream and upstream socket (splice pipes are pooled, not per connection)
-)
+# A downstream and an upstream socket (splice pipes are pooled, not per connection).
+FDS_PER_CONNECTION = 2
 FD_SPARE = 1024  # listeners, pooled pipes and upstream connections, admin, logs
 
 

@@ -6,7 +6,9 @@ is tens of MB the worker never uses again. A cheap periodic check compares the
 worker's connection high-water mark with its current count and, after a large
 drop, collects the closed connections' reference cycles (a relay and its
 directions point at each other) and runs malloc_trim(0) (glibc), which
-returns free heap pages.
+returns free heap pages. What it cannot return are pymalloc arenas that a few
+survivors keep alive (uvloop keeps up to 250 freed handles of each kind for
+reuse): a bounded reserve the next burst reuses (bench/memory.py measures it).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def trim() -> bool:
 
 
 class Trimmer:
-    """The worker's periodic check: after TRIM_AFTER_DROP connections went away, trim once."""
+    """The worker's periodic check: trims after TRIM_AFTER_DROP connections went away."""
 
     __slots__ = ("loop", "admission", "_handle", "_follow_ups")
 
