@@ -2,13 +2,14 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Debian packages: a C toolchain and Python headers for the native module, acl to let the sidecar's
-# uid 1337 reach the checkout; iptables/iproute2/util-linux for capture tests, openssl for the
-# webhook tests, podman/runc/debootstrap for the image tests; the rest for benchmarks.
-APT_BUILD := gcc libc6-dev python3-dev python3-venv acl
+# uid 1337 reach the checkout; clang, llvm, libbpf-dev and linux-libc-dev build and load the eBPF
+# programs; iptables/iproute2/util-linux for capture tests, openssl for the webhook tests,
+# podman/runc/debootstrap for the image tests; the rest for benchmarks.
+APT_BUILD := gcc libc6-dev python3-dev python3-venv acl clang llvm libbpf-dev linux-libc-dev bpftool
 APT_TEST := iptables iproute2 util-linux curl procps wrk nghttp2-client openssl podman runc buildah debootstrap
 APT_BENCH := nginx-light libnginx-mod-stream iperf3 haproxy
 
-.PHONY: demo test bench lint fresh-check system-deps system-deps-bench clean apt
+.PHONY: demo test bench soak lint fresh-check system-deps system-deps-bench clean apt
 
 demo: system-deps $(VENV)/.installed-test
 	$(PY) -m pyproxy demo
@@ -25,10 +26,16 @@ bench: system-deps system-deps-bench $(VENV)/.installed-test
 bench-%: system-deps system-deps-bench $(VENV)/.installed-test
 	$(PY) -m pyproxy.bench.$*
 
+# HTTP mode, every filter on, near capacity; fails on lost requests or RSS/fd growth.
+SOAK_SECONDS ?= 180
+soak: system-deps system-deps-bench $(VENV)/.installed-test
+	$(PY) -m pyproxy.bench.soak --seconds $(SOAK_SECONDS)
+
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
 
-$(VENV)/.installed-test: pyproject.toml setup.py native/build_native.py native/pyproxy_native.c native/http1_head.c native/http1_scan.h native/express_lane.c
+$(VENV)/.installed-test: pyproject.toml setup.py native/build_native.py native/pyproxy_native.c native/http1_head.c native/http1_scan.h native/express_lane.c \
+		native/pyproxy_bpf.c native/pyproxy_bpf.h $(wildcard native/*.bpf.c)
 	@python3 -m venv $(VENV) >/dev/null 2>&1 || { $(MAKE) --no-print-directory apt PKGS=python3-venv && python3 -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -60,4 +67,4 @@ fresh-check:
 	scripts/fresh-check.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info native/_native*.so
+	rm -rf $(VENV) build *.egg-info native/_native*.so native/_bpf*.so native/*.bpf.o

@@ -1,4 +1,10 @@
-"""Build hook for the optional native module: everything else lives in pyproject.toml."""
+"""Build hook for the optional native module and eBPF objects: everything else lives in pyproject.toml."""
+
+import os
+import shutil
+import subprocess
+import sysconfig
+from glob import glob
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
@@ -16,6 +22,32 @@ class OptionalBuildExt(build_ext):
             super().run()
         except Exception as exc:  # noqa: BLE001 - any failure means "no native module"
             self._warn(exc)
+        self._build_bpf_objects()
+
+    def _build_bpf_objects(self) -> None:
+        """Compile native/*.bpf.c with clang for the bpf target, next to the extension modules.
+
+        They are loaded at run time by libbpf (pyproxy.native.bpf); without clang the proxy keeps
+        its TCP/UDS and iptables paths and says why the eBPF ones are missing.
+        """
+        clang = shutil.which("clang")
+        sources = sorted(glob("native/*.bpf.c"))
+        if clang is None:
+            self._warn(
+                RuntimeError("clang not found"), "eBPF programs (" + ", ".join(sources) + ")"
+            )
+            return
+        out_dir = os.path.dirname(self.get_ext_fullpath("pyproxy.native._bpf"))
+        os.makedirs(out_dir, exist_ok=True)
+        # <asm/types.h> lives under the multiarch include dir on Debian.
+        multiarch = sysconfig.get_config_var("MULTIARCH") or ""
+        for source in sources:
+            target = os.path.join(out_dir, os.path.basename(source)[: -len(".c")] + ".o")
+            argv = [clang, "-O2", "-g", "-Wall", "-target", "bpf", f"-I/usr/include/{multiarch}"]
+            try:
+                subprocess.run([*argv, "-c", source, "-o", target], check=True)
+            except (OSError, subprocess.CalledProcessError) as exc:
+                self._warn(exc, source)
 
     def build_extension(self, ext) -> None:
         try:
@@ -37,7 +69,7 @@ class OptionalBuildExt(build_ext):
 
 setup(
     cmdclass={"build_ext": OptionalBuildExt},
-    cffi_modules=["native/build_native.py:ffibuilder"],
+    cffi_modules=["native/build_native.py:ffibuilder", "native/build_native.py:bpf_ffibuilder"],
     # The HTTP/1 head scanner builds Python objects itself, and the native express lane is a
     # Python type called by the event loop: plain C extensions, both on http1_scan.h.
     ext_modules=[

@@ -72,7 +72,7 @@ def _start_sidecar(pod: Pod, mode: str) -> None:
         "--capture-mode",
         mode,
     ]
-    caps = ("net_admin",) if mode == "tproxy" else ()
+    caps = {"tproxy": ("net_admin",), "ebpf": ("bpf",)}.get(mode, ())
     proc = pod.popen(
         argv, uid=PROXY_UID, caps=caps, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -112,7 +112,8 @@ def run_bench(args: argparse.Namespace) -> dict:
             "capture_mode": args.mode,
         },
     }
-    with pods(("a", "b"), bridge=True) as made:
+    # eBPF capture attaches to each pod's own cgroup (removed, with its pins, on exit).
+    with pods(("a", "b"), bridge=True, cgroups=args.mode == "ebpf") as made:
         a, b = made["a"], made["b"]
         echo = b.popen(
             [
@@ -162,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--family", type=int, choices=(4, 6), default=4)
     parser.add_argument(
-        "--mode", choices=("redirect", "tproxy"), default="redirect", help="capture mode"
+        "--mode", choices=("redirect", "tproxy", "ebpf"), default="redirect", help="capture mode"
     )
     parser.add_argument("--output", help="also write the JSON report here")
     parser.add_argument(

@@ -6,8 +6,10 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from pyproxy.iptables.rules import (
+    ALL,
     CHAIN_PREFIX,
     DEFAULT_ROUTE,
     PASSTHROUGH_SOURCE,
@@ -288,6 +290,36 @@ def _remove_ours(family: int, tables: dict[str, TableState]) -> None:
         _restore(family, "".join(full), noflush=False)
 
 
+def _ebpf_selection(opts: CaptureOptions) -> Any:
+    from pyproxy.native.ebpf_capture import Selection
+
+    return Selection(
+        outbound_port=opts.outbound_capture_port,
+        proxy_uid=opts.proxy_uid,
+        proxy_gid=opts.proxy_gid,
+        families=opts.families,
+        ports=None if opts.outbound_ports == ALL else tuple(opts.outbound_ports),
+        exclude_ports=opts.exclude_outbound_ports,
+        exclude_cidrs=opts.exclude_outbound_cidrs,
+    )
+
+
+def _ebpf_outbound(opts: CaptureOptions | None) -> list[str]:
+    """Install (opts in ebpf mode) or remove (otherwise) the eBPF outbound capture of this cgroup."""
+    from pyproxy.native import bpf, ebpf_capture
+
+    try:
+        cgroup = bpf.own_cgroup()
+        if opts is not None and opts.mode == "ebpf":
+            where = ebpf_capture.apply(cgroup, _ebpf_selection(opts))
+            return [f"eBPF outbound capture on cgroup {cgroup}, pinned at {where}"]
+        return ebpf_capture.clean(cgroup)
+    except (bpf.BpfError, OSError) as exc:
+        if opts is None or opts.mode != "ebpf":
+            return []  # nothing of ours can be there without a usable eBPF set-up
+        raise CaptureError(f"eBPF capture: {exc}") from exc
+
+
 def apply(opts: CaptureOptions) -> None:
     """Install the capture for every family in opts, replacing any earlier pyproxy capture.
 
@@ -327,6 +359,7 @@ def apply(opts: CaptureOptions) -> None:
                 # Switching from TPROXY to REDIRECT: the old policy routing is no longer ours to keep.
                 for argv in _routing_clean_commands(opts, family):
                     _check(_run(argv), " ".join(argv))
+        _ebpf_outbound(opts)  # last: a failure rolls the iptables part back too
     except Exception as exc:
         problems = undo.rollback()
         note = "; rollback problems: " + "; ".join(problems) if problems else "; rolled back"
@@ -346,7 +379,7 @@ def clean(opts: CaptureOptions) -> list[str]:
             done.append(" ".join(argv))
         if family == 6 and _remove_passthrough_address(only_tagged=True):
             done.append(f"ip -6 addr del {PASSTHROUGH_SOURCE[6]}/128 dev lo")
-    return done
+    return done + _ebpf_outbound(None)
 
 
 def show(opts: CaptureOptions) -> str:
@@ -377,4 +410,13 @@ def show(opts: CaptureOptions) -> str:
             if present:
                 owner = "added by pyproxy" if tagged else "not added by pyproxy"
                 out.append(f"# lo has {PASSTHROUGH_SOURCE[6]}/128 ({owner})\n")
-    return "".join(out)
+    return "".join(out) + _ebpf_show()
+
+
+def _ebpf_show() -> str:
+    from pyproxy.native import bpf, ebpf_capture
+
+    try:
+        return ebpf_capture.show(bpf.own_cgroup())
+    except (bpf.BpfError, OSError) as exc:
+        return f"# eBPF capture: cannot look ({exc})\n"

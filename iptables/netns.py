@@ -12,7 +12,10 @@ import subprocess
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from pyproxy.native.bpf import cgroup_pin_dirs, mount_point, remove_pins
 
 # Every namespace this process creates starts with this prefix, so parallel runs never clash and
 # a crashed run's leftovers can be recognised (the pid in the name is no longer alive).
@@ -24,6 +27,8 @@ IPV4_SUBNET = "10.88.0.0/24"
 IPV6_SUBNET = "fd00:88::/64"
 IFA_F_NODAD = 0x02
 NETNS_DIR = "/run/netns"
+# Joins the cgroup whose cgroup.procs is $0, then becomes the rest of the command line.
+_JOIN_CGROUP = 'echo $$ > "$0" && exec "$@"'
 
 
 class NetnsError(RuntimeError):
@@ -159,6 +164,7 @@ class Pod:
     netns: str
     ipv4: str | None = None
     ipv6: str | None = None
+    cgroup: Path | None = None  # the pod's cgroup v2: every process it starts runs in it
     _processes: list[subprocess.Popen[Any]] = field(default_factory=list, repr=False)
 
     def address(self, family: int) -> str:
@@ -176,6 +182,13 @@ class Pod:
     ) -> list[str]:
         """argv wrapped to run inside this pod, as uid/gid if given, keeping the named capabilities."""
         wrapped = ["ip", "netns", "exec", self.netns]
+        if self.cgroup is not None:
+            # A pod with a cgroup runs eBPF programs: nsenter joins only the network namespace,
+            # so its processes see the host's /sys/fs/cgroup and /sys/fs/bpf (ip netns exec
+            # remounts /sys), as a sidecar is given them in a cluster.
+            netns = f"--net={os.path.join(NETNS_DIR, self.netns)}"
+            wrapped = ["sh", "-c", _JOIN_CGROUP, str(self.cgroup / "cgroup.procs")]
+            wrapped += ["nsenter", netns]
         if uid is not None:
             gid = uid if gid is None else gid
             wrapped += ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups"]
@@ -239,6 +252,42 @@ class Pod:
         self._processes.clear()
 
 
+def create_cgroup(name: str) -> Path:
+    """A cgroup v2 (under /sys/fs/cgroup, or /sys/fs/cgroup/unified on hybrid hosts)."""
+    root = mount_point("cgroup2")
+    if root is None:
+        raise NetnsError("cgroup v2 is not mounted")
+    path = root / name
+    path.mkdir()
+    return path
+
+
+def remove_cgroup(path: Path, timeout: float = 5.0) -> list[Path]:
+    """Kill whatever still runs in the cgroup, unpin pyproxy's eBPF objects for it, remove it.
+
+    Returns the pin directories that were still there (a test asserting a clean exit checks it);
+    a missing cgroup is not an error.
+    """
+    if not path.exists():
+        return []
+    leftovers = cgroup_pin_dirs(path)
+    for directory in leftovers:
+        remove_pins(directory)
+    with contextlib.suppress(OSError):
+        (path / "cgroup.kill").write_text("1")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            path.rmdir()
+            return leftovers
+        except FileNotFoundError:
+            return leftovers
+        except OSError:  # EBUSY until the killed processes are reaped
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _host_addresses(subnet: str, count: int) -> list[str]:
     network = ipaddress.ip_network(subnet)
     hosts = network.hosts()
@@ -251,13 +300,15 @@ def pods(
     roles: Sequence[str] = ("a", "b"),
     *,
     bridge: bool = True,
+    cgroups: bool = False,
     ipv4_subnet: str | None = IPV4_SUBNET,
     ipv6_subnet: str | None = IPV6_SUBNET,
 ) -> Iterator[dict[str, Pod]]:
     """Pods joined through a bridge namespace (or, for two pods, one point-to-point veth pair).
 
     Every namespace, and so every link and address, is deleted on exit, even when setup failed
-    half way; processes started with Pod.popen are stopped first.
+    half way; processes started with Pod.popen are stopped first. With cgroups, each pod also
+    gets its own cgroup v2, removed (after killing what is left in it) on exit.
     """
     if not bridge and len(roles) != 2:
         raise ValueError("point-to-point needs exactly two pods")
@@ -279,6 +330,8 @@ def pods(
             create_namespace(pod.netns)
             created.append(pod.netns)
             made[role] = pod
+            if cgroups:
+                pod.cgroup = create_cgroup(pod.netns)
         pod_list = list(made.values())
         if bridge:
             for index, pod in enumerate(pod_list):
@@ -302,6 +355,9 @@ def pods(
         for pod in made.values():
             with contextlib.suppress(Exception):
                 pod.stop_processes()
+            if pod.cgroup is not None:
+                with contextlib.suppress(Exception):
+                    remove_cgroup(pod.cgroup)
         for name in reversed(created):
             with contextlib.suppress(Exception):
                 remove_namespace(name)

@@ -156,6 +156,33 @@ def bulk(host: str, port: int, size: int, timeout: float) -> dict:
     }
 
 
+def pingpong(host: str, port: int, count: int, timeout: float) -> dict:
+    """One message at a time through an echo path (sizes 1, 2, ... count bytes): each comes back whole."""
+    mismatched = []
+    with socket.create_connection((host, port), timeout=timeout) as conn:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for size in range(1, count + 1):
+            message = _pattern(size + 32)[32:]  # differs from size to size
+            conn.sendall(message)
+            echoed = b""
+            while len(echoed) < size and (data := conn.recv(size - len(echoed))):
+                echoed += data
+            if echoed != message:
+                mismatched.append(size)
+        conn.shutdown(socket.SHUT_WR)
+        tail = conn.recv(1)
+    return {"messages": count, "mismatched": mismatched, "eof_after": tail == b""}
+
+
+def reset(host: str, port: int, timeout: float) -> dict:
+    """Send and read back one message, then abort the connection with a TCP reset."""
+    with socket.create_connection((host, port), timeout=timeout) as conn:
+        conn.sendall(b"before the reset")
+        echoed = conn.recv(64)
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    return {"echoed": echoed.decode()}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pyproxy.iptables.probe")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -183,6 +210,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     send.add_argument("port", type=int)
     send.add_argument("--bytes", type=int, default=10 * 1024 * 1024)
     send.add_argument("--timeout", type=float, default=60.0)
+    ping = sub.add_parser("pingpong", help="small messages one at a time through an echo server")
+    ping.add_argument("target_host")
+    ping.add_argument("port", type=int)
+    ping.add_argument("--count", type=int, default=200)
+    ping.add_argument("--timeout", type=float, default=10.0)
+    abort = sub.add_parser("reset", help="one echoed message, then a TCP reset")
+    abort.add_argument("target_host")
+    abort.add_argument("port", type=int)
+    abort.add_argument("--timeout", type=float, default=10.0)
     args = parser.parse_args(argv)
     hosts = getattr(args, "host", None) or ["0.0.0.0", "::"]
     if args.command == "tag":
@@ -191,6 +227,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         serve_echo(hosts, args.port, args.lifetime)
     elif args.command == "ask":
         print(json.dumps(ask(args.target_host, args.port, args.timeout, args.source)))
+    elif args.command == "pingpong":
+        print(json.dumps(pingpong(args.target_host, args.port, args.count, args.timeout)))
+    elif args.command == "reset":
+        print(json.dumps(reset(args.target_host, args.port, args.timeout)))
     else:
         print(json.dumps(bulk(args.target_host, args.port, args.bytes, args.timeout)))
     return 0

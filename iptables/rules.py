@@ -7,7 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-MODES = ("redirect", "tproxy")
+# ebpf: outbound by cgroup connect4/connect6 programs (native/capture.bpf.c, installed by
+# iptables/capture.py), inbound by the same nat REDIRECT rules as redirect mode.
+MODES = ("redirect", "tproxy", "ebpf")
 ALL: Literal["*"] = "*"
 
 # admin (15000), health (15021) and Prometheus (15090): never captured inbound, whatever the
@@ -99,6 +101,11 @@ class CaptureOptions:
                 object.__setattr__(self, name, _normalise_ports(name, value))
         for name in ("exclude_inbound_ports", "exclude_outbound_ports"):
             object.__setattr__(self, name, _normalise_ports(name, getattr(self, name)))
+        if self.outbound_cidrs != ALL and self.mode == "ebpf":
+            raise CaptureOptionError(
+                "outbound_cidrs",
+                "include lists are not implemented by the ebpf capture; use exclude_outbound_cidrs",
+            )
         if self.outbound_cidrs != ALL:
             object.__setattr__(
                 self, "outbound_cidrs", _normalise_cidrs("outbound_cidrs", self.outbound_cidrs)
@@ -309,6 +316,8 @@ def _outbound_rules(opts: CaptureOptions, family: int) -> list[str]:
     for cidr in opts.exclude_outbound_cidrs:
         if ipaddress.ip_network(cidr).version == family:
             rules.append(f"-A {OUTPUT} -d {cidr} -j RETURN")
+    if opts.mode == "ebpf":
+        return rules  # the connect programs divert the app's connections before any packet
     if opts.outbound_cidrs == ALL:
         destinations = [""]
     else:
@@ -331,7 +340,7 @@ def _nat_table(opts: CaptureOptions, family: int) -> TableRules:
         f"-A {IN_REDIRECT} -p tcp -j REDIRECT --to-ports {opts.inbound_capture_port}",
         f"-A {REDIRECT} -p tcp -j REDIRECT --to-ports {opts.outbound_capture_port}",
     ]
-    if opts.mode == "redirect":
+    if opts.mode in ("redirect", "ebpf"):
         chains.insert(0, INBOUND)
         rules.append(f"-A PREROUTING -p tcp -j {INBOUND}")
         rules += _inbound_excludes(opts, INBOUND)
@@ -426,6 +435,11 @@ def describe(opts: CaptureOptions) -> str:
         ruleset = build_ruleset(opts, family)
         parts.append(f"# IPv{family}: {RESTORE_COMMAND[family]} --noflush (mode {opts.mode})\n")
         parts.append(build_rules(opts, family))
+        if opts.mode == "ebpf":
+            parts.append(
+                "# outbound: cgroup connect program (native/capture.bpf.c) on this process's "
+                f"cgroup, to port {opts.outbound_capture_port}\n"
+            )
         if family == 6:
             parts.append(
                 f"# ip -6 addr add {PASSTHROUGH_SOURCE[6]}/128 dev lo nodad  (inbound passthrough source)\n"

@@ -1,4 +1,4 @@
-"""cffi build script (API mode) for pyproxy.native._native, run by setup.py's cffi_modules."""
+"""cffi build scripts (API mode) for pyproxy.native._native and ._bpf, run by setup.py's cffi_modules."""
 
 import os
 
@@ -17,18 +17,68 @@ ssize_t pp_send(int fd, const char *buf, size_t len);
 ssize_t pp_relay_copy(int in_fd, int out_fd, char *buf, size_t len, size_t *sent);
 """
 
-ffibuilder = FFI()
-ffibuilder.cdef(CDEF)
-ffibuilder.set_source(
-    "pyproxy.native._native",
-    '#include "pyproxy_native.h"',
-    # setuptools wants paths relative to the project root (the cwd of setup.py);
-    # relpath keeps this working when the script is run from elsewhere too.
-    sources=[os.path.relpath(os.path.join(_HERE, "pyproxy_native.c"))],
-    include_dirs=[os.path.relpath(_HERE)],
-    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+
+def _builder(module: str, cdef: str, includes: str, source: str, libraries: tuple = ()) -> FFI:
+    builder = FFI()
+    builder.cdef(cdef)
+    builder.set_source(
+        f"pyproxy.native.{module}",
+        includes,
+        # setuptools wants paths relative to the project root (the cwd of setup.py);
+        # relpath keeps this working when the script is run from elsewhere too.
+        sources=[os.path.relpath(os.path.join(_HERE, source))],
+        include_dirs=[os.path.relpath(_HERE)],
+        libraries=list(libraries),
+        extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+    )
+    return builder
+
+
+ffibuilder = _builder("_native", CDEF, '#include "pyproxy_native.h"', "pyproxy_native.c")
+
+# The eBPF loader's view of libbpf (Debian's libbpf-dev): open/load an object, pin, attach,
+# read and write maps. Built separately so a host without libbpf still gets _native.
+BPF_CDEF = """
+enum bpf_attach_type {
+    BPF_CGROUP_SOCK_OPS, BPF_SK_MSG_VERDICT, BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET6_CONNECT, ...
+};
+struct bpf_object;
+struct bpf_program;
+struct bpf_map;
+struct bpf_object *bpf_object__open_file(const char *path, const void *opts);
+int bpf_object__load(struct bpf_object *obj);
+void bpf_object__close(struct bpf_object *obj);
+struct bpf_program *bpf_object__find_program_by_name(const struct bpf_object *obj, const char *name);
+int bpf_program__fd(const struct bpf_program *prog);
+struct bpf_program *bpf_object__next_program(const struct bpf_object *obj, struct bpf_program *prog);
+const char *bpf_program__name(const struct bpf_program *prog);
+struct bpf_map *bpf_object__next_map(const struct bpf_object *obj, const struct bpf_map *map);
+const char *bpf_map__name(const struct bpf_map *map);
+struct bpf_map *bpf_object__find_map_by_name(const struct bpf_object *obj, const char *name);
+int bpf_map__fd(const struct bpf_map *map);
+int bpf_obj_pin(int fd, const char *pathname);
+int bpf_obj_get(const char *pathname);
+int bpf_prog_attach(int prog_fd, int attachable_fd, enum bpf_attach_type type, unsigned int flags);
+int bpf_prog_detach2(int prog_fd, int attachable_fd, enum bpf_attach_type type);
+int bpf_link_create(int prog_fd, int target_fd, enum bpf_attach_type attach_type, const void *opts);
+int bpf_map_lookup_elem(int fd, const void *key, void *value);
+int bpf_map_update_elem(int fd, const void *key, const void *value, uint64_t flags);
+int bpf_map_delete_elem(int fd, const void *key);
+int bpf_map_get_next_key(int fd, const void *key, void *next_key);
+int libbpf_num_possible_cpus(void);
+void pp_bpf_log_start(void);
+const char *pp_bpf_log(void);
+"""
+
+bpf_ffibuilder = _builder(
+    "_bpf",
+    BPF_CDEF,
+    '#include <bpf/libbpf.h>\n#include <bpf/bpf.h>\n#include "pyproxy_bpf.h"',
+    "pyproxy_bpf.c",
+    libraries=("bpf",),
 )
 
 if __name__ == "__main__":
-    # Manual build for development: drops the module next to this file.
-    ffibuilder.compile(tmpdir=os.path.join(_HERE, "..", "build", "native"), verbose=True)
+    # Manual build for development: drops the modules next to this file.
+    for builder in (ffibuilder, bpf_ffibuilder):
+        builder.compile(tmpdir=os.path.join(_HERE, "..", "build", "native"), verbose=True)

@@ -19,8 +19,14 @@ EXTENSIONS = {
     "_native": "splice relay, MSG_ZEROCOPY sends",
     "_http1head": "the C HTTP/1 head scanner",
     "_express": "the native HTTP/1 express lane",
+    "_bpf": "the libbpf loader of the eBPF data path",
 }
-DEBIAN_BUILD_PACKAGES = "gcc libc6-dev python3-dev"
+# BPF programs compiled by clang at set-up (native/*.bpf.c -> *.bpf.o), loaded at run time.
+BPF_OBJECTS = {
+    "sockmap.bpf.o": "ipc: sockmap",
+    "capture.bpf.o": "capture --mode ebpf",
+}
+DEBIAN_BUILD_PACKAGES = "gcc libc6-dev python3-dev clang libbpf-dev linux-libc-dev"
 
 
 def missing_extensions() -> dict[str, str]:
@@ -31,6 +37,10 @@ def missing_extensions() -> dict[str, str]:
             importlib.import_module(f"pyproxy.native.{name}")
         except ImportError as exc:
             failures[name] = str(exc)
+    here = Path(__file__).resolve().parent
+    for name in BPF_OBJECTS:
+        if not (here / name).exists():
+            failures[name] = "not compiled"
     return failures
 
 
@@ -39,6 +49,10 @@ def missing_build_tools() -> list[str]:
     missing = []
     if shutil.which("gcc") is None and shutil.which("cc") is None:
         missing.append("a C compiler (gcc)")
+    if shutil.which("clang") is None:
+        missing.append("clang (for the BPF programs)")
+    if not Path("/usr/include/bpf/libbpf.h").exists():
+        missing.append("the libbpf headers (libbpf-dev)")
     include = sysconfig.get_paths()["include"]
     if not (Path(include) / "Python.h").exists():
         missing.append(f"the Python headers ({include}/Python.h)")
@@ -48,7 +62,8 @@ def missing_build_tools() -> list[str]:
 def report(failures: dict[str, str]) -> str:
     lines = ["pyproxy: native module NOT built; pyproxy will run its pure-Python paths."]
     for name, reason in failures.items():
-        lines.append(f"  pyproxy.native.{name} ({EXTENSIONS[name]}): {reason}")
+        what = EXTENSIONS.get(name) or BPF_OBJECTS[name]
+        lines.append(f"  pyproxy.native.{name} ({what}): {reason}")
     tools = missing_build_tools()
     if tools:
         lines.append("  missing on this machine: " + ", ".join(tools))
@@ -64,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     failures = missing_extensions()
     if not failures:
-        print("pyproxy: native module built (" + ", ".join(EXTENSIONS.values()) + ")")
+        built = [*EXTENSIONS.values(), *(f"BPF for {v}" for v in BPF_OBJECTS.values())]
+        print("pyproxy: native module built (" + ", ".join(built) + ")")
         return 0
     print(report(failures), file=sys.stderr)
     return 1 if args.strict else 0

@@ -39,9 +39,10 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     )
     run.add_argument(
         "--capture-mode",
-        choices=("redirect", "tproxy"),
+        choices=("redirect", "tproxy", "ebpf"),
         default="redirect",
-        help="how capture rules deliver traffic (tproxy sets IP_TRANSPARENT)",
+        help="how capture rules deliver traffic (tproxy sets IP_TRANSPARENT; ebpf reads the "
+        "original destination from the eBPF capture's map)",
     )
     run.add_argument(
         "--allow-root",
@@ -140,7 +141,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     if args.sidecar:
         data["listeners"] = [
             dict(lst, **listener_extra)
-            for lst in sidecar_listeners(args.mode or "tcp", args.capture_mode == "tproxy")
+            for lst in sidecar_listeners(args.mode or "tcp", args.capture_mode)
         ]
         for listener in data["listeners"]:
             if args.app_socket and listener["kind"] == "inbound":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -25,7 +26,9 @@ HEALTH_DEFAULT = "0.0.0.0:15021"
 INBOUND_SOURCE_V4 = "127.0.0.6"
 INBOUND_SOURCE_V6 = "::6"
 # I/O backends (issue 7; chosen per listener by pyproxy/io/backends.py).
-IPC_KINDS = ("tcp", "uds")
+# sockmap: the app still connects over loopback TCP; an eBPF program moves the bytes socket to
+# socket (native/sockmap.bpf.c, installed by pyproxy/io/fast_path.py).
+IPC_KINDS = ("tcp", "uds", "sockmap")
 WRITE_BACKENDS = ("send", "zerocopy")
 RELAY_BACKENDS = ("copy", "splice")
 # Below this many bytes a zerocopy listener sends by copy: pinning pages and reaping the
@@ -94,7 +97,8 @@ class RouteConfig:
     authority: str = "*"
     prefix: str = "/"
     cluster: str = ""
-    timeout: float = 15.0
+    # None: unset, so each kind of exchange takes its default (router.py: route_timeouts)
+    timeout: float | None = None
     filters: tuple[FilterSpec, ...] | None = None  # None: the listener's chain; () : no filters
 
 
@@ -120,6 +124,8 @@ class ListenerConfig:
     inbound_source: str = ""
     inbound_source_v6: str = ""
     transparent: bool = False
+    # Outbound capture: netfilter (SO_ORIGINAL_DST) or ebpf (capture: ebpf's map).
+    original_dst: str = "netfilter"
     connect_timeout: float = 5.0
     idle_timeout: float = 3600.0
     buffer_size: int = 65536
@@ -295,6 +301,7 @@ def _listener(fields: _Fields, index: int) -> ListenerConfig:
         inbound_source=fields.take("inbound_source", _optional_ip, ""),
         inbound_source_v6=fields.take("inbound_source_v6", _optional_ip, ""),
         transparent=fields.take("transparent", _bool, False),
+        original_dst=_original_dst(fields, kind),
         connect_timeout=fields.take("connect_timeout", parse_duration, 5.0),
         idle_timeout=fields.take("idle_timeout", parse_duration, 3600.0),
         buffer_size=fields.take("buffer_size", _int_range(1024, 16 * 1024 * 1024), 65536),
@@ -359,6 +366,30 @@ def _native_reason() -> str | None:
     return None if native.AVAILABLE else str(native.UNAVAILABLE_REASON)
 
 
+def _original_dst(fields: _Fields, kind: str) -> str:
+    value = fields.take("original_dst", _choice(("netfilter", "ebpf")), "netfilter")
+    if value == "ebpf" and kind != "outbound":
+        raise fields.error("original_dst", "ebpf is for outbound capture listeners only")
+    return value
+
+
+def _check_sockmap(fields: _Fields, listener: ListenerConfig, derived: str) -> None:
+    """sockmap redirects connections the app makes to this listener's fixed IPv4 ports."""
+    if listener.app_side != "downstream":
+        raise fields.error(
+            "ipc",
+            "sockmap redirects the app's connections to this listener: needs app_side: downstream "
+            "(the default for outbound listeners)",
+        )
+    if derived != "tcp" or any(
+        a.family != socket.AF_INET or a.port == 0 for a in listener.addresses
+    ):
+        shown = ", ".join(map(str, listener.addresses))
+        raise fields.error(
+            "ipc", f"sockmap needs IPv4 host:port listen addresses with a fixed port, got {shown}"
+        )
+
+
 def _io_backends(fields: _Fields, listener: ListenerConfig) -> ListenerConfig:
     """Validate ipc/write/relay/zerocopy_threshold/app_socket against the listener's sockets."""
     app_socket = fields.take("app_socket", _app_socket, None)
@@ -383,7 +414,9 @@ def _io_backends(fields: _Fields, listener: ListenerConfig) -> ListenerConfig:
         )
     derived = "uds" if all(unix) else "tcp"
     ipc = fields.take("ipc", _choice(IPC_KINDS), derived)
-    if ipc != derived:
+    if ipc == "sockmap":
+        _check_sockmap(fields, listener, derived)
+    elif ipc != derived:
         shown = ", ".join(map(str, app_addresses))
         need = (
             "uds needs the app-facing address to be unix:/path"
@@ -590,7 +623,7 @@ def _routes(fields: _Fields, mode: str) -> tuple[RouteConfig, ...]:
                 authority=authority,
                 prefix=prefix,
                 cluster=route.take("cluster", _name, ""),
-                timeout=route.take("timeout", parse_duration, 15.0),
+                timeout=route.take("timeout", parse_duration, None),
                 filters=_filters(route, mode),
             )
         )
@@ -739,8 +772,9 @@ def load_config(path: str) -> ProxyConfig:
     return build_config(data, source=path)
 
 
-def sidecar_listeners(mode: str, transparent: bool = False) -> list[dict]:
-    """The two capture listeners a Kubernetes sidecar runs (Istio's ports)."""
+def sidecar_listeners(mode: str, capture: str = "redirect") -> list[dict]:
+    """The two capture listeners a Kubernetes sidecar runs (Istio's ports), for a capture mode."""
+    transparent = capture == "tproxy"
     ipv6 = os.path.exists("/proc/net/if_inet6")
 
     def addresses(port: int) -> list[str]:
@@ -753,6 +787,7 @@ def sidecar_listeners(mode: str, transparent: bool = False) -> list[dict]:
             "mode": mode,
             "addresses": addresses(OUTBOUND_PORT),
             "transparent": transparent,
+            "original_dst": "ebpf" if capture == "ebpf" else "netfilter",
         },
         {
             "name": "inbound",

@@ -183,6 +183,14 @@ class CounterStore:
     def notify_cost_ns(self, worker: int) -> int:
         return self.worker_header(worker)[W_NOTIFY_COST_NS]
 
+    def worker_died(self, worker: int) -> None:
+        """A worker's live state died with it: zero its gauges (totals and histograms stay)."""
+        self.worker_header(worker)[W_READY] = 0
+        for slot in self._slots.values():
+            block = self.listener_block(worker, slot)
+            block[CONNECTIONS_ACTIVE] = 0
+            block[ZC_BASE + ZC_FIELDS.index("outstanding_bytes")] = 0
+
 
 def reject_slot(reason: str) -> int:
     """The block slot counting refusals for ``reason`` (look it up once, add to it on the hot path)."""

@@ -25,7 +25,7 @@ from pyproxy.counters import (
     WRITE,
     observe_duration,
 )
-from pyproxy.io import sockets
+from pyproxy.io import original_dst, sockets
 from pyproxy.io.backends import relay_factory
 from pyproxy.io.connector import Connect
 from pyproxy.io.relay import Relay
@@ -107,8 +107,10 @@ class Listener:
         # The worker's, shared by its listeners; a listener on its own has limits of its own.
         self.admission = admission or Admission(connections, proxy_config)
         self.sockets: list[socket.socket] = []
+        self.draining = False  # stopped accepting: sessions starting now drain from the start
         self._set_stages()
         self._relay = relay_factory(config)
+        self._original_destination = original_dst.resolver(config)
         self.proxy_config = proxy_config
         self.http: HttpContext | None = self._http_context()
         self.tcp_chain: TcpChainFactory | None = self._tcp_chain()
@@ -156,6 +158,8 @@ class Listener:
 
     def update(self, config: ListenerConfig) -> None:
         """Take a reloaded config with the same addresses; live connections keep the old one."""
+        if config.original_dst != self.config.original_dst:
+            self._original_destination = original_dst.resolver(config)
         self.config = config
         self._set_stages()
         self._relay = relay_factory(config)
@@ -167,15 +171,16 @@ class Listener:
         self.tcp_chain = self._tcp_chain()
 
     def stop_accepting(self) -> None:
+        self.draining = True
         if self.http is not None:
             self.http.pool.close_idle()
-        for connection in list(self.connections):
-            # HTTP/2 sessions say GOAWAY now and let their streams finish (RFC 9113 §6.8).
-            start_drain = getattr(connection, "start_drain", None)
-            if start_drain is not None:
-                start_drain()
         for sock in self.sockets:
             self.loop.remove_reader(sock.fileno())
+            # Connections the kernel completed already are clients we answer: closing the
+            # listening socket would reset them.
+            self._accept_backlog(sock)
+        start_draining(list(self.connections))
+        for sock in self.sockets:
             if sock.family == socket.AF_UNIX:
                 path = sock.getsockname()
                 sock.close()
@@ -183,6 +188,14 @@ class Listener:
             else:
                 sock.close()
         self.sockets.clear()
+
+    def _accept_backlog(self, lsock: socket.socket) -> None:
+        while True:
+            try:
+                conn, _peer = lsock.accept()
+            except OSError:  # BlockingIOError: the backlog is empty
+                return
+            self._accepted(conn)
 
     def _on_acceptable(self, lsock: socket.socket) -> None:
         timed = self.timed
@@ -206,20 +219,25 @@ class Listener:
                 block[REFUSED_CONNECTIONS] += 1
                 sockets.abort(conn)
                 continue
-            started = perf_counter_ns()
-            block[CONNECTIONS_TOTAL] += 1
-            block[CONNECTIONS_ACTIVE] += 1
-            try:
-                # A new fd number has no watcher: any the loop still holds for it is a stale
-                # one, left by a socket closed while watched. Drop it, or it cannot be watched.
-                fd = conn.fileno()
-                self.loop.remove_reader(fd)
-                self.loop.remove_writer(fd)
-                self._handle(conn, started)
-            except RuntimeError as exc:
-                # The loop refused to watch it anyway: close it and count it, never leak it.
-                log.error("%s: cannot serve an accepted connection: %s", self.config.name, exc)
-                self._abandon(conn, started)
+            self._accepted(conn)
+
+    def _accepted(self, conn: socket.socket) -> None:
+        """Count an accepted connection and serve it; one that cannot be served is closed."""
+        started = perf_counter_ns()
+        block = self.block
+        block[CONNECTIONS_TOTAL] += 1
+        block[CONNECTIONS_ACTIVE] += 1
+        try:
+            # A new fd number has no watcher: any the loop still holds for it is a stale
+            # one, left by a socket closed while watched. Drop it, or it cannot be watched.
+            fd = conn.fileno()
+            self.loop.remove_reader(fd)
+            self.loop.remove_writer(fd)
+            self._handle(conn, started)
+        except RuntimeError as exc:
+            # The loop refused to watch it anyway: close it and count it, never leak it.
+            log.error("%s: cannot serve an accepted connection: %s", self.config.name, exc)
+            self._abandon(conn, started)
 
     def _abandon(self, conn: socket.socket, started: int) -> None:
         for holder in list(self.connections):
@@ -292,9 +310,13 @@ class Listener:
             h2 = Http2Downstream(http, conn, self._session_closed, target, source)
             self.connections.add(h2)
             h2.start(preload)
+            if self.draining:  # accepted before the drain, its protocol known only now
+                h2.start_drain()
             return
         h1 = Http1Downstream(http, conn, self._session_closed, target, source)
         self.connections.add(h1)
+        if self.draining:
+            h1.start_drain()
         h1.start()
         if preload:
             h1.data_received(preload)
@@ -312,7 +334,7 @@ class Listener:
         if config.upstream is not None:
             # Standalone, or outbound on unix: (a Unix socket has no original destination).
             return config.upstream, ""
-        destination, redirected = sockets.original_destination(conn)
+        destination, redirected = self._original_destination(conn)
         if not redirected and not config.transparent:
             # Reached directly, not through capture: forwarding would loop back to ourselves.
             return None, ""
@@ -401,6 +423,18 @@ def _socket_of(holder) -> socket.socket | None:
             return sock
     stream = getattr(holder, "stream", None)
     return getattr(stream, "sock", None)
+
+
+def start_draining(connections: list) -> list:
+    """Ask each HTTP connection to close once its work in flight is answered (HTTP/1: Connection:
+    close; HTTP/2: GOAWAY, RFC 9113 §6.8); returns those asked. TCP relays have no such point."""
+    asked = []
+    for connection in connections:
+        start_drain = getattr(connection, "start_drain", None)
+        if start_drain is not None:
+            start_drain()
+            asked.append(connection)
+    return asked
 
 
 def _unlink_quietly(path: str) -> None:

@@ -88,6 +88,11 @@ class StageCollector:
             "MSG_ZEROCOPY accounting (write: zerocopy)",
             labels=labels + ["field"],
         )
+        ipc_connections = CounterMetricFamily(
+            "pyproxy_ipc_connections",
+            "Downstream connections by the app-facing IPC path they took (tcp, uds, sockmap)",
+            labels=labels + ["path"],
+        )
         duration = HistogramMetricFamily(
             "pyproxy_request_duration_seconds",
             "Request duration (TCP mode: connection lifetime)",
@@ -99,6 +104,8 @@ class StageCollector:
                 stage_seconds.add_metric(key + [stage], values["ns"] / 1e9)
                 stage_events.add_metric(key + [stage], values["events"])
             connections.add_metric(key, listener["connections_total"])
+            for path, value in (listener.get("ipc_connections") or {}).items():
+                ipc_connections.add_metric(key + [path], value)
             active.add_metric(key, listener["connections_active"])
             for field, value in listener["bytes"].items():
                 side, direction = field.split("_")
@@ -130,6 +137,7 @@ class StageCollector:
             stage_seconds,
             stage_events,
             connections,
+            ipc_connections,
             active,
             byte_count,
             messages,

@@ -21,6 +21,7 @@ from pyproxy.config import ConfigError, ProxyConfig, root_refusal
 from pyproxy.counters import W_NOTIFY_COST_NS, W_PID, W_READY, CounterStore
 from pyproxy.eventloop import event_loop_name, new_event_loop
 from pyproxy.io import backends, sockets
+from pyproxy.io.fast_path import IpcFastPath
 from pyproxy.worker import Worker
 
 log = logging.getLogger("pyproxy")
@@ -28,6 +29,8 @@ log = logging.getLogger("pyproxy")
 PR_SET_PDEATHSIG = 1
 _FRAME = struct.Struct("!I")
 START_TIMEOUT = 15.0
+WATCH_INTERVAL = 0.1  # how often the master looks for dead workers
+RESPAWN_BACKOFF = 1.0  # a worker is replaced no sooner than this after it started
 
 
 def native_status() -> tuple[bool, str]:
@@ -45,6 +48,8 @@ class _ForkedWorker:
     def __init__(self, index: int, pid: int, control_fd: int) -> None:
         self.index, self.pid, self.control_fd = index, pid, control_fd
         self.exited = False
+        self.started = time.monotonic()
+        self.status = 0  # waitpid's status once exited
 
     def send(self, *message: object) -> None:
         import pickle  # forked workers only: a single-process proxy never loads it
@@ -73,10 +78,18 @@ class Supervisor:
         self._done: Any = None  # the future _main awaits; set when the loop starts
         self._servers: list[EndpointServer] = []
         self._admin: EndpointServer | None = None
+        self.fast_path = IpcFastPath(config)  # installed by run(), before any worker starts
 
     # ---- process lifecycle -------------------------------------------------
 
     def run(self) -> int:
+        self.fast_path = IpcFastPath.start(self.config)
+        try:
+            return self._run()
+        finally:
+            self.fast_path.stop()
+
+    def _run(self) -> int:
         if self.config.concurrency > 1:
             try:
                 sockets.share_unix_listeners(_unix_addresses(self.config))
@@ -91,18 +104,24 @@ class Supervisor:
         finally:
             loop.close()
 
-    def _fork_worker(self, index: int) -> None:
+    def _fork_worker(self, index: int) -> _ForkedWorker:
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:
             os.close(write_fd)
             code = 1
             try:
+                # A replacement is forked from inside the master's running loop: the child
+                # starts its own (what Python 3.12's asyncio does after every fork).
+                asyncio._set_running_loop(None)
+                signal.set_wakeup_fd(-1)
                 code = _worker_process(index, self.store, self.config, self.store.slots(), read_fd)
             finally:
                 os._exit(code)
         os.close(read_fd)
-        self.children.append(_ForkedWorker(index, pid, write_fd))
+        child = _ForkedWorker(index, pid, write_fd)
+        self.children.append(child)
+        return child
 
     async def _main(self) -> int:
         loop = asyncio.get_running_loop()
@@ -112,8 +131,10 @@ class Supervisor:
                 try:
                     await self._wait_children_ready()
                 finally:
-                    # Workers hold their own copies now; if none started, nobody will unlink.
-                    sockets.release_shared_unix(unlink=not self.ready())
+                    # Kept while workers run, for their replacements; if none started, nobody
+                    # will unlink the paths.
+                    if not self.ready():
+                        sockets.release_shared_unix(unlink=True)
             else:
                 self.local = Worker(0, self.store)
                 await self.local.start(self.config, self.store.slots())
@@ -152,20 +173,42 @@ class Supervisor:
             if child.exited:
                 continue
             try:
-                pid, _status = os.waitpid(child.pid, os.WNOHANG)
+                pid, status = os.waitpid(child.pid, os.WNOHANG)
             except ChildProcessError:
-                pid = child.pid
+                pid, status = child.pid, 0
             if pid:
                 child.exited = True
-                self.store.worker_header(child.index)[W_READY] = 0
+                child.status = status
+                self.store.worker_died(child.index)
 
     async def _watch_children(self) -> None:
         while not self._done.done():
             self._reap()
-            if not self.draining and any(child.exited for child in self.children):
-                # A worker died: stop reporting ready so the orchestrator restarts the pod.
-                log.error("a worker exited unexpectedly; health now reports not ready")
-            await asyncio.sleep(0.25)
+            if not self.draining:
+                for child in [c for c in self.children if c.exited]:
+                    self._replace(child)
+            await asyncio.sleep(WATCH_INTERVAL)
+
+    def _replace(self, dead: _ForkedWorker) -> None:
+        """Fork a worker with the dead one's index (its counters and slot) on the current config.
+
+        Its connections died with it (their clients saw a reset); the other workers served on
+        meanwhile. One that dies young is replaced no sooner than RESPAWN_BACKOFF after it
+        started, so a worker that cannot start does not make the master spin.
+        """
+        if time.monotonic() - dead.started < RESPAWN_BACKOFF:
+            return  # the next watch pass looks again
+        how = (
+            f"signal {os.WTERMSIG(dead.status)}"
+            if os.WIFSIGNALED(dead.status)
+            else f"exit code {os.waitstatus_to_exitcode(dead.status)}"
+        )
+        self.children.remove(dead)
+        os.close(dead.control_fd)
+        child = self._fork_worker(dead.index)
+        log.error(
+            "worker %d (pid %d) died (%s); replaced by pid %d", dead.index, dead.pid, how, child.pid
+        )
 
     def _kill_children(self) -> None:
         for child in self.children:
@@ -231,6 +274,7 @@ class Supervisor:
                 break
             await asyncio.sleep(0.02)
         self._kill_children()
+        sockets.release_shared_unix(unlink=False)
         for server in self._servers:
             server.close()
         if not self._done.done():
@@ -302,6 +346,11 @@ class Supervisor:
         snap = stats.snapshot(self.store, self.config)
         if self._admin is not None:
             snap["admin"] = {"refused_requests": self._admin.refused}
+        for lconf in self.config.listeners:
+            listener = snap["listeners"].get(lconf.name)
+            if listener is not None:
+                total = listener["connections_total"]
+                listener["ipc_connections"] = self.fast_path.connections(lconf, total)
         return snap
 
     def ready(self) -> bool:
@@ -329,11 +378,15 @@ class Supervisor:
             # Per listener; every backend that is not native-only is always available.
             "io_backends": {
                 "available": {
-                    "ipc": ["tcp", "uds"],
+                    "ipc": ["tcp", "uds"] + (["sockmap"] if self.fast_path.path else []),
                     "relay": ["userspace-copy"] + (["splice"] if native else []),
                     "write": ["send"] + (["zerocopy"] if native else []),
                 },
-                "listeners": {lst.name: backends.describe(lst) for lst in self.config.listeners},
+                "listeners": {
+                    lst.name: {**backends.describe(lst), "ipc_path": self.fast_path.describe(lst)}
+                    for lst in self.config.listeners
+                },
+                "sockmap_messages": self.fast_path.messages(),
             },
             "native": {"available": native, "reason": reason or None},
             "stage_clock": self.config.stage_clock,

@@ -19,7 +19,7 @@ from pyproxy.counters import (
     CounterStore,
 )
 from pyproxy.io.notify import calibrate_notify_cost
-from pyproxy.listener import Listener
+from pyproxy.listener import Listener, start_draining
 from pyproxy.memory_trim import Trimmer
 
 log = logging.getLogger("pyproxy.worker")
@@ -61,13 +61,15 @@ class Worker:
 
         New sockets are bound before old ones close, so a failed bind leaves the
         old listeners serving (an unchanged address is briefly bound twice with
-        SO_REUSEPORT, which only splits new connections between the two). Connections in flight keep the settings they started with.
+        SO_REUSEPORT, which only splits new connections between the two). HTTP connections
+        open before a reload are drained onto the new config (``_drain_onto_new_config``).
         """
         loop = asyncio.get_running_loop()
         if self.admission is None:
             self.admission = Admission(self.connections, config)
         else:
             self.admission.apply(config)
+        before = list(self.connections)
         wanted = {listener.name: listener for listener in config.listeners}
         started: dict[str, Listener] = {}
         try:
@@ -95,7 +97,24 @@ class Worker:
                 listener.proxy_config = config
                 listener.update(wanted[name])
         self.listeners.update(started)
+        reloaded = self.config is not None
         self.config = config
+        if reloaded:
+            self._drain_onto_new_config(before, config.drain_timeout)
+
+    def _drain_onto_new_config(self, connections: list, bound: float) -> None:
+        """HTTP connections keep the filters and upstreams they started with, so a reload asks
+        them to close after their current response (HTTP/1 ``Connection: close``, HTTP/2 GOAWAY)
+        and the clients reconnect onto the new config; whatever is still open after ``bound``
+        seconds is closed. TCP relays carry on: their bytes have no request boundary to stop at."""
+        draining = start_draining(connections)
+        if draining:
+            asyncio.get_running_loop().call_later(bound, self._close_leftovers, draining)
+
+    def _close_leftovers(self, connections: list) -> None:
+        for connection in connections:
+            if connection in self.connections:
+                connection.close("LR")
 
     def stop_accepting(self) -> None:
         self.draining = True

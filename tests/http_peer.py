@@ -16,6 +16,7 @@ class HttpUpstream(ThreadedServer):
 
     /echo            200, JSON of what arrived (method, target, headers, body length, sha of body)
     /chunked?n=N     200 chunked, N chunks of 1000 bytes
+    /drip?n=N&ms=M   200 chunked, N chunks of 1000 bytes, M ms apart (a slow stream)
     /big?mb=N        200 with N MiB body (content-length)
     /status/CODE     that status, empty body (204/304 framing)
     /slow?ms=N       waits, then 200
@@ -107,6 +108,9 @@ class HttpUpstream(ThreadedServer):
         elif path == "/chunked":
             n = int(params.get("n", "3"))
             self._send(conn, h, 200, chunks=[b"c" * 1000 for _ in range(n)])
+        elif path == "/drip":
+            chunks = _drip(int(params.get("n", "3")), int(params.get("ms", "100")) / 1000)
+            self._send(conn, h, 200, chunks=chunks)
         elif path == "/big":
             size = int(params.get("mb", "1")) * 1024 * 1024
             conn.sendall(
@@ -144,3 +148,9 @@ class HttpUpstream(ThreadedServer):
         else:
             self._send(conn, h, 200, f"ok:{path}:{self.name}".encode())
         return True
+
+
+def _drip(n: int, pause: float):
+    for _ in range(n):
+        time.sleep(pause)
+        yield b"d" * 1000

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import pytest
 from pyproxy.iptables.netns import Pod, missing_capabilities, pods
+from pyproxy.native.bpf import cgroup_pin_dirs
 
 PY = sys.executable
 PROXY_UID = 1337
@@ -68,8 +69,9 @@ class Sidecar:
 def start_sidecar(pod: Pod, mode: str) -> Sidecar:
     argv = [PY, "-m", "pyproxy", "run", "--sidecar", "--mode", "tcp", "--admin", "127.0.0.1:15000"]
     argv += ["--capture-mode", mode]
-    # Under TPROXY the inbound listener needs IP_TRANSPARENT, hence CAP_NET_ADMIN (as Istio grants).
-    caps = ("net_admin",) if mode == "tproxy" else ()
+    # Under TPROXY the inbound listener needs IP_TRANSPARENT, hence CAP_NET_ADMIN (as Istio grants);
+    # under eBPF capture it reads the original destinations' map, hence CAP_BPF.
+    caps = {"tproxy": ("net_admin",), "ebpf": ("bpf",)}.get(mode, ())
     proc = pod.popen(
         argv, uid=PROXY_UID, caps=caps, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
@@ -128,13 +130,18 @@ class Mesh:
 
 @contextlib.contextmanager
 def mesh(mode: str, *capture_args: str) -> Iterator[Mesh]:
-    with pods(("a", "b"), bridge=True) as made:
+    # The eBPF capture attaches to each pod's own cgroup.
+    with pods(("a", "b"), bridge=True, cgroups=mode == "ebpf") as made:
         a, b = made["a"], made["b"]
         for pod in (a, b):
             capture_apply(pod, "--mode", mode, *capture_args)
         start_echo(b, APP_PORT)
         start_echo(b, BYPASS_PORT)
         yield Mesh(a, b, start_sidecar(a, mode), start_sidecar(b, mode))
+        for pod in (a, b):
+            pod.run([PY, "-m", "pyproxy", "capture", "clean"], timeout=60)
+            if pod.cgroup is not None:
+                assert cgroup_pin_dirs(pod.cgroup) == [], "clean left eBPF pins behind"
 
 
 def exact(listener: dict) -> dict:
@@ -157,7 +164,7 @@ def expected(connections: int, size: int) -> dict:
 
 
 @pytest.mark.parametrize("family", [4, 6])
-@pytest.mark.parametrize("mode", ["redirect", "tproxy"])
+@pytest.mark.parametrize("mode", ["redirect", "tproxy", "ebpf"])
 def test_pod_to_pod_bytes_pass_both_sidecars_unchanged(require_netns, mode, family):
     with mesh(mode) as m:
         target = m.b.address(family)
@@ -212,3 +219,37 @@ def test_metrics_and_health_ports_are_never_captured(require_netns):
         assert "pyproxy" in metrics
         m.sidecar_a.fetch("/healthz/ready", host=m.b.ipv4, port=15021, uid=PROXY_UID)  # type: ignore[arg-type]
         assert m.sidecar_b.stats()["inbound"]["connections_total"] == 0
+
+
+def loaded_programs(names: tuple[str, ...]) -> set[int]:
+    listing = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True)
+    return {p["id"] for p in json.loads(listing.stdout or "[]") if p.get("name") in names}
+
+
+def test_ebpf_capture_excludes_the_proxy_uid_and_clean_unloads_everything(require_netns):
+    from pyproxy.native import ebpf_capture
+
+    names = ("pp_connect4", "pp_connect6", "pp_cap_sockops")
+    with mesh("ebpf") as m:
+        shown = m.a.run([PY, "-m", "pyproxy", "capture", "show"]).stdout
+        for part in (*names, "pp_cap_orig", "link_connect4", "link_connect6", "link_sockops"):
+            assert part in shown, shown
+        capture_apply(m.a, "--mode", "ebpf")  # idempotent: replaces, never stacks
+        ours = loaded_programs(names)
+        assert len(ours) == 2 * len(names)  # one set per pod
+        # The proxy's uid goes straight to B; A's sidecar sees nothing of it.
+        argv = [PY, "-m", "pyproxy.iptables.probe", "bulk", m.b.ipv4, str(APP_PORT), "--bytes"]
+        result = json.loads(m.a.run([*argv, "65536"], uid=PROXY_UID).stdout)  # type: ignore[list-item]
+        assert result["intact"]
+        assert m.sidecar_a.stats()["outbound"]["connections_total"] == 0
+        # An app connection is diverted, and the sidecar consumed its original destination.
+        assert bulk(m.a, m.b.ipv4, APP_PORT, 65536)["intact"]  # type: ignore[arg-type]
+        assert (
+            settled(m.sidecar_a.stats, lambda s: s["outbound"]["connections_total"])["outbound"][
+                "connections_total"
+            ]
+            == 1
+        )
+        assert ebpf_capture.pin_dir(m.a.cgroup).exists()  # type: ignore[arg-type]
+    # mesh() ran `capture clean` in both pods and checked the pins; the programs are gone too.
+    assert settled(lambda: loaded_programs(names) & ours, lambda left: not left) == set()

@@ -351,8 +351,8 @@ def test_environment_configures_an_init_container_and_flags_win():
 @pytest.mark.parametrize(
     ("args", "env", "named"),
     [
-        (["--mode", "ebpf"], {}, "--mode"),
-        ([], {"PYPROXY_CAPTURE_MODE": "ebpf"}, "PYPROXY_CAPTURE_MODE"),
+        (["--mode", "bpf"], {}, "--mode"),
+        ([], {"PYPROXY_CAPTURE_MODE": "bpf"}, "PYPROXY_CAPTURE_MODE"),
         (["--exclude-inbound-ports", "99999"], {}, "--exclude-inbound-ports"),
         ([], {"PYPROXY_INBOUND_PORTS": "80,x"}, "PYPROXY_INBOUND_PORTS"),
         (["--exclude-outbound-cidrs", "10.0.0.0/33"], {}, "--exclude-outbound-cidrs"),
@@ -378,3 +378,12 @@ def test_add_parser_registers_a_capture_subcommand_running_the_capture():
     with pytest.raises(SystemExit) as info:
         parser.parse_args(["capture", "install"])
     assert info.value.code == 2
+
+
+def test_ebpf_mode_keeps_inbound_rules_and_leaves_outbound_to_the_connect_program():
+    rules = build_rules(CaptureOptions(mode="ebpf"), 4)
+    assert "-A PYPROXY_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006" in rules
+    assert "-j PYPROXY_REDIRECT" not in rules  # nothing sends outbound traffic to 15001
+    assert "-m owner --uid-owner 1337 -j RETURN" in rules
+    with pytest.raises(CaptureOptionError, match="not implemented by the ebpf capture"):
+        CaptureOptions(mode="ebpf", outbound_cidrs=("10.0.0.0/8",))

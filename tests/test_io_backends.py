@@ -97,6 +97,7 @@ def test_transfers_are_byte_exact_with_half_close_on_every_backend(
             "ipc": ipc,
             **reported,
             **({"zerocopy_threshold": 16384} if backend == "zerocopy" else {}),
+            "ipc_path": {"path": ipc},  # the effective path (differs only for ipc: sockmap)
         }
         for i, (request, reply, when) in enumerate(CASES):
             got = exchange(f"127.0.0.1:{port}", request, reply, when)

@@ -91,6 +91,7 @@ class Http1Downstream(Http1Side):
         elif (
             ctx.express_routes is not None
             and self.exchange is None
+            and not self._closing_after
             and data
             and not self._held
             and self.codec.at_rest
@@ -294,6 +295,19 @@ class Http1Downstream(Http1Side):
         self.on_close(
             self, tunnel=(upstream, self.codec.trailing_data, upstream.codec.trailing_data)
         )
+
+    def start_drain(self) -> None:
+        """SIGTERM, /drain_listeners or a reload: the response in flight, or the next one, says
+        ``Connection: close`` and the connection closes after it, so the client reconnects (onto
+        the new config). An idle connection waits for its next request, or the drain deadline:
+        closing it now could race a request the client is sending."""
+        if self._closed or self._closing_after:
+            return
+        self._closing_after = True
+        if self.lane is not None:
+            self.lane.release()  # back from C: the response must carry the header
+        if self.express is not None:
+            self.express.materialize()  # the general path writes the response head
 
     def close(self, flag: str = "LR") -> None:
         """Drain deadline: abandon what is in flight."""

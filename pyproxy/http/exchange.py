@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pyproxy.chain.api import HeaderMap
 from pyproxy.codec.events import END, Body, RequestHead, ResponseHead, Trailers
+from pyproxy.codec.grpc import DEADLINE_EXCEEDED
 from pyproxy.codec.http1 import strip_hop_by_hop
 from pyproxy.counters import (
     FLAG_BASE,
@@ -49,6 +50,7 @@ class Exchange:
         "started_ns",
         "started_wall",
         "timeout",
+        "timeout_restarts",
         "pending",
         "request_done",
         "response_started",
@@ -85,6 +87,7 @@ class Exchange:
         self.started_ns = perf_counter_ns()
         self.started_wall = time.time()
         self.timeout = 0.0  # the armed route timeout (0: none)
+        self.timeout_restarts = False  # each chunk restarts it (router.py's rule for streams)
         self.pending: list = []
         self.request_done = False
         self.response_started = False
@@ -164,10 +167,18 @@ class Exchange:
             and (chain is None or not chain.factory.encodes)
             and not (self.ctx.settings.server_timing and self.trace is not None)
         )
-        if route.timeout > 0:  # 0 disables it (Envoy's rule), e.g. for long-lived gRPC streams
-            self.ctx.deadlines.arm(route.timeout, self)
-            self.timeout = route.timeout
+        timeout = route.grpc_timeout if self.grpc is not None else route.timeout
+        if timeout > 0:  # router.py's rule: while the body still arrives, it bounds silence
+            self.ctx.deadlines.arm(timeout, self)
+            self.timeout = timeout
+            self.timeout_restarts = not (self.head_only or self.request_done)
         self._acquire()
+
+    def _restart_route_timeout(self) -> None:
+        deadlines = self.ctx.deadlines
+        deadlines.disarm(self.timeout, self.deadline_key or self)
+        self.deadline_key = None
+        deadlines.arm(self.timeout, self)
 
     def _acquire(self) -> None:
         cluster = (
@@ -183,6 +194,8 @@ class Exchange:
 
     def request_body(self, data) -> None:
         self.bytes_in += len(data)
+        if self.timeout_restarts:
+            self._restart_route_timeout()
         if self.grpc is not None and not self.grpc.request_data(data):
             return
         chain = self.chain
@@ -202,6 +215,10 @@ class Exchange:
         self.request_done = True
         if self.finished or (self.grpc is not None and not self.grpc.request_ended()):
             return
+        if self.timeout_restarts:
+            # The whole request is in: the whole response is due within the timeout from now.
+            self._restart_route_timeout()
+            self.timeout_restarts = False
         chain = self.chain
         if self.head_only:
             return  # its end went upstream with its head
@@ -324,6 +341,8 @@ class Exchange:
         self.response_head_in = head
         if self.grpc is not None:
             self.grpc.response_headers(head.headers)  # trailers-only: the status is in the head
+        elif self.timeout and head.content_length is None and head.status != 101:
+            self.timeout_restarts = True  # a response of no set length is a stream
         chain = self.chain
         if chain is not None and chain.factory.encodes and head.status != 101:
             headers = HeaderMap(strip_hop_by_hop(head.headers), {b":status": b"%d" % head.status})
@@ -390,6 +409,8 @@ class Exchange:
             self._switch_protocols()
 
     def response_body(self, data) -> None:
+        if self.timeout_restarts:
+            self._restart_route_timeout()
         if self.grpc is not None and not self.grpc.response_data(data):
             return
         chain = self.chain
@@ -517,13 +538,20 @@ class Exchange:
     def deadline_expired(self) -> None:
         """The route timeout passed (called by the context's Deadlines)."""
         self.timeout = 0.0
+        self.timeout_restarts = False
         if self.finished:
             return
+        if self.grpc is not None:
+            # A call ends with a status the caller can read, trailers once the response started.
+            self.fail_call(DEADLINE_EXCEEDED, "route timeout at the sidecar", "UT")
+            return
         self._abandon_upstream()
-        if not self.response_started:
-            self.local_reply(504, b"upstream request timeout\n", "UT")
+        if self.response_started:
+            self._finish("UT", reset_downstream=True)  # a stream stalled: all we can do is reset
+        elif not self.request_done and not self.head_only:
+            self.local_reply(408, b"request body timeout\n", "SI")  # the upload went silent
         else:
-            self._finish("UT", reset_downstream=True)
+            self.local_reply(504, b"upstream request timeout\n", "UT")
 
     def local_reply(
         self, status: int, body: bytes, flag: str, extra_headers: list | None = None,
@@ -570,6 +598,7 @@ class Exchange:
         if self.timeout:
             ctx.deadlines.disarm(self.timeout, self.deadline_key or self)
             self.timeout = 0.0
+            self.timeout_restarts = False
         block = ctx.block
         if flag:
             block[FLAG_BASE + FLAG_INDEX[flag]] += 1

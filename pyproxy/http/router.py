@@ -1,4 +1,22 @@
-"""Routing for HTTP mode: authority + path prefix → a cluster of endpoints (round robin), with a timeout."""
+"""Routing for HTTP mode: authority + path prefix → a cluster of endpoints (round robin), with timeouts.
+
+The route timeout rule lives here (``route_timeouts``), once:
+
+* A plain HTTP exchange must be answered in full within the route ``timeout``
+  (default 15 s), counted from the moment its whole request has arrived
+  (Envoy's rule). Streams are never cut while they move: while a request body
+  is still arriving, and for a response of no set length (chunked,
+  close-delimited, an HTTP/2 response without content-length), the timeout
+  bounds silence instead: every chunk restarts it. An upload that goes silent
+  gets 408, a response that never starts 504, a stalled stream a reset.
+* A gRPC call is a stream that may rightly live long (a health ``Watch``, a
+  subscription); the caller's ``grpc-timeout`` is its deadline. The route
+  timeout bounds it only where the route sets ``timeout`` explicitly: counted
+  as above (silence while the client streams, then the whole response), it
+  ends the call with DEADLINE_EXCEEDED, as trailers once the response has
+  started.
+* ``0s`` disables the route timeout.
+"""
 
 from __future__ import annotations
 
@@ -57,8 +75,16 @@ class Route:
     prefix: bytes
     # None: the listener's default (its upstream, or the original destination)
     cluster: Cluster | None
-    timeout: float
+    timeout: float  # plain HTTP exchanges (0: none)
     filters: tuple | None = None  # FilterSpecs overriding the listener's chain; None keeps it
+    grpc_timeout: float = 0.0  # gRPC calls: only an explicit route timeout (0: none)
+
+
+def route_timeouts(configured: float | None) -> tuple[float, float]:
+    """(plain HTTP, gRPC) route timeouts from a route's ``timeout`` (None: not set)."""
+    if configured is None:
+        return DEFAULT_TIMEOUT, 0.0
+    return configured, configured
 
 
 class Router:
@@ -68,7 +94,7 @@ class Router:
         self, listener: ListenerConfig, config: ProxyConfig, clusters: dict[str, Cluster]
     ) -> None:
         self.routes = tuple(
-            Route(
+            _route(
                 r.authority,
                 r.prefix.encode(),
                 clusters[r.cluster] if r.cluster else None,
@@ -77,9 +103,7 @@ class Router:
             )
             for r in listener.routes
         )
-        # gRPC streams may live long: only their own grpc-timeout bounds them by default.
-        default_timeout = 0.0 if listener.mode == "grpc" else DEFAULT_TIMEOUT
-        self.default_route = Route("*", b"/", None, default_timeout) if not self.routes else None
+        self.default_route = _route("*", b"/", None, None, None) if not self.routes else None
         default_cluster = None
         if listener.upstream is not None:
             default_cluster = Cluster(
@@ -101,6 +125,13 @@ class Router:
             ):
                 return route
         return None
+
+
+def _route(
+    authority: str, prefix: bytes, cluster: Cluster | None, timeout: float | None, filters
+) -> Route:
+    plain, grpc = route_timeouts(timeout)
+    return Route(authority, prefix, cluster, plain, filters, grpc)
 
 
 def _host_of(authority: bytes) -> str:

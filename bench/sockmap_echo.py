@@ -1,0 +1,203 @@
+"""The app↔sidecar leg over loopback TCP vs the eBPF sockmap path, in one run, in a pod.
+
+1. Bare: echo round trips (one outstanding message, 100 B–10 KB) between two processes in a pod
+   (netns + cgroup v2) over a loopback TCP pair, and over the same kind of pair with
+   native/sockmap.bpf.c redirecting it (ADM measured 1.4–1.6× faster for up to 10 KB).
+2. Through the sidecar: one pyproxy with three TCP-mode listeners to the same echo app, the
+   app side over loopback TCP, a Unix socket, and `ipc: sockmap`; 100 B round trips (p50/p99),
+   the `ipc` stage and the sidecar's CPU time per message, and 64 MB bulk throughput (echoed,
+   so 128 MB cross the sidecar; TCP and sockmap only: the bulk client speaks TCP).
+Rounds alternate between the paths so drift on a shared machine hits both alike.
+Run as root: `python -m pyproxy.bench.sockmap_echo` (results in bench/results/sockmap_echo.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from pyproxy.bench.echo_client import measure_rtts, summarize
+from pyproxy.iptables.netns import Pod, missing_capabilities, pods
+from pyproxy.native import sockmap
+
+PY = sys.executable
+TCP_PORT, SOCKMAP_PORT, SIDECAR_TCP, SIDECAR_SOCKMAP, APP_PORT = 7001, 7002, 15001, 15002, 9000
+ADMIN = "127.0.0.1:15000"
+UDS_PATH = f"/tmp/pp{os.getpid()}-sockmap-bench.sock"
+SIZES = (100, 1024, 4096, 10240)
+RESULTS = Path(__file__).resolve().parent / "results"
+SIDECAR_CONFIG = f"""\
+admin: {ADMIN}
+listeners:
+  - {{name: tcp, mode: tcp, address: 127.0.0.1:{SIDECAR_TCP}, upstream: 127.0.0.1:{APP_PORT},
+      app_side: downstream, ipc: tcp}}
+  - {{name: sockmap, mode: tcp, address: 127.0.0.1:{SIDECAR_SOCKMAP},
+      upstream: 127.0.0.1:{APP_PORT}, app_side: downstream, ipc: sockmap}}
+  - {{name: uds, mode: tcp, address: 'unix:{UDS_PATH}', upstream: 127.0.0.1:{APP_PORT},
+      app_side: downstream}}
+"""
+
+
+def _echo(pod: Pod, port: int) -> None:
+    argv = [PY, "-m", "pyproxy.iptables.probe", "echo", "--host", "127.0.0.1", "--port", str(port)]
+    proc = pod.popen(argv, stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "READY":  # type: ignore[union-attr]
+        raise RuntimeError(f"echo on port {port} did not start")
+
+
+def _rtts(pod: Pod, address: str, size: int, count: int) -> list[int]:
+    """Round trips measured by a client inside the pod (its cgroup decides the redirect)."""
+    argv = [PY, "-m", "pyproxy.bench.sockmap_echo", "--client", address]
+    argv += ["--size", str(size), "--count", str(count)]
+    return json.loads(pod.run(argv, timeout=300).stdout)
+
+
+def _cpu_ns(pid: int | None) -> int:
+    """CPU time a process's threads have run (schedstat, ns); 0 without a process."""
+    if pid is None:
+        return 0
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        total += int((task / "schedstat").read_text().split()[0])
+    return total
+
+
+def _alternate(
+    pod: Pod, targets: dict[str, str], size: int, args: argparse.Namespace, pid: int | None = None
+) -> dict:
+    """Rounds alternating between the targets; with pid, that process's CPU time per target."""
+    samples: dict[str, list[int]] = {name: [] for name in targets}
+    cpu = dict.fromkeys(targets, 0)
+    for _ in range(args.rounds):
+        for name, address in targets.items():
+            before = _cpu_ns(pid)
+            samples[name] += _rtts(pod, address, size, args.per_round)
+            cpu[name] += _cpu_ns(pid) - before
+    out = {name: summarize(values) for name, values in samples.items()}
+    if pid is not None:
+        messages = args.rounds * (args.per_round + WARMUP)
+        for name in targets:
+            out[name]["sidecar_cpu_us_per_message"] = round(cpu[name] / 1000 / messages, 3)
+    return out
+
+
+def _speedup(result: dict, slow: str, fast: str) -> dict:
+    return {q: round(result[slow][f"{q}_us"] / result[fast][f"{q}_us"], 3) for q in ("p50", "p99")}
+
+
+def _admin(pod: Pod, path: str) -> dict:
+    code = "import sys, urllib.request\nsys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
+    return json.loads(pod.run([PY, "-c", code, f"http://{ADMIN}{path}"], timeout=10).stdout)
+
+
+def _bulk_mb_s(pod: Pod, port: int, size: int) -> float:
+    argv = [PY, "-m", "pyproxy.iptables.probe", "bulk", "127.0.0.1", str(port)]
+    result = json.loads(pod.run([*argv, "--bytes", str(size)], timeout=300).stdout)
+    if not result["intact"]:
+        raise RuntimeError(f"bulk through port {port} came back changed: {result}")
+    return round(2 * size / result["seconds"] / 1e6, 1)
+
+
+def bare(pod: Pod, args: argparse.Namespace) -> dict:
+    assert pod.cgroup is not None
+    path = sockmap.SockmapPath.install(pod.cgroup, [SOCKMAP_PORT])
+    try:
+        _echo(pod, TCP_PORT)
+        _echo(pod, SOCKMAP_PORT)
+        out = {}
+        targets = {"tcp": f"127.0.0.1:{TCP_PORT}", "sockmap": f"127.0.0.1:{SOCKMAP_PORT}"}
+        for size in SIZES:
+            result = _alternate(pod, targets, size, args)
+            result["speedup"] = _speedup(result, "tcp", "sockmap")
+            out[str(size)] = result
+            print(f"bare {size} B: {json.dumps(result)}", file=sys.stderr, flush=True)
+        out["redirected"] = path.port_counts()
+        return out
+    finally:
+        path.remove()
+
+
+def through_sidecar(pod: Pod, args: argparse.Namespace, config: Path) -> dict:
+    _echo(pod, APP_PORT)
+    proc = pod.popen([PY, "-m", "pyproxy", "run", "-c", str(config)], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            _admin(pod, "/server_info")
+            break
+        except Exception:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("sidecar did not start") from None
+            time.sleep(0.2)
+    ports = {"tcp": SIDECAR_TCP, "sockmap": SIDECAR_SOCKMAP}
+    targets = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
+    targets["uds"] = f"unix:{UDS_PATH}"
+    result = _alternate(pod, targets, 100, args, pid=proc.pid)
+    result["speedup"] = _speedup(result, "tcp", "sockmap")
+    stats = _admin(pod, "/stats?format=json")["listeners"]
+    messages = args.rounds * (args.per_round + WARMUP)
+    for name in targets:
+        stages = stats[name]["stages"]
+        result[name]["ipc_us_per_message"] = round(stages["ipc"]["ns"] / 1000 / messages, 3)
+        result[name]["all_stages_us_per_message"] = round(
+            sum(s["ns"] for s in stages.values()) / 1000 / messages, 3
+        )
+        result[name]["ipc_connections"] = stats[name]["ipc_connections"]
+    tcp_ipc, sm_ipc = result["tcp"]["ipc_us_per_message"], result["sockmap"]["ipc_us_per_message"]
+    result["ipc_stage_cut"] = round(1 - sm_ipc / tcp_ipc, 3) if tcp_ipc else None
+    result["bulk_mb_s"] = {
+        name: _bulk_mb_s(pod, port, args.bulk_bytes) for name, port in ports.items()
+    }
+    print(f"sidecar: {json.dumps(result)}", file=sys.stderr, flush=True)
+    return result
+
+
+WARMUP = 200
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pyproxy.bench.sockmap_echo", description=__doc__
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="alternations per size")
+    parser.add_argument(
+        "--per-round", type=int, default=1000, help="round trips per path per round"
+    )
+    parser.add_argument("--bulk-bytes", type=int, default=64 * 1024 * 1024)
+    parser.add_argument("--output", default=str(RESULTS / "sockmap_echo.json"))
+    parser.add_argument("--size", type=int, default=100, help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=1000, help=argparse.SUPPRESS)
+    parser.add_argument("--client", metavar="ADDRESS", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.client:  # internal: one measuring client inside the pod
+        rtts = measure_rtts(args.client, args.count, args.size, warmup=WARMUP)
+        print(json.dumps(rtts))
+        return 0
+    missing = missing_capabilities()
+    reason = sockmap.unavailable_reason()
+    if missing or reason:
+        print(f"sockmap_echo needs: {', '.join(missing + [reason or ''])}", file=sys.stderr)
+        return 2
+    report: dict = {"benchmark": "sockmap_echo", "params": vars(args) | {"sizes": SIZES}}
+    with pods(("bench",), bridge=True, cgroups=True) as made:
+        pod = made["bench"]
+        report["bare"] = bare(pod, args)
+        config = RESULTS / "sockmap_echo_sidecar.yaml"
+        RESULTS.mkdir(exist_ok=True)
+        config.write_text(SIDECAR_CONFIG)
+        report["sidecar"] = through_sidecar(pod, args, config)
+    text = json.dumps(report, indent=2)
+    Path(args.output).parent.mkdir(exist_ok=True)
+    Path(args.output).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
