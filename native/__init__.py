@@ -87,7 +87,7 @@ def _extension(module: str, name: str | None) -> Any:
 def pipe(size: int = 0) -> tuple[int, int, int]:
     """Create a non-blocking pipe for a splice relay: (read_fd, write_fd, capacity).
 
-    Called once per connection, so it may raise; the per-chunk calls do not.
+    Called when a pipe pool needs another pipe, so it may raise; the per-chunk calls do not.
     """
     if lib is None:
         raise RuntimeError(f"pyproxy.native unavailable: {UNAVAILABLE_REASON}")

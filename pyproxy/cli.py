@@ -7,8 +7,6 @@ import json
 import logging
 import os
 import sys
-import urllib.error
-import urllib.request
 from typing import Any
 
 from pyproxy import __version__
@@ -61,6 +59,12 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--upstream", help="standalone upstream address, host:port or unix:/path")
     run.add_argument(
         "--concurrency", type=int, help="worker processes sharing the listeners (SO_REUSEPORT)"
+    )
+    run.add_argument(
+        "--max-connections", type=int, help="per worker; beyond it new connections are closed"
+    )
+    run.add_argument(
+        "--max-pending-requests", type=int, help="per worker; beyond it requests are answered 503"
     )
     run.add_argument("--admin", help=f"admin address (default {ADMIN_DEFAULT}; 'off' disables)")
     run.add_argument(
@@ -189,7 +193,14 @@ def _apply_top_flags(data: dict, args: argparse.Namespace, source: str) -> Proxy
             dict(lst, filters=list(lst.get("filters") or []) + flag_filters)
             for lst in data["listeners"]
         ]
-    for flag in ("admin", "prometheus", "health", "concurrency"):
+    for flag in (
+        "admin",
+        "prometheus",
+        "health",
+        "concurrency",
+        "max_connections",
+        "max_pending_requests",
+    ):
         value = getattr(args, flag)
         if value is not None:
             data[flag] = value
@@ -236,6 +247,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     url = f"http://{args.admin}/stats?format=json"
     try:
+        import urllib.error  # `pyproxy stats` only: `run` does not load an HTTP client
+        import urllib.request
+
         with urllib.request.urlopen(url, timeout=5) as response:
             snap = json.load(response)
     except (urllib.error.URLError, OSError) as exc:
@@ -249,8 +263,32 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class _Formatter(argparse.HelpFormatter):
+    """argparse's own would import shutil (and zlib, bz2, lzma with it) for the terminal width:
+    memory the long-running `run` process would carry for nothing."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:  # fmt: skip
+        if width is None:
+            try:
+                columns = int(os.environ.get("COLUMNS", "")) or os.get_terminal_size(1).columns
+            except (ValueError, OSError):
+                columns = 80
+            width = columns - 2  # argparse's margin
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every parser, subcommands' included (argparse makes them with the parent's class)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+
+def build_parser(with_tools: bool = True) -> argparse.ArgumentParser:
+    """Every subcommand; `with_tools=False` leaves out capture and kube (and their imports)."""
+    parser = _Parser(
         prog="pyproxy", description="A userspace L7 sidecar proxy that measures itself."
     )
     parser.add_argument("--version", action="version", version=f"pyproxy {__version__}")
@@ -266,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--messages", type=int, default=20000)
     demo.add_argument("--connections", type=int, default=4)
     demo.set_defaults(func=lambda a: __import__("pyproxy.demo", fromlist=["main"]).main(a))
+    if not with_tools:
+        return parser
     try:
         from pyproxy.iptables import cli as capture_cli
     except ImportError:
@@ -279,7 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    # `run` is the long-lived process: it need not load the capture and kube commands' modules.
+    parser = build_parser(with_tools=argv[:1] != ["run"])
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -8,8 +8,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import yaml
-
 from pyproxy.addresses import Address, parse_address
 from pyproxy.counters import MAX_FILTERS
 from pyproxy.durations import parse_duration
@@ -36,6 +34,10 @@ RELAY_BACKENDS = ("copy", "splice")
 # Below this many bytes a zerocopy listener sends by copy: pinning pages and reaping the
 # completion cost more than copying (see README "Native I/O paths" for the measurement).
 ZEROCOPY_THRESHOLD_DEFAULT = 16384
+# Per worker. An idle connection costs a few KB of the worker's memory (bench/memory.py), so the
+# connection limit is set by file descriptors: the worker raises RLIMIT_NOFILE to fit it.
+MAX_CONNECTIONS_DEFAULT = 8192
+MAX_PENDING_REQUESTS_DEFAULT = 4096
 
 
 class ConfigError(Exception):
@@ -168,6 +170,10 @@ class ProxyConfig:
     concurrency: int = 1
     stage_clock: bool = True
     drain_timeout: float = 5.0
+    # Overload, per worker (pyproxy/admission.py): beyond max_connections a new connection is
+    # closed at once; beyond max_pending_requests a request is answered 503 (gRPC UNAVAILABLE).
+    max_connections: int = MAX_CONNECTIONS_DEFAULT
+    max_pending_requests: int = MAX_PENDING_REQUESTS_DEFAULT
     # Capture listeners as root: only when the capture rules exclude uid 0 too (see cli).
     allow_root: bool = False
     source: str = "<flags>"
@@ -568,12 +574,12 @@ def _access_log_target(value: Any) -> str:
 
 def _filters(fields: _Fields, mode: str) -> tuple[FilterSpec, ...] | None:
     """`filters:` — a list of {name, type?, config}; each filter validates its own config."""
-    from pyproxy.chain.api import FilterConfigError
-    from pyproxy.chain.registry import validate
-
     items = fields.data.pop("filters", None)
     if items is None:
         return None
+    from pyproxy.chain.api import FilterConfigError  # loaded only for a config that has filters
+    from pyproxy.chain.registry import validate
+
     path = fields._join("filters")
     if not isinstance(items, list):
         raise ConfigError(fields.source, path, "expected a list of filters")
@@ -732,6 +738,12 @@ def build_config(data: Any, source: str = "<flags>") -> ProxyConfig:
         concurrency=top.take("concurrency", _int_range(1, 256), 1),
         stage_clock=top.take("stage_clock", _bool, True),
         drain_timeout=top.take("drain_timeout", parse_duration, 5.0),
+        max_connections=top.take(
+            "max_connections", _int_range(1, 1 << 20), MAX_CONNECTIONS_DEFAULT
+        ),
+        max_pending_requests=top.take(
+            "max_pending_requests", _int_range(1, 1 << 20), MAX_PENDING_REQUESTS_DEFAULT
+        ),
         allow_root=top.take("allow_root", _bool, False),
         source=source,
         raw=raw,
@@ -756,6 +768,8 @@ def root_refusal(config: ProxyConfig, euid: int) -> str:
 
 
 def load_config(path: str) -> ProxyConfig:
+    import yaml  # a config file is YAML; flags-only runs never load the parser
+
     try:
         with open(path, encoding="utf-8") as handle:
             data = yaml.safe_load(handle)

@@ -14,7 +14,8 @@ from bisect import bisect_left
 STAGES = ("ipc", "read", "write", "notify", "parse", "other")
 IPC, READ, WRITE, NOTIFY, PARSE, OTHER = range(6)
 MAX_FILTERS = 16
-STAGE_SLOTS = len(STAGES) + MAX_FILTERS
+FILTER_STAGE_BASE = len(STAGES)  # filter slot i's stage is FILTER_STAGE_BASE + i
+STAGE_SLOTS = FILTER_STAGE_BASE + MAX_FILTERS
 
 # Response flags, Envoy's vocabulary where one exists.
 FLAGS = (
@@ -91,7 +92,10 @@ REQUESTS = MESSAGES + 1
 # Requests the HTTP/1 express lanes carried end to end (http/express.py, http/native_lane.py)...
 EXPRESS_REQUESTS = REQUESTS + 1
 NATIVE_REQUESTS = EXPRESS_REQUESTS + 1  # ... and those of them the native lane carried (in C)
-FLAG_BASE = NATIVE_REQUESTS + 1
+# Overload (pyproxy/admission.py): refused beyond the worker's limits, never started.
+REFUSED_CONNECTIONS = NATIVE_REQUESTS + 1
+REFUSED_REQUESTS = REFUSED_CONNECTIONS + 1
+FLAG_BASE = REFUSED_REQUESTS + 1
 STATUS_BASE = FLAG_BASE + len(FLAGS)  # responses by class: 1xx..5xx
 HIST_BASE = STATUS_BASE + 5
 HIST_SUM_NS = HIST_BASE + len(BUCKETS) + 1  # buckets, then +Inf

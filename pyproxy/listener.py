@@ -7,10 +7,10 @@ import os
 import socket
 from functools import partial
 from time import perf_counter_ns
+from typing import TYPE_CHECKING
 
 from pyproxy.addresses import Address
-from pyproxy.chain.api import FactoryContext
-from pyproxy.chain.tcp_chain import ConnectionGate, TcpChainFactory
+from pyproxy.admission import Admission
 from pyproxy.config import ListenerConfig, ProxyConfig
 from pyproxy.counters import (
     CONNECTIONS_ACTIVE,
@@ -19,20 +19,21 @@ from pyproxy.counters import (
     FLAG_INDEX,
     IPC,
     READ,
+    REFUSED_CONNECTIONS,
     STAGE_EVENTS,
     STAGE_NS,
     WRITE,
     observe_duration,
 )
-from pyproxy.http.context import HttpContext
-from pyproxy.http.detect import HTTP2, TCP, Detector, protocol_for
-from pyproxy.http.downstream_h1 import Http1Downstream
-from pyproxy.http.downstream_h2 import Http2Downstream
 from pyproxy.io import original_dst, sockets
 from pyproxy.io.backends import relay_factory
 from pyproxy.io.connector import Connect
-from pyproxy.io.filtered_relay import FilteredRelay
 from pyproxy.io.relay import Relay
+
+if TYPE_CHECKING:
+    from pyproxy.chain.tcp_chain import TcpChainFactory
+    from pyproxy.http.context import HttpContext
+    from pyproxy.http.downstream_h1 import Http1Downstream
 
 log = logging.getLogger("pyproxy.listener")
 
@@ -95,13 +96,16 @@ class Listener:
         block: memoryview,
         timed: bool,
         connections: set,
-        proxy_config: ProxyConfig | None = None,
+        proxy_config: ProxyConfig,
+        admission: Admission | None = None,
     ) -> None:
         self.loop = loop
         self.config = config
         self.block = block
         self.timed = timed
         self.connections = connections
+        # The worker's, shared by its listeners; a listener on its own has limits of its own.
+        self.admission = admission or Admission(connections, proxy_config)
         self.sockets: list[socket.socket] = []
         self.draining = False  # stopped accepting: sessions starting now drain from the start
         self._set_stages()
@@ -115,6 +119,10 @@ class Listener:
         config = self.config
         if config.mode != "tcp" or not config.filters:
             return None
+        # The filter machinery loads only for listeners with TCP filters.
+        from pyproxy.chain.api import FactoryContext
+        from pyproxy.chain.tcp_chain import TcpChainFactory
+
         slots = {name: i for i, name in enumerate(config.filter_names)}
         context = FactoryContext(self.loop, config.name, config.mode, self.block, slots)
         chain = TcpChainFactory(config.filters, context, slots)
@@ -123,8 +131,14 @@ class Listener:
     def _http_context(self) -> HttpContext | None:
         if self.config.mode == "tcp":
             return None
+        # The HTTP stack (h2, codecs, filters' chain) loads only for listeners that speak HTTP:
+        # a TCP-only worker stays small.
+        from pyproxy.http.context import HttpContext
+
         assert self.proxy_config is not None, "HTTP listeners are built with the proxy config"
-        return HttpContext(self.loop, self.config, self.proxy_config, self.block, self.timed)
+        return HttpContext(
+            self.loop, self.config, self.proxy_config, self.block, self.timed, self.admission
+        )
 
     def _set_stages(self) -> None:
         down_app = self.config.app_side == "downstream"
@@ -200,6 +214,11 @@ class Listener:
             if timed:
                 block[self.accept_ns] += perf_counter_ns() - t0
                 block[self.accept_events] += 1
+            if not self.admission.connection_allowed():
+                # Over the worker's limit: a reset now, so the client neither waits nor retries here.
+                block[REFUSED_CONNECTIONS] += 1
+                sockets.abort(conn)
+                continue
             self._accepted(conn)
 
     def _accepted(self, conn: socket.socket) -> None:
@@ -240,6 +259,8 @@ class Listener:
             self.fail(conn, "NR", started)
             return
         if self.http is not None:
+            from pyproxy.http.detect import Detector, protocol_for
+
             protocol = protocol_for(self.config, conn, target)
             if protocol in ("auto", "http"):
                 detector = Detector(self, conn, target, source, started, protocol == "auto")
@@ -249,6 +270,8 @@ class Listener:
                 self.start_protocol(conn, target, source, started, protocol)
             return
         if self.tcp_chain is not None:
+            from pyproxy.chain.tcp_chain import ConnectionGate
+
             gate = ConnectionGate(self.tcp_chain, self, conn, target, source, started)
             self.connections.add(gate)
             gate.run()
@@ -272,6 +295,10 @@ class Listener:
         preload: bytes = b"",
     ) -> None:  # fmt: skip
         """Mode http, protocol known (configured or detected): every byte read so far goes along."""
+        from pyproxy.http.detect import HTTP2, TCP
+        from pyproxy.http.downstream_h1 import Http1Downstream
+        from pyproxy.http.downstream_h2 import Http2Downstream
+
         if protocol == TCP:
             pending = _PendingConnect(self, conn, target, source, started)
             pending.preload = preload
@@ -330,6 +357,8 @@ class Listener:
         config = self.config
         relay_class = self._relay
         if filters and self.tcp_chain is not None:
+            from pyproxy.io.filtered_relay import FilteredRelay
+
             relay_class = partial(FilteredRelay, filters=filters, stages=self.tcp_chain.stages)
         try:
             relay = relay_class(

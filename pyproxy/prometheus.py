@@ -60,6 +60,11 @@ class StageCollector:
             "HTTP/1.1 requests the native express lane carried in C (a subset of express requests)",
             labels=labels,
         )
+        refused = CounterMetricFamily(
+            "pyproxy_refused",
+            "Turned away beyond the worker's overload limits: connections closed, requests answered 503",
+            labels=labels + ["kind"],
+        )
         flags = CounterMetricFamily(
             "pyproxy_response_flags",
             "Connections or requests ended with a response flag",
@@ -109,6 +114,8 @@ class StageCollector:
             requests.add_metric(key, listener["requests"])
             express.add_metric(key, listener["express_requests"])
             native.add_metric(key, listener["native_requests"])
+            for kind, value in listener["refused"].items():
+                refused.add_metric(key + [kind], value)
             for flag, value in listener["flags"].items():
                 flags.add_metric(key + [flag], value)
             for reason, value in listener.get("rejected", {}).items():
@@ -137,6 +144,7 @@ class StageCollector:
             requests,
             express,
             native,
+            refused,
             flags,
             rejected,
             responses,

@@ -44,6 +44,10 @@ def snapshot(store: CounterStore, config: ProxyConfig) -> dict:
             "requests": block[c.REQUESTS],
             "express_requests": block[c.EXPRESS_REQUESTS],
             "native_requests": block[c.NATIVE_REQUESTS],
+            "refused": {
+                "connections": block[c.REFUSED_CONNECTIONS],
+                "requests": block[c.REFUSED_REQUESTS],
+            },
             "bytes": {
                 "downstream_rx": block[c.DOWNSTREAM_RX],
                 "downstream_tx": block[c.DOWNSTREAM_TX],

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import dataclasses
 import ipaddress
 import logging
 import os
-import pickle
 import signal
 import struct
 import sys
@@ -16,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pyproxy import __version__, stats
+from pyproxy import __version__
 from pyproxy.addresses import Address
 from pyproxy.admin import EndpointServer, Response
 from pyproxy.config import ConfigError, ProxyConfig, root_refusal
@@ -24,8 +22,6 @@ from pyproxy.counters import W_NOTIFY_COST_NS, W_PID, W_READY, CounterStore
 from pyproxy.eventloop import event_loop_name, new_event_loop
 from pyproxy.io import backends, sockets
 from pyproxy.io.fast_path import IpcFastPath
-from pyproxy.prometheus import exposition
-from pyproxy.redaction import redact
 from pyproxy.worker import Worker
 
 log = logging.getLogger("pyproxy")
@@ -56,6 +52,8 @@ class _ForkedWorker:
         self.status = 0  # waitpid's status once exited
 
     def send(self, *message: object) -> None:
+        import pickle  # forked workers only: a single-process proxy never loads it
+
         payload = pickle.dumps(message)
         try:
             os.write(self.control_fd, _FRAME.pack(len(payload)) + payload)
@@ -343,6 +341,8 @@ class Supervisor:
     # ---- endpoints -----------------------------------------------------------
 
     def snapshot(self) -> dict:
+        from pyproxy import stats  # on the first scrape, like prometheus_client
+
         snap = stats.snapshot(self.store, self.config)
         if self._admin is not None:
             snap["admin"] = {"refused_requests": self._admin.refused}
@@ -406,6 +406,8 @@ class Supervisor:
                 return [plain(v) for v in value]
             return value
 
+        from pyproxy.redaction import redact  # hashlib and its patterns: on the first dump only
+
         dump = redact(plain(self.config))
         assert isinstance(dump, dict)
         return dump
@@ -418,11 +420,13 @@ class Supervisor:
             snap = self.snapshot()
             if query.get("format") == ["json"]:
                 return Response.json(snap)
-            return Response.text(stats.to_text(snap))
+            from pyproxy.stats import to_text
+
+            return Response.text(to_text(snap))
 
         def prometheus(_q: dict) -> Response:
             return Response(
-                200, exposition(self.snapshot), "text/plain; version=0.0.4; charset=utf-8"
+                200, _exposition(self.snapshot), "text/plain; version=0.0.4; charset=utf-8"
             )
 
         def drain_listeners(_q: dict) -> Response:
@@ -482,6 +486,9 @@ def _worker_process(
     index: int, store: CounterStore, config: ProxyConfig, slots: dict, control_fd: int
 ) -> int:
     """Body of a forked worker: its own event loop; obeys the control pipe; drains on SIGTERM too."""
+    import ctypes
+    import pickle
+
     try:
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):
@@ -546,3 +553,10 @@ def _worker_process(
         return loop.run_until_complete(main())
     finally:
         loop.close()
+
+
+def _exposition(take_snapshot: Callable[[], dict]) -> bytes:
+    # prometheus_client is imported on the first scrape: a worker nobody scrapes never pays for it.
+    from pyproxy.prometheus import exposition
+
+    return exposition(take_snapshot)

@@ -8,6 +8,7 @@ import logging
 import os
 import time
 
+from pyproxy.admission import Admission
 from pyproxy.config import ListenerConfig, ProxyConfig
 from pyproxy.counters import (
     W_DRAINING,
@@ -19,6 +20,7 @@ from pyproxy.counters import (
 )
 from pyproxy.io.notify import calibrate_notify_cost
 from pyproxy.listener import Listener, start_draining
+from pyproxy.memory_trim import Trimmer
 
 log = logging.getLogger("pyproxy.worker")
 
@@ -31,8 +33,10 @@ class Worker:
         self.listeners: dict[str, Listener] = {}
         self.connections: set = set()
         self.config: ProxyConfig | None = None
+        self.admission: Admission | None = None
         self.draining = False
         self._stopped: asyncio.Future | None = None
+        self._trimmer: Trimmer | None = None
 
     async def start(self, config: ProxyConfig, slots: dict[str, int]) -> None:
         loop = asyncio.get_running_loop()
@@ -42,6 +46,8 @@ class Worker:
         header[W_STARTED_NS] = time.time_ns()
         header[W_NOTIFY_COST_NS] = await calibrate_notify_cost()
         self.apply(config, slots)
+        assert self.admission is not None
+        self._trimmer = Trimmer(loop, self.admission)
         # Startup objects live forever: keep them out of every later GC pass.
         gc.freeze()
         header[W_READY] = 1
@@ -59,6 +65,10 @@ class Worker:
         open before a reload are drained onto the new config (``_drain_onto_new_config``).
         """
         loop = asyncio.get_running_loop()
+        if self.admission is None:
+            self.admission = Admission(self.connections, config)
+        else:
+            self.admission.apply(config)
         before = list(self.connections)
         wanted = {listener.name: listener for listener in config.listeners}
         started: dict[str, Listener] = {}
@@ -69,8 +79,9 @@ class Worker:
                     continue
                 block = self.store.listener_block(self.index, slots[name])
                 listener = Listener(
-                    loop, lconf, block, config.stage_clock, self.connections, config
-                )
+                    loop, lconf, block, config.stage_clock, self.connections, config,
+                    self.admission,
+                )  # fmt: skip
                 started[name] = listener
                 listener.start()
         except OSError:
@@ -120,6 +131,8 @@ class Worker:
         for connection in list(self.connections):
             connection.close("LR")
         self.header[W_READY] = 0
+        if self._trimmer is not None:
+            self._trimmer.cancel()
         if self._stopped is not None and not self._stopped.done():
             self._stopped.set_result(None)
 

@@ -72,6 +72,8 @@ def test_valid_config_builds_immutable_objects():
         (_doc(buffer_size=10), "listeners[0].buffer_size", "1024"),
         (_doc(colour="blue"), "listeners[0].colour", "unknown field"),
         (_doc() | {"concurrency": 0}, "concurrency", "1..256"),
+        (_doc() | {"max_connections": 0}, "max_connections", "1..1048576"),
+        (_doc() | {"max_pending_requests": "many"}, "max_pending_requests", "expected an integer"),
         (_doc() | {"admin": "x"}, "admin", "host:port"),
         (_doc(kind="outbound"), "listeners[0].upstream", "original destination"),
         (

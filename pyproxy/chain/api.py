@@ -65,7 +65,9 @@ class TcpFilter:
 
     `on_new_connection(conn)` returns CONTINUE, STOP (resume later with
     `conn.continue_connecting()`), or calls `conn.close(reset=...)`.
-    `on_data(data, from_downstream, end_stream)` sees each chunk (defining it costs a hook per read).
+    `on_data(data, from_downstream, end_stream)` sees each chunk (defining it costs a hook per read);
+    `data` is a view of a buffer the worker's connections share, valid during the call only:
+    copy (`bytes(data)`) whatever the filter keeps.
     """
 
     callbacks: Any

@@ -19,9 +19,8 @@ from time import perf_counter_ns
 from pyproxy.chain.api import CONTINUE, STOP_AND_BUFFER, FactoryContext, HeaderMap, HttpFilter
 from pyproxy.chain.registry import factory_class
 from pyproxy.config import FilterSpec
-from pyproxy.counters import STAGE_EVENTS, STAGE_NS, STAGES
+from pyproxy.counters import FILTER_STAGE_BASE, STAGE_EVENTS, STAGE_NS
 
-FILTER_STAGE_BASE = len(STAGES)
 DEFAULT_BUFFER_LIMIT = (
     1024 * 1024
 )  # STOP_AND_BUFFER beyond this answers 413 (request) or 500 (response)

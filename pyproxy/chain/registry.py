@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from functools import cache
-from importlib.metadata import EntryPoint, entry_points
+from typing import TYPE_CHECKING
 
 from pyproxy.chain.api import FilterConfigError, FilterFactory
+
+if TYPE_CHECKING:
+    from importlib.metadata import EntryPoint
 
 GROUP = "pyproxy.filters"
 
@@ -13,6 +16,8 @@ GROUP = "pyproxy.filters"
 @cache
 def available() -> dict[str, EntryPoint]:
     """Entry points by name; built-in filters register here exactly like third-party ones."""
+    from importlib.metadata import entry_points  # only configs with filters pay for it
+
     return {ep.name: ep for ep in entry_points(group=GROUP)}
 
 

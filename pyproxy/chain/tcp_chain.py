@@ -6,10 +6,9 @@ import socket
 from time import perf_counter_ns
 
 from pyproxy.chain.api import CONTINUE, FactoryContext
-from pyproxy.chain.http_chain import FILTER_STAGE_BASE
 from pyproxy.chain.registry import factory_class
 from pyproxy.config import FilterSpec
-from pyproxy.counters import STAGE_EVENTS, STAGE_NS
+from pyproxy.counters import FILTER_STAGE_BASE, STAGE_EVENTS, STAGE_NS
 from pyproxy.io.sockets import abort
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pyproxy.admission import Admission
 from pyproxy.chain.api import FactoryContext
 from pyproxy.chain.http_chain import ChainFactory
 from pyproxy.codec.http1 import Http1Codec, Http1Limits, make_http1_codec
@@ -18,8 +19,9 @@ class HttpContext:
     """Built once per listener (and rebuilt on reload); sessions hold a reference, never copy."""
 
     def __init__(
-        self, loop, listener: ListenerConfig, config: ProxyConfig, block: memoryview, timed: bool
-    ) -> None:
+        self, loop, listener: ListenerConfig, config: ProxyConfig, block: memoryview, timed: bool,
+        admission: Admission,
+    ) -> None:  # fmt: skip
         from pyproxy.http.upstream_h1 import UpstreamPool
 
         self.loop = loop
@@ -30,6 +32,7 @@ class HttpContext:
         self.router = Router(listener, config, build_clusters(config))
         self.pool = UpstreamPool(self)
         self.deadlines = Deadlines(loop)
+        self.admission = admission  # the worker's, shared by its listeners
         self.limits = Http1Limits(
             max_header_bytes=listener.http.max_header_bytes,
             max_header_count=listener.http.max_headers,

@@ -19,7 +19,14 @@ from pyproxy.chain.api import HeaderMap, loggable
 from pyproxy.codec.events import END, Body, RequestHead, ResponseHead, Trailers
 from pyproxy.codec.grpc import DEADLINE_EXCEEDED
 from pyproxy.codec.http1 import strip_hop_by_hop
-from pyproxy.counters import FLAG_BASE, FLAG_INDEX, STAGES, STATUS_BASE, observe_duration
+from pyproxy.counters import (
+    FLAG_BASE,
+    FLAG_INDEX,
+    REFUSED_REQUESTS,
+    STAGES,
+    STATUS_BASE,
+    observe_duration,
+)
 from pyproxy.http.grpc_call import HTTP1_REFUSED, GrpcCall, wants_call
 from pyproxy.http.local_reply import local_reply_head
 
@@ -28,6 +35,7 @@ if TYPE_CHECKING:
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _CHUNKED = (b"transfer-encoding", b"chunked")
+OVERLOADED = b"overloaded: too many requests in progress\n"
 
 
 class Exchange:
@@ -61,6 +69,7 @@ class Exchange:
         "grpc",
         "forwards_unchanged",
         "deadline_key",
+        "admitted",
     )
 
     def __init__(
@@ -96,6 +105,7 @@ class Exchange:
         # The response leaves as it came unless a filter, gRPC or Server-Timing needs a say
         # (set once the request is on its way upstream).
         self.forwards_unchanged = False
+        self.admitted = False  # counted as pending by the worker's admission
         self.deadline_key: Any = None  # whose entry the armed timeout is (None: this exchange)
         # No body follows the request head (Envoy's end_stream on decode_headers).
         self.head_only = not request.chunked and not request.content_length and not request.upgrade
@@ -109,6 +119,12 @@ class Exchange:
         elif self.ctx.listener.mode == "grpc":
             self.local_reply(505, HTTP1_REFUSED, "DPE")
             return
+        if not self.ctx.admission.admit_request():
+            # Overloaded: answer now rather than queue (gRPC: 503 is UNAVAILABLE, trailers-only).
+            self.ctx.block[REFUSED_REQUESTS] += 1
+            self.local_reply(503, OVERLOADED, "UO")
+            return
+        self.admitted = True
         authority = _authority_of(request)
         route = self.ctx.router.match(authority, request.target)
         if route is None:
@@ -576,6 +592,9 @@ class Exchange:
         self.finished = True
         self.flag = flag
         ctx = self.ctx
+        if self.admitted:
+            self.admitted = False
+            ctx.admission.request_finished()
         if self.timeout:
             ctx.deadlines.disarm(self.timeout, self.deadline_key or self)
             self.timeout = 0.0

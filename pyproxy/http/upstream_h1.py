@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from pyproxy.http.context import HttpContext
     from pyproxy.http.exchange import Exchange
     from pyproxy.http.router import Cluster
+    from pyproxy.http.upstream_h2 import Http2Pool
 
 DEFAULT_IDLE_TIMEOUT = 4.0
 SWEEP_INTERVAL = 0.5  # idle connections live at most their timeout plus this
@@ -233,12 +234,19 @@ class UpstreamPool:
     """Idle keep-alive connections per endpoint, newest first (the warmest, least likely closed)."""
 
     def __init__(self, ctx: HttpContext) -> None:
-        from pyproxy.http.upstream_h2 import Http2Pool
-
         self.ctx = ctx
         self.idle: dict[Address, list[Http1Upstream]] = defaultdict(list)
-        self.h2 = Http2Pool(ctx)
+        self._h2: Http2Pool | None = None
         self._sweeper = None
+
+    @property
+    def h2(self) -> Http2Pool:
+        """The HTTP/2 upstream pool, made (and h2 imported) when a route first needs one."""
+        if self._h2 is None:
+            from pyproxy.http.upstream_h2 import Http2Pool
+
+            self._h2 = Http2Pool(self.ctx)
+        return self._h2
 
     def acquire(
         self, target: Address, source: str, cluster: Cluster | None, on_ready, on_failed
@@ -319,7 +327,8 @@ class UpstreamPool:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        self.h2.close_idle()
+        if self._h2 is not None:
+            self._h2.close_idle()
         for conns in self.idle.values():
             for conn in conns:
                 conn.stream.close()

@@ -1,15 +1,18 @@
-"""The userspace TCP relay: two sockets, one bounded buffer per direction, readiness-driven.
+"""The userspace TCP relay: two sockets, at most one bounded buffer per direction, readiness-driven.
 
-Backpressure is structural: a direction reads into its buffer only when the
-buffer is empty. If the destination does not take everything, reading from
-the source stops (remove_reader) and resumes only once the rest is written,
-so a slow reader can never make the proxy hold more than one buffer per
-direction. Every syscall is timed here, into the listener's stage block:
-the app-facing socket's recv/send count as `ipc`, the peer-facing socket's
-as `read`/`write`; the Python work between them is `other`; each readiness
+A direction reads into the worker's shared top buffer (io/buffer_pool.py) and
+writes it straight on; it keeps a buffer of its own only while the
+destination has not taken everything, so an idle connection holds none and
+the worker's relay memory follows the bytes in flight. Backpressure is
+structural: while a direction holds bytes, reading from its source stops
+(remove_reader) and resumes only once the rest is written, so a slow reader
+can never make the proxy hold more than one buffer per direction. Every
+syscall is timed here, into the listener's stage block: the app-facing
+socket's recv/send count as `ipc`, the peer-facing socket's as
+`read`/`write`; the Python work between them is `other`; each readiness
 callback is one `notify` event (its cost is derived, see io/notify.py).
 
-This is the default backend (plain recv/send through one userspace buffer).
+This is the default backend (plain recv/send through userspace buffers).
 Other backends (io/splice_relay.py, io/zerocopy_writer.py) subclass Relay and
 override the per-connection hooks `_directions` and `_close_sockets`, so
 choosing one costs nothing per message here; io/backends.py picks the class.
@@ -38,6 +41,7 @@ from pyproxy.counters import (
     WRITE,
     observe_duration,
 )
+from pyproxy.io.buffer_pool import copy_pool
 from pyproxy.io.sockets import abort
 
 NOTIFY_EVENTS = STAGE_EVENTS + NOTIFY
@@ -46,7 +50,7 @@ DOWNSTREAM, UPSTREAM = "downstream", "upstream"
 
 
 class _Direction:
-    """One way of the relay: read from `src` into a private buffer, write it to `dst`."""
+    """One way of the relay: read from `src` into a pooled buffer, write it to `dst`."""
 
     __slots__ = (
         "relay",
@@ -54,7 +58,8 @@ class _Direction:
         "dst",
         "src_fd",
         "dst_fd",
-        "buf",
+        "pool",
+        "held",
         "view",
         "start",
         "end",
@@ -83,8 +88,10 @@ class _Direction:
         self.relay = relay
         self.src, self.dst = src, dst
         self.src_fd, self.dst_fd = src.fileno(), dst.fileno()
-        self.buf = bytearray(buffer_size)
-        self.view = memoryview(self.buf)
+        # No buffer of its own until the destination is full (backends without one pass 0).
+        self.pool = copy_pool(buffer_size) if buffer_size else None
+        self.held: tuple[bytearray, memoryview] | None = None  # taken from the pool
+        self.view: memoryview | None = None  # the parked bytes are view[start:end]
         self.start = self.end = 0
         self.eof = False
         self.moved = 0
@@ -101,8 +108,11 @@ class _Direction:
     def on_readable(self) -> None:
         relay = self.relay
         t0 = perf_counter_ns() if relay.timed else 0
+        pool = self.pool
+        assert pool is not None, "backends without a userspace buffer override on_readable"
+        buf, view = pool.top()
         try:
-            n = self.src.recv_into(self.buf)
+            n = self.src.recv_into(buf)
         except BlockingIOError:
             return
         except OSError:
@@ -112,7 +122,7 @@ class _Direction:
         if t2 < 0:
             return
         try:
-            sent = self.dst.send(self.view[:n])
+            sent = self.dst.send(view[:n])
         except BlockingIOError:
             sent = 0
         except OSError:
@@ -120,7 +130,9 @@ class _Direction:
             return
         self._sent(sent, t2, False)
         if sent < n:
-            # Destination is full: park the rest and stop reading until it drains.
+            # Destination is full: keep the buffer, park the rest, stop reading until it drains.
+            self.held = pool.take()
+            self.view = view
             self.start, self.end = sent, n
             loop = relay.loop
             loop.remove_reader(self.src_fd)
@@ -129,8 +141,10 @@ class _Direction:
     def on_writable(self) -> None:
         relay = self.relay
         t0 = perf_counter_ns() if relay.timed else 0
+        view = self.view
+        assert view is not None, "writable is watched only while bytes are parked"
         try:
-            sent = self.dst.send(self.view[self.start : self.end])
+            sent = self.dst.send(view[self.start : self.end])
         except BlockingIOError:
             return
         except OSError:
@@ -139,9 +153,16 @@ class _Direction:
         self._sent(sent, t0, True)
         self.start += sent
         if self.start == self.end:
+            self.release()
             loop = relay.loop
             loop.remove_writer(self.dst_fd)
             loop.add_reader(self.src_fd, self.on_readable)
+
+    def release(self) -> None:
+        """The parked bytes are gone (written, or the connection closed): the buffer goes back."""
+        if self.held is not None and self.pool is not None:
+            self.pool.give(self.held)
+        self.held = self.view = None
 
     # Accounting shared by every backend's readiness callbacks (copy, splice, zero-copy).
 
@@ -257,10 +278,7 @@ class Relay:
     def preload(self, to_upstream: bytes, to_downstream: bytes) -> None:
         """Bytes that arrived before the relay took over (e.g. around an HTTP Upgrade) go out first."""
         for direction, data in ((self._request, to_upstream), (self._response, to_downstream)):
-            if len(data) > len(direction.buf):
-                direction.buf = bytearray(len(data))
-                direction.view = memoryview(direction.buf)
-            direction.buf[: len(data)] = data
+            direction.view = memoryview(data)
             direction.start, direction.end = 0, len(data)
 
     def start(self) -> None:
@@ -296,6 +314,8 @@ class Relay:
         self._closed = True
         self.flag = flag
         self._close_sockets(reset)
+        self._request.release()
+        self._response.release()
         if self._idle_handle is not None:
             self._idle_handle.cancel()
         block = self.block

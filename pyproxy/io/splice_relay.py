@@ -1,10 +1,13 @@
 """The splice(2) relay backend: bytes go socket -> pipe -> socket inside the kernel, never through Python.
 
-Same structure and accounting as the copy relay (io/relay.py): one bounded
-buffer per direction, here a pipe of `buffer_size` bytes instead of a
-bytearray; a direction reads only into an empty pipe and stops reading while
-the destination does not take everything, so the proxy never holds more than
-one pipe's worth per direction. Every splice call is timed into the stage of
+Same structure and accounting as the copy relay (io/relay.py): the buffer is
+a pipe of `buffer_size` bytes instead of a bytearray, and pipes are shared the
+same way (io/buffer_pool.py): a direction splices into the worker's top empty
+pipe and out again at once, and keeps that pipe only while the destination
+does not take everything, so an idle connection holds no pipe (no fds, no
+pipe pages). A direction reads only when it holds nothing and stops reading
+while the destination is full, so the proxy never holds more than one pipe's
+worth per direction. Every splice call is timed into the stage of
 the socket it touches (app-facing: `ipc`, peer-facing: `read`/`write`).
 Works on TCP and Unix stream sockets alike. TCP mode only: nothing above the
 I/O layer ever sees the bytes.
@@ -17,16 +20,38 @@ import socket
 from time import perf_counter_ns
 
 from pyproxy import native  # type: ignore[attr-defined]  # mapped from native/ by pyproject
+from pyproxy.io.buffer_pool import Pool
 from pyproxy.io.relay import DOWNSTREAM, UPSTREAM, Relay, _Direction
 
 EAGAIN = native.EAGAIN
 _lib = native.lib
 
 
-class _SpliceDirection(_Direction):
-    """One way of the relay through a private pipe: splice in from `src`, splice out to `dst`."""
+Pipe = tuple[int, int, int]  # read fd, write fd, capacity
 
-    __slots__ = ("pipe_rd", "pipe_wr", "capacity", "in_pipe")
+_PIPE_POOLS: dict[int, Pool[Pipe]] = {}
+
+
+def _close_pipe(pipe: Pipe) -> None:
+    for fd in pipe[:2]:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def pipe_pool(size: int) -> Pool[Pipe]:
+    """This process's pool of empty pipes of `size` bytes (only empty pipes are ever given back)."""
+    pool = _PIPE_POOLS.get(size)
+    if pool is None:
+        pool = _PIPE_POOLS[size] = Pool(lambda: native.pipe(size), _close_pipe)
+    return pool
+
+
+class _SpliceDirection(_Direction):
+    """One way of the relay through a pooled pipe: splice in from `src`, splice out to `dst`."""
+
+    __slots__ = ("pipes", "pipe", "in_pipe")
 
     def __init__(
         self,
@@ -37,15 +62,23 @@ class _SpliceDirection(_Direction):
         src_side: str,
         app_side: str,
     ) -> None:
-        # No userspace buffer: the pipe is the buffer (stage slots and sides come from the base).
+        # No userspace buffer: a pipe is the buffer (stage slots and sides come from the base).
         super().__init__(relay, src, dst, 0, src_side, app_side)
-        self.pipe_rd, self.pipe_wr, self.capacity = native.pipe(buffer_size)
+        self.pipes = pipe_pool(buffer_size)
+        self.pipe: Pipe | None = None  # taken from the pool while it holds bytes
         self.in_pipe = 0
 
     def on_readable(self) -> None:
         relay = self.relay
         t0 = perf_counter_ns() if relay.timed else 0
-        n = _lib.pp_splice_in(self.src_fd, self.pipe_wr, self.capacity)
+        pipes = self.pipes
+        try:
+            pipe = pipes.top()
+        except OSError:
+            relay.close(flag="LR", reset=True)  # no pipe to be had (e.g. EMFILE): refuse this one
+            return
+        pipe_rd, pipe_wr, capacity = pipe
+        n = _lib.pp_splice_in(self.src_fd, pipe_wr, capacity)
         if n < 0:
             if n != EAGAIN:
                 relay.reset_by(self.src_side)
@@ -53,24 +86,30 @@ class _SpliceDirection(_Direction):
         t2 = self._received(n, t0)
         if t2 < 0:
             return
-        sent = _lib.pp_splice_out(self.pipe_rd, self.dst_fd, n)
-        if sent < 0:
-            if sent != EAGAIN:
-                relay.reset_by(self.dst_side)
-                return
-            sent = 0
-        self._sent(sent, t2, False)
+        sent = _lib.pp_splice_out(pipe_rd, self.dst_fd, n)
         if sent < n:
-            # Destination is full: the rest waits in the pipe; stop reading until it drains.
-            self.in_pipe = n - sent
+            # The rest waits in the pipe, which this direction now owns (a reset closes it).
+            self.pipe = pipes.take()
+            self.in_pipe = n - max(sent, 0)
+            if sent < 0:
+                if sent != EAGAIN:
+                    relay.reset_by(self.dst_side)
+                    return
+                sent = 0
+            self._sent(sent, t2, False)
+            # Destination is full: stop reading until it drains.
             loop = relay.loop
             loop.remove_reader(self.src_fd)
             loop.add_writer(self.dst_fd, self.on_writable)
+            return
+        self._sent(sent, t2, False)
 
     def on_writable(self) -> None:
         relay = self.relay
+        pipe = self.pipe
+        assert pipe is not None, "writable is watched only while a pipe holds bytes"
         t0 = perf_counter_ns() if relay.timed else 0
-        sent = _lib.pp_splice_out(self.pipe_rd, self.dst_fd, self.in_pipe)
+        sent = _lib.pp_splice_out(pipe[0], self.dst_fd, self.in_pipe)
         if sent < 0:
             if sent != EAGAIN:
                 relay.reset_by(self.dst_side)
@@ -78,35 +117,27 @@ class _SpliceDirection(_Direction):
         self._sent(sent, t0, True)
         self.in_pipe -= sent
         if not self.in_pipe:
+            self.pipe = None
+            self.pipes.give(pipe)
             loop = relay.loop
             loop.remove_writer(self.dst_fd)
             loop.add_reader(self.src_fd, self.on_readable)
 
-    def close_pipe(self) -> None:
-        for fd in (self.pipe_rd, self.pipe_wr):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.pipe_rd = self.pipe_wr = -1
+    def release(self) -> None:
+        # A pipe still held has bytes nobody will read: close it rather than pool it.
+        if self.pipe is not None:
+            _close_pipe(self.pipe)
+            self.pipe = None
 
 
 class SpliceRelay(Relay):
-    """A TCP-mode connection relayed with splice(2); pipes are closed with the sockets."""
+    """A TCP-mode connection relayed with splice(2) through the worker's pooled pipes."""
 
     __slots__ = ()
 
     def _directions(self, buffer_size: int, app_side: str) -> tuple[_Direction, _Direction]:
         down, up = self.downstream, self.upstream
-        request = _SpliceDirection(self, down, up, buffer_size, DOWNSTREAM, app_side)
-        try:
-            response = _SpliceDirection(self, up, down, buffer_size, UPSTREAM, app_side)
-        except BaseException:
-            request.close_pipe()
-            raise
-        return request, response
-
-    def _close_sockets(self, reset: bool) -> None:
-        super()._close_sockets(reset)
-        self._request.close_pipe()  # type: ignore[attr-defined]  # _SpliceDirection, see _directions
-        self._response.close_pipe()  # type: ignore[attr-defined]
+        return (
+            _SpliceDirection(self, down, up, buffer_size, DOWNSTREAM, app_side),
+            _SpliceDirection(self, up, down, buffer_size, UPSTREAM, app_side),
+        )

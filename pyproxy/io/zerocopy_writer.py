@@ -2,7 +2,7 @@
 
 A zero-copy send lends the buffer to the kernel until its completion is
 reaped, so a direction cannot read into it again right away: each direction
-owns a small pool of ZC_BUFFERS buffers and reads into a free one. When every
+owns a small pool of ZC_BUFFERS buffers (each made on first use) and reads into a free one. When every
 buffer is still lent out it stops reading from its source until a completion
 returns one; that keeps the proxy's memory bounded at ZC_BUFFERS buffers per
 direction, the same backpressure idea as the copy relay.
@@ -247,7 +247,9 @@ class _ZcDirection(_Direction):
         "dst_ctl",
         "zc",
         "threshold",
-        "pool",
+        "size",
+        "buf",
+        "buffers",
         "views",
         "pins",
         "free",
@@ -274,15 +276,18 @@ class _ZcDirection(_Direction):
             self.zc.owner = self
             self.zc.reap_ns = self.write_ns
             self.threshold = threshold
-            extra = [bytearray(buffer_size) for _ in range(ZC_BUFFERS - 1)]
+            count = ZC_BUFFERS
         else:
             self.threshold = 1 << 62  # never: nothing to lend on a Unix socket
-            extra = []
-        self.pool = [self.buf, *extra]
-        self.views = [memoryview(b) for b in self.pool]
-        self.view = self.views[0]
-        self.pins = [0] * len(self.pool)
-        self.free = deque(range(1, len(self.pool)))
+            count = 1
+        # Lent buffers must stay put until reaped, so this backend does not share the worker's
+        # pool; an idle connection still holds nothing until its first read.
+        self.size = buffer_size
+        self.buffers: list[bytearray | None] = [None] * count
+        self.views: list[memoryview | None] = [None] * count
+        self.buf: bytearray | None = None
+        self.pins = [0] * count
+        self.free = deque(range(1, count))
         self.cur = 0
         self.starved = False
 
@@ -295,9 +300,12 @@ class _ZcDirection(_Direction):
             return
         if relay._closed or self.starved:
             return  # a POLLERR wake-up of a reader that is (about to be) off duty
+        buf = self.buf
+        if buf is None:
+            buf = self._use(self.cur)
         t0 = perf_counter_ns() if relay.timed else 0
         try:
-            n = self.src.recv_into(self.buf)
+            n = self.src.recv_into(buf)
         except BlockingIOError:
             return
         except OSError:
@@ -345,7 +353,9 @@ class _ZcDirection(_Direction):
 
     def _send(self, start: int, end: int) -> int:
         """Send view[start:end]: zero-copy (lending the buffer) at or above the threshold; -1 after a reset."""
-        chunk = self.view[start:end]
+        view = self.view
+        assert view is not None, "sends come after a read into the current buffer"
+        chunk = view[start:end]
         zc = self.zc
         try:
             if end - start < self.threshold:
@@ -383,10 +393,15 @@ class _ZcDirection(_Direction):
             if not self.eof and self.start == self.end:
                 self.src_ctl.remove_reader()
 
-    def _use(self, slot: int) -> None:
+    def _use(self, slot: int) -> bytearray:
         self.cur = slot
-        self.buf = self.pool[slot]
+        buf = self.buffers[slot]
+        if buf is None:
+            buf = self.buffers[slot] = bytearray(self.size)
+            self.views[slot] = memoryview(buf)
+        self.buf = buf
         self.view = self.views[slot]
+        return buf
 
     def returned(self, slot: int) -> None:
         """The kernel finished with one send from buffer `slot` (called from reap)."""

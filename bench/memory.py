@@ -1,0 +1,180 @@
+"""Memory under many idle connections: a worker's RSS at rest, with N idle connections open, after they close.
+
+Spawns an upstream (the echo server for TCP mode, nginx for HTTP mode) and
+`pyproxy run` with one in-process worker, opens N connections from this
+process (TCP: connected and silent; HTTP: one keep-alive GET answered, then
+silent), and samples the worker's VmRSS from /proc once the proxy's
+`connections_active` says every one of them is held. Then it closes them all,
+waits for `connections_active` to reach 0 and samples again. Prints JSON and
+writes bench/results/memory-<mode>.json.
+
+    python -m pyproxy.bench.memory --mode tcp --connections 10000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from pyproxy.bench.http_bench import Processes, _body_length, start_upstream
+from pyproxy.bench.procs import free_port, wait_port
+from pyproxy.bench.tcp_echo import get_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def raise_fd_limit(wanted: int) -> None:
+    """This process holds N client sockets and its children inherit the limit (echo server: N more)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= wanted:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(hard, wanted)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def read_response(sock: socket.socket) -> None:
+    """One HTTP/1.1 response with Content-Length (nginx's fixed answer), read to its last byte."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise RuntimeError("closed before the response head")
+        data += chunk
+    end = data.index(b"\r\n\r\n") + 4
+    need = end + _body_length(data[: end - 4])
+    while len(data) < need:
+        chunk = sock.recv(4096)
+        if not chunk:
+            raise RuntimeError("closed inside the response body")
+        data += chunk
+
+
+def open_idle(port: int, count: int, http: bool) -> list[socket.socket]:
+    conns = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if http:
+            sock.sendall(REQUEST)
+            read_response(sock)
+        conns.append(sock)
+    return conns
+
+
+def wait_active(admin: int, wanted: int, timeout: float) -> int:
+    """Poll the proxy's stats until `connections_active` equals `wanted`; the last value seen."""
+    deadline = time.monotonic() + timeout
+    active = -1
+    while time.monotonic() < deadline:
+        snap = get_json(f"http://127.0.0.1:{admin}/stats?format=json")
+        active = snap["listeners"]["main"]["connections_active"]
+        if active == wanted:
+            return active
+        time.sleep(0.1)
+    return active
+
+
+def settle_rss(pid: int, seconds: float = 1.0) -> int:
+    """RSS once the proxy has had `seconds` to finish what the last event started."""
+    time.sleep(seconds)
+    return rss_kib(pid)
+
+
+def measure(
+    mode: str, connections: int, rounds: int, extra: list[str], settle: float = 12.0
+) -> dict:
+    """Open/close rounds; `settle`: seconds after the last close before the RSS sample (the
+    worker trims over ~10 s: pooled upstream connections close after their idle timeout)."""
+    raise_fd_limit(2 * connections + 1024)
+    with tempfile.TemporaryDirectory(prefix="pyproxy-memory-") as tmp:
+        procs = Processes(Path(tmp))
+        try:
+            if mode == "tcp":
+                upstream = free_port()
+                argv = [sys.executable, "-m", "pyproxy.bench.echo_server", "--listen", f"127.0.0.1:{upstream}"]  # fmt: skip
+                procs.start("upstream", argv)
+                wait_port(upstream)
+            else:
+                upstream = start_upstream(procs, Path(tmp))
+            port, admin = free_port(), free_port()
+            argv = [sys.executable, "-m", "pyproxy", "run", "--mode", mode, "--listen", f"127.0.0.1:{port}",
+                    "--upstream", f"127.0.0.1:{upstream}", "--admin", f"127.0.0.1:{admin}",
+                    "--max-connections", str(connections + 64), "--log-level", "warning", *extra]  # fmt: skip
+            procs.start("pyproxy", argv)
+            wait_port(admin)
+            wait_port(port)
+            pid = get_json(f"http://127.0.0.1:{admin}/server_info")["workers"][0]["pid"]
+            # The readiness probes above were connections too: let them close first.
+            wait_active(admin, 0, 10)
+            result: dict = {"mode": mode, "connections": connections, "extra_args": extra,
+                            "settle_seconds": settle}  # fmt: skip
+            result["baseline_kib"] = baseline = settle_rss(pid)
+            result["rounds"] = []
+            for _ in range(rounds):
+                t0 = time.monotonic()
+                conns = open_idle(port, connections, http=mode == "http")
+                opened_s = time.monotonic() - t0
+                active = wait_active(admin, connections, 30)
+                held = settle_rss(pid)
+                for sock in conns:
+                    sock.close()
+                remaining = wait_active(admin, 0, 60)
+                after = settle_rss(pid, settle)
+                result["rounds"].append(
+                    {
+                        "open_seconds": round(opened_s, 2),
+                        "active_seen": active,
+                        "held_kib": held,
+                        "per_connection_bytes": round((held - baseline) * 1024 / connections),
+                        "active_after_close": remaining,
+                        "after_close_kib": after,
+                        "after_close_above_baseline_kib": after - baseline,
+                    }
+                )
+            worst = max(r["per_connection_bytes"] for r in result["rounds"])
+            result["per_connection_bytes"] = worst
+            result["after_close_above_baseline_kib"] = result["rounds"][-1][
+                "after_close_above_baseline_kib"
+            ]
+        finally:
+            procs.stop_all()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--mode", choices=("tcp", "http"), default="tcp")
+    parser.add_argument("--connections", type=int, default=10000)
+    parser.add_argument("--rounds", type=int, default=2, help="open/close cycles (growth shows)")
+    parser.add_argument("--settle", type=float, default=12.0, help="seconds after close")
+    parser.add_argument("--out", default="", help="default: bench/results/memory-<mode>.json")
+    parser.add_argument("extra", nargs="*", help="more `pyproxy run` arguments (after --)")
+    args = parser.parse_args(argv)
+    result = measure(args.mode, args.connections, args.rounds, args.extra, args.settle)
+    out = Path(args.out) if args.out else RESULTS / f"memory-{args.mode}.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

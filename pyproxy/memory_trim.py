@@ -1,0 +1,69 @@
+"""Give memory back to the OS after many connections closed: malloc keeps freed heap pages otherwise.
+
+Python objects of a closed connection go back to pymalloc and glibc's heap,
+which keep the pages for reuse; after a burst of thousands of connections that
+is tens of MB the worker never uses again. A cheap periodic check compares the
+worker's connection high-water mark with its current count and, after a large
+drop, collects the closed connections' reference cycles (a relay and its
+directions point at each other) and runs malloc_trim(0) (glibc), which
+returns free heap pages. What it cannot return are pymalloc arenas that a few
+survivors keep alive (uvloop keeps up to 250 freed handles of each kind for
+reuse): a bounded reserve the next burst reuses (bench/memory.py measures it).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+from typing import Any
+
+log = logging.getLogger("pyproxy.memory_trim")
+
+CHECK_INTERVAL = 2.0  # seconds between checks of the connection count
+TRIM_AFTER_DROP = 500  # connections closed since the high-water mark before a trim is worth it
+# What closed connections leave behind goes on closing after them (upstream connections they
+# kept go back to the pool, which closes them after its idle timeout, 4 s by default): trim
+# again on this many following checks.
+FOLLOW_UP_CHECKS = 5
+
+_malloc_trim: Any = None  # looked up on first use: ctypes costs memory an idle worker need not pay
+
+
+def trim() -> bool:
+    """malloc_trim(0); False where the C library has none (e.g. musl)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        import ctypes
+
+        _malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", False)
+    if _malloc_trim is False:
+        return False
+    _malloc_trim(0)
+    return True
+
+
+class Trimmer:
+    """The worker's periodic check: trims after TRIM_AFTER_DROP connections went away."""
+
+    __slots__ = ("loop", "admission", "_handle", "_follow_ups")
+
+    def __init__(self, loop, admission) -> None:
+        self.loop, self.admission = loop, admission
+        self._follow_ups = 0
+        self._handle = loop.call_later(CHECK_INTERVAL, self._check)
+
+    def _check(self) -> None:
+        admission = self.admission
+        now = len(admission.connections)
+        if admission.high_water - now >= TRIM_AFTER_DROP:
+            log.debug("trimming after %d -> %d connections", admission.high_water, now)
+            self._follow_ups = FOLLOW_UP_CHECKS + 1
+        if self._follow_ups:
+            self._follow_ups -= 1
+            gc.collect()
+            trim()
+        admission.high_water = now
+        self._handle = self.loop.call_later(CHECK_INTERVAL, self._check)
+
+    def cancel(self) -> None:
+        self._handle.cancel()
