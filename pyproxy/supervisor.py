@@ -22,6 +22,7 @@ from pyproxy.counters import W_NOTIFY_COST_NS, W_PID, W_READY, CounterStore
 from pyproxy.eventloop import event_loop_name, new_event_loop
 from pyproxy.io import backends, sockets
 from pyproxy.io.fast_path import IpcFastPath
+from pyproxy.memory_trim import trim
 from pyproxy.worker import Worker
 
 log = logging.getLogger("pyproxy")
@@ -150,6 +151,7 @@ class Supervisor:
         ):
             loop.add_signal_handler(signum, handler)
         self._log_ready()
+        trim()  # the start-up's freed scratch, as each worker does (memory_trim.py)
         if self.children:
             loop.create_task(self._watch_children())
         return await self._done
