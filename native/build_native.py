@@ -110,7 +110,11 @@ const char *nghttp2_strerror(int lib_error_code);
 """
 
 h2_ffibuilder = _builder(
-    "_h2", H2_CDEF, '#include <nghttp2/nghttp2.h>\n#include "h2_codec.h"', "h2_codec.c", libraries=("nghttp2",)
+    "_h2",
+    H2_CDEF,
+    '#include <nghttp2/nghttp2.h>\n#include "h2_codec.h"',
+    "h2_codec.c",
+    libraries=("nghttp2",),
 )
 
 if __name__ == "__main__":

@@ -27,9 +27,7 @@ BPF_OBJECTS = {
     "sockmap.bpf.o": "ipc: sockmap",
     "capture.bpf.o": "capture --mode ebpf",
 }
-DEBIAN_BUILD_PACKAGES = (
-    "gcc libc6-dev python3-dev clang libbpf-dev linux-libc-dev libnghttp2-dev"
-)
+DEBIAN_BUILD_PACKAGES = "gcc libc6-dev python3-dev clang libbpf-dev linux-libc-dev libnghttp2-dev"
 
 
 def missing_extensions() -> dict[str, str]:

@@ -267,7 +267,8 @@ static int on_frame_send(nghttp2_session *session, const nghttp2_frame *frame, v
         if (q != NULL && !q->submitted && (q->eof || q->off < q->data.len) && out_kick(h, q) != 0)
             return NGHTTP2_ERR_CALLBACK_FAILURE;
     }
-    if (frame->hd.type == NGHTTP2_DATA && (frame->hd.flags & NGHTTP2_FLAG_END_STREAM)) {
+    if ((frame->hd.type == NGHTTP2_DATA || frame->hd.type == NGHTTP2_HEADERS) &&
+        (frame->hd.flags & NGHTTP2_FLAG_END_STREAM)) {
         pp_out *q = nghttp2_session_get_stream_user_data(session, frame->hd.stream_id);
         if (q != NULL && q->reset_after)
             return nghttp2_submit_rst_stream(session, NGHTTP2_FLAG_NONE, q->stream_id,
@@ -299,6 +300,9 @@ pp_h2 *pp_h2_new(int server, uint32_t reset_burst) {
     nghttp2_session_callbacks_set_on_frame_send_callback(cb, on_frame_send);
     /* Windows open only when the other side of the proxy took the data (backpressure). */
     nghttp2_option_set_no_auto_window_update(opt, 1);
+    /* Field and message rules are checked above this codec with h2's own rules and answers
+     * (a malformed request's answer and counter are the proxy's, whichever codec runs). */
+    nghttp2_option_set_no_http_messaging(opt, 1);
     /* The proxy's own limits decide (rapid reset, header block bytes); nghttp2's stay above. */
     nghttp2_option_set_stream_reset_rate_limit(opt, reset_burst, reset_burst);
     nghttp2_option_set_max_continuations(opt, 1u << 20);
@@ -431,12 +435,14 @@ int pp_h2_queue_trailers(pp_h2 *h, int32_t sid, const uint8_t *packed, size_t le
 }
 
 int pp_h2_reset(pp_h2 *h, int32_t sid, uint32_t error_code) {
-    /* NO_ERROR after a complete response (RFC 9113 §8.1) must follow its DATA, which nghttp2
-     * would send after any RST_STREAM: it waits for the END_STREAM. Other codes cut at once. */
-    pp_out *q = nghttp2_session_get_stream_user_data(h->session, sid);
-    if (error_code == 0 && q != NULL && q->submitted) {
-        q->reset_after = 1;
-        return 0;
+    /* NO_ERROR after a complete response (RFC 9113 §8.1) must follow its END_STREAM, which
+     * nghttp2 would drop once the stream is reset: it waits for it. Other codes cut at once. */
+    if (error_code == 0 && nghttp2_session_get_stream_local_close(h->session, sid) == 0) {
+        pp_out *q = out_get(h, sid, 1);
+        if (q != NULL) {
+            q->reset_after = 1;
+            return 0;
+        }
     }
     return nghttp2_submit_rst_stream(h->session, NGHTTP2_FLAG_NONE, sid, error_code);
 }

@@ -24,7 +24,8 @@ from h2.events import (
     TrailersReceived,
     WindowUpdated,
 )
-from h2.exceptions import ProtocolError, StreamClosedError
+from h2.exceptions import InvalidBodyLengthError, ProtocolError, StreamClosedError
+from h2.utilities import HeaderValidationFlags, normalize_inbound_headers, validate_headers
 
 from pyproxy.codec.events import Headers
 from pyproxy.native import native_extension
@@ -82,7 +83,15 @@ class _RemoteSettings:
 class NativeH2Connection:
     """One nghttp2 session, freed with this object (never referenced from C)."""
 
-    __slots__ = ("session", "client_side", "remote_settings", "_quiet", "_out", "_events")
+    __slots__ = (
+        "session",
+        "client_side",
+        "remote_settings",
+        "_quiet",
+        "_lengths",
+        "_out",
+        "_events",
+    )
 
     def __init__(self, client_side: bool, reset_burst: int) -> None:
         session = lib.pp_h2_new(0 if client_side else 1, reset_burst)
@@ -93,6 +102,8 @@ class NativeH2Connection:
         self.remote_settings = _RemoteSettings(self.session)
         # Streams whose close with an error code is already reported (RST received or sent).
         self._quiet: set[int] = set()
+        # Request bodies still expected per Content-Length (§8.1.1), as h2 tracks them.
+        self._lengths: dict[int, int] = {}
         self._out = ffi.new("const uint8_t **")
         self._events = ffi.new("size_t *")
 
@@ -109,7 +120,11 @@ class NativeH2Connection:
         out = self._out
         n = lib.pp_h2_recv(self.session, ffi.from_buffer(data), len(data), out, self._events)
         size = self._events[0]
-        events = self._decode(ffi.buffer(out[0], size)) if size else []
+        try:
+            events = self._decode(ffi.buffer(out[0], size)) if size else []
+        except ProtocolError:
+            lib.pp_h2_goaway(self.session, 0x1, ffi.NULL, 0)  # §5.4.1, as h2 answers it
+            raise
         if n < 0 or lib.pp_h2_failed(self.session) >= 0:
             if n < 0:
                 lib.pp_h2_goaway(self.session, 0x1, ffi.NULL, 0)  # PROTOCOL_ERROR
@@ -127,18 +142,25 @@ class NativeH2Connection:
             pos += 20
             if kind == _DATA:
                 data = bytes(buf[pos : pos + length])
+                if sid in self._lengths:
+                    self._count_body(sid, length, False)
                 add(DataReceived(stream_id=sid, data=data, flow_controlled_length=length))
             elif kind == _HEADERS:
-                add_headers(events, self.client_side, sid, a, flags, _unpack_headers(buf, pos, pos + length))
+                headers = _unpack_headers(buf, pos, pos + length)
+                self._headers(events, sid, a, flags & 1, headers)
             elif kind == _END:
+                if sid in self._lengths:
+                    self._count_body(sid, 0, True)
                 add(StreamEnded(stream_id=sid))
             elif kind == _WINDOW:
                 add(WindowUpdated(stream_id=sid, delta=a))
             elif kind == _RST:
+                self._lengths.pop(sid, None)
                 if a:
                     quiet.add(sid)
                 add(StreamReset(stream_id=sid, error_code=a, remote_reset=True))
             elif kind == _CLOSED:
+                self._lengths.pop(sid, None)
                 if sid in quiet:
                     quiet.discard(sid)
                 else:  # nghttp2 reset it (a malformed message, a flow-control error)
@@ -147,6 +169,34 @@ class NativeH2Connection:
                 add(RemoteSettingsChanged())
             pos += length
         return events
+
+    def _headers(self, events: list, sid: int, category: int, ended: int, headers: Headers) -> None:
+        """Checked and normalised by h2's rules (§8.2, §8.3), then reported as h2 reports it."""
+        client = self.client_side
+        if client:
+            trailers = not (headers and headers[0][0] == b":status")
+        else:
+            trailers = category != _HCAT_REQUEST
+        if trailers and not ended:
+            raise ProtocolError("Trailers must have END_STREAM set")
+        flags = HeaderValidationFlags(client, trailers, client and not trailers, False)
+        headers = list(validate_headers(normalize_inbound_headers(headers, flags), flags))
+        if not client and not trailers:
+            expected = _content_length(headers)
+            if expected is not None:
+                self._lengths[sid] = expected
+                if ended:
+                    self._count_body(sid, 0, True)
+        add_headers(events, client, sid, trailers, ended, headers)
+
+    def _count_body(self, sid: int, length: int, ended: bool) -> None:
+        left = self._lengths[sid] - length
+        if left < 0 or (ended and left):
+            raise InvalidBodyLengthError(self._lengths[sid], length)
+        if ended:
+            del self._lengths[sid]
+        else:
+            self._lengths[sid] = left
 
     # ---- bytes out -------------------------------------------------------------------
 
@@ -181,6 +231,7 @@ class NativeH2Connection:
         self.send_data(stream_id, b"", end_stream=True)
 
     def reset_stream(self, stream_id: int, error_code: int = 0) -> None:
+        self._lengths.pop(stream_id, None)
         if error_code:
             self._quiet.add(stream_id)
         if lib.pp_h2_reset(self.session, stream_id, error_code) < 0:
@@ -216,20 +267,29 @@ class NativeH2Connection:
         return sid
 
 
-def add_headers(events: list, client_side: bool, sid: int, category: int, flags: int, headers: Headers) -> None:
+def _content_length(headers: Headers) -> int | None:
+    """A request's Content-Length; conflicting or non-digit values are h2's ProtocolError."""
+    found = None
+    for name, value in headers:
+        if name == b"content-length":
+            if not value.isdigit() or (found is not None and int(value) != found):
+                raise ProtocolError(f"Invalid content-length header: {value!r}")
+            found = int(value)
+    return found
+
+
+def add_headers(
+    events: list, client: bool, sid: int, trailers: bool, ended: int, headers: Headers
+) -> None:
     """A header block as h2 reports it: request, (informational) response or trailers."""
-    ended = StreamEnded(stream_id=sid) if flags & 1 else None
-    if not client_side:
-        if category == _HCAT_REQUEST:
-            events.append(RequestReceived(stream_id=sid, headers=headers, stream_ended=ended))
-        else:
-            events.append(TrailersReceived(stream_id=sid, headers=headers, stream_ended=ended))
-    elif headers and headers[0][0] == b":status":
-        if headers[0][1][:1] == b"1":
-            events.append(InformationalResponseReceived(stream_id=sid, headers=headers))
-        else:
-            events.append(ResponseReceived(stream_id=sid, headers=headers, stream_ended=ended))
+    end = StreamEnded(stream_id=sid) if ended else None
+    if trailers:
+        events.append(TrailersReceived(stream_id=sid, headers=headers, stream_ended=end))
+    elif not client:
+        events.append(RequestReceived(stream_id=sid, headers=headers, stream_ended=end))
+    elif headers[0][1][:1] == b"1":
+        events.append(InformationalResponseReceived(stream_id=sid, headers=headers))
     else:
-        events.append(TrailersReceived(stream_id=sid, headers=headers, stream_ended=ended))
-    if ended is not None:
-        events.append(ended)
+        events.append(ResponseReceived(stream_id=sid, headers=headers, stream_ended=end))
+    if end is not None:
+        events.append(end)
