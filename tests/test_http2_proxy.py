@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import free_port, require_capability
+from conftest import free_port, http_get, require_capability
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.exceptions import ProtocolError as H2ProtocolError
@@ -105,6 +105,8 @@ def test_h2_client_to_h1_upstream_translates_both_ways(
         time.sleep(0.05)
     assert json.loads(log.read_text().splitlines()[0])["protocol"] == "HTTP/2"
     assert proxy.listener()["stages"]["parse"]["ns"] > 0
+    info = json.loads(http_get(proxy.admin + "/server_info")[1])
+    assert info["http2_codec"] == {"main": h2_codec}
 
 
 def test_h1_client_to_h2_upstream_translates_with_trailers(

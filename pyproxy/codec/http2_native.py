@@ -45,6 +45,11 @@ ENABLE_PUSH, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE, MAX_HEADER_LIST_SIZE =
 _NO_LIMIT = 1 << 31  # nghttp2 cuts DATA into frames itself: only the window bounds a send
 
 
+def effective_codec(choice: str) -> str:
+    """The codec a listener runs: native (libnghttp2) when asked for and built, else h2."""
+    return "native" if choice == "native" and AVAILABLE else "h2"
+
+
 def pack_headers(headers: Headers) -> bytes:
     """A header list as h2_codec.h's packed form (one buffer, one crossing)."""
     parts: list[bytes] = []

@@ -67,11 +67,6 @@ class FlushQueue:
                     session.flush()
 
 
-def http2_codec(choice: str) -> str:
-    """The codec a listener runs: native (libnghttp2) when asked for and built, else h2."""
-    return "native" if choice == "native" and http2_native.AVAILABLE else "h2"
-
-
 def flush_queue(ctx: HttpContext) -> FlushQueue:
     """One queue per listener context (a context belongs to one worker loop)."""
     queue = getattr(ctx, "h2_flushes", None)
@@ -103,7 +98,7 @@ class H2Session:
         limit = settings.max_header_bytes
         # The scanner runs before either codec: header-block bytes and GOAWAY are the proxy's.
         self.scanner = FrameScanner(limit, server=not client_side)
-        if http2_codec(settings.http2_codec) == "native":
+        if http2_native.effective_codec(settings.http2_codec) == "native":
             # nghttp2's own rapid-reset bucket stays above the proxy's, which counts and flags.
             burst = min(settings.rapid_reset_max * 2 + 1000, 0xFFFFFFFF)
             self.conn: Any = http2_native.NativeH2Connection(client_side, burst)
