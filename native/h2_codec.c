@@ -207,11 +207,16 @@ static int on_data_chunk(nghttp2_session *session, uint8_t flags, int32_t sid, c
     pp_h2 *h = user_data;
     h->frame_had_data = 1;
     if (h->data_rec != SIZE_MAX) {
-        /* Chunks of one frame make one record, as h2 reports one DataReceived per frame. */
-        if (buf_reserve(&h->events, len)) return NGHTTP2_ERR_CALLBACK_FAILURE;
-        buf_add(&h->events, data, len);
-        ((pp_h2_rec *)(h->events.data + h->data_rec))->len += (uint32_t)len;
-        return 0;
+        /* Chunks of one frame make one record, as h2 reports one DataReceived per frame; it
+         * stays the last record (a stream closed while sending may add one after it). */
+        pp_h2_rec rec;
+        memcpy(&rec, h->events.data + h->data_rec, sizeof rec);
+        if (h->data_rec + sizeof rec + rec.len == h->events.len) {
+            if (buf_add(&h->events, data, len)) return NGHTTP2_ERR_CALLBACK_FAILURE;
+            rec.len += (uint32_t)len;
+            memcpy(h->events.data + h->data_rec, &rec, sizeof rec);
+            return 0;
+        }
     }
     h->data_rec = h->events.len;
     return add_record(h, PP_H2_DATA, sid, 0, 0, data, len);
@@ -346,8 +351,8 @@ ssize_t pp_h2_recv(pp_h2 *h, const uint8_t *data, size_t len, const uint8_t **ev
     if (h->handed) {
         memmove(h->events.data, h->events.data + h->handed, h->events.len - h->handed);
         h->events.len -= h->handed;
+        if (h->data_rec != SIZE_MAX) h->data_rec -= h->handed;
     }
-    h->data_rec = SIZE_MAX; /* a frame split across reads: its rest is a new record */
     ssize_t n = nghttp2_session_mem_recv(h->session, data, len);
     if (n >= 0) {
         /* Connection errors found while reading are only visible as the GOAWAY nghttp2 queues. */
@@ -355,7 +360,8 @@ ssize_t pp_h2_recv(pp_h2 *h, const uint8_t *data, size_t len, const uint8_t **ev
         if (rv < 0) n = rv;
     }
     *events = h->events.data;
-    *events_len = h->handed = h->events.len;
+    /* A DATA frame the read ended in is held back until it is whole (one event per frame). */
+    *events_len = h->handed = n >= 0 && h->data_rec != SIZE_MAX ? h->data_rec : h->events.len;
     return n;
 }
 
