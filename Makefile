@@ -18,7 +18,7 @@ test: system-deps $(VENV)/.installed-test
 	$(VENV)/bin/pytest
 
 # Every bench measures its own baselines in the same run; results land in bench/results/.
-BENCHES := tcp_echo http_bench filter_bench grpc_bench native_paths
+BENCHES := tcp_echo http_bench filter_bench grpc_bench native_paths h2_codec_bench
 
 bench: system-deps system-deps-bench $(VENV)/.installed-test
 	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) -m pyproxy.bench.$$b || exit 1; done
