@@ -35,6 +35,8 @@ struct pp_h2 {
     int app_goaway;
     size_t handed; /* bytes of records pp_h2_recv returned: dropped at the next one */
     int frame_had_data;
+    unsigned seen; /* SEEN_* of the header block being received */
+    int not_plain;
 };
 
 static long live_sessions;
@@ -185,15 +187,95 @@ static int out_kick(pp_h2 *h, pp_out *q) {
 
 /* ---- callbacks: records only ------------------------------------------------------------ */
 
+/* ---- the plain-header-block check --------------------------------------------------------
+ * A conservative subset of what h2 accepts (RFC 9113 §8.2, §8.3): lower-case token names, values
+ * of visible ASCII with inner spaces, pseudo-headers once each and first, none of the fields h2
+ * rewrites or judges (connection-specific ones, te, host, cookie). A block inside it is marked
+ * PP_H2_PLAIN and skips the Python check; anything else is judged by h2's own rules there. */
+
+enum { SEEN_METHOD = 1, SEEN_SCHEME = 2, SEEN_PATH = 4, SEEN_AUTHORITY = 8, SEEN_STATUS = 16,
+       SEEN_REGULAR = 32 };
+
+static int is_token_lower(uint8_t c) {
+    return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || (c && strchr("!#$%&'*+-.^_`|~", c));
+}
+
+static int plain_value(const uint8_t *v, size_t n) {
+    if (n && (v[0] == ' ' || v[n - 1] == ' ')) return 0;
+    for (size_t i = 0; i < n; i++)
+        if (v[i] < 0x20 || v[i] > 0x7e) return 0;
+    return 1;
+}
+
+static int is_name(const uint8_t *name, size_t len, const char *lit) {
+    return len == strlen(lit) && memcmp(name, lit, len) == 0;
+}
+
+static unsigned pseudo_bit(const uint8_t *name, size_t len) {
+    if (is_name(name, len, ":method")) return SEEN_METHOD;
+    if (is_name(name, len, ":scheme")) return SEEN_SCHEME;
+    if (is_name(name, len, ":path")) return SEEN_PATH;
+    if (is_name(name, len, ":authority")) return SEEN_AUTHORITY;
+    if (is_name(name, len, ":status")) return SEEN_STATUS;
+    return 0;
+}
+
+static int judged_by_h2(const uint8_t *name, size_t len) {
+    static const char *const names[] = {"connection", "keep-alive", "proxy-connection",
+                                        "transfer-encoding", "upgrade", "te", "host", "cookie"};
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++)
+        if (is_name(name, len, names[i])) return 1;
+    return 0;
+}
+
+static void check_field(pp_h2 *h, const uint8_t *name, size_t nlen, const uint8_t *value,
+                        size_t vlen) {
+    if (h->not_plain) return;
+    if (nlen && name[0] == ':') {
+        unsigned bit = pseudo_bit(name, nlen);
+        if (!bit || (h->seen & (bit | SEEN_REGULAR)) || (bit == SEEN_PATH && !vlen) ||
+            !plain_value(value, vlen))
+            h->not_plain = 1;
+        h->seen |= bit;
+        return;
+    }
+    h->seen |= SEEN_REGULAR;
+    if (!nlen || judged_by_h2(name, nlen) || !plain_value(value, vlen)) {
+        h->not_plain = 1;
+        return;
+    }
+    for (size_t i = 0; i < nlen; i++)
+        if (!is_token_lower(name[i])) {
+            h->not_plain = 1;
+            return;
+        }
+}
+
+/* Is the block just received plain: the pseudo-headers its kind needs, and no others? */
+static int block_plain(pp_h2 *h, int server, nghttp2_headers_category cat) {
+    unsigned pseudo = h->seen & ~(unsigned)SEEN_REGULAR;
+    if (h->not_plain) return 0;
+    if (server && cat == NGHTTP2_HCAT_REQUEST)
+        return (pseudo & (SEEN_METHOD | SEEN_SCHEME | SEEN_PATH)) ==
+                   (SEEN_METHOD | SEEN_SCHEME | SEEN_PATH) && !(pseudo & SEEN_STATUS);
+    if (!server && (pseudo & SEEN_STATUS)) return pseudo == SEEN_STATUS; /* a response */
+    return pseudo == 0;                                                  /* trailers */
+}
+
 static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame, void *user_data) {
-    ((pp_h2 *)user_data)->headers.len = 0;
+    pp_h2 *h = user_data;
+    h->headers.len = 0;
+    h->seen = 0;
+    h->not_plain = 0;
     return 0;
 }
 
 static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const uint8_t *name,
                      size_t namelen, const uint8_t *value, size_t valuelen, uint8_t flags,
                      void *user_data) {
-    pp_buf *b = &((pp_h2 *)user_data)->headers;
+    pp_h2 *h = user_data;
+    pp_buf *b = &h->headers;
+    check_field(h, name, namelen, value, valuelen);
     uint32_t lens[2] = {(uint32_t)namelen, (uint32_t)valuelen};
     if (buf_reserve(b, 8 + namelen + valuelen)) return NGHTTP2_ERR_CALLBACK_FAILURE;
     buf_add(b, lens, 8);
@@ -235,6 +317,8 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, v
         h->data_rec = SIZE_MAX;
         return end ? add_record(h, PP_H2_END, sid, 0, 0, NULL, 0) : 0;
     case NGHTTP2_HEADERS:
+        if (block_plain(h, nghttp2_session_check_server_session(session), frame->headers.cat))
+            end |= PP_H2_PLAIN;
         return add_record(h, PP_H2_HEADERS, sid, frame->headers.cat, end, h->headers.data,
                           h->headers.len);
     case NGHTTP2_RST_STREAM:

@@ -18,7 +18,7 @@
 #include <sys/types.h>
 
 enum {
-    PP_H2_HEADERS = 1,  /* a = nghttp2_headers_category; flags bit 0: END_STREAM */
+    PP_H2_HEADERS = 1,  /* a = nghttp2_headers_category; flags: END_STREAM, PP_H2_PLAIN */
     PP_H2_DATA = 2,     /* payload: the bytes of one DATA frame (flow-controlled length = len) */
     PP_H2_END = 3,      /* END_STREAM on a DATA frame */
     PP_H2_RST = 4,      /* RST_STREAM received, a = error code */
@@ -26,6 +26,9 @@ enum {
     PP_H2_SETTINGS = 6, /* the peer's SETTINGS (not an ACK) */
     PP_H2_CLOSED = 7,   /* a stream closed with a = error code != 0 */
 };
+
+/* HEADERS flag: the block is plain (h2_codec.c says which); h2's rules need not judge it. */
+#define PP_H2_PLAIN 2
 
 typedef struct {
     uint32_t kind;

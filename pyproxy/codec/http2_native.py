@@ -38,6 +38,7 @@ if _h2 is not None:
 # Record kinds (h2_codec.h).
 _HEADERS, _DATA, _END, _RST, _WINDOW, _SETTINGS, _CLOSED = 1, 2, 3, 4, 5, 6, 7
 _HCAT_REQUEST = 0  # nghttp2_headers_category
+_PLAIN = 2  # HEADERS record flag PP_H2_PLAIN
 _REC = struct.Struct("=IiIII")
 _LENS = struct.Struct("=II")
 # SETTINGS identifiers (RFC 9113 §6.5.2).
@@ -152,7 +153,7 @@ class NativeH2Connection:
                 add(DataReceived(stream_id=sid, data=data, flow_controlled_length=length))
             elif kind == _HEADERS:
                 headers = _unpack_headers(buf, pos, pos + length)
-                self._headers(events, sid, a, flags & 1, headers)
+                self._headers(events, sid, a, flags, headers)
             elif kind == _END:
                 if sid in self._lengths:
                     self._count_body(sid, 0, True)
@@ -175,17 +176,20 @@ class NativeH2Connection:
             pos += length
         return events
 
-    def _headers(self, events: list, sid: int, category: int, ended: int, headers: Headers) -> None:
-        """Checked and normalised by h2's rules (§8.2, §8.3), then reported as h2 reports it."""
+    def _headers(self, events: list, sid: int, category: int, flags: int, headers: Headers) -> None:
+        """Checked and normalised by h2's rules (§8.2, §8.3), then reported as h2 reports it.
+        A block the C side found plain is one those rules pass unchanged: not judged again."""
         client = self.client_side
+        ended = flags & 1
         if client:
             trailers = not (headers and headers[0][0] == b":status")
         else:
             trailers = category != _HCAT_REQUEST
         if trailers and not ended:
             raise ProtocolError("Trailers must have END_STREAM set")
-        flags = HeaderValidationFlags(client, trailers, client and not trailers, False)
-        headers = list(validate_headers(normalize_inbound_headers(headers, flags), flags))
+        if not flags & _PLAIN:
+            rules = HeaderValidationFlags(client, trailers, client and not trailers, False)
+            headers = list(validate_headers(normalize_inbound_headers(headers, rules), rules))
         if not client and not trailers:
             expected = _content_length(headers)
             if expected is not None:
