@@ -160,6 +160,11 @@ def latency_phase(targets: dict[str, int], rounds: int, calls: int) -> dict:
         log(f"latency round {r + 1}/{rounds} done")
     for ch in channels.values():
         ch.close()
+    return percentiles(samples)
+
+
+def percentiles(samples: dict[str, list[int]]) -> dict:
+    """p50/p99 per target (ns samples), and what each adds over the "direct" one."""
     result = {}
     for name, values in samples.items():
         values.sort()
@@ -168,7 +173,7 @@ def latency_phase(targets: dict[str, int], rounds: int, calls: int) -> dict:
             "p99_us": values[int(len(values) * 0.99)] / 1000,
             "calls": len(values),
         }
-    base = result.get("direct")
+    base = result["direct"]
     for v in result.values():
         v["added_p50_us"] = v["p50_us"] - base["p50_us"]
         v["added_p99_us"] = v["p99_us"] - base["p99_us"]

@@ -134,22 +134,7 @@ def get_latency(targets: dict[str, int], rounds: int, calls: int) -> dict:
                 out.append(perf_counter_ns() - t0)
     for client in clients.values():
         client.close()
-    return _percentiles(samples)
-
-
-def _percentiles(samples: dict[str, list[int]]) -> dict:
-    result = {}
-    for name, values in samples.items():
-        values.sort()
-        result[name] = {
-            "p50_us": values[len(values) // 2] / 1000,
-            "p99_us": values[int(len(values) * 0.99)] / 1000,
-        }
-    base = result["direct"]
-    for v in result.values():
-        v["added_p50_us"] = v["p50_us"] - base["p50_us"]
-        v["added_p99_us"] = v["p99_us"] - base["p99_us"]
-    return result
+    return grpc_bench.percentiles(samples)
 
 
 def start_upstream(procs: http_bench.Processes, workdir: Path) -> tuple[int, int]:

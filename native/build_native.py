@@ -78,36 +78,14 @@ bpf_ffibuilder = _builder(
     libraries=("bpf",),
 )
 
-# The native HTTP/2 codec over Debian's libnghttp2 (libnghttp2-dev); see h2_codec.h.
-H2_CDEF = """
-typedef struct {
-    uint32_t kind;
-    int32_t stream_id;
-    uint32_t a;
-    uint32_t flags;
-    uint32_t len;
-} pp_h2_rec;
-typedef struct pp_h2 pp_h2;
-pp_h2 *pp_h2_new(int server, uint32_t reset_burst);
-void pp_h2_del(pp_h2 *h);
-long pp_h2_live(void);
-ssize_t pp_h2_recv(pp_h2 *h, const uint8_t *data, size_t len, const uint8_t **events, size_t *events_len);
-int64_t pp_h2_failed(pp_h2 *h);
-ssize_t pp_h2_send(pp_h2 *h, const uint8_t **out);
-int pp_h2_settings(pp_h2 *h, const uint32_t *ids_values, size_t n);
-int pp_h2_set_connection_window(pp_h2 *h, int32_t size);
-int32_t pp_h2_submit_headers(pp_h2 *h, int32_t stream_id, const uint8_t *packed, size_t len, int end_stream);
-int pp_h2_queue_data(pp_h2 *h, int32_t stream_id, const uint8_t *data, size_t len, int end_stream);
-int pp_h2_queue_trailers(pp_h2 *h, int32_t stream_id, const uint8_t *packed, size_t len);
-int pp_h2_reset(pp_h2 *h, int32_t stream_id, uint32_t error_code);
-int pp_h2_consume(pp_h2 *h, int32_t stream_id, size_t n);
-int pp_h2_goaway(pp_h2 *h, uint32_t error_code, const uint8_t *opaque, size_t len);
-int64_t pp_h2_window(pp_h2 *h, int32_t stream_id);
-uint32_t pp_h2_remote_setting(pp_h2 *h, int id);
-int32_t pp_h2_next_stream_id(pp_h2 *h);
-int32_t pp_h2_last_proc_stream_id(pp_h2 *h);
-const char *nghttp2_strerror(int lib_error_code);
-"""
+# The native HTTP/2 codec over Debian's libnghttp2 (libnghttp2-dev); its header is the cdef, less
+# the preprocessor lines (cffi reads the declarations, not #include guards).
+with open(os.path.join(_HERE, "h2_codec.h")) as _header:
+    H2_CDEF = "".join(
+        line for line in _header if not line.startswith(("#ifndef", "#endif", "#include"))
+    )
+H2_CDEF = H2_CDEF.replace("#define PYPROXY_H2_CODEC_H\n", "")
+H2_CDEF += "const char *nghttp2_strerror(int lib_error_code);\n"
 
 h2_ffibuilder = _builder(
     "_h2",
