@@ -410,3 +410,14 @@ def test_upload_backpressure_crosses_to_a_slow_h1_upstream(start_proxy, tmp_path
     assert proxy.rss_kib() - baseline < 24 * 1024
     client.close()
     app.close()
+
+
+def test_without_the_native_module_http2_runs_on_hyper_h2(
+    start_proxy, tmp_path, h2_upstream, monkeypatch
+):
+    # The fallback: asked for native, not available (not built, or disabled) -> h2, and said so.
+    monkeypatch.setenv("PYPROXY_DISABLE_NATIVE", "1")
+    proxy, port = _proxy(start_proxy, tmp_path, "native", h2_upstream.address, "http2")
+    assert json.loads(http_get(proxy.admin + "/server_info")[1])["http2_codec"] == {"main": "h2"}
+    url = f"http://127.0.0.1:{port}/x"
+    assert curl("--http2-prior-knowledge", url).stdout == b"ok:/x:h2up"
