@@ -190,8 +190,9 @@ static int out_kick(pp_h2 *h, pp_out *q) {
 /* ---- the plain-header-block check --------------------------------------------------------
  * A conservative subset of what h2 accepts (RFC 9113 §8.2, §8.3): lower-case token names, values
  * of visible ASCII with inner spaces, pseudo-headers once each and first, none of the fields h2
- * rewrites or judges (connection-specific ones, te, host, cookie). A block inside it is marked
- * PP_H2_PLAIN and skips the Python check; anything else is judged by h2's own rules there. */
+ * rewrites or judges (connection-specific ones, a TE other than "trailers", host, cookie). A
+ * block inside it is marked PP_H2_PLAIN and skips the Python check; anything else is judged by
+ * h2's own rules there. */
 
 enum { SEEN_METHOD = 1, SEEN_SCHEME = 2, SEEN_PATH = 4, SEEN_AUTHORITY = 8, SEEN_STATUS = 16,
        SEEN_REGULAR = 32 };
@@ -220,12 +221,13 @@ static unsigned pseudo_bit(const uint8_t *name, size_t len) {
     return 0;
 }
 
-static int judged_by_h2(const uint8_t *name, size_t len) {
+static int judged_by_h2(const uint8_t *name, size_t len, const uint8_t *value, size_t vlen) {
     static const char *const names[] = {"connection", "keep-alive", "proxy-connection",
-                                        "transfer-encoding", "upgrade", "te", "host", "cookie"};
+                                        "transfer-encoding", "upgrade", "host", "cookie"};
     for (size_t i = 0; i < sizeof names / sizeof *names; i++)
         if (is_name(name, len, names[i])) return 1;
-    return 0;
+    /* TE: trailers is the one TE that crosses (§8.2.2); gRPC sends it on every call. */
+    return is_name(name, len, "te") && !is_name(value, vlen, "trailers");
 }
 
 static void check_field(pp_h2 *h, const uint8_t *name, size_t nlen, const uint8_t *value,
@@ -240,7 +242,7 @@ static void check_field(pp_h2 *h, const uint8_t *name, size_t nlen, const uint8_
         return;
     }
     h->seen |= SEEN_REGULAR;
-    if (!nlen || judged_by_h2(name, nlen) || !plain_value(value, vlen)) {
+    if (!nlen || judged_by_h2(name, nlen, value, vlen) || !plain_value(value, vlen)) {
         h->not_plain = 1;
         return;
     }

@@ -117,6 +117,7 @@ VALID = {
 INVALID = {
     "uppercase-name": _client(_headers(1, _get(extra=[(b"X-Up", b"1")]), 5)),
     "connection-header": _client(_headers(1, _get(extra=[(b"connection", b"close")]), 5)),
+    "te-not-trailers": _client(_headers(1, _get(extra=[(b"te", b"trailers, gzip")]), 5)),
     "no-path": _client(_headers(1, _get()[:3], 5)),
     "pseudo-after-regular": _client(_headers(1, [*_get()[:2], (b"x", b"1"), _get()[3]], 5)),
     "body-longer-than-content-length": _client(
