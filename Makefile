@@ -3,11 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Debian packages: a C toolchain and Python headers for the native module, acl to let the sidecar's
 # uid 1337 reach the checkout; clang, llvm, libbpf-dev and linux-libc-dev build and load the eBPF
-# programs; iptables/iproute2/util-linux for capture tests, openssl for the webhook tests,
-# podman/runc/debootstrap for the image tests; the rest for benchmarks. Node and npm (for the
-# AssemblyScript Proxy-Wasm SDK that builds the wasm test modules) come from Debian only when no
-# node is installed: a NodeSource node bundles its own npm.
-APT_BUILD := gcc libc6-dev python3-dev python3-venv acl clang llvm libbpf-dev linux-libc-dev bpftool
+# programs; libnghttp2-dev the native HTTP/2 codec; iptables/iproute2/util-linux for capture
+# tests, openssl for the webhook tests, podman/runc/debootstrap for the image tests; the rest for
+# benchmarks. Node and npm (for the AssemblyScript Proxy-Wasm SDK that builds the wasm test
+# modules) come from Debian only when no node is installed: a NodeSource node bundles its own npm.
+APT_BUILD := gcc libc6-dev python3-dev python3-venv acl clang llvm libbpf-dev linux-libc-dev bpftool libnghttp2-dev
 APT_TEST := iptables iproute2 util-linux curl procps wrk nghttp2-client openssl podman runc buildah debootstrap
 APT_BENCH := nginx-light libnginx-mod-stream iperf3 haproxy
 
@@ -20,7 +20,7 @@ test: system-deps $(VENV)/.installed-test
 	$(VENV)/bin/pytest
 
 # Every bench measures its own baselines in the same run; results land in bench/results/.
-BENCHES := tcp_echo http_bench filter_bench grpc_bench native_paths
+BENCHES := tcp_echo http_bench filter_bench grpc_bench native_paths h2_codec_bench
 
 bench: system-deps system-deps-bench $(VENV)/.installed-test
 	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) -m pyproxy.bench.$$b || exit 1; done
@@ -36,7 +36,7 @@ soak: system-deps system-deps-bench $(VENV)/.installed-test
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
 
-$(VENV)/.installed-test: pyproject.toml setup.py native/build_native.py native/pyproxy_native.c native/http1_head.c native/http1_scan.h native/express_lane.c \
+$(VENV)/.installed-test: pyproject.toml setup.py native/build_native.py native/pyproxy_native.c native/http1_head.c native/http1_scan.h native/express_lane.c native/h2_codec.c native/h2_codec.h \
 		native/pyproxy_bpf.c native/pyproxy_bpf.h $(wildcard native/*.bpf.c)
 	@python3 -m venv $(VENV) >/dev/null 2>&1 || { $(MAKE) --no-print-directory apt PKGS=python3-venv && python3 -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip
@@ -70,4 +70,4 @@ fresh-check:
 	scripts/fresh-check.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info native/_native*.so native/_bpf*.so native/*.bpf.o
+	rm -rf $(VENV) build *.egg-info native/_native*.so native/_bpf*.so native/_h2*.so native/*.bpf.o

@@ -69,7 +69,11 @@ class OptionalBuildExt(build_ext):
 
 setup(
     cmdclass={"build_ext": OptionalBuildExt},
-    cffi_modules=["native/build_native.py:ffibuilder", "native/build_native.py:bpf_ffibuilder"],
+    cffi_modules=[
+        "native/build_native.py:ffibuilder",
+        "native/build_native.py:bpf_ffibuilder",
+        "native/build_native.py:h2_ffibuilder",
+    ],
     # The HTTP/1 head scanner builds Python objects itself, and the native express lane is a
     # Python type called by the event loop: plain C extensions, both on http1_scan.h.
     ext_modules=[

@@ -160,6 +160,11 @@ def latency_phase(targets: dict[str, int], rounds: int, calls: int) -> dict:
         log(f"latency round {r + 1}/{rounds} done")
     for ch in channels.values():
         ch.close()
+    return percentiles(samples)
+
+
+def percentiles(samples: dict[str, list[int]]) -> dict:
+    """p50/p99 per target (ns samples), and what each adds over the "direct" one."""
     result = {}
     for name, values in samples.items():
         values.sort()
@@ -168,7 +173,7 @@ def latency_phase(targets: dict[str, int], rounds: int, calls: int) -> dict:
             "p99_us": values[int(len(values) * 0.99)] / 1000,
             "calls": len(values),
         }
-    base = result.get("direct")
+    base = result["direct"]
     for v in result.values():
         v["added_p50_us"] = v["p50_us"] - base["p50_us"]
         v["added_p99_us"] = v["p99_us"] - base["p99_us"]
@@ -240,9 +245,10 @@ def framing_cost_us() -> float:
     return (perf_counter_ns() - t0) / rounds / 1000 * 2
 
 
-def h2_codec_cost_us(calls: int = 3000) -> dict:
-    """hyper-h2's share of `parse`: the proxy's two HTTP/2 connections handling one unary call,
-    peers simulated in-process and not timed (headers and trailers as a grpcio peer sends them)."""
+def h2_codec_cost_us(calls: int = 3000, proxy_conn=None) -> dict:
+    """The codec's share of `parse`: the proxy's two HTTP/2 connections handling one unary call,
+    peers simulated in-process and not timed (headers and trailers as a grpcio peer sends them).
+    The proxy's connections are hyper-h2's unless `proxy_conn(client_side)` makes them."""
     from h2.config import H2Configuration
     from h2.connection import H2Connection
     from h2.events import DataReceived
@@ -252,12 +258,14 @@ def h2_codec_cost_us(calls: int = 3000) -> dict:
         c.initiate_connection()
         return c
 
+    make = proxy_conn or conn
+
     def peer_receive(peer: H2Connection, wire: bytes) -> None:
         for event in peer.receive_data(wire):
             if isinstance(event, DataReceived):
                 peer.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
 
-    client, down, up, server = conn(True), conn(False), conn(True), conn(False)
+    client, down, up, server = conn(True), make(False), make(True), conn(False)
     down.receive_data(client.data_to_send())
     client.receive_data(down.data_to_send())
     server.receive_data(up.data_to_send())

@@ -41,6 +41,7 @@ __all__ = [
     "pipe",
     "http1_head_scanner",
     "express_pair",
+    "native_extension",
 ]
 
 # Negated once here so the hot path compares against a module constant.
@@ -71,6 +72,11 @@ def http1_head_scanner() -> Any:
 def express_pair() -> Any:
     """The ``_express`` module (see express_lane.c), or None: not built, or native code disabled."""
     return _extension("_express", None)
+
+
+def native_extension(module: str) -> Any:
+    """A cffi extension of this package other than _native (e.g. ``_h2``), or None."""
+    return _extension(module, None)
 
 
 def _extension(module: str, name: str | None) -> Any:

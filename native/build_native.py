@@ -78,7 +78,24 @@ bpf_ffibuilder = _builder(
     libraries=("bpf",),
 )
 
+# The native HTTP/2 codec over Debian's libnghttp2 (libnghttp2-dev); its header is the cdef, less
+# the preprocessor lines (cffi reads the declarations, not #include guards).
+with open(os.path.join(_HERE, "h2_codec.h")) as _header:
+    H2_CDEF = "".join(
+        line for line in _header if not line.startswith(("#ifndef", "#endif", "#include"))
+    )
+H2_CDEF = H2_CDEF.replace("#define PYPROXY_H2_CODEC_H\n", "")
+H2_CDEF += "const char *nghttp2_strerror(int lib_error_code);\n"
+
+h2_ffibuilder = _builder(
+    "_h2",
+    H2_CDEF,
+    '#include <nghttp2/nghttp2.h>\n#include "h2_codec.h"',
+    "h2_codec.c",
+    libraries=("nghttp2",),
+)
+
 if __name__ == "__main__":
     # Manual build for development: drops the modules next to this file.
-    for builder in (ffibuilder, bpf_ffibuilder):
+    for builder in (ffibuilder, bpf_ffibuilder, h2_ffibuilder):
         builder.compile(tmpdir=os.path.join(_HERE, "..", "build", "native"), verbose=True)

@@ -20,13 +20,14 @@ EXTENSIONS = {
     "_http1head": "the C HTTP/1 head scanner",
     "_express": "the native HTTP/1 express lane",
     "_bpf": "the libbpf loader of the eBPF data path",
+    "_h2": "the native HTTP/2 codec (libnghttp2)",
 }
 # BPF programs compiled by clang at set-up (native/*.bpf.c -> *.bpf.o), loaded at run time.
 BPF_OBJECTS = {
     "sockmap.bpf.o": "ipc: sockmap",
     "capture.bpf.o": "capture --mode ebpf",
 }
-DEBIAN_BUILD_PACKAGES = "gcc libc6-dev python3-dev clang libbpf-dev linux-libc-dev"
+DEBIAN_BUILD_PACKAGES = "gcc libc6-dev python3-dev clang libbpf-dev linux-libc-dev libnghttp2-dev"
 
 
 def missing_extensions() -> dict[str, str]:
@@ -53,6 +54,8 @@ def missing_build_tools() -> list[str]:
         missing.append("clang (for the BPF programs)")
     if not Path("/usr/include/bpf/libbpf.h").exists():
         missing.append("the libbpf headers (libbpf-dev)")
+    if not Path("/usr/include/nghttp2/nghttp2.h").exists():
+        missing.append("the libnghttp2 headers (libnghttp2-dev)")
     include = sysconfig.get_paths()["include"]
     if not (Path(include) / "Python.h").exists():
         missing.append(f"the Python headers ({include}/Python.h)")

@@ -70,6 +70,8 @@ class HttpSettings:
     connection_window: int = 1024 * 1024  # receive window per connection (§6.9.1)
     rapid_reset_max: int = 200  # client resets tolerated per window (CVE-2023-44487), then GOAWAY
     rapid_reset_window: float = 10.0
+    # HTTP/2 codec: "native" (libnghttp2, when built; else h2) or "h2" (hyper-h2, pure Python).
+    http2_codec: str = "native"
 
 
 @dataclass(frozen=True, slots=True)
@@ -506,6 +508,7 @@ def _http_settings(fields: _Fields | None, mode: str) -> HttpSettings:
         ),
         rapid_reset_max=fields.take("rapid_reset_max", _int_range(1, 1_000_000), 200),
         rapid_reset_window=fields.take("rapid_reset_window", parse_duration, 10.0),
+        http2_codec=fields.take("http2_codec", _choice(("native", "h2")), "native"),
     )
     fields.done()
     return settings

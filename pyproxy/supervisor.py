@@ -17,6 +17,7 @@ from typing import Any
 from pyproxy import __version__
 from pyproxy.addresses import Address
 from pyproxy.admin import EndpointServer, Response
+from pyproxy.codec.http2_native import effective_codec
 from pyproxy.config import ConfigError, ProxyConfig, root_refusal
 from pyproxy.counters import W_NOTIFY_COST_NS, W_PID, W_READY, CounterStore
 from pyproxy.eventloop import event_loop_name, new_event_loop
@@ -391,6 +392,12 @@ class Supervisor:
                 "sockmap_messages": self.fast_path.messages(),
             },
             "native": {"available": native, "reason": reason or None},
+            # Per HTTP/gRPC listener: native (libnghttp2) or h2 (hyper-h2, the fallback).
+            "http2_codec": {
+                lst.name: effective_codec(lst.http.http2_codec)
+                for lst in self.config.listeners
+                if lst.mode in ("http", "grpc")
+            },
             "stage_clock": self.config.stage_clock,
         }
 

@@ -278,3 +278,13 @@ def require_capability(what: str, ok: bool) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI requires {what}")
     pytest.skip(f"needs {what}")
+
+
+@pytest.fixture(scope="module", params=["native", "h2"])
+def h2_codec(request) -> str:
+    """The HTTP/2 codec a suite's proxies run (`http2_codec`): every HTTP/2 suite runs on both."""
+    if request.param == "native":
+        from pyproxy.codec import http2_native
+
+        require_capability("the native HTTP/2 codec (libnghttp2-dev)", http2_native.AVAILABLE)
+    return request.param

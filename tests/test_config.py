@@ -179,3 +179,12 @@ def test_http_routes_and_clusters_validate():
         build_config(bad_prefix)
     with pytest.raises(ConfigError, match="only for mode http"):
         build_config(_doc(http={"codec": "h11"}))
+
+
+def test_http2_codec_is_native_or_h2():
+    config = build_config(_doc(mode="grpc", http={"http2_codec": "h2"}))
+    assert config.listeners[0].http.http2_codec == "h2"
+    assert build_config(_doc(mode="http")).listeners[0].http.http2_codec == "native"
+    with pytest.raises(ConfigError) as info:
+        build_config(_doc(mode="http", http={"http2_codec": "nghttp2"}))
+    assert info.value.path == "listeners[0].http.http2_codec"

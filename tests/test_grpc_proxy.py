@@ -144,7 +144,7 @@ def upstream(pb):
 
 
 @pytest.fixture(scope="module")
-def proxy(upstream, tmp_path_factory):
+def proxy(upstream, tmp_path_factory, h2_codec):
     tmp = tmp_path_factory.mktemp("proxy")
     ports = {name: free_port() for name in ("main", "down", "fault", "http", "timed")}
     log = tmp / "access.log"
@@ -156,15 +156,17 @@ listeners:
     mode: grpc
     address: 127.0.0.1:{ports["main"]}
     upstream: 127.0.0.1:{upstream.port}
-    http: {{access_log: {log}, max_concurrent_streams: 300}}
+    http: {{access_log: {log}, max_concurrent_streams: 300, http2_codec: {h2_codec}}}
     grpc: {{max_request_message_bytes: {PROXY_LIMIT}, max_response_message_bytes: {PROXY_LIMIT}}}
   - name: down
     mode: grpc
     address: 127.0.0.1:{ports["down"]}
+    http: {{http2_codec: {h2_codec}}}
     upstream: 127.0.0.1:{free_port()}
   - name: fault
     mode: grpc
     address: 127.0.0.1:{ports["fault"]}
+    http: {{http2_codec: {h2_codec}}}
     upstream: 127.0.0.1:{upstream.port}
     filters:
       - name: fault
@@ -173,10 +175,11 @@ listeners:
     mode: http
     address: 127.0.0.1:{ports["http"]}
     upstream: 127.0.0.1:{upstream.port}
-    http: {{upstream_protocol: http2}}
+    http: {{upstream_protocol: http2, http2_codec: {h2_codec}}}
   - name: timed
     mode: grpc
     address: 127.0.0.1:{ports["timed"]}
+    http: {{http2_codec: {h2_codec}}}
     upstream: 127.0.0.1:{upstream.port}
     routes:
       - match: {{prefix: /}}

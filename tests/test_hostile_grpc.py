@@ -30,9 +30,11 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def grpc_proxy(tmp_path_factory):
+def grpc_proxy(tmp_path_factory, h2_codec):
     upstream = H2Upstream()
-    settings = f"    grpc: {{max_request_message_bytes: {LIMIT}}}\n"
+    settings = (
+        f"    grpc: {{max_request_message_bytes: {LIMIT}}}\n    http: {{http2_codec: {h2_codec}}}\n"
+    )
     proxy, port = module_proxy(tmp_path_factory.mktemp("grpc"), "grpc", upstream.address, settings)
     client = H2Client(port)
     yield proxy, upstream, client

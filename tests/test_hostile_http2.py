@@ -84,9 +84,12 @@ CONNECTION_ERRORS = {
 
 
 @pytest.fixture(scope="module")
-def hostile_h2(tmp_path_factory):
+def hostile_h2(tmp_path_factory, h2_codec):
     upstream = RecordingUpstream()
-    settings = "    http:\n      rapid_reset_max: 20\n      request_header_timeout: 300ms\n"
+    settings = (
+        "    http:\n      rapid_reset_max: 20\n      request_header_timeout: 300ms\n"
+        f"      http2_codec: {h2_codec}\n"
+    )
     proxy, port = module_proxy(tmp_path_factory.mktemp("h2"), "http", upstream.address, settings)
     yield RejectionCheck(proxy, upstream, port)
     proxy.stop()

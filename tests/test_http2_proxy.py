@@ -12,7 +12,7 @@ import threading
 import time
 
 import pytest
-from conftest import free_port, require_capability
+from conftest import free_port, http_get, require_capability
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.exceptions import ProtocolError as H2ProtocolError
@@ -39,7 +39,9 @@ def h2_upstream():
     server.close()
 
 
-def _proxy(start_proxy, tmp_path, upstream: str, protocol: str = "http1", http: str = "", **kw):
+def _proxy(
+    start_proxy, tmp_path, codec: str, upstream: str, protocol: str = "http1", http: str = "", **kw
+):
     port = free_port()
     path = tmp_path / "proxy.yaml"
     path.write_text(
@@ -52,6 +54,7 @@ listeners:
     upstream: {upstream}
     http:
       upstream_protocol: {protocol}
+      http2_codec: {codec}
 {http}
 """
     )
@@ -64,10 +67,12 @@ def curl(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_h2_client_to_h1_upstream_translates_both_ways(start_proxy, tmp_path, h1_upstream):
+def test_h2_client_to_h1_upstream_translates_both_ways(
+    start_proxy, tmp_path, h2_codec, h1_upstream
+):
     log = tmp_path / "access.log"
     proxy, port = _proxy(
-        start_proxy, tmp_path, h1_upstream.address, http=f"      access_log: {log}\n"
+        start_proxy, tmp_path, h2_codec, h1_upstream.address, http=f"      access_log: {log}\n"
     )
     body = b"q" * 300_000
     result = subprocess.run(
@@ -100,10 +105,14 @@ def test_h2_client_to_h1_upstream_translates_both_ways(start_proxy, tmp_path, h1
         time.sleep(0.05)
     assert json.loads(log.read_text().splitlines()[0])["protocol"] == "HTTP/2"
     assert proxy.listener()["stages"]["parse"]["ns"] > 0
+    info = json.loads(http_get(proxy.admin + "/server_info")[1])
+    assert info["http2_codec"] == {"main": h2_codec}
 
 
-def test_h1_client_to_h2_upstream_translates_with_trailers(start_proxy, tmp_path, h2_upstream):
-    proxy, port = _proxy(start_proxy, tmp_path, h2_upstream.address, "http2")
+def test_h1_client_to_h2_upstream_translates_with_trailers(
+    start_proxy, tmp_path, h2_codec, h2_upstream
+):
+    proxy, port = _proxy(start_proxy, tmp_path, h2_codec, h2_upstream.address, "http2")
     url = f"http://127.0.0.1:{port}"
     result = curl("-H", "Connection: keep-alive, X-Hop", "-H", "X-Hop: 1", "-H", "TE: trailers",
                   "--data-binary", "hello", url + "/echo")  # fmt: skip
@@ -121,9 +130,9 @@ def test_h1_client_to_h2_upstream_translates_with_trailers(start_proxy, tmp_path
     assert h2_upstream.connections == 1  # one shared connection for every exchange
 
 
-def test_multiplexed_streams_and_upstream_stream_limit(start_proxy, tmp_path):
+def test_multiplexed_streams_and_upstream_stream_limit(start_proxy, tmp_path, h2_codec):
     upstream = H2Upstream(max_streams=8)
-    proxy, port = _proxy(start_proxy, tmp_path, upstream.address, "http2")
+    proxy, port = _proxy(start_proxy, tmp_path, h2_codec, upstream.address, "http2")
     client = H2Client(port)
     sids = [client.request(f"/slow?ms=300&i={i}", flush=False) for i in range(40)]
     client.flush()
@@ -139,8 +148,8 @@ def test_multiplexed_streams_and_upstream_stream_limit(start_proxy, tmp_path):
     upstream.close()
 
 
-def test_trailers_h2_to_h2(start_proxy, tmp_path, h2_upstream):
-    proxy, port = _proxy(start_proxy, tmp_path, h2_upstream.address, "http2")
+def test_trailers_h2_to_h2(start_proxy, tmp_path, h2_codec, h2_upstream):
+    proxy, port = _proxy(start_proxy, tmp_path, h2_codec, h2_upstream.address, "http2")
     client = H2Client(port)
     up = client.request(
         "/echo", "POST", headers=[("te", "trailers")], body=b"grpc" * 1000,
@@ -154,8 +163,8 @@ def test_trailers_h2_to_h2(start_proxy, tmp_path, h2_upstream):
     client.close()
 
 
-def test_rst_stream_propagates_both_ways(start_proxy, tmp_path, h2_upstream):
-    proxy, port = _proxy(start_proxy, tmp_path, h2_upstream.address, "http2")
+def test_rst_stream_propagates_both_ways(start_proxy, tmp_path, h2_codec, h2_upstream):
+    proxy, port = _proxy(start_proxy, tmp_path, h2_codec, h2_upstream.address, "http2")
     client = H2Client(port)
     # Downstream reset → the upstream stream is cancelled.
     sid = client.request("/hang")
@@ -181,11 +190,11 @@ def test_rst_stream_propagates_both_ways(start_proxy, tmp_path, h2_upstream):
     assert flags.get("UC") == 1 and flags.get("UR") == 1 and flags.get("DR") == 1
 
 
-def test_goaway_on_sigterm_drain_lets_streams_finish(start_proxy, tmp_path, h1_upstream):
+def test_goaway_on_sigterm_drain_lets_streams_finish(start_proxy, tmp_path, h2_codec, h1_upstream):
     require_capability(
         "nghttp (nghttp2-client; make test installs it)", shutil.which("nghttp") is not None
     )
-    proxy, port = _proxy(start_proxy, tmp_path, h1_upstream.address)
+    proxy, port = _proxy(start_proxy, tmp_path, h2_codec, h1_upstream.address)
     run = subprocess.Popen(
         ["nghttp", "-v", "-t", "10", f"http://127.0.0.1:{port}/slow?ms=800",
          f"http://127.0.0.1:{port}/slow?ms=900"],
@@ -202,8 +211,10 @@ def test_goaway_on_sigterm_drain_lets_streams_finish(start_proxy, tmp_path, h1_u
     assert proxy.proc.wait(10) == 0
 
 
-def test_flow_control_bounds_memory_with_a_slow_h2_reader(start_proxy, tmp_path, h2_upstream):
-    proxy, port = _proxy(start_proxy, tmp_path, h2_upstream.address, "http2")
+def test_flow_control_bounds_memory_with_a_slow_h2_reader(
+    start_proxy, tmp_path, h2_codec, h2_upstream
+):
+    proxy, port = _proxy(start_proxy, tmp_path, h2_codec, h2_upstream.address, "http2")
     baseline = proxy.rss_kib()
     proc = subprocess.Popen(
         ["curl", "-sS", "--http2-prior-knowledge", "--limit-rate", "40M", "-o", "/dev/null",
@@ -220,9 +231,13 @@ def test_flow_control_bounds_memory_with_a_slow_h2_reader(start_proxy, tmp_path,
     assert peak - baseline < 24 * 1024, (baseline, peak)
 
 
-def test_max_concurrent_streams_refused(start_proxy, tmp_path, h1_upstream):
+def test_max_concurrent_streams_refused(start_proxy, tmp_path, h2_codec, h1_upstream):
     proxy, port = _proxy(
-        start_proxy, tmp_path, h1_upstream.address, http="      max_concurrent_streams: 5\n"
+        start_proxy,
+        tmp_path,
+        h2_codec,
+        h1_upstream.address,
+        http="      max_concurrent_streams: 5\n",
     )
     client = H2Client(port)
     # Sent before the proxy's SETTINGS could be read: the client cannot know the limit yet.
@@ -237,9 +252,9 @@ def test_max_concurrent_streams_refused(start_proxy, tmp_path, h1_upstream):
     client.close()
 
 
-def test_rapid_reset_gets_goaway_enhance_your_calm(start_proxy, tmp_path, h2_upstream):
+def test_rapid_reset_gets_goaway_enhance_your_calm(start_proxy, tmp_path, h2_codec, h2_upstream):
     proxy, port = _proxy(
-        start_proxy, tmp_path, h2_upstream.address, "http2",
+        start_proxy, tmp_path, h2_codec, h2_upstream.address, "http2",
         http="      rapid_reset_max: 20\n      rapid_reset_window: 10s\n",
     )  # fmt: skip
     client = H2Client(port)
@@ -281,8 +296,8 @@ def test_h2_alone_buffers_a_continuation_flood_the_scanner_does_not():
     assert out == stream[: -len(goaway_frame(7, 0))] and len(goaways) == 1
 
 
-def test_continuation_flood_and_header_limits(start_proxy, tmp_path, h1_upstream):
-    proxy, port = _proxy(start_proxy, tmp_path, h1_upstream.address)
+def test_continuation_flood_and_header_limits(start_proxy, tmp_path, h2_codec, h1_upstream):
+    proxy, port = _proxy(start_proxy, tmp_path, h2_codec, h1_upstream.address)
     baseline = proxy.rss_kib()
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         first = HeadersFrame(1, data=b"\x82", flags=["END_STREAM"])
@@ -311,11 +326,11 @@ def test_continuation_flood_and_header_limits(start_proxy, tmp_path, h1_upstream
     client.close()
 
 
-def test_h2load_smoke(start_proxy, tmp_path, h1_upstream):
+def test_h2load_smoke(start_proxy, tmp_path, h2_codec, h1_upstream):
     require_capability(
         "h2load (nghttp2-client; make test installs it)", shutil.which("h2load") is not None
     )
-    proxy, port = _proxy(start_proxy, tmp_path, h1_upstream.address)
+    proxy, port = _proxy(start_proxy, tmp_path, h2_codec, h1_upstream.address)
     run = subprocess.run(
         ["h2load", "-n", "2000", "-c", "4", "-m", "10", f"http://127.0.0.1:{port}/h"],
         capture_output=True, text=True, timeout=60,
@@ -326,7 +341,7 @@ def test_h2load_smoke(start_proxy, tmp_path, h1_upstream):
     assert stats["requests"] == 2000 and stats["responses"]["2xx"] == 2000
 
 
-def test_upload_backpressure_crosses_to_a_slow_h1_upstream(start_proxy, tmp_path):
+def test_upload_backpressure_crosses_to_a_slow_h1_upstream(start_proxy, tmp_path, h2_codec):
     """A slow app reading an HTTP/2 upload: the proxy holds about a window, not the body."""
     received = []
     release = threading.Event()
@@ -350,7 +365,7 @@ def test_upload_backpressure_crosses_to_a_slow_h1_upstream(start_proxy, tmp_path
     app = ThreadedServer(slow_app)
     # A small fixed receive buffer on the app side, so the kernel holds little of the upload.
     app.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-    proxy, port = _proxy(start_proxy, tmp_path, app.address)
+    proxy, port = _proxy(start_proxy, tmp_path, h2_codec, app.address)
     baseline = proxy.rss_kib()
     client = H2Client(port)
     body = b"u" * (50 * 1024 * 1024)
@@ -395,3 +410,14 @@ def test_upload_backpressure_crosses_to_a_slow_h1_upstream(start_proxy, tmp_path
     assert proxy.rss_kib() - baseline < 24 * 1024
     client.close()
     app.close()
+
+
+def test_without_the_native_module_http2_runs_on_hyper_h2(
+    start_proxy, tmp_path, h2_upstream, monkeypatch
+):
+    # The fallback: asked for native, not available (not built, or disabled) -> h2, and said so.
+    monkeypatch.setenv("PYPROXY_DISABLE_NATIVE", "1")
+    proxy, port = _proxy(start_proxy, tmp_path, "native", h2_upstream.address, "http2")
+    assert json.loads(http_get(proxy.admin + "/server_info")[1])["http2_codec"] == {"main": "h2"}
+    url = f"http://127.0.0.1:{port}/x"
+    assert curl("--http2-prior-knowledge", url).stdout == b"ok:/x:h2up"

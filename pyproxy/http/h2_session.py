@@ -19,6 +19,7 @@ from h2.exceptions import ProtocolError as H2ProtocolError
 from h2.exceptions import StreamClosedError
 from h2.settings import SettingCodes, Settings
 
+from pyproxy.codec import http2_native
 from pyproxy.codec.http2 import FrameScanner, HeaderBlockTooLarge, goaway_frame, parse_goaway
 from pyproxy.io.stream import Stream
 
@@ -93,12 +94,20 @@ class H2Session:
 
     def __init__(self, ctx: HttpContext, client_side: bool) -> None:
         self.ctx = ctx
-        self.conn = H2Connection(H2Configuration(client_side=client_side, header_encoding=None))
-        limit = ctx.settings.max_header_bytes
+        settings = ctx.settings
+        limit = settings.max_header_bytes
+        # The scanner runs before either codec: header-block bytes and GOAWAY are the proxy's.
         self.scanner = FrameScanner(limit, server=not client_side)
-        # hpack's own ceiling stops a compression bomb while decoding; between our limit and
-        # this, the request is decoded (HPACK state must stay in sync, §4.3) and answered 431.
-        self.conn.decoder.max_header_list_size = 4 * limit + 32 * ctx.settings.max_headers
+        if http2_native.effective_codec(settings.http2_codec) == "native":
+            # nghttp2's own rapid-reset bucket stays above the proxy's, which counts and flags.
+            burst = min(settings.rapid_reset_max * 2 + 1000, 0xFFFFFFFF)
+            self.conn: Any = http2_native.NativeH2Connection(client_side, burst)
+        else:
+            self.conn = H2Connection(H2Configuration(client_side=client_side, header_encoding=None))
+            # hpack's own ceiling stops a compression bomb while decoding; between our limit
+            # and this, the request is decoded (HPACK state must stay in sync, §4.3) and
+            # answered 431.
+            self.conn.decoder.max_header_list_size = 4 * limit + 32 * settings.max_headers
         self.stream: Any = None  # the Stream, once attach_socket() ran
         self.streams: dict = {}
         self.flushes = flush_queue(ctx)
@@ -120,6 +129,9 @@ class H2Session:
         """Send our preface + SETTINGS; never open a window wider than configured (§6.9)."""
         settings = self.ctx.settings
         conn = self.conn
+        if type(conn) is http2_native.NativeH2Connection:
+            self._open_native(conn, max_streams)
+            return
         client = conn.config.client_side
         values = {
             SettingCodes.MAX_CONCURRENT_STREAMS: max_streams,
@@ -136,6 +148,20 @@ class H2Session:
         if enforced_streams != max_streams:
             values[SettingCodes.MAX_CONCURRENT_STREAMS] = enforced_streams
             conn.local_settings = Settings(client=client, initial_values=values)
+        self.account(perf_counter_ns() - t0, None)
+        self.mark_dirty()
+
+    def _open_native(self, conn: http2_native.NativeH2Connection, max_streams: int) -> None:
+        settings = self.ctx.settings
+        values = {
+            http2_native.MAX_CONCURRENT_STREAMS: max_streams,
+            http2_native.INITIAL_WINDOW_SIZE: settings.stream_window,
+            http2_native.MAX_HEADER_LIST_SIZE: settings.max_header_bytes,
+        }
+        if conn.client_side:
+            values[http2_native.ENABLE_PUSH] = 0
+        t0 = perf_counter_ns()
+        conn.initiate(values, settings.connection_window)
         self.account(perf_counter_ns() - t0, None)
         self.mark_dirty()
 

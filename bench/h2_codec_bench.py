@@ -1,0 +1,359 @@
+"""HTTP/2 codec benchmark (issue 13): pyproxy on hyper-h2 and on libnghttp2 beside nginx and haproxy.
+
+One run, the same upstreams for every path, each proxy on CPU 1 while it is loaded (load
+generators and upstreams on CPU 0):
+
+* gRPC unary, 100 B: a grpcio server; pyproxy (mode grpc, `http2_codec: h2` and `native`),
+  nginx `grpc_pass`, haproxy (`proto h2` both sides). Latency: a grpcio client, one call
+  outstanding, targets interleaved over rounds (grpc_bench's phase), added p50/p99 over the
+  direct path. Load: h2load -c1 -m32 with a gRPC-framed body; proxy CPU per call from
+  /proc/<pid>/stat; calls per proxy CPU-second.
+* HTTP/2 GET, 100 B: an nginx `return 200` upstream over HTTP/1.1; pyproxy (mode http, h2c
+  prior knowledge), nginx `listen ... http2`, haproxy `proto h2`. Latency: one h2c connection,
+  one request outstanding; load: h2load -c32 -m10 (http_bench's phase), CPU per request, RSS.
+* pyproxy's stage table (per call, from /stats deltas over the gRPC load) for both codecs.
+
+The machine may be shared: every figure is from this one run, written to
+bench/results/h2_codec_bench.{json,md}.
+
+    python -m pyproxy.bench.h2_codec_bench [--seconds 5] [--calls 1000] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from time import perf_counter_ns
+
+from pyproxy.bench import grpc_bench, http_bench
+from pyproxy.bench.http_bench import LOAD_CPU, SIDE_CPU, Path_, free_port, log, pinned
+from pyproxy.bench.procs import Processes
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CODECS = ("h2", "native")
+
+
+def start_pyproxy(procs: http_bench.Processes, name: str, mode: str, upstream: int, codec: str):
+    port, admin = free_port(), free_port()
+    conf = procs.workdir / f"{name}.yaml"
+    conf.write_text(
+        f"admin: 127.0.0.1:{admin}\nlisteners:\n  - name: main\n    mode: {mode}\n"
+        f"    address: 127.0.0.1:{port}\n    upstream: 127.0.0.1:{upstream}\n"
+        f"    http: {{http2_codec: {codec}}}\n"
+    )
+    argv = [sys.executable, "-m", "pyproxy", "run", "-c", str(conf), "--log-level", "warning"]
+    proc = procs.start(name, pinned(SIDE_CPU, argv))
+    grpc_bench.wait_port(admin)
+    grpc_bench.wait_port(port)
+    info = http_bench.get_json(f"http://127.0.0.1:{admin}/server_info")
+    assert info["http2_codec"] == {"main": codec}, info["http2_codec"]
+    return Path_(name, port, proc.pid, admin=admin, note=f"http2_codec: {codec}", h2_port=port)
+
+
+def start_haproxy(procs: http_bench.Processes, upstream: int, grpc: bool) -> Path_:
+    port = free_port()
+    name = "haproxy-grpc" if grpc else "haproxy-h2"
+    conf = procs.workdir / f"{name}.cfg"
+    server_proto = " proto h2" if grpc else ""
+    conf.write_text(
+        "global\n  nbthread 1\n  maxconn 4096\n"
+        "defaults\n  mode http\n  option http-keep-alive\n  http-reuse always\n"
+        "  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n"
+        f"frontend f\n  bind 127.0.0.1:{port} proto h2\n  default_backend app\n"
+        f"backend app\n  server s1 127.0.0.1:{upstream}{server_proto}\n"
+    )
+    proc = procs.start(name, pinned(SIDE_CPU, ["haproxy", "-db", "-f", str(conf)]))
+    grpc_bench.wait_port(port)
+    return Path_(name, port, proc.pid, note="nbthread 1", h2_port=port)
+
+
+# ---- HTTP/2 GET ----------------------------------------------------------------------------
+
+
+class _H2Get:
+    """One h2c connection that times GETs one at a time (hyper-h2 as the client, outside the
+    timed proxy; its own cost is the same for every path)."""
+
+    def __init__(self, port: int) -> None:
+        from h2.config import H2Configuration
+        from h2.connection import H2Connection
+
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.conn.initiate_connection()
+        self.sock.sendall(self.conn.data_to_send())
+
+    def get(self) -> None:
+        from h2.events import DataReceived, StreamEnded
+
+        conn = self.conn
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(
+            sid,
+            [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"b"), (b":path", b"/")],
+            end_stream=True,
+        )
+        self.sock.sendall(conn.data_to_send())
+        while True:
+            data = self.sock.recv(65536)
+            if not data:
+                raise RuntimeError("connection closed")
+            for event in conn.receive_data(data):
+                if isinstance(event, DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, sid)
+                elif isinstance(event, StreamEnded) and event.stream_id == sid:
+                    out = conn.data_to_send()
+                    if out:
+                        self.sock.sendall(out)
+                    return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def get_latency(targets: dict[str, int], rounds: int, calls: int) -> dict:
+    clients = {name: _H2Get(port) for name, port in targets.items()}
+    samples: dict[str, list[int]] = {name: [] for name in targets}
+    for client in clients.values():
+        for _ in range(200):
+            client.get()
+    for _ in range(rounds):
+        for name, client in clients.items():
+            out = samples[name]
+            for _ in range(calls):
+                t0 = perf_counter_ns()
+                client.get()
+                out.append(perf_counter_ns() - t0)
+    for client in clients.values():
+        client.close()
+    return grpc_bench.percentiles(samples)
+
+
+def start_upstream(procs: http_bench.Processes, workdir: Path) -> tuple[int, int]:
+    """nginx answering 100 B: HTTP/1.1 for the proxies, h2c for the direct latency base."""
+    port, h2 = free_port(), free_port()
+    body = http_bench.BODY.decode()
+    conf = http_bench.nginx_conf(
+        workdir, "upstream",
+        f"server {{ listen 127.0.0.1:{port} backlog=4096; listen 127.0.0.1:{h2} http2;\n"
+        f'  location / {{ default_type text/plain; return 200 "{body}"; }} }}\n',
+    )  # fmt: skip
+    procs.start("upstream", pinned(SIDE_CPU, ["nginx", "-c", str(conf), "-p", str(workdir)]))
+    http_bench.wait_http(port)
+    return port, h2
+
+
+def http2_get(workdir: Path, args) -> dict:
+    procs = http_bench.Processes(workdir)
+    try:
+        upstream, direct = start_upstream(procs, workdir)
+        paths = [start_pyproxy(procs, f"pyproxy-{c}", "http", upstream, c) for c in CODECS]
+        paths.append(http_bench.start_nginx(procs, workdir, upstream))
+        paths.append(start_haproxy(procs, upstream, grpc=False))
+        time.sleep(0.5)
+        targets = {"direct": direct} | {p.name: p.h2_port for p in paths}
+        latency = get_latency(targets, args.rounds, args.calls)
+        load = {}
+        for p in paths:
+            log(f"h2load -c32 -m10 via {p.name}")
+            load[p.name] = http_bench.under_load(
+                p, lambda p=p: http_bench.run_h2load(p, args.seconds)
+            )
+        return {"latency": latency, "load": load}
+    finally:
+        procs.stop_all()
+
+
+# ---- gRPC unary ------------------------------------------------------------------------------
+
+
+def grpc_unary(workdir: Path, args) -> dict:
+    procs = http_bench.Processes(workdir)
+    plain = Processes()
+    try:
+        app = free_port()
+        procs.start(
+            "grpc-app",
+            pinned(
+                SIDE_CPU, [sys.executable, "-m", "pyproxy.bench.grpc_bench", "--serve", str(app)]
+            ),
+        )
+        grpc_bench.wait_port(app)
+        paths = [start_pyproxy(procs, f"pyproxy-{c}", "grpc", app, c) for c in CODECS]
+        ok, why = grpc_bench.nginx_has_grpc()
+        if ok:
+            port = free_port()
+            root = grpc_bench.start_nginx(plain, workdir, port, app, SIDE_CPU)
+            paths.append(Path_("nginx", port, root, note="grpc_pass", h2_port=port))
+        else:
+            log(f"nginx skipped: {why}")
+        paths.append(start_haproxy(procs, app, grpc=True))
+        time.sleep(0.5)
+        targets = {"direct": app} | {p.name: p.port for p in paths}
+        latency = grpc_bench.latency_phase(targets, args.rounds, args.calls)
+        body = workdir / "grpc-body.bin"
+        payload = grpc_bench.PAYLOAD
+        body.write_bytes(b"\0" + len(payload).to_bytes(4, "big") + payload)
+        load, stages = {}, {}
+        for p in paths:
+            before = p.stats()["listeners"]["main"] if p.admin else None
+            grpc_bench.log(f"h2load gRPC via {p.name}")
+            http_bench.move_to_cpu(p.pids(), LOAD_CPU)
+            load[p.name] = grpc_bench.load_phase(
+                {p.name: p.port}, {p.name: p.pids()}, body, args.seconds, SIDE_CPU
+            )[p.name]
+            load[p.name]["rss_mib"] = http_bench.rss_mib(p.pids())
+            http_bench.move_to_cpu(p.pids(), SIDE_CPU)
+            if before is not None:
+                after = p.stats()["listeners"]["main"]
+                calls = after["requests"] - before["requests"]
+                stages[p.name] = grpc_bench.stage_delta(after, before, calls)
+        return {"latency": latency, "load": load, "stages_us_per_call": stages}
+    finally:
+        plain.stop_all()
+        procs.stop_all()
+
+
+def codec_alone() -> dict:
+    """Each codec alone, in process: the proxy's two connections for one unary call (µs)."""
+    from pyproxy.codec import http2_native
+
+    def native(client: bool) -> http2_native.NativeH2Connection:
+        conn = http2_native.NativeH2Connection(client, 1000)
+        conn.initiate({http2_native.INITIAL_WINDOW_SIZE: 65535}, 1 << 20)
+        return conn
+
+    return {
+        "h2": grpc_bench.h2_codec_cost_us(),
+        "native": grpc_bench.h2_codec_cost_us(proxy_conn=native),
+    }
+
+
+# ---- report ------------------------------------------------------------------------------------
+
+
+def targets_met(result: dict) -> dict:
+    """The issue's targets, each with the ratio measured in this run."""
+    g, h = result["grpc"], result["http2_get"]
+
+    def per_cpu_s(load: dict, name: str, key: str) -> float | None:
+        entry = load.get(name, {})
+        us = entry.get(key)
+        return 1e6 / us if us else None
+
+    out: dict = {}
+    for kind, load, key in (("grpc", g["load"], "cpu_us_per_call"),
+                            ("http2_get", h["load"], "proxy_cpu_us_per_req")):  # fmt: skip
+        native, h2 = per_cpu_s(load, "pyproxy-native", key), per_cpu_s(load, "pyproxy-h2", key)
+        if native and h2:
+            out[f"{kind}: native / h2 req per CPU-s (target >= 5)"] = round(native / h2, 2)
+    nginx = g["latency"].get("nginx")
+    if nginx:
+        out["grpc: native added p50 / nginx grpc_pass (target <= 1.5)"] = round(
+            g["latency"]["pyproxy-native"]["added_p50_us"] / nginx["added_p50_us"], 2
+        )
+        cpu_n = g["load"]["nginx"].get("cpu_us_per_call")
+        if cpu_n:
+            out["grpc: native CPU per call / nginx (target <= 2)"] = round(
+                g["load"]["pyproxy-native"]["cpu_us_per_call"] / cpu_n, 2
+            )
+    native, haproxy = (per_cpu_s(h["load"], n, "proxy_cpu_us_per_req")
+                       for n in ("pyproxy-native", "haproxy-h2"))  # fmt: skip
+    if native and haproxy:
+        out["http2_get: native / haproxy req per CPU-s (target >= 0.5)"] = round(
+            native / haproxy, 2
+        )
+    return out
+
+
+def _n(value, fmt: str = ".0f") -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def report(result: dict) -> str:
+    g, h = result["grpc"], result["http2_get"]
+    lines = [
+        "| gRPC unary 100 B | added p50 µs | added p99 µs | calls/s (h2load -c1 -m32) "
+        "| proxy CPU µs/call | calls per CPU-s | RSS MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, load in g["load"].items():
+        lat = g["latency"][name]
+        lines.append(
+            f"| {name} | {_n(lat['added_p50_us'])} | {_n(lat['added_p99_us'])} "
+            f"| {_n(load.get('calls_per_s'))} | {_n(load.get('cpu_us_per_call'), '.1f')} "
+            f"| {_n(load.get('calls_per_s_per_core'))} | {_n(load.get('rss_mib'), '.1f')} |"
+        )
+    lines += [
+        "",
+        "| HTTP/2 GET 100 B | added p50 µs | added p99 µs | req/s (h2load -c32 -m10) "
+        "| proxy CPU µs/req | req per CPU-s | RSS MiB |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name, load in h["load"].items():
+        lat = h["latency"][name]
+        us = load.get("proxy_cpu_us_per_req")
+        lines.append(
+            f"| {name} | {_n(lat['added_p50_us'])} | {_n(lat['added_p99_us'])} "
+            f"| {_n(load.get('rps'))} | {_n(us, '.1f')} | {_n(1e6 / us if us else None)} "
+            f"| {_n(load.get('rss_mib'), '.1f')} |"
+        )
+    stages = g["stages_us_per_call"]
+    names = [s for s in stages.get("pyproxy-h2", {}) if s != "total"] + ["total"]
+    lines += ["", "| pyproxy stage, µs per gRPC call under load | " + " | ".join(stages) + " |",
+              "| --- |" + " ---: |" * len(stages)]  # fmt: skip
+    for stage in names:
+        cells = " | ".join(_n(stages[c].get(stage), ".1f") for c in stages)
+        lines.append(f"| {stage} | {cells} |")
+    alone = result["codec_alone_us_per_call"]
+    lines.append(
+        f"\nThe codec alone, the proxy's two connections per unary call (in process, no I/O): "
+        f"hyper-h2 {alone['h2']:.0f} µs, native {alone['native']:.0f} µs "
+        f"({alone['h2'] / alone['native']:.1f}×)."
+    )
+    lines += ["", "| target | measured |", "| --- | ---: |"]
+    lines += [f"| {k} | {v} |" for k, v in result["targets"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=5, help="h2load duration per path")
+    parser.add_argument("--calls", type=int, default=1000, help="latency calls per path and round")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args(argv)
+    for tool in ("h2load", "nginx", "haproxy", "taskset"):
+        if not shutil.which(tool):
+            print(f"{tool} missing: make system-deps-bench", file=sys.stderr)
+            return 2
+    if (os.cpu_count() or 1) < 2:
+        print("needs two CPUs (the proxy alone on CPU 1 under load)", file=sys.stderr)
+        return 2
+    os.sched_setaffinity(0, {SIDE_CPU})
+    workdir = Path(tempfile.mkdtemp(prefix="h2_codec_bench-"))
+    result: dict = {"host": {"cpus": os.cpu_count(), "kernel": os.uname().release}}
+    try:
+        result["grpc"] = grpc_unary(workdir, args)
+        result["http2_get"] = http2_get(workdir, args)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    result["codec_alone_us_per_call"] = codec_alone()
+    result["targets"] = targets_met(result)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "h2_codec_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = report(result)
+    (RESULTS / "h2_codec_bench.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""The native HTTP/2 codec: libnghttp2 (native/h2_codec.c) behind the subset of hyper-h2's
+H2Connection that pyproxy.http uses, emitting h2's own event classes, so the sessions, HTTP mode,
+gRPC mode and every filter run unchanged on either codec.
+
+One C call per read: nghttp2's callbacks only append records to a buffer, read here after
+`pp_h2_recv` returns. Outbound DATA waits in C and leaves through a data source within the peer's
+windows; `local_flow_control_window` already counts what waits there, so the sessions' own send
+queues (and the backpressure they signal) work as with h2.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from h2.events import (
+    DataReceived,
+    InformationalResponseReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from h2.exceptions import InvalidBodyLengthError, ProtocolError, StreamClosedError
+from h2.utilities import HeaderValidationFlags, normalize_inbound_headers, validate_headers
+
+from pyproxy.codec.events import Headers
+from pyproxy.native import native_extension
+
+_h2: Any = native_extension("_h2")
+AVAILABLE = _h2 is not None
+if _h2 is not None:
+    ffi, lib = _h2.ffi, _h2.lib
+
+# Record kinds (h2_codec.h).
+_HEADERS, _DATA, _END, _RST, _WINDOW, _SETTINGS, _CLOSED = 1, 2, 3, 4, 5, 6, 7
+_HCAT_REQUEST = 0  # nghttp2_headers_category
+_PLAIN = 2  # HEADERS record flag PP_H2_PLAIN
+_REC = struct.Struct("=IiIII")
+_LENS = struct.Struct("=II")
+# SETTINGS identifiers (RFC 9113 §6.5.2).
+ENABLE_PUSH, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE, MAX_HEADER_LIST_SIZE = 0x2, 0x3, 0x4, 0x6
+_NO_LIMIT = 1 << 31  # nghttp2 cuts DATA into frames itself: only the window bounds a send
+
+
+def effective_codec(choice: str) -> str:
+    """The codec a listener runs: native (libnghttp2) when asked for and built, else h2."""
+    return "native" if choice == "native" and AVAILABLE else "h2"
+
+
+def pack_headers(headers: Headers) -> bytes:
+    """A header list as h2_codec.h's packed form (one buffer, one crossing)."""
+    parts: list[bytes] = []
+    pack = _LENS.pack
+    for name, value in headers:
+        parts.append(pack(len(name), len(value)))
+        parts.append(name)
+        parts.append(value)
+    return b"".join(parts)
+
+
+def _unpack_headers(buf, start: int, end: int) -> Headers:
+    headers: Headers = []
+    unpack = _LENS.unpack_from
+    pos = start
+    while pos < end:
+        nlen, vlen = unpack(buf, pos)
+        pos += 8
+        name_end = pos + nlen
+        headers.append((bytes(buf[pos:name_end]), bytes(buf[name_end : name_end + vlen])))
+        pos = name_end + vlen
+    return headers
+
+
+class _RemoteSettings:
+    __slots__ = ("_session",)
+
+    def __init__(self, session) -> None:
+        self._session = session  # the cdata, not the connection: no cycle delays the free
+
+    @property
+    def max_concurrent_streams(self) -> int:
+        return lib.pp_h2_remote_setting(self._session, MAX_CONCURRENT_STREAMS)
+
+
+class NativeH2Connection:
+    """One nghttp2 session, freed with this object (never referenced from C)."""
+
+    __slots__ = (
+        "session",
+        "client_side",
+        "remote_settings",
+        "_quiet",
+        "_lengths",
+        "_out",
+        "_events",
+    )
+
+    def __init__(self, client_side: bool, reset_burst: int) -> None:
+        session = lib.pp_h2_new(0 if client_side else 1, reset_burst)
+        if session == ffi.NULL:
+            raise MemoryError("nghttp2 session")
+        self.session = ffi.gc(session, lib.pp_h2_del)
+        self.client_side = client_side
+        self.remote_settings = _RemoteSettings(self.session)
+        # Streams whose close with an error code is already reported (RST received or sent).
+        self._quiet: set[int] = set()
+        # Request bodies still expected per Content-Length (§8.1.1), as h2 tracks them.
+        self._lengths: dict[int, int] = {}
+        self._out = ffi.new("const uint8_t **")
+        self._events = ffi.new("size_t *")
+
+    def initiate(self, settings: dict[int, int], connection_window: int) -> None:
+        """Preface (client) and SETTINGS; the connection window opened past 65,535 (§6.9.2)."""
+        flat = [v for item in settings.items() for v in item]
+        lib.pp_h2_settings(self.session, ffi.new("uint32_t[]", flat), len(settings))
+        if connection_window > 65535:
+            lib.pp_h2_set_connection_window(self.session, connection_window)
+
+    # ---- bytes in --------------------------------------------------------------------
+
+    def receive_data(self, data) -> list:
+        out = self._out
+        n = lib.pp_h2_recv(self.session, ffi.from_buffer(data), len(data), out, self._events)
+        size = self._events[0]
+        try:
+            events = self._decode(ffi.buffer(out[0], size)) if size else []
+        except ProtocolError:
+            lib.pp_h2_goaway(self.session, 0x1, ffi.NULL, 0)  # §5.4.1, as h2 answers it
+            raise
+        if n < 0 or lib.pp_h2_failed(self.session) >= 0:
+            if n < 0:
+                lib.pp_h2_goaway(self.session, 0x1, ffi.NULL, 0)  # PROTOCOL_ERROR
+            raise ProtocolError(ffi.string(lib.nghttp2_strerror(n)).decode() if n < 0 else "")
+        return events
+
+    def _decode(self, buf) -> list:
+        events: list = []
+        add = events.append
+        unpack = _REC.unpack_from
+        quiet = self._quiet
+        pos, end = 0, len(buf)
+        while pos < end:
+            kind, sid, a, flags, length = unpack(buf, pos)
+            pos += 20
+            if kind == _DATA:
+                data = bytes(buf[pos : pos + length])
+                if sid in self._lengths:
+                    self._count_body(sid, length, False)
+                add(DataReceived(stream_id=sid, data=data, flow_controlled_length=length))
+            elif kind == _HEADERS:
+                headers = _unpack_headers(buf, pos, pos + length)
+                self._headers(events, sid, a, flags, headers)
+            elif kind == _END:
+                if sid in self._lengths:
+                    self._count_body(sid, 0, True)
+                add(StreamEnded(stream_id=sid))
+            elif kind == _WINDOW:
+                add(WindowUpdated(stream_id=sid, delta=a))
+            elif kind == _RST:
+                self._lengths.pop(sid, None)
+                if a:
+                    quiet.add(sid)
+                add(StreamReset(stream_id=sid, error_code=a, remote_reset=True))
+            elif kind == _CLOSED:
+                self._lengths.pop(sid, None)
+                if sid in quiet:
+                    quiet.discard(sid)
+                else:  # nghttp2 reset it (a malformed message, a flow-control error)
+                    add(StreamReset(stream_id=sid, error_code=a, remote_reset=False))
+            elif kind == _SETTINGS:
+                add(RemoteSettingsChanged())
+            pos += length
+        return events
+
+    def _headers(self, events: list, sid: int, category: int, flags: int, headers: Headers) -> None:
+        """Checked and normalised by h2's rules (§8.2, §8.3), then reported as h2 reports it.
+        A block the C side found plain is one those rules pass unchanged: not judged again."""
+        client = self.client_side
+        ended = flags & 1
+        if client:
+            trailers = not (headers and headers[0][0] == b":status")
+        else:
+            trailers = category != _HCAT_REQUEST
+        if trailers and not ended:
+            raise ProtocolError("Trailers must have END_STREAM set")
+        if not flags & _PLAIN:
+            rules = HeaderValidationFlags(client, trailers, client and not trailers, False)
+            headers = list(validate_headers(normalize_inbound_headers(headers, rules), rules))
+        if not client and not trailers:
+            expected = _content_length(headers)
+            if expected is not None:
+                self._lengths[sid] = expected
+                if ended:
+                    self._count_body(sid, 0, True)
+        add_headers(events, client, sid, trailers, ended, headers)
+
+    def _count_body(self, sid: int, length: int, ended: bool) -> None:
+        left = self._lengths[sid] - length
+        if left < 0 or (ended and left):
+            raise InvalidBodyLengthError(self._lengths[sid], length)
+        if ended:
+            del self._lengths[sid]
+        else:
+            self._lengths[sid] = left
+
+    # ---- bytes out -------------------------------------------------------------------
+
+    def data_to_send(self) -> bytes:
+        n = lib.pp_h2_send(self.session, self._out)
+        if n <= 0:
+            return b""
+        return ffi.buffer(self._out[0], n)[:]
+
+    def send_headers(self, stream_id: int, headers: Headers, end_stream: bool = False) -> None:
+        packed = pack_headers(headers)
+        if end_stream and not self._opens(stream_id):
+            rv = lib.pp_h2_queue_trailers(self.session, stream_id, packed, len(packed))
+        else:
+            sid = -1 if self.client_side and self._opens(stream_id) else stream_id
+            rv = lib.pp_h2_submit_headers(self.session, sid, packed, len(packed), end_stream)
+        if rv < 0:
+            raise StreamClosedError(stream_id)
+
+    def _opens(self, stream_id: int) -> bool:
+        """A client's HEADERS on the id get_next_available_stream_id gave: a new stream."""
+        return self.client_side and stream_id == lib.pp_h2_next_stream_id(self.session)
+
+    def send_data(self, stream_id: int, data, end_stream: bool = False) -> None:
+        rv = lib.pp_h2_queue_data(
+            self.session, stream_id, ffi.from_buffer(data), len(data), end_stream
+        )
+        if rv < 0:
+            raise StreamClosedError(stream_id)
+
+    def end_stream(self, stream_id: int) -> None:
+        self.send_data(stream_id, b"", end_stream=True)
+
+    def reset_stream(self, stream_id: int, error_code: int = 0) -> None:
+        self._lengths.pop(stream_id, None)
+        if error_code:
+            self._quiet.add(stream_id)
+        if lib.pp_h2_reset(self.session, stream_id, error_code) < 0:
+            raise StreamClosedError(stream_id)
+
+    def acknowledge_received_data(self, n: int, stream_id: int) -> None:
+        lib.pp_h2_consume(self.session, stream_id, n)
+
+    def close_connection(self, error_code: int = 0, additional_data: bytes | None = None) -> None:
+        opaque = additional_data or b""
+        lib.pp_h2_goaway(self.session, error_code, opaque, len(opaque))
+
+    # ---- state -----------------------------------------------------------------------
+
+    def local_flow_control_window(self, stream_id: int) -> int:
+        window = lib.pp_h2_window(self.session, stream_id)
+        if window < 0:
+            raise StreamClosedError(stream_id)
+        return window
+
+    @property
+    def max_outbound_frame_size(self) -> int:
+        return _NO_LIMIT
+
+    @property
+    def highest_inbound_stream_id(self) -> int:
+        return lib.pp_h2_last_proc_stream_id(self.session)
+
+    def get_next_available_stream_id(self) -> int:
+        sid = lib.pp_h2_next_stream_id(self.session)
+        if sid > 0x7FFFFFFF or sid <= 0:
+            raise ProtocolError("stream ids exhausted")
+        return sid
+
+
+def _content_length(headers: Headers) -> int | None:
+    """A request's Content-Length; conflicting or non-digit values are h2's ProtocolError."""
+    found = None
+    for name, value in headers:
+        if name == b"content-length":
+            if not value.isdigit() or (found is not None and int(value) != found):
+                raise ProtocolError(f"Invalid content-length header: {value!r}")
+            found = int(value)
+    return found
+
+
+def add_headers(
+    events: list, client: bool, sid: int, trailers: bool, ended: int, headers: Headers
+) -> None:
+    """A header block as h2 reports it: request, (informational) response or trailers."""
+    end = StreamEnded(stream_id=sid) if ended else None
+    if trailers:
+        events.append(TrailersReceived(stream_id=sid, headers=headers, stream_ended=end))
+    elif not client:
+        events.append(RequestReceived(stream_id=sid, headers=headers, stream_ended=end))
+    elif headers[0][1][:1] == b"1":
+        events.append(InformationalResponseReceived(stream_id=sid, headers=headers))
+    else:
+        events.append(ResponseReceived(stream_id=sid, headers=headers, stream_ended=end))
+    if end is not None:
+        events.append(end)
