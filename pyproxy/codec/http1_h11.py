@@ -178,6 +178,10 @@ class H11Http1Codec(Http1Codec):
         if self._raw is not None:
             self._raw += data
             return
+        if self._facts is None and self._waiting_for_head() and not self._conn.trailing_data[0]:
+            data = _skip_empty_lines(data)
+            if not data:
+                return  # b"" would tell h11 the peer closed
         self._conn.receive_data(bytes(data))
         self._pump()
 
@@ -203,16 +207,13 @@ class H11Http1Codec(Http1Codec):
         return bytes(raw)
 
     def _next_cycle(self) -> None:
-        conn = self._conn
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
-        else:
-            # h11 refuses HTTP/1.0 keep-alive (MUST_CLOSE); hand the unparsed
-            # bytes to a fresh h11 connection instead.
-            rest = conn.trailing_data[0]
-            self._conn = self._new_conn()
-            if rest:
-                self._conn.receive_data(rest)
+        # A fresh h11 connection takes the unparsed bytes: h11 refuses HTTP/1.0 keep-alive
+        # (MUST_CLOSE), and its own start_next_cycle would keep a latched error that
+        # crashes the next send; what was wrong is already queued in _pending.
+        rest = _skip_empty_lines(self._conn.trailing_data[0])
+        self._conn = self._new_conn()
+        if rest:
+            self._conn.receive_data(rest)
         self._facts = None
         self._pump()
 
@@ -257,3 +258,11 @@ class H11Http1Codec(Http1Codec):
 
     def _encode_end(self, mode: int, trailers: Headers | None) -> Buffer:
         return self._h11_send(h11.EndOfMessage, headers=trailers or [])
+
+
+def _skip_empty_lines(data: Buffer) -> Buffer:
+    """Drop CR and LF bytes before a start line, as llhttp does (RFC 9112 §2.2 asks to
+    ignore at least one empty line there): both backends must accept the same messages."""
+    if data and (data[0] == 13 or data[0] == 10):
+        return bytes(data).lstrip(b"\r\n")
+    return data

@@ -1,0 +1,14 @@
+"""Every fuzz target by name (the name is also its corpus folder)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from fuzz import http1_targets
+
+TARGETS: dict[str, Callable[[bytes], None]] = {
+    "http1_request": http1_targets.http1_request,
+    "http1_response": http1_targets.http1_response,
+    "http1_roundtrip": http1_targets.http1_roundtrip,
+    "native_scanner": http1_targets.native_scanner,
+}
