@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 APT_TEST := iptables iproute2 util-linux curl procps wrk nghttp2-client
 APT_BENCH := nginx-light libnginx-mod-stream iperf3 haproxy
 
-.PHONY: demo test bench lint system-deps system-deps-bench clean apt
+.PHONY: demo test bench lint fuzz system-deps system-deps-bench clean apt
 
 demo: system-deps $(VENV)/.installed-test
 	$(PY) -m pyproxy demo
@@ -21,6 +21,14 @@ bench: system-deps system-deps-bench $(VENV)/.installed-test
 
 bench-%: system-deps system-deps-bench $(VENV)/.installed-test
 	$(PY) -m pyproxy.bench.$*
+
+# Coverage-guided fuzzing (atheris) of every codec and the config loader, FUZZ_SECONDS in
+# total shared by the targets; the regression corpus is replayed by `make test` as well.
+FUZZ_SECONDS ?= 240
+
+fuzz: $(VENV)/.installed-test
+	$(PY) -m pip install -q -e '.[fuzz]'
+	cd tests && ../$(PY) -m fuzz --seconds $(FUZZ_SECONDS)
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy

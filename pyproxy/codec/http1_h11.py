@@ -114,8 +114,15 @@ class H11Http1Codec(Http1Codec):
 
     def _pump(self) -> None:
         conn = self._conn
+        if self.role == "client" and conn.our_state is h11.IDLE:
+            return  # h11 would take bytes as the response to a request not sent yet
         pending = self._pending
         while not self._dead and self._raw is None:
+            if conn.their_state is h11.MUST_CLOSE:
+                # The cycle is over; h11 would call what follows an error, the fast backend
+                # holds it for start_next_cycle (HTTP/1.0 keep-alive) or drops it with the
+                # connection. Both backends hold it.
+                return
             if self._facts is None and self._waiting_for_head() and conn.trailing_data[0]:
                 if not self._check_raw_head():
                     return
@@ -178,11 +185,12 @@ class H11Http1Codec(Http1Codec):
         if self._raw is not None:
             self._raw += data
             return
+        data = bytes(data)
         if self._facts is None and self._waiting_for_head() and not self._conn.trailing_data[0]:
             data = _skip_empty_lines(data)
             if not data:
                 return  # b"" would tell h11 the peer closed
-        self._conn.receive_data(bytes(data))
+        self._conn.receive_data(data)
         self._pump()
 
     def _feed_eof(self) -> None:
@@ -228,7 +236,10 @@ class H11Http1Codec(Http1Codec):
         return out or b""
 
     def _encode_request(self, ev: RequestHead, mode: int) -> Buffer:
-        return self._h11_send(h11.Request, method=ev.method, target=ev.target, headers=ev.headers)
+        out = self._h11_send(h11.Request, method=ev.method, target=ev.target, headers=ev.headers)
+        if self._conn.trailing_data[0]:
+            self._pump()  # response bytes that came before the request was sent
+        return out
 
     def _encode_response(self, ev: ResponseHead, mode: int, facts: HeadFacts | None) -> Buffer:
         if ev.status < 200:
@@ -260,9 +271,9 @@ class H11Http1Codec(Http1Codec):
         return self._h11_send(h11.EndOfMessage, headers=trailers or [])
 
 
-def _skip_empty_lines(data: Buffer) -> Buffer:
+def _skip_empty_lines(data: bytes) -> bytes:
     """Drop CR and LF bytes before a start line, as llhttp does (RFC 9112 §2.2 asks to
     ignore at least one empty line there): both backends must accept the same messages."""
     if data and (data[0] == 13 or data[0] == 10):
-        return bytes(data).lstrip(b"\r\n")
+        return data.lstrip(b"\r\n")
     return data

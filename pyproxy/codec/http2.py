@@ -3,6 +3,7 @@ a frame scanner that bounds header blocks and lifts GOAWAY out of the byte strea
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 from typing import Final
 
@@ -29,6 +30,9 @@ _NOT_IN_H2: Final = frozenset(
     }
 )
 _REASONS: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
+# RFC 9113 §8.2.1 / RFC 9110 §5.5: h2 lets controls through in field values; an HTTP/1
+# upstream rejects them (llhttp) or worse, so the request is not relayed.
+_BAD_VALUE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class HeaderBlockTooLarge(Exception):
@@ -152,13 +156,16 @@ def header_list_size(headers: Headers) -> int:
 def request_from_h2(headers: Headers, ended: bool) -> RequestHead | None:
     """An HTTP/2 request header list (validated by h2) as the RequestHead an HTTP/1 peer expects.
 
-    None for what this proxy does not relay (CONNECT, RFC 9113 §8.5).
+    None for what this proxy does not relay (CONNECT, RFC 9113 §8.5; a control character
+    in a field value).
     """
     method = path = authority = host = None
     content_length = None
     cookies: list[bytes] = []
     fields: Headers = []
     for name, value in headers:
+        if _BAD_VALUE.search(value):
+            return None
         if name[:1] == b":":
             if name == b":method":
                 method = value

@@ -3,7 +3,7 @@
 Each target runs in its own process (libFuzzer exits on the first failure) for an
 equal share of the budget, seeded from its regression corpus; new interesting
 inputs go to build/fuzz/corpus/<target>, failures to build/fuzz/crashes/. A failure
-is reproduced by ``python -m fuzz --replay FILE target`` and, once fixed, kept
+is reproduced by ``python -m fuzz TARGET --replay FILE`` and, once fixed, kept
 as a minimized file in tests/fuzz/corpus/<target>/.
 """
 
@@ -48,7 +48,9 @@ def _fuzz(name: str, seconds: int) -> tuple[bool, int, str]:
         str(corpus),
         *([str(seeds)] if seeds.is_dir() else []),
     ]
-    env = dict(os.environ, PYTHONPATH=f"{HERE.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    env = dict(
+        os.environ, PYTHONPATH=f"{HERE.parent}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    )
     proc = subprocess.run(
         [sys.executable, "-m", "fuzz", "--child", name, *args],
         env=env,
@@ -102,7 +104,9 @@ def main() -> int:
         t0 = time.monotonic()
         passed, executions, tail = _fuzz(name, share)
         elapsed = time.monotonic() - t0
-        print(f"{name:22} {'ok    ' if passed else 'FAILED'} {executions:9d} runs  {elapsed:6.0f} s")
+        print(
+            f"{name:22} {'ok    ' if passed else 'FAILED'} {executions:9d} runs  {elapsed:6.0f} s"
+        )
         if not passed:
             failed.append(name)
             print(tail)

