@@ -437,8 +437,9 @@ class FastHttp1Codec(Http1Codec):
                 self._in_message = False
                 self._pending.append(END)
             self._parser = self._new_parser()
-            if rest:
-                self._parse(rest)
+            # Bytes after the response answer a request not sent yet, whose method decides
+            # their framing: held until _send_request (h11 waits the same way).
+            buf += rest
         elif 200 <= self._status < 300:
             self._raw = bytearray(rest)
             self._parser = None
@@ -490,6 +491,14 @@ class FastHttp1Codec(Http1Codec):
     # the hop-by-hop fields its wire bytes never had.
 
     def _send_request(self, ev: RequestHead) -> Buffer:
+        out = self._send_request_head(ev)
+        if self._headbuf:  # response bytes held since before this request (see _feed_head_only)
+            early = bytes(self._headbuf)
+            self._headbuf.clear()
+            self._feed(early)
+        return out
+
+    def _send_request_head(self, ev: RequestHead) -> Buffer:
         wire = ev.wire
         if wire is None:
             return super()._send_request(ev)
