@@ -19,6 +19,7 @@ What this backend does differently from the h11 one (documented, tested):
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from typing import Final
 
@@ -60,6 +61,7 @@ from pyproxy.native import http1_head_scanner
 _scan_head = http1_head_scanner()
 
 _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
+_CTL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _CRLF: Final = b"\r\n"
 _SEP: Final = b": "
 _HEAD_END: Final = b"\r\n\r\n"
@@ -215,6 +217,9 @@ class FastHttp1Codec(Http1Codec):
             raise _Reject(431, "request target over the header size limit")
 
     def on_status(self, reason: bytes) -> None:
+        # RFC 9112 §4: HTAB, SP, VCHAR and obs-text only; llhttp lets other controls by.
+        if _CTL.search(reason):
+            raise _Reject(400, "control character in reason phrase")
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:

@@ -173,10 +173,11 @@ def llhttp_knows(method: bytes) -> bool:
 
 
 def comparable(summary_: list[tuple]) -> list[tuple]:
-    """A request with a method llhttp lacks counts as rejected: h11 leaves the 501 to the proxy."""
+    """A request with a method llhttp lacks ends the comparison like a rejection (``plain``
+    drops those): h11 accepts any token and leaves the 501 to the proxy."""
     for i, item in enumerate(summary_):
         if item[0] == "request" and not llhttp_knows(item[1]):
-            return [*summary_[:i], ("rejected", 0)]
+            return summary_[:i]
     return summary_
 
 
