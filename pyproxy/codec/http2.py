@@ -226,15 +226,24 @@ def h2_request_headers(head: RequestHead, te_trailers: bool) -> tuple[Headers, b
     return pseudo + fields, has_body
 
 
-def response_from_h2(headers: Headers) -> ResponseHead:
+def response_from_h2(headers: Headers) -> ResponseHead | None:
+    """None for a malformed response h2 lets through (RFC 9113 §8.1.1): a :status that is
+    not three digits (RFC 9110 §15), a Content-Length that is not digits, a control
+    character in a field value."""
     status = 0
     content_length = None
     fields: Headers = []
     for name, value in headers:
+        if _BAD_VALUE.search(value):
+            return None
         if name == b":status":
+            if len(value) != 3 or not value.isdigit():
+                return None
             status = int(value)
         elif name[:1] != b":":
             if name == b"content-length":
+                if not value.isdigit():
+                    return None
                 content_length = int(value)
             fields.append((name, value))
     return ResponseHead(

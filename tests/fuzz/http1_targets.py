@@ -290,6 +290,8 @@ def native_scanner(data: bytes) -> None:
     else:
         assert (head.status, head.reason) == (first, second), (found, head)
     persistent = not close and (version == b"1.1" or keep_alive)
+    if not is_request and length is None and first not in (204, 304):
+        persistent = False  # runs until close; FastHttp1Codec leaves these heads to llhttp
     assert (head.headers, head.http_version, head.content_length, head.keep_alive) == (
         headers,
         version,

@@ -1,6 +1,7 @@
 """HTTP/2 targets: the server side as the proxy runs it (FrameScanner in front of h2, set up
-with the proxy's settings) never fails other than by a protocol error, and each request it
-accepts reaches an HTTP/1 upstream as exactly the request the filters saw."""
+with the proxy's settings) never fails other than by a protocol error, each request it
+accepts reaches an HTTP/1 upstream as exactly the request the filters saw, and each
+response from an HTTP/2 upstream reaches an HTTP/1 downstream as itself."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import re
 
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from h2.events import RequestReceived
+from h2.events import InformationalResponseReceived, RequestReceived, ResponseReceived
 from h2.exceptions import ProtocolError as H2ProtocolError
 from h2.settings import SettingCodes, Settings
 from hpack import Encoder
@@ -16,9 +17,15 @@ from hyperframe.frame import DataFrame, HeadersFrame, SettingsFrame
 
 from fuzz.draw import Draw, splits
 from fuzz.http1_targets import codec, serve, summary
-from pyproxy.codec.events import RequestHead
+from pyproxy.codec.events import END, RequestHead, ResponseHead
 from pyproxy.codec.http1 import CodecUsageError
-from pyproxy.codec.http2 import PREFACE, FrameScanner, HeaderBlockTooLarge, request_from_h2
+from pyproxy.codec.http2 import (
+    PREFACE,
+    FrameScanner,
+    HeaderBlockTooLarge,
+    request_from_h2,
+    response_from_h2,
+)
 from pyproxy.config import HttpSettings
 
 _SETTINGS = HttpSettings()
@@ -149,3 +156,64 @@ def h2_request(data: bytes) -> None:
         last.flags.add("END_STREAM")
         wire += last.serialize()
     _receive(splits(PREFACE + wire, draw.byte()))
+
+
+_STATUSES = (b"200", b"204", b"304", b"404", b"100", b"103", b"101", b"99", b"1000", b"abc", b"")
+_RESPONSE_VALUES = (b"0", b"3", b"-1", b"abc", b" 3", b"application/grpc", b"x")
+
+
+def h2_response(data: bytes) -> None:
+    """An upstream's HTTP/2 response as the proxy's client side reads it, then written to an
+    HTTP/1 downstream: h2 rejects it, or the downstream parses exactly that response."""
+    draw = Draw(data)
+    conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    conn.initiate_connection()
+    request = [(b":method", b"GET"), (b":scheme", b"http"), (b":path", b"/"), (b":authority", b"a")]
+    conn.send_headers(1, request, end_stream=True)
+    conn.data_to_send()
+    headers = [(b":status", draw.pick(_STATUSES))]
+    for _ in range(draw.below(5)):
+        name = draw.pick((b"content-length", b"x-a", b":status", b"connection", b"te", b""))
+        value = draw.pick(_RESPONSE_VALUES) if draw.flag() else draw.blob(16)
+        headers.insert(draw.below(len(headers) + 1), (name, value))
+    frame = HeadersFrame(1, Encoder().encode(headers))
+    frame.flags.add("END_HEADERS")
+    body = draw.blob(8)
+    if not body:
+        frame.flags.add("END_STREAM")
+    wire = SettingsFrame(0).serialize() + frame.serialize()
+    if body:
+        last = DataFrame(1, body)
+        last.flags.add("END_STREAM")
+        wire += last.serialize()
+    scanner = FrameScanner(_SETTINGS.max_header_bytes, server=False)
+    try:
+        events = conn.receive_data(scanner.feed(wire)[0])
+    except (HeaderBlockTooLarge, H2ProtocolError):
+        return
+    for event in events:
+        if type(event) in (ResponseReceived, InformationalResponseReceived):
+            head = response_from_h2(event.headers)
+            if head is not None:  # None: the proxy resets the stream and answers 502
+                check_response(head)
+
+
+def check_response(head: ResponseHead) -> None:
+    """Sent to an HTTP/1 downstream that asked GET, the head parses back as itself."""
+    get = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n"
+    for backend in ("fast", "h11"):
+        server = codec(backend, "server")
+        server.receive_data(get)
+        try:
+            wire = bytes(server.send(head))
+        except CodecUsageError:
+            continue  # refused: the proxy answers 502 instead
+        for parser in ("fast", "h11"):
+            client = codec(parser, "client")
+            client.send(RequestHead(b"GET", b"/", [(b"host", b"a")]))
+            client.send(END)
+            got = summary(client.receive_data(wire))
+            assert got and got[0][0] == "response", (backend, parser, head, wire, got)
+            assert got[0][1] == head.status, (backend, parser, head, got)
+            names = [n for n, _ in got[0][3] if n not in (b"transfer-encoding", b"connection")]
+            assert names == [n for n, _ in head.headers], (backend, parser, head, got)

@@ -13,6 +13,7 @@ TARGETS: dict[str, Callable[[bytes], None]] = {
     "native_scanner": http1_targets.native_scanner,
     "h2_frames": http2_targets.h2_frames,
     "h2_request": http2_targets.h2_request,
+    "h2_response": http2_targets.h2_response,
     "grpc_framing": grpc_targets.grpc_framing,
     "config_yaml": config_targets.config_yaml,
 }
