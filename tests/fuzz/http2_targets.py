@@ -105,7 +105,24 @@ def h2_frames(data: bytes) -> None:
     """Any bytes after the client preface and an empty SETTINGS frame, split anywhere."""
     if not data:
         return
-    _receive(splits(PREFACE + SettingsFrame(0).serialize() + data[1:], data[0]))
+    stream = PREFACE + SettingsFrame(0).serialize() + data[1:]
+    pieces = splits(stream, data[0])
+    assert _scanned(pieces) == _scanned([stream]), pieces
+    _receive(pieces)
+
+
+def _scanned(pieces: list[bytes]) -> tuple[bytes, list[bytes], bool]:
+    """FrameScanner's output, GOAWAY payloads and verdict: the same however reads cut frames."""
+    scanner = FrameScanner(_SETTINGS.max_header_bytes, server=True)
+    kept, goaways = [], []
+    try:
+        for piece in pieces:
+            out, lifted = scanner.feed(piece)
+            kept.append(bytes(out))
+            goaways += lifted
+    except HeaderBlockTooLarge:
+        return b"", [], False  # what passed before depends on the cut; the verdict must not
+    return b"".join(kept), goaways, True
 
 
 _PSEUDO = (b":method", b":path", b":scheme", b":authority", b":status", b":protocol", b":x")
