@@ -27,8 +27,8 @@ bench-%: system-deps system-deps-bench $(VENV)/.installed-test
 FUZZ_SECONDS ?= 240
 
 fuzz: $(VENV)/.installed-test
-	$(PY) -m pip install -q -e '.[fuzz]'
-	cd tests && ../$(PY) -m fuzz --seconds $(FUZZ_SECONDS)
+	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install -q -e '.[fuzz]'
+	cd tests && $(abspath $(PY)) -m fuzz --seconds $(FUZZ_SECONDS)
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
