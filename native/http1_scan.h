@@ -5,8 +5,8 @@
  *
  * scan_head() accepts a strict subset of RFC 9112 and declines (returns 0)
  * anything else, so the caller's fallback (llhttp) decides every other case
- * with its own status: a method from a common set (no CONNECT), a target of
- * RFC 3986 characters, HTTP/1.0 or 1.1, a final status 200-599, token field
+ * with its own status: a method from a common set (no CONNECT), an origin-form
+ * target ('/' then RFC 3986 characters), HTTP/1.0 or 1.1, a final status 200-599, token field
  * names, visible-ASCII values, Content-Length framing or none (no
  * Transfer-Encoding, no Upgrade field), one Host in a 1.1 request, within the
  * size and count limits.
@@ -107,6 +107,7 @@ static int scan_head(const char *d, Py_ssize_t n, int is_request, Py_ssize_t max
         if (!known) return 0;
         h->a0 = 0; h->a1 = sp - d;
         const char *t = sp + 1, *te = t;
+        if (*t != '/') return 0; /* origin-form only; llhttp judges the other forms */
         while (te < line_end && target_ok[(unsigned char)*te]) te++;
         if (te == t || te + 9 != line_end || *te != ' ') return 0;
         if (memcmp(te + 1, "HTTP/1.", 7) != 0 || (te[8] != '1' && te[8] != '0')) return 0;
