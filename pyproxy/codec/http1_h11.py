@@ -43,6 +43,9 @@ from pyproxy.codec.http1 import (
 )
 
 _CTL: Final = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# h11 takes any HTTP/<digit>.<digit>; the fast backend's llhttp only these. Which of them
+# the proxy serves is decided for both backends in HeadFacts.
+_LLHTTP_VERSIONS: Final = frozenset({b"0.9", b"1.0", b"1.1", b"2.0"})
 _CLOSE_LINE: Final = b"\r\nConnection: close\r\n"
 _KEEP_ALIVE_LINE: Final = b"\r\nConnection: keep-alive\r\n"
 
@@ -157,6 +160,8 @@ class H11Http1Codec(Http1Codec):
             return END
         facts = self._facts or HeadFacts()
         self._facts = None
+        if ev.http_version not in _LLHTTP_VERSIONS:  # type: ignore[attr-defined]
+            return ProtocolError(400, "unsupported HTTP version")
         headers: Headers = list(ev.headers)  # type: ignore[attr-defined]
         if kind is h11.Request:
             target = ev.target  # type: ignore[attr-defined]

@@ -190,9 +190,7 @@ def known_open_defect(summary_: list[tuple]) -> bool:
     """
     for item in summary_:
         if item[0] == "request" and (
-            item[4] not in (b"1.0", b"1.1")
-            or item[1] == b"CONNECT"
-            or (item[4] == b"1.0" and item[7])
+            item[4] in (b"0.9", b"2.0") or item[1] == b"CONNECT" or (item[4] == b"1.0" and item[7])
         ):
             return True
     return False
