@@ -62,6 +62,7 @@ _scan_head = http1_head_scanner()
 
 _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
 _CTL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_EARLY: Final = "response bytes before a request"
 _CRLF: Final = b"\r\n"
 _SEP: Final = b": "
 _HEAD_END: Final = b"\r\n\r\n"
@@ -201,6 +202,8 @@ class FastHttp1Codec(Http1Codec):
     # -- llhttp callbacks (names fixed by httptools) --------------------------
 
     def on_message_begin(self) -> None:
+        if self._message_done and self.role == "client":
+            raise _Reject(400, _EARLY)  # we never pipeline: an answer to no request
         self._in_message = self._in_head = True
         self._in_trailers = self._message_done = False
         self._head_fed = self._count = self._size = 0
@@ -366,8 +369,11 @@ class FastHttp1Codec(Http1Codec):
             self._parse(data)
 
     def _scannable(self) -> bool:
-        # Responses to HEAD and CONNECT are delimited by _feed_head_only.
-        return self.role == "server" or (self._method != b"HEAD" and self._method != b"CONNECT")
+        # Responses to HEAD and CONNECT are delimited by _feed_head_only; after a complete
+        # response, llhttp's on_message_begin refuses another one.
+        return self.role == "server" or (
+            not self._message_done and self._method != b"HEAD" and self._method != b"CONNECT"
+        )
 
     def _scan(self, data: Buffer) -> Buffer:
         """Take whole plain heads (native scanner) and their Content-Length bodies.
@@ -394,6 +400,9 @@ class FastHttp1Codec(Http1Codec):
             if left >= 0:
                 pending.append(END)
                 self._left = -1
+                if not server:
+                    self._message_done = True
+                    return data  # llhttp skips empty lines, refuses a second response
                 if not data:
                     return b""
             found = self._scanner(data, server, limits.max_header_bytes, limits.max_header_count)
@@ -442,9 +451,8 @@ class FastHttp1Codec(Http1Codec):
                 self._in_message = False
                 self._pending.append(END)
             self._parser = self._new_parser()
-            # Bytes after the response answer a request not sent yet, whose method decides
-            # their framing: held until _send_request (h11 waits the same way).
-            buf += rest
+            if rest.lstrip(b"\r\n"):
+                self._fail(400, _EARLY)
         elif 200 <= self._status < 300:
             self._raw = bytearray(rest)
             self._parser = None
@@ -496,14 +504,6 @@ class FastHttp1Codec(Http1Codec):
     # the hop-by-hop fields its wire bytes never had.
 
     def _send_request(self, ev: RequestHead) -> Buffer:
-        out = self._send_request_head(ev)
-        if self._headbuf:  # response bytes held since before this request (see _feed_head_only)
-            early = bytes(self._headbuf)
-            self._headbuf.clear()
-            self._feed(early)
-        return out
-
-    def _send_request_head(self, ev: RequestHead) -> Buffer:
         wire = ev.wire
         if wire is None:
             return super()._send_request(ev)

@@ -46,6 +46,9 @@ _CTL: Final = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # h11 takes any HTTP/<digit>.<digit>; the fast backend's llhttp only these. Which of them
 # the proxy serves is decided for both backends in HeadFacts.
 _LLHTTP_VERSIONS: Final = frozenset({b"0.9", b"1.0", b"1.1", b"2.0"})
+# RFC 9112 §3.2: origin-form, asterisk-form or absolute-form (llhttp's test: a scheme then
+# "://"); h11 takes any visible characters.
+_TARGET_FORM: Final = re.compile(rb"[/*]|[A-Za-z][A-Za-z0-9+.\-]*://")
 _CLOSE_LINE: Final = b"\r\nConnection: close\r\n"
 _KEEP_ALIVE_LINE: Final = b"\r\nConnection: keep-alive\r\n"
 
@@ -126,6 +129,13 @@ class H11Http1Codec(Http1Codec):
                 # holds it for start_next_cycle (HTTP/1.0 keep-alive) or drops it with the
                 # connection. Both backends hold it.
                 return
+            if (
+                self.role == "client"
+                and conn.their_state is h11.DONE
+                and conn.trailing_data[0].lstrip(b"\r\n")
+            ):
+                self._fail(400, "response bytes before a request")  # we never pipeline
+                return
             if self._facts is None and self._waiting_for_head() and conn.trailing_data[0]:
                 if not self._check_raw_head():
                     return
@@ -165,6 +175,8 @@ class H11Http1Codec(Http1Codec):
         headers: Headers = list(ev.headers)  # type: ignore[attr-defined]
         if kind is h11.Request:
             target = ev.target  # type: ignore[attr-defined]
+            if not _TARGET_FORM.match(target) and ev.method != b"CONNECT":  # type: ignore[attr-defined]
+                return ProtocolError(400, "request-target in no known form")
             if head_size(len(target), headers) > self.limits.max_header_bytes:
                 return ProtocolError(431, "header section over limits")
             return facts.request_head(

@@ -7,6 +7,7 @@ smuggled, so "fast accepts, h11 rejects" is a finding even when neither crashes.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import cache
 
 from pyproxy.native import http1_head_scanner
@@ -235,15 +236,7 @@ def http1_request(data: bytes) -> None:
     """Server role: every backend, whole and split, gives the same events for the same bytes."""
     if not data:
         return
-    seed, payload = data[0], data[1:]
-    limits = limits_for(seed)
-    results = {}
-    for backend in BACKENDS:
-        whole = summary(serve(codec(backend, "server", limits), [payload]))
-        cut = summary(serve(codec(backend, "server", limits), splits(payload, seed)))
-        assert split_agrees(whole, cut), (backend, whole, cut)
-        results[backend] = whole
-    assert_scanner_agrees(results["fast"], results["fast-llhttp"])
+    results = _on_every_backend("server", serve, data[1:], data[0])
     fast, h11 = (comparable(plain(results[b])) for b in ("fast", "h11"))
     if known_open_defect(fast) or known_open_defect(h11):
         return
@@ -254,21 +247,31 @@ def http1_response(data: bytes) -> None:
     """Client role, after a GET / HEAD / POST / Upgrade request: the same agreement as above."""
     if len(data) < 2:
         return
-    seed, kind, payload = data[0], data[1] % 4, data[2:]
+    kind = data[1] % 4
     headers = [(b"host", b"up")]
     if kind == 3:
         headers += [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
     request = RequestHead((b"GET", b"HEAD", b"POST", b"GET")[kind], b"/", headers)
+    results = _on_every_backend(
+        "client", lambda client, pieces: fetch(client, request, pieces), data[2:], data[0]
+    )
+    assert plain(results["fast"]) == plain(results["h11"]), results
+
+
+def _on_every_backend(
+    role: str, drive: Callable[[Http1Codec, list[bytes]], list], payload: bytes, seed: int
+) -> dict[str, list[tuple]]:
+    """Each backend's summary of ``payload`` fed whole, checked against the same fed in the
+    pieces ``seed`` picks; the native scanner's run checked against llhttp's."""
+    limits = limits_for(seed)
     results = {}
     for backend in BACKENDS:
-        whole = summary(fetch(codec(backend, "client", limits_for(seed)), request, [payload]))
-        cut = summary(
-            fetch(codec(backend, "client", limits_for(seed)), request, splits(payload, seed))
-        )
+        whole = summary(drive(codec(backend, role, limits), [payload]))
+        cut = summary(drive(codec(backend, role, limits), splits(payload, seed)))
         assert split_agrees(whole, cut), (backend, whole, cut)
         results[backend] = whole
     assert_scanner_agrees(results["fast"], results["fast-llhttp"])
-    assert plain(results["fast"]) == plain(results["h11"]), results
+    return results
 
 
 def assert_scanner_agrees(native: list[tuple], llhttp: list[tuple]) -> None:
