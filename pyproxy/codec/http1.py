@@ -89,7 +89,7 @@ def _connection_named(headers: Headers) -> set[bytes]:
     named: set[bytes] = set()
     for name, value in headers:
         if name == b"connection":
-            named.update(connection_tokens(value))
+            named.update(t for t in connection_tokens(value) if t not in _ALREADY_DROPPED)
     return named
 
 
@@ -106,8 +106,9 @@ def strip_hop_by_hop(headers: Headers) -> Headers:
         if name in HOP_BY_HOP:
             if name == b"connection":
                 options = connection_tokens(field[1])
-                if any(option not in _ALREADY_DROPPED for option in options):
-                    named = (named or set()).union(options)
+                extra = [option for option in options if option not in _ALREADY_DROPPED]
+                if extra:
+                    named = (named or set()).union(extra)
             continue
         kept.append(field)
     if named:
