@@ -19,7 +19,6 @@ What this backend does differently from the h11 one (documented, tested):
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 from typing import Final
 
@@ -41,6 +40,7 @@ from pyproxy.codec.http1 import (
     CHUNKED,
     DEFAULT_LIMITS,
     DONE,
+    FIELD_CONTROL,
     HOP_BY_HOP,
     IDLE,
     LENGTH,
@@ -61,7 +61,6 @@ from pyproxy.native import http1_head_scanner
 _scan_head = http1_head_scanner()
 
 _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
-_CTL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _EARLY: Final = "response bytes before a request"
 _CRLF: Final = b"\r\n"
 _SEP: Final = b": "
@@ -221,7 +220,7 @@ class FastHttp1Codec(Http1Codec):
 
     def on_status(self, reason: bytes) -> None:
         # RFC 9112 §4: HTAB, SP, VCHAR and obs-text only; llhttp lets other controls by.
-        if _CTL.search(reason):
+        if FIELD_CONTROL.search(reason):
             raise _Reject(400, "control character in reason phrase")
         self._reason += reason
 

@@ -3,11 +3,11 @@ a frame scanner that bounds header blocks and lifts GOAWAY out of the byte strea
 
 from __future__ import annotations
 
-import re
 from http import HTTPStatus
 from typing import Final
 
 from pyproxy.codec.events import Headers, RequestHead, ResponseHead
+from pyproxy.codec.http1 import FIELD_CONTROL
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 §3.4
 
@@ -30,9 +30,6 @@ _NOT_IN_H2: Final = frozenset(
     }
 )
 _REASONS: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
-# RFC 9113 §8.2.1 / RFC 9110 §5.5: h2 lets controls through in field values; an HTTP/1
-# upstream rejects them (llhttp) or worse, so the request is not relayed.
-_BAD_VALUE: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class HeaderBlockTooLarge(Exception):
@@ -164,8 +161,8 @@ def request_from_h2(headers: Headers, ended: bool) -> RequestHead | None:
     cookies: list[bytes] = []
     fields: Headers = []
     for name, value in headers:
-        if _BAD_VALUE.search(value):
-            return None
+        if FIELD_CONTROL.search(value):
+            return None  # h2 lets it by (RFC 9113 §8.2.1); an HTTP/1 peer would not
         if name[:1] == b":":
             if name == b":method":
                 method = value
@@ -234,7 +231,7 @@ def response_from_h2(headers: Headers) -> ResponseHead | None:
     content_length = None
     fields: Headers = []
     for name, value in headers:
-        if _BAD_VALUE.search(value):
+        if FIELD_CONTROL.search(value):
             return None
         if name == b":status":
             if len(value) != 3 or not value.isdigit():
