@@ -259,6 +259,8 @@ class FastHttp1Codec(Http1Codec):
                 raise _Reject(head.status, head.reason)
         else:
             status = parser.get_status_code()  # type: ignore[union-attr]
+            if status < 100:  # RFC 9112 §4: three digits; llhttp takes "99"
+                raise _Reject(400, "status code not three digits")
             if status == 101 and not self._upgrade:
                 raise _Reject(400, "101 without an Upgrade offer")
             self._status = status

@@ -7,6 +7,7 @@ smuggled, so "fast accepts, h11 rejects" is a finding even when neither crashes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from functools import cache
 
@@ -238,9 +239,15 @@ def http1_request(data: bytes) -> None:
         return
     results = _on_every_backend("server", serve, data[1:], data[0])
     fast, h11 = (comparable(plain(results[b])) for b in ("fast", "h11"))
-    if known_open_defect(fast) or known_open_defect(h11):
+    if known_open_defect(fast) or known_open_defect(h11) or _CHUNK_EXT_NOT_TOKEN.search(data):
         return
     assert fast == h11, (fast, h11)
+
+
+# Open finding: h11 takes any bytes in a chunk extension, llhttp only tokens and quoted
+# strings (RFC 9112 §7.1.1). Not a desync through the proxy (bodies are re-chunked
+# without extensions), but a backend disagreement to settle in the h11 wrapper.
+_CHUNK_EXT_NOT_TOKEN = re.compile(rb"\r\n[0-9A-Fa-f]+[ \t]*;[^\r\n]*?[^\x21-\x7e \t\r\n]")
 
 
 def http1_response(data: bytes) -> None:
