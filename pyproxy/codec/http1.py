@@ -237,7 +237,10 @@ class HeadFacts:
 
     def response_head(
         self, status: int, reason: bytes, headers: Headers, version: bytes, method: bytes
-    ) -> ResponseHead:
+    ) -> ResponseHead | ProtocolError:
+        # RFC 9112 §4: three digits (llhttp takes "99"); RFC 9110 §15.2: 1xx is HTTP/1.1's.
+        if status < 100 or (status < 200 and version != b"1.1"):
+            return ProtocolError(400, "malformed status line")
         # RFC 9112 §6.3 (8): a final response with content but no length runs to close.
         until_close = (
             status >= 200

@@ -259,14 +259,14 @@ class FastHttp1Codec(Http1Codec):
                 raise _Reject(head.status, head.reason)
         else:
             status = parser.get_status_code()  # type: ignore[union-attr]
-            if status < 100:  # RFC 9112 §4: three digits; llhttp takes "99"
-                raise _Reject(400, "status code not three digits")
             if status == 101 and not self._upgrade:
                 raise _Reject(400, "101 without an Upgrade offer")
             self._status = status
             head = self._facts.response_head(
                 status, self._reason, self._headers, version, self._method
             )
+            if isinstance(head, ProtocolError):
+                raise _Reject(head.status, head.reason)
             if status >= 200:
                 self._final_seen = True
                 self._until_close = not head.keep_alive and (
