@@ -77,6 +77,8 @@ HOP_BY_HOP: Final = frozenset(
 # RFC 9110 §5.5 / RFC 9112 §4: no control character but HTAB in a field value or a reason
 # phrase (CR and LF included: no line may be split).
 FIELD_CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9110 §5.1, §5.6.2: a field name is a token (lower-cased here).
+FIELD_NAME: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
 
 # Connection options that name no extra field to drop ("close" names none at all).
 _ALREADY_DROPPED: Final = HOP_BY_HOP | {b"close"}

@@ -7,7 +7,7 @@ from http import HTTPStatus
 from typing import Final
 
 from pyproxy.codec.events import Headers, RequestHead, ResponseHead
-from pyproxy.codec.http1 import FIELD_CONTROL
+from pyproxy.codec.http1 import FIELD_CONTROL, FIELD_NAME
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 §3.4
 
@@ -153,16 +153,16 @@ def header_list_size(headers: Headers) -> int:
 def request_from_h2(headers: Headers, ended: bool) -> RequestHead | None:
     """An HTTP/2 request header list (validated by h2) as the RequestHead an HTTP/1 peer expects.
 
-    None for what this proxy does not relay (CONNECT, RFC 9113 §8.5; a control character
-    in a field value).
+    None for what this proxy does not relay (CONNECT, RFC 9113 §8.5; a field name that is
+    not a token, a control character in a field value).
     """
     method = path = authority = host = None
     content_length = None
     cookies: list[bytes] = []
     fields: Headers = []
     for name, value in headers:
-        if FIELD_CONTROL.search(value):
-            return None  # h2 lets it by (RFC 9113 §8.2.1); an HTTP/1 peer would not
+        if FIELD_CONTROL.search(value) or (name[:1] != b":" and not FIELD_NAME.fullmatch(name)):
+            return None  # h2 lets these by (RFC 9113 §8.2.1); an HTTP/1 peer would not
         if name[:1] == b":":
             if name == b":method":
                 method = value
@@ -225,13 +225,13 @@ def h2_request_headers(head: RequestHead, te_trailers: bool) -> tuple[Headers, b
 
 def response_from_h2(headers: Headers) -> ResponseHead | None:
     """None for a malformed response h2 lets through (RFC 9113 §8.1.1): a :status that is
-    not three digits (RFC 9110 §15), a Content-Length that is not digits, a control
-    character in a field value."""
+    not three digits (RFC 9110 §15), a Content-Length that is not digits, a field name
+    that is not a token, a control character in a field value."""
     status = 0
     content_length = None
     fields: Headers = []
     for name, value in headers:
-        if FIELD_CONTROL.search(value):
+        if FIELD_CONTROL.search(value) or (name[:1] != b":" and not FIELD_NAME.fullmatch(name)):
             return None
         if name == b":status":
             if len(value) != 3 or not value.isdigit():
