@@ -160,9 +160,13 @@ def h2_request(data: bytes) -> None:
     for _ in range(draw.below(6)):
         field = _header(draw)
         headers.insert(draw.below(len(headers) + 1), field)
-    body = draw.blob(30)
-    encoder = Encoder()
-    block = encoder.encode(headers, huffman=draw.flag())
+    block = Encoder().encode(headers, huffman=draw.flag())
+    wire = _stream_one(block, draw.blob(30))
+    _receive(splits(PREFACE + wire, draw.byte()))
+
+
+def _stream_one(block: bytes, body: bytes) -> bytes:
+    """SETTINGS, then stream 1: a HEADERS frame with ``block``, and ``body`` as DATA if any."""
     frame = HeadersFrame(1, block)
     frame.flags.add("END_HEADERS")
     if not body:
@@ -172,7 +176,7 @@ def h2_request(data: bytes) -> None:
         last = DataFrame(1, body)
         last.flags.add("END_STREAM")
         wire += last.serialize()
-    _receive(splits(PREFACE + wire, draw.byte()))
+    return wire
 
 
 _STATUSES = (b"200", b"204", b"304", b"404", b"100", b"103", b"101", b"99", b"1000", b"abc", b"")
@@ -193,16 +197,7 @@ def h2_response(data: bytes) -> None:
         name = draw.pick((b"content-length", b"x-a", b":status", b"connection", b"te", b""))
         value = draw.pick(_RESPONSE_VALUES) if draw.flag() else draw.blob(16)
         headers.insert(draw.below(len(headers) + 1), (name, value))
-    frame = HeadersFrame(1, Encoder().encode(headers))
-    frame.flags.add("END_HEADERS")
-    body = draw.blob(8)
-    if not body:
-        frame.flags.add("END_STREAM")
-    wire = SettingsFrame(0).serialize() + frame.serialize()
-    if body:
-        last = DataFrame(1, body)
-        last.flags.add("END_STREAM")
-        wire += last.serialize()
+    wire = _stream_one(Encoder().encode(headers), draw.blob(8))
     scanner = FrameScanner(_SETTINGS.max_header_bytes, server=False)
     try:
         events = conn.receive_data(scanner.feed(wire)[0])
