@@ -224,6 +224,13 @@ class HeadFacts:
         # RFC 9112 §3.2: exactly one Host in an HTTP/1.1 request, else 400.
         if self.hosts > 1 or (self.hosts == 0 and version == b"1.1"):
             return ProtocolError(400, "missing or repeated Host")
+        # RFC 9110 §7.8: an Upgrade offer counts only if Connection names it.
+        upgrade = method == b"CONNECT" or (self.upgrade_field and self.upgrade_token)
+        if upgrade and (self.content_length or self.chunked):
+            # llhttp switches right after the head, h11 after the content: the content
+            # of a declined upgrade would be parsed as the next request (a smuggling
+            # vector), so neither backend takes one.
+            return ProtocolError(400, "Upgrade or CONNECT request with content")
         return RequestHead(
             method,
             target,
@@ -233,8 +240,7 @@ class HeadFacts:
             self.content_length,
             self.chunked,
             self.expect,
-            # RFC 9110 §7.8: an Upgrade offer counts only if Connection names it.
-            method == b"CONNECT" or (self.upgrade_field and self.upgrade_token),
+            upgrade,
         )
 
     def response_head(
