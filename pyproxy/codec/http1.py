@@ -77,6 +77,9 @@ HOP_BY_HOP: Final = frozenset(
 # RFC 9110 §5.5 / RFC 9112 §4: no control character but HTAB in a field value or a reason
 # phrase (CR and LF included: no line may be split).
 FIELD_CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9110 §6.5.1: fields that frame a message are never trailers (llhttp refuses a second
+# Transfer-Encoding there); both backends refuse them.
+NOT_TRAILERS: Final = frozenset({b"content-length", b"transfer-encoding"})
 # RFC 9110 §5.1, §5.6.2: a field name is a token (lower-cased here).
 FIELD_NAME: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
 
@@ -246,8 +249,11 @@ class HeadFacts:
     def response_head(
         self, status: int, reason: bytes, headers: Headers, version: bytes, method: bytes
     ) -> ResponseHead | ProtocolError:
-        # RFC 9112 §4: three digits (llhttp takes "99"); RFC 9110 §15.2: 1xx is HTTP/1.1's.
-        if status < 100 or (status < 200 and version != b"1.1"):
+        # RFC 9112 §4: three digits (llhttp takes "99"); RFC 9110 §15.2: 1xx is HTTP/1.1's
+        # and (§8.6) carries no framing: llhttp would read a body after a "199".
+        if status < 100 or (
+            status < 200 and (version != b"1.1" or self.content_length is not None or self.chunked)
+        ):
             return ProtocolError(400, "malformed status line")
         # RFC 9112 §6.3 (8): a final response with content but no length runs to close.
         until_close = (

@@ -45,6 +45,7 @@ from pyproxy.codec.http1 import (
     IDLE,
     LENGTH,
     NO_BODY,
+    NOT_TRAILERS,
     SEND_BODY,
     UNTIL_CLOSE,
     CodecUsageError,
@@ -234,6 +235,8 @@ class FastHttp1Codec(Http1Codec):
         if value and (value[-1] == 32 or value[-1] == 9):
             value = value.rstrip(b" \t")  # llhttp can leave trailing OWS (RFC 9110 §5.5)
         if self._in_trailers:
+            if name in NOT_TRAILERS:
+                raise _Reject(400, "framing field in trailers")
             self._trailers.append((name, value))
             return
         if name in _WATCHED:

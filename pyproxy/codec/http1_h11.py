@@ -34,6 +34,7 @@ from pyproxy.codec.events import (
 from pyproxy.codec.http1 import (
     _FACT_NAMES,
     DEFAULT_LIMITS,
+    NOT_TRAILERS,
     CodecUsageError,
     HeadFacts,
     Http1Codec,
@@ -165,6 +166,8 @@ class H11Http1Codec(Http1Codec):
             return Body(ev.data)  # type: ignore[attr-defined]
         if kind is h11.EndOfMessage:
             trailers = ev.headers  # type: ignore[attr-defined]
+            if any(name in NOT_TRAILERS for name, _ in trailers):
+                return ProtocolError(400, "framing field in trailers")
             if trailers:
                 self._pending.append(Trailers(list(trailers)))
             return END
