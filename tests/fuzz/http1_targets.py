@@ -263,7 +263,7 @@ def _lax_chunked(data: bytes) -> bool:
     one unambiguous message, but the backends still disagree on what to refuse; the h11
     wrapper vets heads only, not the chunked framing."""
     head_end = data.find(b"\r\n\r\n")
-    if head_end < 0 or b"chunked" not in data[:head_end].lower():
+    if head_end < 0 or b"chunked" not in data.lower():
         return False
     body = data[head_end + 4 :]
     if body.count(b"\n") != body.count(b"\r\n"):
