@@ -273,10 +273,8 @@ def _lax_chunked(data: bytes) -> bool:
 
 _CHUNK_LINE_EXT = re.compile(rb"\n[0-9A-Fa-f]+[ \t]*(;[^\n]*?)\r?\n")
 _EXT_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_CHUNK_EXT = re.compile(
-    rb'(?:[ \t]*;[ \t]*%s(?:[ \t]*=[ \t]*(?:%s|"(?:[^"\\\r\n]|\\.)*"))?)+[ \t]*'
-    % (_EXT_TOKEN, _EXT_TOKEN)
-)
+# llhttp's reading of it: no whitespace around ";" and "=" (the RFC allows BWS there).
+_CHUNK_EXT = re.compile(rb'(?:;%s(?:=(?:%s|"(?:[^"\\\r\n]|\\.)*"))?)+' % (_EXT_TOKEN, _EXT_TOKEN))
 
 
 def http1_response(data: bytes) -> None:
