@@ -259,14 +259,14 @@ _REPEATED_SP = re.compile(rb"(?:^|\n)[^ \r\n]+[^\r\n]*?  [^\r\n]*HTTP/")
 def _lax_chunked(data: bytes) -> bool:
     """Open finding: h11 decodes chunked bodies leniently where llhttp does not: anything
     in a chunk extension (RFC 9112 §7.1.1 has a grammar), a bare LF ending a chunk or
-    trailer line (§2.2: CRLF). The proxy re-chunks what it decoded, so the upstream sees
+    trailer line (§2.2: CRLF), an obs-fold in the trailers (§5.2). The proxy re-chunks what it decoded, so the upstream sees
     one unambiguous message, but the backends still disagree on what to refuse; the h11
     wrapper vets heads only, not the chunked framing."""
     head_end = data.find(b"\r\n\r\n")
     if head_end < 0 or b"chunked" not in data.lower():
         return False
     body = data[head_end + 4 :]
-    if body.count(b"\n") != body.count(b"\r\n"):
+    if body.count(b"\n") != body.count(b"\r\n") or b"\r\n " in body or b"\r\n\t" in body:
         return True
     return any(not _CHUNK_EXT.fullmatch(ext) for ext in _CHUNK_LINE_EXT.findall(data))
 
