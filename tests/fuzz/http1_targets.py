@@ -227,7 +227,7 @@ def split_agrees(whole: list[tuple], cut: list[tuple]) -> bool:
     if (
         whole
         and cut
-        and whole[:-1] == cut[:-1]
+        and plain(whole[:-1]) == plain(cut[:-1])
         and {whole[-1], cut[-1]} <= _MALFORMED_OR_UNSUPPORTED
     ):
         return True
