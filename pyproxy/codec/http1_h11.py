@@ -34,6 +34,7 @@ from pyproxy.codec.events import (
 from pyproxy.codec.http1 import (
     _FACT_NAMES,
     DEFAULT_LIMITS,
+    FIELD_CONTROL,
     NOT_TRAILERS,
     CodecUsageError,
     HeadFacts,
@@ -166,8 +167,9 @@ class H11Http1Codec(Http1Codec):
             return Body(ev.data)  # type: ignore[attr-defined]
         if kind is h11.EndOfMessage:
             trailers = ev.headers  # type: ignore[attr-defined]
-            if any(name in NOT_TRAILERS for name, _ in trailers):
-                return ProtocolError(400, "framing field in trailers")
+            if any(n in NOT_TRAILERS or FIELD_CONTROL.search(v) for n, v in trailers):
+                # The raw check above vets heads only; llhttp refuses these in trailers too.
+                return ProtocolError(400, "framing field or control character in trailers")
             if trailers:
                 self._pending.append(Trailers(list(trailers)))
             return END
