@@ -11,7 +11,7 @@ APT_BUILD := gcc libc6-dev python3-dev python3-venv acl clang llvm libbpf-dev li
 APT_TEST := iptables iproute2 util-linux curl procps wrk nghttp2-client openssl podman runc buildah debootstrap
 APT_BENCH := nginx-light libnginx-mod-stream iperf3 haproxy
 
-.PHONY: demo test bench soak lint fresh-check system-deps system-deps-bench clean apt
+.PHONY: demo test bench soak fuzz lint fresh-check system-deps system-deps-bench clean apt
 
 demo: system-deps $(VENV)/.installed-test
 	$(PY) -m pyproxy demo
@@ -32,6 +32,14 @@ bench-%: system-deps system-deps-bench $(VENV)/.installed-test
 SOAK_SECONDS ?= 180
 soak: system-deps system-deps-bench $(VENV)/.installed-test
 	$(PY) -m pyproxy.bench.soak --seconds $(SOAK_SECONDS)
+
+# Coverage-guided fuzzing (atheris) of every codec and the config loader, FUZZ_SECONDS in
+# total shared by the targets; the regression corpus is replayed by `make test` as well.
+FUZZ_SECONDS ?= 240
+
+fuzz: $(VENV)/.installed-test
+	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install -q -e '.[fuzz]'
+	cd tests && $(abspath $(PY)) -m fuzz --seconds $(FUZZ_SECONDS)
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy

@@ -5,12 +5,11 @@
  *
  * scan_head() accepts a strict subset of RFC 9112 and declines (returns 0)
  * anything else, so the caller's fallback (llhttp) decides every other case
- * with its own status: a method from a common set (no CONNECT), a target of
- * RFC 3986 characters, HTTP/1.0 or 1.1, a final status 200-599, token field
- * names, visible-ASCII values, Content-Length framing or none (no
- * Transfer-Encoding, no Upgrade field), one Host in a 1.1 request, an
- * origin-form target, no Connection option naming a field in a request, within
- * the size and count limits.
+ * with its own status: a method from a common set (no CONNECT), an origin-form
+ * target ('/' then RFC 3986 characters), HTTP/1.0 or 1.1, a final status 200-599,
+ * token field names, visible-ASCII values, Content-Length framing or none (no
+ * Transfer-Encoding, no Upgrade field), one Host in a 1.1 request, no
+ * Connection option naming a field in a request, within the size and count limits.
  */
 #ifndef PYPROXY_HTTP1_SCAN_H
 #define PYPROXY_HTTP1_SCAN_H

@@ -221,7 +221,7 @@ class _Fields:
     def done(self) -> None:
         if self.data:
             key = sorted(map(str, self.data))[0]
-            raise self.error(key, "unknown field")
+            raise self.error(key or '""', "unknown field")  # an empty key still gets a name
 
 
 def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
@@ -778,6 +778,8 @@ def load_config(path: str) -> ProxyConfig:
             data = yaml.safe_load(handle)
     except OSError as exc:
         raise ConfigError(path, "", f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, "", f"invalid YAML: not UTF-8 text (byte {exc.start})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""

@@ -35,6 +35,7 @@ class H2Upstream(ThreadedServer):
     /reset         RST_STREAM INTERNAL_ERROR before any response
     /reset-after   200 head and 1000 bytes, then RST_STREAM
     /hang          never answers (the test watches for the proxy's RST_STREAM in .resets)
+    /status?raw=S  a head with ":status: S" as given (h2 sends any bytes), body "s"
     anything else  200 "ok:<path>:<name>"
     """
 
@@ -214,6 +215,9 @@ class _ServerConn:
             with self.lock:
                 self.conn.reset_stream(sid, 2)
                 self.flush()
+        elif path == "/status":
+            self.send_headers(sid, [(b":status", params.get("raw", "").encode())])
+            self.send_data(sid, b"s", end=True)
         elif path == "/hang":
             deadline = time.monotonic() + 10
             while not state["reset"] and time.monotonic() < deadline:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
@@ -73,6 +74,15 @@ HOP_BY_HOP: Final = frozenset(
 )
 
 
+# RFC 9110 §5.5 / RFC 9112 §4: no control character but HTAB in a field value or a reason
+# phrase (CR and LF included: no line may be split).
+FIELD_CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+# RFC 9110 §6.5.1: fields that frame a message are never trailers (llhttp refuses a second
+# Transfer-Encoding there); both backends refuse them.
+NOT_TRAILERS: Final = frozenset({b"content-length", b"transfer-encoding"})
+# RFC 9110 §5.1, §5.6.2: a field name is a token (lower-cased here).
+FIELD_NAME: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9a-z]+")
+
 # Connection options that name no extra field to drop ("close" names none at all).
 _ALREADY_DROPPED: Final = HOP_BY_HOP | {b"close"}
 
@@ -96,7 +106,7 @@ def _connection_named(headers: Headers) -> set[bytes]:
     named: set[bytes] = set()
     for name, value in headers:
         if name == b"connection":
-            named.update(connection_tokens(value))
+            named.update(t for t in connection_tokens(value) if t not in _ALREADY_DROPPED)
     return named
 
 
@@ -113,8 +123,9 @@ def strip_hop_by_hop(headers: Headers) -> Headers:
         if name in HOP_BY_HOP:
             if name == b"connection":
                 options = connection_tokens(field[1])
-                if any(option not in _ALREADY_DROPPED for option in options):
-                    named = (named or set()).union(options)
+                extra = [option for option in options if option not in _ALREADY_DROPPED]
+                if extra:
+                    named = (named or set()).union(extra)
             continue
         kept.append(field)
     if named:
@@ -240,6 +251,13 @@ class HeadFacts:
         # RFC 9112 §6.1: Transfer-Encoding in HTTP/1.0 means the framing is faulty.
         if self.chunked and version == b"1.0":
             return ProtocolError(400, "Transfer-Encoding in an HTTP/1.0 request")
+        # RFC 9110 §7.8: an Upgrade offer counts only if Connection names it.
+        upgrade = method == b"CONNECT" or (self.upgrade_field and self.upgrade_token)
+        if upgrade and (self.content_length or self.chunked):
+            # llhttp switches right after the head, h11 after the content: the content
+            # of a declined upgrade would be parsed as the next request (a smuggling
+            # vector), so neither backend takes one.
+            return ProtocolError(400, "Upgrade or CONNECT request with content")
         return RequestHead(
             method,
             target,
@@ -249,13 +267,18 @@ class HeadFacts:
             self.content_length,
             self.chunked,
             self.expect,
-            # RFC 9110 §7.8: an Upgrade offer counts only if Connection names it.
-            method == b"CONNECT" or (self.upgrade_field and self.upgrade_token),
+            upgrade,
         )
 
     def response_head(
         self, status: int, reason: bytes, headers: Headers, version: bytes, method: bytes
-    ) -> ResponseHead:
+    ) -> ResponseHead | ProtocolError:
+        # RFC 9112 §4: three digits (llhttp takes "99"); RFC 9110 §15.2: 1xx is HTTP/1.1's
+        # and (§8.6) carries no framing: llhttp would read a body after a "199".
+        if status < 100 or (
+            status < 200 and (version != b"1.1" or self.content_length is not None or self.chunked)
+        ):
+            return ProtocolError(400, "malformed status line")
         # RFC 9112 §6.3 (8): a final response with content but no length runs to close.
         until_close = (
             status >= 200

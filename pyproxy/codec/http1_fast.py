@@ -40,10 +40,12 @@ from pyproxy.codec.http1 import (
     CHUNKED,
     DEFAULT_LIMITS,
     DONE,
+    FIELD_CONTROL,
     HOP_BY_HOP,
     IDLE,
     LENGTH,
     NO_BODY,
+    NOT_TRAILERS,
     SEND_BODY,
     UNTIL_CLOSE,
     CodecUsageError,
@@ -60,6 +62,7 @@ from pyproxy.native import http1_head_scanner
 _scan_head = http1_head_scanner()
 
 _VERSIONS: Final = {"1.1": b"1.1", "1.0": b"1.0"}
+_EARLY: Final = "response bytes before a request"
 _CRLF: Final = b"\r\n"
 _SEP: Final = b": "
 _HEAD_END: Final = b"\r\n\r\n"
@@ -199,6 +202,8 @@ class FastHttp1Codec(Http1Codec):
     # -- llhttp callbacks (names fixed by httptools) --------------------------
 
     def on_message_begin(self) -> None:
+        if self._message_done and self.role == "client":
+            raise _Reject(400, _EARLY)  # we never pipeline: an answer to no request
         self._in_message = self._in_head = True
         self._in_trailers = self._message_done = False
         self._head_fed = self._count = self._size = 0
@@ -215,6 +220,9 @@ class FastHttp1Codec(Http1Codec):
             raise _Reject(431, "request target over the header size limit")
 
     def on_status(self, reason: bytes) -> None:
+        # RFC 9112 §4: HTAB, SP, VCHAR and obs-text only; llhttp lets other controls by.
+        if FIELD_CONTROL.search(reason):
+            raise _Reject(400, "control character in reason phrase")
         self._reason += reason
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -227,6 +235,8 @@ class FastHttp1Codec(Http1Codec):
         if value and (value[-1] == 32 or value[-1] == 9):
             value = value.rstrip(b" \t")  # llhttp can leave trailing OWS (RFC 9110 §5.5)
         if self._in_trailers:
+            if name in NOT_TRAILERS:
+                raise _Reject(400, "framing field in trailers")
             self._trailers.append((name, value))
             return
         if name in _WATCHED:
@@ -258,6 +268,8 @@ class FastHttp1Codec(Http1Codec):
             head = self._facts.response_head(
                 status, self._reason, self._headers, version, self._method
             )
+            if isinstance(head, ProtocolError):
+                raise _Reject(head.status, head.reason)
             if status >= 200:
                 self._final_seen = True
                 self._until_close = not head.keep_alive and (
@@ -363,8 +375,11 @@ class FastHttp1Codec(Http1Codec):
             self._parse(data)
 
     def _scannable(self) -> bool:
-        # Responses to HEAD and CONNECT are delimited by _feed_head_only.
-        return self.role == "server" or (self._method != b"HEAD" and self._method != b"CONNECT")
+        # Responses to HEAD and CONNECT are delimited by _feed_head_only; after a complete
+        # response, llhttp's on_message_begin refuses another one.
+        return self.role == "server" or (
+            not self._message_done and self._method != b"HEAD" and self._method != b"CONNECT"
+        )
 
     def _scan(self, data: Buffer) -> Buffer:
         """Take whole plain heads (native scanner) and their Content-Length bodies.
@@ -391,6 +406,9 @@ class FastHttp1Codec(Http1Codec):
             if left >= 0:
                 pending.append(END)
                 self._left = -1
+                if not server:
+                    self._message_done = True
+                    return data  # llhttp skips empty lines, refuses a second response
                 if not data:
                     return b""
             found = self._scanner(data, server, limits.max_header_bytes, limits.max_header_count)
@@ -439,8 +457,8 @@ class FastHttp1Codec(Http1Codec):
                 self._in_message = False
                 self._pending.append(END)
             self._parser = self._new_parser()
-            if rest:
-                self._parse(rest)
+            if rest.lstrip(b"\r\n"):
+                self._fail(400, _EARLY)
         elif 200 <= self._status < 300:
             self._raw = bytearray(rest)
             self._parser = None

@@ -34,6 +34,8 @@ from pyproxy.codec.events import (
 from pyproxy.codec.http1 import (
     _FACT_NAMES,
     DEFAULT_LIMITS,
+    FIELD_CONTROL,
+    NOT_TRAILERS,
     CodecUsageError,
     HeadFacts,
     Http1Codec,
@@ -43,6 +45,12 @@ from pyproxy.codec.http1 import (
 )
 
 _CTL: Final = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# h11 takes any HTTP/<digit>.<digit>; the fast backend's llhttp only these. Which of them
+# the proxy serves is decided for both backends in HeadFacts.
+_LLHTTP_VERSIONS: Final = frozenset({b"0.9", b"1.0", b"1.1", b"2.0"})
+# RFC 9112 §3.2: origin-form, asterisk-form or absolute-form (llhttp's test: a scheme then
+# "://"); h11 takes any visible characters.
+_TARGET_FORM: Final = re.compile(rb"[/*]|[A-Za-z][A-Za-z0-9+.\-]*://")
 _CLOSE_LINE: Final = b"\r\nConnection: close\r\n"
 _KEEP_ALIVE_LINE: Final = b"\r\nConnection: keep-alive\r\n"
 
@@ -114,8 +122,22 @@ class H11Http1Codec(Http1Codec):
 
     def _pump(self) -> None:
         conn = self._conn
+        if self.role == "client" and conn.our_state is h11.IDLE:
+            return  # h11 would take bytes as the response to a request not sent yet
         pending = self._pending
         while not self._dead and self._raw is None:
+            if conn.their_state is h11.MUST_CLOSE:
+                # The cycle is over; h11 would call what follows an error, the fast backend
+                # holds it for start_next_cycle (HTTP/1.0 keep-alive) or drops it with the
+                # connection. Both backends hold it.
+                return
+            if (
+                self.role == "client"
+                and conn.their_state is h11.DONE
+                and conn.trailing_data[0].lstrip(b"\r\n")
+            ):
+                self._fail(400, "response bytes before a request")  # we never pipeline
+                return
             if self._facts is None and self._waiting_for_head() and conn.trailing_data[0]:
                 if not self._check_raw_head():
                     return
@@ -145,14 +167,21 @@ class H11Http1Codec(Http1Codec):
             return Body(ev.data)  # type: ignore[attr-defined]
         if kind is h11.EndOfMessage:
             trailers = ev.headers  # type: ignore[attr-defined]
+            if any(n in NOT_TRAILERS or FIELD_CONTROL.search(v) for n, v in trailers):
+                # The raw check above vets heads only; llhttp refuses these in trailers too.
+                return ProtocolError(400, "framing field or control character in trailers")
             if trailers:
                 self._pending.append(Trailers(list(trailers)))
             return END
         facts = self._facts or HeadFacts()
         self._facts = None
+        if ev.http_version not in _LLHTTP_VERSIONS:  # type: ignore[attr-defined]
+            return ProtocolError(400, "unsupported HTTP version")
         headers: Headers = list(ev.headers)  # type: ignore[attr-defined]
         if kind is h11.Request:
             target = ev.target  # type: ignore[attr-defined]
+            if not _TARGET_FORM.match(target) and ev.method != b"CONNECT":  # type: ignore[attr-defined]
+                return ProtocolError(400, "request-target in no known form")
             if head_size(len(target), headers) > self.limits.max_header_bytes:
                 return ProtocolError(431, "header section over limits")
             return facts.request_head(
@@ -178,7 +207,12 @@ class H11Http1Codec(Http1Codec):
         if self._raw is not None:
             self._raw += data
             return
-        self._conn.receive_data(bytes(data))
+        data = bytes(data)
+        if self._facts is None and self._waiting_for_head() and not self._conn.trailing_data[0]:
+            data = _skip_empty_lines(data)
+            if not data:
+                return  # b"" would tell h11 the peer closed
+        self._conn.receive_data(data)
         self._pump()
 
     def _feed_eof(self) -> None:
@@ -203,16 +237,13 @@ class H11Http1Codec(Http1Codec):
         return bytes(raw)
 
     def _next_cycle(self) -> None:
-        conn = self._conn
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
-            conn.start_next_cycle()
-        else:
-            # h11 refuses HTTP/1.0 keep-alive (MUST_CLOSE); hand the unparsed
-            # bytes to a fresh h11 connection instead.
-            rest = conn.trailing_data[0]
-            self._conn = self._new_conn()
-            if rest:
-                self._conn.receive_data(rest)
+        # A fresh h11 connection takes the unparsed bytes: h11 refuses HTTP/1.0 keep-alive
+        # (MUST_CLOSE), and its own start_next_cycle would keep a latched error that
+        # crashes the next send; what was wrong is already queued in _pending.
+        rest = _skip_empty_lines(self._conn.trailing_data[0])
+        self._conn = self._new_conn()
+        if rest:
+            self._conn.receive_data(rest)
         self._facts = None
         self._pump()
 
@@ -227,7 +258,10 @@ class H11Http1Codec(Http1Codec):
         return out or b""
 
     def _encode_request(self, ev: RequestHead, mode: int) -> Buffer:
-        return self._h11_send(h11.Request, method=ev.method, target=ev.target, headers=ev.headers)
+        out = self._h11_send(h11.Request, method=ev.method, target=ev.target, headers=ev.headers)
+        if self._conn.trailing_data[0]:
+            self._pump()  # response bytes that came before the request was sent
+        return out
 
     def _encode_response(self, ev: ResponseHead, mode: int, facts: HeadFacts | None) -> Buffer:
         if ev.status < 200:
@@ -257,3 +291,11 @@ class H11Http1Codec(Http1Codec):
 
     def _encode_end(self, mode: int, trailers: Headers | None) -> Buffer:
         return self._h11_send(h11.EndOfMessage, headers=trailers or [])
+
+
+def _skip_empty_lines(data: bytes) -> bytes:
+    """Drop CR and LF bytes before a start line, as llhttp does (RFC 9112 §2.2 asks to
+    ignore at least one empty line there): both backends must accept the same messages."""
+    if data and (data[0] == 13 or data[0] == 10):
+        return data.lstrip(b"\r\n")
+    return data

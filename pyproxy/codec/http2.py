@@ -7,8 +7,11 @@ from http import HTTPStatus
 from typing import Final
 
 from pyproxy.codec.events import Headers, ProtocolError, RequestHead, ResponseHead
+from pyproxy.codec.http1 import FIELD_CONTROL, FIELD_NAME
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 §3.4
+# request_from_h2's reason for a field name or value an HTTP/1 peer would not take.
+FIELD_REFUSED: Final = "a field name that is not a token, or a control character in a value"
 
 # Frame types and flags the scanner looks at (RFC 9113 §6).
 _HEADERS, _PUSH_PROMISE, _GOAWAY, _CONTINUATION = 0x1, 0x5, 0x7, 0x9
@@ -167,9 +170,11 @@ def request_from_h2(headers: Headers, ended: bool) -> RequestHead | ProtocolErro
     """An HTTP/2 request header list as the RequestHead an HTTP/1 peer expects, or why not.
 
     h2 has checked the field names and values (§8.2) and which pseudo-headers are present
-    (§8.3); what goes into the HTTP/1 request line is checked here. The ProtocolError's status
-    is 501 for what this proxy does not relay (CONNECT, §8.5), else 400: a malformed request,
-    a stream error of type PROTOCOL_ERROR (§8.1.1).
+    (§8.3); what goes into the HTTP/1 request line is checked here, and so are what h2 lets by
+    but an HTTP/1 peer would not take (a field name that is not a token, a control character
+    in a value, §8.2.1). The ProtocolError's status is 501 for what this proxy does not relay
+    (CONNECT, §8.5), else 400: a malformed request, a stream error of type PROTOCOL_ERROR
+    (§8.1.1).
     """
     method = path = authority = host = scheme = None
     content_length = None
@@ -177,6 +182,8 @@ def request_from_h2(headers: Headers, ended: bool) -> RequestHead | ProtocolErro
     cookies: list[bytes] = []
     fields: Headers = []
     for name, value in headers:
+        if FIELD_CONTROL.search(value) or (name[:1] != b":" and not FIELD_NAME.fullmatch(name)):
+            return ProtocolError(400, FIELD_REFUSED)
         if name[:1] == b":":
             if name == b":method":
                 method = value
@@ -265,15 +272,24 @@ def h2_request_headers(head: RequestHead, te_trailers: bool) -> tuple[Headers, b
     return pseudo + fields, has_body
 
 
-def response_from_h2(headers: Headers) -> ResponseHead:
+def response_from_h2(headers: Headers) -> ResponseHead | None:
+    """None for a malformed response h2 lets through (RFC 9113 §8.1.1): a :status that is
+    not three digits (RFC 9110 §15), a Content-Length that is not digits, a field name
+    that is not a token, a control character in a field value."""
     status = 0
     content_length = None
     fields: Headers = []
     for name, value in headers:
+        if FIELD_CONTROL.search(value) or (name[:1] != b":" and not FIELD_NAME.fullmatch(name)):
+            return None
         if name == b":status":
+            if len(value) != 3 or not value.isdigit():
+                return None
             status = int(value)
         elif name[:1] != b":":
             if name == b"content-length":
+                if not value.isdigit():
+                    return None
                 content_length = int(value)
             fields.append((name, value))
     return ResponseHead(

@@ -28,6 +28,7 @@ from h2.events import (
 from pyproxy.addresses import Address
 from pyproxy.codec.events import ProtocolError
 from pyproxy.codec.http2 import (
+    FIELD_REFUSED,
     h2_response_headers,
     h2_trailers,
     header_list_size,
@@ -165,7 +166,8 @@ class Http2Downstream(H2Session):
                 self._direct_reply(sid, 501, b"CONNECT is not relayed\n", ended)
             else:
                 # §8.1.1: malformed, a stream error; nothing of it goes anywhere.
-                ctx.block[reject_slot("pseudo_header")] += 1
+                reason = "header" if head.reason == FIELD_REFUSED else "pseudo_header"
+                ctx.block[reject_slot(reason)] += 1
                 ctx.block[FLAG_BASE + FLAG_INDEX["DPE"]] += 1
                 self._reset_raw(sid, PROTOCOL_ERROR)
             return

@@ -34,6 +34,7 @@ from pyproxy.http.h2_session import (
     CANCEL,
     DEFAULT_PEER_STREAMS,
     NO_ERROR,
+    PROTOCOL_ERROR,
     REFUSED_STREAM,
     H2Session,
     H2StreamBase,
@@ -156,7 +157,12 @@ class Http2Upstream(H2Session):
             elif kind is ResponseReceived or kind is InformationalResponseReceived:
                 stream = streams.get(event.stream_id)
                 if stream is not None and stream.exchange is not None:
-                    stream.exchange.response_head(response_from_h2(event.headers))
+                    head = response_from_h2(event.headers)
+                    if head is None:  # malformed: a stream error (RFC 9113 §8.1.1)
+                        stream.reset(PROTOCOL_ERROR)
+                        stream.fail("UPE")
+                    else:
+                        stream.exchange.response_head(head)
             elif kind is StreamEnded:
                 stream = streams.get(event.stream_id)
                 if stream is not None:
