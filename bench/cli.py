@@ -41,6 +41,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     predict.set_defaults(func=cmd_predict)
 
+    profile = verbs.add_parser(
+        "profile",
+        help="measure each mode, IPC backend and filter against an echo upstream; fit cost models",
+    )
+    from pyproxy.bench import profile as profiler
+
+    profiler.add_arguments(profile)
+    profile.set_defaults(func=profiler.run)
+
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from pyproxy.bench.callgraph import GraphError, load_graphs

@@ -1,4 +1,4 @@
-"""A fast echo server (uvloop Protocol) used as the upstream app by the demo and the benchmarks."""
+"""Echo upstreams for the demo and the benchmarks: raw TCP (uvloop Protocol), HTTP/1.1 bodies, gRPC unary."""
 
 from __future__ import annotations
 
@@ -24,13 +24,40 @@ class _Echo(asyncio.Protocol):
         return False  # close our side too
 
 
-async def serve(address: str) -> None:
+class _HttpEcho(_Echo):
+    """HTTP/1.1 keep-alive: each request's Content-Length body comes back as a 200's body."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            length = 0
+            for line in bytes(self.buffer[:end]).split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if len(self.buffer) < end + 4 + length:
+                return
+            body = bytes(self.buffer[end + 4 : end + 4 + length])
+            del self.buffer[: end + 4 + length]
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+
+
+async def serve(address: str, protocol: type[asyncio.Protocol] = _Echo) -> None:
     target = parse_address(address)
     loop = asyncio.get_running_loop()
     if target.is_unix:
-        server = await loop.create_unix_server(_Echo, target.path)
+        server = await loop.create_unix_server(protocol, target.path)
     else:
-        server = await loop.create_server(_Echo, target.host, target.port, reuse_address=True)
+        server = await loop.create_server(protocol, target.host, target.port, reuse_address=True)
     async with server:
         await server.serve_forever()
 
@@ -38,10 +65,16 @@ async def serve(address: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--listen", required=True)
+    parser.add_argument("--protocol", choices=("tcp", "http", "grpc"), default="tcp")
     args = parser.parse_args()
+    if args.protocol == "grpc":
+        from pyproxy.bench.grpc_bench import serve as serve_grpc
+
+        serve_grpc(parse_address(args.listen).port)
+        return
     loop = new_event_loop()
     try:
-        loop.run_until_complete(serve(args.listen))
+        loop.run_until_complete(serve(args.listen, _HttpEcho if args.protocol == "http" else _Echo))
     except KeyboardInterrupt:
         pass
 

@@ -60,6 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyproxy.bench.echo_client import summarize
+from pyproxy.bench.procs import CLK_TCK, cpu_seconds, tree_pids
 from pyproxy.bench.tcp_echo import free_port, get_json, pinned
 
 from pyproxy.stats import stage_table
@@ -70,7 +71,6 @@ PEER_VENVS = {
     "proxypy": ("/tmp/venv-proxypy", "proxy.py"),
     "mitmproxy": ("/tmp/venv-mitm", "mitmproxy"),
 }
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 LOAD_CPU, SIDE_CPU = 1, 0  # proxy under load alone on CPU 1; wrk/h2load + upstream on CPU 0
 
 
@@ -115,39 +115,6 @@ class Processes:
                 except ProcessLookupError:
                     pass
         self.procs.clear()
-
-
-def tree_pids(root: int) -> list[int]:
-    """The process and its descendants (from /proc/*/stat parent pids)."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        parents.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += parents.get(pid, [])
-    return out
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """utime+stime (all threads) of the given processes, from /proc/<pid>/stat."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except OSError:
-            pass
-    return total / CLK_TCK
 
 
 def rss_mib(pids: list[int]) -> float:

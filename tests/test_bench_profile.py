@@ -1,0 +1,63 @@
+"""A tiny real `bench profile` run: proxies, echo upstreams, the driver, the fits and the plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pyproxy.bench.callgraph import graph_from_data
+from pyproxy.bench.model import Profile, check_platform, current_platform
+from pyproxy.bench.predict import WhatIf, predict
+
+from pyproxy.cli import main
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile")
+    argv = ["bench", "profile", "--modes", "tcp", "--ipc", "tcp,unix", "--filters", "",
+            "--sizes", "100,2048", "--seconds", "0.1", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def test_profile_fits_every_stage_from_real_runs_and_keys_it_by_platform(profiled):
+    profile = Profile.load(profiled / "profile.json")
+    assert check_platform(profile, current_platform(), force=False) == []
+    assert profile.platform["backends"] == ["tcp", "unix"]
+    tcp = profile.modes["tcp"]
+    assert {"ipc", "read", "write", "notify"} <= set(tcp)
+    # Bytes went through: the syscall stages cost something at both sizes.
+    assert tcp["write"].latency.at(100) > 0 and tcp["ipc"].latency.at(2048) > 0
+    assert "unix" in profile.ipc and set(profile.external) == {"tcp", "tcp+ipc:unix"}
+    kinds = [(p["setup"], p["kind"]) for p in profile.points]
+    assert kinds.count(("tcp", "latency")) == 2 and kinds.count(("tcp", "cpu")) == 8
+    for p in profile.points:
+        if p["kind"] == "latency":
+            assert p["exchanges"] > 0 and p["proxy_p50_ns"] > 0
+        else:
+            assert p["rate"] > 0 and p["proxy_cpu_ns_per_s"] >= 0
+
+
+def test_profile_writes_a_reproducible_results_folder_with_plots(profiled):
+    inputs = json.loads((profiled / "inputs.json").read_text())
+    assert inputs["sizes"] == [100, 2048] and inputs["setups"] == ["tcp", "tcp+ipc:unix"]
+    assert json.loads((profiled / "summary.json").read_text()) == {
+        "interrupted": False,
+        "skipped": {},
+    }
+    assert len((profiled / "points.csv").read_text().splitlines()) == 1 + 2 * 2 * 5
+    for plot in ("stages.png", "latency_vs_size.png"):
+        assert (profiled / plot).stat().st_size > 1000
+
+
+def test_a_measured_profile_drives_predict_and_what_if(profiled):
+    profile = Profile.load(profiled / "profile.json")
+    graph = graph_from_data({
+        "services": {"a": {"mode": "tcp"}, "b": {"mode": "tcp"}},
+        "calls": [{"id": "r", "callee": "a", "rate": 10}, {"id": "x", "parent": "r", "callee": "b"}],
+    })  # fmt: skip
+    plain = predict(profile, graph)
+    assert plain.overhead_ns > 0 and plain.cpu_cores > 0
+    unix = predict(profile, graph, WhatIf.parse(["ipc=unix"]))
+    assert unix.overhead_ns != plain.overhead_ns
