@@ -1,4 +1,4 @@
-"""`pyproxy bench …`: profile the sidecar, predict an application's overhead from a profile."""
+"""`pyproxy bench …`: profile the sidecar, predict an application's overhead, compare proxies."""
 
 from __future__ import annotations
 
@@ -49,6 +49,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     profiler.add_arguments(profile)
     profile.set_defaults(func=profiler.run)
+
+    compare = verbs.add_parser(
+        "compare", help="no proxy, pyproxy and other proxies side by side in one run"
+    )
+    from pyproxy.bench import compare as comparer
+
+    comparer.add_arguments(compare)
+    compare.set_defaults(func=comparer.run)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

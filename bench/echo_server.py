@@ -37,18 +37,49 @@ class _HttpEcho(_Echo):
             end = self.buffer.find(b"\r\n\r\n")
             if end < 0:
                 return
-            length = 0
+            length, chunked = 0, False
             for line in bytes(self.buffer[:end]).split(b"\r\n")[1:]:
                 name, _, value = line.partition(b":")
-                if name.strip().lower() == b"content-length":
+                name = name.strip().lower()
+                if name == b"content-length":
                     length = int(value)
-            if len(self.buffer) < end + 4 + length:
+                elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                    chunked = True
+            framed = (
+                dechunk(self.buffer, end + 4) if chunked else _fixed(self.buffer, end + 4, length)
+            )
+            if framed is None:
                 return
-            body = bytes(self.buffer[end + 4 : end + 4 + length])
-            del self.buffer[: end + 4 + length]
+            body, consumed = framed
+            del self.buffer[:consumed]
             self.transport.write(
                 b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
             )
+
+
+def _fixed(buf: bytearray, start: int, length: int) -> tuple[bytes, int] | None:
+    if len(buf) < start + length:
+        return None
+    return bytes(buf[start : start + length]), start + length
+
+
+def dechunk(buf: bytearray, at: int) -> tuple[bytes, int] | None:
+    """A chunked body (some proxies re-frame requests this way); None until it is complete."""
+    body = bytearray()
+    while True:
+        eol = buf.find(b"\r\n", at)
+        if eol < 0:
+            return None
+        size = int(bytes(buf[at:eol]).split(b";")[0], 16)
+        if size == 0:
+            trailer_end = buf.find(b"\r\n\r\n", eol)
+            if buf[eol : eol + 4] == b"\r\n\r\n":
+                return bytes(body), eol + 4
+            return None if trailer_end < 0 else (bytes(body), trailer_end + 4)
+        if len(buf) < eol + 2 + size + 2:
+            return None
+        body += buf[eol + 2 : eol + 2 + size]
+        at = eol + 2 + size + 2
 
 
 async def serve(address: str, protocol: type[asyncio.Protocol] = _Echo) -> None:
