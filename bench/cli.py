@@ -1,4 +1,4 @@
-"""`pyproxy bench …`: profile the sidecar, predict an application's overhead, compare proxies."""
+"""`pyproxy bench …`: profile the sidecar, predict an application's overhead, compare proxies, report."""
 
 from __future__ import annotations
 
@@ -57,6 +57,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     comparer.add_arguments(compare)
     compare.set_defaults(func=comparer.run)
+
+    report = verbs.add_parser(
+        "report", help="a self-contained HTML or markdown report of a results folder"
+    )
+    from pyproxy.bench import report as reporter
+
+    reporter.add_arguments(report)
+    report.set_defaults(func=reporter.run)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

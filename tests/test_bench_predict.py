@@ -246,6 +246,8 @@ def test_predict_command_markdown_json_and_batch_cdf(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["runs"]["as measured"]["distribution"]["graphs"] == 2
     assert (tmp_path / "out" / "overhead_cdf.png").stat().st_size > 1000
+    assert main(["bench", "report", str(tmp_path / "out"), "--format", "markdown"]) == 0
+    assert "| as measured | 2 | 10.3 |" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_predict_command_refuses_a_foreign_profile(tmp_path, capsys):

@@ -61,3 +61,17 @@ def test_a_measured_profile_drives_predict_and_what_if(profiled):
     assert plain.overhead_ns > 0 and plain.cpu_cores > 0
     unix = predict(profile, graph, WhatIf.parse(["ipc=unix"]))
     assert unix.overhead_ns != plain.overhead_ns
+
+
+def test_report_inlines_the_plots_and_the_models_table(profiled, capsys):
+    assert main(["bench", "report", str(profiled)]) == 0
+    page = (profiled / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2
+    assert "<td>tcp</td><td>write</td>" in page and "*external*" in page
+    assert main(["bench", "report", str(profiled), "--format", "markdown"]) == 0
+    assert "![stages](stages.png)" in (profiled / "report.md").read_text()
+
+
+def test_report_of_a_folder_without_results_says_so(tmp_path, capsys):
+    assert main(["bench", "report", str(tmp_path)]) == 2
+    assert "no profile.json" in capsys.readouterr().err
