@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # programs; iptables/iproute2/util-linux for capture tests, openssl for the webhook tests,
 # podman/runc/debootstrap for the image tests; the rest for benchmarks.
 APT_BUILD := gcc libc6-dev python3-dev python3-venv acl clang llvm libbpf-dev linux-libc-dev bpftool
-APT_TEST := iptables iproute2 util-linux curl procps wrk nghttp2-client openssl podman runc buildah debootstrap
+APT_TEST := iptables iproute2 util-linux curl procps wrk nghttp2-client openssl podman runc buildah debootstrap chromium
 APT_BENCH := nginx-light libnginx-mod-stream iperf3 haproxy caddy
 
 .PHONY: demo test bench soak lint fresh-check system-deps system-deps-bench clean apt

@@ -19,6 +19,7 @@ from typing import Any
 from pyproxy import __version__, stats
 from pyproxy.addresses import Address
 from pyproxy.admin import EndpointServer, Response
+from pyproxy.admin_page import live_page
 from pyproxy.config import ConfigError, ProxyConfig, root_refusal
 from pyproxy.counters import W_NOTIFY_COST_NS, W_PID, W_READY, CounterStore
 from pyproxy.eventloop import event_loop_name, new_event_loop
@@ -438,7 +439,9 @@ class Supervisor:
 
             return admin_endpoint(self.config, query)
 
+        live = Response(200, live_page(), "text/html; charset=utf-8")
         admin_routes = {
+            "/": ("GET", lambda q: live),
             "/ready": ("GET", ready),
             "/stats": ("GET", stats_endpoint),
             "/stats/prometheus": ("GET", prometheus),
