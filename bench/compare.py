@@ -32,8 +32,8 @@ from pyproxy.bench.driver import EXCHANGERS, drive, wait_ready
 from pyproxy.bench.echo_client import percentile
 from pyproxy.bench.http_bench import PEER_VENVS, install_peers, nginx_conf
 from pyproxy.bench.model import current_platform
-from pyproxy.bench.procs import Processes, cpu_seconds, free_port, tree_pids
-from pyproxy.bench.tcp_echo import NGINX_STREAM_MODULE, pinned
+from pyproxy.bench.procs import Processes, cpu_seconds, free_port, pinned, tree_pids
+from pyproxy.bench.tcp_echo import NGINX_STREAM_MODULE
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TRAEFIK_VENV = "/tmp/venv-traefik"

@@ -74,7 +74,7 @@ from pyproxy.bench.http_bench import (
     tree_pids,
     wait_http,
 )
-from pyproxy.bench.tcp_echo import free_port, pinned
+from pyproxy.bench.procs import free_port, pinned
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WASM_NOOP = Path(__file__).resolve().parent.parent / "filters" / "wasm_examples" / "noop.wat"

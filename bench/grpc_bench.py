@@ -29,7 +29,7 @@ import urllib.request
 from pathlib import Path
 from time import perf_counter_ns
 
-from pyproxy.bench.procs import Processes, cpu_seconds, free_port, tree_pids, wait_port
+from pyproxy.bench.procs import Processes, cpu_seconds, free_port, pinned, tree_pids, wait_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHOD = "/bench.Echo/Unary"
@@ -62,12 +62,6 @@ def serve(port: int) -> None:
 
 
 # ---- processes --------------------------------------------------------------------------------
-
-
-def pinned(cpu: int | None, argv: list[str]) -> list[str]:
-    return (
-        ["taskset", "-c", str(cpu), *argv] if cpu is not None and shutil.which("taskset") else argv
-    )
 
 
 def nginx_has_grpc() -> tuple[bool, str]:

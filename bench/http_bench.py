@@ -60,8 +60,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyproxy.bench.echo_client import summarize
-from pyproxy.bench.procs import CLK_TCK, cpu_seconds, tree_pids
-from pyproxy.bench.tcp_echo import free_port, get_json, pinned
+from pyproxy.bench.procs import CLK_TCK, cpu_seconds, pinned, tree_pids
+from pyproxy.bench.tcp_echo import free_port, get_json
 
 from pyproxy.stats import stage_table
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -24,6 +25,13 @@ def wait_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def pinned(cpu: int | None, argv: list[str]) -> list[str]:
+    """argv run on one CPU (taskset), or as is when no CPU is given or taskset is missing."""
+    return (
+        ["taskset", "-c", str(cpu), *argv] if cpu is not None and shutil.which("taskset") else argv
+    )
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
