@@ -95,12 +95,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "predictions.json").write_text(json.dumps(result, indent=2) + "\n")
-        if len(graphs) > 1:
-            from pyproxy.bench.plots import overhead_cdf
+        from pyproxy.bench.plots import overhead_cdf, what_if_bars
+        from pyproxy.bench.predict import percentile
 
+        if len(graphs) > 1:
             overhead_cdf(
                 {label: [p.overhead_ns / 1000 for p in preds] for label, preds in runs.items()},
                 args.out / "overhead_cdf.png",
+            )
+        if len(runs) > 1:
+            what_if_bars(
+                {k: percentile([p.overhead_ns / 1000 for p in v], 0.5) for k, v in runs.items()},
+                {k: percentile([p.cpu_cores for p in v], 0.5) for k, v in runs.items()},
+                args.out / "what_if.png",
             )
     if args.json:
         json.dump(result, sys.stdout, indent=2)

@@ -88,3 +88,22 @@ def fitted_lines(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def what_if_bars(
+    overhead_us: Mapping[str, float], cpu_cores: Mapping[str, float], path: Path
+) -> Path:
+    """Predicted latency overhead and CPU side by side for each what-if (first: as measured)."""
+    plt = _pyplot()
+    labels = list(overhead_us)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.5))
+    left.bar(labels, [overhead_us[k] for k in labels], color="#1f77b4")
+    left.set_ylabel("latency overhead (µs, median over graphs)")
+    right.bar(labels, [cpu_cores[k] for k in labels], color="#ff7f0e")
+    right.set_ylabel("CPU overhead (cores, median)")
+    for ax in (left, right):
+        ax.tick_params(axis="x", labelrotation=20)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

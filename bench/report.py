@@ -44,7 +44,7 @@ def _sections(folder: Path) -> list[tuple[str, str, list[Path]]]:
                 p = preds[0]
                 lines.append(f"| {label} | 1 | {p['latency_overhead_us']:.1f} | {p['latency_overhead_us']:.1f} "
                              f"| {p['cpu_overhead_cores']:.4f} | {int(p['critical_path_moved'])} |")  # fmt: skip
-        plots = [p for p in (folder / "overhead_cdf.png",) if p.exists()]
+        plots = [p for p in (folder / "overhead_cdf.png", folder / "what_if.png") if p.exists()]
         out.append(("Predictions", "\n".join(lines) + "\n", plots))
     return out
 

@@ -241,11 +241,12 @@ def test_predict_command_markdown_json_and_batch_cdf(tmp_path, capsys):
     second = tmp_path / "second.json"
     second.write_text(json.dumps(FANOUT))
     code = main(["bench", "predict", str(graph), str(second), "--profile", str(profile),
-                 "--json", "--out", str(tmp_path / "out")])  # fmt: skip
+                 "--json", "--what-if", "ipc=unix", "--out", str(tmp_path / "out")])  # fmt: skip
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["runs"]["as measured"]["distribution"]["graphs"] == 2
     assert (tmp_path / "out" / "overhead_cdf.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "what_if.png").stat().st_size > 1000
     assert main(["bench", "report", str(tmp_path / "out"), "--format", "markdown"]) == 0
     assert "| as measured | 2 | 10.3 |" in (tmp_path / "out" / "report.md").read_text()
 
