@@ -92,7 +92,7 @@ class _Target:
             entry = filter_entry(setup.filter_type, workdir, setup.name)
             argv += ["--filter", f"{entry['name']}={json.dumps(entry['config'])}"]
         self.proc = procs.start(argv)
-        wait_port(self.admin)
+        wait_port(self.admin, timeout=30)  # a loaded machine starts workers slowly
         self.direct, self.proxied = upstream, f"127.0.0.1:{listen}"
         wait_ready(protocol, self.direct)
         wait_ready(protocol, self.proxied)
@@ -286,8 +286,14 @@ def write_plots(profile: Profile, out: Path) -> list[Path]:
         name: (m.latency.base / 1000, m.latency.per_byte / 1000)
         for name, m in profile.external.items()
     }
+    cpu = [p for p in profile.points if p["kind"] == "cpu" and p["size"] == smallest]
+    cpu_points: dict[str, list[tuple[float, float]]] = {}
+    for p in cpu:
+        cpu_points.setdefault(p["setup"], []).append((p["rate"], p["proxy_cpu_ns_per_s"] / 1e9))
+    cpu_lines = {name: (0.0, m.cpu.at(smallest) / 1e9) for name, m in profile.external.items()}
     return [
         stage_bars(bars, out / "stages.png", ylabel=f"stage clock µs per exchange ({smallest} B)"),
+        fitted_lines(cpu_points, cpu_lines, out / "cpu_vs_rate.png", f"exchanges/s ({smallest} B)", "proxy CPU (cores)"),
         fitted_lines(points, lines, out / "latency_vs_size.png", "message size (B)", "added p50 latency (µs)"),
     ]  # fmt: skip
 

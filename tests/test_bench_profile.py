@@ -47,7 +47,7 @@ def test_profile_writes_a_reproducible_results_folder_with_plots(profiled):
         "skipped": {},
     }
     assert len((profiled / "points.csv").read_text().splitlines()) == 1 + 2 * 2 * 5
-    for plot in ("stages.png", "latency_vs_size.png"):
+    for plot in ("stages.png", "latency_vs_size.png", "cpu_vs_rate.png"):
         assert (profiled / plot).stat().st_size > 1000
 
 
@@ -66,7 +66,7 @@ def test_a_measured_profile_drives_predict_and_what_if(profiled):
 def test_report_inlines_the_plots_and_the_models_table(profiled, capsys):
     assert main(["bench", "report", str(profiled)]) == 0
     page = (profiled / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 2
+    assert page.count("data:image/png;base64,") == 3
     assert "<td>tcp</td><td>write</td>" in page and "*external*" in page
     assert main(["bench", "report", str(profiled), "--format", "markdown"]) == 0
     assert "![stages](stages.png)" in (profiled / "report.md").read_text()
