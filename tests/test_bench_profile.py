@@ -75,3 +75,33 @@ def test_report_inlines_the_plots_and_the_models_table(profiled, capsys):
 def test_report_of_a_folder_without_results_says_so(tmp_path, capsys):
     assert main(["bench", "report", str(tmp_path)]) == 2
     assert "no profile.json" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_what_was_measured(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pyproxy.bench.procs import tree_pids
+
+    argv = [sys.executable, "-m", "pyproxy", "bench", "profile", "--modes", "tcp,http", "--ipc", "tcp",
+            "--filters", "", "--sizes", "100,2048,4096", "--seconds", "0.2", "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    children: list[int] = []
+    while time.monotonic() < deadline:  # the progress bar's description names the running point
+        children = tree_pids(proc.pid)[1:] or children
+        line = proc.stderr.readline()
+        if "tcp 2048 B" in line or "1/6" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["interrupted"] is True
+    profile = Profile.load(tmp_path / "profile.json")
+    assert "tcp" in profile.modes and "http" not in profile.modes
+    assert any(p["setup"] == "tcp" and p["size"] == 100 for p in profile.points)
+    assert children and not [pid for pid in children if os.path.exists(f"/proc/{pid}")]
