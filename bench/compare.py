@@ -185,7 +185,7 @@ def start_caddy(b: Bench) -> Peer:
     )
     caddyfile = b.workdir / "Caddyfile"
     caddyfile.write_text(
-        "{\n  admin off\n  auto_https off\n}\n"
+        "{\n  admin off\n  auto_https off\n  servers {\n    protocols h1 h2 h2c\n  }\n}\n"
         f"http://:{port} {{\n  bind 127.0.0.1\n  reverse_proxy 127.0.0.1:{b.upstream}{transport}\n}}\n"
     )  # fmt: skip
     env = {"HOME": str(b.workdir), "XDG_DATA_HOME": str(b.workdir), "GOMAXPROCS": "1"}
@@ -318,7 +318,7 @@ def run_compare(args: argparse.Namespace) -> dict:
                     peer.pids = [p for root in peer.pids for p in tree_pids(root)]
                     outcomes[name] = Outcome(peer)
                 except (Skip, RuntimeError, OSError) as exc:
-                    skipped[name] = str(exc)
+                    skipped[name] = " ".join(str(exc).split())[:300]  # one table cell
             if client_cpu is not None:
                 os.sched_setaffinity(0, {client_cpu})
             make = EXCHANGERS[args.protocol]
