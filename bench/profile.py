@@ -261,6 +261,7 @@ def run(args: argparse.Namespace) -> int:
         write_plots(profile, out)
     summary = {"interrupted": interrupted, "skipped": skipped}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(stage_table(profile))
     print(models_table(profile))
     print(f"\nresults: {out}")
     return 130 if interrupted else 0
@@ -308,6 +309,28 @@ def _write_points_csv(points: list[dict], path: Path) -> None:
             writer.writerow([p["setup"], p["kind"], p["size"], p.get("load", ""), p.get("rate", ""),
                              p.get("direct_p50_ns", ""), p.get("proxy_p50_ns", ""),
                              p.get("proxy_cpu_ns_per_s", ""), stage_total])  # fmt: skip
+
+
+def stage_table(profile: Profile, size: int | None = None) -> str:
+    """Markdown: stage-clock µs per exchange for every setup at one size (measured, not fitted)."""
+    latency = [p for p in profile.points if p["kind"] == "latency"]
+    if not latency:
+        return ""
+    size = size if size is not None else min(p["size"] for p in latency)
+    at = {p["setup"]: p for p in latency if p["size"] == size}
+    stages: list[str] = []
+    for p in at.values():
+        stages += [s for s, ns in p["stages_ns"].items() if ns and s not in stages]
+    lines = [f"stage clock, µs per exchange at {size} B (one outstanding request)", "",
+             "| stage | " + " | ".join(at) + " |", "| --- |" + " ---: |" * len(at)]  # fmt: skip
+    for stage in stages:
+        cells = (f"{p['stages_ns'].get(stage, 0) / 1000:.1f}" for p in at.values())
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    total = (f"**{sum(p['stages_ns'].values()) / 1000:.1f}**" for p in at.values())
+    lines.append("| **sum** | " + " | ".join(total) + " |")
+    outside = (f"{(p['proxy_p50_ns'] - p['direct_p50_ns']) / 1000:.1f}" for p in at.values())
+    lines.append("| added p50, client-side | " + " | ".join(outside) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def models_table(profile: Profile) -> str:

@@ -20,11 +20,12 @@ def _sections(folder: Path) -> list[tuple[str, str, list[Path]]]:
     out = []
     if (folder / "profile.json").exists():
         from pyproxy.bench.model import Profile
-        from pyproxy.bench.profile import models_table, write_plots
+        from pyproxy.bench.profile import models_table, stage_table, write_plots
 
         profile = Profile.load(folder / "profile.json")
         plots = write_plots(profile, folder) if profile.points else []
         platform = ", ".join(f"{k}: {v}" for k, v in profile.platform.items())
+        out.append(("Profile: stage breakdown", stage_table(profile), []))
         out.append(("Profile: fitted cost models", f"{platform}\n\n{models_table(profile)}", plots))
     if (folder / "results.json").exists() and (folder / "table.md").exists():
         plots = [p for p in (folder / "latency_cdf.png",) if p.exists()]
