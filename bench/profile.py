@@ -342,8 +342,8 @@ def models_table(profile: Profile) -> str:
 
     def row(setup: str, stage: str, m: StageModel) -> str:
         la, cp = m.latency, m.cpu
-        return (f"| {setup} | {stage} | {la.base:.0f} | {la.per_byte:.3f} | {la.r2:.2f} "
-                f"| {cp.base:.0f} | {cp.per_byte:.3f} | {cp.r2:.2f} |")  # fmt: skip
+        return (f"| {setup} | {stage} | {la.base:.0f} | {la.per_byte:.3f} | {_r2(la)} "
+                f"| {cp.base:.0f} | {cp.per_byte:.3f} | {_r2(cp)} |")  # fmt: skip
 
     for mode, stages in profile.modes.items():
         for stage, model in stages.items():
@@ -357,6 +357,10 @@ def models_table(profile: Profile) -> str:
     for setup, model in profile.external.items():
         lines.append(row(setup, "*external*", model))
     return "\n".join(lines)
+
+
+def _r2(fit: Linear) -> str:
+    return "–" if fit.r2 != fit.r2 else f"{fit.r2:.2f}"  # a sum of fits has no R² of its own
 
 
 def _sum(models) -> StageModel:
