@@ -58,6 +58,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     comparer.add_arguments(compare)
     compare.set_defaults(func=comparer.run)
 
+    validate = verbs.add_parser(
+        "validate", help="predicted vs measured overhead of a small multi-service application"
+    )
+    from pyproxy.bench import validate as validator
+
+    validator.add_arguments(validate)
+    validate.set_defaults(func=validator.run)
+
     report = verbs.add_parser(
         "report", help="a self-contained HTML or markdown report of a results folder"
     )

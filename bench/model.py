@@ -168,6 +168,11 @@ class Profile:
             points=list(data.get("points", [])),
         )
 
+    def external_view(self) -> Profile:
+        """The same profile with each mode priced as one `sidecar` stage fitted from outside."""
+        modes = {m: {"sidecar": self.external[m]} for m in self.modes if m in self.external}
+        return Profile(self.platform, modes, {}, {}, self.external, self.points)
+
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
 

@@ -107,3 +107,22 @@ def what_if_bars(
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def predicted_vs_measured(series: Mapping[str, Sequence[tuple[float, float]]], path: Path) -> Path:
+    """Scatter of (measured, predicted) per series with the y = x line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    top = 0.0
+    for label, pts in series.items():
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", label=label)
+        top = max([top, *(max(p) for p in pts)])
+    ax.plot([0, top], [0, top], "k--", linewidth=1, label="y = x")
+    ax.set_xlabel("measured overhead (µs)")
+    ax.set_ylabel("predicted overhead (µs)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

@@ -105,3 +105,18 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_was_measured(tmp_path):
     assert "tcp" in profile.modes and "http" not in profile.modes
     assert any(p["setup"] == "tcp" and p["size"] == 100 for p in profile.points)
     assert children and not [pid for pid in children if os.path.exists(f"/proc/{pid}")]
+
+
+def test_validate_measures_a_real_chain_with_and_without_sidecars(profiled, tmp_path):
+    out = tmp_path / "validate"
+    argv = ["bench", "validate", "--profile", str(profiled / "profile.json"), "--modes", "tcp",
+            "--topologies", "chain", "--rounds", "1", "--seconds", "0.2", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    [row] = json.loads((out / "validation.json").read_text())
+    assert row["topology"] == "chain" and row["mode"] == "tcp"
+    # Three sidecar passes on the path (a's inbound; a's outbound and b's inbound).
+    assert row["p50_with_us"] > row["p50_without_us"] > 0
+    assert row["predicted_us"] > 0 and row["predicted_external_us"] > 0
+    assert row["rate"] > 0 and row["sidecar_cores"] > 0
+    assert (out / "predicted_vs_measured.png").stat().st_size > 1000
+    assert "| chain | tcp |" in (out / "table.md").read_text()
