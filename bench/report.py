@@ -30,6 +30,9 @@ def _sections(folder: Path) -> list[tuple[str, str, list[Path]]]:
     if (folder / "results.json").exists() and (folder / "table.md").exists():
         plots = [p for p in (folder / "latency_cdf.png",) if p.exists()]
         out.append(("Side by side", (folder / "table.md").read_text(), plots))
+    if (folder / "validation.json").exists() and (folder / "table.md").exists():
+        plots = [p for p in (folder / "predicted_vs_measured.png",) if p.exists()]
+        out.append(("Predicted vs measured", (folder / "table.md").read_text(), plots))
     if (folder / "predictions.json").exists():
         runs = json.loads((folder / "predictions.json").read_text())["runs"]
         lines = ["| what if | graphs | overhead p50 µs | p99 µs | CPU p50 cores | path moved |",
@@ -85,7 +88,9 @@ def render_html(folder: Path) -> str:
             data = base64.b64encode(plot.read_bytes()).decode()
             body.append(f'<img alt="{html.escape(plot.stem)}" src="data:image/png;base64,{data}">')
     if not body:
-        raise FileNotFoundError(f"{folder}: no profile.json, results.json or predictions.json")
+        raise FileNotFoundError(
+            f"{folder}: no profile.json, results.json, validation.json or predictions.json"
+        )
     style = "body{font-family:sans-serif;max-width:70em;margin:auto}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}img{max-width:100%}"
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>pyproxy bench: {html.escape(folder.name)}</title>"
             f"<style>{style}</style></head><body><h1>pyproxy bench: {html.escape(folder.name)}</h1>\n"
@@ -98,7 +103,9 @@ def render_markdown(folder: Path) -> str:
         out.append(f"## {title}\n\n{text}")
         out += [f"![{p.stem}]({p.name})\n" for p in plots]
     if len(out) == 1:
-        raise FileNotFoundError(f"{folder}: no profile.json, results.json or predictions.json")
+        raise FileNotFoundError(
+            f"{folder}: no profile.json, results.json, validation.json or predictions.json"
+        )
     return "\n".join(out)
 
 

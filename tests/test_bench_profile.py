@@ -120,3 +120,5 @@ def test_validate_measures_a_real_chain_with_and_without_sidecars(profiled, tmp_
     assert row["rate"] > 0 and row["sidecar_cores"] > 0
     assert (out / "predicted_vs_measured.png").stat().st_size > 1000
     assert "| chain | tcp |" in (out / "table.md").read_text()
+    assert main(["bench", "report", str(out)]) == 0
+    assert "Predicted vs measured" in (out / "report.html").read_text()
