@@ -63,12 +63,7 @@ class Bench:
     cpu: int | None
 
     def start(self, name: str, argv: list[str], env: dict | None = None) -> int:
-        with open(self.workdir / f"{name}.log", "wb") as log:
-            proc = self.procs.start(
-                pinned(self.cpu, argv), env={**os.environ, **(env or {})}, cwd=self.workdir,
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
-        return proc.pid
+        return self.procs.launch(name, pinned(self.cpu, argv), env).pid
 
 
 def _binary(name: str, venv_key: str | None = None) -> str:
@@ -300,10 +295,10 @@ def run_compare(args: argparse.Namespace) -> dict:
     outcomes: dict[str, Outcome] = {}
     client_cpu = _cpu(args.client_cpu)
     old_affinity = os.sched_getaffinity(0)
-    procs = Processes()
     interrupted = False
     with tempfile.TemporaryDirectory(prefix="pyproxy-compare-") as tmp:
         workdir = Path(tmp)
+        procs = Processes(logs=workdir)
         try:
             upstream = free_port()
             upstream_bench = Bench(procs, workdir, args.protocol, upstream, client_cpu)

@@ -152,7 +152,7 @@ def start_proxy(
     path = workdir / f"{name}.yaml"
     path.write_text(json.dumps(config, indent=2))  # JSON is YAML
     argv = [sys.executable, "-m", "pyproxy", "run", "-c", str(path), "--log-level", "warning"]
-    proc = procs.start(name, pinned(SIDE_CPU, argv))
+    proc = procs.launch(name, pinned(SIDE_CPU, argv))
     wait_http(port, timeout=30)
     return Path_(name, port, proc.pid, admin=admin, note="+".join(filters) or "no filters")
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -71,20 +73,36 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 class Processes:
-    """Background processes that are always stopped, whatever happens."""
+    """Background processes (and their children) that are always stopped, whatever happens.
 
-    def __init__(self) -> None:
+    With `logs`, `launch(name, ...)` writes each process's output to
+    `logs/<name>.log` and runs it there (what a results folder keeps).
+    """
+
+    def __init__(self, logs: Path | None = None) -> None:
+        self.logs = logs
         self.procs: list[subprocess.Popen] = []
 
     def start(self, argv: list[str], quiet: bool = True, **kwargs) -> subprocess.Popen:
         if quiet:
             kwargs.setdefault("stdout", subprocess.DEVNULL)
             kwargs.setdefault("stderr", subprocess.DEVNULL)
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
         proc = subprocess.Popen(argv, **kwargs)
         self.procs.append(proc)
         return proc
 
+    def launch(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+        """Start `argv` with its output in the log folder (or discarded without one)."""
+        environ = {**os.environ, **(env or {})}
+        if self.logs is None:
+            return self.start(argv, env=environ)
+        with open(self.logs / f"{name}.log", "wb") as log:
+            return self.start(argv, quiet=False, stdout=log, stderr=subprocess.STDOUT, env=environ,
+                              cwd=self.logs)  # fmt: skip
+
     def stop_all(self) -> None:
+        children = {proc.pid: tree_pids(proc.pid) for proc in self.procs}
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.terminate()
@@ -94,4 +112,9 @@ class Processes:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            for pid in children[proc.pid][1:]:  # workers a server forked (proxy.py, pyproxy)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         self.procs.clear()
