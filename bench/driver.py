@@ -58,8 +58,13 @@ class HttpExchanger(TcpExchanger):
         )
         self.pending = bytearray()
 
-    def exchange(self) -> None:
-        self.sock.sendall(self.payload)
+    def exchange(self, header: bytes = b"") -> None:
+        """One round trip; `header` (a full `name: value` line) is added to this request only."""
+        if header:
+            at = self.payload.index(b"\r\n") + 2
+            self.sock.sendall(self.payload[:at] + header + b"\r\n" + self.payload[at:])
+        else:
+            self.sock.sendall(self.payload)
         buf = self.pending
         while True:
             end = buf.find(b"\r\n\r\n")
