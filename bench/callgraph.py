@@ -373,6 +373,18 @@ def _trace_graph(
     return _link(calls, services, f"{where}#{trace_id}", where)
 
 
+def read_otlp_lines(path: Path) -> dict:
+    """One OTLP JSON document from a file of exports appended one per line (several services)."""
+    spans: list = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                spans += json.loads(line)["resourceSpans"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise GraphError(f"{path}:{number}: not an OTLP JSON export") from None
+    return {"resourceSpans": spans}
+
+
 def graphs_from_traces(
     data: dict, where: str = "<traces>", services: dict[str, Service] | None = None
 ) -> list[CallGraph]:

@@ -7,7 +7,9 @@ as standalone listeners (no capture, no namespaces). Rounds interleave the
 two. Measured: p50 latency overhead (with − without, one outstanding
 request) and the sidecars' CPU at a paced rate. Predicted: `predict` on the
 same call graph with the profile's stage models and, separately, with its
-external (whole-sidecar) models.
+external (whole-sidecar) models; and, "from traces", on the call graphs
+built from the OpenTelemetry traces the app exports when it runs again with
+tracing on (20 requests; the median of their predictions).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyproxy.bench.callgraph import graph_from_data
+from pyproxy.bench.callgraph import Service, graph_from_data, graphs_from_traces, read_otlp_lines
 from pyproxy.bench.driver import HttpExchanger, drive, wait_ready
 from pyproxy.bench.model import Profile, check_platform, current_platform
 from pyproxy.bench.predict import predict
@@ -40,7 +42,9 @@ class Deployment:
     sidecar_pids: list[int]
 
 
-def deploy(procs: Processes, topology: str, mode: str | None, work_us: float) -> Deployment:
+def deploy(
+    procs: Processes, topology: str, mode: str | None, work_us: float, trace: Path | None = None
+) -> Deployment:
     """Start the services (leaves first); with a mode, a sidecar pair on every call."""
     services = TOPOLOGIES[topology]
     inbound: dict[str, str] = {}
@@ -60,7 +64,9 @@ def deploy(procs: Processes, topology: str, mode: str | None, work_us: float) ->
         calls = [proxy(inbound[d]) if mode else inbound[d] for d in downstream]  # outbound sidecars
         app = f"127.0.0.1:{free_port()}"
         argv = [sys.executable, "-m", "pyproxy.bench.validation_app", "--listen", app,
-                "--work-us", str(work_us)]  # fmt: skip
+                "--work-us", str(work_us), "--name", name]  # fmt: skip
+        if trace is not None:
+            argv += ["--trace", str(trace)]
         for call in calls:
             argv += ["--call", call]
         if parallel:
@@ -90,6 +96,35 @@ def graph_for(topology: str, mode: str, size: int, rate: float, work_us: float):
                       "group": 0 if services["a"][1] else len(calls), "work_us": work_us})  # fmt: skip
     return graph_from_data({"name": f"{topology}/{mode}", "services": {s: {"mode": mode} for s in services},
                             "calls": calls})  # fmt: skip
+
+
+def traced_graphs(
+    topology: str,
+    mode: str,
+    size: int,
+    work_us: float,
+    rate: float,
+    folder: Path,
+    requests: int = 20,
+) -> list:
+    """The app run once more with OpenTelemetry on, and the call graphs its traces describe."""
+    trace = folder / f"traces-{topology}-{mode}.jsonl"
+    procs = Processes()
+    try:
+        entry = deploy(procs, topology, None, work_us, trace).entry
+        client = HttpExchanger(entry, size)
+        client.exchange()  # connections and thread pools set up
+        trace.write_text("")  # neither that nor the readiness probes are the workload
+        for _ in range(requests):
+            client.exchange()
+        client.close()
+    finally:
+        procs.stop_all()
+    overlay = {s: Service(s, mode) for s in TOPOLOGIES[topology]}  # the sidecars' mode
+    graphs = graphs_from_traces(read_otlp_lines(trace), str(trace), overlay)
+    for graph in graphs:
+        graph.root.rate = rate
+    return graphs
 
 
 def measure(case: dict, rounds: int, seconds: float, size: int) -> dict:
@@ -163,11 +198,17 @@ def run(args: argparse.Namespace) -> int:
                     procs.stop_all()
                 graph = graph_for(topology, mode, args.size, m["rate"], args.work_us)
                 by_stage, whole = predict(profile, graph), predict(external, graph)
+                from_traces = [
+                    predict(profile, g).overhead_ns / 1000
+                    for g in traced_graphs(topology, mode, args.size, args.work_us, m["rate"], out)
+                ]
                 row = {"topology": topology, "mode": mode, **m,
                        "predicted_us": by_stage.overhead_ns / 1000,
                        "predicted_external_us": whole.overhead_ns / 1000,
                        "predicted_cores": by_stage.cpu_cores,
-                       "predicted_external_cores": whole.cpu_cores}  # fmt: skip
+                       "predicted_external_cores": whole.cpu_cores,
+                       "predicted_from_traces_us": statistics.median(from_traces),
+                       "traces": len(from_traces)}  # fmt: skip
                 row["error"] = _error(row["predicted_us"], m["overhead_us"])
                 row["error_external"] = _error(row["predicted_external_us"], m["overhead_us"])
                 row["cpu_error_external"] = _error(
@@ -198,13 +239,14 @@ def table(rows: list[dict]) -> str:
         return "–" if e is None else f"{e * 100:.0f} %"
 
     lines = [
-        "| app | sidecars | measured overhead µs | predicted (stages) µs | error | predicted (external) µs | error "
+        "| app | sidecars | measured overhead µs | predicted (stages) µs | error | from traces µs | predicted (external) µs | error "
         "| sidecar CPU cores at rate | predicted (external) | error |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(
             f"| {r['topology']} | {r['mode']} | {r['overhead_us']:.1f} | {r['predicted_us']:.1f} | {pct(r['error'])} "
+            f"| {r['predicted_from_traces_us']:.1f} "
             f"| {r['predicted_external_us']:.1f} | {pct(r['error_external'])} "
             f"| {r['sidecar_cores']:.3f} @ {r['rate']:.0f}/s | {r['predicted_external_cores']:.3f} | {pct(r['cpu_error_external'])} |"
         )

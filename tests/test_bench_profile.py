@@ -117,6 +117,9 @@ def test_validate_measures_a_real_chain_with_and_without_sidecars(profiled, tmp_
     # Three sidecar passes on the path (a's inbound; a's outbound and b's inbound).
     assert row["p50_with_us"] > row["p50_without_us"] > 0
     assert row["predicted_us"] > 0 and row["predicted_external_us"] > 0
+    # Fed the app's own traces, the prediction prices the same three sidecar passes.
+    assert row["traces"] == 20
+    assert row["predicted_from_traces_us"] == pytest.approx(row["predicted_us"], rel=0.05)
     assert row["rate"] > 0 and row["sidecar_cores"] > 0
     assert (out / "predicted_vs_measured.png").stat().st_size > 1000
     assert "| chain | tcp |" in (out / "table.md").read_text()
