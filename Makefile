@@ -4,12 +4,13 @@ PY := $(VENV)/bin/python
 # Debian packages: a C toolchain and Python headers for the native module, acl to let the sidecar's
 # uid 1337 reach the checkout; clang, llvm, libbpf-dev and linux-libc-dev build and load the eBPF
 # programs; libnghttp2-dev the native HTTP/2 codec; iptables/iproute2/util-linux for capture
-# tests, openssl for the webhook tests, podman/runc/debootstrap for the image tests; the rest for
-# benchmarks. Node and npm (for the AssemblyScript Proxy-Wasm SDK that builds the wasm test
-# modules) come from Debian only when no node is installed: a NodeSource node bundles its own npm.
+# tests, openssl for the webhook tests, podman/runc/debootstrap for the image tests, chromium for
+# the admin page test; the rest for benchmarks. Node and npm (for the AssemblyScript Proxy-Wasm SDK
+# that builds the wasm test modules) come from Debian only when no node is installed: a NodeSource
+# node bundles its own npm.
 APT_BUILD := gcc libc6-dev python3-dev python3-venv acl clang llvm libbpf-dev linux-libc-dev bpftool libnghttp2-dev
-APT_TEST := iptables iproute2 util-linux curl procps wrk nghttp2-client openssl podman runc buildah debootstrap
-APT_BENCH := nginx-light libnginx-mod-stream iperf3 haproxy
+APT_TEST := iptables iproute2 util-linux curl procps wrk nghttp2-client openssl podman runc buildah debootstrap chromium
+APT_BENCH := nginx-light libnginx-mod-stream iperf3 haproxy caddy
 
 .PHONY: demo test bench soak fuzz lint fresh-check system-deps system-deps-bench clean apt
 

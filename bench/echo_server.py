@@ -1,4 +1,4 @@
-"""A fast echo server (uvloop Protocol) used as the upstream app by the demo and the benchmarks."""
+"""Echo upstreams for the demo and the benchmarks: raw TCP (uvloop Protocol), HTTP/1.1 bodies, gRPC unary."""
 
 from __future__ import annotations
 
@@ -24,13 +24,71 @@ class _Echo(asyncio.Protocol):
         return False  # close our side too
 
 
-async def serve(address: str) -> None:
+class _HttpEcho(_Echo):
+    """HTTP/1.1 keep-alive: each request's Content-Length body comes back as a 200's body."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.buffer = bytearray()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            length, chunked = 0, False
+            for line in bytes(self.buffer[:end]).split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"transfer-encoding" and b"chunked" in value.lower():
+                    chunked = True
+            framed = (
+                dechunk(self.buffer, end + 4) if chunked else _fixed(self.buffer, end + 4, length)
+            )
+            if framed is None:
+                return
+            body, consumed = framed
+            del self.buffer[:consumed]
+            self.transport.write(
+                b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+
+
+def _fixed(buf: bytearray, start: int, length: int) -> tuple[bytes, int] | None:
+    if len(buf) < start + length:
+        return None
+    return bytes(buf[start : start + length]), start + length
+
+
+def dechunk(buf: bytearray, at: int) -> tuple[bytes, int] | None:
+    """A chunked body (some proxies re-frame requests this way); None until it is complete."""
+    body = bytearray()
+    while True:
+        eol = buf.find(b"\r\n", at)
+        if eol < 0:
+            return None
+        size = int(bytes(buf[at:eol]).split(b";")[0], 16)
+        if size == 0:
+            trailer_end = buf.find(b"\r\n\r\n", eol)
+            if buf[eol : eol + 4] == b"\r\n\r\n":
+                return bytes(body), eol + 4
+            return None if trailer_end < 0 else (bytes(body), trailer_end + 4)
+        if len(buf) < eol + 2 + size + 2:
+            return None
+        body += buf[eol + 2 : eol + 2 + size]
+        at = eol + 2 + size + 2
+
+
+async def serve(address: str, protocol: type[asyncio.Protocol] = _Echo) -> None:
     target = parse_address(address)
     loop = asyncio.get_running_loop()
     if target.is_unix:
-        server = await loop.create_unix_server(_Echo, target.path)
+        server = await loop.create_unix_server(protocol, target.path)
     else:
-        server = await loop.create_server(_Echo, target.host, target.port, reuse_address=True)
+        server = await loop.create_server(protocol, target.host, target.port, reuse_address=True)
     async with server:
         await server.serve_forever()
 
@@ -38,10 +96,16 @@ async def serve(address: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--listen", required=True)
+    parser.add_argument("--protocol", choices=("tcp", "http", "grpc"), default="tcp")
     args = parser.parse_args()
+    if args.protocol == "grpc":
+        from pyproxy.bench.grpc_bench import serve as serve_grpc
+
+        serve_grpc(parse_address(args.listen).port)
+        return
     loop = new_event_loop()
     try:
-        loop.run_until_complete(serve(args.listen))
+        loop.run_until_complete(serve(args.listen, _HttpEcho if args.protocol == "http" else _Echo))
     except KeyboardInterrupt:
         pass
 

@@ -77,7 +77,7 @@ from pyproxy.bench.http_bench import (
     tree_pids,
     wait_http,
 )
-from pyproxy.bench.tcp_echo import free_port, pinned
+from pyproxy.bench.procs import free_port, pinned
 from pyproxy.filters import sdk_modules
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -167,7 +167,7 @@ def start_proxy(
     path = workdir / f"{name}.yaml"
     path.write_text(json.dumps(config, indent=2))  # JSON is YAML
     argv = [sys.executable, "-m", "pyproxy", "run", "-c", str(path), "--log-level", "warning"]
-    proc = procs.start(name, pinned(SIDE_CPU, argv))
+    proc = procs.launch(name, pinned(SIDE_CPU, argv))
     wait_http(port, timeout=30)
     return Path_(name, port, proc.pid, admin=admin, note="+".join(filters) or "no filters")
 

@@ -29,12 +29,11 @@ import urllib.request
 from pathlib import Path
 from time import perf_counter_ns
 
-from pyproxy.bench.procs import Processes, free_port, wait_port
+from pyproxy.bench.procs import Processes, cpu_seconds, free_port, pinned, tree_pids, wait_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHOD = "/bench.Echo/Unary"
 PAYLOAD = b"x" * 100
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def log(message: str) -> None:
@@ -63,37 +62,6 @@ def serve(port: int) -> None:
 
 
 # ---- processes --------------------------------------------------------------------------------
-
-
-def pinned(cpu: int | None, argv: list[str]) -> list[str]:
-    return (
-        ["taskset", "-c", str(cpu), *argv] if cpu is not None and shutil.which("taskset") else argv
-    )
-
-
-def tree_pids(root: int) -> list[int]:
-    pids, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        pids.append(pid)
-        try:
-            with open(f"/proc/{pid}/task/{pid}/children") as f:
-                todo.extend(int(p) for p in f.read().split())
-        except OSError:
-            pass
-    return pids
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-        except OSError:
-            pass
-    return total / CLK_TCK
 
 
 def nginx_has_grpc() -> tuple[bool, str]:

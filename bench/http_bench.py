@@ -60,7 +60,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyproxy.bench.echo_client import summarize
-from pyproxy.bench.tcp_echo import free_port, get_json, pinned
+from pyproxy.bench.procs import CLK_TCK, Processes, cpu_seconds, pinned, tree_pids
+from pyproxy.bench.tcp_echo import free_port, get_json
 
 from pyproxy.stats import stage_table
 
@@ -70,7 +71,6 @@ PEER_VENVS = {
     "proxypy": ("/tmp/venv-proxypy", "proxy.py"),
     "mitmproxy": ("/tmp/venv-mitm", "mitmproxy"),
 }
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 LOAD_CPU, SIDE_CPU = 1, 0  # proxy under load alone on CPU 1; wrk/h2load + upstream on CPU 0
 
 
@@ -79,75 +79,6 @@ def log(message: str) -> None:
 
 
 # ---- processes -----------------------------------------------------------------------
-
-
-class Processes:
-    """Background processes (and their children) that are always stopped, whatever happens."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.procs: list[subprocess.Popen] = []
-
-    def start(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
-        logfile = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(
-            argv, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})}, cwd=self.workdir,
-        )  # fmt: skip
-        logfile.close()
-        self.procs.append(proc)
-        return proc
-
-    def stop_all(self) -> None:
-        children = {proc.pid: tree_pids(proc.pid) for proc in self.procs}
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-            for pid in children[proc.pid][1:]:  # e.g. proxy.py's acceptor/worker processes
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        self.procs.clear()
-
-
-def tree_pids(root: int) -> list[int]:
-    """The process and its descendants (from /proc/*/stat parent pids)."""
-    parents: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        parents.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo += parents.get(pid, [])
-    return out
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """utime+stime (all threads) of the given processes, from /proc/<pid>/stat."""
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
-        except OSError:
-            pass
-    return total / CLK_TCK
 
 
 def rss_mib(pids: list[int]) -> float:
@@ -319,7 +250,7 @@ def start_upstream(procs: Processes, workdir: Path) -> int:
         f"server {{ listen 127.0.0.1:{port} reuseport backlog=4096; location / {{ default_type text/plain; "
         f'return 200 "{BODY.decode()}"; }} }}\n',
     )  # fmt: skip
-    procs.start("upstream", pinned(SIDE_CPU, ["nginx", "-c", str(conf), "-p", str(workdir)]))
+    procs.launch("upstream", pinned(SIDE_CPU, ["nginx", "-c", str(conf), "-p", str(workdir)]))
     wait_http(port)
     return port
 
@@ -332,7 +263,7 @@ def start_nginx(procs: Processes, workdir: Path, upstream: int) -> Path_:
         f"server {{ listen 127.0.0.1:{port}; listen 127.0.0.1:{h2} http2;\n"
         "  location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }\n",
     )  # fmt: skip
-    proc = procs.start("nginx", pinned(SIDE_CPU, ["nginx", "-c", str(conf), "-p", str(workdir)]))
+    proc = procs.launch("nginx", pinned(SIDE_CPU, ["nginx", "-c", str(conf), "-p", str(workdir)]))
     wait_http(port)
     return Path_("nginx", port, proc.pid, note="http proxy_pass, keepalive 64 upstream", h2_port=h2)
 
@@ -348,7 +279,7 @@ def start_haproxy(procs: Processes, workdir: Path, upstream: int) -> Path_:
         f"frontend h2c\n  bind 127.0.0.1:{h2} proto h2\n  default_backend app\n"
         f"backend app\n  server s1 127.0.0.1:{upstream}\n"
     )
-    proc = procs.start("haproxy", pinned(SIDE_CPU, ["haproxy", "-db", "-f", str(conf)]))
+    proc = procs.launch("haproxy", pinned(SIDE_CPU, ["haproxy", "-db", "-f", str(conf)]))
     wait_http(port)
     return Path_(
         "haproxy", port, proc.pid, note="mode http, nbthread 1, http-reuse always", h2_port=h2
@@ -375,7 +306,7 @@ def start_pyproxy(
         f"    http:\n      codec: {codec}\n      express_lane: {lane}\n"
     )
     argv = [sys.executable, "-m", "pyproxy", "run", "-c", str(conf), "--log-level", "warning"]
-    proc = procs.start(name, pinned(SIDE_CPU, argv))
+    proc = procs.launch(name, pinned(SIDE_CPU, argv))
     wait_http(port)
     note = f"{codec} codec" + ("" if clock else ", stage clock off")
     if codec == "fast":
@@ -386,7 +317,7 @@ def start_pyproxy(
 def start_python_floor(procs: Processes, upstream: int) -> Path_:
     port = free_port()
     argv = [sys.executable, "-m", "pyproxy.bench.python_floor", str(port), str(upstream)]
-    proc = procs.start("python_floor", pinned(SIDE_CPU, argv))
+    proc = procs.launch("python_floor", pinned(SIDE_CPU, argv))
     wait_http(port)
     return Path_(
         "python_floor", port, proc.pid,
@@ -401,7 +332,7 @@ def start_proxypy(procs: Processes, workdir: Path, upstream: int) -> Path_ | Non
     port = free_port()
     argv = [str(exe), "--hostname", "127.0.0.1", "--port", str(port), "--num-workers", "1",
             "--num-acceptors", "1", "--log-level", "ERROR"]  # fmt: skip
-    proc = procs.start("proxypy", pinned(SIDE_CPU, argv))
+    proc = procs.launch("proxypy", pinned(SIDE_CPU, argv))
     absolute = f"http://127.0.0.1:{upstream}/"
     wait_http(port, absolute=absolute)
     return Path_(
@@ -417,7 +348,7 @@ def start_mitmproxy(procs: Processes, workdir: Path, upstream: int) -> Path_ | N
     port = free_port()
     argv = [str(exe), "--mode", f"reverse:http://127.0.0.1:{upstream}", "--listen-host", "127.0.0.1",
             "--listen-port", str(port), "-q", "--set", f"confdir={workdir / 'mitm'}"]  # fmt: skip
-    proc = procs.start("mitmproxy", pinned(SIDE_CPU, argv))
+    proc = procs.launch("mitmproxy", pinned(SIDE_CPU, argv))
     wait_http(port, timeout=30)
     return Path_("mitmproxy", port, proc.pid, note="mitmdump --mode reverse")
 
@@ -573,7 +504,7 @@ def throughput_phase(paths: list[Path_], workdir: Path, rounds: int, seconds: in
             cpu = sum(v["proxy_cpu_s"] for v in values)
             reqs = sum(v["requests"] for v in values)
             summary["proxy_cpu_util"] = best["proxy_cpu_util"]
-            summary["proxy_cpu_us_per_req"] = cpu / reqs * 1e6
+            summary["proxy_cpu_us_per_req"] = cpu / reqs * 1e6 if reqs else None
             summary["rps_per_cpu_second"] = reqs / cpu if cpu else None
             summary["rss_mib"] = values[-1]["rss_mib"]
             summary["processes"] = values[-1]["processes"]

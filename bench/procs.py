@@ -1,10 +1,14 @@
-"""Process and port helpers shared by the demo and the benchmarks: free ports, readiness, cleanup."""
+"""Process and port helpers shared by the demo and the benchmarks: free ports, readiness, CPU time, cleanup."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -25,21 +29,80 @@ def wait_port(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None
     raise RuntimeError(f"nothing listening on {host}:{port} after {timeout}s")
 
 
-class Processes:
-    """Background processes that are always stopped, whatever happens."""
+def pinned(cpu: int | None, argv: list[str]) -> list[str]:
+    """argv run on one CPU (taskset), or as is when no CPU is given or taskset is missing."""
+    return (
+        ["taskset", "-c", str(cpu), *argv] if cpu is not None and shutil.which("taskset") else argv
+    )
 
-    def __init__(self) -> None:
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def tree_pids(root: int) -> list[int]:
+    """The process and its descendants (from /proc/*/stat parent pids)."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo += parents.get(pid, [])
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime+stime (all threads) of the given processes, from /proc/<pid>/stat."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+        except OSError:
+            pass
+    return total / CLK_TCK
+
+
+class Processes:
+    """Background processes (and their children) that are always stopped, whatever happens.
+
+    With `logs`, `launch(name, ...)` writes each process's output to
+    `logs/<name>.log` and runs it there (what a results folder keeps).
+    """
+
+    def __init__(self, logs: Path | None = None) -> None:
+        self.logs = logs
         self.procs: list[subprocess.Popen] = []
 
     def start(self, argv: list[str], quiet: bool = True, **kwargs) -> subprocess.Popen:
         if quiet:
             kwargs.setdefault("stdout", subprocess.DEVNULL)
             kwargs.setdefault("stderr", subprocess.DEVNULL)
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
         proc = subprocess.Popen(argv, **kwargs)
         self.procs.append(proc)
         return proc
 
+    def launch(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+        """Start `argv` with its output in the log folder (or discarded without one)."""
+        environ = {**os.environ, **(env or {})}
+        if self.logs is None:
+            return self.start(argv, env=environ)
+        with open(self.logs / f"{name}.log", "wb") as log:
+            return self.start(argv, quiet=False, stdout=log, stderr=subprocess.STDOUT, env=environ,
+                              cwd=self.logs)  # fmt: skip
+
     def stop_all(self) -> None:
+        children = {proc.pid: tree_pids(proc.pid) for proc in self.procs}
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 proc.terminate()
@@ -49,4 +112,9 @@ class Processes:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+            for pid in children[proc.pid][1:]:  # workers a server forked (proxy.py, pyproxy)
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         self.procs.clear()

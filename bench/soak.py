@@ -58,7 +58,7 @@ def start_upstream(procs: Processes, workdir: Path) -> int:
         f"server {{ listen 127.0.0.1:{port} backlog=4096; location / {{ default_type text/plain; "
         'return 200 "ok:$uri:soak"; } }\n',
     )  # fmt: skip
-    procs.start("upstream", ["nginx", "-c", str(conf), "-p", str(workdir)])
+    procs.launch("upstream", ["nginx", "-c", str(conf), "-p", str(workdir)])
     wait_http(port)
     return port
 

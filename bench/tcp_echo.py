@@ -23,18 +23,12 @@ import urllib.request
 from pathlib import Path
 
 from pyproxy.bench.echo_client import measure_rtts, summarize
-from pyproxy.bench.procs import Processes, free_port, wait_port
+from pyproxy.bench.procs import Processes, free_port, pinned, wait_port
 
 from pyproxy.stats import stage_table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
-
-
-def pinned(cpu: int | None, argv: list[str]) -> list[str]:
-    return (
-        ["taskset", "-c", str(cpu), *argv] if cpu is not None and shutil.which("taskset") else argv
-    )
 
 
 def start_nginx(

@@ -1,4 +1,4 @@
-"""The `pyproxy` command: run, stats, capture, inject, webhook, demo."""
+"""The `pyproxy` command: run, stats, capture, inject, webhook, demo, bench."""
 
 from __future__ import annotations
 
@@ -315,6 +315,9 @@ def build_parser(with_tools: bool = True) -> argparse.ArgumentParser:
     from pyproxy.kube import cli as kube_cli
 
     kube_cli.add_parsers(sub)
+    from pyproxy.bench import cli as bench_cli
+
+    bench_cli.add_parser(sub)
     return parser
 
 

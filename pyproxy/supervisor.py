@@ -17,6 +17,7 @@ from typing import Any
 from pyproxy import __version__
 from pyproxy.addresses import Address
 from pyproxy.admin import EndpointServer, Response
+from pyproxy.admin_page import live_page
 from pyproxy.codec.http2_native import effective_codec
 from pyproxy.config import ConfigError, ProxyConfig, root_refusal
 from pyproxy.counters import W_NOTIFY_COST_NS, W_PID, W_READY, CounterStore
@@ -451,7 +452,9 @@ class Supervisor:
 
             return admin_endpoint(self.config, query)
 
+        live = Response(200, live_page(), "text/html; charset=utf-8")
         admin_routes = {
+            "/": ("GET", lambda q: live),
             "/ready": ("GET", ready),
             "/stats": ("GET", stats_endpoint),
             "/stats/prometheus": ("GET", prometheus),

@@ -1,0 +1,222 @@
+"""Linear cost models of the sidecar's stages and the profile that stores them, keyed by platform.
+
+Latency of one stage for one request/response exchange whose messages are
+`s` bytes each way: L + s·l (ns). CPU of one stage at `r` exchanges/s:
+r·(C + s·c) ns per second. Both are fitted by least squares with pure
+Python (no numpy on the proxy's side), each with its R².
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform as _platform
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyproxy import __version__
+
+PROFILE_FORMAT = 1
+# The fields whose difference makes a profile describe another machine.
+PLATFORM_KEYS = ("cpu_model", "kernel", "python", "pyproxy")
+
+
+class PlatformMismatch(Exception):
+    """A profile measured on another platform was offered without --force."""
+
+
+@dataclass(frozen=True, slots=True)
+class Linear:
+    """y = base + per_byte·s (latency: ns per exchange; CPU: ns per exchange, times the rate)."""
+
+    base: float
+    per_byte: float
+    r2: float = 1.0
+
+    def at(self, size: float) -> float:
+        return self.base + self.per_byte * size
+
+    def scaled(self, factor: float) -> Linear:
+        return Linear(self.base * factor, self.per_byte * factor, self.r2)
+
+    def to_json(self) -> dict:
+        return {"base_ns": self.base, "per_byte_ns": self.per_byte, "r2": self.r2}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Linear:
+        return cls(float(data["base_ns"]), float(data["per_byte_ns"]), float(data.get("r2", 1.0)))
+
+
+ZERO = Linear(0.0, 0.0)
+
+
+def _r2(ys: Sequence[float], predicted: Iterable[float]) -> float:
+    mean = sum(ys) / len(ys)
+    total = sum((y - mean) ** 2 for y in ys)
+    residual = sum((y - p) ** 2 for y, p in zip(ys, predicted, strict=True))
+    # A flat series fitted exactly is explained perfectly; one fitted badly is not.
+    if total == 0:
+        return 1.0 if residual == 0 else 0.0
+    return 1.0 - residual / total
+
+
+def fit_latency(sizes: Sequence[float], ns: Sequence[float]) -> Linear:
+    """Least-squares L + s·l over (size, ns) points; one distinct size gives a flat line."""
+    if not sizes or len(sizes) != len(ns):
+        raise ValueError("need as many latency points as sizes, at least one")
+    n = len(sizes)
+    mean_s, mean_y = sum(sizes) / n, sum(ns) / n
+    var_s = sum((s - mean_s) ** 2 for s in sizes)
+    slope = (
+        sum((s - mean_s) * (y - mean_y) for s, y in zip(sizes, ns, strict=True)) / var_s
+        if var_s
+        else 0.0
+    )
+    base = mean_y - slope * mean_s
+    return Linear(base, slope, _r2(ns, (base + slope * s for s in sizes)))
+
+
+def fit_cpu(
+    rates: Sequence[float], sizes: Sequence[float], ns_per_second: Sequence[float]
+) -> Linear:
+    """Least-squares r·(C + s·c) over (rate, size, CPU ns per wall second) points.
+
+    The model has no intercept: at rate 0 the sidecar spends nothing per request.
+    """
+    if not rates or not (len(rates) == len(sizes) == len(ns_per_second)):
+        raise ValueError("need one rate, size and CPU figure per point, at least one")
+    xs1 = list(rates)
+    xs2 = [r * s for r, s in zip(rates, sizes, strict=True)]
+    a11 = sum(x * x for x in xs1)
+    a12 = sum(x * y for x, y in zip(xs1, xs2, strict=True))
+    a22 = sum(x * x for x in xs2)
+    b1 = sum(x * y for x, y in zip(xs1, ns_per_second, strict=True))
+    b2 = sum(x * y for x, y in zip(xs2, ns_per_second, strict=True))
+    det = a11 * a22 - a12 * a12
+    if abs(det) <= 1e-12 * max(a11 * a22, 1.0):  # one size only: per-byte cost is not identifiable
+        base, per_byte = (b1 / a11 if a11 else 0.0), 0.0
+    else:
+        base = (b1 * a22 - b2 * a12) / det
+        per_byte = (a11 * b2 - a12 * b1) / det
+    predicted = (base * x1 + per_byte * x2 for x1, x2 in zip(xs1, xs2, strict=True))
+    return Linear(base, per_byte, _r2(ns_per_second, predicted))
+
+
+@dataclass(frozen=True, slots=True)
+class StageModel:
+    latency: Linear
+    cpu: Linear
+
+    def scaled(self, factor: float) -> StageModel:
+        return StageModel(self.latency.scaled(factor), self.cpu.scaled(factor))
+
+    def to_json(self) -> dict:
+        return {"latency": self.latency.to_json(), "cpu": self.cpu.to_json()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> StageModel:
+        return cls(Linear.from_json(data["latency"]), Linear.from_json(data["cpu"]))
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Stage models per mode, per IPC backend (the `ipc` stage) and per filter, for one platform.
+
+    `modes[mode]` holds the stages of a sidecar in that mode with plain TCP IPC
+    and no filter; `ipc[backend]` replaces its `ipc` stage; `filters[type]` adds
+    a `filter:<type>` stage. `external[mode]` is the same sidecar's cost fitted
+    from outside (client latency, /proc CPU), for checking the stage clock.
+    """
+
+    platform: dict
+    modes: dict[str, dict[str, StageModel]]
+    ipc: dict[str, StageModel]
+    filters: dict[str, StageModel]
+    external: dict[str, StageModel]
+    points: list[dict]
+
+    def to_json(self) -> dict:
+        def models(table: dict[str, StageModel]) -> dict:
+            return {name: model.to_json() for name, model in table.items()}
+
+        return {
+            "format": PROFILE_FORMAT,
+            "platform": self.platform,
+            "modes": {mode: models(stages) for mode, stages in self.modes.items()},
+            "ipc": models(self.ipc),
+            "filters": models(self.filters),
+            "external": models(self.external),
+            "points": self.points,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> Profile:
+        if data.get("format") != PROFILE_FORMAT:
+            raise ValueError(f"profile format {data.get('format')!r}, expected {PROFILE_FORMAT}")
+
+        def models(table: dict) -> dict[str, StageModel]:
+            return {name: StageModel.from_json(model) for name, model in table.items()}
+
+        return cls(
+            platform=dict(data["platform"]),
+            modes={mode: models(stages) for mode, stages in data["modes"].items()},
+            ipc=models(data.get("ipc", {})),
+            filters=models(data.get("filters", {})),
+            external=models(data.get("external", {})),
+            points=list(data.get("points", [])),
+        )
+
+    def external_view(self) -> Profile:
+        """The same profile with each mode priced as one `sidecar` stage fitted from outside."""
+        modes = {m: {"sidecar": self.external[m]} for m in self.modes if m in self.external}
+        return Profile(self.platform, modes, {}, {}, self.external, self.points)
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> Profile:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return _platform.processor() or _platform.machine()
+
+
+def current_platform(backends: Sequence[str] = (), codecs: Sequence[str] = ()) -> dict:
+    """What a profile is only valid for: CPU, kernel, Python, pyproxy, and what was measured."""
+    return {
+        "cpu_model": _cpu_model(),
+        "cpus": os.cpu_count(),
+        "kernel": os.uname().release,
+        "python": _platform.python_version(),
+        "implementation": sys.implementation.name,
+        "pyproxy": __version__,
+        "backends": sorted(backends),
+        "codecs": sorted(codecs),
+    }
+
+
+def check_platform(profile: Profile, here: dict, force: bool) -> list[str]:
+    """The differences between the profile's platform and this one; raise unless forced."""
+    differences = [
+        f"{key}: profile {profile.platform.get(key)!r}, here {here.get(key)!r}"
+        for key in PLATFORM_KEYS
+        if profile.platform.get(key) != here.get(key)
+    ]
+    if differences and not force:
+        raise PlatformMismatch(
+            "the profile was measured on another platform ("
+            + "; ".join(differences)
+            + "); re-run `pyproxy bench profile` here, or pass --force to use it anyway"
+        )
+    return differences

@@ -1,0 +1,270 @@
+"""Predict what sidecars cost an application: per-hop overhead, critical-path latency, CPU cores.
+
+Every call crosses the caller's sidecar (outbound) and the callee's sidecar
+(inbound); each sidecar costs the sum of its stages' models at the call's
+message size. The profile's size is the echo size each way, so a call with a
+request of q bytes and a response of p bytes is priced at s = (q + p) / 2.
+End-to-end latency is recomputed over the whole tree with the overheads added,
+so a parallel branch that was not critical can become so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pyproxy.bench.callgraph import Call, CallGraph, Service
+from pyproxy.bench.model import Profile, StageModel
+
+
+class WhatIfError(ValueError):
+    """A --what-if the profile cannot answer (unknown stage or backend, bad factor)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WhatIf:
+    """Design questions: scale stages by a factor, or switch every sidecar's IPC backend."""
+
+    factors: tuple[tuple[str, float], ...] = ()
+    ipc: str | None = None
+
+    @classmethod
+    def parse(cls, items: Sequence[str]) -> WhatIf:
+        factors, ipc = [], None
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or not key or not value:
+                raise WhatIfError(f"--what-if {item!r}: expected stage=factor or ipc=backend")
+            try:
+                factor = float(value)
+            except ValueError:
+                if key != "ipc":
+                    raise WhatIfError(f"--what-if {item!r}: {value!r} is not a number") from None
+                ipc = value
+                continue
+            if factor < 0:
+                raise WhatIfError(f"--what-if {item!r}: a factor must be >= 0")
+            factors.append((key, factor))
+        return cls(tuple(factors), ipc)
+
+    def label(self) -> str:
+        parts = [f"{k}×{v:g}" for k, v in self.factors] + ([f"ipc={self.ipc}"] if self.ipc else [])
+        return ", ".join(parts) or "as measured"
+
+
+def check_what_if(profile: Profile, what_if: WhatIf) -> None:
+    """Refuse a question the profile has no stage (or backend) for."""
+    known = {stage for stages in profile.modes.values() for stage in stages}
+    known |= {f"filter:{name}" for name in profile.filters}
+    for stage, factor in what_if.factors:
+        if stage not in known:
+            raise WhatIfError(
+                f"--what-if {stage}={factor:g}: no stage {stage!r} in the profile ({sorted(known)})"
+            )
+    if what_if.ipc not in (None, "tcp") and what_if.ipc not in profile.ipc:
+        raise WhatIfError(
+            f"--what-if ipc={what_if.ipc}: backend not in the profile ({['tcp', *sorted(profile.ipc)]})"
+        )
+
+
+def sidecar_stages(
+    profile: Profile, service: Service, what_if: WhatIf = WhatIf()
+) -> dict[str, StageModel]:
+    """The stage models of one service's sidecar under the profile and the what-if."""
+    if service.mode not in profile.modes:
+        raise WhatIfError(
+            f"service {service.name}: mode {service.mode!r} is not in the profile ({sorted(profile.modes)})"
+        )
+    stages = dict(profile.modes[service.mode])
+    ipc = what_if.ipc or service.ipc
+    if ipc != "tcp":
+        if ipc not in profile.ipc:
+            raise WhatIfError(
+                f"service {service.name}: IPC backend {ipc!r} is not in the profile ({sorted(profile.ipc)})"
+            )
+        stages["ipc"] = profile.ipc[ipc]
+    for name in service.filters:
+        if name not in profile.filters:
+            raise WhatIfError(
+                f"service {service.name}: filter {name!r} is not in the profile ({sorted(profile.filters)})"
+            )
+        stages[f"filter:{name}"] = profile.filters[name]
+    for stage, factor in what_if.factors:
+        if stage in stages:
+            stages[stage] = stages[stage].scaled(factor)
+    return stages
+
+
+@dataclass(slots=True)
+class Hop:
+    call: str
+    caller: str | None
+    callee: str
+    size: float
+    rate: float
+    latency_ns: float
+    cpu_cores: float
+    stages_ns: dict[str, float]
+    cpu_stages: dict[str, float]
+
+
+@dataclass(slots=True)
+class Prediction:
+    graph: str
+    what_if: str
+    hops: list[Hop]
+    base_ns: float
+    mesh_ns: float
+    path_before: list[str]
+    path_after: list[str]
+    cpu_cores: float
+    path_stages_ns: dict[str, float] = field(default_factory=dict)
+    cpu_stages: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def overhead_ns(self) -> float:
+        return self.mesh_ns - self.base_ns
+
+    @property
+    def dominant_latency(self) -> str:
+        return max(self.path_stages_ns, key=self.path_stages_ns.__getitem__, default="")
+
+    @property
+    def dominant_cpu(self) -> str:
+        return max(self.cpu_stages, key=self.cpu_stages.__getitem__, default="")
+
+    @property
+    def path_moved(self) -> bool:
+        return self.path_before != self.path_after
+
+    def to_json(self) -> dict:
+        return {
+            "graph": self.graph,
+            "what_if": self.what_if,
+            "latency_without_mesh_us": self.base_ns / 1000,
+            "latency_with_mesh_us": self.mesh_ns / 1000,
+            "latency_overhead_us": self.overhead_ns / 1000,
+            "critical_path_before": self.path_before,
+            "critical_path_after": self.path_after,
+            "critical_path_moved": self.path_moved,
+            "cpu_overhead_cores": self.cpu_cores,
+            "dominant_latency_stage": self.dominant_latency,
+            "dominant_cpu_stage": self.dominant_cpu,
+            "critical_path_stages_us": {k: v / 1000 for k, v in self.path_stages_ns.items()},
+            "cpu_stages_cores": self.cpu_stages,
+            "hops": [
+                {
+                    "call": h.call,
+                    "caller": h.caller,
+                    "callee": h.callee,
+                    "size_bytes": h.size,
+                    "rate_per_s": h.rate,
+                    "latency_overhead_us": h.latency_ns / 1000,
+                    "cpu_overhead_cores": h.cpu_cores,
+                }
+                for h in self.hops
+            ],
+        }
+
+
+def _hop(
+    profile: Profile, graph: CallGraph, call: Call, caller: str | None, rate: float, what_if: WhatIf
+) -> Hop:
+    size = (call.request + call.response) / 2
+    stages_ns: dict[str, float] = {}
+    cpu_stages: dict[str, float] = {}
+    sides = [graph.services[caller]] if caller is not None else []
+    sides.append(graph.services[call.callee])
+    for service in sides:
+        if not service.sidecar:
+            continue
+        for stage, model in sidecar_stages(profile, service, what_if).items():
+            stages_ns[stage] = stages_ns.get(stage, 0.0) + model.latency.at(size)
+            cpu_stages[stage] = cpu_stages.get(stage, 0.0) + rate * model.cpu.at(size) / 1e9
+    return Hop(call.id, caller, call.callee, size, rate, sum(stages_ns.values()),
+               sum(cpu_stages.values()), stages_ns, cpu_stages)  # fmt: skip
+
+
+def _duration(call: Call, extra: dict[str, float]) -> tuple[float, list[str]]:
+    """The call's latency and its critical path (call ids), given each call's added latency."""
+    total = call.network_ns + call.work_ns + extra.get(call.id, 0.0)
+    path = [call.id]
+    groups: dict[int, list[Call]] = {}
+    for child in call.children:
+        groups.setdefault(child.group, []).append(child)
+    for index in sorted(groups):
+        slowest = max((_duration(child, extra) for child in groups[index]), key=lambda d: d[0])
+        total += slowest[0]
+        path += slowest[1]
+    return total, path
+
+
+def predict(profile: Profile, graph: CallGraph, what_if: WhatIf = WhatIf()) -> Prediction:
+    check_what_if(profile, what_if)
+    hops: list[Hop] = []
+    todo: list[tuple[Call, str | None, float]] = [(graph.root, None, graph.root.rate or 1.0)]
+    while todo:
+        call, caller, rate = todo.pop()
+        hops.append(_hop(profile, graph, call, caller, rate, what_if))
+        for child in call.children:
+            todo.append((child, call.callee, child.rate if child.rate is not None else rate))
+    extra = {h.call: h.latency_ns for h in hops}
+    base, before = _duration(graph.root, {})
+    mesh, after = _duration(graph.root, extra)
+    by_call = {h.call: h for h in hops}
+    path_stages: dict[str, float] = {}
+    for call_id in after:
+        for stage, ns in by_call[call_id].stages_ns.items():
+            path_stages[stage] = path_stages.get(stage, 0.0) + ns
+    cpu_stages: dict[str, float] = {}
+    for h in hops:
+        for stage, cores in h.cpu_stages.items():
+            cpu_stages[stage] = cpu_stages.get(stage, 0.0) + cores
+    return Prediction(graph.name, what_if.label(), hops, base, mesh, before, after,
+                      sum(h.cpu_cores for h in hops), path_stages, cpu_stages)  # fmt: skip
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile of unsorted values (0 for none)."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered) + 0.5) - 1))]
+
+
+def distribution(predictions: Sequence[Prediction]) -> dict:
+    """Batch mode: the spread of end-to-end overhead and CPU over many graphs."""
+    latency = [p.overhead_ns / 1000 for p in predictions]
+    cpu = [p.cpu_cores for p in predictions]
+    dominant: dict[str, int] = {}
+    for p in predictions:
+        dominant[p.dominant_latency] = dominant.get(p.dominant_latency, 0) + 1
+    return {
+        "graphs": len(predictions),
+        "latency_overhead_us": {f"p{q}": percentile(latency, q / 100) for q in (50, 90, 99)}
+        | {"max": max(latency, default=0.0)},
+        "cpu_overhead_cores": {f"p{q}": percentile(cpu, q / 100) for q in (50, 90, 99)}
+        | {"max": max(cpu, default=0.0)},
+        "critical_path_moved": sum(p.path_moved for p in predictions),
+        "dominant_latency_stage": dominant,
+    }
+
+
+def report(predictions: Sequence[Prediction]) -> str:
+    """Markdown: the per-hop table of each prediction and its totals."""
+    out = []
+    for p in predictions:
+        out.append(f"### {p.graph} ({p.what_if})\n")
+        out.append("| call | caller → callee | size B | rate /s | overhead µs | CPU cores |")
+        out.append("| --- | --- | ---: | ---: | ---: | ---: |")
+        for h in p.hops:
+            out.append(f"| {h.call} | {h.caller or 'client'} → {h.callee} | {h.size:.0f} | {h.rate:g} "
+                       f"| {h.latency_ns / 1000:.1f} | {h.cpu_cores:.4f} |")  # fmt: skip
+        moved = " (moved)" if p.path_moved else ""
+        out.append(
+            f"\nend-to-end: {p.base_ns / 1000:.1f} µs → {p.mesh_ns / 1000:.1f} µs, overhead "
+            f"**{p.overhead_ns / 1000:.1f} µs**; critical path {' → '.join(p.path_after)}{moved}; "
+            f"CPU overhead **{p.cpu_cores:.4f} cores**; dominant: {p.dominant_latency} (latency), "
+            f"{p.dominant_cpu} (CPU)\n"
+        )
+    return "\n".join(out)

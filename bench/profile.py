@@ -1,0 +1,371 @@
+"""`pyproxy bench profile`: measure the sidecar per mode, IPC backend and filter, fit its cost models.
+
+For each configuration pyproxy runs in front of an echo upstream of its
+protocol. Per message size, the built-in driver measures round trips at one
+outstanding request directly and through the proxy (latency), then paced at
+25/50/75/100 % of the one-connection maximum rate (CPU). The stage clock's
+deltas give each stage's ns per exchange and per second; /proc gives the
+proxy's CPU and the client its latency, so every model is fitted twice: from
+inside (per stage) and from outside (whole sidecar). The profile is written as
+JSON keyed by platform, with the raw points and each fit's R².
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyproxy.bench.driver import EXCHANGERS, drive, wait_ready
+from pyproxy.bench.filter_bench import filter_entry
+from pyproxy.bench.model import Linear, Profile, StageModel, current_platform, fit_cpu, fit_latency
+from pyproxy.bench.procs import Processes, cpu_seconds, free_port, tree_pids, wait_port
+from pyproxy.bench.tcp_echo import get_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SIZES = (100, 1024, 2048, 4096, 8192, 16384)
+LOADS = (0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """One proxy configuration to profile."""
+
+    name: str
+    mode: str
+    ipc: str = "tcp"
+    filter_type: str | None = None
+
+
+def setups(modes: list[str], ipcs: list[str], filters: list[str]) -> list[Setup]:
+    out = [Setup(mode, mode) for mode in modes]
+    # The IPC backend is the app-facing (upstream) socket; TCP mode isolates it best.
+    out += [Setup(f"tcp+ipc:{ipc}", "tcp", ipc=ipc) for ipc in ipcs if ipc != "tcp"]
+    out += [Setup(f"http+{kind}", "http", filter_type=kind) for kind in filters]
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--modes", default="tcp,http,grpc", help="comma-separated modes")
+    parser.add_argument("--ipc", default="tcp,unix", help="IPC backends (app-facing socket)")
+    parser.add_argument(
+        "--filters", default="fault,ratelimit", help="filter types, each profiled in HTTP mode"
+    )
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="message sizes, bytes")
+    parser.add_argument("--seconds", type=float, default=1.0, help="per measured point")
+    parser.add_argument(
+        "--out", type=Path, help="results folder (default bench/results/profile-<time>)"
+    )
+
+
+def _stages_delta(after: dict, before: dict) -> dict[str, int]:
+    return {
+        stage: values["ns"] - before["stages"].get(stage, {"ns": 0})["ns"]
+        for stage, values in after["stages"].items()
+    }
+
+
+class _Target:
+    """A running proxy + echo upstream pair for one setup."""
+
+    def __init__(self, procs: Processes, setup: Setup, workdir: Path) -> None:
+        self.setup = setup
+        protocol = setup.mode
+        if setup.ipc == "unix":
+            upstream = f"unix:{workdir}/echo-{setup.name.replace(':', '_')}.sock"
+        else:
+            upstream = f"127.0.0.1:{free_port()}"
+        procs.start([sys.executable, "-m", "pyproxy.bench.echo_server", "--listen", upstream,
+                     "--protocol", protocol])  # fmt: skip
+        listen, self.admin = free_port(), free_port()
+        argv = [sys.executable, "-m", "pyproxy", "run", "--mode", setup.mode,
+                "--listen", f"127.0.0.1:{listen}", "--upstream", upstream,
+                "--admin", f"127.0.0.1:{self.admin}", "--log-level", "warning"]  # fmt: skip
+        if setup.filter_type:
+            entry = filter_entry(setup.filter_type, workdir, setup.name)
+            argv += ["--filter", f"{entry['name']}={json.dumps(entry['config'])}"]
+        self.proc = procs.start(argv)
+        wait_port(self.admin, timeout=30)  # a loaded machine starts workers slowly
+        self.direct, self.proxied = upstream, f"127.0.0.1:{listen}"
+        wait_ready(protocol, self.direct)
+        wait_ready(protocol, self.proxied)
+        self.pids = tree_pids(self.proc.pid)
+
+    def stats(self) -> dict:
+        return get_json(f"http://127.0.0.1:{self.admin}/stats?format=json")["listeners"]["main"]
+
+
+def _measure_size(target: _Target, size: int, seconds: float, warmup: int) -> list[dict]:
+    """The latency point and the CPU points of one setup at one message size."""
+    make = EXCHANGERS[target.setup.mode]
+    base = {"setup": target.setup.name, "size": size}
+    direct = make(target.direct, size)
+    try:
+        direct_rtts = drive(direct, seconds, warmup=warmup)
+    finally:
+        direct.close()
+    proxied = make(target.proxied, size)
+    try:
+        before = target.stats()
+        rtts = drive(proxied, seconds, warmup=warmup)
+        stages = _stages_delta(target.stats(), before)
+        exchanges = len(rtts) + warmup
+        points = [
+            base | {
+                "kind": "latency",
+                "exchanges": len(rtts),
+                "direct_p50_ns": statistics.median(direct_rtts),
+                "proxy_p50_ns": statistics.median(rtts),
+                "stages_ns": {k: v / exchanges for k, v in stages.items()},
+            }
+        ]  # fmt: skip
+        max_rate = 1e9 / statistics.fmean(rtts)
+        for load in LOADS:
+            before, cpu0, t0 = target.stats(), cpu_seconds(target.pids), time.monotonic()
+            done = drive(proxied, seconds, rate=load * max_rate, warmup=0)
+            wall = time.monotonic() - t0
+            stages = _stages_delta(target.stats(), before)
+            points.append(
+                base | {
+                    "kind": "cpu",
+                    "load": load,
+                    "rate": len(done) / wall,
+                    "proxy_cpu_ns_per_s": (cpu_seconds(target.pids) - cpu0) * 1e9 / wall,
+                    "stages_ns_per_s": {k: v / wall for k, v in stages.items()},
+                }
+            )  # fmt: skip
+    finally:
+        proxied.close()
+    return points
+
+
+def fit_setup(points: list[dict]) -> tuple[dict[str, StageModel], StageModel]:
+    """Per-stage models (stage clock) and the whole sidecar's model (external measurement)."""
+    lat = [p for p in points if p["kind"] == "latency"]
+    cpu = [p for p in points if p["kind"] == "cpu"]
+    stages = sorted(
+        {s for p in lat for s in p["stages_ns"]} | {s for p in cpu for s in p["stages_ns_per_s"]}
+    )
+    models = {}
+    for stage in stages:
+        latency = (
+            fit_latency([p["size"] for p in lat], [p["stages_ns"].get(stage, 0) for p in lat])
+            if lat
+            else Linear(0, 0)
+        )
+        cost = (
+            fit_cpu([p["rate"] for p in cpu], [p["size"] for p in cpu], [p["stages_ns_per_s"].get(stage, 0) for p in cpu])
+            if cpu else Linear(0, 0)
+        )  # fmt: skip
+        models[stage] = StageModel(latency, cost)
+    ext_latency = (
+        fit_latency([p["size"] for p in lat], [p["proxy_p50_ns"] - p["direct_p50_ns"] for p in lat])
+        if lat else Linear(0, 0)
+    )  # fmt: skip
+    ext_cpu = (
+        fit_cpu([p["rate"] for p in cpu], [p["size"] for p in cpu], [p["proxy_cpu_ns_per_s"] for p in cpu])
+        if cpu else Linear(0, 0)
+    )  # fmt: skip
+    return models, StageModel(ext_latency, ext_cpu)
+
+
+def build_profile(plan: list[Setup], points: list[dict], platform: dict) -> Profile:
+    modes: dict[str, dict[str, StageModel]] = {}
+    ipc: dict[str, StageModel] = {}
+    filters: dict[str, StageModel] = {}
+    external: dict[str, StageModel] = {}
+    for setup in plan:
+        mine = [p for p in points if p["setup"] == setup.name]
+        if not mine:
+            continue  # interrupted before this setup ran
+        stages, outside = fit_setup(mine)
+        external[setup.name] = outside
+        if setup.filter_type:
+            filters[setup.filter_type] = stages[f"filter:{setup.filter_type}"]
+        elif setup.ipc != "tcp":
+            ipc[setup.ipc] = stages["ipc"]
+        else:
+            modes[setup.mode] = stages
+    return Profile(platform, modes, ipc, filters, external, points)
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the bar is a convenience; the run is the same without it
+        return None
+    return tqdm(total=total, unit="point", file=sys.stderr, dynamic_ncols=True)
+
+
+def _git() -> str:
+    run = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent)  # fmt: skip
+    return run.stdout.strip()
+
+
+def run(args: argparse.Namespace) -> int:
+    modes = [m for m in args.modes.split(",") if m]
+    plan = setups(
+        modes, [i for i in args.ipc.split(",") if i], [f for f in args.filters.split(",") if f]
+    )
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    out = args.out or RESULTS / time.strftime("profile-%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    platform = current_platform(
+        backends=sorted({s.ipc for s in plan}), codecs=sorted({s.mode for s in plan})
+    )
+    (out / "inputs.json").write_text(json.dumps({
+        "argv": sys.argv, "setups": [s.name for s in plan], "sizes": sizes,
+        "seconds_per_point": args.seconds, "loads": LOADS,
+    }, indent=2) + "\n")  # fmt: skip
+    (out / "environment.json").write_text(json.dumps(platform | {"git": _git()}, indent=2) + "\n")
+    warmup = max(5, min(50, int(args.seconds * 100)))
+    points: list[dict] = []
+    skipped: dict[str, str] = {}
+    interrupted = False
+    bar = _progress(len(plan) * len(sizes))
+    with tempfile.TemporaryDirectory(prefix="pyproxy-profile-") as tmp:
+        try:
+            for setup in plan:
+                procs = Processes()
+                try:
+                    target = _Target(procs, setup, Path(tmp))
+                    for size in sizes:
+                        if bar is not None:
+                            bar.set_description(f"{setup.name} {size} B")
+                        points += _measure_size(target, size, args.seconds, warmup)
+                        if bar is not None:
+                            bar.update()
+                except (RuntimeError, OSError, ConnectionError) as exc:
+                    skipped[setup.name] = str(exc)
+                    print(f"pyproxy bench profile: {setup.name} skipped: {exc}", file=sys.stderr)
+                finally:
+                    procs.stop_all()
+        except KeyboardInterrupt:
+            interrupted = True
+            print("pyproxy bench profile: interrupted; fitting what was measured", file=sys.stderr)
+        finally:
+            if bar is not None:
+                bar.close()
+    profile = build_profile(plan, points, platform)
+    profile.save(out / "profile.json")
+    _write_points_csv(points, out / "points.csv")
+    if points:
+        write_plots(profile, out)
+    summary = {"interrupted": interrupted, "skipped": skipped}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(stage_table(profile))
+    print(models_table(profile))
+    print(f"\nresults: {out}")
+    return 130 if interrupted else 0
+
+
+def write_plots(profile: Profile, out: Path) -> list[Path]:
+    """Stage breakdown per setup (smallest size) and external latency vs size with its fitted line."""
+    from pyproxy.bench.plots import fitted_lines, stage_bars
+
+    latency = [p for p in profile.points if p["kind"] == "latency"]
+    smallest = min(p["size"] for p in latency)
+    bars = {
+        p["setup"]: {k: v / 1000 for k, v in p["stages_ns"].items() if v}
+        for p in latency
+        if p["size"] == smallest
+    }
+    points: dict[str, list[tuple[float, float]]] = {}
+    for p in latency:
+        points.setdefault(p["setup"], []).append(
+            (p["size"], (p["proxy_p50_ns"] - p["direct_p50_ns"]) / 1000)
+        )
+    lines = {
+        name: (m.latency.base / 1000, m.latency.per_byte / 1000)
+        for name, m in profile.external.items()
+    }
+    cpu = [p for p in profile.points if p["kind"] == "cpu" and p["size"] == smallest]
+    cpu_points: dict[str, list[tuple[float, float]]] = {}
+    for p in cpu:
+        cpu_points.setdefault(p["setup"], []).append((p["rate"], p["proxy_cpu_ns_per_s"] / 1e9))
+    cpu_lines = {name: (0.0, m.cpu.at(smallest) / 1e9) for name, m in profile.external.items()}
+    return [
+        stage_bars(bars, out / "stages.png", ylabel=f"stage clock µs per exchange ({smallest} B)"),
+        fitted_lines(cpu_points, cpu_lines, out / "cpu_vs_rate.png", f"exchanges/s ({smallest} B)", "proxy CPU (cores)"),
+        fitted_lines(points, lines, out / "latency_vs_size.png", "message size (B)", "added p50 latency (µs)"),
+    ]  # fmt: skip
+
+
+def _write_points_csv(points: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["setup", "kind", "size", "load", "rate", "direct_p50_ns", "proxy_p50_ns",
+                         "proxy_cpu_ns_per_s", "stage_clock_total"])  # fmt: skip
+        for p in points:
+            stage_total = sum((p.get("stages_ns") or p.get("stages_ns_per_s") or {}).values())
+            writer.writerow([p["setup"], p["kind"], p["size"], p.get("load", ""), p.get("rate", ""),
+                             p.get("direct_p50_ns", ""), p.get("proxy_p50_ns", ""),
+                             p.get("proxy_cpu_ns_per_s", ""), stage_total])  # fmt: skip
+
+
+def stage_table(profile: Profile, size: int | None = None) -> str:
+    """Markdown: stage-clock µs per exchange for every setup at one size (measured, not fitted)."""
+    latency = [p for p in profile.points if p["kind"] == "latency"]
+    if not latency:
+        return ""
+    size = size if size is not None else min(p["size"] for p in latency)
+    at = {p["setup"]: p for p in latency if p["size"] == size}
+    stages: list[str] = []
+    for p in at.values():
+        stages += [s for s, ns in p["stages_ns"].items() if ns and s not in stages]
+    lines = [f"stage clock, µs per exchange at {size} B (one outstanding request)", "",
+             "| stage | " + " | ".join(at) + " |", "| --- |" + " ---: |" * len(at)]  # fmt: skip
+    for stage in stages:
+        cells = (f"{p['stages_ns'].get(stage, 0) / 1000:.1f}" for p in at.values())
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    total = (f"**{sum(p['stages_ns'].values()) / 1000:.1f}**" for p in at.values())
+    lines.append("| **sum** | " + " | ".join(total) + " |")
+    outside = (f"{(p['proxy_p50_ns'] - p['direct_p50_ns']) / 1000:.1f}" for p in at.values())
+    lines.append("| added p50, client-side | " + " | ".join(outside) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def models_table(profile: Profile) -> str:
+    """Markdown: per configuration and stage, L + s·l and C + s·c with R²."""
+    lines = [
+        "| setup | stage | L ns | l ns/B | R² | C ns | c ns/B | R² |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+
+    def row(setup: str, stage: str, m: StageModel) -> str:
+        la, cp = m.latency, m.cpu
+        return (f"| {setup} | {stage} | {la.base:.0f} | {la.per_byte:.3f} | {_r2(la)} "
+                f"| {cp.base:.0f} | {cp.per_byte:.3f} | {_r2(cp)} |")  # fmt: skip
+
+    for mode, stages in profile.modes.items():
+        for stage, model in stages.items():
+            if model.latency.base or model.latency.per_byte:
+                lines.append(row(mode, stage, model))
+        lines.append(row(mode, "**sum of stages**", _sum(stages.values())))
+    for backend, model in profile.ipc.items():
+        lines.append(row(f"ipc={backend}", "ipc", model))
+    for kind, model in profile.filters.items():
+        lines.append(row(f"filter {kind}", f"filter:{kind}", model))
+    for setup, model in profile.external.items():
+        lines.append(row(setup, "*external*", model))
+    return "\n".join(lines)
+
+
+def _r2(fit: Linear) -> str:
+    return "–" if fit.r2 != fit.r2 else f"{fit.r2:.2f}"  # a sum of fits has no R² of its own
+
+
+def _sum(models) -> StageModel:
+    models = list(models)
+    return StageModel(
+        Linear(sum(m.latency.base for m in models), sum(m.latency.per_byte for m in models), float("nan")),
+        Linear(sum(m.cpu.base for m in models), sum(m.cpu.per_byte for m in models), float("nan")),
+    )  # fmt: skip

@@ -1,0 +1,270 @@
+"""Cost-model fitting and call-graph prediction on synthetic data whose answers are worked out by hand."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+from pyproxy.bench.callgraph import (
+    GraphError,
+    Service,
+    graph_from_data,
+    graphs_from_traces,
+    load_graphs,
+)
+from pyproxy.bench.model import (
+    Linear,
+    PlatformMismatch,
+    Profile,
+    StageModel,
+    check_platform,
+    current_platform,
+    fit_cpu,
+    fit_latency,
+)
+from pyproxy.bench.predict import WhatIf, WhatIfError, distribution, predict
+
+from pyproxy.cli import main
+
+
+def flat(ns: float, per_byte: float = 0.0) -> StageModel:
+    """The same figure as latency (ns per exchange) and as CPU (ns per exchange)."""
+    return StageModel(Linear(ns, per_byte), Linear(ns, per_byte))
+
+
+def hand_profile(platform: dict | None = None) -> Profile:
+    return Profile(
+        platform=platform or current_platform(),
+        modes={
+            "tcp": {"ipc": flat(1000), "read": flat(500)},
+            "http": {"ipc": flat(1000), "parse": flat(2000, 1.0)},
+            "grpc": {"ipc": flat(1000), "parse": flat(5000, 1.0)},
+        },
+        ipc={"unix": flat(400)},
+        filters={"fault": flat(3000)},
+        external={},
+        points=[],
+    )
+
+
+# client → frontend (http) → {a (http, 200 µs) ∥ b (grpc + fault, 195 µs)}; all messages 100 B.
+# Sidecar at s = 100: http 1000 + 2100 = 3100 ns; grpc+fault 1000 + 5100 + 3000 = 9100 ns.
+# Hops: root 3100 (no client sidecar), a 3100 + 3100 = 6200, b 3100 + 9100 = 12200 ns.
+# Before: a is critical (200 > 195). After: a 206.2 µs, b 207.2 µs: b is critical.
+FANOUT = {
+    "services": {
+        "frontend": {"mode": "http"},
+        "a": {"mode": "http"},
+        "b": {"mode": "grpc", "filters": ["fault"]},
+    },
+    "calls": [
+        {"id": "root", "callee": "frontend", "rate": 100, "work_us": 100},
+        {"id": "a", "parent": "root", "callee": "a", "group": 0, "work_us": 200},
+        {"id": "b", "parent": "root", "callee": "b", "group": 0, "work_us": 195},
+    ],
+}
+
+
+def test_fit_latency_recovers_known_coefficients_from_noisy_points():
+    rng = random.Random(1)
+    sizes = [100, 1024, 2048, 4096, 8192, 16384] * 5
+    ns = [5000 + 2.5 * s + rng.gauss(0, 50) for s in sizes]
+    fit = fit_latency(sizes, ns)
+    assert fit.base == pytest.approx(5000, rel=0.01)
+    assert fit.per_byte == pytest.approx(2.5, rel=0.01)
+    assert 0.99 < fit.r2 <= 1.0
+
+
+def test_fit_cpu_recovers_known_coefficients_over_rates_and_sizes():
+    rng = random.Random(2)
+    points = [(r, s) for r in (250, 500, 750, 1000) for s in (100, 1024, 4096, 16384)]
+    cpu = [r * (20000 + 0.8 * s) * (1 + rng.gauss(0, 0.002)) for r, s in points]
+    fit = fit_cpu([p[0] for p in points], [p[1] for p in points], cpu)
+    assert fit.base == pytest.approx(20000, rel=0.02)
+    assert fit.per_byte == pytest.approx(0.8, rel=0.02)
+    assert fit.r2 > 0.99
+
+
+def test_a_fit_that_explains_nothing_says_so():
+    fit = fit_latency([1, 2, 3, 4, 5, 6], [10, 0, 10, 0, 10, 0])
+    assert fit.r2 < 0.2
+
+
+def test_parallel_fanout_overheads_and_the_critical_path_moving():
+    p = predict(hand_profile(), graph_from_data(FANOUT))
+    hops = {h.call: h for h in p.hops}
+    assert hops["root"].latency_ns == pytest.approx(3100)
+    assert hops["a"].latency_ns == pytest.approx(6200)
+    assert hops["b"].latency_ns == pytest.approx(12200)
+    assert p.path_before == ["root", "a"]
+    assert p.path_after == ["root", "b"] and p.path_moved
+    assert p.base_ns == pytest.approx(300_000)
+    assert p.mesh_ns == pytest.approx(100_000 + 3100 + 195_000 + 12200)
+    assert p.overhead_ns == pytest.approx(10_300)
+    # CPU: every call at 100/s: (3100 + 6200 + 12200) ns × 100 /s = 2.15 ms/s.
+    assert p.cpu_cores == pytest.approx(0.00215)
+    # On the new path: parse 2100 + 2100 + 5100 = 9300 ns beats ipc 3000 and fault 3000.
+    assert p.dominant_latency == "parse"
+    assert p.path_stages_ns["filter:fault"] == pytest.approx(3000)
+
+
+def test_sequential_groups_add_up():
+    graph = json.loads(json.dumps(FANOUT))
+    graph["calls"][2]["group"] = 1  # b after a
+    p = predict(hand_profile(), graph_from_data(graph))
+    assert p.base_ns == pytest.approx(495_000)
+    assert p.overhead_ns == pytest.approx(3100 + 6200 + 12200)
+    assert p.path_after == ["root", "a", "b"]
+
+
+def test_what_if_a_stage_costs_nothing_moves_the_path_back():
+    p = predict(hand_profile(), graph_from_data(FANOUT), WhatIf.parse(["filter:fault=0"]))
+    # b's hop loses the 3000 ns fault stage: 195 + 9.2 = 204.2 µs < a's 206.2 µs.
+    assert p.path_after == ["root", "a"] and not p.path_moved
+    assert p.overhead_ns == pytest.approx(3100 + 6200)
+
+
+def test_what_if_ipc_unix_swaps_the_ipc_stage_everywhere():
+    p = predict(hand_profile(), graph_from_data(FANOUT), WhatIf.parse(["ipc=unix"]))
+    # Each sidecar's ipc stage: 1000 → 400 ns; root 2500, b 2500 + 8500 = 11000.
+    assert p.overhead_ns == pytest.approx(2500 + 195_000 + 11_000 - 200_000)
+    assert {h.call: h.latency_ns for h in p.hops}["a"] == pytest.approx(5000)
+
+
+def test_what_if_and_graph_errors_name_the_problem():
+    with pytest.raises(WhatIfError, match="no stage 'wrte'"):
+        predict(hand_profile(), graph_from_data(FANOUT), WhatIf.parse(["wrte=0.5"]))
+    with pytest.raises(WhatIfError, match="backend not in the profile"):
+        predict(hand_profile(), graph_from_data(FANOUT), WhatIf.parse(["ipc=shm"]))
+    with pytest.raises(WhatIfError, match="not a number"):
+        WhatIf.parse(["write=half"])
+    with pytest.raises(GraphError, match=r"calls\[1\].work_us"):
+        graph_from_data(
+            {"calls": [{"id": "r", "callee": "x"}, {"parent": "r", "callee": "y", "work_us": -1}]}
+        )
+    with pytest.raises(GraphError, match="exactly one root"):
+        graph_from_data({"calls": [{"callee": "x"}, {"callee": "y"}]})
+    with pytest.raises(GraphError, match="mode"):
+        graph_from_data({"services": {"x": {"mode": "smtp"}}, "calls": [{"callee": "x"}]})
+
+
+def test_a_profile_from_another_platform_is_refused_unless_forced():
+    other = dict(current_platform(), cpu_model="Some Other CPU", kernel="1.0")
+    with pytest.raises(PlatformMismatch, match="cpu_model"):
+        check_platform(hand_profile(other), current_platform(), force=False)
+    differences = check_platform(hand_profile(other), current_platform(), force=True)
+    assert len(differences) == 2
+
+
+def test_batch_distribution_counts_moved_paths():
+    graphs = []
+    for work_b in (150, 195, 199):  # only 195 and 199 µs let b overtake a after the sidecars
+        graph = json.loads(json.dumps(FANOUT))
+        graph["calls"][2]["work_us"] = work_b
+        graphs.append(graph_from_data(graph))
+    d = distribution([predict(hand_profile(), g) for g in graphs])
+    assert d["graphs"] == 3 and d["critical_path_moved"] == 2
+    assert d["latency_overhead_us"]["p50"] == pytest.approx(10.3)
+
+
+def _otlp(spans: list[tuple[str, str, str | None, int, int, int, dict]]) -> dict:
+    """An OTLP JSON export: (service, span id, parent id, kind, start µs, end µs, attributes)."""
+    resources: dict[str, list] = {}
+    for service, span_id, parent, kind, start, end, attrs in spans:
+        resources.setdefault(service, []).append({
+            "traceId": "t1", "spanId": span_id, "parentSpanId": parent or "", "name": span_id,
+            "kind": kind, "startTimeUnixNano": str(start * 1000), "endTimeUnixNano": str(end * 1000),
+            "attributes": [{"key": k, "value": {"stringValue": str(v)}} for k, v in attrs.items()],
+        })  # fmt: skip
+    return {"resourceSpans": [
+        {"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": s}}]},
+         "scopeSpans": [{"spans": spans_}]}
+        for s, spans_ in resources.items()
+    ]}  # fmt: skip
+
+
+def test_otlp_trace_becomes_the_same_graph_as_the_hand_written_one():
+    http, grpc = {"http.request.method": "GET"}, {"rpc.system": "grpc"}
+    doc = _otlp([
+        ("frontend", "s1", None, 2, 0, 300, http),
+        ("frontend", "c_a", "s1", 3, 50, 250, http),   # client spans, in parallel
+        ("a", "s_a", "c_a", 2, 50, 250, http),
+        ("frontend", "c_b", "s1", 3, 60, 255, grpc),
+        ("b", "s_b", "c_b", 2, 60, 255, grpc),
+    ])  # fmt: skip
+    [plain] = graphs_from_traces(doc, "otlp", {})
+    assert plain.services["b"].mode == "grpc" and plain.services["a"].mode == "http"
+    # What a trace cannot say (b's sidecar runs the fault filter) comes from the overlay.
+    [graph] = graphs_from_traces(doc, "otlp", {"b": Service("b", "grpc", ("fault",))})
+    root = graph.root
+    # Its own work: 300 µs less the slowest of the parallel children (200 µs).
+    assert root.callee == "frontend" and root.work_ns == pytest.approx(100_000)
+    assert sorted(c.callee for c in root.children) == ["a", "b"]
+    assert {c.group for c in root.children} == {0}
+    p = predict(hand_profile(), graph)
+    assert p.base_ns == pytest.approx(300_000)
+    assert p.path_before == ["s1", "s_a"]
+    assert p.path_after == ["s1", "s_b"]
+
+
+def test_jaeger_trace_with_sequential_children():
+    doc = {"data": [{
+        "traceID": "j1",
+        "processes": {"p1": {"serviceName": "frontend"}, "p2": {"serviceName": "a"}},
+        "spans": [
+            {"spanID": "r", "references": [], "startTime": 1000, "duration": 500, "processID": "p1",
+             "tags": [{"key": "span.kind", "value": "server"}, {"key": "http.method", "value": "GET"}]},
+            {"spanID": "x", "references": [{"refType": "CHILD_OF", "spanID": "r"}], "startTime": 1100,
+             "duration": 100, "processID": "p2", "tags": [{"key": "span.kind", "value": "server"}]},
+            {"spanID": "y", "references": [{"refType": "CHILD_OF", "spanID": "r"}], "startTime": 1250,
+             "duration": 150, "processID": "p2", "tags": [{"key": "span.kind", "value": "server"}]},
+        ],
+    }]}  # fmt: skip
+    [graph] = graphs_from_traces(doc, "jaeger", {})
+    assert [c.group for c in graph.root.children] == [0, 1]
+    assert graph.root.work_ns == pytest.approx(250_000)
+    assert predict(hand_profile(), graph).base_ns == pytest.approx(500_000)
+
+
+def test_predict_command_markdown_json_and_batch_cdf(tmp_path, capsys):
+    profile = tmp_path / "profile.json"
+    hand_profile().save(profile)
+    graph = tmp_path / "fanout.yaml"
+    graph.write_text(json.dumps(FANOUT))  # JSON is YAML
+    assert (
+        main(["bench", "predict", str(graph), "--profile", str(profile), "--what-if", "ipc=unix"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "overhead **10.3 µs**" in out and "(moved)" in out and "ipc=unix" in out
+    second = tmp_path / "second.json"
+    second.write_text(json.dumps(FANOUT))
+    code = main(["bench", "predict", str(graph), str(second), "--profile", str(profile),
+                 "--json", "--what-if", "ipc=unix", "--out", str(tmp_path / "out")])  # fmt: skip
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["runs"]["as measured"]["distribution"]["graphs"] == 2
+    assert (tmp_path / "out" / "overhead_cdf.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "what_if.png").stat().st_size > 1000
+    assert main(["bench", "report", str(tmp_path / "out"), "--format", "markdown"]) == 0
+    assert "| as measured | 2 | 10.3 |" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_predict_command_refuses_a_foreign_profile(tmp_path, capsys):
+    profile = tmp_path / "profile.json"
+    hand_profile(dict(current_platform(), kernel="0.0-other")).save(profile)
+    graph = tmp_path / "g.yaml"
+    graph.write_text(json.dumps(FANOUT))
+    assert main(["bench", "predict", str(graph), "--profile", str(profile)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["bench", "predict", str(graph), "--profile", str(profile), "--force"]) == 0
+
+
+def test_services_overlay_sets_what_traces_cannot_say(tmp_path):
+    services = tmp_path / "services.yaml"
+    services.write_text("b: {mode: grpc, filters: [fault], ipc: unix}\n")
+    graph = tmp_path / "g.json"
+    graph.write_text(json.dumps(FANOUT))
+    [g] = load_graphs([graph], services)
+    assert g.services["b"].ipc == "unix"

@@ -1,0 +1,127 @@
+"""A tiny real `bench profile` run: proxies, echo upstreams, the driver, the fits and the plots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pyproxy.bench.callgraph import graph_from_data
+from pyproxy.bench.model import Profile, check_platform, current_platform
+from pyproxy.bench.predict import WhatIf, predict
+
+from pyproxy.cli import main
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile")
+    argv = ["bench", "profile", "--modes", "tcp", "--ipc", "tcp,unix", "--filters", "",
+            "--sizes", "100,2048", "--seconds", "0.1", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def test_profile_fits_every_stage_from_real_runs_and_keys_it_by_platform(profiled):
+    profile = Profile.load(profiled / "profile.json")
+    assert check_platform(profile, current_platform(), force=False) == []
+    assert profile.platform["backends"] == ["tcp", "unix"]
+    tcp = profile.modes["tcp"]
+    assert {"ipc", "read", "write", "notify"} <= set(tcp)
+    # Bytes went through: the syscall stages cost something at both sizes.
+    assert tcp["write"].latency.at(100) > 0 and tcp["ipc"].latency.at(2048) > 0
+    assert "unix" in profile.ipc and set(profile.external) == {"tcp", "tcp+ipc:unix"}
+    kinds = [(p["setup"], p["kind"]) for p in profile.points]
+    assert kinds.count(("tcp", "latency")) == 2 and kinds.count(("tcp", "cpu")) == 8
+    for p in profile.points:
+        if p["kind"] == "latency":
+            assert p["exchanges"] > 0 and p["proxy_p50_ns"] > 0
+        else:
+            assert p["rate"] > 0 and p["proxy_cpu_ns_per_s"] >= 0
+
+
+def test_profile_writes_a_reproducible_results_folder_with_plots(profiled):
+    inputs = json.loads((profiled / "inputs.json").read_text())
+    assert inputs["sizes"] == [100, 2048] and inputs["setups"] == ["tcp", "tcp+ipc:unix"]
+    assert json.loads((profiled / "summary.json").read_text()) == {
+        "interrupted": False,
+        "skipped": {},
+    }
+    assert len((profiled / "points.csv").read_text().splitlines()) == 1 + 2 * 2 * 5
+    for plot in ("stages.png", "latency_vs_size.png", "cpu_vs_rate.png"):
+        assert (profiled / plot).stat().st_size > 1000
+
+
+def test_a_measured_profile_drives_predict_and_what_if(profiled):
+    profile = Profile.load(profiled / "profile.json")
+    graph = graph_from_data({
+        "services": {"a": {"mode": "tcp"}, "b": {"mode": "tcp"}},
+        "calls": [{"id": "r", "callee": "a", "rate": 10}, {"id": "x", "parent": "r", "callee": "b"}],
+    })  # fmt: skip
+    plain = predict(profile, graph)
+    assert plain.overhead_ns > 0 and plain.cpu_cores > 0
+    unix = predict(profile, graph, WhatIf.parse(["ipc=unix"]))
+    assert unix.overhead_ns != plain.overhead_ns
+
+
+def test_report_inlines_the_plots_and_the_models_table(profiled, capsys):
+    assert main(["bench", "report", str(profiled)]) == 0
+    page = (profiled / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 3
+    assert "<td>tcp</td><td>write</td>" in page and "*external*" in page
+    assert main(["bench", "report", str(profiled), "--format", "markdown"]) == 0
+    assert "![stages](stages.png)" in (profiled / "report.md").read_text()
+
+
+def test_report_of_a_folder_without_results_says_so(tmp_path, capsys):
+    assert main(["bench", "report", str(tmp_path)]) == 2
+    assert "no profile.json" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_cleanly_and_keeps_what_was_measured(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from pyproxy.bench.procs import tree_pids
+
+    argv = [sys.executable, "-m", "pyproxy", "bench", "profile", "--modes", "tcp,http", "--ipc", "tcp",
+            "--filters", "", "--sizes", "100,2048,4096", "--seconds", "0.2", "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    children: list[int] = []
+    while time.monotonic() < deadline:  # the progress bar's description names the running point
+        children = tree_pids(proc.pid)[1:] or children
+        line = proc.stderr.readline()
+        if "tcp 2048 B" in line or "1/6" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["interrupted"] is True
+    profile = Profile.load(tmp_path / "profile.json")
+    assert "tcp" in profile.modes and "http" not in profile.modes
+    assert any(p["setup"] == "tcp" and p["size"] == 100 for p in profile.points)
+    assert children and not [pid for pid in children if os.path.exists(f"/proc/{pid}")]
+
+
+def test_validate_measures_a_real_chain_with_and_without_sidecars(profiled, tmp_path):
+    out = tmp_path / "validate"
+    argv = ["bench", "validate", "--profile", str(profiled / "profile.json"), "--modes", "tcp",
+            "--topologies", "chain", "--rounds", "1", "--seconds", "0.2", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    [row] = json.loads((out / "validation.json").read_text())
+    assert row["topology"] == "chain" and row["mode"] == "tcp"
+    # Three sidecar passes on the path (a's inbound; a's outbound and b's inbound).
+    assert row["p50_with_us"] > row["p50_without_us"] > 0
+    assert row["predicted_us"] > 0 and row["predicted_external_us"] > 0
+    # Fed the app's own traces, the prediction prices the same three sidecar passes.
+    assert row["traces"] == 20
+    assert row["predicted_from_traces_us"] == pytest.approx(row["predicted_us"], rel=0.05)
+    assert row["rate"] > 0 and row["sidecar_cores"] > 0
+    assert (out / "predicted_vs_measured.png").stat().st_size > 1000
+    assert "| chain | tcp |" in (out / "table.md").read_text()
+    assert main(["bench", "report", str(out)]) == 0
+    assert "Predicted vs measured" in (out / "report.html").read_text()
