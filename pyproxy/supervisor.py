@@ -18,7 +18,6 @@ from pyproxy import __version__
 from pyproxy.addresses import Address
 from pyproxy.admin import EndpointServer, Response
 from pyproxy.admin_page import live_page
-from pyproxy.codec.http2_native import effective_codec
 from pyproxy.config import ConfigError, ProxyConfig, root_refusal
 from pyproxy.counters import W_NOTIFY_COST_NS, W_PID, W_READY, CounterStore
 from pyproxy.eventloop import event_loop_name, new_event_loop
@@ -362,6 +361,9 @@ class Supervisor:
         return not self.draining and all(self.store.worker_header(i)[W_READY] for i in workers)
 
     def server_info(self) -> dict:
+        # hyper-h2 comes with it: loaded on demand, not by every idle proxy.
+        from pyproxy.codec.http2_native import effective_codec
+
         native, reason = native_status()
         return {
             "version": __version__,
