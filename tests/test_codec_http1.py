@@ -752,6 +752,18 @@ def test_whole_heads_carry_their_wire_bytes_less_hop_by_hop(backend_name: str) -
     assert server(backend_name).receive_data(SCANNED_REQUESTS[4])[0].wire is None
 
 
+@pytest.mark.parametrize(
+    "line", [b"GET  /x HTTP/1.1", b"GET /x  HTTP/1.1", b"GET /x HTTP/1.1 ", b"GET\t/x HTTP/1.1"]
+)
+def test_a_request_line_with_extra_whitespace_is_sent_on_with_single_spaces(line: bytes) -> None:
+    down, up = server("fast"), make("fast", "client")
+    events = down.receive_data(line + b"\r\nHost: a\r\n\r\n")
+    if not isinstance(events[0], RequestHead):
+        return  # refused: nothing goes on
+    assert events[0].wire is None
+    assert bytes(up.send(events[0])).startswith(b"GET /x HTTP/1.1\r\n")
+
+
 def test_a_head_sent_as_its_wire_bytes_round_trips() -> None:
     down, up = server("fast"), make("fast", "client")
     request = down.receive_data(SCANNED_REQUESTS[1])[0]

@@ -294,7 +294,8 @@ class FastHttp1Codec(Http1Codec):
         if type(head) is RequestHead:
             # llhttp reads words between runs of spaces (RFC 9112 §3 allows it): such a request
             # line is re-serialised, never passed on as it came.
-            if head.upgrade or not src.startswith(b"%s %s " % (head.method, head.target)):
+            line = b"%s %s HTTP/1.1\r\n" % (head.method, head.target)
+            if head.upgrade or not src.startswith(line):
                 return
         elif head.content_length is None and head.status != 204 and head.status != 304:  # type: ignore[union-attr]
             return

@@ -236,8 +236,9 @@ def http1_request(data: bytes) -> None:
 
 
 # Open finding: llhttp takes more than one SP between the parts of a request line (RFC
-# 9112 §3: exactly one); the fast backend then forwards a head that arrived whole with
-# them, as wire bytes. h11 refuses it. The native scanner declines such lines.
+# 9112 §3 allows parsing on whitespace boundaries) where h11 refuses it. The fast backend
+# re-serialises such a line (one SP each) rather than passing its wire bytes on; the native
+# scanner declines it.
 _REPEATED_SP = re.compile(rb"(?:^|\n)[^ \r\n]+[^\r\n]*?  [^\r\n]*HTTP/")
 
 
