@@ -42,14 +42,14 @@ CODECS = ("h2", "native")
 
 def start_pyproxy(procs: http_bench.Processes, name: str, mode: str, upstream: int, codec: str):
     port, admin = free_port(), free_port()
-    conf = procs.workdir / f"{name}.yaml"
+    conf = procs.logs / f"{name}.yaml"
     conf.write_text(
         f"admin: 127.0.0.1:{admin}\nlisteners:\n  - name: main\n    mode: {mode}\n"
         f"    address: 127.0.0.1:{port}\n    upstream: 127.0.0.1:{upstream}\n"
         f"    http: {{http2_codec: {codec}}}\n"
     )
     argv = [sys.executable, "-m", "pyproxy", "run", "-c", str(conf), "--log-level", "warning"]
-    proc = procs.start(name, pinned(SIDE_CPU, argv))
+    proc = procs.launch(name, pinned(SIDE_CPU, argv))
     grpc_bench.wait_port(admin)
     grpc_bench.wait_port(port)
     info = http_bench.get_json(f"http://127.0.0.1:{admin}/server_info")
@@ -60,7 +60,7 @@ def start_pyproxy(procs: http_bench.Processes, name: str, mode: str, upstream: i
 def start_haproxy(procs: http_bench.Processes, upstream: int, grpc: bool) -> Path_:
     port = free_port()
     name = "haproxy-grpc" if grpc else "haproxy-h2"
-    conf = procs.workdir / f"{name}.cfg"
+    conf = procs.logs / f"{name}.cfg"
     server_proto = " proto h2" if grpc else ""
     conf.write_text(
         "global\n  nbthread 1\n  maxconn 4096\n"
@@ -69,7 +69,7 @@ def start_haproxy(procs: http_bench.Processes, upstream: int, grpc: bool) -> Pat
         f"frontend f\n  bind 127.0.0.1:{port} proto h2\n  default_backend app\n"
         f"backend app\n  server s1 127.0.0.1:{upstream}{server_proto}\n"
     )
-    proc = procs.start(name, pinned(SIDE_CPU, ["haproxy", "-db", "-f", str(conf)]))
+    proc = procs.launch(name, pinned(SIDE_CPU, ["haproxy", "-db", "-f", str(conf)]))
     grpc_bench.wait_port(port)
     return Path_(name, port, proc.pid, note="nbthread 1", h2_port=port)
 
@@ -146,7 +146,7 @@ def start_upstream(procs: http_bench.Processes, workdir: Path) -> tuple[int, int
         f"server {{ listen 127.0.0.1:{port} backlog=4096; listen 127.0.0.1:{h2} http2;\n"
         f'  location / {{ default_type text/plain; return 200 "{body}"; }} }}\n',
     )  # fmt: skip
-    procs.start("upstream", pinned(SIDE_CPU, ["nginx", "-c", str(conf), "-p", str(workdir)]))
+    procs.launch("upstream", pinned(SIDE_CPU, ["nginx", "-c", str(conf), "-p", str(workdir)]))
     http_bench.wait_http(port)
     return port, h2
 
@@ -180,7 +180,7 @@ def grpc_unary(workdir: Path, args) -> dict:
     plain = Processes()
     try:
         app = free_port()
-        procs.start(
+        procs.launch(
             "grpc-app",
             pinned(
                 SIDE_CPU, [sys.executable, "-m", "pyproxy.bench.grpc_bench", "--serve", str(app)]

@@ -108,7 +108,7 @@ def measure(
             if mode == "tcp":
                 upstream = free_port()
                 argv = [sys.executable, "-m", "pyproxy.bench.echo_server", "--listen", f"127.0.0.1:{upstream}"]  # fmt: skip
-                procs.start("upstream", argv)
+                procs.launch("upstream", argv)
                 wait_port(upstream)
             else:
                 upstream = start_upstream(procs, Path(tmp))
@@ -116,7 +116,7 @@ def measure(
             argv = [sys.executable, "-m", "pyproxy", "run", "--mode", mode, "--listen", f"127.0.0.1:{port}",
                     "--upstream", f"127.0.0.1:{upstream}", "--admin", f"127.0.0.1:{admin}",
                     "--max-connections", str(connections + 64), "--log-level", "warning", *extra]  # fmt: skip
-            procs.start("pyproxy", argv)
+            procs.launch("pyproxy", argv)
             wait_port(admin)
             wait_port(port)
             pid = get_json(f"http://127.0.0.1:{admin}/server_info")["workers"][0]["pid"]
