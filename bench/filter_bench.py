@@ -1,4 +1,4 @@
-"""Filter cost benchmark (issue 5): MeshInsight's Table 3 on pyproxy.
+"""Filter cost benchmark: MeshInsight's Table 3 on pyproxy.
 
 One pyproxy per configuration, all in HTTP mode in front of the same upstream
 (a separate nginx answering `return 200` with a 100-byte body), all running

@@ -1,4 +1,4 @@
-"""HTTP/2 codec benchmark (issue 13): pyproxy on hyper-h2 and on libnghttp2 beside nginx and haproxy.
+"""HTTP/2 codec benchmark: pyproxy on hyper-h2 and on libnghttp2 beside nginx and haproxy.
 
 One run, the same upstreams for every path, each proxy on CPU 1 while it is loaded (load
 generators and upstreams on CPU 0):

@@ -1,4 +1,4 @@
-"""HTTP mode benchmark (issue 4): pyproxy's HTTP/1.1 path beside nginx, haproxy, proxy.py and mitmproxy.
+"""HTTP mode benchmark: pyproxy's HTTP/1.1 path beside nginx, haproxy, proxy.py and mitmproxy.
 
 Every proxy runs in the same bench run, in front of the same upstream: a
 separate nginx instance answering `return 200` with a 100-byte body (it is not
@@ -668,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def targets(result: dict) -> dict:
-    """Issue 4's targets for the fast codec, each with the measured ratio and met or not."""
+    """The HTTP/1.1 targets for the fast codec, each with the measured ratio and met or not."""
     lat, tput = result["latency"], result["throughput"]
     out = {}
     fast = "pyproxy_fast"

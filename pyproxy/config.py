@@ -25,7 +25,7 @@ HEALTH_DEFAULT = "0.0.0.0:15021"
 # Source address for inbound deliveries, so capture rules can tell them from app traffic.
 INBOUND_SOURCE_V4 = "127.0.0.6"
 INBOUND_SOURCE_V6 = "::6"
-# I/O backends (issue 7; chosen per listener by pyproxy/io/backends.py).
+# I/O backends (chosen per listener by pyproxy/io/backends.py).
 # sockmap: the app still connects over loopback TCP; an eBPF program moves the bytes socket to
 # socket (native/sockmap.bpf.c, installed by pyproxy/io/fast_path.py).
 IPC_KINDS = ("tcp", "uds", "sockmap")
