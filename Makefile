@@ -67,9 +67,13 @@ apt:
 system-deps:
 	@$(MAKE) --no-print-directory apt PKGS="$(APT_BUILD) $(APT_TEST)"
 	@command -v npm >/dev/null || $(MAKE) --no-print-directory apt PKGS="nodejs npm"
-	@[ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null || echo "set-up: not root with apt-get:" \
-	  "Debian packages are not installed; the native module needs $(APT_BUILD)," \
-	  "the capture tests need root and $(APT_TEST)"
+	@if ! { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; }; then \
+	  missing=$$(for p in $(APT_BUILD) $(APT_TEST); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done | tr '\n' ' '); \
+	  echo "set-up: not root with apt-get, so no Debian package is installed."; \
+	  [ -z "$$missing" ] || echo "set-up: missing: $$missing(as root: apt-get install $$missing)"; \
+	  echo "set-up: without a compiler the native module is not built (python -m pyproxy.native.check" \
+	    "says what is missing); the capture, eBPF and image tests need root."; \
+	fi
 
 system-deps-bench:
 	@$(MAKE) --no-print-directory apt PKGS="$(APT_BENCH)"
