@@ -29,7 +29,15 @@ import urllib.request
 from pathlib import Path
 from time import perf_counter_ns
 
-from pyproxy.bench.procs import Processes, cpu_seconds, free_port, pinned, tree_pids, wait_port
+from pyproxy.bench.procs import (
+    Processes,
+    cell,
+    cpu_seconds,
+    free_port,
+    pinned,
+    tree_pids,
+    wait_port,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METHOD = "/bench.Echo/Unary"
@@ -368,21 +376,18 @@ def report(result: dict) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
 
-    def num(value) -> str:
-        return "—" if value is None else f"{value:.0f}"
-
     for name, lat in result["latency"].items():
         load = result["load"].get(name, {})
         direct = name == "direct"
         cells = [
             name,
-            num(lat["p50_us"]),
-            num(lat["p99_us"]),
-            num(None if direct else lat["added_p50_us"]),
-            num(None if direct else lat["added_p99_us"]),
-            num(load.get("calls_per_s")),
-            num(load.get("cpu_us_per_call")),
-            num(load.get("calls_per_s_per_core")),
+            cell(lat["p50_us"], ".0f"),
+            cell(lat["p99_us"], ".0f"),
+            cell(None if direct else lat["added_p50_us"], ".0f"),
+            cell(None if direct else lat["added_p99_us"], ".0f"),
+            cell(load.get("calls_per_s"), ".0f"),
+            cell(load.get("cpu_us_per_call"), ".0f"),
+            cell(load.get("calls_per_s_per_core"), ".0f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     serial, loaded = result["stages_serial_us_per_call"], result["stages_load_us_per_call"]

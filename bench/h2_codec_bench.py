@@ -34,7 +34,7 @@ from time import perf_counter_ns
 
 from pyproxy.bench import grpc_bench, http_bench
 from pyproxy.bench.http_bench import LOAD_CPU, SIDE_CPU, Path_, free_port, log, pinned
-from pyproxy.bench.procs import Processes
+from pyproxy.bench.procs import Processes, cell
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CODECS = ("h2", "native")
@@ -274,10 +274,6 @@ def targets_met(result: dict) -> dict:
     return out
 
 
-def _n(value, fmt: str = ".0f") -> str:
-    return "—" if value is None else format(value, fmt)
-
-
 def report(result: dict) -> str:
     g, h = result["grpc"], result["http2_get"]
     lines = [
@@ -288,9 +284,9 @@ def report(result: dict) -> str:
     for name, load in g["load"].items():
         lat = g["latency"][name]
         lines.append(
-            f"| {name} | {_n(lat['added_p50_us'])} | {_n(lat['added_p99_us'])} "
-            f"| {_n(load.get('calls_per_s'))} | {_n(load.get('cpu_us_per_call'), '.1f')} "
-            f"| {_n(load.get('calls_per_s_per_core'))} | {_n(load.get('rss_mib'), '.1f')} |"
+            f"| {name} | {cell(lat['added_p50_us'], '.0f')} | {cell(lat['added_p99_us'], '.0f')} "
+            f"| {cell(load.get('calls_per_s'), '.0f')} | {cell(load.get('cpu_us_per_call'), '.1f')} "
+            f"| {cell(load.get('calls_per_s_per_core'), '.0f')} | {cell(load.get('rss_mib'), '.1f')} |"
         )
     lines += [
         "",
@@ -302,16 +298,16 @@ def report(result: dict) -> str:
         lat = h["latency"][name]
         us = load.get("proxy_cpu_us_per_req")
         lines.append(
-            f"| {name} | {_n(lat['added_p50_us'])} | {_n(lat['added_p99_us'])} "
-            f"| {_n(load.get('rps'))} | {_n(us, '.1f')} | {_n(1e6 / us if us else None)} "
-            f"| {_n(load.get('rss_mib'), '.1f')} |"
+            f"| {name} | {cell(lat['added_p50_us'], '.0f')} | {cell(lat['added_p99_us'], '.0f')} "
+            f"| {cell(load.get('rps'), '.0f')} | {cell(us, '.1f')} | {cell(1e6 / us if us else None, '.0f')} "
+            f"| {cell(load.get('rss_mib'), '.1f')} |"
         )
     stages = g["stages_us_per_call"]
     names = [s for s in stages.get("pyproxy-h2", {}) if s != "total"] + ["total"]
     lines += ["", "| pyproxy stage, µs per gRPC call under load | " + " | ".join(stages) + " |",
               "| --- |" + " ---: |" * len(stages)]  # fmt: skip
     for stage in names:
-        cells = " | ".join(_n(stages[c].get(stage), ".1f") for c in stages)
+        cells = " | ".join(cell(stages[c].get(stage), ".1f") for c in stages)
         lines.append(f"| {stage} | {cells} |")
     alone = result["codec_alone_us_per_call"]
     lines.append(

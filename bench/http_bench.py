@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyproxy.bench.echo_client import summarize
-from pyproxy.bench.procs import CLK_TCK, Processes, cpu_seconds, pinned, tree_pids
+from pyproxy.bench.procs import CLK_TCK, Processes, cell, cpu_seconds, pinned, tree_pids
 from pyproxy.bench.tcp_echo import free_port, get_json
 
 from pyproxy.stats import stage_table
@@ -703,10 +703,6 @@ def targets(result: dict) -> dict:
     return out
 
 
-def _f(value, fmt: str = ".1f") -> str:
-    return "—" if value is None else format(value, fmt)
-
-
 def report(result: dict) -> str:
     lat, tput = result["latency"], result["throughput"]
     lines = [
@@ -724,9 +720,9 @@ def report(result: dict) -> str:
                 if name != "direct"
                 else "— | —"
             )
-            + f" | {t['rps']:.0f} | {_f(util * 100 if util else None, '.0f')}{'%' if util else ''} | "
-            f"{_f(t.get('proxy_cpu_us_per_req'))} | {_f(t.get('rps_per_cpu_second'), '.0f')} | "
-            f"{_f(t.get('rss_mib'))} |" + (f" ({t['errors']} errors)" if t["errors"] else "")
+            + f" | {t['rps']:.0f} | {cell(util * 100 if util else None, '.0f')}{'%' if util else ''} | "
+            f"{cell(t.get('proxy_cpu_us_per_req'))} | {cell(t.get('rps_per_cpu_second'), '.0f')} | "
+            f"{cell(t.get('rss_mib'))} |" + (f" ({t['errors']} errors)" if t["errors"] else "")
         )
     lines.append("")
     for name, note in result["paths"].items():
@@ -759,7 +755,7 @@ def report(result: dict) -> str:
         for name, v in result["h2"].items():
             lines.append(
                 f"| {name} | {v['rps']:.0f} | {v['proxy_cpu_util'] * 100:.0f}% | "
-                f"{_f(v['proxy_cpu_us_per_req'])} | {v.get('failed', 0)} |"
+                f"{cell(v['proxy_cpu_us_per_req'])} | {v.get('failed', 0)} |"
             )
     for name, s in result["stages"].items():
         lines.append(

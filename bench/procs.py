@@ -118,3 +118,8 @@ class Processes:
                 except ProcessLookupError:
                     pass
         self.procs.clear()
+
+
+def cell(value, fmt: str = ".1f") -> str:
+    """A report table cell: the number, or a dash where nothing was measured."""
+    return "—" if value is None else format(value, fmt)
