@@ -163,7 +163,7 @@ class Http2Downstream(H2Session):
         if isinstance(head, ProtocolError):
             if head.status == 501:
                 ctx.block[reject_slot("method")] += 1
-                self._direct_reply(sid, 501, b"CONNECT is not relayed\n", ended)
+                self._direct_reply(sid, 501, (head.reason + "\n").encode(), ended)
             else:
                 # §8.1.1: malformed, a stream error; nothing of it goes anywhere.
                 reason = "header" if head.reason == FIELD_REFUSED else "pseudo_header"
