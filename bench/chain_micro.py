@@ -65,7 +65,8 @@ from pyproxy.counters import (
     MAX_FILTERS,
     STAGE_NS,
 )
-from pyproxy.http.exchange import end_chain, filtered_request, start_chain
+from pyproxy.http.exchange import end_chain, start_chain
+from pyproxy.http.heads import filtered_request
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # What wrk / the filter_bench client send, and what nginx answers (100-byte body).

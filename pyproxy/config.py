@@ -60,8 +60,8 @@ class HttpSettings:
     idle_timeout: float = 300.0  # downstream keep-alive connection with no request in flight
     server_timing: bool = False
     access_log: str = ""  # "" (off) | "stdout" | a file path
-    # Plain HTTP/1.1 exchanges as bytes: "native" (C once a connection qualifies, else Python),
-    # "python" (http/express.py only), "off" (every request through the general path).
+    # Plain HTTP/1.1 exchanges in C once a connection qualifies (http/native_lane.py): "native",
+    # or "off" (every request through the general path; "python" is read as "off").
     express_lane: str = "native"
     upstream_protocol: str = "http1"  # for the listener's default route
     # HTTP/2 (RFC 9113), per connection: advertised in SETTINGS and enforced.
@@ -234,8 +234,10 @@ def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
 
 
 def _express_lane(value: Any) -> str:
-    # YAML reads a bare `off` as false.
-    return _choice(("native", "python", "off"))("off" if value is False else value)
+    # YAML reads a bare `off` as false. "python" named a Python lane that is now the general
+    # path's whole-message shortcut: older configs keep working and mean "off".
+    value = "off" if value is False or value == "python" else value
+    return _choice(("native", "off"))(value)
 
 
 def _int_range(low: int, high: int) -> Callable[[Any], int]:

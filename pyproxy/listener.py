@@ -133,10 +133,10 @@ class Listener:
             return None
         # The HTTP stack (h2, codecs, filters' chain) loads only for listeners that speak HTTP:
         # a TCP-only worker stays small.
-        from pyproxy.http.context import HttpContext
+        from pyproxy.http.build import http_context
 
         assert self.proxy_config is not None, "HTTP listeners are built with the proxy config"
-        return HttpContext(
+        return http_context(
             self.loop, self.config, self.proxy_config, self.block, self.timed, self.admission
         )
 

@@ -1,4 +1,8 @@
-"""What every HTTP session of one listener shares: settings, router, pool, codecs, stage slots, log."""
+"""What every HTTP session of one listener shares: settings, router, pool, codecs, stage slots, log.
+
+Built by build.py, which also gives it its upstream pool and native lane: the
+modules that implement those use this one, so this one only knows their seams.
+"""
 
 from __future__ import annotations
 
@@ -12,25 +16,28 @@ from pyproxy.config import ListenerConfig, ProxyConfig
 from pyproxy.counters import IPC, PARSE, READ, STAGE_EVENTS, STAGE_NS, STAGES, WRITE
 from pyproxy.http.access_log import AccessLog
 from pyproxy.http.router import Route, Router, build_clusters
+from pyproxy.http.seams import Lanes, Pool
+from pyproxy.io.connector import Connect
 from pyproxy.io.deadlines import Deadlines
 
 
 class HttpContext:
     """Built once per listener (and rebuilt on reload); sessions hold a reference, never copy."""
 
+    connector = Connect  # what opens upstream connections (a test harness may hand its own)
+    pool: Pool  # set by build.py
+    native_lanes: Lanes | None  # set by build.py: how connections pair in C; None: they never do
+
     def __init__(
         self, loop, listener: ListenerConfig, config: ProxyConfig, block: memoryview, timed: bool,
         admission: Admission,
     ) -> None:  # fmt: skip
-        from pyproxy.http.upstream_h1 import UpstreamPool
-
         self.loop = loop
         self.listener = listener
         self.settings = listener.http
         self.block = block
         self.timed = timed
         self.router = Router(listener, config, build_clusters(config))
-        self.pool = UpstreamPool(self)
         self.deadlines = Deadlines(loop)
         self.admission = admission  # the worker's, shared by its listeners
         self.limits = Http1Limits(
@@ -51,14 +58,7 @@ class HttpContext:
         # Stage slots a callback can add to: the base stages plus this listener's filters.
         self.claim_end = STAGE_NS + len(STAGES) + len(listener.filter_names)
         self._chains = self._build_chains(loop, listener, config)
-        from pyproxy.http.express import express_routes
-
-        # The routes whose requests the express lane may carry, with their chains; None: none.
-        self.express_routes = express_routes(self)
-        from pyproxy.http.native_lane import native_lanes
-
-        # Whether (and how) connections pair for the native express lane; None: they never do.
-        self.native_lanes = native_lanes(self)
+        self.native_lanes = None
 
     def _build_chains(self, loop, listener: ListenerConfig, config: ProxyConfig) -> dict:
         """Chain factories, built once: the listener's, and each route's override (None = no filters)."""
@@ -76,6 +76,14 @@ class HttpContext:
         for route in self.router.routes:
             chains[id(route)] = default if route.filters is None else build(route.filters)
         return chains
+
+    def connect(self, target, timeout: float, on_connected, on_failed, source: str = "") -> Connect:
+        """Open an upstream connection, its time charged to the connect stage."""
+        stage = self.connect_stage
+        return self.connector(
+            self.loop, target, timeout, on_connected, on_failed, source_host=source,
+            block=self.block if self.timed else None, stage_ns=STAGE_NS + stage, stage_events=STAGE_EVENTS + stage,
+        )  # fmt: skip
 
     def account_parse(self, elapsed: int, trace: list[int] | None) -> None:
         """Protocol work (codec, HTTP/2 state machine, gRPC framing) into the `parse` stage."""

@@ -8,7 +8,7 @@ so pipelining cannot make the proxy buffer without bound.
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pyproxy.addresses import Address
 from pyproxy.codec.events import END, PAUSED, Body, End, ProtocolError, RequestHead, Reset, Trailers
@@ -23,14 +23,12 @@ from pyproxy.counters import (
     STATUS_BASE,
     reject_slot,
 )
-from pyproxy.http import express
+from pyproxy.http.context import HttpContext
 from pyproxy.http.exchange import Exchange
 from pyproxy.http.http1_side import Http1Side
 from pyproxy.http.local_reply import local_reply_head
+from pyproxy.http.seams import RequestSink
 from pyproxy.io.stream import Stream
-
-if TYPE_CHECKING:
-    from pyproxy.http.context import HttpContext
 
 
 class Http1Downstream(Http1Side):
@@ -48,7 +46,6 @@ class Http1Downstream(Http1Side):
         "_want_reading",
         "_closed",
         "protocol",
-        "express",
         "lane",
     )
 
@@ -71,7 +68,6 @@ class Http1Downstream(Http1Side):
         self._closed = False
         self._timer = ctx.loop.call_later(ctx.settings.request_header_timeout, self._header_timeout)
         self.protocol = "HTTP/1.1"
-        self.express: Any = None  # the request on the express lane (express.py), if any
         self.lane: Any = None  # the native lane this connection is paired in (native_lane.py)
 
     def start(self) -> None:
@@ -86,19 +82,6 @@ class Http1Downstream(Http1Side):
 
     def data_received(self, data: bytes) -> None:
         ctx = self.ctx
-        if self.express is not None:
-            self.express.materialize()  # more bytes while one is in flight: the general path
-        elif (
-            ctx.express_routes is not None
-            and self.exchange is None
-            and not self._closing_after
-            and data
-            and not self._held
-            and self.codec.at_rest
-            and express.start(self, data)
-        ):
-            self._cancel_timer()
-            return
         events = self.decode(data)
         if self.exchange is None and self._timer is None and not events:
             # First bytes of a new request on a kept-alive connection: the slowloris clock starts.
@@ -179,7 +162,6 @@ class Http1Downstream(Http1Side):
         self._reply_and_close(408, b"request header timeout\n")
 
     def eof_received(self) -> None:
-        self._settle()
         events = self.codec.receive_eof()
         self._dispatch(events)
         if self.exchange is None:
@@ -192,7 +174,6 @@ class Http1Downstream(Http1Side):
             self._downstream_gone()
 
     def stream_failed(self, error: OSError) -> None:
-        self._settle()
         self._downstream_gone()
 
     def _downstream_gone(self) -> None:
@@ -204,12 +185,10 @@ class Http1Downstream(Http1Side):
     # ---- flow control --------------------------------------------------------------
 
     def write_paused(self) -> None:
-        self._settle()
         if self.exchange is not None:
             self.exchange.downstream_write_paused()
 
     def write_resumed(self) -> None:
-        self._settle()
         if self.exchange is not None:
             self.exchange.downstream_write_resumed()
 
@@ -257,7 +236,7 @@ class Http1Downstream(Http1Side):
 
     # ---- cycle end --------------------------------------------------------------------
 
-    def exchange_done(self, exchange: Exchange, reset: bool = False) -> None:
+    def exchange_done(self, exchange: RequestSink, reset: bool = False) -> None:
         self.exchange = None
         self.stream.trace = None
         if reset:
@@ -274,10 +253,22 @@ class Http1Downstream(Http1Side):
             self.ctx.loop.call_soon(
                 self._release_held
             )  # not re-entrantly: the exchange is still unwinding
-        elif self._want_reading:
-            self.stream.resume_reading()
         else:
-            self.resume_request()
+            if self._want_reading:
+                self.stream.resume_reading()
+            else:
+                self.resume_request()
+            lanes = self.ctx.native_lanes
+            if lanes is not None and self.codec.at_rest:
+                lanes.pair(self)  # at rest between requests: the next ones may go in C
+
+    def resume_sent(self, route, upstream, data: bytes, started_ns: int) -> None:
+        """A request the native lane read at ``started_ns`` and sent on ``upstream`` comes back
+        before its response: this connection's codec reads it, and an Exchange carries it on."""
+        events = self.decode(data)  # the request head, its body if any, its end
+        body = events[1].data if type(events[1]) is Body else b""
+        self.exchange = exchange = Exchange(self.ctx, self, events[0], None)
+        exchange.adopt_sent(route, upstream, body, started_ns)
 
     def _release_held(self) -> None:
         if self.stream.closed:
@@ -306,14 +297,11 @@ class Http1Downstream(Http1Side):
         self._closing_after = True
         if self.lane is not None:
             self.lane.release()  # back from C: the response must carry the header
-        if self.express is not None:
-            self.express.materialize()  # the general path writes the response head
 
     def close(self, flag: str = "LR") -> None:
         """Drain deadline: abandon what is in flight."""
         if self.lane is not None:
             self.lane.release()
-        self._settle()
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.downstream_reset()

@@ -364,6 +364,24 @@ class _DownstreamStream(H2StreamBase):
 
     # ---- response side (called by the exchange) ----------------------------------------
 
+    def cork(self) -> None:
+        """Nothing to do: the session's frames leave together at its next flush anyway."""
+
+    def uncork(self) -> None:
+        """See cork."""
+
+    def send_whole(self, head, body) -> bool:
+        return False  # frames, not bytes: the response goes event by event
+
+    def switch_to_tunnel(self, upstream) -> None:
+        """HTTP/2 has no Upgrade (RFC 9113 §8.6): an upstream that switched anyway is dropped
+        and the stream reset."""
+        upstream.abort()
+        self.exchange = None
+        self.done = True
+        self.reset(INTERNAL_ERROR)
+        self.session.stream_finished(self)
+
     def signal_blocked(self, blocked: bool) -> None:
         if blocked:
             self.exchange.downstream_write_paused()

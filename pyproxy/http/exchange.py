@@ -1,112 +1,77 @@
 """One request/response exchange: routes it, binds an upstream, streams both ways, maps every failure.
 
-The exchange speaks to its downstream (an HTTP/1 session, later an HTTP/2
-stream) and its upstream connection through small interfaces, so protocol
-versions can be mixed. Backpressure crosses here: when one side's send
-buffer passes its high watermark the other side stops reading, and resumes
-below the low watermark. Until an upstream is bound, the downstream is
-paused and what was already parsed waits in a short list (at most one read).
+The exchange is the request's record (request.py) and the session between
+its downstream and its upstream, which it only knows through seams.py, so
+protocol versions can be mixed. Backpressure crosses here: when one side's
+send buffer passes its high watermark the other side stops reading, and
+resumes below the low watermark. Until an upstream is bound, the downstream
+is paused and what was already parsed waits in a short list (at most one read).
+
+A request and its response read whole go through here in one call each
+(``send_whole`` upstream, ``response_whole`` back): the general path's
+whole-message shortcut, which is also the way onto the native lane.
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import replace
 from time import perf_counter_ns
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from pyproxy.chain.api import HeaderMap, loggable
+from pyproxy.chain.api import HeaderMap
+from pyproxy.chain.http_chain import ChainFactory, HttpChain
 from pyproxy.codec.events import END, Body, RequestHead, ResponseHead, Trailers
 from pyproxy.codec.grpc import DEADLINE_EXCEEDED
 from pyproxy.codec.http1 import strip_hop_by_hop
-from pyproxy.counters import (
-    FLAG_BASE,
-    FLAG_INDEX,
-    REFUSED_REQUESTS,
-    STAGES,
-    STATUS_BASE,
-    observe_duration,
-)
+from pyproxy.counters import REFUSED_REQUESTS
+from pyproxy.http.context import HttpContext
 from pyproxy.http.grpc_call import HTTP1_REFUSED, GrpcCall, wants_call
+from pyproxy.http.heads import downstream_head, filtered_request, retryable, upstream_head
 from pyproxy.http.local_reply import local_reply_head
+from pyproxy.http.request import RequestRecord, authority_of
+from pyproxy.http.seams import Attach, Downstream, Upstream
 
-if TYPE_CHECKING:
-    from pyproxy.http.context import HttpContext
-
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-_CHUNKED = (b"transfer-encoding", b"chunked")
 OVERLOADED = b"overloaded: too many requests in progress\n"
 
 
-class Exchange:
+class Exchange(RequestRecord):
     __slots__ = (
-        "ctx",
         "downstream",
-        "request",
         "upstream",
-        "route",
-        "target",
-        "source",
-        "started_ns",
-        "started_wall",
-        "timeout",
-        "timeout_restarts",
         "pending",
         "request_done",
         "response_started",
         "response_done",
-        "finished",
-        "status",
-        "flag",
         "retried",
         "attach",
-        "trace",
-        "bytes_in",
-        "bytes_out",
         "chain",
         "head_only",
         "response_head_in",
         "grpc",
         "forwards_unchanged",
-        "deadline_key",
-        "admitted",
     )
 
     def __init__(
-        self, ctx: HttpContext, downstream, request: RequestHead, trace: list[int] | None
+        self,
+        ctx: HttpContext,
+        downstream: Downstream,
+        request: RequestHead,
+        trace: list[int] | None,
     ) -> None:
-        self.ctx = ctx
+        super().__init__(ctx, request, trace)
         self.downstream = downstream
-        self.request = request
-        # Set as the exchange proceeds; typed Any where several classes fill the role
-        # (HTTP/1 connection or HTTP/2 stream upstream; the attach handle).
-        self.upstream: Any = None
-        self.route: Any = None  # a Route once start() matched one
-        self.target: Any = None  # an Address once the route or the default picked one
-        self.source = ""
-        self.started_ns = perf_counter_ns()
-        self.started_wall = time.time()
-        self.timeout = 0.0  # the armed route timeout (0: none)
-        self.timeout_restarts = False  # each chunk restarts it (router.py's rule for streams)
+        self.upstream: Upstream | Any = None  # bound once acquired (an HTTP/1 one has a codec)
         self.pending: list = []
         self.request_done = False
         self.response_started = False
         self.response_done = False
-        self.finished = False
-        self.status = 0
-        self.flag = ""
         self.retried = False
-        self.attach: Any = None
-        self.trace = trace
-        self.bytes_in = self.bytes_out = 0
-        self.chain: Any = None  # an HttpChain when the route has filters
+        self.attach: Attach | None = None
+        self.chain: HttpChain | Any = None  # when the route has filters
         self.response_head_in: Any = None  # the upstream's ResponseHead once it arrived
-        self.grpc: Any = None  # a GrpcCall for gRPC requests
+        self.grpc: GrpcCall | Any = None  # for gRPC requests
         # The response leaves as it came unless a filter, gRPC or Server-Timing needs a say
         # (set once the request is on its way upstream).
         self.forwards_unchanged = False
-        self.admitted = False  # counted as pending by the worker's admission
-        self.deadline_key: Any = None  # whose entry the armed timeout is (None: this exchange)
         # No body follows the request head (Envoy's end_stream on decode_headers).
         self.head_only = not request.chunked and not request.content_length and not request.upgrade
 
@@ -125,7 +90,7 @@ class Exchange:
             self.local_reply(503, OVERLOADED, "UO")
             return
         self.admitted = True
-        authority = _authority_of(request)
+        authority = authority_of(request)
         route = self.ctx.router.match(authority, request.target)
         if route is None:
             self.local_reply(404, b"no route\n", "NR")
@@ -162,23 +127,19 @@ class Exchange:
             self.target = route.cluster.pick()
         else:
             self.target, self.source = self.downstream.default_target()
-        self.forwards_unchanged = (
+        self.forwards_unchanged = self._forwards_unchanged()
+        timeout = route.grpc_timeout if self.grpc is not None else route.timeout
+        if timeout > 0:  # router.py's rule: while the body still arrives, it bounds silence
+            self.arm_timeout(timeout, restarts=not (self.head_only or self.request_done))
+        self._acquire()
+
+    def _forwards_unchanged(self) -> bool:
+        chain = self.chain
+        return (
             self.grpc is None
             and (chain is None or not chain.factory.encodes)
             and not (self.ctx.settings.server_timing and self.trace is not None)
         )
-        timeout = route.grpc_timeout if self.grpc is not None else route.timeout
-        if timeout > 0:  # router.py's rule: while the body still arrives, it bounds silence
-            self.ctx.deadlines.arm(timeout, self)
-            self.timeout = timeout
-            self.timeout_restarts = not (self.head_only or self.request_done)
-        self._acquire()
-
-    def _restart_route_timeout(self) -> None:
-        deadlines = self.ctx.deadlines
-        deadlines.disarm(self.timeout, self.deadline_key or self)
-        self.deadline_key = None
-        deadlines.arm(self.timeout, self)
 
     def _acquire(self) -> None:
         cluster = (
@@ -195,7 +156,7 @@ class Exchange:
     def request_body(self, data) -> None:
         self.bytes_in += len(data)
         if self.timeout_restarts:
-            self._restart_route_timeout()
+            self.restart_timeout()
         if self.grpc is not None and not self.grpc.request_data(data):
             return
         chain = self.chain
@@ -217,7 +178,7 @@ class Exchange:
             return
         if self.timeout_restarts:
             # The whole request is in: the whole response is due within the timeout from now.
-            self._restart_route_timeout()
+            self.restart_timeout()
             self.timeout_restarts = False
         chain = self.chain
         if self.head_only:
@@ -281,7 +242,7 @@ class Exchange:
             return
         self.upstream = upstream
         upstream.bind(self)
-        head = self._upstream_head(upstream.multiplexed)
+        head = upstream_head(self.request, upstream.multiplexed)
         if self.head_only:
             # A bodyless request is complete with its head: both leave together.
             upstream.send_whole(head)
@@ -292,44 +253,26 @@ class Exchange:
             self.pending.clear()
         self.downstream.resume_request()
 
-    def adopt_express(self, express, upstream) -> None:
-        """Take over a request the express lane carried (express.py): its bytes are upstream."""
-        self.started_ns = express.started_ns
-        self.route = express.route
-        self.target, self.source = express.target, express.source
-        self.forwards_unchanged = self.chain is None or not self.chain.factory.encodes
+    def adopt_sent(self, route, upstream, body, started_ns: int) -> None:
+        """Carry on a whole request the native lane read at ``started_ns`` and already sent on
+        ``upstream`` (an HTTP/1 connection): its response, timeout and accounts are ours now."""
+        self.started_ns = started_ns
+        self.route = route
+        self.target, self.source = upstream.key, ""
         self.request_done = True
-        if express.timeout:
-            # The deadline stays the express entry's (armed when the request left): it forwards.
-            self.timeout, self.deadline_key = express.timeout, express
+        self.forwards_unchanged = self._forwards_unchanged()
+        if route.timeout > 0:
+            left = route.timeout - (perf_counter_ns() - started_ns) / 1e9
+            self.arm_timeout(route.timeout, restarts=False, due=self.ctx.loop.time() + left)
         self.upstream = upstream
         upstream.bind(self)
         # The upstream codec learns what was sent; the bytes themselves are already out.
-        body = express.data[len(express.data) - (self.request.content_length or 0) :]
-        upstream.codec.send_message(self._upstream_head(False), body)
+        upstream.codec.send_message(upstream_head(self.request, False), body)
 
     def _connect_failed(self, flag: str) -> None:
         self.attach = None
         if not self.finished:
             self.local_reply(503, b"upstream connect error\n", flag)
-
-    def _upstream_head(self, multiplexed: bool) -> RequestHead:
-        request = self.request
-        if request.wire is not None and not multiplexed:
-            # An HTTP/1 upstream gets the wire bytes, which hold no hop-by-hop line (a
-            # serialiser that cannot use them strips the list): the request goes as it is.
-            return request
-        headers = strip_hop_by_hop(request.headers)
-        if request.chunked:
-            if request.content_length is not None and not multiplexed:
-                # An HTTP/2 request that announced trailers: chunked carries them (RFC 9112 §7.1).
-                headers = [field for field in headers if field[0] != b"content-length"]
-            headers.append(_CHUNKED)
-        if request.upgrade:
-            # The Upgrade offer is hop-by-hop but must reach the app for it to switch (RFC 9110 §7.8).
-            headers.append((b"connection", b"upgrade"))
-            headers.extend((name, value) for name, value in request.headers if name == b"upgrade")
-        return RequestHead(request.method, request.target, headers, request.http_version)
 
     # ---- response side (called by the upstream connection) ------------------------
 
@@ -359,8 +302,7 @@ class Exchange:
         if head.wire is None or head.status < 200:
             return False
         # The downstream sends the wire bytes (or strips the list if it cannot use them).
-        send_whole = getattr(self.downstream, "send_whole", None)
-        if send_whole is None or not send_whole(head, body):
+        if not self.downstream.send_whole(head, body):
             return False
         self.status = head.status
         self.response_head_in = head
@@ -370,47 +312,19 @@ class Exchange:
         return True
 
     def forward_response_head(self, end_stream: bool) -> None:
-        head = self.response_head_in
         chain = self.chain
-        wire = None
-        if chain is not None and "encode" in chain.maps:
-            headers = chain.maps["encode"]
-            status = int(headers.pseudo.get(b":status", b"%d" % head.status))
-            headers = headers.headers
-        else:
-            status = head.status
-            headers = strip_hop_by_hop(head.headers)
-            wire = head.wire  # forwarded unchanged: an HTTP/1 downstream sends these bytes
+        filtered = chain.maps["encode"] if chain is not None and "encode" in chain.maps else None
+        timing = self.trace if self.ctx.settings.server_timing else None
+        head = downstream_head(self.response_head_in, self.request.method, filtered, timing)
         self.response_started = True
-        self.status = status
-        if status == 101:
-            headers.append((b"connection", b"upgrade"))
-            headers.extend((name, value) for name, value in head.headers if name == b"upgrade")
-        elif (
-            not _has_length(headers)
-            and (head.chunked or head.content_length is None)
-            and _has_body(self.request.method, status)
-        ):
-            headers.append(_CHUNKED)
-        if self.ctx.settings.server_timing and self.trace is not None:
-            headers.append((b"server-timing", _server_timing(self.trace)))
-            wire = None
-        self.downstream.send_head(
-            ResponseHead(
-                status,
-                head.reason,
-                headers,
-                head.http_version,
-                content_length=head.content_length,
-                wire=wire,
-            )
-        )
-        if status == 101:
+        self.status = head.status
+        self.downstream.send_head(head)
+        if head.status == 101:
             self._switch_protocols()
 
     def response_body(self, data) -> None:
         if self.timeout_restarts:
-            self._restart_route_timeout()
+            self.restart_timeout()
         if self.grpc is not None and not self.grpc.response_data(data):
             return
         chain = self.chain
@@ -489,14 +403,7 @@ class Exchange:
         self.downstream.resume_request()
 
     def _retryable(self) -> bool:
-        request = self.request
-        return (
-            not self.retried
-            and request.method in IDEMPOTENT
-            and not request.chunked
-            and not request.content_length
-            and not request.upgrade
-        )
+        return not self.retried and retryable(self.request)
 
     def _switch_protocols(self) -> None:
         upstream, self.upstream = self.upstream, None
@@ -589,23 +496,8 @@ class Exchange:
     def _finish(self, flag: str, reset_downstream: bool = False, switched: bool = False) -> None:
         if self.finished:
             return
-        self.finished = True
-        self.flag = flag
+        elapsed = self.account_end(flag)
         ctx = self.ctx
-        if self.admitted:
-            self.admitted = False
-            ctx.admission.request_finished()
-        if self.timeout:
-            ctx.deadlines.disarm(self.timeout, self.deadline_key or self)
-            self.timeout = 0.0
-            self.timeout_restarts = False
-        block = ctx.block
-        if flag:
-            block[FLAG_BASE + FLAG_INDEX[flag]] += 1
-        if self.status:
-            block[STATUS_BASE + min(self.status // 100, 5) - 1] += 1
-        elapsed = perf_counter_ns() - self.started_ns
-        observe_duration(block, elapsed)
         if self.grpc is not None:
             self.grpc.finished(flag, elapsed)
         upstream, self.upstream = self.upstream, None
@@ -620,44 +512,19 @@ class Exchange:
             end_chain(ctx, chain)
         if ctx.access_log is not None:
             metadata = chain.dynamic_metadata if chain is not None else None
-            ctx.access_log.write(ctx.loop, self._log_record(elapsed, metadata))
+            record = self.log_record(self.downstream.protocol, elapsed, metadata, self.grpc)
+            ctx.access_log.write(ctx.loop, record)
         if not switched:
             self.downstream.exchange_done(self, reset=reset_downstream)
 
-    def _log_record(self, elapsed_ns: int, metadata: dict | None) -> dict:
-        request = self.request
-        record = {
-            "time": round(self.started_wall, 6),
-            "method": request.method.decode("latin-1"),
-            "authority": _authority_of(request).decode("latin-1"),
-            "path": request.target.decode("latin-1"),
-            "protocol": self.downstream.protocol,
-            "status": self.status,
-            "response_flags": self.flag or "-",
-            "bytes_received": self.bytes_in,
-            "bytes_sent": self.bytes_out,
-            "duration_ms": round(elapsed_ns / 1e6, 3),
-            "upstream_host": str(self.target) if self.target is not None else None,
-        }
-        if self.grpc is not None:
-            self.grpc.log_fields(record)
-        if metadata:  # Envoy's dynamic metadata, as filters set it
-            record["dynamic_metadata"] = loggable(metadata)
-        if self.trace is not None:
-            record["stages_us"] = {
-                name: round(self.trace[i] / 1000, 2)
-                for i, name in enumerate(STAGES)
-                if self.trace[i]
-            }
-        return record
-
 
 def start_chain(
-    owner, factory, method: bytes, target: bytes, headers, authority: bytes, end_stream: bool
-) -> bool:
+    owner, factory: ChainFactory, method: bytes, target: bytes, headers, authority: bytes,
+    end_stream: bool,
+) -> bool:  # fmt: skip
     """Start a request's filter chain (``owner.chain``) and run its request-header pass.
 
-    The owner is the Exchange, or an express request (express.py). True when every
+    The owner is the Exchange, or a request the native lane carries. True when every
     filter let the head through. The chain's own set-up and run loop are part of what
     filters cost: measured here and charged to their stages (a local reply's too).
     """
@@ -675,20 +542,6 @@ def start_chain(
     return passed
 
 
-def filtered_request(request: RequestHead, headers: HeaderMap) -> RequestHead:
-    """The request as the decode filters left it (the same object if none changed it)."""
-    if not headers.changed:
-        return request
-    pseudo = headers.pseudo
-    return replace(
-        request,
-        method=pseudo[b":method"],
-        target=pseudo[b":path"],
-        headers=headers.headers,
-        wire=None,  # the received bytes no longer say what goes on
-    )
-
-
 def end_chain(ctx: HttpContext, chain) -> None:
     """The request is over: its filters' end-of-request work."""
     if chain.factory.destroyers:
@@ -698,28 +551,3 @@ def end_chain(ctx: HttpContext, chain) -> None:
         ctx.loop.call_soon(chain.run_destroyers)
     else:
         chain.destroy()
-
-
-def _authority_of(request: RequestHead) -> bytes:
-    for name, value in request.headers:
-        if name == b"host" or name == b":authority":
-            return value
-    return b""
-
-
-def _has_length(headers) -> bool:
-    for name, _ in headers:
-        if name == b"content-length" or name == b"transfer-encoding":
-            return True
-    return False
-
-
-def _has_body(method: bytes, status: int) -> bool:
-    # RFC 9110 §6.4.1: HEAD responses, 1xx, 204 and 304 never carry content.
-    return method != b"HEAD" and status not in (204, 304) and status >= 200
-
-
-def _server_timing(trace: list[int]) -> bytes:
-    """W3C Server-Timing: this request's stages so far, in milliseconds."""
-    parts = [f"{name};dur={trace[i] / 1e6:.3f}" for i, name in enumerate(STAGES) if trace[i]]
-    return ", ".join(parts).encode() if parts else b"total;dur=0"

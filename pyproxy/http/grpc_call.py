@@ -11,9 +11,9 @@ one shape every gRPC client reads as a status.
 from __future__ import annotations
 
 from time import perf_counter_ns
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from pyproxy.codec.events import ResponseHead
+from pyproxy.codec.events import RequestHead, ResponseHead
 from pyproxy.codec.grpc import (
     CANCELLED,
     DEADLINE_EXCEEDED,
@@ -33,9 +33,20 @@ from pyproxy.codec.grpc import (
 )
 from pyproxy.counters import reject_slot
 from pyproxy.grpc_metrics import E_STARTED, GrpcMethodTable, record_finished
+from pyproxy.http.context import HttpContext
+from pyproxy.http.seams import Downstream
 
-if TYPE_CHECKING:
-    from pyproxy.http.exchange import Exchange
+
+class Exchange(Protocol):
+    """The exchange a call rides, as the call sees it."""
+
+    ctx: HttpContext
+    request: RequestHead
+    downstream: Downstream
+    trace: list[int] | None
+    status: int
+
+    def fail_call(self, grpc_status: int, message: str, flag: str) -> None: ...
 
 # How a call that ended without a grpc-status of its own is counted (and answered, for local replies).
 _FLAG_STATUS = {

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from time import perf_counter_ns
-from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
-    from pyproxy.codec.http1 import Http1Codec
-    from pyproxy.http.context import HttpContext
-    from pyproxy.io.stream import Stream
+from pyproxy.codec.http1 import Http1Codec
+from pyproxy.http.context import HttpContext
+from pyproxy.io.stream import Stream
 
 
 class Http1Side:
@@ -18,12 +16,6 @@ class Http1Side:
     ctx: HttpContext
     codec: Http1Codec
     stream: Stream
-    express: Any  # the request on the express lane through this connection (express.py), if any
-
-    def _settle(self) -> None:
-        """Anything but the express lane's next step turns its request into an Exchange."""
-        if self.express is not None:
-            self.express.materialize()
 
     def decode(self, data) -> list:
         """Bytes from the peer → events (PAUSED last when the codec holds input back)."""

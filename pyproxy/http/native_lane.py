@@ -1,36 +1,38 @@
-"""The native express lane: a downstream connection and its upstream, relaying in C.
+"""The native lane: a downstream connection and its upstream, relaying in C.
 
-The Python express lane (express.py) still spends two Python callbacks and a
-few dozen bytecodes on every plain exchange. When every origin-form request
-on a listener takes one filterless route to one endpoint (no route table, or
-a first route matching any host and path: each request on a connection goes
-where the last one went), the connection that just finished a plain exchange on the
-express lane is paired with the upstream connection it used: the event loop's
-reader callbacks for both sockets become the C methods of an
-``_express.Pair`` (native/express_lane.c), which forwards each whole plain
-request and response as bytes and keeps every account the Python lane keeps.
+A request is either on the general path (exchange.py) or paired in C. When
+every origin-form request on a listener takes one filterless route to one
+endpoint (no route table, or a first route matching any host and path: each
+request on a connection goes where the last one went), a connection whose
+exchange just ended cleanly, with nothing buffered either way, is paired with
+an idle upstream connection to that endpoint from the pool (the one just
+released, the warmest): the event loop's reader callbacks for both sockets
+become the C methods of an ``_express.Pair`` (native/express_lane.c), which
+forwards each whole plain request and response as bytes and keeps every
+account the general path keeps, in the same block slots.
 
 The pair holds the upstream connection instead of the pool: with one endpoint
 and no routing that is the connection the pool would have handed out next.
 The pool's idle timeout still applies (a watchdog closes the upstream once it
 has idled that long), and so does the route timeout (the watchdog hands an
-overdue request back, and the Python lane answers 504).
+overdue request back, and the general path answers 504).
 
 The pair hands over at the first thing that is not plain — a request or
 response in pieces, chunked, asking to close, pipelined, an error, EOF, a
 short send — and goes inert. ``release`` takes both sockets back, turns a
-request in flight into a Python express request with the time it has already
-spent, and the handed-over event then runs through the Python objects exactly
-as it would have without the pair. Behaviour outside the plain case is
-therefore the Python lane's and the general path's, by construction.
+request in flight into an Exchange with the time it has already spent, and
+the handed-over event then runs through the Python objects exactly as it
+would have without the pair. Behaviour outside the plain case is therefore
+the general path's, by construction.
 """
 
 from __future__ import annotations
 
 import os
 from time import perf_counter_ns
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from pyproxy.config import ListenerConfig
 from pyproxy.counters import (
     BUCKET_BOUNDS_NS,
     DOWNSTREAM_RX,
@@ -49,18 +51,13 @@ from pyproxy.counters import (
     UPSTREAM_RX,
     UPSTREAM_TX,
 )
-from pyproxy.http.express import Express
-from pyproxy.native import express_pair
-
-if TYPE_CHECKING:
-    from pyproxy.http.context import HttpContext
-    from pyproxy.http.downstream_h1 import Http1Downstream
-    from pyproxy.http.router import Route, Router
-    from pyproxy.http.upstream_h1 import Http1Upstream
+from pyproxy.http.context import HttpContext
+from pyproxy.http.downstream_h1 import Http1Downstream
+from pyproxy.http.router import Route, Router
+from pyproxy.http.upstream_h1 import Http1Upstream
+from pyproxy.native import express_pair, http1_head_scanner
 
 _express = express_pair()
-_NO_CHAIN_ELIGIBLE = None  # express_routes maps an eligible route without filters to None
-_MISSING = object()
 
 
 class NativeLanes:
@@ -83,14 +80,18 @@ class NativeLanes:
             STAGE_NS, ctx.claim_end,
         )  # fmt: skip
 
-    def pair(self, downstream: Http1Downstream, upstream: Http1Upstream, route: Route) -> bool:
-        """After an express exchange: pair the two connections if both are at rest; else False."""
-        if (
-            route is not self.route
-            or downstream.stream.buffered
-            or upstream.stream.buffered
-            or not downstream.stream.reading
-        ):
+    def pair(self, downstream: Http1Downstream) -> bool:
+        """Between requests: pair the connection with an idle upstream if both are at rest."""
+        if downstream.stream.buffered or not downstream.stream.reading:
+            return False
+        route = self.route
+        target = route.cluster.peek() if route.cluster is not None else downstream.target
+        pool = self.ctx.pool
+        upstream = pool.take_idle(target)
+        if upstream is None:
+            return False
+        if upstream.stream.buffered:
+            pool.keep(upstream)
             return False
         NativeLane(self, downstream, upstream)
         return True
@@ -101,14 +102,29 @@ def native_lanes(ctx: HttpContext) -> NativeLanes | None:
     route = _only_route(ctx.router)
     if (
         _express is None
-        or ctx.settings.express_lane != "native"
-        or ctx.express_routes is None
+        or http1_head_scanner() is None
+        or not _pairable(ctx.listener)
+        or ctx.access_log is not None
         or route is None
-        or ctx.express_routes.get(id(route), _MISSING) is not _NO_CHAIN_ELIGIBLE
+        or ctx.chain_for(route) is not None
         or (route.cluster is not None and len(route.cluster.endpoints) != 1)
     ):
         return None
-    return NativeLanes(ctx, route)
+    cluster = route.cluster if route.cluster is not None else ctx.router.default_cluster
+    protocol = cluster.protocol if cluster is not None else ctx.settings.upstream_protocol
+    return NativeLanes(ctx, route) if protocol == "http1" else None
+
+
+def _pairable(listener: ListenerConfig) -> bool:
+    """A listener whose HTTP/1.1 exchanges C may carry: HTTP mode, the fast codec (C checks
+    heads with the same scan), no per-request stage trace (Server-Timing) to keep."""
+    http = listener.http
+    return (
+        listener.mode == "http"
+        and http.express_lane == "native"
+        and http.codec == "fast"
+        and not http.server_timing
+    )
 
 
 def _only_route(router: Router) -> Route | None:
@@ -147,8 +163,8 @@ class NativeLane:
         downstream.lane = self
         self._watchdog = ctx.loop.call_later(self._next_check(perf_counter_ns()) / 1e9, self._watch)
 
-    def release(self, keep_upstream: bool = True) -> Express | None:
-        """Take both sockets back; a request in flight becomes a Python express request."""
+    def release(self, keep_upstream: bool = True) -> None:
+        """Take both sockets back; a request in flight goes on as an Exchange."""
         pair = self.pair
         pair.detach()
         self._watchdog.cancel()
@@ -157,14 +173,11 @@ class NativeLane:
         downstream.stream.take_back(pair.down_in, pair.down_out)
         upstream.stream.take_back(pair.up_in, pair.up_out)
         if pair.in_flight:
-            return Express.in_flight(
-                ctx, downstream, upstream, self.lanes.route, pair.request, pair.started_ns
-            )
-        if keep_upstream:
+            downstream.resume_sent(self.lanes.route, upstream, pair.request, pair.started_ns)
+        elif keep_upstream:
             ctx.pool.keep(upstream)
         else:
             upstream.stream.close()
-        return None
 
     # ---- timeouts ---------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ from h2.exceptions import H2Error
 from pyproxy.addresses import Address
 from pyproxy.codec.events import END, Body, RequestHead, Trailers
 from pyproxy.codec.http2 import h2_request_headers, h2_trailers, response_from_h2, wants_trailers
-from pyproxy.counters import STAGE_EVENTS, STAGE_NS, UPSTREAM_RX, UPSTREAM_TX
+from pyproxy.counters import UPSTREAM_RX, UPSTREAM_TX
 from pyproxy.http.h2_session import (
     CANCEL,
     DEFAULT_PEER_STREAMS,
@@ -95,13 +95,9 @@ class Http2Upstream(H2Session):
         return attach
 
     def start_connect(self, source: str, timeout: float) -> None:
-        ctx = self.ctx
-        stage = ctx.connect_stage
-        self.connect = Connect(
-            ctx.loop, self.key, timeout, self._connected, self._connect_failed, source_host=source,
-            block=ctx.block if ctx.timed else None, stage_ns=STAGE_NS + stage,
-            stage_events=STAGE_EVENTS + stage,
-        )  # fmt: skip
+        self.connect = self.ctx.connect(
+            self.key, timeout, self._connected, self._connect_failed, source
+        )
 
     def _connected(self, sock: socket.socket) -> None:
         self.connect = None

@@ -1,0 +1,20 @@
+"""A listener's HTTP context, assembled: the shared context, its upstream pool, its native lane."""
+
+from __future__ import annotations
+
+from pyproxy.admission import Admission
+from pyproxy.config import ListenerConfig, ProxyConfig
+from pyproxy.http.context import HttpContext
+from pyproxy.http.native_lane import native_lanes
+from pyproxy.http.pool import UpstreamPool
+
+
+def http_context(
+    loop, listener: ListenerConfig, config: ProxyConfig, block: memoryview, timed: bool,
+    admission: Admission,
+) -> HttpContext:  # fmt: skip
+    """Built once per listener (and rebuilt on reload)."""
+    ctx = HttpContext(loop, listener, config, block, timed, admission)
+    ctx.pool = UpstreamPool(ctx)
+    ctx.native_lanes = native_lanes(ctx)
+    return ctx

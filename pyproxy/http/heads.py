@@ -1,0 +1,113 @@
+"""How heads change on their way through: the request toward the upstream, the response back.
+
+Pure functions of the heads (no session state), so each rule lives here once
+and a test can check it without a connection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from pyproxy.chain.api import HeaderMap
+from pyproxy.codec.events import RequestHead, ResponseHead
+from pyproxy.codec.http1 import strip_hop_by_hop
+from pyproxy.counters import STAGES
+
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+CHUNKED = (b"transfer-encoding", b"chunked")
+
+
+def upstream_head(request: RequestHead, multiplexed: bool) -> RequestHead:
+    """The request head as it goes upstream (hop-by-hop fields off, framing for the hop)."""
+    if request.wire is not None and not multiplexed:
+        # An HTTP/1 upstream gets the wire bytes, which hold no hop-by-hop line (a
+        # serialiser that cannot use them strips the list): the request goes as it is.
+        return request
+    headers = strip_hop_by_hop(request.headers)
+    if request.chunked:
+        if request.content_length is not None and not multiplexed:
+            # An HTTP/2 request that announced trailers: chunked carries them (RFC 9112 §7.1).
+            headers = [field for field in headers if field[0] != b"content-length"]
+        headers.append(CHUNKED)
+    if request.upgrade:
+        # The Upgrade offer is hop-by-hop but must reach the app for it to switch (RFC 9110 §7.8).
+        headers.append((b"connection", b"upgrade"))
+        headers.extend((name, value) for name, value in request.headers if name == b"upgrade")
+    return RequestHead(request.method, request.target, headers, request.http_version)
+
+
+def filtered_request(request: RequestHead, headers: HeaderMap) -> RequestHead:
+    """The request as the decode filters left it (the same object if none changed it)."""
+    if not headers.changed:
+        return request
+    pseudo = headers.pseudo
+    return replace(
+        request,
+        method=pseudo[b":method"],
+        target=pseudo[b":path"],
+        headers=headers.headers,
+        wire=None,  # the received bytes no longer say what goes on
+    )
+
+
+def downstream_head(
+    head: ResponseHead, method: bytes, filtered: HeaderMap | None, trace: list[int] | None
+) -> ResponseHead:
+    """The response head as it goes downstream: the filters' version of it if they had one,
+    hop-by-hop fields off, framing for the hop, Server-Timing when ``trace`` is given."""
+    wire = None
+    if filtered is not None:
+        status = int(filtered.pseudo.get(b":status", b"%d" % head.status))
+        headers = filtered.headers
+    else:
+        status = head.status
+        headers = strip_hop_by_hop(head.headers)
+        wire = head.wire  # forwarded unchanged: an HTTP/1 downstream sends these bytes
+    if status == 101:
+        headers.append((b"connection", b"upgrade"))
+        headers.extend((name, value) for name, value in head.headers if name == b"upgrade")
+    elif (
+        not _has_length(headers)
+        and (head.chunked or head.content_length is None)
+        and has_body(method, status)
+    ):
+        headers.append(CHUNKED)
+    if trace is not None:
+        headers.append((b"server-timing", server_timing(trace)))
+        wire = None
+    return ResponseHead(
+        status,
+        head.reason,
+        headers,
+        head.http_version,
+        content_length=head.content_length,
+        wire=wire,
+    )
+
+
+def retryable(request: RequestHead) -> bool:
+    """A request that can be sent again safely: idempotent and complete with its head."""
+    return (
+        request.method in IDEMPOTENT
+        and not request.chunked
+        and not request.content_length
+        and not request.upgrade
+    )
+
+
+def has_body(method: bytes, status: int) -> bool:
+    # RFC 9110 §6.4.1: HEAD responses, 1xx, 204 and 304 never carry content.
+    return method != b"HEAD" and status not in (204, 304) and status >= 200
+
+
+def _has_length(headers) -> bool:
+    for name, _ in headers:
+        if name == b"content-length" or name == b"transfer-encoding":
+            return True
+    return False
+
+
+def server_timing(trace: list[int]) -> bytes:
+    """W3C Server-Timing: this request's stages so far, in milliseconds."""
+    parts = [f"{name};dur={trace[i] / 1e6:.3f}" for i, name in enumerate(STAGES) if trace[i]]
+    return ", ".join(parts).encode() if parts else b"total;dur=0"
