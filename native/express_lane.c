@@ -23,6 +23,21 @@
  * Pair(down_fd, up_fd, block, slots, bounds, timed, max_bytes, max_count, on_handover)
  *   slots: the block indices listed in enum slot below, in that order;
  *   bounds: the duration histogram's bucket bounds in ns (counters.BUCKET_BOUNDS_NS).
+ *
+ * Header-only filter chains ride along through three hooks (Pair.set_hooks; each one
+ * None or a callable, one call per request or response, no hooks: nothing is called):
+ *   request_hook(head, method, target, fields, end_stream), on a whole plain request
+ *     before it goes upstream; head: its head as read, fields: [(lower-cased name,
+ *     value)] in order, every field; end_stream: no body follows.
+ *   response_hook(head, status, fields), on a whole plain response before it goes
+ *     downstream; fields less the hop-by-hop ones.
+ *   A hook answers None (forward as read), bytes (forward these as the head instead,
+ *     the body after them unchanged) or False (take it: REQUEST_TAKEN / RESPONSE_TAKEN,
+ *     Python carries the message on). Anything else, or an exception (reported through
+ *     sys.unraisablehook), takes the message too.
+ *   done_hook(), once the pair has accounted the exchange: its response is sent, or
+ *     what the downstream did not take is about to be handed over.
+ * A request taken is not counted here (Python counts it as it carries it on).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -43,6 +58,8 @@ enum handover {
     UP_FAILED,         /* [errno] an upstream recv or send failed (a request is in flight) */
     REQUEST_UNSENT,    /* [bytes] the rest of a request the upstream did not take */
     RESPONSE_UNSENT,   /* [bytes] the rest of a response the downstream did not take (cycle done) */
+    REQUEST_TAKEN,     /* [bytes] a whole request, as read, that request_hook took (nothing sent) */
+    RESPONSE_TAKEN,    /* [bytes] a whole response, as read, that response_hook took (in flight) */
 };
 
 /* Indices into the listener block, in the order Python passes them. */
@@ -75,6 +92,9 @@ typedef struct {
     int nbounds;
     Py_ssize_t max_bytes, max_count;
     PyObject *on_handover;
+    PyObject *request_hook, *response_hook, *done_hook; /* NULL: not set */
+    char *composed; /* a rewritten head and its body, as they go on */
+    Py_ssize_t composed_cap;
     int in_flight;
     long long started_ns, last_active_ns;
     char *request; /* the request in flight, as read: Python replays it on a handover */
@@ -204,6 +224,67 @@ static const char *forwarded(Py_ssize_t n, const head_t *h, Py_ssize_t *out_len)
     return out_buf;
 }
 
+/* What goes on when a hook rewrote the head: `head` then the read's body. NULL: out of memory. */
+static const char *rewritten(Pair *p, PyObject *head, Py_ssize_t n, const head_t *h, Py_ssize_t *out_len)
+{
+    Py_ssize_t head_len = PyBytes_GET_SIZE(head), body = n - h->head_len;
+    if (head_len + body > p->composed_cap) {
+        char *grown = PyMem_Realloc(p->composed, head_len + body);
+        if (grown == NULL) { PyErr_NoMemory(); return NULL; }
+        p->composed = grown;
+        p->composed_cap = head_len + body;
+    }
+    memcpy(p->composed, PyBytes_AS_STRING(head), head_len);
+    memcpy(p->composed + head_len, in_buf + h->head_len, body);
+    *out_len = head_len + body;
+    return p->composed;
+}
+
+/* A hook's answer: 1 forward (*head: NULL as read, else a new reference to the new head),
+ * 0 take the message. An exception or an answer of another kind is reported, then taken. */
+static int verdict(PyObject *hook, PyObject *answer, PyObject **head)
+{
+    *head = NULL;
+    if (answer == Py_None) { Py_DECREF(answer); return 1; }
+    if (answer != NULL && PyBytes_CheckExact(answer)) { *head = answer; return 1; }
+    if (answer != NULL && answer != Py_False)
+        PyErr_Format(PyExc_TypeError, "a pair hook answers None, bytes or False, not %.80s",
+                     Py_TYPE(answer)->tp_name);
+    Py_XDECREF(answer);
+    if (PyErr_Occurred()) PyErr_WriteUnraisable(hook);
+    return 0;
+}
+
+static PyObject *call_request_hook(Pair *p, const head_t *h)
+{
+    PyObject *args[5] = {
+        PyBytes_FromStringAndSize(in_buf, h->head_len),
+        PyBytes_FromStringAndSize(in_buf + h->a0, h->a1 - h->a0),
+        PyBytes_FromStringAndSize(in_buf + h->b0, h->b1 - h->b0),
+        field_list(in_buf, h, 0),
+        h->content_length > 0 ? Py_False : Py_True,
+    };
+    PyObject *answer = NULL;
+    if (args[0] != NULL && args[1] != NULL && args[2] != NULL && args[3] != NULL)
+        answer = PyObject_Vectorcall(p->request_hook, args, 5, NULL);
+    for (int i = 0; i < 4; i++) Py_XDECREF(args[i]);
+    return answer;
+}
+
+static PyObject *call_response_hook(Pair *p, const head_t *h)
+{
+    PyObject *args[3] = {
+        PyBytes_FromStringAndSize(in_buf, h->head_len),
+        PyLong_FromLong(h->status),
+        field_list(in_buf, h, 1),
+    };
+    PyObject *answer = NULL;
+    if (args[0] != NULL && args[1] != NULL && args[2] != NULL)
+        answer = PyObject_Vectorcall(p->response_hook, args, 3, NULL);
+    for (int i = 0; i < 3; i++) Py_XDECREF(args[i]);
+    return answer;
+}
+
 /* After a send: hand a failure or the unsent rest over, else charge `other` and carry on. */
 static PyObject *sent_or_hand_over(Pair *p, Py_ssize_t sent, const char *out, Py_ssize_t out_len,
                                    enum handover failed, enum handover unsent, long long since,
@@ -234,12 +315,21 @@ static PyObject *Pair_downstream_readable(Pair *p, PyObject *unused)
         in_buf[h.b0] != '/' || /* not origin-form: the router has a say */
         h.head_len + (h.content_length > 0 ? h.content_length : 0) != n) /* more to come, or pipelined */
         return hand_over_timed(p, DOWN_DATA, PyBytes_FromStringAndSize(in_buf, n), t1, before);
-    if (keep_request(p, in_buf, n) < 0) return NULL;
+    long long started = p->timed ? t1 : now_ns();
+    PyObject *head = NULL;
+    if (p->request_hook != NULL) {
+        if (!verdict(p->request_hook, call_request_hook(p, &h), &head))
+            return hand_over_timed(p, REQUEST_TAKEN, PyBytes_FromStringAndSize(in_buf, n), t1, before);
+        if (p->released) { Py_XDECREF(head); Py_RETURN_NONE; } /* the hook took the sockets back */
+    }
+    if (keep_request(p, in_buf, n) < 0) { Py_XDECREF(head); return NULL; }
     p->in_flight = 1;
-    p->started_ns = p->timed ? t1 : now_ns();
+    p->started_ns = started;
     SLOT(p, S_REQUESTS) += 1;
     Py_ssize_t out_len;
-    const char *out = forwarded(n, &h, &out_len);
+    const char *out = head == NULL ? forwarded(n, &h, &out_len) : rewritten(p, head, n, &h, &out_len);
+    Py_XDECREF(head);
+    if (out == NULL) return NULL;
     Py_ssize_t sent = timed_send(p, p->up_fd, out, out_len, S_UP_WRITE_NS, S_UP_WRITE_EV, S_UP_TX, &p->up_out);
     return sent_or_hand_over(p, sent, out, out_len, UP_FAILED, REQUEST_UNSENT, t1, before);
 }
@@ -268,8 +358,16 @@ static PyObject *Pair_upstream_readable(Pair *p, PyObject *unused)
     if (ok && (h.status == 204 || h.status == 304)) length = 0;
     if (!ok || length < 0 || h.head_len + length != n) /* in pieces, more than one, or no framing */
         return hand_over_timed(p, UP_DATA, PyBytes_FromStringAndSize(in_buf, n), t1, before);
+    PyObject *head = NULL;
+    if (p->response_hook != NULL) {
+        if (!verdict(p->response_hook, call_response_hook(p, &h), &head))
+            return hand_over_timed(p, RESPONSE_TAKEN, PyBytes_FromStringAndSize(in_buf, n), t1, before);
+        if (p->released) { Py_XDECREF(head); Py_RETURN_NONE; }
+    }
     Py_ssize_t out_len;
-    const char *out = forwarded(n, &h, &out_len);
+    const char *out = head == NULL ? forwarded(n, &h, &out_len) : rewritten(p, head, n, &h, &out_len);
+    Py_XDECREF(head);
+    if (out == NULL) return NULL;
     Py_ssize_t sent =
         timed_send(p, p->down_fd, out, out_len, S_DOWN_WRITE_NS, S_DOWN_WRITE_EV, S_DOWN_TX, &p->down_out);
     long long done = now_ns();
@@ -280,12 +378,47 @@ static PyObject *Pair_upstream_readable(Pair *p, PyObject *unused)
     SLOT(p, S_NATIVE) += 1;
     p->block[p->slot[S_STATUS_BASE] + h.status / 100 - 1] += 1;
     observe_duration(p, done - p->started_ns);
+    if (p->done_hook != NULL) {
+        PyObject *result = PyObject_CallNoArgs(p->done_hook);
+        if (result == NULL) PyErr_WriteUnraisable(p->done_hook); /* nothing left to hand over */
+        Py_XDECREF(result);
+    }
     return sent_or_hand_over(p, sent, out, out_len, DOWN_FAILED, RESPONSE_UNSENT, t1, before);
 }
 
 static PyObject *Pair_detach(Pair *p, PyObject *unused)
 {
     p->released = 1;
+    Py_RETURN_NONE;
+}
+
+/* NULL for None; a new reference to a callable; -1 (exception set) for anything else. */
+static int hook_arg(PyObject *arg, const char *name, PyObject **hook)
+{
+    *hook = NULL;
+    if (arg == Py_None) return 0;
+    if (!PyCallable_Check(arg)) {
+        PyErr_Format(PyExc_TypeError, "%s must be callable or None", name);
+        return -1;
+    }
+    *hook = Py_NewRef(arg);
+    return 0;
+}
+
+static PyObject *Pair_set_hooks(Pair *p, PyObject *args)
+{
+    PyObject *request, *response, *done, *hooks[3];
+    if (!PyArg_ParseTuple(args, "OOO", &request, &response, &done)) return NULL;
+    if (hook_arg(request, "request_hook", &hooks[0]) < 0) return NULL;
+    if (hook_arg(response, "response_hook", &hooks[1]) < 0) { Py_XDECREF(hooks[0]); return NULL; }
+    if (hook_arg(done, "done_hook", &hooks[2]) < 0) {
+        Py_XDECREF(hooks[0]);
+        Py_XDECREF(hooks[1]);
+        return NULL;
+    }
+    Py_XSETREF(p->request_hook, hooks[0]);
+    Py_XSETREF(p->response_hook, hooks[1]);
+    Py_XSETREF(p->done_hook, hooks[2]);
     Py_RETURN_NONE;
 }
 
@@ -349,12 +482,18 @@ static int Pair_init(Pair *p, PyObject *args, PyObject *kwargs)
 static int Pair_traverse(Pair *p, visitproc visit, void *arg)
 {
     Py_VISIT(p->on_handover);
+    Py_VISIT(p->request_hook);
+    Py_VISIT(p->response_hook);
+    Py_VISIT(p->done_hook);
     return 0;
 }
 
 static int Pair_clear(Pair *p)
 {
     Py_CLEAR(p->on_handover);
+    Py_CLEAR(p->request_hook);
+    Py_CLEAR(p->response_hook);
+    Py_CLEAR(p->done_hook);
     return 0;
 }
 
@@ -364,6 +503,7 @@ static void Pair_dealloc(Pair *p)
     Pair_clear(p);
     if (p->block != NULL) PyBuffer_Release(&p->view);
     PyMem_Free(p->request);
+    PyMem_Free(p->composed);
     Py_TYPE(p)->tp_free((PyObject *)p);
 }
 
@@ -373,6 +513,8 @@ static PyMethodDef Pair_methods[] = {
     {"upstream_readable", (PyCFunction)Pair_upstream_readable, METH_NOARGS,
      "The event loop's reader callback for the upstream socket."},
     {"detach", (PyCFunction)Pair_detach, METH_NOARGS, "Go inert: Python has taken the sockets back."},
+    {"set_hooks", (PyCFunction)Pair_set_hooks, METH_VARARGS,
+     "set_hooks(request_hook, response_hook, done_hook): each None or a callable (see the module doc)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -423,6 +565,7 @@ PyMODINIT_FUNC PyInit__express(void)
         {"DOWN_DATA", DOWN_DATA}, {"DOWN_READABLE", DOWN_READABLE}, {"DOWN_FAILED", DOWN_FAILED},
         {"UP_IDLE_READABLE", UP_IDLE_READABLE}, {"UP_DATA", UP_DATA}, {"UP_FAILED", UP_FAILED},
         {"REQUEST_UNSENT", REQUEST_UNSENT}, {"RESPONSE_UNSENT", RESPONSE_UNSENT},
+        {"REQUEST_TAKEN", REQUEST_TAKEN}, {"RESPONSE_TAKEN", RESPONSE_TAKEN},
         {"N_SLOTS", N_SLOTS},
     };
     for (size_t i = 0; i < sizeof kinds / sizeof kinds[0]; i++)

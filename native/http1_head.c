@@ -37,21 +37,8 @@ static PyObject *scan(PyObject *self, PyObject *args)
         result = Py_NewRef(Py_None);
         goto done;
     }
-    PyObject *headers = PyList_New(h.nfields);
+    PyObject *headers = field_list(d, &h, 0);
     if (headers == NULL) goto done;
-    for (Py_ssize_t i = 0; i < h.nfields; i++) {
-        field_t *f = &h.fields[i];
-        PyObject *name = PyBytes_FromStringAndSize(NULL, f->name_len);
-        if (name == NULL) { Py_DECREF(headers); goto done; }
-        char *w = PyBytes_AS_STRING(name);
-        for (Py_ssize_t k = 0; k < f->name_len; k++) {
-            unsigned char c = d[f->name + k];
-            w[k] = (c >= 'A' && c <= 'Z') ? c + 32 : c;
-        }
-        PyObject *pair = Py_BuildValue("(Ny#)", name, d + f->value, f->value_len);
-        if (pair == NULL) { Py_DECREF(headers); goto done; }
-        PyList_SET_ITEM(headers, i, pair);
-    }
     PyObject *wire;
     if (!has_wire(&h)) {
         wire = Py_NewRef(Py_None);

@@ -219,4 +219,29 @@ static void wire_copy(const char *d, const head_t *h, char *w)
     memcpy(w, "\r\n", 2);
 }
 
+/* The head's fields as a new list of (lower-cased name, value) bytes pairs, in order;
+ * less the hop-by-hop ones when skip_hop. NULL with an exception set on failure. */
+static PyObject *field_list(const char *d, const head_t *h, int skip_hop)
+{
+    Py_ssize_t count = 0;
+    for (Py_ssize_t i = 0; i < h->nfields; i++) count += !(skip_hop && h->fields[i].hop);
+    PyObject *headers = PyList_New(count);
+    if (headers == NULL) return NULL;
+    for (Py_ssize_t i = 0, j = 0; i < h->nfields; i++) {
+        const field_t *f = &h->fields[i];
+        if (skip_hop && f->hop) continue;
+        PyObject *name = PyBytes_FromStringAndSize(NULL, f->name_len);
+        if (name == NULL) { Py_DECREF(headers); return NULL; }
+        char *w = PyBytes_AS_STRING(name);
+        for (Py_ssize_t k = 0; k < f->name_len; k++) {
+            unsigned char c = d[f->name + k];
+            w[k] = (c >= 'A' && c <= 'Z') ? c + 32 : c;
+        }
+        PyObject *pair = Py_BuildValue("(Ny#)", name, d + f->value, f->value_len);
+        if (pair == NULL) { Py_DECREF(headers); return NULL; }
+        PyList_SET_ITEM(headers, j++, pair);
+    }
+    return headers;
+}
+
 #endif
