@@ -26,11 +26,11 @@
  *
  * Header-only filter chains ride along through three hooks (Pair.set_hooks; each one
  * None or a callable, one call per request or response, no hooks: nothing is called):
- *   request_hook(head, method, target, fields, end_stream), on a whole plain request
+ *   request_hook(head, method, target, fields, content_length), on a whole plain request
  *     before it goes upstream; head: its head as read, fields: [(lower-cased name,
- *     value)] in order, every field; end_stream: no body follows.
- *   response_hook(head, status, fields), on a whole plain response before it goes
- *     downstream; fields less the hop-by-hop ones.
+ *     value)] in order, every field; content_length: its Content-Length (-1: none).
+ *   response_hook(head, status, fields, content_length), on a whole plain response
+ *     before it goes downstream; fields less the hop-by-hop ones.
  *   A hook answers None (forward as read), bytes (forward these as the head instead,
  *     the body after them unchanged) or False (take it: REQUEST_TAKEN / RESPONSE_TAKEN,
  *     Python carries the message on). Anything else, or an exception (reported through
@@ -255,34 +255,39 @@ static int verdict(PyObject *hook, PyObject *answer, PyObject **head)
     return 0;
 }
 
-static PyObject *call_request_hook(Pair *p, const head_t *h)
+/* Call hook(*args) (nargs new references, any NULL: fail). The caller holds a reference to
+ * the hook: a hook may take the sockets back, and set_hooks drops the pair's own. */
+static PyObject *call_hook(PyObject *hook, PyObject **args, int nargs)
+{
+    PyObject *answer = NULL;
+    int whole = 1;
+    for (int i = 0; i < nargs; i++) whole &= args[i] != NULL;
+    if (whole) answer = PyObject_Vectorcall(hook, args, nargs, NULL);
+    for (int i = 0; i < nargs; i++) Py_XDECREF(args[i]);
+    return answer;
+}
+
+static PyObject *call_request_hook(PyObject *hook, const head_t *h)
 {
     PyObject *args[5] = {
         PyBytes_FromStringAndSize(in_buf, h->head_len),
         PyBytes_FromStringAndSize(in_buf + h->a0, h->a1 - h->a0),
         PyBytes_FromStringAndSize(in_buf + h->b0, h->b1 - h->b0),
         field_list(in_buf, h, 0),
-        h->content_length > 0 ? Py_False : Py_True,
+        PyLong_FromSsize_t(h->content_length),
     };
-    PyObject *answer = NULL;
-    if (args[0] != NULL && args[1] != NULL && args[2] != NULL && args[3] != NULL)
-        answer = PyObject_Vectorcall(p->request_hook, args, 5, NULL);
-    for (int i = 0; i < 4; i++) Py_XDECREF(args[i]);
-    return answer;
+    return call_hook(hook, args, 5);
 }
 
-static PyObject *call_response_hook(Pair *p, const head_t *h)
+static PyObject *call_response_hook(PyObject *hook, const head_t *h)
 {
-    PyObject *args[3] = {
+    PyObject *args[4] = {
         PyBytes_FromStringAndSize(in_buf, h->head_len),
         PyLong_FromLong(h->status),
         field_list(in_buf, h, 1),
+        PyLong_FromSsize_t(h->content_length),
     };
-    PyObject *answer = NULL;
-    if (args[0] != NULL && args[1] != NULL && args[2] != NULL)
-        answer = PyObject_Vectorcall(p->response_hook, args, 3, NULL);
-    for (int i = 0; i < 3; i++) Py_XDECREF(args[i]);
-    return answer;
+    return call_hook(hook, args, 4);
 }
 
 /* After a send: hand a failure or the unsent rest over, else charge `other` and carry on. */
@@ -318,7 +323,10 @@ static PyObject *Pair_downstream_readable(Pair *p, PyObject *unused)
     long long started = p->timed ? t1 : now_ns();
     PyObject *head = NULL;
     if (p->request_hook != NULL) {
-        if (!verdict(p->request_hook, call_request_hook(p, &h), &head))
+        PyObject *hook = Py_NewRef(p->request_hook);
+        int forward = verdict(hook, call_request_hook(hook, &h), &head);
+        Py_DECREF(hook);
+        if (!forward)
             return hand_over_timed(p, REQUEST_TAKEN, PyBytes_FromStringAndSize(in_buf, n), t1, before);
         if (p->released) { Py_XDECREF(head); Py_RETURN_NONE; } /* the hook took the sockets back */
     }
@@ -360,7 +368,10 @@ static PyObject *Pair_upstream_readable(Pair *p, PyObject *unused)
         return hand_over_timed(p, UP_DATA, PyBytes_FromStringAndSize(in_buf, n), t1, before);
     PyObject *head = NULL;
     if (p->response_hook != NULL) {
-        if (!verdict(p->response_hook, call_response_hook(p, &h), &head))
+        PyObject *hook = Py_NewRef(p->response_hook);
+        int forward = verdict(hook, call_response_hook(hook, &h), &head);
+        Py_DECREF(hook);
+        if (!forward)
             return hand_over_timed(p, RESPONSE_TAKEN, PyBytes_FromStringAndSize(in_buf, n), t1, before);
         if (p->released) { Py_XDECREF(head); Py_RETURN_NONE; }
     }
@@ -379,9 +390,11 @@ static PyObject *Pair_upstream_readable(Pair *p, PyObject *unused)
     p->block[p->slot[S_STATUS_BASE] + h.status / 100 - 1] += 1;
     observe_duration(p, done - p->started_ns);
     if (p->done_hook != NULL) {
-        PyObject *result = PyObject_CallNoArgs(p->done_hook);
-        if (result == NULL) PyErr_WriteUnraisable(p->done_hook); /* nothing left to hand over */
+        PyObject *hook = Py_NewRef(p->done_hook);
+        PyObject *result = PyObject_CallNoArgs(hook);
+        if (result == NULL) PyErr_WriteUnraisable(hook); /* nothing left to hand over */
         Py_XDECREF(result);
+        Py_DECREF(hook);
     }
     return sent_or_hand_over(p, sent, out, out_len, DOWN_FAILED, RESPONSE_UNSENT, t1, before);
 }

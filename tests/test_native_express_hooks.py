@@ -33,12 +33,12 @@ class Hooks:
         self.responses: list[tuple] = []
         self.done = 0
 
-    def request(self, head, method, target, fields, end_stream):
-        self.requests.append((head, method, target, fields, end_stream))
+    def request(self, head, method, target, fields, content_length):
+        self.requests.append((head, method, target, fields, content_length))
         return self.request_answer
 
-    def response(self, head, status, fields):
-        self.responses.append((head, status, fields))
+    def response(self, head, status, fields, content_length):
+        self.responses.append((head, status, fields, content_length))
         return self.response_answer
 
     def finished(self):
@@ -70,21 +70,24 @@ def test_hooks_answering_none_forward_as_without_hooks(rig):
         rig.respond(RESPONSE)
         assert rig.client.recv(4096) == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     assert rig.handovers == [] and hooks.done == 2
-    head, method, target, fields, end_stream = hooks.requests[0]
-    assert head == REQUEST and (method, target, end_stream) == (b"GET", b"/a", True)
+    head, method, target, fields, content_length = hooks.requests[0]
+    assert head == REQUEST and (method, target, content_length) == (b"GET", b"/a", -1)
     # Every field, names lower-cased, as the general path's request head has them.
     assert fields == [(b"host", b"svc"), (b"connection", b"keep-alive"), (b"x-a", b"1")]
-    head, status, fields = hooks.responses[0]
-    assert head == RESPONSE[: RESPONSE.index(b"\r\n\r\n") + 4] and status == 200
+    head, status, fields, content_length = hooks.responses[0]
+    assert head == RESPONSE[: RESPONSE.index(b"\r\n\r\n") + 4] and (status, content_length) == (
+        200,
+        2,
+    )
     assert fields == [(b"content-length", b"2")]  # less hop-by-hop, as encode filters see it
     block = rig.block
     assert block[c.REQUESTS] == block[c.NATIVE_REQUESTS] == 2 and block[c.STATUS_BASE + 1] == 2
 
 
-def test_a_request_with_a_body_is_not_end_stream_and_its_body_follows_a_new_head(rig):
+def test_a_request_with_a_body_says_its_length_and_its_body_follows_a_new_head(rig):
     hooks = hooked(rig, Hooks(request_answer=b"POST /rewritten HTTP/1.1\r\nhost: svc\r\n\r\n"))
     rig.request(POST)
-    assert hooks.requests[0][4] is False
+    assert hooks.requests[0][4] == 5
     assert rig.app.recv(4096) == b"POST /rewritten HTTP/1.1\r\nhost: svc\r\n\r\nhello"
     assert rig.pair.request == POST  # what Python replays on a handover is what was read
     assert rig.block[c.UPSTREAM_TX] == len(b"POST /rewritten HTTP/1.1\r\nhost: svc\r\n\r\nhello")
@@ -181,6 +184,23 @@ def test_a_hook_that_fails_hands_the_message_over(rig, side, answer, monkeypatch
         assert rig.handovers == [(_express.RESPONSE_TAKEN, RESPONSE)]
     expected = RuntimeError if answer == "raise" else TypeError
     assert len(reported) == 1 and isinstance(reported[0].exc_value, expected)
+
+
+def test_a_hook_that_drops_the_hooks_mid_call_is_safe(rig):
+    """native_lane's release() clears the hooks; a hook may release the pair it is called by."""
+
+    def request(*args):
+        rig.pair.set_hooks(None, None, None)
+        return b"GET /other HTTP/1.1\r\nhost: svc\r\n\r\n"
+
+    rig.pair.set_hooks(request, None, None)
+    del request
+    rig.request(REQUEST)
+    assert rig.app.recv(4096) == b"GET /other HTTP/1.1\r\nhost: svc\r\n\r\n"
+    rig.respond(RESPONSE)
+    rig.request(REQUEST)  # no hooks any more: as read, less hop-by-hop
+    rig.app.recv(4096)
+    assert rig.handovers == []
 
 
 def test_a_done_hook_that_raises_is_reported_and_the_pair_carries_on(rig, monkeypatch):

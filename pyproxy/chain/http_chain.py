@@ -93,6 +93,11 @@ class ChainFactory:
         self.encodes = any(
             self.hooks[h] for h in ("encode_headers", "encode_data", "encode_trailers")
         )
+        # Only heads are filtered (no body or trailer hook): the chain the native pair can run
+        # for whole messages it carries (pyproxy/http/native_lane.py).
+        self.heads_only = not (
+            self.decodes_body or self.hooks["encode_data"] or self.hooks["encode_trailers"]
+        )
         # With one filter, the exchange's clock around the whole decode pass (set-up included)
         # is that filter's cost: the chain need not read the clock after its hook.
         self.single = len(classes) == 1
@@ -172,6 +177,11 @@ class HttpChain:
         if state is None:
             state = self.state = _ChainState()
         return state
+
+    def holds(self, direction: str) -> bool:
+        """A filter stopped this direction ("decode" or "encode") and has not resumed it."""
+        state = self.state
+        return state is not None and state.stopped[direction] is not None
 
     @property
     def held_body(self) -> dict[str, list[bytes]]:

@@ -559,7 +559,7 @@ class Http1Codec(ABC):
     def _send_request(self, ev: RequestHead) -> Buffer:
         if self.role != "client" or self._our is not IDLE:
             raise CodecUsageError("RequestHead needs role='client' in state IDLE")
-        facts = _facts_of(ev.headers)
+        facts = facts_of(ev.headers)
         self._method = ev.method
         self._upgrade = ev.method == b"CONNECT" or (facts.upgrade_field and facts.upgrade_token)
         if facts.close:
@@ -596,7 +596,7 @@ class Http1Codec(ABC):
                 return out
             # Upgrade declined: the bytes after the request are HTTP again.
             self._their = DONE
-        facts = _facts_of(ev.headers)
+        facts = facts_of(ev.headers)
         if facts.close:
             self._keep_alive = False
         peer_11 = self._peer_version == b"1.1"
@@ -680,7 +680,8 @@ class Http1Codec(ABC):
     def _encode_end(self, mode: int, trailers: Headers | None) -> Buffer: ...
 
 
-def _facts_of(headers: Headers) -> HeadFacts:
+def facts_of(headers: Headers) -> HeadFacts:
+    """The framing and persistence facts of a head about to be sent with these fields."""
     facts = HeadFacts()
     names = _FACT_NAMES
     for name, value in headers:

@@ -550,8 +550,7 @@ class FastHttp1Codec(Http1Codec):
         return wire
 
     def _encode_request(self, ev: RequestHead, mode: int) -> Buffer:
-        parts: list[Buffer] = [ev.method, b" ", ev.target, _REQUEST_LINE_TAIL]
-        return join_head(parts, ev.headers, None, None)
+        return request_head_bytes(ev)
 
     def _encode_response(self, ev: ResponseHead, mode: int, facts: HeadFacts | None) -> Buffer:
         line = status_line(ev.status, ev.reason)
@@ -585,6 +584,18 @@ class FastHttp1Codec(Http1Codec):
         if not trailers:
             return _LAST_CHUNK
         return join_head([_LAST_CHUNK_OPEN], trailers, None, None)
+
+
+def request_head_bytes(ev: RequestHead) -> bytes:
+    """A request head as this codec writes it (framing is read from its fields)."""
+    parts: list[Buffer] = [ev.method, b" ", ev.target, _REQUEST_LINE_TAIL]
+    return join_head(parts, ev.headers, None, None)
+
+
+def response_head_bytes(ev: ResponseHead) -> bytes:
+    """A response head as this codec writes it to a persistent HTTP/1.1 connection whose
+    framing its fields already say (Content-Length, or a status without content)."""
+    return join_head([status_line(ev.status, ev.reason)], ev.headers, None, None)
 
 
 def _without_wire(ev):

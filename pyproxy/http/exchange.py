@@ -253,11 +253,30 @@ class Exchange(RequestRecord):
             self.pending.clear()
         self.downstream.resume_request()
 
-    def adopt_sent(self, route, upstream, body, started_ns: int) -> None:
+    def adopt_chain(self, route, chain: HttpChain, passed: bool, reply: tuple | None) -> None:
+        """Carry on a request whose head the native lane ran through ``chain`` and did not send
+        (a filter held it or answered, or its new head needs this path): as ``start`` goes on
+        after ``start_chain`` returned ``passed``; ``reply``: the filter's local reply."""
+        self.route = route
+        self.chain = chain
+        chain.exchange = self
+        if reply is not None:
+            self.filter_local_reply(*reply)
+        elif passed:
+            self.headers_decoded()
+        else:
+            self.hold_if_chain_holds()
+
+    def adopt_sent(self, route, upstream, body, started_ns: int, chain: HttpChain | None) -> None:
         """Carry on a whole request the native lane read at ``started_ns`` and already sent on
-        ``upstream`` (an HTTP/1 connection): its response, timeout and accounts are ours now."""
+        ``upstream`` (an HTTP/1 connection), with its filters' ``chain`` if its route has one:
+        its response, timeout and accounts are ours now."""
         self.started_ns = started_ns
         self.route = route
+        if chain is not None:
+            self.chain = chain
+            chain.exchange = self
+            self.request = filtered_request(self.request, chain.maps["decode"])
         self.target, self.source = upstream.key, ""
         self.request_done = True
         self.forwards_unchanged = self._forwards_unchanged()
@@ -288,6 +307,11 @@ class Exchange(RequestRecord):
             self.timeout_restarts = True  # a response of no set length is a stream
         chain = self.chain
         if chain is not None and chain.factory.encodes and head.status != 101:
+            if "encode" in chain.maps:
+                # The native lane ran this head through the filters before handing it over.
+                if not (chain.replied or chain.holds("encode")):
+                    self.forward_response_head(False)
+                return
             headers = HeaderMap(strip_hop_by_hop(head.headers), {b":status": b"%d" % head.status})
             chain.encode_headers(headers, False)
         else:

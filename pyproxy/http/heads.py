@@ -10,7 +10,8 @@ from dataclasses import replace
 
 from pyproxy.chain.api import HeaderMap
 from pyproxy.codec.events import RequestHead, ResponseHead
-from pyproxy.codec.http1 import strip_hop_by_hop
+from pyproxy.codec.http1 import CodecUsageError, HeadFacts, facts_of, strip_hop_by_hop
+from pyproxy.codec.http1_fast import request_head_bytes, response_head_bytes
 from pyproxy.counters import STAGES
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
@@ -82,6 +83,49 @@ def downstream_head(
         head.http_version,
         content_length=head.content_length,
         wire=wire,
+    )
+
+
+# The native pair forwards a whole message's body as read, so it can carry a head its filters
+# changed only as bytes that frame that body the same way; anything else goes the general way.
+
+
+def paired_request_head(
+    method: bytes, target: bytes, content_length: int | None, headers: HeaderMap
+) -> bytes | None:
+    """The head the general path would send upstream for a request read whole (``method``,
+    ``target``, ``content_length``) whose filters left ``headers``; None when the pair cannot
+    carry it (the method or the body's framing changed, or the head cannot be sent)."""
+    read = RequestHead(method, target, [], content_length=content_length)
+    sent = upstream_head(filtered_request(read, headers), False)
+    if sent.method != method or not _frames(sent.headers, content_length):
+        return None
+    return request_head_bytes(sent)
+
+
+def paired_response_head(
+    status: int, reason: bytes, content_length: int | None, headers: HeaderMap
+) -> bytes | None:
+    """The head the general path would send downstream (to an HTTP/1.1 client, request not
+    HEAD) for a response read whole whose filters left ``headers``; None when the pair cannot
+    carry it (the status or the body's framing changed, or the connection would close)."""
+    read = ResponseHead(status, reason, [], content_length=content_length)
+    sent = downstream_head(read, b"GET", headers, None)
+    if sent.status != status or not _frames(sent.headers, content_length, persists=True):
+        return None
+    return response_head_bytes(sent)
+
+
+def _frames(headers, content_length: int | None, persists: bool = False) -> bool:
+    """Whether a head sent with these fields frames its body by ``content_length`` as read."""
+    try:
+        facts: HeadFacts = facts_of(headers)
+    except CodecUsageError:
+        return False  # the general path refuses to send it, and says so
+    return (
+        facts.content_length == content_length
+        and not (facts.chunked or facts.upgrade_field)
+        and not (persists and facts.close)
     )
 
 

@@ -1,15 +1,26 @@
 """The native lane: a downstream connection and its upstream, relaying in C.
 
 A request is either on the general path (exchange.py) or paired in C. When
-every origin-form request on a listener takes one filterless route to one
-endpoint (no route table, or a first route matching any host and path: each
-request on a connection goes where the last one went), a connection whose
+every origin-form request on a listener takes one route to one endpoint (no
+route table, or a first route matching any host and path: each request on a
+connection goes where the last one went) whose filters, if any, look at heads
+only (ChainFactory.heads_only), a connection whose
 exchange just ended cleanly, with nothing buffered either way, is paired with
 an idle upstream connection to that endpoint from the pool (the one just
 released, the warmest): the event loop's reader callbacks for both sockets
 become the C methods of an ``_express.Pair`` (native/express_lane.c), which
 forwards each whole plain request and response as bytes and keeps every
 account the general path keeps, in the same block slots.
+
+A route with filters keeps them: the pair calls back once per head. The
+request hook starts the request's HttpChain (the general path's own, with
+this lane standing in for the Exchange) and runs the request-header filters;
+the response hook runs the response-header ones; the done hook ends the chain
+as the exchange ends. A head the filters pass unchanged goes on as read, a
+changed one as the bytes the general path would write (heads.paired_*_head);
+a head a filter holds or answers, or whose new framing the pair cannot carry,
+is taken: an Exchange adopts the chain where it stands and carries the
+message on, so no filter runs twice and nothing is sent twice.
 
 The pair holds the upstream connection instead of the pool: with one endpoint
 and no routing that is the connection the pool would have handed out next.
@@ -32,6 +43,8 @@ import os
 from time import perf_counter_ns
 from typing import Any
 
+from pyproxy.chain.api import HeaderMap
+from pyproxy.chain.http_chain import ChainFactory, HttpChain
 from pyproxy.config import ListenerConfig
 from pyproxy.counters import (
     BUCKET_BOUNDS_NS,
@@ -53,6 +66,9 @@ from pyproxy.counters import (
 )
 from pyproxy.http.context import HttpContext
 from pyproxy.http.downstream_h1 import Http1Downstream
+from pyproxy.http.exchange import end_chain, start_chain
+from pyproxy.http.heads import paired_request_head, paired_response_head
+from pyproxy.http.request import authority_in
 from pyproxy.http.router import Route, Router
 from pyproxy.http.upstream_h1 import Http1Upstream
 from pyproxy.native import express_pair, http1_head_scanner
@@ -63,11 +79,12 @@ _express = express_pair()
 class NativeLanes:
     """Per listener context: whether connections may pair, and what every pair shares."""
 
-    __slots__ = ("ctx", "route", "slots", "timeout_ns")
+    __slots__ = ("ctx", "route", "chain", "slots", "timeout_ns")
 
-    def __init__(self, ctx: HttpContext, route: Route) -> None:
+    def __init__(self, ctx: HttpContext, route: Route, chain: ChainFactory | None) -> None:
         self.ctx = ctx
         self.route = route
+        self.chain = chain  # the route's filters (heads only), or None
         self.timeout_ns = int(route.timeout * 1e9)
         (down_read, down_write), (up_read, up_write) = ctx.downstream_stages, ctx.upstream_stages
         # In express_lane.c's `enum slot` order.
@@ -106,13 +123,15 @@ def native_lanes(ctx: HttpContext) -> NativeLanes | None:
         or not _pairable(ctx.listener)
         or ctx.access_log is not None
         or route is None
-        or ctx.chain_for(route) is not None
         or (route.cluster is not None and len(route.cluster.endpoints) != 1)
     ):
         return None
+    chain = ctx.chain_for(route)
+    if chain is not None and not chain.heads_only:
+        return None  # a filter of bodies or trailers: every request on the general path
     cluster = route.cluster if route.cluster is not None else ctx.router.default_cluster
     protocol = cluster.protocol if cluster is not None else ctx.settings.upstream_protocol
-    return NativeLanes(ctx, route) if protocol == "http1" else None
+    return NativeLanes(ctx, route, chain) if protocol == "http1" else None
 
 
 def _pairable(listener: ListenerConfig) -> bool:
@@ -139,16 +158,32 @@ def _only_route(router: Router) -> Route | None:
 
 
 class NativeLane:
-    """One downstream connection paired with its upstream connection (see the module doc)."""
+    """One downstream connection paired with its upstream connection (see the module doc).
 
-    __slots__ = ("lanes", "downstream", "upstream", "pair", "_watchdog")
+    With filters it is also, for the request in flight, what its chain calls the exchange:
+    ``ctx``, ``route``, ``downstream``, ``status`` and ``flag`` as filters read them, and the
+    chain's two calls back (a local reply is noted for the Exchange that will send it).
+    """
+
+    __slots__ = (
+        "lanes", "ctx", "route", "downstream", "upstream", "pair", "_watchdog",
+        "chain", "status", "flag", "passed", "reply",
+    )  # fmt: skip
 
     def __init__(
         self, lanes: NativeLanes, downstream: Http1Downstream, upstream: Http1Upstream
     ) -> None:
         ctx = lanes.ctx
         self.lanes = lanes
+        self.ctx, self.route = ctx, lanes.route
         self.downstream, self.upstream = downstream, upstream
+        self.chain: HttpChain | None = None  # the filters' pass over the request in flight
+        self.status = 0
+        self.flag = ""  # the pair ends no request with a response flag
+        # The filters' verdict on the head a hook handed over (None: the hook raised), and
+        # their local reply (send_local_reply's arguments) if they answered.
+        self.passed: bool | None = None
+        self.reply: tuple | None = None
         # Responses the pair carries whole are not the business of a later retry decision: a
         # request in flight at the handover counts as answered once Python reads a byte of it.
         upstream.answered = False
@@ -158,6 +193,10 @@ class NativeLane:
             down.fd, up.fd, ctx.block, lanes.slots, BUCKET_BOUNDS_NS, ctx.timed,
             limits.max_header_bytes, limits.max_header_count, self._handover,
         )  # fmt: skip
+        chain = lanes.chain
+        if chain is not None:
+            response_hook = self._response_hook if chain.hooks["encode_headers"] else None
+            self.pair.set_hooks(self._request_hook, response_hook, self._done_hook)
         down.lend(self.pair.downstream_readable)
         up.lend(self.pair.upstream_readable)
         downstream.lane = self
@@ -167,13 +206,15 @@ class NativeLane:
         """Take both sockets back; a request in flight goes on as an Exchange."""
         pair = self.pair
         pair.detach()
+        pair.set_hooks(None, None, None)  # the hooks hold this lane: no cycle left behind
         self._watchdog.cancel()
         ctx, downstream, upstream = self.lanes.ctx, self.downstream, self.upstream
         downstream.lane = None
         downstream.stream.take_back(pair.down_in, pair.down_out)
         upstream.stream.take_back(pair.up_in, pair.up_out)
         if pair.in_flight:
-            downstream.resume_sent(self.lanes.route, upstream, pair.request, pair.started_ns)
+            chain, self.chain = self.chain, None
+            downstream.resume_sent(self.route, upstream, pair.request, pair.started_ns, chain)
         elif keep_upstream:
             ctx.pool.keep(upstream)
         else:
@@ -208,6 +249,62 @@ class NativeLane:
         else:
             self.release(keep_upstream=False)  # idle past the pool's timeout: close it
 
+    # ---- the route's filters, called by the pair ---------------------------------------
+
+    def _request_hook(
+        self, head: bytes, method: bytes, target: bytes, fields: list, content_length: int
+    ) -> bytes | bool | None:
+        """Run the request-header filters: None (go on as read), the new head, or False (taken)."""
+        self.passed = None
+        self.reply = None
+        length = content_length if content_length >= 0 else None
+        chain_factory: Any = self.lanes.chain
+        passed = start_chain(
+            self, chain_factory, method, target, fields, authority_in(fields), not length
+        )
+        if passed:
+            headers = self.chain.maps["decode"]  # type: ignore[union-attr]
+            if not headers.changed:
+                return None
+            wire = paired_request_head(method, target, length, headers)
+            if wire is not None:
+                return wire
+        self.passed = passed
+        return False
+
+    def _response_hook(
+        self, head: bytes, status: int, fields: list, content_length: int
+    ) -> bytes | bool | None:
+        """Run the response-header filters: None (go on as read), the new head, or False (taken)."""
+        self.passed = None
+        self.status = status
+        headers = HeaderMap(fields, {b":status": b"%d" % status})
+        passed = self.chain.encode_headers(headers, False)  # type: ignore[union-attr]
+        if passed:
+            if not headers.changed:
+                return None
+            reason = head[13 : head.index(b"\r\n")]  # after "HTTP/1.1 200 "
+            length = content_length if content_length >= 0 else None
+            wire = paired_response_head(status, reason, length, headers)
+            if wire is not None:
+                return wire
+        self.passed = passed
+        return False
+
+    def _done_hook(self) -> None:
+        chain, self.chain = self.chain, None
+        if chain is not None:
+            end_chain(self.ctx, chain)
+
+    # What the chain calls on its exchange while the lane stands in for one:
+    def filter_local_reply(
+        self, status: int, body: bytes, headers: list, grpc_status, flag: str, details: str
+    ) -> None:
+        self.reply = (status, body, headers, grpc_status, flag, details)
+
+    def forward_response_head(self, end_stream: bool) -> None:
+        """The response filters passed the head: the response hook answers for it."""
+
     # ---- what the pair hands over -------------------------------------------------------
 
     def _handover(self, kind: int, payload: Any) -> None:
@@ -231,4 +328,30 @@ class NativeLane:
             upstream.stream.write(payload)
         elif kind == _express.RESPONSE_UNSENT:
             downstream.stream.write(payload)
+        elif kind == _express.REQUEST_TAKEN:
+            self._request_taken(payload)
+        elif kind == _express.RESPONSE_TAKEN:
+            self._response_taken(payload)
         # DOWN_READABLE, UP_IDLE_READABLE: nothing was read; the streams' own readers fire next.
+
+    def _request_taken(self, data: bytes) -> None:
+        chain, self.chain = self.chain, None
+        if chain is None or self.passed is None:
+            # The hook raised: its filters' pass is void, and the general path reads the
+            # request afresh (a filter that raised there raises again, as it would have).
+            if chain is not None:
+                end_chain(self.ctx, chain)
+            self.downstream.data_received(data)
+            return
+        self.downstream.take_request(data, self.route, chain, self.passed, self.reply)
+
+    def _response_taken(self, data: bytes) -> None:
+        # release() handed the request in flight, and its chain, to an Exchange.
+        exchange = self.downstream.exchange
+        if self.reply is not None and exchange is not None:
+            exchange.filter_local_reply(*self.reply)  # the upstream's answer is dropped
+            return
+        if self.passed is None and exchange is not None and exchange.chain is not None:
+            # The hook raised: the Exchange runs the response filters over the head afresh.
+            exchange.chain.maps.pop("encode", None)
+        self.upstream.data_received(data)

@@ -138,7 +138,11 @@ class RequestRecord:
 
 
 def authority_of(request: RequestHead) -> bytes:
-    for name, value in request.headers:
+    return authority_in(request.headers)
+
+
+def authority_in(headers) -> bytes:
+    for name, value in headers:
         if name == b"host" or name == b":authority":
             return value
     return b""
