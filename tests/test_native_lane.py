@@ -9,6 +9,7 @@ handovers lost nothing.
 
 from __future__ import annotations
 
+import subprocess
 import time
 
 from conftest import start_listener
@@ -132,3 +133,202 @@ def test_the_lane_is_a_config_switch(start_proxy, tmp_path):
         stats = proxy.wait_for(lambda s: s["requests"] == 5)
         assert (stats["express_requests"], stats["native_requests"]) == (express, native), stats
         client.close()
+
+
+# ---- routes with filters of heads only: the pair runs them (native_lane.py's hooks) -----------
+# Each script runs twice, paired (`express_lane: native`) and on the general path (`off`): the
+# client and the app must see the same bytes, and the listener the same counters.
+
+RATELIMIT = (
+    "      - name: rl\n        type: ratelimit\n"
+    "        config: {token_bucket: {max_tokens: 3, tokens_per_fill: 1, fill_interval: 60s}}\n"
+)
+
+
+def _lua(name: str, code: str) -> str:
+    lines = "".join(f"            {line}\n" for line in code.strip().splitlines())
+    return f"      - name: {name}\n        type: lua\n        config:\n          inline_code: |\n{lines}"
+
+
+def _both_lanes(start_proxy, tmp_path, filters: str, script, routes: str = ""):
+    """Run ``script(client)`` on one connection per lane; returns {lane: (replies, sent, stats)}."""
+    runs = {}
+    for lane in ("native", "off"):
+        upstream = RawUpstream()
+        path = tmp_path / lane
+        path.mkdir()
+        body = f"    http:\n      express_lane: {lane}\n{routes}    filters:\n{filters}"
+        proxy, port = start_listener(start_proxy, path, upstream.address, body)
+        client = Client(port)
+        replies = script(client)
+        count = len(replies)
+        stats = proxy.wait_for(lambda s: s["requests"] == count)  # noqa: B023 (used at once)
+        client.close()
+        runs[lane] = (replies, upstream.requests, stats)
+    native, general = runs["native"], runs["off"]
+    assert native[0] == general[0]  # what the client got
+    assert native[1] == general[1]  # what the app got
+    for key in ("requests", "responses", "flags", "filters"):
+        assert native[2][key] == general[2][key], key
+    assert native[2]["duration"]["count"] == general[2]["duration"]["count"]
+    assert general[2]["native_requests"] == 0
+    return runs
+
+
+def test_a_rate_limit_that_limits_answers_429_from_the_pair(start_proxy, tmp_path):
+    def script(client):
+        return [client.get(b"/r%d" % i) for i in range(6)]
+
+    runs = _both_lanes(start_proxy, tmp_path, RATELIMIT, script)
+    replies, sent, stats = runs["native"]
+    assert [head.split(b" ")[1] for head, _ in replies] == [b"200"] * 3 + [b"429"] * 3
+    assert all(b"x-ratelimited: true" in head.lower() for head, _ in replies[3:])
+    assert len(sent) == 3 and stats["flags"] == {"RL": 3}
+    assert stats["filters"]["rl"] == {"allowed": 3, "limited": 3}
+    # Two went through in C; each limited one is taken by the general path, which answers
+    # and pairs the connection again.
+    assert stats["native_requests"] == 2, stats
+    assert stats["stages"]["filter:rl"]["events"] == 6
+
+
+def test_lua_request_headers_added_and_removed_reach_the_app(start_proxy, tmp_path):
+    code = """
+function envoy_on_request(h)
+  h:headers():add('x-added', 'yes')
+  h:headers():remove('x-gone')
+end
+"""
+
+    def script(client):
+        replies = [client.get(b"/h%d" % i, b"X-Gone: 1\r\nX-Kept: 2\r\n") for i in range(4)]
+        client.send(
+            b"POST /echo HTTP/1.1\r\nHost: svc\r\nX-Gone: 1\r\nContent-Length: 5\r\n\r\nhello"
+        )
+        return replies + [client.response()]
+
+    replies, sent, stats = _both_lanes(start_proxy, tmp_path, _lua("edit", code), script)["native"]
+    assert replies[-1][1] == b"hello"
+    for request in sent:
+        lowered = request.lower()
+        assert b"x-added: yes\r\n" in lowered and b"x-gone" not in lowered
+    assert sent[-1].endswith(b"content-length: 5\r\nx-added: yes\r\n\r\nhello")
+    assert b"x-kept: 2" in sent[1].lower()
+    assert stats["native_requests"] == 4, stats  # all but the first, rewritten heads included
+
+
+def test_a_lua_response_header_reaches_curl_from_the_pair(start_proxy, tmp_path):
+    upstream = RawUpstream()
+    code = "function envoy_on_response(h)\n  h:headers():add('x-lua-response', 'stamped')\nend\n"
+    body = "    filters:\n" + _lua("stamp", code)
+    proxy, port = start_listener(start_proxy, tmp_path, upstream.address, body)
+    urls = [f"http://127.0.0.1:{port}/c{i}" for i in range(5)]
+    result = subprocess.run(
+        ["curl", "-sS", "--max-time", "10", "-D", "-", *urls], capture_output=True, timeout=15
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.lower()
+    assert out.count(b"x-lua-response: stamped") == 5 and out.count(b"http/1.1 200") == 5
+    for i in range(5):
+        assert b"ok:/c%d" % i in out
+    stats = proxy.wait_for(lambda s: s["requests"] == 5)
+    assert stats["native_requests"] == 4 and stats["connections_total"] == 1, stats
+
+
+def test_a_lua_respond_from_the_request_hook_is_sent_by_the_general_path(start_proxy, tmp_path):
+    code = """
+function envoy_on_request(h)
+  if h:headers():get('x-deny') then
+    h:respond({[':status'] = '403', ['x-why'] = 'denied'}, 'no\\n')
+  end
+end
+"""
+
+    def script(client):
+        replies = []
+        for path, extra in ((b"/warm", b""), (b"/d1", b"X-Deny: 1\r\n"), (b"/ok1", b""),
+                            (b"/d2", b"X-Deny: 1\r\n"), (b"/ok2", b"")):  # fmt: skip
+            replies.append(client.get(path, extra))
+        return replies
+
+    replies, sent, stats = _both_lanes(start_proxy, tmp_path, _lua("deny", code), script)["native"]
+    assert replies[1][0].startswith(b"HTTP/1.1 403") and b"x-why: denied" in replies[1][0].lower()
+    assert replies[1][1] == b"no\n" and replies[4][1] == b"ok:/ok2"
+    assert [r.split(b" ")[1] for r in sent] == [b"/warm", b"/ok1", b"/ok2"]
+    assert stats["responses"]["4xx"] == 2 and stats["flags"] == {"LR": 2}, stats
+    assert stats["native_requests"] == 2, stats  # the connection pairs again after each answer
+
+
+def test_response_heads_the_pair_cannot_frame_are_taken_with_their_filters_run_once(
+    start_proxy, tmp_path
+):
+    # Without Content-Length the general path sends chunked; a new status goes its way too.
+    code = """
+function envoy_on_response(h)
+  h:headers():add('x-seen', 'once')
+  if h:headers():get(':status') == '204' then
+    h:headers():replace(':status', '200')
+  elseif h:headers():get('content-length') == '6' then
+    h:headers():remove('content-length')
+  end
+end
+"""
+
+    def script(client):
+        return [client.get(p) for p in (b"/warm", b"/rm", b"/204", b"/plain")]
+
+    runs = _both_lanes(start_proxy, tmp_path, _lua("reframe", code), script)
+    replies, _, stats = runs["native"]
+    assert b"transfer-encoding: chunked" in replies[1][0].lower() and replies[1][1].startswith(
+        b"6\r\nok:/rm"
+    )
+    assert replies[2][0].startswith(b"HTTP/1.1 200")
+    assert all(head.lower().count(b"x-seen: once") == 1 for head, _ in replies)
+    assert stats["native_requests"] == 1, stats  # /plain; the other two were taken
+    assert stats["stages"]["filter:reframe"]["events"] == 4  # one response pass each
+
+
+def test_a_filter_that_reads_the_body_keeps_the_route_on_the_general_path(start_proxy, tmp_path):
+    code = """
+function envoy_on_request(h)
+  h:headers():add('x-length', tostring(h:body():length()))
+end
+"""
+
+    def script(client):
+        replies = []
+        for _ in range(3):
+            client.send(b"POST /echo HTTP/1.1\r\nHost: svc\r\nContent-Length: 3\r\n\r\nabc")
+            replies.append(client.response())
+        return replies
+
+    replies, sent, stats = _both_lanes(start_proxy, tmp_path, _lua("body", code), script)["native"]
+    assert all(body == b"abc" for _, body in replies)
+    assert all(b"x-length: 3" in request.lower() for request in sent)
+    assert stats["native_requests"] == 0 and stats["express_requests"] == 0, stats
+
+
+def test_handovers_in_flight_carry_the_chain_on(start_proxy, tmp_path):
+    code = """
+function envoy_on_request(h)
+  h:headers():add('x-request-pass', 'once')
+end
+function envoy_on_response(h)
+  h:headers():add('x-response-pass', 'once')
+end
+"""
+
+    def script(client):
+        return [client.get(p) for p in (b"/warm", b"/pieces", b"/chunked", b"/slow", b"/after")]
+
+    runs = _both_lanes(
+        start_proxy, tmp_path, _lua("both", code), script, routes=CATCH_ALL % "300ms"
+    )
+    replies, sent, stats = runs["native"]
+    assert replies[1][1] == b"pieces" and replies[2][1].startswith(b"3\r\nabc")
+    assert replies[3][0].startswith(b"HTTP/1.1 504") and replies[4][1] == b"ok:/after"
+    for head, _ in replies[:3] + replies[4:]:
+        assert head.lower().count(b"x-response-pass: once") == 1
+    assert all(request.lower().count(b"x-request-pass: once") == 1 for request in sent)
+    assert stats["flags"] == {"UT": 1}, stats
+    # /pieces, /chunked and /slow went upstream from C, then came back mid-flight.
+    assert stats["native_requests"] == 0 and stats["express_requests"] == 0, stats
