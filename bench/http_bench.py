@@ -228,10 +228,11 @@ NGINX_TEMP = (
 )
 
 
-def nginx_conf(workdir: Path, name: str, http_block: str) -> Path:
+def nginx_conf(workdir: Path, name: str, http_block: str, main: str = "") -> Path:
+    """``main``: lines for the main context first (``load_module`` directives)."""
     conf = workdir / f"{name}.conf"
     conf.write_text(
-        f"daemon off; master_process off; worker_processes 1; pid {workdir}/{name}.pid;\n"
+        main + f"daemon off; master_process off; worker_processes 1; pid {workdir}/{name}.pid;\n"
         f"error_log {workdir}/{name}.err warn;\n"
         "events { worker_connections 4096; }\n"
         "http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;\n"
@@ -294,7 +295,11 @@ def start_pyproxy(
     codec: str,
     clock: bool,
     lane: str = "native",
+    listener_extra: str = "",
+    python: str = sys.executable,
 ) -> Path_:
+    """``listener_extra``: YAML lines (indented 4) added to the listener, e.g. its filters;
+    ``python``: the interpreter, and so the checkout, that runs pyproxy."""
     port, admin = free_port(), free_port()
     conf = workdir / f"{name}.yaml"
     conf.write_text(
@@ -303,9 +308,10 @@ def start_pyproxy(
         "listeners:\n"
         f"  - name: main\n    mode: http\n    address: 127.0.0.1:{port}\n"
         f"    upstream: 127.0.0.1:{upstream}\n"
-        f"    http:\n      codec: {codec}\n      express_lane: {lane}\n"
+        f"    http:\n      codec: {codec}\n      express_lane: {lane}\n{listener_extra}"
     )
-    argv = [sys.executable, "-m", "pyproxy", "run", "-c", str(conf), "--log-level", "warning"]
+    # -P: the checkout is the interpreter's (its editable install), never the working directory's.
+    argv = [python, "-P", "-m", "pyproxy", "run", "-c", str(conf), "--log-level", "warning"]
     proc = procs.launch(name, pinned(SIDE_CPU, argv))
     wait_http(port)
     note = f"{codec} codec" + ("" if clock else ", stage clock off")

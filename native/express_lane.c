@@ -34,7 +34,8 @@
  *   A hook answers None (forward as read), bytes (forward these as the head instead,
  *     the body after them unchanged) or False (take it: REQUEST_TAKEN / RESPONSE_TAKEN,
  *     Python carries the message on). Anything else, or an exception (reported through
- *     sys.unraisablehook), takes the message too.
+ *     sys.unraisablehook), takes the message too. The request hook may also answer True:
+ *     forward as read, and this exchange needs no done_hook call (its filters are done).
  *   done_hook(), once the pair has accounted the exchange: its response is sent, or
  *     what the downstream did not take is about to be handed over.
  * A request taken is not counted here (Python counts it as it carries it on).
@@ -93,6 +94,7 @@ typedef struct {
     Py_ssize_t max_bytes, max_count;
     PyObject *on_handover;
     PyObject *request_hook, *response_hook, *done_hook; /* NULL: not set */
+    int done_wanted; /* call done_hook as the exchange in flight ends */
     char *composed; /* a rewritten head and its body, as they go on */
     Py_ssize_t composed_cap;
     int in_flight;
@@ -241,11 +243,13 @@ static const char *rewritten(Pair *p, PyObject *head, Py_ssize_t n, const head_t
 }
 
 /* A hook's answer: 1 forward (*head: NULL as read, else a new reference to the new head),
- * 0 take the message. An exception or an answer of another kind is reported, then taken. */
-static int verdict(PyObject *hook, PyObject *answer, PyObject **head)
+ * 2 forward as read with no done_hook call (True, from the request hook), 0 take the
+ * message. An exception or an answer of another kind is reported, then taken. */
+static int verdict(PyObject *hook, PyObject *answer, PyObject **head, int may_be_done)
 {
     *head = NULL;
     if (answer == Py_None) { Py_DECREF(answer); return 1; }
+    if (answer == Py_True && may_be_done) { Py_DECREF(answer); return 2; }
     if (answer != NULL && PyBytes_CheckExact(answer)) { *head = answer; return 1; }
     if (answer != NULL && answer != Py_False)
         PyErr_Format(PyExc_TypeError, "a pair hook answers None, bytes or False, not %.80s",
@@ -324,8 +328,9 @@ static PyObject *Pair_downstream_readable(Pair *p, PyObject *unused)
     PyObject *head = NULL;
     if (p->request_hook != NULL) {
         PyObject *hook = Py_NewRef(p->request_hook);
-        int forward = verdict(hook, call_request_hook(hook, &h), &head);
+        int forward = verdict(hook, call_request_hook(hook, &h), &head, 1);
         Py_DECREF(hook);
+        p->done_wanted = forward == 1;
         if (!forward)
             return hand_over_timed(p, REQUEST_TAKEN, PyBytes_FromStringAndSize(in_buf, n), t1, before);
         if (p->released) { Py_XDECREF(head); Py_RETURN_NONE; } /* the hook took the sockets back */
@@ -369,7 +374,7 @@ static PyObject *Pair_upstream_readable(Pair *p, PyObject *unused)
     PyObject *head = NULL;
     if (p->response_hook != NULL) {
         PyObject *hook = Py_NewRef(p->response_hook);
-        int forward = verdict(hook, call_response_hook(hook, &h), &head);
+        int forward = verdict(hook, call_response_hook(hook, &h), &head, 0);
         Py_DECREF(hook);
         if (!forward)
             return hand_over_timed(p, RESPONSE_TAKEN, PyBytes_FromStringAndSize(in_buf, n), t1, before);
@@ -389,7 +394,7 @@ static PyObject *Pair_upstream_readable(Pair *p, PyObject *unused)
     SLOT(p, S_NATIVE) += 1;
     p->block[p->slot[S_STATUS_BASE] + h.status / 100 - 1] += 1;
     observe_duration(p, done - p->started_ns);
-    if (p->done_hook != NULL) {
+    if (p->done_hook != NULL && (p->done_wanted || p->request_hook == NULL)) {
         PyObject *hook = Py_NewRef(p->done_hook);
         PyObject *result = PyObject_CallNoArgs(hook);
         if (result == NULL) PyErr_WriteUnraisable(hook); /* nothing left to hand over */

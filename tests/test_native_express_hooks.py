@@ -141,6 +141,31 @@ def test_a_response_taken_is_handed_over_byte_exact_in_flight_and_not_accounted(
     assert block[c.REQUESTS] == 1 and block[c.NATIVE_REQUESTS] == 0 and block[c.HIST_COUNT] == 0
 
 
+def test_a_request_hook_answering_true_forwards_and_skips_the_done_hook(rig):
+    hooks = hooked(rig, Hooks(request_answer=True))
+    rig.request(REQUEST)
+    assert rig.app.recv(4096) == b"GET /a HTTP/1.1\r\nHost: svc\r\nX-A: 1\r\n\r\n"
+    rig.respond(RESPONSE)
+    assert rig.client.recv(4096).endswith(b"ok") and len(hooks.responses) == 1
+    assert hooks.done == 0 and rig.handovers == []
+    hooks.request_answer = None  # the next exchange wants its done hook again
+    rig.request(REQUEST)
+    rig.app.recv(4096)
+    rig.respond(RESPONSE)
+    assert hooks.done == 1
+
+
+def test_a_response_hook_answering_true_hands_over(rig, monkeypatch):
+    reported: list = []
+    monkeypatch.setattr(sys, "unraisablehook", reported.append)
+    hooked(rig, Hooks(response_answer=True))
+    rig.request(REQUEST)
+    rig.app.recv(4096)
+    rig.respond(RESPONSE)
+    assert rig.handovers == [(_express.RESPONSE_TAKEN, RESPONSE)]
+    assert isinstance(reported[0].exc_value, TypeError)
+
+
 def test_only_the_hooks_set_are_called(rig):
     hooks = hooked(rig, Hooks(), request=False, done=False)
     rig.request(REQUEST)

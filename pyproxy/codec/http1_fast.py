@@ -550,7 +550,7 @@ class FastHttp1Codec(Http1Codec):
         return wire
 
     def _encode_request(self, ev: RequestHead, mode: int) -> Buffer:
-        return request_head_bytes(ev)
+        return request_head_bytes(ev.method, ev.target, ev.headers)
 
     def _encode_response(self, ev: ResponseHead, mode: int, facts: HeadFacts | None) -> Buffer:
         line = status_line(ev.status, ev.reason)
@@ -586,16 +586,15 @@ class FastHttp1Codec(Http1Codec):
         return join_head([_LAST_CHUNK_OPEN], trailers, None, None)
 
 
-def request_head_bytes(ev: RequestHead) -> bytes:
+def request_head_bytes(method: bytes, target: bytes, headers: Headers) -> bytes:
     """A request head as this codec writes it (framing is read from its fields)."""
-    parts: list[Buffer] = [ev.method, b" ", ev.target, _REQUEST_LINE_TAIL]
-    return join_head(parts, ev.headers, None, None)
+    return join_head([method, b" ", target, _REQUEST_LINE_TAIL], headers, None, None)
 
 
-def response_head_bytes(ev: ResponseHead) -> bytes:
+def response_head_bytes(status: int, reason: bytes, headers: Headers) -> bytes:
     """A response head as this codec writes it to a persistent HTTP/1.1 connection whose
     framing its fields already say (Content-Length, or a status without content)."""
-    return join_head([status_line(ev.status, ev.reason)], ev.headers, None, None)
+    return join_head([status_line(status, reason)], headers, None, None)
 
 
 def _without_wire(ev):

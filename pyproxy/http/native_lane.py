@@ -79,12 +79,17 @@ _express = express_pair()
 class NativeLanes:
     """Per listener context: whether connections may pair, and what every pair shares."""
 
-    __slots__ = ("ctx", "route", "chain", "slots", "timeout_ns")
+    __slots__ = ("ctx", "route", "chain", "ends_with_request", "slots", "timeout_ns")
 
     def __init__(self, ctx: HttpContext, route: Route, chain: ChainFactory | None) -> None:
         self.ctx = ctx
         self.route = route
         self.chain = chain  # the route's filters (heads only), or None
+        # No response filter and no end-of-request hook: a request head they pass unchanged
+        # ends its chain at once, and the pair need not call back at the exchange's end.
+        self.ends_with_request = chain is not None and not (
+            chain.finishers or chain.hooks["encode_headers"]
+        )
         self.timeout_ns = int(route.timeout * 1e9)
         (down_read, down_write), (up_read, up_write) = ctx.downstream_stages, ctx.upstream_stages
         # In express_lane.c's `enum slot` order.
@@ -254,7 +259,8 @@ class NativeLane:
     def _request_hook(
         self, head: bytes, method: bytes, target: bytes, fields: list, content_length: int
     ) -> bytes | bool | None:
-        """Run the request-header filters: None (go on as read), the new head, or False (taken)."""
+        """Run the request-header filters: None or True (go on as read; True: the chain is
+        over already), the new head, or False (taken)."""
         self.passed = None
         self.reply = None
         length = content_length if content_length >= 0 else None
@@ -263,8 +269,13 @@ class NativeLane:
             self, chain_factory, method, target, fields, authority_in(fields), not length
         )
         if passed:
-            headers = self.chain.maps["decode"]  # type: ignore[union-attr]
+            chain: Any = self.chain
+            headers = chain.maps["decode"]
             if not headers.changed:
+                if chain.state is None and self.lanes.ends_with_request:
+                    self.chain = None
+                    chain.destroy()
+                    return True  # forward as read, no done hook
                 return None
             wire = paired_request_head(method, target, length, headers)
             if wire is not None:
