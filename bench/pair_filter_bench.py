@@ -134,6 +134,10 @@ def load(paths: list[Path_], workdir: Path, rounds: int, seconds: int) -> dict:
             "rps": max(v["rps"] for v in values),
             "errors": sum(v["non_2xx"] + v["socket_errors"] for v in values),
         }
+    for p in paths:
+        if p.admin is not None:  # how much of it the C pair carried (filters included)
+            stats = p.stats()["listeners"]["main"]
+            out[p.name]["native_share"] = round(stats["native_requests"] / stats["requests"], 3)
     return out
 
 
@@ -156,10 +160,16 @@ def targets(cpu: dict, checkout: str) -> dict:
 
 def report(result: dict) -> str:
     cpu = result["cpu"]
-    lines = ["| path | CPU µs/request | rounds | req/s (best) |", "| --- | ---: | --- | ---: |"]
+    lines = [
+        "| path | CPU µs/request | rounds | req/s (best) | share carried by the C pair |",
+        "| --- | ---: | --- | ---: | ---: |",
+    ]
     for name, row in cpu.items():
         rounds = ", ".join(f"{v:.1f}" for v in row["rounds_us"])
-        lines.append(f"| {name} | {row['cpu_us_per_req']:.2f} | {rounds} | {row['rps']:.0f} |")
+        share = row.get("native_share", "")
+        lines.append(
+            f"| {name} | {row['cpu_us_per_req']:.2f} | {rounds} | {row['rps']:.0f} | {share} |"
+        )
     for checkout, met in result["targets"].items():
         lines.append(f"\n{checkout}: {json.dumps(met)}")
     return "\n".join(lines)
