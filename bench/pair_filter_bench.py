@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import shutil
 import signal
 import sys
@@ -40,10 +39,9 @@ from pyproxy.bench.http_bench import (
     git_state,
     log,
     nginx_conf,
-    run_wrk,
     start_pyproxy,
     start_upstream,
-    under_load,
+    throughput_phase,
     wait_http,
 )
 from pyproxy.bench.procs import free_port, pinned
@@ -114,26 +112,7 @@ def start_paths(procs: Processes, workdir: Path, upstream: int, pythons: dict) -
 
 
 def load(paths: list[Path_], workdir: Path, rounds: int, seconds: int) -> dict:
-    runs: dict[str, list[dict]] = {p.name: [] for p in paths}
-    order = list(paths)
-    rng = random.Random(19)
-    for r in range(rounds):
-        rng.shuffle(order)
-        for p in order:
-            runs[p.name].append(under_load(p, lambda p=p: run_wrk(p, workdir, seconds, 32)))
-        log(f"  round {r + 1}/{rounds} done")
-    out = {}
-    for name, values in runs.items():
-        cpu = sum(v["proxy_cpu_s"] for v in values)
-        requests = sum(v["requests"] for v in values)
-        out[name] = {
-            "cpu_us_per_req": cpu / requests * 1e6 if requests else None,
-            "rounds_us": [
-                round(v["proxy_cpu_us_per_req"], 2) for v in values if v["proxy_cpu_us_per_req"]
-            ],
-            "rps": max(v["rps"] for v in values),
-            "errors": sum(v["non_2xx"] + v["socket_errors"] for v in values),
-        }
+    out = throughput_phase(paths, workdir, rounds, seconds)  # wrk -t1 -c32, shuffled rounds
     for p in paths:
         if p.admin is not None:  # how much of it the C pair carried (filters included)
             stats = p.stats()["listeners"]["main"]
@@ -143,7 +122,7 @@ def load(paths: list[Path_], workdir: Path, rounds: int, seconds: int) -> dict:
 
 def targets(cpu: dict, checkout: str) -> dict:
     def us(name: str) -> float:
-        return cpu[name]["cpu_us_per_req"]
+        return cpu[name]["proxy_cpu_us_per_req"]
 
     base = us(f"{checkout}:none")
     return {
@@ -161,15 +140,12 @@ def targets(cpu: dict, checkout: str) -> dict:
 def report(result: dict) -> str:
     cpu = result["cpu"]
     lines = [
-        "| path | CPU µs/request | rounds | req/s (best) | share carried by the C pair |",
-        "| --- | ---: | --- | ---: | ---: |",
+        "| path | CPU µs/request | req/s (best) | errors | share carried by the C pair |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
     for name, row in cpu.items():
-        rounds = ", ".join(f"{v:.1f}" for v in row["rounds_us"])
-        share = row.get("native_share", "")
-        lines.append(
-            f"| {name} | {row['cpu_us_per_req']:.2f} | {rounds} | {row['rps']:.0f} | {share} |"
-        )
+        us, share = row["proxy_cpu_us_per_req"], row.get("native_share", "")
+        lines.append(f"| {name} | {us:.2f} | {row['rps']:.0f} | {row['errors']} | {share} |")
     for checkout, met in result["targets"].items():
         lines.append(f"\n{checkout}: {json.dumps(met)}")
     return "\n".join(lines)
