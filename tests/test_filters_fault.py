@@ -180,3 +180,21 @@ def test_tcp_abort_resets(start_proxy, tmp_path, echo_server):
     assert snap["filters"]["fault"]["aborts_injected"] == 3
     assert snap["flags"]["FI"] == 3
     assert echo_server.connections == 0
+
+
+def test_request_pipelined_behind_a_local_reply_is_answered(start_proxy, tmp_path, upstream):
+    """Regression: the fault filter answered the first of two pipelined requests before the codec
+    had reported the second as held, so the second was held forever and never answered."""
+    _, port = _proxy(
+        start_proxy, tmp_path, upstream.address, "{abort: {http_status: 503, percentage: 100}}"
+    )
+    request = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request * 3)
+        received = b""
+        while received.count(b"HTTP/1.1 503") < 3:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    assert received.count(b"HTTP/1.1 503") == 3, received

@@ -102,8 +102,13 @@ class Http1Downstream(Http1Side):
                 if self.exchange is not None:
                     self.exchange.request_end()
             elif event is PAUSED:
-                self._held = True
                 self.stream.pause_reading()
+                if self.exchange is None and not self._closed:
+                    # The exchange already ended inside this batch (a local reply) and started
+                    # the next cycle: nothing will end it again, so release the held request now.
+                    self.ctx.loop.call_soon(self._release_held)
+                else:
+                    self._held = True
             elif kind is Trailers:
                 if self.exchange is not None:
                     self.exchange.request_trailers(event.headers)
