@@ -53,7 +53,7 @@ from pyproxy.counters import (
 )
 from pyproxy.http.context import HttpContext
 from pyproxy.http.downstream_h1 import Http1Downstream
-from pyproxy.http.router import Route, Router
+from pyproxy.http.router import Route
 from pyproxy.http.upstream_h1 import Http1Upstream
 from pyproxy.native import express_pair, http1_head_scanner
 
@@ -99,7 +99,7 @@ class NativeLanes:
 
 def native_lanes(ctx: HttpContext) -> NativeLanes | None:
     """The listener's NativeLanes, or None when its connections cannot pair."""
-    route = _only_route(ctx.router)
+    route = ctx.router.sole_route
     if (
         _express is None
         or http1_head_scanner() is None
@@ -125,17 +125,6 @@ def _pairable(listener: ListenerConfig) -> bool:
         and http.codec == "fast"
         and not http.server_timing
     )
-
-
-def _only_route(router: Router) -> Route | None:
-    """The route every origin-form request takes, if there is one: the default route, or a
-    first route matching any authority and path (later routes are unreachable)."""
-    if router.default_route is not None:
-        return router.default_route
-    first = router.routes[0] if router.routes else None
-    if first is not None and first.authority == "*" and first.prefix in (b"", b"/"):
-        return first
-    return None
 
 
 class NativeLane:
