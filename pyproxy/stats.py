@@ -6,6 +6,7 @@ from pyproxy import counters as c
 from pyproxy.config import ProxyConfig
 from pyproxy.counters import CounterStore
 from pyproxy.grpc_metrics import grpc_snapshot
+from pyproxy.protocol import STATUS_CLASSES
 
 
 def snapshot(store: CounterStore, config: ProxyConfig) -> dict:
@@ -56,7 +57,7 @@ def snapshot(store: CounterStore, config: ProxyConfig) -> dict:
             },
             "stages": stages,
             "filters": filter_counters,
-            "responses": {f"{k + 1}xx": block[c.STATUS_BASE + k] for k in range(5)},
+            "responses": {f"{k + 1}xx": block[c.STATUS_BASE + k] for k in range(STATUS_CLASSES)},
             "flags": {
                 flag: block[c.FLAG_BASE + i]
                 for i, flag in enumerate(c.FLAGS)

@@ -29,6 +29,7 @@ from pyproxy.http.heads import downstream_head, filtered_request, retryable, ups
 from pyproxy.http.local_reply import local_reply_head
 from pyproxy.http.request import RequestRecord, authority_of
 from pyproxy.http.seams import Attach, Downstream, Upstream
+from pyproxy.protocol import has_body
 
 OVERLOADED = b"overloaded: too many requests in progress\n"
 
@@ -486,7 +487,7 @@ class Exchange(RequestRecord):
                 head.headers[:] = [h for h in head.headers if h[0] != b"content-type"]
             head.headers.extend(extra_headers)
         self.downstream.send_head(head)
-        if body and self.request.method != b"HEAD":
+        if body and has_body(status, self.request.method):
             self.bytes_out += len(body)
             self.downstream.send_body(body)
         self.response_done = True

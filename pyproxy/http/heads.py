@@ -12,6 +12,7 @@ from pyproxy.chain.api import HeaderMap
 from pyproxy.codec.events import RequestHead, ResponseHead
 from pyproxy.codec.http1 import strip_hop_by_hop
 from pyproxy.counters import STAGES
+from pyproxy.protocol import has_body
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 CHUNKED = (b"transfer-encoding", b"chunked")
@@ -69,7 +70,7 @@ def downstream_head(
     elif (
         not _has_length(headers)
         and (head.chunked or head.content_length is None)
-        and has_body(method, status)
+        and has_body(status, method)
     ):
         headers.append(CHUNKED)
     if trace is not None:
@@ -93,11 +94,6 @@ def retryable(request: RequestHead) -> bool:
         and not request.content_length
         and not request.upgrade
     )
-
-
-def has_body(method: bytes, status: int) -> bool:
-    # RFC 9110 §6.4.1: HEAD responses, 1xx, 204 and 304 never carry content.
-    return method != b"HEAD" and status not in (204, 304) and status >= 200
 
 
 def _has_length(headers) -> bool:

@@ -34,20 +34,15 @@ from typing import Any
 
 from pyproxy.config import ListenerConfig
 from pyproxy.counters import (
-    BUCKET_BOUNDS_NS,
     DOWNSTREAM_RX,
     DOWNSTREAM_TX,
     EXPRESS_REQUESTS,
-    HIST_BASE,
-    HIST_COUNT,
-    HIST_SUM_NS,
     NATIVE_REQUESTS,
     NOTIFY,
     OTHER,
     REQUESTS,
     STAGE_EVENTS,
     STAGE_NS,
-    STATUS_BASE,
     UPSTREAM_RX,
     UPSTREAM_TX,
 )
@@ -76,7 +71,7 @@ class NativeLanes:
             STAGE_NS + up_read, STAGE_EVENTS + up_read, STAGE_NS + up_write, STAGE_EVENTS + up_write,
             ctx.parse_ns, ctx.parse_events, STAGE_EVENTS + NOTIFY, STAGE_NS + OTHER,
             DOWNSTREAM_RX, DOWNSTREAM_TX, UPSTREAM_RX, UPSTREAM_TX,
-            REQUESTS, EXPRESS_REQUESTS, NATIVE_REQUESTS, STATUS_BASE, HIST_BASE, HIST_SUM_NS, HIST_COUNT,
+            REQUESTS, EXPRESS_REQUESTS, NATIVE_REQUESTS,
             STAGE_NS, ctx.claim_end,
         )  # fmt: skip
 
@@ -144,7 +139,7 @@ class NativeLane:
         down, up = downstream.stream, upstream.stream
         limits = ctx.limits
         self.pair: Any = _express.Pair(
-            down.fd, up.fd, ctx.block, lanes.slots, BUCKET_BOUNDS_NS, ctx.timed,
+            down.fd, up.fd, ctx.block, lanes.slots, ctx.timed,
             limits.max_header_bytes, limits.max_header_count, self._handover,
         )  # fmt: skip
         down.lend(self.pair.downstream_readable)
