@@ -46,6 +46,10 @@ H2_TE_ALLOWED: Final = b"trailers"
 FIRST_FINAL_STATUS: Final = 200
 NO_BODY_STATUSES: Final = frozenset({204, 304})
 NO_BODY_METHOD: Final = b"HEAD"
+# RFC 9110 §8.6, RFC 9112 §6.1: nor may these (or a 1xx) carry Content-Length or
+# Transfer-Encoding; a 304's Content-Length may still describe what a GET would get.
+NO_FRAMING_STATUSES: Final = frozenset({204})
+FRAMING_FIELDS: Final = frozenset({b"content-length", b"transfer-encoding"})
 
 # Responses are counted by class, 1xx to 5xx; a status beyond 5xx (RFC 9110 §15 leaves
 # 6xx-9xx unassigned, a peer may still send one) counts as 5xx: an unknown class is a server's.
@@ -55,6 +59,11 @@ STATUS_CLASSES: Final = 5
 def status_has_body(status: int) -> bool:
     """Whether a response with ``status`` carries content (to any request but HEAD)."""
     return status >= FIRST_FINAL_STATUS and status not in NO_BODY_STATUSES
+
+
+def framing_allowed(status: int) -> bool:
+    """Whether a response with ``status`` may carry Content-Length or Transfer-Encoding."""
+    return status >= FIRST_FINAL_STATUS and status not in NO_FRAMING_STATUSES
 
 
 def has_body(status: int, method: bytes) -> bool:

@@ -71,6 +71,8 @@ def test_the_rules_say_what_rfc_9110_says():
     for status in (100, 101, 199, 204, 304):
         assert not protocol.has_body(status, b"GET"), status
     assert not protocol.has_body(200, b"HEAD")
+    assert protocol.framing_allowed(200) and protocol.framing_allowed(304)
+    assert not protocol.framing_allowed(204) and not protocol.framing_allowed(101)
     assert [protocol.status_class(s) for s in (100, 204, 304, 404, 599, 600, 999)] == [
         1, 2, 3, 4, 5, 5, 5,
     ]  # fmt: skip

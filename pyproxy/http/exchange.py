@@ -354,7 +354,8 @@ class Exchange(RequestRecord):
             self.forward_response_body(b"", True)
 
     def forward_response_body(self, data, end_stream: bool) -> None:
-        if data:
+        # A filter may have made the response one that carries no body (a 204, say): drop it.
+        if data and has_body(self.status, self.request.method):
             self.bytes_out += len(data)
             self.downstream.send_body(data)
         if end_stream:

@@ -12,7 +12,7 @@ from pyproxy.chain.api import HeaderMap
 from pyproxy.codec.events import RequestHead, ResponseHead
 from pyproxy.codec.http1 import strip_hop_by_hop
 from pyproxy.counters import STAGES
-from pyproxy.protocol import has_body
+from pyproxy.protocol import FRAMING_FIELDS, framing_allowed, has_body
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 CHUNKED = (b"transfer-encoding", b"chunked")
@@ -57,9 +57,13 @@ def downstream_head(
     """The response head as it goes downstream: the filters' version of it if they had one,
     hop-by-hop fields off, framing for the hop, Server-Timing when ``trace`` is given."""
     wire = None
+    content_length = head.content_length
     if filtered is not None:
         status = int(filtered.pseudo.get(b":status", b"%d" % head.status))
         headers = filtered.headers
+        if not framing_allowed(status):  # a filter made it a 204: the body's framing goes
+            headers = [field for field in headers if field[0] not in FRAMING_FIELDS]
+            content_length = None
     else:
         status = head.status
         headers = strip_hop_by_hop(head.headers)
@@ -81,7 +85,7 @@ def downstream_head(
         head.reason,
         headers,
         head.http_version,
-        content_length=head.content_length,
+        content_length=content_length,
         wire=wire,
     )
 
