@@ -16,9 +16,9 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ThreadedServer, start_listener
+from conftest import start_listener
 from pyproxy.native import express_pair, facts_header, http1_head_scanner
-from test_express import Client
+from test_express import Client, RawUpstream
 from test_native_pair import Rig
 
 from pyproxy import counters as c
@@ -157,22 +157,31 @@ CARRIED = (
 )
 
 
-@needs_native
-@pytest.mark.parametrize("response", CARRIED, ids=lambda r: r[9:12].decode())
-def test_an_exchange_the_pair_carries_counts_as_the_general_path_counts_it(response):
+def _through_the_pair(response: bytes) -> tuple[list[int], memoryview, bytes]:
+    """One GET and ``response`` through a fresh pair: (handover kinds, its block, what the
+    client got)."""
     rig = Rig()
     try:
         rig.request(b"GET /a HTTP/1.1\r\nHost: svc\r\n\r\n")
         rig.app.recv(4096)
         rig.respond(response)
-        assert rig.handovers == [] and rig.client.recv(4096) == response
-        elapsed = rig.block[c.HIST_SUM_NS]  # the pair's own measure of this exchange
-        assert elapsed > 0
-        python = _block()
-        c.account_response(python, int(response[9:12]), elapsed)
-        assert rig.block[ACCOUNTED].tolist() == python[ACCOUNTED].tolist()
+        kinds = [kind for kind, _ in rig.handovers]
+        got = rig.client.recv(4096) if not kinds else b""
+        return kinds, rig.block, got
     finally:
         rig.close()
+
+
+@needs_native
+@pytest.mark.parametrize("response", CARRIED, ids=lambda r: r[9:12].decode())
+def test_an_exchange_the_pair_carries_counts_as_the_general_path_counts_it(response):
+    kinds, block, got = _through_the_pair(response)
+    assert kinds == [] and got == response
+    elapsed = block[c.HIST_SUM_NS]  # the pair's own measure of this exchange
+    assert elapsed > 0
+    python = _block()
+    c.account_response(python, int(response[9:12]), elapsed)
+    assert block[ACCOUNTED].tolist() == python[ACCOUNTED].tolist()
 
 
 @needs_native
@@ -186,15 +195,9 @@ def test_an_exchange_the_pair_carries_counts_as_the_general_path_counts_it(respo
     ids=("until-close", "1xx", "6xx"),
 )
 def test_what_the_pair_does_not_carry_it_hands_to_the_general_path_uncounted(response):
-    rig = Rig()
-    try:
-        rig.request(b"GET /a HTTP/1.1\r\nHost: svc\r\n\r\n")
-        rig.app.recv(4096)
-        rig.respond(response)
-        assert [kind for kind, _ in rig.handovers] == [_express.UP_DATA]
-        assert rig.block[ACCOUNTED].tolist() == _block()[ACCOUNTED].tolist()
-    finally:
-        rig.close()
+    kinds, block, _ = _through_the_pair(response)
+    assert kinds == [_express.UP_DATA]
+    assert block[ACCOUNTED].tolist() == _block()[ACCOUNTED].tolist()
 
 
 @needs_native
@@ -226,21 +229,16 @@ def test_the_c_scan_drops_the_hop_by_hop_lines_python_drops(name):
 # ---- through a proxy: the pair and the general path ---------------------------------------
 
 
-def _status_app(conn: socket.socket) -> None:
+class StatusUpstream(RawUpstream):
     """GET /NNN answers status NNN, bodiless when protocol.status_has_body says so."""
-    buf = b""
-    while True:
-        while b"\r\n\r\n" not in buf:
-            chunk = conn.recv(65536)
-            if not chunk:
-                return
-            buf += chunk
-        head, _, buf = buf.partition(b"\r\n\r\n")
-        status = int(head.split(b" ")[1][1:])
+
+    def _answer(self, conn: socket.socket, path: bytes, body: bytes) -> bool:
+        status = int(path[1:])
         if protocol.status_has_body(status):
             conn.sendall(b"HTTP/1.1 %d X\r\nContent-Length: 2\r\n\r\nok" % status)
         else:
             conn.sendall(b"HTTP/1.1 %d X\r\n\r\n" % status)
+        return True
 
 
 EXCHANGES = (200, 204, 304, 404, 500, 200, 503, 204, 200, 600, 200, 304)
@@ -248,7 +246,7 @@ EXCHANGES = (200, 204, 304, 404, 500, 200, 503, 204, 200, 600, 200, 304)
 
 @needs_native
 def test_the_pair_and_the_general_path_give_the_same_counters(start_proxy, tmp_path):
-    app = ThreadedServer(_status_app, nodelay=True)
+    app = StatusUpstream()
     seen = {}
     try:
         for lane in ("native", "off"):
@@ -264,7 +262,7 @@ def test_the_pair_and_the_general_path_give_the_same_counters(start_proxy, tmp_p
             proxy.proc.wait()
             seen[lane] = stats
     finally:
-        app.close()
+        app.server.close()
     native, general = seen["native"], seen["off"]
     assert native["native_requests"] > 0 and general["native_requests"] == 0
     for key in ("requests", "responses", "flags"):
