@@ -56,7 +56,7 @@ from pyproxy.codec.http1 import (
     strip_hop_by_hop_lines,
 )
 from pyproxy.native import http1_head_scanner
-from pyproxy.protocol import HOP_BY_HOP, NO_BODY_STATUSES
+from pyproxy.protocol import HOP_BY_HOP, NO_BODY_METHOD, NO_BODY_STATUSES
 
 # The native head scanner (pyproxy.native._http1head) when built and not disabled.
 _scan_head = http1_head_scanner()
@@ -369,7 +369,7 @@ class FastHttp1Codec(Http1Codec):
         elif (
             self.role == "client"
             and not self._final_seen
-            and (self._method == b"HEAD" or self._method == b"CONNECT")
+            and (self._method == NO_BODY_METHOD or self._method == b"CONNECT")
         ):
             self._feed_head_only(data)
         else:
@@ -379,7 +379,7 @@ class FastHttp1Codec(Http1Codec):
         # Responses to HEAD and CONNECT are delimited by _feed_head_only; after a complete
         # response, llhttp's on_message_begin refuses another one.
         return self.role == "server" or (
-            not self._message_done and self._method != b"HEAD" and self._method != b"CONNECT"
+            not self._message_done and self._method != NO_BODY_METHOD and self._method != b"CONNECT"
         )
 
     def _scan(self, data: Buffer) -> Buffer:
@@ -453,7 +453,7 @@ class FastHttp1Codec(Http1Codec):
                 return
         rest = bytes(buf)
         buf.clear()
-        if self._method == b"HEAD":
+        if self._method == NO_BODY_METHOD:
             if not self._message_done:
                 self._in_message = False
                 self._pending.append(END)
@@ -536,7 +536,7 @@ class FastHttp1Codec(Http1Codec):
             or (their is not SEND_BODY and their is not DONE)
             or not self._keep_alive
             or self._peer_version != b"1.1"
-            or self._method == b"HEAD"
+            or self._method == NO_BODY_METHOD
         ):
             return super()._send_response(ev if wire is None else _without_wire(ev))
         if ev.status in NO_BODY_STATUSES:  # a HEAD request took the general way above
