@@ -28,7 +28,7 @@ class OptionalBuildExt(build_ext):
 
     @staticmethod
     def _write_protocol_facts() -> None:
-        """native/protocol_facts.h, which every C source includes, from pyproxy/protocol.py and
+        """native/protocol_facts.h, which the HTTP C sources include, from pyproxy/protocol.py and
         pyproxy/counters.py: run from the source tree (the package is not installed yet)."""
         root = os.path.dirname(os.path.abspath(__file__))
         env = dict(
