@@ -368,7 +368,7 @@ def _app_socket(value: Any) -> Address:
 
 def _native_reason() -> str | None:
     """None when the native module loaded, else why not (imported only for native choices)."""
-    from pyproxy import native  # type: ignore[attr-defined]  # mapped from native/ by pyproject
+    from pyproxy import native  # type: ignore[attr-defined]  # lazy: only for native choices
 
     return None if native.AVAILABLE else str(native.UNAVAILABLE_REASON)
 
@@ -582,7 +582,8 @@ def _filters(fields: _Fields, mode: str) -> tuple[FilterSpec, ...] | None:
     items = fields.data.pop("filters", None)
     if items is None:
         return None
-    from pyproxy.chain.api import FilterConfigError  # loaded only for a config that has filters
+    # lazy: the filter machinery loads only for a config that has filters
+    from pyproxy.chain.api import FilterConfigError
     from pyproxy.chain.registry import validate
 
     path = fields._join("filters")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pyproxy import counters as c
+from pyproxy.chain.registry import factory_class
 from pyproxy.config import ProxyConfig
 from pyproxy.counters import CounterStore
 from pyproxy.grpc_metrics import grpc_snapshot
@@ -85,8 +86,6 @@ def snapshot(store: CounterStore, config: ProxyConfig) -> dict:
 
 
 def _counter_names(lconf, filter_name: str) -> tuple[str, ...]:
-    from pyproxy.chain.registry import factory_class
-
     specs = list(lconf.filters) + [s for r in lconf.routes for s in (r.filters or ())]
     for spec in specs:
         if spec.name == filter_name:

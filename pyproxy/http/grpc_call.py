@@ -48,6 +48,7 @@ class Exchange(Protocol):
 
     def fail_call(self, grpc_status: int, message: str, flag: str) -> None: ...
 
+
 # How a call that ended without a grpc-status of its own is counted (and answered, for local replies).
 _FLAG_STATUS = {
     "DR": CANCELLED,  # the caller reset the stream
