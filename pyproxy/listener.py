@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from pyproxy.addresses import Address
 from pyproxy.admission import Admission
-from pyproxy.config import ListenerConfig, ProxyConfig
+from pyproxy.config import ListenerConfig, ListenerKind, ListenerMode, ProxyConfig
 from pyproxy.counters import (
     CONNECTIONS_ACTIVE,
     CONNECTIONS_TOTAL,
@@ -117,7 +117,7 @@ class Listener:
 
     def _tcp_chain(self) -> TcpChainFactory | None:
         config = self.config
-        if config.mode != "tcp" or not config.filters:
+        if config.mode is not ListenerMode.TCP or not config.filters:
             return None
         # lazy: the filter machinery loads only for listeners with TCP filters
         from pyproxy.chain.api import FactoryContext
@@ -129,7 +129,7 @@ class Listener:
         return chain if chain.factories else None
 
     def _http_context(self) -> HttpContext | None:
-        if self.config.mode == "tcp":
+        if self.config.mode is ListenerMode.TCP:
             return None
         # lazy: the HTTP stack (h2, codecs, filters' chain) loads only for listeners that speak
         # HTTP: a TCP-only worker stays small.
@@ -230,7 +230,9 @@ class Listener:
         port = None
         if config.ports:
             # Where the client was going: the listening port when standalone.
-            port = sockets.local_port(conn) if config.kind == "standalone" else target.port
+            port = (
+                sockets.local_port(conn) if config.kind is ListenerKind.STANDALONE else target.port
+            )
         protocol = protocol_for(config, port)
         if protocol not in (AUTO, HTTP):
             self.start_protocol(conn, target, source, started, protocol)
@@ -315,7 +317,7 @@ class Listener:
         if not redirected and not config.transparent:
             # Reached directly, not through capture: forwarding would loop back to ourselves.
             return None, ""
-        if config.kind == "outbound":
+        if config.kind is ListenerKind.OUTBOUND:
             return destination, ""
         if config.app_socket is not None:
             # The app serves on a Unix socket: one path, or one per captured port.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pyproxy import counters as c
 from pyproxy.chain.registry import factory_class
-from pyproxy.config import ProxyConfig
+from pyproxy.config import ListenerMode, ProxyConfig
 from pyproxy.counters import CounterStore
 from pyproxy.grpc_metrics import grpc_snapshot
 
@@ -37,8 +37,8 @@ def snapshot(store: CounterStore, config: ProxyConfig) -> dict:
             cumulative += block[c.HIST_BASE + i]
             buckets[str(bound)] = cumulative
         listeners[lconf.name] = {
-            "mode": lconf.mode,
-            "kind": lconf.kind,
+            "mode": lconf.mode.value,
+            "kind": lconf.kind.value,
             "connections_total": block[c.CONNECTIONS_TOTAL],
             "connections_active": block[c.CONNECTIONS_ACTIVE],
             "messages": block[c.MESSAGES],
@@ -78,9 +78,9 @@ def snapshot(store: CounterStore, config: ProxyConfig) -> dict:
             listeners[lconf.name]["zerocopy"] = {
                 name: block[c.ZC_BASE + i] for i, name in enumerate(c.ZC_FIELDS)
             }
-        if lconf.mode != "tcp":
+        if lconf.mode is not ListenerMode.TCP:
             grpc = grpc_snapshot(store, slot)
-            if lconf.mode == "grpc" or grpc["calls_started"]:
+            if lconf.mode is ListenerMode.GRPC or grpc["calls_started"]:
                 listeners[lconf.name]["grpc"] = grpc
     return {"listeners": listeners}
 

@@ -18,7 +18,7 @@ from pyproxy import __version__
 from pyproxy.addresses import Address
 from pyproxy.admin import EndpointServer, Response
 from pyproxy.admin_page import live_page
-from pyproxy.config import ConfigError, ProxyConfig, root_refusal
+from pyproxy.config import ConfigError, ListenerMode, ProxyConfig, root_refusal
 from pyproxy.counters import W_NOTIFY_COST_NS, W_PID, W_READY, CounterStore
 from pyproxy.eventloop import event_loop_name, new_event_loop
 from pyproxy.io import backends, sockets
@@ -399,7 +399,7 @@ class Supervisor:
             "http2_codec": {
                 lst.name: effective_codec(lst.http.http2_codec)
                 for lst in self.config.listeners
-                if lst.mode in ("http", "grpc")
+                if lst.mode is not ListenerMode.TCP
             },
             "stage_clock": self.config.stage_clock,
         }

@@ -22,6 +22,7 @@ from pyproxy.chain.http_chain import ChainFactory, HttpChain
 from pyproxy.codec.events import END, Body, RequestHead, ResponseHead, Trailers
 from pyproxy.codec.grpc import DEADLINE_EXCEEDED
 from pyproxy.codec.http1 import strip_hop_by_hop
+from pyproxy.config import ListenerMode
 from pyproxy.counters import REFUSED_REQUESTS
 from pyproxy.http.context import HttpContext
 from pyproxy.http.grpc_call import HTTP1_REFUSED, GrpcCall, wants_call
@@ -81,7 +82,7 @@ class Exchange(RequestRecord):
         request = self.request
         if wants_call(self):
             self.grpc = GrpcCall(self)
-        elif self.ctx.listener.mode == "grpc":
+        elif self.ctx.listener.mode is ListenerMode.GRPC:
             self.local_reply(505, HTTP1_REFUSED, "DPE")
             return
         if not self.ctx.admission.admit_request():

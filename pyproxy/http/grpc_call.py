@@ -31,6 +31,7 @@ from pyproxy.codec.grpc import (
     status_from_headers,
     trailers_only_headers,
 )
+from pyproxy.config import ListenerMode
 from pyproxy.counters import reject_slot
 from pyproxy.grpc_metrics import E_STARTED, GrpcMethodTable, record_finished
 from pyproxy.http.context import HttpContext
@@ -69,7 +70,7 @@ def wants_call(exchange: Exchange) -> bool:
     """Is this exchange a gRPC call? Every HTTP/2 request on a grpc listener, and application/grpc ones."""
     if exchange.downstream.protocol != "HTTP/2":
         return False
-    if exchange.ctx.listener.mode == "grpc":
+    if exchange.ctx.listener.mode is ListenerMode.GRPC:
         return True
     for name, value in exchange.request.headers:
         if name == b"content-type":
