@@ -47,10 +47,9 @@ def relay_once(backend: str) -> Callable[[], None]:
             elif ev is END:
                 up.send(END)
         for ev in up.receive_data(RESPONSE):
-            kind = type(ev)
-            if kind is ResponseHead:
+            if type(ev) is ResponseHead:
                 down.send(ResponseHead(ev.status, ev.reason, strip_hop_by_hop(ev.headers)))
-            elif kind is Body:
+            elif type(ev) is Body:
                 down.send(ev)
             elif ev is END:
                 down.send(END)

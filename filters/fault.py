@@ -193,6 +193,7 @@ class FaultFilter(HttpFilter):
             held = _Delay(factory, callbacks, abort, delay)
             callbacks.defer_cleanup(self, held.end)
             return STOP
+        assert abort is not None  # no delay: an abort was decided
         _abort(factory, callbacks, abort)
         return STOP
 

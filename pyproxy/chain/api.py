@@ -88,7 +88,7 @@ class FilterFactory:
     # Up to FILTER_COUNTERS_PER_SLOT counters, summed over workers and shown in /stats and Prometheus;
     # the factory adds to `self.counters[i]` (a memoryview slice of the shared store).
     counter_names: ClassVar[tuple[str, ...]] = ()
-    filter_class: ClassVar[type] = HttpFilter
+    filter_class: type = HttpFilter  # a factory may choose per instance (tap without bodies)
     tcp_filter_class: ClassVar[type | None] = None
 
     def __init__(self, config: dict, context: FactoryContext) -> None:

@@ -98,10 +98,10 @@ class HttpContext:
         return self._chains.get(id(route), self._chains[None])
 
     def server_codec(self) -> Http1Codec:
-        return make_http1_codec(self.settings.codec, "server", self.limits)  # type: ignore[arg-type]
+        return make_http1_codec(self.settings.codec, "server", self.limits)
 
     def client_codec(self) -> Http1Codec:
-        return make_http1_codec(self.settings.codec, "client", self.limits)  # type: ignore[arg-type]
+        return make_http1_codec(self.settings.codec, "client", self.limits)
 
     def close(self) -> None:
         # Deadlines are left alone: in-flight requests of a draining listener keep their timeouts
