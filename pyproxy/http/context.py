@@ -13,7 +13,7 @@ from pyproxy.chain.api import FactoryContext
 from pyproxy.chain.http_chain import ChainFactory
 from pyproxy.codec import make_http1_codec
 from pyproxy.codec.http1 import Http1Codec, Http1Limits
-from pyproxy.config import ListenerConfig, ProxyConfig
+from pyproxy.config import ListenerConfig, ListenerMode, ProxyConfig
 from pyproxy.counters import IPC, PARSE, READ, STAGE_EVENTS, STAGE_NS, STAGES, WRITE
 from pyproxy.http.access_log import AccessLog
 from pyproxy.http.router import Route, Router, build_clusters
@@ -50,6 +50,8 @@ class HttpContext:
             if listener.http.access_log
             else None
         )
+        # Every request on a gRPC listener is a call (read per request: a bool, not the enum).
+        self.grpc_only = listener.mode is ListenerMode.GRPC
         down_app = listener.app_side == "downstream"
         self.downstream_stages = (IPC, IPC) if down_app else (READ, WRITE)
         self.upstream_stages = (READ, WRITE) if down_app else (IPC, IPC)

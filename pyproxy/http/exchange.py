@@ -22,7 +22,6 @@ from pyproxy.chain.http_chain import ChainClock, ChainFactory, ChainOwner, HttpC
 from pyproxy.codec.events import END, Body, RequestHead, ResponseHead, Trailers
 from pyproxy.codec.grpc import DEADLINE_EXCEEDED
 from pyproxy.codec.http1 import strip_hop_by_hop
-from pyproxy.config import ListenerMode
 from pyproxy.counters import REFUSED_REQUESTS
 from pyproxy.http.context import HttpContext
 from pyproxy.http.grpc_call import HTTP1_REFUSED, GrpcCall, wants_call
@@ -82,7 +81,7 @@ class Exchange(RequestRecord):
         request = self.request
         if wants_call(self):
             self.grpc = GrpcCall(self)
-        elif self.ctx.listener.mode is ListenerMode.GRPC:
+        elif self.ctx.grpc_only:
             self.local_reply(505, HTTP1_REFUSED, "DPE")
             return
         if not self.ctx.admission.admit_request():

@@ -31,7 +31,6 @@ from pyproxy.codec.grpc import (
     status_from_headers,
     trailers_only_headers,
 )
-from pyproxy.config import ListenerMode
 from pyproxy.counters import reject_slot
 from pyproxy.grpc_metrics import E_STARTED, GrpcMethodTable, record_finished
 from pyproxy.http.context import HttpContext
@@ -70,7 +69,7 @@ def wants_call(exchange: Exchange) -> bool:
     """Is this exchange a gRPC call? Every HTTP/2 request on a grpc listener, and application/grpc ones."""
     if exchange.downstream.protocol != "HTTP/2":
         return False
-    if exchange.ctx.listener.mode is ListenerMode.GRPC:
+    if exchange.ctx.grpc_only:
         return True
     for name, value in exchange.request.headers:
         if name == b"content-type":
