@@ -23,7 +23,6 @@ from pyproxy.codec.events import (
 )
 
 Role = Literal["server", "client"]
-Backend = Literal["fast", "h11"]
 
 # Connection states, modelled on h11's (one per side of the connection).
 # Compared with ``is``; strings so they print well in logs and tests.
