@@ -423,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     for tool in ("nginx", "wrk", "taskset", "npm"):
         if not shutil.which(tool):
             parser.error(f"{tool} is needed")
-    if os.cpu_count() is None or os.cpu_count() < 2:
+    if (os.cpu_count() or 1) < 2:
         parser.error("two CPUs are needed (proxy alone on CPU 1 under load)")
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: sys.exit(1))

@@ -24,7 +24,6 @@ from pyproxy.codec.events import (
 from pyproxy.protocol import HOP_BY_HOP, has_body
 
 Role = Literal["server", "client"]
-Backend = Literal["fast", "h11"]
 
 # Connection states, modelled on h11's (one per side of the connection).
 # Compared with ``is``; strings so they print well in logs and tests.
@@ -674,18 +673,3 @@ def _facts_of(headers: Headers) -> HeadFacts:
 _FACT_NAMES: Final = frozenset(
     {b"content-length", b"transfer-encoding", b"host", b"connection", b"expect", b"upgrade"}
 )
-
-
-def make_http1_codec(
-    backend: Backend = "fast", role: Role = "server", limits: Http1Limits = DEFAULT_LIMITS
-) -> Http1Codec:
-    """Build a codec; ``fast`` (httptools/llhttp) is the default, ``h11`` the strict reference."""
-    if backend == "fast":
-        from pyproxy.codec.http1_fast import FastHttp1Codec
-
-        return FastHttp1Codec(role, limits)
-    if backend == "h11":
-        from pyproxy.codec.http1_h11 import H11Http1Codec
-
-        return H11Http1Codec(role, limits)
-    raise ValueError(f"unknown HTTP/1 codec backend {backend!r}")

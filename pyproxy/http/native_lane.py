@@ -32,7 +32,7 @@ import os
 from time import perf_counter_ns
 from typing import Any
 
-from pyproxy.config import ListenerConfig
+from pyproxy.config import ListenerConfig, ListenerMode
 from pyproxy.counters import (
     DOWNSTREAM_RX,
     DOWNSTREAM_TX,
@@ -115,7 +115,7 @@ def _pairable(listener: ListenerConfig) -> bool:
     heads with the same scan), no per-request stage trace (Server-Timing) to keep."""
     http = listener.http
     return (
-        listener.mode == "http"
+        listener.mode is ListenerMode.HTTP
         and http.express_lane == "native"
         and http.codec == "fast"
         and not http.server_timing
