@@ -44,24 +44,31 @@ started here is stopped at the end, whatever happens.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyproxy.bench.echo_client import summarize
+from pyproxy.bench.filter_configs import filter_entry
+from pyproxy.bench.http_load import (
+    LOAD_CPU,
+    SIDE_CPU,
+    Path_,
+    log,
+    move_to_cpu,
+    run_wrk,
+    wait_http,
+)
 from pyproxy.bench.procs import CLK_TCK, Processes, cell, cpu_seconds, pinned, tree_pids
-from pyproxy.bench.tcp_echo import free_port, get_json
+from pyproxy.bench.rounds import latency_phase, paired_ratio
+from pyproxy.bench.tcp_echo import free_port
 
 from pyproxy.stats import stage_table
 
@@ -71,11 +78,6 @@ PEER_VENVS = {
     "proxypy": ("/tmp/venv-proxypy", "proxy.py"),
     "mitmproxy": ("/tmp/venv-mitm", "mitmproxy"),
 }
-LOAD_CPU, SIDE_CPU = 1, 0  # proxy under load alone on CPU 1; wrk/h2load + upstream on CPU 0
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # ---- processes -----------------------------------------------------------------------
@@ -121,105 +123,7 @@ class Noise:
         return ticks / CLK_TCK / max(time.monotonic() - self.t0, 1e-9)
 
 
-def move_to_cpu(pids: list[int], cpu: int) -> None:
-    for pid in pids:
-        try:
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                os.sched_setaffinity(int(tid), {cpu})
-        except OSError:
-            pass
-
-
-def wait_http(port: int, absolute: str | None = None, timeout: float = 20.0) -> None:
-    """Until a GET through the port answers 200 (the proxy is up and reaches the upstream)."""
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            rtts = measure_http(port, 1, 0, absolute=absolute, timeout=2.0)
-            if rtts:
-                return
-        except (OSError, ValueError) as exc:
-            last = exc
-        time.sleep(0.1)
-    raise RuntimeError(f"no 200 through 127.0.0.1:{port}: {last}")
-
-
-# ---- the latency client ---------------------------------------------------------------
-
-
-def measure_http(
-    port: int,
-    count: int,
-    warmup: int,
-    absolute: str | None = None,
-    max_seconds: float = 1e9,
-    timeout: float = 10.0,
-) -> list[int]:
-    """Nanosecond GET round trips on one kept-alive connection, one request outstanding."""
-    target = absolute or "/"
-    request = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: http_bench\r\n\r\n".encode()
-    buf = bytearray(65536)
-    view = memoryview(buf)
-    clock = time.perf_counter_ns
-    rtts: list[int] = []
-    deadline = clock() + int(max_seconds * 1e9)
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        gc_was = gc.isenabled()
-        gc.disable()
-        try:
-            for i in range(warmup + count):
-                started = clock()
-                sock.sendall(request)
-                have, need = 0, -1
-                while need < 0 or have < need:
-                    n = sock.recv_into(view[have:])
-                    if not n:
-                        raise ConnectionError(f"EOF after {have} bytes of a response")
-                    have += n
-                    if need < 0:
-                        end = buf.find(b"\r\n\r\n", 0, have)
-                        if end >= 0:
-                            need = end + 4 + _body_length(bytes(buf[:end]))
-                if i >= warmup:
-                    rtts.append(clock() - started)
-                if buf[9:12] != b"200":
-                    raise ValueError(f"status {bytes(buf[9:12])!r} from 127.0.0.1:{port}")
-                if i >= warmup and clock() > deadline:
-                    break
-        finally:
-            if gc_was:
-                gc.enable()
-    return rtts
-
-
-def _body_length(head: bytes) -> int:
-    match = re.search(rb"\r\ncontent-length:\s*(\d+)", head, re.IGNORECASE)
-    if match is None:
-        raise ValueError("response without content-length (the upstream always sends one)")
-    return int(match.group(1))
-
-
 # ---- the paths under test ------------------------------------------------------------
-
-
-@dataclass
-class Path_:
-    name: str
-    port: int
-    pid: int | None = None  # root process of the proxy (None: direct)
-    admin: int | None = None  # pyproxy admin port
-    absolute: str | None = None  # absolute-form target (forward proxy)
-    note: str = ""
-    h2_port: int | None = None
-    snaps: dict = field(default_factory=dict)
-
-    def pids(self) -> list[int]:
-        return tree_pids(self.pid) if self.pid else []
-
-    def stats(self) -> dict:
-        return get_json(f"http://127.0.0.1:{self.admin}/stats?format=json")
 
 
 NGINX_TEMP = (
@@ -228,10 +132,11 @@ NGINX_TEMP = (
 )
 
 
-def nginx_conf(workdir: Path, name: str, http_block: str) -> Path:
+def nginx_conf(workdir: Path, name: str, http_block: str, main: str = "") -> Path:
+    """One single-process nginx's config file; `main` goes before everything (load_module)."""
     conf = workdir / f"{name}.conf"
     conf.write_text(
-        f"daemon off; master_process off; worker_processes 1; pid {workdir}/{name}.pid;\n"
+        main + f"daemon off; master_process off; worker_processes 1; pid {workdir}/{name}.pid;\n"
         f"error_log {workdir}/{name}.err warn;\n"
         "events { worker_connections 4096; }\n"
         "http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;\n"
@@ -255,17 +160,23 @@ def start_upstream(procs: Processes, workdir: Path) -> int:
     return port
 
 
-def start_nginx(procs: Processes, workdir: Path, upstream: int) -> Path_:
+def start_nginx(
+    procs: Processes, workdir: Path, upstream: int, name: str = "nginx", location: str = "",
+    main: str = "", note: str = "http proxy_pass, keepalive 64 upstream",
+) -> Path_:  # fmt: skip
+    """nginx `proxy_pass` to the upstream; `location` adds directives to its location block."""
     port, h2 = free_port(), free_port()
     conf = nginx_conf(
-        workdir, "nginx",
+        workdir, name,
         f"upstream app {{ server 127.0.0.1:{upstream}; keepalive 64; keepalive_requests 1000000; }}\n"
         f"server {{ listen 127.0.0.1:{port}; listen 127.0.0.1:{h2} http2;\n"
-        "  location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }\n",
+        "  location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\";"
+        f" {location} }} }}\n",
+        main,
     )  # fmt: skip
-    proc = procs.launch("nginx", pinned(SIDE_CPU, ["nginx", "-c", str(conf), "-p", str(workdir)]))
+    proc = procs.launch(name, pinned(SIDE_CPU, ["nginx", "-c", str(conf), "-p", str(workdir)]))
     wait_http(port)
-    return Path_("nginx", port, proc.pid, note="http proxy_pass, keepalive 64 upstream", h2_port=h2)
+    return Path_(name, port, proc.pid, note=note, h2_port=h2)
 
 
 def start_haproxy(procs: Processes, workdir: Path, upstream: int) -> Path_:
@@ -291,26 +202,36 @@ def start_pyproxy(
     workdir: Path,
     name: str,
     upstream: int,
-    codec: str,
-    clock: bool,
-    lane: str = "native",
+    *,
+    http: dict | None = None,
+    filters: list[dict] | None = None,
+    clock: bool = True,
+    python: str = sys.executable,
+    note: str = "",
 ) -> Path_:
+    """One pyproxy HTTP listener in front of the upstream.
+
+    `http` and `filters` are the listener's sections (left out: the defaults);
+    `python` is the interpreter whose installed pyproxy runs, so another
+    checkout's venv runs that checkout's code.
+    """
     port, admin = free_port(), free_port()
-    conf = workdir / f"{name}.yaml"
-    conf.write_text(
-        f"stage_clock: {'true' if clock else 'false'}\n"
-        f"admin: 127.0.0.1:{admin}\n"
-        "listeners:\n"
-        f"  - name: main\n    mode: http\n    address: 127.0.0.1:{port}\n"
-        f"    upstream: 127.0.0.1:{upstream}\n"
-        f"    http:\n      codec: {codec}\n      express_lane: {lane}\n"
-    )
-    argv = [sys.executable, "-m", "pyproxy", "run", "-c", str(conf), "--log-level", "warning"]
+    listener: dict = {
+        "name": "main",
+        "mode": "http",
+        "address": f"127.0.0.1:{port}",
+        "upstream": f"127.0.0.1:{upstream}",
+    }
+    if http:
+        listener["http"] = http
+    if filters:
+        listener["filters"] = filters
+    config = {"stage_clock": clock, "admin": f"127.0.0.1:{admin}", "listeners": [listener]}
+    path = workdir / f"{name}.yaml"
+    path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+    argv = [python, "-m", "pyproxy", "run", "-c", str(path), "--log-level", "warning"]
     proc = procs.launch(name, pinned(SIDE_CPU, argv))
-    wait_http(port)
-    note = f"{codec} codec" + ("" if clock else ", stage clock off")
-    if codec == "fast":
-        note += f", {lane} express lane"
+    wait_http(port, timeout=30)  # a Lua or WASM filter takes a moment to load
     return Path_(name, port, proc.pid, admin=admin, note=note)
 
 
@@ -375,61 +296,6 @@ def snap_delta(after: dict, before: dict) -> dict:
     if isinstance(after, (int, float)) and not isinstance(after, bool):
         return after - (before if isinstance(before, (int, float)) else 0)
     return after
-
-
-def latency_phase(paths: list[Path_], rounds: int, count: int, seconds: float) -> dict:
-    samples: dict[str, list[int]] = {p.name: [] for p in paths}
-    order = list(paths)
-    rng = random.Random(4)
-    for r in range(rounds):
-        rng.shuffle(order)
-        for p in order:
-            samples[p.name] += measure_http(p.port, count, 100, p.absolute, max_seconds=seconds)
-        log(f"  latency round {r + 1}/{rounds} done")
-    out = {name: summarize(values) for name, values in samples.items()}
-    base = out["direct"]
-    for values in out.values():
-        values["added_p50_us"] = values["p50_us"] - base["p50_us"]
-        values["added_p99_us"] = values["p99_us"] - base["p99_us"]
-    return out
-
-
-WRK_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}
-
-
-def parse_wrk(text: str) -> dict:
-    out: dict = {}
-    match = re.search(r"(\d+) requests in ([\d.]+)(\w+),", text)
-    if match:
-        out["requests"] = int(match.group(1))
-    match = re.search(r"Requests/sec:\s+([\d.]+)", text)
-    if match:
-        out["rps"] = float(match.group(1))
-    for pct in ("50", "99"):
-        match = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", text, re.MULTILINE)
-        if match:
-            out[f"p{pct}_us"] = float(match.group(1)) * WRK_UNITS[match.group(2)]
-    match = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-    out["non_2xx"] = int(match.group(1)) if match else 0
-    match = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    out["socket_errors"] = sum(int(x) for x in match.groups()) if match else 0
-    return out
-
-
-def run_wrk(p: Path_, workdir: Path, seconds: int, connections: int) -> dict:
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
-    if p.absolute:
-        script = workdir / "absolute.lua"
-        script.write_text(f'wrk.path = "{p.absolute}"\n')
-        argv += ["-s", str(script)]
-    argv.append(f"http://127.0.0.1:{p.port}/")
-    run = subprocess.run(
-        pinned(SIDE_CPU, argv), capture_output=True, text=True, timeout=seconds + 30
-    )
-    out = parse_wrk(run.stdout)
-    if "requests" not in out:
-        raise RuntimeError(f"wrk via {p.name}: {run.stdout[-300:]} {run.stderr[-300:]}")
-    return out
 
 
 def parse_h2load(text: str) -> dict:
@@ -505,6 +371,7 @@ def throughput_phase(paths: list[Path_], workdir: Path, rounds: int, seconds: in
             reqs = sum(v["requests"] for v in values)
             summary["proxy_cpu_util"] = best["proxy_cpu_util"]
             summary["proxy_cpu_us_per_req"] = cpu / reqs * 1e6 if reqs else None
+            summary["proxy_cpu_us_per_req_rounds"] = [v["proxy_cpu_us_per_req"] for v in values]
             summary["rps_per_cpu_second"] = reqs / cpu if cpu else None
             summary["rss_mib"] = values[-1]["rss_mib"]
             summary["processes"] = values[-1]["processes"]
@@ -526,8 +393,10 @@ def h2_works(port: int) -> bool:
 # ---- main ------------------------------------------------------------------------------
 
 
-def git_state() -> dict:
-    repo = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent
+
+
+def git_state(repo: Path = REPO) -> dict:
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
@@ -549,11 +418,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=5, help="wrk / h2load duration")
     parser.add_argument("--install-peers", action="store_true",
                         help="create /tmp venvs with proxy.py and mitmproxy if missing")  # fmt: skip
+    parser.add_argument("--baseline-tree", type=Path, metavar="PATH",
+                        help="another checkout with its own venv (make .venv/.installed-test "
+                        "there): its pyproxy runs beside this one, before_<name>")  # fmt: skip
     parser.add_argument("--out", default=str(RESULTS / "http_bench.json"))
     args = parser.parse_args(argv)
     for tool in ("nginx", "wrk", "taskset"):
         if not shutil.which(tool):
             parser.error(f"{tool} is needed")
+    baseline_python = None
+    if args.baseline_tree is not None:
+        baseline_python = args.baseline_tree.resolve() / ".venv" / "bin" / "python"
+        if not baseline_python.exists():
+            parser.error(f"{baseline_python} missing: run `make .venv/.installed-test` in "
+                         f"{args.baseline_tree} (it builds that tree's native modules too)")  # fmt: skip
     if args.install_peers:
         install_peers()
     # SIGTERM/SIGHUP unwind through the finally below, so nothing is left running.
@@ -567,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
         "git": git_state(),
         "skipped": {},
     }
+    if args.baseline_tree is not None:
+        result["baseline_git"] = git_state(args.baseline_tree.resolve())
     affinity = os.sched_getaffinity(0)
     with tempfile.TemporaryDirectory(prefix="pyproxy-http-bench-") as tmp:
         workdir = Path(tmp)
@@ -580,13 +460,14 @@ def main(argv: list[str] | None = None) -> int:
                 paths.append(start_haproxy(procs, workdir, upstream))
             else:
                 result["skipped"]["haproxy"] = "not installed"
-            for name, codec, clock, lane in (
-                ("pyproxy_fast", "fast", True, "native"),
-                ("pyproxy_fast_python_lane", "fast", True, "python"),
-                ("pyproxy_h11", "h11", True, "native"),
-                ("pyproxy_fast_clock_off", "fast", False, "native"),
-            ):
-                paths.append(start_pyproxy(procs, workdir, name, upstream, codec, clock, lane))
+            for name, http, clock, filters, note in pyproxy_setups(workdir):
+                paths.append(start_pyproxy(procs, workdir, name, upstream, http=http,
+                                           filters=filters, clock=clock, note=note))  # fmt: skip
+                if baseline_python is not None and name in BEFORE_AFTER:
+                    paths.append(start_pyproxy(
+                        procs, workdir, f"before_{name}", upstream, http=http, filters=filters,
+                        clock=clock, python=str(baseline_python), note=f"{note}, baseline tree",
+                    ))  # fmt: skip
             paths.append(start_python_floor(procs, upstream))
             for name, starter in (("proxypy", start_proxypy), ("mitmproxy", start_mitmproxy)):
                 try:
@@ -608,7 +489,9 @@ def main(argv: list[str] | None = None) -> int:
             for p in pyproxies:
                 p.snaps["start"] = p.stats()
             noise = Noise()
-            result["latency"] = latency_phase(paths, args.rounds, args.requests, args.round_seconds)
+            result["latency"] = latency_phase(
+                paths, args.rounds, args.requests, args.round_seconds, base="direct", seed=4
+            )
             result["foreign_cpus"] = {"latency": noise.cpus()}
             for p in pyproxies:
                 p.snaps["after_latency"] = p.stats()
@@ -667,6 +550,49 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def pyproxy_setups(workdir: Path) -> list[tuple[str, dict, bool, list[dict], str]]:
+    """pyproxy's configurations in this bench: (name, http section, stage clock, filters, note)."""
+    ratelimit = [filter_entry("ratelimit", workdir, "pyproxy_ratelimit")]
+    fast = {"codec": "fast"}
+    return [
+        ("pyproxy_fast", fast, True, [], "fast codec, default express lane"),
+        ("pyproxy_fast_general", {**fast, "express_lane": "off"}, True, [],
+         "fast codec, express_lane: off (the general path alone)"),
+        ("pyproxy_h11", {"codec": "h11"}, True, [], "h11 codec"),
+        ("pyproxy_fast_clock_off", fast, False, [], "fast codec, stage clock off"),
+        ("pyproxy_ratelimit", fast, True, ratelimit,
+         "fast codec, default express lane, a local rate limit that never limits"),
+    ]  # fmt: skip
+
+
+# Configurations run from --baseline-tree too, with the most after/before may be: the default
+# path within 5 % of before, the filtered path no slower.
+BEFORE_AFTER = {"pyproxy_fast": ("default", 1.05), "pyproxy_ratelimit": ("filtered", 1.00)}
+
+
+def before_after(result: dict) -> dict:
+    """after/before ratios, median over rounds of each round's ratio, for added p50 and CPU."""
+    lat, tput, out = result["latency"], result["throughput"], {}
+    direct = lat["direct"]["p50_us_rounds"]
+    for name, (label, limit) in BEFORE_AFTER.items():
+        before = f"before_{name}"
+        if before not in lat:
+            continue
+        added = {n: [a - d for a, d in zip(lat[n]["p50_us_rounds"], direct, strict=True)]
+                 for n in (name, before)}  # fmt: skip
+        for measure, ratio in (
+            ("added_p50", paired_ratio(added[name], added[before])),
+            ("cpu_per_req", paired_ratio(tput[name]["proxy_cpu_us_per_req_rounds"],
+                                         tput[before]["proxy_cpu_us_per_req_rounds"])),
+        ):  # fmt: skip
+            out[f"{label}_{measure}_after_vs_before"] = {
+                "value": ratio,
+                "target": f"<= {limit:.2f}",
+                "met": ratio is not None and ratio <= limit,
+            }
+    return out
+
+
 def targets(result: dict) -> dict:
     """The HTTP/1.1 targets for the fast codec, each with the measured ratio and met or not."""
     lat, tput = result["latency"], result["throughput"]
@@ -695,6 +621,7 @@ def targets(result: dict) -> dict:
                 "target": ">= 6",
                 "met": ratio >= 6,
             }
+    out.update(before_after(result))
     off = "pyproxy_fast_clock_off"
     out["stage_clock_cost_p50_us"] = {"value": lat[fast]["p50_us"] - lat[off]["p50_us"]}
     out["stage_clock_cost_cpu_us_per_req"] = {
@@ -733,7 +660,8 @@ def report(result: dict) -> str:
     for name, t in result["targets"].items():
         if "met" in t:
             lines.append(
-                f"| {name} | {t['value']:.2f} | {t['target']} | {'yes' if t['met'] else '**no**'} |"
+                f"| {name} | {cell(t['value'], '.2f')} | {t['target']} | "
+                f"{'yes' if t['met'] else '**no**'} |"
             )
         else:
             lines.append(f"| {name} | {t['value']:.2f} | — | — |")
