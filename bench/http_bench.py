@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=5, help="wrk / h2load duration")
     parser.add_argument("--install-peers", action="store_true",
                         help="create /tmp venvs with proxy.py and mitmproxy if missing")  # fmt: skip
-    parser.add_argument("--baseline-tree", type=Path, metavar="PATH",
+    parser.add_argument("--baseline-tree", metavar="PATH",
                         help="another checkout with its own venv (make .venv/.installed-test "
                         "there): its pyproxy runs beside this one, before_<name>")  # fmt: skip
     parser.add_argument("--out", default=str(RESULTS / "http_bench.json"))
@@ -428,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{tool} is needed")
     baseline_python = None
     if args.baseline_tree is not None:
-        baseline_python = args.baseline_tree.resolve() / ".venv" / "bin" / "python"
+        baseline_python = Path(args.baseline_tree).resolve() / ".venv" / "bin" / "python"
         if not baseline_python.exists():
             parser.error(f"{baseline_python} missing: run `make .venv/.installed-test` in "
                          f"{args.baseline_tree} (it builds that tree's native modules too)")  # fmt: skip
@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": {},
     }
     if args.baseline_tree is not None:
-        result["baseline_git"] = git_state(args.baseline_tree.resolve())
+        result["baseline_git"] = git_state(Path(args.baseline_tree).resolve())
     affinity = os.sched_getaffinity(0)
     with tempfile.TemporaryDirectory(prefix="pyproxy-http-bench-") as tmp:
         workdir = Path(tmp)
