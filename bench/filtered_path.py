@@ -62,7 +62,7 @@ from pyproxy.bench.http_bench import (
     start_upstream,
 )
 from pyproxy.bench.http_load import SIDE_CPU, Path_, log
-from pyproxy.bench.procs import cell
+from pyproxy.bench.procs import cell, target_line
 from pyproxy.bench.rounds import latency_phase, load_phase, paired_ratio
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -290,9 +290,7 @@ def report(result: dict) -> str:
         lines.append("\n**Problems:**\n" + "\n".join(f"* {p}" for p in result["problems"]))
     lines.append("")
     for t in result["targets"]:
-        lines.append(
-            f"TARGET {'MET    ' if t['met'] else 'NOT MET'}  {t['target']}: {t['measured']}"
-        )
+        lines.append(target_line(t["met"], t["target"], t["measured"]))
     return "\n".join(lines)
 
 

@@ -9,7 +9,8 @@ what is measured, and it is fast). Measured per path:
     every process (client, upstream, proxies) pinned to CPU 0 so no path wins
     by spreading work; rounds interleave the paths in shuffled order so
     machine noise hits all alike. Reported: p50/p99 and added p50/p99 over
-    the direct path.
+    the direct path (added p50: median over rounds of the within-round
+    difference; added p99: pooled).
 (b) throughput: `wrk -t1 -c32` with the proxy under test alone on CPU 1, wrk
     and the upstream on CPU 0: requests/s, and the proxy's CPU use (a core
     saturated or not).
@@ -21,12 +22,21 @@ what is measured, and it is fast). Measured per path:
 A lower bound runs beside them: `python_floor.py`, the leanest keep-alive
 relay Python can make (no parsing, no accounting), which shows what any
 Python proxy pays before doing a proxy's work.
-pyproxy runs four times: fast codec (llhttp) with its default native express
-lane, fast with the Python express lane only (`express_lane: python`, what
-the native lane buys), h11 codec, and fast with the stage clock off (the
-clock's own cost is on - off). Its stage breakdown is
+pyproxy runs five times: fast codec (llhttp) with its default express
+lane (the C pair), fast with `express_lane: off` (the general path alone,
+what the C pair buys), h11 codec, fast with the stage clock off (the clock's
+own cost is on - off), and fast with a local rate limit that never limits
+(the filtered path). Its stage breakdown is
 taken from /stats?format=json deltas over the latency phase (per request,
-serial) and over the load phase. proxy.py runs as a *forward* proxy with
+serial) and over the load phase.
+`--baseline-tree PATH` runs another checkout's pyproxy (from PATH/.venv,
+which `make .venv/.installed-test` there builds with its native modules)
+beside this one in the same run, interleaved: the default and the filtered
+configuration again as `before_<name>`, each tree reading the same config.
+Reported: after/before ratios of added p50 and CPU per request, each the
+median over rounds of that round's ratio; targets: default path ≤ 1.05,
+filtered path ≤ 1.00.
+proxy.py runs as a *forward* proxy with
 absolute-form requests (its reverse-proxy plugin does not serve a second
 request on a kept-alive connection: the request times out), mitmproxy as
 `mitmdump --mode reverse:`. They come from their own venvs under /tmp
@@ -66,7 +76,15 @@ from pyproxy.bench.http_load import (
     run_wrk,
     wait_http,
 )
-from pyproxy.bench.procs import CLK_TCK, Processes, cell, cpu_seconds, pinned, tree_pids
+from pyproxy.bench.procs import (
+    CLK_TCK,
+    Processes,
+    cell,
+    cpu_seconds,
+    pinned,
+    target_line,
+    tree_pids,
+)
 from pyproxy.bench.rounds import latency_phase, paired_ratio
 from pyproxy.bench.tcp_echo import free_port
 
@@ -676,6 +694,13 @@ def report(result: dict) -> str:
                 else ""
             )
         )
+    before_after_lines = [
+        target_line(t["met"], f"{name} {t['target']}", cell(t["value"], ".2f"))
+        for name, t in result["targets"].items()
+        if name.endswith("_after_vs_before")
+    ]
+    if before_after_lines:
+        lines.append("\n" + "\n".join(before_after_lines))
     lines.append(f"\nHTTP/2 through pyproxy: {result.get('h2_pyproxy')}")
     if result.get("h2"):
         lines.append("\n| h2c, h2load -c32 -m10 | req/s | proxy CPU | CPU µs/req | failed |")

@@ -123,3 +123,8 @@ class Processes:
 def cell(value, fmt: str = ".1f") -> str:
     """A report table cell: the number, or a dash where nothing was measured."""
     return "—" if value is None else format(value, fmt)
+
+
+def target_line(met: bool, target: str, measured: str) -> str:
+    """One line a reader (or grep) finds at the end of a bench's report: a target, met or not."""
+    return f"TARGET {'MET    ' if met else 'NOT MET'}  {target}: {measured}"
