@@ -49,11 +49,6 @@ started here is stopped at the end, whatever happens. Loopback only.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -61,16 +56,17 @@ from pathlib import Path
 
 from pyproxy.bench.filter_configs import filter_entry
 from pyproxy.bench.http_bench import (
-    Noise,
     Processes,
-    git_state,
+    begin_run,
+    finish_run,
+    round_parser,
     snap_delta,
     start_pyproxy,
     start_upstream,
 )
-from pyproxy.bench.http_load import SIDE_CPU, Path_, log
-from pyproxy.bench.procs import tree_pids
-from pyproxy.bench.rounds import latency_phase, load_phase
+from pyproxy.bench.http_load import Path_, log
+from pyproxy.bench.procs import noise_note, tree_pids
+from pyproxy.bench.rounds import run_phases
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -260,34 +256,22 @@ def additivity(m: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = round_parser(
+        __doc__,
+        rounds=15,
+        requests=600,
+        round_seconds=0.5,
+        load_rounds=6,
+        seconds=2,
+        out=str(RESULTS / "filter_bench.json"),
     )
-    parser.add_argument("--rounds", type=int, default=15, help="latency rounds")
-    parser.add_argument("--requests", type=int, default=600, help="per config per latency round")
-    parser.add_argument("--round-seconds", type=float, default=0.5, help="cap per config per round")
-    parser.add_argument("--load-rounds", type=int, default=6, help="wrk runs per config")
-    parser.add_argument("--seconds", type=int, default=2, help="wrk duration")
-    parser.add_argument("--out", default=str(RESULTS / "filter_bench.json"))
     args = parser.parse_args(argv)
-    for tool in ("nginx", "wrk", "taskset", "npm"):
-        if not shutil.which(tool):
-            parser.error(f"{tool} is needed")
-    if os.cpu_count() is None or os.cpu_count() < 2:
-        parser.error("two CPUs are needed (proxy alone on CPU 1 under load)")
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: sys.exit(1))
+    result = begin_run(parser, args, ("nginx", "wrk", "taskset", "npm"))
 
     started = time.monotonic()
     configs = configurations()
-    result: dict = {
-        "config": vars(args),
-        "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
-        "git": git_state(),
-        "configurations": {name: list(f) for name, f in configs.items()},
-        "envoy_us": ENVOY_US,
-    }
-    affinity = os.sched_getaffinity(0)
+    result["configurations"] = {name: list(f) for name, f in configs.items()}
+    result["envoy_us"] = ENVOY_US
     with tempfile.TemporaryDirectory(prefix="pyproxy-filter-bench-") as tmp:
         workdir = Path(tmp)
         procs = Processes(workdir)
@@ -297,28 +281,15 @@ def main(argv: list[str] | None = None) -> int:
             paths = [start_proxy(procs, workdir, n, f, upstream) for n, f in configs.items()]
             snaps: dict[str, dict] = {p.name: {"start": p.stats()} for p in paths}
 
-            log(f"latency: {len(paths)} configs x {args.rounds} rounds x {args.requests} requests")
-            os.sched_setaffinity(0, {SIDE_CPU})
-            noise = Noise()
-            result["latency"] = latency_phase(
-                paths, args.rounds, args.requests, args.round_seconds, base="baseline"
-            )
-            result["foreign_cpus"] = {"latency": noise.cpus()}
-            os.sched_setaffinity(0, affinity)
-            for p in paths:
-                snaps[p.name]["latency"] = p.stats()
+            def snapshot(phase: str) -> None:
+                for p in paths:
+                    snaps[p.name][phase] = p.stats()
 
-            log(f"load: wrk -t1 -c8 -d{args.seconds}s x {args.load_rounds} rounds per config")
-            noise = Noise()
-            result["load"] = load_phase(
-                paths, workdir, args.load_rounds, args.seconds, connections=8, base="baseline"
-            )
-            result["foreign_cpus"]["load"] = noise.cpus()
+            run_phases(result, args, workdir, paths, latency_base="baseline", load_paths=paths,
+                       connections=8, load_base="baseline", snapshot=snapshot)  # fmt: skip
             for p in paths:
-                snaps[p.name]["load"] = p.stats()
                 snaps[p.name]["pids"] = len(tree_pids(p.pid))
         finally:
-            os.sched_setaffinity(0, affinity)
             procs.stop_all()
 
     result["stages"] = {}
@@ -337,11 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     result["targets"] = targets(m)
     result["chain_fixed_cost_us"] = chain_fixed_cost(m)
     result["additivity"] = additivity(m)
-    result["elapsed_s"] = time.monotonic() - started
-    RESULTS.mkdir(exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(report(result))
-    print(f"\nresults: {args.out} ({result['elapsed_s']:.0f} s)")
+    finish_run(result, args.out, started, report)
     return 1 if problems else 0
 
 
@@ -432,13 +399,8 @@ def report(result: dict) -> str:
         f"A/A control (baseline_b, an identical no-filter proxy): added p50 "
         f"{m['baseline_b']['p50']:+.1f} µs, added CPU {m['baseline_b']['cpu']:+.1f} µs/req (paired)."
     )
-    noise = result.get("foreign_cpus", {})
-    if noise:
-        lines.append(
-            "CPU taken by other processes on the machine while phases ran (CPUs of 2): "
-            + ", ".join(f"{k} {v:.2f}" for k, v in noise.items())
-            + (" — **the machine was not quiet**" if max(noise.values()) > 0.1 else "")
-        )
+    if result.get("foreign_cpus"):
+        lines.append(noise_note(result["foreign_cpus"]))
     util = [u for v in load.values() for u in v["cpu_util_rounds"]]
     lines.append(
         f"Proxy CPU use under wrk -c8: {min(util) * 100:.0f}–{max(util) * 100:.0f} % of CPU 1."

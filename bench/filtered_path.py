@@ -38,12 +38,7 @@ on stdout. Every process started here is stopped at the end, whatever happens.
 
 from __future__ import annotations
 
-import argparse
 import http.client
-import json
-import os
-import shutil
-import signal
 import statistics
 import sys
 import tempfile
@@ -53,17 +48,18 @@ from pathlib import Path
 from pyproxy.bench.filter_bench import sanity, stage_costs
 from pyproxy.bench.filter_configs import BENCH_HEADER, filter_entry, lua_header_entry
 from pyproxy.bench.http_bench import (
-    Noise,
     Processes,
-    git_state,
+    begin_run,
+    finish_run,
+    round_parser,
     snap_delta,
     start_nginx,
     start_pyproxy,
     start_upstream,
 )
-from pyproxy.bench.http_load import SIDE_CPU, Path_, log
-from pyproxy.bench.procs import cell, target_line
-from pyproxy.bench.rounds import latency_phase, load_phase, paired_ratio
+from pyproxy.bench.http_load import Path_, log
+from pyproxy.bench.procs import cell, noise_note, target_line
+from pyproxy.bench.rounds import paired_ratio, run_phases
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NGINX_MODULES = Path("/usr/lib/nginx/modules")  # where Debian's nginx module packages put them
@@ -170,32 +166,18 @@ def targets(load: dict) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = round_parser(
+        __doc__,
+        rounds=5,
+        requests=1000,
+        round_seconds=1.0,
+        load_rounds=5,
+        seconds=4,
+        out=str(RESULTS / "filtered_path.json"),
     )
-    parser.add_argument("--rounds", type=int, default=5, help="latency rounds")
-    parser.add_argument("--requests", type=int, default=1000, help="per path per latency round")
-    parser.add_argument("--round-seconds", type=float, default=1.0, help="cap per path per round")
-    parser.add_argument("--load-rounds", type=int, default=5, help="wrk runs per path (≥ 3)")
-    parser.add_argument("--seconds", type=int, default=4, help="wrk duration")
-    parser.add_argument("--out", default=str(RESULTS / "filtered_path.json"))
     args = parser.parse_args(argv)
-    for tool in ("nginx", "wrk", "taskset"):
-        if not shutil.which(tool):
-            parser.error(f"{tool} is needed")
-    if (os.cpu_count() or 1) < 2:
-        parser.error("two CPUs are needed (proxy alone on CPU 1 under load)")
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: sys.exit(1))
-
+    result: dict = {**begin_run(parser, args, ("nginx", "wrk", "taskset")), "skipped": {}}
     started = time.monotonic()
-    result: dict = {
-        "config": vars(args),
-        "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
-        "git": git_state(),
-        "skipped": {},
-    }
-    affinity = os.sched_getaffinity(0)
     with tempfile.TemporaryDirectory(prefix="pyproxy-filtered-path-") as tmp:
         workdir = Path(tmp)
         procs = Processes(workdir)
@@ -213,27 +195,13 @@ def main(argv: list[str] | None = None) -> int:
             problems = check_response_headers(proxies)
             snaps = {p.name: {"start": p.stats()} for p, _ in pyproxies}
 
-            log(f"latency: {len(paths)} paths x {args.rounds} rounds x {args.requests} requests")
-            os.sched_setaffinity(0, {SIDE_CPU})
-            noise = Noise()
-            result["latency"] = latency_phase(
-                paths, args.rounds, args.requests, args.round_seconds, base="direct"
-            )
-            result["foreign_cpus"] = {"latency": noise.cpus()}
-            os.sched_setaffinity(0, affinity)
-            for p, _ in pyproxies:
-                snaps[p.name]["latency"] = p.stats()
+            def snapshot(phase: str) -> None:
+                for p, _ in pyproxies:
+                    snaps[p.name][phase] = p.stats()
 
-            log(f"load: wrk -t1 -c32 -d{args.seconds}s x {args.load_rounds} rounds per proxy")
-            noise = Noise()
-            result["load"] = load_phase(
-                proxies, workdir, args.load_rounds, args.seconds, connections=32, base=NO_FILTER
-            )
-            result["foreign_cpus"]["load"] = noise.cpus()
-            for p, _ in pyproxies:
-                snaps[p.name]["load"] = p.stats()
+            run_phases(result, args, workdir, paths, latency_base="direct", load_paths=proxies,
+                       connections=32, load_base=NO_FILTER, snapshot=snapshot)  # fmt: skip
         finally:
-            os.sched_setaffinity(0, affinity)
             procs.stop_all()
 
     result["filter_stage_us"] = {}
@@ -246,11 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     result["problems"] = problems
     result["targets"] = targets(result["load"])
-    result["elapsed_s"] = time.monotonic() - started
-    RESULTS.mkdir(exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(report(result))
-    print(f"\nresults: {args.out} ({result['elapsed_s']:.0f} s)")
+    finish_run(result, args.out, started, report)
     return 1 if problems else 0
 
 
@@ -277,12 +241,7 @@ def report(result: dict) -> str:
         lines.append(f"* {name}: {note}")
     for name, why in result["skipped"].items():
         lines.append(f"* {name}: skipped, {why}")
-    noise = result.get("foreign_cpus", {})
-    lines.append(
-        "\nCPU taken by other processes on the machine while phases ran (CPUs of 2): "
-        + ", ".join(f"{k} {v:.2f}" for k, v in noise.items())
-        + (" — **the machine was not quiet**" if noise and max(noise.values()) > 0.1 else "")
-    )
+    lines.append("\n" + noise_note(result["foreign_cpus"]))
     lines += ["", "| target | measured | met |", "| --- | ---: | --- |"]
     for t in result["targets"]:
         lines.append(f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else '**no**'} |")

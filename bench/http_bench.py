@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import re
 import shutil
 import signal
@@ -64,6 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pyproxy.bench.filter_configs import filter_entry
@@ -73,19 +73,20 @@ from pyproxy.bench.http_load import (
     Path_,
     log,
     move_to_cpu,
+    run_load_tool,
     run_wrk,
     wait_http,
 )
 from pyproxy.bench.procs import (
-    CLK_TCK,
+    Noise,
     Processes,
     cell,
     cpu_seconds,
+    noise_note,
     pinned,
     target_line,
-    tree_pids,
 )
-from pyproxy.bench.rounds import latency_phase, paired_ratio
+from pyproxy.bench.rounds import interleaved, latency_phase, paired_ratio
 from pyproxy.bench.tcp_echo import free_port
 
 from pyproxy.stats import stage_table
@@ -112,33 +113,6 @@ def rss_mib(pids: list[int]) -> float:
         except OSError:
             pass
     return total_kib / 1024
-
-
-def foreign_cpu() -> dict[int, int]:
-    """CPU ticks of every process outside this bench's own tree (other users of the machine)."""
-    ours = set(tree_pids(os.getpid()))
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) not in ours:
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                out[int(entry)] = int(fields[11]) + int(fields[12])
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
-
-
-class Noise:
-    """How much CPU the rest of the machine took while a phase ran (in CPUs, 2.0 = both busy)."""
-
-    def __init__(self) -> None:
-        self.t0, self.before = time.monotonic(), foreign_cpu()
-
-    def cpus(self) -> float:
-        after = foreign_cpu()
-        ticks = sum(after[pid] - self.before[pid] for pid in after if pid in self.before)
-        return ticks / CLK_TCK / max(time.monotonic() - self.t0, 1e-9)
 
 
 # ---- the paths under test ------------------------------------------------------------
@@ -336,13 +310,7 @@ def parse_h2load(text: str) -> dict:
 
 def run_h2load(p: Path_, seconds: int) -> dict:
     argv = ["h2load", "-t1", "-c32", "-m10", "-D", str(seconds), f"http://127.0.0.1:{p.h2_port}/"]
-    run = subprocess.run(
-        pinned(SIDE_CPU, argv), capture_output=True, text=True, timeout=seconds + 30
-    )
-    out = parse_h2load(run.stdout)
-    if "requests" not in out:
-        raise RuntimeError(f"h2load via {p.name}: {run.stdout[-300:]} {run.stderr[-300:]}")
-    return out
+    return run_load_tool(p, argv, parse_h2load, seconds)
 
 
 def under_load(p: Path_, run) -> dict:
@@ -367,13 +335,8 @@ def under_load(p: Path_, run) -> dict:
 
 def throughput_phase(paths: list[Path_], workdir: Path, rounds: int, seconds: int) -> dict:
     runs: dict[str, list[dict]] = {p.name: [] for p in paths}
-    order = list(paths)
-    rng = random.Random(5)
-    for r in range(rounds):
-        rng.shuffle(order)
-        for p in order:
-            runs[p.name].append(under_load(p, lambda p=p: run_wrk(p, workdir, seconds, 32)))
-        log(f"  throughput round {r + 1}/{rounds} done")
+    for p in interleaved(paths, rounds, 5, "throughput"):
+        runs[p.name].append(under_load(p, lambda p=p: run_wrk(p, workdir, seconds, 32)))
     out = {}
     for name, values in runs.items():
         best = max(values, key=lambda v: v["rps"])
@@ -425,25 +388,67 @@ def git_state(repo: Path = REPO) -> dict:
     return {"head": head, "dirty_files": dirty.splitlines()}
 
 
-def main(argv: list[str] | None = None) -> int:
+def round_parser(
+    doc: str | None, *, rounds: int, requests: int, round_seconds: float, load_rounds: int,
+    seconds: int, out: str,
+) -> argparse.ArgumentParser:  # fmt: skip
+    """An interleaved HTTP bench's command line (its docstring as help), with its defaults."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=5, help="latency rounds")
-    parser.add_argument("--requests", type=int, default=2000, help="per path per latency round")
-    parser.add_argument("--round-seconds", type=float, default=2.0, help="cap per path per round")
-    parser.add_argument("--load-rounds", type=int, default=3, help="wrk runs per path")
-    parser.add_argument("--seconds", type=int, default=5, help="wrk / h2load duration")
+    parser.add_argument("--rounds", type=int, default=rounds, help="latency rounds")
+    parser.add_argument("--requests", type=int, default=requests, help="per path per latency round")
+    parser.add_argument("--round-seconds", type=float, default=round_seconds,
+                        help="cap per path per latency round")  # fmt: skip
+    parser.add_argument("--load-rounds", type=int, default=load_rounds, help="load runs per path")
+    parser.add_argument("--seconds", type=int, default=seconds, help="load run duration")
+    parser.add_argument("--out", default=out)
+    return parser
+
+
+def finish_run(result: dict, out: str, started: float, report: Callable[[dict], str]) -> None:
+    """Write the results JSON, print the report and where the JSON went."""
+    result["elapsed_s"] = time.monotonic() - started
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2))
+    print(report(result))
+    print(f"\nresults: {out} ({result['elapsed_s']:.0f} s)")
+
+
+def begin_run(parser: argparse.ArgumentParser, args: argparse.Namespace, tools: tuple) -> dict:
+    """Refuse to start without the tools or two CPUs; make SIGTERM/SIGHUP unwind through the
+    caller's cleanup (nothing is left running); the header of the results JSON."""
+    for tool in tools:
+        if not shutil.which(tool):
+            parser.error(f"{tool} is needed")
+    if (os.cpu_count() or 1) < 2:
+        parser.error("two CPUs are needed (proxy alone on CPU 1 under load)")
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda *_: sys.exit(1))
+    return {
+        "config": vars(args),
+        "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
+        "git": git_state(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = round_parser(
+        __doc__,
+        rounds=5,
+        requests=2000,
+        round_seconds=2.0,
+        load_rounds=3,
+        seconds=5,
+        out=str(RESULTS / "http_bench.json"),
+    )
     parser.add_argument("--install-peers", action="store_true",
                         help="create /tmp venvs with proxy.py and mitmproxy if missing")  # fmt: skip
     parser.add_argument("--baseline-tree", metavar="PATH",
                         help="another checkout with its own venv (make .venv/.installed-test "
                         "there): its pyproxy runs beside this one, before_<name>")  # fmt: skip
-    parser.add_argument("--out", default=str(RESULTS / "http_bench.json"))
     args = parser.parse_args(argv)
-    for tool in ("nginx", "wrk", "taskset"):
-        if not shutil.which(tool):
-            parser.error(f"{tool} is needed")
+    result: dict = {**begin_run(parser, args, ("nginx", "wrk", "taskset")), "skipped": {}}
     baseline_python = None
     if args.baseline_tree is not None:
         baseline_python = Path(args.baseline_tree).resolve() / ".venv" / "bin" / "python"
@@ -452,17 +457,8 @@ def main(argv: list[str] | None = None) -> int:
                          f"{args.baseline_tree} (it builds that tree's native modules too)")  # fmt: skip
     if args.install_peers:
         install_peers()
-    # SIGTERM/SIGHUP unwind through the finally below, so nothing is left running.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: sys.exit(1))
 
     started = time.monotonic()
-    result: dict = {
-        "config": vars(args),
-        "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
-        "git": git_state(),
-        "skipped": {},
-    }
     if args.baseline_tree is not None:
         result["baseline_git"] = git_state(Path(args.baseline_tree).resolve())
     affinity = os.sched_getaffinity(0)
@@ -560,11 +556,7 @@ def main(argv: list[str] | None = None) -> int:
             procs.stop_all()
 
     result["targets"] = targets(result)
-    result["elapsed_s"] = time.monotonic() - started
-    RESULTS.mkdir(exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(report(result))
-    print(f"\nresults: {args.out} ({result['elapsed_s']:.0f} s)")
+    finish_run(result, args.out, started, report)
     return 0
 
 
@@ -683,17 +675,8 @@ def report(result: dict) -> str:
             )
         else:
             lines.append(f"| {name} | {t['value']:.2f} | — | — |")
-    noise = result.get("foreign_cpus", {})
-    if noise:
-        lines.append(
-            "\nCPU taken by other processes on the machine while phases ran (CPUs of 2): "
-            + ", ".join(f"{k} {v:.2f}" for k, v in noise.items())
-            + (
-                " — **the machine was not quiet; rates are disturbed**"
-                if max(noise.values()) > 0.1
-                else ""
-            )
-        )
+    if result.get("foreign_cpus"):
+        lines.append("\n" + noise_note(result["foreign_cpus"]))
     before_after_lines = [
         target_line(t["met"], f"{name} {t['target']}", cell(t["value"], ".2f"))
         for name, t in result["targets"].items()

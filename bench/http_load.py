@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,10 +148,15 @@ def run_wrk(p: Path_, workdir: Path, seconds: int, connections: int) -> dict:
         script.write_text(f'wrk.path = "{p.absolute}"\n')
         argv += ["-s", str(script)]
     argv.append(f"http://127.0.0.1:{p.port}/")
+    return run_load_tool(p, argv, parse_wrk, seconds)
+
+
+def run_load_tool(p: Path_, argv: list[str], parse: Callable[[str], dict], seconds: int) -> dict:
+    """A load generator run for `seconds` on SIDE_CPU; its parsed output (it must count requests)."""
     run = subprocess.run(
         pinned(SIDE_CPU, argv), capture_output=True, text=True, timeout=seconds + 30
     )
-    out = parse_wrk(run.stdout)
+    out = parse(run.stdout)
     if "requests" not in out:
-        raise RuntimeError(f"wrk via {p.name}: {run.stdout[-300:]} {run.stderr[-300:]}")
+        raise RuntimeError(f"{argv[0]} via {p.name}: {run.stdout[-300:]} {run.stderr[-300:]}")
     return out

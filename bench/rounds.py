@@ -7,11 +7,12 @@ rounds, is what survives them; the pooled figure is kept beside it.
 
 from __future__ import annotations
 
+import argparse
 import os
 import random
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from pyproxy.bench.echo_client import summarize
@@ -24,6 +25,7 @@ from pyproxy.bench.http_load import (
     move_to_cpu,
     run_wrk,
 )
+from pyproxy.bench.procs import Noise
 
 
 def paired_median(values: Sequence[float], base: Sequence[float]) -> float:
@@ -55,6 +57,16 @@ def cpu_ns(pids: list[int]) -> int:
     return total
 
 
+def interleaved(paths: list[Path_], rounds: int, seed: int, phase: str) -> Iterator[Path_]:
+    """Every path once per round, in a new shuffled order each round (progress on stderr)."""
+    order = list(paths)
+    rng = random.Random(seed)
+    for r in range(rounds):
+        rng.shuffle(order)
+        yield from order
+        log(f"  {phase} round {r + 1}/{rounds} done")
+
+
 def latency_phase(
     paths: list[Path_], rounds: int, count: int, seconds: float, base: str, seed: int = 3
 ) -> dict:
@@ -65,15 +77,10 @@ def latency_phase(
     """
     samples: dict[str, list[int]] = {p.name: [] for p in paths}
     per_round: dict[str, list[float]] = {p.name: [] for p in paths}
-    order = list(paths)
-    rng = random.Random(seed)
-    for r in range(rounds):
-        rng.shuffle(order)
-        for p in order:
-            rtts = measure_http(p.port, count, 100, p.absolute, max_seconds=seconds)
-            samples[p.name] += rtts
-            per_round[p.name].append(summarize(rtts)["p50_us"])
-        log(f"  latency round {r + 1}/{rounds} done")
+    for p in interleaved(paths, rounds, seed, "latency"):
+        rtts = measure_http(p.port, count, 100, p.absolute, max_seconds=seconds)
+        samples[p.name] += rtts
+        per_round[p.name].append(summarize(rtts)["p50_us"])
     out = {name: summarize(values) for name, values in samples.items()}
     reference = out[base]
     for name, values in out.items():
@@ -94,24 +101,19 @@ def load_phase(
     over `base` paired and pooled), req/s per round and their median.
     """
     runs: dict[str, list[dict]] = {p.name: [] for p in paths}
-    order = list(paths)
-    rng = random.Random(seed)
-    for r in range(rounds):
-        rng.shuffle(order)
-        for p in order:
-            pids = p.pids()
-            move_to_cpu(pids, LOAD_CPU)
-            before = cpu_ns(pids)
-            wall0 = time.perf_counter()
-            out = run_wrk(p, workdir, seconds, connections)
-            wall = time.perf_counter() - wall0
-            out["cpu_ns"] = cpu_ns(pids) - before
-            out["cpu_util"] = out["cpu_ns"] / 1e9 / wall
-            move_to_cpu(pids, SIDE_CPU)
-            runs[p.name].append(out)
-            for sink in workdir.glob(f"tap-{p.name}.jsonl"):  # keep a tap filter's sink small
-                os.truncate(sink, 0)
-        log(f"  load round {r + 1}/{rounds} done")
+    for p in interleaved(paths, rounds, seed, "load"):
+        pids = p.pids()
+        move_to_cpu(pids, LOAD_CPU)
+        before = cpu_ns(pids)
+        wall0 = time.perf_counter()
+        out = run_wrk(p, workdir, seconds, connections)
+        wall = time.perf_counter() - wall0
+        out["cpu_ns"] = cpu_ns(pids) - before
+        out["cpu_util"] = out["cpu_ns"] / 1e9 / wall
+        move_to_cpu(pids, SIDE_CPU)
+        runs[p.name].append(out)
+        for sink in workdir.glob(f"tap-{p.name}.jsonl"):  # keep a tap filter's sink small
+            os.truncate(sink, 0)
     out = {}
     for name, values in runs.items():
         requests = sum(v["requests"] for v in values)
@@ -135,3 +137,31 @@ def load_phase(
             values["cpu_us_per_req_rounds"], reference["cpu_us_per_req_rounds"]
         )
     return out
+
+
+def run_phases(
+    result: dict, args: argparse.Namespace, workdir: Path, paths: list[Path_], *,
+    latency_base: str, load_paths: list[Path_], connections: int, load_base: str,
+    snapshot: Callable[[str], None],
+) -> None:  # fmt: skip
+    """The latency phase (this process on SIDE_CPU with the rest), then the load phase, into
+    `result`; each with the CPU the rest of the machine took meanwhile, `snapshot(phase)` after."""
+    log(f"latency: {len(paths)} paths x {args.rounds} rounds x {args.requests} requests")
+    affinity = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {SIDE_CPU})
+    try:
+        noise = Noise()
+        result["latency"] = latency_phase(
+            paths, args.rounds, args.requests, args.round_seconds, base=latency_base
+        )
+        result["foreign_cpus"] = {"latency": noise.cpus()}
+    finally:
+        os.sched_setaffinity(0, affinity)
+    snapshot("latency")
+    log(f"load: wrk -t1 -c{connections} -d{args.seconds}s x {args.load_rounds} rounds per path")
+    noise = Noise()
+    result["load"] = load_phase(
+        load_paths, workdir, args.load_rounds, args.seconds, connections, base=load_base
+    )
+    result["foreign_cpus"]["load"] = noise.cpus()
+    snapshot("load")
