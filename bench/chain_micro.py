@@ -50,7 +50,8 @@ import time
 from pathlib import Path
 from time import perf_counter_ns
 
-from pyproxy.bench.filter_bench import CHAIN_ORDER, configurations, filter_entry
+from pyproxy.bench.filter_bench import CHAIN_ORDER, configurations
+from pyproxy.bench.filter_configs import filter_entry
 
 from pyproxy.chain.api import FactoryContext, HeaderMap
 from pyproxy.chain.http_chain import FILTER_STAGE_BASE, ChainFactory, HttpChain
