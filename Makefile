@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 # node bundles its own npm.
 APT_BUILD := gcc libc6-dev python3-dev python3-venv acl clang llvm libbpf-dev linux-libc-dev bpftool libnghttp2-dev
 APT_TEST := iptables iproute2 util-linux curl procps wrk nghttp2-client openssl podman runc buildah debootstrap chromium
-APT_BENCH := nginx-light libnginx-mod-stream iperf3 haproxy caddy
+APT_BENCH := nginx-light libnginx-mod-stream libnginx-mod-http-lua iperf3 haproxy caddy
 
 .PHONY: demo test bench soak fuzz lint fresh-check system-deps system-deps-bench clean apt
 
@@ -21,13 +21,15 @@ test: system-deps $(VENV)/.installed-test
 	$(VENV)/bin/pytest
 
 # Every bench measures its own baselines in the same run; results land in bench/results/.
-BENCHES := tcp_echo http_bench filter_bench grpc_bench native_paths h2_codec_bench
+BENCHES := tcp_echo http_bench filter_bench filtered_path grpc_bench native_paths h2_codec_bench
 
 bench: system-deps system-deps-bench $(VENV)/.installed-test
 	@for b in $(BENCHES); do echo "== bench/$$b.py"; $(PY) -m pyproxy.bench.$$b || exit 1; done
 
+# One bench, with its options: make bench-http_bench BENCH_ARGS="--baseline-tree ../before"
+BENCH_ARGS ?=
 bench-%: system-deps system-deps-bench $(VENV)/.installed-test
-	$(PY) -m pyproxy.bench.$*
+	$(PY) -m pyproxy.bench.$* $(BENCH_ARGS)
 
 # HTTP mode, every filter on, near capacity; fails on lost requests or RSS/fd growth.
 SOAK_SECONDS ?= 180
@@ -45,7 +47,7 @@ fuzz: $(VENV)/.installed-test
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
 
-$(VENV)/.installed-test: pyproject.toml setup.py native/build_native.py native/pyproxy_native.c native/http1_head.c native/http1_scan.h native/express_lane.c native/h2_codec.c native/h2_codec.h \
+$(VENV)/.installed-test: pyproject.toml setup.py native/build_native.py native/facts_header.py pyproxy/protocol.py pyproxy/counters.py native/pyproxy_native.c native/http1_head.c native/http1_scan.h native/express_lane.c native/h2_codec.c native/h2_codec.h \
 		native/pyproxy_bpf.c native/pyproxy_bpf.h $(wildcard native/*.bpf.c)
 	@python3 -m venv $(VENV) >/dev/null 2>&1 || { $(MAKE) --no-print-directory apt PKGS=python3-venv && python3 -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip

@@ -3,6 +3,7 @@
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 from glob import glob
 
@@ -19,10 +20,24 @@ class OptionalBuildExt(build_ext):
 
     def run(self) -> None:
         try:
+            self._write_protocol_facts()
             super().run()
         except Exception as exc:  # noqa: BLE001 - any failure means "no native module"
             self._warn(exc)
         self._build_bpf_objects()
+
+    @staticmethod
+    def _write_protocol_facts() -> None:
+        """native/protocol_facts.h, which the HTTP C sources include, from pyproxy/protocol.py and
+        pyproxy/counters.py: run from the source tree (the package is not installed yet)."""
+        root = os.path.dirname(os.path.abspath(__file__))
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join(filter(None, (root, os.environ.get("PYTHONPATH")))),
+        )
+        subprocess.run(
+            [sys.executable, os.path.join(root, "native", "facts_header.py")], check=True, env=env
+        )
 
     def _build_bpf_objects(self) -> None:
         """Compile native/*.bpf.c with clang for the bpf target, next to the extension modules.
@@ -80,7 +95,7 @@ setup(
         Extension(
             f"pyproxy.native.{name}",
             [f"native/{source}"],
-            depends=["native/http1_scan.h"],
+            depends=["native/http1_scan.h", "native/protocol_facts.h"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         )
         for name, source in (("_http1head", "http1_head.c"), ("_express", "express_lane.c"))

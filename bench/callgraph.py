@@ -359,7 +359,7 @@ def _trace_graph(
         calls[s.span_id] = Call(
             id=s.span_id,
             callee=s.service,
-            parent=(call_parent(s).span_id if call_parent(s) else None),
+            parent=(parent.span_id if (parent := call_parent(s)) else None),
             request=_size(attrs, REQUEST_SIZE_KEYS) or DEFAULT_SIZE,
             response=_size(attrs, RESPONSE_SIZE_KEYS) or DEFAULT_SIZE,
             work_ns=max(0.0, (s.end_ns - s.start_ns) - waited),

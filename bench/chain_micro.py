@@ -50,10 +50,11 @@ import time
 from pathlib import Path
 from time import perf_counter_ns
 
-from pyproxy.bench.filter_bench import CHAIN_ORDER, configurations, filter_entry
+from pyproxy.bench.filter_bench import CHAIN_ORDER, configurations
+from pyproxy.bench.filter_configs import filter_entry
 
 from pyproxy.chain.api import FactoryContext, HeaderMap
-from pyproxy.chain.http_chain import FILTER_STAGE_BASE, ChainFactory
+from pyproxy.chain.http_chain import FILTER_STAGE_BASE, ChainFactory, HttpChain
 from pyproxy.chain.registry import validate
 from pyproxy.codec.events import RequestHead, ResponseHead
 from pyproxy.codec.http1 import strip_hop_by_hop
@@ -112,18 +113,20 @@ class _Exchange:
         "flag",
         "head_only",
         "response_head_in",
+        "sent",
     )
 
     def __init__(self, ctx: _Context, downstream: _Downstream) -> None:
         self.ctx = ctx
         self.downstream = downstream
         self.request = RequestHead(b"GET", b"/", list(REQUEST_HEADERS))
-        self.chain = None
+        self.chain: HttpChain | None = None
         self.finished = False
         self.status = 0
         self.flag = ""
         self.head_only = True
         self.response_head_in: ResponseHead | None = None
+        self.sent: tuple[int, list] | None = None
 
     def run(self, chain_factory: ChainFactory | None, response: ResponseHead) -> None:
         # ---- Exchange.start
@@ -159,20 +162,32 @@ class _Exchange:
         if chain is not None:
             self.request = filtered_request(self.request, chain.maps["decode"])
 
-    def forward_response_head(self, end_stream: bool) -> tuple:
+    def forward_response_head(self, end_stream: bool) -> None:
+        """The head the downstream would be sent (kept in `sent`)."""
         head = self.response_head_in
         assert head is not None
         chain = self.chain
         if chain is not None and "encode" in chain.maps:
             headers = chain.maps["encode"]
             status = int(headers.pseudo.get(b":status", b"%d" % head.status))
-            return status, headers.headers
-        return head.status, strip_hop_by_hop(head.headers)
+            self.sent = (status, headers.headers)
+        else:
+            self.sent = (head.status, strip_hop_by_hop(head.headers))
 
     # The chain emits through these (what the exchange forwards to the downstream).
     def forward_response_body(self, data, end_stream: bool) -> None:
         if end_stream:
             self.finish()
+
+    # The bench's requests carry no body and its responses no trailers.
+    def forward_request_body(self, data, end_stream: bool) -> None:
+        raise RuntimeError("a request body reached the bench, which sends none")
+
+    def forward_request_trailers(self, headers) -> None:
+        raise RuntimeError("request trailers reached the bench, which sends none")
+
+    def forward_response_trailers(self, headers) -> None:
+        raise RuntimeError("response trailers reached the bench, which sends none")
 
     def filter_local_reply(self, *args) -> None:
         raise RuntimeError(f"a filter answered locally in the bench: {args}")

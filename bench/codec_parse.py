@@ -18,8 +18,9 @@ import sys
 import time
 from collections.abc import Callable
 
+from pyproxy.codec import make_http1_codec
 from pyproxy.codec.events import END, Body, RequestHead, ResponseHead
-from pyproxy.codec.http1 import make_http1_codec, strip_hop_by_hop
+from pyproxy.codec.http1 import strip_hop_by_hop
 
 REQUEST = (
     b"GET /api/v1/items?id=42 HTTP/1.1\r\n"
@@ -46,10 +47,9 @@ def relay_once(backend: str) -> Callable[[], None]:
             elif ev is END:
                 up.send(END)
         for ev in up.receive_data(RESPONSE):
-            kind = type(ev)
-            if kind is ResponseHead:
+            if type(ev) is ResponseHead:
                 down.send(ResponseHead(ev.status, ev.reason, strip_hop_by_hop(ev.headers)))
-            elif kind is Body:
+            elif type(ev) is Body:
                 down.send(ev)
             elif ev is END:
                 down.send(END)

@@ -4,10 +4,10 @@ One pyproxy per configuration, all in HTTP mode in front of the same upstream
 (a separate nginx answering `return 200` with a 100-byte body), all running
 in the same bench run:
 
-Every configuration runs with `express_lane: python`, the lane a header-only
-filter chain rides, so a filter's added cost is the filter's and not also the
-native express lane's (which a filterless listener would get, and which
-http_bench reports separately).
+Every configuration runs with the default express lane, so a filter's added
+cost is what adding it to a listener costs: the filter's own work and, while
+the native lane carries filterless routes only, the general path it moves the
+request to (filtered_path.py sets this beside nginx).
 
 * baseline: no filters; plus a second, identical instance (`baseline_b`) as
   an A/A control: its "added cost" is the measurement's noise floor;
@@ -49,39 +49,26 @@ started here is stopped at the end, whatever happens. Loopback only.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import random
-import shutil
-import signal
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from pyproxy.bench.echo_client import summarize
+from pyproxy.bench.filter_configs import filter_entry
 from pyproxy.bench.http_bench import (
-    LOAD_CPU,
-    SIDE_CPU,
-    Noise,
-    Path_,
     Processes,
-    git_state,
-    log,
-    measure_http,
-    move_to_cpu,
-    run_wrk,
+    begin_run,
+    finish_run,
+    round_parser,
     snap_delta,
+    start_pyproxy,
     start_upstream,
-    tree_pids,
-    wait_http,
 )
-from pyproxy.bench.procs import free_port, pinned
-from pyproxy.filters import sdk_modules
+from pyproxy.bench.http_load import Path_, log
+from pyproxy.bench.procs import noise_note, tree_pids
+from pyproxy.bench.rounds import run_phases
 
 RESULTS = Path(__file__).resolve().parent / "results"
-WASM_NOOP = Path(__file__).resolve().parent.parent / "filters" / "wasm_examples" / "noop.wat"
 
 # MeshInsight (SoCC'23) Table 3: Envoy's added cost per request, µs.
 ENVOY_US = {
@@ -105,36 +92,6 @@ CHAIN_ORDER = ("fault", "ratelimit", "tap", "lua", "wasm", "wasm_sdk")  # native
 ADDITIVITY_TOLERANCE = 0.20
 
 
-def filter_entry(kind: str, workdir: Path, config_name: str) -> dict:
-    """One filter, configured so it runs on every request and never acts."""
-    if kind == "fault":
-        config = {
-            "delay": {"fixed_delay": "10ms", "percentage": 0},
-            "abort": {"http_status": 503, "percentage": 0},
-        }
-    elif kind == "ratelimit":
-        config = {
-            "token_bucket": {
-                "max_tokens": 10**9,
-                "tokens_per_fill": 10**9,
-                "fill_interval": "1s",
-            }
-        }
-    elif kind == "tap":
-        config = {"path": str(workdir / f"tap-{config_name}.jsonl"), "max_body_bytes": 1024}
-    elif kind == "lua":
-        config = {"inline_code": "function envoy_on_request(handle)\nend\n"}
-    elif kind == "wasm":
-        config = {"wasm_file": str(WASM_NOOP)}
-    elif kind == "wasm_sdk":
-        module = sdk_modules.assemblyscript_module("headers")
-        config = {"wasm_file": str(module), "root_id": "add_header", "configuration": "bench"}
-        return {"name": kind, "type": "wasm", "config": config}
-    else:
-        raise ValueError(kind)
-    return {"name": kind, "type": kind, "config": config}
-
-
 def configurations() -> dict[str, tuple[str, ...]]:
     out: dict[str, tuple[str, ...]] = {"baseline": (), "baseline_b": ()}
     out.update({kind: (kind,) for kind in SINGLES})
@@ -145,125 +102,14 @@ def configurations() -> dict[str, tuple[str, ...]]:
 def start_proxy(
     procs: Processes, workdir: Path, name: str, filters: tuple[str, ...], upstream: int
 ) -> Path_:
-    port, admin = free_port(), free_port()
     chain = [filter_entry(k, workdir, name) for k in CHAIN_ORDER if k in filters]
-    config = {
-        "stage_clock": True,
-        "admin": f"127.0.0.1:{admin}",
-        "listeners": [
-            {
-                "name": "main",
-                "mode": "http",
-                "address": f"127.0.0.1:{port}",
-                "upstream": f"127.0.0.1:{upstream}",
-                # Filter chains ride the Python express lane; without this, the filterless
-                # baseline would pair into the native lane and every filter's added cost would
-                # include the native lane's gain (http_bench measures that gain on its own).
-                "http": {"codec": "fast", "express_lane": "python"},
-                **({"filters": chain} if chain else {}),
-            }
-        ],
-    }
-    path = workdir / f"{name}.yaml"
-    path.write_text(json.dumps(config, indent=2))  # JSON is YAML
-    argv = [sys.executable, "-m", "pyproxy", "run", "-c", str(path), "--log-level", "warning"]
-    proc = procs.launch(name, pinned(SIDE_CPU, argv))
-    wait_http(port, timeout=30)
-    return Path_(name, port, proc.pid, admin=admin, note="+".join(filters) or "no filters")
+    return start_pyproxy(
+        procs, workdir, name, upstream, http={"codec": "fast"}, filters=chain,
+        note="+".join(filters) or "no filters",
+    )  # fmt: skip
 
 
 # ---- measurements ------------------------------------------------------------------------
-
-
-def cpu_ns(pids: list[int]) -> int:
-    """utime+stime of the processes, all threads, ns resolution (schedstat's run time)."""
-    total = 0
-    for pid in pids:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    total += int(f.read().split()[0])
-            except (OSError, ValueError, IndexError):
-                pass
-    return total
-
-
-def latency_phase(paths: list[Path_], rounds: int, count: int, seconds: float) -> dict:
-    samples: dict[str, list[int]] = {p.name: [] for p in paths}
-    per_round: dict[str, list[float]] = {p.name: [] for p in paths}
-    order = list(paths)
-    rng = random.Random(3)
-    for r in range(rounds):
-        rng.shuffle(order)
-        for p in order:
-            rtts = measure_http(p.port, count, 100, max_seconds=seconds)
-            samples[p.name] += rtts
-            per_round[p.name].append(summarize(rtts)["p50_us"])
-        log(f"  latency round {r + 1}/{rounds} done")
-    out = {name: summarize(values) for name, values in samples.items()}
-    base = out["baseline"]["p50_us"]
-    for name, values in out.items():
-        values["added_p50_us_pooled"] = values["p50_us"] - base
-        values["p50_us_rounds"] = per_round[name]
-        values["added_p50_us"] = paired_median(per_round[name], per_round["baseline"])
-    return out
-
-
-def paired_median(values: list[float], base: list[float]) -> float:
-    """Median over rounds of (value - baseline) within the same round.
-
-    The host's slow spells last seconds and hit every path alike (the direct
-    path too), so a difference taken within one round, then the median over
-    rounds, is what survives them; the pooled figure is kept beside it.
-    """
-    diffs = sorted(a - b for a, b in zip(values, base, strict=True))
-    mid = len(diffs) // 2
-    return diffs[mid] if len(diffs) % 2 else (diffs[mid - 1] + diffs[mid]) / 2
-
-
-def load_phase(paths: list[Path_], workdir: Path, rounds: int, seconds: int) -> dict:
-    runs: dict[str, list[dict]] = {p.name: [] for p in paths}
-    order = list(paths)
-    rng = random.Random(8)
-    for r in range(rounds):
-        rng.shuffle(order)
-        for p in order:
-            pids = p.pids()
-            move_to_cpu(pids, LOAD_CPU)
-            before = cpu_ns(pids)
-            wall0 = time.perf_counter()
-            out = run_wrk(p, workdir, seconds, 8)
-            wall = time.perf_counter() - wall0
-            out["cpu_ns"] = cpu_ns(pids) - before
-            out["cpu_util"] = out["cpu_ns"] / 1e9 / wall
-            move_to_cpu(pids, SIDE_CPU)
-            runs[p.name].append(out)
-            for sink in workdir.glob(f"tap-{p.name}.jsonl"):  # keep the sinks small
-                os.truncate(sink, 0)
-        log(f"  load round {r + 1}/{rounds} done")
-    out = {}
-    for name, values in runs.items():
-        requests = sum(v["requests"] for v in values)
-        cpu = sum(v["cpu_ns"] for v in values)
-        out[name] = {
-            "requests": requests,
-            "rps_rounds": [v["rps"] for v in values],
-            "cpu_us_per_req": cpu / requests / 1e3,
-            "cpu_us_per_req_rounds": [v["cpu_ns"] / v["requests"] / 1e3 for v in values],
-            "cpu_util_rounds": [v["cpu_util"] for v in values],
-            "errors": sum(v["non_2xx"] + v["socket_errors"] for v in values),
-        }
-    base = out["baseline"]
-    for values in out.values():
-        values["added_cpu_us_per_req_pooled"] = values["cpu_us_per_req"] - base["cpu_us_per_req"]
-        values["added_cpu_us_per_req"] = paired_median(
-            values["cpu_us_per_req_rounds"], base["cpu_us_per_req_rounds"]
-        )
-    return out
 
 
 def stage_costs(delta: dict) -> dict:
@@ -410,34 +256,22 @@ def additivity(m: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser = round_parser(
+        __doc__,
+        rounds=15,
+        requests=600,
+        round_seconds=0.5,
+        load_rounds=6,
+        seconds=2,
+        out=str(RESULTS / "filter_bench.json"),
     )
-    parser.add_argument("--rounds", type=int, default=15, help="latency rounds")
-    parser.add_argument("--requests", type=int, default=600, help="per config per latency round")
-    parser.add_argument("--round-seconds", type=float, default=0.5, help="cap per config per round")
-    parser.add_argument("--load-rounds", type=int, default=6, help="wrk runs per config")
-    parser.add_argument("--seconds", type=int, default=2, help="wrk duration")
-    parser.add_argument("--out", default=str(RESULTS / "filter_bench.json"))
     args = parser.parse_args(argv)
-    for tool in ("nginx", "wrk", "taskset", "npm"):
-        if not shutil.which(tool):
-            parser.error(f"{tool} is needed")
-    if os.cpu_count() is None or os.cpu_count() < 2:
-        parser.error("two CPUs are needed (proxy alone on CPU 1 under load)")
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: sys.exit(1))
+    result = begin_run(parser, args, ("nginx", "wrk", "taskset", "npm"))
 
     started = time.monotonic()
     configs = configurations()
-    result: dict = {
-        "config": vars(args),
-        "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
-        "git": git_state(),
-        "configurations": {name: list(f) for name, f in configs.items()},
-        "envoy_us": ENVOY_US,
-    }
-    affinity = os.sched_getaffinity(0)
+    result["configurations"] = {name: list(f) for name, f in configs.items()}
+    result["envoy_us"] = ENVOY_US
     with tempfile.TemporaryDirectory(prefix="pyproxy-filter-bench-") as tmp:
         workdir = Path(tmp)
         procs = Processes(workdir)
@@ -447,24 +281,15 @@ def main(argv: list[str] | None = None) -> int:
             paths = [start_proxy(procs, workdir, n, f, upstream) for n, f in configs.items()]
             snaps: dict[str, dict] = {p.name: {"start": p.stats()} for p in paths}
 
-            log(f"latency: {len(paths)} configs x {args.rounds} rounds x {args.requests} requests")
-            os.sched_setaffinity(0, {SIDE_CPU})
-            noise = Noise()
-            result["latency"] = latency_phase(paths, args.rounds, args.requests, args.round_seconds)
-            result["foreign_cpus"] = {"latency": noise.cpus()}
-            os.sched_setaffinity(0, affinity)
-            for p in paths:
-                snaps[p.name]["latency"] = p.stats()
+            def snapshot(phase: str) -> None:
+                for p in paths:
+                    snaps[p.name][phase] = p.stats()
 
-            log(f"load: wrk -t1 -c8 -d{args.seconds}s x {args.load_rounds} rounds per config")
-            noise = Noise()
-            result["load"] = load_phase(paths, workdir, args.load_rounds, args.seconds)
-            result["foreign_cpus"]["load"] = noise.cpus()
+            run_phases(result, args, workdir, paths, latency_base="baseline", load_paths=paths,
+                       connections=8, load_base="baseline", snapshot=snapshot)  # fmt: skip
             for p in paths:
-                snaps[p.name]["load"] = p.stats()
                 snaps[p.name]["pids"] = len(tree_pids(p.pid))
         finally:
-            os.sched_setaffinity(0, affinity)
             procs.stop_all()
 
     result["stages"] = {}
@@ -483,11 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     result["targets"] = targets(m)
     result["chain_fixed_cost_us"] = chain_fixed_cost(m)
     result["additivity"] = additivity(m)
-    result["elapsed_s"] = time.monotonic() - started
-    RESULTS.mkdir(exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(report(result))
-    print(f"\nresults: {args.out} ({result['elapsed_s']:.0f} s)")
+    finish_run(result, args.out, started, report)
     return 1 if problems else 0
 
 
@@ -578,13 +399,8 @@ def report(result: dict) -> str:
         f"A/A control (baseline_b, an identical no-filter proxy): added p50 "
         f"{m['baseline_b']['p50']:+.1f} µs, added CPU {m['baseline_b']['cpu']:+.1f} µs/req (paired)."
     )
-    noise = result.get("foreign_cpus", {})
-    if noise:
-        lines.append(
-            "CPU taken by other processes on the machine while phases ran (CPUs of 2): "
-            + ", ".join(f"{k} {v:.2f}" for k, v in noise.items())
-            + (" — **the machine was not quiet**" if max(noise.values()) > 0.1 else "")
-        )
+    if result.get("foreign_cpus"):
+        lines.append(noise_note(result["foreign_cpus"]))
     util = [u for v in load.values() for u in v["cpu_util_rounds"]]
     lines.append(
         f"Proxy CPU use under wrk -c8: {min(util) * 100:.0f}–{max(util) * 100:.0f} % of CPU 1."

@@ -221,13 +221,13 @@ def framing_cost_us() -> float:
     return (perf_counter_ns() - t0) / rounds / 1000 * 2
 
 
-def h2_codec_cost_us(calls: int = 3000, proxy_conn=None) -> dict:
+def h2_codec_cost_us(calls: int = 3000, proxy_conn=None) -> float:
     """The codec's share of `parse`: the proxy's two HTTP/2 connections handling one unary call,
     peers simulated in-process and not timed (headers and trailers as a grpcio peer sends them).
     The proxy's connections are hyper-h2's unless `proxy_conn(client_side)` makes them."""
     from h2.config import H2Configuration
     from h2.connection import H2Connection
-    from h2.events import DataReceived
+    from h2.events import DataReceived, RequestReceived
 
     def conn(client: bool) -> H2Connection:
         c = H2Connection(H2Configuration(client_side=client, header_encoding=None))
@@ -261,9 +261,10 @@ def h2_codec_cost_us(calls: int = 3000, proxy_conn=None) -> dict:
         client.send_data(sid, body, end_stream=True)
         wire = client.data_to_send()
         t0 = perf_counter_ns()
-        events = down.receive_data(wire)
+        head = down.receive_data(wire)[0]
+        assert isinstance(head, RequestReceived)
         usid = up.get_next_available_stream_id()
-        up.send_headers(usid, events[0].headers)
+        up.send_headers(usid, head.headers)
         up.send_data(usid, body, end_stream=True)
         down.acknowledge_received_data(len(body), sid)
         out_up, out_down = up.data_to_send(), down.data_to_send()
@@ -275,7 +276,7 @@ def h2_codec_cost_us(calls: int = 3000, proxy_conn=None) -> dict:
         server.send_headers(usid, trailers, end_stream=True)
         wire = server.data_to_send()
         t0 = perf_counter_ns()
-        events = up.receive_data(wire)
+        up.receive_data(wire)
         down.send_headers(sid, response)
         down.send_data(sid, body)
         down.send_headers(sid, trailers, end_stream=True)
@@ -313,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     two_cpus = (os.cpu_count() or 1) >= 2
     proxy_cpu, rest_cpu = (1, 0) if two_cpus else (None, None)
-    if two_cpus:
+    if rest_cpu is not None:
         os.sched_setaffinity(0, {rest_cpu})
     procs = Processes()
     workdir = Path(tempfile.mkdtemp(prefix="grpc_bench-"))

@@ -33,8 +33,8 @@ from pathlib import Path
 from time import perf_counter_ns
 
 from pyproxy.bench import grpc_bench, http_bench
-from pyproxy.bench.http_bench import LOAD_CPU, SIDE_CPU, Path_, free_port, log, pinned
-from pyproxy.bench.procs import Processes, cell
+from pyproxy.bench.http_load import LOAD_CPU, SIDE_CPU, Path_, log, move_to_cpu, wait_http
+from pyproxy.bench.procs import Processes, cell, free_port, pinned
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CODECS = ("h2", "native")
@@ -147,7 +147,7 @@ def start_upstream(procs: http_bench.Processes, workdir: Path) -> tuple[int, int
         f'  location / {{ default_type text/plain; return 200 "{body}"; }} }}\n',
     )  # fmt: skip
     procs.launch("upstream", pinned(SIDE_CPU, ["nginx", "-c", str(conf), "-p", str(workdir)]))
-    http_bench.wait_http(port)
+    wait_http(port)
     return port, h2
 
 
@@ -206,12 +206,12 @@ def grpc_unary(workdir: Path, args) -> dict:
         for p in paths:
             before = p.stats()["listeners"]["main"] if p.admin else None
             grpc_bench.log(f"h2load gRPC via {p.name}")
-            http_bench.move_to_cpu(p.pids(), LOAD_CPU)
+            move_to_cpu(p.pids(), LOAD_CPU)
             load[p.name] = grpc_bench.load_phase(
                 {p.name: p.port}, {p.name: p.pids()}, body, args.seconds, SIDE_CPU
             )[p.name]
             load[p.name]["rss_mib"] = http_bench.rss_mib(p.pids())
-            http_bench.move_to_cpu(p.pids(), SIDE_CPU)
+            move_to_cpu(p.pids(), SIDE_CPU)
             if before is not None:
                 after = p.stats()["listeners"]["main"]
                 calls = after["requests"] - before["requests"]

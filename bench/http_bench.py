@@ -9,7 +9,8 @@ what is measured, and it is fast). Measured per path:
     every process (client, upstream, proxies) pinned to CPU 0 so no path wins
     by spreading work; rounds interleave the paths in shuffled order so
     machine noise hits all alike. Reported: p50/p99 and added p50/p99 over
-    the direct path.
+    the direct path (added p50: median over rounds of the within-round
+    difference; added p99: pooled).
 (b) throughput: `wrk -t1 -c32` with the proxy under test alone on CPU 1, wrk
     and the upstream on CPU 0: requests/s, and the proxy's CPU use (a core
     saturated or not).
@@ -21,12 +22,21 @@ what is measured, and it is fast). Measured per path:
 A lower bound runs beside them: `python_floor.py`, the leanest keep-alive
 relay Python can make (no parsing, no accounting), which shows what any
 Python proxy pays before doing a proxy's work.
-pyproxy runs four times: fast codec (llhttp) with its default native express
-lane, fast with the Python express lane only (`express_lane: python`, what
-the native lane buys), h11 codec, and fast with the stage clock off (the
-clock's own cost is on - off). Its stage breakdown is
+pyproxy runs five times: fast codec (llhttp) with its default express
+lane (the C pair), fast with `express_lane: off` (the general path alone,
+what the C pair buys), h11 codec, fast with the stage clock off (the clock's
+own cost is on - off), and fast with a local rate limit that never limits
+(the filtered path). Its stage breakdown is
 taken from /stats?format=json deltas over the latency phase (per request,
-serial) and over the load phase. proxy.py runs as a *forward* proxy with
+serial) and over the load phase.
+`--baseline-tree PATH` runs another checkout's pyproxy (from PATH/.venv,
+which `make .venv/.installed-test` there builds with its native modules)
+beside this one in the same run, interleaved: the default and the filtered
+configuration again as `before_<name>`, each tree reading the same config.
+Reported: after/before ratios of added p50 and CPU per request, each the
+median over rounds of that round's ratio; targets: default path ≤ 1.05,
+filtered path ≤ 1.00.
+proxy.py runs as a *forward* proxy with
 absolute-form requests (its reverse-proxy plugin does not serve a second
 request on a kept-alive connection: the request times out), mitmproxy as
 `mitmdump --mode reverse:`. They come from their own venvs under /tmp
@@ -44,24 +54,40 @@ started here is stopped at the end, whatever happens.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
-from pyproxy.bench.echo_client import summarize
-from pyproxy.bench.procs import CLK_TCK, Processes, cell, cpu_seconds, pinned, tree_pids
-from pyproxy.bench.tcp_echo import free_port, get_json
+from pyproxy.bench.filter_configs import filter_entry
+from pyproxy.bench.http_load import (
+    LOAD_CPU,
+    SIDE_CPU,
+    Path_,
+    log,
+    move_to_cpu,
+    run_load_tool,
+    run_wrk,
+    wait_http,
+)
+from pyproxy.bench.procs import (
+    Noise,
+    Processes,
+    cell,
+    cpu_seconds,
+    noise_note,
+    pinned,
+    target_line,
+)
+from pyproxy.bench.rounds import interleaved, latency_phase, paired_ratio
+from pyproxy.bench.tcp_echo import free_port
 
 from pyproxy.stats import stage_table
 
@@ -71,11 +97,6 @@ PEER_VENVS = {
     "proxypy": ("/tmp/venv-proxypy", "proxy.py"),
     "mitmproxy": ("/tmp/venv-mitm", "mitmproxy"),
 }
-LOAD_CPU, SIDE_CPU = 1, 0  # proxy under load alone on CPU 1; wrk/h2load + upstream on CPU 0
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 # ---- processes -----------------------------------------------------------------------
@@ -94,132 +115,7 @@ def rss_mib(pids: list[int]) -> float:
     return total_kib / 1024
 
 
-def foreign_cpu() -> dict[int, int]:
-    """CPU ticks of every process outside this bench's own tree (other users of the machine)."""
-    ours = set(tree_pids(os.getpid()))
-    out = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) not in ours:
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                out[int(entry)] = int(fields[11]) + int(fields[12])
-            except (OSError, IndexError, ValueError):
-                pass
-    return out
-
-
-class Noise:
-    """How much CPU the rest of the machine took while a phase ran (in CPUs, 2.0 = both busy)."""
-
-    def __init__(self) -> None:
-        self.t0, self.before = time.monotonic(), foreign_cpu()
-
-    def cpus(self) -> float:
-        after = foreign_cpu()
-        ticks = sum(after[pid] - self.before[pid] for pid in after if pid in self.before)
-        return ticks / CLK_TCK / max(time.monotonic() - self.t0, 1e-9)
-
-
-def move_to_cpu(pids: list[int], cpu: int) -> None:
-    for pid in pids:
-        try:
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                os.sched_setaffinity(int(tid), {cpu})
-        except OSError:
-            pass
-
-
-def wait_http(port: int, absolute: str | None = None, timeout: float = 20.0) -> None:
-    """Until a GET through the port answers 200 (the proxy is up and reaches the upstream)."""
-    deadline = time.monotonic() + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            rtts = measure_http(port, 1, 0, absolute=absolute, timeout=2.0)
-            if rtts:
-                return
-        except (OSError, ValueError) as exc:
-            last = exc
-        time.sleep(0.1)
-    raise RuntimeError(f"no 200 through 127.0.0.1:{port}: {last}")
-
-
-# ---- the latency client ---------------------------------------------------------------
-
-
-def measure_http(
-    port: int,
-    count: int,
-    warmup: int,
-    absolute: str | None = None,
-    max_seconds: float = 1e9,
-    timeout: float = 10.0,
-) -> list[int]:
-    """Nanosecond GET round trips on one kept-alive connection, one request outstanding."""
-    target = absolute or "/"
-    request = f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\nUser-Agent: http_bench\r\n\r\n".encode()
-    buf = bytearray(65536)
-    view = memoryview(buf)
-    clock = time.perf_counter_ns
-    rtts: list[int] = []
-    deadline = clock() + int(max_seconds * 1e9)
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        gc_was = gc.isenabled()
-        gc.disable()
-        try:
-            for i in range(warmup + count):
-                started = clock()
-                sock.sendall(request)
-                have, need = 0, -1
-                while need < 0 or have < need:
-                    n = sock.recv_into(view[have:])
-                    if not n:
-                        raise ConnectionError(f"EOF after {have} bytes of a response")
-                    have += n
-                    if need < 0:
-                        end = buf.find(b"\r\n\r\n", 0, have)
-                        if end >= 0:
-                            need = end + 4 + _body_length(bytes(buf[:end]))
-                if i >= warmup:
-                    rtts.append(clock() - started)
-                if buf[9:12] != b"200":
-                    raise ValueError(f"status {bytes(buf[9:12])!r} from 127.0.0.1:{port}")
-                if i >= warmup and clock() > deadline:
-                    break
-        finally:
-            if gc_was:
-                gc.enable()
-    return rtts
-
-
-def _body_length(head: bytes) -> int:
-    match = re.search(rb"\r\ncontent-length:\s*(\d+)", head, re.IGNORECASE)
-    if match is None:
-        raise ValueError("response without content-length (the upstream always sends one)")
-    return int(match.group(1))
-
-
 # ---- the paths under test ------------------------------------------------------------
-
-
-@dataclass
-class Path_:
-    name: str
-    port: int
-    pid: int | None = None  # root process of the proxy (None: direct)
-    admin: int | None = None  # pyproxy admin port
-    absolute: str | None = None  # absolute-form target (forward proxy)
-    note: str = ""
-    h2_port: int | None = None
-    snaps: dict = field(default_factory=dict)
-
-    def pids(self) -> list[int]:
-        return tree_pids(self.pid) if self.pid else []
-
-    def stats(self) -> dict:
-        return get_json(f"http://127.0.0.1:{self.admin}/stats?format=json")
 
 
 NGINX_TEMP = (
@@ -229,7 +125,7 @@ NGINX_TEMP = (
 
 
 def nginx_conf(workdir: Path, name: str, http_block: str, main: str = "") -> Path:
-    """``main``: lines for the main context first (``load_module`` directives)."""
+    """One single-process nginx's config file; `main` goes before everything (load_module)."""
     conf = workdir / f"{name}.conf"
     conf.write_text(
         main + f"daemon off; master_process off; worker_processes 1; pid {workdir}/{name}.pid;\n"
@@ -256,17 +152,23 @@ def start_upstream(procs: Processes, workdir: Path) -> int:
     return port
 
 
-def start_nginx(procs: Processes, workdir: Path, upstream: int) -> Path_:
+def start_nginx(
+    procs: Processes, workdir: Path, upstream: int, name: str = "nginx", location: str = "",
+    main: str = "", note: str = "http proxy_pass, keepalive 64 upstream",
+) -> Path_:  # fmt: skip
+    """nginx `proxy_pass` to the upstream; `location` adds directives to its location block."""
     port, h2 = free_port(), free_port()
     conf = nginx_conf(
-        workdir, "nginx",
+        workdir, name,
         f"upstream app {{ server 127.0.0.1:{upstream}; keepalive 64; keepalive_requests 1000000; }}\n"
         f"server {{ listen 127.0.0.1:{port}; listen 127.0.0.1:{h2} http2;\n"
-        "  location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }\n",
+        "  location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\";"
+        f" {location} }} }}\n",
+        main,
     )  # fmt: skip
-    proc = procs.launch("nginx", pinned(SIDE_CPU, ["nginx", "-c", str(conf), "-p", str(workdir)]))
+    proc = procs.launch(name, pinned(SIDE_CPU, ["nginx", "-c", str(conf), "-p", str(workdir)]))
     wait_http(port)
-    return Path_("nginx", port, proc.pid, note="http proxy_pass, keepalive 64 upstream", h2_port=h2)
+    return Path_(name, port, proc.pid, note=note, h2_port=h2)
 
 
 def start_haproxy(procs: Processes, workdir: Path, upstream: int) -> Path_:
@@ -292,31 +194,38 @@ def start_pyproxy(
     workdir: Path,
     name: str,
     upstream: int,
-    codec: str,
-    clock: bool,
-    lane: str = "native",
-    listener_extra: str = "",
+    *,
+    http: dict | None = None,
+    filters: list[dict] | None = None,
+    clock: bool = True,
     python: str = sys.executable,
+    note: str = "",
 ) -> Path_:
-    """``listener_extra``: YAML lines (indented 4) added to the listener, e.g. its filters;
-    ``python``: the interpreter, and so the checkout, that runs pyproxy."""
+    """One pyproxy HTTP listener in front of the upstream.
+
+    `http` and `filters` are the listener's sections (left out: the defaults);
+    `python` is the interpreter whose installed pyproxy runs, so another
+    checkout's venv runs that checkout's code.
+    """
     port, admin = free_port(), free_port()
-    conf = workdir / f"{name}.yaml"
-    conf.write_text(
-        f"stage_clock: {'true' if clock else 'false'}\n"
-        f"admin: 127.0.0.1:{admin}\n"
-        "listeners:\n"
-        f"  - name: main\n    mode: http\n    address: 127.0.0.1:{port}\n"
-        f"    upstream: 127.0.0.1:{upstream}\n"
-        f"    http:\n      codec: {codec}\n      express_lane: {lane}\n{listener_extra}"
-    )
-    # -P: the checkout is the interpreter's (its editable install), never the working directory's.
-    argv = [python, "-P", "-m", "pyproxy", "run", "-c", str(conf), "--log-level", "warning"]
+    listener: dict = {
+        "name": "main",
+        "mode": "http",
+        "address": f"127.0.0.1:{port}",
+        "upstream": f"127.0.0.1:{upstream}",
+    }
+    if http:
+        listener["http"] = http
+    if filters:
+        listener["filters"] = filters
+    config = {"stage_clock": clock, "admin": f"127.0.0.1:{admin}", "listeners": [listener]}
+    path = workdir / f"{name}.yaml"
+    path.write_text(json.dumps(config, indent=2))  # JSON is YAML
+    # -P: the interpreter's checkout runs, never one in the working directory, which `-m`
+    # would otherwise put first on sys.path (another checkout's python would run this code).
+    argv = [python, "-P", "-m", "pyproxy", "run", "-c", str(path), "--log-level", "warning"]
     proc = procs.launch(name, pinned(SIDE_CPU, argv))
-    wait_http(port)
-    note = f"{codec} codec" + ("" if clock else ", stage clock off")
-    if codec == "fast":
-        note += f", {lane} express lane"
+    wait_http(port, timeout=30)  # a Lua or WASM filter takes a moment to load
     return Path_(name, port, proc.pid, admin=admin, note=note)
 
 
@@ -383,61 +292,6 @@ def snap_delta(after: dict, before: dict) -> dict:
     return after
 
 
-def latency_phase(paths: list[Path_], rounds: int, count: int, seconds: float) -> dict:
-    samples: dict[str, list[int]] = {p.name: [] for p in paths}
-    order = list(paths)
-    rng = random.Random(4)
-    for r in range(rounds):
-        rng.shuffle(order)
-        for p in order:
-            samples[p.name] += measure_http(p.port, count, 100, p.absolute, max_seconds=seconds)
-        log(f"  latency round {r + 1}/{rounds} done")
-    out = {name: summarize(values) for name, values in samples.items()}
-    base = out["direct"]
-    for values in out.values():
-        values["added_p50_us"] = values["p50_us"] - base["p50_us"]
-        values["added_p99_us"] = values["p99_us"] - base["p99_us"]
-    return out
-
-
-WRK_UNITS = {"us": 1.0, "ms": 1e3, "s": 1e6}
-
-
-def parse_wrk(text: str) -> dict:
-    out: dict = {}
-    match = re.search(r"(\d+) requests in ([\d.]+)(\w+),", text)
-    if match:
-        out["requests"] = int(match.group(1))
-    match = re.search(r"Requests/sec:\s+([\d.]+)", text)
-    if match:
-        out["rps"] = float(match.group(1))
-    for pct in ("50", "99"):
-        match = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", text, re.MULTILINE)
-        if match:
-            out[f"p{pct}_us"] = float(match.group(1)) * WRK_UNITS[match.group(2)]
-    match = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
-    out["non_2xx"] = int(match.group(1)) if match else 0
-    match = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
-    out["socket_errors"] = sum(int(x) for x in match.groups()) if match else 0
-    return out
-
-
-def run_wrk(p: Path_, workdir: Path, seconds: int, connections: int) -> dict:
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency"]
-    if p.absolute:
-        script = workdir / "absolute.lua"
-        script.write_text(f'wrk.path = "{p.absolute}"\n')
-        argv += ["-s", str(script)]
-    argv.append(f"http://127.0.0.1:{p.port}/")
-    run = subprocess.run(
-        pinned(SIDE_CPU, argv), capture_output=True, text=True, timeout=seconds + 30
-    )
-    out = parse_wrk(run.stdout)
-    if "requests" not in out:
-        raise RuntimeError(f"wrk via {p.name}: {run.stdout[-300:]} {run.stderr[-300:]}")
-    return out
-
-
 def parse_h2load(text: str) -> dict:
     out: dict = {}
     match = re.search(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s", text)
@@ -458,13 +312,7 @@ def parse_h2load(text: str) -> dict:
 
 def run_h2load(p: Path_, seconds: int) -> dict:
     argv = ["h2load", "-t1", "-c32", "-m10", "-D", str(seconds), f"http://127.0.0.1:{p.h2_port}/"]
-    run = subprocess.run(
-        pinned(SIDE_CPU, argv), capture_output=True, text=True, timeout=seconds + 30
-    )
-    out = parse_h2load(run.stdout)
-    if "requests" not in out:
-        raise RuntimeError(f"h2load via {p.name}: {run.stdout[-300:]} {run.stderr[-300:]}")
-    return out
+    return run_load_tool(p, argv, parse_h2load, seconds)
 
 
 def under_load(p: Path_, run) -> dict:
@@ -489,13 +337,8 @@ def under_load(p: Path_, run) -> dict:
 
 def throughput_phase(paths: list[Path_], workdir: Path, rounds: int, seconds: int) -> dict:
     runs: dict[str, list[dict]] = {p.name: [] for p in paths}
-    order = list(paths)
-    rng = random.Random(5)
-    for r in range(rounds):
-        rng.shuffle(order)
-        for p in order:
-            runs[p.name].append(under_load(p, lambda p=p: run_wrk(p, workdir, seconds, 32)))
-        log(f"  throughput round {r + 1}/{rounds} done")
+    for p in interleaved(paths, rounds, 5, "throughput"):
+        runs[p.name].append(under_load(p, lambda p=p: run_wrk(p, workdir, seconds, 32)))
     out = {}
     for name, values in runs.items():
         best = max(values, key=lambda v: v["rps"])
@@ -511,6 +354,7 @@ def throughput_phase(paths: list[Path_], workdir: Path, rounds: int, seconds: in
             reqs = sum(v["requests"] for v in values)
             summary["proxy_cpu_util"] = best["proxy_cpu_util"]
             summary["proxy_cpu_us_per_req"] = cpu / reqs * 1e6 if reqs else None
+            summary["proxy_cpu_us_per_req_rounds"] = [v["proxy_cpu_us_per_req"] for v in values]
             summary["rps_per_cpu_second"] = reqs / cpu if cpu else None
             summary["rss_mib"] = values[-1]["rss_mib"]
             summary["processes"] = values[-1]["processes"]
@@ -532,8 +376,10 @@ def h2_works(port: int) -> bool:
 # ---- main ------------------------------------------------------------------------------
 
 
-def git_state() -> dict:
-    repo = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent
+
+
+def git_state(repo: Path = REPO) -> dict:
     try:
         head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
                               capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
@@ -544,35 +390,79 @@ def git_state() -> dict:
     return {"head": head, "dirty_files": dirty.splitlines()}
 
 
-def main(argv: list[str] | None = None) -> int:
+def round_parser(
+    doc: str | None, *, rounds: int, requests: int, round_seconds: float, load_rounds: int,
+    seconds: int, out: str,
+) -> argparse.ArgumentParser:  # fmt: skip
+    """An interleaved HTTP bench's command line (its docstring as help), with its defaults."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=5, help="latency rounds")
-    parser.add_argument("--requests", type=int, default=2000, help="per path per latency round")
-    parser.add_argument("--round-seconds", type=float, default=2.0, help="cap per path per round")
-    parser.add_argument("--load-rounds", type=int, default=3, help="wrk runs per path")
-    parser.add_argument("--seconds", type=int, default=5, help="wrk / h2load duration")
-    parser.add_argument("--install-peers", action="store_true",
-                        help="create /tmp venvs with proxy.py and mitmproxy if missing")  # fmt: skip
-    parser.add_argument("--out", default=str(RESULTS / "http_bench.json"))
-    args = parser.parse_args(argv)
-    for tool in ("nginx", "wrk", "taskset"):
+    parser.add_argument("--rounds", type=int, default=rounds, help="latency rounds")
+    parser.add_argument("--requests", type=int, default=requests, help="per path per latency round")
+    parser.add_argument("--round-seconds", type=float, default=round_seconds,
+                        help="cap per path per latency round")  # fmt: skip
+    parser.add_argument("--load-rounds", type=int, default=load_rounds, help="load runs per path")
+    parser.add_argument("--seconds", type=int, default=seconds, help="load run duration")
+    parser.add_argument("--out", default=out)
+    return parser
+
+
+def finish_run(result: dict, out: str, started: float, report: Callable[[dict], str]) -> None:
+    """Write the results JSON, print the report and where the JSON went."""
+    result["elapsed_s"] = time.monotonic() - started
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(result, indent=2))
+    print(report(result))
+    print(f"\nresults: {out} ({result['elapsed_s']:.0f} s)")
+
+
+def begin_run(parser: argparse.ArgumentParser, args: argparse.Namespace, tools: tuple) -> dict:
+    """Refuse to start without the tools or two CPUs; make SIGTERM/SIGHUP unwind through the
+    caller's cleanup (nothing is left running); the header of the results JSON."""
+    for tool in tools:
         if not shutil.which(tool):
             parser.error(f"{tool} is needed")
-    if args.install_peers:
-        install_peers()
-    # SIGTERM/SIGHUP unwind through the finally below, so nothing is left running.
+    if (os.cpu_count() or 1) < 2:
+        parser.error("two CPUs are needed (proxy alone on CPU 1 under load)")
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: sys.exit(1))
-
-    started = time.monotonic()
-    result: dict = {
+    return {
         "config": vars(args),
         "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
         "git": git_state(),
-        "skipped": {},
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = round_parser(
+        __doc__,
+        rounds=5,
+        requests=2000,
+        round_seconds=2.0,
+        load_rounds=3,
+        seconds=5,
+        out=str(RESULTS / "http_bench.json"),
+    )
+    parser.add_argument("--install-peers", action="store_true",
+                        help="create /tmp venvs with proxy.py and mitmproxy if missing")  # fmt: skip
+    parser.add_argument("--baseline-tree", metavar="PATH",
+                        help="another checkout with its own venv (make .venv/.installed-test "
+                        "there): its pyproxy runs beside this one, before_<name>")  # fmt: skip
+    args = parser.parse_args(argv)
+    result: dict = {**begin_run(parser, args, ("nginx", "wrk", "taskset")), "skipped": {}}
+    baseline_python = None
+    if args.baseline_tree is not None:
+        baseline_python = Path(args.baseline_tree).resolve() / ".venv" / "bin" / "python"
+        if not baseline_python.exists():
+            parser.error(f"{baseline_python} missing: run `make .venv/.installed-test` in "
+                         f"{args.baseline_tree} (it builds that tree's native modules too)")  # fmt: skip
+    if args.install_peers:
+        install_peers()
+
+    started = time.monotonic()
+    if args.baseline_tree is not None:
+        result["baseline_git"] = git_state(Path(args.baseline_tree).resolve())
     affinity = os.sched_getaffinity(0)
     with tempfile.TemporaryDirectory(prefix="pyproxy-http-bench-") as tmp:
         workdir = Path(tmp)
@@ -586,13 +476,14 @@ def main(argv: list[str] | None = None) -> int:
                 paths.append(start_haproxy(procs, workdir, upstream))
             else:
                 result["skipped"]["haproxy"] = "not installed"
-            for name, codec, clock, lane in (
-                ("pyproxy_fast", "fast", True, "native"),
-                ("pyproxy_fast_python_lane", "fast", True, "python"),
-                ("pyproxy_h11", "h11", True, "native"),
-                ("pyproxy_fast_clock_off", "fast", False, "native"),
-            ):
-                paths.append(start_pyproxy(procs, workdir, name, upstream, codec, clock, lane))
+            for name, http, clock, filters, note in pyproxy_setups(workdir):
+                paths.append(start_pyproxy(procs, workdir, name, upstream, http=http,
+                                           filters=filters, clock=clock, note=note))  # fmt: skip
+                if baseline_python is not None and name in BEFORE_AFTER:
+                    paths.append(start_pyproxy(
+                        procs, workdir, f"before_{name}", upstream, http=http, filters=filters,
+                        clock=clock, python=str(baseline_python), note=f"{note}, baseline tree",
+                    ))  # fmt: skip
             paths.append(start_python_floor(procs, upstream))
             for name, starter in (("proxypy", start_proxypy), ("mitmproxy", start_mitmproxy)):
                 try:
@@ -614,7 +505,9 @@ def main(argv: list[str] | None = None) -> int:
             for p in pyproxies:
                 p.snaps["start"] = p.stats()
             noise = Noise()
-            result["latency"] = latency_phase(paths, args.rounds, args.requests, args.round_seconds)
+            result["latency"] = latency_phase(
+                paths, args.rounds, args.requests, args.round_seconds, base="direct", seed=4
+            )
             result["foreign_cpus"] = {"latency": noise.cpus()}
             for p in pyproxies:
                 p.snaps["after_latency"] = p.stats()
@@ -665,12 +558,51 @@ def main(argv: list[str] | None = None) -> int:
             procs.stop_all()
 
     result["targets"] = targets(result)
-    result["elapsed_s"] = time.monotonic() - started
-    RESULTS.mkdir(exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(report(result))
-    print(f"\nresults: {args.out} ({result['elapsed_s']:.0f} s)")
+    finish_run(result, args.out, started, report)
     return 0
+
+
+def pyproxy_setups(workdir: Path) -> list[tuple[str, dict, bool, list[dict], str]]:
+    """pyproxy's configurations in this bench: (name, http section, stage clock, filters, note)."""
+    ratelimit = [filter_entry("ratelimit", workdir, "pyproxy_ratelimit")]
+    fast = {"codec": "fast"}
+    return [
+        ("pyproxy_fast", fast, True, [], "fast codec, default express lane"),
+        ("pyproxy_fast_general", {**fast, "express_lane": "off"}, True, [],
+         "fast codec, express_lane: off (the general path alone)"),
+        ("pyproxy_h11", {"codec": "h11"}, True, [], "h11 codec"),
+        ("pyproxy_fast_clock_off", fast, False, [], "fast codec, stage clock off"),
+        ("pyproxy_ratelimit", fast, True, ratelimit,
+         "fast codec, default express lane, a local rate limit that never limits"),
+    ]  # fmt: skip
+
+
+# Configurations run from --baseline-tree too, with the most after/before may be: the default
+# path within 5 % of before, the filtered path no slower.
+BEFORE_AFTER = {"pyproxy_fast": ("default", 1.05), "pyproxy_ratelimit": ("filtered", 1.00)}
+
+
+def before_after(result: dict) -> dict:
+    """after/before ratios, median over rounds of each round's ratio, for added p50 and CPU."""
+    lat, tput, out = result["latency"], result["throughput"], {}
+    direct = lat["direct"]["p50_us_rounds"]
+    for name, (label, limit) in BEFORE_AFTER.items():
+        before = f"before_{name}"
+        if before not in lat:
+            continue
+        added = {n: [a - d for a, d in zip(lat[n]["p50_us_rounds"], direct, strict=True)]
+                 for n in (name, before)}  # fmt: skip
+        for measure, ratio in (
+            ("added_p50", paired_ratio(added[name], added[before])),
+            ("cpu_per_req", paired_ratio(tput[name]["proxy_cpu_us_per_req_rounds"],
+                                         tput[before]["proxy_cpu_us_per_req_rounds"])),
+        ):  # fmt: skip
+            out[f"{label}_{measure}_after_vs_before"] = {
+                "value": ratio,
+                "target": f"<= {limit:.2f}",
+                "met": ratio is not None and ratio <= limit,
+            }
+    return out
 
 
 def targets(result: dict) -> dict:
@@ -701,6 +633,7 @@ def targets(result: dict) -> dict:
                 "target": ">= 6",
                 "met": ratio >= 6,
             }
+    out.update(before_after(result))
     off = "pyproxy_fast_clock_off"
     out["stage_clock_cost_p50_us"] = {"value": lat[fast]["p50_us"] - lat[off]["p50_us"]}
     out["stage_clock_cost_cpu_us_per_req"] = {
@@ -739,21 +672,20 @@ def report(result: dict) -> str:
     for name, t in result["targets"].items():
         if "met" in t:
             lines.append(
-                f"| {name} | {t['value']:.2f} | {t['target']} | {'yes' if t['met'] else '**no**'} |"
+                f"| {name} | {cell(t['value'], '.2f')} | {t['target']} | "
+                f"{'yes' if t['met'] else '**no**'} |"
             )
         else:
             lines.append(f"| {name} | {t['value']:.2f} | — | — |")
-    noise = result.get("foreign_cpus", {})
-    if noise:
-        lines.append(
-            "\nCPU taken by other processes on the machine while phases ran (CPUs of 2): "
-            + ", ".join(f"{k} {v:.2f}" for k, v in noise.items())
-            + (
-                " — **the machine was not quiet; rates are disturbed**"
-                if max(noise.values()) > 0.1
-                else ""
-            )
-        )
+    if result.get("foreign_cpus"):
+        lines.append("\n" + noise_note(result["foreign_cpus"]))
+    before_after_lines = [
+        target_line(t["met"], f"{name} {t['target']}", cell(t["value"], ".2f"))
+        for name, t in result["targets"].items()
+        if name.endswith("_after_vs_before")
+    ]
+    if before_after_lines:
+        lines.append("\n" + "\n".join(before_after_lines))
     lines.append(f"\nHTTP/2 through pyproxy: {result.get('h2_pyproxy')}")
     if result.get("h2"):
         lines.append("\n| h2c, h2load -c32 -m10 | req/s | proxy CPU | CPU µs/req | failed |")

@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pyproxy.bench.http_bench import Processes, _body_length, start_upstream
+from pyproxy.bench.http_bench import Processes, start_upstream
+from pyproxy.bench.http_load import _body_length
 from pyproxy.bench.procs import free_port, wait_port
 from pyproxy.bench.tcp_echo import get_json
 

@@ -118,7 +118,7 @@ class Proxy:
 def measured(proxy: Proxy | None, run) -> dict:
     """Run `run()` -> round trips; add proxy CPU and ipc-stage time per round trip."""
     before_cpu = cpu_seconds(proxy.pid) if proxy else 0.0
-    before = proxy.stats() if proxy else None
+    before = proxy.stats() if proxy else {}
     t0 = time.perf_counter()
     out = run()
     wall = time.perf_counter() - t0
@@ -251,12 +251,12 @@ def main(argv: list[str] | None = None) -> int:
             total_points = len(SIZES) * (len(proxies) + 1) * 2
             done = 0
             for mode in ("serial", "load"):
-                for proxy in proxies.values():
-                    pin(proxy.pid, 0 if mode == "serial" else 1)
+                for running in proxies.values():
+                    pin(running.pid, 0 if mode == "serial" else 1)
                 for size in SIZES:
                     count = max(100, min(args.messages, (64 << 20) // size))
                     row = result[mode].setdefault(str(size), {})
-                    targets = {"direct": (app["tcp"], None)}
+                    targets: dict[str, tuple[str, Proxy | None]] = {"direct": (app["tcp"], None)}
                     targets.update({n: (f"127.0.0.1:{p.port}", p) for n, p in proxies.items()})
                     for name, (address, proxy) in targets.items():
                         if mode == "serial":

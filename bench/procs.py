@@ -72,6 +72,43 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / CLK_TCK
 
 
+def foreign_cpu() -> dict[int, int]:
+    """CPU ticks of every process outside this bench's own tree (other users of the machine)."""
+    ours = set(tree_pids(os.getpid()))
+    out = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) not in ours:
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                out[int(entry)] = int(fields[11]) + int(fields[12])
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+class Noise:
+    """How much CPU the rest of the machine took while a phase ran (in CPUs, 2.0 = both busy)."""
+
+    def __init__(self) -> None:
+        self.t0, self.before = time.monotonic(), foreign_cpu()
+
+    def cpus(self) -> float:
+        after = foreign_cpu()
+        ticks = sum(after[pid] - self.before[pid] for pid in after if pid in self.before)
+        return ticks / CLK_TCK / max(time.monotonic() - self.t0, 1e-9)
+
+
+def noise_note(foreign_cpus: dict[str, float]) -> str:
+    """A report's line on how busy the rest of the machine was in each phase (from Noise)."""
+    quiet = max(foreign_cpus.values(), default=0.0) <= 0.1
+    return (
+        f"CPU taken by other processes on the machine while phases ran (CPUs of {os.cpu_count()}): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in foreign_cpus.items())
+        + ("" if quiet else " — **the machine was not quiet; rates are disturbed**")
+    )
+
+
 class Processes:
     """Background processes (and their children) that are always stopped, whatever happens.
 
@@ -123,3 +160,8 @@ class Processes:
 def cell(value, fmt: str = ".1f") -> str:
     """A report table cell: the number, or a dash where nothing was measured."""
     return "—" if value is None else format(value, fmt)
+
+
+def target_line(met: bool, target: str, measured: str) -> str:
+    """One line a reader (or grep) finds at the end of a bench's report: a target, met or not."""
+    return f"TARGET {'MET    ' if met else 'NOT MET'}  {target}: {measured}"

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyproxy.bench.driver import EXCHANGERS, drive, wait_ready
-from pyproxy.bench.filter_bench import filter_entry
+from pyproxy.bench.filter_configs import filter_entry
 from pyproxy.bench.model import Linear, Profile, StageModel, current_platform, fit_cpu, fit_latency
 from pyproxy.bench.procs import Processes, cpu_seconds, free_port, tree_pids, wait_port
 from pyproxy.bench.tcp_echo import get_json

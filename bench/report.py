@@ -17,7 +17,7 @@ from pathlib import Path
 
 def _sections(folder: Path) -> list[tuple[str, str, list[Path]]]:
     """(title, markdown body, plots) for every kind of result found in the folder."""
-    out = []
+    out: list[tuple[str, str, list[Path]]] = []
     if (folder / "profile.json").exists():
         from pyproxy.bench.model import Profile
         from pyproxy.bench.profile import models_table, stage_table, write_plots
@@ -55,7 +55,8 @@ def _sections(folder: Path) -> list[tuple[str, str, list[Path]]]:
 
 def _md_table_to_html(text: str) -> str:
     """Markdown pipe tables to <table>; other lines to paragraphs (all text escaped)."""
-    parts, rows = [], []
+    parts: list[str] = []
+    rows: list[list[str]] = []
 
     def flush() -> None:
         if rows:

@@ -33,13 +33,8 @@ import time
 from pathlib import Path
 
 from pyproxy.bench.filter_bench import CHAIN_ORDER, sanity, start_proxy
-from pyproxy.bench.http_bench import (
-    Processes,
-    log,
-    nginx_conf,
-    rss_mib,
-    wait_http,
-)
+from pyproxy.bench.http_bench import Processes, nginx_conf, rss_mib
+from pyproxy.bench.http_load import log, wait_http
 from pyproxy.bench.steady_load import Counts, SteadyLoad
 from pyproxy.bench.tcp_echo import free_port, get_json
 

@@ -25,6 +25,7 @@ from pyproxy.chain.api import (
     HttpFilter,
     TcpFilter,
 )
+from pyproxy.config import ListenerMode
 from pyproxy.durations import parse_duration
 
 DELAY_HEADER = b"x-envoy-fault-delay-request"
@@ -138,7 +139,7 @@ class FaultFactory(FilterFactory):
         self.abort_header = bool(abort and abort["header"])
         self.max_active = config["max_active_faults"]
         self.active = 0
-        self.grpc = context.mode == "grpc"
+        self.grpc = context.mode == ListenerMode.GRPC
         self.random = random.random
 
     def create(self) -> FaultFilter:
@@ -192,6 +193,7 @@ class FaultFilter(HttpFilter):
             held = _Delay(factory, callbacks, abort, delay)
             callbacks.defer_cleanup(self, held.end)
             return STOP
+        assert abort is not None  # no delay: an abort was decided
         _abort(factory, callbacks, abort)
         return STOP
 

@@ -49,6 +49,8 @@ import importlib
 import logging
 import re
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from pyproxy.filters.callout import CalloutError, CallResult, http_call
 
@@ -657,9 +659,10 @@ class LuaFactory(FilterFactory):
 
     def __init__(self, config: dict, context) -> None:
         super().__init__(config, context)
-        self.engine = _Engine(config, self)
-        if self.engine.error is not None:  # validated already; a worker must not differ
-            raise FilterConfigError(config["field"], self.engine.error)
+        engine = _Engine(config, self)
+        if engine.error is not None:  # validated already; a worker must not differ
+            raise FilterConfigError(config["field"], engine.error)
+        self.engine: _Engine | None = engine
         self.filter_class = _filter_class(config)
         self.next_log = 0.0
         self.suppressed = 0
@@ -716,10 +719,12 @@ class _Engine:
         self.version = runtime.execute("return rawget(_G, 'jit') and jit.version or _VERSION")
         if isinstance(self.version, bytes):
             self.version = self.version.decode()
-        # What the current hook call acts on.
-        self.map = None
-        self.filter = None
-        self.headers_map = self.trailer_map = None  # the header map aside while trailers are used
+        # What the current hook call acts on: set by bind() before any primitive runs.
+        self.map: HeaderMap
+        self.filter: _LuaFilter
+        # The header map aside while trailers are used.
+        self.headers_map: HeaderMap | None = None
+        self.trailer_map: HeaderMap | None = None
         self.added = 0
         self.items: list = []
         primitives = runtime.table_from(
@@ -758,7 +763,10 @@ class _Engine:
             }
         )
         self.error = None
-        self.on_request = self.on_response = self.resume = None
+        # The script's Lua functions (lupa has no type stubs); None when it failed to load.
+        self.on_request: Any = None
+        self.on_response: Any = None
+        self.resume: Any = None
         try:
             result = runtime.execute(
                 _PRELUDE,
@@ -838,8 +846,8 @@ class _Engine:
                 elif key.lower() != b"content-length":
                     headers.append((key.lower(), v))
         try:
-            code = int(status)
-        except (TypeError, ValueError):
+            code = int(status or b"")
+        except ValueError:
             raise ValueError("respond: headers need a numeric ':status'") from None
         if not 200 <= code <= 599:
             raise ValueError("respond: ':status' must be 200-599")
@@ -901,8 +909,10 @@ class _Engine:
 
     def use_trailers(self, on: bool) -> None:
         if on:
+            if self.trailer_map is None:
+                raise ValueError("trailers: none arrived with this body")
             self.headers_map, self.map = self.map, self.trailer_map
-        else:
+        elif self.headers_map is not None:
             self.map = self.headers_map
 
     def _from_lua(self, value, depth: int = 0):
@@ -925,7 +935,9 @@ class _Engine:
         return metadata
 
     def meta_set(self, namespace: bytes, key: bytes, value) -> None:
-        self._metadata(create=True).setdefault(namespace, {})[key] = self._from_lua(value)
+        metadata = self._metadata(create=True)
+        assert metadata is not None, "created when missing"
+        metadata.setdefault(namespace, {})[key] = self._from_lua(value)
 
     def meta_get(self, namespace: bytes):
         entry = (self._metadata() or {}).get(namespace)
@@ -958,7 +970,7 @@ class _Engine:
         """handle:httpCall(): checked here; a synchronous call starts when the script has yielded."""
         factory = self.factory
         config = factory.clusters.get(cluster.decode(errors="replace")) if factory else None
-        if config is None:
+        if factory is None or config is None:
             raise ValueError(f"httpCall: no cluster named {cluster.decode(errors='replace')!r}")
         pairs = []
         for key, value in headers.items():
@@ -1037,18 +1049,15 @@ def _forget(tasks: set):
 
 def _crypto(name: str):
     """importPublicKey/verifySignature need the `cryptography` package."""
+    qualified = {
+        "serialization": "cryptography.hazmat.primitives.serialization",
+        "hashes": "cryptography.hazmat.primitives.hashes",
+        "padding": "cryptography.hazmat.primitives.asymmetric.padding",
+    }.get(name, "cryptography.hazmat.primitives.asymmetric.ec")
     try:
-        if name == "serialization":
-            from cryptography.hazmat.primitives import serialization as module
-        elif name == "hashes":
-            from cryptography.hazmat.primitives import hashes as module
-        elif name == "padding":
-            from cryptography.hazmat.primitives.asymmetric import padding as module
-        else:
-            from cryptography.hazmat.primitives.asymmetric import ec as module
+        return importlib.import_module(qualified)
     except ImportError:
         raise ValueError("importPublicKey/verifySignature need the cryptography package") from None
-    return module
 
 
 class _LuaFilter(HttpFilter):
@@ -1071,12 +1080,14 @@ class _LuaFilter(HttpFilter):
 
     def __init__(self, factory: LuaFactory) -> None:
         self.factory = factory
-        self.engine = factory.engine
-        self.reply = None
-        self.co = None
-        self.body = None
+        assert factory.engine is not None, "a closed factory makes no filters"
+        self.engine: _Engine = factory.engine
+        self.reply: tuple[int, bytes, list] | None = None  # a local reply the script asked for
+        self.co: object | None = None  # the script's coroutine while it waits
+        self.body: bytes | None = None
         self.can_wait = factory.config["waits"]
-        self.pending_call = None  # the coroutine of a synchronous httpCall, started on its yield
+        # The coroutine of a synchronous httpCall, started on its yield.
+        self.pending_call: Coroutine[Any, Any, CallResult] | None = None
         self.call_task: asyncio.Task | None = None
         self.decoding = True
 
@@ -1121,6 +1132,7 @@ class _LuaFilter(HttpFilter):
         return STOP
 
     def _respond(self) -> int:
+        assert self.reply is not None, "called once the script asked for a reply"
         status, body, headers = self.reply
         self.factory.counters[REPLIES] += 1
         self.callbacks.send_local_reply(status, body, headers, flag="LR")
@@ -1177,7 +1189,7 @@ class _LuaFilter(HttpFilter):
         return self._outcome(result)
 
 
-class _Waits:
+class _Waits(_LuaFilter):
     """Scripts that may wait (body, httpCall): a suspended coroutine or call is dropped with its request."""
 
     __slots__ = ()
@@ -1190,7 +1202,7 @@ class _Waits:
             self.call_task = None
 
 
-class _Request:
+class _Request(_LuaFilter):
     __slots__ = ()
 
     def decode_headers(self, headers, end_stream: bool) -> int:
@@ -1198,7 +1210,7 @@ class _Request:
         return self._run(self.engine.on_request, headers, end_stream)
 
 
-class _RequestBody:
+class _RequestBody(_LuaFilter):
     __slots__ = ()
 
     def decode_data(self, data, end_stream: bool) -> int:
@@ -1210,7 +1222,7 @@ class _RequestBody:
         return self._body_done(cb.request_headers(), cb.decoding_buffer, cb.set_decoding_buffer)
 
 
-class _Response:
+class _Response(_LuaFilter):
     __slots__ = ()
 
     def encode_headers(self, headers, end_stream: bool) -> int:
@@ -1218,7 +1230,7 @@ class _Response:
         return self._run(self.engine.on_response, headers, end_stream)
 
 
-class _ResponseBody:
+class _ResponseBody(_LuaFilter):
     __slots__ = ()
 
     def encode_data(self, data, end_stream: bool) -> int:

@@ -32,6 +32,7 @@ from pyproxy.chain.api import (
     HttpFilter,
     TcpFilter,
 )
+from pyproxy.config import ListenerMode
 from pyproxy.durations import parse_duration
 
 ALLOWED, LIMITED = range(2)
@@ -139,7 +140,7 @@ class RateLimitFactory(FilterFactory):
 
     @classmethod
     def check_mode(cls, config: dict, mode: str) -> None:
-        if mode != "tcp":
+        if mode != ListenerMode.TCP:
             return
         if config["scope"] == "connection":
             raise FilterConfigError("scope", "tcp mode limits new connections: use scope worker")
@@ -159,7 +160,7 @@ class RateLimitFactory(FilterFactory):
         self.max_keys = config["max_keys"]
         self.status = config["status"]
         self.grpc_status = config["grpc_status"]
-        self.grpc_mode = context.mode == "grpc"
+        self.grpc_mode = context.mode == ListenerMode.GRPC
         self.single = (
             None if (self.key_header or self.key_address) else [float(self.max_tokens), monotonic()]
         )

@@ -225,10 +225,10 @@ class TapFilter(HttpFilter):
         self.started = time()
         self.started_ns = perf_counter_ns()
         self.request = headers.items()
-        self.request_body = []
+        self.request_body: list[bytes] = []
         self.request_size = 0
         self.response = None
-        self.response_body = []
+        self.response_body: list[bytes] = []
         self.response_size = 0
         return CONTINUE
 

@@ -163,7 +163,9 @@ _dll = _capi.dll
 
 
 def _c(name: str, restype, *argtypes):
-    return CFUNCTYPE(restype, *argtypes)(ctypes.cast(getattr(_dll, name), c_void_p).value)
+    address = ctypes.cast(getattr(_dll, name), c_void_p).value
+    assert address, f"wasmtime's C API has no {name}"
+    return CFUNCTYPE(restype, *argtypes)(address)
 
 
 _call_unchecked = _c(
@@ -213,9 +215,9 @@ def _engine() -> wasmtime.Engine:
 class CompiledModule(str):
     """A compiled module inside a config: reads (and compares, and dumps) as its digest, pickles with its artifact."""
 
-    artifact: bytes
+    artifact: bytes | bytearray
 
-    def __new__(cls, digest: str, artifact: bytes) -> CompiledModule:
+    def __new__(cls, digest: str, artifact: bytes | bytearray) -> CompiledModule:
         self = super().__new__(cls, digest)
         self.artifact = artifact
         return self
@@ -425,7 +427,7 @@ class Runtime:
         self._host_callbacks: list = []  # must outlive every store made from the linker
         self._link()
         self.generation = 0
-        self.store = None
+        self.store: wasmtime.Store | None = None
         self.live: dict[int, WasmFilter] = {}
         self.filter: WasmFilter | None = None  # the stream whose callback is running, None for root
         self.next_id = ROOT_CONTEXT_ID
@@ -465,7 +467,9 @@ class Runtime:
         self.ctx = _addr(store._context())
         self.caller_ctx = 0  # the caller's context while a host function runs
         exports = instance.exports(store)
-        self.memory = exports["memory"]
+        memory = exports["memory"]
+        assert isinstance(memory, wasmtime.Memory), "checked at load"
+        self.memory = memory
         self.memory_handle = ctypes.addressof(self.memory._memory)
         self.exports: dict[str, tuple[int, int]] = {}
         funcs = {}  # keep the Func objects (their handles are used by address)
@@ -476,6 +480,7 @@ class Runtime:
                     func = exports[name]
                 except KeyError:
                     continue
+            assert isinstance(func, wasmtime.Func), "callback signatures are checked at load"
             funcs[name] = func
             self.exports[name] = _handle(store, func)
         # Trampolines: "enter:<callback>" (context create + the callback) and "end" (done, log,
@@ -498,7 +503,8 @@ class Runtime:
                 else:
                     self.entering[name.removeprefix("enter:")] = _handle(store, func)
         self._funcs = list(funcs.values())
-        self.alloc = self.exports.get("proxy_on_memory_allocate") or self.exports.get("malloc")
+        # One of the two exists: checked at load.
+        self.alloc = self.exports.get("proxy_on_memory_allocate") or self.exports["malloc"]
         # Argument/result buffers: one for host→guest entries, one for allocations made from a host function.
         self.raw = (c_int32 * (4 * 8))()
         self.raw_addr = ctypes.addressof(self.raw)
@@ -620,6 +626,7 @@ class Runtime:
             else:  # a host function's trap (proc_exit, a failed nested call): its message
                 message = " ".join(str(trap).split())[:200]
             return WasmFault(f"trap: {message}", out_of_fuel)
+        assert error, "no trap, so the call returned an error"
         err = wasmtime.WasmtimeError._from_ptr(
             ctypes.cast(error, ctypes.POINTER(_capi.wasmtime_error_t))
         )
@@ -679,6 +686,8 @@ class Runtime:
         host = _host_functions(self)
         for imp in self.module.imports:
             ty = imp.type
+            # Checked at load: every import is a named function.
+            assert isinstance(ty, wasmtime.FuncType) and imp.name is not None
             signature = ([str(t) for t in ty.params], [str(t) for t in ty.results])
             entry = host.get((imp.module, imp.name))
             if entry is not None and (entry[0], entry[1]) == signature:
@@ -937,7 +946,7 @@ def _stub(module: str, name: str, results: list[str]):
     else:
         answer = WASI_NOSYS
 
-    def stub(*_args) -> int:
+    def stub(*_args) -> int | None:
         return answer if results else None
 
     return stub
@@ -1555,7 +1564,8 @@ class WasmFilter(HttpFilter):
         self.generation = 0
         self.request = None
         self.response = None
-        self.reply = None
+        # (status, body, headers, grpc status, details) of a local reply the guest asked for.
+        self.reply: tuple[int, bytes, list, int | None, bytes] | None = None
         self.paused = -1  # the stream type (0 request, 1 response) the guest paused, or -1
         self.timer = None
         self.properties: dict[bytes, bytes] | None = None  # set by proxy_set_property
@@ -1633,6 +1643,7 @@ class WasmFilter(HttpFilter):
         return STOP
 
     def _send_reply(self) -> int:
+        assert self.reply is not None, "sent only once the guest asked for a reply"
         status, body, headers, grpc, details = self.reply
         self.reply = None
         self.factory.counters[LOCAL_REPLIES] += 1

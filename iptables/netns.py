@@ -317,9 +317,8 @@ def pods(
     created: list[str] = []
     made: dict[str, Pod] = {}
     try:
-        hub = None
+        hub = unique_name("br") if bridge else ""
         if bridge:
-            hub = unique_name("br")
             create_namespace(hub)
             created.append(hub)
             with _ns_ipr(hub) as ipr:
@@ -336,19 +335,17 @@ def pods(
         if bridge:
             for index, pod in enumerate(pod_list):
                 port = f"veth{index}"
-                _add_veth(pod.netns, "eth0", hub, port)  # type: ignore[arg-type]
-                _up(hub, port, master="br0")  # type: ignore[arg-type]
+                _add_veth(pod.netns, "eth0", hub, port)
+                _up(hub, port, master="br0")
         else:
             _add_veth(pod_list[0].netns, "eth0", pod_list[1].netns, "eth0")
+        v4_prefix = ipaddress.ip_network(ipv4_subnet).prefixlen if ipv4_subnet else 0
+        v6_prefix = ipaddress.ip_network(ipv6_subnet).prefixlen if ipv6_subnet else 0
         for pod in pod_list:
             if pod.ipv4:
-                _add_address(
-                    pod.netns, "eth0", pod.ipv4, ipaddress.ip_network(ipv4_subnet).prefixlen
-                )  # type: ignore[arg-type]
+                _add_address(pod.netns, "eth0", pod.ipv4, v4_prefix)
             if pod.ipv6:
-                _add_address(
-                    pod.netns, "eth0", pod.ipv6, ipaddress.ip_network(ipv6_subnet).prefixlen
-                )  # type: ignore[arg-type]
+                _add_address(pod.netns, "eth0", pod.ipv6, v6_prefix)
             _up(pod.netns, "eth0")
         yield made
     finally:

@@ -29,6 +29,7 @@ def _builder(module: str, cdef: str, includes: str, source: str, libraries: tupl
         sources=[os.path.relpath(os.path.join(_HERE, source))],
         include_dirs=[os.path.relpath(_HERE)],
         libraries=list(libraries),
+        depends=[os.path.relpath(os.path.join(_HERE, "protocol_facts.h"))],
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
     )
     return builder
@@ -96,6 +97,7 @@ h2_ffibuilder = _builder(
 )
 
 if __name__ == "__main__":
-    # Manual build for development: drops the modules next to this file.
+    # Manual build for development: drops the modules next to this file. The sources include
+    # protocol_facts.h: write it first (PYTHONPATH=. python native/facts_header.py; setup.py does).
     for builder in (ffibuilder, bpf_ffibuilder, h2_ffibuilder):
         builder.compile(tmpdir=os.path.join(_HERE, "..", "build", "native"), verbose=True)

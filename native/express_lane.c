@@ -7,10 +7,12 @@
  * two sockets are paired here: each readiness callback of the event loop
  * calls straight into C, which reads, validates the head with the same scan
  * as _http1head, forwards the bytes (less hop-by-hop lines) and keeps the
- * accounts the Python lane keeps (requests, express requests, status class,
- * duration histogram, bytes, and the stage clock: read/ipc, write, notify,
- * parse, other) in the listener's shared int64 block. No Python object is
- * made per request.
+ * accounts the Python lane keeps (requests, express requests, bytes, and the
+ * stage clock: read/ipc, write, notify, parse, other) in the listener's shared
+ * int64 block, and ends each exchange with pf_account_response: the status
+ * class and duration histogram of counters.account_response, generated into
+ * protocol_facts.h with the slots it writes. No Python object is made per
+ * request.
  *
  * Anything else is handed over, never handled here: the first time a read is
  * not one whole plain request (or response), a send is short or fails, the
@@ -20,9 +22,11 @@
  * that point (see pyproxy/http/native_lane.py). Timeouts stay in Python: it
  * reads in_flight, started_ns and last_active_ns from its watchdog timer.
  *
- * Pair(down_fd, up_fd, block, slots, bounds, timed, max_bytes, max_count, on_handover)
- *   slots: the block indices listed in enum slot below, in that order;
- *   bounds: the duration histogram's bucket bounds in ns (counters.BUCKET_BOUNDS_NS).
+ * Pair(down_fd, up_fd, block, slots, timed, max_bytes, max_count, on_handover)
+ *   block: one listener's block (counters.LISTENER_SLOTS int64 slots);
+ *   slots: the block indices listed in enum slot below, in that order.
+ * account_response(block, status, elapsed_ns): the pair's end-of-exchange accounting, for a
+ *   test to hold against counters.account_response.
  *
  * Header-only filter chains ride along through three hooks (Pair.set_hooks; each one
  * None or a callable, one call per request or response, no hooks: nothing is called):
@@ -48,6 +52,7 @@
 #include <sys/socket.h>
 #include <time.h>
 #include "http1_scan.h"
+#include "protocol_facts.h" /* generated: no-body rules, status classes, the duration histogram */
 
 /* Handover kinds; payload in brackets. */
 enum handover {
@@ -69,13 +74,12 @@ enum slot {
     S_UP_READ_NS, S_UP_READ_EV, S_UP_WRITE_NS, S_UP_WRITE_EV,
     S_PARSE_NS, S_PARSE_EV, S_NOTIFY_EV, S_OTHER_NS,
     S_DOWN_RX, S_DOWN_TX, S_UP_RX, S_UP_TX,
-    S_REQUESTS, S_EXPRESS, S_NATIVE, S_STATUS_BASE, S_HIST_BASE, S_HIST_SUM, S_HIST_COUNT,
+    S_REQUESTS, S_EXPRESS, S_NATIVE,
     S_CLAIM_START, S_CLAIM_END, /* the stage slots `other` must not count twice: [start, end) */
     N_SLOTS
 };
 
 #define READ_SIZE 65536
-#define MAX_BOUNDS 64
 
 /* One event loop per process and the GIL held: every pair can share these. */
 static char in_buf[READ_SIZE];
@@ -89,8 +93,6 @@ typedef struct {
     Py_buffer view;
     int64_t *block;
     Py_ssize_t slot[N_SLOTS];
-    int64_t bounds[MAX_BOUNDS];
-    int nbounds;
     Py_ssize_t max_bytes, max_count;
     PyObject *on_handover;
     PyObject *request_hook, *response_hook, *done_hook; /* NULL: not set */
@@ -320,7 +322,7 @@ static PyObject *Pair_downstream_readable(Pair *p, PyObject *unused)
     long long before = p->timed ? claimed(p) : 0;
     head_t h;
     if (n == 0 || !timed_scan(p, n, 1, &h) || h.expect ||
-        (h.a1 - h.a0 == 4 && memcmp(in_buf + h.a0, "HEAD", 4) == 0) || /* the response's framing differs */
+        pf_no_body_method(in_buf + h.a0, h.a1 - h.a0) || /* the response's framing differs */
         in_buf[h.b0] != '/' || /* not origin-form: the router has a say */
         h.head_len + (h.content_length > 0 ? h.content_length : 0) != n) /* more to come, or pipelined */
         return hand_over_timed(p, DOWN_DATA, PyBytes_FromStringAndSize(in_buf, n), t1, before);
@@ -347,15 +349,6 @@ static PyObject *Pair_downstream_readable(Pair *p, PyObject *unused)
     return sent_or_hand_over(p, sent, out, out_len, UP_FAILED, REQUEST_UNSENT, t1, before);
 }
 
-static void observe_duration(Pair *p, long long elapsed)
-{
-    int bucket = 0;
-    while (bucket < p->nbounds && p->bounds[bucket] < elapsed) bucket++; /* bisect_left */
-    p->block[p->slot[S_HIST_BASE] + bucket] += 1;
-    SLOT(p, S_HIST_SUM) += elapsed;
-    SLOT(p, S_HIST_COUNT) += 1;
-}
-
 static PyObject *Pair_upstream_readable(Pair *p, PyObject *unused)
 {
     if (p->released) Py_RETURN_NONE;
@@ -368,7 +361,7 @@ static PyObject *Pair_upstream_readable(Pair *p, PyObject *unused)
     head_t h;
     int ok = n > 0 && timed_scan(p, n, 0, &h);
     Py_ssize_t length = ok ? h.content_length : -1;
-    if (ok && (h.status == 204 || h.status == 304)) length = 0;
+    if (ok && !pf_status_has_body(h.status)) length = 0; /* a HEAD request never gets here */
     if (!ok || length < 0 || h.head_len + length != n) /* in pieces, more than one, or no framing */
         return hand_over_timed(p, UP_DATA, PyBytes_FromStringAndSize(in_buf, n), t1, before);
     PyObject *head = NULL;
@@ -392,8 +385,7 @@ static PyObject *Pair_upstream_readable(Pair *p, PyObject *unused)
     p->served += 1;
     SLOT(p, S_EXPRESS) += 1;
     SLOT(p, S_NATIVE) += 1;
-    p->block[p->slot[S_STATUS_BASE] + h.status / 100 - 1] += 1;
-    observe_duration(p, done - p->started_ns);
+    pf_account_response(p->block, h.status, done - p->started_ns);
     if (p->done_hook != NULL && (p->done_wanted || p->request_hook == NULL)) {
         PyObject *hook = Py_NewRef(p->done_hook);
         PyObject *result = PyObject_CallNoArgs(hook);
@@ -447,10 +439,10 @@ static PyObject *Pair_get_request(Pair *p, void *closure)
 
 static int Pair_init(Pair *p, PyObject *args, PyObject *kwargs)
 {
-    PyObject *block, *slots, *bounds, *on_handover;
+    PyObject *block, *slots, *on_handover;
     int timed;
-    if (!PyArg_ParseTuple(args, "iiOOOpnnO", &p->down_fd, &p->up_fd, &block, &slots, &bounds, &timed,
-                          &p->max_bytes, &p->max_count, &on_handover))
+    if (!PyArg_ParseTuple(args, "iiOOpnnO", &p->down_fd, &p->up_fd, &block, &slots, &timed, &p->max_bytes,
+                          &p->max_count, &on_handover))
         return -1;
     if (p->block != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "Pair is initialised once");
@@ -463,6 +455,10 @@ static int Pair_init(Pair *p, PyObject *args, PyObject *kwargs)
     if (PyObject_GetBuffer(block, &p->view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) return -1;
     p->block = p->view.buf;
     Py_ssize_t nblock = p->view.len / (Py_ssize_t)sizeof(int64_t);
+    if (nblock < PF_LISTENER_SLOTS) {
+        PyErr_SetString(PyExc_ValueError, "block: smaller than one listener's (counters.LISTENER_SLOTS)");
+        return -1;
+    }
     PyObject *seq = PySequence_Fast(slots, "slots must be a sequence");
     if (seq == NULL) return -1;
     if (PySequence_Fast_GET_SIZE(seq) != N_SLOTS) {
@@ -479,18 +475,6 @@ static int Pair_init(Pair *p, PyObject *args, PyObject *kwargs)
         }
     }
     Py_DECREF(seq);
-    seq = PySequence_Fast(bounds, "bounds must be a sequence");
-    if (seq == NULL) return -1;
-    p->nbounds = (int)PySequence_Fast_GET_SIZE(seq);
-    if (p->nbounds > MAX_BOUNDS || p->slot[S_HIST_BASE] + p->nbounds >= nblock ||
-        p->slot[S_STATUS_BASE] + 5 > nblock) {
-        Py_DECREF(seq);
-        PyErr_SetString(PyExc_ValueError, "bounds: too many, or the histogram or status slots overrun the block");
-        return -1;
-    }
-    for (int i = 0; i < p->nbounds; i++) p->bounds[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(seq, i));
-    Py_DECREF(seq);
-    if (PyErr_Occurred()) return -1;
     p->timed = timed;
     p->on_handover = Py_NewRef(on_handover);
     p->last_active_ns = now_ns();
@@ -570,7 +554,30 @@ static PyTypeObject PairType = {
     .tp_getset = Pair_getset,
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "_express", .m_size = -1};
+static PyObject *account_response(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    int status;
+    long long elapsed;
+    if (!PyArg_ParseTuple(args, "w*iL", &view, &status, &elapsed)) return NULL;
+    if (view.len / (Py_ssize_t)sizeof(int64_t) < PF_LISTENER_SLOTS) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "block: not one listener's int64 slots");
+        return NULL;
+    }
+    pf_account_response(view.buf, status, elapsed);
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef module_methods[] = {
+    {"account_response", account_response, METH_VARARGS,
+     "account_response(block, status, elapsed_ns): what a pair counts as an exchange ends."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "_express", .m_size = -1,
+                                    .m_methods = module_methods};
 
 PyMODINIT_FUNC PyInit__express(void)
 {

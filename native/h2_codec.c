@@ -4,6 +4,7 @@
 #include <nghttp2/nghttp2.h>
 #include <stdlib.h>
 #include <string.h>
+#include "protocol_facts.h" /* generated: HTTP/2 connection-specific names */
 
 typedef struct {
     uint8_t *data;
@@ -222,12 +223,10 @@ static unsigned pseudo_bit(const uint8_t *name, size_t len) {
 }
 
 static int judged_by_h2(const uint8_t *name, size_t len, const uint8_t *value, size_t vlen) {
-    static const char *const names[] = {"connection", "keep-alive", "proxy-connection",
-                                        "transfer-encoding", "upgrade", "host", "cookie"};
-    for (size_t i = 0; i < sizeof names / sizeof *names; i++)
-        if (is_name(name, len, names[i])) return 1;
+    if (is_name(name, len, "host") || is_name(name, len, "cookie")) return 1;
     /* TE: trailers is the one TE that crosses (§8.2.2); gRPC sends it on every call. */
-    return is_name(name, len, "te") && !is_name(value, vlen, "trailers");
+    if (is_name(name, len, "te")) return !is_name(value, vlen, PF_H2_TE_ALLOWED);
+    return pf_h2_connection_specific((const char *)name, len);
 }
 
 static void check_field(pp_h2 *h, const uint8_t *name, size_t nlen, const uint8_t *value,

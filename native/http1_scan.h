@@ -17,6 +17,7 @@
 #include <Python.h>
 #include <string.h>
 #include <strings.h>
+#include "protocol_facts.h" /* generated: hop-by-hop names */
 
 #define MAX_FIELDS 256 /* above any sane max_count; more fields: declined */
 
@@ -175,8 +176,7 @@ static int scan_head(const char *d, Py_ssize_t n, int is_request, Py_ssize_t max
                 else if (kind == 1) h->keep_alive = 1;
                 else h->named = 1;
             }
-        } else if (name_is(p, nl, "keep-alive") || name_is(p, nl, "proxy-connection") ||
-                   name_is(p, nl, "te") || name_is(p, nl, "trailer")) {
+        } else if (pf_hop_by_hop(p, nl)) { /* the rest of protocol.HOP_BY_HOP */
             f->hop = h->hop = 1;
         }
         p = le + 2;

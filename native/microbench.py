@@ -22,6 +22,8 @@ import select
 import socket
 import sys
 import time
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
 
 from pyproxy import native
 
@@ -57,13 +59,13 @@ def _source(sock: socket.socket, total: int) -> None:
     sock.shutdown(socket.SHUT_WR)
 
 
-def _spawn(target, *args) -> multiprocessing.Process:
+def _spawn(target, *args) -> BaseProcess:
     p = multiprocessing.get_context("fork").Process(target=target, args=args, daemon=True)
     p.start()
     return p
 
 
-def _start_sink() -> tuple[socket.socket, multiprocessing.Process, object]:
+def _start_sink() -> tuple[socket.socket, BaseProcess, Connection]:
     c, s = _pair()
     rx, tx = multiprocessing.get_context("fork").Pipe(duplex=False)
     p = _spawn(_drain, s, tx)

@@ -6,16 +6,34 @@ import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from enum import StrEnum
+from typing import Any, TypeVar
 
 from pyproxy.addresses import Address, parse_address
 from pyproxy.counters import MAX_FILTERS
 from pyproxy.durations import parse_duration
 
-MODES = ("tcp", "http", "grpc")
-KINDS = ("standalone", "inbound", "outbound")
+
+class ListenerMode(StrEnum):
+    """The protocol a listener relays: opaque bytes, HTTP (1.1 and 2), or gRPC."""
+
+    TCP = "tcp"
+    HTTP = "http"
+    GRPC = "grpc"
+
+
+class ListenerKind(StrEnum):
+    """Where a listener's traffic comes from: sent to it directly, or captured by iptables."""
+
+    STANDALONE = "standalone"
+    INBOUND = "inbound"
+    OUTBOUND = "outbound"
+
+
+MODES = tuple(mode.value for mode in ListenerMode)
+KINDS = tuple(kind.value for kind in ListenerKind)
 # Modes whose data path exists in this build; the others are refused at load time.
-IMPLEMENTED_MODES = ("tcp", "http", "grpc")
+IMPLEMENTED_MODES = MODES
 
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
@@ -120,8 +138,8 @@ class ClusterConfig:
 class ListenerConfig:
     name: str
     addresses: tuple[Address, ...]
-    kind: str = "standalone"
-    mode: str = "tcp"
+    kind: ListenerKind = ListenerKind.STANDALONE
+    mode: ListenerMode = ListenerMode.TCP
     upstream: Address | None = None
     # Which side of this listener talks to the local application (its syscalls are `ipc`).
     app_side: str = "upstream"
@@ -233,6 +251,19 @@ def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
     return parse
 
 
+E = TypeVar("E", bound=StrEnum)
+
+
+def _enum_choice(enum: type[E]) -> Callable[[Any], E]:
+    """Resolve a field once into its enum member; the error lists the values, as _choice does."""
+    choose = _choice(tuple(member.value for member in enum))
+
+    def parse(value: Any) -> E:
+        return enum(choose(value))
+
+    return parse
+
+
 def _express_lane(value: Any) -> str:
     # YAML reads a bare `off` as false. "python" named a Python lane that is now the general
     # path's whole-message shortcut: older configs keep working and mean "off".
@@ -279,8 +310,8 @@ def _optional_ip(value: Any) -> str:
 
 def _listener(fields: _Fields, index: int) -> ListenerConfig:
     name = fields.take("name", _name, f"listener{index}")
-    kind = fields.take("kind", _choice(KINDS), "standalone")
-    mode = fields.take("mode", _choice(MODES), "tcp")
+    kind = fields.take("kind", _enum_choice(ListenerKind), ListenerKind.STANDALONE)
+    mode = fields.take("mode", _enum_choice(ListenerMode), ListenerMode.TCP)
     if mode not in IMPLEMENTED_MODES:
         raise fields.error(
             "mode",
@@ -296,7 +327,7 @@ def _listener(fields: _Fields, index: int) -> ListenerConfig:
         addresses = (address,)
     upstream = fields.take("upstream", parse_address, None)
     _check_upstream(fields, kind, addresses, upstream)
-    default_app_side = "downstream" if kind == "outbound" else "upstream"
+    default_app_side = "downstream" if kind is ListenerKind.OUTBOUND else "upstream"
     listener = ListenerConfig(
         name=name,
         addresses=addresses,
@@ -324,15 +355,15 @@ def _listener(fields: _Fields, index: int) -> ListenerConfig:
 
 
 def _check_upstream(
-    fields: _Fields, kind: str, addresses: tuple[Address, ...], upstream: Address | None
+    fields: _Fields, kind: ListenerKind, addresses: tuple[Address, ...], upstream: Address | None
 ) -> None:
     """Who needs `upstream`: standalone always; outbound only on unix: (no original destination)."""
-    if kind == "standalone":
+    if kind is ListenerKind.STANDALONE:
         if upstream is None:
             raise fields.error("upstream", "required for a standalone listener")
         return
     unix = [a.is_unix for a in addresses]
-    if kind == "outbound" and any(unix):
+    if kind is ListenerKind.OUTBOUND and any(unix):
         if not all(unix):
             raise fields.error(
                 "addresses", "an outbound listener is either all unix: or all host:port; split it"
@@ -349,7 +380,9 @@ def _check_upstream(
             f"an {kind} capture listener needs host:port addresses (iptables captures TCP)",
         )
     if upstream is not None:
-        hint = "; to deliver to a Unix socket use app_socket" if kind == "inbound" else ""
+        hint = (
+            "; to deliver to a Unix socket use app_socket" if kind is ListenerKind.INBOUND else ""
+        )
         raise fields.error(
             "upstream",
             f"not used by an {kind} listener on host:port (it uses the original destination){hint}",
@@ -368,14 +401,14 @@ def _app_socket(value: Any) -> Address:
 
 def _native_reason() -> str | None:
     """None when the native module loaded, else why not (imported only for native choices)."""
-    from pyproxy import native  # type: ignore[attr-defined]  # mapped from native/ by pyproject
+    from pyproxy import native  # type: ignore[attr-defined]  # lazy: only for native choices
 
     return None if native.AVAILABLE else str(native.UNAVAILABLE_REASON)
 
 
-def _original_dst(fields: _Fields, kind: str) -> str:
+def _original_dst(fields: _Fields, kind: ListenerKind) -> str:
     value = fields.take("original_dst", _choice(("netfilter", "ebpf")), "netfilter")
-    if value == "ebpf" and kind != "outbound":
+    if value == "ebpf" and kind is not ListenerKind.OUTBOUND:
         raise fields.error("original_dst", "ebpf is for outbound capture listeners only")
     return value
 
@@ -400,7 +433,7 @@ def _check_sockmap(fields: _Fields, listener: ListenerConfig, derived: str) -> N
 def _io_backends(fields: _Fields, listener: ListenerConfig) -> ListenerConfig:
     """Validate ipc/write/relay/zerocopy_threshold/app_socket against the listener's sockets."""
     app_socket = fields.take("app_socket", _app_socket, None)
-    if app_socket is not None and listener.kind != "inbound":
+    if app_socket is not None and listener.kind is not ListenerKind.INBOUND:
         raise fields.error(
             "app_socket", "only for inbound listeners (a standalone listener names its upstream)"
         )
@@ -409,7 +442,7 @@ def _io_backends(fields: _Fields, listener: ListenerConfig) -> ListenerConfig:
         app_role, app_addresses = "listen address", listener.addresses
     elif app_socket is not None:
         app_role, app_addresses = "app_socket", (app_socket,)
-    elif listener.kind == "standalone" and listener.upstream is not None:
+    elif listener.kind is ListenerKind.STANDALONE and listener.upstream is not None:
         app_role, app_addresses = "upstream", (listener.upstream,)
     else:
         app_role = "inbound_target"
@@ -441,7 +474,7 @@ def _io_backends(fields: _Fields, listener: ListenerConfig) -> ListenerConfig:
         (listener.upstream,) if listener.app_side == "downstream" else listener.addresses
     )
     if write == "zerocopy":
-        if listener.mode != "tcp":
+        if listener.mode is not ListenerMode.TCP:
             raise fields.error("write", "zerocopy is implemented for mode tcp only")
         if ipc == "uds" and all(a is not None and a.is_unix for a in peer_addresses):
             raise fields.error(
@@ -451,7 +484,7 @@ def _io_backends(fields: _Fields, listener: ListenerConfig) -> ListenerConfig:
     elif has_threshold:
         raise fields.error("zerocopy_threshold", "only used with write: zerocopy")
     if relay == "splice":
-        if listener.mode != "tcp":
+        if listener.mode is not ListenerMode.TCP:
             raise fields.error(
                 "relay", f"splice relays opaque bytes: tcp mode only, not {listener.mode}"
             )
@@ -482,10 +515,12 @@ def _address_list(value: Any) -> tuple[Address, ...]:
     return tuple(parse_address(v) for v in value)
 
 
-def _http_settings(fields: _Fields | None, mode: str) -> HttpSettings:
+def _http_settings(fields: _Fields | None, mode: ListenerMode) -> HttpSettings:
     if fields is None:
-        return HttpSettings(upstream_protocol="http2") if mode == "grpc" else HttpSettings()
-    if mode == "tcp":
+        return (
+            HttpSettings(upstream_protocol="http2") if mode is ListenerMode.GRPC else HttpSettings()
+        )
+    if mode is ListenerMode.TCP:
         raise ConfigError(fields.source, fields.path, "only for mode http or grpc")
     settings = HttpSettings(
         codec=fields.take("codec", _choice(("fast", "h11")), "fast"),
@@ -499,8 +534,8 @@ def _http_settings(fields: _Fields | None, mode: str) -> HttpSettings:
         # gRPC needs HTTP/2 end to end (trailers, streams both ways at once).
         upstream_protocol=fields.take(
             "upstream_protocol",
-            _choice(("http2",) if mode == "grpc" else ("http1", "http2")),
-            "http2" if mode == "grpc" else "http1",
+            _choice(("http2",) if mode is ListenerMode.GRPC else ("http1", "http2")),
+            "http2" if mode is ListenerMode.GRPC else "http1",
         ),
         max_concurrent_streams=fields.take("max_concurrent_streams", _int_range(1, 10000), 100),
         # Not below the protocol default: the peer may send that much before our SETTINGS arrive.
@@ -516,10 +551,10 @@ def _http_settings(fields: _Fields | None, mode: str) -> HttpSettings:
     return settings
 
 
-def _grpc_settings(fields: _Fields | None, mode: str) -> GrpcSettings:
+def _grpc_settings(fields: _Fields | None, mode: ListenerMode) -> GrpcSettings:
     if fields is None:
         return GrpcSettings()
-    if mode == "tcp":
+    if mode is ListenerMode.TCP:
         raise ConfigError(fields.source, fields.path, "only for mode grpc or http")
     size = _int_range(0, 1 << 30)
     default = GrpcSettings()
@@ -538,15 +573,15 @@ def _grpc_settings(fields: _Fields | None, mode: str) -> GrpcSettings:
 PORT_PROTOCOLS = ("tcp", "http", "http1", "http2")
 
 
-def _detection(fields: _Fields, kind: str, mode: str) -> dict:
+def _detection(fields: _Fields, kind: ListenerKind, mode: ListenerMode) -> dict:
     """How a mode-http listener picks a protocol per connection (pyproxy/http/detect.py)."""
     keys = [key for key in ("detect", "detect_timeout", "ports") if key in fields.data]
-    if mode == "tcp":
+    if mode is ListenerMode.TCP:
         if keys:
             raise fields.error(keys[0], "only for mode http")
         return {}
     # Capture listeners see any protocol the app speaks: fall back to TCP; standalone is HTTP.
-    default = "http" if kind == "standalone" else "auto"
+    default = "http" if kind is ListenerKind.STANDALONE else "auto"
     return {
         "detect": fields.take("detect", _choice(("auto", "http")), default),
         "detect_timeout": fields.take("detect_timeout", parse_duration, 0.1),
@@ -577,12 +612,13 @@ def _access_log_target(value: Any) -> str:
     return value
 
 
-def _filters(fields: _Fields, mode: str) -> tuple[FilterSpec, ...] | None:
+def _filters(fields: _Fields, mode: ListenerMode) -> tuple[FilterSpec, ...] | None:
     """`filters:` — a list of {name, type?, config}; each filter validates its own config."""
     items = fields.data.pop("filters", None)
     if items is None:
         return None
-    from pyproxy.chain.api import FilterConfigError  # loaded only for a config that has filters
+    # lazy: the filter machinery loads only for a config that has filters
+    from pyproxy.chain.api import FilterConfigError
     from pyproxy.chain.registry import validate
 
     path = fields._join("filters")
@@ -610,7 +646,7 @@ def _filters(fields: _Fields, mode: str) -> tuple[FilterSpec, ...] | None:
     return tuple(specs)
 
 
-def _routes(fields: _Fields, mode: str) -> tuple[RouteConfig, ...]:
+def _routes(fields: _Fields, mode: ListenerMode) -> tuple[RouteConfig, ...]:
     items = fields.data.pop("routes", None)
     if items is None:
         return ()
@@ -726,7 +762,7 @@ def build_config(data: Any, source: str = "<flags>") -> ProxyConfig:
                     f"listeners[{i}].routes[{j}].cluster",
                     f"no cluster named {route.cluster!r}",
                 )
-            if listener.mode == "grpc" and route.cluster:
+            if listener.mode is ListenerMode.GRPC and route.cluster:
                 cluster = next(c for c in clusters if c.name == route.cluster)
                 if cluster.protocol != "http2":
                     raise ConfigError(
@@ -759,7 +795,7 @@ def build_config(data: Any, source: str = "<flags>") -> ProxyConfig:
 
 def root_refusal(config: ProxyConfig, euid: int) -> str:
     """Why this config must not run as `euid` ("" if it may): capture listeners as root loop."""
-    capture = [lst.name for lst in config.listeners if lst.kind in ("outbound", "inbound")]
+    capture = [lst.name for lst in config.listeners if lst.kind is not ListenerKind.STANDALONE]
     if euid != 0 or not capture or config.allow_root:
         return ""
     return (

@@ -10,6 +10,8 @@ from __future__ import annotations
 import mmap
 from bisect import bisect_left
 
+from pyproxy.protocol import STATUS_CLASSES, status_class
+
 # Stages, in MeshInsight's component order. Filter stages follow, one per filter slot.
 STAGES = ("ipc", "read", "write", "notify", "parse", "other")
 IPC, READ, WRITE, NOTIFY, PARSE, OTHER = range(6)
@@ -96,8 +98,8 @@ NATIVE_REQUESTS = EXPRESS_REQUESTS + 1  # ... and those of them the native lane 
 REFUSED_CONNECTIONS = NATIVE_REQUESTS + 1
 REFUSED_REQUESTS = REFUSED_CONNECTIONS + 1
 FLAG_BASE = REFUSED_REQUESTS + 1
-STATUS_BASE = FLAG_BASE + len(FLAGS)  # responses by class: 1xx..5xx
-HIST_BASE = STATUS_BASE + 5
+STATUS_BASE = FLAG_BASE + len(FLAGS)  # responses by class: 1xx..5xx (protocol.status_class)
+HIST_BASE = STATUS_BASE + STATUS_CLASSES
 HIST_SUM_NS = HIST_BASE + len(BUCKETS) + 1  # buckets, then +Inf
 HIST_COUNT = HIST_SUM_NS + 1
 # MSG_ZEROCOPY accounting (write: zerocopy), published by io/zerocopy_writer.py.
@@ -197,8 +199,28 @@ def reject_slot(reason: str) -> int:
     return REJECT_BASE + REJECT_INDEX[reason]
 
 
+def duration_bucket(elapsed_ns: int) -> int:
+    """The histogram bucket of a duration: the first bound it does not exceed, else the last
+    (+Inf) one, len(BUCKETS). Every histogram here (the listener's, gRPC's) buckets this way."""
+    return bisect_left(BUCKET_BOUNDS_NS, elapsed_ns)
+
+
+def count_status(block: memoryview, status: int) -> None:
+    """Count one response in its status class (a reply made before any request ended, too)."""
+    block[STATUS_BASE + status_class(status) - 1] += 1
+
+
 def observe_duration(block: memoryview, elapsed_ns: int) -> None:
     """Add one observation to the listener's duration histogram (cumulative at export)."""
-    block[HIST_BASE + bisect_left(BUCKET_BOUNDS_NS, elapsed_ns)] += 1
+    block[HIST_BASE + duration_bucket(elapsed_ns)] += 1
     block[HIST_SUM_NS] += elapsed_ns
     block[HIST_COUNT] += 1
+
+
+def account_response(block: memoryview, status: int, elapsed_ns: int) -> None:
+    """The one accounting of a finished request: its status class (none when no response
+    was made, status 0) and its duration. The C pair does the same from protocol_facts.h,
+    which native/facts_header.py generates from this layout."""
+    if status:
+        count_status(block, status)
+    observe_duration(block, elapsed_ns)

@@ -13,17 +13,15 @@ the workers' tables by name when it builds a snapshot.
 
 from __future__ import annotations
 
-from bisect import bisect_left
-
 from pyproxy.codec.grpc import STATUS_NAMES
 from pyproxy.counters import (
-    BUCKET_BOUNDS_NS,
     BUCKETS,
     GRPC_BASE,
     GRPC_ENTRY,
     GRPC_METHOD_SLOTS,
     GRPC_NAME_WORDS,
     CounterStore,
+    duration_bucket,
 )
 
 OTHER = "other"
@@ -103,7 +101,7 @@ def record_finished(
     block[entry + E_STATUS + status] += 1
     block[MSG_RECEIVED] += received
     block[MSG_SENT] += sent
-    block[HIST + bisect_left(BUCKET_BOUNDS_NS, elapsed_ns)] += 1
+    block[HIST + duration_bucket(elapsed_ns)] += 1
     block[HIST_SUM_NS] += elapsed_ns
     block[HIST_COUNT] += 1
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import socket
 from functools import partial
 from time import perf_counter_ns
@@ -11,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from pyproxy.addresses import Address
 from pyproxy.admission import Admission
-from pyproxy.config import ListenerConfig, ProxyConfig
+from pyproxy.config import ListenerConfig, ListenerKind, ListenerMode, ProxyConfig
 from pyproxy.counters import (
     CONNECTIONS_ACTIVE,
     CONNECTIONS_TOTAL,
@@ -19,15 +18,16 @@ from pyproxy.counters import (
     FLAG_INDEX,
     IPC,
     READ,
-    REFUSED_CONNECTIONS,
     STAGE_EVENTS,
     STAGE_NS,
     WRITE,
     observe_duration,
 )
 from pyproxy.io import original_dst, sockets
+from pyproxy.io.acceptor import Acceptor
 from pyproxy.io.backends import relay_factory
 from pyproxy.io.connector import Connect
+from pyproxy.io.first_bytes import FirstBytes
 from pyproxy.io.relay import Relay
 
 if TYPE_CHECKING:
@@ -36,8 +36,6 @@ if TYPE_CHECKING:
     from pyproxy.http.downstream_h1 import Http1Downstream
 
 log = logging.getLogger("pyproxy.listener")
-
-ACCEPTS_PER_WAKEUP = 64  # bounded so one busy listener cannot starve the rest of the loop
 
 
 class _PendingConnect:
@@ -106,7 +104,9 @@ class Listener:
         self.connections = connections
         # The worker's, shared by its listeners; a listener on its own has limits of its own.
         self.admission = admission or Admission(connections, proxy_config)
-        self.sockets: list[socket.socket] = []
+        self.acceptor = Acceptor(
+            loop, config.name, block, timed, self.admission.connection_allowed, self._accepted
+        )
         self.draining = False  # stopped accepting: sessions starting now drain from the start
         self._set_stages()
         self._relay = relay_factory(config)
@@ -117,9 +117,9 @@ class Listener:
 
     def _tcp_chain(self) -> TcpChainFactory | None:
         config = self.config
-        if config.mode != "tcp" or not config.filters:
+        if config.mode is not ListenerMode.TCP or not config.filters:
             return None
-        # The filter machinery loads only for listeners with TCP filters.
+        # lazy: the filter machinery loads only for listeners with TCP filters
         from pyproxy.chain.api import FactoryContext
         from pyproxy.chain.tcp_chain import TcpChainFactory
 
@@ -129,10 +129,10 @@ class Listener:
         return chain if chain.factories else None
 
     def _http_context(self) -> HttpContext | None:
-        if self.config.mode == "tcp":
+        if self.config.mode is ListenerMode.TCP:
             return None
-        # The HTTP stack (h2, codecs, filters' chain) loads only for listeners that speak HTTP:
-        # a TCP-only worker stays small.
+        # lazy: the HTTP stack (h2, codecs, filters' chain) loads only for listeners that speak
+        # HTTP: a TCP-only worker stays small.
         from pyproxy.http.build import http_context
 
         assert self.proxy_config is not None, "HTTP listeners are built with the proxy config"
@@ -144,17 +144,14 @@ class Listener:
         down_app = self.config.app_side == "downstream"
         accept_stage = IPC if down_app else READ
         connect_stage = WRITE if down_app else IPC
-        self.accept_ns, self.accept_events = STAGE_NS + accept_stage, STAGE_EVENTS + accept_stage
+        self.acceptor.set_stage(accept_stage)
         self.connect_ns, self.connect_events = (
             STAGE_NS + connect_stage,
             STAGE_EVENTS + connect_stage,
         )
 
     def start(self) -> None:
-        for address in self.config.addresses:
-            sock = sockets.listen(address, transparent=self.config.transparent)
-            self.sockets.append(sock)
-            self.loop.add_reader(sock.fileno(), self._on_acceptable, sock)
+        self.acceptor.listen(self.config.addresses, self.config.transparent)
 
     def update(self, config: ListenerConfig) -> None:
         """Take a reloaded config with the same addresses; live connections keep the old one."""
@@ -174,52 +171,9 @@ class Listener:
         self.draining = True
         if self.http is not None:
             self.http.pool.close_idle()
-        for sock in self.sockets:
-            self.loop.remove_reader(sock.fileno())
-            # Connections the kernel completed already are clients we answer: closing the
-            # listening socket would reset them.
-            self._accept_backlog(sock)
+        self.acceptor.stop()  # connections already in the backlog are served, and drain
         start_draining(list(self.connections))
-        for sock in self.sockets:
-            if sock.family == socket.AF_UNIX:
-                path = sock.getsockname()
-                sock.close()
-                _unlink_quietly(path)
-            else:
-                sock.close()
-        self.sockets.clear()
-
-    def _accept_backlog(self, lsock: socket.socket) -> None:
-        while True:
-            try:
-                conn, _peer = lsock.accept()
-            except OSError:  # BlockingIOError: the backlog is empty
-                return
-            self._accepted(conn)
-
-    def _on_acceptable(self, lsock: socket.socket) -> None:
-        timed = self.timed
-        block = self.block
-        for _ in range(ACCEPTS_PER_WAKEUP):
-            if timed:
-                t0 = perf_counter_ns()
-            try:
-                conn, _peer = lsock.accept()
-            except BlockingIOError:
-                return
-            except OSError as exc:
-                # EMFILE/ENFILE/ENOBUFS: keep the listener; the backlog waits for resources.
-                log.warning("accept on %s failed: %s", self.config.name, exc)
-                return
-            if timed:
-                block[self.accept_ns] += perf_counter_ns() - t0
-                block[self.accept_events] += 1
-            if not self.admission.connection_allowed():
-                # Over the worker's limit: a reset now, so the client neither waits nor retries here.
-                block[REFUSED_CONNECTIONS] += 1
-                sockets.abort(conn)
-                continue
-            self._accepted(conn)
+        self.acceptor.close()
 
     def _accepted(self, conn: socket.socket) -> None:
         """Count an accepted connection and serve it; one that cannot be served is closed."""
@@ -247,9 +201,6 @@ class Listener:
         self.fail(conn, "LR", started)
 
     def _handle(self, conn: socket.socket, started: int) -> None:
-        conn.setblocking(False)
-        if conn.family != socket.AF_UNIX:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             target, source = self._route(conn)
         except OSError as exc:
@@ -259,24 +210,51 @@ class Listener:
             self.fail(conn, "NR", started)
             return
         if self.http is not None:
-            from pyproxy.http.detect import Detector, protocol_for
-
-            protocol = protocol_for(self.config, conn, target)
-            if protocol in ("auto", "http"):
-                detector = Detector(self, conn, target, source, started, protocol == "auto")
-                self.connections.add(detector)
-                detector.start()
-            else:
-                self.start_protocol(conn, target, source, started, protocol)
+            self._detect(conn, target, source, started)
             return
         if self.tcp_chain is not None:
-            from pyproxy.chain.tcp_chain import ConnectionGate
+            from pyproxy.chain.tcp_chain import ConnectionGate  # lazy: TCP filters only
 
             gate = ConnectionGate(self.tcp_chain, self, conn, target, source, started)
             self.connections.add(gate)
             gate.run()
             return
         self.connect_upstream(conn, target, source, started)
+
+    def _detect(self, conn: socket.socket, target: Address, source: str, started: int) -> None:
+        """Mode http: the configured protocol, or the first bytes', read by the I/O layer."""
+        # lazy: the HTTP stack loads only for listeners that speak HTTP
+        from pyproxy.http.detect import AUTO, HTTP, Detection, protocol_for
+
+        config = self.config
+        port = None
+        if config.ports:
+            # Where the client was going: the listening port when standalone.
+            port = (
+                sockets.local_port(conn) if config.kind is ListenerKind.STANDALONE else target.port
+            )
+        protocol = protocol_for(config, port)
+        if protocol not in (AUTO, HTTP):
+            self.start_protocol(conn, target, source, started, protocol)
+            return
+        http = self.http
+        assert http is not None, "detection runs on mode-http listeners"
+        reader = FirstBytes(
+            self.loop, conn, self.block, self.timed, http.downstream_stages[0],
+            Detection(config, protocol), partial(self._detected, target, source, started),
+        )  # fmt: skip
+        self.connections.add(reader)
+        reader.start()
+
+    def _detected(
+        self, target: Address, source: str, started: int, reader: FirstBytes,
+        protocol: str | None, flag: str,
+    ) -> None:  # fmt: skip
+        self.connections.discard(reader)
+        if protocol is None:
+            self.drop(reader.sock, flag, started)
+        else:
+            self.start_protocol(reader.sock, target, source, started, protocol, reader.data)
 
     def connect_upstream(
         self,
@@ -295,6 +273,7 @@ class Listener:
         preload: bytes = b"",
     ) -> None:  # fmt: skip
         """Mode http, protocol known (configured or detected): every byte read so far goes along."""
+        # lazy: the HTTP stack loads only for listeners that speak HTTP
         from pyproxy.http.detect import HTTP2, TCP
         from pyproxy.http.downstream_h1 import Http1Downstream
         from pyproxy.http.downstream_h2 import Http2Downstream
@@ -338,7 +317,7 @@ class Listener:
         if not redirected and not config.transparent:
             # Reached directly, not through capture: forwarding would loop back to ourselves.
             return None, ""
-        if config.kind == "outbound":
+        if config.kind is ListenerKind.OUTBOUND:
             return destination, ""
         if config.app_socket is not None:
             # The app serves on a Unix socket: one path, or one per captured port.
@@ -357,7 +336,7 @@ class Listener:
         config = self.config
         relay_class = self._relay
         if filters and self.tcp_chain is not None:
-            from pyproxy.io.filtered_relay import FilteredRelay
+            from pyproxy.io.filtered_relay import FilteredRelay  # lazy: TCP filters only
 
             relay_class = partial(FilteredRelay, filters=filters, stages=self.tcp_chain.stages)
         try:
@@ -435,10 +414,3 @@ def start_draining(connections: list) -> list:
             start_drain()
             asked.append(connection)
     return asked
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except OSError:
-        pass

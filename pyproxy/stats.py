@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pyproxy import counters as c
-from pyproxy.config import ProxyConfig
+from pyproxy.chain.registry import factory_class
+from pyproxy.config import ListenerMode, ProxyConfig
 from pyproxy.counters import CounterStore
 from pyproxy.grpc_metrics import grpc_snapshot
+from pyproxy.protocol import STATUS_CLASSES
 
 
 def snapshot(store: CounterStore, config: ProxyConfig) -> dict:
@@ -36,8 +38,8 @@ def snapshot(store: CounterStore, config: ProxyConfig) -> dict:
             cumulative += block[c.HIST_BASE + i]
             buckets[str(bound)] = cumulative
         listeners[lconf.name] = {
-            "mode": lconf.mode,
-            "kind": lconf.kind,
+            "mode": lconf.mode.value,
+            "kind": lconf.kind.value,
             "connections_total": block[c.CONNECTIONS_TOTAL],
             "connections_active": block[c.CONNECTIONS_ACTIVE],
             "messages": block[c.MESSAGES],
@@ -56,7 +58,7 @@ def snapshot(store: CounterStore, config: ProxyConfig) -> dict:
             },
             "stages": stages,
             "filters": filter_counters,
-            "responses": {f"{k + 1}xx": block[c.STATUS_BASE + k] for k in range(5)},
+            "responses": {f"{k + 1}xx": block[c.STATUS_BASE + k] for k in range(STATUS_CLASSES)},
             "flags": {
                 flag: block[c.FLAG_BASE + i]
                 for i, flag in enumerate(c.FLAGS)
@@ -77,16 +79,14 @@ def snapshot(store: CounterStore, config: ProxyConfig) -> dict:
             listeners[lconf.name]["zerocopy"] = {
                 name: block[c.ZC_BASE + i] for i, name in enumerate(c.ZC_FIELDS)
             }
-        if lconf.mode != "tcp":
+        if lconf.mode is not ListenerMode.TCP:
             grpc = grpc_snapshot(store, slot)
-            if lconf.mode == "grpc" or grpc["calls_started"]:
+            if lconf.mode is ListenerMode.GRPC or grpc["calls_started"]:
                 listeners[lconf.name]["grpc"] = grpc
     return {"listeners": listeners}
 
 
 def _counter_names(lconf, filter_name: str) -> tuple[str, ...]:
-    from pyproxy.chain.registry import factory_class
-
     specs = list(lconf.filters) + [s for r in lconf.routes for s in (r.filters or ())]
     for spec in specs:
         if spec.name == filter_name:

@@ -18,7 +18,7 @@ from pyproxy import __version__
 from pyproxy.addresses import Address
 from pyproxy.admin import EndpointServer, Response
 from pyproxy.admin_page import live_page
-from pyproxy.config import ConfigError, ProxyConfig, root_refusal
+from pyproxy.config import ConfigError, ListenerMode, ProxyConfig, root_refusal
 from pyproxy.counters import W_NOTIFY_COST_NS, W_PID, W_READY, CounterStore
 from pyproxy.eventloop import event_loop_name, new_event_loop
 from pyproxy.io import backends, sockets
@@ -37,7 +37,7 @@ RESPAWN_BACKOFF = 1.0  # a worker is replaced no sooner than this after it start
 
 def native_status() -> tuple[bool, str]:
     try:
-        from pyproxy import native  # type: ignore[attr-defined]  # mapped from native/ by pyproject
+        from pyproxy import native  # type: ignore[attr-defined]  # lazy: cffi loads when asked
     except ImportError as exc:  # pragma: no cover - the package is part of pyproxy
         return False, str(exc)
     available = bool(getattr(native, "AVAILABLE", False))
@@ -344,7 +344,7 @@ class Supervisor:
     # ---- endpoints -----------------------------------------------------------
 
     def snapshot(self) -> dict:
-        from pyproxy import stats  # on the first scrape, like prometheus_client
+        from pyproxy import stats  # lazy: on the first scrape, like prometheus_client
 
         snap = stats.snapshot(self.store, self.config)
         if self._admin is not None:
@@ -361,7 +361,7 @@ class Supervisor:
         return not self.draining and all(self.store.worker_header(i)[W_READY] for i in workers)
 
     def server_info(self) -> dict:
-        # hyper-h2 comes with it: loaded on demand, not by every idle proxy.
+        # lazy: hyper-h2 comes with it: loaded on demand, not by every idle proxy.
         from pyproxy.codec.http2_native import effective_codec
 
         native, reason = native_status()
@@ -399,7 +399,7 @@ class Supervisor:
             "http2_codec": {
                 lst.name: effective_codec(lst.http.http2_codec)
                 for lst in self.config.listeners
-                if lst.mode in ("http", "grpc")
+                if lst.mode is not ListenerMode.TCP
             },
             "stage_clock": self.config.stage_clock,
         }
@@ -418,7 +418,7 @@ class Supervisor:
                 return [plain(v) for v in value]
             return value
 
-        from pyproxy.redaction import redact  # hashlib and its patterns: on the first dump only
+        from pyproxy.redaction import redact  # lazy: hashlib and its patterns, on the first dump
 
         dump = redact(plain(self.config))
         assert isinstance(dump, dict)
@@ -432,7 +432,7 @@ class Supervisor:
             snap = self.snapshot()
             if query.get("format") == ["json"]:
                 return Response.json(snap)
-            from pyproxy.stats import to_text
+            from pyproxy.stats import to_text  # lazy: on the first scrape
 
             return Response.text(to_text(snap))
 
@@ -450,7 +450,7 @@ class Supervisor:
             return Response.text("OK\n")
 
         def tap(query: dict):
-            from pyproxy.filters.tap import admin_endpoint  # the tap filter owns its record format
+            from pyproxy.filters.tap import admin_endpoint  # lazy: the tap filter owns its records
 
             return admin_endpoint(self.config, query)
 
@@ -570,7 +570,7 @@ def _worker_process(
 
 
 def _exposition(take_snapshot: Callable[[], dict]) -> bytes:
-    # prometheus_client is imported on the first scrape: a worker nobody scrapes never pays for it.
+    # lazy: prometheus_client is imported on the first scrape: a worker nobody scrapes never pays.
     from pyproxy.prometheus import exposition
 
     return exposition(take_snapshot)

@@ -56,7 +56,7 @@ async def _relay_through_a_stale_number(upstream: str) -> bytes:
     block = memoryview(bytearray(8 * LISTENER_SLOTS)).cast("q")
     listener = Listener(loop, config.listeners[0], block, False, set(), config)
     listener.start()
-    address = listener.sockets[0].getsockname()
+    address = listener.acceptor.sockets[0].getsockname()
     client = socket.socket()
     client.setblocking(False)
     side = socket.create_server(("127.0.0.1", 0))

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from pyproxy.codec import make_http1_codec
 from pyproxy.codec.events import (
     END,
     PAUSED,
@@ -29,7 +30,6 @@ from pyproxy.codec.http1 import (
     CodecUsageError,
     Http1Codec,
     Http1Limits,
-    make_http1_codec,
     strip_hop_by_hop,
 )
 from pyproxy.codec.http1_fast import FastHttp1Codec

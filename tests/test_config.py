@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from pyproxy.addresses import parse_address
-from pyproxy.config import ConfigError, build_config, load_config
+from pyproxy.config import ConfigError, ListenerKind, ListenerMode, build_config, load_config
 from pyproxy.durations import parse_duration
 
 
@@ -57,11 +57,28 @@ def test_valid_config_builds_immutable_objects():
         listener.idle_timeout = 1
 
 
+def test_listener_mode_and_kind_are_resolved_once_into_enum_members():
+    config = build_config(
+        {
+            "listeners": [
+                {"name": "a", "address": "127.0.0.1:1", "upstream": "127.0.0.1:2"},
+                {"name": "b", "kind": "inbound", "mode": "grpc", "address": "127.0.0.1:3"},
+            ]
+        }
+    )
+    a, b = config.listeners
+    assert a.mode is ListenerMode.TCP and a.kind is ListenerKind.STANDALONE  # the defaults
+    assert b.mode is ListenerMode.GRPC and b.kind is ListenerKind.INBOUND
+    assert f"{b.mode}/{b.kind}" == "grpc/inbound"  # reports and logs still say the word
+
+
 @pytest.mark.parametrize(
     ("doc", "path", "reason"),
     [
         ({"listeners": []}, "listeners", "non-empty"),
-        (_doc(mode="smtp"), "listeners[0].mode", "must be one of"),
+        (_doc(mode="smtp"), "listeners[0].mode", "must be one of tcp, http, grpc, got 'smtp'"),
+        (_doc(mode=["http"]), "listeners[0].mode", "must be one of"),
+        (_doc(kind="sidecar"), "listeners[0].kind", "must be one of standalone, inbound, outbound"),
         (_doc(address="nowhere"), "listeners[0].address", "host:port"),
         (
             _doc(upstream=None) | {"listeners": [{"name": "l", "address": "127.0.0.1:1"}]},

@@ -9,6 +9,7 @@ import time
 
 import pytest
 from conftest import start_listener
+from h2_peer import H2Client
 
 
 def _proxy(start_proxy, tmp_path, upstream_address: str, fault_config: str, mode: str = "http"):
@@ -180,3 +181,76 @@ def test_tcp_abort_resets(start_proxy, tmp_path, echo_server):
     assert snap["filters"]["fault"]["aborts_injected"] == 3
     assert snap["flags"]["FI"] == 3
     assert echo_server.connections == 0
+
+
+def test_request_pipelined_behind_a_local_reply_is_answered(start_proxy, tmp_path, upstream):
+    """Regression: the fault filter answered the first of two pipelined requests before the codec
+    had reported the second as held, so the second was held forever and never answered."""
+    _, port = _proxy(
+        start_proxy, tmp_path, upstream.address, "{abort: {http_status: 503, percentage: 100}}"
+    )
+    request = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request * 3)
+        received = b""
+        while received.count(b"HTTP/1.1 503") < 3:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    assert received.count(b"HTTP/1.1 503") == 3, received
+
+
+def _read_until(sock: socket.socket, end: bytes = b"\r\n\r\n") -> bytes:
+    data = b""
+    while not data.endswith(end):
+        chunk = sock.recv(65536)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize("status", [204, 304])
+def test_an_abort_with_a_bodiless_status_sends_no_body(start_proxy, tmp_path, upstream, status):
+    """Regression: the abort's text went out on a 204/304 as Content-Length and body; the HTTP/1
+    codec refused the body, so the exchange never ended and the connection answered no more."""
+    proxy, port = _proxy(
+        start_proxy,
+        tmp_path,
+        upstream.address,
+        f"{{abort: {{http_status: {status}, percentage: 100}}}}",
+    )
+    reason = {204: b"No Content", 304: b"Not Modified"}[status]
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        for method in (b"GET", b"HEAD", b"GET"):
+            sock.sendall(method + b" /x HTTP/1.1\r\nHost: a\r\n\r\n")
+            # A bare head, nothing after it: no content fields, no body (RFC 9110 §6.4.1, §8.6).
+            assert _read_until(sock) == b"HTTP/1.1 %d %s\r\n\r\n" % (status, reason)
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(65536) == b""  # nothing after the last head either
+    client = H2Client(port)
+    try:
+        sids = [client.request("/x"), client.request("/x", method="HEAD")]
+        for response in client.wait(sids):
+            assert response["done"] and response["reset"] is None
+            assert response["status"] == status and response["body"] == b""
+            assert [name for name, _ in response["headers"]] == [b":status"]
+    finally:
+        client.close()
+    snap = proxy.wait_for(lambda s: s["duration"]["count"] == 5)
+    assert snap["flags"] == {"FI": 5}
+    assert snap["responses"][f"{status // 100}xx"] == 5 and snap["bytes"]["downstream_tx"] > 0
+
+
+def test_an_abort_answers_head_with_the_length_and_no_body(start_proxy, tmp_path, upstream):
+    proxy, port = _proxy(
+        start_proxy, tmp_path, upstream.address, "{abort: {http_status: 503, percentage: 100}}"
+    )
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"HEAD /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        head = _read_until(sock)
+        assert head.startswith(b"HTTP/1.1 503 ") and head.endswith(b"\r\n\r\n")
+        assert b"content-length: 19\r\n" in head  # what a GET would get (RFC 9110 §9.3.2)
+        sock.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert _read_until(sock, b"\r\n\r\nfault filter abort\n").startswith(b"HTTP/1.1 503 ")
+    assert proxy.wait_for(lambda s: s["duration"]["count"] == 2)["flags"] == {"FI": 2}

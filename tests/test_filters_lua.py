@@ -467,3 +467,35 @@ def test_bytecode_script_is_refused_at_load(tmp_path):
     time.sleep(0.05)
     assert "filters[0].config.source_file" in proxy.output
     assert "precompiled Lua bytecode is refused" in proxy.output, proxy.output
+
+
+NO_CONTENT_SCRIPT = """
+function envoy_on_response(handle)
+  handle:headers():replace(":status", "204")
+end
+"""
+
+
+def test_a_response_a_script_makes_a_204_loses_its_body_and_framing(start_proxy, tmp_path):
+    """Regression: the upstream's body (and its Content-Length) went on after the 204; the HTTP/1
+    codec refused the body, so the exchange never ended and the connection answered no more."""
+    upstream = HttpUpstream()
+    port = free_port()
+    try:
+        config = _write_config(tmp_path, [("main", port, upstream.address, NO_CONTENT_SCRIPT)])
+        proxy = start_proxy("-c", config)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            for method in (b"GET", b"HEAD", b"GET"):
+                sock.sendall(method + b" /x HTTP/1.1\r\nHost: a\r\n\r\n")
+                data = b""
+                while not data.endswith(b"\r\n\r\n"):
+                    chunk = sock.recv(65536)
+                    assert chunk, data
+                    data += chunk
+                assert data == b"HTTP/1.1 204 No Content\r\n\r\n"
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(65536) == b""
+        snap = proxy.wait_for(lambda s: s["duration"]["count"] == 3)
+        assert snap["responses"]["2xx"] == 3 and snap["flags"] == {}
+    finally:
+        upstream.close()

@@ -24,8 +24,7 @@ SLOTS = (
     c.STAGE_NS + c.READ, c.STAGE_EVENTS + c.READ, c.STAGE_NS + c.WRITE, c.STAGE_EVENTS + c.WRITE,
     c.STAGE_NS + c.PARSE, c.STAGE_EVENTS + c.PARSE, c.STAGE_EVENTS + c.NOTIFY, c.STAGE_NS + c.OTHER,
     c.DOWNSTREAM_RX, c.DOWNSTREAM_TX, c.UPSTREAM_RX, c.UPSTREAM_TX,
-    c.REQUESTS, c.EXPRESS_REQUESTS, c.NATIVE_REQUESTS, c.STATUS_BASE, c.HIST_BASE, c.HIST_SUM_NS,
-    c.HIST_COUNT, c.STAGE_NS, c.STAGE_NS + len(c.STAGES),
+    c.REQUESTS, c.EXPRESS_REQUESTS, c.NATIVE_REQUESTS, c.STAGE_NS, c.STAGE_NS + len(c.STAGES),
 )  # fmt: skip
 
 REQUEST = b"GET /a HTTP/1.1\r\nHost: svc\r\nConnection: keep-alive\r\nX-A: 1\r\n\r\n"
@@ -44,7 +43,7 @@ class Rig:
         self.block = memoryview(bytearray(8 * c.LISTENER_SLOTS)).cast("q")
         self.handovers: list[tuple[int, object]] = []
         self.pair = _express.Pair(
-            down.fileno(), up.fileno(), self.block, SLOTS, c.BUCKET_BOUNDS_NS, timed, 60 * 1024, 100,
+            down.fileno(), up.fileno(), self.block, SLOTS, timed, 60 * 1024, 100,
             lambda kind, payload: self.handovers.append((kind, payload)),
         )  # fmt: skip
 
@@ -238,10 +237,12 @@ def test_send_failures_are_handed_over_with_errno(rig):
 
 
 def test_bad_arguments_are_refused():
-    block = memoryview(bytearray(8 * 64)).cast("q")
+    block = memoryview(bytearray(8 * c.LISTENER_SLOTS)).cast("q")
+    with pytest.raises(ValueError, match="smaller than one listener"):
+        _express.Pair(0, 1, block[:64], SLOTS, True, 1024, 10, print)
     with pytest.raises(ValueError, match="slots"):
-        _express.Pair(0, 1, block, SLOTS[:-1], c.BUCKET_BOUNDS_NS, True, 1024, 10, print)
+        _express.Pair(0, 1, block, SLOTS[:-1], True, 1024, 10, print)
     with pytest.raises(ValueError, match="outside the block"):
-        _express.Pair(0, 1, block, SLOTS, c.BUCKET_BOUNDS_NS, True, 1024, 10, print)
+        _express.Pair(0, 1, block, (*SLOTS[:-1], c.LISTENER_SLOTS + 1), True, 1024, 10, print)
     with pytest.raises(TypeError):
-        _express.Pair(0, 1, block, SLOTS, c.BUCKET_BOUNDS_NS, True, 1024, 10, "not callable")
+        _express.Pair(0, 1, block, SLOTS, True, 1024, 10, "not callable")

@@ -128,3 +128,19 @@ def test_grpc_calls_are_bounded_only_by_an_explicit_route_timeout(tmp_path):
         (0.0, 0.0),
         (DEFAULT_TIMEOUT, 0.0),
     ]
+
+
+def test_sole_route_is_the_route_every_request_takes(tmp_path):
+    """The native pair may carry a listener only when one route takes every request."""
+    plain = _router(tmp_path, "")
+    assert plain.sole_route is plain.default_route is not None
+    catch_all = _router(
+        tmp_path, "    routes:\n      - match: {prefix: /}\n      - match: {prefix: /a}\n"
+    )
+    assert catch_all.sole_route is catch_all.routes[0]
+    by_prefix = _router(
+        tmp_path, "    routes:\n      - match: {prefix: /a}\n      - match: {prefix: /}\n"
+    )
+    assert by_prefix.sole_route is None
+    by_host = _router(tmp_path, "    routes:\n      - match: {authority: a.example, prefix: /}\n")
+    assert by_host.sole_route is None

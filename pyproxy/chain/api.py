@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from pyproxy.counters import FILTER_COUNTERS_BASE, FILTER_COUNTERS_PER_SLOT
+
 # Hook statuses (ints: compared on the hot path).
 CONTINUE = 0  # go on to the next filter
 STOP = 1  # pause this direction; the filter resumes it later (continue_decoding/continue_encoding)
@@ -86,7 +88,7 @@ class FilterFactory:
     # Up to FILTER_COUNTERS_PER_SLOT counters, summed over workers and shown in /stats and Prometheus;
     # the factory adds to `self.counters[i]` (a memoryview slice of the shared store).
     counter_names: ClassVar[tuple[str, ...]] = ()
-    filter_class: ClassVar[type] = HttpFilter
+    filter_class: type = HttpFilter  # a factory may choose per instance (tap without bodies)
     tcp_filter_class: ClassVar[type | None] = None
 
     def __init__(self, config: dict, context: FactoryContext) -> None:
@@ -143,8 +145,6 @@ class FactoryContext:
 
     def counters_for(self, factory: FilterFactory):
         """The factory's counter slots in the listener block (a throwaway list when there is none)."""
-        from pyproxy.counters import FILTER_COUNTERS_BASE, FILTER_COUNTERS_PER_SLOT
-
         slot = self._slots.get(self.filter_name)
         if self._block is None or slot is None:
             return [0] * FILTER_COUNTERS_PER_SLOT

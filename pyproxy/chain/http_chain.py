@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from time import perf_counter_ns
+from typing import Any, Protocol
 
 from pyproxy.chain.api import CONTINUE, STOP_AND_BUFFER, FactoryContext, HeaderMap, HttpFilter
 from pyproxy.chain.registry import factory_class
@@ -32,6 +33,44 @@ HOOKS = (
     "encode_data",
     "encode_trailers",
 )
+
+
+class ChainClock(Protocol):
+    """What the chain reads of its listener's HTTP context: the loop and where stages count."""
+
+    @property
+    def loop(self) -> Any: ...
+    @property
+    def timed(self) -> bool: ...
+    @property
+    def block(self) -> memoryview: ...
+
+
+class ChainDownstream(Protocol):
+    """The side a request came from, as the chain (and a filter) may touch it."""
+
+    @property
+    def protocol(self) -> str: ...
+    def resume_request(self) -> None: ...
+
+
+class ChainOwner(Protocol):
+    """The exchange as its filter chain sees it (pyproxy/http/exchange.py): where what the
+    filters let through goes. The chain sits below the HTTP layer and never imports it."""
+
+    @property
+    def ctx(self) -> ChainClock: ...
+    @property
+    def downstream(self) -> ChainDownstream: ...
+    def headers_decoded(self) -> None: ...
+    def forward_request_body(self, data, end_stream: bool) -> None: ...
+    def forward_request_trailers(self, headers) -> None: ...
+    def forward_response_head(self, end_stream: bool) -> None: ...
+    def forward_response_body(self, data, end_stream: bool) -> None: ...
+    def forward_response_trailers(self, headers) -> None: ...
+    def filter_local_reply(
+        self, status: int, body: bytes, headers: list, grpc_status, flag: str, details: str
+    ) -> None: ...
 
 
 class ChainFactory:
@@ -102,7 +141,7 @@ class ChainFactory:
         # is that filter's cost: the chain need not read the clock after its hook.
         self.single = len(classes) == 1
 
-    def start(self, exchange) -> HttpChain:
+    def start(self, exchange: ChainOwner) -> HttpChain:
         return HttpChain(self, exchange)
 
     def charge(self, block, overhead_ns: int) -> None:
@@ -154,7 +193,7 @@ class HttpChain:
         "dynamic_metadata",
     )
 
-    def __init__(self, factory: ChainFactory, exchange) -> None:
+    def __init__(self, factory: ChainFactory, exchange: ChainOwner) -> None:
         self.factory = factory
         self.exchange = exchange
         if factory.all_shared:

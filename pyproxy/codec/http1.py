@@ -21,9 +21,9 @@ from pyproxy.codec.events import (
     ResponseHead,
     Trailers,
 )
+from pyproxy.protocol import HOP_BY_HOP, has_body
 
 Role = Literal["server", "client"]
-Backend = Literal["fast", "h11"]
 
 # Connection states, modelled on h11's (one per side of the connection).
 # Compared with ``is``; strings so they print well in logs and tests.
@@ -57,22 +57,6 @@ DEFAULT_LIMITS: Final = Http1Limits()
 
 
 # --- header helpers ---------------------------------------------------------
-
-# RFC 9110 §7.6.1: connection-specific fields a proxy must not forward,
-# plus Proxy-Connection (never standard, still sent by old clients) and
-# Keep-Alive (RFC 2068 §19.7.1).
-HOP_BY_HOP: Final = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"transfer-encoding",
-        b"upgrade",
-        b"trailer",
-    }
-)
-
 
 # RFC 9110 §5.5 / RFC 9112 §4: no control character but HTAB in a field value or a reason
 # phrase (CR and LF included: no line may be split).
@@ -281,11 +265,9 @@ class HeadFacts:
             return ProtocolError(400, "malformed status line")
         # RFC 9112 §6.3 (8): a final response with content but no length runs to close.
         until_close = (
-            status >= 200
+            has_body(status, method)
             and self.content_length is None
             and not self.chunked
-            and status not in (204, 304)
-            and method != b"HEAD"
             and not (method == b"CONNECT" and status < 300)
         )
         return ResponseHead(
@@ -348,9 +330,6 @@ NO_BODY: Final = 0
 LENGTH: Final = 1
 CHUNKED: Final = 2
 UNTIL_CLOSE: Final = 3
-
-# RFC 9110 §6.4.1 / §15.3.5 / §15.4.5: these never carry content.
-_NO_BODY_STATUS: Final = frozenset({204, 304})
 
 
 class Http1Codec(ABC):
@@ -600,7 +579,7 @@ class Http1Codec(ABC):
         if facts.close:
             self._keep_alive = False
         peer_11 = self._peer_version == b"1.1"
-        if self._method == b"HEAD" or status in _NO_BODY_STATUS:
+        if not has_body(status, self._method):
             mode = NO_BODY
         elif facts.content_length is not None:
             mode, self._send_left = LENGTH, facts.content_length
@@ -695,18 +674,3 @@ def facts_of(headers: Headers) -> HeadFacts:
 _FACT_NAMES: Final = frozenset(
     {b"content-length", b"transfer-encoding", b"host", b"connection", b"expect", b"upgrade"}
 )
-
-
-def make_http1_codec(
-    backend: Backend = "fast", role: Role = "server", limits: Http1Limits = DEFAULT_LIMITS
-) -> Http1Codec:
-    """Build a codec; ``fast`` (httptools/llhttp) is the default, ``h11`` the strict reference."""
-    if backend == "fast":
-        from pyproxy.codec.http1_fast import FastHttp1Codec
-
-        return FastHttp1Codec(role, limits)
-    if backend == "h11":
-        from pyproxy.codec.http1_h11 import H11Http1Codec
-
-        return H11Http1Codec(role, limits)
-    raise ValueError(f"unknown HTTP/1 codec backend {backend!r}")

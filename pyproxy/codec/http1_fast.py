@@ -41,7 +41,6 @@ from pyproxy.codec.http1 import (
     DEFAULT_LIMITS,
     DONE,
     FIELD_CONTROL,
-    HOP_BY_HOP,
     IDLE,
     LENGTH,
     NO_BODY,
@@ -57,6 +56,7 @@ from pyproxy.codec.http1 import (
     strip_hop_by_hop_lines,
 )
 from pyproxy.native import http1_head_scanner
+from pyproxy.protocol import HOP_BY_HOP, NO_BODY_METHOD, NO_BODY_STATUSES
 
 # The native head scanner (pyproxy.native._http1head) when built and not disabled.
 _scan_head = http1_head_scanner()
@@ -297,7 +297,7 @@ class FastHttp1Codec(Http1Codec):
             line = b"%s %s HTTP/1.1\r\n" % (head.method, head.target)
             if head.upgrade or not src.startswith(line):
                 return
-        elif head.content_length is None and head.status != 204 and head.status != 304:  # type: ignore[union-attr]
+        elif head.content_length is None and head.status not in NO_BODY_STATUSES:  # type: ignore[union-attr]
             return
         elif head.status < 200 or head.status == 101:  # type: ignore[union-attr]
             return
@@ -369,7 +369,7 @@ class FastHttp1Codec(Http1Codec):
         elif (
             self.role == "client"
             and not self._final_seen
-            and (self._method == b"HEAD" or self._method == b"CONNECT")
+            and (self._method == NO_BODY_METHOD or self._method == b"CONNECT")
         ):
             self._feed_head_only(data)
         else:
@@ -379,7 +379,7 @@ class FastHttp1Codec(Http1Codec):
         # Responses to HEAD and CONNECT are delimited by _feed_head_only; after a complete
         # response, llhttp's on_message_begin refuses another one.
         return self.role == "server" or (
-            not self._message_done and self._method != b"HEAD" and self._method != b"CONNECT"
+            not self._message_done and self._method != NO_BODY_METHOD and self._method != b"CONNECT"
         )
 
     def _scan(self, data: Buffer) -> Buffer:
@@ -424,14 +424,14 @@ class FastHttp1Codec(Http1Codec):
                 )
                 self._left = length or 0
             else:
-                if length is None and first != 204 and first != 304:
+                if length is None and first not in NO_BODY_STATUSES:
                     return data  # delimited by close: llhttp's path
                 head = ResponseHead(
                     first, second, headers, version, persistent, length, False, wire
                 )
                 self._status = first
                 self._final_seen = True
-                self._left = 0 if first == 204 or first == 304 else length or 0
+                self._left = 0 if first in NO_BODY_STATUSES else length or 0
             pending.append(head)
             data = data[size:]
 
@@ -453,7 +453,7 @@ class FastHttp1Codec(Http1Codec):
                 return
         rest = bytes(buf)
         buf.clear()
-        if self._method == b"HEAD":
+        if self._method == NO_BODY_METHOD:
             if not self._message_done:
                 self._in_message = False
                 self._pending.append(END)
@@ -536,11 +536,10 @@ class FastHttp1Codec(Http1Codec):
             or (their is not SEND_BODY and their is not DONE)
             or not self._keep_alive
             or self._peer_version != b"1.1"
-            or self._method == b"HEAD"
+            or self._method == NO_BODY_METHOD
         ):
             return super()._send_response(ev if wire is None else _without_wire(ev))
-        status = ev.status
-        if status == 204 or status == 304:
+        if ev.status in NO_BODY_STATUSES:  # a HEAD request took the general way above
             self._send_mode = NO_BODY
         elif ev.content_length is not None:
             self._send_mode, self._send_left = LENGTH, ev.content_length

@@ -8,6 +8,7 @@ from typing import Final
 
 from pyproxy.codec.events import Headers, ProtocolError, RequestHead, ResponseHead
 from pyproxy.codec.http1 import FIELD_CONTROL, FIELD_NAME
+from pyproxy.protocol import H2_CONNECTION_SPECIFIC, H2_TE_ALLOWED, has_body
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 §3.4
 # request_from_h2's reason for a field name or value an HTTP/1 peer would not take.
@@ -18,19 +19,9 @@ _HEADERS, _PUSH_PROMISE, _GOAWAY, _CONTINUATION = 0x1, 0x5, 0x7, 0x9
 _END_HEADERS = 0x4
 _FRAME_HEADER = 9
 
-# RFC 9113 §8.2.2: connection-specific fields never appear in HTTP/2; Host becomes :authority
-# (§8.3.1). TE is handled apart: only "trailers" may cross.
-_NOT_IN_H2: Final = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"transfer-encoding",
-        b"upgrade",
-        b"te",
-        b"host",
-    }
-)
+# Fields an HTTP/1 head carries that an HTTP/2 one does not: the connection-specific ones and
+# Host, which becomes :authority (RFC 9113 §8.3.1). TE is handled apart: only "trailers" crosses.
+_NOT_IN_H2: Final = H2_CONNECTION_SPECIFIC | {b"host"}
 _REASONS: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
 
 # RFC 9110 §5.6.2 token characters (a method); RFC 3986 characters of a path and an authority
@@ -251,25 +242,25 @@ def _pseudo_header_problem(
 def h2_request_headers(head: RequestHead, te_trailers: bool) -> tuple[Headers, bool]:
     """(header list, has body) for an HTTP/2 upstream; framing is read from the head's fields."""
     authority = None
-    has_body = False
+    carries_body = False
     fields: Headers = []
     for name, value in head.headers:
         if name in _NOT_IN_H2:
             if name == b"host":
                 authority = value
             elif name == b"transfer-encoding":
-                has_body = True
+                carries_body = True
             continue
         if name == b"content-length":
-            has_body = value.strip() not in (b"0", b"")
+            carries_body = value.strip() not in (b"0", b"")
         fields.append((name, value))
     pseudo: Headers = [(b":method", head.method), (b":scheme", b"http")]
     if authority:
         pseudo.append((b":authority", authority))
     pseudo.append((b":path", head.target))
     if te_trailers:
-        fields.append((b"te", b"trailers"))
-    return pseudo + fields, has_body
+        fields.append((b"te", H2_TE_ALLOWED))
+    return pseudo + fields, carries_body
 
 
 def response_from_h2(headers: Headers) -> ResponseHead | None:
@@ -316,8 +307,8 @@ def wants_trailers(headers: Headers) -> bool:
 
 
 def response_has_body(method: bytes, head: ResponseHead) -> bool:
-    # RFC 9110 §6.4.1: HEAD, 1xx, 204 and 304 never carry content; nor does a zero length.
-    if method == b"HEAD" or head.status in (204, 304) or head.status < 200:
+    # Nor does a response that says its length is zero.
+    if not has_body(head.status, method):
         return False
     for name, value in head.headers:
         if name == b"content-length" and value.strip() == b"0":

@@ -11,8 +11,9 @@ from typing import Any
 from pyproxy.admission import Admission
 from pyproxy.chain.api import FactoryContext
 from pyproxy.chain.http_chain import ChainFactory
-from pyproxy.codec.http1 import Http1Codec, Http1Limits, make_http1_codec
-from pyproxy.config import ListenerConfig, ProxyConfig
+from pyproxy.codec import make_http1_codec
+from pyproxy.codec.http1 import Http1Codec, Http1Limits
+from pyproxy.config import ListenerConfig, ListenerMode, ProxyConfig
 from pyproxy.counters import IPC, PARSE, READ, STAGE_EVENTS, STAGE_NS, STAGES, WRITE
 from pyproxy.http.access_log import AccessLog
 from pyproxy.http.router import Route, Router, build_clusters
@@ -49,6 +50,8 @@ class HttpContext:
             if listener.http.access_log
             else None
         )
+        # Every request on a gRPC listener is a call (read per request: a bool, not the enum).
+        self.grpc_only = listener.mode is ListenerMode.GRPC
         down_app = listener.app_side == "downstream"
         self.downstream_stages = (IPC, IPC) if down_app else (READ, WRITE)
         self.upstream_stages = (READ, WRITE) if down_app else (IPC, IPC)
@@ -97,10 +100,10 @@ class HttpContext:
         return self._chains.get(id(route), self._chains[None])
 
     def server_codec(self) -> Http1Codec:
-        return make_http1_codec(self.settings.codec, "server", self.limits)  # type: ignore[arg-type]
+        return make_http1_codec(self.settings.codec, "server", self.limits)
 
     def client_codec(self) -> Http1Codec:
-        return make_http1_codec(self.settings.codec, "client", self.limits)  # type: ignore[arg-type]
+        return make_http1_codec(self.settings.codec, "client", self.limits)
 
     def close(self) -> None:
         # Deadlines are left alone: in-flight requests of a draining listener keep their timeouts

@@ -20,7 +20,7 @@ from pyproxy.counters import (
     FLAG_INDEX,
     REQUESTS,
     STAGES,
-    STATUS_BASE,
+    count_status,
     reject_slot,
 )
 from pyproxy.http.context import HttpContext
@@ -102,8 +102,13 @@ class Http1Downstream(Http1Side):
                 if self.exchange is not None:
                     self.exchange.request_end()
             elif event is PAUSED:
-                self._held = True
                 self.stream.pause_reading()
+                if self.exchange is None and not self._closed:
+                    # The exchange already ended inside this batch (a local reply) and started
+                    # the next cycle: nothing will end it again, so release the held request now.
+                    self.ctx.loop.call_soon(self._release_held)
+                else:
+                    self._held = True
             elif kind is Trailers:
                 if self.exchange is not None:
                     self.exchange.request_trailers(event.headers)
@@ -141,7 +146,7 @@ class Http1Downstream(Http1Side):
             self.exchange.request_malformed(error.status, body)
             return
         block[FLAG_BASE + FLAG_INDEX["DPE"]] += 1
-        block[STATUS_BASE + error.status // 100 - 1] += 1
+        count_status(block, error.status)
         self._reply_and_close(error.status, body)
 
     def _reply_and_close(self, status: int, body: bytes) -> None:
@@ -158,7 +163,7 @@ class Http1Downstream(Http1Side):
             return
         block = self.ctx.block
         block[FLAG_BASE + FLAG_INDEX["DT"]] += 1
-        block[STATUS_BASE + 3] += 1
+        count_status(block, 408)
         self._reply_and_close(408, b"request header timeout\n")
 
     def eof_received(self) -> None:

@@ -42,7 +42,7 @@ from pyproxy.counters import (
     FLAG_INDEX,
     REQUESTS,
     STAGES,
-    STATUS_BASE,
+    count_status,
     reject_slot,
 )
 from pyproxy.http.exchange import Exchange
@@ -217,7 +217,7 @@ class Http2Downstream(H2Session):
         """A reply made here, before any exchange exists (limits)."""
         block = self.ctx.block
         block[FLAG_BASE + FLAG_INDEX["DPE"]] += 1
-        block[STATUS_BASE + status // 100 - 1] += 1
+        count_status(block, status)
         headers = [
             (b":status", b"%d" % status),
             (b"content-type", b"text/plain"),

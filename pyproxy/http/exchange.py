@@ -15,10 +15,10 @@ whole-message shortcut, which is also the way onto the native lane.
 from __future__ import annotations
 
 from time import perf_counter_ns
-from typing import Any
+from typing import Any, Protocol
 
 from pyproxy.chain.api import HeaderMap
-from pyproxy.chain.http_chain import ChainFactory, HttpChain
+from pyproxy.chain.http_chain import ChainClock, ChainFactory, ChainOwner, HttpChain
 from pyproxy.codec.events import END, Body, RequestHead, ResponseHead, Trailers
 from pyproxy.codec.grpc import DEADLINE_EXCEEDED
 from pyproxy.codec.http1 import strip_hop_by_hop
@@ -29,6 +29,7 @@ from pyproxy.http.heads import downstream_head, filtered_request, retryable, ups
 from pyproxy.http.local_reply import local_reply_head
 from pyproxy.http.request import RequestRecord, authority_of
 from pyproxy.http.seams import Attach, Downstream, Upstream
+from pyproxy.protocol import has_body
 
 OVERLOADED = b"overloaded: too many requests in progress\n"
 
@@ -59,16 +60,16 @@ class Exchange(RequestRecord):
     ) -> None:
         super().__init__(ctx, request, trace)
         self.downstream = downstream
-        self.upstream: Upstream | Any = None  # bound once acquired (an HTTP/1 one has a codec)
+        self.upstream: Upstream | None = None  # bound once acquired
         self.pending: list = []
         self.request_done = False
         self.response_started = False
         self.response_done = False
         self.retried = False
         self.attach: Attach | None = None
-        self.chain: HttpChain | Any = None  # when the route has filters
+        self.chain: HttpChain | None = None  # when the route has filters
         self.response_head_in: Any = None  # the upstream's ResponseHead once it arrived
-        self.grpc: GrpcCall | Any = None  # for gRPC requests
+        self.grpc: GrpcCall | None = None  # for gRPC requests
         # The response leaves as it came unless a filter, gRPC or Server-Timing needs a say
         # (set once the request is on its way upstream).
         self.forwards_unchanged = False
@@ -81,7 +82,7 @@ class Exchange(RequestRecord):
         request = self.request
         if wants_call(self):
             self.grpc = GrpcCall(self)
-        elif self.ctx.listener.mode == "grpc":
+        elif self.ctx.grpc_only:
             self.local_reply(505, HTTP1_REFUSED, "DPE")
             return
         if not self.ctx.admission.admit_request():
@@ -112,7 +113,9 @@ class Exchange(RequestRecord):
     def hold_if_chain_holds(self) -> None:
         """A filter holds the head: stop reading (unless it buffers the body: then it reads on)."""
         chain = self.chain
-        if not self.finished and (chain.state is None or chain.state.body_for["decode"] is None):
+        if chain is None or self.finished:  # the chain ended the request (a local reply)
+            return
+        if chain.state is None or chain.state.body_for["decode"] is None:
             self.downstream.pause_request()
 
     def headers_decoded(self) -> None:
@@ -235,7 +238,7 @@ class Exchange(RequestRecord):
 
     # ---- binding the upstream ------------------------------------------------
 
-    def _attached(self, upstream) -> None:
+    def _attached(self, upstream: Upstream) -> None:
         self.attach = None
         if self.finished:
             self.ctx.pool.release(upstream)
@@ -377,7 +380,8 @@ class Exchange(RequestRecord):
             self.forward_response_body(b"", True)
 
     def forward_response_body(self, data, end_stream: bool) -> None:
-        if data:
+        # A filter may have made the response one that carries no body (a 204, say): drop it.
+        if data and has_body(self.status, self.request.method):
             self.bytes_out += len(data)
             self.downstream.send_body(data)
         if end_stream:
@@ -431,6 +435,7 @@ class Exchange(RequestRecord):
 
     def _switch_protocols(self) -> None:
         upstream, self.upstream = self.upstream, None
+        assert upstream is not None, "a 101 comes from the bound upstream"
         self._finish("", switched=True)
         self.downstream.switch_to_tunnel(upstream)
 
@@ -443,18 +448,20 @@ class Exchange(RequestRecord):
         started the caller gets a trailers-only reply; after, trailers if every
         message relayed so far is whole, else a stream reset (the connection stays).
         """
+        grpc = self.grpc
+        assert grpc is not None, "fail_call ends gRPC calls"
         if self.finished:
             return
         self._abandon_upstream()
         if not self.response_started:
             self.local_reply(200, b"", flag, grpc_status=grpc_status, details=message)
-        elif self.grpc.response_at_boundary and not self.response_done:
+        elif grpc.response_at_boundary and not self.response_done:
             self.response_done = True
-            self.downstream.send_trailers(self.grpc.status_trailers(grpc_status, message))
+            self.downstream.send_trailers(grpc.status_trailers(grpc_status, message))
             self.downstream.send_end()
             self._finish(flag)
         else:
-            self.grpc.status = grpc_status
+            grpc.status = grpc_status
             self._finish(flag, reset_downstream=True)
 
     def _abandon_upstream(self) -> None:
@@ -510,7 +517,7 @@ class Exchange(RequestRecord):
                 head.headers[:] = [h for h in head.headers if h[0] != b"content-type"]
             head.headers.extend(extra_headers)
         self.downstream.send_head(head)
-        if body and self.request.method != b"HEAD":
+        if body and has_body(status, self.request.method):
             self.bytes_out += len(body)
             self.downstream.send_body(body)
         self.response_done = True
@@ -542,8 +549,15 @@ class Exchange(RequestRecord):
             self.downstream.exchange_done(self, reset=reset_downstream)
 
 
+class ChainHolder(ChainOwner, Protocol):
+    """What starts a chain: the Exchange (or a bench's stand-in). It holds its chain before
+    the first hook runs, since hooks call back into it."""
+
+    chain: HttpChain | None
+
+
 def start_chain(
-    owner, factory: ChainFactory, method: bytes, target: bytes, headers, authority: bytes,
+    owner: ChainHolder, factory: ChainFactory, method: bytes, target: bytes, headers, authority: bytes,
     end_stream: bool,
 ) -> bool:  # fmt: skip
     """Start a request's filter chain (``owner.chain``) and run its request-header pass.
@@ -566,7 +580,7 @@ def start_chain(
     return passed
 
 
-def end_chain(ctx: HttpContext, chain) -> None:
+def end_chain(ctx: ChainClock, chain: HttpChain) -> None:
     """The request is over: its filters' end-of-request work."""
     if chain.factory.destroyers:
         # Filters' end-of-request work (WASM on_done/on_delete) runs after the response has

@@ -69,7 +69,7 @@ def wants_call(exchange: Exchange) -> bool:
     """Is this exchange a gRPC call? Every HTTP/2 request on a grpc listener, and application/grpc ones."""
     if exchange.downstream.protocol != "HTTP/2":
         return False
-    if exchange.ctx.listener.mode == "grpc":
+    if exchange.ctx.grpc_only:
         return True
     for name, value in exchange.request.headers:
         if name == b"content-type":

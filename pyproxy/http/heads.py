@@ -11,6 +11,7 @@ from pyproxy.codec.events import RequestHead, ResponseHead
 from pyproxy.codec.http1 import CodecUsageError, HeadFacts, facts_of, strip_hop_by_hop
 from pyproxy.codec.http1_fast import request_head_bytes, response_head_bytes
 from pyproxy.counters import STAGES
+from pyproxy.protocol import FRAMING_FIELDS, framing_allowed, has_body
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 CHUNKED = (b"transfer-encoding", b"chunked")
@@ -61,9 +62,13 @@ def downstream_head(
     """The response head as it goes downstream: the filters' version of it if they had one,
     hop-by-hop fields off, framing for the hop, Server-Timing when ``trace`` is given."""
     wire = None
+    content_length = head.content_length
     if filtered is not None:
         status = int(filtered.pseudo.get(b":status", b"%d" % head.status))
         headers = filtered.headers
+        if not framing_allowed(status):  # a filter made it a 204: the body's framing goes
+            headers = [field for field in headers if field[0] not in FRAMING_FIELDS]
+            content_length = None
     else:
         status = head.status
         headers = strip_hop_by_hop(head.headers)
@@ -74,7 +79,7 @@ def downstream_head(
     elif (
         not _has_length(headers)
         and (head.chunked or head.content_length is None)
-        and has_body(method, status)
+        and has_body(status, method)
     ):
         headers.append(CHUNKED)
     if trace is not None:
@@ -85,7 +90,7 @@ def downstream_head(
         head.reason,
         headers,
         head.http_version,
-        content_length=head.content_length,
+        content_length=content_length,
         wire=wire,
     )
 
@@ -147,11 +152,6 @@ def retryable(request: RequestHead) -> bool:
         and not request.content_length
         and not request.upgrade
     )
-
-
-def has_body(method: bytes, status: int) -> bool:
-    # RFC 9110 §6.4.1: HEAD responses, 1xx, 204 and 304 never carry content.
-    return method != b"HEAD" and status not in (204, 304) and status >= 200
 
 
 def _has_length(headers) -> bool:

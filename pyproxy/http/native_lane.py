@@ -45,22 +45,17 @@ from typing import Any
 
 from pyproxy.chain.api import HeaderMap
 from pyproxy.chain.http_chain import ChainFactory, HttpChain
-from pyproxy.config import ListenerConfig
+from pyproxy.config import ListenerConfig, ListenerMode
 from pyproxy.counters import (
-    BUCKET_BOUNDS_NS,
     DOWNSTREAM_RX,
     DOWNSTREAM_TX,
     EXPRESS_REQUESTS,
-    HIST_BASE,
-    HIST_COUNT,
-    HIST_SUM_NS,
     NATIVE_REQUESTS,
     NOTIFY,
     OTHER,
     REQUESTS,
     STAGE_EVENTS,
     STAGE_NS,
-    STATUS_BASE,
     UPSTREAM_RX,
     UPSTREAM_TX,
 )
@@ -69,7 +64,7 @@ from pyproxy.http.downstream_h1 import Http1Downstream
 from pyproxy.http.exchange import end_chain, start_chain
 from pyproxy.http.heads import paired_request_head, paired_response_head
 from pyproxy.http.request import authority_in
-from pyproxy.http.router import Route, Router
+from pyproxy.http.router import Route
 from pyproxy.http.upstream_h1 import Http1Upstream
 from pyproxy.native import express_pair, http1_head_scanner
 
@@ -98,7 +93,7 @@ class NativeLanes:
             STAGE_NS + up_read, STAGE_EVENTS + up_read, STAGE_NS + up_write, STAGE_EVENTS + up_write,
             ctx.parse_ns, ctx.parse_events, STAGE_EVENTS + NOTIFY, STAGE_NS + OTHER,
             DOWNSTREAM_RX, DOWNSTREAM_TX, UPSTREAM_RX, UPSTREAM_TX,
-            REQUESTS, EXPRESS_REQUESTS, NATIVE_REQUESTS, STATUS_BASE, HIST_BASE, HIST_SUM_NS, HIST_COUNT,
+            REQUESTS, EXPRESS_REQUESTS, NATIVE_REQUESTS,
             STAGE_NS, ctx.claim_end,
         )  # fmt: skip
 
@@ -121,7 +116,7 @@ class NativeLanes:
 
 def native_lanes(ctx: HttpContext) -> NativeLanes | None:
     """The listener's NativeLanes, or None when its connections cannot pair."""
-    route = _only_route(ctx.router)
+    route = ctx.router.sole_route
     if (
         _express is None
         or http1_head_scanner() is None
@@ -144,22 +139,11 @@ def _pairable(listener: ListenerConfig) -> bool:
     heads with the same scan), no per-request stage trace (Server-Timing) to keep."""
     http = listener.http
     return (
-        listener.mode == "http"
+        listener.mode is ListenerMode.HTTP
         and http.express_lane == "native"
         and http.codec == "fast"
         and not http.server_timing
     )
-
-
-def _only_route(router: Router) -> Route | None:
-    """The route every origin-form request takes, if there is one: the default route, or a
-    first route matching any authority and path (later routes are unreachable)."""
-    if router.default_route is not None:
-        return router.default_route
-    first = router.routes[0] if router.routes else None
-    if first is not None and first.authority == "*" and first.prefix in (b"", b"/"):
-        return first
-    return None
 
 
 class NativeLane:
@@ -195,7 +179,7 @@ class NativeLane:
         down, up = downstream.stream, upstream.stream
         limits = ctx.limits
         self.pair: Any = _express.Pair(
-            down.fd, up.fd, ctx.block, lanes.slots, BUCKET_BOUNDS_NS, ctx.timed,
+            down.fd, up.fd, ctx.block, lanes.slots, ctx.timed,
             limits.max_header_bytes, limits.max_header_count, self._handover,
         )  # fmt: skip
         chain = lanes.chain
@@ -316,6 +300,23 @@ class NativeLane:
     def forward_response_head(self, end_stream: bool) -> None:
         """The response filters passed the head: the response hook answers for it."""
 
+    # The chain calls these only for a body, trailers or a head a filter resumes: with heads
+    # only, each happens after an Exchange adopted the chain (Exchange.adopt_chain, adopt_sent).
+    def headers_decoded(self) -> None:
+        _after_adoption()
+
+    def forward_request_body(self, data, end_stream: bool) -> None:
+        _after_adoption()
+
+    def forward_request_trailers(self, headers) -> None:
+        _after_adoption()
+
+    def forward_response_body(self, data, end_stream: bool) -> None:
+        _after_adoption()
+
+    def forward_response_trailers(self, headers) -> None:
+        _after_adoption()
+
     # ---- what the pair hands over -------------------------------------------------------
 
     def _handover(self, kind: int, payload: Any) -> None:
@@ -366,3 +367,7 @@ class NativeLane:
             # The hook raised: the Exchange runs the response filters over the head afresh.
             exchange.chain.maps.pop("encode", None)
         self.upstream.data_received(data)
+
+
+def _after_adoption() -> None:
+    raise RuntimeError("a chain the native lane ran calls its Exchange once one adopted it")

@@ -4,11 +4,12 @@ Every request the general path carries is an Exchange, and every Exchange is
 a RequestRecord: the start time, route, target, route timeout, status,
 response flag, bytes and stage trace live here, and ``account_end`` is the
 one place a finished request is counted (response flag, status class,
-duration histogram, admission). Requests are counted when read (``REQUESTS``,
-by the session that read them). The native lane (native_lane.py) keeps the
-same accounts in C over the same block layout, for the exchanges it carries
-whole; a request it hands back mid-flight becomes an Exchange that starts
-from the time the lane read it.
+duration histogram, admission); its status class and duration go through
+counters.account_response. Requests are counted when read (``REQUESTS``, by
+the session that read them). The native lane (native_lane.py) ends the
+exchanges it carries whole with the C form of account_response, generated
+from the same definitions into native/protocol_facts.h; a request it hands
+back mid-flight becomes an Exchange that starts from the time the lane read it.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from pyproxy.chain.api import loggable
 from pyproxy.codec.events import RequestHead
-from pyproxy.counters import FLAG_BASE, FLAG_INDEX, STAGES, STATUS_BASE, observe_duration
+from pyproxy.counters import FLAG_BASE, FLAG_INDEX, STAGES, account_response
 from pyproxy.http.context import HttpContext
 
 
@@ -102,10 +103,8 @@ class RequestRecord:
         block = ctx.block
         if flag:
             block[FLAG_BASE + FLAG_INDEX[flag]] += 1
-        if self.status:
-            block[STATUS_BASE + min(self.status // 100, 5) - 1] += 1
         elapsed = perf_counter_ns() - self.started_ns
-        observe_duration(block, elapsed)
+        account_response(block, self.status, elapsed)
         return elapsed
 
     def log_record(self, protocol: str, elapsed_ns: int, metadata: dict | None, grpc: Any) -> dict:

@@ -117,6 +117,17 @@ class Router:
                 listener.connect_timeout,
             )
         self.default_cluster = default_cluster
+        self.sole_route = self._sole_route()
+
+    def _sole_route(self) -> Route | None:
+        """The route every origin-form request takes, if there is one: the default route, or a
+        first route matching any authority and path (routes after it are unreachable)."""
+        if self.default_route is not None:
+            return self.default_route
+        first = self.routes[0] if self.routes else None
+        if first is not None and first.authority == "*" and first.prefix in (b"", b"/"):
+            return first
+        return None
 
     def match(self, authority: bytes, path: bytes) -> Route | None:
         if self.default_route is not None:

@@ -5,6 +5,8 @@ connection or one HTTP/2 stream) to an upstream (an HTTP/1.1 connection or one
 HTTP/2 stream) and back, through a filter chain. Each side only sees the other
 through these protocols, so any downstream meets any upstream, a test can stand
 in for either, and no module of the package needs another's concrete class.
+The filter chain sees the exchange through `ChainOwner` (pyproxy/chain/http_chain.py):
+the chain sits below this package and does not import it.
 """
 
 from __future__ import annotations

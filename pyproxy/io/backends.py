@@ -12,11 +12,11 @@ from pyproxy.io.relay import Relay
 def relay_factory(config: ListenerConfig) -> Callable[..., Relay]:
     """The class (or partial) that start_relay instantiates; native modules load only when chosen."""
     if config.relay == "splice":
-        from pyproxy.io.splice_relay import SpliceRelay
+        from pyproxy.io.splice_relay import SpliceRelay  # lazy: the native module, when chosen
 
         return SpliceRelay
     if config.write == "zerocopy":
-        from pyproxy.io.zerocopy_writer import ZeroCopyRelay
+        from pyproxy.io.zerocopy_writer import ZeroCopyRelay  # lazy: the native module, when chosen
 
         return partial(ZeroCopyRelay, threshold=config.zerocopy_threshold)
     return Relay

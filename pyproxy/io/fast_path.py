@@ -39,7 +39,7 @@ class IpcFastPath:
         return fast
 
     def _install(self) -> None:
-        from pyproxy.native import bpf, sockmap  # type: ignore[attr-defined]
+        from pyproxy.native import bpf, sockmap  # type: ignore[attr-defined]  # lazy: libbpf if asked
 
         ports = sorted({port for ports in self._ports.values() for port in ports})
         try:

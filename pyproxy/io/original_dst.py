@@ -17,7 +17,7 @@ def resolver(config: ListenerConfig) -> Resolver:
     if config.original_dst != "ebpf":
         return sockets.original_destination
     # Opened once per listener; a missing installation fails the start with the reason.
-    from pyproxy.native import bpf, ebpf_capture  # type: ignore[attr-defined]
+    from pyproxy.native import bpf, ebpf_capture  # type: ignore[attr-defined]  # lazy: libbpf if asked
 
     originals = ebpf_capture.OriginalDestinations(bpf.own_cgroup())
 

@@ -181,6 +181,11 @@ def original_destination(sock: socket.socket) -> tuple[Address, bool]:
     return original, original != local
 
 
+def local_port(sock: socket.socket) -> int | None:
+    """The port a connection arrived on; None on a Unix socket."""
+    return None if sock.family == socket.AF_UNIX else sock.getsockname()[1]
+
+
 def abort(sock: socket.socket) -> None:
     """Close with RST (SO_LINGER 0), so a reset on one side is seen as a reset on the other."""
     try:

@@ -81,7 +81,7 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_inject(args: argparse.Namespace) -> int:
-    from pyproxy.kube.manifest import inject_text
+    from pyproxy.kube.manifest import inject_text  # lazy: PyYAML only for `inject`
 
     source = "<stdin>" if args.filename == "-" else args.filename
     try:
@@ -107,7 +107,7 @@ def cmd_inject(args: argparse.Namespace) -> int:
 
 
 def cmd_webhook(args: argparse.Namespace) -> int:
-    from pyproxy.kube.webhook import serve
+    from pyproxy.kube.webhook import serve  # lazy: ssl and http.server only for `webhook`
 
     return serve(args)
 

@@ -17,6 +17,7 @@ from pyproxy.config import (
 )
 from pyproxy.iptables.cli import OPTIONS as CAPTURE_FLAGS
 from pyproxy.kube import annotations as ann
+from pyproxy.run_flags import config_from_args, run_parser
 
 SIDECAR = "pyproxy"
 INIT = "pyproxy-init"
@@ -308,10 +309,9 @@ def sidecar_command(options: ann.Options, drain_seconds: int) -> list[str]:
 def check_sidecar_command(command: list[str]) -> None:
     """Validate the generated command exactly as the sidecar will (filters included), so a bad
     annotation fails injection instead of crash-looping the pod; ConfigError names the flag."""
-    from pyproxy.cli import build_parser, config_from_args
-
+    assert command[1] == "run", command
     if "-c" not in command:  # a ConfigMap's file is only seen by the sidecar itself
-        config_from_args(build_parser().parse_args(command[1:]))
+        config_from_args(run_parser().parse_args(command[2:]))
 
 
 def sidecar_container(options: ann.Options, drain_seconds: int, native: bool) -> dict:

@@ -14,6 +14,7 @@ from functools import cache
 from pyproxy.native import http1_head_scanner
 
 from fuzz.draw import Draw, splits
+from pyproxy.codec import make_http1_codec
 from pyproxy.codec.events import (
     END,
     PAUSED,
@@ -34,7 +35,6 @@ from pyproxy.codec.http1 import (
     CodecUsageError,
     Http1Codec,
     Http1Limits,
-    make_http1_codec,
     strip_hop_by_hop_lines,
 )
 from pyproxy.codec.http1_fast import FastHttp1Codec
