@@ -49,8 +49,11 @@ from pyproxy.bench.filter_bench import sanity, stage_costs
 from pyproxy.bench.filter_configs import BENCH_HEADER, filter_entry, lua_header_entry
 from pyproxy.bench.http_bench import (
     Processes,
+    add_baseline_tree,
+    baseline_tree_python,
     begin_run,
     finish_run,
+    git_state,
     round_parser,
     snap_delta,
     start_nginx,
@@ -74,8 +77,11 @@ LUA_PAIRS = (
 )
 
 
-def start_pyproxies(procs: Processes, workdir: Path, upstream: int) -> list[tuple[Path_, tuple]]:
-    """pyproxy's four configurations, each with the filter kinds it runs (for the sanity check)."""
+def start_pyproxies(
+    procs: Processes, workdir: Path, upstream: int, python: Path | None = None
+) -> list[tuple[Path_, tuple]]:
+    """pyproxy's four configurations, each with the filter kinds it runs (for the sanity check);
+    with ``python`` (--baseline-tree's), that checkout's, named before_<name>."""
     setups: tuple[tuple[str, list, tuple[str, ...], str], ...] = (
         (NO_FILTER, [], (), "default configuration, no filter"),
         ("pyproxy_ratelimit", [filter_entry("ratelimit", workdir, "pyproxy_ratelimit")],
@@ -85,10 +91,21 @@ def start_pyproxies(procs: Processes, workdir: Path, upstream: int) -> list[tupl
         ("pyproxy_lua_response", [lua_header_entry("response")], ("lua",),
          "Lua envoy_on_response: handle:headers():add(...)"),
     )  # fmt: skip
+    if python is None:
+        return [
+            (start_pyproxy(procs, workdir, name, upstream, filters=chain, note=note), kinds)
+            for name, chain, kinds, note in setups
+        ]
     return [
-        (start_pyproxy(procs, workdir, name, upstream, filters=chain, note=note), kinds)
+        (
+            start_pyproxy(
+                procs, workdir, f"before_{name}", upstream, filters=chain,
+                python=str(python), note=f"{note}, baseline tree",
+            ),
+            kinds,
+        )
         for name, chain, kinds, note in setups
-    ]
+    ]  # fmt: skip
 
 
 def start_nginxes(procs: Processes, workdir: Path, upstream: int) -> tuple[list[Path_], str]:
@@ -175,8 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         seconds=4,
         out=str(RESULTS / "filtered_path.json"),
     )
+    add_baseline_tree(parser)
     args = parser.parse_args(argv)
     result: dict = {**begin_run(parser, args, ("nginx", "wrk", "taskset")), "skipped": {}}
+    baseline_python = baseline_tree_python(parser, args)
+    if baseline_python is not None:
+        result["baseline_git"] = git_state(baseline_python.parents[2])
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="pyproxy-filtered-path-") as tmp:
         workdir = Path(tmp)
@@ -185,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             log("starting the upstream, pyproxy x4 and nginx (all on CPU 0)")
             upstream = start_upstream(procs, workdir)
             pyproxies = start_pyproxies(procs, workdir, upstream)
+            if baseline_python is not None:
+                pyproxies += start_pyproxies(procs, workdir, upstream, baseline_python)
             nginxes, why = start_nginxes(procs, workdir, upstream)
             if why:
                 result["skipped"]["nginx + ngx_http_lua"] = why
@@ -231,7 +254,7 @@ def report(result: dict) -> str:
         util = statistics.median(t["cpu_util_rounds"]) * 100 if t else None
         lines.append(
             f"| {name} | {cell(t and t['cpu_us_per_req_median'])} | "
-            + (f"{t['added_cpu_us_per_req']:+.1f}" if t and name.startswith("pyproxy_") else "—")
+            + (f"{t['added_cpu_us_per_req']:+.1f}" if t and "pyproxy_" in name else "—")
             + f" | {v['added_p50_us']:.1f} | {cell(t and t['rps_median'], '.0f')} | "
             f"{cell(util, '.0f')}{'%' if util else ''} | "
             f"{cell(result['filter_stage_us'].get(name), '.2f')} |"

@@ -124,6 +124,23 @@ NGINX_TEMP = (
 )
 
 
+def add_baseline_tree(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--baseline-tree", metavar="PATH",
+                        help="another checkout with its own venv (make .venv/.installed-test "
+                        "there): its pyproxy runs beside this one, before_<name>")  # fmt: skip
+
+
+def baseline_tree_python(parser: argparse.ArgumentParser, args) -> Path | None:
+    """The --baseline-tree checkout's interpreter (None without one); a usage error if unbuilt."""
+    if args.baseline_tree is None:
+        return None
+    python = Path(args.baseline_tree).resolve() / ".venv" / "bin" / "python"
+    if not python.exists():
+        parser.error(f"{python} missing: run `make .venv/.installed-test` in "
+                     f"{args.baseline_tree} (it builds that tree's native modules too)")  # fmt: skip
+    return python
+
+
 def nginx_conf(workdir: Path, name: str, http_block: str, main: str = "") -> Path:
     """One single-process nginx's config file; `main` goes before everything (load_module)."""
     conf = workdir / f"{name}.conf"
@@ -446,17 +463,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--install-peers", action="store_true",
                         help="create /tmp venvs with proxy.py and mitmproxy if missing")  # fmt: skip
-    parser.add_argument("--baseline-tree", metavar="PATH",
-                        help="another checkout with its own venv (make .venv/.installed-test "
-                        "there): its pyproxy runs beside this one, before_<name>")  # fmt: skip
+    add_baseline_tree(parser)
     args = parser.parse_args(argv)
     result: dict = {**begin_run(parser, args, ("nginx", "wrk", "taskset")), "skipped": {}}
-    baseline_python = None
-    if args.baseline_tree is not None:
-        baseline_python = Path(args.baseline_tree).resolve() / ".venv" / "bin" / "python"
-        if not baseline_python.exists():
-            parser.error(f"{baseline_python} missing: run `make .venv/.installed-test` in "
-                         f"{args.baseline_tree} (it builds that tree's native modules too)")  # fmt: skip
+    baseline_python = baseline_tree_python(parser, args)
     if args.install_peers:
         install_peers()
 
