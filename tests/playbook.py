@@ -90,6 +90,11 @@ class UpstreamSeesClose:
 
 
 @dataclass(frozen=True)
+class ConnectFails:
+    """The proxy's next upstream connect is refused (the connector reports "UF")."""
+
+
+@dataclass(frozen=True)
 class TimePasses:
     seconds: float
 
@@ -190,6 +195,7 @@ class Peer:
         assert http_ctx is not None
         http_ctx.connector = self._connect  # upstream connects become socketpairs
         self.upstreams: list[End] = []
+        self.refuse_connects = 0
         client, served = socket.socketpair()
         served.setblocking(False)
         self.client = End(self.loop, client, "client")
@@ -197,7 +203,9 @@ class Peer:
         self.listener.start_protocol(served, target, "", perf_counter_ns(), HTTP1)
 
     def _connect(self, loop, target, timeout, on_connected, on_failed, **accounts: Any):
-        return PairConnect(self, on_connected)
+        refused = self.refuse_connects > 0
+        self.refuse_connects -= refused
+        return PairConnect(self, on_connected, on_failed, refused)
 
     # ---- running the loop ------------------------------------------------------------
 
@@ -219,7 +227,9 @@ class Peer:
         )
 
     def upstream(self, index: int) -> End:
-        self.run_until(lambda: self.upstreams and len(self.upstreams) > index, "an upstream connect")
+        self.run_until(
+            lambda: self.upstreams and len(self.upstreams) > index, "an upstream connect"
+        )
         return self.upstreams[index]
 
     # ---- steps --------------------------------------------------------------------------
@@ -242,6 +252,8 @@ class Peer:
             self.upstream(step.conn).close()
         elif kind is UpstreamSeesClose:
             self._sees_close(self.upstream(step.conn))
+        elif kind is ConnectFails:
+            self.refuse_connects += 1
         elif kind is TimePasses:
             self.run_for(step.seconds)
         elif kind is Nothing:
@@ -252,7 +264,9 @@ class Peer:
             raise TypeError(f"not a playbook step: {step!r}")
 
     def _state(self) -> tuple:
-        return tuple((len(end.received), end.closed_by_peer) for end in [self.client, *self.upstreams])
+        return tuple(
+            (len(end.received), end.closed_by_peer) for end in [self.client, *self.upstreams]
+        )
 
     def _receive(self, end: End, data: bytes) -> None:
         self.run_until(
@@ -309,25 +323,31 @@ class Peer:
 
 
 class PairConnect:
-    """An upstream connect that succeeds at once: the proxy gets one end of a new socketpair,
-    the script the other (``Peer.upstreams``, in connect order)."""
+    """An upstream connect that ends on the next loop turn, like a connect to a local port:
+    the proxy gets one end of a new socketpair, the script the other (``Peer.upstreams``, in
+    connect order); or, refused, it fails with "UF" as a refused TCP connect does."""
 
-    def __init__(self, peer: Peer, on_connected) -> None:
+    def __init__(self, peer: Peer, on_connected, on_failed, refused: bool) -> None:
+        self._sock: socket.socket | None = None
+        if refused:
+            self._handle: Any = peer.loop.call_soon(self._done, on_failed, "UF")
+            return
         ours, theirs = socket.socketpair()
         theirs.setblocking(False)
         peer.upstreams.append(End(peer.loop, ours, f"upstream {len(peer.upstreams)}"))
-        self._sock, self._on_connected = theirs, on_connected
-        self._handle: Any = peer.loop.call_soon(self._connected)
+        self._sock = theirs
+        self._handle = peer.loop.call_soon(self._done, on_connected, theirs)
 
-    def _connected(self) -> None:
+    def _done(self, callback, arg) -> None:
         self._handle = None
-        self._on_connected(self._sock)
+        callback(arg)
 
     def cancel(self) -> None:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
-            self._sock.close()
+            if self._sock is not None:
+                self._sock.close()
 
 
 @dataclass

@@ -16,6 +16,7 @@ from playbook import (
     ClientReceives,
     ClientSeesClose,
     ClientSends,
+    ConnectFails,
     Nothing,
     Script,
     TimePasses,
@@ -69,9 +70,15 @@ ROUTE_100MS = {"routes": [{"match": {"prefix": "/"}, "timeout": "100ms"}]}
 FAULT_ABORT = {"filters": [{"name": "fault", "config": {"abort": {"http_status": 503, "percentage": 100}}}]}  # fmt: skip
 POST = b"POST /up HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\n\r\nhello"
 CHUNKED_BODY = b"5\r\nhello\r\n0\r\n\r\n"
-CHUNKED_POST = b"POST /up HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n" + CHUNKED_BODY
-CHUNKED_OK = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+CHUNKED_POST = (
+    b"POST /up HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n" + CHUNKED_BODY
+)
+CHUNKED_OK = (
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+)
 
+# A script reads best as its exchanges: a send and its receipt to a line.
+# fmt: off
 SCRIPTS = [
     Script("simple GET", exchange(b"/a"), counted(1, _2xx=1)),
     Script(
@@ -86,14 +93,14 @@ SCRIPTS = [
                 ClientReceives(ok(b"got 5"))),
         counted(2, _2xx=2),
         native=1,
-    ),  # fmt: skip
+    ),
     Script(
         "chunked request and chunked response",
         WARM + (ClientSends(CHUNKED_POST),
                 UpstreamReceives(b"POST /up HTTP/1.1\r\nhost: svc\r\ntransfer-encoding: chunked\r\n\r\n" + CHUNKED_BODY),
                 UpstreamSends(CHUNKED_OK), ClientReceives(CHUNKED_OK.replace(b"Transfer-Encoding", b"transfer-encoding"))),
         counted(2, _2xx=2),
-    ),  # fmt: skip
+    ),
     Script(
         "204 and 304 carry no body; HEAD's answer has a length and no body",
         WARM + (
@@ -113,7 +120,7 @@ SCRIPTS = [
         ),
         counted(5, _2xx=4, _3xx=1),
         native=3,
-    ),  # fmt: skip
+    ),
     Script(
         "pipelined requests are answered in order, one upstream request at a time",
         (
@@ -124,7 +131,7 @@ SCRIPTS = [
             UpstreamReceives(get(b"/p3")), UpstreamSends(ok(b"3")), ClientReceives(ok(b"3")),
         ),
         counted(3, _2xx=3),
-    ),  # fmt: skip
+    ),
     Script(
         "hop-by-hop fields are dropped both ways",
         WARM + (
@@ -140,7 +147,7 @@ SCRIPTS = [
         ),
         counted(3, _2xx=3),
         native=1,
-    ),  # fmt: skip
+    ),
     Script(
         "a GET on a pooled connection the app closed before answering is retried once",
         WARM + (
@@ -149,7 +156,7 @@ SCRIPTS = [
         ),
         counted(2, _2xx=2),
         connects=2,
-    ),  # fmt: skip
+    ),
     Script(
         "a GET whose retry also fails is answered 503 UC, not retried again",
         WARM + (
@@ -159,7 +166,7 @@ SCRIPTS = [
         ),
         counted(2, {"UC": 1}, _2xx=1, _5xx=1),
         connects=2,
-    ),  # fmt: skip
+    ),
     Script(
         "no retry once a response byte came: 503 UC",
         WARM + (
@@ -168,7 +175,7 @@ SCRIPTS = [
             ClientReceives(local(b"503 Service Unavailable", b"upstream connect error or disconnect/reset before headers\n")),
         ),
         counted(2, {"UC": 1}, _2xx=1, _5xx=1),
-    ),  # fmt: skip
+    ),
     Script(
         "a POST on a pooled connection the app closed is not retried",
         WARM + (
@@ -176,7 +183,7 @@ SCRIPTS = [
             ClientReceives(local(b"503 Service Unavailable", b"upstream connect error or disconnect/reset before headers\n")),
         ),
         counted(2, {"UC": 1}, _2xx=1, _5xx=1),
-    ),  # fmt: skip
+    ),
     Script(
         "the upstream closing mid-body resets the client: UR",
         WARM + (
@@ -185,7 +192,7 @@ SCRIPTS = [
             ClientReceives(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"), ClientSeesClose(),
         ),
         counted(2, {"UR": 1}, _2xx=2),
-    ),  # fmt: skip
+    ),
     Script(
         "a malformed response is a 502 UPE and the upstream connection is dropped",
         WARM + (
@@ -194,7 +201,7 @@ SCRIPTS = [
             ClientReceives(local(b"502 Bad Gateway", b"upstream connect error or disconnect/reset before headers\n")),
         ),
         counted(2, {"UPE": 1}, _2xx=1, _5xx=1),
-    ),  # fmt: skip
+    ),
     Script(
         "the client closing mid-request abandons the upstream: DR",
         WARM + (
@@ -203,7 +210,7 @@ SCRIPTS = [
             ClientCloses(), UpstreamSeesClose(),
         ),
         {**counted(2, {"DR": 1}, _2xx=1)},
-    ),  # fmt: skip
+    ),
     Script(
         "the route timeout answers 504 UT and closes the upstream",
         WARM + (
@@ -213,7 +220,7 @@ SCRIPTS = [
         ),
         counted(2, {"UT": 1}, _2xx=1, _5xx=1),
         listener=ROUTE_100MS,
-    ),  # fmt: skip
+    ),
     Script(
         "Connection: close is answered with it and the connection closes",
         WARM + (
@@ -223,7 +230,7 @@ SCRIPTS = [
             ClientSeesClose(),
         ),
         counted(2, _2xx=2),
-    ),  # fmt: skip
+    ),
     Script(
         "Expect: 100-continue: the interim response is relayed, then the body",
         WARM + (
@@ -235,7 +242,7 @@ SCRIPTS = [
             UpstreamSends(ok(b"e")), ClientReceives(ok(b"e")),
         ),
         counted(2, _2xx=2),
-    ),  # fmt: skip
+    ),
     Script(
         "a head over max_header_bytes is refused 431 and the connection closes",
         (ClientSends(get(b"/big", b"x-big: " + b"b" * 2000 + b"\r\n")),
@@ -244,7 +251,7 @@ SCRIPTS = [
         {**counted(0, {"DPE": 1}, _4xx=1), "durations": 0, "rejected": {"too_large": 1}},
         listener={"http": {"max_header_bytes": 1024}},
         connects=0,
-    ),  # fmt: skip
+    ),
     Script(
         "a bad request line is a 400 and the connection closes",
         WARM + (
@@ -253,7 +260,7 @@ SCRIPTS = [
             ClientSeesClose(),
         ),
         {**counted(1, {"DPE": 1}, _2xx=1, _4xx=1), "rejected": {"request_line": 1}},
-    ),  # fmt: skip
+    ),
     Script(
         "an upgrade becomes a tunnel: bytes go both ways unparsed",
         WARM + (
@@ -267,7 +274,7 @@ SCRIPTS = [
         ),
         # The tunnel, a byte relay once switched, observes its own duration as it ends.
         {**counted(2, _2xx=1, _1xx=1), "durations": 3},
-    ),  # fmt: skip
+    ),
     Script(
         "a filter answers locally (fault abort): 503 FI, nothing goes upstream",
         (
@@ -279,7 +286,7 @@ SCRIPTS = [
         counted(2, {"FI": 2}, _5xx=2),
         listener=FAULT_ABORT,
         connects=0,
-    ),  # fmt: skip
+    ),
     Script(
         "the client half-closing after a whole request is answered, then closed",
         WARM + (
@@ -288,7 +295,7 @@ SCRIPTS = [
             ClientReceives(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"), ClientSeesClose(),
         ),
         counted(2, _2xx=2),
-    ),  # fmt: skip
+    ),
     Script(
         "a head that stalls past request_header_timeout is answered 408",
         (ClientSends(b"GET /slow HTTP/1.1\r\nHo"), TimePasses(0.15),
@@ -297,7 +304,15 @@ SCRIPTS = [
         {**counted(0, {"DT": 1}, _4xx=1), "durations": 0},
         listener={"http": {"request_header_timeout": "100ms"}},
         connects=0,
-    ),  # fmt: skip
+    ),
+    Script(
+        "a refused upstream connect is a 503 UF; the connection stays open for the next request",
+        (
+            ConnectFails(), ClientSends(get(b"/x")),
+            ClientReceives(local(b"503 Service Unavailable", b"upstream connect error\n")),
+        ) + exchange(b"/y"),
+        counted(2, {"UF": 1}, _2xx=1, _5xx=1),
+    ),
     Script(
         "a response without a length is read to the upstream's close",
         WARM + (
@@ -306,8 +321,9 @@ SCRIPTS = [
             ClientReceives(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nb\r\nuntil close\r\n0\r\n\r\n"),
         ),
         counted(2, _2xx=2),
-    ),  # fmt: skip
+    ),
 ]
+# fmt: on
 
 
 @pytest.mark.parametrize("lane", LANES)
