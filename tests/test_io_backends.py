@@ -10,9 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -52,14 +50,6 @@ CASES = (
 @functools.cache
 def _digest(size: int, seed: int) -> str:
     return digest_of(size, seed)
-
-
-@pytest.fixture
-def short_dir():
-    # Unix socket paths are limited to 107 bytes: pytest's tmp_path can be longer.
-    path = tempfile.mkdtemp(prefix="pp-", dir="/tmp")
-    yield Path(path)
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _app(ipc: str, directory: Path, results: list):
