@@ -40,15 +40,16 @@ SETTLE = 0.02  # how long "nothing more happens" is watched for
 
 
 @dataclass(frozen=True)
-class ClientSends:
+class ClientBytes:
     data: bytes
 
 
-@dataclass(frozen=True)
-class ClientReceives:
+class ClientSends(ClientBytes):
+    """The client writes these bytes."""
+
+
+class ClientReceives(ClientBytes):
     """The next bytes the client reads are exactly these."""
-
-    data: bytes
 
 
 @dataclass(frozen=True)
@@ -64,29 +65,32 @@ class ClientSeesClose:
 
 
 @dataclass(frozen=True)
-class UpstreamReceives:
-    """The next bytes upstream connection ``conn`` (in connect order; -1: the latest) reads."""
+class UpstreamStep:
+    """About upstream connection ``conn``: in connect order, -1 the latest."""
 
+    conn: int = -1
+
+
+@dataclass(frozen=True)
+class UpstreamBytes:
     data: bytes
     conn: int = -1
 
 
-@dataclass(frozen=True)
-class UpstreamSends:
-    data: bytes
-    conn: int = -1
+class UpstreamReceives(UpstreamBytes):
+    """The next bytes the upstream connection reads are exactly these."""
 
 
-@dataclass(frozen=True)
-class UpstreamCloses:
-    conn: int = -1
+class UpstreamSends(UpstreamBytes):
+    """The upstream connection writes these bytes."""
 
 
-@dataclass(frozen=True)
-class UpstreamSeesClose:
-    """The proxy closed upstream connection ``conn``, with nothing unread before it."""
+class UpstreamCloses(UpstreamStep):
+    """The upstream side closes its socket."""
 
-    conn: int = -1
+
+class UpstreamSeesClose(UpstreamStep):
+    """The proxy closed the upstream connection, with nothing unread before it."""
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,15 @@ def counted(requests: int, flags: dict | None = None, **responses: int) -> dict:
     }
 
 
-WARM = exchange(b"/warm")  # the first exchange runs in Python; at its end the connection may pair
+BEFORE_HEADERS = b"upstream connect error or disconnect/reset before headers\n"
+UC_503 = local(b"503 Service Unavailable", BEFORE_HEADERS)
+ONE_FAILED = counted(2, {"UC": 1}, _2xx=1, _5xx=1)  # the warm-up, then one answered 503 UC
+WARM = exchange(b"/warm")
+# A GET on the warm connection, which the app closes unanswered: the GET goes out again.
+RETRIED = (
+    ClientSends(get(b"/r")), UpstreamReceives(get(b"/r"), 0), UpstreamCloses(0),
+    UpstreamReceives(get(b"/r"), 1),
+)  # fmt: skip  # the first exchange runs in Python; at its end the connection may pair
 ROUTE_100MS = {"routes": [{"match": {"prefix": "/"}, "timeout": "100ms"}]}
 FAULT_ABORT = {"filters": [{"name": "fault", "config": {"abort": {"http_status": 503, "percentage": 100}}}]}  # fmt: skip
 POST = b"POST /up HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\n\r\nhello"
@@ -150,21 +158,26 @@ SCRIPTS = [
     ),
     Script(
         "a GET on a pooled connection the app closed before answering is retried once",
-        WARM + (
-            ClientSends(get(b"/r")), UpstreamReceives(get(b"/r"), 0), UpstreamCloses(0),
-            UpstreamReceives(get(b"/r"), 1), UpstreamSends(ok(b"r"), 1), ClientReceives(ok(b"r")),
-        ),
+        WARM + RETRIED + (UpstreamSends(ok(b"r"), 1), ClientReceives(ok(b"r"))),
         counted(2, _2xx=2),
         connects=2,
     ),
     Script(
         "a GET whose retry also fails is answered 503 UC, not retried again",
-        WARM + (
-            ClientSends(get(b"/r")), UpstreamReceives(get(b"/r"), 0), UpstreamCloses(0),
-            UpstreamReceives(get(b"/r"), 1), UpstreamCloses(1),
-            ClientReceives(local(b"503 Service Unavailable", b"upstream connect error or disconnect/reset before headers\n")),
-        ),
-        counted(2, {"UC": 1}, _2xx=1, _5xx=1),
+        WARM + RETRIED + (UpstreamCloses(1), ClientReceives(UC_503)),
+        ONE_FAILED,
+        connects=2,
+    ),
+    Script(
+        "a fresh connection closing before any response is not retried: 503 UC",
+        (ClientSends(get(b"/r")), UpstreamReceives(get(b"/r")), UpstreamCloses(),
+         ClientReceives(UC_503)),
+        counted(1, {"UC": 1}, _5xx=1),
+    ),
+    Script(
+        "a pooled connection the app closed while idle is dropped; the next request connects anew",
+        WARM + (UpstreamCloses(0), Nothing()) + exchange(b"/n", 1),
+        counted(2, _2xx=2),
         connects=2,
     ),
     Script(
@@ -172,17 +185,17 @@ SCRIPTS = [
         WARM + (
             ClientSends(get(b"/r")), UpstreamReceives(get(b"/r")),
             UpstreamSends(b"HTTP/1.1 200 O"), UpstreamCloses(),
-            ClientReceives(local(b"503 Service Unavailable", b"upstream connect error or disconnect/reset before headers\n")),
+            ClientReceives(UC_503),
         ),
-        counted(2, {"UC": 1}, _2xx=1, _5xx=1),
+        ONE_FAILED,
     ),
     Script(
         "a POST on a pooled connection the app closed is not retried",
         WARM + (
             ClientSends(POST), UpstreamReceives(POST), UpstreamCloses(),
-            ClientReceives(local(b"503 Service Unavailable", b"upstream connect error or disconnect/reset before headers\n")),
+            ClientReceives(UC_503),
         ),
-        counted(2, {"UC": 1}, _2xx=1, _5xx=1),
+        ONE_FAILED,
     ),
     Script(
         "the upstream closing mid-body resets the client: UR",
@@ -198,7 +211,7 @@ SCRIPTS = [
         WARM + (
             ClientSends(get(b"/bad")), UpstreamReceives(get(b"/bad")),
             UpstreamSends(b"HTTP/1.1 2x0 Nope\r\n\r\n"), UpstreamSeesClose(),
-            ClientReceives(local(b"502 Bad Gateway", b"upstream connect error or disconnect/reset before headers\n")),
+            ClientReceives(local(b"502 Bad Gateway", BEFORE_HEADERS)),
         ),
         counted(2, {"UPE": 1}, _2xx=1, _5xx=1),
     ),
