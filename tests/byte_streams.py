@@ -9,6 +9,7 @@ are deterministic (seeded), hashed on the fly, never held whole in memory.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import socket
 import struct
@@ -86,6 +87,26 @@ class Sink(threading.Thread):
                 return
             self.hash.update(view[:n])
             self.count += n
+
+
+def flood_handler(total: int, done: threading.Event) -> Callable[[socket.socket], None]:
+    """An upstream that sends ``total`` random bytes as fast as the peer takes them (a slow
+    consumer's far end); ``done`` is set once it stopped, all sent or cut off."""
+
+    def handle(conn: socket.socket) -> None:
+        chunk = os.urandom(1024 * 1024)
+        sent = 0
+        conn.settimeout(60)
+        try:
+            while sent < total:
+                conn.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass  # the proxy closed it: the test is over
+        finally:
+            done.set()
+
+    return handle
 
 
 def app_handler(results: list) -> Callable[[socket.socket], None]:

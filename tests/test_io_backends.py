@@ -23,6 +23,7 @@ from byte_streams import (
     app_handler,
     digest_of,
     exchange,
+    flood_handler,
 )
 from conftest import ThreadedServer, free_port, http_get
 
@@ -198,20 +199,7 @@ def test_slow_consumer_keeps_memory_bounded_on_native_backends(start_proxy, back
     total = 192 * MB
     done = threading.Event()
 
-    def fast_upstream(conn: socket.socket) -> None:
-        chunk = os.urandom(1024 * 1024)
-        sent = 0
-        conn.settimeout(30)
-        try:
-            while sent < total:
-                conn.sendall(chunk)
-                sent += len(chunk)
-        except OSError:
-            pass
-        finally:
-            done.set()
-
-    server = ThreadedServer(fast_upstream)
+    server = ThreadedServer(flood_handler(total, done))
     port = free_port()
     proxy = start_proxy(
         "--listen", f"127.0.0.1:{port}", "--upstream", server.address, *BACKENDS[backend][0]
