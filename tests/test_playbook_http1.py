@@ -110,6 +110,17 @@ SCRIPTS = [
         counted(2, _2xx=2),
     ),
     Script(
+        "a chunked response with trailers: relayed, and the upstream connection is kept",
+        WARM + (
+            ClientSends(get(b"/t")), UpstreamReceives(get(b"/t")),
+            UpstreamSends(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-t: 1\r\n\r\n"),
+            ClientReceives(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nx-t: 1\r\n\r\n"),
+            Nothing(),
+        ) + exchange(b"/next", 0),
+        counted(3, _2xx=3),
+        native=1,
+    ),
+    Script(
         "204 and 304 carry no body; HEAD's answer has a length and no body",
         WARM + (
             ClientSends(get(b"/204")), UpstreamReceives(get(b"/204")),
