@@ -338,6 +338,62 @@ SCRIPTS = [
         connects=0,
     ),
     Script(
+        "a request body in pieces is relayed as it comes (the C pair hands it over)",
+        WARM + (
+            ClientSends(b"POST /p HTTP/1.1\r\nHost: svc\r\nContent-Length: 10\r\n\r\nhello"),
+            UpstreamReceives(b"POST /p HTTP/1.1\r\nHost: svc\r\nContent-Length: 10\r\n\r\nhello"),
+            ClientSends(b"world"), UpstreamReceives(b"world"),
+            UpstreamSends(ok()), ClientReceives(ok()),
+        ) + exchange(b"/again"),
+        counted(3, _2xx=3),
+        native=1,
+    ),
+    Script(
+        "a response in pieces is relayed as it comes",
+        WARM + (
+            ClientSends(get(b"/slow")), UpstreamReceives(get(b"/slow")),
+            UpstreamSends(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello"),
+            ClientReceives(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello"),
+            UpstreamSends(b"world"), ClientReceives(b"world"),
+        ) + exchange(b"/again"),
+        counted(3, _2xx=3),
+        native=1,
+    ),
+    Script(
+        "an HTTP/1.0 request goes upstream as 1.1 and its answer closes the connection",
+        (ClientSends(b"GET /old HTTP/1.0\r\nHost: svc\r\n\r\n"),
+         UpstreamReceives(b"GET /old HTTP/1.1\r\nhost: svc\r\n\r\n"),
+         UpstreamSends(ok()),
+         ClientReceives(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"),
+         ClientSeesClose()),
+        counted(1, _2xx=1),
+    ),
+    Script(
+        "CONNECT is not relayed: 501",
+        (ClientSends(b"CONNECT svc:443 HTTP/1.1\r\nHost: svc:443\r\n\r\n"),
+         ClientReceives(local(b"501 Not Implemented", b"CONNECT is not relayed\n", close=True)),
+         ClientSeesClose()),
+        {**counted(0, {"DPE": 1}, _5xx=1), "rejected": {"method": 1}},
+        connects=0,
+    ),
+    Script(
+        "Content-Length with Transfer-Encoding (a smuggling shape) is a 400, never relayed",
+        WARM + (
+            ClientSends(b"POST /s HTTP/1.1\r\nHost: svc\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+            ClientReceives(local(b"400 Bad Request", b"Transfer-Encoding can't be present with Content-Length\n", close=True)),
+            ClientSeesClose(),
+        ),
+        {**counted(1, {"DPE": 1}, _2xx=1, _4xx=1), "rejected": {"framing": 1}},
+    ),
+    Script(
+        "a request without Host is a 400",
+        (ClientSends(b"GET /a HTTP/1.1\r\n\r\n"),
+         ClientReceives(local(b"400 Bad Request", b"missing or repeated Host\n", close=True)),
+         ClientSeesClose()),
+        {**counted(0, {"DPE": 1}, _4xx=1), "rejected": {"header": 1}},
+        connects=0,
+    ),
+    Script(
         "a refused upstream connect is a 503 UF; the connection stays open for the next request",
         (
             ConnectFails(), ClientSends(get(b"/x")),
