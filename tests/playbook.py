@@ -158,6 +158,7 @@ class End:
             self.loop.remove_reader(self.sock.fileno())
 
     def send(self, data: bytes) -> None:
+        # Blocking, with the loop stopped: a script's sends fit in a socket buffer.
         self.sock.setblocking(True)
         self.sock.sendall(data)
         self.sock.setblocking(False)
