@@ -22,6 +22,8 @@ from h2_peer import H2Upstream
 from http_peer import HttpUpstream
 from servers import ThreadedServer, echo_handler
 
+from pyproxy.counters import LISTENER_SLOTS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -30,6 +32,11 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(family) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def listener_block() -> memoryview:
+    """A zeroed counter block for one listener, laid out as a worker's (pyproxy.counters)."""
+    return memoryview(bytearray(8 * LISTENER_SLOTS)).cast("q")
 
 
 def http_get(

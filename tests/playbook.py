@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from time import perf_counter_ns
 from typing import Any
 
+from conftest import listener_block
+
 from pyproxy import counters as c
 from pyproxy.config import build_config
 from pyproxy.eventloop import new_event_loop
@@ -194,7 +196,7 @@ class Peer:
         }  # fmt: skip
         config = build_config(doc)
         self.loop = new_event_loop()
-        self.block = memoryview(bytearray(8 * c.LISTENER_SLOTS)).cast("q")
+        self.block = listener_block()
         self.listener = Listener(self.loop, config.listeners[0], self.block, True, set(), config)
         http_ctx = self.listener.http
         assert http_ctx is not None
