@@ -9,13 +9,15 @@ are deterministic (seeded), hashed on the fly, never held whole in memory.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import socket
 import struct
 import threading
 from collections.abc import Callable
 
-from conftest import ThreadedServer
+from conftest import recv_exactly
+from servers import ThreadedServer
 
 HEADER = struct.Struct("!QB")
 CONCURRENT, AFTER_EOF = 0, 1
@@ -56,14 +58,55 @@ def read_to_eof(sock: socket.socket) -> tuple[int, str]:
         n += got
 
 
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        if not chunk:
-            raise AssertionError(f"EOF after {len(out)} of {n} bytes")
-        out += chunk
-    return bytes(out)
+def tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected loopback TCP pair (connector, acceptor)."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        c = socket.create_connection(srv.getsockname())
+        s, _ = srv.accept()
+    return c, s
+
+
+class Sink(threading.Thread):
+    """Reads to EOF (or `limit` bytes), hashing, so a large transfer needs no second copy."""
+
+    def __init__(self, sock: socket.socket, limit: int | None = None) -> None:
+        super().__init__(daemon=True)
+        self.sock, self.limit = sock, limit
+        self.hash = hashlib.sha256()
+        self.count = 0
+        self.eof = False
+
+    def run(self) -> None:
+        buf = bytearray(1 << 20)
+        view = memoryview(buf)
+        while self.limit is None or self.count < self.limit:
+            want = len(buf) if self.limit is None else min(len(buf), self.limit - self.count)
+            n = self.sock.recv_into(buf, want)
+            if n == 0:
+                self.eof = True
+                return
+            self.hash.update(view[:n])
+            self.count += n
+
+
+def flood_handler(total: int, done: threading.Event) -> Callable[[socket.socket], None]:
+    """An upstream that sends ``total`` random bytes as fast as the peer takes them (a slow
+    consumer's far end); ``done`` is set once it stopped, all sent or cut off."""
+
+    def handle(conn: socket.socket) -> None:
+        chunk = os.urandom(1024 * 1024)
+        sent = 0
+        conn.settimeout(60)
+        try:
+            while sent < total:
+                conn.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            pass  # the proxy closed it: the test is over
+        finally:
+            done.set()
+
+    return handle
 
 
 def app_handler(results: list) -> Callable[[socket.socket], None]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -16,6 +18,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from h2_peer import H2Upstream
+from http_peer import HttpUpstream
+from servers import ThreadedServer, echo_handler
+
+from pyproxy.counters import LISTENER_SLOTS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,6 +32,11 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(family) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def listener_block() -> memoryview:
+    """A zeroed counter block for one listener, laid out as a worker's (pyproxy.counters)."""
+    return memoryview(bytearray(8 * LISTENER_SLOTS)).cast("q")
 
 
 def http_get(
@@ -155,6 +167,23 @@ def start_proxy() -> Iterator[Callable[..., ProxyProcess]]:
             proxy.proc.wait()
 
 
+def listener_yaml(
+    port: int, upstream: str, body: str = "", mode: str = "http", top: str = ""
+) -> str:
+    """A config file's text: `top` lines, then one listener `main` (mode, 127.0.0.1:port, the
+    upstream) followed by `body` lines (indented 4, e.g. `    filters:` ...)."""
+    return (
+        f"{top}listeners:\n  - name: main\n    mode: {mode}\n    address: 127.0.0.1:{port}\n"
+        f"    upstream: {upstream}\n{body}\n"
+    )
+
+
+def filter_yaml(name: str, config: str, type: str = "") -> str:
+    """A listener's `filters:` with one filter (its type defaults to its name), for `body`."""
+    kind = f"        type: {type}\n" if type else ""
+    return f"    filters:\n      - name: {name}\n{kind}        config: {config}\n"
+
+
 def start_listener(
     start_proxy,
     tmp_path,
@@ -163,92 +192,52 @@ def start_listener(
     mode: str = "http",
     top: str = "",
     ready: bool = True,
+    port: int | None = None,
 ):
-    """pyproxy from a config file: `top` lines, then one listener `main` (mode, a free port, the
-    upstream) followed by `body` lines (indented 4, e.g. `    filters:` ...); returns (proxy, port)."""
-    port = free_port()
+    """pyproxy from a config file (`listener_yaml`) on `port` or a free one; returns (proxy, port)."""
+    port = port or free_port()
     path = tmp_path / "proxy.yaml"
-    path.write_text(
-        f"{top}listeners:\n  - name: main\n    mode: {mode}\n    address: 127.0.0.1:{port}\n"
-        f"    upstream: {upstream}\n{body}\n"
-    )
+    path.write_text(listener_yaml(port, upstream, body, mode, top))
     return start_proxy("-c", str(path), ready=ready), port
 
 
-class ThreadedServer:
-    """A real TCP (or, with `unix_path`, Unix-socket) server; `handler(conn)` runs in a thread per connection."""
-
-    def __init__(
-        self,
-        handler: Callable[[socket.socket], None],
-        host: str = "127.0.0.1",
-        backlog: int = 128,
-        unix_path: str | None = None,
-        nodelay: bool = False,
-    ) -> None:
-        if unix_path is not None:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.bind(unix_path)
-            self.port = 0
-            self.address = f"unix:{unix_path}"
-        else:
-            self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.sock.bind((host, 0))
-            self.port = self.sock.getsockname()[1]
-            self.address = f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
-        self.sock.listen(backlog)
-        self.unix_path = unix_path
-        self.nodelay = nodelay
-        self.handler = handler
-        self.errors: list[BaseException] = []
-        self.connections = 0
-        self._closed = False
-        threading.Thread(target=self._accept_loop, daemon=True).start()
-
-    def _accept_loop(self) -> None:
-        while not self._closed:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            if self.nodelay:
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
-
-    def _run(self, conn: socket.socket) -> None:
-        try:
-            self.handler(conn)
-        except BaseException as exc:  # surfaced by the test through .errors
-            self.errors.append(exc)
-        finally:
-            conn.close()
-
-    def close(self) -> None:
-        self._closed = True
-        self.sock.close()
-        if self.unix_path is not None:
-            try:
-                os.unlink(self.unix_path)
-            except OSError:
-                pass
+def refused(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`pyproxy run ARGS` refuses its config: exit status 2 (its output says why)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pyproxy", "run", *args],
+        capture_output=True, text=True, timeout=30, env=env,
+    )  # fmt: skip
+    assert result.returncode == 2, result
+    return result
 
 
-def echo_handler(conn: socket.socket) -> None:
-    while True:
-        data = conn.recv(65536)
-        if not data:
-            conn.shutdown(socket.SHUT_WR)
-            return
-        conn.sendall(data)
+def config_refused(tmp_path, text: str) -> subprocess.CompletedProcess:
+    """`pyproxy run -c FILE` with this config text refuses it (exit status 2)."""
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    return refused("-c", str(path))
+
+
+def curl(*args: str, max_time: float = 15, timeout: float = 20) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", str(max_time), *args], capture_output=True, timeout=timeout
+    )
+
+
+def split_response(raw: bytes) -> tuple[int, dict[str, str], bytes]:
+    """An HTTP/1 response as read (e.g. `curl -i`): status, headers (lower-case names), body."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(lines[0].split()[1]), headers, body
 
 
 @pytest.fixture
 def upstream():
     """A real HTTP/1.1 upstream (h11) whose paths are behaviours; see tests/http_peer.py."""
-    from http_peer import HttpUpstream
-
     server = HttpUpstream()
     yield server
     server.close()
@@ -261,7 +250,10 @@ def echo_server() -> Iterator[ThreadedServer]:
     server.close()
 
 
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
+def recv_exactly(sock: socket.socket, n: int, timeout: float | None = None) -> bytes:
+    """Exactly `n` bytes (EOF before them fails the test); `timeout` is set on `sock` if given."""
+    if timeout is not None:
+        sock.settimeout(timeout)
     chunks = bytearray()
     while len(chunks) < n:
         data = sock.recv(n - len(chunks))
@@ -275,9 +267,36 @@ def require_capability(what: str, ok: bool) -> None:
     """In CI a missing capability is a failure; on a laptop, a skip."""
     if ok:
         return
-    if os.environ.get("CI") == "true":
+    if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"CI requires {what}")
     pytest.skip(f"needs {what}")
+
+
+@pytest.fixture(scope="module")
+def require_netns() -> None:
+    """Skip without root/netns/iptables; under CI=true a missing capability is a failure."""
+    # lazy: pyroute2 loads only for the suites that build network namespaces
+    from pyproxy.iptables.netns import missing_capabilities
+
+    missing = missing_capabilities()
+    require_capability("network namespaces: " + ", ".join(missing), not missing)
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A fresh directory under /tmp: Unix socket paths are limited to 107 bytes, tmp_path may
+    be longer."""
+    path = tempfile.mkdtemp(prefix="pp-", dir="/tmp")
+    yield Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def h2_upstream():
+    """A real HTTP/2 upstream (h2) whose paths are behaviours; see tests/h2_peer.py."""
+    server = H2Upstream()
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="module", params=["native", "h2"])

@@ -8,7 +8,6 @@ import socket
 import threading
 import time
 
-from conftest import ThreadedServer
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import (
@@ -23,6 +22,7 @@ from h2.events import (
 )
 from h2.exceptions import StreamClosedError
 from h2.settings import SettingCodes, Settings
+from servers import ThreadedServer
 
 
 class H2Upstream(ThreadedServer):

@@ -8,7 +8,7 @@ import struct
 import time
 
 import h11
-from conftest import ThreadedServer
+from servers import ThreadedServer
 
 
 class HttpUpstream(ThreadedServer):

@@ -12,10 +12,9 @@ import socket
 import struct
 
 import pytest
-from conftest import ThreadedServer, echo_handler
+from conftest import ThreadedServer, echo_handler, listener_block
 
 from pyproxy.config import build_config
-from pyproxy.counters import LISTENER_SLOTS
 from pyproxy.listener import Listener
 
 uvloop = pytest.importorskip("uvloop")
@@ -53,7 +52,7 @@ async def _relay_through_a_stale_number(upstream: str) -> bytes:
             ]
         }
     )
-    block = memoryview(bytearray(8 * LISTENER_SLOTS)).cast("q")
+    block = listener_block()
     listener = Listener(loop, config.listeners[0], block, False, set(), config)
     listener.start()
     address = listener.acceptor.sockets[0].getsockname()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-from pyproxy.iptables.netns import Pod, missing_capabilities, pods
+from pyproxy.iptables.netns import Pod, pods
 from pyproxy.native.bpf import cgroup_pin_dirs
 
 PY = sys.executable
@@ -25,17 +24,6 @@ FETCH = (
     "with urllib.request.urlopen(sys.argv[1], timeout=3) as r:\n"
     "    sys.stdout.write(r.read().decode())\n"
 )
-
-
-@pytest.fixture(scope="module")
-def require_netns() -> None:
-    """Skip without root/netns/iptables; under CI=true a missing capability is a failure."""
-    missing = missing_capabilities()
-    if missing:
-        message = "pod tests need: " + ", ".join(missing)
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
 
 
 @dataclass

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
+from conftest import refused
 
 from pyproxy.addresses import parse_address
 from pyproxy.config import ConfigError, ListenerKind, ListenerMode, build_config, load_config
@@ -149,33 +147,12 @@ def test_cli_bad_config_exits_2_naming_file_and_field(tmp_path):
     path.write_text(
         "listeners:\n  - name: main\n    address: 127.0.0.1:1\n    upstream: 127.0.0.1:2\n    idle_timeout: forever\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "pyproxy", "run", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode == 2
+    result = refused("-c", str(path))
     assert f"{path}: listeners[0].idle_timeout: expected a duration" in result.stderr
 
 
 def test_cli_flags_validate_like_the_file():
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pyproxy",
-            "run",
-            "--listen",
-            "127.0.0.1:99999",
-            "--upstream",
-            "127.0.0.1:1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert result.returncode == 2
+    result = refused("--listen", "127.0.0.1:99999", "--upstream", "127.0.0.1:1")
     assert "listeners[0].address: port must be 0..65535" in result.stderr
 
 

@@ -8,28 +8,12 @@ import subprocess
 import time
 
 import pytest
-from conftest import ThreadedServer, echo_handler, free_port, recv_exactly
+from conftest import ThreadedServer, echo_handler, free_port, recv_exactly, start_listener
 from http_peer import HttpUpstream
 
 from pyproxy.codec.http2 import PREFACE
 from pyproxy.config import ConfigError, build_config
 from pyproxy.http.detect import HTTP1, HTTP2, TCP, classify
-
-
-def _proxy(start_proxy, tmp_path, upstream: str, extra: str = "", port: int | None = None):
-    port = port or free_port()
-    path = tmp_path / "proxy.yaml"
-    path.write_text(
-        f"""
-listeners:
-  - name: main
-    mode: http
-    address: 127.0.0.1:{port}
-    upstream: {upstream}
-{extra}
-"""
-    )
-    return start_proxy("-c", str(path)), port
 
 
 @pytest.mark.parametrize(
@@ -81,7 +65,7 @@ def test_detection_config_validates():
 
 def test_standalone_serves_http1_and_http2_on_one_port(start_proxy, tmp_path):
     upstream = HttpUpstream()
-    proxy, port = _proxy(start_proxy, tmp_path, upstream.address)
+    proxy, port = start_listener(start_proxy, tmp_path, upstream.address)
     url = f"http://127.0.0.1:{port}/x"
     h1 = subprocess.run(["curl", "-sS", "-w", " %{http_version}", url], capture_output=True)
     h2 = subprocess.run(
@@ -105,7 +89,7 @@ def test_server_first_protocol_falls_back_to_tcp(start_proxy, tmp_path):
         echo_handler(conn)
 
     app = ThreadedServer(banner_server)
-    proxy, port = _proxy(
+    proxy, port = start_listener(
         start_proxy, tmp_path, app.address, "    detect: auto\n    detect_timeout: 100ms\n"
     )
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
@@ -119,13 +103,13 @@ def test_server_first_protocol_falls_back_to_tcp(start_proxy, tmp_path):
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         assert recv_exactly(sock, 27).startswith(b"220")
     echo = ThreadedServer(echo_handler)
-    proxy2, port2 = _proxy(start_proxy, tmp_path, echo.address, "    detect: auto\n")
+    proxy2, port2 = start_listener(start_proxy, tmp_path, echo.address, "    detect: auto\n")
     with socket.create_connection(("127.0.0.1", port2), timeout=5) as sock:
         sock.sendall(b"\x16\x03\x01" + payload)
         assert recv_exactly(sock, 3 + len(payload)) == b"\x16\x03\x01" + payload
     # HTTP still gets HTTP on the same listener.
     upstream = HttpUpstream()
-    proxy3, port3 = _proxy(start_proxy, tmp_path, upstream.address, "    detect: auto\n")
+    proxy3, port3 = start_listener(start_proxy, tmp_path, upstream.address, "    detect: auto\n")
     result = subprocess.run(
         ["curl", "-sS", f"http://127.0.0.1:{port3}/a"], capture_output=True, timeout=10
     )
@@ -137,7 +121,9 @@ def test_server_first_protocol_falls_back_to_tcp(start_proxy, tmp_path):
 def test_per_port_override_makes_a_port_opaque(start_proxy, tmp_path):
     echo = ThreadedServer(echo_handler)
     port = free_port()
-    proxy, _ = _proxy(start_proxy, tmp_path, echo.address, f"    ports: {{{port}: tcp}}\n", port)
+    proxy, _ = start_listener(
+        start_proxy, tmp_path, echo.address, f"    ports: {{{port}: tcp}}\n", port=port
+    )
     request = b"GET /not-parsed HTTP/1.1\r\nHost: x\r\n\r\n"
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(request)

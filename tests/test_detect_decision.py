@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 import socket
 
+from conftest import listener_block
+
 from pyproxy.codec.http2 import PREFACE
 from pyproxy.config import build_config
-from pyproxy.counters import DOWNSTREAM_RX, LISTENER_SLOTS, READ, STAGE_EVENTS
+from pyproxy.counters import DOWNSTREAM_RX, READ, STAGE_EVENTS
 from pyproxy.http.detect import AUTO, HTTP, HTTP1, HTTP2, TCP, Detection, protocol_for
 from pyproxy.io.first_bytes import TIMED_OUT, FirstBytes
 
@@ -53,7 +55,7 @@ def _read_first_bytes(send: list[bytes], close: bool, timeout: str = "1s"):
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         ours.setblocking(False)
-        block = memoryview(bytearray(8 * LISTENER_SLOTS)).cast("q")
+        block = listener_block()
         decided = loop.create_future()
         detection = Detection(_listener(detect="auto", detect_timeout=timeout), AUTO)
         reader = FirstBytes(

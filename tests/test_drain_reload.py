@@ -22,7 +22,7 @@ import time
 from collections import Counter
 
 import pytest
-from conftest import free_port, http_get, require_capability
+from conftest import free_port, http_get, listener_yaml, require_capability
 from h2_peer import H2Client
 from http_peer import HttpUpstream
 from pyproxy.bench.steady_load import Counts, SteadyLoad
@@ -40,10 +40,8 @@ def apps():
 
 
 def _write_config(path, port: int, upstream: str, concurrency: int = 1, drain: str = "1s") -> None:
-    path.write_text(
-        f"concurrency: {concurrency}\ndrain_timeout: {drain}\nlisteners:\n  - name: main\n"
-        f"    mode: http\n    address: 127.0.0.1:{port}\n    upstream: {upstream}\n"
-    )
+    top = f"concurrency: {concurrency}\ndrain_timeout: {drain}\n"
+    path.write_text(listener_yaml(port, upstream, top=top))
 
 
 def _proxy(start_proxy, tmp_path, upstream: str, concurrency: int = 1, drain: str = "1s"):

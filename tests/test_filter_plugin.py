@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, config_refused, filter_yaml, free_port, listener_yaml
 from http_peer import HttpUpstream
 
 EXAMPLE = ROOT / "examples" / "header_stamp_filter"
@@ -72,25 +72,6 @@ listeners:
 
 
 def test_plugin_config_errors_name_the_field(installed_plugin, tmp_path):
-    config = tmp_path / "bad.yaml"
-    config.write_text(
-        """
-listeners:
-  - name: main
-    mode: http
-    address: 127.0.0.1:1
-    upstream: 127.0.0.1:2
-    filters:
-      - name: stamp
-        type: header_stamp
-        config: {header: "bad header"}
-"""
-    )
-    out = subprocess.run(
-        [sys.executable, "-m", "pyproxy", "run", "-c", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 2, out
+    filters = filter_yaml("stamp", '{header: "bad header"}', type="header_stamp")
+    out = config_refused(tmp_path, listener_yaml(1, "127.0.0.1:2", filters))
     assert "listeners[0].filters[0].config.header" in out.stderr + out.stdout

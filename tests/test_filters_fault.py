@@ -8,13 +8,14 @@ import threading
 import time
 
 import pytest
-from conftest import start_listener
+from conftest import filter_yaml, start_listener
 from h2_peer import H2Client
 
 
 def _proxy(start_proxy, tmp_path, upstream_address: str, fault_config: str, mode: str = "http"):
-    filters = f"    filters:\n      - name: fault\n        config: {fault_config}"
-    return start_listener(start_proxy, tmp_path, upstream_address, filters, mode)
+    return start_listener(
+        start_proxy, tmp_path, upstream_address, filter_yaml("fault", fault_config), mode
+    )
 
 
 class Client:

@@ -5,12 +5,19 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
-import subprocess
 import textwrap
 import time
 
 import pytest
-from conftest import ProxyProcess, free_port
+from conftest import (
+    ProxyProcess,
+    config_refused,
+    curl,
+    filter_yaml,
+    free_port,
+    listener_yaml,
+    split_response,
+)
 from http_peer import HttpUpstream
 
 HEADERS_SCRIPT = """
@@ -119,27 +126,10 @@ def lua_proxy(tmp_path_factory):
     upstream.close()
 
 
-def curl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["curl", "-sS", "--max-time", "10", "-D", "-", *args], capture_output=True, timeout=15
-    )
-
-
-def _split(out: bytes) -> tuple[int, dict[str, str], bytes]:
-    head, _, body = out.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    status = int(lines[0].split()[1])
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return status, headers, body
-
-
 def _get(port: int, path: str, *extra: str) -> tuple[int, dict[str, str], bytes]:
-    result = curl(*extra, f"http://127.0.0.1:{port}{path}")
+    result = curl("-D", "-", *extra, f"http://127.0.0.1:{port}{path}")
     assert result.returncode == 0, result.stderr
-    return _split(result.stdout)
+    return split_response(result.stdout)
 
 
 def _echoed(body: bytes) -> dict:
@@ -188,8 +178,8 @@ def test_sandbox_has_no_os_io_require_debug_load(lua_proxy):
 
 def test_respond_answers_locally_with_status_headers_body(lua_proxy):
     _, port, _ = lua_proxy
-    result = curl(f"http://127.0.0.1:{port}/reply")
-    status, headers, body = _split(result.stdout)
+    result = curl("-D", "-", f"http://127.0.0.1:{port}/reply")
+    status, headers, body = split_response(result.stdout)
     assert result.stdout.lower().count(b"content-type:") == 1  # the script's replaces the default
     assert status == 418
     assert headers["x-lua-reply"] == "teapot"
@@ -281,7 +271,7 @@ def test_body_with_chunked_request_over_a_raw_socket(lua_proxy):
         out = b""
         while chunk := sock.recv(65536):
             out += chunk
-    status, _, body = _split(out)
+    status, _, body = split_response(out)
     assert status == 200
     info = json.loads(body)
     assert info["body_length"] == len(b"ABCDEFGH!")
@@ -306,26 +296,11 @@ def test_filter_stage_is_timed(lua_proxy):
 )
 def test_bad_script_is_refused_at_load_naming_the_field(tmp_path, config, expect):
     field = config.split(":", 1)[0]
-    path = tmp_path / "bad.yaml"
-    path.write_text(
-        f"""
-listeners:
-  - name: main
-    mode: http
-    address: 127.0.0.1:{free_port()}
-    upstream: 127.0.0.1:9
-    filters:
-      - name: script
-        type: lua
-        config:
-          {config}
-"""
-    )
-    proxy = ProxyProcess(["-c", str(path)])
-    assert proxy.proc.wait(15) == 2
-    time.sleep(0.05)
-    assert f"filters[0].config.{field}" in proxy.output, proxy.output
-    assert expect in proxy.output, proxy.output
+    filters = filter_yaml("script", f"{{{config}}}", type="lua")
+    out = config_refused(tmp_path, listener_yaml(free_port(), "127.0.0.1:9", filters))
+    output = out.stderr + out.stdout
+    assert f"filters[0].config.{field}" in output, output
+    assert expect in output, output
 
 
 # Each path tries one way out of the sandbox or one way to stall the worker; the marker file

@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ProxyProcess, free_port, start_listener
+from conftest import ProxyProcess, curl, free_port, split_response, start_listener
 from http_peer import HttpUpstream
-from test_filters_lua import _get, _split, _write_config, curl
+from test_filters_lua import _get, _write_config
 
 # ---- the scripts, as Envoy's documentation prints them -----------------------------------------
 
@@ -245,8 +245,8 @@ def _wait_for(proxy, text: str) -> None:
 
 def test_doc_body_size(envoy_proxy):
     proxy, ports, upstream, _ = envoy_proxy
-    status, headers, body = _split(
-        curl("-d", "0123456789", f"http://127.0.0.1:{ports['body_size']}/echo").stdout
+    status, headers, body = split_response(
+        curl("-D", "-", "-d", "0123456789", f"http://127.0.0.1:{ports['body_size']}/echo").stdout
     )
     assert status == 200
     assert ["request_body_size", "10"] in json.loads(body)["headers"]
@@ -392,7 +392,7 @@ def test_trailers_after_body_are_read_and_edited(start_proxy, tmp_path):
                 chunk = conn.recv(65536)
                 assert chunk, answer
                 answer += chunk
-        status, _, sent = _split(answer)
+        status, _, sent = split_response(answer)
         assert status == 200
         assert ["x-trailer-seen", "t1"] in json.loads(sent)["headers"]
         status, _, sent = _get(port, "/echo", "-d", "no trailers")  # trailers() is nil

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import http.client
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
-from conftest import http_get, start_listener
+from conftest import config_refused, filter_yaml, http_get, listener_yaml, start_listener
 
 
 def _proxy(start_proxy, tmp_path, upstream_address: str, filter_config: str, mode: str = "http"):
-    filters = (
-        f"    filters:\n      - name: rl\n        type: ratelimit\n        config: {filter_config}"
-    )
+    filters = filter_yaml("rl", filter_config, type="ratelimit")
     return start_listener(start_proxy, tmp_path, upstream_address, filters, mode)
 
 
@@ -218,27 +214,8 @@ def test_tcp_mode_limits_new_connections(start_proxy, tmp_path, echo_server):
     ],
 )
 def test_bad_config_refused_with_field(tmp_path, mode, config, field):
-    path = tmp_path / "bad.yaml"
-    path.write_text(
-        f"""
-listeners:
-  - name: main
-    mode: {mode}
-    address: 127.0.0.1:1
-    upstream: 127.0.0.1:2
-    filters:
-      - name: rl
-        type: ratelimit
-        config: {config}
-"""
-    )
-    out = subprocess.run(
-        [sys.executable, "-m", "pyproxy", "run", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 2, out
+    filters = filter_yaml("rl", config, type="ratelimit")
+    out = config_refused(tmp_path, listener_yaml(1, "127.0.0.1:2", filters, mode))
     assert f"listeners[0].filters[0].config.{field}:" in out.stderr, out.stderr
 
 

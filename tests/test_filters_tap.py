@@ -8,16 +8,15 @@ import json
 import os
 import stat
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
-from conftest import start_listener
+from conftest import config_refused, filter_yaml, listener_yaml, start_listener
 
 
 def _proxy(start_proxy, tmp_path, upstream_address: str, tap_config: str, concurrency: int = 1):
-    filters = f"    filters:\n      - name: tap\n        config: {tap_config}"
+    filters = filter_yaml("tap", tap_config)
     return start_listener(
         start_proxy, tmp_path, upstream_address, filters, top=f"concurrency: {concurrency}\n"
     )
@@ -229,24 +228,5 @@ def test_admin_stream_errors(start_proxy, tmp_path, upstream):
     ],
 )
 def test_bad_config_refused_with_field(tmp_path, config, field):
-    path = tmp_path / "bad.yaml"
-    path.write_text(
-        f"""
-listeners:
-  - name: main
-    mode: http
-    address: 127.0.0.1:1
-    upstream: 127.0.0.1:2
-    filters:
-      - name: tap
-        config: {config}
-"""
-    )
-    out = subprocess.run(
-        [sys.executable, "-m", "pyproxy", "run", "-c", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
-    assert out.returncode == 2, out
+    out = config_refused(tmp_path, listener_yaml(1, "127.0.0.1:2", filter_yaml("tap", config)))
     assert f"listeners[0].filters[0].config.{field}:" in out.stderr, out.stderr

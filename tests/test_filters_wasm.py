@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require_capability, start_listener
+from conftest import curl, require_capability, split_response, start_listener
 from http_peer import HttpUpstream
 
 pytest.importorskip("wasmtime")
@@ -46,23 +46,6 @@ def _wasm(name: str, source: str, extra: str = "") -> str:
 """
 
 
-def curl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["curl", "-sS", "--max-time", "10", *args], capture_output=True, timeout=20
-    )
-
-
-def _response(run: subprocess.CompletedProcess) -> tuple[int, dict[str, str], bytes]:
-    """Parse `curl -i` output: status, headers (lower-case names), body."""
-    head, _, body = run.stdout.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(lines[0].split()[1]), headers, body
-
-
 def test_headers_edited_both_ways_and_configuration_logged(start_proxy, tmp_path, upstream):
     source = f"vm_config: {{code: {{local: {{filename: {EXAMPLES / 'headers.wat'}}}}}}}"
     proxy, port = _proxy(
@@ -78,7 +61,7 @@ def test_headers_edited_both_ways_and_configuration_logged(start_proxy, tmp_path
         "x-keep: kept",
         f"http://127.0.0.1:{port}/echo",
     )
-    status, headers, body = _response(run)
+    status, headers, body = split_response(run.stdout)
     assert status == 200, run
     seen = dict((k.lower(), v) for k, v in json.loads(body)["headers"])
     assert seen["x-wasm-added"] == "yes"
@@ -102,13 +85,13 @@ def test_local_response_from_the_module(start_proxy, tmp_path, upstream):
         _wasm("deny", f"wasm_file: {EXAMPLES / 'deny.wat'}"),
     )
     before = len(upstream.requests)
-    status, headers, body = _response(
-        curl("-i", "-H", "x-deny: 1", f"http://127.0.0.1:{port}/echo")
+    status, headers, body = split_response(
+        curl("-i", "-H", "x-deny: 1", f"http://127.0.0.1:{port}/echo").stdout
     )
     assert (status, body) == (403, b"denied by wasm\n")
     assert headers["x-wasm-deny"] == "1"
     assert len(upstream.requests) == before  # never reached the upstream
-    status, _, _ = _response(curl("-i", f"http://127.0.0.1:{port}/echo"))
+    status, _, _ = split_response(curl("-i", f"http://127.0.0.1:{port}/echo").stdout)
     assert status == 200
     assert proxy.listener()["filters"]["deny"]["local_replies"] == 1
 
@@ -121,9 +104,11 @@ def test_trap_answers_500_and_the_proxy_keeps_serving(start_proxy, tmp_path, ups
         _wasm("trapper", f"wasm_file: {EXAMPLES / 'trap.wat'}"),
     )
     for _ in range(2):
-        status, _, _ = _response(curl("-i", "-H", "x-trap: 1", f"http://127.0.0.1:{port}/echo"))
+        status, _, _ = split_response(
+            curl("-i", "-H", "x-trap: 1", f"http://127.0.0.1:{port}/echo").stdout
+        )
         assert status == 500
-        status, _, body = _response(curl("-i", f"http://127.0.0.1:{port}/echo"))
+        status, _, body = split_response(curl("-i", f"http://127.0.0.1:{port}/echo").stdout)
         assert status == 200 and json.loads(body)["target"] == "/echo"
     assert proxy.listener()["filters"]["trapper"]["traps"] == 2
     assert proxy.output.count("wasm filter trapper: trap:") == 2
@@ -138,15 +123,15 @@ def test_runaway_guest_is_stopped_by_fuel(start_proxy, tmp_path, upstream):
         _wasm("spin", f"wasm_file: {EXAMPLES / 'runaway.wat'}", "fuel_per_call: 2000000"),
     )
     started = time.monotonic()
-    status, _, _ = _response(curl("-i", f"http://127.0.0.1:{port}/echo"))
+    status, _, _ = split_response(curl("-i", f"http://127.0.0.1:{port}/echo").stdout)
     assert status == 500
     assert time.monotonic() - started < 2.0
     counters = proxy.listener()["filters"]["spin"]
     assert counters["out_of_fuel"] == 1 and counters["traps"] == 0
     assert "wasm filter spin: trap: out of fuel" in proxy.output
     # still serving (and still stopping the loop) afterwards
-    assert _response(curl("-i", f"http://127.0.0.1:{port}/echo"))[0] == 500
-    assert _response(curl("-i", f"{proxy.admin}/ready"))[0] == 200
+    assert split_response(curl("-i", f"http://127.0.0.1:{port}/echo").stdout)[0] == 500
+    assert split_response(curl("-i", f"{proxy.admin}/ready").stdout)[0] == 200
 
 
 BAD_MODULES = {
@@ -269,7 +254,7 @@ def test_header_pairs_round_trip_through_the_guest(start_proxy, tmp_path, upstre
         "x-twice: 2",
         f"http://127.0.0.1:{port}/echo?q=1",
     )
-    status, _, body = _response(run)
+    status, _, body = split_response(run.stdout)
     assert status == 200, run
     echoed = json.loads(body)
     assert echoed["target"] == "/echo?q=1" and echoed["method"] == "GET"
@@ -441,7 +426,7 @@ WASI_ESCAPE = (
 
 def test_guest_cannot_reach_host_files_or_sockets_through_wasi(start_proxy, tmp_path, upstream):
     proxy, port = _proxy_wat(start_proxy, tmp_path, upstream.address, "wasi", WASI_ESCAPE)
-    status, _, body = _response(curl("-i", f"http://127.0.0.1:{port}/echo"))
+    status, _, body = split_response(curl("-i", f"http://127.0.0.1:{port}/echo").stdout)
     assert status == 200
     errnos = dict(json.loads(body)["headers"])["x-wasi"].split(",")
     # BADF for descriptors (no preopens: nothing to open relative to), NOSYS for the rest.
@@ -488,11 +473,11 @@ def test_host_time_and_memory_a_guest_asks_for_are_bounded(start_proxy, tmp_path
     proxy, port = _proxy_wat(start_proxy, tmp_path, upstream.address, "bomb", wat)
     rss_before = proxy.rss_kib()
     started = time.monotonic()
-    status, _, _ = _response(curl("-i", f"http://127.0.0.1:{port}/echo"))
+    status, _, _ = split_response(curl("-i", f"http://127.0.0.1:{port}/echo").stdout)
     assert status == 500
     assert time.monotonic() - started < 2.0
     assert proxy.rss_kib() - rss_before < 64 * 1024  # old: +300 MiB
-    assert _response(curl("-i", f"{proxy.admin}/ready"))[0] == 200
+    assert split_response(curl("-i", f"{proxy.admin}/ready").stdout)[0] == 200
     deadline = time.monotonic() + 3
     while reason not in proxy.output and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -544,7 +529,7 @@ QUEUE_AND_PROPERTIES = (
 
 def test_shared_queue_and_properties_reach_the_guest(start_proxy, tmp_path, upstream):
     proxy, port = _proxy_wat(start_proxy, tmp_path, upstream.address, "q", QUEUE_AND_PROPERTIES)
-    status, headers, body = _response(curl("-i", f"http://127.0.0.1:{port}/echo?x=1"))
+    status, headers, body = split_response(curl("-i", f"http://127.0.0.1:{port}/echo?x=1").stdout)
     assert status == 200
     assert headers["x-queued"] == "hello"
     assert dict(json.loads(body)["headers"])["x-url-path"] == "/echo"

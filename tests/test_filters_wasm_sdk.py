@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import free_port, start_listener
+from conftest import curl, free_port, split_response, start_listener
 from http_peer import HttpUpstream
-from test_filters_wasm import _response, curl
 from wasm_sdk import assemblyscript_module
 
 pytest.importorskip("wasmtime")
@@ -65,7 +64,7 @@ def test_headers_example_adds_request_and_response_headers(start_proxy, tmp_path
         start_proxy, tmp_path, upstream, "headers", "add_header", "configuration: from-config"
     )
     for _ in range(3):  # each request in the same instance: the guest's heap stays sound
-        status, headers, body = _response(curl("-i", f"http://127.0.0.1:{port}/echo"))
+        status, headers, body = split_response(curl("-i", f"http://127.0.0.1:{port}/echo").stdout)
         assert (status, headers["hello"]) == (200, "from-config")
         assert ["x-as-request", "seen"] in json.loads(body)["headers"]
 
@@ -73,11 +72,13 @@ def test_headers_example_adds_request_and_response_headers(start_proxy, tmp_path
 def test_local_response_example_answers_without_the_upstream(start_proxy, tmp_path, upstream):
     proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "local_response", "deny")
     before = len(upstream.requests)
-    status, headers, body = _response(curl("-i", f"http://127.0.0.1:{port}/denied"))
+    status, headers, body = split_response(curl("-i", f"http://127.0.0.1:{port}/denied").stdout)
     assert (status, body) == (403, b"no token\n")
     assert headers["x-denied-by"] == "as-sdk"
     assert len(upstream.requests) == before  # never forwarded
-    status, _, _ = _response(curl("-i", "-H", "x-token: t", f"http://127.0.0.1:{port}/allowed"))
+    status, _, _ = split_response(
+        curl("-i", "-H", "x-token: t", f"http://127.0.0.1:{port}/allowed").stdout
+    )
     assert status == 200
     assert upstream.requests[-1]["path"] == "/allowed"
 
@@ -87,7 +88,7 @@ def test_http_call_example_asks_the_auth_cluster_then_continues(start_proxy, tmp
     try:
         top = f"clusters:\n  auth:\n    endpoints: [{auth.address}]\n"
         proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "http_call", "auth", top=top)
-        status, _, body = _response(curl("-i", f"http://127.0.0.1:{port}/echo"))
+        status, _, body = split_response(curl("-i", f"http://127.0.0.1:{port}/echo").stdout)
         assert status == 200
         assert ["x-auth-answer", "ok:/check:auth"] in json.loads(body)["headers"]
         asked = auth.requests[-1]
@@ -102,27 +103,30 @@ def test_http_call_example_denies_when_the_cluster_is_down(start_proxy, tmp_path
     top = f"clusters:\n  auth:\n    endpoints: [127.0.0.1:{free_port()}]\n"
     proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "http_call", "auth", top=top)
     before = len(upstream.requests)
-    status, _, body = _response(curl("-i", f"http://127.0.0.1:{port}/echo"))
+    status, _, body = split_response(curl("-i", f"http://127.0.0.1:{port}/echo").stdout)
     assert (status, body) == (403, b"auth said \n")
     assert len(upstream.requests) == before
 
 
 def test_http_call_to_an_unknown_cluster_is_refused_to_the_guest(start_proxy, tmp_path, upstream):
     proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "http_call", "auth")
-    status, _, body = _response(curl("-i", f"http://127.0.0.1:{port}/echo"))
+    status, _, body = split_response(curl("-i", f"http://127.0.0.1:{port}/echo").stdout)
     assert (status, body) == (503, b"no auth cluster\n")
 
 
 def test_metrics_example_counts_requests(start_proxy, tmp_path, upstream):
     proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "metrics", "metrics")
-    seen = [_response(curl("-i", f"http://127.0.0.1:{port}/x"))[1]["x-requests"] for _ in range(3)]
+    seen = [
+        split_response(curl("-i", f"http://127.0.0.1:{port}/x").stdout)[1]["x-requests"]
+        for _ in range(3)
+    ]
     assert seen == ["1", "2", "3"]
 
 
 def test_shared_data_example_counts_hits_per_path(start_proxy, tmp_path, upstream):
     proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "shared_data", "hits")
     hits = [
-        _response(curl("-i", f"http://127.0.0.1:{port}{path}"))[1]["x-hits"]
+        split_response(curl("-i", f"http://127.0.0.1:{port}{path}").stdout)[1]["x-hits"]
         for path in ("/a", "/a", "/b", "/a")
     ]
     assert hits == ["1", "2", "1", "3"]
@@ -140,6 +144,6 @@ def test_local_response_example_answers_grpc_with_its_status(start_proxy, tmp_pa
         "",
         f"http://127.0.0.1:{port}/pkg.Svc/M",
     )
-    status, headers, _ = _response(run)
+    status, headers, _ = split_response(run.stdout)
     assert (status, headers.get("grpc-status")) == (200, "7"), run.stdout + run.stderr
     assert headers.get("grpc-message") == "missing_token"

@@ -8,22 +8,7 @@ import subprocess
 
 import pytest
 from conftest import start_listener
-from h2_peer import H2Client, H2Upstream
-from http_peer import HttpUpstream
-
-
-@pytest.fixture
-def h2_upstream():
-    server = H2Upstream()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def h1_upstream():
-    server = HttpUpstream()
-    yield server
-    server.close()
+from h2_peer import H2Client
 
 
 def _get(port: int, path: str) -> tuple[str, str]:
@@ -46,8 +31,8 @@ def test_h2_upstream_status_not_three_digits_is_502(start_proxy, tmp_path, h2_up
     assert "Traceback" not in proxy.output, proxy.output
 
 
-def test_h2_request_field_with_control_character_is_not_relayed(start_proxy, tmp_path, h1_upstream):
-    proxy, port = start_listener(start_proxy, tmp_path, h1_upstream.address)
+def test_h2_request_field_with_control_character_is_not_relayed(start_proxy, tmp_path, upstream):
+    proxy, port = start_listener(start_proxy, tmp_path, upstream.address)
     client = H2Client(port)
     (refused,) = client.wait([client.request("/x", headers=[("x-a", "a\x01b")])])
     # A malformed request (RFC 9113 §8.1.1): a stream error, counted as a bad header.
@@ -55,4 +40,4 @@ def test_h2_request_field_with_control_character_is_not_relayed(start_proxy, tmp
     assert proxy.listener()["rejected"] == {"header": 1}
     (served,) = client.wait([client.request("/y")])
     assert served["status"] == 200
-    assert [r["path"] for r in h1_upstream.requests] == ["/y"], h1_upstream.requests
+    assert [r["path"] for r in upstream.requests] == ["/y"], upstream.requests

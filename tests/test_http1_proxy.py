@@ -8,7 +8,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import free_port, recv_exactly, require_capability, start_listener
+from conftest import curl, free_port, recv_exactly, require_capability, start_listener
 from http_peer import HttpUpstream
 
 CODECS = ["fast", "h11"]
@@ -17,12 +17,6 @@ CODECS = ["fast", "h11"]
 def _http_proxy(start_proxy, tmp_path, upstream_address: str, codec: str = "fast", extra: str = ""):
     http = f"    http:\n      codec: {codec}\n      request_header_timeout: 1s\n{extra}"
     return start_listener(start_proxy, tmp_path, upstream_address, http)
-
-
-def curl(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["curl", "-sS", "--max-time", "15", *args], capture_output=True, timeout=timeout
-    )
 
 
 def _raw(port: int, data: bytes, read_until_close: bool = True, timeout: float = 5) -> bytes:

@@ -12,12 +12,11 @@ import threading
 import time
 
 import pytest
-from conftest import free_port, http_get, require_capability
+from conftest import curl, http_get, require_capability, start_listener
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.exceptions import ProtocolError as H2ProtocolError
 from h2_peer import H2Client, H2Upstream
-from http_peer import HttpUpstream
 from hyperframe.frame import ContinuationFrame, HeadersFrame
 
 from pyproxy.codec.http2 import PREFACE, FrameScanner, HeaderBlockTooLarge, goaway_frame
@@ -25,54 +24,18 @@ from pyproxy.codec.http2 import PREFACE, FrameScanner, HeaderBlockTooLarge, goaw
 REFUSED_STREAM, ENHANCE_YOUR_CALM = 0x7, 0xB
 
 
-@pytest.fixture
-def h1_upstream():
-    server = HttpUpstream()
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def h2_upstream():
-    server = H2Upstream()
-    yield server
-    server.close()
-
-
 def _proxy(
     start_proxy, tmp_path, codec: str, upstream: str, protocol: str = "http1", http: str = "", **kw
 ):
-    port = free_port()
-    path = tmp_path / "proxy.yaml"
-    path.write_text(
-        f"""
-drain_timeout: {kw.get("drain", "5s")}
-listeners:
-  - name: main
-    mode: http
-    address: 127.0.0.1:{port}
-    upstream: {upstream}
-    http:
-      upstream_protocol: {protocol}
-      http2_codec: {codec}
-{http}
-"""
-    )
-    return start_proxy("-c", str(path)), port
+    body = f"    http:\n      upstream_protocol: {protocol}\n      http2_codec: {codec}\n{http}"
+    top = f"drain_timeout: {kw.get('drain', '5s')}\n"
+    return start_listener(start_proxy, tmp_path, upstream, body, top=top)
 
 
-def curl(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["curl", "-sS", "--max-time", "15", *args], capture_output=True, timeout=20
-    )
-
-
-def test_h2_client_to_h1_upstream_translates_both_ways(
-    start_proxy, tmp_path, h2_codec, h1_upstream
-):
+def test_h2_client_to_h1_upstream_translates_both_ways(start_proxy, tmp_path, h2_codec, upstream):
     log = tmp_path / "access.log"
     proxy, port = _proxy(
-        start_proxy, tmp_path, h2_codec, h1_upstream.address, http=f"      access_log: {log}\n"
+        start_proxy, tmp_path, h2_codec, upstream.address, http=f"      access_log: {log}\n"
     )
     body = b"q" * 300_000
     result = subprocess.run(
@@ -190,11 +153,11 @@ def test_rst_stream_propagates_both_ways(start_proxy, tmp_path, h2_codec, h2_ups
     assert flags.get("UC") == 1 and flags.get("UR") == 1 and flags.get("DR") == 1
 
 
-def test_goaway_on_sigterm_drain_lets_streams_finish(start_proxy, tmp_path, h2_codec, h1_upstream):
+def test_goaway_on_sigterm_drain_lets_streams_finish(start_proxy, tmp_path, h2_codec, upstream):
     require_capability(
         "nghttp (nghttp2-client; make test installs it)", shutil.which("nghttp") is not None
     )
-    proxy, port = _proxy(start_proxy, tmp_path, h2_codec, h1_upstream.address)
+    proxy, port = _proxy(start_proxy, tmp_path, h2_codec, upstream.address)
     run = subprocess.Popen(
         ["nghttp", "-v", "-t", "10", f"http://127.0.0.1:{port}/slow?ms=800",
          f"http://127.0.0.1:{port}/slow?ms=900"],
@@ -231,12 +194,12 @@ def test_flow_control_bounds_memory_with_a_slow_h2_reader(
     assert peak - baseline < 24 * 1024, (baseline, peak)
 
 
-def test_max_concurrent_streams_refused(start_proxy, tmp_path, h2_codec, h1_upstream):
+def test_max_concurrent_streams_refused(start_proxy, tmp_path, h2_codec, upstream):
     proxy, port = _proxy(
         start_proxy,
         tmp_path,
         h2_codec,
-        h1_upstream.address,
+        upstream.address,
         http="      max_concurrent_streams: 5\n",
     )
     client = H2Client(port)
@@ -296,8 +259,8 @@ def test_h2_alone_buffers_a_continuation_flood_the_scanner_does_not():
     assert out == stream[: -len(goaway_frame(7, 0))] and len(goaways) == 1
 
 
-def test_continuation_flood_and_header_limits(start_proxy, tmp_path, h2_codec, h1_upstream):
-    proxy, port = _proxy(start_proxy, tmp_path, h2_codec, h1_upstream.address)
+def test_continuation_flood_and_header_limits(start_proxy, tmp_path, h2_codec, upstream):
+    proxy, port = _proxy(start_proxy, tmp_path, h2_codec, upstream.address)
     baseline = proxy.rss_kib()
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         first = HeadersFrame(1, data=b"\x82", flags=["END_STREAM"])
@@ -326,11 +289,11 @@ def test_continuation_flood_and_header_limits(start_proxy, tmp_path, h2_codec, h
     client.close()
 
 
-def test_h2load_smoke(start_proxy, tmp_path, h2_codec, h1_upstream):
+def test_h2load_smoke(start_proxy, tmp_path, h2_codec, upstream):
     require_capability(
         "h2load (nghttp2-client; make test installs it)", shutil.which("h2load") is not None
     )
-    proxy, port = _proxy(start_proxy, tmp_path, h2_codec, h1_upstream.address)
+    proxy, port = _proxy(start_proxy, tmp_path, h2_codec, upstream.address)
     run = subprocess.run(
         ["h2load", "-n", "2000", "-c", "4", "-m", "10", f"http://127.0.0.1:{port}/h"],
         capture_output=True, text=True, timeout=60,

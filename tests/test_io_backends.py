@@ -10,9 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -25,6 +23,7 @@ from byte_streams import (
     app_handler,
     digest_of,
     exchange,
+    flood_handler,
 )
 from conftest import ThreadedServer, free_port, http_get
 
@@ -52,14 +51,6 @@ CASES = (
 @functools.cache
 def _digest(size: int, seed: int) -> str:
     return digest_of(size, seed)
-
-
-@pytest.fixture
-def short_dir():
-    # Unix socket paths are limited to 107 bytes: pytest's tmp_path can be longer.
-    path = tempfile.mkdtemp(prefix="pp-", dir="/tmp")
-    yield Path(path)
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def _app(ipc: str, directory: Path, results: list):
@@ -208,20 +199,7 @@ def test_slow_consumer_keeps_memory_bounded_on_native_backends(start_proxy, back
     total = 192 * MB
     done = threading.Event()
 
-    def fast_upstream(conn: socket.socket) -> None:
-        chunk = os.urandom(1024 * 1024)
-        sent = 0
-        conn.settimeout(30)
-        try:
-            while sent < total:
-                conn.sendall(chunk)
-                sent += len(chunk)
-        except OSError:
-            pass
-        finally:
-            done.set()
-
-    server = ThreadedServer(fast_upstream)
+    server = ThreadedServer(flood_handler(total, done))
     port = free_port()
     proxy = start_proxy(
         "--listen", f"127.0.0.1:{port}", "--upstream", server.address, *BACKENDS[backend][0]

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pytest
 import yaml
 from pyproxy.iptables.netns import Pod, pods
-from test_capture_pods import FETCH, Sidecar, require_netns, settled  # noqa: F401 - a fixture
+from test_capture_pods import FETCH, Sidecar, settled
 
 from pyproxy.kube.injector import UDS_DIR, Target
 from pyproxy.kube.manifest import inject_text

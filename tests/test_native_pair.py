@@ -11,6 +11,7 @@ import errno
 import socket
 
 import pytest
+from conftest import listener_block
 from pyproxy.native import express_pair
 
 from pyproxy import counters as c
@@ -40,7 +41,7 @@ class Rig:
         self.down, self.up = down, up
         for sock in (self.client, down, up, self.app):
             sock.setblocking(False)
-        self.block = memoryview(bytearray(8 * c.LISTENER_SLOTS)).cast("q")
+        self.block = listener_block()
         self.handovers: list[tuple[int, object]] = []
         self.pair = _express.Pair(
             down.fileno(), up.fileno(), self.block, SLOTS, timed, 60 * 1024, 100,
@@ -237,7 +238,7 @@ def test_send_failures_are_handed_over_with_errno(rig):
 
 
 def test_bad_arguments_are_refused():
-    block = memoryview(bytearray(8 * c.LISTENER_SLOTS)).cast("q")
+    block = listener_block()
     with pytest.raises(ValueError, match="smaller than one listener"):
         _express.Pair(0, 1, block[:64], SLOTS, True, 1024, 10, print)
     with pytest.raises(ValueError, match="slots"):

@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+from byte_streams import Sink, tcp_pair
 
 from pyproxy import native
 
@@ -18,14 +19,6 @@ pytestmark = pytest.mark.skipif(not native.AVAILABLE, reason=str(native.UNAVAILA
 
 lib = native.lib
 ffi = native.ffi
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """A connected loopback TCP pair (connector, acceptor)."""
-    with socket.create_server(("127.0.0.1", 0)) as srv:
-        c = socket.create_connection(srv.getsockname())
-        s, _ = srv.accept()
-    return c, s
 
 
 class Source(threading.Thread):
@@ -42,28 +35,6 @@ class Source(threading.Thread):
             self.sock.shutdown(socket.SHUT_WR)
         except BaseException as exc:  # surfaced by the test thread
             self.error = exc
-
-
-class Sink(threading.Thread):
-    """Reads to EOF, hashing, so 64 MiB needs no second copy in memory."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__(daemon=True)
-        self.sock = sock
-        self.hash = hashlib.sha256()
-        self.count = 0
-        self.eof = False
-
-    def run(self) -> None:
-        buf = bytearray(1 << 20)
-        view = memoryview(buf)
-        while True:
-            n = self.sock.recv_into(buf)
-            if n == 0:
-                self.eof = True
-                return
-            self.hash.update(view[:n])
-            self.count += n
 
 
 def splice_relay(src: socket.socket, dst: socket.socket, pipe_size: int, deadline: float) -> int:

@@ -15,11 +15,12 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import weakref
 
 import pytest
+from byte_streams import Sink, tcp_pair
+from conftest import recv_exactly
 
 from pyproxy import native
 
@@ -30,45 +31,6 @@ if native.AVAILABLE:
 
 lib = native.lib
 ffi = native.ffi
-
-
-def tcp_pair() -> tuple[socket.socket, socket.socket]:
-    """A connected loopback TCP pair (connector, acceptor)."""
-    with socket.create_server(("127.0.0.1", 0)) as srv:
-        c = socket.create_connection(srv.getsockname())
-        s, _ = srv.accept()
-    return c, s
-
-
-class Sink(threading.Thread):
-    """Reads to EOF (or `limit` bytes), hashing what it got."""
-
-    def __init__(self, sock: socket.socket, limit: int | None = None) -> None:
-        super().__init__(daemon=True)
-        self.sock, self.limit = sock, limit
-        self.hash = hashlib.sha256()
-        self.count = 0
-
-    def run(self) -> None:
-        buf = bytearray(1 << 20)
-        view = memoryview(buf)
-        while self.limit is None or self.count < self.limit:
-            want = len(buf) if self.limit is None else min(len(buf), self.limit - self.count)
-            n = self.sock.recv_into(buf, want)
-            if n == 0:
-                return
-            self.hash.update(view[:n])
-            self.count += n
-
-
-def recv_exactly(sock: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    sock.settimeout(10)
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        assert chunk, "peer closed early"
-        out += chunk
-    return bytes(out)
 
 
 def reap_until(z: ZeroCopySender, done, timeout: float = 10.0) -> None:
@@ -169,7 +131,9 @@ def test_buffers_stay_alive_until_their_completion_is_reaped() -> None:
         assert [r() is not None for r in refs] == [i >= z.completed for i in range(8)]
 
         # Let the peer read the first 3 buffers: only completed ones may be released.
-        assert recv_exactly(s, 3 * chunk) == b"".join(bytes([i]) * chunk for i in range(3))
+        assert recv_exactly(s, 3 * chunk, timeout=10) == b"".join(
+            bytes([i]) * chunk for i in range(3)
+        )
         deadline = time.monotonic() + 5
         while z.completed < 3 and time.monotonic() < deadline:
             select.select([], [], [c], 0.05)
@@ -180,7 +144,7 @@ def test_buffers_stay_alive_until_their_completion_is_reaped() -> None:
         assert z.outstanding == 8 - z.completed
         assert z.outstanding_bytes == z.outstanding * chunk
 
-        recv_exactly(s, 5 * chunk)
+        recv_exactly(s, 5 * chunk, timeout=10)
         reap_until(z, lambda: z.outstanding == 0)
         gc.collect()
         assert all(r() is None for r in refs)
@@ -200,7 +164,7 @@ def test_small_sends_below_min_size_are_plain_and_not_pinned() -> None:
         assert (z.plain_sends, z.zc_sends, z.outstanding) == (1, 0, 0)
         assert z.send(b"b" * 8192) == 8192
         assert (z.plain_sends, z.zc_sends, z.outstanding) == (1, 1, 1)
-        assert recv_exactly(s, 8292) == b"a" * 100 + b"b" * 8192
+        assert recv_exactly(s, 8292, timeout=10) == b"a" * 100 + b"b" * 8192
         reap_until(z, lambda: z.outstanding == 0)
     finally:
         c.close()
@@ -265,7 +229,7 @@ def test_pending_completions_raise_pollerr_even_when_only_pollin_is_asked() -> N
         c.setblocking(False)
         z = ZeroCopySender(c, reap_every=1 << 30)
         z.send(b"x" * 10000)
-        recv_exactly(s, 10000)
+        recv_exactly(s, 10000, timeout=10)
         poller = select.poll()
         poller.register(c, select.POLLIN)
         deadline = time.monotonic() + 5
@@ -286,7 +250,7 @@ def _pending_completion() -> tuple[socket.socket, socket.socket, ZeroCopySender]
     c.setblocking(False)
     z = ZeroCopySender(c, reap_every=1 << 30)
     z.send(b"x" * 10000)
-    recv_exactly(s, 10000)
+    recv_exactly(s, 10000, timeout=10)
     p = select.poll()
     p.register(c, 0)
     deadline = time.monotonic() + 5
@@ -374,7 +338,7 @@ def test_foreign_zerocopy_send_on_the_socket_is_detected() -> None:
         assert lib.pp_zc_enable(c.fileno()) == 0
         assert lib.pp_zc_send(c.fileno(), ffi.from_buffer(b"z" * 5000), 5000) == 5000
         z = ZeroCopySender(c)  # starts counting at 0, but sequence 0 is already used
-        recv_exactly(s, 5000)
+        recv_exactly(s, 5000, timeout=10)
         with pytest.raises(RuntimeError, match="another sender"):
             reap_until(z, lambda: False, timeout=5)
     finally:

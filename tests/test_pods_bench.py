@@ -3,23 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
-import pytest
-from pyproxy.iptables.netns import list_namespaces, missing_capabilities
-
-
-@pytest.fixture(scope="module")
-def require_netns() -> None:
-    """Skip without root/netns/iptables; under CI=true a missing capability is a failure."""
-    missing = missing_capabilities()
-    if missing:
-        message = "pod bench test needs: " + ", ".join(missing)
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+from pyproxy.iptables.netns import list_namespaces
 
 
 def test_pod_echo_reports_baseline_sidecars_and_stage_breakdown(require_netns, tmp_path):

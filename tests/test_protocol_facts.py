@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import start_listener
+from conftest import listener_block, start_listener
 from pyproxy.native import express_pair, facts_header, http1_head_scanner
 from test_express import Client, RawUpstream
 from test_native_pair import Rig
@@ -59,10 +59,6 @@ DURATIONS = sorted(
 ACCOUNTED = slice(c.STATUS_BASE, c.HIST_COUNT + 1)  # the status and histogram slots
 
 
-def _block() -> memoryview:
-    return memoryview(bytearray(8 * c.LISTENER_SLOTS)).cast("q")
-
-
 # ---- the facts themselves ----------------------------------------------------------------
 
 
@@ -80,7 +76,7 @@ def test_the_rules_say_what_rfc_9110_says():
 
 
 def test_python_accounting_buckets_as_bisect_left_and_clamps_the_class():
-    block = _block()
+    block = listener_block()
     bound = c.BUCKET_BOUNDS_NS[3]
     c.account_response(block, 204, bound)  # on a bound: that bucket
     c.account_response(block, 204, bound + 1)  # past it: the next
@@ -132,10 +128,10 @@ def test_the_header_carries_every_fact():
 
 @needs_native
 def test_the_c_accounting_equals_python_at_every_edge():
-    c_total, py_total = _block(), _block()
+    c_total, py_total = listener_block(), listener_block()
     for status in STATUSES:
         for elapsed in DURATIONS:
-            c_one, py_one = _block(), _block()
+            c_one, py_one = listener_block(), listener_block()
             _express.account_response(c_one, status, elapsed)
             c.account_response(py_one, status, elapsed)
             assert c_one.tolist() == py_one.tolist(), (status, elapsed)
@@ -143,7 +139,7 @@ def test_the_c_accounting_equals_python_at_every_edge():
             c.account_response(py_total, status, elapsed)
     assert c_total.tolist() == py_total.tolist()
     with pytest.raises(ValueError, match="listener"):
-        _express.account_response(_block()[:8], 200, 1)
+        _express.account_response(listener_block()[:8], 200, 1)
 
 
 # Responses the pair carries whole: status line and framing as an app sends them.
@@ -179,7 +175,7 @@ def test_an_exchange_the_pair_carries_counts_as_the_general_path_counts_it(respo
     assert kinds == [] and got == response
     elapsed = block[c.HIST_SUM_NS]  # the pair's own measure of this exchange
     assert elapsed > 0
-    python = _block()
+    python = listener_block()
     c.account_response(python, int(response[9:12]), elapsed)
     assert block[ACCOUNTED].tolist() == python[ACCOUNTED].tolist()
 
@@ -197,7 +193,7 @@ def test_an_exchange_the_pair_carries_counts_as_the_general_path_counts_it(respo
 def test_what_the_pair_does_not_carry_it_hands_to_the_general_path_uncounted(response):
     kinds, block, _ = _through_the_pair(response)
     assert kinds == [_express.UP_DATA]
-    assert block[ACCOUNTED].tolist() == _block()[ACCOUNTED].tolist()
+    assert block[ACCOUNTED].tolist() == listener_block()[ACCOUNTED].tolist()
 
 
 @needs_native

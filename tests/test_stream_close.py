@@ -9,8 +9,9 @@ import socket
 import struct
 
 import pytest
+from conftest import listener_block
 
-from pyproxy.counters import DOWNSTREAM_RX, DOWNSTREAM_TX, IPC, LISTENER_SLOTS, READ
+from pyproxy.counters import DOWNSTREAM_RX, DOWNSTREAM_TX, IPC, READ
 from pyproxy.io.stream import Stream
 
 uvloop = pytest.importorskip("uvloop")
@@ -40,7 +41,7 @@ class _Owner:
 
 def _closing_stream(loop, listener: socket.socket) -> tuple[Stream, socket.socket]:
     """A Stream with 16 MiB queued for a peer that never reads, closed after-flush by its owner."""
-    block = memoryview(bytearray(8 * LISTENER_SLOTS)).cast("q")
+    block = listener_block()
     peer = socket.create_connection(listener.getsockname())
     peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock, _ = listener.accept()

@@ -7,12 +7,12 @@ import asyncio
 import socket
 
 import pytest
+from conftest import listener_block
 
 from pyproxy.counters import (
     DOWNSTREAM_RX,
     DOWNSTREAM_TX,
     IPC,
-    LISTENER_SLOTS,
     READ,
     STAGE_EVENTS,
     STAGE_NS,
@@ -50,7 +50,7 @@ class Owner:
 def make_stream(loop, timed: bool = False, high_water: int = 256 * 1024):
     ours, peer = socket.socketpair()
     ours.setblocking(False)
-    block = memoryview(bytearray(8 * LISTENER_SLOTS)).cast("q")
+    block = listener_block()
     owner = Owner()
     stream = Stream(
         loop, ours, block, owner, timed=timed, read_stage=IPC, write_stage=READ,

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import textwrap
 import time
 
-from conftest import ProxyProcess, free_port, recv_exactly
+from conftest import ProxyProcess, free_port, recv_exactly, refused
 
 PLUGIN = '''
 """A test plugin: counts the bytes each way and writes them out when the connection closes."""
@@ -87,15 +86,11 @@ def test_stream_hooks_see_every_byte_and_the_close(tmp_path, echo_server, monkey
 
 
 def test_plugin_config_is_validated_by_the_plugin(tmp_path, monkeypatch):
-    import subprocess
-
     site = _install_plugin(tmp_path)
     env = dict(os.environ, PYTHONPATH=site)
-    result = subprocess.run(
-        [sys.executable, "-m", "pyproxy", "run", "--listen", "127.0.0.1:1", "--upstream", "127.0.0.1:2", "--filter", "bytecount={}"],
-        capture_output=True, text=True, timeout=30, env=env,
-    )  # fmt: skip
-    assert result.returncode == 2
+    result = refused(
+        "--listen", "127.0.0.1:1", "--upstream", "127.0.0.1:2", "--filter", "bytecount={}", env=env
+    )
     assert "filters[0].config.out: a file path is required" in result.stderr
 
 

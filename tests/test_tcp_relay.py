@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import socket
 import struct
 import threading
 import time
 
 import pytest
+from byte_streams import flood_handler
 from conftest import ThreadedServer, free_port, recv_exactly
 
 MB = 1024 * 1024
@@ -230,18 +230,7 @@ def test_slow_consumer_keeps_proxy_memory_bounded(start_proxy):
     total = 192 * MB
     done = threading.Event()
 
-    def fast_upstream(conn: socket.socket) -> None:
-        chunk = os.urandom(1024 * 1024)
-        sent = 0
-        conn.settimeout(60)
-        try:
-            while sent < total:
-                conn.sendall(chunk)
-                sent += len(chunk)
-        finally:
-            done.set()
-
-    server = ThreadedServer(fast_upstream)
+    server = ThreadedServer(flood_handler(total, done))
     proxy, port = _standalone(start_proxy, server.address)
     baseline = proxy.rss_kib()
     client = socket.create_connection(("127.0.0.1", port))

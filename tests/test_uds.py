@@ -4,26 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import stat
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from byte_streams import UnixServer, recv_exactly
-from conftest import echo_handler, free_port, http_get
-
-
-@pytest.fixture
-def short_dir():
-    # Unix socket paths are limited to 107 bytes: pytest's tmp_path can be longer.
-    path = tempfile.mkdtemp(prefix="pp-", dir="/tmp")
-    yield Path(path)
-    shutil.rmtree(path, ignore_errors=True)
+from byte_streams import UnixServer
+from conftest import echo_handler, free_port, http_get, recv_exactly
 
 
 def _unix_connect(path: Path) -> socket.socket:

@@ -389,6 +389,7 @@ class Exchange(RequestRecord):
             self._finish("")
 
     def forward_response_trailers(self, headers) -> None:
+        self.response_done = True  # trailers end the response: its upstream may be reused
         self.downstream.send_trailers(headers)
         self.downstream.send_end()
         self._finish("")

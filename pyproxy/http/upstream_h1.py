@@ -151,7 +151,10 @@ class Http1Upstream(Http1Side):
             elif kind is End:
                 exchange.response_end()
             elif kind is Trailers:
+                # The response's end: the exchange is over (and this connection back in the
+                # pool) before the End event that follows, which has nothing left to do.
                 exchange.response_trailers(event.headers)
+                return
             elif kind is ProtocolError:
                 self._fail("UPE")
                 return
