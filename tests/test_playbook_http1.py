@@ -76,6 +76,40 @@ RETRIED = (
 )  # fmt: skip  # the first exchange runs in Python; at its end the connection may pair
 ROUTE_100MS = {"routes": [{"match": {"prefix": "/"}, "timeout": "100ms"}]}
 FAULT_ABORT = {"filters": [{"name": "fault", "config": {"abort": {"http_status": 503, "percentage": 100}}}]}  # fmt: skip
+RATELIMIT_3 = {"filters": [{"name": "ratelimit", "config": {"token_bucket": {"max_tokens": 3, "tokens_per_fill": 1, "fill_interval": "60s"}}}]}  # fmt: skip
+RATELIMITED = (
+    b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: text/plain\r\ncontent-length: 19\r\n"
+    b"x-ratelimited: true\r\n\r\nlocal_rate_limited\n"
+)
+
+
+def lua(on: str) -> dict:
+    code = f"function envoy_on_{on}(h) h:headers():add('x-lua', '1') end"
+    return {"filters": [{"name": "lua", "config": {"inline_code": code}}]}
+
+
+def lua_request_exchange(path: bytes) -> tuple:
+    """A GET whose head a Lua filter gave one more field: it goes upstream written anew."""
+    return (
+        ClientSends(get(path)),
+        UpstreamReceives(b"GET %s HTTP/1.1\r\nhost: svc\r\nx-lua: 1\r\n\r\n" % path),
+        UpstreamSends(ok(path)),
+        ClientReceives(ok(path)),
+    )
+
+
+def lua_response_exchange(path: bytes) -> tuple:
+    """A GET whose response head a Lua filter gave one more field."""
+    return (
+        ClientSends(get(path)),
+        UpstreamReceives(get(path)),
+        UpstreamSends(ok(path)),
+        ClientReceives(
+            b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\nx-lua: 1\r\n\r\n%s" % (len(path), path)
+        ),
+    )
+
+
 POST = b"POST /up HTTP/1.1\r\nHost: svc\r\nContent-Length: 5\r\n\r\nhello"
 CHUNKED_BODY = b"5\r\nhello\r\n0\r\n\r\n"
 CHUNKED_POST = (
@@ -310,6 +344,29 @@ SCRIPTS = [
         counted(2, {"FI": 2}, _5xx=2),
         listener=FAULT_ABORT,
         connects=0,
+    ),
+    Script(
+        "a rate limit on a paired connection: two requests go from C, the limited are taken",
+        WARM + exchange(b"/1") + exchange(b"/2")
+        + (ClientSends(get(b"/3")), ClientReceives(RATELIMITED))
+        + (ClientSends(get(b"/4")), ClientReceives(RATELIMITED)),
+        counted(5, {"RL": 2}, _2xx=3, _4xx=2),
+        listener=RATELIMIT_3,
+        native=2,
+    ),
+    Script(
+        "a Lua request-header filter on a paired connection: C sends the head it wrote",
+        lua_request_exchange(b"/warm") + lua_request_exchange(b"/1") + lua_request_exchange(b"/2"),
+        counted(3, _2xx=3),
+        listener=lua("request"),
+        native=2,
+    ),
+    Script(
+        "a Lua response-header filter on a paired connection: C sends the head it wrote",
+        lua_response_exchange(b"/warm") + lua_response_exchange(b"/1") + lua_response_exchange(b"/2"),
+        counted(3, _2xx=3),
+        listener=lua("response"),
+        native=2,
     ),
     Script(
         "a request pipelined behind a filter's local reply is answered too",
