@@ -67,6 +67,22 @@ async def until(condition, seconds: float = 2.0) -> None:
     raise AssertionError("condition not reached")
 
 
+async def read_from(peer: socket.socket, until_bytes: int | None = None) -> bytes:
+    """What the peer end receives: `until_bytes` of it, or everything up to the FIN."""
+    peer.setblocking(False)
+    received = bytearray()
+    while until_bytes is None or len(received) < until_bytes:
+        try:
+            chunk = peer.recv(1 << 16)
+        except BlockingIOError:
+            await asyncio.sleep(0.001)
+            continue
+        if not chunk:
+            break
+        received += chunk
+    return bytes(received)
+
+
 def run(coroutine_function) -> None:
     uvloop.run(coroutine_function())
 
@@ -129,15 +145,9 @@ def test_backpressure_pauses_above_the_high_mark_and_resumes_below_the_low_mark(
         payload = bytes(range(256)) * 4096  # 1 MiB: far more than the socket buffers take
         stream.write(payload)
         assert owner.heard == [("paused",)] and stream.buffered > 64 * 1024
-        received = bytearray()
-        peer.setblocking(False)
-        while len(received) < len(payload):
-            try:
-                received += peer.recv(1 << 16)
-            except BlockingIOError:
-                await asyncio.sleep(0.001)
+        received = await read_from(peer, len(payload))
         await until(lambda: ("resumed",) in owner.heard)
-        assert bytes(received) == payload and stream.buffered == 0
+        assert received == payload and stream.buffered == 0
         assert owner.heard == [("paused",), ("resumed",)]
         stream.close()
         peer.close()
@@ -151,18 +161,7 @@ def test_half_close_waits_for_queued_bytes():
         payload = b"z" * (4 << 20)
         stream.write(payload)
         stream.shutdown_write()
-        peer.setblocking(False)
-        received = bytearray()
-        while True:
-            try:
-                chunk = peer.recv(1 << 16)
-            except BlockingIOError:
-                await asyncio.sleep(0.001)
-                continue
-            if not chunk:
-                break
-            received += chunk
-        assert len(received) == len(payload)  # every byte, then the FIN
+        assert await read_from(peer) == payload  # every byte, then the FIN
         stream.close()
         peer.close()
 
@@ -176,18 +175,7 @@ def test_close_after_flush_delivers_everything_then_closes():
         stream.write(payload)
         stream.close(after_flush=True)
         assert not stream.closed
-        peer.setblocking(False)
-        received = 0
-        while True:
-            try:
-                chunk = peer.recv(1 << 16)
-            except BlockingIOError:
-                await asyncio.sleep(0.001)
-                continue
-            if not chunk:
-                break
-            received += len(chunk)
-        assert received == len(payload)
+        assert await read_from(peer) == payload
         await until(lambda: stream.closed)
         peer.close()
 
