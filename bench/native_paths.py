@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 from pyproxy.bench.echo_client import connect, measure_rtts, summarize
+from pyproxy.bench.procs import cpu_seconds
 from pyproxy.bench.tcp_echo import (
     Processes,
     free_port,
@@ -65,23 +66,6 @@ def wait_path(path: Path, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"{path} did not appear")
         time.sleep(0.05)
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime+stime of the process (all its threads), at ns resolution when schedstat exists."""
-    total, found = 0, False
-    try:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-                found = True
-    except OSError:
-        found = False
-    if found:
-        return total / 1e9
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def pin(pid: int, cpu: int) -> None:
@@ -117,7 +101,7 @@ class Proxy:
 
 def measured(proxy: Proxy | None, run) -> dict:
     """Run `run()` -> round trips; add proxy CPU and ipc-stage time per round trip."""
-    before_cpu = cpu_seconds(proxy.pid) if proxy else 0.0
+    before_cpu = cpu_seconds([proxy.pid]) if proxy else 0.0
     before = proxy.stats() if proxy else {}
     t0 = time.perf_counter()
     out = run()
@@ -125,7 +109,7 @@ def measured(proxy: Proxy | None, run) -> dict:
     trips = out["round_trips"]
     if proxy:
         after = proxy.stats()
-        cpu = cpu_seconds(proxy.pid) - before_cpu
+        cpu = cpu_seconds([proxy.pid]) - before_cpu
         ipc_ns = after["stages"]["ipc"]["ns"] - before["stages"]["ipc"]["ns"]
         out["proxy_cpu_us_per_msg"] = cpu / trips * 1e6
         out["ipc_us_per_msg"] = ipc_ns / trips / 1000
@@ -317,11 +301,11 @@ def bulk(procs: Processes, workdir: Path, seconds: int, rounds: int) -> dict:
     for r in range(rounds):
         for name, port in ports.items():
             pid = pids.get(name)
-            cpu0 = cpu_seconds(pid) if pid else 0.0
+            cpu0 = cpu_seconds([pid]) if pid else 0.0
             gbps = iperf3(port, seconds)
             if gbps is not None:
                 gb = gbps * seconds / 8
-                cpu = (cpu_seconds(pid) - cpu0) / gb if pid else None
+                cpu = (cpu_seconds([pid]) - cpu0) / gb if pid else None
                 runs[name].append((gbps, cpu))
         print(f"  bulk round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
     out = {}

@@ -59,17 +59,39 @@ def tree_pids(root: int) -> list[int]:
     return out
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """utime+stime (all threads) of the given processes, from /proc/<pid>/stat."""
+def cpu_ns(pids: list[int]) -> int:
+    """CPU time the processes' threads have run, in ns (schedstat): clock ticks (10 ms) would
+    round a short phase's few ms to nothing. Ticks from /proc/<pid>/stat where schedstat is
+    missing (a kernel without CONFIG_SCHEDSTATS)."""
     total = 0
     for pid in pids:
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])
+            tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
-            pass
-    return total / CLK_TCK
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except FileNotFoundError:
+                total += _ticks_ns(pid, tid)
+            except (OSError, ValueError, IndexError):
+                pass
+    return total
+
+
+def _ticks_ns(pid: int, tid: str) -> int:
+    try:
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * 1_000_000_000 // CLK_TCK
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime+stime (all threads) of the given processes, in seconds at ns resolution."""
+    return cpu_ns(pids) / 1e9
 
 
 def foreign_cpu() -> dict[int, int]:

@@ -25,7 +25,7 @@ from pyproxy.bench.http_load import (
     move_to_cpu,
     run_wrk,
 )
-from pyproxy.bench.procs import Noise
+from pyproxy.bench.procs import Noise, cpu_ns
 
 
 def paired_median(values: Sequence[float], base: Sequence[float]) -> float:
@@ -38,23 +38,6 @@ def paired_ratio(values: Sequence[float], base: Sequence[float]) -> float | None
     if not values or any(b <= 0 for b in base):
         return None
     return statistics.median(a / b for a, b in zip(values, base, strict=True))
-
-
-def cpu_ns(pids: list[int]) -> int:
-    """utime+stime of the processes, all threads, ns resolution (schedstat's run time)."""
-    total = 0
-    for pid in pids:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    total += int(f.read().split()[0])
-            except (OSError, ValueError, IndexError):
-                pass
-    return total
 
 
 def interleaved(paths: list[Path_], rounds: int, seed: int, phase: str) -> Iterator[Path_]:

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pyproxy.bench.echo_client import measure_rtts, summarize
+from pyproxy.bench.procs import cpu_ns
 from pyproxy.iptables.netns import Pod, missing_capabilities, pods
 from pyproxy.native import sockmap
 
@@ -58,27 +59,18 @@ def _rtts(pod: Pod, address: str, size: int, count: int) -> list[int]:
     return json.loads(pod.run(argv, timeout=300).stdout)
 
 
-def _cpu_ns(pid: int | None) -> int:
-    """CPU time a process's threads have run (schedstat, ns); 0 without a process."""
-    if pid is None:
-        return 0
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        total += int((task / "schedstat").read_text().split()[0])
-    return total
-
-
 def _alternate(
     pod: Pod, targets: dict[str, str], size: int, args: argparse.Namespace, pid: int | None = None
 ) -> dict:
     """Rounds alternating between the targets; with pid, that process's CPU time per target."""
     samples: dict[str, list[int]] = {name: [] for name in targets}
     cpu = dict.fromkeys(targets, 0)
+    measured = [pid] if pid is not None else []  # no process: no CPU time (0)
     for _ in range(args.rounds):
         for name, address in targets.items():
-            before = _cpu_ns(pid)
+            before = cpu_ns(measured)
             samples[name] += _rtts(pod, address, size, args.per_round)
-            cpu[name] += _cpu_ns(pid) - before
+            cpu[name] += cpu_ns(measured) - before
     out = {name: summarize(values) for name, values in samples.items()}
     if pid is not None:
         messages = args.rounds * (args.per_round + WARMUP)
