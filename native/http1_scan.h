@@ -244,26 +244,26 @@ static PyObject *common_name(const char *lower, Py_ssize_t n)
     return NULL;
 }
 
+/* n bytes of src, lower-cased (ASCII), into w. */
+static void lower_copy(char *w, const char *src, Py_ssize_t n)
+{
+    for (Py_ssize_t k = 0; k < n; k++) {
+        unsigned char c = src[k];
+        w[k] = (c >= 'A' && c <= 'Z') ? c + 32 : c;
+    }
+}
+
 /* One field's lower-cased name as bytes. NULL with an exception set on failure. */
 static PyObject *field_name(const char *d, const field_t *f)
 {
-    char lower[COMMON_NAME_MAX];
     if (f->name_len <= COMMON_NAME_MAX) {
-        for (Py_ssize_t k = 0; k < f->name_len; k++) {
-            unsigned char c = d[f->name + k];
-            lower[k] = (c >= 'A' && c <= 'Z') ? c + 32 : c;
-        }
+        char lower[COMMON_NAME_MAX];
+        lower_copy(lower, d + f->name, f->name_len);
         PyObject *shared = common_name(lower, f->name_len);
-        if (shared != NULL) return shared;
-        return PyBytes_FromStringAndSize(lower, f->name_len);
+        return shared != NULL ? shared : PyBytes_FromStringAndSize(lower, f->name_len);
     }
     PyObject *name = PyBytes_FromStringAndSize(NULL, f->name_len);
-    if (name == NULL) return NULL;
-    char *w = PyBytes_AS_STRING(name);
-    for (Py_ssize_t k = 0; k < f->name_len; k++) {
-        unsigned char c = d[f->name + k];
-        w[k] = (c >= 'A' && c <= 'Z') ? c + 32 : c;
-    }
+    if (name != NULL) lower_copy(PyBytes_AS_STRING(name), d + f->name, f->name_len);
     return name;
 }
 
