@@ -221,6 +221,52 @@ static void wire_copy(const char *d, const head_t *h, char *w)
 
 /* The head's fields as a new list of (lower-cased name, value) bytes pairs, in order;
  * less the hop-by-hop ones when skip_hop. NULL with an exception set on failure. */
+/* Names most heads carry, made once: a field with one of them shares the bytes object
+ * (immutable) instead of a new one per field. Lower-case, as field_list hands names out. */
+static const char *const common_names[] = {
+    "host", "user-agent", "accept", "accept-encoding", "accept-language", "content-length",
+    "content-type", "date", "server", "cache-control", "last-modified", "etag", NULL,
+};
+#define COMMON_NAME_MAX 16 /* at least the longest above */
+static PyObject *common_name_objects[sizeof common_names / sizeof common_names[0]];
+
+/* A new reference to the common name `lower` (n bytes), or NULL (not one, or no memory). */
+static PyObject *common_name(const char *lower, Py_ssize_t n)
+{
+    for (int i = 0; common_names[i] != NULL; i++) {
+        if ((Py_ssize_t)strlen(common_names[i]) != n || memcmp(common_names[i], lower, n) != 0) continue;
+        if (common_name_objects[i] == NULL) {
+            common_name_objects[i] = PyBytes_FromStringAndSize(lower, n);
+            if (common_name_objects[i] == NULL) { PyErr_Clear(); return NULL; }
+        }
+        return Py_NewRef(common_name_objects[i]);
+    }
+    return NULL;
+}
+
+/* n bytes of src, lower-cased (ASCII), into w. */
+static void lower_copy(char *w, const char *src, Py_ssize_t n)
+{
+    for (Py_ssize_t k = 0; k < n; k++) {
+        unsigned char c = src[k];
+        w[k] = (c >= 'A' && c <= 'Z') ? c + 32 : c;
+    }
+}
+
+/* One field's lower-cased name as bytes. NULL with an exception set on failure. */
+static PyObject *field_name(const char *d, const field_t *f)
+{
+    if (f->name_len <= COMMON_NAME_MAX) {
+        char lower[COMMON_NAME_MAX];
+        lower_copy(lower, d + f->name, f->name_len);
+        PyObject *shared = common_name(lower, f->name_len);
+        return shared != NULL ? shared : PyBytes_FromStringAndSize(lower, f->name_len);
+    }
+    PyObject *name = PyBytes_FromStringAndSize(NULL, f->name_len);
+    if (name != NULL) lower_copy(PyBytes_AS_STRING(name), d + f->name, f->name_len);
+    return name;
+}
+
 static PyObject *field_list(const char *d, const head_t *h, int skip_hop)
 {
     Py_ssize_t count = 0;
@@ -230,16 +276,16 @@ static PyObject *field_list(const char *d, const head_t *h, int skip_hop)
     for (Py_ssize_t i = 0, j = 0; i < h->nfields; i++) {
         const field_t *f = &h->fields[i];
         if (skip_hop && f->hop) continue;
-        PyObject *name = PyBytes_FromStringAndSize(NULL, f->name_len);
-        if (name == NULL) { Py_DECREF(headers); return NULL; }
-        char *w = PyBytes_AS_STRING(name);
-        for (Py_ssize_t k = 0; k < f->name_len; k++) {
-            unsigned char c = d[f->name + k];
-            w[k] = (c >= 'A' && c <= 'Z') ? c + 32 : c;
-        }
-        PyObject *pair = Py_BuildValue("(Ny#)", name, d + f->value, f->value_len);
+        /* The tuple is built directly (Py_BuildValue parses its format per call). */
+        PyObject *pair = PyTuple_New(2);
         if (pair == NULL) { Py_DECREF(headers); return NULL; }
         PyList_SET_ITEM(headers, j++, pair);
+        PyObject *name = field_name(d, f);
+        if (name == NULL) { Py_DECREF(headers); return NULL; }
+        PyTuple_SET_ITEM(pair, 0, name);
+        PyObject *value = PyBytes_FromStringAndSize(d + f->value, f->value_len);
+        if (value == NULL) { Py_DECREF(headers); return NULL; }
+        PyTuple_SET_ITEM(pair, 1, value);
     }
     return headers;
 }

@@ -138,7 +138,7 @@ class ChainFactory:
             self.decodes_body or self.hooks["encode_data"] or self.hooks["encode_trailers"]
         )
         # With one filter, the exchange's clock around the whole decode pass (set-up included)
-        # is that filter's cost: the chain need not read the clock after its hook.
+        # is that filter's cost: the chain reads no clock in that pass.
         self.single = len(classes) == 1
 
     def start(self, exchange: ChainOwner) -> HttpChain:
@@ -232,10 +232,13 @@ class HttpChain:
         """True when every filter let the headers through (the exchange may go upstream now)."""
         self.maps = {"decode": headers}
         factory = self.factory
+        entries = factory.hooks["decode_headers"]
+        if not entries and self.state is None:
+            return not (self.replied or self.done)  # no request-header filter: nothing to run
+        # With one filter, start_chain's clock around this pass is that filter's whole cost.
         return self._run(
-            "decode", "headers", factory.hooks["decode_headers"], headers, end_stream, 0,
-            clock_last=not factory.single,
-        )  # fmt: skip
+            "decode", "headers", entries, headers, end_stream, 0, clocked=not factory.single
+        )
 
     def decode_data(self, data, end_stream: bool) -> None:
         if self.state is None and not self.factory.hooks["decode_data"]:
@@ -355,7 +358,7 @@ class HttpChain:
         end_stream: bool,
         position: int,
         hold_first: bool = False,
-        clock_last: bool = True,
+        clocked: bool = True,
     ) -> bool:
         if self.replied or self.done:
             return False
@@ -365,17 +368,18 @@ class HttpChain:
         if timed:
             block = ctx.block
             # One clock read per hook: each hook's time runs from the previous read (the run
-            # loop's own steps included, which are the filters' cost too).
-            t = perf_counter_ns()
+            # loop's own steps included, which are the filters' cost too). Not clocked: the
+            # caller times the whole pass for its one filter; the hooks are only counted.
+            if clocked:
+                t = perf_counter_ns()
         trailers = kind == "trailers"
-        last = len(entries) - 1
-        for pos in range(position, last + 1):
+        for pos in range(position, len(entries)):
             index, fn, ns_slot, events_slot = entries[pos]
             instance = filters[index]
             instance.callbacks = self  # a shared instance learns its request for this call
             status = fn(instance, payload) if trailers else fn(instance, payload, end_stream)
             if timed:
-                if clock_last or pos != last or status != CONTINUE or self.replied:
+                if clocked:
                     now = perf_counter_ns()
                     spent = now - t
                     t = now

@@ -123,7 +123,8 @@ def paired_response_head(
     """The head the general path would send downstream for a response read whole (``status``,
     ``reason``, ``content_length``) whose filters left ``headers``; None when the pair cannot
     carry it (the status or the body's framing changed, or the connection would close)."""
-    if headers.pseudo.get(b":status", b"%d" % status) != b"%d" % status:
+    as_read = b"%d" % status
+    if headers.pseudo.get(b":status", as_read) != as_read:
         return None
     fields = headers.headers
     if not _frames(fields, content_length, persists=True):
