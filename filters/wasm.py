@@ -70,6 +70,7 @@ from wasmtime import _bindings as _capi
 from pyproxy.chain.api import (
     CONTINUE,
     STOP,
+    STOP_AND_BUFFER,
     FilterConfigError,
     FilterFactory,
     HeaderMap,
@@ -84,8 +85,9 @@ OK, NOT_FOUND, BAD_ARGUMENT, INVALID_MEMORY_ACCESS, UNIMPLEMENTED = 0, 1, 2, 6, 
 # wasi_errno_t
 WASI_SUCCESS, WASI_BADF, WASI_FAULT, WASI_INVAL, WASI_NOSYS, WASI_NOTSUP = 0, 8, 21, 28, 52, 58
 # proxy_map_type_t / proxy_buffer_type_t / proxy_stream_type_t
-REQUEST_HEADERS, RESPONSE_HEADERS = 0, 2
+REQUEST_HEADERS, REQUEST_TRAILERS, RESPONSE_HEADERS, RESPONSE_TRAILERS = 0, 1, 2, 3
 HTTP_CALL_RESPONSE_HEADERS, HTTP_CALL_RESPONSE_TRAILERS = 6, 7
+HTTP_REQUEST_BODY, HTTP_RESPONSE_BODY = 0, 1
 HTTP_CALL_RESPONSE_BODY, VM_CONFIGURATION, PLUGIN_CONFIGURATION = 4, 6, 7
 PAUSE = 1  # proxy_action_t
 
@@ -104,7 +106,6 @@ UNIMPLEMENTED_FUNCTIONS = frozenset(
         "proxy_grpc_cancel",
         "proxy_grpc_close",
         "proxy_close_stream",
-        "proxy_set_buffer_bytes",
     }
 )
 ROOT_CONTEXT_ID = 1
@@ -146,6 +147,10 @@ CALLBACKS = {
     "proxy_on_context_create": (2, 0),
     "proxy_on_request_headers": (3, 1),
     "proxy_on_response_headers": (3, 1),
+    "proxy_on_request_body": (3, 1),
+    "proxy_on_response_body": (3, 1),
+    "proxy_on_request_trailers": (2, 1),
+    "proxy_on_response_trailers": (2, 1),
     "proxy_on_done": (1, 1),
     "proxy_on_log": (1, 0),
     "proxy_on_delete": (1, 0),
@@ -975,6 +980,10 @@ def _host_functions(rt: Runtime) -> dict:
             return f.request
         if map_id == RESPONSE_HEADERS:
             return f.response
+        if map_id == REQUEST_TRAILERS:
+            return f.request_trailers
+        if map_id == RESPONSE_TRAILERS:
+            return f.response_trailers
         return None
 
     def known_map(map_id: int) -> bool:
@@ -1004,7 +1013,12 @@ def _host_functions(rt: Runtime) -> dict:
         rt.write_u64(ret, time.time_ns())
         return OK
 
-    def buffer_of(buffer_id: int) -> bytes | None:
+    def buffer_of(buffer_id: int) -> bytes | bytearray | None:
+        if buffer_id == HTTP_REQUEST_BODY or buffer_id == HTTP_RESPONSE_BODY:
+            f = rt.filter
+            if f is None or f.body_stream != buffer_id:
+                return None  # a body is the guest's only during its own body callback
+            return f.body
         if buffer_id == VM_CONFIGURATION:
             return rt.vm_config
         if buffer_id == PLUGIN_CONFIGURATION:
@@ -1030,6 +1044,27 @@ def _host_functions(rt: Runtime) -> dict:
             return NOT_FOUND if 0 <= buffer_id <= 8 else BAD_ARGUMENT
         rt.write_u32(ret_size, len(data))
         rt.write_u32(ret_flags, 0)
+        return OK
+
+    def proxy_set_buffer_bytes(buffer_id, start, length, ptr, size):
+        """Envoy's rule, made whole: bytes [start, start + length) of the buffer become the data
+        (start 0 with length 0 prepends; a start at or past the end appends). Only the body
+        being delivered to the guest can be written."""
+        if not 0 <= buffer_id <= 8:
+            return BAD_ARGUMENT
+        f = rt.filter
+        if (buffer_id != HTTP_REQUEST_BODY and buffer_id != HTTP_RESPONSE_BODY) or f is None:
+            return NOT_FOUND if buffer_id <= 1 else BAD_ARGUMENT
+        body = f.body
+        if body is None or f.body_stream != buffer_id:
+            return NOT_FOUND
+        rt.charge(size)
+        data = rt.read(ptr, size)
+        if start >= len(body):
+            body += data
+        else:
+            body[start : start + length] = data
+        f.body_changed = True
         return OK
 
     def proxy_get_configuration(ret_ptr, ret_size):  # ABI v0.1.0
@@ -1357,6 +1392,7 @@ def _host_functions(rt: Runtime) -> dict:
         "proxy_get_current_time_nanoseconds": ([I], proxy_get_current_time_nanoseconds),
         "proxy_get_buffer_bytes": ([I] * 5, proxy_get_buffer_bytes),
         "proxy_get_buffer_status": ([I] * 3, proxy_get_buffer_status),
+        "proxy_set_buffer_bytes": ([I] * 5, proxy_set_buffer_bytes),
         "proxy_get_configuration": ([I, I], proxy_get_configuration),
         "proxy_get_header_map_value": ([I] * 5, proxy_get_header_map_value),
         "proxy_add_header_map_value": ([I] * 5, proxy_add_header_map_value),
@@ -1524,11 +1560,21 @@ class WasmFactory(FilterFactory):
         self.pause_timeout = config["pause_timeout"]
         # Only the hooks the module exports: a callback it lacks costs nothing per request.
         exports = self.runtime.exports
-        hooks = {}
+        hooks: dict[str, object] = {}
         if "proxy_on_request_headers" in exports:
             hooks["decode_headers"] = WasmFilter._decode_headers
         if "proxy_on_response_headers" in exports:
             hooks["encode_headers"] = WasmFilter._encode_headers
+        # A module exporting body or trailer callbacks takes the request off the head-only
+        # path (as Envoy, which calls them for every chunk whether or not the guest cares).
+        if "proxy_on_request_body" in exports:
+            hooks["decode_data"] = WasmFilter._decode_data
+        if "proxy_on_response_body" in exports:
+            hooks["encode_data"] = WasmFilter._encode_data
+        if "proxy_on_request_trailers" in exports:
+            hooks["decode_trailers"] = WasmFilter._decode_trailers
+        if "proxy_on_response_trailers" in exports:
+            hooks["encode_trailers"] = WasmFilter._encode_trailers
         self.filter_class = type("WasmFilter", (WasmFilter,), hooks)
 
     def create(self) -> WasmFilter:
@@ -1555,6 +1601,12 @@ class WasmFilter(HttpFilter):
         "paused",
         "timer",
         "properties",
+        "request_trailers",
+        "response_trailers",
+        "body",
+        "body_stream",
+        "body_changed",
+        "buffering",
     )
 
     def __init__(self, factory: WasmFactory) -> None:
@@ -1569,6 +1621,14 @@ class WasmFilter(HttpFilter):
         self.paused = -1  # the stream type (0 request, 1 response) the guest paused, or -1
         self.timer = None
         self.properties: dict[bytes, bytes] | None = None  # set by proxy_set_property
+        self.request_trailers: HeaderMap | None = None
+        self.response_trailers: HeaderMap | None = None
+        # During a body callback: the body the guest sees (what was buffered + this chunk) and
+        # which buffer type it is; whether the guest wrote it; per stream, whether it is buffering.
+        self.body: bytearray | None = None
+        self.body_stream = -1
+        self.body_changed = False
+        self.buffering = [False, False]
 
     def _enter(self) -> int:
         """Make sure this request has a context in the current instance, and fuel for one entry.
@@ -1613,9 +1673,7 @@ class WasmFilter(HttpFilter):
                 action = rt.call_raw(joined[0], joined[1], context_id, count, end_stream)
             else:
                 if entered == 2:
-                    create = rt.exports.get("proxy_on_context_create")
-                    if create is not None:
-                        rt.call_raw(create[0], create[1], context_id, ROOT_CONTEXT_ID)
+                    self._create()
                 func, n = rt.exports[callback]
                 action = rt.call_raw(func, n, context_id, count, end_stream)
         except WasmFault as exc:
@@ -1623,13 +1681,93 @@ class WasmFilter(HttpFilter):
         if self.reply is not None:
             return self._send_reply()
         if action == PAUSE:
-            if self.paused == -2 - stream:  # the guest resumed before returning
-                self.paused = -1
-                return CONTINUE
-            self.paused = stream
-            self.timer = self.callbacks.loop.call_later(self.factory.pause_timeout, self._timed_out)
-            return STOP
+            return self._pause(stream, STOP)
         return CONTINUE
+
+    def _create(self) -> None:
+        """proxy_on_context_create for this request (its first hook, not joined to it)."""
+        rt = self.runtime
+        create = rt.exports.get("proxy_on_context_create")
+        if create is not None:
+            rt.call_raw(create[0], create[1], self.context_id, ROOT_CONTEXT_ID)
+
+    def _decode_data(self, data, end_stream: bool) -> int:
+        return self._body("proxy_on_request_body", data, end_stream, 0)
+
+    def _encode_data(self, data, end_stream: bool) -> int:
+        return self._body("proxy_on_response_body", data, end_stream, 1)
+
+    def _body(self, callback: str, data, end_stream: bool, stream: int) -> int:
+        """One body chunk for the guest. Pause before the end buffers (Envoy's
+        StopIterationAndBuffer): the next call sees everything held so far plus its chunk,
+        so at end_of_stream the guest can read and rewrite the whole body."""
+        rt = self.runtime
+        callbacks = self.callbacks
+        direction = "encode" if stream else "decode"
+        held = callbacks.held_body[direction] if self.buffering[stream] else None
+        body = bytearray(b"".join(held)) if held else bytearray()
+        body += data
+        try:
+            entered = self._enter()
+            if not entered:
+                return self._unavailable()
+            if entered == 2:
+                self._create()
+            self.body, self.body_stream, self.body_changed = body, stream, False
+            func, n = rt.exports[callback]
+            action = rt.call_raw(func, n, self.context_id, len(body), end_stream)
+        except WasmFault as exc:
+            return self._fault(exc, callback)
+        finally:
+            self.body, self.body_stream = None, -1
+        if self.reply is not None:
+            return self._send_reply()
+        if self.body_changed:
+            if held:
+                held.clear()
+            callbacks.replace_data(bytes(body))
+        if action == PAUSE and not end_stream:
+            self.buffering[stream] = True
+            return STOP_AND_BUFFER
+        self.buffering[stream] = False
+        if action == PAUSE:  # at the end: held until the guest continues (an http_call, say)
+            return self._pause(stream, STOP_AND_BUFFER)
+        return CONTINUE
+
+    def _decode_trailers(self, trailers) -> int:
+        self.request_trailers = HeaderMap(trailers, {})
+        return self._trailers("proxy_on_request_trailers", self.request_trailers, 0)
+
+    def _encode_trailers(self, trailers) -> int:
+        self.response_trailers = HeaderMap(trailers, {})
+        return self._trailers("proxy_on_response_trailers", self.response_trailers, 1)
+
+    def _trailers(self, callback: str, trailers: HeaderMap, stream: int) -> int:
+        rt = self.runtime
+        try:
+            entered = self._enter()
+            if not entered:
+                return self._unavailable()
+            if entered == 2:
+                self._create()
+            func, n = rt.exports[callback]
+            action = rt.call_raw(func, n, self.context_id, len(trailers.headers))
+        except WasmFault as exc:
+            return self._fault(exc, callback)
+        if self.reply is not None:
+            return self._send_reply()
+        if action == PAUSE:
+            return self._pause(stream, STOP)
+        return CONTINUE
+
+    def _pause(self, stream: int, status: int) -> int:
+        """The guest paused: STOP until proxy_continue_stream (or the pause timeout)."""
+        if self.paused == -2 - stream:  # the guest resumed before returning
+            self.paused = -1
+            return CONTINUE
+        self.paused = stream
+        self.timer = self.callbacks.loop.call_later(self.factory.pause_timeout, self._timed_out)
+        return status
 
     def _unavailable(self) -> int:
         if self.context_id:
