@@ -1033,7 +1033,7 @@ def _host_functions(rt: Runtime) -> dict:
             return NOT_FOUND if 0 <= buffer_id <= 8 else BAD_ARGUMENT
         if start > len(data):
             return BAD_ARGUMENT
-        chunk = data[start : start + max_size]
+        chunk = bytes(data[start : start + max_size])
         if not chunk:  # as Envoy's host: nothing to copy, the out-params are left alone
             return OK
         return rt.give(chunk, ret_ptr, ret_size)

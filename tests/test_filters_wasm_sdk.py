@@ -3,8 +3,11 @@ with curl and a real upstream: headers, local response, http_call, metrics and s
 
 from __future__ import annotations
 
+import hashlib
 import json
+import socket
 
+import h11
 import pytest
 from conftest import curl, free_port, split_response, start_listener
 from http_peer import HttpUpstream
@@ -147,3 +150,80 @@ def test_local_response_example_answers_grpc_with_its_status(start_proxy, tmp_pa
     status, headers, _ = split_response(run.stdout)
     assert (status, headers.get("grpc-status")) == (200, "7"), run.stdout + run.stderr
     assert headers.get("grpc-message") == "missing_token"
+
+
+def _h11_exchange(port: int, request: h11.Request, chunks=(), trailers=()):
+    """One HTTP/1.1 exchange over a real socket with h11 (curl sends no request trailers):
+    (response, body, response trailers)."""
+    client = h11.Connection(h11.CLIENT)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        out = client.send(request)
+        for chunk in chunks:
+            out += client.send(h11.Data(data=chunk))
+        out += client.send(h11.EndOfMessage(headers=list(trailers)))
+        sock.sendall(out)
+        response, body, end = None, bytearray(), None
+        while end is None:
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                client.receive_data(sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                end = event
+    assert response is not None
+    return response, bytes(body), [(n.decode(), v.decode()) for n, v in end.headers]
+
+
+def test_body_example_rewrites_a_buffered_request_body(start_proxy, tmp_path, upstream):
+    """Pause on each chunk buffers the request body (StopIterationAndBuffer); at its end the
+    module reads it whole and replaces it (set_buffer_bytes, a different length)."""
+    proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "body", "body")
+    sent = b"the secret is " + b"x" * 3000 + b" and another secret"
+    expected = sent.replace(b"secret", b"[redacted]")
+    # Content-Length framed (curl) and chunked in several pieces (h11): the same rewrite.
+    status, _, body = split_response(
+        curl("-i", "--data-binary", sent.decode(), f"http://127.0.0.1:{port}/echo").stdout
+    )
+    assert status == 200, proxy.output
+    echo = json.loads(body.partition(b"\n-- seen by as-sdk\n")[0])
+    assert echo["body_length"] == len(expected)
+    assert echo["body_sha256"] == hashlib.sha256(expected).hexdigest()
+    assert "content-length" not in dict(echo["headers"])  # the module removed it
+    head = h11.Request(
+        method="POST",
+        target="/echo",
+        headers=[("host", "x"), ("transfer-encoding", "chunked")],
+    )
+    pieces = [sent[i : i + 700] for i in range(0, len(sent), 700)]
+    response, body, _ = _h11_exchange(port, head, pieces)
+    echo = json.loads(body.partition(b"\n-- seen by as-sdk\n")[0])
+    assert response.status_code == 200
+    assert echo["body_sha256"] == hashlib.sha256(expected).hexdigest()
+
+
+def test_body_example_appends_to_the_streamed_response_body(start_proxy, tmp_path, upstream):
+    proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "body", "body")
+    status, headers, body = split_response(
+        curl("-i", f"http://127.0.0.1:{port}/chunked?n=3").stdout
+    )
+    assert status == 200
+    assert body == b"c" * 3000 + b"\n-- seen by as-sdk\n"
+    status, headers, body = split_response(curl("-i", f"http://127.0.0.1:{port}/other").stdout)
+    assert "content-length" not in headers  # removed by the module: the body grows after
+    assert body == b"ok:/other:up\n-- seen by as-sdk\n"
+
+
+def test_trailers_example_reads_and_edits_both_directions(start_proxy, tmp_path, upstream):
+    proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "trailers", "trailers")
+    head = h11.Request(
+        method="POST",
+        target="/trailers",
+        headers=[("host", "x"), ("transfer-encoding", "chunked"), ("te", "trailers")],
+    )
+    response, body, trailers = _h11_exchange(port, head, [b"abc"], [("x-checksum", "c0ffee")])
+    assert (response.status_code, body) == (200, b"body"), proxy.output
+    assert upstream.requests[-1]["trailers"] == [("x-checksum", "c0ffee"), ("x-checked", "c0ffee")]
+    assert trailers == [("x-upstream-trailer", "t1"), ("x-as-trailer", "count=2")]
