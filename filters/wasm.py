@@ -77,6 +77,12 @@ from pyproxy.chain.api import (
     HttpFilter,
 )
 from pyproxy.durations import parse_duration
+from pyproxy.guest_metrics import COUNTER as METRIC_COUNTER
+from pyproxy.guest_metrics import GAUGE as METRIC_GAUGE
+from pyproxy.guest_metrics import HISTOGRAM as METRIC_HISTOGRAM
+from pyproxy.guest_metrics import SLOTS as METRIC_SLOTS
+from pyproxy.guest_metrics import GuestMetrics
+from pyproxy.guest_metrics import current as worker_metrics
 
 log = logging.getLogger("pyproxy.wasm")
 
@@ -125,7 +131,6 @@ FUEL_BATCH = 4
 MAX_HOST_CALLS_PER_ENTRY = 10_000
 MAX_HOST_BYTES_PER_ENTRY = 1024 * 1024
 MAX_SHARED_DATA_BYTES = 16 * 1024 * 1024  # keys + values, per instance, across entries
-MAX_METRICS = 10_000
 WASI_IOV_MAX = 1024
 # A request's guest calls that always come together, made from one host->guest entry through
 # a small module that imports them (a wasm->wasm call costs nanoseconds, an entry ~0.9 µs).
@@ -419,7 +424,13 @@ def _env_functions() -> frozenset[str]:
 class Runtime:
     """One instance of a module (per worker per filter) and the host functions it calls."""
 
-    def __init__(self, module: wasmtime.Module, settings: dict, loop=None) -> None:
+    def __init__(
+        self,
+        module: wasmtime.Module,
+        settings: dict,
+        loop=None,
+        metrics: GuestMetrics | None = None,
+    ) -> None:
         self.module = module
         self.settings = settings
         self.loop = loop
@@ -438,8 +449,8 @@ class Runtime:
         self.next_id = ROOT_CONTEXT_ID
         self.tick_timer = None
         self.tick_period = 0.0
-        self.metrics: dict[int, int] = {}
-        self.metric_ids: dict[bytes, int] = {}
+        # proxy_define_metric's metrics: this worker's, shown in /stats (a private set when none given).
+        self.guest_metrics = metrics if metrics is not None else GuestMetrics()
         self.shared: dict[bytes, tuple[bytes, int]] = {}
         self.shared_bytes = 0
         self.clusters: dict = {}  # name -> ClusterConfig, for proxy_http_call (set by the factory)
@@ -1219,34 +1230,55 @@ def _host_functions(rt: Runtime) -> dict:
         rt.write_u32(ret_token, token)
         return OK
 
+    def metric_slot(metric_id: int) -> int:
+        """The slot behind an id this worker handed out (id = slot + 1), or -1."""
+        slot = metric_id - 1
+        if not 0 <= slot < METRIC_SLOTS or rt.guest_metrics.kind(slot) < 0:
+            return -1
+        return slot
+
     def proxy_define_metric(metric_type, nptr, nsize, ret_id):
         if metric_type > 2:
             return BAD_ARGUMENT
-        name = rt.read(nptr, nsize)
-        if name not in rt.metric_ids and len(rt.metric_ids) >= MAX_METRICS:
-            return BAD_ARGUMENT
         rt.charge(nsize)
-        metric_id = rt.metric_ids.setdefault(name, len(rt.metric_ids) + 1)
-        rt.metrics.setdefault(metric_id, 0)
-        rt.write_u32(ret_id, metric_id)
+        slot = rt.guest_metrics.define(metric_type, rt.read(nptr, nsize))
+        if slot is None:  # too long a name, too many metrics, or the name has another type
+            return BAD_ARGUMENT
+        rt.write_u32(ret_id, slot + 1)
         return OK
 
     def proxy_increment_metric(metric_id, delta):
-        if metric_id not in rt.metrics:
+        """As Envoy: counters only go up, gauges both ways, histograms are recorded, not incremented."""
+        slot = metric_slot(metric_id)
+        if slot < 0:
             return NOT_FOUND
-        rt.metrics[metric_id] += delta
+        kind = rt.guest_metrics.kind(slot)
+        if kind == METRIC_HISTOGRAM or (kind == METRIC_COUNTER and delta < 0):
+            return BAD_ARGUMENT
+        rt.guest_metrics.add(slot, delta)
         return OK
 
     def proxy_record_metric(metric_id, value):
-        if metric_id not in rt.metrics:
+        """As Envoy: a counter adds the value, a gauge takes it, a histogram observes it."""
+        slot = metric_slot(metric_id)
+        if slot < 0:
             return NOT_FOUND
-        rt.metrics[metric_id] = value
+        kind = rt.guest_metrics.kind(slot)
+        if kind == METRIC_COUNTER:
+            rt.guest_metrics.add(slot, value)
+        elif kind == METRIC_GAUGE:
+            rt.guest_metrics.set(slot, value)
+        else:
+            rt.guest_metrics.observe(slot, value)
         return OK
 
     def proxy_get_metric(metric_id, ret):
-        if metric_id not in rt.metrics:
+        slot = metric_slot(metric_id)
+        if slot < 0:
             return NOT_FOUND
-        rt.write_u64(ret, rt.metrics[metric_id] & 0xFFFFFFFFFFFFFFFF)
+        if rt.guest_metrics.kind(slot) == METRIC_HISTOGRAM:
+            return BAD_ARGUMENT
+        rt.write_u64(ret, rt.guest_metrics.get(slot) & 0xFFFFFFFFFFFFFFFF)
         return OK
 
     def proxy_register_shared_queue(nptr, nsize, ret_token):
@@ -1555,7 +1587,7 @@ class WasmFactory(FilterFactory):
         super().__init__(config, context)
         module = wasmtime.Module.deserialize(_engine(), config["module"].artifact)
         settings = dict(config, name=config["name"] or context.filter_name or "wasm")
-        self.runtime = Runtime(module, settings, context.loop)
+        self.runtime = Runtime(module, settings, context.loop, worker_metrics())
         self.runtime.clusters = context.clusters
         self.pause_timeout = config["pause_timeout"]
         # Only the hooks the module exports: a callback it lacks costs nothing per request.

@@ -9,7 +9,7 @@ import socket
 
 import h11
 import pytest
-from conftest import curl, free_port, split_response, start_listener
+from conftest import curl, free_port, http_get, split_response, start_listener
 from http_peer import HttpUpstream
 from wasm_sdk import assemblyscript_module
 
@@ -124,6 +124,28 @@ def test_metrics_example_counts_requests(start_proxy, tmp_path, upstream):
         for _ in range(3)
     ]
     assert seen == ["1", "2", "3"]
+
+
+def test_metrics_example_is_visible_in_stats_and_prometheus(start_proxy, tmp_path, upstream):
+    """Defined metrics reach /stats (JSON and text) and Prometheus under the names the module gave,
+    summed over the workers: a counter, a gauge back at 0, a histogram's count and sum."""
+    proxy, port = _sdk_proxy(
+        start_proxy, tmp_path, upstream, "metrics", "metrics", top="concurrency: 2\n"
+    )
+    for path in ("/x", "/yy", "/zzz", "/x"):
+        assert split_response(curl("-i", f"http://127.0.0.1:{port}{path}").stdout)[0] == 200
+    metrics = proxy.stats()["wasm_metrics"]
+    assert metrics["as_requests_total"] == {"type": "counter", "value": 4}
+    assert metrics["as_in_flight"] == {"type": "gauge", "value": 0}
+    assert metrics["as_path_length"] == {"type": "histogram", "count": 4, "sum": 2 + 3 + 4 + 2}
+    _, text = http_get(proxy.admin + "/stats")
+    assert "as_requests_total: 4\n" in text.decode()
+    assert "as_path_length: count=4 sum=11\n" in text.decode()
+    _, exposition = http_get(proxy.admin + "/stats/prometheus")
+    lines = exposition.decode().splitlines()
+    assert "as_requests_total 4.0" in lines
+    assert "as_in_flight 0.0" in lines
+    assert "as_path_length_count 4.0" in lines and "as_path_length_sum 11.0" in lines
 
 
 def test_shared_data_example_counts_hits_per_path(start_proxy, tmp_path, upstream):
