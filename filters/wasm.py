@@ -141,6 +141,19 @@ TRAPS, OUT_OF_FUEL, LOCAL_REPLIES, PAUSE_TIMEOUTS = range(4)
 
 # Proxy-Wasm log levels (trace..critical) to logging levels, and back.
 LOG_LEVELS = (5, logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
+# SDK runtimes (AssemblyScript's, for one) call proxy_log at debug several times per hook without
+# asking proxy_get_log_level. The guest's proxy_log is this shim, a wasm function in the guest's
+# store: a line below the level drops there, without entering Python (an entry into a host
+# function costs microseconds, a wasm-to-wasm call nanoseconds); as nothing reads a dropped line,
+# its pointer is not checked. The rest goes on to the host's proxy_log. The level is the
+# proxy's logging level when the instance starts.
+LOG_SHIM_HOST = "pyproxy:host"
+LOG_SHIM = """(module
+  (import "pyproxy:host" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (global $min (export "min_level") (mut i32) (i32.const 0))
+  (func (export "proxy_log") (param i32 i32 i32) (result i32)
+    (if (i32.lt_u (local.get 0) (global.get $min)) (then (return (i32.const 0))))
+    (call $log (local.get 0) (local.get 1) (local.get 2))))"""
 
 # Callbacks the host calls, with their full (v0.2.1) parameter count and result count.
 # A module may export fewer parameters (ABI v0.1.0 had no end_of_stream), never more.
@@ -473,6 +486,7 @@ class Runtime:
         store.set_limits(memory_size=self.settings["max_memory_bytes"])
         store.set_fuel(self.fuel)
         try:
+            self._link_log_shim(store)
             instance = self.linker.instantiate(store, self.module)
         except wasmtime.WasmtimeError as exc:
             raise WasmFault(f"instantiation failed: {_first_line(exc)}") from None
@@ -700,17 +714,35 @@ class Runtime:
 
     def _link(self) -> None:
         host = _host_functions(self)
+        self.log_shim: wasmtime.Module | None = None
         for imp in self.module.imports:
             ty = imp.type
             # Checked at load: every import is a named function.
             assert isinstance(ty, wasmtime.FuncType) and imp.name is not None
             signature = ([str(t) for t in ty.params], [str(t) for t in ty.results])
             entry = host.get((imp.module, imp.name))
+            module = imp.module
             if entry is not None and (entry[0], entry[1]) == signature:
                 impl = entry[2]
+                if (module, imp.name) == ("env", "proxy_log"):
+                    # The guest gets the shim's proxy_log (see LOG_SHIM); the host's sits behind it.
+                    module = LOG_SHIM_HOST
+                    self.log_shim = wasmtime.Module(self.engine, LOG_SHIM)
+                    self.linker.allow_shadowing = True
             else:
                 impl = _stub(imp.module, imp.name, signature[1])
-            self._define(imp.module, imp.name, ty, signature, impl)
+            self._define(module, imp.name, ty, signature, impl)
+
+    def _link_log_shim(self, store: wasmtime.Store) -> None:
+        """This store's proxy_log: the shim, instantiated in it, with the current level."""
+        if self.log_shim is None:
+            return
+        shim = self.linker.instantiate(store, self.log_shim)
+        exports = shim.exports(store)
+        level = exports["min_level"]
+        assert isinstance(level, wasmtime.Global)
+        level.set_value(store, wasmtime.Val.i32(_log_level()))
+        self.linker.define(store, "env", "proxy_log", exports["proxy_log"])
 
     def _define(self, module: str, name: str, ty, signature, impl) -> None:
         params, results = signature
@@ -941,6 +973,12 @@ def _trampoline_module(
     return wasmtime.Module(engine, "(module " + " ".join(decls + bodies) + ")"), imported
 
 
+def _log_level() -> int:
+    """The lowest Proxy-Wasm log level the proxy's logging lets through (5: critical only)."""
+    effective = log.getEffectiveLevel()
+    return next((i for i, lv in enumerate(LOG_LEVELS) if lv >= effective), 5)
+
+
 def _first_line(exc: BaseException) -> str:
     """The line that says what went wrong: wasmtime puts a host trap's reason under "Caused by:"."""
     text = str(exc).strip()
@@ -1005,8 +1043,8 @@ def _host_functions(rt: Runtime) -> dict:
             return BAD_ARGUMENT
         py_level = LOG_LEVELS[level]
         if not log.isEnabledFor(py_level):
-            # SDK runtimes log at debug on every hook without asking proxy_get_log_level: a
-            # dropped line is only bounds-checked, never copied.
+            # Below the level the shim had when the instance started (the level has risen
+            # since): dropped, only bounds-checked.
             rt.check(ptr, size)
             return OK
         rt.charge(size)
@@ -1015,9 +1053,7 @@ def _host_functions(rt: Runtime) -> dict:
         return OK
 
     def proxy_get_log_level(ret):
-        effective = log.getEffectiveLevel()
-        level = next((i for i, lv in enumerate(LOG_LEVELS) if lv >= effective), 5)
-        rt.write_u32(ret, level)
+        rt.write_u32(ret, _log_level())
         return OK
 
     def proxy_get_current_time_nanoseconds(ret):

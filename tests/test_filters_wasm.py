@@ -579,3 +579,43 @@ def test_set_buffer_bytes_replaces_prepends_and_appends(start_proxy, tmp_path, u
     expected = b"<<HOWDY world>>"
     assert json.loads(body)["body_sha256"] == hashlib.sha256(expected).hexdigest()
     assert proxy.listener()["filters"]["edit"]["traps"] == 0
+
+
+LOGS_AT_TWO_LEVELS = """(module
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "debug-lineinfo-line")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 4096))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $log (i32.const 1) (i32.const 100) (i32.const 10)))
+    (drop (call $log (i32.const 2) (i32.const 110) (i32.const 9)))
+    ;; a line below the level is dropped in the guest's store, its pointer never followed
+    (drop (call $log (i32.const 0) (i32.const 70000) (i32.const 10)))
+    (i32.const 0)))"""
+
+
+@pytest.mark.parametrize(
+    ("level", "expected"), [("INFO", ["info-line"]), ("DEBUG", ["debug-line", "info-line"])]
+)
+def test_log_lines_below_the_proxy_level_never_reach_the_host(level, expected, caplog):
+    import logging
+
+    from pyproxy.filters.wasm import WasmFactory
+
+    from pyproxy.chain.api import FactoryContext, HeaderMap
+
+    caplog.set_level(getattr(logging, level), logger="pyproxy.wasm")
+    config = WasmFactory.validate({"code_wat": LOGS_AT_TWO_LEVELS, "name": "lv"})
+    factory = WasmFactory(config, FactoryContext(None, "main", "http"))
+    try:
+        instance = factory.create()
+        instance.callbacks = _Replies()
+        caplog.clear()
+        instance.decode_headers(HeaderMap([], {b":method": b"GET", b":path": b"/"}), True)
+        lines = [r.getMessage().removeprefix("wasm filter lv: ") for r in caplog.records]
+        assert lines == expected
+        # Host calls in that entry: only the lines logged (the dropped ones stayed in wasm).
+        assert factory.runtime.host_calls == len(expected)
+    finally:
+        factory.close()
