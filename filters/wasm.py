@@ -1065,7 +1065,7 @@ def _host_functions(rt: Runtime) -> dict:
             f = rt.filter
             if f is None or f.body_stream != buffer_id:
                 return None  # a body is the guest's only during its own body callback
-            return f.body
+            return f.guest_body()
         if buffer_id == VM_CONFIGURATION:
             return rt.vm_config
         if buffer_id == PLUGIN_CONFIGURATION:
@@ -1102,9 +1102,9 @@ def _host_functions(rt: Runtime) -> dict:
         f = rt.filter
         if (buffer_id != HTTP_REQUEST_BODY and buffer_id != HTTP_RESPONSE_BODY) or f is None:
             return NOT_FOUND if buffer_id <= 1 else BAD_ARGUMENT
-        body = f.body
-        if body is None or f.body_stream != buffer_id:
+        if f.body_stream != buffer_id:
             return NOT_FOUND
+        body = f.guest_body()
         rt.charge(size)
         data = rt.read(ptr, size)
         if start >= len(body):
@@ -1672,6 +1672,7 @@ class WasmFilter(HttpFilter):
         "request_trailers",
         "response_trailers",
         "body",
+        "body_parts",
         "body_stream",
         "body_changed",
         "buffering",
@@ -1694,6 +1695,10 @@ class WasmFilter(HttpFilter):
         # During a body callback: the body the guest sees (what was buffered + this chunk) and
         # which buffer type it is; whether the guest wrote it; per stream, whether it is buffering.
         self.body: bytearray | None = None
+        self.body_parts: tuple[list[bytes] | None, object] = (
+            None,
+            b"",
+        )  # (held, chunk) to build it from
         self.body_stream = -1
         self.body_changed = False
         self.buffering = [False, False]
@@ -1773,24 +1778,25 @@ class WasmFilter(HttpFilter):
         callbacks = self.callbacks
         direction = "encode" if stream else "decode"
         held = callbacks.held_body[direction] if self.buffering[stream] else None
-        body = bytearray(b"".join(held)) if held else bytearray()
-        body += data
+        size = len(data) + (sum(map(len, held)) if held else 0)
         try:
             entered = self._enter()
             if not entered:
                 return self._unavailable()
             if entered == 2:
                 self._create()
-            self.body, self.body_stream, self.body_changed = body, stream, False
+            # The body is built only if the guest asks for it (guest_body).
+            self.body, self.body_parts, self.body_stream = None, (held, data), stream
+            self.body_changed = False
             func, n = rt.exports[callback]
-            action = rt.call_raw(func, n, self.context_id, len(body), end_stream)
+            action = rt.call_raw(func, n, self.context_id, size, end_stream)
         except WasmFault as exc:
             return self._fault(exc, callback)
         finally:
-            self.body, self.body_stream = None, -1
+            body, self.body, self.body_parts, self.body_stream = self.body, None, (None, b""), -1
         if self.reply is not None:
             return self._send_reply()
-        if self.body_changed:
+        if self.body_changed and body is not None:
             if held:
                 held.clear()
             callbacks.replace_data(bytes(body))
@@ -1801,6 +1807,15 @@ class WasmFilter(HttpFilter):
         if action == PAUSE:  # at the end: held until the guest continues (an http_call, say)
             return self._pause(stream, STOP_AND_BUFFER)
         return CONTINUE
+
+    def guest_body(self) -> bytearray:
+        """The body the current body callback is about: what was buffered, then this chunk."""
+        body = self.body
+        if body is None:
+            held, chunk = self.body_parts
+            body = self.body = bytearray(b"".join(held)) if held else bytearray()
+            body += chunk
+        return body
 
     def _decode_trailers(self, trailers) -> int:
         self.request_trailers = HeaderMap(trailers, {})
