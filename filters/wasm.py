@@ -1695,7 +1695,7 @@ class WasmFilter(HttpFilter):
         # During a body callback: the body the guest sees (what was buffered + this chunk) and
         # which buffer type it is; whether the guest wrote it; per stream, whether it is buffering.
         self.body: bytearray | None = None
-        self.body_parts: tuple[list[bytes] | None, object] = (
+        self.body_parts: tuple[list[bytes] | None, bytes] = (
             None,
             b"",
         )  # (held, chunk) to build it from
