@@ -75,6 +75,7 @@ from pyproxy.chain.api import (
     FilterFactory,
     HeaderMap,
     HttpFilter,
+    downstream_address,
 )
 from pyproxy.durations import parse_duration
 from pyproxy.guest_metrics import COUNTER as METRIC_COUNTER
@@ -1517,12 +1518,19 @@ _REQUEST_PSEUDO = {
     b"host": b":authority",
     b"scheme": b":scheme",
 }
+_REQUEST_HEADER = {b"id": b"x-request-id", b"useragent": b"user-agent", b"referer": b"referer"}
+# Envoy's listener_direction values (envoy.config.core.v3.TrafficDirection).
+_DIRECTIONS = {"inbound": 1, "outbound": 2}
+
+
+def _int64(value: int) -> bytes:
+    """Envoy's encoding of an integer attribute: 8 bytes, little-endian."""
+    return struct.pack("<q", value)
 
 
 def _property(rt: Runtime, path: tuple[bytes, ...]) -> bytes | None:
-    """Envoy's attributes that this host knows: plugin identity, the request's method, path,
-    url_path, host, scheme and headers, response code and headers, the upstream's address, and
-    whatever the guest set with proxy_set_property. The rest (source.*, connection.*) is NOT_FOUND."""
+    """Envoy's attributes that this host knows (README, Filters, lists them), and whatever the
+    guest set with proxy_set_property. Integers are 8-byte little-endian, as Envoy sends them."""
     settings = rt.settings
     if path == (b"plugin_name",):
         return settings["name"].encode()
@@ -1539,23 +1547,94 @@ def _property(rt: Runtime, path: tuple[bytes, ...]) -> bytes | None:
             return value
     kind, rest = path[0], path[1:]
     if kind == b"request" and f.request is not None and rest:
-        if rest[0] == b"url_path":
-            return (f.request.get(b":path") or b"").partition(b"?")[0]
-        if rest[0] == b"headers" and len(rest) == 2:
-            return f.request.get(rest[1].lower())
-        pseudo = _REQUEST_PSEUDO.get(rest[0])
-        return f.request.get(pseudo) if pseudo and len(rest) == 1 else None
+        return _request_property(f, rest)
     if kind == b"response" and f.response is not None and rest:
-        if rest == (b"code",):
-            return f.response.get(b":status")
-        if rest[0] == b"headers" and len(rest) == 2:
-            return f.response.get(rest[1].lower())
+        return _response_property(f, rest)
+    exchange = getattr(f.callbacks, "exchange", None)
+    if exchange is None:
         return None
-    if path == (b"upstream", b"address"):
-        target = getattr(getattr(f.callbacks, "exchange", None), "target", None)
+    if kind in (b"source", b"destination") and len(rest) == 1:
+        name = downstream_address(f.callbacks, kind == b"source")
+        if name is None:
+            return None
+        if isinstance(name, str):  # a Unix socket: an address, no port
+            return name.encode() if rest[0] == b"address" else None
+        host, port = name
+        if rest[0] == b"port":
+            return _int64(port)
+        if rest[0] == b"address":
+            return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
+        return None
+    if kind == b"upstream" and len(rest) == 1:
+        target = getattr(exchange, "target", None)
         if target is None:
             return None
-        return (target.path or f"{target.host}:{target.port}").encode()
+        if rest[0] == b"address":
+            return (target.path or f"{target.host}:{target.port}").encode()
+        if rest[0] == b"port" and not target.path:
+            return _int64(target.port)
+        return None
+    if path == (b"connection", b"mtls"):
+        return b"\x00"  # pyproxy terminates no TLS
+    if path == (b"listener_direction",):
+        kind_name = str(getattr(getattr(exchange.ctx, "listener", None), "kind", ""))
+        return _int64(_DIRECTIONS.get(kind_name, 0))
+    return None
+
+
+def _request_property(f: WasmFilter, rest: tuple[bytes, ...]) -> bytes | None:
+    request = f.request
+    assert request is not None, "checked by the caller"
+    field = rest[0]
+    if len(rest) == 2:
+        return request.get(rest[1].lower()) if field == b"headers" else None
+    if len(rest) != 1:
+        return None
+    pseudo = _REQUEST_PSEUDO.get(field)
+    if pseudo is not None:
+        return request.get(pseudo)
+    header = _REQUEST_HEADER.get(field)
+    if header is not None:
+        return request.get(header)
+    target = request.get(b":path") or b""
+    if field == b"url_path":
+        return target.partition(b"?")[0]
+    if field == b"query":
+        return target.partition(b"?")[2]
+    exchange = getattr(f.callbacks, "exchange", None)
+    if exchange is None:
+        return None
+    if field == b"protocol":
+        return str(getattr(exchange.downstream, "protocol", "")).encode() or None
+    if field == b"size":
+        return _int64(getattr(exchange, "bytes_in", 0))
+    if field == b"time":
+        started = getattr(exchange, "started_ns", None)
+        if started is None:
+            return None
+        return _int64(time.time_ns() - (time.perf_counter_ns() - started))
+    return None
+
+
+def _response_property(f: WasmFilter, rest: tuple[bytes, ...]) -> bytes | None:
+    response = f.response
+    assert response is not None, "checked by the caller"
+    if rest == (b"code",):
+        status = response.get(b":status")
+        return _int64(int(status)) if status is not None and status.isdigit() else None
+    if rest[0] == b"headers" and len(rest) == 2:
+        return response.get(rest[1].lower())
+    if rest[0] == b"trailers" and len(rest) == 2:
+        trailers = f.response_trailers
+        return trailers.get(rest[1].lower()) if trailers is not None else None
+    if rest == (b"grpc_status",):
+        trailers = f.response_trailers
+        value = (trailers.get(b"grpc-status") if trailers is not None else None) or response.get(
+            b"grpc-status"
+        )
+        return _int64(int(value)) if value is not None and value.isdigit() else None
+    if rest == (b"size",):
+        return _int64(getattr(getattr(f.callbacks, "exchange", None), "bytes_out", 0))
     return None
 
 

@@ -249,3 +249,18 @@ def test_trailers_example_reads_and_edits_both_directions(start_proxy, tmp_path,
     assert (response.status_code, body) == (200, b"body"), proxy.output
     assert upstream.requests[-1]["trailers"] == [("x-checksum", "c0ffee"), ("x-checked", "c0ffee")]
     assert trailers == [("x-upstream-trailer", "t1"), ("x-as-trailer", "count=2")]
+
+
+def test_properties_example_reads_envoys_attributes(start_proxy, tmp_path, upstream):
+    proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "properties", "properties")
+    run = curl("-i", "-A", "probe/1", f"http://127.0.0.1:{port}/echo?q=1")
+    status, headers, _ = split_response(run.stdout)
+    assert status == 200, proxy.output
+    assert headers["x-plugin"] == "properties/properties"  # filter name / root id
+    assert headers["x-request"] == "GET /echo q=1 HTTP/1.1 probe/1"
+    source, source_port = headers["x-source"].split()
+    assert source.startswith("127.0.0.1:") and source.endswith(f":{source_port}")
+    assert headers["x-destination"] == f"127.0.0.1:{port} {port}"
+    upstream_port = upstream.address.rsplit(":", 1)[1]
+    assert headers["x-upstream"] == f"{upstream.address} {upstream_port}"
+    assert (headers["x-code"], headers["x-direction"]) == ("200", "0")  # standalone listener
