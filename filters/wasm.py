@@ -64,7 +64,7 @@ from ctypes import CFUNCTYPE, c_char_p, c_int32, c_int64, c_size_t, c_uint32, c_
 from typing import cast
 
 import wasmtime
-from pyproxy.filters.callout import http_call
+from pyproxy.filters.callout import GrpcResult, grpc_call, http_call
 from wasmtime import _bindings as _capi
 
 from pyproxy.chain.api import (
@@ -95,6 +95,7 @@ WASI_SUCCESS, WASI_BADF, WASI_FAULT, WASI_INVAL, WASI_NOSYS, WASI_NOTSUP = 0, 8,
 REQUEST_HEADERS, REQUEST_TRAILERS, RESPONSE_HEADERS, RESPONSE_TRAILERS = 0, 1, 2, 3
 HTTP_CALL_RESPONSE_HEADERS, HTTP_CALL_RESPONSE_TRAILERS = 6, 7
 HTTP_REQUEST_BODY, HTTP_RESPONSE_BODY = 0, 1
+GRPC_INITIAL_METADATA, GRPC_TRAILING_METADATA, GRPC_RECEIVE_BUFFER = 4, 5, 5
 HTTP_CALL_RESPONSE_BODY, VM_CONFIGURATION, PLUGIN_CONFIGURATION = 4, 6, 7
 PAUSE = 1  # proxy_action_t
 
@@ -107,11 +108,8 @@ MAX_QUEUES, MAX_QUEUE_ITEMS = 64, 1024
 # Envoy does for what it lacks. Any other env import is refused at load, by name.
 UNIMPLEMENTED_FUNCTIONS = frozenset(
     {
-        "proxy_grpc_call",
         "proxy_grpc_stream",
         "proxy_grpc_send",
-        "proxy_grpc_cancel",
-        "proxy_grpc_close",
         "proxy_close_stream",
     }
 )
@@ -176,6 +174,10 @@ CALLBACKS = {
     "proxy_on_tick": (1, 0),
     "proxy_on_http_call_response": (5, 0),
     "proxy_on_queue_ready": (2, 0),
+    "proxy_on_grpc_receive_initial_metadata": (3, 0),
+    "proxy_on_grpc_receive": (3, 0),
+    "proxy_on_grpc_receive_trailing_metadata": (3, 0),
+    "proxy_on_grpc_close": (3, 0),
     "_initialize": (0, 0),
     "_start": (0, 0),
     "main": (2, 1),
@@ -471,6 +473,10 @@ class Runtime:
         self.calls: dict[int, tuple[WasmFilter | None, asyncio.Task]] = {}  # token -> caller, task
         self.next_token = 0
         self.call_response = None  # the HttpCallResult being delivered to the guest, or None
+        # The gRPC call being delivered (its GrpcResult) and what of it the current callback
+        # may read: "initial", "message", "trailing" or "close".
+        self.grpc_answer: GrpcResult | None = None
+        self.grpc_phase = ""
         self.queues: dict[bytes, list[bytes]] = {}  # name -> items; the token is the index + 1
         self.queue_names: list[bytes] = []
         self.failed_at = 0.0
@@ -807,6 +813,69 @@ class Runtime:
         task.add_done_callback(lambda done: self._call_done(token, generation, done))
         return token
 
+    def dispatch_grpc(self, cluster, path: bytes, metadata, message: bytes, timeout: float) -> int:
+        """Start a unary gRPC call; its answer arrives on the root context, callback by callback."""
+        self.next_token = token = self.next_token % 0x7FFFFFFF + 1
+        task = self.loop.create_task(grpc_call(cluster, path, metadata, message, timeout))
+        self.calls[token] = (self.filter, task)
+        generation = self.generation
+        task.add_done_callback(lambda done: self._grpc_done(token, generation, done))
+        return token
+
+    def _grpc_done(self, token: int, generation: int, task: asyncio.Task) -> None:
+        """As Envoy's host: initial metadata, the message, trailing metadata, then close with the
+        status; a failed call only closes. Each callback only if the module exports it."""
+        entry = self.calls.pop(token, None)
+        if entry is None or task.cancelled() or generation != self.generation or self.store is None:
+            return
+        answer: GrpcResult = task.result()
+        steps: list[tuple[str, str, int]] = []
+        if answer.status == 0 and answer.response is not None:
+            steps = [
+                ("proxy_on_grpc_receive_initial_metadata", "initial", len(answer.initial_metadata)),
+                ("proxy_on_grpc_receive", "message", len(answer.response)),
+                (
+                    "proxy_on_grpc_receive_trailing_metadata",
+                    "trailing",
+                    len(answer.trailing_metadata),
+                ),
+            ]
+        steps.append(("proxy_on_grpc_close", "close", answer.status))
+        self.grpc_answer = answer
+        caller = entry[0]
+        try:
+            for name, phase, value in steps:
+                callback = self.exports.get(name)
+                if callback is None or self.store is None or generation != self.generation:
+                    continue
+                self.filter = None
+                self.grpc_phase = phase
+                self.refuel()
+                raw = self.raw
+                raw[0], raw[4], raw[8] = ROOT_CONTEXT_ID, token, value
+                error = _call_unchecked(
+                    self.ctx, callback[0], self.raw_addr, callback[1], self.trap_addr
+                )
+                if error or self.trapbox.value:
+                    exc = self._fault(error)
+                    if caller is not None and caller.generation == self.generation:
+                        caller._fault(exc, name)
+                    else:
+                        self.failed(exc, name, [0] * 4)
+                    return
+        finally:
+            self.grpc_answer, self.grpc_phase, self.filter = None, "", None
+        if caller is not None and caller.reply is not None:
+            caller._send_reply()
+
+    def cancel_call(self, token: int) -> bool:
+        """proxy_grpc_cancel/close: drop a call in flight; its callbacks never come."""
+        entry = self.calls.pop(token, None)
+        if entry is None:
+            return False
+        entry[1].cancel()
+        return True
+
     def cancel_calls(self, caller: WasmFilter | None = None) -> None:
         """Drop callouts: a stream's when it ends (nobody to resume), all when the instance goes."""
         for token, (owner, task) in list(self.calls.items()):
@@ -974,6 +1043,43 @@ def _trampoline_module(
     return wasmtime.Module(engine, "(module " + " ".join(decls + bodies) + ")"), imported
 
 
+def _grpc_cluster(service: bytes) -> str:
+    """The cluster a proxy_grpc_call names: a serialized GrpcService's envoy_grpc.cluster_name
+    (field 1, inside field 1), else the bytes themselves as a name."""
+    inner = _proto_field(service, 1)
+    name = _proto_field(inner, 1) if inner is not None else None
+    return (name if name is not None else service).decode(errors="replace")
+
+
+def _proto_field(data: bytes, number: int) -> bytes | None:
+    """The first length-delimited field `number` of a protobuf message, if data parses as one
+    made only of such fields (anything else: None)."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        if key is None or key & 7 != 2:
+            return None
+        size, pos = _varint(data, pos)
+        if size is None or pos + size > len(data):
+            return None
+        if key >> 3 == number:
+            return data[pos : pos + size]
+        pos += size
+    return None
+
+
+def _varint(data: bytes, pos: int) -> tuple[int | None, int]:
+    value = shift = 0
+    while pos < len(data) and shift < 64:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    return None, pos
+
+
 def _log_level() -> int:
     """The lowest Proxy-Wasm log level the proxy's logging lets through (5: critical only)."""
     effective = log.getEffectiveLevel()
@@ -1015,6 +1121,13 @@ def _host_functions(rt: Runtime) -> dict:
     I, L = "i32", "i64"  # noqa: E741
 
     def headers_of(map_id: int):
+        if map_id == GRPC_INITIAL_METADATA or map_id == GRPC_TRAILING_METADATA:
+            grpc_answer = rt.grpc_answer
+            if grpc_answer is None:
+                return None
+            if map_id == GRPC_INITIAL_METADATA:
+                return HeaderMap(list(grpc_answer.initial_metadata), {})
+            return HeaderMap(list(grpc_answer.trailing_metadata), {})
         if map_id == HTTP_CALL_RESPONSE_HEADERS or map_id == HTTP_CALL_RESPONSE_TRAILERS:
             answer = rt.call_response
             if answer is None:
@@ -1073,6 +1186,9 @@ def _host_functions(rt: Runtime) -> dict:
             return rt.plugin_config
         if buffer_id == HTTP_CALL_RESPONSE_BODY and rt.call_response is not None:
             return rt.call_response.body
+        if buffer_id == GRPC_RECEIVE_BUFFER and rt.grpc_phase == "message":
+            assert rt.grpc_answer is not None, "set with the phase"
+            return rt.grpc_answer.response
         return None
 
     def proxy_get_buffer_bytes(buffer_id, start, max_size, ret_ptr, ret_size):
@@ -1274,6 +1390,32 @@ def _host_functions(rt: Runtime) -> dict:
             return -1
         return slot
 
+    def proxy_grpc_call(
+        sptr, ssize, nptr, nsize, mptr, msize, hptr, hsize, rptr, rsize, timeout_ms, ret_token
+    ):
+        """Envoy: the service is a GrpcService (its envoy_grpc.cluster_name is used) or, failing
+        that, a cluster name; a unary call of `service_name`/`method_name`."""
+        cluster = rt.clusters.get(_grpc_cluster(rt.read(sptr, ssize)))
+        if cluster is None or rt.loop is None or len(rt.calls) >= MAX_HTTP_CALLS:
+            return BAD_ARGUMENT
+        rt.charge(nsize + msize + hsize + rsize)
+        service, method = rt.read(nptr, nsize), rt.read(mptr, msize)
+        if not service or not method or b"/" in service or b"/" in method:
+            return BAD_ARGUMENT
+        try:
+            metadata = deserialize_pairs(rt.read(hptr, hsize))
+        except (ValueError, struct.error):
+            return BAD_ARGUMENT
+        if any(k[:1] == b":" or not k for k, _ in metadata):
+            return BAD_ARGUMENT
+        path = b"/" + service + b"/" + method
+        token = rt.dispatch_grpc(cluster, path, metadata, rt.read(rptr, rsize), timeout_ms / 1000)
+        rt.write_u32(ret_token, token)
+        return OK
+
+    def proxy_grpc_cancel(token):
+        return OK if rt.cancel_call(token) else NOT_FOUND
+
     def proxy_define_metric(metric_type, nptr, nsize, ret_id):
         if metric_type > 2:
             return BAD_ARGUMENT
@@ -1362,7 +1504,12 @@ def _host_functions(rt: Runtime) -> dict:
         return rt.give(queue.pop(0), ret_ptr, ret_size)
 
     def proxy_get_status(ret_code, ret_ptr, ret_size):
-        """The last callout's status: 0 with an answer, 14 (UNAVAILABLE) without (gRPC codes)."""
+        """The last callout's status: a gRPC call's own status and message while it is being
+        delivered; else 0 with an HTTP answer, 14 (UNAVAILABLE) without (gRPC codes)."""
+        grpc_answer = rt.grpc_answer
+        if grpc_answer is not None:
+            rt.write_u32(ret_code, grpc_answer.status)
+            return rt.give(grpc_answer.message, ret_ptr, ret_size)
         answer = rt.call_response
         rt.write_u32(ret_code, 0 if answer is not None else 14)
         return rt.give(b"" if answer is not None else b"unavailable", ret_ptr, ret_size)
@@ -1479,6 +1626,9 @@ def _host_functions(rt: Runtime) -> dict:
         "proxy_done": ([], proxy_done),
         "proxy_set_tick_period_milliseconds": ([I], proxy_set_tick_period_milliseconds),
         "proxy_http_call": ([I] * 10, proxy_http_call),
+        "proxy_grpc_call": ([I] * 12, proxy_grpc_call),
+        "proxy_grpc_cancel": ([I], proxy_grpc_cancel),
+        "proxy_grpc_close": ([I], proxy_grpc_cancel),  # a unary call: closing it is cancelling
         "proxy_register_shared_queue": ([I] * 3, proxy_register_shared_queue),
         "proxy_resolve_shared_queue": ([I] * 5, proxy_resolve_shared_queue),
         "proxy_enqueue_shared_queue": ([I] * 3, proxy_enqueue_shared_queue),

@@ -264,3 +264,63 @@ def test_properties_example_reads_envoys_attributes(start_proxy, tmp_path, upstr
     upstream_port = upstream.address.rsplit(":", 1)[1]
     assert headers["x-upstream"] == f"{upstream.address} {upstream_port}"
     assert (headers["x-code"], headers["x-direction"]) == ("200", "0")  # standalone listener
+
+
+class _GrpcEcho:
+    """A real grpcio server: test.Echo/Unary answers b"pong:" + the request (raw bytes, no
+    protobuf), with `x-server` initial metadata; a request naming /fail is refused."""
+
+    def __init__(self) -> None:
+        from concurrent import futures
+
+        import grpc
+
+        self.metadata: list[dict] = []
+
+        def unary(request: bytes, context) -> bytes:
+            self.metadata.append(dict(context.invocation_metadata()))
+            if request.startswith(b"/fail"):
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, "no entry for /fail")
+            context.send_initial_metadata((("x-server", "grpcio"),))
+            return b"pong:" + request
+
+        handler = grpc.method_handlers_generic_handler(
+            "test.Echo", {"Unary": grpc.unary_unary_rpc_method_handler(unary)}
+        )
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        self.server.add_generic_rpc_handlers((handler,))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def close(self) -> None:
+        self.server.stop(None)
+
+
+def test_grpc_call_module_asks_a_grpcio_server_then_continues(start_proxy, tmp_path, upstream):
+    pytest.importorskip("grpc")
+    echo = _GrpcEcho()
+    try:
+        top = f"clusters:\n  echo:\n    endpoints: [127.0.0.1:{echo.port}]\n"
+        proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "grpc_call", "grpc_call", top=top)
+        status, _, body = split_response(curl("-i", f"http://127.0.0.1:{port}/echo").stdout)
+        assert status == 200, proxy.output
+        headers = dict(json.loads(body)["headers"])
+        assert headers["x-grpc-answer"] == "pong:/echo"
+        assert headers["x-grpc-server"] == "grpcio"
+        assert echo.metadata[-1]["x-asked-for"] == "/echo"
+        # The server's refusal reaches the module as its status and message.
+        status, _, body = split_response(curl("-i", f"http://127.0.0.1:{port}/fail").stdout)
+        assert (status, body) == (503, b"grpc status 7: no entry for /fail\n")
+    finally:
+        echo.close()
+
+
+def test_grpc_call_module_hears_unavailable_when_the_cluster_is_down(
+    start_proxy, tmp_path, upstream
+):
+    top = f"clusters:\n  echo:\n    endpoints: [127.0.0.1:{free_port()}]\n"
+    proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "grpc_call", "grpc_call", top=top)
+    before = len(upstream.requests)
+    status, _, body = split_response(curl("-i", f"http://127.0.0.1:{port}/echo").stdout)
+    assert status == 503 and body.startswith(b"grpc status 14: "), body
+    assert len(upstream.requests) == before
