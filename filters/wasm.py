@@ -29,22 +29,25 @@ FAIL_RELOAD): the guest's memory may be inconsistent after a trap. Requests
 begun on the replaced instance skip their remaining hooks.
 
 Host functions are ABI 0.2.1's as Envoy's host implements them (README, Filters, has the
-table): the ones pyproxy lacks (gRPC calls, close_stream, set_buffer_bytes) answer
-UNIMPLEMENTED, and any env import outside the ABI is refused at load, by name. WASI is
-registered under both `wasi_snapshot_preview1` and `wasi_unstable`, as Envoy does; beyond
-clocks, random, fd_write (to the log) and proc_exit, WASI calls answer ENOSYS (`fd_*`: BADF,
-which ends wasi-libc's preopen scan). `proxy_http_call` goes to a configured cluster (see
-filters/callout.py) and answers on the root context (proxy_on_http_call_response), as in
-Envoy; shared queues wake proxy_on_queue_ready the same way. Request and response headers
-are exposed to the guest; bodies and trailers are not.
+table): the ones pyproxy lacks (streaming gRPC, close_stream) answer UNIMPLEMENTED, and any
+env import outside the ABI is refused at load, by name. WASI is registered under both
+`wasi_snapshot_preview1` and `wasi_unstable`, as Envoy does; beyond clocks, random, fd_write
+(to the log) and proc_exit, WASI calls answer ENOSYS (`fd_*`: BADF, which ends wasi-libc's
+preopen scan). `proxy_http_call` and unary `proxy_grpc_call` go to a configured cluster (see
+filters/callout.py) and answer on the root context (proxy_on_http_call_response, the
+proxy_on_grpc_* callbacks), as in Envoy; shared queues wake proxy_on_queue_ready the same way.
+Headers, bodies (during their body callback; Pause before the end buffers, as Envoy's
+StopIterationAndBuffer) and trailers are exposed to the guest. Metrics it defines live in
+shared memory (pyproxy/guest_metrics.py) and show in /stats under their own names.
 
 Hot path: Python's `wasmtime.Func.__call__` costs ~65 µs (it re-reads the
 function type and boxes every value), so host→guest calls go straight to the C
 API (`wasmtime_func_call_unchecked`) through wasmtime's own ctypes library with
 a preallocated argument buffer, and host functions are raw unchecked callbacks.
-A request makes three entries: context create + request headers, response
-headers, and done + log + delete, each pair or triple joined by a small
-trampoline module instantiated next to the guest. An entry (one hook's guest
+A request makes three entries (plus one per body chunk or trailer section a module has a
+callback for): context create + request headers, response headers, and done + log +
+delete, each pair or triple joined by a small trampoline module instantiated next to the
+guest; proxy_log below the level never leaves wasm (LOG_SHIM). An entry (one hook's guest
 calls) always has `fuel_per_call` available; the store is refilled once per
 FUEL_BATCH entries, not before each, so a runaway entry is stopped after at
 most FUEL_BATCH × `fuel_per_call` instructions.
