@@ -734,7 +734,10 @@ class Runtime:
             module = imp.module
             if entry is not None and (entry[0], entry[1]) == signature:
                 impl = entry[2]
-                if (module, imp.name) == ("env", "proxy_log"):
+                # settings["log_shim"]: False only to measure the shim (bench/wasm_cost.py).
+                if (module, imp.name) == ("env", "proxy_log") and self.settings.get(
+                    "log_shim", True
+                ):
                     # The guest gets the shim's proxy_log (see LOG_SHIM); the host's sits behind it.
                     module = LOG_SHIM_HOST
                     self.log_shim = wasmtime.Module(self.engine, LOG_SHIM)
