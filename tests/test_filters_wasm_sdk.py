@@ -324,3 +324,19 @@ def test_grpc_call_module_hears_unavailable_when_the_cluster_is_down(
     status, _, body = split_response(curl("-i", f"http://127.0.0.1:{port}/echo").stdout)
     assert status == 503 and body.startswith(b"grpc status 14: "), body
     assert len(upstream.requests) == before
+
+
+def test_grpc_call_to_an_unknown_cluster_is_refused_to_the_guest(start_proxy, tmp_path, upstream):
+    proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "grpc_call", "grpc_call")
+    status, _, body = split_response(curl("-i", f"http://127.0.0.1:{port}/echo").stdout)
+    assert (status, body) == (503, b"no echo cluster\n")
+
+
+def test_a_body_buffered_past_the_limit_is_refused(start_proxy, tmp_path, upstream):
+    """Pause on every chunk buffers the body; past the chain's 1 MiB limit the answer is 413."""
+    proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "body", "body")
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"b" * (2 * 1024 * 1024))
+    run = curl("-i", "-H", "Expect:", "--data-binary", f"@{big}", f"http://127.0.0.1:{port}/echo")
+    assert split_response(run.stdout)[0] == 413
+    assert split_response(curl("-i", f"http://127.0.0.1:{port}/echo").stdout)[0] == 200
