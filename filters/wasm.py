@@ -1230,6 +1230,14 @@ def _host_functions(rt: Runtime) -> dict:
         body = f.guest_body()
         rt.charge(size)
         data = rt.read(ptr, size)
+        replaced = 0 if start >= len(body) else min(length, len(body) - start)
+        if replaced != size:
+            headers = f.request if buffer_id == HTTP_REQUEST_BODY else f.response
+            if headers is not None and headers.get(b"content-length") is not None:
+                # The head carrying that length has gone (or will go) as it is: a body of
+                # another length would break the message's framing. Remove content-length
+                # in the headers callback first, as the SDKs' body examples do.
+                return BAD_ARGUMENT
         if start >= len(body):
             body += data
         else:
@@ -2012,6 +2020,7 @@ class WasmFilter(HttpFilter):
         rt = self.runtime
         callbacks = self.callbacks
         direction = "encode" if stream else "decode"
+        self._know_heads()
         held = callbacks.held_body[direction] if self.buffering[stream] else None
         size = len(data) + (sum(map(len, held)) if held else 0)
         try:
@@ -2060,8 +2069,17 @@ class WasmFilter(HttpFilter):
         self.response_trailers = HeaderMap(trailers, {})
         return self._trailers("proxy_on_response_trailers", self.response_trailers, 1)
 
+    def _know_heads(self) -> None:
+        """The heads, for a module with body or trailer callbacks but no header callback."""
+        callbacks = self.callbacks
+        if self.request is None:
+            self.request = callbacks.request_headers()
+        if self.response is None:
+            self.response = callbacks.response_headers()
+
     def _trailers(self, callback: str, trailers: HeaderMap, stream: int) -> int:
         rt = self.runtime
+        self._know_heads()
         try:
             entered = self._enter()
             if not entered:

@@ -619,3 +619,32 @@ def test_log_lines_below_the_proxy_level_never_reach_the_host(level, expected, c
         assert factory.runtime.host_calls == len(expected)
     finally:
         factory.close()
+
+
+# Appends to the response body without removing content-length: the host refuses (BAD_ARGUMENT,
+# else the module traps), since the head announcing the old length is already on its way.
+LENGTH_KEPT = """(module
+  (import "env" "proxy_set_buffer_bytes" (func $set (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "xxyy")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 4096))
+  (func (export "proxy_on_response_body") (param i32 i32 i32) (result i32)
+    (if (i32.eqz (local.get 1)) (then (return (i32.const 0))))  ;; the empty end-of-stream call
+    (if (i32.ne (call $set (i32.const 1) (local.get 1) (i32.const 0) (i32.const 100) (i32.const 2))
+          (i32.const 2)) (then unreachable))
+    ;; the same length is fine: the first two bytes become "yy"
+    (if (i32.ne (call $set (i32.const 1) (i32.const 0) (i32.const 2) (i32.const 102) (i32.const 2))
+          (i32.const 0)) (then unreachable))
+    (i32.const 0)))"""
+
+
+def test_a_body_change_that_breaks_content_length_is_refused(start_proxy, tmp_path, upstream):
+    proxy, port = _proxy_wat(start_proxy, tmp_path, upstream.address, "keep", LENGTH_KEPT)
+    for _ in range(2):
+        run = curl("-i", f"http://127.0.0.1:{port}/other")
+        assert run.stdout, (run, proxy.output)
+        status, headers, body = split_response(run.stdout)
+        assert (status, headers["content-length"], body) == (200, "12", b"yy:/other:up")
+    assert proxy.listener()["filters"]["keep"]["traps"] == 0
+    assert "Traceback" not in proxy.output
