@@ -1,13 +1,19 @@
-"""HTTP calls a filter program makes to a configured cluster (Proxy-Wasm `proxy_http_call`, Lua
-`httpCall`): one HTTP/1.1 request on its own connection, bounded in time and in size."""
+"""Calls a filter program makes to a configured cluster: HTTP (Proxy-Wasm `proxy_http_call`, Lua
+`httpCall`), one HTTP/1.1 request on its own connection, and unary gRPC (`proxy_grpc_call`), one
+HTTP/2 stream on its own connection; each bounded in time and in size."""
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
 
+import h2.config
+import h2.connection
+import h2.events
+import h2.exceptions
 import h11
 
+from pyproxy.codec import grpc
 from pyproxy.config import ClusterConfig
 
 MAX_RESPONSE_BYTES = 1024 * 1024  # a callout's answer is held whole for the program: cap it
@@ -94,3 +100,122 @@ async def _exchange(cluster: ClusterConfig, request: h11.Request, body: bytes) -
                 raise CalloutError("upstream closed the connection before answering")
     finally:
         writer.close()
+
+
+# ---- gRPC calls (Proxy-Wasm `proxy_grpc_call`) ---------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcResult:
+    """A unary call's outcome: its gRPC status (OK, or why it failed) and what came back."""
+
+    status: int
+    message: bytes  # grpc-message, or why the call failed
+    initial_metadata: list[tuple[bytes, bytes]]
+    response: bytes | None  # the one response message, when there was one
+    trailing_metadata: list[tuple[bytes, bytes]]
+
+
+def _failed(status: int, message: str) -> GrpcResult:
+    return GrpcResult(status, message.encode(), [], None, [])
+
+
+async def grpc_call(
+    cluster: ClusterConfig,
+    path: bytes,
+    metadata: list[tuple[bytes, bytes]],
+    message: bytes,
+    timeout: float,
+) -> GrpcResult:
+    """One unary gRPC call over HTTP/2 (prior knowledge) to the cluster's first endpoint.
+    Never raises for the call's own failures: they come back as a status, as a gRPC client
+    sees them (DEADLINE_EXCEEDED, UNAVAILABLE, INTERNAL...)."""
+    try:
+        return await asyncio.wait_for(
+            _grpc_exchange(cluster, path, metadata, message, timeout), timeout
+        )
+    except TimeoutError:
+        return _failed(grpc.DEADLINE_EXCEEDED, "deadline exceeded")
+    except (OSError, h2.exceptions.H2Error) as exc:
+        return _failed(grpc.UNAVAILABLE, str(exc) or type(exc).__name__)
+    except grpc.FramingError as exc:
+        return _failed(exc.status, str(exc))
+
+
+async def _grpc_exchange(
+    cluster: ClusterConfig,
+    path: bytes,
+    metadata: list[tuple[bytes, bytes]],
+    message: bytes,
+    timeout: float,
+) -> GrpcResult:
+    endpoint = cluster.endpoints[0]
+    if endpoint.is_unix:
+        reader, writer = await asyncio.open_unix_connection(endpoint.path)
+    else:
+        reader, writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+    try:
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        conn.initiate_connection()
+        stream = conn.get_next_available_stream_id()
+        headers = [
+            (b":method", b"POST"),
+            (b":scheme", b"http"),
+            (b":path", path),
+            (b":authority", cluster.name.encode()),
+            (b"content-type", b"application/grpc"),
+            (b"te", b"trailers"),
+            (b"grpc-timeout", b"%dm" % max(1, int(timeout * 1000))),
+            *metadata,
+        ]
+        conn.send_headers(stream, headers)
+        pending = memoryview(grpc.frame(message))
+        initial: list[tuple[bytes, bytes]] = []
+        trailing: list[tuple[bytes, bytes]] = []
+        framer = grpc.MessageFramer(MAX_RESPONSE_BYTES)
+        responses: list[bytes] = []
+        while True:
+            if pending:  # as much as the peer's window allows; the rest on its WINDOW_UPDATE
+                size = min(len(pending), conn.local_flow_control_window(stream))
+                size = min(size, conn.max_outbound_frame_size)
+                if size:
+                    conn.send_data(stream, bytes(pending[:size]), end_stream=size == len(pending))
+                    pending = pending[size:]
+            writer.write(conn.data_to_send())
+            data = await reader.read(65536)
+            if not data:
+                return _failed(grpc.UNAVAILABLE, "upstream closed the connection")
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    initial = [(bytes(k), bytes(v)) for k, v in event.headers]
+                elif isinstance(event, h2.events.DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, stream)
+                    responses.extend(bytes(m.data) for m in framer.feed(event.data))
+                elif isinstance(event, h2.events.TrailersReceived):
+                    trailing = [(bytes(k), bytes(v)) for k, v in event.headers]
+                elif isinstance(event, h2.events.StreamReset):
+                    return _failed(grpc.UNAVAILABLE, f"stream reset ({event.error_code})")
+                elif isinstance(event, h2.events.StreamEnded):
+                    framer.finish()
+                    return _grpc_result(initial, responses, trailing)
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    return _failed(grpc.UNAVAILABLE, "connection closed by the upstream")
+    finally:
+        writer.close()
+
+
+def _grpc_result(
+    initial: list[tuple[bytes, bytes]], responses: list[bytes], trailing: list[tuple[bytes, bytes]]
+) -> GrpcResult:
+    status_source = trailing or initial  # a trailers-only answer has its status in the head
+    status, text = grpc.status_from_headers(status_source)
+    http_status = dict(initial).get(b":status", b"")
+    if status is None:
+        return _failed(grpc.UNKNOWN, f"no grpc-status (HTTP {http_status.decode()})")
+    if status == grpc.OK and len(responses) != 1:
+        return _failed(grpc.INTERNAL, f"{len(responses)} response messages to a unary call")
+    metadata = [(k, v) for k, v in initial if not k.startswith(b":")]
+    trailers = [(k, v) for k, v in trailing if k not in (b"grpc-status", b"grpc-message")]
+    return GrpcResult(status, text, metadata, responses[0] if responses else None, trailers)

@@ -62,6 +62,7 @@ from pyproxy.chain.api import (
     FilterFactory,
     HeaderMap,
     HttpFilter,
+    downstream_address,
 )
 
 log = logging.getLogger("pyproxy.filters.lua")
@@ -950,20 +951,12 @@ class _Engine:
 
     def address(self, remote: int) -> bytes | None:
         """The downstream connection's local (0) or remote (1) address, as Envoy prints it."""
-        down = self.filter.callbacks.exchange.downstream
-        stream = getattr(down, "stream", None) or getattr(
-            getattr(down, "session", None), "stream", None
-        )
-        sock = getattr(stream, "sock", None)
-        if sock is None:
-            return None
-        try:
-            name = sock.getpeername() if remote else sock.getsockname()
-        except OSError:
+        name = downstream_address(self.filter.callbacks, bool(remote))
+        if name is None:
             return None
         if isinstance(name, str):  # a Unix socket
             return name.encode() or b"@"
-        host, port = name[0], name[1]
+        host, port = name
         return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
 
     def call_start(self, cluster: bytes, headers, body, timeout_ms, asynchronous: bool) -> None:

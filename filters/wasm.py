@@ -29,22 +29,25 @@ FAIL_RELOAD): the guest's memory may be inconsistent after a trap. Requests
 begun on the replaced instance skip their remaining hooks.
 
 Host functions are ABI 0.2.1's as Envoy's host implements them (README, Filters, has the
-table): the ones pyproxy lacks (gRPC calls, close_stream, set_buffer_bytes) answer
-UNIMPLEMENTED, and any env import outside the ABI is refused at load, by name. WASI is
-registered under both `wasi_snapshot_preview1` and `wasi_unstable`, as Envoy does; beyond
-clocks, random, fd_write (to the log) and proc_exit, WASI calls answer ENOSYS (`fd_*`: BADF,
-which ends wasi-libc's preopen scan). `proxy_http_call` goes to a configured cluster (see
-filters/callout.py) and answers on the root context (proxy_on_http_call_response), as in
-Envoy; shared queues wake proxy_on_queue_ready the same way. Request and response headers
-are exposed to the guest; bodies and trailers are not.
+table): the ones pyproxy lacks (streaming gRPC, close_stream) answer UNIMPLEMENTED, and any
+env import outside the ABI is refused at load, by name. WASI is registered under both
+`wasi_snapshot_preview1` and `wasi_unstable`, as Envoy does; beyond clocks, random, fd_write
+(to the log) and proc_exit, WASI calls answer ENOSYS (`fd_*`: BADF, which ends wasi-libc's
+preopen scan). `proxy_http_call` and unary `proxy_grpc_call` go to a configured cluster (see
+filters/callout.py) and answer on the root context (proxy_on_http_call_response, the
+proxy_on_grpc_* callbacks), as in Envoy; shared queues wake proxy_on_queue_ready the same way.
+Headers, bodies (during their body callback; Pause before the end buffers, as Envoy's
+StopIterationAndBuffer) and trailers are exposed to the guest. Metrics it defines live in
+shared memory (pyproxy/guest_metrics.py) and show in /stats under their own names.
 
 Hot path: Python's `wasmtime.Func.__call__` costs ~65 µs (it re-reads the
 function type and boxes every value), so host→guest calls go straight to the C
 API (`wasmtime_func_call_unchecked`) through wasmtime's own ctypes library with
 a preallocated argument buffer, and host functions are raw unchecked callbacks.
-A request makes three entries: context create + request headers, response
-headers, and done + log + delete, each pair or triple joined by a small
-trampoline module instantiated next to the guest. An entry (one hook's guest
+A request makes three entries (plus one per body chunk or trailer section a module has a
+callback for): context create + request headers, response headers, and done + log +
+delete, each pair or triple joined by a small trampoline module instantiated next to the
+guest; proxy_log below the level never leaves wasm (LOG_SHIM). An entry (one hook's guest
 calls) always has `fuel_per_call` available; the store is refilled once per
 FUEL_BATCH entries, not before each, so a runaway entry is stopped after at
 most FUEL_BATCH × `fuel_per_call` instructions.
@@ -64,18 +67,26 @@ from ctypes import CFUNCTYPE, c_char_p, c_int32, c_int64, c_size_t, c_uint32, c_
 from typing import cast
 
 import wasmtime
-from pyproxy.filters.callout import http_call
+from pyproxy.filters.callout import GrpcResult, grpc_call, http_call
 from wasmtime import _bindings as _capi
 
 from pyproxy.chain.api import (
     CONTINUE,
     STOP,
+    STOP_AND_BUFFER,
     FilterConfigError,
     FilterFactory,
     HeaderMap,
     HttpFilter,
+    downstream_address,
 )
 from pyproxy.durations import parse_duration
+from pyproxy.guest_metrics import COUNTER as METRIC_COUNTER
+from pyproxy.guest_metrics import GAUGE as METRIC_GAUGE
+from pyproxy.guest_metrics import HISTOGRAM as METRIC_HISTOGRAM
+from pyproxy.guest_metrics import SLOTS as METRIC_SLOTS
+from pyproxy.guest_metrics import GuestMetrics
+from pyproxy.guest_metrics import current as worker_metrics
 
 log = logging.getLogger("pyproxy.wasm")
 
@@ -84,8 +95,10 @@ OK, NOT_FOUND, BAD_ARGUMENT, INVALID_MEMORY_ACCESS, UNIMPLEMENTED = 0, 1, 2, 6, 
 # wasi_errno_t
 WASI_SUCCESS, WASI_BADF, WASI_FAULT, WASI_INVAL, WASI_NOSYS, WASI_NOTSUP = 0, 8, 21, 28, 52, 58
 # proxy_map_type_t / proxy_buffer_type_t / proxy_stream_type_t
-REQUEST_HEADERS, RESPONSE_HEADERS = 0, 2
+REQUEST_HEADERS, REQUEST_TRAILERS, RESPONSE_HEADERS, RESPONSE_TRAILERS = 0, 1, 2, 3
 HTTP_CALL_RESPONSE_HEADERS, HTTP_CALL_RESPONSE_TRAILERS = 6, 7
+HTTP_REQUEST_BODY, HTTP_RESPONSE_BODY = 0, 1
+GRPC_INITIAL_METADATA, GRPC_TRAILING_METADATA, GRPC_RECEIVE_BUFFER = 4, 5, 5
 HTTP_CALL_RESPONSE_BODY, VM_CONFIGURATION, PLUGIN_CONFIGURATION = 4, 6, 7
 PAUSE = 1  # proxy_action_t
 
@@ -98,13 +111,9 @@ MAX_QUEUES, MAX_QUEUE_ITEMS = 64, 1024
 # Envoy does for what it lacks. Any other env import is refused at load, by name.
 UNIMPLEMENTED_FUNCTIONS = frozenset(
     {
-        "proxy_grpc_call",
         "proxy_grpc_stream",
         "proxy_grpc_send",
-        "proxy_grpc_cancel",
-        "proxy_grpc_close",
         "proxy_close_stream",
-        "proxy_set_buffer_bytes",
     }
 )
 ROOT_CONTEXT_ID = 1
@@ -124,7 +133,6 @@ FUEL_BATCH = 4
 MAX_HOST_CALLS_PER_ENTRY = 10_000
 MAX_HOST_BYTES_PER_ENTRY = 1024 * 1024
 MAX_SHARED_DATA_BYTES = 16 * 1024 * 1024  # keys + values, per instance, across entries
-MAX_METRICS = 10_000
 WASI_IOV_MAX = 1024
 # A request's guest calls that always come together, made from one host->guest entry through
 # a small module that imports them (a wasm->wasm call costs nanoseconds, an entry ~0.9 µs).
@@ -135,6 +143,19 @@ TRAPS, OUT_OF_FUEL, LOCAL_REPLIES, PAUSE_TIMEOUTS = range(4)
 
 # Proxy-Wasm log levels (trace..critical) to logging levels, and back.
 LOG_LEVELS = (5, logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
+# SDK runtimes (AssemblyScript's, for one) call proxy_log at debug several times per hook without
+# asking proxy_get_log_level. The guest's proxy_log is this shim, a wasm function in the guest's
+# store: a line below the level drops there, without entering Python (an entry into a host
+# function costs microseconds, a wasm-to-wasm call nanoseconds); as nothing reads a dropped line,
+# its pointer is not checked. The rest goes on to the host's proxy_log. The level is the
+# proxy's logging level when the instance starts.
+LOG_SHIM_HOST = "pyproxy:host"
+LOG_SHIM = """(module
+  (import "pyproxy:host" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (global $min (export "min_level") (mut i32) (i32.const 0))
+  (func (export "proxy_log") (param i32 i32 i32) (result i32)
+    (if (i32.lt_u (local.get 0) (global.get $min)) (then (return (i32.const 0))))
+    (call $log (local.get 0) (local.get 1) (local.get 2))))"""
 
 # Callbacks the host calls, with their full (v0.2.1) parameter count and result count.
 # A module may export fewer parameters (ABI v0.1.0 had no end_of_stream), never more.
@@ -146,12 +167,20 @@ CALLBACKS = {
     "proxy_on_context_create": (2, 0),
     "proxy_on_request_headers": (3, 1),
     "proxy_on_response_headers": (3, 1),
+    "proxy_on_request_body": (3, 1),
+    "proxy_on_response_body": (3, 1),
+    "proxy_on_request_trailers": (2, 1),
+    "proxy_on_response_trailers": (2, 1),
     "proxy_on_done": (1, 1),
     "proxy_on_log": (1, 0),
     "proxy_on_delete": (1, 0),
     "proxy_on_tick": (1, 0),
     "proxy_on_http_call_response": (5, 0),
     "proxy_on_queue_ready": (2, 0),
+    "proxy_on_grpc_receive_initial_metadata": (3, 0),
+    "proxy_on_grpc_receive": (3, 0),
+    "proxy_on_grpc_receive_trailing_metadata": (3, 0),
+    "proxy_on_grpc_close": (3, 0),
     "_initialize": (0, 0),
     "_start": (0, 0),
     "main": (2, 1),
@@ -414,7 +443,13 @@ def _env_functions() -> frozenset[str]:
 class Runtime:
     """One instance of a module (per worker per filter) and the host functions it calls."""
 
-    def __init__(self, module: wasmtime.Module, settings: dict, loop=None) -> None:
+    def __init__(
+        self,
+        module: wasmtime.Module,
+        settings: dict,
+        loop=None,
+        metrics: GuestMetrics | None = None,
+    ) -> None:
         self.module = module
         self.settings = settings
         self.loop = loop
@@ -433,14 +468,18 @@ class Runtime:
         self.next_id = ROOT_CONTEXT_ID
         self.tick_timer = None
         self.tick_period = 0.0
-        self.metrics: dict[int, int] = {}
-        self.metric_ids: dict[bytes, int] = {}
+        # proxy_define_metric's metrics: this worker's, shown in /stats (a private set when none given).
+        self.guest_metrics = metrics if metrics is not None else GuestMetrics()
         self.shared: dict[bytes, tuple[bytes, int]] = {}
         self.shared_bytes = 0
         self.clusters: dict = {}  # name -> ClusterConfig, for proxy_http_call (set by the factory)
         self.calls: dict[int, tuple[WasmFilter | None, asyncio.Task]] = {}  # token -> caller, task
         self.next_token = 0
         self.call_response = None  # the HttpCallResult being delivered to the guest, or None
+        # The gRPC call being delivered (its GrpcResult) and what of it the current callback
+        # may read: "initial", "message", "trailing" or "close".
+        self.grpc_answer: GrpcResult | None = None
+        self.grpc_phase = ""
         self.queues: dict[bytes, list[bytes]] = {}  # name -> items; the token is the index + 1
         self.queue_names: list[bytes] = []
         self.failed_at = 0.0
@@ -457,6 +496,7 @@ class Runtime:
         store.set_limits(memory_size=self.settings["max_memory_bytes"])
         store.set_fuel(self.fuel)
         try:
+            self._link_log_shim(store)
             instance = self.linker.instantiate(store, self.module)
         except wasmtime.WasmtimeError as exc:
             raise WasmFault(f"instantiation failed: {_first_line(exc)}") from None
@@ -684,17 +724,38 @@ class Runtime:
 
     def _link(self) -> None:
         host = _host_functions(self)
+        self.log_shim: wasmtime.Module | None = None
         for imp in self.module.imports:
             ty = imp.type
             # Checked at load: every import is a named function.
             assert isinstance(ty, wasmtime.FuncType) and imp.name is not None
             signature = ([str(t) for t in ty.params], [str(t) for t in ty.results])
             entry = host.get((imp.module, imp.name))
+            module = imp.module
             if entry is not None and (entry[0], entry[1]) == signature:
                 impl = entry[2]
+                # settings["log_shim"]: False only to measure the shim (bench/wasm_cost.py).
+                if (module, imp.name) == ("env", "proxy_log") and self.settings.get(
+                    "log_shim", True
+                ):
+                    # The guest gets the shim's proxy_log (see LOG_SHIM); the host's sits behind it.
+                    module = LOG_SHIM_HOST
+                    self.log_shim = wasmtime.Module(self.engine, LOG_SHIM)
+                    self.linker.allow_shadowing = True
             else:
                 impl = _stub(imp.module, imp.name, signature[1])
-            self._define(imp.module, imp.name, ty, signature, impl)
+            self._define(module, imp.name, ty, signature, impl)
+
+    def _link_log_shim(self, store: wasmtime.Store) -> None:
+        """This store's proxy_log: the shim, instantiated in it, with the current level."""
+        if self.log_shim is None:
+            return
+        shim = self.linker.instantiate(store, self.log_shim)
+        exports = shim.exports(store)
+        level = exports["min_level"]
+        assert isinstance(level, wasmtime.Global)
+        level.set_value(store, wasmtime.Val.i32(_log_level()))
+        self.linker.define(store, "env", "proxy_log", exports["proxy_log"])
 
     def _define(self, module: str, name: str, ty, signature, impl) -> None:
         params, results = signature
@@ -757,6 +818,69 @@ class Runtime:
         generation = self.generation
         task.add_done_callback(lambda done: self._call_done(token, generation, done))
         return token
+
+    def dispatch_grpc(self, cluster, path: bytes, metadata, message: bytes, timeout: float) -> int:
+        """Start a unary gRPC call; its answer arrives on the root context, callback by callback."""
+        self.next_token = token = self.next_token % 0x7FFFFFFF + 1
+        task = self.loop.create_task(grpc_call(cluster, path, metadata, message, timeout))
+        self.calls[token] = (self.filter, task)
+        generation = self.generation
+        task.add_done_callback(lambda done: self._grpc_done(token, generation, done))
+        return token
+
+    def _grpc_done(self, token: int, generation: int, task: asyncio.Task) -> None:
+        """As Envoy's host: initial metadata, the message, trailing metadata, then close with the
+        status; a failed call only closes. Each callback only if the module exports it."""
+        entry = self.calls.pop(token, None)
+        if entry is None or task.cancelled() or generation != self.generation or self.store is None:
+            return
+        answer: GrpcResult = task.result()
+        steps: list[tuple[str, str, int]] = []
+        if answer.status == 0 and answer.response is not None:
+            steps = [
+                ("proxy_on_grpc_receive_initial_metadata", "initial", len(answer.initial_metadata)),
+                ("proxy_on_grpc_receive", "message", len(answer.response)),
+                (
+                    "proxy_on_grpc_receive_trailing_metadata",
+                    "trailing",
+                    len(answer.trailing_metadata),
+                ),
+            ]
+        steps.append(("proxy_on_grpc_close", "close", answer.status))
+        self.grpc_answer = answer
+        caller = entry[0]
+        try:
+            for name, phase, value in steps:
+                callback = self.exports.get(name)
+                if callback is None or self.store is None or generation != self.generation:
+                    continue
+                self.filter = None
+                self.grpc_phase = phase
+                self.refuel()
+                raw = self.raw
+                raw[0], raw[4], raw[8] = ROOT_CONTEXT_ID, token, value
+                error = _call_unchecked(
+                    self.ctx, callback[0], self.raw_addr, callback[1], self.trap_addr
+                )
+                if error or self.trapbox.value:
+                    exc = self._fault(error)
+                    if caller is not None and caller.generation == self.generation:
+                        caller._fault(exc, name)
+                    else:
+                        self.failed(exc, name, [0] * 4)
+                    return
+        finally:
+            self.grpc_answer, self.grpc_phase, self.filter = None, "", None
+        if caller is not None and caller.reply is not None:
+            caller._send_reply()
+
+    def cancel_call(self, token: int) -> bool:
+        """proxy_grpc_cancel/close: drop a call in flight; its callbacks never come."""
+        entry = self.calls.pop(token, None)
+        if entry is None:
+            return False
+        entry[1].cancel()
+        return True
 
     def cancel_calls(self, caller: WasmFilter | None = None) -> None:
         """Drop callouts: a stream's when it ends (nobody to resume), all when the instance goes."""
@@ -925,6 +1049,49 @@ def _trampoline_module(
     return wasmtime.Module(engine, "(module " + " ".join(decls + bodies) + ")"), imported
 
 
+def _grpc_cluster(service: bytes) -> str:
+    """The cluster a proxy_grpc_call names: a serialized GrpcService's envoy_grpc.cluster_name
+    (field 1, inside field 1), else the bytes themselves as a name."""
+    inner = _proto_field(service, 1)
+    name = _proto_field(inner, 1) if inner is not None else None
+    return (name if name is not None else service).decode(errors="replace")
+
+
+def _proto_field(data: bytes, number: int) -> bytes | None:
+    """The first length-delimited field `number` of a protobuf message, if data parses as one
+    made only of such fields (anything else: None)."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        if key is None or key & 7 != 2:
+            return None
+        size, pos = _varint(data, pos)
+        if size is None or pos + size > len(data):
+            return None
+        if key >> 3 == number:
+            return data[pos : pos + size]
+        pos += size
+    return None
+
+
+def _varint(data: bytes, pos: int) -> tuple[int | None, int]:
+    value = shift = 0
+    while pos < len(data) and shift < 64:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+    return None, pos
+
+
+def _log_level() -> int:
+    """The lowest Proxy-Wasm log level the proxy's logging lets through (5: critical only)."""
+    effective = log.getEffectiveLevel()
+    return next((i for i, lv in enumerate(LOG_LEVELS) if lv >= effective), 5)
+
+
 def _first_line(exc: BaseException) -> str:
     """The line that says what went wrong: wasmtime puts a host trap's reason under "Caused by:"."""
     text = str(exc).strip()
@@ -960,6 +1127,13 @@ def _host_functions(rt: Runtime) -> dict:
     I, L = "i32", "i64"  # noqa: E741
 
     def headers_of(map_id: int):
+        if map_id == GRPC_INITIAL_METADATA or map_id == GRPC_TRAILING_METADATA:
+            grpc_answer = rt.grpc_answer
+            if grpc_answer is None:
+                return None
+            if map_id == GRPC_INITIAL_METADATA:
+                return HeaderMap(list(grpc_answer.initial_metadata), {})
+            return HeaderMap(list(grpc_answer.trailing_metadata), {})
         if map_id == HTTP_CALL_RESPONSE_HEADERS or map_id == HTTP_CALL_RESPONSE_TRAILERS:
             answer = rt.call_response
             if answer is None:
@@ -975,6 +1149,10 @@ def _host_functions(rt: Runtime) -> dict:
             return f.request
         if map_id == RESPONSE_HEADERS:
             return f.response
+        if map_id == REQUEST_TRAILERS:
+            return f.request_trailers
+        if map_id == RESPONSE_TRAILERS:
+            return f.response_trailers
         return None
 
     def known_map(map_id: int) -> bool:
@@ -985,8 +1163,8 @@ def _host_functions(rt: Runtime) -> dict:
             return BAD_ARGUMENT
         py_level = LOG_LEVELS[level]
         if not log.isEnabledFor(py_level):
-            # SDK runtimes log at debug on every hook without asking proxy_get_log_level: a
-            # dropped line is only bounds-checked, never copied.
+            # Below the level the shim had when the instance started (the level has risen
+            # since): dropped, only bounds-checked.
             rt.check(ptr, size)
             return OK
         rt.charge(size)
@@ -995,22 +1173,28 @@ def _host_functions(rt: Runtime) -> dict:
         return OK
 
     def proxy_get_log_level(ret):
-        effective = log.getEffectiveLevel()
-        level = next((i for i, lv in enumerate(LOG_LEVELS) if lv >= effective), 5)
-        rt.write_u32(ret, level)
+        rt.write_u32(ret, _log_level())
         return OK
 
     def proxy_get_current_time_nanoseconds(ret):
         rt.write_u64(ret, time.time_ns())
         return OK
 
-    def buffer_of(buffer_id: int) -> bytes | None:
+    def buffer_of(buffer_id: int) -> bytes | bytearray | None:
+        if buffer_id == HTTP_REQUEST_BODY or buffer_id == HTTP_RESPONSE_BODY:
+            f = rt.filter
+            if f is None or f.body_stream != buffer_id:
+                return None  # a body is the guest's only during its own body callback
+            return f.guest_body()
         if buffer_id == VM_CONFIGURATION:
             return rt.vm_config
         if buffer_id == PLUGIN_CONFIGURATION:
             return rt.plugin_config
         if buffer_id == HTTP_CALL_RESPONSE_BODY and rt.call_response is not None:
             return rt.call_response.body
+        if buffer_id == GRPC_RECEIVE_BUFFER and rt.grpc_phase == "message":
+            assert rt.grpc_answer is not None, "set with the phase"
+            return rt.grpc_answer.response
         return None
 
     def proxy_get_buffer_bytes(buffer_id, start, max_size, ret_ptr, ret_size):
@@ -1019,7 +1203,7 @@ def _host_functions(rt: Runtime) -> dict:
             return NOT_FOUND if 0 <= buffer_id <= 8 else BAD_ARGUMENT
         if start > len(data):
             return BAD_ARGUMENT
-        chunk = data[start : start + max_size]
+        chunk = bytes(data[start : start + max_size])
         if not chunk:  # as Envoy's host: nothing to copy, the out-params are left alone
             return OK
         return rt.give(chunk, ret_ptr, ret_size)
@@ -1030,6 +1214,35 @@ def _host_functions(rt: Runtime) -> dict:
             return NOT_FOUND if 0 <= buffer_id <= 8 else BAD_ARGUMENT
         rt.write_u32(ret_size, len(data))
         rt.write_u32(ret_flags, 0)
+        return OK
+
+    def proxy_set_buffer_bytes(buffer_id, start, length, ptr, size):
+        """Envoy's rule, made whole: bytes [start, start + length) of the buffer become the data
+        (start 0 with length 0 prepends; a start at or past the end appends). Only the body
+        being delivered to the guest can be written."""
+        if not 0 <= buffer_id <= 8:
+            return BAD_ARGUMENT
+        f = rt.filter
+        if (buffer_id != HTTP_REQUEST_BODY and buffer_id != HTTP_RESPONSE_BODY) or f is None:
+            return NOT_FOUND if buffer_id <= 1 else BAD_ARGUMENT
+        if f.body_stream != buffer_id:
+            return NOT_FOUND
+        body = f.guest_body()
+        rt.charge(size)
+        data = rt.read(ptr, size)
+        replaced = 0 if start >= len(body) else min(length, len(body) - start)
+        if replaced != size:
+            headers = f.request if buffer_id == HTTP_REQUEST_BODY else f.response
+            if headers is not None and headers.get(b"content-length") is not None:
+                # The head carrying that length has gone (or will go) as it is: a body of
+                # another length would break the message's framing. Remove content-length
+                # in the headers callback first, as the SDKs' body examples do.
+                return BAD_ARGUMENT
+        if start >= len(body):
+            body += data
+        else:
+            body[start : start + length] = data
+        f.body_changed = True
         return OK
 
     def proxy_get_configuration(ret_ptr, ret_size):  # ABI v0.1.0
@@ -1184,34 +1397,81 @@ def _host_functions(rt: Runtime) -> dict:
         rt.write_u32(ret_token, token)
         return OK
 
+    def metric_slot(metric_id: int) -> int:
+        """The slot behind an id this worker handed out (id = slot + 1), or -1."""
+        slot = metric_id - 1
+        if not 0 <= slot < METRIC_SLOTS or rt.guest_metrics.kind(slot) < 0:
+            return -1
+        return slot
+
+    def proxy_grpc_call(
+        sptr, ssize, nptr, nsize, mptr, msize, hptr, hsize, rptr, rsize, timeout_ms, ret_token
+    ):
+        """Envoy: the service is a GrpcService (its envoy_grpc.cluster_name is used) or, failing
+        that, a cluster name; a unary call of `service_name`/`method_name`."""
+        cluster = rt.clusters.get(_grpc_cluster(rt.read(sptr, ssize)))
+        if cluster is None or rt.loop is None or len(rt.calls) >= MAX_HTTP_CALLS:
+            return BAD_ARGUMENT
+        rt.charge(nsize + msize + hsize + rsize)
+        service, method = rt.read(nptr, nsize), rt.read(mptr, msize)
+        if not service or not method or b"/" in service or b"/" in method:
+            return BAD_ARGUMENT
+        try:
+            metadata = deserialize_pairs(rt.read(hptr, hsize))
+        except (ValueError, struct.error):
+            return BAD_ARGUMENT
+        if any(k[:1] == b":" or not k for k, _ in metadata):
+            return BAD_ARGUMENT
+        path = b"/" + service + b"/" + method
+        token = rt.dispatch_grpc(cluster, path, metadata, rt.read(rptr, rsize), timeout_ms / 1000)
+        rt.write_u32(ret_token, token)
+        return OK
+
+    def proxy_grpc_cancel(token):
+        return OK if rt.cancel_call(token) else NOT_FOUND
+
     def proxy_define_metric(metric_type, nptr, nsize, ret_id):
         if metric_type > 2:
             return BAD_ARGUMENT
-        name = rt.read(nptr, nsize)
-        if name not in rt.metric_ids and len(rt.metric_ids) >= MAX_METRICS:
-            return BAD_ARGUMENT
         rt.charge(nsize)
-        metric_id = rt.metric_ids.setdefault(name, len(rt.metric_ids) + 1)
-        rt.metrics.setdefault(metric_id, 0)
-        rt.write_u32(ret_id, metric_id)
+        slot = rt.guest_metrics.define(metric_type, rt.read(nptr, nsize))
+        if slot is None:  # too long a name, too many metrics, or the name has another type
+            return BAD_ARGUMENT
+        rt.write_u32(ret_id, slot + 1)
         return OK
 
     def proxy_increment_metric(metric_id, delta):
-        if metric_id not in rt.metrics:
+        """As Envoy: counters only go up, gauges both ways, histograms are recorded, not incremented."""
+        slot = metric_slot(metric_id)
+        if slot < 0:
             return NOT_FOUND
-        rt.metrics[metric_id] += delta
+        kind = rt.guest_metrics.kind(slot)
+        if kind == METRIC_HISTOGRAM or (kind == METRIC_COUNTER and delta < 0):
+            return BAD_ARGUMENT
+        rt.guest_metrics.add(slot, delta)
         return OK
 
     def proxy_record_metric(metric_id, value):
-        if metric_id not in rt.metrics:
+        """As Envoy: a counter adds the value, a gauge takes it, a histogram observes it."""
+        slot = metric_slot(metric_id)
+        if slot < 0:
             return NOT_FOUND
-        rt.metrics[metric_id] = value
+        kind = rt.guest_metrics.kind(slot)
+        if kind == METRIC_COUNTER:
+            rt.guest_metrics.add(slot, value)
+        elif kind == METRIC_GAUGE:
+            rt.guest_metrics.set(slot, value)
+        else:
+            rt.guest_metrics.observe(slot, value)
         return OK
 
     def proxy_get_metric(metric_id, ret):
-        if metric_id not in rt.metrics:
+        slot = metric_slot(metric_id)
+        if slot < 0:
             return NOT_FOUND
-        rt.write_u64(ret, rt.metrics[metric_id] & 0xFFFFFFFFFFFFFFFF)
+        if rt.guest_metrics.kind(slot) == METRIC_HISTOGRAM:
+            return BAD_ARGUMENT
+        rt.write_u64(ret, rt.guest_metrics.get(slot) & 0xFFFFFFFFFFFFFFFF)
         return OK
 
     def proxy_register_shared_queue(nptr, nsize, ret_token):
@@ -1258,7 +1518,12 @@ def _host_functions(rt: Runtime) -> dict:
         return rt.give(queue.pop(0), ret_ptr, ret_size)
 
     def proxy_get_status(ret_code, ret_ptr, ret_size):
-        """The last callout's status: 0 with an answer, 14 (UNAVAILABLE) without (gRPC codes)."""
+        """The last callout's status: a gRPC call's own status and message while it is being
+        delivered; else 0 with an HTTP answer, 14 (UNAVAILABLE) without (gRPC codes)."""
+        grpc_answer = rt.grpc_answer
+        if grpc_answer is not None:
+            rt.write_u32(ret_code, grpc_answer.status)
+            return rt.give(grpc_answer.message, ret_ptr, ret_size)
         answer = rt.call_response
         rt.write_u32(ret_code, 0 if answer is not None else 14)
         return rt.give(b"" if answer is not None else b"unavailable", ret_ptr, ret_size)
@@ -1357,6 +1622,7 @@ def _host_functions(rt: Runtime) -> dict:
         "proxy_get_current_time_nanoseconds": ([I], proxy_get_current_time_nanoseconds),
         "proxy_get_buffer_bytes": ([I] * 5, proxy_get_buffer_bytes),
         "proxy_get_buffer_status": ([I] * 3, proxy_get_buffer_status),
+        "proxy_set_buffer_bytes": ([I] * 5, proxy_set_buffer_bytes),
         "proxy_get_configuration": ([I, I], proxy_get_configuration),
         "proxy_get_header_map_value": ([I] * 5, proxy_get_header_map_value),
         "proxy_add_header_map_value": ([I] * 5, proxy_add_header_map_value),
@@ -1374,6 +1640,9 @@ def _host_functions(rt: Runtime) -> dict:
         "proxy_done": ([], proxy_done),
         "proxy_set_tick_period_milliseconds": ([I], proxy_set_tick_period_milliseconds),
         "proxy_http_call": ([I] * 10, proxy_http_call),
+        "proxy_grpc_call": ([I] * 12, proxy_grpc_call),
+        "proxy_grpc_cancel": ([I], proxy_grpc_cancel),
+        "proxy_grpc_close": ([I], proxy_grpc_cancel),  # a unary call: closing it is cancelling
         "proxy_register_shared_queue": ([I] * 3, proxy_register_shared_queue),
         "proxy_resolve_shared_queue": ([I] * 5, proxy_resolve_shared_queue),
         "proxy_enqueue_shared_queue": ([I] * 3, proxy_enqueue_shared_queue),
@@ -1413,12 +1682,19 @@ _REQUEST_PSEUDO = {
     b"host": b":authority",
     b"scheme": b":scheme",
 }
+_REQUEST_HEADER = {b"id": b"x-request-id", b"useragent": b"user-agent", b"referer": b"referer"}
+# Envoy's listener_direction values (envoy.config.core.v3.TrafficDirection).
+_DIRECTIONS = {"inbound": 1, "outbound": 2}
+
+
+def _int64(value: int) -> bytes:
+    """Envoy's encoding of an integer attribute: 8 bytes, little-endian."""
+    return struct.pack("<q", value)
 
 
 def _property(rt: Runtime, path: tuple[bytes, ...]) -> bytes | None:
-    """Envoy's attributes that this host knows: plugin identity, the request's method, path,
-    url_path, host, scheme and headers, response code and headers, the upstream's address, and
-    whatever the guest set with proxy_set_property. The rest (source.*, connection.*) is NOT_FOUND."""
+    """Envoy's attributes that this host knows (README, Filters, lists them), and whatever the
+    guest set with proxy_set_property. Integers are 8-byte little-endian, as Envoy sends them."""
     settings = rt.settings
     if path == (b"plugin_name",):
         return settings["name"].encode()
@@ -1435,23 +1711,94 @@ def _property(rt: Runtime, path: tuple[bytes, ...]) -> bytes | None:
             return value
     kind, rest = path[0], path[1:]
     if kind == b"request" and f.request is not None and rest:
-        if rest[0] == b"url_path":
-            return (f.request.get(b":path") or b"").partition(b"?")[0]
-        if rest[0] == b"headers" and len(rest) == 2:
-            return f.request.get(rest[1].lower())
-        pseudo = _REQUEST_PSEUDO.get(rest[0])
-        return f.request.get(pseudo) if pseudo and len(rest) == 1 else None
+        return _request_property(f, rest)
     if kind == b"response" and f.response is not None and rest:
-        if rest == (b"code",):
-            return f.response.get(b":status")
-        if rest[0] == b"headers" and len(rest) == 2:
-            return f.response.get(rest[1].lower())
+        return _response_property(f, rest)
+    exchange = getattr(f.callbacks, "exchange", None)
+    if exchange is None:
         return None
-    if path == (b"upstream", b"address"):
-        target = getattr(getattr(f.callbacks, "exchange", None), "target", None)
+    if kind in (b"source", b"destination") and len(rest) == 1:
+        name = downstream_address(f.callbacks, kind == b"source")
+        if name is None:
+            return None
+        if isinstance(name, str):  # a Unix socket: an address, no port
+            return name.encode() if rest[0] == b"address" else None
+        host, port = name
+        if rest[0] == b"port":
+            return _int64(port)
+        if rest[0] == b"address":
+            return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
+        return None
+    if kind == b"upstream" and len(rest) == 1:
+        target = getattr(exchange, "target", None)
         if target is None:
             return None
-        return (target.path or f"{target.host}:{target.port}").encode()
+        if rest[0] == b"address":
+            return (target.path or f"{target.host}:{target.port}").encode()
+        if rest[0] == b"port" and not target.path:
+            return _int64(target.port)
+        return None
+    if path == (b"connection", b"mtls"):
+        return b"\x00"  # pyproxy terminates no TLS
+    if path == (b"listener_direction",):
+        kind_name = str(getattr(getattr(exchange.ctx, "listener", None), "kind", ""))
+        return _int64(_DIRECTIONS.get(kind_name, 0))
+    return None
+
+
+def _request_property(f: WasmFilter, rest: tuple[bytes, ...]) -> bytes | None:
+    request = f.request
+    assert request is not None, "checked by the caller"
+    field = rest[0]
+    if len(rest) == 2:
+        return request.get(rest[1].lower()) if field == b"headers" else None
+    if len(rest) != 1:
+        return None
+    pseudo = _REQUEST_PSEUDO.get(field)
+    if pseudo is not None:
+        return request.get(pseudo)
+    header = _REQUEST_HEADER.get(field)
+    if header is not None:
+        return request.get(header)
+    target = request.get(b":path") or b""
+    if field == b"url_path":
+        return target.partition(b"?")[0]
+    if field == b"query":
+        return target.partition(b"?")[2]
+    exchange = getattr(f.callbacks, "exchange", None)
+    if exchange is None:
+        return None
+    if field == b"protocol":
+        return str(getattr(exchange.downstream, "protocol", "")).encode() or None
+    if field == b"size":
+        return _int64(getattr(exchange, "bytes_in", 0))
+    if field == b"time":
+        started = getattr(exchange, "started_ns", None)
+        if started is None:
+            return None
+        return _int64(time.time_ns() - (time.perf_counter_ns() - started))
+    return None
+
+
+def _response_property(f: WasmFilter, rest: tuple[bytes, ...]) -> bytes | None:
+    response = f.response
+    assert response is not None, "checked by the caller"
+    if rest == (b"code",):
+        status = response.get(b":status")
+        return _int64(int(status)) if status is not None and status.isdigit() else None
+    if rest[0] == b"headers" and len(rest) == 2:
+        return response.get(rest[1].lower())
+    if rest[0] == b"trailers" and len(rest) == 2:
+        trailers = f.response_trailers
+        return trailers.get(rest[1].lower()) if trailers is not None else None
+    if rest == (b"grpc_status",):
+        trailers = f.response_trailers
+        value = (trailers.get(b"grpc-status") if trailers is not None else None) or response.get(
+            b"grpc-status"
+        )
+        return _int64(int(value)) if value is not None and value.isdigit() else None
+    if rest == (b"size",):
+        return _int64(getattr(getattr(f.callbacks, "exchange", None), "bytes_out", 0))
     return None
 
 
@@ -1519,16 +1866,26 @@ class WasmFactory(FilterFactory):
         super().__init__(config, context)
         module = wasmtime.Module.deserialize(_engine(), config["module"].artifact)
         settings = dict(config, name=config["name"] or context.filter_name or "wasm")
-        self.runtime = Runtime(module, settings, context.loop)
+        self.runtime = Runtime(module, settings, context.loop, worker_metrics())
         self.runtime.clusters = context.clusters
         self.pause_timeout = config["pause_timeout"]
         # Only the hooks the module exports: a callback it lacks costs nothing per request.
         exports = self.runtime.exports
-        hooks = {}
+        hooks: dict[str, object] = {}
         if "proxy_on_request_headers" in exports:
             hooks["decode_headers"] = WasmFilter._decode_headers
         if "proxy_on_response_headers" in exports:
             hooks["encode_headers"] = WasmFilter._encode_headers
+        # A module exporting body or trailer callbacks takes the request off the head-only
+        # path (as Envoy, which calls them for every chunk whether or not the guest cares).
+        if "proxy_on_request_body" in exports:
+            hooks["decode_data"] = WasmFilter._decode_data
+        if "proxy_on_response_body" in exports:
+            hooks["encode_data"] = WasmFilter._encode_data
+        if "proxy_on_request_trailers" in exports:
+            hooks["decode_trailers"] = WasmFilter._decode_trailers
+        if "proxy_on_response_trailers" in exports:
+            hooks["encode_trailers"] = WasmFilter._encode_trailers
         self.filter_class = type("WasmFilter", (WasmFilter,), hooks)
 
     def create(self) -> WasmFilter:
@@ -1555,6 +1912,13 @@ class WasmFilter(HttpFilter):
         "paused",
         "timer",
         "properties",
+        "request_trailers",
+        "response_trailers",
+        "body",
+        "body_parts",
+        "body_stream",
+        "body_changed",
+        "buffering",
     )
 
     def __init__(self, factory: WasmFactory) -> None:
@@ -1569,6 +1933,18 @@ class WasmFilter(HttpFilter):
         self.paused = -1  # the stream type (0 request, 1 response) the guest paused, or -1
         self.timer = None
         self.properties: dict[bytes, bytes] | None = None  # set by proxy_set_property
+        self.request_trailers: HeaderMap | None = None
+        self.response_trailers: HeaderMap | None = None
+        # During a body callback: the body the guest sees (what was buffered + this chunk) and
+        # which buffer type it is; whether the guest wrote it; per stream, whether it is buffering.
+        self.body: bytearray | None = None
+        self.body_parts: tuple[list[bytes] | None, bytes] = (
+            None,
+            b"",
+        )  # (held, chunk) to build it from
+        self.body_stream = -1
+        self.body_changed = False
+        self.buffering = [False, False]
 
     def _enter(self) -> int:
         """Make sure this request has a context in the current instance, and fuel for one entry.
@@ -1613,9 +1989,7 @@ class WasmFilter(HttpFilter):
                 action = rt.call_raw(joined[0], joined[1], context_id, count, end_stream)
             else:
                 if entered == 2:
-                    create = rt.exports.get("proxy_on_context_create")
-                    if create is not None:
-                        rt.call_raw(create[0], create[1], context_id, ROOT_CONTEXT_ID)
+                    self._create()
                 func, n = rt.exports[callback]
                 action = rt.call_raw(func, n, context_id, count, end_stream)
         except WasmFault as exc:
@@ -1623,13 +1997,113 @@ class WasmFilter(HttpFilter):
         if self.reply is not None:
             return self._send_reply()
         if action == PAUSE:
-            if self.paused == -2 - stream:  # the guest resumed before returning
-                self.paused = -1
-                return CONTINUE
-            self.paused = stream
-            self.timer = self.callbacks.loop.call_later(self.factory.pause_timeout, self._timed_out)
-            return STOP
+            return self._pause(stream, STOP)
         return CONTINUE
+
+    def _create(self) -> None:
+        """proxy_on_context_create for this request (its first hook, not joined to it)."""
+        rt = self.runtime
+        create = rt.exports.get("proxy_on_context_create")
+        if create is not None:
+            rt.call_raw(create[0], create[1], self.context_id, ROOT_CONTEXT_ID)
+
+    def _decode_data(self, data, end_stream: bool) -> int:
+        return self._body("proxy_on_request_body", data, end_stream, 0)
+
+    def _encode_data(self, data, end_stream: bool) -> int:
+        return self._body("proxy_on_response_body", data, end_stream, 1)
+
+    def _body(self, callback: str, data, end_stream: bool, stream: int) -> int:
+        """One body chunk for the guest. Pause before the end buffers (Envoy's
+        StopIterationAndBuffer): the next call sees everything held so far plus its chunk,
+        so at end_of_stream the guest can read and rewrite the whole body."""
+        rt = self.runtime
+        callbacks = self.callbacks
+        direction = "encode" if stream else "decode"
+        self._know_heads()
+        held = callbacks.held_body[direction] if self.buffering[stream] else None
+        size = len(data) + (sum(map(len, held)) if held else 0)
+        try:
+            entered = self._enter()
+            if not entered:
+                return self._unavailable()
+            if entered == 2:
+                self._create()
+            # The body is built only if the guest asks for it (guest_body).
+            self.body, self.body_parts, self.body_stream = None, (held, data), stream
+            self.body_changed = False
+            func, n = rt.exports[callback]
+            action = rt.call_raw(func, n, self.context_id, size, end_stream)
+        except WasmFault as exc:
+            return self._fault(exc, callback)
+        finally:
+            body, self.body, self.body_parts, self.body_stream = self.body, None, (None, b""), -1
+        if self.reply is not None:
+            return self._send_reply()
+        if self.body_changed and body is not None:
+            if held:
+                held.clear()
+            callbacks.replace_data(bytes(body))
+        if action == PAUSE and not end_stream:
+            self.buffering[stream] = True
+            return STOP_AND_BUFFER
+        self.buffering[stream] = False
+        if action == PAUSE:  # at the end: held until the guest continues (an http_call, say)
+            return self._pause(stream, STOP_AND_BUFFER)
+        return CONTINUE
+
+    def guest_body(self) -> bytearray:
+        """The body the current body callback is about: what was buffered, then this chunk."""
+        body = self.body
+        if body is None:
+            held, chunk = self.body_parts
+            body = self.body = bytearray(b"".join(held)) if held else bytearray()
+            body += chunk
+        return body
+
+    def _decode_trailers(self, trailers) -> int:
+        self.request_trailers = HeaderMap(trailers, {})
+        return self._trailers("proxy_on_request_trailers", self.request_trailers, 0)
+
+    def _encode_trailers(self, trailers) -> int:
+        self.response_trailers = HeaderMap(trailers, {})
+        return self._trailers("proxy_on_response_trailers", self.response_trailers, 1)
+
+    def _know_heads(self) -> None:
+        """The heads, for a module with body or trailer callbacks but no header callback."""
+        callbacks = self.callbacks
+        if self.request is None:
+            self.request = callbacks.request_headers()
+        if self.response is None:
+            self.response = callbacks.response_headers()
+
+    def _trailers(self, callback: str, trailers: HeaderMap, stream: int) -> int:
+        rt = self.runtime
+        self._know_heads()
+        try:
+            entered = self._enter()
+            if not entered:
+                return self._unavailable()
+            if entered == 2:
+                self._create()
+            func, n = rt.exports[callback]
+            action = rt.call_raw(func, n, self.context_id, len(trailers.headers))
+        except WasmFault as exc:
+            return self._fault(exc, callback)
+        if self.reply is not None:
+            return self._send_reply()
+        if action == PAUSE:
+            return self._pause(stream, STOP)
+        return CONTINUE
+
+    def _pause(self, stream: int, status: int) -> int:
+        """The guest paused: STOP until proxy_continue_stream (or the pause timeout)."""
+        if self.paused == -2 - stream:  # the guest resumed before returning
+            self.paused = -1
+            return CONTINUE
+        self.paused = stream
+        self.timer = self.callbacks.loop.call_later(self.factory.pause_timeout, self._timed_out)
+        return status
 
     def _unavailable(self) -> int:
         if self.context_id:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import mmap
 from bisect import bisect_left
 
+from pyproxy.guest_metrics import GuestMetricsRegion
 from pyproxy.protocol import STATUS_CLASSES, status_class
 
 # Stages, in MeshInsight's component order. Filter stages follow, one per filter slot.
@@ -147,6 +148,8 @@ class CounterStore:
         self._all = memoryview(self._map).cast("q")
         # Listener names by slot, assigned in the supervisor before fork and on reload.
         self._slots: dict[str, int] = {}
+        # Metrics filter programs define (Proxy-Wasm), per worker, merged by name when read.
+        self.guest_metrics = GuestMetricsRegion(workers)
 
     def slot_for(self, listener_name: str) -> int:
         slot = self._slots.get(listener_name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -10,6 +11,7 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
+    SummaryMetricFamily,
 )
 
 from pyproxy.counters import BUCKETS
@@ -153,11 +155,29 @@ class StageCollector:
             duration,
         )
         yield from grpc_families(snap)
+        yield from _guest_families(snap.get("wasm_metrics") or {})
         if "admin" in snap:
             yield CounterMetricFamily(
                 "pyproxy_admin_refused_requests",
                 "Admin requests refused for a foreign Host or Origin (browser page, DNS rebinding)",
                 value=snap["admin"]["refused_requests"],
+            )
+
+
+def _guest_families(metrics: dict[str, dict]) -> Iterator[Metric]:
+    """Filter programs' own metrics, under their names (made valid for Prometheus)."""
+    for name, metric in sorted(metrics.items()):
+        safe = re.sub(r"[^a-zA-Z0-9_:]", "_", name)
+        if not safe or safe[0].isdigit():
+            safe = "_" + safe
+        help_text = f"Defined by a filter program as {name!r} ({metric['type']})"
+        if metric["type"] == "counter":
+            yield CounterMetricFamily(safe, help_text, value=metric["value"])
+        elif metric["type"] == "gauge":
+            yield GaugeMetricFamily(safe, help_text, value=metric["value"])
+        else:
+            yield SummaryMetricFamily(
+                safe, help_text, count_value=metric["count"], sum_value=metric["sum"]
             )
 
 

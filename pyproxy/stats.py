@@ -83,7 +83,7 @@ def snapshot(store: CounterStore, config: ProxyConfig) -> dict:
             grpc = grpc_snapshot(store, slot)
             if lconf.mode is ListenerMode.GRPC or grpc["calls_started"]:
                 listeners[lconf.name]["grpc"] = grpc
-    return {"listeners": listeners}
+    return {"listeners": listeners, "wasm_metrics": store.guest_metrics.merged()}
 
 
 def _counter_names(lconf, filter_name: str) -> tuple[str, ...]:
@@ -98,8 +98,15 @@ def _counter_names(lconf, filter_name: str) -> tuple[str, ...]:
 
 
 def to_text(snap: dict) -> str:
-    """Envoy-style `name: value` lines, one counter per line, sorted."""
+    """Envoy-style `name: value` lines, one counter per line, sorted; the metrics filter
+    programs define go under their own names, as Envoy shows them."""
     lines = []
+    for name, metric in (snap.get("wasm_metrics") or {}).items():
+        if metric["type"] == "histogram":
+            lines.append(f"{name}: count={metric['count']} sum={metric['sum']}")
+        else:
+            lines.append(f"{name}: {metric['value']}")
+    snap = {key: value for key, value in snap.items() if key != "wasm_metrics"}
 
     def walk(prefix: str, node: object) -> None:
         if isinstance(node, dict):

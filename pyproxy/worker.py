@@ -8,6 +8,7 @@ import logging
 import os
 import time
 
+from pyproxy import guest_metrics
 from pyproxy.admission import Admission
 from pyproxy.config import ListenerConfig, ProxyConfig
 from pyproxy.counters import (
@@ -30,6 +31,7 @@ class Worker:
         self.index = index
         self.store = store
         self.header = store.worker_header(index)
+        guest_metrics.bind(store.guest_metrics.worker(index))
         self.listeners: dict[str, Listener] = {}
         self.connections: set = set()
         self.config: ProxyConfig | None = None

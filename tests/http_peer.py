@@ -23,12 +23,15 @@ class HttpUpstream(ThreadedServer):
     /reset           resets the connection before answering
     /close-after     answers keep-alive, then closes the connection silently (pooled-connection race)
     /upgrade         101 Switching Protocols, then echoes raw bytes
+    /trailers        200 chunked "body", trailers x-upstream-trailer: t1 and x-drop-me: 1
+                     (every request's trailers are recorded, as requests[i]["trailers"])
     anything else    200 "ok:<path>"
     """
 
     def __init__(self, name: str = "up") -> None:
         self.name = name
         self.requests: list[dict] = []
+        self.trailers: list[tuple[str, str]] = []  # the last request's
         super().__init__(self._serve, nodelay=True)
 
     def _serve(self, conn: socket.socket) -> None:
@@ -69,6 +72,7 @@ class HttpUpstream(ThreadedServer):
             elif isinstance(event, h11.Data):
                 body += event.data
             elif isinstance(event, h11.EndOfMessage):
+                self.trailers = [(n.decode(), v.decode()) for n, v in event.headers]
                 return request, body
             elif isinstance(event, h11.ConnectionClosed):
                 return None, None
@@ -89,7 +93,11 @@ class HttpUpstream(ThreadedServer):
         path, _, query = request.target.decode().partition("?")
         params = dict(p.split("=", 1) for p in query.split("&") if "=" in p)
         self.requests.append(
-            {"path": path, "headers": [(n.decode(), v.decode()) for n, v in request.headers]}
+            {
+                "path": path,
+                "headers": [(n.decode(), v.decode()) for n, v in request.headers],
+                "trailers": self.trailers,
+            }
         )
         if path == "/echo":
             import hashlib
@@ -128,6 +136,11 @@ class HttpUpstream(ThreadedServer):
         elif path == "/reset":
             conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return False
+        elif path == "/trailers":
+            conn.sendall(h.send(h11.Response(status_code=200, headers=[])))
+            conn.sendall(h.send(h11.Data(data=b"body")))
+            trailers = [("x-upstream-trailer", "t1"), ("x-drop-me", "1")]
+            conn.sendall(h.send(h11.EndOfMessage(headers=trailers)))
         elif path == "/close-after":
             self._send(conn, h, 200, b"closing")
             return False

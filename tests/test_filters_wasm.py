@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import time
@@ -533,3 +534,117 @@ def test_shared_queue_and_properties_reach_the_guest(start_proxy, tmp_path, upst
     assert status == 200
     assert headers["x-queued"] == "hello"
     assert dict(json.loads(body)["headers"])["x-url-path"] == "/echo"
+
+
+# set_buffer_bytes as the spec says: [start, start + length) becomes the data; start 0 with
+# length 0 prepends; a start at or past the end appends. Each check traps when the host
+# answers otherwise; the request body (paused until its end, so buffered) is then echoed.
+BODY_EDIT = """(module
+  (import "env" "proxy_set_buffer_bytes" (func $set (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_get_buffer_status" (func $status (param i32 i32 i32) (result i32)))
+  (import "env" "proxy_remove_header_map_value" (func $remove (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "<<>>HOWDYcontent-length")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 4096))
+  (func $expect (param $got i32) (param $want i32)
+    (if (i32.ne (local.get $got) (local.get $want)) (then unreachable)))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (call $expect (call $remove (i32.const 0) (i32.const 109) (i32.const 14)) (i32.const 0))
+    (i32.const 0))
+  (func (export "proxy_on_request_body") (param $ctx i32) (param $len i32) (param $eos i32)
+    (result i32)
+    (if (i32.eqz (local.get $eos)) (then (return (i32.const 1))))
+    (call $expect (call $set (i32.const 0) (i32.const 0) (i32.const 0) (i32.const 100) (i32.const 2))
+      (i32.const 0))
+    (call $expect (call $set (i32.const 0) (i32.add (local.get $len) (i32.const 2)) (i32.const 0)
+      (i32.const 102) (i32.const 2)) (i32.const 0))
+    (call $expect (call $set (i32.const 0) (i32.const 2) (i32.const 5) (i32.const 104) (i32.const 5))
+      (i32.const 0))
+    (call $expect (call $status (i32.const 0) (i32.const 200) (i32.const 204)) (i32.const 0))
+    (call $expect (i32.load (i32.const 200)) (i32.add (local.get $len) (i32.const 4)))
+    ;; the response body is not the guest's now; 9 is no buffer type at all
+    (call $expect (call $set (i32.const 1) (i32.const 0) (i32.const 0) (i32.const 100) (i32.const 2))
+      (i32.const 1))
+    (call $expect (call $set (i32.const 9) (i32.const 0) (i32.const 0) (i32.const 100) (i32.const 2))
+      (i32.const 2))
+    (i32.const 0)))"""
+
+
+def test_set_buffer_bytes_replaces_prepends_and_appends(start_proxy, tmp_path, upstream):
+    proxy, port = _proxy_wat(start_proxy, tmp_path, upstream.address, "edit", BODY_EDIT)
+    run = curl("-i", "--data-binary", "hello world", f"http://127.0.0.1:{port}/echo")
+    status, _, body = split_response(run.stdout)
+    assert status == 200, proxy.output
+    expected = b"<<HOWDY world>>"
+    assert json.loads(body)["body_sha256"] == hashlib.sha256(expected).hexdigest()
+    assert proxy.listener()["filters"]["edit"]["traps"] == 0
+
+
+LOGS_AT_TWO_LEVELS = """(module
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "debug-lineinfo-line")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 4096))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $log (i32.const 1) (i32.const 100) (i32.const 10)))
+    (drop (call $log (i32.const 2) (i32.const 110) (i32.const 9)))
+    ;; a line below the level is dropped in the guest's store, its pointer never followed
+    (drop (call $log (i32.const 0) (i32.const 70000) (i32.const 10)))
+    (i32.const 0)))"""
+
+
+@pytest.mark.parametrize(
+    ("level", "expected"), [("INFO", ["info-line"]), ("DEBUG", ["debug-line", "info-line"])]
+)
+def test_log_lines_below_the_proxy_level_never_reach_the_host(level, expected, caplog):
+    import logging
+
+    from pyproxy.filters.wasm import WasmFactory
+
+    from pyproxy.chain.api import FactoryContext, HeaderMap
+
+    caplog.set_level(getattr(logging, level), logger="pyproxy.wasm")
+    config = WasmFactory.validate({"code_wat": LOGS_AT_TWO_LEVELS, "name": "lv"})
+    factory = WasmFactory(config, FactoryContext(None, "main", "http"))
+    try:
+        instance = factory.create()
+        instance.callbacks = _Replies()
+        caplog.clear()
+        instance.decode_headers(HeaderMap([], {b":method": b"GET", b":path": b"/"}), True)
+        lines = [r.getMessage().removeprefix("wasm filter lv: ") for r in caplog.records]
+        assert lines == expected
+        # Host calls in that entry: only the lines logged (the dropped ones stayed in wasm).
+        assert factory.runtime.host_calls == len(expected)
+    finally:
+        factory.close()
+
+
+# Appends to the response body without removing content-length: the host refuses (BAD_ARGUMENT,
+# else the module traps), since the head announcing the old length is already on its way.
+LENGTH_KEPT = """(module
+  (import "env" "proxy_set_buffer_bytes" (func $set (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "xxyy")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 4096))
+  (func (export "proxy_on_response_body") (param i32 i32 i32) (result i32)
+    (if (i32.eqz (local.get 1)) (then (return (i32.const 0))))  ;; the empty end-of-stream call
+    (if (i32.ne (call $set (i32.const 1) (local.get 1) (i32.const 0) (i32.const 100) (i32.const 2))
+          (i32.const 2)) (then unreachable))
+    ;; the same length is fine: the first two bytes become "yy"
+    (if (i32.ne (call $set (i32.const 1) (i32.const 0) (i32.const 2) (i32.const 102) (i32.const 2))
+          (i32.const 0)) (then unreachable))
+    (i32.const 0)))"""
+
+
+def test_a_body_change_that_breaks_content_length_is_refused(start_proxy, tmp_path, upstream):
+    proxy, port = _proxy_wat(start_proxy, tmp_path, upstream.address, "keep", LENGTH_KEPT)
+    for _ in range(2):
+        run = curl("-i", f"http://127.0.0.1:{port}/other")
+        assert run.stdout, (run, proxy.output)
+        status, headers, body = split_response(run.stdout)
+        assert (status, headers["content-length"], body) == (200, "12", b"yy:/other:up")
+    assert proxy.listener()["filters"]["keep"]["traps"] == 0
+    assert "Traceback" not in proxy.output

@@ -3,10 +3,13 @@ with curl and a real upstream: headers, local response, http_call, metrics and s
 
 from __future__ import annotations
 
+import hashlib
 import json
+import socket
 
+import h11
 import pytest
-from conftest import curl, free_port, split_response, start_listener
+from conftest import curl, free_port, http_get, split_response, start_listener
 from http_peer import HttpUpstream
 from wasm_sdk import assemblyscript_module
 
@@ -123,6 +126,28 @@ def test_metrics_example_counts_requests(start_proxy, tmp_path, upstream):
     assert seen == ["1", "2", "3"]
 
 
+def test_metrics_example_is_visible_in_stats_and_prometheus(start_proxy, tmp_path, upstream):
+    """Defined metrics reach /stats (JSON and text) and Prometheus under the names the module gave,
+    summed over the workers: a counter, a gauge back at 0, a histogram's count and sum."""
+    proxy, port = _sdk_proxy(
+        start_proxy, tmp_path, upstream, "metrics", "metrics", top="concurrency: 2\n"
+    )
+    for path in ("/x", "/yy", "/zzz", "/x"):
+        assert split_response(curl("-i", f"http://127.0.0.1:{port}{path}").stdout)[0] == 200
+    metrics = proxy.stats()["wasm_metrics"]
+    assert metrics["as_requests_total"] == {"type": "counter", "value": 4}
+    assert metrics["as_in_flight"] == {"type": "gauge", "value": 0}
+    assert metrics["as_path_length"] == {"type": "histogram", "count": 4, "sum": 2 + 3 + 4 + 2}
+    _, text = http_get(proxy.admin + "/stats")
+    assert "as_requests_total: 4\n" in text.decode()
+    assert "as_path_length: count=4 sum=11\n" in text.decode()
+    _, exposition = http_get(proxy.admin + "/stats/prometheus")
+    lines = exposition.decode().splitlines()
+    assert "as_requests_total 4.0" in lines
+    assert "as_in_flight 0.0" in lines
+    assert "as_path_length_count 4.0" in lines and "as_path_length_sum 11.0" in lines
+
+
 def test_shared_data_example_counts_hits_per_path(start_proxy, tmp_path, upstream):
     proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "shared_data", "hits")
     hits = [
@@ -147,3 +172,171 @@ def test_local_response_example_answers_grpc_with_its_status(start_proxy, tmp_pa
     status, headers, _ = split_response(run.stdout)
     assert (status, headers.get("grpc-status")) == (200, "7"), run.stdout + run.stderr
     assert headers.get("grpc-message") == "missing_token"
+
+
+def _h11_exchange(port: int, request: h11.Request, chunks=(), trailers=()):
+    """One HTTP/1.1 exchange over a real socket with h11 (curl sends no request trailers):
+    (response, body, response trailers)."""
+    client = h11.Connection(h11.CLIENT)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        out = client.send(request)
+        for chunk in chunks:
+            out += client.send(h11.Data(data=chunk))
+        out += client.send(h11.EndOfMessage(headers=list(trailers)))
+        sock.sendall(out)
+        response, body, end = None, bytearray(), None
+        while end is None:
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                client.receive_data(sock.recv(65536))
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                end = event
+    assert response is not None
+    return response, bytes(body), [(n.decode(), v.decode()) for n, v in end.headers]
+
+
+def test_body_example_rewrites_a_buffered_request_body(start_proxy, tmp_path, upstream):
+    """Pause on each chunk buffers the request body (StopIterationAndBuffer); at its end the
+    module reads it whole and replaces it (set_buffer_bytes, a different length)."""
+    proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "body", "body")
+    sent = b"the secret is " + b"x" * 3000 + b" and another secret"
+    expected = sent.replace(b"secret", b"[redacted]")
+    # Content-Length framed (curl) and chunked in several pieces (h11): the same rewrite.
+    status, _, body = split_response(
+        curl("-i", "--data-binary", sent.decode(), f"http://127.0.0.1:{port}/echo").stdout
+    )
+    assert status == 200, proxy.output
+    echo = json.loads(body.partition(b"\n-- seen by as-sdk\n")[0])
+    assert echo["body_length"] == len(expected)
+    assert echo["body_sha256"] == hashlib.sha256(expected).hexdigest()
+    assert "content-length" not in dict(echo["headers"])  # the module removed it
+    head = h11.Request(
+        method="POST",
+        target="/echo",
+        headers=[("host", "x"), ("transfer-encoding", "chunked")],
+    )
+    pieces = [sent[i : i + 700] for i in range(0, len(sent), 700)]
+    response, body, _ = _h11_exchange(port, head, pieces)
+    echo = json.loads(body.partition(b"\n-- seen by as-sdk\n")[0])
+    assert response.status_code == 200
+    assert echo["body_sha256"] == hashlib.sha256(expected).hexdigest()
+
+
+def test_body_example_appends_to_the_streamed_response_body(start_proxy, tmp_path, upstream):
+    proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "body", "body")
+    status, headers, body = split_response(
+        curl("-i", f"http://127.0.0.1:{port}/chunked?n=3").stdout
+    )
+    assert status == 200
+    assert body == b"c" * 3000 + b"\n-- seen by as-sdk\n"
+    status, headers, body = split_response(curl("-i", f"http://127.0.0.1:{port}/other").stdout)
+    assert "content-length" not in headers  # removed by the module: the body grows after
+    assert body == b"ok:/other:up\n-- seen by as-sdk\n"
+
+
+def test_trailers_example_reads_and_edits_both_directions(start_proxy, tmp_path, upstream):
+    proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "trailers", "trailers")
+    head = h11.Request(
+        method="POST",
+        target="/trailers",
+        headers=[("host", "x"), ("transfer-encoding", "chunked"), ("te", "trailers")],
+    )
+    response, body, trailers = _h11_exchange(port, head, [b"abc"], [("x-checksum", "c0ffee")])
+    assert (response.status_code, body) == (200, b"body"), proxy.output
+    assert upstream.requests[-1]["trailers"] == [("x-checksum", "c0ffee"), ("x-checked", "c0ffee")]
+    assert trailers == [("x-upstream-trailer", "t1"), ("x-as-trailer", "count=2")]
+
+
+def test_properties_example_reads_envoys_attributes(start_proxy, tmp_path, upstream):
+    proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "properties", "properties")
+    run = curl("-i", "-A", "probe/1", f"http://127.0.0.1:{port}/echo?q=1")
+    status, headers, _ = split_response(run.stdout)
+    assert status == 200, proxy.output
+    assert headers["x-plugin"] == "properties/properties"  # filter name / root id
+    assert headers["x-request"] == "GET /echo q=1 HTTP/1.1 probe/1"
+    source, source_port = headers["x-source"].split()
+    assert source.startswith("127.0.0.1:") and source.endswith(f":{source_port}")
+    assert headers["x-destination"] == f"127.0.0.1:{port} {port}"
+    upstream_port = upstream.address.rsplit(":", 1)[1]
+    assert headers["x-upstream"] == f"{upstream.address} {upstream_port}"
+    assert (headers["x-code"], headers["x-direction"]) == ("200", "0")  # standalone listener
+
+
+class _GrpcEcho:
+    """A real grpcio server: test.Echo/Unary answers b"pong:" + the request (raw bytes, no
+    protobuf), with `x-server` initial metadata; a request naming /fail is refused."""
+
+    def __init__(self) -> None:
+        from concurrent import futures
+
+        import grpc
+
+        self.metadata: list[dict] = []
+
+        def unary(request: bytes, context) -> bytes:
+            self.metadata.append(dict(context.invocation_metadata()))
+            if request.startswith(b"/fail"):
+                context.abort(grpc.StatusCode.PERMISSION_DENIED, "no entry for /fail")
+            context.send_initial_metadata((("x-server", "grpcio"),))
+            return b"pong:" + request
+
+        handler = grpc.method_handlers_generic_handler(
+            "test.Echo", {"Unary": grpc.unary_unary_rpc_method_handler(unary)}
+        )
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        self.server.add_generic_rpc_handlers((handler,))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def close(self) -> None:
+        self.server.stop(None)
+
+
+def test_grpc_call_module_asks_a_grpcio_server_then_continues(start_proxy, tmp_path, upstream):
+    pytest.importorskip("grpc")
+    echo = _GrpcEcho()
+    try:
+        top = f"clusters:\n  echo:\n    endpoints: [127.0.0.1:{echo.port}]\n"
+        proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "grpc_call", "grpc_call", top=top)
+        status, _, body = split_response(curl("-i", f"http://127.0.0.1:{port}/echo").stdout)
+        assert status == 200, proxy.output
+        headers = dict(json.loads(body)["headers"])
+        assert headers["x-grpc-answer"] == "pong:/echo"
+        assert headers["x-grpc-server"] == "grpcio"
+        assert echo.metadata[-1]["x-asked-for"] == "/echo"
+        # The server's refusal reaches the module as its status and message.
+        status, _, body = split_response(curl("-i", f"http://127.0.0.1:{port}/fail").stdout)
+        assert (status, body) == (503, b"grpc status 7: no entry for /fail\n")
+    finally:
+        echo.close()
+
+
+def test_grpc_call_module_hears_unavailable_when_the_cluster_is_down(
+    start_proxy, tmp_path, upstream
+):
+    top = f"clusters:\n  echo:\n    endpoints: [127.0.0.1:{free_port()}]\n"
+    proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "grpc_call", "grpc_call", top=top)
+    before = len(upstream.requests)
+    status, _, body = split_response(curl("-i", f"http://127.0.0.1:{port}/echo").stdout)
+    assert status == 503 and body.startswith(b"grpc status 14: "), body
+    assert len(upstream.requests) == before
+
+
+def test_grpc_call_to_an_unknown_cluster_is_refused_to_the_guest(start_proxy, tmp_path, upstream):
+    proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "grpc_call", "grpc_call")
+    status, _, body = split_response(curl("-i", f"http://127.0.0.1:{port}/echo").stdout)
+    assert (status, body) == (503, b"no echo cluster\n")
+
+
+def test_a_body_buffered_past_the_limit_is_refused(start_proxy, tmp_path, upstream):
+    """Pause on every chunk buffers the body; past the chain's 1 MiB limit the answer is 413."""
+    proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "body", "body")
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"b" * (2 * 1024 * 1024))
+    run = curl("-i", "-H", "Expect:", "--data-binary", f"@{big}", f"http://127.0.0.1:{port}/echo")
+    assert split_response(run.stdout)[0] == 413
+    assert split_response(curl("-i", f"http://127.0.0.1:{port}/echo").stdout)[0] == 200

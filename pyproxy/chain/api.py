@@ -214,6 +214,23 @@ class HeaderMap:
         return list(self.pseudo.items()) + list(self.headers)
 
 
+def downstream_address(callbacks, remote: bool) -> tuple[str, int] | str | None:
+    """The request's downstream connection: its remote (peer) or local address, as (host, port),
+    a Unix socket's path, or None when it is not known (or the connection has gone)."""
+    down = callbacks.exchange.downstream
+    stream = getattr(down, "stream", None) or getattr(
+        getattr(down, "session", None), "stream", None
+    )
+    sock = getattr(stream, "sock", None)
+    if sock is None:
+        return None
+    try:
+        name = sock.getpeername() if remote else sock.getsockname()
+    except OSError:
+        return None
+    return name if isinstance(name, str) else (name[0], name[1])
+
+
 def _check(name: bytes, value: bytes) -> None:
     # A filter (or script) must not be able to smuggle a header line break onto the wire.
     # Byte values (CR 13, LF 10), not one-byte strings: `13 in name` is a memchr, while

@@ -164,7 +164,7 @@ class ChainFactory:
 class _ChainState:
     """Where a direction stopped and what it holds: only built once some filter stops (rare)."""
 
-    __slots__ = ("stopped", "held", "held_body", "body_for", "cleanups")
+    __slots__ = ("stopped", "held", "held_body", "body_for", "cleanups", "stopped_trailers")
 
     def __init__(self) -> None:
         # Per direction: position in the hook list where a filter stopped, and the events held since.
@@ -176,6 +176,8 @@ class _ChainState:
         self.body_for: dict[str, int | None] = {"decode": None, "encode": None}
         # (filter index, function): end-of-request work a filter asked for (defer_cleanup).
         self.cleanups: list[tuple[int, Callable[[], None]]] = []
+        # Per direction: the trailers a filter stopped on, to go on with when it resumes.
+        self.stopped_trailers: dict[str, list | None] = {"decode": None, "encode": None}
 
 
 class HttpChain:
@@ -191,6 +193,7 @@ class HttpChain:
         "replied",
         "hook_ns",
         "dynamic_metadata",
+        "chunk",
     )
 
     def __init__(self, factory: ChainFactory, exchange: ChainOwner) -> None:
@@ -210,6 +213,8 @@ class HttpChain:
         self.hook_ns = 0
         # Envoy's dynamic metadata: {namespace: {key: value}}, shared by the request's filters.
         self.dynamic_metadata: dict | None = None
+        # What a data hook asked to pass on (or hold) instead of the chunk it was given.
+        self.chunk: bytes | None = None
 
     def _st(self) -> _ChainState:
         state = self.state
@@ -303,6 +308,12 @@ class HttpChain:
     def set_encoding_buffer(self, data: bytes) -> None:
         self._st().held_body["encode"][:] = [bytes(data)]
 
+    def replace_data(self, data: bytes) -> None:
+        """From a data hook: `data` goes on (or is held, if the hook stops) instead of the chunk
+        it was given. Whatever the direction held before is the hook's to keep or drop (clear
+        `held_body[direction]` to replace the whole buffered body)."""
+        self.chunk = data
+
     def held_trailers(self, direction: str) -> list[tuple[bytes, bytes]] | None:
         """The trailers held with a buffered body ("decode" or "encode"), editable in place
         until they are released; None when none arrived (or nothing is held)."""
@@ -373,11 +384,14 @@ class HttpChain:
             if clocked:
                 t = perf_counter_ns()
         trailers = kind == "trailers"
+        data = kind == "data"
         for pos in range(position, len(entries)):
             index, fn, ns_slot, events_slot = entries[pos]
             instance = filters[index]
             instance.callbacks = self  # a shared instance learns its request for this call
             status = fn(instance, payload) if trailers else fn(instance, payload, end_stream)
+            if data and self.chunk is not None:
+                payload, self.chunk = self.chunk, None
             if timed:
                 if clocked:
                     now = perf_counter_ns()
@@ -391,7 +405,7 @@ class HttpChain:
             if status != CONTINUE:
                 self._stopped(direction, kind, payload, end_stream, pos, index, status, hold_first)
                 return False
-            if hold_first and kind == "data":
+            if hold_first and data:
                 # The buffering filter let go: what it held travels on as one chunk.
                 held = self._st().held_body[direction]
                 held.append(bytes(payload))
@@ -410,6 +424,8 @@ class HttpChain:
     ) -> None:  # fmt: skip
         state = self._st()
         state.stopped[direction] = (kind, pos)
+        if kind == "trailers":
+            state.stopped_trailers[direction] = payload
         if kind == "headers" and status == STOP_AND_BUFFER and not end_stream:
             state.body_for[direction] = index
             if direction == "decode":
@@ -457,6 +473,7 @@ class HttpChain:
             self.hook_ns += spent
         else:
             status = method(b"", True)
+        self.chunk = None  # this hook edits the held body itself (set_*_buffer)
         if status == CONTINUE and not self.replied:
             self.resume(direction)
 
@@ -501,7 +518,8 @@ class HttpChain:
             self._run(direction, "data", hooks[f"{direction}_data"], payload, end, position + 1)
         elif kind == "trailers":
             entries = hooks[f"{direction}_trailers"]
-            self._run(direction, "trailers", entries, None, True, position + 1)
+            trailers, state.stopped_trailers[direction] = state.stopped_trailers[direction], None
+            self._run(direction, "trailers", entries, trailers, True, position + 1)
         pending, state.held[direction] = state.held[direction], []
         for held_kind, payload, end_stream in pending:
             if state.stopped[direction] is not None:

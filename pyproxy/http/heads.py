@@ -41,6 +41,11 @@ def filtered_request(request: RequestHead, headers: HeaderMap) -> RequestHead:
     if not headers.changed:
         return request
     pseudo = headers.pseudo
+    chunked = request.chunked
+    if request.content_length is not None and not chunked and not _has_length(headers.headers):
+        # A filter dropped the length (it will change the body, as body-rewriting Proxy-Wasm
+        # modules do): chunked frames what it sends instead.
+        chunked = True
     # Built field by field: dataclasses.replace costs several times more per request.
     return RequestHead(
         pseudo[b":method"],
@@ -49,7 +54,7 @@ def filtered_request(request: RequestHead, headers: HeaderMap) -> RequestHead:
         request.http_version,
         request.keep_alive,
         request.content_length,
-        request.chunked,
+        chunked,
         request.expect_continue,
         request.upgrade,
         None,  # wire: the received bytes no longer say what goes on
@@ -69,6 +74,8 @@ def downstream_head(
         if not framing_allowed(status):  # a filter made it a 204: the body's framing goes
             headers = [field for field in headers if field[0] not in FRAMING_FIELDS]
             content_length = None
+        elif content_length is not None and not _has_length(headers):
+            content_length = None  # a filter dropped the length (the body changes): chunked
     else:
         status = head.status
         headers = strip_hop_by_hop(head.headers)
@@ -78,7 +85,7 @@ def downstream_head(
         headers.extend((name, value) for name, value in head.headers if name == b"upgrade")
     elif (
         not _has_length(headers)
-        and (head.chunked or head.content_length is None)
+        and (head.chunked or content_length is None)
         and has_body(status, method)
     ):
         headers.append(CHUNKED)

@@ -1,5 +1,5 @@
-// Counts requests in a counter and a gauge; each response carries the counter's value as the
-// host reports it (proxy_get_metric).
+// Counts requests in a counter and a gauge, and records each request path's length in a
+// histogram; each response carries the counter's value as the host reports it (proxy_get_metric).
 export * from "@solo-io/proxy-runtime/proxy";
 import {
   RootContext,
@@ -8,6 +8,7 @@ import {
   FilterHeadersStatusValues,
   Counter,
   Gauge,
+  Histogram,
   stream_context,
 } from "@solo-io/proxy-runtime";
 import * as imports from "@solo-io/proxy-runtime/imports";
@@ -15,6 +16,7 @@ import * as imports from "@solo-io/proxy-runtime/imports";
 class MetricsRoot extends RootContext {
   requests: Counter = new Counter("as_requests_total");
   in_flight: Gauge = new Gauge("as_in_flight");
+  path_length: Histogram = new Histogram("as_path_length");
   createContext(context_id: u32): Context {
     return new Metrics(context_id, this);
   }
@@ -29,6 +31,8 @@ class Metrics extends Context {
   onRequestHeaders(a: u32, end_of_stream: bool): FilterHeadersStatusValues {
     this.root.requests.increment(1);
     this.root.in_flight.increment(1);
+    const path = stream_context.headers.request.get(":path");
+    this.root.path_length.record(this.root.path_length.metric_id, path.length as u64);
     return FilterHeadersStatusValues.Continue;
   }
   onResponseHeaders(a: u32, end_of_stream: bool): FilterHeadersStatusValues {
