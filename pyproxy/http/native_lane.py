@@ -62,7 +62,7 @@ from pyproxy.counters import (
 from pyproxy.http.context import HttpContext
 from pyproxy.http.downstream_h1 import Http1Downstream
 from pyproxy.http.exchange import end_chain, start_chain
-from pyproxy.http.heads import paired_request_head, paired_response_head
+from pyproxy.http.heads import paired_request_edit, paired_response_edit
 from pyproxy.http.request import authority_in
 from pyproxy.http.router import Route
 from pyproxy.http.upstream_h1 import Http1Upstream
@@ -241,10 +241,11 @@ class NativeLane:
     # ---- the route's filters, called by the pair ---------------------------------------
 
     def _request_hook(
-        self, head: bytes, method: bytes, target: bytes, fields: list, content_length: int
-    ) -> bytes | bool | None:
+        self, method: bytes, target: bytes, fields: list, content_length: int
+    ) -> bytes | list | bool | None:
         """Run the request-header filters: None or True (go on as read; True: the chain is
-        over already), the new head, or False (taken)."""
+        over already), the new head (bytes, or the fields the pair writes it from), or False
+        (taken)."""
         self.passed = None
         self.reply = None
         length = content_length if content_length >= 0 else None
@@ -261,16 +262,18 @@ class NativeLane:
                     chain.destroy()
                     return True  # forward as read, no done hook
                 return None
-            wire = paired_request_head(method, target, length, headers)
-            if wire is not None:
-                return wire
+            edited = paired_request_edit(method, target, length, headers)
+            if edited is not None:
+                self.passed = True  # for the Exchange that adopts the chain if the pair takes it
+                return edited
         self.passed = passed
         return False
 
     def _response_hook(
-        self, head: bytes, status: int, fields: list, content_length: int
-    ) -> bytes | bool | None:
-        """Run the response-header filters: None (go on as read), the new head, or False (taken)."""
+        self, status: int, fields: list, content_length: int
+    ) -> bytes | list | bool | None:
+        """Run the response-header filters: None (go on as read), the new head (bytes, or the
+        fields the pair writes it from), or False (taken)."""
         self.passed = None
         self.status = status
         headers = HeaderMap(fields, {b":status": b"%d" % status})
@@ -278,11 +281,10 @@ class NativeLane:
         if passed:
             if not headers.changed:
                 return None
-            reason = head[13 : head.index(b"\r\n")]  # after "HTTP/1.1 200 "
-            length = content_length if content_length >= 0 else None
-            wire = paired_response_head(status, reason, length, headers)
-            if wire is not None:
-                return wire
+            edited = paired_response_edit(status, headers)
+            if edited is not None:
+                self.passed = True
+                return edited
         self.passed = passed
         return False
 
