@@ -41,8 +41,8 @@
  *     as read and these fields, see composed_head) or False (take it: REQUEST_TAKEN /
  *     RESPONSE_TAKEN, Python carries the message on). Anything else, or an exception (reported through
  *     sys.unraisablehook), takes the message too. The request hook may also answer True:
- *     forward as read, and this exchange needs no done_hook call (its filters are done);
- *     or, answering a new head, set the pair's done_wanted to 0 for the same.
+ *     forward as read, and this exchange needs no done_hook call (its filters are done).
+ *     Either hook, answering otherwise, may set the pair's done_wanted to 0 for the same.
  *   done_hook(), once the pair has accounted the exchange: its response is sent, or
  *     what the downstream did not take is about to be handed over.
  * A request taken is not counted here (Python counts it as it carries it on).
@@ -438,6 +438,8 @@ static PyObject *Pair_downstream_readable(Pair *p, PyObject *unused)
         if (!forward)
             return hand_over_timed(p, REQUEST_TAKEN, PyBytes_FromStringAndSize(in_buf, n), t1, before);
         if (p->released) { Py_XDECREF(head); Py_RETURN_NONE; } /* the hook took the sockets back */
+    } else {
+        p->done_wanted = 1;
     }
     Py_ssize_t out_len;
     const char *out = outgoing(p, head, n, &h, 1, &out_len);
@@ -489,7 +491,7 @@ static PyObject *Pair_upstream_readable(Pair *p, PyObject *unused)
     SLOT(p, S_EXPRESS) += 1;
     SLOT(p, S_NATIVE) += 1;
     pf_account_response(p->block, h.status, done - p->started_ns);
-    if (p->done_hook != NULL && (p->done_wanted || p->request_hook == NULL)) {
+    if (p->done_hook != NULL && p->done_wanted) {
         PyObject *hook = Py_NewRef(p->done_hook);
         PyObject *result = PyObject_CallNoArgs(hook);
         if (result == NULL) PyErr_WriteUnraisable(hook); /* nothing left to hand over */
@@ -629,7 +631,7 @@ static PyMemberDef Pair_members[] = {
     {"started_ns", T_LONGLONG, offsetof(Pair, started_ns), READONLY, "when the request in flight was read"},
     {"last_active_ns", T_LONGLONG, offsetof(Pair, last_active_ns), READONLY, "when the last response left"},
     {"done_wanted", T_INT, offsetof(Pair, done_wanted), 0,
-     "whether done_hook is called as the exchange in flight ends (a request hook may clear it)"},
+     "whether done_hook is called as the exchange in flight ends (a hook may clear it)"},
     {"served", T_LONGLONG, offsetof(Pair, served), READONLY, "exchanges completed here"},
     {"down_in", T_LONGLONG, offsetof(Pair, down_in), READONLY, "bytes read from the downstream"},
     {"down_out", T_LONGLONG, offsetof(Pair, down_out), READONLY, "bytes sent to the downstream"},

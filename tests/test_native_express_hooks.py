@@ -171,18 +171,31 @@ def test_a_field_list_that_reframes_a_response_takes_it(rig, fields):
     assert rig.handovers == [(_express.RESPONSE_TAKEN, RESPONSE)] and rig.pair.in_flight
 
 
-def test_a_request_hook_may_clear_done_wanted_with_a_new_head(rig):
+@pytest.mark.parametrize("side", ["request", "response"])
+def test_a_hook_may_clear_done_wanted_with_a_new_head(rig, side):
     hooks = Hooks()
 
     def request(*args):
-        rig.pair.done_wanted = 0
-        return b"GET /b HTTP/1.1\r\nhost: svc\r\n\r\n"
+        if side == "request":
+            rig.pair.done_wanted = 0
+            return b"GET /b HTTP/1.1\r\nhost: svc\r\n\r\n"
+        return None
 
-    rig.pair.set_hooks(request, None, hooks.finished)
+    def response(*args):
+        rig.pair.done_wanted = 0
+        return [(b"content-length", b"2")]
+
+    rig.pair.set_hooks(request, response if side == "response" else None, hooks.finished)
+    for _ in range(2):
+        rig.request(REQUEST)
+        rig.app.recv(4096)
+        rig.respond(RESPONSE)
+        assert rig.client.recv(4096).endswith(b"ok") and hooks.done == 0 and rig.handovers == []
+    rig.pair.set_hooks(None, None, hooks.finished)  # no hook clears it: called again
     rig.request(REQUEST)
-    assert rig.app.recv(4096) == b"GET /b HTTP/1.1\r\nhost: svc\r\n\r\n"
+    rig.app.recv(4096)
     rig.respond(RESPONSE)
-    assert rig.client.recv(4096).endswith(b"ok") and hooks.done == 0 and rig.handovers == []
+    assert hooks.done == 1
 
 
 def test_a_request_taken_is_handed_over_byte_exact_and_not_counted(rig):

@@ -103,6 +103,7 @@ class ChainFactory:
             )
 
         self.hooks = {hook: implementing(hook) for hook in HOOKS}
+        self.decode_heads = self.hooks["decode_headers"]  # read once per request
         overrides = [
             getattr(cls, "on_destroy", None) is not HttpFilter.on_destroy for cls in classes
         ]
@@ -149,7 +150,7 @@ class ChainFactory:
         if overhead_ns <= 0:
             return
         stage_ns = self.stage_ns
-        if len(stage_ns) == 1:
+        if self.single:
             block[stage_ns[0]] += overhead_ns
             return
         share = overhead_ns // len(stage_ns)
@@ -232,12 +233,12 @@ class HttpChain:
         """True when every filter let the headers through (the exchange may go upstream now)."""
         self.maps = {"decode": headers}
         factory = self.factory
-        entries = factory.hooks["decode_headers"]
+        entries = factory.decode_heads
         if not entries and self.state is None:
             return not (self.replied or self.done)  # no request-header filter: nothing to run
         # With one filter, start_chain's clock around this pass is that filter's whole cost.
         return self._run(
-            "decode", "headers", entries, headers, end_stream, 0, clocked=not factory.single
+            "decode", "headers", entries, headers, end_stream, 0, False, not factory.single
         )
 
     def decode_data(self, data, end_stream: bool) -> None:

@@ -74,7 +74,9 @@ _express = express_pair()
 class NativeLanes:
     """Per listener context: whether connections may pair, and what every pair shares."""
 
-    __slots__ = ("ctx", "route", "chain", "ends_with_request", "slots", "timeout_ns")
+    __slots__ = (
+        "ctx", "route", "chain", "ends_with_request", "ends_with_response", "slots", "timeout_ns",
+    )  # fmt: skip
 
     def __init__(self, ctx: HttpContext, route: Route, chain: ChainFactory | None) -> None:
         self.ctx = ctx
@@ -85,6 +87,8 @@ class NativeLanes:
         self.ends_with_request = chain is not None and not (
             chain.finishers or chain.hooks["encode_headers"]
         )
+        # No end-of-request hook: the response filters' pass ends the chain.
+        self.ends_with_response = chain is not None and not chain.finishers
         self.timeout_ns = int(route.timeout * 1e9)
         (down_read, down_write), (up_read, up_write) = ctx.downstream_stages, ctx.upstream_stages
         # In express_lane.c's `enum slot` order.
@@ -201,8 +205,8 @@ class NativeLane:
         downstream.lane = None
         downstream.stream.take_back(pair.down_in, pair.down_out)
         upstream.stream.take_back(pair.up_in, pair.up_out)
+        chain, self.chain = self.chain, None  # no lane <-> chain cycle left behind
         if pair.in_flight:
-            chain, self.chain = self.chain, None
             downstream.resume_sent(self.route, upstream, pair.request, pair.started_ns, chain)
         elif keep_upstream:
             ctx.pool.keep(upstream)
@@ -249,25 +253,31 @@ class NativeLane:
         self.passed = None
         self.reply = None
         length = content_length if content_length >= 0 else None
-        chain_factory: Any = self.lanes.chain
+        lanes = self.lanes
+        factory: Any = lanes.chain  # set: the hooks are set only with a chain
         passed = start_chain(
-            self, chain_factory, method, target, fields, authority_in(fields), not length
+            self, factory, method, target, fields, authority_in(fields), not length
         )
-        if passed:
-            chain: Any = self.chain
-            headers = chain.maps["decode"]
-            if not headers.changed:
-                if chain.state is None and self.lanes.ends_with_request:
-                    self.chain = None
-                    chain.destroy()
-                    return True  # forward as read, no done hook
-                return None
-            edited = paired_request_edit(method, target, length, headers)
-            if edited is not None:
-                self.passed = True  # for the Exchange that adopts the chain if the pair takes it
-                return edited
-        self.passed = passed
-        return False
+        if not passed:
+            self.passed = passed
+            return False
+        chain: Any = self.chain
+        self.passed = True  # for the Exchange that adopts the chain if the pair takes it
+        # No response filter, no end-of-request work, nothing held: the chain is over now.
+        over = chain.state is None and lanes.ends_with_request
+        headers = chain.maps["decode"]
+        if not headers.changed:
+            if over:
+                self.chain = None
+                chain.destroy()
+                return True  # forward as read, no done hook
+            return None
+        edited = paired_request_edit(method, target, length, headers)
+        if edited is None:
+            return False
+        if over:
+            self._let_go(chain)
+        return edited
 
     def _response_hook(
         self, status: int, fields: list, content_length: int
@@ -276,17 +286,28 @@ class NativeLane:
         fields the pair writes it from), or False (taken)."""
         self.passed = None
         self.status = status
+        chain: Any = self.chain
         headers = HeaderMap(fields, {b":status": b"%d" % status})
-        passed = self.chain.encode_headers(headers, False)  # type: ignore[union-attr]
-        if passed:
-            if not headers.changed:
-                return None
+        if not chain.encode_headers(headers, False):
+            self.passed = False
+            return False
+        self.passed = True
+        edited = None
+        if headers.changed:
             edited = paired_response_edit(status, headers)
-            if edited is not None:
-                self.passed = True
-                return edited
-        self.passed = passed
-        return False
+            if edited is None:
+                return False
+        if chain.state is None and self.lanes.ends_with_response:
+            self._let_go(chain)  # the filters' last word
+        return edited
+
+    def _let_go(self, chain: HttpChain) -> None:
+        """A passed chain with nothing left to run (no end-of-request hook, nothing held or
+        deferred): its filters let go of it now, and the pair needs no done call. It is not
+        ended: the pair may yet take the message, and an Exchange that adopts the chain then
+        forwards what follows through it and ends it (running nothing more)."""
+        chain.run_destroyers()
+        self.pair.done_wanted = 0
 
     def _done_hook(self) -> None:
         chain, self.chain = self.chain, None
@@ -322,6 +343,7 @@ class NativeLane:
     # ---- what the pair hands over -------------------------------------------------------
 
     def _handover(self, kind: int, payload: Any) -> None:
+        chain = self.chain  # a request taken carries it on
         self.release()
         downstream, upstream = self.downstream, self.upstream
         if kind == _express.DOWN_DATA:
@@ -343,13 +365,12 @@ class NativeLane:
         elif kind == _express.RESPONSE_UNSENT:
             downstream.stream.write(payload)
         elif kind == _express.REQUEST_TAKEN:
-            self._request_taken(payload)
+            self._request_taken(payload, chain)
         elif kind == _express.RESPONSE_TAKEN:
             self._response_taken(payload)
         # DOWN_READABLE, UP_IDLE_READABLE: nothing was read; the streams' own readers fire next.
 
-    def _request_taken(self, data: bytes) -> None:
-        chain, self.chain = self.chain, None
+    def _request_taken(self, data: bytes, chain: HttpChain | None) -> None:
         if chain is None or self.passed is None:
             # The hook raised: its filters' pass is void, and the general path reads the
             # request afresh (a filter that raised there raises again, as it would have).
