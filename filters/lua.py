@@ -808,18 +808,18 @@ class _Engine:
         self.filter = lua_filter
         self.added = 0
 
-    def _charge(self, name: bytes, value: bytes) -> None:
-        self.added += len(name) + len(value)
-        if self.added > MAX_ADDED_HEADER_BYTES:
+    def _charge(self, name: bytes, value: bytes) -> HeaderMap:
+        """Count what a script adds; the map it acts on."""
+        added = self.added = self.added + len(name) + len(value)
+        if added > MAX_ADDED_HEADER_BYTES:
             raise ValueError(f"a script may add at most {MAX_ADDED_HEADER_BYTES} header bytes")
+        return self.map
 
     def add(self, name: bytes, value: bytes) -> None:
-        self._charge(name, value)
-        self.map.add(name, value)
+        self._charge(name, value).add(name, value)
 
     def set(self, name: bytes, value: bytes) -> None:
-        self._charge(name, value)
-        self.map.set(name, value)
+        self._charge(name, value).set(name, value)
 
     def remove(self, name: bytes) -> None:
         self.map.remove(name)
@@ -1093,7 +1093,10 @@ class _LuaFilter(HttpFilter):
 
     def _run(self, runner, headers, end_stream: bool) -> int:
         engine = self.engine
-        engine.bind(headers, self)
+        # engine.bind(headers, self), inline: once per request.
+        engine.map = headers
+        engine.filter = self
+        engine.added = 0
         self.no_body = end_stream
         self.body_changed = False
         # Per call: a shared instance (see _filter_class) serves every request.

@@ -401,7 +401,10 @@ class HttpChain:
                 hold_first = False
         if self.state is not None:
             self.state.stopped[direction] = None
-        if kind != "headers" or direction == "encode":
+        if kind == "headers":
+            if direction == "encode":
+                self.exchange.forward_response_head(end_stream)  # _emit's, without the call
+        else:
             self._emit(direction, kind, payload, end_stream)
         return True
 
