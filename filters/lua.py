@@ -338,11 +338,19 @@ local function checkstring(v, what)
 end
 
 -- headers(): one object, acting on whichever message is current.
+-- A string argument (the usual case) skips checkstring's call.
 local headers_methods = {
-  get = function(_, k) return py_get(checkstring(k, "get")) end,
+  get = function(_, k)
+    if type(k) ~= "string" then k = checkstring(k, "get") end
+    return py_get(k)
+  end,
   getAtIndex = function(_, k, i) return py_get_at(checkstring(k, "getAtIndex"), i) end,
   getNumValues = function(_, k) return py_count(checkstring(k, "getNumValues")) end,
-  add = function(_, k, v) py_add(checkstring(k, "add"), checkstring(v, "add")) end,
+  add = function(_, k, v)
+    if type(k) ~= "string" then k = checkstring(k, "add") end
+    if type(v) ~= "string" then v = checkstring(v, "add") end
+    py_add(k, v)
+  end,
   replace = function(_, k, v) py_set(checkstring(k, "replace"), checkstring(v, "replace")) end,
   remove = function(_, k) py_remove(checkstring(k, "remove")) end,
   setHttp1ReasonPhrase = function() end,
@@ -420,12 +428,12 @@ local function route_metadata()
 end
 
 -- A method Envoy has and pyproxy does not: a script error that names it, not a bare nil call.
+-- Known methods are found in the table itself (no function call per lookup).
 local function strict(kind, methods)
-  return {__index = function(_, name)
-    local m = methods[name]
-    if m == nil then error(kind .. ":" .. tostring(name) .. "() is not supported by pyproxy", 2) end
-    return m
-  end, __metatable = false}
+  setmetatable(methods, {__index = function(_, name)
+    error(kind .. ":" .. tostring(name) .. "() is not supported by pyproxy", 2)
+  end})
+  return {__index = methods, __metatable = false}
 end
 
 local function pairs_of(items)
@@ -558,6 +566,7 @@ local function direct(fn, handle)
     sethook(hook, "", PERIOD)
     local ok, err = pcall(fn, handle)
     sethook()
+    if ok then return nil end
     return outcome(ok, err)
   end
   ours[run] = true
