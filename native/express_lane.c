@@ -30,8 +30,9 @@
  *
  * Header-only filter chains ride along through three hooks (Pair.set_hooks; each one
  * None or a callable, one call per request or response, no hooks: nothing is called):
- *   request_hook(method, target, fields, content_length), on a whole plain request
- *     before it goes upstream; fields: [(lower-cased name, value)] in order, every field;
+ *   request_hook(method, target, fields, authority, content_length), on a whole plain
+ *     request before it goes upstream; fields: [(lower-cased name, value)] in order, every
+ *     field; authority: its Host field's value (the request has one: HTTP/1.1);
  *     content_length: its Content-Length (-1: none).
  *   response_hook(status, fields, content_length), on a whole plain response before it
  *     goes downstream; fields less the hop-by-hop ones.
@@ -376,15 +377,26 @@ static PyObject *call_hook(PyObject *hook, PyObject **args, int nargs)
     return answer;
 }
 
+/* The Host field's value from the request's field list (that list holds every field, in
+ * order): a new reference to the same bytes object, or b"" when there is none. */
+static PyObject *authority(PyObject *fields, const head_t *h)
+{
+    if (fields == NULL) return NULL;
+    if (h->host < 0) return PyBytes_FromStringAndSize(NULL, 0);
+    return Py_NewRef(PyTuple_GET_ITEM(PyList_GET_ITEM(fields, h->host), 1));
+}
+
 static PyObject *call_request_hook(PyObject *hook, const head_t *h)
 {
-    PyObject *args[4] = {
+    PyObject *fields = field_list(in_buf, h, 0);
+    PyObject *args[5] = {
         PyBytes_FromStringAndSize(in_buf + h->a0, h->a1 - h->a0),
         PyBytes_FromStringAndSize(in_buf + h->b0, h->b1 - h->b0),
-        field_list(in_buf, h, 0),
+        fields,
+        authority(fields, h),
         PyLong_FromSsize_t(h->content_length),
     };
-    return call_hook(hook, args, 4);
+    return call_hook(hook, args, 5);
 }
 
 static PyObject *call_response_hook(PyObject *hook, const head_t *h)

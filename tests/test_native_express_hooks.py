@@ -33,8 +33,8 @@ class Hooks:
         self.responses: list[tuple] = []
         self.done = 0
 
-    def request(self, method, target, fields, content_length):
-        self.requests.append((method, target, fields, content_length))
+    def request(self, method, target, fields, authority, content_length):
+        self.requests.append((method, target, fields, authority, content_length))
         return self.request_answer
 
     def response(self, status, fields, content_length):
@@ -70,8 +70,9 @@ def test_hooks_answering_none_forward_as_without_hooks(rig):
         rig.respond(RESPONSE)
         assert rig.client.recv(4096) == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     assert rig.handovers == [] and hooks.done == 2
-    method, target, fields, content_length = hooks.requests[0]
-    assert (method, target, content_length) == (b"GET", b"/a", -1)
+    method, target, fields, authority, content_length = hooks.requests[0]
+    assert (method, target, authority, content_length) == (b"GET", b"/a", b"svc", -1)
+    assert authority is fields[0][1]  # the Host field's own value, not a copy
     # Every field, names lower-cased, as the general path's request head has them.
     assert fields == [(b"host", b"svc"), (b"connection", b"keep-alive"), (b"x-a", b"1")]
     status, fields, content_length = hooks.responses[0]
@@ -84,7 +85,7 @@ def test_hooks_answering_none_forward_as_without_hooks(rig):
 def test_a_request_with_a_body_says_its_length_and_its_body_follows_a_new_head(rig):
     hooks = hooked(rig, Hooks(request_answer=b"POST /rewritten HTTP/1.1\r\nhost: svc\r\n\r\n"))
     rig.request(POST)
-    assert hooks.requests[0][3] == 5
+    assert hooks.requests[0][4] == 5
     assert rig.app.recv(4096) == b"POST /rewritten HTTP/1.1\r\nhost: svc\r\n\r\nhello"
     assert rig.pair.request == POST  # what Python replays on a handover is what was read
     assert rig.block[c.UPSTREAM_TX] == len(b"POST /rewritten HTTP/1.1\r\nhost: svc\r\n\r\nhello")

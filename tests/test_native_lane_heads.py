@@ -82,7 +82,7 @@ def test_the_pair_sends_a_changed_request_head_as_the_general_path_does(edit, le
     try:
         seen = []
 
-        def request_hook(method, target, read_fields, content_length):
+        def request_hook(method, target, read_fields, authority, content_length):
             seen.append(read_fields)
             headers = _edited(read_fields, _POST_PSEUDO, REQUEST_EDITS[edit])
             cl = content_length if content_length >= 0 else None

@@ -63,7 +63,6 @@ from pyproxy.http.context import HttpContext
 from pyproxy.http.downstream_h1 import Http1Downstream
 from pyproxy.http.exchange import end_chain, start_chain
 from pyproxy.http.heads import paired_request_edit, paired_response_edit
-from pyproxy.http.request import authority_in
 from pyproxy.http.router import Route
 from pyproxy.http.upstream_h1 import Http1Upstream
 from pyproxy.native import express_pair, http1_head_scanner
@@ -245,7 +244,7 @@ class NativeLane:
     # ---- the route's filters, called by the pair ---------------------------------------
 
     def _request_hook(
-        self, method: bytes, target: bytes, fields: list, content_length: int
+        self, method: bytes, target: bytes, fields: list, authority: bytes, content_length: int
     ) -> bytes | list | bool | None:
         """Run the request-header filters: None or True (go on as read; True: the chain is
         over already), the new head (bytes, or the fields the pair writes it from), or False
@@ -255,9 +254,7 @@ class NativeLane:
         length = content_length if content_length >= 0 else None
         lanes = self.lanes
         factory: Any = lanes.chain  # set: the hooks are set only with a chain
-        passed = start_chain(
-            self, factory, method, target, fields, authority_in(fields), not length
-        )
+        passed = start_chain(self, factory, method, target, fields, authority, not length)
         if not passed:
             self.passed = passed
             return False
