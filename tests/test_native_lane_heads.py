@@ -127,9 +127,8 @@ def _paired_response(status: int, read_fields: list, body: bytes, edit) -> tuple
     try:
 
         def response_hook(read_status, fields, content_length):
-            return paired_response_edit(
-                read_status, _edited(fields, {b":status": b"%d" % read_status}, edit)
-            )
+            as_read = b"%d" % read_status
+            return paired_response_edit(as_read, _edited(fields, {b":status": as_read}, edit))
 
         rig.pair.set_hooks(None, response_hook, None)
         rig.request(b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
@@ -180,4 +179,4 @@ def test_a_response_whose_status_changes_is_handed_over():
     headers = _edited(
         [(b"content-length", b"2")], {b":status": b"200"}, lambda h: h.set(b":status", b"201")
     )
-    assert paired_response_edit(200, headers) is None
+    assert paired_response_edit(b"200", headers) is None

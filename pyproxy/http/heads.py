@@ -133,12 +133,11 @@ def paired_request_edit(
     return paired_request_head(method, target, content_length, headers)
 
 
-def paired_response_edit(status: int, headers: HeaderMap) -> list | None:
-    """The same for a response: its filters' field list while the status stays as read (the
-    pair writes the head from the status line as read, as the general path would, or hands
-    the response over when that head would not frame the body as read or would close the
-    connection); None (hand it over) when the status changed."""
-    as_read = b"%d" % status
+def paired_response_edit(as_read: bytes, headers: HeaderMap) -> list | None:
+    """The same for a response whose status was ``as_read`` (b"200"): its filters' field list
+    while the status stays as read (the pair writes the head from the status line as read,
+    as the general path would, or hands the response over when that head would not frame
+    the body as read or would close the connection); None (hand it over) when it changed."""
     if headers.pseudo.get(b":status", as_read) == as_read:
         return headers.headers
     return None

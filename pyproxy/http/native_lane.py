@@ -68,6 +68,7 @@ from pyproxy.http.upstream_h1 import Http1Upstream
 from pyproxy.native import express_pair, http1_head_scanner
 
 _express = express_pair()
+_STATUS = [b"%d" % code for code in range(600)]  # a response's :status, made once
 
 
 class NativeLanes:
@@ -284,14 +285,15 @@ class NativeLane:
         self.passed = None
         self.status = status
         chain: Any = self.chain
-        headers = HeaderMap(fields, {b":status": b"%d" % status})
+        as_read = _STATUS[status]  # 200-599: the pair carries no other
+        headers = HeaderMap(fields, {b":status": as_read})
         if not chain.encode_headers(headers, False):
             self.passed = False
             return False
         self.passed = True
         edited = None
         if headers.changed:
-            edited = paired_response_edit(status, headers)
+            edited = paired_response_edit(as_read, headers)
             if edited is None:
                 return False
         if chain.state is None and self.lanes.ends_with_response:
