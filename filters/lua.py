@@ -339,11 +339,19 @@ local function checkstring(v, what)
 end
 
 -- headers(): one object, acting on whichever message is current.
+-- A string argument (the usual case) skips checkstring's call.
 local headers_methods = {
-  get = function(_, k) return py_get(checkstring(k, "get")) end,
+  get = function(_, k)
+    if type(k) ~= "string" then k = checkstring(k, "get") end
+    return py_get(k)
+  end,
   getAtIndex = function(_, k, i) return py_get_at(checkstring(k, "getAtIndex"), i) end,
   getNumValues = function(_, k) return py_count(checkstring(k, "getNumValues")) end,
-  add = function(_, k, v) py_add(checkstring(k, "add"), checkstring(v, "add")) end,
+  add = function(_, k, v)
+    if type(k) ~= "string" then k = checkstring(k, "add") end
+    if type(v) ~= "string" then v = checkstring(v, "add") end
+    py_add(k, v)
+  end,
   replace = function(_, k, v) py_set(checkstring(k, "replace"), checkstring(v, "replace")) end,
   remove = function(_, k) py_remove(checkstring(k, "remove")) end,
   setHttp1ReasonPhrase = function() end,
@@ -421,12 +429,12 @@ local function route_metadata()
 end
 
 -- A method Envoy has and pyproxy does not: a script error that names it, not a bare nil call.
+-- Known methods are found in the table itself (no function call per lookup).
 local function strict(kind, methods)
-  return {__index = function(_, name)
-    local m = methods[name]
-    if m == nil then error(kind .. ":" .. tostring(name) .. "() is not supported by pyproxy", 2) end
-    return m
-  end, __metatable = false}
+  setmetatable(methods, {__index = function(_, name)
+    error(kind .. ":" .. tostring(name) .. "() is not supported by pyproxy", 2)
+  end})
+  return {__index = methods, __metatable = false}
 end
 
 local function pairs_of(items)
@@ -559,6 +567,7 @@ local function direct(fn, handle)
     sethook(hook, "", PERIOD)
     local ok, err = pcall(fn, handle)
     sethook()
+    if ok then return nil end
     return outcome(ok, err)
   end
   ours[run] = true
@@ -809,18 +818,18 @@ class _Engine:
         self.filter = lua_filter
         self.added = 0
 
-    def _charge(self, name: bytes, value: bytes) -> None:
-        self.added += len(name) + len(value)
-        if self.added > MAX_ADDED_HEADER_BYTES:
+    def _charge(self, name: bytes, value: bytes) -> HeaderMap:
+        """Count what a script adds; the map it acts on."""
+        added = self.added = self.added + len(name) + len(value)
+        if added > MAX_ADDED_HEADER_BYTES:
             raise ValueError(f"a script may add at most {MAX_ADDED_HEADER_BYTES} header bytes")
+        return self.map
 
     def add(self, name: bytes, value: bytes) -> None:
-        self._charge(name, value)
-        self.map.add(name, value)
+        self._charge(name, value).add(name, value)
 
     def set(self, name: bytes, value: bytes) -> None:
-        self._charge(name, value)
-        self.map.set(name, value)
+        self._charge(name, value).set(name, value)
 
     def remove(self, name: bytes) -> None:
         self.map.remove(name)
@@ -1086,7 +1095,10 @@ class _LuaFilter(HttpFilter):
 
     def _run(self, runner, headers, end_stream: bool) -> int:
         engine = self.engine
-        engine.bind(headers, self)
+        # engine.bind(headers, self), inline: once per request.
+        engine.map = headers
+        engine.filter = self
+        engine.added = 0
         self.no_body = end_stream
         self.body_changed = False
         # Per call: a shared instance (see _filter_class) serves every request.

@@ -30,16 +30,20 @@
  *
  * Header-only filter chains ride along through three hooks (Pair.set_hooks; each one
  * None or a callable, one call per request or response, no hooks: nothing is called):
- *   request_hook(head, method, target, fields, content_length), on a whole plain request
- *     before it goes upstream; head: its head as read, fields: [(lower-cased name,
- *     value)] in order, every field; content_length: its Content-Length (-1: none).
- *   response_hook(head, status, fields, content_length), on a whole plain response
- *     before it goes downstream; fields less the hop-by-hop ones.
+ *   request_hook(method, target, fields, authority, content_length), on a whole plain
+ *     request before it goes upstream; fields: [(lower-cased name, value)] in order, every
+ *     field; authority: its Host field's value (the request has one: HTTP/1.1);
+ *     content_length: its Content-Length (-1: none).
+ *   response_hook(status, fields, content_length), on a whole plain response before it
+ *     goes downstream; fields less the hop-by-hop ones.
  *   A hook answers None (forward as read), bytes (forward these as the head instead,
- *     the body after them unchanged) or False (take it: REQUEST_TAKEN / RESPONSE_TAKEN,
- *     Python carries the message on). Anything else, or an exception (reported through
+ *     the body after them unchanged), a list of (lower-case name, value) bytes pairs (the
+ *     head's fields as its filters left them: the pair writes the head from the start line
+ *     as read and these fields, see composed_head) or False (take it: REQUEST_TAKEN /
+ *     RESPONSE_TAKEN, Python carries the message on). Anything else, or an exception (reported through
  *     sys.unraisablehook), takes the message too. The request hook may also answer True:
  *     forward as read, and this exchange needs no done_hook call (its filters are done).
+ *     Either hook, answering otherwise, may set the pair's done_wanted to 0 for the same.
  *   done_hook(), once the pair has accounted the exchange: its response is sent, or
  *     what the downstream did not take is about to be handed over.
  * A request taken is not counted here (Python counts it as it carries it on).
@@ -228,33 +232,133 @@ static const char *forwarded(Py_ssize_t n, const head_t *h, Py_ssize_t *out_len)
     return out_buf;
 }
 
+/* Room for `need` bytes in p->composed. -1: out of memory (exception set). */
+static int compose_room(Pair *p, Py_ssize_t need)
+{
+    if (need <= p->composed_cap) return 0;
+    char *grown = PyMem_Realloc(p->composed, need);
+    if (grown == NULL) { PyErr_NoMemory(); return -1; }
+    p->composed = grown;
+    p->composed_cap = need;
+    return 0;
+}
+
 /* What goes on when a hook rewrote the head: `head` then the read's body. NULL: out of memory. */
 static const char *rewritten(Pair *p, PyObject *head, Py_ssize_t n, const head_t *h, Py_ssize_t *out_len)
 {
     Py_ssize_t head_len = PyBytes_GET_SIZE(head), body = n - h->head_len;
-    if (head_len + body > p->composed_cap) {
-        char *grown = PyMem_Realloc(p->composed, head_len + body);
-        if (grown == NULL) { PyErr_NoMemory(); return NULL; }
-        p->composed = grown;
-        p->composed_cap = head_len + body;
-    }
+    if (compose_room(p, head_len + body) < 0) return NULL;
     memcpy(p->composed, PyBytes_AS_STRING(head), head_len);
     memcpy(p->composed + head_len, in_buf + h->head_len, body);
     *out_len = head_len + body;
     return p->composed;
 }
 
-/* A hook's answer: 1 forward (*head: NULL as read, else a new reference to the new head),
- * 2 forward as read with no done_hook call (True, from the request hook), 0 take the
- * message. An exception or an answer of another kind is reported, then taken. */
+/* Whether a name (as a filter left it) has an upper-case letter: the general path writes
+ * such a field as given and strips hop-by-hop fields by their lower-case names only. */
+static int has_upper(const char *s, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (s[i] >= 'A' && s[i] <= 'Z') return 1;
+    return 0;
+}
+
+/* What goes on when a hook answered the head's fields: the start line as read, then each
+ * field as "name: value", then the read's body, in p->composed. That is the general path's
+ * head (heads.paired_request_head / paired_response_head) when the head is one the pair
+ * would have carried had it arrived so: the composed head is scanned like a received one
+ * and must frame the body as read (same Content-Length, no close on a response), with no
+ * field more or fewer than written (a CR or LF inside a name or value splits a line).
+ * On a request the hop-by-hop fields are left out, as the general path strips them; one
+ * whose Connection names another field, a name with an upper-case letter, an item that is
+ * not a pair of bytes or a response with no reason phrase (the general path writes its
+ * own) is not composed here. NULL: take the message (*out_len 0) or out of memory
+ * (*out_len -1, exception set). */
+static const char *composed_head(Pair *p, PyObject *fields, Py_ssize_t n, const head_t *h, int is_request,
+                                 Py_ssize_t *out_len)
+{
+    *out_len = 0;
+    if (!is_request && h->b0 == h->b1) return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(fields), need = h->start_len + 2 + (n - h->head_len);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PyList_GET_ITEM(fields, i);
+        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2) return NULL;
+        PyObject *name = PyTuple_GET_ITEM(item, 0), *value = PyTuple_GET_ITEM(item, 1);
+        if (!PyBytes_CheckExact(name) || !PyBytes_CheckExact(value)) return NULL;
+        need += PyBytes_GET_SIZE(name) + PyBytes_GET_SIZE(value) + 4;
+    }
+    if (compose_room(p, need) < 0) { *out_len = -1; return NULL; }
+    char *w = p->composed;
+    memcpy(w, in_buf, h->start_len);
+    w += h->start_len;
+    Py_ssize_t written = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *item = PyList_GET_ITEM(fields, i);
+        const char *name = PyBytes_AS_STRING(PyTuple_GET_ITEM(item, 0));
+        const char *value = PyBytes_AS_STRING(PyTuple_GET_ITEM(item, 1));
+        Py_ssize_t nl = PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 0));
+        Py_ssize_t vl = PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 1));
+        if (has_upper(name, nl)) return NULL;
+        if (is_request && pf_hop_by_hop(name, nl)) {
+            if (nl == 10 && memcmp(name, "connection", 10) == 0) {
+                const char *o = value;
+                int kind;
+                while ((kind = next_option(&o, value + vl)) >= 0)
+                    if (kind == 2) return NULL; /* it names a field the general path strips too */
+            }
+            continue;
+        }
+        memcpy(w, name, nl);
+        w += nl;
+        memcpy(w, ": ", 2);
+        w += 2;
+        memcpy(w, value, vl);
+        w += vl;
+        memcpy(w, "\r\n", 2);
+        w += 2;
+        written++;
+    }
+    memcpy(w, "\r\n", 2);
+    w += 2;
+    Py_ssize_t head_len = w - p->composed;
+    static head_t again; /* one event loop per process and the GIL held, like in_buf */
+    if (!scan_head(p->composed, head_len, is_request, head_len, MAX_FIELDS, &again) || !has_wire(&again) ||
+        again.nfields != written || again.head_len != head_len || again.content_length != h->content_length ||
+        (is_request ? again.hop : again.close))
+        return NULL;
+    memcpy(w, in_buf + h->head_len, n - h->head_len);
+    *out_len = head_len + n - h->head_len;
+    return p->composed;
+}
+
+/* What goes on for a hook's answer `head` (stolen): NULL as read, new head bytes, or the
+ * fields to compose it from. NULL: take the message (*out_len 0) or out of memory (-1). */
+static const char *outgoing(Pair *p, PyObject *head, Py_ssize_t n, const head_t *h, int is_request,
+                            Py_ssize_t *out_len)
+{
+    const char *out;
+    if (head == NULL) return forwarded(n, h, out_len);
+    if (PyList_CheckExact(head)) out = composed_head(p, head, n, h, is_request, out_len);
+    else if ((out = rewritten(p, head, n, h, out_len)) == NULL) *out_len = -1;
+    Py_DECREF(head);
+    return out;
+}
+
+/* A hook's answer: 1 forward (*head: NULL as read, else a new reference to the new head,
+ * bytes, or to the list of fields to write it from), 2 forward as read with no done_hook
+ * call (True, from the request hook), 0 take the message. An exception or an answer of
+ * another kind is reported, then taken. */
 static int verdict(PyObject *hook, PyObject *answer, PyObject **head, int may_be_done)
 {
     *head = NULL;
     if (answer == Py_None) { Py_DECREF(answer); return 1; }
     if (answer == Py_True && may_be_done) { Py_DECREF(answer); return 2; }
-    if (answer != NULL && PyBytes_CheckExact(answer)) { *head = answer; return 1; }
+    if (answer != NULL && (PyBytes_CheckExact(answer) || PyList_CheckExact(answer))) {
+        *head = answer;
+        return 1;
+    }
     if (answer != NULL && answer != Py_False)
-        PyErr_Format(PyExc_TypeError, "a pair hook answers None, bytes or False, not %.80s",
+        PyErr_Format(PyExc_TypeError, "a pair hook answers None, bytes, a list or False, not %.80s",
                      Py_TYPE(answer)->tp_name);
     Py_XDECREF(answer);
     if (PyErr_Occurred()) PyErr_WriteUnraisable(hook);
@@ -273,13 +377,23 @@ static PyObject *call_hook(PyObject *hook, PyObject **args, int nargs)
     return answer;
 }
 
+/* The Host field's value from the request's field list (that list holds every field, in
+ * order): a new reference to the same bytes object, or b"" when there is none. */
+static PyObject *authority(PyObject *fields, const head_t *h)
+{
+    if (fields == NULL) return NULL;
+    if (h->host < 0) return PyBytes_FromStringAndSize(NULL, 0);
+    return Py_NewRef(PyTuple_GET_ITEM(PyList_GET_ITEM(fields, h->host), 1));
+}
+
 static PyObject *call_request_hook(PyObject *hook, const head_t *h)
 {
+    PyObject *fields = field_list(in_buf, h, 0);
     PyObject *args[5] = {
-        PyBytes_FromStringAndSize(in_buf, h->head_len),
         PyBytes_FromStringAndSize(in_buf + h->a0, h->a1 - h->a0),
         PyBytes_FromStringAndSize(in_buf + h->b0, h->b1 - h->b0),
-        field_list(in_buf, h, 0),
+        fields,
+        authority(fields, h),
         PyLong_FromSsize_t(h->content_length),
     };
     return call_hook(hook, args, 5);
@@ -287,13 +401,12 @@ static PyObject *call_request_hook(PyObject *hook, const head_t *h)
 
 static PyObject *call_response_hook(PyObject *hook, const head_t *h)
 {
-    PyObject *args[4] = {
-        PyBytes_FromStringAndSize(in_buf, h->head_len),
+    PyObject *args[3] = {
         PyLong_FromLong(h->status),
         field_list(in_buf, h, 1),
         PyLong_FromSsize_t(h->content_length),
     };
-    return call_hook(hook, args, 4);
+    return call_hook(hook, args, 3);
 }
 
 /* After a send: hand a failure or the unsent rest over, else charge `other` and carry on. */
@@ -330,21 +443,24 @@ static PyObject *Pair_downstream_readable(Pair *p, PyObject *unused)
     PyObject *head = NULL;
     if (p->request_hook != NULL) {
         PyObject *hook = Py_NewRef(p->request_hook);
+        p->done_wanted = 1; /* the hook may clear it */
         int forward = verdict(hook, call_request_hook(hook, &h), &head, 1);
         Py_DECREF(hook);
-        p->done_wanted = forward == 1;
+        if (forward != 1) p->done_wanted = 0;
         if (!forward)
             return hand_over_timed(p, REQUEST_TAKEN, PyBytes_FromStringAndSize(in_buf, n), t1, before);
         if (p->released) { Py_XDECREF(head); Py_RETURN_NONE; } /* the hook took the sockets back */
+    } else {
+        p->done_wanted = 1;
     }
-    if (keep_request(p, in_buf, n) < 0) { Py_XDECREF(head); return NULL; }
+    Py_ssize_t out_len;
+    const char *out = outgoing(p, head, n, &h, 1, &out_len);
+    if (out == NULL && out_len == 0)
+        return hand_over_timed(p, REQUEST_TAKEN, PyBytes_FromStringAndSize(in_buf, n), t1, before);
+    if (out == NULL || keep_request(p, in_buf, n) < 0) return NULL;
     p->in_flight = 1;
     p->started_ns = started;
     SLOT(p, S_REQUESTS) += 1;
-    Py_ssize_t out_len;
-    const char *out = head == NULL ? forwarded(n, &h, &out_len) : rewritten(p, head, n, &h, &out_len);
-    Py_XDECREF(head);
-    if (out == NULL) return NULL;
     Py_ssize_t sent = timed_send(p, p->up_fd, out, out_len, S_UP_WRITE_NS, S_UP_WRITE_EV, S_UP_TX, &p->up_out);
     return sent_or_hand_over(p, sent, out, out_len, UP_FAILED, REQUEST_UNSENT, t1, before);
 }
@@ -374,8 +490,9 @@ static PyObject *Pair_upstream_readable(Pair *p, PyObject *unused)
         if (p->released) { Py_XDECREF(head); Py_RETURN_NONE; }
     }
     Py_ssize_t out_len;
-    const char *out = head == NULL ? forwarded(n, &h, &out_len) : rewritten(p, head, n, &h, &out_len);
-    Py_XDECREF(head);
+    const char *out = outgoing(p, head, n, &h, 0, &out_len);
+    if (out == NULL && out_len == 0)
+        return hand_over_timed(p, RESPONSE_TAKEN, PyBytes_FromStringAndSize(in_buf, n), t1, before);
     if (out == NULL) return NULL;
     Py_ssize_t sent =
         timed_send(p, p->down_fd, out, out_len, S_DOWN_WRITE_NS, S_DOWN_WRITE_EV, S_DOWN_TX, &p->down_out);
@@ -386,7 +503,7 @@ static PyObject *Pair_upstream_readable(Pair *p, PyObject *unused)
     SLOT(p, S_EXPRESS) += 1;
     SLOT(p, S_NATIVE) += 1;
     pf_account_response(p->block, h.status, done - p->started_ns);
-    if (p->done_hook != NULL && (p->done_wanted || p->request_hook == NULL)) {
+    if (p->done_hook != NULL && p->done_wanted) {
         PyObject *hook = Py_NewRef(p->done_hook);
         PyObject *result = PyObject_CallNoArgs(hook);
         if (result == NULL) PyErr_WriteUnraisable(hook); /* nothing left to hand over */
@@ -525,6 +642,8 @@ static PyMemberDef Pair_members[] = {
     {"released", T_INT, offsetof(Pair, released), READONLY, "handed over or detached"},
     {"started_ns", T_LONGLONG, offsetof(Pair, started_ns), READONLY, "when the request in flight was read"},
     {"last_active_ns", T_LONGLONG, offsetof(Pair, last_active_ns), READONLY, "when the last response left"},
+    {"done_wanted", T_INT, offsetof(Pair, done_wanted), 0,
+     "whether done_hook is called as the exchange in flight ends (a hook may clear it)"},
     {"served", T_LONGLONG, offsetof(Pair, served), READONLY, "exchanges completed here"},
     {"down_in", T_LONGLONG, offsetof(Pair, down_in), READONLY, "bytes read from the downstream"},
     {"down_out", T_LONGLONG, offsetof(Pair, down_out), READONLY, "bytes sent to the downstream"},

@@ -53,6 +53,7 @@ typedef struct {
     Py_ssize_t content_length; /* -1: no Content-Length field */
     int close, keep_alive, expect, hop, named; /* named: a Connection option names a field */
     Py_ssize_t nfields;
+    Py_ssize_t host; /* the (last) Host field's index, -1: none */
     field_t fields[MAX_FIELDS];
 } head_t;
 
@@ -135,6 +136,7 @@ static int scan_head(const char *d, Py_ssize_t n, int is_request, Py_ssize_t max
     int hosts = 0;
     h->content_length = -1;
     h->close = h->keep_alive = h->expect = h->hop = h->named = 0;
+    h->host = -1;
     p = line_end + 2;
     while (p < end + 2) {
         const char *le = memchr(p, '\r', end + 2 - p);
@@ -165,6 +167,7 @@ static int scan_head(const char *d, Py_ssize_t n, int is_request, Py_ssize_t max
             return 0; /* chunked and upgrade framing are llhttp's */
         } else if (name_is(p, nl, "host")) {
             hosts++;
+            h->host = nfields - 1;
         } else if (name_is(p, nl, "expect")) {
             h->expect = vl == 12 && strncasecmp(v, "100-continue", 12) == 0;
         } else if (name_is(p, nl, "connection")) {

@@ -33,12 +33,12 @@ class Hooks:
         self.responses: list[tuple] = []
         self.done = 0
 
-    def request(self, head, method, target, fields, content_length):
-        self.requests.append((head, method, target, fields, content_length))
+    def request(self, method, target, fields, authority, content_length):
+        self.requests.append((method, target, fields, authority, content_length))
         return self.request_answer
 
-    def response(self, head, status, fields, content_length):
-        self.responses.append((head, status, fields, content_length))
+    def response(self, status, fields, content_length):
+        self.responses.append((status, fields, content_length))
         return self.response_answer
 
     def finished(self):
@@ -70,15 +70,13 @@ def test_hooks_answering_none_forward_as_without_hooks(rig):
         rig.respond(RESPONSE)
         assert rig.client.recv(4096) == b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     assert rig.handovers == [] and hooks.done == 2
-    head, method, target, fields, content_length = hooks.requests[0]
-    assert head == REQUEST and (method, target, content_length) == (b"GET", b"/a", -1)
+    method, target, fields, authority, content_length = hooks.requests[0]
+    assert (method, target, authority, content_length) == (b"GET", b"/a", b"svc", -1)
+    assert authority is fields[0][1]  # the Host field's own value, not a copy
     # Every field, names lower-cased, as the general path's request head has them.
     assert fields == [(b"host", b"svc"), (b"connection", b"keep-alive"), (b"x-a", b"1")]
-    head, status, fields, content_length = hooks.responses[0]
-    assert head == RESPONSE[: RESPONSE.index(b"\r\n\r\n") + 4] and (status, content_length) == (
-        200,
-        2,
-    )
+    status, fields, content_length = hooks.responses[0]
+    assert (status, content_length) == (200, 2)
     assert fields == [(b"content-length", b"2")]  # less hop-by-hop, as encode filters see it
     block = rig.block
     assert block[c.REQUESTS] == block[c.NATIVE_REQUESTS] == 2 and block[c.STATUS_BASE + 1] == 2
@@ -117,6 +115,88 @@ def test_a_large_rewritten_request_goes_whole(rig):
     while len(got) < len(head) + 30000:
         got += rig.app.recv(1 << 20)
     assert got == head + b"x" * 30000
+
+
+def test_a_field_list_answer_is_written_after_the_start_line_as_read(rig):
+    fields = [(b"host", b"svc"), (b"connection", b"keep-alive"), (b"x-a", b"1"), (b"x-b", b"2")]
+    hooks = hooked(rig, Hooks(request_answer=fields, response_answer=[]))
+    hooks.response_answer = [(b"content-length", b"2"), (b"x-b", b"2")]
+    rig.request(REQUEST)
+    # Hop-by-hop fields are left out of a request, as the general path strips them.
+    assert rig.app.recv(4096) == b"GET /a HTTP/1.1\r\nhost: svc\r\nx-a: 1\r\nx-b: 2\r\n\r\n"
+    rig.respond(RESPONSE)
+    assert rig.client.recv(4096) == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nx-b: 2\r\n\r\nok"
+    assert rig.handovers == [] and hooks.done == 1 and rig.block[c.NATIVE_REQUESTS] == 1
+    hooks.request_answer = [(b"host", b"svc"), (b"content-length", b"5"), (b"x-b", b"2")]
+    rig.request(POST)
+    assert rig.app.recv(4096) == (
+        b"POST /up HTTP/1.1\r\nhost: svc\r\ncontent-length: 5\r\nx-b: 2\r\n\r\nhello"
+    )
+
+
+UNWRITABLE = {
+    "framing changed": [(b"host", b"svc")],  # the POST's Content-Length is gone
+    "line break in a value": [(b"host", b"svc"), (b"content-length", b"5"), (b"x", b"1\r\nx-y: 2")],
+    "not a pair": [(b"host", b"svc"), (b"content-length", b"5"), (b"x",)],
+    "not bytes": [(b"host", b"svc"), (b"content-length", b"5"), ("x", b"1")],
+    "upper case": [(b"host", b"svc"), (b"content-length", b"5"), (b"Connection", b"close")],
+    "connection names a field": [
+        (b"host", b"svc"), (b"content-length", b"5"), (b"connection", b"x-a"), (b"x-a", b"1"),
+    ],
+    "bad name": [(b"host", b"svc"), (b"content-length", b"5"), (b"x a", b"1")],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("fields", UNWRITABLE.values(), ids=list(UNWRITABLE))
+def test_a_field_list_the_pair_cannot_write_takes_the_request(rig, fields):
+    hooks = hooked(rig, Hooks(request_answer=fields))
+    rig.request(POST)
+    assert rig.handovers == [(_express.REQUEST_TAKEN, POST)]
+    assert rig.block[c.REQUESTS] == 0 and rig.block[c.UPSTREAM_TX] == 0 and hooks.done == 0
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [(b"content-length", b"3")],
+        [(b"content-length", b"2"), (b"connection", b"close")],
+        [(b"content-length", b"2"), (b"transfer-encoding", b"chunked")],
+    ],
+    ids=["length changed", "close", "chunked"],
+)
+def test_a_field_list_that_reframes_a_response_takes_it(rig, fields):
+    hooked(rig, Hooks(response_answer=fields))
+    rig.request(REQUEST)
+    rig.app.recv(4096)
+    rig.respond(RESPONSE)
+    assert rig.handovers == [(_express.RESPONSE_TAKEN, RESPONSE)] and rig.pair.in_flight
+
+
+@pytest.mark.parametrize("side", ["request", "response"])
+def test_a_hook_may_clear_done_wanted_with_a_new_head(rig, side):
+    hooks = Hooks()
+
+    def request(*args):
+        if side == "request":
+            rig.pair.done_wanted = 0
+            return b"GET /b HTTP/1.1\r\nhost: svc\r\n\r\n"
+        return None
+
+    def response(*args):
+        rig.pair.done_wanted = 0
+        return [(b"content-length", b"2")]
+
+    rig.pair.set_hooks(request, response if side == "response" else None, hooks.finished)
+    for _ in range(2):
+        rig.request(REQUEST)
+        rig.app.recv(4096)
+        rig.respond(RESPONSE)
+        assert rig.client.recv(4096).endswith(b"ok") and hooks.done == 0 and rig.handovers == []
+    rig.pair.set_hooks(None, None, hooks.finished)  # no hook clears it: called again
+    rig.request(REQUEST)
+    rig.app.recv(4096)
+    rig.respond(RESPONSE)
+    assert hooks.done == 1
 
 
 def test_a_request_taken_is_handed_over_byte_exact_and_not_counted(rig):
@@ -258,7 +338,7 @@ def test_hooks_hold_no_references_beyond_the_pair():
         rig.client.recv(4096)
     # Fifty exchanges leave nothing behind: the arguments die with each call.
     assert [sys.getrefcount(f) for f in (request, response, finished)] == [n + 1 for n in before]
-    fields = hooks.requests[0][3]
+    fields = hooks.requests[0][2]
     hooks.requests.clear()
     assert sys.getrefcount(fields) == 2  # ours and getrefcount's: the pair kept none
     rig.pair.set_hooks(None, None, None)

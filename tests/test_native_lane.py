@@ -258,6 +258,36 @@ end
     assert stats["native_requests"] == 2, stats  # the connection pairs again after each answer
 
 
+def test_a_request_head_the_pair_cannot_write_is_taken_with_its_body_and_filters_run_once(
+    start_proxy, tmp_path
+):
+    # The chain has no response filter, so the request hook lets go of it at once; taken
+    # after that, the request (head and body) still goes through it exactly once.
+    code = """
+function envoy_on_request(h)
+  h:headers():add('x-seen', 'once')
+  if h:headers():get(':path') == '/named' then
+    h:headers():add('connection', 'x-drop')
+    h:headers():add('x-drop', '1')
+  end
+end
+"""
+
+    def script(client):
+        replies = []
+        for path in (b"/warm", b"/named", b"/plain"):
+            client.send(b"POST %s HTTP/1.1\r\nHost: svc\r\nContent-Length: 3\r\n\r\nabc" % path)
+            replies.append(client.response())
+        return replies
+
+    replies, sent, stats = _both_lanes(start_proxy, tmp_path, _lua("named", code), script)["native"]
+    assert [r.split(b" ")[1] for r in sent] == [b"/warm", b"/named", b"/plain"]
+    assert all(r.lower().count(b"x-seen: once") == 1 and r.endswith(b"abc") for r in sent)
+    assert b"x-drop" not in sent[1].lower()  # named by Connection: hop-by-hop, stripped
+    assert stats["native_requests"] == 1, stats  # /plain; /named was taken
+    assert stats["stages"]["filter:named"]["events"] == 3  # one request pass each
+
+
 def test_response_heads_the_pair_cannot_frame_are_taken_with_their_filters_run_once(
     start_proxy, tmp_path
 ):

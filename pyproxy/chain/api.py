@@ -235,13 +235,15 @@ def _check(name: bytes, value: bytes) -> None:
     # A filter (or script) must not be able to smuggle a header line break onto the wire.
     # Byte values (CR 13, LF 10), not one-byte strings: `13 in name` is a memchr, while
     # `b"\r" in name` goes through the buffer protocol first (≈10× slower, per added header).
+    # A colon only at the start (a pseudo-header): `58 in name` first, since bytes.find with
+    # a start argument costs three memchr-sized checks.
     if (
         13 in name
         or 10 in name
         or 13 in value
         or 10 in value
-        or name.find(b":", 1) >= 0
         or not name
+        or (58 in name and name.find(b":", 1) >= 0)
     ):
         raise ValueError(f"invalid header {name!r}: {value!r}")
 

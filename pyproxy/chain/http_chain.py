@@ -103,6 +103,7 @@ class ChainFactory:
             )
 
         self.hooks = {hook: implementing(hook) for hook in HOOKS}
+        self.decode_heads = self.hooks["decode_headers"]  # read once per request
         overrides = [
             getattr(cls, "on_destroy", None) is not HttpFilter.on_destroy for cls in classes
         ]
@@ -149,7 +150,7 @@ class ChainFactory:
         if overhead_ns <= 0:
             return
         stage_ns = self.stage_ns
-        if len(stage_ns) == 1:
+        if self.single:
             block[stage_ns[0]] += overhead_ns
             return
         share = overhead_ns // len(stage_ns)
@@ -237,12 +238,12 @@ class HttpChain:
         """True when every filter let the headers through (the exchange may go upstream now)."""
         self.maps = {"decode": headers}
         factory = self.factory
-        entries = factory.hooks["decode_headers"]
+        entries = factory.decode_heads
         if not entries and self.state is None:
             return not (self.replied or self.done)  # no request-header filter: nothing to run
         # With one filter, start_chain's clock around this pass is that filter's whole cost.
         return self._run(
-            "decode", "headers", entries, headers, end_stream, 0, clocked=not factory.single
+            "decode", "headers", entries, headers, end_stream, 0, False, not factory.single
         )
 
     def decode_data(self, data, end_stream: bool) -> None:
@@ -414,7 +415,10 @@ class HttpChain:
                 hold_first = False
         if self.state is not None:
             self.state.stopped[direction] = None
-        if kind != "headers" or direction == "encode":
+        if kind == "headers":
+            if direction == "encode":
+                self.exchange.forward_response_head(end_stream)  # _emit's, without the call
+        else:
             self._emit(direction, kind, payload, end_stream)
         return True
 

@@ -590,12 +590,6 @@ def request_head_bytes(method: bytes, target: bytes, headers: Headers) -> bytes:
     return join_head([method, b" ", target, _REQUEST_LINE_TAIL], headers, None, None)
 
 
-def response_head_bytes(status: int, reason: bytes, headers: Headers) -> bytes:
-    """A response head as this codec writes it to a persistent HTTP/1.1 connection whose
-    framing its fields already say (Content-Length, or a status without content)."""
-    return join_head([status_line(status, reason)], headers, None, None)
-
-
 def _without_wire(ev):
     return replace(ev, headers=strip_hop_by_hop(ev.headers), wire=None)
 

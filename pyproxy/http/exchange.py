@@ -568,15 +568,16 @@ def start_chain(
     filters cost: measured here and charged to their stages (a local reply's too).
     """
     ctx = owner.ctx
-    if ctx.timed:
+    timed = ctx.timed
+    if timed:
         t0 = perf_counter_ns()
-    owner.chain = chain = factory.start(owner)
+    owner.chain = chain = HttpChain(factory, owner)
     # The head's header list belongs to this request: filters edit it in place, no copy.
-    header_map = HeaderMap(
-        headers, {b":method": method, b":path": target, b":authority": authority}
+    passed = chain.decode_headers(
+        HeaderMap(headers, {b":method": method, b":path": target, b":authority": authority}),
+        end_stream,
     )
-    passed = chain.decode_headers(header_map, end_stream)
-    if ctx.timed:
+    if timed:
         factory.charge(ctx.block, perf_counter_ns() - t0 - chain.hook_ns)
     return passed
 

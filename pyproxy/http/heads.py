@@ -9,7 +9,7 @@ from __future__ import annotations
 from pyproxy.chain.api import HeaderMap
 from pyproxy.codec.events import RequestHead, ResponseHead
 from pyproxy.codec.http1 import CodecUsageError, HeadFacts, facts_of, strip_hop_by_hop
-from pyproxy.codec.http1_fast import request_head_bytes, response_head_bytes
+from pyproxy.codec.http1_fast import request_head_bytes
 from pyproxy.counters import STAGES
 from pyproxy.protocol import FRAMING_FIELDS, framing_allowed, has_body
 
@@ -105,8 +105,11 @@ def downstream_head(
 # The native pair forwards a whole message's body as read, so it can carry a head its filters
 # changed only as bytes that frame that body the same way; anything else goes the general way.
 # For what the pair carries (HTTP/1.1 both ways, Content-Length framing, no upgrade, a request
-# that is not HEAD) upstream_head(filtered_request(...)) and downstream_head(...) reduce to
-# what these two do; tests/test_native_lane_heads.py holds them to the general path's bytes.
+# that is not HEAD) upstream_head(filtered_request(...)) and downstream_head(...) reduce to the
+# start line as read and the filters' fields (less hop-by-hop ones on a request), which the
+# pair writes itself (composed_head in native/express_lane.c), or, for a request whose target
+# changed, to paired_request_head; tests/test_native_lane_heads.py holds both to the general
+# path's bytes.
 
 
 def paired_request_head(
@@ -124,32 +127,36 @@ def paired_request_head(
     return request_head_bytes(method, pseudo[b":path"], fields)
 
 
-def paired_response_head(
-    status: int, reason: bytes, content_length: int | None, headers: HeaderMap
-) -> bytes | None:
-    """The head the general path would send downstream for a response read whole (``status``,
-    ``reason``, ``content_length``) whose filters left ``headers``; None when the pair cannot
-    carry it (the status or the body's framing changed, or the connection would close)."""
-    as_read = b"%d" % status
-    if headers.pseudo.get(b":status", as_read) != as_read:
-        return None
-    fields = headers.headers
-    if not _frames(fields, content_length, persists=True):
-        return None
-    return response_head_bytes(status, reason, fields)
+def paired_request_edit(
+    method: bytes, target: bytes, content_length: int | None, headers: HeaderMap
+) -> bytes | list | None:
+    """What the native pair is told to send for a request whose filters changed ``headers``:
+    their field list while the start line stays as read (the pair writes the head from it,
+    as paired_request_head would, or hands the request over when that head would not frame
+    the body as read), else paired_request_head's bytes (None: hand it over)."""
+    pseudo = headers.pseudo
+    if pseudo[b":method"] == method and pseudo[b":path"] == target:
+        return headers.headers
+    return paired_request_head(method, target, content_length, headers)
 
 
-def _frames(fields, content_length: int | None, persists: bool = False) -> bool:
+def paired_response_edit(as_read: bytes, headers: HeaderMap) -> list | None:
+    """The same for a response whose status was ``as_read`` (b"200"): its filters' field list
+    while the status stays as read (the pair writes the head from the status line as read,
+    as the general path would, or hands the response over when that head would not frame
+    the body as read or would close the connection); None (hand it over) when it changed."""
+    if headers.pseudo.get(b":status", as_read) == as_read:
+        return headers.headers
+    return None
+
+
+def _frames(fields, content_length: int | None) -> bool:
     """Whether a head sent with these fields frames its body by ``content_length`` as read."""
     try:
         facts: HeadFacts = facts_of(fields)
     except CodecUsageError:
         return False  # the general path refuses to send it, and says so
-    return (
-        facts.content_length == content_length
-        and not (facts.chunked or facts.upgrade_field)
-        and not (persists and facts.close)
-    )
+    return facts.content_length == content_length and not (facts.chunked or facts.upgrade_field)
 
 
 def retryable(request: RequestHead) -> bool:

@@ -62,19 +62,21 @@ from pyproxy.counters import (
 from pyproxy.http.context import HttpContext
 from pyproxy.http.downstream_h1 import Http1Downstream
 from pyproxy.http.exchange import end_chain, start_chain
-from pyproxy.http.heads import paired_request_head, paired_response_head
-from pyproxy.http.request import authority_in
+from pyproxy.http.heads import paired_request_edit, paired_response_edit
 from pyproxy.http.router import Route
 from pyproxy.http.upstream_h1 import Http1Upstream
 from pyproxy.native import express_pair, http1_head_scanner
 
 _express = express_pair()
+_STATUS = [b"%d" % code for code in range(600)]  # a response's :status, made once
 
 
 class NativeLanes:
     """Per listener context: whether connections may pair, and what every pair shares."""
 
-    __slots__ = ("ctx", "route", "chain", "ends_with_request", "slots", "timeout_ns")
+    __slots__ = (
+        "ctx", "route", "chain", "ends_with_request", "ends_with_response", "slots", "timeout_ns",
+    )  # fmt: skip
 
     def __init__(self, ctx: HttpContext, route: Route, chain: ChainFactory | None) -> None:
         self.ctx = ctx
@@ -85,6 +87,8 @@ class NativeLanes:
         self.ends_with_request = chain is not None and not (
             chain.finishers or chain.hooks["encode_headers"]
         )
+        # No end-of-request hook: the response filters' pass ends the chain.
+        self.ends_with_response = chain is not None and not chain.finishers
         self.timeout_ns = int(route.timeout * 1e9)
         (down_read, down_write), (up_read, up_write) = ctx.downstream_stages, ctx.upstream_stages
         # In express_lane.c's `enum slot` order.
@@ -201,8 +205,8 @@ class NativeLane:
         downstream.lane = None
         downstream.stream.take_back(pair.down_in, pair.down_out)
         upstream.stream.take_back(pair.up_in, pair.up_out)
+        chain, self.chain = self.chain, None  # no lane <-> chain cycle left behind
         if pair.in_flight:
-            chain, self.chain = self.chain, None
             downstream.resume_sent(self.route, upstream, pair.request, pair.started_ns, chain)
         elif keep_upstream:
             ctx.pool.keep(upstream)
@@ -241,50 +245,68 @@ class NativeLane:
     # ---- the route's filters, called by the pair ---------------------------------------
 
     def _request_hook(
-        self, head: bytes, method: bytes, target: bytes, fields: list, content_length: int
-    ) -> bytes | bool | None:
+        self, method: bytes, target: bytes, fields: list, authority: bytes, content_length: int
+    ) -> bytes | list | bool | None:
         """Run the request-header filters: None or True (go on as read; True: the chain is
-        over already), the new head, or False (taken)."""
+        over already), the new head (bytes, or the fields the pair writes it from), or False
+        (taken)."""
         self.passed = None
         self.reply = None
         length = content_length if content_length >= 0 else None
-        chain_factory: Any = self.lanes.chain
-        passed = start_chain(
-            self, chain_factory, method, target, fields, authority_in(fields), not length
-        )
-        if passed:
-            chain: Any = self.chain
-            headers = chain.maps["decode"]
-            if not headers.changed:
-                if chain.state is None and self.lanes.ends_with_request:
-                    self.chain = None
-                    chain.destroy()
-                    return True  # forward as read, no done hook
-                return None
-            wire = paired_request_head(method, target, length, headers)
-            if wire is not None:
-                return wire
-        self.passed = passed
-        return False
+        lanes = self.lanes
+        factory: Any = lanes.chain  # set: the hooks are set only with a chain
+        passed = start_chain(self, factory, method, target, fields, authority, not length)
+        if not passed:
+            self.passed = passed
+            return False
+        chain: Any = self.chain
+        self.passed = True  # for the Exchange that adopts the chain if the pair takes it
+        # No response filter, no end-of-request work, nothing held: the chain is over now.
+        over = chain.state is None and lanes.ends_with_request
+        headers = chain.maps["decode"]
+        if not headers.changed:
+            if over:
+                self.chain = None
+                chain.destroy()
+                return True  # forward as read, no done hook
+            return None
+        edited = paired_request_edit(method, target, length, headers)
+        if edited is None:
+            return False
+        if over:
+            self._let_go(chain)
+        return edited
 
     def _response_hook(
-        self, head: bytes, status: int, fields: list, content_length: int
-    ) -> bytes | bool | None:
-        """Run the response-header filters: None (go on as read), the new head, or False (taken)."""
+        self, status: int, fields: list, content_length: int
+    ) -> bytes | list | bool | None:
+        """Run the response-header filters: None (go on as read), the new head (bytes, or the
+        fields the pair writes it from), or False (taken)."""
         self.passed = None
         self.status = status
-        headers = HeaderMap(fields, {b":status": b"%d" % status})
-        passed = self.chain.encode_headers(headers, False)  # type: ignore[union-attr]
-        if passed:
-            if not headers.changed:
-                return None
-            reason = head[13 : head.index(b"\r\n")]  # after "HTTP/1.1 200 "
-            length = content_length if content_length >= 0 else None
-            wire = paired_response_head(status, reason, length, headers)
-            if wire is not None:
-                return wire
-        self.passed = passed
-        return False
+        chain: Any = self.chain
+        as_read = _STATUS[status]  # 200-599: the pair carries no other
+        headers = HeaderMap(fields, {b":status": as_read})
+        if not chain.encode_headers(headers, False):
+            self.passed = False
+            return False
+        self.passed = True
+        edited = None
+        if headers.changed:
+            edited = paired_response_edit(as_read, headers)
+            if edited is None:
+                return False
+        if chain.state is None and self.lanes.ends_with_response:
+            self._let_go(chain)  # the filters' last word
+        return edited
+
+    def _let_go(self, chain: HttpChain) -> None:
+        """A passed chain with nothing left to run (no end-of-request hook, nothing held or
+        deferred): its filters let go of it now, and the pair needs no done call. It is not
+        ended: the pair may yet take the message, and an Exchange that adopts the chain then
+        forwards what follows through it and ends it (running nothing more)."""
+        chain.run_destroyers()
+        self.pair.done_wanted = 0
 
     def _done_hook(self) -> None:
         chain, self.chain = self.chain, None
@@ -320,6 +342,7 @@ class NativeLane:
     # ---- what the pair hands over -------------------------------------------------------
 
     def _handover(self, kind: int, payload: Any) -> None:
+        chain = self.chain  # a request taken carries it on
         self.release()
         downstream, upstream = self.downstream, self.upstream
         if kind == _express.DOWN_DATA:
@@ -341,13 +364,12 @@ class NativeLane:
         elif kind == _express.RESPONSE_UNSENT:
             downstream.stream.write(payload)
         elif kind == _express.REQUEST_TAKEN:
-            self._request_taken(payload)
+            self._request_taken(payload, chain)
         elif kind == _express.RESPONSE_TAKEN:
             self._response_taken(payload)
         # DOWN_READABLE, UP_IDLE_READABLE: nothing was read; the streams' own readers fire next.
 
-    def _request_taken(self, data: bytes) -> None:
-        chain, self.chain = self.chain, None
+    def _request_taken(self, data: bytes, chain: HttpChain | None) -> None:
         if chain is None or self.passed is None:
             # The hook raised: its filters' pass is void, and the general path reads the
             # request afresh (a filter that raised there raises again, as it would have).
