@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from pyproxy.codec import make_http1_codec
+from pyproxy.codec.http1_backend import make_http1_codec
 from pyproxy.codec.events import (
     END,
     PAUSED,

@@ -14,7 +14,7 @@ from functools import cache
 from pyproxy.native import http1_head_scanner
 
 from fuzz.draw import Draw, splits
-from pyproxy.codec import make_http1_codec
+from pyproxy.codec.http1_backend import make_http1_codec
 from pyproxy.codec.events import (
     END,
     PAUSED,
