@@ -1,14 +1,16 @@
 """Give memory back to the OS after many connections closed: malloc keeps freed heap pages otherwise.
 
-Python objects of a closed connection go back to pymalloc and glibc's heap,
-which keep the pages for reuse; after a burst of thousands of connections that
-is tens of MB the worker never uses again. A cheap periodic check compares the
+Python objects of a closed connection go back to the allocator, which keeps
+the pages for reuse; after a burst of thousands of connections that is tens
+of MB the worker never uses again. A cheap periodic check compares the
 worker's connection high-water mark with its current count and, after a large
 drop, collects the closed connections' reference cycles (a relay and its
 directions point at each other) and runs malloc_trim(0) (glibc), which
-returns free heap pages. What it cannot return are pymalloc arenas that a few
-survivors keep alive (uvloop keeps up to 250 freed handles of each kind for
-reuse): a bounded reserve the next burst reuses (bench/memory.py measures it).
+returns every free heap page, inside the heap too. That is nearly all of it
+because ``pyproxy run`` puts the interpreter on malloc (allocator.py): under
+pymalloc, arenas a few survivors pin (uvloop keeps up to 250 freed handles of
+each kind for reuse) stay resident. Each trim is counted (``memory_trims`` per
+worker in /server_info); bench/memory.py measures what comes back.
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 
 from pyproxy.chain.api import HeaderMap
-from pyproxy.codec.http1_backend import make_http1_codec
 from pyproxy.codec.events import RequestHead, ResponseHead
 from pyproxy.codec.http1 import strip_hop_by_hop
+from pyproxy.codec.http1_backend import make_http1_codec
 from pyproxy.http.heads import (
     downstream_head,
     filtered_request,

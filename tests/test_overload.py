@@ -3,6 +3,7 @@ per-worker limits connections are reset and requests answered 503 at once, count
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -15,6 +16,7 @@ from pyproxy.bench.memory import measure
 from pyproxy import native
 from pyproxy.codec.grpc import frame
 from pyproxy.io.buffer_pool import SPARE
+from pyproxy.memory_trim import CHECK_INTERVAL, TRIM_AFTER_DROP
 
 IDLE_BYTES_PER_CONNECTION = 10 * 1024
 
@@ -28,6 +30,42 @@ def test_idle_tcp_connections_cost_under_10kb_each_and_memory_returns():
     assert result["per_connection_bytes"] < IDLE_BYTES_PER_CONNECTION, result
     # Within a few MB of the baseline: what stays is allocator slack, not per-connection state.
     assert result["after_close_above_baseline_kib"] < 4 * 1024, result
+
+
+def test_a_worker_runs_on_malloc_and_trims_its_heap_when_connections_fall_back(start_proxy):
+    # The burst's memory goes back only if the worker trims once the count fell by
+    # TRIM_AFTER_DROP, and only under malloc (pymalloc keeps arenas a few survivors pin).
+    port = free_port()
+    proxy = start_proxy("--mode", "http", "--listen", f"127.0.0.1:{port}",
+                        "--upstream", "127.0.0.1:9")  # fmt: skip
+    info = server_info(proxy)
+    assert info["allocator"] == "malloc"
+    assert info["workers"][0]["memory_trims"] == 0, "nothing to return while idle"
+    conns = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(TRIM_AFTER_DROP + 20)]  # fmt: skip
+    active = proxy.wait_for(lambda s: s["connections_active"] == len(conns))
+    assert active["connections_active"] == len(conns)
+    time.sleep(CHECK_INTERVAL + 0.5)  # a check sees them all: the high-water mark
+    assert server_info(proxy)["workers"][0]["memory_trims"] == 0, "no trim while they are held"
+    for sock in conns:
+        sock.close()
+    assert proxy.wait_for(lambda s: s["connections_active"] == 0)["connections_active"] == 0
+    deadline = time.monotonic() + 3 * CHECK_INTERVAL + 5
+    while server_info(proxy)["workers"][0]["memory_trims"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server_info(proxy)["workers"][0]["memory_trims"] >= 1
+
+
+def test_an_operators_pythonmalloc_is_kept(start_proxy, monkeypatch):
+    monkeypatch.setenv("PYTHONMALLOC", "pymalloc")
+    proxy = start_proxy("--mode", "http", "--listen", f"127.0.0.1:{free_port()}",
+                        "--upstream", "127.0.0.1:9")  # fmt: skip
+    assert server_info(proxy)["allocator"] == "pymalloc"
+
+
+def server_info(proxy) -> dict:
+    status, body = http_get(proxy.admin + "/server_info")
+    assert status == 200
+    return json.loads(body)
 
 
 def test_idle_splice_connections_hold_no_pipes(start_proxy, echo_server):
