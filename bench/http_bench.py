@@ -465,8 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--install-peers", action="store_true",
                         help="create /tmp venvs with proxy.py and mitmproxy if missing")  # fmt: skip
     parser.add_argument("--allocators", action="store_true",
-                        help="also run the default and the general path on pymalloc (what "
-                        "the malloc that returns a burst's memory costs per request)")  # fmt: skip
+                        help="also run the default and the general path with PYTHONMALLOC=malloc "
+                        "(what the allocator that returns a burst's memory costs per request)")  # fmt: skip
     add_baseline_tree(parser)
     args = parser.parse_args(argv)
     result: dict = {**begin_run(parser, args, ("nginx", "wrk", "taskset")), "skipped": {}}
@@ -495,8 +495,8 @@ def main(argv: list[str] | None = None) -> int:
                                            filters=filters, clock=clock, note=note))  # fmt: skip
                 if args.allocators and name in ALLOCATOR_PATHS:
                     paths.append(start_pyproxy(
-                        procs, workdir, f"{name}_pymalloc", upstream, http=http, filters=filters,
-                        clock=clock, env=PYMALLOC_ENV, note=f"{note}, PYTHONMALLOC=pymalloc",
+                        procs, workdir, f"{name}_malloc", upstream, http=http, filters=filters,
+                        clock=clock, env=MALLOC_ENV, note=f"{note}, PYTHONMALLOC=malloc",
                     ))  # fmt: skip
                 if baseline_python is not None and name in BEFORE_AFTER:
                     paths.append(start_pyproxy(
@@ -601,20 +601,20 @@ def pyproxy_setups(workdir: Path) -> list[tuple[str, dict, bool, list[dict], str
 BEFORE_AFTER = {"pyproxy_fast": ("default", 1.05), "pyproxy_ratelimit": ("filtered", 1.00)}
 
 
-# pyproxy runs on the C library's malloc (pyproxy/allocator.py); --allocators runs the
-# default path and the general path on pymalloc too (as <name>_pymalloc), so what malloc
-# costs per request is measured beside the same configuration, in the same rounds.
+# --allocators runs the default path and the general path on the C library's malloc too
+# (as <name>_malloc; it lets a worker return a burst's memory, see pyproxy/memory_trim.py),
+# so what it costs per request is measured beside the same configuration, in the same rounds.
 ALLOCATOR_PATHS = ("pyproxy_fast", "pyproxy_fast_general")
-PYMALLOC_ENV = {"PYTHONMALLOC": "pymalloc"}
+MALLOC_ENV = {"PYTHONMALLOC": "malloc"}
 
 
 def allocator_ratios(result: dict) -> dict:
     """malloc/pymalloc ratios of added p50 and CPU per request, median of per-round ratios."""
     lat, tput, out = result["latency"], result["throughput"], {}
     direct = lat["direct"]["p50_us_rounds"]
-    for malloc in ALLOCATOR_PATHS:
-        pymalloc = f"{malloc}_pymalloc"
-        if pymalloc not in lat:
+    for pymalloc in ALLOCATOR_PATHS:
+        malloc = f"{pymalloc}_malloc"
+        if malloc not in lat:
             continue
         added = {n: [a - d for a, d in zip(lat[n]["p50_us_rounds"], direct, strict=True)]
                  for n in (pymalloc, malloc)}  # fmt: skip

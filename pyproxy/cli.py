@@ -10,7 +10,6 @@ import sys
 from typing import Any
 
 from pyproxy import __version__
-from pyproxy.allocator import restart_on_malloc
 from pyproxy.config import ADMIN_DEFAULT, ConfigError, root_refusal
 from pyproxy.eventloop import ENV as ENV_EVENT_LOOP
 from pyproxy.run_flags import add_run_arguments, config_from_args
@@ -133,8 +132,6 @@ def build_parser(with_tools: bool = True) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None and sys.argv[1:2] == ["run"]:
-        restart_on_malloc()  # the long-lived proxy returns a burst's memory (allocator.py)
     argv = sys.argv[1:] if argv is None else argv
     # `run` is the long-lived process: it need not load the capture and kube commands' modules.
     parser = build_parser(with_tools=argv[:1] != ["run"])

@@ -6,11 +6,14 @@ of MB the worker never uses again. A cheap periodic check compares the
 worker's connection high-water mark with its current count and, after a large
 drop, collects the closed connections' reference cycles (a relay and its
 directions point at each other) and runs malloc_trim(0) (glibc), which
-returns every free heap page, inside the heap too. That is nearly all of it
-because ``pyproxy run`` puts the interpreter on malloc (allocator.py): under
-pymalloc, arenas a few survivors pin (uvloop keeps up to 250 freed handles of
-each kind for reuse) stay resident. Each trim is counted (``memory_trims`` per
-worker in /server_info); bench/memory.py measures what comes back.
+returns every free heap page, inside the heap too. Under CPython's default
+allocator (pymalloc) small objects live in 1 MiB arenas that go back only when
+empty, and a few survivors (uvloop keeps up to 250 freed handles of each kind
+for reuse) pin most of them: a bounded reserve the next burst reuses. With
+``PYTHONMALLOC=malloc`` in the proxy's environment those objects sit in the
+C heap and the trim returns most of them, for some CPU on the Python-heavy
+paths (bench/http_bench.py --allocators, bench/memory.py --allocator measure
+both). Each trim is counted (``memory_trims`` per worker in /server_info).
 """
 
 from __future__ import annotations

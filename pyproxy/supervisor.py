@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pyproxy import __version__, allocator
+from pyproxy import __version__
 from pyproxy.addresses import Address
 from pyproxy.admin import EndpointServer, Response
 from pyproxy.admin_page import live_page
@@ -380,7 +380,8 @@ class Supervisor:
                 for i in range(self.config.concurrency)
             ],
             "event_loop": event_loop_name(),
-            "allocator": allocator.current(),
+            # CPython's small-object allocator, or the C library's (memory_trim.py).
+            "allocator": os.environ.get("PYTHONMALLOC") or "pymalloc",
             # Per listener; every backend that is not native-only is always available.
             "io_backends": {
                 "available": {
