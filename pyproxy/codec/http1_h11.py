@@ -167,14 +167,13 @@ class H11Http1Codec(Http1Codec):
                     return
             out = self._convert(ev)
             pending.append(out)
-            kind = type(out)
-            if kind is ProtocolError:
+            if isinstance(out, ProtocolError):
                 self._dead = True
                 return
-            if kind is Body:
-                self._content_out += len(out.data)  # type: ignore[attr-defined]
-            elif kind is RequestHead or kind is ResponseHead:
-                self._vet_chunks(out)  # type: ignore[arg-type]
+            if isinstance(out, Body):
+                self._content_out += len(out.data)
+            elif isinstance(out, (RequestHead, ResponseHead)):
+                self._vet_chunks(out)
             if conn.their_state is h11.SWITCHED_PROTOCOL:
                 self._raw = bytearray(conn.trailing_data[0])
 
