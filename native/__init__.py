@@ -21,6 +21,7 @@ C API (see pyproxy_native.h for the full contract):
 ``pp_zc_reap(fd, lo*, hi*, copied*, max) -> int``      notifications read, 0 none, -errno
 ``pp_send(fd, buf, len) -> ssize_t``                   plain MSG_DONTWAIT send
 ``pp_relay_copy(in, out, buf, len, sent*) -> ssize_t`` recv+send in one call
+``pp_heap_trim() -> int``                              malloc_trim(0); 0 where libc has none
 =====================================================  ==========================================
 """
 
