@@ -62,6 +62,17 @@ def test_server_info_names_the_allocator_the_environment_chose(start_proxy, monk
     assert server_info(proxy)["allocator"] == "malloc"
 
 
+def test_reading_the_admin_does_not_load_http_codecs_into_a_tcp_worker(start_proxy, echo_server):
+    # /server_info once loaded hyper-h2 to name the HTTP/2 codec, and the first /stats the
+    # HTTP/1 codecs with httptools (through the codec package): 3.6 MiB of an idle worker.
+    proxy = start_proxy("--listen", f"127.0.0.1:{free_port()}", "--upstream", echo_server.address)
+    pid = server_info(proxy)["workers"][0]["pid"]
+    assert http_get(proxy.admin + "/stats?format=json")[0] == 200
+    with open(f"/proc/{pid}/maps") as maps:
+        mapped = maps.read()
+    assert "httptools" not in mapped and "_http1head" not in mapped
+
+
 def server_info(proxy) -> dict:
     status, body = http_get(proxy.admin + "/server_info")
     assert status == 200
