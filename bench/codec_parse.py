@@ -18,9 +18,9 @@ import sys
 import time
 from collections.abc import Callable
 
-from pyproxy.codec import make_http1_codec
 from pyproxy.codec.events import END, Body, RequestHead, ResponseHead
 from pyproxy.codec.http1 import strip_hop_by_hop
+from pyproxy.codec.http1_backend import make_http1_codec
 
 REQUEST = (
     b"GET /api/v1/items?id=42 HTTP/1.1\r\n"

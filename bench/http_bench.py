@@ -217,6 +217,7 @@ def start_pyproxy(
     clock: bool = True,
     python: str = sys.executable,
     note: str = "",
+    env: dict | None = None,
 ) -> Path_:
     """One pyproxy HTTP listener in front of the upstream.
 
@@ -241,7 +242,7 @@ def start_pyproxy(
     # -P: the interpreter's checkout runs, never one in the working directory, which `-m`
     # would otherwise put first on sys.path (another checkout's python would run this code).
     argv = [python, "-P", "-m", "pyproxy", "run", "-c", str(path), "--log-level", "warning"]
-    proc = procs.launch(name, pinned(SIDE_CPU, argv))
+    proc = procs.launch(name, pinned(SIDE_CPU, argv), env=env)
     wait_http(port, timeout=30)  # a Lua or WASM filter takes a moment to load
     return Path_(name, port, proc.pid, admin=admin, note=note)
 
@@ -463,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--install-peers", action="store_true",
                         help="create /tmp venvs with proxy.py and mitmproxy if missing")  # fmt: skip
+    parser.add_argument("--allocators", action="store_true",
+                        help="also run the default and the general path with PYTHONMALLOC=malloc "
+                        "(what the allocator that returns a burst's memory costs per request)")  # fmt: skip
     add_baseline_tree(parser)
     args = parser.parse_args(argv)
     result: dict = {**begin_run(parser, args, ("nginx", "wrk", "taskset")), "skipped": {}}
@@ -489,6 +493,11 @@ def main(argv: list[str] | None = None) -> int:
             for name, http, clock, filters, note in pyproxy_setups(workdir):
                 paths.append(start_pyproxy(procs, workdir, name, upstream, http=http,
                                            filters=filters, clock=clock, note=note))  # fmt: skip
+                if args.allocators and name in ALLOCATOR_PATHS:
+                    paths.append(start_pyproxy(
+                        procs, workdir, f"{name}_malloc", upstream, http=http, filters=filters,
+                        clock=clock, env=MALLOC_ENV, note=f"{note}, PYTHONMALLOC=malloc",
+                    ))  # fmt: skip
                 if baseline_python is not None and name in BEFORE_AFTER:
                     paths.append(start_pyproxy(
                         procs, workdir, f"before_{name}", upstream, http=http, filters=filters,
@@ -592,6 +601,33 @@ def pyproxy_setups(workdir: Path) -> list[tuple[str, dict, bool, list[dict], str
 BEFORE_AFTER = {"pyproxy_fast": ("default", 1.05), "pyproxy_ratelimit": ("filtered", 1.00)}
 
 
+# --allocators runs the default path and the general path on the C library's malloc too
+# (as <name>_malloc; it lets a worker return a burst's memory, see pyproxy/memory_trim.py),
+# so what it costs per request is measured beside the same configuration, in the same rounds.
+ALLOCATOR_PATHS = ("pyproxy_fast", "pyproxy_fast_general")
+MALLOC_ENV = {"PYTHONMALLOC": "malloc"}
+
+
+def allocator_ratios(result: dict) -> dict:
+    """malloc/pymalloc ratios of added p50 and CPU per request, median of per-round ratios."""
+    lat, tput, out = result["latency"], result["throughput"], {}
+    direct = lat["direct"]["p50_us_rounds"]
+    for pymalloc in ALLOCATOR_PATHS:
+        malloc = f"{pymalloc}_malloc"
+        if malloc not in lat:
+            continue
+        added = {n: [a - d for a, d in zip(lat[n]["p50_us_rounds"], direct, strict=True)]
+                 for n in (pymalloc, malloc)}  # fmt: skip
+        cpu = {n: tput[n]["proxy_cpu_us_per_req_rounds"] for n in (pymalloc, malloc)}
+        out[f"{malloc}_vs_pymalloc_added_p50"] = {
+            "value": paired_ratio(added[malloc], added[pymalloc])
+        }
+        out[f"{malloc}_vs_pymalloc_cpu_per_req"] = {
+            "value": paired_ratio(cpu[malloc], cpu[pymalloc])
+        }
+    return out
+
+
 def before_after(result: dict) -> dict:
     """after/before ratios, median over rounds of each round's ratio, for added p50 and CPU."""
     lat, tput, out = result["latency"], result["throughput"], {}
@@ -644,6 +680,7 @@ def targets(result: dict) -> dict:
                 "met": ratio >= 6,
             }
     out.update(before_after(result))
+    out.update(allocator_ratios(result))
     off = "pyproxy_fast_clock_off"
     out["stage_clock_cost_p50_us"] = {"value": lat[fast]["p50_us"] - lat[off]["p50_us"]}
     out["stage_clock_cost_cpu_us_per_req"] = {
@@ -686,7 +723,7 @@ def report(result: dict) -> str:
                 f"{'yes' if t['met'] else '**no**'} |"
             )
         else:
-            lines.append(f"| {name} | {t['value']:.2f} | — | — |")
+            lines.append(f"| {name} | {cell(t['value'], '.2f')} | — | — |")
     if result.get("foreign_cpus"):
         lines.append("\n" + noise_note(result["foreign_cpus"]))
     before_after_lines = [

@@ -9,6 +9,10 @@ waits for `connections_active` to reach 0 and samples again. Prints JSON and
 writes bench/results/memory-<mode>.json.
 
     python -m pyproxy.bench.memory --mode tcp --connections 10000
+    python -m pyproxy.bench.memory --mode http --allocator malloc
+
+``--allocator malloc`` runs the proxy with PYTHONMALLOC=malloc (what comes back after
+the close depends on it: pyproxy/memory_trim.py); the default is CPython's pymalloc.
 """
 
 from __future__ import annotations
@@ -98,10 +102,16 @@ def settle_rss(pid: int, seconds: float = 1.0) -> int:
 
 
 def measure(
-    mode: str, connections: int, rounds: int, extra: list[str], settle: float = 12.0
+    mode: str,
+    connections: int,
+    rounds: int,
+    extra: list[str],
+    settle: float = 12.0,
+    allocator: str = "pymalloc",
 ) -> dict:
     """Open/close rounds; `settle`: seconds after the last close before the RSS sample (the
-    worker trims over ~10 s: pooled upstream connections close after their idle timeout)."""
+    worker trims over ~10 s: pooled upstream connections close after their idle timeout);
+    `allocator`: the proxy's PYTHONMALLOC."""
     raise_fd_limit(2 * connections + 1024)
     with tempfile.TemporaryDirectory(prefix="pyproxy-memory-") as tmp:
         procs = Processes(Path(tmp))
@@ -117,14 +127,14 @@ def measure(
             argv = [sys.executable, "-m", "pyproxy", "run", "--mode", mode, "--listen", f"127.0.0.1:{port}",
                     "--upstream", f"127.0.0.1:{upstream}", "--admin", f"127.0.0.1:{admin}",
                     "--max-connections", str(connections + 64), "--log-level", "warning", *extra]  # fmt: skip
-            procs.launch("pyproxy", argv)
+            procs.launch("pyproxy", argv, env={"PYTHONMALLOC": allocator})
             wait_port(admin)
             wait_port(port)
             pid = get_json(f"http://127.0.0.1:{admin}/server_info")["workers"][0]["pid"]
             # The readiness probes above were connections too: let them close first.
             wait_active(admin, 0, 10)
             result: dict = {"mode": mode, "connections": connections, "extra_args": extra,
-                            "settle_seconds": settle}  # fmt: skip
+                            "settle_seconds": settle, "allocator": allocator}  # fmt: skip
             result["baseline_kib"] = baseline = settle_rss(pid)
             result["rounds"] = []
             for _ in range(rounds):
@@ -166,11 +176,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=10000)
     parser.add_argument("--rounds", type=int, default=2, help="open/close cycles (growth shows)")
     parser.add_argument("--settle", type=float, default=12.0, help="seconds after close")
-    parser.add_argument("--out", default="", help="default: bench/results/memory-<mode>.json")
+    parser.add_argument("--allocator", choices=("pymalloc", "malloc"), default="pymalloc",
+                        help="the proxy's PYTHONMALLOC")  # fmt: skip
+    parser.add_argument("--out", default="",
+                        help="default: bench/results/memory-<mode>[-malloc].json")  # fmt: skip
     parser.add_argument("extra", nargs="*", help="more `pyproxy run` arguments (after --)")
     args = parser.parse_args(argv)
-    result = measure(args.mode, args.connections, args.rounds, args.extra, args.settle)
-    out = Path(args.out) if args.out else RESULTS / f"memory-{args.mode}.json"
+    result = measure(
+        args.mode, args.connections, args.rounds, args.extra, args.settle, args.allocator
+    )
+    suffix = "-malloc" if args.allocator == "malloc" else ""
+    out = Path(args.out) if args.out else RESULTS / f"memory-{args.mode}{suffix}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

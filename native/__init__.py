@@ -21,6 +21,7 @@ C API (see pyproxy_native.h for the full contract):
 ``pp_zc_reap(fd, lo*, hi*, copied*, max) -> int``      notifications read, 0 none, -errno
 ``pp_send(fd, buf, len) -> ssize_t``                   plain MSG_DONTWAIT send
 ``pp_relay_copy(in, out, buf, len, sent*) -> ssize_t`` recv+send in one call
+``pp_heap_trim() -> int``                              malloc_trim(0); 0 where libc has none
 =====================================================  ==========================================
 """
 
@@ -42,6 +43,8 @@ __all__ = [
     "http1_head_scanner",
     "express_pair",
     "native_extension",
+    "effective_http2_codec",
+    "heap_trim",
 ]
 
 # Negated once here so the hot path compares against a module constant.
@@ -77,6 +80,22 @@ def express_pair() -> Any:
 def native_extension(module: str) -> Any:
     """A cffi extension of this package other than _native (e.g. ``_h2``), or None."""
     return _extension(module, None)
+
+
+def effective_http2_codec(choice: str) -> str:
+    """The HTTP/2 codec a listener runs: native (libnghttp2) when asked for and built, else h2.
+
+    Answered here, not by the codec module, so that reporting it (``/server_info``) does not
+    load hyper-h2 into a proxy that has not seen an HTTP/2 connection yet."""
+    return "native" if choice == "native" and native_extension("_h2") is not None else "h2"
+
+
+def heap_trim() -> bool | None:
+    """glibc's ``malloc_trim(0)`` through ``_native`` (no ctypes); None when the module is
+    not loaded, False when the C library has no malloc_trim (e.g. musl)."""
+    if lib is None:
+        return None
+    return bool(lib.pp_heap_trim())
 
 
 def _extension(module: str, name: str | None) -> Any:

@@ -15,6 +15,7 @@ ssize_t pp_zc_send(int fd, const char *buf, size_t len);
 int pp_zc_reap(int fd, uint32_t *lo, uint32_t *hi, int *copied, int max);
 ssize_t pp_send(int fd, const char *buf, size_t len);
 ssize_t pp_relay_copy(int in_fd, int out_fd, char *buf, size_t len, size_t *sent);
+int pp_heap_trim(void);
 """
 
 

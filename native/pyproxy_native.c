@@ -2,6 +2,9 @@
  * and completion reaping, and a fused recv+send. */
 #define _GNU_SOURCE
 #include <errno.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 #include <fcntl.h>
 #include <string.h>
 #include <unistd.h>
@@ -173,4 +176,14 @@ ssize_t pp_relay_copy(int in_fd, int out_fd, char *buf, size_t len, size_t *sent
     }
     *sent = off;
     return n;
+}
+
+int pp_heap_trim(void)
+{
+#ifdef __GLIBC__
+    malloc_trim(0);
+    return 1;
+#else
+    return 0;
+#endif
 }

@@ -33,4 +33,9 @@ ssize_t pp_send(int fd, const char *buf, size_t len);
 /* recv into buf then send it on in one C call; see pyproxy_native.c */
 ssize_t pp_relay_copy(int in_fd, int out_fd, char *buf, size_t len, size_t *sent);
 
+/* malloc_trim(0) where the C library has it (glibc): returns free heap pages,
+ * including whole free pages inside the arenas, to the OS. 1 if it ran, 0 if
+ * this libc has no malloc_trim. */
+int pp_heap_trim(void);
+
 #endif

@@ -133,6 +133,7 @@ W_READY = 1
 W_NOTIFY_COST_NS = 2  # calibrated cost of one readiness notification (see io/notify.py)
 W_STARTED_NS = 3
 W_DRAINING = 4
+W_TRIMS = 5  # heap trims after connections fell back (see memory_trim.py)
 WORKER_HEADER = 8
 
 MAX_LISTENERS = 64

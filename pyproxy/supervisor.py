@@ -19,11 +19,12 @@ from pyproxy.addresses import Address
 from pyproxy.admin import EndpointServer, Response
 from pyproxy.admin_page import live_page
 from pyproxy.config import ConfigError, ListenerMode, ProxyConfig, root_refusal
-from pyproxy.counters import W_NOTIFY_COST_NS, W_PID, W_READY, CounterStore
+from pyproxy.counters import W_NOTIFY_COST_NS, W_PID, W_READY, W_TRIMS, CounterStore
 from pyproxy.eventloop import event_loop_name, new_event_loop
 from pyproxy.io import backends, sockets
 from pyproxy.io.fast_path import IpcFastPath
 from pyproxy.memory_trim import trim
+from pyproxy.native import effective_http2_codec
 from pyproxy.worker import Worker
 
 log = logging.getLogger("pyproxy")
@@ -361,9 +362,6 @@ class Supervisor:
         return not self.draining and all(self.store.worker_header(i)[W_READY] for i in workers)
 
     def server_info(self) -> dict:
-        # lazy: hyper-h2 comes with it: loaded on demand, not by every idle proxy.
-        from pyproxy.codec.http2_native import effective_codec
-
         native, reason = native_status()
         return {
             "version": __version__,
@@ -377,10 +375,13 @@ class Supervisor:
                     "ready": bool(self.store.worker_header(i)[W_READY]),
                     "notify_cost_ns": self.store.worker_header(i)[W_NOTIFY_COST_NS],
                     "connections_total": self.store.worker_connections(i),
+                    "memory_trims": self.store.worker_header(i)[W_TRIMS],
                 }
                 for i in range(self.config.concurrency)
             ],
             "event_loop": event_loop_name(),
+            # CPython's small-object allocator, or the C library's (memory_trim.py).
+            "allocator": os.environ.get("PYTHONMALLOC") or "pymalloc",
             # Per listener; every backend that is not native-only is always available.
             "io_backends": {
                 "available": {
@@ -397,7 +398,7 @@ class Supervisor:
             "native": {"available": native, "reason": reason or None},
             # Per HTTP/gRPC listener: native (libnghttp2) or h2 (hyper-h2, the fallback).
             "http2_codec": {
-                lst.name: effective_codec(lst.http.http2_codec)
+                lst.name: effective_http2_codec(lst.http.http2_codec)
                 for lst in self.config.listeners
                 if lst.mode is not ListenerMode.TCP
             },

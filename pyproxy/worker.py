@@ -49,7 +49,7 @@ class Worker:
         header[W_NOTIFY_COST_NS] = await calibrate_notify_cost()
         self.apply(config, slots)
         assert self.admission is not None
-        self._trimmer = Trimmer(loop, self.admission)
+        self._trimmer = Trimmer(loop, self.admission, header)
         # Startup objects live forever: keep them out of every later GC pass.
         gc.freeze()
         # Imports and config building leave freed scratch (compiler arenas, dataclass code) in the

@@ -6,7 +6,6 @@ import random
 
 import pytest
 
-from pyproxy.codec import make_http1_codec
 from pyproxy.codec.events import (
     END,
     PAUSED,
@@ -32,6 +31,7 @@ from pyproxy.codec.http1 import (
     Http1Limits,
     strip_hop_by_hop,
 )
+from pyproxy.codec.http1_backend import make_http1_codec
 from pyproxy.codec.http1_fast import FastHttp1Codec
 
 # "fast-llhttp" is the fast backend with its native head scanner off: every head goes

@@ -17,9 +17,9 @@ from pyproxy.native import express_pair
 from test_native_pair import Rig
 
 from pyproxy.chain.api import HeaderMap
-from pyproxy.codec import make_http1_codec
 from pyproxy.codec.events import RequestHead, ResponseHead
 from pyproxy.codec.http1 import strip_hop_by_hop
+from pyproxy.codec.http1_backend import make_http1_codec
 from pyproxy.http.heads import (
     downstream_head,
     filtered_request,

@@ -3,6 +3,7 @@ per-worker limits connections are reset and requests answered 503 at once, count
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import threading
@@ -15,6 +16,7 @@ from pyproxy.bench.memory import measure
 from pyproxy import native
 from pyproxy.codec.grpc import frame
 from pyproxy.io.buffer_pool import SPARE
+from pyproxy.memory_trim import CHECK_INTERVAL, TRIM_AFTER_DROP
 
 IDLE_BYTES_PER_CONNECTION = 10 * 1024
 
@@ -28,6 +30,53 @@ def test_idle_tcp_connections_cost_under_10kb_each_and_memory_returns():
     assert result["per_connection_bytes"] < IDLE_BYTES_PER_CONNECTION, result
     # Within a few MB of the baseline: what stays is allocator slack, not per-connection state.
     assert result["after_close_above_baseline_kib"] < 4 * 1024, result
+
+
+def test_a_worker_trims_its_heap_when_connections_fall_back(start_proxy):
+    # The burst's memory goes back only if the worker trims once the count fell by
+    # TRIM_AFTER_DROP (under pymalloc, arenas a few survivors pin stay: memory_trim.py).
+    port = free_port()
+    proxy = start_proxy("--mode", "http", "--listen", f"127.0.0.1:{port}",
+                        "--upstream", "127.0.0.1:9")  # fmt: skip
+    info = server_info(proxy)
+    assert info["allocator"] == "pymalloc"
+    assert info["workers"][0]["memory_trims"] == 0, "nothing to return while idle"
+    conns = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(TRIM_AFTER_DROP + 20)]  # fmt: skip
+    active = proxy.wait_for(lambda s: s["connections_active"] == len(conns))
+    assert active["connections_active"] == len(conns)
+    time.sleep(CHECK_INTERVAL + 0.5)  # a check sees them all: the high-water mark
+    assert server_info(proxy)["workers"][0]["memory_trims"] == 0, "no trim while they are held"
+    for sock in conns:
+        sock.close()
+    assert proxy.wait_for(lambda s: s["connections_active"] == 0)["connections_active"] == 0
+    deadline = time.monotonic() + 3 * CHECK_INTERVAL + 5
+    while server_info(proxy)["workers"][0]["memory_trims"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server_info(proxy)["workers"][0]["memory_trims"] >= 1
+
+
+def test_server_info_names_the_allocator_the_environment_chose(start_proxy, monkeypatch):
+    monkeypatch.setenv("PYTHONMALLOC", "malloc")
+    proxy = start_proxy("--mode", "http", "--listen", f"127.0.0.1:{free_port()}",
+                        "--upstream", "127.0.0.1:9")  # fmt: skip
+    assert server_info(proxy)["allocator"] == "malloc"
+
+
+def test_reading_the_admin_does_not_load_http_codecs_into_a_tcp_worker(start_proxy, echo_server):
+    # /server_info once loaded hyper-h2 to name the HTTP/2 codec, and the first /stats the
+    # HTTP/1 codecs with httptools (through the codec package): 3.6 MiB of an idle worker.
+    proxy = start_proxy("--listen", f"127.0.0.1:{free_port()}", "--upstream", echo_server.address)
+    pid = server_info(proxy)["workers"][0]["pid"]
+    assert http_get(proxy.admin + "/stats?format=json")[0] == 200
+    with open(f"/proc/{pid}/maps") as maps:
+        mapped = maps.read()
+    assert "httptools" not in mapped and "_http1head" not in mapped
+
+
+def server_info(proxy) -> dict:
+    status, body = http_get(proxy.admin + "/server_info")
+    assert status == 200
+    return json.loads(body)
 
 
 def test_idle_splice_connections_hold_no_pipes(start_proxy, echo_server):

@@ -1,19 +1,5 @@
-"""Sans-I/O protocol codecs: bytes in, events out; events in, bytes out."""
+"""Sans-I/O protocol codecs: bytes in, events out; events in, bytes out.
 
-from __future__ import annotations
-
-from pyproxy.codec.http1 import DEFAULT_LIMITS, Http1Codec, Http1Limits, Role
-from pyproxy.codec.http1_fast import FastHttp1Codec
-from pyproxy.codec.http1_h11 import H11Http1Codec
-
-
-def make_http1_codec(
-    backend: str = "fast", role: Role = "server", limits: Http1Limits = DEFAULT_LIMITS
-) -> Http1Codec:
-    """Build a codec; ``fast`` (httptools/llhttp) is the default, ``h11`` the strict reference
-    (a config's `codec:` names one; anything else is a ValueError)."""
-    if backend == "fast":
-        return FastHttp1Codec(role, limits)
-    if backend == "h11":
-        return H11Http1Codec(role, limits)
-    raise ValueError(f"unknown HTTP/1 codec backend {backend!r}")
+Nothing is imported here: a module that needs one codec (the stats reading gRPC's
+status names, say) does not load the others with it.
+"""

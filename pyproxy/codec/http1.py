@@ -143,6 +143,9 @@ class HeadFacts:
 
     Both backends feed it the fields in wire order, so they reject the same
     messages with the same status. ``add`` returns a ProtocolError or None.
+    An unsupported Transfer-Encoding is answered (501) only once the head is
+    complete: a malformed line anywhere in it is a 400 first, whichever read
+    it came in (llhttp reports a field only when the next one starts).
     """
 
     __slots__ = (
@@ -155,6 +158,7 @@ class HeadFacts:
         "upgrade_field",
         "upgrade_token",
         "names_framing",
+        "unsupported_coding",
     )
 
     def __init__(self) -> None:
@@ -167,6 +171,7 @@ class HeadFacts:
         self.upgrade_field = False
         self.upgrade_token = False
         self.names_framing = False
+        self.unsupported_coding = False
 
     def add(self, name: bytes, value: bytes) -> ProtocolError | None:
         if name == b"content-length":
@@ -187,10 +192,11 @@ class HeadFacts:
                 return ProtocolError(400, "Content-Length with Transfer-Encoding")
             if self.chunked:
                 return ProtocolError(400, "repeated Transfer-Encoding")
-            # RFC 9112 §6.1: we only decode chunked; any other coding is 501.
+            # RFC 9112 §6.1: we only decode chunked; any other coding is 501 (at the head's end).
             if value.strip(b" \t").lower() != b"chunked":
-                return ProtocolError(501, "unsupported Transfer-Encoding")
-            self.chunked = True
+                self.unsupported_coding = True
+            else:
+                self.chunked = True
         elif name == b"host":
             self.hosts += 1
         elif name == b"connection":
@@ -242,6 +248,8 @@ class HeadFacts:
             # of a declined upgrade would be parsed as the next request (a smuggling
             # vector), so neither backend takes one.
             return ProtocolError(400, "Upgrade or CONNECT request with content")
+        if self.unsupported_coding:
+            return _UNSUPPORTED_CODING
         return RequestHead(
             method,
             target,
@@ -257,6 +265,8 @@ class HeadFacts:
     def response_head(
         self, status: int, reason: bytes, headers: Headers, version: bytes, method: bytes
     ) -> ResponseHead | ProtocolError:
+        if self.unsupported_coding:
+            return _UNSUPPORTED_CODING
         # RFC 9112 §4: three digits (llhttp takes "99"); RFC 9110 §15.2: 1xx is HTTP/1.1's
         # and (§8.6) carries no framing: llhttp would read a body after a "199".
         if status < 100 or (
@@ -279,6 +289,9 @@ class HeadFacts:
             self.content_length,
             self.chunked,
         )
+
+
+_UNSUPPORTED_CODING = ProtocolError(501, "unsupported Transfer-Encoding")
 
 
 def _version_error(version: bytes) -> ProtocolError:
@@ -668,6 +681,8 @@ def facts_of(headers: Headers) -> HeadFacts:
             err = facts.add(name, value)
             if err is not None:
                 raise CodecUsageError(f"refusing to send: {err.reason}")
+    if facts.unsupported_coding:
+        raise CodecUsageError(f"refusing to send: {_UNSUPPORTED_CODING.reason}")
     return facts
 
 

@@ -9,7 +9,8 @@ Transfer-Encoding win over Content-Length). h11 also never keeps an
 HTTP/1.0 connection alive; RFC 9112 §9.3 allows it, so a fresh h11
 connection takes over the buffered bytes for the next cycle, and the
 ``Connection: close`` h11 writes to a 1.0 keep-alive peer is rewritten.
-Trailers are surfaced (h11's EndOfMessage carries them).
+Trailers are surfaced (h11's EndOfMessage carries them). A chunked body's
+lines are held to llhttp's grammar beside h11 (chunk_lines.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Final
 
 import h11
 
+from pyproxy.codec.chunk_lines import ChunkLines
 from pyproxy.codec.events import (
     END,
     Body,
@@ -43,6 +45,7 @@ from pyproxy.codec.http1 import (
     Role,
     head_size,
 )
+from pyproxy.protocol import has_body
 
 _CTL: Final = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 # h11 takes any HTTP/<digit>.<digit>; the fast backend's llhttp only these. Which of them
@@ -58,7 +61,7 @@ _KEEP_ALIVE_LINE: Final = b"\r\nConnection: keep-alive\r\n"
 class H11Http1Codec(Http1Codec):
     """Http1Codec on h11 (strict, pure Python: the reference the fast backend is tested against)."""
 
-    __slots__ = ("_conn", "_dead", "_raw", "_facts")
+    __slots__ = ("_conn", "_dead", "_raw", "_facts", "_chunks", "_content_out")
 
     def __init__(self, role: Role, limits: Http1Limits = DEFAULT_LIMITS) -> None:
         super().__init__(role, limits)
@@ -67,6 +70,9 @@ class H11Http1Codec(Http1Codec):
         self._raw: bytearray | None = None
         # Facts of the head h11 is about to parse; None until the raw check passed.
         self._facts: HeadFacts | None = None
+        # The chunked body being received, vetted beside h11, and the content passed on.
+        self._chunks: ChunkLines | None = None
+        self._content_out = 0
 
     def _new_conn(self) -> h11.Connection:
         return h11.Connection(
@@ -152,14 +158,48 @@ class H11Http1Codec(Http1Codec):
                 return
             if ev is h11.NEED_DATA or ev is h11.PAUSED or type(ev) is h11.ConnectionClosed:
                 # ConnectionClosed repeats forever once the peer is gone: stop pumping.
+                # h11 gave all it could: a framing fault it let by is due now.
+                if self._chunks is not None and self._chunks.error is not None:
+                    self._fail(400, self._chunks.error)
                 return
+            if self._chunks is not None and self._chunks.error is not None:
+                if not self._content_upto_fault(ev):
+                    return
             out = self._convert(ev)
             pending.append(out)
-            if type(out) is ProtocolError:
+            if isinstance(out, ProtocolError):
                 self._dead = True
                 return
+            if isinstance(out, Body):
+                self._content_out += len(out.data)
+            elif isinstance(out, (RequestHead, ResponseHead)):
+                self._vet_chunks(out)
             if conn.their_state is h11.SWITCHED_PROTOCOL:
                 self._raw = bytearray(conn.trailing_data[0])
+
+    def _vet_chunks(self, head: RequestHead | ResponseHead) -> None:
+        """Start following a chunked body with the bytes h11 holds after its head."""
+        self._chunks = None
+        if not head.chunked:
+            return
+        if type(head) is ResponseHead and not has_body(head.status, self._method):
+            return
+        self._chunks = ChunkLines()
+        self._content_out = 0
+        self._chunks.feed(bytes(self._conn.trailing_data[0]))
+
+    def _content_upto_fault(self, ev: object) -> bool:
+        """Pass on h11's content short of the framing fault, then fail; True: ``ev`` goes on."""
+        assert self._chunks is not None and self._chunks.error is not None
+        room = self._chunks.content_before_error - self._content_out
+        if type(ev) is h11.Data and room > 0:
+            data = ev.data  # type: ignore[attr-defined]
+            if len(data) <= room:
+                return True
+            self._pending.append(Body(data[:room]))
+            self._content_out += room
+        self._fail(400, self._chunks.error)
+        return False
 
     def _convert(self, ev: object) -> Event:
         kind = type(ev)
@@ -212,6 +252,9 @@ class H11Http1Codec(Http1Codec):
             data = _skip_empty_lines(data)
             if not data:
                 return  # b"" would tell h11 the peer closed
+        chunks = self._chunks
+        if chunks is not None and not chunks.done and chunks.error is None:
+            chunks.feed(data)
         self._conn.receive_data(data)
         self._pump()
 
@@ -242,6 +285,7 @@ class H11Http1Codec(Http1Codec):
         # crashes the next send; what was wrong is already queued in _pending.
         rest = _skip_empty_lines(self._conn.trailing_data[0])
         self._conn = self._new_conn()
+        self._chunks = None
         if rest:
             self._conn.receive_data(rest)
         self._facts = None

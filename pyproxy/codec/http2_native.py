@@ -28,7 +28,7 @@ from h2.exceptions import InvalidBodyLengthError, ProtocolError, StreamClosedErr
 from h2.utilities import HeaderValidationFlags, normalize_inbound_headers, validate_headers
 
 from pyproxy.codec.events import Headers
-from pyproxy.native import native_extension
+from pyproxy.native import effective_http2_codec, native_extension
 
 _h2: Any = native_extension("_h2")
 AVAILABLE = _h2 is not None
@@ -46,9 +46,7 @@ ENABLE_PUSH, MAX_CONCURRENT_STREAMS, INITIAL_WINDOW_SIZE, MAX_HEADER_LIST_SIZE =
 _NO_LIMIT = 1 << 31  # nghttp2 cuts DATA into frames itself: only the window bounds a send
 
 
-def effective_codec(choice: str) -> str:
-    """The codec a listener runs: native (libnghttp2) when asked for and built, else h2."""
-    return "native" if choice == "native" and AVAILABLE else "h2"
+effective_codec = effective_http2_codec
 
 
 def pack_headers(headers: Headers) -> bytes:

@@ -11,8 +11,8 @@ from typing import Any
 from pyproxy.admission import Admission
 from pyproxy.chain.api import FactoryContext
 from pyproxy.chain.http_chain import ChainFactory
-from pyproxy.codec import make_http1_codec
 from pyproxy.codec.http1 import Http1Codec, Http1Limits
+from pyproxy.codec.http1_backend import make_http1_codec
 from pyproxy.config import ListenerConfig, ListenerMode, ProxyConfig
 from pyproxy.counters import IPC, PARSE, READ, STAGE_EVENTS, STAGE_NS, STAGES, WRITE
 from pyproxy.http.access_log import AccessLog
