@@ -135,6 +135,38 @@ def drive(
     return rtts
 
 
+def drive_paired(
+    first: Exchanger, second: Exchanger, seconds: float, rate: float | None = None, warmup: int = 20
+) -> tuple[list[int], list[int]]:
+    """Round trips alternating between two exchangers, so both see the same machine at the same
+    moments (a noisy machine's load changes on a scale of seconds: run one after the other, the
+    two would be measured under different loads). Paced, each one is started `rate` times per s."""
+    for _ in range(warmup):
+        first.exchange()
+        second.exchange()
+    clock = time.perf_counter_ns
+    out: tuple[list[int], list[int]] = ([], [])
+    start = time.monotonic()
+    deadline = start + seconds
+    interval = 0.5 / rate if rate else 0.0
+    next_at = start
+    turn = 0
+    pair = (first, second)
+    while True:
+        now = time.monotonic()
+        if now >= deadline:
+            break
+        if interval:
+            if now < next_at:
+                time.sleep(next_at - now)
+            next_at += interval
+        t0 = clock()
+        pair[turn].exchange()
+        out[turn].append(clock() - t0)
+        turn ^= 1
+    return out
+
+
 def wait_ready(protocol: str, address: str, timeout: float = 20.0) -> None:
     """Block until one exchange through `address` succeeds (a proxy and its upstream are up)."""
     deadline = time.monotonic() + timeout

@@ -9,11 +9,13 @@ Python (no numpy on the proxy's side), each with its R².
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform as _platform
+import statistics
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyproxy import __version__
@@ -40,6 +42,11 @@ class Linear:
 
     def scaled(self, factor: float) -> Linear:
         return Linear(self.base * factor, self.per_byte * factor, self.r2)
+
+    def minus(self, other: Linear) -> Linear:
+        return Linear(
+            self.base - other.base, self.per_byte - other.per_byte, min(self.r2, other.r2)
+        )
 
     def to_json(self) -> dict:
         return {"base_ns": self.base, "per_byte_ns": self.per_byte, "r2": self.r2}
@@ -84,6 +91,8 @@ def fit_cpu(
     """Least-squares r·(C + s·c) over (rate, size, CPU ns per wall second) points.
 
     The model has no intercept: at rate 0 the sidecar spends nothing per request.
+    Fitted over rates near the one-connection maximum, it is the closed-loop cost;
+    what lower rates add is the `IdleCurve`.
     """
     if not rates or not (len(rates) == len(sizes) == len(ns_per_second)):
         raise ValueError("need one rate, size and CPU figure per point, at least one")
@@ -112,12 +121,66 @@ class StageModel:
     def scaled(self, factor: float) -> StageModel:
         return StageModel(self.latency.scaled(factor), self.cpu.scaled(factor))
 
+    def minus(self, other: StageModel) -> StageModel:
+        """What this model costs beyond `other` (a setup less its base setup)."""
+        return StageModel(self.latency.minus(other.latency), self.cpu.minus(other.cpu))
+
     def to_json(self) -> dict:
         return {"latency": self.latency.to_json(), "cpu": self.cpu.to_json()}
 
     @classmethod
     def from_json(cls, data: dict) -> StageModel:
         return cls(Linear.from_json(data["latency"]), Linear.from_json(data["cpu"]))
+
+
+@dataclass(frozen=True, slots=True)
+class IdleCurve:
+    """What a sidecar pass costs beyond its closed-loop cost when its exchanges come `rate` per s.
+
+    Between two exchanges the proxy (and the CPU it ran on) goes idle, and the
+    longer the gap the more the next exchange pays to wake it: scheduler
+    wake-up, the CPU leaving its idle state (on a virtual machine, guest halt
+    polling giving up and the vCPU being descheduled), cold caches. Measured
+    at a few paced rates, the extra grows about with the logarithm of the gap,
+    so the model is `extra(r) = k·ln(hot_rate / r)` below the closed-loop rate
+    (and 0 at or above it), for latency and CPU per exchange alike.
+    """
+
+    hot_rate: float
+    latency_ns: float  # k of the latency, ns per e-fold of rate below hot_rate
+    cpu_ns: float  # k of the CPU per exchange
+
+    def at(self, rate: float) -> tuple[float, float]:
+        """(latency ns, CPU ns) per exchange beyond the closed loop, at this rate."""
+        if rate <= 0 or rate >= self.hot_rate:
+            return 0.0, 0.0
+        gap = math.log(self.hot_rate / rate)
+        return self.latency_ns * gap, self.cpu_ns * gap
+
+    def to_json(self) -> dict:
+        return {"hot_rate": self.hot_rate, "latency_ns": self.latency_ns, "cpu_ns": self.cpu_ns}
+
+    @classmethod
+    def from_json(cls, data: dict) -> IdleCurve:
+        return cls(float(data["hot_rate"]), float(data["latency_ns"]), float(data["cpu_ns"]))
+
+
+def fit_idle_curve(hot_rate: float, paced: Sequence[tuple[float, float, float]]) -> IdleCurve:
+    """k from paced (rate, extra latency ns, extra CPU ns) points below `hot_rate`.
+
+    Each point gives its own k = extra / ln(hot_rate / rate); the curve takes their
+    median, so one point disturbed by the machine's other load moves nothing.
+    """
+    usable = [(math.log(hot_rate / r), lat, cpu) for r, lat, cpu in paced if 0 < r < hot_rate]
+    if not usable:
+        return IdleCurve(hot_rate, 0.0, 0.0)
+
+    def k(values: list[float]) -> float:
+        return max(0.0, statistics.median(values))  # a cost beyond the closed loop is never < 0
+
+    return IdleCurve(
+        hot_rate, k([lat / g for g, lat, _ in usable]), k([cpu / g for g, _, cpu in usable])
+    )
 
 
 @dataclass(frozen=True)
@@ -136,6 +199,8 @@ class Profile:
     filters: dict[str, StageModel]
     external: dict[str, StageModel]
     points: list[dict]
+    # per setup ("http", "tcp", ...): the cost beyond the closed loop at lower rates
+    idle: dict[str, IdleCurve] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         def models(table: dict[str, StageModel]) -> dict:
@@ -148,6 +213,7 @@ class Profile:
             "ipc": models(self.ipc),
             "filters": models(self.filters),
             "external": models(self.external),
+            "idle": {name: curve.to_json() for name, curve in self.idle.items()},
             "points": self.points,
         }
 
@@ -166,12 +232,22 @@ class Profile:
             filters=models(data.get("filters", {})),
             external=models(data.get("external", {})),
             points=list(data.get("points", [])),
+            idle={name: IdleCurve.from_json(c) for name, c in data.get("idle", {}).items()},
         )
 
     def external_view(self) -> Profile:
-        """The same profile with each mode priced as one `sidecar` stage fitted from outside."""
+        """The same profile with each mode priced as one `sidecar` stage fitted from outside.
+
+        A filter's external model is what its setup (`MODE+FILTER`) cost beyond the
+        same mode without it.
+        """
         modes = {m: {"sidecar": self.external[m]} for m in self.modes if m in self.external}
-        return Profile(self.platform, modes, {}, {}, self.external, self.points)
+        filters = {}
+        for name, model in self.external.items():
+            mode, sep, kind = name.partition("+")
+            if sep and not kind.startswith("ipc:") and mode in self.external:
+                filters[kind] = model.minus(self.external[mode])
+        return Profile(self.platform, modes, {}, filters, self.external, self.points, self.idle)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n")

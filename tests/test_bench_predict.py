@@ -52,6 +52,8 @@ def hand_profile(platform: dict | None = None) -> Profile:
 # Sidecar at s = 100: http 1000 + 2100 = 3100 ns; grpc+fault 1000 + 5100 + 3000 = 9100 ns.
 # Hops: root 3100 (no client sidecar), a 3100 + 3100 = 6200, b 3100 + 9100 = 12200 ns.
 # Before: a is critical (200 > 195). After: a 206.2 µs, b 207.2 µs: b is critical.
+# a and b both pass through frontend's sidecar (one event loop, 3100 ns of CPU each at 100 B):
+# the parallel group also waits for the other call's pass there, + 3100 ns.
 FANOUT = {
     "services": {
         "frontend": {"mode": "http"},
@@ -100,8 +102,8 @@ def test_parallel_fanout_overheads_and_the_critical_path_moving():
     assert p.path_before == ["root", "a"]
     assert p.path_after == ["root", "b"] and p.path_moved
     assert p.base_ns == pytest.approx(300_000)
-    assert p.mesh_ns == pytest.approx(100_000 + 3100 + 195_000 + 12200)
-    assert p.overhead_ns == pytest.approx(10_300)
+    assert p.mesh_ns == pytest.approx(100_000 + 3100 + 195_000 + 12200 + 3100)
+    assert p.overhead_ns == pytest.approx(13_400)
     # CPU: every call at 100/s: (3100 + 6200 + 12200) ns × 100 /s = 2.15 ms/s.
     assert p.cpu_cores == pytest.approx(0.00215)
     # On the new path: parse 2100 + 2100 + 5100 = 9300 ns beats ipc 3000 and fault 3000.
@@ -122,13 +124,14 @@ def test_what_if_a_stage_costs_nothing_moves_the_path_back():
     p = predict(hand_profile(), graph_from_data(FANOUT), WhatIf.parse(["filter:fault=0"]))
     # b's hop loses the 3000 ns fault stage: 195 + 9.2 = 204.2 µs < a's 206.2 µs.
     assert p.path_after == ["root", "a"] and not p.path_moved
-    assert p.overhead_ns == pytest.approx(3100 + 6200)
+    assert p.overhead_ns == pytest.approx(3100 + 6200 + 3100)
 
 
 def test_what_if_ipc_unix_swaps_the_ipc_stage_everywhere():
     p = predict(hand_profile(), graph_from_data(FANOUT), WhatIf.parse(["ipc=unix"]))
-    # Each sidecar's ipc stage: 1000 → 400 ns; root 2500, b 2500 + 8500 = 11000.
-    assert p.overhead_ns == pytest.approx(2500 + 195_000 + 11_000 - 200_000)
+    # Each sidecar's ipc stage: 1000 → 400 ns; root 2500, b 2500 + 8500 = 11000; b also waits
+    # for a's 2500 ns pass through frontend's sidecar.
+    assert p.overhead_ns == pytest.approx(2500 + 195_000 + 11_000 + 2500 - 200_000)
     assert {h.call: h.latency_ns for h in p.hops}["a"] == pytest.approx(5000)
 
 
@@ -165,7 +168,8 @@ def test_batch_distribution_counts_moved_paths():
         graphs.append(graph_from_data(graph))
     d = distribution([predict(hand_profile(), g) for g in graphs])
     assert d["graphs"] == 3 and d["critical_path_moved"] == 2
-    assert d["latency_overhead_us"]["p50"] == pytest.approx(10.3)
+    # Overheads 12.4 (a stays critical), 13.4 and 17.4 µs (b overtakes a).
+    assert d["latency_overhead_us"]["p50"] == pytest.approx(13.4)
 
 
 def _otlp(spans: list[tuple[str, str, str | None, int, int, int, dict]]) -> dict:
@@ -237,7 +241,7 @@ def test_predict_command_markdown_json_and_batch_cdf(tmp_path, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert "overhead **10.3 µs**" in out and "(moved)" in out and "ipc=unix" in out
+    assert "overhead **13.4 µs**" in out and "(moved)" in out and "ipc=unix" in out
     second = tmp_path / "second.json"
     second.write_text(json.dumps(FANOUT))
     code = main(["bench", "predict", str(graph), str(second), "--profile", str(profile),
@@ -248,7 +252,7 @@ def test_predict_command_markdown_json_and_batch_cdf(tmp_path, capsys):
     assert (tmp_path / "out" / "overhead_cdf.png").stat().st_size > 1000
     assert (tmp_path / "out" / "what_if.png").stat().st_size > 1000
     assert main(["bench", "report", str(tmp_path / "out"), "--format", "markdown"]) == 0
-    assert "| as measured | 2 | 10.3 |" in (tmp_path / "out" / "report.md").read_text()
+    assert "| as measured | 2 | 13.4 |" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_predict_command_refuses_a_foreign_profile(tmp_path, capsys):
