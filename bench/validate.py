@@ -201,14 +201,12 @@ def rows_for(topology: str, case: Case, m: dict, profile: Profile, args) -> list
     """One row per load (closed loop, then each paced rate): measured beside predicted."""
     external = profile.external_view()
     closed = m["closed"]
-    phases = [
-        ("closed", closed["rate_with"], closed["p50_without_us"], closed["p50_with_us"], None)
-    ]
+    phases = [("closed", closed["rate_with"], closed, None)]
     for p in m["paced"]:
-        phases.append((f"{p['load']:g}", p["with"]["rate"], p["without"]["p50_us"],
-                       p["with"]["p50_us"], p["cores"]["sidecars"]))  # fmt: skip
+        phases.append((f"{p['load']:g}", p["rate"], p, p["cores"]["sidecars"]))
     rows = []
-    for load, rate, without, with_, cores in phases:
+    for load, rate, measured, cores in phases:
+        without, with_ = measured["p50_without_us"], measured["p50_with_us"]
         graph = graph_for(topology, case, args.size, rate, args.work_us)
         by_stage, whole = predict(profile, graph), predict(external, graph)
         for g in m["graphs"]:
@@ -225,6 +223,11 @@ def rows_for(topology: str, case: Case, m: dict, profile: Profile, args) -> list
                "predicted_from_traces_us": statistics.median(p.overhead_ns / 1000 for p in from_traces),
                "traces": len(from_traces),
                "hops_us": {h.call: h.latency_ns / 1000 for h in by_stage.hops}}  # fmt: skip
+        halves = measured["overhead_halves_us"]
+        # The measurement's own spread: its two halves' disagreement, relative to the whole.
+        row["halves_differ"] = (
+            _error(halves[0] - halves[1], sum(halves) / 2) if len(halves) == 2 else None
+        )
         row["error"] = _error(row["predicted_us"], row["overhead_us"])
         row["error_external"] = _error(row["predicted_external_us"], row["overhead_us"])
         row["error_from_traces"] = _error(row["predicted_from_traces_us"], row["overhead_us"])
@@ -297,16 +300,16 @@ def _summary(name: str, errors: list[float | None]) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = [
-        "| app | protocol | sidecars | load | rate /s | measured overhead µs | predicted (stages) µs | error "
+        "| app | protocol | sidecars | load | rate /s | measured overhead µs | halves differ | predicted (stages) µs | error "
         "| from traces µs | predicted (external) µs | error | sidecar CPU cores | predicted (stages) | error "
         "| predicted (external) | error |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         cores = "–" if r["sidecar_cores"] is None else f"{r['sidecar_cores']:.3f}"
         lines.append(
             f"| {r['topology']} | {r['app']} | {r['mode']} | {r['load']} | {r['rate']:.0f} "
-            f"| {r['overhead_us']:.1f} | {r['predicted_us']:.1f} | {_pct(r['error'])} "
+            f"| {r['overhead_us']:.1f} | {_pct(r['halves_differ'])} | {r['predicted_us']:.1f} | {_pct(r['error'])} "
             f"| {r['predicted_from_traces_us']:.1f} "
             f"| {r['predicted_external_us']:.1f} | {_pct(r['error_external'])} "
             f"| {cores} | {r['predicted_cores']:.3f} | {_pct(r['cpu_error'])} "
@@ -318,6 +321,8 @@ def table(rows: list[dict]) -> str:
             + "; ".join((_summary("stage models", [r["error"] for r in rows]),
                          _summary("from traces", [r["error_from_traces"] for r in rows]),
                          _summary("external models", [r["error_external"] for r in rows])))
+            + "\nmedian / worst difference between the two halves of each measurement: "
+            + _summary("measured", [r["halves_differ"] for r in rows])
             + "\nmedian / worst absolute error, CPU: "
             + "; ".join((_summary("stage models", [r["cpu_error"] for r in rows]),
                          _summary("external models", [r["cpu_error_external"] for r in rows])))

@@ -23,17 +23,30 @@ from pyproxy.bench.procs import cpu_ns, tree_pids
 PACED_SAMPLES = 200
 
 
+def _overhead(without: list[int], with_: list[int]) -> dict:
+    """p50s of both, and the overhead measured on each half of the run apart: how far two
+    measurements of the same thing, seconds apart, disagree on this machine."""
+    half_without, half_with = len(without) // 2, len(with_) // 2
+    halves = [
+        (statistics.median(with_[:half_with]) - statistics.median(without[:half_without])) / 1000,
+        (statistics.median(with_[half_with:]) - statistics.median(without[half_without:])) / 1000,
+    ] if half_with and half_without else []  # fmt: skip
+    return {
+        "p50_without_us": statistics.median(without) / 1000,
+        "p50_with_us": statistics.median(with_) / 1000,
+        "overhead_halves_us": halves,
+    }
+
+
 def _paced(plain, mesh, seconds: float, rate: float, pids: dict[str, list[int]]) -> dict:
     before = {name: cpu_ns(p) for name, p in pids.items()}
-    t0 = time.monotonic()
     # Enough exchanges for a median at any rate.
     seconds = max(seconds, PACED_SAMPLES / rate)
+    t0 = time.monotonic()
     without, with_ = drive_paired(plain, mesh, seconds, rate=rate, warmup=0)
     wall = time.monotonic() - t0
-    return {
-        "load": rate,
-        "without": {"p50_us": statistics.median(without) / 1000, "rate": len(without) / wall},
-        "with": {"p50_us": statistics.median(with_) / 1000, "rate": len(with_) / wall},
+    return _overhead(without, with_) | {
+        "rate": len(with_) / wall,
         "cores": {name: (cpu_ns(p) - before[name]) / 1e9 / wall for name, p in pids.items()},
     }
 
@@ -55,13 +68,10 @@ def run(args: argparse.Namespace) -> dict:
     out: dict = {}
     try:
         # Alternating exchanges: both deployments see the same machine at the same moments.
+        t0 = time.monotonic()
         without, with_ = drive_paired(plain, mesh, args.rounds * args.seconds, warmup=20)
-        out["closed"] = {
-            "p50_without_us": statistics.median(without) / 1000,
-            "p50_with_us": statistics.median(with_) / 1000,
-            "rate_without": 1e9 / statistics.fmean(without),
-            "rate_with": 1e9 / statistics.fmean(with_),
-        }
+        wall = time.monotonic() - t0
+        out["closed"] = _overhead(without, with_) | {"rate_with": len(with_) / wall}
         out["paced"] = []
         for load in args.loads:
             rate = load * out["closed"]["rate_with"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -14,6 +15,7 @@ from pyproxy.bench.callgraph import (
     load_graphs,
 )
 from pyproxy.bench.model import (
+    IdleCurve,
     Linear,
     PlatformMismatch,
     Profile,
@@ -21,6 +23,7 @@ from pyproxy.bench.model import (
     check_platform,
     current_platform,
     fit_cpu,
+    fit_idle_curve,
     fit_latency,
 )
 from pyproxy.bench.predict import WhatIf, WhatIfError, distribution, predict
@@ -272,3 +275,47 @@ def test_services_overlay_sets_what_traces_cannot_say(tmp_path):
     graph.write_text(json.dumps(FANOUT))
     [g] = load_graphs([graph], services)
     assert g.services["b"].ipc == "unix"
+
+
+def test_idle_curve_grows_with_the_log_of_the_gap_and_is_nothing_at_the_closed_loop():
+    curve = IdleCurve(hot_rate=10_000, latency_ns=2000, cpu_ns=500)
+    assert curve.at(10_000) == curve.at(20_000) == (0.0, 0.0)
+    lat, cpu = curve.at(10_000 / math.e**2)  # two e-folds below the closed loop
+    assert lat == pytest.approx(4000) and cpu == pytest.approx(1000)
+    assert IdleCurve.from_json(curve.to_json()) == curve
+
+
+def test_fit_idle_curve_recovers_k_and_one_disturbed_point_moves_nothing():
+    hot = 8000.0
+    rates = [100, 300, 1000, 3000]
+    points = [(r, 3000 * math.log(hot / r), 700 * math.log(hot / r)) for r in rates]
+    points[0] = (100, 900_000.0, 700 * math.log(hot / 100))  # the machine's other load struck
+    curve = fit_idle_curve(hot, points)
+    assert curve.latency_ns == pytest.approx(3000) and curve.cpu_ns == pytest.approx(700)
+    # A cost beyond the closed loop is never negative, whatever noise says.
+    assert fit_idle_curve(hot, [(100, -5.0, -5.0)]) == IdleCurve(hot, 0.0, 0.0)
+    assert fit_idle_curve(hot, []) == IdleCurve(hot, 0.0, 0.0)
+
+
+def test_predict_adds_each_sidecars_wake_up_cost_at_the_calls_rate():
+    base = hand_profile()
+    # http sidecars: 2000 ns latency and 1000 ns CPU per e-fold below 100·e² /s.
+    profile = Profile(base.platform, base.modes, base.ipc, base.filters, {}, [],
+                      {"http": IdleCurve(100 * math.e**2, 2000, 1000)})  # fmt: skip
+    graph = graph_from_data({
+        "services": {"f": {"mode": "http"}, "a": {"mode": "http"}},
+        "calls": [{"id": "r", "callee": "f", "rate": 100, "work_us": 100},
+                  {"id": "x", "parent": "r", "callee": "a", "work_us": 50}],
+    })  # fmt: skip
+    p = predict(profile, graph)
+    hops = {h.call: h for h in p.hops}
+    # Two e-folds: 4000 ns per sidecar pass; r crosses f's inbound, x f's outbound and a's inbound.
+    assert hops["r"].stages_ns["idle"] == pytest.approx(4000)
+    assert hops["x"].stages_ns["idle"] == pytest.approx(8000)
+    assert p.overhead_ns == pytest.approx(3 * (3100 + 4000))
+    # CPU: 3 passes × (3100 + 2000) ns × 100 /s.
+    assert p.cpu_cores == pytest.approx(3 * 5100 * 100 / 1e9)
+    halved = predict(profile, graph, WhatIf.parse(["idle=0.5"]))
+    assert halved.overhead_ns == pytest.approx(3 * (3100 + 2000))
+    with pytest.raises(WhatIfError, match="no stage 'idle'"):
+        predict(hand_profile(), graph, WhatIf.parse(["idle=0.5"]))
