@@ -12,7 +12,6 @@ import json
 import math
 import os
 import platform as _platform
-import statistics
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -140,47 +139,64 @@ class IdleCurve:
     Between two exchanges the proxy (and the CPU it ran on) goes idle, and the
     longer the gap the more the next exchange pays to wake it: scheduler
     wake-up, the CPU leaving its idle state (on a virtual machine, guest halt
-    polling giving up and the vCPU being descheduled), cold caches. Measured
-    at a few paced rates, the extra grows about with the logarithm of the gap,
-    so the model is `extra(r) = k·ln(hot_rate / r)` below the closed-loop rate
-    (and 0 at or above it), for latency and CPU per exchange alike.
+    polling giving up and the vCPU being descheduled), cold caches. The cost
+    rises steeply once gaps outgrow the halt-polling window and then levels
+    off, a shape no one-parameter law follows, so the curve is the measured
+    points, (rate /s, latency ns, CPU ns) per exchange, interpolated linearly
+    in log(rate) and held flat beyond both ends; the closed-loop rate is a
+    point with no extra cost.
     """
 
-    hot_rate: float
-    latency_ns: float  # k of the latency, ns per e-fold of rate below hot_rate
-    cpu_ns: float  # k of the CPU per exchange
+    points: tuple[tuple[float, float, float], ...]
 
     def at(self, rate: float) -> tuple[float, float]:
         """(latency ns, CPU ns) per exchange beyond the closed loop, at this rate."""
-        if rate <= 0 or rate >= self.hot_rate:
+        pts = self.points
+        if not pts:
             return 0.0, 0.0
-        gap = math.log(self.hot_rate / rate)
-        return self.latency_ns * gap, self.cpu_ns * gap
+        if rate <= pts[0][0]:
+            return pts[0][1], pts[0][2]
+        for (r0, l0, c0), (r1, l1, c1) in zip(pts, pts[1:], strict=False):
+            if rate <= r1:
+                w = math.log(rate / r0) / math.log(r1 / r0)
+                return l0 + w * (l1 - l0), c0 + w * (c1 - c0)
+        return pts[-1][1], pts[-1][2]
 
-    def to_json(self) -> dict:
-        return {"hot_rate": self.hot_rate, "latency_ns": self.latency_ns, "cpu_ns": self.cpu_ns}
+    def to_json(self) -> list[dict]:
+        return [{"rate": r, "latency_ns": lat, "cpu_ns": cpu} for r, lat, cpu in self.points]
 
     @classmethod
-    def from_json(cls, data: dict) -> IdleCurve:
-        return cls(float(data["hot_rate"]), float(data["latency_ns"]), float(data["cpu_ns"]))
+    def from_json(cls, data: list[dict]) -> IdleCurve:
+        return cls(
+            tuple((float(p["rate"]), float(p["latency_ns"]), float(p["cpu_ns"])) for p in data)
+        )
+
+
+def _falling(values: Sequence[float]) -> list[float]:
+    """The closest non-increasing sequence (pool adjacent violators, equal weights): a lower rate
+    never costs less per exchange, so a point that says so was disturbed, and is averaged with
+    its neighbour instead of bending the curve."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+            mean, count = blocks.pop()
+            blocks[-1] = [
+                (blocks[-1][0] * blocks[-1][1] + mean * count) / (blocks[-1][1] + count),
+                blocks[-1][1] + count,
+            ]
+    return [mean for mean, count in blocks for _ in range(int(count))]
 
 
 def fit_idle_curve(hot_rate: float, paced: Sequence[tuple[float, float, float]]) -> IdleCurve:
-    """k from paced (rate, extra latency ns, extra CPU ns) points below `hot_rate`.
-
-    Each point gives its own k = extra / ln(hot_rate / rate); the curve takes their
-    median, so one point disturbed by the machine's other load moves nothing.
-    """
-    usable = [(math.log(hot_rate / r), lat, cpu) for r, lat, cpu in paced if 0 < r < hot_rate]
-    if not usable:
-        return IdleCurve(hot_rate, 0.0, 0.0)
-
-    def k(values: list[float]) -> float:
-        return max(0.0, statistics.median(values))  # a cost beyond the closed loop is never < 0
-
-    return IdleCurve(
-        hot_rate, k([lat / g for g, lat, _ in usable]), k([cpu / g for g, _, cpu in usable])
-    )
+    """The curve from paced (rate, extra latency ns, extra CPU ns) points below `hot_rate`:
+    each series made non-increasing in rate and never negative (a cost beyond the closed loop
+    cannot be), with (hot_rate, 0, 0) as its last point."""
+    pts = sorted((r, lat, cpu) for r, lat, cpu in paced if 0 < r < hot_rate)
+    pts.append((hot_rate, 0.0, 0.0))
+    latency = _falling([max(0.0, p[1]) for p in pts])
+    cpu = _falling([max(0.0, p[2]) for p in pts])
+    return IdleCurve(tuple(zip([p[0] for p in pts], latency, cpu, strict=True)))
 
 
 @dataclass(frozen=True)

@@ -11,11 +11,12 @@ outside the mesh (`validation_load.py`): closed-loop rounds (one outstanding
 request) alternate between the plain and the meshed app, then both are paced
 at fractions of the meshed rate while the sidecars' CPU is read from /proc.
 
-Predicted: `predict` on the same call graph (both sidecars of each hop: the
-caller's outbound and the callee's inbound) with the profile's stage models
-and with its external (whole-sidecar) models, and on the call graphs built
-from the traces the app exported, with the host's measured load and the
-case's own CPU demand feeding the contention term (`contention.py`).
+Predicted: `predict` at each measured rate on the same call graph (both
+sidecars of each hop: the caller's outbound and the callee's inbound) with
+the profile's stage models and with its external (whole-sidecar) models, and
+on the call graphs built from the traces the app exported. Each measurement
+is also split into its two halves: how far they disagree is the floor under
+any prediction's error on this machine.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pyproxy.bench.callgraph import Service, graph_from_data, graphs_from_traces
 from pyproxy.bench.filter_configs import filter_entry
 from pyproxy.bench.model import Profile, check_platform, current_platform
 from pyproxy.bench.pod_echo import admin_get
-from pyproxy.bench.predict import Prediction, predict
+from pyproxy.bench.predict import IDLE_STAGE, Prediction, predict
 from pyproxy.bench.procs import Noise
 from pyproxy.iptables.netns import Pod, missing_capabilities, pods
 
@@ -122,11 +123,18 @@ def deploy(
 
 
 def _captured(pod: Pod) -> dict[str, int]:
-    """Requests each of the pod's capture listeners carried (proof the iptables rules steered them)."""
+    """Requests each of the pod's capture listeners carried (proof the iptables rules steered
+    them), and the ns its stage clock counted over both."""
     listeners = json.loads(admin_get(pod, "/stats?format=json"))["listeners"]
-    return {
+    out = {
         name: listeners[name]["requests"] for name in ("inbound", "outbound") if name in listeners
     }
+    out["stage_ns"] = sum(
+        stage["ns"]
+        for name in ("inbound", "outbound")
+        for stage in listeners.get(name, {}).get("stages", {}).values()
+    )
+    return out
 
 
 def graph_for(topology: str, case: Case, size: int, rate: float, work_us: float):
@@ -223,6 +231,23 @@ def rows_for(topology: str, case: Case, m: dict, profile: Profile, args) -> list
                "predicted_from_traces_us": statistics.median(p.overhead_ns / 1000 for p in from_traces),
                "traces": len(from_traces),
                "hops_us": {h.call: h.latency_ns / 1000 for h in by_stage.hops}}  # fmt: skip
+        # The proxies' own work per app request: counted by their stage clocks in the pods,
+        # and as the profile's stage models price it (all passes, without the idle term).
+        requests = m["captured"]["a"]["inbound"]
+        row["stage_clock_us"] = (
+            sum(c["stage_ns"] for c in m["captured"].values()) / requests / 1000
+            if requests
+            else None
+        )
+        row["predicted_stage_sum_us"] = (
+            sum(
+                ns
+                for h in by_stage.hops
+                for stage, ns in h.stages_ns.items()
+                if stage != IDLE_STAGE
+            )
+            / 1000
+        )
         halves = measured["overhead_halves_us"]
         # The measurement's own spread: its two halves' disagreement, relative to the whole.
         row["halves_differ"] = (
@@ -327,4 +352,14 @@ def table(rows: list[dict]) -> str:
             + "; ".join((_summary("stage models", [r["cpu_error"] for r in rows]),
                          _summary("external models", [r["cpu_error_external"] for r in rows])))
         )  # fmt: skip
+    lines += [
+        "",
+        "| app | protocol | sidecars | proxies' own work per request: stage clocks in the pods µs "
+        "| the profile's stage models µs |",
+        "| --- | --- | --- | ---: | ---: |",
+    ]
+    for r in rows:
+        if r["load"] == "closed" and r.get("stage_clock_us") is not None:
+            lines.append(f"| {r['topology']} | {r['app']} | {r['mode']} | {r['stage_clock_us']:.1f} "
+                         f"| {r['predicted_stage_sum_us']:.1f} |")  # fmt: skip
     return "\n".join(lines) + "\n"

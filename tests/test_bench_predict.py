@@ -277,31 +277,37 @@ def test_services_overlay_sets_what_traces_cannot_say(tmp_path):
     assert g.services["b"].ipc == "unix"
 
 
-def test_idle_curve_grows_with_the_log_of_the_gap_and_is_nothing_at_the_closed_loop():
-    curve = IdleCurve(hot_rate=10_000, latency_ns=2000, cpu_ns=500)
+def test_idle_curve_interpolates_in_log_rate_and_is_nothing_at_the_closed_loop():
+    curve = IdleCurve(((100, 8000, 4000), (1000, 2000, 1000), (10_000, 0, 0)))
     assert curve.at(10_000) == curve.at(20_000) == (0.0, 0.0)
-    lat, cpu = curve.at(10_000 / math.e**2)  # two e-folds below the closed loop
-    assert lat == pytest.approx(4000) and cpu == pytest.approx(1000)
+    assert curve.at(50) == curve.at(100) == (8000, 4000)  # held flat below the lowest rate
+    lat, cpu = curve.at(math.sqrt(100 * 1000))  # half way between 100 and 1000 /s in log(rate)
+    assert lat == pytest.approx(5000) and cpu == pytest.approx(2500)
+    assert curve.at(3162.28)[0] == pytest.approx(1000, rel=1e-3)
     assert IdleCurve.from_json(curve.to_json()) == curve
 
 
-def test_fit_idle_curve_recovers_k_and_one_disturbed_point_moves_nothing():
-    hot = 8000.0
-    rates = [100, 300, 1000, 3000]
-    points = [(r, 3000 * math.log(hot / r), 700 * math.log(hot / r)) for r in rates]
-    points[0] = (100, 900_000.0, 700 * math.log(hot / 100))  # the machine's other load struck
-    curve = fit_idle_curve(hot, points)
-    assert curve.latency_ns == pytest.approx(3000) and curve.cpu_ns == pytest.approx(700)
-    # A cost beyond the closed loop is never negative, whatever noise says.
-    assert fit_idle_curve(hot, [(100, -5.0, -5.0)]) == IdleCurve(hot, 0.0, 0.0)
-    assert fit_idle_curve(hot, []) == IdleCurve(hot, 0.0, 0.0)
+def test_fit_idle_curve_pools_a_point_that_says_slower_is_cheaper_and_clamps_at_zero():
+    paced = [
+        (100, 9000.0, 900.0),
+        (300, 5000.0, -50.0),
+        (1000, 7000.0, 300.0),
+        (3000, 1000.0, 100.0),
+    ]
+    curve = fit_idle_curve(8000.0, [*paced, (9000, 5.0, 5.0)])  # above the closed loop: ignored
+    assert [p[0] for p in curve.points] == [100, 300, 1000, 3000, 8000.0]
+    # 5000 then 7000 at a higher rate cannot both be right: both become their mean.
+    assert [p[1] for p in curve.points] == [9000, 6000, 6000, 1000, 0]
+    # -50 is held at 0, which then sits below 300 at a higher rate: pooled to 150.
+    assert [p[2] for p in curve.points] == [900, 150, 150, 100, 0]
+    assert fit_idle_curve(8000.0, []).at(10) == (0.0, 0.0)
 
 
 def test_predict_adds_each_sidecars_wake_up_cost_at_the_calls_rate():
     base = hand_profile()
-    # http sidecars: 2000 ns latency and 1000 ns CPU per e-fold below 100·e² /s.
+    # http sidecars at 100 /s: 4000 ns latency and 2000 ns CPU per exchange beyond the closed loop.
     profile = Profile(base.platform, base.modes, base.ipc, base.filters, {}, [],
-                      {"http": IdleCurve(100 * math.e**2, 2000, 1000)})  # fmt: skip
+                      {"http": IdleCurve(((100, 4000, 2000), (5000, 0, 0)))})  # fmt: skip
     graph = graph_from_data({
         "services": {"f": {"mode": "http"}, "a": {"mode": "http"}},
         "calls": [{"id": "r", "callee": "f", "rate": 100, "work_us": 100},
@@ -309,7 +315,7 @@ def test_predict_adds_each_sidecars_wake_up_cost_at_the_calls_rate():
     })  # fmt: skip
     p = predict(profile, graph)
     hops = {h.call: h for h in p.hops}
-    # Two e-folds: 4000 ns per sidecar pass; r crosses f's inbound, x f's outbound and a's inbound.
+    # 4000 ns per sidecar pass; r crosses f's inbound, x f's outbound and a's inbound.
     assert hops["r"].stages_ns["idle"] == pytest.approx(4000)
     assert hops["x"].stages_ns["idle"] == pytest.approx(8000)
     assert p.overhead_ns == pytest.approx(3 * (3100 + 4000))

@@ -36,7 +36,8 @@ def test_profile_fits_every_stage_from_real_runs_and_keys_it_by_platform(profile
     idle = [p for p in profile.points if p["kind"] == "idle"]
     assert {p["size"] for p in idle} == {100} and {p["paced_rate"] for p in idle} == {300.0}
     curve = profile.idle["tcp"]
-    assert curve.hot_rate > 300 and curve.at(curve.hot_rate) == (0.0, 0.0)
+    hot_rate = curve.points[-1][0]
+    assert hot_rate > 300 and curve.at(hot_rate) == (0.0, 0.0) and curve.points[0][0] == 300
     for p in profile.points:
         if p["kind"] == "latency":
             assert p["exchanges"] > 0 and p["proxy_p50_ns"] > 0
