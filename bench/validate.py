@@ -123,11 +123,13 @@ def deploy(
 
 
 def _captured(pod: Pod) -> dict[str, int]:
-    """Requests each of the pod's capture listeners carried (proof the iptables rules steered
-    them), and the ns its stage clock counted over both."""
+    """Connections each of the pod's capture listeners accepted (proof the iptables rules steered
+    them there), and the ns its stage clock counted over both."""
     listeners = json.loads(admin_get(pod, "/stats?format=json"))["listeners"]
     out = {
-        name: listeners[name]["requests"] for name in ("inbound", "outbound") if name in listeners
+        name: listeners[name]["connections_total"]
+        for name in ("inbound", "outbound")
+        if name in listeners
     }
     out["stage_ns"] = sum(
         stage["ns"]
@@ -233,7 +235,7 @@ def rows_for(topology: str, case: Case, m: dict, profile: Profile, args) -> list
                "hops_us": {h.call: h.latency_ns / 1000 for h in by_stage.hops}}  # fmt: skip
         # The proxies' own work per app request: counted by their stage clocks in the pods,
         # and as the profile's stage models price it (all passes, without the idle term).
-        requests = m["captured"]["a"]["inbound"]
+        requests = m["mesh_exchanges"]
         row["stage_clock_us"] = (
             sum(c["stage_ns"] for c in m["captured"].values()) / requests / 1000
             if requests

@@ -47,6 +47,7 @@ def _paced(plain, mesh, seconds: float, rate: float, pids: dict[str, list[int]])
     wall = time.monotonic() - t0
     return _overhead(without, with_) | {
         "rate": len(with_) / wall,
+        "exchanges": len(with_),
         "cores": {name: (cpu_ns(p) - before[name]) / 1e9 / wall for name, p in pids.items()},
     }
 
@@ -72,10 +73,13 @@ def run(args: argparse.Namespace) -> dict:
         without, with_ = drive_paired(plain, mesh, args.rounds * args.seconds, warmup=20)
         wall = time.monotonic() - t0
         out["closed"] = _overhead(without, with_) | {"rate_with": len(with_) / wall}
+        exchanges = 20 + len(with_)  # the warm-up's too: the sidecars' counters include them
         out["paced"] = []
         for load in args.loads:
             rate = load * out["closed"]["rate_with"]
             out["paced"].append(_paced(plain, mesh, args.seconds, rate, pids) | {"load": load})
+            exchanges += out["paced"][-1]["exchanges"]
+        out["mesh_exchanges"] = exchanges
     finally:
         plain.close()
         mesh.close()

@@ -43,11 +43,13 @@ def test_both_apps_ran_in_captured_pods_with_and_without_sidecars(validated):
         ("grpc", "grpc", "0.5"),
     ]
     for r in rows:
-        # Every service's sidecar carried the app's requests: the iptables rules steered the
+        # Every service's sidecar carried the app's connections: the iptables rules steered the
         # inbound calls (a, b, c) and a's outbound calls (to b and c) through it.
         assert all(r["captured"][s]["inbound"] > 0 for s in "abc")
         assert r["captured"]["a"]["outbound"] > 0
         assert r["captured"]["b"]["outbound"] == r["captured"]["c"]["outbound"] == 0
+        # Their stage clocks counted the proxies' own work on those requests.
+        assert r["stage_clock_us"] > 0 and r["predicted_stage_sum_us"] > 0
         assert r["p50_with_us"] > 0 and r["p50_without_us"] > 0 and r["rate"] > 0
         assert r["predicted_us"] > 0 and r["predicted_external_us"] > 0
     paced = [r for r in rows if r["load"] != "closed"]
