@@ -9,7 +9,7 @@ timing each with perf_counter_ns.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from pyproxy.bench.echo_client import connect
 
@@ -109,18 +109,21 @@ EXCHANGERS: dict[str, Callable[[str, int], Exchanger]] = {
 }
 
 
-def drive(
-    exchanger: Exchanger, seconds: float, rate: float | None = None, warmup: int = 50
-) -> list[int]:
-    """Nanosecond round trips for `seconds`: back to back, or started every 1/rate s (never two at once)."""
+def _rotate(
+    exchangers: Sequence[Exchanger], seconds: float, rate: float | None, warmup: int
+) -> list[list[int]]:
+    """Nanosecond round trips for `seconds`, taking the exchangers in turn, one at a time:
+    back to back, or each one started `rate` times per second."""
     for _ in range(warmup):
-        exchanger.exchange()
+        for exchanger in exchangers:
+            exchanger.exchange()
     clock = time.perf_counter_ns
-    rtts: list[int] = []
+    out: list[list[int]] = [[] for _ in exchangers]
     start = time.monotonic()
     deadline = start + seconds
-    interval = 1.0 / rate if rate else 0.0
+    interval = 1.0 / (rate * len(exchangers)) if rate else 0.0
     next_at = start
+    turn = 0
     while True:
         now = time.monotonic()
         if now >= deadline:
@@ -130,9 +133,27 @@ def drive(
                 time.sleep(next_at - now)
             next_at += interval
         t0 = clock()
-        exchanger.exchange()
-        rtts.append(clock() - t0)
-    return rtts
+        exchangers[turn].exchange()
+        out[turn].append(clock() - t0)
+        turn = (turn + 1) % len(exchangers)
+    return out
+
+
+def drive(
+    exchanger: Exchanger, seconds: float, rate: float | None = None, warmup: int = 50
+) -> list[int]:
+    """Nanosecond round trips for `seconds`: back to back, or started every 1/rate s (never two at once)."""
+    return _rotate([exchanger], seconds, rate, warmup)[0]
+
+
+def drive_paired(
+    first: Exchanger, second: Exchanger, seconds: float, rate: float | None = None, warmup: int = 20
+) -> tuple[list[int], list[int]]:
+    """Round trips alternating between two exchangers, so both see the same machine at the same
+    moments (a noisy machine's load changes on a scale of seconds: run one after the other, the
+    two would be measured under different loads). Paced, each one is started `rate` times per s."""
+    got = _rotate([first, second], seconds, rate, warmup)
+    return got[0], got[1]
 
 
 def wait_ready(protocol: str, address: str, timeout: float = 20.0) -> None:

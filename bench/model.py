@@ -9,11 +9,12 @@ Python (no numpy on the proxy's side), each with its R².
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform as _platform
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pyproxy import __version__
@@ -40,6 +41,11 @@ class Linear:
 
     def scaled(self, factor: float) -> Linear:
         return Linear(self.base * factor, self.per_byte * factor, self.r2)
+
+    def minus(self, other: Linear) -> Linear:
+        return Linear(
+            self.base - other.base, self.per_byte - other.per_byte, min(self.r2, other.r2)
+        )
 
     def to_json(self) -> dict:
         return {"base_ns": self.base, "per_byte_ns": self.per_byte, "r2": self.r2}
@@ -84,6 +90,8 @@ def fit_cpu(
     """Least-squares r·(C + s·c) over (rate, size, CPU ns per wall second) points.
 
     The model has no intercept: at rate 0 the sidecar spends nothing per request.
+    Fitted over rates near the one-connection maximum, it is the closed-loop cost;
+    what lower rates add is the `IdleCurve`.
     """
     if not rates or not (len(rates) == len(sizes) == len(ns_per_second)):
         raise ValueError("need one rate, size and CPU figure per point, at least one")
@@ -112,12 +120,83 @@ class StageModel:
     def scaled(self, factor: float) -> StageModel:
         return StageModel(self.latency.scaled(factor), self.cpu.scaled(factor))
 
+    def minus(self, other: StageModel) -> StageModel:
+        """What this model costs beyond `other` (a setup less its base setup)."""
+        return StageModel(self.latency.minus(other.latency), self.cpu.minus(other.cpu))
+
     def to_json(self) -> dict:
         return {"latency": self.latency.to_json(), "cpu": self.cpu.to_json()}
 
     @classmethod
     def from_json(cls, data: dict) -> StageModel:
         return cls(Linear.from_json(data["latency"]), Linear.from_json(data["cpu"]))
+
+
+@dataclass(frozen=True, slots=True)
+class IdleCurve:
+    """What a sidecar pass costs beyond its closed-loop cost when its exchanges come `rate` per s.
+
+    Between two exchanges the proxy (and the CPU it ran on) goes idle, and the
+    longer the gap the more the next exchange pays to wake it: scheduler
+    wake-up, the CPU leaving its idle state (on a virtual machine, guest halt
+    polling giving up and the vCPU being descheduled), cold caches. The cost
+    rises steeply once gaps outgrow the halt-polling window and then levels
+    off, a shape no one-parameter law follows, so the curve is the measured
+    points, (rate /s, latency ns, CPU ns) per exchange, interpolated linearly
+    in log(rate) and held flat beyond both ends; the closed-loop rate is a
+    point with no extra cost.
+    """
+
+    points: tuple[tuple[float, float, float], ...]
+
+    def at(self, rate: float) -> tuple[float, float]:
+        """(latency ns, CPU ns) per exchange beyond the closed loop, at this rate."""
+        pts = self.points
+        if not pts:
+            return 0.0, 0.0
+        if rate <= pts[0][0]:
+            return pts[0][1], pts[0][2]
+        for (r0, l0, c0), (r1, l1, c1) in zip(pts, pts[1:], strict=False):
+            if rate <= r1:
+                w = math.log(rate / r0) / math.log(r1 / r0)
+                return l0 + w * (l1 - l0), c0 + w * (c1 - c0)
+        return pts[-1][1], pts[-1][2]
+
+    def to_json(self) -> list[dict]:
+        return [{"rate": r, "latency_ns": lat, "cpu_ns": cpu} for r, lat, cpu in self.points]
+
+    @classmethod
+    def from_json(cls, data: list[dict]) -> IdleCurve:
+        return cls(
+            tuple((float(p["rate"]), float(p["latency_ns"]), float(p["cpu_ns"])) for p in data)
+        )
+
+
+def _falling(values: Sequence[float]) -> list[float]:
+    """The closest non-increasing sequence (pool adjacent violators, equal weights): a lower rate
+    never costs less per exchange, so a point that says so was disturbed, and is averaged with
+    its neighbour instead of bending the curve."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+            mean, count = blocks.pop()
+            blocks[-1] = [
+                (blocks[-1][0] * blocks[-1][1] + mean * count) / (blocks[-1][1] + count),
+                blocks[-1][1] + count,
+            ]
+    return [mean for mean, count in blocks for _ in range(int(count))]
+
+
+def fit_idle_curve(hot_rate: float, paced: Sequence[tuple[float, float, float]]) -> IdleCurve:
+    """The curve from paced (rate, extra latency ns, extra CPU ns) points below `hot_rate`:
+    each series made non-increasing in rate and never negative (a cost beyond the closed loop
+    cannot be), with (hot_rate, 0, 0) as its last point."""
+    pts = sorted((r, lat, cpu) for r, lat, cpu in paced if 0 < r < hot_rate)
+    pts.append((hot_rate, 0.0, 0.0))
+    latency = _falling([max(0.0, p[1]) for p in pts])
+    cpu = _falling([max(0.0, p[2]) for p in pts])
+    return IdleCurve(tuple(zip([p[0] for p in pts], latency, cpu, strict=True)))
 
 
 @dataclass(frozen=True)
@@ -136,6 +215,8 @@ class Profile:
     filters: dict[str, StageModel]
     external: dict[str, StageModel]
     points: list[dict]
+    # per setup ("http", "tcp", ...): the cost beyond the closed loop at lower rates
+    idle: dict[str, IdleCurve] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         def models(table: dict[str, StageModel]) -> dict:
@@ -148,6 +229,7 @@ class Profile:
             "ipc": models(self.ipc),
             "filters": models(self.filters),
             "external": models(self.external),
+            "idle": {name: curve.to_json() for name, curve in self.idle.items()},
             "points": self.points,
         }
 
@@ -166,12 +248,22 @@ class Profile:
             filters=models(data.get("filters", {})),
             external=models(data.get("external", {})),
             points=list(data.get("points", [])),
+            idle={name: IdleCurve.from_json(c) for name, c in data.get("idle", {}).items()},
         )
 
     def external_view(self) -> Profile:
-        """The same profile with each mode priced as one `sidecar` stage fitted from outside."""
+        """The same profile with each mode priced as one `sidecar` stage fitted from outside.
+
+        A filter's external model is what its setup (`MODE+FILTER`) cost beyond the
+        same mode without it.
+        """
         modes = {m: {"sidecar": self.external[m]} for m in self.modes if m in self.external}
-        return Profile(self.platform, modes, {}, {}, self.external, self.points)
+        filters = {}
+        for name, model in self.external.items():
+            mode, sep, kind = name.partition("+")
+            if sep and not kind.startswith("ipc:") and mode in self.external:
+                filters[kind] = model.minus(self.external[mode])
+        return Profile(self.platform, modes, {}, filters, self.external, self.points, self.idle)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n")

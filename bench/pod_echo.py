@@ -53,7 +53,8 @@ def _client(pod: Pod, host: str, args: argparse.Namespace) -> dict:
     return json.loads(result.stdout)
 
 
-def _admin(pod: Pod, path: str) -> str:
+def admin_get(pod: Pod, path: str) -> str:
+    """GET a path of the pod's sidecar admin server (localhost-only, so from inside the pod)."""
     code = "import sys, urllib.request\nsys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=3).read().decode())"
     return pod.run([PY, "-c", code, f"http://{ADMIN}{path}"], timeout=10).stdout
 
@@ -81,7 +82,7 @@ def _start_sidecar(pod: Pod, mode: str) -> None:
         if proc.poll() is not None:
             raise RuntimeError(f"sidecar in pod {pod.role} exited with {proc.returncode}")
         with contextlib.suppress(Exception):
-            _admin(pod, "/ready")
+            admin_get(pod, "/ready")
             return
         time.sleep(0.2)
     raise RuntimeError(f"sidecar in pod {pod.role} not ready")
@@ -139,8 +140,8 @@ def run_bench(args: argparse.Namespace) -> dict:
         _start_sidecar(b, args.mode)
         report["sidecars"] = _client(a, target, args)
         messages = report["sidecars"]["messages_sent"]
-        stats_a = json.loads(_admin(a, "/stats?format=json"))["listeners"]
-        stats_b = json.loads(_admin(b, "/stats?format=json"))["listeners"]
+        stats_a = json.loads(admin_get(a, "/stats?format=json"))["listeners"]
+        stats_b = json.loads(admin_get(b, "/stats?format=json"))["listeners"]
         report["stages"] = {
             "a_outbound": _stage_breakdown(stats_a.get("outbound", {}), messages),
             "b_inbound": _stage_breakdown(stats_b.get("inbound", {}), messages),

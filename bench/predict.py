@@ -5,7 +5,12 @@ Every call crosses the caller's sidecar (outbound) and the callee's sidecar
 message size. The profile's size is the echo size each way, so a call with a
 request of q bytes and a response of p bytes is priced at s = (q + p) / 2.
 End-to-end latency is recomputed over the whole tree with the overheads added,
-so a parallel branch that was not critical can become so.
+so a parallel branch that was not critical can become so. Below the rate at
+which the profile measured a sidecar back to back, each sidecar pass also
+costs what the profile's idle curve measured at the call's rate (stage
+`idle`): the wake-ups of a proxy that goes idle between exchanges. The calls
+of a parallel group share their caller's sidecar, one event loop: the slowest
+also waits behind the others' CPU there.
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from dataclasses import dataclass, field
 
 from pyproxy.bench.callgraph import Call, CallGraph, Service
 from pyproxy.bench.model import Profile, StageModel
+
+# The stage a sidecar's wake-ups cost at rates below its closed loop (the profile's IdleCurve).
+IDLE_STAGE = "idle"
 
 
 class WhatIfError(ValueError):
@@ -56,6 +64,8 @@ def check_what_if(profile: Profile, what_if: WhatIf) -> None:
     """Refuse a question the profile has no stage (or backend) for."""
     known = {stage for stages in profile.modes.values() for stage in stages}
     known |= {f"filter:{name}" for name in profile.filters}
+    if profile.idle:
+        known.add(IDLE_STAGE)
     for stage, factor in what_if.factors:
         if stage not in known:
             raise WhatIfError(
@@ -106,6 +116,7 @@ class Hop:
     cpu_cores: float
     stages_ns: dict[str, float]
     cpu_stages: dict[str, float]
+    outbound_cpu_ns: float = 0.0  # the caller's sidecar's CPU per exchange of this call
 
 
 @dataclass(slots=True)
@@ -175,26 +186,47 @@ def _hop(
     cpu_stages: dict[str, float] = {}
     sides = [graph.services[caller]] if caller is not None else []
     sides.append(graph.services[call.callee])
-    for service in sides:
+    factors = dict(what_if.factors)
+    outbound_cpu_ns = 0.0
+    for side, service in enumerate(sides):
         if not service.sidecar:
             continue
+        cpu_before = sum(cpu_stages.values())
         for stage, model in sidecar_stages(profile, service, what_if).items():
             stages_ns[stage] = stages_ns.get(stage, 0.0) + model.latency.at(size)
             cpu_stages[stage] = cpu_stages.get(stage, 0.0) + rate * model.cpu.at(size) / 1e9
+        if (curve := profile.idle.get(service.mode)) is not None:
+            # Below the closed-loop rate the sidecar idles between exchanges and pays to wake up.
+            latency, cpu = curve.at(rate)
+            factor = factors.get(IDLE_STAGE, 1.0)
+            stages_ns[IDLE_STAGE] = stages_ns.get(IDLE_STAGE, 0.0) + factor * latency
+            cpu_stages[IDLE_STAGE] = cpu_stages.get(IDLE_STAGE, 0.0) + factor * rate * cpu / 1e9
+        if caller is not None and side == 0 and rate > 0:
+            outbound_cpu_ns = (sum(cpu_stages.values()) - cpu_before) * 1e9 / rate
     return Hop(call.id, caller, call.callee, size, rate, sum(stages_ns.values()),
-               sum(cpu_stages.values()), stages_ns, cpu_stages)  # fmt: skip
+               sum(cpu_stages.values()), stages_ns, cpu_stages, outbound_cpu_ns)  # fmt: skip
 
 
-def _duration(call: Call, extra: dict[str, float]) -> tuple[float, list[str]]:
-    """The call's latency and its critical path (call ids), given each call's added latency."""
+def _duration(
+    call: Call, extra: dict[str, float], serial: dict[str, float] | None = None
+) -> tuple[float, list[str]]:
+    """The call's latency and its critical path (call ids), given each call's added latency.
+
+    `serial` is each call's CPU per exchange in its caller's sidecar: the calls of one
+    parallel group all pass through that one proxy (one event loop), so the slowest
+    waits behind the others' passes there, (k - 1) of them in a group of k.
+    """
     total = call.network_ns + call.work_ns + extra.get(call.id, 0.0)
     path = [call.id]
     groups: dict[int, list[Call]] = {}
     for child in call.children:
         groups.setdefault(child.group, []).append(child)
     for index in sorted(groups):
-        slowest = max((_duration(child, extra) for child in groups[index]), key=lambda d: d[0])
+        group = groups[index]
+        slowest = max((_duration(child, extra, serial) for child in group), key=lambda d: d[0])
         total += slowest[0]
+        if serial and len(group) > 1:
+            total += (len(group) - 1) * max(serial.get(child.id, 0.0) for child in group)
         path += slowest[1]
     return total, path
 
@@ -210,7 +242,7 @@ def predict(profile: Profile, graph: CallGraph, what_if: WhatIf = WhatIf()) -> P
             todo.append((child, call.callee, child.rate if child.rate is not None else rate))
     extra = {h.call: h.latency_ns for h in hops}
     base, before = _duration(graph.root, {})
-    mesh, after = _duration(graph.root, extra)
+    mesh, after = _duration(graph.root, extra, {h.call: h.outbound_cpu_ns for h in hops})
     by_call = {h.call: h for h in hops}
     path_stages: dict[str, float] = {}
     for call_id in after:

@@ -20,18 +20,32 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyproxy.bench.driver import EXCHANGERS, drive, wait_ready
+from pyproxy.bench.driver import EXCHANGERS, drive, drive_paired, wait_ready
 from pyproxy.bench.filter_configs import filter_entry
-from pyproxy.bench.model import Linear, Profile, StageModel, current_platform, fit_cpu, fit_latency
-from pyproxy.bench.procs import Processes, cpu_seconds, free_port, tree_pids, wait_port
+from pyproxy.bench.model import (
+    IdleCurve,
+    Linear,
+    Profile,
+    StageModel,
+    current_platform,
+    fit_cpu,
+    fit_idle_curve,
+    fit_latency,
+)
+from pyproxy.bench.procs import Processes, cpu_ns, cpu_seconds, free_port, tree_pids, wait_port
 from pyproxy.bench.tcp_echo import get_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = (100, 1024, 2048, 4096, 8192, 16384)
 LOADS = (0.25, 0.5, 0.75, 1.0)
+# Paced rates of the idle curve: where applications run, far below one connection's maximum.
+IDLE_RATES = (100, 300, 1000, 3000)
+IDLE_SAMPLES = 150
+IDLE_PASSES = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +74,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="message sizes, bytes")
     parser.add_argument("--seconds", type=float, default=1.0, help="per measured point")
+    parser.add_argument(
+        "--idle-rates",
+        default=",".join(f"{r:g}" for r in IDLE_RATES),
+        help="paced rates (/s) of the idle curve, at the smallest size ('' for none)",
+    )
     parser.add_argument(
         "--out", type=Path, help="results folder (default bench/results/profile-<time>)"
     )
@@ -102,19 +121,20 @@ class _Target:
         return get_json(f"http://127.0.0.1:{self.admin}/stats?format=json")["listeners"]["main"]
 
 
-def _measure_size(target: _Target, size: int, seconds: float, warmup: int) -> list[dict]:
-    """The latency point and the CPU points of one setup at one message size."""
+def _measure_size(
+    target: _Target, size: int, seconds: float, warmup: int, idle_rates: Sequence[float] = ()
+) -> list[dict]:
+    """The latency point and the CPU points of one setup at one message size; with `idle_rates`,
+    also the paced points its `IdleCurve` is built from."""
     make = EXCHANGERS[target.setup.mode]
     base = {"setup": target.setup.name, "size": size}
-    direct = make(target.direct, size)
+    direct, proxied = make(target.direct, size), make(target.proxied, size)
     try:
-        direct_rtts = drive(direct, seconds, warmup=warmup)
-    finally:
-        direct.close()
-    proxied = make(target.proxied, size)
-    try:
-        before = target.stats()
-        rtts = drive(proxied, seconds, warmup=warmup)
+        before, cpu0 = target.stats(), cpu_ns(target.pids)
+        # Alternating exchanges: direct and proxied see the same machine at the same moments.
+        t0 = time.monotonic()
+        direct_rtts, rtts = drive_paired(direct, proxied, seconds, warmup=warmup)
+        wall = time.monotonic() - t0
         stages = _stages_delta(target.stats(), before)
         exchanges = len(rtts) + warmup
         points = [
@@ -123,6 +143,8 @@ def _measure_size(target: _Target, size: int, seconds: float, warmup: int) -> li
                 "exchanges": len(rtts),
                 "direct_p50_ns": statistics.median(direct_rtts),
                 "proxy_p50_ns": statistics.median(rtts),
+                "proxy_cpu_ns_per_exchange": (cpu_ns(target.pids) - cpu0) / exchanges,
+                "rate": len(rtts) / wall,  # what the proxy saw: every other exchange
                 "stages_ns": {k: v / exchanges for k, v in stages.items()},
             }
         ]  # fmt: skip
@@ -141,9 +163,59 @@ def _measure_size(target: _Target, size: int, seconds: float, warmup: int) -> li
                     "stages_ns_per_s": {k: v / wall for k, v in stages.items()},
                 }
             )  # fmt: skip
+        points += _idle_points(target, direct, proxied, base, seconds, idle_rates, max_rate)
     finally:
+        direct.close()
         proxied.close()
     return points
+
+
+def _idle_points(
+    target: _Target, direct, proxied, base: dict, seconds: float, rates, max_rate: float
+) -> list[dict]:
+    """Paced points below the closed-loop rate, each one the median of IDLE_PASSES passes over
+    all the rates in turn: the machine's other load comes in bursts of seconds, and one burst
+    then spoils one pass of one rate, not the point."""
+    rates = [r for r in rates if r < max_rate]
+    passes: dict[float, list[tuple[float, float, float]]] = {r: [] for r in rates}
+    for _ in range(IDLE_PASSES):
+        for rate in rates:
+            cpu0 = cpu_ns(target.pids)
+            # At least IDLE_SAMPLES exchanges over the passes, however low the rate.
+            wall = max(seconds, IDLE_SAMPLES / rate) / IDLE_PASSES
+            paced_direct, paced = drive_paired(direct, proxied, wall, rate=rate, warmup=0)
+            passes[rate].append((statistics.median(paced_direct), statistics.median(paced),
+                                 (cpu_ns(target.pids) - cpu0) / len(paced)))  # fmt: skip
+    out = []
+    for rate, runs in passes.items():
+        middle = sorted(runs, key=lambda run: run[1] - run[0])[len(runs) // 2]
+        out.append(
+            base | {
+                "kind": "idle",
+                "rate": rate,
+                "paced_rate": rate,
+                "direct_p50_ns": middle[0],
+                "proxy_p50_ns": middle[1],
+                "proxy_cpu_ns_per_exchange": statistics.median(run[2] for run in runs),
+                "passes_overhead_ns": [run[1] - run[0] for run in runs],
+            }
+        )  # fmt: skip
+    return out
+
+
+def fit_idle(points: list[dict]) -> IdleCurve | None:
+    """One setup's IdleCurve: its paced points' latency and CPU beyond its closed-loop point's."""
+    paced = [p for p in points if p["kind"] == "idle"]
+    if not paced:
+        return None
+    size = paced[0]["size"]
+    [hot] = [p for p in points if p["kind"] == "latency" and p["size"] == size]
+    hot_overhead = hot["proxy_p50_ns"] - hot["direct_p50_ns"]
+    return fit_idle_curve(
+        hot["rate"],
+        [(p["paced_rate"], p["proxy_p50_ns"] - p["direct_p50_ns"] - hot_overhead,
+          p["proxy_cpu_ns_per_exchange"] - hot["proxy_cpu_ns_per_exchange"]) for p in paced],
+    )  # fmt: skip
 
 
 def fit_setup(points: list[dict]) -> tuple[dict[str, StageModel], StageModel]:
@@ -181,19 +253,22 @@ def build_profile(plan: list[Setup], points: list[dict], platform: dict) -> Prof
     ipc: dict[str, StageModel] = {}
     filters: dict[str, StageModel] = {}
     external: dict[str, StageModel] = {}
+    idle: dict[str, IdleCurve] = {}
     for setup in plan:
         mine = [p for p in points if p["setup"] == setup.name]
         if not mine:
             continue  # interrupted before this setup ran
         stages, outside = fit_setup(mine)
         external[setup.name] = outside
+        if (curve := fit_idle(mine)) is not None:
+            idle[setup.name] = curve
         if setup.filter_type:
             filters[setup.filter_type] = stages[f"filter:{setup.filter_type}"]
         elif setup.ipc != "tcp":
             ipc[setup.ipc] = stages["ipc"]
         else:
             modes[setup.mode] = stages
-    return Profile(platform, modes, ipc, filters, external, points)
+    return Profile(platform, modes, ipc, filters, external, points, idle)
 
 
 def _progress(total: int):
@@ -216,6 +291,7 @@ def run(args: argparse.Namespace) -> int:
         modes, [i for i in args.ipc.split(",") if i], [f for f in args.filters.split(",") if f]
     )
     sizes = [int(s) for s in args.sizes.split(",") if s]
+    idle_rates = [float(r) for r in args.idle_rates.split(",") if r]
     out = args.out or RESULTS / time.strftime("profile-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     platform = current_platform(
@@ -240,7 +316,8 @@ def run(args: argparse.Namespace) -> int:
                     for size in sizes:
                         if bar is not None:
                             bar.set_description(f"{setup.name} {size} B")
-                        points += _measure_size(target, size, args.seconds, warmup)
+                        idle = idle_rates if size == min(sizes) else ()
+                        points += _measure_size(target, size, args.seconds, warmup, idle)
                         if bar is not None:
                             bar.update()
                 except (RuntimeError, OSError, ConnectionError) as exc:

@@ -1,15 +1,22 @@
-"""`pyproxy bench validate`: predicted vs measured overhead of a small multi-service application.
+"""`pyproxy bench validate`: predicted vs measured overhead of a small multi-service application in pods.
 
-The application (`validation_app.py`, HTTP/1.1 services calling each other)
-runs twice at once: without sidecars, and with a pyproxy sidecar in front of
-every service (inbound) and between each caller and its callee (outbound),
-as standalone listeners (no capture, no namespaces). Rounds interleave the
-two. Measured: p50 latency overhead (with − without, one outstanding
-request) and the sidecars' CPU at a paced rate. Predicted: `predict` on the
-same call graph with the profile's stage models and, separately, with its
-external (whole-sidecar) models; and, "from traces", on the call graphs
-built from the OpenTelemetry traces the app exports when it runs again with
-tracing on (20 requests; the median of their predictions).
+The application (`validation_app.py`: services calling each other over
+HTTP/1.1 or gRPC, as a chain a → b or a fan-out a → b ∥ c) runs with every
+service in its own network-namespace pod, as a mesh runs it, three times at
+once on one bridge: without sidecars; with a pyproxy sidecar in every pod
+(uid 1337) and the pod's traffic captured by `pyproxy capture apply`
+(iptables REDIRECT: outbound → 15001, inbound → 15006); and without
+sidecars but exporting OpenTelemetry traces. The load runs in a client pod
+outside the mesh (`validation_load.py`): closed-loop rounds (one outstanding
+request) alternate between the plain and the meshed app, then both are paced
+at fractions of the meshed rate while the sidecars' CPU is read from /proc.
+
+Predicted: `predict` at each measured rate on the same call graph (both
+sidecars of each hop: the caller's outbound and the callee's inbound) with
+the profile's stage models and with its external (whole-sidecar) models, and
+on the call graphs built from the traces the app exported. Each measurement
+is also split into its two halves: how far they disagree is the floor under
+any prediction's error on this machine.
 """
 
 from __future__ import annotations
@@ -17,212 +24,285 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pyproxy.bench.callgraph import Service, graph_from_data, graphs_from_traces, read_otlp_lines
-from pyproxy.bench.driver import HttpExchanger, drive, wait_ready
+from pyproxy.bench.filter_configs import filter_entry
 from pyproxy.bench.model import Profile, check_platform, current_platform
-from pyproxy.bench.predict import predict
-from pyproxy.bench.procs import Processes, cpu_seconds, free_port, tree_pids
+from pyproxy.bench.pod_echo import admin_get
+from pyproxy.bench.predict import IDLE_STAGE, Prediction, predict
+from pyproxy.bench.procs import Noise
+from pyproxy.iptables.netns import Pod, missing_capabilities, pods
 
+PY = sys.executable
 RESULTS = Path(__file__).resolve().parent / "results"
+APP_PORT = 8080
+PROXY_UID = 1337
 TOPOLOGIES = {
     # service -> (downstream services, parallel?)
     "chain": {"a": (["b"], False), "b": ([], False)},
     "fanout": {"a": (["b", "c"], True), "b": ([], False), "c": ([], False)},
 }
+# app protocol / sidecar mode (+ filters on every sidecar)
+CASES = "http/tcp,http/http,http/http+fault+ratelimit,grpc/grpc"
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    protocol: str
+    mode: str
+    filters: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, text: str) -> Case:
+        protocol, sep, rest = text.partition("/")
+        mode, *filters = rest.split("+")
+        if not sep or protocol not in ("http", "grpc") or mode not in ("tcp", "http", "grpc"):
+            raise ValueError(f"case {text!r}: expected APP/MODE[+FILTER...], APP http|grpc")
+        if (protocol, mode) in (("grpc", "http"), ("http", "grpc")):
+            raise ValueError(f"case {text!r}: a {mode} sidecar cannot carry a {protocol} app")
+        return cls(protocol, mode, tuple(filters))
+
+    @property
+    def label(self) -> str:
+        return "+".join((self.mode, *self.filters))
 
 
 @dataclass
 class Deployment:
     entry: str
-    sidecar_pids: list[int]
+    sidecar_roots: list[int]
+    app_roots: list[int]
+
+
+def _sidecar(pod: Pod, case: Case, workdir: Path) -> int:
+    """Capture the pod's traffic (as an init container would), then start its sidecar as 1337."""
+    pod.run([PY, "-m", "pyproxy", "capture", "apply"], timeout=60)
+    argv = [PY, "-m", "pyproxy", "run", "--sidecar", "--mode", case.mode,
+            "--admin", "127.0.0.1:15000", "--log-level", "warning"]  # fmt: skip
+    for kind in case.filters:
+        entry = filter_entry(kind, workdir, f"{pod.role}-{kind}")
+        argv += ["--filter", f"{entry['name']}={json.dumps(entry['config'])}"]
+    with open(workdir / f"sidecar-{pod.role}.log", "ab") as log:
+        proc = pod.popen(argv, uid=PROXY_UID, stdout=log, stderr=subprocess.STDOUT)
+    return proc.pid
 
 
 def deploy(
-    procs: Processes, topology: str, mode: str | None, work_us: float, trace: Path | None = None
+    made: dict[str, Pod],
+    prefix: str,
+    topology: str,
+    case: Case,
+    sidecars: bool,
+    work_us: float,
+    workdir: Path,
+    trace: Path | None = None,
 ) -> Deployment:
-    """Start the services (leaves first); with a mode, a sidecar pair on every call."""
+    """Each service in its pod `prefix+name`, listening on APP_PORT; with sidecars, captured."""
     services = TOPOLOGIES[topology]
-    inbound: dict[str, str] = {}
-    sidecars: list[int] = []
-
-    def proxy(upstream: str) -> str:
-        port = free_port()
-        proc = procs.start([sys.executable, "-m", "pyproxy", "run", "--mode", str(mode), "--listen",
-                            f"127.0.0.1:{port}", "--upstream", upstream, "--admin", "off",
-                            "--log-level", "warning"])  # fmt: skip
-        sidecars.append(proc.pid)
-        wait_ready("http", f"127.0.0.1:{port}")  # its upstream is up: leaves start first
-        return f"127.0.0.1:{port}"
-
-    for name in sorted(services, key=lambda s: len(services[s][0])):
-        downstream, parallel = services[name]
-        calls = [proxy(inbound[d]) if mode else inbound[d] for d in downstream]  # outbound sidecars
-        app = f"127.0.0.1:{free_port()}"
-        argv = [sys.executable, "-m", "pyproxy.bench.validation_app", "--listen", app,
-                "--work-us", str(work_us), "--name", name]  # fmt: skip
-        if trace is not None:
-            argv += ["--trace", str(trace)]
-        for call in calls:
-            argv += ["--call", call]
+    sidecar_roots, app_roots = [], []
+    for name, (downstream, parallel) in services.items():
+        pod = made[prefix + name]
+        if sidecars:
+            sidecar_roots.append(_sidecar(pod, case, workdir))
+        argv = [PY, "-m", "pyproxy.bench.validation_app", "--protocol", case.protocol,
+                "--listen", f"0.0.0.0:{APP_PORT}", "--work-us", str(work_us), "--name", name]  # fmt: skip
+        for d in downstream:
+            argv += ["--call", f"{made[prefix + d].ipv4}:{APP_PORT}"]
         if parallel:
             argv.append("--parallel")
-        procs.start(argv)
-        wait_ready("http", app)
-        inbound[name] = proxy(app) if mode else app
-    entry = inbound["a"]
-    wait_ready("http", entry)
-    return Deployment(entry, [p for root in sidecars for p in tree_pids(root)])
+        if trace is not None:
+            argv += ["--trace", str(trace)]
+        with open(workdir / f"app-{pod.role}.log", "ab") as log:
+            app_roots.append(pod.popen(argv, stdout=log, stderr=subprocess.STDOUT).pid)
+    return Deployment(f"{made[prefix + 'a'].ipv4}:{APP_PORT}", sidecar_roots, app_roots)
 
 
-def graph_for(topology: str, mode: str, size: int, rate: float, work_us: float):
+def _captured(pod: Pod) -> dict[str, int]:
+    """Connections each of the pod's capture listeners accepted (proof the iptables rules steered
+    them there), and the ns its stage clock counted over both."""
+    listeners = json.loads(admin_get(pod, "/stats?format=json"))["listeners"]
+    out = {
+        name: listeners[name]["connections_total"]
+        for name in ("inbound", "outbound")
+        if name in listeners
+    }
+    out["stage_ns"] = sum(
+        stage["ns"]
+        for name in ("inbound", "outbound")
+        for stage in listeners.get(name, {}).get("stages", {}).values()
+    )
+    return out
+
+
+def graph_for(topology: str, case: Case, size: int, rate: float, work_us: float):
     services = TOPOLOGIES[topology]
-    calls = [
-        {
-            "id": "a",
-            "callee": "a",
-            "request": size,
-            "response": size,
-            "rate": rate,
-            "work_us": work_us,
-        }
-    ]
+    calls = [{"id": "a", "callee": "a", "request": size, "response": size, "rate": rate,
+              "work_us": work_us}]  # fmt: skip
     for d in services["a"][0]:
         calls.append({"id": d, "parent": "a", "callee": d, "request": size, "response": size,
                       "group": 0 if services["a"][1] else len(calls), "work_us": work_us})  # fmt: skip
-    return graph_from_data({"name": f"{topology}/{mode}", "services": {s: {"mode": mode} for s in services},
-                            "calls": calls})  # fmt: skip
+    service = {"mode": case.mode, "filters": list(case.filters)}
+    return graph_from_data({"name": f"{topology}/{case.label}", "calls": calls,
+                            "services": {s: service for s in services}})  # fmt: skip
 
 
-def traced_graphs(
-    topology: str,
-    mode: str,
-    size: int,
-    work_us: float,
-    rate: float,
-    folder: Path,
-    requests: int = 20,
-) -> list:
-    """The app run once more with OpenTelemetry on, and the call graphs its traces describe."""
-    trace = folder / f"traces-{topology}-{mode}.jsonl"
-    procs = Processes()
-    try:
-        entry = deploy(procs, topology, None, work_us, trace).entry
-        client = HttpExchanger(entry, size)
-        client.exchange()  # connections and thread pools set up
-        trace.write_text("")  # neither that nor the readiness probes are the workload
-        for _ in range(requests):
-            client.exchange()
-        client.close()
-    finally:
-        procs.stop_all()
-    overlay = {s: Service(s, mode) for s in TOPOLOGIES[topology]}  # the sidecars' mode
-    graphs = graphs_from_traces(read_otlp_lines(trace), str(trace), overlay)
-    for graph in graphs:
-        graph.root.rate = rate
-    return graphs
-
-
-def measure(case: dict, rounds: int, seconds: float, size: int) -> dict:
-    """p50s interleaved; then the sidecars' CPU at half the with-sidecar maximum rate."""
-    plain, meshed = (
-        HttpExchanger(case["plain"].entry, size),
-        HttpExchanger(case["mesh"].entry, size),
-    )
-    try:
-        without: list[int] = []
-        with_: list[int] = []
-        for _ in range(rounds):
-            without += drive(plain, seconds, warmup=20)
-            with_ += drive(meshed, seconds, warmup=20)
-        rate = 0.5 * 1e9 / statistics.fmean(with_)
-        pids = case["mesh"].sidecar_pids
-        cpu0, t0 = cpu_seconds(pids), time.monotonic()
-        done = drive(meshed, seconds * rounds, rate=rate, warmup=0)
-        wall = time.monotonic() - t0
-        return {
-            "p50_without_us": statistics.median(without) / 1000,
-            "p50_with_us": statistics.median(with_) / 1000,
-            "overhead_us": (statistics.median(with_) - statistics.median(without)) / 1000,
-            "rate": len(done) / wall,
-            "sidecar_cores": (cpu_seconds(pids) - cpu0) / wall,
-        }
-    finally:
-        plain.close()
-        meshed.close()
+def run_case(topology: str, case: Case, args: argparse.Namespace, workdir: Path) -> dict:
+    """One application and sidecar setup: its pods, its load, the measured figures and the traces."""
+    names = list(TOPOLOGIES[topology])
+    roles = ["client"] + [p + n for p in "pmt" for n in names]
+    trace = workdir / f"traces-{topology}-{case.protocol}-{case.label}.jsonl"
+    trace.write_text("")
+    with pods(roles, ipv6_subnet=None) as made:
+        plain = deploy(made, "p", topology, case, False, args.work_us, workdir)
+        mesh = deploy(made, "m", topology, case, True, args.work_us, workdir)
+        traced = deploy(made, "t", topology, case, False, args.work_us, workdir, trace)
+        argv = [PY, "-m", "pyproxy.bench.validation_load", "--protocol", case.protocol,
+                "--plain", plain.entry, "--mesh", mesh.entry, "--size", str(args.size),
+                "--rounds", str(args.rounds), "--seconds", str(args.seconds),
+                "--loads", args.loads, "--sidecar-roots", ",".join(map(str, mesh.sidecar_roots)),
+                "--mesh-app-roots", ",".join(map(str, mesh.app_roots)),
+                "--plain-app-roots", ",".join(map(str, plain.app_roots)),
+                "--traced", traced.entry, "--trace-file", str(trace),
+                "--traced-requests", str(args.traced_requests)]  # fmt: skip
+        noise = Noise()
+        budget = 90 + 2 * args.rounds * args.seconds + 3 * len(args.loads.split(",")) * args.seconds
+        result = made["client"].run(argv, timeout=budget)
+        measured = json.loads(result.stdout)
+        measured["foreign_cpus"] = noise.cpus()
+        measured["captured"] = {n: _captured(made["m" + n]) for n in names}
+    overlay = {s: Service(s, case.mode, case.filters) for s in names}
+    measured["graphs"] = graphs_from_traces(read_otlp_lines(trace), str(trace), overlay)
+    return measured
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", required=True, type=Path)
     parser.add_argument("--force", action="store_true", help="use a profile from another platform")
-    parser.add_argument("--modes", default="tcp,http")
+    parser.add_argument(
+        "--cases",
+        default=CASES,
+        help="comma-separated APP/MODE[+FILTER...]: the app's protocol (http, grpc) and the "
+        "sidecars' mode and filters",
+    )
     parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
     parser.add_argument("--size", type=int, default=100)
     parser.add_argument("--work-us", type=float, default=100.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=1.0)
+    parser.add_argument(
+        "--loads",
+        default="0.3,0.7",
+        help="paced rates, as fractions of the meshed closed-loop rate",
+    )
+    parser.add_argument("--traced-requests", type=int, default=20)
     parser.add_argument("--out", type=Path)
 
 
-def _error(predicted: float, measured: float) -> float | None:
+def _error(predicted: float, measured: float | None) -> float | None:
     return abs(predicted - measured) / abs(measured) if measured else None
+
+
+def rows_for(topology: str, case: Case, m: dict, profile: Profile, args) -> list[dict]:
+    """One row per load (closed loop, then each paced rate): measured beside predicted."""
+    external = profile.external_view()
+    closed = m["closed"]
+    phases = [("closed", closed["rate_with"], closed, None)]
+    for p in m["paced"]:
+        phases.append((f"{p['load']:g}", p["rate"], p, p["cores"]["sidecars"]))
+    rows = []
+    for load, rate, measured, cores in phases:
+        without, with_ = measured["p50_without_us"], measured["p50_with_us"]
+        graph = graph_for(topology, case, args.size, rate, args.work_us)
+        by_stage, whole = predict(profile, graph), predict(external, graph)
+        for g in m["graphs"]:
+            g.root.rate = rate
+        from_traces: list[Prediction] = [predict(profile, g) for g in m["graphs"]]
+        row = {"topology": topology, "app": case.protocol, "mode": case.label, "load": load,
+               "rate": rate, "p50_without_us": without, "p50_with_us": with_,
+               "overhead_us": with_ - without, "sidecar_cores": cores,
+               "foreign_cpus": m["foreign_cpus"], "captured": m["captured"],
+               "predicted_us": by_stage.overhead_ns / 1000,
+               "predicted_external_us": whole.overhead_ns / 1000,
+               "predicted_cores": by_stage.cpu_cores,
+               "predicted_external_cores": whole.cpu_cores,
+               "predicted_from_traces_us": statistics.median(p.overhead_ns / 1000 for p in from_traces),
+               "traces": len(from_traces),
+               "hops_us": {h.call: h.latency_ns / 1000 for h in by_stage.hops}}  # fmt: skip
+        # The proxies' own work per app request: counted by their stage clocks in the pods,
+        # and as the profile's stage models price it (all passes, without the idle term).
+        requests = m["mesh_exchanges"]
+        row["stage_clock_us"] = (
+            sum(c["stage_ns"] for c in m["captured"].values()) / requests / 1000
+            if requests
+            else None
+        )
+        row["predicted_stage_sum_us"] = (
+            sum(
+                ns
+                for h in by_stage.hops
+                for stage, ns in h.stages_ns.items()
+                if stage != IDLE_STAGE
+            )
+            / 1000
+        )
+        halves = measured["overhead_halves_us"]
+        # The measurement's own spread: its two halves' disagreement, relative to the whole.
+        row["halves_differ"] = (
+            _error(halves[0] - halves[1], sum(halves) / 2) if len(halves) == 2 else None
+        )
+        row["error"] = _error(row["predicted_us"], row["overhead_us"])
+        row["error_external"] = _error(row["predicted_external_us"], row["overhead_us"])
+        row["error_from_traces"] = _error(row["predicted_from_traces_us"], row["overhead_us"])
+        row["cpu_error"] = _error(row["predicted_cores"], cores)
+        row["cpu_error_external"] = _error(row["predicted_external_cores"], cores)
+        rows.append(row)
+    return rows
 
 
 def run(args: argparse.Namespace) -> int:
     profile = Profile.load(args.profile)
     try:
         check_platform(profile, current_platform(), args.force)
-    except Exception as exc:  # PlatformMismatch: say why, as predict does
+        cases = [Case.parse(c) for c in args.cases.split(",") if c]
+    except Exception as exc:  # PlatformMismatch, a bad case: say why, as predict does
         print(f"pyproxy bench validate: {exc}", file=sys.stderr)
         return 2
-    external = profile.external_view()
+    missing = missing_capabilities()
+    if missing:
+        print(f"pyproxy bench validate: pods need {', '.join(missing)}", file=sys.stderr)
+        return 2
     out = args.out or RESULTS / time.strftime("validate-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     (out / "inputs.json").write_text(
         json.dumps({k: str(v) for k, v in vars(args).items() if k != "func"}, indent=2)
     )
-    rows = []
+    rows: list[dict] = []
+    failed: dict[str, str] = {}
     try:
         for topology in args.topologies.split(","):
-            for mode in args.modes.split(","):
-                procs = Processes()
+            for case in cases:
+                name = f"{topology}/{case.protocol}/{case.label}"
                 try:
-                    case = {"plain": deploy(procs, topology, None, args.work_us),
-                            "mesh": deploy(procs, topology, mode, args.work_us)}  # fmt: skip
-                    m = measure(case, args.rounds, args.seconds, args.size)
-                finally:
-                    procs.stop_all()
-                graph = graph_for(topology, mode, args.size, m["rate"], args.work_us)
-                by_stage, whole = predict(profile, graph), predict(external, graph)
-                from_traces = [
-                    predict(profile, g).overhead_ns / 1000
-                    for g in traced_graphs(topology, mode, args.size, args.work_us, m["rate"], out)
-                ]
-                row = {"topology": topology, "mode": mode, **m,
-                       "predicted_us": by_stage.overhead_ns / 1000,
-                       "predicted_external_us": whole.overhead_ns / 1000,
-                       "predicted_cores": by_stage.cpu_cores,
-                       "predicted_external_cores": whole.cpu_cores,
-                       "predicted_from_traces_us": statistics.median(from_traces),
-                       "traces": len(from_traces)}  # fmt: skip
-                row["error"] = _error(row["predicted_us"], m["overhead_us"])
-                row["error_external"] = _error(row["predicted_external_us"], m["overhead_us"])
-                row["cpu_error_external"] = _error(
-                    row["predicted_external_cores"], m["sidecar_cores"]
-                )
-                rows.append(row)
-                print(f"  validate: {topology}/{mode} done", file=sys.stderr, flush=True)
+                    measured = run_case(topology, case, args, out)
+                    rows += rows_for(topology, case, measured, profile, args)
+                except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
+                    failed[name] = str(exc)  # one broken case is reported, the others still run
+                    print(f"  validate: {name} FAILED: {exc}", file=sys.stderr, flush=True)
+                    continue
+                print(f"  validate: {name} done", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         print("pyproxy bench validate: interrupted; writing what was measured", file=sys.stderr)
     (out / "validation.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps({"failed": failed}, indent=2) + "\n")
     text = table(rows)
     (out / "table.md").write_text(text)
     if rows:
-        from pyproxy.bench.plots import predicted_vs_measured
+        from pyproxy.bench.plots import predicted_vs_measured  # lazy: matplotlib only when plotting
 
         predicted_vs_measured(
             {"stage models": [(r["overhead_us"], r["predicted_us"]) for r in rows],
@@ -231,28 +311,57 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
     print(text)
     print(f"results: {out}")
-    return 0
+    return 1 if failed else 0
+
+
+def _pct(e: float | None) -> str:
+    return "–" if e is None else f"{e * 100:.0f} %"
+
+
+def _summary(name: str, errors: list[float | None]) -> str:
+    known = sorted(e for e in errors if e is not None)
+    if not known:
+        return f"{name}: –"
+    return f"{name} {statistics.median(known) * 100:.0f} % / {known[-1] * 100:.0f} %"
 
 
 def table(rows: list[dict]) -> str:
-    def pct(e: float | None) -> str:
-        return "–" if e is None else f"{e * 100:.0f} %"
-
     lines = [
-        "| app | sidecars | measured overhead µs | predicted (stages) µs | error | from traces µs | predicted (external) µs | error "
-        "| sidecar CPU cores at rate | predicted (external) | error |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| app | protocol | sidecars | load | rate /s | measured overhead µs | halves differ | predicted (stages) µs | error "
+        "| from traces µs | predicted (external) µs | error | sidecar CPU cores | predicted (stages) | error "
+        "| predicted (external) | error |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
+        cores = "–" if r["sidecar_cores"] is None else f"{r['sidecar_cores']:.3f}"
         lines.append(
-            f"| {r['topology']} | {r['mode']} | {r['overhead_us']:.1f} | {r['predicted_us']:.1f} | {pct(r['error'])} "
+            f"| {r['topology']} | {r['app']} | {r['mode']} | {r['load']} | {r['rate']:.0f} "
+            f"| {r['overhead_us']:.1f} | {_pct(r['halves_differ'])} | {r['predicted_us']:.1f} | {_pct(r['error'])} "
             f"| {r['predicted_from_traces_us']:.1f} "
-            f"| {r['predicted_external_us']:.1f} | {pct(r['error_external'])} "
-            f"| {r['sidecar_cores']:.3f} @ {r['rate']:.0f}/s | {r['predicted_external_cores']:.3f} | {pct(r['cpu_error_external'])} |"
+            f"| {r['predicted_external_us']:.1f} | {_pct(r['error_external'])} "
+            f"| {cores} | {r['predicted_cores']:.3f} | {_pct(r['cpu_error'])} "
+            f"| {r['predicted_external_cores']:.3f} | {_pct(r['cpu_error_external'])} |"
         )
-    errors = sorted(r["error"] for r in rows if r["error"] is not None)
-    ext = sorted(r["error_external"] for r in rows if r["error_external"] is not None)
-    if errors:
-        lines.append(f"\nmedian / worst absolute error: stage models {statistics.median(errors) * 100:.0f} % / "
-                     f"{errors[-1] * 100:.0f} %; external models {statistics.median(ext) * 100:.0f} % / {ext[-1] * 100:.0f} %")  # fmt: skip
+    if rows:
+        lines.append(
+            "\nmedian / worst absolute error, latency: "
+            + "; ".join((_summary("stage models", [r["error"] for r in rows]),
+                         _summary("from traces", [r["error_from_traces"] for r in rows]),
+                         _summary("external models", [r["error_external"] for r in rows])))
+            + "\nmedian / worst difference between the two halves of each measurement: "
+            + _summary("measured", [r["halves_differ"] for r in rows])
+            + "\nmedian / worst absolute error, CPU: "
+            + "; ".join((_summary("stage models", [r["cpu_error"] for r in rows]),
+                         _summary("external models", [r["cpu_error_external"] for r in rows])))
+        )  # fmt: skip
+    lines += [
+        "",
+        "| app | protocol | sidecars | proxies' own work per request: stage clocks in the pods µs "
+        "| the profile's stage models µs |",
+        "| --- | --- | --- | ---: | ---: |",
+    ]
+    for r in rows:
+        if r["load"] == "closed" and r.get("stage_clock_us") is not None:
+            lines.append(f"| {r['topology']} | {r['app']} | {r['mode']} | {r['stage_clock_us']:.1f} "
+                         f"| {r['predicted_stage_sum_us']:.1f} |")  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -14,6 +15,7 @@ from pyproxy.bench.callgraph import (
     load_graphs,
 )
 from pyproxy.bench.model import (
+    IdleCurve,
     Linear,
     PlatformMismatch,
     Profile,
@@ -21,6 +23,7 @@ from pyproxy.bench.model import (
     check_platform,
     current_platform,
     fit_cpu,
+    fit_idle_curve,
     fit_latency,
 )
 from pyproxy.bench.predict import WhatIf, WhatIfError, distribution, predict
@@ -52,6 +55,8 @@ def hand_profile(platform: dict | None = None) -> Profile:
 # Sidecar at s = 100: http 1000 + 2100 = 3100 ns; grpc+fault 1000 + 5100 + 3000 = 9100 ns.
 # Hops: root 3100 (no client sidecar), a 3100 + 3100 = 6200, b 3100 + 9100 = 12200 ns.
 # Before: a is critical (200 > 195). After: a 206.2 µs, b 207.2 µs: b is critical.
+# a and b both pass through frontend's sidecar (one event loop, 3100 ns of CPU each at 100 B):
+# the parallel group also waits for the other call's pass there, + 3100 ns.
 FANOUT = {
     "services": {
         "frontend": {"mode": "http"},
@@ -100,8 +105,8 @@ def test_parallel_fanout_overheads_and_the_critical_path_moving():
     assert p.path_before == ["root", "a"]
     assert p.path_after == ["root", "b"] and p.path_moved
     assert p.base_ns == pytest.approx(300_000)
-    assert p.mesh_ns == pytest.approx(100_000 + 3100 + 195_000 + 12200)
-    assert p.overhead_ns == pytest.approx(10_300)
+    assert p.mesh_ns == pytest.approx(100_000 + 3100 + 195_000 + 12200 + 3100)
+    assert p.overhead_ns == pytest.approx(13_400)
     # CPU: every call at 100/s: (3100 + 6200 + 12200) ns × 100 /s = 2.15 ms/s.
     assert p.cpu_cores == pytest.approx(0.00215)
     # On the new path: parse 2100 + 2100 + 5100 = 9300 ns beats ipc 3000 and fault 3000.
@@ -122,13 +127,14 @@ def test_what_if_a_stage_costs_nothing_moves_the_path_back():
     p = predict(hand_profile(), graph_from_data(FANOUT), WhatIf.parse(["filter:fault=0"]))
     # b's hop loses the 3000 ns fault stage: 195 + 9.2 = 204.2 µs < a's 206.2 µs.
     assert p.path_after == ["root", "a"] and not p.path_moved
-    assert p.overhead_ns == pytest.approx(3100 + 6200)
+    assert p.overhead_ns == pytest.approx(3100 + 6200 + 3100)
 
 
 def test_what_if_ipc_unix_swaps_the_ipc_stage_everywhere():
     p = predict(hand_profile(), graph_from_data(FANOUT), WhatIf.parse(["ipc=unix"]))
-    # Each sidecar's ipc stage: 1000 → 400 ns; root 2500, b 2500 + 8500 = 11000.
-    assert p.overhead_ns == pytest.approx(2500 + 195_000 + 11_000 - 200_000)
+    # Each sidecar's ipc stage: 1000 → 400 ns; root 2500, b 2500 + 8500 = 11000; b also waits
+    # for a's 2500 ns pass through frontend's sidecar.
+    assert p.overhead_ns == pytest.approx(2500 + 195_000 + 11_000 + 2500 - 200_000)
     assert {h.call: h.latency_ns for h in p.hops}["a"] == pytest.approx(5000)
 
 
@@ -165,7 +171,8 @@ def test_batch_distribution_counts_moved_paths():
         graphs.append(graph_from_data(graph))
     d = distribution([predict(hand_profile(), g) for g in graphs])
     assert d["graphs"] == 3 and d["critical_path_moved"] == 2
-    assert d["latency_overhead_us"]["p50"] == pytest.approx(10.3)
+    # Overheads 12.4 (a stays critical), 13.4 and 17.4 µs (b overtakes a).
+    assert d["latency_overhead_us"]["p50"] == pytest.approx(13.4)
 
 
 def _otlp(spans: list[tuple[str, str, str | None, int, int, int, dict]]) -> dict:
@@ -237,7 +244,7 @@ def test_predict_command_markdown_json_and_batch_cdf(tmp_path, capsys):
         == 0
     )
     out = capsys.readouterr().out
-    assert "overhead **10.3 µs**" in out and "(moved)" in out and "ipc=unix" in out
+    assert "overhead **13.4 µs**" in out and "(moved)" in out and "ipc=unix" in out
     second = tmp_path / "second.json"
     second.write_text(json.dumps(FANOUT))
     code = main(["bench", "predict", str(graph), str(second), "--profile", str(profile),
@@ -248,7 +255,7 @@ def test_predict_command_markdown_json_and_batch_cdf(tmp_path, capsys):
     assert (tmp_path / "out" / "overhead_cdf.png").stat().st_size > 1000
     assert (tmp_path / "out" / "what_if.png").stat().st_size > 1000
     assert main(["bench", "report", str(tmp_path / "out"), "--format", "markdown"]) == 0
-    assert "| as measured | 2 | 10.3 |" in (tmp_path / "out" / "report.md").read_text()
+    assert "| as measured | 2 | 13.4 |" in (tmp_path / "out" / "report.md").read_text()
 
 
 def test_predict_command_refuses_a_foreign_profile(tmp_path, capsys):
@@ -268,3 +275,53 @@ def test_services_overlay_sets_what_traces_cannot_say(tmp_path):
     graph.write_text(json.dumps(FANOUT))
     [g] = load_graphs([graph], services)
     assert g.services["b"].ipc == "unix"
+
+
+def test_idle_curve_interpolates_in_log_rate_and_is_nothing_at_the_closed_loop():
+    curve = IdleCurve(((100, 8000, 4000), (1000, 2000, 1000), (10_000, 0, 0)))
+    assert curve.at(10_000) == curve.at(20_000) == (0.0, 0.0)
+    assert curve.at(50) == curve.at(100) == (8000, 4000)  # held flat below the lowest rate
+    lat, cpu = curve.at(math.sqrt(100 * 1000))  # half way between 100 and 1000 /s in log(rate)
+    assert lat == pytest.approx(5000) and cpu == pytest.approx(2500)
+    assert curve.at(3162.28)[0] == pytest.approx(1000, rel=1e-3)
+    assert IdleCurve.from_json(curve.to_json()) == curve
+
+
+def test_fit_idle_curve_pools_a_point_that_says_slower_is_cheaper_and_clamps_at_zero():
+    paced = [
+        (100, 9000.0, 900.0),
+        (300, 5000.0, -50.0),
+        (1000, 7000.0, 300.0),
+        (3000, 1000.0, 100.0),
+    ]
+    curve = fit_idle_curve(8000.0, [*paced, (9000, 5.0, 5.0)])  # above the closed loop: ignored
+    assert [p[0] for p in curve.points] == [100, 300, 1000, 3000, 8000.0]
+    # 5000 then 7000 at a higher rate cannot both be right: both become their mean.
+    assert [p[1] for p in curve.points] == [9000, 6000, 6000, 1000, 0]
+    # -50 is held at 0, which then sits below 300 at a higher rate: pooled to 150.
+    assert [p[2] for p in curve.points] == [900, 150, 150, 100, 0]
+    assert fit_idle_curve(8000.0, []).at(10) == (0.0, 0.0)
+
+
+def test_predict_adds_each_sidecars_wake_up_cost_at_the_calls_rate():
+    base = hand_profile()
+    # http sidecars at 100 /s: 4000 ns latency and 2000 ns CPU per exchange beyond the closed loop.
+    profile = Profile(base.platform, base.modes, base.ipc, base.filters, {}, [],
+                      {"http": IdleCurve(((100, 4000, 2000), (5000, 0, 0)))})  # fmt: skip
+    graph = graph_from_data({
+        "services": {"f": {"mode": "http"}, "a": {"mode": "http"}},
+        "calls": [{"id": "r", "callee": "f", "rate": 100, "work_us": 100},
+                  {"id": "x", "parent": "r", "callee": "a", "work_us": 50}],
+    })  # fmt: skip
+    p = predict(profile, graph)
+    hops = {h.call: h for h in p.hops}
+    # 4000 ns per sidecar pass; r crosses f's inbound, x f's outbound and a's inbound.
+    assert hops["r"].stages_ns["idle"] == pytest.approx(4000)
+    assert hops["x"].stages_ns["idle"] == pytest.approx(8000)
+    assert p.overhead_ns == pytest.approx(3 * (3100 + 4000))
+    # CPU: 3 passes × (3100 + 2000) ns × 100 /s.
+    assert p.cpu_cores == pytest.approx(3 * 5100 * 100 / 1e9)
+    halved = predict(profile, graph, WhatIf.parse(["idle=0.5"]))
+    assert halved.overhead_ns == pytest.approx(3 * (3100 + 2000))
+    with pytest.raises(WhatIfError, match="no stage 'idle'"):
+        predict(hand_profile(), graph, WhatIf.parse(["idle=0.5"]))

@@ -16,7 +16,7 @@ from pyproxy.cli import main
 def profiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("profile")
     argv = ["bench", "profile", "--modes", "tcp", "--ipc", "tcp,unix", "--filters", "",
-            "--sizes", "100,2048", "--seconds", "0.1", "--out", str(out)]  # fmt: skip
+            "--sizes", "100,2048", "--seconds", "0.1", "--idle-rates", "300", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     return out
 
@@ -32,11 +32,19 @@ def test_profile_fits_every_stage_from_real_runs_and_keys_it_by_platform(profile
     assert "unix" in profile.ipc and set(profile.external) == {"tcp", "tcp+ipc:unix"}
     kinds = [(p["setup"], p["kind"]) for p in profile.points]
     assert kinds.count(("tcp", "latency")) == 2 and kinds.count(("tcp", "cpu")) == 8
+    # The idle curve: paced points at the smallest size only, below the closed-loop rate.
+    idle = [p for p in profile.points if p["kind"] == "idle"]
+    assert {p["size"] for p in idle} == {100} and {p["paced_rate"] for p in idle} == {300.0}
+    curve = profile.idle["tcp"]
+    hot_rate = curve.points[-1][0]
+    assert hot_rate > 300 and curve.at(hot_rate) == (0.0, 0.0) and curve.points[0][0] == 300
     for p in profile.points:
         if p["kind"] == "latency":
             assert p["exchanges"] > 0 and p["proxy_p50_ns"] > 0
-        else:
+        elif p["kind"] == "cpu":
             assert p["rate"] > 0 and p["proxy_cpu_ns_per_s"] >= 0
+        else:
+            assert p["rate"] > 0 and p["proxy_cpu_ns_per_exchange"] > 0
 
 
 def test_profile_writes_a_reproducible_results_folder_with_plots(profiled):
@@ -46,7 +54,8 @@ def test_profile_writes_a_reproducible_results_folder_with_plots(profiled):
         "interrupted": False,
         "skipped": {},
     }
-    assert len((profiled / "points.csv").read_text().splitlines()) == 1 + 2 * 2 * 5
+    # 2 setups × 2 sizes × (1 latency + 4 CPU points), and 1 idle point per setup
+    assert len((profiled / "points.csv").read_text().splitlines()) == 1 + 2 * 2 * 5 + 2
     for plot in ("stages.png", "latency_vs_size.png", "cpu_vs_rate.png"):
         assert (profiled / plot).stat().st_size > 1000
 
@@ -105,23 +114,3 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_was_measured(tmp_path):
     assert "tcp" in profile.modes and "http" not in profile.modes
     assert any(p["setup"] == "tcp" and p["size"] == 100 for p in profile.points)
     assert children and not [pid for pid in children if os.path.exists(f"/proc/{pid}")]
-
-
-def test_validate_measures_a_real_chain_with_and_without_sidecars(profiled, tmp_path):
-    out = tmp_path / "validate"
-    argv = ["bench", "validate", "--profile", str(profiled / "profile.json"), "--modes", "tcp",
-            "--topologies", "chain", "--rounds", "1", "--seconds", "0.2", "--out", str(out)]  # fmt: skip
-    assert main(argv) == 0
-    [row] = json.loads((out / "validation.json").read_text())
-    assert row["topology"] == "chain" and row["mode"] == "tcp"
-    # Three sidecar passes on the path (a's inbound; a's outbound and b's inbound).
-    assert row["p50_with_us"] > row["p50_without_us"] > 0
-    assert row["predicted_us"] > 0 and row["predicted_external_us"] > 0
-    # Fed the app's own traces, the prediction prices the same three sidecar passes.
-    assert row["traces"] == 20
-    assert row["predicted_from_traces_us"] == pytest.approx(row["predicted_us"], rel=0.05)
-    assert row["rate"] > 0 and row["sidecar_cores"] > 0
-    assert (out / "predicted_vs_measured.png").stat().st_size > 1000
-    assert "| chain | tcp |" in (out / "table.md").read_text()
-    assert main(["bench", "report", str(out)]) == 0
-    assert "Predicted vs measured" in (out / "report.html").read_text()
