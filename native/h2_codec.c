@@ -257,8 +257,8 @@ static int block_plain(pp_h2 *h, int server, nghttp2_headers_category cat) {
     unsigned pseudo = h->seen & ~(unsigned)SEEN_REGULAR;
     if (h->not_plain) return 0;
     if (server && cat == NGHTTP2_HCAT_REQUEST)
-        return (pseudo & (SEEN_METHOD | SEEN_SCHEME | SEEN_PATH)) ==
-                   (SEEN_METHOD | SEEN_SCHEME | SEEN_PATH) && !(pseudo & SEEN_STATUS);
+        /* h2 wants :authority or Host (§8.3.1); Host is never plain, so :authority it is. */
+        return pseudo == (SEEN_METHOD | SEEN_SCHEME | SEEN_PATH | SEEN_AUTHORITY);
     if (!server && (pseudo & SEEN_STATUS)) return pseudo == SEEN_STATUS; /* a response */
     return pseudo == 0;                                                  /* trailers */
 }

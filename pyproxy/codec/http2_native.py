@@ -37,7 +37,7 @@ if _h2 is not None:
 
 # Record kinds (h2_codec.h).
 _HEADERS, _DATA, _END, _RST, _WINDOW, _SETTINGS, _CLOSED = 1, 2, 3, 4, 5, 6, 7
-_HCAT_REQUEST = 0  # nghttp2_headers_category
+_HCAT_REQUEST, _HCAT_RESPONSE = 0, 1  # nghttp2_headers_category
 _PLAIN = 2  # HEADERS record flag PP_H2_PLAIN
 _REC = struct.Struct("=IiIII")
 _LENS = struct.Struct("=II")
@@ -95,6 +95,8 @@ class NativeH2Connection:
         "remote_settings",
         "_quiet",
         "_lengths",
+        "_informational",
+        "_heads",
         "_out",
         "_events",
     )
@@ -110,6 +112,10 @@ class NativeH2Connection:
         self._quiet: set[int] = set()
         # Request bodies still expected per Content-Length (§8.1.1), as h2 tracks them.
         self._lengths: dict[int, int] = {}
+        # Client streams whose last response head was informational: no DATA or END may follow.
+        self._informational: set[int] = set()
+        # Client streams that asked HEAD: their responses carry no body (h2's rule).
+        self._heads: set[int] = set()
         self._out = ffi.new("const uint8_t **")
         self._events = ffi.new("size_t *")
 
@@ -148,6 +154,8 @@ class NativeH2Connection:
             pos += 20
             if kind == _DATA:
                 data = bytes(buf[pos : pos + length])
+                if sid in self._informational:
+                    raise ProtocolError("cannot receive data before headers")
                 if sid in self._lengths:
                     self._count_body(sid, length, False)
                 add(DataReceived(stream_id=sid, data=data, flow_controlled_length=length))
@@ -155,18 +163,25 @@ class NativeH2Connection:
                 headers = _unpack_headers(buf, pos, pos + length)
                 self._headers(events, sid, a, flags, headers)
             elif kind == _END:
+                if sid in self._informational:
+                    raise ProtocolError("cannot receive data before headers")
                 if sid in self._lengths:
                     self._count_body(sid, 0, True)
+                self._heads.discard(sid)
                 add(StreamEnded(stream_id=sid))
             elif kind == _WINDOW:
                 add(WindowUpdated(stream_id=sid, delta=a))
             elif kind == _RST:
                 self._lengths.pop(sid, None)
+                self._informational.discard(sid)
+                self._heads.discard(sid)
                 if a:
                     quiet.add(sid)
                 add(StreamReset(stream_id=sid, error_code=a, remote_reset=True))
             elif kind == _CLOSED:
                 self._lengths.pop(sid, None)
+                self._informational.discard(sid)
+                self._heads.discard(sid)
                 if sid in quiet:
                     quiet.discard(sid)
                 else:  # nghttp2 reset it (a malformed message, a flow-control error)
@@ -182,7 +197,11 @@ class NativeH2Connection:
         client = self.client_side
         ended = flags & 1
         if client:
-            trailers = not (headers and headers[0][0] == b":status")
+            # As h2 tells them: trailers follow a final response; until one came, a block is
+            # a response, whatever it holds (the checks below judge a misplaced :status).
+            trailers = category != _HCAT_RESPONSE and sid not in self._informational
+            if trailers == (bool(headers) and headers[0][0] == b":status"):
+                flags &= ~_PLAIN
         else:
             trailers = category != _HCAT_REQUEST
         if trailers and not ended:
@@ -190,12 +209,30 @@ class NativeH2Connection:
         if not flags & _PLAIN:
             rules = HeaderValidationFlags(client, trailers, client and not trailers, False)
             headers = list(validate_headers(normalize_inbound_headers(headers, rules), rules))
-        if not client and not trailers:
-            expected = _content_length(headers)
-            if expected is not None:
-                self._lengths[sid] = expected
+        # h2 reads Content-Length from every block: digits, one value; a HEAD's answers expect
+        # no body whatever they say. A response's or request's value bounds the body after it.
+        heads = self._heads
+        expected = 0 if heads and sid in heads else _content_length(headers)
+        if trailers:
+            self._lengths.pop(sid, None)
+            heads.discard(sid)
+        elif client:
+            if headers[0][1][:1] == b"1":
                 if ended:
-                    self._count_body(sid, 0, True)
+                    raise ProtocolError("Cannot set END_STREAM on informational responses")
+                self._informational.add(sid)
+            else:
+                self._informational.discard(sid)
+                if expected is not None:
+                    self._lengths[sid] = expected
+                else:
+                    self._lengths.pop(sid, None)
+                if ended:
+                    heads.discard(sid)
+        elif expected is not None:
+            self._lengths[sid] = expected
+            if ended:  # stricter than h2: a request that ends here has no body (§8.1.1)
+                self._count_body(sid, 0, True)
         add_headers(events, client, sid, trailers, ended, headers)
 
     def _count_body(self, sid: int, length: int, ended: bool) -> None:
@@ -222,6 +259,8 @@ class NativeH2Connection:
         else:
             sid = -1 if self.client_side and self._opens(stream_id) else stream_id
             rv = lib.pp_h2_submit_headers(self.session, sid, packed, len(packed), end_stream)
+            if sid == -1 and rv >= 0 and _method(headers) == b"HEAD":
+                self._heads.add(rv)
         if rv < 0:
             raise StreamClosedError(stream_id)
 
@@ -274,6 +313,15 @@ class NativeH2Connection:
         if sid > 0x7FFFFFFF or sid <= 0:
             raise ProtocolError("stream ids exhausted")
         return sid
+
+
+def _method(headers: Headers) -> bytes | None:
+    for name, value in headers:
+        if name == b":method":
+            return value
+        if name[:1] != b":":
+            return None  # pseudo-header fields come first (§8.3)
+    return None
 
 
 def _content_length(headers: Headers) -> int | None:
