@@ -7,7 +7,7 @@ from http import HTTPStatus
 from typing import Final
 
 from pyproxy.codec.events import Headers, ProtocolError, RequestHead, ResponseHead
-from pyproxy.codec.http1 import FIELD_CONTROL, FIELD_NAME
+from pyproxy.codec.http1 import FIELD_CONTROL, FIELD_NAME, strip_hop_by_hop
 from pyproxy.protocol import H2_CONNECTION_SPECIFIC, H2_TE_ALLOWED, has_body
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 §3.4
@@ -291,6 +291,19 @@ def response_from_h2(headers: Headers) -> ResponseHead | None:
 def h2_response_headers(head: ResponseHead) -> Headers:
     fields: Headers = [(b":status", b"%d" % head.status)]
     fields.extend(item for item in head.headers if item[0] not in _NOT_IN_H2)
+    return fields
+
+
+def h2_relayed_response_headers(head: ResponseHead) -> Headers:
+    """An HTTP/1 response head as received, for an HTTP/2 downstream: the fields its Connection
+    header names go too (RFC 9110 §7.6.1), with the ones HTTP/2 never carries."""
+    headers = head.headers
+    for name, _ in headers:
+        if name == b"connection":
+            headers = strip_hop_by_hop(headers)
+            break
+    fields: Headers = [(b":status", b"%d" % head.status)]
+    fields.extend(item for item in headers if item[0] not in _NOT_IN_H2)
     return fields
 
 
