@@ -329,8 +329,8 @@ class H2StreamBase:
     def pump(self) -> None:
         """Send what the peer's windows allow (§6.9.1); the rest waits for WINDOW_UPDATE."""
         sid = self.stream_id
-        if sid is None or self.closed or self.ended_out:
-            return
+        if sid is None or self.closed or self.ended_out or not (self.chunks or self.end_pending):
+            return  # nothing waits (a connection-wide WINDOW_UPDATE pumps every stream)
         session = self.session
         conn = session.conn
         chunks = self.chunks

@@ -167,8 +167,12 @@ class Http2Upstream(H2Session):
                         stream.exchange.response_end()
             elif kind is TrailersReceived:
                 stream = streams.get(event.stream_id)
-                if stream is not None and stream.exchange is not None:
-                    stream.exchange.response_trailers(event.headers)
+                if stream is not None:
+                    # Trailers end the stream (§8.1): the exchange may release it at once, and a
+                    # stream ended both ways is not cancelled.
+                    stream.ended_in = True
+                    if stream.exchange is not None:
+                        stream.exchange.response_trailers(event.headers)
             elif kind is StreamReset:
                 stream = streams.get(event.stream_id)
                 if stream is not None:
