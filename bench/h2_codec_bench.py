@@ -42,6 +42,7 @@ from pyproxy.bench import grpc_bench, http_bench
 from pyproxy.bench.http_load import LOAD_CPU, SIDE_CPU, Path_, log, move_to_cpu, wait_http
 from pyproxy.bench.procs import Processes, cell, free_port, pinned
 from pyproxy.bench.rounds import interleaved, paired_ratio
+from pyproxy.bench.tcp_echo import get_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CODECS = ("h2", "native")
@@ -64,7 +65,7 @@ def start_pyproxy(
     proc = procs.launch(name, pinned(SIDE_CPU, argv))
     grpc_bench.wait_port(admin)
     grpc_bench.wait_port(port)
-    info = http_bench.get_json(f"http://127.0.0.1:{admin}/server_info")
+    info = get_json(f"http://127.0.0.1:{admin}/server_info")
     assert info["http2_codec"] == {"main": codec}, info["http2_codec"]
     note = f"http2_codec: {codec}" + (", baseline tree" if python is not None else "")
     return Path_(name, port, proc.pid, admin=admin, note=note, h2_port=port)
