@@ -230,7 +230,7 @@ class NativeH2Connection:
             self._lengths[sid] = expected
             if ended:  # stricter than h2: a request that ends here has no body (§8.1.1)
                 self._count_body(sid, 0, True)
-        add_headers(events, client, sid, trailers, ended, headers)
+        add_headers(events, client, sid, trailers, ended, headers, flags & _PLAIN)
 
     def _count_body(self, sid: int, length: int, ended: bool) -> None:
         left = self._lengths[sid] - length
@@ -333,17 +333,34 @@ def _content_length(headers: Headers) -> int | None:
 
 
 def add_headers(
-    events: list, client: bool, sid: int, trailers: bool, ended: int, headers: Headers
+    events: list,
+    client: bool,
+    sid: int,
+    trailers: bool,
+    ended: int,
+    headers: Headers,
+    plain: int = 0,
 ) -> None:
-    """A header block as h2 reports it: request, (informational) response or trailers."""
+    """A header block as h2 reports it: request, (informational) response or trailers. A plain
+    block's event says so (`fields_checked`): its names are lower-case tokens and its values
+    visible ASCII, so the proxy's own per-field checks have nothing left to find."""
     end = StreamEnded(stream_id=sid) if ended else None
+    event: Any
     if trailers:
-        events.append(TrailersReceived(stream_id=sid, headers=headers, stream_ended=end))
+        event = TrailersReceived(stream_id=sid, headers=headers, stream_ended=end)
     elif not client:
-        events.append(RequestReceived(stream_id=sid, headers=headers, stream_ended=end))
+        event = RequestReceived(stream_id=sid, headers=headers, stream_ended=end)
     elif headers[0][1][:1] == b"1":
-        events.append(InformationalResponseReceived(stream_id=sid, headers=headers))
+        event = InformationalResponseReceived(stream_id=sid, headers=headers)
     else:
-        events.append(ResponseReceived(stream_id=sid, headers=headers, stream_ended=end))
+        event = ResponseReceived(stream_id=sid, headers=headers, stream_ended=end)
+    if plain:
+        event.fields_checked = True
+    events.append(event)
     if end is not None:
         events.append(end)
+
+
+def fields_checked(event) -> bool:
+    """Did the native codec find this header block plain (see add_headers)? Never for h2's."""
+    return getattr(event, "fields_checked", False)

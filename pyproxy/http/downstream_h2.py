@@ -36,6 +36,7 @@ from pyproxy.codec.http2 import (
     request_from_h2,
     response_has_body,
 )
+from pyproxy.codec.http2_native import fields_checked
 from pyproxy.counters import (
     DOWNSTREAM_RX,
     DOWNSTREAM_TX,
@@ -160,7 +161,7 @@ class Http2Downstream(H2Session):
             ctx.block[reject_slot("too_large")] += 1
             self._direct_reply(sid, 431, b"request header fields too large\n", ended)
             return
-        head = request_from_h2(headers, ended)
+        head = request_from_h2(headers, ended, fields_checked(event))
         if isinstance(head, ProtocolError):
             if head.status == 501:
                 ctx.block[reject_slot("method")] += 1
