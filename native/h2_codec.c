@@ -323,6 +323,9 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, v
         return add_record(h, PP_H2_HEADERS, sid, frame->headers.cat, end, h->headers.data,
                           h->headers.len);
     case NGHTTP2_RST_STREAM:
+        /* A stream below the highest opened that was never opened is closed (§5.1.1): its
+         * RST_STREAM resets nothing, and h2 reports none. */
+        if (nghttp2_session_find_stream(session, sid) == NULL) return 0;
         return add_record(h, PP_H2_RST, sid, frame->rst_stream.error_code, 0, NULL, 0);
     case NGHTTP2_WINDOW_UPDATE:
         return add_record(h, PP_H2_WINDOW, sid, (uint32_t)frame->window_update.window_size_increment,

@@ -91,6 +91,10 @@ VALID = {
     "unknown-frame-type-ignored": _client(
         h2_frame(0xEE, 0, 0, b"whatever"), _headers(1, _get(), _END_HEADERS | _END_STREAM)
     ),
+    "reset-on-a-stream-never-opened": _client(
+        _headers(5, _get(), _END_HEADERS | _END_STREAM),
+        h2_frame(_RST, 0, 3, (0x8).to_bytes(4, "big")),
+    ),
     "cookies-crumbs": _client(
         _headers(
             1, _get(extra=[(b"cookie", b"a=1"), (b"cookie", b"b=2")]), _END_HEADERS | _END_STREAM
