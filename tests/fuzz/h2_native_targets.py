@@ -160,9 +160,14 @@ def agree(
 def _native_stricter(events: list, wire: bytes) -> bool:
     """Input where the native codec fails the connection and h2, laxer than RFC 9113, does not:
     a client's PUSH_PROMISE (§8.4: a connection error; h2 ignores one on a stream not open), an
-    RST_STREAM or WINDOW_UPDATE on an idle stream (§5.1; h2 ignores them), a
-    request whose head ends it while its Content-Length promises a body (§8.1.1)."""
-    if _ends_before_its_length(events):
+    RST_STREAM or WINDOW_UPDATE on an idle stream (§5.1; h2 ignores them), a SETTINGS frame of
+    more than 32 entries (nghttp2's cap against SETTINGS floods), a request whose head ends it
+    while its Content-Length promises a body (§8.1.1), a frame on a stream the client already
+    ended (§5.1: h2 resets that stream with STREAM_CLOSED; nghttp2 ends the connection, which
+    §5.4 allows)."""
+    if _ends_before_its_length(events) or any(
+        e[0] == "reset" and e[2] == 0x5 and not e[3] for e in events
+    ):
         return True
     if not wire.startswith(PREFACE):
         return False
