@@ -16,7 +16,13 @@ generators and upstreams on CPU 0):
 The machine may be shared: every figure is from this one run, written to
 bench/results/h2_codec_bench.{json,md}.
 
+With --baseline-tree PATH (another checkout, built), that checkout's pyproxy on the native codec
+runs beside this one as `before_pyproxy-native`, through every phase of the same run; the load
+phases then go in interleaved rounds (--load-rounds), each figure the median over rounds and the
+before/after ratios paired within a round.
+
     python -m pyproxy.bench.h2_codec_bench [--seconds 5] [--calls 1000] [--rounds 2]
+        [--baseline-tree PATH] [--load-rounds 3]
 """
 
 from __future__ import annotations
@@ -35,12 +41,18 @@ from time import perf_counter_ns
 from pyproxy.bench import grpc_bench, http_bench
 from pyproxy.bench.http_load import LOAD_CPU, SIDE_CPU, Path_, log, move_to_cpu, wait_http
 from pyproxy.bench.procs import Processes, cell, free_port, pinned
+from pyproxy.bench.rounds import interleaved, paired_ratio
+from pyproxy.bench.tcp_echo import get_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CODECS = ("h2", "native")
+BEFORE = "before_pyproxy-native"  # --baseline-tree's pyproxy, native codec
 
 
-def start_pyproxy(procs: http_bench.Processes, name: str, mode: str, upstream: int, codec: str):
+def start_pyproxy(
+    procs: http_bench.Processes, name: str, mode: str, upstream: int, codec: str,
+    python: Path | None = None,
+):  # fmt: skip
     port, admin = free_port(), free_port()
     conf = procs.logs / f"{name}.yaml"
     conf.write_text(
@@ -48,13 +60,43 @@ def start_pyproxy(procs: http_bench.Processes, name: str, mode: str, upstream: i
         f"    address: 127.0.0.1:{port}\n    upstream: 127.0.0.1:{upstream}\n"
         f"    http: {{http2_codec: {codec}}}\n"
     )
-    argv = [sys.executable, "-m", "pyproxy", "run", "-c", str(conf), "--log-level", "warning"]
+    interpreter = str(python) if python is not None else sys.executable
+    argv = [interpreter, "-m", "pyproxy", "run", "-c", str(conf), "--log-level", "warning"]
     proc = procs.launch(name, pinned(SIDE_CPU, argv))
     grpc_bench.wait_port(admin)
     grpc_bench.wait_port(port)
-    info = http_bench.get_json(f"http://127.0.0.1:{admin}/server_info")
+    info = get_json(f"http://127.0.0.1:{admin}/server_info")
     assert info["http2_codec"] == {"main": codec}, info["http2_codec"]
-    return Path_(name, port, proc.pid, admin=admin, note=f"http2_codec: {codec}", h2_port=port)
+    note = f"http2_codec: {codec}" + (", baseline tree" if python is not None else "")
+    return Path_(name, port, proc.pid, admin=admin, note=note, h2_port=port)
+
+
+def start_pyproxies(procs: http_bench.Processes, mode: str, upstream: int, args) -> list[Path_]:
+    """pyproxy on each codec, and the baseline tree's on the native one when given."""
+    paths = [start_pyproxy(procs, f"pyproxy-{c}", mode, upstream, c) for c in CODECS]
+    if args.baseline_python is not None:
+        paths.append(start_pyproxy(procs, BEFORE, mode, upstream, "native", args.baseline_python))
+    return paths
+
+
+def load_rounds(paths: list[Path_], rounds: int, run_one) -> dict:
+    """``run_one(path)`` for every path in interleaved rounds: per path the round with the
+    median CPU per request (its figures), plus every round's CPU per request."""
+    runs: dict[str, list[dict]] = {p.name: [] for p in paths}
+    for p in interleaved(paths, rounds, 11, "load"):
+        runs[p.name].append(run_one(p))
+    out = {}
+    for name, values in runs.items():
+        cpu = [_cpu_us(v) for v in values]
+        known = sorted((c, i) for i, c in enumerate(cpu) if c is not None)
+        entry = dict(values[known[len(known) // 2][1]]) if known else dict(values[0])
+        entry["cpu_us_rounds"] = cpu
+        out[name] = entry
+    return out
+
+
+def _cpu_us(entry: dict) -> float | None:
+    return entry.get("cpu_us_per_call", entry.get("proxy_cpu_us_per_req"))
 
 
 def start_haproxy(procs: http_bench.Processes, upstream: int, grpc: bool) -> Path_:
@@ -155,19 +197,18 @@ def http2_get(workdir: Path, args) -> dict:
     procs = http_bench.Processes(workdir)
     try:
         upstream, direct = start_upstream(procs, workdir)
-        paths = [start_pyproxy(procs, f"pyproxy-{c}", "http", upstream, c) for c in CODECS]
+        paths = start_pyproxies(procs, "http", upstream, args)
         paths.append(http_bench.start_nginx(procs, workdir, upstream))
         paths.append(start_haproxy(procs, upstream, grpc=False))
         time.sleep(0.5)
         targets = {"direct": direct} | {p.name: p.h2_port for p in paths}
         latency = get_latency(targets, args.rounds, args.calls)
-        load = {}
-        for p in paths:
+
+        def one(p: Path_) -> dict:
             log(f"h2load -c32 -m10 via {p.name}")
-            load[p.name] = http_bench.under_load(
-                p, lambda p=p: http_bench.run_h2load(p, args.seconds)
-            )
-        return {"latency": latency, "load": load}
+            return http_bench.under_load(p, lambda: http_bench.run_h2load(p, args.seconds))
+
+        return {"latency": latency, "load": load_rounds(paths, args.load_rounds, one)}
     finally:
         procs.stop_all()
 
@@ -187,7 +228,7 @@ def grpc_unary(workdir: Path, args) -> dict:
             ),
         )
         grpc_bench.wait_port(app)
-        paths = [start_pyproxy(procs, f"pyproxy-{c}", "grpc", app, c) for c in CODECS]
+        paths = start_pyproxies(procs, "grpc", app, args)
         ok, why = grpc_bench.nginx_has_grpc()
         if ok:
             port = free_port()
@@ -202,20 +243,24 @@ def grpc_unary(workdir: Path, args) -> dict:
         body = workdir / "grpc-body.bin"
         payload = grpc_bench.PAYLOAD
         body.write_bytes(b"\0" + len(payload).to_bytes(4, "big") + payload)
-        load, stages = {}, {}
-        for p in paths:
+        stages: dict[str, dict] = {}
+
+        def one(p: Path_) -> dict:
             before = p.stats()["listeners"]["main"] if p.admin else None
             grpc_bench.log(f"h2load gRPC via {p.name}")
             move_to_cpu(p.pids(), LOAD_CPU)
-            load[p.name] = grpc_bench.load_phase(
+            entry = grpc_bench.load_phase(
                 {p.name: p.port}, {p.name: p.pids()}, body, args.seconds, SIDE_CPU
             )[p.name]
-            load[p.name]["rss_mib"] = http_bench.rss_mib(p.pids())
+            entry["rss_mib"] = http_bench.rss_mib(p.pids())
             move_to_cpu(p.pids(), SIDE_CPU)
-            if before is not None:
+            if before is not None:  # the last round's stage table
                 after = p.stats()["listeners"]["main"]
                 calls = after["requests"] - before["requests"]
                 stages[p.name] = grpc_bench.stage_delta(after, before, calls)
+            return entry
+
+        load = load_rounds(paths, args.load_rounds, one)
         return {"latency": latency, "load": load, "stages_us_per_call": stages}
     finally:
         plain.stop_all()
@@ -271,6 +316,20 @@ def targets_met(result: dict) -> dict:
         out["http2_get: native / haproxy req per CPU-s (target >= 0.5)"] = round(
             native / haproxy, 2
         )
+    for kind, part in (("grpc", g), ("http2_get", h)):
+        before = part["load"].get(BEFORE)
+        if before is None:
+            continue
+        after = part["load"]["pyproxy-native"]
+        ratio = paired_ratio(after["cpu_us_rounds"], before["cpu_us_rounds"])
+        if ratio is not None:
+            out[f"{kind}: native CPU per request, this tree / baseline tree (paired)"] = round(
+                ratio, 3
+            )
+        lat = part["latency"]
+        out[f"{kind}: native added p50 µs, this tree / baseline tree"] = (
+            f"{lat['pyproxy-native']['added_p50_us']:.0f} / {lat[BEFORE]['added_p50_us']:.0f}"
+        )
     return out
 
 
@@ -325,7 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=5, help="h2load duration per path")
     parser.add_argument("--calls", type=int, default=1000, help="latency calls per path and round")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--load-rounds", type=int, default=1, help="interleaved load rounds")
+    http_bench.add_baseline_tree(parser)
     args = parser.parse_args(argv)
+    args.baseline_python = http_bench.baseline_tree_python(parser, args)
     for tool in ("h2load", "nginx", "haproxy", "taskset"):
         if not shutil.which(tool):
             print(f"{tool} missing: make system-deps-bench", file=sys.stderr)

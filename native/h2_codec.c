@@ -257,8 +257,8 @@ static int block_plain(pp_h2 *h, int server, nghttp2_headers_category cat) {
     unsigned pseudo = h->seen & ~(unsigned)SEEN_REGULAR;
     if (h->not_plain) return 0;
     if (server && cat == NGHTTP2_HCAT_REQUEST)
-        return (pseudo & (SEEN_METHOD | SEEN_SCHEME | SEEN_PATH)) ==
-                   (SEEN_METHOD | SEEN_SCHEME | SEEN_PATH) && !(pseudo & SEEN_STATUS);
+        /* h2 wants :authority or Host (§8.3.1); Host is never plain, so :authority it is. */
+        return pseudo == (SEEN_METHOD | SEEN_SCHEME | SEEN_PATH | SEEN_AUTHORITY);
     if (!server && (pseudo & SEEN_STATUS)) return pseudo == SEEN_STATUS; /* a response */
     return pseudo == 0;                                                  /* trailers */
 }
@@ -323,6 +323,9 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, v
         return add_record(h, PP_H2_HEADERS, sid, frame->headers.cat, end, h->headers.data,
                           h->headers.len);
     case NGHTTP2_RST_STREAM:
+        /* A stream below the highest opened that was never opened is closed (§5.1.1): its
+         * RST_STREAM resets nothing, and h2 reports none. */
+        if (nghttp2_session_find_stream(session, sid) == NULL) return 0;
         return add_record(h, PP_H2_RST, sid, frame->rst_stream.error_code, 0, NULL, 0);
     case NGHTTP2_WINDOW_UPDATE:
         return add_record(h, PP_H2_WINDOW, sid, (uint32_t)frame->window_update.window_size_increment,

@@ -44,6 +44,9 @@ class H2Upstream(ThreadedServer):
         self.max_streams = max_streams
         self.requests: list[dict] = []
         self.resets: list[tuple[int, int]] = []  # (stream id, error code) sent by the proxy
+        # Every RST_STREAM frame's stream id as it arrived, even on a stream h2 considers closed
+        # (h2 reports no event for those).
+        self.rst_frames: list[int] = []
         self.peak_streams = 0
         self._active = 0
         self._lock = threading.Lock()
@@ -68,6 +71,24 @@ class _ServerConn:
         self.window = threading.Condition(self.lock)
         self.streams: dict[int, dict] = {}
         self.closed = False
+        self.inbound = bytearray()
+        self.preface_left = 24
+
+    def count_frames(self, data: bytes) -> None:
+        """Read frame headers off the raw bytes, to see frames h2 swallows."""
+        buf = self.inbound
+        buf += data
+        if self.preface_left:
+            cut = min(self.preface_left, len(buf))
+            del buf[:cut]
+            self.preface_left -= cut
+        while len(buf) >= 9:
+            size = 9 + int.from_bytes(buf[:3], "big")
+            if len(buf) < size:
+                return
+            if buf[3] == 0x3:  # RST_STREAM
+                self.server.rst_frames.append(int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF)
+            del buf[:size]
 
     def run(self) -> None:
         try:
@@ -83,6 +104,7 @@ class _ServerConn:
                 if not data:
                     return
                 with self.lock:
+                    self.count_frames(data)
                     for event in self.conn.receive_data(data):
                         self.handle(event)
                     self.flush()

@@ -8,18 +8,7 @@ import gc
 
 import pytest
 from conftest import require_capability
-from h2.config import H2Configuration
-from h2.connection import H2Connection
-from h2.events import (
-    DataReceived,
-    RemoteSettingsChanged,
-    RequestReceived,
-    StreamEnded,
-    StreamReset,
-    TrailersReceived,
-    WindowUpdated,
-)
-from h2.exceptions import ProtocolError
+from fuzz.h2_native_targets import agree, h2_client, h2_server, native_client, native_server
 from hostile import h2_frame
 from hpack import Encoder
 
@@ -30,11 +19,6 @@ pytestmark = pytest.mark.usefixtures("_native_built")
 
 _DATA, _HEADERS, _RST, _SETTINGS, _PING, _WINDOW, _CONTINUATION = 0x0, 0x1, 0x3, 0x4, 0x6, 0x8, 0x9
 _END_STREAM, _END_HEADERS, _PADDED = 0x1, 0x4, 0x8
-_SETTINGS_VALUES = {
-    http2_native.MAX_CONCURRENT_STREAMS: 100,
-    http2_native.INITIAL_WINDOW_SIZE: 65535,
-    http2_native.MAX_HEADER_LIST_SIZE: 65536,
-}
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +91,10 @@ VALID = {
     "unknown-frame-type-ignored": _client(
         h2_frame(0xEE, 0, 0, b"whatever"), _headers(1, _get(), _END_HEADERS | _END_STREAM)
     ),
+    "reset-on-a-stream-never-opened": _client(
+        _headers(5, _get(), _END_HEADERS | _END_STREAM),
+        h2_frame(_RST, 0, 3, (0x8).to_bytes(4, "big")),
+    ),
     "cookies-crumbs": _client(
         _headers(
             1, _get(extra=[(b"cookie", b"a=1"), (b"cookie", b"b=2")]), _END_HEADERS | _END_STREAM
@@ -133,6 +121,7 @@ INVALID = {
     "headers-on-even-stream": _client(_headers(2, _get(), 5)),
     "hpack-garbage": _client(h2_frame(_HEADERS, 5, 1, b"\xff\xff\xff\xff\xff")),
     "settings-bad-length": _client(h2_frame(_SETTINGS, 0, 0, b"\0\0\0")),
+    "no-authority-nor-host": _client(_headers(1, [*_get()[:2], _get()[3]], 5)),
     "window-update-overflow": _client(
         h2_frame(_WINDOW, 0, 0, (0x7FFFFFFF).to_bytes(4, "big")),
         h2_frame(_WINDOW, 0, 0, (0x7FFFFFFF).to_bytes(4, "big")),
@@ -140,66 +129,12 @@ INVALID = {
 }
 
 
-def _h2() -> H2Connection:
-    conn = H2Connection(H2Configuration(client_side=False, header_encoding=None))
-    conn.initiate_connection()
-    return conn
+def _agree(chunks: list[bytes]) -> tuple[list, bool]:
+    return agree(h2_server, native_server, chunks)
 
 
 def _native() -> http2_native.NativeH2Connection:
-    conn = http2_native.NativeH2Connection(False, 1000)
-    conn.initiate(_SETTINGS_VALUES, 65535)
-    return conn
-
-
-def _outcome(make, chunks: list[bytes]) -> tuple[list, bool]:
-    """(the events the proxy acts on, normalised; whether the connection failed)."""
-    conn = make()
-    events: list = []
-    try:
-        for chunk in chunks:
-            events.extend(conn.receive_data(chunk))
-    except ProtocolError:
-        return _normal(events), True
-    return _normal(events), False
-
-
-def _normal(events: list) -> list:
-    """What the sessions read of each event (the proxy handles no other kinds). DATA's
-    flow-controlled length is left out: nghttp2 gives padding's window back itself."""
-    out: list = []
-    for event in events:
-        kind = type(event)
-        if kind is DataReceived:
-            out.append(("data", event.stream_id, event.data))
-        elif kind is RequestReceived:
-            ended = event.stream_ended is not None
-            out.append(("request", event.stream_id, tuple(event.headers), ended))
-        elif kind is TrailersReceived:
-            out.append(("trailers", event.stream_id, tuple(event.headers)))
-        elif kind is StreamEnded:
-            out.append(("end", event.stream_id))
-        elif kind is StreamReset:
-            out.append(("reset", event.stream_id, event.error_code, event.remote_reset))
-        elif kind is WindowUpdated:
-            out.append(("window", event.stream_id, event.delta))
-        elif kind is RemoteSettingsChanged:
-            out.append(("settings",))
-    return out
-
-
-def _agree(chunks: list[bytes]) -> tuple[list, bool]:
-    """Both codecs' outcome of the same reads; equal, except that on input both reject, nghttp2
-    may reject as soon as a frame header shows it (h2 waits for the whole frame), so what the
-    native codec reported before failing is a prefix of what h2 did. Returns h2's outcome."""
-    expected = _outcome(_h2, chunks)
-    events, failed = _outcome(_native, chunks)
-    assert failed == expected[1], (events, expected)
-    if failed:
-        assert events == expected[0][: len(events)], (events, expected)
-    else:
-        assert events == expected[0]
-    return expected
+    return native_server()
 
 
 @pytest.mark.parametrize("name", [*VALID, *INVALID])
@@ -229,3 +164,110 @@ def test_every_session_is_freed_after_10000_connections():
         del conn
     gc.collect()
     assert http2_native.lib.pp_h2_live() == live
+
+
+_GET_REQUEST = [
+    (b":method", b"GET"),
+    (b":scheme", b"http"),
+    (b":path", b"/"),
+    (b":authority", b"a"),
+]
+_HEAD_REQUEST = [(b":method", b"HEAD"), *_GET_REQUEST[1:]]
+
+
+def _upstream(*frames: bytes) -> bytes:
+    return h2_frame(_SETTINGS, 0, 0) + b"".join(frames)
+
+
+_INFORMATIONAL = _headers(1, [(b":status", b"103")])
+RESPONSES = {
+    "ok-with-body": (
+        _GET_REQUEST,
+        _upstream(_headers(1, [(b":status", b"200")]), h2_frame(_DATA, _END_STREAM, 1, b"abc")),
+        False,
+    ),
+    "informational-then-final": (
+        _GET_REQUEST,
+        _upstream(_INFORMATIONAL, _headers(1, [(b":status", b"204")], 5)),
+        False,
+    ),
+    "content-length-matches": (
+        _GET_REQUEST,
+        _upstream(
+            _headers(1, [(b":status", b"200"), (b"content-length", b"3")]),
+            h2_frame(_DATA, _END_STREAM, 1, b"abc"),
+        ),
+        False,
+    ),
+    "head-answer-with-content-length-no-body": (
+        _HEAD_REQUEST,
+        _upstream(_headers(1, [(b":status", b"200"), (b"content-length", b"9")], 5)),
+        False,
+    ),
+    "trailers-after-final": (
+        _GET_REQUEST,
+        _upstream(
+            _headers(1, [(b":status", b"200")]),
+            h2_frame(_DATA, 0, 1, b"x"),
+            _headers(1, [(b"grpc-status", b"0")], 5),
+        ),
+        False,
+    ),
+    "data-after-informational": (
+        _GET_REQUEST,
+        _upstream(_INFORMATIONAL, h2_frame(_DATA, _END_STREAM, 1, b"abc")),
+        True,
+    ),
+    "end-stream-on-informational": (
+        _GET_REQUEST,
+        _upstream(_headers(1, [(b":status", b"100")], 5)),
+        True,
+    ),
+    "head-answer-with-a-body": (
+        _HEAD_REQUEST,
+        _upstream(_headers(1, [(b":status", b"200")]), h2_frame(_DATA, _END_STREAM, 1, b"abc")),
+        True,
+    ),
+    "body-longer-than-content-length": (
+        _GET_REQUEST,
+        _upstream(
+            _headers(1, [(b":status", b"200"), (b"content-length", b"2")]),
+            h2_frame(_DATA, _END_STREAM, 1, b"abc"),
+        ),
+        True,
+    ),
+    "content-length-not-digits": (
+        _GET_REQUEST,
+        _upstream(_headers(1, [(b":status", b"200"), (b"content-length", b"x")], 5)),
+        True,
+    ),
+    "first-block-without-status": (_GET_REQUEST, _upstream(_headers(1, [(b"x-a", b"1")], 5)), True),
+    "trailers-after-informational-only": (
+        _GET_REQUEST,
+        _upstream(_INFORMATIONAL, _headers(1, [(b"x-a", b"1")], 5)),
+        True,
+    ),
+    "status-in-trailers": (
+        _GET_REQUEST,
+        _upstream(_headers(1, [(b":status", b"200")]), _headers(1, [(b":status", b"200")], 5)),
+        True,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", RESPONSES)
+def test_both_client_codecs_agree_on_upstream_responses(name):
+    request, data, invalid = RESPONSES[name]
+    both = (lambda: h2_client(request), lambda: native_client(request))
+    assert agree(*both, [data])[1] == invalid
+    for cut in range(1, len(data)):
+        agree(*both, [data[:cut], data[cut:]])
+
+
+def test_empty_content_length_in_request_trailers_fails_on_both():
+    data = _client(
+        _headers(1, _post()),
+        h2_frame(_DATA, 0, 1, b"x"),
+        _headers(1, [(b"content-length", b"")], _END_HEADERS | _END_STREAM),
+    )
+    assert _agree([data])[1]

@@ -126,6 +126,22 @@ def test_trailers_h2_to_h2(start_proxy, tmp_path, h2_codec, h2_upstream):
     client.close()
 
 
+def test_a_response_ended_by_its_trailers_is_not_cancelled_upstream(
+    start_proxy, tmp_path, h2_codec, h2_upstream
+):
+    # Trailers end the upstream stream (END_STREAM on them): releasing it afterwards must not
+    # send RST_STREAM CANCEL for a call that completed.
+    proxy, port = _proxy(start_proxy, tmp_path, h2_codec, h2_upstream.address, "http2")
+    client = H2Client(port)
+    sids = [client.request("/trailers", headers=[("te", "trailers")]) for _ in range(3)]
+    for received in client.wait(sids):
+        assert received["trailers"] == [(b"grpc-status", b"0"), (b"grpc-message", b"fine")]
+    client.request("/echo")  # one more round trip: anything sent after the trailers is in
+    client.wait([sids[-1] + 2])
+    assert h2_upstream.rst_frames == []
+    client.close()
+
+
 def test_rst_stream_propagates_both_ways(start_proxy, tmp_path, h2_codec, h2_upstream):
     proxy, port = _proxy(start_proxy, tmp_path, h2_codec, h2_upstream.address, "http2")
     client = H2Client(port)

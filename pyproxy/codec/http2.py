@@ -7,7 +7,7 @@ from http import HTTPStatus
 from typing import Final
 
 from pyproxy.codec.events import Headers, ProtocolError, RequestHead, ResponseHead
-from pyproxy.codec.http1 import FIELD_CONTROL, FIELD_NAME
+from pyproxy.codec.http1 import FIELD_CONTROL, FIELD_NAME, strip_hop_by_hop
 from pyproxy.protocol import H2_CONNECTION_SPECIFIC, H2_TE_ALLOWED, has_body
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 §3.4
@@ -157,7 +157,9 @@ def header_list_size(headers: Headers) -> int:
     return size
 
 
-def request_from_h2(headers: Headers, ended: bool) -> RequestHead | ProtocolError:
+def request_from_h2(
+    headers: Headers, ended: bool, fields_checked: bool = False
+) -> RequestHead | ProtocolError:
     """An HTTP/2 request header list as the RequestHead an HTTP/1 peer expects, or why not.
 
     h2 has checked the field names and values (§8.2) and which pseudo-headers are present
@@ -165,16 +167,17 @@ def request_from_h2(headers: Headers, ended: bool) -> RequestHead | ProtocolErro
     but an HTTP/1 peer would not take (a field name that is not a token, a control character
     in a value, §8.2.1). The ProtocolError's status is 501 for what this proxy does not relay
     (CONNECT, §8.5), else 400: a malformed request, a stream error of type PROTOCOL_ERROR
-    (§8.1.1).
+    (§8.1.1). ``fields_checked``: the codec already knows every name is a token and no value
+    holds a control character.
     """
     method = path = authority = host = scheme = None
     content_length = None
     trailers_announced = False
     cookies: list[bytes] = []
     fields: Headers = []
+    if not fields_checked and _field_refused(headers):
+        return ProtocolError(400, FIELD_REFUSED)
     for name, value in headers:
-        if FIELD_CONTROL.search(value) or (name[:1] != b":" and not FIELD_NAME.fullmatch(name)):
-            return ProtocolError(400, FIELD_REFUSED)
         if name[:1] == b":":
             if name == b":method":
                 method = value
@@ -263,16 +266,25 @@ def h2_request_headers(head: RequestHead, te_trailers: bool) -> tuple[Headers, b
     return pseudo + fields, carries_body
 
 
-def response_from_h2(headers: Headers) -> ResponseHead | None:
+def _field_refused(headers: Headers) -> bool:
+    """A field name that is not a token, or a control character in a value (§8.2.1)."""
+    for name, value in headers:
+        if FIELD_CONTROL.search(value) or (name[:1] != b":" and not FIELD_NAME.fullmatch(name)):
+            return True
+    return False
+
+
+def response_from_h2(headers: Headers, fields_checked: bool = False) -> ResponseHead | None:
     """None for a malformed response h2 lets through (RFC 9113 §8.1.1): a :status that is
     not three digits (RFC 9110 §15), a Content-Length that is not digits, a field name
-    that is not a token, a control character in a field value."""
+    that is not a token, a control character in a field value (``fields_checked``: the
+    codec already knows there is none of those two)."""
     status = 0
     content_length = None
     fields: Headers = []
+    if not fields_checked and _field_refused(headers):
+        return None
     for name, value in headers:
-        if FIELD_CONTROL.search(value) or (name[:1] != b":" and not FIELD_NAME.fullmatch(name)):
-            return None
         if name == b":status":
             if len(value) != 3 or not value.isdigit():
                 return None
@@ -291,6 +303,19 @@ def response_from_h2(headers: Headers) -> ResponseHead | None:
 def h2_response_headers(head: ResponseHead) -> Headers:
     fields: Headers = [(b":status", b"%d" % head.status)]
     fields.extend(item for item in head.headers if item[0] not in _NOT_IN_H2)
+    return fields
+
+
+def h2_relayed_response_headers(head: ResponseHead) -> Headers:
+    """An HTTP/1 response head as received, for an HTTP/2 downstream: the fields its Connection
+    header names go too (RFC 9110 §7.6.1), with the ones HTTP/2 never carries."""
+    headers = head.headers
+    for name, _ in headers:
+        if name == b"connection":
+            headers = strip_hop_by_hop(headers)
+            break
+    fields: Headers = [(b":status", b"%d" % head.status)]
+    fields.extend(item for item in headers if item[0] not in _NOT_IN_H2)
     return fields
 
 

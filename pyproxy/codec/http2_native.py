@@ -37,7 +37,7 @@ if _h2 is not None:
 
 # Record kinds (h2_codec.h).
 _HEADERS, _DATA, _END, _RST, _WINDOW, _SETTINGS, _CLOSED = 1, 2, 3, 4, 5, 6, 7
-_HCAT_REQUEST = 0  # nghttp2_headers_category
+_HCAT_REQUEST, _HCAT_RESPONSE = 0, 1  # nghttp2_headers_category
 _PLAIN = 2  # HEADERS record flag PP_H2_PLAIN
 _REC = struct.Struct("=IiIII")
 _LENS = struct.Struct("=II")
@@ -51,25 +51,21 @@ effective_codec = effective_http2_codec
 
 def pack_headers(headers: Headers) -> bytes:
     """A header list as h2_codec.h's packed form (one buffer, one crossing)."""
-    parts: list[bytes] = []
     pack = _LENS.pack
-    for name, value in headers:
-        parts.append(pack(len(name), len(value)))
-        parts.append(name)
-        parts.append(value)
-    return b"".join(parts)
+    return b"".join([pack(len(name), len(value)) + name + value for name, value in headers])
 
 
-def _unpack_headers(buf, start: int, end: int) -> Headers:
+def _unpack_headers(buf: bytes, start: int, end: int) -> Headers:
     headers: Headers = []
+    add = headers.append
     unpack = _LENS.unpack_from
     pos = start
     while pos < end:
         nlen, vlen = unpack(buf, pos)
         pos += 8
         name_end = pos + nlen
-        headers.append((bytes(buf[pos:name_end]), bytes(buf[name_end : name_end + vlen])))
         pos = name_end + vlen
+        add((buf[name_end - nlen : name_end], buf[name_end:pos]))
     return headers
 
 
@@ -93,6 +89,8 @@ class NativeH2Connection:
         "remote_settings",
         "_quiet",
         "_lengths",
+        "_informational",
+        "_heads",
         "_out",
         "_events",
     )
@@ -108,6 +106,10 @@ class NativeH2Connection:
         self._quiet: set[int] = set()
         # Request bodies still expected per Content-Length (§8.1.1), as h2 tracks them.
         self._lengths: dict[int, int] = {}
+        # Client streams whose last response head was informational: no DATA or END may follow.
+        self._informational: set[int] = set()
+        # Client streams that asked HEAD: their responses carry no body (h2's rule).
+        self._heads: set[int] = set()
         self._out = ffi.new("const uint8_t **")
         self._events = ffi.new("size_t *")
 
@@ -125,7 +127,8 @@ class NativeH2Connection:
         n = lib.pp_h2_recv(self.session, ffi.from_buffer(data), len(data), out, self._events)
         size = self._events[0]
         try:
-            events = self._decode(ffi.buffer(out[0], size)) if size else []
+            # One copy of the records, then plain bytes slicing (cheaper than a cffi buffer's).
+            events = self._decode(ffi.buffer(out[0], size)[:]) if size else []
         except ProtocolError:
             lib.pp_h2_goaway(self.session, 0x1, ffi.NULL, 0)  # §5.4.1, as h2 answers it
             raise
@@ -145,7 +148,9 @@ class NativeH2Connection:
             kind, sid, a, flags, length = unpack(buf, pos)
             pos += 20
             if kind == _DATA:
-                data = bytes(buf[pos : pos + length])
+                data = buf[pos : pos + length]
+                if sid in self._informational:
+                    raise ProtocolError("cannot receive data before headers")
                 if sid in self._lengths:
                     self._count_body(sid, length, False)
                 add(DataReceived(stream_id=sid, data=data, flow_controlled_length=length))
@@ -153,18 +158,25 @@ class NativeH2Connection:
                 headers = _unpack_headers(buf, pos, pos + length)
                 self._headers(events, sid, a, flags, headers)
             elif kind == _END:
+                if sid in self._informational:
+                    raise ProtocolError("cannot receive data before headers")
                 if sid in self._lengths:
                     self._count_body(sid, 0, True)
+                self._heads.discard(sid)
                 add(StreamEnded(stream_id=sid))
             elif kind == _WINDOW:
                 add(WindowUpdated(stream_id=sid, delta=a))
             elif kind == _RST:
                 self._lengths.pop(sid, None)
+                self._informational.discard(sid)
+                self._heads.discard(sid)
                 if a:
                     quiet.add(sid)
                 add(StreamReset(stream_id=sid, error_code=a, remote_reset=True))
             elif kind == _CLOSED:
                 self._lengths.pop(sid, None)
+                self._informational.discard(sid)
+                self._heads.discard(sid)
                 if sid in quiet:
                     quiet.discard(sid)
                 else:  # nghttp2 reset it (a malformed message, a flow-control error)
@@ -180,7 +192,11 @@ class NativeH2Connection:
         client = self.client_side
         ended = flags & 1
         if client:
-            trailers = not (headers and headers[0][0] == b":status")
+            # As h2 tells them: trailers follow a final response; until one came, a block is
+            # a response, whatever it holds (the checks below judge a misplaced :status).
+            trailers = category != _HCAT_RESPONSE and sid not in self._informational
+            if trailers == (bool(headers) and headers[0][0] == b":status"):
+                flags &= ~_PLAIN
         else:
             trailers = category != _HCAT_REQUEST
         if trailers and not ended:
@@ -188,13 +204,31 @@ class NativeH2Connection:
         if not flags & _PLAIN:
             rules = HeaderValidationFlags(client, trailers, client and not trailers, False)
             headers = list(validate_headers(normalize_inbound_headers(headers, rules), rules))
-        if not client and not trailers:
-            expected = _content_length(headers)
-            if expected is not None:
-                self._lengths[sid] = expected
+        # h2 reads Content-Length from every block: digits, one value; a HEAD's answers expect
+        # no body whatever they say. A response's or request's value bounds the body after it.
+        heads = self._heads
+        expected = 0 if heads and sid in heads else _content_length(headers)
+        if trailers:
+            self._lengths.pop(sid, None)
+            heads.discard(sid)
+        elif client:
+            if headers[0][1][:1] == b"1":
                 if ended:
-                    self._count_body(sid, 0, True)
-        add_headers(events, client, sid, trailers, ended, headers)
+                    raise ProtocolError("Cannot set END_STREAM on informational responses")
+                self._informational.add(sid)
+            else:
+                self._informational.discard(sid)
+                if expected is not None:
+                    self._lengths[sid] = expected
+                else:
+                    self._lengths.pop(sid, None)
+                if ended:
+                    heads.discard(sid)
+        elif expected is not None:
+            self._lengths[sid] = expected
+            if ended:  # stricter than h2: a request that ends here has no body (§8.1.1)
+                self._count_body(sid, 0, True)
+        add_headers(events, client, sid, trailers, ended, headers, flags & _PLAIN)
 
     def _count_body(self, sid: int, length: int, ended: bool) -> None:
         left = self._lengths[sid] - length
@@ -220,6 +254,8 @@ class NativeH2Connection:
         else:
             sid = -1 if self.client_side and self._opens(stream_id) else stream_id
             rv = lib.pp_h2_submit_headers(self.session, sid, packed, len(packed), end_stream)
+            if sid == -1 and rv >= 0 and _method(headers) == b"HEAD":
+                self._heads.add(rv)
         if rv < 0:
             raise StreamClosedError(stream_id)
 
@@ -274,6 +310,15 @@ class NativeH2Connection:
         return sid
 
 
+def _method(headers: Headers) -> bytes | None:
+    for name, value in headers:
+        if name == b":method":
+            return value
+        if name[:1] != b":":
+            return None  # pseudo-header fields come first (§8.3)
+    return None
+
+
 def _content_length(headers: Headers) -> int | None:
     """A request's Content-Length; conflicting or non-digit values are h2's ProtocolError."""
     found = None
@@ -286,17 +331,34 @@ def _content_length(headers: Headers) -> int | None:
 
 
 def add_headers(
-    events: list, client: bool, sid: int, trailers: bool, ended: int, headers: Headers
+    events: list,
+    client: bool,
+    sid: int,
+    trailers: bool,
+    ended: int,
+    headers: Headers,
+    plain: int = 0,
 ) -> None:
-    """A header block as h2 reports it: request, (informational) response or trailers."""
+    """A header block as h2 reports it: request, (informational) response or trailers. A plain
+    block's event says so (`fields_checked`): its names are lower-case tokens and its values
+    visible ASCII, so the proxy's own per-field checks have nothing left to find."""
     end = StreamEnded(stream_id=sid) if ended else None
+    event: Any
     if trailers:
-        events.append(TrailersReceived(stream_id=sid, headers=headers, stream_ended=end))
+        event = TrailersReceived(stream_id=sid, headers=headers, stream_ended=end)
     elif not client:
-        events.append(RequestReceived(stream_id=sid, headers=headers, stream_ended=end))
+        event = RequestReceived(stream_id=sid, headers=headers, stream_ended=end)
     elif headers[0][1][:1] == b"1":
-        events.append(InformationalResponseReceived(stream_id=sid, headers=headers))
+        event = InformationalResponseReceived(stream_id=sid, headers=headers)
     else:
-        events.append(ResponseReceived(stream_id=sid, headers=headers, stream_ended=end))
+        event = ResponseReceived(stream_id=sid, headers=headers, stream_ended=end)
+    if plain:
+        event.fields_checked = True
+    events.append(event)
     if end is not None:
         events.append(end)
+
+
+def fields_checked(event) -> bool:
+    """Did the native codec find this header block plain (see add_headers)? Never for h2's."""
+    return getattr(event, "fields_checked", False)

@@ -29,12 +29,14 @@ from pyproxy.addresses import Address
 from pyproxy.codec.events import ProtocolError
 from pyproxy.codec.http2 import (
     FIELD_REFUSED,
+    h2_relayed_response_headers,
     h2_response_headers,
     h2_trailers,
     header_list_size,
     request_from_h2,
     response_has_body,
 )
+from pyproxy.codec.http2_native import fields_checked
 from pyproxy.counters import (
     DOWNSTREAM_RX,
     DOWNSTREAM_TX,
@@ -159,7 +161,7 @@ class Http2Downstream(H2Session):
             ctx.block[reject_slot("too_large")] += 1
             self._direct_reply(sid, 431, b"request header fields too large\n", ended)
             return
-        head = request_from_h2(headers, ended)
+        head = request_from_h2(headers, ended, fields_checked(event))
         if isinstance(head, ProtocolError):
             if head.status == 501:
                 ctx.block[reject_slot("method")] += 1
@@ -371,7 +373,22 @@ class _DownstreamStream(H2StreamBase):
         """See cork."""
 
     def send_whole(self, head, body) -> bool:
-        return False  # frames, not bytes: the response goes event by event
+        """A whole HTTP/1 response, nothing to change: HEADERS, DATA and END_STREAM queued at
+        once, one window check for all of it."""
+        exchange = self.exchange
+        if self.closed or exchange is None:
+            return False
+        has_body = response_has_body(exchange.request.method, head) and not _trailers_only(head)
+        self._headers(h2_relayed_response_headers(head), not has_body)
+        if not has_body:
+            self.ended_out = True
+            return True
+        if body:
+            self.chunks.append(body)
+            self.queued += len(body)
+        self.end_pending = True
+        self.pump()
+        return True
 
     def switch_to_tunnel(self, upstream) -> None:
         """HTTP/2 has no Upgrade (RFC 9113 §8.6): an upstream that switched anyway is dropped

@@ -329,8 +329,8 @@ class H2StreamBase:
     def pump(self) -> None:
         """Send what the peer's windows allow (§6.9.1); the rest waits for WINDOW_UPDATE."""
         sid = self.stream_id
-        if sid is None or self.closed or self.ended_out:
-            return
+        if sid is None or self.closed or self.ended_out or not (self.chunks or self.end_pending):
+            return  # nothing waits (a connection-wide WINDOW_UPDATE pumps every stream)
         session = self.session
         conn = session.conn
         chunks = self.chunks
@@ -343,15 +343,18 @@ class H2StreamBase:
                 size = min(window, conn.max_outbound_frame_size)
                 chunk = chunks[0]
                 if len(chunk) <= size:
-                    conn.send_data(sid, chunk)
                     chunks.popleft()
                     self.queued -= len(chunk)
+                    # The last chunk carries END_STREAM itself: no empty DATA frame after it.
+                    last = not chunks and self.end_pending and self.trailers is None
+                    conn.send_data(sid, chunk, end_stream=last)
+                    self.ended_out = last
                 else:
                     view = memoryview(chunk)
                     conn.send_data(sid, view[:size])
                     chunks[0] = view[size:]
                     self.queued -= size
-            if not chunks and self.end_pending:
+            if not chunks and self.end_pending and not self.ended_out:
                 if self.trailers is not None:
                     conn.send_headers(sid, self.trailers, end_stream=True)
                 else:

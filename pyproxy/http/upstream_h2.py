@@ -29,6 +29,7 @@ from h2.exceptions import H2Error
 from pyproxy.addresses import Address
 from pyproxy.codec.events import END, Body, RequestHead, Trailers
 from pyproxy.codec.http2 import h2_request_headers, h2_trailers, response_from_h2, wants_trailers
+from pyproxy.codec.http2_native import fields_checked
 from pyproxy.counters import UPSTREAM_RX, UPSTREAM_TX
 from pyproxy.http.h2_session import (
     CANCEL,
@@ -153,7 +154,7 @@ class Http2Upstream(H2Session):
             elif kind is ResponseReceived or kind is InformationalResponseReceived:
                 stream = streams.get(event.stream_id)
                 if stream is not None and stream.exchange is not None:
-                    head = response_from_h2(event.headers)
+                    head = response_from_h2(event.headers, fields_checked(event))
                     if head is None:  # malformed: a stream error (RFC 9113 §8.1.1)
                         stream.reset(PROTOCOL_ERROR)
                         stream.fail("UPE")
@@ -167,8 +168,12 @@ class Http2Upstream(H2Session):
                         stream.exchange.response_end()
             elif kind is TrailersReceived:
                 stream = streams.get(event.stream_id)
-                if stream is not None and stream.exchange is not None:
-                    stream.exchange.response_trailers(event.headers)
+                if stream is not None:
+                    # Trailers end the stream (§8.1): the exchange may release it at once, and a
+                    # stream ended both ways is not cancelled.
+                    stream.ended_in = True
+                    if stream.exchange is not None:
+                        stream.exchange.response_trailers(event.headers)
             elif kind is StreamReset:
                 stream = streams.get(event.stream_id)
                 if stream is not None:

@@ -144,18 +144,21 @@ def h2_request(data: bytes) -> None:
     _receive(splits(PREFACE + wire, draw.byte()))
 
 
-def _stream_one(block: bytes, body: bytes) -> bytes:
-    """SETTINGS, then stream 1: a HEADERS frame with ``block``, and ``body`` as DATA if any."""
-    frame = HeadersFrame(1, block)
-    frame.flags.add("END_HEADERS")
-    if not body:
-        frame.flags.add("END_STREAM")
-    wire = SettingsFrame(0).serialize() + frame.serialize()
+def _stream_one(
+    block: bytes, body: bytes, trailers: bytes | None = None, end: bool = True
+) -> bytes:
+    """SETTINGS, then stream 1: a HEADERS frame with ``block``, ``body`` as DATA if any, then the
+    ``trailers`` block if any; the last frame ends the stream unless ``end`` is false."""
+    frames = [HeadersFrame(1, block)]
+    frames[0].flags.add("END_HEADERS")
     if body:
-        last = DataFrame(1, body)
-        last.flags.add("END_STREAM")
-        wire += last.serialize()
-    return wire
+        frames.append(DataFrame(1, body))
+    if trailers is not None:
+        frames.append(HeadersFrame(1, trailers))
+        frames[-1].flags.add("END_HEADERS")
+    if end:
+        frames[-1].flags.add("END_STREAM")
+    return SettingsFrame(0).serialize() + b"".join(frame.serialize() for frame in frames)
 
 
 _STATUSES = (b"200", b"204", b"304", b"404", b"100", b"103", b"101", b"99", b"1000", b"abc", b"")
