@@ -6,6 +6,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <netinet/in.h>
 #include <linux/errqueue.h>
 
@@ -173,4 +174,147 @@ ssize_t pp_relay_copy(int in_fd, int out_fd, char *buf, size_t len, size_t *sent
     }
     *sent = off;
     return n;
+}
+
+/* ---- whole relay steps (see pyproxy_native.h) ---------------------------- */
+
+/* Python's handler of everything but the plain step (cffi extern "Python"). */
+void pp_step_event(void *handle, int status); /* defined by the cffi module */
+
+static inline int64_t pp_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.perf_counter_ns's clock on Linux */
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* _received: the read's stage and counts; returns the clock after it (0 untimed). */
+static inline int64_t pp_received(struct pp_dir *d, ssize_t n, int64_t t0, int first)
+{
+    int64_t *b = d->block;
+    int64_t t1 = 0;
+    if (d->timed) {
+        t1 = pp_now();
+        b[d->read_ns] += t1 - t0;
+        b[d->read_events] += 1;
+        if (first)
+            b[d->notify_events] += 1;
+    }
+    if (n == 0)
+        return t1;
+    b[d->rx] += n;
+    if (d->messages >= 0)
+        b[d->messages] += 1;
+    if (!d->timed)
+        return 0;
+    int64_t t2 = pp_now();
+    b[d->other_ns] += t2 - t1;
+    return t2;
+}
+
+/* _sent: the write's stage and counts. */
+static inline void pp_sent(struct pp_dir *d, ssize_t sent, int64_t t0)
+{
+    int64_t *b = d->block;
+    if (d->timed) {
+        b[d->write_ns] += pp_now() - t0;
+        b[d->write_events] += 1;
+    }
+    b[d->tx] += sent;
+    d->moved += sent;
+}
+
+static inline int pp_failed(struct pp_dir *d, int status, int err)
+{
+    d->err = err;
+    pp_step_event(d->handle, status);
+    return -1;
+}
+
+void pp_copy_step(struct pp_dir *d)
+{
+    for (int round = 0; round < PP_STEP_ROUNDS; round++) {
+        struct pp_scratch *s = d->scratch; /* Python may swap the top buffer in an event */
+        if (s->len == 0) { /* Python could not make a new top buffer */
+            pp_failed(d, PP_STEP_SRC_FAILED, EBADF);
+            return;
+        }
+        int64_t t0 = d->timed ? pp_now() : 0;
+        ssize_t n;
+        do {
+            n = recv(d->src_fd, s->buf, s->len, MSG_DONTWAIT);
+        } while (n < 0 && errno == EINTR);
+        if (n < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                pp_failed(d, PP_STEP_SRC_FAILED, errno);
+            return;
+        }
+        int64_t t2 = pp_received(d, n, t0, round == 0);
+        if (n == 0) {
+            pp_step_event(d->handle, PP_STEP_EOF);
+            return;
+        }
+        ssize_t w;
+        do {
+            w = send(d->dst_fd, s->buf, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
+        } while (w < 0 && errno == EINTR);
+        if (w < 0) {
+            if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                pp_failed(d, PP_STEP_DST_FAILED, errno);
+                return;
+            }
+            w = 0;
+        }
+        pp_sent(d, w, t2);
+        if (w < n) {
+            d->got = n;
+            d->sent = w;
+            pp_step_event(d->handle, PP_STEP_PARKED);
+            return;
+        }
+        if ((size_t)n < s->len)
+            return; /* the socket is very likely drained: no extra recv to learn EAGAIN */
+    }
+}
+
+void pp_splice_step(struct pp_dir *d)
+{
+    for (int round = 0; round < PP_STEP_ROUNDS; round++) {
+        struct pp_scratch *s = d->scratch;
+        int64_t t0 = d->timed ? pp_now() : 0;
+        ssize_t n;
+        do {
+            n = splice(d->src_fd, NULL, s->pipe_wr, NULL, s->len, PP_SPLICE_FLAGS);
+        } while (n < 0 && errno == EINTR);
+        if (n < 0) {
+            if (errno != EAGAIN)
+                pp_failed(d, PP_STEP_SRC_FAILED, errno);
+            return;
+        }
+        int64_t t2 = pp_received(d, n, t0, round == 0);
+        if (n == 0) {
+            pp_step_event(d->handle, PP_STEP_EOF);
+            return;
+        }
+        ssize_t w;
+        do {
+            w = splice(s->pipe_rd, NULL, d->dst_fd, NULL, (size_t)n, PP_SPLICE_FLAGS);
+        } while (w < 0 && errno == EINTR);
+        if (w < 0) {
+            if (errno != EAGAIN) {
+                pp_failed(d, PP_STEP_DST_FAILED, errno);
+                return;
+            }
+            w = 0;
+        }
+        pp_sent(d, w, t2);
+        if (w < n) {
+            d->got = n;
+            d->sent = w;
+            pp_step_event(d->handle, PP_STEP_PARKED);
+            return;
+        }
+        if ((size_t)n < s->len)
+            return;
+    }
 }
