@@ -216,11 +216,11 @@ def bulk(targets: list[Target], rounds: int, seconds: int) -> dict[str, dict]:
     out = {}
     nginx = runs.get("nginx")
     for name, values in runs.items():
-        gbps = [v[0] for v in values]
+        rates = [v[0] for v in values]
         cpu = [v[1] for v in values if v[1] is not None]
         row: dict = {
-            "gbps_rounds": gbps,
-            "gbps": statistics.median(gbps),
+            "gbps_rounds": rates,
+            "gbps": statistics.median(rates),
             "cpu_s_per_gb": statistics.median(cpu) if cpu else None,
         }
         if nginx and name != "nginx":
