@@ -85,7 +85,7 @@ def start_pyproxy(
     python: str = sys.executable,
 ) -> int:  # fmt: skip
     """Start a TCP-mode pyproxy (`python`'s checkout) and wait for it; its pid."""
-    argv = [python, "-m", "pyproxy", "run", "--listen", f"127.0.0.1:{listen}", "--upstream", f"127.0.0.1:{upstream}",
+    argv = [python, "-P", "-m", "pyproxy", "run", "--listen", f"127.0.0.1:{listen}", "--upstream", f"127.0.0.1:{upstream}",
             "--admin", f"127.0.0.1:{admin}", "--log-level", "warning", *extra]  # fmt: skip
     proc = procs.start(pinned(cpu, argv))
     wait_port(admin)

@@ -25,7 +25,7 @@ struct pp_dir {
     struct pp_scratch *scratch;
     int64_t *block;
     int timed;
-    int read_ns, read_events, write_ns, write_events, notify_events, other_ns;
+    int read_ns, read_events, write_ns, write_events, notify_events;
     int rx, tx, messages;
     int64_t moved;
     int64_t got, sent;
