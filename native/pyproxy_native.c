@@ -258,6 +258,8 @@ void pp_copy_step(struct pp_dir *d)
         } while (w < 0 && errno == EINTR);
         if (w < 0) {
             if (errno != EAGAIN && errno != EWOULDBLOCK) {
+                d->got = n;
+                d->sent = 0;
                 pp_failed(d, PP_STEP_DST_FAILED, errno);
                 return;
             }
@@ -300,6 +302,8 @@ void pp_splice_step(struct pp_dir *d)
         } while (w < 0 && errno == EINTR);
         if (w < 0) {
             if (errno != EAGAIN) {
+                d->got = n; /* still in the pipe: Python takes it out of the pool */
+                d->sent = 0;
                 pp_failed(d, PP_STEP_DST_FAILED, errno);
                 return;
             }

@@ -46,7 +46,8 @@ ssize_t pp_relay_copy(int in_fd, int out_fd, char *buf, size_t len, size_t *sent
  *                       in the scratch buffer or pipe, which Python now keeps
  *   PP_STEP_EOF         src closed (the read is accounted)
  *   PP_STEP_SRC_FAILED  the read failed with dir->err (nothing accounted)
- *   PP_STEP_DST_FAILED  the write failed with dir->err (the read is accounted)
+ *   PP_STEP_DST_FAILED  the write failed with dir->err (the read is accounted);
+ *                       its dir->got bytes are still in the scratch buffer or pipe
  * Slots are block indices (dir->messages < 0: this direction counts none). */
 enum { PP_STEP_PARKED = 1, PP_STEP_EOF, PP_STEP_SRC_FAILED, PP_STEP_DST_FAILED };
 #define PP_STEP_ROUNDS 16

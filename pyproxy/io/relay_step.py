@@ -96,6 +96,16 @@ def copy_scratch(size: int) -> Scratch:
     return scratch
 
 
+def block_pointer(block: memoryview) -> Any:
+    """The address of a listener's counter block, for C.
+
+    Taken through a buffer export that is let go at once: the relay keeps the block (shared
+    memory made before the workers fork) alive, and holding an export from a cdata inside
+    the relay's reference cycles let the collector free the memoryview under it.
+    """
+    return ffi.cast("int64_t *", ffi.cast("uintptr_t", ffi.from_buffer(block)))
+
+
 @ffi.def_extern()
 def pp_step_event(handle: Any, status: int) -> None:
     """A native step's hand-over (anything but the plain step): the direction carries on in Python."""
@@ -110,7 +120,7 @@ def pp_step_event(handle: Any, status: int) -> None:
 class NativeDirection(_Direction):
     """One way of a relay whose readable callback is the C step; the rest as in io/relay.py."""
 
-    __slots__ = ("c", "scratch", "step", "_handle", "_block")
+    __slots__ = ("c", "scratch", "step", "_handle")
 
     def __init__(
         self,
@@ -127,8 +137,7 @@ class NativeDirection(_Direction):
         c = self.c = ffi.new("struct pp_dir *")
         c.src_fd, c.dst_fd = self.src_fd, self.dst_fd
         c.scratch = scratch.c
-        self._block = ffi.from_buffer("int64_t[]", relay.block)
-        c.block = self._block
+        c.block = block_pointer(relay.block)
         c.timed = relay.timed
         c.read_ns, c.read_events = self.read_ns, self.read_events
         c.write_ns, c.write_events = self.write_ns, self.write_events
@@ -168,6 +177,9 @@ class NativeDirection(_Direction):
                 return
             relay.reset_by(self.src_side)
         elif status == DST_FAILED:
+            # What was read is still in the scratch (a pipe keeps it): take it out of the pool,
+            # so the next connection never writes it; the reset's release drops it.
+            self.park(self.scratch.take(), c.got, 0)
             relay.reset_by(self.dst_side)
 
     def park(self, item: Any, got: int, sent: int) -> None:
