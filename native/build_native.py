@@ -15,27 +15,11 @@ ssize_t pp_zc_send(int fd, const char *buf, size_t len);
 int pp_zc_reap(int fd, uint32_t *lo, uint32_t *hi, int *copied, int max);
 ssize_t pp_send(int fd, const char *buf, size_t len);
 ssize_t pp_relay_copy(int in_fd, int out_fd, char *buf, size_t len, size_t *sent);
-#define PP_STEP_PARKED ...
-#define PP_STEP_EOF ...
-#define PP_STEP_SRC_FAILED ...
-#define PP_STEP_DST_FAILED ...
-struct pp_scratch { char *buf; size_t len; int pipe_rd; int pipe_wr; };
-struct pp_dir {
-    int src_fd, dst_fd;
-    struct pp_scratch *scratch;
-    int64_t *block;
-    int timed;
-    int read_ns, read_events, write_ns, write_events, notify_events;
-    int rx, tx, messages;
-    int64_t moved;
-    int64_t got, sent;
-    int err;
-    void *handle;
-};
-void pp_copy_step(struct pp_dir *dir);
-void pp_splice_step(struct pp_dir *dir);
 extern "Python+C" void pp_step_event(void *handle, int status);
 """
+# The relay step's constants, structs and functions, as the header declares them.
+with open(os.path.join(_HERE, "pyproxy_native.h")) as _header:
+    CDEF += _header.read().split("/* cdef: begin", 1)[1].split("*/", 1)[1].split("/* cdef: end */")[0]
 
 
 def _builder(module: str, cdef: str, includes: str, source: str, libraries: tuple = ()) -> FFI:

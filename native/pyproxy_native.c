@@ -229,22 +229,47 @@ static inline int pp_failed(struct pp_dir *d, int status, int err)
     return -1;
 }
 
-void pp_copy_step(struct pp_dir *d)
+/* One side of a step: >= 0 bytes moved (0 from a read: EOF), or -errno. */
+typedef ssize_t (*pp_step_io)(struct pp_dir *d, struct pp_scratch *s, size_t n);
+
+static inline ssize_t pp_recv_into(struct pp_dir *d, struct pp_scratch *s, size_t max)
+{
+    ssize_t n;
+    do {
+        n = recv(d->src_fd, s->buf, max, MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    return n < 0 ? -errno : n;
+}
+
+static inline ssize_t pp_send_on(struct pp_dir *d, struct pp_scratch *s, size_t n)
+{
+    return pp_send(d->dst_fd, s->buf, n);
+}
+
+static inline ssize_t pp_splice_into(struct pp_dir *d, struct pp_scratch *s, size_t max)
+{
+    return pp_splice_in(d->src_fd, s->pipe_wr, max);
+}
+
+static inline ssize_t pp_splice_on(struct pp_dir *d, struct pp_scratch *s, size_t n)
+{
+    return pp_splice_out(s->pipe_rd, d->dst_fd, n);
+}
+
+/* The step itself; `in` and `out` are constants at each call site, so each inlines. */
+static inline void pp_step(struct pp_dir *d, pp_step_io in, pp_step_io out)
 {
     for (int round = 0; round < PP_STEP_ROUNDS; round++) {
-        struct pp_scratch *s = d->scratch; /* Python may swap the top buffer in an event */
-        if (s->len == 0) { /* Python could not make a new top buffer */
+        struct pp_scratch *s = d->scratch; /* Python may swap the top in an event */
+        if (s->len == 0) {                  /* Python could not make a new top */
             pp_failed(d, PP_STEP_SRC_FAILED, EBADF);
             return;
         }
         int64_t t0 = d->timed ? pp_now() : 0;
-        ssize_t n;
-        do {
-            n = recv(d->src_fd, s->buf, s->len, MSG_DONTWAIT);
-        } while (n < 0 && errno == EINTR);
+        ssize_t n = in(d, s, s->len);
         if (n < 0) {
-            if (errno != EAGAIN && errno != EWOULDBLOCK)
-                pp_failed(d, PP_STEP_SRC_FAILED, errno);
+            if (n != -EAGAIN)
+                pp_failed(d, PP_STEP_SRC_FAILED, (int)-n);
             return;
         }
         int64_t t2 = pp_received(d, n, t0, round == 0);
@@ -252,15 +277,12 @@ void pp_copy_step(struct pp_dir *d)
             pp_step_event(d->handle, PP_STEP_EOF);
             return;
         }
-        ssize_t w;
-        do {
-            w = send(d->dst_fd, s->buf, (size_t)n, MSG_DONTWAIT | MSG_NOSIGNAL);
-        } while (w < 0 && errno == EINTR);
+        ssize_t w = out(d, s, (size_t)n);
         if (w < 0) {
-            if (errno != EAGAIN && errno != EWOULDBLOCK) {
-                d->got = n;
+            if (w != -EAGAIN) {
+                d->got = n; /* still in the scratch (a pipe keeps it): Python takes it out */
                 d->sent = 0;
-                pp_failed(d, PP_STEP_DST_FAILED, errno);
+                pp_failed(d, PP_STEP_DST_FAILED, (int)-w);
                 return;
             }
             w = 0;
@@ -273,50 +295,16 @@ void pp_copy_step(struct pp_dir *d)
             return;
         }
         if ((size_t)n < s->len)
-            return; /* the socket is very likely drained: no extra recv to learn EAGAIN */
+            return; /* the source is very likely drained: no extra read to learn EAGAIN */
     }
+}
+
+void pp_copy_step(struct pp_dir *d)
+{
+    pp_step(d, pp_recv_into, pp_send_on);
 }
 
 void pp_splice_step(struct pp_dir *d)
 {
-    for (int round = 0; round < PP_STEP_ROUNDS; round++) {
-        struct pp_scratch *s = d->scratch;
-        int64_t t0 = d->timed ? pp_now() : 0;
-        ssize_t n;
-        do {
-            n = splice(d->src_fd, NULL, s->pipe_wr, NULL, s->len, PP_SPLICE_FLAGS);
-        } while (n < 0 && errno == EINTR);
-        if (n < 0) {
-            if (errno != EAGAIN)
-                pp_failed(d, PP_STEP_SRC_FAILED, errno);
-            return;
-        }
-        int64_t t2 = pp_received(d, n, t0, round == 0);
-        if (n == 0) {
-            pp_step_event(d->handle, PP_STEP_EOF);
-            return;
-        }
-        ssize_t w;
-        do {
-            w = splice(s->pipe_rd, NULL, d->dst_fd, NULL, (size_t)n, PP_SPLICE_FLAGS);
-        } while (w < 0 && errno == EINTR);
-        if (w < 0) {
-            if (errno != EAGAIN) {
-                d->got = n; /* still in the pipe: Python takes it out of the pool */
-                d->sent = 0;
-                pp_failed(d, PP_STEP_DST_FAILED, errno);
-                return;
-            }
-            w = 0;
-        }
-        pp_sent(d, w, t2);
-        if (w < n) {
-            d->got = n;
-            d->sent = w;
-            pp_step_event(d->handle, PP_STEP_PARKED);
-            return;
-        }
-        if ((size_t)n < s->len)
-            return;
-    }
+    pp_step(d, pp_splice_into, pp_splice_on);
 }

@@ -49,6 +49,7 @@ ssize_t pp_relay_copy(int in_fd, int out_fd, char *buf, size_t len, size_t *sent
  *   PP_STEP_DST_FAILED  the write failed with dir->err (the read is accounted);
  *                       its dir->got bytes are still in the scratch buffer or pipe
  * Slots are block indices (dir->messages < 0: this direction counts none). */
+/* cdef: begin (build_native.py hands this part to cffi as it is) */
 enum { PP_STEP_PARKED = 1, PP_STEP_EOF, PP_STEP_SRC_FAILED, PP_STEP_DST_FAILED };
 #define PP_STEP_ROUNDS 16
 
@@ -74,5 +75,6 @@ struct pp_dir {
 
 void pp_copy_step(struct pp_dir *dir);
 void pp_splice_step(struct pp_dir *dir);
+/* cdef: end */
 
 #endif
