@@ -19,7 +19,9 @@ extern "Python+C" void pp_step_event(void *handle, int status);
 """
 # The relay step's constants, structs and functions, as the header declares them.
 with open(os.path.join(_HERE, "pyproxy_native.h")) as _header:
-    CDEF += _header.read().split("/* cdef: begin", 1)[1].split("*/", 1)[1].split("/* cdef: end */")[0]
+    CDEF += (
+        _header.read().split("/* cdef: begin", 1)[1].split("*/", 1)[1].split("/* cdef: end */")[0]
+    )
 
 
 def _builder(module: str, cdef: str, includes: str, source: str, libraries: tuple = ()) -> FFI:
