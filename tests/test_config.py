@@ -56,10 +56,12 @@ def test_valid_config_builds_immutable_objects():
         listener.idle_timeout = 1
 
 
-def test_buffer_size_defaults_to_64k_for_copy_and_a_1mib_pipe_for_splice():
-    assert build_config(_doc()).listeners[0].buffer_size == 65536
+def test_buffer_size_defaults_per_backend_copy_16k_zerocopy_64k_splice_1mib():
+    assert build_config(_doc()).listeners[0].buffer_size == 16384
+    assert build_config(_doc(buffer_size=65536)).listeners[0].buffer_size == 65536
     if not native.AVAILABLE:
         pytest.skip(str(native.UNAVAILABLE_REASON))
+    assert build_config(_doc(write="zerocopy")).listeners[0].buffer_size == 65536
     assert build_config(_doc(relay="splice")).listeners[0].buffer_size == 1024 * 1024
     given = build_config(_doc(relay="splice", buffer_size=65536)).listeners[0]
     assert given.buffer_size == 65536  # a size given is the pipe's size
