@@ -170,10 +170,8 @@ class NativeDirection(_Direction):
         elif status == SRC_FAILED:
             if c.err == errno.EBADF and self.scratch.broken:
                 self.scratch.refresh()
-                if self.scratch.broken:
-                    relay.close(
-                        flag="LR", reset=True
-                    )  # no buffer or pipe to be had: refuse this one
+                if self.scratch.broken:  # no buffer or pipe to be had: refuse this one
+                    relay.close(flag="LR", reset=True)
                 return
             relay.reset_by(self.src_side)
         elif status == DST_FAILED:
