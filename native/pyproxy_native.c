@@ -205,9 +205,11 @@ static inline int64_t pp_received(struct pp_dir *d, ssize_t n, int64_t t0, int f
     b[d->rx] += n;
     if (d->messages >= 0)
         b[d->messages] += 1;
-    /* The Python relay times its own work between the calls as `other`; here it is a few
-     * additions, so the write's clock starts where the read's stopped (one clock read less). */
-    return t1;
+    if (!d->timed)
+        return 0;
+    int64_t t2 = pp_now(); /* the step's own work between the calls is `other`, as in Python */
+    b[d->other_ns] += t2 - t1;
+    return t2;
 }
 
 /* _sent: the write's stage and counts. */

@@ -38,8 +38,7 @@ ssize_t pp_relay_copy(int in_fd, int out_fd, char *buf, size_t len, size_t *sent
  * is readable. It reads into the worker's shared buffer or pipe (dir->scratch),
  * writes what it read to dst_fd at once, keeps the stage clock and byte
  * counters in the listener's int64 block as the Python relay does
- * (pyproxy/io/relay.py: _received/_sent; its `other`, the Python work between
- * the two calls, is a few additions here and is not timed), and goes again while a read filled
+ * (pyproxy/io/relay.py: _received/_sent), and goes again while a read filled
  * the whole buffer (at most PP_STEP_ROUNDS reads per wake-up). Anything else
  * is handed to Python through pp_step_event(dir->handle, status):
  *   PP_STEP_PARKED      dst took dir->sent of dir->got bytes; the rest is still
@@ -65,7 +64,7 @@ struct pp_dir {
     struct pp_scratch *scratch;
     int64_t *block;
     int timed;
-    int read_ns, read_events, write_ns, write_events, notify_events;
+    int read_ns, read_events, write_ns, write_events, notify_events, other_ns;
     int rx, tx, messages;
     int64_t moved;  /* bytes written, for the idle check */
     int64_t got, sent;

@@ -5,9 +5,7 @@ native/pyproxy_native.h) directly with the direction's C struct, so a
 readable socket costs one C call and no Python frame: it reads into the
 worker's shared buffer (or splices into its shared pipe), writes it on at
 once, goes again while a read filled the buffer, and adds the same stage
-and byte counters the Python relay adds (io/relay.py, `_received`/`_sent`;
-the Python work it times as `other` between the two calls does not exist
-here).
+and byte counters the Python relay adds (io/relay.py, `_received`/`_sent`).
 Everything that is not that plain step, a destination that did not take
 everything, EOF, a failed call, comes back to Python here, once, and
 Python carries on exactly as io/relay.py does: park the rest and watch the
@@ -29,7 +27,7 @@ from typing import Any
 from pyproxy import native  # type: ignore[attr-defined]  # mapped from native/ by pyproject
 from pyproxy.counters import MESSAGES
 from pyproxy.io.buffer_pool import Pool, copy_buffer
-from pyproxy.io.relay import DOWNSTREAM, NOTIFY_EVENTS, UPSTREAM, Relay, _Direction
+from pyproxy.io.relay import DOWNSTREAM, NOTIFY_EVENTS, OTHER_NS, UPSTREAM, Relay, _Direction
 
 log = logging.getLogger("pyproxy.relay")
 
@@ -141,7 +139,7 @@ class NativeDirection(_Direction):
         c.timed = relay.timed
         c.read_ns, c.read_events = self.read_ns, self.read_events
         c.write_ns, c.write_events = self.write_ns, self.write_events
-        c.notify_events = NOTIFY_EVENTS
+        c.notify_events, c.other_ns = NOTIFY_EVENTS, OTHER_NS
         c.rx, c.tx = self.rx, self.tx
         c.messages = MESSAGES if self.is_request else -1
         self._handle = ffi.new_handle(self)
