@@ -49,11 +49,8 @@ from pyproxy.bench.filter_bench import sanity, stage_costs
 from pyproxy.bench.filter_configs import BENCH_HEADER, filter_entry, lua_header_entry
 from pyproxy.bench.http_bench import (
     Processes,
-    add_baseline_tree,
-    baseline_tree_python,
     begin_run,
     finish_run,
-    git_state,
     round_parser,
     snap_delta,
     start_nginx,
@@ -61,7 +58,14 @@ from pyproxy.bench.http_bench import (
     start_upstream,
 )
 from pyproxy.bench.http_load import Path_, log
-from pyproxy.bench.procs import cell, noise_note, target_line
+from pyproxy.bench.procs import (
+    add_baseline_tree,
+    baseline_tree_python,
+    cell,
+    git_state,
+    noise_note,
+    target_line,
+)
 from pyproxy.bench.rounds import paired_ratio, run_phases
 
 RESULTS = Path(__file__).resolve().parent / "results"

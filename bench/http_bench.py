@@ -80,8 +80,11 @@ from pyproxy.bench.http_load import (
 from pyproxy.bench.procs import (
     Noise,
     Processes,
+    add_baseline_tree,
+    baseline_tree_python,
     cell,
     cpu_seconds,
+    git_state,
     noise_note,
     pinned,
     target_line,
@@ -122,23 +125,6 @@ NGINX_TEMP = (
     "client_body_temp_path {d}/cb; proxy_temp_path {d}/pt; fastcgi_temp_path {d}/ft;"
     " uwsgi_temp_path {d}/ut; scgi_temp_path {d}/st;"
 )
-
-
-def add_baseline_tree(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--baseline-tree", metavar="PATH",
-                        help="another checkout with its own venv (make .venv/.installed-test "
-                        "there): its pyproxy runs beside this one, before_<name>")  # fmt: skip
-
-
-def baseline_tree_python(parser: argparse.ArgumentParser, args) -> Path | None:
-    """The --baseline-tree checkout's interpreter (None without one); a usage error if unbuilt."""
-    if args.baseline_tree is None:
-        return None
-    python = Path(args.baseline_tree).resolve() / ".venv" / "bin" / "python"
-    if not python.exists():
-        parser.error(f"{python} missing: run `make .venv/.installed-test` in "
-                     f"{args.baseline_tree} (it builds that tree's native modules too)")  # fmt: skip
-    return python
 
 
 def nginx_conf(workdir: Path, name: str, http_block: str, main: str = "") -> Path:
@@ -392,20 +378,6 @@ def h2_works(port: int) -> bool:
 
 
 # ---- main ------------------------------------------------------------------------------
-
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def git_state(repo: Path = REPO) -> dict:
-    try:
-        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    return {"head": head, "dirty_files": dirty.splitlines()}
 
 
 def round_parser(

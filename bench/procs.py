@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
@@ -187,3 +188,34 @@ def cell(value, fmt: str = ".1f") -> str:
 def target_line(met: bool, target: str, measured: str) -> str:
     """One line a reader (or grep) finds at the end of a bench's report: a target, met or not."""
     return f"TARGET {'MET    ' if met else 'NOT MET'}  {target}: {measured}"
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def git_state(repo: Path = REPO) -> dict:
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"head": head, "dirty_files": dirty.splitlines()}
+
+
+def add_baseline_tree(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--baseline-tree", metavar="PATH",
+                        help="another checkout with its own venv (make .venv/.installed-test "
+                        "there): its pyproxy runs beside this one, before_<name>")  # fmt: skip
+
+
+def baseline_tree_python(parser: argparse.ArgumentParser, args) -> Path | None:
+    """The --baseline-tree checkout's interpreter (None without one); a usage error if unbuilt."""
+    if args.baseline_tree is None:
+        return None
+    python = Path(args.baseline_tree).resolve() / ".venv" / "bin" / "python"
+    if not python.exists():
+        parser.error(f"{python} missing: run `make .venv/.installed-test` in "
+                     f"{args.baseline_tree} (it builds that tree's native modules too)")  # fmt: skip
+    return python

@@ -1,11 +1,23 @@
-"""TCP mode benchmark: added echo latency (pyproxy vs nginx stream vs no proxy) and bulk throughput.
+"""TCP mode beside nginx stream, in one run: added echo latency, bulk throughput, CPU per message and per GB.
 
-Latency: 100-byte messages at one outstanding message; every process pinned
-to one CPU so no configuration wins by spreading work; rounds interleave the
-targets so machine noise hits all of them alike. Reported: p50/p99 round trip,
-added latency over the direct path, pyproxy's ratio to nginx, the stage clock's
-own cost (clock on vs off) and pyproxy's stage breakdown.
-Throughput: iperf3 through each proxy (proxy on its own CPU, iperf3 on the other).
+Paths: direct (no proxy), nginx stream, pyproxy with the copy relay, with the
+splice relay, and with the copy relay and the stage clock off (the clock's
+own cost is on - off); `--baseline-tree PATH` adds that checkout's copy and
+splice relays (`before_copy`, `before_splice`, from PATH/.venv) to the same
+rounds, so a change is measured against its starting point beside nginx.
+
+Latency: 100-byte messages at one outstanding message; every process on
+CPU 0 so no configuration wins by spreading work. Rounds visit the paths in
+a new shuffled order each time; per path and round: p50, p99 and the
+proxy's CPU per message (schedstat). Added p50 is the median over rounds of
+(path p50 - direct p50) within the round, and "vs nginx" the median over
+rounds of the within-round ratio of added p50s (the host's slow spells hit
+a round's paths alike, so paired figures survive them).
+Bulk: iperf3 -t SECONDS through each path, interleaved and shuffled the same
+way; every proxy on CPU 1 alone, the iperf3 client and server on CPU 0.
+Per path and round: Gbit/s and the proxy's CPU seconds per GB moved; the
+ratio to nginx stream is the median of within-round ratios.
+Each phase reports the CPU the rest of the machine took meanwhile.
 """
 
 from __future__ import annotations
@@ -15,6 +27,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -23,7 +36,20 @@ import urllib.request
 from pathlib import Path
 
 from pyproxy.bench.echo_client import measure_rtts, summarize
-from pyproxy.bench.procs import Processes, free_port, pinned, wait_port
+from pyproxy.bench.procs import (
+    Noise,
+    Processes,
+    add_baseline_tree,
+    baseline_tree_python,
+    cpu_ns,
+    free_port,
+    git_state,
+    noise_note,
+    pinned,
+    target_line,
+    tree_pids,
+    wait_port,
+)
 
 from pyproxy.stats import stage_table
 
@@ -55,30 +81,21 @@ def start_nginx(
 
 
 def start_pyproxy(
-    procs: Processes, listen: int, upstream: int, admin: int, cpu: int | None, *extra: str
-) -> None:
-    argv = [sys.executable, "-m", "pyproxy", "run", "--listen", f"127.0.0.1:{listen}", "--upstream", f"127.0.0.1:{upstream}",
+    procs: Processes, listen: int, upstream: int, admin: int, cpu: int | None, *extra: str,
+    python: str = sys.executable,
+) -> int:  # fmt: skip
+    """Start a TCP-mode pyproxy (`python`'s checkout) and wait for it; its pid."""
+    argv = [python, "-P", "-m", "pyproxy", "run", "--listen", f"127.0.0.1:{listen}", "--upstream", f"127.0.0.1:{upstream}",
             "--admin", f"127.0.0.1:{admin}", "--log-level", "warning", *extra]  # fmt: skip
-    procs.start(pinned(cpu, argv))
+    proc = procs.start(pinned(cpu, argv))
     wait_port(admin)
     wait_port(listen)
+    return proc.pid  # taskset execs the proxy in place
 
 
 def get_json(url: str) -> dict:
     with urllib.request.urlopen(url, timeout=5) as response:
         return json.load(response)
-
-
-def latency(targets: dict[str, int], rounds: int, per_round: int) -> dict[str, dict]:
-    samples: dict[str, list[int]] = {name: [] for name in targets}
-    order = list(targets)
-    rng = random.Random(7)
-    for r in range(rounds):
-        rng.shuffle(order)
-        for name in order:
-            samples[name] += measure_rtts(f"127.0.0.1:{targets[name]}", per_round, warmup=100)
-        print(f"  latency round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
-    return {name: summarize(values) for name, values in samples.items()}
 
 
 def iperf3(port: int, seconds: int) -> float | None:
@@ -104,89 +121,173 @@ def iperf3(port: int, seconds: int) -> float | None:
     return None
 
 
+NGINX_ADDED_P50 = 1.0  # pyproxy's added p50 ≤ nginx stream's
+NGINX_BULK = 1.0  # splice bulk ≥ nginx stream's
+# pyproxy flags per configuration; with a baseline tree, those in BEFORE run from it too.
+PYPROXY = {
+    "pyproxy_copy": (),
+    "pyproxy_splice": ("--relay", "splice"),
+    "pyproxy_clock_off": ("--no-stage-clock",),
+}
+BEFORE = {"before_copy": "pyproxy_copy", "before_splice": "pyproxy_splice"}
+
+
+class Target:
+    """One path: its port and, for a proxy, the pids whose CPU is its cost."""
+
+    def __init__(self, name: str, port: int, pid: int | None = None, admin: int | None = None):
+        self.name, self.port, self.pid, self.admin = name, port, pid, admin
+
+    def cpu(self) -> int:
+        return cpu_ns(tree_pids(self.pid)) if self.pid else 0
+
+
+def start_targets(
+    procs: Processes, workdir: Path, upstream: int, cpu: int, baseline: Path | None,
+    bulk: bool,
+) -> list[Target]:  # fmt: skip
+    """direct, nginx stream (if installed) and every pyproxy configuration, all on `cpu`."""
+    targets = [Target("direct", upstream)]
+    port = free_port()
+    if start_nginx(procs, workdir, port, upstream, cpu):
+        targets.append(Target("nginx", port, procs.procs[-1].pid))
+    runs = [(name, flags, sys.executable) for name, flags in PYPROXY.items()]
+    if baseline is not None:
+        runs += [(name, PYPROXY[now], str(baseline)) for name, now in BEFORE.items()]
+    for name, flags, python in runs:
+        if bulk and name == "pyproxy_clock_off":
+            continue
+        port, admin = free_port(), free_port()
+        pid = start_pyproxy(procs, port, upstream, admin, cpu, *flags, python=python)
+        targets.append(Target(name, port, pid, admin))
+    return targets
+
+
+def shuffled(targets: list[Target], rounds: int, seed: int, phase: str):
+    """Every target once per round, in a new shuffled order each round (progress on stderr)."""
+    order = list(targets)
+    rng = random.Random(seed)
+    for r in range(rounds):
+        rng.shuffle(order)
+        yield r, order
+        print(f"  {phase} round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+
+
+def latency(targets: list[Target], rounds: int, per_round: int) -> dict[str, dict]:
+    samples: dict[str, list[int]] = {t.name: [] for t in targets}
+    p50s: dict[str, list[float]] = {t.name: [] for t in targets}
+    cpu: dict[str, list[float]] = {t.name: [] for t in targets}
+    for _r, order in shuffled(targets, rounds, 7, "latency"):
+        for t in order:
+            before = t.cpu()
+            rtts = measure_rtts(f"127.0.0.1:{t.port}", per_round, warmup=100)
+            cpu[t.name].append((t.cpu() - before) / (per_round + 100) / 1000)
+            samples[t.name] += rtts
+            p50s[t.name].append(summarize(rtts)["p50_us"])
+    out = {}
+    direct, nginx = p50s["direct"], p50s.get("nginx")
+    for name, values in samples.items():
+        row = summarize(values)
+        added = [a - b for a, b in zip(p50s[name], direct, strict=True)]
+        row["p50_us_rounds"] = p50s[name]
+        row["added_p50_us"] = statistics.median(added)
+        row["added_p99_us"] = row["p99_us"] - summarize(samples["direct"])["p99_us"]
+        if name != "direct":
+            row["proxy_cpu_us_per_msg"] = statistics.median(cpu[name])
+        if nginx and name not in ("direct", "nginx"):
+            nginx_added = [a - b for a, b in zip(nginx, direct, strict=True)]
+            ratios = [a / b for a, b in zip(added, nginx_added, strict=True) if b > 0]
+            row["added_p50_vs_nginx"] = statistics.median(ratios) if ratios else None
+        out[name] = row
+    return out
+
+
+def bulk(targets: list[Target], rounds: int, seconds: int) -> dict[str, dict]:
+    runs: dict[str, list[tuple[float, float | None]]] = {t.name: [] for t in targets}
+    for _r, order in shuffled(targets, rounds, 11, "bulk"):
+        for t in order:
+            before = t.cpu()
+            gbps = iperf3(t.port, seconds)
+            used = t.cpu() - before
+            if gbps is None:
+                runs[t.name].append((0.0, None))
+                continue
+            runs[t.name].append((gbps, used / 1e9 / (gbps * seconds / 8) if t.pid else None))
+    out = {}
+    nginx = runs.get("nginx")
+    for name, values in runs.items():
+        rates = [v[0] for v in values]
+        cpu = [v[1] for v in values if v[1] is not None]
+        row: dict = {
+            "gbps_rounds": rates,
+            "gbps": statistics.median(rates),
+            "cpu_s_per_gb": statistics.median(cpu) if cpu else None,
+        }
+        if nginx and name != "nginx":
+            ratios = [a[0] / b[0] for a, b in zip(values, nginx, strict=True) if b[0] > 0]
+            row["vs_nginx"] = statistics.median(ratios) if ratios else None
+        out[name] = row
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--messages", type=int, default=4000, help="per target per round")
-    parser.add_argument("--seconds", type=int, default=5, help="iperf3 duration per proxy")
+    parser.add_argument("--rounds", type=int, default=5, help="latency rounds")
+    parser.add_argument("--messages", type=int, default=4000, help="per path per latency round")
+    parser.add_argument("--bulk-rounds", type=int, default=3, help="interleaved iperf3 rounds")
+    parser.add_argument("--seconds", type=int, default=4, help="iperf3 duration per path")
     parser.add_argument("--out", default=str(RESULTS / "tcp_echo.json"))
+    add_baseline_tree(parser)
     args = parser.parse_args(argv)
-
-    procs = Processes()
+    baseline = baseline_tree_python(parser, args)
     result: dict = {
         "config": vars(args),
         "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
+        "git": git_state(),
+        "foreign_cpus": {},
     }
+    if baseline is not None:
+        result["baseline_git"] = git_state(baseline.parents[2])
+    started = time.monotonic()
+    os.sched_setaffinity(0, {0})  # the echo client beside the app, like every latency target
+    procs = Processes()
     with tempfile.TemporaryDirectory(prefix="pyproxy-bench-") as tmp:
         workdir = Path(tmp)
         try:
-            # ---- latency: everything on CPU 0 ---------------------------------
             echo = free_port()
-            procs.start(
-                pinned(
-                    0,
-                    [
-                        sys.executable,
-                        "-m",
-                        "pyproxy.bench.echo_server",
-                        "--listen",
-                        f"127.0.0.1:{echo}",
-                    ],
-                )
-            )
+            argv_ = [sys.executable, "-m", "pyproxy.bench.echo_server", "--listen", f"127.0.0.1:{echo}"]  # fmt: skip
+            procs.start(pinned(0, argv_))
             wait_port(echo)
-            targets = {"direct": echo}
-            ports = {name: free_port() for name in ("nginx", "pyproxy", "pyproxy_clock_off")}
-            admin_on, admin_off = free_port(), free_port()
-            if start_nginx(procs, workdir, ports["nginx"], echo, 0):
-                targets["nginx"] = ports["nginx"]
-            start_pyproxy(procs, ports["pyproxy"], echo, admin_on, 0)
-            start_pyproxy(procs, ports["pyproxy_clock_off"], echo, admin_off, 0, "--no-stage-clock")
-            targets["pyproxy"] = ports["pyproxy"]
-            targets["pyproxy_clock_off"] = ports["pyproxy_clock_off"]
-            lat = latency(targets, args.rounds, args.messages)
-            base = lat["direct"]["p50_us"]
-            for values in lat.values():
-                values["added_p50_us"] = values["p50_us"] - base
-                values["added_p99_us"] = values["p99_us"] - lat["direct"]["p99_us"]
-            result["latency"] = lat
-            if "nginx" in lat and lat["nginx"]["added_p50_us"] > 0:
-                result["pyproxy_vs_nginx_added_p50"] = (
-                    lat["pyproxy"]["added_p50_us"] / lat["nginx"]["added_p50_us"]
-                )
+            targets = start_targets(procs, workdir, echo, 0, baseline, bulk=False)
+            time.sleep(0.5)  # notify calibration done before anything is measured
+            noise = Noise()
+            result["latency"] = latency(targets, args.rounds, args.messages)
+            result["foreign_cpus"]["latency"] = noise.cpus()
+            clock = {t.name: t for t in targets}
+            lat = result["latency"]
             result["stage_clock_cost_p50_us"] = (
-                lat["pyproxy"]["p50_us"] - lat["pyproxy_clock_off"]["p50_us"]
+                lat["pyproxy_copy"]["p50_us"] - lat["pyproxy_clock_off"]["p50_us"]
             )
-            time.sleep(0.3)
-            snap = get_json(f"http://127.0.0.1:{admin_on}/stats?format=json")
+            admin = clock["pyproxy_copy"].admin
+            snap = get_json(f"http://127.0.0.1:{admin}/stats?format=json")
             result["stages"] = snap["listeners"]["main"]
             result["stage_table"] = stage_table(snap)
-            result["notify_cost_ns"] = get_json(f"http://127.0.0.1:{admin_on}/server_info")[
-                "workers"
-            ][0]["notify_cost_ns"]
             procs.stop_all()
 
-            # ---- throughput: proxy on CPU 1, iperf3 on CPU 0 -------------------
-            procs = Processes()
             if shutil.which("iperf3"):
+                procs = Processes()
                 server = free_port()
                 procs.start(pinned(0, ["iperf3", "-s", "-p", str(server)]))
                 wait_port(server)
-                throughput = {"direct": iperf3(server, args.seconds)}
-                nginx_port, py_port = free_port(), free_port()
-                if start_nginx(procs, workdir, nginx_port, server, 1):
-                    throughput["nginx"] = iperf3(nginx_port, args.seconds)
-                start_pyproxy(procs, py_port, server, free_port(), 1)
-                throughput["pyproxy"] = iperf3(py_port, args.seconds)
-                big_port = free_port()
-                start_pyproxy(procs, big_port, server, free_port(), 1, "--buffer-size", "262144")
-                throughput["pyproxy_256k_buffers"] = iperf3(big_port, args.seconds)
-                result["throughput_gbps"] = throughput
+                targets = start_targets(procs, workdir, server, 1, baseline, bulk=True)
+                noise = Noise()
+                result["bulk"] = bulk(targets, args.bulk_rounds, args.seconds)
+                result["foreign_cpus"]["bulk"] = noise.cpus()
         finally:
             procs.stop_all()
-
+    result["elapsed_s"] = time.monotonic() - started
     RESULTS.mkdir(exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(report(result))
@@ -194,24 +295,41 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _f(value: float | None, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
 def report(result: dict) -> str:
     lines = [
-        "| path | p50 µs | p99 µs | added p50 µs | added p99 µs |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| 100 B echo | p50 µs | p99 µs | added p50 µs | vs nginx | proxy CPU µs/msg |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, v in result["latency"].items():
+    lat = result["latency"]
+    for name, v in lat.items():
         lines.append(
-            f"| {name} | {v['p50_us']:.1f} | {v['p99_us']:.1f} | {v['added_p50_us']:.1f} | {v['added_p99_us']:.1f} |"
-        )
-    if "pyproxy_vs_nginx_added_p50" in result:
-        lines.append(
-            f"\npyproxy added p50 / nginx stream added p50 = **{result['pyproxy_vs_nginx_added_p50']:.2f}×**"
+            f"| {name} | {v['p50_us']:.1f} | {v['p99_us']:.1f} | {v['added_p50_us']:.1f} | "
+            f"{_f(v.get('added_p50_vs_nginx'), '.2f')} | {_f(v.get('proxy_cpu_us_per_msg'), '.1f')} |"
         )
     lines.append(f"stage clock cost (p50, on − off): {result['stage_clock_cost_p50_us']:.2f} µs")
-    if "throughput_gbps" in result:
-        lines.append("\n| bulk (iperf3) | Gbit/s |\n| --- | ---: |")
-        for name, gbps in result["throughput_gbps"].items():
-            lines.append(f"| {name} | {gbps:.2f} |" if gbps is not None else f"| {name} | n/a |")
+    out = result.get("bulk", {})
+    if out:
+        lines.append("\n| bulk (iperf3) | Gbit/s (median) | vs nginx | proxy CPU s/GB | rounds |")
+        lines.append("| --- | ---: | ---: | ---: | --- |")
+        for name, v in out.items():
+            rounds = " ".join(f"{g:.2f}" for g in v["gbps_rounds"])
+            lines.append(
+                f"| {name} | {v['gbps']:.2f} | {_f(v.get('vs_nginx'), '.2f')} | "
+                f"{_f(v['cpu_s_per_gb'], '.3f')} | {rounds} |"
+            )
+    lines.append("\n" + noise_note(result["foreign_cpus"]))
+    for name in ("pyproxy_copy", "pyproxy_splice", "before_copy", "before_splice"):
+        ratio = lat.get(name, {}).get("added_p50_vs_nginx")
+        if ratio is not None:
+            lines.append(target_line(ratio <= NGINX_ADDED_P50, f"{name} 100 B added p50 ≤ 1.0× nginx stream's", f"{ratio:.2f}×"))  # fmt: skip
+    for name in ("pyproxy_splice", "before_splice"):
+        ratio = out.get(name, {}).get("vs_nginx")
+        if ratio is not None:
+            lines.append(target_line(ratio >= NGINX_BULK, f"{name} bulk ≥ 1.0× nginx stream's", f"{ratio:.2f}×"))  # fmt: skip
     lines.append("\n```\n" + result["stage_table"] + "```")
     return "\n".join(lines)
 

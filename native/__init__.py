@@ -22,7 +22,13 @@ C API (see pyproxy_native.h for the full contract):
 ``pp_send(fd, buf, len) -> ssize_t``                   plain MSG_DONTWAIT send
 ``pp_relay_copy(in, out, buf, len, sent*) -> ssize_t`` recv+send in one call
 ``pp_heap_trim() -> int``                              malloc_trim(0); 0 where libc has none
+``pp_copy_step(struct pp_dir *)``                       a relay direction's readable step, whole
+``pp_splice_step(struct pp_dir *)``                     the same through a pipe (splice)
 =====================================================  ==========================================
+
+The two steps are the event loop's readable callbacks themselves; they call
+back ``pp_step_event(handle, status)`` (an ``extern "Python+C"`` function,
+defined by pyproxy/io/relay_step.py) for anything but the plain step.
 """
 
 from __future__ import annotations

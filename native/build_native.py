@@ -16,7 +16,13 @@ int pp_zc_reap(int fd, uint32_t *lo, uint32_t *hi, int *copied, int max);
 ssize_t pp_send(int fd, const char *buf, size_t len);
 ssize_t pp_relay_copy(int in_fd, int out_fd, char *buf, size_t len, size_t *sent);
 int pp_heap_trim(void);
+extern "Python+C" void pp_step_event(void *handle, int status);
 """
+# The relay step's constants, structs and functions, as the header declares them.
+with open(os.path.join(_HERE, "pyproxy_native.h")) as _header:
+    CDEF += (
+        _header.read().split("/* cdef: begin", 1)[1].split("*/", 1)[1].split("/* cdef: end */")[0]
+    )
 
 
 def _builder(module: str, cdef: str, includes: str, source: str, libraries: tuple = ()) -> FFI:

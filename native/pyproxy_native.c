@@ -9,6 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <netinet/in.h>
 #include <linux/errqueue.h>
 
@@ -186,4 +187,139 @@ int pp_heap_trim(void)
 #else
     return 0;
 #endif
+}
+
+/* ---- whole relay steps (see pyproxy_native.h) ---------------------------- */
+
+/* Python's handler of everything but the plain step (cffi extern "Python"). */
+void pp_step_event(void *handle, int status); /* defined by the cffi module */
+
+static inline int64_t pp_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.perf_counter_ns's clock on Linux */
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+/* _received: the read's stage and counts; returns the clock after it (0 untimed). */
+static inline int64_t pp_received(struct pp_dir *d, ssize_t n, int64_t t0, int first)
+{
+    int64_t *b = d->block;
+    int64_t t1 = 0;
+    if (d->timed) {
+        t1 = pp_now();
+        b[d->read_ns] += t1 - t0;
+        b[d->read_events] += 1;
+        if (first)
+            b[d->notify_events] += 1;
+    }
+    if (n == 0)
+        return t1;
+    b[d->rx] += n;
+    if (d->messages >= 0)
+        b[d->messages] += 1;
+    if (!d->timed)
+        return 0;
+    int64_t t2 = pp_now(); /* the step's own work between the calls is `other`, as in Python */
+    b[d->other_ns] += t2 - t1;
+    return t2;
+}
+
+/* _sent: the write's stage and counts. */
+static inline void pp_sent(struct pp_dir *d, ssize_t sent, int64_t t0)
+{
+    int64_t *b = d->block;
+    if (d->timed) {
+        b[d->write_ns] += pp_now() - t0;
+        b[d->write_events] += 1;
+    }
+    b[d->tx] += sent;
+    d->moved += sent;
+}
+
+static inline int pp_failed(struct pp_dir *d, int status, int err)
+{
+    d->err = err;
+    pp_step_event(d->handle, status);
+    return -1;
+}
+
+/* One side of a step: >= 0 bytes moved (0 from a read: EOF), or -errno. */
+typedef ssize_t (*pp_step_io)(struct pp_dir *d, struct pp_scratch *s, size_t n);
+
+static inline ssize_t pp_recv_into(struct pp_dir *d, struct pp_scratch *s, size_t max)
+{
+    ssize_t n;
+    do {
+        n = recv(d->src_fd, s->buf, max, MSG_DONTWAIT);
+    } while (n < 0 && errno == EINTR);
+    return n < 0 ? -errno : n;
+}
+
+static inline ssize_t pp_send_on(struct pp_dir *d, struct pp_scratch *s, size_t n)
+{
+    return pp_send(d->dst_fd, s->buf, n);
+}
+
+static inline ssize_t pp_splice_into(struct pp_dir *d, struct pp_scratch *s, size_t max)
+{
+    return pp_splice_in(d->src_fd, s->pipe_wr, max);
+}
+
+static inline ssize_t pp_splice_on(struct pp_dir *d, struct pp_scratch *s, size_t n)
+{
+    return pp_splice_out(s->pipe_rd, d->dst_fd, n);
+}
+
+/* The step itself; `in` and `out` are constants at each call site, so each inlines. */
+static inline void pp_step(struct pp_dir *d, pp_step_io in, pp_step_io out)
+{
+    for (int round = 0; round < PP_STEP_ROUNDS; round++) {
+        struct pp_scratch *s = d->scratch; /* Python may swap the top in an event */
+        if (s->len == 0) {                  /* Python could not make a new top */
+            pp_failed(d, PP_STEP_SRC_FAILED, EBADF);
+            return;
+        }
+        int64_t t0 = d->timed ? pp_now() : 0;
+        ssize_t n = in(d, s, s->len);
+        if (n < 0) {
+            if (n != -EAGAIN)
+                pp_failed(d, PP_STEP_SRC_FAILED, (int)-n);
+            return;
+        }
+        int64_t t2 = pp_received(d, n, t0, round == 0);
+        if (n == 0) {
+            pp_step_event(d->handle, PP_STEP_EOF);
+            return;
+        }
+        ssize_t w = out(d, s, (size_t)n);
+        if (w < 0) {
+            if (w != -EAGAIN) {
+                d->got = n; /* still in the scratch (a pipe keeps it): Python takes it out */
+                d->sent = 0;
+                pp_failed(d, PP_STEP_DST_FAILED, (int)-w);
+                return;
+            }
+            w = 0;
+        }
+        pp_sent(d, w, t2);
+        if (w < n) {
+            d->got = n;
+            d->sent = w;
+            pp_step_event(d->handle, PP_STEP_PARKED);
+            return;
+        }
+        if ((size_t)n < s->len)
+            return; /* the source is very likely drained: no extra read to learn EAGAIN */
+    }
+}
+
+void pp_copy_step(struct pp_dir *d)
+{
+    pp_step(d, pp_recv_into, pp_send_on);
+}
+
+void pp_splice_step(struct pp_dir *d)
+{
+    pp_step(d, pp_splice_into, pp_splice_on);
 }

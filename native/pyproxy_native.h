@@ -37,5 +37,47 @@ ssize_t pp_relay_copy(int in_fd, int out_fd, char *buf, size_t len, size_t *sent
  * including whole free pages inside the arenas, to the OS. 1 if it ran, 0 if
  * this libc has no malloc_trim. */
 int pp_heap_trim(void);
+/* One readiness callback of a TCP-mode relay direction, whole, in C: the event
+ * loop calls pp_copy_step(dir) / pp_splice_step(dir) directly when dir->src_fd
+ * is readable. It reads into the worker's shared buffer or pipe (dir->scratch),
+ * writes what it read to dst_fd at once, keeps the stage clock and byte
+ * counters in the listener's int64 block as the Python relay does
+ * (pyproxy/io/relay.py: _received/_sent), and goes again while a read filled
+ * the whole buffer (at most PP_STEP_ROUNDS reads per wake-up). Anything else
+ * is handed to Python through pp_step_event(dir->handle, status):
+ *   PP_STEP_PARKED      dst took dir->sent of dir->got bytes; the rest is still
+ *                       in the scratch buffer or pipe, which Python now keeps
+ *   PP_STEP_EOF         src closed (the read is accounted)
+ *   PP_STEP_SRC_FAILED  the read failed with dir->err (nothing accounted)
+ *   PP_STEP_DST_FAILED  the write failed with dir->err (the read is accounted);
+ *                       its dir->got bytes are still in the scratch buffer or pipe
+ * Slots are block indices (dir->messages < 0: this direction counts none). */
+/* cdef: begin (build_native.py hands this part to cffi as it is) */
+enum { PP_STEP_PARKED = 1, PP_STEP_EOF, PP_STEP_SRC_FAILED, PP_STEP_DST_FAILED };
+#define PP_STEP_ROUNDS 16
+
+struct pp_scratch {
+    char *buf;      /* copy: the buffer every direction reads into next */
+    size_t len;     /* its size, or the pipe's capacity */
+    int pipe_rd;    /* splice: the pipe every direction splices into next */
+    int pipe_wr;
+};
+
+struct pp_dir {
+    int src_fd, dst_fd;
+    struct pp_scratch *scratch;
+    int64_t *block;
+    int timed;
+    int read_ns, read_events, write_ns, write_events, notify_events, other_ns;
+    int rx, tx, messages;
+    int64_t moved;  /* bytes written, for the idle check */
+    int64_t got, sent;
+    int err;
+    void *handle;
+};
+
+void pp_copy_step(struct pp_dir *dir);
+void pp_splice_step(struct pp_dir *dir);
+/* cdef: end */
 
 #endif

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from conftest import refused
 
+from pyproxy import native
 from pyproxy.addresses import parse_address
 from pyproxy.config import ConfigError, ListenerKind, ListenerMode, build_config, load_config
 from pyproxy.durations import parse_duration
@@ -53,6 +54,17 @@ def test_valid_config_builds_immutable_objects():
     )
     with pytest.raises(AttributeError):
         listener.idle_timeout = 1
+
+
+def test_buffer_size_defaults_per_backend_copy_16k_zerocopy_64k_splice_1mib():
+    assert build_config(_doc()).listeners[0].buffer_size == 16384
+    assert build_config(_doc(buffer_size=65536)).listeners[0].buffer_size == 65536
+    if not native.AVAILABLE:
+        pytest.skip(str(native.UNAVAILABLE_REASON))
+    assert build_config(_doc(write="zerocopy")).listeners[0].buffer_size == 65536
+    assert build_config(_doc(relay="splice")).listeners[0].buffer_size == 1024 * 1024
+    given = build_config(_doc(relay="splice", buffer_size=65536)).listeners[0]
+    assert given.buffer_size == 65536  # a size given is the pipe's size
 
 
 def test_listener_mode_and_kind_are_resolved_once_into_enum_members():

@@ -34,9 +34,19 @@ HEADER_BYTES = 9
 needs_native = pytest.mark.skipif(not native.AVAILABLE, reason=str(native.UNAVAILABLE_REASON))
 
 BACKENDS = {
-    "copy": ((), {"relay": "userspace-copy", "write": "send"}),
-    "zerocopy": (("--write", "zerocopy"), {"relay": "userspace-copy", "write": "zerocopy"}),
-    "splice": (("--relay", "splice"), {"relay": "splice", "write": "send"}),
+    "copy": (
+        (),
+        {
+            "relay": "userspace-copy",
+            "write": "send",
+            "relay_step": "native" if native.AVAILABLE else "python",
+        },
+    ),
+    "zerocopy": (
+        ("--write", "zerocopy"),
+        {"relay": "userspace-copy", "write": "zerocopy", "relay_step": "python"},
+    ),
+    "splice": (("--relay", "splice"), {"relay": "splice", "write": "send", "relay_step": "native"}),
 }
 # (request bytes, reply bytes, when the app replies): tiny, just over one buffer, bulk both ways
 # at once, and a reply whose FIN overtakes a still-streaming request.

@@ -244,7 +244,7 @@ def test_slow_consumer_keeps_proxy_memory_bounded(start_proxy):
     assert not done.is_set(), (
         "upstream finished: the proxy buffered everything instead of pushing back"
     )
-    # The proxy holds one 64 KiB buffer per direction; kernel socket buffers are not RSS.
+    # The proxy holds one buffer (16 KiB) per direction; kernel socket buffers are not RSS.
     assert peak - baseline < 16 * 1024, (baseline, peak)
     stats = proxy.listener()
     assert stats["bytes"]["upstream_rx"] < 32 * MB  # backpressure reached the upstream

@@ -19,7 +19,18 @@ def relay_factory(config: ListenerConfig) -> Callable[..., Relay]:
         from pyproxy.io.zerocopy_writer import ZeroCopyRelay  # lazy: the native module, when chosen
 
         return partial(ZeroCopyRelay, threshold=config.zerocopy_threshold)
+    if native_step():
+        from pyproxy.io.relay_step import NativeCopyRelay  # lazy: the native module, when there
+
+        return NativeCopyRelay
     return Relay
+
+
+def native_step() -> bool:
+    """Whether relay steps run in C (the native module loaded); else the Python relay carries them."""
+    from pyproxy import native  # type: ignore[attr-defined]  # lazy: loads the cffi module once
+
+    return bool(native.AVAILABLE)
 
 
 def describe(config: ListenerConfig) -> dict:
@@ -28,6 +39,11 @@ def describe(config: ListenerConfig) -> dict:
         "ipc": config.ipc,
         "relay": "splice" if config.relay == "splice" else "userspace-copy",
         "write": config.write,
+        "relay_step": "python"
+        if config.write == "zerocopy" and config.relay != "splice"
+        else "native"
+        if config.relay == "splice" or native_step()
+        else "python",
     }
     if config.write == "zerocopy":
         out["zerocopy_threshold"] = config.zerocopy_threshold

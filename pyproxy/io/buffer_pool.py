@@ -55,7 +55,9 @@ class Pool(Generic[T]):
         return len(self._free)
 
 
-def _copy_buffer(size: int) -> Callable[[], tuple[bytearray, memoryview]]:
+def copy_buffer(size: int) -> Callable[[], tuple[bytearray, memoryview]]:
+    """A maker of `size`-byte buffers (with their memoryview) for a Pool."""
+
     def make() -> tuple[bytearray, memoryview]:
         buf = bytearray(size)
         return buf, memoryview(buf)
@@ -70,5 +72,5 @@ def copy_pool(size: int) -> Pool[tuple[bytearray, memoryview]]:
     """This process's pool of `size`-byte userspace buffers (one per configured buffer_size)."""
     pool = _COPY_POOLS.get(size)
     if pool is None:
-        pool = _COPY_POOLS[size] = Pool(_copy_buffer(size))
+        pool = _COPY_POOLS[size] = Pool(copy_buffer(size))
     return pool

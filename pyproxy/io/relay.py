@@ -154,15 +154,26 @@ class _Direction:
         self.start += sent
         if self.start == self.end:
             self.release()
-            loop = relay.loop
-            loop.remove_writer(self.dst_fd)
-            loop.add_reader(self.src_fd, self.on_readable)
+            relay.loop.remove_writer(self.dst_fd)
+            self.arm_reader()
+
+    def arm_reader(self) -> None:
+        """Watch the source again (a backend whose readable step is native arms that instead)."""
+        self.relay.loop.add_reader(self.src_fd, self.on_readable)
+
+    def progress(self) -> int:
+        """Bytes written so far, for the idle check."""
+        return self.moved
 
     def release(self) -> None:
         """The parked bytes are gone (written, or the connection closed): the buffer goes back."""
         if self.held is not None and self.pool is not None:
             self.pool.give(self.held)
         self.held = self.view = None
+
+    def finish(self) -> None:
+        """The relay closed: give back whatever this direction holds."""
+        self.release()
 
     # Accounting shared by every backend's readiness callbacks (copy, splice, zero-copy).
 
@@ -287,7 +298,7 @@ class Relay:
             if direction.end > direction.start:
                 loop.add_writer(direction.dst_fd, direction.on_writable)
             else:
-                loop.add_reader(direction.src_fd, direction.on_readable)
+                direction.arm_reader()
 
     def direction_finished(self) -> None:
         if self._request.eof and self._response.eof:
@@ -298,7 +309,7 @@ class Relay:
         self.close(flag="UR" if side == UPSTREAM else "DR", reset=True)
 
     def _check_idle(self) -> None:
-        mark = self._request.moved + self._response.moved
+        mark = self._request.progress() + self._response.progress()
         if mark == self._idle_mark:
             self._idle_strikes += 1
             if self._idle_strikes >= 2:
@@ -314,8 +325,8 @@ class Relay:
         self._closed = True
         self.flag = flag
         self._close_sockets(reset)
-        self._request.release()
-        self._response.release()
+        self._request.finish()
+        self._response.finish()
         if self._idle_handle is not None:
             self._idle_handle.cancel()
         block = self.block

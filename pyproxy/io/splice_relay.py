@@ -7,8 +7,10 @@ pipe and out again at once, and keeps that pipe only while the destination
 does not take everything, so an idle connection holds no pipe (no fds, no
 pipe pages). A direction reads only when it holds nothing and stops reading
 while the destination is full, so the proxy never holds more than one pipe's
-worth per direction. Every splice call is timed into the stage of
-the socket it touches (app-facing: `ipc`, peer-facing: `read`/`write`).
+worth per direction. The readable step runs whole in C (io/relay_step.py);
+the pipe a destination left bytes in drains from Python here. Every splice
+call is timed into the stage of the socket it touches (app-facing: `ipc`,
+peer-facing: `read`/`write`).
 Works on TCP and Unix stream sockets alike. TCP mode only: nothing above the
 I/O layer ever sees the bytes.
 """
@@ -22,6 +24,7 @@ from time import perf_counter_ns
 from pyproxy import native  # type: ignore[attr-defined]  # mapped from native/ by pyproject
 from pyproxy.io.buffer_pool import Pool
 from pyproxy.io.relay import DOWNSTREAM, UPSTREAM, Relay, _Direction
+from pyproxy.io.relay_step import NativeDirection, Scratch
 
 EAGAIN = native.EAGAIN
 _lib = native.lib
@@ -29,7 +32,7 @@ _lib = native.lib
 
 Pipe = tuple[int, int, int]  # read fd, write fd, capacity
 
-_PIPE_POOLS: dict[int, Pool[Pipe]] = {}
+_PIPE_POOLS: dict[int, Scratch] = {}
 
 
 def _close_pipe(pipe: Pipe) -> None:
@@ -40,18 +43,19 @@ def _close_pipe(pipe: Pipe) -> None:
             pass
 
 
-def pipe_pool(size: int) -> Pool[Pipe]:
+def pipe_scratch(size: int) -> Scratch:
     """This process's pool of empty pipes of `size` bytes (only empty pipes are ever given back)."""
-    pool = _PIPE_POOLS.get(size)
-    if pool is None:
-        pool = _PIPE_POOLS[size] = Pool(lambda: native.pipe(size), _close_pipe)
-    return pool
+    scratch = _PIPE_POOLS.get(size)
+    if scratch is None:
+        pool = Pool(lambda: native.pipe(size), _close_pipe)
+        scratch = _PIPE_POOLS[size] = Scratch(pool, pipes=True)
+    return scratch
 
 
-class _SpliceDirection(_Direction):
-    """One way of the relay through a pooled pipe: splice in from `src`, splice out to `dst`."""
+class _SpliceDirection(NativeDirection):
+    """One way of the relay through a pooled pipe: the C step splices in from `src` and out to `dst`."""
 
-    __slots__ = ("pipes", "pipe", "in_pipe")
+    __slots__ = ("pipe", "in_pipe")
 
     def __init__(
         self,
@@ -62,47 +66,16 @@ class _SpliceDirection(_Direction):
         src_side: str,
         app_side: str,
     ) -> None:
-        # No userspace buffer: a pipe is the buffer (stage slots and sides come from the base).
-        super().__init__(relay, src, dst, 0, src_side, app_side)
-        self.pipes = pipe_pool(buffer_size)
+        super().__init__(
+            relay, src, dst, pipe_scratch(buffer_size), _lib.pp_splice_step, src_side, app_side
+        )
         self.pipe: Pipe | None = None  # taken from the pool while it holds bytes
         self.in_pipe = 0
 
-    def on_readable(self) -> None:
-        relay = self.relay
-        t0 = perf_counter_ns() if relay.timed else 0
-        pipes = self.pipes
-        try:
-            pipe = pipes.top()
-        except OSError:
-            relay.close(flag="LR", reset=True)  # no pipe to be had (e.g. EMFILE): refuse this one
-            return
-        pipe_rd, pipe_wr, capacity = pipe
-        n = _lib.pp_splice_in(self.src_fd, pipe_wr, capacity)
-        if n < 0:
-            if n != EAGAIN:
-                relay.reset_by(self.src_side)
-            return
-        t2 = self._received(n, t0)
-        if t2 < 0:
-            return
-        sent = _lib.pp_splice_out(pipe_rd, self.dst_fd, n)
-        if sent < n:
-            # The rest waits in the pipe, which this direction now owns (a reset closes it).
-            self.pipe = pipes.take()
-            self.in_pipe = n - max(sent, 0)
-            if sent < 0:
-                if sent != EAGAIN:
-                    relay.reset_by(self.dst_side)
-                    return
-                sent = 0
-            self._sent(sent, t2, False)
-            # Destination is full: stop reading until it drains.
-            loop = relay.loop
-            loop.remove_reader(self.src_fd)
-            loop.add_writer(self.dst_fd, self.on_writable)
-            return
-        self._sent(sent, t2, False)
+    def park(self, item: Pipe, got: int, sent: int) -> None:
+        # The rest waits in the pipe, which this direction now owns (a reset closes it).
+        self.pipe = item
+        self.in_pipe = got - sent
 
     def on_writable(self) -> None:
         relay = self.relay
@@ -118,10 +91,9 @@ class _SpliceDirection(_Direction):
         self.in_pipe -= sent
         if not self.in_pipe:
             self.pipe = None
-            self.pipes.give(pipe)
-            loop = relay.loop
-            loop.remove_writer(self.dst_fd)
-            loop.add_reader(self.src_fd, self.on_readable)
+            self.scratch.give(pipe)
+            relay.loop.remove_writer(self.dst_fd)
+            self.arm_reader()
 
     def release(self) -> None:
         # A pipe still held has bytes nobody will read: close it rather than pool it.
