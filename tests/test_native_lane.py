@@ -428,7 +428,8 @@ def test_a_late_chain_builds_the_request_header_map_from_the_request_as_read():
     raw = (
         b"GET /a/b?q=1 HTTP/1.1\r\nHost: svc:8080\r\nUser-Agent: t\r\nX-Two: 1\r\nx-two: 2\r\n\r\n"
     )
-    maps = RequestLater(raw)
+    maps = RequestLater()
+    maps.request = raw
     assert "decode" not in maps  # nothing built until read
     headers = maps.get("decode")
     assert headers is maps["decode"] and not headers.changed

@@ -335,11 +335,13 @@ class NativeLane:
         if ctx.timed:
             t0 = perf_counter_ns()
             self.chain = chain = HttpChain(factory, self)
-            chain.maps = RequestLater(self.pair.request)
+            chain.maps = maps = RequestLater()
+            maps.request = self.pair.request
             factory.charge(ctx.block, perf_counter_ns() - t0)
         else:
             self.chain = chain = HttpChain(factory, self)
-            chain.maps = RequestLater(self.pair.request)
+            chain.maps = maps = RequestLater()
+            maps.request = self.pair.request
         return self._response_hook(status, fields, content_length)
 
     def _let_go(self, chain: HttpChain) -> None:
@@ -438,11 +440,8 @@ class RequestLater(dict):
     hook would have built it, made from the request's bytes as read only when something
     reads it (a response-header filter rarely does)."""
 
-    __slots__ = ("request",)
-
-    def __init__(self, request: bytes) -> None:
-        super().__init__()
-        self.request = request
+    __slots__ = ("request",)  # the request's bytes as read: set before use (no __init__ call)
+    request: bytes
 
     def __missing__(self, key: str) -> HeaderMap:
         if key != "decode":
