@@ -339,6 +339,23 @@ end
     assert stats["native_requests"] == 0 and stats["express_requests"] == 0, stats
 
 
+def _handed_over_in_flight(start_proxy, tmp_path, name: str, code: str):
+    """/pieces, /chunked and /slow (past a 300 ms route timeout: 504) go upstream from C and
+    come back mid-flight; each response carries x-response-pass once. (sent, stats)."""
+
+    def script(client):
+        return [client.get(p) for p in (b"/warm", b"/pieces", b"/chunked", b"/slow", b"/after")]
+
+    runs = _both_lanes(start_proxy, tmp_path, _lua(name, code), script, routes=CATCH_ALL % "300ms")
+    replies, sent, stats = runs["native"]
+    assert replies[1][1] == b"pieces" and replies[2][1].startswith(b"3\r\nabc")
+    assert replies[3][0].startswith(b"HTTP/1.1 504") and replies[4][1] == b"ok:/after"
+    for head, _ in replies[:3] + replies[4:]:
+        assert head.lower().count(b"x-response-pass: once") == 1
+    assert stats["flags"] == {"UT": 1}, stats
+    return sent, stats
+
+
 def test_handovers_in_flight_carry_the_chain_on(start_proxy, tmp_path):
     code = """
 function envoy_on_request(h)
@@ -349,19 +366,8 @@ function envoy_on_response(h)
 end
 """
 
-    def script(client):
-        return [client.get(p) for p in (b"/warm", b"/pieces", b"/chunked", b"/slow", b"/after")]
-
-    runs = _both_lanes(
-        start_proxy, tmp_path, _lua("both", code), script, routes=CATCH_ALL % "300ms"
-    )
-    replies, sent, stats = runs["native"]
-    assert replies[1][1] == b"pieces" and replies[2][1].startswith(b"3\r\nabc")
-    assert replies[3][0].startswith(b"HTTP/1.1 504") and replies[4][1] == b"ok:/after"
-    for head, _ in replies[:3] + replies[4:]:
-        assert head.lower().count(b"x-response-pass: once") == 1
+    sent, stats = _handed_over_in_flight(start_proxy, tmp_path, "both", code)
     assert all(request.lower().count(b"x-request-pass: once") == 1 for request in sent)
-    assert stats["flags"] == {"UT": 1}, stats
     # /pieces, /chunked and /slow went upstream from C, then came back mid-flight.
     assert stats["native_requests"] == 0 and stats["express_requests"] == 0, stats
 
@@ -408,18 +414,7 @@ def test_a_response_only_chain_handed_over_in_flight_runs_once(start_proxy, tmp_
     # Exchange that carries each on starts its chain, and the response filter runs once.
     code = "function envoy_on_response(h)\n  h:headers():add('x-response-pass', 'once')\nend\n"
 
-    def script(client):
-        return [client.get(p) for p in (b"/warm", b"/pieces", b"/chunked", b"/slow", b"/after")]
-
-    runs = _both_lanes(
-        start_proxy, tmp_path, _lua("late", code), script, routes=CATCH_ALL % "300ms"
-    )
-    replies, sent, stats = runs["native"]
-    assert replies[1][1] == b"pieces" and replies[2][1].startswith(b"3\r\nabc")
-    assert replies[3][0].startswith(b"HTTP/1.1 504") and replies[4][1] == b"ok:/after"
-    for head, _ in replies[:3] + replies[4:]:
-        assert head.lower().count(b"x-response-pass: once") == 1
-    assert stats["flags"] == {"UT": 1}, stats
+    _, stats = _handed_over_in_flight(start_proxy, tmp_path, "late", code)
     assert stats["native_requests"] == 0, stats
     assert stats["stages"]["filter:late"]["events"] == 4  # the 504 is a local reply
 

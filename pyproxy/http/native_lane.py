@@ -16,7 +16,10 @@ A route with filters keeps them: the pair calls back once per head. The
 request hook starts the request's HttpChain (the general path's own, with
 this lane standing in for the Exchange) and runs the request-header filters;
 the response hook runs the response-header ones; the done hook ends the chain
-as the exchange ends. A head the filters pass unchanged goes on as read, a
+as the exchange ends. A chain with no request-header filter starts at the
+response hook instead (the pair calls no request hook; the request's header
+map is built from its bytes only if something reads it), or where an Exchange
+adopts the request in flight. A head the filters pass unchanged goes on as read, a
 changed one as the bytes the general path would write (heads.paired_*_head);
 a head a filter holds or answers, or whose new framing the pair cannot carry,
 is taken: an Exchange adopts the chain where it stands and carries the
