@@ -15,6 +15,8 @@ import time
 from conftest import start_listener
 from test_express import Client, RawUpstream
 
+from pyproxy.http.native_lane import RequestLater
+
 CATCH_ALL = "    routes:\n      - match: {prefix: /}\n        timeout: %s\n"
 
 
@@ -337,6 +339,23 @@ end
     assert stats["native_requests"] == 0 and stats["express_requests"] == 0, stats
 
 
+def _handed_over_in_flight(start_proxy, tmp_path, name: str, code: str):
+    """/pieces, /chunked and /slow (past a 300 ms route timeout: 504) go upstream from C and
+    come back mid-flight; each response carries x-response-pass once. (sent, stats)."""
+
+    def script(client):
+        return [client.get(p) for p in (b"/warm", b"/pieces", b"/chunked", b"/slow", b"/after")]
+
+    runs = _both_lanes(start_proxy, tmp_path, _lua(name, code), script, routes=CATCH_ALL % "300ms")
+    replies, sent, stats = runs["native"]
+    assert replies[1][1] == b"pieces" and replies[2][1].startswith(b"3\r\nabc")
+    assert replies[3][0].startswith(b"HTTP/1.1 504") and replies[4][1] == b"ok:/after"
+    for head, _ in replies[:3] + replies[4:]:
+        assert head.lower().count(b"x-response-pass: once") == 1
+    assert stats["flags"] == {"UT": 1}, stats
+    return sent, stats
+
+
 def test_handovers_in_flight_carry_the_chain_on(start_proxy, tmp_path):
     code = """
 function envoy_on_request(h)
@@ -347,18 +366,70 @@ function envoy_on_response(h)
 end
 """
 
-    def script(client):
-        return [client.get(p) for p in (b"/warm", b"/pieces", b"/chunked", b"/slow", b"/after")]
-
-    runs = _both_lanes(
-        start_proxy, tmp_path, _lua("both", code), script, routes=CATCH_ALL % "300ms"
-    )
-    replies, sent, stats = runs["native"]
-    assert replies[1][1] == b"pieces" and replies[2][1].startswith(b"3\r\nabc")
-    assert replies[3][0].startswith(b"HTTP/1.1 504") and replies[4][1] == b"ok:/after"
-    for head, _ in replies[:3] + replies[4:]:
-        assert head.lower().count(b"x-response-pass: once") == 1
+    sent, stats = _handed_over_in_flight(start_proxy, tmp_path, "both", code)
     assert all(request.lower().count(b"x-request-pass: once") == 1 for request in sent)
-    assert stats["flags"] == {"UT": 1}, stats
     # /pieces, /chunked and /slow went upstream from C, then came back mid-flight.
     assert stats["native_requests"] == 0 and stats["express_requests"] == 0, stats
+
+
+# A chain with response-header filters only starts at the response (the pair calls no request
+# hook), or where an Exchange adopts the request in flight: what its filters see is the same.
+
+RESPONSE_READS = """
+function envoy_on_response(h)
+  local info = h:streamInfo()
+  h:headers():add('x-protocol', info:protocol())
+  h:headers():add('x-owner', h:metadata():get('owner') or 'none')
+  h:headers():add('x-tier', h:route():metadata():get('tier') or 'none')
+  h:headers():add('x-peer-seen', info:downstreamRemoteAddress() and 'yes' or 'no')
+  h:headers():add('x-status', h:headers():get(':status'))
+end
+"""
+TAGGED_ROUTE = (
+    "    routes:\n      - match: {prefix: /}\n"
+    "        metadata: {reads: {owner: team-a, tier: gold}}\n"
+)
+
+
+def test_a_response_only_chain_reads_the_route_and_stream_on_the_response(start_proxy, tmp_path):
+    def script(client):
+        return [client.get(b"/r%d" % i) for i in range(5)]
+
+    runs = _both_lanes(
+        start_proxy, tmp_path, _lua("reads", RESPONSE_READS), script, routes=TAGGED_ROUTE
+    )
+    replies, sent, stats = runs["native"]
+    for head, _ in replies:
+        lowered = head.lower()
+        for field in (b"x-protocol: http/1.1", b"x-owner: team-a", b"x-tier: gold",
+                      b"x-peer-seen: yes", b"x-status: 200"):  # fmt: skip
+            assert lowered.count(field) == 1, (field, head)
+    assert [r.split(b" ")[1] for r in sent] == [b"/r%d" % i for i in range(5)]
+    assert stats["native_requests"] == 4, stats  # all but the first came through C
+    assert stats["stages"]["filter:reads"]["events"] == 5
+
+
+def test_a_response_only_chain_handed_over_in_flight_runs_once(start_proxy, tmp_path):
+    # The pair hands these over after sending the request, before any response hook: the
+    # Exchange that carries each on starts its chain, and the response filter runs once.
+    code = "function envoy_on_response(h)\n  h:headers():add('x-response-pass', 'once')\nend\n"
+
+    _, stats = _handed_over_in_flight(start_proxy, tmp_path, "late", code)
+    assert stats["native_requests"] == 0, stats
+    assert stats["stages"]["filter:late"]["events"] == 4  # the 504 is a local reply
+
+
+def test_a_late_chain_builds_the_request_header_map_from_the_request_as_read():
+    raw = (
+        b"GET /a/b?q=1 HTTP/1.1\r\nHost: svc:8080\r\nUser-Agent: t\r\nX-Two: 1\r\nx-two: 2\r\n\r\n"
+    )
+    maps = RequestLater()
+    maps.request = raw
+    assert "decode" not in maps  # nothing built until read
+    headers = maps.get("decode")
+    assert headers is maps["decode"] and not headers.changed
+    assert headers.pseudo == {b":method": b"GET", b":path": b"/a/b?q=1", b":authority": b"svc:8080"}
+    assert headers.headers == [
+        (b"host", b"svc:8080"), (b"user-agent", b"t"), (b"x-two", b"1"), (b"x-two", b"2"),
+    ]  # fmt: skip
+    assert maps.get("encode") is None

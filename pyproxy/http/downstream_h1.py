@@ -267,14 +267,15 @@ class Http1Downstream(Http1Side):
             if lanes is not None and self.codec.at_rest:
                 lanes.pair(self)  # at rest between requests: the next ones may go in C
 
-    def resume_sent(self, route, upstream, data: bytes, started_ns: int, chain) -> None:
+    def resume_sent(self, route, upstream, data: bytes, started_ns: int, chain, late=None) -> None:
         """A request the native lane read at ``started_ns`` and sent on ``upstream`` comes back
         before its response: this connection's codec reads it, and an Exchange carries it on
-        (with ``chain``, its filters' pass, when its route has filters)."""
+        (with ``chain``, its filters' pass, when its route has filters; or ``late``, the
+        factory of a chain with no request-header filter that has not started yet)."""
         events = self.decode(data)  # the request head, its body if any, its end
         body = events[1].data if type(events[1]) is Body else b""
         self.exchange = exchange = Exchange(self.ctx, self, events[0], None)
-        exchange.adopt_sent(route, upstream, body, started_ns, chain)
+        exchange.adopt_sent(route, upstream, body, started_ns, chain, late)
 
     def take_request(self, data: bytes, route, chain, passed: bool, reply: tuple | None) -> None:
         """A whole request the native lane read and ran through its route's filters (``chain``)

@@ -270,13 +270,24 @@ class Exchange(RequestRecord):
         else:
             self.hold_if_chain_holds()
 
-    def adopt_sent(self, route, upstream, body, started_ns: int, chain: HttpChain | None) -> None:
+    def adopt_sent(
+        self, route, upstream, body, started_ns: int, chain: HttpChain | None,
+        late: ChainFactory | None = None,
+    ) -> None:  # fmt: skip
         """Carry on a whole request the native lane read at ``started_ns`` and already sent on
         ``upstream`` (an HTTP/1 connection), with its filters' ``chain`` if its route has one:
-        its response, timeout and accounts are ours now."""
+        its response, timeout and accounts are ours now. ``late``: the route's filters (none
+        of them request-header ones) whose chain the lane had not started yet: it starts here,
+        as ``start`` would have started it."""
         self.started_ns = started_ns
         self.route = route
-        if chain is not None:
+        if late is not None:
+            request = self.request
+            start_chain(
+                self, late, request.method, request.target, request.headers,
+                authority_of(request), self.head_only,
+            )  # fmt: skip
+        elif chain is not None:
             self.chain = chain
             chain.exchange = self
             self.request = filtered_request(self.request, chain.maps["decode"])

@@ -16,7 +16,10 @@ A route with filters keeps them: the pair calls back once per head. The
 request hook starts the request's HttpChain (the general path's own, with
 this lane standing in for the Exchange) and runs the request-header filters;
 the response hook runs the response-header ones; the done hook ends the chain
-as the exchange ends. A head the filters pass unchanged goes on as read, a
+as the exchange ends. A chain with no request-header filter starts at the
+response hook instead (the pair calls no request hook; the request's header
+map is built from its bytes only if something reads it), or where an Exchange
+adopts the request in flight. A head the filters pass unchanged goes on as read, a
 changed one as the bytes the general path would write (heads.paired_*_head);
 a head a filter holds or answers, or whose new framing the pair cannot carry,
 is taken: an Exchange adopts the chain where it stands and carries the
@@ -45,6 +48,7 @@ from typing import Any
 
 from pyproxy.chain.api import HeaderMap
 from pyproxy.chain.http_chain import ChainFactory, HttpChain
+from pyproxy.codec.http1_backend import make_http1_codec
 from pyproxy.config import ListenerConfig, ListenerMode
 from pyproxy.counters import (
     DOWNSTREAM_RX,
@@ -63,6 +67,7 @@ from pyproxy.http.context import HttpContext
 from pyproxy.http.downstream_h1 import Http1Downstream
 from pyproxy.http.exchange import end_chain, start_chain
 from pyproxy.http.heads import paired_request_edit, paired_response_edit
+from pyproxy.http.request import authority_of
 from pyproxy.http.router import Route
 from pyproxy.http.upstream_h1 import Http1Upstream
 from pyproxy.native import express_pair, http1_head_scanner
@@ -75,7 +80,8 @@ class NativeLanes:
     """Per listener context: whether connections may pair, and what every pair shares."""
 
     __slots__ = (
-        "ctx", "route", "chain", "ends_with_request", "ends_with_response", "slots", "timeout_ns",
+        "ctx", "route", "chain", "ends_with_request", "ends_with_response", "starts_late", "slots",
+        "timeout_ns",
     )  # fmt: skip
 
     def __init__(self, ctx: HttpContext, route: Route, chain: ChainFactory | None) -> None:
@@ -89,6 +95,13 @@ class NativeLanes:
         )
         # No end-of-request hook: the response filters' pass ends the chain.
         self.ends_with_response = chain is not None and not chain.finishers
+        # Response-header filters only: nothing runs on the request, so its chain starts at
+        # the response (the pair calls no request hook) or when an Exchange adopts it.
+        self.starts_late = (
+            chain is not None
+            and not chain.hooks["decode_headers"]
+            and bool(chain.hooks["encode_headers"])
+        )
         self.timeout_ns = int(route.timeout * 1e9)
         (down_read, down_write), (up_read, up_write) = ctx.downstream_stages, ctx.upstream_stages
         # In express_lane.c's `enum slot` order.
@@ -160,7 +173,7 @@ class NativeLane:
 
     __slots__ = (
         "lanes", "ctx", "route", "downstream", "upstream", "pair", "_watchdog",
-        "chain", "status", "flag", "passed", "reply",
+        "chain", "status", "flag", "passed", "reply", "late_for",
     )  # fmt: skip
 
     def __init__(
@@ -177,6 +190,9 @@ class NativeLane:
         # their local reply (send_local_reply's arguments) if they answered.
         self.passed: bool | None = None
         self.reply: tuple | None = None
+        # With a late-started chain: the exchange (pair.served at its response hook) whose
+        # chain self.chain is; an earlier one's is not the request in flight's.
+        self.late_for = -1
         # Responses the pair carries whole are not the business of a later retry decision: a
         # request in flight at the handover counts as answered once Python reads a byte of it.
         upstream.answered = False
@@ -187,7 +203,11 @@ class NativeLane:
             limits.max_header_bytes, limits.max_header_count, self._handover,
         )  # fmt: skip
         chain = lanes.chain
-        if chain is not None:
+        if chain is None:
+            pass
+        elif lanes.starts_late:
+            self.pair.set_hooks(None, self._late_response_hook, self._done_hook)
+        else:
             response_hook = self._response_hook if chain.hooks["encode_headers"] else None
             self.pair.set_hooks(self._request_hook, response_hook, self._done_hook)
         down.lend(self.pair.downstream_readable)
@@ -207,7 +227,13 @@ class NativeLane:
         upstream.stream.take_back(pair.up_in, pair.up_out)
         chain, self.chain = self.chain, None  # no lane <-> chain cycle left behind
         if pair.in_flight:
-            downstream.resume_sent(self.route, upstream, pair.request, pair.started_ns, chain)
+            late = None
+            if self.lanes.starts_late:
+                if self.late_for != pair.served:
+                    chain = None  # an earlier exchange's: this request's has not started
+                if chain is None:
+                    late = self.lanes.chain  # the Exchange starts it
+            downstream.resume_sent(self.route, upstream, pair.request, pair.started_ns, chain, late)
         elif keep_upstream:
             ctx.pool.keep(upstream)
         else:
@@ -300,6 +326,27 @@ class NativeLane:
             self._let_go(chain)  # the filters' last word
         return edited
 
+    def _late_response_hook(
+        self, status: int, fields: list, content_length: int
+    ) -> bytes | list | bool | None:
+        """The response hook of a chain with no request-header filter: start the request's
+        chain now, its request header map built from the request's bytes only if read."""
+        self.reply = None
+        self.late_for = self.pair.served
+        ctx = self.ctx
+        factory: Any = self.lanes.chain
+        if ctx.timed:
+            t0 = perf_counter_ns()
+            self.chain = chain = HttpChain(factory, self)
+            chain.maps = maps = RequestLater()
+            maps.request = self.pair.request
+            factory.charge(ctx.block, perf_counter_ns() - t0)
+        else:
+            self.chain = chain = HttpChain(factory, self)
+            chain.maps = maps = RequestLater()
+            maps.request = self.pair.request
+        return self._response_hook(status, fields, content_length)
+
     def _let_go(self, chain: HttpChain) -> None:
         """A passed chain with nothing left to run (no end-of-request hook, nothing held or
         deferred): its filters let go of it now, and the pair needs no done call. It is not
@@ -389,6 +436,28 @@ class NativeLane:
             # The hook raised: the Exchange runs the response filters over the head afresh.
             exchange.chain.maps.pop("encode", None)
         self.upstream.data_received(data)
+
+
+class RequestLater(dict):
+    """A late-started chain's ``maps``: its request header map ("decode"), as the request
+    hook would have built it, made from the request's bytes as read only when something
+    reads it (a response-header filter rarely does)."""
+
+    __slots__ = ("request",)  # the request's bytes as read: set before use (no __init__ call)
+    request: bytes
+
+    def __missing__(self, key: str) -> HeaderMap:
+        if key != "decode":
+            raise KeyError(key)
+        head: Any = make_http1_codec("fast", "server").receive_data(self.request)[0]
+        headers = self["decode"] = HeaderMap(
+            list(head.headers),
+            {b":method": head.method, b":path": head.target, b":authority": authority_of(head)},
+        )
+        return headers
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key == "decode" else super().get(key, default)
 
 
 def _after_adoption() -> None:
