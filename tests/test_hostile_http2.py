@@ -134,6 +134,21 @@ def test_a_body_longer_than_its_content_length_ends_the_connection(hostile_h2):
     assert b"abcdef" not in reached
 
 
+def test_a_head_that_ends_the_stream_but_promises_a_body_never_reaches_the_upstream(
+    hostile_h2, h2_codec
+):
+    # Forwarded, it would be an HTTP/1 head whose 5-byte body the next request would supply.
+    headers = _request(method=b"POST", extra=[(b"content-length", b"5")])
+    # nghttp2 refuses it itself (a connection error); with hyper-h2 the proxy resets the stream.
+    answer, reason = {
+        "native": (("goaway", PROTOCOL_ERROR), "h2_protocol"),
+        "h2": (("reset", PROTOCOL_ERROR), "header"),
+    }[h2_codec]
+    outcome, reached = hostile_h2.run(_send_request(hostile_h2.port, headers), reason)
+    assert outcome == answer
+    assert reached == b""
+
+
 def test_connect_is_answered_501(hostile_h2):
     headers = [(b":method", b"CONNECT"), (b":authority", b"example.com:443")]
     outcome, reached = hostile_h2.run(_send_request(hostile_h2.port, headers), "method")

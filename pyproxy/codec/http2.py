@@ -13,6 +13,10 @@ from pyproxy.protocol import H2_CONNECTION_SPECIFIC, H2_TE_ALLOWED, has_body
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 §3.4
 # request_from_h2's reason for a field name or value an HTTP/1 peer would not take.
 FIELD_REFUSED: Final = "a field name that is not a token, or a control character in a value"
+# §8.1.1: a request whose Content-Length differs from its DATA is malformed. One that ends with
+# its head but promises a body would reach an HTTP/1 upstream as a head waiting for bytes that
+# the next request on that connection would then supply.
+BODY_PROMISED: Final = "content-length promises a body the stream does not carry"
 
 # Frame types and flags the scanner looks at (RFC 9113 §6).
 _HEADERS, _PUSH_PROMISE, _GOAWAY, _CONTINUATION = 0x1, 0x5, 0x7, 0x9
@@ -204,6 +208,8 @@ def request_from_h2(
     problem = _pseudo_header_problem(method, path, scheme, authority)
     if problem:
         return ProtocolError(400, problem)
+    if ended and content_length:
+        return ProtocolError(400, BODY_PROMISED)
     assert method is not None and path is not None
     # §8.2.3: cookie crumbs are joined back for an HTTP/1.1 hop.
     if cookies:

@@ -28,6 +28,7 @@ from h2.events import (
 from pyproxy.addresses import Address
 from pyproxy.codec.events import ProtocolError
 from pyproxy.codec.http2 import (
+    BODY_PROMISED,
     FIELD_REFUSED,
     h2_relayed_response_headers,
     h2_response_headers,
@@ -168,7 +169,9 @@ class Http2Downstream(H2Session):
                 self._direct_reply(sid, 501, (head.reason + "\n").encode(), ended)
             else:
                 # §8.1.1: malformed, a stream error; nothing of it goes anywhere.
-                reason = "header" if head.reason == FIELD_REFUSED else "pseudo_header"
+                reason = (
+                    "header" if head.reason in (FIELD_REFUSED, BODY_PROMISED) else "pseudo_header"
+                )
                 ctx.block[reject_slot(reason)] += 1
                 ctx.block[FLAG_BASE + FLAG_INDEX["DPE"]] += 1
                 self._reset_raw(sid, PROTOCOL_ERROR)
