@@ -21,6 +21,7 @@ typedef struct pp_out {
     int submitted; /* a data source is attached (nghttp2_submit_data) */
     pp_buf trailers;
     int has_trailers;
+    int trailers_flags; /* PP_H2_PLAIN: the trailers are NUL-joined */
     uint32_t reset_after; /* 1 + the code of an RST_STREAM that waits for the END_STREAM */
 } pp_out;
 
@@ -28,6 +29,7 @@ struct pp_h2 {
     nghttp2_session *session;
     pp_buf events;
     pp_buf headers; /* the header block being received */
+    pp_buf joined;  /* the same block NUL-joined, while it stays plain */
     pp_buf out;
     size_t data_rec; /* offset of the DATA record the current frame appends to, or SIZE_MAX */
     size_t queued;   /* bytes in all pp_out queues */
@@ -73,7 +75,34 @@ static int add_record(pp_h2 *h, uint32_t kind, int32_t sid, uint32_t a, uint32_t
 
 /* ---- packed header blocks <-> nghttp2_nv ------------------------------------------------ */
 
-static nghttp2_nv *unpack_nv(const uint8_t *p, size_t len, size_t *count) {
+/* A NUL-joined block (name NUL value NUL ...): 2n - 1 NULs for n fields. */
+static nghttp2_nv *unpack_joined(const uint8_t *p, size_t len, size_t *count) {
+    size_t nuls = 0;
+    for (const uint8_t *q = p; len && (q = memchr(q, 0, len - (size_t)(q - p))) != NULL; q++)
+        nuls++;
+    if (len && nuls % 2 == 0) return NULL;
+    size_t n = len ? (nuls + 1) / 2 : 0;
+    nghttp2_nv *nva = malloc((n ? n : 1) * sizeof *nva);
+    if (nva == NULL) return NULL;
+    const uint8_t *pos = p, *end = p + len;
+    for (size_t i = 0; i < n; i++) {
+        const uint8_t *name_end = memchr(pos, 0, (size_t)(end - pos));
+        const uint8_t *value = name_end + 1;
+        const uint8_t *value_end = memchr(value, 0, (size_t)(end - value));
+        if (value_end == NULL) value_end = end;
+        nva[i].name = (uint8_t *)pos;
+        nva[i].namelen = (size_t)(name_end - pos);
+        nva[i].value = (uint8_t *)value;
+        nva[i].valuelen = (size_t)(value_end - value);
+        nva[i].flags = NGHTTP2_NV_FLAG_NONE;
+        pos = value_end + 1;
+    }
+    *count = n;
+    return nva;
+}
+
+static nghttp2_nv *unpack_nv(const uint8_t *p, size_t len, int flags, size_t *count) {
+    if (flags & PP_H2_PLAIN) return unpack_joined(p, len, count);
     size_t n = 0, pos = 0;
     while (pos + 8 <= len) {
         uint32_t nl, vl;
@@ -157,7 +186,7 @@ static ssize_t read_data(nghttp2_session *session, int32_t sid, uint8_t *buf, si
         q->submitted = 0;
         if (q->has_trailers) {
             size_t count;
-            nghttp2_nv *nva = unpack_nv(q->trailers.data, q->trailers.len, &count);
+            nghttp2_nv *nva = unpack_nv(q->trailers.data, q->trailers.len, q->trailers_flags, &count);
             if (nva == NULL) return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
             *data_flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
             int rv = nghttp2_submit_trailer(session, sid, nva, count);
@@ -266,6 +295,7 @@ static int block_plain(pp_h2 *h, int server, nghttp2_headers_category cat) {
 static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame, void *user_data) {
     pp_h2 *h = user_data;
     h->headers.len = 0;
+    h->joined.len = 0;
     h->seen = 0;
     h->not_plain = 0;
     return 0;
@@ -282,6 +312,14 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const
     buf_add(b, lens, 8);
     buf_add(b, name, namelen);
     buf_add(b, value, valuelen);
+    if (!h->not_plain) { /* plain so far: no NUL in it (visible ASCII, token names) */
+        pp_buf *j = &h->joined;
+        if (buf_reserve(j, 2 + namelen + valuelen)) return NGHTTP2_ERR_CALLBACK_FAILURE;
+        if (j->len) j->data[j->len++] = 0;
+        buf_add(j, name, namelen);
+        j->data[j->len++] = 0;
+        buf_add(j, value, valuelen);
+    }
     return 0;
 }
 
@@ -319,7 +357,8 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, v
         return end ? add_record(h, PP_H2_END, sid, 0, 0, NULL, 0) : 0;
     case NGHTTP2_HEADERS:
         if (block_plain(h, nghttp2_session_check_server_session(session), frame->headers.cat))
-            end |= PP_H2_PLAIN;
+            return add_record(h, PP_H2_HEADERS, sid, frame->headers.cat, end | PP_H2_PLAIN,
+                              h->joined.data, h->joined.len);
         return add_record(h, PP_H2_HEADERS, sid, frame->headers.cat, end, h->headers.data,
                           h->headers.len);
     case NGHTTP2_RST_STREAM:
@@ -418,6 +457,7 @@ void pp_h2_del(pp_h2 *h) {
     nghttp2_session_del(h->session);
     free(h->events.data);
     free(h->headers.data);
+    free(h->joined.data);
     free(h->out.data);
     free(h);
     live_sessions--;
@@ -478,9 +518,10 @@ int pp_h2_set_connection_window(pp_h2 *h, int32_t size) {
 }
 
 int32_t pp_h2_submit_headers(pp_h2 *h, int32_t sid, const uint8_t *packed, size_t len,
-                             int end_stream) {
+                             int flags) {
     size_t count;
-    nghttp2_nv *nva = unpack_nv(packed, len, &count);
+    int end_stream = flags & PP_H2_END_STREAM;
+    nghttp2_nv *nva = unpack_nv(packed, len, flags, &count);
     if (nva == NULL) return NGHTTP2_ERR_INVALID_ARGUMENT;
     /* A client stream gets its send queue now: DATA may be queued before its HEADERS leave. */
     pp_out *q = NULL;
@@ -515,15 +556,19 @@ int pp_h2_queue_data(pp_h2 *h, int32_t sid, const uint8_t *data, size_t len, int
     return out_kick(h, q);
 }
 
-int pp_h2_queue_trailers(pp_h2 *h, int32_t sid, const uint8_t *packed, size_t len) {
+int pp_h2_queue_trailers(pp_h2 *h, int32_t sid, const uint8_t *packed, size_t len, int flags) {
     pp_out *q = out_get(h, sid, 0);
-    if (q == NULL || (!q->submitted && q->off == q->data.len))
-        return pp_h2_submit_headers(h, sid, packed, len, 1); /* no DATA to wait for */
+    /* No DATA to wait for; a client stream whose HEADERS have not left yet keeps its trailers
+     * queued: on_frame_send of those HEADERS sends them. */
+    if (q == NULL || (!q->submitted && q->off == q->data.len &&
+                      nghttp2_session_find_stream(h->session, sid) != NULL))
+        return pp_h2_submit_headers(h, sid, packed, len, (flags & PP_H2_PLAIN) | PP_H2_END_STREAM);
     if (q == NULL) return NGHTTP2_ERR_STREAM_CLOSED;
     if (q->eof) return NGHTTP2_ERR_STREAM_SHUT_WR;
     q->trailers.len = 0;
     if (buf_add(&q->trailers, packed, len)) return NGHTTP2_ERR_NOMEM;
     q->has_trailers = 1;
+    q->trailers_flags = flags & PP_H2_PLAIN;
     q->eof = 1;
     return out_kick(h, q);
 }

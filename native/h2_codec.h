@@ -6,6 +6,9 @@
  *     payload bytes) to one event buffer that Python reads after pp_h2_recv, one crossing a read;
  *   - header blocks travel packed: per field a uint32 name length, a uint32 value length, the
  *     name, the value (native byte order) - both in received HEADERS records and in submits;
+ *     a block that holds no NUL byte may travel in the PP_H2_PLAIN form instead, the names and
+ *     values joined by single NUL bytes (name NUL value NUL name ...): a plain received block
+ *     always does (plain values are visible ASCII), a submit says so in its flags;
  *   - outbound DATA is queued per stream in C (a copy) and handed to nghttp2 by a data source
  *     callback within the peer's windows; trailers queued behind it go out at its end;
  *   - every function returns >= 0 or a negative nghttp2 error code; nothing raises.
@@ -27,7 +30,9 @@ enum {
     PP_H2_CLOSED = 7,   /* a stream closed with a = error code != 0 */
 };
 
-/* HEADERS flag: the block is plain (h2_codec.c says which); h2's rules need not judge it. */
+/* HEADERS flag: the block is plain (h2_codec.c says which); h2's rules need not judge it, and it
+ * travels NUL-joined. Submit flags: PP_H2_END_STREAM, and PP_H2_PLAIN for a NUL-joined block. */
+#define PP_H2_END_STREAM 1
 #define PP_H2_PLAIN 2
 
 typedef struct {
@@ -55,9 +60,9 @@ ssize_t pp_h2_send(pp_h2 *h, const uint8_t **out);
 int pp_h2_settings(pp_h2 *h, const uint32_t *ids_values, size_t n);
 int pp_h2_set_connection_window(pp_h2 *h, int32_t size);
 /* stream_id -1 opens a client stream and returns its id. */
-int32_t pp_h2_submit_headers(pp_h2 *h, int32_t stream_id, const uint8_t *packed, size_t len, int end_stream);
+int32_t pp_h2_submit_headers(pp_h2 *h, int32_t stream_id, const uint8_t *packed, size_t len, int flags);
 int pp_h2_queue_data(pp_h2 *h, int32_t stream_id, const uint8_t *data, size_t len, int end_stream);
-int pp_h2_queue_trailers(pp_h2 *h, int32_t stream_id, const uint8_t *packed, size_t len);
+int pp_h2_queue_trailers(pp_h2 *h, int32_t stream_id, const uint8_t *packed, size_t len, int flags);
 int pp_h2_reset(pp_h2 *h, int32_t stream_id, uint32_t error_code);
 int pp_h2_consume(pp_h2 *h, int32_t stream_id, size_t n);
 int pp_h2_goaway(pp_h2 *h, uint32_t error_code, const uint8_t *opaque, size_t len);

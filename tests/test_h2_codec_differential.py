@@ -10,7 +10,7 @@ import pytest
 from conftest import require_capability
 from fuzz.h2_native_targets import agree, h2_client, h2_server, native_client, native_server
 from hostile import h2_frame
-from hpack import Encoder
+from hpack import Decoder, Encoder
 
 from pyproxy.codec import http2_native
 from pyproxy.codec.http2 import PREFACE
@@ -271,3 +271,55 @@ def test_empty_content_length_in_request_trailers_fails_on_both():
         _headers(1, [(b"content-length", b"")], _END_HEADERS | _END_STREAM),
     )
     assert _agree([data])[1]
+
+
+@pytest.mark.parametrize(
+    ("extra", "form"),
+    [
+        ([(b"x-a", b"b c")], http2_native._PLAIN),  # NUL-joined across the boundary
+        ([(b"x-a", b"b\0c"), (b"x-\0", b"")], 0),  # a NUL byte: length-prefixed instead
+        ([(b"", b"")], http2_native._PLAIN),
+    ],
+)
+def test_sent_header_blocks_reach_the_peer_as_given_in_either_form(extra, form):
+    # What the native codec sends, hyper-h2 decodes: both packed forms carry every byte.
+    request = [*_GET_REQUEST, *extra]
+    assert http2_native.pack_headers(request)[1] == form
+    client = http2_native.NativeH2Connection(True, 1000)
+    client.initiate({}, 65535)
+    sid = client.get_next_available_stream_id()
+    client.send_headers(sid, request)
+    client.send_data(sid, b"x")
+    client.send_headers(sid, [(b"grpc-status", b"0"), *extra], end_stream=True)  # trailers
+    wire, decoder, blocks = client.data_to_send()[len(PREFACE) :], Decoder(), []
+    while wire:
+        length, kind = int.from_bytes(wire[:3], "big"), wire[3]
+        if kind == _HEADERS:
+            blocks.append(decoder.decode(wire[9 : 9 + length], raw=True))
+        wire = wire[9 + length :]
+    assert blocks == [request, [(b"grpc-status", b"0"), *extra]]
+
+
+def test_trailers_queued_before_the_request_headers_left_follow_them():
+    # A request of headers and trailers only, both queued before the HEADERS frame was sent:
+    # the trailers were dropped (nghttp2 refused them on a stream not open yet).
+    client = http2_native.NativeH2Connection(True, 1000)
+    client.initiate({}, 65535)
+    sid = client.get_next_available_stream_id()
+    client.send_headers(sid, _GET_REQUEST)
+    client.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+    server = h2_server()
+    events = server.receive_data(client.data_to_send())
+    trailers = [e for e in events if type(e).__name__ == "TrailersReceived"]
+    assert [e.headers for e in trailers] == [[(b"grpc-status", b"0")]]
+    assert trailers[0].stream_ended is not None
+
+
+def test_received_plain_blocks_split_back_into_their_fields():
+    server = http2_native.NativeH2Connection(False, 1000)
+    server.initiate({}, 65535)
+    request = [*_GET_REQUEST, (b"x-a", b"b c"), (b"x-empty", b"")]
+    events = server.receive_data(PREFACE + _upstream(_headers(1, request, 5)))
+    (received,) = [e for e in events if hasattr(e, "headers")]
+    assert http2_native.fields_checked(received)
+    assert received.headers == request

@@ -11,6 +11,7 @@ queues (and the backpressure they signal) work as with h2.
 from __future__ import annotations
 
 import struct
+from itertools import chain
 from typing import Any
 
 from h2.events import (
@@ -38,7 +39,7 @@ if _h2 is not None:
 # Record kinds (h2_codec.h).
 _HEADERS, _DATA, _END, _RST, _WINDOW, _SETTINGS, _CLOSED = 1, 2, 3, 4, 5, 6, 7
 _HCAT_REQUEST, _HCAT_RESPONSE = 0, 1  # nghttp2_headers_category
-_PLAIN = 2  # HEADERS record flag PP_H2_PLAIN
+_END_STREAM, _PLAIN = 1, 2  # PP_H2_END_STREAM, PP_H2_PLAIN (a NUL-joined block)
 _REC = struct.Struct("=IiIII")
 _LENS = struct.Struct("=II")
 # SETTINGS identifiers (RFC 9113 §6.5.2).
@@ -49,10 +50,23 @@ _NO_LIMIT = 1 << 31  # nghttp2 cuts DATA into frames itself: only the window bou
 effective_codec = effective_http2_codec
 
 
-def pack_headers(headers: Headers) -> bytes:
-    """A header list as h2_codec.h's packed form (one buffer, one crossing)."""
+def pack_headers(headers: Headers) -> tuple[bytes, int]:
+    """A header list as one buffer for one crossing, and its form's flag (h2_codec.h): NUL-joined
+    (PP_H2_PLAIN) when no name or value holds a NUL byte, else length-prefixed."""
+    flat = list(chain.from_iterable(headers))
+    joined = b"\0".join(flat)
+    if flat and joined.count(0) == len(flat) - 1:
+        return joined, _PLAIN
     pack = _LENS.pack
-    return b"".join([pack(len(name), len(value)) + name + value for name, value in headers])
+    return b"".join([pack(len(name), len(value)) + name + value for name, value in headers]), 0
+
+
+def _split_headers(buf: bytes, start: int, end: int) -> Headers:
+    """A NUL-joined block (a plain one: no NUL can be in it) as the header list."""
+    if start == end:
+        return []
+    fields = iter(buf[start:end].split(b"\0"))
+    return list(zip(fields, fields, strict=False))  # 2n fields: C joined n pairs
 
 
 def _unpack_headers(buf: bytes, start: int, end: int) -> Headers:
@@ -155,7 +169,10 @@ class NativeH2Connection:
                     self._count_body(sid, length, False)
                 add(DataReceived(stream_id=sid, data=data, flow_controlled_length=length))
             elif kind == _HEADERS:
-                headers = _unpack_headers(buf, pos, pos + length)
+                if flags & _PLAIN:
+                    headers = _split_headers(buf, pos, pos + length)
+                else:
+                    headers = _unpack_headers(buf, pos, pos + length)
                 self._headers(events, sid, a, flags, headers)
             elif kind == _END:
                 if sid in self._informational:
@@ -248,12 +265,13 @@ class NativeH2Connection:
         return ffi.buffer(self._out[0], n)[:]
 
     def send_headers(self, stream_id: int, headers: Headers, end_stream: bool = False) -> None:
-        packed = pack_headers(headers)
+        packed, form = pack_headers(headers)
         if end_stream and not self._opens(stream_id):
-            rv = lib.pp_h2_queue_trailers(self.session, stream_id, packed, len(packed))
+            rv = lib.pp_h2_queue_trailers(self.session, stream_id, packed, len(packed), form)
         else:
             sid = -1 if self.client_side and self._opens(stream_id) else stream_id
-            rv = lib.pp_h2_submit_headers(self.session, sid, packed, len(packed), end_stream)
+            flags = form | _END_STREAM if end_stream else form
+            rv = lib.pp_h2_submit_headers(self.session, sid, packed, len(packed), flags)
             if sid == -1 and rv >= 0 and _method(headers) == b"HEAD":
                 self._heads.add(rv)
         if rv < 0:
