@@ -38,11 +38,11 @@ def validated(tmp_path_factory):
 def test_both_apps_ran_in_captured_pods_with_and_without_sidecars(validated):
     rows = json.loads((validated / "validation.json").read_text())
     assert [(r["app"], r["mode"], r["load"]) for r in rows] == [
-        ("http", "http+fault", "closed"),
-        ("http", "http+fault", "0.5"),
         ("grpc", "grpc", "closed"),
         ("grpc", "grpc", "0.5"),
-    ]
+        ("http", "http+fault", "closed"),
+        ("http", "http+fault", "0.5"),
+    ]  # in a stable order (topology, app, sidecars), whichever order they were measured in
     for r in rows:
         # Every service's sidecar carried the app's connections: the iptables rules steered the
         # inbound calls (a, b, c) and a's outbound calls (to b and c) through it.
@@ -53,8 +53,8 @@ def test_both_apps_ran_in_captured_pods_with_and_without_sidecars(validated):
         assert r["stage_clock_us"] > 0 and r["predicted_stage_sum_us"] > 0
         assert r["p50_with_us"] > 0 and r["p50_without_us"] > 0 and r["rate"] > 0
         assert r["predicted_us"] > 0 and r["predicted_external_us"] > 0
-    paced = [r for r in rows if r["load"] != "closed"]
-    assert all(r["sidecar_cores"] > 0 and r["predicted_cores"] > 0 for r in paced)
+        # the sidecars' CPU is measured in every phase, the closed loop too
+        assert r["sidecar_cores"] > 0 and r["predicted_cores"] > 0
     assert (validated / "predicted_vs_measured.png").stat().st_size > 1000
     table = (validated / "table.md").read_text()
     assert "| fanout | grpc | grpc | closed |" in table and "median / worst" in table
