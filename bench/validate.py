@@ -172,7 +172,7 @@ def run_case(topology: str, case: Case, args: argparse.Namespace, workdir: Path)
                 "--mesh-app-roots", ",".join(map(str, mesh.app_roots)),
                 "--plain-app-roots", ",".join(map(str, plain.app_roots)),
                 "--traced", traced.entry, "--trace-file", str(trace),
-                "--traced-requests", str(args.traced_requests)]  # fmt: skip
+                "--traced-requests", str(args.traced_requests)] + (["--pin"] if args.pin else [])  # fmt: skip
         noise = Noise()
         # each paced round lasts at least ROUND_SAMPLES exchanges: a few seconds at the lowest rates
         phases = 1 + len(args.loads.split(","))
@@ -181,7 +181,7 @@ def run_case(topology: str, case: Case, args: argparse.Namespace, workdir: Path)
         measured = json.loads(result.stdout)
         measured["foreign_cpus"] = noise.cpus()
         measured["captured"] = {n: _captured(made["m" + n]) for n in names}
-    measured |= {"topology": topology, "case": case.text, "trace": trace.name,
+    measured |= {"topology": topology, "case": case.text, "trace": trace.name, "pinned": args.pin,
                  "size": args.size, "work_us": args.work_us}  # fmt: skip
     return measured
 
@@ -224,6 +224,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         type=Path,
         help="results folder; cases measured into it by earlier runs join the table",
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="run the load and every app on CPU 0 and every sidecar on CPU 1",
     )
     parser.add_argument(
         "--fit-topologies",

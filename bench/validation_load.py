@@ -16,7 +16,9 @@ after one that sets up its connections. Prints one JSON document.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
 from pathlib import Path
 
@@ -103,6 +105,14 @@ def measure_rounds(
     return summarize(measured) | {"rounds": measured}
 
 
+def pin(pids: list[int], cpu: int) -> None:
+    """Every thread of the processes onto one CPU (threads they start later inherit it)."""
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(int(tid), {cpu})
+
+
 def run(args: argparse.Namespace) -> dict:
     make = EXCHANGERS[args.protocol]
     for address in (args.plain, args.mesh):
@@ -117,6 +127,9 @@ def run(args: argparse.Namespace) -> dict:
             ("apps_plain", args.plain_app_roots),
         )
     }
+    if args.pin:
+        pin(pids["apps_mesh"] + pids["apps_plain"] + [os.getpid()], 0)
+        pin(pids["sidecars"], 1)
     out: dict = {}
     try:
         closed = measure_rounds(plain, mesh, args.rounds, args.seconds, None, pids, warmup=20)
@@ -161,6 +174,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--traced", help="entry address of the traced deployment")
     parser.add_argument("--trace-file", help="the file its spans go to (emptied before measuring)")
     parser.add_argument("--traced-requests", type=int, default=20)
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="every app and this load on CPU 0, every sidecar on CPU 1, once all are up",
+    )
     parser.add_argument("--ready-timeout", type=float, default=60.0)
     print(json.dumps(run(parser.parse_args(argv))))
 

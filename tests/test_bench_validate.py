@@ -9,7 +9,7 @@ import os
 import pytest
 from pyproxy.bench.callgraph import graphs_from_traces, read_otlp_lines
 from pyproxy.bench.validate import Case, halves_differ, held_out, held_out_table, pod_factors
-from pyproxy.bench.validation_load import summarize
+from pyproxy.bench.validation_load import pin, summarize
 from pyproxy.iptables.netns import missing_capabilities
 
 from pyproxy.cli import main
@@ -142,3 +142,20 @@ def test_pod_factors_come_from_the_fitted_topology_only_and_price_the_held_out_o
     assert held[1]["calibrated_cpu_error"] == pytest.approx(1 / 3)
     assert held[2]["calibrated_error"] == pytest.approx(0.2)  # 48 predicted for 40
     assert "held out" in held_out_table(rows, {"chain"}) and held_out_table(rows, {"x"}) == ""
+
+
+def test_pinning_puts_every_thread_of_a_process_on_one_cpu():
+    import subprocess
+    import sys
+
+    code = "import threading, time; threading.Thread(target=time.sleep, args=(30,)).start(); print(1, flush=True); time.sleep(30)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"1"  # both threads are up
+        pin([proc.pid], 0)
+        tids = os.listdir(f"/proc/{proc.pid}/task")
+        assert len(tids) == 2
+        assert all(os.sched_getaffinity(int(tid)) == {0} for tid in tids)
+    finally:
+        proc.kill()
+        proc.wait()
