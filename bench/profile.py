@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from pyproxy.bench.model import (
 )
 from pyproxy.bench.procs import Processes, cpu_ns, cpu_seconds, free_port, tree_pids, wait_port
 from pyproxy.bench.tcp_echo import get_json
+from pyproxy.bench.validation_load import pin
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = (100, 1024, 2048, 4096, 8192, 16384)
@@ -67,6 +69,11 @@ def setups(modes: list[str], ipcs: list[str], filters: list[str]) -> list[Setup]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the proxy on CPU 1, the echo upstream and the driver on CPU 0 (as validate --pin)",
+    )
     parser.add_argument("--modes", default="tcp,http,grpc", help="comma-separated modes")
     parser.add_argument("--ipc", default="tcp,unix", help="IPC backends (app-facing socket)")
     parser.add_argument(
@@ -94,14 +101,14 @@ def _stages_delta(after: dict, before: dict) -> dict[str, int]:
 class _Target:
     """A running proxy + echo upstream pair for one setup."""
 
-    def __init__(self, procs: Processes, setup: Setup, workdir: Path) -> None:
+    def __init__(self, procs: Processes, setup: Setup, workdir: Path, pinned: bool = False) -> None:
         self.setup = setup
         protocol = setup.mode
         if setup.ipc == "unix":
             upstream = f"unix:{workdir}/echo-{setup.name.replace(':', '_')}.sock"
         else:
             upstream = f"127.0.0.1:{free_port()}"
-        procs.start([sys.executable, "-m", "pyproxy.bench.echo_server", "--listen", upstream,
+        echo = procs.start([sys.executable, "-m", "pyproxy.bench.echo_server", "--listen", upstream,
                      "--protocol", protocol])  # fmt: skip
         listen, self.admin = free_port(), free_port()
         argv = [sys.executable, "-m", "pyproxy", "run", "--mode", setup.mode,
@@ -116,6 +123,11 @@ class _Target:
         wait_ready(protocol, self.direct)
         wait_ready(protocol, self.proxied)
         self.pids = tree_pids(self.proc.pid)
+        if pinned:
+            # as `validate --pin` places a pod's processes: the proxy alone on CPU 1, the
+            # app side (here the echo upstream and the driver) on CPU 0
+            pin(tree_pids(echo.pid) + [os.getpid()], 0)
+            pin(self.pids, 1)
 
     def stats(self) -> dict:
         return get_json(f"http://127.0.0.1:{self.admin}/stats?format=json")["listeners"]["main"]
@@ -312,7 +324,7 @@ def run(args: argparse.Namespace) -> int:
             for setup in plan:
                 procs = Processes()
                 try:
-                    target = _Target(procs, setup, Path(tmp))
+                    target = _Target(procs, setup, Path(tmp), args.pin)
                     for size in sizes:
                         if bar is not None:
                             bar.set_description(f"{setup.name} {size} B")

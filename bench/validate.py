@@ -71,6 +71,10 @@ class Case:
     def label(self) -> str:
         return "+".join((self.mode, *self.filters))
 
+    @property
+    def text(self) -> str:
+        return f"{self.protocol}/{self.label}"
+
 
 @dataclass
 class Deployment:
@@ -168,16 +172,32 @@ def run_case(topology: str, case: Case, args: argparse.Namespace, workdir: Path)
                 "--mesh-app-roots", ",".join(map(str, mesh.app_roots)),
                 "--plain-app-roots", ",".join(map(str, plain.app_roots)),
                 "--traced", traced.entry, "--trace-file", str(trace),
-                "--traced-requests", str(args.traced_requests)]  # fmt: skip
+                "--traced-requests", str(args.traced_requests)] + (["--pin"] if args.pin else [])  # fmt: skip
         noise = Noise()
-        budget = 90 + 2 * args.rounds * args.seconds + 3 * len(args.loads.split(",")) * args.seconds
+        # each paced round lasts at least ROUND_SAMPLES exchanges: a few seconds at the lowest rates
+        phases = 1 + len(args.loads.split(","))
+        budget = 120 + 3 * args.rounds * phases * max(args.seconds, 2.0)
         result = made["client"].run(argv, timeout=budget)
         measured = json.loads(result.stdout)
         measured["foreign_cpus"] = noise.cpus()
         measured["captured"] = {n: _captured(made["m" + n]) for n in names}
-    overlay = {s: Service(s, case.mode, case.filters) for s in names}
-    measured["graphs"] = graphs_from_traces(read_otlp_lines(trace), str(trace), overlay)
+    measured |= {"topology": topology, "case": case.text, "trace": trace.name, "pinned": args.pin,
+                 "size": args.size, "work_us": args.work_us}  # fmt: skip
     return measured
+
+
+def _measurement_file(out: Path, topology: str, case: Case) -> Path:
+    return out / f"measured-{topology}-{case.protocol}-{case.label}.json"
+
+
+def measured_cases(out: Path) -> list[tuple[str, Case, dict]]:
+    """Every case measured into `out` so far (by this run or an earlier one), in a stable order."""
+    found = []
+    for path in sorted(out.glob("measured-*.json")):
+        m = json.loads(path.read_text())
+        found.append((m["topology"], Case.parse(m["case"]), m))
+    order = list(TOPOLOGIES)
+    return sorted(found, key=lambda f: (order.index(f[0]), f[1].protocol, f[1].label))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -200,31 +220,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="paced rates, as fractions of the meshed closed-loop rate",
     )
     parser.add_argument("--traced-requests", type=int, default=20)
-    parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        help="results folder; cases measured into it by earlier runs join the table",
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="run the load and every app on CPU 0 and every sidecar on CPU 1",
+    )
+    parser.add_argument(
+        "--fit-topologies",
+        default="",
+        help="also price the other topologies' rows with measured/predicted factors per setup "
+        "fitted on these topologies' rows only (e.g. chain): the pods' cost beyond the profile, "
+        "checked on held-out rows",
+    )
+    parser.add_argument(
+        "--predict-only",
+        action="store_true",
+        help="measure nothing: predict again for the cases already measured into --out",
+    )
 
 
 def _error(predicted: float, measured: float | None) -> float | None:
     return abs(predicted - measured) / abs(measured) if measured else None
 
 
-def rows_for(topology: str, case: Case, m: dict, profile: Profile, args) -> list[dict]:
+def halves_differ(halves: list[float]) -> float | None:
+    """How far the two halves of a measurement disagree, relative to their mean: |h0 - h1| / mean
+    (None without two halves, or with a zero mean)."""
+    if len(halves) != 2:
+        return None
+    mean = (halves[0] + halves[1]) / 2
+    return abs(halves[0] - halves[1]) / abs(mean) if mean else None
+
+
+def rows_for(topology: str, case: Case, m: dict, profile: Profile, args, out: Path) -> list[dict]:
     """One row per load (closed loop, then each paced rate): measured beside predicted."""
     external = profile.external_view()
-    closed = m["closed"]
-    phases = [("closed", closed["rate_with"], closed, None)]
-    for p in m["paced"]:
-        phases.append((f"{p['load']:g}", p["rate"], p, p["cores"]["sidecars"]))
+    trace = out / m["trace"]
+    overlay = {s: Service(s, case.mode, case.filters) for s in TOPOLOGIES[topology]}
+    graphs = graphs_from_traces(read_otlp_lines(trace), str(trace), overlay)
+    phases = [("closed", m["closed"])] + [(f"{p['load']:g}", p) for p in m["paced"]]
     rows = []
-    for load, rate, measured, cores in phases:
+    for load, measured in phases:
+        rate, cores = measured["rate"], measured.get("cores", {}).get("sidecars")
         without, with_ = measured["p50_without_us"], measured["p50_with_us"]
-        graph = graph_for(topology, case, args.size, rate, args.work_us)
+        graph = graph_for(topology, case, m["size"], rate, m["work_us"])
         by_stage, whole = predict(profile, graph), predict(external, graph)
-        for g in m["graphs"]:
+        for g in graphs:
             g.root.rate = rate
-        from_traces: list[Prediction] = [predict(profile, g) for g in m["graphs"]]
+        from_traces: list[Prediction] = [predict(profile, g) for g in graphs]
         row = {"topology": topology, "app": case.protocol, "mode": case.label, "load": load,
                "rate": rate, "p50_without_us": without, "p50_with_us": with_,
-               "overhead_us": with_ - without, "sidecar_cores": cores,
+               "overhead_us": measured["overhead_us"], "sidecar_cores": cores,
+               "rounds_overhead_us": measured["rounds_overhead_us"],
                "foreign_cpus": m["foreign_cpus"], "captured": m["captured"],
                "predicted_us": by_stage.overhead_ns / 1000,
                "predicted_external_us": whole.overhead_ns / 1000,
@@ -252,8 +304,9 @@ def rows_for(topology: str, case: Case, m: dict, profile: Profile, args) -> list
         )
         halves = measured["overhead_halves_us"]
         # The measurement's own spread: its two halves' disagreement, relative to the whole.
-        row["halves_differ"] = (
-            _error(halves[0] - halves[1], sum(halves) / 2) if len(halves) == 2 else None
+        row["halves_differ"] = halves_differ(halves)
+        row["cpu_halves_differ"] = halves_differ(
+            measured.get("cores_halves", {}).get("sidecars", [])
         )
         row["error"] = _error(row["predicted_us"], row["overhead_us"])
         row["error_external"] = _error(row["predicted_external_us"], row["overhead_us"])
@@ -278,28 +331,35 @@ def run(args: argparse.Namespace) -> int:
         return 2
     out = args.out or RESULTS / time.strftime("validate-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "inputs.json").write_text(
-        json.dumps({k: str(v) for k, v in vars(args).items() if k != "func"}, indent=2)
-    )
-    rows: list[dict] = []
+    inputs = {k: str(v) for k, v in vars(args).items() if k != "func"}
+    with open(out / "inputs.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps(inputs) + "\n")  # every invocation that measured into this folder
     failed: dict[str, str] = {}
     try:
-        for topology in args.topologies.split(","):
+        for topology in [] if args.predict_only else args.topologies.split(","):
             for case in cases:
-                name = f"{topology}/{case.protocol}/{case.label}"
+                name = f"{topology}/{case.text}"
                 try:
                     measured = run_case(topology, case, args, out)
-                    rows += rows_for(topology, case, measured, profile, args)
                 except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
                     failed[name] = str(exc)  # one broken case is reported, the others still run
                     print(f"  validate: {name} FAILED: {exc}", file=sys.stderr, flush=True)
                     continue
+                _measurement_file(out, topology, case).write_text(json.dumps(measured) + "\n")
                 print(f"  validate: {name} done", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         print("pyproxy bench validate: interrupted; writing what was measured", file=sys.stderr)
+    # The table covers every case measured into this folder: a validation run in chunks (one
+    # invocation per few cases, all with the same --out) ends with one table, and
+    # --predict-only prices the same measurements again with another profile.
+    rows: list[dict] = []
+    for topology, case, measured in measured_cases(out):
+        rows += rows_for(topology, case, measured, profile, args, out)
     (out / "validation.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "summary.json").write_text(json.dumps({"failed": failed}, indent=2) + "\n")
     text = table(rows)
+    if args.fit_topologies:
+        text += held_out_table(rows, set(args.fit_topologies.split(",")))
     (out / "table.md").write_text(text)
     if rows:
         from pyproxy.bench.plots import predicted_vs_measured  # lazy: matplotlib only when plotting
@@ -312,6 +372,69 @@ def run(args: argparse.Namespace) -> int:
     print(text)
     print(f"results: {out}")
     return 1 if failed else 0
+
+
+def pod_factors(rows: list[dict], fit_on: set[str]) -> dict[str, tuple[float, float]]:
+    """Per app/sidecars setup, what the pods cost beyond the profile's loopback models: the median
+    ratio of measured to predicted (stage models) latency overhead, and of sidecar CPU, over the
+    rows of the `fit_on` topologies only, so the others stay held out."""
+    fits: dict[str, tuple[list[float], list[float]]] = {}
+    for r in rows:
+        if r["topology"] not in fit_on:
+            continue
+        latency, cpu = fits.setdefault(f"{r['app']}/{r['mode']}", ([], []))
+        if r["predicted_us"] > 0:
+            latency.append(r["overhead_us"] / r["predicted_us"])
+        if r["sidecar_cores"] is not None and r["predicted_cores"] > 0:
+            cpu.append(r["sidecar_cores"] / r["predicted_cores"])
+    return {
+        setup: (statistics.median(lat) if lat else 1.0, statistics.median(cpu) if cpu else 1.0)
+        for setup, (lat, cpu) in fits.items()
+    }
+
+
+def held_out(rows: list[dict], fit_on: set[str]) -> list[dict]:
+    """The rows of the other topologies, priced with `pod_factors` fitted on `fit_on`'s rows."""
+    factors = pod_factors(rows, fit_on)
+    out = []
+    for r in rows:
+        setup = f"{r['app']}/{r['mode']}"
+        if r["topology"] in fit_on or setup not in factors:
+            continue
+        latency, cpu = factors[setup]
+        predicted_us, predicted_cores = r["predicted_us"] * latency, r["predicted_cores"] * cpu
+        out.append(r | {"factors": factors[setup], "calibrated_us": predicted_us,
+                        "calibrated_cores": predicted_cores,
+                        "calibrated_error": _error(predicted_us, r["overhead_us"]),
+                        "calibrated_cpu_error": _error(predicted_cores, r["sidecar_cores"])})  # fmt: skip
+    return out
+
+
+def held_out_table(rows: list[dict], fit_on: set[str]) -> str:
+    held = held_out(rows, fit_on)
+    if not held:
+        return ""
+    lines = [
+        f"\nheld out: the {', '.join(sorted({r['topology'] for r in held}))} rows priced with "
+        f"factors fitted on the {', '.join(sorted(fit_on))} rows only\n",
+        "| app | protocol | sidecars | load | factors (latency, CPU) | measured overhead µs "
+        "| calibrated µs | error | sidecar CPU cores | calibrated | error |",
+        "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in held:
+        cores = "–" if r["sidecar_cores"] is None else f"{r['sidecar_cores']:.3f}"
+        lines.append(
+            f"| {r['topology']} | {r['app']} | {r['mode']} | {r['load']} "
+            f"| {r['factors'][0]:.2f}, {r['factors'][1]:.2f} | {r['overhead_us']:.1f} "
+            f"| {r['calibrated_us']:.1f} | {_pct(r['calibrated_error'])} | {cores} "
+            f"| {r['calibrated_cores']:.3f} | {_pct(r['calibrated_cpu_error'])} |"
+        )
+    lines.append(
+        "\nmedian / worst absolute error, held out: "
+        + "; ".join((_summary("latency", [r["calibrated_error"] for r in held]),
+                     _summary("CPU", [r["calibrated_cpu_error"] for r in held])))
+    )  # fmt: skip
+    return "\n".join(lines) + "\n"
 
 
 def _pct(e: float | None) -> str:
@@ -328,9 +451,9 @@ def _summary(name: str, errors: list[float | None]) -> str:
 def table(rows: list[dict]) -> str:
     lines = [
         "| app | protocol | sidecars | load | rate /s | measured overhead µs | halves differ | predicted (stages) µs | error "
-        "| from traces µs | predicted (external) µs | error | sidecar CPU cores | predicted (stages) | error "
+        "| from traces µs | predicted (external) µs | error | sidecar CPU cores | halves differ | predicted (stages) | error "
         "| predicted (external) | error |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         cores = "–" if r["sidecar_cores"] is None else f"{r['sidecar_cores']:.3f}"
@@ -339,7 +462,7 @@ def table(rows: list[dict]) -> str:
             f"| {r['overhead_us']:.1f} | {_pct(r['halves_differ'])} | {r['predicted_us']:.1f} | {_pct(r['error'])} "
             f"| {r['predicted_from_traces_us']:.1f} "
             f"| {r['predicted_external_us']:.1f} | {_pct(r['error_external'])} "
-            f"| {cores} | {r['predicted_cores']:.3f} | {_pct(r['cpu_error'])} "
+            f"| {cores} | {_pct(r['cpu_halves_differ'])} | {r['predicted_cores']:.3f} | {_pct(r['cpu_error'])} "
             f"| {r['predicted_external_cores']:.3f} | {_pct(r['cpu_error_external'])} |"
         )
     if rows:
@@ -349,7 +472,8 @@ def table(rows: list[dict]) -> str:
                          _summary("from traces", [r["error_from_traces"] for r in rows]),
                          _summary("external models", [r["error_external"] for r in rows])))
             + "\nmedian / worst difference between the two halves of each measurement: "
-            + _summary("measured", [r["halves_differ"] for r in rows])
+            + "; ".join((_summary("latency", [r["halves_differ"] for r in rows]),
+                         _summary("CPU", [r["cpu_halves_differ"] for r in rows])))
             + "\nmedian / worst absolute error, CPU: "
             + "; ".join((_summary("stage models", [r["cpu_error"] for r in rows]),
                          _summary("external models", [r["cpu_error_external"] for r in rows])))

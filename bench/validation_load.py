@@ -1,10 +1,14 @@
 """The validation's load, run inside the client pod: the app without and with sidecars, interleaved.
 
-Exchanges alternate between the two deployments (one outstanding request in
-all), so both see the same machine: first back to back (closed loop), then,
-for each load (a fraction of the meshed closed-loop rate), each paced at that
-rate while the CPU time of the given processes is read from /proc (the pod
-shares the host's pid namespace). With `--traced ADDR`, a third deployment
+Each phase (back to back, the closed loop; then, for each load, both paced at
+that fraction of the meshed closed-loop rate) is `--rounds` rounds: within a
+round the exchanges alternate between the two deployments (one outstanding
+request in all), so both see the same machine, and which goes first swaps
+from round to round; each round starts with a discarded warm-up. A phase's
+overhead is the median of its rounds' own p50 differences, and the sidecars'
+CPU the median of their rounds' CPU per exchange (from /proc: the pod shares
+the host's pid namespace), each also given for the first and the second half
+of the rounds apart, the measurement's own repeatability. With `--traced ADDR`, a third deployment
 (the app exporting OpenTelemetry spans) gets `--traced-requests` requests
 after one that sets up its connections. Prints one JSON document.
 """
@@ -12,44 +16,101 @@ after one that sets up its connections. Prints one JSON document.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import statistics
-import time
 from pathlib import Path
 
 from pyproxy.bench.driver import EXCHANGERS, drive_paired, wait_ready
 from pyproxy.bench.procs import cpu_ns, tree_pids
 
-PACED_SAMPLES = 200
+# Exchanges per deployment per round at least, however low the rate: a round's own p50 needs them.
+ROUND_SAMPLES = 40
+ROUND_WARMUP = 5
 
 
-def _overhead(without: list[int], with_: list[int]) -> dict:
-    """p50s of both, and the overhead measured on each half of the run apart: how far two
-    measurements of the same thing, seconds apart, disagree on this machine."""
-    half_without, half_with = len(without) // 2, len(with_) // 2
-    halves = [
-        (statistics.median(with_[:half_with]) - statistics.median(without[:half_without])) / 1000,
-        (statistics.median(with_[half_with:]) - statistics.median(without[half_without:])) / 1000,
-    ] if half_with and half_without else []  # fmt: skip
-    return {
-        "p50_without_us": statistics.median(without) / 1000,
-        "p50_with_us": statistics.median(with_) / 1000,
-        "overhead_halves_us": halves,
+def _median_pair(values: list[float]) -> tuple[float, float]:
+    """The medians of the first and the second half of `values` (the same value twice for one)."""
+    half = max(1, len(values) // 2)
+    return statistics.median(values[:half]), statistics.median(values[half:] or values[:half])
+
+
+def summarize(rounds: list[dict]) -> dict:
+    """The overhead of a phase from its rounds: each round's own p50 difference (with - without,
+    its exchanges interleaved), and the median of those, so drift between rounds cancels and a
+    round struck by the machine's other load moves nothing. The sidecars' CPU per exchange is the
+    median over the rounds too. `*_halves` are the same medians over the first and the second
+    half of the rounds: how far two measurements of the same thing, seconds apart, disagree."""
+    if not rounds:
+        raise ValueError("a phase needs at least one round")
+    diffs = [r["p50_with_us"] - r["p50_without_us"] for r in rounds]
+    out = {
+        "overhead_us": statistics.median(diffs),
+        "overhead_halves_us": list(_median_pair(diffs)) if len(rounds) > 1 else [],
+        "rounds_overhead_us": diffs,
+        "p50_without_us": statistics.median(r["p50_without_us"] for r in rounds),
+        "p50_with_us": statistics.median(r["p50_with_us"] for r in rounds),
+        "exchanges": sum(r["exchanges"] for r in rounds),
     }
+    wall = sum(r["wall_s"] for r in rounds)
+    out["rate"] = out["exchanges"] / wall
+    if all("cpu_ns" in r for r in rounds):
+        names = rounds[0]["cpu_ns"]
+        per_exchange = {n: [r["cpu_ns"][n] / r["exchanges"] for r in rounds] for n in names}
+        # cores at the phase's rate, from the median CPU per exchange
+        out["cores"] = {
+            n: statistics.median(v) * out["rate"] / 1e9 for n, v in per_exchange.items()
+        }
+        out["cores_halves"] = {
+            n: [h * out["rate"] / 1e9 for h in _median_pair(v)] for n, v in per_exchange.items()
+        } if len(rounds) > 1 else {}  # fmt: skip
+    return out
 
 
-def _paced(plain, mesh, seconds: float, rate: float, pids: dict[str, list[int]]) -> dict:
-    before = {name: cpu_ns(p) for name, p in pids.items()}
-    # Enough exchanges for a median at any rate.
-    seconds = max(seconds, PACED_SAMPLES / rate)
-    t0 = time.monotonic()
-    without, with_ = drive_paired(plain, mesh, seconds, rate=rate, warmup=0)
-    wall = time.monotonic() - t0
-    return _overhead(without, with_) | {
-        "rate": len(with_) / wall,
-        "exchanges": len(with_),
-        "cores": {name: (cpu_ns(p) - before[name]) / 1e9 / wall for name, p in pids.items()},
-    }
+def measure_rounds(
+    plain,
+    mesh,
+    rounds: int,
+    seconds: float,
+    rate: float | None,
+    pids: dict[str, list[int]],
+    warmup: int = ROUND_WARMUP,
+) -> dict:
+    """`rounds` rounds, each `seconds` long (at least ROUND_SAMPLES exchanges each way), the two
+    deployments' exchanges alternating within a round (one outstanding request in all) and which
+    goes first swapping from round to round (ABBA), each round's first `warmup` pairs discarded;
+    the CPU time of `pids` read from /proc around each round."""
+    measured = []
+    if rate:
+        seconds = max(seconds, ROUND_SAMPLES / rate)
+    for i in range(rounds):
+        pair = (plain, mesh) if i % 2 == 0 else (mesh, plain)
+        for _ in range(warmup):
+            for exchanger in pair:
+                exchanger.exchange()
+        before = {name: cpu_ns(p) for name, p in pids.items()}
+        first, second = drive_paired(*pair, seconds, rate=rate, warmup=0)
+        cpu = {name: cpu_ns(p) - before[name] for name, p in pids.items()}
+        without, with_ = (first, second) if i % 2 == 0 else (second, first)
+        if not without or not with_:
+            raise RuntimeError(f"round {i}: no exchange completed in {seconds:g} s")
+        measured.append({
+            "p50_without_us": statistics.median(without) / 1000,
+            "p50_with_us": statistics.median(with_) / 1000,
+            "exchanges": len(with_),
+            "wall_s": seconds,
+            "cpu_ns": cpu,
+        })  # fmt: skip
+    return summarize(measured) | {"rounds": measured}
+
+
+def pin(pids: list[int], cpu: int) -> None:
+    """Every thread of the processes onto one CPU (threads they start later inherit it)."""
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(int(tid), {cpu})
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -66,19 +127,21 @@ def run(args: argparse.Namespace) -> dict:
             ("apps_plain", args.plain_app_roots),
         )
     }
+    if args.pin:
+        pin(pids["apps_mesh"] + pids["apps_plain"] + [os.getpid()], 0)
+        pin(pids["sidecars"], 1)
     out: dict = {}
     try:
-        # Alternating exchanges: both deployments see the same machine at the same moments.
-        t0 = time.monotonic()
-        without, with_ = drive_paired(plain, mesh, args.rounds * args.seconds, warmup=20)
-        wall = time.monotonic() - t0
-        out["closed"] = _overhead(without, with_) | {"rate_with": len(with_) / wall}
-        exchanges = 20 + len(with_)  # the warm-up's too: the sidecars' counters include them
+        closed = measure_rounds(plain, mesh, args.rounds, args.seconds, None, pids, warmup=20)
+        out["closed"] = closed | {"rate_with": closed["rate"]}
+        exchanges = sum(20 + r["exchanges"] for r in closed["rounds"])
         out["paced"] = []
         for load in args.loads:
-            rate = load * out["closed"]["rate_with"]
-            out["paced"].append(_paced(plain, mesh, args.seconds, rate, pids) | {"load": load})
-            exchanges += out["paced"][-1]["exchanges"]
+            rate = load * closed["rate"]
+            paced = measure_rounds(plain, mesh, args.rounds, args.seconds, rate, pids)
+            out["paced"].append(paced | {"load": load})
+            exchanges += sum(ROUND_WARMUP + r["exchanges"] for r in paced["rounds"])
+        # the sidecars' counters include the warm-ups' exchanges too
         out["mesh_exchanges"] = exchanges
     finally:
         plain.close()
@@ -111,6 +174,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--traced", help="entry address of the traced deployment")
     parser.add_argument("--trace-file", help="the file its spans go to (emptied before measuring)")
     parser.add_argument("--traced-requests", type=int, default=20)
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="every app and this load on CPU 0, every sidecar on CPU 1, once all are up",
+    )
     parser.add_argument("--ready-timeout", type=float, default=60.0)
     print(json.dumps(run(parser.parse_args(argv))))
 

@@ -8,7 +8,8 @@ import os
 
 import pytest
 from pyproxy.bench.callgraph import graphs_from_traces, read_otlp_lines
-from pyproxy.bench.validate import Case
+from pyproxy.bench.validate import Case, halves_differ, held_out, held_out_table, pod_factors
+from pyproxy.bench.validation_load import pin, summarize
 from pyproxy.iptables.netns import missing_capabilities
 
 from pyproxy.cli import main
@@ -37,11 +38,11 @@ def validated(tmp_path_factory):
 def test_both_apps_ran_in_captured_pods_with_and_without_sidecars(validated):
     rows = json.loads((validated / "validation.json").read_text())
     assert [(r["app"], r["mode"], r["load"]) for r in rows] == [
-        ("http", "http+fault", "closed"),
-        ("http", "http+fault", "0.5"),
         ("grpc", "grpc", "closed"),
         ("grpc", "grpc", "0.5"),
-    ]
+        ("http", "http+fault", "closed"),
+        ("http", "http+fault", "0.5"),
+    ]  # in a stable order (topology, app, sidecars), whichever order they were measured in
     for r in rows:
         # Every service's sidecar carried the app's connections: the iptables rules steered the
         # inbound calls (a, b, c) and a's outbound calls (to b and c) through it.
@@ -52,8 +53,8 @@ def test_both_apps_ran_in_captured_pods_with_and_without_sidecars(validated):
         assert r["stage_clock_us"] > 0 and r["predicted_stage_sum_us"] > 0
         assert r["p50_with_us"] > 0 and r["p50_without_us"] > 0 and r["rate"] > 0
         assert r["predicted_us"] > 0 and r["predicted_external_us"] > 0
-    paced = [r for r in rows if r["load"] != "closed"]
-    assert all(r["sidecar_cores"] > 0 and r["predicted_cores"] > 0 for r in paced)
+        # the sidecars' CPU is measured in every phase, the closed loop too
+        assert r["sidecar_cores"] > 0 and r["predicted_cores"] > 0
     assert (validated / "predicted_vs_measured.png").stat().st_size > 1000
     table = (validated / "table.md").read_text()
     assert "| fanout | grpc | grpc | closed |" in table and "median / worst" in table
@@ -82,3 +83,79 @@ def test_a_case_names_the_app_protocol_and_the_sidecars():
     for bad in ("http", "smtp/tcp", "grpc/http", "http/grpc"):
         with pytest.raises(ValueError, match="case"):
             Case.parse(bad)
+
+
+def test_the_halves_of_a_measurement_that_agree_differ_by_nothing():
+    # Two halves measuring the same 100 µs differ by 0 %, not 100 %.
+    assert halves_differ([100.0, 100.0]) == 0.0
+    assert halves_differ([90.0, 110.0]) == pytest.approx(0.2)
+    assert halves_differ([-10.0, -30.0]) == pytest.approx(1.0)
+    assert halves_differ([5.0]) is None and halves_differ([]) is None
+    assert halves_differ([1.0, -1.0]) is None  # a zero mean has no relative spread
+
+
+def _round(without: float, with_: float, exchanges: int = 100, cpu_ns: float = 5e6) -> dict:
+    return {"p50_without_us": without, "p50_with_us": with_, "exchanges": exchanges,
+            "wall_s": 1.0, "cpu_ns": {"sidecars": cpu_ns}}  # fmt: skip
+
+
+def test_a_phase_is_the_median_of_its_rounds_own_differences():
+    # The machine drifts by 100 µs between rounds and one round is struck by other load: each
+    # round's own difference still says 50 µs, and the struck one moves nothing.
+    rounds = [_round(300 + 100 * i, 350 + 100 * i) for i in range(6)]
+    rounds[3] = _round(600, 900, cpu_ns=20e6)
+    got = summarize(rounds)
+    assert got["overhead_us"] == 50.0
+    assert got["overhead_halves_us"] == [50.0, 50.0]
+    assert got["rate"] == 100.0  # 600 exchanges over 6 s
+    # 5 ms of sidecar CPU per 100 exchanges at 100/s: 50 µs each, 0.005 cores
+    assert got["cores"]["sidecars"] == pytest.approx(0.005)
+    assert got["cores_halves"]["sidecars"] == pytest.approx([0.005, 0.005])
+    # one round has no halves
+    assert summarize([_round(300, 380)])["overhead_halves_us"] == []
+    with pytest.raises(ValueError, match="round"):
+        summarize([])
+
+
+def _row(topology, mode, measured, predicted, cores=None, predicted_cores=0.1):
+    return {"topology": topology, "app": "http", "mode": mode, "load": "closed",
+            "overhead_us": measured, "predicted_us": predicted, "sidecar_cores": cores,
+            "predicted_cores": predicted_cores}  # fmt: skip
+
+
+def test_pod_factors_come_from_the_fitted_topology_only_and_price_the_held_out_one():
+    rows = [
+        _row("chain", "http", 150.0, 100.0, cores=0.2),  # the pods cost 1.5x latency, 2x CPU
+        _row("chain", "http", 300.0, 200.0, cores=0.2),
+        _row("chain", "tcp", 80.0, 100.0),  # no CPU measured: factor 1
+        _row("fanout", "http", 999.0, 10.0, cores=9.0),  # held out: moves no factor
+        _row("fanout", "http", 240.0, 160.0, cores=0.3, predicted_cores=0.2),
+        _row("fanout", "tcp", 40.0, 60.0, cores=0.05, predicted_cores=0.05),
+        _row("fanout", "grpc", 1.0, 1.0),  # no fitted setup: not priced
+    ]
+    assert pod_factors(rows, {"chain"}) == {"http/http": (1.5, 2.0), "http/tcp": (0.8, 1.0)}
+    held = held_out(rows, {"chain"})
+    assert [r["topology"] for r in held] == ["fanout"] * 3
+    assert held[1]["calibrated_us"] == pytest.approx(240.0)
+    assert held[1]["calibrated_error"] == pytest.approx(0.0)
+    assert held[1]["calibrated_cores"] == pytest.approx(0.4)
+    assert held[1]["calibrated_cpu_error"] == pytest.approx(1 / 3)
+    assert held[2]["calibrated_error"] == pytest.approx(0.2)  # 48 predicted for 40
+    assert "held out" in held_out_table(rows, {"chain"}) and held_out_table(rows, {"x"}) == ""
+
+
+def test_pinning_puts_every_thread_of_a_process_on_one_cpu():
+    import subprocess
+    import sys
+
+    code = "import threading, time; threading.Thread(target=time.sleep, args=(30,)).start(); print(1, flush=True); time.sleep(30)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"1"  # both threads are up
+        pin([proc.pid], 0)
+        tids = os.listdir(f"/proc/{proc.pid}/task")
+        assert len(tids) == 2
+        assert all(os.sched_getaffinity(int(tid)) == {0} for tid in tids)
+    finally:
+        proc.kill()
+        proc.wait()
