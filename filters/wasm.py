@@ -894,11 +894,13 @@ class Runtime:
         return token
 
     def _grpc_stream_event(self, token: int, generation: int, caller, kind: str, value) -> None:
-        """As Envoy's host: each event of a stream to its callback; after close the token is gone."""
-        if kind == "close":
-            self.streams.pop(token, None)
-        elif token not in self.streams:
+        """As Envoy's host: each event of a stream to its callback. After close the token is gone
+        if the guest had closed its side, else it stays until proxy_grpc_close/cancel."""
+        stream = self.streams.get(token)
+        if stream is None:
             return
+        if kind == "close" and stream.local_closed:
+            del self.streams[token]
         if generation != self.generation or self.store is None:
             return
         if kind == "initial":
@@ -1496,6 +1498,8 @@ def _host_functions(rt: Runtime) -> dict:
         stream = rt.streams.get(token)
         if stream is None:
             return proxy_grpc_cancel(token)
+        if stream.done:  # the server closed it first: its callbacks have all come
+            del rt.streams[token]
         stream.close()
         return OK
 

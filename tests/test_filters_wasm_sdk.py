@@ -409,6 +409,9 @@ def test_grpc_stream_to_a_down_cluster_closes_unavailable(start_proxy, tmp_path,
     proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "grpc_stream", "grpc_stream", top=top)
     token = _say(port, "/send/one").split()[1]
     assert _events(port, "close")[-1].startswith(f"close {token} 14 ")
+    # Closed by the other side only: the token stays until the guest closes its own side.
+    assert _say(port, "/close") == "close 0"
+    assert _say(port, "/close") == "close 1"
 
 
 def test_grpc_call_module_hears_unavailable_when_the_cluster_is_down(

@@ -1,5 +1,5 @@
 // A gRPC stream to the `echo` cluster's test.Echo/Chat, driven by requests: `/send/<word>` opens
-// the stream (with `x-opened-by` initial metadata) on first use and sends <word>; `/close`
+// a stream (with `x-opened-by` initial metadata) unless one is open and sends <word>; `/close`
 // half-closes it, `/cancel` cancels it; `/events` answers what the root context has heard so
 // far, one line per callback. The other paths go on upstream.
 export * from "@solo-io/proxy-runtime/proxy";
@@ -56,7 +56,8 @@ function field(typ: HeaderMapTypeValues, name: string): string {
 }
 
 let events: Array<string> = [];
-let token: u32 = 0;
+let token: u32 = 0; // the last stream opened (kept after it ends: /close and /cancel use it)
+let open = false;
 
 class StreamRoot extends RootContext {
   createContext(context_id: u32): Context {
@@ -72,7 +73,7 @@ class StreamRoot extends RootContext {
   on_grpc_close(t: u32, status_code: u32): void {
     const detail = String.UTF8.decode(get_status().data);
     events.push("close " + t.toString() + " " + status_code.toString() + " " + detail);
-    if (t == token) token = 0;
+    if (t == token) open = false;
   }
 }
 
@@ -93,7 +94,7 @@ class StreamDriver extends Context {
   onRequestHeaders(a: u32, end_of_stream: bool): FilterHeadersStatusValues {
     const path = stream_context.headers.request.get(":path");
     if (path.startsWith("/send/")) {
-      if (token == 0) {
+      if (!open) {
         const cluster = String.UTF8.encode("echo");
         const service = String.UTF8.encode("test.Echo");
         const method = String.UTF8.encode("Chat");
@@ -105,6 +106,7 @@ class StreamDriver extends Context {
           changetype<usize>(out));
         if (result != 0) return reply("stream refused " + result.toString());
         token = load<u32>(changetype<usize>(out));
+        open = true;
       }
       const word = String.UTF8.encode(path.substring(6));
       const sent = proxy_grpc_send(token, changetype<usize>(word), word.byteLength, 0);
@@ -113,7 +115,7 @@ class StreamDriver extends Context {
     if (path == "/close") return reply("close " + proxy_grpc_close(token).toString());
     if (path == "/cancel") {
       const result = proxy_grpc_cancel(token);
-      token = 0;
+      open = false;
       return reply("cancel " + result.toString());
     }
     if (path == "/events") return reply(events.join("\n"));
