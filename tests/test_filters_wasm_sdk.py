@@ -414,6 +414,12 @@ def test_grpc_stream_to_a_down_cluster_closes_unavailable(start_proxy, tmp_path,
     assert _say(port, "/close") == "close 1"
 
 
+def test_grpc_stream_to_an_unknown_cluster_is_refused_to_the_guest(start_proxy, tmp_path, upstream):
+    proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "grpc_stream", "grpc_stream")
+    assert _say(port, "/send/one") == "stream refused 2"  # BAD_ARGUMENT, as Envoy
+    assert _say(port, "/close") == "close 1"  # no such token: NOT_FOUND
+
+
 def test_grpc_call_module_hears_unavailable_when_the_cluster_is_down(
     start_proxy, tmp_path, upstream
 ):
