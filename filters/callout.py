@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import h2.config
 import h2.connection
+import h2.errors
 import h2.events
 import h2.exceptions
 import h11
@@ -219,3 +220,168 @@ def _grpc_result(
     metadata = [(k, v) for k, v in initial if not k.startswith(b":")]
     trailers = [(k, v) for k, v in trailing if k not in (b"grpc-status", b"grpc-message")]
     return GrpcResult(status, text, metadata, responses[0] if responses else None, trailers)
+
+
+# ---- gRPC streams (Proxy-Wasm `proxy_grpc_stream`) ------------------------------------------
+
+
+class GrpcStream:
+    """A streaming gRPC call over HTTP/2 (prior knowledge) to the cluster's first endpoint.
+
+    Messages go out as `send` is called (queued until the connection is up, then as the peer's
+    window allows); what comes back is handed to `deliver(kind, value)` as it arrives:
+    ("initial", metadata pairs), ("message", bytes) for each message, ("trailing", pairs), and
+    last ("close", (status, message)); a failed call only closes. `close` half-closes (the
+    server may still answer); `cancel` resets the stream and nothing more is delivered."""
+
+    def __init__(self, loop, cluster: ClusterConfig, path: bytes, metadata, deliver) -> None:
+        self.cluster = cluster
+        self.path = path
+        self.metadata = list(metadata)
+        self.deliver = deliver
+        self.pending = bytearray()
+        self.local_closed = False
+        self.end_sent = False
+        self.done = False
+        self.conn: h2.connection.H2Connection | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.stream_id = 0
+        self.task = loop.create_task(self._run())
+
+    def send(self, message: bytes, end_stream: bool) -> bool:
+        """Queue one message (and the end of the request stream); False once half-closed."""
+        if self.local_closed or self.done:
+            return False
+        self.pending += grpc.frame(message)
+        self.local_closed = end_stream
+        self._flush()
+        return True
+
+    def close(self) -> None:
+        """Half-close: no more messages from us; the answer still comes."""
+        if not self.local_closed:
+            self.local_closed = True
+            self._flush()
+
+    def cancel(self) -> None:
+        """Reset the stream: nothing more is sent or delivered."""
+        self.done = True
+        conn, writer = self.conn, self.writer
+        if conn is not None and writer is not None and not writer.is_closing():
+            try:
+                conn.reset_stream(self.stream_id, h2.errors.ErrorCodes.CANCEL)
+                writer.write(conn.data_to_send())
+            except h2.exceptions.H2Error:
+                pass
+        self.task.cancel()
+
+    def _flush(self) -> None:
+        conn, writer = self.conn, self.writer
+        if conn is None or writer is None or self.done or writer.is_closing():
+            return
+        stream = self.stream_id
+        while self.pending:
+            size = min(len(self.pending), conn.local_flow_control_window(stream))
+            size = min(size, conn.max_outbound_frame_size)
+            if not size:
+                break  # the rest on the peer's WINDOW_UPDATE
+            last = size == len(self.pending) and self.local_closed
+            conn.send_data(stream, bytes(self.pending[:size]), end_stream=last)
+            del self.pending[:size]
+            self.end_sent = self.end_sent or last
+        if not self.pending and self.local_closed and not self.end_sent:
+            conn.end_stream(stream)
+            self.end_sent = True
+        writer.write(conn.data_to_send())
+
+    def _give(self, kind: str, value) -> bool:
+        """Deliver one event unless cancelled; False when the stream is over for the guest."""
+        if self.done:
+            return False
+        if kind == "close":
+            self.done = True
+        self.deliver(kind, value)
+        return not self.done
+
+    async def _run(self) -> None:
+        try:
+            status, message = await self._exchange()
+        except (OSError, h2.exceptions.H2Error) as exc:
+            status, message = grpc.UNAVAILABLE, str(exc) or type(exc).__name__
+        except grpc.FramingError as exc:
+            status, message = exc.status, str(exc)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        self._give("close", (status, message.encode() if isinstance(message, str) else message))
+
+    async def _exchange(self) -> tuple[int, bytes | str]:
+        endpoint = self.cluster.endpoints[0]
+        if endpoint.is_unix:
+            reader, self.writer = await asyncio.open_unix_connection(endpoint.path)
+        else:
+            reader, self.writer = await asyncio.open_connection(endpoint.host, endpoint.port)
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=True, header_encoding=None)
+        )
+        conn.initiate_connection()
+        self.stream_id = stream = conn.get_next_available_stream_id()
+        conn.send_headers(
+            stream,
+            [
+                (b":method", b"POST"),
+                (b":scheme", b"http"),
+                (b":path", self.path),
+                (b":authority", self.cluster.name.encode()),
+                (b"content-type", b"application/grpc"),
+                (b"te", b"trailers"),
+                *self.metadata,
+            ],
+        )
+        self.conn = conn
+        self._flush()
+        framer = grpc.MessageFramer(MAX_RESPONSE_BYTES)
+        initial: list[tuple[bytes, bytes]] = []
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                return grpc.UNAVAILABLE, "upstream closed the connection"
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    initial = [(bytes(k), bytes(v)) for k, v in event.headers]
+                    if not any(k == b"grpc-status" for k, _ in initial):  # not trailers-only
+                        pairs = [(k, v) for k, v in initial if not k.startswith(b":")]
+                        if not self._give("initial", pairs):
+                            return grpc.CANCELLED, ""
+                elif isinstance(event, h2.events.DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, stream)
+                    for m in framer.feed(event.data):
+                        if not self._give("message", bytes(m.data)):
+                            return grpc.CANCELLED, ""
+                elif isinstance(event, h2.events.TrailersReceived):
+                    trailing = [(bytes(k), bytes(v)) for k, v in event.headers]
+                    status, text = grpc.status_from_headers(trailing)
+                    rest = [
+                        (k, v) for k, v in trailing if k not in (b"grpc-status", b"grpc-message")
+                    ]
+                    if not self._give("trailing", rest):
+                        return grpc.CANCELLED, ""
+                    framer.finish()
+                    if status is None:
+                        return grpc.UNKNOWN, "no grpc-status in the trailers"
+                    return status, text
+                elif isinstance(event, h2.events.StreamEnded):  # trailers-only, or no status
+                    framer.finish()
+                    status, text = grpc.status_from_headers(initial)
+                    if status is None:
+                        http_status = dict(initial).get(b":status", b"").decode()
+                        return grpc.UNKNOWN, f"no grpc-status (HTTP {http_status})"
+                    return status, text
+                elif isinstance(event, h2.events.WindowUpdated):
+                    self._flush()
+                elif isinstance(event, h2.events.StreamReset):
+                    return grpc.UNAVAILABLE, f"stream reset ({event.error_code})"
+                elif isinstance(event, h2.events.ConnectionTerminated):
+                    return grpc.UNAVAILABLE, "connection closed by the upstream"
+            if not self.done:
+                self.writer.write(conn.data_to_send())

@@ -29,11 +29,11 @@ FAIL_RELOAD): the guest's memory may be inconsistent after a trap. Requests
 begun on the replaced instance skip their remaining hooks.
 
 Host functions are ABI 0.2.1's as Envoy's host implements them (README, Filters, has the
-table): the ones pyproxy lacks (streaming gRPC, close_stream) answer UNIMPLEMENTED, and any
+table): the one pyproxy lacks (close_stream) answers UNIMPLEMENTED, and any
 env import outside the ABI is refused at load, by name. WASI is registered under both
 `wasi_snapshot_preview1` and `wasi_unstable`, as Envoy does; beyond clocks, random, fd_write
 (to the log) and proc_exit, WASI calls answer ENOSYS (`fd_*`: BADF, which ends wasi-libc's
-preopen scan). `proxy_http_call` and unary `proxy_grpc_call` go to a configured cluster (see
+preopen scan). `proxy_http_call`, `proxy_grpc_call` and `proxy_grpc_stream` go to a configured cluster (see
 filters/callout.py) and answer on the root context (proxy_on_http_call_response, the
 proxy_on_grpc_* callbacks), as in Envoy; shared queues wake proxy_on_queue_ready the same way.
 Headers, bodies (during their body callback; Pause before the end buffers, as Envoy's
@@ -67,7 +67,7 @@ from ctypes import CFUNCTYPE, c_char_p, c_int32, c_int64, c_size_t, c_uint32, c_
 from typing import cast
 
 import wasmtime
-from pyproxy.filters.callout import GrpcResult, grpc_call, http_call
+from pyproxy.filters.callout import GrpcResult, GrpcStream, grpc_call, http_call
 from wasmtime import _bindings as _capi
 
 from pyproxy.chain.api import (
@@ -111,8 +111,6 @@ MAX_QUEUES, MAX_QUEUE_ITEMS = 64, 1024
 # Envoy does for what it lacks. Any other env import is refused at load, by name.
 UNIMPLEMENTED_FUNCTIONS = frozenset(
     {
-        "proxy_grpc_stream",
-        "proxy_grpc_send",
         "proxy_close_stream",
     }
 )
@@ -474,6 +472,7 @@ class Runtime:
         self.shared_bytes = 0
         self.clusters: dict = {}  # name -> ClusterConfig, for proxy_http_call (set by the factory)
         self.calls: dict[int, tuple[WasmFilter | None, asyncio.Task]] = {}  # token -> caller, task
+        self.streams: dict[int, GrpcStream] = {}  # proxy_grpc_stream's, by token
         self.next_token = 0
         self.call_response = None  # the HttpCallResult being delivered to the guest, or None
         # The gRPC call being delivered (its GrpcResult) and what of it the current callback
@@ -847,35 +846,88 @@ class Runtime:
                 ),
             ]
         steps.append(("proxy_on_grpc_close", "close", answer.status))
-        self.grpc_answer = answer
         caller = entry[0]
-        try:
-            for name, phase, value in steps:
-                callback = self.exports.get(name)
-                if callback is None or self.store is None or generation != self.generation:
-                    continue
-                self.filter = None
-                self.grpc_phase = phase
-                self.refuel()
-                raw = self.raw
-                raw[0], raw[4], raw[8] = ROOT_CONTEXT_ID, token, value
-                error = _call_unchecked(
-                    self.ctx, callback[0], self.raw_addr, callback[1], self.trap_addr
-                )
-                if error or self.trapbox.value:
-                    exc = self._fault(error)
-                    if caller is not None and caller.generation == self.generation:
-                        caller._fault(exc, name)
-                    else:
-                        self.failed(exc, name, [0] * 4)
-                    return
-        finally:
-            self.grpc_answer, self.grpc_phase, self.filter = None, "", None
+        for name, phase, value in steps:
+            if not self._grpc_callback(name, phase, answer, token, value, caller, generation):
+                return
         if caller is not None and caller.reply is not None:
             caller._send_reply()
 
+    def _grpc_callback(
+        self, name: str, phase: str, answer: GrpcResult, token: int, value: int, caller, generation
+    ) -> bool:
+        """One proxy_on_grpc_* callback on the root context (if exported), with `answer` what
+        its buffer, metadata and status read; False when the instance failed in it."""
+        callback = self.exports.get(name)
+        if callback is None or self.store is None or generation != self.generation:
+            return generation == self.generation and self.store is not None
+        self.grpc_answer, self.grpc_phase, self.filter = answer, phase, None
+        try:
+            self.refuel()
+            raw = self.raw
+            raw[0], raw[4], raw[8] = ROOT_CONTEXT_ID, token, value
+            error = _call_unchecked(
+                self.ctx, callback[0], self.raw_addr, callback[1], self.trap_addr
+            )
+            if error or self.trapbox.value:
+                exc = self._fault(error)
+                if caller is not None and caller.generation == self.generation:
+                    caller._fault(exc, name)
+                else:
+                    self.failed(exc, name, [0] * 4)
+                return False
+            return True
+        finally:
+            self.grpc_answer, self.grpc_phase, self.filter = None, "", None
+
+    # ---- gRPC streams (proxy_grpc_stream) ------------------------------------------------
+
+    def open_grpc_stream(self, cluster, path: bytes, metadata) -> int:
+        """Start a streaming call for the current context; its events arrive on the root context."""
+        self.next_token = token = self.next_token % 0x7FFFFFFF + 1
+        caller, generation = self.filter, self.generation
+
+        def deliver(kind: str, value) -> None:
+            self._grpc_stream_event(token, generation, caller, kind, value)
+
+        self.streams[token] = GrpcStream(self.loop, cluster, path, metadata, deliver)
+        return token
+
+    def _grpc_stream_event(self, token: int, generation: int, caller, kind: str, value) -> None:
+        """As Envoy's host: each event of a stream to its callback. After close the token is gone
+        if the guest had closed its side, else it stays until proxy_grpc_close/cancel."""
+        stream = self.streams.get(token)
+        if stream is None:
+            return
+        if kind == "close" and stream.local_closed:
+            del self.streams[token]
+        if generation != self.generation or self.store is None:
+            return
+        if kind == "initial":
+            answer = GrpcResult(0, b"", value, None, [])
+            step = ("proxy_on_grpc_receive_initial_metadata", "initial", len(value))
+        elif kind == "message":
+            answer = GrpcResult(0, b"", [], value, [])
+            step = ("proxy_on_grpc_receive", "message", len(value))
+        elif kind == "trailing":
+            answer = GrpcResult(0, b"", [], None, value)
+            step = ("proxy_on_grpc_receive_trailing_metadata", "trailing", len(value))
+        else:
+            status, message = value
+            answer = GrpcResult(status, message, [], None, [])
+            step = ("proxy_on_grpc_close", "close", status)
+        if self._grpc_callback(*step[:2], answer, token, step[2], caller, generation):
+            if caller is not None and caller.reply is not None:
+                caller._send_reply()
+
     def cancel_call(self, token: int) -> bool:
-        """proxy_grpc_cancel/close: drop a call in flight; its callbacks never come."""
+        """proxy_grpc_cancel (and close, for a unary call or a stream): drop a call in flight;
+        its callbacks never come. Envoy's host: closing a stream half-closes it instead
+        (close_stream), see proxy_grpc_close."""
+        stream = self.streams.pop(token, None)
+        if stream is not None:
+            stream.cancel()
+            return True
         entry = self.calls.pop(token, None)
         if entry is None:
             return False
@@ -883,11 +935,15 @@ class Runtime:
         return True
 
     def cancel_calls(self, caller: WasmFilter | None = None) -> None:
-        """Drop callouts: a stream's when it ends (nobody to resume), all when the instance goes."""
+        """Drop callouts: a stream's when it ends (nobody to resume), all when the instance goes.
+        gRPC streams belong to the instance (the root context hears them): only it ends them."""
         for token, (owner, task) in list(self.calls.items()):
             if caller is None or owner is caller:
                 del self.calls[token]
                 task.cancel()
+        if caller is None:
+            for token in list(self.streams):
+                self.streams.pop(token).cancel()
 
     def _call_done(self, token: int, generation: int, task: asyncio.Task) -> None:
         """Envoy's host calls proxy_on_http_call_response on the root context; an SDK sets the
@@ -1055,6 +1111,19 @@ def _grpc_cluster(service: bytes) -> str:
     inner = _proto_field(service, 1)
     name = _proto_field(inner, 1) if inner is not None else None
     return (name if name is not None else service).decode(errors="replace")
+
+
+def _grpc_target(service: bytes, method: bytes, metadata: bytes):
+    """(path, metadata pairs) of a gRPC call the guest asked for, or None if malformed."""
+    if not service or not method or b"/" in service or b"/" in method:
+        return None
+    try:
+        pairs = deserialize_pairs(metadata)
+    except (ValueError, struct.error):
+        return None
+    if any(k[:1] == b":" or not k for k, _ in pairs):
+        return None
+    return b"/" + service + b"/" + method, pairs
 
 
 def _proto_field(data: bytes, number: int) -> bytes | None:
@@ -1413,22 +1482,47 @@ def _host_functions(rt: Runtime) -> dict:
         if cluster is None or rt.loop is None or len(rt.calls) >= MAX_HTTP_CALLS:
             return BAD_ARGUMENT
         rt.charge(nsize + msize + hsize + rsize)
-        service, method = rt.read(nptr, nsize), rt.read(mptr, msize)
-        if not service or not method or b"/" in service or b"/" in method:
+        call = _grpc_target(rt.read(nptr, nsize), rt.read(mptr, msize), rt.read(hptr, hsize))
+        if call is None:
             return BAD_ARGUMENT
-        try:
-            metadata = deserialize_pairs(rt.read(hptr, hsize))
-        except (ValueError, struct.error):
-            return BAD_ARGUMENT
-        if any(k[:1] == b":" or not k for k, _ in metadata):
-            return BAD_ARGUMENT
-        path = b"/" + service + b"/" + method
+        path, metadata = call
         token = rt.dispatch_grpc(cluster, path, metadata, rt.read(rptr, rsize), timeout_ms / 1000)
         rt.write_u32(ret_token, token)
         return OK
 
     def proxy_grpc_cancel(token):
         return OK if rt.cancel_call(token) else NOT_FOUND
+
+    def proxy_grpc_close(token):
+        """Envoy: a stream is half-closed (its answer still comes); a unary call is cancelled."""
+        stream = rt.streams.get(token)
+        if stream is None:
+            return proxy_grpc_cancel(token)
+        if stream.done:  # the server closed it first: its callbacks have all come
+            del rt.streams[token]
+        stream.close()
+        return OK
+
+    def proxy_grpc_stream(sptr, ssize, nptr, nsize, mptr, msize, hptr, hsize, ret_token):
+        """A streaming call of `service_name`/`method_name` with initial metadata (ABI 0.2.1);
+        the service as for proxy_grpc_call."""
+        cluster = rt.clusters.get(_grpc_cluster(rt.read(sptr, ssize)))
+        if cluster is None or rt.loop is None or len(rt.streams) >= MAX_HTTP_CALLS:
+            return BAD_ARGUMENT
+        rt.charge(nsize + msize + hsize)
+        call = _grpc_target(rt.read(nptr, nsize), rt.read(mptr, msize), rt.read(hptr, hsize))
+        if call is None:
+            return BAD_ARGUMENT
+        token = rt.open_grpc_stream(cluster, *call)
+        rt.write_u32(ret_token, token)
+        return OK
+
+    def proxy_grpc_send(token, ptr, size, end_stream):
+        stream = rt.streams.get(token)
+        if stream is None:
+            return NOT_FOUND
+        rt.charge(size)
+        return OK if stream.send(rt.read(ptr, size), bool(end_stream)) else BAD_ARGUMENT
 
     def proxy_define_metric(metric_type, nptr, nsize, ret_id):
         if metric_type > 2:
@@ -1642,7 +1736,9 @@ def _host_functions(rt: Runtime) -> dict:
         "proxy_http_call": ([I] * 10, proxy_http_call),
         "proxy_grpc_call": ([I] * 12, proxy_grpc_call),
         "proxy_grpc_cancel": ([I], proxy_grpc_cancel),
-        "proxy_grpc_close": ([I], proxy_grpc_cancel),  # a unary call: closing it is cancelling
+        "proxy_grpc_close": ([I], proxy_grpc_close),
+        "proxy_grpc_stream": ([I] * 9, proxy_grpc_stream),
+        "proxy_grpc_send": ([I] * 4, proxy_grpc_send),
         "proxy_register_shared_queue": ([I] * 3, proxy_register_shared_queue),
         "proxy_resolve_shared_queue": ([I] * 5, proxy_resolve_shared_queue),
         "proxy_enqueue_shared_queue": ([I] * 3, proxy_enqueue_shared_queue),

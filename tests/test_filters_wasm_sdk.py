@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import time
 
 import h11
 import pytest
@@ -268,7 +269,9 @@ def test_properties_example_reads_envoys_attributes(start_proxy, tmp_path, upstr
 
 class _GrpcEcho:
     """A real grpcio server: test.Echo/Unary answers b"pong:" + the request (raw bytes, no
-    protobuf), with `x-server` initial metadata; a request naming /fail is refused."""
+    protobuf), with `x-server` initial metadata; a request naming /fail is refused.
+    test.Echo/Chat (a bidirectional stream) answers each message as it comes, and ends with
+    `x-count` (how many came) in its trailing metadata once the client half-closes."""
 
     def __init__(self) -> None:
         from concurrent import futures
@@ -284,8 +287,21 @@ class _GrpcEcho:
             context.send_initial_metadata((("x-server", "grpcio"),))
             return b"pong:" + request
 
+        def chat(requests, context):
+            self.metadata.append(dict(context.invocation_metadata()))
+            context.send_initial_metadata((("x-server", "grpcio"),))
+            count = 0
+            for request in requests:
+                count += 1
+                yield b"pong:" + request
+            context.set_trailing_metadata((("x-count", str(count)),))
+
         handler = grpc.method_handlers_generic_handler(
-            "test.Echo", {"Unary": grpc.unary_unary_rpc_method_handler(unary)}
+            "test.Echo",
+            {
+                "Unary": grpc.unary_unary_rpc_method_handler(unary),
+                "Chat": grpc.stream_stream_rpc_method_handler(chat),
+            },
         )
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         self.server.add_generic_rpc_handlers((handler,))
@@ -313,6 +329,95 @@ def test_grpc_call_module_asks_a_grpcio_server_then_continues(start_proxy, tmp_p
         assert (status, body) == (503, b"grpc status 7: no entry for /fail\n")
     finally:
         echo.close()
+
+
+def _events(port: int, want: str) -> list[str]:
+    """The grpc_stream module's /events lines, once `want` is among them (callbacks come later)."""
+    deadline = time.monotonic() + 5
+    while True:
+        status, _, body = split_response(curl("-i", f"http://127.0.0.1:{port}/events").stdout)
+        assert status == 200
+        lines = body.decode().splitlines()
+        if any(line.startswith(want) for line in lines) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.05)
+
+
+def _say(port: int, path: str) -> str:
+    status, _, body = split_response(curl("-i", f"http://127.0.0.1:{port}{path}").stdout)
+    assert status == 200, body
+    return body.decode().strip()
+
+
+def test_grpc_stream_module_talks_to_a_grpcio_stream(start_proxy, tmp_path, upstream):
+    """proxy_grpc_stream/send/close and the four stream callbacks, against grpcio's Chat: each
+    message answered as it goes (the stream stays open across requests), then half-close
+    brings the trailing metadata and close with OK."""
+    pytest.importorskip("grpc")
+    echo = _GrpcEcho()
+    try:
+        top = f"clusters:\n  echo:\n    endpoints: [127.0.0.1:{echo.port}]\n"
+        proxy, port = _sdk_proxy(
+            start_proxy, tmp_path, upstream, "grpc_stream", "grpc_stream", top=top
+        )
+        sent = _say(port, "/send/one")
+        assert sent.startswith("sent ") and sent.endswith(" 0"), sent
+        token = sent.split()[1]
+        assert _events(port, "message") == [
+            f"initial {token} x-server=grpcio",
+            f"message {token} pong:one",
+        ]
+        assert echo.metadata[-1]["x-opened-by"] == "wasm"
+        assert _say(port, "/send/two") == f"sent {token} 0"  # the same stream, still open
+        assert _events(port, f"message {token} pong:two")[-1] == f"message {token} pong:two"
+        assert _say(port, "/close") == "close 0"
+        assert _events(port, "close")[-2:] == [
+            f"trailing {token} x-count=2",
+            f"close {token} 0 ",
+        ]
+        # Closed by the server: the token is gone (NOT_FOUND).
+        assert _say(port, "/close") == "close 1"
+    finally:
+        echo.close()
+
+
+def test_grpc_stream_cancel_ends_it_without_callbacks(start_proxy, tmp_path, upstream):
+    pytest.importorskip("grpc")
+    echo = _GrpcEcho()
+    try:
+        top = f"clusters:\n  echo:\n    endpoints: [127.0.0.1:{echo.port}]\n"
+        proxy, port = _sdk_proxy(
+            start_proxy, tmp_path, upstream, "grpc_stream", "grpc_stream", top=top
+        )
+        token = _say(port, "/send/one").split()[1]
+        _events(port, "message")
+        assert _say(port, "/cancel") == "cancel 0"
+        time.sleep(0.3)
+        lines = _events(port, "nothing")
+        assert not [line for line in lines if line.startswith(("close", "trailing"))], lines
+        assert _say(port, "/cancel") == "cancel 1"  # the token is gone
+        # A new stream works after it.
+        sent = _say(port, "/send/again")
+        assert sent.split()[1] != token
+        assert _events(port, "message")[-1].endswith("pong:again")
+    finally:
+        echo.close()
+
+
+def test_grpc_stream_to_a_down_cluster_closes_unavailable(start_proxy, tmp_path, upstream):
+    top = f"clusters:\n  echo:\n    endpoints: [127.0.0.1:{free_port()}]\n"
+    proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "grpc_stream", "grpc_stream", top=top)
+    token = _say(port, "/send/one").split()[1]
+    assert _events(port, "close")[-1].startswith(f"close {token} 14 ")
+    # Closed by the other side only: the token stays until the guest closes its own side.
+    assert _say(port, "/close") == "close 0"
+    assert _say(port, "/close") == "close 1"
+
+
+def test_grpc_stream_to_an_unknown_cluster_is_refused_to_the_guest(start_proxy, tmp_path, upstream):
+    proxy, port = _sdk_proxy(start_proxy, tmp_path, upstream, "grpc_stream", "grpc_stream")
+    assert _say(port, "/send/one") == "stream refused 2"  # BAD_ARGUMENT, as Envoy
+    assert _say(port, "/close") == "close 1"  # no such token: NOT_FOUND
 
 
 def test_grpc_call_module_hears_unavailable_when_the_cluster_is_down(
