@@ -181,18 +181,19 @@ def nginx_grpc(
 
 
 def nginx_return_200(
-    procs: Processes, workdir: Path, cpu: int | None, name: str = "upstream"
-) -> Started:
-    """An nginx upstream answering every request with the 100-byte BODY (HTTP/1.1 on `port`,
-    h2c on `h2_port`)."""
+    procs: Processes, workdir: Path, cpu: int | None, name: str = "upstream",
+    body: str = BODY.decode(),
+) -> Started:  # fmt: skip
+    """An nginx upstream answering every request with `body` (by default the 100-byte BODY;
+    nginx variables such as $uri work), HTTP/1.1 on `port`, h2c on `h2_port`."""
     port, h2 = free_port(), free_port()
     conf = nginx_conf(
         workdir, name,
         f"server {{ listen 127.0.0.1:{port} reuseport backlog=4096; listen 127.0.0.1:{h2} http2;\n"
-        f'  location / {{ default_type text/plain; return 200 "{BODY.decode()}"; }} }}\n',
+        f'  location / {{ default_type text/plain; return 200 "{body}"; }} }}\n',
     )  # fmt: skip
     pid = _nginx(procs, workdir, name, conf, cpu)
-    return Started(name, port, pid, f"nginx return 200, {len(BODY)} B", h2_port=h2)
+    return Started(name, port, pid, f"nginx return 200, {len(body)} B", h2_port=h2)
 
 
 # ---- haproxy, Traefik, Caddy, proxy.py, mitmproxy ---------------------------------------------
@@ -331,6 +332,14 @@ def pyproxy_config(
     argv = [python, "-P", "-m", "pyproxy", "run", "-c", str(path), "--log-level", "warning"]
     pid = procs.launch(name, argv, env, cpu).pid
     return Started(name, port, pid, note, admin=admin)
+
+
+def python_floor(procs: Processes, upstream: int, cpu: int | None) -> Started:
+    """The leanest Python keep-alive relay (bench/python_floor.py): what any Python proxy pays."""
+    port = free_port()
+    argv = [sys.executable, "-m", "pyproxy.bench.python_floor", str(port), str(upstream)]
+    return Started("python_floor", port, procs.launch("python_floor", argv, cpu=cpu).pid,
+                   "lower bound: the leanest Python keep-alive relay, no parsing or accounting")  # fmt: skip
 
 
 # ---- upstreams ------------------------------------------------------------------------------
