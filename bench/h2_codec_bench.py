@@ -40,9 +40,8 @@ from time import perf_counter_ns
 
 from pyproxy.bench import grpc_bench, http_bench
 from pyproxy.bench.http_load import LOAD_CPU, SIDE_CPU, Path_, log, wait_http
-from pyproxy.bench.procs import Processes, cell, free_port, move_to_cpu, pinned
+from pyproxy.bench.procs import Processes, cell, free_port, get_json, move_to_cpu, pinned
 from pyproxy.bench.rounds import interleaved, paired_ratio
-from pyproxy.bench.tcp_echo import get_json
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CODECS = ("h2", "native")

@@ -28,8 +28,7 @@ from pathlib import Path
 
 from pyproxy.bench.http_bench import Processes, start_upstream
 from pyproxy.bench.http_load import _body_length
-from pyproxy.bench.procs import free_port, wait_port
-from pyproxy.bench.tcp_echo import get_json
+from pyproxy.bench.procs import free_port, get_json, wait_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"

@@ -36,9 +36,9 @@ from pyproxy.bench import peers
 from pyproxy.bench.filter_bench import CHAIN_ORDER, sanity, start_proxy
 from pyproxy.bench.http_bench import Processes, rss_mib
 from pyproxy.bench.http_load import log, wait_http
+from pyproxy.bench.procs import get_json
 from pyproxy.bench.results_folder import default_out, write_results
 from pyproxy.bench.steady_load import Counts, SteadyLoad
-from pyproxy.bench.tcp_echo import get_json
 
 CLIENTS = 16
 SAMPLE_EVERY = 2.0
