@@ -301,7 +301,7 @@ def proxypy(procs: Processes, upstream: int, cpu: int | None) -> Started:
 
 def pyproxy_flags(
     procs: Processes, name: str, upstream: str | int, cpu: int | None, *flags: str,
-    mode: str = "tcp", admin: bool = True, python: str = sys.executable,
+    mode: str = "tcp", admin: bool = True, python: str = sys.executable, env: dict | None = None,
 ) -> Started:  # fmt: skip
     """pyproxy from the command line (`pyproxy run --mode ... --listen ... --upstream ...`).
     `python` is the interpreter whose installed pyproxy runs (another checkout's venv runs
@@ -311,7 +311,7 @@ def pyproxy_flags(
     argv = [python, "-P", "-m", "pyproxy", "run", "--mode", mode, "--listen", f"127.0.0.1:{port}",
             "--upstream", target, "--admin", f"127.0.0.1:{admin_port}" if admin_port else "off",
             "--log-level", "warning", *flags]  # fmt: skip
-    pid = procs.launch(name, argv, cpu=cpu).pid
+    pid = procs.launch(name, argv, env, cpu).pid
     return Started(name, port, pid, " ".join(flags) or "defaults", admin=admin_port)
 
 
