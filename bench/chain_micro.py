@@ -51,7 +51,7 @@ from time import perf_counter_ns
 
 from pyproxy.bench.filter_bench import CHAIN_ORDER, configurations
 from pyproxy.bench.filter_configs import filter_entry
-from pyproxy.bench.results_folder import write_results
+from pyproxy.bench.results_folder import publish
 
 from pyproxy.chain.api import FactoryContext, HeaderMap
 from pyproxy.chain.http_chain import FILTER_STAGE_BASE, ChainFactory, HttpChain
@@ -373,10 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     result = measure(args.rounds, args.requests, args.only)
     result["elapsed_s"] = round(time.monotonic() - started, 1)
-    text = report(result)
-    print(text)
-    if args.out:
-        write_results(args.out, result, text, args)
+    publish(args.out, result, report(result), args)
     return 0
 
 

@@ -37,7 +37,7 @@ from pyproxy.bench.procs import (
     run_tool,
     tree_pids,
 )
-from pyproxy.bench.results_folder import default_out, write_results
+from pyproxy.bench.results_folder import default_out, publish
 
 METHOD = "/bench.Echo/Unary"
 PAYLOAD = b"x" * 100
@@ -338,9 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             procs.stop_all()
             shutil.rmtree(workdir, ignore_errors=True)
-    table = report(result)
-    write_results(args.out, result, table, args)
-    print(table)
+    publish(args.out, result, report(result), args)
     return 0
 
 

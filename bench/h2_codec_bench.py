@@ -40,7 +40,7 @@ from time import perf_counter_ns
 from pyproxy.bench import grpc_bench, http_bench, peers
 from pyproxy.bench.http_load import LOAD_CPU, SIDE_CPU, Path_, log, wait_http
 from pyproxy.bench.procs import cell, get_json, move_to_cpu, on_cpus
-from pyproxy.bench.results_folder import default_out, write_results
+from pyproxy.bench.results_folder import default_out, publish
 from pyproxy.bench.rounds import interleaved, paired_ratio
 
 CODECS = ("h2", "native")
@@ -371,9 +371,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     result["codec_alone_us_per_call"] = codec_alone()
     result["targets"] = targets_met(result)
-    table = report(result)
-    write_results(args.out, result, table, args)
-    print(table)
+    publish(args.out, result, report(result), args)
     return 0
 
 

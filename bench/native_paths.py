@@ -39,7 +39,7 @@ from pathlib import Path
 from pyproxy.bench import peers
 from pyproxy.bench.echo_client import connect, measure_rtts, summarize
 from pyproxy.bench.procs import Processes, cpu_seconds, get_json, move_to_cpu, on_cpus
-from pyproxy.bench.results_folder import default_out, inputs_of, write_results
+from pyproxy.bench.results_folder import default_out, inputs_of, publish
 from pyproxy.bench.tcp_echo import iperf3, start_nginx
 
 SIZES = (100, 1024, 4096, 16384, 65536, 262144)
@@ -221,9 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             procs.stop_all()
     result["elapsed_s"] = time.monotonic() - started
     result["summary"] = summarize_targets(result)
-    text = report(result)
-    write_results(args.out, result, text, args)
-    print(text)
+    publish(args.out, result, report(result), args)
     print(f"\nresults: {args.out}")
     return 0
 

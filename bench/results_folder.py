@@ -69,6 +69,16 @@ def write_results(
     return folder
 
 
+def publish(
+    out: Path | str | None, result: dict, markdown: str, inputs: argparse.Namespace | dict
+) -> None:
+    """Print the bench's report and write its results folder (when it has one)."""
+    print(markdown)
+    if out:
+        write_results(out, result, markdown, inputs)
+        print(f"\nresults: {out}")
+
+
 def flatten(value, prefix: str = "") -> list[tuple[str, object]]:
     """Every number, string and flag of a result document with its dotted path."""
     if isinstance(value, dict):

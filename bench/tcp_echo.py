@@ -49,7 +49,7 @@ from pyproxy.bench.procs import (
     target_line,
     tree_pids,
 )
-from pyproxy.bench.results_folder import default_out, inputs_of, write_results
+from pyproxy.bench.results_folder import default_out, inputs_of, publish
 
 from pyproxy.stats import stage_table
 
@@ -251,9 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             procs.stop_all()
     result["elapsed_s"] = time.monotonic() - started
-    text = report(result)
-    write_results(args.out, result, text, args)
-    print(text)
+    publish(args.out, result, report(result), args)
     print(f"\nresults: {args.out}")
     return 0
 

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from pyproxy.bench.results_folder import write_results
+from pyproxy.bench.results_folder import publish
 from pyproxy.filters import sdk_modules
 from pyproxy.filters.wasm import WasmFactory
 
@@ -194,10 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     result = measure(args.rounds, args.requests, args.variants)
     result["elapsed_s"] = round(time.monotonic() - started, 1)
-    text = report(result)
-    print(text)
-    if args.out:
-        write_results(args.out, result, text, args)
+    publish(args.out, result, report(result), args)
     return 0
 
 
