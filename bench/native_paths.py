@@ -222,7 +222,6 @@ def main(argv: list[str] | None = None) -> int:
     result["elapsed_s"] = time.monotonic() - started
     result["summary"] = summarize_targets(result)
     publish(args.out, result, report(result), args)
-    print(f"\nresults: {args.out}")
     return 0
 
 

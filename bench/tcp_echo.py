@@ -252,7 +252,6 @@ def main(argv: list[str] | None = None) -> int:
             procs.stop_all()
     result["elapsed_s"] = time.monotonic() - started
     publish(args.out, result, report(result), args)
-    print(f"\nresults: {args.out}")
     return 0
 
 
