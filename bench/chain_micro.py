@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import gc
-import json
 import pstats
 import random
 import statistics
@@ -52,6 +51,7 @@ from time import perf_counter_ns
 
 from pyproxy.bench.filter_bench import CHAIN_ORDER, configurations
 from pyproxy.bench.filter_configs import filter_entry
+from pyproxy.bench.results_folder import publish
 
 from pyproxy.chain.api import FactoryContext, HeaderMap
 from pyproxy.chain.http_chain import FILTER_STAGE_BASE, ChainFactory, HttpChain
@@ -69,7 +69,6 @@ from pyproxy.counters import (
 from pyproxy.http.exchange import end_chain, start_chain
 from pyproxy.http.heads import filtered_request
 
-RESULTS = Path(__file__).resolve().parent / "results"
 # What wrk / the filter_bench client send, and what nginx answers (100-byte body).
 REQUEST_HEADERS = [(b"host", b"127.0.0.1:8080"), (b"user-agent", b"bench"), (b"accept", b"*/*")]
 RESPONSE_HEADERS = [
@@ -365,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=3000, help="per config per round")
     parser.add_argument("--only", nargs="*", help="configurations to run (baseline always runs)")
     parser.add_argument("--profile", metavar="NAME", help="cProfile one configuration instead")
-    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--out", help="also write a results folder here")
     args = parser.parse_args(argv)
     if args.profile:
         profile(args.profile, args.requests * 10)
@@ -374,9 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     result = measure(args.rounds, args.requests, args.only)
     result["elapsed_s"] = round(time.monotonic() - started, 1)
-    print(report(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    publish(args.out, result, report(result), args)
     return 0
 
 

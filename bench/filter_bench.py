@@ -43,7 +43,7 @@ single-filter runs) vs measured, and the error %. Targets: each filter
 cheaper than the paper's Envoy figure; additivity within 20 %.
 
 Bounded: < 5 minutes with the defaults; progress on stderr; JSON in
-bench/results/filter_bench.json; the markdown report on stdout. Every process
+bench/results/filter_bench/; the markdown report on stdout. Every process
 started here is stopped at the end, whatever happens. Loopback only.
 """
 
@@ -66,9 +66,8 @@ from pyproxy.bench.http_bench import (
 )
 from pyproxy.bench.http_load import Path_, log
 from pyproxy.bench.procs import noise_note, tree_pids
+from pyproxy.bench.results_folder import default_out
 from pyproxy.bench.rounds import run_phases
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 # MeshInsight (SoCC'23) Table 3: Envoy's added cost per request, µs.
 ENVOY_US = {
@@ -263,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         round_seconds=0.5,
         load_rounds=6,
         seconds=2,
-        out=str(RESULTS / "filter_bench.json"),
+        out=str(default_out("filter_bench")),
     )
     args = parser.parse_args(argv)
     result = begin_run(parser, args, ("nginx", "wrk", "taskset", "npm"))

@@ -32,7 +32,7 @@ filter costs ≤ 1.5 × the CPU per request of nginx + ngx_http_lua doing the sa
 (median over rounds of the within-round ratio).
 
 Bounded: ≈ 3 minutes with the defaults; progress on stderr; JSON in
-bench/results/filtered_path.json; the markdown report and the target checks
+bench/results/filtered_path/; the markdown report and the target checks
 on stdout. Every process started here is stopped at the end, whatever happens.
 """
 
@@ -66,9 +66,9 @@ from pyproxy.bench.procs import (
     noise_note,
     target_line,
 )
+from pyproxy.bench.results_folder import default_out
 from pyproxy.bench.rounds import paired_ratio, run_phases
 
-RESULTS = Path(__file__).resolve().parent / "results"
 NGINX_MODULES = Path("/usr/lib/nginx/modules")  # where Debian's nginx module packages put them
 NGINX_LUA = ("ndk_http_module.so", "ngx_http_lua_module.so")  # ngx_http_lua needs the NDK first
 RATELIMIT_ADDED_CPU_US = 3.0
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         round_seconds=1.0,
         load_rounds=5,
         seconds=4,
-        out=str(RESULTS / "filtered_path.json"),
+        out=str(default_out("filtered_path")),
     )
     add_baseline_tree(parser)
     args = parser.parse_args(argv)

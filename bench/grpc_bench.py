@@ -21,7 +21,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,17 +28,17 @@ import urllib.request
 from pathlib import Path
 from time import perf_counter_ns
 
+from pyproxy.bench import peers
 from pyproxy.bench.procs import (
     Processes,
     cell,
     cpu_seconds,
-    free_port,
-    pinned,
+    on_cpus,
+    run_tool,
     tree_pids,
-    wait_port,
 )
+from pyproxy.bench.results_folder import default_out, publish
 
-RESULTS = Path(__file__).resolve().parent / "results"
 METHOD = "/bench.Echo/Unary"
 PAYLOAD = b"x" * 100
 
@@ -73,40 +72,18 @@ def serve(port: int) -> None:
 
 
 def nginx_has_grpc() -> tuple[bool, str]:
-    if not shutil.which("nginx"):
-        return False, "nginx not installed"
-    info = subprocess.run(["nginx", "-V"], capture_output=True, text=True).stderr
-    if "--without-http_grpc_module" in info:
-        return False, "this nginx build has no grpc module (--without-http_grpc_module)"
-    return True, info.splitlines()[0]
+    try:
+        return True, peers.nginx_grpc_check()
+    except peers.Skip as exc:
+        return False, str(exc)
 
 
-def start_nginx(procs: Processes, workdir: Path, listen: int, upstream: int, cpu) -> int:
-    conf = workdir / "nginx-grpc.conf"
-    conf.write_text(
-        f"daemon off; master_process off; worker_processes 1; pid {workdir}/nginx.pid;\n"
-        f"error_log {workdir}/nginx-error.log warn;\n"
-        "events { worker_connections 1024; }\n"
-        "http {\n access_log off;\n"
-        # keepalive_requests defaults to 1000: nginx would GOAWAY the load connection mid-run.
-        f" upstream app {{ server 127.0.0.1:{upstream}; keepalive 16; keepalive_requests 10000000; }}\n"
-        f" server {{ listen 127.0.0.1:{listen} http2; http2_max_concurrent_streams 128;\n"
-        "   keepalive_requests 10000000;\n"
-        "   location / { grpc_pass grpc://app; } }\n}\n"
-    )
-    proc = procs.start(pinned(cpu, ["nginx", "-c", str(conf), "-p", str(workdir)]))
-    wait_port(listen)
-    return proc.pid
+def start_nginx(procs: Processes, workdir: Path, upstream: int, cpu) -> peers.Started:
+    return peers.nginx_grpc(procs, workdir, upstream, cpu).ready()
 
 
-def start_pyproxy(procs: Processes, listen: int, upstream: int, admin: int, cpu) -> int:
-    argv = [sys.executable, "-m", "pyproxy", "run", "--mode", "grpc", "--listen", f"127.0.0.1:{listen}",
-            "--upstream", f"127.0.0.1:{upstream}", "--admin", f"127.0.0.1:{admin}",
-            "--log-level", "warning"]  # fmt: skip
-    proc = procs.start(pinned(cpu, argv))
-    wait_port(admin)
-    wait_port(listen)
-    return proc.pid
+def start_pyproxy(procs: Processes, upstream: int, cpu) -> peers.Started:
+    return peers.pyproxy_flags(procs, "pyproxy", upstream, cpu, mode="grpc").ready()
 
 
 def listener_stats(admin: int) -> dict:
@@ -160,7 +137,7 @@ def run_h2load(port: int, body: Path, seconds: int, cpu) -> dict:
     argv = ["h2load", "-c1", "-m32", "-D", str(seconds), "--warm-up-time=1", "-d", str(body),
             "-H", "content-type: application/grpc", "-H", "te: trailers",
             f"http://127.0.0.1:{port}{METHOD}"]  # fmt: skip
-    out = subprocess.run(pinned(cpu, argv), capture_output=True, text=True, timeout=seconds + 30)
+    out = run_tool(argv, cpu, timeout=seconds + 30)
     text = out.stdout
     done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded", text)
     rps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", text)
@@ -304,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         "--calls", type=int, default=2000, help="latency calls per target per round"
     )
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", default=str(default_out("grpc_bench")), help="results folder")
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
@@ -314,60 +292,53 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     two_cpus = (os.cpu_count() or 1) >= 2
     proxy_cpu, rest_cpu = (1, 0) if two_cpus else (None, None)
-    if rest_cpu is not None:
-        os.sched_setaffinity(0, {rest_cpu})
     procs = Processes()
     workdir = Path(tempfile.mkdtemp(prefix="grpc_bench-"))
     result: dict = {"host": {"cpus": os.cpu_count(), "kernel": os.uname().release}}
-    try:
-        app = free_port()
-        app_proc = procs.start(pinned(rest_cpu, [sys.executable, "-m", "pyproxy.bench.grpc_bench", "--serve", str(app)]))  # fmt: skip
-        wait_port(app)
-        targets = {"direct": app}
-        pids: dict[str, list[int]] = {}
-        py_port, admin = free_port(), free_port()
-        py_root = start_pyproxy(procs, py_port, app, admin, proxy_cpu)
-        targets["pyproxy"] = py_port
-        ok, why = nginx_has_grpc()
-        result["nginx"] = why
-        if ok:
-            ng_port = free_port()
-            pids["nginx"] = tree_pids(start_nginx(procs, workdir, ng_port, app, proxy_cpu))
-            targets["nginx"] = ng_port
-        else:
-            log(f"nginx skipped: {why}")
-        time.sleep(0.5)  # workers forked
-        pids["pyproxy"] = tree_pids(py_root)
-        pids["app"] = [app_proc.pid]
-        log(f"targets: {targets}")
+    with on_cpus(rest_cpu):  # the client and the app on the other CPU
+        try:
+            app_peer = peers.grpc_app(procs, rest_cpu).ready()
+            app = app_peer.port
+            targets = {"direct": app}
+            pids: dict[str, list[int]] = {}
+            py = start_pyproxy(procs, app, proxy_cpu)
+            targets["pyproxy"], admin = py.port, py.admin
+            ok, why = nginx_has_grpc()
+            result["nginx"] = why
+            if ok:
+                nginx = start_nginx(procs, workdir, app, proxy_cpu)
+                pids["nginx"] = tree_pids(nginx.pid)
+                targets["nginx"] = nginx.port
+            else:
+                log(f"nginx skipped: {why}")
+            time.sleep(0.5)  # workers forked
+            pids["pyproxy"] = tree_pids(py.pid)
+            pids["app"] = [app_peer.pid]
+            log(f"targets: {targets}")
 
-        before = listener_stats(admin)
-        result["latency"] = latency_phase(targets, args.rounds, args.calls)
-        after = listener_stats(admin)
-        calls = after["requests"] - before["requests"]
-        result["stages_serial_us_per_call"] = stage_delta(after, before, calls)
+            before = listener_stats(admin)
+            result["latency"] = latency_phase(targets, args.rounds, args.calls)
+            after = listener_stats(admin)
+            calls = after["requests"] - before["requests"]
+            result["stages_serial_us_per_call"] = stage_delta(after, before, calls)
 
-        body = workdir / "body.bin"
-        body.write_bytes(b"\0" + len(PAYLOAD).to_bytes(4, "big") + PAYLOAD)
-        before = listener_stats(admin)
-        result["load"] = load_phase(targets, pids, body, args.seconds, rest_cpu)
-        after = listener_stats(admin)
-        calls = after["requests"] - before["requests"]
-        result["stages_load_us_per_call"] = stage_delta(after, before, calls)
-        grpc_stats = after.get("grpc", {})
-        result["grpc_statuses"] = {
-            m: v["statuses"] for m, v in grpc_stats.get("methods", {}).items()
-        }
-        result["grpc_framing_us_per_call"] = round(framing_cost_us(), 3)
-        result["h2_codec_us_per_call"] = h2_codec_cost_us()
-    finally:
-        procs.stop_all()
-        shutil.rmtree(workdir, ignore_errors=True)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "grpc_bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = report(result)
-    (RESULTS / "grpc_bench.md").write_text(table + "\n")
-    print(table)
+            body = workdir / "body.bin"
+            body.write_bytes(b"\0" + len(PAYLOAD).to_bytes(4, "big") + PAYLOAD)
+            before = listener_stats(admin)
+            result["load"] = load_phase(targets, pids, body, args.seconds, rest_cpu)
+            after = listener_stats(admin)
+            calls = after["requests"] - before["requests"]
+            result["stages_load_us_per_call"] = stage_delta(after, before, calls)
+            grpc_stats = after.get("grpc", {})
+            result["grpc_statuses"] = {
+                m: v["statuses"] for m, v in grpc_stats.get("methods", {}).items()
+            }
+            result["grpc_framing_us_per_call"] = round(framing_cost_us(), 3)
+            result["h2_codec_us_per_call"] = h2_codec_cost_us()
+        finally:
+            procs.stop_all()
+            shutil.rmtree(workdir, ignore_errors=True)
+    publish(args.out, result, report(result), args)
     return 0
 
 

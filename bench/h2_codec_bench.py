@@ -14,7 +14,7 @@ generators and upstreams on CPU 0):
 * pyproxy's stage table (per call, from /stats deltas over the gRPC load) for both codecs.
 
 The machine may be shared: every figure is from this one run, written to
-bench/results/h2_codec_bench.{json,md}.
+bench/results/h2_codec_bench/.
 
 With --baseline-tree PATH (another checkout, built), that checkout's pyproxy on the native codec
 runs beside this one as `before_pyproxy-native`, through every phase of the same run; the load
@@ -28,7 +28,6 @@ before/after ratios paired within a round.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import socket
@@ -38,13 +37,12 @@ import time
 from pathlib import Path
 from time import perf_counter_ns
 
-from pyproxy.bench import grpc_bench, http_bench
-from pyproxy.bench.http_load import LOAD_CPU, SIDE_CPU, Path_, log, move_to_cpu, wait_http
-from pyproxy.bench.procs import Processes, cell, free_port, pinned
+from pyproxy.bench import grpc_bench, http_bench, peers
+from pyproxy.bench.http_load import LOAD_CPU, SIDE_CPU, Path_, log, wait_http
+from pyproxy.bench.procs import cell, get_json, move_to_cpu, on_cpus
+from pyproxy.bench.results_folder import default_out, publish
 from pyproxy.bench.rounds import interleaved, paired_ratio
-from pyproxy.bench.tcp_echo import get_json
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CODECS = ("h2", "native")
 BEFORE = "before_pyproxy-native"  # --baseline-tree's pyproxy, native codec
 
@@ -53,22 +51,14 @@ def start_pyproxy(
     procs: http_bench.Processes, name: str, mode: str, upstream: int, codec: str,
     python: Path | None = None,
 ):  # fmt: skip
-    port, admin = free_port(), free_port()
-    conf = procs.logs / f"{name}.yaml"
-    conf.write_text(
-        f"admin: 127.0.0.1:{admin}\nlisteners:\n  - name: main\n    mode: {mode}\n"
-        f"    address: 127.0.0.1:{port}\n    upstream: 127.0.0.1:{upstream}\n"
-        f"    http: {{http2_codec: {codec}}}\n"
-    )
     interpreter = str(python) if python is not None else sys.executable
-    argv = [interpreter, "-m", "pyproxy", "run", "-c", str(conf), "--log-level", "warning"]
-    proc = procs.launch(name, pinned(SIDE_CPU, argv))
-    grpc_bench.wait_port(admin)
-    grpc_bench.wait_port(port)
+    listener = {"mode": mode, "upstream": f"127.0.0.1:{upstream}", "http": {"http2_codec": codec}}
+    started = peers.pyproxy_config(procs, procs.logs, name, listener, SIDE_CPU, python=interpreter)
+    port, admin = started.ready().port, started.admin
     info = get_json(f"http://127.0.0.1:{admin}/server_info")
     assert info["http2_codec"] == {"main": codec}, info["http2_codec"]
     note = f"http2_codec: {codec}" + (", baseline tree" if python is not None else "")
-    return Path_(name, port, proc.pid, admin=admin, note=note, h2_port=port)
+    return Path_(name, port, started.pid, admin=admin, note=note, h2_port=port)
 
 
 def start_pyproxies(procs: http_bench.Processes, mode: str, upstream: int, args) -> list[Path_]:
@@ -100,20 +90,10 @@ def _cpu_us(entry: dict) -> float | None:
 
 
 def start_haproxy(procs: http_bench.Processes, upstream: int, grpc: bool) -> Path_:
-    port = free_port()
     name = "haproxy-grpc" if grpc else "haproxy-h2"
-    conf = procs.logs / f"{name}.cfg"
-    server_proto = " proto h2" if grpc else ""
-    conf.write_text(
-        "global\n  nbthread 1\n  maxconn 4096\n"
-        "defaults\n  mode http\n  option http-keep-alive\n  http-reuse always\n"
-        "  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n"
-        f"frontend f\n  bind 127.0.0.1:{port} proto h2\n  default_backend app\n"
-        f"backend app\n  server s1 127.0.0.1:{upstream}{server_proto}\n"
-    )
-    proc = procs.launch(name, pinned(SIDE_CPU, ["haproxy", "-db", "-f", str(conf)]))
-    grpc_bench.wait_port(port)
-    return Path_(name, port, proc.pid, note="nbthread 1", h2_port=port)
+    started = peers.haproxy(procs, procs.logs, upstream, SIDE_CPU, name=name, front="h2",
+                            back_h2=grpc).ready()  # fmt: skip
+    return Path_(name, started.port, started.pid, note="nbthread 1", h2_port=started.port)
 
 
 # ---- HTTP/2 GET ----------------------------------------------------------------------------
@@ -181,16 +161,9 @@ def get_latency(targets: dict[str, int], rounds: int, calls: int) -> dict:
 
 def start_upstream(procs: http_bench.Processes, workdir: Path) -> tuple[int, int]:
     """nginx answering 100 B: HTTP/1.1 for the proxies, h2c for the direct latency base."""
-    port, h2 = free_port(), free_port()
-    body = http_bench.BODY.decode()
-    conf = http_bench.nginx_conf(
-        workdir, "upstream",
-        f"server {{ listen 127.0.0.1:{port} backlog=4096; listen 127.0.0.1:{h2} http2;\n"
-        f'  location / {{ default_type text/plain; return 200 "{body}"; }} }}\n',
-    )  # fmt: skip
-    procs.launch("upstream", pinned(SIDE_CPU, ["nginx", "-c", str(conf), "-p", str(workdir)]))
-    wait_http(port)
-    return port, h2
+    started = peers.nginx_return_200(procs, workdir, SIDE_CPU)
+    wait_http(started.port)
+    return started.port, started.h2_port
 
 
 def http2_get(workdir: Path, args) -> dict:
@@ -218,22 +191,15 @@ def http2_get(workdir: Path, args) -> dict:
 
 def grpc_unary(workdir: Path, args) -> dict:
     procs = http_bench.Processes(workdir)
-    plain = Processes()
     try:
-        app = free_port()
-        procs.launch(
-            "grpc-app",
-            pinned(
-                SIDE_CPU, [sys.executable, "-m", "pyproxy.bench.grpc_bench", "--serve", str(app)]
-            ),
-        )
-        grpc_bench.wait_port(app)
+        app = peers.grpc_app(procs, SIDE_CPU).ready().port
         paths = start_pyproxies(procs, "grpc", app, args)
         ok, why = grpc_bench.nginx_has_grpc()
         if ok:
-            port = free_port()
-            root = grpc_bench.start_nginx(plain, workdir, port, app, SIDE_CPU)
-            paths.append(Path_("nginx", port, root, note="grpc_pass", h2_port=port))
+            nginx = grpc_bench.start_nginx(procs, workdir, app, SIDE_CPU)
+            paths.append(
+                Path_("nginx", nginx.port, nginx.pid, note="grpc_pass", h2_port=nginx.port)
+            )
         else:
             log(f"nginx skipped: {why}")
         paths.append(start_haproxy(procs, app, grpc=True))
@@ -263,7 +229,6 @@ def grpc_unary(workdir: Path, args) -> dict:
         load = load_rounds(paths, args.load_rounds, one)
         return {"latency": latency, "load": load, "stages_us_per_call": stages}
     finally:
-        plain.stop_all()
         procs.stop_all()
 
 
@@ -385,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=1000, help="latency calls per path and round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--load-rounds", type=int, default=1, help="interleaved load rounds")
+    parser.add_argument("--out", default=str(default_out("h2_codec_bench")), help="results folder")
     http_bench.add_baseline_tree(parser)
     args = parser.parse_args(argv)
     args.baseline_python = http_bench.baseline_tree_python(parser, args)
@@ -395,21 +361,17 @@ def main(argv: list[str] | None = None) -> int:
     if (os.cpu_count() or 1) < 2:
         print("needs two CPUs (the proxy alone on CPU 1 under load)", file=sys.stderr)
         return 2
-    os.sched_setaffinity(0, {SIDE_CPU})
     workdir = Path(tempfile.mkdtemp(prefix="h2_codec_bench-"))
     result: dict = {"host": {"cpus": os.cpu_count(), "kernel": os.uname().release}}
     try:
-        result["grpc"] = grpc_unary(workdir, args)
-        result["http2_get"] = http2_get(workdir, args)
+        with on_cpus(SIDE_CPU):
+            result["grpc"] = grpc_unary(workdir, args)
+            result["http2_get"] = http2_get(workdir, args)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result["codec_alone_us_per_call"] = codec_alone()
     result["targets"] = targets_met(result)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "h2_codec_bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = report(result)
-    (RESULTS / "h2_codec_bench.md").write_text(table + "\n")
-    print(table)
+    publish(args.out, result, report(result), args)
     return 0
 
 

@@ -47,32 +47,30 @@ proto h2`), nginx (`listen ... http2`) and pyproxy, the latter only if
 `curl --http2-prior-knowledge` through it succeeds; otherwise reported pending.
 
 Bounded: < 6 minutes with the defaults; progress on stderr; JSON in
-bench/results/http_bench.json; the markdown report on stdout. Every process
+bench/results/http_bench/ (bench/results_folder.py); the markdown report on stdout. Every process
 started here is stopped at the end, whatever happens.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from pyproxy.bench import peers
 from pyproxy.bench.filter_configs import filter_entry
 from pyproxy.bench.http_load import (
     LOAD_CPU,
     SIDE_CPU,
     Path_,
     log,
-    move_to_cpu,
     run_load_tool,
     run_wrk,
     wait_http,
@@ -85,24 +83,21 @@ from pyproxy.bench.procs import (
     cell,
     cpu_seconds,
     git_state,
+    move_to_cpu,
     noise_note,
-    pinned,
+    on_cpus,
+    run_tool,
     target_line,
 )
+from pyproxy.bench.results_folder import default_out, inputs_of, write_results
 from pyproxy.bench.rounds import interleaved, latency_phase, paired_ratio
-from pyproxy.bench.tcp_echo import free_port
 
 from pyproxy.stats import stage_table
 
-RESULTS = Path(__file__).resolve().parent / "results"
-BODY = b"0123456789" * 10  # the upstream's 100-byte answer
-PEER_VENVS = {
-    "proxypy": ("/tmp/venv-proxypy", "proxy.py"),
-    "mitmproxy": ("/tmp/venv-mitm", "mitmproxy"),
-}
+BODY = peers.BODY  # the upstream's 100-byte answer
 
 
-# ---- processes -----------------------------------------------------------------------
+# ---- the paths under test (launched by bench/peers.py) ------------------------------------
 
 
 def rss_mib(pids: list[int]) -> float:
@@ -118,41 +113,15 @@ def rss_mib(pids: list[int]) -> float:
     return total_kib / 1024
 
 
-# ---- the paths under test ------------------------------------------------------------
-
-
-NGINX_TEMP = (
-    "client_body_temp_path {d}/cb; proxy_temp_path {d}/pt; fastcgi_temp_path {d}/ft;"
-    " uwsgi_temp_path {d}/ut; scgi_temp_path {d}/st;"
-)
-
-
-def nginx_conf(workdir: Path, name: str, http_block: str, main: str = "") -> Path:
-    """One single-process nginx's config file; `main` goes before everything (load_module)."""
-    conf = workdir / f"{name}.conf"
-    conf.write_text(
-        main + f"daemon off; master_process off; worker_processes 1; pid {workdir}/{name}.pid;\n"
-        f"error_log {workdir}/{name}.err warn;\n"
-        "events { worker_connections 4096; }\n"
-        "http { access_log off; keepalive_requests 1000000; keepalive_timeout 300s;\n"
-        + NGINX_TEMP.format(d=workdir)
-        + "\n"
-        + http_block
-        + "}\n"
-    )
-    return conf
+def _path(started: peers.Started, timeout: float = 20.0) -> Path_:
+    """A started peer as a path under test, once a GET through it answers."""
+    wait_http(started.port, absolute=started.absolute, timeout=timeout)
+    return Path_(started.name, started.port, started.pid, admin=started.admin,
+                 absolute=started.absolute, note=started.note, h2_port=started.h2_port)  # fmt: skip
 
 
 def start_upstream(procs: Processes, workdir: Path) -> int:
-    port = free_port()
-    conf = nginx_conf(
-        workdir, "upstream",
-        f"server {{ listen 127.0.0.1:{port} reuseport backlog=4096; location / {{ default_type text/plain; "
-        f'return 200 "{BODY.decode()}"; }} }}\n',
-    )  # fmt: skip
-    procs.launch("upstream", pinned(SIDE_CPU, ["nginx", "-c", str(conf), "-p", str(workdir)]))
-    wait_http(port)
-    return port
+    return _path(peers.nginx_return_200(procs, workdir, SIDE_CPU)).port
 
 
 def start_nginx(
@@ -160,36 +129,12 @@ def start_nginx(
     main: str = "", note: str = "http proxy_pass, keepalive 64 upstream",
 ) -> Path_:  # fmt: skip
     """nginx `proxy_pass` to the upstream; `location` adds directives to its location block."""
-    port, h2 = free_port(), free_port()
-    conf = nginx_conf(
-        workdir, name,
-        f"upstream app {{ server 127.0.0.1:{upstream}; keepalive 64; keepalive_requests 1000000; }}\n"
-        f"server {{ listen 127.0.0.1:{port}; listen 127.0.0.1:{h2} http2;\n"
-        "  location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\";"
-        f" {location} }} }}\n",
-        main,
-    )  # fmt: skip
-    proc = procs.launch(name, pinned(SIDE_CPU, ["nginx", "-c", str(conf), "-p", str(workdir)]))
-    wait_http(port)
-    return Path_(name, port, proc.pid, note=note, h2_port=h2)
+    return _path(peers.nginx_http_proxy(procs, workdir, upstream, SIDE_CPU, name=name,
+                                        location=location, main=main, note=note))  # fmt: skip
 
 
 def start_haproxy(procs: Processes, workdir: Path, upstream: int) -> Path_:
-    port, h2 = free_port(), free_port()
-    conf = workdir / "haproxy.cfg"
-    conf.write_text(
-        "global\n  nbthread 1\n  maxconn 4096\n"
-        "defaults\n  mode http\n  option http-keep-alive\n  http-reuse always\n"
-        "  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n"
-        f"frontend h1\n  bind 127.0.0.1:{port}\n  default_backend app\n"
-        f"frontend h2c\n  bind 127.0.0.1:{h2} proto h2\n  default_backend app\n"
-        f"backend app\n  server s1 127.0.0.1:{upstream}\n"
-    )
-    proc = procs.launch("haproxy", pinned(SIDE_CPU, ["haproxy", "-db", "-f", str(conf)]))
-    wait_http(port)
-    return Path_(
-        "haproxy", port, proc.pid, note="mode http, nbthread 1, http-reuse always", h2_port=h2
-    )
+    return _path(peers.haproxy(procs, workdir, upstream, SIDE_CPU, front="both"))
 
 
 def start_pyproxy(
@@ -211,74 +156,33 @@ def start_pyproxy(
     `python` is the interpreter whose installed pyproxy runs, so another
     checkout's venv runs that checkout's code.
     """
-    port, admin = free_port(), free_port()
-    listener: dict = {
-        "name": "main",
-        "mode": "http",
-        "address": f"127.0.0.1:{port}",
-        "upstream": f"127.0.0.1:{upstream}",
-    }
+    listener: dict = {"mode": "http", "upstream": f"127.0.0.1:{upstream}"}
     if http:
         listener["http"] = http
     if filters:
         listener["filters"] = filters
-    config = {"stage_clock": clock, "admin": f"127.0.0.1:{admin}", "listeners": [listener]}
-    path = workdir / f"{name}.yaml"
-    path.write_text(json.dumps(config, indent=2))  # JSON is YAML
-    # -P: the interpreter's checkout runs, never one in the working directory, which `-m`
-    # would otherwise put first on sys.path (another checkout's python would run this code).
-    argv = [python, "-P", "-m", "pyproxy", "run", "-c", str(path), "--log-level", "warning"]
-    proc = procs.launch(name, pinned(SIDE_CPU, argv), env=env)
-    wait_http(port, timeout=30)  # a Lua or WASM filter takes a moment to load
-    return Path_(name, port, proc.pid, admin=admin, note=note)
+    started = peers.pyproxy_config(procs, workdir, name, listener, SIDE_CPU, clock=clock,
+                                   python=python, env=env, note=note)  # fmt: skip
+    return _path(started, timeout=30)  # a Lua or WASM filter takes a moment to load
 
 
 def start_python_floor(procs: Processes, upstream: int) -> Path_:
-    port = free_port()
-    argv = [sys.executable, "-m", "pyproxy.bench.python_floor", str(port), str(upstream)]
-    proc = procs.launch("python_floor", pinned(SIDE_CPU, argv))
-    wait_http(port)
-    return Path_(
-        "python_floor", port, proc.pid,
-        note="lower bound: the leanest Python keep-alive relay, no parsing or accounting",
-    )  # fmt: skip
+    started = peers.python_floor(procs, upstream, SIDE_CPU)
+    return _path(started)
 
 
 def start_proxypy(procs: Processes, workdir: Path, upstream: int) -> Path_ | None:
-    exe = Path(PEER_VENVS["proxypy"][0]) / "bin" / "proxy"
-    if not exe.exists():
+    try:
+        return _path(peers.proxypy(procs, upstream, SIDE_CPU))
+    except peers.Skip:
         return None
-    port = free_port()
-    argv = [str(exe), "--hostname", "127.0.0.1", "--port", str(port), "--num-workers", "1",
-            "--num-acceptors", "1", "--log-level", "ERROR"]  # fmt: skip
-    proc = procs.launch("proxypy", pinned(SIDE_CPU, argv))
-    absolute = f"http://127.0.0.1:{upstream}/"
-    wait_http(port, absolute=absolute)
-    return Path_(
-        "proxy.py", port, proc.pid, absolute=absolute,
-        note="forward proxy, absolute-form requests (1 acceptor, 1 threadless worker)",
-    )  # fmt: skip
 
 
 def start_mitmproxy(procs: Processes, workdir: Path, upstream: int) -> Path_ | None:
-    exe = Path(PEER_VENVS["mitmproxy"][0]) / "bin" / "mitmdump"
-    if not exe.exists():
+    try:
+        return _path(peers.mitmproxy(procs, workdir, upstream, SIDE_CPU), timeout=30)
+    except peers.Skip:
         return None
-    port = free_port()
-    argv = [str(exe), "--mode", f"reverse:http://127.0.0.1:{upstream}", "--listen-host", "127.0.0.1",
-            "--listen-port", str(port), "-q", "--set", f"confdir={workdir / 'mitm'}"]  # fmt: skip
-    proc = procs.launch("mitmproxy", pinned(SIDE_CPU, argv))
-    wait_http(port, timeout=30)
-    return Path_("mitmproxy", port, proc.pid, note="mitmdump --mode reverse")
-
-
-def install_peers() -> None:
-    for venv, package in PEER_VENVS.values():
-        if (Path(venv) / "bin" / "python").exists():
-            continue
-        log(f"installing {package} into {venv}")
-        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
-        subprocess.run([f"{venv}/bin/pip", "install", "-q", package], check=True)
 
 
 # ---- measurements ------------------------------------------------------------------------
@@ -369,10 +273,9 @@ def throughput_phase(paths: list[Path_], workdir: Path, rounds: int, seconds: in
 def h2_works(port: int) -> bool:
     if not shutil.which("curl"):
         return False
-    run = subprocess.run(
+    run = run_tool(
         ["curl", "-s", "--max-time", "3", "--http2-prior-knowledge", "-o", "/dev/null",
-         "-w", "%{http_code} %{http_version}", f"http://127.0.0.1:{port}/"],
-        capture_output=True, text=True, timeout=10,
+         "-w", "%{http_code} %{http_version}", f"http://127.0.0.1:{port}/"], timeout=10,
     )  # fmt: skip
     return run.stdout.strip() == "200 2"
 
@@ -399,11 +302,11 @@ def round_parser(
 
 
 def finish_run(result: dict, out: str, started: float, report: Callable[[dict], str]) -> None:
-    """Write the results JSON, print the report and where the JSON went."""
+    """Write the results folder, print the report and where the folder went."""
     result["elapsed_s"] = time.monotonic() - started
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps(result, indent=2))
-    print(report(result))
+    text = report(result)
+    write_results(out, result, text, result["config"])
+    print(text)
     print(f"\nresults: {out} ({result['elapsed_s']:.0f} s)")
 
 
@@ -418,7 +321,7 @@ def begin_run(parser: argparse.ArgumentParser, args: argparse.Namespace, tools: 
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, lambda *_: sys.exit(1))
     return {
-        "config": vars(args),
+        "config": inputs_of(args),
         "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
         "git": git_state(),
     }
@@ -432,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         round_seconds=2.0,
         load_rounds=3,
         seconds=5,
-        out=str(RESULTS / "http_bench.json"),
+        out=str(default_out("http_bench")),
     )
     parser.add_argument("--install-peers", action="store_true",
                         help="create /tmp venvs with proxy.py and mitmproxy if missing")  # fmt: skip
@@ -444,12 +347,11 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {**begin_run(parser, args, ("nginx", "wrk", "taskset")), "skipped": {}}
     baseline_python = baseline_tree_python(parser, args)
     if args.install_peers:
-        install_peers()
+        peers.install_peers(("proxypy", "mitmproxy"))
 
     started = time.monotonic()
     if args.baseline_tree is not None:
         result["baseline_git"] = git_state(Path(args.baseline_tree).resolve())
-    affinity = os.sched_getaffinity(0)
     with tempfile.TemporaryDirectory(prefix="pyproxy-http-bench-") as tmp:
         workdir = Path(tmp)
         procs = Processes(workdir)
@@ -483,7 +385,8 @@ def main(argv: list[str] | None = None) -> int:
                     p, result["skipped"][name] = None, f"did not start: {exc}"
                 if p is None:
                     result["skipped"].setdefault(
-                        name, f"not installed in {PEER_VENVS[name][0]} (run with --install-peers)"
+                        name,
+                        f"not installed in {peers.PEER_VENVS[name][0]} (run with --install-peers)",
                     )
                 else:
                     paths.append(p)
@@ -492,17 +395,16 @@ def main(argv: list[str] | None = None) -> int:
 
             # (a) latency: client pinned with everything else to CPU 0.
             log(f"latency: {len(paths)} paths x {args.rounds} rounds")
-            os.sched_setaffinity(0, {SIDE_CPU})
-            for p in pyproxies:
-                p.snaps["start"] = p.stats()
-            noise = Noise()
-            result["latency"] = latency_phase(
-                paths, args.rounds, args.requests, args.round_seconds, base="direct", seed=4
-            )
-            result["foreign_cpus"] = {"latency": noise.cpus()}
-            for p in pyproxies:
-                p.snaps["after_latency"] = p.stats()
-            os.sched_setaffinity(0, affinity)
+            with on_cpus(SIDE_CPU):
+                for p in pyproxies:
+                    p.snaps["start"] = p.stats()
+                noise = Noise()
+                result["latency"] = latency_phase(
+                    paths, args.rounds, args.requests, args.round_seconds, base="direct", seed=4
+                )
+                result["foreign_cpus"] = {"latency": noise.cpus()}
+                for p in pyproxies:
+                    p.snaps["after_latency"] = p.stats()
 
             # (b, c, d) throughput, CPU per request, RSS: proxy alone on CPU 1.
             log(f"throughput: wrk -t1 -c32 -d{args.seconds}s x {args.load_rounds} rounds per path")
@@ -545,7 +447,6 @@ def main(argv: list[str] | None = None) -> int:
                     stages[p.name]["h2_table"] = stage_table(h2)
             result["stages"] = stages
         finally:
-            os.sched_setaffinity(0, affinity)
             procs.stop_all()
 
     result["targets"] = targets(result)

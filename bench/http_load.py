@@ -4,33 +4,21 @@ client, wrk runs and their parsing, CPU placement of the proxy under load."""
 from __future__ import annotations
 
 import gc
-import os
 import re
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyproxy.bench.procs import pinned, tree_pids
-from pyproxy.bench.tcp_echo import get_json
+from pyproxy.bench.procs import get_json, run_tool, tree_pids
 
 LOAD_CPU, SIDE_CPU = 1, 0  # proxy under load alone on CPU 1; wrk/h2load + upstream on CPU 0
 
 
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def move_to_cpu(pids: list[int], cpu: int) -> None:
-    for pid in pids:
-        try:
-            for tid in os.listdir(f"/proc/{pid}/task"):
-                os.sched_setaffinity(int(tid), {cpu})
-        except OSError:
-            pass
 
 
 def wait_http(port: int, absolute: str | None = None, timeout: float = 20.0) -> None:
@@ -153,9 +141,7 @@ def run_wrk(p: Path_, workdir: Path, seconds: int, connections: int) -> dict:
 
 def run_load_tool(p: Path_, argv: list[str], parse: Callable[[str], dict], seconds: int) -> dict:
     """A load generator run for `seconds` on SIDE_CPU; its parsed output (it must count requests)."""
-    run = subprocess.run(
-        pinned(SIDE_CPU, argv), capture_output=True, text=True, timeout=seconds + 30
-    )
+    run = run_tool(argv, SIDE_CPU, timeout=seconds + 30)
     out = parse(run.stdout)
     if "requests" not in out:
         raise RuntimeError(f"{argv[0]} via {p.name}: {run.stdout[-300:]} {run.stderr[-300:]}")

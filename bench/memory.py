@@ -26,12 +26,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from pyproxy.bench import peers
 from pyproxy.bench.http_bench import Processes, start_upstream
 from pyproxy.bench.http_load import _body_length
-from pyproxy.bench.procs import free_port, wait_port
-from pyproxy.bench.tcp_echo import get_json
+from pyproxy.bench.procs import get_json
+from pyproxy.bench.results_folder import default_out, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
 
 
@@ -117,19 +117,14 @@ def measure(
         procs = Processes(Path(tmp))
         try:
             if mode == "tcp":
-                upstream = free_port()
-                argv = [sys.executable, "-m", "pyproxy.bench.echo_server", "--listen", f"127.0.0.1:{upstream}"]  # fmt: skip
-                procs.launch("upstream", argv)
-                wait_port(upstream)
+                upstream = peers.echo_server(procs, None).ready().port
             else:
                 upstream = start_upstream(procs, Path(tmp))
-            port, admin = free_port(), free_port()
-            argv = [sys.executable, "-m", "pyproxy", "run", "--mode", mode, "--listen", f"127.0.0.1:{port}",
-                    "--upstream", f"127.0.0.1:{upstream}", "--admin", f"127.0.0.1:{admin}",
-                    "--max-connections", str(connections + 64), "--log-level", "warning", *extra]  # fmt: skip
-            procs.launch("pyproxy", argv, env={"PYTHONMALLOC": allocator})
-            wait_port(admin)
-            wait_port(port)
+            proxy = peers.pyproxy_flags(
+                procs, "pyproxy", upstream, None, "--max-connections", str(connections + 64),
+                *extra, mode=mode, env={"PYTHONMALLOC": allocator},
+            ).ready()  # fmt: skip
+            port, admin = proxy.port, proxy.admin
             pid = get_json(f"http://127.0.0.1:{admin}/server_info")["workers"][0]["pid"]
             # The readiness probes above were connections too: let them close first.
             wait_active(admin, 0, 10)
@@ -186,10 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         args.mode, args.connections, args.rounds, args.extra, args.settle, args.allocator
     )
     suffix = "-malloc" if args.allocator == "malloc" else ""
-    out = Path(args.out) if args.out else RESULTS / f"memory-{args.mode}{suffix}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    write_results(args.out or default_out(f"memory-{args.mode}{suffix}"), result,
+                  f"```json\n{text}\n```\n", args)  # fmt: skip
+    print(text)
     return 0
 
 

@@ -22,13 +22,12 @@ threshold 0, so the crossover against copy shows). Bulk: iperf3 (TCP only:
 it cannot use UDS) through nginx stream, haproxy, and pyproxy with the
 userspace copy relay and the splice relay; proxy on CPU 1, iperf3 on CPU 0.
 Bounded: per point at most --messages round trips and --point-seconds; the
-whole run stays under 5 minutes. JSON goes to bench/results/native_paths.json.
+whole run stays under 5 minutes. Results go to bench/results/native_paths/.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import select
 import shutil
@@ -37,25 +36,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from pyproxy.bench import peers
 from pyproxy.bench.echo_client import connect, measure_rtts, summarize
-from pyproxy.bench.procs import cpu_seconds
-from pyproxy.bench.tcp_echo import (
-    Processes,
-    free_port,
-    get_json,
-    iperf3,
-    pinned,
-    start_nginx,
-    wait_port,
-)
+from pyproxy.bench.procs import Processes, cpu_seconds, get_json, move_to_cpu, on_cpus
+from pyproxy.bench.results_folder import default_out, inputs_of, publish
+from pyproxy.bench.tcp_echo import iperf3, start_nginx
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = (100, 1024, 4096, 16384, 65536, 262144)
 VARIANTS = {
     # name: (app transport, extra listener config)
-    "tcp": ("tcp", ""),
-    "uds": ("uds", ""),
-    "tcp-zerocopy": ("tcp", "    write: zerocopy\n    zerocopy_threshold: 0\n"),
+    "tcp": ("tcp", {}),
+    "uds": ("uds", {}),
+    "tcp-zerocopy": ("tcp", {"write": "zerocopy", "zerocopy_threshold": 0}),
 }
 LOAD_CONNECTIONS = 8
 
@@ -68,32 +60,14 @@ def wait_path(path: Path, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def pin(pid: int, cpu: int) -> None:
-    try:
-        os.sched_setaffinity(pid, {cpu})
-    except OSError:
-        pass
-
-
 class Proxy:
     """One pyproxy process from a generated config; knows its pid, admin and listen port."""
 
-    def __init__(self, procs: Processes, workdir: Path, name: str, upstream: str, extra: str):
+    def __init__(self, procs: Processes, workdir: Path, name: str, upstream: str, extra: dict):
         self.name = name
-        self.port, self.admin = free_port(), free_port()
-        conf = workdir / f"{name}.yaml"
-        conf.write_text(
-            f"admin: 127.0.0.1:{self.admin}\n"
-            "listeners:\n"
-            f"  - name: main\n    address: 127.0.0.1:{self.port}\n"
-            f"    upstream: {upstream}\n" + extra
-        )
-        argv = [sys.executable, "-m", "pyproxy", "run", "-c", str(conf), "--log-level", "warning"]
-        self.proc = procs.start(pinned(1, argv))
-        wait_port(self.admin)
-        wait_port(self.port)
-        self.pid = self.proc.pid
-        # taskset execs the proxy in place, so the pid is the proxy's own.
+        started = peers.pyproxy_config(procs, workdir, name, {"upstream": upstream, **extra}, 1)
+        started.ready()
+        self.port, self.admin, self.pid = started.port, started.admin, started.pid
 
     def stats(self) -> dict:
         return get_json(f"http://127.0.0.1:{self.admin}/stats?format=json")["listeners"]["main"]
@@ -180,21 +154,6 @@ def _push(st: list) -> None:
         st[2] = None
 
 
-def start_haproxy(procs: Processes, workdir: Path, listen: int, upstream: int, cpu: int) -> bool:
-    if not shutil.which("haproxy"):
-        return False
-    conf = workdir / f"haproxy-{listen}.cfg"
-    conf.write_text(
-        "global\n  nbthread 1\n"
-        "defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 1m\n  timeout server 1m\n"
-        f"frontend f\n  bind 127.0.0.1:{listen}\n  default_backend b\n"
-        f"backend b\n  server s 127.0.0.1:{upstream}\n"
-    )
-    procs.start(pinned(cpu, ["haproxy", "-db", "-f", str(conf)]))
-    wait_port(listen)
-    return True
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -203,28 +162,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--point-seconds", type=float, default=1.5, help="max seconds per point")
     parser.add_argument("--seconds", type=int, default=3, help="iperf3 duration per path")
     parser.add_argument("--bulk-rounds", type=int, default=2, help="interleaved iperf3 rounds")
-    parser.add_argument("--out", default=str(RESULTS / "native_paths.json"))
+    parser.add_argument("--out", default=str(default_out("native_paths")), help="results folder")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    pin(0, 0)  # the client runs on CPU 0 with the app
     result: dict = {
-        "config": vars(args),
+        "config": inputs_of(args),
         "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
         "serial": {},
         "load": {},
     }
     procs = Processes()
-    with tempfile.TemporaryDirectory(prefix="pp-np-", dir="/tmp") as tmp:
+    # the client runs on CPU 0 with the app
+    with on_cpus(0), tempfile.TemporaryDirectory(prefix="pp-np-", dir="/tmp") as tmp:
         workdir = Path(tmp)
         try:
-            tcp_echo, uds_echo = free_port(), workdir / "echo.sock"
-            for listen in (f"127.0.0.1:{tcp_echo}", f"unix:{uds_echo}"):
-                procs.start(
-                    pinned(
-                        0, [sys.executable, "-m", "pyproxy.bench.echo_server", "--listen", listen]
-                    )
-                )
-            wait_port(tcp_echo)
+            uds_echo = workdir / "echo.sock"
+            tcp_echo = peers.echo_server(procs, 0).ready().port
+            peers.echo_server(procs, 0, listen=f"unix:{uds_echo}")
             wait_path(uds_echo)
             app = {"tcp": f"127.0.0.1:{tcp_echo}", "uds": f"unix:{uds_echo}"}
             proxies = {
@@ -236,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             done = 0
             for mode in ("serial", "load"):
                 for running in proxies.values():
-                    pin(running.pid, 0 if mode == "serial" else 1)
+                    move_to_cpu([running.pid], 0 if mode == "serial" else 1)
                 for size in SIZES:
                     count = max(100, min(args.messages, (64 << 20) // size))
                     row = result[mode].setdefault(str(size), {})
@@ -267,10 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             procs.stop_all()
     result["elapsed_s"] = time.monotonic() - started
     result["summary"] = summarize_targets(result)
-    RESULTS.mkdir(exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(report(result))
-    print(f"\nresults: {args.out}")
+    publish(args.out, result, report(result), args)
     return 0
 
 
@@ -278,22 +229,20 @@ def bulk(procs: Processes, workdir: Path, seconds: int, rounds: int) -> dict:
     """Best of `rounds` interleaved iperf3 runs per path (best-of resists a busy neighbour)."""
     if not shutil.which("iperf3"):
         return {}
-    server = free_port()
-    procs.start(pinned(0, ["iperf3", "-s", "-p", str(server)]))
-    wait_port(server)
+    server = peers.iperf3_server(procs, 0).ready().port
     ports = {"direct": server}
     pids: dict[str, int] = {}
-    port = free_port()
-    if start_nginx(procs, workdir, port, server, 1):
-        ports["nginx stream"], pids["nginx stream"] = port, procs.procs[-1].pid
-    port = free_port()
-    if start_haproxy(procs, workdir, port, server, 1):
-        ports["haproxy"], pids["haproxy"] = port, procs.procs[-1].pid
+    nginx = start_nginx(procs, workdir, server, 1)
+    if nginx is not None:
+        ports["nginx stream"], pids["nginx stream"] = nginx.port, nginx.pid
+    if shutil.which("haproxy"):
+        ha = peers.haproxy(procs, workdir, server, 1, mode="tcp").ready()
+        ports["haproxy"], pids["haproxy"] = ha.port, ha.pid
     for name, extra in (
-        ("pyproxy copy", ""),
-        ("pyproxy splice", "    relay: splice\n"),
-        ("pyproxy splice 256K pipe", "    relay: splice\n    buffer_size: 262144\n"),
-        ("pyproxy zerocopy", "    write: zerocopy\n"),
+        ("pyproxy copy", {}),
+        ("pyproxy splice", {"relay": "splice"}),
+        ("pyproxy splice 256K pipe", {"relay": "splice", "buffer_size": 262144}),
+        ("pyproxy zerocopy", {"write": "zerocopy"}),
     ):
         proxy = Proxy(procs, workdir, name.replace(" ", "-"), f"127.0.0.1:{server}", extra)
         ports[name], pids[name] = proxy.port, proxy.pid

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 
 from pyproxy.bench.echo_client import measure_rtts, percentile
+from pyproxy.bench.results_folder import write_results
 from pyproxy.iptables.netns import Pod, missing_capabilities, pods
 
 PY = sys.executable
@@ -166,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--mode", choices=("redirect", "tproxy", "ebpf"), default="redirect", help="capture mode"
     )
-    parser.add_argument("--output", help="also write the JSON report here")
+    parser.add_argument("--output", help="also write a results folder here")
     parser.add_argument(
         "--client", metavar="HOST", help=argparse.SUPPRESS
     )  # internal: run inside pod A
@@ -186,8 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:
-        with open(args.output, "w") as fh:
-            fh.write(text + "\n")
+        write_results(args.output, report, f"```json\n{text}\n```\n", args)
     return 0
 
 

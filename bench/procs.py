@@ -1,14 +1,23 @@
-"""Process and port helpers shared by the demo and the benchmarks: free ports, readiness, CPU time, cleanup."""
+"""Process management and CPU placement for the demo and every benchmark: free ports,
+readiness, starting and stopping processes (pinned or not), running a load tool, CPU time.
+
+The only module in bench/ that starts processes or sets CPU affinity; every bench goes
+through it (tests/test_bench_callers.py checks).
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -35,6 +44,43 @@ def pinned(cpu: int | None, argv: list[str]) -> list[str]:
     return (
         ["taskset", "-c", str(cpu), *argv] if cpu is not None and shutil.which("taskset") else argv
     )
+
+
+def move_to_cpu(pids: list[int], cpu: int) -> None:
+    """Every thread of the running processes onto one CPU (a proxy alone under load)."""
+    for pid in pids:
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(tid), {cpu})
+        except OSError:
+            pass
+
+
+@contextlib.contextmanager
+def on_cpus(cpus: set[int] | int | None) -> Iterator[None]:
+    """This process (the client, the driver) on the given CPUs for the block, then back."""
+    before = os.sched_getaffinity(0)
+    if cpus is not None:
+        os.sched_setaffinity(0, {cpus} if isinstance(cpus, int) else cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def run_tool(
+    argv: list[str], cpu: int | None = None, timeout: float = 60.0, check: bool = False
+) -> subprocess.CompletedProcess:
+    """A load generator or helper command (wrk, h2load, iperf3 -c, pip) to completion, pinned
+    to `cpu` when given; its output captured as text."""
+    return subprocess.run(pinned(cpu, argv), capture_output=True, text=True, timeout=timeout,
+                          check=check)  # fmt: skip
+
+
+def get_json(url: str) -> dict:
+    """A JSON document over HTTP (an admin server's /stats)."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.load(response)
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -143,7 +189,11 @@ class Processes:
         self.logs = logs
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, argv: list[str], quiet: bool = True, **kwargs) -> subprocess.Popen:
+    def start(
+        self, argv: list[str], quiet: bool = True, cpu: int | None = None, **kwargs
+    ) -> subprocess.Popen:
+        """Start `argv` (on `cpu` when given: taskset execs it in place, the pid is its own)."""
+        argv = pinned(cpu, argv)
         if quiet:
             kwargs.setdefault("stdout", subprocess.DEVNULL)
             kwargs.setdefault("stderr", subprocess.DEVNULL)
@@ -152,14 +202,16 @@ class Processes:
         self.procs.append(proc)
         return proc
 
-    def launch(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+    def launch(
+        self, name: str, argv: list[str], env: dict | None = None, cpu: int | None = None
+    ) -> subprocess.Popen:
         """Start `argv` with its output in the log folder (or discarded without one)."""
         environ = {**os.environ, **(env or {})}
         if self.logs is None:
-            return self.start(argv, env=environ)
+            return self.start(argv, env=environ, cpu=cpu)
         with open(self.logs / f"{name}.log", "wb") as log:
             return self.start(argv, quiet=False, stdout=log, stderr=subprocess.STDOUT, env=environ,
-                              cwd=self.logs)  # fmt: skip
+                              cwd=self.logs, cpu=cpu)  # fmt: skip
 
     def stop_all(self) -> None:
         children = {proc.pid: tree_pids(proc.pid) for proc in self.procs}

@@ -22,10 +22,9 @@ from pyproxy.bench.http_load import (
     Path_,
     log,
     measure_http,
-    move_to_cpu,
     run_wrk,
 )
-from pyproxy.bench.procs import Noise, cpu_ns
+from pyproxy.bench.procs import Noise, cpu_ns, move_to_cpu, on_cpus
 
 
 def paired_median(values: Sequence[float], base: Sequence[float]) -> float:
@@ -130,16 +129,12 @@ def run_phases(
     """The latency phase (this process on SIDE_CPU with the rest), then the load phase, into
     `result`; each with the CPU the rest of the machine took meanwhile, `snapshot(phase)` after."""
     log(f"latency: {len(paths)} paths x {args.rounds} rounds x {args.requests} requests")
-    affinity = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {SIDE_CPU})
-    try:
+    with on_cpus(SIDE_CPU):
         noise = Noise()
         result["latency"] = latency_phase(
             paths, args.rounds, args.requests, args.round_seconds, base=latency_base
         )
         result["foreign_cpus"] = {"latency": noise.cpus()}
-    finally:
-        os.sched_setaffinity(0, affinity)
     snapshot("latency")
     log(f"load: wrk -t1 -c{connections} -d{args.seconds}s x {args.load_rounds} rounds per path")
     noise = Noise()

@@ -32,13 +32,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from pyproxy.bench import peers
 from pyproxy.bench.filter_bench import CHAIN_ORDER, sanity, start_proxy
-from pyproxy.bench.http_bench import Processes, nginx_conf, rss_mib
+from pyproxy.bench.http_bench import Processes, rss_mib
 from pyproxy.bench.http_load import log, wait_http
+from pyproxy.bench.procs import get_json
+from pyproxy.bench.results_folder import default_out, write_results
 from pyproxy.bench.steady_load import Counts, SteadyLoad
-from pyproxy.bench.tcp_echo import free_port, get_json
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CLIENTS = 16
 SAMPLE_EVERY = 2.0
 WINDOW = 5  # samples in each median
@@ -47,13 +48,7 @@ FD_GROWTH_LIMIT = 4
 
 
 def start_upstream(procs: Processes, workdir: Path) -> int:
-    port = free_port()
-    conf = nginx_conf(
-        workdir, "upstream",
-        f"server {{ listen 127.0.0.1:{port} backlog=4096; location / {{ default_type text/plain; "
-        'return 200 "ok:$uri:soak"; } }\n',
-    )  # fmt: skip
-    procs.launch("upstream", ["nginx", "-c", str(conf), "-p", str(workdir)])
+    port = peers.nginx_return_200(procs, workdir, None, body="ok:$uri:soak").port
     wait_http(port)
     return port
 
@@ -192,10 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             procs.stop_all()
     result["problems"] = verdict(result)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "soak.json").write_text(json.dumps(result, indent=2) + "\n")
     summary = {k: v for k, v in result.items() if k != "samples"}
-    print(json.dumps(summary, indent=2))
+    text = json.dumps(summary, indent=2)
+    write_results(default_out("soak"), result, f"```json\n{text}\n```\n", args)
+    print(text)
     for problem in result["problems"]:
         log(f"FAIL: {problem}")
     return 1 if result["problems"] else 0

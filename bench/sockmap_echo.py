@@ -24,6 +24,7 @@ from pathlib import Path
 
 from pyproxy.bench.echo_client import measure_rtts, summarize
 from pyproxy.bench.procs import cpu_ns
+from pyproxy.bench.results_folder import default_out, write_results
 from pyproxy.iptables.netns import Pod, missing_capabilities, pods
 from pyproxy.native import sockmap
 
@@ -32,7 +33,6 @@ TCP_PORT, SOCKMAP_PORT, SIDECAR_TCP, SIDECAR_SOCKMAP, APP_PORT = 7001, 7002, 150
 ADMIN = "127.0.0.1:15000"
 UDS_PATH = f"/tmp/pp{os.getpid()}-sockmap-bench.sock"
 SIZES = (100, 1024, 4096, 10240)
-RESULTS = Path(__file__).resolve().parent / "results"
 SIDECAR_CONFIG = f"""\
 admin: {ADMIN}
 listeners:
@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--per-round", type=int, default=1000, help="round trips per path per round"
     )
     parser.add_argument("--bulk-bytes", type=int, default=64 * 1024 * 1024)
-    parser.add_argument("--output", default=str(RESULTS / "sockmap_echo.json"))
+    parser.add_argument("--output", default=str(default_out("sockmap_echo")), help="results folder")
     parser.add_argument("--size", type=int, default=100, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=1000, help=argparse.SUPPRESS)
     parser.add_argument("--client", metavar="ADDRESS", help=argparse.SUPPRESS)
@@ -180,13 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     with pods(("bench",), bridge=True, cgroups=True) as made:
         pod = made["bench"]
         report["bare"] = bare(pod, args)
-        config = RESULTS / "sockmap_echo_sidecar.yaml"
-        RESULTS.mkdir(exist_ok=True)
+        config = Path(args.output) / "sidecar.yaml"
+        config.parent.mkdir(parents=True, exist_ok=True)
         config.write_text(SIDECAR_CONFIG)
         report["sidecar"] = through_sidecar(pod, args, config)
     text = json.dumps(report, indent=2)
-    Path(args.output).parent.mkdir(exist_ok=True)
-    Path(args.output).write_text(text + "\n")
+    write_results(args.output, report, f"```json\n{text}\n```\n", args)
     print(text)
     return 0
 

@@ -28,13 +28,12 @@ import os
 import random
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
+from pyproxy.bench import peers
 from pyproxy.bench.echo_client import measure_rtts, summarize
 from pyproxy.bench.procs import (
     Noise,
@@ -42,70 +41,43 @@ from pyproxy.bench.procs import (
     add_baseline_tree,
     baseline_tree_python,
     cpu_ns,
-    free_port,
+    get_json,
     git_state,
     noise_note,
-    pinned,
+    on_cpus,
+    run_tool,
     target_line,
     tree_pids,
-    wait_port,
 )
+from pyproxy.bench.results_folder import default_out, inputs_of, publish
 
 from pyproxy.stats import stage_table
 
-RESULTS = Path(__file__).resolve().parent / "results"
-NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
-
 
 def start_nginx(
-    procs: Processes, workdir: Path, listen: int, upstream: int, cpu: int | None
-) -> bool:
-    if not (shutil.which("nginx") and os.path.exists(NGINX_STREAM_MODULE)):
-        return False
-    conf = workdir / f"nginx-{listen}.conf"
-    conf.write_text(
-        f"load_module {NGINX_STREAM_MODULE};\n"
-        f"daemon off; master_process off; worker_processes 1; pid {workdir}/nginx-{listen}.pid;\n"
-        f"error_log {workdir}/nginx-{listen}.log warn;\n"
-        "events { worker_connections 1024; }\n"
-        f"stream {{ server {{ listen 127.0.0.1:{listen}; proxy_pass 127.0.0.1:{upstream}; tcp_nodelay on; }} }}\n"
-    )
-    procs.start(
-        pinned(
-            cpu,
-            ["nginx", "-c", str(conf), "-p", str(workdir), "-e", str(workdir / "nginx-error.log")],
-        )
-    )
-    wait_port(listen)
-    return True
+    procs: Processes, workdir: Path, upstream: int, cpu: int | None
+) -> peers.Started | None:
+    """nginx stream in front of the upstream, once it accepts (None: not installed here)."""
+    try:
+        return peers.nginx_stream(procs, workdir, upstream, cpu).ready()
+    except peers.Skip:
+        return None
 
 
 def start_pyproxy(
-    procs: Processes, listen: int, upstream: int, admin: int, cpu: int | None, *extra: str,
+    procs: Processes, name: str, upstream: int, cpu: int | None, *extra: str,
     python: str = sys.executable,
-) -> int:  # fmt: skip
-    """Start a TCP-mode pyproxy (`python`'s checkout) and wait for it; its pid."""
-    argv = [python, "-P", "-m", "pyproxy", "run", "--listen", f"127.0.0.1:{listen}", "--upstream", f"127.0.0.1:{upstream}",
-            "--admin", f"127.0.0.1:{admin}", "--log-level", "warning", *extra]  # fmt: skip
-    proc = procs.start(pinned(cpu, argv))
-    wait_port(admin)
-    wait_port(listen)
-    return proc.pid  # taskset execs the proxy in place
-
-
-def get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.load(response)
+) -> peers.Started:  # fmt: skip
+    """A TCP-mode pyproxy (`python`'s checkout), once it and its admin server accept."""
+    return peers.pyproxy_flags(procs, name, upstream, cpu, *extra, python=python).ready()
 
 
 def iperf3(port: int, seconds: int) -> float | None:
     """Gbit/s received through the given port (iperf3 server behind it)."""
     if not shutil.which("iperf3"):
         return None
-    run = subprocess.run(
-        pinned(0, ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"]),
-        capture_output=True, text=True, timeout=seconds + 30,
-    )  # fmt: skip
+    argv = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"]
+    run = run_tool(argv, 0, timeout=seconds + 30)
     for _attempt in range(3):
         try:
             report = json.loads(run.stdout)
@@ -114,10 +86,7 @@ def iperf3(port: int, seconds: int) -> float | None:
             # The single-client iperf3 server may still be finishing the previous test.
             print(f"  iperf3 via {port}: {run.stdout[-200:]!r}; retrying", file=sys.stderr)
             time.sleep(1)
-            run = subprocess.run(
-                pinned(0, ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"]),
-                capture_output=True, text=True, timeout=seconds + 30,
-            )  # fmt: skip
+            run = run_tool(argv, 0, timeout=seconds + 30)
     return None
 
 
@@ -148,18 +117,17 @@ def start_targets(
 ) -> list[Target]:  # fmt: skip
     """direct, nginx stream (if installed) and every pyproxy configuration, all on `cpu`."""
     targets = [Target("direct", upstream)]
-    port = free_port()
-    if start_nginx(procs, workdir, port, upstream, cpu):
-        targets.append(Target("nginx", port, procs.procs[-1].pid))
+    nginx = start_nginx(procs, workdir, upstream, cpu)
+    if nginx is not None:
+        targets.append(Target("nginx", nginx.port, nginx.pid))
     runs = [(name, flags, sys.executable) for name, flags in PYPROXY.items()]
     if baseline is not None:
         runs += [(name, PYPROXY[now], str(baseline)) for name, now in BEFORE.items()]
     for name, flags, python in runs:
         if bulk and name == "pyproxy_clock_off":
             continue
-        port, admin = free_port(), free_port()
-        pid = start_pyproxy(procs, port, upstream, admin, cpu, *flags, python=python)
-        targets.append(Target(name, port, pid, admin))
+        started = start_pyproxy(procs, name, upstream, cpu, *flags, python=python)
+        targets.append(Target(name, started.port, started.pid, started.admin))
     return targets
 
 
@@ -238,12 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=4000, help="per path per latency round")
     parser.add_argument("--bulk-rounds", type=int, default=3, help="interleaved iperf3 rounds")
     parser.add_argument("--seconds", type=int, default=4, help="iperf3 duration per path")
-    parser.add_argument("--out", default=str(RESULTS / "tcp_echo.json"))
+    parser.add_argument("--out", default=str(default_out("tcp_echo")), help="results folder")
     add_baseline_tree(parser)
     args = parser.parse_args(argv)
     baseline = baseline_tree_python(parser, args)
     result: dict = {
-        "config": vars(args),
+        "config": inputs_of(args),
         "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
         "git": git_state(),
         "foreign_cpus": {},
@@ -251,15 +219,12 @@ def main(argv: list[str] | None = None) -> int:
     if baseline is not None:
         result["baseline_git"] = git_state(baseline.parents[2])
     started = time.monotonic()
-    os.sched_setaffinity(0, {0})  # the echo client beside the app, like every latency target
     procs = Processes()
-    with tempfile.TemporaryDirectory(prefix="pyproxy-bench-") as tmp:
+    # the echo client beside the app, like every latency target
+    with on_cpus(0), tempfile.TemporaryDirectory(prefix="pyproxy-bench-") as tmp:
         workdir = Path(tmp)
         try:
-            echo = free_port()
-            argv_ = [sys.executable, "-m", "pyproxy.bench.echo_server", "--listen", f"127.0.0.1:{echo}"]  # fmt: skip
-            procs.start(pinned(0, argv_))
-            wait_port(echo)
+            echo = peers.echo_server(procs, 0).ready().port
             targets = start_targets(procs, workdir, echo, 0, baseline, bulk=False)
             time.sleep(0.5)  # notify calibration done before anything is measured
             noise = Noise()
@@ -278,9 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if shutil.which("iperf3"):
                 procs = Processes()
-                server = free_port()
-                procs.start(pinned(0, ["iperf3", "-s", "-p", str(server)]))
-                wait_port(server)
+                server = peers.iperf3_server(procs, 0).ready().port
                 targets = start_targets(procs, workdir, server, 1, baseline, bulk=True)
                 noise = Noise()
                 result["bulk"] = bulk(targets, args.bulk_rounds, args.seconds)
@@ -288,10 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             procs.stop_all()
     result["elapsed_s"] = time.monotonic() - started
-    RESULTS.mkdir(exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(report(result))
-    print(f"\nresults: {args.out}")
+    publish(args.out, result, report(result), args)
     return 0
 
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from pyproxy.bench.results_folder import publish
 from pyproxy.filters import sdk_modules
 from pyproxy.filters.wasm import WasmFactory
 
@@ -189,14 +189,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants", nargs="*", default=["sdk", "sdk_no_shim", "noop"], help="what to run"
     )
-    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--out", help="also write a results folder here")
     args = parser.parse_args(argv)
     started = time.monotonic()
     result = measure(args.rounds, args.requests, args.variants)
     result["elapsed_s"] = round(time.monotonic() - started, 1)
-    print(report(result))
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    publish(args.out, result, report(result), args)
     return 0
 
 

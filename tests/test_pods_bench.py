@@ -10,13 +10,14 @@ from pyproxy.iptables.netns import list_namespaces
 
 
 def test_pod_echo_reports_baseline_sidecars_and_stage_breakdown(require_netns, tmp_path):
-    out = tmp_path / "pod_echo.json"
+    out = tmp_path / "pod_echo"
     argv = [sys.executable, "-m", "pyproxy.bench.pod_echo", "--count", "200", "--warmup", "20"]
     argv += ["--max-seconds", "10", "--output", str(out)]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, stderr = proc.communicate(timeout=100)
     assert proc.returncode == 0, stderr
-    report = json.loads(out.read_text())
+    report = json.loads((out / "results.json").read_text())
+    assert json.loads((out / "inputs.json").read_text())["count"] == 200
     assert report["baseline"]["count"] == 200
     assert report["sidecars"]["count"] == 200
     assert 0 < report["baseline"]["p50_us"] <= report["baseline"]["p99_us"]
