@@ -37,9 +37,16 @@ from pyproxy.bench.model import (
     fit_idle_curve,
     fit_latency,
 )
-from pyproxy.bench.procs import Processes, cpu_ns, cpu_seconds, free_port, tree_pids, wait_port
+from pyproxy.bench.procs import (
+    Processes,
+    cpu_ns,
+    cpu_seconds,
+    free_port,
+    move_to_cpu,
+    tree_pids,
+    wait_port,
+)
 from pyproxy.bench.tcp_echo import get_json
-from pyproxy.bench.validation_load import pin
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = (100, 1024, 2048, 4096, 8192, 16384)
@@ -126,8 +133,8 @@ class _Target:
         if pinned:
             # as `validate --pin` places a pod's processes: the proxy alone on CPU 1, the
             # app side (here the echo upstream and the driver) on CPU 0
-            pin(tree_pids(echo.pid) + [os.getpid()], 0)
-            pin(self.pids, 1)
+            move_to_cpu(tree_pids(echo.pid) + [os.getpid()], 0)
+            move_to_cpu(self.pids, 1)
 
     def stats(self) -> dict:
         return get_json(f"http://127.0.0.1:{self.admin}/stats?format=json")["listeners"]["main"]

@@ -16,14 +16,13 @@ after one that sets up its connections. Prints one JSON document.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
 from pathlib import Path
 
 from pyproxy.bench.driver import EXCHANGERS, drive_paired, wait_ready
-from pyproxy.bench.procs import cpu_ns, tree_pids
+from pyproxy.bench.procs import cpu_ns, move_to_cpu, tree_pids
 
 # Exchanges per deployment per round at least, however low the rate: a round's own p50 needs them.
 ROUND_SAMPLES = 40
@@ -105,14 +104,6 @@ def measure_rounds(
     return summarize(measured) | {"rounds": measured}
 
 
-def pin(pids: list[int], cpu: int) -> None:
-    """Every thread of the processes onto one CPU (threads they start later inherit it)."""
-    for pid in pids:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(ProcessLookupError):
-                os.sched_setaffinity(int(tid), {cpu})
-
-
 def run(args: argparse.Namespace) -> dict:
     make = EXCHANGERS[args.protocol]
     for address in (args.plain, args.mesh):
@@ -128,8 +119,8 @@ def run(args: argparse.Namespace) -> dict:
         )
     }
     if args.pin:
-        pin(pids["apps_mesh"] + pids["apps_plain"] + [os.getpid()], 0)
-        pin(pids["sidecars"], 1)
+        move_to_cpu(pids["apps_mesh"] + pids["apps_plain"] + [os.getpid()], 0)
+        move_to_cpu(pids["sidecars"], 1)
     out: dict = {}
     try:
         closed = measure_rounds(plain, mesh, args.rounds, args.seconds, None, pids, warmup=20)

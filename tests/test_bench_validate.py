@@ -8,8 +8,9 @@ import os
 
 import pytest
 from pyproxy.bench.callgraph import graphs_from_traces, read_otlp_lines
+from pyproxy.bench.procs import move_to_cpu
 from pyproxy.bench.validate import Case, halves_differ, held_out, held_out_table, pod_factors
-from pyproxy.bench.validation_load import pin, summarize
+from pyproxy.bench.validation_load import summarize
 from pyproxy.iptables.netns import missing_capabilities
 
 from pyproxy.cli import main
@@ -152,7 +153,7 @@ def test_pinning_puts_every_thread_of_a_process_on_one_cpu():
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     try:
         assert proc.stdout.readline().strip() == b"1"  # both threads are up
-        pin([proc.pid], 0)
+        move_to_cpu([proc.pid], 0)
         tids = os.listdir(f"/proc/{proc.pid}/task")
         assert len(tids) == 2
         assert all(os.sched_getaffinity(int(tid)) == {0} for tid in tids)
