@@ -355,7 +355,8 @@ class FastHttp1Codec(Http1Codec):
             start = 0
             over = False
             if boundary:
-                start = len(data) - len(data.lstrip(b"\r\n"))  # llhttp skips empty lines
+                if data[0] == 13 or data[0] == 10:  # llhttp skips empty lines
+                    start = len(data) - len(data.lstrip(b"\r\n"))
                 end = data.find(_HEAD_END, start)
                 cut = end + 4 if end >= 0 else len(data)
                 if cut - start > limit:
