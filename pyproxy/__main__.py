@@ -2,6 +2,6 @@
 
 import sys
 
-from pyproxy.cli import main
+from pyproxy.entry import main
 
 sys.exit(main())

@@ -8,6 +8,7 @@ import pytest
 from fuzz.http1_targets import BACKENDS, codec, serve, summary
 
 from pyproxy.codec.events import RequestHead
+from pyproxy.codec.http1 import Http1Limits
 
 _GET = RequestHead(b"GET", b"/", [(b"host", b"up")])
 HEAD = b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n"
@@ -81,3 +82,66 @@ def test_unsupported_transfer_encoding_in_a_response_is_refused_on_every_split(b
         client.send_message(_GET, b"")
         events = summary([e for p in pieces for e in client.receive_data(p)])
         assert events == [("rejected", 501)], (pieces, events)
+
+
+# Heads at the header size limit: the raw head (start line through the empty line) is
+# held to max_header_bytes whole or in pieces, and an oversized head is refused on its
+# first max_header_bytes (a fault in them is 400, none is 431), however the reads split.
+_LIMIT = 64
+AT_THE_LIMIT = {
+    "one byte under": (b"GET / HTTP/1.1\r\nhost:a\r\nx:%s\r\n\r\n" % (b"a" * 33), "request"),
+    "exactly at": (b"GET / HTTP/1.1\r\nhost:a\r\nx:%s\r\n\r\n" % (b"a" * 34), "request"),
+    "one byte over, measured under": (
+        b"GET / HTTP/1.1\r\nhost:a\r\nx:%s\r\n\r\n" % (b"a" * 35),
+        431,
+    ),
+    "over by its whitespace alone": (
+        b"GET / HTTP/1.1\r\nhost: a\r\nx:%sa\r\n\r\n" % (b" " * 40),
+        431,
+    ),
+    "over by its target": (b"GET /%s HTTP/1.1\r\nhost: a\r\n\r\n" % (b"a" * 60), 431),
+    "a fault inside the limit": (
+        b"GET / HTTP/1.1\r\nhost: a\r\nbad: \x01\r\nx: %s\r\n\r\n" % (b"a" * 40),
+        400,
+    ),
+    "a fault past the limit": (
+        b"GET / HTTP/1.1\r\nhost: a\r\nx: %s\r\nbad: \x01\r\n\r\n" % (b"a" * 50),
+        431,
+    ),
+    "pipelined behind a body, over": (
+        b"POST / HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\nabc"
+        b"GET / HTTP/1.1\r\nhost:a\r\nx:%s\r\n\r\n" % (b"a" * 35),
+        431,
+    ),
+    "pipelined behind a chunked body, at": (
+        b"POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+        b"GET / HTTP/1.1\r\nhost:a\r\nx:%s\r\n\r\n" % (b"a" * 34),
+        "request",
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", sorted(AT_THE_LIMIT))
+def test_a_head_at_the_size_limit_gets_one_answer_on_every_split(backend, case):
+    data, expected = AT_THE_LIMIT[case]
+    limits = Http1Limits(max_header_bytes=_LIMIT)
+    outcomes = set()
+    for pieces in every_split(data):
+        events = summary(serve(codec(backend, "server", limits), pieces))
+        outcomes.add(events[-1][1] if events[-1][0] == "rejected" else events[-2][0])
+    assert outcomes == {expected}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_response_head_at_the_size_limit_gets_one_answer_on_every_split(backend):
+    limits = Http1Limits(max_header_bytes=_LIMIT)
+    for pad, expected in ((22, "response"), (23, 431)):
+        data = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nx:%s\r\n\r\n" % (b"a" * pad)
+        outcomes = set()
+        for pieces in every_split(data):
+            client = codec(backend, "client", limits)
+            client.send_message(_GET, b"")
+            events = summary([e for p in pieces for e in client.receive_data(p)])
+            outcomes.add(events[-1][1] if events[-1][0] == "rejected" else events[0][0])
+        assert outcomes == {expected}, (pad, outcomes)

@@ -47,8 +47,9 @@ class CodecUsageError(RuntimeError):
 class Http1Limits:
     """Bounds on what a peer may make us buffer; exceeding them answers 431 (RFC 6585 §5)."""
 
-    # Bytes of the start line plus header lines (name + value + 4 each),
-    # measured the same way by every backend.
+    # A head's bytes as received (start line through the empty line) and its measured
+    # size (target, then name + value + 4 per field) must both stay within it; measured
+    # the same way by every backend, whole or split across reads.
     max_header_bytes: int = 60 * 1024
     max_header_count: int = 100
 

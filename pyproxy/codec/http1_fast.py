@@ -136,6 +136,8 @@ class FastHttp1Codec(Http1Codec):
         "_in_head",
         "_in_trailers",
         "_head_fed",
+        "_tail",
+        "_body_left",
         "_status",
         "_final_seen",
         "_message_done",
@@ -172,6 +174,10 @@ class FastHttp1Codec(Http1Codec):
         self._in_head = False
         self._in_trailers = False
         self._head_fed = 0
+        # The last bytes fed to llhttp (a CRLFCRLF may straddle two reads) and the
+        # Content-Length body still due on llhttp's path (-1: none or not by length).
+        self._tail = b""
+        self._body_left = -1
         self._status = 0
         self._final_seen = False
         self._message_done = False
@@ -214,10 +220,11 @@ class FastHttp1Codec(Http1Codec):
         self._hop = False
 
     def on_url(self, url: bytes) -> None:
+        # Over the limits is decided when the head ends (its raw bytes bound what is kept):
+        # llhttp calls back when a span ends or a read does, so an earlier verdict would
+        # depend on the split.
         self._url += url
         self._size += len(url)
-        if self._size > self.limits.max_header_bytes:
-            raise _Reject(431, "request target over the header size limit")
 
     def on_status(self, reason: bytes) -> None:
         # RFC 9112 §4: HTAB, SP, VCHAR and obs-text only; llhttp lets other controls by.
@@ -228,9 +235,10 @@ class FastHttp1Codec(Http1Codec):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count += 1
         self._size += len(name) + len(value) + 4
-        limits = self.limits
-        if self._count > limits.max_header_count or self._size > limits.max_header_bytes:
-            raise _Reject(431, "header section over limits")
+        if self._in_trailers:
+            limits = self.limits
+            if self._count > limits.max_header_count or self._size > limits.max_header_bytes:
+                raise _Reject(431, "header section over limits")
         name = name.lower()
         if value and (value[-1] == 32 or value[-1] == 9):
             value = value.rstrip(b" \t")  # llhttp can leave trailing OWS (RFC 9110 §5.5)
@@ -252,6 +260,9 @@ class FastHttp1Codec(Http1Codec):
         parser = self._parser
         assert parser is not None
         self._in_head = False
+        limits = self.limits
+        if self._count > limits.max_header_count or self._size > limits.max_header_bytes:
+            raise _Reject(431, "header section over limits")
         raw_version = parser.get_http_version()
         version = _VERSIONS.get(raw_version) or raw_version.encode("ascii")
         head: RequestHead | ResponseHead | ProtocolError
@@ -277,6 +288,7 @@ class FastHttp1Codec(Http1Codec):
                 )
         if self._wire_src is not None:
             self._keep_wire(head, version)
+        self._body_left = -1 if head.chunked else head.content_length or -1
         self._pending.append(head)
         # Trailers get their own budget (RFC 9112 §7.1.2 puts them after the body).
         self._count = self._size = 0
@@ -305,6 +317,8 @@ class FastHttp1Codec(Http1Codec):
         head.wire = strip_hop_by_hop_lines(raw, head.headers) if self._hop else raw
 
     def on_body(self, body: bytes) -> None:
+        if self._body_left > 0:
+            self._body_left -= len(body)
         self._pending.append(Body(body))
 
     def on_message_complete(self) -> None:
@@ -324,30 +338,79 @@ class FastHttp1Codec(Http1Codec):
         self._pending.append(ProtocolError(status, reason))
 
     def _parse(self, data: Buffer) -> None:
-        parser = self._parser
-        if parser is None:
-            return
-        if self._in_head:
-            self._head_fed += len(data)
-        elif not self._in_message and type(data) is bytes:
-            self._wire_src = data
-        try:
-            parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            # RFC 9110 §7.8 / §9.3.6: the bytes after the head are not HTTP.
-            self._raw = bytearray(data[exc.args[0] :])
-            self._parser = None
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__context__
-            if not isinstance(cause, _Reject):
-                raise
-            self._fail(cause.status, cause.reason)
-        except httptools.HttpParserError as exc:
-            self._fail(400, str(exc))
-        else:
+        """Feed llhttp in pieces that end where a message may end, so every head starts a
+        piece and its raw size is known: a head is held to ``max_header_bytes`` of bytes
+        (start line through the empty line) whole or split, and llhttp sees no more of an
+        oversized one than its first ``max_header_bytes``, so 400 or 431 does not depend
+        on how the reads split it (the native scanner takes no head over that size)."""
+        if type(data) is not bytes:
+            data = bytes(data)
+        limit = self.limits.max_header_bytes
+        while data:
+            parser = self._parser
+            if parser is None:
+                return
+            boundary = not self._in_message
+            in_head = self._in_head
+            start = 0
+            over = False
+            if boundary:
+                if data[0] == 13 or data[0] == 10:  # llhttp skips empty lines
+                    start = len(data) - len(data.lstrip(b"\r\n"))
+                end = data.find(_HEAD_END, start)
+                cut = end + 4 if end >= 0 else len(data)
+                if cut - start > limit:
+                    cut, over = start + limit, True
+                self._wire_src = data
+            else:
+                end = -1
+                if self._body_left > 0:
+                    cut = min(self._body_left, len(data))
+                else:
+                    cut = _end_after(
+                        self._tail if not in_head else self._tail[-self._head_fed :], data
+                    )
+                if in_head:
+                    size = cut if cut >= 0 else len(data)
+                    if self._head_fed + size > limit:
+                        cut, over = limit - self._head_fed, True
+                if cut < 0:
+                    cut = len(data)
+            piece, data = (data, b"") if cut >= len(data) else (data[:cut], data[cut:])
+            try:
+                parser.feed_data(piece)
+            except httptools.HttpParserUpgrade as exc:
+                # RFC 9110 §7.8 / §9.3.6: the bytes after the head are not HTTP.
+                self._raw = bytearray(piece[exc.args[0] :])
+                self._raw += data
+                self._parser = None
+                return
+            except httptools.HttpParserCallbackError as exc:
+                cause = exc.__context__
+                if not isinstance(cause, _Reject):
+                    raise
+                self._fail(cause.status, cause.reason)
+                return
+            except httptools.HttpParserError as exc:
+                self._fail(400, str(exc))
+                return
             self._wire_src = None
-            if self._in_head and self._head_fed > self.limits.max_header_bytes:
-                self._fail(431, "header section over limits")
+            self._tail = piece[-3:]
+            if self._in_head:
+                if over:
+                    self._fail(431, "header section over limits")
+                    return
+                if boundary:
+                    self._head_fed = len(piece) - start
+                elif in_head:
+                    self._head_fed += len(piece)
+                else:
+                    # Begun inside a piece (cannot happen when pieces end where messages
+                    # may): its bytes are at most those after the last empty line.
+                    self._head_fed = len(piece) - (piece.rfind(_HEAD_END) + 4)
+                    if self._head_fed > limit:
+                        self._fail(431, "header section over limits")
+                        return
 
     def _feed(self, data: Buffer) -> None:
         if self._dead:
@@ -443,8 +506,9 @@ class FastHttp1Codec(Http1Codec):
         while not self._final_seen:
             end = buf.find(_HEAD_END)
             if end < 0:
-                if len(buf) > self.limits.max_header_bytes:
-                    self._fail(431, "header section over limits")
+                if len(buf) - len(buf.lstrip(b"\r\n")) + self.limits.max_header_bytes < len(buf):
+                    self._parse(bytes(buf))  # refused as a whole one would be
+                    buf.clear()
                 return
             head = bytes(buf[: end + 4])
             del buf[: end + 4]
@@ -583,6 +647,16 @@ class FastHttp1Codec(Http1Codec):
         if not trailers:
             return _LAST_CHUNK
         return join_head([_LAST_CHUNK_OPEN], trailers, None, None)
+
+
+def _end_after(tail: bytes, data: bytes) -> int:
+    """Where in ``data`` the first CRLFCRLF of ``tail + data`` ends; -1 if none."""
+    if tail:
+        at = (tail + data[:3]).find(_HEAD_END)
+        if at >= 0:
+            return at + 4 - len(tail)
+    at = data.find(_HEAD_END)
+    return at + 4 if at >= 0 else -1
 
 
 def request_head_bytes(method: bytes, target: bytes, headers: Headers) -> bytes:

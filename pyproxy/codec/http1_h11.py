@@ -94,17 +94,27 @@ class H11Http1Codec(Http1Codec):
         """Vet the buffered head before h11 parses it; False means wait or failed."""
         buf = self._conn.trailing_data[0]
         end = buf.find(b"\r\n\r\n")
-        # An unfinished head may end in the CR of a CRLF still on its way.
-        head = (buf[:-1] if buf.endswith(b"\r") else buf) if end < 0 else buf[: end + 2]
+        limit = self.limits.max_header_bytes
+        # Over the limit, only the head's first ``limit`` bytes are looked at, whether it
+        # is whole or not: the verdict (400 or 431) does not depend on how reads split it.
+        over = (end + 4 if end >= 0 else len(buf)) > limit
+        if over:
+            head = buf[:limit]
+        else:
+            head = buf if end < 0 else buf[: end + 2]
+        if end < 0 or over:
+            # An unfinished head may end in the CR of a CRLF still on its way.
+            head = head[:-1] if head.endswith(b"\r") else head
         # RFC 9112 §2.2: we accept CRLF only (llhttp's rule), never a bare LF or CR;
         # RFC 9110 §5.5: no other control characters in field values (h11 lets them by).
         crlf = head.count(b"\r\n")
         if head.count(b"\n") != crlf or head.count(b"\r") != crlf or _CTL.search(head):
             self._fail(400, "bare CR/LF or control character in head")
             return False
+        if over:
+            self._fail(431, "header section over limits")
+            return False
         if end < 0:
-            if len(buf) > self.limits.max_header_bytes:
-                self._fail(431, "header section over limits")
             return False
         # RFC 9112 §5.2: obs-fold is rejected with 400, not unfolded.
         if b"\r\n " in head or b"\r\n\t" in head:
