@@ -136,7 +136,11 @@ def through_sidecar(pod: Pod, args: argparse.Namespace, config: Path) -> dict:
     messages = args.rounds * (args.per_round + WARMUP)
     for name in targets:
         stages = stats[name]["stages"]
-        result[name]["ipc_us_per_message"] = round(stages["ipc"]["ns"] / 1000 / messages, 3)
+        ipc = stages["ipc"]
+        result[name]["ipc_us_per_message"] = round(ipc["ns"] / 1000 / messages, 3)
+        # More app-side calls per message, or dearer calls: which one moves the stage.
+        result[name]["ipc_calls_per_message"] = round(ipc["events"] / messages, 3)
+        result[name]["ipc_us_per_call"] = round(ipc["ns"] / 1000 / max(ipc["events"], 1), 3)
         result[name]["all_stages_us_per_message"] = round(
             sum(s["ns"] for s in stages.values()) / 1000 / messages, 3
         )
