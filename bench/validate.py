@@ -34,7 +34,7 @@ from pyproxy.bench.callgraph import Service, graph_from_data, graphs_from_traces
 from pyproxy.bench.filter_configs import filter_entry
 from pyproxy.bench.model import Profile, check_platform, current_platform
 from pyproxy.bench.pod_echo import admin_get
-from pyproxy.bench.predict import IDLE_STAGE, Prediction, predict
+from pyproxy.bench.predict import HANDOFF_STAGE, IDLE_STAGE, Prediction, predict
 from pyproxy.bench.procs import Noise
 from pyproxy.iptables.netns import Pod, missing_capabilities, pods
 
@@ -286,7 +286,8 @@ def rows_for(topology: str, case: Case, m: dict, profile: Profile, args, out: Pa
                "traces": len(from_traces),
                "hops_us": {h.call: h.latency_ns / 1000 for h in by_stage.hops}}  # fmt: skip
         # The proxies' own work per app request: counted by their stage clocks in the pods,
-        # and as the profile's stage models price it (all passes, without the idle term).
+        # and as the profile's stage models price it (all passes, without the idle and hand-off
+        # terms, which happen outside the stages).
         requests = m["mesh_exchanges"]
         row["stage_clock_us"] = (
             sum(c["stage_ns"] for c in m["captured"].values()) / requests / 1000
@@ -298,7 +299,7 @@ def rows_for(topology: str, case: Case, m: dict, profile: Profile, args, out: Pa
                 ns
                 for h in by_stage.hops
                 for stage, ns in h.stages_ns.items()
-                if stage != IDLE_STAGE
+                if stage not in (IDLE_STAGE, HANDOFF_STAGE)
             )
             / 1000
         )
