@@ -172,6 +172,40 @@ class IdleCurve:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """What one sidecar pass costs in latency that its own stage clock does not see.
+
+    Measured at one outstanding request as the client-side added latency less the
+    stage-clock sum of the same exchanges: the hand-offs between the processes
+    (the wake-up of the proxy, of the upstream and of the client again, across CPUs
+    when they sit on different ones, with the scheduler's latency) and whatever the
+    event loop does between its timed stages. `latency` is that gap fitted as
+    L + s·l over the message sizes, with its R²; `spread_ns` the largest distance
+    of a measured point from the fit.
+    """
+
+    latency: Linear
+    spread_ns: float = 0.0
+
+    def scaled(self, factor: float) -> Handoff:
+        return Handoff(self.latency.scaled(factor), self.spread_ns * factor)
+
+    def to_json(self) -> dict:
+        return self.latency.to_json() | {"spread_ns": self.spread_ns}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Handoff:
+        return cls(Linear.from_json(data), float(data.get("spread_ns", 0.0)))
+
+
+def fit_handoff(sizes: Sequence[float], gaps_ns: Sequence[float]) -> Handoff:
+    """The hand-off model from (size, external latency − stage-clock sum) points."""
+    line = fit_latency(sizes, gaps_ns)
+    spread = max(abs(gap - line.at(s)) for s, gap in zip(sizes, gaps_ns, strict=True))
+    return Handoff(line, spread)
+
+
 def _falling(values: Sequence[float]) -> list[float]:
     """The closest non-increasing sequence (pool adjacent violators, equal weights): a lower rate
     never costs less per exchange, so a point that says so was disturbed, and is averaged with
@@ -217,6 +251,8 @@ class Profile:
     points: list[dict]
     # per setup ("http", "tcp", ...): the cost beyond the closed loop at lower rates
     idle: dict[str, IdleCurve] = field(default_factory=dict)
+    # per setup: the latency of one pass that no stage times (see `Handoff`)
+    handoff: dict[str, Handoff] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         def models(table: dict[str, StageModel]) -> dict:
@@ -230,6 +266,7 @@ class Profile:
             "filters": models(self.filters),
             "external": models(self.external),
             "idle": {name: curve.to_json() for name, curve in self.idle.items()},
+            "handoff": {name: h.to_json() for name, h in self.handoff.items()},
             "points": self.points,
         }
 
@@ -249,13 +286,14 @@ class Profile:
             external=models(data.get("external", {})),
             points=list(data.get("points", [])),
             idle={name: IdleCurve.from_json(c) for name, c in data.get("idle", {}).items()},
+            handoff={name: Handoff.from_json(h) for name, h in data.get("handoff", {}).items()},
         )
 
     def external_view(self) -> Profile:
         """The same profile with each mode priced as one `sidecar` stage fitted from outside.
 
         A filter's external model is what its setup (`MODE+FILTER`) cost beyond the
-        same mode without it.
+        same mode without it. It has no hand-off term: the external models include it.
         """
         modes = {m: {"sidecar": self.external[m]} for m in self.modes if m in self.external}
         filters = {}

@@ -8,7 +8,15 @@ End-to-end latency is recomputed over the whole tree with the overheads added,
 so a parallel branch that was not critical can become so. Below the rate at
 which the profile measured a sidecar back to back, each sidecar pass also
 costs what the profile's idle curve measured at the call's rate (stage
-`idle`): the wake-ups of a proxy that goes idle between exchanges. The calls
+`idle`): the wake-ups of a proxy that goes idle between exchanges. Each hop
+through sidecars also costs the profile's hand-off once (stage `handoff`):
+the latency between the processes that the proxy's stage clock cannot see,
+such as waking a proxy on another CPU and being woken by it. The profile
+measured it for a request going app → sidecar → app; a hop through two
+sidecars (the caller's outbound, the callee's inbound) makes the same trips
+to and from the sidecars, which pass it between each other as the plain
+path's apps do. Latency only: its CPU is in the CPU models, read from /proc.
+The calls
 of a parallel group share their caller's sidecar, one event loop: the slowest
 also waits behind the others' CPU there.
 """
@@ -23,6 +31,8 @@ from pyproxy.bench.model import Profile, StageModel
 
 # The stage a sidecar's wake-ups cost at rates below its closed loop (the profile's IdleCurve).
 IDLE_STAGE = "idle"
+# The latency of a pass outside every timed stage (the profile's Handoff).
+HANDOFF_STAGE = "handoff"
 
 
 class WhatIfError(ValueError):
@@ -66,6 +76,8 @@ def check_what_if(profile: Profile, what_if: WhatIf) -> None:
     known |= {f"filter:{name}" for name in profile.filters}
     if profile.idle:
         known.add(IDLE_STAGE)
+    if profile.handoff:
+        known.add(HANDOFF_STAGE)
     for stage, factor in what_if.factors:
         if stage not in known:
             raise WhatIfError(
@@ -188,6 +200,7 @@ def _hop(
     sides.append(graph.services[call.callee])
     factors = dict(what_if.factors)
     outbound_cpu_ns = 0.0
+    handoff_ns = 0.0
     for side, service in enumerate(sides):
         if not service.sidecar:
             continue
@@ -201,8 +214,15 @@ def _hop(
             factor = factors.get(IDLE_STAGE, 1.0)
             stages_ns[IDLE_STAGE] = stages_ns.get(IDLE_STAGE, 0.0) + factor * latency
             cpu_stages[IDLE_STAGE] = cpu_stages.get(IDLE_STAGE, 0.0) + factor * rate * cpu / 1e9
+        if (handoff := profile.handoff.get(service.mode)) is not None:
+            handoff_ns = max(handoff_ns, handoff.latency.at(size))
         if caller is not None and side == 0 and rate > 0:
             outbound_cpu_ns = (sum(cpu_stages.values()) - cpu_before) * 1e9 / rate
+    if handoff_ns:
+        # Once per hop: the caller's outbound and the callee's inbound sidecar hand the request
+        # to each other as the two apps of the plain path do; the hand-offs the plain path does
+        # not have are the app → sidecars → app ones, as many as the profile's one pass has.
+        stages_ns[HANDOFF_STAGE] = factors.get(HANDOFF_STAGE, 1.0) * handoff_ns
     return Hop(call.id, caller, call.callee, size, rate, sum(stages_ns.values()),
                sum(cpu_stages.values()), stages_ns, cpu_stages, outbound_cpu_ns)  # fmt: skip
 

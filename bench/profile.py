@@ -28,12 +28,14 @@ from pathlib import Path
 from pyproxy.bench.driver import EXCHANGERS, drive, drive_paired, wait_ready
 from pyproxy.bench.filter_configs import filter_entry
 from pyproxy.bench.model import (
+    Handoff,
     IdleCurve,
     Linear,
     Profile,
     StageModel,
     current_platform,
     fit_cpu,
+    fit_handoff,
     fit_idle_curve,
     fit_latency,
 )
@@ -237,6 +239,19 @@ def fit_idle(points: list[dict]) -> IdleCurve | None:
     )  # fmt: skip
 
 
+def fit_setup_handoff(points: list[dict]) -> Handoff | None:
+    """One setup's hand-off: per latency point, the client-side added p50 less the stage-clock
+    sum per exchange, fitted over the sizes. Measured with `--pin`, it is the cross-CPU wake-ups
+    of one sidecar pass placed as in the pods."""
+    lat = [p for p in points if p["kind"] == "latency"]
+    if not lat:
+        return None
+    return fit_handoff(
+        [p["size"] for p in lat],
+        [p["proxy_p50_ns"] - p["direct_p50_ns"] - sum(p["stages_ns"].values()) for p in lat],
+    )
+
+
 def fit_setup(points: list[dict]) -> tuple[dict[str, StageModel], StageModel]:
     """Per-stage models (stage clock) and the whole sidecar's model (external measurement)."""
     lat = [p for p in points if p["kind"] == "latency"]
@@ -273,6 +288,7 @@ def build_profile(plan: list[Setup], points: list[dict], platform: dict) -> Prof
     filters: dict[str, StageModel] = {}
     external: dict[str, StageModel] = {}
     idle: dict[str, IdleCurve] = {}
+    handoff: dict[str, Handoff] = {}
     for setup in plan:
         mine = [p for p in points if p["setup"] == setup.name]
         if not mine:
@@ -281,13 +297,15 @@ def build_profile(plan: list[Setup], points: list[dict], platform: dict) -> Prof
         external[setup.name] = outside
         if (curve := fit_idle(mine)) is not None:
             idle[setup.name] = curve
+        if (gap := fit_setup_handoff(mine)) is not None:
+            handoff[setup.name] = gap
         if setup.filter_type:
             filters[setup.filter_type] = stages[f"filter:{setup.filter_type}"]
         elif setup.ipc != "tcp":
             ipc[setup.ipc] = stages["ipc"]
         else:
             modes[setup.mode] = stages
-    return Profile(platform, modes, ipc, filters, external, points, idle)
+    return Profile(platform, modes, ipc, filters, external, points, idle, handoff)
 
 
 def _progress(total: int):
@@ -318,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
     )
     (out / "inputs.json").write_text(json.dumps({
         "argv": sys.argv, "setups": [s.name for s in plan], "sizes": sizes,
-        "seconds_per_point": args.seconds, "loads": LOADS,
+        "seconds_per_point": args.seconds, "loads": LOADS, "pin": args.pin,
     }, indent=2) + "\n")  # fmt: skip
     (out / "environment.json").write_text(json.dumps(platform | {"git": _git()}, indent=2) + "\n")
     warmup = max(5, min(50, int(args.seconds * 100)))
@@ -452,6 +470,13 @@ def models_table(profile: Profile) -> str:
         lines.append(row(f"filter {kind}", f"filter:{kind}", model))
     for setup, model in profile.external.items():
         lines.append(row(setup, "*external*", model))
+    if profile.handoff:
+        lines += ["", "hand-off per pass (added p50 less the stage-clock sum), fitted over sizes", "",
+                  "| setup | L ns | l ns/B | R² | largest residual ns |",
+                  "| --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        for setup, h in profile.handoff.items():
+            lines.append(f"| {setup} | {h.latency.base:.0f} | {h.latency.per_byte:.3f} "
+                         f"| {_r2(h.latency)} | {h.spread_ns:.0f} |")  # fmt: skip
     return "\n".join(lines)
 
 

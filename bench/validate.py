@@ -34,7 +34,7 @@ from pyproxy.bench.callgraph import Service, graph_from_data, graphs_from_traces
 from pyproxy.bench.filter_configs import filter_entry
 from pyproxy.bench.model import Profile, check_platform, current_platform
 from pyproxy.bench.pod_echo import admin_get
-from pyproxy.bench.predict import IDLE_STAGE, Prediction, predict
+from pyproxy.bench.predict import HANDOFF_STAGE, IDLE_STAGE, Prediction, WhatIf, predict
 from pyproxy.bench.procs import Noise
 from pyproxy.iptables.netns import Pod, missing_capabilities, pods
 
@@ -270,6 +270,12 @@ def rows_for(topology: str, case: Case, m: dict, profile: Profile, args, out: Pa
         without, with_ = measured["p50_without_us"], measured["p50_with_us"]
         graph = graph_for(topology, case, m["size"], rate, m["work_us"])
         by_stage, whole = predict(profile, graph), predict(external, graph)
+        # the same stage models without the hand-off term: what that term changes
+        bare = (
+            predict(profile, graph, WhatIf(((HANDOFF_STAGE, 0.0),)))
+            if profile.handoff
+            else by_stage
+        )
         for g in graphs:
             g.root.rate = rate
         from_traces: list[Prediction] = [predict(profile, g) for g in graphs]
@@ -281,12 +287,14 @@ def rows_for(topology: str, case: Case, m: dict, profile: Profile, args, out: Pa
                "predicted_us": by_stage.overhead_ns / 1000,
                "predicted_external_us": whole.overhead_ns / 1000,
                "predicted_cores": by_stage.cpu_cores,
+               "predicted_without_handoff_us": bare.overhead_ns / 1000,
                "predicted_external_cores": whole.cpu_cores,
                "predicted_from_traces_us": statistics.median(p.overhead_ns / 1000 for p in from_traces),
                "traces": len(from_traces),
                "hops_us": {h.call: h.latency_ns / 1000 for h in by_stage.hops}}  # fmt: skip
         # The proxies' own work per app request: counted by their stage clocks in the pods,
-        # and as the profile's stage models price it (all passes, without the idle term).
+        # and as the profile's stage models price it (all passes, without the idle and hand-off
+        # terms, which happen outside the stages).
         requests = m["mesh_exchanges"]
         row["stage_clock_us"] = (
             sum(c["stage_ns"] for c in m["captured"].values()) / requests / 1000
@@ -298,7 +306,7 @@ def rows_for(topology: str, case: Case, m: dict, profile: Profile, args, out: Pa
                 ns
                 for h in by_stage.hops
                 for stage, ns in h.stages_ns.items()
-                if stage != IDLE_STAGE
+                if stage not in (IDLE_STAGE, HANDOFF_STAGE)
             )
             / 1000
         )
@@ -309,6 +317,9 @@ def rows_for(topology: str, case: Case, m: dict, profile: Profile, args, out: Pa
             measured.get("cores_halves", {}).get("sidecars", [])
         )
         row["error"] = _error(row["predicted_us"], row["overhead_us"])
+        row["error_without_handoff"] = _error(
+            row["predicted_without_handoff_us"], row["overhead_us"]
+        )
         row["error_external"] = _error(row["predicted_external_us"], row["overhead_us"])
         row["error_from_traces"] = _error(row["predicted_from_traces_us"], row["overhead_us"])
         row["cpu_error"] = _error(row["predicted_cores"], cores)
@@ -469,6 +480,8 @@ def table(rows: list[dict]) -> str:
         lines.append(
             "\nmedian / worst absolute error, latency: "
             + "; ".join((_summary("stage models", [r["error"] for r in rows]),
+                         _summary("stage models without the hand-off",
+                                  [r.get("error_without_handoff") for r in rows]),
                          _summary("from traces", [r["error_from_traces"] for r in rows]),
                          _summary("external models", [r["error_external"] for r in rows])))
             + "\nmedian / worst difference between the two halves of each measurement: "

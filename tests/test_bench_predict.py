@@ -15,6 +15,7 @@ from pyproxy.bench.callgraph import (
     load_graphs,
 )
 from pyproxy.bench.model import (
+    Handoff,
     IdleCurve,
     Linear,
     PlatformMismatch,
@@ -23,10 +24,12 @@ from pyproxy.bench.model import (
     check_platform,
     current_platform,
     fit_cpu,
+    fit_handoff,
     fit_idle_curve,
     fit_latency,
 )
 from pyproxy.bench.predict import WhatIf, WhatIfError, distribution, predict
+from pyproxy.bench.profile import Setup, build_profile
 
 from pyproxy.cli import main
 
@@ -325,3 +328,61 @@ def test_predict_adds_each_sidecars_wake_up_cost_at_the_calls_rate():
     assert halved.overhead_ns == pytest.approx(3 * (3100 + 2000))
     with pytest.raises(WhatIfError, match="no stage 'idle'"):
         predict(hand_profile(), graph, WhatIf.parse(["idle=0.5"]))
+
+
+def _latency_point(setup: str, size: int, direct: float, proxied: float, stages: dict) -> dict:
+    return {"setup": setup, "kind": "latency", "size": size, "exchanges": 100,
+            "direct_p50_ns": direct, "proxy_p50_ns": proxied, "rate": 1000.0,
+            "proxy_cpu_ns_per_exchange": 0.0, "stages_ns": stages}  # fmt: skip
+
+
+def test_profile_stores_the_hand_off_the_stage_clock_does_not_see():
+    # Known answer: added p50 = stage-clock sum + 50 µs + 2 ns/B; one size 1 µs off the line.
+    points = []
+    for size, off in ((100, 0.0), (1024, 1000.0), (4096, 0.0), (8192, 0.0)):
+        stages = {"read": 3000.0 + size, "write": 4000.0 + 0.5 * size}
+        gap = 50_000.0 + 2.0 * size + off
+        points.append(
+            _latency_point("http", size, 20_000.0, 20_000.0 + sum(stages.values()) + gap, stages)
+        )
+    profile = build_profile([Setup("http", "http")], points, current_platform())
+    handoff = profile.handoff["http"]
+    # least squares through the four gaps: the 1 µs outlier moves the line a little
+    assert handoff.latency.base == pytest.approx(50_000, abs=500)
+    assert handoff.latency.per_byte == pytest.approx(2.0, abs=0.1)
+    assert 0.99 < handoff.latency.r2 < 1.0 and 500 < handoff.spread_ns < 1000
+    exact = fit_handoff([100, 1000], [50_200, 52_000])
+    assert (exact.latency.base, exact.latency.per_byte, exact.spread_ns) == pytest.approx(
+        (50_000, 2.0, 0.0)
+    )
+    again = Profile.from_json(json.loads(json.dumps(profile.to_json())))
+    assert again.handoff == profile.handoff
+    # The external models already include it: their view has no hand-off of its own.
+    assert profile.external_view().handoff == {}
+
+
+def test_predict_adds_the_hand_off_once_per_hop_through_sidecars_on_latency_only():
+    base = hand_profile()
+    profile = Profile(base.platform, base.modes, base.ipc, base.filters, {}, [], {},
+                      {"http": Handoff(Linear(57_000, 10.0))})  # fmt: skip
+    graph = graph_from_data({
+        "services": {"f": {"mode": "http", "filters": ["fault"]}, "a": {"mode": "http"}},
+        "calls": [{"id": "r", "callee": "f", "rate": 100, "work_us": 100,
+                   "request": 100, "response": 100},
+                  {"id": "x", "parent": "r", "callee": "a", "work_us": 50,
+                   "request": 300, "response": 100}],
+    })  # fmt: skip
+    without = predict(base, graph)
+    p = predict(profile, graph)
+    hops = {h.call: h for h in p.hops}
+    # r crosses f's inbound (100 B), x f's outbound and a's inbound (200 B): once per hop, as
+    # app → sidecars → app; a filtered sidecar pays its mode's hand-off.
+    assert hops["r"].stages_ns["handoff"] == pytest.approx(57_000 + 10 * 100)
+    assert hops["x"].stages_ns["handoff"] == pytest.approx(57_000 + 10 * 200)
+    assert p.overhead_ns - without.overhead_ns == pytest.approx(58_000 + 59_000)
+    assert p.cpu_cores == pytest.approx(without.cpu_cores) and "handoff" not in p.cpu_stages
+    assert p.dominant_latency == "handoff"
+    off = predict(profile, graph, WhatIf.parse(["handoff=0"]))
+    assert off.overhead_ns == pytest.approx(without.overhead_ns)
+    with pytest.raises(WhatIfError, match="no stage 'handoff'"):
+        predict(base, graph, WhatIf.parse(["handoff=0.5"]))

@@ -38,6 +38,13 @@ def test_profile_fits_every_stage_from_real_runs_and_keys_it_by_platform(profile
     curve = profile.idle["tcp"]
     hot_rate = curve.points[-1][0]
     assert hot_rate > 300 and curve.at(hot_rate) == (0.0, 0.0) and curve.points[0][0] == 300
+    # The hand-off: what the client saw added beyond the stage clock's sum, per size.
+    [small] = [
+        p for p in profile.points if (p["setup"], p["kind"], p["size"]) == ("tcp", "latency", 100)
+    ]
+    gap = small["proxy_p50_ns"] - small["direct_p50_ns"] - sum(small["stages_ns"].values())
+    handoff = profile.handoff["tcp"]
+    assert abs(handoff.latency.at(100) - gap) <= handoff.spread_ns + 1e-6
     for p in profile.points:
         if p["kind"] == "latency":
             assert p["exchanges"] > 0 and p["proxy_p50_ns"] > 0

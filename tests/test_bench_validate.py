@@ -54,6 +54,8 @@ def test_both_apps_ran_in_captured_pods_with_and_without_sidecars(validated):
         assert r["stage_clock_us"] > 0 and r["predicted_stage_sum_us"] > 0
         assert r["p50_with_us"] > 0 and r["p50_without_us"] > 0 and r["rate"] > 0
         assert r["predicted_us"] > 0 and r["predicted_external_us"] > 0
+        # the profile measured a hand-off for its setup; the table also prices without it
+        assert r["predicted_without_handoff_us"] > 0 and r["error_without_handoff"] is not None
         # the sidecars' CPU is measured in every phase, the closed loop too
         assert r["sidecar_cores"] > 0 and r["predicted_cores"] > 0
     assert (validated / "predicted_vs_measured.png").stat().st_size > 1000
