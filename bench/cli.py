@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -48,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from pyproxy.bench import profile as profiler
 
     profiler.add_arguments(profile)
-    profile.set_defaults(func=profiler.run)
+    profile.set_defaults(func=stopped_by_sigterm(profiler.run))
 
     compare = verbs.add_parser(
         "compare", help="no proxy, pyproxy and other proxies side by side in one run"
@@ -56,7 +59,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from pyproxy.bench import compare as comparer
 
     comparer.add_arguments(compare)
-    compare.set_defaults(func=comparer.run)
+    compare.set_defaults(func=stopped_by_sigterm(comparer.run))
 
     validate = verbs.add_parser(
         "validate", help="predicted vs measured overhead of a small multi-service application"
@@ -64,7 +67,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     from pyproxy.bench import validate as validator
 
     validator.add_arguments(validate)
-    validate.set_defaults(func=validator.run)
+    validate.set_defaults(func=stopped_by_sigterm(validator.run))
 
     report = verbs.add_parser(
         "report", help="a self-contained HTML or markdown report of a results folder"
@@ -73,6 +76,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     reporter.add_arguments(report)
     report.set_defaults(func=reporter.run)
+
+
+def stopped_by_sigterm(
+    run: Callable[[argparse.Namespace], int],
+) -> Callable[[argparse.Namespace], int]:
+    """A long run that `timeout`, a CI job or kill stops with SIGTERM ends as Ctrl-C does:
+    its pods and peers torn down, what it measured written (Python's default SIGTERM would
+    skip every cleanup and leave namespaces and processes behind)."""
+
+    owner = os.getpid()
+
+    def interrupted(signum: int, frame: object) -> None:
+        if os.getpid() != owner:  # a forked helper (pyroute2's netns child) dies as by default
+            os._exit(128 + signum)
+        raise KeyboardInterrupt
+
+    def stoppable(args: argparse.Namespace) -> int:
+        signal.signal(signal.SIGTERM, interrupted)
+        return run(args)
+
+    return stoppable
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

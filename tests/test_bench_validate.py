@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 from pyproxy.bench.callgraph import graphs_from_traces, read_otlp_lines
-from pyproxy.bench.procs import move_to_cpu
+from pyproxy.bench.procs import move_to_cpu, tree_pids
 from pyproxy.bench.validate import Case, halves_differ, held_out, held_out_table, pod_factors
 from pyproxy.bench.validation_load import summarize
-from pyproxy.iptables.netns import missing_capabilities
+from pyproxy.iptables.netns import NAME_PREFIX, list_namespaces, missing_capabilities
 
 from pyproxy.cli import main
 
@@ -23,11 +27,17 @@ if not os.environ.get("CI"):
 
 
 @pytest.fixture(scope="module")
-def validated(tmp_path_factory):
+def profiled(tmp_path_factory):
     profile = tmp_path_factory.mktemp("profile")
     argv = ["bench", "profile", "--modes", "http,grpc", "--ipc", "tcp", "--filters", "fault",
             "--sizes", "100", "--seconds", "0.1", "--idle-rates", "100", "--out", str(profile)]  # fmt: skip
     assert main(argv) == 0
+    return profile
+
+
+@pytest.fixture(scope="module")
+def validated(profiled, tmp_path_factory):
+    profile = profiled
     out = tmp_path_factory.mktemp("validate")
     argv = ["bench", "validate", "--profile", str(profile / "profile.json"),
             "--cases", "http/http+fault,grpc/grpc", "--topologies", "fanout", "--rounds", "1",
@@ -162,3 +172,43 @@ def test_pinning_puts_every_thread_of_a_process_on_one_cpu():
     finally:
         proc.kill()
         proc.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_a_run_stopped_by_sigterm_leaves_no_pod_or_process_behind(profiled, tmp_path):
+    """`timeout`, a CI job or kill stop a run with SIGTERM: it must tear its pods down as
+    Ctrl-C does, not leave namespaces and sidecars running."""
+    argv = [sys.executable, "-m", "pyproxy", "bench", "validate",
+            "--profile", str(profiled / "profile.json"), "--cases", "http/http",
+            "--topologies", "chain", "--rounds", "200", "--seconds", "1", "--loads", "0.5",
+            "--out", str(tmp_path / "stopped")]  # fmt: skip
+    run = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    prefix = f"{NAME_PREFIX}{run.pid}-"
+    started: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        # Measuring has begun once the pods' apps and sidecars run under it.
+        while time.monotonic() < deadline and run.poll() is None:
+            started = tree_pids(run.pid)
+            if len(started) > 6 and any(n.startswith(prefix) for n in list_namespaces()):
+                break
+            time.sleep(0.2)
+        assert run.poll() is None and len(started) > 6, "the run never got its pods going"
+        time.sleep(1.0)
+        started = tree_pids(run.pid)
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=90)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert "interrupted" in err, err
+    assert [n for n in list_namespaces() if n.startswith(prefix)] == []
+    time.sleep(0.5)
+    assert [pid for pid in started if pid != run.pid and _alive(pid)] == []
