@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 
 from pyproxy.addresses import parse_address
@@ -45,6 +46,34 @@ def measure_rtts(
             if i >= warmup:
                 rtts.append(clock() - started)
     return rtts
+
+
+def stream_echo(address: str, total: int, chunk: int = 65536) -> dict:
+    """Push `total` bytes through an echo path while reading them back; MB/s of echoed payload."""
+    payload = memoryview(b"s" * chunk)
+    buf = bytearray(chunk)
+    with connect(address) as sock:
+        # With a timeout Python polls and retries: a blocking recv on a sockmap-redirected socket
+        # can fail with EAGAIN when another thread's send wakes it with no data queued.
+        sock.settimeout(60)
+
+        def send() -> None:
+            left = total
+            while left > 0:
+                left -= sock.send(payload[: min(chunk, left)])
+            sock.shutdown(socket.SHUT_WR)
+
+        started = time.perf_counter()
+        sender = threading.Thread(target=send, daemon=True)
+        sender.start()
+        got = 0
+        while n := sock.recv_into(buf):
+            got += n
+        seconds = time.perf_counter() - started
+        sender.join()
+    if got != total:
+        raise ConnectionError(f"echoed {got} of {total} bytes")
+    return {"bytes": total, "seconds": seconds, "mb_per_s": total / seconds / 1e6}
 
 
 def percentile(sorted_values: list[int], fraction: float) -> float:
