@@ -145,3 +145,72 @@ def test_a_response_head_at_the_size_limit_gets_one_answer_on_every_split(backen
             events = summary([e for p in pieces for e in client.receive_data(p)])
             outcomes.add(events[-1][1] if events[-1][0] == "rejected" else events[0][0])
         assert outcomes == {expected}, (pad, outcomes)
+
+
+# Trailer sections at the limit: held to max_header_bytes of raw bytes (first field line
+# through the empty line) whole or in pieces, and to their measured size and field count
+# at their end; an oversized one is refused on its first max_header_bytes (a fault in them
+# is 400, none is 431), however the reads split it. HEAD is 56 bytes, within the limit.
+_LAST = b"3\r\nabc\r\n0\r\n"
+TRAILERS_AT_THE_LIMIT = {
+    "one byte under": (b"t:%s\r\n\r\n" % (b"a" * 57), "end", 100),
+    "exactly at": (b"t:%s\r\n\r\n" % (b"a" * 58), "end", 100),
+    "one byte over, measured under": (b"t:%s\r\n\r\n" % (b"a" * 59), 431, 100),
+    "over by its whitespace alone": (b"t:%sa\r\n\r\n" % (b" " * 60), 431, 100),
+    "measured over, raw under": (b"a:b\r\n" * 12 + b"\r\n", 431, 100),
+    "trailing whitespace is not measured": (b"a:b \r\n" * 10 + b"\r\n", "end", 100),
+    "over the field count": (b"a:1\r\nb:2\r\nc:3\r\n\r\n", 431, 2),
+    "a control character inside the limit": (b"b: \x01\r\nt: %s\r\n\r\n" % (b"a" * 60), 400, 100),
+    "a bad field name inside the limit": (b"b d: x\r\nt: %s\r\n\r\n" % (b"a" * 60), 400, 100),
+    "obs-fold inside the limit": (b"t: a\r\n b%s\r\n\r\n" % (b"a" * 60), 400, 100),
+    "a fault past the limit": (b"t: %s\r\nb: \x01\r\n\r\n" % (b"a" * 60), 431, 100),
+    "a framing field inside the limit": (
+        b"content-length: 3\r\nt: %s\r\n\r\n" % (b"a" * 50),
+        400,
+        100,
+    ),
+    "a framing field cut by the limit": (
+        b"t: %s\r\ncontent-length: 3\r\n\r\n" % (b"a" * 44),
+        400,
+        100,
+    ),
+    "a framing field past the limit": (
+        b"t: %s\r\ntransfer-encoding: chunked\r\n\r\n" % (b"a" * 40),
+        431,
+        100,
+    ),
+    "at the limit, pipelined": (
+        b"t:%s\r\n\r\nGET / HTTP/1.1\r\nhost: a\r\n\r\n" % (b"a" * 58),
+        "end",
+        100,
+    ),
+}
+
+
+def outcome(events: list[tuple]) -> object:
+    return events[-1][1] if events[-1][0] == "rejected" else events[-1][0]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", sorted(TRAILERS_AT_THE_LIMIT))
+def test_a_trailer_section_at_the_size_limit_gets_one_answer_on_every_split(backend, case):
+    trailers, expected, count = TRAILERS_AT_THE_LIMIT[case]
+    limits = Http1Limits(max_header_bytes=_LIMIT, max_header_count=count)
+    outcomes = set()
+    for pieces in every_split(HEAD + _LAST + trailers):
+        outcomes.add(outcome(summary(serve(codec(backend, "server", limits), pieces))))
+    assert outcomes == {expected}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_response_trailer_section_at_the_size_limit_gets_one_answer_on_every_split(backend):
+    limits = Http1Limits(max_header_bytes=_LIMIT)
+    head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    for pad, expected in ((58, "end"), (59, 431)):
+        data = head + _LAST + b"t:%s\r\n\r\n" % (b"a" * pad)
+        outcomes = set()
+        for pieces in every_split(data):
+            client = codec(backend, "client", limits)
+            client.send_message(_GET, b"")
+            outcomes.add(outcome(summary([e for p in pieces for e in client.receive_data(p)])))
+        assert outcomes == {expected}, (pad, outcomes)

@@ -24,6 +24,7 @@ from typing import Final
 
 import httptools
 
+from pyproxy.codec.chunk_lines import ChunkLines
 from pyproxy.codec.events import (
     END,
     Body,
@@ -56,7 +57,7 @@ from pyproxy.codec.http1 import (
     strip_hop_by_hop_lines,
 )
 from pyproxy.native import http1_head_scanner
-from pyproxy.protocol import HOP_BY_HOP, NO_BODY_METHOD, NO_BODY_STATUSES
+from pyproxy.protocol import HOP_BY_HOP, NO_BODY_METHOD, NO_BODY_STATUSES, has_body
 
 # The native head scanner (pyproxy.native._http1head) when built and not disabled.
 _scan_head = http1_head_scanner()
@@ -138,6 +139,7 @@ class FastHttp1Codec(Http1Codec):
         "_head_fed",
         "_tail",
         "_body_left",
+        "_chunks",
         "_status",
         "_final_seen",
         "_message_done",
@@ -178,6 +180,8 @@ class FastHttp1Codec(Http1Codec):
         # Content-Length body still due on llhttp's path (-1: none or not by length).
         self._tail = b""
         self._body_left = -1
+        # The chunked body llhttp is parsing, followed to find its trailer section's bytes.
+        self._chunks: ChunkLines | None = None
         self._status = 0
         self._final_seen = False
         self._message_done = False
@@ -218,6 +222,7 @@ class FastHttp1Codec(Http1Codec):
         self._trailers = []
         self._url = self._reason = b""
         self._hop = False
+        self._chunks = None
 
     def on_url(self, url: bytes) -> None:
         # Over the limits is decided when the head ends (its raw bytes bound what is kept):
@@ -234,17 +239,12 @@ class FastHttp1Codec(Http1Codec):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._count += 1
-        self._size += len(name) + len(value) + 4
-        if self._in_trailers:
-            limits = self.limits
-            if self._count > limits.max_header_count or self._size > limits.max_header_bytes:
-                raise _Reject(431, "header section over limits")
         name = name.lower()
         if value and (value[-1] == 32 or value[-1] == 9):
             value = value.rstrip(b" \t")  # llhttp can leave trailing OWS (RFC 9110 §5.5)
+        self._size += len(name) + len(value) + 4  # measured as head_size does (no OWS)
         if self._in_trailers:
-            if name in NOT_TRAILERS:
-                raise _Reject(400, "framing field in trailers")
+            # Judged at the section's end (on_message_complete), as a head is at its end.
             self._trailers.append((name, value))
             return
         if name in _WATCHED:
@@ -289,6 +289,8 @@ class FastHttp1Codec(Http1Codec):
         if self._wire_src is not None:
             self._keep_wire(head, version)
         self._body_left = -1 if head.chunked else head.content_length or -1
+        if head.chunked and (type(head) is RequestHead or has_body(self._status, self._method)):
+            self._chunks = ChunkLines(limits.max_header_bytes)
         self._pending.append(head)
         # Trailers get their own budget (RFC 9112 §7.1.2 puts them after the body).
         self._count = self._size = 0
@@ -323,9 +325,15 @@ class FastHttp1Codec(Http1Codec):
 
     def on_message_complete(self) -> None:
         self._in_message = False
+        self._chunks = None
         if self.role == "client" and self._status < 200:
             return  # interim response: the final one follows, no End (RFC 9110 §15.2)
         if self._trailers:
+            limits = self.limits
+            if self._count > limits.max_header_count or self._size > limits.max_header_bytes:
+                raise _Reject(431, "trailer section over limits")
+            if any(name in NOT_TRAILERS for name, _ in self._trailers):
+                raise _Reject(400, "framing field in trailers")
             self._pending.append(Trailers(self._trailers))
         self._pending.append(END)
         self._message_done = True
@@ -342,7 +350,9 @@ class FastHttp1Codec(Http1Codec):
         piece and its raw size is known: a head is held to ``max_header_bytes`` of bytes
         (start line through the empty line) whole or split, and llhttp sees no more of an
         oversized one than its first ``max_header_bytes``, so 400 or 431 does not depend
-        on how the reads split it (the native scanner takes no head over that size)."""
+        on how the reads split it (the native scanner takes no head over that size). A
+        chunked body's trailer section is held alike: ``ChunkLines`` follows the body and
+        llhttp sees no more of an oversized section than its first ``max_header_bytes``."""
         if type(data) is not bytes:
             data = bytes(data)
         limit = self.limits.max_header_bytes
@@ -377,6 +387,12 @@ class FastHttp1Codec(Http1Codec):
                 if cut < 0:
                     cut = len(data)
             piece, data = (data, b"") if cut >= len(data) else (data[:cut], data[cut:])
+            chunks = self._chunks
+            if chunks is not None and not boundary:
+                # A trailer section over the limit: llhttp sees no more than its first bytes.
+                past = chunks.feed(piece)
+                if past >= 0:
+                    piece, data, over = piece[:past], b"", True
             try:
                 parser.feed_data(piece)
             except httptools.HttpParserUpgrade as exc:
@@ -396,6 +412,9 @@ class FastHttp1Codec(Http1Codec):
                 return
             self._wire_src = None
             self._tail = piece[-3:]
+            if over and not self._in_head:
+                self._fail(431, "trailer section over limits")
+                return
             if self._in_head:
                 if over:
                     self._fail(431, "header section over limits")

@@ -160,9 +160,13 @@ class H11Http1Codec(Http1Codec):
             try:
                 ev = conn.next_event()
             except h11.RemoteProtocolError as exc:
+                chunks = self._chunks
                 if self._eof:
                     self._dead = True
                     pending.append(Reset(0, "connection closed mid-message"))
+                elif chunks is not None and chunks.error is not None:
+                    # The raw lines' verdict: h11's own limit counts what it buffered.
+                    self._fail(chunks.status, chunks.error)
                 else:
                     self._fail(exc.error_status_hint, str(exc))
                 return
@@ -170,7 +174,7 @@ class H11Http1Codec(Http1Codec):
                 # ConnectionClosed repeats forever once the peer is gone: stop pumping.
                 # h11 gave all it could: a framing fault it let by is due now.
                 if self._chunks is not None and self._chunks.error is not None:
-                    self._fail(400, self._chunks.error)
+                    self._fail(self._chunks.status, self._chunks.error)
                 return
             if self._chunks is not None and self._chunks.error is not None:
                 if not self._content_upto_fault(ev):
@@ -194,7 +198,7 @@ class H11Http1Codec(Http1Codec):
             return
         if type(head) is ResponseHead and not has_body(head.status, self._method):
             return
-        self._chunks = ChunkLines()
+        self._chunks = ChunkLines(self.limits.max_header_bytes)
         self._content_out = 0
         self._chunks.feed(bytes(self._conn.trailing_data[0]))
 
@@ -208,7 +212,7 @@ class H11Http1Codec(Http1Codec):
                 return True
             self._pending.append(Body(data[:room]))
             self._content_out += room
-        self._fail(400, self._chunks.error)
+        self._fail(self._chunks.status, self._chunks.error)
         return False
 
     def _convert(self, ev: object) -> Event:
@@ -217,6 +221,12 @@ class H11Http1Codec(Http1Codec):
             return Body(ev.data)  # type: ignore[attr-defined]
         if kind is h11.EndOfMessage:
             trailers = ev.headers  # type: ignore[attr-defined]
+            limits = self.limits
+            # Decided at the section's end, before what is in it (as for a head).
+            if len(trailers) > limits.max_header_count or (
+                head_size(0, trailers) > limits.max_header_bytes
+            ):
+                return ProtocolError(431, "trailer section over limits")
             if any(n in NOT_TRAILERS or FIELD_CONTROL.search(v) for n, v in trailers):
                 # The raw check above vets heads only; llhttp refuses these in trailers too.
                 return ProtocolError(400, "framing field or control character in trailers")

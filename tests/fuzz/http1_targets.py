@@ -194,11 +194,7 @@ def limits_for(seed: int) -> Http1Limits:
 
 
 def split_agrees(whole: list[tuple], cut: list[tuple]) -> bool:
-    """The same events and statuses whole and split, short of one open finding: a
-    trailer section near max_header_bytes / max_header_count may pass whole and get 431
-    in pieces (heads are held to their raw bytes whatever the split, trailers are not)."""
-    if _trailers_431(whole) or _trailers_431(cut):
-        return True
+    """The same events and statuses whole and split."""
     for early, late in ((whole, cut), (cut, whole)):
         done = len(early) - 1
         if (
@@ -214,11 +210,6 @@ def split_agrees(whole: list[tuple], cut: list[tuple]) -> bool:
         # read after the next request was sent are its (unfinished) response.
         return plain(whole) == plain(cut)
     return plain(whole, status=True) == plain(cut, status=True)
-
-
-def _trailers_431(summary_: list[tuple]) -> bool:
-    """431 after a head was taken and before its message ended: the trailers' verdict."""
-    return len(summary_) > 1 and summary_[-1] == ("rejected", 431) and summary_[-2] != ("end",)
 
 
 def http1_request(data: bytes) -> None:
