@@ -54,6 +54,7 @@ $(VENV)/.installed-test: pyproject.toml setup.py native/build_native.py native/f
 	$(PY) -m pip install -q -e '.[test]'
 	@$(PY) -m pyproxy.native.check $$( [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && echo --strict)
 	@scripts/proxy-user-access.sh $(PY)
+	@PROXY_UID=1000 scripts/proxy-user-access.sh $(PY)  # the pod bench's client app runs as uid 1000
 	@touch $@
 
 # Install Debian packages only when root with apt, and only those missing.

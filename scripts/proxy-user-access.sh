@@ -4,7 +4,8 @@
 # reach the interpreter, the venv and the checkout. A checkout in root's home (mode 0700) is not
 # reachable; this grants uid 1337 traverse-only access (ACL u:1337:x, no listing) to each directory
 # on the way that blocks it, and fails with what to do when that is not enough.
-# Usage: scripts/proxy-user-access.sh VENV_PYTHON
+# PROXY_UID names another uid that runs code from this checkout (the pod bench's app, uid 1000).
+# Usage: [PROXY_UID=N] scripts/proxy-user-access.sh VENV_PYTHON
 set -eu
 py=$1
 uid=${PROXY_UID:-1337}
