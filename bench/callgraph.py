@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-MODES = ("tcp", "http", "grpc")
+MODES = ("tcp", "http", "http2", "grpc")
 DEFAULT_SIZE = 100
 
 

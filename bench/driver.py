@@ -1,4 +1,5 @@
-"""The built-in load driver: exact one-outstanding-request exchanges over TCP, HTTP/1.1 and gRPC.
+"""The built-in load driver: exact one-outstanding-request exchanges over TCP, HTTP/1.1, HTTP/2
+(h2c) and gRPC.
 
 Each protocol is an `Exchanger`: connect once, then `exchange()` sends one
 `size`-byte message and waits for the whole `size`-byte echo. `drive()` runs
@@ -14,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pyproxy.bench.echo_client import connect
 
 GRPC_METHOD = "/bench.Echo/Unary"
-PROTOCOLS = ("tcp", "http", "grpc")
+PROTOCOLS = ("tcp", "http", "http2", "grpc")
 
 
 class Exchanger:
@@ -85,6 +86,66 @@ class HttpExchanger(TcpExchanger):
             buf += chunk
 
 
+class Http2Exchanger(Exchanger):
+    """h2c with prior knowledge, one connection: each exchange is a POST of `size` bytes on a new
+    stream, and the echo's 200 must carry as many (hyper-h2 as the client: its own cost is the
+    same whichever path it measures)."""
+
+    def __init__(self, address: str, size: int) -> None:
+        from h2.config import H2Configuration
+        from h2.connection import H2Connection
+
+        super().__init__(address, size)
+        self.sock = connect(address)
+        self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.conn.initiate_connection()
+        self.sock.sendall(self.conn.data_to_send())
+        self.body = b"p" * size
+
+    def request_headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"bench"),
+                (b":path", b"/echo"), (b"content-length", b"%d" % self.size)]  # fmt: skip
+
+    def check(self, status: bytes | None, body_bytes: int) -> None:
+        if status != b"200" or body_bytes != self.size:
+            raise ConnectionError(f"unexpected response: status {status!r}, {body_bytes} B body")
+
+    def exchange(self) -> None:
+        from h2.events import DataReceived, ResponseReceived, StreamEnded, StreamReset
+
+        conn = self.conn
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, self.request_headers(), end_stream=not self.body)
+        if self.body:
+            conn.send_data(sid, self.body, end_stream=True)
+        self.sock.sendall(conn.data_to_send())
+        status, body_bytes = None, 0
+        while True:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("EOF before the whole response")
+            for event in conn.receive_data(data):
+                if isinstance(event, DataReceived):
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                    body_bytes += len(event.data)
+                elif isinstance(event, ResponseReceived) and event.stream_id == sid:
+                    status = dict(event.headers).get(b":status")
+                elif isinstance(event, StreamReset) and event.stream_id == sid:
+                    raise ConnectionError(f"stream reset, error code {event.error_code}")
+                elif isinstance(event, StreamEnded) and event.stream_id == sid:
+                    out = conn.data_to_send()  # window updates and acks go out with the answer read
+                    if out:
+                        self.sock.sendall(out)
+                    self.check(status, body_bytes)
+                    return
+            out = conn.data_to_send()
+            if out:
+                self.sock.sendall(out)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 class GrpcExchanger(Exchanger):
     def __init__(self, address: str, size: int) -> None:
         import grpc
@@ -105,6 +166,7 @@ class GrpcExchanger(Exchanger):
 EXCHANGERS: dict[str, Callable[[str, int], Exchanger]] = {
     "tcp": TcpExchanger,
     "http": HttpExchanger,
+    "http2": Http2Exchanger,
     "grpc": GrpcExchanger,
 }
 

@@ -1,4 +1,5 @@
-"""Echo upstreams for the demo and the benchmarks: raw TCP (uvloop Protocol), HTTP/1.1 bodies, gRPC unary."""
+"""Echo upstreams for the demo and the benchmarks: raw TCP (uvloop Protocol), HTTP/1.1 and h2c
+bodies, gRPC unary."""
 
 from __future__ import annotations
 
@@ -58,6 +59,38 @@ class _HttpEcho(_Echo):
             )
 
 
+class _H2Echo(_Echo):
+    """h2c (prior knowledge): each stream's request body comes back as a 200's body."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        from h2.config import H2Configuration
+        from h2.connection import H2Connection
+
+        super().connection_made(transport)
+        self.conn = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        self.conn.initiate_connection()
+        self.bodies: dict[int, bytearray] = {}
+        self.transport.write(self.conn.data_to_send())
+
+    def data_received(self, data: bytes) -> None:
+        from h2.events import DataReceived, StreamEnded, StreamReset
+
+        conn = self.conn
+        for event in conn.receive_data(data):
+            if isinstance(event, DataReceived):
+                self.bodies.setdefault(event.stream_id, bytearray()).extend(event.data)
+                conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, StreamEnded):
+                body = bytes(self.bodies.pop(event.stream_id, b""))
+                headers = [(b":status", b"200"), (b"content-length", b"%d" % len(body))]
+                conn.send_headers(event.stream_id, headers, end_stream=not body)
+                if body:  # small echoes: within the default windows
+                    conn.send_data(event.stream_id, body, end_stream=True)
+            elif isinstance(event, StreamReset):
+                self.bodies.pop(event.stream_id, None)
+        self.transport.write(conn.data_to_send())
+
+
 def _fixed(buf: bytearray, start: int, length: int) -> tuple[bytes, int] | None:
     if len(buf) < start + length:
         return None
@@ -97,7 +130,7 @@ async def serve(address: str, protocol: type[asyncio.Protocol] = _Echo) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--listen", required=True)
-    parser.add_argument("--protocol", choices=("tcp", "http", "grpc"), default="tcp")
+    parser.add_argument("--protocol", choices=("tcp", "http", "http2", "grpc"), default="tcp")
     args = parser.parse_args()
     if args.protocol == "grpc":
         from pyproxy.bench.grpc_bench import serve as serve_grpc
@@ -106,7 +139,8 @@ def main() -> None:
         return
     loop = new_event_loop()
     try:
-        loop.run_until_complete(serve(args.listen, _HttpEcho if args.protocol == "http" else _Echo))
+        protocols = {"tcp": _Echo, "http": _HttpEcho, "http2": _H2Echo}
+        loop.run_until_complete(serve(args.listen, protocols[args.protocol]))
     except KeyboardInterrupt:
         pass
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 from time import perf_counter_ns
 
 from pyproxy.bench import grpc_bench, http_bench, peers
+from pyproxy.bench.driver import Http2Exchanger
 from pyproxy.bench.http_load import LOAD_CPU, SIDE_CPU, Path_, log, wait_http
 from pyproxy.bench.procs import cell, get_json, move_to_cpu, on_cpus
 from pyproxy.bench.results_folder import default_out, publish
@@ -99,46 +99,25 @@ def start_haproxy(procs: http_bench.Processes, upstream: int, grpc: bool) -> Pat
 # ---- HTTP/2 GET ----------------------------------------------------------------------------
 
 
-class _H2Get:
-    """One h2c connection that times GETs one at a time (hyper-h2 as the client, outside the
-    timed proxy; its own cost is the same for every path)."""
+class _H2Get(Http2Exchanger):
+    """One h2c connection that times GETs one at a time (the driver's HTTP/2 client; any 200)."""
 
     def __init__(self, port: int) -> None:
-        from h2.config import H2Configuration
-        from h2.connection import H2Connection
+        super().__init__(f"127.0.0.1:{port}", 0)
 
-        self.sock = socket.create_connection(("127.0.0.1", port))
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
-        self.conn.initiate_connection()
-        self.sock.sendall(self.conn.data_to_send())
+    def request_headers(self) -> list[tuple[bytes, bytes]]:
+        return [
+            (b":method", b"GET"),
+            (b":scheme", b"http"),
+            (b":authority", b"b"),
+            (b":path", b"/"),
+        ]
 
-    def get(self) -> None:
-        from h2.events import DataReceived, StreamEnded
+    def check(self, status: bytes | None, body_bytes: int) -> None:
+        if status != b"200":
+            raise RuntimeError(f"unexpected status {status!r}")
 
-        conn = self.conn
-        sid = conn.get_next_available_stream_id()
-        conn.send_headers(
-            sid,
-            [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"b"), (b":path", b"/")],
-            end_stream=True,
-        )
-        self.sock.sendall(conn.data_to_send())
-        while True:
-            data = self.sock.recv(65536)
-            if not data:
-                raise RuntimeError("connection closed")
-            for event in conn.receive_data(data):
-                if isinstance(event, DataReceived):
-                    conn.acknowledge_received_data(event.flow_controlled_length, sid)
-                elif isinstance(event, StreamEnded) and event.stream_id == sid:
-                    out = conn.data_to_send()
-                    if out:
-                        self.sock.sendall(out)
-                    return
-
-    def close(self) -> None:
-        self.sock.close()
+    get = Http2Exchanger.exchange
 
 
 def get_latency(targets: dict[str, int], rounds: int, calls: int) -> dict:

@@ -59,6 +59,11 @@ IDLE_SAMPLES = 150
 IDLE_PASSES = 3
 
 
+# Profiled modes that are a listener mode with settings: HTTP/2 is an http listener speaking h2c
+# on both sides (the driver's client and the echo upstream).
+PROXY_MODE = {"http2": "http"}
+
+
 @dataclass(frozen=True, slots=True)
 class Setup:
     """One proxy configuration to profile."""
@@ -83,7 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the proxy on CPU 1, the echo upstream and the driver on CPU 0 (as validate --pin)",
     )
-    parser.add_argument("--modes", default="tcp,http,grpc", help="comma-separated modes")
+    parser.add_argument(
+        "--modes", default="tcp,http,http2,grpc", help="comma-separated: tcp, http, http2, grpc"
+    )
     parser.add_argument("--ipc", default="tcp,unix", help="IPC backends (app-facing socket)")
     parser.add_argument(
         "--filters", default="fault,ratelimit", help="filter types, each profiled in HTTP mode"
@@ -120,9 +127,11 @@ class _Target:
         echo = procs.start([sys.executable, "-m", "pyproxy.bench.echo_server", "--listen", upstream,
                      "--protocol", protocol])  # fmt: skip
         listen, self.admin = free_port(), free_port()
-        argv = [sys.executable, "-m", "pyproxy", "run", "--mode", setup.mode,
+        argv = [sys.executable, "-m", "pyproxy", "run", "--mode", PROXY_MODE.get(setup.mode, setup.mode),
                 "--listen", f"127.0.0.1:{listen}", "--upstream", upstream,
                 "--admin", f"127.0.0.1:{self.admin}", "--log-level", "warning"]  # fmt: skip
+        if setup.mode == "http2":
+            argv += ["--upstream-protocol", "http2"]
         if setup.filter_type:
             entry = filter_entry(setup.filter_type, workdir, setup.name)
             argv += ["--filter", f"{entry['name']}={json.dumps(entry['config'])}"]

@@ -87,6 +87,11 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         help="TCP mode relay (splice: splice(2) through a pipe, needs the native module)",
     )
     run.add_argument(
+        "--upstream-protocol",
+        choices=("http1", "http2"),
+        help="http mode: how the upstream is spoken to (http2: h2c with prior knowledge)",
+    )
+    run.add_argument(
         "--event-loop",
         choices=("auto", "uvloop", "asyncio"),
         help="event loop (default: uvloop when installed)",
@@ -125,6 +130,8 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     for backend in ("write", "relay"):
         if getattr(args, backend, None):
             listener_extra[backend] = getattr(args, backend)
+    if args.upstream_protocol:
+        listener_extra["http"] = {"upstream_protocol": args.upstream_protocol}
     data: dict[str, Any] = {}
     if args.app_socket and not args.sidecar:
         raise ConfigError("<flags>", "--app-socket", "only with --sidecar")

@@ -121,3 +121,55 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_was_measured(tmp_path):
     assert "tcp" in profile.modes and "http" not in profile.modes
     assert any(p["setup"] == "tcp" and p["size"] == 100 for p in profile.points)
     assert children and not [pid for pid in children if os.path.exists(f"/proc/{pid}")]
+
+
+def test_profile_http2_mode_speaks_h2c_on_both_sides(tmp_path):
+    """HTTP/2 is profiled as an http listener with h2c on both sides: the driver's client, the
+    proxy, and the h2c echo upstream, each exchange's body echoed whole."""
+    argv = ["bench", "profile", "--modes", "http2", "--ipc", "tcp", "--filters", "",
+            "--sizes", "100,2048", "--seconds", "0.1", "--idle-rates", "", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    profile = Profile.load(tmp_path / "profile.json")
+    stages = profile.modes["http2"]
+    # HTTP/2 framing is parsed both ways: parse costs something at both sizes.
+    assert stages["parse"].latency.at(100) > 0 and stages["parse"].latency.at(2048) > 0
+    latency = [p for p in profile.points if p["kind"] == "latency"]
+    assert {p["size"] for p in latency} == {100, 2048}
+    assert all(p["exchanges"] > 0 and p["proxy_p50_ns"] > p["direct_p50_ns"] for p in latency)
+
+
+def test_http2_exchanger_refuses_a_short_echo():
+    """The driver checks what came back: an h2c upstream answering with the wrong body length
+    is an error, not a measured exchange."""
+    import socket
+    import threading
+
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+    from h2.events import StreamEnded
+    from pyproxy.bench.driver import Http2Exchanger
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve_short() -> None:
+        sock, _ = listener.accept()
+        conn = H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
+        while data := sock.recv(65536):
+            for event in conn.receive_data(data):
+                if isinstance(event, StreamEnded):
+                    conn.send_headers(event.stream_id, [(b":status", b"200")])
+                    conn.send_data(event.stream_id, b"short", end_stream=True)
+            sock.sendall(conn.data_to_send())
+        sock.close()
+
+    threading.Thread(target=serve_short, daemon=True).start()
+    exchanger = Http2Exchanger(f"127.0.0.1:{port}", 100)
+    try:
+        with pytest.raises(ConnectionError, match="5 B body"):
+            exchanger.exchange()
+    finally:
+        exchanger.close()
+        listener.close()
