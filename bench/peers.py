@@ -236,7 +236,7 @@ def traefik(
             f"  services:\n    s: {{loadBalancer: {{servers: [{{address: '127.0.0.1:{upstream}'}}]}}}}\n"
         )  # fmt: skip
     else:
-        scheme = "h2c" if protocol == "grpc" else "http"
+        scheme = "h2c" if protocol in ("grpc", "http2") else "http"
         dynamic.write_text(
             "http:\n  routers:\n    r: {entryPoints: [web], rule: 'PathPrefix(`/`)', service: s}\n"
             f"  services:\n    s: {{loadBalancer: {{servers: [{{url: '{scheme}://127.0.0.1:{upstream}'}}]}}}}\n"
@@ -259,7 +259,9 @@ def caddy(
         raise Skip("stock Caddy has no TCP proxy (layer4 is an out-of-tree plugin)")
     port = free_port()
     transport = (
-        " {\n    transport http {\n      versions h2c\n    }\n  }" if protocol == "grpc" else ""
+        " {\n    transport http {\n      versions h2c\n    }\n  }"
+        if protocol in ("grpc", "http2")
+        else ""
     )
     caddyfile = workdir / "Caddyfile"
     caddyfile.write_text(
@@ -402,19 +404,33 @@ def start_direct(b: Bench) -> Peer:
     return Peer("no proxy", f"127.0.0.1:{b.upstream}", "the echo upstream itself")
 
 
+# The compare protocol that is an http listener with settings: h2c on both sides.
+HTTP2_FLAGS = ("--upstream-protocol", "http2")
+
+
 def pyproxy_starter(label: str, *flags: str) -> Callable[[Bench], Peer]:
     def start(b: Bench) -> Peer:
-        started = pyproxy_flags(b.procs, label, b.upstream, b.cpu, *flags, mode=b.protocol,
+        mode, extra = ("http", HTTP2_FLAGS) if b.protocol == "http2" else (b.protocol, ())
+        started = pyproxy_flags(b.procs, label, b.upstream, b.cpu, *flags, *extra, mode=mode,
                                 admin=False)  # fmt: skip
         return _peer(started)
 
     return start
 
 
+def start_pyproxy_hyper_h2(b: Bench) -> Peer:
+    """pyproxy on the pure-Python HTTP/2 codec (hyper-h2), beside the default native one."""
+    listener = {"mode": "http", "upstream": f"127.0.0.1:{b.upstream}",
+                "http": {"upstream_protocol": "http2", "http2_codec": "h2"}}  # fmt: skip
+    started = pyproxy_config(b.procs, b.workdir, "pyproxy hyper-h2", listener, b.cpu,
+                             note="http2_codec: h2")  # fmt: skip
+    return _peer(started)
+
+
 def start_nginx(b: Bench) -> Peer:
     if b.protocol == "tcp":
         return _peer(nginx_stream(b.procs, b.workdir, b.upstream, b.cpu), "nginx")
-    if b.protocol == "grpc":
+    if b.protocol in ("grpc", "http2"):  # grpc_pass is nginx's only h2c-to-upstream proxy
         return _peer(nginx_grpc(b.procs, b.workdir, b.upstream, b.cpu), "nginx")
     return _peer(nginx_http_proxy(b.procs, b.workdir, b.upstream, b.cpu))
 
@@ -422,9 +438,9 @@ def start_nginx(b: Bench) -> Peer:
 def start_haproxy(b: Bench) -> Peer:
     if b.protocol == "tcp":
         return _peer(haproxy(b.procs, b.workdir, b.upstream, b.cpu, mode="tcp"))
-    grpc = b.protocol == "grpc"
-    return _peer(haproxy(b.procs, b.workdir, b.upstream, b.cpu, front="h2" if grpc else "h1",
-                         back_h2=grpc))  # fmt: skip
+    h2 = b.protocol in ("grpc", "http2")
+    return _peer(haproxy(b.procs, b.workdir, b.upstream, b.cpu, front="h2" if h2 else "h1",
+                         back_h2=h2))  # fmt: skip
 
 
 def start_traefik(b: Bench) -> Peer:
@@ -471,6 +487,15 @@ PEERS: dict[str, dict[str, Callable[[Bench], Peer]]] = {
         "caddy": start_caddy,
         "proxy.py": start_proxypy,
         "mitmproxy": start_mitmproxy,
+    },
+    "http2": {
+        "no proxy": start_direct,
+        "pyproxy": pyproxy_starter("pyproxy"),
+        "pyproxy hyper-h2": start_pyproxy_hyper_h2,
+        "nginx": start_nginx,
+        "haproxy": start_haproxy,
+        "traefik": start_traefik,
+        "caddy": start_caddy,
     },
     "grpc": {
         "no proxy": start_direct,

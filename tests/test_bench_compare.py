@@ -38,6 +38,19 @@ def test_compare_measures_peers_side_by_side_and_lists_skips(tmp_path, capsys):
     assert json.loads((tmp_path / "inputs.json").read_text())["protocol"] == "tcp"
 
 
+def test_compare_runs_http2_through_both_codecs(tmp_path):
+    """HTTP/2 (h2c both sides) beside the same h2c echo: pyproxy on libnghttp2 and on hyper-h2,
+    each exchange's 100-byte body echoed whole (the driver checks it)."""
+    argv = ["bench", "compare", "--protocol", "http2", "--peers", "pyproxy,pyproxy hyper-h2",
+            "--rounds", "1", "--seconds", "0.2", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert set(result["peers"]) == {"no proxy", "pyproxy", "pyproxy hyper-h2"}
+    assert not result["skipped"]
+    for name, row in result["peers"].items():
+        assert row["exchanges"] > 0 and row["p50_us"] > 0, name
+
+
 def test_compare_refuses_an_unknown_peer(tmp_path, capsys):
     assert main(["bench", "compare", "--peers", "envoy", "--out", str(tmp_path)]) == 2
     assert "envoy" in capsys.readouterr().err
