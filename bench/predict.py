@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 from pyproxy.bench.callgraph import Call, CallGraph, Service
 from pyproxy.bench.model import Profile, StageModel
+from pyproxy.bench.schedule import UNPLACED, HopCost, Placement
+from pyproxy.bench.schedule import latency as schedule_latency
 
 # The stage a sidecar's wake-ups cost at rates below its closed loop (the profile's IdleCurve).
 IDLE_STAGE = "idle"
@@ -129,6 +131,9 @@ class Hop:
     stages_ns: dict[str, float]
     cpu_stages: dict[str, float]
     outbound_cpu_ns: float = 0.0  # the caller's sidecar's CPU per exchange of this call
+    # for a schedule on shared CPUs: each side's passes (stages, ns) and the rest (idle, hand-off)
+    outbound_ns: float = 0.0
+    inbound_ns: float = 0.0
 
 
 @dataclass(slots=True)
@@ -201,12 +206,15 @@ def _hop(
     factors = dict(what_if.factors)
     outbound_cpu_ns = 0.0
     handoff_ns = 0.0
+    side_ns = [0.0, 0.0]  # outbound, inbound
     for side, service in enumerate(sides):
         if not service.sidecar:
             continue
         cpu_before = sum(cpu_stages.values())
         for stage, model in sidecar_stages(profile, service, what_if).items():
-            stages_ns[stage] = stages_ns.get(stage, 0.0) + model.latency.at(size)
+            ns = model.latency.at(size)
+            stages_ns[stage] = stages_ns.get(stage, 0.0) + ns
+            side_ns[side if caller is not None else 1] += ns
             cpu_stages[stage] = cpu_stages.get(stage, 0.0) + rate * model.cpu.at(size) / 1e9
         if (curve := profile.idle.get(service.mode)) is not None:
             # Below the closed-loop rate the sidecar idles between exchanges and pays to wake up.
@@ -224,7 +232,8 @@ def _hop(
         # not have are the app → sidecars → app ones, as many as the profile's one pass has.
         stages_ns[HANDOFF_STAGE] = factors.get(HANDOFF_STAGE, 1.0) * handoff_ns
     return Hop(call.id, caller, call.callee, size, rate, sum(stages_ns.values()),
-               sum(cpu_stages.values()), stages_ns, cpu_stages, outbound_cpu_ns)  # fmt: skip
+               sum(cpu_stages.values()), stages_ns, cpu_stages, outbound_cpu_ns,
+               side_ns[0], side_ns[1])  # fmt: skip
 
 
 def _duration(
@@ -251,7 +260,14 @@ def _duration(
     return total, path
 
 
-def predict(profile: Profile, graph: CallGraph, what_if: WhatIf = WhatIf()) -> Prediction:
+def predict(
+    profile: Profile,
+    graph: CallGraph,
+    what_if: WhatIf = WhatIf(),
+    placement: Placement = UNPLACED,
+) -> Prediction:
+    """The graph's overhead; with a `placement` that shares CPUs, its latency is a schedule of
+    the processes' work on them (see `schedule`), not the critical path."""
     check_what_if(profile, what_if)
     hops: list[Hop] = []
     todo: list[tuple[Call, str | None, float]] = [(graph.root, None, graph.root.rate or 1.0)]
@@ -264,6 +280,11 @@ def predict(profile: Profile, graph: CallGraph, what_if: WhatIf = WhatIf()) -> P
     base, before = _duration(graph.root, {})
     mesh, after = _duration(graph.root, extra, {h.call: h.outbound_cpu_ns for h in hops})
     by_call = {h.call: h for h in hops}
+    if placement.shared:
+        # Apps on one CPU take turns, and sidecars' passes overlap other calls' app work: the
+        # schedule prices both plain and meshed, and the shared-sidecar term is in it.
+        base = schedule_latency(graph, placement, lambda call: HopCost())
+        mesh = schedule_latency(graph, placement, lambda call: _hop_cost(by_call[call.id]))
     path_stages: dict[str, float] = {}
     for call_id in after:
         for stage, ns in by_call[call_id].stages_ns.items():
@@ -274,6 +295,12 @@ def predict(profile: Profile, graph: CallGraph, what_if: WhatIf = WhatIf()) -> P
             cpu_stages[stage] = cpu_stages.get(stage, 0.0) + cores
     return Prediction(graph.name, what_if.label(), hops, base, mesh, before, after,
                       sum(h.cpu_cores for h in hops), path_stages, cpu_stages)  # fmt: skip
+
+
+def _hop_cost(hop: Hop) -> HopCost:
+    """A hop's passes on its sidecars' CPU, and the rest of its added latency as a delay."""
+    passes = hop.outbound_ns + hop.inbound_ns
+    return HopCost(hop.outbound_ns, hop.inbound_ns, hop.latency_ns - passes)
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:

@@ -36,6 +36,7 @@ from pyproxy.bench.model import Profile, check_platform, current_platform
 from pyproxy.bench.pod_echo import admin_get
 from pyproxy.bench.predict import HANDOFF_STAGE, IDLE_STAGE, Prediction, WhatIf, predict
 from pyproxy.bench.procs import Noise
+from pyproxy.bench.schedule import PINNED, UNPLACED
 from pyproxy.iptables.netns import Pod, missing_capabilities, pods
 
 PY = sys.executable
@@ -126,7 +127,7 @@ def deploy(
     return Deployment(f"{made[prefix + 'a'].ipv4}:{APP_PORT}", sidecar_roots, app_roots)
 
 
-def _captured(pod: Pod) -> dict[str, int]:
+def _captured(pod: Pod) -> dict:
     """Connections each of the pod's capture listeners accepted (proof the iptables rules steered
     them there), and the ns its stage clock counted over both."""
     listeners = json.loads(admin_get(pod, "/stats?format=json"))["listeners"]
@@ -140,6 +141,11 @@ def _captured(pod: Pod) -> dict[str, int]:
         for name in ("inbound", "outbound")
         for stage in listeners.get(name, {}).get("stages", {}).values()
     )
+    # per listener and stage: where the pods' passes cost more than the profile's
+    out["stages"] = {
+        name: {stage: s["ns"] for stage, s in listeners.get(name, {}).get("stages", {}).items()}
+        for name in ("inbound", "outbound")
+    }
     return out
 
 
@@ -264,21 +270,24 @@ def rows_for(topology: str, case: Case, m: dict, profile: Profile, args, out: Pa
     overlay = {s: Service(s, case.mode, case.filters) for s in TOPOLOGIES[topology]}
     graphs = graphs_from_traces(read_otlp_lines(trace), str(trace), overlay)
     phases = [("closed", m["closed"])] + [(f"{p['load']:g}", p) for p in m["paced"]]
+    # pinned, the apps share CPU 0 and the sidecars CPU 1: predict the schedule on them
+    placement = PINNED if m.get("pinned") else UNPLACED
     rows = []
     for load, measured in phases:
         rate, cores = measured["rate"], measured.get("cores", {}).get("sidecars")
         without, with_ = measured["p50_without_us"], measured["p50_with_us"]
         graph = graph_for(topology, case, m["size"], rate, m["work_us"])
-        by_stage, whole = predict(profile, graph), predict(external, graph)
+        by_stage = predict(profile, graph, placement=placement)
+        whole = predict(external, graph, placement=placement)
         # the same stage models without the hand-off term: what that term changes
         bare = (
-            predict(profile, graph, WhatIf(((HANDOFF_STAGE, 0.0),)))
+            predict(profile, graph, WhatIf(((HANDOFF_STAGE, 0.0),)), placement)
             if profile.handoff
             else by_stage
         )
         for g in graphs:
             g.root.rate = rate
-        from_traces: list[Prediction] = [predict(profile, g) for g in graphs]
+        from_traces: list[Prediction] = [predict(profile, g, placement=placement) for g in graphs]
         row = {"topology": topology, "app": case.protocol, "mode": case.label, "load": load,
                "rate": rate, "p50_without_us": without, "p50_with_us": with_,
                "overhead_us": measured["overhead_us"], "sidecar_cores": cores,

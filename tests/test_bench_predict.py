@@ -8,6 +8,7 @@ import random
 
 import pytest
 from pyproxy.bench.callgraph import (
+    CallGraph,
     GraphError,
     Service,
     graph_from_data,
@@ -30,6 +31,8 @@ from pyproxy.bench.model import (
 )
 from pyproxy.bench.predict import WhatIf, WhatIfError, distribution, predict
 from pyproxy.bench.profile import Setup, build_profile
+from pyproxy.bench.schedule import PINNED, HopCost, Placement
+from pyproxy.bench.schedule import latency as schedule_latency
 
 from pyproxy.cli import main
 
@@ -386,3 +389,59 @@ def test_predict_adds_the_hand_off_once_per_hop_through_sidecars_on_latency_only
     assert off.overhead_ns == pytest.approx(without.overhead_ns)
     with pytest.raises(WhatIfError, match="no stage 'handoff'"):
         predict(base, graph, WhatIf.parse(["handoff=0.5"]))
+
+
+def _fanout_graph(work_us: float = 100) -> CallGraph:
+    return graph_from_data({
+        "services": {s: {"mode": "http"} for s in "abc"},
+        "calls": [{"id": "a", "callee": "a", "rate": 100, "work_us": work_us},
+                  {"id": "b", "parent": "a", "callee": "b", "group": 0, "work_us": work_us},
+                  {"id": "c", "parent": "a", "callee": "c", "group": 0, "work_us": work_us}],
+    })  # fmt: skip
+
+
+def _passes(ns: float):
+    """Every sidecar pass costs `ns` per exchange (half each way); the root has no outbound one."""
+    return lambda call: HopCost(0.0 if call.parent is None else ns, ns, 0.0)
+
+
+def test_schedule_without_shared_cpus_is_the_critical_path_with_a_shared_sidecar():
+    graph = _fanout_graph()
+    # Known answer (µs): a's inbound 5, a works to 105; b's and c's request halves queue on a's
+    # sidecar (105-110, 110-115), c's inbound 115-120; b works 115-215, c 120-220; b's response
+    # halves 215-225, c's inbound 220-225, then a's sidecar 225-230 after b's; a's 230-235.
+    assert schedule_latency(graph, Placement(), lambda call: HopCost()) == pytest.approx(200_000)
+    assert schedule_latency(graph, Placement(), _passes(10_000)) == pytest.approx(235_000)
+    # A chain has nothing to share: the critical path plus every pass and delay.
+    chain = graph_from_data({"calls": [{"id": "a", "callee": "a", "work_us": 100},
+                                       {"id": "b", "parent": "a", "callee": "b", "work_us": 100}]})  # fmt: skip
+    cost = lambda call: HopCost(0.0 if call.parent is None else 10_000, 10_000, 7_000)  # noqa: E731
+    assert schedule_latency(chain, PINNED, cost) == pytest.approx(200_000 + 30_000 + 14_000)
+
+
+def test_pinned_apps_take_turns_and_sidecars_overlap_the_other_calls_work():
+    graph = _fanout_graph()
+    # Plain, the apps share CPU 0: b and c work one after the other, 300 µs.
+    assert schedule_latency(graph, PINNED, lambda call: HopCost()) == pytest.approx(300_000)
+    # Meshed (µs): a's inbound 0-5 (CPU 1), a works 5-105 (CPU 0); on CPU 1 b's request
+    # halves 105-115, then c's 115-125; b works 115-215, c 215-315 (CPU 0 was busy); b's
+    # response halves 215-225, c's 315-325, a's inbound 325-330. c's passes ran beside b's
+    # work: the fan-out costs 30 µs, one branch's passes and the root's, not 35 or 40.
+    assert schedule_latency(graph, PINNED, _passes(10_000)) == pytest.approx(330_000)
+    # Passes longer than the work leave CPU 1 the bottleneck: (µs) a 0-50, works 50-150;
+    # CPU 1: b's request 150-250, c's 250-350, b's response (after b's work 250-350)
+    # 350-450, c's (work 350-450) 450-550, a's 550-600.
+    assert schedule_latency(graph, PINNED, _passes(100_000)) == pytest.approx(600_000)
+
+
+def test_predict_on_shared_cpus_prices_plain_and_meshed_with_the_schedule():
+    base = hand_profile()
+    graph = _fanout_graph()
+    placed = predict(base, graph, placement=PINNED)
+    # http sidecar pass 3100 ns: a's inbound 1550, a works; b's halves 1550 + 1550 on CPU 1,
+    # c's next; b works 103.1-203.1 µs, c after it to 303.1; c's response halves, a's half.
+    assert placed.base_ns == pytest.approx(300_000)
+    assert placed.mesh_ns == pytest.approx(1550 + 100_000 + 3100 + 200_000 + 3100 + 1550)
+    assert placed.overhead_ns == pytest.approx(9300)
+    # CPU does not depend on where the processes run.
+    assert placed.cpu_cores == pytest.approx(predict(base, graph).cpu_cores)
