@@ -280,11 +280,6 @@ def predict(
     base, before = _duration(graph.root, {})
     mesh, after = _duration(graph.root, extra, {h.call: h.outbound_cpu_ns for h in hops})
     by_call = {h.call: h for h in hops}
-    if placement.shared:
-        # Apps on one CPU take turns, and sidecars' passes overlap other calls' app work: the
-        # schedule prices both plain and meshed, and the shared-sidecar term is in it.
-        base = schedule_latency(graph, placement, lambda call: HopCost())
-        mesh = schedule_latency(graph, placement, lambda call: _hop_cost(by_call[call.id]))
     path_stages: dict[str, float] = {}
     for call_id in after:
         for stage, ns in by_call[call_id].stages_ns.items():
@@ -293,14 +288,55 @@ def predict(
     for h in hops:
         for stage, cores in h.cpu_stages.items():
             cpu_stages[stage] = cpu_stages.get(stage, 0.0) + cores
+    if placement.shared:
+        base, mesh = _placed(profile, graph, placement, by_call, what_if, path_stages, cpu_stages)
     return Prediction(graph.name, what_if.label(), hops, base, mesh, before, after,
-                      sum(h.cpu_cores for h in hops), path_stages, cpu_stages)  # fmt: skip
+                      sum(cpu_stages.values()), path_stages, cpu_stages)  # fmt: skip
 
 
-def _hop_cost(hop: Hop) -> HopCost:
-    """A hop's passes on its sidecars' CPU, and the rest of its added latency as a delay."""
-    passes = hop.outbound_ns + hop.inbound_ns
-    return HopCost(hop.outbound_ns, hop.inbound_ns, hop.latency_ns - passes)
+def _placed(
+    profile: Profile,
+    graph: CallGraph,
+    placement: Placement,
+    hops: dict[str, Hop],
+    what_if: WhatIf,
+    path_stages: dict[str, float],
+    cpu_stages: dict[str, float],
+) -> tuple[float, float]:
+    """Latency without and with sidecars when processes share CPUs: the schedule of their work.
+
+    Apps on one CPU take turns, a sidecar's pass overlaps other calls' work on the other CPU,
+    and the calls of a parallel group queue on their caller's sidecar, all in the schedule. A
+    sidecar then pays to wake up when its CPU idled before its pass, priced at the idle curve's
+    rate for as long an idle gap, rather than at the call's rate: on a CPU that several sidecars
+    share, only some passes find it idle. `path_stages` and `cpu_stages` get the schedule's
+    `idle` in place of each pass's.
+    """
+    factor = dict(what_if.factors).get(IDLE_STAGE, 1.0)
+    rate = graph.root.rate or 0.0
+    period = 1e9 / rate if rate else 0.0
+
+    def wake(mode: str | None):
+        curve = profile.idle.get(mode) if mode is not None and factor else None
+        if curve is None:
+            return None
+        return lambda r: (factor * curve.at(r)[0], factor * curve.at(r)[1])
+
+    def cost(call: Call, wakes: bool = True) -> HopCost:
+        hop = hops[call.id]
+        out = graph.services[hop.caller] if hop.caller is not None else None
+        inbound = graph.services[hop.callee]
+        return HopCost(hop.outbound_ns, hop.inbound_ns, hop.stages_ns.get(HANDOFF_STAGE, 0.0),
+                       wake(out.mode if out is not None and out.sidecar and wakes else None),
+                       wake(inbound.mode if inbound.sidecar and wakes else None))  # fmt: skip
+
+    base, _ = schedule_latency(graph, placement, lambda call: HopCost())
+    mesh, wake_cpu_ns = schedule_latency(graph, placement, cost, period)
+    if IDLE_STAGE in path_stages or IDLE_STAGE in cpu_stages:
+        asleep, _ = schedule_latency(graph, placement, lambda call: cost(call, False), period)
+        path_stages[IDLE_STAGE] = mesh - asleep
+        cpu_stages[IDLE_STAGE] = rate * wake_cpu_ns / 1e9
+    return base, mesh
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:

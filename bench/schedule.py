@@ -52,6 +52,11 @@ UNPLACED = Placement()
 PINNED = Placement(apps=0, sidecars=1)
 
 
+# What waking a sidecar costs after its CPU idled: the equivalent rate (exchanges /s of the
+# profile's one proxy whose CPU idled as long) -> (latency ns, CPU ns), the profile's IdleCurve.
+Wake = Callable[[float], tuple[float, float]]
+
+
 @dataclass(frozen=True, slots=True)
 class HopCost:
     """One call's sidecar passes (ns per exchange) and the delays between them."""
@@ -59,6 +64,9 @@ class HopCost:
     outbound_ns: float = 0.0  # the caller's sidecar (0: none)
     inbound_ns: float = 0.0  # the callee's sidecar (0: none)
     delay_ns: float = 0.0  # hand-off and wake-ups: latency on no CPU
+    # with these, a pass on a shared CPU also pays for the CPU's idle time before it
+    outbound_wake: Wake | None = None
+    inbound_wake: Wake | None = None
 
 
 @dataclass(slots=True)
@@ -66,19 +74,23 @@ class _Task:
     duration: float
     resources: tuple[object, ...]
     after: list[int] = field(default_factory=list)
+    wake: Wake | None = None
+    pass_ns: float = 0.0  # the whole pass this half belongs to
 
 
 class _Plan:
     def __init__(self, placement: Placement) -> None:
         self.tasks: list[_Task] = []
         self.placement = placement
+        self.wake_cpu_ns = 0.0  # what the wake-ups cost in CPU, over the last run
 
-    def add(self, duration: float, process: Process | None, after: list[int]) -> int:
+    def add(self, duration: float, process: Process | None, after: list[int],
+            wake: Wake | None = None, pass_ns: float = 0.0) -> int:  # fmt: skip
         resources: tuple[object, ...] = ()
         if process is not None and duration > 0:
             cpu = self.placement.cpu(process)
             resources = (process,) if cpu is None else (process, ("cpu", cpu))
-        self.tasks.append(_Task(duration, resources, after))
+        self.tasks.append(_Task(duration, resources, after, wake, pass_ns))
         return len(self.tasks) - 1
 
     def call(self, graph: CallGraph, call: Call, caller: str | None, start: int,
@@ -87,9 +99,10 @@ class _Plan:
         cost = costs(call)
         out = ("sidecar", caller) if caller is not None else None
         inbound = ("sidecar", call.callee)
-        t = self.add(cost.outbound_ns / 2, out, [start])
+        half_out, half_in = cost.outbound_ns / 2, cost.inbound_ns / 2
+        t = self.add(half_out, out, [start], cost.outbound_wake, cost.outbound_ns)
         t = self.add(cost.delay_ns / 2, None, [t])
-        t = self.add(cost.inbound_ns / 2, inbound, [t])
+        t = self.add(half_in, inbound, [t], cost.inbound_wake, cost.inbound_ns)
         t = self.add(call.network_ns, None, [t])
         t = self.add(call.work_ns, ("app", call.callee), [t])
         groups: dict[int, list[Call]] = {}
@@ -98,14 +111,19 @@ class _Plan:
         for index in sorted(groups):
             ends = [self.call(graph, child, call.callee, t, costs) for child in groups[index]]
             t = self.add(0.0, None, ends)
-        t = self.add(cost.inbound_ns / 2, inbound, [t])
+        t = self.add(half_in, inbound, [t], cost.inbound_wake, cost.inbound_ns)
         t = self.add(cost.delay_ns / 2, None, [t])
-        return self.add(cost.outbound_ns / 2, out, [t])
+        return self.add(half_out, out, [t], cost.outbound_wake, cost.outbound_ns)
 
-    def run(self) -> float:
-        """The time the last task ends, scheduled earliest-startable first."""
+    def run(self, free: dict[object, float] | None = None) -> tuple[float, dict[object, float]]:
+        """The time the last task ends, scheduled earliest-startable first, and when each
+        resource was last busy. `free`: when each resource was last busy before the request
+        (negative: in the previous one); a pass on a CPU that idled since pays to wake it."""
         end = [0.0] * len(self.tasks)
-        free: dict[object, float] = {}
+        free = dict(free or {})
+        shared_cpu = {r for task in self.tasks for r in task.resources if isinstance(r, tuple)
+                      and r[0] == "cpu"}  # fmt: skip
+        self.wake_cpu_ns = 0.0
         done = [False] * len(self.tasks)
         waiting = set(range(len(self.tasks)))
         while waiting:
@@ -119,17 +137,39 @@ class _Plan:
                 if best < 0 or start < best_start:
                     best, best_start = i, start
             task = self.tasks[best]
-            end[best] = best_start + task.duration
+            duration = task.duration
+            cpu = next((r for r in task.resources if r in shared_cpu), None)
+            if task.wake is not None and cpu is not None and cpu in free:
+                # the profile's proxy idled this long between exchanges at 1 / (gap + pass)
+                gap = best_start - free[cpu]
+                if gap > 0:
+                    wake_ns, wake_cpu = task.wake(1e9 / (gap + task.pass_ns))
+                    duration += wake_ns / 2  # each half of a pass pays half, as it costs half
+                    self.wake_cpu_ns += wake_cpu / 2
+            end[best] = best_start + duration
             for r in task.resources:
                 free[r] = end[best]
             done[best] = True
             waiting.remove(best)
-        return max(end, default=0.0)
+        return max(end, default=0.0), free
 
 
-def latency(graph: CallGraph, placement: Placement, costs: Callable[[Call], HopCost]) -> float:
-    """One request's latency (ns) through the graph, its processes placed on shared CPUs."""
+def latency(
+    graph: CallGraph,
+    placement: Placement,
+    costs: Callable[[Call], HopCost],
+    period_ns: float = 0.0,
+) -> tuple[float, float]:
+    """One request's latency (ns) through the graph, its processes placed on shared CPUs, and
+    the CPU (ns) its sidecars' wake-ups cost. With `period_ns` (one request every that many ns),
+    a shared CPU idles from its last task of one request to its first of the next, and passes
+    that follow an idle CPU pay the wake-up the profile measured after as long an idle gap."""
     plan = _Plan(placement)
     start = plan.add(0.0, None, [])
     plan.call(graph, graph.root, None, start, costs)
-    return plan.run()
+    if not period_ns:
+        return plan.run()[0], 0.0
+    # the previous request, as this one: each CPU last busy one period before its last task
+    _, free = plan.run()
+    total, _ = plan.run({r: t - period_ns for r, t in free.items()})
+    return total, plan.wake_cpu_ns

@@ -263,6 +263,17 @@ def halves_differ(halves: list[float]) -> float | None:
     return abs(halves[0] - halves[1]) / abs(mean) if mean else None
 
 
+def app_own_us(topology: str, work_us: float, measured: dict) -> float:
+    """The apps' own CPU per call beyond their work (their HTTP or gRPC stack), from the plain
+    deployment's CPU per exchange: an input about the app without sidecars, as its latency is.
+    On shared CPUs it decides how much of the sidecars' work overlaps the apps'."""
+    cores, rate = measured.get("cores", {}).get("apps_plain"), measured["rate"]
+    if not cores or not rate:
+        return 0.0
+    calls = len(TOPOLOGIES[topology])  # one call into each service per request
+    return max(0.0, cores * 1e6 / rate / calls - work_us)
+
+
 def rows_for(topology: str, case: Case, m: dict, profile: Profile, args, out: Path) -> list[dict]:
     """One row per load (closed loop, then each paced rate): measured beside predicted."""
     external = profile.external_view()
@@ -276,7 +287,9 @@ def rows_for(topology: str, case: Case, m: dict, profile: Profile, args, out: Pa
     for load, measured in phases:
         rate, cores = measured["rate"], measured.get("cores", {}).get("sidecars")
         without, with_ = measured["p50_without_us"], measured["p50_with_us"]
-        graph = graph_for(topology, case, m["size"], rate, m["work_us"])
+        graph = graph_for(topology, case, m["size"], rate,
+                          m["work_us"] + (app_own_us(topology, m["work_us"], measured)
+                                          if placement.shared else 0.0))  # fmt: skip
         by_stage = predict(profile, graph, placement=placement)
         whole = predict(external, graph, placement=placement)
         # the same stage models without the hand-off term: what that term changes

@@ -410,28 +410,28 @@ def test_schedule_without_shared_cpus_is_the_critical_path_with_a_shared_sidecar
     # Known answer (µs): a's inbound 5, a works to 105; b's and c's request halves queue on a's
     # sidecar (105-110, 110-115), c's inbound 115-120; b works 115-215, c 120-220; b's response
     # halves 215-225, c's inbound 220-225, then a's sidecar 225-230 after b's; a's 230-235.
-    assert schedule_latency(graph, Placement(), lambda call: HopCost()) == pytest.approx(200_000)
-    assert schedule_latency(graph, Placement(), _passes(10_000)) == pytest.approx(235_000)
+    assert schedule_latency(graph, Placement(), lambda call: HopCost())[0] == pytest.approx(200_000)
+    assert schedule_latency(graph, Placement(), _passes(10_000))[0] == pytest.approx(235_000)
     # A chain has nothing to share: the critical path plus every pass and delay.
     chain = graph_from_data({"calls": [{"id": "a", "callee": "a", "work_us": 100},
                                        {"id": "b", "parent": "a", "callee": "b", "work_us": 100}]})  # fmt: skip
     cost = lambda call: HopCost(0.0 if call.parent is None else 10_000, 10_000, 7_000)  # noqa: E731
-    assert schedule_latency(chain, PINNED, cost) == pytest.approx(200_000 + 30_000 + 14_000)
+    assert schedule_latency(chain, PINNED, cost)[0] == pytest.approx(200_000 + 30_000 + 14_000)
 
 
 def test_pinned_apps_take_turns_and_sidecars_overlap_the_other_calls_work():
     graph = _fanout_graph()
     # Plain, the apps share CPU 0: b and c work one after the other, 300 µs.
-    assert schedule_latency(graph, PINNED, lambda call: HopCost()) == pytest.approx(300_000)
+    assert schedule_latency(graph, PINNED, lambda call: HopCost())[0] == pytest.approx(300_000)
     # Meshed (µs): a's inbound 0-5 (CPU 1), a works 5-105 (CPU 0); on CPU 1 b's request
     # halves 105-115, then c's 115-125; b works 115-215, c 215-315 (CPU 0 was busy); b's
     # response halves 215-225, c's 315-325, a's inbound 325-330. c's passes ran beside b's
     # work: the fan-out costs 30 µs, one branch's passes and the root's, not 35 or 40.
-    assert schedule_latency(graph, PINNED, _passes(10_000)) == pytest.approx(330_000)
+    assert schedule_latency(graph, PINNED, _passes(10_000))[0] == pytest.approx(330_000)
     # Passes longer than the work leave CPU 1 the bottleneck: (µs) a 0-50, works 50-150;
     # CPU 1: b's request 150-250, c's 250-350, b's response (after b's work 250-350)
     # 350-450, c's (work 350-450) 450-550, a's 550-600.
-    assert schedule_latency(graph, PINNED, _passes(100_000)) == pytest.approx(600_000)
+    assert schedule_latency(graph, PINNED, _passes(100_000))[0] == pytest.approx(600_000)
 
 
 def test_predict_on_shared_cpus_prices_plain_and_meshed_with_the_schedule():
@@ -445,3 +445,44 @@ def test_predict_on_shared_cpus_prices_plain_and_meshed_with_the_schedule():
     assert placed.overhead_ns == pytest.approx(9300)
     # CPU does not depend on where the processes run.
     assert placed.cpu_cores == pytest.approx(predict(base, graph).cpu_cores)
+
+
+def test_on_shared_cpus_a_pass_pays_to_wake_only_after_its_cpu_idled():
+    chain = graph_from_data({"calls": [{"id": "a", "callee": "a", "work_us": 100},
+                                       {"id": "b", "parent": "a", "callee": "b", "work_us": 100}]})  # fmt: skip
+
+    def wake(rate: float) -> tuple[float, float]:  # 20 µs (5 µs CPU) after idling 1 ms or more
+        return (20_000.0, 5_000.0) if rate < 1000 else (0.0, 0.0)
+
+    def cost(call):
+        return HopCost(0.0 if call.parent is None else 10_000, 10_000, 0.0, wake, wake)
+
+    # Without a period every CPU starts busy: passes 30 µs on 200 µs of work.
+    assert schedule_latency(chain, PINNED, cost) == (pytest.approx(230_000), 0.0)
+    # One request every 10 ms: CPU 1 idled 9.77 ms before a's inbound pass, which pays 10 µs
+    # (its request half); the other passes follow 100 µs of app work (1 / 110 µs: 9090 /s)
+    # and pay nothing. Priced per pass at the call's rate, the same curve would add 60 µs.
+    total, wake_cpu = schedule_latency(chain, PINNED, cost, period_ns=10_000_000)
+    assert total == pytest.approx(240_000) and wake_cpu == pytest.approx(2_500)
+
+
+def test_predict_on_shared_cpus_puts_the_schedules_wake_ups_in_the_idle_stage():
+    base = hand_profile()
+    # http sidecars: 40 µs (8 µs CPU) per exchange beyond the closed loop below 1000 /s.
+    profile = Profile(base.platform, base.modes, base.ipc, base.filters, {}, [],
+                      {"http": IdleCurve(((100, 40_000, 8_000), (999, 40_000, 8_000),
+                                          (1000, 0, 0)))})  # fmt: skip
+    chain = graph_from_data({
+        "services": {"f": {"mode": "http"}, "a": {"mode": "http"}},
+        "calls": [{"id": "r", "callee": "f", "rate": 100, "work_us": 100},
+                  {"id": "x", "parent": "r", "callee": "a", "work_us": 100}],
+    })  # fmt: skip
+    per_pass = predict(profile, chain)
+    placed = predict(profile, chain, placement=PINNED)
+    assert per_pass.path_stages_ns["idle"] == pytest.approx(3 * 40_000)
+    # Pinned, only f's inbound pass follows CPU 1's idle gap between requests: half of its
+    # 40 µs on its request half; its response half follows a's inbound one directly, which
+    # followed a's work: 100 µs (9.6 kHz) is no idle gap at 1000 /s and above.
+    assert placed.path_stages_ns["idle"] == pytest.approx(20_000)
+    assert placed.overhead_ns == pytest.approx(3 * 3100 + 20_000)
+    assert placed.cpu_stages["idle"] == pytest.approx(100 * 4_000 / 1e9)
