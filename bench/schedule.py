@@ -14,9 +14,10 @@ preemption between short tasks behave); delays (the network, wake-ups
 between processes) take time on no resource.
 
 A call's tasks, in order: the caller's sidecar (outbound) and the callee's
-sidecar (inbound) each pass the request, then the callee's app works, its
-child groups run (the calls of one group start together, the next group
-when they all ended), and the two sidecars pass the response back. A sidecar
+sidecar (inbound) each pass the request, then the callee's app takes the
+call (half its `app_ns`) and works, its child groups run (the calls of one group start together, the next group
+when they all ended), the app answers (the other half), and the two sidecars
+pass the response back. A sidecar
 pass's per-exchange cost is split evenly between its request and its
 response half; so is the hop's hand-off.
 """
@@ -104,13 +105,15 @@ class _Plan:
         t = self.add(cost.delay_ns / 2, None, [t])
         t = self.add(half_in, inbound, [t], cost.inbound_wake, cost.inbound_ns)
         t = self.add(call.network_ns, None, [t])
-        t = self.add(call.work_ns, ("app", call.callee), [t])
+        app = ("app", call.callee)
+        t = self.add(call.app_ns / 2 + call.work_ns, app, [t])
         groups: dict[int, list[Call]] = {}
         for child in call.children:
             groups.setdefault(child.group, []).append(child)
         for index in sorted(groups):
             ends = [self.call(graph, child, call.callee, t, costs) for child in groups[index]]
             t = self.add(0.0, None, ends)
+        t = self.add(call.app_ns / 2, app, [t])
         t = self.add(half_in, inbound, [t], cost.inbound_wake, cost.inbound_ns)
         t = self.add(cost.delay_ns / 2, None, [t])
         return self.add(half_out, out, [t], cost.outbound_wake, cost.outbound_ns)

@@ -149,13 +149,16 @@ def _captured(pod: Pod) -> dict:
     return out
 
 
-def graph_for(topology: str, case: Case, size: int, rate: float, work_us: float):
+def graph_for(
+    topology: str, case: Case, size: int, rate: float, work_us: float, app_us: float = 0.0
+):
     services = TOPOLOGIES[topology]
     calls = [{"id": "a", "callee": "a", "request": size, "response": size, "rate": rate,
-              "work_us": work_us}]  # fmt: skip
+              "work_us": work_us, "app_us": app_us}]  # fmt: skip
     for d in services["a"][0]:
         calls.append({"id": d, "parent": "a", "callee": d, "request": size, "response": size,
-                      "group": 0 if services["a"][1] else len(calls), "work_us": work_us})  # fmt: skip
+                      "group": 0 if services["a"][1] else len(calls), "work_us": work_us,
+                      "app_us": app_us})  # fmt: skip
     service = {"mode": case.mode, "filters": list(case.filters)}
     return graph_from_data({"name": f"{topology}/{case.label}", "calls": calls,
                             "services": {s: service for s in services}})  # fmt: skip
@@ -287,9 +290,8 @@ def rows_for(topology: str, case: Case, m: dict, profile: Profile, args, out: Pa
     for load, measured in phases:
         rate, cores = measured["rate"], measured.get("cores", {}).get("sidecars")
         without, with_ = measured["p50_without_us"], measured["p50_with_us"]
-        graph = graph_for(topology, case, m["size"], rate,
-                          m["work_us"] + (app_own_us(topology, m["work_us"], measured)
-                                          if placement.shared else 0.0))  # fmt: skip
+        graph = graph_for(topology, case, m["size"], rate, m["work_us"],
+                          app_own_us(topology, m["work_us"], measured))  # fmt: skip
         by_stage = predict(profile, graph, placement=placement)
         whole = predict(external, graph, placement=placement)
         # the same stage models without the hand-off term: what that term changes

@@ -486,3 +486,19 @@ def test_predict_on_shared_cpus_puts_the_schedules_wake_ups_in_the_idle_stage():
     assert placed.path_stages_ns["idle"] == pytest.approx(20_000)
     assert placed.overhead_ns == pytest.approx(3 * 3100 + 20_000)
     assert placed.cpu_stages["idle"] == pytest.approx(100 * 4_000 / 1e9)
+
+
+def test_an_apps_own_cpu_is_half_taking_the_call_half_answering_it():
+    graph = _fanout_graph()
+    for call in graph.calls():
+        call.app_ns = 40_000.0
+    # Plain, all on CPU 0 (µs): a takes the call and works 0-120, b 120-240, b answers
+    # 240-260, c 260-380 and answers 380-400, a answers 400-420: every app's CPU in turn.
+    assert schedule_latency(graph, PINNED, lambda call: HopCost())[0] == pytest.approx(420_000)
+    # Meshed: a's inbound half 0-5, a 5-125, b's and c's request halves on CPU 1 125-145,
+    # b 135-255 and answers 255-275 while c waits for CPU 0 (275-395, answers 395-415);
+    # c's response halves 415-425, a answers 425-445, its inbound half 445-450.
+    assert schedule_latency(graph, PINNED, _passes(10_000))[0] == pytest.approx(450_000)
+    # Without shared CPUs the same time is on each call's path, plain and meshed alike.
+    unplaced = predict(hand_profile(), graph)
+    assert unplaced.base_ns == pytest.approx(100_000 + 40_000 + 140_000)
