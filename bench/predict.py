@@ -19,6 +19,13 @@ path's apps do. Latency only: its CPU is in the CPU models, read from /proc.
 The calls
 of a parallel group share their caller's sidecar, one event loop: the slowest
 also waits behind the others' CPU there.
+
+With a placement that puts processes on shared CPUs (`--pin`: the apps on one
+CPU, the sidecars on the other), the latency is no longer a critical path:
+`schedule` lays every pass and every app's work on its CPU, so parallel calls'
+apps take turns, sidecar passes overlap other calls' app work, and a pass pays
+the idle curve for the idle gap its CPU had before it rather than per pass at
+the call's rate.
 """
 
 from __future__ import annotations
