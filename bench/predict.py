@@ -229,8 +229,8 @@ def _hop(
             factor = factors.get(IDLE_STAGE, 1.0)
             stages_ns[IDLE_STAGE] = stages_ns.get(IDLE_STAGE, 0.0) + factor * latency
             cpu_stages[IDLE_STAGE] = cpu_stages.get(IDLE_STAGE, 0.0) + factor * rate * cpu / 1e9
-        if (handoff := profile.handoff.get(service.mode)) is not None:
-            handoff_ns = max(handoff_ns, handoff.latency.at(size))
+        if (handoff := _handoff_ns(profile, service, size)) is not None:
+            handoff_ns = max(handoff_ns, handoff)
         if caller is not None and side == 0 and rate > 0:
             outbound_cpu_ns = (sum(cpu_stages.values()) - cpu_before) * 1e9 / rate
     if handoff_ns:
@@ -241,6 +241,20 @@ def _hop(
     return Hop(call.id, caller, call.callee, size, rate, sum(stages_ns.values()),
                sum(cpu_stages.values()), stages_ns, cpu_stages, outbound_cpu_ns,
                side_ns[0], side_ns[1])  # fmt: skip
+
+
+def _handoff_ns(profile: Profile, service: Service, size: float) -> float | None:
+    """The profile's hand-off for the service's sidecar: its mode's, plus what each of its
+    filters added to it where the profile measured that filter's setup (a filtered request
+    takes another path through the proxy, with untimed work of its own)."""
+    plain = profile.handoff.get(service.mode)
+    if plain is None:
+        return None
+    ns = plain.latency.at(size)
+    for name in service.filters:
+        if (filtered := profile.handoff.get(f"{service.mode}+{name}")) is not None:
+            ns += filtered.latency.at(size) - plain.latency.at(size)
+    return ns
 
 
 def _duration(

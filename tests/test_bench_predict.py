@@ -502,3 +502,32 @@ def test_an_apps_own_cpu_is_half_taking_the_call_half_answering_it():
     # Without shared CPUs the same time is on each call's path, plain and meshed alike.
     unplaced = predict(hand_profile(), graph)
     assert unplaced.base_ns == pytest.approx(100_000 + 40_000 + 140_000)
+
+
+def test_a_filter_costs_all_its_path_costs_beyond_the_unfiltered_one():
+    # Known answer: with fault, the write stage also grows by 500 ns (another path through the
+    # proxy) beside the filter's own 2000 ns; the hand-off grows from 40 to 46 µs.
+    points = []
+    for size in (100, 1000):
+        plain = {"read": 3000.0, "write": 4000.0}
+        filtered = {"read": 3000.0, "write": 4500.0, "filter:fault": 2000.0}
+        points.append(_latency_point("http", size, 20_000.0, 20_000.0 + 7000 + 40_000, plain))
+        points.append(
+            _latency_point("http+fault", size, 20_000.0, 20_000.0 + 9500 + 46_000, filtered)
+        )
+    profile = build_profile(
+        [Setup("http", "http"), Setup("http+fault", "http", filter_type="fault")],
+        points,
+        current_platform(),
+    )
+    assert profile.filters["fault"].latency.at(100) == pytest.approx(2500)
+    graph = graph_from_data({
+        "services": {"f": {"mode": "http", "filters": ["fault"]}, "a": {"mode": "http"}},
+        "calls": [{"id": "r", "callee": "f", "rate": 100, "work_us": 100},
+                  {"id": "x", "parent": "r", "callee": "a", "work_us": 50}],
+    })  # fmt: skip
+    hops = {h.call: h for h in predict(profile, graph).hops}
+    # r: f's inbound pass (7000 + 2500) and f's hand-off, 40 + 6 µs; x: f's outbound and a's
+    # inbound (7000 each, plus 2500 for f's filter) and the larger of their hand-offs.
+    assert hops["r"].latency_ns == pytest.approx(9500 + 46_000)
+    assert hops["x"].latency_ns == pytest.approx(9500 + 7000 + 46_000)
