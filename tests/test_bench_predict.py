@@ -309,16 +309,21 @@ def test_fit_idle_curve_pools_a_point_that_says_slower_is_cheaper_and_clamps_at_
     assert fit_idle_curve(8000.0, []).at(10) == (0.0, 0.0)
 
 
+def _f_calls_a(x_work_us: float = 50, f_filters: tuple[str, ...] = ()) -> CallGraph:
+    """client → f (100 µs of work, 100 /s) → a, every sidecar in http mode."""
+    return graph_from_data({
+        "services": {"f": {"mode": "http", "filters": list(f_filters)}, "a": {"mode": "http"}},
+        "calls": [{"id": "r", "callee": "f", "rate": 100, "work_us": 100},
+                  {"id": "x", "parent": "r", "callee": "a", "work_us": x_work_us}],
+    })  # fmt: skip
+
+
 def test_predict_adds_each_sidecars_wake_up_cost_at_the_calls_rate():
     base = hand_profile()
     # http sidecars at 100 /s: 4000 ns latency and 2000 ns CPU per exchange beyond the closed loop.
     profile = Profile(base.platform, base.modes, base.ipc, base.filters, {}, [],
                       {"http": IdleCurve(((100, 4000, 2000), (5000, 0, 0)))})  # fmt: skip
-    graph = graph_from_data({
-        "services": {"f": {"mode": "http"}, "a": {"mode": "http"}},
-        "calls": [{"id": "r", "callee": "f", "rate": 100, "work_us": 100},
-                  {"id": "x", "parent": "r", "callee": "a", "work_us": 50}],
-    })  # fmt: skip
+    graph = _f_calls_a()
     p = predict(profile, graph)
     hops = {h.call: h for h in p.hops}
     # 4000 ns per sidecar pass; r crosses f's inbound, x f's outbound and a's inbound.
@@ -472,11 +477,7 @@ def test_predict_on_shared_cpus_puts_the_schedules_wake_ups_in_the_idle_stage():
     profile = Profile(base.platform, base.modes, base.ipc, base.filters, {}, [],
                       {"http": IdleCurve(((100, 40_000, 8_000), (999, 40_000, 8_000),
                                           (1000, 0, 0)))})  # fmt: skip
-    chain = graph_from_data({
-        "services": {"f": {"mode": "http"}, "a": {"mode": "http"}},
-        "calls": [{"id": "r", "callee": "f", "rate": 100, "work_us": 100},
-                  {"id": "x", "parent": "r", "callee": "a", "work_us": 100}],
-    })  # fmt: skip
+    chain = _f_calls_a(x_work_us=100)
     per_pass = predict(profile, chain)
     placed = predict(profile, chain, placement=PINNED)
     assert per_pass.path_stages_ns["idle"] == pytest.approx(3 * 40_000)
@@ -521,12 +522,7 @@ def test_a_filter_costs_all_its_path_costs_beyond_the_unfiltered_one():
         current_platform(),
     )
     assert profile.filters["fault"].latency.at(100) == pytest.approx(2500)
-    graph = graph_from_data({
-        "services": {"f": {"mode": "http", "filters": ["fault"]}, "a": {"mode": "http"}},
-        "calls": [{"id": "r", "callee": "f", "rate": 100, "work_us": 100},
-                  {"id": "x", "parent": "r", "callee": "a", "work_us": 50}],
-    })  # fmt: skip
-    hops = {h.call: h for h in predict(profile, graph).hops}
+    hops = {h.call: h for h in predict(profile, _f_calls_a(f_filters=("fault",))).hops}
     # r: f's inbound pass (7000 + 2500) and f's hand-off, 40 + 6 µs; x: f's outbound and a's
     # inbound (7000 each, plus 2500 for f's filter) and the larger of their hand-offs.
     assert hops["r"].latency_ns == pytest.approx(9500 + 46_000)
