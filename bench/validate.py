@@ -304,6 +304,7 @@ def rows_for(topology: str, case: Case, m: dict, profile: Profile, args, out: Pa
             g.root.rate = rate
         from_traces: list[Prediction] = [predict(profile, g, placement=placement) for g in graphs]
         row = {"topology": topology, "app": case.protocol, "mode": case.label, "load": load,
+               "pinned": placement.shared,
                "rate": rate, "p50_without_us": without, "p50_with_us": with_,
                "overhead_us": measured["overhead_us"], "sidecar_cores": cores,
                "rounds_overhead_us": measured["rounds_overhead_us"],
@@ -500,6 +501,9 @@ def table(rows: list[dict]) -> str:
             f"| {cores} | {_pct(r['cpu_halves_differ'])} | {r['predicted_cores']:.3f} | {_pct(r['cpu_error'])} "
             f"| {r['predicted_external_cores']:.3f} | {_pct(r['cpu_error_external'])} |"
         )
+    if any(r.get("pinned") for r in rows):
+        lines.append("\npinned rows: predicted as a schedule of the apps' work on CPU 0 and the "
+                     "sidecars' passes on CPU 1, each pass waking its CPU after the idle gap it had")  # fmt: skip
     if rows:
         lines.append(
             "\nmedian / worst absolute error, latency: "
