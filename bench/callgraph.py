@@ -2,7 +2,8 @@
 
 A graph is a tree of calls. Each call names its callee service, the sizes of
 its request and response, its rate (inherited from the parent call when not
-given), the callee's own work time, and its place among its siblings: calls
+given), the callee's own work time (and, optionally, its RPC stack's CPU, `app_us`),
+and its place among its siblings: calls
 of one parent with the same `group` run in parallel, groups run one after
 another in ascending order. The caller of a call is the callee of its parent;
 the root call comes from outside the mesh (no sidecar on the caller's side).
@@ -53,6 +54,9 @@ class Call:
     work_ns: float = 0.0
     network_ns: float = 0.0
     group: int = 0
+    # the callee's own CPU besides its work (its RPC stack): half taking the call, half
+    # answering it; only apps that share a CPU wait for it (see `schedule`)
+    app_ns: float = 0.0
     children: list[Call] = field(default_factory=list)
 
 
@@ -125,6 +129,7 @@ def graph_from_data(data: object, where: str = "<graph>") -> CallGraph:
             rate=None if rate is None else _number(raw, "rate", at, 0),
             work_ns=_number(raw, "work_us", at, 0) * 1000,
             network_ns=_number(raw, "network_us", at, 0) * 1000,
+            app_ns=_number(raw, "app_us", at, 0) * 1000,
             group=int(_number(raw, "group", at, i)),
         )
     return _link(by_id, services, data.get("name", where), where)

@@ -38,6 +38,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="YAML/JSON mapping of service settings (mode, filters, ipc, sidecar) for traces",
     )
     predict.add_argument("--force", action="store_true", help="use a profile from another platform")
+    predict.add_argument(
+        "--pin",
+        action="store_true",
+        help="the apps share CPU 0 and the sidecars CPU 1 (as `validate --pin` places them): "
+        "price the schedule of their work on the two CPUs",
+    )
     predict.add_argument("--json", action="store_true", help="JSON on stdout instead of markdown")
     predict.add_argument(
         "--out", type=Path, help="write predictions (and a CDF plot in batch) here"
@@ -103,13 +109,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from pyproxy.bench.callgraph import GraphError, load_graphs
     from pyproxy.bench.model import PlatformMismatch, Profile, check_platform, current_platform
     from pyproxy.bench.predict import WhatIf, WhatIfError, distribution, predict, report
+    from pyproxy.bench.schedule import PINNED, UNPLACED
 
     try:
         profile = Profile.load(args.profile)
         differences = check_platform(profile, current_platform(), args.force)
         graphs = load_graphs(args.graphs, args.services)
         what_ifs = [WhatIf()] + ([WhatIf.parse(args.what_if)] if args.what_if else [])
-        runs = {w.label(): [predict(profile, g, w) for g in graphs] for w in what_ifs}
+        placement = PINNED if args.pin else UNPLACED
+        runs = {w.label(): [predict(profile, g, w, placement) for g in graphs] for w in what_ifs}
     except (OSError, ValueError, KeyError, PlatformMismatch, GraphError, WhatIfError) as exc:
         print(f"pyproxy bench predict: {exc}", file=sys.stderr)
         return 2

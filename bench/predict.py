@@ -19,6 +19,13 @@ path's apps do. Latency only: its CPU is in the CPU models, read from /proc.
 The calls
 of a parallel group share their caller's sidecar, one event loop: the slowest
 also waits behind the others' CPU there.
+
+With a placement that puts processes on shared CPUs (`--pin`: the apps on one
+CPU, the sidecars on the other), the latency is no longer a critical path:
+`schedule` lays every pass and every app's work on its CPU, so parallel calls'
+apps take turns, sidecar passes overlap other calls' app work, and a pass pays
+the idle curve for the idle gap its CPU had before it rather than per pass at
+the call's rate.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from dataclasses import dataclass, field
 
 from pyproxy.bench.callgraph import Call, CallGraph, Service
 from pyproxy.bench.model import Profile, StageModel
+from pyproxy.bench.schedule import UNPLACED, HopCost, Placement
+from pyproxy.bench.schedule import latency as schedule_latency
 
 # The stage a sidecar's wake-ups cost at rates below its closed loop (the profile's IdleCurve).
 IDLE_STAGE = "idle"
@@ -129,6 +138,9 @@ class Hop:
     stages_ns: dict[str, float]
     cpu_stages: dict[str, float]
     outbound_cpu_ns: float = 0.0  # the caller's sidecar's CPU per exchange of this call
+    # for a schedule on shared CPUs: each side's passes (stages, ns) and the rest (idle, hand-off)
+    outbound_ns: float = 0.0
+    inbound_ns: float = 0.0
 
 
 @dataclass(slots=True)
@@ -201,12 +213,15 @@ def _hop(
     factors = dict(what_if.factors)
     outbound_cpu_ns = 0.0
     handoff_ns = 0.0
+    side_ns = [0.0, 0.0]  # outbound, inbound
     for side, service in enumerate(sides):
         if not service.sidecar:
             continue
         cpu_before = sum(cpu_stages.values())
         for stage, model in sidecar_stages(profile, service, what_if).items():
-            stages_ns[stage] = stages_ns.get(stage, 0.0) + model.latency.at(size)
+            ns = model.latency.at(size)
+            stages_ns[stage] = stages_ns.get(stage, 0.0) + ns
+            side_ns[side if caller is not None else 1] += ns
             cpu_stages[stage] = cpu_stages.get(stage, 0.0) + rate * model.cpu.at(size) / 1e9
         if (curve := profile.idle.get(service.mode)) is not None:
             # Below the closed-loop rate the sidecar idles between exchanges and pays to wake up.
@@ -214,8 +229,8 @@ def _hop(
             factor = factors.get(IDLE_STAGE, 1.0)
             stages_ns[IDLE_STAGE] = stages_ns.get(IDLE_STAGE, 0.0) + factor * latency
             cpu_stages[IDLE_STAGE] = cpu_stages.get(IDLE_STAGE, 0.0) + factor * rate * cpu / 1e9
-        if (handoff := profile.handoff.get(service.mode)) is not None:
-            handoff_ns = max(handoff_ns, handoff.latency.at(size))
+        if (handoff := _handoff_ns(profile, service, size)) is not None:
+            handoff_ns = max(handoff_ns, handoff)
         if caller is not None and side == 0 and rate > 0:
             outbound_cpu_ns = (sum(cpu_stages.values()) - cpu_before) * 1e9 / rate
     if handoff_ns:
@@ -224,7 +239,22 @@ def _hop(
         # not have are the app → sidecars → app ones, as many as the profile's one pass has.
         stages_ns[HANDOFF_STAGE] = factors.get(HANDOFF_STAGE, 1.0) * handoff_ns
     return Hop(call.id, caller, call.callee, size, rate, sum(stages_ns.values()),
-               sum(cpu_stages.values()), stages_ns, cpu_stages, outbound_cpu_ns)  # fmt: skip
+               sum(cpu_stages.values()), stages_ns, cpu_stages, outbound_cpu_ns,
+               side_ns[0], side_ns[1])  # fmt: skip
+
+
+def _handoff_ns(profile: Profile, service: Service, size: float) -> float | None:
+    """The profile's hand-off for the service's sidecar: its mode's, plus what each of its
+    filters added to it where the profile measured that filter's setup (a filtered request
+    takes another path through the proxy, with untimed work of its own)."""
+    plain = profile.handoff.get(service.mode)
+    if plain is None:
+        return None
+    ns = plain.latency.at(size)
+    for name in service.filters:
+        if (filtered := profile.handoff.get(f"{service.mode}+{name}")) is not None:
+            ns += filtered.latency.at(size) - plain.latency.at(size)
+    return ns
 
 
 def _duration(
@@ -236,7 +266,7 @@ def _duration(
     parallel group all pass through that one proxy (one event loop), so the slowest
     waits behind the others' passes there, (k - 1) of them in a group of k.
     """
-    total = call.network_ns + call.work_ns + extra.get(call.id, 0.0)
+    total = call.network_ns + call.work_ns + call.app_ns + extra.get(call.id, 0.0)
     path = [call.id]
     groups: dict[int, list[Call]] = {}
     for child in call.children:
@@ -251,7 +281,14 @@ def _duration(
     return total, path
 
 
-def predict(profile: Profile, graph: CallGraph, what_if: WhatIf = WhatIf()) -> Prediction:
+def predict(
+    profile: Profile,
+    graph: CallGraph,
+    what_if: WhatIf = WhatIf(),
+    placement: Placement = UNPLACED,
+) -> Prediction:
+    """The graph's overhead; with a `placement` that shares CPUs, its latency is a schedule of
+    the processes' work on them (see `schedule`), not the critical path."""
     check_what_if(profile, what_if)
     hops: list[Hop] = []
     todo: list[tuple[Call, str | None, float]] = [(graph.root, None, graph.root.rate or 1.0)]
@@ -272,8 +309,55 @@ def predict(profile: Profile, graph: CallGraph, what_if: WhatIf = WhatIf()) -> P
     for h in hops:
         for stage, cores in h.cpu_stages.items():
             cpu_stages[stage] = cpu_stages.get(stage, 0.0) + cores
+    if placement.shared:
+        base, mesh = _placed(profile, graph, placement, by_call, what_if, path_stages, cpu_stages)
     return Prediction(graph.name, what_if.label(), hops, base, mesh, before, after,
-                      sum(h.cpu_cores for h in hops), path_stages, cpu_stages)  # fmt: skip
+                      sum(cpu_stages.values()), path_stages, cpu_stages)  # fmt: skip
+
+
+def _placed(
+    profile: Profile,
+    graph: CallGraph,
+    placement: Placement,
+    hops: dict[str, Hop],
+    what_if: WhatIf,
+    path_stages: dict[str, float],
+    cpu_stages: dict[str, float],
+) -> tuple[float, float]:
+    """Latency without and with sidecars when processes share CPUs: the schedule of their work.
+
+    Apps on one CPU take turns, a sidecar's pass overlaps other calls' work on the other CPU,
+    and the calls of a parallel group queue on their caller's sidecar, all in the schedule. A
+    sidecar then pays to wake up when its CPU idled before its pass, priced at the idle curve's
+    rate for as long an idle gap, rather than at the call's rate: on a CPU that several sidecars
+    share, only some passes find it idle. `path_stages` and `cpu_stages` get the schedule's
+    `idle` in place of each pass's.
+    """
+    factor = dict(what_if.factors).get(IDLE_STAGE, 1.0)
+    rate = graph.root.rate or 0.0
+    period = 1e9 / rate if rate else 0.0
+
+    def wake(mode: str | None):
+        curve = profile.idle.get(mode) if mode is not None and factor else None
+        if curve is None:
+            return None
+        return lambda r: (factor * curve.at(r)[0], factor * curve.at(r)[1])
+
+    def cost(call: Call, wakes: bool = True) -> HopCost:
+        hop = hops[call.id]
+        out = graph.services[hop.caller] if hop.caller is not None else None
+        inbound = graph.services[hop.callee]
+        return HopCost(hop.outbound_ns, hop.inbound_ns, hop.stages_ns.get(HANDOFF_STAGE, 0.0),
+                       wake(out.mode if out is not None and out.sidecar and wakes else None),
+                       wake(inbound.mode if inbound.sidecar and wakes else None))  # fmt: skip
+
+    base, _ = schedule_latency(graph, placement, lambda call: HopCost())
+    mesh, wake_cpu_ns = schedule_latency(graph, placement, cost, period)
+    if IDLE_STAGE in path_stages or IDLE_STAGE in cpu_stages:
+        asleep, _ = schedule_latency(graph, placement, lambda call: cost(call, False), period)
+        path_stages[IDLE_STAGE] = mesh - asleep
+        cpu_stages[IDLE_STAGE] = rate * wake_cpu_ns / 1e9
+    return base, mesh
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:

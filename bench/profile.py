@@ -309,7 +309,13 @@ def build_profile(plan: list[Setup], points: list[dict], platform: dict) -> Prof
         if (gap := fit_setup_handoff(mine)) is not None:
             handoff[setup.name] = gap
         if setup.filter_type:
-            filters[setup.filter_type] = stages[f"filter:{setup.filter_type}"]
+            own = stages[f"filter:{setup.filter_type}"]
+            plain = modes.get(setup.mode)
+            # A filter costs all its path costs beyond the unfiltered one: its own stage and
+            # what it changes in the others (a filtered request leaves the native fast path).
+            filters[setup.filter_type] = (
+                _sum(stages.values()).minus(_sum(plain.values())) if plain else own
+            )
         elif setup.ipc != "tcp":
             ipc[setup.ipc] = stages["ipc"]
         else:

@@ -36,6 +36,7 @@ from pyproxy.bench.model import Profile, check_platform, current_platform
 from pyproxy.bench.pod_echo import admin_get
 from pyproxy.bench.predict import HANDOFF_STAGE, IDLE_STAGE, Prediction, WhatIf, predict
 from pyproxy.bench.procs import Noise
+from pyproxy.bench.schedule import PINNED, UNPLACED
 from pyproxy.iptables.netns import Pod, missing_capabilities, pods
 
 PY = sys.executable
@@ -126,7 +127,7 @@ def deploy(
     return Deployment(f"{made[prefix + 'a'].ipv4}:{APP_PORT}", sidecar_roots, app_roots)
 
 
-def _captured(pod: Pod) -> dict[str, int]:
+def _captured(pod: Pod) -> dict:
     """Connections each of the pod's capture listeners accepted (proof the iptables rules steered
     them there), and the ns its stage clock counted over both."""
     listeners = json.loads(admin_get(pod, "/stats?format=json"))["listeners"]
@@ -140,16 +141,24 @@ def _captured(pod: Pod) -> dict[str, int]:
         for name in ("inbound", "outbound")
         for stage in listeners.get(name, {}).get("stages", {}).values()
     )
+    # per listener and stage: where the pods' passes cost more than the profile's
+    out["stages"] = {
+        name: {stage: s["ns"] for stage, s in listeners.get(name, {}).get("stages", {}).items()}
+        for name in ("inbound", "outbound")
+    }
     return out
 
 
-def graph_for(topology: str, case: Case, size: int, rate: float, work_us: float):
+def graph_for(
+    topology: str, case: Case, size: int, rate: float, work_us: float, app_us: float = 0.0
+):
     services = TOPOLOGIES[topology]
     calls = [{"id": "a", "callee": "a", "request": size, "response": size, "rate": rate,
-              "work_us": work_us}]  # fmt: skip
+              "work_us": work_us, "app_us": app_us}]  # fmt: skip
     for d in services["a"][0]:
         calls.append({"id": d, "parent": "a", "callee": d, "request": size, "response": size,
-                      "group": 0 if services["a"][1] else len(calls), "work_us": work_us})  # fmt: skip
+                      "group": 0 if services["a"][1] else len(calls), "work_us": work_us,
+                      "app_us": app_us})  # fmt: skip
     service = {"mode": case.mode, "filters": list(case.filters)}
     return graph_from_data({"name": f"{topology}/{case.label}", "calls": calls,
                             "services": {s: service for s in services}})  # fmt: skip
@@ -257,6 +266,17 @@ def halves_differ(halves: list[float]) -> float | None:
     return abs(halves[0] - halves[1]) / abs(mean) if mean else None
 
 
+def app_own_us(topology: str, work_us: float, measured: dict) -> float:
+    """The apps' own CPU per call beyond their work (their HTTP or gRPC stack), from the plain
+    deployment's CPU per exchange: an input about the app without sidecars, as its latency is.
+    On shared CPUs it decides how much of the sidecars' work overlaps the apps'."""
+    cores, rate = measured.get("cores", {}).get("apps_plain"), measured["rate"]
+    if not cores or not rate:
+        return 0.0
+    calls = len(TOPOLOGIES[topology])  # one call into each service per request
+    return max(0.0, cores * 1e6 / rate / calls - work_us)
+
+
 def rows_for(topology: str, case: Case, m: dict, profile: Profile, args, out: Path) -> list[dict]:
     """One row per load (closed loop, then each paced rate): measured beside predicted."""
     external = profile.external_view()
@@ -264,22 +284,27 @@ def rows_for(topology: str, case: Case, m: dict, profile: Profile, args, out: Pa
     overlay = {s: Service(s, case.mode, case.filters) for s in TOPOLOGIES[topology]}
     graphs = graphs_from_traces(read_otlp_lines(trace), str(trace), overlay)
     phases = [("closed", m["closed"])] + [(f"{p['load']:g}", p) for p in m["paced"]]
+    # pinned, the apps share CPU 0 and the sidecars CPU 1: predict the schedule on them
+    placement = PINNED if m.get("pinned") else UNPLACED
     rows = []
     for load, measured in phases:
         rate, cores = measured["rate"], measured.get("cores", {}).get("sidecars")
         without, with_ = measured["p50_without_us"], measured["p50_with_us"]
-        graph = graph_for(topology, case, m["size"], rate, m["work_us"])
-        by_stage, whole = predict(profile, graph), predict(external, graph)
+        graph = graph_for(topology, case, m["size"], rate, m["work_us"],
+                          app_own_us(topology, m["work_us"], measured))  # fmt: skip
+        by_stage = predict(profile, graph, placement=placement)
+        whole = predict(external, graph, placement=placement)
         # the same stage models without the hand-off term: what that term changes
         bare = (
-            predict(profile, graph, WhatIf(((HANDOFF_STAGE, 0.0),)))
+            predict(profile, graph, WhatIf(((HANDOFF_STAGE, 0.0),)), placement)
             if profile.handoff
             else by_stage
         )
         for g in graphs:
             g.root.rate = rate
-        from_traces: list[Prediction] = [predict(profile, g) for g in graphs]
+        from_traces: list[Prediction] = [predict(profile, g, placement=placement) for g in graphs]
         row = {"topology": topology, "app": case.protocol, "mode": case.label, "load": load,
+               "pinned": placement.shared,
                "rate": rate, "p50_without_us": without, "p50_with_us": with_,
                "overhead_us": measured["overhead_us"], "sidecar_cores": cores,
                "rounds_overhead_us": measured["rounds_overhead_us"],
@@ -476,6 +501,9 @@ def table(rows: list[dict]) -> str:
             f"| {cores} | {_pct(r['cpu_halves_differ'])} | {r['predicted_cores']:.3f} | {_pct(r['cpu_error'])} "
             f"| {r['predicted_external_cores']:.3f} | {_pct(r['cpu_error_external'])} |"
         )
+    if any(r.get("pinned") for r in rows):
+        lines.append("\npinned rows: predicted as a schedule of the apps' work on CPU 0 and the "
+                     "sidecars' passes on CPU 1, each pass waking its CPU after the idle gap it had")  # fmt: skip
     if rows:
         lines.append(
             "\nmedian / worst absolute error, latency: "

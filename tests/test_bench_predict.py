@@ -8,6 +8,7 @@ import random
 
 import pytest
 from pyproxy.bench.callgraph import (
+    CallGraph,
     GraphError,
     Service,
     graph_from_data,
@@ -30,6 +31,8 @@ from pyproxy.bench.model import (
 )
 from pyproxy.bench.predict import WhatIf, WhatIfError, distribution, predict
 from pyproxy.bench.profile import Setup, build_profile
+from pyproxy.bench.schedule import PINNED, HopCost, Placement
+from pyproxy.bench.schedule import latency as schedule_latency
 
 from pyproxy.cli import main
 
@@ -306,16 +309,21 @@ def test_fit_idle_curve_pools_a_point_that_says_slower_is_cheaper_and_clamps_at_
     assert fit_idle_curve(8000.0, []).at(10) == (0.0, 0.0)
 
 
+def _f_calls_a(x_work_us: float = 50, f_filters: tuple[str, ...] = ()) -> CallGraph:
+    """client → f (100 µs of work, 100 /s) → a, every sidecar in http mode."""
+    return graph_from_data({
+        "services": {"f": {"mode": "http", "filters": list(f_filters)}, "a": {"mode": "http"}},
+        "calls": [{"id": "r", "callee": "f", "rate": 100, "work_us": 100},
+                  {"id": "x", "parent": "r", "callee": "a", "work_us": x_work_us}],
+    })  # fmt: skip
+
+
 def test_predict_adds_each_sidecars_wake_up_cost_at_the_calls_rate():
     base = hand_profile()
     # http sidecars at 100 /s: 4000 ns latency and 2000 ns CPU per exchange beyond the closed loop.
     profile = Profile(base.platform, base.modes, base.ipc, base.filters, {}, [],
                       {"http": IdleCurve(((100, 4000, 2000), (5000, 0, 0)))})  # fmt: skip
-    graph = graph_from_data({
-        "services": {"f": {"mode": "http"}, "a": {"mode": "http"}},
-        "calls": [{"id": "r", "callee": "f", "rate": 100, "work_us": 100},
-                  {"id": "x", "parent": "r", "callee": "a", "work_us": 50}],
-    })  # fmt: skip
+    graph = _f_calls_a()
     p = predict(profile, graph)
     hops = {h.call: h for h in p.hops}
     # 4000 ns per sidecar pass; r crosses f's inbound, x f's outbound and a's inbound.
@@ -386,3 +394,136 @@ def test_predict_adds_the_hand_off_once_per_hop_through_sidecars_on_latency_only
     assert off.overhead_ns == pytest.approx(without.overhead_ns)
     with pytest.raises(WhatIfError, match="no stage 'handoff'"):
         predict(base, graph, WhatIf.parse(["handoff=0.5"]))
+
+
+def _fanout_graph(work_us: float = 100) -> CallGraph:
+    return graph_from_data({
+        "services": {s: {"mode": "http"} for s in "abc"},
+        "calls": [{"id": "a", "callee": "a", "rate": 100, "work_us": work_us},
+                  {"id": "b", "parent": "a", "callee": "b", "group": 0, "work_us": work_us},
+                  {"id": "c", "parent": "a", "callee": "c", "group": 0, "work_us": work_us}],
+    })  # fmt: skip
+
+
+def _passes(ns: float):
+    """Every sidecar pass costs `ns` per exchange (half each way); the root has no outbound one."""
+    return lambda call: HopCost(0.0 if call.parent is None else ns, ns, 0.0)
+
+
+def test_schedule_without_shared_cpus_is_the_critical_path_with_a_shared_sidecar():
+    graph = _fanout_graph()
+    # Known answer (µs): a's inbound 5, a works to 105; b's and c's request halves queue on a's
+    # sidecar (105-110, 110-115), c's inbound 115-120; b works 115-215, c 120-220; b's response
+    # halves 215-225, c's inbound 220-225, then a's sidecar 225-230 after b's; a's 230-235.
+    assert schedule_latency(graph, Placement(), lambda call: HopCost())[0] == pytest.approx(200_000)
+    assert schedule_latency(graph, Placement(), _passes(10_000))[0] == pytest.approx(235_000)
+    # A chain has nothing to share: the critical path plus every pass and delay.
+    chain = graph_from_data({"calls": [{"id": "a", "callee": "a", "work_us": 100},
+                                       {"id": "b", "parent": "a", "callee": "b", "work_us": 100}]})  # fmt: skip
+    cost = lambda call: HopCost(0.0 if call.parent is None else 10_000, 10_000, 7_000)  # noqa: E731
+    assert schedule_latency(chain, PINNED, cost)[0] == pytest.approx(200_000 + 30_000 + 14_000)
+
+
+def test_pinned_apps_take_turns_and_sidecars_overlap_the_other_calls_work():
+    graph = _fanout_graph()
+    # Plain, the apps share CPU 0: b and c work one after the other, 300 µs.
+    assert schedule_latency(graph, PINNED, lambda call: HopCost())[0] == pytest.approx(300_000)
+    # Meshed (µs): a's inbound 0-5 (CPU 1), a works 5-105 (CPU 0); on CPU 1 b's request
+    # halves 105-115, then c's 115-125; b works 115-215, c 215-315 (CPU 0 was busy); b's
+    # response halves 215-225, c's 315-325, a's inbound 325-330. c's passes ran beside b's
+    # work: the fan-out costs 30 µs, one branch's passes and the root's, not 35 or 40.
+    assert schedule_latency(graph, PINNED, _passes(10_000))[0] == pytest.approx(330_000)
+    # Passes longer than the work leave CPU 1 the bottleneck: (µs) a 0-50, works 50-150;
+    # CPU 1: b's request 150-250, c's 250-350, b's response (after b's work 250-350)
+    # 350-450, c's (work 350-450) 450-550, a's 550-600.
+    assert schedule_latency(graph, PINNED, _passes(100_000))[0] == pytest.approx(600_000)
+
+
+def test_predict_on_shared_cpus_prices_plain_and_meshed_with_the_schedule():
+    base = hand_profile()
+    graph = _fanout_graph()
+    placed = predict(base, graph, placement=PINNED)
+    # http sidecar pass 3100 ns: a's inbound 1550, a works; b's halves 1550 + 1550 on CPU 1,
+    # c's next; b works 103.1-203.1 µs, c after it to 303.1; c's response halves, a's half.
+    assert placed.base_ns == pytest.approx(300_000)
+    assert placed.mesh_ns == pytest.approx(1550 + 100_000 + 3100 + 200_000 + 3100 + 1550)
+    assert placed.overhead_ns == pytest.approx(9300)
+    # CPU does not depend on where the processes run.
+    assert placed.cpu_cores == pytest.approx(predict(base, graph).cpu_cores)
+
+
+def test_on_shared_cpus_a_pass_pays_to_wake_only_after_its_cpu_idled():
+    chain = graph_from_data({"calls": [{"id": "a", "callee": "a", "work_us": 100},
+                                       {"id": "b", "parent": "a", "callee": "b", "work_us": 100}]})  # fmt: skip
+
+    def wake(rate: float) -> tuple[float, float]:  # 20 µs (5 µs CPU) after idling 1 ms or more
+        return (20_000.0, 5_000.0) if rate < 1000 else (0.0, 0.0)
+
+    def cost(call):
+        return HopCost(0.0 if call.parent is None else 10_000, 10_000, 0.0, wake, wake)
+
+    # Without a period every CPU starts busy: passes 30 µs on 200 µs of work.
+    assert schedule_latency(chain, PINNED, cost) == (pytest.approx(230_000), 0.0)
+    # One request every 10 ms: CPU 1 idled 9.77 ms before a's inbound pass, which pays 10 µs
+    # (its request half); the other passes follow 100 µs of app work (1 / 110 µs: 9090 /s)
+    # and pay nothing. Priced per pass at the call's rate, the same curve would add 60 µs.
+    total, wake_cpu = schedule_latency(chain, PINNED, cost, period_ns=10_000_000)
+    assert total == pytest.approx(240_000) and wake_cpu == pytest.approx(2_500)
+
+
+def test_predict_on_shared_cpus_puts_the_schedules_wake_ups_in_the_idle_stage():
+    base = hand_profile()
+    # http sidecars: 40 µs (8 µs CPU) per exchange beyond the closed loop below 1000 /s.
+    profile = Profile(base.platform, base.modes, base.ipc, base.filters, {}, [],
+                      {"http": IdleCurve(((100, 40_000, 8_000), (999, 40_000, 8_000),
+                                          (1000, 0, 0)))})  # fmt: skip
+    chain = _f_calls_a(x_work_us=100)
+    per_pass = predict(profile, chain)
+    placed = predict(profile, chain, placement=PINNED)
+    assert per_pass.path_stages_ns["idle"] == pytest.approx(3 * 40_000)
+    # Pinned, only f's inbound pass follows CPU 1's idle gap between requests: half of its
+    # 40 µs on its request half; its response half follows a's inbound one directly, which
+    # followed a's work: 100 µs (9.6 kHz) is no idle gap at 1000 /s and above.
+    assert placed.path_stages_ns["idle"] == pytest.approx(20_000)
+    assert placed.overhead_ns == pytest.approx(3 * 3100 + 20_000)
+    assert placed.cpu_stages["idle"] == pytest.approx(100 * 4_000 / 1e9)
+
+
+def test_an_apps_own_cpu_is_half_taking_the_call_half_answering_it():
+    graph = _fanout_graph()
+    for call in graph.calls():
+        call.app_ns = 40_000.0
+    # Plain, all on CPU 0 (µs): a takes the call and works 0-120, b 120-240, b answers
+    # 240-260, c 260-380 and answers 380-400, a answers 400-420: every app's CPU in turn.
+    assert schedule_latency(graph, PINNED, lambda call: HopCost())[0] == pytest.approx(420_000)
+    # Meshed: a's inbound half 0-5, a 5-125, b's and c's request halves on CPU 1 125-145,
+    # b 135-255 and answers 255-275 while c waits for CPU 0 (275-395, answers 395-415);
+    # c's response halves 415-425, a answers 425-445, its inbound half 445-450.
+    assert schedule_latency(graph, PINNED, _passes(10_000))[0] == pytest.approx(450_000)
+    # Without shared CPUs the same time is on each call's path, plain and meshed alike.
+    unplaced = predict(hand_profile(), graph)
+    assert unplaced.base_ns == pytest.approx(100_000 + 40_000 + 140_000)
+
+
+def test_a_filter_costs_all_its_path_costs_beyond_the_unfiltered_one():
+    # Known answer: with fault, the write stage also grows by 500 ns (another path through the
+    # proxy) beside the filter's own 2000 ns; the hand-off grows from 40 to 46 µs.
+    points = []
+    for size in (100, 1000):
+        plain = {"read": 3000.0, "write": 4000.0}
+        filtered = {"read": 3000.0, "write": 4500.0, "filter:fault": 2000.0}
+        points.append(_latency_point("http", size, 20_000.0, 20_000.0 + 7000 + 40_000, plain))
+        points.append(
+            _latency_point("http+fault", size, 20_000.0, 20_000.0 + 9500 + 46_000, filtered)
+        )
+    profile = build_profile(
+        [Setup("http", "http"), Setup("http+fault", "http", filter_type="fault")],
+        points,
+        current_platform(),
+    )
+    assert profile.filters["fault"].latency.at(100) == pytest.approx(2500)
+    hops = {h.call: h for h in predict(profile, _f_calls_a(f_filters=("fault",))).hops}
+    # r: f's inbound pass (7000 + 2500) and f's hand-off, 40 + 6 µs; x: f's outbound and a's
+    # inbound (7000 each, plus 2500 for f's filter) and the larger of their hand-offs.
+    assert hops["r"].latency_ns == pytest.approx(9500 + 46_000)
+    assert hops["x"].latency_ns == pytest.approx(9500 + 7000 + 46_000)
