@@ -203,7 +203,7 @@ local py_body_state, py_body_len, py_body_get, py_body_set =
 local py_meta_set, py_meta_get, py_meta_items = py.meta_set, py.meta_get, py.meta_items
 local py_address, py_call_start, py_b64, py_now_us = py.address, py.call_start, py.b64, py.now_us
 local py_trailers, py_use_trailers, py_route_metadata = py.trailers, py.use_trailers, py.route_metadata
-local py_import_key, py_verify = py.import_key, py.verify
+local py_import_key, py_verify, py_route_name = py.import_key, py.verify, py.route_name
 
 local function copy(t, skip)
   local c = {}
@@ -465,7 +465,7 @@ local function info_methods()
     downstreamDirectRemoteAddress = function() return py_address(1) end,
     requestedServerName = function() return "" end,  -- no TLS termination: no SNI
     downstreamSslConnection = function() return nil end,
-    routeName = function() return "" end,  -- pyproxy's routes have no names
+    routeName = function() return py_route_name() end,
     virtualClusterName = function() return "" end,
   }
 end
@@ -756,6 +756,7 @@ class _Engine:
                 b"trailers": self.trailers,
                 b"use_trailers": self.use_trailers,
                 b"route_metadata": self.route_metadata,
+                b"route_name": self.route_name,
                 b"meta_set": self.meta_set,
                 b"meta_get": self.meta_get,
                 b"meta_items": self.meta_items,
@@ -916,6 +917,10 @@ class _Engine:
         name = self.factory.filter_name if self.factory is not None else ""
         entry = metadata.get(name, metadata.get("envoy.filters.http.lua"))
         return None if entry is None else self._to_lua(_as_bytes(entry))
+
+    def route_name(self) -> bytes:
+        route = getattr(self.filter.callbacks.exchange, "route", None)
+        return getattr(route, "name", "").encode()
 
     def use_trailers(self, on: bool) -> None:
         if on:

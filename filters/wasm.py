@@ -68,6 +68,8 @@ from typing import cast
 
 import wasmtime
 from pyproxy.filters.callout import GrpcResult, GrpcStream, grpc_call, http_call
+from pyproxy.filters.wasm_attributes import property_value
+from pyproxy.filters.wasm_encoding import deserialize_pairs, serialize_pairs
 from wasmtime import _bindings as _capi
 
 from pyproxy.chain.api import (
@@ -78,7 +80,7 @@ from pyproxy.chain.api import (
     FilterFactory,
     HeaderMap,
     HttpFilter,
-    downstream_address,
+    downstream_socket,
 )
 from pyproxy.durations import parse_duration
 from pyproxy.guest_metrics import COUNTER as METRIC_COUNTER
@@ -269,40 +271,6 @@ class _ProcExit(Exception):
     def __init__(self, code: int) -> None:
         super().__init__(f"proc_exit({code})")
         self.code = code
-
-
-# ---- pairs serialization (spec: "Serialization", little-endian) ------------------------------
-
-
-def serialize_pairs(pairs) -> bytes:
-    """count, then (key length, value length) per pair, then each key and value followed by NUL."""
-    pairs = list(pairs)
-    out = [struct.pack("<I", len(pairs))]
-    out.extend(struct.pack("<II", len(k), len(v)) for k, v in pairs)
-    for k, v in pairs:
-        out.append(k + b"\0" + v + b"\0")
-    return b"".join(out)
-
-
-def deserialize_pairs(data: bytes) -> list[tuple[bytes, bytes]]:
-    if len(data) <= 1:  # an empty map may be empty or a single NUL
-        return []
-    (count,) = struct.unpack_from("<I", data)
-    if count > (len(data) - 4) // 8:
-        raise ValueError("pair count larger than the data")
-    sizes = struct.unpack_from(f"<{2 * count}I", data, 4)
-    pos = 4 + 8 * count
-    pairs = []
-    for i in range(count):
-        klen, vlen = sizes[2 * i], sizes[2 * i + 1]
-        if pos + klen + vlen + 2 > len(data):
-            raise ValueError("pair sizes overrun the data")
-        key = data[pos : pos + klen]
-        pos += klen + 1
-        value = data[pos : pos + vlen]
-        pos += vlen + 1
-        pairs.append((key, value))
-    return pairs
 
 
 # ---- config ----------------------------------------------------------------------------------
@@ -1411,7 +1379,7 @@ def _host_functions(rt: Runtime) -> dict:
 
     def proxy_get_property(pptr, psize, ret_ptr, ret_size):
         path = tuple(p for p in rt.read(pptr, psize).split(b"\0") if p)
-        value = _property(rt, path)
+        value = property_value(rt, path)
         if value is None:
             return NOT_FOUND
         return rt.give(value, ret_ptr, ret_size)
@@ -1772,132 +1740,6 @@ def _host_functions(rt: Runtime) -> dict:
     return table
 
 
-_REQUEST_PSEUDO = {
-    b"path": b":path",
-    b"method": b":method",
-    b"host": b":authority",
-    b"scheme": b":scheme",
-}
-_REQUEST_HEADER = {b"id": b"x-request-id", b"useragent": b"user-agent", b"referer": b"referer"}
-# Envoy's listener_direction values (envoy.config.core.v3.TrafficDirection).
-_DIRECTIONS = {"inbound": 1, "outbound": 2}
-
-
-def _int64(value: int) -> bytes:
-    """Envoy's encoding of an integer attribute: 8 bytes, little-endian."""
-    return struct.pack("<q", value)
-
-
-def _property(rt: Runtime, path: tuple[bytes, ...]) -> bytes | None:
-    """Envoy's attributes that this host knows (README, Filters, lists them), and whatever the
-    guest set with proxy_set_property. Integers are 8-byte little-endian, as Envoy sends them."""
-    settings = rt.settings
-    if path == (b"plugin_name",):
-        return settings["name"].encode()
-    if path == (b"plugin_root_id",):
-        return settings["root_id"].encode()
-    if path == (b"plugin_vm_id",):
-        return settings["vm_id"].encode()
-    f = rt.filter
-    if f is None or not path:
-        return None
-    if f.properties is not None:
-        value = f.properties.get(b".".join(path))
-        if value is not None:
-            return value
-    kind, rest = path[0], path[1:]
-    if kind == b"request" and f.request is not None and rest:
-        return _request_property(f, rest)
-    if kind == b"response" and f.response is not None and rest:
-        return _response_property(f, rest)
-    exchange = getattr(f.callbacks, "exchange", None)
-    if exchange is None:
-        return None
-    if kind in (b"source", b"destination") and len(rest) == 1:
-        name = downstream_address(f.callbacks, kind == b"source")
-        if name is None:
-            return None
-        if isinstance(name, str):  # a Unix socket: an address, no port
-            return name.encode() if rest[0] == b"address" else None
-        host, port = name
-        if rest[0] == b"port":
-            return _int64(port)
-        if rest[0] == b"address":
-            return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
-        return None
-    if kind == b"upstream" and len(rest) == 1:
-        target = getattr(exchange, "target", None)
-        if target is None:
-            return None
-        if rest[0] == b"address":
-            return (target.path or f"{target.host}:{target.port}").encode()
-        if rest[0] == b"port" and not target.path:
-            return _int64(target.port)
-        return None
-    if path == (b"connection", b"mtls"):
-        return b"\x00"  # pyproxy terminates no TLS
-    if path == (b"listener_direction",):
-        kind_name = str(getattr(getattr(exchange.ctx, "listener", None), "kind", ""))
-        return _int64(_DIRECTIONS.get(kind_name, 0))
-    return None
-
-
-def _request_property(f: WasmFilter, rest: tuple[bytes, ...]) -> bytes | None:
-    request = f.request
-    assert request is not None, "checked by the caller"
-    field = rest[0]
-    if len(rest) == 2:
-        return request.get(rest[1].lower()) if field == b"headers" else None
-    if len(rest) != 1:
-        return None
-    pseudo = _REQUEST_PSEUDO.get(field)
-    if pseudo is not None:
-        return request.get(pseudo)
-    header = _REQUEST_HEADER.get(field)
-    if header is not None:
-        return request.get(header)
-    target = request.get(b":path") or b""
-    if field == b"url_path":
-        return target.partition(b"?")[0]
-    if field == b"query":
-        return target.partition(b"?")[2]
-    exchange = getattr(f.callbacks, "exchange", None)
-    if exchange is None:
-        return None
-    if field == b"protocol":
-        return str(getattr(exchange.downstream, "protocol", "")).encode() or None
-    if field == b"size":
-        return _int64(getattr(exchange, "bytes_in", 0))
-    if field == b"time":
-        started = getattr(exchange, "started_ns", None)
-        if started is None:
-            return None
-        return _int64(time.time_ns() - (time.perf_counter_ns() - started))
-    return None
-
-
-def _response_property(f: WasmFilter, rest: tuple[bytes, ...]) -> bytes | None:
-    response = f.response
-    assert response is not None, "checked by the caller"
-    if rest == (b"code",):
-        status = response.get(b":status")
-        return _int64(int(status)) if status is not None and status.isdigit() else None
-    if rest[0] == b"headers" and len(rest) == 2:
-        return response.get(rest[1].lower())
-    if rest[0] == b"trailers" and len(rest) == 2:
-        trailers = f.response_trailers
-        return trailers.get(rest[1].lower()) if trailers is not None else None
-    if rest == (b"grpc_status",):
-        trailers = f.response_trailers
-        value = (trailers.get(b"grpc-status") if trailers is not None else None) or response.get(
-            b"grpc-status"
-        )
-        return _int64(int(value)) if value is not None and value.isdigit() else None
-    if rest == (b"size",):
-        return _int64(getattr(getattr(f.callbacks, "exchange", None), "bytes_out", 0))
-    return None
-
-
 # ---- the filter --------------------------------------------------------------------------------
 
 
@@ -2015,6 +1857,8 @@ class WasmFilter(HttpFilter):
         "body_stream",
         "body_changed",
         "buffering",
+        "ended_ns",
+        "reply_details",
     )
 
     def __init__(self, factory: WasmFactory) -> None:
@@ -2041,6 +1885,14 @@ class WasmFilter(HttpFilter):
         self.body_stream = -1
         self.body_changed = False
         self.buffering = [False, False]
+        self.ended_ns = 0  # when the request ended (its done/log callbacks began): request.duration
+        self.reply_details = ""  # the details of the local reply the guest sent
+
+    def downstream_socket(self):
+        return downstream_socket(self.callbacks)
+
+    def listener(self):
+        return getattr(self.callbacks.exchange.ctx, "listener", None)
 
     def _enter(self) -> int:
         """Make sure this request has a context in the current instance, and fuel for one entry.
@@ -2216,6 +2068,7 @@ class WasmFilter(HttpFilter):
         assert self.reply is not None, "sent only once the guest asked for a reply"
         status, body, headers, grpc, details = self.reply
         self.reply = None
+        self.reply_details = details.decode(errors="replace")
         self.factory.counters[LOCAL_REPLIES] += 1
         self._cancel_timer()
         self.callbacks.send_local_reply(
@@ -2271,6 +2124,7 @@ class WasmFilter(HttpFilter):
     def _delete_context(self) -> None:
         context_id = self.context_id
         rt = self.runtime
+        self.ended_ns = time.perf_counter_ns()
         rt.live.pop(context_id, None)
         rt.filter = self
         rt.entry_fuel()

@@ -401,16 +401,18 @@ def test_trailers_after_body_are_read_and_edited(start_proxy, tmp_path):
         upstream.close()
 
 
-def test_route_metadata_under_the_filter_name(start_proxy, tmp_path):
+def test_route_metadata_under_the_filter_name_and_route_name(start_proxy, tmp_path):
     script = (
         "function envoy_on_request(h)\n"
         '  h:headers():add("x-owner", h:metadata():get("owner") or "none")\n'
-        '  h:headers():add("x-tier", h:route():metadata():get("tier") or "none")\nend'
+        '  h:headers():add("x-tier", h:route():metadata():get("tier") or "none")\n'
+        '  h:headers():add("x-route-name", "[" .. h:streamInfo():routeName() .. "]")\nend'
     )
     upstream = HttpUpstream()
     body = (
         "    routes:\n"
-        "      - match: {authority: meta.test}\n"
+        "      - name: gold-route\n"
+        "        match: {authority: meta.test}\n"
         "        metadata: {tagger: {owner: team-a, tier: gold}}\n"
         "      - match: {prefix: /}\n"
         f"    filters:\n      - {{name: tagger, type: lua, config: {{inline_code: {json.dumps(script)}}}}}\n"
@@ -419,7 +421,9 @@ def test_route_metadata_under_the_filter_name(start_proxy, tmp_path):
         proxy, port = start_listener(start_proxy, tmp_path, upstream.address, body)
         sent = dict(json.loads(_get(port, "/echo", "-H", "host: meta.test")[2])["headers"])
         assert (sent["x-owner"], sent["x-tier"]) == ("team-a", "gold")
+        assert sent["x-route-name"] == "[gold-route]"
         sent = dict(json.loads(_get(port, "/echo")[2])["headers"])
         assert (sent["x-owner"], sent["x-tier"]) == ("none", "none")
+        assert sent["x-route-name"] == "[]"  # an unnamed route, as in Envoy
     finally:
         upstream.close()

@@ -214,14 +214,24 @@ class HeaderMap:
         return list(self.pseudo.items()) + list(self.headers)
 
 
-def downstream_address(callbacks, remote: bool) -> tuple[str, int] | str | None:
-    """The request's downstream connection: its remote (peer) or local address, as (host, port),
-    a Unix socket's path, or None when it is not known (or the connection has gone)."""
+def downstream_socket(callbacks):
+    """The request's downstream connection's socket (HTTP/1 session or HTTP/2 stream), or None."""
     down = callbacks.exchange.downstream
     stream = getattr(down, "stream", None) or getattr(
         getattr(down, "session", None), "stream", None
     )
-    sock = getattr(stream, "sock", None)
+    return getattr(stream, "sock", None)
+
+
+def downstream_address(callbacks, remote: bool) -> tuple[str, int] | str | None:
+    """The request's downstream connection: its remote (peer) or local address, as (host, port),
+    a Unix socket's path, or None when it is not known (or the connection has gone)."""
+    return socket_address(downstream_socket(callbacks), remote)
+
+
+def socket_address(sock, remote: bool) -> tuple[str, int] | str | None:
+    """A socket's remote (peer) or local address, as (host, port) or a Unix socket's path; None
+    when there is no socket or it has gone."""
     if sock is None:
         return None
     try:
