@@ -29,8 +29,7 @@ FAIL_RELOAD): the guest's memory may be inconsistent after a trap. Requests
 begun on the replaced instance skip their remaining hooks.
 
 Host functions are ABI 0.2.1's as Envoy's host implements them (README, Filters, has the
-table): the one pyproxy lacks (close_stream) answers UNIMPLEMENTED, and any
-env import outside the ABI is refused at load, by name. WASI is registered under both
+table), and any env import outside the ABI is refused at load, by name. WASI is registered under both
 `wasi_snapshot_preview1` and `wasi_unstable`, as Envoy does; beyond clocks, random, fd_write
 (to the log) and proc_exit, WASI calls answer ENOSYS (`fd_*`: BADF, which ends wasi-libc's
 preopen scan). `proxy_http_call`, `proxy_grpc_call` and `proxy_grpc_stream` go to a configured cluster (see
@@ -74,6 +73,7 @@ from wasmtime import _bindings as _capi
 
 from pyproxy.chain.api import (
     CONTINUE,
+    RESET_STREAM,
     STOP,
     STOP_AND_BUFFER,
     FilterConfigError,
@@ -109,13 +109,9 @@ ABI_MARKERS = ("proxy_abi_version_0_2_1", "proxy_abi_version_0_2_0", "proxy_abi_
 WASI_MODULES = ("wasi_snapshot_preview1", "wasi_unstable")
 MAX_HTTP_CALLS = 100  # callouts in flight per instance
 MAX_QUEUES, MAX_QUEUE_ITEMS = 64, 1024
-# Host functions of ABI 0.2.1 this host does not carry out: present, answering UNIMPLEMENTED as
-# Envoy does for what it lacks. Any other env import is refused at load, by name.
-UNIMPLEMENTED_FUNCTIONS = frozenset(
-    {
-        "proxy_close_stream",
-    }
-)
+# Host functions of ABI 0.2.1 this host does not carry out (none now): present, answering
+# UNIMPLEMENTED as Envoy does for what it lacks. Any other env import is refused at load, by name.
+UNIMPLEMENTED_FUNCTIONS: frozenset[str] = frozenset()
 ROOT_CONTEXT_ID = 1
 DEFAULT_FUEL = 50_000_000  # a tight loop burns it in ~20 ms
 DEFAULT_MEMORY = 16 * 1024 * 1024
@@ -1403,6 +1399,17 @@ def _host_functions(rt: Runtime) -> dict:
         f.resume(stream_type)
         return OK
 
+    def proxy_close_stream(stream_type):
+        """Envoy's: the request or response stream is reset once the guest returns (response
+        code details "wasm_close_stream"); downstream or upstream closes a TCP connection, a
+        no-op in an HTTP context, as a request or response is in a TCP one."""
+        if not 0 <= stream_type <= 3:
+            return BAD_ARGUMENT
+        f = rt.filter
+        if f is not None:
+            f.close_stream(stream_type)
+        return OK
+
     def proxy_continue_request():  # ABI v0.1.0
         return continue_stream(0)
 
@@ -1697,6 +1704,7 @@ def _host_functions(rt: Runtime) -> dict:
         "proxy_get_property": ([I] * 4, proxy_get_property),
         "proxy_set_effective_context": ([I], proxy_set_effective_context),
         "proxy_continue_stream": ([I], continue_stream),
+        "proxy_close_stream": ([I], proxy_close_stream),
         "proxy_continue_request": ([], proxy_continue_request),
         "proxy_continue_response": ([], proxy_continue_response),
         "proxy_done": ([], proxy_done),
@@ -2069,12 +2077,20 @@ class WasmFilter(HttpFilter):
         status, body, headers, grpc, details = self.reply
         self.reply = None
         self.reply_details = details.decode(errors="replace")
-        self.factory.counters[LOCAL_REPLIES] += 1
         self._cancel_timer()
+        if status == RESET_STREAM:
+            self.callbacks.reset_stream("LR", self.reply_details)
+            return STOP
+        self.factory.counters[LOCAL_REPLIES] += 1
         self.callbacks.send_local_reply(
             status, body, headers, grpc_status=grpc, details=details.decode(errors="replace")
         )
         return STOP
+
+    def close_stream(self, stream_type: int) -> None:
+        """proxy_close_stream: reset the request's stream after the current guest call returns."""
+        if stream_type <= 1:
+            self.reply = (RESET_STREAM, b"", [], None, b"wasm_close_stream")
 
     def resume(self, stream: int) -> None:
         """proxy_continue_stream from the guest: go on after the current guest call returns."""

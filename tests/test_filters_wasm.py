@@ -648,3 +648,54 @@ def test_a_body_change_that_breaks_content_length_is_refused(start_proxy, tmp_pa
         assert (status, headers["content-length"], body) == (200, "12", b"yy:/other:up")
     assert proxy.listener()["filters"]["keep"]["traps"] == 0
     assert "Traceback" not in proxy.output
+
+
+# proxy_close_stream: the request header `x-close` says which stream the guest closes: "q" the
+# request (in proxy_on_request_headers), "s" the response (in proxy_on_response_headers, read
+# from the request's headers). 2 and 3 (TCP streams) are no-ops in an HTTP context; 9 is none.
+CLOSE_STREAM = """(module
+  (import "env" "proxy_close_stream" (func $close (param i32) (result i32)))
+  (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "x-close")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 4096))
+  (func $expect (param $got i32) (param $want i32)
+    (if (i32.ne (local.get $got) (local.get $want)) (then unreachable)))
+  (func $asked (param $which i32) (result i32)
+    (if (i32.ne (call $get (i32.const 0) (i32.const 100) (i32.const 7) (i32.const 200)
+      (i32.const 204)) (i32.const 0)) (then (return (i32.const 0))))
+    (i32.eq (i32.load8_u (i32.load (i32.const 200))) (local.get $which)))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (call $expect (call $close (i32.const 2)) (i32.const 0))
+    (call $expect (call $close (i32.const 3)) (i32.const 0))
+    (call $expect (call $close (i32.const 9)) (i32.const 2))
+    (if (call $asked (i32.const 113)) (then (call $expect (call $close (i32.const 0)) (i32.const 0))))
+    (i32.const 0))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (if (call $asked (i32.const 115)) (then (call $expect (call $close (i32.const 1)) (i32.const 0))))
+    (i32.const 0)))"""
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
+def test_close_stream_resets_the_request_or_the_response(start_proxy, tmp_path, http2):
+    upstream = HttpUpstream()
+    try:
+        proxy, port = _proxy_wat(start_proxy, tmp_path, upstream.address, "closer", CLOSE_STREAM)
+        url = f"http://127.0.0.1:{port}/echo"
+        version = ["--http2-prior-knowledge"] if http2 else []
+        for _ in range(2):  # the connection's next request (HTTP/1: a new one) is served
+            run = curl("-i", *version, "-H", "x-close: q", url)
+            assert run.returncode != 0 and not run.stdout, run  # reset, no response
+            assert upstream.requests == []  # closed before it went upstream
+            run = curl("-i", *version, "-H", "x-close: s", url)
+            assert run.returncode != 0 and b"200" not in run.stdout, run
+            assert len(upstream.requests) == 1  # the upstream answered; the response was reset
+            upstream.requests.clear()
+            assert split_response(curl("-i", *version, url).stdout)[0] == 200
+            upstream.requests.clear()
+        # Both streams are two trap-free resets each time: no trap, no local reply.
+        counters = proxy.listener()["filters"]["closer"]
+        assert (counters["traps"], counters["local_replies"]) == (0, 0)
+    finally:
+        upstream.close()

@@ -26,6 +26,10 @@ CONTINUE = 0  # go on to the next filter
 STOP = 1  # pause this direction; the filter resumes it later (continue_decoding/continue_encoding)
 STOP_AND_BUFFER = 2  # pause and buffer the body (bounded by the watermark) until the filter resumes
 
+# send_local_reply's status that answers nothing: the request's stream is reset instead
+# (Envoy's resetStream from a filter), downstream and upstream alike.
+RESET_STREAM = 0
+
 DECODE_HOOKS = ("decode_headers", "decode_data", "decode_trailers")
 ENCODE_HOOKS = ("encode_headers", "encode_data", "encode_trailers")
 TCP_HOOKS = ("on_new_connection", "on_data", "on_close")

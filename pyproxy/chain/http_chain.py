@@ -17,7 +17,14 @@ from collections.abc import Callable, Iterable
 from time import perf_counter_ns
 from typing import Any, Protocol
 
-from pyproxy.chain.api import CONTINUE, STOP_AND_BUFFER, FactoryContext, HeaderMap, HttpFilter
+from pyproxy.chain.api import (
+    CONTINUE,
+    RESET_STREAM,
+    STOP_AND_BUFFER,
+    FactoryContext,
+    HeaderMap,
+    HttpFilter,
+)
 from pyproxy.chain.registry import factory_class
 from pyproxy.config import FilterSpec
 from pyproxy.counters import FILTER_STAGE_BASE, STAGE_EVENTS, STAGE_NS
@@ -295,6 +302,10 @@ class HttpChain:
         details: str = "",
     ) -> None:
         self.local_reply(status, body, list(headers), grpc_status, flag, details)
+
+    def reset_stream(self, flag: str = "LR", details: str = "") -> None:
+        """Reset the request's stream instead of answering it (downstream and upstream)."""
+        self.local_reply(RESET_STREAM, b"", [], None, flag, details)
 
     def decoding_buffer(self) -> bytes:
         return b"".join(self._st().held_body["decode"])

@@ -17,7 +17,7 @@ from __future__ import annotations
 from time import perf_counter_ns
 from typing import Any, Protocol
 
-from pyproxy.chain.api import HeaderMap
+from pyproxy.chain.api import RESET_STREAM, HeaderMap
 from pyproxy.chain.http_chain import ChainClock, ChainFactory, ChainOwner, HttpChain
 from pyproxy.codec.events import END, Body, RequestHead, ResponseHead, Trailers
 from pyproxy.codec.grpc import DEADLINE_EXCEEDED
@@ -408,11 +408,12 @@ class Exchange(RequestRecord):
     def filter_local_reply(
         self, status: int, body: bytes, headers: list, grpc_status, flag: str, details: str
     ) -> None:
-        """A filter answers instead of the upstream (fault abort, rate limit, script reply)."""
+        """A filter answers instead of the upstream (fault abort, rate limit, script reply), or
+        resets the stream (RESET_STREAM)."""
         if self.finished:
             return
         self._abandon_upstream()
-        if self.response_started:
+        if self.response_started or status == RESET_STREAM:
             self._finish(flag, reset_downstream=True)  # the head is out: all we can do is reset
             return
         self.local_reply(status, body, flag, headers, grpc_status, details)
