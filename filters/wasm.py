@@ -1609,7 +1609,11 @@ def _host_functions(rt: Runtime) -> dict:
         return OK
 
     def proxy_clear_route_cache():
-        return OK  # a no-op: the route is matched once, before the filters
+        """The route is matched again before it is next used (Lua's clearRouteCache)."""
+        f = rt.filter
+        if f is not None:
+            f.clear_route_cache()
+        return OK
 
     def proxy_call_foreign_function(_nptr, _nsize, _aptr, _asize, _ret_ptr, _ret_size):
         return NOT_FOUND  # Envoy's foreign functions (compress, expr) are not provided
@@ -2086,6 +2090,9 @@ class WasmFilter(HttpFilter):
             status, body, headers, grpc_status=grpc, details=details.decode(errors="replace")
         )
         return STOP
+
+    def clear_route_cache(self) -> None:
+        self.callbacks.clear_route_cache()
 
     def close_stream(self, stream_type: int) -> None:
         """proxy_close_stream: reset the request's stream after the current guest call returns."""

@@ -151,7 +151,7 @@ def _top(rt: Runtime, name: bytes) -> Any:
         return lambda part: _upstream(exchange, part)
     if name == b"metadata":
         return metadata_message(getattr(f.callbacks, "dynamic_metadata", None) or {})
-    route = getattr(exchange, "route", None)
+    route = f.callbacks.current_route()
     if name == b"route_name":
         return route.name if route is not None else None
     if name == b"route_metadata":

@@ -132,6 +132,8 @@ class RouteConfig:
     # route (Lua's handle:metadata()).
     metadata: dict = field(default_factory=dict, hash=False)
     name: str = ""  # Envoy's route name (route_name, Lua's streamInfo():routeName()); "" unnamed
+    # Envoy's LuaPerRoute filter_context, {filter name: {key: value}}: Lua's filterContext().
+    filter_context: dict = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -689,6 +691,7 @@ def _routes(fields: _Fields, mode: ListenerMode) -> tuple[RouteConfig, ...]:
                 filters=_filters(route, mode),
                 metadata=route.take("metadata", _metadata, {}),
                 name=route.take("name", _route_name, ""),
+                filter_context=route.take("filter_context", _metadata, {}),
             )
         )
         route.done()

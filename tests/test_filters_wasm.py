@@ -699,3 +699,44 @@ def test_close_stream_resets_the_request_or_the_response(start_proxy, tmp_path, 
         assert (counters["traps"], counters["local_replies"]) == (0, 0)
     finally:
         upstream.close()
+
+
+# proxy_clear_route_cache: the guest rewrites :path to /v2/x and clears the route cache, then
+# reads route_name into a request header: the request is routed (and named) by the new path.
+CLEAR_ROUTE = """(module
+  (import "env" "proxy_replace_header_map_value"
+    (func $replace (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_clear_route_cache" (func $clear (result i32)))
+  (import "env" "proxy_get_property" (func $property (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) ":path/v2/xroute_namex-route")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 4096))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $replace (i32.const 0) (i32.const 100) (i32.const 5) (i32.const 105) (i32.const 5)))
+    (drop (call $clear))
+    (drop (call $property (i32.const 110) (i32.const 10) (i32.const 200) (i32.const 204)))
+    (drop (call $add (i32.const 0) (i32.const 120) (i32.const 7)
+      (i32.load (i32.const 200)) (i32.load (i32.const 204))))
+    (i32.const 0)))"""
+
+
+def test_clear_route_cache_routes_the_rewritten_request_anew(start_proxy, tmp_path):
+    default, v2 = HttpUpstream(), HttpUpstream()
+    body = (
+        "    routes:\n"
+        "      - {name: v2-route, match: {prefix: /v2}, cluster: v2}\n"
+        "      - {name: default, match: {prefix: /}}\n"
+        "    filters:" + _wasm("router", f"code_wat: {json.dumps(CLEAR_ROUTE)}")
+    )
+    top = f"clusters:\n  v2:\n    endpoints: [{v2.address}]\n"
+    try:
+        proxy, port = start_listener(start_proxy, tmp_path, default.address, body, top=top)
+        curl(f"http://127.0.0.1:{port}/echo")
+        assert not default.requests and len(v2.requests) == 1, proxy.output
+        assert v2.requests[0]["path"] == "/v2/x"
+        assert dict(v2.requests[0]["headers"])["x-route"] == "v2-route"
+    finally:
+        default.close()
+        v2.close()

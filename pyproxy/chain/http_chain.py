@@ -202,6 +202,7 @@ class HttpChain:
         "hook_ns",
         "dynamic_metadata",
         "chunk",
+        "route_cleared",
     )
 
     def __init__(self, factory: ChainFactory, exchange: ChainOwner) -> None:
@@ -223,6 +224,8 @@ class HttpChain:
         self.dynamic_metadata: dict | None = None
         # What a data hook asked to pass on (or hold) instead of the chunk it was given.
         self.chunk: bytes | None = None
+        # A filter cleared the route cache: the route is matched again before it is used.
+        self.route_cleared = False
 
     def _st(self) -> _ChainState:
         state = self.state
@@ -302,6 +305,21 @@ class HttpChain:
         details: str = "",
     ) -> None:
         self.local_reply(status, body, list(headers), grpc_status, flag, details)
+
+    def clear_route_cache(self) -> None:
+        """Envoy's clearRouteCache: the request's route is matched again, from its head as the
+        filters leave it, the next time it is used (at the latest, before it goes upstream)."""
+        self.route_cleared = True
+
+    def current_route(self) -> Any:
+        """The request's route, matched again first if a filter cleared the route cache."""
+        exchange = self.exchange
+        if self.route_cleared:
+            self.route_cleared = False
+            refresh = getattr(exchange, "refresh_route", None)  # a stand-in owner has no router
+            if refresh is not None:
+                refresh(self.maps["decode"])
+        return getattr(exchange, "route", None)
 
     def reset_stream(self, flag: str = "LR", details: str = "") -> None:
         """Reset the request's stream instead of answering it (downstream and upstream)."""

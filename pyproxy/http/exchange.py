@@ -124,6 +124,10 @@ class Exchange(RequestRecord):
             return
         chain = self.chain
         if chain is not None:
+            route = chain.current_route() if chain.route_cleared else self.route
+            if route is None:
+                self.local_reply(404, b"no route\n", "NR")
+                return
             self.request = filtered_request(self.request, chain.maps["decode"])
         route = self.route
         if route.cluster is not None:
@@ -135,6 +139,16 @@ class Exchange(RequestRecord):
         if timeout > 0:  # router.py's rule: while the body still arrives, it bounds silence
             self.arm_timeout(timeout, restarts=not (self.head_only or self.request_done))
         self._acquire()
+
+    def refresh_route(self, headers: HeaderMap) -> None:
+        """Match the route again from the request head as the filters left it (a filter cleared
+        the route cache): its cluster, timeout, name and metadata apply from now on; the filters
+        already running stay. None when no route matches (the request then gets 404)."""
+        host = headers.get(b"host")
+        authority = headers.pseudo.get(b":authority") or b""
+        if host is not None and authority == authority_of(self.request):
+            authority = host  # the pseudo-header is unchanged: a filter may have set Host
+        self.route = self.ctx.router.match(authority, headers.pseudo.get(b":path") or b"")
 
     def _forwards_unchanged(self) -> bool:
         chain = self.chain

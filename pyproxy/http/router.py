@@ -81,6 +81,7 @@ class Route:
     # {filter name: {key: value}} (RouteConfig.metadata); a dict: left out of hash and eq
     metadata: dict | None = field(default=None, hash=False, compare=False)
     name: str = ""  # RouteConfig.name
+    filter_context: dict | None = field(default=None, hash=False, compare=False)
 
 
 def route_timeouts(configured: float | None) -> tuple[float, float]:
@@ -105,6 +106,7 @@ class Router:
                 r.filters,
                 r.metadata or None,
                 r.name,
+                r.filter_context or None,
             )
             for r in listener.routes
         )
@@ -151,9 +153,10 @@ def _route(
     filters,
     metadata: dict | None = None,
     name: str = "",
+    filter_context: dict | None = None,
 ) -> Route:
     plain, grpc = route_timeouts(timeout)
-    return Route(authority, prefix, cluster, plain, filters, grpc, metadata, name)
+    return Route(authority, prefix, cluster, plain, filters, grpc, metadata, name, filter_context)
 
 
 def _host_of(authority: bytes) -> str:
