@@ -63,7 +63,7 @@ import os
 import struct
 import time
 from ctypes import CFUNCTYPE, c_char_p, c_int32, c_int64, c_size_t, c_uint32, c_uint64, c_void_p
-from typing import cast
+from typing import Any, cast
 
 import wasmtime
 from pyproxy.filters.callout import GrpcResult, GrpcStream, grpc_call, http_call
@@ -100,6 +100,7 @@ WASI_SUCCESS, WASI_BADF, WASI_FAULT, WASI_INVAL, WASI_NOSYS, WASI_NOTSUP = 0, 8,
 REQUEST_HEADERS, REQUEST_TRAILERS, RESPONSE_HEADERS, RESPONSE_TRAILERS = 0, 1, 2, 3
 HTTP_CALL_RESPONSE_HEADERS, HTTP_CALL_RESPONSE_TRAILERS = 6, 7
 HTTP_REQUEST_BODY, HTTP_RESPONSE_BODY = 0, 1
+NETWORK_DOWNSTREAM_DATA, NETWORK_UPSTREAM_DATA = 2, 3
 GRPC_INITIAL_METADATA, GRPC_TRAILING_METADATA, GRPC_RECEIVE_BUFFER = 4, 5, 5
 HTTP_CALL_RESPONSE_BODY, VM_CONFIGURATION, PLUGIN_CONFIGURATION = 4, 6, 7
 PAUSE = 1  # proxy_action_t
@@ -177,6 +178,16 @@ CALLBACKS = {
     "proxy_on_grpc_receive": (3, 0),
     "proxy_on_grpc_receive_trailing_metadata": (3, 0),
     "proxy_on_grpc_close": (3, 0),
+    # TCP listeners (filters/wasm_tcp.py).
+    "proxy_on_new_connection": (1, 1),
+    "proxy_on_downstream_data": (3, 1),
+    "proxy_on_upstream_data": (3, 1),
+    "proxy_on_downstream_connection_close": (2, 0),
+    "proxy_on_upstream_connection_close": (2, 0),
+    # Checked, never called: Envoy calls them only for HTTP/2 METADATA frames, which its codec
+    # drops unless allow_metadata is set, and pyproxy's codecs drop.
+    "proxy_on_request_metadata": (2, 1),
+    "proxy_on_response_metadata": (2, 1),
     "_initialize": (0, 0),
     "_start": (0, 0),
     "main": (2, 1),
@@ -425,8 +436,10 @@ class Runtime:
         self._link()
         self.generation = 0
         self.store: wasmtime.Store | None = None
-        self.live: dict[int, WasmFilter] = {}
-        self.filter: WasmFilter | None = None  # the stream whose callback is running, None for root
+        self.live: dict[int, Any] = {}  # context id -> its stream context
+        # The context whose callback is running (a WasmFilter, or a WasmTcpFilter on a TCP
+        # listener), None for the root context.
+        self.filter: Any = None
         self.next_id = ROOT_CONTEXT_ID
         self.tick_timer = None
         self.tick_period = 0.0
@@ -435,7 +448,7 @@ class Runtime:
         self.shared: dict[bytes, tuple[bytes, int]] = {}
         self.shared_bytes = 0
         self.clusters: dict = {}  # name -> ClusterConfig, for proxy_http_call (set by the factory)
-        self.calls: dict[int, tuple[WasmFilter | None, asyncio.Task]] = {}  # token -> caller, task
+        self.calls: dict[int, tuple[Any, asyncio.Task]] = {}  # token -> caller, task
         self.streams: dict[int, GrpcStream] = {}  # proxy_grpc_stream's, by token
         self.next_token = 0
         self.call_response = None  # the HttpCallResult being delivered to the guest, or None
@@ -898,7 +911,7 @@ class Runtime:
         entry[1].cancel()
         return True
 
-    def cancel_calls(self, caller: WasmFilter | None = None) -> None:
+    def cancel_calls(self, caller: Any = None) -> None:
         """Drop callouts: a stream's when it ends (nobody to resume), all when the instance goes.
         gRPC streams belong to the instance (the root context hears them): only it ends them."""
         for token, (owner, task) in list(self.calls.items()):
@@ -1214,10 +1227,10 @@ def _host_functions(rt: Runtime) -> dict:
         return OK
 
     def buffer_of(buffer_id: int) -> bytes | bytearray | None:
-        if buffer_id == HTTP_REQUEST_BODY or buffer_id == HTTP_RESPONSE_BODY:
+        if buffer_id <= NETWORK_UPSTREAM_DATA:
             f = rt.filter
             if f is None or f.body_stream != buffer_id:
-                return None  # a body is the guest's only during its own body callback
+                return None  # a body (or TCP data) is the guest's only during its own callback
             return f.guest_body()
         if buffer_id == VM_CONFIGURATION:
             return rt.vm_config
@@ -1256,15 +1269,15 @@ def _host_functions(rt: Runtime) -> dict:
         if not 0 <= buffer_id <= 8:
             return BAD_ARGUMENT
         f = rt.filter
-        if (buffer_id != HTTP_REQUEST_BODY and buffer_id != HTTP_RESPONSE_BODY) or f is None:
-            return NOT_FOUND if buffer_id <= 1 else BAD_ARGUMENT
+        if buffer_id > NETWORK_UPSTREAM_DATA or f is None:
+            return NOT_FOUND if buffer_id <= NETWORK_UPSTREAM_DATA else BAD_ARGUMENT
         if f.body_stream != buffer_id:
             return NOT_FOUND
         body = f.guest_body()
         rt.charge(size)
         data = rt.read(ptr, size)
         replaced = 0 if start >= len(body) else min(length, len(body) - start)
-        if replaced != size:
+        if replaced != size and buffer_id <= HTTP_RESPONSE_BODY:
             headers = f.request if buffer_id == HTTP_REQUEST_BODY else f.response
             if headers is not None and headers.get(b"content-length") is not None:
                 # The head carrying that length has gone (or will go) as it is: a body of
@@ -1394,10 +1407,7 @@ def _host_functions(rt: Runtime) -> dict:
         f = rt.filter
         if f is None or stream_type > 3:
             return BAD_ARGUMENT
-        if stream_type > 1:
-            return UNIMPLEMENTED
-        f.resume(stream_type)
-        return OK
+        return f.continue_stream(stream_type)
 
     def proxy_close_stream(stream_type):
         """Envoy's: the request or response stream is reset once the guest returns (response
@@ -1757,6 +1767,7 @@ def _host_functions(rt: Runtime) -> dict:
 
 class WasmFactory(FilterFactory):
     name = "wasm"
+    modes = ("http", "grpc", "tcp")
     counter_names = ("traps", "out_of_fuel", "local_replies", "pause_timeouts")
 
     @classmethod
@@ -1841,11 +1852,98 @@ class WasmFactory(FilterFactory):
     def create(self) -> WasmFilter:
         return self.filter_class(self)
 
+    def create_tcp(self):
+        from pyproxy.filters.wasm_tcp import WasmTcpFilter  # lazy: TCP listeners only
+
+        return WasmTcpFilter(self)
+
     def close(self) -> None:
         self.runtime.close()
 
 
-class WasmFilter(HttpFilter):
+class StreamContext:
+    """What every stream context in the module shares (a request's, WasmFilter; a TCP
+    connection's, filters/wasm_tcp.py): its context id in the current instance, the data its
+    callback may read (`body_stream`: the buffer type being delivered, -1 none), its end."""
+
+    runtime: Runtime
+    factory: Any
+    reply: Any
+    context_id: int
+    generation: int
+    timer: Any
+    ended_ns: int
+    body: bytearray | None
+    body_parts: tuple[list[bytes] | None, bytes]
+
+    def _enter(self) -> int:
+        """Make sure this request has a context in the current instance, and fuel for one entry.
+
+        0: skip the hook; 1: the context exists; 2: new here, the guest has not created it yet.
+        """
+        rt = self.runtime
+        if self.context_id:
+            if self.generation != rt.generation:
+                return 0
+            rt.filter = self
+            rt.entry_fuel()
+            return 1
+        if not rt.usable():
+            return 0
+        rt.next_id = context_id = rt.next_id + 1 if rt.next_id < 0x7FFFFFFF else ROOT_CONTEXT_ID + 1
+        self.context_id = context_id
+        self.generation = rt.generation
+        rt.live[context_id] = self
+        rt.filter = self
+        rt.entry_fuel()
+        return 2
+
+    def _create(self) -> None:
+        """proxy_on_context_create for this request (its first hook, not joined to it)."""
+        rt = self.runtime
+        create = rt.exports.get("proxy_on_context_create")
+        if create is not None:
+            rt.call_raw(create[0], create[1], self.context_id, ROOT_CONTEXT_ID)
+
+    def guest_body(self) -> bytearray:
+        """The body the current body callback is about: what was buffered, then this chunk."""
+        body = self.body
+        if body is None:
+            held, chunk = self.body_parts
+            body = self.body = bytearray(b"".join(held)) if held else bytearray()
+            body += chunk
+        return body
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _delete_context(self) -> None:
+        context_id = self.context_id
+        rt = self.runtime
+        self.ended_ns = time.perf_counter_ns()
+        rt.live.pop(context_id, None)
+        rt.filter = self
+        rt.entry_fuel()
+        exports = rt.exports
+        try:
+            ending = rt.ending
+            if ending is not None:  # done, log and delete in one entry
+                rt.call_raw(ending[0], ending[1], context_id)
+            else:
+                for name in END_CALLBACKS:
+                    func = exports.get(name)
+                    if func is not None:
+                        rt.call_raw(func[0], func[1], context_id)
+        except WasmFault as exc:
+            rt.failed(exc, "proxy_on_done/log/delete", self.factory.counters)
+        finally:
+            rt.filter = None
+        self.reply = None  # a reply asked for after the request ended has nowhere to go
+
+
+class WasmFilter(StreamContext, HttpFilter):
     """One request's stream context in the module."""
 
     defer_destroy = True  # proxy_on_done/log/delete are guest calls: after the response has left
@@ -1906,28 +2004,6 @@ class WasmFilter(HttpFilter):
     def listener(self):
         return getattr(self.callbacks.exchange.ctx, "listener", None)
 
-    def _enter(self) -> int:
-        """Make sure this request has a context in the current instance, and fuel for one entry.
-
-        0: skip the hook; 1: the context exists; 2: new here, the guest has not created it yet.
-        """
-        rt = self.runtime
-        if self.context_id:
-            if self.generation != rt.generation:
-                return 0
-            rt.filter = self
-            rt.entry_fuel()
-            return 1
-        if not rt.usable():
-            return 0
-        rt.next_id = context_id = rt.next_id + 1 if rt.next_id < 0x7FFFFFFF else ROOT_CONTEXT_ID + 1
-        self.context_id = context_id
-        self.generation = rt.generation
-        rt.live[context_id] = self
-        rt.filter = self
-        rt.entry_fuel()
-        return 2
-
     def _decode_headers(self, headers, end_stream: bool) -> int:
         self.request = headers
         return self._headers("proxy_on_request_headers", headers, end_stream, 0)
@@ -1959,13 +2035,6 @@ class WasmFilter(HttpFilter):
         if action == PAUSE:
             return self._pause(stream, STOP)
         return CONTINUE
-
-    def _create(self) -> None:
-        """proxy_on_context_create for this request (its first hook, not joined to it)."""
-        rt = self.runtime
-        create = rt.exports.get("proxy_on_context_create")
-        if create is not None:
-            rt.call_raw(create[0], create[1], self.context_id, ROOT_CONTEXT_ID)
 
     def _decode_data(self, data, end_stream: bool) -> int:
         return self._body("proxy_on_request_body", data, end_stream, 0)
@@ -2011,15 +2080,6 @@ class WasmFilter(HttpFilter):
         if action == PAUSE:  # at the end: held until the guest continues (an http_call, say)
             return self._pause(stream, STOP_AND_BUFFER)
         return CONTINUE
-
-    def guest_body(self) -> bytearray:
-        """The body the current body callback is about: what was buffered, then this chunk."""
-        body = self.body
-        if body is None:
-            held, chunk = self.body_parts
-            body = self.body = bytearray(b"".join(held)) if held else bytearray()
-            body += chunk
-        return body
 
     def _decode_trailers(self, trailers) -> int:
         self.request_trailers = HeaderMap(trailers, {})
@@ -2099,6 +2159,15 @@ class WasmFilter(HttpFilter):
         if stream_type <= 1:
             self.reply = (RESET_STREAM, b"", [], None, b"wasm_close_stream")
 
+    def continue_stream(self, stream_type: int) -> int:
+        """proxy_continue_stream: request or response resumes; in an HTTP context, as in Envoy,
+        downstream is a no-op and upstream UNIMPLEMENTED."""
+        if stream_type == 3:
+            return UNIMPLEMENTED
+        if stream_type < 2:
+            self.resume(stream_type)
+        return OK
+
     def resume(self, stream: int) -> None:
         """proxy_continue_stream from the guest: go on after the current guest call returns."""
         if self.paused == stream:
@@ -2119,11 +2188,6 @@ class WasmFilter(HttpFilter):
         self.factory.counters[PAUSE_TIMEOUTS] += 1
         self.callbacks.send_local_reply(500, b"wasm filter paused the request and never resumed\n")
 
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
     def orphaned(self) -> None:
         """The instance holding this context was replaced: forget the context, release a pause."""
         if self.paused >= 0:
@@ -2143,26 +2207,3 @@ class WasmFilter(HttpFilter):
         if not self.context_id or self.generation != self.runtime.generation:
             return
         self._delete_context()  # guest calls the request pays for: the chain times on_destroy
-
-    def _delete_context(self) -> None:
-        context_id = self.context_id
-        rt = self.runtime
-        self.ended_ns = time.perf_counter_ns()
-        rt.live.pop(context_id, None)
-        rt.filter = self
-        rt.entry_fuel()
-        exports = rt.exports
-        try:
-            ending = rt.ending
-            if ending is not None:  # done, log and delete in one entry
-                rt.call_raw(ending[0], ending[1], context_id)
-            else:
-                for name in END_CALLBACKS:
-                    func = exports.get(name)
-                    if func is not None:
-                        rt.call_raw(func[0], func[1], context_id)
-        except WasmFault as exc:
-            rt.failed(exc, "proxy_on_done/log/delete", self.factory.counters)
-        finally:
-            rt.filter = None
-        self.reply = None  # a reply asked for after the request ended has nowhere to go

@@ -142,6 +142,9 @@ def _top(rt: Runtime, name: bytes) -> Any:
         return _DIRECTIONS.get(kind, 0)
     exchange = getattr(f.callbacks, "exchange", None)
     if exchange is None:  # a TCP connection's context: no request, no route
+        relay = getattr(f, "stream", None)
+        if name == b"upstream" and relay is not None:
+            return lambda part: _address(socket_address(relay.upstream, True), part)
         return None
     if name == b"request":
         return None if f.request is None else (lambda part: _request(f, exchange, part))

@@ -32,7 +32,7 @@ RESET_STREAM = 0
 
 DECODE_HOOKS = ("decode_headers", "decode_data", "decode_trailers")
 ENCODE_HOOKS = ("encode_headers", "encode_data", "encode_trailers")
-TCP_HOOKS = ("on_new_connection", "on_data", "on_close")
+TCP_HOOKS = ("on_new_connection", "on_data", "on_stream", "on_close")
 
 
 class FilterConfigError(ValueError):
@@ -74,6 +74,12 @@ class TcpFilter:
     `on_data(data, from_downstream, end_stream)` sees each chunk (defining it costs a hook per read);
     `data` is a view of a buffer the worker's connections share, valid during the call only:
     copy (`bytes(data)`) whatever the filter keeps.
+    `on_stream(data, from_downstream, end_stream)` instead edits or holds the stream: it returns
+    what goes on (None: `data` as it came; b"": nothing now). A filter defining it has
+    `stream` (the relay) set before its first call: `stream.release(self, data, from_downstream)`
+    hands on bytes it held, `stream.close(flag)` ends the connection; `holding(from_downstream)`
+    tells the relay to keep the FIN back while it holds bytes. `on_close(flag)` hears the end,
+    whether the relay had started or not.
     """
 
     callbacks: Any
