@@ -36,7 +36,10 @@ preopen scan). `proxy_http_call`, `proxy_grpc_call` and `proxy_grpc_stream` go t
 filters/callout.py) and answer on the root context (proxy_on_http_call_response, the
 proxy_on_grpc_* callbacks), as in Envoy; shared queues wake proxy_on_queue_ready the same way.
 Headers, bodies (during their body callback; Pause before the end buffers, as Envoy's
-StopIterationAndBuffer) and trailers are exposed to the guest. Metrics it defines live in
+StopIterationAndBuffer) and trailers are exposed to the guest; on a TCP listener, the
+connection's callbacks and data (filters/wasm_tcp.py). Attributes (proxy_get_property) are
+filters/wasm_attributes.py's. The metadata callbacks are checked, never called: Envoy calls
+them only for HTTP/2 METADATA frames, which pyproxy's codecs drop. Metrics it defines live in
 shared memory (pyproxy/guest_metrics.py) and show in /stats under their own names.
 
 Hot path: Python's `wasmtime.Func.__call__` costs ~65 µs (it re-reads the

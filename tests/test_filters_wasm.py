@@ -160,6 +160,13 @@ BAD_MODULES = {
         ' (func (export "malloc") (param i32) (result i32) i32.const 0))',
         "imports env.proxy_make_coffee, a host function pyproxy does not provide",
     ),
+    "metadata_callback_with_the_wrong_signature": (
+        '(module (memory (export "memory") 1) (func (export "proxy_abi_version_0_2_1"))'
+        ' (func (export "malloc") (param i32) (result i32) i32.const 0)'
+        ' (func (export "proxy_on_request_metadata") (param i32 i32 i32 i32) (result i32)'
+        " i32.const 0))",
+        "export proxy_on_request_metadata has signature",
+    ),
     "traps_at_start": (
         '(module (memory (export "memory") 1) (func (export "proxy_abi_version_0_2_1"))'
         ' (func (export "malloc") (param i32) (result i32) i32.const 0)'
@@ -740,3 +747,28 @@ def test_clear_route_cache_routes_the_rewritten_request_anew(start_proxy, tmp_pa
     finally:
         default.close()
         v2.close()
+
+
+# Metadata callbacks: Envoy calls them only for HTTP/2 METADATA frames, which its codec drops
+# unless allow_metadata is set, and pyproxy's codecs drop. A module exporting them loads and
+# serves; they trap if ever called.
+METADATA_CALLBACKS = """(module
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "x-seen1")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 4096))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $add (i32.const 0) (i32.const 100) (i32.const 6) (i32.const 106) (i32.const 1)))
+    (i32.const 0))
+  (func (export "proxy_on_request_metadata") (param i32 i32) (result i32) unreachable)
+  (func (export "proxy_on_response_metadata") (param i32 i32) (result i32) unreachable))"""
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
+def test_module_with_metadata_callbacks_loads_and_serves(start_proxy, tmp_path, upstream, http2):
+    proxy, port = _proxy_wat(start_proxy, tmp_path, upstream.address, "meta", METADATA_CALLBACKS)
+    version = ["--http2-prior-knowledge"] if http2 else []
+    status, _, body = split_response(curl("-i", *version, f"http://127.0.0.1:{port}/echo").stdout)
+    assert status == 200 and ["x-seen", "1"] in json.loads(body)["headers"]
+    assert proxy.listener()["filters"]["meta"]["traps"] == 0
