@@ -660,13 +660,14 @@ def test_a_body_change_that_breaks_content_length_is_refused(start_proxy, tmp_pa
 # proxy_close_stream: the request header `x-close` says which stream the guest closes: "q" the
 # request (in proxy_on_request_headers), "s" the response (in proxy_on_response_headers, read
 # from the request's headers). 2 and 3 (TCP streams) are no-ops in an HTTP context; 9 is none.
-CLOSE_STREAM = """(module
+CLOSE_STREAM = (
+    """(module
   (import "env" "proxy_close_stream" (func $close (param i32) (result i32)))
   (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
+"""
+    + _GUEST.format(pages=1)
+    + """
   (data (i32.const 100) "x-close")
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 4096))
   (func $expect (param $got i32) (param $want i32)
     (if (i32.ne (local.get $got) (local.get $want)) (then unreachable)))
   (func $asked (param $which i32) (result i32)
@@ -682,6 +683,7 @@ CLOSE_STREAM = """(module
   (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
     (if (call $asked (i32.const 115)) (then (call $expect (call $close (i32.const 1)) (i32.const 0))))
     (i32.const 0)))"""
+)
 
 
 @pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
@@ -710,16 +712,17 @@ def test_close_stream_resets_the_request_or_the_response(start_proxy, tmp_path, 
 
 # proxy_clear_route_cache: the guest rewrites :path to /v2/x and clears the route cache, then
 # reads route_name into a request header: the request is routed (and named) by the new path.
-CLEAR_ROUTE = """(module
+CLEAR_ROUTE = (
+    """(module
   (import "env" "proxy_replace_header_map_value"
     (func $replace (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
   (import "env" "proxy_clear_route_cache" (func $clear (result i32)))
   (import "env" "proxy_get_property" (func $property (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
+"""
+    + _GUEST.format(pages=1)
+    + """
   (data (i32.const 100) ":path/v2/xroute_namex-route")
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 4096))
   (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
     (drop (call $replace (i32.const 0) (i32.const 100) (i32.const 5) (i32.const 105) (i32.const 5)))
     (drop (call $clear))
@@ -727,6 +730,7 @@ CLEAR_ROUTE = """(module
     (drop (call $add (i32.const 0) (i32.const 120) (i32.const 7)
       (i32.load (i32.const 200)) (i32.load (i32.const 204))))
     (i32.const 0)))"""
+)
 
 
 def test_clear_route_cache_routes_the_rewritten_request_anew(start_proxy, tmp_path):
@@ -752,17 +756,19 @@ def test_clear_route_cache_routes_the_rewritten_request_anew(start_proxy, tmp_pa
 # Metadata callbacks: Envoy calls them only for HTTP/2 METADATA frames, which its codec drops
 # unless allow_metadata is set, and pyproxy's codecs drop. A module exporting them loads and
 # serves; they trap if ever called.
-METADATA_CALLBACKS = """(module
+METADATA_CALLBACKS = (
+    """(module
   (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
+"""
+    + _GUEST.format(pages=1)
+    + """
   (data (i32.const 100) "x-seen1")
-  (func (export "proxy_abi_version_0_2_1"))
-  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 4096))
   (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
     (drop (call $add (i32.const 0) (i32.const 100) (i32.const 6) (i32.const 106) (i32.const 1)))
     (i32.const 0))
   (func (export "proxy_on_request_metadata") (param i32 i32) (result i32) unreachable)
   (func (export "proxy_on_response_metadata") (param i32 i32) (result i32) unreachable))"""
+)
 
 
 @pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
