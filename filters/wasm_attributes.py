@@ -160,8 +160,9 @@ def _top(rt: Runtime, name: bytes) -> Any:
     if name == b"route_metadata":
         return metadata_message(route.metadata or {}) if route is not None else None
     if name in (b"cluster_name", b"cluster_metadata"):
-        if getattr(exchange, "target", None) is None or route is None:
-            return None  # the upstream is not chosen yet
+        chosen = getattr(exchange, "target", None) or getattr(exchange, "upstream", None)
+        if chosen is None or route is None:
+            return None  # the upstream is not chosen yet (the native lane's pair has one)
         cluster = route.cluster or exchange.ctx.router.default_cluster
         if cluster is None:  # the original destination: no cluster
             return None

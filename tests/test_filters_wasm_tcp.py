@@ -148,3 +148,28 @@ def test_tcp_close_stream_closes_the_connection(start_proxy, tmp_path, echo_serv
         assert _read_until_closed(client) == b""  # closed by the proxy, nothing echoed
     _wait_for(proxy, "down-close local")
     _wait_for(proxy, "tcp-log")
+
+
+def test_sdk_built_tcp_filter_edits_and_counts_the_stream(start_proxy, tmp_path, echo_server):
+    """The AssemblyScript SDK's network-filter callbacks (filters/wasm_examples/assemblyscript/
+    assembly/tcp.ts): the downstream's bytes reach the upstream upper-cased."""
+    from wasm_sdk import assemblyscript_module
+
+    wasm = assemblyscript_module("tcp")
+    body = f"""    filters:
+      - name: tcpsdk
+        type: wasm
+        config:
+          root_id: tcp
+          configuration: enabled
+          vm_config: {{code: {{local: {{filename: {wasm}}}}}}}
+"""
+    proxy, port = start_listener(start_proxy, tmp_path, echo_server.address, body, mode="tcp")
+    payload = b"hello, tcp world\n" * 1000
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.sendall(payload)
+        client.shutdown(socket.SHUT_WR)
+        assert _read_until_closed(client) == payload.upper()
+    _wait_for(proxy, f"up {len(payload)} down {len(payload)}")
+    assert "tcp: new connection" in proxy.output
+    assert "tcp: downstream closed, peer 2" in proxy.output
