@@ -38,6 +38,7 @@ _REQUEST_PSEUDO = {
 _REQUEST_HEADER = {b"id": b"x-request-id", b"useragent": b"user-agent", b"referer": b"referer"}
 # Envoy's listener_direction values (envoy.config.core.v3.TrafficDirection).
 _DIRECTIONS = {"inbound": 1, "outbound": 2}
+_XDS = frozenset((b"node", b"cluster_name", b"cluster_metadata", b"route_name", b"route_metadata"))
 # pyproxy's response flags as Envoy's ResponseFlag bits (response.flags is their OR). DR, a
 # downstream reset mid-exchange, is Envoy's DC (downstream connection termination).
 FLAG_BITS = {
@@ -128,8 +129,8 @@ def _top(rt: Runtime, name: bytes) -> Any:
     if name == b"node":
         node = local_node()
         return node_message(node.id, node.cluster, node.metadata)
-    if name == b"xds":
-        return lambda part: _top(rt, part) if part != b"xds" else None
+    if name == b"xds":  # Envoy's newer names for the same attributes
+        return lambda part: _top(rt, part) if part in _XDS else None
     f = rt.filter
     if f is None:
         return None
