@@ -27,7 +27,7 @@ from pyproxy.chain.api import socket_address
 from pyproxy.node import local_node
 
 if TYPE_CHECKING:
-    from pyproxy.filters.wasm import Runtime
+    from pyproxy.filters.wasm_runtime import Runtime
 
 _REQUEST_PSEUDO = {
     b"path": b":path",

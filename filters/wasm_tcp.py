@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pyproxy.filters.wasm import (
+from pyproxy.filters.wasm_runtime import (
     NETWORK_DOWNSTREAM_DATA,
     OK,
     PAUSE,

@@ -217,7 +217,7 @@ def test_noop_module_is_timed_as_its_own_stage(start_proxy, tmp_path, upstream):
 
 
 def test_pairs_serialization_matches_the_spec_example():
-    from pyproxy.filters.wasm import deserialize_pairs, serialize_pairs
+    from pyproxy.filters.wasm_encoding import deserialize_pairs, serialize_pairs
 
     # ABI v0.2.1 "Serialization": {"a": "1", "b": "22"}
     wire = bytes([2, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0])
