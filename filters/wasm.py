@@ -261,6 +261,7 @@ class WasmFilter(StreamContext, HttpFilter):
         "body_changed",
         "buffering",
         "ended_ns",
+        "started_ns",
         "reply_details",
     )
 
@@ -288,8 +289,17 @@ class WasmFilter(StreamContext, HttpFilter):
         self.body_stream = -1
         self.body_changed = False
         self.buffering = [False, False]
+        self.started_ns = 0  # when the request began (set with its context)
         self.ended_ns = 0  # when the request ended (its done/log callbacks began): request.duration
         self.reply_details = ""  # the details of the local reply the guest sent
+
+    def _began(self) -> None:
+        """This request's context is new: note when the request began (request.duration), from
+        its exchange, or the native lane's pair carrying it (whose start moves on with the next
+        request, so it is read now)."""
+        exchange = getattr(self.callbacks, "exchange", None)  # a stand-in chain may have none
+        pair = getattr(exchange, "pair", None)
+        self.started_ns = int(getattr(exchange, "started_ns", 0) or getattr(pair, "started_ns", 0))
 
     def downstream_socket(self):
         return downstream_socket(self.callbacks)
@@ -313,7 +323,10 @@ class WasmFilter(StreamContext, HttpFilter):
                 return self._unavailable()
             count = len(headers.headers) + len(headers.pseudo)
             context_id = self.context_id
-            joined = rt.entering.get(callback) if entered == 2 else None
+            joined = None
+            if entered == 2:
+                self._began()
+                joined = rt.entering.get(callback)
             if joined is not None:  # proxy_on_context_create and the callback in one entry
                 action = rt.call_raw(joined[0], joined[1], context_id, count, end_stream)
             else:
@@ -350,6 +363,7 @@ class WasmFilter(StreamContext, HttpFilter):
             if not entered:
                 return self._unavailable()
             if entered == 2:
+                self._began()
                 self._create()
             # The body is built only if the guest asks for it (guest_body).
             self.body, self.body_parts, self.body_stream = None, (held, data), stream
@@ -398,6 +412,7 @@ class WasmFilter(StreamContext, HttpFilter):
             if not entered:
                 return self._unavailable()
             if entered == 2:
+                self._began()
                 self._create()
             func, n = rt.exports[callback]
             action = rt.call_raw(func, n, self.context_id, len(trailers.headers))

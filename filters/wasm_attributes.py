@@ -148,7 +148,7 @@ def _top(rt: Runtime, name: bytes) -> Any:
             return lambda part: _address(socket_address(relay.upstream, True), part)
         return None
     if name == b"request":
-        return None if f.request is None else (lambda part: _request(f, exchange, part))
+        return lambda part: _request(f, exchange, part)
     if name == b"response":
         return lambda part: _response(f, exchange, part)
     if name == b"upstream":
@@ -212,7 +212,10 @@ def _upstream(exchange, part: bytes) -> Any:
 
 
 def _request(f, exchange, part: bytes) -> Any:
-    request = f.request
+    # A module without a request-header callback still reads the request (as Envoy's do).
+    request = f.request or f.callbacks.request_headers()
+    if request is None:
+        return _request_facts(f, exchange, part)
     if part == b"headers":
         return lambda name: request.get(name.lower())
     pseudo = _REQUEST_PSEUDO.get(part)
@@ -226,20 +229,25 @@ def _request(f, exchange, part: bytes) -> Any:
         return target.partition(b"?")[0]
     if part == b"query":
         return target.partition(b"?")[2]
+    return _request_facts(f, exchange, part)
+
+
+def _request_facts(f, exchange, part: bytes) -> Any:
+    """What is known of a request besides its head: protocol, size, start, duration."""
     if part == b"protocol":
         return str(getattr(exchange.downstream, "protocol", "")) or None
     if part == b"size":
         return getattr(exchange, "bytes_in", 0)
-    started = getattr(exchange, "started_ns", None)
     if part == b"time":
-        if started is None:
+        started = f.started_ns or getattr(exchange, "started_ns", 0)
+        if not started:
             return None
         return time.time_ns() - (time.perf_counter_ns() - started)
     if part == b"duration":
         # Envoy's: known once the request has completed (in proxy_on_log), as nanoseconds.
-        if started is None or not f.ended_ns:
+        if not f.started_ns or not f.ended_ns:
             return None
-        return f.ended_ns - started
+        return f.ended_ns - f.started_ns
     return None
 
 

@@ -778,3 +778,37 @@ def test_module_with_metadata_callbacks_loads_and_serves(start_proxy, tmp_path, 
     status, _, body = split_response(curl("-i", *version, f"http://127.0.0.1:{port}/echo").stdout)
     assert status == 200 and ["x-seen", "1"] in json.loads(body)["headers"]
     assert proxy.listener()["filters"]["meta"]["traps"] == 0
+
+
+# A header-only module (so the native lane may carry its requests): the response gets the
+# cluster_name attribute; proxy_on_log logs whether request.duration is known by then.
+DURATION = (
+    """(module
+  (import "env" "proxy_get_property" (func $property (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+"""
+    + _GUEST.format(pages=1)
+    + """
+  (data (i32.const 100) "request\\00durationcluster_namex-clusterduration known")
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (drop (call $property (i32.const 116) (i32.const 12) (i32.const 200) (i32.const 204)))
+    (drop (call $add (i32.const 2) (i32.const 128) (i32.const 9)
+      (i32.load (i32.const 200)) (i32.load (i32.const 204))))
+    (i32.const 0))
+  (func (export "proxy_on_log") (param i32)
+    (if (i32.eqz (call $property (i32.const 100) (i32.const 16) (i32.const 200) (i32.const 204)))
+      (then (if (i64.gt_s (i64.load (i32.load (i32.const 200))) (i64.const 0)) (then
+        (drop (call $log (i32.const 2) (i32.const 137) (i32.const 14)))))))))"""
+)
+
+
+def test_duration_and_cluster_on_a_header_only_module(start_proxy, tmp_path, upstream):
+    proxy, port = _proxy_wat(start_proxy, tmp_path, upstream.address, "dur", DURATION)
+    for _ in range(3):  # on one connection's lane and on new ones
+        status, headers, _ = split_response(curl("-i", f"http://127.0.0.1:{port}/echo").stdout)
+        assert (status, headers["x-cluster"]) == (200, "main-upstream")
+    deadline = time.monotonic() + 3
+    while proxy.output.count("duration known") < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proxy.output.count("duration known") == 3, proxy.output
