@@ -143,7 +143,7 @@ class Exchange(RequestRecord):
     def refresh_route(self, headers: HeaderMap) -> None:
         """Match the route again from the request head as the filters left it (a filter cleared
         the route cache): its cluster, timeout, name and metadata apply from now on; the filters
-        already running stay. None when no route matches (the request then gets 404)."""
+        already running stay. No route matching leaves None (the request then gets 404)."""
         host = headers.get(b"host")
         authority = headers.pseudo.get(b":authority") or b""
         if host is not None and authority == authority_of(self.request):
