@@ -203,7 +203,8 @@ local py_body_state, py_body_len, py_body_get, py_body_set =
 local py_meta_set, py_meta_get, py_meta_items = py.meta_set, py.meta_get, py.meta_items
 local py_address, py_call_start, py_b64, py_now_us = py.address, py.call_start, py.b64, py.now_us
 local py_trailers, py_use_trailers, py_route_metadata = py.trailers, py.use_trailers, py.route_metadata
-local py_import_key, py_verify = py.import_key, py.verify
+local py_import_key, py_verify, py_route_name = py.import_key, py.verify, py.route_name
+local py_filter_context, py_clear_route = py.filter_context, py.clear_route
 
 local function copy(t, skip)
   local c = {}
@@ -465,7 +466,7 @@ local function info_methods()
     downstreamDirectRemoteAddress = function() return py_address(1) end,
     requestedServerName = function() return "" end,  -- no TLS termination: no SNI
     downstreamSslConnection = function() return nil end,
-    routeName = function() return "" end,  -- pyproxy's routes have no names
+    routeName = function() return py_route_name() end,
     virtualClusterName = function() return "" end,
   }
 end
@@ -504,8 +505,8 @@ local function make_handle(request)
     connectionStreamInfo = function() return connection_stream_info end,
     connection = function() return connection end,
     route = function() return setmetatable({}, strict("route", {metadata = route_metadata})) end,
-    filterContext = function() return {} end,
-    clearRouteCache = function() end,  -- a no-op: the route is matched once, before the filters
+    filterContext = function() return py_filter_context() or {} end,
+    clearRouteCache = function() py_clear_route() end,
     base64Escape = function(_, s) return py_b64(checkstring(s, "base64Escape")) end,
     timestamp = function() return math.floor(py_now_us() / 1000) end,
     timestampString = function(_, resolution)
@@ -756,6 +757,9 @@ class _Engine:
                 b"trailers": self.trailers,
                 b"use_trailers": self.use_trailers,
                 b"route_metadata": self.route_metadata,
+                b"route_name": self.route_name,
+                b"filter_context": self.filter_context,
+                b"clear_route": self.clear_route,
                 b"meta_set": self.meta_set,
                 b"meta_get": self.meta_get,
                 b"meta_items": self.meta_items,
@@ -908,14 +912,28 @@ class _Engine:
         self.trailer_map = None if held is None else HeaderMap(held, {})
         return held is not None
 
-    def route_metadata(self):
-        route = getattr(self.filter.callbacks.exchange, "route", None)
-        metadata = getattr(route, "metadata", None)
-        if not metadata:
+    def _route_entry(self, field: str):
+        """This filter's entry (under its name, or envoy.filters.http.lua) in a per-filter map
+        of the request's route (metadata, filter_context), as a Lua table; None if none."""
+        by_filter = getattr(self.filter.callbacks.current_route(), field, None)
+        if not by_filter:
             return None
         name = self.factory.filter_name if self.factory is not None else ""
-        entry = metadata.get(name, metadata.get("envoy.filters.http.lua"))
+        entry = by_filter.get(name, by_filter.get("envoy.filters.http.lua"))
         return None if entry is None else self._to_lua(_as_bytes(entry))
+
+    def route_metadata(self):
+        return self._route_entry("metadata")
+
+    def filter_context(self):
+        """Envoy's LuaPerRoute filter_context: the route's filter_context for this filter."""
+        return self._route_entry("filter_context")
+
+    def route_name(self) -> bytes:
+        return getattr(self.filter.callbacks.current_route(), "name", "").encode()
+
+    def clear_route(self) -> None:
+        self.filter.callbacks.clear_route_cache()
 
     def use_trailers(self, on: bool) -> None:
         if on:

@@ -28,284 +28,50 @@ logs one line, and replaces the instance with a fresh one (Envoy's
 FAIL_RELOAD): the guest's memory may be inconsistent after a trap. Requests
 begun on the replaced instance skip their remaining hooks.
 
-Host functions are ABI 0.2.1's as Envoy's host implements them (README, Filters, has the
-table): the one pyproxy lacks (close_stream) answers UNIMPLEMENTED, and any
-env import outside the ABI is refused at load, by name. WASI is registered under both
-`wasi_snapshot_preview1` and `wasi_unstable`, as Envoy does; beyond clocks, random, fd_write
-(to the log) and proc_exit, WASI calls answer ENOSYS (`fd_*`: BADF, which ends wasi-libc's
-preopen scan). `proxy_http_call`, `proxy_grpc_call` and `proxy_grpc_stream` go to a configured cluster (see
-filters/callout.py) and answer on the root context (proxy_on_http_call_response, the
-proxy_on_grpc_* callbacks), as in Envoy; shared queues wake proxy_on_queue_ready the same way.
-Headers, bodies (during their body callback; Pause before the end buffers, as Envoy's
-StopIterationAndBuffer) and trailers are exposed to the guest. Metrics it defines live in
-shared memory (pyproxy/guest_metrics.py) and show in /stats under their own names.
-
-Hot path: Python's `wasmtime.Func.__call__` costs ~65 µs (it re-reads the
-function type and boxes every value), so host→guest calls go straight to the C
-API (`wasmtime_func_call_unchecked`) through wasmtime's own ctypes library with
-a preallocated argument buffer, and host functions are raw unchecked callbacks.
-A request makes three entries (plus one per body chunk or trailer section a module has a
-callback for): context create + request headers, response headers, and done + log +
-delete, each pair or triple joined by a small trampoline module instantiated next to the
-guest; proxy_log below the level never leaves wasm (LOG_SHIM). An entry (one hook's guest
-calls) always has `fuel_per_call` available; the store is refilled once per
-FUEL_BATCH entries, not before each, so a runaway entry is stopped after at
-most FUEL_BATCH × `fuel_per_call` instructions.
+The runtime (one instance, its host functions, its guest calls) is filters/wasm_runtime.py;
+a connection's context on a TCP listener is filters/wasm_tcp.py.
 """
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
 import hashlib
 import json
-import logging
-import os
-import struct
-import time
-from ctypes import CFUNCTYPE, c_char_p, c_int32, c_int64, c_size_t, c_uint32, c_uint64, c_void_p
-from typing import cast
 
 import wasmtime
-from pyproxy.filters.callout import GrpcResult, GrpcStream, grpc_call, http_call
-from wasmtime import _bindings as _capi
+from pyproxy.filters.wasm_runtime import (
+    DEFAULT_FUEL,
+    DEFAULT_MEMORY,
+    DEFAULT_PAUSE_TIMEOUT,
+    LOCAL_REPLIES,
+    OK,
+    PAUSE,
+    PAUSE_TIMEOUTS,
+    UNIMPLEMENTED,
+    CompiledModule,
+    Runtime,
+    StreamContext,
+    WasmFault,
+    check_module,
+    compile_module,
+    engine,
+)
+from pyproxy.filters.wasm_tcp import WasmTcpFilter
 
 from pyproxy.chain.api import (
     CONTINUE,
+    RESET_STREAM,
     STOP,
     STOP_AND_BUFFER,
     FilterConfigError,
     FilterFactory,
     HeaderMap,
     HttpFilter,
-    downstream_address,
+    downstream_socket,
 )
 from pyproxy.durations import parse_duration
-from pyproxy.guest_metrics import COUNTER as METRIC_COUNTER
-from pyproxy.guest_metrics import GAUGE as METRIC_GAUGE
-from pyproxy.guest_metrics import HISTOGRAM as METRIC_HISTOGRAM
-from pyproxy.guest_metrics import SLOTS as METRIC_SLOTS
-from pyproxy.guest_metrics import GuestMetrics
 from pyproxy.guest_metrics import current as worker_metrics
 
-log = logging.getLogger("pyproxy.wasm")
-
-# proxy_status_t
-OK, NOT_FOUND, BAD_ARGUMENT, INVALID_MEMORY_ACCESS, UNIMPLEMENTED = 0, 1, 2, 6, 12
-# wasi_errno_t
-WASI_SUCCESS, WASI_BADF, WASI_FAULT, WASI_INVAL, WASI_NOSYS, WASI_NOTSUP = 0, 8, 21, 28, 52, 58
-# proxy_map_type_t / proxy_buffer_type_t / proxy_stream_type_t
-REQUEST_HEADERS, REQUEST_TRAILERS, RESPONSE_HEADERS, RESPONSE_TRAILERS = 0, 1, 2, 3
-HTTP_CALL_RESPONSE_HEADERS, HTTP_CALL_RESPONSE_TRAILERS = 6, 7
-HTTP_REQUEST_BODY, HTTP_RESPONSE_BODY = 0, 1
-GRPC_INITIAL_METADATA, GRPC_TRAILING_METADATA, GRPC_RECEIVE_BUFFER = 4, 5, 5
-HTTP_CALL_RESPONSE_BODY, VM_CONFIGURATION, PLUGIN_CONFIGURATION = 4, 6, 7
-PAUSE = 1  # proxy_action_t
-
-ABI_MARKERS = ("proxy_abi_version_0_2_1", "proxy_abi_version_0_2_0", "proxy_abi_version_0_1_0")
-# Envoy registers WASI under both names: the AssemblyScript SDK's runtime imports wasi_unstable.
-WASI_MODULES = ("wasi_snapshot_preview1", "wasi_unstable")
-MAX_HTTP_CALLS = 100  # callouts in flight per instance
-MAX_QUEUES, MAX_QUEUE_ITEMS = 64, 1024
-# Host functions of ABI 0.2.1 this host does not carry out: present, answering UNIMPLEMENTED as
-# Envoy does for what it lacks. Any other env import is refused at load, by name.
-UNIMPLEMENTED_FUNCTIONS = frozenset(
-    {
-        "proxy_close_stream",
-    }
-)
-ROOT_CONTEXT_ID = 1
-DEFAULT_FUEL = 50_000_000  # a tight loop burns it in ~20 ms
-DEFAULT_MEMORY = 16 * 1024 * 1024
-DEFAULT_PAUSE_TIMEOUT = 5.0
-RESTART_BACKOFF = 1.0  # seconds between attempts to replace a failed instance
-# Fuel is granted to a request's guest entries in batches: refilling the store costs an FFI
-# call (~0.4 µs), an entry ~0.9 µs. Every FUEL_BATCH entries the store gets FUEL_BATCH x
-# fuel_per_call, so an entry that stays within fuel_per_call never runs short, and a runaway
-# one is stopped after at most FUEL_BATCH x fuel_per_call instructions.
-FUEL_BATCH = 4
-# Fuel counts guest instructions, not the host's work on the guest's behalf: a loop around a
-# host call burns little fuel per iteration but microseconds of Python, and whatever it hands
-# the host (header values, log lines) is host memory outside the guest's cap. Per entry, a
-# guest may make this many host calls and hand over this many bytes; past either it traps.
-MAX_HOST_CALLS_PER_ENTRY = 10_000
-MAX_HOST_BYTES_PER_ENTRY = 1024 * 1024
-MAX_SHARED_DATA_BYTES = 16 * 1024 * 1024  # keys + values, per instance, across entries
-WASI_IOV_MAX = 1024
-# A request's guest calls that always come together, made from one host->guest entry through
-# a small module that imports them (a wasm->wasm call costs nanoseconds, an entry ~0.9 µs).
-STREAM_CALLBACKS = ("proxy_on_request_headers", "proxy_on_response_headers")
-END_CALLBACKS = ("proxy_on_done", "proxy_on_log", "proxy_on_delete")
-
-TRAPS, OUT_OF_FUEL, LOCAL_REPLIES, PAUSE_TIMEOUTS = range(4)
-
-# Proxy-Wasm log levels (trace..critical) to logging levels, and back.
-LOG_LEVELS = (5, logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
-# SDK runtimes (AssemblyScript's, for one) call proxy_log at debug several times per hook without
-# asking proxy_get_log_level. The guest's proxy_log is this shim, a wasm function in the guest's
-# store: a line below the level drops there, without entering Python (an entry into a host
-# function costs microseconds, a wasm-to-wasm call nanoseconds); as nothing reads a dropped line,
-# its pointer is not checked. The rest goes on to the host's proxy_log. The level is the
-# proxy's logging level when the instance starts.
-LOG_SHIM_HOST = "pyproxy:host"
-LOG_SHIM = """(module
-  (import "pyproxy:host" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
-  (global $min (export "min_level") (mut i32) (i32.const 0))
-  (func (export "proxy_log") (param i32 i32 i32) (result i32)
-    (if (i32.lt_u (local.get 0) (global.get $min)) (then (return (i32.const 0))))
-    (call $log (local.get 0) (local.get 1) (local.get 2))))"""
-
-# Callbacks the host calls, with their full (v0.2.1) parameter count and result count.
-# A module may export fewer parameters (ABI v0.1.0 had no end_of_stream), never more.
-CALLBACKS = {
-    "proxy_on_memory_allocate": (1, 1),
-    "malloc": (1, 1),
-    "proxy_on_vm_start": (2, 1),
-    "proxy_on_configure": (2, 1),
-    "proxy_on_context_create": (2, 0),
-    "proxy_on_request_headers": (3, 1),
-    "proxy_on_response_headers": (3, 1),
-    "proxy_on_request_body": (3, 1),
-    "proxy_on_response_body": (3, 1),
-    "proxy_on_request_trailers": (2, 1),
-    "proxy_on_response_trailers": (2, 1),
-    "proxy_on_done": (1, 1),
-    "proxy_on_log": (1, 0),
-    "proxy_on_delete": (1, 0),
-    "proxy_on_tick": (1, 0),
-    "proxy_on_http_call_response": (5, 0),
-    "proxy_on_queue_ready": (2, 0),
-    "proxy_on_grpc_receive_initial_metadata": (3, 0),
-    "proxy_on_grpc_receive": (3, 0),
-    "proxy_on_grpc_receive_trailing_metadata": (3, 0),
-    "proxy_on_grpc_close": (3, 0),
-    "_initialize": (0, 0),
-    "_start": (0, 0),
-    "main": (2, 1),
-}
-
-# ---- the C API, typed for speed (plain ints for pointers: no ctypes object per call) -----------
-
-_dll = _capi.dll
-
-
-def _c(name: str, restype, *argtypes):
-    address = ctypes.cast(getattr(_dll, name), c_void_p).value
-    assert address, f"wasmtime's C API has no {name}"
-    return CFUNCTYPE(restype, *argtypes)(address)
-
-
-_call_unchecked = _c(
-    "wasmtime_func_call_unchecked", c_void_p, c_void_p, c_void_p, c_void_p, c_size_t, c_void_p
-)
-_set_fuel = _c("wasmtime_context_set_fuel", c_void_p, c_void_p, c_uint64)
-_memory_data = _c("wasmtime_memory_data", c_void_p, c_void_p, c_void_p)
-_memory_size = _c("wasmtime_memory_data_size", c_size_t, c_void_p, c_void_p)
-_caller_context = _c("wasmtime_caller_context", c_void_p, c_void_p)
-_trap_new = _c("wasmtime_trap_new", c_void_p, c_char_p, c_size_t)
-_HostCallback = CFUNCTYPE(c_void_p, c_void_p, c_void_p, c_void_p, c_size_t)
-_define_unchecked = _c(
-    "wasmtime_linker_define_func_unchecked",
-    c_void_p,
-    c_void_p,
-    c_char_p,
-    c_size_t,
-    c_char_p,
-    c_size_t,
-    c_void_p,
-    _HostCallback,
-    c_void_p,
-    c_void_p,
-)
-_RAW = 16  # sizeof(wasmtime_val_raw_t)
-
-
-def _addr(pointer) -> int:
-    return ctypes.cast(pointer, c_void_p).value or 0
-
-
-_engines: dict[int, wasmtime.Engine] = {}
-
-
-def _engine() -> wasmtime.Engine:
-    """One engine per process: a forked worker never touches the engine its parent compiled with."""
-    pid = os.getpid()
-    engine = _engines.get(pid)
-    if engine is None:
-        config = wasmtime.Config()
-        config.consume_fuel = True
-        config.parallel_compilation = False  # no compiler threads in a process that forks
-        engine = _engines[pid] = wasmtime.Engine(config)
-    return engine
-
-
-class CompiledModule(str):
-    """A compiled module inside a config: reads (and compares, and dumps) as its digest, pickles with its artifact."""
-
-    artifact: bytes | bytearray
-
-    def __new__(cls, digest: str, artifact: bytes | bytearray) -> CompiledModule:
-        self = super().__new__(cls, digest)
-        self.artifact = artifact
-        return self
-
-    def __reduce__(self):
-        return (CompiledModule, (str(self), self.artifact))
-
-
-class WasmFault(Exception):
-    """The guest trapped, ran out of fuel, or a call into it failed."""
-
-    def __init__(self, message: str, out_of_fuel: bool = False) -> None:
-        super().__init__(message)
-        self.out_of_fuel = out_of_fuel
-
-
-class _HostLimit(Exception):
-    """The guest asked the host for more work or memory than one entry may use."""
-
-
-class _ProcExit(Exception):
-    def __init__(self, code: int) -> None:
-        super().__init__(f"proc_exit({code})")
-        self.code = code
-
-
-# ---- pairs serialization (spec: "Serialization", little-endian) ------------------------------
-
-
-def serialize_pairs(pairs) -> bytes:
-    """count, then (key length, value length) per pair, then each key and value followed by NUL."""
-    pairs = list(pairs)
-    out = [struct.pack("<I", len(pairs))]
-    out.extend(struct.pack("<II", len(k), len(v)) for k, v in pairs)
-    for k, v in pairs:
-        out.append(k + b"\0" + v + b"\0")
-    return b"".join(out)
-
-
-def deserialize_pairs(data: bytes) -> list[tuple[bytes, bytes]]:
-    if len(data) <= 1:  # an empty map may be empty or a single NUL
-        return []
-    (count,) = struct.unpack_from("<I", data)
-    if count > (len(data) - 4) // 8:
-        raise ValueError("pair count larger than the data")
-    sizes = struct.unpack_from(f"<{2 * count}I", data, 4)
-    pos = 4 + 8 * count
-    pairs = []
-    for i in range(count):
-        klen, vlen = sizes[2 * i], sizes[2 * i + 1]
-        if pos + klen + vlen + 2 > len(data):
-            raise ValueError("pair sizes overrun the data")
-        key = data[pos : pos + klen]
-        pos += klen + 1
-        value = data[pos : pos + vlen]
-        pos += vlen + 1
-        pairs.append((key, value))
-    return pairs
-
-
-# ---- config ----------------------------------------------------------------------------------
+# ---- config --------------------------------------------------------------------------------------
 
 
 def _string(value, where: str) -> str:
@@ -373,1536 +139,12 @@ def _source(config: dict) -> tuple[str, str | bytes]:
     return field, value
 
 
-def compile_module(field: str, code: str | bytes) -> wasmtime.Module:
-    try:
-        return wasmtime.Module(_engine(), code)
-    except wasmtime.WasmtimeError as exc:
-        text = " ".join(str(exc).split())
-        raise FilterConfigError(field, f"invalid module: {text[:200]}") from None
-
-
-def check_module(field: str, module: wasmtime.Module) -> None:
-    """Refuse modules this host cannot run: ABI version, memory, allocator, callback signatures, imports."""
-    exports = {e.name: e.type for e in module.exports}
-    markers = [name for name in exports if name.startswith("proxy_abi_version_")]
-    if not markers:
-        raise FilterConfigError(field, "not a Proxy-Wasm module (no proxy_abi_version_* export)")
-    if not any(m in ABI_MARKERS for m in markers):
-        raise FilterConfigError(
-            field,
-            f"unsupported Proxy-Wasm ABI {markers[0][len('proxy_abi_version_') :].replace('_', '.')}"
-            " (supported: 0.2.1, 0.2.0, 0.1.0)",
-        )
-    if not isinstance(exports.get("memory"), wasmtime.MemoryType):
-        raise FilterConfigError(field, "the module exports no memory named `memory`")
-    if "proxy_on_memory_allocate" not in exports and "malloc" not in exports:
-        raise FilterConfigError(field, "the module exports no proxy_on_memory_allocate (or malloc)")
-    for name, (nparams, nresults) in CALLBACKS.items():
-        ty = exports.get(name)
-        if ty is None:
-            continue
-        if not isinstance(ty, wasmtime.FuncType):
-            raise FilterConfigError(field, f"export {name} is not a function")
-        params, results = [str(t) for t in ty.params], [str(t) for t in ty.results]
-        if (
-            len(params) > nparams
-            or any(p != "i32" for p in params)
-            or len(results) != nresults
-            or any(r != "i32" for r in results)
-        ):
-            raise FilterConfigError(
-                field, f"export {name} has signature {params} -> {results}, not the ABI's"
-            )
-    for imp in module.imports:
-        if imp.module != "env" and imp.module not in WASI_MODULES:
-            raise FilterConfigError(
-                field,
-                f"imports {imp.module}.{imp.name}: only env, {' and '.join(WASI_MODULES)} exist",
-            )
-        if not isinstance(imp.type, wasmtime.FuncType):
-            raise FilterConfigError(
-                field, f"imports {imp.module}.{imp.name}, which is not a function (not provided)"
-            )
-        if imp.module == "env" and imp.name not in _env_functions():
-            raise FilterConfigError(
-                field, f"imports env.{imp.name}, a host function pyproxy does not provide"
-            )
-
-
-def _env_functions() -> frozenset[str]:
-    """Every env.* name a module may import: the implemented ones and UNIMPLEMENTED_FUNCTIONS."""
-    table = _host_functions(cast(Runtime, None))  # names only: no host function is called
-    return frozenset(name for module, name in table if module == "env") | UNIMPLEMENTED_FUNCTIONS
-
-
-# ---- the runtime: one store and instance -----------------------------------------------------
-
-
-class Runtime:
-    """One instance of a module (per worker per filter) and the host functions it calls."""
-
-    def __init__(
-        self,
-        module: wasmtime.Module,
-        settings: dict,
-        loop=None,
-        metrics: GuestMetrics | None = None,
-    ) -> None:
-        self.module = module
-        self.settings = settings
-        self.loop = loop
-        self.name = settings["name"]
-        self.fuel = settings["fuel_per_call"]
-        self.vm_config = settings["vm_configuration"].encode()
-        self.plugin_config = settings["configuration"].encode()
-        self.engine = _engine()
-        self.linker = wasmtime.Linker(self.engine)
-        self._host_callbacks: list = []  # must outlive every store made from the linker
-        self._link()
-        self.generation = 0
-        self.store: wasmtime.Store | None = None
-        self.live: dict[int, WasmFilter] = {}
-        self.filter: WasmFilter | None = None  # the stream whose callback is running, None for root
-        self.next_id = ROOT_CONTEXT_ID
-        self.tick_timer = None
-        self.tick_period = 0.0
-        # proxy_define_metric's metrics: this worker's, shown in /stats (a private set when none given).
-        self.guest_metrics = metrics if metrics is not None else GuestMetrics()
-        self.shared: dict[bytes, tuple[bytes, int]] = {}
-        self.shared_bytes = 0
-        self.clusters: dict = {}  # name -> ClusterConfig, for proxy_http_call (set by the factory)
-        self.calls: dict[int, tuple[WasmFilter | None, asyncio.Task]] = {}  # token -> caller, task
-        self.streams: dict[int, GrpcStream] = {}  # proxy_grpc_stream's, by token
-        self.next_token = 0
-        self.call_response = None  # the HttpCallResult being delivered to the guest, or None
-        # The gRPC call being delivered (its GrpcResult) and what of it the current callback
-        # may read: "initial", "message", "trailing" or "close".
-        self.grpc_answer: GrpcResult | None = None
-        self.grpc_phase = ""
-        self.queues: dict[bytes, list[bytes]] = {}  # name -> items; the token is the index + 1
-        self.queue_names: list[bytes] = []
-        self.failed_at = 0.0
-        self.batch_entries = 0  # entries left on the current fuel batch (see FUEL_BATCH)
-        self.host_calls = self.host_bytes = 0  # this entry's, against the MAX_HOST_* limits
-        self.trampoline = _trampoline_module(self.engine, module)
-        self.start()
-
-    # ---- lifecycle ----------------------------------------------------------------------
-
-    def start(self) -> None:
-        """Make a fresh store and instance, then run the module's start, VM start and configure."""
-        store = wasmtime.Store(self.engine)
-        store.set_limits(memory_size=self.settings["max_memory_bytes"])
-        store.set_fuel(self.fuel)
-        try:
-            self._link_log_shim(store)
-            instance = self.linker.instantiate(store, self.module)
-        except wasmtime.WasmtimeError as exc:
-            raise WasmFault(f"instantiation failed: {_first_line(exc)}") from None
-        except wasmtime.Trap as exc:
-            raise WasmFault(f"instantiation trapped: {_first_line(exc)}") from None
-        self.generation += 1
-        self.store, self.instance = store, instance
-        self.ctx = _addr(store._context())
-        self.caller_ctx = 0  # the caller's context while a host function runs
-        exports = instance.exports(store)
-        memory = exports["memory"]
-        assert isinstance(memory, wasmtime.Memory), "checked at load"
-        self.memory = memory
-        self.memory_handle = ctypes.addressof(self.memory._memory)
-        self.exports: dict[str, tuple[int, int]] = {}
-        funcs = {}  # keep the Func objects (their handles are used by address)
-        for name in CALLBACKS:
-            func = exports.get(name) if hasattr(exports, "get") else None
-            if func is None:
-                try:
-                    func = exports[name]
-                except KeyError:
-                    continue
-            assert isinstance(func, wasmtime.Func), "callback signatures are checked at load"
-            funcs[name] = func
-            self.exports[name] = _handle(store, func)
-        # Trampolines: "enter:<callback>" (context create + the callback) and "end" (done, log,
-        # delete), made in this store from the guest's own functions.
-        self.entering: dict[str, tuple[int, int]] = {}  # by the stream callback it joins
-        self.ending: tuple[int, int] | None = None
-        if self.trampoline is not None:
-            module, imported = self.trampoline
-            joined = wasmtime.Instance(store, module, [funcs[name] for name in imported])
-            joined_exports = joined.exports(store)
-            for name in [f"enter:{n}" for n in STREAM_CALLBACKS] + ["end"]:
-                try:
-                    func = joined_exports[name]
-                except KeyError:
-                    continue
-                assert isinstance(func, wasmtime.Func)
-                funcs[f"joined:{name}"] = func
-                if name == "end":
-                    self.ending = _handle(store, func)
-                else:
-                    self.entering[name.removeprefix("enter:")] = _handle(store, func)
-        self._funcs = list(funcs.values())
-        # One of the two exists: checked at load.
-        self.alloc = self.exports.get("proxy_on_memory_allocate") or self.exports["malloc"]
-        # Argument/result buffers: one for host→guest entries, one for allocations made from a host function.
-        self.raw = (c_int32 * (4 * 8))()
-        self.raw_addr = ctypes.addressof(self.raw)
-        self.raw_alloc = (c_int32 * 4)()
-        self.raw_alloc_addr = ctypes.addressof(self.raw_alloc)
-        self.trapbox = c_void_p()
-        self.trap_addr = ctypes.addressof(self.trapbox)
-        self.live.clear()
-        self.filter = None
-        self.batch_entries = 0
-        self._init_guest()
-
-    def _init_guest(self) -> None:
-        exports = self.exports
-        self.refuel()
-        try:
-            if "_initialize" in exports:
-                self.call("_initialize")
-                if "main" in exports:
-                    self.call("main", 0, 0)
-            elif "_start" in exports:
-                self.call("_start")
-        except WasmFault as exc:
-            if "proc_exit(0)" not in str(exc):
-                raise
-        self.refuel()
-        if "proxy_on_context_create" in exports:
-            self.call("proxy_on_context_create", ROOT_CONTEXT_ID, 0)
-        if "proxy_on_vm_start" in exports:
-            if not self.call("proxy_on_vm_start", ROOT_CONTEXT_ID, len(self.vm_config)):
-                raise WasmFault("proxy_on_vm_start returned false")
-        self.refuel()
-        if "proxy_on_configure" in exports:
-            if not self.call("proxy_on_configure", ROOT_CONTEXT_ID, len(self.plugin_config)):
-                raise WasmFault(
-                    "proxy_on_configure returned false (plugin refused its configuration)"
-                )
-
-    def refuel(self) -> None:
-        """Exactly fuel_per_call for the next entry (start-up, ticks); ends the current batch."""
-        _set_fuel(self.ctx, self.fuel)
-        self.batch_entries = 0
-        self.host_calls = self.host_bytes = 0
-
-    def entry_fuel(self) -> None:
-        """A request's guest entry: refill only when the current batch is used up (FUEL_BATCH)."""
-        self.host_calls = self.host_bytes = 0
-        if self.batch_entries:
-            self.batch_entries -= 1
-        else:
-            _set_fuel(self.ctx, self.fuel * FUEL_BATCH)
-            self.batch_entries = FUEL_BATCH - 1
-
-    def charge(self, size: int) -> None:
-        """Bytes the guest hands the host to keep or emit (headers, logs, shared data)."""
-        self.host_bytes += size
-        if self.host_bytes > MAX_HOST_BYTES_PER_ENTRY:
-            raise _HostLimit(f"more than {MAX_HOST_BYTES_PER_ENTRY} bytes handed to the host")
-
-    def close(self) -> None:
-        if self.tick_timer is not None:
-            self.tick_timer.cancel()
-            self.tick_timer = None
-        self.cancel_calls()
-        self.live.clear()
-        self.store = None
-
-    def failed(self, exc: WasmFault, where: str, counters) -> None:
-        """A trap: count it, log one line, and replace the instance (its memory may be inconsistent)."""
-        counters[OUT_OF_FUEL if exc.out_of_fuel else TRAPS] += 1
-        log.warning("wasm filter %s: %s in %s; request answered 500", self.name, exc, where)
-        for f in list(self.live.values()):
-            f.orphaned()
-        self.cancel_calls()
-        self.restart()
-
-    def restart(self) -> None:
-        self.failed_at = time.monotonic()
-        try:
-            self.start()
-        except WasmFault as exc:
-            self.store = None
-            log.error("wasm filter %s: could not restart the VM: %s", self.name, exc)
-
-    def usable(self) -> bool:
-        if self.store is not None:
-            return True
-        if time.monotonic() - self.failed_at >= RESTART_BACKOFF:
-            self.restart()
-        return self.store is not None
-
-    # ---- host → guest -------------------------------------------------------------------
-
-    def call(self, name: str, a: int = 0, b: int = 0, c: int = 0) -> int:
-        """Call an export by name (start-up and rare paths); raises WasmFault."""
-        func, n = self.exports[name]
-        return self.call_raw(func, n, a, b, c)
-
-    def call_raw(self, func: int, n: int, a: int = 0, b: int = 0, c: int = 0) -> int:
-        raw = self.raw
-        raw[0] = a
-        raw[4] = b
-        raw[8] = c
-        error = _call_unchecked(self.ctx, func, self.raw_addr, n, self.trap_addr)
-        if error or self.trapbox.value:
-            raise self._fault(error)
-        return raw[0]
-
-    def _fault(self, error: int | None) -> WasmFault:
-        if self.trapbox.value:
-            trap = wasmtime.Trap._from_ptr(
-                ctypes.cast(self.trapbox.value, ctypes.POINTER(_capi.wasm_trap_t))
-            )
-            self.trapbox.value = None
-            code = trap.trap_code
-            out_of_fuel = code == wasmtime.TrapCode.OUT_OF_FUEL
-            if code is not None:  # e.g. "unreachable", "out of fuel", "memory out of bounds"
-                message = code.name.lower().replace("_", " ")
-            else:  # a host function's trap (proc_exit, a failed nested call): its message
-                message = " ".join(str(trap).split())[:200]
-            return WasmFault(f"trap: {message}", out_of_fuel)
-        assert error, "no trap, so the call returned an error"
-        err = wasmtime.WasmtimeError._from_ptr(
-            ctypes.cast(error, ctypes.POINTER(_capi.wasmtime_error_t))
-        )
-        return WasmFault(f"error: {_first_line(err)}")
-
-    def _allocate(self, size: int) -> int:
-        """Memory in the guest, from inside a host function (uses the caller's context)."""
-        func, n = self.alloc
-        raw = self.raw_alloc
-        raw[0] = size
-        ctx = self.caller_ctx or self.ctx
-        error = _call_unchecked(ctx, func, self.raw_alloc_addr, n, self.trap_addr)
-        if error or self.trapbox.value:
-            raise self._fault(error)
-        return raw[0] & 0xFFFFFFFF
-
-    # ---- guest memory -------------------------------------------------------------------
-
-    def _bounds(self, ptr: int, size: int) -> int:
-        ctx = self.caller_ctx or self.ctx
-        if ptr + size > _memory_size(ctx, self.memory_handle):
-            raise IndexError
-        return _memory_data(ctx, self.memory_handle) + ptr
-
-    def check(self, ptr: int, size: int) -> None:
-        """Raise IndexError (INVALID_MEMORY_ACCESS) unless [ptr, ptr + size) is guest memory."""
-        if ptr + size > _memory_size(self.caller_ctx or self.ctx, self.memory_handle):
-            raise IndexError
-
-    def read(self, ptr: int, size: int) -> bytes:
-        return ctypes.string_at(self._bounds(ptr, size), size) if size else b""
-
-    def write(self, ptr: int, data: bytes) -> None:
-        ctypes.memmove(self._bounds(ptr, len(data)), data, len(data))
-
-    def write_u32(self, ptr: int, value: int) -> None:
-        c_uint32.from_address(self._bounds(ptr, 4)).value = value
-
-    def write_u64(self, ptr: int, value: int) -> None:
-        c_uint64.from_address(self._bounds(ptr, 8)).value = value
-
-    def give(self, data: bytes, ret_ptr: int, ret_size: int) -> int:
-        """Copy `data` into guest-allocated memory and return (pointer, size) through the out-params."""
-        ptr = 0
-        if data:
-            ptr = self._allocate(len(data))
-            if not ptr:
-                return INVALID_MEMORY_ACCESS
-            self.write(ptr, data)
-        self.write_u32(ret_ptr, ptr)
-        self.write_u32(ret_size, len(data))
-        return OK
-
-    # ---- linking ------------------------------------------------------------------------
-
-    def _link(self) -> None:
-        host = _host_functions(self)
-        self.log_shim: wasmtime.Module | None = None
-        for imp in self.module.imports:
-            ty = imp.type
-            # Checked at load: every import is a named function.
-            assert isinstance(ty, wasmtime.FuncType) and imp.name is not None
-            signature = ([str(t) for t in ty.params], [str(t) for t in ty.results])
-            entry = host.get((imp.module, imp.name))
-            module = imp.module
-            if entry is not None and (entry[0], entry[1]) == signature:
-                impl = entry[2]
-                # settings["log_shim"]: False only to measure the shim (bench/wasm_cost.py).
-                if (module, imp.name) == ("env", "proxy_log") and self.settings.get(
-                    "log_shim", True
-                ):
-                    # The guest gets the shim's proxy_log (see LOG_SHIM); the host's sits behind it.
-                    module = LOG_SHIM_HOST
-                    self.log_shim = wasmtime.Module(self.engine, LOG_SHIM)
-                    self.linker.allow_shadowing = True
-            else:
-                impl = _stub(imp.module, imp.name, signature[1])
-            self._define(module, imp.name, ty, signature, impl)
-
-    def _link_log_shim(self, store: wasmtime.Store) -> None:
-        """This store's proxy_log: the shim, instantiated in it, with the current level."""
-        if self.log_shim is None:
-            return
-        shim = self.linker.instantiate(store, self.log_shim)
-        exports = shim.exports(store)
-        level = exports["min_level"]
-        assert isinstance(level, wasmtime.Global)
-        level.set_value(store, wasmtime.Val.i32(_log_level()))
-        self.linker.define(store, "env", "proxy_log", exports["proxy_log"])
-
-    def _define(self, module: str, name: str, ty, signature, impl) -> None:
-        params, results = signature
-        fmt = "<" + "".join("q8x" if p == "i64" else "I12x" for p in params)
-        size = _RAW * len(params)
-        result = results[0] if results else None
-        unpack = struct.Struct(fmt).unpack_from if params else None
-        runtime = self
-        label = f"{module}.{name}"
-
-        def callback(_env, caller, args, _nargs):
-            runtime.host_calls += 1
-            if runtime.host_calls > MAX_HOST_CALLS_PER_ENTRY:
-                return _make_trap(f"more than {MAX_HOST_CALLS_PER_ENTRY} host calls in one entry")
-            outer = runtime.caller_ctx
-            runtime.caller_ctx = _caller_context(caller)
-            try:
-                values = unpack(ctypes.string_at(args, size)) if unpack else ()
-                try:
-                    value = impl(*values)
-                except IndexError:
-                    value = WASI_FAULT if module != "env" else INVALID_MEMORY_ACCESS
-                if result == "i32":
-                    c_uint32.from_address(args).value = value & 0xFFFFFFFF
-                elif result == "i64":
-                    c_int64.from_address(args).value = value
-                elif result is not None:
-                    ctypes.memset(args, 0, _RAW)
-                return None
-            except WasmFault as exc:  # a nested call into the guest failed: unwind the guest too
-                return _make_trap(str(exc))
-            except (_ProcExit, _HostLimit) as exc:
-                return _make_trap(str(exc))
-            except Exception as exc:  # a host bug must not take the proxy down: the guest traps
-                log.exception("wasm filter %s: host function %s failed", runtime.name, label)
-                return _make_trap(f"host function {label} failed: {exc}")
-            finally:
-                runtime.caller_ctx = outer
-
-        cb = _HostCallback(callback)
-        self._host_callbacks.append(cb)
-        m, n = module.encode(), name.encode()
-        error = _define_unchecked(
-            _addr(self.linker.ptr()), m, len(m), n, len(n), _addr(ty.ptr()), cb, None, None
-        )
-        if error:
-            err = wasmtime.WasmtimeError._from_ptr(
-                ctypes.cast(error, ctypes.POINTER(_capi.wasmtime_error_t))
-            )
-            raise WasmFault(f"cannot link {label}: {err}")
-
-    # ---- HTTP callouts (proxy_http_call) ---------------------------------------------------
-
-    def dispatch_call(self, cluster, pairs, body: bytes, timeout: float) -> int:
-        """Start a callout for the current context; returns its token (the answer comes later)."""
-        self.next_token = token = self.next_token % 0x7FFFFFFF + 1
-        caller = self.filter
-        task = self.loop.create_task(http_call(cluster, pairs, body, timeout))
-        self.calls[token] = (caller, task)
-        generation = self.generation
-        task.add_done_callback(lambda done: self._call_done(token, generation, done))
-        return token
-
-    def dispatch_grpc(self, cluster, path: bytes, metadata, message: bytes, timeout: float) -> int:
-        """Start a unary gRPC call; its answer arrives on the root context, callback by callback."""
-        self.next_token = token = self.next_token % 0x7FFFFFFF + 1
-        task = self.loop.create_task(grpc_call(cluster, path, metadata, message, timeout))
-        self.calls[token] = (self.filter, task)
-        generation = self.generation
-        task.add_done_callback(lambda done: self._grpc_done(token, generation, done))
-        return token
-
-    def _grpc_done(self, token: int, generation: int, task: asyncio.Task) -> None:
-        """As Envoy's host: initial metadata, the message, trailing metadata, then close with the
-        status; a failed call only closes. Each callback only if the module exports it."""
-        entry = self.calls.pop(token, None)
-        if entry is None or task.cancelled() or generation != self.generation or self.store is None:
-            return
-        answer: GrpcResult = task.result()
-        steps: list[tuple[str, str, int]] = []
-        if answer.status == 0 and answer.response is not None:
-            steps = [
-                ("proxy_on_grpc_receive_initial_metadata", "initial", len(answer.initial_metadata)),
-                ("proxy_on_grpc_receive", "message", len(answer.response)),
-                (
-                    "proxy_on_grpc_receive_trailing_metadata",
-                    "trailing",
-                    len(answer.trailing_metadata),
-                ),
-            ]
-        steps.append(("proxy_on_grpc_close", "close", answer.status))
-        caller = entry[0]
-        for name, phase, value in steps:
-            if not self._grpc_callback(name, phase, answer, token, value, caller, generation):
-                return
-        if caller is not None and caller.reply is not None:
-            caller._send_reply()
-
-    def _grpc_callback(
-        self, name: str, phase: str, answer: GrpcResult, token: int, value: int, caller, generation
-    ) -> bool:
-        """One proxy_on_grpc_* callback on the root context (if exported), with `answer` what
-        its buffer, metadata and status read; False when the instance failed in it."""
-        callback = self.exports.get(name)
-        if callback is None or self.store is None or generation != self.generation:
-            return generation == self.generation and self.store is not None
-        self.grpc_answer, self.grpc_phase, self.filter = answer, phase, None
-        try:
-            self.refuel()
-            raw = self.raw
-            raw[0], raw[4], raw[8] = ROOT_CONTEXT_ID, token, value
-            error = _call_unchecked(
-                self.ctx, callback[0], self.raw_addr, callback[1], self.trap_addr
-            )
-            if error or self.trapbox.value:
-                exc = self._fault(error)
-                if caller is not None and caller.generation == self.generation:
-                    caller._fault(exc, name)
-                else:
-                    self.failed(exc, name, [0] * 4)
-                return False
-            return True
-        finally:
-            self.grpc_answer, self.grpc_phase, self.filter = None, "", None
-
-    # ---- gRPC streams (proxy_grpc_stream) ------------------------------------------------
-
-    def open_grpc_stream(self, cluster, path: bytes, metadata) -> int:
-        """Start a streaming call for the current context; its events arrive on the root context."""
-        self.next_token = token = self.next_token % 0x7FFFFFFF + 1
-        caller, generation = self.filter, self.generation
-
-        def deliver(kind: str, value) -> None:
-            self._grpc_stream_event(token, generation, caller, kind, value)
-
-        self.streams[token] = GrpcStream(self.loop, cluster, path, metadata, deliver)
-        return token
-
-    def _grpc_stream_event(self, token: int, generation: int, caller, kind: str, value) -> None:
-        """As Envoy's host: each event of a stream to its callback. After close the token is gone
-        if the guest had closed its side, else it stays until proxy_grpc_close/cancel."""
-        stream = self.streams.get(token)
-        if stream is None:
-            return
-        if kind == "close" and stream.local_closed:
-            del self.streams[token]
-        if generation != self.generation or self.store is None:
-            return
-        if kind == "initial":
-            answer = GrpcResult(0, b"", value, None, [])
-            step = ("proxy_on_grpc_receive_initial_metadata", "initial", len(value))
-        elif kind == "message":
-            answer = GrpcResult(0, b"", [], value, [])
-            step = ("proxy_on_grpc_receive", "message", len(value))
-        elif kind == "trailing":
-            answer = GrpcResult(0, b"", [], None, value)
-            step = ("proxy_on_grpc_receive_trailing_metadata", "trailing", len(value))
-        else:
-            status, message = value
-            answer = GrpcResult(status, message, [], None, [])
-            step = ("proxy_on_grpc_close", "close", status)
-        if self._grpc_callback(*step[:2], answer, token, step[2], caller, generation):
-            if caller is not None and caller.reply is not None:
-                caller._send_reply()
-
-    def cancel_call(self, token: int) -> bool:
-        """proxy_grpc_cancel (and close, for a unary call or a stream): drop a call in flight;
-        its callbacks never come. Envoy's host: closing a stream half-closes it instead
-        (close_stream), see proxy_grpc_close."""
-        stream = self.streams.pop(token, None)
-        if stream is not None:
-            stream.cancel()
-            return True
-        entry = self.calls.pop(token, None)
-        if entry is None:
-            return False
-        entry[1].cancel()
-        return True
-
-    def cancel_calls(self, caller: WasmFilter | None = None) -> None:
-        """Drop callouts: a stream's when it ends (nobody to resume), all when the instance goes.
-        gRPC streams belong to the instance (the root context hears them): only it ends them."""
-        for token, (owner, task) in list(self.calls.items()):
-            if caller is None or owner is caller:
-                del self.calls[token]
-                task.cancel()
-        if caller is None:
-            for token in list(self.streams):
-                self.streams.pop(token).cancel()
-
-    def _call_done(self, token: int, generation: int, task: asyncio.Task) -> None:
-        """Envoy's host calls proxy_on_http_call_response on the root context; an SDK sets the
-        effective context to the stream that asked. A failed call arrives with no headers."""
-        entry = self.calls.pop(token, None)
-        if entry is None or task.cancelled() or generation != self.generation or self.store is None:
-            return
-        exc = task.exception()
-        if exc is not None:
-            log.info("wasm filter %s: http call %d failed: %s", self.name, token, exc)
-            result = None
-        else:
-            result = task.result()
-        callback = self.exports.get("proxy_on_http_call_response")
-        if callback is None:
-            return
-        caller = entry[0]
-        self.call_response = result
-        self.filter = None
-        self.refuel()
-        nheaders = len(result.headers) if result else 0
-        ntrailers = len(result.trailers) if result else 0
-        body_size = len(result.body) if result else 0
-        try:
-            self.call5(callback, ROOT_CONTEXT_ID, token, nheaders, body_size, ntrailers)
-        except WasmFault as exc:
-            if caller is not None and caller.generation == self.generation:
-                caller._fault(exc, "proxy_on_http_call_response")
-            else:
-                self.failed(exc, "proxy_on_http_call_response", [0] * 4)
-            return
-        finally:
-            self.call_response = None
-            self.filter = None
-        if caller is not None and caller.reply is not None:
-            caller._send_reply()
-
-    def call5(self, func: tuple[int, int], a: int, b: int, c: int, d: int, e: int) -> int:
-        """A five-argument callback (proxy_on_http_call_response): rare, so no fast path."""
-        raw = self.raw
-        for i, value in enumerate((a, b, c, d, e)):
-            raw[4 * i] = value
-        error = _call_unchecked(self.ctx, func[0], self.raw_addr, func[1], self.trap_addr)
-        if error or self.trapbox.value:
-            raise self._fault(error)
-        return raw[0]
-
-    # ---- shared queues ------------------------------------------------------------------
-
-    def queue_ready(self, token: int) -> None:
-        """proxy_on_queue_ready on the root context, after the enqueuing call has returned."""
-        callback = self.exports.get("proxy_on_queue_ready")
-        if callback is None or self.loop is None:
-            return
-        generation = self.generation
-
-        def deliver() -> None:
-            if self.store is None or generation != self.generation:
-                return
-            self.filter = None
-            self.refuel()
-            try:
-                self.call_raw(callback[0], callback[1], ROOT_CONTEXT_ID, token)
-            except WasmFault as exc:
-                log.warning("wasm filter %s: %s in proxy_on_queue_ready", self.name, exc)
-                self.restart()
-
-        self.loop.call_soon(deliver)
-
-    # ---- ticks --------------------------------------------------------------------------
-
-    def set_tick(self, ms: int) -> int:
-        if self.tick_timer is not None:
-            self.tick_timer.cancel()
-            self.tick_timer = None
-        self.tick_period = ms / 1000
-        if ms and self.loop is not None and "proxy_on_tick" in self.exports:
-            self.tick_timer = self.loop.call_later(self.tick_period, self._tick)
-        return OK
-
-    def _tick(self) -> None:
-        self.tick_timer = None
-        if self.store is None:
-            return
-        self.filter = None
-        self.refuel()
-        try:
-            self.call("proxy_on_tick", ROOT_CONTEXT_ID)
-        except WasmFault as exc:
-            log.warning("wasm filter %s: %s in proxy_on_tick", self.name, exc)
-            self.restart()
-            return
-        if self.tick_period and self.tick_timer is None and self.store is not None:
-            self.tick_timer = self.loop.call_later(self.tick_period, self._tick)
-
-
-def _handle(store: wasmtime.Store, func: wasmtime.Func) -> tuple[int, int]:
-    """(the function's handle address, the raw buffer slots a call needs) for call_raw."""
-    ty = func.type(store)
-    return ctypes.addressof(func._func), max(len(ty.params), len(ty.results), 1)
-
-
-def _trampoline_module(
-    engine: wasmtime.Engine, module: wasmtime.Module
-) -> tuple[wasmtime.Module, list[str]] | None:
-    """A module importing the guest's per-request callbacks and exporting them joined: one entry
-    per hook instead of two or three. None when nothing can be joined (ABI counts checked at load)."""
-    shapes = {
-        e.name: (len(e.type.params), len(e.type.results))
-        for e in module.exports
-        if isinstance(e.type, wasmtime.FuncType)
-    }
-    imported: list[str] = []
-    decls, bodies = [], []
-
-    def declare(name: str) -> None:
-        params, results = shapes[name]
-        imported.append(name)
-        decls.append(
-            f'(import "guest" "{name}" (func ${name}'
-            + " (param i32)" * params
-            + " (result i32)" * results
-            + "))"
-        )
-
-    def call(name: str, args: list[str]) -> str:
-        params, results = shapes[name]
-        text = f"(call ${name} {' '.join(args[:params])})"
-        return f"(drop {text})" if results else text
-
-    create = "proxy_on_context_create"
-    if create in shapes:
-        for name in STREAM_CALLBACKS:
-            params = shapes.get(name, (0, 0))[0]
-            if not params:
-                continue  # no context id to create with: called the plain way
-            if create not in imported:
-                declare(create)
-            declare(name)
-            args = [f"(local.get {i})" for i in range(params)]
-            bodies.append(
-                f'(func (export "enter:{name}")'
-                + " (param i32)" * params
-                + " (result i32)"
-                + call(create, ["(local.get 0)", f"(i32.const {ROOT_CONTEXT_ID})"])
-                + f"(call ${name} {' '.join(args)}))"
-            )
-    ending = [name for name in END_CALLBACKS if name in shapes]
-    if len(ending) > 1:
-        for name in ending:
-            declare(name)
-        bodies.append(
-            '(func (export "end") (param i32) '
-            + " ".join(call(name, ["(local.get 0)"]) for name in ending)
-            + ")"
-        )
-    if not bodies:
-        return None
-    return wasmtime.Module(engine, "(module " + " ".join(decls + bodies) + ")"), imported
-
-
-def _grpc_cluster(service: bytes) -> str:
-    """The cluster a proxy_grpc_call names: a serialized GrpcService's envoy_grpc.cluster_name
-    (field 1, inside field 1), else the bytes themselves as a name."""
-    inner = _proto_field(service, 1)
-    name = _proto_field(inner, 1) if inner is not None else None
-    return (name if name is not None else service).decode(errors="replace")
-
-
-def _grpc_target(service: bytes, method: bytes, metadata: bytes):
-    """(path, metadata pairs) of a gRPC call the guest asked for, or None if malformed."""
-    if not service or not method or b"/" in service or b"/" in method:
-        return None
-    try:
-        pairs = deserialize_pairs(metadata)
-    except (ValueError, struct.error):
-        return None
-    if any(k[:1] == b":" or not k for k, _ in pairs):
-        return None
-    return b"/" + service + b"/" + method, pairs
-
-
-def _proto_field(data: bytes, number: int) -> bytes | None:
-    """The first length-delimited field `number` of a protobuf message, if data parses as one
-    made only of such fields (anything else: None)."""
-    pos = 0
-    while pos < len(data):
-        key, pos = _varint(data, pos)
-        if key is None or key & 7 != 2:
-            return None
-        size, pos = _varint(data, pos)
-        if size is None or pos + size > len(data):
-            return None
-        if key >> 3 == number:
-            return data[pos : pos + size]
-        pos += size
-    return None
-
-
-def _varint(data: bytes, pos: int) -> tuple[int | None, int]:
-    value = shift = 0
-    while pos < len(data) and shift < 64:
-        byte = data[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return value, pos
-        shift += 7
-    return None, pos
-
-
-def _log_level() -> int:
-    """The lowest Proxy-Wasm log level the proxy's logging lets through (5: critical only)."""
-    effective = log.getEffectiveLevel()
-    return next((i for i, lv in enumerate(LOG_LEVELS) if lv >= effective), 5)
-
-
-def _first_line(exc: BaseException) -> str:
-    """The line that says what went wrong: wasmtime puts a host trap's reason under "Caused by:"."""
-    text = str(exc).strip()
-    head, _, cause = text.partition("Caused by:")
-    lines = cause.strip().splitlines() or head.strip().splitlines()
-    return lines[0].strip() if lines else type(exc).__name__
-
-
-def _make_trap(message: str) -> int:
-    data = message.encode()
-    return _trap_new(data, len(data))
-
-
-def _stub(module: str, name: str, results: list[str]):
-    if module == "env":
-        answer = UNIMPLEMENTED
-    elif name.startswith("fd_"):
-        answer = WASI_BADF
-    else:
-        answer = WASI_NOSYS
-
-    def stub(*_args) -> int | None:
-        return answer if results else None
-
-    return stub
-
-
-# ---- host functions --------------------------------------------------------------------------
-
-
-def _host_functions(rt: Runtime) -> dict:
-    """(module, name) -> (param types, result types, implementation), per the v0.2.1 spec."""
-    I, L = "i32", "i64"  # noqa: E741
-
-    def headers_of(map_id: int):
-        if map_id == GRPC_INITIAL_METADATA or map_id == GRPC_TRAILING_METADATA:
-            grpc_answer = rt.grpc_answer
-            if grpc_answer is None:
-                return None
-            if map_id == GRPC_INITIAL_METADATA:
-                return HeaderMap(list(grpc_answer.initial_metadata), {})
-            return HeaderMap(list(grpc_answer.trailing_metadata), {})
-        if map_id == HTTP_CALL_RESPONSE_HEADERS or map_id == HTTP_CALL_RESPONSE_TRAILERS:
-            answer = rt.call_response
-            if answer is None:
-                return None
-            pairs = answer.headers if map_id == HTTP_CALL_RESPONSE_HEADERS else answer.trailers
-            return HeaderMap(
-                [p for p in pairs if p[0][:1] != b":"], dict(p for p in pairs if p[0][:1] == b":")
-            )
-        f = rt.filter
-        if f is None:
-            return None
-        if map_id == REQUEST_HEADERS:
-            return f.request
-        if map_id == RESPONSE_HEADERS:
-            return f.response
-        if map_id == REQUEST_TRAILERS:
-            return f.request_trailers
-        if map_id == RESPONSE_TRAILERS:
-            return f.response_trailers
-        return None
-
-    def known_map(map_id: int) -> bool:
-        return 0 <= map_id <= 7
-
-    def proxy_log(level, ptr, size):
-        if level > 5:
-            return BAD_ARGUMENT
-        py_level = LOG_LEVELS[level]
-        if not log.isEnabledFor(py_level):
-            # Below the level the shim had when the instance started (the level has risen
-            # since): dropped, only bounds-checked.
-            rt.check(ptr, size)
-            return OK
-        rt.charge(size)
-        message = rt.read(ptr, size)
-        log.log(py_level, "wasm filter %s: %s", rt.name, message.decode(errors="replace"))
-        return OK
-
-    def proxy_get_log_level(ret):
-        rt.write_u32(ret, _log_level())
-        return OK
-
-    def proxy_get_current_time_nanoseconds(ret):
-        rt.write_u64(ret, time.time_ns())
-        return OK
-
-    def buffer_of(buffer_id: int) -> bytes | bytearray | None:
-        if buffer_id == HTTP_REQUEST_BODY or buffer_id == HTTP_RESPONSE_BODY:
-            f = rt.filter
-            if f is None or f.body_stream != buffer_id:
-                return None  # a body is the guest's only during its own body callback
-            return f.guest_body()
-        if buffer_id == VM_CONFIGURATION:
-            return rt.vm_config
-        if buffer_id == PLUGIN_CONFIGURATION:
-            return rt.plugin_config
-        if buffer_id == HTTP_CALL_RESPONSE_BODY and rt.call_response is not None:
-            return rt.call_response.body
-        if buffer_id == GRPC_RECEIVE_BUFFER and rt.grpc_phase == "message":
-            assert rt.grpc_answer is not None, "set with the phase"
-            return rt.grpc_answer.response
-        return None
-
-    def proxy_get_buffer_bytes(buffer_id, start, max_size, ret_ptr, ret_size):
-        data = buffer_of(buffer_id)
-        if data is None:
-            return NOT_FOUND if 0 <= buffer_id <= 8 else BAD_ARGUMENT
-        if start > len(data):
-            return BAD_ARGUMENT
-        chunk = bytes(data[start : start + max_size])
-        if not chunk:  # as Envoy's host: nothing to copy, the out-params are left alone
-            return OK
-        return rt.give(chunk, ret_ptr, ret_size)
-
-    def proxy_get_buffer_status(buffer_id, ret_size, ret_flags):
-        data = buffer_of(buffer_id)
-        if data is None:
-            return NOT_FOUND if 0 <= buffer_id <= 8 else BAD_ARGUMENT
-        rt.write_u32(ret_size, len(data))
-        rt.write_u32(ret_flags, 0)
-        return OK
-
-    def proxy_set_buffer_bytes(buffer_id, start, length, ptr, size):
-        """Envoy's rule, made whole: bytes [start, start + length) of the buffer become the data
-        (start 0 with length 0 prepends; a start at or past the end appends). Only the body
-        being delivered to the guest can be written."""
-        if not 0 <= buffer_id <= 8:
-            return BAD_ARGUMENT
-        f = rt.filter
-        if (buffer_id != HTTP_REQUEST_BODY and buffer_id != HTTP_RESPONSE_BODY) or f is None:
-            return NOT_FOUND if buffer_id <= 1 else BAD_ARGUMENT
-        if f.body_stream != buffer_id:
-            return NOT_FOUND
-        body = f.guest_body()
-        rt.charge(size)
-        data = rt.read(ptr, size)
-        replaced = 0 if start >= len(body) else min(length, len(body) - start)
-        if replaced != size:
-            headers = f.request if buffer_id == HTTP_REQUEST_BODY else f.response
-            if headers is not None and headers.get(b"content-length") is not None:
-                # The head carrying that length has gone (or will go) as it is: a body of
-                # another length would break the message's framing. Remove content-length
-                # in the headers callback first, as the SDKs' body examples do.
-                return BAD_ARGUMENT
-        if start >= len(body):
-            body += data
-        else:
-            body[start : start + length] = data
-        f.body_changed = True
-        return OK
-
-    def proxy_get_configuration(ret_ptr, ret_size):  # ABI v0.1.0
-        return rt.give(rt.plugin_config, ret_ptr, ret_size)
-
-    def proxy_get_header_map_value(map_id, kptr, ksize, ret_ptr, ret_size):
-        if not known_map(map_id):
-            return BAD_ARGUMENT
-        headers = headers_of(map_id)
-        if headers is None:
-            return NOT_FOUND
-        value = headers.get(rt.read(kptr, ksize))
-        if value is None:
-            return NOT_FOUND
-        return rt.give(value, ret_ptr, ret_size)
-
-    def edit(map_id, kptr, ksize, vptr, vsize, how) -> int:
-        if not known_map(map_id):
-            return BAD_ARGUMENT
-        headers = headers_of(map_id)
-        if headers is None:
-            return NOT_FOUND
-        rt.charge(ksize + vsize)
-        key = rt.read(kptr, ksize)
-        try:
-            if how == "remove":
-                headers.remove(key)
-            elif how == "add":
-                headers.add(key, rt.read(vptr, vsize))
-            else:
-                headers.set(key, rt.read(vptr, vsize))
-        except ValueError:  # a CR/LF or bad name: refused, never smuggled onto the wire
-            return BAD_ARGUMENT
-        return OK
-
-    def proxy_add_header_map_value(map_id, kptr, ksize, vptr, vsize):
-        return edit(map_id, kptr, ksize, vptr, vsize, "add")
-
-    def proxy_replace_header_map_value(map_id, kptr, ksize, vptr, vsize):
-        return edit(map_id, kptr, ksize, vptr, vsize, "set")
-
-    def proxy_remove_header_map_value(map_id, kptr, ksize):
-        return edit(map_id, kptr, ksize, 0, 0, "remove")
-
-    def proxy_get_header_map_pairs(map_id, ret_ptr, ret_size):
-        if not known_map(map_id):
-            return BAD_ARGUMENT
-        headers = headers_of(map_id)
-        pairs = headers.items() if headers is not None else []
-        return rt.give(serialize_pairs(pairs), ret_ptr, ret_size)
-
-    def proxy_get_header_map_size(map_id, ret_size):
-        if not known_map(map_id):
-            return BAD_ARGUMENT
-        headers = headers_of(map_id)
-        pairs = headers.items() if headers is not None else []
-        rt.write_u32(ret_size, len(serialize_pairs(pairs)))
-        return OK
-
-    def proxy_set_header_map_pairs(map_id, ptr, size):
-        if not known_map(map_id):
-            return BAD_ARGUMENT
-        headers = headers_of(map_id)
-        if headers is None:
-            return NOT_FOUND
-        rt.charge(size)
-        try:
-            pairs = deserialize_pairs(rt.read(ptr, size))
-        except (ValueError, struct.error):
-            return BAD_ARGUMENT
-        try:
-            for name in {k for k, _ in headers.headers}:
-                headers.remove(name)
-            for key, value in pairs:
-                if key[:1] == b":":
-                    headers.set(key, value)
-                else:
-                    headers.add(key, value)
-        except ValueError:
-            return BAD_ARGUMENT
-        return OK
-
-    def proxy_send_local_response(status, dptr, dsize, bptr, bsize, hptr, hsize, grpc_status):
-        f = rt.filter
-        if f is None:
-            return NOT_FOUND
-        try:
-            headers = deserialize_pairs(rt.read(hptr, hsize))
-        except (ValueError, struct.error):
-            return BAD_ARGUMENT
-        grpc = grpc_status if 0 <= grpc_status <= 16 else None
-        if not 100 <= status <= 999:
-            return BAD_ARGUMENT
-        # Sent after the guest returns: answering now could end the request (and call the guest) mid-call.
-        f.reply = (status, rt.read(bptr, bsize), headers, grpc, rt.read(dptr, dsize))
-        return OK
-
-    def proxy_get_property(pptr, psize, ret_ptr, ret_size):
-        path = tuple(p for p in rt.read(pptr, psize).split(b"\0") if p)
-        value = _property(rt, path)
-        if value is None:
-            return NOT_FOUND
-        return rt.give(value, ret_ptr, ret_size)
-
-    def proxy_set_effective_context(context_id):
-        if context_id == ROOT_CONTEXT_ID:
-            rt.filter = None
-            return OK
-        f = rt.live.get(context_id)
-        if f is None:
-            return BAD_ARGUMENT
-        rt.filter = f
-        return OK
-
-    def continue_stream(stream_type):
-        f = rt.filter
-        if f is None or stream_type > 3:
-            return BAD_ARGUMENT
-        if stream_type > 1:
-            return UNIMPLEMENTED
-        f.resume(stream_type)
-        return OK
-
-    def proxy_continue_request():  # ABI v0.1.0
-        return continue_stream(0)
-
-    def proxy_continue_response():  # ABI v0.1.0
-        return continue_stream(1)
-
-    def proxy_done():
-        return NOT_FOUND  # contexts are never kept pending here
-
-    def proxy_set_tick_period_milliseconds(ms):
-        return rt.set_tick(ms)
-
-    def proxy_http_call(uptr, usize, hptr, hsize, bptr, bsize, tptr, tsize, timeout_ms, ret_token):
-        """Envoy: `upstream` names a cluster; headers need :method, :path and :authority."""
-        cluster = rt.clusters.get(rt.read(uptr, usize).decode(errors="replace"))
-        if cluster is None or rt.loop is None:
-            return BAD_ARGUMENT
-        if len(rt.calls) >= MAX_HTTP_CALLS:
-            return BAD_ARGUMENT
-        rt.charge(hsize + bsize + tsize)
-        try:
-            pairs = deserialize_pairs(rt.read(hptr, hsize))
-        except (ValueError, struct.error):
-            return BAD_ARGUMENT
-        names = {k for k, _ in pairs}
-        if not {b":method", b":path", b":authority"} <= names:
-            return BAD_ARGUMENT
-        token = rt.dispatch_call(cluster, pairs, rt.read(bptr, bsize), timeout_ms / 1000)
-        rt.write_u32(ret_token, token)
-        return OK
-
-    def metric_slot(metric_id: int) -> int:
-        """The slot behind an id this worker handed out (id = slot + 1), or -1."""
-        slot = metric_id - 1
-        if not 0 <= slot < METRIC_SLOTS or rt.guest_metrics.kind(slot) < 0:
-            return -1
-        return slot
-
-    def proxy_grpc_call(
-        sptr, ssize, nptr, nsize, mptr, msize, hptr, hsize, rptr, rsize, timeout_ms, ret_token
-    ):
-        """Envoy: the service is a GrpcService (its envoy_grpc.cluster_name is used) or, failing
-        that, a cluster name; a unary call of `service_name`/`method_name`."""
-        cluster = rt.clusters.get(_grpc_cluster(rt.read(sptr, ssize)))
-        if cluster is None or rt.loop is None or len(rt.calls) >= MAX_HTTP_CALLS:
-            return BAD_ARGUMENT
-        rt.charge(nsize + msize + hsize + rsize)
-        call = _grpc_target(rt.read(nptr, nsize), rt.read(mptr, msize), rt.read(hptr, hsize))
-        if call is None:
-            return BAD_ARGUMENT
-        path, metadata = call
-        token = rt.dispatch_grpc(cluster, path, metadata, rt.read(rptr, rsize), timeout_ms / 1000)
-        rt.write_u32(ret_token, token)
-        return OK
-
-    def proxy_grpc_cancel(token):
-        return OK if rt.cancel_call(token) else NOT_FOUND
-
-    def proxy_grpc_close(token):
-        """Envoy: a stream is half-closed (its answer still comes); a unary call is cancelled."""
-        stream = rt.streams.get(token)
-        if stream is None:
-            return proxy_grpc_cancel(token)
-        if stream.done:  # the server closed it first: its callbacks have all come
-            del rt.streams[token]
-        stream.close()
-        return OK
-
-    def proxy_grpc_stream(sptr, ssize, nptr, nsize, mptr, msize, hptr, hsize, ret_token):
-        """A streaming call of `service_name`/`method_name` with initial metadata (ABI 0.2.1);
-        the service as for proxy_grpc_call."""
-        cluster = rt.clusters.get(_grpc_cluster(rt.read(sptr, ssize)))
-        if cluster is None or rt.loop is None or len(rt.streams) >= MAX_HTTP_CALLS:
-            return BAD_ARGUMENT
-        rt.charge(nsize + msize + hsize)
-        call = _grpc_target(rt.read(nptr, nsize), rt.read(mptr, msize), rt.read(hptr, hsize))
-        if call is None:
-            return BAD_ARGUMENT
-        token = rt.open_grpc_stream(cluster, *call)
-        rt.write_u32(ret_token, token)
-        return OK
-
-    def proxy_grpc_send(token, ptr, size, end_stream):
-        stream = rt.streams.get(token)
-        if stream is None:
-            return NOT_FOUND
-        rt.charge(size)
-        return OK if stream.send(rt.read(ptr, size), bool(end_stream)) else BAD_ARGUMENT
-
-    def proxy_define_metric(metric_type, nptr, nsize, ret_id):
-        if metric_type > 2:
-            return BAD_ARGUMENT
-        rt.charge(nsize)
-        slot = rt.guest_metrics.define(metric_type, rt.read(nptr, nsize))
-        if slot is None:  # too long a name, too many metrics, or the name has another type
-            return BAD_ARGUMENT
-        rt.write_u32(ret_id, slot + 1)
-        return OK
-
-    def proxy_increment_metric(metric_id, delta):
-        """As Envoy: counters only go up, gauges both ways, histograms are recorded, not incremented."""
-        slot = metric_slot(metric_id)
-        if slot < 0:
-            return NOT_FOUND
-        kind = rt.guest_metrics.kind(slot)
-        if kind == METRIC_HISTOGRAM or (kind == METRIC_COUNTER and delta < 0):
-            return BAD_ARGUMENT
-        rt.guest_metrics.add(slot, delta)
-        return OK
-
-    def proxy_record_metric(metric_id, value):
-        """As Envoy: a counter adds the value, a gauge takes it, a histogram observes it."""
-        slot = metric_slot(metric_id)
-        if slot < 0:
-            return NOT_FOUND
-        kind = rt.guest_metrics.kind(slot)
-        if kind == METRIC_COUNTER:
-            rt.guest_metrics.add(slot, value)
-        elif kind == METRIC_GAUGE:
-            rt.guest_metrics.set(slot, value)
-        else:
-            rt.guest_metrics.observe(slot, value)
-        return OK
-
-    def proxy_get_metric(metric_id, ret):
-        slot = metric_slot(metric_id)
-        if slot < 0:
-            return NOT_FOUND
-        if rt.guest_metrics.kind(slot) == METRIC_HISTOGRAM:
-            return BAD_ARGUMENT
-        rt.write_u64(ret, rt.guest_metrics.get(slot) & 0xFFFFFFFFFFFFFFFF)
-        return OK
-
-    def proxy_register_shared_queue(nptr, nsize, ret_token):
-        name = rt.read(nptr, nsize)
-        if name not in rt.queues:
-            if len(rt.queues) >= MAX_QUEUES:
-                return BAD_ARGUMENT
-            rt.charge(nsize)
-            rt.queues[name] = []
-            rt.queue_names.append(name)
-        rt.write_u32(ret_token, rt.queue_names.index(name) + 1)
-        return OK
-
-    def proxy_resolve_shared_queue(_vptr, _vsize, nptr, nsize, ret_token):
-        """One VM per filter here: any vm_id resolves among this instance's queues."""
-        name = rt.read(nptr, nsize)
-        if name not in rt.queues:
-            return NOT_FOUND
-        rt.write_u32(ret_token, rt.queue_names.index(name) + 1)
-        return OK
-
-    def queue_of(token: int) -> list[bytes] | None:
-        if not 1 <= token <= len(rt.queue_names):
-            return None
-        return rt.queues[rt.queue_names[token - 1]]
-
-    def proxy_enqueue_shared_queue(token, ptr, size):
-        queue = queue_of(token)
-        if queue is None:
-            return NOT_FOUND
-        if len(queue) >= MAX_QUEUE_ITEMS:
-            return BAD_ARGUMENT
-        rt.charge(size)
-        queue.append(rt.read(ptr, size))
-        rt.queue_ready(token)
-        return OK
-
-    def proxy_dequeue_shared_queue(token, ret_ptr, ret_size):
-        queue = queue_of(token)
-        if queue is None:
-            return NOT_FOUND
-        if not queue:
-            return 7  # EMPTY
-        return rt.give(queue.pop(0), ret_ptr, ret_size)
-
-    def proxy_get_status(ret_code, ret_ptr, ret_size):
-        """The last callout's status: a gRPC call's own status and message while it is being
-        delivered; else 0 with an HTTP answer, 14 (UNAVAILABLE) without (gRPC codes)."""
-        grpc_answer = rt.grpc_answer
-        if grpc_answer is not None:
-            rt.write_u32(ret_code, grpc_answer.status)
-            return rt.give(grpc_answer.message, ret_ptr, ret_size)
-        answer = rt.call_response
-        rt.write_u32(ret_code, 0 if answer is not None else 14)
-        return rt.give(b"" if answer is not None else b"unavailable", ret_ptr, ret_size)
-
-    def proxy_set_property(pptr, psize, vptr, vsize):
-        rt.charge(psize + vsize)
-        f = rt.filter
-        if f is None:
-            return NOT_FOUND
-        path = rt.read(pptr, psize).replace(b"\0", b".").strip(b".")
-        if f.properties is None:
-            f.properties = {}
-        f.properties[path] = rt.read(vptr, vsize)
-        return OK
-
-    def proxy_clear_route_cache():
-        return OK  # a no-op: the route is matched once, before the filters
-
-    def proxy_call_foreign_function(_nptr, _nsize, _aptr, _asize, _ret_ptr, _ret_size):
-        return NOT_FOUND  # Envoy's foreign functions (compress, expr) are not provided
-
-    def proxy_get_shared_data(kptr, ksize, ret_ptr, ret_size, ret_cas):
-        item = rt.shared.get(rt.read(kptr, ksize))
-        if item is None:
-            return NOT_FOUND
-        status = rt.give(item[0], ret_ptr, ret_size)
-        rt.write_u32(ret_cas, item[1])
-        return status
-
-    def proxy_set_shared_data(kptr, ksize, vptr, vsize, cas):
-        rt.charge(ksize + vsize)
-        key = rt.read(kptr, ksize)
-        current = rt.shared.get(key)
-        if cas and current is not None and current[1] != cas:
-            return 8  # CAS_MISMATCH
-        old = ksize + len(current[0]) if current else 0
-        if rt.shared_bytes - old + ksize + vsize > MAX_SHARED_DATA_BYTES:
-            return BAD_ARGUMENT
-        rt.shared_bytes += ksize + vsize - old
-        rt.shared[key] = (rt.read(vptr, vsize), (current[1] + 1 if current else 1) & 0xFFFFFFFF)
-        return OK
-
-    # WASI: just enough for Rust and TinyGo SDK modules (their runtimes print, read clocks, seed hashers).
-    def fd_write(fd, iovs, iovs_len, ret_written):
-        if fd not in (1, 2):
-            return WASI_BADF
-        if iovs_len > WASI_IOV_MAX:
-            return WASI_INVAL
-        spans = [struct.unpack("<II", rt.read(iovs + 8 * i, 8)) for i in range(iovs_len)]
-        rt.charge(sum(size for _, size in spans))  # before copying: iovecs may all alias one region
-        data = b"".join(rt.read(ptr, size) for ptr, size in spans)
-        level = logging.INFO if fd == 1 else logging.ERROR
-        if data.strip() and log.isEnabledFor(level):
-            log.log(level, "wasm filter %s: %s", rt.name, data.decode(errors="replace").rstrip())
-        rt.write_u32(ret_written, len(data))
-        return WASI_SUCCESS
-
-    def clock_time_get(clock_id, _precision, ret):
-        if clock_id == 0:
-            rt.write_u64(ret, time.time_ns())
-        elif clock_id in (1, 2, 3):
-            rt.write_u64(ret, time.monotonic_ns())
-        else:
-            return WASI_NOTSUP
-        return WASI_SUCCESS
-
-    def clock_res_get(clock_id, ret):
-        if clock_id > 3:
-            return WASI_NOTSUP
-        rt.write_u64(ret, 1000)
-        return WASI_SUCCESS
-
-    def random_get(ptr, size):
-        if size > 65536:
-            return WASI_INVAL
-        rt.write(ptr, os.urandom(size))
-        return WASI_SUCCESS
-
-    def zero_sizes(ret_count, ret_size):
-        rt.write_u32(ret_count, 0)
-        rt.write_u32(ret_size, 0)
-        return WASI_SUCCESS
-
-    def nothing(_a, _b):
-        return WASI_SUCCESS
-
-    def proc_exit(code):
-        raise _ProcExit(code)
-
-    def sched_yield():
-        return WASI_SUCCESS
-
-    env = {
-        "proxy_log": ([I, I, I], proxy_log),
-        "proxy_get_log_level": ([I], proxy_get_log_level),
-        "proxy_get_current_time_nanoseconds": ([I], proxy_get_current_time_nanoseconds),
-        "proxy_get_buffer_bytes": ([I] * 5, proxy_get_buffer_bytes),
-        "proxy_get_buffer_status": ([I] * 3, proxy_get_buffer_status),
-        "proxy_set_buffer_bytes": ([I] * 5, proxy_set_buffer_bytes),
-        "proxy_get_configuration": ([I, I], proxy_get_configuration),
-        "proxy_get_header_map_value": ([I] * 5, proxy_get_header_map_value),
-        "proxy_add_header_map_value": ([I] * 5, proxy_add_header_map_value),
-        "proxy_replace_header_map_value": ([I] * 5, proxy_replace_header_map_value),
-        "proxy_remove_header_map_value": ([I] * 3, proxy_remove_header_map_value),
-        "proxy_get_header_map_pairs": ([I] * 3, proxy_get_header_map_pairs),
-        "proxy_get_header_map_size": ([I] * 2, proxy_get_header_map_size),
-        "proxy_set_header_map_pairs": ([I] * 3, proxy_set_header_map_pairs),
-        "proxy_send_local_response": ([I] * 8, proxy_send_local_response),
-        "proxy_get_property": ([I] * 4, proxy_get_property),
-        "proxy_set_effective_context": ([I], proxy_set_effective_context),
-        "proxy_continue_stream": ([I], continue_stream),
-        "proxy_continue_request": ([], proxy_continue_request),
-        "proxy_continue_response": ([], proxy_continue_response),
-        "proxy_done": ([], proxy_done),
-        "proxy_set_tick_period_milliseconds": ([I], proxy_set_tick_period_milliseconds),
-        "proxy_http_call": ([I] * 10, proxy_http_call),
-        "proxy_grpc_call": ([I] * 12, proxy_grpc_call),
-        "proxy_grpc_cancel": ([I], proxy_grpc_cancel),
-        "proxy_grpc_close": ([I], proxy_grpc_close),
-        "proxy_grpc_stream": ([I] * 9, proxy_grpc_stream),
-        "proxy_grpc_send": ([I] * 4, proxy_grpc_send),
-        "proxy_register_shared_queue": ([I] * 3, proxy_register_shared_queue),
-        "proxy_resolve_shared_queue": ([I] * 5, proxy_resolve_shared_queue),
-        "proxy_enqueue_shared_queue": ([I] * 3, proxy_enqueue_shared_queue),
-        "proxy_dequeue_shared_queue": ([I] * 3, proxy_dequeue_shared_queue),
-        "proxy_get_status": ([I] * 3, proxy_get_status),
-        "proxy_set_property": ([I] * 4, proxy_set_property),
-        "proxy_clear_route_cache": ([], proxy_clear_route_cache),
-        "proxy_call_foreign_function": ([I] * 6, proxy_call_foreign_function),
-        "proxy_define_metric": ([I] * 4, proxy_define_metric),
-        "proxy_increment_metric": ([I, L], proxy_increment_metric),
-        "proxy_record_metric": ([I, L], proxy_record_metric),
-        "proxy_get_metric": ([I, I], proxy_get_metric),
-        "proxy_get_shared_data": ([I] * 5, proxy_get_shared_data),
-        "proxy_set_shared_data": ([I] * 5, proxy_set_shared_data),
-    }
-    wasi = {
-        "fd_write": ([I] * 4, [I], fd_write),
-        "clock_time_get": ([I, L, I], [I], clock_time_get),
-        "clock_res_get": ([I, I], [I], clock_res_get),
-        "random_get": ([I, I], [I], random_get),
-        "environ_sizes_get": ([I, I], [I], zero_sizes),
-        "environ_get": ([I, I], [I], nothing),
-        "args_sizes_get": ([I, I], [I], zero_sizes),
-        "args_get": ([I, I], [I], nothing),
-        "proc_exit": ([I], [], proc_exit),
-        "sched_yield": ([], [I], sched_yield),
-    }
-    table = {("env", name): (params, [I], impl) for name, (params, impl) in env.items()}
-    for wasi_module in WASI_MODULES:
-        table.update({(wasi_module, name): entry for name, entry in wasi.items()})
-    return table
-
-
-_REQUEST_PSEUDO = {
-    b"path": b":path",
-    b"method": b":method",
-    b"host": b":authority",
-    b"scheme": b":scheme",
-}
-_REQUEST_HEADER = {b"id": b"x-request-id", b"useragent": b"user-agent", b"referer": b"referer"}
-# Envoy's listener_direction values (envoy.config.core.v3.TrafficDirection).
-_DIRECTIONS = {"inbound": 1, "outbound": 2}
-
-
-def _int64(value: int) -> bytes:
-    """Envoy's encoding of an integer attribute: 8 bytes, little-endian."""
-    return struct.pack("<q", value)
-
-
-def _property(rt: Runtime, path: tuple[bytes, ...]) -> bytes | None:
-    """Envoy's attributes that this host knows (README, Filters, lists them), and whatever the
-    guest set with proxy_set_property. Integers are 8-byte little-endian, as Envoy sends them."""
-    settings = rt.settings
-    if path == (b"plugin_name",):
-        return settings["name"].encode()
-    if path == (b"plugin_root_id",):
-        return settings["root_id"].encode()
-    if path == (b"plugin_vm_id",):
-        return settings["vm_id"].encode()
-    f = rt.filter
-    if f is None or not path:
-        return None
-    if f.properties is not None:
-        value = f.properties.get(b".".join(path))
-        if value is not None:
-            return value
-    kind, rest = path[0], path[1:]
-    if kind == b"request" and f.request is not None and rest:
-        return _request_property(f, rest)
-    if kind == b"response" and f.response is not None and rest:
-        return _response_property(f, rest)
-    exchange = getattr(f.callbacks, "exchange", None)
-    if exchange is None:
-        return None
-    if kind in (b"source", b"destination") and len(rest) == 1:
-        name = downstream_address(f.callbacks, kind == b"source")
-        if name is None:
-            return None
-        if isinstance(name, str):  # a Unix socket: an address, no port
-            return name.encode() if rest[0] == b"address" else None
-        host, port = name
-        if rest[0] == b"port":
-            return _int64(port)
-        if rest[0] == b"address":
-            return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
-        return None
-    if kind == b"upstream" and len(rest) == 1:
-        target = getattr(exchange, "target", None)
-        if target is None:
-            return None
-        if rest[0] == b"address":
-            return (target.path or f"{target.host}:{target.port}").encode()
-        if rest[0] == b"port" and not target.path:
-            return _int64(target.port)
-        return None
-    if path == (b"connection", b"mtls"):
-        return b"\x00"  # pyproxy terminates no TLS
-    if path == (b"listener_direction",):
-        kind_name = str(getattr(getattr(exchange.ctx, "listener", None), "kind", ""))
-        return _int64(_DIRECTIONS.get(kind_name, 0))
-    return None
-
-
-def _request_property(f: WasmFilter, rest: tuple[bytes, ...]) -> bytes | None:
-    request = f.request
-    assert request is not None, "checked by the caller"
-    field = rest[0]
-    if len(rest) == 2:
-        return request.get(rest[1].lower()) if field == b"headers" else None
-    if len(rest) != 1:
-        return None
-    pseudo = _REQUEST_PSEUDO.get(field)
-    if pseudo is not None:
-        return request.get(pseudo)
-    header = _REQUEST_HEADER.get(field)
-    if header is not None:
-        return request.get(header)
-    target = request.get(b":path") or b""
-    if field == b"url_path":
-        return target.partition(b"?")[0]
-    if field == b"query":
-        return target.partition(b"?")[2]
-    exchange = getattr(f.callbacks, "exchange", None)
-    if exchange is None:
-        return None
-    if field == b"protocol":
-        return str(getattr(exchange.downstream, "protocol", "")).encode() or None
-    if field == b"size":
-        return _int64(getattr(exchange, "bytes_in", 0))
-    if field == b"time":
-        started = getattr(exchange, "started_ns", None)
-        if started is None:
-            return None
-        return _int64(time.time_ns() - (time.perf_counter_ns() - started))
-    return None
-
-
-def _response_property(f: WasmFilter, rest: tuple[bytes, ...]) -> bytes | None:
-    response = f.response
-    assert response is not None, "checked by the caller"
-    if rest == (b"code",):
-        status = response.get(b":status")
-        return _int64(int(status)) if status is not None and status.isdigit() else None
-    if rest[0] == b"headers" and len(rest) == 2:
-        return response.get(rest[1].lower())
-    if rest[0] == b"trailers" and len(rest) == 2:
-        trailers = f.response_trailers
-        return trailers.get(rest[1].lower()) if trailers is not None else None
-    if rest == (b"grpc_status",):
-        trailers = f.response_trailers
-        value = (trailers.get(b"grpc-status") if trailers is not None else None) or response.get(
-            b"grpc-status"
-        )
-        return _int64(int(value)) if value is not None and value.isdigit() else None
-    if rest == (b"size",):
-        return _int64(getattr(getattr(f.callbacks, "exchange", None), "bytes_out", 0))
-    return None
-
-
 # ---- the filter --------------------------------------------------------------------------------
 
 
 class WasmFactory(FilterFactory):
     name = "wasm"
+    modes = ("http", "grpc", "tcp")
     counter_names = ("traps", "out_of_fuel", "local_replies", "pause_timeouts")
 
     @classmethod
@@ -1960,7 +202,7 @@ class WasmFactory(FilterFactory):
 
     def __init__(self, config: dict, context) -> None:
         super().__init__(config, context)
-        module = wasmtime.Module.deserialize(_engine(), config["module"].artifact)
+        module = wasmtime.Module.deserialize(engine(), config["module"].artifact)
         settings = dict(config, name=config["name"] or context.filter_name or "wasm")
         self.runtime = Runtime(module, settings, context.loop, worker_metrics())
         self.runtime.clusters = context.clusters
@@ -1987,11 +229,14 @@ class WasmFactory(FilterFactory):
     def create(self) -> WasmFilter:
         return self.filter_class(self)
 
+    def create_tcp(self) -> WasmTcpFilter:
+        return WasmTcpFilter(self)
+
     def close(self) -> None:
         self.runtime.close()
 
 
-class WasmFilter(HttpFilter):
+class WasmFilter(StreamContext, HttpFilter):
     """One request's stream context in the module."""
 
     defer_destroy = True  # proxy_on_done/log/delete are guest calls: after the response has left
@@ -2015,6 +260,9 @@ class WasmFilter(HttpFilter):
         "body_stream",
         "body_changed",
         "buffering",
+        "ended_ns",
+        "started_ns",
+        "reply_details",
     )
 
     def __init__(self, factory: WasmFactory) -> None:
@@ -2041,28 +289,23 @@ class WasmFilter(HttpFilter):
         self.body_stream = -1
         self.body_changed = False
         self.buffering = [False, False]
+        self.started_ns = 0  # when the request began (set with its context)
+        self.ended_ns = 0  # when the request ended (its done/log callbacks began): request.duration
+        self.reply_details = ""  # the details of the local reply the guest sent
 
-    def _enter(self) -> int:
-        """Make sure this request has a context in the current instance, and fuel for one entry.
+    def _began(self) -> None:
+        """This request's context is new: note when the request began (request.duration), from
+        its exchange, or the native lane's pair carrying it (whose start moves on with the next
+        request, so it is read now)."""
+        exchange = getattr(self.callbacks, "exchange", None)  # a stand-in chain may have none
+        pair = getattr(exchange, "pair", None)
+        self.started_ns = int(getattr(exchange, "started_ns", 0) or getattr(pair, "started_ns", 0))
 
-        0: skip the hook; 1: the context exists; 2: new here, the guest has not created it yet.
-        """
-        rt = self.runtime
-        if self.context_id:
-            if self.generation != rt.generation:
-                return 0
-            rt.filter = self
-            rt.entry_fuel()
-            return 1
-        if not rt.usable():
-            return 0
-        rt.next_id = context_id = rt.next_id + 1 if rt.next_id < 0x7FFFFFFF else ROOT_CONTEXT_ID + 1
-        self.context_id = context_id
-        self.generation = rt.generation
-        rt.live[context_id] = self
-        rt.filter = self
-        rt.entry_fuel()
-        return 2
+    def downstream_socket(self):
+        return downstream_socket(self.callbacks)
+
+    def listener(self):
+        return getattr(self.callbacks.exchange.ctx, "listener", None)
 
     def _decode_headers(self, headers, end_stream: bool) -> int:
         self.request = headers
@@ -2080,7 +323,10 @@ class WasmFilter(HttpFilter):
                 return self._unavailable()
             count = len(headers.headers) + len(headers.pseudo)
             context_id = self.context_id
-            joined = rt.entering.get(callback) if entered == 2 else None
+            joined = None
+            if entered == 2:
+                self._began()
+                joined = rt.entering.get(callback)
             if joined is not None:  # proxy_on_context_create and the callback in one entry
                 action = rt.call_raw(joined[0], joined[1], context_id, count, end_stream)
             else:
@@ -2095,13 +341,6 @@ class WasmFilter(HttpFilter):
         if action == PAUSE:
             return self._pause(stream, STOP)
         return CONTINUE
-
-    def _create(self) -> None:
-        """proxy_on_context_create for this request (its first hook, not joined to it)."""
-        rt = self.runtime
-        create = rt.exports.get("proxy_on_context_create")
-        if create is not None:
-            rt.call_raw(create[0], create[1], self.context_id, ROOT_CONTEXT_ID)
 
     def _decode_data(self, data, end_stream: bool) -> int:
         return self._body("proxy_on_request_body", data, end_stream, 0)
@@ -2124,6 +363,7 @@ class WasmFilter(HttpFilter):
             if not entered:
                 return self._unavailable()
             if entered == 2:
+                self._began()
                 self._create()
             # The body is built only if the guest asks for it (guest_body).
             self.body, self.body_parts, self.body_stream = None, (held, data), stream
@@ -2147,15 +387,6 @@ class WasmFilter(HttpFilter):
         if action == PAUSE:  # at the end: held until the guest continues (an http_call, say)
             return self._pause(stream, STOP_AND_BUFFER)
         return CONTINUE
-
-    def guest_body(self) -> bytearray:
-        """The body the current body callback is about: what was buffered, then this chunk."""
-        body = self.body
-        if body is None:
-            held, chunk = self.body_parts
-            body = self.body = bytearray(b"".join(held)) if held else bytearray()
-            body += chunk
-        return body
 
     def _decode_trailers(self, trailers) -> int:
         self.request_trailers = HeaderMap(trailers, {})
@@ -2181,6 +412,7 @@ class WasmFilter(HttpFilter):
             if not entered:
                 return self._unavailable()
             if entered == 2:
+                self._began()
                 self._create()
             func, n = rt.exports[callback]
             action = rt.call_raw(func, n, self.context_id, len(trailers.headers))
@@ -2216,12 +448,33 @@ class WasmFilter(HttpFilter):
         assert self.reply is not None, "sent only once the guest asked for a reply"
         status, body, headers, grpc, details = self.reply
         self.reply = None
-        self.factory.counters[LOCAL_REPLIES] += 1
+        self.reply_details = details.decode(errors="replace")
         self._cancel_timer()
+        if status == RESET_STREAM:
+            self.callbacks.reset_stream("LR", self.reply_details)
+            return STOP
+        self.factory.counters[LOCAL_REPLIES] += 1
         self.callbacks.send_local_reply(
             status, body, headers, grpc_status=grpc, details=details.decode(errors="replace")
         )
         return STOP
+
+    def clear_route_cache(self) -> None:
+        self.callbacks.clear_route_cache()
+
+    def close_stream(self, stream_type: int) -> None:
+        """proxy_close_stream: reset the request's stream after the current guest call returns."""
+        if stream_type <= 1:
+            self.reply = (RESET_STREAM, b"", [], None, b"wasm_close_stream")
+
+    def continue_stream(self, stream_type: int) -> int:
+        """proxy_continue_stream: request or response resumes; in an HTTP context, as in Envoy,
+        downstream is a no-op and upstream UNIMPLEMENTED."""
+        if stream_type == 3:
+            return UNIMPLEMENTED
+        if stream_type < 2:
+            self.resume(stream_type)
+        return OK
 
     def resume(self, stream: int) -> None:
         """proxy_continue_stream from the guest: go on after the current guest call returns."""
@@ -2243,11 +496,6 @@ class WasmFilter(HttpFilter):
         self.factory.counters[PAUSE_TIMEOUTS] += 1
         self.callbacks.send_local_reply(500, b"wasm filter paused the request and never resumed\n")
 
-    def _cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
     def orphaned(self) -> None:
         """The instance holding this context was replaced: forget the context, release a pause."""
         if self.paused >= 0:
@@ -2267,25 +515,3 @@ class WasmFilter(HttpFilter):
         if not self.context_id or self.generation != self.runtime.generation:
             return
         self._delete_context()  # guest calls the request pays for: the chain times on_destroy
-
-    def _delete_context(self) -> None:
-        context_id = self.context_id
-        rt = self.runtime
-        rt.live.pop(context_id, None)
-        rt.filter = self
-        rt.entry_fuel()
-        exports = rt.exports
-        try:
-            ending = rt.ending
-            if ending is not None:  # done, log and delete in one entry
-                rt.call_raw(ending[0], ending[1], context_id)
-            else:
-                for name in END_CALLBACKS:
-                    func = exports.get(name)
-                    if func is not None:
-                        rt.call_raw(func[0], func[1], context_id)
-        except WasmFault as exc:
-            rt.failed(exc, "proxy_on_done/log/delete", self.factory.counters)
-        finally:
-            rt.filter = None
-        self.reply = None  # a reply asked for after the request ended has nowhere to go

@@ -131,6 +131,9 @@ class RouteConfig:
     # Envoy's route metadata, {filter name: {key: value}}: what a filter program reads for this
     # route (Lua's handle:metadata()).
     metadata: dict = field(default_factory=dict, hash=False)
+    name: str = ""  # Envoy's route name (route_name, Lua's streamInfo():routeName()); "" unnamed
+    # Envoy's LuaPerRoute filter_context, {filter name: {key: value}}: Lua's filterContext().
+    filter_context: dict = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -687,6 +690,8 @@ def _routes(fields: _Fields, mode: ListenerMode) -> tuple[RouteConfig, ...]:
                 timeout=route.take("timeout", parse_duration, None),
                 filters=_filters(route, mode),
                 metadata=route.take("metadata", _metadata, {}),
+                name=route.take("name", _route_name, ""),
+                filter_context=route.take("filter_context", _metadata, {}),
             )
         )
         route.done()
@@ -698,6 +703,12 @@ def _metadata(value: Any) -> dict:
         isinstance(k, str) and isinstance(v, dict) for k, v in value.items()
     ):
         raise ValueError("expected a mapping of filter name -> {key: value}")
+    return value
+
+
+def _route_name(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("expected a string")
     return value
 
 

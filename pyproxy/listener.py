@@ -77,6 +77,10 @@ class _PendingConnect:
 
     def _failed(self, flag: str) -> None:
         self.listener.connections.discard(self)
+        if self.filters:
+            from pyproxy.chain.tcp_chain import closed  # lazy: TCP filters only
+
+            closed(self.filters, flag)
         self.listener.fail(self.downstream, flag, self.started_ns)
 
     def close(self, flag: str = "LR") -> None:
@@ -336,9 +340,12 @@ class Listener:
         config = self.config
         relay_class = self._relay
         if filters and self.tcp_chain is not None:
-            from pyproxy.io.filtered_relay import FilteredRelay  # lazy: TCP filters only
+            # lazy: TCP filters only
+            from pyproxy.io.editing_relay import EditingRelay
+            from pyproxy.io.filtered_relay import FilteredRelay
 
-            relay_class = partial(FilteredRelay, filters=filters, stages=self.tcp_chain.stages)
+            chosen = EditingRelay if self.tcp_chain.edits_stream else FilteredRelay
+            relay_class = partial(chosen, filters=filters, stages=self.tcp_chain.stages)
         try:
             relay = relay_class(
                 self.loop,
@@ -355,6 +362,10 @@ class Listener:
         except OSError as exc:
             # A backend's per-connection resource (pipe, SO_ZEROCOPY) was refused: e.g. EMFILE.
             log.warning("%s: cannot start the relay: %s", config.name, exc)
+            if filters:
+                from pyproxy.chain.tcp_chain import closed  # lazy: TCP filters only
+
+                closed(filters, "LR")
             upstream.close()
             self.fail(downstream, "LR", started_ns)
             return

@@ -401,16 +401,18 @@ def test_trailers_after_body_are_read_and_edited(start_proxy, tmp_path):
         upstream.close()
 
 
-def test_route_metadata_under_the_filter_name(start_proxy, tmp_path):
+def test_route_metadata_under_the_filter_name_and_route_name(start_proxy, tmp_path):
     script = (
         "function envoy_on_request(h)\n"
         '  h:headers():add("x-owner", h:metadata():get("owner") or "none")\n'
-        '  h:headers():add("x-tier", h:route():metadata():get("tier") or "none")\nend'
+        '  h:headers():add("x-tier", h:route():metadata():get("tier") or "none")\n'
+        '  h:headers():add("x-route-name", "[" .. h:streamInfo():routeName() .. "]")\nend'
     )
     upstream = HttpUpstream()
     body = (
         "    routes:\n"
-        "      - match: {authority: meta.test}\n"
+        "      - name: gold-route\n"
+        "        match: {authority: meta.test}\n"
         "        metadata: {tagger: {owner: team-a, tier: gold}}\n"
         "      - match: {prefix: /}\n"
         f"    filters:\n      - {{name: tagger, type: lua, config: {{inline_code: {json.dumps(script)}}}}}\n"
@@ -419,7 +421,66 @@ def test_route_metadata_under_the_filter_name(start_proxy, tmp_path):
         proxy, port = start_listener(start_proxy, tmp_path, upstream.address, body)
         sent = dict(json.loads(_get(port, "/echo", "-H", "host: meta.test")[2])["headers"])
         assert (sent["x-owner"], sent["x-tier"]) == ("team-a", "gold")
+        assert sent["x-route-name"] == "[gold-route]"
         sent = dict(json.loads(_get(port, "/echo")[2])["headers"])
         assert (sent["x-owner"], sent["x-tier"]) == ("none", "none")
+        assert sent["x-route-name"] == "[]"  # an unnamed route, as in Envoy
     finally:
         upstream.close()
+
+
+CLEAR_ROUTE_CACHE = """
+function envoy_on_request(h)
+  local hs = h:headers()
+  hs:add("x-before", h:streamInfo():routeName() .. "," .. (h:filterContext().greeting or "none"))
+  if hs:get("x-to") == "v2" then
+    hs:replace(":path", "/v2" .. hs:get(":path"))
+    if hs:get("x-clear") then h:clearRouteCache() end
+  end
+  hs:add("x-after", h:streamInfo():routeName() .. "," .. (h:filterContext().greeting or "none"))
+end
+"""
+
+
+def test_clear_route_cache_matches_the_edited_request_again(start_proxy, tmp_path):
+    """Envoy's rule: a changed path routes anew only after clearRouteCache(); the route's
+    name, filter_context (LuaPerRoute) and cluster are then the new route's."""
+    default, v2 = HttpUpstream(), HttpUpstream()
+    body = (
+        "    routes:\n"
+        "      - name: v2-route\n"
+        "        match: {prefix: /v2}\n"
+        "        cluster: v2\n"
+        "        filter_context: {router: {greeting: hello-v2}}\n"
+        "      - name: default\n"
+        "        match: {prefix: /}\n"
+        "        filter_context: {router: {greeting: hello-default}}\n"
+        f"    filters:\n      - {{name: router, type: lua, config: {{inline_code: {json.dumps(CLEAR_ROUTE_CACHE)}}}}}\n"
+    )
+    top = f"clusters:\n  v2:\n    endpoints: [{v2.address}]\n"
+    try:
+        proxy, port = start_listener(start_proxy, tmp_path, default.address, body, top=top)
+
+        def sent(*headers: str) -> tuple[str, dict]:
+            """The path and headers of the request as the upstream that got it saw them."""
+            args = [a for h in headers for a in ("-H", h)]
+            counts = len(default.requests), len(v2.requests)
+            _get(port, "/echo", *args)
+            grew = [u for u, n in zip((default, v2), counts, strict=True) if len(u.requests) > n]
+            assert len(grew) == 1
+            got = grew[0].requests[-1]
+            return got["path"], dict(got["headers"])
+
+        path, headers = sent()
+        assert path == "/echo" and len(default.requests) == 1 and not v2.requests
+        assert headers["x-before"] == headers["x-after"] == "default,hello-default"
+        path, headers = sent("x-to: v2")  # changed, not cleared: the route stays
+        assert path == "/v2/echo" and len(default.requests) == 2 and not v2.requests
+        assert headers["x-after"] == "default,hello-default"
+        path, headers = sent("x-to: v2", "x-clear: 1")  # cleared: matched again
+        assert path == "/v2/echo" and len(default.requests) == 2 and len(v2.requests) == 1
+        assert headers["x-before"] == "default,hello-default"
+        assert headers["x-after"] == "v2-route,hello-v2"
+    finally:
+        default.close()
+        v2.close()

@@ -160,6 +160,13 @@ BAD_MODULES = {
         ' (func (export "malloc") (param i32) (result i32) i32.const 0))',
         "imports env.proxy_make_coffee, a host function pyproxy does not provide",
     ),
+    "metadata_callback_with_the_wrong_signature": (
+        '(module (memory (export "memory") 1) (func (export "proxy_abi_version_0_2_1"))'
+        ' (func (export "malloc") (param i32) (result i32) i32.const 0)'
+        ' (func (export "proxy_on_request_metadata") (param i32 i32 i32 i32) (result i32)'
+        " i32.const 0))",
+        "export proxy_on_request_metadata has signature",
+    ),
     "traps_at_start": (
         '(module (memory (export "memory") 1) (func (export "proxy_abi_version_0_2_1"))'
         ' (func (export "malloc") (param i32) (result i32) i32.const 0)'
@@ -210,7 +217,7 @@ def test_noop_module_is_timed_as_its_own_stage(start_proxy, tmp_path, upstream):
 
 
 def test_pairs_serialization_matches_the_spec_example():
-    from pyproxy.filters.wasm import deserialize_pairs, serialize_pairs
+    from pyproxy.filters.wasm_encoding import deserialize_pairs, serialize_pairs
 
     # ABI v0.2.1 "Serialization": {"a": "1", "b": "22"}
     wire = bytes([2, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2, 0, 0, 0])
@@ -648,3 +655,160 @@ def test_a_body_change_that_breaks_content_length_is_refused(start_proxy, tmp_pa
         assert (status, headers["content-length"], body) == (200, "12", b"yy:/other:up")
     assert proxy.listener()["filters"]["keep"]["traps"] == 0
     assert "Traceback" not in proxy.output
+
+
+# proxy_close_stream: the request header `x-close` says which stream the guest closes: "q" the
+# request (in proxy_on_request_headers), "s" the response (in proxy_on_response_headers, read
+# from the request's headers). 2 and 3 (TCP streams) are no-ops in an HTTP context; 9 is none.
+CLOSE_STREAM = (
+    """(module
+  (import "env" "proxy_close_stream" (func $close (param i32) (result i32)))
+  (import "env" "proxy_get_header_map_value" (func $get (param i32 i32 i32 i32 i32) (result i32)))
+"""
+    + _GUEST.format(pages=1)
+    + """
+  (data (i32.const 100) "x-close")
+  (func $expect (param $got i32) (param $want i32)
+    (if (i32.ne (local.get $got) (local.get $want)) (then unreachable)))
+  (func $asked (param $which i32) (result i32)
+    (if (i32.ne (call $get (i32.const 0) (i32.const 100) (i32.const 7) (i32.const 200)
+      (i32.const 204)) (i32.const 0)) (then (return (i32.const 0))))
+    (i32.eq (i32.load8_u (i32.load (i32.const 200))) (local.get $which)))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (call $expect (call $close (i32.const 2)) (i32.const 0))
+    (call $expect (call $close (i32.const 3)) (i32.const 0))
+    (call $expect (call $close (i32.const 9)) (i32.const 2))
+    (if (call $asked (i32.const 113)) (then (call $expect (call $close (i32.const 0)) (i32.const 0))))
+    (i32.const 0))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (if (call $asked (i32.const 115)) (then (call $expect (call $close (i32.const 1)) (i32.const 0))))
+    (i32.const 0)))"""
+)
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
+def test_close_stream_resets_the_request_or_the_response(start_proxy, tmp_path, http2):
+    upstream = HttpUpstream()
+    try:
+        proxy, port = _proxy_wat(start_proxy, tmp_path, upstream.address, "closer", CLOSE_STREAM)
+        url = f"http://127.0.0.1:{port}/echo"
+        version = ["--http2-prior-knowledge"] if http2 else []
+        for _ in range(2):  # the connection's next request (HTTP/1: a new one) is served
+            run = curl("-i", *version, "-H", "x-close: q", url)
+            assert run.returncode != 0 and not run.stdout, run  # reset, no response
+            assert upstream.requests == []  # closed before it went upstream
+            run = curl("-i", *version, "-H", "x-close: s", url)
+            assert run.returncode != 0 and b"200" not in run.stdout, run
+            assert len(upstream.requests) == 1  # the upstream answered; the response was reset
+            upstream.requests.clear()
+            assert split_response(curl("-i", *version, url).stdout)[0] == 200
+            upstream.requests.clear()
+        # Both streams are two trap-free resets each time: no trap, no local reply.
+        counters = proxy.listener()["filters"]["closer"]
+        assert (counters["traps"], counters["local_replies"]) == (0, 0)
+    finally:
+        upstream.close()
+
+
+# proxy_clear_route_cache: the guest rewrites :path to /v2/x and clears the route cache, then
+# reads route_name into a request header: the request is routed (and named) by the new path.
+CLEAR_ROUTE = (
+    """(module
+  (import "env" "proxy_replace_header_map_value"
+    (func $replace (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_clear_route_cache" (func $clear (result i32)))
+  (import "env" "proxy_get_property" (func $property (param i32 i32 i32 i32) (result i32)))
+"""
+    + _GUEST.format(pages=1)
+    + """
+  (data (i32.const 100) ":path/v2/xroute_namex-route")
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $replace (i32.const 0) (i32.const 100) (i32.const 5) (i32.const 105) (i32.const 5)))
+    (drop (call $clear))
+    (drop (call $property (i32.const 110) (i32.const 10) (i32.const 200) (i32.const 204)))
+    (drop (call $add (i32.const 0) (i32.const 120) (i32.const 7)
+      (i32.load (i32.const 200)) (i32.load (i32.const 204))))
+    (i32.const 0)))"""
+)
+
+
+def test_clear_route_cache_routes_the_rewritten_request_anew(start_proxy, tmp_path):
+    default, v2 = HttpUpstream(), HttpUpstream()
+    body = (
+        "    routes:\n"
+        "      - {name: v2-route, match: {prefix: /v2}, cluster: v2}\n"
+        "      - {name: default, match: {prefix: /}}\n"
+        "    filters:" + _wasm("router", f"code_wat: {json.dumps(CLEAR_ROUTE)}")
+    )
+    top = f"clusters:\n  v2:\n    endpoints: [{v2.address}]\n"
+    try:
+        proxy, port = start_listener(start_proxy, tmp_path, default.address, body, top=top)
+        curl(f"http://127.0.0.1:{port}/echo")
+        assert not default.requests and len(v2.requests) == 1, proxy.output
+        assert v2.requests[0]["path"] == "/v2/x"
+        assert dict(v2.requests[0]["headers"])["x-route"] == "v2-route"
+    finally:
+        default.close()
+        v2.close()
+
+
+# Metadata callbacks: Envoy calls them only for HTTP/2 METADATA frames, which its codec drops
+# unless allow_metadata is set, and pyproxy's codecs drop. A module exporting them loads and
+# serves; they trap if ever called.
+METADATA_CALLBACKS = (
+    """(module
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+"""
+    + _GUEST.format(pages=1)
+    + """
+  (data (i32.const 100) "x-seen1")
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (drop (call $add (i32.const 0) (i32.const 100) (i32.const 6) (i32.const 106) (i32.const 1)))
+    (i32.const 0))
+  (func (export "proxy_on_request_metadata") (param i32 i32) (result i32) unreachable)
+  (func (export "proxy_on_response_metadata") (param i32 i32) (result i32) unreachable))"""
+)
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
+def test_module_with_metadata_callbacks_loads_and_serves(start_proxy, tmp_path, upstream, http2):
+    proxy, port = _proxy_wat(start_proxy, tmp_path, upstream.address, "meta", METADATA_CALLBACKS)
+    version = ["--http2-prior-knowledge"] if http2 else []
+    status, _, body = split_response(curl("-i", *version, f"http://127.0.0.1:{port}/echo").stdout)
+    assert status == 200 and ["x-seen", "1"] in json.loads(body)["headers"]
+    assert proxy.listener()["filters"]["meta"]["traps"] == 0
+
+
+# A header-only module (so the native lane may carry its requests): the response gets the
+# cluster_name attribute; proxy_on_log logs whether request.duration is known by then.
+DURATION = (
+    """(module
+  (import "env" "proxy_get_property" (func $property (param i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_log" (func $log (param i32 i32 i32) (result i32)))
+"""
+    + _GUEST.format(pages=1)
+    + """
+  (data (i32.const 100) "request\\00durationcluster_namex-clusterduration known")
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (drop (call $property (i32.const 116) (i32.const 12) (i32.const 200) (i32.const 204)))
+    (drop (call $add (i32.const 2) (i32.const 128) (i32.const 9)
+      (i32.load (i32.const 200)) (i32.load (i32.const 204))))
+    (i32.const 0))
+  (func (export "proxy_on_log") (param i32)
+    (if (i32.eqz (call $property (i32.const 100) (i32.const 16) (i32.const 200) (i32.const 204)))
+      (then (if (i64.gt_s (i64.load (i32.load (i32.const 200))) (i64.const 0)) (then
+        (drop (call $log (i32.const 2) (i32.const 137) (i32.const 14)))))))))"""
+)
+
+
+def test_duration_and_cluster_on_a_header_only_module(start_proxy, tmp_path, upstream):
+    proxy, port = _proxy_wat(start_proxy, tmp_path, upstream.address, "dur", DURATION)
+    for _ in range(3):  # on one connection's lane and on new ones
+        status, headers, _ = split_response(curl("-i", f"http://127.0.0.1:{port}/echo").stdout)
+        assert (status, headers["x-cluster"]) == (200, "main-upstream")
+    deadline = time.monotonic() + 3
+    while proxy.output.count("duration known") < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proxy.output.count("duration known") == 3, proxy.output

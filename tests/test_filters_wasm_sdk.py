@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import socket
 import time
 
@@ -265,6 +266,76 @@ def test_properties_example_reads_envoys_attributes(start_proxy, tmp_path, upstr
     upstream_port = upstream.address.rsplit(":", 1)[1]
     assert headers["x-upstream"] == f"{upstream.address} {upstream_port}"
     assert (headers["x-code"], headers["x-direction"]) == ("200", "0")  # standalone listener
+
+
+def _pb(number: int, inner_hex: str) -> str:
+    """A short protobuf length-delimited field, in hex: what the tests expect Envoy to send."""
+    return bytes([number << 3 | 2, len(inner_hex) // 2]).hex() + inner_hex
+
+
+def _pb_string(number: int, text: str) -> str:
+    return _pb(number, text.encode().hex())
+
+
+def test_attributes_of_node_connection_route_and_outcome(
+    start_proxy, tmp_path, upstream, monkeypatch
+):
+    """node (from the pod identity), connection.id, route_name/route_metadata, cluster_name,
+    response.flags/code_details and dynamic metadata (set by a Lua filter before the module),
+    encoded as Envoy encodes them; request.duration once the request has ended."""
+    monkeypatch.setenv("POD_NAME", "web-1")
+    monkeypatch.setenv("POD_NAMESPACE", "shop")
+    monkeypatch.setenv("POD_IP", "10.0.0.7")
+    monkeypatch.delenv("PYPROXY_NODE_ID", raising=False)
+    monkeypatch.delenv("PYPROXY_NODE_CLUSTER", raising=False)
+    wasm = assemblyscript_module("properties")
+    body = f"""    routes:
+      - name: to-web
+        match: {{prefix: /}}
+        metadata: {{attrs: {{team: blue}}}}
+    filters:
+      - name: meta
+        type: lua
+        config:
+          inline_code: |
+            function envoy_on_request(h) h:streamInfo():dynamicMetadata():set("ns", "k", "v") end
+      - name: attrs
+        type: wasm
+        config:
+          root_id: properties
+          configuration: enabled
+          vm_config: {{code: {{local: {{filename: {wasm}}}}}}}
+"""
+    proxy, port = start_listener(start_proxy, tmp_path, upstream.address, body)
+    # Two requests on one connection (curl reuses it), then one on another.
+    run = curl("-i", f"http://127.0.0.1:{port}/a", "-:", "-i", f"http://127.0.0.1:{port}/b")
+    first, second = re.split(rb"(?=HTTP/1\.1 \d{3} )", run.stdout)[1:3]
+    _, h1, _ = split_response(first)
+    _, h2, _ = split_response(second)
+    _, h3, _ = split_response(curl("-i", f"http://127.0.0.1:{port}/c").stdout)
+    node_id = "sidecar~10.0.0.7~web-1.shop~shop.svc.cluster.local"
+    assert h1["x-node"] == f"{node_id} shop web-1"
+    # Node: id (1), cluster (2), metadata (3): a Struct whose first field is NAME.
+    assert h1["x-node-pb"].startswith(_pb_string(1, node_id) + _pb_string(2, "shop") + "1a")
+    assert b"web-1".hex() in h1["x-node-pb"]
+    conn1, sni = h1["x-connection"].split()
+    assert sni == "[]" and int(conn1) > 0
+    assert h2["x-connection"] == h1["x-connection"]  # the same connection
+    assert h3["x-connection"] != h1["x-connection"]
+    # Metadata: filter_metadata (1) {"attrs": Struct {"team": string_value "blue"}}.
+    struct = _pb(1, _pb_string(1, "team") + _pb(2, _pb_string(3, "blue")))
+    assert h1["x-route"] == "to-web " + _pb(1, _pb_string(1, "attrs") + _pb(2, struct))
+    assert h1["x-cluster"] == "main-upstream main-upstream"
+    assert h1["x-outcome"] == "0 via_upstream"
+    assert _pb_string(1, "ns") in h1["x-metadata"] and _pb_string(3, "v") in h1["x-metadata"]
+    deadline = time.monotonic() + 3
+    while proxy.output.count("ended: duration=") < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    ended = [line for line in proxy.output.splitlines() if "ended: duration=" in line]
+    assert len(ended) == 3, proxy.output
+    durations = [int(line.split("duration=")[1].split()[0]) for line in ended]
+    assert all(0 < d < 5_000_000_000 for d in durations)  # nanoseconds
+    assert all(" flags=0 " in line for line in ended)
 
 
 class _GrpcEcho:

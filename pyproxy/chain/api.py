@@ -26,9 +26,13 @@ CONTINUE = 0  # go on to the next filter
 STOP = 1  # pause this direction; the filter resumes it later (continue_decoding/continue_encoding)
 STOP_AND_BUFFER = 2  # pause and buffer the body (bounded by the watermark) until the filter resumes
 
+# send_local_reply's status that answers nothing: the request's stream is reset instead
+# (Envoy's resetStream from a filter), downstream and upstream alike.
+RESET_STREAM = 0
+
 DECODE_HOOKS = ("decode_headers", "decode_data", "decode_trailers")
 ENCODE_HOOKS = ("encode_headers", "encode_data", "encode_trailers")
-TCP_HOOKS = ("on_new_connection", "on_data", "on_close")
+TCP_HOOKS = ("on_new_connection", "on_data", "on_stream", "on_close")
 
 
 class FilterConfigError(ValueError):
@@ -70,6 +74,12 @@ class TcpFilter:
     `on_data(data, from_downstream, end_stream)` sees each chunk (defining it costs a hook per read);
     `data` is a view of a buffer the worker's connections share, valid during the call only:
     copy (`bytes(data)`) whatever the filter keeps.
+    `on_stream(data, from_downstream, end_stream)` instead edits or holds the stream: it returns
+    what goes on (None: `data` as it came; b"": nothing now). A filter defining it has
+    `stream` (the relay) set before its first call: `stream.release(self, data, from_downstream)`
+    hands on bytes it held, `stream.close(flag)` ends the connection; `holding(from_downstream)`
+    tells the relay to keep the FIN back while it holds bytes. `on_close(flag)` hears the end,
+    whether the relay had started or not.
     """
 
     callbacks: Any
@@ -214,14 +224,24 @@ class HeaderMap:
         return list(self.pseudo.items()) + list(self.headers)
 
 
-def downstream_address(callbacks, remote: bool) -> tuple[str, int] | str | None:
-    """The request's downstream connection: its remote (peer) or local address, as (host, port),
-    a Unix socket's path, or None when it is not known (or the connection has gone)."""
+def downstream_socket(callbacks):
+    """The request's downstream connection's socket (HTTP/1 session or HTTP/2 stream), or None."""
     down = callbacks.exchange.downstream
     stream = getattr(down, "stream", None) or getattr(
         getattr(down, "session", None), "stream", None
     )
-    sock = getattr(stream, "sock", None)
+    return getattr(stream, "sock", None)
+
+
+def downstream_address(callbacks, remote: bool) -> tuple[str, int] | str | None:
+    """The request's downstream connection: its remote (peer) or local address, as (host, port),
+    a Unix socket's path, or None when it is not known (or the connection has gone)."""
+    return socket_address(downstream_socket(callbacks), remote)
+
+
+def socket_address(sock, remote: bool) -> tuple[str, int] | str | None:
+    """A socket's remote (peer) or local address, as (host, port) or a Unix socket's path; None
+    when there is no socket or it has gone."""
     if sock is None:
         return None
     try:

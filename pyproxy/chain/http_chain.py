@@ -17,7 +17,14 @@ from collections.abc import Callable, Iterable
 from time import perf_counter_ns
 from typing import Any, Protocol
 
-from pyproxy.chain.api import CONTINUE, STOP_AND_BUFFER, FactoryContext, HeaderMap, HttpFilter
+from pyproxy.chain.api import (
+    CONTINUE,
+    RESET_STREAM,
+    STOP_AND_BUFFER,
+    FactoryContext,
+    HeaderMap,
+    HttpFilter,
+)
 from pyproxy.chain.registry import factory_class
 from pyproxy.config import FilterSpec
 from pyproxy.counters import FILTER_STAGE_BASE, STAGE_EVENTS, STAGE_NS
@@ -195,6 +202,7 @@ class HttpChain:
         "hook_ns",
         "dynamic_metadata",
         "chunk",
+        "route_cleared",
     )
 
     def __init__(self, factory: ChainFactory, exchange: ChainOwner) -> None:
@@ -216,6 +224,8 @@ class HttpChain:
         self.dynamic_metadata: dict | None = None
         # What a data hook asked to pass on (or hold) instead of the chunk it was given.
         self.chunk: bytes | None = None
+        # A filter cleared the route cache: the route is matched again before it is used.
+        self.route_cleared = False
 
     def _st(self) -> _ChainState:
         state = self.state
@@ -295,6 +305,25 @@ class HttpChain:
         details: str = "",
     ) -> None:
         self.local_reply(status, body, list(headers), grpc_status, flag, details)
+
+    def clear_route_cache(self) -> None:
+        """Envoy's clearRouteCache: the request's route is matched again, from its head as the
+        filters leave it, the next time it is used (at the latest, before it goes upstream)."""
+        self.route_cleared = True
+
+    def current_route(self) -> Any:
+        """The request's route, matched again first if a filter cleared the route cache."""
+        exchange = self.exchange
+        if self.route_cleared:
+            self.route_cleared = False
+            refresh = getattr(exchange, "refresh_route", None)  # a stand-in owner has no router
+            if refresh is not None:
+                refresh(self.maps["decode"])
+        return getattr(exchange, "route", None)
+
+    def reset_stream(self, flag: str = "LR", details: str = "") -> None:
+        """Reset the request's stream instead of answering it (downstream and upstream)."""
+        self.local_reply(RESET_STREAM, b"", [], None, flag, details)
 
     def decoding_buffer(self) -> bytes:
         return b"".join(self._st().held_body["decode"])

@@ -34,6 +34,8 @@ class TcpChainFactory:
             getattr(cls, "on_data", None) is not None or getattr(cls, "on_close", None) is not None
             for cls in classes
         )
+        # Only a chain with a filter that edits or holds the stream pays for the editing relay.
+        self.edits_stream = any(getattr(cls, "on_stream", None) is not None for cls in classes)
 
     def close(self) -> None:
         for factory in self.factories:
@@ -114,6 +116,7 @@ class ConnectionGate:
             return
         self.closed = True
         self.listener.connections.discard(self)
+        closed(self.filters, flag)
         if reset:
             self.listener.fail(_Aborted(self.downstream), flag, self.started_ns)
         else:
@@ -128,3 +131,12 @@ class _Aborted:
 
     def close(self) -> None:
         abort(self.sock)
+
+
+def closed(filters: list, flag: str) -> None:
+    """A connection ended before its relay started (refused, or its upstream connect failed):
+    the filters that hear the end hear it."""
+    for f in filters:
+        on_close = getattr(f, "on_close", None)
+        if on_close is not None:
+            on_close(flag)

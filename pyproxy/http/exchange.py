@@ -17,7 +17,7 @@ from __future__ import annotations
 from time import perf_counter_ns
 from typing import Any, Protocol
 
-from pyproxy.chain.api import HeaderMap
+from pyproxy.chain.api import RESET_STREAM, HeaderMap
 from pyproxy.chain.http_chain import ChainClock, ChainFactory, ChainOwner, HttpChain
 from pyproxy.codec.events import END, Body, RequestHead, ResponseHead, Trailers
 from pyproxy.codec.grpc import DEADLINE_EXCEEDED
@@ -124,6 +124,10 @@ class Exchange(RequestRecord):
             return
         chain = self.chain
         if chain is not None:
+            route = chain.current_route() if chain.route_cleared else self.route
+            if route is None:
+                self.local_reply(404, b"no route\n", "NR")
+                return
             self.request = filtered_request(self.request, chain.maps["decode"])
         route = self.route
         if route.cluster is not None:
@@ -135,6 +139,16 @@ class Exchange(RequestRecord):
         if timeout > 0:  # router.py's rule: while the body still arrives, it bounds silence
             self.arm_timeout(timeout, restarts=not (self.head_only or self.request_done))
         self._acquire()
+
+    def refresh_route(self, headers: HeaderMap) -> None:
+        """Match the route again from the request head as the filters left it (a filter cleared
+        the route cache): its cluster, timeout, name and metadata apply from now on; the filters
+        already running stay. No route matching leaves None (the request then gets 404)."""
+        host = headers.get(b"host")
+        authority = headers.pseudo.get(b":authority") or b""
+        if host is not None and authority == authority_of(self.request):
+            authority = host  # the pseudo-header is unchanged: a filter may have set Host
+        self.route = self.ctx.router.match(authority, headers.pseudo.get(b":path") or b"")
 
     def _forwards_unchanged(self) -> bool:
         chain = self.chain
@@ -408,11 +422,12 @@ class Exchange(RequestRecord):
     def filter_local_reply(
         self, status: int, body: bytes, headers: list, grpc_status, flag: str, details: str
     ) -> None:
-        """A filter answers instead of the upstream (fault abort, rate limit, script reply)."""
+        """A filter answers instead of the upstream (fault abort, rate limit, script reply), or
+        resets the stream (RESET_STREAM)."""
         if self.finished:
             return
         self._abandon_upstream()
-        if self.response_started:
+        if self.response_started or status == RESET_STREAM:
             self._finish(flag, reset_downstream=True)  # the head is out: all we can do is reset
             return
         self.local_reply(status, body, flag, headers, grpc_status, details)

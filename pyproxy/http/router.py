@@ -80,6 +80,8 @@ class Route:
     grpc_timeout: float = 0.0  # gRPC calls: only an explicit route timeout (0: none)
     # {filter name: {key: value}} (RouteConfig.metadata); a dict: left out of hash and eq
     metadata: dict | None = field(default=None, hash=False, compare=False)
+    name: str = ""  # RouteConfig.name
+    filter_context: dict | None = field(default=None, hash=False, compare=False)
 
 
 def route_timeouts(configured: float | None) -> tuple[float, float]:
@@ -103,6 +105,8 @@ class Router:
                 r.timeout,
                 r.filters,
                 r.metadata or None,
+                r.name,
+                r.filter_context or None,
             )
             for r in listener.routes
         )
@@ -148,9 +152,11 @@ def _route(
     timeout: float | None,
     filters,
     metadata: dict | None = None,
+    name: str = "",
+    filter_context: dict | None = None,
 ) -> Route:
     plain, grpc = route_timeouts(timeout)
-    return Route(authority, prefix, cluster, plain, filters, grpc, metadata)
+    return Route(authority, prefix, cluster, plain, filters, grpc, metadata, name, filter_context)
 
 
 def _host_of(authority: bytes) -> str:

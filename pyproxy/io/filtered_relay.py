@@ -55,10 +55,26 @@ class _WatchedSocket:
         return getattr(self._sock, name)
 
 
-class FilteredRelay(Relay):
-    """A copy relay whose sources are watched by TCP filters (on_data) and whose end they hear (on_close)."""
+class TellsFiltersClosed(Relay):
+    """A relay whose TCP filters hear its end (on_close)."""
 
     __slots__ = ("_filters",)
+    _filters: list
+
+    def close(self, flag: str = "", reset: bool = False) -> None:
+        already = self._closed
+        super().close(flag, reset)
+        if not already:
+            for f in self._filters:
+                on_close = getattr(f, "on_close", None)
+                if on_close is not None:
+                    on_close(flag)
+
+
+class FilteredRelay(TellsFiltersClosed):
+    """A copy relay whose sources are watched by TCP filters (on_data) and whose end they hear (on_close)."""
+
+    __slots__ = ()
 
     def __init__(self, *args, filters: list, stages: list, **kwargs) -> None:
         self._filters = filters
@@ -80,12 +96,3 @@ class FilteredRelay(Relay):
                     self.timed,
                     direction.read_ns,
                 )
-
-    def close(self, flag: str = "", reset: bool = False) -> None:
-        already = self._closed
-        super().close(flag, reset)
-        if not already:
-            for f in self._filters:
-                on_close = getattr(f, "on_close", None)
-                if on_close is not None:
-                    on_close(flag)

@@ -155,7 +155,11 @@ class _Direction:
         if self.start == self.end:
             self.release()
             relay.loop.remove_writer(self.dst_fd)
-            self.arm_reader()
+            self.drained()
+
+    def drained(self) -> None:
+        """The parked bytes are all written: read the source again."""
+        self.arm_reader()
 
     def arm_reader(self) -> None:
         """Watch the source again (a backend whose readable step is native arms that instead)."""

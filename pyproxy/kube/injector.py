@@ -348,6 +348,15 @@ def sidecar_container(options: ann.Options, drain_seconds: int, native: bool) ->
             "capabilities": {"drop": ["ALL"], **({"add": add} if add else {})},
         },
         "volumeMounts": [{"name": TMP_VOLUME, "mountPath": "/tmp"}],
+        # The pod's identity, the proxy's node (pyproxy/node.py), from the downward API.
+        "env": [
+            {"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}
+            for name, path in (
+                ("POD_NAME", "metadata.name"),
+                ("POD_NAMESPACE", "metadata.namespace"),
+                ("POD_IP", "status.podIP"),
+            )
+        ],
     }
     if options.config_map:
         container["volumeMounts"].append(
