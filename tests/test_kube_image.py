@@ -10,6 +10,7 @@ import subprocess
 import time
 
 import pytest
+import yaml
 from conftest import ROOT, http_get, require_capability
 from test_kube_inject import inject
 
@@ -76,7 +77,20 @@ spec:
 def injected_without_native_sidecars(text: str) -> str:
     result = inject("--kubernetes-version", "1.27", stdin=text)  # podman 4.3 has none
     assert result.returncode == 0, result.stderr
-    return result.stdout
+    # podman refuses two downward-API fields the kubelet fills in: a podman pod has no namespace
+    # (give the value the kubelet would, "default" here) and no IP before it runs (leave it out:
+    # the node id then has an empty IP part, as the proxy's identity allows).
+    pod = yaml.safe_load(result.stdout)
+    [sidecar] = [c for c in pod["spec"]["containers"] if c["name"] == "pyproxy"]
+    fields = {var["name"]: var["valueFrom"]["fieldRef"]["fieldPath"] for var in sidecar["env"]}
+    assert fields == {
+        "POD_NAME": "metadata.name",
+        "POD_NAMESPACE": "metadata.namespace",
+        "POD_IP": "status.podIP",
+    }
+    sidecar["env"] = [var for var in sidecar["env"] if var["name"] == "POD_NAME"]
+    sidecar["env"].append({"name": "POD_NAMESPACE", "value": "default"})
+    return yaml.safe_dump(pod, sort_keys=False)
 
 
 def inspect(container: str) -> dict:
