@@ -13,7 +13,7 @@ import itertools
 import os
 import time
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from pyproxy.filters.wasm_encoding import (
     Uint64,
@@ -26,8 +26,14 @@ from pyproxy.filters.wasm_encoding import (
 from pyproxy.chain.api import socket_address
 from pyproxy.node import local_node
 
-if TYPE_CHECKING:
-    from pyproxy.filters.wasm_runtime import Runtime
+
+class Runtime(Protocol):
+    """What an attribute reads from the module's runtime: its plugin settings and the filter
+    (the request or connection) the current callback serves, None between them."""
+
+    settings: dict
+    filter: Any
+
 
 _REQUEST_PSEUDO = {
     b"path": b":path",
