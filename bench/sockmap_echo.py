@@ -3,6 +3,10 @@
 1. Bare: echo round trips (one outstanding message, 100 B–10 KB) between two processes in a pod
    (netns + cgroup v2) over a loopback TCP pair, and over the same kind of pair with
    native/sockmap.bpf.c redirecting it (ADM measured 1.4–1.6× faster for up to 10 KB).
+   Three pairs of programs, each the same on both paths: the C pair (native/echo_rtt.c, client and
+   server each pinned to its own CPU) blocking in recv, the same spinning on non-blocking calls
+   (no wake-up latency in the round trip), and the Python pair (whose fixed cost per round trip
+   dilutes the ratio; kept as the sidecar's own kind of caller).
 2. Through the sidecar: one pyproxy with three TCP-mode listeners to the same echo app, the
    app side over loopback TCP, a Unix socket, and `ipc: sockmap`; 100 B round trips (p50/p99),
    the `ipc` stage and the sidecar's CPU time per message, and 64 MB bulk throughput (echoed,
@@ -19,9 +23,11 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import pyproxy.native
 from pyproxy.bench.echo_client import measure_rtts, summarize
 from pyproxy.bench.procs import cpu_ns
 from pyproxy.bench.results_folder import default_out, write_results
@@ -29,7 +35,28 @@ from pyproxy.iptables.netns import Pod, missing_capabilities, pods
 from pyproxy.native import sockmap
 
 PY = sys.executable
-TCP_PORT, SOCKMAP_PORT, SIDECAR_TCP, SIDECAR_SOCKMAP, APP_PORT = 7001, 7002, 15001, 15002, 9000
+SIDECAR_TCP, SIDECAR_SOCKMAP, APP_PORT = 15001, 15002, 9000
+NATIVE_ECHO = Path(pyproxy.native.__file__).resolve().parent / "echo_rtt"  # built by setup.py
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A pair of echo programs: its (loopback TCP, sockmap) ports, how it waits, where it runs."""
+
+    ports: tuple[int, int]  # only the second is registered for the redirect
+    native: bool = True
+    busy: bool = False
+    cpus: tuple[int, int] | None = None  # (server, client); None: wherever the scheduler puts them
+
+
+# Own CPUs: a blocked end is woken from another CPU (an IPI, maybe an idle exit: the wake-up
+# latency ADM's testbed had too); one CPU: a context switch, no cross-CPU wake-up; busy: no wait.
+BARE_PAIRS = {
+    "native_blocking": Pair((7001, 7002), cpus=(0, 1)),
+    "native_one_cpu": Pair((7003, 7004), cpus=(1, 1)),
+    "native_busy": Pair((7005, 7006), busy=True, cpus=(0, 1)),
+    "python": Pair((7007, 7008), native=False),
+}
 ADMIN = "127.0.0.1:15000"
 UDS_PATH = f"/tmp/pp{os.getpid()}-sockmap-bench.sock"
 SIZES = (100, 1024, 4096, 10240)
@@ -45,11 +72,27 @@ listeners:
 """
 
 
-def _echo(pod: Pod, port: int) -> None:
+def _echo(pod: Pod, port: int) -> subprocess.Popen:
     argv = [PY, "-m", "pyproxy.iptables.probe", "echo", "--host", "127.0.0.1", "--port", str(port)]
     proc = pod.popen(argv, stdout=subprocess.PIPE, text=True)
     if proc.stdout.readline().strip() != "READY":  # type: ignore[union-attr]
         raise RuntimeError(f"echo on port {port} did not start")
+    return proc
+
+
+def _native_flags(pair: Pair, end: int) -> list[str]:
+    return ["--busy"] * pair.busy + (["--cpu", str(pair.cpus[end])] if pair.cpus else [])
+
+
+def _native_echo(pod: Pod, port: int, pair: Pair) -> subprocess.Popen:
+    argv = [str(NATIVE_ECHO), "serve", str(port), *_native_flags(pair, 0)]
+    proc = pod.popen(argv, stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "READY":  # type: ignore[union-attr]
+        raise RuntimeError(f"native echo on port {port} did not start")
+    return proc
+
+
+Rtts = Callable[[Pod, str, int, int], list[int]]
 
 
 def _rtts(pod: Pod, address: str, size: int, count: int) -> list[int]:
@@ -59,8 +102,22 @@ def _rtts(pod: Pod, address: str, size: int, count: int) -> list[int]:
     return json.loads(pod.run(argv, timeout=300).stdout)
 
 
+def _native_rtts(pair: Pair) -> Rtts:
+    def rtts(pod: Pod, address: str, size: int, count: int) -> list[int]:
+        host, port = address.rsplit(":", 1)
+        argv = [str(NATIVE_ECHO), "measure", host, port, str(size), str(count), str(WARMUP)]
+        return json.loads(pod.run([*argv, *_native_flags(pair, 1)], timeout=300).stdout)
+
+    return rtts
+
+
 def _alternate(
-    pod: Pod, targets: dict[str, str], size: int, args: argparse.Namespace, pid: int | None = None
+    pod: Pod,
+    targets: dict[str, str],
+    size: int,
+    args: argparse.Namespace,
+    pid: int | None = None,
+    measure: Rtts = _rtts,
 ) -> dict:
     """Rounds alternating between the targets; with pid, that process's CPU time per target."""
     samples: dict[str, list[int]] = {name: [] for name in targets}
@@ -69,7 +126,7 @@ def _alternate(
     for _ in range(args.rounds):
         for name, address in targets.items():
             before = cpu_ns(measured)
-            samples[name] += _rtts(pod, address, size, args.per_round)
+            samples[name] += measure(pod, address, size, args.per_round)
             cpu[name] += cpu_ns(measured) - before
     out = {name: summarize(values) for name, values in samples.items()}
     if pid is not None:
@@ -97,18 +154,28 @@ def _bulk_mb_s(pod: Pod, port: int, size: int) -> float:
 
 
 def bare(pod: Pod, args: argparse.Namespace) -> dict:
+    """Per pair of echo programs and size: round trips over both paths, and the speedup."""
     assert pod.cgroup is not None
-    path = sockmap.SockmapPath.install(pod.cgroup, [SOCKMAP_PORT])
+    path = sockmap.SockmapPath.install(pod.cgroup, [p.ports[1] for p in BARE_PAIRS.values()])
     try:
-        _echo(pod, TCP_PORT)
-        _echo(pod, SOCKMAP_PORT)
-        out = {}
-        targets = {"tcp": f"127.0.0.1:{TCP_PORT}", "sockmap": f"127.0.0.1:{SOCKMAP_PORT}"}
-        for size in SIZES:
-            result = _alternate(pod, targets, size, args)
-            result["speedup"] = _speedup(result, "tcp", "sockmap")
-            out[str(size)] = result
-            print(f"bare {size} B: {json.dumps(result)}", file=sys.stderr, flush=True)
+        out: dict = {}
+        for name, pair in BARE_PAIRS.items():
+            if pair.native:
+                servers = [_native_echo(pod, port, pair) for port in pair.ports]
+                measure = _native_rtts(pair)
+            else:
+                servers, measure = [_echo(pod, port) for port in pair.ports], _rtts
+            targets = {"tcp": f"127.0.0.1:{pair.ports[0]}", "sockmap": f"127.0.0.1:{pair.ports[1]}"}
+            out[name] = {}
+            for size in SIZES:
+                result = _alternate(pod, targets, size, args, measure=measure)
+                result["speedup"] = _speedup(result, "tcp", "sockmap")
+                out[name][str(size)] = result
+                print(f"bare {name} {size} B: {json.dumps(result)}", file=sys.stderr, flush=True)
+            out[name]["min_speedup_p50"] = min(out[name][str(n)]["speedup"]["p50"] for n in SIZES)
+            for server in servers:
+                server.kill()  # a spinning server must not hold a CPU through what follows
+                server.wait()
         out["redirected"] = path.port_counts()
         return out
     finally:
@@ -166,6 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--per-round", type=int, default=1000, help="round trips per path per round"
     )
     parser.add_argument("--bulk-bytes", type=int, default=64 * 1024 * 1024)
+    parser.add_argument("--only", choices=("bare", "sidecar"), help="run one part (default: both)")
     parser.add_argument("--output", default=str(default_out("sockmap_echo")), help="results folder")
     parser.add_argument("--size", type=int, default=100, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=1000, help=argparse.SUPPRESS)
@@ -177,17 +245,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     missing = missing_capabilities()
     reason = sockmap.unavailable_reason()
+    if not NATIVE_ECHO.exists():
+        missing.append(f"{NATIVE_ECHO} (built from native/echo_rtt.c by the set-up: a C compiler)")
     if missing or reason:
         print(f"sockmap_echo needs: {', '.join(missing + [reason or ''])}", file=sys.stderr)
         return 2
     report: dict = {"benchmark": "sockmap_echo", "params": vars(args) | {"sizes": SIZES}}
     with pods(("bench",), bridge=True, cgroups=True) as made:
         pod = made["bench"]
-        report["bare"] = bare(pod, args)
-        config = Path(args.output) / "sidecar.yaml"
-        config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(SIDECAR_CONFIG)
-        report["sidecar"] = through_sidecar(pod, args, config)
+        if args.only != "sidecar":
+            report["bare"] = bare(pod, args)
+        if args.only != "bare":
+            config = Path(args.output) / "sidecar.yaml"
+            config.parent.mkdir(parents=True, exist_ok=True)
+            config.write_text(SIDECAR_CONFIG)
+            report["sidecar"] = through_sidecar(pod, args, config)
     text = json.dumps(report, indent=2)
     write_results(args.output, report, f"```json\n{text}\n```\n", args)
     print(text)
