@@ -10,7 +10,9 @@
 2. Through the sidecar: one pyproxy with three TCP-mode listeners to the same echo app, the
    app side over loopback TCP, a Unix socket, and `ipc: sockmap`; 100 B round trips (p50/p99),
    the `ipc` stage and the sidecar's CPU time per message, and 64 MB bulk throughput (echoed,
-   so 128 MB cross the sidecar; TCP and sockmap only: the bulk client speaks TCP).
+   so 128 MB cross the sidecar; TCP and sockmap only: the bulk client speaks TCP). The app
+   directly (no sidecar) is in the same rounds, so the added latency is p50 - direct p50.
+   Twice: processes placed by the scheduler, then client, sidecar and app on one CPU.
 Rounds alternate between the paths so drift on a shared machine hits both alike.
 Run as root: `python -m pyproxy.bench.sockmap_echo` (results in bench/results/sockmap_echo.json).
 """
@@ -29,13 +31,14 @@ from pathlib import Path
 
 import pyproxy.native
 from pyproxy.bench.echo_client import measure_rtts, summarize
-from pyproxy.bench.procs import cpu_ns
+from pyproxy.bench.procs import cpu_ns, pinned
 from pyproxy.bench.results_folder import default_out, write_results
 from pyproxy.iptables.netns import Pod, missing_capabilities, pods
 from pyproxy.native import sockmap
 
 PY = sys.executable
 SIDECAR_TCP, SIDECAR_SOCKMAP, APP_PORT = 15001, 15002, 9000
+SIDECAR_CPU = 1  # the one-CPU placement of the sidecar phase
 NATIVE_ECHO = Path(pyproxy.native.__file__).resolve().parent / "echo_rtt"  # built by setup.py
 
 
@@ -72,9 +75,9 @@ listeners:
 """
 
 
-def _echo(pod: Pod, port: int) -> subprocess.Popen:
+def _echo(pod: Pod, port: int, cpu: int | None = None) -> subprocess.Popen:
     argv = [PY, "-m", "pyproxy.iptables.probe", "echo", "--host", "127.0.0.1", "--port", str(port)]
-    proc = pod.popen(argv, stdout=subprocess.PIPE, text=True)
+    proc = pod.popen(pinned(cpu, argv), stdout=subprocess.PIPE, text=True)
     if proc.stdout.readline().strip() != "READY":  # type: ignore[union-attr]
         raise RuntimeError(f"echo on port {port} did not start")
     return proc
@@ -95,11 +98,15 @@ def _native_echo(pod: Pod, port: int, pair: Pair) -> subprocess.Popen:
 Rtts = Callable[[Pod, str, int, int], list[int]]
 
 
-def _rtts(pod: Pod, address: str, size: int, count: int) -> list[int]:
-    """Round trips measured by a client inside the pod (its cgroup decides the redirect)."""
-    argv = [PY, "-m", "pyproxy.bench.sockmap_echo", "--client", address]
-    argv += ["--size", str(size), "--count", str(count)]
-    return json.loads(pod.run(argv, timeout=300).stdout)
+def _python_rtts(cpu: int | None) -> Rtts:
+    """Round trips measured by a Python client inside the pod (its cgroup decides the redirect)."""
+
+    def rtts(pod: Pod, address: str, size: int, count: int) -> list[int]:
+        argv = [PY, "-m", "pyproxy.bench.sockmap_echo", "--client", address]
+        argv += ["--size", str(size), "--count", str(count)]
+        return json.loads(pod.run(pinned(cpu, argv), timeout=300).stdout)
+
+    return rtts
 
 
 def _native_rtts(pair: Pair) -> Rtts:
@@ -116,8 +123,8 @@ def _alternate(
     targets: dict[str, str],
     size: int,
     args: argparse.Namespace,
+    measure: Rtts,
     pid: int | None = None,
-    measure: Rtts = _rtts,
 ) -> dict:
     """Rounds alternating between the targets; with pid, that process's CPU time per target."""
     samples: dict[str, list[int]] = {name: [] for name in targets}
@@ -164,11 +171,11 @@ def bare(pod: Pod, args: argparse.Namespace) -> dict:
                 servers = [_native_echo(pod, port, pair) for port in pair.ports]
                 measure = _native_rtts(pair)
             else:
-                servers, measure = [_echo(pod, port) for port in pair.ports], _rtts
+                servers, measure = [_echo(pod, port) for port in pair.ports], _python_rtts(None)
             targets = {"tcp": f"127.0.0.1:{pair.ports[0]}", "sockmap": f"127.0.0.1:{pair.ports[1]}"}
             out[name] = {}
             for size in SIZES:
-                result = _alternate(pod, targets, size, args, measure=measure)
+                result = _alternate(pod, targets, size, args, measure)
                 result["speedup"] = _speedup(result, "tcp", "sockmap")
                 out[name][str(size)] = result
                 print(f"bare {name} {size} B: {json.dumps(result)}", file=sys.stderr, flush=True)
@@ -182,9 +189,28 @@ def bare(pod: Pod, args: argparse.Namespace) -> dict:
         path.remove()
 
 
-def through_sidecar(pod: Pod, args: argparse.Namespace, config: Path) -> dict:
-    _echo(pod, APP_PORT)
-    proc = pod.popen([PY, "-m", "pyproxy", "run", "-c", str(config)], stderr=subprocess.DEVNULL)
+def through_sidecar(pod: Pod, args: argparse.Namespace, config: Path, cpu: int | None) -> dict:
+    """The three listeners and the app directly (for the added latency), in alternating rounds.
+
+    With `cpu`, the echo app, the sidecar and the client share that CPU: every wake-up is then
+    local, where spread over CPUs each send that wakes a sleeper on another CPU pays for the
+    cross-CPU wake-up (an IPI; on a VM, an exit) on both paths alike.
+    """
+    app = _echo(pod, APP_PORT, cpu)
+    argv = pinned(cpu, [PY, "-m", "pyproxy", "run", "-c", str(config)])
+    proc = pod.popen(argv, stderr=subprocess.DEVNULL)
+    try:
+        return _measure_sidecar(pod, args, proc, cpu)
+    finally:
+        proc.terminate()  # its exit removes the sockmap programs it installed
+        proc.wait(timeout=30)
+        app.kill()
+        app.wait()
+
+
+def _measure_sidecar(
+    pod: Pod, args: argparse.Namespace, proc: subprocess.Popen, cpu: int | None
+) -> dict:
     deadline = time.monotonic() + 20
     while True:
         try:
@@ -197,11 +223,18 @@ def through_sidecar(pod: Pod, args: argparse.Namespace, config: Path) -> dict:
     ports = {"tcp": SIDECAR_TCP, "sockmap": SIDECAR_SOCKMAP}
     targets = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
     targets["uds"] = f"unix:{UDS_PATH}"
-    result = _alternate(pod, targets, 100, args, pid=proc.pid)
+    targets["direct"] = f"127.0.0.1:{APP_PORT}"  # no sidecar: what the others add to
+    result = _alternate(pod, targets, 100, args, _python_rtts(cpu), pid=proc.pid)
     result["speedup"] = _speedup(result, "tcp", "sockmap")
+    direct = result["direct"]["p50_us"]
+    added = {name: result[name]["p50_us"] - direct for name in ports}
+    result["added_p50_us"] = {name: round(value, 3) for name, value in added.items()}
+    result["added_p50_cut"] = (
+        round(1 - added["sockmap"] / added["tcp"], 3) if added["tcp"] else None
+    )
     stats = _admin(pod, "/stats?format=json")["listeners"]
     messages = args.rounds * (args.per_round + WARMUP)
-    for name in targets:
+    for name in ("tcp", "sockmap", "uds"):
         stages = stats[name]["stages"]
         ipc = stages["ipc"]
         result[name]["ipc_us_per_message"] = round(ipc["ns"] / 1000 / messages, 3)
@@ -217,7 +250,7 @@ def through_sidecar(pod: Pod, args: argparse.Namespace, config: Path) -> dict:
     result["bulk_mb_s"] = {
         name: _bulk_mb_s(pod, port, args.bulk_bytes) for name, port in ports.items()
     }
-    print(f"sidecar: {json.dumps(result)}", file=sys.stderr, flush=True)
+    print(f"sidecar (cpu {cpu}): {json.dumps(result)}", file=sys.stderr, flush=True)
     return result
 
 
@@ -259,7 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = Path(args.output) / "sidecar.yaml"
             config.parent.mkdir(parents=True, exist_ok=True)
             config.write_text(SIDECAR_CONFIG)
-            report["sidecar"] = through_sidecar(pod, args, config)
+            # Spread as the scheduler likes (the usual case), then all on one CPU.
+            report["sidecar"] = through_sidecar(pod, args, config, None)
+            report["sidecar_one_cpu"] = through_sidecar(pod, args, config, SIDECAR_CPU)
     text = json.dumps(report, indent=2)
     write_results(args.output, report, f"```json\n{text}\n```\n", args)
     print(text)
