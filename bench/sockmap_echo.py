@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pyproxy.native
 from pyproxy.bench.echo_client import measure_rtts, summarize
-from pyproxy.bench.procs import cpu_ns, pinned
+from pyproxy.bench.procs import cpu_ns, pinned, target_line
 from pyproxy.bench.results_folder import default_out, write_results
 from pyproxy.iptables.netns import Pod, missing_capabilities, pods
 from pyproxy.native import sockmap
@@ -295,10 +295,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Spread as the scheduler likes (the usual case), then all on one CPU.
             report["sidecar"] = through_sidecar(pod, args, config, None)
             report["sidecar_one_cpu"] = through_sidecar(pod, args, config, SIDECAR_CPU)
+    lines = target_lines(report)
     text = json.dumps(report, indent=2)
-    write_results(args.output, report, f"```json\n{text}\n```\n", args)
+    write_results(args.output, report, "\n".join([f"```json\n{text}\n```", *lines]), args)
     print(text)
+    print("\n".join(lines))
     return 0
+
+
+BARE_SPEEDUP, IPC_CUT, ADDED_CUT = 1.4, 0.40, 0.15  # ADM's figure; the sidecar's targets
+
+
+def target_lines(report: dict) -> list[str]:
+    """Each target against what this run measured: per bare pair, per sidecar placement."""
+    lines = []
+    for name, pair in report.get("bare", {}).items():
+        if name in BARE_PAIRS:
+            low = pair["min_speedup_p50"]
+            lines.append(target_line(low >= BARE_SPEEDUP, f"bare {name} sockmap ≥ {BARE_SPEEDUP}× "
+                                     "TCP, 100 B–10 KiB p50", f"{low:.2f}× at the slowest size"))  # fmt: skip
+    for key in ("sidecar", "sidecar_one_cpu"):
+        if (result := report.get(key)) is None:
+            continue
+        for what, cut, goal in (("ipc stage", "ipc_stage_cut", IPC_CUT),
+                                ("added p50", "added_p50_cut", ADDED_CUT)):  # fmt: skip
+            value = result[cut]
+            met = value is not None and value >= goal
+            shown = "—" if value is None else f"{value:.1%}"
+            lines.append(target_line(met, f"{key}: sockmap cuts the {what} ≥ {goal:.0%}", shown))
+    return lines
 
 
 if __name__ == "__main__":

@@ -255,6 +255,9 @@ def test_bare_echo_bench_runs_each_pair_of_programs_over_tcp_and_sockmap(tmp_pat
     redirected = {port: c["connections_redirected"] for port, c in bare["redirected"].items()}
     assert redirected == {"7002": 4, "7004": 4, "7006": 4, "7008": 4}
     assert all(c["connections_bypassed"] == 0 for c in bare["redirected"].values())
+    # One target line per pair, met or not, at the end of the report.
+    lines = [line for line in (out / "table.md").read_text().splitlines() if "TARGET" in line]
+    assert len(lines) == 4 and all("bare " in line for line in lines)
 
 
 @pytest.mark.usefixtures("require_sockmap")
