@@ -3,10 +3,11 @@
 1. Bare: echo round trips (one outstanding message, 100 B–10 KB) between two processes in a pod
    (netns + cgroup v2) over a loopback TCP pair, and over the same kind of pair with
    native/sockmap.bpf.c redirecting it (ADM measured 1.4–1.6× faster for up to 10 KB).
-   Three pairs of programs, each the same on both paths: the C pair (native/echo_rtt.c, client and
-   server each pinned to its own CPU) blocking in recv, the same spinning on non-blocking calls
-   (no wake-up latency in the round trip), and the Python pair (whose fixed cost per round trip
-   dilutes the ratio; kept as the sidecar's own kind of caller).
+   Four pairs of programs, each the same on both paths: the C pair (native/echo_rtt.c) blocking
+   in recv with client and server on CPUs of their own, the same on one CPU, the same spinning on
+   readiness on CPUs of their own (no wake-up in the round trip), and the Python pair wherever the
+   scheduler puts it (its fixed cost per round trip dilutes the ratio; kept as the sidecar's own
+   kind of caller). A cross-CPU wake-up costs both paths alike, so the placement moves the ratio.
 2. Through the sidecar: one pyproxy with three TCP-mode listeners to the same echo app, the
    app side over loopback TCP, a Unix socket, and `ipc: sockmap`; 100 B round trips (p50/p99),
    the `ipc` stage and the sidecar's CPU time per message, and 64 MB bulk throughput (echoed,
@@ -14,7 +15,7 @@
    directly (no sidecar) is in the same rounds, so the added latency is p50 - direct p50.
    Twice: processes placed by the scheduler, then client, sidecar and app on one CPU.
 Rounds alternate between the paths so drift on a shared machine hits both alike.
-Run as root: `python -m pyproxy.bench.sockmap_echo` (results in bench/results/sockmap_echo.json).
+Run as root: `python -m pyproxy.bench.sockmap_echo` (a results folder, TARGET lines at the end).
 """
 
 from __future__ import annotations
