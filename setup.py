@@ -25,6 +25,7 @@ class OptionalBuildExt(build_ext):
         except Exception as exc:  # noqa: BLE001 - any failure means "no native module"
             self._warn(exc)
         self._build_bpf_objects()
+        self._build_tools()
 
     @staticmethod
     def _write_protocol_facts() -> None:
@@ -61,6 +62,22 @@ class OptionalBuildExt(build_ext):
             argv = [clang, "-O2", "-g", "-Wall", "-target", "bpf", f"-I/usr/include/{multiarch}"]
             try:
                 subprocess.run([*argv, "-c", source, "-o", target], check=True)
+            except (OSError, subprocess.CalledProcessError) as exc:
+                self._warn(exc, source)
+
+    def _build_tools(self) -> None:
+        """Compile the bench's native programs (native/echo_rtt.c) next to the extension modules.
+
+        Only the bench runs them, and it says so when one is missing.
+        """
+        compiler = (sysconfig.get_config_var("CC") or "cc").split()
+        out_dir = os.path.dirname(self.get_ext_fullpath("pyproxy.native._native"))
+        os.makedirs(out_dir, exist_ok=True)
+        for source in ("native/echo_rtt.c",):
+            target = os.path.join(out_dir, os.path.basename(source)[: -len(".c")])
+            argv = [*compiler, "-O2", "-Wall", "-Wextra", source, "-o", target]
+            try:
+                subprocess.run(argv, check=True)
             except (OSError, subprocess.CalledProcessError) as exc:
                 self._warn(exc, source)
 

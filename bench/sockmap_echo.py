@@ -3,12 +3,19 @@
 1. Bare: echo round trips (one outstanding message, 100 B–10 KB) between two processes in a pod
    (netns + cgroup v2) over a loopback TCP pair, and over the same kind of pair with
    native/sockmap.bpf.c redirecting it (ADM measured 1.4–1.6× faster for up to 10 KB).
+   Four pairs of programs, each the same on both paths: the C pair (native/echo_rtt.c) blocking
+   in recv with client and server on CPUs of their own, the same on one CPU, the same spinning on
+   readiness on CPUs of their own (no wake-up in the round trip), and the Python pair wherever the
+   scheduler puts it (its fixed cost per round trip dilutes the ratio; kept as the sidecar's own
+   kind of caller). A cross-CPU wake-up costs both paths alike, so the placement moves the ratio.
 2. Through the sidecar: one pyproxy with three TCP-mode listeners to the same echo app, the
    app side over loopback TCP, a Unix socket, and `ipc: sockmap`; 100 B round trips (p50/p99),
    the `ipc` stage and the sidecar's CPU time per message, and 64 MB bulk throughput (echoed,
-   so 128 MB cross the sidecar; TCP and sockmap only: the bulk client speaks TCP).
+   so 128 MB cross the sidecar; TCP and sockmap only: the bulk client speaks TCP). The app
+   directly (no sidecar) is in the same rounds, so the added latency is p50 - direct p50.
+   Twice: processes placed by the scheduler, then client, sidecar and app on one CPU.
 Rounds alternate between the paths so drift on a shared machine hits both alike.
-Run as root: `python -m pyproxy.bench.sockmap_echo` (results in bench/results/sockmap_echo.json).
+Run as root: `python -m pyproxy.bench.sockmap_echo` (a results folder, TARGET lines at the end).
 """
 
 from __future__ import annotations
@@ -19,17 +26,41 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import pyproxy.native
 from pyproxy.bench.echo_client import measure_rtts, summarize
-from pyproxy.bench.procs import cpu_ns
+from pyproxy.bench.procs import cpu_ns, pinned, target_line
 from pyproxy.bench.results_folder import default_out, write_results
 from pyproxy.iptables.netns import Pod, missing_capabilities, pods
 from pyproxy.native import sockmap
 
 PY = sys.executable
-TCP_PORT, SOCKMAP_PORT, SIDECAR_TCP, SIDECAR_SOCKMAP, APP_PORT = 7001, 7002, 15001, 15002, 9000
+SIDECAR_TCP, SIDECAR_SOCKMAP, APP_PORT = 15001, 15002, 9000
+SIDECAR_CPU = 1  # the one-CPU placement of the sidecar phase
+NATIVE_ECHO = Path(pyproxy.native.__file__).resolve().parent / "echo_rtt"  # built by setup.py
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A pair of echo programs: its (loopback TCP, sockmap) ports, how it waits, where it runs."""
+
+    ports: tuple[int, int]  # only the second is registered for the redirect
+    native: bool = True
+    busy: bool = False
+    cpus: tuple[int, int] | None = None  # (server, client); None: wherever the scheduler puts them
+
+
+# Own CPUs: a blocked end is woken from another CPU (an IPI, maybe an idle exit: the wake-up
+# latency ADM's testbed had too); one CPU: a context switch, no cross-CPU wake-up; busy: no wait.
+BARE_PAIRS = {
+    "native_blocking": Pair((7001, 7002), cpus=(0, 1)),
+    "native_one_cpu": Pair((7003, 7004), cpus=(1, 1)),
+    "native_busy": Pair((7005, 7006), busy=True, cpus=(0, 1)),
+    "python": Pair((7007, 7008), native=False),
+}
 ADMIN = "127.0.0.1:15000"
 UDS_PATH = f"/tmp/pp{os.getpid()}-sockmap-bench.sock"
 SIZES = (100, 1024, 4096, 10240)
@@ -45,22 +76,56 @@ listeners:
 """
 
 
-def _echo(pod: Pod, port: int) -> None:
+def _echo(pod: Pod, port: int, cpu: int | None = None) -> subprocess.Popen:
     argv = [PY, "-m", "pyproxy.iptables.probe", "echo", "--host", "127.0.0.1", "--port", str(port)]
-    proc = pod.popen(argv, stdout=subprocess.PIPE, text=True)
+    proc = pod.popen(pinned(cpu, argv), stdout=subprocess.PIPE, text=True)
     if proc.stdout.readline().strip() != "READY":  # type: ignore[union-attr]
         raise RuntimeError(f"echo on port {port} did not start")
+    return proc
 
 
-def _rtts(pod: Pod, address: str, size: int, count: int) -> list[int]:
-    """Round trips measured by a client inside the pod (its cgroup decides the redirect)."""
-    argv = [PY, "-m", "pyproxy.bench.sockmap_echo", "--client", address]
-    argv += ["--size", str(size), "--count", str(count)]
-    return json.loads(pod.run(argv, timeout=300).stdout)
+def _native_flags(pair: Pair, end: int) -> list[str]:
+    return ["--busy"] * pair.busy + (["--cpu", str(pair.cpus[end])] if pair.cpus else [])
+
+
+def _native_echo(pod: Pod, port: int, pair: Pair) -> subprocess.Popen:
+    argv = [str(NATIVE_ECHO), "serve", str(port), *_native_flags(pair, 0)]
+    proc = pod.popen(argv, stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "READY":  # type: ignore[union-attr]
+        raise RuntimeError(f"native echo on port {port} did not start")
+    return proc
+
+
+Rtts = Callable[[Pod, str, int, int], list[int]]
+
+
+def _python_rtts(cpu: int | None) -> Rtts:
+    """Round trips measured by a Python client inside the pod (its cgroup decides the redirect)."""
+
+    def rtts(pod: Pod, address: str, size: int, count: int) -> list[int]:
+        argv = [PY, "-m", "pyproxy.bench.sockmap_echo", "--client", address]
+        argv += ["--size", str(size), "--count", str(count)]
+        return json.loads(pod.run(pinned(cpu, argv), timeout=300).stdout)
+
+    return rtts
+
+
+def _native_rtts(pair: Pair) -> Rtts:
+    def rtts(pod: Pod, address: str, size: int, count: int) -> list[int]:
+        host, port = address.rsplit(":", 1)
+        argv = [str(NATIVE_ECHO), "measure", host, port, str(size), str(count), str(WARMUP)]
+        return json.loads(pod.run([*argv, *_native_flags(pair, 1)], timeout=300).stdout)
+
+    return rtts
 
 
 def _alternate(
-    pod: Pod, targets: dict[str, str], size: int, args: argparse.Namespace, pid: int | None = None
+    pod: Pod,
+    targets: dict[str, str],
+    size: int,
+    args: argparse.Namespace,
+    measure: Rtts,
+    pid: int | None = None,
 ) -> dict:
     """Rounds alternating between the targets; with pid, that process's CPU time per target."""
     samples: dict[str, list[int]] = {name: [] for name in targets}
@@ -69,7 +134,7 @@ def _alternate(
     for _ in range(args.rounds):
         for name, address in targets.items():
             before = cpu_ns(measured)
-            samples[name] += _rtts(pod, address, size, args.per_round)
+            samples[name] += measure(pod, address, size, args.per_round)
             cpu[name] += cpu_ns(measured) - before
     out = {name: summarize(values) for name, values in samples.items()}
     if pid is not None:
@@ -97,27 +162,56 @@ def _bulk_mb_s(pod: Pod, port: int, size: int) -> float:
 
 
 def bare(pod: Pod, args: argparse.Namespace) -> dict:
+    """Per pair of echo programs and size: round trips over both paths, and the speedup."""
     assert pod.cgroup is not None
-    path = sockmap.SockmapPath.install(pod.cgroup, [SOCKMAP_PORT])
+    path = sockmap.SockmapPath.install(pod.cgroup, [p.ports[1] for p in BARE_PAIRS.values()])
     try:
-        _echo(pod, TCP_PORT)
-        _echo(pod, SOCKMAP_PORT)
-        out = {}
-        targets = {"tcp": f"127.0.0.1:{TCP_PORT}", "sockmap": f"127.0.0.1:{SOCKMAP_PORT}"}
-        for size in SIZES:
-            result = _alternate(pod, targets, size, args)
-            result["speedup"] = _speedup(result, "tcp", "sockmap")
-            out[str(size)] = result
-            print(f"bare {size} B: {json.dumps(result)}", file=sys.stderr, flush=True)
+        out: dict = {}
+        for name, pair in BARE_PAIRS.items():
+            if pair.native:
+                servers = [_native_echo(pod, port, pair) for port in pair.ports]
+                measure = _native_rtts(pair)
+            else:
+                servers, measure = [_echo(pod, port) for port in pair.ports], _python_rtts(None)
+            targets = {"tcp": f"127.0.0.1:{pair.ports[0]}", "sockmap": f"127.0.0.1:{pair.ports[1]}"}
+            out[name] = {}
+            for size in SIZES:
+                result = _alternate(pod, targets, size, args, measure)
+                result["speedup"] = _speedup(result, "tcp", "sockmap")
+                out[name][str(size)] = result
+                print(f"bare {name} {size} B: {json.dumps(result)}", file=sys.stderr, flush=True)
+            out[name]["min_speedup_p50"] = min(out[name][str(n)]["speedup"]["p50"] for n in SIZES)
+            for server in servers:
+                server.kill()  # a spinning server must not hold a CPU through what follows
+                server.wait()
         out["redirected"] = path.port_counts()
         return out
     finally:
         path.remove()
 
 
-def through_sidecar(pod: Pod, args: argparse.Namespace, config: Path) -> dict:
-    _echo(pod, APP_PORT)
-    proc = pod.popen([PY, "-m", "pyproxy", "run", "-c", str(config)], stderr=subprocess.DEVNULL)
+def through_sidecar(pod: Pod, args: argparse.Namespace, config: Path, cpu: int | None) -> dict:
+    """The three listeners and the app directly (for the added latency), in alternating rounds.
+
+    With `cpu`, the echo app, the sidecar and the client share that CPU: every wake-up is then
+    local, where spread over CPUs each send that wakes a sleeper on another CPU pays for the
+    cross-CPU wake-up (an IPI; on a VM, an exit) on both paths alike.
+    """
+    app = _echo(pod, APP_PORT, cpu)
+    argv = pinned(cpu, [PY, "-m", "pyproxy", "run", "-c", str(config)])
+    proc = pod.popen(argv, stderr=subprocess.DEVNULL)
+    try:
+        return _measure_sidecar(pod, args, proc, cpu)
+    finally:
+        proc.terminate()  # its exit removes the sockmap programs it installed
+        proc.wait(timeout=30)
+        app.kill()
+        app.wait()
+
+
+def _measure_sidecar(
+    pod: Pod, args: argparse.Namespace, proc: subprocess.Popen, cpu: int | None
+) -> dict:
     deadline = time.monotonic() + 20
     while True:
         try:
@@ -130,11 +224,18 @@ def through_sidecar(pod: Pod, args: argparse.Namespace, config: Path) -> dict:
     ports = {"tcp": SIDECAR_TCP, "sockmap": SIDECAR_SOCKMAP}
     targets = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
     targets["uds"] = f"unix:{UDS_PATH}"
-    result = _alternate(pod, targets, 100, args, pid=proc.pid)
+    targets["direct"] = f"127.0.0.1:{APP_PORT}"  # no sidecar: what the others add to
+    result = _alternate(pod, targets, 100, args, _python_rtts(cpu), pid=proc.pid)
     result["speedup"] = _speedup(result, "tcp", "sockmap")
+    direct = result["direct"]["p50_us"]
+    added = {name: result[name]["p50_us"] - direct for name in ports}
+    result["added_p50_us"] = {name: round(value, 3) for name, value in added.items()}
+    result["added_p50_cut"] = (
+        round(1 - added["sockmap"] / added["tcp"], 3) if added["tcp"] else None
+    )
     stats = _admin(pod, "/stats?format=json")["listeners"]
     messages = args.rounds * (args.per_round + WARMUP)
-    for name in targets:
+    for name in ("tcp", "sockmap", "uds"):
         stages = stats[name]["stages"]
         ipc = stages["ipc"]
         result[name]["ipc_us_per_message"] = round(ipc["ns"] / 1000 / messages, 3)
@@ -150,7 +251,7 @@ def through_sidecar(pod: Pod, args: argparse.Namespace, config: Path) -> dict:
     result["bulk_mb_s"] = {
         name: _bulk_mb_s(pod, port, args.bulk_bytes) for name, port in ports.items()
     }
-    print(f"sidecar: {json.dumps(result)}", file=sys.stderr, flush=True)
+    print(f"sidecar (cpu {cpu}): {json.dumps(result)}", file=sys.stderr, flush=True)
     return result
 
 
@@ -166,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--per-round", type=int, default=1000, help="round trips per path per round"
     )
     parser.add_argument("--bulk-bytes", type=int, default=64 * 1024 * 1024)
+    parser.add_argument("--only", choices=("bare", "sidecar"), help="run one part (default: both)")
     parser.add_argument("--output", default=str(default_out("sockmap_echo")), help="results folder")
     parser.add_argument("--size", type=int, default=100, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=1000, help=argparse.SUPPRESS)
@@ -177,21 +279,52 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     missing = missing_capabilities()
     reason = sockmap.unavailable_reason()
+    if not NATIVE_ECHO.exists():
+        missing.append(f"{NATIVE_ECHO} (built from native/echo_rtt.c by the set-up: a C compiler)")
     if missing or reason:
         print(f"sockmap_echo needs: {', '.join(missing + [reason or ''])}", file=sys.stderr)
         return 2
     report: dict = {"benchmark": "sockmap_echo", "params": vars(args) | {"sizes": SIZES}}
     with pods(("bench",), bridge=True, cgroups=True) as made:
         pod = made["bench"]
-        report["bare"] = bare(pod, args)
-        config = Path(args.output) / "sidecar.yaml"
-        config.parent.mkdir(parents=True, exist_ok=True)
-        config.write_text(SIDECAR_CONFIG)
-        report["sidecar"] = through_sidecar(pod, args, config)
+        if args.only != "sidecar":
+            report["bare"] = bare(pod, args)
+        if args.only != "bare":
+            config = Path(args.output) / "sidecar.yaml"
+            config.parent.mkdir(parents=True, exist_ok=True)
+            config.write_text(SIDECAR_CONFIG)
+            # Spread as the scheduler likes (the usual case), then all on one CPU.
+            report["sidecar"] = through_sidecar(pod, args, config, None)
+            report["sidecar_one_cpu"] = through_sidecar(pod, args, config, SIDECAR_CPU)
+    lines = target_lines(report)
     text = json.dumps(report, indent=2)
-    write_results(args.output, report, f"```json\n{text}\n```\n", args)
+    write_results(args.output, report, "\n".join([f"```json\n{text}\n```", *lines]), args)
     print(text)
+    print("\n".join(lines))
     return 0
+
+
+BARE_SPEEDUP, IPC_CUT, ADDED_CUT = 1.4, 0.40, 0.15  # ADM's figure; the sidecar's targets
+
+
+def target_lines(report: dict) -> list[str]:
+    """Each target against what this run measured: per bare pair, per sidecar placement."""
+    lines = []
+    for name, pair in report.get("bare", {}).items():
+        if name in BARE_PAIRS:
+            low = pair["min_speedup_p50"]
+            lines.append(target_line(low >= BARE_SPEEDUP, f"bare {name} sockmap ≥ {BARE_SPEEDUP}× "
+                                     "TCP, 100 B–10 KiB p50", f"{low:.2f}× at the slowest size"))  # fmt: skip
+    for key in ("sidecar", "sidecar_one_cpu"):
+        if (result := report.get(key)) is None:
+            continue
+        for what, cut, goal in (("ipc stage", "ipc_stage_cut", IPC_CUT),
+                                ("added p50", "added_p50_cut", ADDED_CUT)):  # fmt: skip
+            value = result[cut]
+            met = value is not None and value >= goal
+            shown = "—" if value is None else f"{value:.1%}"
+            lines.append(target_line(met, f"{key}: sockmap cuts the {what} ≥ {goal:.0%}", shown))
+    return lines
 
 
 if __name__ == "__main__":

@@ -233,3 +233,51 @@ def test_sockmap_config_that_cannot_be_redirected_is_refused(listener, reason):
     with pytest.raises(ConfigError, match=reason) as info:
         build_config(doc)
     assert ".ipc" in str(info.value)  # the error names the field
+
+
+@pytest.mark.usefixtures("require_sockmap")
+def test_bare_echo_bench_runs_each_pair_of_programs_over_tcp_and_sockmap(tmp_path):
+    out = tmp_path / "sockmap_echo"
+    argv = [PY, "-m", "pyproxy.bench.sockmap_echo", "--only", "bare", "--rounds", "1"]
+    argv += ["--per-round", "50", "--output", str(out)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    bare = json.loads((out / "results.json").read_text())["bare"]
+    for pair in ("native_blocking", "native_one_cpu", "native_busy", "python"):
+        for size in ("100", "1024", "4096", "10240"):
+            result = bare[pair][size]
+            assert result["tcp"]["count"] == result["sockmap"]["count"] == 50
+            assert 0 < result["sockmap"]["p50_us"] <= result["sockmap"]["p99_us"]
+            assert result["speedup"]["p50"] == round(
+                result["tcp"]["p50_us"] / result["sockmap"]["p50_us"], 3
+            )
+    # The kernel redirected each pair's sockmap connections (4 sizes × 1 round) and no other.
+    redirected = {port: c["connections_redirected"] for port, c in bare["redirected"].items()}
+    assert redirected == {"7002": 4, "7004": 4, "7006": 4, "7008": 4}
+    assert all(c["connections_bypassed"] == 0 for c in bare["redirected"].values())
+    # One target line per pair, met or not, at the end of the report.
+    lines = [line for line in (out / "table.md").read_text().splitlines() if "TARGET" in line]
+    assert len(lines) == 4 and all("bare " in line for line in lines)
+
+
+@pytest.mark.usefixtures("require_sockmap")
+def test_sidecar_echo_bench_measures_the_app_directly_beside_each_listener_in_both_placements(
+    tmp_path,
+):
+    out = tmp_path / "sockmap_echo"
+    argv = [PY, "-m", "pyproxy.bench.sockmap_echo", "--only", "sidecar", "--rounds", "1"]
+    argv += ["--per-round", "50", "--bulk-bytes", str(1 << 20), "--output", str(out)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((out / "results.json").read_text())
+    for placement in ("sidecar", "sidecar_one_cpu"):
+        result = report[placement]
+        direct = result["direct"]["p50_us"]
+        for name in ("tcp", "sockmap"):
+            assert result["added_p50_us"][name] == round(result[name]["p50_us"] - direct, 3)
+            # One recv of the request and one send of the reply on the app-facing socket.
+            assert 2.0 <= result[name]["ipc_calls_per_message"] < 2.1
+        # The sockmap listener's one latency connection took the redirect; the TCP one did not.
+        assert result["sockmap"]["ipc_connections"] == {"sockmap": 1, "tcp": 0}
+        assert result["tcp"]["ipc_connections"] == {"tcp": 1}
+        assert result["bulk_mb_s"]["sockmap"] > 0
