@@ -63,7 +63,17 @@ import logging
 import os
 import struct
 import time
-from ctypes import CFUNCTYPE, c_char_p, c_int32, c_int64, c_size_t, c_uint32, c_uint64, c_void_p
+from ctypes import (
+    CFUNCTYPE,
+    PYFUNCTYPE,
+    c_char_p,
+    c_int32,
+    c_int64,
+    c_size_t,
+    c_uint32,
+    c_uint64,
+    c_void_p,
+)
 from typing import cast
 
 import wasmtime
@@ -189,19 +199,23 @@ CALLBACKS = {
 _dll = _capi.dll
 
 
-def _c(name: str, restype, *argtypes):
+def _c(name: str, restype, *argtypes, keep_gil: bool = False):
     address = ctypes.cast(getattr(_dll, name), c_void_p).value
     assert address, f"wasmtime's C API has no {name}"
-    return CFUNCTYPE(restype, *argtypes)(address)
+    return (PYFUNCTYPE if keep_gil else CFUNCTYPE)(restype, *argtypes)(address)
 
 
+# The per-request calls keep the GIL: releasing and taking it back around each one (and again
+# in each host callback the guest makes meanwhile) is pure cost on the event loop's thread,
+# which is the only one that enters the guest; fuel bounds how long a call can hold it.
 _call_unchecked = _c(
-    "wasmtime_func_call_unchecked", c_void_p, c_void_p, c_void_p, c_void_p, c_size_t, c_void_p
-)
-_set_fuel = _c("wasmtime_context_set_fuel", c_void_p, c_void_p, c_uint64)
-_memory_data = _c("wasmtime_memory_data", c_void_p, c_void_p, c_void_p)
-_memory_size = _c("wasmtime_memory_data_size", c_size_t, c_void_p, c_void_p)
-_caller_context = _c("wasmtime_caller_context", c_void_p, c_void_p)
+    "wasmtime_func_call_unchecked", c_void_p, c_void_p, c_void_p, c_void_p, c_size_t, c_void_p,
+    keep_gil=True,
+)  # fmt: skip
+_set_fuel = _c("wasmtime_context_set_fuel", c_void_p, c_void_p, c_uint64, keep_gil=True)
+_memory_data = _c("wasmtime_memory_data", c_void_p, c_void_p, c_void_p, keep_gil=True)
+_memory_size = _c("wasmtime_memory_data_size", c_size_t, c_void_p, c_void_p, keep_gil=True)
+_caller_context = _c("wasmtime_caller_context", c_void_p, c_void_p, keep_gil=True)
 _trap_new = _c("wasmtime_trap_new", c_void_p, c_char_p, c_size_t)
 _HostCallback = CFUNCTYPE(c_void_p, c_void_p, c_void_p, c_void_p, c_size_t)
 _define_unchecked = _c(

@@ -397,7 +397,10 @@ class NativeLane:
     def _done_hook(self) -> None:
         chain, self.chain = self.chain, None
         if chain is not None:
-            end_chain(self.ctx, chain)
+            # The pair calls this once the response is sent: the filters' end-of-request work
+            # (WASM's on_done/log/delete), which the general path defers past its corked send
+            # (end_chain), can run now, without a loop callback per request.
+            chain.destroy()
 
     # What the chain calls on its exchange while the lane stands in for one:
     def filter_local_reply(
