@@ -133,8 +133,8 @@ class ChainFactory:
         self.encodes = any(
             self.hooks[h] for h in ("encode_headers", "encode_data", "encode_trailers")
         )
-        # Only heads are filtered (no body or trailer hook): the chain the native pair can run
-        # for whole messages it carries (pyproxy/http/native_lane.py).
+        # Only heads are filtered (no body or trailer hook): the native pair's hooks need not
+        # be handed the bodies of the whole messages it carries (pyproxy/http/native_lane.py).
         self.heads_only = not (
             self.decodes_body or self.hooks["encode_data"] or self.hooks["encode_trailers"]
         )
