@@ -152,18 +152,24 @@ def _lua(name: str, code: str) -> str:
     return f"      - name: {name}\n        type: lua\n        config:\n          inline_code: |\n{lines}"
 
 
+def lane_listener(start_proxy, tmp_path, lane: str, filters: str, routes: str = ""):
+    """A RawUpstream, a proxy in front of it with ``express_lane: lane`` (in its own folder
+    under ``tmp_path``) and a client connection to it."""
+    upstream = RawUpstream()
+    path = tmp_path / lane
+    path.mkdir()
+    body = f"    http:\n      express_lane: {lane}\n{routes}    filters:\n{filters}"
+    proxy, port = start_listener(start_proxy, path, upstream.address, body)
+    return upstream, proxy, Client(port)
+
+
 def _both_lanes(start_proxy, tmp_path, filters: str, script, routes: str = "", fold_case=False):
     """Run ``script(client)`` on one connection per lane; returns {lane: (replies, sent, stats)}.
     ``fold_case``: compare heads in lower case (the general path writes a head its response
     filters saw with lower-case names, the pair forwards one they left unchanged as read)."""
     runs = {}
     for lane in ("native", "off"):
-        upstream = RawUpstream()
-        path = tmp_path / lane
-        path.mkdir()
-        body = f"    http:\n      express_lane: {lane}\n{routes}    filters:\n{filters}"
-        proxy, port = start_listener(start_proxy, path, upstream.address, body)
-        client = Client(port)
+        upstream, proxy, client = lane_listener(start_proxy, tmp_path, lane, filters, routes)
         replies = script(client)
         count = len(replies)
         stats = proxy.wait_for(lambda s: s["requests"] == count)  # noqa: B023 (used at once)

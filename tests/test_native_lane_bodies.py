@@ -14,9 +14,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import start_listener
-from test_express import Client, RawUpstream
-from test_native_lane import CATCH_ALL, _both_lanes
+from test_express import Client
+from test_native_lane import CATCH_ALL, _both_lanes, lane_listener
 from wasm_sdk import assemblyscript_module
 
 pytest.importorskip("wasmtime")
@@ -119,12 +118,7 @@ def test_a_filter_answering_from_the_response_body_resets_as_on_the_general_path
     callback comes too late to replace the response, and the downstream is reset."""
     outcomes = {}
     for lane in ("native", "off"):
-        upstream = RawUpstream()
-        path = tmp_path / lane
-        path.mkdir()
-        body = f"    http:\n      express_lane: {lane}\n    filters:\n{BODY_CASES}"
-        proxy, port = start_listener(start_proxy, path, upstream.address, body)
-        client = Client(port)
+        _, proxy, client = lane_listener(start_proxy, tmp_path, lane, BODY_CASES)
         assert client.get(b"/warm")[1] == b"ok:/warm"
         client.send(b"GET /late HTTP/1.1\r\nHost: svc\r\nX-Body-Case: reply\r\n\r\n")
         received = b""
@@ -156,14 +150,9 @@ def test_tap_on_the_pair_records_every_body(start_proxy, tmp_path):
     """Tap has body hooks: paired, its records still hold each request's and response's body."""
     records = {}
     for lane in ("native", "off"):
-        upstream = RawUpstream()
-        path = tmp_path / lane
-        path.mkdir()
-        sink = path / "tap.jsonl"
+        sink = tmp_path / f"tap-{lane}.jsonl"
         filters = f"      - name: tap\n        type: tap\n        config: {{path: {sink}}}\n"
-        body = f"    http:\n      express_lane: {lane}\n    filters:\n{filters}"
-        proxy, port = start_listener(start_proxy, path, upstream.address, body)
-        client = Client(port)
+        _, proxy, client = lane_listener(start_proxy, tmp_path, lane, filters)
         replies = [_post(client, b"/echo", b"tapped %d" % i) for i in range(3)]
         replies.append(client.get(b"/plain"))
         assert [b for _, b in replies] == [b"tapped 0", b"tapped 1", b"tapped 2", b"ok:/plain"]
