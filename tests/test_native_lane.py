@@ -152,10 +152,10 @@ def _lua(name: str, code: str) -> str:
     return f"      - name: {name}\n        type: lua\n        config:\n          inline_code: |\n{lines}"
 
 
-def lane_listener(start_proxy, tmp_path, lane: str, filters: str, routes: str = ""):
-    """A RawUpstream, a proxy in front of it with ``express_lane: lane`` (in its own folder
-    under ``tmp_path``) and a client connection to it."""
-    upstream = RawUpstream()
+def lane_listener(start_proxy, tmp_path, lane: str, filters: str, routes: str = "", upstream=None):
+    """``upstream`` (a new RawUpstream if None), a proxy in front of it with ``express_lane:
+    lane`` (in its own folder under ``tmp_path``) and a client connection to it."""
+    upstream = upstream if upstream is not None else RawUpstream()
     path = tmp_path / lane
     path.mkdir()
     body = f"    http:\n      express_lane: {lane}\n{routes}    filters:\n{filters}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from http_peer import HttpUpstream
 from test_express import Client
 from test_native_lane import CATCH_ALL, _both_lanes, lane_listener
 from wasm_sdk import assemblyscript_module
@@ -93,6 +94,49 @@ def test_changed_bodies_are_taken_and_sent_as_the_filters_left_them(start_proxy,
     assert replies[2][1] == b"OK:/QUIET"
     assert replies[3][1] == b"after" and replies[4][1] == b"ok:/after"
     assert stats["native_requests"] == 2, stats  # the last two: the connection paired again
+
+
+def test_a_head_the_pair_cannot_write_after_the_body_went_through_is_sent_once(
+    start_proxy, tmp_path
+):
+    """The SDK's body example drops content-length from both heads (the pair cannot write
+    such a head: it would not frame the body as read) and rewrites both bodies: each message
+    is taken after its body went through the filters, and goes on as they left it, once."""
+    filters = _wasm("body", "body", "body")
+    runs = {}
+    for lane in ("native", "off"):
+        app = HttpUpstream()
+        try:
+            _, proxy, client = lane_listener(start_proxy, tmp_path, lane, filters, upstream=app)
+            replies = [_post(client, b"/echo", b) for b in (b"warm", b"a secret word", b"plain")]
+            stats = proxy.wait_for(lambda s: s["requests"] == 3)
+            client.close()
+        finally:
+            app.close()
+        bodies = []
+        for head, body in replies:
+            assert b"transfer-encoding: chunked" in head.lower()  # the module dropped the length
+            text = h11_dechunk(body)
+            echo, _, tail = text.partition(b"\n-- seen by as-sdk\n")
+            assert tail == b""  # the line appended once
+            seen = json.loads(echo)
+            bodies.append((seen["body_length"], seen["body_sha256"]))
+        runs[lane] = (bodies, stats["native_requests"])
+    assert runs["native"][0] == runs["off"][0]
+    assert runs["native"][0][1][0] == len(b"a [redacted] word")
+    assert runs["native"][1] == 0  # each message taken, none carried in C
+
+
+def h11_dechunk(body: bytes) -> bytes:
+    """A chunked body's data."""
+    out = b""
+    while True:
+        size, _, rest = body.partition(b"\r\n")
+        length = int(size, 16)
+        if not length:
+            return out
+        out += rest[:length]
+        body = rest[length + 2 :]
 
 
 def test_a_filter_answering_from_the_request_body_is_taken_before_the_app(start_proxy, tmp_path):
