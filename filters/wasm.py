@@ -43,7 +43,8 @@ shared memory (pyproxy/guest_metrics.py) and show in /stats under their own name
 Hot path: Python's `wasmtime.Func.__call__` costs ~65 µs (it re-reads the
 function type and boxes every value), so host→guest calls go straight to the C
 API (`wasmtime_func_call_unchecked`) through wasmtime's own ctypes library with
-a preallocated argument buffer, and host functions are raw unchecked callbacks.
+a preallocated argument buffer, keeping the GIL, and host functions are raw unchecked
+callbacks that read and write guest memory through one memoryview per host call.
 A request makes three entries (plus one per body chunk or trailer section a module has a
 callback for): context create + request headers, response headers, and done + log +
 delete, each pair or triple joined by a small trampoline module instantiated next to the
