@@ -91,10 +91,17 @@ CHAIN_ORDER = ("fault", "ratelimit", "tap", "lua", "wasm", "wasm_sdk")  # native
 ADDITIVITY_TOLERANCE = 0.20
 
 
-def configurations() -> dict[str, tuple[str, ...]]:
+def configurations(only: str = "") -> dict[str, tuple[str, ...]]:
+    """Every configuration, or (``only``: comma-separated names) those and the two baselines."""
     out: dict[str, tuple[str, ...]] = {"baseline": (), "baseline_b": ()}
     out.update({kind: (kind,) for kind in SINGLES})
     out.update(COMBOS)
+    if only:
+        wanted = {"baseline", "baseline_b", *only.split(",")}
+        unknown = wanted - out.keys()
+        if unknown:
+            raise SystemExit(f"--only: unknown configuration(s) {', '.join(sorted(unknown))}")
+        out = {name: filters for name, filters in out.items() if name in wanted}
     return out
 
 
@@ -187,6 +194,8 @@ def measures(result: dict) -> dict[str, dict[str, float]]:
 def targets(m: dict) -> dict:
     out = {}
     for kind in SINGLES:
+        if kind not in m:
+            continue  # not run (--only)
         envoy = ENVOY_US[kind]
         stage = m[kind]["stage"] + (m[kind]["tap_drain"] if kind == "tap" else 0.0)
         out[kind] = {
@@ -209,8 +218,11 @@ def chain_fixed_cost(m: dict) -> dict[str, float]:
     combination pays it once, its parts each paid it, so the plain sum of
     parts counts it k times for k filters.
     """
+    natives = [k for k in ("fault", "ratelimit") if k in m]
+    if not natives:
+        return {}  # neither was run (--only)
     return {
-        measure: max(0.0, min(m[k][measure] - m[k]["stage"] for k in ("fault", "ratelimit")))
+        measure: max(0.0, min(m[k][measure] - m[k]["stage"] for k in natives))
         for measure in ("p50", "cpu")
     }
 
@@ -219,6 +231,8 @@ def additivity(m: dict) -> dict:
     out = {}
     fixed = chain_fixed_cost(m)
     for combo, parts in COMBOS.items():
+        if combo not in m or any(p not in m for p in parts):
+            continue  # not run (--only)
         row = {}
         for measure in ("stage", "p50", "cpu"):
             predicted = sum(m[p][measure] for p in parts)
@@ -264,11 +278,14 @@ def main(argv: list[str] | None = None) -> int:
         seconds=2,
         out=str(default_out("filter_bench")),
     )
+    parser.add_argument(
+        "--only", default="", help="comma-separated configurations to run besides the baselines"
+    )
     args = parser.parse_args(argv)
     result = begin_run(parser, args, ("nginx", "wrk", "taskset", "npm"))
 
     started = time.monotonic()
-    configs = configurations()
+    configs = configurations(args.only)
     result["configurations"] = {name: list(f) for name, f in configs.items()}
     result["envoy_us"] = ENVOY_US
     with tempfile.TemporaryDirectory(prefix="pyproxy-filter-bench-") as tmp:
@@ -371,26 +388,27 @@ def report(result: dict) -> str:
             )
         lines.append(f"| {combo} ({'+'.join(COMBOS[combo])}) | " + " | ".join(cells) + " |")
     fixed = result["chain_fixed_cost_us"]
-    lines += [
-        "",
-        f"Chain fixed cost (outside the filter:* stages; min over fault, ratelimit of added − stage): "
-        f"{fixed['p50']:.1f} µs p50, {fixed['cpu']:.1f} µs CPU per request. Counted once per "
-        "combination instead of once per part:",
-        "",
-        "| combination | p50: predicted (one chain) / measured µs | error "
-        "| CPU: predicted (one chain) / measured µs | error |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
-    for combo, row in result["additivity"].items():
-        cells = []
-        for measure in ("p50", "cpu"):
-            a = row[measure]
-            mark = "" if a["met_one_chain"] else " ✗"
-            cells.append(
-                f"{a['predicted_one_chain_us']:.1f} / {a['measured_us']:.1f} | "
-                f"{_pct(a['error_one_chain'])}{mark}"
-            )
-        lines.append(f"| {combo} | " + " | ".join(cells) + " |")
+    if fixed:  # fault or ratelimit was run
+        lines += [
+            "",
+            f"Chain fixed cost (outside the filter:* stages; min over fault, ratelimit of added "
+            f"− stage): {fixed['p50']:.1f} µs p50, {fixed['cpu']:.1f} µs CPU per request. "
+            "Counted once per combination instead of once per part:",
+            "",
+            "| combination | p50: predicted (one chain) / measured µs | error "
+            "| CPU: predicted (one chain) / measured µs | error |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for combo, row in result["additivity"].items():
+            cells = []
+            for measure in ("p50", "cpu"):
+                a = row[measure]
+                mark = "" if a["met_one_chain"] else " ✗"
+                cells.append(
+                    f"{a['predicted_one_chain_us']:.1f} / {a['measured_us']:.1f} | "
+                    f"{_pct(a['error_one_chain'])}{mark}"
+                )
+            lines.append(f"| {combo} | " + " | ".join(cells) + " |")
     lines.append(
         f"\n✗ = outside ±{ADDITIVITY_TOLERANCE * 100:.0f} %. "
         "Added p50 and CPU: paired = median over rounds of (configuration − baseline) in the same "

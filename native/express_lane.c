@@ -28,7 +28,7 @@
  * account_response(block, status, elapsed_ns): the pair's end-of-exchange accounting, for a
  *   test to hold against counters.account_response.
  *
- * Header-only filter chains ride along through three hooks (Pair.set_hooks; each one
+ * Filter chains ride along through three hooks (Pair.set_hooks; each one
  * None or a callable, one call per request or response, no hooks: nothing is called):
  *   request_hook(method, target, fields, authority, content_length), on a whole plain
  *     request before it goes upstream; fields: [(lower-cased name, value)] in order, every
@@ -36,6 +36,10 @@
  *     content_length: its Content-Length (-1: none).
  *   response_hook(status, fields, content_length), on a whole plain response before it
  *     goes downstream; fields less the hop-by-hop ones.
+ *   With set_hooks(..., bodies=True) (a chain with body or trailer hooks), each of the two
+ *     hooks gets one more argument, the message's whole body as read (bytes, b"" when it has
+ *     none): the pair carries only messages read whole, so the body's filters can run over
+ *     it in the same call, and "forward as read" then means the body too.
  *   A hook answers None (forward as read), bytes (forward these as the head instead,
  *     the body after them unchanged), a list of (lower-case name, value) bytes pairs (the
  *     head's fields as its filters left them: the pair writes the head from the start line
@@ -100,6 +104,7 @@ typedef struct {
     Py_ssize_t max_bytes, max_count;
     PyObject *on_handover;
     PyObject *request_hook, *response_hook, *done_hook; /* NULL: not set */
+    int bodies; /* the hooks take the message's body too */
     int done_wanted; /* call done_hook as the exchange in flight ends */
     char *composed; /* a rewritten head and its body, as they go on */
     Py_ssize_t composed_cap;
@@ -386,27 +391,35 @@ static PyObject *authority(PyObject *fields, const head_t *h)
     return Py_NewRef(PyTuple_GET_ITEM(PyList_GET_ITEM(fields, h->host), 1));
 }
 
-static PyObject *call_request_hook(PyObject *hook, const head_t *h)
+/* The body of the message read whole in in_buf (n bytes), for hooks that take it. */
+static PyObject *body_of(Py_ssize_t n, const head_t *h)
+{
+    return PyBytes_FromStringAndSize(in_buf + h->head_len, n - h->head_len);
+}
+
+static PyObject *call_request_hook(Pair *p, PyObject *hook, const head_t *h, Py_ssize_t n)
 {
     PyObject *fields = field_list(in_buf, h, 0);
-    PyObject *args[5] = {
+    PyObject *args[6] = {
         PyBytes_FromStringAndSize(in_buf + h->a0, h->a1 - h->a0),
         PyBytes_FromStringAndSize(in_buf + h->b0, h->b1 - h->b0),
         fields,
         authority(fields, h),
         PyLong_FromSsize_t(h->content_length),
+        p->bodies ? body_of(n, h) : NULL,
     };
-    return call_hook(hook, args, 5);
+    return call_hook(hook, args, p->bodies ? 6 : 5);
 }
 
-static PyObject *call_response_hook(PyObject *hook, const head_t *h)
+static PyObject *call_response_hook(Pair *p, PyObject *hook, const head_t *h, Py_ssize_t n)
 {
-    PyObject *args[3] = {
+    PyObject *args[4] = {
         PyLong_FromLong(h->status),
         field_list(in_buf, h, 1),
         PyLong_FromSsize_t(h->content_length),
+        p->bodies ? body_of(n, h) : NULL,
     };
-    return call_hook(hook, args, 3);
+    return call_hook(hook, args, p->bodies ? 4 : 3);
 }
 
 /* After a send: hand a failure or the unsent rest over, else charge `other` and carry on. */
@@ -440,11 +453,12 @@ static PyObject *Pair_downstream_readable(Pair *p, PyObject *unused)
         h.head_len + (h.content_length > 0 ? h.content_length : 0) != n) /* more to come, or pipelined */
         return hand_over_timed(p, DOWN_DATA, PyBytes_FromStringAndSize(in_buf, n), t1, before);
     long long started = p->timed ? t1 : now_ns();
+    p->started_ns = started; /* before the hooks: filters read when their request began */
     PyObject *head = NULL;
     if (p->request_hook != NULL) {
         PyObject *hook = Py_NewRef(p->request_hook);
         p->done_wanted = 1; /* the hook may clear it */
-        int forward = verdict(hook, call_request_hook(hook, &h), &head, 1);
+        int forward = verdict(hook, call_request_hook(p, hook, &h, n), &head, 1);
         Py_DECREF(hook);
         if (forward != 1) p->done_wanted = 0;
         if (!forward)
@@ -459,7 +473,6 @@ static PyObject *Pair_downstream_readable(Pair *p, PyObject *unused)
         return hand_over_timed(p, REQUEST_TAKEN, PyBytes_FromStringAndSize(in_buf, n), t1, before);
     if (out == NULL || keep_request(p, in_buf, n) < 0) return NULL;
     p->in_flight = 1;
-    p->started_ns = started;
     SLOT(p, S_REQUESTS) += 1;
     Py_ssize_t sent = timed_send(p, p->up_fd, out, out_len, S_UP_WRITE_NS, S_UP_WRITE_EV, S_UP_TX, &p->up_out);
     return sent_or_hand_over(p, sent, out, out_len, UP_FAILED, REQUEST_UNSENT, t1, before);
@@ -483,7 +496,7 @@ static PyObject *Pair_upstream_readable(Pair *p, PyObject *unused)
     PyObject *head = NULL;
     if (p->response_hook != NULL) {
         PyObject *hook = Py_NewRef(p->response_hook);
-        int forward = verdict(hook, call_response_hook(hook, &h), &head, 0);
+        int forward = verdict(hook, call_response_hook(p, hook, &h, n), &head, 0);
         Py_DECREF(hook);
         if (!forward)
             return hand_over_timed(p, RESPONSE_TAKEN, PyBytes_FromStringAndSize(in_buf, n), t1, before);
@@ -535,7 +548,8 @@ static int hook_arg(PyObject *arg, const char *name, PyObject **hook)
 static PyObject *Pair_set_hooks(Pair *p, PyObject *args)
 {
     PyObject *request, *response, *done, *hooks[3];
-    if (!PyArg_ParseTuple(args, "OOO", &request, &response, &done)) return NULL;
+    int bodies = 0;
+    if (!PyArg_ParseTuple(args, "OOO|p", &request, &response, &done, &bodies)) return NULL;
     if (hook_arg(request, "request_hook", &hooks[0]) < 0) return NULL;
     if (hook_arg(response, "response_hook", &hooks[1]) < 0) { Py_XDECREF(hooks[0]); return NULL; }
     if (hook_arg(done, "done_hook", &hooks[2]) < 0) {
@@ -546,6 +560,7 @@ static PyObject *Pair_set_hooks(Pair *p, PyObject *args)
     Py_XSETREF(p->request_hook, hooks[0]);
     Py_XSETREF(p->response_hook, hooks[1]);
     Py_XSETREF(p->done_hook, hooks[2]);
+    p->bodies = bodies;
     Py_RETURN_NONE;
 }
 
@@ -633,7 +648,8 @@ static PyMethodDef Pair_methods[] = {
      "The event loop's reader callback for the upstream socket."},
     {"detach", (PyCFunction)Pair_detach, METH_NOARGS, "Go inert: Python has taken the sockets back."},
     {"set_hooks", (PyCFunction)Pair_set_hooks, METH_VARARGS,
-     "set_hooks(request_hook, response_hook, done_hook): each None or a callable (see the module doc)."},
+     "set_hooks(request_hook, response_hook, done_hook, bodies=False): each hook None or a callable; "
+     "bodies: the request and response hooks also take the message's body (see the module doc)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -317,12 +317,14 @@ def test_filters_that_answer_or_wait(start_proxy, tmp_path):
     client.close()
 
 
-def test_filters_that_read_bodies_never_pair(start_proxy, tmp_path):
+def test_filters_that_read_bodies_pair_too(start_proxy, tmp_path):
+    """The pair runs body filters over whole bodies (test_native_lane_bodies.py has the cases
+    it hands over)."""
     upstream = RawUpstream()
     tap = f"      - name: tap\n        type: tap\n        config:\n          path: {tmp_path / 'tap.jsonl'}\n"
     proxy, port = _listener(start_proxy, tmp_path, upstream, _filters(tap))
     client = Client(port)
     for _ in range(3):
         assert client.get(b"/t")[1] == b"ok:/t"
-    assert proxy.wait_for(lambda s: s["requests"] == 3)["express_requests"] == 0
+    assert proxy.wait_for(lambda s: s["requests"] == 3)["express_requests"] == 2
     client.close()

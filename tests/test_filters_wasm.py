@@ -654,7 +654,7 @@ def test_a_body_change_that_breaks_content_length_is_refused(start_proxy, tmp_pa
         status, headers, body = split_response(run.stdout)
         assert (status, headers["content-length"], body) == (200, "12", b"yy:/other:up")
     assert proxy.listener()["filters"]["keep"]["traps"] == 0
-    assert "Traceback" not in proxy.output
+    assert "Traceback" not in proxy.output, proxy.output
 
 
 # proxy_close_stream: the request header `x-close` says which stream the guest closes: "q" the
@@ -812,3 +812,45 @@ def test_duration_and_cluster_on_a_header_only_module(start_proxy, tmp_path, ups
     while proxy.output.count("duration known") < 3 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert proxy.output.count("duration known") == 3, proxy.output
+
+
+# Host reads of guest memory: in bounds, past the end (refused, nothing read), and in a page the
+# guest grew during the same entry (the host sees the memory as it is at each call).
+GROWS_MEMORY = """(module
+  (import "env" "proxy_add_header_map_value"
+    (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 100) "x-first")
+  (data (i32.const 120) "one")
+  (data (i32.const 130) "x-grown")
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (if (i32.ne (call $add (i32.const 0) (i32.const 100) (i32.const 7) (i32.const 120) (i32.const 3))
+          (i32.const 0)) (then unreachable))
+    (if (i32.ne (call $add (i32.const 0) (i32.const 70000) (i32.const 7) (i32.const 120) (i32.const 3))
+          (i32.const 6)) (then unreachable))  ;; INVALID_MEMORY_ACCESS: past the one page
+    (drop (memory.grow (i32.const 1)))
+    (memory.copy (i32.const 70000) (i32.const 130) (i32.const 7))
+    (if (i32.ne (call $add (i32.const 0) (i32.const 70000) (i32.const 7) (i32.const 120) (i32.const 3))
+          (i32.const 0)) (then unreachable))
+    (i32.const 0)))"""
+
+
+def test_host_calls_see_guest_memory_as_it_is_at_each_call():
+    from pyproxy.filters.wasm import WasmFactory
+    from pyproxy.filters.wasm_runtime import TRAPS
+
+    from pyproxy.chain.api import FactoryContext, HeaderMap
+
+    config = WasmFactory.validate({"code_wat": GROWS_MEMORY, "name": "grows"})
+    factory = WasmFactory(config, FactoryContext(None, "main", "http"))
+    try:
+        instance = factory.create()
+        instance.callbacks = replies = _Replies()
+        headers = HeaderMap([], {b":method": b"GET", b":path": b"/"})
+        instance.decode_headers(headers, True)
+        assert replies.sent == [] and factory.counters[TRAPS] == 0
+        assert headers.headers == [(b"x-first", b"one"), (b"x-grown", b"one")]
+    finally:
+        factory.close()

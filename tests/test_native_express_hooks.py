@@ -1,6 +1,7 @@
 """The C pair's hooks (Pair.set_hooks in native/express_lane.c), driven over real socketpairs.
 
-A request hook and a response hook see each whole plain head once and answer
+A request hook and a response hook see each whole plain head once (and, set with bodies,
+its whole body) and answer
 None (forward as read), bytes (forward this head instead) or False (hand the
 message over, byte-exact); a done hook hears the end of each exchange.
 """
@@ -257,6 +258,35 @@ def test_only_the_hooks_set_are_called(rig):
     rig.app.recv(4096)
     rig.respond(RESPONSE)
     assert len(hooks.responses) == 1 and rig.handovers == []
+
+
+def test_hooks_set_with_bodies_get_each_whole_body_after_its_head(rig):
+    seen: list = []
+
+    def request(method, target, fields, authority, content_length, body):
+        seen.append((target, content_length, body))
+
+    def response(status, fields, content_length, body):
+        seen.append((status, content_length, body))
+        # A new head: the body as read still follows it.
+        return b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+
+    rig.pair.set_hooks(request, response, None, True)
+    rig.request(POST)
+    assert rig.app.recv(4096) == POST
+    rig.respond(RESPONSE)
+    assert rig.client.recv(4096) == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+    rig.request(REQUEST)
+    rig.app.recv(4096)
+    rig.respond(b"HTTP/1.1 204 No Content\r\n\r\n")
+    rig.client.recv(4096)
+    assert seen == [(b"/up", 5, b"hello"), (200, 2, b"ok"), (b"/a", -1, b""), (204, -1, b"")]
+    assert rig.handovers == [] and rig.block[c.NATIVE_REQUESTS] == 2
+    rig.pair.set_hooks(None, None, None)  # without bodies (the default) again: no body argument
+    hooks = hooked(rig, Hooks())
+    rig.request(POST)
+    rig.app.recv(4096)
+    assert hooks.requests[0][4] == 5 and len(hooks.requests[0]) == 5
 
 
 def test_set_hooks_refuses_what_cannot_be_called(rig):

@@ -140,8 +140,8 @@ class ChainFactory:
         self.encodes = any(
             self.hooks[h] for h in ("encode_headers", "encode_data", "encode_trailers")
         )
-        # Only heads are filtered (no body or trailer hook): the chain the native pair can run
-        # for whole messages it carries (pyproxy/http/native_lane.py).
+        # Only heads are filtered (no body or trailer hook): the native pair's hooks need not
+        # be handed the bodies of the whole messages it carries (pyproxy/http/native_lane.py).
         self.heads_only = not (
             self.decodes_body or self.hooks["encode_data"] or self.hooks["encode_trailers"]
         )
@@ -257,8 +257,11 @@ class HttpChain:
         )
 
     def decode_data(self, data, end_stream: bool) -> None:
-        if self.state is None and not self.factory.hooks["decode_data"]:
-            if not (self.replied or self.done):
+        if self.state is None:  # nothing held: straight to the hooks, or through if none
+            entries = self.factory.hooks["decode_data"]
+            if entries:
+                self._run("decode", "data", entries, data, end_stream, 0)
+            elif not (self.replied or self.done):
                 self.exchange.forward_request_body(data, end_stream)
             return
         self._feed("decode", "data", data, end_stream)
@@ -273,9 +276,11 @@ class HttpChain:
         )
 
     def encode_data(self, data, end_stream: bool) -> None:
-        # Nobody encodes bodies and nothing is held: straight through, no run loop.
-        if self.state is None and not self.factory.hooks["encode_data"]:
-            if not (self.replied or self.done):
+        if self.state is None:  # nothing held: straight to the hooks, or through if none
+            entries = self.factory.hooks["encode_data"]
+            if entries:
+                self._run("encode", "data", entries, data, end_stream, 0)
+            elif not (self.replied or self.done):
                 self.exchange.forward_response_body(data, end_stream)
             return
         self._feed("encode", "data", data, end_stream)

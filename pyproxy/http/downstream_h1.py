@@ -277,16 +277,25 @@ class Http1Downstream(Http1Side):
         self.exchange = exchange = Exchange(self.ctx, self, events[0], None)
         exchange.adopt_sent(route, upstream, body, started_ns, chain, late)
 
-    def take_request(self, data: bytes, route, chain, passed: bool, reply: tuple | None) -> None:
+    def take_request(
+        self, data: bytes, route, chain, passed: bool, reply: tuple | None,
+        through: list | None = None,
+    ) -> None:  # fmt: skip
         """A whole request the native lane read and ran through its route's filters (``chain``)
         but did not send: this connection's codec reads it, and an Exchange carries it on from
-        the filters' verdict (see Exchange.adopt_chain). Counted here, as a request read is."""
+        the filters' verdict (see Exchange.adopt_chain). ``through``: when the lane ran its body
+        through them too, what they let through (the body itself is not fed again). Counted
+        here, as a request read is."""
         self._cancel_timer()
         self.ctx.block[REQUESTS] += 1
         events = self.decode(data)  # the request head, its body if any, its end
         self.exchange = exchange = Exchange(self.ctx, self, events[0], None)
-        exchange.adopt_chain(route, chain, passed, reply)
-        self._dispatch(events[1:])
+        if through is None:
+            exchange.adopt_chain(route, chain, passed, reply)
+            self._dispatch(events[1:])
+        else:
+            body = events[1].data if type(events[1]) is Body else b""
+            exchange.adopt_fed(route, chain, reply, len(body), through)
 
     def _release_held(self) -> None:
         if self.stream.closed:

@@ -284,6 +284,19 @@ class Exchange(RequestRecord):
         else:
             self.hold_if_chain_holds()
 
+    def adopt_fed(
+        self, route, chain: HttpChain, reply: tuple | None, body_len: int, through: list
+    ) -> None:
+        """Carry on a whole request whose head passed ``chain`` in the native lane and whose
+        body (``body_len`` bytes) it ran through the body filters too, which let ``through``
+        go on so far ((data, end_stream) pairs; a body they hold goes on when they resume):
+        the request is all read, and the body is not fed to them again."""
+        self.request_done = True
+        self.bytes_in += body_len
+        self.adopt_chain(route, chain, True, reply)
+        for data, end_stream in through:
+            self.forward_request_body(data, end_stream)
+
     def adopt_sent(
         self, route, upstream, body, started_ns: int, chain: HttpChain | None,
         late: ChainFactory | None = None,
@@ -362,6 +375,18 @@ class Exchange(RequestRecord):
         self.bytes_out += len(body)
         self._finish("")
         return True
+
+    def response_fed(self, head: ResponseHead, through: list) -> None:
+        """A whole response the native lane ran through the chain, head and body, and did not
+        send: the head passed, and the body filters let ``through`` go on so far ((data,
+        end_stream) pairs; a body they hold goes on when they resume, through this exchange).
+        The upstream is done with it."""
+        self.status = head.status
+        self.response_head_in = head
+        self.response_done = True
+        self.forward_response_head(False)
+        for data, end_stream in through:
+            self.forward_response_body(data, end_stream)
 
     def forward_response_head(self, end_stream: bool) -> None:
         chain = self.chain

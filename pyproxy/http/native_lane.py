@@ -3,8 +3,7 @@
 A request is either on the general path (exchange.py) or paired in C. When
 every origin-form request on a listener takes one route to one endpoint (no
 route table, or a first route matching any host and path: each request on a
-connection goes where the last one went) whose filters, if any, look at heads
-only (ChainFactory.heads_only), a connection whose
+connection goes where the last one went), a connection whose
 exchange just ended cleanly, with nothing buffered either way, is paired with
 an idle upstream connection to that endpoint from the pool (the one just
 released, the warmest): the event loop's reader callbacks for both sockets
@@ -16,8 +15,14 @@ A route with filters keeps them: the pair calls back once per head. The
 request hook starts the request's HttpChain (the general path's own, with
 this lane standing in for the Exchange) and runs the request-header filters;
 the response hook runs the response-header ones; the done hook ends the chain
-as the exchange ends. A chain with no request-header filter starts at the
-response hook instead (the pair calls no request hook; the request's header
+as the exchange ends. A chain with body or trailer filters gets each message's
+body with its head (the pair carries only messages read whole, framed by
+Content-Length, so no trailers): the hook runs the body filters over it once,
+as the whole body with the end of the stream, right after the head's. A body
+they let through as it came goes on as read; any other outcome (held, changed,
+answered) is taken like a head, and the Exchange that adopts the chain is
+handed what the filters let through, never the body again. A chain with no
+request filter starts at the response hook instead (the pair calls no request hook; the request's header
 map is built from its bytes only if something reads it), or where an Exchange
 adopts the request in flight. A head the filters pass unchanged goes on as read, a
 changed one as the bytes the general path would write (heads.paired_*_head);
@@ -81,26 +86,30 @@ class NativeLanes:
 
     __slots__ = (
         "ctx", "route", "chain", "ends_with_request", "ends_with_response", "starts_late", "slots",
-        "timeout_ns",
+        "timeout_ns", "bodies", "decodes_body", "encodes_body",
     )  # fmt: skip
 
     def __init__(self, ctx: HttpContext, route: Route, chain: ChainFactory | None) -> None:
         self.ctx = ctx
         self.route = route
-        self.chain = chain  # the route's filters (heads only), or None
+        self.chain = chain  # the route's filters, or None
+        # Some filter looks at bodies or trailers: the hooks get each message's body too.
+        self.bodies = chain is not None and not chain.heads_only
+        self.decodes_body = chain is not None and chain.decodes_body
+        self.encodes_body = chain is not None and bool(
+            chain.hooks["encode_data"] or chain.hooks["encode_trailers"]
+        )
         # No response filter and no end-of-request hook: a request head they pass unchanged
         # ends its chain at once, and the pair need not call back at the exchange's end.
-        self.ends_with_request = chain is not None and not (
-            chain.finishers or chain.hooks["encode_headers"]
-        )
+        self.ends_with_request = chain is not None and not (chain.finishers or chain.encodes)
         # No end-of-request hook: the response filters' pass ends the chain.
         self.ends_with_response = chain is not None and not chain.finishers
-        # Response-header filters only: nothing runs on the request, so its chain starts at
-        # the response (the pair calls no request hook) or when an Exchange adopts it.
+        # Response filters only: nothing runs on the request, so its chain starts at the
+        # response (the pair calls no request hook) or when an Exchange adopts it.
         self.starts_late = (
             chain is not None
-            and not chain.hooks["decode_headers"]
-            and bool(chain.hooks["encode_headers"])
+            and not (chain.hooks["decode_headers"] or chain.decodes_body)
+            and chain.encodes
         )
         self.timeout_ns = int(route.timeout * 1e9)
         (down_read, down_write), (up_read, up_write) = ctx.downstream_stages, ctx.upstream_stages
@@ -144,8 +153,6 @@ def native_lanes(ctx: HttpContext) -> NativeLanes | None:
     ):
         return None
     chain = ctx.chain_for(route)
-    if chain is not None and not chain.heads_only:
-        return None  # a filter of bodies or trailers: every request on the general path
     cluster = route.cluster if route.cluster is not None else ctx.router.default_cluster
     protocol = cluster.protocol if cluster is not None else ctx.settings.upstream_protocol
     return NativeLanes(ctx, route, chain) if protocol == "http1" else None
@@ -167,14 +174,20 @@ class NativeLane:
     """One downstream connection paired with its upstream connection (see the module doc).
 
     With filters it is also, for the request in flight, what its chain calls the exchange:
-    ``ctx``, ``route``, ``downstream``, ``status`` and ``flag`` as filters read them, and the
+    ``ctx``, ``route``, ``downstream``, ``target``, ``status`` and ``flag`` as filters read them, and the
     chain's two calls back (a local reply is noted for the Exchange that will send it).
     """
 
     __slots__ = (
         "lanes", "ctx", "route", "downstream", "upstream", "pair", "_watchdog",
-        "chain", "status", "flag", "passed", "reply", "late_for",
+        "chain", "status", "flag", "passed", "reply", "late_for", "through",
     )  # fmt: skip
+
+    @property
+    def target(self):
+        """The upstream the request in flight went to, as an Exchange's `target` (filters read
+        it as upstream.address)."""
+        return self.upstream.key
 
     def __init__(
         self, lanes: NativeLanes, downstream: Http1Downstream, upstream: Http1Upstream
@@ -193,6 +206,9 @@ class NativeLane:
         # With a late-started chain: the exchange (pair.served at its response hook) whose
         # chain self.chain is; an earlier one's is not the request in flight's.
         self.late_for = -1
+        # While the hook runs a body through the chain: what its filters let through, as
+        # (data, end_stream) in order (None otherwise: the chain's Exchange takes it).
+        self.through: list | None = None
         # Responses the pair carries whole are not the business of a later retry decision: a
         # request in flight at the handover counts as answered once Python reads a byte of it.
         upstream.answered = False
@@ -206,10 +222,10 @@ class NativeLane:
         if chain is None:
             pass
         elif lanes.starts_late:
-            self.pair.set_hooks(None, self._late_response_hook, self._done_hook)
+            self.pair.set_hooks(None, self._late_response_hook, self._done_hook, lanes.bodies)
         else:
-            response_hook = self._response_hook if chain.hooks["encode_headers"] else None
-            self.pair.set_hooks(self._request_hook, response_hook, self._done_hook)
+            response_hook = self._response_hook if chain.encodes else None
+            self.pair.set_hooks(self._request_hook, response_hook, self._done_hook, lanes.bodies)
         down.lend(self.pair.downstream_readable)
         up.lend(self.pair.upstream_readable)
         downstream.lane = self
@@ -271,13 +287,15 @@ class NativeLane:
     # ---- the route's filters, called by the pair ---------------------------------------
 
     def _request_hook(
-        self, method: bytes, target: bytes, fields: list, authority: bytes, content_length: int
-    ) -> bytes | list | bool | None:
-        """Run the request-header filters: None or True (go on as read; True: the chain is
-        over already), the new head (bytes, or the fields the pair writes it from), or False
-        (taken)."""
+        self, method: bytes, target: bytes, fields: list, authority: bytes, content_length: int,
+        body: bytes = b"",
+    ) -> bytes | list | bool | None:  # fmt: skip
+        """Run the request-header filters, then the body ones over ``body`` (whole) if any:
+        None or True (go on as read; True: the chain is over already), the new head (bytes,
+        or the fields the pair writes it from; the body as read), or False (taken)."""
         self.passed = None
         self.reply = None
+        self.through = None
         length = content_length if content_length >= 0 else None
         lanes = self.lanes
         factory: Any = lanes.chain  # set: the hooks are set only with a chain
@@ -290,25 +308,33 @@ class NativeLane:
         # No response filter, no end-of-request work, nothing held: the chain is over now.
         over = chain.state is None and lanes.ends_with_request
         headers = chain.maps["decode"]
-        if not headers.changed:
+        edited = None
+        if headers.changed:
+            edited = paired_request_edit(method, target, length, headers)
+            if edited is None:
+                return False
+        if length and lanes.decodes_body:
+            if not self._through_as_read(chain.decode_data, body):
+                return False
+            over = chain.state is None and lanes.ends_with_request
+        if edited is None:
             if over:
                 self.chain = None
                 chain.destroy()
                 return True  # forward as read, no done hook
             return None
-        edited = paired_request_edit(method, target, length, headers)
-        if edited is None:
-            return False
         if over:
             self._let_go(chain)
         return edited
 
     def _response_hook(
-        self, status: int, fields: list, content_length: int
+        self, status: int, fields: list, content_length: int, body: bytes = b""
     ) -> bytes | list | bool | None:
-        """Run the response-header filters: None (go on as read), the new head (bytes, or the
-        fields the pair writes it from), or False (taken)."""
+        """Run the response-header filters, then the body ones over ``body`` (whole) if any:
+        None (go on as read), the new head (bytes, or the fields the pair writes it from; the
+        body as read), or False (taken)."""
         self.passed = None
+        self.through = None
         self.status = status
         chain: Any = self.chain
         as_read = _STATUS[status]  # 200-599: the pair carries no other
@@ -322,12 +348,15 @@ class NativeLane:
             edited = paired_response_edit(as_read, headers)
             if edited is None:
                 return False
+        # As the general path feeds a response of no body its end (a body hook sees it too).
+        if self.lanes.encodes_body and not self._through_as_read(chain.encode_data, body):
+            return False
         if chain.state is None and self.lanes.ends_with_response:
             self._let_go(chain)  # the filters' last word
         return edited
 
     def _late_response_hook(
-        self, status: int, fields: list, content_length: int
+        self, status: int, fields: list, content_length: int, body: bytes = b""
     ) -> bytes | list | bool | None:
         """The response hook of a chain with no request-header filter: start the request's
         chain now, its request header map built from the request's bytes only if read."""
@@ -345,7 +374,23 @@ class NativeLane:
             self.chain = chain = HttpChain(factory, self)
             chain.maps = maps = RequestLater()
             maps.request = self.pair.request
-        return self._response_hook(status, fields, content_length)
+        return self._response_hook(status, fields, content_length, body)
+
+    def _through_as_read(self, feed: Any, body: bytes) -> bool:
+        """Feed the whole body to the chain's body filters (``feed``: its decode_data or
+        encode_data) as the stream's end: True when they let it through as it came.
+        ``through`` keeps what they let through, for an Exchange that takes the message."""
+        through: list = []
+        self.through = through
+        passed, self.passed = self.passed, None  # a body filter that raises voids the pass
+        feed(body, True)
+        self.passed = passed
+        # Kept on success too: if the pair takes the message after all (a head it cannot
+        # write), the Exchange must not feed the body to these filters again.
+        if len(through) == 1:
+            data, end_stream = through[0]
+            return end_stream and (data is body or data == body)
+        return False
 
     def _let_go(self, chain: HttpChain) -> None:
         """A passed chain with nothing left to run (no end-of-request hook, nothing held or
@@ -358,7 +403,10 @@ class NativeLane:
     def _done_hook(self) -> None:
         chain, self.chain = self.chain, None
         if chain is not None:
-            end_chain(self.ctx, chain)
+            # The pair calls this once the response is sent: the filters' end-of-request work
+            # (WASM's on_done/log/delete), which the general path defers past its corked send
+            # (end_chain), can run now, without a loop callback per request.
+            chain.destroy()
 
     # What the chain calls on its exchange while the lane stands in for one:
     def filter_local_reply(
@@ -369,18 +417,26 @@ class NativeLane:
     def forward_response_head(self, end_stream: bool) -> None:
         """The response filters passed the head: the response hook answers for it."""
 
-    # The chain calls these only for a body, trailers or a head a filter resumes: with heads
-    # only, each happens after an Exchange adopted the chain (Exchange.adopt_chain, adopt_sent).
+    # What the body filters let through while a hook feeds them a body (_through_as_read).
+    def forward_request_body(self, data, end_stream: bool) -> None:
+        self._let_through(data, end_stream)
+
+    def forward_response_body(self, data, end_stream: bool) -> None:
+        self._let_through(data, end_stream)
+
+    def _let_through(self, data, end_stream: bool) -> None:
+        through = self.through
+        if through is None:
+            _after_adoption()
+        else:
+            through.append((data, end_stream))
+
+    # The chain calls these only for trailers or a head or body a filter resumes: each happens
+    # after an Exchange adopted the chain (Exchange.adopt_chain, adopt_sent).
     def headers_decoded(self) -> None:
         _after_adoption()
 
-    def forward_request_body(self, data, end_stream: bool) -> None:
-        _after_adoption()
-
     def forward_request_trailers(self, headers) -> None:
-        _after_adoption()
-
-    def forward_response_body(self, data, end_stream: bool) -> None:
         _after_adoption()
 
     def forward_response_trailers(self, headers) -> None:
@@ -417,6 +473,7 @@ class NativeLane:
         # DOWN_READABLE, UP_IDLE_READABLE: nothing was read; the streams' own readers fire next.
 
     def _request_taken(self, data: bytes, chain: HttpChain | None) -> None:
+        through, self.through = self.through, None
         if chain is None or self.passed is None:
             # The hook raised: its filters' pass is void, and the general path reads the
             # request afresh (a filter that raised there raises again, as it would have).
@@ -424,11 +481,28 @@ class NativeLane:
                 end_chain(self.ctx, chain)
             self.downstream.data_received(data)
             return
-        self.downstream.take_request(data, self.route, chain, self.passed, self.reply)
+        self.downstream.take_request(data, self.route, chain, self.passed, self.reply, through)
 
     def _response_taken(self, data: bytes) -> None:
         # release() handed the request in flight, and its chain, to an Exchange.
+        through, self.through = self.through, None
         exchange = self.downstream.exchange
+        if through is not None and self.passed and exchange is not None:
+            # Its head passed and its body went through the filters: the Exchange sends the
+            # head and what they let through (what they hold, when they let it go), never the
+            # body as read; an answer of theirs comes after the head, as on the general path.
+            upstream = self.upstream
+            upstream.answered = True
+            events = upstream.decode(data)  # head, body, end: the codec's cycle is done
+            downstream = exchange.downstream
+            downstream.cork()
+            try:
+                exchange.response_fed(events[0], through)
+                if self.reply is not None:
+                    exchange.filter_local_reply(*self.reply)
+            finally:
+                downstream.uncork()
+            return
         if self.reply is not None and exchange is not None:
             exchange.filter_local_reply(*self.reply)  # the upstream's answer is dropped
             return
