@@ -8,18 +8,30 @@ drop, collects the closed connections' reference cycles (a relay and its
 directions point at each other) and runs malloc_trim(0) (glibc), which
 returns every free heap page, inside the heap too. Under CPython's default
 allocator (pymalloc) small objects live in 1 MiB arenas that go back only when
-empty, and a few survivors (uvloop keeps up to 250 freed handles of each kind
-for reuse) pin most of them: a bounded reserve the next burst reuses. With
-``PYTHONMALLOC=malloc`` in the proxy's environment those objects sit in the
-C heap and the trim returns most of them, for some CPU on the Python-heavy
-paths (bench/http_bench.py --allocators, bench/memory.py --allocator measure
-both). Each trim is counted (``memory_trims`` per worker in /server_info).
+empty, so whatever outlives the burst pins the arenas it sits in. Two kinds
+of survivors are dealt with here, after the drop only (nothing on the hot path):
+
+* uvloop's reserves: it keeps up to 250 freed ``Handle`` and ``TimerHandle``
+  objects each for reuse (Cython freelists), freed all over the burst's
+  arenas. ``Laundry`` draws more than that of each kind, so the reserve is
+  emptied and the rest come from the arenas in use now, then frees the new
+  ones first: they refill the reserve and the burst-era ones really go.
+* containers grown to the burst's size: a set or dict keeps its largest table
+  when emptied (the worker's connection set; the loop's timer set and per-fd
+  dicts). ``shrink`` rebuilds such a table at its content's size, in place.
+
+With ``PYTHONMALLOC=malloc`` in the proxy's environment objects sit in the C
+heap and the trim returns what is free wherever it lies, for some CPU on the
+Python-heavy paths (bench/http_bench.py --allocators, bench/memory.py
+--allocator measure both). Each trim is counted (``memory_trims`` per worker
+in /server_info).
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import sys
 from typing import Any
 
 from pyproxy.counters import W_TRIMS
@@ -33,6 +45,11 @@ TRIM_AFTER_DROP = 500  # connections closed since the high-water mark before a t
 # kept go back to the pool, which closes them after its idle timeout, 4 s by default): trim
 # again on this many following checks.
 FOLLOW_UP_CHECKS = 5
+UVLOOP_FREELIST = 250  # uvloop's @cython.freelist size for Handle and TimerHandle
+# A set or dict whose table takes this many times what a right-sized copy would is rebuilt
+# (and only above SHRINK_MIN_BYTES: small tables are not worth a pass).
+SHRINK_RATIO = 4
+SHRINK_MIN_BYTES = 64 * 1024
 
 _malloc_trim: Any = None  # looked up on first use: ctypes costs memory an idle worker need not pay
 
@@ -55,15 +72,79 @@ def trim() -> bool:
     return True
 
 
+def _noop() -> None:
+    pass
+
+
+class Laundry:
+    """uvloop's reserves of freed handles, exchanged for handles from the arenas in use now.
+
+    Drawing: each kind's first UVLOOP_FREELIST come from its reserve (burst-era objects),
+    the rest are allocated fresh. Holding them until ``release`` lets the loop run the
+    call_soon handles and close the cancelled timers' libuv handles (which refer to them),
+    so that ``release`` alone decides the order they are freed in: newest first.
+    """
+
+    __slots__ = ("drawn",)
+
+    def __init__(self, loop) -> None:
+        count = 2 * UVLOOP_FREELIST
+        handles = [loop.call_soon(_noop) for _ in range(count)]
+        timers = [loop.call_later(3600.0, _noop) for _ in range(count)]
+        for timer in timers:
+            timer.cancel()
+        self.drawn = [handles, timers]
+
+    def release(self) -> None:
+        """Free newest first: the fresh ones refill the reserve, then the old ones go."""
+        for drawn in self.drawn:
+            while drawn:
+                drawn.pop()
+        self.drawn = []
+
+
+def uses_uvloop(loop) -> bool:
+    return type(loop).__module__.startswith("uvloop")
+
+
+def shrink(container: Any) -> bool:
+    """Rebuild a set's or dict's table at its content's size, keeping the object (others hold
+    it). Nothing runs in between: clear() drops no last reference (the copy holds them)."""
+    if type(container) not in (set, dict):  # subclasses may hook insertion
+        return False
+    size = sys.getsizeof(container)
+    if size < SHRINK_MIN_BYTES or size < SHRINK_RATIO * sys.getsizeof(container.copy()):
+        return False
+    if isinstance(container, set):
+        members = list(container)
+        container.clear()
+        container.update(members)
+    else:
+        items = list(container.items())
+        container.clear()
+        container.update(items)
+    return True
+
+
+def shrink_grown(loop, containers: tuple) -> int:
+    """Shrink ``containers`` and the loop's own sets and dicts (uvloop's are not reachable
+    by name: its timer set and per-fd dicts are C attributes, which the GC can list)."""
+    shrunk = 0
+    for container in (*containers, *gc.get_referents(loop)):
+        shrunk += shrink(container)
+    return shrunk
+
+
 class Trimmer:
     """The worker's periodic check: trims after TRIM_AFTER_DROP connections went away."""
 
-    __slots__ = ("loop", "admission", "header", "_handle", "_follow_ups")
+    __slots__ = ("loop", "admission", "header", "_handle", "_follow_ups", "_laundry")
 
     def __init__(self, loop, admission, header) -> None:
         """``header``: the worker's counter header; W_TRIMS counts the trims done here."""
         self.loop, self.admission, self.header = loop, admission, header
         self._follow_ups = 0
+        self._laundry: Laundry | None = None
         self._handle = loop.call_later(CHECK_INTERVAL, self._check)
 
     def _check(self) -> None:
@@ -72,9 +153,17 @@ class Trimmer:
         if admission.high_water - now >= TRIM_AFTER_DROP:
             log.debug("trimming after %d -> %d connections", admission.high_water, now)
             self._follow_ups = FOLLOW_UP_CHECKS + 1
+        if self._laundry is not None:
+            self._laundry.release()
+            self._laundry = None
         if self._follow_ups:
             self._follow_ups -= 1
+            # Handles freed since the last check may have gone into uvloop's reserve: launder
+            # on every check but the last, which only releases what the one before drew.
+            if self._follow_ups and uses_uvloop(self.loop):
+                self._laundry = Laundry(self.loop)
             gc.collect()
+            shrink_grown(self.loop, (admission.connections,))
             trim()
             self.header[W_TRIMS] += 1
         admission.high_water = now
@@ -82,3 +171,6 @@ class Trimmer:
 
     def cancel(self) -> None:
         self._handle.cancel()
+        if self._laundry is not None:
+            self._laundry.release()
+            self._laundry = None
