@@ -13,9 +13,9 @@ of survivors are dealt with here, after the drop only (nothing on the hot path):
 
 * uvloop's reserves: it keeps up to 250 freed ``Handle`` and ``TimerHandle``
   objects each for reuse (Cython freelists), freed all over the burst's
-  arenas. ``Laundry`` draws more than that of each kind, so the reserve is
-  emptied and the rest come from the arenas in use now, then frees the new
-  ones first: they refill the reserve and the burst-era ones really go.
+  arenas. ``HandleReserves`` swaps them for a stock drawn at start-up, so the
+  burst-era ones really go (a handle allocated after the burst would land in
+  a burst-era pool and pin it in turn).
 * containers grown to the burst's size: a set or dict keeps its largest table
   when emptied (the worker's connection set; the loop's timer set and per-fd
   dicts). ``shrink`` rebuilds such a table at its content's size, in place.
@@ -76,31 +76,54 @@ def _noop() -> None:
     pass
 
 
-class Laundry:
-    """uvloop's reserves of freed handles, exchanged for handles from the arenas in use now.
+def _draw(loop, count: int) -> list[list]:
+    """``count`` Handles and TimerHandles (cancelled): taken from uvloop's reserves first."""
+    handles = [loop.call_soon(_noop) for _ in range(count)]
+    timers = [loop.call_later(3600.0, _noop) for _ in range(count)]
+    for drawn in (handles, timers):
+        for handle in drawn:
+            handle.cancel()
+    return [handles, timers]
 
-    Drawing: each kind's first UVLOOP_FREELIST come from its reserve (burst-era objects),
-    the rest are allocated fresh. Holding them until ``release`` lets the loop run the
-    call_soon handles and close the cancelled timers' libuv handles (which refer to them),
-    so that ``release`` alone decides the order they are freed in: newest first.
+
+class HandleReserves:
+    """Swaps what uvloop keeps in reserve after a burst for handles from the idle worker's arenas.
+
+    A stock of as many Handles and TimerHandles as the reserves hold is drawn at start-up,
+    from the arenas the idle worker lives in. After a drop, one check draws what the
+    reserves hold (burst-era handles) and keeps them. At the next (the loop has run or
+    closed them by then: only this object holds them) ``step`` swaps: it draws what was
+    freed into the reserves meanwhile (kept for the next swap), frees the stock, which
+    fills the emptied reserves, then the drawn handles, which the full reserves pass to
+    the allocator, and draws the stock back out whole (the reserves are last in, first
+    out): no handle is allocated anew, so none lands in a burst-era pool.
     """
 
-    __slots__ = ("drawn",)
+    __slots__ = ("loop", "stock", "drawn")
 
     def __init__(self, loop) -> None:
-        count = 2 * UVLOOP_FREELIST
-        handles = [loop.call_soon(_noop) for _ in range(count)]
-        timers = [loop.call_later(3600.0, _noop) for _ in range(count)]
-        for timer in timers:
-            timer.cancel()
-        self.drawn = [handles, timers]
+        self.loop = loop
+        self.stock = _draw(loop, UVLOOP_FREELIST)
+        self.drawn: list[list] = [[], []]
 
-    def release(self) -> None:
-        """Free newest first: the fresh ones refill the reserve, then the old ones go."""
-        for drawn in self.drawn:
-            while drawn:
-                drawn.pop()
-        self.drawn = []
+    @property
+    def holding(self) -> bool:
+        """Drawn handles wait for a swap."""
+        return any(self.drawn)
+
+    def step(self, draw: bool = True) -> None:
+        """Swap if handles were drawn at an earlier check, else draw; ``draw=False``: the
+        last step, which draws nothing it would have to keep."""
+        if not self.holding:
+            if draw:
+                self.drawn = _draw(self.loop, UVLOOP_FREELIST)
+            return
+        fresh = _draw(self.loop, UVLOOP_FREELIST) if draw else [[], []]
+        for stock, drawn in zip(self.stock, self.drawn, strict=True):
+            stock.clear()  # into the reserve, which fills up
+            drawn.clear()  # the reserve is full: back to the allocator
+        self.stock = _draw(self.loop, UVLOOP_FREELIST)
+        self.drawn = fresh
 
 
 def uses_uvloop(loop) -> bool:
@@ -138,13 +161,13 @@ def shrink_grown(loop, containers: tuple) -> int:
 class Trimmer:
     """The worker's periodic check: trims after TRIM_AFTER_DROP connections went away."""
 
-    __slots__ = ("loop", "admission", "header", "_handle", "_follow_ups", "_laundry")
+    __slots__ = ("loop", "admission", "header", "_handle", "_follow_ups", "_reserves")
 
     def __init__(self, loop, admission, header) -> None:
         """``header``: the worker's counter header; W_TRIMS counts the trims done here."""
         self.loop, self.admission, self.header = loop, admission, header
         self._follow_ups = 0
-        self._laundry: Laundry | None = None
+        self._reserves = HandleReserves(loop) if uses_uvloop(loop) else None
         self._handle = loop.call_later(CHECK_INTERVAL, self._check)
 
     def _check(self) -> None:
@@ -153,24 +176,21 @@ class Trimmer:
         if admission.high_water - now >= TRIM_AFTER_DROP:
             log.debug("trimming after %d -> %d connections", admission.high_water, now)
             self._follow_ups = FOLLOW_UP_CHECKS + 1
-        if self._laundry is not None:
-            self._laundry.release()
-            self._laundry = None
+        reserves = self._reserves
         if self._follow_ups:
             self._follow_ups -= 1
-            # Handles freed since the last check may have gone into uvloop's reserve: launder
-            # on every check but the last, which only releases what the one before drew.
-            if self._follow_ups and uses_uvloop(self.loop):
-                self._laundry = Laundry(self.loop)
+            # Handles freed since the last check may have gone into uvloop's reserve: draw and
+            # swap on every check; the last only swaps what the one before drew.
+            if reserves is not None:
+                reserves.step(draw=self._follow_ups > 0)
             gc.collect()
             shrink_grown(self.loop, (admission.connections,))
             trim()
             self.header[W_TRIMS] += 1
+        elif reserves is not None and reserves.holding:
+            reserves.step(draw=False)
         admission.high_water = now
         self._handle = self.loop.call_later(CHECK_INTERVAL, self._check)
 
     def cancel(self) -> None:
         self._handle.cancel()
-        if self._laundry is not None:
-            self._laundry.release()
-            self._laundry = None
