@@ -187,8 +187,6 @@ class Trimmer:
             shrink_grown(self.loop, (admission.connections,))
             trim()
             self.header[W_TRIMS] += 1
-        elif reserves is not None and reserves.holding:
-            reserves.step(draw=False)
         admission.high_water = now
         self._handle = self.loop.call_later(CHECK_INTERVAL, self._check)
 
