@@ -32,6 +32,7 @@ from __future__ import annotations
 import gc
 import logging
 import sys
+from contextvars import Context
 from typing import Any
 
 from pyproxy.counters import W_TRIMS
@@ -76,10 +77,11 @@ def _noop() -> None:
     pass
 
 
-def _draw(loop, count: int) -> list[list]:
-    """``count`` Handles and TimerHandles (cancelled): taken from uvloop's reserves first."""
-    handles = [loop.call_soon(_noop) for _ in range(count)]
-    timers = [loop.call_later(3600.0, _noop) for _ in range(count)]
+def _draw(loop, count: int, context: Context) -> list[list]:
+    """``count`` Handles and TimerHandles (cancelled): taken from uvloop's reserves first.
+    One ``context`` for all: without it each handle would allocate a copy of the current one."""
+    handles = [loop.call_soon(_noop, context=context) for _ in range(count)]
+    timers = [loop.call_later(3600.0, _noop, context=context) for _ in range(count)]
     for drawn in (handles, timers):
         for handle in drawn:
             handle.cancel()
@@ -99,11 +101,12 @@ class HandleReserves:
     out): no handle is allocated anew, so none lands in a burst-era pool.
     """
 
-    __slots__ = ("loop", "stock", "drawn")
+    __slots__ = ("loop", "context", "stock", "drawn")
 
     def __init__(self, loop) -> None:
         self.loop = loop
-        self.stock = _draw(loop, UVLOOP_FREELIST)
+        self.context = Context()
+        self.stock = _draw(loop, UVLOOP_FREELIST, self.context)
         self.drawn: list[list] = [[], []]
 
     @property
@@ -116,13 +119,14 @@ class HandleReserves:
         last step, which draws nothing it would have to keep."""
         if not self.holding:
             if draw:
-                self.drawn = _draw(self.loop, UVLOOP_FREELIST)
+                self.drawn = _draw(self.loop, UVLOOP_FREELIST, self.context)
             return
-        fresh = _draw(self.loop, UVLOOP_FREELIST) if draw else [[], []]
+        fresh = _draw(self.loop, UVLOOP_FREELIST, self.context) if draw else [[], []]
         for stock, drawn in zip(self.stock, self.drawn, strict=True):
             stock.clear()  # into the reserve, which fills up
             drawn.clear()  # the reserve is full: back to the allocator
-        self.stock = _draw(self.loop, UVLOOP_FREELIST)
+        # (each TimerHandle drawn back allocates one float, its due time: one or two pools)
+        self.stock = _draw(self.loop, UVLOOP_FREELIST, self.context)
         self.drawn = fresh
 
 
