@@ -172,6 +172,8 @@ class Trimmer:
         self.loop, self.admission, self.header = loop, admission, header
         self._follow_ups = 0
         self._reserves = HandleReserves(loop) if uses_uvloop(loop) else None
+        # The logger caches whether a level is on at its first use: at start-up, not mid-drop.
+        log.isEnabledFor(logging.DEBUG)
         self._handle = loop.call_later(CHECK_INTERVAL, self._check)
 
     def _check(self) -> None:
@@ -182,13 +184,17 @@ class Trimmer:
             self._follow_ups = FOLLOW_UP_CHECKS + 1
         reserves = self._reserves
         if self._follow_ups:
+            # Tables rebuilt now outlive the drop: not at the first check, while the burst's
+            # arenas still hold the handles its first swap frees (a new table would pin one).
+            shrinking = self._follow_ups <= FOLLOW_UP_CHECKS
             self._follow_ups -= 1
             # Handles freed since the last check may have gone into uvloop's reserve: draw and
             # swap on every check; the last only swaps what the one before drew.
             if reserves is not None:
                 reserves.step(draw=self._follow_ups > 0)
             gc.collect()
-            shrink_grown(self.loop, (admission.connections,))
+            if shrinking:
+                shrink_grown(self.loop, (admission.connections,))
             trim()
             self.header[W_TRIMS] += 1
         admission.high_water = now
