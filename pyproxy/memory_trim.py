@@ -107,6 +107,9 @@ class HandleReserves:
         self.loop = loop
         self.context = Context()
         self.stock = _draw(loop, UVLOOP_FREELIST, self.context)
+        # A swap queues twice the stock with call_soon at once: grow the loop's ready queue to
+        # that now, so the blocks it keeps for reuse are the idle worker's, not the burst's.
+        _draw(loop, UVLOOP_FREELIST, self.context)
         self.drawn: list[list] = [[], []]
 
     @property
