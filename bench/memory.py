@@ -13,6 +13,8 @@ writes bench/results/memory-<mode>.json.
 
 ``--allocator malloc`` runs the proxy with PYTHONMALLOC=malloc (what comes back after
 the close depends on it: pyproxy/memory_trim.py); the default is CPython's pymalloc.
+``--baseline-tree PATH`` measures that checkout's pyproxy too, alternating with this one
+(``--pairs`` times each), and reports both side by side under ``before`` and ``after``.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ import socket
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from pyproxy.bench import peers
 from pyproxy.bench.http_bench import Processes, start_upstream
 from pyproxy.bench.http_load import _body_length
-from pyproxy.bench.procs import get_json
+from pyproxy.bench.procs import add_baseline_tree, baseline_tree_python, get_json
 from pyproxy.bench.results_folder import default_out, write_results
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
@@ -108,10 +111,11 @@ def measure(
     extra: list[str],
     settle: float = 12.0,
     allocator: str = "pymalloc",
+    python: str = sys.executable,
 ) -> dict:
     """Open/close rounds; `settle`: seconds after the last close before the RSS sample (the
     worker trims over ~10 s: pooled upstream connections close after their idle timeout);
-    `allocator`: the proxy's PYTHONMALLOC."""
+    `allocator`: the proxy's PYTHONMALLOC; `python`: whose pyproxy runs (another checkout's)."""
     raise_fd_limit(2 * connections + 1024)
     with tempfile.TemporaryDirectory(prefix="pyproxy-memory-") as tmp:
         procs = Processes(Path(tmp))
@@ -122,7 +126,7 @@ def measure(
                 upstream = start_upstream(procs, Path(tmp))
             proxy = peers.pyproxy_flags(
                 procs, "pyproxy", upstream, None, "--max-connections", str(connections + 64),
-                *extra, mode=mode, env={"PYTHONMALLOC": allocator},
+                *extra, mode=mode, env={"PYTHONMALLOC": allocator}, python=python,
             ).ready()  # fmt: skip
             port, admin = proxy.port, proxy.admin
             pid = get_json(f"http://127.0.0.1:{admin}/server_info")["workers"][0]["pid"]
@@ -163,6 +167,21 @@ def measure(
     return result
 
 
+def compare(run, baseline_python: str, pairs: int) -> dict:
+    """The baseline tree's pyproxy and this one's, measured in turn `pairs` times (the machine's
+    drift falls on both); each side's after-close figures listed, and their ranges."""
+    runs: dict[str, list] = {"before": [], "after": []}
+    for _ in range(pairs):
+        runs["before"].append(run(python=baseline_python))
+        runs["after"].append(run())
+    out: dict = {"baseline_python": baseline_python, "runs": runs}
+    for side, results in runs.items():
+        above = [r["after_close_above_baseline_kib"] for r in results]
+        out[f"{side}_after_close_above_baseline_kib"] = [min(above), max(above)]
+        out[f"{side}_per_connection_bytes"] = max(r["per_connection_bytes"] for r in results)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -175,11 +194,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="the proxy's PYTHONMALLOC")  # fmt: skip
     parser.add_argument("--out", default="",
                         help="default: bench/results/memory-<mode>[-malloc].json")  # fmt: skip
+    parser.add_argument("--pairs", type=int, default=1,
+                        help="with --baseline-tree: before/after measurements, alternating")  # fmt: skip
+    add_baseline_tree(parser)
     parser.add_argument("extra", nargs="*", help="more `pyproxy run` arguments (after --)")
     args = parser.parse_args(argv)
-    result = measure(
-        args.mode, args.connections, args.rounds, args.extra, args.settle, args.allocator
-    )
+    baseline = baseline_tree_python(parser, args)
+    run = partial(measure, args.mode, args.connections, args.rounds, args.extra, args.settle,
+                  args.allocator)  # fmt: skip
+    if baseline is None:
+        result = run()
+    else:
+        result = compare(run, str(baseline), args.pairs)
     suffix = "-malloc" if args.allocator == "malloc" else ""
     text = json.dumps(result, indent=2)
     write_results(args.out or default_out(f"memory-{args.mode}{suffix}"), result,
