@@ -78,9 +78,9 @@ class _PendingConnect:
     def _failed(self, flag: str) -> None:
         self.listener.connections.discard(self)
         if self.filters:
-            from pyproxy.chain.tcp_chain import closed  # lazy: TCP filters only
+            from pyproxy.io.filtered_relay import filters_closed  # lazy: TCP filters only
 
-            closed(self.filters, flag)
+            filters_closed(self.filters, flag)
         self.listener.fail(self.downstream, flag, self.started_ns)
 
     def close(self, flag: str = "LR") -> None:
@@ -363,9 +363,9 @@ class Listener:
             # A backend's per-connection resource (pipe, SO_ZEROCOPY) was refused: e.g. EMFILE.
             log.warning("%s: cannot start the relay: %s", config.name, exc)
             if filters:
-                from pyproxy.chain.tcp_chain import closed  # lazy: TCP filters only
+                from pyproxy.io.filtered_relay import filters_closed  # lazy: TCP filters only
 
-                closed(filters, "LR")
+                filters_closed(filters, "LR")
             upstream.close()
             self.fail(downstream, "LR", started_ns)
             return

@@ -9,6 +9,7 @@ from pyproxy.chain.api import CONTINUE, FactoryContext
 from pyproxy.chain.registry import factory_class
 from pyproxy.config import FilterSpec
 from pyproxy.counters import FILTER_STAGE_BASE, STAGE_EVENTS, STAGE_NS
+from pyproxy.io.filtered_relay import filters_closed
 from pyproxy.io.sockets import abort
 
 
@@ -116,7 +117,7 @@ class ConnectionGate:
             return
         self.closed = True
         self.listener.connections.discard(self)
-        closed(self.filters, flag)
+        filters_closed(self.filters, flag)
         if reset:
             self.listener.fail(_Aborted(self.downstream), flag, self.started_ns)
         else:
@@ -131,12 +132,3 @@ class _Aborted:
 
     def close(self) -> None:
         abort(self.sock)
-
-
-def closed(filters: list, flag: str) -> None:
-    """A connection ended before its relay started (refused, or its upstream connect failed):
-    the filters that hear the end hear it."""
-    for f in filters:
-        on_close = getattr(f, "on_close", None)
-        if on_close is not None:
-            on_close(flag)

@@ -124,8 +124,7 @@ class Exchange(RequestRecord):
             return
         chain = self.chain
         if chain is not None:
-            route = chain.current_route() if chain.route_cleared else self.route
-            if route is None:
+            if chain.route_cleared and chain.current_route() is None:  # matched again: none
                 self.local_reply(404, b"no route\n", "NR")
                 return
             self.request = filtered_request(self.request, chain.maps["decode"])

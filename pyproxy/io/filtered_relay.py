@@ -65,10 +65,16 @@ class TellsFiltersClosed(Relay):
         already = self._closed
         super().close(flag, reset)
         if not already:
-            for f in self._filters:
-                on_close = getattr(f, "on_close", None)
-                if on_close is not None:
-                    on_close(flag)
+            filters_closed(self._filters, flag)
+
+
+def filters_closed(filters: list, flag: str) -> None:
+    """A connection ended (its relay closed, or it ended before one started: refused, or its
+    upstream connect failed): the filters that hear the end hear it."""
+    for f in filters:
+        on_close = getattr(f, "on_close", None)
+        if on_close is not None:
+            on_close(flag)
 
 
 class FilteredRelay(TellsFiltersClosed):
