@@ -86,9 +86,6 @@ ABI_MARKERS = ("proxy_abi_version_0_2_1", "proxy_abi_version_0_2_0", "proxy_abi_
 WASI_MODULES = ("wasi_snapshot_preview1", "wasi_unstable")
 MAX_HTTP_CALLS = 100  # callouts in flight per instance
 MAX_QUEUES, MAX_QUEUE_ITEMS = 64, 1024
-# Host functions of ABI 0.2.1 this host does not carry out (none now): present, answering
-# UNIMPLEMENTED as Envoy does for what it lacks. Any other env import is refused at load, by name.
-UNIMPLEMENTED_FUNCTIONS: frozenset[str] = frozenset()
 ROOT_CONTEXT_ID = 1
 DEFAULT_FUEL = 50_000_000  # a tight loop burns it in ~20 ms
 DEFAULT_MEMORY = 16 * 1024 * 1024
@@ -324,9 +321,9 @@ def check_module(field: str, module: wasmtime.Module) -> None:
 
 
 def _env_functions() -> frozenset[str]:
-    """Every env.* name a module may import: the implemented ones and UNIMPLEMENTED_FUNCTIONS."""
+    """Every env.* name a module may import (any other is refused at load, by name)."""
     table = _host_functions(cast(Runtime, None))  # names only: no host function is called
-    return frozenset(name for module, name in table if module == "env") | UNIMPLEMENTED_FUNCTIONS
+    return frozenset(name for module, name in table if module == "env")
 
 
 # ---- the runtime: one store and instance -----------------------------------------------------
