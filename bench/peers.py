@@ -404,13 +404,17 @@ def start_direct(b: Bench) -> Peer:
     return Peer("no proxy", f"127.0.0.1:{b.upstream}", "the echo upstream itself")
 
 
-# The compare protocol that is an http listener with settings: h2c on both sides.
-HTTP2_FLAGS = ("--upstream-protocol", "http2")
+def pyproxy_mode(protocol: str) -> tuple[str, tuple[str, ...]]:
+    """The listener mode and `pyproxy run` flags that proxy `protocol` (a bench protocol):
+    HTTP/2 is an http listener speaking h2c on both sides."""
+    if protocol == "http2":
+        return "http", ("--upstream-protocol", "http2")
+    return protocol, ()
 
 
 def pyproxy_starter(label: str, *flags: str) -> Callable[[Bench], Peer]:
     def start(b: Bench) -> Peer:
-        mode, extra = ("http", HTTP2_FLAGS) if b.protocol == "http2" else (b.protocol, ())
+        mode, extra = pyproxy_mode(b.protocol)
         started = pyproxy_flags(b.procs, label, b.upstream, b.cpu, *flags, *extra, mode=mode,
                                 admin=False)  # fmt: skip
         return _peer(started)

@@ -39,6 +39,7 @@ from pyproxy.bench.model import (
     fit_idle_curve,
     fit_latency,
 )
+from pyproxy.bench.peers import pyproxy_mode
 from pyproxy.bench.procs import (
     Processes,
     cpu_ns,
@@ -57,11 +58,6 @@ LOADS = (0.25, 0.5, 0.75, 1.0)
 IDLE_RATES = (100, 300, 1000, 3000)
 IDLE_SAMPLES = 150
 IDLE_PASSES = 3
-
-
-# Profiled modes that are a listener mode with settings: HTTP/2 is an http listener speaking h2c
-# on both sides (the driver's client and the echo upstream).
-PROXY_MODE = {"http2": "http"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,11 +123,10 @@ class _Target:
         echo = procs.start([sys.executable, "-m", "pyproxy.bench.echo_server", "--listen", upstream,
                      "--protocol", protocol])  # fmt: skip
         listen, self.admin = free_port(), free_port()
-        argv = [sys.executable, "-m", "pyproxy", "run", "--mode", PROXY_MODE.get(setup.mode, setup.mode),
+        mode, mode_flags = pyproxy_mode(setup.mode)
+        argv = [sys.executable, "-m", "pyproxy", "run", "--mode", mode,
                 "--listen", f"127.0.0.1:{listen}", "--upstream", upstream,
-                "--admin", f"127.0.0.1:{self.admin}", "--log-level", "warning"]  # fmt: skip
-        if setup.mode == "http2":
-            argv += ["--upstream-protocol", "http2"]
+                "--admin", f"127.0.0.1:{self.admin}", "--log-level", "warning", *mode_flags]  # fmt: skip
         if setup.filter_type:
             entry = filter_entry(setup.filter_type, workdir, setup.name)
             argv += ["--filter", f"{entry['name']}={json.dumps(entry['config'])}"]
