@@ -22,6 +22,9 @@ from pathlib import Path
 
 from pyproxy.bench.procs import Processes, free_port, run_tool, wait_port
 
+# Bench protocols a proxy speaks as h2c to the client and to the upstream.
+H2C_BOTH_SIDES = ("grpc", "http2")
+
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 BODY = b"0123456789" * 10  # the `return 200` upstream's 100-byte answer
 TRAEFIK_VENV = "/tmp/venv-traefik"
@@ -236,7 +239,7 @@ def traefik(
             f"  services:\n    s: {{loadBalancer: {{servers: [{{address: '127.0.0.1:{upstream}'}}]}}}}\n"
         )  # fmt: skip
     else:
-        scheme = "h2c" if protocol in ("grpc", "http2") else "http"
+        scheme = "h2c" if protocol in H2C_BOTH_SIDES else "http"
         dynamic.write_text(
             "http:\n  routers:\n    r: {entryPoints: [web], rule: 'PathPrefix(`/`)', service: s}\n"
             f"  services:\n    s: {{loadBalancer: {{servers: [{{url: '{scheme}://127.0.0.1:{upstream}'}}]}}}}\n"
@@ -260,7 +263,7 @@ def caddy(
     port = free_port()
     transport = (
         " {\n    transport http {\n      versions h2c\n    }\n  }"
-        if protocol in ("grpc", "http2")
+        if protocol in H2C_BOTH_SIDES
         else ""
     )
     caddyfile = workdir / "Caddyfile"
@@ -434,7 +437,7 @@ def start_pyproxy_hyper_h2(b: Bench) -> Peer:
 def start_nginx(b: Bench) -> Peer:
     if b.protocol == "tcp":
         return _peer(nginx_stream(b.procs, b.workdir, b.upstream, b.cpu), "nginx")
-    if b.protocol in ("grpc", "http2"):  # grpc_pass is nginx's only h2c-to-upstream proxy
+    if b.protocol in H2C_BOTH_SIDES:  # grpc_pass is nginx's only h2c-to-upstream proxy
         return _peer(nginx_grpc(b.procs, b.workdir, b.upstream, b.cpu), "nginx")
     return _peer(nginx_http_proxy(b.procs, b.workdir, b.upstream, b.cpu))
 
@@ -442,7 +445,7 @@ def start_nginx(b: Bench) -> Peer:
 def start_haproxy(b: Bench) -> Peer:
     if b.protocol == "tcp":
         return _peer(haproxy(b.procs, b.workdir, b.upstream, b.cpu, mode="tcp"))
-    h2 = b.protocol in ("grpc", "http2")
+    h2 = b.protocol in H2C_BOTH_SIDES
     return _peer(haproxy(b.procs, b.workdir, b.upstream, b.cpu, front="h2" if h2 else "h1",
                          back_h2=h2))  # fmt: skip
 
