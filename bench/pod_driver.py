@@ -26,10 +26,16 @@ class Pair:
     def __init__(self, protocol: str, direct: str, proxied: str, size: int) -> None:
         make = EXCHANGERS[protocol]
         self.direct = make(direct, size)
+        self.proxied = None
         try:
             self.proxied = make(proxied, size)
+            # The first bytes at once: a capture listener that hears nothing on a new connection
+            # for its detect timeout takes it for a server-first protocol and relays it as opaque
+            # TCP, with no HTTP parsing and no filter.
+            self.direct.exchange()
+            self.proxied.exchange()
         except BaseException:
-            self.direct.close()
+            self.close()
             raise
 
     def paired(
@@ -48,7 +54,8 @@ class Pair:
 
     def close(self) -> None:
         self.direct.close()
-        self.proxied.close()
+        if self.proxied is not None:
+            self.proxied.close()
 
 
 class PodPair:
