@@ -12,6 +12,8 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
+    from pyproxy.bench.model import PODS, SETTINGS
+
     bench = sub.add_parser("bench", help="profile the sidecar, predict an application's overhead")
     verbs = bench.add_subparsers(dest="bench_command", required=True)
 
@@ -37,7 +39,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         type=Path,
         help="YAML/JSON mapping of service settings (mode, filters, ipc, sidecar) for traces",
     )
-    predict.add_argument("--force", action="store_true", help="use a profile from another platform")
+    predict.add_argument(
+        "--setting",
+        choices=SETTINGS,
+        default=PODS,
+        help="where the sidecars to price run: pods (behind iptables capture, as in a mesh) or "
+        "loopback; a profile measured in another setting is refused unless --force",
+    )
+    predict.add_argument(
+        "--force",
+        action="store_true",
+        help="use a profile from another platform or setting",
+    )
     predict.add_argument(
         "--pin",
         action="store_true",
@@ -107,13 +120,21 @@ def stopped_by_sigterm(
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from pyproxy.bench.callgraph import GraphError, load_graphs
-    from pyproxy.bench.model import PlatformMismatch, Profile, check_platform, current_platform
+    from pyproxy.bench.model import (
+        PlatformMismatch,
+        Profile,
+        check_platform,
+        check_setting,
+        current_platform,
+    )
     from pyproxy.bench.predict import WhatIf, WhatIfError, distribution, predict, report
     from pyproxy.bench.schedule import PINNED, UNPLACED
 
     try:
         profile = Profile.load(args.profile)
         differences = check_platform(profile, current_platform(), args.force)
+        if (forced := check_setting(profile, args.setting, args.force)) is not None:
+            differences.append(forced)
         graphs = load_graphs(args.graphs, args.services)
         what_ifs = [WhatIf()] + ([WhatIf.parse(args.what_if)] if args.what_if else [])
         placement = PINNED if args.pin else UNPLACED
@@ -123,7 +144,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return 2
     for difference in differences:
         print(
-            f"pyproxy bench predict: warning: forced across platforms: {difference}",
+            f"pyproxy bench predict: warning: forced across platforms or settings: {difference}",
             file=sys.stderr,
         )
     result: dict = {"profile": str(args.profile), "runs": {}}

@@ -135,7 +135,8 @@ def main() -> None:
     if args.protocol == "grpc":
         from pyproxy.bench.grpc_bench import serve as serve_grpc
 
-        serve_grpc(parse_address(args.listen).port)
+        listen = parse_address(args.listen)
+        serve_grpc(listen.port, listen.host)
         return
     loop = new_event_loop()
     try:

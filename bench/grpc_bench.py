@@ -50,7 +50,7 @@ def log(message: str) -> None:
 # ---- the app: a grpcio echo server (raw bytes, no generated code) ----------------------------
 
 
-def serve(port: int) -> None:
+def serve(port: int, host: str = "127.0.0.1") -> None:
     from concurrent import futures
 
     import grpc
@@ -63,7 +63,7 @@ def serve(port: int) -> None:
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
     server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.add_insecure_port(f"{host}:{port}")
     server.start()
     server.wait_for_termination()
 

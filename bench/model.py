@@ -24,8 +24,19 @@ PROFILE_FORMAT = 1
 PLATFORM_KEYS = ("cpu_model", "kernel", "python", "pyproxy")
 
 
+# Where a profile's sidecar ran: on loopback between the driver and an echo, or in a
+# network-namespace pod behind iptables capture, reached from a client pod over a bridge.
+LOOPBACK = "loopback"
+PODS = "pods"
+SETTINGS = (LOOPBACK, PODS)
+
+
 class PlatformMismatch(Exception):
     """A profile measured on another platform was offered without --force."""
+
+
+class SettingMismatch(PlatformMismatch):
+    """A profile measured in another setting (loopback, pods) was offered without --force."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -206,6 +217,21 @@ def fit_handoff(sizes: Sequence[float], gaps_ns: Sequence[float]) -> Handoff:
     return Handoff(line, spread)
 
 
+def fit_untimed_cpu(
+    rates: Sequence[float],
+    sizes: Sequence[float],
+    process_ns_per_s: Sequence[float],
+    stage_ns_per_s: Sequence[float],
+) -> Linear:
+    """The sidecar's CPU that no stage times, r·(U + s·u): per (rate, size) point, its process
+    CPU from /proc less its stage clock's sum, both ns per wall second. It is the event loop
+    between stages, syscalls outside timed stages, the garbage collector and the kernel's work
+    charged to the process; the stage models plus this line are the external CPU model."""
+    return fit_cpu(
+        rates, sizes, [p - s for p, s in zip(process_ns_per_s, stage_ns_per_s, strict=True)]
+    )
+
+
 def _falling(values: Sequence[float]) -> list[float]:
     """The closest non-increasing sequence (pool adjacent violators, equal weights): a lower rate
     never costs less per exchange, so a point that says so was disturbed, and is averaged with
@@ -253,6 +279,9 @@ class Profile:
     idle: dict[str, IdleCurve] = field(default_factory=dict)
     # per setup: the latency of one pass that no stage times (see `Handoff`)
     handoff: dict[str, Handoff] = field(default_factory=dict)
+    # per setup: the CPU per exchange that no stage times (see `fit_untimed_cpu`)
+    untimed: dict[str, Linear] = field(default_factory=dict)
+    setting: str = LOOPBACK
 
     def to_json(self) -> dict:
         def models(table: dict[str, StageModel]) -> dict:
@@ -267,6 +296,8 @@ class Profile:
             "external": models(self.external),
             "idle": {name: curve.to_json() for name, curve in self.idle.items()},
             "handoff": {name: h.to_json() for name, h in self.handoff.items()},
+            "untimed_cpu": {name: line.to_json() for name, line in self.untimed.items()},
+            "setting": self.setting,
             "points": self.points,
         }
 
@@ -287,13 +318,17 @@ class Profile:
             points=list(data.get("points", [])),
             idle={name: IdleCurve.from_json(c) for name, c in data.get("idle", {}).items()},
             handoff={name: Handoff.from_json(h) for name, h in data.get("handoff", {}).items()},
+            untimed={name: Linear.from_json(u) for name, u in data.get("untimed_cpu", {}).items()},
+            # profiles that do not say were all taken on loopback
+            setting=str(data.get("setting", LOOPBACK)),
         )
 
     def external_view(self) -> Profile:
         """The same profile with each mode priced as one `sidecar` stage fitted from outside.
 
         A filter's external model is what its setup (`MODE+FILTER`) cost beyond the
-        same mode without it. It has no hand-off term: the external models include it.
+        same mode without it. It has no hand-off or untimed CPU term: the external models
+        include both.
         """
         modes = {m: {"sidecar": self.external[m]} for m in self.modes if m in self.external}
         filters = {}
@@ -301,7 +336,8 @@ class Profile:
             mode, sep, kind = name.partition("+")
             if sep and not kind.startswith("ipc:") and mode in self.external:
                 filters[kind] = model.minus(self.external[mode])
-        return Profile(self.platform, modes, {}, filters, self.external, self.points, self.idle)
+        return Profile(self.platform, modes, {}, filters, self.external, self.points, self.idle,
+                       setting=self.setting)  # fmt: skip
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
@@ -350,3 +386,17 @@ def check_platform(profile: Profile, here: dict, force: bool) -> list[str]:
             + "); re-run `pyproxy bench profile` here, or pass --force to use it anyway"
         )
     return differences
+
+
+def check_setting(profile: Profile, wanted: str, force: bool) -> str | None:
+    """The difference between the profile's setting and the one asked for; raise unless forced."""
+    if profile.setting == wanted:
+        return None
+    difference = f"setting: profile {profile.setting!r}, here {wanted!r}"
+    if not force:
+        raise SettingMismatch(
+            f"the profile was measured in the {profile.setting} setting, and this prices "
+            f"sidecars in the {wanted} setting; re-run `pyproxy bench profile --setting {wanted}`, "
+            "or pass --force to use it anyway"
+        )
+    return difference

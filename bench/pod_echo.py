@@ -25,16 +25,15 @@ from pathlib import Path
 
 import yaml
 from pyproxy.bench.echo_client import measure_rtts, percentile, stream_echo
+from pyproxy.bench.pod_sidecar import ADMIN, PROXY_UID
 from pyproxy.bench.results_folder import write_results
 from pyproxy.iptables.netns import Pod, missing_capabilities, pods
 
 from pyproxy.config import sidecar_listeners
 
 PY = sys.executable
-PROXY_UID = 1337
 APP_UID = 1000  # the client app: an ordinary uid, captured on every path
 APP_PORT = 8080
-ADMIN = "127.0.0.1:15000"
 
 
 def measure(host: str, port: int, count: int, size: int, warmup: int, max_seconds: float) -> dict:

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pyproxy.bench.callgraph import Call, CallGraph, Service
-from pyproxy.bench.model import Profile, StageModel
+from pyproxy.bench.model import Linear, Profile, StageModel
 from pyproxy.bench.schedule import UNPLACED, HopCost, Placement
 from pyproxy.bench.schedule import latency as schedule_latency
 
@@ -42,6 +42,8 @@ from pyproxy.bench.schedule import latency as schedule_latency
 IDLE_STAGE = "idle"
 # The latency of a pass outside every timed stage (the profile's Handoff).
 HANDOFF_STAGE = "handoff"
+# The CPU of a pass outside every timed stage (the profile's untimed CPU line).
+UNTIMED_STAGE = "untimed"
 
 
 class WhatIfError(ValueError):
@@ -87,6 +89,8 @@ def check_what_if(profile: Profile, what_if: WhatIf) -> None:
         known.add(IDLE_STAGE)
     if profile.handoff:
         known.add(HANDOFF_STAGE)
+    if profile.untimed:
+        known.add(UNTIMED_STAGE)
     for stage, factor in what_if.factors:
         if stage not in known:
             raise WhatIfError(
@@ -229,7 +233,12 @@ def _hop(
             factor = factors.get(IDLE_STAGE, 1.0)
             stages_ns[IDLE_STAGE] = stages_ns.get(IDLE_STAGE, 0.0) + factor * latency
             cpu_stages[IDLE_STAGE] = cpu_stages.get(IDLE_STAGE, 0.0) + factor * rate * cpu / 1e9
-        if (handoff := _handoff_ns(profile, service, size)) is not None:
+        if (untimed := _per_setup(profile.untimed, service, size)) is not None:
+            cpu_stages[UNTIMED_STAGE] = cpu_stages.get(UNTIMED_STAGE, 0.0) + (
+                factors.get(UNTIMED_STAGE, 1.0) * rate * untimed / 1e9
+            )
+        handoffs = {name: h.latency for name, h in profile.handoff.items()}
+        if (handoff := _per_setup(handoffs, service, size)) is not None:
             handoff_ns = max(handoff_ns, handoff)
         if caller is not None and side == 0 and rate > 0:
             outbound_cpu_ns = (sum(cpu_stages.values()) - cpu_before) * 1e9 / rate
@@ -243,17 +252,18 @@ def _hop(
                side_ns[0], side_ns[1])  # fmt: skip
 
 
-def _handoff_ns(profile: Profile, service: Service, size: float) -> float | None:
-    """The profile's hand-off for the service's sidecar: its mode's, plus what each of its
-    filters added to it where the profile measured that filter's setup (a filtered request
-    takes another path through the proxy, with untimed work of its own)."""
-    plain = profile.handoff.get(service.mode)
+def _per_setup(lines: dict[str, Linear], service: Service, size: float) -> float | None:
+    """A term the profile fitted per setup (hand-off, untimed CPU) for the service's sidecar: its
+    mode's, plus what each of its filters added to it where the profile measured that filter's
+    setup (a filtered request takes another path through the proxy, with untimed work of its
+    own)."""
+    plain = lines.get(service.mode)
     if plain is None:
         return None
-    ns = plain.latency.at(size)
+    ns = plain.at(size)
     for name in service.filters:
-        if (filtered := profile.handoff.get(f"{service.mode}+{name}")) is not None:
-            ns += filtered.latency.at(size) - plain.latency.at(size)
+        if (filtered := lines.get(f"{service.mode}+{name}")) is not None:
+            ns += filtered.at(size) - plain.at(size)
     return ns
 
 

@@ -8,11 +8,20 @@ deltas give each stage's ns per exchange and per second; /proc gives the
 proxy's CPU and the client its latency, so every model is fitted twice: from
 inside (per stage) and from outside (whole sidecar). The profile is written as
 JSON keyed by platform, with the raw points and each fit's R².
+
+Two settings: `loopback` runs the proxy, the echo and the driver on the host's
+loopback; `pods` runs them as the validation's application runs: the echo in
+a network-namespace pod whose traffic iptables redirects to its sidecar (uid
+1337, the inbound capture listener), the direct echo in a pod without one,
+and the driver as a process in a third, client pod, across a bridge. The
+profile records its setting, and `predict` and `validate` price sidecars of
+one setting only with a profile of that setting.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -25,9 +34,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyproxy.bench.driver import EXCHANGERS, drive, drive_paired, wait_ready
+from pyproxy.bench.driver import wait_ready
 from pyproxy.bench.filter_configs import filter_entry
 from pyproxy.bench.model import (
+    LOOPBACK,
+    PODS,
+    SETTINGS,
     Handoff,
     IdleCurve,
     Linear,
@@ -38,18 +50,22 @@ from pyproxy.bench.model import (
     fit_handoff,
     fit_idle_curve,
     fit_latency,
+    fit_untimed_cpu,
 )
 from pyproxy.bench.peers import pyproxy_mode
+from pyproxy.bench.pod_driver import Pair, PodPair
+from pyproxy.bench.pod_echo import admin_get
+from pyproxy.bench.pod_sidecar import start_captured_sidecar
 from pyproxy.bench.procs import (
     Processes,
     cpu_ns,
-    cpu_seconds,
     free_port,
     move_to_cpu,
     tree_pids,
     wait_port,
 )
 from pyproxy.bench.tcp_echo import get_json
+from pyproxy.iptables.netns import Pod, missing_capabilities, pods
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIZES = (100, 1024, 2048, 4096, 8192, 16384)
@@ -58,6 +74,8 @@ LOADS = (0.25, 0.5, 0.75, 1.0)
 IDLE_RATES = (100, 300, 1000, 3000)
 IDLE_SAMPLES = 150
 IDLE_PASSES = 3
+# The echo's port in its pod (the capture redirects it to the sidecar in the meshed pod).
+POD_ECHO_PORT = 8080
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +97,14 @@ def setups(modes: list[str], ipcs: list[str], filters: list[str]) -> list[Setup]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--setting",
+        choices=SETTINGS,
+        default=LOOPBACK,
+        help="loopback: proxy, echo and driver on the host's loopback; pods: the echo in a pod "
+        "behind iptables capture and its sidecar, the driver in a client pod, as `validate` runs "
+        "the application (root)",
+    )
     parser.add_argument(
         "--pin",
         action="store_true",
@@ -145,21 +171,78 @@ class _Target:
     def stats(self) -> dict:
         return get_json(f"http://127.0.0.1:{self.admin}/stats?format=json")["listeners"]["main"]
 
+    def pair(self, size: int) -> Pair:
+        return Pair(self.setup.mode, self.direct, self.proxied, size)
+
+
+class _PodTarget:
+    """One setup in the pods setting: the echo in pod `mesh` behind its captured sidecar, the
+    same echo in pod `plain` without one, the driver a process in pod `client`."""
+
+    ROLES = ("client", "plain", "mesh")
+
+    def __init__(self, made: dict[str, Pod], setup: Setup, workdir: Path, pinned: bool) -> None:
+        if setup.ipc != "tcp":
+            raise RuntimeError("in pods the app reaches its sidecar through the capture, over TCP")
+        self.setup, self.pinned = setup, pinned
+        self.client, self.mesh = made["client"], made["mesh"]
+        argv = [sys.executable, "-m", "pyproxy.bench.echo_server",
+                "--listen", f"0.0.0.0:{POD_ECHO_PORT}", "--protocol", setup.mode]  # fmt: skip
+        self.echoes = [made[role].popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                       for role in ("plain", "mesh")]  # fmt: skip
+        mode, flags = pyproxy_mode(setup.mode)
+        filters = [setup.filter_type] if setup.filter_type else []
+        self.sidecar = start_captured_sidecar(self.mesh, mode, filters, workdir, flags)
+        self.direct = f"{made['plain'].ipv4}:{POD_ECHO_PORT}"
+        self.proxied = f"{self.mesh.ipv4}:{POD_ECHO_PORT}"
+        self.pids: list[int] = []
+
+    def stats(self) -> dict:
+        return json.loads(admin_get(self.mesh, "/stats?format=json"))["listeners"]["inbound"]
+
+    def pair(self, size: int) -> PodPair:
+        pair = PodPair(self.client, self.setup.mode, self.direct, self.proxied, size)
+        # once the sidecar has answered, its workers have forked: its tree is complete
+        self.pids = tree_pids(self.sidecar)
+        if self.pinned:
+            # as `validate --pin` places a pod's processes: the sidecar alone on CPU 1, the
+            # apps (the echoes) and the load (the driver) on CPU 0
+            echoes = [pid for proc in self.echoes for pid in tree_pids(proc.pid)]
+            move_to_cpu(echoes + [pair.pid], 0)
+            move_to_cpu(self.pids, 1)
+        return pair
+
+
+def _open_target(
+    stack: contextlib.ExitStack, setting: str, setup: Setup, workdir: Path, pinned: bool
+) -> _Target | _PodTarget:
+    """The setup's running proxy and echoes in `setting`, torn down when `stack` closes."""
+    if setting == PODS:
+        made = stack.enter_context(pods(_PodTarget.ROLES, ipv6_subnet=None))
+        return _PodTarget(made, setup, workdir, pinned)
+    procs = Processes()
+    stack.callback(procs.stop_all)
+    return _Target(procs, setup, workdir, pinned)
+
 
 def _measure_size(
-    target: _Target, size: int, seconds: float, warmup: int, idle_rates: Sequence[float] = ()
+    target: _Target | _PodTarget,
+    size: int,
+    seconds: float,
+    warmup: int,
+    idle_rates: Sequence[float] = (),
 ) -> list[dict]:
     """The latency point and the CPU points of one setup at one message size; with `idle_rates`,
-    also the paced points its `IdleCurve` is built from."""
-    make = EXCHANGERS[target.setup.mode]
+    also the paced points its `IdleCurve` is built from. The proxy's CPU is read inside the
+    stats reads: the admin server that answers them runs in the proxy."""
     base = {"setup": target.setup.name, "size": size}
-    direct, proxied = make(target.direct, size), make(target.proxied, size)
+    pair = target.pair(size)
     try:
-        before, cpu0 = target.stats(), cpu_ns(target.pids)
+        before = target.stats()
+        cpu0 = cpu_ns(target.pids)
         # Alternating exchanges: direct and proxied see the same machine at the same moments.
-        t0 = time.monotonic()
-        direct_rtts, rtts = drive_paired(direct, proxied, seconds, warmup=warmup)
-        wall = time.monotonic() - t0
+        direct_rtts, rtts, wall = pair.paired(seconds, warmup=warmup)
+        cpu = cpu_ns(target.pids) - cpu0
         stages = _stages_delta(target.stats(), before)
         exchanges = len(rtts) + warmup
         points = [
@@ -168,35 +251,40 @@ def _measure_size(
                 "exchanges": len(rtts),
                 "direct_p50_ns": statistics.median(direct_rtts),
                 "proxy_p50_ns": statistics.median(rtts),
-                "proxy_cpu_ns_per_exchange": (cpu_ns(target.pids) - cpu0) / exchanges,
+                "proxy_cpu_ns_per_exchange": cpu / exchanges,
                 "rate": len(rtts) / wall,  # what the proxy saw: every other exchange
                 "stages_ns": {k: v / exchanges for k, v in stages.items()},
             }
         ]  # fmt: skip
         max_rate = 1e9 / statistics.fmean(rtts)
         for load in LOADS:
-            before, cpu0, t0 = target.stats(), cpu_seconds(target.pids), time.monotonic()
-            done = drive(proxied, seconds, rate=load * max_rate, warmup=0)
-            wall = time.monotonic() - t0
+            before = target.stats()
+            cpu0 = cpu_ns(target.pids)
+            done, wall = pair.paced(seconds, load * max_rate)
+            cpu = cpu_ns(target.pids) - cpu0
             stages = _stages_delta(target.stats(), before)
             points.append(
                 base | {
                     "kind": "cpu",
                     "load": load,
-                    "rate": len(done) / wall,
-                    "proxy_cpu_ns_per_s": (cpu_seconds(target.pids) - cpu0) * 1e9 / wall,
+                    "rate": done / wall,
+                    "proxy_cpu_ns_per_s": cpu / wall,
                     "stages_ns_per_s": {k: v / wall for k, v in stages.items()},
                 }
             )  # fmt: skip
-        points += _idle_points(target, direct, proxied, base, seconds, idle_rates, max_rate)
+        points += _idle_points(target, pair, base, seconds, idle_rates, max_rate)
     finally:
-        direct.close()
-        proxied.close()
+        pair.close()
     return points
 
 
 def _idle_points(
-    target: _Target, direct, proxied, base: dict, seconds: float, rates, max_rate: float
+    target: _Target | _PodTarget,
+    pair: Pair | PodPair,
+    base: dict,
+    seconds: float,
+    rates: Sequence[float],
+    max_rate: float,
 ) -> list[dict]:
     """Paced points below the closed-loop rate, each one the median of IDLE_PASSES passes over
     all the rates in turn: the machine's other load comes in bursts of seconds, and one burst
@@ -208,7 +296,7 @@ def _idle_points(
             cpu0 = cpu_ns(target.pids)
             # At least IDLE_SAMPLES exchanges over the passes, however low the rate.
             wall = max(seconds, IDLE_SAMPLES / rate) / IDLE_PASSES
-            paced_direct, paced = drive_paired(direct, proxied, wall, rate=rate, warmup=0)
+            paced_direct, paced, _ = pair.paired(wall, rate=rate)
             passes[rate].append((statistics.median(paced_direct), statistics.median(paced),
                                  (cpu_ns(target.pids) - cpu0) / len(paced)))  # fmt: skip
     out = []
@@ -256,6 +344,20 @@ def fit_setup_handoff(points: list[dict]) -> Handoff | None:
     )
 
 
+def fit_setup_untimed(points: list[dict]) -> Linear | None:
+    """One setup's untimed CPU per exchange: at each CPU point, the proxy's /proc CPU less its
+    stage clock's sum, fitted r·(U + s·u) over rates and sizes."""
+    cpu = [p for p in points if p["kind"] == "cpu"]
+    if not cpu:
+        return None
+    return fit_untimed_cpu(
+        [p["rate"] for p in cpu],
+        [p["size"] for p in cpu],
+        [p["proxy_cpu_ns_per_s"] for p in cpu],
+        [sum(p["stages_ns_per_s"].values()) for p in cpu],
+    )
+
+
 def fit_setup(points: list[dict]) -> tuple[dict[str, StageModel], StageModel]:
     """Per-stage models (stage clock) and the whole sidecar's model (external measurement)."""
     lat = [p for p in points if p["kind"] == "latency"]
@@ -286,13 +388,16 @@ def fit_setup(points: list[dict]) -> tuple[dict[str, StageModel], StageModel]:
     return models, StageModel(ext_latency, ext_cpu)
 
 
-def build_profile(plan: list[Setup], points: list[dict], platform: dict) -> Profile:
+def build_profile(
+    plan: list[Setup], points: list[dict], platform: dict, setting: str = LOOPBACK
+) -> Profile:
     modes: dict[str, dict[str, StageModel]] = {}
     ipc: dict[str, StageModel] = {}
     filters: dict[str, StageModel] = {}
     external: dict[str, StageModel] = {}
     idle: dict[str, IdleCurve] = {}
     handoff: dict[str, Handoff] = {}
+    untimed: dict[str, Linear] = {}
     for setup in plan:
         mine = [p for p in points if p["setup"] == setup.name]
         if not mine:
@@ -303,6 +408,8 @@ def build_profile(plan: list[Setup], points: list[dict], platform: dict) -> Prof
             idle[setup.name] = curve
         if (gap := fit_setup_handoff(mine)) is not None:
             handoff[setup.name] = gap
+        if (unseen := fit_setup_untimed(mine)) is not None:
+            untimed[setup.name] = unseen
         if setup.filter_type:
             own = stages[f"filter:{setup.filter_type}"]
             plain = modes.get(setup.mode)
@@ -315,7 +422,7 @@ def build_profile(plan: list[Setup], points: list[dict], platform: dict) -> Prof
             ipc[setup.ipc] = stages["ipc"]
         else:
             modes[setup.mode] = stages
-    return Profile(platform, modes, ipc, filters, external, points, idle, handoff)
+    return Profile(platform, modes, ipc, filters, external, points, idle, handoff, untimed, setting)
 
 
 def _progress(total: int):
@@ -339,6 +446,9 @@ def run(args: argparse.Namespace) -> int:
     )
     sizes = [int(s) for s in args.sizes.split(",") if s]
     idle_rates = [float(r) for r in args.idle_rates.split(",") if r]
+    if args.setting == PODS and (missing := missing_capabilities()):
+        print(f"pyproxy bench profile: pods need {', '.join(missing)}", file=sys.stderr)
+        return 2
     out = args.out or RESULTS / time.strftime("profile-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     platform = current_platform(
@@ -347,6 +457,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "inputs.json").write_text(json.dumps({
         "argv": sys.argv, "setups": [s.name for s in plan], "sizes": sizes,
         "seconds_per_point": args.seconds, "loads": LOADS, "pin": args.pin,
+        "setting": args.setting,
     }, indent=2) + "\n")  # fmt: skip
     (out / "environment.json").write_text(json.dumps(platform | {"git": _git()}, indent=2) + "\n")
     warmup = max(5, min(50, int(args.seconds * 100)))
@@ -357,9 +468,9 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="pyproxy-profile-") as tmp:
         try:
             for setup in plan:
-                procs = Processes()
+                stack = contextlib.ExitStack()
                 try:
-                    target = _Target(procs, setup, Path(tmp), args.pin)
+                    target = _open_target(stack, args.setting, setup, Path(tmp), args.pin)
                     for size in sizes:
                         if bar is not None:
                             bar.set_description(f"{setup.name} {size} B")
@@ -367,18 +478,18 @@ def run(args: argparse.Namespace) -> int:
                         points += _measure_size(target, size, args.seconds, warmup, idle)
                         if bar is not None:
                             bar.update()
-                except (RuntimeError, OSError, ConnectionError) as exc:
+                except (RuntimeError, OSError, ConnectionError, subprocess.SubprocessError) as exc:
                     skipped[setup.name] = str(exc)
                     print(f"pyproxy bench profile: {setup.name} skipped: {exc}", file=sys.stderr)
                 finally:
-                    procs.stop_all()
+                    stack.close()
         except KeyboardInterrupt:
             interrupted = True
             print("pyproxy bench profile: interrupted; fitting what was measured", file=sys.stderr)
         finally:
             if bar is not None:
                 bar.close()
-    profile = build_profile(plan, points, platform)
+    profile = build_profile(plan, points, platform, args.setting)
     profile.save(out / "profile.json")
     _write_points_csv(points, out / "points.csv")
     if points:
@@ -387,7 +498,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(stage_table(profile))
     print(models_table(profile))
-    print(f"\nresults: {out}")
+    print(f"\nsetting: {profile.setting}; results: {out}")
     return 130 if interrupted else 0
 
 
@@ -487,6 +598,12 @@ def models_table(profile: Profile) -> str:
         for setup, h in profile.handoff.items():
             lines.append(f"| {setup} | {h.latency.base:.0f} | {h.latency.per_byte:.3f} "
                          f"| {_r2(h.latency)} | {h.spread_ns:.0f} |")  # fmt: skip
+    if profile.untimed:
+        lines += ["", "untimed CPU per exchange (/proc CPU less the stage-clock sum), fitted "
+                  "r·(U + s·u) over rates and sizes", "",
+                  "| setup | U ns | u ns/B | R² |", "| --- | ---: | ---: | ---: |"]  # fmt: skip
+        for setup, line in profile.untimed.items():
+            lines.append(f"| {setup} | {line.base:.0f} | {line.per_byte:.3f} | {_r2(line)} |")
     return "\n".join(lines)
 
 

@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyproxy.bench.callgraph import Service, graph_from_data, graphs_from_traces, read_otlp_lines
-from pyproxy.bench.filter_configs import filter_entry
-from pyproxy.bench.model import Profile, check_platform, current_platform
+from pyproxy.bench.model import PODS, Profile, check_platform, check_setting, current_platform
 from pyproxy.bench.pod_echo import admin_get
+from pyproxy.bench.pod_sidecar import start_captured_sidecar
 from pyproxy.bench.predict import HANDOFF_STAGE, IDLE_STAGE, Prediction, WhatIf, predict
 from pyproxy.bench.procs import Noise
 from pyproxy.bench.schedule import PINNED, UNPLACED
@@ -42,7 +42,6 @@ from pyproxy.iptables.netns import Pod, missing_capabilities, pods
 PY = sys.executable
 RESULTS = Path(__file__).resolve().parent / "results"
 APP_PORT = 8080
-PROXY_UID = 1337
 TOPOLOGIES = {
     # service -> (downstream services, parallel?)
     "chain": {"a": (["b"], False), "b": ([], False)},
@@ -84,19 +83,6 @@ class Deployment:
     app_roots: list[int]
 
 
-def _sidecar(pod: Pod, case: Case, workdir: Path) -> int:
-    """Capture the pod's traffic (as an init container would), then start its sidecar as 1337."""
-    pod.run([PY, "-m", "pyproxy", "capture", "apply"], timeout=60)
-    argv = [PY, "-m", "pyproxy", "run", "--sidecar", "--mode", case.mode,
-            "--admin", "127.0.0.1:15000", "--log-level", "warning"]  # fmt: skip
-    for kind in case.filters:
-        entry = filter_entry(kind, workdir, f"{pod.role}-{kind}")
-        argv += ["--filter", f"{entry['name']}={json.dumps(entry['config'])}"]
-    with open(workdir / f"sidecar-{pod.role}.log", "ab") as log:
-        proc = pod.popen(argv, uid=PROXY_UID, stdout=log, stderr=subprocess.STDOUT)
-    return proc.pid
-
-
 def deploy(
     made: dict[str, Pod],
     prefix: str,
@@ -113,7 +99,7 @@ def deploy(
     for name, (downstream, parallel) in services.items():
         pod = made[prefix + name]
         if sidecars:
-            sidecar_roots.append(_sidecar(pod, case, workdir))
+            sidecar_roots.append(start_captured_sidecar(pod, case.mode, case.filters, workdir))
         argv = [PY, "-m", "pyproxy.bench.validation_app", "--protocol", case.protocol,
                 "--listen", f"0.0.0.0:{APP_PORT}", "--work-us", str(work_us), "--name", name]  # fmt: skip
         for d in downstream:
@@ -211,7 +197,11 @@ def measured_cases(out: Path) -> list[tuple[str, Case, dict]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", required=True, type=Path)
-    parser.add_argument("--force", action="store_true", help="use a profile from another platform")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="use a profile from another platform, or one not measured in the pods setting",
+    )
     parser.add_argument(
         "--cases",
         default=CASES,
@@ -357,10 +347,13 @@ def run(args: argparse.Namespace) -> int:
     profile = Profile.load(args.profile)
     try:
         check_platform(profile, current_platform(), args.force)
+        forced = check_setting(profile, PODS, args.force)
         cases = [Case.parse(c) for c in args.cases.split(",") if c]
     except Exception as exc:  # PlatformMismatch, a bad case: say why, as predict does
         print(f"pyproxy bench validate: {exc}", file=sys.stderr)
         return 2
+    if forced:
+        print(f"pyproxy bench validate: warning: forced across settings: {forced}", file=sys.stderr)
     missing = missing_capabilities()
     if missing:
         print(f"pyproxy bench validate: pods need {', '.join(missing)}", file=sys.stderr)

@@ -30,16 +30,18 @@ OWNERS = {
 ALLOWED = {
     # The profile, validate and predict commands write model folders, not a bench run's
     # report: profile.json is the predictor's input format (model.py reads and writes it),
-    # predictions.json and validation.json are what `report` reads back; validate runs its
-    # sidecars inside network-namespace pods with iptables capture.
+    # predictions.json and validation.json are what `report` reads back.
     "profile.py": {"process", "peer", "results"},
-    "validate.py": {"peer", "results"},
+    "validate.py": {"results"},
     "cli.py": {"results"},
     "model.py": {"results"},
     # pyproxy inside a network-namespace pod (netns.Pod.popen), which a host-side launcher
     # in peers.py cannot start.
     "sockmap_echo.py": {"peer"},
     "pod_echo.py": {"peer"},
+    "pod_sidecar.py": {"peer"},
+    # JSON lines are its commands and answers over a pipe to the driver in a pod, not results.
+    "pod_driver.py": {"results"},
 }
 
 PEER_BINARIES = {"nginx", "haproxy", "caddy", "traefik", "mitmdump"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -16,18 +17,23 @@ from pyproxy.bench.callgraph import (
     load_graphs,
 )
 from pyproxy.bench.model import (
+    LOOPBACK,
+    PODS,
     Handoff,
     IdleCurve,
     Linear,
     PlatformMismatch,
     Profile,
+    SettingMismatch,
     StageModel,
     check_platform,
+    check_setting,
     current_platform,
     fit_cpu,
     fit_handoff,
     fit_idle_curve,
     fit_latency,
+    fit_untimed_cpu,
 )
 from pyproxy.bench.predict import WhatIf, WhatIfError, distribution, predict
 from pyproxy.bench.profile import Setup, build_profile
@@ -54,6 +60,7 @@ def hand_profile(platform: dict | None = None) -> Profile:
         filters={"fault": flat(3000)},
         external={},
         points=[],
+        setting=PODS,
     )
 
 
@@ -167,6 +174,29 @@ def test_a_profile_from_another_platform_is_refused_unless_forced():
         check_platform(hand_profile(other), current_platform(), force=False)
     differences = check_platform(hand_profile(other), current_platform(), force=True)
     assert len(differences) == 2
+
+
+def test_a_profile_from_another_setting_is_refused_naming_both_unless_forced(tmp_path, capsys):
+    loopback = dataclasses.replace(hand_profile(), setting=LOOPBACK)
+    with pytest.raises(SettingMismatch, match="loopback setting.*pods setting"):
+        check_setting(loopback, PODS, force=False)
+    assert check_setting(loopback, PODS, force=True) == "setting: profile 'loopback', here 'pods'"
+    assert check_setting(hand_profile(), PODS, force=False) is None
+    # a profile that does not say where it was taken was taken on loopback
+    stored = hand_profile().to_json()
+    del stored["setting"]
+    assert Profile.from_json(stored).setting == LOOPBACK
+    path, graph = tmp_path / "profile.json", tmp_path / "g.json"
+    loopback.save(path)
+    graph.write_text(json.dumps(FANOUT))
+    assert main(["bench", "predict", str(graph), "--profile", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "loopback" in err and "pods" in err and "--force" in err
+    assert (
+        main(["bench", "predict", str(graph), "--profile", str(path), "--setting", "loopback"]) == 0
+    )
+    assert main(["bench", "predict", str(graph), "--profile", str(path), "--force"]) == 0
+    assert "forced across platforms or settings: setting" in capsys.readouterr().err
 
 
 def test_batch_distribution_counts_moved_paths():
@@ -527,3 +557,61 @@ def test_a_filter_costs_all_its_path_costs_beyond_the_unfiltered_one():
     # inbound (7000 each, plus 2500 for f's filter) and the larger of their hand-offs.
     assert hops["r"].latency_ns == pytest.approx(9500 + 46_000)
     assert hops["x"].latency_ns == pytest.approx(9500 + 7000 + 46_000)
+
+
+def _cpu_point(setup: str, size: int, rate: float, stages: dict, process_ns: float) -> dict:
+    """A paced point: `stages` and `process_ns` are ns per exchange, stored per wall second."""
+    return {"setup": setup, "kind": "cpu", "size": size, "load": 1.0, "rate": rate,
+            "proxy_cpu_ns_per_s": rate * process_ns,
+            "stages_ns_per_s": {k: rate * v for k, v in stages.items()}}  # fmt: skip
+
+
+def test_profile_fits_the_cpu_its_stage_clock_does_not_see_per_setup():
+    # Known answer: per exchange, /proc CPU = stage sum + 15 µs + 2 ns/B without a filter,
+    # + 18 µs + 2 ns/B with fault; the stages themselves grow with size and differ by setup.
+    points = []
+    for rate in (250.0, 500.0, 1000.0):
+        for size in (100, 1024, 4096):
+            plain = {"read": 3000.0 + size, "write": 4000.0}
+            filtered = plain | {"filter:fault": 2000.0}
+            points.append(
+                _cpu_point("http", size, rate, plain, sum(plain.values()) + 15_000 + 2 * size)
+            )
+            points.append(_cpu_point("http+fault", size, rate, filtered,
+                                     sum(filtered.values()) + 18_000 + 2 * size))  # fmt: skip
+    profile = build_profile(
+        [Setup("http", "http"), Setup("http+fault", "http", filter_type="fault")],
+        points,
+        current_platform(),
+    )
+    untimed = profile.untimed["http"]
+    assert (untimed.base, untimed.per_byte, untimed.r2) == pytest.approx((15_000, 2.0, 1.0))
+    assert profile.untimed["http+fault"].at(0) == pytest.approx(18_000)
+    # the stage models and the untimed line add up to the external (whole-process) CPU model
+    stages = sum(m.cpu.at(1024) for m in profile.modes["http"].values())
+    assert stages + untimed.at(1024) == pytest.approx(profile.external["http"].cpu.at(1024))
+    again = Profile.from_json(json.loads(json.dumps(profile.to_json())))
+    assert again.untimed == profile.untimed
+    assert profile.external_view().untimed == {}
+    flat_line = fit_untimed_cpu(
+        [100.0, 200.0], [100, 100], [100.0 * 9000, 200.0 * 9000], [0.0, 0.0]
+    )
+    assert flat_line.base == pytest.approx(9000) and flat_line.per_byte == 0.0
+
+
+def test_predict_adds_each_passes_untimed_cpu_and_no_latency():
+    base = hand_profile()
+    profile = dataclasses.replace(
+        base, untimed={"http": Linear(10_000, 1.0), "http+fault": Linear(13_000, 1.0)}
+    )
+    graph = _f_calls_a(f_filters=("fault",))  # 100 /s, 100-byte messages
+    without, p = predict(base, graph), predict(profile, graph)
+    # three passes: f's inbound (r) and outbound (x) with fault, a's inbound (x) without
+    assert p.cpu_stages["untimed"] == pytest.approx(100 * (13_100 + 13_100 + 10_100) / 1e9)
+    assert p.cpu_cores - without.cpu_cores == pytest.approx(p.cpu_stages["untimed"])
+    assert p.overhead_ns == pytest.approx(without.overhead_ns)
+    assert "untimed" not in p.path_stages_ns
+    off = predict(profile, graph, WhatIf.parse(["untimed=0"]))
+    assert off.cpu_cores == pytest.approx(without.cpu_cores)
+    with pytest.raises(WhatIfError, match="no stage 'untimed'"):
+        predict(base, graph, WhatIf.parse(["untimed=2"]))

@@ -12,6 +12,7 @@ import time
 
 import pytest
 from pyproxy.bench.callgraph import graphs_from_traces, read_otlp_lines
+from pyproxy.bench.model import Profile, current_platform
 from pyproxy.bench.procs import move_to_cpu, tree_pids
 from pyproxy.bench.validate import Case, halves_differ, held_out, held_out_table, pod_factors
 from pyproxy.bench.validation_load import summarize
@@ -28,11 +29,40 @@ if not os.environ.get("CI"):
 
 @pytest.fixture(scope="module")
 def profiled(tmp_path_factory):
+    """A tiny profile in the pods setting: each echo in a captured pod, the driver in a client pod."""
     profile = tmp_path_factory.mktemp("profile")
-    argv = ["bench", "profile", "--modes", "http,grpc", "--ipc", "tcp", "--filters", "fault",
-            "--sizes", "100", "--seconds", "0.1", "--idle-rates", "100", "--out", str(profile)]  # fmt: skip
+    argv = ["bench", "profile", "--setting", "pods", "--modes", "http,grpc", "--ipc", "tcp",
+            "--filters", "fault", "--sizes", "100", "--seconds", "0.1", "--idle-rates", "100",
+            "--out", str(profile)]  # fmt: skip
     assert main(argv) == 0
     return profile
+
+
+def test_the_pods_profile_measured_a_sidecar_behind_capture_from_a_client_pod(profiled):
+    profile = Profile.load(profiled / "profile.json")
+    assert profile.setting == "pods"
+    assert set(profile.modes) == {"http", "grpc"} and set(profile.filters) == {"fault"}
+    for setup in ("http", "grpc", "http+fault"):
+        [hot] = [p for p in profile.points if (p["setup"], p["kind"]) == (setup, "latency")]
+        # the inbound capture listener's stage clock counted the proxied exchanges
+        assert sum(hot["stages_ns"].values()) > 0 and hot["proxy_cpu_ns_per_exchange"] > 0
+        # through the sidecar is slower than straight to the plain pod's echo
+        assert hot["proxy_p50_ns"] > hot["direct_p50_ns"] > 0
+        assert setup in profile.untimed and setup in profile.handoff
+    # every HTTP request was parsed and filtered: the driver's connections were not taken for a
+    # server-first protocol and relayed as opaque TCP
+    [filtered] = [p for p in profile.points if (p["setup"], p["kind"]) == ("http+fault", "latency")]
+    assert filtered["stages_ns"]["filter:fault"] > 0 and filtered["stages_ns"]["parse"] > 0
+
+
+def test_validate_refuses_a_profile_from_another_setting_unless_forced(tmp_path, capsys):
+    loopback = tmp_path / "profile.json"
+    Profile(current_platform(), {"http": {}}, {}, {}, {}, [], setting="loopback").save(loopback)
+    argv = ["bench", "validate", "--profile", str(loopback), "--out", str(tmp_path / "v")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "loopback setting" in err and "pods setting" in err and "--force" in err
+    assert not (tmp_path / "v").exists()
 
 
 @pytest.fixture(scope="module")
