@@ -30,8 +30,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyproxy.native
-from pyproxy.bench.echo_client import measure_rtts, summarize
+from pyproxy.bench.echo_client import NATIVE_ECHO, measure_rtts, summarize
 from pyproxy.bench.procs import cpu_ns, pinned, target_line
 from pyproxy.bench.results_folder import default_out, write_results
 from pyproxy.iptables.netns import Pod, missing_capabilities, pods
@@ -40,7 +39,6 @@ from pyproxy.native import sockmap
 PY = sys.executable
 SIDECAR_TCP, SIDECAR_SOCKMAP, APP_PORT = 15001, 15002, 9000
 SIDECAR_CPU = 1  # the one-CPU placement of the sidecar phase
-NATIVE_ECHO = Path(pyproxy.native.__file__).resolve().parent / "echo_rtt"  # built by setup.py
 
 
 @dataclass(frozen=True)
