@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pytest
-
 from pyproxy.bench import tcp_echo
 from pyproxy.bench.echo_client import NATIVE_ECHO
 
