@@ -127,6 +127,26 @@ def cpu_ns(pids: list[int]) -> int:
     return total
 
 
+def preemptions(pids: list[int]) -> int:
+    """How often the processes' threads were preempted (nonvoluntary_ctxt_switches): a round
+    in which a timed process was taken off its CPU while it worked shows up here."""
+    total = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/status") as f:
+                    for line in f:
+                        if line.startswith("nonvoluntary_ctxt_switches:"):
+                            total += int(line.split()[1])
+            except (OSError, ValueError, IndexError):
+                pass
+    return total
+
+
 def _ticks_ns(pid: int, tid: str) -> int:
     try:
         with open(f"/proc/{pid}/task/{tid}/stat") as f:
