@@ -42,7 +42,8 @@ int pp_heap_trim(void);
  * is readable. It reads into the worker's shared buffer or pipe (dir->scratch),
  * writes what it read to dst_fd at once, keeps the stage clock and byte
  * counters in the listener's int64 block as the Python relay does
- * (pyproxy/io/relay.py: _received/_sent), and goes again while a read filled
+ * (pyproxy/io/relay.py: _received/_sent; `other` stays untimed, see
+ * pp_received), and goes again while a read filled
  * the whole buffer (at most PP_STEP_ROUNDS reads per wake-up). Anything else
  * is handed to Python through pp_step_event(dir->handle, status):
  *   PP_STEP_PARKED      dst took dir->sent of dir->got bytes; the rest is still
@@ -68,7 +69,7 @@ struct pp_dir {
     struct pp_scratch *scratch;
     int64_t *block;
     int timed;
-    int read_ns, read_events, write_ns, write_events, notify_events, other_ns;
+    int read_ns, read_events, write_ns, write_events, notify_events;
     int rx, tx, messages;
     int64_t moved;  /* bytes written, for the idle check */
     int64_t got, sent;

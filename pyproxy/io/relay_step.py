@@ -27,7 +27,7 @@ from typing import Any
 from pyproxy import native  # type: ignore[attr-defined]  # mapped from native/ by pyproject
 from pyproxy.counters import MESSAGES
 from pyproxy.io.buffer_pool import Pool, copy_buffer
-from pyproxy.io.relay import DOWNSTREAM, NOTIFY_EVENTS, OTHER_NS, UPSTREAM, Relay, _Direction
+from pyproxy.io.relay import DOWNSTREAM, NOTIFY_EVENTS, UPSTREAM, Relay, _Direction
 
 log = logging.getLogger("pyproxy.relay")
 
@@ -139,7 +139,7 @@ class NativeDirection(_Direction):
         c.timed = relay.timed
         c.read_ns, c.read_events = self.read_ns, self.read_events
         c.write_ns, c.write_events = self.write_ns, self.write_events
-        c.notify_events, c.other_ns = NOTIFY_EVENTS, OTHER_NS
+        c.notify_events = NOTIFY_EVENTS
         c.rx, c.tx = self.rx, self.tx
         c.messages = MESSAGES if self.is_request else -1
         self._handle = ffi.new_handle(self)
