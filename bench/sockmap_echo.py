@@ -32,7 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyproxy.bench.echo_client import NATIVE_ECHO, measure_rtts, summarize
-from pyproxy.bench.procs import cpu_ns, pinned, preemptions, target_line, tree_pids
+from pyproxy.bench.procs import (
+    cpu_ns,
+    pinned,
+    preemptions,
+    run_delay_ns,
+    target_line,
+    tree_pids,
+)
 from pyproxy.bench.results_folder import default_out, write_results
 from pyproxy.iptables.netns import Pod, missing_capabilities, pods
 from pyproxy.native import sockmap
@@ -120,24 +127,27 @@ def _native_rtts(pair: Pair) -> Rtts:
 
 class RoundWatch:
     """What one path's share of a round cost the sidecar: its CPU time, its `ipc` stage (from
-    the admin server's counters) and how often the sidecar and the app were preempted."""
+    the admin server's counters), how long it waited runnable for a CPU, and how often the
+    sidecar and the app were preempted."""
 
     def __init__(self, pod: Pod, sidecar: int, app: int) -> None:
         self.pod, self.sidecar, self.app = pod, tree_pids(sidecar), tree_pids(app)
         self.stats = self._listeners()
-        self.cpu, self.preempted = 0, (0, 0)
+        self.cpu = self.waited = 0
+        self.preempted = (0, 0)
 
     def _listeners(self) -> dict:
         return _admin(self.pod, "/stats?format=json")["listeners"]
 
     def begin(self) -> None:
-        self.cpu = cpu_ns(self.sidecar)
+        self.cpu, self.waited = cpu_ns(self.sidecar), run_delay_ns(self.sidecar)
         self.preempted = (preemptions(self.sidecar), preemptions(self.app))
 
     def end(self, name: str) -> dict:
         """The round's figures for the path `name` (a listener's name, or one without one)."""
         out = {
             "sidecar_cpu_ns": cpu_ns(self.sidecar) - self.cpu,
+            "sidecar_waited_ns": run_delay_ns(self.sidecar) - self.waited,
             "sidecar_preempted": preemptions(self.sidecar) - self.preempted[0],
             "app_preempted": preemptions(self.app) - self.preempted[1],
         }
@@ -290,6 +300,9 @@ def _measure_sidecar(
         rounds = result[name]["rounds"]
         cpu_us = sum(r["sidecar_cpu_ns"] for r in rounds) / 1000
         result[name]["sidecar_cpu_us_per_message"] = round(cpu_us / messages, 3)
+        result[name]["sidecar_waited_us_per_message_rounds"] = [
+            round(r["sidecar_waited_ns"] / 1000 / per_round, 3) for r in rounds
+        ]
         result[name]["sidecar_preempted_rounds"] = [r["sidecar_preempted"] for r in rounds]
         result[name]["app_preempted_rounds"] = [r["app_preempted"] for r in rounds]
     stats = _admin(pod, "/stats?format=json")["listeners"]

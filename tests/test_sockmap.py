@@ -289,6 +289,7 @@ def test_sidecar_echo_bench_measures_the_app_directly_beside_each_listener_in_bo
             pooled = result[name]["ipc_us_per_message"]
             assert min(rounds) - 0.01 <= pooled <= max(rounds) + 0.01
             assert all(n >= 0 for n in result[name]["sidecar_preempted_rounds"])
+            assert all(w >= 0 for w in result[name]["sidecar_waited_us_per_message_rounds"])
             assert len(result[name]["app_preempted_rounds"]) == 2
         cuts = result["ipc_stage_cut_rounds"]
         tcp, sm = result["tcp"], result["sockmap"]
