@@ -75,10 +75,23 @@ struct pp_dir {
     int64_t got, sent;
     int err;
     void *handle;
+    void *poll;     /* the libuv poll that runs the copy step, while pp_poll_read armed one */
 };
 
 void pp_copy_step(struct pp_dir *dir);
 void pp_splice_step(struct pp_dir *dir);
+
+/* The copy step armed on the event loop's own libuv (uvloop's), so a readable socket runs the
+ * step from libuv's poll callback with no Python call, no cffi call and no GIL in between.
+ * pp_uv_bind resolves the few libuv functions used from the loop's module (a shared object
+ * already loaded; 0, or -1 when one is missing). pp_poll_read starts a readable poll on
+ * dir->src_fd whose callback is pp_copy_step(dir) (0, or a negative libuv error: the caller
+ * then arms the reader through the loop as usual); pp_poll_close closes it (at once: the fd
+ * may be closed or watched by the loop right after). The poll keeps its handle's `data`
+ * NULL, so a loop closed with one still open reports it instead of taking it for its own. */
+int pp_uv_bind(const char *module_path);
+int pp_poll_read(struct pp_dir *dir, void *uv_loop);
+void pp_poll_close(struct pp_dir *dir);
 /* cdef: end */
 
 #endif

@@ -47,6 +47,16 @@ BACKENDS = {
         {"relay": "userspace-copy", "write": "zerocopy", "relay_step": "python"},
     ),
     "splice": (("--relay", "splice"), {"relay": "splice", "write": "send", "relay_step": "native"}),
+    # The copy step run from libuv's own poll callback (experimental, off by default).
+    "copy_libuv": (
+        ("--relay-dispatch", "libuv"),
+        {
+            "relay": "userspace-copy",
+            "write": "send",
+            "relay_step": "native",
+            "relay_dispatch": "libuv",
+        },
+    ),
 }
 # (request bytes, reply bytes, when the app replies): tiny, just over one buffer, bulk both ways
 # at once, and a reply whose FIN overtakes a still-streaming request.
@@ -204,7 +214,7 @@ def test_zerocopy_on_plain_asyncio_moves_bytes_and_does_not_spin(start_proxy, ec
 
 
 @needs_native
-@pytest.mark.parametrize("backend", ["zerocopy", "splice"])
+@pytest.mark.parametrize("backend", ["zerocopy", "splice", "copy_libuv"])
 def test_slow_consumer_keeps_memory_bounded_on_native_backends(start_proxy, backend):
     total = 192 * MB
     done = threading.Event()
@@ -238,7 +248,12 @@ def _disabled_native(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
-    ("flags", "field"), [(("--write", "zerocopy"), "write"), (("--relay", "splice"), "relay")]
+    ("flags", "field"),
+    [
+        (("--write", "zerocopy"), "write"),
+        (("--relay", "splice"), "relay"),
+        (("--relay-dispatch", "libuv"), "relay_dispatch"),
+    ],
 )
 def test_native_only_config_without_native_is_a_config_error(
     start_proxy, monkeypatch, echo_server, flags, field

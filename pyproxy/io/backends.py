@@ -20,9 +20,9 @@ def relay_factory(config: ListenerConfig) -> Callable[..., Relay]:
 
         return partial(ZeroCopyRelay, threshold=config.zerocopy_threshold)
     if native_step():
-        from pyproxy.io.relay_step import NativeCopyRelay  # lazy: the native module, when there
+        from pyproxy.io.relay_step import NativeCopyRelay, PolledCopyRelay  # lazy: when there
 
-        return NativeCopyRelay
+        return PolledCopyRelay if config.relay_dispatch == "libuv" else NativeCopyRelay
     return Relay
 
 
@@ -45,6 +45,8 @@ def describe(config: ListenerConfig) -> dict:
         if config.relay == "splice" or native_step()
         else "python",
     }
+    if config.relay_dispatch != "loop":
+        out["relay_dispatch"] = config.relay_dispatch
     if config.write == "zerocopy":
         out["zerocopy_threshold"] = config.zerocopy_threshold
     if config.app_socket is not None:
