@@ -287,3 +287,24 @@ def test_without_native_the_proxy_runs_pure_python_paths_and_says_so(
     sock.sendall(b"still relays")
     assert sock.recv(100) == b"still relays"
     sock.close()
+
+
+@needs_native
+def test_libuv_dispatch_on_plain_asyncio_says_so_and_the_loop_runs_the_step(
+    start_proxy, echo_server
+):
+    port = free_port()
+    proxy = start_proxy(
+        "--listen", f"127.0.0.1:{port}", "--upstream", echo_server.address,
+        "--relay-dispatch", "libuv", "--event-loop", "asyncio",
+    )  # fmt: skip
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        for i in range(50):
+            message = b"%d;" % i
+            client.sendall(message)
+            got = b""
+            while len(got) < len(message):
+                got += client.recv(64)
+            assert got == message
+    proxy.wait_for(lambda s: s["connections_active"] == 0)
+    assert "relay_dispatch libuv: not on uvloop's libuv here" in proxy.output
