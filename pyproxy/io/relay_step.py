@@ -281,16 +281,16 @@ class PolledCopyRelay(NativeCopyRelay):
         super()._close_sockets(reset)
 
 
-_UV_LOOPS: dict[int, Any] = {}
+_UV_LOOP: tuple[Any, Any] = (None, None)  # (loop, its uv_loop_t*): a worker runs one loop
 
 
 def uv_loop_pointer(loop: Any) -> Any:
     """The loop's uv_loop_t* for pp_poll_read, or None where libuv cannot be reached (a loop
     other than uvloop's, or its module without the libuv calls the step needs)."""
-    key = id(loop)
-    if key not in _UV_LOOPS:
-        _UV_LOOPS[key] = _find_uv_loop(loop)
-    return _UV_LOOPS[key]
+    global _UV_LOOP
+    if _UV_LOOP[0] is not loop:
+        _UV_LOOP = (loop, _find_uv_loop(loop))
+    return _UV_LOOP[1]
 
 
 def _find_uv_loop(loop: Any) -> Any:
