@@ -11,6 +11,8 @@ import functools
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -308,3 +310,42 @@ def test_libuv_dispatch_on_plain_asyncio_says_so_and_the_loop_runs_the_step(
             assert got == message
     proxy.wait_for(lambda s: s["connections_active"] == 0)
     assert "relay_dispatch libuv: not on uvloop's libuv here" in proxy.output
+
+
+# A relay on libuv polls inside a worker's loop, then the loop closes (the worker's last step).
+LOOP_CLOSE = """
+import asyncio, socket, sys, time, uvloop
+from pyproxy.counters import LISTENER_SLOTS
+from pyproxy.io import backends
+from pyproxy.io.relay import UPSTREAM
+from pyproxy.io.relay_step import PolledCopyRelay
+
+loop = uvloop.new_event_loop()
+client, down = socket.socketpair()
+up, app = socket.socketpair()
+for sock in (down, up):
+    sock.setblocking(False)
+block = memoryview(bytearray(8 * LISTENER_SLOTS)).cast("q")
+relay = PolledCopyRelay(loop, down, up, block, timed=True, app_side=UPSTREAM, buffer_size=16384,
+                        idle_timeout=0, started_ns=time.perf_counter_ns(), on_close=lambda r: None)
+relay.start()
+client.sendall(b"ping")
+loop.run_until_complete(asyncio.sleep(0.05))
+assert app.recv(10) == b"ping" and relay.uv_loop is not None, "not relayed from a libuv poll"
+if sys.argv[1] == "release":
+    backends.release_native_polls()
+loop.close()
+print("closed")
+"""
+
+
+@needs_native
+@pytest.mark.parametrize("release", [True, False])
+def test_a_loop_with_relays_on_libuv_polls_closes_once_they_are_released(release):
+    argv = [sys.executable, "-c", LOOP_CLOSE, "release" if release else "keep"]
+    if release:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0 and done.stdout.strip() == "closed", done.stderr
+    else:  # what the release prevents: an open poll keeps the loop's closing run going
+        with pytest.raises(subprocess.TimeoutExpired):
+            subprocess.run(argv, capture_output=True, text=True, timeout=3)

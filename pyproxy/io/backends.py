@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from functools import partial
 
@@ -24,6 +25,14 @@ def relay_factory(config: ListenerConfig) -> Callable[..., Relay]:
 
         return PolledCopyRelay if config.relay_dispatch == "libuv" else NativeCopyRelay
     return Relay
+
+
+def release_native_polls() -> None:
+    """Before an event loop closes: relays whose step libuv runs (relay_dispatch: libuv) go back
+    to the loop, since an open libuv poll would keep the loop's closing run from returning."""
+    relay_step = sys.modules.get("pyproxy.io.relay_step")  # never imported: no poll to release
+    if relay_step is not None:
+        relay_step.release_polls()
 
 
 def native_step() -> bool:

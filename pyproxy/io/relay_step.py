@@ -232,8 +232,9 @@ class _PolledCopyDirection(_CopyDirection):
     __slots__ = ()
 
     def arm_reader(self) -> None:
-        uv_loop = cast(PolledCopyRelay, self.relay).uv_loop
-        if uv_loop is not None and lib.pp_poll_read(self.c, uv_loop) == 0:
+        relay = cast(PolledCopyRelay, self.relay)
+        if relay.uv_loop is not None and lib.pp_poll_read(self.c, relay.uv_loop) == 0:
+            _POLLED.add(relay)
             return
         super().arm_reader()
 
@@ -269,6 +270,7 @@ class PolledCopyRelay(NativeCopyRelay):
         if self.uv_loop is None:
             return
         self.uv_loop = None
+        _POLLED.discard(self)
         for direction in (self._request, self._response):
             c = direction.c  # type: ignore[attr-defined]
             if c.poll != ffi.NULL:
@@ -279,6 +281,17 @@ class PolledCopyRelay(NativeCopyRelay):
     def _close_sockets(self, reset: bool) -> None:
         self.to_loop()
         super()._close_sockets(reset)
+
+
+# Relays with a libuv poll open. An open poll keeps libuv's loop running, and the loop's
+# close runs it once more to the end: release_polls hands them back to the loop first.
+_POLLED: set[PolledCopyRelay] = set()
+
+
+def release_polls() -> None:
+    """Give every relay still on a libuv poll back to its loop (before that loop closes)."""
+    for relay in list(_POLLED):
+        relay.to_loop()
 
 
 _UV_LOOP: tuple[Any, Any] = (None, None)  # (loop, its uv_loop_t*): a worker runs one loop
