@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
+from pathlib import Path
+
+import pyproxy.native
+from pyproxy.bench.procs import run_tool
 
 from pyproxy.addresses import parse_address
+
+# The C echo pair (native/echo_rtt.c, built by the set-up beside the native module): a client
+# and a server with no interpreter between the socket calls, so only the path under test varies.
+NATIVE_ECHO = Path(pyproxy.native.__file__).resolve().parent / "echo_rtt"
 
 
 def connect(address: str) -> socket.socket:
@@ -46,6 +55,16 @@ def measure_rtts(
             if i >= warmup:
                 rtts.append(clock() - started)
     return rtts
+
+
+def measure_rtts_native(
+    address: str, count: int, size: int = 100, warmup: int = 200, cpu: int | None = None,
+    *flags: str,
+) -> list[int]:  # fmt: skip
+    """The same round trips as measure_rtts, measured by the C client (on `cpu` when given)."""
+    host, port = address.rsplit(":", 1)
+    argv = [str(NATIVE_ECHO), "measure", host, port, str(size), str(count), str(warmup), *flags]
+    return json.loads(run_tool(argv, cpu, timeout=300, check=True).stdout)
 
 
 def stream_echo(address: str, total: int, chunk: int = 65536) -> dict:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyproxy.bench.echo_client import NATIVE_ECHO
 from pyproxy.bench.procs import Processes, free_port, run_tool, wait_port
 
 # Bench protocols a proxy speaks as h2c to the client and to the upstream.
@@ -360,6 +361,15 @@ def echo_server(
     argv = [sys.executable, "-m", "pyproxy.bench.echo_server", "--listen", address,
             "--protocol", protocol]  # fmt: skip
     return Started("upstream", port, procs.launch("upstream", argv, cpu=cpu).pid, "echo upstream")
+
+
+def native_echo_server(procs: Processes, cpu: int | None) -> Started:
+    """The C echo server (native/echo_rtt.c): echoes one connection at a time, blocking in recv."""
+    if not NATIVE_ECHO.exists():
+        raise Skip(f"{NATIVE_ECHO} missing (built from native/echo_rtt.c by the set-up)")
+    port = free_port()
+    argv = [str(NATIVE_ECHO), "serve", str(port)]
+    return Started("upstream", port, procs.launch("upstream", argv, cpu=cpu).pid, "C echo upstream")
 
 
 def grpc_app(procs: Processes, cpu: int | None) -> Started:

@@ -106,24 +106,58 @@ def tree_pids(root: int) -> list[int]:
     return out
 
 
-def cpu_ns(pids: list[int]) -> int:
-    """CPU time the processes' threads have run, in ns (schedstat): clock ticks (10 ms) would
-    round a short phase's few ms to nothing. Ticks from /proc/<pid>/stat where schedstat is
-    missing (a kernel without CONFIG_SCHEDSTATS)."""
-    total = 0
+def _threads(pids: list[int]) -> Iterator[tuple[int, str]]:
+    """(pid, tid) of every thread of the processes still running."""
     for pid in pids:
         try:
             tids = os.listdir(f"/proc/{pid}/task")
         except OSError:
             continue
         for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    total += int(f.read().split()[0])
-            except FileNotFoundError:
-                total += _ticks_ns(pid, tid)
-            except (OSError, ValueError, IndexError):
-                pass
+            yield pid, tid
+
+
+def run_delay_ns(pids: list[int]) -> int:
+    """How long the processes' threads waited, runnable, for a CPU (schedstat), in ns: time a
+    timed call can include when the task it woke runs first. 0 without schedstat."""
+    total = 0
+    for pid, tid in _threads(pids):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def cpu_ns(pids: list[int]) -> int:
+    """CPU time the processes' threads have run, in ns (schedstat): clock ticks (10 ms) would
+    round a short phase's few ms to nothing. Ticks from /proc/<pid>/stat where schedstat is
+    missing (a kernel without CONFIG_SCHEDSTATS)."""
+    total = 0
+    for pid, tid in _threads(pids):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except FileNotFoundError:
+            total += _ticks_ns(pid, tid)
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def preemptions(pids: list[int]) -> int:
+    """How often the processes' threads were preempted (nonvoluntary_ctxt_switches): taken off
+    their CPU while runnable, e.g. by the task a send of theirs woke."""
+    total = 0
+    for pid, tid in _threads(pids):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith("nonvoluntary_ctxt_switches:"):
+                        total += int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
     return total
 
 

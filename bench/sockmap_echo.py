@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -30,9 +31,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyproxy.native
-from pyproxy.bench.echo_client import measure_rtts, summarize
-from pyproxy.bench.procs import cpu_ns, pinned, target_line
+from pyproxy.bench.echo_client import NATIVE_ECHO, measure_rtts, summarize
+from pyproxy.bench.procs import (
+    cpu_ns,
+    pinned,
+    preemptions,
+    run_delay_ns,
+    target_line,
+    tree_pids,
+)
 from pyproxy.bench.results_folder import default_out, write_results
 from pyproxy.iptables.netns import Pod, missing_capabilities, pods
 from pyproxy.native import sockmap
@@ -40,7 +47,6 @@ from pyproxy.native import sockmap
 PY = sys.executable
 SIDECAR_TCP, SIDECAR_SOCKMAP, APP_PORT = 15001, 15002, 9000
 SIDECAR_CPU = 1  # the one-CPU placement of the sidecar phase
-NATIVE_ECHO = Path(pyproxy.native.__file__).resolve().parent / "echo_rtt"  # built by setup.py
 
 
 @dataclass(frozen=True)
@@ -119,28 +125,63 @@ def _native_rtts(pair: Pair) -> Rtts:
     return rtts
 
 
+class RoundWatch:
+    """What one path's share of a round cost the sidecar: its CPU time, its `ipc` stage (from
+    the admin server's counters), how long it waited runnable for a CPU, and how often the
+    sidecar and the app were preempted."""
+
+    def __init__(self, pod: Pod, sidecar: int, app: int) -> None:
+        self.pod, self.sidecar, self.app = pod, tree_pids(sidecar), tree_pids(app)
+        self.stats = self._listeners()
+        self.cpu = self.waited = 0
+        self.preempted = (0, 0)
+
+    def _listeners(self) -> dict:
+        return _admin(self.pod, "/stats?format=json")["listeners"]
+
+    def begin(self) -> None:
+        self.cpu, self.waited = cpu_ns(self.sidecar), run_delay_ns(self.sidecar)
+        self.preempted = (preemptions(self.sidecar), preemptions(self.app))
+
+    def end(self, name: str) -> dict:
+        """The round's figures for the path `name` (a listener's name, or one without one)."""
+        out = {
+            "sidecar_cpu_ns": cpu_ns(self.sidecar) - self.cpu,
+            "sidecar_waited_ns": run_delay_ns(self.sidecar) - self.waited,
+            "sidecar_preempted": preemptions(self.sidecar) - self.preempted[0],
+            "app_preempted": preemptions(self.app) - self.preempted[1],
+        }
+        if name in self.stats:  # the direct path crosses no listener: no stats call to pay for
+            now = self._listeners()
+            before, after = self.stats[name]["stages"]["ipc"], now[name]["stages"]["ipc"]
+            out["ipc_ns"] = after["ns"] - before["ns"]
+            out["ipc_events"] = after["events"] - before["events"]
+            self.stats = now
+        return out
+
+
 def _alternate(
     pod: Pod,
     targets: dict[str, str],
     size: int,
     args: argparse.Namespace,
     measure: Rtts,
-    pid: int | None = None,
+    watch: RoundWatch | None = None,
 ) -> dict:
-    """Rounds alternating between the targets; with pid, that process's CPU time per target."""
+    """Rounds alternating between the targets; with a watch, its figures per target and round."""
     samples: dict[str, list[int]] = {name: [] for name in targets}
-    cpu = dict.fromkeys(targets, 0)
-    measured = [pid] if pid is not None else []  # no process: no CPU time (0)
+    rounds: dict[str, list[dict]] = {name: [] for name in targets}
     for _ in range(args.rounds):
         for name, address in targets.items():
-            before = cpu_ns(measured)
+            if watch is not None:
+                watch.begin()
             samples[name] += measure(pod, address, size, args.per_round)
-            cpu[name] += cpu_ns(measured) - before
+            if watch is not None:
+                rounds[name].append(watch.end(name))
     out = {name: summarize(values) for name, values in samples.items()}
-    if pid is not None:
-        messages = args.rounds * (args.per_round + WARMUP)
+    if watch is not None:
         for name in targets:
-            out[name]["sidecar_cpu_us_per_message"] = round(cpu[name] / 1000 / messages, 3)
+            out[name]["rounds"] = rounds[name]
     return out
 
 
@@ -201,7 +242,7 @@ def through_sidecar(pod: Pod, args: argparse.Namespace, config: Path, cpu: int |
     argv = pinned(cpu, [PY, "-m", "pyproxy", "run", "-c", str(config)])
     proc = pod.popen(argv, stderr=subprocess.DEVNULL)
     try:
-        return _measure_sidecar(pod, args, proc, cpu)
+        return _measure_sidecar(pod, args, proc, app.pid, cpu)
     finally:
         proc.terminate()  # its exit removes the sockmap programs it installed
         proc.wait(timeout=30)
@@ -209,8 +250,27 @@ def through_sidecar(pod: Pod, args: argparse.Namespace, config: Path, cpu: int |
         app.wait()
 
 
+def _ipc_cuts(tcp: dict, sockmap: dict) -> dict:
+    """sockmap's cut of the `ipc` stage against TCP: the median of the rounds' own cuts (a
+    round's two paths ran seconds apart, so a slow spell of the host hits both), and pooled."""
+    cuts = [
+        1 - s / t
+        for t, s in zip(tcp["ipc_us_per_message_rounds"], sockmap["ipc_us_per_message_rounds"],
+                        strict=True)
+        if t > 0
+    ]  # fmt: skip
+    pooled = tcp["ipc_us_per_message"]
+    return {
+        "ipc_stage_cut_rounds": [round(c, 3) for c in cuts],
+        "ipc_stage_cut": round(statistics.median(cuts), 3) if cuts else None,
+        "ipc_stage_cut_pooled": (
+            round(1 - sockmap["ipc_us_per_message"] / pooled, 3) if pooled else None
+        ),
+    }
+
+
 def _measure_sidecar(
-    pod: Pod, args: argparse.Namespace, proc: subprocess.Popen, cpu: int | None
+    pod: Pod, args: argparse.Namespace, proc: subprocess.Popen, app_pid: int, cpu: int | None
 ) -> dict:
     deadline = time.monotonic() + 20
     while True:
@@ -225,7 +285,8 @@ def _measure_sidecar(
     targets = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
     targets["uds"] = f"unix:{UDS_PATH}"
     targets["direct"] = f"127.0.0.1:{APP_PORT}"  # no sidecar: what the others add to
-    result = _alternate(pod, targets, 100, args, _python_rtts(cpu), pid=proc.pid)
+    watch = RoundWatch(pod, proc.pid, app_pid)
+    result = _alternate(pod, targets, 100, args, _python_rtts(cpu), watch)
     result["speedup"] = _speedup(result, "tcp", "sockmap")
     direct = result["direct"]["p50_us"]
     added = {name: result[name]["p50_us"] - direct for name in ports}
@@ -233,12 +294,25 @@ def _measure_sidecar(
     result["added_p50_cut"] = (
         round(1 - added["sockmap"] / added["tcp"], 3) if added["tcp"] else None
     )
+    per_round = args.per_round + WARMUP
+    messages = args.rounds * per_round
+    for name in targets:
+        rounds = result[name]["rounds"]
+        cpu_us = sum(r["sidecar_cpu_ns"] for r in rounds) / 1000
+        result[name]["sidecar_cpu_us_per_message"] = round(cpu_us / messages, 3)
+        result[name]["sidecar_waited_us_per_message_rounds"] = [
+            round(r["sidecar_waited_ns"] / 1000 / per_round, 3) for r in rounds
+        ]
+        result[name]["sidecar_preempted_rounds"] = [r["sidecar_preempted"] for r in rounds]
+        result[name]["app_preempted_rounds"] = [r["app_preempted"] for r in rounds]
     stats = _admin(pod, "/stats?format=json")["listeners"]
-    messages = args.rounds * (args.per_round + WARMUP)
     for name in ("tcp", "sockmap", "uds"):
         stages = stats[name]["stages"]
         ipc = stages["ipc"]
         result[name]["ipc_us_per_message"] = round(ipc["ns"] / 1000 / messages, 3)
+        result[name]["ipc_us_per_message_rounds"] = [
+            round(r["ipc_ns"] / 1000 / per_round, 3) for r in result[name]["rounds"]
+        ]
         # More app-side calls per message, or dearer calls: which one moves the stage.
         result[name]["ipc_calls_per_message"] = round(ipc["events"] / messages, 3)
         result[name]["ipc_us_per_call"] = round(ipc["ns"] / 1000 / max(ipc["events"], 1), 3)
@@ -246,8 +320,7 @@ def _measure_sidecar(
             sum(s["ns"] for s in stages.values()) / 1000 / messages, 3
         )
         result[name]["ipc_connections"] = stats[name]["ipc_connections"]
-    tcp_ipc, sm_ipc = result["tcp"]["ipc_us_per_message"], result["sockmap"]["ipc_us_per_message"]
-    result["ipc_stage_cut"] = round(1 - sm_ipc / tcp_ipc, 3) if tcp_ipc else None
+    result.update(_ipc_cuts(result["tcp"], result["sockmap"]))
     result["bulk_mb_s"] = {
         name: _bulk_mb_s(pod, port, args.bulk_bytes) for name, port in ports.items()
     }
@@ -323,8 +396,24 @@ def target_lines(report: dict) -> list[str]:
             value = result[cut]
             met = value is not None and value >= goal
             shown = "—" if value is None else f"{value:.1%}"
+            if cut == "ipc_stage_cut":
+                shown += f" (median of rounds; {_rounds_note(result)})"
             lines.append(target_line(met, f"{key}: sockmap cuts the {what} ≥ {goal:.0%}", shown))
     return lines
+
+
+def _rounds_note(result: dict) -> str:
+    """The rounds behind the median cut, and whether the sidecar or the app was preempted."""
+    pooled = result["ipc_stage_cut_pooled"]
+    cuts = ", ".join(f"{c:.0%}" for c in result["ipc_stage_cut_rounds"])
+    preempted = [
+        f"{result[name]['sidecar_preempted_rounds']}/{result[name]['app_preempted_rounds']}"
+        for name in ("tcp", "sockmap")
+    ]
+    return (
+        f"pooled {'—' if pooled is None else f'{pooled:.1%}'}; rounds {cuts}; preemptions per "
+        f"round, sidecar/app: tcp {preempted[0]}, sockmap {preempted[1]}"
+    )
 
 
 if __name__ == "__main__":

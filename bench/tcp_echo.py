@@ -1,13 +1,18 @@
 """TCP mode beside nginx stream, in one run: added echo latency, bulk throughput, CPU per message and per GB.
 
 Paths: direct (no proxy), nginx stream, pyproxy with the copy relay, with the
-splice relay, and with the copy relay and the stage clock off (the clock's
-own cost is on - off); `--baseline-tree PATH` adds that checkout's copy and
+splice relay, with the copy relay and the stage clock off (the clock's
+own cost is on - off), and with the copy relay's step run by libuv
+(`--relay-dispatch libuv`); `--baseline-tree PATH` adds that checkout's copy and
 splice relays (`before_copy`, `before_splice`, from PATH/.venv) to the same
 rounds, so a change is measured against its starting point beside nginx.
 
 Latency: 100-byte messages at one outstanding message; every process on
-CPU 0 so no configuration wins by spreading work. Rounds visit the paths in
+CPU 0 so no configuration wins by spreading work. The instrument (client and
+echo upstream) is the C pair in native/echo_rtt.c by default: the same
+program behind every proxy, with no interpreter whose scheduling depends on
+the proxy in front of it (`--instrument python`: bench/echo_client.py and
+bench/echo_server.py, the earlier instrument). Rounds visit the paths in
 a new shuffled order each time; per path and round: p50, p99 and the
 proxy's CPU per message (schedstat). Added p50 is the median over rounds of
 (path p50 - direct p50) within the round, and "vs nginx" the median over
@@ -34,7 +39,7 @@ import time
 from pathlib import Path
 
 from pyproxy.bench import peers
-from pyproxy.bench.echo_client import measure_rtts, summarize
+from pyproxy.bench.echo_client import measure_rtts, measure_rtts_native, summarize
 from pyproxy.bench.procs import (
     Noise,
     Processes,
@@ -97,6 +102,7 @@ PYPROXY = {
     "pyproxy_copy": (),
     "pyproxy_splice": ("--relay", "splice"),
     "pyproxy_clock_off": ("--no-stage-clock",),
+    "pyproxy_libuv": ("--relay-dispatch", "libuv"),
 }
 BEFORE = {"before_copy": "pyproxy_copy", "before_splice": "pyproxy_splice"}
 
@@ -141,15 +147,29 @@ def shuffled(targets: list[Target], rounds: int, seed: int, phase: str):
         print(f"  {phase} round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
 
 
-def latency(targets: list[Target], rounds: int, per_round: int) -> dict[str, dict]:
+def round_trips(instrument: str, port: int, count: int) -> list[int]:
+    """100 B round trips through `port` by the instrument's client (this process's CPU: 0)."""
+    if instrument == "c":
+        return measure_rtts_native(f"127.0.0.1:{port}", count, 100, LATENCY_WARMUP, 0)
+    return measure_rtts(f"127.0.0.1:{port}", count, warmup=LATENCY_WARMUP)
+
+
+LATENCY_WARMUP = 100
+INSTRUMENTS = {
+    "c": "the C client and C echo upstream (native/echo_rtt.c)",
+    "python": "the Python client and echo upstream (bench/echo_client.py, bench/echo_server.py)",
+}
+
+
+def latency(targets: list[Target], rounds: int, per_round: int, instrument: str) -> dict[str, dict]:
     samples: dict[str, list[int]] = {t.name: [] for t in targets}
     p50s: dict[str, list[float]] = {t.name: [] for t in targets}
     cpu: dict[str, list[float]] = {t.name: [] for t in targets}
     for _r, order in shuffled(targets, rounds, 7, "latency"):
         for t in order:
             before = t.cpu()
-            rtts = measure_rtts(f"127.0.0.1:{t.port}", per_round, warmup=100)
-            cpu[t.name].append((t.cpu() - before) / (per_round + 100) / 1000)
+            rtts = round_trips(instrument, t.port, per_round)
+            cpu[t.name].append((t.cpu() - before) / (per_round + LATENCY_WARMUP) / 1000)
             samples[t.name] += rtts
             p50s[t.name].append(summarize(rtts)["p50_us"])
     out = {}
@@ -204,7 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rounds", type=int, default=5, help="latency rounds")
     parser.add_argument("--messages", type=int, default=4000, help="per path per latency round")
-    parser.add_argument("--bulk-rounds", type=int, default=3, help="interleaved iperf3 rounds")
+    parser.add_argument("--instrument", choices=("c", "python"), default="c",
+                        help="latency client and echo upstream: the C pair or the Python pair")  # fmt: skip
+    parser.add_argument("--bulk-rounds", type=int, default=3,
+                        help="interleaved iperf3 rounds (0: no bulk phase)")  # fmt: skip
     parser.add_argument("--seconds", type=int, default=4, help="iperf3 duration per path")
     parser.add_argument("--out", default=str(default_out("tcp_echo")), help="results folder")
     add_baseline_tree(parser)
@@ -224,11 +247,12 @@ def main(argv: list[str] | None = None) -> int:
     with on_cpus(0), tempfile.TemporaryDirectory(prefix="pyproxy-bench-") as tmp:
         workdir = Path(tmp)
         try:
-            echo = peers.echo_server(procs, 0).ready().port
+            upstream = peers.native_echo_server if args.instrument == "c" else peers.echo_server
+            echo = upstream(procs, 0).ready().port
             targets = start_targets(procs, workdir, echo, 0, baseline, bulk=False)
             time.sleep(0.5)  # notify calibration done before anything is measured
             noise = Noise()
-            result["latency"] = latency(targets, args.rounds, args.messages)
+            result["latency"] = latency(targets, args.rounds, args.messages, args.instrument)
             result["foreign_cpus"]["latency"] = noise.cpus()
             clock = {t.name: t for t in targets}
             lat = result["latency"]
@@ -241,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             result["stage_table"] = stage_table(snap)
             procs.stop_all()
 
-            if shutil.which("iperf3"):
+            if args.bulk_rounds > 0 and shutil.which("iperf3"):
                 procs = Processes()
                 server = peers.iperf3_server(procs, 0).ready().port
                 targets = start_targets(procs, workdir, server, 1, baseline, bulk=True)
@@ -260,7 +284,9 @@ def _f(value: float | None, fmt: str) -> str:
 
 
 def report(result: dict) -> str:
+    instrument = INSTRUMENTS[result["config"].get("instrument", "python")]
     lines = [
+        f"Latency instrument: {instrument}.\n",
         "| 100 B echo | p50 µs | p99 µs | added p50 µs | vs nginx | proxy CPU µs/msg |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
@@ -282,7 +308,7 @@ def report(result: dict) -> str:
                 f"{_f(v['cpu_s_per_gb'], '.3f')} | {rounds} |"
             )
     lines.append("\n" + noise_note(result["foreign_cpus"]))
-    for name in ("pyproxy_copy", "pyproxy_splice", "before_copy", "before_splice"):
+    for name in ("pyproxy_copy", "pyproxy_libuv", "pyproxy_splice", "before_copy", "before_splice"):
         ratio = lat.get(name, {}).get("added_p50_vs_nginx")
         if ratio is not None:
             lines.append(target_line(ratio <= NGINX_ADDED_P50, f"{name} 100 B added p50 ≤ 1.0× nginx stream's", f"{ratio:.2f}×"))  # fmt: skip

@@ -1,7 +1,9 @@
 /* Native I/O primitives for the proxy's relay: splice(2), MSG_ZEROCOPY sends
  * and completion reaping, and a fused recv+send. */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <errno.h>
+#include <stdlib.h>
 #ifdef __GLIBC__
 #include <malloc.h>
 #endif
@@ -201,7 +203,9 @@ static inline int64_t pp_now(void)
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
 
-/* _received: the read's stage and counts; returns the clock after it (0 untimed). */
+/* _received: the read's stage and counts; returns the clock after it (0 untimed). The write is
+ * timed from there: the step's own work between the two calls is a few integer adds, less than
+ * the clock read that would time it as `other` (the Python relay's work there is timed). */
 static inline int64_t pp_received(struct pp_dir *d, ssize_t n, int64_t t0, int first)
 {
     int64_t *b = d->block;
@@ -218,11 +222,7 @@ static inline int64_t pp_received(struct pp_dir *d, ssize_t n, int64_t t0, int f
     b[d->rx] += n;
     if (d->messages >= 0)
         b[d->messages] += 1;
-    if (!d->timed)
-        return 0;
-    int64_t t2 = pp_now(); /* the step's own work between the calls is `other`, as in Python */
-    b[d->other_ns] += t2 - t1;
-    return t2;
+    return t1;
 }
 
 /* _sent: the write's stage and counts. */
@@ -322,4 +322,74 @@ void pp_copy_step(struct pp_dir *d)
 void pp_splice_step(struct pp_dir *d)
 {
     pp_step(d, pp_splice_into, pp_splice_on);
+}
+
+/* ---- the copy step armed on libuv (see pyproxy_native.h) ------------------ */
+
+/* The libuv calls used, with their ABI spelled out here: the loop's libuv is the one uvloop
+ * links in and exports; no header of ours has to match its version. */
+typedef void (*pp_uv_poll_cb)(void *poll, int status, int events);
+typedef void (*pp_uv_close_cb)(void *handle);
+static struct {
+    int (*poll_init)(void *loop, void *poll, int fd);
+    int (*poll_start)(void *poll, int events, pp_uv_poll_cb cb);
+    void (*close)(void *handle, pp_uv_close_cb cb);
+    size_t (*handle_size)(int type);
+    size_t poll_size;
+} pp_uv;
+enum { PP_UV_POLL = 8, PP_UV_READABLE = 1 }; /* uv_handle_type UV_POLL, uv_poll_event */
+
+int pp_uv_bind(const char *module_path)
+{
+    void *module = dlopen(module_path, RTLD_NOW | RTLD_NOLOAD);
+    if (module == NULL)
+        return -1;
+    pp_uv.poll_init = (int (*)(void *, void *, int))dlsym(module, "uv_poll_init");
+    pp_uv.poll_start = (int (*)(void *, int, pp_uv_poll_cb))dlsym(module, "uv_poll_start");
+    pp_uv.close = (void (*)(void *, pp_uv_close_cb))dlsym(module, "uv_close");
+    pp_uv.handle_size = (size_t(*)(int))dlsym(module, "uv_handle_size");
+    if (!pp_uv.poll_init || !pp_uv.poll_start || !pp_uv.close || !pp_uv.handle_size) {
+        pp_uv.poll_start = NULL;
+        return -1;
+    }
+    /* The direction's pointer goes right after the handle, aligned for a pointer. */
+    pp_uv.poll_size = (pp_uv.handle_size(PP_UV_POLL) + sizeof(void *) - 1) & ~(sizeof(void *) - 1);
+    return 0;
+}
+
+static inline struct pp_dir **pp_poll_owner(void *poll)
+{
+    return (struct pp_dir **)((char *)poll + pp_uv.poll_size);
+}
+
+static void pp_poll_ready(void *poll, int status, int events)
+{
+    pp_copy_step(*pp_poll_owner(poll)); /* an error status: the step's recv reports it */
+}
+
+int pp_poll_read(struct pp_dir *d, void *uv_loop)
+{
+    if (pp_uv.poll_start == NULL)
+        return -ENOSYS;
+    if (d->poll == NULL) {
+        void *poll = calloc(1, pp_uv.poll_size + sizeof(struct pp_dir *));
+        if (poll == NULL)
+            return -ENOMEM;
+        int err = pp_uv.poll_init(uv_loop, poll, d->src_fd);
+        if (err < 0) {
+            free(poll);
+            return err;
+        }
+        *pp_poll_owner(poll) = d;
+        d->poll = poll;
+    }
+    return pp_uv.poll_start(d->poll, PP_UV_READABLE, pp_poll_ready);
+}
+
+void pp_poll_close(struct pp_dir *d)
+{
+    if (d->poll != NULL) {
+        pp_uv.close(d->poll, free); /* stops it and forgets the fd now; frees it later */
+        d->poll = NULL;
+    }
 }

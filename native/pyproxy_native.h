@@ -42,7 +42,8 @@ int pp_heap_trim(void);
  * is readable. It reads into the worker's shared buffer or pipe (dir->scratch),
  * writes what it read to dst_fd at once, keeps the stage clock and byte
  * counters in the listener's int64 block as the Python relay does
- * (pyproxy/io/relay.py: _received/_sent), and goes again while a read filled
+ * (pyproxy/io/relay.py: _received/_sent; `other` stays untimed, see
+ * pp_received), and goes again while a read filled
  * the whole buffer (at most PP_STEP_ROUNDS reads per wake-up). Anything else
  * is handed to Python through pp_step_event(dir->handle, status):
  *   PP_STEP_PARKED      dst took dir->sent of dir->got bytes; the rest is still
@@ -68,16 +69,29 @@ struct pp_dir {
     struct pp_scratch *scratch;
     int64_t *block;
     int timed;
-    int read_ns, read_events, write_ns, write_events, notify_events, other_ns;
+    int read_ns, read_events, write_ns, write_events, notify_events;
     int rx, tx, messages;
     int64_t moved;  /* bytes written, for the idle check */
     int64_t got, sent;
     int err;
     void *handle;
+    void *poll;     /* the libuv poll that runs the copy step, while pp_poll_read armed one */
 };
 
 void pp_copy_step(struct pp_dir *dir);
 void pp_splice_step(struct pp_dir *dir);
+
+/* The copy step armed on the event loop's own libuv (uvloop's), so a readable socket runs the
+ * step from libuv's poll callback with no Python call, no cffi call and no GIL in between.
+ * pp_uv_bind resolves the few libuv functions used from the loop's module (a shared object
+ * already loaded; 0, or -1 when one is missing). pp_poll_read starts a readable poll on
+ * dir->src_fd whose callback is pp_copy_step(dir) (0, or a negative libuv error: the caller
+ * then arms the reader through the loop as usual); pp_poll_close closes it (at once: the fd
+ * may be closed or watched by the loop right after). The poll keeps its handle's `data`
+ * NULL, so a loop closed with one still open reports it instead of taking it for its own. */
+int pp_uv_bind(const char *module_path);
+int pp_poll_read(struct pp_dir *dir, void *uv_loop);
+void pp_poll_close(struct pp_dir *dir);
 /* cdef: end */
 
 #endif

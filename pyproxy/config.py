@@ -49,6 +49,7 @@ INBOUND_SOURCE_V6 = "::6"
 IPC_KINDS = ("tcp", "uds", "sockmap")
 WRITE_BACKENDS = ("send", "zerocopy")
 RELAY_BACKENDS = ("copy", "splice")
+RELAY_DISPATCH = ("loop", "libuv")
 BUFFER_SIZE_DEFAULT = 65536  # the zerocopy writer's: it pays per send, so bigger sends
 # The copy relay's: a read and its write touch the buffer twice, and 16 KiB stays in the
 # CPU's near caches where 64 KiB does not (a third less CPU per GB moved, measured).
@@ -181,6 +182,9 @@ class ListenerConfig:
     ipc: str = "tcp"
     write: str = "send"
     relay: str = "copy"
+    # Who runs the native copy step when a socket is readable: the event loop's Python callback
+    # (loop), or libuv's poll callback in C with no Python in between (libuv; uvloop only).
+    relay_dispatch: str = "loop"
     zerocopy_threshold: int = ZEROCOPY_THRESHOLD_DEFAULT
     # Protocol detection (mode http): auto = HTTP/2 preface, HTTP/1 request line, else opaque
     # TCP; http = HTTP/2 or HTTP/1 only. Per destination port: tcp | http | http1 | http2.
@@ -478,6 +482,11 @@ def _io_backends(fields: _Fields, listener: ListenerConfig) -> ListenerConfig:
         raise fields.error("ipc", f"{need}; this listener's app side is its {app_role}: {shown}")
     write = fields.take("write", _choice(WRITE_BACKENDS), "send")
     relay = fields.take("relay", _choice(RELAY_BACKENDS), "copy")
+    dispatch = fields.take("relay_dispatch", _choice(RELAY_DISPATCH), "loop")
+    if dispatch == "libuv" and (relay != "copy" or write != "send"):
+        raise fields.error(
+            "relay_dispatch", "libuv runs the copy relay's step (relay: copy, write: send)"
+        )
     has_threshold = "zerocopy_threshold" in fields.data
     threshold = fields.take(
         "zerocopy_threshold", _int_range(0, 1 << 30), ZEROCOPY_THRESHOLD_DEFAULT
@@ -504,7 +513,11 @@ def _io_backends(fields: _Fields, listener: ListenerConfig) -> ListenerConfig:
             raise fields.error(
                 "write", "zerocopy does not combine with relay: splice (splice already moves pages)"
             )
-    for key, value, native_only in (("write", write, "zerocopy"), ("relay", relay, "splice")):
+    native_only_values = (
+        ("write", write, "zerocopy"), ("relay", relay, "splice"),
+        ("relay_dispatch", dispatch, "libuv"),
+    )  # fmt: skip
+    for key, value, native_only in native_only_values:
         if value == native_only:
             reason = _native_reason()
             if reason is not None:
@@ -524,6 +537,7 @@ def _io_backends(fields: _Fields, listener: ListenerConfig) -> ListenerConfig:
         ipc=ipc,
         write=write,
         relay=relay,
+        relay_dispatch=dispatch,
         zerocopy_threshold=threshold,
         app_socket=app_socket,
     )

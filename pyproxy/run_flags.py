@@ -87,6 +87,12 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
         help="TCP mode relay (splice: splice(2) through a pipe, needs the native module)",
     )
     run.add_argument(
+        "--relay-dispatch",
+        choices=("loop", "libuv"),
+        help="TCP mode copy relay: who runs the native step on a readable socket (libuv: "
+        "uvloop's libuv calls it in C, no Python per wake-up; experimental)",
+    )
+    run.add_argument(
         "--upstream-protocol",
         choices=("http1", "http2"),
         help="http mode: how the upstream is spoken to (http2: h2c with prior knowledge)",
@@ -127,7 +133,7 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
         listener_extra["connect_timeout"] = args.connect_timeout
     if args.buffer_size:
         listener_extra["buffer_size"] = args.buffer_size
-    for backend in ("write", "relay"):
+    for backend in ("write", "relay", "relay_dispatch"):
         if getattr(args, backend, None):
             listener_extra[backend] = getattr(args, backend)
     if args.upstream_protocol:

@@ -105,6 +105,7 @@ class Supervisor:
         try:
             return loop.run_until_complete(self._main())
         finally:
+            backends.release_native_polls()
             loop.close()
 
     def _fork_worker(self, index: int) -> _ForkedWorker:
@@ -567,6 +568,7 @@ def _worker_process(
     try:
         return loop.run_until_complete(main())
     finally:
+        backends.release_native_polls()
         loop.close()
 
 

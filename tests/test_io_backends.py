@@ -11,6 +11,8 @@ import functools
 import json
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -47,6 +49,16 @@ BACKENDS = {
         {"relay": "userspace-copy", "write": "zerocopy", "relay_step": "python"},
     ),
     "splice": (("--relay", "splice"), {"relay": "splice", "write": "send", "relay_step": "native"}),
+    # The copy step run from libuv's own poll callback (experimental, off by default).
+    "copy_libuv": (
+        ("--relay-dispatch", "libuv"),
+        {
+            "relay": "userspace-copy",
+            "write": "send",
+            "relay_step": "native",
+            "relay_dispatch": "libuv",
+        },
+    ),
 }
 # (request bytes, reply bytes, when the app replies): tiny, just over one buffer, bulk both ways
 # at once, and a reply whose FIN overtakes a still-streaming request.
@@ -204,7 +216,7 @@ def test_zerocopy_on_plain_asyncio_moves_bytes_and_does_not_spin(start_proxy, ec
 
 
 @needs_native
-@pytest.mark.parametrize("backend", ["zerocopy", "splice"])
+@pytest.mark.parametrize("backend", ["zerocopy", "splice", "copy_libuv"])
 def test_slow_consumer_keeps_memory_bounded_on_native_backends(start_proxy, backend):
     total = 192 * MB
     done = threading.Event()
@@ -238,7 +250,12 @@ def _disabled_native(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize(
-    ("flags", "field"), [(("--write", "zerocopy"), "write"), (("--relay", "splice"), "relay")]
+    ("flags", "field"),
+    [
+        (("--write", "zerocopy"), "write"),
+        (("--relay", "splice"), "relay"),
+        (("--relay-dispatch", "libuv"), "relay_dispatch"),
+    ],
 )
 def test_native_only_config_without_native_is_a_config_error(
     start_proxy, monkeypatch, echo_server, flags, field
@@ -272,3 +289,63 @@ def test_without_native_the_proxy_runs_pure_python_paths_and_says_so(
     sock.sendall(b"still relays")
     assert sock.recv(100) == b"still relays"
     sock.close()
+
+
+@needs_native
+def test_libuv_dispatch_on_plain_asyncio_says_so_and_the_loop_runs_the_step(
+    start_proxy, echo_server
+):
+    port = free_port()
+    proxy = start_proxy(
+        "--listen", f"127.0.0.1:{port}", "--upstream", echo_server.address,
+        "--relay-dispatch", "libuv", "--event-loop", "asyncio",
+    )  # fmt: skip
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
+        for i in range(50):
+            message = b"%d;" % i
+            client.sendall(message)
+            got = b""
+            while len(got) < len(message):
+                got += client.recv(64)
+            assert got == message
+    proxy.wait_for(lambda s: s["connections_active"] == 0)
+    assert "relay_dispatch libuv: not on uvloop's libuv here" in proxy.output
+
+
+# A relay on libuv polls inside a worker's loop, then the loop closes (the worker's last step).
+LOOP_CLOSE = """
+import asyncio, socket, sys, time, uvloop
+from pyproxy.counters import LISTENER_SLOTS
+from pyproxy.io import backends
+from pyproxy.io.relay import UPSTREAM
+from pyproxy.io.relay_step import PolledCopyRelay
+
+loop = uvloop.new_event_loop()
+client, down = socket.socketpair()
+up, app = socket.socketpair()
+for sock in (down, up):
+    sock.setblocking(False)
+block = memoryview(bytearray(8 * LISTENER_SLOTS)).cast("q")
+relay = PolledCopyRelay(loop, down, up, block, timed=True, app_side=UPSTREAM, buffer_size=16384,
+                        idle_timeout=0, started_ns=time.perf_counter_ns(), on_close=lambda r: None)
+relay.start()
+client.sendall(b"ping")
+loop.run_until_complete(asyncio.sleep(0.05))
+assert app.recv(10) == b"ping" and relay.uv_loop is not None, "not relayed from a libuv poll"
+if sys.argv[1] == "release":
+    backends.release_native_polls()
+loop.close()
+print("closed")
+"""
+
+
+@needs_native
+@pytest.mark.parametrize("release", [True, False])
+def test_a_loop_with_relays_on_libuv_polls_closes_once_they_are_released(release):
+    argv = [sys.executable, "-c", LOOP_CLOSE, "release" if release else "keep"]
+    if release:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0 and done.stdout.strip() == "closed", done.stderr
+    else:  # what the release prevents: an open poll keeps the loop's closing run going
+        with pytest.raises(subprocess.TimeoutExpired):
+            subprocess.run(argv, capture_output=True, text=True, timeout=3)

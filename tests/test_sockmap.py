@@ -265,7 +265,7 @@ def test_sidecar_echo_bench_measures_the_app_directly_beside_each_listener_in_bo
     tmp_path,
 ):
     out = tmp_path / "sockmap_echo"
-    argv = [PY, "-m", "pyproxy.bench.sockmap_echo", "--only", "sidecar", "--rounds", "1"]
+    argv = [PY, "-m", "pyproxy.bench.sockmap_echo", "--only", "sidecar", "--rounds", "2"]
     argv += ["--per-round", "50", "--bulk-bytes", str(1 << 20), "--output", str(out)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -277,7 +277,28 @@ def test_sidecar_echo_bench_measures_the_app_directly_beside_each_listener_in_bo
             assert result["added_p50_us"][name] == round(result[name]["p50_us"] - direct, 3)
             # One recv of the request and one send of the reply on the app-facing socket.
             assert 2.0 <= result[name]["ipc_calls_per_message"] < 2.1
-        # The sockmap listener's one latency connection took the redirect; the TCP one did not.
-        assert result["sockmap"]["ipc_connections"] == {"sockmap": 1, "tcp": 0}
-        assert result["tcp"]["ipc_connections"] == {"tcp": 1}
+        # The sockmap listener's latency connections (one a round) took the redirect; the TCP
+        # listener's did not.
+        assert result["sockmap"]["ipc_connections"] == {"sockmap": 2, "tcp": 0}
+        assert result["tcp"]["ipc_connections"] == {"tcp": 2}
         assert result["bulk_mb_s"]["sockmap"] > 0
+        # Per round: the `ipc` stage from the sidecar's own counters, and the preemptions.
+        for name in ("tcp", "sockmap", "uds"):
+            rounds = result[name]["ipc_us_per_message_rounds"]
+            assert len(rounds) == 2 and all(r > 0 for r in rounds)
+            pooled = result[name]["ipc_us_per_message"]
+            assert min(rounds) - 0.01 <= pooled <= max(rounds) + 0.01
+            assert all(n >= 0 for n in result[name]["sidecar_preempted_rounds"])
+            assert all(w >= 0 for w in result[name]["sidecar_waited_us_per_message_rounds"])
+            assert len(result[name]["app_preempted_rounds"]) == 2
+        cuts = result["ipc_stage_cut_rounds"]
+        tcp, sm = result["tcp"], result["sockmap"]
+        expected = [
+            round(1 - s / t, 3)
+            for t, s in zip(
+                tcp["ipc_us_per_message_rounds"], sm["ipc_us_per_message_rounds"], strict=True
+            )
+        ]
+        assert cuts == pytest.approx(expected, abs=0.002)
+        assert result["ipc_stage_cut"] == pytest.approx(sum(cuts) / 2, abs=0.002)
+        assert "ipc_stage_cut_pooled" in result

@@ -12,7 +12,20 @@ import pytest
 from byte_streams import flood_handler
 from conftest import ThreadedServer, free_port, recv_exactly
 
+from pyproxy import native
+
 MB = 1024 * 1024
+# Who runs the copy step on a readable socket: the event loop, or libuv's poll callback in C.
+DISPATCH = pytest.mark.parametrize(
+    "dispatch",
+    [
+        pytest.param((), id="loop"),
+        pytest.param(
+            ("--relay-dispatch", "libuv"), id="libuv",
+            marks=pytest.mark.skipif(not native.AVAILABLE, reason=str(native.UNAVAILABLE_REASON)),
+        ),
+    ],
+)  # fmt: skip
 
 
 def _connect(port: int) -> socket.socket:
@@ -89,7 +102,8 @@ def test_100mb_each_way_at_once_is_byte_exact_and_counted_exactly(start_proxy):
     assert stats["flags"] == {}
 
 
-def test_half_close_travels_both_ways(start_proxy):
+@DISPATCH
+def test_half_close_travels_both_ways(start_proxy, dispatch):
     def upstream(conn: socket.socket) -> None:
         # Read the request until the client's FIN, then answer and close our side.
         request = b""
@@ -99,7 +113,7 @@ def test_half_close_travels_both_ways(start_proxy):
         conn.shutdown(socket.SHUT_WR)
 
     server = ThreadedServer(upstream)
-    proxy, port = _standalone(start_proxy, server.address)
+    proxy, port = _standalone(start_proxy, server.address, *dispatch)
     client = _connect(port)
     client.sendall(b"hello")
     client.shutdown(socket.SHUT_WR)  # the upstream only answers after seeing this FIN
@@ -119,7 +133,7 @@ def test_half_close_travels_both_ways(start_proxy):
         assert data == b"after-fin"
 
     server2 = ThreadedServer(upstream_first)
-    proxy2, port2 = _standalone(start_proxy, server2.address)
+    proxy2, port2 = _standalone(start_proxy, server2.address, *dispatch)
     client = _connect(port2)
     assert recv_exactly(client, 6) == b"banner"
     assert client.recv(10) == b""  # FIN arrived through the proxy
@@ -131,13 +145,14 @@ def test_half_close_travels_both_ways(start_proxy):
     assert proxy2.wait_for(lambda s: s["connections_active"] == 0)["bytes"]["upstream_tx"] == 9
 
 
-def test_upstream_reset_is_propagated_as_reset(start_proxy):
+@DISPATCH
+def test_upstream_reset_is_propagated_as_reset(start_proxy, dispatch):
     def upstream(conn: socket.socket) -> None:
         conn.recv(10)
         conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     server = ThreadedServer(upstream)
-    proxy, port = _standalone(start_proxy, server.address)
+    proxy, port = _standalone(start_proxy, server.address, *dispatch)
     client = _connect(port)
     client.sendall(b"x")
     with pytest.raises(ConnectionResetError):
@@ -147,7 +162,8 @@ def test_upstream_reset_is_propagated_as_reset(start_proxy):
     assert proxy.wait_for(lambda s: "UR" in s["flags"])["flags"] == {"UR": 1}
 
 
-def test_downstream_reset_resets_upstream(start_proxy):
+@DISPATCH
+def test_downstream_reset_resets_upstream(start_proxy, dispatch):
     seen: list[str] = []
 
     def upstream(conn: socket.socket) -> None:
@@ -159,7 +175,7 @@ def test_downstream_reset_resets_upstream(start_proxy):
             seen.append("reset")
 
     server = ThreadedServer(upstream)
-    proxy, port = _standalone(start_proxy, server.address)
+    proxy, port = _standalone(start_proxy, server.address, *dispatch)
     client = _connect(port)
     client.sendall(b"x")
     time.sleep(0.2)
@@ -210,8 +226,11 @@ def test_connect_timeout_closes_downstream(start_proxy):
     stuck.close()
 
 
-def test_idle_timeout_closes_quiet_connections_only(start_proxy, echo_server):
-    proxy, port = _standalone(start_proxy, echo_server.address, "--idle-timeout", "400ms")
+@DISPATCH
+def test_idle_timeout_closes_quiet_connections_only(start_proxy, echo_server, dispatch):
+    proxy, port = _standalone(
+        start_proxy, echo_server.address, "--idle-timeout", "400ms", *dispatch
+    )
     busy, quiet = _connect(port), _connect(port)
     started = time.monotonic()
     while time.monotonic() - started < 1.2:
@@ -251,8 +270,9 @@ def test_slow_consumer_keeps_proxy_memory_bounded(start_proxy):
     client.close()
 
 
-def test_several_connections_at_once_are_isolated(start_proxy, echo_server):
-    proxy, port = _standalone(start_proxy, echo_server.address)
+@DISPATCH
+def test_several_connections_at_once_are_isolated(start_proxy, echo_server, dispatch):
+    proxy, port = _standalone(start_proxy, echo_server.address, *dispatch)
     clients = [_connect(port) for _ in range(20)]
     for round_ in range(20):
         for i, client in enumerate(clients):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from functools import partial
 
@@ -20,10 +21,18 @@ def relay_factory(config: ListenerConfig) -> Callable[..., Relay]:
 
         return partial(ZeroCopyRelay, threshold=config.zerocopy_threshold)
     if native_step():
-        from pyproxy.io.relay_step import NativeCopyRelay  # lazy: the native module, when there
+        from pyproxy.io.relay_step import NativeCopyRelay, PolledCopyRelay  # lazy: when there
 
-        return NativeCopyRelay
+        return PolledCopyRelay if config.relay_dispatch == "libuv" else NativeCopyRelay
     return Relay
+
+
+def release_native_polls() -> None:
+    """Before an event loop closes: relays whose step libuv runs (relay_dispatch: libuv) go back
+    to the loop, since an open libuv poll would keep the loop's closing run from returning."""
+    relay_step = sys.modules.get("pyproxy.io.relay_step")  # never imported: no poll to release
+    if relay_step is not None:
+        relay_step.release_polls()
 
 
 def native_step() -> bool:
@@ -45,6 +54,8 @@ def describe(config: ListenerConfig) -> dict:
         if config.relay == "splice" or native_step()
         else "python",
     }
+    if config.relay_dispatch != "loop":
+        out["relay_dispatch"] = config.relay_dispatch
     if config.write == "zerocopy":
         out["zerocopy_threshold"] = config.zerocopy_threshold
     if config.app_socket is not None:

@@ -18,16 +18,17 @@ general pool can never pull the buffer out from under C.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from pyproxy import native  # type: ignore[attr-defined]  # mapped from native/ by pyproject
 from pyproxy.counters import MESSAGES
 from pyproxy.io.buffer_pool import Pool, copy_buffer
-from pyproxy.io.relay import DOWNSTREAM, NOTIFY_EVENTS, OTHER_NS, UPSTREAM, Relay, _Direction
+from pyproxy.io.relay import DOWNSTREAM, NOTIFY_EVENTS, UPSTREAM, Relay, _Direction
 
 log = logging.getLogger("pyproxy.relay")
 
@@ -139,7 +140,7 @@ class NativeDirection(_Direction):
         c.timed = relay.timed
         c.read_ns, c.read_events = self.read_ns, self.read_events
         c.write_ns, c.write_events = self.write_ns, self.write_events
-        c.notify_events, c.other_ns = NOTIFY_EVENTS, OTHER_NS
+        c.notify_events = NOTIFY_EVENTS
         c.rx, c.tx = self.rx, self.tx
         c.messages = MESSAGES if self.is_request else -1
         self._handle = ffi.new_handle(self)
@@ -222,3 +223,98 @@ class NativeCopyRelay(Relay):
             _CopyDirection(self, down, up, buffer_size, DOWNSTREAM, app_side),
             _CopyDirection(self, up, down, buffer_size, UPSTREAM, app_side),
         )
+
+
+class _PolledCopyDirection(_CopyDirection):
+    """The copy direction whose step libuv runs from its own poll (pp_poll_read), while the
+    relay is plain; anything else hands the relay back to the loop's readers and writers."""
+
+    __slots__ = ()
+
+    def arm_reader(self) -> None:
+        relay = cast(PolledCopyRelay, self.relay)
+        if relay.uv_loop is not None and lib.pp_poll_read(self.c, relay.uv_loop) == 0:
+            _POLLED.add(relay)
+            return
+        super().arm_reader()
+
+    def on_step_event(self, status: int) -> None:
+        cast(PolledCopyRelay, self.relay).to_loop()
+        super().on_step_event(status)
+
+
+class PolledCopyRelay(NativeCopyRelay):
+    """The copy relay with `relay_dispatch: libuv`: a readable socket runs the C step straight
+    from libuv's poll callback, with no Python frame, cffi call or GIL hand-over per wake-up.
+
+    Only the plain step runs there. The first hand-over (a parked rest, EOF, a failure) and
+    the close give the relay back to the loop for good (to_loop): the polls are closed before
+    the loop watches those fds or they are closed, since one fd takes one watcher.
+    """
+
+    __slots__ = ("uv_loop",)
+
+    def __init__(self, loop, *args, **kwargs) -> None:
+        self.uv_loop = uv_loop_pointer(loop)
+        super().__init__(loop, *args, **kwargs)
+
+    def _directions(self, buffer_size: int, app_side: str) -> tuple[_Direction, _Direction]:
+        down, up = self.downstream, self.upstream
+        return (
+            _PolledCopyDirection(self, down, up, buffer_size, DOWNSTREAM, app_side),
+            _PolledCopyDirection(self, up, down, buffer_size, UPSTREAM, app_side),
+        )
+
+    def to_loop(self) -> None:
+        """Close both polls; a direction that was reading through one reads through the loop."""
+        if self.uv_loop is None:
+            return
+        self.uv_loop = None
+        _POLLED.discard(self)
+        for direction in (self._request, self._response):
+            c = direction.c  # type: ignore[attr-defined]
+            if c.poll != ffi.NULL:
+                lib.pp_poll_close(c)
+                if not self._closed:
+                    direction.arm_reader()
+
+    def _close_sockets(self, reset: bool) -> None:
+        self.to_loop()
+        super()._close_sockets(reset)
+
+
+# Relays with a libuv poll open. An open poll keeps libuv's loop running, and the loop's
+# close runs it once more to the end: release_polls hands them back to the loop first.
+_POLLED: set[PolledCopyRelay] = set()
+
+
+def release_polls() -> None:
+    """Give every relay still on a libuv poll back to its loop (before that loop closes)."""
+    for relay in list(_POLLED):
+        relay.to_loop()
+
+
+_UV_LOOP: tuple[Any, Any] = (None, None)  # (loop, its uv_loop_t*): a worker runs one loop
+
+
+def uv_loop_pointer(loop: Any) -> Any:
+    """The loop's uv_loop_t* for pp_poll_read, or None where libuv cannot be reached (a loop
+    other than uvloop's, or its module without the libuv calls the step needs)."""
+    global _UV_LOOP
+    if _UV_LOOP[0] is not loop:
+        _UV_LOOP = (loop, _find_uv_loop(loop))
+    return _UV_LOOP[1]
+
+
+def _find_uv_loop(loop: Any) -> Any:
+    try:
+        import uvloop.loop  # type: ignore[import-not-found]  # the loop's own module
+    except ImportError:
+        return None
+    if not isinstance(loop, uvloop.loop.Loop) or lib.pp_uv_bind(uvloop.loop.__file__.encode()):
+        log.warning("relay_dispatch libuv: not on uvloop's libuv here; the loop runs the step")
+        return None
+    capsule = uvloop.loop.libuv_get_loop_t_ptr(loop)  # type: ignore[attr-defined]
+    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    return ffi.cast("void *", get_pointer(capsule, None))
