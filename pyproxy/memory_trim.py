@@ -20,6 +20,11 @@ of survivors are dealt with here, after the drop only (nothing on the hot path):
   when emptied (the worker's connection set; the loop's timer set and per-fd
   dicts). ``shrink`` rebuilds such a table at its content's size, in place.
 
+What survivors pin is mostly empty: whole pools with nothing in them, in arenas
+one live block keeps. With the native ``_pools`` module the trim also drops the
+resident pages of every empty pool but its header page (native/pool_pages.c)
+when ``PYPROXY_RELEASE_POOLS=1`` is in the environment.
+
 With ``PYTHONMALLOC=malloc`` in the proxy's environment objects sit in the C
 heap and the trim returns what is free wherever it lies, for some CPU on the
 Python-heavy paths (bench/http_bench.py --allocators, bench/memory.py
@@ -31,12 +36,13 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 from contextvars import Context
 from typing import Any
 
 from pyproxy.counters import W_TRIMS
-from pyproxy.native import heap_trim
+from pyproxy.native import heap_trim, native_extension
 
 log = logging.getLogger("pyproxy.memory_trim")
 
@@ -71,6 +77,18 @@ def trim() -> bool:
         return False
     _malloc_trim(0)
     return True
+
+
+ENV_RELEASE_POOLS = "PYPROXY_RELEASE_POOLS"
+
+
+def pool_pages() -> Any:
+    """The native ``_pools`` module, watching the allocator's arenas from now on; None when it
+    is not built, the interpreter's allocator is not the layout it knows, or it is switched off."""
+    if os.environ.get(ENV_RELEASE_POOLS, "0") != "1":
+        return None
+    pools = native_extension("_pools")
+    return pools if pools is not None and pools.watch() else None
 
 
 def _noop() -> None:
@@ -168,13 +186,14 @@ def shrink_grown(loop, containers: tuple) -> int:
 class Trimmer:
     """The worker's periodic check: trims after TRIM_AFTER_DROP connections went away."""
 
-    __slots__ = ("loop", "admission", "header", "_handle", "_follow_ups", "_reserves")
+    __slots__ = ("loop", "admission", "header", "_handle", "_follow_ups", "_reserves", "_pools")
 
     def __init__(self, loop, admission, header) -> None:
         """``header``: the worker's counter header; W_TRIMS counts the trims done here."""
         self.loop, self.admission, self.header = loop, admission, header
         self._follow_ups = 0
         self._reserves = HandleReserves(loop) if uses_uvloop(loop) else None
+        self._pools = pool_pages()
         # The logger caches whether a level is on at its first use: at start-up, not mid-drop.
         log.isEnabledFor(logging.DEBUG)
         self._handle = loop.call_later(CHECK_INTERVAL, self._check)
@@ -199,6 +218,8 @@ class Trimmer:
             if shrinking:
                 shrink_grown(self.loop, (admission.connections,))
             trim()
+            if self._pools is not None:
+                self._pools.release()
             self.header[W_TRIMS] += 1
         admission.high_water = now
         self._handle = self.loop.call_later(CHECK_INTERVAL, self._check)
