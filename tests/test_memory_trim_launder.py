@@ -101,6 +101,24 @@ def test_a_swap_draws_the_start_up_stock_back_whole(loop):
     _spin(loop)
 
 
+def _holders(reserves: HandleReserves) -> list[int]:
+    pairs = (reserves.stock, reserves.drawn, reserves.fresh)
+    return sorted(id(held) for pair in pairs for held in (pair, *pair))
+
+
+def test_the_lists_holding_the_handles_are_the_start_up_ones_throughout(loop):
+    # A list allocated during the follow-up checks could land in a burst-era pool and pin it.
+    reserves = HandleReserves(loop)
+    holders = _holders(reserves)
+    _spin(loop)
+    _burst(loop)
+    for draw in (True, True, False):  # draw, swap and draw again, last swap
+        reserves.step(draw)
+        _spin(loop)
+        assert _holders(reserves) == holders
+    assert not reserves.holding
+
+
 def test_a_swap_keeps_what_was_freed_into_the_reserve_meanwhile_for_the_next_one(loop):
     reserves = HandleReserves(loop)
     _spin(loop)
