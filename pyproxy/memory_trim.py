@@ -22,8 +22,8 @@ of survivors are dealt with here, after the drop only (nothing on the hot path):
 
 What survivors pin is mostly empty: whole pools with nothing in them, in arenas
 one live block keeps. With the native ``_pools`` module the trim also drops the
-resident pages of every empty pool but its header page (native/pool_pages.c)
-when ``PYPROXY_RELEASE_POOLS=1`` is in the environment.
+resident pages of every empty pool but its header page (native/pool_pages.c);
+``PYPROXY_RELEASE_POOLS=0`` in the environment turns that off.
 
 With ``PYTHONMALLOC=malloc`` in the proxy's environment objects sit in the C
 heap and the trim returns what is free wherever it lies, for some CPU on the
@@ -85,7 +85,7 @@ ENV_RELEASE_POOLS = "PYPROXY_RELEASE_POOLS"
 def pool_pages() -> Any:
     """The native ``_pools`` module, watching the allocator's arenas from now on; None when it
     is not built, the interpreter's allocator is not the layout it knows, or it is switched off."""
-    if os.environ.get(ENV_RELEASE_POOLS, "0") != "1":
+    if os.environ.get(ENV_RELEASE_POOLS, "1") == "0":
         return None
     pools = native_extension("_pools")
     return pools if pools is not None and pools.watch() else None
