@@ -116,5 +116,13 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         )
         for name, source in (("_http1head", "http1_head.c"), ("_express", "express_lane.c"))
+    ]
+    # The worker's memory trim reaches into CPython's small-object allocator: a plain C extension.
+    + [
+        Extension(
+            "pyproxy.native._pools",
+            ["native/pool_pages.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+        )
     ],
 )

@@ -21,6 +21,7 @@ EXTENSIONS = {
     "_express": "the native HTTP/1 express lane",
     "_bpf": "the libbpf loader of the eBPF data path",
     "_h2": "the native HTTP/2 codec (libnghttp2)",
+    "_pools": "the pages of empty pymalloc pools given back after a burst of connections",
 }
 # BPF programs compiled by clang at set-up (native/*.bpf.c -> *.bpf.o), loaded at run time.
 BPF_OBJECTS = {

@@ -280,7 +280,6 @@ class Listener:
         # lazy: the HTTP stack loads only for listeners that speak HTTP
         from pyproxy.http.detect import HTTP2, TCP
         from pyproxy.http.downstream_h1 import Http1Downstream
-        from pyproxy.http.downstream_h2 import Http2Downstream
 
         if protocol == TCP:
             pending = _PendingConnect(self, conn, target, source, started)
@@ -290,6 +289,10 @@ class Listener:
         http = self.http
         assert http is not None, "start_protocol runs on mode-http listeners only"
         if protocol == HTTP2:
+            # lazy: hyper-h2 loads with the first HTTP/2 connection; an HTTP/1-only worker never
+            # holds it (its modules would also land in the arenas a burst of connections fills)
+            from pyproxy.http.downstream_h2 import Http2Downstream
+
             h2 = Http2Downstream(http, conn, self._session_closed, target, source)
             self.connections.add(h2)
             h2.start(preload)

@@ -20,6 +20,11 @@ of survivors are dealt with here, after the drop only (nothing on the hot path):
   when emptied (the worker's connection set; the loop's timer set and per-fd
   dicts). ``shrink`` rebuilds such a table at its content's size, in place.
 
+What survivors pin is mostly empty: whole pools with nothing in them, in arenas
+one live block keeps. With the native ``_pools`` module the trim also drops the
+resident pages of every empty pool but its header page (native/pool_pages.c);
+``PYPROXY_RELEASE_POOLS=0`` in the environment turns that off.
+
 With ``PYTHONMALLOC=malloc`` in the proxy's environment objects sit in the C
 heap and the trim returns what is free wherever it lies, for some CPU on the
 Python-heavy paths (bench/http_bench.py --allocators, bench/memory.py
@@ -31,12 +36,13 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import sys
 from contextvars import Context
 from typing import Any
 
 from pyproxy.counters import W_TRIMS
-from pyproxy.native import heap_trim
+from pyproxy.native import heap_trim, native_extension
 
 log = logging.getLogger("pyproxy.memory_trim")
 
@@ -73,19 +79,33 @@ def trim() -> bool:
     return True
 
 
+ENV_RELEASE_POOLS = "PYPROXY_RELEASE_POOLS"
+
+
+def pool_pages() -> Any:
+    """The native ``_pools`` module, watching the allocator's arenas from now on; None when it
+    is not built, the interpreter's allocator is not the layout it knows, or it is switched off."""
+    if os.environ.get(ENV_RELEASE_POOLS, "1") == "0":
+        return None
+    pools = native_extension("_pools")
+    return pools if pools is not None and pools.watch() else None
+
+
 def _noop() -> None:
     pass
 
 
-def _draw(loop, count: int, context: Context) -> list[list]:
-    """``count`` Handles and TimerHandles (cancelled): taken from uvloop's reserves first.
+def _draw(loop, count: int, context: Context, into: list[list]) -> None:
+    """``count`` Handles and TimerHandles (cancelled), taken from uvloop's reserves first, added
+    to the lists of ``into`` (no new list: one allocated now could land in a burst-era pool).
     One ``context`` for all: without it each handle would allocate a copy of the current one."""
-    handles = [loop.call_soon(_noop, context=context) for _ in range(count)]
-    timers = [loop.call_later(3600.0, _noop, context=context) for _ in range(count)]
-    for drawn in (handles, timers):
+    handles, timers = into
+    for _ in range(count):
+        handles.append(loop.call_soon(_noop, context=context))
+        timers.append(loop.call_later(3600.0, _noop, context=context))
+    for drawn in into:
         for handle in drawn:
             handle.cancel()
-    return [handles, timers]
 
 
 class HandleReserves:
@@ -98,19 +118,24 @@ class HandleReserves:
     freed into the reserves meanwhile (kept for the next swap), frees the stock, which
     fills the emptied reserves, then the drawn handles, which the full reserves pass to
     the allocator, and draws the stock back out whole (the reserves are last in, first
-    out): no handle is allocated anew, so none lands in a burst-era pool.
+    out): no handle is allocated anew, so none lands in a burst-era pool. The lists that
+    hold them are the start-up ones throughout, refilled in place.
     """
 
-    __slots__ = ("loop", "context", "stock", "drawn")
+    __slots__ = ("loop", "context", "stock", "drawn", "fresh")
 
     def __init__(self, loop) -> None:
         self.loop = loop
         self.context = Context()
-        self.stock = _draw(loop, UVLOOP_FREELIST, self.context)
+        self.stock: list[list] = [[], []]
+        self.drawn: list[list] = [[], []]
+        self.fresh: list[list] = [[], []]  # what a swap draws meanwhile, for the next
+        _draw(loop, UVLOOP_FREELIST, self.context, self.stock)
         # A swap queues twice the stock with call_soon at once: grow the loop's ready queue to
         # that now, so the blocks it keeps for reuse are the idle worker's, not the burst's.
-        _draw(loop, UVLOOP_FREELIST, self.context)
-        self.drawn: list[list] = [[], []]
+        _draw(loop, UVLOOP_FREELIST, self.context, self.fresh)
+        for kind in self.fresh:
+            kind.clear()
 
     @property
     def holding(self) -> bool:
@@ -122,15 +147,16 @@ class HandleReserves:
         last step, which draws nothing it would have to keep."""
         if not self.holding:
             if draw:
-                self.drawn = _draw(self.loop, UVLOOP_FREELIST, self.context)
+                _draw(self.loop, UVLOOP_FREELIST, self.context, self.drawn)
             return
-        fresh = _draw(self.loop, UVLOOP_FREELIST, self.context) if draw else [[], []]
+        if draw:
+            _draw(self.loop, UVLOOP_FREELIST, self.context, self.fresh)
         for stock, drawn in zip(self.stock, self.drawn, strict=True):
             stock.clear()  # into the reserve, which fills up
             drawn.clear()  # the reserve is full: back to the allocator
         # (each TimerHandle drawn back allocates one float, its due time: one or two pools)
-        self.stock = _draw(self.loop, UVLOOP_FREELIST, self.context)
-        self.drawn = fresh
+        _draw(self.loop, UVLOOP_FREELIST, self.context, self.stock)
+        self.drawn, self.fresh = self.fresh, self.drawn
 
 
 def uses_uvloop(loop) -> bool:
@@ -168,16 +194,26 @@ def shrink_grown(loop, containers: tuple) -> int:
 class Trimmer:
     """The worker's periodic check: trims after TRIM_AFTER_DROP connections went away."""
 
-    __slots__ = ("loop", "admission", "header", "_handle", "_follow_ups", "_reserves")
+    __slots__ = (
+        "loop", "admission", "header", "_handle", "_follow_ups", "_reserves", "_pools",
+        "_callback", "_context",
+    )  # fmt: skip
 
     def __init__(self, loop, admission, header) -> None:
         """``header``: the worker's counter header; W_TRIMS counts the trims done here."""
         self.loop, self.admission, self.header = loop, admission, header
         self._follow_ups = 0
         self._reserves = HandleReserves(loop) if uses_uvloop(loop) else None
+        self._pools = pool_pages()
         # The logger caches whether a level is on at its first use: at start-up, not mid-drop.
         log.isEnabledFor(logging.DEBUG)
-        self._handle = loop.call_later(CHECK_INTERVAL, self._check)
+        # One bound method and one context for every check: each would be a new object, which
+        # the checks after a drop would place among the burst's (and keep there 2 s).
+        self._callback, self._context = self._check, Context()
+        self._handle = self._schedule()
+
+    def _schedule(self):
+        return self.loop.call_later(CHECK_INTERVAL, self._callback, context=self._context)
 
     def _check(self) -> None:
         admission = self.admission
@@ -187,10 +223,10 @@ class Trimmer:
             self._follow_ups = FOLLOW_UP_CHECKS + 1
         reserves = self._reserves
         if self._follow_ups:
-            # Tables rebuilt now outlive the drop: not at the first check, while the burst's
-            # arenas still hold the handles its first swap frees (a new table would pin one).
-            shrinking = self._follow_ups <= FOLLOW_UP_CHECKS
             self._follow_ups -= 1
+            # Tables rebuilt now outlive the drop: at the last check only, when the burst's
+            # arenas hold the least (one rebuilt earlier would pin a pool of its arena).
+            shrinking = self._follow_ups == 0
             # Handles freed since the last check may have gone into uvloop's reserve: draw and
             # swap on every check; the last only swaps what the one before drew.
             if reserves is not None:
@@ -199,9 +235,11 @@ class Trimmer:
             if shrinking:
                 shrink_grown(self.loop, (admission.connections,))
             trim()
+            if self._pools is not None:
+                self._pools.release()
             self.header[W_TRIMS] += 1
         admission.high_water = now
-        self._handle = self.loop.call_later(CHECK_INTERVAL, self._check)
+        self._handle = self._schedule()
 
     def cancel(self) -> None:
         self._handle.cancel()

@@ -73,6 +73,33 @@ def test_reading_the_admin_does_not_load_http_codecs_into_a_tcp_worker(start_pro
     assert "httptools" not in mapped and "_http1head" not in mapped
 
 
+def _h2_imports(proxy) -> list[str]:
+    """hyper-h2's modules the proxy's processes imported so far (PYTHONPROFILEIMPORTTIME names
+    each import, on stderr, when it happens)."""
+    lines = [line for line in proxy.output.splitlines() if line.startswith("import time:")]
+    return [line for line in lines if line.rsplit("|", 1)[-1].strip().split(".")[0] == "h2"]
+
+
+def test_an_http1_connection_does_not_load_hyper_h2_into_the_worker(
+    start_proxy, upstream, monkeypatch
+):
+    # hyper-h2 and its modules are about 1.5 MiB; loaded by the first connection of a burst they
+    # also sit among the burst's objects in the arenas that should go back after it.
+    monkeypatch.setenv("PYTHONPROFILEIMPORTTIME", "1")
+    port = free_port()
+    proxy = start_proxy("--mode", "http", "--listen", f"127.0.0.1:{port}",
+                        "--upstream", upstream.address)  # fmt: skip
+    assert http_get(f"http://127.0.0.1:{port}/one") == (200, b"ok:/one:up")
+    assert _h2_imports(proxy) == []
+    client = H2Client(port)  # the same listener, HTTP/2 this time: now it loads
+    try:
+        answer = client.wait([client.request("/two")])[0]
+        assert answer["status"] == 200
+    finally:
+        client.close()
+    assert _h2_imports(proxy), "HTTP/2 served without hyper-h2's modules imported?"
+
+
 def server_info(proxy) -> dict:
     status, body = http_get(proxy.admin + "/server_info")
     assert status == 200
