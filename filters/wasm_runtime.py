@@ -24,9 +24,7 @@ A request makes three entries (plus one per body chunk or trailer section a modu
 callback for): context create + request headers, response headers, and done + log +
 delete, each pair or triple joined by a small trampoline module instantiated next to the
 guest; proxy_log below the level never leaves wasm (LOG_SHIM). An entry (one hook's guest
-calls) always has `fuel_per_call` available; the store is refilled once per
-FUEL_BATCH entries, not before each, so a runaway entry is stopped after at
-most FUEL_BATCH × `fuel_per_call` instructions.
+calls) may run for `call_time_limit` (filters/wasm_time_limit.py).
 """
 
 from __future__ import annotations
@@ -45,7 +43,6 @@ from ctypes import (
     c_int64,
     c_size_t,
     c_uint32,
-    c_uint64,
     c_void_p,
 )
 from typing import Any, cast
@@ -54,6 +51,7 @@ import wasmtime
 from pyproxy.filters.callout import GrpcResult, GrpcStream, grpc_call, http_call
 from pyproxy.filters.wasm_attributes import property_value
 from pyproxy.filters.wasm_encoding import deserialize_pairs, serialize_pairs
+from pyproxy.filters.wasm_time_limit import NATIVE_TICKER, TimeLimit, start_ticker
 from wasmtime import _bindings as _capi
 
 from pyproxy.chain.api import (
@@ -87,17 +85,11 @@ WASI_MODULES = ("wasi_snapshot_preview1", "wasi_unstable")
 MAX_HTTP_CALLS = 100  # callouts in flight per instance
 MAX_QUEUES, MAX_QUEUE_ITEMS = 64, 1024
 ROOT_CONTEXT_ID = 1
-DEFAULT_FUEL = 50_000_000  # a tight loop burns it in ~20 ms
 DEFAULT_MEMORY = 16 * 1024 * 1024
 DEFAULT_PAUSE_TIMEOUT = 5.0
 RESTART_BACKOFF = 1.0  # seconds between attempts to replace a failed instance
-# Fuel is granted to a request's guest entries in batches: refilling the store costs an FFI
-# call (~0.4 µs), an entry ~0.9 µs. Every FUEL_BATCH entries the store gets FUEL_BATCH x
-# fuel_per_call, so an entry that stays within fuel_per_call never runs short, and a runaway
-# one is stopped after at most FUEL_BATCH x fuel_per_call instructions.
-FUEL_BATCH = 4
-# Fuel counts guest instructions, not the host's work on the guest's behalf: a loop around a
-# host call burns little fuel per iteration but microseconds of Python, and whatever it hands
+# The time limit bounds the guest's own run, and the host's work on its behalf only coarsely: a
+# loop around a host call spends microseconds of Python per iteration, and whatever it hands
 # the host (header values, log lines) is host memory outside the guest's cap. Per entry, a
 # guest may make this many host calls and hand over this many bytes; past either it traps.
 MAX_HOST_CALLS_PER_ENTRY = 10_000
@@ -109,7 +101,7 @@ WASI_IOV_MAX = 1024
 STREAM_CALLBACKS = ("proxy_on_request_headers", "proxy_on_response_headers")
 END_CALLBACKS = ("proxy_on_done", "proxy_on_log", "proxy_on_delete")
 
-TRAPS, OUT_OF_FUEL, LOCAL_REPLIES, PAUSE_TIMEOUTS = range(4)
+TRAPS, OVER_TIME_LIMIT, LOCAL_REPLIES, PAUSE_TIMEOUTS = range(4)
 
 # Proxy-Wasm log levels (trace..critical) to logging levels, and back.
 LOG_LEVELS = (5, logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
@@ -179,12 +171,12 @@ def _c(name: str, restype, *argtypes, keep_gil: bool = False):
 
 # The per-request calls keep the GIL: releasing and taking it back around each one (and again
 # in each host callback the guest makes meanwhile) is pure cost on the event loop's thread,
-# which is the only one that enters the guest; fuel bounds how long a call can hold it.
+# which is the only one that enters the guest; the native epoch ticker bounds how long a call
+# can hold it. Without that ticker, the Python one needs the GIL while a guest runs.
 _call_unchecked = _c(
     "wasmtime_func_call_unchecked", c_void_p, c_void_p, c_void_p, c_void_p, c_size_t, c_void_p,
-    keep_gil=True,
+    keep_gil=NATIVE_TICKER,
 )  # fmt: skip
-_set_fuel = _c("wasmtime_context_set_fuel", c_void_p, c_void_p, c_uint64, keep_gil=True)
 _memory_data = _c("wasmtime_memory_data", c_void_p, c_void_p, c_void_p, keep_gil=True)
 _memory_size = _c("wasmtime_memory_data_size", c_size_t, c_void_p, c_void_p, keep_gil=True)
 _caller_context = _c("wasmtime_caller_context", c_void_p, c_void_p, keep_gil=True)
@@ -215,18 +207,32 @@ def _addr(pointer) -> int:
 
 
 _engines: dict[int, wasmtime.Engine] = {}
+# Guest instructions counted with fuel instead of time bounded by epochs: only for
+# bench/wasm_cost.py's counting child (count_instructions), never in a proxy.
+_fuel_metering = False
 
 
 def engine() -> wasmtime.Engine:
-    """One engine per process: a forked worker never touches the engine its parent compiled with."""
+    """One engine per process: a forked worker never touches the engine its parent compiled with
+    (nor has its parent's epoch ticker: threads do not survive fork)."""
     pid = os.getpid()
     found = _engines.get(pid)
     if found is None:
         config = wasmtime.Config()
-        config.consume_fuel = True
+        config.epoch_interruption = True
+        config.consume_fuel = _fuel_metering
         config.parallel_compilation = False  # no compiler threads in a process that forks
         found = _engines[pid] = wasmtime.Engine(config)
+        start_ticker(found)
     return found
+
+
+def count_instructions() -> None:
+    """Meter fuel in this process's engine (call before any module is compiled): each new store
+    gets more fuel than any bench spends, so a bench can read guest instructions off it."""
+    global _fuel_metering
+    assert not _engines, "the engine exists already"
+    _fuel_metering = True
 
 
 class CompiledModule(str):
@@ -244,11 +250,11 @@ class CompiledModule(str):
 
 
 class WasmFault(Exception):
-    """The guest trapped, ran out of fuel, or a call into it failed."""
+    """The guest trapped, ran past call_time_limit, or a call into it failed."""
 
-    def __init__(self, message: str, out_of_fuel: bool = False) -> None:
+    def __init__(self, message: str, over_time_limit: bool = False) -> None:
         super().__init__(message)
-        self.out_of_fuel = out_of_fuel
+        self.over_time_limit = over_time_limit
 
 
 class _HostLimit(Exception):
@@ -343,7 +349,7 @@ class Runtime:
         self.settings = settings
         self.loop = loop
         self.name = settings["name"]
-        self.fuel = settings["fuel_per_call"]
+        self.time_limit = TimeLimit(settings["call_time_limit"])
         self.vm_config = settings["vm_configuration"].encode()
         self.plugin_config = settings["configuration"].encode()
         self.engine = engine()
@@ -375,7 +381,6 @@ class Runtime:
         self.queues: dict[bytes, list[bytes]] = {}  # name -> items; the token is the index + 1
         self.queue_names: list[bytes] = []
         self.failed_at = 0.0
-        self.batch_entries = 0  # entries left on the current fuel batch (see FUEL_BATCH)
         self.host_calls = self.host_bytes = 0  # this entry's, against the MAX_HOST_* limits
         self.trampoline = _trampoline_module(self.engine, module)
         self.start()
@@ -386,7 +391,9 @@ class Runtime:
         """Make a fresh store and instance, then run the module's start, VM start and configure."""
         store = wasmtime.Store(self.engine)
         store.set_limits(memory_size=self.settings["max_memory_bytes"])
-        store.set_fuel(self.fuel)
+        self.time_limit.arm(store)
+        if _fuel_metering:
+            store.set_fuel(1 << 62)
         try:
             self._link_log_shim(store)
             instance = self.linker.instantiate(store, self.module)
@@ -451,12 +458,11 @@ class Runtime:
         self.trap_addr = ctypes.addressof(self.trapbox)
         self.live.clear()
         self.filter = None
-        self.batch_entries = 0
         self._init_guest()
 
     def _init_guest(self) -> None:
         exports = self.exports
-        self.refuel()
+        self.new_entry()
         try:
             if "_initialize" in exports:
                 self.call("_initialize")
@@ -467,33 +473,23 @@ class Runtime:
         except WasmFault as exc:
             if "proc_exit(0)" not in str(exc):
                 raise
-        self.refuel()
+        self.new_entry()
         if "proxy_on_context_create" in exports:
             self.call("proxy_on_context_create", ROOT_CONTEXT_ID, 0)
         if "proxy_on_vm_start" in exports:
             if not self.call("proxy_on_vm_start", ROOT_CONTEXT_ID, len(self.vm_config)):
                 raise WasmFault("proxy_on_vm_start returned false")
-        self.refuel()
+        self.new_entry()
         if "proxy_on_configure" in exports:
             if not self.call("proxy_on_configure", ROOT_CONTEXT_ID, len(self.plugin_config)):
                 raise WasmFault(
                     "proxy_on_configure returned false (plugin refused its configuration)"
                 )
 
-    def refuel(self) -> None:
-        """Exactly fuel_per_call for the next entry (start-up, ticks); ends the current batch."""
-        _set_fuel(self.ctx, self.fuel)
-        self.batch_entries = 0
+    def new_entry(self) -> None:
+        """An entry (one hook's guest calls) begins: its own time and host-work budgets."""
+        self.time_limit.entries += 1
         self.host_calls = self.host_bytes = 0
-
-    def entry_fuel(self) -> None:
-        """A request's guest entry: refill only when the current batch is used up (FUEL_BATCH)."""
-        self.host_calls = self.host_bytes = 0
-        if self.batch_entries:
-            self.batch_entries -= 1
-        else:
-            _set_fuel(self.ctx, self.fuel * FUEL_BATCH)
-            self.batch_entries = FUEL_BATCH - 1
 
     def charge(self, size: int) -> None:
         """Bytes the guest hands the host to keep or emit (headers, logs, shared data)."""
@@ -511,7 +507,7 @@ class Runtime:
 
     def failed(self, exc: WasmFault, where: str, counters) -> None:
         """A trap: count it, log one line, and replace the instance (its memory may be inconsistent)."""
-        counters[OUT_OF_FUEL if exc.out_of_fuel else TRAPS] += 1
+        counters[OVER_TIME_LIMIT if exc.over_time_limit else TRAPS] += 1
         log.warning("wasm filter %s: %s in %s; request answered 500", self.name, exc, where)
         for f in list(self.live.values()):
             f.orphaned()
@@ -552,18 +548,27 @@ class Runtime:
         return raw[0]
 
     def _fault(self, error: int | None) -> WasmFault:
+        fault = self._taken_fault(error)
+        limit = self.time_limit
+        if limit.exceeded:  # the deadline callback stopped the guest (its error, as a trap)
+            limit.exceeded = False
+            ms = self.settings["call_time_limit"] * 1000
+            return WasmFault(f"trap: ran past call_time_limit ({ms:g} ms)", True)
+        return fault
+
+    def _taken_fault(self, error: int | None) -> WasmFault:
+        """The trap (or error) the failed call left, read and released."""
         if self.trapbox.value:
             trap = wasmtime.Trap._from_ptr(
                 ctypes.cast(self.trapbox.value, ctypes.POINTER(_capi.wasm_trap_t))
             )
             self.trapbox.value = None
             code = trap.trap_code
-            out_of_fuel = code == wasmtime.TrapCode.OUT_OF_FUEL
-            if code is not None:  # e.g. "unreachable", "out of fuel", "memory out of bounds"
+            if code is not None:  # e.g. "unreachable", "memory out of bounds"
                 message = code.name.lower().replace("_", " ")
             else:  # a host function's trap (proc_exit, a failed nested call): its message
                 message = " ".join(str(trap).split())[:200]
-            return WasmFault(f"trap: {message}", out_of_fuel)
+            return WasmFault(f"trap: {message}")
         assert error, "no trap, so the call returned an error"
         err = wasmtime.WasmtimeError._from_ptr(
             ctypes.cast(error, ctypes.POINTER(_capi.wasmtime_error_t))
@@ -788,7 +793,7 @@ class Runtime:
             return generation == self.generation and self.store is not None
         self.grpc_answer, self.grpc_phase, self.filter = answer, phase, None
         try:
-            self.refuel()
+            self.new_entry()
             raw = self.raw
             raw[0], raw[4], raw[8] = ROOT_CONTEXT_ID, token, value
             error = _call_unchecked(
@@ -889,7 +894,7 @@ class Runtime:
         caller = entry[0]
         self.call_response = result
         self.filter = None
-        self.refuel()
+        self.new_entry()
         nheaders = len(result.headers) if result else 0
         ntrailers = len(result.trailers) if result else 0
         body_size = len(result.body) if result else 0
@@ -931,7 +936,7 @@ class Runtime:
             if self.store is None or generation != self.generation:
                 return
             self.filter = None
-            self.refuel()
+            self.new_entry()
             try:
                 self.call_raw(callback[0], callback[1], ROOT_CONTEXT_ID, token)
             except WasmFault as exc:
@@ -956,7 +961,7 @@ class Runtime:
         if self.store is None:
             return
         self.filter = None
-        self.refuel()
+        self.new_entry()
         try:
             self.call("proxy_on_tick", ROOT_CONTEXT_ID)
         except WasmFault as exc:
@@ -1731,7 +1736,7 @@ class StreamContext:
     body_parts: tuple[list[bytes] | None, bytes]
 
     def _enter(self) -> int:
-        """Make sure this request has a context in the current instance, and fuel for one entry.
+        """Make sure this request has a context in the current instance, and begin an entry.
 
         0: skip the hook; 1: the context exists; 2: new here, the guest has not created it yet.
         """
@@ -1740,7 +1745,7 @@ class StreamContext:
             if self.generation != rt.generation:
                 return 0
             rt.filter = self
-            rt.entry_fuel()
+            rt.new_entry()
             return 1
         if not rt.usable():
             return 0
@@ -1749,7 +1754,7 @@ class StreamContext:
         self.generation = rt.generation
         rt.live[context_id] = self
         rt.filter = self
-        rt.entry_fuel()
+        rt.new_entry()
         return 2
 
     def _create(self) -> None:
@@ -1779,7 +1784,7 @@ class StreamContext:
         self.ended_ns = time.perf_counter_ns()
         rt.live.pop(context_id, None)
         rt.filter = self
-        rt.entry_fuel()
+        rt.new_entry()
         exports = rt.exports
         try:
             ending = rt.ending
