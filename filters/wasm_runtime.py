@@ -179,7 +179,6 @@ _call_unchecked = _c(
 )  # fmt: skip
 _memory_data = _c("wasmtime_memory_data", c_void_p, c_void_p, c_void_p, keep_gil=True)
 _memory_size = _c("wasmtime_memory_data_size", c_size_t, c_void_p, c_void_p, keep_gil=True)
-_caller_context = _c("wasmtime_caller_context", c_void_p, c_void_p, keep_gil=True)
 _memory_view = ctypes.pythonapi.PyMemoryView_FromMemory
 _memory_view.restype = ctypes.py_object
 _memory_view.argtypes = (c_void_p, ctypes.c_ssize_t, ctypes.c_int)
@@ -222,6 +221,8 @@ def engine() -> wasmtime.Engine:
         config.epoch_interruption = True
         config.consume_fuel = _fuel_metering
         config.parallel_compilation = False  # no compiler threads in a process that forks
+        # A memory never moves (Runtime.view relies on it): growing past the reservation fails.
+        _capi.wasmtime_config_memory_may_move_set(config.ptr(), False)
         found = _engines[pid] = wasmtime.Engine(config)
         start_ticker(found)
     return found
@@ -404,12 +405,7 @@ class Runtime:
         self.generation += 1
         self.store, self.instance = store, instance
         self.ctx = _addr(store._context())
-        self.caller_ctx = 0  # the caller's context while a host function runs
-        # The guest memory's view for the current host call (None: not taken), and the whole
-        # memory's last view with its base address (reused while neither changes).
-        self.view: memoryview | None = None
-        self.whole: memoryview | None = None
-        self.whole_base = 0
+        self.view = memoryview(b"")  # over the guest's memory, widened as it grows (_grown)
         exports = instance.exports(store)
         memory = exports["memory"]
         assert isinstance(memory, wasmtime.Memory), "checked at load"
@@ -503,6 +499,7 @@ class Runtime:
             self.tick_timer = None
         self.cancel_calls()
         self.live.clear()
+        self.view = memoryview(b"")
         self.store = None
 
     def failed(self, exc: WasmFault, where: str, counters) -> None:
@@ -542,7 +539,6 @@ class Runtime:
         raw[4] = b
         raw[8] = c
         error = _call_unchecked(self.ctx, func, self.raw_addr, n, self.trap_addr)
-        self.view = None  # the guest ran: its memory may have grown or moved
         if error or self.trapbox.value:
             raise self._fault(error)
         return raw[0]
@@ -576,58 +572,47 @@ class Runtime:
         return WasmFault(f"error: {_first_line(err)}")
 
     def _allocate(self, size: int) -> int:
-        """Memory in the guest, from inside a host function (uses the caller's context)."""
+        """Memory in the guest, from inside a host function (a caller's context is its store's)."""
         func, n = self.alloc
         raw = self.raw_alloc
         raw[0] = size
-        ctx = self.caller_ctx or self.ctx
-        error = _call_unchecked(ctx, func, self.raw_alloc_addr, n, self.trap_addr)
-        self.view = None
+        error = _call_unchecked(self.ctx, func, self.raw_alloc_addr, n, self.trap_addr)
         if error or self.trapbox.value:
             raise self._fault(error)
         return raw[0] & 0xFFFFFFFF
 
     # ---- guest memory -------------------------------------------------------------------
-    # Reads and writes go through a memoryview over the guest's linear memory, taken at most
-    # once per host call (two C calls) rather than two C calls and a ctypes copy each (about
-    # 1.3 µs for a 10-byte read): the memory moves or grows only while the guest runs, so the
-    # view is dropped whenever a host call begins and whenever the host has entered the guest.
+    # Reads and writes go through one memoryview over the guest's linear memory, kept for the
+    # store's life: the engine never moves a memory (memory_may_move is off, and a 32-bit
+    # memory fits the default reservation) and a memory never shrinks, so the view only needs
+    # widening (two C calls) when an access falls past its end because the guest grew it.
 
-    def _memory(self) -> memoryview:
-        ctx = self.caller_ctx or self.ctx
-        handle = self.memory_handle
-        base, size = _memory_data(ctx, handle), _memory_size(ctx, handle)
-        whole = self.whole
-        if whole is None or base != self.whole_base or size != len(whole):
-            whole = _memory_view(base, size, _PYBUF_WRITE) if size else memoryview(b"")
-            self.whole = whole
-            self.whole_base = base
-        self.view = whole
-        return whole
+    def _grown(self, end: int) -> memoryview:
+        """The view over the whole memory as it is now; IndexError if `end` is still past it."""
+        ctx, handle = self.ctx, self.memory_handle
+        size = _memory_size(ctx, handle)
+        if end > size:
+            raise IndexError
+        self.view = view = _memory_view(_memory_data(ctx, handle), size, _PYBUF_WRITE)
+        return view
 
     def check(self, ptr: int, size: int) -> None:
         """Raise IndexError (INVALID_MEMORY_ACCESS) unless [ptr, ptr + size) is guest memory."""
-        view = self.view
-        if view is None:
-            view = self._memory()
-        if ptr + size > len(view):
-            raise IndexError
+        if ptr + size > len(self.view):
+            self._grown(ptr + size)
 
     def read(self, ptr: int, size: int) -> bytes:
         view = self.view
-        if view is None:
-            view = self._memory()
-        if ptr + size > len(view):
-            raise IndexError
-        return bytes(view[ptr : ptr + size])
+        end = ptr + size
+        if end > len(view):
+            view = self._grown(end)
+        return bytes(view[ptr:end])
 
     def write(self, ptr: int, data: bytes) -> None:
         view = self.view
-        if view is None:
-            view = self._memory()
         end = ptr + len(data)
         if end > len(view):
-            raise IndexError
+            view = self._grown(end)
         view[ptr:end] = data
 
     def write_u32(self, ptr: int, value: int) -> None:
@@ -694,13 +679,12 @@ class Runtime:
         runtime = self
         label = f"{module}.{name}"
 
-        def callback(_env, caller, args, _nargs):
+        # The caller's context is not asked for (a C call): in wasmtime's C API it is the
+        # store's context, runtime.ctx, which nested calls into the guest use.
+        def callback(_env, _caller, args, _nargs):
             runtime.host_calls += 1
             if runtime.host_calls > MAX_HOST_CALLS_PER_ENTRY:
                 return _make_trap(f"more than {MAX_HOST_CALLS_PER_ENTRY} host calls in one entry")
-            outer = runtime.caller_ctx
-            runtime.caller_ctx = _caller_context(caller)
-            runtime.view = None  # the guest ran since any view was taken
             try:
                 values = unpack(ctypes.string_at(args, size)) if unpack else ()
                 try:
@@ -721,8 +705,6 @@ class Runtime:
             except Exception as exc:  # a host bug must not take the proxy down: the guest traps
                 log.exception("wasm filter %s: host function %s failed", runtime.name, label)
                 return _make_trap(f"host function {label} failed: {exc}")
-            finally:
-                runtime.caller_ctx = outer
 
         cb = _HostCallback(callback)
         self._host_callbacks.append(cb)
@@ -799,7 +781,6 @@ class Runtime:
             error = _call_unchecked(
                 self.ctx, callback[0], self.raw_addr, callback[1], self.trap_addr
             )
-            self.view = None
             if error or self.trapbox.value:
                 exc = self._fault(error)
                 if caller is not None and caller.generation == self.generation:
@@ -918,7 +899,6 @@ class Runtime:
         for i, value in enumerate((a, b, c, d, e)):
             raw[4 * i] = value
         error = _call_unchecked(self.ctx, func[0], self.raw_addr, func[1], self.trap_addr)
-        self.view = None
         if error or self.trapbox.value:
             raise self._fault(error)
         return raw[0]

@@ -368,8 +368,8 @@ def test_each_request_callback_runs_once_in_abi_order(request_hook, log_hook, ex
 
 def test_call_time_limit_bounds_each_entry_not_the_request():
     """Each entry may run for call_time_limit: entries that each stay well under it are never
-    stopped, though together (a request's three entries, five requests) they run far past
-    it; an entry that runs away on its own is stopped soon after its limit, answered 500."""
+    stopped, though together (a request's three entries, requests for twice the limit) they
+    run past it; an entry that runs away on its own is stopped soon after its limit, answered 500."""
     limit = 0.2
     factory = _recorder(call_time_limit=f"{limit * 1000:g}ms")
     rt = factory.runtime
@@ -383,12 +383,11 @@ def test_call_time_limit_bounds_each_entry_not_the_request():
         # The longest entry (done + log + delete) spins three times: 36 ms, 18 % of the limit.
         exports["spin"](rt.store, int(0.012 / per_spin))
         started = time.perf_counter()
-        for _ in range(5):
+        while time.perf_counter() - started < 2 * limit:
             assert _one_request(factory) == []
             # Checked first: a trap replaces the instance, and its old exports must not be used.
             assert factory.counters[1] == 0 and factory.counters[0] == 0  # over_time_limit, traps
             assert exports["take"](rt.store) == 123456
-        assert time.perf_counter() - started > limit
         # Now a callback runs away on its own: unbounded, its first entry would take longer
         # than the bound checked here.
         runaway = 2**31 - 1
