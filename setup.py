@@ -116,5 +116,13 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         )
         for name, source in (("_http1head", "http1_head.c"), ("_express", "express_lane.c"))
+    ]
+    # The wasm host's calls into and out of wasmtime (filters/wasm_runtime.py), without ctypes.
+    + [
+        Extension(
+            "pyproxy.native._wasmcall",
+            ["native/wasm_call.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+        )
     ],
 )

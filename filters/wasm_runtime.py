@@ -17,9 +17,10 @@ shared memory (pyproxy/guest_metrics.py) and show in /stats under their own name
 
 Hot path: Python's `wasmtime.Func.__call__` costs ~65 µs (it re-reads the
 function type and boxes every value), so host→guest calls go straight to the C
-API (`wasmtime_func_call_unchecked`) through wasmtime's own ctypes library with
-a preallocated argument buffer, keeping the GIL, and host functions are raw unchecked
-callbacks that read and write guest memory through one memoryview per host call.
+API (`wasmtime_func_call_unchecked`) with a preallocated argument buffer, keeping the GIL,
+and host functions are raw unchecked callbacks that read and write guest memory through
+one memoryview. Both crossings go through the native module's `_wasmcall` (C: no ctypes
+conversions); without it, through ctypes, the same calls and the same host functions.
 A request makes three entries (plus one per body chunk or trailer section a module has a
 callback for): context create + request headers, response headers, and done + log +
 delete, each pair or triple joined by a small trampoline module instantiated next to the
@@ -52,6 +53,7 @@ from pyproxy.filters.callout import GrpcResult, GrpcStream, grpc_call, http_call
 from pyproxy.filters.wasm_attributes import property_value
 from pyproxy.filters.wasm_encoding import deserialize_pairs, serialize_pairs
 from pyproxy.filters.wasm_time_limit import NATIVE_TICKER, TimeLimit, start_ticker
+from pyproxy.native import native_extension
 from wasmtime import _bindings as _capi
 
 from pyproxy.chain.api import (
@@ -194,11 +196,38 @@ _define_unchecked = _c(
     c_char_p,
     c_size_t,
     c_void_p,
-    _HostCallback,
+    c_void_p,
     c_void_p,
     c_void_p,
 )
 _RAW = 16  # sizeof(wasmtime_val_raw_t)
+_CALL_UNCHECKED = ctypes.cast(_dll.wasmtime_func_call_unchecked, c_void_p).value
+# native/wasm_call.c; only where the guest may keep the GIL (the native ticker stops runaways).
+_wasmcall = native_extension("_wasmcall") if NATIVE_TICKER else None
+if _wasmcall is not None:
+    _wasmcall.init(ctypes.cast(_dll.wasmtime_trap_new, c_void_p).value)
+
+
+def _enter_ctypes(ctx: int, func: int, args: int, n: int, faults: int, a: int, b: int, c: int):
+    """_wasmcall.call's contract through ctypes: a, b, c as the first i32 arguments in the
+    buffer at `args`, the first result as an i32, or None with the trap and the error left in
+    the two pointer slots at `faults`."""
+    raw = (c_int32 * 12).from_address(args)
+    raw[0], raw[4], raw[8] = a, b, c
+    slots = (c_void_p * 2).from_address(faults)
+    slots[0] = None
+    slots[1] = _call_unchecked(ctx, func, args, n, faults)
+    if slots[0] or slots[1]:
+        return None
+    return raw[0]
+
+
+def _enter_native(ctx: int, func: int, args: int, n: int, faults: int, a: int, b: int, c: int):
+    assert _wasmcall is not None
+    return _wasmcall.call(_CALL_UNCHECKED, ctx, func, args, n, faults, a, b, c)
+
+
+_enter = _enter_native if _wasmcall is not None else _enter_ctypes
 
 
 def _addr(pointer) -> int:
@@ -448,10 +477,10 @@ class Runtime:
         # Argument/result buffers: one for host→guest entries, one for allocations made from a host function.
         self.raw = (c_int32 * (4 * 8))()
         self.raw_addr = ctypes.addressof(self.raw)
-        self.raw_alloc = (c_int32 * 4)()
+        self.raw_alloc = (c_int32 * 12)()
         self.raw_alloc_addr = ctypes.addressof(self.raw_alloc)
-        self.trapbox = c_void_p()
-        self.trap_addr = ctypes.addressof(self.trapbox)
+        self.faults = (c_void_p * 2)()  # a failed call's trap and error (see _enter)
+        self.faults_addr = ctypes.addressof(self.faults)
         self.live.clear()
         self.filter = None
         self._init_guest()
@@ -534,17 +563,21 @@ class Runtime:
         return self.call_raw(func, n, a, b, c)
 
     def call_raw(self, func: int, n: int, a: int = 0, b: int = 0, c: int = 0) -> int:
-        raw = self.raw
-        raw[0] = a
-        raw[4] = b
-        raw[8] = c
-        error = _call_unchecked(self.ctx, func, self.raw_addr, n, self.trap_addr)
-        if error or self.trapbox.value:
-            raise self._fault(error)
-        return raw[0]
+        result = _enter(self.ctx, func, self.raw_addr, n, self.faults_addr, a, b, c)
+        if result is None:
+            raise self._fault()
+        return result
 
-    def _fault(self, error: int | None) -> WasmFault:
-        fault = self._taken_fault(error)
+    def _call_buffer(self, func: int, n: int) -> None:
+        """Call with the arguments already in self.raw (more than three, or not i32s)."""
+        faults = self.faults
+        faults[0] = None
+        faults[1] = _call_unchecked(self.ctx, func, self.raw_addr, n, self.faults_addr)
+        if faults[0] or faults[1]:
+            raise self._fault()
+
+    def _fault(self) -> WasmFault:
+        fault = self._taken_fault()
         limit = self.time_limit
         if limit.exceeded:  # the deadline callback stopped the guest (its error, as a trap)
             limit.exceeded = False
@@ -552,13 +585,13 @@ class Runtime:
             return WasmFault(f"trap: ran past call_time_limit ({ms:g} ms)", True)
         return fault
 
-    def _taken_fault(self, error: int | None) -> WasmFault:
+    def _taken_fault(self) -> WasmFault:
         """The trap (or error) the failed call left, read and released."""
-        if self.trapbox.value:
-            trap = wasmtime.Trap._from_ptr(
-                ctypes.cast(self.trapbox.value, ctypes.POINTER(_capi.wasm_trap_t))
-            )
-            self.trapbox.value = None
+        faults = self.faults
+        trap_ptr, error = faults[0], faults[1]
+        faults[0] = faults[1] = None
+        if trap_ptr:
+            trap = wasmtime.Trap._from_ptr(ctypes.cast(trap_ptr, ctypes.POINTER(_capi.wasm_trap_t)))
             code = trap.trap_code
             if code is not None:  # e.g. "unreachable", "memory out of bounds"
                 message = code.name.lower().replace("_", " ")
@@ -574,12 +607,10 @@ class Runtime:
     def _allocate(self, size: int) -> int:
         """Memory in the guest, from inside a host function (a caller's context is its store's)."""
         func, n = self.alloc
-        raw = self.raw_alloc
-        raw[0] = size
-        error = _call_unchecked(self.ctx, func, self.raw_alloc_addr, n, self.trap_addr)
-        if error or self.trapbox.value:
-            raise self._fault(error)
-        return raw[0] & 0xFFFFFFFF
+        result = _enter(self.ctx, func, self.raw_alloc_addr, n, self.faults_addr, size, 0, 0)
+        if result is None:
+            raise self._fault()
+        return result & 0xFFFFFFFF
 
     # ---- guest memory -------------------------------------------------------------------
     # Reads and writes go through one memoryview over the guest's linear memory, kept for the
@@ -672,45 +703,40 @@ class Runtime:
 
     def _define(self, module: str, name: str, ty, signature, impl) -> None:
         params, results = signature
-        fmt = "<" + "".join("q8x" if p == "i64" else "I12x" for p in params)
-        size = _RAW * len(params)
         result = results[0] if results else None
-        unpack = struct.Struct(fmt).unpack_from if params else None
         runtime = self
         label = f"{module}.{name}"
+        fault = WASI_FAULT if module != "env" else INVALID_MEMORY_ACCESS
 
+        # The result (None without one), or the message of the trap to raise in the guest.
         # The caller's context is not asked for (a C call): in wasmtime's C API it is the
         # store's context, runtime.ctx, which nested calls into the guest use.
-        def callback(_env, _caller, args, _nargs):
+        def host(*values):
             runtime.host_calls += 1
             if runtime.host_calls > MAX_HOST_CALLS_PER_ENTRY:
-                return _make_trap(f"more than {MAX_HOST_CALLS_PER_ENTRY} host calls in one entry")
+                return f"more than {MAX_HOST_CALLS_PER_ENTRY} host calls in one entry".encode()
             try:
-                values = unpack(ctypes.string_at(args, size)) if unpack else ()
-                try:
-                    value = impl(*values)
-                except IndexError:
-                    value = WASI_FAULT if module != "env" else INVALID_MEMORY_ACCESS
-                if result == "i32":
-                    c_uint32.from_address(args).value = value & 0xFFFFFFFF
-                elif result == "i64":
-                    c_int64.from_address(args).value = value
-                elif result is not None:
-                    ctypes.memset(args, 0, _RAW)
-                return None
-            except WasmFault as exc:  # a nested call into the guest failed: unwind the guest too
-                return _make_trap(str(exc))
-            except (_ProcExit, _HostLimit) as exc:
-                return _make_trap(str(exc))
+                return impl(*values)
+            except IndexError:
+                return fault
+            except (WasmFault, _ProcExit, _HostLimit) as exc:  # a failed nested call unwinds too
+                return str(exc).encode()
             except Exception as exc:  # a host bug must not take the proxy down: the guest traps
                 log.exception("wasm filter %s: host function %s failed", runtime.name, label)
-                return _make_trap(f"host function {label} failed: {exc}")
+                return f"host function {label} failed: {exc}".encode()
 
-        cb = _HostCallback(callback)
-        self._host_callbacks.append(cb)
+        if _wasmcall is not None:
+            kind = {"i32": ord("i"), "i64": ord("I"), None: 0}.get(result, ord("z"))
+            kinds = "".join("I" if p == "i64" else "i" for p in params).encode()
+            keep: Any = _wasmcall.HostFunc(host, kinds, kind)
+            callback, env = _wasmcall.trampoline(), keep.env
+        else:
+            keep = _HostCallback(_ctypes_callback(host, params, result))
+            callback, env = _addr(keep), None
+        self._host_callbacks.append(keep)
         m, n = module.encode(), name.encode()
         error = _define_unchecked(
-            _addr(self.linker.ptr()), m, len(m), n, len(n), _addr(ty.ptr()), cb, None, None
+            _addr(self.linker.ptr()), m, len(m), n, len(n), _addr(ty.ptr()), callback, env, None
         )
         if error:
             err = wasmtime.WasmtimeError._from_ptr(
@@ -776,13 +802,9 @@ class Runtime:
         self.grpc_answer, self.grpc_phase, self.filter = answer, phase, None
         try:
             self.new_entry()
-            raw = self.raw
-            raw[0], raw[4], raw[8] = ROOT_CONTEXT_ID, token, value
-            error = _call_unchecked(
-                self.ctx, callback[0], self.raw_addr, callback[1], self.trap_addr
-            )
-            if error or self.trapbox.value:
-                exc = self._fault(error)
+            try:
+                self.call_raw(callback[0], callback[1], ROOT_CONTEXT_ID, token, value)
+            except WasmFault as exc:
                 if caller is not None and caller.generation == self.generation:
                     caller._fault(exc, name)
                 else:
@@ -898,9 +920,7 @@ class Runtime:
         raw = self.raw
         for i, value in enumerate((a, b, c, d, e)):
             raw[4 * i] = value
-        error = _call_unchecked(self.ctx, func[0], self.raw_addr, func[1], self.trap_addr)
-        if error or self.trapbox.value:
-            raise self._fault(error)
+        self._call_buffer(func[0], func[1])
         return raw[0]
 
     # ---- shared queues ------------------------------------------------------------------
@@ -1081,9 +1101,26 @@ def _first_line(exc: BaseException) -> str:
     return lines[0].strip() if lines else type(exc).__name__
 
 
-def _make_trap(message: str) -> int:
-    data = message.encode()
-    return _trap_new(data, len(data))
+def _ctypes_callback(host, params: list[str], result: str | None):
+    """A ctypes host callback around `host` (see Runtime._define), as native/wasm_call.c's."""
+    unpack = struct.Struct(
+        "<" + "".join("q8x" if p == "i64" else "I12x" for p in params)
+    ).unpack_from
+    size = _RAW * len(params)
+
+    def callback(_env, _caller, args, _nargs):
+        value = host(*unpack(ctypes.string_at(args, size))) if params else host()
+        if value.__class__ is bytes:
+            return _trap_new(value, len(value))
+        if result == "i32":
+            c_uint32.from_address(args).value = value & 0xFFFFFFFF
+        elif result == "i64":
+            c_int64.from_address(args).value = value
+        elif result is not None:
+            ctypes.memset(args, 0, _RAW)
+        return None
+
+    return callback
 
 
 def _stub(module: str, name: str, results: list[str]):
