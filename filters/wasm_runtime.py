@@ -46,6 +46,7 @@ from ctypes import (
     c_uint32,
     c_void_p,
 )
+from functools import partial
 from typing import Any, cast
 
 import wasmtime
@@ -222,12 +223,8 @@ def _enter_ctypes(ctx: int, func: int, args: int, n: int, faults: int, a: int, b
     return raw[0]
 
 
-def _enter_native(ctx: int, func: int, args: int, n: int, faults: int, a: int, b: int, c: int):
-    assert _wasmcall is not None
-    return _wasmcall.call(_CALL_UNCHECKED, ctx, func, args, n, faults, a, b, c)
-
-
-_enter = _enter_native if _wasmcall is not None else _enter_ctypes
+# _enter(ctx, func, args, n, faults, a, b, c): a partial of the C call adds no Python frame.
+_enter = partial(_wasmcall.call, _CALL_UNCHECKED) if _wasmcall is not None else _enter_ctypes
 
 
 def _addr(pointer) -> int:
@@ -1145,6 +1142,11 @@ def _host_functions(rt: Runtime) -> dict:
     I, L = "i32", "i64"  # noqa: E741
 
     def headers_of(map_id: int):
+        if map_id == REQUEST_HEADERS or map_id == RESPONSE_HEADERS:  # the usual: first
+            f = rt.filter
+            if f is None:
+                return None
+            return f.request if map_id == REQUEST_HEADERS else f.response
         if map_id == GRPC_INITIAL_METADATA or map_id == GRPC_TRAILING_METADATA:
             grpc_answer = rt.grpc_answer
             if grpc_answer is None:
@@ -1163,10 +1165,6 @@ def _host_functions(rt: Runtime) -> dict:
         f = rt.filter
         if f is None:
             return None
-        if map_id == REQUEST_HEADERS:
-            return f.request
-        if map_id == RESPONSE_HEADERS:
-            return f.response
         if map_id == REQUEST_TRAILERS:
             return f.request_trailers
         if map_id == RESPONSE_TRAILERS:
