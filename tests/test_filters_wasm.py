@@ -366,6 +366,27 @@ def test_each_request_callback_runs_once_in_abi_order(request_hook, log_hook, ex
         factory.close()
 
 
+@pytest.mark.parametrize("value", ["0ms", "-5ms", "soon", "2m", True])
+def test_call_time_limit_is_checked_at_load(value):
+    from pyproxy.filters.wasm import WasmFactory
+
+    from pyproxy.chain.api import FilterConfigError
+
+    config = {"wasm_file": str(EXAMPLES / "noop.wat"), "call_time_limit": value}
+    with pytest.raises(FilterConfigError) as refused:
+        WasmFactory.validate(config)
+    assert refused.value.field == "call_time_limit"
+
+
+def test_fuel_per_call_of_older_configs_loads_with_a_warning_and_bounds_nothing(caplog):
+    from pyproxy.filters.wasm import WasmFactory
+
+    config = {"wasm_file": str(EXAMPLES / "noop.wat"), "fuel_per_call": 1000}
+    validated = WasmFactory.validate(config)
+    assert "fuel_per_call" not in validated and validated["call_time_limit"] == 0.02
+    assert "fuel_per_call is ignored" in caplog.text
+
+
 def test_call_time_limit_bounds_each_entry_not_the_request():
     """Each entry may run for call_time_limit: entries that each stay well under it are never
     stopped, though together (a request's three entries, requests for twice the limit) they
