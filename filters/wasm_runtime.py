@@ -575,9 +575,7 @@ class Runtime:
 
     def _fault(self) -> WasmFault:
         fault = self._taken_fault()
-        limit = self.time_limit
-        if limit.exceeded:  # the deadline callback stopped the guest (its error, as a trap)
-            limit.exceeded = False
+        if self.time_limit.exceeded:  # the deadline callback stopped the guest (a nested call too)
             ms = self.settings["call_time_limit"] * 1000
             return WasmFault(f"trap: ran past call_time_limit ({ms:g} ms)", True)
         return fault

@@ -87,10 +87,11 @@ class TimeLimit:
         self.entries = 0  # bumped by the host as each entry begins
         self._seen = -1  # `entries` when the deadline last passed
         self._ticks = 0  # ticks the entry `_seen` has seen pass
-        self.exceeded = False  # set when an entry was stopped; the host clears it
+        self.exceeded = False  # an entry was stopped: the instance is replaced (arm clears it)
         self._callback = _DeadlineCallback(self._deadline)  # kept: wasmtime holds its address
 
     def arm(self, store: wasmtime.Store) -> None:
+        self.exceeded = False
         store.set_epoch_deadline(1)
         store_ptr = ctypes.cast(store.ptr(), c_void_p).value
         _set_deadline_callback(store_ptr, self._callback, None, None)

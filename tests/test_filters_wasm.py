@@ -387,6 +387,38 @@ def test_fuel_per_call_of_older_configs_loads_with_a_warning_and_bounds_nothing(
     assert "fuel_per_call is ignored" in caplog.text
 
 
+def test_guest_running_away_inside_a_host_call_is_counted_as_over_its_time_limit():
+    """The host allocates in the guest for proxy_get_header_map_value's answer; an allocator
+    that never returns is stopped in that nested call, and the request's entry with it."""
+    from pyproxy.filters.wasm import WasmFactory
+
+    from pyproxy.chain.api import FactoryContext
+
+    wat = """(module
+      (import "env" "proxy_get_header_map_value"
+        (func $get (param i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 0) "host")
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_memory_allocate") (param i32) (result i32)
+        (loop $spin (br $spin)) (i32.const 1024))
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (drop (call $get (i32.const 0) (i32.const 0) (i32.const 4) (i32.const 64) (i32.const 68)))
+        (i32.const 0))
+      (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+        (i32.const 0)))"""
+    validated = WasmFactory.validate({"code_wat": wat, "call_time_limit": "50ms"})
+    factory = WasmFactory(validated, FactoryContext(None, "main", "http"))
+    try:
+        started = time.perf_counter()
+        assert _one_request(factory) == [500]
+        assert time.perf_counter() - started < 2.0
+        assert factory.counters[1] == 1 and factory.counters[0] == 0  # over_time_limit, traps
+        assert factory.runtime.usable()  # replaced by a fresh instance
+    finally:
+        factory.close()
+
+
 def test_call_time_limit_bounds_each_entry_not_the_request():
     """Each entry may run for call_time_limit: entries that each stay well under it are never
     stopped, though together (a request's three entries, requests for twice the limit) they
