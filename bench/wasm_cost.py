@@ -23,11 +23,11 @@ import asyncio
 import json
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+from pyproxy.bench.procs import run_tool
 from pyproxy.bench.results_folder import publish
 from pyproxy.filters import sdk_modules, wasm_runtime
 from pyproxy.filters.wasm import WasmFactory
@@ -111,14 +111,8 @@ def _round(factory: WasmFactory, callbacks: _Callbacks, requests: int) -> dict[s
 def _instructions(variant: str) -> dict[str, list[int]]:
     """Wasm instructions (fuel) per guest entry of one request, and host calls in each: counted
     by a child process whose engine meters fuel."""
-    child = subprocess.run(
-        [sys.executable, "-m", "pyproxy.bench.wasm_cost", "--count-instructions", variant],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    return json.loads(child.stdout)
+    argv = [sys.executable, "-m", "pyproxy.bench.wasm_cost", "--count-instructions", variant]
+    return json.loads(run_tool(argv, timeout=300, check=True).stdout)
 
 
 def _count_instructions(variant: str) -> dict[str, list[int]]:
