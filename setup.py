@@ -117,12 +117,15 @@ setup(
         )
         for name, source in (("_http1head", "http1_head.c"), ("_express", "express_lane.c"))
     ]
-    # The worker's memory trim reaches into CPython's small-object allocator: a plain C extension.
+    # The worker's memory trim (it reaches into CPython's small-object allocator) and the wasm
+    # host's calls into and out of wasmtime (filters/wasm_runtime.py, without ctypes): plain C
+    # extensions of one source each.
     + [
         Extension(
-            "pyproxy.native._pools",
-            ["native/pool_pages.c"],
+            f"pyproxy.native.{name}",
+            [f"native/{source}"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
         )
+        for name, source in (("_pools", "pool_pages.c"), ("_wasmcall", "wasm_call.c"))
     ],
 )

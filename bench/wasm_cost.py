@@ -12,21 +12,24 @@ chunk, then done/log/delete), in one process, without sockets:
 
 Rounds interleave the variants in shuffled order (a 2-core machine with noisy neighbours),
 medians reported. Per variant: µs per request in all, µs of it inside guest entries, host
-calls per request; and, counted once with fuel, the wasm instructions each entry runs.
+calls per request; and the wasm instructions each entry runs, counted once with fuel in a
+child process (the proxy's own engine meters no fuel: its guests are bounded by time).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import statistics
 import sys
 import time
 from pathlib import Path
 
+from pyproxy.bench.procs import run_tool
 from pyproxy.bench.results_folder import publish
-from pyproxy.filters import sdk_modules
+from pyproxy.filters import sdk_modules, wasm_runtime
 from pyproxy.filters.wasm import WasmFactory
 
 from pyproxy.chain.api import FactoryContext, HeaderMap
@@ -105,8 +108,21 @@ def _round(factory: WasmFactory, callbacks: _Callbacks, requests: int) -> dict[s
     return {"us": total / requests / 1000, "inside_us": inside[0] / requests / 1000}
 
 
-def _instructions(factory: WasmFactory, callbacks: _Callbacks) -> dict[str, list[int]]:
-    """Wasm instructions (fuel) per guest entry of one request, and host calls in each."""
+def _instructions(variant: str) -> dict[str, list[int]]:
+    """Wasm instructions (fuel) per guest entry of one request, and host calls in each: counted
+    by a child process whose engine meters fuel."""
+    argv = [sys.executable, "-m", "pyproxy.bench.wasm_cost", "--count-instructions", variant]
+    return json.loads(run_tool(argv, timeout=300, check=True).stdout)
+
+
+def _count_instructions(variant: str) -> dict[str, list[int]]:
+    """The child's side of _instructions: this process's engine meters fuel."""
+    wasm_runtime.count_instructions()
+    loop = asyncio.new_event_loop()
+    callbacks = _Callbacks(loop)
+    factory = _factory(variant, loop)
+    for _ in range(200):  # as measured: after the warm-up (the guest's state grows at first)
+        _request(factory, callbacks)
     runtime = factory.runtime
     names = {handle[0]: name for name, handle in runtime.exports.items()}
     names.update({handle[0]: f"joined:{name}" for name, handle in runtime.entering.items()})
@@ -118,10 +134,9 @@ def _instructions(factory: WasmFactory, callbacks: _Callbacks) -> dict[str, list
     assert store is not None
 
     def counting(func, n, *args):
-        store.set_fuel(10**9)
+        before = store.get_fuel()
         result = call_raw(func, n, *args)
-        used = 10**9 - store.get_fuel()
-        counted[names.get(func, str(func))] = [used, runtime.host_calls]
+        counted[names.get(func, str(func))] = [before - store.get_fuel(), runtime.host_calls]
         return result
 
     runtime.call_raw = counting  # type: ignore[method-assign]
@@ -129,6 +144,8 @@ def _instructions(factory: WasmFactory, callbacks: _Callbacks) -> dict[str, list
         _request(factory, callbacks)
     finally:
         del runtime.call_raw
+        factory.close()
+        loop.close()
     return counted
 
 
@@ -147,7 +164,7 @@ def measure(rounds: int, requests: int, variants: list[str]) -> dict:
             samples[variant].append(_round(factories[variant], callbacks, requests))
     result: dict = {"rounds": rounds, "requests": requests, "variants": {}}
     for variant, factory in factories.items():
-        entries = _instructions(factory, callbacks)
+        entries = _instructions(variant)
         result["variants"][variant] = {
             "us_per_request": statistics.median(s["us"] for s in samples[variant]),
             "inside_guest_us": statistics.median(s["inside_us"] for s in samples[variant]),
@@ -190,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
         "--variants", nargs="*", default=["sdk", "sdk_no_shim", "noop"], help="what to run"
     )
     parser.add_argument("--out", help="also write a results folder here")
+    parser.add_argument("--count-instructions", metavar="VARIANT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.count_instructions:
+        print(json.dumps(_count_instructions(args.count_instructions)))
+        return 0
     started = time.monotonic()
     result = measure(args.rounds, args.requests, args.variants)
     result["elapsed_s"] = round(time.monotonic() - started, 1)

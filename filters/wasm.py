@@ -12,7 +12,7 @@ Config (Envoy's `envoy.extensions.wasm.v3.PluginConfig` names, plus shortcuts an
       code: {local: {filename: plugin.wasm}}  # or {local: {inline_string: "(module ...)"}}; .wat text works too
     wasm_file: plugin.wasm             # shortcut for vm_config.code.local.filename
     code_wat: "(module ...)"           # shortcut for vm_config.code.local.inline_string
-    fuel_per_call: 50000000            # wasm instructions per host→guest entry (~20 ms); past it: 500
+    call_time_limit: 20ms              # how long one host→guest entry may run; past it: 500
     max_memory_bytes: 16777216         # the guest's linear memory cap (memory.grow fails past it)
     pause_timeout: 5s                  # a request the guest pauses without replying gets a 500 after this
 
@@ -23,7 +23,7 @@ configure callbacks, so a bad module is refused at load with the field named.
 Each worker holds one Store and instance per filter; each request gets a
 context id (created at its first hook, done/deleted when the request ends).
 
-A trap (including running out of fuel) answers the request 500, is counted,
+A trap (including running past call_time_limit) answers the request 500, is counted,
 logs one line, and replaces the instance with a fresh one (Envoy's
 FAIL_RELOAD): the guest's memory may be inconsistent after a trap. Requests
 begun on the replaced instance skip their remaining hooks.
@@ -36,10 +36,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 
 import wasmtime
 from pyproxy.filters.wasm_runtime import (
-    DEFAULT_FUEL,
     DEFAULT_MEMORY,
     DEFAULT_PAUSE_TIMEOUT,
     LOCAL_REPLIES,
@@ -56,6 +56,7 @@ from pyproxy.filters.wasm_runtime import (
     engine,
 )
 from pyproxy.filters.wasm_tcp import WasmTcpFilter
+from pyproxy.filters.wasm_time_limit import DEFAULT_CALL_TIME_LIMIT, TICK_MS
 
 from pyproxy.chain.api import (
     CONTINUE,
@@ -70,6 +71,8 @@ from pyproxy.chain.api import (
 )
 from pyproxy.durations import parse_duration
 from pyproxy.guest_metrics import current as worker_metrics
+
+log = logging.getLogger("pyproxy.wasm")
 
 # ---- config --------------------------------------------------------------------------------------
 
@@ -139,13 +142,31 @@ def _source(config: dict) -> tuple[str, str | bytes]:
     return field, value
 
 
+def _call_time_limit(config: dict) -> float:
+    """call_time_limit in seconds. The fuel_per_call of earlier configs is still accepted (so
+    they load) but no longer bounds anything: guests are bounded by time, not instructions."""
+    if "fuel_per_call" in config:
+        _positive_int(config.pop("fuel_per_call"), "fuel_per_call")
+        log.warning("wasm filter: fuel_per_call is ignored; call_time_limit bounds each guest call")
+    try:
+        limit = parse_duration(config.pop("call_time_limit", DEFAULT_CALL_TIME_LIMIT))
+    except ValueError as exc:
+        raise FilterConfigError("call_time_limit", str(exc)) from None
+    if not 0 < limit <= 60:
+        raise FilterConfigError(
+            "call_time_limit",
+            f"expected a duration above 0 and at most 60s (counted in {TICK_MS} ms ticks)",
+        )
+    return limit
+
+
 # ---- the filter --------------------------------------------------------------------------------
 
 
 class WasmFactory(FilterFactory):
     name = "wasm"
     modes = ("http", "grpc", "tcp")
-    counter_names = ("traps", "out_of_fuel", "local_replies", "pause_timeouts")
+    counter_names = ("traps", "over_time_limit", "local_replies", "pause_timeouts")
 
     @classmethod
     def validate(cls, config: dict) -> dict:
@@ -166,13 +187,11 @@ class WasmFactory(FilterFactory):
             "vm_configuration": _configuration(
                 vm.pop("configuration", None), "vm_config.configuration"
             ),
-            "fuel_per_call": _positive_int(
-                config.pop("fuel_per_call", DEFAULT_FUEL), "fuel_per_call"
-            ),
             "max_memory_bytes": _positive_int(
                 config.pop("max_memory_bytes", DEFAULT_MEMORY), "max_memory_bytes"
             ),
         }
+        out["call_time_limit"] = _call_time_limit(config)
         try:
             out["pause_timeout"] = parse_duration(
                 config.pop("pause_timeout", DEFAULT_PAUSE_TIMEOUT)

@@ -17,16 +17,15 @@ shared memory (pyproxy/guest_metrics.py) and show in /stats under their own name
 
 Hot path: Python's `wasmtime.Func.__call__` costs ~65 µs (it re-reads the
 function type and boxes every value), so host→guest calls go straight to the C
-API (`wasmtime_func_call_unchecked`) through wasmtime's own ctypes library with
-a preallocated argument buffer, keeping the GIL, and host functions are raw unchecked
-callbacks that read and write guest memory through one memoryview per host call.
+API (`wasmtime_func_call_unchecked`) with a preallocated argument buffer, keeping the GIL,
+and host functions are raw unchecked callbacks that read and write guest memory through
+one memoryview. Both crossings go through the native module's `_wasmcall` (C: no ctypes
+conversions); without it, through ctypes, the same calls and the same host functions.
 A request makes three entries (plus one per body chunk or trailer section a module has a
 callback for): context create + request headers, response headers, and done + log +
 delete, each pair or triple joined by a small trampoline module instantiated next to the
 guest; proxy_log below the level never leaves wasm (LOG_SHIM). An entry (one hook's guest
-calls) always has `fuel_per_call` available; the store is refilled once per
-FUEL_BATCH entries, not before each, so a runaway entry is stopped after at
-most FUEL_BATCH × `fuel_per_call` instructions.
+calls) may run for `call_time_limit` (filters/wasm_time_limit.py).
 """
 
 from __future__ import annotations
@@ -45,15 +44,17 @@ from ctypes import (
     c_int64,
     c_size_t,
     c_uint32,
-    c_uint64,
     c_void_p,
 )
+from functools import partial
 from typing import Any, cast
 
 import wasmtime
 from pyproxy.filters.callout import GrpcResult, GrpcStream, grpc_call, http_call
 from pyproxy.filters.wasm_attributes import property_value
 from pyproxy.filters.wasm_encoding import deserialize_pairs, serialize_pairs
+from pyproxy.filters.wasm_time_limit import NATIVE_TICKER, TimeLimit, start_ticker
+from pyproxy.native import native_extension
 from wasmtime import _bindings as _capi
 
 from pyproxy.chain.api import (
@@ -87,17 +88,11 @@ WASI_MODULES = ("wasi_snapshot_preview1", "wasi_unstable")
 MAX_HTTP_CALLS = 100  # callouts in flight per instance
 MAX_QUEUES, MAX_QUEUE_ITEMS = 64, 1024
 ROOT_CONTEXT_ID = 1
-DEFAULT_FUEL = 50_000_000  # a tight loop burns it in ~20 ms
 DEFAULT_MEMORY = 16 * 1024 * 1024
 DEFAULT_PAUSE_TIMEOUT = 5.0
 RESTART_BACKOFF = 1.0  # seconds between attempts to replace a failed instance
-# Fuel is granted to a request's guest entries in batches: refilling the store costs an FFI
-# call (~0.4 µs), an entry ~0.9 µs. Every FUEL_BATCH entries the store gets FUEL_BATCH x
-# fuel_per_call, so an entry that stays within fuel_per_call never runs short, and a runaway
-# one is stopped after at most FUEL_BATCH x fuel_per_call instructions.
-FUEL_BATCH = 4
-# Fuel counts guest instructions, not the host's work on the guest's behalf: a loop around a
-# host call burns little fuel per iteration but microseconds of Python, and whatever it hands
+# The time limit bounds the guest's own run, and the host's work on its behalf only coarsely: a
+# loop around a host call spends microseconds of Python per iteration, and whatever it hands
 # the host (header values, log lines) is host memory outside the guest's cap. Per entry, a
 # guest may make this many host calls and hand over this many bytes; past either it traps.
 MAX_HOST_CALLS_PER_ENTRY = 10_000
@@ -109,7 +104,7 @@ WASI_IOV_MAX = 1024
 STREAM_CALLBACKS = ("proxy_on_request_headers", "proxy_on_response_headers")
 END_CALLBACKS = ("proxy_on_done", "proxy_on_log", "proxy_on_delete")
 
-TRAPS, OUT_OF_FUEL, LOCAL_REPLIES, PAUSE_TIMEOUTS = range(4)
+TRAPS, OVER_TIME_LIMIT, LOCAL_REPLIES, PAUSE_TIMEOUTS = range(4)
 
 # Proxy-Wasm log levels (trace..critical) to logging levels, and back.
 LOG_LEVELS = (5, logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
@@ -179,15 +174,14 @@ def _c(name: str, restype, *argtypes, keep_gil: bool = False):
 
 # The per-request calls keep the GIL: releasing and taking it back around each one (and again
 # in each host callback the guest makes meanwhile) is pure cost on the event loop's thread,
-# which is the only one that enters the guest; fuel bounds how long a call can hold it.
+# which is the only one that enters the guest; the native epoch ticker bounds how long a call
+# can hold it. Without that ticker, the Python one needs the GIL while a guest runs.
 _call_unchecked = _c(
     "wasmtime_func_call_unchecked", c_void_p, c_void_p, c_void_p, c_void_p, c_size_t, c_void_p,
-    keep_gil=True,
+    keep_gil=NATIVE_TICKER,
 )  # fmt: skip
-_set_fuel = _c("wasmtime_context_set_fuel", c_void_p, c_void_p, c_uint64, keep_gil=True)
 _memory_data = _c("wasmtime_memory_data", c_void_p, c_void_p, c_void_p, keep_gil=True)
 _memory_size = _c("wasmtime_memory_data_size", c_size_t, c_void_p, c_void_p, keep_gil=True)
-_caller_context = _c("wasmtime_caller_context", c_void_p, c_void_p, keep_gil=True)
 _memory_view = ctypes.pythonapi.PyMemoryView_FromMemory
 _memory_view.restype = ctypes.py_object
 _memory_view.argtypes = (c_void_p, ctypes.c_ssize_t, ctypes.c_int)
@@ -203,11 +197,34 @@ _define_unchecked = _c(
     c_char_p,
     c_size_t,
     c_void_p,
-    _HostCallback,
+    c_void_p,
     c_void_p,
     c_void_p,
 )
 _RAW = 16  # sizeof(wasmtime_val_raw_t)
+_CALL_UNCHECKED = ctypes.cast(_dll.wasmtime_func_call_unchecked, c_void_p).value
+# native/wasm_call.c; only where the guest may keep the GIL (the native ticker stops runaways).
+_wasmcall = native_extension("_wasmcall") if NATIVE_TICKER else None
+if _wasmcall is not None:
+    _wasmcall.init(ctypes.cast(_dll.wasmtime_trap_new, c_void_p).value)
+
+
+def _enter_ctypes(ctx: int, func: int, args: int, n: int, faults: int, a: int, b: int, c: int):
+    """_wasmcall.call's contract through ctypes: a, b, c as the first i32 arguments in the
+    buffer at `args`, the first result as an i32, or None with the trap and the error left in
+    the two pointer slots at `faults`."""
+    raw = (c_int32 * 12).from_address(args)
+    raw[0], raw[4], raw[8] = a, b, c
+    slots = (c_void_p * 2).from_address(faults)
+    slots[0] = None
+    slots[1] = _call_unchecked(ctx, func, args, n, faults)
+    if slots[0] or slots[1]:
+        return None
+    return raw[0]
+
+
+# _enter(ctx, func, args, n, faults, a, b, c): a partial of the C call adds no Python frame.
+_enter = partial(_wasmcall.call, _CALL_UNCHECKED) if _wasmcall is not None else _enter_ctypes
 
 
 def _addr(pointer) -> int:
@@ -215,18 +232,34 @@ def _addr(pointer) -> int:
 
 
 _engines: dict[int, wasmtime.Engine] = {}
+# Guest instructions counted with fuel instead of time bounded by epochs: only for
+# bench/wasm_cost.py's counting child (count_instructions), never in a proxy.
+_fuel_metering = False
 
 
 def engine() -> wasmtime.Engine:
-    """One engine per process: a forked worker never touches the engine its parent compiled with."""
+    """One engine per process: a forked worker never touches the engine its parent compiled with
+    (nor has its parent's epoch ticker: threads do not survive fork)."""
     pid = os.getpid()
     found = _engines.get(pid)
     if found is None:
         config = wasmtime.Config()
-        config.consume_fuel = True
+        config.epoch_interruption = True
+        config.consume_fuel = _fuel_metering
         config.parallel_compilation = False  # no compiler threads in a process that forks
+        # A memory never moves (Runtime.view relies on it): growing past the reservation fails.
+        _capi.wasmtime_config_memory_may_move_set(config.ptr(), False)
         found = _engines[pid] = wasmtime.Engine(config)
+        start_ticker(found)
     return found
+
+
+def count_instructions() -> None:
+    """Meter fuel in this process's engine (call before any module is compiled): each new store
+    gets more fuel than any bench spends, so a bench can read guest instructions off it."""
+    global _fuel_metering
+    assert not _engines, "the engine exists already"
+    _fuel_metering = True
 
 
 class CompiledModule(str):
@@ -244,11 +277,11 @@ class CompiledModule(str):
 
 
 class WasmFault(Exception):
-    """The guest trapped, ran out of fuel, or a call into it failed."""
+    """The guest trapped, ran past call_time_limit, or a call into it failed."""
 
-    def __init__(self, message: str, out_of_fuel: bool = False) -> None:
+    def __init__(self, message: str, over_time_limit: bool = False) -> None:
         super().__init__(message)
-        self.out_of_fuel = out_of_fuel
+        self.over_time_limit = over_time_limit
 
 
 class _HostLimit(Exception):
@@ -343,7 +376,7 @@ class Runtime:
         self.settings = settings
         self.loop = loop
         self.name = settings["name"]
-        self.fuel = settings["fuel_per_call"]
+        self.time_limit = TimeLimit(settings["call_time_limit"])
         self.vm_config = settings["vm_configuration"].encode()
         self.plugin_config = settings["configuration"].encode()
         self.engine = engine()
@@ -375,7 +408,6 @@ class Runtime:
         self.queues: dict[bytes, list[bytes]] = {}  # name -> items; the token is the index + 1
         self.queue_names: list[bytes] = []
         self.failed_at = 0.0
-        self.batch_entries = 0  # entries left on the current fuel batch (see FUEL_BATCH)
         self.host_calls = self.host_bytes = 0  # this entry's, against the MAX_HOST_* limits
         self.trampoline = _trampoline_module(self.engine, module)
         self.start()
@@ -386,7 +418,9 @@ class Runtime:
         """Make a fresh store and instance, then run the module's start, VM start and configure."""
         store = wasmtime.Store(self.engine)
         store.set_limits(memory_size=self.settings["max_memory_bytes"])
-        store.set_fuel(self.fuel)
+        self.time_limit.arm(store)
+        if _fuel_metering:
+            store.set_fuel(1 << 62)
         try:
             self._link_log_shim(store)
             instance = self.linker.instantiate(store, self.module)
@@ -397,12 +431,7 @@ class Runtime:
         self.generation += 1
         self.store, self.instance = store, instance
         self.ctx = _addr(store._context())
-        self.caller_ctx = 0  # the caller's context while a host function runs
-        # The guest memory's view for the current host call (None: not taken), and the whole
-        # memory's last view with its base address (reused while neither changes).
-        self.view: memoryview | None = None
-        self.whole: memoryview | None = None
-        self.whole_base = 0
+        self.view = memoryview(b"")  # over the guest's memory, widened as it grows (_grown)
         exports = instance.exports(store)
         memory = exports["memory"]
         assert isinstance(memory, wasmtime.Memory), "checked at load"
@@ -445,18 +474,17 @@ class Runtime:
         # Argument/result buffers: one for host→guest entries, one for allocations made from a host function.
         self.raw = (c_int32 * (4 * 8))()
         self.raw_addr = ctypes.addressof(self.raw)
-        self.raw_alloc = (c_int32 * 4)()
+        self.raw_alloc = (c_int32 * 12)()
         self.raw_alloc_addr = ctypes.addressof(self.raw_alloc)
-        self.trapbox = c_void_p()
-        self.trap_addr = ctypes.addressof(self.trapbox)
+        self.faults = (c_void_p * 2)()  # a failed call's trap and error (see _enter)
+        self.faults_addr = ctypes.addressof(self.faults)
         self.live.clear()
         self.filter = None
-        self.batch_entries = 0
         self._init_guest()
 
     def _init_guest(self) -> None:
         exports = self.exports
-        self.refuel()
+        self.new_entry()
         try:
             if "_initialize" in exports:
                 self.call("_initialize")
@@ -467,33 +495,23 @@ class Runtime:
         except WasmFault as exc:
             if "proc_exit(0)" not in str(exc):
                 raise
-        self.refuel()
+        self.new_entry()
         if "proxy_on_context_create" in exports:
             self.call("proxy_on_context_create", ROOT_CONTEXT_ID, 0)
         if "proxy_on_vm_start" in exports:
             if not self.call("proxy_on_vm_start", ROOT_CONTEXT_ID, len(self.vm_config)):
                 raise WasmFault("proxy_on_vm_start returned false")
-        self.refuel()
+        self.new_entry()
         if "proxy_on_configure" in exports:
             if not self.call("proxy_on_configure", ROOT_CONTEXT_ID, len(self.plugin_config)):
                 raise WasmFault(
                     "proxy_on_configure returned false (plugin refused its configuration)"
                 )
 
-    def refuel(self) -> None:
-        """Exactly fuel_per_call for the next entry (start-up, ticks); ends the current batch."""
-        _set_fuel(self.ctx, self.fuel)
-        self.batch_entries = 0
+    def new_entry(self) -> None:
+        """An entry (one hook's guest calls) begins: its own time and host-work budgets."""
+        self.time_limit.entries += 1
         self.host_calls = self.host_bytes = 0
-
-    def entry_fuel(self) -> None:
-        """A request's guest entry: refill only when the current batch is used up (FUEL_BATCH)."""
-        self.host_calls = self.host_bytes = 0
-        if self.batch_entries:
-            self.batch_entries -= 1
-        else:
-            _set_fuel(self.ctx, self.fuel * FUEL_BATCH)
-            self.batch_entries = FUEL_BATCH - 1
 
     def charge(self, size: int) -> None:
         """Bytes the guest hands the host to keep or emit (headers, logs, shared data)."""
@@ -507,11 +525,12 @@ class Runtime:
             self.tick_timer = None
         self.cancel_calls()
         self.live.clear()
+        self.view = memoryview(b"")
         self.store = None
 
     def failed(self, exc: WasmFault, where: str, counters) -> None:
         """A trap: count it, log one line, and replace the instance (its memory may be inconsistent)."""
-        counters[OUT_OF_FUEL if exc.out_of_fuel else TRAPS] += 1
+        counters[OVER_TIME_LIMIT if exc.over_time_limit else TRAPS] += 1
         log.warning("wasm filter %s: %s in %s; request answered 500", self.name, exc, where)
         for f in list(self.live.values()):
             f.orphaned()
@@ -541,29 +560,39 @@ class Runtime:
         return self.call_raw(func, n, a, b, c)
 
     def call_raw(self, func: int, n: int, a: int = 0, b: int = 0, c: int = 0) -> int:
-        raw = self.raw
-        raw[0] = a
-        raw[4] = b
-        raw[8] = c
-        error = _call_unchecked(self.ctx, func, self.raw_addr, n, self.trap_addr)
-        self.view = None  # the guest ran: its memory may have grown or moved
-        if error or self.trapbox.value:
-            raise self._fault(error)
-        return raw[0]
+        result = _enter(self.ctx, func, self.raw_addr, n, self.faults_addr, a, b, c)
+        if result is None:
+            raise self._fault()
+        return result
 
-    def _fault(self, error: int | None) -> WasmFault:
-        if self.trapbox.value:
-            trap = wasmtime.Trap._from_ptr(
-                ctypes.cast(self.trapbox.value, ctypes.POINTER(_capi.wasm_trap_t))
-            )
-            self.trapbox.value = None
+    def _call_buffer(self, func: int, n: int) -> None:
+        """Call with the arguments already in self.raw (more than three, or not i32s)."""
+        faults = self.faults
+        faults[0] = None
+        faults[1] = _call_unchecked(self.ctx, func, self.raw_addr, n, self.faults_addr)
+        if faults[0] or faults[1]:
+            raise self._fault()
+
+    def _fault(self) -> WasmFault:
+        fault = self._taken_fault()
+        if self.time_limit.exceeded:  # the deadline callback stopped the guest (a nested call too)
+            ms = self.settings["call_time_limit"] * 1000
+            return WasmFault(f"trap: ran past call_time_limit ({ms:g} ms)", True)
+        return fault
+
+    def _taken_fault(self) -> WasmFault:
+        """The trap (or error) the failed call left, read and released."""
+        faults = self.faults
+        trap_ptr, error = faults[0], faults[1]
+        faults[0] = faults[1] = None
+        if trap_ptr:
+            trap = wasmtime.Trap._from_ptr(ctypes.cast(trap_ptr, ctypes.POINTER(_capi.wasm_trap_t)))
             code = trap.trap_code
-            out_of_fuel = code == wasmtime.TrapCode.OUT_OF_FUEL
-            if code is not None:  # e.g. "unreachable", "out of fuel", "memory out of bounds"
+            if code is not None:  # e.g. "unreachable", "memory out of bounds"
                 message = code.name.lower().replace("_", " ")
             else:  # a host function's trap (proc_exit, a failed nested call): its message
                 message = " ".join(str(trap).split())[:200]
-            return WasmFault(f"trap: {message}", out_of_fuel)
+            return WasmFault(f"trap: {message}")
         assert error, "no trap, so the call returned an error"
         err = wasmtime.WasmtimeError._from_ptr(
             ctypes.cast(error, ctypes.POINTER(_capi.wasmtime_error_t))
@@ -571,58 +600,45 @@ class Runtime:
         return WasmFault(f"error: {_first_line(err)}")
 
     def _allocate(self, size: int) -> int:
-        """Memory in the guest, from inside a host function (uses the caller's context)."""
+        """Memory in the guest, from inside a host function (a caller's context is its store's)."""
         func, n = self.alloc
-        raw = self.raw_alloc
-        raw[0] = size
-        ctx = self.caller_ctx or self.ctx
-        error = _call_unchecked(ctx, func, self.raw_alloc_addr, n, self.trap_addr)
-        self.view = None
-        if error or self.trapbox.value:
-            raise self._fault(error)
-        return raw[0] & 0xFFFFFFFF
+        result = _enter(self.ctx, func, self.raw_alloc_addr, n, self.faults_addr, size, 0, 0)
+        if result is None:
+            raise self._fault()
+        return result & 0xFFFFFFFF
 
     # ---- guest memory -------------------------------------------------------------------
-    # Reads and writes go through a memoryview over the guest's linear memory, taken at most
-    # once per host call (two C calls) rather than two C calls and a ctypes copy each (about
-    # 1.3 µs for a 10-byte read): the memory moves or grows only while the guest runs, so the
-    # view is dropped whenever a host call begins and whenever the host has entered the guest.
+    # Reads and writes go through one memoryview over the guest's linear memory, kept for the
+    # store's life: the engine never moves a memory (memory_may_move is off, and a 32-bit
+    # memory fits the default reservation) and a memory never shrinks, so the view only needs
+    # widening (two C calls) when an access falls past its end because the guest grew it.
 
-    def _memory(self) -> memoryview:
-        ctx = self.caller_ctx or self.ctx
-        handle = self.memory_handle
-        base, size = _memory_data(ctx, handle), _memory_size(ctx, handle)
-        whole = self.whole
-        if whole is None or base != self.whole_base or size != len(whole):
-            whole = _memory_view(base, size, _PYBUF_WRITE) if size else memoryview(b"")
-            self.whole = whole
-            self.whole_base = base
-        self.view = whole
-        return whole
+    def _grown(self, end: int) -> memoryview:
+        """The view over the whole memory as it is now; IndexError if `end` is still past it."""
+        ctx, handle = self.ctx, self.memory_handle
+        size = _memory_size(ctx, handle)
+        if end > size:
+            raise IndexError
+        self.view = view = _memory_view(_memory_data(ctx, handle), size, _PYBUF_WRITE)
+        return view
 
     def check(self, ptr: int, size: int) -> None:
         """Raise IndexError (INVALID_MEMORY_ACCESS) unless [ptr, ptr + size) is guest memory."""
-        view = self.view
-        if view is None:
-            view = self._memory()
-        if ptr + size > len(view):
-            raise IndexError
+        if ptr + size > len(self.view):
+            self._grown(ptr + size)
 
     def read(self, ptr: int, size: int) -> bytes:
         view = self.view
-        if view is None:
-            view = self._memory()
-        if ptr + size > len(view):
-            raise IndexError
-        return bytes(view[ptr : ptr + size])
+        end = ptr + size
+        if end > len(view):
+            view = self._grown(end)
+        return bytes(view[ptr:end])
 
     def write(self, ptr: int, data: bytes) -> None:
         view = self.view
-        if view is None:
-            view = self._memory()
         end = ptr + len(data)
         if end > len(view):
-            raise IndexError
+            view = self._grown(end)
         view[ptr:end] = data
 
     def write_u32(self, ptr: int, value: int) -> None:
@@ -682,48 +698,40 @@ class Runtime:
 
     def _define(self, module: str, name: str, ty, signature, impl) -> None:
         params, results = signature
-        fmt = "<" + "".join("q8x" if p == "i64" else "I12x" for p in params)
-        size = _RAW * len(params)
         result = results[0] if results else None
-        unpack = struct.Struct(fmt).unpack_from if params else None
         runtime = self
         label = f"{module}.{name}"
+        fault = WASI_FAULT if module != "env" else INVALID_MEMORY_ACCESS
 
-        def callback(_env, caller, args, _nargs):
+        # The result (None without one), or the message of the trap to raise in the guest.
+        # The caller's context is not asked for (a C call): in wasmtime's C API it is the
+        # store's context, runtime.ctx, which nested calls into the guest use.
+        def host(*values):
             runtime.host_calls += 1
             if runtime.host_calls > MAX_HOST_CALLS_PER_ENTRY:
-                return _make_trap(f"more than {MAX_HOST_CALLS_PER_ENTRY} host calls in one entry")
-            outer = runtime.caller_ctx
-            runtime.caller_ctx = _caller_context(caller)
-            runtime.view = None  # the guest ran since any view was taken
+                return f"more than {MAX_HOST_CALLS_PER_ENTRY} host calls in one entry".encode()
             try:
-                values = unpack(ctypes.string_at(args, size)) if unpack else ()
-                try:
-                    value = impl(*values)
-                except IndexError:
-                    value = WASI_FAULT if module != "env" else INVALID_MEMORY_ACCESS
-                if result == "i32":
-                    c_uint32.from_address(args).value = value & 0xFFFFFFFF
-                elif result == "i64":
-                    c_int64.from_address(args).value = value
-                elif result is not None:
-                    ctypes.memset(args, 0, _RAW)
-                return None
-            except WasmFault as exc:  # a nested call into the guest failed: unwind the guest too
-                return _make_trap(str(exc))
-            except (_ProcExit, _HostLimit) as exc:
-                return _make_trap(str(exc))
+                return impl(*values)
+            except IndexError:
+                return fault
+            except (WasmFault, _ProcExit, _HostLimit) as exc:  # a failed nested call unwinds too
+                return str(exc).encode()
             except Exception as exc:  # a host bug must not take the proxy down: the guest traps
                 log.exception("wasm filter %s: host function %s failed", runtime.name, label)
-                return _make_trap(f"host function {label} failed: {exc}")
-            finally:
-                runtime.caller_ctx = outer
+                return f"host function {label} failed: {exc}".encode()
 
-        cb = _HostCallback(callback)
-        self._host_callbacks.append(cb)
+        if _wasmcall is not None:
+            kind = {"i32": ord("i"), "i64": ord("I"), None: 0}.get(result, ord("z"))
+            kinds = "".join("I" if p == "i64" else "i" for p in params).encode()
+            keep: Any = _wasmcall.HostFunc(host, kinds, kind)
+            callback, env = _wasmcall.trampoline(), keep.env
+        else:
+            keep = _HostCallback(_ctypes_callback(host, params, result))
+            callback, env = _addr(keep), None
+        self._host_callbacks.append(keep)
         m, n = module.encode(), name.encode()
         error = _define_unchecked(
-            _addr(self.linker.ptr()), m, len(m), n, len(n), _addr(ty.ptr()), cb, None, None
+            _addr(self.linker.ptr()), m, len(m), n, len(n), _addr(ty.ptr()), callback, env, None
         )
         if error:
             err = wasmtime.WasmtimeError._from_ptr(
@@ -788,15 +796,10 @@ class Runtime:
             return generation == self.generation and self.store is not None
         self.grpc_answer, self.grpc_phase, self.filter = answer, phase, None
         try:
-            self.refuel()
-            raw = self.raw
-            raw[0], raw[4], raw[8] = ROOT_CONTEXT_ID, token, value
-            error = _call_unchecked(
-                self.ctx, callback[0], self.raw_addr, callback[1], self.trap_addr
-            )
-            self.view = None
-            if error or self.trapbox.value:
-                exc = self._fault(error)
+            self.new_entry()
+            try:
+                self.call_raw(callback[0], callback[1], ROOT_CONTEXT_ID, token, value)
+            except WasmFault as exc:
                 if caller is not None and caller.generation == self.generation:
                     caller._fault(exc, name)
                 else:
@@ -889,7 +892,7 @@ class Runtime:
         caller = entry[0]
         self.call_response = result
         self.filter = None
-        self.refuel()
+        self.new_entry()
         nheaders = len(result.headers) if result else 0
         ntrailers = len(result.trailers) if result else 0
         body_size = len(result.body) if result else 0
@@ -912,10 +915,7 @@ class Runtime:
         raw = self.raw
         for i, value in enumerate((a, b, c, d, e)):
             raw[4 * i] = value
-        error = _call_unchecked(self.ctx, func[0], self.raw_addr, func[1], self.trap_addr)
-        self.view = None
-        if error or self.trapbox.value:
-            raise self._fault(error)
+        self._call_buffer(func[0], func[1])
         return raw[0]
 
     # ---- shared queues ------------------------------------------------------------------
@@ -931,7 +931,7 @@ class Runtime:
             if self.store is None or generation != self.generation:
                 return
             self.filter = None
-            self.refuel()
+            self.new_entry()
             try:
                 self.call_raw(callback[0], callback[1], ROOT_CONTEXT_ID, token)
             except WasmFault as exc:
@@ -956,7 +956,7 @@ class Runtime:
         if self.store is None:
             return
         self.filter = None
-        self.refuel()
+        self.new_entry()
         try:
             self.call("proxy_on_tick", ROOT_CONTEXT_ID)
         except WasmFault as exc:
@@ -1096,9 +1096,26 @@ def _first_line(exc: BaseException) -> str:
     return lines[0].strip() if lines else type(exc).__name__
 
 
-def _make_trap(message: str) -> int:
-    data = message.encode()
-    return _trap_new(data, len(data))
+def _ctypes_callback(host, params: list[str], result: str | None):
+    """A ctypes host callback around `host` (see Runtime._define), as native/wasm_call.c's."""
+    unpack = struct.Struct(
+        "<" + "".join("q8x" if p == "i64" else "I12x" for p in params)
+    ).unpack_from
+    size = _RAW * len(params)
+
+    def callback(_env, _caller, args, _nargs):
+        value = host(*unpack(ctypes.string_at(args, size))) if params else host()
+        if value.__class__ is bytes:
+            return _trap_new(value, len(value))
+        if result == "i32":
+            c_uint32.from_address(args).value = value & 0xFFFFFFFF
+        elif result == "i64":
+            c_int64.from_address(args).value = value
+        elif result is not None:
+            ctypes.memset(args, 0, _RAW)
+        return None
+
+    return callback
 
 
 def _stub(module: str, name: str, results: list[str]):
@@ -1123,6 +1140,11 @@ def _host_functions(rt: Runtime) -> dict:
     I, L = "i32", "i64"  # noqa: E741
 
     def headers_of(map_id: int):
+        if map_id == REQUEST_HEADERS or map_id == RESPONSE_HEADERS:  # the usual: first
+            f = rt.filter
+            if f is None:
+                return None
+            return f.request if map_id == REQUEST_HEADERS else f.response
         if map_id == GRPC_INITIAL_METADATA or map_id == GRPC_TRAILING_METADATA:
             grpc_answer = rt.grpc_answer
             if grpc_answer is None:
@@ -1141,10 +1163,6 @@ def _host_functions(rt: Runtime) -> dict:
         f = rt.filter
         if f is None:
             return None
-        if map_id == REQUEST_HEADERS:
-            return f.request
-        if map_id == RESPONSE_HEADERS:
-            return f.response
         if map_id == REQUEST_TRAILERS:
             return f.request_trailers
         if map_id == RESPONSE_TRAILERS:
@@ -1731,7 +1749,7 @@ class StreamContext:
     body_parts: tuple[list[bytes] | None, bytes]
 
     def _enter(self) -> int:
-        """Make sure this request has a context in the current instance, and fuel for one entry.
+        """Make sure this request has a context in the current instance, and begin an entry.
 
         0: skip the hook; 1: the context exists; 2: new here, the guest has not created it yet.
         """
@@ -1740,7 +1758,7 @@ class StreamContext:
             if self.generation != rt.generation:
                 return 0
             rt.filter = self
-            rt.entry_fuel()
+            rt.new_entry()
             return 1
         if not rt.usable():
             return 0
@@ -1749,7 +1767,7 @@ class StreamContext:
         self.generation = rt.generation
         rt.live[context_id] = self
         rt.filter = self
-        rt.entry_fuel()
+        rt.new_entry()
         return 2
 
     def _create(self) -> None:
@@ -1779,7 +1797,7 @@ class StreamContext:
         self.ended_ns = time.perf_counter_ns()
         rt.live.pop(context_id, None)
         rt.filter = self
-        rt.entry_fuel()
+        rt.new_entry()
         exports = rt.exports
         try:
             ending = rt.ending

@@ -205,7 +205,7 @@ class WasmTcpFilter(StreamContext, TcpFilter):
                 callback = rt.exports.get(name)
                 if callback is not None:
                     rt.filter = self
-                    rt.entry_fuel()
+                    rt.new_entry()
                     rt.call_raw(callback[0], callback[1], self.context_id, peer)
         except WasmFault as exc:
             rt.failed(exc, name, self.factory.counters)

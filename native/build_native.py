@@ -16,6 +16,7 @@ int pp_zc_reap(int fd, uint32_t *lo, uint32_t *hi, int *copied, int max);
 ssize_t pp_send(int fd, const char *buf, size_t len);
 ssize_t pp_relay_copy(int in_fd, int out_fd, char *buf, size_t len, size_t *sent);
 int pp_heap_trim(void);
+int pp_ticker_start(uintptr_t tick, uintptr_t engine, unsigned int period_ms);
 extern "Python+C" void pp_step_event(void *handle, int status);
 """
 # The relay step's constants, structs and functions, as the header declares them.

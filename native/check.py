@@ -19,6 +19,7 @@ EXTENSIONS = {
     "_native": "splice relay, MSG_ZEROCOPY sends",
     "_http1head": "the C HTTP/1 head scanner",
     "_express": "the native HTTP/1 express lane",
+    "_wasmcall": "the wasm host's calls into wasmtime without ctypes",
     "_bpf": "the libbpf loader of the eBPF data path",
     "_h2": "the native HTTP/2 codec (libnghttp2)",
     "_pools": "the pages of empty pymalloc pools given back after a burst of connections",

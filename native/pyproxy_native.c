@@ -8,6 +8,8 @@
 #include <malloc.h>
 #endif
 #include <fcntl.h>
+#include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 #include <sys/socket.h>
@@ -392,4 +394,48 @@ void pp_poll_close(struct pp_dir *d)
         pp_uv.close(d->poll, free); /* stops it and forgets the fd now; frees it later */
         d->poll = NULL;
     }
+}
+
+/* ---- the wasm host's epoch ticker ---------------------------------------------------------- */
+
+struct pp_ticker {
+    void (*tick)(void *engine);
+    void *engine;
+    struct timespec period;
+};
+
+static void *pp_ticker_run(void *arg)
+{
+    struct pp_ticker *t = arg;
+    for (;;) {
+        /* EINTR only shortens one period: a tick early is harmless. */
+        nanosleep(&t->period, NULL);
+        t->tick(t->engine);
+    }
+    return NULL;
+}
+
+int pp_ticker_start(uintptr_t tick, uintptr_t engine, unsigned int period_ms)
+{
+    struct pp_ticker *t = malloc(sizeof *t);  /* the thread's for good: it never ends */
+    if (t == NULL)
+        return -ENOMEM;
+    t->tick = (void (*)(void *))tick;
+    t->engine = (void *)engine;
+    t->period.tv_sec = period_ms / 1000;
+    t->period.tv_nsec = (long)(period_ms % 1000) * 1000000L;
+    pthread_attr_t attr;
+    pthread_t thread;
+    int err = pthread_attr_init(&attr);
+    if (err == 0) {
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        pthread_attr_setstacksize(&attr, 64 * 1024);
+        err = pthread_create(&thread, &attr, pp_ticker_run, t);
+        pthread_attr_destroy(&attr);
+    }
+    if (err != 0) {
+        free(t);
+        return -err;
+    }
+    return 0;
 }

@@ -37,6 +37,12 @@ ssize_t pp_relay_copy(int in_fd, int out_fd, char *buf, size_t len, size_t *sent
  * including whole free pages inside the arenas, to the OS. 1 if it ran, 0 if
  * this libc has no malloc_trim. */
 int pp_heap_trim(void);
+/* A detached thread that calls tick(engine) every period_ms until the process
+ * ends, never holding the GIL: the wasm host's epoch ticker (tick is wasmtime's
+ * wasmtime_engine_increment_epoch, engine a handle of its own that is never
+ * freed). Both are addresses, passed as integers. 0, or -errno if no thread. */
+int pp_ticker_start(uintptr_t tick, uintptr_t engine, unsigned int period_ms);
+
 /* One readiness callback of a TCP-mode relay direction, whole, in C: the event
  * loop calls pp_copy_step(dir) / pp_splice_step(dir) directly when dir->src_fd
  * is readable. It reads into the worker's shared buffer or pipe (dir->scratch),

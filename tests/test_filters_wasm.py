@@ -30,10 +30,10 @@ def _proxy(start_proxy, tmp_path, upstream_address: str, filters: str, ready: bo
     )
 
 
-def _proxy_wat(start_proxy, tmp_path, upstream_address: str, name: str, wat: str):
+def _proxy_wat(start_proxy, tmp_path, upstream_address: str, name: str, wat: str, extra=""):
     """A proxy whose one filter is this WebAssembly text, inline."""
     return _proxy(
-        start_proxy, tmp_path, upstream_address, _wasm(name, f"code_wat: {json.dumps(wat)}")
+        start_proxy, tmp_path, upstream_address, _wasm(name, f"code_wat: {json.dumps(wat)}", extra)
     )
 
 
@@ -116,20 +116,26 @@ def test_trap_answers_500_and_the_proxy_keeps_serving(start_proxy, tmp_path, ups
     assert "unreachable" in proxy.output
 
 
-def test_runaway_guest_is_stopped_by_fuel(start_proxy, tmp_path, upstream):
+@pytest.mark.parametrize("ticker", ["native", "python"])
+def test_runaway_guest_is_stopped_by_its_call_time_limit(
+    start_proxy, tmp_path, upstream, monkeypatch, ticker
+):
+    """Stopped by the native module's epoch ticker, or without it by a Python thread's."""
+    if ticker == "python":
+        monkeypatch.setenv("PYPROXY_DISABLE_NATIVE", "1")
     proxy, port = _proxy(
         start_proxy,
         tmp_path,
         upstream.address,
-        _wasm("spin", f"wasm_file: {EXAMPLES / 'runaway.wat'}", "fuel_per_call: 2000000"),
+        _wasm("spin", f"wasm_file: {EXAMPLES / 'runaway.wat'}", "call_time_limit: 50ms"),
     )
     started = time.monotonic()
     status, _, _ = split_response(curl("-i", f"http://127.0.0.1:{port}/echo").stdout)
     assert status == 500
     assert time.monotonic() - started < 2.0
     counters = proxy.listener()["filters"]["spin"]
-    assert counters["out_of_fuel"] == 1 and counters["traps"] == 0
-    assert "wasm filter spin: trap: out of fuel" in proxy.output
+    assert counters["over_time_limit"] == 1 and counters["traps"] == 0
+    assert "wasm filter spin: trap: ran past call_time_limit (50 ms)" in proxy.output
     # still serving (and still stopping the loop) afterwards
     assert split_response(curl("-i", f"http://127.0.0.1:{port}/echo").stdout)[0] == 500
     assert split_response(curl("-i", f"{proxy.admin}/ready").stdout)[0] == 200
@@ -152,7 +158,7 @@ BAD_MODULES = {
         ' (func (export "malloc") (param i32) (result i32) i32.const 0)'
         ' (func (export "proxy_on_configure") (param i32 i32) (result i32) (loop $l (br $l))'
         " i32.const 1))",
-        "out of fuel",
+        "ran past call_time_limit (20 ms)",
     ),
     "imports_a_host_function_pyproxy_lacks": (
         '(module (import "env" "proxy_make_coffee" (func (param i32) (result i32)))'
@@ -281,7 +287,7 @@ _RECORDER = """(module
   (func $rec (param $d i32)
     (local $i i32)
     (global.set $log (i32.add (i32.mul (global.get $log) (i32.const 10)) (local.get $d)))
-    ;; Burn roughly the same fuel in every callback (the fuel test sets $spin).
+    ;; Spin for the same time in every callback (the time limit test sets $spin).
     (block $out (loop $again
       (br_if $out (i32.ge_u (local.get $i) (global.get $spin)))
       (local.set $i (i32.add (local.get $i) (i32.const 1)))
@@ -360,24 +366,89 @@ def test_each_request_callback_runs_once_in_abi_order(request_hook, log_hook, ex
         factory.close()
 
 
-def test_callbacks_within_fuel_per_call_never_run_out_when_fuel_is_batched():
-    """Fuel is refilled for several entries at once; each entry still has its fuel_per_call.
+@pytest.mark.parametrize("value", ["0ms", "-5ms", "soon", "2m", True])
+def test_call_time_limit_is_checked_at_load(value):
+    from pyproxy.filters.wasm import WasmFactory
 
-    Each callback burns ~20 % of fuel_per_call: a request's three entries (create+request,
-    response, done+log+delete) burn ~120 % together, ~60 % at most in one entry.
-    """
-    factory = _recorder(fuel_per_call=100_000)
+    from pyproxy.chain.api import FilterConfigError
+
+    config = {"wasm_file": str(EXAMPLES / "noop.wat"), "call_time_limit": value}
+    with pytest.raises(FilterConfigError) as refused:
+        WasmFactory.validate(config)
+    assert refused.value.field == "call_time_limit"
+
+
+def test_fuel_per_call_of_older_configs_loads_with_a_warning_and_bounds_nothing(caplog):
+    from pyproxy.filters.wasm import WasmFactory
+
+    config = {"wasm_file": str(EXAMPLES / "noop.wat"), "fuel_per_call": 1000}
+    validated = WasmFactory.validate(config)
+    assert "fuel_per_call" not in validated and validated["call_time_limit"] == 0.02
+    assert "fuel_per_call is ignored" in caplog.text
+
+
+def test_guest_running_away_inside_a_host_call_is_counted_as_over_its_time_limit():
+    """The host allocates in the guest for proxy_get_header_map_value's answer; an allocator
+    that never returns is stopped in that nested call, and the request's entry with it."""
+    from pyproxy.filters.wasm import WasmFactory
+
+    from pyproxy.chain.api import FactoryContext
+
+    wat = """(module
+      (import "env" "proxy_get_header_map_value"
+        (func $get (param i32 i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 0) "host")
+      (func (export "proxy_abi_version_0_2_1"))
+      (func (export "proxy_on_memory_allocate") (param i32) (result i32)
+        (loop $spin (br $spin)) (i32.const 1024))
+      (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+        (drop (call $get (i32.const 0) (i32.const 0) (i32.const 4) (i32.const 64) (i32.const 68)))
+        (i32.const 0))
+      (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+        (i32.const 0)))"""
+    validated = WasmFactory.validate({"code_wat": wat, "call_time_limit": "50ms"})
+    factory = WasmFactory(validated, FactoryContext(None, "main", "http"))
+    try:
+        started = time.perf_counter()
+        assert _one_request(factory) == [500]
+        assert time.perf_counter() - started < 2.0
+        assert factory.counters[1] == 1 and factory.counters[0] == 0  # over_time_limit, traps
+        assert factory.runtime.usable()  # replaced by a fresh instance
+    finally:
+        factory.close()
+
+
+def test_call_time_limit_bounds_each_entry_not_the_request():
+    """Each entry may run for call_time_limit: entries that each stay well under it are never
+    stopped, though together (a request's three entries, requests for twice the limit) they
+    run past it; an entry that runs away on its own is stopped soon after its limit, answered 500."""
+    limit = 0.2
+    factory = _recorder(call_time_limit=f"{limit * 1000:g}ms")
     rt = factory.runtime
     exports = rt.instance.exports(rt.store)
-    exports["spin"](rt.store, 2_000)
     try:
-        for _ in range(10):
+        exports["spin"](rt.store, 10_000_000)  # calibrate: a request spins in six callbacks
+        started = time.perf_counter()
+        assert _one_request(factory) == []
+        per_spin = (time.perf_counter() - started) / 6e7
+        assert exports["take"](rt.store) == 123456
+        # The longest entry (done + log + delete) spins three times: 36 ms, 18 % of the limit.
+        exports["spin"](rt.store, int(0.012 / per_spin))
+        started = time.perf_counter()
+        while time.perf_counter() - started < 2 * limit:
             assert _one_request(factory) == []
             # Checked first: a trap replaces the instance, and its old exports must not be used.
-            assert factory.counters[1] == 0 and factory.counters[0] == 0  # out_of_fuel, traps
+            assert factory.counters[1] == 0 and factory.counters[0] == 0  # over_time_limit, traps
             assert exports["take"](rt.store) == 123456
-        exports["spin"](rt.store, 1_000_000)  # now a callback runs away on its own
+        # Now a callback runs away on its own: unbounded, its first entry would take longer
+        # than the bound checked here.
+        runaway = 2**31 - 1
+        assert 2 * runaway * per_spin > 4 * limit
+        exports["spin"](rt.store, runaway)
+        started = time.perf_counter()
         assert _one_request(factory) == [500]
+        assert time.perf_counter() - started < 4 * limit
         assert factory.counters[1] == 1
     finally:
         factory.close()
@@ -441,8 +512,9 @@ def test_guest_cannot_reach_host_files_or_sockets_through_wasi(start_proxy, tmp_
     assert errnos == ["08", "52", "08", "08", "52", "08"], errnos
 
 
-# Each spends the host's time or memory, not its own fuel or memory: a host call in a loop,
-# 300 header values of 1 MiB, one fd_write whose 300 iovecs all point at the same 1 MiB.
+# Each spends the host's time or memory, not its own time or memory: a host call in a loop,
+# 300 header values of 1 MiB, one fd_write whose 300 iovecs all point at the same 1 MiB. The
+# time limit is lifted to show the host's own bounds stop them.
 HOST_BOMBS = {
     "host_call_loop": (
         '(import "env" "proxy_get_log_level" (func $level (param i32) (result i32)))',
@@ -478,7 +550,9 @@ def test_host_time_and_memory_a_guest_asks_for_are_bounded(start_proxy, tmp_path
         + '(func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)'
         + f" (local $i i32) {body} (i32.const 0)))"
     )
-    proxy, port = _proxy_wat(start_proxy, tmp_path, upstream.address, "bomb", wat)
+    proxy, port = _proxy_wat(
+        start_proxy, tmp_path, upstream.address, "bomb", wat, "call_time_limit: 30s"
+    )
     rss_before = proxy.rss_kib()
     started = time.monotonic()
     status, _, _ = split_response(curl("-i", f"http://127.0.0.1:{port}/echo").stdout)

@@ -133,7 +133,7 @@ def test_config_dump_hides_inline_code_plugin_configuration_and_secret_header_ma
     assert chain["script"]["max_instructions"] == 1_000_000  # the rest stays readable
     assert chain["plugin"]["configuration"].startswith("[redacted: 11 chars, sha256:")
     assert chain["plugin"]["vm_configuration"].startswith("[redacted: ")
-    assert chain["plugin"]["fuel_per_call"] > 0
+    assert chain["plugin"]["call_time_limit"] > 0
     assert chain["tap"]["match"]["headers"] == [
         {"name": "authorization", "exact": "[redacted]"},
         {"name": "x-tenant", "exact": "visible-tenant"},

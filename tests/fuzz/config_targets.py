@@ -22,7 +22,8 @@ _KEYS = (
     "endpoints protocol connect_timeout abort delay percentage http_status grpc_status "
     "fixed_delay token_bucket max_tokens tokens_per_fill fill_interval inline_code source_file "
     "path max_body_bytes match header exact present methods path_prefix max_instructions "
-    "max_memory_bytes vm_config runtime configuration root_id fuel_per_call zerocopy_threshold"
+    "max_memory_bytes vm_config runtime configuration root_id fuel_per_call call_time_limit "
+    "zerocopy_threshold"
 ).split()
 _FILTER_TYPES = ["fault", "ratelimit", "tap", "lua", "wasm", "nope"]
 _SCALARS = [
