@@ -31,6 +31,8 @@ from pyproxy.codec.http2 import request_from_h2
 from pyproxy.codec.http2_native import split_headers
 from pyproxy.counters import (
     EXPRESS_REQUESTS,
+    FLAG_BASE,
+    FLAG_INDEX,
     NATIVE_REQUESTS,
     NOTIFY,
     OTHER,
@@ -70,6 +72,7 @@ class H2Lanes:
             ctx.parse_ns, ctx.parse_events, STAGE_EVENTS + NOTIFY, STAGE_NS + OTHER,
             UPSTREAM_RX, UPSTREAM_TX, REQUESTS, EXPRESS_REQUESTS, NATIVE_REQUESTS,
             STAGE_NS, ctx.claim_end,
+            FLAG_BASE + FLAG_INDEX["DR"], FLAG_BASE + FLAG_INDEX["UR"], FLAG_BASE + FLAG_INDEX["UT"],
         ])  # fmt: skip
         self.limits = ffi.new(
             "uint32_t[]",
@@ -205,8 +208,9 @@ class H2Lane:
             self._hand_over(idx)
         elif answer == lib.PP_LANE_IDLE_READABLE:
             self._give_back(idx, keep=True)  # its own reader sees what stirred (EOF, mostly)
-        else:  # PP_LANE_DROP
+        else:  # PP_LANE_DROP: an answer sent (or its stream reset), the connection not reusable
             self._give_back(idx, keep=False)
+            self.session.lane_answered()
 
     # ---- handing over -------------------------------------------------------------------
 
@@ -216,11 +220,15 @@ class H2Lane:
             self._hand_over(idx)
 
     def _hand_over(self, idx: int) -> None:
-        """An Exchange adopts the slot's request, already sent, and carries it on."""
+        """An Exchange adopts the slot's request, already sent, and carries it on (or, its
+        stream reset, the connection is closed: the general path aborts its upstream too)."""
         lib, ffi = _h2.lib, _h2.ffi
         info = self._info
         lib.pp_lane_handover_of(self.lane, idx, info)
         sid, kind, err, started_ns = info.stream_id, info.kind, info.err, info.started_ns
+        if kind == lib.PP_LANE_ABANDONED:
+            self._give_back(idx, keep=False)
+            return
         block = ffi.buffer(info.block, info.block_len)[:]
         data = ffi.buffer(info.data, info.data_len)[:] if info.data_len else b""
         upstream = self._take(idx)
