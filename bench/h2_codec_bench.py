@@ -12,6 +12,9 @@ generators and upstreams on CPU 0):
   prior knowledge), nginx `listen ... http2`, haproxy `proto h2`. Latency: one h2c connection,
   one request outstanding; load: h2load -c32 -m10 (http_bench's phase), CPU per request, RSS.
 * pyproxy's stage table (per call, from /stats deltas over the gRPC load) for both codecs.
+* The HTTP/2 GET phase also runs pyproxy on the native codec with `http2_lane: true`
+  (`pyproxy-native-lane`: plain GETs carried to the HTTP/1.1 upstream in C), interleaved
+  with the others, and pairs its CPU per request with `pyproxy-native`'s round by round.
 
 The machine may be shared: every figure is from this one run, written to
 bench/results/h2_codec_bench/.
@@ -45,19 +48,22 @@ from pyproxy.bench.rounds import interleaved, paired_ratio
 
 CODECS = ("h2", "native")
 BEFORE = "before_pyproxy-native"  # --baseline-tree's pyproxy, native codec
+LANE = "pyproxy-native-lane"  # the native codec with the HTTP/2 lane on (HTTP/2 GET phase)
 
 
 def start_pyproxy(
     procs: http_bench.Processes, name: str, mode: str, upstream: int, codec: str,
-    python: Path | None = None,
+    python: Path | None = None, lane: bool = False,
 ):  # fmt: skip
     interpreter = str(python) if python is not None else sys.executable
-    listener = {"mode": mode, "upstream": f"127.0.0.1:{upstream}", "http": {"http2_codec": codec}}
+    http: dict = {"http2_codec": codec} | ({"http2_lane": True} if lane else {})
+    listener = {"mode": mode, "upstream": f"127.0.0.1:{upstream}", "http": http}
     started = peers.pyproxy_config(procs, procs.logs, name, listener, SIDE_CPU, python=interpreter)
     port, admin = started.ready().port, started.admin
     info = get_json(f"http://127.0.0.1:{admin}/server_info")
     assert info["http2_codec"] == {"main": codec}, info["http2_codec"]
     note = f"http2_codec: {codec}" + (", baseline tree" if python is not None else "")
+    note += ", http2_lane: true" if lane else ""
     return Path_(name, port, started.pid, admin=admin, note=note, h2_port=port)
 
 
@@ -150,6 +156,7 @@ def http2_get(workdir: Path, args) -> dict:
     try:
         upstream, direct = start_upstream(procs, workdir)
         paths = start_pyproxies(procs, "http", upstream, args)
+        paths.append(start_pyproxy(procs, LANE, "http", upstream, "native", lane=True))
         paths.append(http_bench.start_nginx(procs, workdir, upstream))
         paths.append(start_haproxy(procs, upstream, grpc=False))
         time.sleep(0.5)
@@ -254,12 +261,18 @@ def targets_met(result: dict) -> dict:
             out["grpc: native CPU per call / nginx (target <= 2)"] = round(
                 g["load"]["pyproxy-native"]["cpu_us_per_call"] / cpu_n, 2
             )
-    native, haproxy = (per_cpu_s(h["load"], n, "proxy_cpu_us_per_req")
-                       for n in ("pyproxy-native", "haproxy-h2"))  # fmt: skip
-    if native and haproxy:
-        out["http2_get: native / haproxy req per CPU-s (target >= 0.5)"] = round(
-            native / haproxy, 2
-        )
+    haproxy = per_cpu_s(h["load"], "haproxy-h2", "proxy_cpu_us_per_req")
+    for name in ("pyproxy-native", LANE):
+        mine = per_cpu_s(h["load"], name, "proxy_cpu_us_per_req")
+        if mine and haproxy:
+            out[f"http2_get: {name} / haproxy req per CPU-s (target >= 0.5)"] = round(
+                mine / haproxy, 2
+            )
+    lane, native = h["load"].get(LANE), h["load"].get("pyproxy-native")
+    if lane and native:
+        ratio = paired_ratio(lane["cpu_us_rounds"], native["cpu_us_rounds"])
+        if ratio is not None:
+            out["http2_get: CPU per request, lane on / off (paired)"] = round(ratio, 3)
     for kind, part in (("grpc", g), ("http2_get", h)):
         before = part["load"].get(BEFORE)
         if before is None:

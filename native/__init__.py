@@ -51,6 +51,7 @@ __all__ = [
     "native_extension",
     "effective_http2_codec",
     "heap_trim",
+    "block_pointer",
 ]
 
 # Negated once here so the hot path compares against a module constant.
@@ -102,6 +103,16 @@ def heap_trim() -> bool | None:
     if lib is None:
         return None
     return bool(lib.pp_heap_trim())
+
+
+def block_pointer(block: memoryview, via: Any) -> Any:
+    """The address of a listener's counter block, for C, through the cffi module ``via``.
+
+    Taken through a buffer export that is let go at once: the caller keeps the block (shared
+    memory made before the workers fork) alive, and holding an export from a cdata inside
+    reference cycles let the collector free the memoryview under it.
+    """
+    return via.cast("int64_t *", via.cast("uintptr_t", via.from_buffer(block)))
 
 
 def _extension(module: str, name: str | None) -> Any:

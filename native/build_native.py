@@ -26,7 +26,9 @@ with open(os.path.join(_HERE, "pyproxy_native.h")) as _header:
     )
 
 
-def _builder(module: str, cdef: str, includes: str, source: str, libraries: tuple = ()) -> FFI:
+def _builder(
+    module: str, cdef: str, includes: str, sources: tuple[str, ...], libraries: tuple = ()
+) -> FFI:
     builder = FFI()
     builder.cdef(cdef)
     builder.set_source(
@@ -34,16 +36,25 @@ def _builder(module: str, cdef: str, includes: str, source: str, libraries: tupl
         includes,
         # setuptools wants paths relative to the project root (the cwd of setup.py);
         # relpath keeps this working when the script is run from elsewhere too.
-        sources=[os.path.relpath(os.path.join(_HERE, source))],
+        sources=[os.path.relpath(os.path.join(_HERE, source)) for source in sources],
         include_dirs=[os.path.relpath(_HERE)],
         libraries=list(libraries),
-        depends=[os.path.relpath(os.path.join(_HERE, "protocol_facts.h"))],
+        depends=[
+            os.path.relpath(os.path.join(_HERE, header))
+            for header in (
+                "protocol_facts.h",
+                "http1_scan.h",
+                "h2_codec.h",
+                "h2_lane.h",
+                "h2_taker.h",
+            )
+        ],
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],
     )
     return builder
 
 
-ffibuilder = _builder("_native", CDEF, '#include "pyproxy_native.h"', "pyproxy_native.c")
+ffibuilder = _builder("_native", CDEF, '#include "pyproxy_native.h"', ("pyproxy_native.c",))
 
 # The eBPF loader's view of libbpf (Debian's libbpf-dev): open/load an object, pin, attach,
 # read and write maps. Built separately so a host without libbpf still gets _native.
@@ -83,24 +94,28 @@ bpf_ffibuilder = _builder(
     "_bpf",
     BPF_CDEF,
     '#include <bpf/libbpf.h>\n#include <bpf/bpf.h>\n#include "pyproxy_bpf.h"',
-    "pyproxy_bpf.c",
+    ("pyproxy_bpf.c",),
     libraries=("bpf",),
 )
 
-# The native HTTP/2 codec over Debian's libnghttp2 (libnghttp2-dev); its header is the cdef, less
-# the preprocessor lines (cffi reads the declarations, not #include guards).
-with open(os.path.join(_HERE, "h2_codec.h")) as _header:
-    H2_CDEF = "".join(
-        line for line in _header if not line.startswith(("#ifndef", "#endif", "#include"))
-    )
-H2_CDEF = H2_CDEF.replace("#define PYPROXY_H2_CODEC_H\n", "")
+
+def _declarations(header: str) -> str:
+    """A header as cffi reads it: no include guard or #include lines (its constants stay)."""
+    with open(os.path.join(_HERE, header)) as lines:
+        skipped = ("#ifndef", "#endif", "#include", "#define PYPROXY_")
+        return "".join(line for line in lines if not line.startswith(skipped))
+
+
+# The native HTTP/2 codec over Debian's libnghttp2 (libnghttp2-dev), and the HTTP/2 lane on it;
+# their headers are the cdef.
+H2_CDEF = _declarations("h2_codec.h") + _declarations("h2_lane.h")
 H2_CDEF += "const char *nghttp2_strerror(int lib_error_code);\n"
 
 h2_ffibuilder = _builder(
     "_h2",
     H2_CDEF,
-    '#include <nghttp2/nghttp2.h>\n#include "h2_codec.h"',
-    "h2_codec.c",
+    '#include <nghttp2/nghttp2.h>\n#include "h2_codec.h"\n#include "h2_lane.h"',
+    ("h2_codec.c", "h2_lane.c"),
     libraries=("nghttp2",),
 )
 

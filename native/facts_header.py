@@ -34,6 +34,11 @@ def _cases(statuses: frozenset[int]) -> str:
     return " ".join(f"case {s}:" for s in sorted(statuses))
 
 
+def _c_string(chars: bytes) -> str:
+    """The characters as the body of a C string literal (none of them needs more than a backslash)."""
+    return "".join("\\" + chr(c) if c in b'"\\' else chr(c) for c in chars)
+
+
 def header_text() -> str:
     """The header's text for the facts as they are now."""
     bounds = ", ".join(f"{b}LL" for b in counters.BUCKET_BOUNDS_NS)
@@ -77,6 +82,10 @@ static inline int pf_h2_connection_specific(const char *p, size_t n)
 #define PF_H2_TE_ALLOWED "{protocol.H2_TE_ALLOWED.decode("ascii")}"
 
 /* protocol.status_has_body and protocol.has_body */
+/* protocol.PATH_CHARS, protocol.AUTHORITY_CHARS: what an HTTP/2 :path and :authority may hold */
+#define PF_PATH_CHARS "{_c_string(protocol.PATH_CHARS)}"
+#define PF_AUTHORITY_CHARS "{_c_string(protocol.AUTHORITY_CHARS)}"
+
 #define PF_FIRST_FINAL_STATUS {protocol.FIRST_FINAL_STATUS}
 #define PF_NO_BODY_METHOD "{protocol.NO_BODY_METHOD.decode("ascii")}"
 

@@ -1,5 +1,6 @@
 /* The native HTTP/2 codec over libnghttp2; see h2_codec.h for the contract. */
 #include "h2_codec.h"
+#include "h2_taker.h"
 
 #include <nghttp2/nghttp2.h>
 #include <stdlib.h>
@@ -40,6 +41,7 @@ struct pp_h2 {
     int frame_had_data;
     unsigned seen; /* SEEN_* of the header block being received */
     int not_plain;
+    pp_h2_taker taker; /* take == NULL: every stream is Python's */
 };
 
 static long live_sessions;
@@ -356,9 +358,13 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, v
         h->data_rec = SIZE_MAX;
         return end ? add_record(h, PP_H2_END, sid, 0, 0, NULL, 0) : 0;
     case NGHTTP2_HEADERS:
-        if (block_plain(h, nghttp2_session_check_server_session(session), frame->headers.cat))
+        if (block_plain(h, nghttp2_session_check_server_session(session), frame->headers.cat)) {
+            if (end && h->taker.take != NULL && frame->headers.cat == NGHTTP2_HCAT_REQUEST &&
+                h->taker.take(h->taker.opaque, sid, h->joined.data, h->joined.len))
+                return 0;
             return add_record(h, PP_H2_HEADERS, sid, frame->headers.cat, end | PP_H2_PLAIN,
                               h->joined.data, h->joined.len);
+        }
         return add_record(h, PP_H2_HEADERS, sid, frame->headers.cat, end, h->headers.data,
                           h->headers.len);
     case NGHTTP2_RST_STREAM:
@@ -387,6 +393,7 @@ static int on_stream_close(nghttp2_session *session, int32_t sid, uint32_t error
     pp_h2 *h = user_data;
     pp_out *q = nghttp2_session_get_stream_user_data(session, sid);
     if (q != NULL) out_free(h, q);
+    if (h->taker.closed != NULL) h->taker.closed(h->taker.opaque, sid);
     return error_code ? add_record(h, PP_H2_CLOSED, sid, error_code, 0, NULL, 0) : 0;
 }
 
@@ -452,6 +459,7 @@ fail:
 
 void pp_h2_del(pp_h2 *h) {
     if (h == NULL) return;
+    if (h->taker.release != NULL) h->taker.release(h->taker.opaque);
     /* nghttp2_session_del runs no stream-close callbacks: free the queues here. */
     while (h->outs) out_free(h, h->outs);
     nghttp2_session_del(h->session);
@@ -492,6 +500,8 @@ ssize_t pp_h2_recv(pp_h2 *h, const uint8_t *data, size_t len, const uint8_t **ev
     *events_len = h->handed = n >= 0 && h->data_rec != SIZE_MAX ? h->data_rec : h->events.len;
     return n;
 }
+
+void pp_h2_set_taker(pp_h2 *h, const pp_h2_taker *taker) { h->taker = *taker; }
 
 int64_t pp_h2_failed(pp_h2 *h) { return h->failed; }
 

@@ -40,6 +40,16 @@ H2_CONNECTION_SPECIFIC: Final = frozenset(
 )
 H2_TE_ALLOWED: Final = b"trailers"
 
+# RFC 3986 characters an HTTP/2 request's :path and :authority may hold to cross into an
+# HTTP/1 request line and Host field (a path also takes "%"-escapes; no whitespace, controls or
+# non-ASCII: they would split or bend the line). RFC 9113 §8.3.1: no userinfo ("@") in
+# :authority: host, optional port, IPv6 literals in brackets.
+URI_UNRESERVED_SUB: Final = (
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=%"
+)
+PATH_CHARS: Final = URI_UNRESERVED_SUB + b":@/?#[]"
+AUTHORITY_CHARS: Final = URI_UNRESERVED_SUB + b":[]"
+
 # RFC 9110 §6.4.1, §15.3.5, §15.4.5: responses that never carry content, whatever their
 # framing fields say: informational ones (below FIRST_FINAL_STATUS), these statuses, and
 # every response to a HEAD request.

@@ -68,6 +68,10 @@ class RawUpstream:
             return False
         elif path == b"/vanish":
             return False  # closes without an answer
+        elif path == b"/cut":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\ncut")
+            time.sleep(0.05)
+            return False  # closes mid-body
         elif path == b"/both-framings":
             # RFC 9112 §6.3 (3): framed both ways, so nobody can tell where it ends.
             conn.sendall(

@@ -8,7 +8,13 @@ from typing import Final
 
 from pyproxy.codec.events import Headers, ProtocolError, RequestHead, ResponseHead
 from pyproxy.codec.http1 import FIELD_CONTROL, FIELD_NAME, strip_hop_by_hop
-from pyproxy.protocol import H2_CONNECTION_SPECIFIC, H2_TE_ALLOWED, has_body
+from pyproxy.protocol import (
+    AUTHORITY_CHARS,
+    H2_CONNECTION_SPECIFIC,
+    H2_TE_ALLOWED,
+    PATH_CHARS,
+    has_body,
+)
 
 PREFACE: Final = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # RFC 9113 §3.4
 # request_from_h2's reason for a field name or value an HTTP/1 peer would not take.
@@ -28,18 +34,12 @@ _FRAME_HEADER = 9
 _NOT_IN_H2: Final = H2_CONNECTION_SPECIFIC | {b"host"}
 _REASONS: Final = {s.value: s.phrase.encode() for s in HTTPStatus}
 
-# RFC 9110 §5.6.2 token characters (a method); RFC 3986 characters of a path and an authority
-# (a path also takes "%"-escapes, no whitespace, controls or non-ASCII: they would split or
-# bend the HTTP/1 request line this request becomes).
+# RFC 9110 §5.6.2 token characters (a method); a path's and an authority's: protocol.py.
 _TCHAR: Final = frozenset(
     b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 )
-_UNRESERVED_SUB: Final = (
-    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~!$&'()*+,;=%"
-)
-_PATH_CHARS: Final = frozenset(_UNRESERVED_SUB + b":@/?#[]")
-# §8.3.1: no userinfo ("@") in :authority; host, optional port, IPv6 literals in brackets.
-_AUTHORITY_CHARS: Final = frozenset(_UNRESERVED_SUB + b":[]")
+_PATH_CHARS: Final = frozenset(PATH_CHARS)
+_AUTHORITY_CHARS: Final = frozenset(AUTHORITY_CHARS)
 _SCHEMES: Final = (b"http", b"https")
 
 

@@ -61,7 +61,7 @@ def pack_headers(headers: Headers) -> tuple[bytes, int]:
     return b"".join([pack(len(name), len(value)) + name + value for name, value in headers]), 0
 
 
-def _split_headers(buf: bytes, start: int, end: int) -> Headers:
+def split_headers(buf: bytes, start: int, end: int) -> Headers:
     """A NUL-joined block (a plain one: no NUL can be in it) as the header list."""
     if start == end:
         return []
@@ -170,7 +170,7 @@ class NativeH2Connection:
                 add(DataReceived(stream_id=sid, data=data, flow_controlled_length=length))
             elif kind == _HEADERS:
                 if flags & _PLAIN:
-                    headers = _split_headers(buf, pos, pos + length)
+                    headers = split_headers(buf, pos, pos + length)
                 else:
                     headers = _unpack_headers(buf, pos, pos + length)
                 self._headers(events, sid, a, flags, headers)

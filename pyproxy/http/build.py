@@ -1,10 +1,11 @@
-"""A listener's HTTP context, assembled: the shared context, its upstream pool, its native lane."""
+"""A listener's HTTP context, assembled: the shared context, its upstream pool, its native lanes."""
 
 from __future__ import annotations
 
 from pyproxy.admission import Admission
 from pyproxy.config import ListenerConfig, ProxyConfig
 from pyproxy.http.context import HttpContext
+from pyproxy.http.h2_lane import h2_lanes
 from pyproxy.http.native_lane import native_lanes
 from pyproxy.http.pool import UpstreamPool
 
@@ -17,4 +18,5 @@ def http_context(
     ctx = HttpContext(loop, listener, config, block, timed, admission)
     ctx.pool = UpstreamPool(ctx)
     ctx.native_lanes = native_lanes(ctx)
+    ctx.h2_lanes = h2_lanes(ctx)
     return ctx

@@ -17,7 +17,7 @@ from pyproxy.config import ListenerConfig, ListenerMode, ProxyConfig
 from pyproxy.counters import IPC, PARSE, READ, STAGE_EVENTS, STAGE_NS, STAGES, WRITE
 from pyproxy.http.access_log import AccessLog
 from pyproxy.http.router import Route, Router, build_clusters
-from pyproxy.http.seams import Lanes, Pool
+from pyproxy.http.seams import H2Lanes, Lanes, Pool
 from pyproxy.io.connector import Connect
 from pyproxy.io.deadlines import Deadlines
 
@@ -28,6 +28,7 @@ class HttpContext:
     connector = Connect  # what opens upstream connections (a test harness may hand its own)
     pool: Pool  # set by build.py
     native_lanes: Lanes | None  # set by build.py: how connections pair in C; None: they never do
+    h2_lanes: H2Lanes | None  # set by build.py: HTTP/2 requests carried in C; None: never
 
     def __init__(
         self, loop, listener: ListenerConfig, config: ProxyConfig, block: memoryview, timed: bool,
@@ -62,6 +63,7 @@ class HttpContext:
         self.claim_end = STAGE_NS + len(STAGES) + len(listener.filter_names)
         self._chains = self._build_chains(loop, listener, config)
         self.native_lanes = None
+        self.h2_lanes = None
 
     def _build_chains(self, loop, listener: ListenerConfig, config: ProxyConfig) -> dict:
         """Chain factories, built once: the listener's, and each route's override (None = no filters)."""

@@ -7,6 +7,10 @@ client that resets more than `rapid_reset_max` streams within
 block that grows past `max_header_bytes` across CONTINUATION frames ends the
 connection before more of it is buffered, a decoded one over the limit is
 answered 431.
+
+With the native HTTP/2 lane on (h2_lane.py), C carries some streams itself: they count against
+the stream limit with the general path's, keep the connection from idling or closing while in
+flight, and are handed to an Exchange here (adopt_request) when their answer is not plain.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ from pyproxy.http.h2_session import (
     H2Session,
     H2StreamBase,
 )
+from pyproxy.http.seams import H2Lane
 
 if TYPE_CHECKING:
     from pyproxy.http.context import HttpContext
@@ -80,6 +85,8 @@ class Http2Downstream(H2Session):
         "_resets",
         "_reset_window_start",
         "_served",
+        "lane",
+        "_lane_served",
     )
 
     def __init__(
@@ -97,6 +104,9 @@ class Http2Downstream(H2Session):
         self._served = False
         # Until the first request: the slowloris clock; later: the idle clock.
         self._timer = ctx.loop.call_later(ctx.settings.request_header_timeout, self._idle)
+        lanes = ctx.h2_lanes
+        self.lane: H2Lane | None = lanes.attach(self) if lanes is not None else None
+        self._lane_served = 0  # the lane's count of answers when the idle clock last looked
 
     def start(self, preload: bytes = b"") -> None:
         limit = self.ctx.settings.max_concurrent_streams
@@ -106,6 +116,26 @@ class Http2Downstream(H2Session):
             self.data_received(preload)
         if not self.closed:
             self.stream.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        lane = self.lane
+        if lane is None:
+            super().data_received(data)
+            return
+        lane.before_read(len(self.streams), self.draining)
+        super().data_received(data)
+        if not self.closed:
+            lane.after_read()
+
+    def lane_answered(self) -> None:
+        """The lane submitted answers (or its watchdog looked): flush; a drain may be done."""
+        self.mark_dirty()
+        if self.draining:
+            self._maybe_done()
+
+    def _in_flight(self) -> int:
+        lane = self.lane
+        return len(self.streams) + (lane.in_flight if lane is not None else 0)
 
     # ---- events ------------------------------------------------------------------
 
@@ -143,9 +173,9 @@ class Http2Downstream(H2Session):
         sid = event.stream_id
         ctx = self.ctx
         settings = ctx.settings
-        if (self.draining and sid > self.last_stream_id) or len(
-            self.streams
-        ) >= settings.max_concurrent_streams:
+        if (
+            self.draining and sid > self.last_stream_id
+        ) or self._in_flight() >= settings.max_concurrent_streams:
             # §5.1.2 / §8.7: REFUSED_STREAM tells the client the request was not processed.
             self._reset_raw(sid, REFUSED_STREAM)
             return
@@ -206,6 +236,15 @@ class Http2Downstream(H2Session):
             self._abandon(stream)
         self._maybe_done()
 
+    def adopt_request(self, sid: int, head) -> Exchange:
+        """A request the lane read whole and sent comes back before its answer: an Exchange on
+        a stream of this session carries it on (Exchange.adopt_sent)."""
+        stream = _DownstreamStream(self, sid)
+        stream.ended_in = True
+        self.streams[sid] = stream
+        stream.exchange = exchange = Exchange(self.ctx, stream, head, None)
+        return exchange
+
     def _abandon(self, stream: _DownstreamStream) -> None:
         exchange, stream.exchange = stream.exchange, None
         if exchange is not None:
@@ -247,7 +286,7 @@ class Http2Downstream(H2Session):
         self._maybe_done()
 
     def _maybe_done(self) -> None:
-        if self.streams or self.closed:
+        if self._in_flight() or self.closed:
             return
         if self.draining:
             self.flush()
@@ -259,6 +298,16 @@ class Http2Downstream(H2Session):
         self._timer = None
         if self.streams or self.closed:
             return
+        lane = self.lane
+        if lane is not None:
+            served = lane.state.served
+            if lane.in_flight or served != self._lane_served:
+                # The lane was busy since the clock last looked: the connection is not idle.
+                self._lane_served = served
+                self._served = True
+                self._timer = self.ctx.loop.call_later(self.ctx.settings.idle_timeout, self._idle)
+                return
+            self.last_stream_id = max(self.last_stream_id, lane.state.last_sid)
         if not self._served:
             block = self.ctx.block
             block[FLAG_BASE + FLAG_INDEX["DT"]] += 1
@@ -323,7 +372,7 @@ class Http2Downstream(H2Session):
 
     def close(self, flag: str = "LR") -> None:
         """Drain deadline: abandon what is in flight."""
-        had_streams = bool(self.streams)
+        had_streams = bool(self._in_flight())
         self._abandon_all()
         if not self.closed:
             self.send_goaway(self.last_stream_id, NO_ERROR)
@@ -334,6 +383,8 @@ class Http2Downstream(H2Session):
         if self.closed:
             return
         self.closed = True
+        if self.lane is not None:
+            self.lane.release_all()
         self.stream.close(reset=reset, after_flush=after_flush)
         self.on_close(self)
 

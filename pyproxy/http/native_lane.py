@@ -142,32 +142,40 @@ class NativeLanes:
 
 def native_lanes(ctx: HttpContext) -> NativeLanes | None:
     """The listener's NativeLanes, or None when its connections cannot pair."""
-    route = ctx.router.sole_route
+    http = ctx.settings
+    found = lane_route(ctx)
     if (
         _express is None
         or http1_head_scanner() is None
-        or not _pairable(ctx.listener)
+        or http.express_lane != "native"
+        or found is None
+    ):
+        return None
+    return NativeLanes(ctx, *found)
+
+
+def lane_route(ctx: HttpContext) -> tuple[Route, ChainFactory | None] | None:
+    """The one route (and its filters) every request of the listener takes when a native lane
+    may carry its requests in C, else None. The rule both lanes (this one and h2_lane.py)
+    follow: HTTP mode, the fast codec (C checks HTTP/1 heads with the same scan), no
+    per-request stage trace (Server-Timing) or access log line to keep, one route to one
+    endpoint speaking HTTP/1.1."""
+    route = ctx.router.sole_route
+    if (
+        not _lane_listener(ctx.listener)
         or ctx.access_log is not None
         or route is None
         or (route.cluster is not None and len(route.cluster.endpoints) != 1)
     ):
         return None
-    chain = ctx.chain_for(route)
     cluster = route.cluster if route.cluster is not None else ctx.router.default_cluster
     protocol = cluster.protocol if cluster is not None else ctx.settings.upstream_protocol
-    return NativeLanes(ctx, route, chain) if protocol == "http1" else None
+    return (route, ctx.chain_for(route)) if protocol == "http1" else None
 
 
-def _pairable(listener: ListenerConfig) -> bool:
-    """A listener whose HTTP/1.1 exchanges C may carry: HTTP mode, the fast codec (C checks
-    heads with the same scan), no per-request stage trace (Server-Timing) to keep."""
+def _lane_listener(listener: ListenerConfig) -> bool:
     http = listener.http
-    return (
-        listener.mode is ListenerMode.HTTP
-        and http.express_lane == "native"
-        and http.codec == "fast"
-        and not http.server_timing
-    )
+    return listener.mode is ListenerMode.HTTP and http.codec == "fast" and not http.server_timing
 
 
 class NativeLane:

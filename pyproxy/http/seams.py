@@ -109,3 +109,24 @@ class Lanes(Protocol):
     """The native lane of a listener (native_lane.py): pairs a connection at rest in C."""
 
     def pair(self, downstream) -> bool: ...
+
+
+class H2Lane(Protocol):
+    """One HTTP/2 downstream session's native lane (h2_lane.py), as the session sees it."""
+
+    state: Any  # its C state: served, last_sid
+
+    @property
+    def in_flight(self) -> int: ...  # streams the lane carries now
+
+    def before_read(self, others: int, draining: bool) -> None: ...
+
+    def after_read(self) -> None: ...
+
+    def release_all(self) -> None: ...
+
+
+class H2Lanes(Protocol):
+    """The native HTTP/2 lane of a listener (h2_lane.py): gives a downstream session its lane."""
+
+    def attach(self, session) -> H2Lane | None: ...

@@ -96,13 +96,8 @@ def copy_scratch(size: int) -> Scratch:
 
 
 def block_pointer(block: memoryview) -> Any:
-    """The address of a listener's counter block, for C.
-
-    Taken through a buffer export that is let go at once: the relay keeps the block (shared
-    memory made before the workers fork) alive, and holding an export from a cdata inside
-    the relay's reference cycles let the collector free the memoryview under it.
-    """
-    return ffi.cast("int64_t *", ffi.cast("uintptr_t", ffi.from_buffer(block)))
+    """The address of a listener's counter block, for _native's C (native.block_pointer)."""
+    return native.block_pointer(block, ffi)
 
 
 @ffi.def_extern()
