@@ -144,8 +144,10 @@ def test_native_step_keeps_the_same_accounts_as_the_python_relay():
         try:
             _lockstep(harness, rounds=50, size=100)
             counts[name] = [harness.block[slot] for slot in slots]
-            for stage in (IPC, READ, WRITE, OTHER):  # each stage's time was taken, not counted
+            for stage in (IPC, READ, WRITE):  # each stage's time was taken, not counted
                 assert harness.block[STAGE_NS + stage] > 0, (name, stage)
+            # Python's own work between the calls is timed; the C step's few adds are not.
+            assert (harness.block[STAGE_NS + OTHER] > 0) is (name == "python"), name
         finally:
             harness.close()
     assert counts["python"][:5] == [5000, 5000, 5000, 5000, 50]
