@@ -22,13 +22,16 @@ C API (see pyproxy_native.h for the full contract):
 ``pp_send(fd, buf, len) -> ssize_t``                   plain MSG_DONTWAIT send
 ``pp_relay_copy(in, out, buf, len, sent*) -> ssize_t`` recv+send in one call
 ``pp_heap_trim() -> int``                              malloc_trim(0); 0 where libc has none
+``pp_ticker_start(tick, engine, period_ms) -> int``     a thread calling tick(engine) every period
 ``pp_copy_step(struct pp_dir *)``                       a relay direction's readable step, whole
 ``pp_splice_step(struct pp_dir *)``                     the same through a pipe (splice)
 =====================================================  ==========================================
 
 The two steps are the event loop's readable callbacks themselves; they call
 back ``pp_step_event(handle, status)`` (an ``extern "Python+C"`` function,
-defined by pyproxy/io/relay_step.py) for anything but the plain step.
+defined by pyproxy/io/relay_step.py) for anything but the plain step. The ticker advances the
+wasm engine's epoch (filters/wasm_time_limit.py) without the GIL; ``_wasmcall``
+(native/wasm_call.c) carries the wasm host's calls into and out of wasmtime.
 """
 
 from __future__ import annotations
