@@ -83,12 +83,14 @@ CONNECTION_ERRORS = {
 }
 
 
-@pytest.fixture(scope="module")
-def hostile_h2(tmp_path_factory, h2_codec):
+@pytest.fixture(scope="module", params=[False, True], ids=["lane-off", "lane-on"])
+def hostile_h2(tmp_path_factory, h2_codec, request):
+    if request.param and h2_codec != "native":
+        pytest.skip("the HTTP/2 lane rides the native codec only")
     upstream = RecordingUpstream()
     settings = (
         "    http:\n      rapid_reset_max: 20\n      request_header_timeout: 300ms\n"
-        f"      http2_codec: {h2_codec}\n"
+        f"      http2_codec: {h2_codec}\n      http2_lane: {'true' if request.param else 'false'}\n"
     )
     proxy, port = module_proxy(tmp_path_factory.mktemp("h2"), "http", upstream.address, settings)
     yield RejectionCheck(proxy, upstream, port)

@@ -24,10 +24,27 @@ from pyproxy.codec.http2 import PREFACE, FrameScanner, HeaderBlockTooLarge, goaw
 REFUSED_STREAM, ENHANCE_YOUR_CALM = 0x7, 0xB
 
 
+# Whether this module's proxies run with the HTTP/2 lane on (the `lane` fixture sets it).
+LANE = {"on": False}
+
+
+@pytest.fixture(scope="module", autouse=True, params=[False, True], ids=["lane-off", "lane-on"])
+def lane(request, h2_codec) -> bool:
+    """Every test here also runs with `http2_lane: true` (on the native codec, which it rides):
+    what the lane does not carry must go on exactly as without it."""
+    if request.param and h2_codec != "native":
+        pytest.skip("the HTTP/2 lane rides the native codec only")
+    LANE["on"] = request.param
+    return request.param
+
+
 def _proxy(
     start_proxy, tmp_path, codec: str, upstream: str, protocol: str = "http1", http: str = "", **kw
 ):
-    body = f"    http:\n      upstream_protocol: {protocol}\n      http2_codec: {codec}\n{http}"
+    body = (
+        f"    http:\n      upstream_protocol: {protocol}\n      http2_codec: {codec}\n"
+        f"      http2_lane: {'true' if LANE['on'] else 'false'}\n{http}"
+    )
     top = f"drain_timeout: {kw.get('drain', '5s')}\n"
     return start_listener(start_proxy, tmp_path, upstream, body, top=top)
 
