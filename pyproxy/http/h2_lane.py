@@ -231,10 +231,8 @@ class H2Lane:
         data = ffi.buffer(info.data, info.data_len)[:] if info.data_len else b""
         upstream = self._take(idx)
         session = self.session
-        # Imported here, not at the top: building any HTTP listener imports this module, and
-        # hyper-h2 (under codec.http2) must stay out of workers that never serve HTTP/2.
-        from pyproxy.codec.http2 import request_from_h2
-        from pyproxy.codec.http2_native import split_headers
+        from pyproxy.codec.http2 import request_from_h2  # lazy: hyper-h2, HTTP/2 workers only
+        from pyproxy.codec.http2_native import split_headers  # lazy: as above
 
         head: Any = request_from_h2(split_headers(block, 0, len(block)), True, True)
         session.adopt_request(sid, head).adopt_sent(
