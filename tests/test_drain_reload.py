@@ -97,6 +97,37 @@ def test_http1_keepalive_moves_to_the_new_config_after_its_next_response(
         assert _get(sock, "/c").endswith(b"ok:/c:new")
 
 
+def test_a_response_already_saying_keepalive_at_the_reload_leaves_the_connection_open(
+    start_proxy, tmp_path, apps
+):
+    """A reload that comes while a response streams, its head already sent without
+    ``Connection: close``: the client was told the connection persists, so it may send its next
+    request at once. The proxy answers that one (saying close), never closes under it."""
+    old, new = apps
+    proxy, path, port = _proxy(start_proxy, tmp_path, old.address, drain="3s")
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /drip?n=3&ms=400 HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = b""
+        while b"\r\n\r\n" not in response:
+            chunk = sock.recv(65536)
+            assert chunk, response
+            response += chunk
+        head = response.split(b"\r\n\r\n", 1)[0].lower()
+        assert b"transfer-encoding: chunked" in head and b"connection:" not in head, head
+        _reload_onto(proxy, path, port, new.address, drain="3s")  # the body is still dripping
+        while not response.endswith(b"\r\n0\r\n\r\n"):
+            chunk = sock.recv(65536)
+            assert chunk, response
+            response += chunk
+        assert response.count(b"d" * 1000) == 3
+        # Kept alive, as its response said: the next request is answered, and that response
+        # is the one that closes the connection.
+        last = _get(sock, "/b")
+        assert last.endswith(b"ok:/b:old") and b"\r\nconnection: close\r\n" in last.lower()
+        assert sock.recv(10) == b""
+    assert [r["path"] for r in old.requests] == ["/drip", "/b"] and not new.requests
+
+
 def test_an_idle_keepalive_connection_is_closed_within_the_drain_bound(start_proxy, tmp_path, apps):
     sock, _ = _keepalive_across_a_reload(start_proxy, tmp_path, apps)
     with sock:

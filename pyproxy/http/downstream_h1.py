@@ -43,6 +43,8 @@ class Http1Downstream(Http1Side):
         "_held",
         "_timer",
         "_closing_after",
+        "_draining",
+        "_head_out",
         "_want_reading",
         "_closed",
         "protocol",
@@ -64,6 +66,8 @@ class Http1Downstream(Http1Side):
         self.target, self.source = target, source
         self._held = False  # the codec holds a pipelined request back until this cycle ends
         self._closing_after = False  # answer the current request, then close
+        self._draining = False  # asked to close at the first response that can say so
+        self._head_out = False  # the current response's head is sent (it says what it says)
         self._want_reading = True
         self._closed = False
         self._timer = ctx.loop.call_later(ctx.settings.request_header_timeout, self._header_timeout)
@@ -221,12 +225,14 @@ class Http1Downstream(Http1Side):
         if self._closing_after:
             head.headers.append((b"connection", b"close"))
             head.wire = None
+        self._head_out = True
         self.encode(head)
 
     def send_whole(self, head, body) -> bool:
         """Head, body and end in one go; False (nothing sent) when this response needs more care."""
         if self._closing_after:
             return False
+        self._head_out = True
         self.encode(head, body)
         return True
 
@@ -244,6 +250,7 @@ class Http1Downstream(Http1Side):
     def exchange_done(self, exchange: RequestSink, reset: bool = False) -> None:
         self.exchange = None
         self.stream.trace = None
+        self._head_out = False
         if reset:
             self._close(reset=True)
             return
@@ -253,6 +260,10 @@ class Http1Downstream(Http1Side):
             self._close(after_flush=True)
             return
         codec.start_next_cycle()
+        if self._draining:
+            # Drained while this response went out saying keep-alive: the client may be sending
+            # its next request already. That one is answered, and its response says close.
+            self._closing_after = True
         if self._held:
             self._held = False
             self.ctx.loop.call_soon(
@@ -264,7 +275,7 @@ class Http1Downstream(Http1Side):
             else:
                 self.resume_request()
             lanes = self.ctx.native_lanes
-            if lanes is not None and self.codec.at_rest:
+            if lanes is not None and self.codec.at_rest and not self._closing_after:
                 lanes.pair(self)  # at rest between requests: the next ones may go in C
 
     def resume_sent(self, route, upstream, data: bytes, started_ns: int, chain, late=None) -> None:
@@ -317,11 +328,15 @@ class Http1Downstream(Http1Side):
     def start_drain(self) -> None:
         """SIGTERM, /drain_listeners or a reload: the response in flight, or the next one, says
         ``Connection: close`` and the connection closes after it, so the client reconnects (onto
-        the new config). An idle connection waits for its next request, or the drain deadline:
-        closing it now could race a request the client is sending."""
-        if self._closed or self._closing_after:
+        the new config). A response whose head is already out said keep-alive: the connection
+        stays open after it, and the next response says close. An idle connection waits for
+        its next request, or the drain deadline: closing it now could race a request the client
+        is sending (RFC 9112 §9.6: the client can tell only from a close it was told of)."""
+        if self._closed or self._draining:
             return
-        self._closing_after = True
+        self._draining = True
+        if not self._head_out:
+            self._closing_after = True
         if self.lane is not None:
             self.lane.release()  # back from C: the response must carry the header
 
