@@ -85,8 +85,6 @@ CONNECTION_ERRORS = {
 
 @pytest.fixture(scope="module", params=[False, True], ids=["lane-off", "lane-on"])
 def hostile_h2(tmp_path_factory, h2_codec, request):
-    if request.param and h2_codec != "native":
-        pytest.skip("the HTTP/2 lane rides the native codec only")
     upstream = RecordingUpstream()
     settings = (
         "    http:\n      rapid_reset_max: 20\n      request_header_timeout: 300ms\n"

@@ -32,8 +32,6 @@ LANE = {"on": False}
 def lane(request, h2_codec) -> bool:
     """Every test here also runs with `http2_lane: true` (on the native codec, which it rides):
     what the lane does not carry must go on exactly as without it."""
-    if request.param and h2_codec != "native":
-        pytest.skip("the HTTP/2 lane rides the native codec only")
     LANE["on"] = request.param
     return request.param
 
