@@ -47,6 +47,7 @@ def _builder(
                 "h2_codec.h",
                 "h2_lane.h",
                 "h2_taker.h",
+                "grow_buf.h",
             )
         ],
         extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter"],

@@ -5,12 +5,9 @@
 #include <nghttp2/nghttp2.h>
 #include <stdlib.h>
 #include <string.h>
+#include "grow_buf.h"
 #include "protocol_facts.h" /* generated: HTTP/2 connection-specific names */
 
-typedef struct {
-    uint8_t *data;
-    size_t len, cap;
-} pp_buf;
 
 /* One stream's outbound DATA not yet taken by nghttp2, and trailers to follow it. */
 typedef struct pp_out {
@@ -47,24 +44,6 @@ struct pp_h2 {
 static long live_sessions;
 
 long pp_h2_live(void) { return live_sessions; }
-
-static int buf_reserve(pp_buf *b, size_t more) {
-    if (b->len + more <= b->cap) return 0;
-    size_t cap = b->cap ? b->cap : 256;
-    while (cap < b->len + more) cap *= 2;
-    uint8_t *p = realloc(b->data, cap);
-    if (p == NULL) return -1;
-    b->data = p;
-    b->cap = cap;
-    return 0;
-}
-
-static int buf_add(pp_buf *b, const void *p, size_t n) {
-    if (buf_reserve(b, n)) return -1;
-    memcpy(b->data + b->len, p, n);
-    b->len += n;
-    return 0;
-}
 
 static int add_record(pp_h2 *h, uint32_t kind, int32_t sid, uint32_t a, uint32_t flags,
                       const void *payload, size_t len) {

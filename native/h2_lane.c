@@ -6,6 +6,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <time.h>
+#include "grow_buf.h"
 #include "h2_taker.h"
 #include "http1_scan.h" /* the HTTP/1 lane's head scan, for the responses */
 
@@ -22,18 +23,13 @@ enum { SLOT_EMPTY, SLOT_IDLE, SLOT_QUEUED, SLOT_WAITING, SLOT_BODY, SLOT_ABANDON
 #define INTERNAL_ERROR 0x2
 
 typedef struct {
-    uint8_t *data;
-    size_t len, cap;
-} lane_buf;
-
-typedef struct {
     int fd;
     int state;
     int32_t sid;
     int64_t started_ns, idle_since_ns;
-    lane_buf request;  /* the HTTP/1.1 request, as it goes upstream */
-    lane_buf block;    /* the stream's header block as received, for a handover */
-    lane_buf handed;   /* what a handover carries (bytes read, or the request's unsent rest) */
+    pp_buf request;  /* the HTTP/1.1 request, as it goes upstream */
+    pp_buf block;    /* the stream's header block as received, for a handover */
+    pp_buf handed;   /* what a handover carries (bytes read, or the request's unsent rest) */
     size_t sent;
     int kind, err;
     int head; /* the request is a HEAD: its answer has no body whatever it says */
@@ -56,7 +52,7 @@ struct pp_lane {
 
 /* One event loop per process: every lane can share the read buffer and the response block. */
 static uint8_t in_buf[READ_SIZE];
-static lane_buf response_block;
+static pp_buf response_block;
 static long live_lanes;
 static unsigned char path_ok[256], authority_ok[256];
 
@@ -80,25 +76,10 @@ static int64_t claimed(pp_lane *l)
     return sum;
 }
 
-static int buf_put(lane_buf *b, const void *p, size_t n)
-{
-    if (b->len + n > b->cap) {
-        size_t cap = b->cap ? b->cap : 512;
-        while (cap < b->len + n) cap *= 2;
-        uint8_t *grown = realloc(b->data, cap);
-        if (grown == NULL) return -1;
-        b->data = grown;
-        b->cap = cap;
-    }
-    memcpy(b->data + b->len, p, n);
-    b->len += n;
-    return 0;
-}
-
-static int buf_set(lane_buf *b, const void *p, size_t n)
+static int buf_set(pp_buf *b, const void *p, size_t n)
 {
     b->len = 0;
-    return buf_put(b, p, n);
+    return buf_add(b, p, n);
 }
 
 static int chars_ok(const unsigned char *table, const uint8_t *p, size_t n)
@@ -174,23 +155,23 @@ static int carried(pp_lane *l, const uint8_t *block, size_t len, nv_span *method
 
 /* The request as the general path writes it (request_from_h2, upstream_head): the request
  * line, Host from :authority, then the regular fields in order less the hop-by-hop ones. */
-static int http1_request(lane_buf *out, const uint8_t *block, size_t len, const nv_span *method,
+static int http1_request(pp_buf *out, const uint8_t *block, size_t len, const nv_span *method,
                          const nv_span *path, const nv_span *authority)
 {
     nv_span f;
     size_t pos = 0;
     out->len = 0;
-    int bad = buf_put(out, method->value, method->value_len) | buf_put(out, " ", 1) |
-              buf_put(out, path->value, path->value_len) |
-              buf_put(out, " HTTP/1.1\r\nhost: ", 17) | buf_put(out, authority->value, authority->value_len) |
-              buf_put(out, "\r\n", 2);
+    int bad = buf_add(out, method->value, method->value_len) | buf_add(out, " ", 1) |
+              buf_add(out, path->value, path->value_len) |
+              buf_add(out, " HTTP/1.1\r\nhost: ", 17) | buf_add(out, authority->value, authority->value_len) |
+              buf_add(out, "\r\n", 2);
     while (next_field(block, len, &pos, &f)) {
         if (f.name_len && f.name[0] == ':') continue;
         if (pf_hop_by_hop((const char *)f.name, f.name_len)) continue;
-        bad |= buf_put(out, f.name, f.name_len) | buf_put(out, ": ", 2) | buf_put(out, f.value, f.value_len) |
-               buf_put(out, "\r\n", 2);
+        bad |= buf_add(out, f.name, f.name_len) | buf_add(out, ": ", 2) | buf_add(out, f.value, f.value_len) |
+               buf_add(out, "\r\n", 2);
     }
-    return bad | buf_put(out, "\r\n", 2);
+    return bad | buf_add(out, "\r\n", 2);
 }
 
 static int lane_take(void *opaque, int32_t sid, const uint8_t *block, size_t len)
@@ -386,11 +367,11 @@ int pp_lane_send(pp_lane *l)
  * the head has a Connection field; names in lower case. -1: out of memory. */
 static int h2_response(const head_t *h)
 {
-    lane_buf *b = &response_block;
+    pp_buf *b = &response_block;
     char status[4] = {(char)('0' + h->status / 100), (char)('0' + h->status / 10 % 10),
                       (char)('0' + h->status % 10), 0};
     b->len = 0;
-    int bad = buf_put(b, ":status", 8) | buf_put(b, status, 3);
+    int bad = buf_add(b, ":status", 8) | buf_add(b, status, 3);
     int connection = 0;
     for (Py_ssize_t i = 0; i < h->nfields; i++)
         if (name_is((const char *)in_buf + h->fields[i].name, h->fields[i].name_len, "connection"))
@@ -402,8 +383,8 @@ static int h2_response(const head_t *h)
             (connection && pf_hop_by_hop(name, (size_t)f->name_len)))
             continue;
         size_t at = b->len + 1;
-        bad |= buf_put(b, "", 1) | buf_put(b, name, (size_t)f->name_len) | buf_put(b, "", 1) |
-               buf_put(b, in_buf + f->value, (size_t)f->value_len);
+        bad |= buf_add(b, "", 1) | buf_add(b, name, (size_t)f->name_len) | buf_add(b, "", 1) |
+               buf_add(b, in_buf + f->value, (size_t)f->value_len);
         if (!bad) lower_copy((char *)b->data + at, name, f->name_len);
     }
     return bad ? -1 : 0;
