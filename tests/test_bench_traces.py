@@ -17,7 +17,7 @@ def test_a_fanout_traced_by_the_app_imports_as_its_call_graph(tmp_path):
         for name in ("b", "c"):
             leaves[name] = f"127.0.0.1:{free_port()}"
             procs.start([sys.executable, "-m", "pyproxy.bench.validation_app", "--listen", leaves[name],
-                         "--name", name, "--trace", str(trace), "--work-us", "200"])  # fmt: skip
+                         "--name", name, "--trace", str(trace), "--work-us", "5000"])  # fmt: skip
         entry = f"127.0.0.1:{free_port()}"
         procs.start([sys.executable, "-m", "pyproxy.bench.validation_app", "--listen", entry, "--name", "a",
                      "--call", leaves["b"], "--call", leaves["c"], "--parallel", "--work-us", "300",
@@ -37,7 +37,8 @@ def test_a_fanout_traced_by_the_app_imports_as_its_call_graph(tmp_path):
     assert sorted(c.callee for c in root.children) == ["b", "c"]
     assert {c.group for c in root.children} == {0}  # the app called them in parallel
     assert all(c.request == c.response == 1000 for c in [root, *root.children])
-    # Each service's own work is what it spun (plus a little), not its callees' time.
-    slowest_child = max(c.work_ns + c.network_ns for c in root.children)
-    assert 300_000 <= root.work_ns < 300_000 + slowest_child
-    assert all(200_000 <= c.work_ns < 10_000_000 for c in root.children)
+    # Each service's own work is what it spun (plus scheduling noise), not its callees' time:
+    # the leaves spin 5 ms each, so counting either of them in the root's work (or subtracting
+    # both, as if they ran one after the other) lands far outside these bounds.
+    assert 300_000 <= root.work_ns < 300_000 + 4_000_000
+    assert all(5_000_000 <= c.work_ns < 50_000_000 for c in root.children)
