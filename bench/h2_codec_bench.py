@@ -56,7 +56,10 @@ def start_pyproxy(
     python: Path | None = None, lane: bool = False,
 ):  # fmt: skip
     interpreter = str(python) if python is not None else sys.executable
-    http: dict = {"http2_codec": codec} | ({"http2_lane": True} if lane else {})
+    http: dict = {"http2_codec": codec, "http2_lane": lane}
+    if python is not None and not lane:
+        # A baseline tree from before the lane was on by default may not know the field at all.
+        del http["http2_lane"]
     listener = {"mode": mode, "upstream": f"127.0.0.1:{upstream}", "http": http}
     started = peers.pyproxy_config(procs, procs.logs, name, listener, SIDE_CPU, python=interpreter)
     port, admin = started.ready().port, started.admin

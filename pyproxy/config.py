@@ -99,8 +99,9 @@ class HttpSettings:
     rapid_reset_window: float = 10.0
     # HTTP/2 codec: "native" (libnghttp2, when built; else h2) or "h2" (hyper-h2, pure Python).
     http2_codec: str = "native"
-    # Plain HTTP/2 GETs to an HTTP/1 upstream carried in C on the native codec (http/h2_lane.py).
-    http2_lane: bool = False
+    # Plain HTTP/2 GETs to an HTTP/1 upstream carried in C on the native codec (http/h2_lane.py);
+    # false keeps every stream on the general path.
+    http2_lane: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -582,7 +583,7 @@ def _http_settings(fields: _Fields | None, mode: ListenerMode) -> HttpSettings:
         rapid_reset_max=fields.take("rapid_reset_max", _int_range(1, 1_000_000), 200),
         rapid_reset_window=fields.take("rapid_reset_window", parse_duration, 10.0),
         http2_codec=fields.take("http2_codec", _choice(("native", "h2")), "native"),
-        http2_lane=fields.take("http2_lane", _bool, False),
+        http2_lane=fields.take("http2_lane", _bool, True),
     )
     fields.done()
     return settings
