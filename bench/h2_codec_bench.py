@@ -256,7 +256,9 @@ def targets_met(result: dict) -> dict:
             out[f"{kind}: native / h2 req per CPU-s (target >= 5)"] = round(native / h2, 2)
     lane_s, h2_s = (per_cpu_s(h["load"], n, "proxy_cpu_us_per_req") for n in (LANE, "pyproxy-h2"))
     if lane_s and h2_s:  # the lane is on by default, so this is what a user's HTTP/2 GET costs
-        out["http2_get: native with the lane / h2 req per CPU-s (target >= 5)"] = round(lane_s / h2_s, 2)
+        out["http2_get: native with the lane / h2 req per CPU-s (target >= 5)"] = round(
+            lane_s / h2_s, 2
+        )
     nginx = g["latency"].get("nginx")
     if nginx:
         out["grpc: native added p50 / nginx grpc_pass (target <= 1.5)"] = round(
