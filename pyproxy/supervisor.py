@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import ipaddress
 import logging
@@ -155,9 +156,16 @@ class Supervisor:
             loop.add_signal_handler(signum, handler)
         self._log_ready()
         trim()  # the start-up's freed scratch, as each worker does (memory_trim.py)
-        if self.children:
-            loop.create_task(self._watch_children())
-        return await self._done
+        if not self.children:
+            return await self._done
+        watcher = loop.create_task(self._watch_children())
+        try:
+            return await self._done
+        finally:
+            # Ended here, not left asleep for the loop's close to find pending and log.
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
 
     async def _wait_children_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT
