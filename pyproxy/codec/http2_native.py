@@ -266,13 +266,14 @@ class NativeH2Connection:
 
     def send_headers(self, stream_id: int, headers: Headers, end_stream: bool = False) -> None:
         packed, form = pack_headers(headers)
-        if end_stream and not self._opens(stream_id):
+        opens = self._opens(stream_id)  # one look: a new client stream, else trailers or a head
+        if end_stream and not opens:
             rv = lib.pp_h2_queue_trailers(self.session, stream_id, packed, len(packed), form)
         else:
-            sid = -1 if self.client_side and self._opens(stream_id) else stream_id
+            sid = -1 if opens else stream_id
             flags = form | _END_STREAM if end_stream else form
             rv = lib.pp_h2_submit_headers(self.session, sid, packed, len(packed), flags)
-            if sid == -1 and rv >= 0 and _method(headers) == b"HEAD":
+            if opens and rv >= 0 and _method(headers) == b"HEAD":
                 self._heads.add(rv)
         if rv < 0:
             raise StreamClosedError(stream_id)
