@@ -47,6 +47,8 @@ class H2Upstream(ThreadedServer):
         # Every RST_STREAM frame's stream id as it arrived, even on a stream h2 considers closed
         # (h2 reports no event for those).
         self.rst_frames: list[int] = []
+        # DATA frames that carried nothing but END_STREAM (a body's end sent apart from it).
+        self.empty_end_frames = 0
         self.peak_streams = 0
         self._active = 0
         self._lock = threading.Lock()
@@ -88,6 +90,8 @@ class _ServerConn:
                 return
             if buf[3] == 0x3:  # RST_STREAM
                 self.server.rst_frames.append(int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF)
+            elif buf[3] == 0x0 and size == 9 and buf[4] & 0x1:  # empty DATA, END_STREAM
+                self.server.empty_end_frames += 1
             del buf[:size]
 
     def run(self) -> None:

@@ -157,6 +157,24 @@ def test_a_response_ended_by_its_trailers_is_not_cancelled_upstream(
     client.close()
 
 
+def test_a_request_body_read_with_its_end_leaves_in_one_data_frame(
+    start_proxy, tmp_path, h2_codec, h2_upstream
+):
+    # A body and END_STREAM read together are pumped once after the read (FlushQueue.handle):
+    # END_STREAM rides the body's last DATA frame, never an empty frame of its own, on either
+    # codec; the bodies arrive whole and the windows go on being given back.
+    proxy, port = _proxy(start_proxy, tmp_path, h2_codec, h2_upstream.address, "http2")
+    client = H2Client(port)
+    bodies = [bytes([65 + i]) * (1000 + i) for i in range(4)]
+    for round_ in range(3):  # more than one window's worth over the connection
+        sids = [client.request("/echo", "POST", body=body * 20) for body in bodies]
+        for body, received in zip(bodies, client.wait(sids), strict=True):
+            echo = json.loads(bytes(received["body"]))
+            assert received["status"] == 200 and echo["body_length"] == len(body) * 20, round_
+    assert h2_upstream.empty_end_frames == 0
+    client.close()
+
+
 def test_rst_stream_propagates_both_ways(start_proxy, tmp_path, h2_codec, h2_upstream):
     proxy, port = _proxy(start_proxy, tmp_path, h2_codec, h2_upstream.address, "http2")
     client = H2Client(port)

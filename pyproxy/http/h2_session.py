@@ -35,14 +35,25 @@ DEFAULT_PEER_STREAMS = 100  # assumed until the peer's SETTINGS arrive (RFC 9113
 
 
 class FlushQueue:
-    """Sessions written to during one callback get a single data_to_send() flush at its end."""
+    """Sessions written to during one callback get a single data_to_send() flush at its end.
 
-    __slots__ = ("loop", "dirty", "scheduled")
+    While one read's events are handled (``batching``), the streams they queue DATA or an end
+    on are pumped once after the last event rather than at each queueing (a gRPC call's body
+    and END_STREAM, or a response's body and trailers, then leave in one window check and one
+    codec call), and what the read received is acknowledged after those pumps, so a stream
+    whose other side turned out blocked is paused before it could give its window back
+    (the module doc's rule holds across the batch).
+    """
+
+    __slots__ = ("loop", "dirty", "scheduled", "batching", "pumps", "acks")
 
     def __init__(self, loop) -> None:
         self.loop = loop
         self.dirty: list[H2Session] = []
         self.scheduled = False
+        self.batching = False
+        self.pumps: list[H2StreamBase] = []
+        self.acks: list[H2StreamBase] = []
 
     def add(self, session: H2Session) -> None:
         if session.dirty:
@@ -53,6 +64,28 @@ class FlushQueue:
             # Writes caused by an HTTP/1 read (no HTTP/2 read to flush at the end of).
             self.scheduled = True
             self.loop.call_soon(self.run)
+
+    def handle(self, session: H2Session, events: list) -> None:
+        """One read's events, then the pumps and acknowledgements they deferred."""
+        if self.batching:  # a read inside a read's handling: its work joins the outer batch
+            session.handle(events)
+            return
+        self.batching = True
+        try:
+            session.handle(events)
+        finally:
+            self.batching = False
+        pumps, acks = self.pumps, self.acks
+        # Pumps may queue more (a stream done frees its exchange's next step): not deferred now.
+        for stream in pumps:
+            stream.pump_pending = False
+            stream.pump()
+        pumps.clear()
+        for stream in acks:
+            stream.ack_pending = False
+            if not stream.paused:
+                stream.ack()
+        acks.clear()
 
     def run(self) -> None:
         self.scheduled = False
@@ -191,7 +224,7 @@ class H2Session:
         self.account(perf_counter_ns() - t0, None)
         self.mark_dirty()
         if events:
-            self.handle(events)
+            self.flushes.handle(self, events)
         for payload in goaways:
             if self.closed:
                 break
@@ -292,6 +325,8 @@ class H2StreamBase:
         "unacked",
         "signalled",
         "closed",
+        "pump_pending",
+        "ack_pending",
     )
 
     def __init__(self, session: Any, stream_id: int | None) -> None:
@@ -310,6 +345,8 @@ class H2StreamBase:
         self.unacked = 0
         self.signalled = False  # we told the other side to pause
         self.closed = False
+        self.pump_pending = False  # in the read batch's pumps (FlushQueue.handle)
+        self.ack_pending = False  # in the read batch's acknowledgements
 
     # ---- sending ---------------------------------------------------------------
 
@@ -318,14 +355,23 @@ class H2StreamBase:
             return
         self.chunks.append(data)
         self.queued += len(data)
-        self.pump()
+        self._pump_soon()
 
     def queue_end(self, trailers) -> None:
         if self.ended_out or self.closed or self.end_pending:
             return
         self.end_pending = True
         self.trailers = trailers or None
-        self.pump()
+        self._pump_soon()
+
+    def _pump_soon(self) -> None:
+        """Pump now, or once after the read being handled (FlushQueue.handle)."""
+        flushes = self.session.flushes
+        if not flushes.batching:
+            self.pump()
+        elif not self.pump_pending:
+            self.pump_pending = True
+            flushes.pumps.append(self)
 
     def pump(self) -> None:
         """Send what the peer's windows allow (§6.9.1); the rest waits for WINDOW_UPDATE."""
@@ -409,8 +455,14 @@ class H2StreamBase:
     def received(self, data, flow_controlled_length: int) -> None:
         self.unacked += flow_controlled_length
         self.deliver(data)
-        if not self.paused:
+        if self.paused:
+            return
+        flushes = self.session.flushes
+        if not flushes.batching:
             self.ack()
+        elif not self.ack_pending:  # after the batch's pumps: the other side may block yet
+            self.ack_pending = True
+            flushes.acks.append(self)
 
     def ack(self) -> None:
         n = self.unacked
