@@ -94,7 +94,7 @@ class GrpcCall:
         "responses",
         "status",
         "message",
-        "timer",
+        "deadline_armed",
     )
 
     def __init__(self, exchange: Exchange) -> None:
@@ -109,14 +109,16 @@ class GrpcCall:
         self.responses = MessageScanner(limits.max_response_message_bytes)
         self.status: int | None = None
         self.message = b""
-        self.timer = None
+        self.deadline_armed = False
         for name, value in request.headers:
             if name == b"grpc-timeout":
                 timeout = parse_timeout(value)
                 # The header goes on to the app unchanged; the sidecar enforces it as well, so a
                 # call stuck anywhere behind it still ends on time with a status.
                 if timeout is not None:
-                    self.timer = ctx.loop.call_later(timeout, self._deadline_passed)
+                    # On the context's deadlines, not a loop timer per call (deadlines.py).
+                    ctx.deadlines.arm_at(ctx.loop.time() + timeout, self)
+                    self.deadline_armed = True
                 break
 
     # ---- messages (the parse stage) --------------------------------------------------------
@@ -178,8 +180,8 @@ class GrpcCall:
         if status is not None:
             self.status, self.message = status, message
 
-    def _deadline_passed(self) -> None:
-        self.timer = None
+    def deadline_expired(self) -> None:
+        self.deadline_armed = False
         self.exchange.fail_call(DEADLINE_EXCEEDED, "deadline exceeded at the sidecar", "UT")
 
     def local_reply_head(
@@ -206,9 +208,9 @@ class GrpcCall:
     # ---- end -----------------------------------------------------------------------------
 
     def finished(self, flag: str, elapsed_ns: int) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        if self.deadline_armed:
+            self.deadline_armed = False
+            self.exchange.ctx.deadlines.disarm_at(self)
         status = self.status
         if status is None:
             status = _FLAG_STATUS.get(flag) if flag else None

@@ -10,10 +10,19 @@ armed. A deadline fires at most ``resolution`` after it is due, never before.
 A deadline that is due sooner than its timeout from now (a request the native
 express lane hands back mid-flight keeps the time it already spent) would
 break a bucket's order, so it waits in a small unordered set scanned whole.
+
+A deadline whose length is its own (a gRPC call's grpc-timeout, which the
+caller counts down: nearly every call's differs) would make a bucket per call:
+those (``arm_at``) go in one heap ordered by due time instead. Disarming
+empties the owner's entry (nothing of it is held on) and leaves it in place: it
+is dropped when it comes up, or when dropped entries outnumber armed ones, so a
+cancel stays a dict pop.
 """
 
 from __future__ import annotations
 
+from heapq import heapify, heappop, heappush
+from itertools import count
 from typing import Protocol
 
 
@@ -22,7 +31,7 @@ class Expiring(Protocol):
 
 
 class Deadlines:
-    __slots__ = ("loop", "resolution", "_buckets", "_early", "_timer")
+    __slots__ = ("loop", "resolution", "_buckets", "_early", "_timer", "_heap", "_due", "_order")
 
     def __init__(self, loop, resolution: float = 0.01) -> None:
         self.loop = loop
@@ -30,6 +39,10 @@ class Deadlines:
         self._buckets: dict[float, dict[Expiring, float]] = {}
         self._early: dict[Expiring, float] = {}  # due sooner than their timeout from arming
         self._timer = None
+        # arm_at's entries, [due, order, owner]; a disarmed one's owner is None.
+        self._heap: list[list] = []
+        self._due: dict[Expiring, list] = {}  # the armed owners' entries
+        self._order = count()  # ties in the heap never compare owners
 
     def arm(self, timeout: float, owner: Expiring, due: float | None = None) -> None:
         """Fire ``owner`` once ``timeout`` has passed, or at ``due`` (loop time) if that is sooner."""
@@ -43,6 +56,26 @@ class Deadlines:
             bucket[owner] = now_due
         if self._timer is None:
             self._timer = self.loop.call_later(self.resolution, self._tick)
+
+    def arm_at(self, due: float, owner: Expiring) -> None:
+        """Fire ``owner`` at ``due`` (loop time): a deadline of its own length (see above)."""
+        entry = [due, next(self._order), owner]
+        old = self._due.get(owner)
+        if old is not None:
+            old[2] = None
+        self._due[owner] = entry
+        heap = self._heap
+        heappush(heap, entry)
+        if len(heap) > 64 + 2 * len(self._due):  # mostly dropped entries: keep the armed ones
+            heap[:] = [item for item in heap if item[2] is not None]
+            heapify(heap)
+        if self._timer is None:
+            self._timer = self.loop.call_later(self.resolution, self._tick)
+
+    def disarm_at(self, owner: Expiring) -> None:
+        entry = self._due.pop(owner, None)
+        if entry is not None:
+            entry[2] = None
 
     def disarm(self, timeout: float, owner: Expiring) -> None:
         bucket = self._buckets.get(timeout)
@@ -72,6 +105,18 @@ class Deadlines:
                 del self._early[owner]
             expired += due_now
             pending = pending or bool(self._early)
+        heap = self._heap
+        if heap:
+            armed = self._due
+            while heap and heap[0][0] <= now:
+                owner = heappop(heap)[2]
+                if owner is not None:  # not disarmed (nor armed again for later)
+                    del armed[owner]
+                    expired.append(owner)
+            if armed:
+                pending = True
+            else:
+                heap.clear()
         if pending:
             self._timer = self.loop.call_later(self.resolution, self._tick)
         for owner in expired:
