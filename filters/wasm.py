@@ -347,12 +347,14 @@ class WasmFilter(StreamContext, HttpFilter):
                 self._began()
                 joined = rt.entering.get(callback)
             if joined is not None:  # proxy_on_context_create and the callback in one entry
-                action = rt.call_raw(joined[0], joined[1], context_id, count, end_stream)
+                action = rt.entry(joined[0], joined[1], context_id, count, end_stream)
             else:
                 if entered == 2:
                     self._create()
                 func, n = rt.exports[callback]
-                action = rt.call_raw(func, n, context_id, count, end_stream)
+                action = rt.entry(func, n, context_id, count, end_stream)
+            if action is None:
+                raise rt._fault()
         except WasmFault as exc:
             return self._fault(exc, callback)
         if self.reply is not None:
@@ -374,7 +376,8 @@ class WasmFilter(StreamContext, HttpFilter):
         rt = self.runtime
         callbacks = self.callbacks
         direction = "encode" if stream else "decode"
-        self._know_heads()
+        if self.request is None or self.response is None:
+            self._know_heads()
         held = callbacks.held_body[direction] if self.buffering[stream] else None
         size = len(data) + (sum(map(len, held)) if held else 0)
         try:
@@ -388,7 +391,9 @@ class WasmFilter(StreamContext, HttpFilter):
             self.body, self.body_parts, self.body_stream = None, (held, data), stream
             self.body_changed = False
             func, n = rt.exports[callback]
-            action = rt.call_raw(func, n, self.context_id, size, end_stream)
+            action = rt.entry(func, n, self.context_id, size, end_stream)
+            if action is None:
+                raise rt._fault()
         except WasmFault as exc:
             return self._fault(exc, callback)
         finally:
@@ -528,7 +533,8 @@ class WasmFilter(StreamContext, HttpFilter):
             self.callbacks.loop.call_soon(go_on)
 
     def on_destroy(self) -> None:
-        self._cancel_timer()
+        if self.timer is not None:
+            self._cancel_timer()
         if self.runtime.calls:
             self.runtime.cancel_calls(self)
         if not self.context_id or self.generation != self.runtime.generation:

@@ -3,11 +3,12 @@
  * without ctypes (whose per-call argument conversion and libffi dispatch cost more than the
  * guest's own work in a small callback).
  *
- * call(fn, ctx, func, args, nargs, faults, a, b, c) -> int | None
+ * call(fn, ctx, args, faults, func, nargs, a, b, c) -> int | None
  *   Writes a, b, c as the first three i32 arguments into the wasmtime_val_raw_t buffer `args`,
  *   calls fn (wasmtime_func_call_unchecked) on the store context `ctx` and the function handle
  *   `func`, and answers the first result as an i32 (0 when it has none). On a trap or error it
  *   answers None and leaves the trap in faults[0], the error in faults[1] (two pointer slots).
+ *   What stays the same for a store's life comes first, so a partial can hold it.
  *   The GIL stays held: only this thread enters the guest, and the epoch ticker, not Python,
  *   stops a runaway guest.
  *
@@ -42,14 +43,14 @@ static int as_pointer(PyObject *o, void **out)
 static PyObject *call(PyObject *self, PyObject *const *argv, Py_ssize_t argc)
 {
     if (argc != 9) {
-        PyErr_SetString(PyExc_TypeError, "call(fn, ctx, func, args, nargs, faults, a, b, c)");
+        PyErr_SetString(PyExc_TypeError, "call(fn, ctx, args, faults, func, nargs, a, b, c)");
         return NULL;
     }
     void *fn, *ctx, *func, *args, *faults;
-    if (!as_pointer(argv[0], &fn) || !as_pointer(argv[1], &ctx) || !as_pointer(argv[2], &func)
-        || !as_pointer(argv[3], &args) || !as_pointer(argv[5], &faults))
+    if (!as_pointer(argv[0], &fn) || !as_pointer(argv[1], &ctx) || !as_pointer(argv[2], &args)
+        || !as_pointer(argv[3], &faults) || !as_pointer(argv[4], &func))
         return NULL;
-    size_t nargs = PyLong_AsSize_t(argv[4]);
+    size_t nargs = PyLong_AsSize_t(argv[5]);
     if (nargs == (size_t)-1 && PyErr_Occurred())
         return NULL;
     char *raw = args;

@@ -449,9 +449,14 @@ class HttpChain:
                 hold_first = False
         if self.state is not None:
             self.state.stopped[direction] = None
-        if kind == "headers":
+        if data:  # _emit's, without the call (as the two below)
             if direction == "encode":
-                self.exchange.forward_response_head(end_stream)  # _emit's, without the call
+                self.exchange.forward_response_body(payload, end_stream)
+            else:
+                self.exchange.forward_request_body(payload, end_stream)
+        elif not trailers:
+            if direction == "encode":
+                self.exchange.forward_response_head(end_stream)
         else:
             self._emit(direction, kind, payload, end_stream)
         return True
