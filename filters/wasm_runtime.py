@@ -106,6 +106,9 @@ STREAM_CALLBACKS = ("proxy_on_request_headers", "proxy_on_response_headers")
 END_CALLBACKS = ("proxy_on_done", "proxy_on_log", "proxy_on_delete")
 
 TRAPS, OVER_TIME_LIMIT, LOCAL_REPLIES, PAUSE_TIMEOUTS = range(4)
+# The header edits whose plain case the native crossing does itself (native/wasm_call.c): an
+# SDK's header filter makes one per header it adds or sets, each a Python call otherwise.
+HEADER_EDITS = {"proxy_add_header_map_value": 1, "proxy_replace_header_map_value": 2}
 
 # Proxy-Wasm log levels (trace..critical) to logging levels, and back.
 LOG_LEVELS = (5, logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
@@ -691,8 +694,11 @@ class Runtime:
             signature = ([str(t) for t in ty.params], [str(t) for t in ty.results])
             entry = host.get((imp.module, imp.name))
             module = imp.module
+            edit = 0
             if entry is not None and (entry[0], entry[1]) == signature:
                 impl = entry[2]
+                if module == "env":
+                    edit = HEADER_EDITS.get(imp.name, 0)
                 # settings["log_shim"]: False only to measure the shim (bench/wasm_cost.py).
                 if (module, imp.name) == ("env", "proxy_log") and self.settings.get(
                     "log_shim", True
@@ -703,7 +709,7 @@ class Runtime:
                     self.linker.allow_shadowing = True
             else:
                 impl = _stub(imp.module, imp.name, signature[1])
-            self._define(module, imp.name, ty, signature, impl)
+            self._define(module, imp.name, ty, signature, impl, edit)
 
     def _link_log_shim(self, store: wasmtime.Store) -> None:
         """This store's proxy_log: the shim, instantiated in it, with the current level."""
@@ -716,7 +722,9 @@ class Runtime:
         level.set_value(store, wasmtime.Val.i32(_log_level()))
         self.linker.define(store, "env", "proxy_log", exports["proxy_log"])
 
-    def _define(self, module: str, name: str, ty, signature, impl) -> None:
+    def _define(self, module: str, name: str, ty, signature, impl, edit: int = 0) -> None:
+        """Link `impl` as module.name; `edit` (1 add, 2 replace): it is that header edit's
+        implementation, whose plain case C may do (see native/wasm_call.c)."""
         params, results = signature
         result = results[0] if results else None
         runtime = self
@@ -743,7 +751,13 @@ class Runtime:
         if _wasmcall is not None:
             kind = {"i32": ord("i"), "i64": ord("I"), None: 0}.get(result, ord("z"))
             kinds = "".join("I" if p == "i64" else "i" for p in params).encode()
-            keep: Any = _wasmcall.HostFunc(host, kinds, kind)
+            # The header edits' plain case is done in C, without entering Python (see
+            # native/wasm_call.c): anything else still comes to `host`, which decides it.
+            if edit:
+                limits = (MAX_HOST_CALLS_PER_ENTRY, MAX_HOST_BYTES_PER_ENTRY)
+                keep: Any = _wasmcall.HostFunc(host, kinds, kind, self, edit, limits)
+            else:
+                keep = _wasmcall.HostFunc(host, kinds, kind)
             callback, env = _wasmcall.trampoline(), keep.env
         else:
             keep = _HostCallback(_ctypes_callback(host, params, result))
