@@ -943,11 +943,8 @@ HEADER_EDITS = (
 """
     + _GUEST.format(pages=1)
     + """
-  (data (i32.const 100) "X-Mixedax-dupone")
-  (data (i32.const 120) "x-bzd")
-  (data (i32.const 126) "aza")
-  (data (i32.const 130) ":path/echo")
-  (data (i32.const 150) "x-statuses")
+  ;; 100 X-Mixed, 107 a, 108 x-dup, 113 one, 120 x-bzd, 126 aza, 130 :path, 135 /echo, 150 x-statuses
+  (data (i32.const 100) "X-Mixedax-dupone....x-bzd.aza.:path/echo..........x-statuses")
   (global $at (mut i32) (i32.const 300))
   (func $note (param i32)
     (i32.store8 (global.get $at) (i32.add (i32.const 48) (i32.div_u (local.get 0) (i32.const 10))))
