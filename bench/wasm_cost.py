@@ -86,12 +86,12 @@ def _request(factory: WasmFactory, callbacks: _Callbacks) -> None:
 def _round(factory: WasmFactory, callbacks: _Callbacks, requests: int) -> dict[str, float]:
     runtime = factory.runtime
     inside = [0]
-    call_raw = runtime.call_raw
+    entry = runtime.entry
 
     def timed(*args):
         started = time.perf_counter_ns()
         try:
-            return call_raw(*args)
+            return entry(*args)
         finally:
             inside[0] += time.perf_counter_ns() - started
 
@@ -99,12 +99,12 @@ def _round(factory: WasmFactory, callbacks: _Callbacks, requests: int) -> dict[s
     for _ in range(requests):
         _request(factory, callbacks)
     total = time.perf_counter_ns() - started
-    runtime.call_raw = timed  # type: ignore[method-assign]
+    runtime.entry = timed
     try:
         for _ in range(requests):
             _request(factory, callbacks)
     finally:
-        del runtime.call_raw
+        runtime.entry = entry
     return {"us": total / requests / 1000, "inside_us": inside[0] / requests / 1000}
 
 
@@ -129,21 +129,21 @@ def _count_instructions(variant: str) -> dict[str, list[int]]:
     if runtime.ending is not None:
         names[runtime.ending[0]] = "joined:done+log+delete"
     counted: dict[str, list[int]] = {}
-    call_raw = runtime.call_raw
+    entry = runtime.entry
     store = runtime.store
     assert store is not None
 
     def counting(func, n, *args):
         before = store.get_fuel()
-        result = call_raw(func, n, *args)
+        result = entry(func, n, *args)
         counted[names.get(func, str(func))] = [before - store.get_fuel(), runtime.host_calls]
         return result
 
-    runtime.call_raw = counting  # type: ignore[method-assign]
+    runtime.entry = counting
     try:
         _request(factory, callbacks)
     finally:
-        del runtime.call_raw
+        runtime.entry = entry
         factory.close()
         loop.close()
     return counted

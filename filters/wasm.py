@@ -307,7 +307,7 @@ class WasmFilter(StreamContext, HttpFilter):
         )  # (held, chunk) to build it from
         self.body_stream = -1
         self.body_changed = False
-        self.buffering = [False, False]
+        self.buffering = 0  # bit `stream`: that stream is buffering
         self.started_ns = 0  # when the request began (set with its context)
         self.ended_ns = 0  # when the request ended (its done/log callbacks began): request.duration
         self.reply_details = ""  # the details of the local reply the guest sent
@@ -336,23 +336,34 @@ class WasmFilter(StreamContext, HttpFilter):
 
     def _headers(self, callback: str, headers, end_stream: bool, stream: int) -> int:
         rt = self.runtime
+        count = len(headers.headers) + len(headers.pseudo)
         try:
-            entered = self._enter()
-            if not entered:
-                return self._unavailable()
-            count = len(headers.headers) + len(headers.pseudo)
             context_id = self.context_id
-            joined = None
-            if entered == 2:
-                self._began()
-                joined = rt.entering.get(callback)
-            if joined is not None:  # proxy_on_context_create and the callback in one entry
-                action = rt.call_raw(joined[0], joined[1], context_id, count, end_stream)
-            else:
-                if entered == 2:
-                    self._create()
+            if context_id and self.generation == rt.generation:
+                # The context exists (the response's headers, say): _enter's case 1, inline.
+                rt.filter = self
+                rt.time_limit.entries += 1
+                rt.host_calls = rt.host_bytes = 0
                 func, n = rt.exports[callback]
-                action = rt.call_raw(func, n, context_id, count, end_stream)
+                action = rt.entry(func, n, context_id, count, end_stream)
+            else:
+                entered = self._enter()
+                if not entered:
+                    return self._unavailable()
+                context_id = self.context_id
+                joined = None
+                if entered == 2:
+                    self._began()
+                    joined = rt.entering.get(callback)
+                if joined is not None:  # proxy_on_context_create and the callback in one entry
+                    action = rt.entry(joined[0], joined[1], context_id, count, end_stream)
+                else:
+                    if entered == 2:
+                        self._create()
+                    func, n = rt.exports[callback]
+                    action = rt.entry(func, n, context_id, count, end_stream)
+            if action is None:
+                raise rt._fault()
         except WasmFault as exc:
             return self._fault(exc, callback)
         if self.reply is not None:
@@ -373,9 +384,13 @@ class WasmFilter(StreamContext, HttpFilter):
         so at end_of_stream the guest can read and rewrite the whole body."""
         rt = self.runtime
         callbacks = self.callbacks
-        direction = "encode" if stream else "decode"
-        self._know_heads()
-        held = callbacks.held_body[direction] if self.buffering[stream] else None
+        if self.request is None or self.response is None:
+            self._know_heads()
+        held = (
+            callbacks.held_body["encode" if stream else "decode"]
+            if self.buffering >> stream & 1
+            else None
+        )
         size = len(data) + (sum(map(len, held)) if held else 0)
         try:
             entered = self._enter()
@@ -388,7 +403,9 @@ class WasmFilter(StreamContext, HttpFilter):
             self.body, self.body_parts, self.body_stream = None, (held, data), stream
             self.body_changed = False
             func, n = rt.exports[callback]
-            action = rt.call_raw(func, n, self.context_id, size, end_stream)
+            action = rt.entry(func, n, self.context_id, size, end_stream)
+            if action is None:
+                raise rt._fault()
         except WasmFault as exc:
             return self._fault(exc, callback)
         finally:
@@ -400,9 +417,9 @@ class WasmFilter(StreamContext, HttpFilter):
                 held.clear()
             callbacks.replace_data(bytes(body))
         if action == PAUSE and not end_stream:
-            self.buffering[stream] = True
+            self.buffering |= 1 << stream
             return STOP_AND_BUFFER
-        self.buffering[stream] = False
+        self.buffering &= ~(1 << stream)
         if action == PAUSE:  # at the end: held until the guest continues (an http_call, say)
             return self._pause(stream, STOP_AND_BUFFER)
         return CONTINUE
@@ -528,7 +545,8 @@ class WasmFilter(StreamContext, HttpFilter):
             self.callbacks.loop.call_soon(go_on)
 
     def on_destroy(self) -> None:
-        self._cancel_timer()
+        if self.timer is not None:
+            self._cancel_timer()
         if self.runtime.calls:
             self.runtime.cancel_calls(self)
         if not self.context_id or self.generation != self.runtime.generation:

@@ -36,6 +36,7 @@ import logging
 import os
 import struct
 import time
+from collections.abc import Callable
 from ctypes import (
     CFUNCTYPE,
     PYFUNCTYPE,
@@ -105,6 +106,9 @@ STREAM_CALLBACKS = ("proxy_on_request_headers", "proxy_on_response_headers")
 END_CALLBACKS = ("proxy_on_done", "proxy_on_log", "proxy_on_delete")
 
 TRAPS, OVER_TIME_LIMIT, LOCAL_REPLIES, PAUSE_TIMEOUTS = range(4)
+# The header edits whose plain case the native crossing does itself (native/wasm_call.c): an
+# SDK's header filter makes one per header it adds or sets, each a Python call otherwise.
+HEADER_EDITS = {"proxy_add_header_map_value": 1, "proxy_replace_header_map_value": 2}
 
 # Proxy-Wasm log levels (trace..critical) to logging levels, and back.
 LOG_LEVELS = (5, logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL)
@@ -209,7 +213,7 @@ if _wasmcall is not None:
     _wasmcall.init(ctypes.cast(_dll.wasmtime_trap_new, c_void_p).value)
 
 
-def _enter_ctypes(ctx: int, func: int, args: int, n: int, faults: int, a: int, b: int, c: int):
+def _enter_ctypes(ctx: int, args: int, faults: int, func: int, n: int, a: int, b: int, c: int):
     """_wasmcall.call's contract through ctypes: a, b, c as the first i32 arguments in the
     buffer at `args`, the first result as an i32, or None with the trap and the error left in
     the two pointer slots at `faults`."""
@@ -223,7 +227,8 @@ def _enter_ctypes(ctx: int, func: int, args: int, n: int, faults: int, a: int, b
     return raw[0]
 
 
-# _enter(ctx, func, args, n, faults, a, b, c): a partial of the C call adds no Python frame.
+# _enter(ctx, args, faults, func, n, a, b, c): a partial of the C call adds no Python frame (and
+# a runtime's partial of this, holding its store's ctx and buffers, none either: Runtime.entry).
 _enter = partial(_wasmcall.call, _CALL_UNCHECKED) if _wasmcall is not None else _enter_ctypes
 
 
@@ -478,6 +483,12 @@ class Runtime:
         self.raw_alloc_addr = ctypes.addressof(self.raw_alloc)
         self.faults = (c_void_p * 2)()  # a failed call's trap and error (see _enter)
         self.faults_addr = ctypes.addressof(self.faults)
+        # entry(func, n, a, b, c): an entry into this store, the result or None with the fault
+        # left for _fault (call_raw raises it); entry_alloc the same for nested allocations.
+        self.entry: Callable[..., int | None] = partial(
+            _enter, self.ctx, self.raw_addr, self.faults_addr
+        )
+        self.entry_alloc = partial(_enter, self.ctx, self.raw_alloc_addr, self.faults_addr)
         self.live.clear()
         self.filter = None
         self._init_guest()
@@ -560,7 +571,7 @@ class Runtime:
         return self.call_raw(func, n, a, b, c)
 
     def call_raw(self, func: int, n: int, a: int = 0, b: int = 0, c: int = 0) -> int:
-        result = _enter(self.ctx, func, self.raw_addr, n, self.faults_addr, a, b, c)
+        result = self.entry(func, n, a, b, c)
         if result is None:
             raise self._fault()
         return result
@@ -602,7 +613,7 @@ class Runtime:
     def _allocate(self, size: int) -> int:
         """Memory in the guest, from inside a host function (a caller's context is its store's)."""
         func, n = self.alloc
-        result = _enter(self.ctx, func, self.raw_alloc_addr, n, self.faults_addr, size, 0, 0)
+        result = self.entry_alloc(func, n, size, 0, 0)
         if result is None:
             raise self._fault()
         return result & 0xFFFFFFFF
@@ -633,6 +644,18 @@ class Runtime:
         if end > len(view):
             view = self._grown(end)
         return bytes(view[ptr:end])
+
+    def take_field(self, kptr: int, ksize: int, vptr: int, vsize: int) -> tuple[bytes, bytes]:
+        """A header's name and value the guest hands over: charged (see charge), then read (one
+        call for what a header edit needs, instead of three)."""
+        self.host_bytes += ksize + vsize
+        if self.host_bytes > MAX_HOST_BYTES_PER_ENTRY:
+            raise _HostLimit(f"more than {MAX_HOST_BYTES_PER_ENTRY} bytes handed to the host")
+        view = self.view
+        kend, vend = kptr + ksize, vptr + vsize
+        if kend > len(view) or vend > len(view):
+            view = self._grown(max(kend, vend))
+        return bytes(view[kptr:kend]), bytes(view[vptr:vend])
 
     def write(self, ptr: int, data: bytes) -> None:
         view = self.view
@@ -671,8 +694,11 @@ class Runtime:
             signature = ([str(t) for t in ty.params], [str(t) for t in ty.results])
             entry = host.get((imp.module, imp.name))
             module = imp.module
+            edit = 0
             if entry is not None and (entry[0], entry[1]) == signature:
                 impl = entry[2]
+                if module == "env":
+                    edit = HEADER_EDITS.get(imp.name, 0)
                 # settings["log_shim"]: False only to measure the shim (bench/wasm_cost.py).
                 if (module, imp.name) == ("env", "proxy_log") and self.settings.get(
                     "log_shim", True
@@ -683,7 +709,7 @@ class Runtime:
                     self.linker.allow_shadowing = True
             else:
                 impl = _stub(imp.module, imp.name, signature[1])
-            self._define(module, imp.name, ty, signature, impl)
+            self._define(module, imp.name, ty, signature, impl, edit)
 
     def _link_log_shim(self, store: wasmtime.Store) -> None:
         """This store's proxy_log: the shim, instantiated in it, with the current level."""
@@ -696,7 +722,9 @@ class Runtime:
         level.set_value(store, wasmtime.Val.i32(_log_level()))
         self.linker.define(store, "env", "proxy_log", exports["proxy_log"])
 
-    def _define(self, module: str, name: str, ty, signature, impl) -> None:
+    def _define(self, module: str, name: str, ty, signature, impl, edit: int = 0) -> None:
+        """Link `impl` as module.name; `edit` (1 add, 2 replace): it is that header edit's
+        implementation, whose plain case C may do (see native/wasm_call.c)."""
         params, results = signature
         result = results[0] if results else None
         runtime = self
@@ -723,7 +751,13 @@ class Runtime:
         if _wasmcall is not None:
             kind = {"i32": ord("i"), "i64": ord("I"), None: 0}.get(result, ord("z"))
             kinds = "".join("I" if p == "i64" else "i" for p in params).encode()
-            keep: Any = _wasmcall.HostFunc(host, kinds, kind)
+            # The header edits' plain case is done in C, without entering Python (see
+            # native/wasm_call.c): anything else still comes to `host`, which decides it.
+            if edit:
+                limits = (MAX_HOST_CALLS_PER_ENTRY, MAX_HOST_BYTES_PER_ENTRY)
+                keep: Any = _wasmcall.HostFunc(host, kinds, kind, self, edit, limits)
+            else:
+                keep = _wasmcall.HostFunc(host, kinds, kind)
             callback, env = _wasmcall.trampoline(), keep.env
         else:
             keep = _HostCallback(_ctypes_callback(host, params, result))
@@ -1273,33 +1307,45 @@ def _host_functions(rt: Runtime) -> dict:
             return NOT_FOUND
         return rt.give(value, ret_ptr, ret_size)
 
-    def edit(map_id, kptr, ksize, vptr, vsize, how) -> int:
-        if not known_map(map_id):
+    def edited(map_id: int):
+        """The header map an edit names (the request's or response's first, with no call), or
+        the status to answer (an unknown map, or one the context has not got)."""
+        f = rt.filter
+        if map_id == REQUEST_HEADERS and f is not None:
+            headers = f.request
+        elif map_id == RESPONSE_HEADERS and f is not None:
+            headers = f.response
+        elif not known_map(map_id):
             return BAD_ARGUMENT
-        headers = headers_of(map_id)
-        if headers is None:
-            return NOT_FOUND
-        rt.charge(ksize + vsize)
-        key = rt.read(kptr, ksize)
+        else:
+            headers = headers_of(map_id)
+        return NOT_FOUND if headers is None else headers
+
+    def edit(map_id, kptr, ksize, vptr, vsize, replace: bool) -> int:
+        headers = edited(map_id)
+        if headers.__class__ is int:
+            return headers
         try:
-            if how == "remove":
-                headers.remove(key)
-            elif how == "add":
-                headers.add(key, rt.read(vptr, vsize))
+            if replace:
+                headers.set(*rt.take_field(kptr, ksize, vptr, vsize))
             else:
-                headers.set(key, rt.read(vptr, vsize))
+                headers.add(*rt.take_field(kptr, ksize, vptr, vsize))
         except ValueError:  # a CR/LF or bad name: refused, never smuggled onto the wire
             return BAD_ARGUMENT
         return OK
 
     def proxy_add_header_map_value(map_id, kptr, ksize, vptr, vsize):
-        return edit(map_id, kptr, ksize, vptr, vsize, "add")
+        return edit(map_id, kptr, ksize, vptr, vsize, False)
 
     def proxy_replace_header_map_value(map_id, kptr, ksize, vptr, vsize):
-        return edit(map_id, kptr, ksize, vptr, vsize, "set")
+        return edit(map_id, kptr, ksize, vptr, vsize, True)
 
     def proxy_remove_header_map_value(map_id, kptr, ksize):
-        return edit(map_id, kptr, ksize, 0, 0, "remove")
+        headers = edited(map_id)
+        if headers.__class__ is int:
+            return headers
+        headers.remove(rt.take_field(kptr, ksize, 0, 0)[0])
+        return OK
 
     def proxy_get_header_map_pairs(map_id, ret_ptr, ret_size):
         if not known_map(map_id):
@@ -1758,16 +1804,18 @@ class StreamContext:
             if self.generation != rt.generation:
                 return 0
             rt.filter = self
-            rt.new_entry()
+            rt.time_limit.entries += 1  # rt.new_entry(), without the call
+            rt.host_calls = rt.host_bytes = 0
             return 1
-        if not rt.usable():
+        if rt.store is None and not rt.usable():
             return 0
         rt.next_id = context_id = rt.next_id + 1 if rt.next_id < 0x7FFFFFFF else ROOT_CONTEXT_ID + 1
         self.context_id = context_id
         self.generation = rt.generation
         rt.live[context_id] = self
         rt.filter = self
-        rt.new_entry()
+        rt.time_limit.entries += 1
+        rt.host_calls = rt.host_bytes = 0
         return 2
 
     def _create(self) -> None:
@@ -1797,12 +1845,14 @@ class StreamContext:
         self.ended_ns = time.perf_counter_ns()
         rt.live.pop(context_id, None)
         rt.filter = self
-        rt.new_entry()
+        rt.time_limit.entries += 1  # rt.new_entry(), without the call
+        rt.host_calls = rt.host_bytes = 0
         exports = rt.exports
         try:
             ending = rt.ending
             if ending is not None:  # done, log and delete in one entry
-                rt.call_raw(ending[0], ending[1], context_id)
+                if rt.entry(ending[0], ending[1], context_id, 0, 0) is None:
+                    raise rt._fault()
             else:
                 for name in END_CALLBACKS:
                     func = exports.get(name)

@@ -3,11 +3,12 @@
  * without ctypes (whose per-call argument conversion and libffi dispatch cost more than the
  * guest's own work in a small callback).
  *
- * call(fn, ctx, func, args, nargs, faults, a, b, c) -> int | None
+ * call(fn, ctx, args, faults, func, nargs, a, b, c) -> int | None
  *   Writes a, b, c as the first three i32 arguments into the wasmtime_val_raw_t buffer `args`,
  *   calls fn (wasmtime_func_call_unchecked) on the store context `ctx` and the function handle
  *   `func`, and answers the first result as an i32 (0 when it has none). On a trap or error it
  *   answers None and leaves the trap in faults[0], the error in faults[1] (two pointer slots).
+ *   What stays the same for a store's life comes first, so a partial can hold it.
  *   The GIL stays held: only this thread enters the guest, and the epoch ticker, not Python,
  *   stops a runaway guest.
  *
@@ -17,6 +18,17 @@
  *   parameter (any other type is passed as its low 32 bits); has_result is 0 (none), b'i'[0],
  *   b'I'[0] or b'z'[0] (another type: zeroed). The callable returns the result (an int; None when the function has none) or,
  *   to trap, the trap's message as bytes. The HostFunc must outlive every store that uses it.
+ *
+ * HostFunc(callable, params, has_result, runtime, edit, limits) also carries, for the header
+ *   edits proxy_add_header_map_value (edit 1) and proxy_replace_header_map_value (edit 2), a
+ *   plain case done here without entering Python: the request's or response's header map of
+ *   runtime.filter (its .request / .response, a HeaderMap), name and value inside
+ *   runtime.view, the entry's budgets (runtime.host_calls, runtime.host_bytes) below limits
+ *   (calls, bytes), a name with no CR, LF or colon and a value with no CR or LF. The field is
+ *   appended (edit 1) or replaces every field of that name (edit 2) as HeaderMap.add / set do,
+ *   with the name lower-cased, and the map marked changed. Anything else (another map, a
+ *   pseudo-header, a name or value HeaderMap refuses, an access past the view, a budget
+ *   spent) goes to the callable, which decides it: this path never refuses anything itself.
  *
  * init(trap_new) sets wasmtime_trap_new's address, used to make those traps.
  */
@@ -42,14 +54,14 @@ static int as_pointer(PyObject *o, void **out)
 static PyObject *call(PyObject *self, PyObject *const *argv, Py_ssize_t argc)
 {
     if (argc != 9) {
-        PyErr_SetString(PyExc_TypeError, "call(fn, ctx, func, args, nargs, faults, a, b, c)");
+        PyErr_SetString(PyExc_TypeError, "call(fn, ctx, args, faults, func, nargs, a, b, c)");
         return NULL;
     }
     void *fn, *ctx, *func, *args, *faults;
-    if (!as_pointer(argv[0], &fn) || !as_pointer(argv[1], &ctx) || !as_pointer(argv[2], &func)
-        || !as_pointer(argv[3], &args) || !as_pointer(argv[5], &faults))
+    if (!as_pointer(argv[0], &fn) || !as_pointer(argv[1], &ctx) || !as_pointer(argv[2], &args)
+        || !as_pointer(argv[3], &faults) || !as_pointer(argv[4], &func))
         return NULL;
-    size_t nargs = PyLong_AsSize_t(argv[4]);
+    size_t nargs = PyLong_AsSize_t(argv[5]);
     if (nargs == (size_t)-1 && PyErr_Occurred())
         return NULL;
     char *raw = args;
@@ -76,7 +88,120 @@ typedef struct {
     int nparams;
     int has_result;
     char kinds[MAX_PARAMS];
+    PyObject *runtime; /* with edit: whose filter's header maps are edited here (see above) */
+    int edit;          /* 0 none, 1 add, 2 replace */
+    long long max_calls, max_bytes;
 } HostFunc;
+
+enum { EDIT_ADD = 1, EDIT_REPLACE = 2, MAP_REQUEST = 0, MAP_RESPONSE = 2, OK = 0 };
+
+static PyObject *s_filter, *s_request, *s_response, *s_view, *s_host_calls, *s_host_bytes,
+    *s_headers, *s_changed;
+
+/* An attribute as a C long long (-1: missing or not an int, error cleared). */
+static long long int_attr(PyObject *o, PyObject *name)
+{
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (v == NULL) { PyErr_Clear(); return -1; }
+    long long n = PyLong_Check(v) ? PyLong_AsLongLong(v) : -1;
+    Py_DECREF(v);
+    if (n == -1 && PyErr_Occurred()) PyErr_Clear();
+    return n;
+}
+
+static int set_int_attr(PyObject *o, PyObject *name, long long n)
+{
+    PyObject *v = PyLong_FromLongLong(n);
+    if (v == NULL) return -1;
+    int r = PyObject_SetAttr(o, name, v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* Whether [p, p + n) holds none of the bytes in `bad`. */
+static int clean(const char *p, Py_ssize_t n, const char *bad)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (strchr(bad, p[i]) != NULL && p[i] != '\0') return 0;
+    return 1;
+}
+
+/* The plain case of a header edit (see the module doc): 1 done (the result written), 0 not
+ * the plain case (nothing changed: the callable decides), -1 a Python error. */
+static int edit_plain(HostFunc *h, char *raw)
+{
+    uint32_t a[5];
+    for (int i = 0; i < 5; i++) memcpy(&a[i], raw + i * RAW, sizeof a[i]);
+    uint32_t map_id = a[0];
+    uint64_t kptr = a[1], ksize = a[2], vptr = a[3], vsize = a[4];
+    if ((map_id != MAP_REQUEST && map_id != MAP_RESPONSE) || ksize == 0) return 0;
+    int done = 0;
+    PyObject *filter = NULL, *headers = NULL, *view = NULL, *list = NULL, *name = NULL, *value = NULL;
+    filter = PyObject_GetAttr(h->runtime, s_filter);
+    if (filter == NULL) goto fail;
+    if (filter == Py_None) goto out;
+    headers = PyObject_GetAttr(filter, map_id == MAP_REQUEST ? s_request : s_response);
+    if (headers == NULL) goto fail;
+    if (headers == Py_None) goto out;
+    long long calls = int_attr(h->runtime, s_host_calls), bytes = int_attr(h->runtime, s_host_bytes);
+    if (calls < 0 || bytes < 0 || calls + 1 > h->max_calls || bytes + (long long)(ksize + vsize) > h->max_bytes)
+        goto out;
+    view = PyObject_GetAttr(h->runtime, s_view);
+    if (view == NULL) goto fail;
+    if (!PyMemoryView_Check(view)) goto out;
+    Py_buffer *buf = PyMemoryView_GET_BUFFER(view);
+    if (kptr + ksize > (uint64_t)buf->len || vptr + vsize > (uint64_t)buf->len) goto out;
+    const char *base = buf->buf;
+    if (!clean(base + kptr, ksize, "\r\n:") || memchr(base + kptr, '\0', ksize) != NULL ||
+        !clean(base + vptr, vsize, "\r\n"))
+        goto out;
+    list = PyObject_GetAttr(headers, s_headers);
+    if (list == NULL) goto fail;
+    if (!PyList_CheckExact(list)) goto out;
+    name = PyBytes_FromStringAndSize(base + kptr, ksize);
+    value = PyBytes_FromStringAndSize(base + vptr, vsize);
+    if (name == NULL || value == NULL) goto fail;
+    char *n = PyBytes_AS_STRING(name);
+    for (uint64_t i = 0; i < ksize; i++)
+        if (n[i] >= 'A' && n[i] <= 'Z') n[i] += 'a' - 'A'; /* bytes.lower(): ASCII only */
+    if (h->edit == EDIT_REPLACE) {
+        /* HeaderMap.set: every field of that name goes, in place (the list may be a head's). */
+        Py_ssize_t count = PyList_GET_SIZE(list);
+        PyObject *kept = PyList_New(0);
+        if (kept == NULL) goto fail;
+        for (Py_ssize_t i = 0; i < count; i++) {
+            PyObject *item = PyList_GET_ITEM(list, i);
+            PyObject *key = PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 2 ? PyTuple_GET_ITEM(item, 0) : NULL;
+            int same = key != NULL && PyBytes_Check(key) && PyBytes_GET_SIZE(key) == (Py_ssize_t)ksize &&
+                       memcmp(PyBytes_AS_STRING(key), n, ksize) == 0;
+            if (!same && PyList_Append(kept, item) < 0) { Py_DECREF(kept); goto fail; }
+        }
+        int r = PyList_SetSlice(list, 0, count, kept);
+        Py_DECREF(kept);
+        if (r < 0) goto fail;
+    }
+    PyObject *field = PyTuple_Pack(2, name, value);
+    if (field == NULL) goto fail;
+    int appended = PyList_Append(list, field);
+    Py_DECREF(field);
+    if (appended < 0 || PyObject_SetAttr(headers, s_changed, Py_True) < 0 ||
+        set_int_attr(h->runtime, s_host_calls, calls + 1) < 0 ||
+        set_int_attr(h->runtime, s_host_bytes, bytes + (long long)(ksize + vsize)) < 0)
+        goto fail;
+    memset(raw, 0, RAW);
+    done = 1;
+    goto out;
+fail:
+    done = -1;
+out:
+    Py_XDECREF(filter);
+    Py_XDECREF(headers);
+    Py_XDECREF(view);
+    Py_XDECREF(list);
+    Py_XDECREF(name);
+    Py_XDECREF(value);
+    return done;
+}
 
 static void *make_trap(const char *message, size_t len)
 {
@@ -92,6 +217,14 @@ static void *trampoline_cb(void *env, void *caller, void *args_and_results, size
     PyObject *argv[MAX_PARAMS];
     void *trap = NULL;
     int made = 0;
+    if (h->edit) {
+        int plain = edit_plain(h, raw);
+        if (plain == 1) {
+            PyGILState_Release(gil);
+            return NULL; /* OK, written */
+        }
+        if (plain < 0) PyErr_Clear(); /* the callable meets the same trouble, and reports it */
+    }
     for (; made < h->nparams; made++) {
         if (h->kinds[made] == 'I') {
             int64_t v;
@@ -136,12 +269,22 @@ static void *trampoline_cb(void *env, void *caller, void *args_and_results, size
 
 static PyObject *hostfunc_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
 {
-    PyObject *callable;
+    PyObject *callable, *runtime = NULL;
     const char *params;
     Py_ssize_t nparams;
-    int has_result;
-    if (!PyArg_ParseTuple(args, "Oy#i", &callable, &params, &nparams, &has_result))
+    int has_result, edit = 0;
+    long long max_calls = 0, max_bytes = 0;
+    if (!PyArg_ParseTuple(args, "Oy#i|Oi(LL)", &callable, &params, &nparams, &has_result, &runtime, &edit,
+                          &max_calls, &max_bytes))
         return NULL;
+    if (edit && (edit != EDIT_ADD && edit != EDIT_REPLACE)) {
+        PyErr_SetString(PyExc_ValueError, "edit: 0, 1 (add) or 2 (replace)");
+        return NULL;
+    }
+    if (edit && (nparams != 5 || has_result != 'i')) {
+        PyErr_SetString(PyExc_ValueError, "a header edit takes five i32 and answers an i32");
+        return NULL;
+    }
     if (nparams > MAX_PARAMS) {
         PyErr_SetString(PyExc_ValueError, "too many parameters");
         return NULL;
@@ -150,6 +293,10 @@ static PyObject *hostfunc_new(PyTypeObject *type, PyObject *args, PyObject *kwar
     if (h == NULL)
         return NULL;
     h->callable = Py_NewRef(callable);
+    h->runtime = edit ? Py_NewRef(runtime) : NULL;
+    h->edit = edit;
+    h->max_calls = max_calls;
+    h->max_bytes = max_bytes;
     h->nparams = (int)nparams;
     h->has_result = has_result;
     memcpy(h->kinds, params, (size_t)nparams);
@@ -159,6 +306,7 @@ static PyObject *hostfunc_new(PyTypeObject *type, PyObject *args, PyObject *kwar
 static void hostfunc_dealloc(HostFunc *h)
 {
     Py_XDECREF(h->callable);
+    Py_XDECREF(h->runtime);
     Py_TYPE(h)->tp_free((PyObject *)h);
 }
 
@@ -210,6 +358,12 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__wasmcall(void)
 {
+    static const char *names[] = {"filter", "request", "response", "view", "host_calls", "host_bytes",
+                                  "headers", "changed"};
+    PyObject **slots[] = {&s_filter, &s_request, &s_response, &s_view, &s_host_calls, &s_host_bytes,
+                          &s_headers, &s_changed};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if ((*slots[i] = PyUnicode_InternFromString(names[i])) == NULL) return NULL;
     if (PyType_Ready(&HostFuncType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);

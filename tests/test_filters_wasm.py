@@ -928,3 +928,66 @@ def test_host_calls_see_guest_memory_as_it_is_at_each_call():
         assert headers.headers == [(b"x-first", b"one"), (b"x-grown", b"one")]
     finally:
         factory.close()
+
+
+# Header edits, whose plain case the native crossing does without entering Python: a mixed-case
+# name is lower-cased (on the response too, where HTTP/1 shows it), replace drops every field of that name (the request carries two) and
+# appends one, and what HeaderMap refuses (a CR in a name, an LF in a value) or keeps apart (a
+# pseudo-header) is answered as the Python host function answers it. Each answer is reported
+# in a response header (two digits per call), so both paths are held to the same statuses.
+HEADER_EDITS = (
+    """(module
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_replace_header_map_value"
+    (func $replace (param i32 i32 i32 i32 i32) (result i32)))
+"""
+    + _GUEST.format(pages=1)
+    + """
+  ;; 100 X-Mixed, 107 a, 108 x-dup, 113 one, 120 x-bzd, 126 aza, 130 :path, 135 /echo, 150 x-statuses
+  (data (i32.const 100) "X-Mixedax-dupone....x-bzd.aza.:path/echo..........x-statuses")
+  (global $at (mut i32) (i32.const 300))
+  (func $note (param i32)
+    (i32.store8 (global.get $at) (i32.add (i32.const 48) (i32.div_u (local.get 0) (i32.const 10))))
+    (i32.store8 (i32.add (global.get $at) (i32.const 1))
+      (i32.add (i32.const 48) (i32.rem_u (local.get 0) (i32.const 10))))
+    (global.set $at (i32.add (global.get $at) (i32.const 2))))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32)
+    (call $note (call $add (i32.const 0) (i32.const 100) (i32.const 7) (i32.const 107) (i32.const 1)))
+    (call $note (call $replace (i32.const 0) (i32.const 108) (i32.const 5) (i32.const 113) (i32.const 3)))
+    (i32.store8 (i32.const 123) (i32.const 13))  ;; "x-b\\rd": a CR inside the name
+    (call $note (call $add (i32.const 0) (i32.const 120) (i32.const 5) (i32.const 107) (i32.const 1)))
+    (i32.store8 (i32.const 127) (i32.const 10))  ;; "a\\na": an LF inside the value
+    (call $note (call $add (i32.const 0) (i32.const 107) (i32.const 1) (i32.const 126) (i32.const 3)))
+    (call $note (call $replace (i32.const 0) (i32.const 130) (i32.const 5) (i32.const 135) (i32.const 5)))
+    (call $note (call $add (i32.const 9) (i32.const 100) (i32.const 7) (i32.const 107) (i32.const 1)))
+    (i32.const 0))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32)
+    (drop (call $add (i32.const 2) (i32.const 150) (i32.const 10) (i32.const 300)
+      (i32.sub (global.get $at) (i32.const 300))))
+    (drop (call $add (i32.const 2) (i32.const 100) (i32.const 7) (i32.const 107) (i32.const 1)))
+    (global.set $at (i32.const 300))
+    (i32.const 0)))"""
+)
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
+def test_header_edits_plain_and_refused_answer_as_the_host_does(
+    start_proxy, tmp_path, upstream, http2
+):
+    proxy, port = _proxy_wat(start_proxy, tmp_path, upstream.address, "edits", HEADER_EDITS)
+    version = ["--http2-prior-knowledge"] if http2 else []
+    for _ in range(3):  # the first request on the general path, the next ones on the native lane
+        run = curl("-i", *version, "-H", "x-dup: 1", "-H", "x-dup: 2", f"http://127.0.0.1:{port}/x")
+        status, headers, body = split_response(run.stdout)
+        assert status == 200, proxy.output
+        sent = json.loads(body)
+        assert sent["target"] == "/echo"  # the pseudo-header replaced (the Python host function)
+        fields = [tuple(f) for f in sent["headers"]]
+        assert ("x-mixed", "a") in fields and ("x-dup", "one") in fields
+        assert [f for f in fields if f[0] == "x-dup"] == [("x-dup", "one")]
+        assert not any("\r" in k or "\n" in v for k, v in fields)
+        assert b"\nx-mixed: a\r\n" in run.stdout.lower() and b"X-Mixed" not in run.stdout
+        # OK, OK, BAD_ARGUMENT (CR in a name), BAD_ARGUMENT (LF in a value), OK (:path),
+        # BAD_ARGUMENT (map 9 does not exist).
+        assert headers["x-statuses"] == "000002020002", headers
+    assert proxy.listener()["filters"]["edits"]["traps"] == 0

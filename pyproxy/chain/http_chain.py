@@ -420,8 +420,8 @@ class HttpChain:
                 t = perf_counter_ns()
         trailers = kind == "trailers"
         data = kind == "data"
-        for pos in range(position, len(entries)):
-            index, fn, ns_slot, events_slot = entries[pos]
+        for entry in entries[position:] if position else entries:
+            index, fn, ns_slot, events_slot = entry
             instance = filters[index]
             instance.callbacks = self  # a shared instance learns its request for this call
             status = fn(instance, payload) if trailers else fn(instance, payload, end_stream)
@@ -438,6 +438,7 @@ class HttpChain:
             if self.replied:
                 return False
             if status != CONTINUE:
+                pos = entries.index(entry, position)  # where it stopped (rare: not counted)
                 self._stopped(direction, kind, payload, end_stream, pos, index, status, hold_first)
                 return False
             if hold_first and data:
@@ -449,9 +450,14 @@ class HttpChain:
                 hold_first = False
         if self.state is not None:
             self.state.stopped[direction] = None
-        if kind == "headers":
+        if data:  # _emit's, without the call (as the two below)
             if direction == "encode":
-                self.exchange.forward_response_head(end_stream)  # _emit's, without the call
+                self.exchange.forward_response_body(payload, end_stream)
+            else:
+                self.exchange.forward_request_body(payload, end_stream)
+        elif not trailers:
+            if direction == "encode":
+                self.exchange.forward_response_head(end_stream)
         else:
             self._emit(direction, kind, payload, end_stream)
         return True

@@ -427,17 +427,13 @@ class NativeLane:
 
     # What the body filters let through while a hook feeds them a body (_through_as_read).
     def forward_request_body(self, data, end_stream: bool) -> None:
-        self._let_through(data, end_stream)
-
-    def forward_response_body(self, data, end_stream: bool) -> None:
-        self._let_through(data, end_stream)
-
-    def _let_through(self, data, end_stream: bool) -> None:
         through = self.through
         if through is None:
             _after_adoption()
         else:
             through.append((data, end_stream))
+
+    forward_response_body = forward_request_body
 
     # The chain calls these only for trailers or a head or body a filter resumes: each happens
     # after an Exchange adopted the chain (Exchange.adopt_chain, adopt_sent).
