@@ -37,6 +37,7 @@ from pyproxy.bench.procs import (
     cpu_ns,
     pinned,
     preemptions,
+    realtime,
     run_delay_ns,
     target_line,
     tree_pids,
@@ -253,6 +254,8 @@ def through_sidecar(pod: Pod, args: argparse.Namespace, config: Path, cpu: int |
     else:
         app, measure = _echo(pod, APP_PORT, cpu), _python_rtts(cpu)
     argv = pinned(cpu, [PY, "-m", "pyproxy", "run", "-c", str(config)])
+    if args.sidecar_fifo:
+        argv = realtime(argv)
     proc = pod.popen(argv, stderr=subprocess.DEVNULL)
     try:
         return _measure_sidecar(pod, args, proc, app.pid, measure)
@@ -357,6 +360,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--instrument", choices=("c", "python"), default="c",
         help="the sidecar part's client and echo app: the C pair (native/echo_rtt.c) or Python's",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sidecar-fifo", action="store_true",
+        help="diagnostic: the sidecar SCHED_FIFO, so no woken app runs inside its timed calls and "
+        "the ipc stage is the calls' own time (latency then suffers: not a deployment setting)",
     )  # fmt: skip
     parser.add_argument("--output", default=str(default_out("sockmap_echo")), help="results folder")
     parser.add_argument("--size", type=int, default=100, help=argparse.SUPPRESS)

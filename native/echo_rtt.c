@@ -5,8 +5,9 @@
  * path; a Python client and server add a fixed cost per round trip that dilutes the difference.
  * These two programs are the same on both paths, so their ratio is the path's.
  *
- *   echo_rtt serve PORT [--busy] [--cpu N]
- *       listens on 127.0.0.1:PORT, prints READY, echoes each connection in turn, until killed.
+ *   echo_rtt serve PORT [HOST] [--busy] [--cpu N]
+ *       listens on HOST:PORT (IPv4; default 127.0.0.1), prints READY, echoes each connection in
+ *       turn, until killed.
  *   echo_rtt measure HOST PORT SIZE COUNT WARMUP [--busy] [--cpu N]
  *       SIZE-byte messages, one outstanding; prints the COUNT round trips in ns as a JSON list.
  *       HOST unix:PATH connects to that Unix socket instead (PORT is then ignored).
@@ -108,10 +109,10 @@ static struct sockaddr_in address(const char *host, const char *port)
 	return sa;
 }
 
-static _Noreturn void serve(const char *port)
+static _Noreturn void serve(const char *port, const char *host)
 {
 	static char buf[BUF_SIZE];
-	struct sockaddr_in sa = address("127.0.0.1", port);
+	struct sockaddr_in sa = address(host, port);
 	int one = 1, listener = socket(AF_INET, SOCK_STREAM, 0);
 
 	if (listener < 0)
@@ -217,12 +218,12 @@ int main(int argc, char **argv)
 			args[nargs++] = argv[i];
 		}
 	}
-	if (nargs == 2 && strcmp(args[0], "serve") == 0)
-		serve(args[1]);
+	if ((nargs == 2 || nargs == 3) && strcmp(args[0], "serve") == 0)
+		serve(args[1], nargs == 3 ? args[2] : "127.0.0.1");
 	if (nargs == 6 && strcmp(args[0], "measure") == 0)
 		return measure(args[1], args[2], (size_t)atol(args[3]), atol(args[4]), atol(args[5]));
 	fprintf(stderr,
-		"usage: echo_rtt serve PORT [--busy] [--cpu N]\n"
+		"usage: echo_rtt serve PORT [HOST] [--busy] [--cpu N]\n"
 		"       echo_rtt measure HOST PORT SIZE COUNT WARMUP [--busy] [--cpu N]\n");
 	return 2;
 }
