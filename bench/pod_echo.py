@@ -8,6 +8,10 @@ Run as root: `python -m pyproxy.bench.pod_echo --count 5000 --max-seconds 20`.
 (`ipc: sockmap` on the outbound listener). `--compare ROUNDS` runs iptables REDIRECT and eBPF
 capture + sockmap in alternating rounds (fresh pods each time) at every `--sizes` size, with a
 throughput stream per path, and reports medians of the per-round ratios.
+
+The client app and the echo app are the C pair in native/echo_rtt.c by default (no interpreter
+whose own cost and scheduling swamp the few microseconds the paths differ by); `--instrument
+python` runs the Python pair (and is needed for `--family 6`). The stream is Python's either way.
 """
 
 from __future__ import annotations
@@ -24,7 +28,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import yaml
-from pyproxy.bench.echo_client import measure_rtts, percentile, stream_echo
+from pyproxy.bench.echo_client import (
+    NATIVE_ECHO,
+    measure_rtts,
+    measure_rtts_native,
+    percentile,
+    stream_echo,
+)
 from pyproxy.bench.pod_sidecar import ADMIN, PROXY_UID
 from pyproxy.bench.results_folder import write_results
 from pyproxy.iptables.netns import Pod, missing_capabilities, pods
@@ -36,10 +46,16 @@ APP_UID = 1000  # the client app: an ordinary uid, captured on every path
 APP_PORT = 8080
 
 
-def measure(host: str, port: int, count: int, size: int, warmup: int, max_seconds: float) -> dict:
-    """Round trips of `size`-byte messages, one outstanding; stops at `count` or `max_seconds`."""
+def measure(
+    host: str, port: int, count: int, size: int, warmup: int, max_seconds: float, instrument: str
+) -> dict:
+    """Round trips of `size`-byte messages, one outstanding; stops at `count` or (the Python
+    client) `max_seconds`."""
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    rtts = measure_rtts(address, count, size=size, warmup=warmup, max_seconds=max_seconds)
+    if instrument == "c":
+        rtts = measure_rtts_native(address, count, size, warmup)
+    else:
+        rtts = measure_rtts(address, count, size=size, warmup=warmup, max_seconds=max_seconds)
     ordered = sorted(rtts)
     return {
         "count": len(ordered),
@@ -55,7 +71,9 @@ def client_run(host: str, args: argparse.Namespace) -> dict:
     """Inside pod A: one connection per size, then (with --stream-bytes) one bulk stream."""
     out: dict = {
         "sizes": {
-            str(size): measure(host, APP_PORT, args.count, size, args.warmup, args.max_seconds)
+            str(size): measure(
+                host, APP_PORT, args.count, size, args.warmup, args.max_seconds, args.instrument
+            )
             for size in args.sizes
         }
     }
@@ -76,6 +94,8 @@ def _client(pod: Pod, host: str, args: argparse.Namespace) -> dict:
         str(args.max_seconds),
         "--stream-bytes",
         str(args.stream_bytes),
+        "--instrument",
+        args.instrument,
     ]
     result = pod.run(argv, uid=APP_UID, timeout=args.max_seconds * len(args.sizes) + 60)
     return json.loads(result.stdout)
@@ -165,6 +185,15 @@ def _config_dir(sockmap: bool) -> Iterator[Path | None]:
         yield sockmap_sidecar_config(Path(name))
 
 
+def _echo_argv(instrument: str) -> list[str]:
+    """The echo app in pod B: the C echo (one connection at a time; the paths' connections come
+    one after another) or the Python one, on every address of the pod."""
+    if instrument == "c":
+        return [str(NATIVE_ECHO), "serve", str(APP_PORT), "0.0.0.0"]
+    argv = [PY, "-m", "pyproxy.iptables.probe", "echo", "--port", str(APP_PORT)]
+    return [*argv, "--lifetime", "600"]
+
+
 def run_path(args: argparse.Namespace, mode: str, sockmap: bool) -> dict:
     """Fresh pods; every size (and the stream) without sidecars, then with both sidecars."""
     report: dict = {"capture_mode": mode, "sockmap": sockmap}
@@ -174,20 +203,7 @@ def run_path(args: argparse.Namespace, mode: str, sockmap: bool) -> dict:
         pods(("a", "b"), bridge=True, cgroups=mode == "ebpf") as made,
     ):
         a, b = made["a"], made["b"]
-        echo = b.popen(
-            [
-                PY,
-                "-m",
-                "pyproxy.iptables.probe",
-                "echo",
-                "--port",
-                str(APP_PORT),
-                "--lifetime",
-                "600",
-            ],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
+        echo = b.popen(_echo_argv(args.instrument), stdout=subprocess.PIPE, text=True)
         if echo.stdout.readline().strip() != "READY":  # type: ignore[union-attr]
             raise RuntimeError("echo app did not start")
         target = b.address(args.family)
@@ -223,6 +239,7 @@ def _params(args: argparse.Namespace) -> dict:
         "max_seconds": args.max_seconds,
         "family": args.family,
         "stream_bytes": args.stream_bytes,
+        "instrument": args.instrument,
     }
 
 
@@ -340,6 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--family", type=int, choices=(4, 6), default=4)
     parser.add_argument(
+        "--instrument", choices=("c", "python"), default="c",
+        help="the client app and echo app: the C pair (native/echo_rtt.c, IPv4) or Python's",
+    )  # fmt: skip
+    parser.add_argument(
         "--mode", choices=("redirect", "tproxy", "ebpf"), default="redirect", help="capture mode"
     )
     parser.add_argument("--output", help="also write a results folder here")
@@ -363,6 +384,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if (args.sockmap or args.compare) and args.family != 4:
         parser.error("sockmap redirects IPv4 connections only: use --family 4")
+    if args.instrument == "c" and args.family != 4:
+        parser.error("the C echo pair speaks IPv4: use --instrument python with --family 6")
+    if args.instrument == "c" and not NATIVE_ECHO.exists():
+        parser.error(f"{NATIVE_ECHO} missing (built from native/echo_rtt.c by the set-up)")
     if args.compare is not None and args.compare < 1:
         parser.error("--compare needs at least one round")
     missing = missing_capabilities()

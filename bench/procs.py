@@ -46,6 +46,15 @@ def pinned(cpu: int | None, argv: list[str]) -> list[str]:
     )
 
 
+def realtime(argv: list[str]) -> list[str]:
+    """argv run SCHED_FIFO at the lowest priority (chrt): no task of the ordinary class it wakes
+    can preempt it, so a call it times ends when its syscall does. A diagnostic, not a
+    placement to deploy: while it runs, the ordinary tasks on its CPU wait."""
+    if not shutil.which("chrt"):
+        raise RuntimeError("chrt (util-linux) is needed to run a process SCHED_FIFO")
+    return ["chrt", "-f", "1", *argv]
+
+
 def move_to_cpu(pids: list[int], cpu: int) -> None:
     """Every thread of the running processes onto one CPU (a proxy alone under load)."""
     for pid in pids:

@@ -13,7 +13,8 @@
    the `ipc` stage and the sidecar's CPU time per message, and 64 MB bulk throughput (echoed,
    so 128 MB cross the sidecar; TCP and sockmap only: the bulk client speaks TCP). The app
    directly (no sidecar) is in the same rounds, so the added latency is p50 - direct p50.
-   Twice: processes placed by the scheduler, then client, sidecar and app on one CPU.
+   Twice: processes placed by the scheduler, then client, sidecar and app on one CPU. The client
+   and the app are the C pair by default (`--instrument python`: the Python pair).
 Rounds alternate between the paths so drift on a shared machine hits both alike.
 Run as root: `python -m pyproxy.bench.sockmap_echo` (a results folder, TARGET lines at the end).
 """
@@ -36,6 +37,7 @@ from pyproxy.bench.procs import (
     cpu_ns,
     pinned,
     preemptions,
+    realtime,
     run_delay_ns,
     target_line,
     tree_pids,
@@ -118,7 +120,7 @@ def _python_rtts(cpu: int | None) -> Rtts:
 
 def _native_rtts(pair: Pair) -> Rtts:
     def rtts(pod: Pod, address: str, size: int, count: int) -> list[int]:
-        host, port = address.rsplit(":", 1)
+        host, port = (address, "0") if address.startswith("unix:") else address.rsplit(":", 1)
         argv = [str(NATIVE_ECHO), "measure", host, port, str(size), str(count), str(WARMUP)]
         return json.loads(pod.run([*argv, *_native_flags(pair, 1)], timeout=300).stdout)
 
@@ -236,13 +238,27 @@ def through_sidecar(pod: Pod, args: argparse.Namespace, config: Path, cpu: int |
 
     With `cpu`, the echo app, the sidecar and the client share that CPU: every wake-up is then
     local, where spread over CPUs each send that wakes a sleeper on another CPU pays for the
-    cross-CPU wake-up (an IPI; on a VM, an exit) on both paths alike.
+    cross-CPU wake-up (an IPI; on a VM, an exit) on both paths alike. On one CPU a send that
+    wakes the app is often preempted by it on its way back to user space, so the app's turn is
+    timed inside the sidecar's call (bench/README.md measures how much).
+
+    The client and the echo app are the C pair (`--instrument c`, the default) or the Python
+    pair. On one CPU the sidecar's send to the client wakes it, and the client's turn (take the
+    time, send the next message) runs before the sidecar returns from that send, inside its
+    timed `ipc` call: the C client's turn is short and the same every time, the Python one's
+    several microseconds and not.
     """
-    app = _echo(pod, APP_PORT, cpu)
+    if args.instrument == "c":
+        pair = Pair((APP_PORT, APP_PORT), cpus=None if cpu is None else (cpu, cpu))
+        app, measure = _native_echo(pod, APP_PORT, pair), _native_rtts(pair)
+    else:
+        app, measure = _echo(pod, APP_PORT, cpu), _python_rtts(cpu)
     argv = pinned(cpu, [PY, "-m", "pyproxy", "run", "-c", str(config)])
+    if args.sidecar_fifo:
+        argv = realtime(argv)
     proc = pod.popen(argv, stderr=subprocess.DEVNULL)
     try:
-        return _measure_sidecar(pod, args, proc, app.pid, cpu)
+        return _measure_sidecar(pod, args, proc, app.pid, measure)
     finally:
         proc.terminate()  # its exit removes the sockmap programs it installed
         proc.wait(timeout=30)
@@ -270,7 +286,7 @@ def _ipc_cuts(tcp: dict, sockmap: dict) -> dict:
 
 
 def _measure_sidecar(
-    pod: Pod, args: argparse.Namespace, proc: subprocess.Popen, app_pid: int, cpu: int | None
+    pod: Pod, args: argparse.Namespace, proc: subprocess.Popen, app_pid: int, measure: Rtts
 ) -> dict:
     deadline = time.monotonic() + 20
     while True:
@@ -286,7 +302,7 @@ def _measure_sidecar(
     targets["uds"] = f"unix:{UDS_PATH}"
     targets["direct"] = f"127.0.0.1:{APP_PORT}"  # no sidecar: what the others add to
     watch = RoundWatch(pod, proc.pid, app_pid)
-    result = _alternate(pod, targets, 100, args, _python_rtts(cpu), watch)
+    result = _alternate(pod, targets, 100, args, measure, watch)
     result["speedup"] = _speedup(result, "tcp", "sockmap")
     direct = result["direct"]["p50_us"]
     added = {name: result[name]["p50_us"] - direct for name in ports}
@@ -324,7 +340,7 @@ def _measure_sidecar(
     result["bulk_mb_s"] = {
         name: _bulk_mb_s(pod, port, args.bulk_bytes) for name, port in ports.items()
     }
-    print(f"sidecar (cpu {cpu}): {json.dumps(result)}", file=sys.stderr, flush=True)
+    print(f"sidecar: {json.dumps(result)}", file=sys.stderr, flush=True)
     return result
 
 
@@ -341,6 +357,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--bulk-bytes", type=int, default=64 * 1024 * 1024)
     parser.add_argument("--only", choices=("bare", "sidecar"), help="run one part (default: both)")
+    parser.add_argument(
+        "--instrument", choices=("c", "python"), default="c",
+        help="the sidecar part's client and echo app: the C pair (native/echo_rtt.c) or Python's",
+    )  # fmt: skip
+    parser.add_argument(
+        "--sidecar-fifo", action="store_true",
+        help="diagnostic: the sidecar SCHED_FIFO, so no woken app runs inside its timed calls and "
+        "the ipc stage is the calls' own time (latency then suffers: not a deployment setting)",
+    )  # fmt: skip
     parser.add_argument("--output", default=str(default_out("sockmap_echo")), help="results folder")
     parser.add_argument("--size", type=int, default=100, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=1000, help=argparse.SUPPRESS)

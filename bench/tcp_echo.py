@@ -1,11 +1,13 @@
 """TCP mode beside nginx stream, in one run: added echo latency, bulk throughput, CPU per message and per GB.
 
-Paths: direct (no proxy), nginx stream, pyproxy with the copy relay, with the
-splice relay, with the copy relay and the stage clock off (the clock's
-own cost is on - off), and with the copy relay's step run by libuv
-(`--relay-dispatch libuv`); `--baseline-tree PATH` adds that checkout's copy and
-splice relays (`before_copy`, `before_splice`, from PATH/.venv) to the same
-rounds, so a change is measured against its starting point beside nginx.
+Paths: direct (no proxy), nginx stream, pyproxy with the copy relay (its
+default: the step run by libuv on uvloop), with the splice relay, with the
+copy relay and the stage clock off (the clock's own cost is on - off), and
+with the copy relay's step run by the event loop's reader
+(`--relay-dispatch loop`, the default before); `--baseline-tree PATH` adds
+that checkout's copy and splice relays (`before_copy`, `before_splice`, from
+PATH/.venv) to the same rounds, so a change is measured against its starting
+point beside nginx.
 
 Latency: 100-byte messages at one outstanding message; every process on
 CPU 0 so no configuration wins by spreading work. The instrument (client and
@@ -102,7 +104,7 @@ PYPROXY = {
     "pyproxy_copy": (),
     "pyproxy_splice": ("--relay", "splice"),
     "pyproxy_clock_off": ("--no-stage-clock",),
-    "pyproxy_libuv": ("--relay-dispatch", "libuv"),
+    "pyproxy_loop": ("--relay-dispatch", "loop"),
 }
 BEFORE = {"before_copy": "pyproxy_copy", "before_splice": "pyproxy_splice"}
 
@@ -308,7 +310,7 @@ def report(result: dict) -> str:
                 f"{_f(v['cpu_s_per_gb'], '.3f')} | {rounds} |"
             )
     lines.append("\n" + noise_note(result["foreign_cpus"]))
-    for name in ("pyproxy_copy", "pyproxy_libuv", "pyproxy_splice", "before_copy", "before_splice"):
+    for name in ("pyproxy_copy", "pyproxy_loop", "pyproxy_splice", "before_copy", "before_splice"):
         ratio = lat.get(name, {}).get("added_p50_vs_nginx")
         if ratio is not None:
             lines.append(target_line(ratio <= NGINX_ADDED_P50, f"{name} 100 B added p50 ≤ 1.0× nginx stream's", f"{ratio:.2f}×"))  # fmt: skip

@@ -5,10 +5,12 @@
  * path; a Python client and server add a fixed cost per round trip that dilutes the difference.
  * These two programs are the same on both paths, so their ratio is the path's.
  *
- *   echo_rtt serve PORT [--busy] [--cpu N]
- *       listens on 127.0.0.1:PORT, prints READY, echoes each connection in turn, until killed.
+ *   echo_rtt serve PORT [HOST] [--busy] [--cpu N]
+ *       listens on HOST:PORT (IPv4; default 127.0.0.1), prints READY, echoes each connection in
+ *       turn, until killed.
  *   echo_rtt measure HOST PORT SIZE COUNT WARMUP [--busy] [--cpu N]
  *       SIZE-byte messages, one outstanding; prints the COUNT round trips in ns as a JSON list.
+ *       HOST unix:PATH connects to that Unix socket instead (PORT is then ignored).
  *
  * --busy spins on readiness instead of sleeping in recv (no wake-up latency; costs a whole CPU
  * per end), --cpu pins the process to one CPU.
@@ -25,6 +27,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -106,10 +109,10 @@ static struct sockaddr_in address(const char *host, const char *port)
 	return sa;
 }
 
-static _Noreturn void serve(const char *port)
+static _Noreturn void serve(const char *port, const char *host)
 {
 	static char buf[BUF_SIZE];
-	struct sockaddr_in sa = address("127.0.0.1", port);
+	struct sockaddr_in sa = address(host, port);
 	int one = 1, listener = socket(AF_INET, SOCK_STREAM, 0);
 
 	if (listener < 0)
@@ -133,18 +136,42 @@ static _Noreturn void serve(const char *port)
 	}
 }
 
-static int measure(const char *host, const char *port, size_t size, long count, long warmup)
+/* A connected socket to HOST:PORT over TCP (no delay), or to the Unix socket HOST = unix:PATH. */
+static int dial(const char *host, const char *port)
 {
-	struct sockaddr_in sa = address(host, port);
-	char *out = malloc(size), *in = malloc(size);
-	uint64_t *rtts = calloc((size_t)count, sizeof(*rtts));
-	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	int fd;
 
-	if (!out || !in || !rtts)
-		die("malloc");
+	if (strncmp(host, "unix:", 5) == 0) {
+		struct sockaddr_un sun = { .sun_family = AF_UNIX };
+
+		if (strlen(host + 5) >= sizeof(sun.sun_path)) {
+			fprintf(stderr, "Unix socket path too long: %s\n", host + 5);
+			exit(2);
+		}
+		strcpy(sun.sun_path, host + 5);
+		fd = socket(AF_UNIX, SOCK_STREAM, 0);
+		if (fd < 0 || connect(fd, (struct sockaddr *)&sun, sizeof(sun)) < 0)
+			die("connect");
+		return fd;
+	}
+	struct sockaddr_in sa = address(host, port);
+
+	fd = socket(AF_INET, SOCK_STREAM, 0);
 	if (fd < 0 || connect(fd, (struct sockaddr *)&sa, sizeof(sa)) < 0)
 		die("connect");
 	nodelay(fd);
+	return fd;
+}
+
+static int measure(const char *host, const char *port, size_t size, long count, long warmup)
+{
+	char *out = malloc(size), *in = malloc(size);
+	uint64_t *rtts = calloc((size_t)count, sizeof(*rtts));
+
+	if (!out || !in || !rtts)
+		die("malloc");
+	int fd = dial(host, port);
+
 	memset(out, 'p', size);
 	for (long i = 0; i < warmup + count; i++) {
 		uint64_t started = now_ns();
@@ -191,12 +218,12 @@ int main(int argc, char **argv)
 			args[nargs++] = argv[i];
 		}
 	}
-	if (nargs == 2 && strcmp(args[0], "serve") == 0)
-		serve(args[1]);
+	if ((nargs == 2 || nargs == 3) && strcmp(args[0], "serve") == 0)
+		serve(args[1], nargs == 3 ? args[2] : "127.0.0.1");
 	if (nargs == 6 && strcmp(args[0], "measure") == 0)
 		return measure(args[1], args[2], (size_t)atol(args[3]), atol(args[4]), atol(args[5]));
 	fprintf(stderr,
-		"usage: echo_rtt serve PORT [--busy] [--cpu N]\n"
+		"usage: echo_rtt serve PORT [HOST] [--busy] [--cpu N]\n"
 		"       echo_rtt measure HOST PORT SIZE COUNT WARMUP [--busy] [--cpu N]\n");
 	return 2;
 }

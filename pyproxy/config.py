@@ -49,7 +49,7 @@ INBOUND_SOURCE_V6 = "::6"
 IPC_KINDS = ("tcp", "uds", "sockmap")
 WRITE_BACKENDS = ("send", "zerocopy")
 RELAY_BACKENDS = ("copy", "splice")
-RELAY_DISPATCH = ("loop", "libuv")
+RELAY_DISPATCH = ("auto", "loop", "libuv")
 BUFFER_SIZE_DEFAULT = 65536  # the zerocopy writer's: it pays per send, so bigger sends
 # The copy relay's: a read and its write touch the buffer twice, and 16 KiB stays in the
 # CPU's near caches where 64 KiB does not (a third less CPU per GB moved, measured).
@@ -186,8 +186,9 @@ class ListenerConfig:
     write: str = "send"
     relay: str = "copy"
     # Who runs the native copy step when a socket is readable: the event loop's Python callback
-    # (loop), or libuv's poll callback in C with no Python in between (libuv; uvloop only).
-    relay_dispatch: str = "loop"
+    # (loop), or libuv's poll callback in C with no Python in between (libuv; uvloop only);
+    # auto: libuv where it can run (uvloop, the native module, relay: copy, write: send).
+    relay_dispatch: str = "auto"
     zerocopy_threshold: int = ZEROCOPY_THRESHOLD_DEFAULT
     # Protocol detection (mode http): auto = HTTP/2 preface, HTTP/1 request line, else opaque
     # TCP; http = HTTP/2 or HTTP/1 only. Per destination port: tcp | http | http1 | http2.
@@ -485,7 +486,7 @@ def _io_backends(fields: _Fields, listener: ListenerConfig) -> ListenerConfig:
         raise fields.error("ipc", f"{need}; this listener's app side is its {app_role}: {shown}")
     write = fields.take("write", _choice(WRITE_BACKENDS), "send")
     relay = fields.take("relay", _choice(RELAY_BACKENDS), "copy")
-    dispatch = fields.take("relay_dispatch", _choice(RELAY_DISPATCH), "loop")
+    dispatch = fields.take("relay_dispatch", _choice(RELAY_DISPATCH), "auto")
     if dispatch == "libuv" and (relay != "copy" or write != "send"):
         raise fields.error(
             "relay_dispatch", "libuv runs the copy relay's step (relay: copy, write: send)"

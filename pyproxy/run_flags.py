@@ -88,9 +88,10 @@ def add_run_arguments(run: argparse.ArgumentParser) -> None:
     )
     run.add_argument(
         "--relay-dispatch",
-        choices=("loop", "libuv"),
+        choices=("auto", "loop", "libuv"),
         help="TCP mode copy relay: who runs the native step on a readable socket (libuv: "
-        "uvloop's libuv calls it in C, no Python per wake-up; experimental)",
+        "uvloop's libuv calls it in C, no Python per wake-up; loop: the event loop's reader; "
+        "auto, the default: libuv on uvloop, else loop)",
     )
     run.add_argument(
         "--upstream-protocol",

@@ -36,12 +36,24 @@ HEADER_BYTES = 9
 needs_native = pytest.mark.skipif(not native.AVAILABLE, reason=str(native.UNAVAILABLE_REASON))
 
 BACKENDS = {
+    # The default: with the native module on uvloop, libuv runs the copy step (auto).
     "copy": (
         (),
         {
             "relay": "userspace-copy",
             "write": "send",
             "relay_step": "native" if native.AVAILABLE else "python",
+            **({"relay_dispatch": "libuv"} if native.AVAILABLE else {}),
+        },
+    ),
+    # The copy step run by the event loop's readers (the default before libuv's measured ahead).
+    "copy_loop": (
+        ("--relay-dispatch", "loop"),
+        {
+            "relay": "userspace-copy",
+            "write": "send",
+            "relay_step": "native",
+            "relay_dispatch": "loop",
         },
     ),
     "zerocopy": (
@@ -49,7 +61,7 @@ BACKENDS = {
         {"relay": "userspace-copy", "write": "zerocopy", "relay_step": "python"},
     ),
     "splice": (("--relay", "splice"), {"relay": "splice", "write": "send", "relay_step": "native"}),
-    # The copy step run from libuv's own poll callback (experimental, off by default).
+    # The copy step run from libuv's own poll callback, chosen explicitly.
     "copy_libuv": (
         ("--relay-dispatch", "libuv"),
         {
@@ -216,7 +228,7 @@ def test_zerocopy_on_plain_asyncio_moves_bytes_and_does_not_spin(start_proxy, ec
 
 
 @needs_native
-@pytest.mark.parametrize("backend", ["zerocopy", "splice", "copy_libuv"])
+@pytest.mark.parametrize("backend", ["zerocopy", "splice", "copy_libuv", "copy_loop"])
 def test_slow_consumer_keeps_memory_bounded_on_native_backends(start_proxy, backend):
     total = 192 * MB
     done = threading.Event()
@@ -292,14 +304,19 @@ def test_without_native_the_proxy_runs_pure_python_paths_and_says_so(
 
 
 @needs_native
-def test_libuv_dispatch_on_plain_asyncio_says_so_and_the_loop_runs_the_step(
-    start_proxy, echo_server
-):
+@pytest.mark.parametrize(
+    ("flags", "warned"),
+    [(("--relay-dispatch", "libuv"), True), ((), False)],
+    ids=["explicit_libuv_says_so", "default_is_silent"],
+)
+def test_on_plain_asyncio_the_loop_runs_the_step(start_proxy, echo_server, flags, warned):
     port = free_port()
     proxy = start_proxy(
         "--listen", f"127.0.0.1:{port}", "--upstream", echo_server.address,
-        "--relay-dispatch", "libuv", "--event-loop", "asyncio",
+        "--event-loop", "asyncio", *flags,
     )  # fmt: skip
+    if not warned:  # auto resolves to the loop here, and /server_info says so
+        assert _server_info(proxy)["io_backends"]["listeners"]["main"]["relay_dispatch"] == "loop"
     with socket.create_connection(("127.0.0.1", port), timeout=10) as client:
         for i in range(50):
             message = b"%d;" % i
@@ -309,7 +326,7 @@ def test_libuv_dispatch_on_plain_asyncio_says_so_and_the_loop_runs_the_step(
                 got += client.recv(64)
             assert got == message
     proxy.wait_for(lambda s: s["connections_active"] == 0)
-    assert "relay_dispatch libuv: not on uvloop's libuv here" in proxy.output
+    assert ("relay_dispatch libuv: not on uvloop's libuv here" in proxy.output) is warned
 
 
 # A relay on libuv polls inside a worker's loop, then the loop closes (the worker's last step).

@@ -13,10 +13,13 @@ from test_sockmap import require_sockmap  # noqa: F401  (the fixture, used by na
 STREAM = 2 * 1024 * 1024
 
 
-def test_pod_echo_reports_baseline_sidecars_and_stage_breakdown(require_netns, tmp_path):
+@pytest.mark.parametrize("instrument", ["c", "python"])
+def test_pod_echo_reports_baseline_sidecars_and_stage_breakdown(
+    require_netns, tmp_path, instrument
+):
     out = tmp_path / "pod_echo"
     argv = [sys.executable, "-m", "pyproxy.bench.pod_echo", "--count", "200", "--warmup", "20"]
-    argv += ["--max-seconds", "10", "--output", str(out)]
+    argv += ["--max-seconds", "10", "--output", str(out), "--instrument", instrument]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, stderr = proc.communicate(timeout=100)
     assert proc.returncode == 0, stderr

@@ -261,11 +261,13 @@ def test_bare_echo_bench_runs_each_pair_of_programs_over_tcp_and_sockmap(tmp_pat
 
 
 @pytest.mark.usefixtures("require_sockmap")
+@pytest.mark.parametrize("instrument", ["c", "python"])
 def test_sidecar_echo_bench_measures_the_app_directly_beside_each_listener_in_both_placements(
-    tmp_path,
+    tmp_path, instrument
 ):
     out = tmp_path / "sockmap_echo"
     argv = [PY, "-m", "pyproxy.bench.sockmap_echo", "--only", "sidecar", "--rounds", "2"]
+    argv += ["--instrument", instrument]  # the C pair reaches the Unix listener too
     argv += ["--per-round", "50", "--bulk-bytes", str(1 << 20), "--output", str(out)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

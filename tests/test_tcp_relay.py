@@ -19,9 +19,9 @@ MB = 1024 * 1024
 DISPATCH = pytest.mark.parametrize(
     "dispatch",
     [
-        pytest.param((), id="loop"),
+        pytest.param(("--relay-dispatch", "loop"), id="loop"),
         pytest.param(
-            ("--relay-dispatch", "libuv"), id="libuv",
+            (), id="libuv",  # the default on uvloop with the native module
             marks=pytest.mark.skipif(not native.AVAILABLE, reason=str(native.UNAVAILABLE_REASON)),
         ),
     ],

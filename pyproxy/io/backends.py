@@ -23,8 +23,22 @@ def relay_factory(config: ListenerConfig) -> Callable[..., Relay]:
     if native_step():
         from pyproxy.io.relay_step import NativeCopyRelay, PolledCopyRelay  # lazy: when there
 
-        return PolledCopyRelay if config.relay_dispatch == "libuv" else NativeCopyRelay
+        return PolledCopyRelay if dispatch(config) == "libuv" else NativeCopyRelay
     return Relay
+
+
+def dispatch(config: ListenerConfig) -> str:
+    """Who runs the native copy step: `relay_dispatch`, with auto resolved. Auto is libuv on
+    uvloop (the same-run measurements put it below the loop's dispatch in CPU per message:
+    bench/README.md) and the loop elsewhere, silently; an explicit libuv on plain asyncio
+    says so where the relay finds no libuv (io/relay_step.py)."""
+    if config.relay_dispatch != "auto":
+        return config.relay_dispatch
+    if config.relay != "copy" or config.write != "send":
+        return "loop"
+    from pyproxy.eventloop import event_loop_name  # lazy: reads the environment, imports uvloop
+
+    return "libuv" if event_loop_name() == "uvloop" else "loop"
 
 
 def release_native_polls() -> None:
@@ -54,8 +68,8 @@ def describe(config: ListenerConfig) -> dict:
         if config.relay == "splice" or native_step()
         else "python",
     }
-    if config.relay_dispatch != "loop":
-        out["relay_dispatch"] = config.relay_dispatch
+    if out["relay_step"] == "native" and config.relay != "splice":
+        out["relay_dispatch"] = dispatch(config)
     if config.write == "zerocopy":
         out["zerocopy_threshold"] = config.zerocopy_threshold
     if config.app_socket is not None:
