@@ -334,7 +334,8 @@ class Profile:
         filters = {}
         for name, model in self.external.items():
             mode, sep, kind = name.partition("+")
-            if sep and not kind.startswith("ipc:") and mode in self.external:
+            # a combination of filters (`MODE+F1+F2`) is priced whole, as its own mode
+            if sep and "+" not in kind and not kind.startswith("ipc:") and mode in self.external:
                 filters[kind] = model.minus(self.external[mode])
         return Profile(self.platform, modes, {}, filters, self.external, self.points, self.idle,
                        setting=self.setting)  # fmt: skip

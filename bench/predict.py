@@ -110,7 +110,8 @@ def sidecar_stages(
         raise WhatIfError(
             f"service {service.name}: mode {service.mode!r} is not in the profile ({sorted(profile.modes)})"
         )
-    stages = dict(profile.modes[service.mode])
+    key = setup_key(profile, service)
+    stages = dict(profile.modes[key])
     ipc = what_if.ipc or service.ipc
     if ipc != "tcp":
         if ipc not in profile.ipc:
@@ -118,7 +119,7 @@ def sidecar_stages(
                 f"service {service.name}: IPC backend {ipc!r} is not in the profile ({sorted(profile.ipc)})"
             )
         stages["ipc"] = profile.ipc[ipc]
-    for name in service.filters:
+    for name in service.filters if key == service.mode else ():
         if name not in profile.filters:
             raise WhatIfError(
                 f"service {service.name}: filter {name!r} is not in the profile ({sorted(profile.filters)})"
@@ -128,6 +129,14 @@ def sidecar_stages(
         if stage in stages:
             stages[stage] = stages[stage].scaled(factor)
     return stages
+
+
+def setup_key(profile: Profile, service: Service) -> str:
+    """The profile's setup that prices the service's sidecar: the one measured with exactly its
+    mode and filters if the profile has it (`MODE+F1+F2`), else its mode's, to which each
+    filter's model is added."""
+    exact = "+".join((service.mode, *service.filters))
+    return exact if service.filters and exact in profile.modes else service.mode
 
 
 @dataclass(slots=True)
@@ -227,18 +236,18 @@ def _hop(
             stages_ns[stage] = stages_ns.get(stage, 0.0) + ns
             side_ns[side if caller is not None else 1] += ns
             cpu_stages[stage] = cpu_stages.get(stage, 0.0) + rate * model.cpu.at(size) / 1e9
-        if (curve := profile.idle.get(service.mode)) is not None:
+        if (curve := profile.idle.get(setup_key(profile, service))) is not None:
             # Below the closed-loop rate the sidecar idles between exchanges and pays to wake up.
             latency, cpu = curve.at(rate)
             factor = factors.get(IDLE_STAGE, 1.0)
             stages_ns[IDLE_STAGE] = stages_ns.get(IDLE_STAGE, 0.0) + factor * latency
             cpu_stages[IDLE_STAGE] = cpu_stages.get(IDLE_STAGE, 0.0) + factor * rate * cpu / 1e9
-        if (untimed := _per_setup(profile.untimed, service, size)) is not None:
+        if (untimed := _per_setup(profile, profile.untimed, service, size)) is not None:
             cpu_stages[UNTIMED_STAGE] = cpu_stages.get(UNTIMED_STAGE, 0.0) + (
                 factors.get(UNTIMED_STAGE, 1.0) * rate * untimed / 1e9
             )
         handoffs = {name: h.latency for name, h in profile.handoff.items()}
-        if (handoff := _per_setup(handoffs, service, size)) is not None:
+        if (handoff := _per_setup(profile, handoffs, service, size)) is not None:
             handoff_ns = max(handoff_ns, handoff)
         if caller is not None and side == 0 and rate > 0:
             outbound_cpu_ns = (sum(cpu_stages.values()) - cpu_before) * 1e9 / rate
@@ -252,11 +261,16 @@ def _hop(
                side_ns[0], side_ns[1])  # fmt: skip
 
 
-def _per_setup(lines: dict[str, Linear], service: Service, size: float) -> float | None:
-    """A term the profile fitted per setup (hand-off, untimed CPU) for the service's sidecar: its
-    mode's, plus what each of its filters added to it where the profile measured that filter's
-    setup (a filtered request takes another path through the proxy, with untimed work of its
-    own)."""
+def _per_setup(
+    profile: Profile, lines: dict[str, Linear], service: Service, size: float
+) -> float | None:
+    """A term the profile fitted per setup (hand-off, untimed CPU) for the service's sidecar: the
+    exact setup's if the profile measured it; else its mode's, plus what each of its filters
+    added to it where the profile measured that filter's setup (a filtered request takes
+    another path through the proxy, with untimed work of its own)."""
+    key = setup_key(profile, service)
+    if key != service.mode:
+        return lines[key].at(size) if key in lines else None
     plain = lines.get(service.mode)
     if plain is None:
         return None
@@ -347,8 +361,8 @@ def _placed(
     rate = graph.root.rate or 0.0
     period = 1e9 / rate if rate else 0.0
 
-    def wake(mode: str | None):
-        curve = profile.idle.get(mode) if mode is not None and factor else None
+    def wake(service: Service | None):
+        curve = profile.idle.get(setup_key(profile, service)) if service and factor else None
         if curve is None:
             return None
         return lambda r: (factor * curve.at(r)[0], factor * curve.at(r)[1])
@@ -358,8 +372,8 @@ def _placed(
         out = graph.services[hop.caller] if hop.caller is not None else None
         inbound = graph.services[hop.callee]
         return HopCost(hop.outbound_ns, hop.inbound_ns, hop.stages_ns.get(HANDOFF_STAGE, 0.0),
-                       wake(out.mode if out is not None and out.sidecar and wakes else None),
-                       wake(inbound.mode if inbound.sidecar and wakes else None))  # fmt: skip
+                       wake(out if out is not None and out.sidecar and wakes else None),
+                       wake(inbound if inbound.sidecar and wakes else None))  # fmt: skip
 
     base, _ = schedule_latency(graph, placement, lambda call: HopCost())
     mesh, wake_cpu_ns = schedule_latency(graph, placement, cost, period)

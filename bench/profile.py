@@ -85,14 +85,25 @@ class Setup:
     name: str
     mode: str
     ipc: str = "tcp"
-    filter_type: str | None = None
+    # one filter: its model is what it adds to the mode's; several: the setup is priced as a
+    # whole (`Profile.modes[name]`), for sidecars with exactly those filters
+    filters: tuple[str, ...] = ()
+
+    @property
+    def filter_type(self) -> str | None:
+        return self.filters[0] if len(self.filters) == 1 else None
+
+
+def setup_for(mode: str, filters: Sequence[str] = ()) -> Setup:
+    """The setup of a sidecar in `mode` with these filters, named as `predict` looks it up."""
+    return Setup("+".join((mode, *filters)), mode, filters=tuple(filters))
 
 
 def setups(modes: list[str], ipcs: list[str], filters: list[str]) -> list[Setup]:
     out = [Setup(mode, mode) for mode in modes]
     # The IPC backend is the app-facing (upstream) socket; TCP mode isolates it best.
     out += [Setup(f"tcp+ipc:{ipc}", "tcp", ipc=ipc) for ipc in ipcs if ipc != "tcp"]
-    out += [Setup(f"http+{kind}", "http", filter_type=kind) for kind in filters]
+    out += [setup_for("http", [kind]) for kind in filters]
     return out
 
 
@@ -153,8 +164,8 @@ class _Target:
         argv = [sys.executable, "-m", "pyproxy", "run", "--mode", mode,
                 "--listen", f"127.0.0.1:{listen}", "--upstream", upstream,
                 "--admin", f"127.0.0.1:{self.admin}", "--log-level", "warning", *mode_flags]  # fmt: skip
-        if setup.filter_type:
-            entry = filter_entry(setup.filter_type, workdir, setup.name)
+        for kind in setup.filters:
+            entry = filter_entry(kind, workdir, f"{setup.name}-{kind}")
             argv += ["--filter", f"{entry['name']}={json.dumps(entry['config'])}"]
         self.proc = procs.start(argv)
         wait_port(self.admin, timeout=30)  # a loaded machine starts workers slowly
@@ -175,7 +186,7 @@ class _Target:
         return Pair(self.setup.mode, self.direct, self.proxied, size)
 
 
-class _PodTarget:
+class PodTarget:
     """One setup in the pods setting: the echo in pod `mesh` behind its captured sidecar, the
     same echo in pod `plain` without one, the driver a process in pod `client`."""
 
@@ -191,8 +202,7 @@ class _PodTarget:
         self.echoes = [made[role].popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                        for role in ("plain", "mesh")]  # fmt: skip
         mode, flags = pyproxy_mode(setup.mode)
-        filters = [setup.filter_type] if setup.filter_type else []
-        self.sidecar = start_captured_sidecar(self.mesh, mode, filters, workdir, flags)
+        self.sidecar = start_captured_sidecar(self.mesh, mode, setup.filters, workdir, flags)
         self.direct = f"{made['plain'].ipv4}:{POD_ECHO_PORT}"
         self.proxied = f"{self.mesh.ipv4}:{POD_ECHO_PORT}"
         self.pids: list[int] = []
@@ -215,18 +225,18 @@ class _PodTarget:
 
 def _open_target(
     stack: contextlib.ExitStack, setting: str, setup: Setup, workdir: Path, pinned: bool
-) -> _Target | _PodTarget:
+) -> _Target | PodTarget:
     """The setup's running proxy and echoes in `setting`, torn down when `stack` closes."""
     if setting == PODS:
-        made = stack.enter_context(pods(_PodTarget.ROLES, ipv6_subnet=None))
-        return _PodTarget(made, setup, workdir, pinned)
+        made = stack.enter_context(pods(PodTarget.ROLES, ipv6_subnet=None))
+        return PodTarget(made, setup, workdir, pinned)
     procs = Processes()
     stack.callback(procs.stop_all)
     return _Target(procs, setup, workdir, pinned)
 
 
-def _measure_size(
-    target: _Target | _PodTarget,
+def measure_size(
+    target: _Target | PodTarget,
     size: int,
     seconds: float,
     warmup: int,
@@ -279,7 +289,7 @@ def _measure_size(
 
 
 def _idle_points(
-    target: _Target | _PodTarget,
+    target: _Target | PodTarget,
     pair: Pair | PodPair,
     base: dict,
     seconds: float,
@@ -313,6 +323,35 @@ def _idle_points(
                 "passes_overhead_ns": [run[1] - run[0] for run in runs],
             }
         )  # fmt: skip
+    return out
+
+
+def _median_of(values: list) -> object:
+    """The median of numbers, of dicts of numbers (key by key), or of lists (concatenated)."""
+    if isinstance(values[0], dict):
+        keys = {k for v in values for k in v}
+        return {k: statistics.median(v.get(k, 0) for v in values) for k in sorted(keys)}
+    if isinstance(values[0], list):
+        return [x for v in values for x in v]
+    if isinstance(values[0], int | float) and not isinstance(values[0], bool):
+        return statistics.median(values)
+    return values[0]
+
+
+def pooled(points: list[dict]) -> list[dict]:
+    """Repeated measurements of the same points (a setup measured in several blocks, between
+    which the machine's other load came and went) as one point each: every figure the median
+    over the blocks (a paced point's passes all kept), so a block that a burst of other work
+    struck moves nothing. Points are the same when their setup, kind, size, load (CPU points)
+    and paced rate (idle points) are; `blocks` says how many were pooled."""
+    groups: dict[tuple, list[dict]] = {}
+    for p in points:
+        key = (p["setup"], p["kind"], p["size"], p.get("load"), p.get("paced_rate"))
+        groups.setdefault(key, []).append(p)
+    out = []
+    for same in groups.values():
+        merged = {k: _median_of([p[k] for p in same if k in p]) for k in same[0]}
+        out.append(merged | {"blocks": len(same)})
     return out
 
 
@@ -410,7 +449,9 @@ def build_profile(
             handoff[setup.name] = gap
         if (unseen := fit_setup_untimed(mine)) is not None:
             untimed[setup.name] = unseen
-        if setup.filter_type:
+        if len(setup.filters) > 1:
+            modes[setup.name] = stages  # this combination, priced as measured
+        elif setup.filter_type:
             own = stages[f"filter:{setup.filter_type}"]
             plain = modes.get(setup.mode)
             # A filter costs all its path costs beyond the unfiltered one: its own stage and
@@ -475,7 +516,7 @@ def run(args: argparse.Namespace) -> int:
                         if bar is not None:
                             bar.set_description(f"{setup.name} {size} B")
                         idle = idle_rates if size == min(sizes) else ()
-                        points += _measure_size(target, size, args.seconds, warmup, idle)
+                        points += measure_size(target, size, args.seconds, warmup, idle)
                         if bar is not None:
                             bar.update()
                 except (RuntimeError, OSError, ConnectionError, subprocess.SubprocessError) as exc:
