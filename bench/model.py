@@ -29,6 +29,8 @@ PLATFORM_KEYS = ("cpu_model", "kernel", "python", "pyproxy")
 LOOPBACK = "loopback"
 PODS = "pods"
 SETTINGS = (LOOPBACK, PODS)
+# A profile's setup measured as a whole hop through two sidecars of setup NAME: `hop:NAME`.
+HOP_PREFIX = "hop:"
 
 
 class PlatformMismatch(Exception):
@@ -335,7 +337,13 @@ class Profile:
         for name, model in self.external.items():
             mode, sep, kind = name.partition("+")
             # a combination of filters (`MODE+F1+F2`) is priced whole, as its own mode
-            if sep and "+" not in kind and not kind.startswith("ipc:") and mode in self.external:
+            if (
+                sep
+                and "+" not in kind
+                and not kind.startswith("ipc:")
+                and not name.startswith(HOP_PREFIX)
+                and mode in self.external
+            ):
                 filters[kind] = model.minus(self.external[mode])
         return Profile(self.platform, modes, {}, filters, self.external, self.points, self.idle,
                        setting=self.setting)  # fmt: skip

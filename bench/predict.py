@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pyproxy.bench.callgraph import Call, CallGraph, Service
-from pyproxy.bench.model import Linear, Profile, StageModel
+from pyproxy.bench.model import HOP_PREFIX, Linear, Profile, StageModel
 from pyproxy.bench.schedule import UNPLACED, HopCost, Placement
 from pyproxy.bench.schedule import latency as schedule_latency
 
@@ -106,11 +106,11 @@ def sidecar_stages(
     profile: Profile, service: Service, what_if: WhatIf = WhatIf()
 ) -> dict[str, StageModel]:
     """The stage models of one service's sidecar under the profile and the what-if."""
-    if service.mode not in profile.modes:
+    key = setup_key(profile, service)
+    if key not in profile.modes:
         raise WhatIfError(
             f"service {service.name}: mode {service.mode!r} is not in the profile ({sorted(profile.modes)})"
         )
-    key = setup_key(profile, service)
     stages = dict(profile.modes[key])
     ipc = what_if.ipc or service.ipc
     if ipc != "tcp":
@@ -154,6 +154,7 @@ class Hop:
     # for a schedule on shared CPUs: each side's passes (stages, ns) and the rest (idle, hand-off)
     outbound_ns: float = 0.0
     inbound_ns: float = 0.0
+    whole: str = ""  # the profile's whole-hop setup that priced it (see `hop_key`), if one did
 
 
 @dataclass(slots=True)
@@ -219,6 +220,10 @@ def _hop(
     profile: Profile, graph: CallGraph, call: Call, caller: str | None, rate: float, what_if: WhatIf
 ) -> Hop:
     size = (call.request + call.response) / 2
+    if caller is not None and (
+        key := hop_key(profile, graph.services[caller], graph.services[call.callee], what_if)
+    ):
+        return _whole_hop(profile, call, caller, key, size, rate, what_if)
     stages_ns: dict[str, float] = {}
     cpu_stages: dict[str, float] = {}
     sides = [graph.services[caller]] if caller is not None else []
@@ -259,6 +264,46 @@ def _hop(
     return Hop(call.id, caller, call.callee, size, rate, sum(stages_ns.values()),
                sum(cpu_stages.values()), stages_ns, cpu_stages, outbound_cpu_ns,
                side_ns[0], side_ns[1])  # fmt: skip
+
+
+def hop_key(profile: Profile, caller: Service | None, callee: Service, what_if: WhatIf) -> str:
+    """The profile's whole-hop setup (`hop:NAME`) that prices a call from `caller` to `callee`,
+    or "": both sidecars of one setup NAME the profile measured as a hop, and no IPC what-if
+    (the hop was measured over the capture's TCP)."""
+    if caller is None or not (caller.sidecar and callee.sidecar) or what_if.ipc:
+        return ""
+    key = setup_key(profile, callee)
+    if setup_key(profile, caller) != key or caller.ipc != "tcp" or callee.ipc != "tcp":
+        return ""
+    return HOP_PREFIX + key if HOP_PREFIX + key in profile.modes else ""
+
+
+def _whole_hop(
+    profile: Profile, call: Call, caller: str, key: str, size: float, rate: float, what_if: WhatIf
+) -> Hop:
+    """A call priced by the profile's measurement of a whole hop (`hop_key`): its stage clocks
+    (both sidecars' listeners), its hand-off, untimed CPU and idle curve, each once per call.
+    The hop's stages are split evenly between the two sidecars' passes."""
+    factors = dict(what_if.factors)
+    stages_ns: dict[str, float] = {}
+    cpu_stages: dict[str, float] = {}
+    for stage, model in profile.modes[key].items():
+        factor = factors.get(stage, 1.0)
+        stages_ns[stage] = factor * model.latency.at(size)
+        cpu_stages[stage] = factor * rate * model.cpu.at(size) / 1e9
+    passes_ns = sum(stages_ns.values())
+    if (curve := profile.idle.get(key)) is not None:
+        latency, cpu = curve.at(rate)
+        stages_ns[IDLE_STAGE] = factors.get(IDLE_STAGE, 1.0) * latency
+        cpu_stages[IDLE_STAGE] = factors.get(IDLE_STAGE, 1.0) * rate * cpu / 1e9
+    if (untimed := profile.untimed.get(key)) is not None:
+        cpu_stages[UNTIMED_STAGE] = factors.get(UNTIMED_STAGE, 1.0) * rate * untimed.at(size) / 1e9
+    if (handoff := profile.handoff.get(key)) is not None:
+        stages_ns[HANDOFF_STAGE] = factors.get(HANDOFF_STAGE, 1.0) * handoff.latency.at(size)
+    cores = sum(cpu_stages.values())
+    return Hop(call.id, caller, call.callee, size, rate, sum(stages_ns.values()), cores,
+               stages_ns, cpu_stages, cores * 1e9 / rate / 2 if rate > 0 else 0.0,
+               passes_ns / 2, passes_ns / 2, key)  # fmt: skip
 
 
 def _per_setup(
@@ -371,6 +416,12 @@ def _placed(
         hop = hops[call.id]
         out = graph.services[hop.caller] if hop.caller is not None else None
         inbound = graph.services[hop.callee]
+        if hop.whole:
+            # the hop's curve was measured for both passes at once: its outbound pass pays it
+            curve = profile.idle.get(hop.whole) if wakes and factor else None
+            return HopCost(hop.outbound_ns, hop.inbound_ns, hop.stages_ns.get(HANDOFF_STAGE, 0.0),
+                           (lambda r: (factor * curve.at(r)[0], factor * curve.at(r)[1]))
+                           if curve is not None else None)  # fmt: skip
         return HopCost(hop.outbound_ns, hop.inbound_ns, hop.stages_ns.get(HANDOFF_STAGE, 0.0),
                        wake(out if out is not None and out.sidecar and wakes else None),
                        wake(inbound if inbound.sidecar and wakes else None))  # fmt: skip

@@ -37,6 +37,7 @@ from pathlib import Path
 from pyproxy.bench.driver import wait_ready
 from pyproxy.bench.filter_configs import filter_entry
 from pyproxy.bench.model import (
+    HOP_PREFIX,
     LOOPBACK,
     PODS,
     SETTINGS,
@@ -88,10 +89,18 @@ class Setup:
     # one filter: its model is what it adds to the mode's; several: the setup is priced as a
     # whole (`Profile.modes[name]`), for sidecars with exactly those filters
     filters: tuple[str, ...] = ()
+    # pods only: a whole hop, the driver's pod captured too, so a request crosses the client
+    # pod's sidecar (outbound) and the echo pod's (inbound), as a call between two meshed apps
+    hop: bool = False
 
     @property
     def filter_type(self) -> str | None:
-        return self.filters[0] if len(self.filters) == 1 else None
+        return self.filters[0] if len(self.filters) == 1 and not self.hop else None
+
+
+def hop_setup(setup: Setup) -> Setup:
+    """The hop through two sidecars of `setup` (`hop:NAME`, priced whole by `predict`)."""
+    return Setup(f"{HOP_PREFIX}{setup.name}", setup.mode, setup.ipc, setup.filters, hop=True)
 
 
 def setup_for(mode: str, filters: Sequence[str] = ()) -> Setup:
@@ -127,6 +136,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ipc", default="tcp,unix", help="IPC backends (app-facing socket)")
     parser.add_argument(
         "--filters", default="fault,ratelimit", help="filter types, each profiled in HTTP mode"
+    )
+    parser.add_argument(
+        "--hops",
+        action="store_true",
+        help="pods: also measure each setup as a whole hop, the driver's pod captured by a "
+        "sidecar of the same setup (what a call between two meshed apps crosses)",
     )
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="message sizes, bytes")
     parser.add_argument("--seconds", type=float, default=1.0, help="per measured point")
@@ -203,17 +218,31 @@ class PodTarget:
                        for role in ("plain", "mesh")]  # fmt: skip
         mode, flags = pyproxy_mode(setup.mode)
         self.sidecar = start_captured_sidecar(self.mesh, mode, setup.filters, workdir, flags)
+        self.sidecars = [self.sidecar]
+        if setup.hop:
+            # the driver's pod meshed too, except for its way to the plain echo (the direct path)
+            plain = ["--exclude-outbound-cidrs", f"{made['plain'].ipv4}/32"]
+            self.sidecars.append(start_captured_sidecar(self.client, mode, setup.filters, workdir,
+                                                        flags, plain))  # fmt: skip
         self.direct = f"{made['plain'].ipv4}:{POD_ECHO_PORT}"
         self.proxied = f"{self.mesh.ipv4}:{POD_ECHO_PORT}"
         self.pids: list[int] = []
 
     def stats(self) -> dict:
-        return json.loads(admin_get(self.mesh, "/stats?format=json"))["listeners"]["inbound"]
+        """The stage clock of the listeners the proxied exchanges cross: the echo pod's inbound
+        one, and for a hop also the client pod's outbound one (their stages added)."""
+        inbound = json.loads(admin_get(self.mesh, "/stats?format=json"))["listeners"]["inbound"]
+        if not self.setup.hop:
+            return inbound
+        outbound = json.loads(admin_get(self.client, "/stats?format=json"))["listeners"]["outbound"]
+        names = inbound["stages"].keys() | outbound["stages"].keys()
+        return {"stages": {s: {"ns": sum(side["stages"].get(s, {"ns": 0})["ns"]
+                                         for side in (inbound, outbound))} for s in names}}  # fmt: skip
 
     def pair(self, size: int) -> PodPair:
         pair = PodPair(self.client, self.setup.mode, self.direct, self.proxied, size)
-        # once the sidecar has answered, its workers have forked: its tree is complete
-        self.pids = tree_pids(self.sidecar)
+        # once the sidecars have answered, their workers have forked: their trees are complete
+        self.pids = [pid for root in self.sidecars for pid in tree_pids(root)]
         if self.pinned:
             # as `validate --pin` places a pod's processes: the sidecar alone on CPU 1, the
             # apps (the echoes) and the load (the driver) on CPU 0
@@ -449,8 +478,8 @@ def build_profile(
             handoff[setup.name] = gap
         if (unseen := fit_setup_untimed(mine)) is not None:
             untimed[setup.name] = unseen
-        if len(setup.filters) > 1:
-            modes[setup.name] = stages  # this combination, priced as measured
+        if setup.hop or len(setup.filters) > 1:
+            modes[setup.name] = stages  # a hop, or this combination of filters: priced whole
         elif setup.filter_type:
             own = stages[f"filter:{setup.filter_type}"]
             plain = modes.get(setup.mode)
@@ -485,6 +514,11 @@ def run(args: argparse.Namespace) -> int:
     plan = setups(
         modes, [i for i in args.ipc.split(",") if i], [f for f in args.filters.split(",") if f]
     )
+    if args.hops:
+        if args.setting != PODS:
+            print("pyproxy bench profile: --hops needs --setting pods", file=sys.stderr)
+            return 2
+        plan += [hop_setup(s) for s in plan if s.ipc == "tcp"]
     sizes = [int(s) for s in args.sizes.split(",") if s]
     idle_rates = [float(r) for r in args.idle_rates.split(",") if r]
     if args.setting == PODS and (missing := missing_capabilities()):

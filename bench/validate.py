@@ -40,6 +40,7 @@ from pyproxy.bench.profile import (
     IDLE_RATES,
     PodTarget,
     build_profile,
+    hop_setup,
     measure_size,
     pooled,
     setup_for,
@@ -163,7 +164,7 @@ def run_case(topology: str, case: Case, args: argparse.Namespace, workdir: Path)
     with `--interleave`, also the profile of its sidecars' setup, measured between its phases."""
     names = list(TOPOLOGIES[topology])
     roles = ["client"] + [p + n for p in "pmt" for n in names]
-    roles += list(PROFILE_ROLES.values()) if args.interleave else []
+    roles += [r for roles_of in PROFILE_ROLES for r in roles_of.values()] if args.interleave else []
     trace = workdir / f"traces-{topology}-{case.protocol}-{case.label}.jsonl"
     trace.write_text("")
     with pods(roles, ipv6_subnet=None) as made:
@@ -200,8 +201,13 @@ def run_case(topology: str, case: Case, args: argparse.Namespace, workdir: Path)
     return measured
 
 
-# The pods the interleaved profile runs in, beside the application's (its client is theirs).
-PROFILE_ROLES = {"client": "client", "plain": "eplain", "mesh": "emesh"}
+# The pods the interleaved profile runs in, beside the application's: one sidecar pass (from
+# the application's client pod, outside the mesh, as the root call comes), and a whole hop
+# (from a captured client pod of its own).
+PROFILE_ROLES = (
+    {"client": "client", "plain": "eplain", "mesh": "emesh"},
+    {"client": "hclient", "plain": "hplain", "mesh": "hmesh"},
+)
 
 
 def _interleaved(made, case: Case, args, workdir: Path, load, tracing: list[str]) -> dict:
@@ -211,13 +217,18 @@ def _interleaved(made, case: Case, args, workdir: Path, load, tracing: list[str]
     minutes, so the machine's other load, which comes and goes, weighs on both alike. The
     profile fitted from the blocks (each point the median over the blocks) is under "profile"."""
     setup = setup_for(case.mode, case.filters)
-    target = PodTarget({k: made[v] for k, v in PROFILE_ROLES.items()}, setup, workdir, args.pin)
+    plan = [setup, hop_setup(setup)]
+    targets = [
+        PodTarget({k: made[v] for k, v in roles.items()}, s, workdir, args.pin)
+        for s, roles in zip(plan, PROFILE_ROLES, strict=True)
+    ]
     points: list[dict] = []
     idle_rates = [float(r) for r in args.profile_idle_rates.split(",") if r]
     warmup = max(5, min(50, int(args.profile_seconds * 100)))
 
     def block() -> None:
-        points.extend(measure_size(target, args.size, args.profile_seconds, warmup, idle_rates))
+        for target in targets:
+            points.extend(measure_size(target, args.size, args.profile_seconds, warmup, idle_rates))
 
     block()
     measured = load(["--loads", ""], 1)
@@ -231,7 +242,7 @@ def _interleaved(made, case: Case, args, workdir: Path, load, tracing: list[str]
         measured["mesh_exchanges"] += part["mesh_exchanges"]
     block()
     platform = current_platform(backends=["tcp"], codecs=[case.mode])
-    measured["profile"] = build_profile([setup], pooled(points), platform, PODS)
+    measured["profile"] = build_profile(plan, pooled(points), platform, PODS)
     measured["profile_blocks"] = 2 + len(loads)
     return measured
 

@@ -15,6 +15,7 @@ from pyproxy.bench.callgraph import (
     graph_from_data,
     graphs_from_traces,
     load_graphs,
+    with_services,
 )
 from pyproxy.bench.model import (
     LOOPBACK,
@@ -36,7 +37,7 @@ from pyproxy.bench.model import (
     fit_untimed_cpu,
 )
 from pyproxy.bench.predict import WhatIf, WhatIfError, distribution, predict
-from pyproxy.bench.profile import Setup, build_profile, pooled, setup_for
+from pyproxy.bench.profile import Setup, build_profile, hop_setup, pooled, setup_for
 from pyproxy.bench.schedule import PINNED, HopCost, Placement
 from pyproxy.bench.schedule import latency as schedule_latency
 
@@ -688,3 +689,48 @@ def test_pooled_blocks_give_each_point_the_median_over_the_blocks():
     # fitted from the pooled points, the hand-off is the unstruck blocks' (160 - 40 - 12.5 µs)
     profile = build_profile([Setup("http", "http")], pooled(blocks), current_platform())
     assert profile.handoff["http"].latency.at(100) == pytest.approx(107_500)
+
+
+def test_a_profiled_hop_prices_a_call_between_two_sidecars_of_its_setup_whole():
+    # Known answer: one http pass measured 7 µs of stages, a 40 µs hand-off, 15 µs untimed CPU;
+    # the whole hop (the caller's outbound and the callee's inbound sidecar, measured together)
+    # 20 µs of stages, a 100 µs hand-off, 50 µs untimed CPU, and at 100 /s 30 µs more to wake.
+    points = []
+    for setup, stages, gap, untimed in (
+        ("http", {"read": 3000.0, "write": 4000.0}, 40_000.0, 15_000.0),
+        ("hop:http", {"read": 8000.0, "write": 12_000.0}, 100_000.0, 50_000.0),
+    ):
+        points.append(_latency_point(setup, 100, 20_000.0, 20_000.0 + sum(stages.values()) + gap,
+                                     stages))  # fmt: skip
+        points.append(_cpu_point(setup, 100, 1000.0, stages, sum(stages.values()) + untimed))
+    hop = hop_setup(setup_for("http"))
+    assert (hop.name, hop.mode, hop.hop, hop.filter_type) == ("hop:http", "http", True, None)
+    profile = build_profile([Setup("http", "http"), hop], points, current_platform(), PODS)
+    profile = dataclasses.replace(
+        profile, idle={"hop:http": IdleCurve(((100.0, 30_000.0, 4000.0), (1000.0, 0.0, 0.0)))}
+    )
+    graph = _f_calls_a()  # client → f → a at 100 /s, both http sidecars
+    p = predict(profile, graph)
+    hops = {h.call: h for h in p.hops}
+    # r comes from outside the mesh: f's inbound pass alone, as before
+    assert hops["r"].latency_ns == pytest.approx(7000 + 40_000) and not hops["r"].whole
+    # x crosses f's outbound and a's inbound: the hop's own figures, each once
+    x = hops["x"]
+    assert x.whole == "hop:http"
+    assert x.latency_ns == pytest.approx(20_000 + 100_000 + 30_000)
+    assert x.cpu_cores == pytest.approx(100 * (20_000 + 50_000 + 4000) / 1e9)
+    assert (x.outbound_ns, x.inbound_ns) == (pytest.approx(10_000), pytest.approx(10_000))
+    assert p.overhead_ns == pytest.approx(47_000 + 150_000)
+    # a what-if scales the hop's stages as it scales a pass's
+    assert predict(profile, graph, WhatIf.parse(["handoff=0"])).overhead_ns == pytest.approx(
+        7000 + 20_000 + 30_000
+    )
+    # a hop between sidecars of different setups, or switched to another IPC, is priced per pass
+    mixed = with_services(graph, {"a": Service("a", "tcp")})
+    profile_tcp = dataclasses.replace(profile, modes=profile.modes | {"tcp": profile.modes["http"]})
+    assert not {h.call: h for h in predict(profile_tcp, mixed).hops}["x"].whole
+    # the external view prices the hop whole from outside, and adds no filter for it
+    assert profile.external_view().modes["hop:http"]["sidecar"].latency.at(100) == pytest.approx(
+        120_000
+    )
+    assert profile.external_view().filters == {}
