@@ -29,6 +29,8 @@ PLATFORM_KEYS = ("cpu_model", "kernel", "python", "pyproxy")
 LOOPBACK = "loopback"
 PODS = "pods"
 SETTINGS = (LOOPBACK, PODS)
+# A profile's setup measured as a whole hop through two sidecars of setup NAME: `hop:NAME`.
+HOP_PREFIX = "hop:"
 
 
 class PlatformMismatch(Exception):
@@ -334,7 +336,14 @@ class Profile:
         filters = {}
         for name, model in self.external.items():
             mode, sep, kind = name.partition("+")
-            if sep and not kind.startswith("ipc:") and mode in self.external:
+            # a combination of filters (`MODE+F1+F2`) is priced whole, as its own mode
+            if (
+                sep
+                and "+" not in kind
+                and not kind.startswith("ipc:")
+                and not name.startswith(HOP_PREFIX)
+                and mode in self.external
+            ):
                 filters[kind] = model.minus(self.external[mode])
         return Profile(self.platform, modes, {}, filters, self.external, self.points, self.idle,
                        setting=self.setting)  # fmt: skip

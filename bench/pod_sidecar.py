@@ -16,12 +16,17 @@ ADMIN = "127.0.0.1:15000"
 
 
 def start_captured_sidecar(
-    pod: Pod, mode: str, filters: Sequence[str], workdir: Path, flags: Sequence[str] = ()
+    pod: Pod,
+    mode: str,
+    filters: Sequence[str],
+    workdir: Path,
+    flags: Sequence[str] = (),
+    capture_args: Sequence[str] = (),
 ) -> int:
     """Capture the pod's traffic (as an init container would: iptables REDIRECT, outbound → 15001,
-    inbound → 15006), then start its sidecar as 1337 with these filters; its pid. The sidecar's
-    output goes to `workdir/sidecar-<role>.log`."""
-    pod.run([sys.executable, "-m", "pyproxy", "capture", "apply"], timeout=60)
+    inbound → 15006; `capture_args` adds to `pyproxy capture apply`), then start its sidecar as
+    1337 with these filters; its pid. The sidecar's output goes to `workdir/sidecar-<role>.log`."""
+    pod.run([sys.executable, "-m", "pyproxy", "capture", "apply", *capture_args], timeout=60)
     argv = [sys.executable, "-m", "pyproxy", "run", "--sidecar", "--mode", mode,
             "--admin", ADMIN, "--log-level", "warning", *flags]  # fmt: skip
     for kind in filters:

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pyproxy.bench.callgraph import Call, CallGraph, Service
-from pyproxy.bench.model import Linear, Profile, StageModel
+from pyproxy.bench.model import HOP_PREFIX, Linear, Profile, StageModel
 from pyproxy.bench.schedule import UNPLACED, HopCost, Placement
 from pyproxy.bench.schedule import latency as schedule_latency
 
@@ -106,11 +106,12 @@ def sidecar_stages(
     profile: Profile, service: Service, what_if: WhatIf = WhatIf()
 ) -> dict[str, StageModel]:
     """The stage models of one service's sidecar under the profile and the what-if."""
-    if service.mode not in profile.modes:
+    key = setup_key(profile, service)
+    if key not in profile.modes:
         raise WhatIfError(
             f"service {service.name}: mode {service.mode!r} is not in the profile ({sorted(profile.modes)})"
         )
-    stages = dict(profile.modes[service.mode])
+    stages = dict(profile.modes[key])
     ipc = what_if.ipc or service.ipc
     if ipc != "tcp":
         if ipc not in profile.ipc:
@@ -118,7 +119,7 @@ def sidecar_stages(
                 f"service {service.name}: IPC backend {ipc!r} is not in the profile ({sorted(profile.ipc)})"
             )
         stages["ipc"] = profile.ipc[ipc]
-    for name in service.filters:
+    for name in service.filters if key == service.mode else ():
         if name not in profile.filters:
             raise WhatIfError(
                 f"service {service.name}: filter {name!r} is not in the profile ({sorted(profile.filters)})"
@@ -128,6 +129,14 @@ def sidecar_stages(
         if stage in stages:
             stages[stage] = stages[stage].scaled(factor)
     return stages
+
+
+def setup_key(profile: Profile, service: Service) -> str:
+    """The profile's setup that prices the service's sidecar: the one measured with exactly its
+    mode and filters if the profile has it (`MODE+F1+F2`), else its mode's, to which each
+    filter's model is added."""
+    exact = "+".join((service.mode, *service.filters))
+    return exact if service.filters and exact in profile.modes else service.mode
 
 
 @dataclass(slots=True)
@@ -145,6 +154,7 @@ class Hop:
     # for a schedule on shared CPUs: each side's passes (stages, ns) and the rest (idle, hand-off)
     outbound_ns: float = 0.0
     inbound_ns: float = 0.0
+    whole: str = ""  # the profile's whole-hop setup that priced it (see `hop_key`), if one did
 
 
 @dataclass(slots=True)
@@ -210,6 +220,10 @@ def _hop(
     profile: Profile, graph: CallGraph, call: Call, caller: str | None, rate: float, what_if: WhatIf
 ) -> Hop:
     size = (call.request + call.response) / 2
+    if caller is not None and (
+        key := hop_key(profile, graph.services[caller], graph.services[call.callee], what_if)
+    ):
+        return _whole_hop(profile, call, caller, key, size, rate, what_if)
     stages_ns: dict[str, float] = {}
     cpu_stages: dict[str, float] = {}
     sides = [graph.services[caller]] if caller is not None else []
@@ -227,18 +241,18 @@ def _hop(
             stages_ns[stage] = stages_ns.get(stage, 0.0) + ns
             side_ns[side if caller is not None else 1] += ns
             cpu_stages[stage] = cpu_stages.get(stage, 0.0) + rate * model.cpu.at(size) / 1e9
-        if (curve := profile.idle.get(service.mode)) is not None:
+        if (curve := profile.idle.get(setup_key(profile, service))) is not None:
             # Below the closed-loop rate the sidecar idles between exchanges and pays to wake up.
             latency, cpu = curve.at(rate)
             factor = factors.get(IDLE_STAGE, 1.0)
             stages_ns[IDLE_STAGE] = stages_ns.get(IDLE_STAGE, 0.0) + factor * latency
             cpu_stages[IDLE_STAGE] = cpu_stages.get(IDLE_STAGE, 0.0) + factor * rate * cpu / 1e9
-        if (untimed := _per_setup(profile.untimed, service, size)) is not None:
+        if (untimed := _per_setup(profile, profile.untimed, service, size)) is not None:
             cpu_stages[UNTIMED_STAGE] = cpu_stages.get(UNTIMED_STAGE, 0.0) + (
                 factors.get(UNTIMED_STAGE, 1.0) * rate * untimed / 1e9
             )
         handoffs = {name: h.latency for name, h in profile.handoff.items()}
-        if (handoff := _per_setup(handoffs, service, size)) is not None:
+        if (handoff := _per_setup(profile, handoffs, service, size)) is not None:
             handoff_ns = max(handoff_ns, handoff)
         if caller is not None and side == 0 and rate > 0:
             outbound_cpu_ns = (sum(cpu_stages.values()) - cpu_before) * 1e9 / rate
@@ -252,11 +266,56 @@ def _hop(
                side_ns[0], side_ns[1])  # fmt: skip
 
 
-def _per_setup(lines: dict[str, Linear], service: Service, size: float) -> float | None:
-    """A term the profile fitted per setup (hand-off, untimed CPU) for the service's sidecar: its
-    mode's, plus what each of its filters added to it where the profile measured that filter's
-    setup (a filtered request takes another path through the proxy, with untimed work of its
-    own)."""
+def hop_key(profile: Profile, caller: Service | None, callee: Service, what_if: WhatIf) -> str:
+    """The profile's whole-hop setup (`hop:NAME`) that prices a call from `caller` to `callee`,
+    or "": both sidecars of one setup NAME the profile measured as a hop, and no IPC what-if
+    (the hop was measured over the capture's TCP)."""
+    if caller is None or not (caller.sidecar and callee.sidecar) or what_if.ipc:
+        return ""
+    key = setup_key(profile, callee)
+    if setup_key(profile, caller) != key or caller.ipc != "tcp" or callee.ipc != "tcp":
+        return ""
+    return HOP_PREFIX + key if HOP_PREFIX + key in profile.modes else ""
+
+
+def _whole_hop(
+    profile: Profile, call: Call, caller: str, key: str, size: float, rate: float, what_if: WhatIf
+) -> Hop:
+    """A call priced by the profile's measurement of a whole hop (`hop_key`): its stage clocks
+    (both sidecars' listeners), its hand-off, untimed CPU and idle curve, each once per call.
+    The hop's stages are split evenly between the two sidecars' passes."""
+    factors = dict(what_if.factors)
+    stages_ns: dict[str, float] = {}
+    cpu_stages: dict[str, float] = {}
+    for stage, model in profile.modes[key].items():
+        factor = factors.get(stage, 1.0)
+        stages_ns[stage] = factor * model.latency.at(size)
+        cpu_stages[stage] = factor * rate * model.cpu.at(size) / 1e9
+    passes_ns = sum(stages_ns.values())
+    if (curve := profile.idle.get(key)) is not None:
+        latency, cpu = curve.at(rate)
+        stages_ns[IDLE_STAGE] = factors.get(IDLE_STAGE, 1.0) * latency
+        cpu_stages[IDLE_STAGE] = factors.get(IDLE_STAGE, 1.0) * rate * cpu / 1e9
+    if (untimed := profile.untimed.get(key)) is not None:
+        cpu_stages[UNTIMED_STAGE] = factors.get(UNTIMED_STAGE, 1.0) * rate * untimed.at(size) / 1e9
+    if (handoff := profile.handoff.get(key)) is not None:
+        stages_ns[HANDOFF_STAGE] = factors.get(HANDOFF_STAGE, 1.0) * handoff.latency.at(size)
+    cores = sum(cpu_stages.values())
+    return Hop(call.id, caller, call.callee, size, rate, sum(stages_ns.values()), cores,
+               stages_ns, cpu_stages, cores * 1e9 / rate / 2 if rate > 0 else 0.0,
+               passes_ns / 2, passes_ns / 2, key)  # fmt: skip
+
+
+def _per_setup(
+    profile: Profile, lines: dict[str, Linear], service: Service, size: float
+) -> float | None:
+    """A term the profile fitted per setup (hand-off, untimed CPU) for the service's sidecar: the
+    exact setup's if the profile measured it; else its mode's, plus what each of its filters
+    added to it where the profile measured that filter's setup (a filtered request takes
+    another path through the proxy, with untimed work of its own)."""
+    key = setup_key(profile, service)
+    if key != service.mode:
+        return lines[key].at(size) if key in lines else None
     plain = lines.get(service.mode)
     if plain is None:
         return None
@@ -347,8 +406,8 @@ def _placed(
     rate = graph.root.rate or 0.0
     period = 1e9 / rate if rate else 0.0
 
-    def wake(mode: str | None):
-        curve = profile.idle.get(mode) if mode is not None and factor else None
+    def wake(service: Service | None):
+        curve = profile.idle.get(setup_key(profile, service)) if service and factor else None
         if curve is None:
             return None
         return lambda r: (factor * curve.at(r)[0], factor * curve.at(r)[1])
@@ -357,9 +416,15 @@ def _placed(
         hop = hops[call.id]
         out = graph.services[hop.caller] if hop.caller is not None else None
         inbound = graph.services[hop.callee]
+        if hop.whole:
+            # the hop's curve was measured for both passes at once: its outbound pass pays it
+            curve = profile.idle.get(hop.whole) if wakes and factor else None
+            return HopCost(hop.outbound_ns, hop.inbound_ns, hop.stages_ns.get(HANDOFF_STAGE, 0.0),
+                           (lambda r: (factor * curve.at(r)[0], factor * curve.at(r)[1]))
+                           if curve is not None else None)  # fmt: skip
         return HopCost(hop.outbound_ns, hop.inbound_ns, hop.stages_ns.get(HANDOFF_STAGE, 0.0),
-                       wake(out.mode if out is not None and out.sidecar and wakes else None),
-                       wake(inbound.mode if inbound.sidecar and wakes else None))  # fmt: skip
+                       wake(out if out is not None and out.sidecar and wakes else None),
+                       wake(inbound if inbound.sidecar and wakes else None))  # fmt: skip
 
     base, _ = schedule_latency(graph, placement, lambda call: HopCost())
     mesh, wake_cpu_ns = schedule_latency(graph, placement, cost, period)

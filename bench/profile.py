@@ -37,6 +37,7 @@ from pathlib import Path
 from pyproxy.bench.driver import wait_ready
 from pyproxy.bench.filter_configs import filter_entry
 from pyproxy.bench.model import (
+    HOP_PREFIX,
     LOOPBACK,
     PODS,
     SETTINGS,
@@ -85,14 +86,33 @@ class Setup:
     name: str
     mode: str
     ipc: str = "tcp"
-    filter_type: str | None = None
+    # one filter: its model is what it adds to the mode's; several: the setup is priced as a
+    # whole (`Profile.modes[name]`), for sidecars with exactly those filters
+    filters: tuple[str, ...] = ()
+    # pods only: a whole hop, the driver's pod captured too, so a request crosses the client
+    # pod's sidecar (outbound) and the echo pod's (inbound), as a call between two meshed apps
+    hop: bool = False
+
+    @property
+    def filter_type(self) -> str | None:
+        return self.filters[0] if len(self.filters) == 1 and not self.hop else None
+
+
+def hop_setup(setup: Setup) -> Setup:
+    """The hop through two sidecars of `setup` (`hop:NAME`, priced whole by `predict`)."""
+    return Setup(f"{HOP_PREFIX}{setup.name}", setup.mode, setup.ipc, setup.filters, hop=True)
+
+
+def setup_for(mode: str, filters: Sequence[str] = ()) -> Setup:
+    """The setup of a sidecar in `mode` with these filters, named as `predict` looks it up."""
+    return Setup("+".join((mode, *filters)), mode, filters=tuple(filters))
 
 
 def setups(modes: list[str], ipcs: list[str], filters: list[str]) -> list[Setup]:
     out = [Setup(mode, mode) for mode in modes]
     # The IPC backend is the app-facing (upstream) socket; TCP mode isolates it best.
     out += [Setup(f"tcp+ipc:{ipc}", "tcp", ipc=ipc) for ipc in ipcs if ipc != "tcp"]
-    out += [Setup(f"http+{kind}", "http", filter_type=kind) for kind in filters]
+    out += [setup_for("http", [kind]) for kind in filters]
     return out
 
 
@@ -116,6 +136,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ipc", default="tcp,unix", help="IPC backends (app-facing socket)")
     parser.add_argument(
         "--filters", default="fault,ratelimit", help="filter types, each profiled in HTTP mode"
+    )
+    parser.add_argument(
+        "--hops",
+        action="store_true",
+        help="pods: also measure each setup as a whole hop, the driver's pod captured by a "
+        "sidecar of the same setup (what a call between two meshed apps crosses)",
     )
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="message sizes, bytes")
     parser.add_argument("--seconds", type=float, default=1.0, help="per measured point")
@@ -153,8 +179,8 @@ class _Target:
         argv = [sys.executable, "-m", "pyproxy", "run", "--mode", mode,
                 "--listen", f"127.0.0.1:{listen}", "--upstream", upstream,
                 "--admin", f"127.0.0.1:{self.admin}", "--log-level", "warning", *mode_flags]  # fmt: skip
-        if setup.filter_type:
-            entry = filter_entry(setup.filter_type, workdir, setup.name)
+        for kind in setup.filters:
+            entry = filter_entry(kind, workdir, f"{setup.name}-{kind}")
             argv += ["--filter", f"{entry['name']}={json.dumps(entry['config'])}"]
         self.proc = procs.start(argv)
         wait_port(self.admin, timeout=30)  # a loaded machine starts workers slowly
@@ -175,7 +201,7 @@ class _Target:
         return Pair(self.setup.mode, self.direct, self.proxied, size)
 
 
-class _PodTarget:
+class PodTarget:
     """One setup in the pods setting: the echo in pod `mesh` behind its captured sidecar, the
     same echo in pod `plain` without one, the driver a process in pod `client`."""
 
@@ -191,19 +217,32 @@ class _PodTarget:
         self.echoes = [made[role].popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                        for role in ("plain", "mesh")]  # fmt: skip
         mode, flags = pyproxy_mode(setup.mode)
-        filters = [setup.filter_type] if setup.filter_type else []
-        self.sidecar = start_captured_sidecar(self.mesh, mode, filters, workdir, flags)
+        self.sidecar = start_captured_sidecar(self.mesh, mode, setup.filters, workdir, flags)
+        self.sidecars = [self.sidecar]
+        if setup.hop:
+            # the driver's pod meshed too, except for its way to the plain echo (the direct path)
+            plain = ["--exclude-outbound-cidrs", f"{made['plain'].ipv4}/32"]
+            self.sidecars.append(start_captured_sidecar(self.client, mode, setup.filters, workdir,
+                                                        flags, plain))  # fmt: skip
         self.direct = f"{made['plain'].ipv4}:{POD_ECHO_PORT}"
         self.proxied = f"{self.mesh.ipv4}:{POD_ECHO_PORT}"
         self.pids: list[int] = []
 
     def stats(self) -> dict:
-        return json.loads(admin_get(self.mesh, "/stats?format=json"))["listeners"]["inbound"]
+        """The stage clock of the listeners the proxied exchanges cross: the echo pod's inbound
+        one, and for a hop also the client pod's outbound one (their stages added)."""
+        inbound = json.loads(admin_get(self.mesh, "/stats?format=json"))["listeners"]["inbound"]
+        if not self.setup.hop:
+            return inbound
+        outbound = json.loads(admin_get(self.client, "/stats?format=json"))["listeners"]["outbound"]
+        names = inbound["stages"].keys() | outbound["stages"].keys()
+        return {"stages": {s: {"ns": sum(side["stages"].get(s, {"ns": 0})["ns"]
+                                         for side in (inbound, outbound))} for s in names}}  # fmt: skip
 
     def pair(self, size: int) -> PodPair:
         pair = PodPair(self.client, self.setup.mode, self.direct, self.proxied, size)
-        # once the sidecar has answered, its workers have forked: its tree is complete
-        self.pids = tree_pids(self.sidecar)
+        # once the sidecars have answered, their workers have forked: their trees are complete
+        self.pids = [pid for root in self.sidecars for pid in tree_pids(root)]
         if self.pinned:
             # as `validate --pin` places a pod's processes: the sidecar alone on CPU 1, the
             # apps (the echoes) and the load (the driver) on CPU 0
@@ -215,18 +254,18 @@ class _PodTarget:
 
 def _open_target(
     stack: contextlib.ExitStack, setting: str, setup: Setup, workdir: Path, pinned: bool
-) -> _Target | _PodTarget:
+) -> _Target | PodTarget:
     """The setup's running proxy and echoes in `setting`, torn down when `stack` closes."""
     if setting == PODS:
-        made = stack.enter_context(pods(_PodTarget.ROLES, ipv6_subnet=None))
-        return _PodTarget(made, setup, workdir, pinned)
+        made = stack.enter_context(pods(PodTarget.ROLES, ipv6_subnet=None))
+        return PodTarget(made, setup, workdir, pinned)
     procs = Processes()
     stack.callback(procs.stop_all)
     return _Target(procs, setup, workdir, pinned)
 
 
-def _measure_size(
-    target: _Target | _PodTarget,
+def measure_size(
+    target: _Target | PodTarget,
     size: int,
     seconds: float,
     warmup: int,
@@ -279,7 +318,7 @@ def _measure_size(
 
 
 def _idle_points(
-    target: _Target | _PodTarget,
+    target: _Target | PodTarget,
     pair: Pair | PodPair,
     base: dict,
     seconds: float,
@@ -313,6 +352,35 @@ def _idle_points(
                 "passes_overhead_ns": [run[1] - run[0] for run in runs],
             }
         )  # fmt: skip
+    return out
+
+
+def _median_of(values: list) -> object:
+    """The median of numbers, of dicts of numbers (key by key), or of lists (concatenated)."""
+    if isinstance(values[0], dict):
+        keys = {k for v in values for k in v}
+        return {k: statistics.median(v.get(k, 0) for v in values) for k in sorted(keys)}
+    if isinstance(values[0], list):
+        return [x for v in values for x in v]
+    if isinstance(values[0], int | float) and not isinstance(values[0], bool):
+        return statistics.median(values)
+    return values[0]
+
+
+def pooled(points: list[dict]) -> list[dict]:
+    """Repeated measurements of the same points (a setup measured in several blocks, between
+    which the machine's other load came and went) as one point each: every figure the median
+    over the blocks (a paced point's passes all kept), so a block that a burst of other work
+    struck moves nothing. Points are the same when their setup, kind, size, load (CPU points)
+    and paced rate (idle points) are; `blocks` says how many were pooled."""
+    groups: dict[tuple, list[dict]] = {}
+    for p in points:
+        key = (p["setup"], p["kind"], p["size"], p.get("load"), p.get("paced_rate"))
+        groups.setdefault(key, []).append(p)
+    out = []
+    for same in groups.values():
+        merged = {k: _median_of([p[k] for p in same if k in p]) for k in same[0]}
+        out.append(merged | {"blocks": len(same)})
     return out
 
 
@@ -410,7 +478,9 @@ def build_profile(
             handoff[setup.name] = gap
         if (unseen := fit_setup_untimed(mine)) is not None:
             untimed[setup.name] = unseen
-        if setup.filter_type:
+        if setup.hop or len(setup.filters) > 1:
+            modes[setup.name] = stages  # a hop, or this combination of filters: priced whole
+        elif setup.filter_type:
             own = stages[f"filter:{setup.filter_type}"]
             plain = modes.get(setup.mode)
             # A filter costs all its path costs beyond the unfiltered one: its own stage and
@@ -444,6 +514,11 @@ def run(args: argparse.Namespace) -> int:
     plan = setups(
         modes, [i for i in args.ipc.split(",") if i], [f for f in args.filters.split(",") if f]
     )
+    if args.hops:
+        if args.setting != PODS:
+            print("pyproxy bench profile: --hops needs --setting pods", file=sys.stderr)
+            return 2
+        plan += [hop_setup(s) for s in plan if s.ipc == "tcp"]
     sizes = [int(s) for s in args.sizes.split(",") if s]
     idle_rates = [float(r) for r in args.idle_rates.split(",") if r]
     if args.setting == PODS and (missing := missing_capabilities()):
@@ -475,7 +550,7 @@ def run(args: argparse.Namespace) -> int:
                         if bar is not None:
                             bar.set_description(f"{setup.name} {size} B")
                         idle = idle_rates if size == min(sizes) else ()
-                        points += _measure_size(target, size, args.seconds, warmup, idle)
+                        points += measure_size(target, size, args.seconds, warmup, idle)
                         if bar is not None:
                             bar.update()
                 except (RuntimeError, OSError, ConnectionError, subprocess.SubprocessError) as exc:

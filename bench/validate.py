@@ -36,6 +36,15 @@ from pyproxy.bench.pod_echo import admin_get
 from pyproxy.bench.pod_sidecar import start_captured_sidecar
 from pyproxy.bench.predict import HANDOFF_STAGE, IDLE_STAGE, Prediction, WhatIf, predict
 from pyproxy.bench.procs import Noise
+from pyproxy.bench.profile import (
+    IDLE_RATES,
+    PodTarget,
+    build_profile,
+    hop_setup,
+    measure_size,
+    pooled,
+    setup_for,
+)
 from pyproxy.bench.schedule import PINNED, UNPLACED
 from pyproxy.iptables.netns import Pod, missing_capabilities, pods
 
@@ -151,9 +160,11 @@ def graph_for(
 
 
 def run_case(topology: str, case: Case, args: argparse.Namespace, workdir: Path) -> dict:
-    """One application and sidecar setup: its pods, its load, the measured figures and the traces."""
+    """One application and sidecar setup: its pods, its load, the measured figures and the traces;
+    with `--interleave`, also the profile of its sidecars' setup, measured between its phases."""
     names = list(TOPOLOGIES[topology])
     roles = ["client"] + [p + n for p in "pmt" for n in names]
+    roles += [r for roles_of in PROFILE_ROLES for r in roles_of.values()] if args.interleave else []
     trace = workdir / f"traces-{topology}-{case.protocol}-{case.label}.jsonl"
     trace.write_text("")
     with pods(roles, ipv6_subnet=None) as made:
@@ -163,21 +174,76 @@ def run_case(topology: str, case: Case, args: argparse.Namespace, workdir: Path)
         argv = [PY, "-m", "pyproxy.bench.validation_load", "--protocol", case.protocol,
                 "--plain", plain.entry, "--mesh", mesh.entry, "--size", str(args.size),
                 "--rounds", str(args.rounds), "--seconds", str(args.seconds),
-                "--loads", args.loads, "--sidecar-roots", ",".join(map(str, mesh.sidecar_roots)),
+                "--sidecar-roots", ",".join(map(str, mesh.sidecar_roots)),
                 "--mesh-app-roots", ",".join(map(str, mesh.app_roots)),
                 "--plain-app-roots", ",".join(map(str, plain.app_roots)),
-                "--traced", traced.entry, "--trace-file", str(trace),
-                "--traced-requests", str(args.traced_requests)] + (["--pin"] if args.pin else [])  # fmt: skip
+                "--traced-app-roots", ",".join(map(str, traced.app_roots))] + (["--pin"] if args.pin else [])  # fmt: skip
+        tracing = ["--traced", traced.entry, "--trace-file", str(trace),
+                   "--traced-requests", str(args.traced_requests)]  # fmt: skip
         noise = Noise()
-        # each paced round lasts at least ROUND_SAMPLES exchanges: a few seconds at the lowest rates
-        phases = 1 + len(args.loads.split(","))
-        budget = 120 + 3 * args.rounds * phases * max(args.seconds, 2.0)
-        result = made["client"].run(argv, timeout=budget)
-        measured = json.loads(result.stdout)
+
+        def load(extra: list[str], phases: int) -> dict:
+            # each paced round lasts at least ROUND_SAMPLES exchanges: seconds at the lowest rates
+            budget = 120 + 3 * args.rounds * phases * max(args.seconds, 2.0)
+            return json.loads(made["client"].run(argv + extra, timeout=budget).stdout)
+
+        if not args.interleave:
+            measured = load(["--loads", args.loads, *tracing], 1 + len(args.loads.split(",")))
+        else:
+            measured = _interleaved(made, case, args, workdir, load, tracing)
+            profile_file = f"profile-{topology}-{case.protocol}-{case.label}.json"
+            measured.pop("profile").save(workdir / profile_file)
+            measured["profile"] = profile_file
         measured["foreign_cpus"] = noise.cpus()
         measured["captured"] = {n: _captured(made["m" + n]) for n in names}
     measured |= {"topology": topology, "case": case.text, "trace": trace.name, "pinned": args.pin,
                  "size": args.size, "work_us": args.work_us}  # fmt: skip
+    return measured
+
+
+# The pods the interleaved profile runs in, beside the application's: one sidecar pass (from
+# the application's client pod, outside the mesh, as the root call comes), and a whole hop
+# (from a captured client pod of its own).
+PROFILE_ROLES = (
+    {"client": "client", "plain": "eplain", "mesh": "emesh"},
+    {"client": "hclient", "plain": "hplain", "mesh": "hmesh"},
+)
+
+
+def _interleaved(made, case: Case, args, workdir: Path, load, tracing: list[str]) -> dict:
+    """The case's phases (closed loop, then each paced load) with a block of the profile of its
+    sidecars' setup before, between and after them: the same echo pods, sidecar and driver as
+    `profile --setting pods` (a separate measurement, not of the application), taken in the same
+    minutes, so the machine's other load, which comes and goes, weighs on both alike. The
+    profile fitted from the blocks (each point the median over the blocks) is under "profile"."""
+    setup = setup_for(case.mode, case.filters)
+    plan = [setup, hop_setup(setup)]
+    targets = [
+        PodTarget({k: made[v] for k, v in roles.items()}, s, workdir, args.pin)
+        for s, roles in zip(plan, PROFILE_ROLES, strict=True)
+    ]
+    points: list[dict] = []
+    idle_rates = [float(r) for r in args.profile_idle_rates.split(",") if r]
+    warmup = max(5, min(50, int(args.profile_seconds * 100)))
+
+    def block() -> None:
+        for target in targets:
+            points.extend(measure_size(target, args.size, args.profile_seconds, warmup, idle_rates))
+
+    block()
+    measured = load(["--loads", ""], 1)
+    loads = [x for x in args.loads.split(",") if x]
+    for i, fraction in enumerate(loads):
+        block()
+        last = tracing if i == len(loads) - 1 else []
+        part = load(["--closed-rate", repr(measured["closed"]["rate"]), "--loads", fraction,
+                     *last], 1)  # fmt: skip
+        measured["paced"] += part["paced"]
+        measured["mesh_exchanges"] += part["mesh_exchanges"]
+    block()
+    platform = current_platform(backends=["tcp"], codecs=[case.mode])
+    measured["profile"] = build_profile(plan, pooled(points), platform, PODS)
+    measured["profile_blocks"] = 2 + len(loads)
     return measured
 
 
@@ -196,7 +262,25 @@ def measured_cases(out: Path) -> list[tuple[str, Case, dict]]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profile", required=True, type=Path)
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="the profile that prices every row (without it, --interleave's own per case)",
+    )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="profile each case's sidecar setup in pods of its own between the case's phases "
+        "(before, between and after them) and price the case with that profile",
+    )
+    parser.add_argument(
+        "--profile-seconds", type=float, default=0.5, help="per point of an interleaved block"
+    )
+    parser.add_argument(
+        "--profile-idle-rates",
+        default=",".join(f"{r:g}" for r in IDLE_RATES),
+        help="paced rates (/s) of an interleaved block's idle curve",
+    )
     parser.add_argument(
         "--force",
         action="store_true",
@@ -344,10 +428,16 @@ def rows_for(topology: str, case: Case, m: dict, profile: Profile, args, out: Pa
 
 
 def run(args: argparse.Namespace) -> int:
-    profile = Profile.load(args.profile)
+    if args.profile is None and not (args.interleave or args.predict_only):
+        print("pyproxy bench validate: --profile, or --interleave to profile each case as it "
+              "runs", file=sys.stderr)  # fmt: skip
+        return 2
+    profile = Profile.load(args.profile) if args.profile is not None else None
+    forced = None
     try:
-        check_platform(profile, current_platform(), args.force)
-        forced = check_setting(profile, PODS, args.force)
+        if profile is not None:
+            check_platform(profile, current_platform(), args.force)
+            forced = check_setting(profile, PODS, args.force)
         cases = [Case.parse(c) for c in args.cases.split(",") if c]
     except Exception as exc:  # PlatformMismatch, a bad case: say why, as predict does
         print(f"pyproxy bench validate: {exc}", file=sys.stderr)
@@ -383,7 +473,14 @@ def run(args: argparse.Namespace) -> int:
     # --predict-only prices the same measurements again with another profile.
     rows: list[dict] = []
     for topology, case, measured in measured_cases(out):
-        rows += rows_for(topology, case, measured, profile, args, out)
+        # an explicit --profile prices every row; without one, each case's interleaved profile
+        priced = profile
+        if priced is None and measured.get("profile"):
+            priced = Profile.load(out / measured["profile"])
+        if priced is None:
+            failed[f"{topology}/{case.text}"] = "no profile: measured without --interleave"
+            continue
+        rows += rows_for(topology, case, measured, priced, args, out)
     (out / "validation.json").write_text(json.dumps(rows, indent=2) + "\n")
     (out / "summary.json").write_text(json.dumps({"failed": failed}, indent=2) + "\n")
     text = table(rows)

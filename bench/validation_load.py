@@ -119,16 +119,23 @@ def run(args: argparse.Namespace) -> dict:
         )
     }
     if args.pin:
-        move_to_cpu(pids["apps_mesh"] + pids["apps_plain"] + [os.getpid()], 0)
+        # the traced deployment too: its spans describe the plain app as it is placed
+        traced_apps = [
+            pid for r in args.traced_app_roots.split(",") if r for pid in tree_pids(int(r))
+        ]
+        move_to_cpu(pids["apps_mesh"] + pids["apps_plain"] + traced_apps + [os.getpid()], 0)
         move_to_cpu(pids["sidecars"], 1)
     out: dict = {}
     try:
-        closed = measure_rounds(plain, mesh, args.rounds, args.seconds, None, pids, warmup=20)
-        out["closed"] = closed | {"rate_with": closed["rate"]}
-        exchanges = sum(20 + r["exchanges"] for r in closed["rounds"])
+        exchanges = 0
+        if args.closed_rate is None:
+            closed = measure_rounds(plain, mesh, args.rounds, args.seconds, None, pids, warmup=20)
+            out["closed"] = closed | {"rate_with": closed["rate"]}
+            exchanges += sum(20 + r["exchanges"] for r in closed["rounds"])
+        closed_rate = args.closed_rate if args.closed_rate is not None else closed["rate"]
         out["paced"] = []
         for load in args.loads:
-            rate = load * closed["rate"]
+            rate = load * closed_rate
             paced = measure_rounds(plain, mesh, args.rounds, args.seconds, rate, pids)
             out["paced"].append(paced | {"load": load})
             exchanges += sum(ROUND_WARMUP + r["exchanges"] for r in paced["rounds"])
@@ -162,7 +169,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sidecar-roots", default="", help="pids whose process trees are timed")
     parser.add_argument("--mesh-app-roots", default="")
     parser.add_argument("--plain-app-roots", default="")
+    parser.add_argument(
+        "--closed-rate",
+        type=float,
+        help="the meshed closed-loop rate an earlier run measured: no closed loop now, the loads "
+        "paced at fractions of this rate",
+    )
     parser.add_argument("--traced", help="entry address of the traced deployment")
+    parser.add_argument("--traced-app-roots", default="", help="pinned with the apps (--pin)")
     parser.add_argument("--trace-file", help="the file its spans go to (emptied before measuring)")
     parser.add_argument("--traced-requests", type=int, default=20)
     parser.add_argument(

@@ -15,6 +15,7 @@ from pyproxy.bench.callgraph import (
     graph_from_data,
     graphs_from_traces,
     load_graphs,
+    with_services,
 )
 from pyproxy.bench.model import (
     LOOPBACK,
@@ -36,7 +37,7 @@ from pyproxy.bench.model import (
     fit_untimed_cpu,
 )
 from pyproxy.bench.predict import WhatIf, WhatIfError, distribution, predict
-from pyproxy.bench.profile import Setup, build_profile
+from pyproxy.bench.profile import Setup, build_profile, hop_setup, pooled, setup_for
 from pyproxy.bench.schedule import PINNED, HopCost, Placement
 from pyproxy.bench.schedule import latency as schedule_latency
 
@@ -547,7 +548,7 @@ def test_a_filter_costs_all_its_path_costs_beyond_the_unfiltered_one():
             _latency_point("http+fault", size, 20_000.0, 20_000.0 + 9500 + 46_000, filtered)
         )
     profile = build_profile(
-        [Setup("http", "http"), Setup("http+fault", "http", filter_type="fault")],
+        [Setup("http", "http"), Setup("http+fault", "http", filters=("fault",))],
         points,
         current_platform(),
     )
@@ -580,7 +581,7 @@ def test_profile_fits_the_cpu_its_stage_clock_does_not_see_per_setup():
             points.append(_cpu_point("http+fault", size, rate, filtered,
                                      sum(filtered.values()) + 18_000 + 2 * size))  # fmt: skip
     profile = build_profile(
-        [Setup("http", "http"), Setup("http+fault", "http", filter_type="fault")],
+        [Setup("http", "http"), Setup("http+fault", "http", filters=("fault",))],
         points,
         current_platform(),
     )
@@ -615,3 +616,121 @@ def test_predict_adds_each_passes_untimed_cpu_and_no_latency():
     assert off.cpu_cores == pytest.approx(without.cpu_cores)
     with pytest.raises(WhatIfError, match="no stage 'untimed'"):
         predict(base, graph, WhatIf.parse(["untimed=2"]))
+
+
+def test_a_profiled_combination_of_filters_prices_its_sidecars_as_measured():
+    # Known answer: the profile measured http alone (7 µs of stages, 40 µs hand-off, 15 µs
+    # untimed CPU) and http + fault + ratelimit as one setup (12 µs, 55 µs, 30 µs); a sidecar
+    # with exactly those filters costs the combination's figures, not http's plus each
+    # filter's difference (the profile has no single-filter setups here at all).
+    points = []
+    for setup, stages, gap, untimed in (
+        ("http", {"read": 3000.0, "write": 4000.0}, 40_000.0, 15_000.0),
+        ("http+fault+ratelimit",
+         {"read": 3000.0, "write": 5000.0, "filter:fault": 2500.0, "filter:ratelimit": 1500.0},
+         55_000.0, 30_000.0),
+    ):  # fmt: skip
+        points.append(_latency_point(setup, 100, 20_000.0, 20_000.0 + sum(stages.values()) + gap,
+                                     stages))  # fmt: skip
+        points.append(_cpu_point(setup, 100, 1000.0, stages, sum(stages.values()) + untimed))
+    combo = setup_for("http", ["fault", "ratelimit"])
+    assert (combo.name, combo.filters, combo.filter_type) == (
+        "http+fault+ratelimit", ("fault", "ratelimit"), None
+    )  # fmt: skip
+    profile = build_profile([Setup("http", "http"), combo], points, current_platform())
+    assert set(profile.modes) == {"http", "http+fault+ratelimit"} and profile.filters == {}
+    graph = graph_from_data({
+        "services": {"f": {"mode": "http", "filters": ["fault", "ratelimit"]},
+                     "a": {"mode": "http"}},
+        "calls": [{"id": "r", "callee": "f", "rate": 100, "work_us": 100},
+                  {"id": "x", "parent": "r", "callee": "a", "work_us": 50}],
+    })  # fmt: skip
+    hops = {h.call: h for h in predict(profile, graph).hops}
+    # r: f's inbound pass with the combination and its hand-off
+    assert hops["r"].latency_ns == pytest.approx(12_000 + 55_000)
+    assert hops["r"].cpu_cores == pytest.approx(100 * (12_000 + 30_000) / 1e9)
+    # x: f's outbound (the combination) and a's inbound (plain http); the larger hand-off
+    assert hops["x"].latency_ns == pytest.approx(12_000 + 7000 + 55_000)
+    assert hops["x"].cpu_cores == pytest.approx(100 * (42_000 + 22_000) / 1e9)
+    # the external view prices the combination as its own whole sidecar, not as a filter
+    assert set(profile.external_view().filters) == set()
+    # a sidecar with only one of the filters is not that combination: its filter is unknown
+    only_fault = graph_from_data({"services": {"f": {"mode": "http", "filters": ["fault"]}},
+                                  "calls": [{"id": "r", "callee": "f"}]})  # fmt: skip
+    with pytest.raises(WhatIfError, match="filter 'fault' is not in the profile"):
+        predict(profile, only_fault)
+
+
+def test_pooled_blocks_give_each_point_the_median_over_the_blocks():
+    # Known answer: three blocks of the same setup; the middle one was struck by other work
+    # (its proxied latency 5 ms, its CPU doubled). Each pooled figure is the blocks' median,
+    # the paced passes are all kept, and points that differ in kind, load or rate stay apart.
+    blocks = []
+    for proxied, cpu in ((150_000.0, 90_000.0), (5_000_000.0, 180_000.0), (160_000.0, 95_000.0)):
+        blocks += [
+            {"setup": "http", "kind": "latency", "size": 100, "rate": 2000.0,
+             "direct_p50_ns": 40_000.0,
+             "proxy_p50_ns": proxied, "proxy_cpu_ns_per_exchange": cpu,
+             "stages_ns": {"read": 3000.0, "write": cpu / 10}},
+            {"setup": "http", "kind": "cpu", "size": 100, "load": 0.5, "rate": 1000.0,
+             "proxy_cpu_ns_per_s": 1000 * cpu, "stages_ns_per_s": {"read": 3e6}},
+            {"setup": "http", "kind": "idle", "size": 100, "rate": 100.0, "paced_rate": 100.0,
+             "direct_p50_ns": 50_000.0, "proxy_p50_ns": proxied + 20_000,
+             "proxy_cpu_ns_per_exchange": cpu, "passes_overhead_ns": [proxied - 30_000]},
+        ]  # fmt: skip
+    merged = {p["kind"]: p for p in pooled(blocks)}
+    assert len(pooled(blocks)) == 3 and all(p["blocks"] == 3 for p in merged.values())
+    hot = merged["latency"]
+    assert (hot["proxy_p50_ns"], hot["proxy_cpu_ns_per_exchange"]) == (160_000.0, 95_000.0)
+    assert hot["stages_ns"] == {"read": 3000.0, "write": 9500.0}
+    assert merged["cpu"]["proxy_cpu_ns_per_s"] == 95e6 and merged["cpu"]["load"] == 0.5
+    assert merged["idle"]["proxy_p50_ns"] == 180_000.0
+    assert merged["idle"]["passes_overhead_ns"] == [120_000.0, 4_970_000.0, 130_000.0]
+    # fitted from the pooled points, the hand-off is the unstruck blocks' (160 - 40 - 12.5 µs)
+    profile = build_profile([Setup("http", "http")], pooled(blocks), current_platform())
+    assert profile.handoff["http"].latency.at(100) == pytest.approx(107_500)
+
+
+def test_a_profiled_hop_prices_a_call_between_two_sidecars_of_its_setup_whole():
+    # Known answer: one http pass measured 7 µs of stages, a 40 µs hand-off, 15 µs untimed CPU;
+    # the whole hop (the caller's outbound and the callee's inbound sidecar, measured together)
+    # 20 µs of stages, a 100 µs hand-off, 50 µs untimed CPU, and at 100 /s 30 µs more to wake.
+    points = []
+    for setup, stages, gap, untimed in (
+        ("http", {"read": 3000.0, "write": 4000.0}, 40_000.0, 15_000.0),
+        ("hop:http", {"read": 8000.0, "write": 12_000.0}, 100_000.0, 50_000.0),
+    ):
+        points.append(_latency_point(setup, 100, 20_000.0, 20_000.0 + sum(stages.values()) + gap,
+                                     stages))  # fmt: skip
+        points.append(_cpu_point(setup, 100, 1000.0, stages, sum(stages.values()) + untimed))
+    hop = hop_setup(setup_for("http"))
+    assert (hop.name, hop.mode, hop.hop, hop.filter_type) == ("hop:http", "http", True, None)
+    profile = build_profile([Setup("http", "http"), hop], points, current_platform(), PODS)
+    profile = dataclasses.replace(
+        profile, idle={"hop:http": IdleCurve(((100.0, 30_000.0, 4000.0), (1000.0, 0.0, 0.0)))}
+    )
+    graph = _f_calls_a()  # client → f → a at 100 /s, both http sidecars
+    p = predict(profile, graph)
+    hops = {h.call: h for h in p.hops}
+    # r comes from outside the mesh: f's inbound pass alone, as before
+    assert hops["r"].latency_ns == pytest.approx(7000 + 40_000) and not hops["r"].whole
+    # x crosses f's outbound and a's inbound: the hop's own figures, each once
+    x = hops["x"]
+    assert x.whole == "hop:http"
+    assert x.latency_ns == pytest.approx(20_000 + 100_000 + 30_000)
+    assert x.cpu_cores == pytest.approx(100 * (20_000 + 50_000 + 4000) / 1e9)
+    assert (x.outbound_ns, x.inbound_ns) == (pytest.approx(10_000), pytest.approx(10_000))
+    assert p.overhead_ns == pytest.approx(47_000 + 150_000)
+    # a what-if scales the hop's stages as it scales a pass's
+    assert predict(profile, graph, WhatIf.parse(["handoff=0"])).overhead_ns == pytest.approx(
+        7000 + 20_000 + 30_000
+    )
+    # a hop between sidecars of different setups, or switched to another IPC, is priced per pass
+    mixed = with_services(graph, {"a": Service("a", "tcp")})
+    profile_tcp = dataclasses.replace(profile, modes=profile.modes | {"tcp": profile.modes["http"]})
+    assert not {h.call: h for h in predict(profile_tcp, mixed).hops}["x"].whole
+    # the external view prices the hop whole from outside, and adds no filter for it
+    assert profile.external_view().modes["hop:http"]["sidecar"].latency.at(100) == pytest.approx(
+        120_000
+    )
+    assert profile.external_view().filters == {}
