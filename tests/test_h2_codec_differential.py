@@ -9,6 +9,7 @@ import gc
 import pytest
 from conftest import require_capability
 from fuzz.h2_native_targets import agree, h2_client, h2_server, native_client, native_server
+from h2.events import WindowUpdated
 from hostile import h2_frame
 from hpack import Decoder, Encoder
 
@@ -323,3 +324,21 @@ def test_received_plain_blocks_split_back_into_their_fields():
     (received,) = [e for e in events if hasattr(e, "headers")]
     assert http2_native.fields_checked(received)
     assert received.headers == request
+
+
+def test_window_updates_make_events_only_while_the_owner_waits_for_them():
+    # The session says per read whether anything of its own waits for flow-control credit;
+    # without, WINDOW_UPDATE frames (C's queues move on them anyway) make no event.
+    server = http2_native.NativeH2Connection(False, 1000)
+    server.initiate({}, 65535)
+    server.receive_data(PREFACE + _upstream(_headers(1, _GET_REQUEST, 5)))
+    updates = h2_frame(_WINDOW, 0, 0, (1000).to_bytes(4, "big")) + h2_frame(
+        _WINDOW, 0, 1, (1000).to_bytes(4, "big")
+    )
+    server.window_events = False
+    assert not [e for e in server.receive_data(updates) if isinstance(e, WindowUpdated)]
+    server.window_events = True
+    got = [
+        (e.stream_id, e.delta) for e in server.receive_data(updates) if isinstance(e, WindowUpdated)
+    ]
+    assert got == [(0, 1000), (1, 1000)]

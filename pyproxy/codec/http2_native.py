@@ -107,6 +107,7 @@ class NativeH2Connection:
         "_heads",
         "_out",
         "_events",
+        "window_events",
     )
 
     def __init__(self, client_side: bool, reset_burst: int) -> None:
@@ -126,6 +127,9 @@ class NativeH2Connection:
         self._heads: set[int] = set()
         self._out = ffi.new("const uint8_t **")
         self._events = ffi.new("size_t *")
+        # False: the owner has nothing waiting for flow-control credit, so WINDOW_UPDATE frames
+        # make no event (C's own queues move on them without one). The owner sets it per read.
+        self.window_events = True
 
     def initiate(self, settings: dict[int, int], connection_window: int) -> None:
         """Preface (client) and SETTINGS; the connection window opened past 65,535 (§6.9.2)."""
@@ -182,7 +186,8 @@ class NativeH2Connection:
                 self._heads.discard(sid)
                 add(StreamEnded(stream_id=sid))
             elif kind == _WINDOW:
-                add(WindowUpdated(stream_id=sid, delta=a))
+                if self.window_events:
+                    add(WindowUpdated(stream_id=sid, delta=a))
             elif kind == _RST:
                 self._lengths.pop(sid, None)
                 self._informational.discard(sid)

@@ -124,6 +124,8 @@ class H2Session:
         "parse_ns",
         "parse_events",
         "timed",
+        "native",
+        "stalled",
     )
 
     def __init__(self, ctx: HttpContext, client_side: bool) -> None:
@@ -143,6 +145,10 @@ class H2Session:
             # and this, the request is decoded (HPACK state must stay in sync, §4.3) and
             # answered 431.
             self.conn.decoder.max_header_list_size = 4 * limit + 32 * settings.max_headers
+        self.native = type(self.conn) is http2_native.NativeH2Connection
+        # Streams whose pump left DATA or an end waiting for flow-control credit (a superset:
+        # pruned before each read). With none, the native codec makes no WINDOW_UPDATE event.
+        self.stalled: set[H2StreamBase] = set()
         self.stream: Any = None  # the Stream, once attach_socket() ran
         self.streams: dict = {}
         self.flushes = flush_queue(ctx)
@@ -210,6 +216,12 @@ class H2Session:
 
     def data_received(self, data: bytes) -> None:
         t0 = perf_counter_ns()
+        if self.native:
+            stalled = self.stalled
+            if stalled:
+                for stream in [s for s in stalled if not s.waits()]:
+                    stalled.discard(stream)
+            self.conn.window_events = bool(stalled)
         try:
             data, goaways = self.scanner.feed(data)
             events = self.conn.receive_data(data) if data else []
@@ -417,7 +429,13 @@ class H2StreamBase:
         if self.ended_out:
             self.sent_all()
         else:
+            if chunks or self.end_pending:  # the window ran out first: a WINDOW_UPDATE matters
+                session.stalled.add(self)
             self.update_blocked()
+
+    def waits(self) -> bool:
+        """Has this stream DATA or an end that waits for flow-control credit?"""
+        return not (self.closed or self.ended_out) and bool(self.chunks or self.end_pending)
 
     def account(self, t0: int) -> None:
         session = self.session
