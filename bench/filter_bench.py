@@ -42,6 +42,10 @@ For each combination: predicted = sum of its parts' added costs (from the
 single-filter runs) vs measured, and the error %. Targets: each filter
 cheaper than the paper's Envoy figure; additivity within 20 %.
 
+With --baseline-tree PATH (another checkout, built), that checkout's pyproxy runs every
+configuration too, as before_<name>, in the same rounds: each configuration's added p50 and
+CPU against its own tree's no-filter proxy, side by side with this tree's, and their ratio.
+
 Bounded: < 5 minutes with the defaults; progress on stderr; JSON in
 bench/results/filter_bench/; the markdown report on stdout. Every process
 started here is stopped at the end, whatever happens. Loopback only.
@@ -65,9 +69,9 @@ from pyproxy.bench.http_bench import (
     start_upstream,
 )
 from pyproxy.bench.http_load import Path_, log
-from pyproxy.bench.procs import noise_note, tree_pids
+from pyproxy.bench.procs import add_baseline_tree, baseline_tree_python, noise_note, tree_pids
 from pyproxy.bench.results_folder import default_out
-from pyproxy.bench.rounds import run_phases
+from pyproxy.bench.rounds import paired_median, run_phases
 
 # MeshInsight (SoCC'23) Table 3: Envoy's added cost per request, µs.
 ENVOY_US = {
@@ -106,13 +110,40 @@ def configurations(only: str = "") -> dict[str, tuple[str, ...]]:
 
 
 def start_proxy(
-    procs: Processes, workdir: Path, name: str, filters: tuple[str, ...], upstream: int
-) -> Path_:
+    procs: Processes, workdir: Path, name: str, filters: tuple[str, ...], upstream: int,
+    python: Path | None = None,
+) -> Path_:  # fmt: skip
     chain = [filter_entry(k, workdir, name) for k in CHAIN_ORDER if k in filters]
-    return start_pyproxy(
-        procs, workdir, name, upstream, http={"codec": "fast"}, filters=chain,
-        note="+".join(filters) or "no filters",
-    )  # fmt: skip
+    note = "+".join(filters) or "no filters"
+    if python is None:
+        return start_pyproxy(procs, workdir, name, upstream, http={"codec": "fast"},
+                             filters=chain, note=note)  # fmt: skip
+    return start_pyproxy(procs, workdir, f"before_{name}", upstream, http={"codec": "fast"},
+                         filters=chain, python=str(python), note=f"{note}, baseline tree")  # fmt: skip
+
+
+def before_after(result: dict) -> dict:
+    """Per configuration: added p50 and CPU (paired medians against each tree's own no-filter
+    proxy) for this tree and the --baseline-tree's, and this tree's over the other's."""
+    lat, load = result["latency"], result["load"]
+    out = {}
+    for name in result["configurations"]:
+        if name.startswith("baseline"):
+            continue
+        row = {}
+        for measure, phase, key in (
+            ("p50", lat, "p50_us_rounds"),
+            ("cpu", load, "cpu_us_per_req_rounds"),
+        ):
+            now = paired_median(phase[name][key], phase["baseline"][key])
+            before = paired_median(phase[f"before_{name}"][key], phase["before_baseline"][key])
+            row[measure] = {
+                "this_tree_us": now,
+                "baseline_tree_us": before,
+                "ratio": now / before if before > 0 else None,
+            }
+        out[name] = row
+    return out
 
 
 # ---- measurements ------------------------------------------------------------------------
@@ -281,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", default="", help="comma-separated configurations to run besides the baselines"
     )
+    add_baseline_tree(parser)
     args = parser.parse_args(argv)
+    base_python = baseline_tree_python(parser, args)
     result = begin_run(parser, args, ("nginx", "wrk", "taskset", "npm"))
 
     started = time.monotonic()
@@ -295,6 +328,11 @@ def main(argv: list[str] | None = None) -> int:
             log(f"starting the upstream and {len(configs)} proxies (all on CPU 0)")
             upstream = start_upstream(procs, workdir)
             paths = [start_proxy(procs, workdir, n, f, upstream) for n, f in configs.items()]
+            if base_python is not None:
+                paths += [
+                    start_proxy(procs, workdir, n, f, upstream, base_python)
+                    for n, f in configs.items()
+                ]
             snaps: dict[str, dict] = {p.name: {"start": p.stats()} for p in paths}
 
             def snapshot(phase: str) -> None:
@@ -324,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     result["targets"] = targets(m)
     result["chain_fixed_cost_us"] = chain_fixed_cost(m)
     result["additivity"] = additivity(m)
+    if base_python is not None:
+        result["baseline_tree"] = {"path": args.baseline_tree, "added_us": before_after(result)}
     finish_run(result, args.out, started, report)
     return 1 if problems else 0
 
@@ -416,6 +456,23 @@ def report(result: dict) -> str:
         f"A/A control (baseline_b, an identical no-filter proxy): added p50 "
         f"{m['baseline_b']['p50']:+.1f} µs, added CPU {m['baseline_b']['cpu']:+.1f} µs/req (paired)."
     )
+    if "baseline_tree" in result:
+        lines += [
+            "",
+            f"This tree against the baseline tree ({result['baseline_tree']['path']}), same "
+            "rounds, each against its own no-filter proxy (paired medians):",
+            "",
+            "| configuration | added p50 µs, this / baseline tree | ratio "
+            "| added CPU µs/req, this / baseline tree | ratio |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for name, row in result["baseline_tree"]["added_us"].items():
+            cells = []
+            for measure in ("p50", "cpu"):
+                a = row[measure]
+                ratio = "—" if a["ratio"] is None else f"{a['ratio']:.2f} ×"
+                cells.append(f"{a['this_tree_us']:+.1f} / {a['baseline_tree_us']:+.1f} | {ratio}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if result.get("foreign_cpus"):
         lines.append(noise_note(result["foreign_cpus"]))
     util = [u for v in load.values() for u in v["cpu_util_rounds"]]

@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from typing import Any
 
 import wasmtime
 from pyproxy.filters.wasm_runtime import (
@@ -326,103 +327,12 @@ class WasmFilter(StreamContext, HttpFilter):
     def listener(self):
         return getattr(self.callbacks.exchange.ctx, "listener", None)
 
-    def _decode_headers(self, headers, end_stream: bool) -> int:
-        self.request = headers
-        return self._headers("proxy_on_request_headers", headers, end_stream, 0)
-
-    def _encode_headers(self, headers, end_stream: bool) -> int:
-        self.response = headers
-        return self._headers("proxy_on_response_headers", headers, end_stream, 1)
-
-    def _headers(self, callback: str, headers, end_stream: bool, stream: int) -> int:
-        rt = self.runtime
-        count = len(headers.headers) + len(headers.pseudo)
-        try:
-            context_id = self.context_id
-            if context_id and self.generation == rt.generation:
-                # The context exists (the response's headers, say): _enter's case 1, inline.
-                rt.filter = self
-                rt.time_limit.entries += 1
-                rt.host_calls = rt.host_bytes = 0
-                func, n = rt.exports[callback]
-                action = rt.entry(func, n, context_id, count, end_stream)
-            else:
-                entered = self._enter()
-                if not entered:
-                    return self._unavailable()
-                context_id = self.context_id
-                joined = None
-                if entered == 2:
-                    self._began()
-                    joined = rt.entering.get(callback)
-                if joined is not None:  # proxy_on_context_create and the callback in one entry
-                    action = rt.entry(joined[0], joined[1], context_id, count, end_stream)
-                else:
-                    if entered == 2:
-                        self._create()
-                    func, n = rt.exports[callback]
-                    action = rt.entry(func, n, context_id, count, end_stream)
-            if action is None:
-                raise rt._fault()
-        except WasmFault as exc:
-            return self._fault(exc, callback)
-        if self.reply is not None:
-            return self._send_reply()
-        if action == PAUSE:
-            return self._pause(stream, STOP)
-        return CONTINUE
-
-    def _decode_data(self, data, end_stream: bool) -> int:
-        return self._body("proxy_on_request_body", data, end_stream, 0)
-
-    def _encode_data(self, data, end_stream: bool) -> int:
-        return self._body("proxy_on_response_body", data, end_stream, 1)
-
-    def _body(self, callback: str, data, end_stream: bool, stream: int) -> int:
-        """One body chunk for the guest. Pause before the end buffers (Envoy's
-        StopIterationAndBuffer): the next call sees everything held so far plus its chunk,
-        so at end_of_stream the guest can read and rewrite the whole body."""
-        rt = self.runtime
-        callbacks = self.callbacks
-        if self.request is None or self.response is None:
-            self._know_heads()
-        held = (
-            callbacks.held_body["encode" if stream else "decode"]
-            if self.buffering >> stream & 1
-            else None
-        )
-        size = len(data) + (sum(map(len, held)) if held else 0)
-        try:
-            entered = self._enter()
-            if not entered:
-                return self._unavailable()
-            if entered == 2:
-                self._began()
-                self._create()
-            # The body is built only if the guest asks for it (guest_body).
-            self.body, self.body_parts, self.body_stream = None, (held, data), stream
-            self.body_changed = False
-            func, n = rt.exports[callback]
-            action = rt.entry(func, n, self.context_id, size, end_stream)
-            if action is None:
-                raise rt._fault()
-        except WasmFault as exc:
-            return self._fault(exc, callback)
-        finally:
-            body, self.body, self.body_parts, self.body_stream = self.body, None, (None, b""), -1
-        if self.reply is not None:
-            return self._send_reply()
-        if self.body_changed and body is not None:
-            if held:
-                held.clear()
-            callbacks.replace_data(bytes(body))
-        if action == PAUSE and not end_stream:
-            self.buffering |= 1 << stream
-            return STOP_AND_BUFFER
-        self.buffering &= ~(1 << stream)
-        if action == PAUSE:  # at the end: held until the guest continues (an http_call, say)
-            return self._pause(stream, STOP_AND_BUFFER)
-        return CONTINUE
+    # The hooks the chain calls (made by _headers_hook and _body_hook, below the class: one
+    # function per hook, no wrapper frame between the chain and the guest).
+    _decode_headers: Any
+    _encode_headers: Any
+    _decode_data: Any
+    _encode_data: Any
 
     def _decode_trailers(self, trailers) -> int:
         self.request_trailers = HeaderMap(trailers, {})
@@ -440,25 +350,28 @@ class WasmFilter(StreamContext, HttpFilter):
         if self.response is None:
             self.response = callbacks.response_headers()
 
+    def _begin_entry(self) -> bool:
+        """Begin an entry for this request's context, made first in the guest if it is new
+        (proxy_on_context_create); False: the hook is skipped (see _unavailable)."""
+        entered = self._enter()
+        if entered == 2:
+            self._began()
+            self._create()
+        return entered != 0
+
     def _trailers(self, callback: str, trailers: HeaderMap, stream: int) -> int:
         rt = self.runtime
         self._know_heads()
         try:
-            entered = self._enter()
-            if not entered:
+            if not self._begin_entry():
                 return self._unavailable()
-            if entered == 2:
-                self._began()
-                self._create()
             func, n = rt.exports[callback]
             action = rt.call_raw(func, n, self.context_id, len(trailers.headers))
         except WasmFault as exc:
             return self._fault(exc, callback)
         if self.reply is not None:
             return self._send_reply()
-        if action == PAUSE:
-            return self._pause(stream, STOP)
-        return CONTINUE
+        return self._pause(stream, STOP) if action == PAUSE else CONTINUE
 
     def _pause(self, stream: int, status: int) -> int:
         """The guest paused: STOP until proxy_continue_stream (or the pause timeout)."""
@@ -552,3 +465,109 @@ class WasmFilter(StreamContext, HttpFilter):
         if not self.context_id or self.generation != self.runtime.generation:
             return
         self._delete_context()  # guest calls the request pays for: the chain times on_destroy
+
+
+def _headers_hook(callback: str, stream: int):
+    """WasmFilter's request (stream 0) or response (1) headers hook, for `callback`."""
+
+    def hook(self: WasmFilter, headers, end_stream: bool) -> int:
+        if stream:
+            self.response = headers
+        else:
+            self.request = headers
+        rt = self.runtime
+        count = len(headers.headers) + len(headers.pseudo)
+        try:
+            context_id = self.context_id
+            if context_id and self.generation == rt.generation:
+                # The context exists (the response's headers, say): _enter's case 1, inline.
+                rt.filter = self
+                rt.time_limit.entries += 1
+                rt.host_calls = rt.host_bytes = 0
+                func, n = rt.exports[callback]
+                action = rt.entry(func, n, context_id, count, end_stream)
+            else:
+                entered = self._enter()
+                if not entered:
+                    return self._unavailable()
+                context_id = self.context_id
+                joined = None
+                if entered == 2:
+                    self._began()
+                    joined = rt.entering.get(callback)
+                if joined is not None:  # proxy_on_context_create and the callback in one entry
+                    action = rt.entry(joined[0], joined[1], context_id, count, end_stream)
+                else:
+                    if entered == 2:
+                        self._create()
+                    func, n = rt.exports[callback]
+                    action = rt.entry(func, n, context_id, count, end_stream)
+            if action is None:
+                raise rt._fault()
+        except WasmFault as exc:
+            return self._fault(exc, callback)
+        if self.reply is not None:
+            return self._send_reply()
+        if action == PAUSE:
+            return self._pause(stream, STOP)
+        return CONTINUE
+
+    return hook
+
+
+def _body_hook(callback: str, stream: int):
+    """WasmFilter's request (stream 0) or response (1) body hook, for `callback`: one body chunk
+    for the guest. Pause before the end buffers (Envoy's StopIterationAndBuffer): the next call
+    sees everything held so far plus its chunk, so at end_of_stream the guest can read and
+    rewrite the whole body."""
+
+    def hook(self: WasmFilter, data, end_stream: bool) -> int:
+        rt = self.runtime
+        callbacks = self.callbacks
+        if self.request is None or self.response is None:
+            self._know_heads()
+        held = (
+            callbacks.held_body["encode" if stream else "decode"]
+            if self.buffering >> stream & 1
+            else None
+        )
+        size = len(data) + (sum(map(len, held)) if held else 0)
+        try:
+            if self.context_id and self.generation == rt.generation:
+                rt.filter = self  # _enter's case 1, inline (as in the headers hook)
+                rt.time_limit.entries += 1
+                rt.host_calls = rt.host_bytes = 0
+            elif not self._begin_entry():
+                return self._unavailable()
+            # The body is built only if the guest asks for it (guest_body).
+            self.body, self.body_parts, self.body_stream = None, (held, data), stream
+            self.body_changed = False
+            func, n = rt.exports[callback]
+            action = rt.entry(func, n, self.context_id, size, end_stream)
+            if action is None:
+                raise rt._fault()
+        except WasmFault as exc:
+            return self._fault(exc, callback)
+        finally:
+            body, self.body, self.body_parts, self.body_stream = self.body, None, (None, b""), -1
+        if self.reply is not None:
+            return self._send_reply()
+        if self.body_changed and body is not None:
+            if held:
+                held.clear()
+            callbacks.replace_data(bytes(body))
+        if action == PAUSE and not end_stream:
+            self.buffering |= 1 << stream
+            return STOP_AND_BUFFER
+        self.buffering &= ~(1 << stream)
+        if action == PAUSE:  # at the end: held until the guest continues (an http_call, say)
+            return self._pause(stream, STOP_AND_BUFFER)
+        return CONTINUE
+
+    return hook
+
+
+WasmFilter._decode_headers = _headers_hook("proxy_on_request_headers", 0)
+WasmFilter._encode_headers = _headers_hook("proxy_on_response_headers", 1)
+WasmFilter._decode_data = _body_hook("proxy_on_request_body", 0)
+WasmFilter._encode_data = _body_hook("proxy_on_response_body", 1)

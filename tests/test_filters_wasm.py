@@ -513,7 +513,8 @@ def test_guest_cannot_reach_host_files_or_sockets_through_wasi(start_proxy, tmp_
 
 
 # Each spends the host's time or memory, not its own time or memory: a host call in a loop,
-# 300 header values of 1 MiB, one fd_write whose 300 iovecs all point at the same 1 MiB. The
+# 300 header values of 1 MiB, header adds in a loop, one fd_write whose 300 iovecs all point
+# at the same 1 MiB. The
 # time limit is lifted to show the host's own bounds stop them.
 HOST_BOMBS = {
     "host_call_loop": (
@@ -527,6 +528,13 @@ HOST_BOMBS = {
         " (i32.const 1048576))) (local.set $i (i32.add (local.get $i) (i32.const 1)))"
         " (br_if $more (i32.lt_u (local.get $i) (i32.const 300))))",
         "more than 1048576 bytes handed to the host",
+    ),
+    # Small header adds, each the native crossing's plain case: its count is bounded too.
+    "header_adds": (
+        '(import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))',
+        "(loop $more (drop (call $add (i32.const 0) (i32.const 0) (i32.const 6) (i32.const 0)"
+        " (i32.const 1))) (br $more))",
+        "more than 10000 host calls in one entry",
     ),
     "aliased_iovecs": (
         '(import "wasi_snapshot_preview1" "fd_write" (func $write (param i32 i32 i32 i32) (result i32)))',
