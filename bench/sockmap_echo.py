@@ -238,15 +238,14 @@ def through_sidecar(pod: Pod, args: argparse.Namespace, config: Path, cpu: int |
 
     With `cpu`, the echo app, the sidecar and the client share that CPU: every wake-up is then
     local, where spread over CPUs each send that wakes a sleeper on another CPU pays for the
-    cross-CPU wake-up (an IPI; on a VM, an exit) on both paths alike. On one CPU a send that
-    wakes the app is often preempted by it on its way back to user space, so the app's turn is
-    timed inside the sidecar's call (bench/README.md measures how much).
+    cross-CPU wake-up (an IPI; on a VM, an exit) on both paths alike.
 
     The client and the echo app are the C pair (`--instrument c`, the default) or the Python
-    pair. On one CPU the sidecar's send to the client wakes it, and the client's turn (take the
-    time, send the next message) runs before the sidecar returns from that send, inside its
-    timed `ipc` call: the C client's turn is short and the same every time, the Python one's
-    several microseconds and not.
+    pair. On one CPU the sidecar's send to the client wakes it, and the client often preempts
+    the sidecar on its way back to user space: the client's turn (take the time, send the next
+    message) is then timed inside the sidecar's `ipc` call. The C client's turn is short and
+    the same every time, the Python one's several microseconds and not. `--sidecar-fifo`
+    (diagnostic) keeps every woken task out of the sidecar's calls (bench/README.md).
     """
     if args.instrument == "c":
         pair = Pair((APP_PORT, APP_PORT), cpus=None if cpu is None else (cpu, cpu))

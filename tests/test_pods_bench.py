@@ -20,6 +20,7 @@ def test_pod_echo_reports_baseline_sidecars_and_stage_breakdown(
     out = tmp_path / "pod_echo"
     argv = [sys.executable, "-m", "pyproxy.bench.pod_echo", "--count", "200", "--warmup", "20"]
     argv += ["--max-seconds", "10", "--output", str(out), "--instrument", instrument]
+    argv += ["--stream-bytes", str(STREAM), "--streams", "3"]
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, stderr = proc.communicate(timeout=100)
     assert proc.returncode == 0, stderr
@@ -27,12 +28,17 @@ def test_pod_echo_reports_baseline_sidecars_and_stage_breakdown(
     assert json.loads((out / "inputs.json").read_text())["count"] == 200
     assert report["baseline"]["count"] == 200
     assert report["sidecars"]["count"] == 200
+    # Three streams per path; the median one is reported, the others beside it.
+    for path in ("baseline", "sidecars"):
+        stream = report[path]["stream"]
+        assert sorted(stream["mb_per_s_all"])[1] == stream["mb_per_s"]
     assert 0 < report["baseline"]["p50_us"] <= report["baseline"]["p99_us"]
     for name in ("a_outbound", "b_inbound"):
         stage = report["stages"][name]
-        assert stage["connections_total"] == 1
-        # 220 messages of 100 bytes crossed each sidecar in both directions.
-        assert stage["bytes"]["downstream_rx"] == stage["bytes"]["upstream_rx"] == 220 * 100
+        assert stage["connections_total"] == 1 + 3  # the round trips', then the streams'
+        # 220 messages of 100 bytes and three streams crossed each sidecar in both directions.
+        crossed = 220 * 100 + 3 * STREAM
+        assert stage["bytes"]["downstream_rx"] == stage["bytes"]["upstream_rx"] == crossed
         assert stage["total_us_per_message"] > 0
     # Every namespace the bench created (named after its pid) is gone.
     assert not [n for n in list_namespaces() if n.startswith(f"pp{proc.pid}-")]
@@ -43,11 +49,12 @@ def test_compare_runs_iptables_and_ebpf_capture_with_the_app_leg_redirected_by_s
     out = tmp_path / "compare"
     argv = [sys.executable, "-m", "pyproxy.bench.pod_echo", "--compare", "1", "--count", "100"]
     argv += ["--warmup", "10", "--sizes", "100,4096", "--stream-bytes", str(STREAM)]
-    argv += ["--max-seconds", "10", "--output", str(out)]
+    argv += ["--max-seconds", "10", "--output", str(out), "--cpu", "1"]  # all on one CPU
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, stderr = proc.communicate(timeout=150)
     assert proc.returncode == 0, stderr
     report = json.loads((out / "results.json").read_text())
+    assert report["params"]["cpu"] == 1
     (measured,) = report["rounds"]
     assert measured["order"] == ["iptables", "ebpf_sockmap"]
     iptables, ebpf = measured["iptables"], measured["ebpf_sockmap"]
