@@ -29,6 +29,7 @@ from pathlib import Path
 from time import perf_counter_ns
 
 from pyproxy.bench import peers
+from pyproxy.bench.echo_server import spin
 from pyproxy.bench.procs import (
     Processes,
     cell,
@@ -50,12 +51,14 @@ def log(message: str) -> None:
 # ---- the app: a grpcio echo server (raw bytes, no generated code) ----------------------------
 
 
-def serve(port: int, host: str = "127.0.0.1") -> None:
+def serve(port: int, host: str = "127.0.0.1", work_ns: int = 0) -> None:
     from concurrent import futures
 
     import grpc
 
     def echo(request: bytes, context) -> bytes:
+        if work_ns:
+            spin(work_ns)
         return request
 
     handler = grpc.method_handlers_generic_handler(
