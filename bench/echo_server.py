@@ -143,6 +143,27 @@ async def serve(address: str, protocol: type[asyncio.Protocol] = _Echo) -> None:
         await server.serve_forever()
 
 
+def serve_grpc(port: int, host: str = "127.0.0.1", work_ns: int = 0) -> None:
+    """The gRPC echo: unary `bench.Echo/Unary` answers with the request (grpcio, 16 threads)."""
+    from concurrent import futures
+
+    import grpc
+
+    def echo(request: bytes, context) -> bytes:
+        if work_ns:
+            spin(work_ns)
+        return request
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Unary": grpc.unary_unary_rpc_method_handler(echo)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"{host}:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--listen", required=True)
@@ -151,8 +172,6 @@ def main() -> None:
     args = parser.parse_args()
     work_ns = int(args.work_us * 1000)
     if args.protocol == "grpc":
-        from pyproxy.bench.grpc_bench import serve as serve_grpc
-
         listen = parse_address(args.listen)
         serve_grpc(listen.port, listen.host, work_ns)
         return
