@@ -1,18 +1,28 @@
 """Echo upstreams for the demo and the benchmarks: raw TCP (uvloop Protocol), HTTP/1.1 and h2c
-bodies, gRPC unary."""
+bodies, gRPC unary; `--work-us` spins that long before each answer (a service's own work)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import socket
+import time
 from typing import cast
 
 from pyproxy.addresses import parse_address
 from pyproxy.eventloop import new_event_loop
 
 
+def spin(work_ns: int) -> None:
+    """A service's own work: busy CPU for work_ns."""
+    end = time.perf_counter_ns() + work_ns
+    while time.perf_counter_ns() < end:
+        pass
+
+
 class _Echo(asyncio.Protocol):
+    work_ns = 0  # spun before each answer (`--work-us`)
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # a stream server's: it writes
         sock = transport.get_extra_info("socket")
@@ -20,6 +30,8 @@ class _Echo(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        if self.work_ns:
+            spin(self.work_ns)
         self.transport.write(data)
 
     def eof_received(self) -> bool:
@@ -54,6 +66,8 @@ class _HttpEcho(_Echo):
                 return
             body, consumed = framed
             del self.buffer[:consumed]
+            if self.work_ns:
+                spin(self.work_ns)
             self.transport.write(
                 b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
             )
@@ -82,6 +96,8 @@ class _H2Echo(_Echo):
                 conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
             elif isinstance(event, StreamEnded):
                 body = bytes(self.bodies.pop(event.stream_id, b""))
+                if self.work_ns:
+                    spin(self.work_ns)
                 headers = [(b":status", b"200"), (b"content-length", b"%d" % len(body))]
                 conn.send_headers(event.stream_id, headers, end_stream=not body)
                 if body:  # small echoes: within the default windows
@@ -127,21 +143,43 @@ async def serve(address: str, protocol: type[asyncio.Protocol] = _Echo) -> None:
         await server.serve_forever()
 
 
+def serve_grpc(port: int, host: str = "127.0.0.1", work_ns: int = 0) -> None:
+    """The gRPC echo: unary `bench.Echo/Unary` answers with the request (grpcio, 16 threads)."""
+    from concurrent import futures
+
+    import grpc
+
+    def echo(request: bytes, context) -> bytes:
+        if work_ns:
+            spin(work_ns)
+        return request
+
+    handler = grpc.method_handlers_generic_handler(
+        "bench.Echo", {"Unary": grpc.unary_unary_rpc_method_handler(echo)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+    server.add_generic_rpc_handlers((handler,))
+    server.add_insecure_port(f"{host}:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--listen", required=True)
     parser.add_argument("--protocol", choices=("tcp", "http", "http2", "grpc"), default="tcp")
+    parser.add_argument("--work-us", type=float, default=0.0, help="spun before each answer")
     args = parser.parse_args()
+    work_ns = int(args.work_us * 1000)
     if args.protocol == "grpc":
-        from pyproxy.bench.grpc_bench import serve as serve_grpc
-
         listen = parse_address(args.listen)
-        serve_grpc(listen.port, listen.host)
+        serve_grpc(listen.port, listen.host, work_ns)
         return
     loop = new_event_loop()
     try:
         protocols = {"tcp": _Echo, "http": _HttpEcho, "http2": _H2Echo}
-        loop.run_until_complete(serve(args.listen, protocols[args.protocol]))
+        protocol = type("WorkingEcho", (protocols[args.protocol],), {"work_ns": work_ns})
+        loop.run_until_complete(serve(args.listen, protocol))
     except KeyboardInterrupt:
         pass
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from time import perf_counter_ns
 
 from pyproxy.bench import peers
+from pyproxy.bench.echo_server import serve_grpc
 from pyproxy.bench.procs import (
     Processes,
     cell,
@@ -45,27 +46,6 @@ PAYLOAD = b"x" * 100
 
 def log(message: str) -> None:
     print(f"[grpc_bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-# ---- the app: a grpcio echo server (raw bytes, no generated code) ----------------------------
-
-
-def serve(port: int, host: str = "127.0.0.1") -> None:
-    from concurrent import futures
-
-    import grpc
-
-    def echo(request: bytes, context) -> bytes:
-        return request
-
-    handler = grpc.method_handlers_generic_handler(
-        "bench.Echo", {"Unary": grpc.unary_unary_rpc_method_handler(echo)}
-    )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-    server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(f"{host}:{port}")
-    server.start()
-    server.wait_for_termination()
 
 
 # ---- processes --------------------------------------------------------------------------------
@@ -285,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
-        serve(args.serve)
+        serve_grpc(args.serve)
         return 0
     if not shutil.which("h2load"):
         print("h2load missing: apt-get install nghttp2-client", file=sys.stderr)

@@ -138,6 +138,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--filters", default="fault,ratelimit", help="filter types, each profiled in HTTP mode"
     )
     parser.add_argument(
+        "--echo-work-us",
+        type=float,
+        default=0.0,
+        help="the echoes spin this long before each answer (the work of the calls to "
+        "price), so the sidecar's CPU idles between a request and its answer as it does there",
+    )
+    parser.add_argument(
         "--hops",
         action="store_true",
         help="pods: also measure each setup as a whole hop, the driver's pod captured by a "
@@ -165,15 +172,22 @@ def _stages_delta(after: dict, before: dict) -> dict[str, int]:
 class _Target:
     """A running proxy + echo upstream pair for one setup."""
 
-    def __init__(self, procs: Processes, setup: Setup, workdir: Path, pinned: bool = False) -> None:
-        self.setup = setup
+    def __init__(
+        self,
+        procs: Processes,
+        setup: Setup,
+        workdir: Path,
+        pinned: bool = False,
+        work_us: float = 0.0,
+    ) -> None:
+        self.setup, self.work_us = setup, work_us
         protocol = setup.mode
         if setup.ipc == "unix":
             upstream = f"unix:{workdir}/echo-{setup.name.replace(':', '_')}.sock"
         else:
             upstream = f"127.0.0.1:{free_port()}"
         echo = procs.start([sys.executable, "-m", "pyproxy.bench.echo_server", "--listen", upstream,
-                     "--protocol", protocol])  # fmt: skip
+                            "--protocol", protocol, "--work-us", str(work_us)])  # fmt: skip
         listen, self.admin = free_port(), free_port()
         mode, mode_flags = pyproxy_mode(setup.mode)
         argv = [sys.executable, "-m", "pyproxy", "run", "--mode", mode,
@@ -207,12 +221,16 @@ class PodTarget:
 
     ROLES = ("client", "plain", "mesh")
 
-    def __init__(self, made: dict[str, Pod], setup: Setup, workdir: Path, pinned: bool) -> None:
+    def __init__(
+        self, made: dict[str, Pod], setup: Setup, workdir: Path, pinned: bool, work_us: float = 0.0
+    ) -> None:
         if setup.ipc != "tcp":
             raise RuntimeError("in pods the app reaches its sidecar through the capture, over TCP")
-        self.setup, self.pinned = setup, pinned
+        self.setup, self.pinned, self.work_us = setup, pinned, work_us
         self.client, self.mesh = made["client"], made["mesh"]
-        argv = [sys.executable, "-m", "pyproxy.bench.echo_server",
+        # With work, the sidecar's CPU idles between a request and its answer as it does
+        # while an application works; both echoes spin it, so the direct path pays it too.
+        argv = [sys.executable, "-m", "pyproxy.bench.echo_server", "--work-us", str(work_us),
                 "--listen", f"0.0.0.0:{POD_ECHO_PORT}", "--protocol", setup.mode]  # fmt: skip
         self.echoes = [made[role].popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                        for role in ("plain", "mesh")]  # fmt: skip
@@ -253,15 +271,20 @@ class PodTarget:
 
 
 def _open_target(
-    stack: contextlib.ExitStack, setting: str, setup: Setup, workdir: Path, pinned: bool
+    stack: contextlib.ExitStack,
+    setting: str,
+    setup: Setup,
+    workdir: Path,
+    pinned: bool,
+    work_us: float = 0.0,
 ) -> _Target | PodTarget:
     """The setup's running proxy and echoes in `setting`, torn down when `stack` closes."""
     if setting == PODS:
         made = stack.enter_context(pods(PodTarget.ROLES, ipv6_subnet=None))
-        return PodTarget(made, setup, workdir, pinned)
+        return PodTarget(made, setup, workdir, pinned, work_us)
     procs = Processes()
     stack.callback(procs.stop_all)
-    return _Target(procs, setup, workdir, pinned)
+    return _Target(procs, setup, workdir, pinned, work_us)
 
 
 def measure_size(
@@ -274,7 +297,11 @@ def measure_size(
     """The latency point and the CPU points of one setup at one message size; with `idle_rates`,
     also the paced points its `IdleCurve` is built from. The proxy's CPU is read inside the
     stats reads: the admin server that answers them runs in the proxy."""
-    base = {"setup": target.setup.name, "size": size}
+    base = {
+        "setup": target.setup.name,
+        "size": size,
+        "echo_work_us": target.work_us,
+    }
     pair = target.pair(size)
     try:
         before = target.stats()
@@ -532,6 +559,7 @@ def run(args: argparse.Namespace) -> int:
     (out / "inputs.json").write_text(json.dumps({
         "argv": sys.argv, "setups": [s.name for s in plan], "sizes": sizes,
         "seconds_per_point": args.seconds, "loads": LOADS, "pin": args.pin,
+        "echo_work_us": args.echo_work_us,
         "setting": args.setting,
     }, indent=2) + "\n")  # fmt: skip
     (out / "environment.json").write_text(json.dumps(platform | {"git": _git()}, indent=2) + "\n")
@@ -545,7 +573,9 @@ def run(args: argparse.Namespace) -> int:
             for setup in plan:
                 stack = contextlib.ExitStack()
                 try:
-                    target = _open_target(stack, args.setting, setup, Path(tmp), args.pin)
+                    target = _open_target(
+                        stack, args.setting, setup, Path(tmp), args.pin, args.echo_work_us
+                    )
                     for size in sizes:
                         if bar is not None:
                             bar.set_description(f"{setup.name} {size} B")

@@ -11,6 +11,14 @@ outside the mesh (`validation_load.py`): closed-loop rounds (one outstanding
 request) alternate between the plain and the meshed app, then both are paced
 at fractions of the meshed rate while the sidecars' CPU is read from /proc.
 
+With `--interleave` the profile is measured within each case: the same
+echo pods, sidecar and driver as `profile --setting pods`, once for a single
+sidecar pass and once for a whole hop (`profile --hops`), in blocks before,
+between and after the case's phases, so that the machine's other load, which
+comes and goes over minutes, weighs on the profile and on the application
+alike; each point is the median over the blocks. It measures echoes, never
+the application: the application's figures play no part in its models.
+
 Predicted: `predict` at each measured rate on the same call graph (both
 sidecars of each hop: the caller's outbound and the callee's inbound) with
 the profile's stage models and with its external (whole-sidecar) models, and
@@ -219,7 +227,7 @@ def _interleaved(made, case: Case, args, workdir: Path, load, tracing: list[str]
     setup = setup_for(case.mode, case.filters)
     plan = [setup, hop_setup(setup)]
     targets = [
-        PodTarget({k: made[v] for k, v in roles.items()}, s, workdir, args.pin)
+        PodTarget({k: made[v] for k, v in roles.items()}, s, workdir, args.pin, args.work_us)
         for s, roles in zip(plan, PROFILE_ROLES, strict=True)
     ]
     points: list[dict] = []

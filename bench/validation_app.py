@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import time
 from collections.abc import Iterator
 
 from pyproxy.bench.driver import GRPC_METHOD
-from pyproxy.bench.echo_server import dechunk
+from pyproxy.bench.echo_server import dechunk, spin
 
 from pyproxy.eventloop import new_event_loop
 
@@ -73,13 +72,6 @@ class Spans:
         carrier: dict[str, str] = {}
         propagate.inject(carrier, context=trace.set_span_in_context(span))
         return span, carrier
-
-
-def spin(work_ns: int) -> None:
-    """The service's own work: busy CPU for work_ns."""
-    end = time.perf_counter_ns() + work_ns
-    while time.perf_counter_ns() < end:
-        pass
 
 
 # ---- HTTP/1.1 -----------------------------------------------------------------------------------

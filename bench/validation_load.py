@@ -8,7 +8,9 @@ from round to round; each round starts with a discarded warm-up. A phase's
 overhead is the median of its rounds' own p50 differences, and the sidecars'
 CPU the median of their rounds' CPU per exchange (from /proc: the pod shares
 the host's pid namespace), each also given for the first and the second half
-of the rounds apart, the measurement's own repeatability. With `--traced ADDR`, a third deployment
+of the rounds apart, the measurement's own repeatability. With `--closed-rate R` the closed
+loop is not run and the loads are paced at fractions of R (a closed loop an earlier run
+measured: `validate --interleave` runs one phase per invocation). With `--traced ADDR`, a third deployment
 (the app exporting OpenTelemetry spans) gets `--traced-requests` requests
 after one that sets up its connections. Prints one JSON document.
 """

@@ -173,3 +173,18 @@ def test_http2_exchanger_refuses_a_short_echo():
     finally:
         exchanger.close()
         listener.close()
+
+
+@pytest.mark.parametrize("protocol", ["tcp", "http", "grpc"])
+def test_echo_work_is_spun_before_every_answer_on_both_paths(tmp_path, protocol):
+    """With --echo-work-us the echoes (the direct one and the one behind the proxy) spin that
+    long before each answer: both paths' round trips take at least the work, so the added
+    latency still measures the proxy alone, while its CPU idles between request and answer."""
+    argv = ["bench", "profile", "--modes", protocol, "--ipc", "tcp", "--filters", "",
+            "--sizes", "100", "--seconds", "0.1", "--idle-rates", "", "--echo-work-us", "3000",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    [hot] = [p for p in Profile.load(tmp_path / "profile.json").points if p["kind"] == "latency"]
+    assert hot["echo_work_us"] == 3000
+    assert hot["direct_p50_ns"] >= 3_000_000 and hot["proxy_p50_ns"] >= 3_000_000
+    assert json.loads((tmp_path / "inputs.json").read_text())["echo_work_us"] == 3000
