@@ -160,30 +160,35 @@ static int edit_plain(HostFunc *h, char *raw)
     char *n = PyBytes_AS_STRING(name);
     for (uint64_t i = 0; i < ksize; i++)
         if (n[i] >= 'A' && n[i] <= 'Z') n[i] += 'a' - 'A'; /* bytes.lower(): ASCII only */
+    PyObject *field = PyTuple_Pack(2, name, value);
+    if (field == NULL) goto fail;
+    int changed;
     if (h->edit == EDIT_REPLACE) {
-        /* HeaderMap.set: every field of that name goes, in place (the list may be a head's). */
+        /* HeaderMap.set: every field of that name goes, in place (the list may be a head's),
+         * and the new one comes last: one list made, then one change to the map. */
         Py_ssize_t count = PyList_GET_SIZE(list);
         PyObject *kept = PyList_New(0);
-        if (kept == NULL) goto fail;
-        for (Py_ssize_t i = 0; i < count; i++) {
+        if (kept == NULL) { Py_DECREF(field); goto fail; }
+        int failed = 0;
+        for (Py_ssize_t i = 0; i < count && !failed; i++) {
             PyObject *item = PyList_GET_ITEM(list, i);
             PyObject *key = PyTuple_Check(item) && PyTuple_GET_SIZE(item) == 2 ? PyTuple_GET_ITEM(item, 0) : NULL;
             int same = key != NULL && PyBytes_Check(key) && PyBytes_GET_SIZE(key) == (Py_ssize_t)ksize &&
                        memcmp(PyBytes_AS_STRING(key), n, ksize) == 0;
-            if (!same && PyList_Append(kept, item) < 0) { Py_DECREF(kept); goto fail; }
+            failed = !same && PyList_Append(kept, item) < 0;
         }
-        int r = PyList_SetSlice(list, 0, count, kept);
+        changed = !failed && PyList_Append(kept, field) == 0 && PyList_SetSlice(list, 0, count, kept) == 0;
         Py_DECREF(kept);
-        if (r < 0) goto fail;
+    } else {
+        changed = PyList_Append(list, field) == 0;
     }
-    PyObject *field = PyTuple_Pack(2, name, value);
-    if (field == NULL) goto fail;
-    int appended = PyList_Append(list, field);
     Py_DECREF(field);
-    if (appended < 0 || PyObject_SetAttr(headers, s_changed, Py_True) < 0 ||
+    if (!changed) goto fail; /* the map is as it was: the callable tries again */
+    /* The field is in: from here on the edit is done whatever else fails (never twice). */
+    if (PyObject_SetAttr(headers, s_changed, Py_True) < 0 ||
         set_int_attr(h->runtime, s_host_calls, calls + 1) < 0 ||
         set_int_attr(h->runtime, s_host_bytes, bytes + (long long)(ksize + vsize)) < 0)
-        goto fail;
+        PyErr_WriteUnraisable(h->callable);
     memset(raw, 0, RAW);
     done = 1;
     goto out;
