@@ -398,7 +398,8 @@ def rows_for(topology: str, case: Case, m: dict, profile: Profile, args, out: Pa
                "predicted_external_cores": whole.cpu_cores,
                "predicted_from_traces_us": statistics.median(p.overhead_ns / 1000 for p in from_traces),
                "traces": len(from_traces),
-               "hops_us": {h.call: h.latency_ns / 1000 for h in by_stage.hops}}  # fmt: skip
+               "hops_us": {h.call: h.latency_ns / 1000 for h in by_stage.hops},
+               "hops_whole": {h.call: h.whole for h in by_stage.hops if h.whole}}  # fmt: skip
         # The proxies' own work per app request: counted by their stage clocks in the pods,
         # and as the profile's stage models price it (all passes, without the idle and hand-off
         # terms, which happen outside the stages).

@@ -242,3 +242,33 @@ def test_a_run_stopped_by_sigterm_leaves_no_pod_or_process_behind(profiled, tmp_
     assert [n for n in list_namespaces() if n.startswith(prefix)] == []
     time.sleep(0.5)
     assert [pid for pid in started if pid != run.pid and _alive(pid)] == []
+
+
+def test_an_interleaved_validation_profiles_each_case_between_its_phases(tmp_path):
+    """`--interleave` needs no profile: each case's own, measured in echo pods of its own in
+    blocks around the case's phases (the pass and the whole hop, the echoes spinning the app's
+    work), prices its rows; the hop a → b is priced whole, the root call per pass."""
+    out = tmp_path / "v"
+    argv = ["bench", "validate", "--interleave", "--cases", "http/http+fault+ratelimit",
+            "--topologies", "chain", "--rounds", "1", "--seconds", "0.2", "--loads", "0.5",
+            "--traced-requests", "3", "--profile-seconds", "0.1", "--profile-idle-rates", "300",
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    measured = json.loads((out / "measured-chain-http-http+fault+ratelimit.json").read_text())
+    assert measured["profile_blocks"] == 3  # before the closed loop, between, after the paced
+    profile = Profile.load(out / measured["profile"])
+    assert profile.setting == "pods"
+    assert set(profile.modes) == {"http+fault+ratelimit", "hop:http+fault+ratelimit"}
+    for p in profile.points:
+        assert p["blocks"] == 3 and p["echo_work_us"] == 100.0
+    hot = {p["setup"]: p for p in profile.points if p["kind"] == "latency"}
+    # the echoes spun the app's work on both paths; the hop crossed two filtered listeners
+    assert hot["http+fault+ratelimit"]["direct_p50_ns"] >= 100_000
+    hop = hot["hop:http+fault+ratelimit"]["stages_ns"]
+    assert hop["filter:fault"] > 0 and hop["filter:ratelimit"] > 0
+    rows = json.loads((out / "validation.json").read_text())
+    assert [r["load"] for r in rows] == ["closed", "0.5"]
+    for r in rows:
+        assert r["hops_whole"] == {"b": "hop:http+fault+ratelimit"}
+        assert r["predicted_us"] > 0 and r["predicted_cores"] > 0 and r["traces"] == 3
+    assert not [n for n in list_namespaces() if n.startswith(f"{NAME_PREFIX}{os.getpid()}-")]
