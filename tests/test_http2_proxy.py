@@ -43,7 +43,7 @@ def _proxy(
         f"    http:\n      upstream_protocol: {protocol}\n      http2_codec: {codec}\n"
         f"      http2_lane: {'true' if LANE['on'] else 'false'}\n{http}"
     )
-    top = f"drain_timeout: {kw.get('drain', '5s')}\n"
+    top = f"drain_timeout: {kw.get('drain', '5s')}\n{kw.get('top', '')}"
     return start_listener(start_proxy, tmp_path, upstream, body, top=top)
 
 
@@ -172,6 +172,45 @@ def test_a_request_body_read_with_its_end_leaves_in_one_data_frame(
             echo = json.loads(bytes(received["body"]))
             assert received["status"] == 200 and echo["body_length"] == len(body) * 20, round_
     assert h2_upstream.empty_end_frames == 0
+    client.close()
+
+
+def test_idle_clocks_close_quiet_connections_and_spare_busy_ones(
+    start_proxy, tmp_path, h2_codec, h2_upstream
+):
+    # One timer per idle period (not an arm and a cancel per stream): a connection that keeps
+    # serving past the timeout stays open; one quiet for the whole timeout gets GOAWAY (the
+    # downstream) or is closed (the pooled upstream).
+    clusters = (
+        f"clusters:\n  app:\n    endpoints: [{h2_upstream.address}]\n    protocol: http2\n"
+        "    idle_timeout: 600ms\n"
+    )
+    http = (
+        "      idle_timeout: 600ms\n    routes:\n      - match: {prefix: /}\n        cluster: app\n"
+    )
+    proxy, port = _proxy(
+        start_proxy, tmp_path, h2_codec, h2_upstream.address, "http2", http=http, top=clusters
+    )
+    client = H2Client(port)
+    started = time.monotonic()
+    while time.monotonic() - started < 1.5:  # 2.5 timeouts' worth, never 600 ms quiet
+        sid = client.request("/echo")
+        assert client.wait([sid])[0]["status"] == 200
+        last = time.monotonic()
+        time.sleep(0.1)
+    assert client.terminated is None and not client.eof
+    assert h2_upstream.connections == 1  # the pooled upstream stayed too
+    while client.terminated is None and not client.eof and time.monotonic() - last < 3:
+        client.read_once()
+    assert client.terminated is not None and client.terminated.error_code == 0
+    assert 0.55 < time.monotonic() - last < 2.0  # the timeout from the last stream's end
+    client.close()
+    # The upstream connection, idle as long, was closed: the next request opens another.
+    time.sleep(0.3)
+    client = H2Client(port)
+    sid = client.request("/echo")
+    assert client.wait([sid])[0]["status"] == 200
+    assert h2_upstream.connections == 2
     client.close()
 
 

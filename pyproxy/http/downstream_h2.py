@@ -87,6 +87,7 @@ class Http2Downstream(H2Session):
         "_served",
         "lane",
         "_lane_served",
+        "_idle_since",
     )
 
     def __init__(
@@ -102,6 +103,7 @@ class Http2Downstream(H2Session):
         self._resets = 0
         self._reset_window_start = 0.0
         self._served = False
+        self._idle_since = 0.0  # loop time the last stream ended (the idle clock's start)
         # Until the first request: the slowloris clock; later: the idle clock.
         self._timer = ctx.loop.call_later(ctx.settings.request_header_timeout, self._idle)
         lanes = ctx.h2_lanes
@@ -181,8 +183,10 @@ class Http2Downstream(H2Session):
             return
         if not self.draining:
             self.last_stream_id = sid
-        self._served = True
-        self._cancel_timer()
+        if not self._served:  # the first request stops the slowloris clock
+            self._served = True
+            self._cancel_timer()
+        # Later ones leave the idle clock armed: it finds the connection busy when it fires.
         ended = event.stream_ended is not None
         headers = event.headers
         if (
@@ -291,13 +295,21 @@ class Http2Downstream(H2Session):
         if self.draining:
             self.flush()
             self._close(after_flush=True)
-        elif self._timer is None and self._served:
-            self._timer = self.ctx.loop.call_later(self.ctx.settings.idle_timeout, self._idle)
+        elif self._served:
+            loop = self.ctx.loop
+            self._idle_since = loop.time()
+            if self._timer is None:
+                self._timer = loop.call_later(self.ctx.settings.idle_timeout, self._idle)
 
     def _idle(self) -> None:
         self._timer = None
         if self.streams or self.closed:
-            return
+            return  # busy: _maybe_done arms the clock again once it is not
+        if self._served:
+            left = self._idle_since + self.ctx.settings.idle_timeout - self.ctx.loop.time()
+            if left > 0:  # busy since the clock was armed, idle again for less than the timeout
+                self._timer = self.ctx.loop.call_later(left, self._idle)
+                return
         lane = self.lane
         if lane is not None:
             served = lane.state.served

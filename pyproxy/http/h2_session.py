@@ -74,7 +74,11 @@ class FlushQueue:
         try:
             session.handle(events)
         finally:
+            # Even after a failed event: what the others queued must not wait for another read.
             self.batching = False
+            self._settle()
+
+    def _settle(self) -> None:
         pumps, acks = self.pumps, self.acks
         # Pumps may queue more (a stream done frees its exchange's next step): not deferred now.
         for stream in pumps:

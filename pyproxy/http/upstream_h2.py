@@ -60,6 +60,7 @@ class Http2Upstream(H2Session):
         "connect",
         "route",
         "_idle_timer",
+        "_idle_since",
     )
 
     def __init__(self, ctx: HttpContext, pool: Http2Pool, key: Address, idle_timeout: float):
@@ -76,6 +77,7 @@ class Http2Upstream(H2Session):
         self.used = False
         self.connect: Connect | None = None
         self._idle_timer = None
+        self._idle_since = 0.0  # loop time the connection last went idle (no stream reserved)
 
     def capacity(self) -> int:
         if self.settings_known:
@@ -86,8 +88,7 @@ class Http2Upstream(H2Session):
 
     def open_stream(self, on_ready, on_failed):
         stream = Http2UpstreamStream(self)
-        self.reserved += 1
-        self._cancel_idle()
+        self.reserved += 1  # the idle timer, if armed, finds the connection busy when it fires
         if self.settings_known:
             on_ready(stream)
             return _NO_ATTACH
@@ -229,8 +230,23 @@ class Http2Upstream(H2Session):
             self._maybe_idle()
 
     def _maybe_idle(self) -> None:
-        if not self.reserved and self._idle_timer is None and not self.closed:
-            self._idle_timer = self.ctx.loop.call_later(self.idle_timeout, self.close_idle)
+        """Idle from now: one timer per idle period, not an arm and a cancel per stream."""
+        if not self.reserved and not self.closed:
+            loop = self.ctx.loop
+            self._idle_since = loop.time()
+            if self._idle_timer is None:
+                self._idle_timer = loop.call_later(self.idle_timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        """The idle timer: close if idle for the whole timeout, else look again when it may be."""
+        self._idle_timer = None
+        if self.reserved or self.closed:
+            return  # busy: _maybe_idle arms it again once the streams are released
+        left = self._idle_since + self.idle_timeout - self.ctx.loop.time()
+        if left > 0:
+            self._idle_timer = self.ctx.loop.call_later(left, self._idle_check)
+            return
+        self.close_idle()
 
     def _cancel_idle(self) -> None:
         if self._idle_timer is not None:
@@ -238,7 +254,7 @@ class Http2Upstream(H2Session):
             self._idle_timer = None
 
     def close_idle(self) -> None:
-        self._idle_timer = None
+        self._cancel_idle()  # called by the pool's drain too, with the idle timer armed
         if self.reserved or self.closed:
             return
         self.accepting = False
