@@ -254,7 +254,7 @@ class H2Session:
             self.protocol_failed(exc)  # h2 queued its GOAWAY already
             return
         self.account(perf_counter_ns() - t0, None)
-        self.mark_dirty()
+        self.wrote()
         if events:
             self.flushes.handle(self, events)
         for payload in goaways:
@@ -270,6 +270,13 @@ class H2Session:
     def mark_dirty(self) -> None:
         if not self.dirty and not self.closed:
             self.flushes.add(self)
+
+    def wrote(self) -> None:
+        """After a read or an acknowledgement: flush if the codec may have something to send.
+        The native codec knows (a WINDOW_UPDATE goes only once half a window is consumed);
+        with h2, assume so."""
+        if not self.native or self.conn.output_pending:
+            self.mark_dirty()
 
     def flush(self) -> None:
         self.dirty = False
@@ -513,7 +520,7 @@ class H2StreamBase:
         except STREAM_GONE:
             pass
         self.account(t0)
-        self.session.mark_dirty()
+        self.session.wrote()
 
     def pause(self) -> None:
         self.paused = True
@@ -543,3 +550,4 @@ def discard(session: H2Session, stream_id: int, flow_controlled_length: int) -> 
         session.conn.acknowledge_received_data(flow_controlled_length, stream_id)
     except STREAM_GONE:
         pass
+    session.wrote()
