@@ -461,7 +461,7 @@ static ssize_t drain(pp_h2 *h) {
 }
 
 ssize_t pp_h2_recv(pp_h2 *h, const uint8_t *data, size_t len, const uint8_t **events,
-                   size_t *events_len) {
+                   size_t *events_len, size_t *pending) {
     /* Records made while sending (streams closed then) wait for this read, so none is lost. */
     if (h->handed) {
         memmove(h->events.data, h->events.data + h->handed, h->events.len - h->handed);
@@ -477,6 +477,7 @@ ssize_t pp_h2_recv(pp_h2 *h, const uint8_t *data, size_t len, const uint8_t **ev
     *events = h->events.data;
     /* A DATA frame the read ended in is held back until it is whole (one event per frame). */
     *events_len = h->handed = n >= 0 && h->data_rec != SIZE_MAX ? h->data_rec : h->events.len;
+    *pending = h->out.len;
     return n;
 }
 
@@ -576,7 +577,8 @@ int pp_h2_reset(pp_h2 *h, int32_t sid, uint32_t error_code) {
 }
 
 int pp_h2_consume(pp_h2 *h, int32_t sid, size_t n) {
-    return nghttp2_session_consume(h->session, sid, n);
+    int rv = nghttp2_session_consume(h->session, sid, n);
+    return rv < 0 ? rv : nghttp2_session_want_write(h->session) != 0;
 }
 
 int pp_h2_goaway(pp_h2 *h, uint32_t error_code, const uint8_t *opaque, size_t len) {

@@ -50,8 +50,11 @@ pp_h2 *pp_h2_new(int server, uint32_t reset_burst);
 void pp_h2_del(pp_h2 *h);
 long pp_h2_live(void);
 
-/* Feed bytes; then *events / *events_len hold the records of this read. >= 0 or an error. */
-ssize_t pp_h2_recv(pp_h2 *h, const uint8_t *data, size_t len, const uint8_t **events, size_t *events_len);
+/* Feed bytes; then *events / *events_len hold the records of this read, and *pending the bytes
+ * the read itself left to send (SETTINGS or PING acknowledgements, DATA a window let go...; 0:
+ * the read needs no flush of its own). >= 0 or an error. */
+ssize_t pp_h2_recv(pp_h2 *h, const uint8_t *data, size_t len, const uint8_t **events, size_t *events_len,
+                   size_t *pending);
 /* The library's own GOAWAY error code after a connection error it found, else -1. */
 int64_t pp_h2_failed(pp_h2 *h);
 /* Everything nghttp2 has to send now: *out valid until the next call. */
@@ -64,6 +67,8 @@ int32_t pp_h2_submit_headers(pp_h2 *h, int32_t stream_id, const uint8_t *packed,
 int pp_h2_queue_data(pp_h2 *h, int32_t stream_id, const uint8_t *data, size_t len, int end_stream);
 int pp_h2_queue_trailers(pp_h2 *h, int32_t stream_id, const uint8_t *packed, size_t len, int flags);
 int pp_h2_reset(pp_h2 *h, int32_t stream_id, uint32_t error_code);
+/* Give n received bytes' window back: 1 when the session now has something to send (the
+ * WINDOW_UPDATE nghttp2 sends once half a window is consumed, or other frames), 0 when not. */
 int pp_h2_consume(pp_h2 *h, int32_t stream_id, size_t n);
 int pp_h2_goaway(pp_h2 *h, uint32_t error_code, const uint8_t *opaque, size_t len);
 /* What may be queued on the stream now: min(stream, connection window) less what waits in C. */

@@ -342,3 +342,21 @@ def test_window_updates_make_events_only_while_the_owner_waits_for_them():
         (e.stream_id, e.delta) for e in server.receive_data(updates) if isinstance(e, WindowUpdated)
     ]
     assert got == [(0, 1000), (1, 1000)]
+
+
+def test_the_codec_says_when_a_read_or_an_acknowledgement_leaves_bytes_to_send():
+    # The sessions flush only then: a SETTINGS frame needs its ACK, a small acknowledgement
+    # sends nothing (nghttp2 updates the window once half of it is consumed), a large one does.
+    server = http2_native.NativeH2Connection(False, 1000)
+    server.initiate({}, 65535)
+    server.receive_data(PREFACE + _upstream(_headers(1, _post(), 4)))
+    assert server.output_pending  # the SETTINGS ACK
+    server.data_to_send()
+    server.receive_data(h2_frame(_DATA, 0, 1, b"x" * 100))
+    assert not server.output_pending
+    server.acknowledge_received_data(100, 1)
+    assert not server.output_pending
+    server.receive_data(h2_frame(_DATA, 0, 1, b"y" * 16384) * 2)
+    server.acknowledge_received_data(32768, 1)
+    assert server.output_pending
+    assert h2_frame(_WINDOW, 0, 1, (32868).to_bytes(4, "big")) in server.data_to_send()

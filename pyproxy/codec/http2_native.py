@@ -108,6 +108,8 @@ class NativeH2Connection:
         "_out",
         "_events",
         "window_events",
+        "output_pending",
+        "_pending",
     )
 
     def __init__(self, client_side: bool, reset_burst: int) -> None:
@@ -130,6 +132,9 @@ class NativeH2Connection:
         # False: the owner has nothing waiting for flow-control credit, so WINDOW_UPDATE frames
         # make no event (C's own queues move on them without one). The owner sets it per read.
         self.window_events = True
+        # Did the last read or acknowledgement leave anything to send (a flush to do)?
+        self.output_pending = True
+        self._pending = ffi.new("size_t *")
 
     def initiate(self, settings: dict[int, int], connection_window: int) -> None:
         """Preface (client) and SETTINGS; the connection window opened past 65,535 (§6.9.2)."""
@@ -142,7 +147,10 @@ class NativeH2Connection:
 
     def receive_data(self, data) -> list:
         out = self._out
-        n = lib.pp_h2_recv(self.session, ffi.from_buffer(data), len(data), out, self._events)
+        n = lib.pp_h2_recv(
+            self.session, ffi.from_buffer(data), len(data), out, self._events, self._pending
+        )
+        self.output_pending = self._pending[0] != 0
         size = self._events[0]
         try:
             # One copy of the records, then plain bytes slicing (cheaper than a cffi buffer's).
@@ -305,7 +313,7 @@ class NativeH2Connection:
             raise StreamClosedError(stream_id)
 
     def acknowledge_received_data(self, n: int, stream_id: int) -> None:
-        lib.pp_h2_consume(self.session, stream_id, n)
+        self.output_pending = lib.pp_h2_consume(self.session, stream_id, n) != 0
 
     def close_connection(self, error_code: int = 0, additional_data: bytes | None = None) -> None:
         opaque = additional_data or b""

@@ -45,12 +45,13 @@ class FlushQueue:
     (the module doc's rule holds across the batch).
     """
 
-    __slots__ = ("loop", "dirty", "scheduled", "batching", "pumps", "acks")
+    __slots__ = ("loop", "dirty", "scheduled", "reading", "batching", "pumps", "acks")
 
     def __init__(self, loop) -> None:
         self.loop = loop
         self.dirty: list[H2Session] = []
         self.scheduled = False
+        self.reading = False  # an HTTP/2 read is being handled: it flushes at its end
         self.batching = False
         self.pumps: list[H2StreamBase] = []
         self.acks: list[H2StreamBase] = []
@@ -60,7 +61,7 @@ class FlushQueue:
             return
         session.dirty = True
         self.dirty.append(session)
-        if not self.scheduled:
+        if not self.scheduled and not self.reading:
             # Writes caused by an HTTP/1 read (no HTTP/2 read to flush at the end of).
             self.scheduled = True
             self.loop.call_soon(self.run)
@@ -219,6 +220,21 @@ class H2Session:
     # ---- bytes in ------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        flushes = self.flushes
+        if flushes.reading:
+            self._received(data)
+            return
+        flushes.reading = True
+        try:
+            self._received(data)
+        finally:
+            flushes.reading = False
+            if flushes.dirty and not flushes.scheduled:  # a read that ended early (a failure)
+                flushes.scheduled = True
+                flushes.loop.call_soon(flushes.run)
+
+    def _received(self, data: bytes) -> None:
+        """One read: its events handled, then every session it wrote to flushed."""
         t0 = perf_counter_ns()
         if self.native:
             stalled = self.stalled
@@ -238,7 +254,7 @@ class H2Session:
             self.protocol_failed(exc)  # h2 queued its GOAWAY already
             return
         self.account(perf_counter_ns() - t0, None)
-        self.mark_dirty()
+        self.wrote()
         if events:
             self.flushes.handle(self, events)
         for payload in goaways:
@@ -254,6 +270,13 @@ class H2Session:
     def mark_dirty(self) -> None:
         if not self.dirty and not self.closed:
             self.flushes.add(self)
+
+    def wrote(self) -> None:
+        """After a read or an acknowledgement: flush if the codec may have something to send.
+        The native codec knows (a WINDOW_UPDATE goes only once half a window is consumed);
+        with h2, assume so."""
+        if not self.native or self.conn.output_pending:
+            self.mark_dirty()
 
     def flush(self) -> None:
         self.dirty = False
@@ -497,7 +520,7 @@ class H2StreamBase:
         except STREAM_GONE:
             pass
         self.account(t0)
-        self.session.mark_dirty()
+        self.session.wrote()
 
     def pause(self) -> None:
         self.paused = True
@@ -527,3 +550,4 @@ def discard(session: H2Session, stream_id: int, flow_controlled_length: int) -> 
         session.conn.acknowledge_received_data(flow_controlled_length, stream_id)
     except STREAM_GONE:
         pass
+    session.wrote()
