@@ -16,6 +16,9 @@ measured it for a request going app → sidecar → app; a hop through two
 sidecars (the caller's outbound, the callee's inbound) makes the same trips
 to and from the sidecars, which pass it between each other as the plain
 path's apps do. Latency only: its CPU is in the CPU models, read from /proc.
+A call between two sidecars of one setup that the profile measured as a
+whole hop (`hop:NAME`: the driver's pod captured too) is priced by that
+measurement instead, its stages, hand-off, untimed CPU and idle curve once.
 The calls
 of a parallel group share their caller's sidecar, one event loop: the slowest
 also waits behind the others' CPU there.
