@@ -315,11 +315,10 @@ class WasmFilter(StreamContext, HttpFilter):
 
     def _began(self) -> None:
         """This request's context is new: note when the request began (request.duration), from
-        its exchange, or the native lane's pair carrying it (whose start moves on with the next
+        its exchange, or the native lane carrying it (whose start moves on with the next
         request, so it is read now)."""
         exchange = getattr(self.callbacks, "exchange", None)  # a stand-in chain may have none
-        pair = getattr(exchange, "pair", None)
-        self.started_ns = int(getattr(exchange, "started_ns", 0) or getattr(pair, "started_ns", 0))
+        self.started_ns = getattr(exchange, "started_ns", 0) or 0
 
     def downstream_socket(self):
         return downstream_socket(self.callbacks)

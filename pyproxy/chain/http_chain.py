@@ -148,6 +148,8 @@ class ChainFactory:
         # With one filter, the exchange's clock around the whole decode pass (set-up included)
         # is that filter's cost: the chain reads no clock in that pass.
         self.single = len(classes) == 1
+        # One filter with state per request: made without the general set-up's list and loop.
+        self.create_one = self.creators[0][1] if self.single and self.creators else None
 
     def start(self, exchange: ChainOwner) -> HttpChain:
         return HttpChain(self, exchange)
@@ -208,8 +210,13 @@ class HttpChain:
     def __init__(self, factory: ChainFactory, exchange: ChainOwner) -> None:
         self.factory = factory
         self.exchange = exchange
-        if factory.all_shared:
-            self.filters: tuple | list = factory.shared
+        create = factory.create_one
+        if create is not None:
+            instance = create()
+            instance.callbacks = self
+            self.filters: tuple | list = (instance,)
+        elif factory.all_shared:
+            self.filters = factory.shared
         else:
             self.filters = filters = list(factory.shared)
             for index, create in factory.creators:
@@ -252,15 +259,19 @@ class HttpChain:
         if not entries and self.state is None:
             return not (self.replied or self.done)  # no request-header filter: nothing to run
         # With one filter, start_chain's clock around this pass is that filter's whole cost.
-        return self._run(
-            "decode", "headers", entries, headers, end_stream, 0, False, not factory.single
-        )
+        if factory.single and self.state is None:
+            return self._one("decode", "headers", entries[0], headers, end_stream, False)
+        return self._run("decode", "headers", entries, headers, end_stream, 0)
 
     def decode_data(self, data, end_stream: bool) -> None:
         if self.state is None:  # nothing held: straight to the hooks, or through if none
-            entries = self.factory.hooks["decode_data"]
+            factory = self.factory
+            entries = factory.hooks["decode_data"]
             if entries:
-                self._run("decode", "data", entries, data, end_stream, 0)
+                if factory.single:
+                    self._one("decode", "data", entries[0], data, end_stream, True)
+                else:
+                    self._run("decode", "data", entries, data, end_stream, 0)
             elif not (self.replied or self.done):
                 self.exchange.forward_request_body(data, end_stream)
             return
@@ -271,15 +282,21 @@ class HttpChain:
 
     def encode_headers(self, headers: HeaderMap, end_stream: bool) -> bool:
         self.maps["encode"] = headers
-        return self._run(
-            "encode", "headers", self.factory.hooks["encode_headers"], headers, end_stream, 0
-        )
+        factory = self.factory
+        entries = factory.hooks["encode_headers"]
+        if factory.single and entries and self.state is None:
+            return self._one("encode", "headers", entries[0], headers, end_stream, True)
+        return self._run("encode", "headers", entries, headers, end_stream, 0)
 
     def encode_data(self, data, end_stream: bool) -> None:
         if self.state is None:  # nothing held: straight to the hooks, or through if none
-            entries = self.factory.hooks["encode_data"]
+            factory = self.factory
+            entries = factory.hooks["encode_data"]
             if entries:
-                self._run("encode", "data", entries, data, end_stream, 0)
+                if factory.single:
+                    self._one("encode", "data", entries[0], data, end_stream, True)
+                else:
+                    self._run("encode", "data", entries, data, end_stream, 0)
             elif not (self.replied or self.done):
                 self.exchange.forward_response_body(data, end_stream)
             return
@@ -404,7 +421,6 @@ class HttpChain:
         end_stream: bool,
         position: int,
         hold_first: bool = False,
-        clocked: bool = True,
     ) -> bool:
         if self.replied or self.done:
             return False
@@ -414,10 +430,8 @@ class HttpChain:
         if timed:
             block = ctx.block
             # One clock read per hook: each hook's time runs from the previous read (the run
-            # loop's own steps included, which are the filters' cost too). Not clocked: the
-            # caller times the whole pass for its one filter; the hooks are only counted.
-            if clocked:
-                t = perf_counter_ns()
+            # loop's own steps included, which are the filters' cost too).
+            t = perf_counter_ns()
         trailers = kind == "trailers"
         data = kind == "data"
         for entry in entries[position:] if position else entries:
@@ -428,12 +442,11 @@ class HttpChain:
             if data and self.chunk is not None:
                 payload, self.chunk = self.chunk, None
             if timed:
-                if clocked:
-                    now = perf_counter_ns()
-                    spent = now - t
-                    t = now
-                    block[ns_slot] += spent
-                    self.hook_ns += spent
+                now = perf_counter_ns()
+                spent = now - t
+                t = now
+                block[ns_slot] += spent
+                self.hook_ns += spent
                 block[events_slot] += 1
             if self.replied:
                 return False
@@ -460,6 +473,49 @@ class HttpChain:
                 self.exchange.forward_response_head(end_stream)
         else:
             self._emit(direction, kind, payload, end_stream)
+        return True
+
+    def _one(
+        self, direction: str, kind: str, entry: tuple, payload, end_stream: bool, clocked: bool
+    ) -> bool:
+        """_run for a chain of one filter with nothing held (headers or data): its one hook
+        at position 0, without the loop."""
+        if self.replied or self.done:
+            return False
+        index, fn, ns_slot, events_slot = entry
+        instance = self.filters[index]
+        instance.callbacks = self
+        ctx = self.exchange.ctx
+        if not ctx.timed:
+            status = fn(instance, payload, end_stream)
+        elif clocked:
+            t = perf_counter_ns()
+            status = fn(instance, payload, end_stream)
+            spent = perf_counter_ns() - t
+            block = ctx.block
+            block[ns_slot] += spent
+            block[events_slot] += 1
+            self.hook_ns += spent
+        else:
+            status = fn(instance, payload, end_stream)
+            ctx.block[events_slot] += 1
+        data = kind == "data"
+        if data and self.chunk is not None:
+            payload, self.chunk = self.chunk, None
+        if self.replied:
+            return False
+        if status != CONTINUE:
+            self._stopped(direction, kind, payload, end_stream, 0, index, status, False)
+            return False
+        if self.state is not None:
+            self.state.stopped[direction] = None
+        if data:
+            if direction == "encode":
+                self.exchange.forward_response_body(payload, end_stream)
+            else:
+                self.exchange.forward_request_body(payload, end_stream)
+        elif direction == "encode":
+            self.exchange.forward_response_head(end_stream)
         return True
 
     def _stopped(

@@ -197,6 +197,11 @@ class NativeLane:
         it as upstream.address)."""
         return self.upstream.key
 
+    @property
+    def started_ns(self) -> int:
+        """When the request in flight was read, as an Exchange's `started_ns`."""
+        return self.pair.started_ns
+
     def __init__(
         self, lanes: NativeLanes, downstream: Http1Downstream, upstream: Http1Upstream
     ) -> None:
@@ -410,11 +415,13 @@ class NativeLane:
 
     def _done_hook(self) -> None:
         chain, self.chain = self.chain, None
-        if chain is not None:
+        if chain is not None and not chain.done:
             # The pair calls this once the response is sent: the filters' end-of-request work
             # (WASM's on_done/log/delete), which the general path defers past its corked send
-            # (end_chain), can run now, without a loop callback per request.
-            chain.destroy()
+            # (end_chain), can run now, without a loop callback per request (chain.destroy's
+            # work, without its call).
+            chain.done = True
+            chain.run_destroyers()
 
     # What the chain calls on its exchange while the lane stands in for one:
     def filter_local_reply(
