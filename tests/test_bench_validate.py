@@ -55,6 +55,12 @@ def test_the_pods_profile_measured_a_sidecar_behind_capture_from_a_client_pod(pr
     assert filtered["stages_ns"]["filter:fault"] > 0 and filtered["stages_ns"]["parse"] > 0
 
 
+def test_validate_asks_for_a_profile_or_interleave(tmp_path, capsys):
+    assert main(["bench", "validate", "--out", str(tmp_path / "v")]) == 2
+    assert "--profile, or --interleave" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists()
+
+
 def test_validate_refuses_a_profile_from_another_setting_unless_forced(tmp_path, capsys):
     loopback = tmp_path / "profile.json"
     Profile(current_platform(), {"http": {}}, {}, {}, {}, [], setting="loopback").save(loopback)
