@@ -485,6 +485,16 @@ def _headers_hook(callback: str, stream: int):
                 rt.host_calls = rt.host_bytes = 0
                 func, n = rt.exports[callback]
                 action = rt.entry(func, n, context_id, count, end_stream)
+            elif not context_id and rt.store is not None:
+                # The request's first hook (_enter's case 2, and _began, without their calls).
+                context_id = rt.open(self)
+                exchange = getattr(self.callbacks, "exchange", None)
+                self.started_ns = getattr(exchange, "started_ns", 0) or 0
+                joined = rt.entering.get(callback)
+                if joined is None:
+                    self._create()
+                    joined = rt.exports[callback]
+                action = rt.entry(joined[0], joined[1], context_id, count, end_stream)
             else:
                 entered = self._enter()
                 if not entered:

@@ -519,6 +519,20 @@ class Runtime:
                     "proxy_on_configure returned false (plugin refused its configuration)"
                 )
 
+    def open(self, context: StreamContext) -> int:
+        """A new stream context in the current instance (the store is up): its id, noted on
+        it; an entry for it begins."""
+        self.next_id = context_id = (
+            self.next_id + 1 if self.next_id < 0x7FFFFFFF else ROOT_CONTEXT_ID + 1
+        )
+        context.context_id = context_id
+        context.generation = self.generation
+        self.live[context_id] = context
+        self.filter = context
+        self.time_limit.entries += 1  # new_entry(), without the call
+        self.host_calls = self.host_bytes = 0
+        return context_id
+
     def new_entry(self) -> None:
         """An entry (one hook's guest calls) begins: its own time and host-work budgets."""
         self.time_limit.entries += 1
@@ -1809,13 +1823,7 @@ class StreamContext:
             return 1
         if rt.store is None and not rt.usable():
             return 0
-        rt.next_id = context_id = rt.next_id + 1 if rt.next_id < 0x7FFFFFFF else ROOT_CONTEXT_ID + 1
-        self.context_id = context_id
-        self.generation = rt.generation
-        rt.live[context_id] = self
-        rt.filter = self
-        rt.time_limit.entries += 1
-        rt.host_calls = rt.host_bytes = 0
+        rt.open(self)
         return 2
 
     def _create(self) -> None:

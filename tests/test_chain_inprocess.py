@@ -74,6 +74,18 @@ class ReplierFactory(FilterFactory):
     filter_class = Replier
 
 
+class Rewriter(HttpFilter):
+    """Hands on other bytes than each response chunk it is given (replace_data)."""
+
+    def encode_data(self, data, end_stream):
+        self.callbacks.replace_data(bytes(data).upper())
+        return CONTINUE
+
+
+class RewriterFactory(FilterFactory):
+    filter_class = Rewriter
+
+
 class SharedWithDestroy(HttpFilter):
     shared = True
 
@@ -92,6 +104,7 @@ FACTORIES = {
     "buffers_body": recorder("buffers_body", decode_headers=STOP_AND_BUFFER),
     "holds_response": recorder("holds_response", encode_headers=STOP),
     "replier": ReplierFactory,
+    "rewriter": RewriterFactory,
     "shared_destroy": SharedWithDestroyFactory,
 }
 
@@ -295,3 +308,52 @@ def test_each_hook_is_charged_to_its_filters_stage():
         assert block[STAGE_EVENTS + slot] == 3
         assert block[STAGE_NS + slot] > 0
     assert chain.hook_ns == sum(block[STAGE_NS + FILTER_STAGE_BASE + i] for i in (0, 1))
+
+
+@pytest.mark.parametrize("names", [("holds_head",), ("first", "holds_head")])
+def test_a_chain_of_one_filter_holds_and_resumes_as_a_longer_one(names):
+    factory, chain, owner = chain_of(*names)
+    assert factory.single == (len(names) == 1)
+    assert not chain.decode_headers(request_headers(), False)
+    chain.decode_data(b"one", False)
+    chain.decode_data(b"two", True)
+    assert owner.out == []
+    chain.continue_decoding()
+    assert owner.out == [
+        ("headers_decoded",),
+        ("request_body", b"one", False),
+        ("request_body", b"two", True),
+    ]
+    assert [c[1:] for c in CALLS if c[0] == "holds_head"] == [
+        ("decode_headers", b"/p", False),
+        ("decode_data", b"one", False),
+        ("decode_data", b"two", True),
+    ]
+
+
+@pytest.mark.parametrize("names", [("rewriter",), ("first", "rewriter")])
+def test_a_chain_of_one_filter_hands_on_what_a_data_hook_replaced(names):
+    _, chain, owner = chain_of(*names)
+    assert chain.decode_headers(request_headers(), True)
+    assert chain.encode_headers(response_headers(), False)
+    chain.encode_data(b"answer", False)
+    chain.encode_data(b"end", True)
+    assert owner.out == [
+        ("response_head", False),
+        ("response_body", b"ANSWER", False),
+        ("response_body", b"END", True),
+    ]
+    assert chain.chunk is None
+
+
+def test_a_chain_of_one_filter_charges_its_hooks_to_its_stage():
+    factory, chain, owner = chain_of("first", timed=True)
+    assert factory.single
+    block = owner.ctx.block
+    chain.decode_headers(request_headers(), False)  # the exchange's clock times this pass
+    assert block[STAGE_EVENTS + FILTER_STAGE_BASE] == 1
+    assert block[STAGE_NS + FILTER_STAGE_BASE] == 0 and chain.hook_ns == 0
+    chain.decode_data(b"b", True)
+    chain.encode_headers(response_headers(), True)
+    assert block[STAGE_EVENTS + FILTER_STAGE_BASE] == 3
+    assert block[STAGE_NS + FILTER_STAGE_BASE] == chain.hook_ns > 0
