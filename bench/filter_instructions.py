@@ -15,38 +15,19 @@ callgrind files are kept in --keep DIR for callgrind_annotate when given.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from pyproxy.bench import peers
 from pyproxy.bench.filter_bench import CHAIN_ORDER, configurations
 from pyproxy.bench.filter_configs import filter_entry
 from pyproxy.bench.http_bench import Processes, start_upstream
-from pyproxy.bench.procs import add_baseline_tree, baseline_tree_python
+from pyproxy.bench.procs import add_baseline_tree, baseline_tree_python, run_tool
 
 REQUEST = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _connect(port: int, timeout: float) -> socket.socket:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return socket.create_connection(("127.0.0.1", port), timeout=10)
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.5)
 
 
 def _gets(sock: socket.socket, n: int) -> None:
@@ -84,30 +65,24 @@ def count(
     python: str, warmup: int, requests: int,
 ) -> float:  # fmt: skip
     """Instructions per request of one proxy under callgrind."""
-    port = _free_port()
     chain = [filter_entry(k, workdir, name) for k in CHAIN_ORDER if k in filters]
-    listener: dict = {"name": "main", "address": f"127.0.0.1:{port}", "mode": "http",
-                      "upstream": f"127.0.0.1:{upstream}", "http": {"codec": "fast"}}  # fmt: skip
+    listener: dict = {"mode": "http", "upstream": f"127.0.0.1:{upstream}",
+                      "http": {"codec": "fast"}}  # fmt: skip
     if chain:
         listener["filters"] = chain
-    config = workdir / f"{name}.yaml"
-    config.write_text(json.dumps({"stage_clock": True, "listeners": [listener]}))
     out = workdir / f"callgrind.{name}"
-    argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p",
-            python, "-P", "-m", "pyproxy", "run", "-c", str(config), "--log-level", "warning"]  # fmt: skip
-    proc = procs.launch(name, argv)
-    with _connect(port, 180) as sock:
+    started = peers.pyproxy_config(
+        procs, workdir, name, listener, None, python=python,
+        under=("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}.%p"),
+    ).ready(timeout=180)  # fmt: skip
+    with socket.create_connection(("127.0.0.1", started.port), timeout=10) as sock:
         _gets(sock, warmup)
-        subprocess.run(["callgrind_control", "-z", str(proc.pid)], check=True,
-                       capture_output=True)  # fmt: skip
+        run_tool(["callgrind_control", "-z", str(started.pid)], check=True)
         _gets(sock, requests)
-        subprocess.run(["callgrind_control", "-d", str(proc.pid)], check=True,
-                       capture_output=True)  # fmt: skip
-    dumps = sorted(workdir.glob(f"callgrind.{name}.{proc.pid}.*"))
+        run_tool(["callgrind_control", "-d", str(started.pid)], check=True)
+    dumps = sorted(workdir.glob(f"callgrind.{name}.{started.pid}.*"))
     if not dumps:
         raise RuntimeError(f"{name}: callgrind wrote no dump")
-    proc.terminate()
-    proc.wait(60)
     return _total(dumps[-1]) / requests
 
 

@@ -324,9 +324,11 @@ def pyproxy_flags(
 def pyproxy_config(
     procs: Processes, workdir: Path, name: str, listener: dict, cpu: int | None, *,
     clock: bool = True, python: str = sys.executable, env: dict | None = None, note: str = "",
+    under: tuple[str, ...] = (),
 ) -> Started:  # fmt: skip
     """pyproxy from a config file: one listener `main` (its address filled in) and an admin
-    server; `listener` holds the rest (mode, upstream, http, filters, relay settings)."""
+    server; `listener` holds the rest (mode, upstream, http, filters, relay settings).
+    `under` is a command the interpreter runs beneath (valgrind and its options)."""
     port, admin = free_port(), free_port()
     config = {
         "stage_clock": clock,
@@ -335,7 +337,7 @@ def pyproxy_config(
     }
     path = workdir / f"{name}.yaml"
     path.write_text(json.dumps(config, indent=2))  # JSON is YAML
-    argv = [python, "-P", "-m", "pyproxy", "run", "-c", str(path), "--log-level", "warning"]
+    argv = [*under, python, "-P", "-m", "pyproxy", "run", "-c", str(path), "--log-level", "warning"]
     pid = procs.launch(name, argv, env, cpu).pid
     return Started(name, port, pid, note, admin=admin)
 
