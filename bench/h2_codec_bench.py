@@ -51,15 +51,20 @@ BEFORE = "before_pyproxy-native"  # --baseline-tree's pyproxy, native codec
 LANE = "pyproxy-native-lane"  # the native codec with the HTTP/2 lane on (HTTP/2 GET phase)
 
 
+def _knows_the_lane(python: Path) -> bool:
+    """Whether the checkout whose venv holds `python` has the `http2_lane` setting."""
+    config = python.parent.parent.parent / "pyproxy" / "config.py"  # <tree>/.venv/bin/python
+    return config.is_file() and '"http2_lane"' in config.read_text()
+
+
 def start_pyproxy(
     procs: http_bench.Processes, name: str, mode: str, upstream: int, codec: str,
     python: Path | None = None, lane: bool = False,
 ):  # fmt: skip
     interpreter = str(python) if python is not None else sys.executable
     http: dict = {"http2_codec": codec, "http2_lane": lane}
-    if python is not None and not lane:
-        # A baseline tree from before the lane was on by default may not know the field at all.
-        del http["http2_lane"]
+    if python is not None and not _knows_the_lane(python):
+        del http["http2_lane"]  # a tree from before the lane: its native codec has none
     listener = {"mode": mode, "upstream": f"127.0.0.1:{upstream}", "http": http}
     started = peers.pyproxy_config(procs, procs.logs, name, listener, SIDE_CPU, python=interpreter)
     port, admin = started.ready().port, started.admin
