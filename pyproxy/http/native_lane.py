@@ -86,7 +86,7 @@ class NativeLanes:
 
     __slots__ = (
         "ctx", "route", "chain", "ends_with_request", "ends_with_response", "starts_late", "slots",
-        "timeout_ns", "bodies", "decodes_body", "encodes_body", "one_head", "one_body",
+        "timeout_ns", "bodies", "decodes_body", "encodes_body",
     )  # fmt: skip
 
     def __init__(self, ctx: HttpContext, route: Route, chain: ChainFactory | None) -> None:
@@ -111,12 +111,6 @@ class NativeLanes:
             and not (chain.hooks["decode_headers"] or chain.decodes_body)
             and chain.encodes
         )
-        # A chain of one filter: its response hooks (the chain's entries), which the response
-        # hook runs through the chain's one-filter step while nothing is held (HttpChain._one).
-        self.one_head = self.one_body = None
-        if chain is not None and chain.single:
-            self.one_head = next(iter(chain.hooks["encode_headers"]), None)
-            self.one_body = next(iter(chain.hooks["encode_data"]), None)
         self.timeout_ns = int(route.timeout * 1e9)
         (down_read, down_write), (up_read, up_write) = ctx.downstream_stages, ctx.upstream_stages
         # In express_lane.c's `enum slot` order.
@@ -333,7 +327,7 @@ class NativeLane:
             if edited is None:
                 return False
         if length and lanes.decodes_body:
-            if not self._through_as_read(chain, "decode", body):
+            if not self._through_as_read(chain.decode_data, body):
                 return False
             over = chain.state is None and lanes.ends_with_request
         if edited is None:
@@ -359,13 +353,7 @@ class NativeLane:
         as_read = _STATUS[status]  # 200-599: the pair carries no other
         headers = HeaderMap(fields, {b":status": as_read})
         lanes = self.lanes
-        head = lanes.one_head
-        if head is not None and chain.state is None:  # encode_headers' work, without its call
-            chain.maps["encode"] = headers
-            passed = chain._one("encode", "headers", head, headers, False, True)
-        else:
-            passed = chain.encode_headers(headers, False)
-        if not passed:
+        if not chain.encode_headers(headers, False):
             self.passed = False
             return False
         self.passed = True
@@ -375,7 +363,7 @@ class NativeLane:
             if edited is None:
                 return False
         # As the general path feeds a response of no body its end (a body hook sees it too).
-        if lanes.encodes_body and not self._through_as_read(chain, "encode", body):
+        if lanes.encodes_body and not self._through_as_read(chain.encode_data, body):
             return False
         if chain.state is None and lanes.ends_with_response:
             self._let_go(chain)  # the filters' last word
@@ -402,20 +390,14 @@ class NativeLane:
             maps.request = self.pair.request
         return self._response_hook(status, fields, content_length, body)
 
-    def _through_as_read(self, chain: Any, direction: str, body: bytes) -> bool:
-        """Feed the whole body to the chain's body filters (``direction``: "decode" or
-        "encode") as the stream's end: True when they let it through as it came.
+    def _through_as_read(self, feed: Any, body: bytes) -> bool:
+        """Feed the whole body to the chain's body filters (``feed``: its decode_data or
+        encode_data) as the stream's end: True when they let it through as it came.
         ``through`` keeps what they let through, for an Exchange that takes the message."""
         through: list = []
         self.through = through
         passed, self.passed = self.passed, None  # a body filter that raises voids the pass
-        one = self.lanes.one_body if direction == "encode" else None
-        if one is not None and chain.state is None:  # encode_data's work, without its call
-            chain._one("encode", "data", one, body, True, True)
-        elif direction == "encode":
-            chain.encode_data(body, True)
-        else:
-            chain.decode_data(body, True)
+        feed(body, True)  # a chain of one filter runs its hook without the loop (HttpChain._one)
         self.passed = passed
         # Kept on success too: if the pair takes the message after all (a head it cannot
         # write), the Exchange must not feed the body to these filters again.
@@ -434,13 +416,11 @@ class NativeLane:
 
     def _done_hook(self) -> None:
         chain, self.chain = self.chain, None
-        if chain is not None and not chain.done:
+        if chain is not None:
             # The pair calls this once the response is sent: the filters' end-of-request work
             # (WASM's on_done/log/delete), which the general path defers past its corked send
-            # (end_chain), can run now, without a loop callback per request (chain.destroy's
-            # work, without its call).
-            chain.done = True
-            chain.run_destroyers()
+            # (end_chain), can run now, without a loop callback per request.
+            chain.destroy()
 
     # What the chain calls on its exchange while the lane stands in for one:
     def filter_local_reply(
