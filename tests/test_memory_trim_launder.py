@@ -198,7 +198,12 @@ def test_a_real_workers_memory_comes_back_after_thousands_of_connections_close()
     # Measured 8 s after the close: 9.2 MiB above the idle worker before the swaps and the
     # shrinking, 5.3 with them; 12 s after: 2.4-3.5 MiB (9,900 connections) before empty
     # pools gave their pages back, 0.9-1.6 since.
-    result = measure("tcp", CONNECTIONS, 1, [], settle=12.0)
-    round_ = result["rounds"][0]
-    assert round_["active_seen"] == CONNECTIONS and round_["active_after_close"] == 0, result
+    # One RSS sample can catch other work's pages (seen once in many runs: 2.35 MiB); a fresh
+    # worker measured again must then be under the bound, which a real regression is not.
+    for _ in range(2):
+        result = measure("tcp", CONNECTIONS, 1, [], settle=12.0)
+        round_ = result["rounds"][0]
+        assert round_["active_seen"] == CONNECTIONS and round_["active_after_close"] == 0, result
+        if result["after_close_above_baseline_kib"] < AFTER_CLOSE_BOUND_KIB:
+            break
     assert result["after_close_above_baseline_kib"] < AFTER_CLOSE_BOUND_KIB, result
