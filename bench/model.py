@@ -13,7 +13,7 @@ import math
 import os
 import platform as _platform
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,9 +158,16 @@ class IdleCurve:
     points, (rate /s, latency ns, CPU ns) per exchange, interpolated linearly
     in log(rate) and held flat beyond both ends; the closed-loop rate is a
     point with no extra cost.
+
+    `gaps_ns` (one per point, when the profile recorded it) is how long the
+    proxy's CPU idled before each point's exchanges: the pacing period less
+    the proxied exchange's p50. A schedule that knows the idle gap before a
+    pass prices it by `after_gap`, the same points on that axis: the profile
+    measured the cost of an exchange that follows such a gap, not of a rate.
     """
 
     points: tuple[tuple[float, float, float], ...]
+    gaps_ns: tuple[float, ...] = ()
 
     def at(self, rate: float) -> tuple[float, float]:
         """(latency ns, CPU ns) per exchange beyond the closed loop, at this rate."""
@@ -175,14 +182,32 @@ class IdleCurve:
                 return l0 + w * (l1 - l0), c0 + w * (c1 - c0)
         return pts[-1][1], pts[-1][2]
 
+    def after_gap(self, gap_ns: float) -> tuple[float, float]:
+        """(latency ns, CPU ns) beyond the closed loop of an exchange whose CPU idled `gap_ns`
+        before it: the points interpolated linearly in log(gap), held flat beyond both ends.
+        A curve without recorded gaps (an older profile) reads the gap as a rate, 1 / gap."""
+        if not self.gaps_ns:
+            return self.at(1e9 / gap_ns) if gap_ns > 0 else (0.0, 0.0)
+        # points come in rising rate, so in falling gap
+        pts = list(zip(self.gaps_ns, self.points, strict=True))
+        if gap_ns >= pts[0][0]:
+            return pts[0][1][1], pts[0][1][2]
+        for (g0, (_, l0, c0)), (g1, (_, l1, c1)) in zip(pts, pts[1:], strict=False):
+            if gap_ns >= g1:
+                w = math.log(g0 / gap_ns) / math.log(g0 / g1)
+                return l0 + w * (l1 - l0), c0 + w * (c1 - c0)
+        return pts[-1][1][1], pts[-1][1][2]
+
     def to_json(self) -> list[dict]:
-        return [{"rate": r, "latency_ns": lat, "cpu_ns": cpu} for r, lat, cpu in self.points]
+        gaps = self.gaps_ns or (None,) * len(self.points)
+        return [{"rate": r, "latency_ns": lat, "cpu_ns": cpu} | ({"gap_ns": g} if g else {})
+                for (r, lat, cpu), g in zip(self.points, gaps, strict=True)]  # fmt: skip
 
     @classmethod
     def from_json(cls, data: list[dict]) -> IdleCurve:
-        return cls(
-            tuple((float(p["rate"]), float(p["latency_ns"]), float(p["cpu_ns"])) for p in data)
-        )
+        points = tuple((float(p["rate"]), float(p["latency_ns"]), float(p["cpu_ns"])) for p in data)
+        gaps = tuple(float(p["gap_ns"]) for p in data if "gap_ns" in p)
+        return cls(points, gaps if len(gaps) == len(points) else ())
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,15 +275,28 @@ def _falling(values: Sequence[float]) -> list[float]:
     return [mean for mean, count in blocks for _ in range(int(count))]
 
 
-def fit_idle_curve(hot_rate: float, paced: Sequence[tuple[float, float, float]]) -> IdleCurve:
+def fit_idle_curve(
+    hot_rate: float,
+    paced: Sequence[tuple[float, float, float]],
+    spans_ns: Mapping[float, float] | None = None,
+) -> IdleCurve:
     """The curve from paced (rate, extra latency ns, extra CPU ns) points below `hot_rate`:
     each series made non-increasing in rate and never negative (a cost beyond the closed loop
-    cannot be), with (hot_rate, 0, 0) as its last point."""
+    cannot be), with (hot_rate, 0, 0) as its last point. With `spans_ns` (rate -> the proxied
+    exchange's p50 at that rate, the closed loop's included) each point also gets the idle gap
+    before its exchanges, 1 / rate − span, kept falling with rate (at least 1 µs apart)."""
     pts = sorted((r, lat, cpu) for r, lat, cpu in paced if 0 < r < hot_rate)
     pts.append((hot_rate, 0.0, 0.0))
     latency = _falling([max(0.0, p[1]) for p in pts])
     cpu = _falling([max(0.0, p[2]) for p in pts])
-    return IdleCurve(tuple(zip([p[0] for p in pts], latency, cpu, strict=True)))
+    gaps: list[float] = []
+    if spans_ns is not None and all(p[0] in spans_ns for p in pts):
+        for rate, *_ in reversed(pts):
+            gap = max(1000.0, 1e9 / rate - spans_ns[rate])
+            gaps.append(max(gap, gaps[-1] + 1000.0) if gaps else gap)
+        gaps.reverse()
+    rates = [p[0] for p in pts]
+    return IdleCurve(tuple(zip(rates, latency, cpu, strict=True)), tuple(gaps))
 
 
 @dataclass(frozen=True)

@@ -400,9 +400,9 @@ def _placed(
 
     Apps on one CPU take turns, a sidecar's pass overlaps other calls' work on the other CPU,
     and the calls of a parallel group queue on their caller's sidecar, all in the schedule. A
-    sidecar then pays to wake up when its CPU idled before its pass, priced at the idle curve's
-    rate for as long an idle gap, rather than at the call's rate: on a CPU that several sidecars
-    share, only some passes find it idle. `path_stages` and `cpu_stages` get the schedule's
+    sidecar then pays to wake up when its CPU idled before its pass, priced by the idle curve at
+    that idle gap (`IdleCurve.after_gap`), rather than at the call's rate: on a CPU that several
+    sidecars share, only some passes find it idle. `path_stages` and `cpu_stages` get the schedule's
     `idle` in place of each pass's.
     """
     factor = dict(what_if.factors).get(IDLE_STAGE, 1.0)
@@ -413,7 +413,7 @@ def _placed(
         curve = profile.idle.get(setup_key(profile, service)) if service and factor else None
         if curve is None:
             return None
-        return lambda r: (factor * curve.at(r)[0], factor * curve.at(r)[1])
+        return lambda gap: _scaled(factor, curve.after_gap(gap))
 
     def cost(call: Call, wakes: bool = True) -> HopCost:
         hop = hops[call.id]
@@ -423,7 +423,7 @@ def _placed(
             # the hop's curve was measured for both passes at once: its outbound pass pays it
             curve = profile.idle.get(hop.whole) if wakes and factor else None
             return HopCost(hop.outbound_ns, hop.inbound_ns, hop.stages_ns.get(HANDOFF_STAGE, 0.0),
-                           (lambda r: (factor * curve.at(r)[0], factor * curve.at(r)[1]))
+                           (lambda gap: _scaled(factor, curve.after_gap(gap)))
                            if curve is not None else None)  # fmt: skip
         return HopCost(hop.outbound_ns, hop.inbound_ns, hop.stages_ns.get(HANDOFF_STAGE, 0.0),
                        wake(out if out is not None and out.sidecar and wakes else None),
@@ -436,6 +436,10 @@ def _placed(
         path_stages[IDLE_STAGE] = mesh - asleep
         cpu_stages[IDLE_STAGE] = rate * wake_cpu_ns / 1e9
     return base, mesh
+
+
+def _scaled(factor: float, cost: tuple[float, float]) -> tuple[float, float]:
+    return factor * cost[0], factor * cost[1]
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:

@@ -356,15 +356,21 @@ def _idle_points(
     all the rates in turn: the machine's other load comes in bursts of seconds, and one burst
     then spoils one pass of one rate, not the point."""
     rates = [r for r in rates if r < max_rate]
-    passes: dict[float, list[tuple[float, float, float]]] = {r: [] for r in rates}
+    passes: dict[float, list[tuple[float, float, float, dict[str, float]]]] = {r: [] for r in rates}
     for _ in range(IDLE_PASSES):
         for rate in rates:
+            before = target.stats()
             cpu0 = cpu_ns(target.pids)
             # At least IDLE_SAMPLES exchanges over the passes, however low the rate.
             wall = max(seconds, IDLE_SAMPLES / rate) / IDLE_PASSES
             paced_direct, paced, _ = pair.paired(wall, rate=rate)
+            cpu = cpu_ns(target.pids) - cpu0
+            # The stage clock too: whether a paced exchange's extra cost is inside the timed
+            # stages (cold caches) or outside them (waking the processes).
+            stages = _stages_delta(target.stats(), before)
             passes[rate].append((statistics.median(paced_direct), statistics.median(paced),
-                                 (cpu_ns(target.pids) - cpu0) / len(paced)))  # fmt: skip
+                                 cpu / len(paced),
+                                 {k: v / len(paced) for k, v in stages.items()}))  # fmt: skip
     out = []
     for rate, runs in passes.items():
         middle = sorted(runs, key=lambda run: run[1] - run[0])[len(runs) // 2]
@@ -377,6 +383,7 @@ def _idle_points(
                 "proxy_p50_ns": middle[1],
                 "proxy_cpu_ns_per_exchange": statistics.median(run[2] for run in runs),
                 "passes_overhead_ns": [run[1] - run[0] for run in runs],
+                "stages_ns": _median_of([run[3] for run in runs]),
             }
         )  # fmt: skip
     return out
@@ -419,10 +426,13 @@ def fit_idle(points: list[dict]) -> IdleCurve | None:
     size = paced[0]["size"]
     [hot] = [p for p in points if p["kind"] == "latency" and p["size"] == size]
     hot_overhead = hot["proxy_p50_ns"] - hot["direct_p50_ns"]
+    # how long each point's exchange kept the proxy's CPU busy, for the idle gap before it
+    spans = {p["paced_rate"]: p["proxy_p50_ns"] for p in paced} | {hot["rate"]: hot["proxy_p50_ns"]}
     return fit_idle_curve(
         hot["rate"],
         [(p["paced_rate"], p["proxy_p50_ns"] - p["direct_p50_ns"] - hot_overhead,
           p["proxy_cpu_ns_per_exchange"] - hot["proxy_cpu_ns_per_exchange"]) for p in paced],
+        spans,
     )  # fmt: skip
 
 

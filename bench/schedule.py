@@ -53,8 +53,8 @@ UNPLACED = Placement()
 PINNED = Placement(apps=0, sidecars=1)
 
 
-# What waking a sidecar costs after its CPU idled: the equivalent rate (exchanges /s of the
-# profile's one proxy whose CPU idled as long) -> (latency ns, CPU ns), the profile's IdleCurve.
+# What waking a sidecar costs after its CPU idled: the idle gap (ns) -> (latency ns, CPU ns),
+# the profile's IdleCurve read on its gap axis (`IdleCurve.after_gap`).
 Wake = Callable[[float], tuple[float, float]]
 
 
@@ -76,7 +76,6 @@ class _Task:
     resources: tuple[object, ...]
     after: list[int] = field(default_factory=list)
     wake: Wake | None = None
-    pass_ns: float = 0.0  # the whole pass this half belongs to
 
 
 class _Plan:
@@ -86,12 +85,12 @@ class _Plan:
         self.wake_cpu_ns = 0.0  # what the wake-ups cost in CPU, over the last run
 
     def add(self, duration: float, process: Process | None, after: list[int],
-            wake: Wake | None = None, pass_ns: float = 0.0) -> int:  # fmt: skip
+            wake: Wake | None = None) -> int:  # fmt: skip
         resources: tuple[object, ...] = ()
         if process is not None and duration > 0:
             cpu = self.placement.cpu(process)
             resources = (process,) if cpu is None else (process, ("cpu", cpu))
-        self.tasks.append(_Task(duration, resources, after, wake, pass_ns))
+        self.tasks.append(_Task(duration, resources, after, wake))
         return len(self.tasks) - 1
 
     def call(self, graph: CallGraph, call: Call, caller: str | None, start: int,
@@ -101,9 +100,9 @@ class _Plan:
         out = ("sidecar", caller) if caller is not None else None
         inbound = ("sidecar", call.callee)
         half_out, half_in = cost.outbound_ns / 2, cost.inbound_ns / 2
-        t = self.add(half_out, out, [start], cost.outbound_wake, cost.outbound_ns)
+        t = self.add(half_out, out, [start], cost.outbound_wake)
         t = self.add(cost.delay_ns / 2, None, [t])
-        t = self.add(half_in, inbound, [t], cost.inbound_wake, cost.inbound_ns)
+        t = self.add(half_in, inbound, [t], cost.inbound_wake)
         t = self.add(call.network_ns, None, [t])
         app = ("app", call.callee)
         t = self.add(call.app_ns / 2 + call.work_ns, app, [t])
@@ -114,9 +113,9 @@ class _Plan:
             ends = [self.call(graph, child, call.callee, t, costs) for child in groups[index]]
             t = self.add(0.0, None, ends)
         t = self.add(call.app_ns / 2, app, [t])
-        t = self.add(half_in, inbound, [t], cost.inbound_wake, cost.inbound_ns)
+        t = self.add(half_in, inbound, [t], cost.inbound_wake)
         t = self.add(cost.delay_ns / 2, None, [t])
-        return self.add(half_out, out, [t], cost.outbound_wake, cost.outbound_ns)
+        return self.add(half_out, out, [t], cost.outbound_wake)
 
     def run(self, free: dict[object, float] | None = None) -> tuple[float, dict[object, float]]:
         """The time the last task ends, scheduled earliest-startable first, and when each
@@ -143,12 +142,14 @@ class _Plan:
             duration = task.duration
             cpu = next((r for r in task.resources if r in shared_cpu), None)
             if task.wake is not None and cpu is not None and cpu in free:
-                # the profile's proxy idled this long between exchanges at 1 / (gap + pass)
+                # The whole wake-up falls on the half that follows the idle gap: the profile's
+                # paced exchange paid its curve's cost after one long gap (before its request),
+                # its answer following the echo's short work as in the closed loop.
                 gap = best_start - free[cpu]
                 if gap > 0:
-                    wake_ns, wake_cpu = task.wake(1e9 / (gap + task.pass_ns))
-                    duration += wake_ns / 2  # each half of a pass pays half, as it costs half
-                    self.wake_cpu_ns += wake_cpu / 2
+                    wake_ns, wake_cpu = task.wake(gap)
+                    duration += wake_ns
+                    self.wake_cpu_ns += wake_cpu
             end[best] = best_start + duration
             for r in task.resources:
                 free[r] = end[best]

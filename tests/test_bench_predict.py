@@ -340,6 +340,51 @@ def test_fit_idle_curve_pools_a_point_that_says_slower_is_cheaper_and_clamps_at_
     assert fit_idle_curve(8000.0, []).at(10) == (0.0, 0.0)
 
 
+def test_idle_curve_read_by_the_idle_gap_interpolates_in_log_gap():
+    # 1 ms before the 100 /s point's exchange, 100 µs before the closed loop's.
+    curve = IdleCurve(((100, 8000, 4000), (1000, 2000, 1000), (5000, 0, 0)),
+                      (9_800_000, 800_000, 100_000))  # fmt: skip
+    assert curve.after_gap(20_000_000) == curve.after_gap(9_800_000) == (8000, 4000)
+    assert curve.after_gap(100_000) == curve.after_gap(50_000) == (0, 0)
+    lat, cpu = curve.after_gap(math.sqrt(800_000 * 100_000))  # half way in log(gap)
+    assert lat == pytest.approx(1000) and cpu == pytest.approx(500)
+    assert IdleCurve.from_json(curve.to_json()) == curve
+    # a curve stored without gaps (an older profile) reads a gap as the rate 1 / gap
+    old = IdleCurve(curve.points)
+    assert IdleCurve.from_json(old.to_json()) == old
+    assert old.after_gap(10_000_000) == old.at(100)
+
+
+def test_fit_idle_curve_gives_each_point_the_idle_gap_before_its_exchange():
+    # the proxied exchange took 200 µs closed loop (4000 /s), 260 µs at 100 /s, 240 µs at 1000 /s
+    spans = {100: 260_000.0, 1000: 240_000.0, 4000.0: 200_000.0}
+    curve = fit_idle_curve(4000.0, [(100, 60_000.0, 9000.0), (1000, 40_000.0, 2000.0)], spans)
+    assert curve.gaps_ns == pytest.approx((9_740_000, 760_000, 50_000))
+    # a span longer than its period (a disturbed point) still leaves the gaps falling with rate
+    tight = fit_idle_curve(4000.0, [(1000, 40_000.0, 2000.0)], {1000: 990_000.0, 4000.0: 0.0})
+    assert tight.gaps_ns[0] > tight.gaps_ns[1]
+
+
+def test_on_shared_cpus_a_pass_after_an_idle_gap_costs_what_the_profile_measured_there():
+    """The profile's own paced point, priced back: one http pass in front of an echo working
+    100 µs, one exchange every 10 ms, the proxy's CPU idle the rest of the time. Pinned, the
+    schedule must charge the whole wake-up the curve measured after that gap (40 µs), as the
+    per-pass pricing at the call's rate does, not a part of it."""
+    base = hand_profile()
+    span = 3100 + 100_000  # the pass's stages around the echo's work, as the schedule lays it
+    curve = fit_idle_curve(4000.0, [(100, 40_000.0, 8000.0)],
+                           {100: span, 4000.0: span})  # fmt: skip
+    profile = dataclasses.replace(base, idle={"http": curve})
+    for rate, wake in ((100, 40_000), (4000, 0)):
+        one = graph_from_data({"calls": [{"id": "e", "callee": "e", "rate": rate,
+                                          "work_us": 100}],
+                               "services": {"e": {"mode": "http"}}})  # fmt: skip
+        placed = predict(profile, one, placement=PINNED)
+        assert placed.overhead_ns == pytest.approx(predict(profile, one).overhead_ns, rel=1e-3)
+        assert placed.path_stages_ns["idle"] == pytest.approx(wake, abs=1)
+        assert placed.cpu_stages["idle"] == pytest.approx(rate * (8000 if wake else 0) / 1e9)
+
+
 def _f_calls_a(x_work_us: float = 50, f_filters: tuple[str, ...] = ()) -> CallGraph:
     """client → f (100 µs of work, 100 /s) → a, every sidecar in http mode."""
     return graph_from_data({
@@ -487,19 +532,19 @@ def test_on_shared_cpus_a_pass_pays_to_wake_only_after_its_cpu_idled():
     chain = graph_from_data({"calls": [{"id": "a", "callee": "a", "work_us": 100},
                                        {"id": "b", "parent": "a", "callee": "b", "work_us": 100}]})  # fmt: skip
 
-    def wake(rate: float) -> tuple[float, float]:  # 20 µs (5 µs CPU) after idling 1 ms or more
-        return (20_000.0, 5_000.0) if rate < 1000 else (0.0, 0.0)
+    def wake(gap_ns: float) -> tuple[float, float]:  # 20 µs (5 µs CPU) after idling 1 ms or more
+        return (20_000.0, 5_000.0) if gap_ns >= 1_000_000 else (0.0, 0.0)
 
     def cost(call):
         return HopCost(0.0 if call.parent is None else 10_000, 10_000, 0.0, wake, wake)
 
     # Without a period every CPU starts busy: passes 30 µs on 200 µs of work.
     assert schedule_latency(chain, PINNED, cost) == (pytest.approx(230_000), 0.0)
-    # One request every 10 ms: CPU 1 idled 9.77 ms before a's inbound pass, which pays 10 µs
-    # (its request half); the other passes follow 100 µs of app work (1 / 110 µs: 9090 /s)
-    # and pay nothing. Priced per pass at the call's rate, the same curve would add 60 µs.
+    # One request every 10 ms: CPU 1 idled 9.77 ms before a's inbound pass, whose request half
+    # pays the whole 20 µs; the other passes follow 100 µs of app work and pay nothing. Priced
+    # per pass at the call's rate, the same curve would add 60 µs.
     total, wake_cpu = schedule_latency(chain, PINNED, cost, period_ns=10_000_000)
-    assert total == pytest.approx(240_000) and wake_cpu == pytest.approx(2_500)
+    assert total == pytest.approx(250_000) and wake_cpu == pytest.approx(5_000)
 
 
 def test_predict_on_shared_cpus_puts_the_schedules_wake_ups_in_the_idle_stage():
@@ -512,12 +557,12 @@ def test_predict_on_shared_cpus_puts_the_schedules_wake_ups_in_the_idle_stage():
     per_pass = predict(profile, chain)
     placed = predict(profile, chain, placement=PINNED)
     assert per_pass.path_stages_ns["idle"] == pytest.approx(3 * 40_000)
-    # Pinned, only f's inbound pass follows CPU 1's idle gap between requests: half of its
+    # Pinned, only f's inbound pass follows CPU 1's idle gap between requests: all of its
     # 40 µs on its request half; its response half follows a's inbound one directly, which
-    # followed a's work: 100 µs (9.6 kHz) is no idle gap at 1000 /s and above.
-    assert placed.path_stages_ns["idle"] == pytest.approx(20_000)
-    assert placed.overhead_ns == pytest.approx(3 * 3100 + 20_000)
-    assert placed.cpu_stages["idle"] == pytest.approx(100 * 4_000 / 1e9)
+    # followed a's work: a curve without gaps reads 100 µs as 10 kHz, no idle gap at all.
+    assert placed.path_stages_ns["idle"] == pytest.approx(40_000)
+    assert placed.overhead_ns == pytest.approx(3 * 3100 + 40_000)
+    assert placed.cpu_stages["idle"] == pytest.approx(100 * 8_000 / 1e9)
 
 
 def test_an_apps_own_cpu_is_half_taking_the_call_half_answering_it():
