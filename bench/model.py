@@ -164,10 +164,19 @@ class IdleCurve:
     the proxied exchange's p50. A schedule that knows the idle gap before a
     pass prices it by `after_gap`, the same points on that axis: the profile
     measured the cost of an exchange that follows such a gap, not of a rate.
+
+    `stage_ns` (one per point, when the profile recorded the stage clock at its
+    paced points) is the part of each point's latency that the proxy's own
+    stages took beyond the closed loop: its code running on cold caches. That
+    part and the CPU belong to the process that idled, the rest (waking the
+    CPU and the processes across it) to the CPU; `after_gaps` prices each by
+    its own gap, so a sidecar that ran a moment ago on a CPU that another
+    sidecar's pass just woke pays neither twice nor not at all.
     """
 
     points: tuple[tuple[float, float, float], ...]
     gaps_ns: tuple[float, ...] = ()
+    stage_ns: tuple[float, ...] = ()
 
     def at(self, rate: float) -> tuple[float, float]:
         """(latency ns, CPU ns) per exchange beyond the closed loop, at this rate."""
@@ -182,32 +191,59 @@ class IdleCurve:
                 return l0 + w * (l1 - l0), c0 + w * (c1 - c0)
         return pts[-1][1], pts[-1][2]
 
+    def _read(self, gap_ns: float) -> tuple[float, float, float]:
+        """(latency, CPU, stage part of the latency) after an idle gap, interpolated linearly in
+        log(gap) and held flat beyond both ends; without recorded gaps (an older profile) the
+        gap is read as the rate 1 / gap."""
+        stages = self.stage_ns or (0.0,) * len(self.points)
+        if not self.gaps_ns:
+            if gap_ns <= 0:
+                return 0.0, 0.0, 0.0
+            lat, cpu = self.at(1e9 / gap_ns)
+            return lat, cpu, 0.0
+        # points come in rising rate, so in falling gap
+        pts = [(g, lat, cpu, st) for g, (_, lat, cpu), st
+               in zip(self.gaps_ns, self.points, stages, strict=True)]  # fmt: skip
+        if gap_ns >= pts[0][0]:
+            return pts[0][1:]
+        for p0, p1 in zip(pts, pts[1:], strict=False):
+            if gap_ns >= p1[0]:
+                w = math.log(p0[0] / gap_ns) / math.log(p0[0] / p1[0])
+                return (p0[1] + w * (p1[1] - p0[1]), p0[2] + w * (p1[2] - p0[2]),
+                        p0[3] + w * (p1[3] - p0[3]))  # fmt: skip
+        return pts[-1][1:]
+
     def after_gap(self, gap_ns: float) -> tuple[float, float]:
         """(latency ns, CPU ns) beyond the closed loop of an exchange whose CPU idled `gap_ns`
-        before it: the points interpolated linearly in log(gap), held flat beyond both ends.
-        A curve without recorded gaps (an older profile) reads the gap as a rate, 1 / gap."""
-        if not self.gaps_ns:
-            return self.at(1e9 / gap_ns) if gap_ns > 0 else (0.0, 0.0)
-        # points come in rising rate, so in falling gap
-        pts = list(zip(self.gaps_ns, self.points, strict=True))
-        if gap_ns >= pts[0][0]:
-            return pts[0][1][1], pts[0][1][2]
-        for (g0, (_, l0, c0)), (g1, (_, l1, c1)) in zip(pts, pts[1:], strict=False):
-            if gap_ns >= g1:
-                w = math.log(g0 / gap_ns) / math.log(g0 / g1)
-                return l0 + w * (l1 - l0), c0 + w * (c1 - c0)
-        return pts[-1][1][1], pts[-1][1][2]
+        before it (see `_read`)."""
+        lat, cpu, _ = self._read(gap_ns)
+        return lat, cpu
+
+    def after_gaps(
+        self, cpu_gap_ns: float, process_gap_ns: float, share: float = 1.0, outside: bool = True
+    ) -> tuple[float, float]:
+        """(latency ns, CPU ns) of a pass whose CPU idled `cpu_gap_ns` and whose own process
+        idled `process_gap_ns` before it: the latency outside the stages by the CPU's gap (if
+        `outside`), the stages' part and the CPU by the process's, times `share` (a whole hop's
+        curve covers two processes: each of its passes takes half)."""
+        lat, _, stage = self._read(cpu_gap_ns)
+        _, cpu, own_stage = self._read(process_gap_ns)
+        return (lat - stage if outside else 0.0) + share * own_stage, share * cpu
 
     def to_json(self) -> list[dict]:
         gaps = self.gaps_ns or (None,) * len(self.points)
+        stages = self.stage_ns or (None,) * len(self.points)
         return [{"rate": r, "latency_ns": lat, "cpu_ns": cpu} | ({"gap_ns": g} if g else {})
-                for (r, lat, cpu), g in zip(self.points, gaps, strict=True)]  # fmt: skip
+                | ({"stage_ns": st} if st is not None else {})
+                for (r, lat, cpu), g, st in zip(self.points, gaps, stages, strict=True)]  # fmt: skip
 
     @classmethod
     def from_json(cls, data: list[dict]) -> IdleCurve:
         points = tuple((float(p["rate"]), float(p["latency_ns"]), float(p["cpu_ns"])) for p in data)
         gaps = tuple(float(p["gap_ns"]) for p in data if "gap_ns" in p)
-        return cls(points, gaps if len(gaps) == len(points) else ())
+        stages = tuple(float(p["stage_ns"]) for p in data if "stage_ns" in p)
+        return cls(points, gaps if len(gaps) == len(points) else (),
+                   stages if len(stages) == len(points) else ())  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,18 +313,22 @@ def _falling(values: Sequence[float]) -> list[float]:
 
 def fit_idle_curve(
     hot_rate: float,
-    paced: Sequence[tuple[float, float, float]],
+    paced: Sequence[tuple[float, ...]],
     spans_ns: Mapping[float, float] | None = None,
 ) -> IdleCurve:
-    """The curve from paced (rate, extra latency ns, extra CPU ns) points below `hot_rate`:
-    each series made non-increasing in rate and never negative (a cost beyond the closed loop
-    cannot be), with (hot_rate, 0, 0) as its last point. With `spans_ns` (rate -> the proxied
-    exchange's p50 at that rate, the closed loop's included) each point also gets the idle gap
-    before its exchanges, 1 / rate − span, kept falling with rate (at least 1 µs apart)."""
-    pts = sorted((r, lat, cpu) for r, lat, cpu in paced if 0 < r < hot_rate)
-    pts.append((hot_rate, 0.0, 0.0))
+    """The curve from paced (rate, extra latency ns, extra CPU ns[, extra stage-clock ns])
+    points below `hot_rate`: each series made non-increasing in rate and never negative (a cost
+    beyond the closed loop cannot be), with (hot_rate, 0, 0) as its last point; the stage part
+    no larger than the latency. With `spans_ns` (rate -> the proxied exchange's p50 at that
+    rate, the closed loop's included) each point also gets the idle gap before its exchanges,
+    1 / rate − span, kept falling with rate (at least 1 µs apart)."""
+    pts = sorted(tuple(p) for p in paced if 0 < p[0] < hot_rate)
+    staged = all(len(p) > 3 for p in pts)
+    pts.append((hot_rate, 0.0, 0.0, 0.0))
     latency = _falling([max(0.0, p[1]) for p in pts])
     cpu = _falling([max(0.0, p[2]) for p in pts])
+    stage = [min(st, lat) for st, lat in
+             zip(_falling([max(0.0, p[3]) for p in pts]), latency, strict=True)] if staged else []  # fmt: skip
     gaps: list[float] = []
     if spans_ns is not None and all(p[0] in spans_ns for p in pts):
         for rate, *_ in reversed(pts):
@@ -296,7 +336,7 @@ def fit_idle_curve(
             gaps.append(max(gap, gaps[-1] + 1000.0) if gaps else gap)
         gaps.reverse()
     rates = [p[0] for p in pts]
-    return IdleCurve(tuple(zip(rates, latency, cpu, strict=True)), tuple(gaps))
+    return IdleCurve(tuple(zip(rates, latency, cpu, strict=True)), tuple(gaps), tuple(stage))
 
 
 @dataclass(frozen=True)

@@ -431,7 +431,10 @@ def fit_idle(points: list[dict]) -> IdleCurve | None:
     return fit_idle_curve(
         hot["rate"],
         [(p["paced_rate"], p["proxy_p50_ns"] - p["direct_p50_ns"] - hot_overhead,
-          p["proxy_cpu_ns_per_exchange"] - hot["proxy_cpu_ns_per_exchange"]) for p in paced],
+          p["proxy_cpu_ns_per_exchange"] - hot["proxy_cpu_ns_per_exchange"],
+          # the stages' part, where the paced point read the stage clock
+          *([sum(p["stages_ns"].values()) - sum(hot["stages_ns"].values())]
+            if "stages_ns" in p else [])) for p in paced],
         spans,
     )  # fmt: skip
 
