@@ -71,7 +71,8 @@ class Linear:
 ZERO = Linear(0.0, 0.0)
 
 
-def _r2(ys: Sequence[float], predicted: Iterable[float]) -> float:
+def r_squared(ys: Sequence[float], predicted: Iterable[float]) -> float:
+    """The share of the variance of `ys` that `predicted` explains (1: all of it)."""
     mean = sum(ys) / len(ys)
     total = sum((y - mean) ** 2 for y in ys)
     residual = sum((y - p) ** 2 for y, p in zip(ys, predicted, strict=True))
@@ -94,7 +95,7 @@ def fit_latency(sizes: Sequence[float], ns: Sequence[float]) -> Linear:
         else 0.0
     )
     base = mean_y - slope * mean_s
-    return Linear(base, slope, _r2(ns, (base + slope * s for s in sizes)))
+    return Linear(base, slope, r_squared(ns, (base + slope * s for s in sizes)))
 
 
 def fit_cpu(
@@ -122,7 +123,7 @@ def fit_cpu(
         base = (b1 * a22 - b2 * a12) / det
         per_byte = (a11 * b2 - a12 * b1) / det
     predicted = (base * x1 + per_byte * x2 for x1, x2 in zip(xs1, xs2, strict=True))
-    return Linear(base, per_byte, _r2(ns_per_second, predicted))
+    return Linear(base, per_byte, r_squared(ns_per_second, predicted))
 
 
 @dataclass(frozen=True, slots=True)

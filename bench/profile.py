@@ -52,6 +52,7 @@ from pyproxy.bench.model import (
     fit_idle_curve,
     fit_latency,
     fit_untimed_cpu,
+    r_squared,
 )
 from pyproxy.bench.peers import pyproxy_mode
 from pyproxy.bench.pod_driver import Pair, PodPair
@@ -722,7 +723,41 @@ def models_table(profile: Profile) -> str:
                   "| setup | U ns | u ns/B | R² |", "| --- | ---: | ---: | ---: |"]  # fmt: skip
         for setup, line in profile.untimed.items():
             lines.append(f"| {setup} | {line.base:.0f} | {line.per_byte:.3f} | {_r2(line)} |")
+    if profile.idle:
+        lines += ["", "idle curve: the cost per exchange beyond the closed loop after the proxy's "
+                  "CPU idled (gap) between exchanges paced at a rate; R²: the curve (falling, "
+                  "never negative) against the paced points it was made from", "",
+                  "| setup | rate /s | idle gap µs | latency µs | of which stages µs | CPU µs "
+                  "| R² latency | R² CPU |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
+        for setup, curve in profile.idle.items():
+            r2_latency, r2_cpu = idle_fit(profile.points, setup, curve)
+            gaps = curve.gaps_ns or (float("nan"),) * len(curve.points)
+            stages = curve.stage_ns or (float("nan"),) * len(curve.points)
+            for (rate, lat, cpu), gap, stage in zip(curve.points, gaps, stages, strict=True):
+                lines.append(f"| {setup} | {rate:.0f} | {gap / 1000:.0f} | {lat / 1000:.1f} "
+                             f"| {stage / 1000:.1f} | {cpu / 1000:.1f} | {r2_latency:.2f} "
+                             f"| {r2_cpu:.2f} |")  # fmt: skip
     return "\n".join(lines)
+
+
+def idle_fit(points: list[dict], setup: str, curve: IdleCurve) -> tuple[float, float]:
+    """R² of the stored idle curve (latency, CPU) against the setup's paced points, each taken as
+    its extra cost beyond the closed loop: below 1 where the curve had to pool or clamp them."""
+    mine = [p for p in points if p["setup"] == setup]
+    paced = [p for p in mine if p["kind"] == "idle"]
+    if not paced:
+        return float("nan"), float("nan")
+    size = paced[0]["size"]
+    [hot] = [p for p in mine if p["kind"] == "latency" and p["size"] == size]
+    extra = [(p["paced_rate"], p["proxy_p50_ns"] - p["direct_p50_ns"]
+              - (hot["proxy_p50_ns"] - hot["direct_p50_ns"]),
+              p["proxy_cpu_ns_per_exchange"] - hot["proxy_cpu_ns_per_exchange"])
+             for p in paced if p["paced_rate"] < hot["rate"]]  # fmt: skip
+    if not extra:
+        return float("nan"), float("nan")
+    return (r_squared([e[1] for e in extra], [curve.at(e[0])[0] for e in extra]),
+            r_squared([e[2] for e in extra], [curve.at(e[0])[1] for e in extra]))  # fmt: skip
 
 
 def _r2(fit: Linear) -> str:

@@ -37,7 +37,15 @@ from pyproxy.bench.model import (
     fit_untimed_cpu,
 )
 from pyproxy.bench.predict import WhatIf, WhatIfError, distribution, predict
-from pyproxy.bench.profile import Setup, build_profile, hop_setup, pooled, setup_for
+from pyproxy.bench.profile import (
+    Setup,
+    build_profile,
+    fit_idle,
+    hop_setup,
+    idle_fit,
+    pooled,
+    setup_for,
+)
 from pyproxy.bench.schedule import PINNED, HopCost, Placement
 from pyproxy.bench.schedule import latency as schedule_latency
 
@@ -401,6 +409,31 @@ def test_on_shared_cpus_a_sidecar_that_idled_pays_its_cold_stages_on_a_busy_cpu(
     # 20 µs of cold stages on the CPU f's outbound pass just left.
     assert placed.path_stages_ns["idle"] == pytest.approx(60_000 + 20_000)
     assert placed.cpu_stages["idle"] == pytest.approx(100 * 2 * 9000 / 1e9)
+
+
+def test_the_profiles_paced_points_give_the_curve_its_gaps_stages_part_and_fit():
+    hot = {"setup": "http", "kind": "latency", "size": 100, "rate": 4000.0,
+           "direct_p50_ns": 100_000.0, "proxy_p50_ns": 200_000.0,
+           "proxy_cpu_ns_per_exchange": 50_000.0, "stages_ns": {"read": 30_000.0}}  # fmt: skip
+
+    def paced(rate: float, extra: float, stages: float, cpu: float) -> dict:
+        return {"setup": "http", "kind": "idle", "size": 100, "rate": rate, "paced_rate": rate,
+                "direct_p50_ns": 100_000.0, "proxy_p50_ns": 200_000.0 + extra,
+                "proxy_cpu_ns_per_exchange": 50_000.0 + cpu,
+                "stages_ns": {"read": 30_000.0 + stages}}  # fmt: skip
+
+    points = [hot, paced(100, 60_000, 20_000, 9000), paced(1000, 10_000, 5000, 1000)]
+    curve = fit_idle(points)
+    assert curve is not None
+    assert curve.points == ((100, 60_000, 9000), (1000, 10_000, 1000), (4000.0, 0, 0))
+    # each point's gap: its period less its proxied exchange's p50
+    assert curve.gaps_ns == pytest.approx((10_000_000 - 260_000, 1_000_000 - 210_000, 50_000))
+    assert curve.stage_ns == (20_000, 5000, 0)
+    assert idle_fit(points, "http", curve) == (pytest.approx(1.0), pytest.approx(1.0))
+    # a slower point that says it cost less is pooled with its neighbour: the fit says so
+    disturbed = [hot, paced(100, 10_000, 0, 1000), paced(300, 60_000, 0, 1000)]
+    r2_latency, r2_cpu = idle_fit(disturbed, "http", fit_idle(disturbed))
+    assert r2_latency < 0.5 and r2_cpu == pytest.approx(1.0)
 
 
 def test_on_shared_cpus_a_pass_after_an_idle_gap_costs_what_the_profile_measured_there():
