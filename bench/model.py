@@ -168,11 +168,9 @@ class IdleCurve:
 
     `stage_ns` (one per point, when the profile recorded the stage clock at its
     paced points) is the part of each point's latency that the proxy's own
-    stages took beyond the closed loop: its code running on cold caches. That
-    part and the CPU belong to the process that idled, the rest (waking the
-    CPU and the processes across it) to the CPU; `after_gaps` prices each by
-    its own gap, so a sidecar that ran a moment ago on a CPU that another
-    sidecar's pass just woke pays neither twice nor not at all.
+    stages took beyond the closed loop: its code running on cold caches; the
+    rest is outside the stages (waking the CPU and the processes across it).
+    It says where the cost goes; prediction prices the whole by the CPU's gap.
     """
 
     points: tuple[tuple[float, float, float], ...]
@@ -219,17 +217,6 @@ class IdleCurve:
         before it (see `_read`)."""
         lat, cpu, _ = self._read(gap_ns)
         return lat, cpu
-
-    def after_gaps(
-        self, cpu_gap_ns: float, process_gap_ns: float, share: float = 1.0, outside: bool = True
-    ) -> tuple[float, float]:
-        """(latency ns, CPU ns) of a pass whose CPU idled `cpu_gap_ns` and whose own process
-        idled `process_gap_ns` before it: the latency outside the stages by the CPU's gap (if
-        `outside`), the stages' part and the CPU by the process's, times `share` (a whole hop's
-        curve covers two processes: each of its passes takes half)."""
-        lat, _, stage = self._read(cpu_gap_ns)
-        _, cpu, own_stage = self._read(process_gap_ns)
-        return (lat - stage if outside else 0.0) + share * own_stage, share * cpu
 
     def to_json(self) -> list[dict]:
         gaps = self.gaps_ns or (None,) * len(self.points)

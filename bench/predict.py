@@ -400,10 +400,9 @@ def _placed(
 
     Apps on one CPU take turns, a sidecar's pass overlaps other calls' work on the other CPU,
     and the calls of a parallel group queue on their caller's sidecar, all in the schedule. A
-    sidecar then pays to wake up when its CPU or its own process idled before its pass, priced
-    by the idle curve at those idle gaps (`IdleCurve.after_gaps`), rather than at the call's
-    rate: on a CPU that several sidecars share, only some passes find it idle, while each
-    sidecar's process finds its caches cold after its own gap. `path_stages` and `cpu_stages` get the schedule's
+    sidecar then pays to wake up when its CPU idled before its pass, priced by the idle curve at
+    that idle gap (`IdleCurve.after_gap`), rather than at the call's rate: on a CPU that several
+    sidecars share, only some passes find it idle. `path_stages` and `cpu_stages` get the schedule's
     `idle` in place of each pass's.
     """
     factor = dict(what_if.factors).get(IDLE_STAGE, 1.0)
@@ -414,25 +413,18 @@ def _placed(
         curve = profile.idle.get(setup_key(profile, service)) if service and factor else None
         if curve is None:
             return None
-        return lambda cpu_gap, own_gap: _scaled(factor, curve.after_gaps(cpu_gap, own_gap))
+        return lambda gap: _scaled(factor, curve.after_gap(gap))
 
     def cost(call: Call, wakes: bool = True) -> HopCost:
         hop = hops[call.id]
         out = graph.services[hop.caller] if hop.caller is not None else None
         inbound = graph.services[hop.callee]
         if hop.whole:
-            # The hop's curve was measured for both passes at once, after one idle gap of the CPU
-            # and of both processes: the outbound pass, which follows the CPU's gap, pays the
-            # part outside the stages; each pass half of the stages' part and of the CPU.
+            # the hop's curve was measured for both passes at once: its outbound pass pays it
             curve = profile.idle.get(hop.whole) if wakes and factor else None
-            if curve is None:
-                return HopCost(hop.outbound_ns, hop.inbound_ns,
-                               hop.stages_ns.get(HANDOFF_STAGE, 0.0))  # fmt: skip
             return HopCost(hop.outbound_ns, hop.inbound_ns, hop.stages_ns.get(HANDOFF_STAGE, 0.0),
-                           lambda cpu_gap, own_gap: _scaled(
-                               factor, curve.after_gaps(cpu_gap, own_gap, 0.5)),
-                           lambda cpu_gap, own_gap: _scaled(
-                               factor, curve.after_gaps(cpu_gap, own_gap, 0.5, outside=False)))  # fmt: skip
+                           (lambda gap: _scaled(factor, curve.after_gap(gap)))
+                           if curve is not None else None)  # fmt: skip
         return HopCost(hop.outbound_ns, hop.inbound_ns, hop.stages_ns.get(HANDOFF_STAGE, 0.0),
                        wake(out if out is not None and out.sidecar and wakes else None),
                        wake(inbound if inbound.sidecar and wakes else None))  # fmt: skip

@@ -11,9 +11,7 @@ one CPU); a task starts once the tasks it follows have ended and both its
 resources are free, the earliest startable first (a non-delay list
 schedule, as a run-to-completion event loop and a scheduler without
 preemption between short tasks behave); delays (the network, wake-ups
-between processes) take time on no resource. With a request period, a pass
-that follows an idle gap of its CPU or of its own process pays the wake-up
-the profile's idle curve measured after as long a gap.
+between processes) take time on no resource.
 
 A call's tasks, in order: the caller's sidecar (outbound) and the callee's
 sidecar (inbound) each pass the request, then the callee's app takes the
@@ -55,9 +53,9 @@ UNPLACED = Placement()
 PINNED = Placement(apps=0, sidecars=1)
 
 
-# What waking a sidecar costs: (how long its CPU idled, how long its own process idled, ns) ->
-# (latency ns, CPU ns), the profile's IdleCurve read on its gap axis (`IdleCurve.after_gaps`).
-Wake = Callable[[float, float], tuple[float, float]]
+# What waking a sidecar costs after its CPU idled: the idle gap (ns) -> (latency ns, CPU ns),
+# the profile's IdleCurve read on its gap axis (`IdleCurve.after_gap`).
+Wake = Callable[[float], tuple[float, float]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,16 +142,12 @@ class _Plan:
             duration = task.duration
             cpu = next((r for r in task.resources if r in shared_cpu), None)
             if task.wake is not None and cpu is not None and cpu in free:
-                # The whole wake-up falls on the half that follows the idle gaps: the profile's
+                # The whole wake-up falls on the half that follows the idle gap: the profile's
                 # paced exchange paid its curve's cost after one long gap (before its request),
-                # its answer following the echo's short work as in the closed loop. The CPU's
-                # gap and the process's own (since its last pass) can differ when sidecars
-                # share the CPU.
-                process = task.resources[0]
-                cpu_gap = best_start - free[cpu]
-                process_gap = best_start - free.get(process, free[cpu])
-                if cpu_gap > 0 or process_gap > 0:
-                    wake_ns, wake_cpu = task.wake(max(0.0, cpu_gap), max(0.0, process_gap))
+                # its answer following the echo's short work as in the closed loop.
+                gap = best_start - free[cpu]
+                if gap > 0:
+                    wake_ns, wake_cpu = task.wake(gap)
                     duration += wake_ns
                     self.wake_cpu_ns += wake_cpu
             end[best] = best_start + duration

@@ -373,21 +373,6 @@ def test_fit_idle_curve_gives_each_point_the_idle_gap_before_its_exchange():
     assert tight.gaps_ns[0] > tight.gaps_ns[1]
 
 
-def test_a_wake_up_splits_into_the_cpus_part_and_the_processs_part():
-    # After 10 ms idle: 60 µs more latency, of which 20 µs in the stages, and 9 µs more CPU.
-    curve = IdleCurve(((100, 60_000, 9000), (5000, 0, 0)), (10_000_000, 100_000), (20_000, 0))
-    assert curve.after_gaps(10_000_000, 10_000_000) == (60_000, 9000)
-    # the CPU just ran another sidecar, this one idled: its cold stages and its CPU only
-    assert curve.after_gaps(50_000, 10_000_000) == (20_000, 9000)
-    # the CPU idled, this process ran a moment ago: waking the CPU only
-    assert curve.after_gaps(10_000_000, 50_000) == (40_000, 0)
-    # a whole hop's two passes: the outbound one wakes the CPU, each takes half of the rest
-    out = curve.after_gaps(10_000_000, 10_000_000, 0.5)
-    back = curve.after_gaps(50_000, 10_000_000, 0.5, outside=False)
-    assert out == (50_000, 4500) and back == (10_000, 4500)
-    assert IdleCurve.from_json(curve.to_json()) == curve
-
-
 def test_fit_idle_curve_keeps_the_stages_part_within_the_latency():
     spans = {100: 200_000.0, 1000: 200_000.0, 4000.0: 200_000.0}
     curve = fit_idle_curve(4000.0, [(100, 60_000.0, 9000.0, 70_000.0),
@@ -395,20 +380,6 @@ def test_fit_idle_curve_keeps_the_stages_part_within_the_latency():
     assert curve.stage_ns == (60_000, 10_000, 0)  # 70 µs of stages in 60 µs: all of it
     # points without the stage clock (older profiles) give no stages' part
     assert fit_idle_curve(4000.0, [(100, 60_000.0, 9000.0)], spans).stage_ns == ()
-
-
-def test_on_shared_cpus_a_sidecar_that_idled_pays_its_cold_stages_on_a_busy_cpu():
-    """client → f → a at 100 /s, pinned: a's sidecar runs once per request, right after f's
-    outbound pass on the same CPU. Its process idled 10 ms: it pays the curve's stages' part
-    and CPU, while waking the CPU (the rest of the latency) falls on f's first pass only."""
-    base = hand_profile()
-    curve = IdleCurve(((100, 60_000, 9000), (5000, 0, 0)), (5_000_000, 150_000), (20_000, 0))
-    profile = Profile(base.platform, base.modes, base.ipc, base.filters, {}, [], {"http": curve})
-    placed = predict(profile, _f_calls_a(x_work_us=100), placement=PINNED)
-    # f's inbound: 60 µs; f's outbound (f's process ran 100 µs before): nothing; a's inbound:
-    # 20 µs of cold stages on the CPU f's outbound pass just left.
-    assert placed.path_stages_ns["idle"] == pytest.approx(60_000 + 20_000)
-    assert placed.cpu_stages["idle"] == pytest.approx(100 * 2 * 9000 / 1e9)
 
 
 def test_the_profiles_paced_points_give_the_curve_its_gaps_stages_part_and_fit():
@@ -603,8 +574,7 @@ def test_on_shared_cpus_a_pass_pays_to_wake_only_after_its_cpu_idled():
     chain = graph_from_data({"calls": [{"id": "a", "callee": "a", "work_us": 100},
                                        {"id": "b", "parent": "a", "callee": "b", "work_us": 100}]})  # fmt: skip
 
-    # 20 µs (5 µs CPU) after the CPU idled 1 ms or more
-    def wake(gap_ns: float, own_gap_ns: float) -> tuple[float, float]:
+    def wake(gap_ns: float) -> tuple[float, float]:  # 20 µs (5 µs CPU) after idling 1 ms or more
         return (20_000.0, 5_000.0) if gap_ns >= 1_000_000 else (0.0, 0.0)
 
     def cost(call):
@@ -634,9 +604,7 @@ def test_predict_on_shared_cpus_puts_the_schedules_wake_ups_in_the_idle_stage():
     # followed a's work: a curve without gaps reads 100 µs as 10 kHz, no idle gap at all.
     assert placed.path_stages_ns["idle"] == pytest.approx(40_000)
     assert placed.overhead_ns == pytest.approx(3 * 3100 + 40_000)
-    # Its CPU belongs to each process that idled: f's sidecar (its outbound pass follows its
-    # inbound one by 100 µs) once, a's sidecar (idle since the previous request) once.
-    assert placed.cpu_stages["idle"] == pytest.approx(100 * 2 * 8_000 / 1e9)
+    assert placed.cpu_stages["idle"] == pytest.approx(100 * 8_000 / 1e9)
 
 
 def test_an_apps_own_cpu_is_half_taking_the_call_half_answering_it():
