@@ -17,7 +17,7 @@ def test_a_fanout_traced_by_the_app_imports_as_its_call_graph(tmp_path):
         for name in ("b", "c"):
             leaves[name] = f"127.0.0.1:{free_port()}"
             procs.start([sys.executable, "-m", "pyproxy.bench.validation_app", "--listen", leaves[name],
-                         "--name", name, "--trace", str(trace), "--work-us", "5000"])  # fmt: skip
+                         "--name", name, "--trace", str(trace), "--work-us", "20000"])  # fmt: skip
         entry = f"127.0.0.1:{free_port()}"
         procs.start([sys.executable, "-m", "pyproxy.bench.validation_app", "--listen", entry, "--name", "a",
                      "--call", leaves["b"], "--call", leaves["c"], "--parallel", "--work-us", "300",
@@ -38,7 +38,8 @@ def test_a_fanout_traced_by_the_app_imports_as_its_call_graph(tmp_path):
     assert {c.group for c in root.children} == {0}  # the app called them in parallel
     assert all(c.request == c.response == 1000 for c in [root, *root.children])
     # Each service's own work is what it spun (plus scheduling noise), not its callees' time:
-    # the leaves spin 5 ms each, so counting either of them in the root's work (or subtracting
-    # both, as if they ran one after the other) lands far outside these bounds.
-    assert 300_000 <= root.work_ns < 300_000 + 4_000_000
-    assert all(5_000_000 <= c.work_ns < 50_000_000 for c in root.children)
+    # the leaves spin 20 ms each, so counting either of them in the root's work (or subtracting
+    # both, as if they ran one after the other) lands outside these bounds, while a loaded
+    # machine's scheduling delays (several ms on two busy CPUs) stay inside them.
+    assert 300_000 <= root.work_ns < 300_000 + 15_000_000
+    assert all(20_000_000 <= c.work_ns < 200_000_000 for c in root.children)
