@@ -21,7 +21,9 @@ Content-Length, so no trailers): the hook runs the body filters over it once,
 as the whole body with the end of the stream, right after the head's. A body
 they let through as it came goes on as read; any other outcome (held, changed,
 answered) is taken like a head, and the Exchange that adopts the chain is
-handed what the filters let through, never the body again. A chain with no
+handed what the filters let through, never the body again (one filter with both
+response hooks runs a response's head and body in one step, HttpChain.encode_whole,
+its head's edit checked after the body). A chain with no
 request filter starts at the response hook instead (the pair calls no request hook; the request's header
 map is built from its bytes only if something reads it), or where an Exchange
 adopts the request in flight. A head the filters pass unchanged goes on as read, a
