@@ -165,17 +165,23 @@ def test_a_filter_answering_from_the_response_body_resets_as_on_the_general_path
         _, proxy, client = lane_listener(start_proxy, tmp_path, lane, BODY_CASES)
         assert client.get(b"/warm")[1] == b"ok:/warm"
         client.send(b"GET /late HTTP/1.1\r\nHost: svc\r\nX-Body-Case: reply\r\n\r\n")
-        received = b""
-        try:
-            while chunk := client.sock.recv(65536):
-                received += chunk
-        except ConnectionResetError:
-            pass
+        received = read_to_the_end(client)
         stats = proxy.wait_for(lambda s: s["requests"] == 2)
         outcomes[lane] = (b"418" in received, stats["flags"], stats["responses"])
         client.close()
     assert outcomes["native"] == outcomes["off"]
     assert outcomes["native"][0] is False
+
+
+def read_to_the_end(client: Client) -> bytes:
+    """What the proxy sends until it closes or resets the connection."""
+    received = b""
+    try:
+        while chunk := client.sock.recv(65536):
+            received += chunk
+    except ConnectionResetError:
+        pass
+    return received
 
 
 def test_a_held_body_waits_for_the_route_timeout_on_the_general_path(start_proxy, tmp_path):

@@ -150,6 +150,15 @@ class ChainFactory:
         self.single = len(classes) == 1
         # One filter with state per request: made without the general set-up's list and loop.
         self.create_one = self.creators[0][1] if self.single and self.creators else None
+        # One filter with both response hooks: a message the native lane holds whole goes
+        # through them in one step (encode_whole): (head hook, body hook, stage slots).
+        self.whole: tuple[Any, Any, int, int] | None = None
+        if self.single and self.hooks["encode_headers"] and self.hooks["encode_data"]:
+            _, head, ns_slot, events_slot = self.hooks["encode_headers"][0]
+            self.whole = (head, self.hooks["encode_data"][0][1], ns_slot, events_slot)
+        # One filter with per-request state whose on_destroy is all its end-of-request work:
+        # destroy calls it without run_destroyers' loops.
+        self.one_finisher = self.create_one is not None and self.finishers == (0,)
 
     def start(self, exchange: ChainOwner) -> HttpChain:
         return HttpChain(self, exchange)
@@ -304,6 +313,67 @@ class HttpChain:
 
     def encode_trailers(self, trailers) -> None:
         self._feed("encode", "trailers", trailers, True)
+
+    def encode_whole(self, headers: HeaderMap, body) -> int:
+        """A whole response (head, then ``body`` as the stream's end) through a chain of one
+        filter with both response hooks (``factory.whole``) while nothing is held: the native
+        lane's response pass, as encode_headers then encode_data run it (each hook timed and
+        counted as its own), in one step. 0: the head did not go on; 1: it did, and what the
+        body hook let through went to the owner's forward_response_body as encode_data sends
+        it; 2: both went on, the body as it came (sent nowhere: the caller carries it on).
+        The owner's forward_response_head is not called: the caller sends the head."""
+        self.maps["encode"] = headers
+        if self.replied or self.done:
+            return 0
+        whole = self.factory.whole
+        assert whole is not None, "called only for a chain of one filter with both hooks"
+        head, feed, ns_slot, events_slot = whole
+        instance = self.filters[0]
+        instance.callbacks = self
+        ctx = self.exchange.ctx
+        timed = ctx.timed
+        if timed:
+            t = perf_counter_ns()
+            status = head(instance, headers, False)
+            now = perf_counter_ns()
+            spent = now - t
+            block = ctx.block
+            block[ns_slot] += spent
+            block[events_slot] += 1
+            self.hook_ns += spent
+        else:
+            status = head(instance, headers, False)
+        if self.replied:
+            return 0
+        if status != CONTINUE:
+            self._stopped("encode", "headers", headers, False, 0, 0, status, False)
+            return 0
+        if self.state is not None:
+            self.state.stopped["encode"] = None
+        if self.done:
+            return 1  # as encode_data would: nothing runs, nothing goes on
+        if timed:
+            status = feed(instance, body, True)
+            spent = perf_counter_ns() - now
+            block[ns_slot] += spent
+            block[events_slot] += 1
+            self.hook_ns += spent
+        else:
+            status = feed(instance, body, True)
+        data = body
+        if self.chunk is not None:
+            data, self.chunk = self.chunk, None
+        if self.replied:
+            return 1
+        if status != CONTINUE:
+            self._stopped("encode", "data", data, True, 0, 0, status, False)
+            return 1
+        if self.state is not None:
+            self.state.stopped["encode"] = None
+        if data is body:
+            return 2
+        self.exchange.forward_response_body(data, True)
+        return 1
 
     # ---- callbacks (what a filter may call for its request) -------------------------
 
@@ -664,6 +734,19 @@ class HttpChain:
         if self.done:
             return
         self.done = True
+        factory = self.factory
+        if factory.one_finisher and self.state is None:
+            # run_destroyers' work for its one filter, without the loops (no cleanups asked).
+            instance = self.filters[0]
+            ctx = self.exchange.ctx
+            if ctx.timed:
+                t0 = perf_counter_ns()
+                instance.on_destroy()
+                ctx.block[factory.stage_ns[0]] += perf_counter_ns() - t0
+            else:
+                instance.on_destroy()
+            self.filters = ()
+            return
         self.run_destroyers()
 
     def run_destroyers(self) -> None:

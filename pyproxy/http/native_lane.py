@@ -21,7 +21,9 @@ Content-Length, so no trailers): the hook runs the body filters over it once,
 as the whole body with the end of the stream, right after the head's. A body
 they let through as it came goes on as read; any other outcome (held, changed,
 answered) is taken like a head, and the Exchange that adopts the chain is
-handed what the filters let through, never the body again. A chain with no
+handed what the filters let through, never the body again (one filter with both
+response hooks runs a response's head and body in one step, HttpChain.encode_whole,
+its head's edit checked after the body). A chain with no
 request filter starts at the response hook instead (the pair calls no request hook; the request's header
 map is built from its bytes only if something reads it), or where an Exchange
 adopts the request in flight. A head the filters pass unchanged goes on as read, a
@@ -86,7 +88,7 @@ class NativeLanes:
 
     __slots__ = (
         "ctx", "route", "chain", "ends_with_request", "ends_with_response", "starts_late", "slots",
-        "timeout_ns", "bodies", "decodes_body", "encodes_body",
+        "timeout_ns", "bodies", "decodes_body", "encodes_body", "whole",
     )  # fmt: skip
 
     def __init__(self, ctx: HttpContext, route: Route, chain: ChainFactory | None) -> None:
@@ -99,6 +101,8 @@ class NativeLanes:
         self.encodes_body = chain is not None and bool(
             chain.hooks["encode_data"] or chain.hooks["encode_trailers"]
         )
+        # One filter with both response hooks: the response hook runs them in one step.
+        self.whole = chain is not None and chain.whole is not None
         # No response filter and no end-of-request hook: a request head they pass unchanged
         # ends its chain at once, and the pair need not call back at the exchange's end.
         self.ends_with_request = chain is not None and not (chain.finishers or chain.encodes)
@@ -353,6 +357,8 @@ class NativeLane:
         as_read = _STATUS[status]  # 200-599: the pair carries no other
         headers = HeaderMap(fields, {b":status": as_read})
         lanes = self.lanes
+        if lanes.whole and chain.state is None:
+            return self._whole_response(chain, as_read, headers, body)
         if not chain.encode_headers(headers, False):
             self.passed = False
             return False
@@ -366,6 +372,35 @@ class NativeLane:
         if lanes.encodes_body and not self._through_as_read(chain.encode_data, body):
             return False
         if chain.state is None and lanes.ends_with_response:
+            self._let_go(chain)  # the filters' last word
+        return edited
+
+    def _whole_response(
+        self, chain: HttpChain, as_read: bytes, headers: HeaderMap, body: bytes
+    ) -> list | bool | None:
+        """The response hook's work for a chain of one filter with both response hooks: head
+        and body through them in one step (HttpChain.encode_whole). The head's edit is checked
+        once the body went through: a head the pair cannot write is taken with what the body
+        hook let through, which the Exchange sends after it (the filter sees its head and body
+        once, in order, as when the head is taken before the body)."""
+        self.through = through = []
+        outcome = chain.encode_whole(headers, body)  # self.passed stays None if a hook raises
+        if not outcome:
+            self.passed = False
+            return False
+        self.passed = True
+        if outcome == 2:
+            through.append((body, True))
+        elif not (
+            len(through) == 1 and through[0][1] and (through[0][0] is body or through[0][0] == body)
+        ):
+            return False
+        edited = None
+        if headers.changed:
+            edited = paired_response_edit(as_read, headers)
+            if edited is None:
+                return False
+        if chain.state is None and self.lanes.ends_with_response:
             self._let_go(chain)  # the filters' last word
         return edited
 
