@@ -255,3 +255,35 @@ def test_an_abort_answers_head_with_the_length_and_no_body(start_proxy, tmp_path
         sock.sendall(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
         assert _read_until(sock, b"\r\n\r\nfault filter abort\n").startswith(b"HTTP/1.1 503 ")
     assert proxy.wait_for(lambda s: s["duration"]["count"] == 2)["flags"] == {"FI": 2}
+
+
+def test_an_early_answer_reaches_a_client_still_uploading(start_proxy, tmp_path, upstream):
+    """The proxy answers on the head and closes while the body keeps coming: the client's upload
+    is not reset (curl, for one, gives up on a reset upload without reading the answer), and the
+    whole answer and the end follow; the proxy discards the rest of the body."""
+    _, port = _proxy(
+        start_proxy, tmp_path, upstream.address, "{abort: {http_status: 503, percentage: 100}}"
+    )
+    body = b"u" * (16 * 1024 * 1024)
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body))
+            failed: list[OSError] = []
+            uploader = threading.Thread(target=_upload, args=(sock, body, failed), daemon=True)
+            uploader.start()
+            uploader.join(10)
+            assert not uploader.is_alive() and not failed, failed
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503 "), answer[:80]
+        head, rest = answer.split(b"\r\n\r\n", 1)
+        assert b"content-length: %d" % len(rest) in head.lower()
+    assert len(upstream.requests) == 0
+
+
+def _upload(sock: socket.socket, body: bytes, failed: list[OSError]) -> None:
+    try:
+        sock.sendall(body)
+    except OSError as error:
+        failed.append(error)

@@ -24,6 +24,10 @@ READ_SIZE = 65536
 # How long a closed stream may wait for a peer to take its last bytes: one that never reads
 # must not keep the socket (and the loop's watch on it) after its owner has let go.
 CLOSE_LINGER_S = 10.0
+# How long a gracefully closed socket whose peer may still be sending reads and discards before
+# it closes: closing with unread bytes makes the kernel send an RST, which can destroy a final
+# answer (a 413 while the client still uploads) before the client reads it.
+DISCARD_S = 2.0
 
 
 class StreamOwner(Protocol):
@@ -62,6 +66,7 @@ class Stream:
         "_shutdown_pending",
         "_close_pending",
         "_linger",
+        "_eof",
         "closed",
         "high_water",
         "low_water",
@@ -109,6 +114,7 @@ class Stream:
         self._shutdown_pending = False
         self._close_pending = False
         self._linger = None
+        self._eof = False
         self.closed = False
         self.high_water = high_water
         self.low_water = high_water // 4
@@ -180,6 +186,7 @@ class Stream:
                 self.trace[self.read_stage] += t1 - t0
         if not data:
             self._reading = False
+            self._eof = True
             self._unwatch()
             self.owner.eof_received()
             return
@@ -329,8 +336,10 @@ class Stream:
         self._queue.clear()
         if reset:
             abort(self.sock)
-        else:
+        elif self._eof or self.fd < 0:
             self.sock.close()
+        else:
+            _Discard(self.loop, self.sock)
 
     def detach(self) -> tuple[socket.socket, bytes]:
         """Give the socket away (e.g. to a byte relay after an Upgrade) with what is still unsent."""
@@ -351,3 +360,38 @@ class Stream:
         elif not self._close_pending:
             self._close_pending = True
             self._linger = self.loop.call_later(CLOSE_LINGER_S, self.close, True)
+
+
+class _Discard:
+    """A closed stream's socket whose peer has not ended: half-closed at once (the peer sees the
+    end of what was sent), then read and discarded until the peer ends or DISCARD_S pass."""
+
+    __slots__ = ("loop", "sock", "fd", "timer")
+
+    def __init__(self, loop, sock: socket.socket) -> None:
+        self.loop, self.sock, self.fd = loop, sock, sock.fileno()
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            sock.close()
+            return
+        loop.add_reader(self.fd, self._drain)
+        self.timer = loop.call_later(DISCARD_S, self._close)
+
+    def _drain(self) -> None:
+        try:
+            for _ in range(16):  # a bounded turn: a peer that keeps sending waits for the next
+                if not self.sock.recv(READ_SIZE):
+                    break
+            else:
+                return
+        except BlockingIOError:
+            return
+        except OSError:
+            pass
+        self.timer.cancel()
+        self._close()
+
+    def _close(self) -> None:
+        self.loop.remove_reader(self.fd)
+        self.sock.close()
