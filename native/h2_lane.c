@@ -256,7 +256,7 @@ pp_lane *pp_lane_attach(pp_h2 *h, int64_t *block, const int32_t *slots, int time
     l->max_streams = limits[0];
     l->max_headers = limits[1];
     l->max_header_bytes = limits[2];
-    pp_h2_taker taker = {lane_take, lane_closed, lane_free, l};
+    pp_h2_taker taker = {lane_take, lane_closed, lane_free, l, NULL};
     pp_h2_set_taker(h, &taker);
     live_lanes++;
     return l;

@@ -156,21 +156,29 @@ def native_lanes(ctx: HttpContext) -> NativeLanes | None:
 
 def lane_route(ctx: HttpContext) -> tuple[Route, ChainFactory | None] | None:
     """The one route (and its filters) every request of the listener takes when a native lane
-    may carry its requests in C, else None. The rule both lanes (this one and h2_lane.py)
-    follow: HTTP mode, the fast codec (C checks HTTP/1 heads with the same scan), no
-    per-request stage trace (Server-Timing) or access log line to keep, one route to one
-    endpoint speaking HTTP/1.1."""
+    may carry its requests in C, else None. The rule both HTTP lanes (this one and h2_lane.py)
+    follow: HTTP mode, the fast codec (C checks HTTP/1 heads with the same scan), sole_route's
+    rule, and an endpoint speaking HTTP/1.1."""
+    found = sole_route(ctx)
+    if found is None or not _lane_listener(ctx.listener) or found[1] != "http1":
+        return None
+    return found[0], ctx.chain_for(found[0])
+
+
+def sole_route(ctx: HttpContext) -> tuple[Route, str] | None:
+    """The one route every request of the listener takes, and its upstream protocol, when a
+    native lane may carry requests at all (every lane's rule): no per-request stage trace
+    (Server-Timing) or access log line to keep, one route to one endpoint."""
     route = ctx.router.sole_route
     if (
-        not _lane_listener(ctx.listener)
-        or ctx.access_log is not None
+        ctx.access_log is not None
+        or ctx.settings.server_timing
         or route is None
         or (route.cluster is not None and len(route.cluster.endpoints) != 1)
     ):
         return None
     cluster = route.cluster if route.cluster is not None else ctx.router.default_cluster
-    protocol = cluster.protocol if cluster is not None else ctx.settings.upstream_protocol
-    return (route, ctx.chain_for(route)) if protocol == "http1" else None
+    return route, cluster.protocol if cluster is not None else ctx.settings.upstream_protocol
 
 
 def _lane_listener(listener: ListenerConfig) -> bool:
