@@ -24,6 +24,8 @@ typedef struct {
     int deadline_kind, kind;
     uint32_t requests;
     pp_buf block; /* the request's header block as received (the handover's head) */
+    pp_buf head;  /* the response's head when it came alone (held, not yet sent downstream) */
+    int held;
     size_t path_at, path_len;
 } glane_slot;
 
@@ -162,8 +164,8 @@ static int carried(pp_glane *g, const uint8_t *block, size_t len, int64_t *grpc_
         return 0;
     pp_buf *b = &upstream_block;
     b->len = 0;
-    int bad = buf_add(b, ":method\0POST\0:scheme\0http\0:authority", 37) | buf_add(b, "", 1) |
-              buf_add(b, authority.value, authority.value_len) | buf_add(b, "\0:path", 7) |
+    int bad = buf_add(b, ":method\0POST\0:scheme\0http\0:authority", 36) | buf_add(b, "", 1) |
+              buf_add(b, authority.value, authority.value_len) | buf_add(b, "\0:path", 6) |
               buf_add(b, "", 1) | buf_add(b, path->value, path->value_len);
     pos = 0;
     while (next_field(block, len, &pos, &f)) {
@@ -297,6 +299,7 @@ static int take(pp_glane *g, const uint8_t *records, size_t len, size_t at, pp_h
     if (!body) failed |= pp_h2_queue_data(g->up, up_sid, NULL, 0, 1) < 0;
     int64_t now = now_ns();
     s->state = SLOT_WAITING;
+    s->held = 0;
     s->down_sid = head.stream_id;
     s->up_sid = up_sid;
     s->started_ns = now;
@@ -410,14 +413,17 @@ static int grpc_status_of(const uint8_t *block, size_t len)
     return -1;
 }
 
-enum { RESP_NONE, RESP_PARTIAL, RESP_WHOLE, RESP_HAND };
+enum { RESP_NONE, RESP_PARTIAL, RESP_WHOLE, RESP_HAND, RESP_HOLD };
 
 /* How this read's records answer the call: none of them; whole (head, data, trailers, or
- * trailers-only: *head_at, *trailers_at, *status, *body, the scan); anything else: hand over. */
+ * trailers-only: *head_at, *trailers_at, *status, *body, the scan); its head alone (held in C
+ * until the rest comes: a server that sends its initial metadata first); anything else: hand
+ * over. A head held from an earlier read counts as seen (*head_at SIZE_MAX). */
 static int response_of(pp_glane *g, glane_slot *s, const uint8_t *records, size_t len, size_t *head_at,
                        size_t *trailers_at, int *status, size_t *body, scan_t *scan)
 {
-    int seen = RESP_NONE;
+    int seen = s->held ? RESP_PARTIAL : RESP_NONE, data = 0, any = 0;
+    if (s->held) *head_at = SIZE_MAX;
     *body = 0;
     *trailers_at = SIZE_MAX;
     memset(scan, 0, sizeof *scan);
@@ -427,6 +433,7 @@ static int response_of(pp_glane *g, glane_slot *s, const uint8_t *records, size_
         size_t at = pos;
         pos += REC_SIZE + r.len;
         if (r.stream_id != s->up_sid || r.kind == REC_WINDOW) continue;
+        any = 1;
         if (seen == RESP_NONE) {
             if (r.kind != REC_HEADERS || r.a != HCAT_RESPONSE || !(r.flags & PP_H2_PLAIN) ||
                 !status_200(payload, r.len))
@@ -439,6 +446,7 @@ static int response_of(pp_glane *g, glane_slot *s, const uint8_t *records, size_
             seen = RESP_PARTIAL;
         }
         else if (r.kind == REC_DATA) {
+            data = 1;
             *body += r.len;
             scan_feed(scan, payload, r.len, g->max_response);
             if (*body > PP_GLANE_MAX_BODY || scan->bad) return RESP_HAND;
@@ -451,7 +459,18 @@ static int response_of(pp_glane *g, glane_slot *s, const uint8_t *records, size_
         }
         else return RESP_HAND;
     }
-    return seen == RESP_NONE ? RESP_NONE : RESP_HAND;
+    if (!any) return RESP_NONE;
+    return !data && !s->held ? RESP_HOLD : RESP_HAND;
+}
+
+/* Keep the response's head (its record leaves the read) until the rest comes; -1: no memory. */
+static int hold(glane_slot *s, const uint8_t *records, size_t head_at)
+{
+    pp_h2_rec r = rec_at(records, head_at);
+    s->head.len = 0;
+    if (buf_add(&s->head, records + head_at + REC_SIZE, r.len)) return -1;
+    s->held = 1;
+    return 0;
 }
 
 static void hand_over(glane_slot *s, int kind)
@@ -464,11 +483,19 @@ static void hand_over(glane_slot *s, int kind)
 static void answer(pp_glane *g, glane_slot *s, const uint8_t *records, size_t len, size_t head_at,
                    size_t trailers_at, int status, size_t body, const scan_t *scan)
 {
-    pp_h2_rec head = rec_at(records, head_at);
     int only = trailers_at == SIZE_MAX;
-    int failed = pp_h2_submit_headers(g->down, s->down_sid, records + head_at + REC_SIZE, head.len,
+    const uint8_t *head = s->head.data;
+    size_t head_len = s->head.len, from = 0;
+    if (head_at != SIZE_MAX) {
+        pp_h2_rec r = rec_at(records, head_at);
+        head = records + head_at + REC_SIZE;
+        head_len = r.len;
+        from = head_at + REC_SIZE + r.len;
+    }
+    int failed = pp_h2_submit_headers(g->down, s->down_sid, head, head_len,
                                       PP_H2_PLAIN | (only ? PP_H2_END_STREAM : 0)) < 0;
-    for (size_t pos = head_at + REC_SIZE + head.len; !only && !failed && pos < trailers_at;) {
+    s->held = 0;
+    for (size_t pos = from; !only && !failed && pos < trailers_at;) {
         pp_h2_rec r = rec_at(records, pos);
         if (r.stream_id == s->up_sid && r.kind == REC_DATA && r.len)
             failed = pp_h2_queue_data(g->down, s->down_sid, records + pos + REC_SIZE, r.len, 0) < 0;
@@ -503,6 +530,7 @@ static size_t up_filter(void *opaque, uint8_t *records, size_t len)
             answer(g, s, records, len, head_at, trailers_at, status, body, &scan);
             done[n++] = up_sid;
         }
+        else if (seen == RESP_HOLD && !hold(s, records, head_at)) done[n++] = s->up_sid;
         else hand_over(s, PP_GLANE_RESPONSE);
     }
     return n ? compact(records, len, done, n) : len;
@@ -524,7 +552,10 @@ static void glane_free(void *opaque)
         pp_h2_taker none = {0};
         pp_h2_set_taker(g->up, &none);
     }
-    for (int i = 0; i < g->nslots; i++) free(g->slots[i].block.data);
+    for (int i = 0; i < g->nslots; i++) {
+        free(g->slots[i].block.data);
+        free(g->slots[i].head.data);
+    }
     free(g->slots);
     free(g->done.data);
     free(g->done_out.data);
@@ -602,6 +633,8 @@ void pp_glane_handover_of(pp_glane *g, int idx, pp_glane_handover *out)
     out->requests = s->requests;
     out->block = s->block.data;
     out->block_len = s->block.len;
+    out->response = s->held ? s->head.data : NULL;
+    out->response_len = s->held ? s->head.len : 0;
 }
 
 void pp_glane_release(pp_glane *g, int idx)

@@ -13,7 +13,9 @@
  * After each upstream read the lane looks at that read's records the same way: a call whose
  * response (plain HEADERS :status 200, whole framed DATA within the downstream window, plain
  * trailers; or a trailers-only response) came whole in this read is submitted on the downstream
- * stream and finished: a record (pp_glane_done) waits for Python's per-method accounts. Any
+ * stream and finished: a record (pp_glane_done) waits for Python's per-method accounts (a
+ * response head that comes alone is held in C, bounded by the header limits, until the rest
+ * comes; a handover gives it to Python, which reads it before the rest). Any
  * other record of a lane call (a reset, a response in pieces, a non-200 status, bad framing, a
  * message over the limit) hands the call over: its records stay for Python, which adopts the
  * already-sent stream on the general path (pp_glane_next_handover, pp_glane_handover_of,
@@ -78,6 +80,8 @@ typedef struct {
     uint32_t requests;    /* messages sent upstream */
     const uint8_t *block; /* the request's header block as received, NUL-joined */
     size_t block_len;
+    const uint8_t *response; /* the response's head held in C (never sent downstream), or NULL */
+    size_t response_len;
 } pp_glane_handover;
 
 typedef struct pp_glane pp_glane;

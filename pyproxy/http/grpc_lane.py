@@ -164,7 +164,7 @@ class GrpcLane:
         if route.cluster is not None:
             target, source = route.cluster.peek(), ""
         else:
-            target, source = self.session.default_target()
+            target, source = self.session.target, self.session.source
         timeout = cluster.connect_timeout if cluster is not None else ctx.listener.connect_timeout
         idle_timeout = cluster.idle_timeout if cluster is not None else 4.0
         upstream = GrpcLaneUpstream(ctx, ctx.pool.h2, target, idle_timeout, self)
@@ -232,13 +232,14 @@ class GrpcLane:
         info = self._info
         lib.pp_glane_handover_of(self.lane, idx, info)
         block = ffi.buffer(info.block, info.block_len)[:]
+        held = ffi.buffer(info.response, info.response_len)[:] if info.response_len else b""
         sid, upstream_id, started_ns, requests = (
             info.stream_id, info.upstream_id, info.started_ns, info.requests,
         )  # fmt: skip
         lib.pp_glane_release(self.lane, idx)
         upstream = self.upstream
         assert upstream is not None
-        from pyproxy.codec.http2 import request_from_h2  # lazy: hyper-h2, HTTP/2 workers only
+        from pyproxy.codec.http2 import request_from_h2, response_from_h2  # lazy: hyper-h2
         from pyproxy.codec.http2_native import split_headers  # lazy: as above
 
         head: Any = request_from_h2(split_headers(block, 0, len(block)), False, True)
@@ -248,9 +249,10 @@ class GrpcLane:
         stream.stream_id = upstream_id
         stream.ended_out = True
         upstream.streams[upstream_id] = stream
-        self.session.adopt_request(sid, head).adopt_call(
-            self.lanes.route, stream, started_ns, requests
-        )
+        exchange = self.session.adopt_request(sid, head)
+        exchange.adopt_call(self.lanes.route, stream, started_ns, requests)
+        if held:  # the response's head C held (plain, :status 200): read first, as it came
+            exchange.response_head(response_from_h2(split_headers(held, 0, len(held)), True))
         # OVERDUE: the deadline adopt_call armed is past; it fires on the next tick.
         self.session.mark_dirty()
 
