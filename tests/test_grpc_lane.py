@@ -16,7 +16,18 @@ from conftest import ProxyProcess, free_port
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import RequestReceived, StreamEnded
-from test_grpc_proxy import GRPC_OPTIONS, Upstream, _stub, pb  # noqa: F401  (pb: a fixture)
+from h2_peer import H2Client
+from test_grpc_proxy import (  # noqa: F401  (pb: a fixture)
+    GRPC_OPTIONS,
+    Upstream,
+    _drain,
+    _stub,
+    _wait_trailers_only,
+    pb,
+)
+from test_grpc_proxy import _raw_call as _h2_call
+
+from pyproxy.codec.grpc import frame
 
 LIMIT = 1024 * 1024
 
@@ -158,17 +169,35 @@ def test_many_concurrent_calls_on_one_connection(pb, echo, proxy):  # noqa: F811
         carried.expect(0)
 
 
-def test_grpc_timeout_expires_with_deadline_exceeded(pb, echo, proxy, upstream):  # noqa: F811
+def test_grpc_timeout_is_enforced_by_the_sidecar_for_lane_calls(pb, proxy, upstream):  # noqa: F811
+    """A caller that never cancels (raw h2): the sidecar answers DEADLINE_EXCEEDED itself, as a
+    trailers-only response, and cancels the call upstream."""
+    client = H2Client(proxy.ports["main"])
+    warm = _h2_call(client, "/pyproxytest.Echo/Unary", frame(pb[0].Msg(data=b"w").SerializeToString()))
+    client.wait([warm])
+    carried = Carried(proxy)
     before = proxy.listener()
+    _drain(upstream.cancelled)
     started = time.monotonic()
-    with pytest.raises(grpc.RpcError) as err:
-        echo.Unary(pb[0].Msg(delay_ms=3000), timeout=0.5)
-    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert time.monotonic() - started < 2.5
-    after = proxy.wait_for(lambda s: s["flags"].get("UT", 0) > before["flags"].get("UT", 0))
-    assert after["flags"].get("UT", 0) == before["flags"].get("UT", 0) + 1  # the sidecar enforced it itself
-    methods = after["grpc"]["methods"]["pyproxytest.Echo/Unary"]["statuses"]
-    assert methods["DEADLINE_EXCEEDED"] >= 1
+    request = frame(pb[0].Msg(delay_ms=5000).SerializeToString())
+    sid = _h2_call(client, "/pyproxytest.Echo/Unary", request, [("grpc-timeout", "300m")])
+    head = _wait_trailers_only(client, sid)
+    assert 0.25 < time.monotonic() - started < 2.5
+    assert head[b"grpc-status"] == b"4" and head[b":status"] == b"200"
+    assert upstream.cancelled.get(timeout=2)
+    old = before["grpc"]["methods"]["pyproxytest.Echo/Unary"]["statuses"]
+
+    def counted(snap):
+        statuses = snap["grpc"]["methods"]["pyproxytest.Echo/Unary"]["statuses"]
+        return statuses.get("DEADLINE_EXCEEDED", 0) > old.get("DEADLINE_EXCEEDED", 0)
+
+    after = proxy.wait_for(counted)
+    statuses = after["grpc"]["methods"]["pyproxytest.Echo/Unary"]["statuses"]
+    assert statuses["DEADLINE_EXCEEDED"] == old.get("DEADLINE_EXCEEDED", 0) + 1
+    # Taken by the lane with the lane on, then handed over when due: not finished in C.
+    assert after["express_requests"] - before["express_requests"] == (1 if proxy.lane else 0)
+    assert carried.count() == 0
+    client.close()
 
 
 def test_route_timeout_ends_a_lane_call_as_the_general_path_does(pb, proxy):  # noqa: F811
