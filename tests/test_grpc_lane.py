@@ -8,7 +8,6 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from concurrent import futures
 
 import grpc
 import pytest
@@ -139,7 +138,9 @@ def test_large_messages_are_declined_to_the_general_path(pb, echo, proxy):  # no
     data = b"L" * (200 * 1024)
     assert echo.Unary(pb[0].Msg(data=data), timeout=5).data == data
     # A small request whose answer is large: taken, then its response handed over.
-    assert len(echo.Unary(pb[0].Msg(data=b"s", reply_size=300 * 1024), timeout=5).data) == 300 * 1024
+    assert (
+        len(echo.Unary(pb[0].Msg(data=b"s", reply_size=300 * 1024), timeout=5).data) == 300 * 1024
+    )
     carried.expect(0)
     with pytest.raises(grpc.RpcError) as err:
         echo.Unary(pb[0].Msg(data=b"o" * (LIMIT + 10)), timeout=5)
@@ -173,7 +174,9 @@ def test_grpc_timeout_is_enforced_by_the_sidecar_for_lane_calls(pb, proxy, upstr
     """A caller that never cancels (raw h2): the sidecar answers DEADLINE_EXCEEDED itself, as a
     trailers-only response, and cancels the call upstream."""
     client = H2Client(proxy.ports["main"])
-    warm = _h2_call(client, "/pyproxytest.Echo/Unary", frame(pb[0].Msg(data=b"w").SerializeToString()))
+    warm = _h2_call(
+        client, "/pyproxytest.Echo/Unary", frame(pb[0].Msg(data=b"w").SerializeToString())
+    )
     client.wait([warm])
     carried = Carried(proxy)
     before = proxy.listener()
@@ -208,7 +211,9 @@ def test_route_timeout_ends_a_lane_call_as_the_general_path_does(pb, proxy):  # 
         with pytest.raises(grpc.RpcError) as err:
             stub.Unary(pb[0].Msg(delay_ms=3000), timeout=10)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        after = proxy.wait_for(lambda s: s["flags"].get("UT", 0) > before["flags"].get("UT", 0), "timed")
+        after = proxy.wait_for(
+            lambda s: s["flags"].get("UT", 0) > before["flags"].get("UT", 0), "timed"
+        )
         assert after["flags"].get("UT", 0) == before["flags"].get("UT", 0) + 1
     finally:
         channel.close()
@@ -288,7 +293,9 @@ class _RawUpstream:
                             conn.shutdown(socket.SHUT_RDWR)
                             return
                         else:
-                            h2.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+                            h2.send_headers(
+                                sid, [(b":status", b"200"), (b"content-type", b"application/grpc")]
+                            )
                             h2.send_data(sid, b"\0\0\0\0\0")
                             h2.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
                 conn.sendall(h2.data_to_send())
@@ -330,7 +337,9 @@ def _raw_call(port: int, metadata: list) -> tuple[int, list]:
     """One unary call over a fresh grpcio channel's connection, as a generic stub."""
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
     try:
-        call = channel.unary_unary("/pkg.Svc/Do", request_serializer=None, response_deserializer=None)
+        call = channel.unary_unary(
+            "/pkg.Svc/Do", request_serializer=None, response_deserializer=None
+        )
         # Twice: the first call may find no lane upstream connected yet.
         results = []
         for _ in range(2):
@@ -380,4 +389,9 @@ def test_many_futures_leave_no_lane_or_session_behind(pb, proxy):  # noqa: F811
     assert snap["connections_active"] == 0
 
 
-_ = futures
+def test_server_info_says_whether_the_lane_is_on(proxy):
+    import json
+    import urllib.request
+
+    info = json.loads(urllib.request.urlopen(proxy.admin + "/server_info", timeout=5).read())
+    assert info["grpc_lane"] == {"main": proxy.lane, "timed": proxy.lane}

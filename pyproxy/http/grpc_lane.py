@@ -25,18 +25,19 @@ from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
 from pyproxy.codec.grpc import CANCELLED, STATUS_NAMES, UNKNOWN, method_of
+from pyproxy.config import ListenerConfig, ListenerMode
 from pyproxy.counters import EXPRESS_REQUESTS, FLAG_BASE, FLAG_INDEX, NATIVE_REQUESTS, REQUESTS
 from pyproxy.grpc_metrics import E_STARTED, record_finished
 from pyproxy.http.grpc_call import method_table
 from pyproxy.http.h2_session import NO_ERROR
-from pyproxy.http.native_lane import sole_route
+from pyproxy.http.router import sole_route
 from pyproxy.http.upstream_h2 import Http2Upstream, Http2UpstreamStream
 from pyproxy.native import block_pointer, effective_http2_codec, native_extension
 
 if TYPE_CHECKING:
     from pyproxy.http.context import HttpContext
     from pyproxy.http.downstream_h2 import Http2Downstream
-    from pyproxy.http.router import Route
+    from pyproxy.http.router import Route, Router
 
 _h2: Any = native_extension("_h2")
 _DONE = struct.Struct("=iiIIqII")  # pp_glane_done
@@ -88,18 +89,28 @@ class GrpcLanes:
 
 def grpc_lanes(ctx: HttpContext) -> GrpcLanes | None:
     """The listener's GrpcLanes, or None when its calls are never carried in C."""
-    settings = ctx.settings
+    route = grpc_lane_route(ctx.listener, ctx.router)
+    return None if route is None else GrpcLanes(ctx, route)
+
+
+def grpc_lane_route(listener: ListenerConfig, router: Router) -> Route | None:
+    """The route the gRPC lane carries a listener's calls on, or None when it carries none:
+    a gRPC listener with ``grpc_lane`` on the native codec, every lane's rule (sole_route),
+    an h2c endpoint, and no filter on the route (what ctx.chain_for finds: the route's own
+    filters, else the listener's). /server_info asks this too."""
+    settings = listener.http
     if (
         _h2 is None
-        or not ctx.grpc_only
+        or listener.mode is not ListenerMode.GRPC
         or not settings.grpc_lane
         or effective_http2_codec(settings.http2_codec) != "native"
     ):
         return None
-    found = sole_route(ctx)
-    if found is None or found[1] != "http2" or ctx.chain_for(found[0]) is not None:
+    found = sole_route(router, settings)
+    if found is None or found[1] != "http2":
         return None
-    return GrpcLanes(ctx, found[0])
+    route = found[0]
+    return None if (listener.filters if route.filters is None else route.filters) else route
 
 
 class GrpcLane:
@@ -167,7 +178,8 @@ class GrpcLane:
             target, source = self.session.target, self.session.source
         timeout = cluster.connect_timeout if cluster is not None else ctx.listener.connect_timeout
         idle_timeout = cluster.idle_timeout if cluster is not None else 4.0
-        upstream = GrpcLaneUpstream(ctx, ctx.pool.h2, target, idle_timeout, self)
+        pool: Any = ctx.pool  # the listener's UpstreamPool: its HTTP/2 pool is the owner's
+        upstream = GrpcLaneUpstream(ctx, pool.h2, target, idle_timeout, self)
         self.upstream = upstream
         upstream.start_connect(source, timeout)
 
@@ -252,7 +264,8 @@ class GrpcLane:
         exchange = self.session.adopt_request(sid, head)
         exchange.adopt_call(self.lanes.route, stream, started_ns, requests)
         if held:  # the response's head C held (plain, :status 200): read first, as it came
-            exchange.response_head(response_from_h2(split_headers(held, 0, len(held)), True))
+            response: Any = response_from_h2(split_headers(held, 0, len(held)), True)
+            exchange.response_head(response)
         # OVERDUE: the deadline adopt_call armed is past; it fires on the next tick.
         self.session.mark_dirty()
 
