@@ -47,6 +47,7 @@ def _builder(
                 "h2_codec.h",
                 "h2_lane.h",
                 "grpc_lane.h",
+                "lane_fields.h",
                 "h2_taker.h",
                 "grow_buf.h",
             )

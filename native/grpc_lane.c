@@ -6,6 +6,7 @@
 #include <time.h>
 #include "grow_buf.h"
 #include "h2_taker.h"
+#include "lane_fields.h"
 #include "protocol_facts.h"
 
 enum { SLOT_EMPTY, SLOT_WAITING, SLOT_HANDED };
@@ -50,13 +51,6 @@ long pp_glane_live(void) { return live_lanes; }
 
 pp_glane_state *pp_glane_state_of(pp_glane *g) { return &g->state; }
 
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.perf_counter_ns's clock on Linux */
-    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
 #define COUNT(g, s) ((g)->block[(g)->slot[s]])
 
 static pp_h2_rec rec_at(const uint8_t *records, size_t pos)
@@ -64,47 +58,6 @@ static pp_h2_rec rec_at(const uint8_t *records, size_t pos)
     pp_h2_rec r;
     memcpy(&r, records + pos, REC_SIZE);
     return r;
-}
-
-/* ---- header blocks (NUL-joined, plain: h2_codec.c) --------------------------------------- */
-
-typedef struct {
-    const uint8_t *name, *value;
-    size_t name_len, value_len;
-} nv_span;
-
-static int next_field(const uint8_t *block, size_t len, size_t *pos, nv_span *f)
-{
-    if (*pos >= len) return 0;
-    const uint8_t *p = block + *pos, *end = block + len;
-    const uint8_t *name_end = memchr(p, 0, (size_t)(end - p));
-    if (name_end == NULL) return 0;
-    const uint8_t *value = name_end + 1;
-    const uint8_t *value_end = memchr(value, 0, (size_t)(end - value));
-    if (value_end == NULL) value_end = end;
-    f->name = p;
-    f->name_len = (size_t)(name_end - p);
-    f->value = value;
-    f->value_len = (size_t)(value_end - value);
-    *pos = (size_t)(value_end - block) + 1;
-    return 1;
-}
-
-static int is(const nv_span *f, const char *lit)
-{
-    return f->name_len == strlen(lit) && memcmp(f->name, lit, f->name_len) == 0;
-}
-
-static int value_is(const nv_span *f, const char *lit)
-{
-    return f->value_len == strlen(lit) && memcmp(f->value, lit, f->value_len) == 0;
-}
-
-static int chars_ok(const unsigned char *table, const uint8_t *p, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        if (!table[p[i]]) return 0;
-    return 1;
 }
 
 /* grpc-timeout (codec/grpc.py parse_timeout): up to 8 digits and a unit; -1 when malformed. */

@@ -5,6 +5,7 @@ cannot pass on the general path by accident."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
@@ -47,33 +48,34 @@ def lane(request) -> bool:
     return request.param == "lane-on"
 
 
-@pytest.fixture(scope="module")
-def proxy(upstream, lane, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("lane")
-    ports = {name: free_port() for name in ("main", "timed")}
-    config = tmp / "proxy.yaml"
-    config.write_text(
-        f"""
-listeners:
-  - name: main
-    mode: grpc
-    address: 127.0.0.1:{ports["main"]}
-    upstream: 127.0.0.1:{upstream.port}
-    http: {{max_concurrent_streams: 300, grpc_lane: {str(lane).lower()}}}
-    grpc: {{max_request_message_bytes: {LIMIT}, max_response_message_bytes: {LIMIT}}}
-  - name: timed
-    mode: grpc
-    address: 127.0.0.1:{ports["timed"]}
-    http: {{grpc_lane: {str(lane).lower()}}}
-    upstream: 127.0.0.1:{upstream.port}
-    routes:
-      - match: {{prefix: /}}
-        timeout: 600ms
-"""
-    )
-    process = ProxyProcess(["-c", str(config)]).wait_ready()
+def _start(path, lane: bool, upstream_port: int, ports: dict, routes: dict | None = None):
+    """pyproxy with one gRPC listener per port name to the upstream, the lane on or off
+    (JSON is YAML); ``routes``: a listener's own routes, by name."""
+    listeners = [
+        {
+            "name": name,
+            "mode": "grpc",
+            "address": f"127.0.0.1:{port}",
+            "upstream": f"127.0.0.1:{upstream_port}",
+            "http": {"max_concurrent_streams": 300, "grpc_lane": lane},
+            "grpc": {"max_request_message_bytes": LIMIT, "max_response_message_bytes": LIMIT},
+        }
+        | ({"routes": routes[name]} if routes and name in routes else {})
+        for name, port in ports.items()
+    ]
+    path.write_text(json.dumps({"listeners": listeners}))
+    process = ProxyProcess(["-c", str(path)]).wait_ready()
     process.ports = ports
     process.lane = lane
+    return process
+
+
+@pytest.fixture(scope="module")
+def proxy(upstream, lane, tmp_path_factory):
+    config = tmp_path_factory.mktemp("lane") / "proxy.yaml"
+    ports = {name: free_port() for name in ("main", "timed")}
+    timed = [{"match": {"prefix": "/"}, "timeout": "600ms"}]
+    process = _start(config, lane, upstream.port, ports, {"timed": timed})
     yield process
     process.stop()
 
@@ -311,19 +313,7 @@ def raw_proxy(lane, tmp_path):
     def start(mode: str):
         raw = _RawUpstream(mode)
         port = free_port()
-        config = tmp_path / f"{mode}.yaml"
-        config.write_text(
-            f"""
-listeners:
-  - name: main
-    mode: grpc
-    address: 127.0.0.1:{port}
-    upstream: 127.0.0.1:{raw.port}
-    http: {{grpc_lane: {str(lane).lower()}}}
-"""
-        )
-        process = ProxyProcess(["-c", str(config)]).wait_ready()
-        process.lane = lane
+        process = _start(tmp_path / f"{mode}.yaml", lane, raw.port, {"main": port})
         made.append((process, raw))
         return process, raw, port
 
@@ -390,7 +380,6 @@ def test_many_futures_leave_no_lane_or_session_behind(pb, proxy):  # noqa: F811
 
 
 def test_server_info_says_whether_the_lane_is_on(proxy):
-    import json
     import urllib.request
 
     info = json.loads(urllib.request.urlopen(proxy.admin + "/server_info", timeout=5).read())

@@ -29,6 +29,7 @@ from pyproxy.config import ListenerConfig, ListenerMode
 from pyproxy.counters import EXPRESS_REQUESTS, FLAG_BASE, FLAG_INDEX, NATIVE_REQUESTS, REQUESTS
 from pyproxy.grpc_metrics import E_STARTED, record_finished
 from pyproxy.http.grpc_call import method_table
+from pyproxy.http.h2_lane import LaneState
 from pyproxy.http.h2_session import NO_ERROR
 from pyproxy.http.router import sole_route
 from pyproxy.http.upstream_h2 import Http2Upstream, Http2UpstreamStream
@@ -113,7 +114,7 @@ def grpc_lane_route(listener: ListenerConfig, router: Router) -> Route | None:
     return None if (listener.filters if route.filters is None else route.filters) else route
 
 
-class GrpcLane:
+class GrpcLane(LaneState):
     """One downstream connection's lane (see the module doc); freed with its session. It
     presents what Http2Downstream reads of a lane (H2Lane's ``state``, ``in_flight``, the read
     hooks, ``release_all``)."""
@@ -134,19 +135,13 @@ class GrpcLane:
         self._due = ffi.new("int64_t *")
         self._size = ffi.new("size_t *")
 
-    @property
-    def in_flight(self) -> int:
-        return self.state.in_flight
-
     # ---- around each read of the downstream ---------------------------------------------
 
     def before_read(self, others: int, draining: bool) -> None:
-        state = self.state
-        state.others = others
-        state.closed = draining
+        self.note_read(others, draining)
         upstream = self.upstream
         if upstream is not None:
-            state.up_others = upstream.reserved
+            self.state.up_others = upstream.reserved
 
     def after_read(self) -> None:
         """Send what the read took; account what ended; connect when a call found no upstream."""
