@@ -421,7 +421,7 @@ class Supervisor:
         if not listeners:
             return {}
         from pyproxy.http.grpc_lane import grpc_lane_route  # lazy: hyper-h2, gRPC only
-        from pyproxy.http.router import Router, build_clusters
+        from pyproxy.http.router import Router, build_clusters  # lazy: with the lane's rule
 
         clusters = build_clusters(self.config)
         return {
