@@ -198,11 +198,13 @@ static void finish(pp_glane *g, glane_slot *s, int grpc_status, int dr, uint32_t
 
 /* ---- the downstream read: taking calls --------------------------------------------------- */
 
-/* The records of one call that came whole in this read (HEADERS, DATA..., END): 1 and its body
- * scanned when so; 0 when anything else of the stream is here or its end is not. */
+/* The records of one call that came whole in this read (HEADERS, DATA..., END, and nothing of
+ * the stream after them but WINDOW_UPDATEs: a reset in the same read leaves it to Python): 1 and
+ * its body scanned when so; 0 when anything else of the stream is here or its end is not. */
 static int whole_call(pp_glane *g, const uint8_t *records, size_t len, size_t from, int32_t sid,
                       scan_t *scan, size_t *body)
 {
+    int ended = 0;
     *body = 0;
     memset(scan, 0, sizeof *scan);
     for (size_t pos = from; pos < len;) {
@@ -210,14 +212,16 @@ static int whole_call(pp_glane *g, const uint8_t *records, size_t len, size_t fr
         const uint8_t *payload = records + pos + REC_SIZE;
         pos += REC_SIZE + r.len;
         if (r.stream_id != sid || r.kind == REC_WINDOW) continue;
+        if (ended) return 0;
         if (r.kind == REC_DATA) {
             *body += r.len;
             if (*body > PP_GLANE_MAX_BODY) return 0;
             scan_feed(scan, payload, r.len, g->max_request);
         }
-        else return r.kind == REC_END && scan_whole(scan);
+        else if (r.kind == REC_END && scan_whole(scan)) ended = 1;
+        else return 0;
     }
-    return 0;
+    return ended;
 }
 
 static int take(pp_glane *g, const uint8_t *records, size_t len, size_t at, pp_h2_rec head)
