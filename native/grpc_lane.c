@@ -84,18 +84,20 @@ static int64_t timeout_ns_of(const nv_span *f)
 }
 
 /* A request head the general path would send on as it is (request_from_h2, GrpcCall, the
- * listener's limits) and that is a gRPC call: POST, application/grpc*, no Content-Length. Its
+ * listener's limits) and that is a gRPC call: POST, application/grpc*, a Content-Length (if
+ * any) of digits that the body must match (§8.1.1, checked by the caller). Its
  * upstream block, by upstream_h2's rules (h2_request_headers over upstream_head): :method,
  * :scheme http, :authority, :path, the regular fields in order less the hop-by-hop and
  * connection-specific ones, and te: trailers last when the client sent it. */
 static int carried(pp_glane *g, const uint8_t *block, size_t len, int64_t *grpc_timeout,
-                   nv_span *path)
+                   nv_span *path, int64_t *content_length)
 {
     nv_span f, method = {0}, authority = {0};
     size_t pos = 0, count = 0, size = 0;
     int scheme = 0, grpc = 0, te = 0;
     path->name = NULL;
     *grpc_timeout = 0;
+    *content_length = -1;
     while (next_field(block, len, &pos, &f)) {
         count++;
         size += f.name_len + f.value_len + 4; /* header_list_size's measure */
@@ -103,7 +105,14 @@ static int carried(pp_glane *g, const uint8_t *block, size_t len, int64_t *grpc_
         else if (is(&f, ":scheme")) scheme = value_is(&f, "http") || value_is(&f, "https");
         else if (is(&f, ":path")) *path = f;
         else if (is(&f, ":authority")) authority = f;
-        else if (is(&f, "content-length")) return 0; /* the general path frames it its way */
+        else if (is(&f, "content-length")) { /* digits (request_from_h2), once: it goes along */
+            if (*content_length >= 0 || !f.value_len || f.value_len > 15) return 0;
+            *content_length = 0;
+            for (size_t i = 0; i < f.value_len; i++) {
+                if (f.value[i] < '0' || f.value[i] > '9') return 0;
+                *content_length = *content_length * 10 + (f.value[i] - '0');
+            }
+        }
         else if (is(&f, "te")) te = 1;               /* plain: its value is "trailers" */
         else if (is(&f, "content-type"))
             grpc = f.value_len >= 16 && strncasecmp((const char *)f.value, "application/grpc", 16) == 0;
@@ -227,12 +236,13 @@ static int whole_call(pp_glane *g, const uint8_t *records, size_t len, size_t fr
 static int take(pp_glane *g, const uint8_t *records, size_t len, size_t at, pp_h2_rec head)
 {
     const uint8_t *block = records + at + REC_SIZE;
-    int64_t grpc_timeout;
+    int64_t grpc_timeout, content_length;
     nv_span path = {0};
     scan_t scan;
     size_t body;
-    if (!carried(g, block, head.len, &grpc_timeout, &path) ||
+    if (!carried(g, block, head.len, &grpc_timeout, &path, &content_length) ||
         !whole_call(g, records, len, at + REC_SIZE + head.len, head.stream_id, &scan, &body) ||
+        (content_length >= 0 && (size_t)content_length != body) ||
         (int64_t)body > pp_h2_new_stream_window(g->up))
         return 0;
     glane_slot *s = free_slot(g);
