@@ -384,3 +384,20 @@ def test_server_info_says_whether_the_lane_is_on(proxy):
 
     info = json.loads(urllib.request.urlopen(proxy.admin + "/server_info", timeout=5).read())
     assert info["grpc_lane"] == {"main": proxy.lane, "timed": proxy.lane}
+
+
+def test_a_content_length_the_body_matches_goes_along_as_on_the_general_path(raw_proxy, lane):
+    process, raw, port = raw_proxy("answer")
+    client = H2Client(port)
+    body = frame(b"hello")
+    length = [("content-length", str(len(body)))]
+    sids = [_h2_call(client, "/pkg.Svc/Do", body, length) for _ in range(2)]
+    client.wait(sids[:1])
+    carried = Carried(process)
+    sids.append(_h2_call(client, "/pkg.Svc/Do", body, length))
+    responses = client.wait(sids)
+    assert all(dict(r["trailers"])[b"grpc-status"] == b"0" for r in responses)
+    assert carried.count() == (1 if lane else 0)
+    assert len(raw.heads) == 3 and raw.heads[0] == raw.heads[2]
+    assert (b"content-length", b"10") in raw.heads[2]
+    client.close()
