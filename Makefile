@@ -47,7 +47,7 @@ fuzz: $(VENV)/.installed-test
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
 
-$(VENV)/.installed-test: pyproject.toml setup.py native/build_native.py native/facts_header.py pyproxy/protocol.py pyproxy/counters.py native/pyproxy_native.c native/pyproxy_native.h native/http1_head.c native/http1_scan.h native/express_lane.c native/pool_pages.c native/wasm_call.c native/h2_codec.c native/h2_codec.h native/grow_buf.h native/h2_lane.c native/h2_lane.h native/h2_taker.h \
+$(VENV)/.installed-test: pyproject.toml setup.py native/build_native.py native/facts_header.py pyproxy/protocol.py pyproxy/counters.py native/pyproxy_native.c native/pyproxy_native.h native/http1_head.c native/http1_scan.h native/express_lane.c native/pool_pages.c native/wasm_call.c native/h2_codec.c native/h2_codec.h native/grow_buf.h native/h2_lane.c native/h2_lane.h native/h2_taker.h native/grpc_lane.c native/grpc_lane.h native/lane_fields.h \
 		native/pyproxy_bpf.c native/pyproxy_bpf.h native/echo_rtt.c $(wildcard native/*.bpf.c)
 	@python3 -m venv $(VENV) >/dev/null 2>&1 || { $(MAKE) --no-print-directory apt PKGS=python3-venv && python3 -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip

@@ -12,9 +12,11 @@ generators and upstreams on CPU 0):
   prior knowledge), nginx `listen ... http2`, haproxy `proto h2`. Latency: one h2c connection,
   one request outstanding; load: h2load -c32 -m10 (http_bench's phase), CPU per request, RSS.
 * pyproxy's stage table (per call, from /stats deltas over the gRPC load) for both codecs.
-* The HTTP/2 GET phase also runs pyproxy on the native codec with `http2_lane: true`
-  (`pyproxy-native-lane`: plain GETs carried to the HTTP/1.1 upstream in C), interleaved
-  with the others, and pairs its CPU per request with `pyproxy-native`'s round by round.
+* Both phases also run pyproxy on the native codec with its lane on (`pyproxy-native-lane`:
+  `http2_lane: true`, plain GETs carried to the HTTP/1.1 upstream in C; `grpc_lane: true`,
+  the default, unary-shaped gRPC calls carried to the h2c upstream in C), interleaved with the
+  others, and pair its CPU per request with `pyproxy-native`'s (the lane off) round by round;
+  the gRPC rows also say what share of the calls the lane finished in C.
 
 The machine may be shared: every figure is from this one run, written to
 bench/results/h2_codec_bench/.
@@ -48,13 +50,13 @@ from pyproxy.bench.rounds import interleaved, paired_ratio
 
 CODECS = ("h2", "native")
 BEFORE = "before_pyproxy-native"  # --baseline-tree's pyproxy, native codec
-LANE = "pyproxy-native-lane"  # the native codec with the HTTP/2 lane on (HTTP/2 GET phase)
+LANE = "pyproxy-native-lane"  # the native codec with its lane on (HTTP/2 or gRPC)
 
 
-def _knows_the_lane(python: Path) -> bool:
-    """Whether the checkout whose venv holds `python` has the `http2_lane` setting."""
+def _knows(python: Path, setting: str) -> bool:
+    """Whether the checkout whose venv holds `python` has the setting (a lane's switch)."""
     config = python.parent.parent.parent / "pyproxy" / "config.py"  # <tree>/.venv/bin/python
-    return config.is_file() and '"http2_lane"' in config.read_text()
+    return config.is_file() and f'"{setting}"' in config.read_text()
 
 
 def start_pyproxy(
@@ -62,16 +64,19 @@ def start_pyproxy(
     python: Path | None = None, lane: bool = False,
 ):  # fmt: skip
     interpreter = str(python) if python is not None else sys.executable
-    http: dict = {"http2_codec": codec, "http2_lane": lane}
-    if python is not None and not _knows_the_lane(python):
-        del http["http2_lane"]  # a tree from before the lane: its native codec has none
+    switch = "grpc_lane" if mode == "grpc" else "http2_lane"
+    http: dict = {"http2_codec": codec, switch: lane}
+    if python is not None and not _knows(python, switch):
+        del http[switch]  # a tree from before the lane: its native codec has none
     listener = {"mode": mode, "upstream": f"127.0.0.1:{upstream}", "http": http}
     started = peers.pyproxy_config(procs, procs.logs, name, listener, SIDE_CPU, python=interpreter)
     port, admin = started.ready().port, started.admin
     info = get_json(f"http://127.0.0.1:{admin}/server_info")
     assert info["http2_codec"] == {"main": codec}, info["http2_codec"]
+    if mode == "grpc" and python is None:  # the lane is on where asked, and only there
+        assert info["grpc_lane"] == {"main": lane and codec == "native"}, info["grpc_lane"]
     note = f"http2_codec: {codec}" + (", baseline tree" if python is not None else "")
-    note += ", http2_lane: true" if lane else ""
+    note += f", {switch}: true" if lane else ""
     return Path_(name, port, started.pid, admin=admin, note=note, h2_port=port)
 
 
@@ -188,6 +193,7 @@ def grpc_unary(workdir: Path, args) -> dict:
     try:
         app = peers.grpc_app(procs, SIDE_CPU).ready().port
         paths = start_pyproxies(procs, "grpc", app, args)
+        paths.append(start_pyproxy(procs, LANE, "grpc", app, "native", lane=True))
         ok, why = grpc_bench.nginx_has_grpc()
         if ok:
             nginx = grpc_bench.start_nginx(procs, workdir, app, SIDE_CPU)
@@ -218,6 +224,8 @@ def grpc_unary(workdir: Path, args) -> dict:
                 after = p.stats()["listeners"]["main"]
                 calls = after["requests"] - before["requests"]
                 stages[p.name] = grpc_bench.stage_delta(after, before, calls)
+                native = after["native_requests"] - before["native_requests"]
+                entry["lane_share"] = round(native / calls, 4) if calls else None
             return entry
 
         load = load_rounds(paths, args.load_rounds, one)
@@ -258,21 +266,30 @@ def targets_met(result: dict) -> dict:
                             ("http2_get", h["load"], "proxy_cpu_us_per_req")):  # fmt: skip
         native, h2 = per_cpu_s(load, "pyproxy-native", key), per_cpu_s(load, "pyproxy-h2", key)
         if native and h2:
-            out[f"{kind}: native / h2 req per CPU-s (target >= 5)"] = round(native / h2, 2)
+            out[f"{kind}: native (lane off) / h2 req per CPU-s (target >= 5)"] = round(
+                native / h2, 2
+            )
+    lane_g, h2_g = (per_cpu_s(g["load"], n, "cpu_us_per_call") for n in (LANE, "pyproxy-h2"))
+    if lane_g and h2_g:  # the gRPC lane is on by default: what a user's unary call costs
+        out["grpc: native with the lane / h2 calls per CPU-s (target >= 5)"] = round(
+            lane_g / h2_g, 2
+        )
     lane_s, h2_s = (per_cpu_s(h["load"], n, "proxy_cpu_us_per_req") for n in (LANE, "pyproxy-h2"))
     if lane_s and h2_s:  # the lane is on by default, so this is what a user's HTTP/2 GET costs
         out["http2_get: native with the lane / h2 req per CPU-s (target >= 5)"] = round(
             lane_s / h2_s, 2
         )
     nginx = g["latency"].get("nginx")
-    if nginx:
-        out["grpc: native added p50 / nginx grpc_pass (target <= 1.5)"] = round(
-            g["latency"]["pyproxy-native"]["added_p50_us"] / nginx["added_p50_us"], 2
+    for name in (LANE, "pyproxy-native"):
+        if not nginx or name not in g["load"]:
+            continue
+        out[f"grpc: {name} added p50 / nginx grpc_pass (target <= 1.5)"] = round(
+            g["latency"][name]["added_p50_us"] / nginx["added_p50_us"], 2
         )
         cpu_n = g["load"]["nginx"].get("cpu_us_per_call")
         if cpu_n:
-            out["grpc: native CPU per call / nginx (target <= 2)"] = round(
-                g["load"]["pyproxy-native"]["cpu_us_per_call"] / cpu_n, 2
+            out[f"grpc: {name} CPU per call / nginx (target <= 2)"] = round(
+                g["load"][name]["cpu_us_per_call"] / cpu_n, 2
             )
     haproxy = per_cpu_s(h["load"], "haproxy-h2", "proxy_cpu_us_per_req")
     for name in ("pyproxy-native", LANE):
@@ -281,11 +298,12 @@ def targets_met(result: dict) -> dict:
             out[f"http2_get: {name} / haproxy req per CPU-s (target >= 0.5)"] = round(
                 mine / haproxy, 2
             )
-    lane, native = h["load"].get(LANE), h["load"].get("pyproxy-native")
-    if lane and native:
-        ratio = paired_ratio(lane["cpu_us_rounds"], native["cpu_us_rounds"])
-        if ratio is not None:
-            out["http2_get: CPU per request, lane on / off (paired)"] = round(ratio, 3)
+    for kind, part in (("grpc", g), ("http2_get", h)):
+        lane, native = part["load"].get(LANE), part["load"].get("pyproxy-native")
+        if lane and native:
+            ratio = paired_ratio(lane["cpu_us_rounds"], native["cpu_us_rounds"])
+            if ratio is not None:
+                out[f"{kind}: CPU per request, lane on / off (paired)"] = round(ratio, 3)
     for kind, part in (("grpc", g), ("http2_get", h)):
         before = part["load"].get(BEFORE)
         if before is None:
@@ -307,15 +325,16 @@ def report(result: dict) -> str:
     g, h = result["grpc"], result["http2_get"]
     lines = [
         "| gRPC unary 100 B | added p50 µs | added p99 µs | calls/s (h2load -c1 -m32) "
-        "| proxy CPU µs/call | calls per CPU-s | RSS MiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| proxy CPU µs/call | calls per CPU-s | RSS MiB | finished in C |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name, load in g["load"].items():
         lat = g["latency"][name]
         lines.append(
             f"| {name} | {cell(lat['added_p50_us'], '.0f')} | {cell(lat['added_p99_us'], '.0f')} "
             f"| {cell(load.get('calls_per_s'), '.0f')} | {cell(load.get('cpu_us_per_call'), '.1f')} "
-            f"| {cell(load.get('calls_per_s_per_core'), '.0f')} | {cell(load.get('rss_mib'), '.1f')} |"
+            f"| {cell(load.get('calls_per_s_per_core'), '.0f')} | {cell(load.get('rss_mib'), '.1f')} "
+            f"| {cell(load.get('lane_share'), '.1%')} |"
         )
     lines += [
         "",

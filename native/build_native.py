@@ -46,6 +46,8 @@ def _builder(
                 "http1_scan.h",
                 "h2_codec.h",
                 "h2_lane.h",
+                "grpc_lane.h",
+                "lane_fields.h",
                 "h2_taker.h",
                 "grow_buf.h",
             )
@@ -109,14 +111,14 @@ def _declarations(header: str) -> str:
 
 # The native HTTP/2 codec over Debian's libnghttp2 (libnghttp2-dev), and the HTTP/2 lane on it;
 # their headers are the cdef.
-H2_CDEF = _declarations("h2_codec.h") + _declarations("h2_lane.h")
+H2_CDEF = _declarations("h2_codec.h") + _declarations("h2_lane.h") + _declarations("grpc_lane.h")
 H2_CDEF += "const char *nghttp2_strerror(int lib_error_code);\n"
 
 h2_ffibuilder = _builder(
     "_h2",
     H2_CDEF,
-    '#include <nghttp2/nghttp2.h>\n#include "h2_codec.h"\n#include "h2_lane.h"',
-    ("h2_codec.c", "h2_lane.c"),
+    '#include <nghttp2/nghttp2.h>\n#include "h2_codec.h"\n#include "h2_lane.h"\n#include "grpc_lane.h"',
+    ("h2_codec.c", "h2_lane.c", "grpc_lane.c"),
     libraries=("nghttp2",),
 )
 

@@ -474,9 +474,20 @@ ssize_t pp_h2_recv(pp_h2 *h, const uint8_t *data, size_t len, const uint8_t **ev
         ssize_t rv = drain(h);
         if (rv < 0) n = rv;
     }
-    *events = h->events.data;
     /* A DATA frame the read ended in is held back until it is whole (one event per frame). */
-    *events_len = h->handed = n >= 0 && h->data_rec != SIZE_MAX ? h->data_rec : h->events.len;
+    size_t whole = n >= 0 && h->data_rec != SIZE_MAX ? h->data_rec : h->events.len;
+    if (h->taker.filter != NULL && n >= 0 && h->failed < 0 && whole) {
+        /* The taker removes the records of the streams it takes; what is held back moves down. */
+        size_t kept = h->taker.filter(h->taker.opaque, h->events.data, whole);
+        if (kept < whole) {
+            memmove(h->events.data + kept, h->events.data + whole, h->events.len - whole);
+            h->events.len -= whole - kept;
+            if (h->data_rec != SIZE_MAX) h->data_rec -= whole - kept;
+            whole = kept;
+        }
+    }
+    *events = h->events.data;
+    *events_len = h->handed = whole;
     *pending = h->out.len;
     return n;
 }
@@ -484,6 +495,12 @@ ssize_t pp_h2_recv(pp_h2 *h, const uint8_t *data, size_t len, const uint8_t **ev
 void pp_h2_set_taker(pp_h2 *h, const pp_h2_taker *taker) { h->taker = *taker; }
 
 int64_t pp_h2_failed(pp_h2 *h) { return h->failed; }
+
+int64_t pp_h2_new_stream_window(pp_h2 *h) {
+    int64_t stream = nghttp2_session_get_remote_settings(h->session, NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE);
+    int64_t conn = nghttp2_session_get_remote_window_size(h->session) - (int64_t)h->queued;
+    return stream < conn ? stream : conn;
+}
 
 ssize_t pp_h2_send(pp_h2 *h, const uint8_t **out) {
     ssize_t rv = drain(h);

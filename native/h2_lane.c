@@ -8,6 +8,7 @@
 #include <time.h>
 #include "grow_buf.h"
 #include "h2_taker.h"
+#include "lane_fields.h"
 #include "http1_scan.h" /* the HTTP/1 lane's head scan, for the responses */
 
 /* A slot's connection: none; at rest; a request to send; its answer awaited; the answer's head
@@ -60,13 +61,6 @@ long pp_lane_live(void) { return live_lanes; }
 
 pp_lane_state *pp_lane_state_of(pp_lane *l) { return &l->state; }
 
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts); /* time.perf_counter_ns's clock on Linux */
-    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
 #define SLOT(l, s) ((l)->block[(l)->slot[s]])
 
 static int64_t claimed(pp_lane *l)
@@ -82,47 +76,7 @@ static int buf_set(pp_buf *b, const void *p, size_t n)
     return buf_add(b, p, n);
 }
 
-static int chars_ok(const unsigned char *table, const uint8_t *p, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        if (!table[p[i]]) return 0;
-    return 1;
-}
-
 /* ---- taking a request (inside the session's read) ----------------------------------------- */
-
-typedef struct {
-    const uint8_t *name, *value;
-    size_t name_len, value_len;
-} nv_span;
-
-/* The next name/value pair of a NUL-joined block from *pos; 0 when none is left. */
-static int next_field(const uint8_t *block, size_t len, size_t *pos, nv_span *f)
-{
-    if (*pos >= len) return 0;
-    const uint8_t *p = block + *pos, *end = block + len;
-    const uint8_t *name_end = memchr(p, 0, (size_t)(end - p));
-    if (name_end == NULL) return 0;
-    const uint8_t *value = name_end + 1;
-    const uint8_t *value_end = memchr(value, 0, (size_t)(end - value));
-    if (value_end == NULL) value_end = end;
-    f->name = p;
-    f->name_len = (size_t)(name_end - p);
-    f->value = value;
-    f->value_len = (size_t)(value_end - value);
-    *pos = (size_t)(value_end - block) + 1;
-    return 1;
-}
-
-static int is(const nv_span *f, const char *lit)
-{
-    return f->name_len == strlen(lit) && memcmp(f->name, lit, f->name_len) == 0;
-}
-
-static int value_is(const nv_span *f, const char *lit)
-{
-    return f->value_len == strlen(lit) && memcmp(f->value, lit, f->value_len) == 0;
-}
 
 /* Whether the general path would send this request on as it is (request_from_h2 and the
  * listener's limits accept it, and it is one the lane carries: a GET or HEAD without a body);
@@ -256,7 +210,7 @@ pp_lane *pp_lane_attach(pp_h2 *h, int64_t *block, const int32_t *slots, int time
     l->max_streams = limits[0];
     l->max_headers = limits[1];
     l->max_header_bytes = limits[2];
-    pp_h2_taker taker = {lane_take, lane_closed, lane_free, l};
+    pp_h2_taker taker = {lane_take, lane_closed, lane_free, l, NULL};
     pp_h2_set_taker(h, &taker);
     live_lanes++;
     return l;

@@ -102,6 +102,9 @@ class HttpSettings:
     # Plain HTTP/2 GETs to an HTTP/1 upstream carried in C on the native codec (http/h2_lane.py);
     # false keeps every stream on the general path.
     http2_lane: bool = True
+    # Unary-shaped gRPC calls to an h2c upstream carried in C on the native codec
+    # (http/grpc_lane.py); false keeps every call on the general path.
+    grpc_lane: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -585,6 +588,7 @@ def _http_settings(fields: _Fields | None, mode: ListenerMode) -> HttpSettings:
         rapid_reset_window=fields.take("rapid_reset_window", parse_duration, 10.0),
         http2_codec=fields.take("http2_codec", _choice(("native", "h2")), "native"),
         http2_lane=fields.take("http2_lane", _bool, True),
+        grpc_lane=fields.take("grpc_lane", _bool, True),
     )
     fields.done()
     return settings

@@ -411,7 +411,22 @@ class Supervisor:
                 for lst in self.config.listeners
                 if lst.mode is not ListenerMode.TCP
             },
+            # Per gRPC listener: whether its unary-shaped calls are carried in C (grpc_lane.py).
+            "grpc_lane": self._grpc_lanes(),
             "stage_clock": self.config.stage_clock,
+        }
+
+    def _grpc_lanes(self) -> dict[str, bool]:
+        listeners = [lst for lst in self.config.listeners if lst.mode is ListenerMode.GRPC]
+        if not listeners:
+            return {}
+        from pyproxy.http.grpc_lane import grpc_lane_route  # lazy: hyper-h2, gRPC only
+        from pyproxy.http.router import Router, build_clusters  # lazy: with the lane's rule
+
+        clusters = build_clusters(self.config)
+        return {
+            lst.name: grpc_lane_route(lst, Router(lst, self.config, clusters)) is not None
+            for lst in listeners
         }
 
     def config_dump(self) -> dict:

@@ -286,3 +286,44 @@ def test_every_lane_is_freed_with_its_session_after_10000_connections():
     assert block[0] == 10_000 * (1 + len(SENT))
     app.close()
     proxy_side.close()
+
+
+GRPC = [
+    (b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"svc"), (b":path", b"/p.S/M"),
+    (b"content-type", b"application/grpc"), (b"te", b"trailers"),
+]  # fmt: skip
+
+
+def test_every_grpc_lane_is_freed_with_either_session_first_after_10000_connections():
+    """The gRPC lane links two sessions: whichever is freed first, nothing in C points at it,
+    and the lane goes with its downstream session."""
+    lib, ffi = http2_native.lib, http2_native.ffi
+    sessions, lanes = lib.pp_h2_live(), lib.pp_glane_live()
+    block = listener_block()
+    pointer = ffi.cast("int64_t *", ffi.from_buffer(block))
+    slots = ffi.new("int32_t[]", [0] * lib.PP_GLANE_N_SLOTS)
+    limits = ffi.new("uint32_t[]", [100, 100, 65536, 1 << 20, 1 << 20])
+    client = http2_native.NativeH2Connection(client_side=True, reset_burst=1000)
+    client.initiate({}, 65535)
+    sid = client.get_next_available_stream_id()
+    client.send_headers(sid, GRPC)
+    client.send_data(sid, b"\0\0\0\0\x03abc", end_stream=True)
+    request = client.data_to_send()
+    del client
+    for i in range(10_000):
+        down = http2_native.NativeH2Connection(client_side=False, reset_burst=1000)
+        up = http2_native.NativeH2Connection(client_side=True, reset_burst=1000)
+        lane = lib.pp_glane_attach(down.session, pointer, slots, limits, 0)
+        lib.pp_glane_set_upstream(lane, up.session)
+        events = down.receive_data(request)  # the client's SETTINGS only: the lane took the call
+        assert [type(e).__name__ for e in events] == ["RemoteSettingsChanged"]
+        assert b"abc" in up.data_to_send()  # on its way upstream, in flight
+        if i % 2:  # each goes at once (no cycle holds a session): the order is as written
+            del up
+            del down
+        else:
+            del down
+            del up
+    gc.collect()
+    assert lib.pp_h2_live() == sessions and lib.pp_glane_live() == lanes
+    assert block[0] == 10_000 * 2  # every slot index is 0: each call counted as read and taken

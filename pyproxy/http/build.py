@@ -19,4 +19,8 @@ def http_context(
     ctx.pool = UpstreamPool(ctx)
     ctx.native_lanes = native_lanes(ctx)
     ctx.h2_lanes = h2_lanes(ctx)
+    if ctx.h2_lanes is None and ctx.grpc_only:
+        from pyproxy.http.grpc_lane import grpc_lanes  # lazy: hyper-h2, gRPC listeners only
+
+        ctx.h2_lanes = grpc_lanes(ctx)
     return ctx

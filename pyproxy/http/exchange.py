@@ -317,16 +317,31 @@ class Exchange(RequestRecord):
             self.chain = chain
             chain.exchange = self
             self.request = filtered_request(self.request, chain.maps["decode"])
-        self.target, self.source = upstream.key, ""
-        self.request_done = True
-        self.forwards_unchanged = self._forwards_unchanged()
-        if route.timeout > 0:
-            left = route.timeout - (perf_counter_ns() - started_ns) / 1e9
-            self.arm_timeout(route.timeout, restarts=False, due=self.ctx.loop.time() + left)
-        self.upstream = upstream
-        upstream.bind(self)
+        self._adopt_upstream(upstream, upstream.key, route.timeout)
         # The upstream codec learns what was sent; the bytes themselves are already out.
         upstream.codec.send_message(upstream_head(self.request, False), body)
+
+    def adopt_call(self, route, upstream, started_ns: int, messages: int) -> None:
+        """Carry on a gRPC call the gRPC lane read at ``started_ns`` and sent whole (``messages``
+        request messages) on ``upstream``, a stream of the lane's HTTP/2 connection, before any
+        of its response went downstream: its response, deadlines and accounts are ours now."""
+        self.started_ns = started_ns
+        self.route = route
+        self.grpc = GrpcCall(self, started_ns)
+        self.grpc.requests.messages = messages
+        self._adopt_upstream(upstream, upstream.session.key, route.grpc_timeout)
+
+    def _adopt_upstream(self, upstream, target, timeout: float) -> None:
+        """The adopted request is all sent on ``upstream``: bind it, with the route timeout
+        counted from when the lane read the request."""
+        self.target, self.source = target, ""
+        self.request_done = True
+        self.forwards_unchanged = self._forwards_unchanged()
+        if timeout > 0:
+            left = timeout - (perf_counter_ns() - self.started_ns) / 1e9
+            self.arm_timeout(timeout, restarts=False, due=self.ctx.loop.time() + left)
+        self.upstream = upstream
+        upstream.bind(self)
 
     def _connect_failed(self, flag: str) -> None:
         self.attach = None

@@ -97,7 +97,7 @@ class GrpcCall:
         "deadline_armed",
     )
 
-    def __init__(self, exchange: Exchange) -> None:
+    def __init__(self, exchange: Exchange, started_ns: int = 0) -> None:
         self.exchange = exchange
         ctx = exchange.ctx
         request = exchange.request
@@ -117,6 +117,9 @@ class GrpcCall:
                 # call stuck anywhere behind it still ends on time with a status.
                 if timeout is not None:
                     # On the context's deadlines, not a loop timer per call (deadlines.py).
+                    # A call the gRPC lane read earlier (started_ns) is due from then.
+                    if started_ns:
+                        timeout -= (perf_counter_ns() - started_ns) / 1e9
                     ctx.deadlines.arm_at(ctx.loop.time() + timeout, self)
                     self.deadline_armed = True
                 break

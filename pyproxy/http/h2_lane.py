@@ -100,7 +100,26 @@ def h2_lanes(ctx: HttpContext) -> H2Lanes | None:
     return H2Lanes(ctx, found[0])
 
 
-class H2Lane:
+class LaneState:
+    """What Http2Downstream reads and sets of a lane's C state (the HTTP/2 lane's and the gRPC
+    lane's start alike: in_flight, starved, last_sid, others, closed, served)."""
+
+    __slots__ = ()
+    state: Any
+
+    @property
+    def in_flight(self) -> int:
+        return self.state.in_flight
+
+    def note_read(self, others: int, draining: bool) -> None:
+        """Before a read: the general path's streams count against the stream limit, and a
+        draining connection takes no new stream."""
+        state = self.state
+        state.others = others
+        state.closed = draining
+
+
+class H2Lane(LaneState):
     """One HTTP/2 downstream connection's lane (see the module doc); freed with its session."""
 
     __slots__ = (
@@ -129,16 +148,10 @@ class H2Lane:
         self._due = ffi.new("int64_t *")
         self._handed = ffi.new("int *")
 
-    @property
-    def in_flight(self) -> int:
-        return self.state.in_flight
-
     # ---- around each read of the downstream ---------------------------------------------
 
     def before_read(self, others: int, draining: bool) -> None:
-        state = self.state
-        state.others = others
-        state.closed = draining
+        self.note_read(others, draining)
         if self.wanted:
             self._borrow()
 

@@ -75,7 +75,7 @@ from pyproxy.http.downstream_h1 import Http1Downstream
 from pyproxy.http.exchange import end_chain, start_chain
 from pyproxy.http.heads import paired_request_edit, paired_response_edit
 from pyproxy.http.request import authority_of
-from pyproxy.http.router import Route
+from pyproxy.http.router import Route, sole_route
 from pyproxy.http.upstream_h1 import Http1Upstream
 from pyproxy.native import express_pair, http1_head_scanner
 
@@ -160,21 +160,13 @@ def native_lanes(ctx: HttpContext) -> NativeLanes | None:
 
 def lane_route(ctx: HttpContext) -> tuple[Route, ChainFactory | None] | None:
     """The one route (and its filters) every request of the listener takes when a native lane
-    may carry its requests in C, else None. The rule both lanes (this one and h2_lane.py)
-    follow: HTTP mode, the fast codec (C checks HTTP/1 heads with the same scan), no
-    per-request stage trace (Server-Timing) or access log line to keep, one route to one
-    endpoint speaking HTTP/1.1."""
-    route = ctx.router.sole_route
-    if (
-        not _lane_listener(ctx.listener)
-        or ctx.access_log is not None
-        or route is None
-        or (route.cluster is not None and len(route.cluster.endpoints) != 1)
-    ):
+    may carry its requests in C, else None. The rule both HTTP lanes (this one and h2_lane.py)
+    follow: HTTP mode, the fast codec (C checks HTTP/1 heads with the same scan), sole_route's
+    rule, and an endpoint speaking HTTP/1.1."""
+    found = sole_route(ctx.router, ctx.settings)
+    if found is None or not _lane_listener(ctx.listener) or found[1] != "http1":
         return None
-    cluster = route.cluster if route.cluster is not None else ctx.router.default_cluster
-    protocol = cluster.protocol if cluster is not None else ctx.settings.upstream_protocol
-    return (route, ctx.chain_for(route)) if protocol == "http1" else None
+    return found[0], ctx.chain_for(found[0])
 
 
 def _lane_listener(listener: ListenerConfig) -> bool:

@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pyproxy.addresses import Address
-from pyproxy.config import ClusterConfig, ListenerConfig, ProxyConfig
+from pyproxy.config import ClusterConfig, HttpSettings, ListenerConfig, ProxyConfig
 
 DEFAULT_TIMEOUT = 15.0
 
@@ -169,3 +169,19 @@ def _host_of(authority: bytes) -> str:
 
 def build_clusters(config: ProxyConfig) -> dict[str, Cluster]:
     return {cluster.name: Cluster.from_config(cluster) for cluster in config.clusters}
+
+
+def sole_route(router: Router, settings: HttpSettings) -> tuple[Route, str] | None:
+    """The one route every request of the listener takes, and its upstream protocol, when a
+    native lane may carry requests at all (every lane's rule): no per-request stage trace
+    (Server-Timing) or access log line to keep, one route to one endpoint."""
+    route = router.sole_route
+    if (
+        settings.access_log
+        or settings.server_timing
+        or route is None
+        or (route.cluster is not None and len(route.cluster.endpoints) != 1)
+    ):
+        return None
+    cluster = route.cluster if route.cluster is not None else router.default_cluster
+    return route, cluster.protocol if cluster is not None else settings.upstream_protocol

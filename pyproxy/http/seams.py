@@ -112,7 +112,7 @@ class Lanes(Protocol):
 
 
 class H2Lane(Protocol):
-    """One HTTP/2 downstream session's native lane (h2_lane.py), as the session sees it."""
+    """One HTTP/2 downstream session's native lane (h2_lane.py, grpc_lane.py), as the session sees it."""
 
     state: Any  # its C state: served, last_sid
 
@@ -127,6 +127,6 @@ class H2Lane(Protocol):
 
 
 class H2Lanes(Protocol):
-    """The native HTTP/2 lane of a listener (h2_lane.py): gives a downstream session its lane."""
+    """The native HTTP/2 or gRPC lane of a listener: gives a downstream session its lane."""
 
     def attach(self, session) -> H2Lane | None: ...
