@@ -21,7 +21,7 @@ enum { HCAT_REQUEST = 0, HCAT_RESPONSE = 1, HCAT_HEADERS = 3 };   /* nghttp2_hea
 typedef struct {
     int state;
     int32_t down_sid, up_sid;
-    int64_t started_ns, due_ns;
+    int64_t started_ns, due_ns, hold_due_ns;
     int deadline_kind, kind;
     uint32_t requests;
     pp_buf block; /* the request's header block as received (the handover's head) */
@@ -431,12 +431,14 @@ static int response_of(pp_glane *g, glane_slot *s, const uint8_t *records, size_
 }
 
 /* Keep the response's head (its record leaves the read) until the rest comes; -1: no memory. */
-static int hold(glane_slot *s, const uint8_t *records, size_t head_at)
+static int hold(pp_glane *g, glane_slot *s, const uint8_t *records, size_t head_at)
 {
     pp_h2_rec r = rec_at(records, head_at);
     s->head.len = 0;
     if (buf_add(&s->head, records + head_at + REC_SIZE, r.len)) return -1;
     s->held = 1;
+    s->hold_due_ns = now_ns() + PP_GLANE_HOLD_NS;
+    g->state.held = 1;
     return 0;
 }
 
@@ -497,7 +499,7 @@ static size_t up_filter(void *opaque, uint8_t *records, size_t len)
             answer(g, s, records, len, head_at, trailers_at, status, body, &scan);
             done[n++] = up_sid;
         }
-        else if (seen == RESP_HOLD && !hold(s, records, head_at)) done[n++] = s->up_sid;
+        else if (seen == RESP_HOLD && !hold(g, s, records, head_at)) done[n++] = s->up_sid;
         else hand_over(s, PP_GLANE_RESPONSE);
     }
     return n ? compact(records, len, done, n) : len;
@@ -628,7 +630,15 @@ int pp_glane_expired(pp_glane *g, int64_t now, int64_t *next_due)
     int64_t next = 0;
     for (int i = 0; i < g->nslots; i++) {
         glane_slot *s = &g->slots[i];
-        if (s->state != SLOT_WAITING || !s->due_ns) continue;
+        if (s->state != SLOT_WAITING) continue;
+        if (s->held) {
+            if (s->hold_due_ns <= now) {
+                hand_over(s, PP_GLANE_RESPONSE); /* the held head goes on; the rest follows */
+                return i;
+            }
+            if (next == 0 || s->hold_due_ns < next) next = s->hold_due_ns;
+        }
+        if (!s->due_ns) continue;
         if (s->due_ns <= now) {
             hand_over(s, PP_GLANE_OVERDUE);
             return i;

@@ -15,7 +15,7 @@
  * trailers; or a trailers-only response) came whole in this read is submitted on the downstream
  * stream and finished: a record (pp_glane_done) waits for Python's per-method accounts (a
  * response head that comes alone is held in C, bounded by the header limits, until the rest
- * comes; a handover gives it to Python, which reads it before the rest). Any
+ * comes or PP_GLANE_HOLD_NS pass; a handover gives it to Python, which reads it before the rest). Any
  * other record of a lane call (a reset, a response in pieces, a non-200 status, bad framing, a
  * message over the limit) hands the call over: its records stay for Python, which adopts the
  * already-sent stream on the general path (pp_glane_next_handover, pp_glane_handover_of,
@@ -33,10 +33,15 @@
 #include "h2_codec.h"
 
 #define PP_GLANE_MAX_BODY 65535 /* one default stream window: bounded, and never a long wait */
+/* How long a response head that came alone is held for the rest of the response (a unary
+ * server writes them a moment apart); then the call is handed over and the head goes on, so a
+ * server that sends its initial metadata early and answers later is not held back. */
+#define PP_GLANE_HOLD_NS 5000000
 
 /* Why a call is handed over. */
 enum {
-    PP_GLANE_RESPONSE = 1, /* its response's records are in the upstream read: Python reads them */
+    PP_GLANE_RESPONSE = 1, /* its response's records are in the upstream read: Python reads them
+                            * (or its head, held past PP_GLANE_HOLD_NS, goes on alone) */
     PP_GLANE_OVERDUE = 2,  /* its deadline passed (deadline_kind says which) */
     PP_GLANE_UPSTREAM = 3, /* the upstream connection failed or goes away */
 };
@@ -59,6 +64,7 @@ typedef struct {
     int32_t up_dirty;  /* the lane submitted on the upstream session: flush it (read, reset) */
     int32_t down_dirty;/* the lane submitted on the downstream session: flush it (read, reset) */
     int32_t done_count;/* finished-call records waiting in the done buffer */
+    int32_t held;      /* a read held a response head: look at the deadlines (read, reset) */
 } pp_glane_state;
 
 /* One finished call, followed by path_len bytes of its :path; records are packed back to back. */

@@ -30,6 +30,7 @@ from test_grpc_proxy import _raw_call as _h2_call
 from pyproxy.codec.grpc import frame
 
 LIMIT = 1024 * 1024
+SLOW = b"/pkg.Svc/Slow"
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +271,8 @@ def test_per_method_metrics_count_lane_calls(pb, echo, proxy):  # noqa: F811
 
 class _RawUpstream:
     """An h2c server that records each request's header list and answers like a unary call
-    (or, with `mode`, resets the stream or drops the connection before answering)."""
+    (or, with `mode`, resets the stream or drops the connection before answering; a call to
+    SLOW gets its response head at once and the rest a second later)."""
 
     def __init__(self, mode: str = "answer") -> None:
         self.mode = mode
@@ -300,7 +302,15 @@ class _RawUpstream:
                         self.heads.append(list(event.headers))
                     elif isinstance(event, StreamEnded):
                         sid = event.stream_id
-                        if self.mode == "reset":
+                        if (b":path", SLOW) in self.heads[-1]:
+                            h2.send_headers(
+                                sid, [(b":status", b"200"), (b"content-type", b"application/grpc")]
+                            )
+                            conn.sendall(h2.data_to_send())
+                            time.sleep(1.0)
+                            h2.send_data(sid, b"\0\0\0\0\0")
+                            h2.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+                        elif self.mode == "reset":
                             h2.reset_stream(sid, 2)
                         elif self.mode == "drop":
                             conn.shutdown(socket.SHUT_RDWR)
@@ -416,3 +426,24 @@ def test_a_content_length_the_body_matches_goes_along_as_on_the_general_path(raw
     assert raw.heads[0] == raw.heads[-1]
     assert (b"content-length", b"10") in raw.heads[-1]
     client.close()
+
+
+def test_a_response_head_sent_early_is_not_held_back_for_the_answer(raw_proxy, lane):
+    """A server that sends its initial metadata at once and answers a second later: the client
+    has the metadata long before the answer, with the lane as without it."""
+    process, raw, port = raw_proxy("answer")
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=GRPC_OPTIONS)
+    quick = channel.unary_unary("/pkg.Svc/Do", request_serializer=None, response_deserializer=None)
+    # a server-streaming stub: grpcio's unary stub reports the metadata only with the answer
+    slow = channel.unary_stream(SLOW.decode(), request_serializer=None, response_deserializer=None)
+    _until_carried(process, lambda: quick(b"hello", timeout=5))
+    taken = process.listener()["express_requests"]
+    started = time.monotonic()
+    call = slow(b"hello", timeout=5)
+    assert call.initial_metadata() is not None
+    early = time.monotonic() - started
+    assert list(call) == [b""]
+    answered = time.monotonic() - started
+    channel.close()
+    assert early < 0.5 < answered, (early, answered)
+    assert (process.listener()["express_requests"] - taken == 1) == lane  # the lane took it

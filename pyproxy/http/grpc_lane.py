@@ -201,6 +201,9 @@ class GrpcLane(LaneState):
         if state.down_dirty:
             state.down_dirty = 0
             self.session.lane_answered()
+        if state.held:
+            state.held = 0
+            self._watch_held()
 
     # ---- accounts ---------------------------------------------------------------------
 
@@ -292,6 +295,16 @@ class GrpcLane(LaneState):
         if not due[0]:
             return 0.0
         return max((due[0] - perf_counter_ns()) / 1e9, 0.001)
+
+    def _watch_held(self) -> None:
+        """A response head is held in C for at most PP_GLANE_HOLD_NS: look by then (a watchdog
+        armed for sooner stays)."""
+        watchdog = self._watchdog
+        if watchdog is not None:
+            if watchdog.when() <= self.lanes.ctx.loop.time() + _h2.lib.PP_GLANE_HOLD_NS / 1e9:
+                return
+            watchdog.cancel()
+        self._arm(self._check_due())
 
     def _arm(self, delay: float) -> None:
         self._watchdog = self.lanes.ctx.loop.call_later(delay, self._watch) if delay else None
