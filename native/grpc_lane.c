@@ -37,6 +37,7 @@ struct pp_glane {
     int32_t slot[PP_GLANE_N_SLOTS];
     uint32_t max_streams, max_headers, max_header_bytes, max_request, max_response;
     int64_t timeout_ns;
+    int64_t watched_ns; /* the deadline Python's watchdog looks at next (0: none) */
     glane_slot *slots;
     int nslots;
     pp_buf done;
@@ -116,7 +117,8 @@ static int carried(pp_glane *g, const uint8_t *block, size_t len, int64_t *grpc_
         else if (is(&f, "te")) te = 1;               /* plain: its value is "trailers" */
         else if (is(&f, "content-type"))
             grpc = f.value_len >= 16 && strncasecmp((const char *)f.value, "application/grpc", 16) == 0;
-        else if (is(&f, "grpc-timeout") && (*grpc_timeout = timeout_ns_of(&f)) < 0) return 0;
+        /* malformed, or zero (already past: the general path ends it at once), is Python's */
+        else if (is(&f, "grpc-timeout") && (*grpc_timeout = timeout_ns_of(&f)) <= 0) return 0;
     }
     if (!(method.name && value_is(&method, "POST") && scheme && grpc && path->name != NULL &&
           authority.name != NULL && authority.value_len && path->value_len && path->value[0] == '/' &&
@@ -233,6 +235,15 @@ static int whole_call(pp_glane *g, const uint8_t *records, size_t len, size_t fr
     return ended;
 }
 
+/* A call is due at `due`: if that comes before what Python's watchdog looks at, it looks again. */
+static void watch_by(pp_glane *g, int64_t due)
+{
+    if (!g->watched_ns || due < g->watched_ns) {
+        g->watched_ns = due;
+        g->state.due_sooner = 1;
+    }
+}
+
 static int take(pp_glane *g, const uint8_t *records, size_t len, size_t at, pp_h2_rec head)
 {
     const uint8_t *block = records + at + REC_SIZE;
@@ -252,18 +263,19 @@ static int take(pp_glane *g, const uint8_t *records, size_t len, size_t at, pp_h
     int32_t up_sid = pp_h2_submit_headers(g->up, -1, upstream_block.data, upstream_block.len, PP_H2_PLAIN);
     if (up_sid < 0) return 0; /* nothing was queued */
     /* From here the call is the lane's: its request goes, whatever comes. */
-    int failed = 0;
+    int failed = 0, ended = 0;
     size_t left = body;
     for (size_t pos = at + REC_SIZE + head.len; pos < len && !failed;) {
         pp_h2_rec r = rec_at(records, pos);
         if (r.stream_id == head.stream_id && r.kind == REC_DATA) {
             left -= r.len;
-            failed = pp_h2_queue_data(g->up, up_sid, records + pos + REC_SIZE, r.len, left == 0) < 0;
-            if (!left) break;
+            ended = left == 0; /* the last byte ends the stream (an empty body: its empty DATA) */
+            failed = pp_h2_queue_data(g->up, up_sid, records + pos + REC_SIZE, r.len, ended) < 0;
+            if (ended) break;
         }
         pos += REC_SIZE + r.len;
     }
-    if (!body) failed |= pp_h2_queue_data(g->up, up_sid, NULL, 0, 1) < 0;
+    if (!ended && !failed) failed = pp_h2_queue_data(g->up, up_sid, NULL, 0, 1) < 0; /* no DATA */
     int64_t now = now_ns();
     s->state = SLOT_WAITING;
     s->held = 0;
@@ -278,6 +290,7 @@ static int take(pp_glane *g, const uint8_t *records, size_t len, size_t at, pp_h
     s->deadline_kind = 0;
     if (route && (!call || route <= call)) s->due_ns = now + route, s->deadline_kind = 1;
     else if (call) s->due_ns = now + call, s->deadline_kind = 2;
+    if (s->due_ns) watch_by(g, s->due_ns);
     g->state.in_flight++;
     if (head.stream_id > g->state.last_sid) g->state.last_sid = head.stream_id;
     g->state.up_dirty = 1;
@@ -380,6 +393,27 @@ static int grpc_status_of(const uint8_t *block, size_t len)
     return -1;
 }
 
+/* A response head the general path sends on as it is: no hop-by-hop field (it strips them) and
+ * no Content-Length (it checks the body against it). */
+static int head_as_is(const uint8_t *block, size_t len)
+{
+    size_t pos = 0;
+    nv_span f;
+    while (next_field(block, len, &pos, &f))
+        if (pf_hop_by_hop((const char *)f.name, f.name_len) || is(&f, "content-length")) return 0;
+    return 1;
+}
+
+/* Trailers the general path sends on: no pseudo-header (it refuses them). */
+static int trailers_as_is(const uint8_t *block, size_t len)
+{
+    size_t pos = 0;
+    nv_span f;
+    while (next_field(block, len, &pos, &f))
+        if (f.name_len && f.name[0] == ':') return 0;
+    return 1;
+}
+
 enum { RESP_NONE, RESP_PARTIAL, RESP_WHOLE, RESP_HAND, RESP_HOLD };
 
 /* How this read's records answer the call: none of them; whole (head, data, trailers, or
@@ -403,7 +437,7 @@ static int response_of(pp_glane *g, glane_slot *s, const uint8_t *records, size_
         any = 1;
         if (seen == RESP_NONE) {
             if (r.kind != REC_HEADERS || r.a != HCAT_RESPONSE || !(r.flags & PP_H2_PLAIN) ||
-                !status_200(payload, r.len))
+                !status_200(payload, r.len) || !head_as_is(payload, r.len))
                 return RESP_HAND;
             *head_at = at;
             if (r.flags & PP_H2_END_STREAM) { /* trailers-only */
@@ -419,7 +453,7 @@ static int response_of(pp_glane *g, glane_slot *s, const uint8_t *records, size_
             if (*body > PP_GLANE_MAX_BODY || scan->bad) return RESP_HAND;
         }
         else if (r.kind == REC_HEADERS && r.a == HCAT_HEADERS && (r.flags & PP_H2_PLAIN) &&
-                 (r.flags & PP_H2_END_STREAM) && scan_whole(scan)) {
+                 (r.flags & PP_H2_END_STREAM) && scan_whole(scan) && trailers_as_is(payload, r.len)) {
             *trailers_at = at;
             *status = grpc_status_of(payload, r.len);
             return *status < 0 ? RESP_HAND : RESP_WHOLE;
@@ -438,7 +472,7 @@ static int hold(pp_glane *g, glane_slot *s, const uint8_t *records, size_t head_
     if (buf_add(&s->head, records + head_at + REC_SIZE, r.len)) return -1;
     s->held = 1;
     s->hold_due_ns = now_ns() + PP_GLANE_HOLD_NS;
-    g->state.held = 1;
+    watch_by(g, s->hold_due_ns);
     return 0;
 }
 
@@ -486,7 +520,7 @@ static size_t up_filter(void *opaque, uint8_t *records, size_t len)
     pp_glane *g = opaque;
     int32_t done[MAX_PER_READ];
     int n = 0;
-    for (int i = 0; i < g->nslots && n < MAX_PER_READ; i++) {
+    for (int i = 0; i < g->nslots; i++) {
         glane_slot *s = &g->slots[i];
         if (s->state != SLOT_WAITING) continue;
         size_t head_at = 0, trailers_at, body;
@@ -494,7 +528,9 @@ static size_t up_filter(void *opaque, uint8_t *records, size_t len)
         scan_t scan;
         int seen = response_of(g, s, records, len, &head_at, &trailers_at, &status, &body, &scan);
         if (seen == RESP_NONE) continue;
-        if (seen == RESP_WHOLE && (int64_t)body <= pp_h2_window(g->down, s->down_sid)) {
+        /* no room left to take its records out of this read: Python reads them */
+        if (n == MAX_PER_READ) hand_over(s, PP_GLANE_RESPONSE);
+        else if (seen == RESP_WHOLE && (int64_t)body <= pp_h2_window(g->down, s->down_sid)) {
             int32_t up_sid = s->up_sid;
             answer(g, s, records, len, head_at, trailers_at, status, body, &scan);
             done[n++] = up_sid;
@@ -645,6 +681,6 @@ int pp_glane_expired(pp_glane *g, int64_t now, int64_t *next_due)
         }
         if (next == 0 || s->due_ns < next) next = s->due_ns;
     }
-    *next_due = next;
+    *next_due = g->watched_ns = next;
     return -1;
 }

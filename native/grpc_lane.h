@@ -64,7 +64,8 @@ typedef struct {
     int32_t up_dirty;  /* the lane submitted on the upstream session: flush it (read, reset) */
     int32_t down_dirty;/* the lane submitted on the downstream session: flush it (read, reset) */
     int32_t done_count;/* finished-call records waiting in the done buffer */
-    int32_t held;      /* a read held a response head: look at the deadlines (read, reset) */
+    int32_t due_sooner;/* a read gave a call a deadline before the one Python watches: look
+                        * again by pp_glane_expired (read, reset) */
 } pp_glane_state;
 
 /* One finished call, followed by path_len bytes of its :path; records are packed back to back. */

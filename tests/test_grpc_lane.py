@@ -16,6 +16,7 @@ from conftest import ProxyProcess, free_port
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import RequestReceived, StreamEnded
+from h2.settings import SettingCodes
 from h2_peer import H2Client
 from test_grpc_proxy import (  # noqa: F401  (pb: a fixture)
     GRPC_OPTIONS,
@@ -31,6 +32,7 @@ from pyproxy.codec.grpc import frame
 
 LIMIT = 1024 * 1024
 SLOW = b"/pkg.Svc/Slow"
+BATCH = 140  # answers in one upstream write: more than one read's worth of finished calls in C
 
 
 @pytest.fixture(scope="module")
@@ -270,9 +272,11 @@ def test_per_method_metrics_count_lane_calls(pb, echo, proxy):  # noqa: F811
 
 
 class _RawUpstream:
-    """An h2c server that records each request's header list and answers like a unary call
-    (or, with `mode`, resets the stream or drops the connection before answering; a call to
-    SLOW gets its response head at once and the rest a second later)."""
+    """An h2c server that records each request's header list and answers like a unary call;
+    with `mode`: "reset" resets the stream, "drop" drops the connection, "odd" answers with a
+    hop-by-hop `trailer` field, "long" with a Content-Length the body does not match, "batch"
+    holds its answers until BATCH calls wait on one connection (or a second passed) and sends
+    them all in one write. A call to SLOW gets its head at once and the rest a second later."""
 
     def __init__(self, mode: str = "answer") -> None:
         self.mode = mode
@@ -294,34 +298,59 @@ class _RawUpstream:
     def _one(self, conn: socket.socket) -> None:
         h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
         h2.initiate_connection()
+        h2.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 1000})
         conn.sendall(h2.data_to_send())
+        waiting: list[int] = []
+        conn.settimeout(1.0 if self.mode == "batch" else None)
         with conn:
-            while data := conn.recv(65536):
-                for event in h2.receive_data(data):
+            while True:
+                try:
+                    data = conn.recv(65536)
+                except TimeoutError:
+                    data = None  # a batch's second passed: answer what waits
+                if data == b"":
+                    return
+                for event in h2.receive_data(data) if data else ():
                     if isinstance(event, RequestReceived):
                         self.heads.append(list(event.headers))
                     elif isinstance(event, StreamEnded):
-                        sid = event.stream_id
-                        if (b":path", SLOW) in self.heads[-1]:
-                            h2.send_headers(
-                                sid, [(b":status", b"200"), (b"content-type", b"application/grpc")]
-                            )
-                            conn.sendall(h2.data_to_send())
-                            time.sleep(1.0)
-                            h2.send_data(sid, b"\0\0\0\0\0")
-                            h2.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
-                        elif self.mode == "reset":
-                            h2.reset_stream(sid, 2)
-                        elif self.mode == "drop":
-                            conn.shutdown(socket.SHUT_RDWR)
+                        if self._answer(conn, h2, event.stream_id, waiting) == "drop":
                             return
-                        else:
-                            h2.send_headers(
-                                sid, [(b":status", b"200"), (b"content-type", b"application/grpc")]
-                            )
-                            h2.send_data(sid, b"\0\0\0\0\0")
-                            h2.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
+                if waiting and (data is None or len(waiting) >= BATCH):
+                    for sid in waiting:
+                        self._unary(h2, sid, [])
+                    waiting.clear()
                 conn.sendall(h2.data_to_send())
+
+    def _answer(self, conn: socket.socket, h2: H2Connection, sid: int, waiting: list) -> str:
+        if (b":path", SLOW) in self.heads[-1]:
+            h2.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
+            conn.sendall(h2.data_to_send())
+            time.sleep(1.0)
+            self._unary(h2, sid, [], head=False)
+        elif self.mode == "reset":
+            h2.reset_stream(sid, 2)
+        elif self.mode == "drop":
+            conn.shutdown(socket.SHUT_RDWR)
+            return "drop"
+        elif self.mode == "batch":
+            waiting.append(sid)
+        elif self.mode == "odd":
+            self._unary(h2, sid, [(b"trailer", b"grpc-status")])
+        elif self.mode == "long":
+            self._unary(h2, sid, [(b"content-length", b"99")])
+        else:
+            self._unary(h2, sid, [])
+        return ""
+
+    @staticmethod
+    def _unary(h2: H2Connection, sid: int, extra: list, head: bool = True) -> None:
+        if head:
+            h2.send_headers(
+                sid, [(b":status", b"200"), (b"content-type", b"application/grpc"), *extra]
+            )
+        h2.send_data(sid, b"\0\0\0\0\0")
+        h2.send_headers(sid, [(b"grpc-status", b"0")], end_stream=True)
 
     def close(self) -> None:
         self.sock.close()
@@ -447,3 +476,65 @@ def test_a_response_head_sent_early_is_not_held_back_for_the_answer(raw_proxy, l
     channel.close()
     assert early < 0.5 < answered, (early, answered)
     assert (process.listener()["express_requests"] - taken == 1) == lane  # the lane took it
+
+
+def _taken(process) -> int:
+    return process.listener()["express_requests"]
+
+
+def _until_taken(process, call) -> None:
+    """Make calls until the lane takes one (its upstream connected; lane on), or one call."""
+    before = _taken(process)
+    for _ in range(100 if process.lane else 1):
+        call()
+        if _taken(process) > before:
+            return
+        time.sleep(0.02)
+    assert not process.lane, "the lane took no call"
+
+
+def test_an_empty_request_body_goes_upstream(raw_proxy, lane):
+    """HEADERS, then an empty DATA frame that ends the stream: a call like any other."""
+    process, raw, port = raw_proxy("answer")
+    client = H2Client(port)
+    _until_taken(process, lambda: client.wait([_h2_call(client, "/pkg.Svc/Do", frame(b"x"))]))
+    taken, calls = _taken(process), len(raw.heads)
+    (response,) = client.wait([_h2_call(client, "/pkg.Svc/Do", b"")])
+    client.close()
+    assert response["reset"] is None and dict(response["trailers"])[b"grpc-status"] == b"0"
+    assert len(raw.heads) == calls + 1
+    assert (_taken(process) - taken == 1) == lane
+
+
+@pytest.mark.parametrize("mode", ["odd", "long"])
+def test_a_response_head_the_general_path_would_change_is_not_sent_as_it_is(raw_proxy, lane, mode):
+    """A head with a hop-by-hop field (stripped) or a Content-Length (checked against the body)
+    is the general path's to send: the lane takes the call but does not finish it in C."""
+    process, raw, port = raw_proxy(mode)
+    client = H2Client(port)
+    _until_taken(process, lambda: client.wait([_h2_call(client, "/pkg.Svc/Do", frame(b"x"))]))
+    taken, finished = _taken(process), Carried(process)
+    (response,) = client.wait([_h2_call(client, "/pkg.Svc/Do", frame(b"x"))])
+    client.close()
+    assert (_taken(process) - taken == 1) == lane
+    assert finished.count() == 0
+    assert dict(response["trailers"])[b"grpc-status"] == b"0"
+    if mode == "odd":
+        assert b"trailer" not in dict(response["headers"])
+
+
+def test_more_answers_in_one_upstream_read_than_c_finishes_at_once(raw_proxy, lane):
+    """BATCH calls answered in one write: the ones C has no room for go on through Python."""
+    process, raw, port = raw_proxy("batch")
+    client = H2Client(port)
+    _until_taken(process, lambda: client.wait([_h2_call(client, "/pkg.Svc/Do", frame(b"x"))]))
+    taken = _taken(process)
+    sids = [_h2_call(client, "/pkg.Svc/Do", frame(b"x")) for _ in range(100)]
+    time.sleep(0.1)  # a second downstream read: each read takes at most 128 calls
+    sids += [_h2_call(client, "/pkg.Svc/Do", frame(b"x")) for _ in range(BATCH - 100)]
+    responses = client.wait(sids, timeout=15)
+    client.close()
+    assert all(
+        r["done"] and dict(r["trailers"] or {}).get(b"grpc-status") == b"0" for r in responses
+    )
+    assert (_taken(process) - taken == BATCH) == lane

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from pyproxy.codec.grpc import CANCELLED, STATUS_NAMES, UNKNOWN, method_of
 from pyproxy.config import ListenerConfig, ListenerMode
 from pyproxy.counters import EXPRESS_REQUESTS, FLAG_BASE, FLAG_INDEX, NATIVE_REQUESTS, REQUESTS
-from pyproxy.grpc_metrics import E_STARTED, record_finished
+from pyproxy.grpc_metrics import E_STARTED, OTHER_ENTRY, record_finished
 from pyproxy.http.grpc_call import method_table
 from pyproxy.http.h2_lane import LaneState
 from pyproxy.http.h2_session import NO_ERROR
@@ -84,7 +84,9 @@ class GrpcLanes:
     def entry(self, path: bytes) -> int:
         entry = self.entries.get(path)
         if entry is None:
-            entry = self.entries[path] = method_table(self.ctx).entry(method_of(path))
+            entry = method_table(self.ctx).entry(method_of(path))
+            if entry != OTHER_ENTRY:  # the table's methods only: the dict stays bounded
+                self.entries[path] = entry
         return entry
 
 
@@ -160,8 +162,9 @@ class GrpcLane(LaneState):
             state.starved = 0
             if self.upstream is None:
                 self._connect()
-        if self._watchdog is None and state.in_flight:
-            self._arm(self._check_due())
+        if state.due_sooner:
+            state.due_sooner = 0
+            self._rewatch()
 
     def _connect(self) -> None:
         lanes = self.lanes
@@ -201,9 +204,9 @@ class GrpcLane(LaneState):
         if state.down_dirty:
             state.down_dirty = 0
             self.session.lane_answered()
-        if state.held:
-            state.held = 0
-            self._watch_held()
+        if state.due_sooner:
+            state.due_sooner = 0
+            self._rewatch()
 
     # ---- accounts ---------------------------------------------------------------------
 
@@ -296,13 +299,11 @@ class GrpcLane(LaneState):
             return 0.0
         return max((due[0] - perf_counter_ns()) / 1e9, 0.001)
 
-    def _watch_held(self) -> None:
-        """A response head is held in C for at most PP_GLANE_HOLD_NS: look by then (a watchdog
-        armed for sooner stays)."""
+    def _rewatch(self) -> None:
+        """A read gave a call a deadline (a grpc-timeout, the route timeout, a held head's
+        PP_GLANE_HOLD_NS): look by then; a watchdog armed for sooner stays."""
         watchdog = self._watchdog
         if watchdog is not None:
-            if watchdog.when() <= self.lanes.ctx.loop.time() + _h2.lib.PP_GLANE_HOLD_NS / 1e9:
-                return
             watchdog.cancel()
         self._arm(self._check_due())
 
