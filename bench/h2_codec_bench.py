@@ -310,18 +310,18 @@ def targets_met(result: dict) -> dict:
                 out[f"{kind}: CPU per request, lane on / off (paired)"] = round(ratio, 3)
     for kind, part in (("grpc", g), ("http2_get", h)):
         lat = part["latency"]
-        for mine, theirs, what in (("pyproxy-native", BEFORE, "native"),
+        for ours, theirs, what in (("pyproxy-native", BEFORE, "native"),
                                    (LANE, BEFORE_LANE, "native with the lane")):  # fmt: skip
             before = part["load"].get(theirs)
             if before is None:
                 continue
-            ratio = paired_ratio(part["load"][mine]["cpu_us_rounds"], before["cpu_us_rounds"])
+            ratio = paired_ratio(part["load"][ours]["cpu_us_rounds"], before["cpu_us_rounds"])
             if ratio is not None:
-                out[f"{kind}: {what} CPU per request, this tree / baseline tree (paired)"] = (
-                    round(ratio, 3)
+                out[f"{kind}: {what} CPU per request, this tree / baseline tree (paired)"] = round(
+                    ratio, 3
                 )
             out[f"{kind}: {what} added p50 µs, this tree / baseline tree"] = (
-                f"{lat[mine]['added_p50_us']:.0f} / {lat[theirs]['added_p50_us']:.0f}"
+                f"{lat[ours]['added_p50_us']:.0f} / {lat[theirs]['added_p50_us']:.0f}"
             )
     return out
 
