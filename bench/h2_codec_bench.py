@@ -51,6 +51,7 @@ from pyproxy.bench.rounds import interleaved, paired_ratio
 CODECS = ("h2", "native")
 BEFORE = "before_pyproxy-native"  # --baseline-tree's pyproxy, native codec
 LANE = "pyproxy-native-lane"  # the native codec with its lane on (HTTP/2 or gRPC)
+BEFORE_LANE = "before_pyproxy-native-lane"  # --baseline-tree's pyproxy, its lane on
 
 
 def _knows(python: Path, setting: str) -> bool:
@@ -81,10 +82,15 @@ def start_pyproxy(
 
 
 def start_pyproxies(procs: http_bench.Processes, mode: str, upstream: int, args) -> list[Path_]:
-    """pyproxy on each codec, and the baseline tree's on the native one when given."""
+    """pyproxy on each codec and on the native one with its lane, and the baseline tree's on
+    the native one, with and without its lane, when given."""
     paths = [start_pyproxy(procs, f"pyproxy-{c}", mode, upstream, c) for c in CODECS]
-    if args.baseline_python is not None:
-        paths.append(start_pyproxy(procs, BEFORE, mode, upstream, "native", args.baseline_python))
+    paths.append(start_pyproxy(procs, LANE, mode, upstream, "native", lane=True))
+    python = args.baseline_python
+    if python is not None:
+        paths.append(start_pyproxy(procs, BEFORE, mode, upstream, "native", python))
+        if _knows(python, "grpc_lane" if mode == "grpc" else "http2_lane"):
+            paths.append(start_pyproxy(procs, BEFORE_LANE, mode, upstream, "native", python, True))
     return paths
 
 
@@ -169,7 +175,6 @@ def http2_get(workdir: Path, args) -> dict:
     try:
         upstream, direct = start_upstream(procs, workdir)
         paths = start_pyproxies(procs, "http", upstream, args)
-        paths.append(start_pyproxy(procs, LANE, "http", upstream, "native", lane=True))
         paths.append(http_bench.start_nginx(procs, workdir, upstream))
         paths.append(start_haproxy(procs, upstream, grpc=False))
         time.sleep(0.5)
@@ -193,7 +198,6 @@ def grpc_unary(workdir: Path, args) -> dict:
     try:
         app = peers.grpc_app(procs, SIDE_CPU).ready().port
         paths = start_pyproxies(procs, "grpc", app, args)
-        paths.append(start_pyproxy(procs, LANE, "grpc", app, "native", lane=True))
         ok, why = grpc_bench.nginx_has_grpc()
         if ok:
             nginx = grpc_bench.start_nginx(procs, workdir, app, SIDE_CPU)
@@ -305,19 +309,20 @@ def targets_met(result: dict) -> dict:
             if ratio is not None:
                 out[f"{kind}: CPU per request, lane on / off (paired)"] = round(ratio, 3)
     for kind, part in (("grpc", g), ("http2_get", h)):
-        before = part["load"].get(BEFORE)
-        if before is None:
-            continue
-        after = part["load"]["pyproxy-native"]
-        ratio = paired_ratio(after["cpu_us_rounds"], before["cpu_us_rounds"])
-        if ratio is not None:
-            out[f"{kind}: native CPU per request, this tree / baseline tree (paired)"] = round(
-                ratio, 3
-            )
         lat = part["latency"]
-        out[f"{kind}: native added p50 µs, this tree / baseline tree"] = (
-            f"{lat['pyproxy-native']['added_p50_us']:.0f} / {lat[BEFORE]['added_p50_us']:.0f}"
-        )
+        for ours, theirs, what in (("pyproxy-native", BEFORE, "native"),
+                                   (LANE, BEFORE_LANE, "native with the lane")):  # fmt: skip
+            before = part["load"].get(theirs)
+            if before is None:
+                continue
+            ratio = paired_ratio(part["load"][ours]["cpu_us_rounds"], before["cpu_us_rounds"])
+            if ratio is not None:
+                out[f"{kind}: {what} CPU per request, this tree / baseline tree (paired)"] = round(
+                    ratio, 3
+                )
+            out[f"{kind}: {what} added p50 µs, this tree / baseline tree"] = (
+                f"{lat[ours]['added_p50_us']:.0f} / {lat[theirs]['added_p50_us']:.0f}"
+            )
     return out
 
 

@@ -494,6 +494,34 @@ ssize_t pp_h2_recv(pp_h2 *h, const uint8_t *data, size_t len, const uint8_t **ev
 
 void pp_h2_set_taker(pp_h2 *h, const pp_h2_taker *taker) { h->taker = *taker; }
 
+int64_t pp_h2_scan(const char *data, size_t len, uint32_t limit, uint32_t left, uint32_t block) {
+    const uint8_t *p = (const uint8_t *)data;
+    size_t pos = 0;
+    while (pos < len) {
+        if (left) {
+            size_t step = left < len - pos ? left : len - pos;
+            pos += step;
+            left -= (uint32_t)step;
+            continue;
+        }
+        if (len - pos < 9)
+            return -1; /* a frame header split across reads: carried by FrameScanner */
+        uint32_t length = (uint32_t)p[pos] << 16 | (uint32_t)p[pos + 1] << 8 | p[pos + 2];
+        uint8_t kind = p[pos + 3];
+        if (kind == NGHTTP2_GOAWAY)
+            return -1;
+        if (kind == NGHTTP2_HEADERS || kind == NGHTTP2_PUSH_PROMISE || kind == NGHTTP2_CONTINUATION) {
+            uint64_t size = (kind == NGHTTP2_CONTINUATION ? (uint64_t)block : 0) + length + 9;
+            if (size > limit)
+                return -1;
+            block = p[pos + 4] & NGHTTP2_FLAG_END_HEADERS ? 0 : (uint32_t)size;
+        }
+        pos += 9;
+        left = length;
+    }
+    return (int64_t)left + ((int64_t)block << 24);
+}
+
 int64_t pp_h2_failed(pp_h2 *h) { return h->failed; }
 
 int64_t pp_h2_new_stream_window(pp_h2 *h) {

@@ -55,6 +55,12 @@ long pp_h2_live(void);
  * the read needs no flush of its own). >= 0 or an error. */
 ssize_t pp_h2_recv(pp_h2 *h, const uint8_t *data, size_t len, const uint8_t **events, size_t *events_len,
                    size_t *pending);
+/* FrameScanner.feed's walk (pyproxy/codec/http2.py) over a read that needs nothing cut: from
+ * its state (left: payload bytes of the current frame still to come, block: bytes of the header
+ * block in progress), the state after the read, left + (block << 24); -1 when the read holds a
+ * GOAWAY, ends inside a frame header, or takes a header block past limit (FrameScanner.feed
+ * then walks it itself, from the state it had). */
+int64_t pp_h2_scan(const char *data, size_t len, uint32_t limit, uint32_t left, uint32_t block);
 /* The library's own GOAWAY error code after a connection error it found, else -1. */
 int64_t pp_h2_failed(pp_h2 *h);
 /* Everything nghttp2 has to send now: *out valid until the next call. */

@@ -5,6 +5,7 @@ every nghttp2 session is freed with its connection."""
 from __future__ import annotations
 
 import gc
+import random
 
 import pytest
 from conftest import require_capability
@@ -14,7 +15,7 @@ from hostile import h2_frame
 from hpack import Decoder, Encoder
 
 from pyproxy.codec import http2_native
-from pyproxy.codec.http2 import PREFACE
+from pyproxy.codec.http2 import PREFACE, FrameScanner, HeaderBlockTooLarge
 
 pytestmark = pytest.mark.usefixtures("_native_built")
 
@@ -360,3 +361,40 @@ def test_the_codec_says_when_a_read_or_an_acknowledgement_leaves_bytes_to_send()
     server.acknowledge_received_data(32768, 1)
     assert server.output_pending
     assert h2_frame(_WINDOW, 0, 1, (32868).to_bytes(4, "big")) in server.data_to_send()
+
+
+def _scanner_walk(stream: bytes, cuts: list[int], scan) -> tuple:
+    """What a FrameScanner makes of ``stream`` read in the pieces ``cuts`` marks: the bytes it
+    passes, the GOAWAYs it lifts, where it found a header block too large, and its end state."""
+    scanner = FrameScanner(3000, server=False, scan=scan)
+    out, goaways, failed = [], [], None
+    for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+        try:
+            data, found = scanner.feed(stream[start:end])
+        except HeaderBlockTooLarge as exc:
+            failed = (start, exc.args)
+            break
+        out.append(data)
+        goaways += found
+    return b"".join(out), goaways, failed, scanner._left, scanner._block, scanner._carry
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_native_frame_walk_leaves_what_the_python_one_does(seed):
+    """pp_h2_scan (FrameScanner's walk in C over a read with nothing to cut) against the Python
+    walk, over random frame sequences (header blocks in CONTINUATIONs, some past the limit,
+    GOAWAYs) read in random pieces and in single bytes."""
+    rng = random.Random(seed)
+    frames = []
+    for _ in range(rng.randrange(1, 12)):
+        kind = rng.choice([_DATA, _HEADERS, _CONTINUATION, _PING, _WINDOW, 0x7, 0x5])
+        flags = rng.choice([0, _END_HEADERS, _END_STREAM, _END_HEADERS | _END_STREAM])
+        frames.append(h2_frame(kind, flags, 1, bytes(rng.randrange(0, 1400))))
+    stream = b"".join(frames)
+    for cuts in (
+        sorted(rng.sample(range(1, len(stream)), min(len(stream) - 1, rng.randrange(0, 6)))),
+        list(range(1, len(stream))) if len(stream) < 600 else [9, 10, 18, 27],
+        [],
+    ):
+        native = _scanner_walk(stream, cuts, http2_native.lib.pp_h2_scan)
+        assert native == _scanner_walk(stream, cuts, None)

@@ -139,8 +139,10 @@ class H2Session:
         settings = ctx.settings
         limit = settings.max_header_bytes
         # The scanner runs before either codec: header-block bytes and GOAWAY are the proxy's.
-        self.scanner = FrameScanner(limit, server=not client_side)
-        if http2_native.effective_codec(settings.http2_codec) == "native":
+        native = http2_native.effective_codec(settings.http2_codec) == "native"
+        scan = http2_native.lib.pp_h2_scan if native else None
+        self.scanner = FrameScanner(limit, server=not client_side, scan=scan)
+        if native:
             # nghttp2's own rapid-reset bucket stays above the proxy's, which counts and flags.
             burst = min(settings.rapid_reset_max * 2 + 1000, 0xFFFFFFFF)
             self.conn: Any = http2_native.NativeH2Connection(client_side, burst)
