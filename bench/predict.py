@@ -16,9 +16,6 @@ measured it for a request going app → sidecar → app; a hop through two
 sidecars (the caller's outbound, the callee's inbound) makes the same trips
 to and from the sidecars, which pass it between each other as the plain
 path's apps do. Latency only: its CPU is in the CPU models, read from /proc.
-The hand-off is a wait between processes, as is the call's own latency
-between its apps without sidecars (`network_ns`), and the two overlap: a hop
-adds only what its hand-off takes beyond the call's own (`beyond_network`).
 A call between two sidecars of one setup that the profile measured as a
 whole hop (`hop:NAME`: the driver's pod captured too) is priced by that
 measurement instead, its stages, hand-off, untimed CPU and idle curve once.
@@ -266,21 +263,10 @@ def _hop(
         # Once per hop: the caller's outbound and the callee's inbound sidecar hand the request
         # to each other as the two apps of the plain path do; the hand-offs the plain path does
         # not have are the app → sidecars → app ones, as many as the profile's one pass has.
-        stages_ns[HANDOFF_STAGE] = beyond_network(
-            call, factors.get(HANDOFF_STAGE, 1.0) * handoff_ns
-        )
+        stages_ns[HANDOFF_STAGE] = factors.get(HANDOFF_STAGE, 1.0) * handoff_ns
     return Hop(call.id, caller, call.callee, size, rate, sum(stages_ns.values()),
                sum(cpu_stages.values()), stages_ns, cpu_stages, outbound_cpu_ns,
                side_ns[0], side_ns[1])  # fmt: skip
-
-
-def beyond_network(call: Call, handoff_ns: float) -> float:
-    """The hop's hand-off less the call's own latency between its two apps (`network_ns`: what
-    the plain deployment takes beyond the apps' CPU, from traces or measured without sidecars).
-    Both are waits between processes, not work, and they overlap: the sidecars' hand-offs happen
-    while the apps' own would have, so a hop adds only what its hand-off takes beyond the call's
-    (at least nothing). Its work, the passes, stays whole."""
-    return max(0.0, handoff_ns - call.network_ns)
 
 
 def hop_key(profile: Profile, caller: Service | None, callee: Service, what_if: WhatIf) -> str:
@@ -316,9 +302,7 @@ def _whole_hop(
     if (untimed := profile.untimed.get(key)) is not None:
         cpu_stages[UNTIMED_STAGE] = factors.get(UNTIMED_STAGE, 1.0) * rate * untimed.at(size) / 1e9
     if (handoff := profile.handoff.get(key)) is not None:
-        stages_ns[HANDOFF_STAGE] = beyond_network(
-            call, factors.get(HANDOFF_STAGE, 1.0) * handoff.latency.at(size)
-        )
+        stages_ns[HANDOFF_STAGE] = factors.get(HANDOFF_STAGE, 1.0) * handoff.latency.at(size)
     cores = sum(cpu_stages.values())
     return Hop(call.id, caller, call.callee, size, rate, sum(stages_ns.values()), cores,
                stages_ns, cpu_stages, cores * 1e9 / rate / 2 if rate > 0 else 0.0,
@@ -403,14 +387,6 @@ def predict(
                       sum(cpu_stages.values()), path_stages, cpu_stages)  # fmt: skip
 
 
-def plain_latency(graph: CallGraph, placement: Placement = UNPLACED) -> float:
-    """The graph's latency (ns) without sidecars: its critical path, or with a placement that
-    shares CPUs, the schedule of its apps' work on them."""
-    if placement.shared:
-        return schedule_latency(graph, placement, lambda call: HopCost())[0]
-    return _duration(graph.root, {})[0]
-
-
 def _placed(
     profile: Profile,
     graph: CallGraph,
@@ -453,7 +429,7 @@ def _placed(
                        wake(out if out is not None and out.sidecar and wakes else None),
                        wake(inbound if inbound.sidecar and wakes else None))  # fmt: skip
 
-    base = plain_latency(graph, placement)
+    base, _ = schedule_latency(graph, placement, lambda call: HopCost())
     mesh, wake_cpu_ns = schedule_latency(graph, placement, cost, period)
     if IDLE_STAGE in path_stages or IDLE_STAGE in cpu_stages:
         asleep, _ = schedule_latency(graph, placement, lambda call: cost(call, False), period)

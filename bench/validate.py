@@ -42,14 +42,7 @@ from pyproxy.bench.callgraph import Service, graph_from_data, graphs_from_traces
 from pyproxy.bench.model import PODS, Profile, check_platform, check_setting, current_platform
 from pyproxy.bench.pod_echo import admin_get
 from pyproxy.bench.pod_sidecar import start_captured_sidecar
-from pyproxy.bench.predict import (
-    HANDOFF_STAGE,
-    IDLE_STAGE,
-    Prediction,
-    WhatIf,
-    plain_latency,
-    predict,
-)
+from pyproxy.bench.predict import HANDOFF_STAGE, IDLE_STAGE, Prediction, WhatIf, predict
 from pyproxy.bench.procs import Noise
 from pyproxy.bench.profile import (
     IDLE_RATES,
@@ -60,7 +53,7 @@ from pyproxy.bench.profile import (
     pooled,
     setup_for,
 )
-from pyproxy.bench.schedule import PINNED, UNPLACED, Placement
+from pyproxy.bench.schedule import PINNED, UNPLACED
 from pyproxy.iptables.netns import Pod, missing_capabilities, pods
 
 PY = sys.executable
@@ -160,16 +153,15 @@ def _captured(pod: Pod) -> dict:
 
 
 def graph_for(
-    topology: str, case: Case, size: int, rate: float, work_us: float, app_us: float = 0.0,
-    network_us: float = 0.0,
-):  # fmt: skip
+    topology: str, case: Case, size: int, rate: float, work_us: float, app_us: float = 0.0
+):
     services = TOPOLOGIES[topology]
     calls = [{"id": "a", "callee": "a", "request": size, "response": size, "rate": rate,
-              "work_us": work_us, "app_us": app_us, "network_us": network_us}]  # fmt: skip
+              "work_us": work_us, "app_us": app_us}]  # fmt: skip
     for d in services["a"][0]:
         calls.append({"id": d, "parent": "a", "callee": d, "request": size, "response": size,
                       "group": 0 if services["a"][1] else len(calls), "work_us": work_us,
-                      "app_us": app_us, "network_us": network_us})  # fmt: skip
+                      "app_us": app_us})  # fmt: skip
     service = {"mode": case.mode, "filters": list(case.filters)}
     return graph_from_data({"name": f"{topology}/{case.label}", "calls": calls,
                             "services": {s: service for s in services}})  # fmt: skip
@@ -367,21 +359,6 @@ def app_own_us(topology: str, work_us: float, measured: dict) -> float:
     return max(0.0, cores * 1e6 / rate / calls - work_us)
 
 
-def plain_network_us(graph, placement: Placement, measured: dict) -> float:
-    """Each call's latency between its apps beyond their CPU (`Call.network_ns`): what the plain
-    deployment's p50 takes beyond the graph's own latency without sidecars (its apps' work and
-    RPC stack, laid out on their CPUs), shared evenly by the calls on its path (one per level
-    of the tree). An input about the app without sidecars, as `app_own_us` is; the hops' hand-offs
-    overlap it (`predict.beyond_network`)."""
-    base = plain_latency(graph, placement)
-    levels = depth(graph.root)
-    return max(0.0, measured["p50_without_us"] - base / 1000) / levels
-
-
-def depth(call) -> int:
-    return 1 + max((depth(child) for child in call.children), default=0)
-
-
 def rows_for(topology: str, case: Case, m: dict, profile: Profile, args, out: Path) -> list[dict]:
     """One row per load (closed loop, then each paced rate): measured beside predicted."""
     external = profile.external_view()
@@ -395,10 +372,8 @@ def rows_for(topology: str, case: Case, m: dict, profile: Profile, args, out: Pa
     for load, measured in phases:
         rate, cores = measured["rate"], measured.get("cores", {}).get("sidecars")
         without, with_ = measured["p50_without_us"], measured["p50_with_us"]
-        app_us = app_own_us(topology, m["work_us"], measured)
-        graph = graph_for(topology, case, m["size"], rate, m["work_us"], app_us)
-        network_us = plain_network_us(graph, placement, measured)
-        graph = graph_for(topology, case, m["size"], rate, m["work_us"], app_us, network_us)
+        graph = graph_for(topology, case, m["size"], rate, m["work_us"],
+                          app_own_us(topology, m["work_us"], measured))  # fmt: skip
         by_stage = predict(profile, graph, placement=placement)
         whole = predict(external, graph, placement=placement)
         # the same stage models without the hand-off term: what that term changes

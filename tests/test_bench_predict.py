@@ -46,7 +46,7 @@ from pyproxy.bench.profile import (
     pooled,
     setup_for,
 )
-from pyproxy.bench.schedule import PINNED, UNPLACED, HopCost, Placement
+from pyproxy.bench.schedule import PINNED, HopCost, Placement
 from pyproxy.bench.schedule import latency as schedule_latency
 
 from pyproxy.cli import main
@@ -512,59 +512,6 @@ def test_predict_adds_the_hand_off_once_per_hop_through_sidecars_on_latency_only
     assert off.overhead_ns == pytest.approx(without.overhead_ns)
     with pytest.raises(WhatIfError, match="no stage 'handoff'"):
         predict(base, graph, WhatIf.parse(["handoff=0.5"]))
-
-
-def test_a_hops_hand_off_adds_only_what_it_takes_beyond_the_calls_own_latency_between_apps():
-    base = hand_profile()
-    profile = Profile(base.platform, base.modes, base.ipc, base.filters, {}, [], {},
-                      {"http": Handoff(Linear(57_000, 10.0))})  # fmt: skip
-
-    def graph(network_us: float) -> CallGraph:
-        return graph_from_data({
-            "services": {"f": {"mode": "http"}, "a": {"mode": "http"}},
-            "calls": [{"id": "r", "callee": "f", "rate": 100, "work_us": 100,
-                       "request": 100, "response": 100},
-                      {"id": "x", "parent": "r", "callee": "a", "work_us": 50,
-                       "request": 100, "response": 100, "network_us": network_us}],
-        })  # fmt: skip
-
-    def added(network_us: float, placement: Placement = UNPLACED) -> float:
-        g = graph(network_us)
-        return (
-            predict(profile, g, placement=placement).overhead_ns
-            - predict(base, g, placement=placement).overhead_ns
-        )
-
-    hand_off = 57_000 + 10 * 100
-    # x's apps already wait 20 µs for each other without sidecars: its hop adds the rest
-    hops = {h.call: h for h in predict(profile, graph(20)).hops}
-    assert hops["x"].stages_ns["handoff"] == pytest.approx(hand_off - 20_000)
-    assert hops["r"].stages_ns["handoff"] == pytest.approx(hand_off)  # no latency of its own
-    assert added(20) == pytest.approx(2 * hand_off - 20_000)
-    # a call whose apps wait longer than the hop's hand-off hides it whole, never less than 0
-    assert added(80) == pytest.approx(hand_off)
-    assert {h.call: h for h in predict(profile, graph(80)).hops}["x"].stages_ns[
-        "handoff"
-    ] == pytest.approx(0)
-    # the same on shared CPUs: the schedule's delay is the hop's hand-off less the call's own
-    assert added(20, PINNED) - added(0, PINNED) == pytest.approx(-20_000)
-    assert added(80, PINNED) - added(0, PINNED) == pytest.approx(-hand_off)
-
-
-def test_validation_gives_each_call_the_plain_deployments_latency_beyond_the_apps_cpu():
-    from pyproxy.bench.validate import Case, graph_for, plain_network_us
-
-    case = Case.parse("grpc/grpc")
-    graph = graph_for("fanout", case, 100, 100.0, 100.0, app_us=300.0)
-    # pinned, the plain fan-out's apps run one after the other on CPU 0: 3 × (100 + 300) µs
-    measured = {"p50_without_us": 1200.0 + 2 * 150.0}
-    assert plain_network_us(graph, PINNED, measured) == pytest.approx(150.0)
-    # unplaced, b and c overlap: the critical path is 2 × 400 µs; two levels share the rest
-    assert plain_network_us(graph, Placement(), {"p50_without_us": 1000.0}) == pytest.approx(100)
-    assert plain_network_us(graph, PINNED, {"p50_without_us": 1000.0}) == 0.0  # never below
-    again = graph_for("fanout", case, 100, 100.0, 100.0, 300.0, network_us=150.0)
-    assert all(call.network_ns == 150_000 for call in again.calls())
-    assert predict(hand_profile(), again, placement=PINNED).base_ns == pytest.approx(1_500_000)
 
 
 def _fanout_graph(work_us: float = 100) -> CallGraph:
