@@ -130,6 +130,10 @@ def deploy(
     return Deployment(f"{made[prefix + 'a'].ipv4}:{APP_PORT}", sidecar_roots, app_roots)
 
 
+# what `_captured` reads of each listener's requests: all, taken by the express path, finished in C
+LANE_COUNTERS = ("requests", "express_requests", "native_requests")
+
+
 def _captured(pod: Pod) -> dict:
     """Connections each of the pod's capture listeners accepted (proof the iptables rules steered
     them there), and the ns its stage clock counted over both."""
@@ -144,6 +148,12 @@ def _captured(pod: Pod) -> dict:
         for name in ("inbound", "outbound")
         for stage in listeners.get(name, {}).get("stages", {}).values()
     )
+    # per listener: its requests, those its express path took and those finished in C (for
+    # gRPC, the calls the gRPC lane carried whole): whether the lane carried the pods' calls
+    out["lane"] = {
+        name: [listeners.get(name, {}).get(k, 0) for k in LANE_COUNTERS]
+        for name in ("inbound", "outbound")
+    }
     # per listener and stage: where the pods' passes cost more than the profile's
     out["stages"] = {
         name: {stage: s["ns"] for stage, s in listeners.get(name, {}).get("stages", {}).items()}
@@ -357,6 +367,16 @@ def app_own_us(topology: str, work_us: float, measured: dict) -> float:
         return 0.0
     calls = len(TOPOLOGIES[topology])  # one call into each service per request
     return max(0.0, cores * 1e6 / rate / calls - work_us)
+
+
+def lane_share(captured: dict) -> str:
+    """The share of the sidecars' requests a native lane finished in C, over every listener of
+    every pod ("–" where the run did not record it)."""
+    counts = [c["lane"][name] for c in captured.values() if "lane" in c for name in c["lane"]]
+    requests = sum(count[0] for count in counts)
+    if not requests:
+        return "–"
+    return f"{sum(count[2] for count in counts) / requests:.0%}"
 
 
 def rows_for(topology: str, case: Case, m: dict, profile: Profile, args, out: Path) -> list[dict]:
@@ -621,11 +641,11 @@ def table(rows: list[dict]) -> str:
     lines += [
         "",
         "| app | protocol | sidecars | proxies' own work per request: stage clocks in the pods µs "
-        "| the profile's stage models µs |",
-        "| --- | --- | --- | ---: | ---: |",
+        "| the profile's stage models µs | requests finished in C (native lane) |",
+        "| --- | --- | --- | ---: | ---: | ---: |",
     ]
     for r in rows:
         if r["load"] == "closed" and r.get("stage_clock_us") is not None:
             lines.append(f"| {r['topology']} | {r['app']} | {r['mode']} | {r['stage_clock_us']:.1f} "
-                         f"| {r['predicted_stage_sum_us']:.1f} |")  # fmt: skip
+                         f"| {r['predicted_stage_sum_us']:.1f} | {lane_share(r['captured'])} |")  # fmt: skip
     return "\n".join(lines) + "\n"

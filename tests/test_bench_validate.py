@@ -96,6 +96,12 @@ def test_both_apps_ran_in_captured_pods_with_and_without_sidecars(validated):
         assert all(r["captured"][s]["inbound"] > 0 for s in "abc")
         assert r["captured"]["a"]["outbound"] > 0
         assert r["captured"]["b"]["outbound"] == r["captured"]["c"]["outbound"] == 0
+        # Each listener says how many of its requests a native lane finished in C: the gRPC
+        # calls on the gRPC lane (the default, in the profile's sidecars too).
+        lanes = [r["captured"][s]["lane"][n] for s in "abc" for n in ("inbound", "outbound")]
+        assert all(0 <= native <= express <= requests for requests, express, native in lanes)
+        if r["app"] == "grpc":
+            assert sum(native for _, _, native in lanes) > 0
         # Their stage clocks counted the proxies' own work on those requests.
         assert r["stage_clock_us"] > 0 and r["predicted_stage_sum_us"] > 0
         assert r["p50_with_us"] > 0 and r["p50_without_us"] > 0 and r["rate"] > 0
