@@ -20,18 +20,12 @@ from pathlib import Path
 import pytest
 from h2_peer import H2Upstream
 from http_peer import HttpUpstream
+from pyproxy.bench.procs import free_port  # noqa: F401  (tests import it from here)
 from servers import ThreadedServer, echo_handler
 
 from pyproxy.counters import LISTENER_SLOTS
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def listener_block() -> memoryview:
