@@ -31,7 +31,7 @@ from pyproxy.grpc_metrics import E_STARTED, OTHER_ENTRY, record_finished
 from pyproxy.http.grpc_call import method_table
 from pyproxy.http.h2_lane import LaneState
 from pyproxy.http.h2_session import NO_ERROR
-from pyproxy.http.router import sole_route
+from pyproxy.http.router import connection_timeouts, sole_route
 from pyproxy.http.upstream_h2 import Http2Upstream, Http2UpstreamStream
 from pyproxy.native import block_pointer, effective_http2_codec, native_extension
 
@@ -174,8 +174,7 @@ class GrpcLane(LaneState):
             target, source = route.cluster.peek(), ""
         else:
             target, source = self.session.target, self.session.source
-        timeout = cluster.connect_timeout if cluster is not None else ctx.listener.connect_timeout
-        idle_timeout = cluster.idle_timeout if cluster is not None else 4.0
+        timeout, idle_timeout = connection_timeouts(cluster, ctx.listener.connect_timeout)
         pool: Any = ctx.pool  # the listener's UpstreamPool: its HTTP/2 pool is the owner's
         upstream = GrpcLaneUpstream(ctx, pool.h2, target, idle_timeout, self)
         self.upstream = upstream
@@ -301,11 +300,10 @@ class GrpcLane(LaneState):
 
     def _rewatch(self) -> None:
         """A read gave a call a deadline (a grpc-timeout, the route timeout, a held head's
-        PP_GLANE_HOLD_NS): look by then; a watchdog armed for sooner stays."""
-        watchdog = self._watchdog
-        if watchdog is not None:
-            watchdog.cancel()
-        self._arm(self._check_due())
+        PP_GLANE_HOLD_NS) before the one the watchdog waits for (C says so: due_sooner)."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        self._watch()
 
     def _arm(self, delay: float) -> None:
         self._watchdog = self.lanes.ctx.loop.call_later(delay, self._watch) if delay else None

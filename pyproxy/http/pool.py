@@ -8,14 +8,13 @@ from typing import TYPE_CHECKING, Any
 
 from pyproxy.addresses import Address
 from pyproxy.http.context import HttpContext
-from pyproxy.http.router import Cluster
+from pyproxy.http.router import Cluster, connection_timeouts
 from pyproxy.http.upstream_h1 import Http1Upstream
 from pyproxy.io.connector import Connect
 
 if TYPE_CHECKING:
     from pyproxy.http.upstream_h2 import Http2Pool
 
-DEFAULT_IDLE_TIMEOUT = 4.0
 SWEEP_INTERVAL = 0.5  # idle connections live at most their timeout plus this
 
 
@@ -66,8 +65,7 @@ class UpstreamPool:
             on_ready(conn)
             return _READY
         ctx = self.ctx
-        timeout = cluster.connect_timeout if cluster is not None else ctx.listener.connect_timeout
-        idle_timeout = cluster.idle_timeout if cluster is not None else DEFAULT_IDLE_TIMEOUT
+        timeout, idle_timeout = connection_timeouts(cluster, ctx.listener.connect_timeout)
         attach = _Attach(None)
 
         def connected(sock: socket.socket) -> None:

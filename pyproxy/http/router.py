@@ -26,6 +26,7 @@ from pyproxy.addresses import Address
 from pyproxy.config import ClusterConfig, HttpSettings, ListenerConfig, ProxyConfig
 
 DEFAULT_TIMEOUT = 15.0
+DEFAULT_IDLE_TIMEOUT = 4.0  # an upstream connection kept idle, without a cluster's own
 
 
 class Cluster:
@@ -169,6 +170,16 @@ def _host_of(authority: bytes) -> str:
 
 def build_clusters(config: ProxyConfig) -> dict[str, Cluster]:
     return {cluster.name: Cluster.from_config(cluster) for cluster in config.clusters}
+
+
+def connection_timeouts(
+    cluster: Cluster | None, listener_connect_timeout: float
+) -> tuple[float, float]:
+    """A new upstream connection's connect timeout and idle timeout: its cluster's, else the
+    listener's connect timeout and the default idle timeout."""
+    if cluster is None:
+        return listener_connect_timeout, DEFAULT_IDLE_TIMEOUT
+    return cluster.connect_timeout, cluster.idle_timeout
 
 
 def sole_route(router: Router, settings: HttpSettings) -> tuple[Route, str] | None:

@@ -40,6 +40,7 @@ from pyproxy.http.h2_session import (
     H2Session,
     H2StreamBase,
 )
+from pyproxy.http.router import connection_timeouts
 from pyproxy.io.connector import Connect
 
 if TYPE_CHECKING:
@@ -435,8 +436,7 @@ class Http2Pool:
             if conn.accepting and not conn.closed and conn.capacity() > 0:
                 return conn.open_stream(on_ready, on_failed)
         ctx = self.ctx
-        timeout = cluster.connect_timeout if cluster is not None else ctx.listener.connect_timeout
-        idle_timeout = cluster.idle_timeout if cluster is not None else 4.0
+        timeout, idle_timeout = connection_timeouts(cluster, ctx.listener.connect_timeout)
         conn = Http2Upstream(ctx, self, target, idle_timeout)
         conn.route = (source, cluster)
         conns.append(conn)
