@@ -15,13 +15,12 @@ import pytest
 from conftest import ProxyProcess, free_port
 from h2.config import H2Configuration
 from h2.connection import H2Connection
-from h2.events import RequestReceived, StreamEnded
+from h2.events import RequestReceived, StreamEnded, StreamReset
 from h2.settings import SettingCodes
 from h2_peer import H2Client
 from test_grpc_proxy import (  # noqa: F401  (pb: a fixture)
     GRPC_OPTIONS,
     Upstream,
-    _drain,
     _stub,
     _wait_trailers_only,
     pb,
@@ -32,6 +31,7 @@ from pyproxy.codec.grpc import frame
 
 LIMIT = 1024 * 1024
 SLOW = b"/pkg.Svc/Slow"
+SILENT = b"/pkg.Svc/Silent"
 BATCH = 140  # answers in one upstream write: more than one read's worth of finished calls in C
 
 
@@ -186,39 +186,6 @@ def test_many_concurrent_calls_on_one_connection(pb, echo, proxy):  # noqa: F811
         carried.expect(0)
 
 
-def test_grpc_timeout_is_enforced_by_the_sidecar_for_lane_calls(pb, proxy, upstream):  # noqa: F811
-    """A caller that never cancels (raw h2): the sidecar answers DEADLINE_EXCEEDED itself, as a
-    trailers-only response, and cancels the call upstream."""
-    client = H2Client(proxy.ports["main"])
-    warm = _h2_call(
-        client, "/pyproxytest.Echo/Unary", frame(pb[0].Msg(data=b"w").SerializeToString())
-    )
-    client.wait([warm])
-    carried = Carried(proxy)
-    before = proxy.listener()
-    _drain(upstream.cancelled)
-    started = time.monotonic()
-    request = frame(pb[0].Msg(delay_ms=5000).SerializeToString())
-    sid = _h2_call(client, "/pyproxytest.Echo/Unary", request, [("grpc-timeout", "300m")])
-    head = _wait_trailers_only(client, sid)
-    assert 0.25 < time.monotonic() - started < 2.5
-    assert head[b"grpc-status"] == b"4" and head[b":status"] == b"200"
-    assert upstream.cancelled.get(timeout=2)
-    old = before["grpc"]["methods"]["pyproxytest.Echo/Unary"]["statuses"]
-
-    def counted(snap):
-        statuses = snap["grpc"]["methods"]["pyproxytest.Echo/Unary"]["statuses"]
-        return statuses.get("DEADLINE_EXCEEDED", 0) > old.get("DEADLINE_EXCEEDED", 0)
-
-    after = proxy.wait_for(counted)
-    statuses = after["grpc"]["methods"]["pyproxytest.Echo/Unary"]["statuses"]
-    assert statuses["DEADLINE_EXCEEDED"] == old.get("DEADLINE_EXCEEDED", 0) + 1
-    # Taken by the lane with the lane on, then handed over when due: not finished in C.
-    assert after["express_requests"] - before["express_requests"] == (1 if proxy.lane else 0)
-    assert carried.count() == 0
-    client.close()
-
-
 def test_route_timeout_ends_a_lane_call_as_the_general_path_does(pb, proxy):  # noqa: F811
     channel, stub = _stub(pb, proxy.ports["timed"])
     try:
@@ -276,11 +243,14 @@ class _RawUpstream:
     with `mode`: "reset" resets the stream, "drop" drops the connection, "odd" answers with a
     hop-by-hop `trailer` field, "long" with a Content-Length the body does not match, "batch"
     holds its answers until BATCH calls wait on one connection (or a second passed) and sends
-    them all in one write. A call to SLOW gets its head at once and the rest a second later."""
+    them all in one write. A call to SLOW gets its head at once and the rest a second later; a call
+to SILENT gets nothing (nor does this server end it at its grpc-timeout, as grpcio's would):
+the streams reset to it are in ``resets``."""
 
     def __init__(self, mode: str = "answer") -> None:
         self.mode = mode
         self.heads: list = []
+        self.resets: list[int] = []
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen(8)
@@ -313,6 +283,8 @@ class _RawUpstream:
                 for event in h2.receive_data(data) if data else ():
                     if isinstance(event, RequestReceived):
                         self.heads.append(list(event.headers))
+                    elif isinstance(event, StreamReset):
+                        self.resets.append(event.stream_id)
                     elif isinstance(event, StreamEnded):
                         if self._answer(conn, h2, event.stream_id, waiting) == "drop":
                             return
@@ -323,7 +295,9 @@ class _RawUpstream:
                 conn.sendall(h2.data_to_send())
 
     def _answer(self, conn: socket.socket, h2: H2Connection, sid: int, waiting: list) -> str:
-        if (b":path", SLOW) in self.heads[-1]:
+        if (b":path", SILENT) in self.heads[-1]:
+            pass
+        elif (b":path", SLOW) in self.heads[-1]:
             h2.send_headers(sid, [(b":status", b"200"), (b"content-type", b"application/grpc")])
             conn.sendall(h2.data_to_send())
             time.sleep(1.0)
@@ -491,6 +465,39 @@ def _until_taken(process, call) -> None:
             return
         time.sleep(0.02)
     assert not process.lane, "the lane took no call"
+
+
+def test_grpc_timeout_is_enforced_by_the_sidecar_for_lane_calls(raw_proxy, lane):
+    """A caller that never cancels (raw h2) and a server that never answers: the sidecar answers
+    DEADLINE_EXCEEDED itself, as a trailers-only response, and cancels the call upstream. (A
+    grpcio server would end the call at the same deadline too, racing the sidecar.)"""
+    process, raw, port = raw_proxy("answer")
+    client = H2Client(port)
+    try:
+        _until_taken(process, lambda: client.wait([_h2_call(client, "/pkg.Svc/Do", frame(b"x"))]))
+        carried = Carried(process)
+        before = process.listener()
+        started = time.monotonic()
+        sid = _h2_call(client, SILENT.decode(), frame(b"x"), [("grpc-timeout", "300m")])
+        head = _wait_trailers_only(client, sid)
+        assert 0.25 < time.monotonic() - started < 2.5
+        assert head[b"grpc-status"] == b"4" and head[b":status"] == b"200"
+        deadline = time.monotonic() + 2
+        while not raw.resets and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(raw.resets) == 1
+        assert sum(SILENT in dict(h).get(b":path", b"") for h in raw.heads) == 1  # sent once
+
+        def statuses(snap):
+            return snap["grpc"]["methods"].get("pkg.Svc/Silent", {}).get("statuses", {})
+
+        after = process.wait_for(lambda s: statuses(s).get("DEADLINE_EXCEEDED", 0) >= 1)
+        assert statuses(after) == {"DEADLINE_EXCEEDED": 1}
+        # Taken by the lane with the lane on, then handed over when due: not finished in C.
+        assert after["express_requests"] - before["express_requests"] == (1 if lane else 0)
+        assert carried.count() == 0
+    finally:
+        client.close()
 
 
 def test_an_empty_request_body_goes_upstream(raw_proxy, lane):
