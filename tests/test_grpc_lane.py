@@ -243,9 +243,9 @@ class _RawUpstream:
     with `mode`: "reset" resets the stream, "drop" drops the connection, "odd" answers with a
     hop-by-hop `trailer` field, "long" with a Content-Length the body does not match, "batch"
     holds its answers until BATCH calls wait on one connection (or a second passed) and sends
-    them all in one write. A call to SLOW gets its head at once and the rest a second later; a call
-to SILENT gets nothing (nor does this server end it at its grpc-timeout, as grpcio's would):
-the streams reset to it are in ``resets``."""
+    them all in one write. A call to SLOW gets its head at once and the rest a second later; a
+    call to SILENT gets nothing (nor does this server end it at its grpc-timeout, as grpcio's
+    would): the streams reset to it are in ``resets``."""
 
     def __init__(self, mode: str = "answer") -> None:
         self.mode = mode
