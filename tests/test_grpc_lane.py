@@ -515,19 +515,25 @@ def test_an_empty_request_body_goes_upstream(raw_proxy, lane):
 
 @pytest.mark.parametrize("mode", ["odd", "long"])
 def test_a_response_head_the_general_path_would_change_is_not_sent_as_it_is(raw_proxy, lane, mode):
-    """A head with a hop-by-hop field (stripped) or a Content-Length (checked against the body)
-    is the general path's to send: the lane takes the call but does not finish it in C."""
+    """A head with a hop-by-hop field (stripped) or a Content-Length (checked against the body:
+    this one's 5 bytes break its promise of 99, so the call is reset, as malformed) is the
+    general path's to send: the lane takes the call but does not finish it in C."""
     process, raw, port = raw_proxy(mode)
     client = H2Client(port)
     _until_taken(process, lambda: client.wait([_h2_call(client, "/pkg.Svc/Do", frame(b"x"))]))
     taken, finished = _taken(process), Carried(process)
+    malformed = process.listener()["flags"].get("UPE", 0)
     (response,) = client.wait([_h2_call(client, "/pkg.Svc/Do", frame(b"x"))])
     client.close()
     assert (_taken(process) - taken == 1) == lane
     assert finished.count() == 0
-    assert dict(response["trailers"])[b"grpc-status"] == b"0"
     if mode == "odd":
+        assert dict(response["trailers"])[b"grpc-status"] == b"0"
         assert b"trailer" not in dict(response["headers"])
+    else:
+        assert response["reset"] is not None and response["trailers"] is None
+        flags = process.wait_for(lambda s: s["flags"].get("UPE", 0) > malformed)["flags"]
+        assert flags["UPE"] == malformed + 1
 
 
 def test_more_answers_in_one_upstream_read_than_c_finishes_at_once(raw_proxy, lane):

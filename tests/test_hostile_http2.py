@@ -272,3 +272,24 @@ def test_request_trailers_after_a_content_length_reach_an_http1_upstream(hostile
     head, _, body = received.partition(b"\r\n\r\n")
     assert b"transfer-encoding: chunked" in head and b"content-length" not in head, head
     assert body == b"5\r\nhello\r\n0\r\nx-checksum: abc\r\n\r\n", body
+
+
+def test_a_body_shorter_than_its_content_length_before_trailers_never_ends_upstream(hostile_h2):
+    # Both codecs judge a body that ends with DATA; one that ends with trailers is judged by the
+    # proxy: malformed (RFC 9113 §8.1.1), reset, and what went upstream never ends as a request.
+    extra = [(b"content-length", b"5"), (b"trailer", b"x-checksum")]
+
+    def send():
+        client = RawH2Client(hostile_h2.port)
+        try:
+            client.conn.send_headers(1, _request(method=b"POST", path=b"/echo", extra=extra))
+            client.conn.send_data(1, b"hel")
+            client.conn.send_headers(1, [(b"x-checksum", b"abc")], end_stream=True)
+            client.send()
+            return client.outcome()
+        finally:
+            client.close()
+
+    outcome, reached = hostile_h2.run(send, "framing")
+    assert outcome == ("reset", PROTOCOL_ERROR)
+    assert b"x-checksum: abc" not in reached and b"0\r\n\r\n" not in reached

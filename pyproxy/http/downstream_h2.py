@@ -158,9 +158,11 @@ class Http2Downstream(H2Session):
             elif kind is TrailersReceived:
                 stream = streams.get(event.stream_id)
                 exchange = stream.exchange if stream is not None else None
+                if exchange is not None and stream.body_short():
+                    self._malformed_body(stream)
                 # Trailers need chunked framing on an HTTP/1.1 hop, not a Content-Length one; a
                 # request that means to send them says so (Trailer) and goes chunked.
-                if exchange is not None and (
+                elif exchange is not None and (
                     exchange.request.chunked or getattr(exchange.upstream, "multiplexed", False)
                 ):
                     exchange.request_trailers(event.headers)
@@ -211,12 +213,24 @@ class Http2Downstream(H2Session):
                 self._reset_raw(sid, PROTOCOL_ERROR)
             return
         stream = _DownstreamStream(self, sid)
+        stream.expected_body = head.content_length
         self.streams[sid] = stream
         ctx.block[REQUESTS] += 1
         wants_trace = settings.server_timing or ctx.access_log is not None
         exchange = Exchange(ctx, stream, head, [0] * len(STAGES) if wants_trace else None)
         stream.exchange = exchange
         exchange.start()
+
+    def _malformed_body(self, stream: _DownstreamStream) -> None:
+        """A request whose body broke its Content-Length's promise: a stream error (§8.1.1),
+        and the exchange is abandoned, so what went upstream of it never ends as a request."""
+        block = self.ctx.block
+        block[reject_slot("framing")] += 1
+        block[FLAG_BASE + FLAG_INDEX["DPE"]] += 1
+        self.streams.pop(stream.stream_id, None)
+        stream.reset(PROTOCOL_ERROR)
+        self._abandon(stream)
+        self._maybe_done()
 
     def _stream_reset(self, event: StreamReset) -> None:
         stream = self.streams.pop(event.stream_id, None)

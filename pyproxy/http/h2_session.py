@@ -368,6 +368,8 @@ class H2StreamBase:
         "closed",
         "pump_pending",
         "ack_pending",
+        "expected_body",
+        "body_in",
     )
 
     def __init__(self, session: Any, stream_id: int | None) -> None:
@@ -388,6 +390,8 @@ class H2StreamBase:
         self.closed = False
         self.pump_pending = False  # in the read batch's pumps (FlushQueue.handle)
         self.ack_pending = False  # in the read batch's acknowledgements
+        self.expected_body: int | None = None  # the head's Content-Length, where it binds
+        self.body_in = 0  # DATA bytes received
 
     # ---- sending ---------------------------------------------------------------
 
@@ -501,6 +505,7 @@ class H2StreamBase:
 
     def received(self, data, flow_controlled_length: int) -> None:
         self.unacked += flow_controlled_length
+        self.body_in += len(data)
         self.deliver(data)
         if self.paused:
             return
@@ -510,6 +515,13 @@ class H2StreamBase:
         elif not self.ack_pending:  # after the batch's pumps: the other side may block yet
             self.ack_pending = True
             flushes.acks.append(self)
+
+    def body_short(self) -> bool:
+        """Trailers end the stream: did its DATA carry less than the head's Content-Length
+        promised (malformed, §8.1.1)? Both codecs judge a body that ends with DATA, and one
+        longer than promised; neither judges one that ends with trailers."""
+        expected = self.expected_body
+        return expected is not None and self.body_in < expected
 
     def ack(self) -> None:
         n = self.unacked

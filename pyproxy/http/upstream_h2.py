@@ -28,7 +28,13 @@ from h2.exceptions import H2Error
 
 from pyproxy.addresses import Address
 from pyproxy.codec.events import END, Body, RequestHead, Trailers
-from pyproxy.codec.http2 import h2_request_headers, h2_trailers, response_from_h2, wants_trailers
+from pyproxy.codec.http2 import (
+    h2_request_headers,
+    h2_trailers,
+    response_from_h2,
+    response_has_body,
+    wants_trailers,
+)
 from pyproxy.codec.http2_native import fields_checked
 from pyproxy.counters import UPSTREAM_RX, UPSTREAM_TX
 from pyproxy.http.h2_session import (
@@ -161,6 +167,8 @@ class Http2Upstream(H2Session):
                         stream.reset(PROTOCOL_ERROR)
                         stream.fail("UPE")
                     else:
+                        if response_has_body(stream.exchange.request.method, head):
+                            stream.expected_body = head.content_length
                         stream.exchange.response_head(head)
             elif kind is StreamEnded:
                 stream = streams.get(event.stream_id)
@@ -174,7 +182,10 @@ class Http2Upstream(H2Session):
                     # Trailers end the stream (§8.1): the exchange may release it at once, and a
                     # stream ended both ways is not cancelled.
                     stream.ended_in = True
-                    if stream.exchange is not None:
+                    if stream.body_short():  # malformed (§8.1.1): the body goes no further
+                        stream.reset(PROTOCOL_ERROR)
+                        stream.fail("UPE")
+                    elif stream.exchange is not None:
                         stream.exchange.response_trailers(event.headers)
             elif kind is StreamReset:
                 stream = streams.get(event.stream_id)
