@@ -157,12 +157,14 @@ class Http2Downstream(H2Session):
                     stream.request_ended()
             elif kind is TrailersReceived:
                 stream = streams.get(event.stream_id)
-                exchange = stream.exchange if stream is not None else None
-                if exchange is not None and stream.body_short():
+                if stream is None or stream.exchange is None:
+                    continue
+                exchange = stream.exchange
+                if stream.body_short():
                     self._malformed_body(stream)
                 # Trailers need chunked framing on an HTTP/1.1 hop, not a Content-Length one; a
                 # request that means to send them says so (Trailer) and goes chunked.
-                elif exchange is not None and (
+                elif (
                     exchange.request.chunked or getattr(exchange.upstream, "multiplexed", False)
                 ):
                     exchange.request_trailers(event.headers)
