@@ -164,9 +164,7 @@ class Http2Downstream(H2Session):
                     self._malformed_body(stream)
                 # Trailers need chunked framing on an HTTP/1.1 hop, not a Content-Length one; a
                 # request that means to send them says so (Trailer) and goes chunked.
-                elif (
-                    exchange.request.chunked or getattr(exchange.upstream, "multiplexed", False)
-                ):
+                elif exchange.request.chunked or getattr(exchange.upstream, "multiplexed", False):
                     exchange.request_trailers(event.headers)
             elif kind is StreamReset:
                 self._stream_reset(event)
