@@ -493,6 +493,7 @@ def test_grpc_timeout_is_enforced_by_the_sidecar_for_lane_calls(raw_proxy, lane)
 
         after = process.wait_for(lambda s: statuses(s).get("DEADLINE_EXCEEDED", 0) >= 1)
         assert statuses(after) == {"DEADLINE_EXCEEDED": 1}
+        assert after["flags"].get("UT", 0) - before["flags"].get("UT", 0) == 1
         # Taken by the lane with the lane on, then handed over when due: not finished in C.
         assert after["express_requests"] - before["express_requests"] == (1 if lane else 0)
         assert carried.count() == 0
