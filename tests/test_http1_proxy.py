@@ -308,11 +308,14 @@ def test_wrk_smoke(start_proxy, tmp_path, upstream):
     assert "Requests/sec" in run.stdout
     assert "Non-2xx" not in run.stdout and "Socket errors" not in run.stdout, run.stdout
     # wrk stops by closing its 4 connections, each possibly with a request in flight: those
-    # end as downstream-closed (DR/DC), never as anything else.
+    # end as downstream-closed (DR/DC), never as anything else. One cut after its upstream's
+    # head came keeps that status (Envoy's 200 + DC): it counts as 2xx too.
     stats = proxy.wait_for(lambda listener: listener["connections_active"] == 0)
     cut = stats["flags"].get("DR", 0) + stats["flags"].get("DC", 0)
-    assert stats["requests"] > 100 and cut <= 4, stats
-    assert stats["responses"]["2xx"] + cut == stats["requests"], stats
+    assert stats["requests"] > 100 and cut <= 4 and set(stats["flags"]) <= {"DR", "DC"}, stats
+    ok = stats["responses"]["2xx"]
+    assert stats["requests"] - cut <= ok <= stats["requests"], stats
+    assert sum(stats["responses"].values()) == ok, stats
 
 
 def test_local_reply_keeps_a_bodyless_request_connection_alive(start_proxy, tmp_path, upstream):
