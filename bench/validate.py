@@ -195,7 +195,7 @@ def run_case(topology: str, case: Case, args: argparse.Namespace, workdir: Path)
                 "--sidecar-roots", ",".join(map(str, mesh.sidecar_roots)),
                 "--mesh-app-roots", ",".join(map(str, mesh.app_roots)),
                 "--plain-app-roots", ",".join(map(str, plain.app_roots)),
-                "--traced-app-roots", ",".join(map(str, traced.app_roots))] + (["--pin"] if args.pin else [])  # fmt: skip
+                "--traced-app-roots", ",".join(map(str, traced.app_roots))] + (["--pin"] if args.pin else []) + (["--shield"] if args.pin and args.shield else [])  # fmt: skip
         tracing = ["--traced", traced.entry, "--trace-file", str(trace),
                    "--traced-requests", str(args.traced_requests)]  # fmt: skip
         noise = Noise()
@@ -237,7 +237,14 @@ def _interleaved(made, case: Case, args, workdir: Path, load, tracing: list[str]
     setup = setup_for(case.mode, case.filters)
     plan = [setup, hop_setup(setup)]
     targets = [
-        PodTarget({k: made[v] for k, v in roles.items()}, s, workdir, args.pin, args.work_us)
+        PodTarget(
+            {k: made[v] for k, v in roles.items()},
+            s,
+            workdir,
+            args.pin,
+            args.work_us,
+            args.pin and args.shield,
+        )
         for s, roles in zip(plan, PROFILE_ROLES, strict=True)
     ]
     points: list[dict] = []
@@ -330,6 +337,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--pin",
         action="store_true",
         help="run the load and every app on CPU 0 and every sidecar on CPU 1",
+    )
+    parser.add_argument(
+        "--shield",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --pin, run the apps, the sidecars, the load and the interleaved profile's "
+        "processes SCHED_FIFO, ahead of the machine's other tasks on their CPUs (default: on)",
     )
     parser.add_argument(
         "--fit-topologies",
