@@ -165,13 +165,16 @@ def _captured(pod: Pod) -> dict:
 def graph_for(
     topology: str, case: Case, size: int, rate: float, work_us: float, app_us: float = 0.0
 ):
+    """The topology's call graph; `app_us` is each side of a call's stack CPU (app_own_us):
+    the callee's server side of every call, the caller's client side of every call but the
+    root's."""
     services = TOPOLOGIES[topology]
     calls = [{"id": "a", "callee": "a", "request": size, "response": size, "rate": rate,
               "work_us": work_us, "app_us": app_us}]  # fmt: skip
     for d in services["a"][0]:
         calls.append({"id": d, "parent": "a", "callee": d, "request": size, "response": size,
                       "group": 0 if services["a"][1] else len(calls), "work_us": work_us,
-                      "app_us": app_us})  # fmt: skip
+                      "app_us": app_us, "client_us": app_us})  # fmt: skip
     service = {"mode": case.mode, "filters": list(case.filters)}
     return graph_from_data({"name": f"{topology}/{case.label}", "calls": calls,
                             "services": {s: service for s in services}})  # fmt: skip
@@ -373,14 +376,18 @@ def halves_differ(halves: list[float]) -> float | None:
 
 
 def app_own_us(topology: str, work_us: float, measured: dict) -> float:
-    """The apps' own CPU per call beyond their work (their HTTP or gRPC stack), from the plain
-    deployment's CPU per exchange: an input about the app without sidecars, as its latency is.
-    On shared CPUs it decides how much of the sidecars' work overlaps the apps'."""
+    """The apps' own CPU per side of a call beyond their work (their HTTP or gRPC stack), from
+    the plain deployment's CPU per exchange: an input about the app without sidecars, as its
+    latency is. Each call into an app has a server side (the callee's) and, but for the root
+    call, whose client is the load outside the apps, a client side (the caller's); the stack's
+    CPU is shared evenly by those sides. On shared CPUs it decides how much of the sidecars'
+    work overlaps the apps'."""
     cores, rate = measured.get("cores", {}).get("apps_plain"), measured["rate"]
     if not cores or not rate:
         return 0.0
     calls = len(TOPOLOGIES[topology])  # one call into each service per request
-    return max(0.0, cores * 1e6 / rate / calls - work_us)
+    sides = 2 * calls - 1
+    return max(0.0, (cores * 1e6 / rate - calls * work_us) / sides)
 
 
 def lane_share(captured: dict) -> str:
