@@ -159,6 +159,12 @@ def _captured(pod: Pod) -> dict:
         name: {stage: s["ns"] for stage, s in listeners.get(name, {}).get("stages", {}).items()}
         for name in ("inbound", "outbound")
     }
+    # and how many times each stage ran (reads, parses, writes): a pass that took its message
+    # in more reads or wake-ups than another costs more for that alone
+    out["stage_events"] = {
+        name: {stage: s["events"] for stage, s in listeners.get(name, {}).get("stages", {}).items()}
+        for name in ("inbound", "outbound")
+    }
     return out
 
 
@@ -211,7 +217,7 @@ def run_case(topology: str, case: Case, args: argparse.Namespace, workdir: Path)
         if not args.interleave:
             measured = load(["--loads", args.loads, *tracing], 1 + len(args.loads.split(",")))
         else:
-            measured = _interleaved(made, case, args, workdir, load, tracing)
+            measured = _interleaved(made, case, args, workdir, load, tracing, names)
             profile_file = f"profile-{topology}-{case.protocol}-{case.label}.json"
             measured.pop("profile").save(workdir / profile_file)
             measured["profile"] = profile_file
@@ -231,7 +237,9 @@ PROFILE_ROLES = (
 )
 
 
-def _interleaved(made, case: Case, args, workdir: Path, load, tracing: list[str]) -> dict:
+def _interleaved(
+    made, case: Case, args, workdir: Path, load, tracing: list[str], services: list[str]
+) -> dict:
     """The case's phases (closed loop, then each paced load) with a block of the profile of its
     sidecars' setup before, between and after them: the same echo pods, sidecar and driver as
     `profile --setting pods` (a separate measurement, not of the application), taken in the same
@@ -258,14 +266,20 @@ def _interleaved(made, case: Case, args, workdir: Path, load, tracing: list[str]
         for target in targets:
             points.extend(measure_size(target, args.size, args.profile_seconds, warmup, idle_rates))
 
+    def captured() -> dict:
+        return {n: _captured(made["m" + n]) for n in services}
+
     block()
     measured = load(["--loads", ""], 1)
+    # the meshed pods' counters after each phase: each phase's own stage clock and events
+    measured["captured_by_phase"] = [captured()]
     loads = [x for x in args.loads.split(",") if x]
     for i, fraction in enumerate(loads):
         block()
         last = tracing if i == len(loads) - 1 else []
         part = load(["--closed-rate", repr(measured["closed"]["rate"]), "--loads", fraction,
                      *last], 1)  # fmt: skip
+        measured["captured_by_phase"].append(captured())
         measured["paced"] += part["paced"]
         measured["mesh_exchanges"] += part["mesh_exchanges"]
     block()

@@ -297,6 +297,14 @@ def test_an_interleaved_validation_profiles_each_case_between_its_phases(tmp_pat
     assert main(argv) == 0
     measured = json.loads((out / "measured-chain-http-http+fault+ratelimit.json").read_text())
     assert measured["profile_blocks"] == 3  # before the closed loop, between, after the paced
+    # the meshed pods' counters after each phase (the closed loop, the paced load), each
+    # stage's time and how often it ran, and every group's run-queue wait per phase
+    by_phase = measured["captured_by_phase"]
+    assert len(by_phase) == 2 and set(by_phase[0]) == {"a", "b"}
+    inbound = [phase["a"]["stage_events"]["inbound"] for phase in by_phase]
+    assert 0 < inbound[0]["parse"] < inbound[1]["parse"]
+    for phase in [measured["closed"], *measured["paced"]]:
+        assert set(phase["run_delay_us"]) == {"sidecars", "apps_mesh", "apps_plain", "load"}
     profile = Profile.load(out / measured["profile"])
     assert profile.setting == "pods"
     assert set(profile.modes) == {"http+fault+ratelimit", "hop:http+fault+ratelimit"}
