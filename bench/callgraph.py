@@ -57,6 +57,9 @@ class Call:
     # the callee's own CPU besides its work (its RPC stack): half taking the call, half
     # answering it; only apps that share a CPU wait for it (see `schedule`)
     app_ns: float = 0.0
+    # the caller's own CPU for this call (its RPC stack as a client): half sending it, half
+    # taking the answer, next to this call only, not to its siblings (see `schedule`)
+    client_ns: float = 0.0
     children: list[Call] = field(default_factory=list)
 
 
@@ -130,6 +133,7 @@ def graph_from_data(data: object, where: str = "<graph>") -> CallGraph:
             work_ns=_number(raw, "work_us", at, 0) * 1000,
             network_ns=_number(raw, "network_us", at, 0) * 1000,
             app_ns=_number(raw, "app_us", at, 0) * 1000,
+            client_ns=_number(raw, "client_us", at, 0) * 1000,
             group=int(_number(raw, "group", at, i)),
         )
     return _link(by_id, services, data.get("name", where), where)

@@ -338,7 +338,7 @@ def _duration(
     parallel group all pass through that one proxy (one event loop), so the slowest
     waits behind the others' passes there, (k - 1) of them in a group of k.
     """
-    total = call.network_ns + call.work_ns + call.app_ns + extra.get(call.id, 0.0)
+    total = call.network_ns + call.work_ns + call.app_ns + call.client_ns + extra.get(call.id, 0.0)
     path = [call.id]
     groups: dict[int, list[Call]] = {}
     for child in call.children:

@@ -75,6 +75,23 @@ def move_to_cpu(pids: list[int], cpu: int) -> None:
             pass
 
 
+def shield(pids: list[int]) -> bool:
+    """Every thread of the running processes SCHED_FIFO at the lowest priority, ahead of the
+    machine's other (ordinary) tasks; threads and processes they start later inherit it. A
+    process pinned to a CPU cannot leave it when another user's task runs there, and a woken
+    ordinary task may wait out that task's slice (milliseconds): pinned and shielded, the CPU
+    is the bench's while it has work, as pinning means. False where the kernel refuses."""
+    done = True
+    for _pid, tid in _threads(pids):
+        try:
+            os.sched_setscheduler(int(tid), os.SCHED_FIFO, os.sched_param(1))
+        except ProcessLookupError:
+            pass
+        except OSError:
+            done = False
+    return done
+
+
 @contextlib.contextmanager
 def on_cpus(cpus: set[int] | int | None) -> Iterator[None]:
     """This process (the client, the driver) on the given CPUs for the block, then back."""

@@ -63,6 +63,7 @@ from pyproxy.bench.procs import (
     cpu_ns,
     free_port,
     move_to_cpu,
+    shield,
     tree_pids,
     wait_port,
 )
@@ -223,11 +224,18 @@ class PodTarget:
     ROLES = ("client", "plain", "mesh")
 
     def __init__(
-        self, made: dict[str, Pod], setup: Setup, workdir: Path, pinned: bool, work_us: float = 0.0
+        self,
+        made: dict[str, Pod],
+        setup: Setup,
+        workdir: Path,
+        pinned: bool,
+        work_us: float = 0.0,
+        shielded: bool = False,
     ) -> None:
         if setup.ipc != "tcp":
             raise RuntimeError("in pods the app reaches its sidecar through the capture, over TCP")
         self.setup, self.pinned, self.work_us = setup, pinned, work_us
+        self.shielded = shielded
         self.client, self.mesh = made["client"], made["mesh"]
         # With work, the sidecar's CPU idles between a request and its answer as it does
         # while an application works; both echoes spin it, so the direct path pays it too.
@@ -268,6 +276,8 @@ class PodTarget:
             echoes = [pid for proc in self.echoes for pid in tree_pids(proc.pid)]
             move_to_cpu(echoes + [pair.pid], 0)
             move_to_cpu(self.pids, 1)
+            if self.shielded:  # as `validate --pin` shields the application's processes
+                shield(echoes + [pair.pid] + self.pids)
         return pair
 
 
@@ -282,7 +292,8 @@ def _open_target(
     """The setup's running proxy and echoes in `setting`, torn down when `stack` closes."""
     if setting == PODS:
         made = stack.enter_context(pods(PodTarget.ROLES, ipv6_subnet=None))
-        return PodTarget(made, setup, workdir, pinned, work_us)
+        # pinned in pods, shielded as `validate --pin` shields its processes
+        return PodTarget(made, setup, workdir, pinned, work_us, shielded=pinned)
     procs = Processes()
     stack.callback(procs.stop_all)
     return _Target(procs, setup, workdir, pinned, work_us)

@@ -13,11 +13,16 @@ schedule, as a run-to-completion event loop and a scheduler without
 preemption between short tasks behave); delays (the network, wake-ups
 between processes) take time on no resource.
 
-A call's tasks, in order: the caller's sidecar (outbound) and the callee's
-sidecar (inbound) each pass the request, then the callee's app takes the
-call (half its `app_ns`) and works, its child groups run (the calls of one group start together, the next group
-when they all ended), the app answers (the other half), and the two sidecars
-pass the response back. A sidecar
+A call's tasks, in order: the caller's app sends it (half its `client_ns`),
+the caller's sidecar (outbound) and the callee's sidecar (inbound) each pass
+the request, then the callee's app takes the call (half its `app_ns`) and
+works, its child groups run (the calls of one group start together, the next
+group when they all ended), the app answers (the other half), the two
+sidecars pass the response back, and the caller's app takes the answer (the
+other half of `client_ns`). A caller's client work for one call of a
+parallel group is that call's alone: the first call's passes can run while
+the caller still sends the second, as its grpcio or HTTP client sends them
+one after the other. A sidecar
 pass's per-exchange cost is split evenly between its request and its
 response half; so is the hop's hand-off.
 """
@@ -98,9 +103,11 @@ class _Plan:
         """Add `call`'s tasks after task `start`; return the task that ends it."""
         cost = costs(call)
         out = ("sidecar", caller) if caller is not None else None
+        client = ("app", caller) if caller is not None else None
         inbound = ("sidecar", call.callee)
         half_out, half_in = cost.outbound_ns / 2, cost.inbound_ns / 2
-        t = self.add(half_out, out, [start], cost.outbound_wake)
+        t = self.add(call.client_ns / 2, client, [start])
+        t = self.add(half_out, out, [t], cost.outbound_wake)
         t = self.add(cost.delay_ns / 2, None, [t])
         t = self.add(half_in, inbound, [t], cost.inbound_wake)
         t = self.add(call.network_ns, None, [t])
@@ -115,7 +122,8 @@ class _Plan:
         t = self.add(call.app_ns / 2, app, [t])
         t = self.add(half_in, inbound, [t], cost.inbound_wake)
         t = self.add(cost.delay_ns / 2, None, [t])
-        return self.add(half_out, out, [t], cost.outbound_wake)
+        t = self.add(half_out, out, [t], cost.outbound_wake)
+        return self.add(call.client_ns / 2, client, [t])
 
     def run(self, free: dict[object, float] | None = None) -> tuple[float, dict[object, float]]:
         """The time the last task ends, scheduled earliest-startable first, and when each

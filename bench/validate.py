@@ -159,19 +159,28 @@ def _captured(pod: Pod) -> dict:
         name: {stage: s["ns"] for stage, s in listeners.get(name, {}).get("stages", {}).items()}
         for name in ("inbound", "outbound")
     }
+    # and how many times each stage ran (reads, parses, writes): a pass that took its message
+    # in more reads or wake-ups than another costs more for that alone
+    out["stage_events"] = {
+        name: {stage: s["events"] for stage, s in listeners.get(name, {}).get("stages", {}).items()}
+        for name in ("inbound", "outbound")
+    }
     return out
 
 
 def graph_for(
     topology: str, case: Case, size: int, rate: float, work_us: float, app_us: float = 0.0
 ):
+    """The topology's call graph; `app_us` is each side of a call's stack CPU (app_own_us):
+    the callee's server side of every call, the caller's client side of every call but the
+    root's."""
     services = TOPOLOGIES[topology]
     calls = [{"id": "a", "callee": "a", "request": size, "response": size, "rate": rate,
               "work_us": work_us, "app_us": app_us}]  # fmt: skip
     for d in services["a"][0]:
         calls.append({"id": d, "parent": "a", "callee": d, "request": size, "response": size,
                       "group": 0 if services["a"][1] else len(calls), "work_us": work_us,
-                      "app_us": app_us})  # fmt: skip
+                      "app_us": app_us, "client_us": app_us})  # fmt: skip
     service = {"mode": case.mode, "filters": list(case.filters)}
     return graph_from_data({"name": f"{topology}/{case.label}", "calls": calls,
                             "services": {s: service for s in services}})  # fmt: skip
@@ -195,7 +204,7 @@ def run_case(topology: str, case: Case, args: argparse.Namespace, workdir: Path)
                 "--sidecar-roots", ",".join(map(str, mesh.sidecar_roots)),
                 "--mesh-app-roots", ",".join(map(str, mesh.app_roots)),
                 "--plain-app-roots", ",".join(map(str, plain.app_roots)),
-                "--traced-app-roots", ",".join(map(str, traced.app_roots))] + (["--pin"] if args.pin else [])  # fmt: skip
+                "--traced-app-roots", ",".join(map(str, traced.app_roots))] + (["--pin"] if args.pin else []) + (["--shield"] if args.pin and args.shield else [])  # fmt: skip
         tracing = ["--traced", traced.entry, "--trace-file", str(trace),
                    "--traced-requests", str(args.traced_requests)]  # fmt: skip
         noise = Noise()
@@ -208,7 +217,7 @@ def run_case(topology: str, case: Case, args: argparse.Namespace, workdir: Path)
         if not args.interleave:
             measured = load(["--loads", args.loads, *tracing], 1 + len(args.loads.split(",")))
         else:
-            measured = _interleaved(made, case, args, workdir, load, tracing)
+            measured = _interleaved(made, case, args, workdir, load, tracing, names)
             profile_file = f"profile-{topology}-{case.protocol}-{case.label}.json"
             measured.pop("profile").save(workdir / profile_file)
             measured["profile"] = profile_file
@@ -228,7 +237,9 @@ PROFILE_ROLES = (
 )
 
 
-def _interleaved(made, case: Case, args, workdir: Path, load, tracing: list[str]) -> dict:
+def _interleaved(
+    made, case: Case, args, workdir: Path, load, tracing: list[str], services: list[str]
+) -> dict:
     """The case's phases (closed loop, then each paced load) with a block of the profile of its
     sidecars' setup before, between and after them: the same echo pods, sidecar and driver as
     `profile --setting pods` (a separate measurement, not of the application), taken in the same
@@ -237,7 +248,14 @@ def _interleaved(made, case: Case, args, workdir: Path, load, tracing: list[str]
     setup = setup_for(case.mode, case.filters)
     plan = [setup, hop_setup(setup)]
     targets = [
-        PodTarget({k: made[v] for k, v in roles.items()}, s, workdir, args.pin, args.work_us)
+        PodTarget(
+            {k: made[v] for k, v in roles.items()},
+            s,
+            workdir,
+            args.pin,
+            args.work_us,
+            args.pin and args.shield,
+        )
         for s, roles in zip(plan, PROFILE_ROLES, strict=True)
     ]
     points: list[dict] = []
@@ -248,14 +266,20 @@ def _interleaved(made, case: Case, args, workdir: Path, load, tracing: list[str]
         for target in targets:
             points.extend(measure_size(target, args.size, args.profile_seconds, warmup, idle_rates))
 
+    def captured() -> dict:
+        return {n: _captured(made["m" + n]) for n in services}
+
     block()
     measured = load(["--loads", ""], 1)
+    # the meshed pods' counters after each phase: each phase's own stage clock and events
+    measured["captured_by_phase"] = [captured()]
     loads = [x for x in args.loads.split(",") if x]
     for i, fraction in enumerate(loads):
         block()
         last = tracing if i == len(loads) - 1 else []
         part = load(["--closed-rate", repr(measured["closed"]["rate"]), "--loads", fraction,
                      *last], 1)  # fmt: skip
+        measured["captured_by_phase"].append(captured())
         measured["paced"] += part["paced"]
         measured["mesh_exchanges"] += part["mesh_exchanges"]
     block()
@@ -332,6 +356,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run the load and every app on CPU 0 and every sidecar on CPU 1",
     )
     parser.add_argument(
+        "--shield",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --pin, run the apps, the sidecars, the load and the interleaved profile's "
+        "processes SCHED_FIFO, ahead of the machine's other tasks on their CPUs (default: on)",
+    )
+    parser.add_argument(
         "--fit-topologies",
         default="",
         help="also price the other topologies' rows with measured/predicted factors per setup "
@@ -359,14 +390,18 @@ def halves_differ(halves: list[float]) -> float | None:
 
 
 def app_own_us(topology: str, work_us: float, measured: dict) -> float:
-    """The apps' own CPU per call beyond their work (their HTTP or gRPC stack), from the plain
-    deployment's CPU per exchange: an input about the app without sidecars, as its latency is.
-    On shared CPUs it decides how much of the sidecars' work overlaps the apps'."""
+    """The apps' own CPU per side of a call beyond their work (their HTTP or gRPC stack), from
+    the plain deployment's CPU per exchange: an input about the app without sidecars, as its
+    latency is. Each call into an app has a server side (the callee's) and, but for the root
+    call, whose client is the load outside the apps, a client side (the caller's); the stack's
+    CPU is shared evenly by those sides. On shared CPUs it decides how much of the sidecars'
+    work overlaps the apps'."""
     cores, rate = measured.get("cores", {}).get("apps_plain"), measured["rate"]
     if not cores or not rate:
         return 0.0
     calls = len(TOPOLOGIES[topology])  # one call into each service per request
-    return max(0.0, cores * 1e6 / rate / calls - work_us)
+    sides = 2 * calls - 1
+    return max(0.0, (cores * 1e6 / rate - calls * work_us) / sides)
 
 
 def lane_share(captured: dict) -> str:

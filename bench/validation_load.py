@@ -24,7 +24,7 @@ import statistics
 from pathlib import Path
 
 from pyproxy.bench.driver import EXCHANGERS, drive_paired, wait_ready
-from pyproxy.bench.procs import cpu_ns, move_to_cpu, tree_pids
+from pyproxy.bench.procs import cpu_ns, move_to_cpu, run_delay_ns, shield, tree_pids
 
 # Exchanges per deployment per round at least, however low the rate: a round's own p50 needs them.
 ROUND_SAMPLES = 40
@@ -63,6 +63,12 @@ def summarize(rounds: list[dict]) -> dict:
         out["cores"] = {
             n: statistics.median(v) * out["rate"] / 1e9 for n, v in per_exchange.items()
         }
+        # µs each group waited, runnable, for its CPU per request (median over the rounds)
+        out["run_delay_us"] = {
+            n: statistics.median(r["run_delay_ns"][n] / r["exchanges"] for r in rounds) / 1000
+            for n in names
+            if all("run_delay_ns" in r for r in rounds)
+        }
         out["cores_halves"] = {
             n: [h * out["rate"] / 1e9 for h in _median_pair(v)] for n, v in per_exchange.items()
         } if len(rounds) > 1 else {}  # fmt: skip
@@ -91,8 +97,12 @@ def measure_rounds(
             for exchanger in pair:
                 exchanger.exchange()
         before = {name: cpu_ns(p) for name, p in pids.items()}
+        waited = {name: run_delay_ns(p) for name, p in pids.items()}
         first, second = drive_paired(*pair, seconds, rate=rate, warmup=0)
         cpu = {name: cpu_ns(p) - before[name] for name, p in pids.items()}
+        # how long they waited, runnable, for their CPU: time inside a timed stage or a
+        # round trip that is neither the process's work nor its hand-offs
+        waited = {name: run_delay_ns(p) - waited[name] for name, p in pids.items()}
         without, with_ = (first, second) if i % 2 == 0 else (second, first)
         if not without or not with_:
             raise RuntimeError(f"round {i}: no exchange completed in {seconds:g} s")
@@ -102,6 +112,7 @@ def measure_rounds(
             "exchanges": len(with_),
             "wall_s": seconds,
             "cpu_ns": cpu,
+            "run_delay_ns": waited,
         })  # fmt: skip
     return summarize(measured) | {"rounds": measured}
 
@@ -120,14 +131,21 @@ def run(args: argparse.Namespace) -> dict:
             ("apps_plain", args.plain_app_roots),
         )
     }
+    # the load itself: on CPU 0 with the apps (--pin), its gRPC or HTTP client's work is on
+    # both deployments' path and shares their CPU
+    pids["load"] = [os.getpid()]
+    shielded = False
     if args.pin:
         # the traced deployment too: its spans describe the plain app as it is placed
         traced_apps = [
             pid for r in args.traced_app_roots.split(",") if r for pid in tree_pids(int(r))
         ]
-        move_to_cpu(pids["apps_mesh"] + pids["apps_plain"] + traced_apps + [os.getpid()], 0)
+        apps = pids["apps_mesh"] + pids["apps_plain"] + traced_apps + [os.getpid()]
+        move_to_cpu(apps, 0)
         move_to_cpu(pids["sidecars"], 1)
-    out: dict = {}
+        if args.shield:
+            shielded = shield(apps + pids["sidecars"])
+    out: dict = {"shielded": shielded}
     try:
         exchanges = 0
         if args.closed_rate is None:
@@ -185,6 +203,12 @@ def main(argv: list[str] | None = None) -> None:
         "--pin",
         action="store_true",
         help="every app and this load on CPU 0, every sidecar on CPU 1, once all are up",
+    )
+    parser.add_argument(
+        "--shield",
+        action="store_true",
+        help="with --pin, every app, sidecar and this load SCHED_FIFO (procs.shield): the "
+        "machine's other tasks cannot hold them off their CPUs",
     )
     parser.add_argument("--ready-timeout", type=float, default=60.0)
     print(json.dumps(run(parser.parse_args(argv))))

@@ -821,3 +821,32 @@ def test_a_profiled_hop_prices_a_call_between_two_sidecars_of_its_setup_whole():
         120_000
     )
     assert profile.external_view().filters == {}
+
+
+def test_a_callers_client_work_sits_next_to_its_call_and_lets_the_other_calls_passes_overlap():
+    split, lumped = _fanout_graph(), _fanout_graph()
+    for call in split.calls():
+        if call.parent is not None:
+            call.client_ns = 40_000.0  # a's client side of b and of c: 20 µs sending, 20 taking
+    lumped.root.app_ns = 80_000.0  # the same CPU as a's own, half before, half after its calls
+    plain = lambda call: HopCost()  # noqa: E731
+    # Plain, all on CPU 0: every app's CPU in turn, wherever it sits (3 × 100 + 80 µs).
+    assert schedule_latency(split, PINNED, plain)[0] == pytest.approx(380_000)
+    assert schedule_latency(lumped, PINNED, plain)[0] == pytest.approx(380_000)
+    # Meshed, b's passes run on CPU 1 while a still sends c, and c's answer passes while a
+    # takes b's answer: less of the sidecars' work is on the path than when a sent both
+    # calls before either passed and took both answers after both passed.
+    assert schedule_latency(split, PINNED, _passes(10_000))[0] == pytest.approx(390_000)
+    assert schedule_latency(lumped, PINNED, _passes(10_000))[0] == pytest.approx(410_000)
+    # A chain has nothing to overlap: where the caller's client work sits changes nothing.
+    chain = graph_from_data({"calls": [{"id": "a", "callee": "a", "work_us": 100},
+                                       {"id": "b", "parent": "a", "callee": "b", "work_us": 100,
+                                        "client_us": 40}]})  # fmt: skip
+    assert chain.root.children[0].client_ns == 40_000.0
+    lumped_chain = graph_from_data({"calls": [{"id": "a", "callee": "a", "work_us": 100,
+                                               "app_us": 40},
+                                              {"id": "b", "parent": "a", "callee": "b",
+                                               "work_us": 100}]})  # fmt: skip
+    for g in (chain, lumped_chain):
+        assert schedule_latency(g, PINNED, plain)[0] == pytest.approx(240_000)
+        assert schedule_latency(g, PINNED, _passes(10_000))[0] == pytest.approx(270_000)

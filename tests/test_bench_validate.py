@@ -13,7 +13,7 @@ import time
 import pytest
 from pyproxy.bench.callgraph import graphs_from_traces, read_otlp_lines
 from pyproxy.bench.model import Profile, current_platform
-from pyproxy.bench.procs import move_to_cpu, tree_pids
+from pyproxy.bench.procs import move_to_cpu, shield, tree_pids
 from pyproxy.bench.validate import Case, halves_differ, held_out, held_out_table, pod_factors
 from pyproxy.bench.validation_load import summarize
 from pyproxy.iptables.netns import NAME_PREFIX, list_namespaces, missing_capabilities
@@ -168,6 +168,10 @@ def test_a_phase_is_the_median_of_its_rounds_own_differences():
     assert got["cores_halves"]["sidecars"] == pytest.approx([0.005, 0.005])
     # one round has no halves
     assert summarize([_round(300, 380)])["overhead_halves_us"] == []
+    # the run-queue waits per exchange, the median over the rounds (none recorded: none given)
+    assert got["run_delay_us"] == {}
+    waited = [_round(300, 350) | {"run_delay_ns": {"sidecars": w}} for w in (1e6, 3e6, 9e6)]
+    assert summarize(waited)["run_delay_us"] == {"sidecars": 30.0}
     with pytest.raises(ValueError, match="round"):
         summarize([])
 
@@ -211,6 +215,31 @@ def test_pinning_puts_every_thread_of_a_process_on_one_cpu():
         tids = os.listdir(f"/proc/{proc.pid}/task")
         assert len(tids) == 2
         assert all(os.sched_getaffinity(int(tid)) == {0} for tid in tids)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_shielding_runs_every_thread_and_what_it_starts_later_sched_fifo():
+    import subprocess
+    import sys
+
+    code = ("import os, threading, time; threading.Thread(target=time.sleep, args=(30,)).start(); "
+            "print(1, flush=True); input(); "
+            "print(os.sched_getscheduler(0) == os.SCHED_FIFO, flush=True); time.sleep(30)")  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == b"1"  # both threads are up
+        assert os.sched_getscheduler(proc.pid) == os.SCHED_OTHER
+        assert shield([proc.pid])
+        tids = os.listdir(f"/proc/{proc.pid}/task")
+        assert len(tids) == 2
+        assert all(os.sched_getscheduler(int(tid)) == os.SCHED_FIFO for tid in tids)
+        assert all(os.sched_getparam(int(tid)).sched_priority == 1 for tid in tids)
+        proc.stdin.write(b"\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == b"True"  # the process sees it too
     finally:
         proc.kill()
         proc.wait()
@@ -268,6 +297,14 @@ def test_an_interleaved_validation_profiles_each_case_between_its_phases(tmp_pat
     assert main(argv) == 0
     measured = json.loads((out / "measured-chain-http-http+fault+ratelimit.json").read_text())
     assert measured["profile_blocks"] == 3  # before the closed loop, between, after the paced
+    # the meshed pods' counters after each phase (the closed loop, the paced load), each
+    # stage's time and how often it ran, and every group's run-queue wait per phase
+    by_phase = measured["captured_by_phase"]
+    assert len(by_phase) == 2 and set(by_phase[0]) == {"a", "b"}
+    inbound = [phase["a"]["stage_events"]["inbound"] for phase in by_phase]
+    assert 0 < inbound[0]["parse"] < inbound[1]["parse"]
+    for phase in [measured["closed"], *measured["paced"]]:
+        assert set(phase["run_delay_us"]) == {"sidecars", "apps_mesh", "apps_plain", "load"}
     profile = Profile.load(out / measured["profile"])
     assert profile.setting == "pods"
     assert set(profile.modes) == {"http+fault+ratelimit", "hop:http+fault+ratelimit"}
