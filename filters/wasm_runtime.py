@@ -1859,7 +1859,8 @@ class StreamContext:
         try:
             ending = rt.ending
             if ending is not None:  # done, log and delete in one entry
-                if rt.entry(ending[0], ending[1], context_id, 0, 0) is None:
+                entry = rt.entry  # an attribute, not a method: a plain load is the cheap one
+                if entry(ending[0], ending[1], context_id, 0, 0) is None:
                     raise rt._fault()
             else:
                 for name in END_CALLBACKS:
