@@ -89,6 +89,7 @@ WASI_MODULES = ("wasi_snapshot_preview1", "wasi_unstable")
 MAX_HTTP_CALLS = 100  # callouts in flight per instance
 MAX_QUEUES, MAX_QUEUE_ITEMS = 64, 1024
 ROOT_CONTEXT_ID = 1
+MAX_CONTEXT_ID = 0x7FFFFFFF  # stream context ids wrap around to ROOT_CONTEXT_ID + 1 past it
 DEFAULT_MEMORY = 16 * 1024 * 1024
 DEFAULT_PAUSE_TIMEOUT = 5.0
 RESTART_BACKOFF = 1.0  # seconds between attempts to replace a failed instance
@@ -523,7 +524,7 @@ class Runtime:
         """A new stream context in the current instance (the store is up): its id, noted on
         it; an entry for it begins."""
         self.next_id = context_id = (
-            self.next_id + 1 if self.next_id < 0x7FFFFFFF else ROOT_CONTEXT_ID + 1
+            self.next_id + 1 if self.next_id < MAX_CONTEXT_ID else ROOT_CONTEXT_ID + 1
         )
         context.context_id = context_id
         context.generation = self.generation
