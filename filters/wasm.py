@@ -459,9 +459,10 @@ class WasmFilter(StreamContext, HttpFilter):
     def on_destroy(self) -> None:
         if self.timer is not None:
             self._cancel_timer()
-        if self.runtime.calls:
-            self.runtime.cancel_calls(self)
-        if not self.context_id or self.generation != self.runtime.generation:
+        rt = self.runtime
+        if rt.calls:
+            rt.cancel_calls(self)
+        if not self.context_id or self.generation != rt.generation:
             return
         self._delete_context()  # guest calls the request pays for: the chain times on_destroy
 

@@ -1856,7 +1856,6 @@ class StreamContext:
         rt.filter = self
         rt.time_limit.entries += 1  # rt.new_entry(), without the call
         rt.host_calls = rt.host_bytes = 0
-        exports = rt.exports
         try:
             ending = rt.ending
             if ending is not None:  # done, log and delete in one entry
@@ -1864,6 +1863,7 @@ class StreamContext:
                 if entry(ending[0], ending[1], context_id, 0, 0) is None:
                     raise rt._fault()
             else:
+                exports = rt.exports
                 for name in END_CALLBACKS:
                     func = exports.get(name)
                     if func is not None:
