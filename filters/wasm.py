@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from functools import partial
 from typing import Any
 
 import wasmtime
@@ -44,9 +45,11 @@ from pyproxy.filters.wasm_runtime import (
     DEFAULT_MEMORY,
     DEFAULT_PAUSE_TIMEOUT,
     LOCAL_REPLIES,
+    MAX_CONTEXT_ID,
     OK,
     PAUSE,
     PAUSE_TIMEOUTS,
+    ROOT_CONTEXT_ID,
     UNIMPLEMENTED,
     CompiledModule,
     Runtime,
@@ -74,6 +77,8 @@ from pyproxy.durations import parse_duration
 from pyproxy.guest_metrics import current as worker_metrics
 
 log = logging.getLogger("pyproxy.wasm")
+# A context's body parts (held, chunk) between its body callbacks.
+_NO_BODY: tuple[list[bytes] | None, bytes] = (None, b"")
 
 # ---- config --------------------------------------------------------------------------------------
 
@@ -245,6 +250,8 @@ class WasmFactory(FilterFactory):
         if "proxy_on_response_trailers" in exports:
             hooks["encode_trailers"] = WasmFilter._encode_trailers
         self.filter_class = type("WasmFilter", (WasmFilter,), hooks)
+        # What the chain calls per request: the class itself, without create()'s frame.
+        self.create = partial(self.filter_class, self)  # type: ignore[method-assign]
 
     def create(self) -> WasmFilter:
         return self.filter_class(self)
@@ -270,20 +277,23 @@ class WasmFilter(StreamContext, HttpFilter):
         "request",
         "response",
         "reply",
-        "paused",
         "timer",
-        "properties",
-        "request_trailers",
-        "response_trailers",
         "body",
         "body_parts",
         "body_stream",
         "body_changed",
         "buffering",
-        "ended_ns",
-        "started_ns",
-        "reply_details",
     )
+
+    # What most requests never set: class defaults until a request's own value is set (in the
+    # instance's dict), so making a request's context does not pay a store for each.
+    paused = -1  # the stream type (0 request, 1 response) the guest paused, or -1
+    properties: dict[bytes, bytes] | None = None  # set by proxy_set_property
+    request_trailers: HeaderMap | None = None
+    response_trailers: HeaderMap | None = None
+    started_ns = 0  # when the request began (set with its context)
+    ended_ns = 0  # when the request ended (its done/log callbacks began): request.duration
+    reply_details = ""  # the details of the local reply the guest sent
 
     def __init__(self, factory: WasmFactory) -> None:
         self.factory = factory
@@ -294,24 +304,14 @@ class WasmFilter(StreamContext, HttpFilter):
         self.response = None
         # (status, body, headers, grpc status, details) of a local reply the guest asked for.
         self.reply: tuple[int, bytes, list, int | None, bytes] | None = None
-        self.paused = -1  # the stream type (0 request, 1 response) the guest paused, or -1
         self.timer = None
-        self.properties: dict[bytes, bytes] | None = None  # set by proxy_set_property
-        self.request_trailers: HeaderMap | None = None
-        self.response_trailers: HeaderMap | None = None
         # During a body callback: the body the guest sees (what was buffered + this chunk) and
         # which buffer type it is; whether the guest wrote it; per stream, whether it is buffering.
         self.body: bytearray | None = None
-        self.body_parts: tuple[list[bytes] | None, bytes] = (
-            None,
-            b"",
-        )  # (held, chunk) to build it from
+        self.body_parts: tuple[list[bytes] | None, bytes] = _NO_BODY  # (held, chunk)
         self.body_stream = -1
         self.body_changed = False
         self.buffering = 0  # bit `stream`: that stream is buffering
-        self.started_ns = 0  # when the request began (set with its context)
-        self.ended_ns = 0  # when the request ended (its done/log callbacks began): request.duration
-        self.reply_details = ""  # the details of the local reply the guest sent
 
     def _began(self) -> None:
         """This request's context is new: note when the request began (request.duration), from
@@ -459,9 +459,10 @@ class WasmFilter(StreamContext, HttpFilter):
     def on_destroy(self) -> None:
         if self.timer is not None:
             self._cancel_timer()
-        if self.runtime.calls:
-            self.runtime.cancel_calls(self)
-        if not self.context_id or self.generation != self.runtime.generation:
+        rt = self.runtime
+        if rt.calls:
+            rt.cancel_calls(self)
+        if not self.context_id or self.generation != rt.generation:
             return
         self._delete_context()  # guest calls the request pays for: the chain times on_destroy
 
@@ -484,17 +485,27 @@ def _headers_hook(callback: str, stream: int):
                 rt.time_limit.entries += 1
                 rt.host_calls = rt.host_bytes = 0
                 func, n = rt.exports[callback]
-                action = rt.entry(func, n, context_id, count, end_stream)
+                entry = rt.entry  # an attribute, not a method: a plain load is the cheap one
+                action = entry(func, n, context_id, count, end_stream)
             elif not context_id and rt.store is not None:
-                # The request's first hook (_enter's case 2, and _began, without their calls).
-                context_id = rt.open(self)
+                # The request's first hook (_enter's case 2 and _began, and rt.open, inline).
+                rt.next_id = context_id = (
+                    rt.next_id + 1 if rt.next_id < MAX_CONTEXT_ID else ROOT_CONTEXT_ID + 1
+                )
+                self.context_id = context_id
+                self.generation = rt.generation
+                rt.live[context_id] = self
+                rt.filter = self
+                rt.time_limit.entries += 1
+                rt.host_calls = rt.host_bytes = 0
                 exchange = getattr(self.callbacks, "exchange", None)
                 self.started_ns = getattr(exchange, "started_ns", 0) or 0
                 joined = rt.entering.get(callback)
                 if joined is None:
                     self._create()
                     joined = rt.exports[callback]
-                action = rt.entry(joined[0], joined[1], context_id, count, end_stream)
+                entry = rt.entry
+                action = entry(joined[0], joined[1], context_id, count, end_stream)
             else:
                 entered = self._enter()
                 if not entered:
@@ -532,15 +543,14 @@ def _body_hook(callback: str, stream: int):
 
     def hook(self: WasmFilter, data, end_stream: bool) -> int:
         rt = self.runtime
-        callbacks = self.callbacks
         if self.request is None or self.response is None:
             self._know_heads()
-        held = (
-            callbacks.held_body["encode" if stream else "decode"]
-            if self.buffering >> stream & 1
-            else None
-        )
-        size = len(data) + (sum(map(len, held)) if held else 0)
+        if self.buffering and self.buffering >> stream & 1:
+            held = self.callbacks.held_body["encode" if stream else "decode"]
+            size = len(data) + sum(map(len, held))
+        else:  # the usual: nothing held, the chunk is the body
+            held = None
+            size = len(data)
         try:
             if self.context_id and self.generation == rt.generation:
                 rt.filter = self  # _enter's case 1, inline (as in the headers hook)
@@ -549,26 +559,33 @@ def _body_hook(callback: str, stream: int):
             elif not self._begin_entry():
                 return self._unavailable()
             # The body is built only if the guest asks for it (guest_body).
-            self.body, self.body_parts, self.body_stream = None, (held, data), stream
+            self.body_parts = (held, data)
+            self.body_stream = stream
             self.body_changed = False
             func, n = rt.exports[callback]
-            action = rt.entry(func, n, self.context_id, size, end_stream)
+            entry = rt.entry
+            action = entry(func, n, self.context_id, size, end_stream)
             if action is None:
                 raise rt._fault()
         except WasmFault as exc:
             return self._fault(exc, callback)
         finally:
-            body, self.body, self.body_parts, self.body_stream = self.body, None, (None, b""), -1
+            body = self.body
+            if body is not None:
+                self.body = None
+            self.body_parts = _NO_BODY
+            self.body_stream = -1
         if self.reply is not None:
             return self._send_reply()
         if self.body_changed and body is not None:
             if held:
                 held.clear()
-            callbacks.replace_data(bytes(body))
+            self.callbacks.replace_data(bytes(body))
         if action == PAUSE and not end_stream:
             self.buffering |= 1 << stream
             return STOP_AND_BUFFER
-        self.buffering &= ~(1 << stream)
+        if self.buffering:
+            self.buffering &= ~(1 << stream)
         if action == PAUSE:  # at the end: held until the guest continues (an http_call, say)
             return self._pause(stream, STOP_AND_BUFFER)
         return CONTINUE

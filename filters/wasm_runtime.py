@@ -89,6 +89,7 @@ WASI_MODULES = ("wasi_snapshot_preview1", "wasi_unstable")
 MAX_HTTP_CALLS = 100  # callouts in flight per instance
 MAX_QUEUES, MAX_QUEUE_ITEMS = 64, 1024
 ROOT_CONTEXT_ID = 1
+MAX_CONTEXT_ID = 0x7FFFFFFF  # stream context ids wrap around to ROOT_CONTEXT_ID + 1 past it
 DEFAULT_MEMORY = 16 * 1024 * 1024
 DEFAULT_PAUSE_TIMEOUT = 5.0
 RESTART_BACKOFF = 1.0  # seconds between attempts to replace a failed instance
@@ -523,7 +524,7 @@ class Runtime:
         """A new stream context in the current instance (the store is up): its id, noted on
         it; an entry for it begins."""
         self.next_id = context_id = (
-            self.next_id + 1 if self.next_id < 0x7FFFFFFF else ROOT_CONTEXT_ID + 1
+            self.next_id + 1 if self.next_id < MAX_CONTEXT_ID else ROOT_CONTEXT_ID + 1
         )
         context.context_id = context_id
         context.generation = self.generation
@@ -1855,13 +1856,14 @@ class StreamContext:
         rt.filter = self
         rt.time_limit.entries += 1  # rt.new_entry(), without the call
         rt.host_calls = rt.host_bytes = 0
-        exports = rt.exports
         try:
             ending = rt.ending
             if ending is not None:  # done, log and delete in one entry
-                if rt.entry(ending[0], ending[1], context_id, 0, 0) is None:
+                entry = rt.entry  # an attribute, not a method: a plain load is the cheap one
+                if entry(ending[0], ending[1], context_id, 0, 0) is None:
                     raise rt._fault()
             else:
+                exports = rt.exports
                 for name in END_CALLBACKS:
                     func = exports.get(name)
                     if func is not None:

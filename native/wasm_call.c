@@ -89,6 +89,8 @@ typedef struct {
     int has_result;
     char kinds[MAX_PARAMS];
     PyObject *runtime; /* with edit: whose filter's header maps are edited here (see above) */
+    PyObject *rdict;   /* runtime.__dict__: its attributes read and written without the generic
+                        * attribute machinery (a header edit's bookkeeping cost more than the edit) */
     int edit;          /* 0 none, 1 add, 2 replace */
     long long max_calls, max_bytes;
 } HostFunc;
@@ -98,22 +100,21 @@ enum { EDIT_ADD = 1, EDIT_REPLACE = 2, MAP_REQUEST = 0, MAP_RESPONSE = 2, OK = 0
 static PyObject *s_filter, *s_request, *s_response, *s_view, *s_host_calls, *s_host_bytes,
     *s_headers, *s_changed;
 
-/* An attribute as a C long long (-1: missing or not an int, error cleared). */
-static long long int_attr(PyObject *o, PyObject *name)
+/* runtime.<name> (its __dict__'s entry) as a C long long (-1: missing or not an int). */
+static long long int_item(PyObject *dict, PyObject *name)
 {
-    PyObject *v = PyObject_GetAttr(o, name);
-    if (v == NULL) { PyErr_Clear(); return -1; }
-    long long n = PyLong_Check(v) ? PyLong_AsLongLong(v) : -1;
-    Py_DECREF(v);
+    PyObject *v = PyDict_GetItemWithError(dict, name); /* borrowed */
+    if (v == NULL || !PyLong_CheckExact(v)) { PyErr_Clear(); return -1; }
+    long long n = PyLong_AsLongLong(v);
     if (n == -1 && PyErr_Occurred()) PyErr_Clear();
     return n;
 }
 
-static int set_int_attr(PyObject *o, PyObject *name, long long n)
+static int set_int_item(PyObject *dict, PyObject *name, long long n)
 {
     PyObject *v = PyLong_FromLongLong(n);
     if (v == NULL) return -1;
-    int r = PyObject_SetAttr(o, name, v);
+    int r = PyDict_SetItem(dict, name, v);
     Py_DECREF(v);
     return r;
 }
@@ -135,17 +136,20 @@ static int edit_plain(HostFunc *h, char *raw)
     if ((map_id != MAP_REQUEST && map_id != MAP_RESPONSE) || ksize == 0) return 0;
     int done = 0;
     PyObject *filter = NULL, *headers = NULL, *view = NULL, *list = NULL, *name = NULL, *value = NULL;
-    filter = PyObject_GetAttr(h->runtime, s_filter);
-    if (filter == NULL) goto fail;
+    PyObject *rdict = h->rdict;
+    filter = PyDict_GetItemWithError(rdict, s_filter);
+    if (filter == NULL) { if (PyErr_Occurred()) goto fail; goto out; }
+    Py_INCREF(filter);
     if (filter == Py_None) goto out;
     headers = PyObject_GetAttr(filter, map_id == MAP_REQUEST ? s_request : s_response);
     if (headers == NULL) goto fail;
     if (headers == Py_None) goto out;
-    long long calls = int_attr(h->runtime, s_host_calls), bytes = int_attr(h->runtime, s_host_bytes);
+    long long calls = int_item(rdict, s_host_calls), bytes = int_item(rdict, s_host_bytes);
     if (calls < 0 || bytes < 0 || calls + 1 > h->max_calls || bytes + (long long)(ksize + vsize) > h->max_bytes)
         goto out;
-    view = PyObject_GetAttr(h->runtime, s_view);
-    if (view == NULL) goto fail;
+    view = PyDict_GetItemWithError(rdict, s_view);
+    if (view == NULL) { if (PyErr_Occurred()) goto fail; goto out; }
+    Py_INCREF(view);
     if (!PyMemoryView_Check(view)) goto out;
     Py_buffer *buf = PyMemoryView_GET_BUFFER(view);
     if (kptr + ksize > (uint64_t)buf->len || vptr + vsize > (uint64_t)buf->len) goto out;
@@ -186,8 +190,8 @@ static int edit_plain(HostFunc *h, char *raw)
     if (!changed) goto fail; /* the map is as it was: the callable tries again */
     /* The field is in: from here on the edit is done whatever else fails (never twice). */
     if (PyObject_SetAttr(headers, s_changed, Py_True) < 0 ||
-        set_int_attr(h->runtime, s_host_calls, calls + 1) < 0 ||
-        set_int_attr(h->runtime, s_host_bytes, bytes + (long long)(ksize + vsize)) < 0)
+        set_int_item(rdict, s_host_calls, calls + 1) < 0 ||
+        set_int_item(rdict, s_host_bytes, bytes + (long long)(ksize + vsize)) < 0)
         PyErr_WriteUnraisable(h->callable);
     memset(raw, 0, RAW);
     done = 1;
@@ -295,6 +299,11 @@ static PyObject *hostfunc_new(PyTypeObject *type, PyObject *args, PyObject *kwar
         return NULL;
     h->callable = Py_NewRef(callable);
     h->runtime = edit ? Py_NewRef(runtime) : NULL;
+    h->rdict = NULL;
+    if (edit && (h->rdict = PyObject_GenericGetDict(runtime, NULL)) == NULL) {
+        Py_DECREF(h);
+        return NULL;
+    }
     h->edit = edit;
     h->max_calls = max_calls;
     h->max_bytes = max_bytes;
@@ -308,6 +317,7 @@ static void hostfunc_dealloc(HostFunc *h)
 {
     Py_XDECREF(h->callable);
     Py_XDECREF(h->runtime);
+    Py_XDECREF(h->rdict);
     Py_TYPE(h)->tp_free((PyObject *)h);
 }
 
