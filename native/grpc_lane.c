@@ -684,3 +684,40 @@ int pp_glane_expired(pp_glane *g, int64_t now, int64_t *next_due)
     *next_due = g->watched_ns = next;
     return -1;
 }
+
+/* The read's whole output in one crossing; drain failures are left for the next read to see, as
+ * data_to_send leaves them. */
+static void out_of(pp_h2 *h, const uint8_t **out, size_t *len)
+{
+    ssize_t n = pp_h2_send(h, out);
+    *len = n > 0 ? (size_t)n : 0;
+}
+
+int pp_glane_recv(pp_glane *g, pp_h2 *h, const char *data, size_t len, const uint8_t **events,
+                  size_t *events_len, size_t *pending, pp_glane_io *io)
+{
+    io->n = pp_h2_recv(h, (const uint8_t *)data, len, events, events_len, pending);
+    io->self_len = io->other_len = 0;
+    if (io->n < 0 || pp_h2_failed(h) >= 0) return 1;
+    /* WINDOW_UPDATEs make no event for Python here (nothing of its waits for credit): skipped */
+    for (size_t pos = 0; pos < *events_len;) {
+        pp_h2_rec r = rec_at(*events, pos);
+        if (r.kind != REC_WINDOW) return 1;
+        pos += REC_SIZE + r.len;
+    }
+    int down = h == g->down;
+    if (!down && h != g->up) return 1;
+    pp_h2 *other = down ? g->up : g->down;
+    int32_t *other_dirty = down ? &g->state.up_dirty : &g->state.down_dirty;
+    int32_t *self_dirty = down ? &g->state.down_dirty : &g->state.up_dirty;
+    if (*other_dirty && other != NULL) {
+        *other_dirty = 0;
+        out_of(other, &io->other_out, &io->other_len);
+    }
+    if (*self_dirty || *pending) {
+        *self_dirty = 0;
+        out_of(h, &io->self_out, &io->self_len);
+    }
+    *pending = 0;
+    return 0;
+}

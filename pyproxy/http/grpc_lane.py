@@ -24,6 +24,8 @@ import struct
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
+from h2.exceptions import ProtocolError as H2ProtocolError
+
 from pyproxy.codec.grpc import CANCELLED, STATUS_NAMES, UNKNOWN, method_of
 from pyproxy.config import ListenerConfig, ListenerMode
 from pyproxy.counters import EXPRESS_REQUESTS, FLAG_BASE, FLAG_INDEX, NATIVE_REQUESTS, REQUESTS
@@ -123,6 +125,7 @@ class GrpcLane(LaneState):
 
     __slots__ = (
         "lanes", "session", "lane", "state", "upstream", "_watchdog", "_info", "_due", "_size",
+        "_io",
     )  # fmt: skip
 
     def __init__(self, lanes: GrpcLanes, session: Http2Downstream, lane: Any) -> None:
@@ -136,6 +139,8 @@ class GrpcLane(LaneState):
         self._info = ffi.new("pp_glane_handover *")
         self._due = ffi.new("int64_t *")
         self._size = ffi.new("size_t *")
+        self._io = ffi.new("pp_glane_io *")
+        session.carrier = self
 
     # ---- around each read of the downstream ---------------------------------------------
 
@@ -166,6 +171,47 @@ class GrpcLane(LaneState):
             state.due_sooner = 0
             self._rewatch()
 
+    def carry(self, session: Any, data: bytes, t0: int) -> None:
+        """One read of either session, its frames walked (H2Session._received): into the codec
+        and the lane in one crossing. When the lane took all of it, what both sessions have to
+        send leaves now, the other side's first (the call upstream, or its answer downstream),
+        without a flush each; else the read goes on as the codec's (events, flushes)."""
+        conn = session.conn
+        io = self._io
+        lib = _h2.lib
+        if lib.pp_glane_recv(
+            self.lane, conn.session, data, len(data), conn._out, conn._events, conn._pending, io
+        ):
+            try:
+                events = conn.received(io.n)
+            except H2ProtocolError as exc:
+                session.account(perf_counter_ns() - t0, None)
+                session.protocol_failed(exc)  # the codec queued its GOAWAY already
+                return
+            session.account(perf_counter_ns() - t0, None)
+            session.events_received(events, [])
+            return
+        conn.output_pending = False
+        buffer = _h2.ffi.buffer
+        other = buffer(io.other_out, io.other_len)[:] if io.other_len else None
+        own = buffer(io.self_out, io.self_len)[:] if io.self_len else None
+        session.account(perf_counter_ns() - t0, None)
+        if other is not None:
+            if session is self.session:
+                upstream = self.upstream
+                if upstream is not None:
+                    upstream.write_out(other)
+            else:
+                down = self.session
+                down.write_out(other)
+                if down.draining:
+                    down.lane_answered()
+        if own is not None:
+            session.write_out(own)
+        flushes = session.flushes
+        if flushes.dirty:
+            flushes.run()
+
     def _connect(self) -> None:
         lanes = self.lanes
         ctx, route = lanes.ctx, lanes.route
@@ -185,6 +231,7 @@ class GrpcLane(LaneState):
     def upstream_ready(self, upstream: GrpcLaneUpstream) -> None:
         if upstream is self.upstream:
             _h2.lib.pp_glane_set_upstream(self.lane, upstream.conn.session)
+            upstream.carrier = self
 
     def upstream_lost(self, upstream: GrpcLaneUpstream) -> None:
         """The connection fails or goes away: its calls go on (or end) on the general path, and
@@ -194,6 +241,7 @@ class GrpcLane(LaneState):
         _h2.lib.pp_glane_hand_over_all(self.lane)
         self.adopt_handed()
         _h2.lib.pp_glane_set_upstream(self.lane, _h2.ffi.NULL)
+        upstream.carrier = None
         self.upstream = None
 
     def after_upstream_read(self) -> None:
@@ -281,7 +329,9 @@ class GrpcLane(LaneState):
             self._account()
         upstream, self.upstream = self.upstream, None
         lib.pp_glane_set_upstream(self.lane, _h2.ffi.NULL)
+        self.session.carrier = None
         if upstream is not None:
+            upstream.carrier = None
             upstream.lane = None
             upstream.close_lane()
 
