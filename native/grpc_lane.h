@@ -116,6 +116,20 @@ const uint8_t *pp_glane_done_records(pp_glane *g, size_t *len);
  * when to look again, 0: nothing due). */
 int pp_glane_expired(pp_glane *g, int64_t now_ns, int64_t *next_due);
 
+/* grpc_metrics' layout in the listener's block, in this order (Python passes it): message
+ * counters, the duration histogram, an entry's started and status slots, and the status codes
+ * a call without a known one counts under. */
+enum {
+    PP_GLANE_M_RECEIVED, PP_GLANE_M_SENT, PP_GLANE_M_HIST, PP_GLANE_M_HIST_SUM_NS,
+    PP_GLANE_M_HIST_COUNT, PP_GLANE_M_E_STARTED, PP_GLANE_M_E_STATUS, PP_GLANE_M_N_STATUS,
+    PP_GLANE_M_CANCELLED, PP_GLANE_M_UNKNOWN,
+    PP_GLANE_N_METRICS
+};
+void pp_glane_set_metrics(pp_glane *g, const int64_t *layout);
+/* Calls to this :path count under this method entry: C accounts them itself from now on (a few
+ * methods per connection; the calls of any other still make pp_glane_done records). */
+void pp_glane_learn(pp_glane *g, const char *path, size_t len, int64_t entry);
+
 /* What one read left to send, when the lane carried all of it (pp_glane_recv returned 0). */
 typedef struct {
     ssize_t n;                /* pp_h2_recv's result */

@@ -8,8 +8,10 @@ to carry, one upstream HTTP/2 connection of its own (``GrpcLaneUpstream``). C
 whole gRPC-framed body up to one window, END_STREAM) came whole in that read, re-encodes it by
 upstream_h2's rules and submits it on that connection; after each upstream read it answers
 every such call whose response came whole and plain. No Exchange, event or header list is
-made in Python for those calls: Python runs once per read, and accounts each finished call
-from a small record (per-method gRPC metrics; the listener's counters are kept in C).
+made in Python for those calls: Python runs once per read (a read the lane takes whole goes
+into the codec and out to both sockets in one crossing, GrpcLane.carry), and accounts a
+connection's first finished call of each method from a small record; C counts the later ones
+itself in the same slots (pp_glane_learn; the listener's counters are kept in C).
 
 Every other stream is the general path's, untouched, before a byte of it went upstream. A
 call the lane took whose response is anything else (a reset, a response in pieces, a status
@@ -29,7 +31,17 @@ from h2.exceptions import ProtocolError as H2ProtocolError
 from pyproxy.codec.grpc import CANCELLED, STATUS_NAMES, UNKNOWN, method_of
 from pyproxy.config import ListenerConfig, ListenerMode
 from pyproxy.counters import EXPRESS_REQUESTS, FLAG_BASE, FLAG_INDEX, NATIVE_REQUESTS, REQUESTS
-from pyproxy.grpc_metrics import E_STARTED, OTHER_ENTRY, record_finished
+from pyproxy.grpc_metrics import (
+    E_STARTED,
+    E_STATUS,
+    HIST,
+    HIST_COUNT,
+    HIST_SUM_NS,
+    MSG_RECEIVED,
+    MSG_SENT,
+    OTHER_ENTRY,
+    record_finished,
+)
 from pyproxy.http.grpc_call import method_table
 from pyproxy.http.h2_lane import LaneState
 from pyproxy.http.h2_session import NO_ERROR
@@ -49,7 +61,7 @@ _DONE = struct.Struct("=iiIIqII")  # pp_glane_done
 class GrpcLanes:
     """Per listener: the route every lane call takes, and what every lane shares."""
 
-    __slots__ = ("ctx", "route", "slots", "limits", "block", "entries")
+    __slots__ = ("ctx", "route", "slots", "limits", "block", "entries", "metrics")
 
     def __init__(self, ctx: HttpContext, route: Route) -> None:
         self.ctx = ctx
@@ -71,6 +83,12 @@ class GrpcLanes:
             ],
         )
         self.block = block_pointer(ctx.block, ffi)
+        # grpc_lane.h's PP_GLANE_M_* order: where record_finished counts, for calls C accounts.
+        self.metrics = ffi.new(
+            "int64_t[]",
+            [MSG_RECEIVED, MSG_SENT, HIST, HIST_SUM_NS, HIST_COUNT, E_STARTED, E_STATUS,
+             len(STATUS_NAMES), CANCELLED, UNKNOWN],
+        )  # fmt: skip
         self.entries: dict[bytes, int] = {}  # :path -> its method's entry in the table
 
     def attach(self, session: Http2Downstream) -> GrpcLane | None:
@@ -140,6 +158,7 @@ class GrpcLane(LaneState):
         self._due = ffi.new("int64_t *")
         self._size = ffi.new("size_t *")
         self._io = ffi.new("pp_glane_io *")
+        _h2.lib.pp_glane_set_metrics(lane, lanes.metrics)
         session.carrier = self
 
     # ---- around each read of the downstream ---------------------------------------------
@@ -258,8 +277,11 @@ class GrpcLane(LaneState):
     # ---- accounts ---------------------------------------------------------------------
 
     def _account(self) -> None:
-        """Per-method gRPC metrics of the calls C finished, as GrpcCall.finished records them."""
+        """Per-method gRPC metrics of the calls C finished, as GrpcCall.finished records them;
+        C counts the later calls of a method found here itself (pp_glane_learn: the same slots,
+        the same status rule)."""
         ffi, lib = _h2.ffi, _h2.lib
+        learn, lane = lib.pp_glane_learn, self.lane
         size = self._size
         records = lib.pp_glane_done_records(self.lane, size)
         data = ffi.buffer(records, size[0])[:]
@@ -270,8 +292,11 @@ class GrpcLane(LaneState):
         while pos < end:
             status, reset, requests, responses, elapsed, path_len, _ = unpack(data, pos)
             pos += step
-            entry = entry_of(data[pos : pos + path_len])
+            path = data[pos : pos + path_len]
+            entry = entry_of(path)
             pos += path_len
+            if entry != OTHER_ENTRY:
+                learn(lane, path, path_len, entry)
             block[entry + E_STARTED] += 1
             if status < 0:
                 status = CANCELLED if reset else UNKNOWN
