@@ -291,11 +291,6 @@ class H2Session:
         if not self.native or self.conn.output_pending:
             self.mark_dirty()
 
-    def write_out(self, data: bytes) -> None:
-        """Bytes a lane took from this session's codec (as flush() writes them)."""
-        if not self.closed:
-            self.stream.write(data)
-
     def flush(self) -> None:
         self.dirty = False
         if self.closed:
