@@ -30,6 +30,14 @@ typedef struct {
     size_t path_at, path_len;
 } glane_slot;
 
+#define LEARNED 8 /* methods per connection whose calls C accounts itself */
+
+/* A method's entry in the listener's gRPC table, as Python found it for a :path. */
+typedef struct {
+    pp_buf path;
+    int64_t entry;
+} learned_t;
+
 struct pp_glane {
     pp_glane_state state;
     pp_h2 *down, *up;
@@ -42,6 +50,10 @@ struct pp_glane {
     int nslots;
     pp_buf done;
     pp_buf done_out; /* what pp_glane_done_records handed out last */
+    int64_t metrics[PP_GLANE_N_METRICS]; /* grpc_metrics' layout (pp_glane_set_metrics) */
+    int has_metrics;
+    learned_t learned[LEARNED];
+    int nlearned;
 };
 
 static pp_buf upstream_block; /* one event loop per process: one scratch block for all lanes */
@@ -190,13 +202,42 @@ static glane_slot *free_slot(pp_glane *g)
     return &g->slots[g->nslots++];
 }
 
-/* The call is over: a record for Python's per-method accounts, the listener's status and
- * duration as account_response keeps them. */
+static int64_t learned_entry(pp_glane *g, const uint8_t *path, size_t len)
+{
+    for (int i = 0; i < g->nlearned; i++)
+        if (g->learned[i].path.len == len && memcmp(g->learned[i].path.data, path, len) == 0)
+            return g->learned[i].entry;
+    return -1;
+}
+
+/* grpc_metrics.record_finished for a call of a learned method, its status as GrpcLane._account
+ * reads it (none: CANCELLED when the client reset it, else UNKNOWN; past the known: UNKNOWN). */
+static void record_call(pp_glane *g, int64_t entry, int status, int dr, uint32_t requests,
+                        uint32_t responses, int64_t elapsed)
+{
+    const int64_t *m = g->metrics;
+    int64_t *b = g->block;
+    if (status < 0) status = (int)(dr ? m[PP_GLANE_M_CANCELLED] : m[PP_GLANE_M_UNKNOWN]);
+    else if (status >= m[PP_GLANE_M_N_STATUS]) status = (int)m[PP_GLANE_M_UNKNOWN];
+    b[entry + m[PP_GLANE_M_E_STARTED]] += 1;
+    b[entry + m[PP_GLANE_M_E_STATUS] + status] += 1;
+    b[m[PP_GLANE_M_RECEIVED]] += requests;
+    b[m[PP_GLANE_M_SENT]] += responses;
+    b[m[PP_GLANE_M_HIST] + pf_duration_bucket(elapsed)] += 1;
+    b[m[PP_GLANE_M_HIST_SUM_NS]] += elapsed;
+    b[m[PP_GLANE_M_HIST_COUNT]] += 1;
+}
+
+/* The call is over: its per-method accounts (here for a learned method, else a record for
+ * Python's), the listener's status and duration as account_response keeps them. */
 static void finish(pp_glane *g, glane_slot *s, int grpc_status, int dr, uint32_t responses)
 {
     int64_t elapsed = now_ns() - s->started_ns;
+    const uint8_t *path = s->block.data + s->path_at;
+    int64_t entry = g->has_metrics ? learned_entry(g, path, s->path_len) : -1;
     pp_glane_done d = {grpc_status, dr, s->requests, responses, elapsed, (uint32_t)s->path_len, 0};
-    if (!buf_add(&g->done, &d, sizeof d) && !buf_add(&g->done, s->block.data + s->path_at, s->path_len))
+    if (entry >= 0) record_call(g, entry, grpc_status, dr, s->requests, responses, elapsed);
+    else if (!buf_add(&g->done, &d, sizeof d) && !buf_add(&g->done, path, s->path_len))
         g->state.done_count++;
     pf_account_response(g->block, dr ? 0 : 200, elapsed);
     if (dr) COUNT(g, PP_GLANE_FLAG_DR) += 1;
@@ -562,6 +603,7 @@ static void glane_free(void *opaque)
         free(g->slots[i].head.data);
     }
     free(g->slots);
+    for (int i = 0; i < g->nlearned; i++) free(g->learned[i].path.data);
     free(g->done.data);
     free(g->done_out.data);
     free(g);
@@ -683,4 +725,60 @@ int pp_glane_expired(pp_glane *g, int64_t now, int64_t *next_due)
     }
     *next_due = g->watched_ns = next;
     return -1;
+}
+
+/* The read's whole output in one crossing; drain failures are left for the next read to see, as
+ * data_to_send leaves them. */
+static void out_of(pp_h2 *h, const uint8_t **out, size_t *len)
+{
+    ssize_t n = pp_h2_send(h, out);
+    *len = n > 0 ? (size_t)n : 0;
+}
+
+int pp_glane_recv(pp_glane *g, pp_h2 *h, const char *data, size_t len, const uint8_t **events,
+                  size_t *events_len, size_t *pending, pp_glane_io *io)
+{
+    io->n = pp_h2_recv(h, (const uint8_t *)data, len, events, events_len, pending);
+    io->self_len = io->other_len = 0;
+    if (io->n < 0 || pp_h2_failed(h) >= 0) return 1;
+    /* WINDOW_UPDATEs make no event for Python here (nothing of its waits for credit): skipped */
+    for (size_t pos = 0; pos < *events_len;) {
+        pp_h2_rec r = rec_at(*events, pos);
+        if (r.kind != REC_WINDOW) return 1;
+        pos += REC_SIZE + r.len;
+    }
+    int down = h == g->down;
+    if (!down && h != g->up) return 1;
+    pp_h2 *other = down ? g->up : g->down;
+    int32_t *other_dirty = down ? &g->state.up_dirty : &g->state.down_dirty;
+    int32_t *self_dirty = down ? &g->state.down_dirty : &g->state.up_dirty;
+    if (*other_dirty && other != NULL) {
+        *other_dirty = 0;
+        out_of(other, &io->other_out, &io->other_len);
+    }
+    if (*self_dirty || *pending) {
+        *self_dirty = 0;
+        out_of(h, &io->self_out, &io->self_len);
+    }
+    *pending = 0;
+    return 0;
+}
+
+void pp_glane_set_metrics(pp_glane *g, const int64_t *layout)
+{
+    memcpy(g->metrics, layout, sizeof g->metrics);
+    g->has_metrics = 1;
+}
+
+void pp_glane_learn(pp_glane *g, const char *path, size_t len, int64_t entry)
+{
+    if (g->nlearned == LEARNED || learned_entry(g, (const uint8_t *)path, len) >= 0) return;
+    learned_t *l = &g->learned[g->nlearned];
+    memset(l, 0, sizeof *l);
+    if (buf_add(&l->path, path, len)) {
+        free(l->path.data);
+        return;
+    }
+    l->entry = entry;
+    g->nlearned++;
 }

@@ -116,4 +116,36 @@ const uint8_t *pp_glane_done_records(pp_glane *g, size_t *len);
  * when to look again, 0: nothing due). */
 int pp_glane_expired(pp_glane *g, int64_t now_ns, int64_t *next_due);
 
+/* grpc_metrics' layout in the listener's block, in this order (Python passes it): message
+ * counters, the duration histogram, an entry's started and status slots, and the status codes
+ * a call without a known one counts under. */
+enum {
+    PP_GLANE_M_RECEIVED, PP_GLANE_M_SENT, PP_GLANE_M_HIST, PP_GLANE_M_HIST_SUM_NS,
+    PP_GLANE_M_HIST_COUNT, PP_GLANE_M_E_STARTED, PP_GLANE_M_E_STATUS, PP_GLANE_M_N_STATUS,
+    PP_GLANE_M_CANCELLED, PP_GLANE_M_UNKNOWN,
+    PP_GLANE_N_METRICS
+};
+void pp_glane_set_metrics(pp_glane *g, const int64_t *layout);
+/* Calls to this :path count under this method entry: C accounts them itself from now on (a few
+ * methods per connection; the calls of any other still make pp_glane_done records). */
+void pp_glane_learn(pp_glane *g, const char *path, size_t len, int64_t entry);
+
+/* What one read left to send, when the lane carried all of it (pp_glane_recv returned 0). */
+typedef struct {
+    ssize_t n;                /* pp_h2_recv's result */
+    const uint8_t *self_out;  /* the read session's own output (acks, WINDOW_UPDATEs) */
+    size_t self_len;
+    const uint8_t *other_out; /* the other session's: the calls taken, or the answers */
+    size_t other_len;
+} pp_glane_io;
+
+/* One read of either of the lane's sessions (h: the downstream or the lane's upstream one), as
+ * pp_h2_recv (same *events, *events_len, *pending), for a session with nothing waiting for
+ * flow-control credit (its WINDOW_UPDATEs make no event). 0: every other record of the read was
+ * the lane's and nothing failed; both sessions' output then waits in *io (up_dirty / down_dirty reset: a read
+ * costs one crossing and the writes). 1: records are left for Python or the session failed: it
+ * goes on from pp_h2_recv's result (io->n) as after pp_h2_recv, and flushes as it did. */
+int pp_glane_recv(pp_glane *g, pp_h2 *h, const char *data, size_t len, const uint8_t **events,
+                  size_t *events_len, size_t *pending, pp_glane_io *io);
+
 #endif

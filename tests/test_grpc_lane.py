@@ -235,6 +235,9 @@ def test_per_method_metrics_count_lane_calls(pb, echo, proxy):  # noqa: F811
     assert unary["statuses"]["NOT_FOUND"] == old["statuses"].get("NOT_FOUND", 0) + 1
     assert after["messages"]["received"] - before["messages"]["received"] == 2
     assert after["messages"]["sent"] - before["messages"]["sent"] == 1
+    # The warm call taught the connection's lane the method: C counted these two itself.
+    assert after["duration"]["count"] == before["duration"]["count"] + 2
+    assert after["duration"]["sum_seconds"] > before["duration"]["sum_seconds"]
     carried.expect(2)
 
 

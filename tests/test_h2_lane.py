@@ -327,3 +327,43 @@ def test_every_grpc_lane_is_freed_with_either_session_first_after_10000_connecti
     gc.collect()
     assert lib.pp_h2_live() == sessions and lib.pp_glane_live() == lanes
     assert block[0] == 10_000 * 2  # every slot index is 0: each call counted as read and taken
+
+
+def test_a_read_the_grpc_lane_takes_whole_costs_one_crossing_and_leaves_nothing_for_python():
+    """pp_glane_recv: a read that holds a whole call and nothing else for Python returns 0 with
+    the call's upstream bytes in hand (up_dirty reset: no flush is owed); a read with a record
+    Python must see (the client's first SETTINGS) returns 1 and goes on as pp_h2_recv's."""
+    lib, ffi = http2_native.lib, http2_native.ffi
+    block = listener_block()
+    pointer = ffi.cast("int64_t *", ffi.from_buffer(block))
+    slots = ffi.new("int32_t[]", [0] * lib.PP_GLANE_N_SLOTS)
+    limits = ffi.new("uint32_t[]", [100, 100, 65536, 1 << 20, 1 << 20])
+    client = http2_native.NativeH2Connection(client_side=True, reset_burst=1000)
+    client.initiate({}, 65535)
+    down = http2_native.NativeH2Connection(client_side=False, reset_burst=1000)
+    up = http2_native.NativeH2Connection(client_side=True, reset_burst=1000)
+    lane = lib.pp_glane_attach(down.session, pointer, slots, limits, 0)
+    lib.pp_glane_set_upstream(lane, up.session)
+    state = lib.pp_glane_state_of(lane)
+    io = ffi.new("pp_glane_io *")
+
+    def read(data: bytes) -> int:
+        return lib.pp_glane_recv(
+            lane, down.session, data, len(data), down._out, down._events, down._pending, io
+        )
+
+    def call(body: bytes) -> bytes:
+        sid = client.get_next_available_stream_id()
+        client.send_headers(sid, GRPC)
+        client.send_data(sid, b"\0\0\0\0" + bytes([len(body)]) + body, end_stream=True)
+        return client.data_to_send()
+
+    assert read(call(b"one")) == 1  # the preface's SETTINGS: Python's
+    assert [type(e).__name__ for e in down.received(io.n)] == ["RemoteSettingsChanged"]
+    assert state.up_dirty and b"one" in up.data_to_send()
+    state.up_dirty = 0
+    assert read(call(b"two")) == 0
+    assert not state.up_dirty and io.other_len
+    assert b"two" in ffi.buffer(io.other_out, io.other_len)[:]
+    assert up.data_to_send() == b""  # nothing left behind: nothing is sent twice
+    assert state.in_flight == 2

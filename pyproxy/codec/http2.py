@@ -75,8 +75,10 @@ class FrameScanner:
         self._goaway: bytearray | None = None  # payload of a GOAWAY being lifted out
         self._block = 0  # bytes of the header block in progress (frame headers included)
 
-    def feed(self, data: bytes) -> tuple[bytes, list[bytes]]:
-        """Return (bytes for h2, GOAWAY payloads); raise HeaderBlockTooLarge past the limit."""
+    def passes(self, data: bytes) -> bool:
+        """Does the read go to the codec as it is (walked in C: no GOAWAY, no frame header split,
+        no block past the limit)? True: the walk's state has moved past it; False: nothing moved,
+        ``feed`` walks it."""
         scan = self.scan
         if (
             scan is not None
@@ -86,10 +88,16 @@ class FrameScanner:
             and self._goaway is None
         ):
             state = scan(data, len(data), self.limit, self._left, self._block)
-            if state >= 0:  # no GOAWAY, no split frame header, no block past the limit
+            if state >= 0:
                 self._left = state & 0xFFFFFF
                 self._block = state >> 24
-                return data, []
+                return True
+        return False
+
+    def feed(self, data: bytes) -> tuple[bytes, list[bytes]]:
+        """Return (bytes for h2, GOAWAY payloads); raise HeaderBlockTooLarge past the limit."""
+        if self.passes(data):
+            return data, []
         if self._carry:
             data = self._carry + data
             self._carry = b""

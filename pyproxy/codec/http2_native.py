@@ -146,10 +146,14 @@ class NativeH2Connection:
     # ---- bytes in --------------------------------------------------------------------
 
     def receive_data(self, data) -> list:
-        out = self._out
         n = lib.pp_h2_recv(
-            self.session, ffi.from_buffer(data), len(data), out, self._events, self._pending
+            self.session, ffi.from_buffer(data), len(data), self._out, self._events, self._pending
         )
+        return self.received(n)
+
+    def received(self, n: int) -> list:
+        """The events of the read pp_h2_recv (or a lane's pp_glane_recv) returned n for."""
+        out = self._out
         self.output_pending = self._pending[0] != 0
         size = self._events[0]
         try:

@@ -8,8 +8,10 @@ to carry, one upstream HTTP/2 connection of its own (``GrpcLaneUpstream``). C
 whole gRPC-framed body up to one window, END_STREAM) came whole in that read, re-encodes it by
 upstream_h2's rules and submits it on that connection; after each upstream read it answers
 every such call whose response came whole and plain. No Exchange, event or header list is
-made in Python for those calls: Python runs once per read, and accounts each finished call
-from a small record (per-method gRPC metrics; the listener's counters are kept in C).
+made in Python for those calls: Python runs once per read (a read the lane takes whole goes
+into the codec and out to both sockets in one crossing, GrpcLane.carry), and accounts a
+connection's first finished call of each method from a small record; C counts the later ones
+itself in the same slots (pp_glane_learn; the listener's counters are kept in C).
 
 Every other stream is the general path's, untouched, before a byte of it went upstream. A
 call the lane took whose response is anything else (a reset, a response in pieces, a status
@@ -24,10 +26,22 @@ import struct
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
+from h2.exceptions import ProtocolError as H2ProtocolError
+
 from pyproxy.codec.grpc import CANCELLED, STATUS_NAMES, UNKNOWN, method_of
 from pyproxy.config import ListenerConfig, ListenerMode
 from pyproxy.counters import EXPRESS_REQUESTS, FLAG_BASE, FLAG_INDEX, NATIVE_REQUESTS, REQUESTS
-from pyproxy.grpc_metrics import E_STARTED, OTHER_ENTRY, record_finished
+from pyproxy.grpc_metrics import (
+    E_STARTED,
+    E_STATUS,
+    HIST,
+    HIST_COUNT,
+    HIST_SUM_NS,
+    MSG_RECEIVED,
+    MSG_SENT,
+    OTHER_ENTRY,
+    record_finished,
+)
 from pyproxy.http.grpc_call import method_table
 from pyproxy.http.h2_lane import LaneState
 from pyproxy.http.h2_session import NO_ERROR
@@ -47,7 +61,7 @@ _DONE = struct.Struct("=iiIIqII")  # pp_glane_done
 class GrpcLanes:
     """Per listener: the route every lane call takes, and what every lane shares."""
 
-    __slots__ = ("ctx", "route", "slots", "limits", "block", "entries")
+    __slots__ = ("ctx", "route", "slots", "limits", "block", "entries", "metrics")
 
     def __init__(self, ctx: HttpContext, route: Route) -> None:
         self.ctx = ctx
@@ -69,6 +83,12 @@ class GrpcLanes:
             ],
         )
         self.block = block_pointer(ctx.block, ffi)
+        # grpc_lane.h's PP_GLANE_M_* order: where record_finished counts, for calls C accounts.
+        self.metrics = ffi.new(
+            "int64_t[]",
+            [MSG_RECEIVED, MSG_SENT, HIST, HIST_SUM_NS, HIST_COUNT, E_STARTED, E_STATUS,
+             len(STATUS_NAMES), CANCELLED, UNKNOWN],
+        )  # fmt: skip
         self.entries: dict[bytes, int] = {}  # :path -> its method's entry in the table
 
     def attach(self, session: Http2Downstream) -> GrpcLane | None:
@@ -123,6 +143,7 @@ class GrpcLane(LaneState):
 
     __slots__ = (
         "lanes", "session", "lane", "state", "upstream", "_watchdog", "_info", "_due", "_size",
+        "_io",
     )  # fmt: skip
 
     def __init__(self, lanes: GrpcLanes, session: Http2Downstream, lane: Any) -> None:
@@ -136,11 +157,16 @@ class GrpcLane(LaneState):
         self._info = ffi.new("pp_glane_handover *")
         self._due = ffi.new("int64_t *")
         self._size = ffi.new("size_t *")
+        self._io = ffi.new("pp_glane_io *")
+        _h2.lib.pp_glane_set_metrics(lane, lanes.metrics)
+        session.carrier = self
 
     # ---- around each read of the downstream ---------------------------------------------
 
     def before_read(self, others: int, draining: bool) -> None:
-        self.note_read(others, draining)
+        state = self.state  # note_read's, one call less on every read
+        state.others = others
+        state.closed = draining
         upstream = self.upstream
         if upstream is not None:
             self.state.up_others = upstream.reserved
@@ -166,6 +192,50 @@ class GrpcLane(LaneState):
             state.due_sooner = 0
             self._rewatch()
 
+    def carry(self, session: Any, data: bytes, t0: int) -> None:
+        """One read of either session, its frames walked (H2Session._received): into the codec
+        and the lane in one crossing. When the lane took all of it, what both sessions have to
+        send leaves now, the other side's first (the call upstream, or its answer downstream),
+        without a flush each; else the read goes on as the codec's (events, flushes)."""
+        conn = session.conn
+        io = self._io
+        lib = _h2.lib
+        if lib.pp_glane_recv(
+            self.lane, conn.session, data, len(data), conn._out, conn._events, conn._pending, io
+        ):
+            try:
+                events = conn.received(io.n)
+            except H2ProtocolError as exc:
+                session.account(perf_counter_ns() - t0, None)
+                session.protocol_failed(exc)  # the codec queued its GOAWAY already
+                return
+            session.account(perf_counter_ns() - t0, None)
+            session.events_received(events, [])
+            return
+        conn.output_pending = False
+        buffer = _h2.ffi.buffer
+        other = buffer(io.other_out, io.other_len)[:] if io.other_len else None
+        own = buffer(io.self_out, io.self_len)[:] if io.self_len else None
+        if session.timed:
+            session.ctx.account_parse(perf_counter_ns() - t0, None)
+        # Written as flush() writes: not once the connection is closed.
+        if other is not None:
+            if session is self.session:
+                upstream = self.upstream
+                if upstream is not None and not upstream.closed:
+                    upstream.stream.write(other)
+            else:
+                down = self.session
+                if not down.closed:
+                    down.stream.write(other)
+                if down.draining:
+                    down.lane_answered()
+        if own is not None and not session.closed:
+            session.stream.write(own)
+        flushes = session.flushes
+        if flushes.dirty:
+            flushes.run()
+
     def _connect(self) -> None:
         lanes = self.lanes
         ctx, route = lanes.ctx, lanes.route
@@ -185,6 +255,7 @@ class GrpcLane(LaneState):
     def upstream_ready(self, upstream: GrpcLaneUpstream) -> None:
         if upstream is self.upstream:
             _h2.lib.pp_glane_set_upstream(self.lane, upstream.conn.session)
+            upstream.carrier = self
 
     def upstream_lost(self, upstream: GrpcLaneUpstream) -> None:
         """The connection fails or goes away: its calls go on (or end) on the general path, and
@@ -194,6 +265,7 @@ class GrpcLane(LaneState):
         _h2.lib.pp_glane_hand_over_all(self.lane)
         self.adopt_handed()
         _h2.lib.pp_glane_set_upstream(self.lane, _h2.ffi.NULL)
+        upstream.carrier = None
         self.upstream = None
 
     def after_upstream_read(self) -> None:
@@ -210,8 +282,11 @@ class GrpcLane(LaneState):
     # ---- accounts ---------------------------------------------------------------------
 
     def _account(self) -> None:
-        """Per-method gRPC metrics of the calls C finished, as GrpcCall.finished records them."""
+        """Per-method gRPC metrics of the calls C finished, as GrpcCall.finished records them;
+        C counts the later calls of a method found here itself (pp_glane_learn: the same slots,
+        the same status rule)."""
         ffi, lib = _h2.ffi, _h2.lib
+        learn, lane = lib.pp_glane_learn, self.lane
         size = self._size
         records = lib.pp_glane_done_records(self.lane, size)
         data = ffi.buffer(records, size[0])[:]
@@ -222,8 +297,11 @@ class GrpcLane(LaneState):
         while pos < end:
             status, reset, requests, responses, elapsed, path_len, _ = unpack(data, pos)
             pos += step
-            entry = entry_of(data[pos : pos + path_len])
+            path = data[pos : pos + path_len]
+            entry = entry_of(path)
             pos += path_len
+            if entry != OTHER_ENTRY:
+                learn(lane, path, path_len, entry)
             block[entry + E_STARTED] += 1
             if status < 0:
                 status = CANCELLED if reset else UNKNOWN
@@ -281,7 +359,9 @@ class GrpcLane(LaneState):
             self._account()
         upstream, self.upstream = self.upstream, None
         lib.pp_glane_set_upstream(self.lane, _h2.ffi.NULL)
+        self.session.carrier = None
         if upstream is not None:
+            upstream.carrier = None
             upstream.lane = None
             upstream.close_lane()
 

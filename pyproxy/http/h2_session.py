@@ -131,6 +131,7 @@ class H2Session:
         "timed",
         "native",
         "stalled",
+        "carrier",
     )
 
     def __init__(self, ctx: HttpContext, client_side: bool) -> None:
@@ -156,6 +157,8 @@ class H2Session:
         # Streams whose pump left DATA or an end waiting for flow-control credit (a superset:
         # pruned before each read). With none, the native codec makes no WINDOW_UPDATE event.
         self.stalled: set[H2StreamBase] = set()
+        # A native lane that takes whole reads of this session in one crossing (GrpcLane.carry).
+        self.carrier: Any = None
         self.stream: Any = None  # the Stream, once attach_socket() ran
         self.streams: dict = {}
         self.flushes = flush_queue(ctx)
@@ -244,6 +247,10 @@ class H2Session:
                 for stream in [s for s in stalled if not s.waits()]:
                     stalled.discard(stream)
             self.conn.window_events = bool(stalled)
+            carrier = self.carrier
+            if carrier is not None and not stalled and self.scanner.passes(data):
+                carrier.carry(self, data, t0)
+                return
         try:
             data, goaways = self.scanner.feed(data)
             events = self.conn.receive_data(data) if data else []
@@ -256,6 +263,10 @@ class H2Session:
             self.protocol_failed(exc)  # h2 queued its GOAWAY already
             return
         self.account(perf_counter_ns() - t0, None)
+        self.events_received(events, goaways)
+
+    def events_received(self, events: list, goaways: list[bytes]) -> None:
+        """The rest of a read once the codec has taken it: its events, then the flushes."""
         self.wrote()
         if events:
             self.flushes.handle(self, events)
