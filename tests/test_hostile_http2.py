@@ -290,6 +290,10 @@ def test_a_body_shorter_than_its_content_length_before_trailers_never_ends_upstr
         finally:
             client.close()
 
+    flags = hostile_h2.proxy.listener()["flags"]
     outcome, reached = hostile_h2.run(send, "framing")
     assert outcome == ("reset", PROTOCOL_ERROR)
     assert b"x-checksum: abc" not in reached and b"0\r\n\r\n" not in reached
+    after = hostile_h2.proxy.listener()["flags"]
+    changed = {k: after[k] - flags.get(k, 0) for k in after if after[k] != flags.get(k, 0)}
+    assert changed == {"DPE": 1}  # the proxy's reset: not the client's (DR)

@@ -223,14 +223,11 @@ class Http2Downstream(H2Session):
 
     def _malformed_body(self, stream: _DownstreamStream) -> None:
         """A request whose body broke its Content-Length's promise: a stream error (§8.1.1),
-        and the exchange is abandoned, so what went upstream of it never ends as a request."""
-        block = self.ctx.block
-        block[reject_slot("framing")] += 1
-        block[FLAG_BASE + FLAG_INDEX["DPE"]] += 1
-        self.streams.pop(stream.stream_id, None)
+        and the exchange ends as malformed (DPE), so what went upstream of it never ends as a
+        request."""
+        self.ctx.block[reject_slot("framing")] += 1
         stream.reset(PROTOCOL_ERROR)
-        self._abandon(stream)
-        self._maybe_done()
+        stream.exchange.request_malformed(0, b"")
 
     def _stream_reset(self, event: StreamReset) -> None:
         stream = self.streams.pop(event.stream_id, None)

@@ -232,11 +232,12 @@ class Exchange(RequestRecord):
 
     def request_malformed(self, status: int, body: bytes) -> None:
         """The request body turned out malformed (a bad chunk): the upstream, which has the head
-        already, is reset so the request never completes there; the client hears why."""
+        already, is reset so the request never completes there; the client hears why (status
+        0: its stream was reset, as HTTP/2 answers a malformed message)."""
         if self.finished:
             return
         self._abandon_upstream()
-        if self.response_started:
+        if self.response_started or not status:
             self._finish("DPE", reset_downstream=True)
         else:
             self.local_reply(status, body, "DPE")

@@ -219,17 +219,16 @@ class GrpcLane(LaneState):
         if session.timed:
             session.ctx.account_parse(perf_counter_ns() - t0, None)
         # Written as flush() writes: not once the connection is closed.
-        if other is not None:
-            if session is self.session:
-                upstream = self.upstream
-                if upstream is not None and not upstream.closed:
-                    upstream.stream.write(other)
-            else:
-                down = self.session
-                if not down.closed:
-                    down.stream.write(other)
-                if down.draining:
-                    down.lane_answered()
+        down = self.session
+        if session is down:
+            upstream = self.upstream
+            if other is not None and upstream is not None and not upstream.closed:
+                upstream.stream.write(other)
+        else:
+            if other is not None and not down.closed:
+                down.stream.write(other)
+            if down.draining:  # calls may have ended, with or without bytes to send: done?
+                down.lane_answered()
         if own is not None and not session.closed:
             session.stream.write(own)
         flushes = session.flushes
