@@ -294,17 +294,25 @@ GRPC = [
 ]  # fmt: skip
 
 
-def test_every_grpc_lane_is_freed_with_either_session_first_after_10000_connections():
-    """The gRPC lane links two sessions: whichever is freed first, nothing in C points at it,
-    and the lane goes with its downstream session."""
+def _grpc_lane_inputs():
+    """What pp_glane_attach takes here: a listener block (kept alive by the caller) and its
+    pointer, the slot indexes (all 0), the limits; and a client whose preface is queued."""
     lib, ffi = http2_native.lib, http2_native.ffi
-    sessions, lanes = lib.pp_h2_live(), lib.pp_glane_live()
     block = listener_block()
     pointer = ffi.cast("int64_t *", ffi.from_buffer(block))
     slots = ffi.new("int32_t[]", [0] * lib.PP_GLANE_N_SLOTS)
     limits = ffi.new("uint32_t[]", [100, 100, 65536, 1 << 20, 1 << 20])
     client = http2_native.NativeH2Connection(client_side=True, reset_burst=1000)
     client.initiate({}, 65535)
+    return block, pointer, slots, limits, client
+
+
+def test_every_grpc_lane_is_freed_with_either_session_first_after_10000_connections():
+    """The gRPC lane links two sessions: whichever is freed first, nothing in C points at it,
+    and the lane goes with its downstream session."""
+    lib = http2_native.lib
+    sessions, lanes = lib.pp_h2_live(), lib.pp_glane_live()
+    block, pointer, slots, limits, client = _grpc_lane_inputs()
     sid = client.get_next_available_stream_id()
     client.send_headers(sid, GRPC)
     client.send_data(sid, b"\0\0\0\0\x03abc", end_stream=True)
@@ -334,12 +342,7 @@ def test_a_read_the_grpc_lane_takes_whole_costs_one_crossing_and_leaves_nothing_
     the call's upstream bytes in hand (up_dirty reset: no flush is owed); a read with a record
     Python must see (the client's first SETTINGS) returns 1 and goes on as pp_h2_recv's."""
     lib, ffi = http2_native.lib, http2_native.ffi
-    block = listener_block()
-    pointer = ffi.cast("int64_t *", ffi.from_buffer(block))
-    slots = ffi.new("int32_t[]", [0] * lib.PP_GLANE_N_SLOTS)
-    limits = ffi.new("uint32_t[]", [100, 100, 65536, 1 << 20, 1 << 20])
-    client = http2_native.NativeH2Connection(client_side=True, reset_burst=1000)
-    client.initiate({}, 65535)
+    block, pointer, slots, limits, client = _grpc_lane_inputs()
     down = http2_native.NativeH2Connection(client_side=False, reset_burst=1000)
     up = http2_native.NativeH2Connection(client_side=True, reset_burst=1000)
     lane = lib.pp_glane_attach(down.session, pointer, slots, limits, 0)

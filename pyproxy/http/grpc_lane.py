@@ -26,8 +26,6 @@ import struct
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
-from h2.exceptions import ProtocolError as H2ProtocolError
-
 from pyproxy.codec.grpc import CANCELLED, STATUS_NAMES, UNKNOWN, method_of
 from pyproxy.config import ListenerConfig, ListenerMode
 from pyproxy.counters import EXPRESS_REQUESTS, FLAG_BASE, FLAG_INDEX, NATIVE_REQUESTS, REQUESTS
@@ -192,26 +190,19 @@ class GrpcLane(LaneState):
             state.due_sooner = 0
             self._rewatch()
 
-    def carry(self, session: Any, data: bytes, t0: int) -> None:
+    def carry(self, session: Any, data: bytes, t0: int) -> int | None:
         """One read of either session, its frames walked (H2Session._received): into the codec
         and the lane in one crossing. When the lane took all of it, what both sessions have to
         send leaves now, the other side's first (the call upstream, or its answer downstream),
-        without a flush each; else the read goes on as the codec's (events, flushes)."""
+        without a flush each: None. Else pp_h2_recv's result, for the session to read the
+        events of (as after receive_data)."""
         conn = session.conn
         io = self._io
         lib = _h2.lib
         if lib.pp_glane_recv(
             self.lane, conn.session, data, len(data), conn._out, conn._events, conn._pending, io
         ):
-            try:
-                events = conn.received(io.n)
-            except H2ProtocolError as exc:
-                session.account(perf_counter_ns() - t0, None)
-                session.protocol_failed(exc)  # the codec queued its GOAWAY already
-                return
-            session.account(perf_counter_ns() - t0, None)
-            session.events_received(events, [])
-            return
+            return io.n
         conn.output_pending = False
         buffer = _h2.ffi.buffer
         other = buffer(io.other_out, io.other_len)[:] if io.other_len else None
@@ -234,6 +225,7 @@ class GrpcLane(LaneState):
         flushes = session.flushes
         if flushes.dirty:
             flushes.run()
+        return None
 
     def _connect(self) -> None:
         lanes = self.lanes

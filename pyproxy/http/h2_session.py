@@ -10,6 +10,7 @@ other after one window, not after the whole body.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
@@ -241,6 +242,7 @@ class H2Session:
     def _received(self, data: bytes) -> None:
         """One read: its events handled, then every session it wrote to flushed."""
         t0 = perf_counter_ns()
+        carried = None  # pp_glane_recv's result, when a lane ran the codec over the read
         if self.native:
             stalled = self.stalled
             if stalled:
@@ -249,11 +251,16 @@ class H2Session:
             self.conn.window_events = bool(stalled)
             carrier = self.carrier
             if carrier is not None and not stalled and self.scanner.passes(data):
-                carrier.carry(self, data, t0)
-                return
+                carried = carrier.carry(self, data, t0)
+                if carried is None:  # the lane took all of it and wrote what it owed
+                    return
+        goaways: Sequence[bytes] = ()  # the scanner lifts GOAWAYs out; a carried read has none
         try:
-            data, goaways = self.scanner.feed(data)
-            events = self.conn.receive_data(data) if data else []
+            if carried is not None:
+                events = self.conn.received(carried)
+            else:
+                data, goaways = self.scanner.feed(data)
+                events = self.conn.receive_data(data) if data else []
         except HeaderBlockTooLarge:
             self.account(perf_counter_ns() - t0, None)
             self.fail_connection(ENHANCE_YOUR_CALM, b"header block too large")
@@ -263,10 +270,6 @@ class H2Session:
             self.protocol_failed(exc)  # h2 queued its GOAWAY already
             return
         self.account(perf_counter_ns() - t0, None)
-        self.events_received(events, goaways)
-
-    def events_received(self, events: list, goaways: list[bytes]) -> None:
-        """The rest of a read once the codec has taken it: its events, then the flushes."""
         self.wrote()
         if events:
             self.flushes.handle(self, events)
