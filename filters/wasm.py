@@ -45,11 +45,9 @@ from pyproxy.filters.wasm_runtime import (
     DEFAULT_MEMORY,
     DEFAULT_PAUSE_TIMEOUT,
     LOCAL_REPLIES,
-    MAX_CONTEXT_ID,
     OK,
     PAUSE,
     PAUSE_TIMEOUTS,
-    ROOT_CONTEXT_ID,
     UNIMPLEMENTED,
     CompiledModule,
     Runtime,
@@ -488,16 +486,8 @@ def _headers_hook(callback: str, stream: int):
                 entry = rt.entry  # an attribute, not a method: a plain load is the cheap one
                 action = entry(func, n, context_id, count, end_stream)
             elif not context_id and rt.store is not None:
-                # The request's first hook (_enter's case 2 and _began, and rt.open, inline).
-                rt.next_id = context_id = (
-                    rt.next_id + 1 if rt.next_id < MAX_CONTEXT_ID else ROOT_CONTEXT_ID + 1
-                )
-                self.context_id = context_id
-                self.generation = rt.generation
-                rt.live[context_id] = self
-                rt.filter = self
-                rt.time_limit.entries += 1
-                rt.host_calls = rt.host_bytes = 0
+                # The request's first hook (_enter's case 2, and _began, without their calls).
+                context_id = rt.open(self)
                 exchange = getattr(self.callbacks, "exchange", None)
                 self.started_ns = getattr(exchange, "started_ns", 0) or 0
                 joined = rt.entering.get(callback)

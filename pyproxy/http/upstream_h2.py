@@ -167,8 +167,9 @@ class Http2Upstream(H2Session):
                         stream.reset(PROTOCOL_ERROR)
                         stream.fail("UPE")
                     else:
-                        if response_has_body(stream.exchange.request.method, head):
-                            stream.expected_body = head.content_length
+                        length = head.content_length  # most responses have none: no look
+                        if length and response_has_body(stream.exchange.request.method, head):
+                            stream.expected_body = length
                         stream.exchange.response_head(head)
             elif kind is StreamEnded:
                 stream = streams.get(event.stream_id)
