@@ -263,8 +263,12 @@ class PodTarget:
             return inbound
         outbound = json.loads(admin_get(self.client, "/stats?format=json"))["listeners"]["outbound"]
         names = inbound["stages"].keys() | outbound["stages"].keys()
-        return {"stages": {s: {"ns": sum(side["stages"].get(s, {"ns": 0})["ns"]
-                                         for side in (inbound, outbound))} for s in names}}  # fmt: skip
+        reads = {k: sum(side.get("lane_reads", {}).get(k, 0) for side in (inbound, outbound))
+                 for k in ("all", "whole")}  # fmt: skip
+        return {"stages": {s: {k: sum(side["stages"].get(s, {}).get(k, 0)
+                                      for side in (inbound, outbound)) for k in ("ns", "events")}
+                           for s in names},
+                "lane_reads": reads}  # fmt: skip
 
     def pair(self, size: int) -> PodPair:
         pair = PodPair(self.client, self.setup.mode, self.direct, self.proxied, size)
@@ -321,8 +325,15 @@ def measure_size(
         # Alternating exchanges: direct and proxied see the same machine at the same moments.
         direct_rtts, rtts, wall = pair.paired(seconds, warmup=warmup)
         cpu = cpu_ns(target.pids) - cpu0
-        stages = _stages_delta(target.stats(), before)
+        after = target.stats()
+        stages = _stages_delta(after, before)
         exchanges = len(rtts) + warmup
+        # the gRPC lane's reads a proxied exchange, all and taken whole in C (see counters.py)
+        reads = {k: (after.get("lane_reads", {}).get(k, 0) - before.get("lane_reads", {}).get(k, 0))
+                 / exchanges for k in ("all", "whole")}  # fmt: skip
+        # and each stage's events a proxied exchange (reads, parses, writes), as validate records
+        events = {s: (v.get("events", 0) - before["stages"].get(s, {}).get("events", 0)) / exchanges
+                  for s, v in after["stages"].items()}  # fmt: skip
         points = [
             base | {
                 "kind": "latency",
@@ -332,7 +343,8 @@ def measure_size(
                 "proxy_cpu_ns_per_exchange": cpu / exchanges,
                 "rate": len(rtts) / wall,  # what the proxy saw: every other exchange
                 "stages_ns": {k: v / exchanges for k, v in stages.items()},
-            }
+                "stage_events": events,
+            } | ({"lane_reads": reads} if reads["all"] else {})
         ]  # fmt: skip
         max_rate = 1e9 / statistics.fmean(rtts)
         for load in LOADS:

@@ -154,6 +154,12 @@ def _captured(pod: Pod) -> dict:
         name: [listeners.get(name, {}).get(k, 0) for k in LANE_COUNTERS]
         for name in ("inbound", "outbound")
     }
+    # per listener: the gRPC lane's reads, all and those taken whole in one C call (the rest went
+    # on in Python): whether the app's grpcio traffic stays on the lane's fast path
+    out["lane_reads"] = {
+        name: [listeners.get(name, {}).get("lane_reads", {}).get(k, 0) for k in ("all", "whole")]
+        for name in ("inbound", "outbound")
+    }
     # per listener and stage: where the pods' passes cost more than the profile's
     out["stages"] = {
         name: {stage: s["ns"] for stage, s in listeners.get(name, {}).get("stages", {}).items()}

@@ -46,6 +46,7 @@ def snapshot(store: CounterStore, config: ProxyConfig) -> dict:
             "requests": block[c.REQUESTS],
             "express_requests": block[c.EXPRESS_REQUESTS],
             "native_requests": block[c.NATIVE_REQUESTS],
+            "lane_reads": {"all": block[c.LANE_READS], "whole": block[c.LANE_READS_WHOLE]},
             "refused": {
                 "connections": block[c.REFUSED_CONNECTIONS],
                 "requests": block[c.REFUSED_REQUESTS],

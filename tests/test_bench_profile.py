@@ -188,3 +188,41 @@ def test_echo_work_is_spun_before_every_answer_on_both_paths(tmp_path, protocol)
     assert hot["echo_work_us"] == 3000
     assert hot["direct_p50_ns"] >= 3_000_000 and hot["proxy_p50_ns"] >= 3_000_000
     assert json.loads((tmp_path / "inputs.json").read_text())["echo_work_us"] == 3000
+
+
+class _CountingTarget:
+    """A profile target whose proxy's counters move by fixed steps per stats() read: each
+    proxied exchange two lane reads (one of them whole), one read event, 1 µs of read stage."""
+
+    def __init__(self) -> None:
+        from pyproxy.bench.profile import Setup
+
+        self.setup = Setup("grpc", "grpc", "tcp", ())
+        self.work_us, self.pids, self.reads = 0.0, [], 0
+
+    def stats(self) -> dict:
+        n = self.reads
+        self.reads += 10  # the next read: 10 exchanges later (the fake pair's)
+        return {"stages": {"read": {"ns": 1000 * n, "events": n}},
+                "lane_reads": {"all": 2 * n, "whole": n}}  # fmt: skip
+
+    def pair(self, size: int):
+        class _Pair:
+            def paired(self, seconds, rate=None, warmup=0):
+                return [100_000] * 10, [200_000] * (10 - warmup), 0.01
+
+            def paced(self, seconds, rate):
+                return 10, 0.01
+
+            def close(self):
+                pass
+
+        return _Pair()
+
+
+def test_a_latency_point_records_lane_reads_and_stage_events_a_proxied_exchange():
+    from pyproxy.bench.profile import measure_size
+
+    [latency] = [p for p in measure_size(_CountingTarget(), 100, 0.01, 0) if p["kind"] == "latency"]
+    assert latency["lane_reads"] == {"all": 2.0, "whole": 1.0}
+    assert latency["stage_events"] == {"read": 1.0}

@@ -241,6 +241,21 @@ def test_per_method_metrics_count_lane_calls(pb, echo, proxy):  # noqa: F811
     carried.expect(2)
 
 
+def test_lane_reads_count_the_reads_taken_whole_in_c(pb, echo, proxy):  # noqa: F811
+    carried = Carried(proxy)
+    before = proxy.listener()["lane_reads"]
+    for _ in range(20):
+        echo.Unary(pb[0].Msg(data=b"a"), timeout=5)
+    carried.expect(20)
+    after = proxy.listener()["lane_reads"]
+    reads, whole = (after[k] - before[k] for k in ("all", "whole"))
+    if proxy.lane:
+        # each call: at least its request's read and its answer's, most of them whole
+        assert reads >= 40 and 0 < whole <= reads
+    else:
+        assert reads == whole == 0
+
+
 class _RawUpstream:
     """An h2c server that records each request's header list and answers like a unary call;
     with `mode`: "reset" resets the stream, "drop" drops the connection, "odd" answers with a

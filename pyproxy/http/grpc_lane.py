@@ -28,7 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 from pyproxy.codec.grpc import CANCELLED, STATUS_NAMES, UNKNOWN, method_of
 from pyproxy.config import ListenerConfig, ListenerMode
-from pyproxy.counters import EXPRESS_REQUESTS, FLAG_BASE, FLAG_INDEX, NATIVE_REQUESTS, REQUESTS
+from pyproxy.counters import (
+    EXPRESS_REQUESTS,
+    FLAG_BASE,
+    FLAG_INDEX,
+    LANE_READS_WHOLE,
+    NATIVE_REQUESTS,
+    REQUESTS,
+)
 from pyproxy.grpc_metrics import (
     E_STARTED,
     E_STATUS,
@@ -204,6 +211,7 @@ class GrpcLane(LaneState):
         ):
             return io.n
         conn.output_pending = False
+        session.ctx.block[LANE_READS_WHOLE] += 1
         buffer = _h2.ffi.buffer
         other = buffer(io.other_out, io.other_len)[:] if io.other_len else None
         own = buffer(io.self_out, io.self_len)[:] if io.self_len else None

@@ -22,6 +22,7 @@ from h2.settings import SettingCodes, Settings
 
 from pyproxy.codec import http2_native
 from pyproxy.codec.http2 import FrameScanner, HeaderBlockTooLarge, goaway_frame, parse_goaway
+from pyproxy.counters import LANE_READS
 from pyproxy.io.stream import Stream
 
 if TYPE_CHECKING:
@@ -250,10 +251,12 @@ class H2Session:
                     stalled.discard(stream)
             self.conn.window_events = bool(stalled)
             carrier = self.carrier
-            if carrier is not None and not stalled and self.scanner.passes(data):
-                carried = carrier.carry(self, data, t0)
-                if carried is None:  # the lane took all of it and wrote what it owed
-                    return
+            if carrier is not None:
+                self.ctx.block[LANE_READS] += 1
+                if not stalled and self.scanner.passes(data):
+                    carried = carrier.carry(self, data, t0)
+                    if carried is None:  # the lane took all of it and wrote what it owed
+                        return
         goaways: Sequence[bytes] = ()  # the scanner lifts GOAWAYs out; a carried read has none
         try:
             if carried is not None:
