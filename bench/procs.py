@@ -104,6 +104,27 @@ def on_cpus(cpus: set[int] | int | None) -> Iterator[None]:
         os.sched_setaffinity(0, before)
 
 
+def speed_probe(cpus: tuple[int, ...] = (0, 1), rounds: int = 5) -> dict[int, float]:
+    """How fast each CPU runs a fixed piece of Python now: the fastest of `rounds` runs, in µs.
+    The same code was seen to take 1.5-2x as long in some few-minute stretches as in others,
+    with nothing else running in the machine; a bench that reads this beside its phases can
+    tell such a stretch from a change in what it measures."""
+    out = {}
+    for cpu in cpus:
+        if cpu >= (os.cpu_count() or 1):
+            continue
+        with on_cpus(cpu):
+            best = float("inf")
+            for _ in range(rounds):
+                t0 = time.perf_counter_ns()
+                total = 0
+                for i in range(20_000):
+                    total += i * i
+                best = min(best, (time.perf_counter_ns() - t0) / 1000)
+        out[cpu] = best
+    return out
+
+
 def run_tool(
     argv: list[str], cpu: int | None = None, timeout: float = 60.0, check: bool = False
 ) -> subprocess.CompletedProcess:

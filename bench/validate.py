@@ -43,7 +43,7 @@ from pyproxy.bench.model import PODS, Profile, check_platform, check_setting, cu
 from pyproxy.bench.pod_echo import admin_get
 from pyproxy.bench.pod_sidecar import start_captured_sidecar
 from pyproxy.bench.predict import HANDOFF_STAGE, IDLE_STAGE, Prediction, WhatIf, predict
-from pyproxy.bench.procs import Noise
+from pyproxy.bench.procs import Noise, speed_probe
 from pyproxy.bench.profile import (
     IDLE_RATES,
     PodTarget,
@@ -269,12 +269,16 @@ def _interleaved(
     warmup = max(5, min(50, int(args.profile_seconds * 100)))
 
     def block() -> None:
+        speeds.append(speed_probe())
         for target in targets:
             points.extend(measure_size(target, args.size, args.profile_seconds, warmup, idle_rates))
 
     def captured() -> dict:
+        speeds.append(speed_probe())  # and the machine's speed then (procs.speed_probe)
         return {n: _captured(made["m" + n]) for n in services}
 
+    # the machine's speed before each profile block and after each phase, in order
+    speeds: list[dict[int, float]] = []
     block()
     measured = load(["--loads", ""], 1)
     # the meshed pods' counters after each phase: each phase's own stage clock and events
@@ -292,6 +296,7 @@ def _interleaved(
     platform = current_platform(backends=["tcp"], codecs=[case.mode])
     measured["profile"] = build_profile(plan, pooled(points), platform, PODS)
     measured["profile_blocks"] = 2 + len(loads)
+    measured["speed_us"] = speeds  # block, phase, block, phase, ..., block
     return measured
 
 

@@ -102,6 +102,10 @@ def test_both_apps_ran_in_captured_pods_with_and_without_sidecars(validated):
         assert all(0 <= native <= express <= requests for requests, express, native in lanes)
         if r["app"] == "grpc":
             assert sum(native for _, _, native in lanes) > 0
+        # ... and how many reads its gRPC lane had, and took whole in C (none for HTTP/1)
+        reads = [r["captured"][s]["lane_reads"][n] for s in "abc" for n in ("inbound", "outbound")]
+        assert all(0 <= whole <= total for total, whole in reads)
+        assert (sum(whole for _, whole in reads) > 0) == (r["app"] == "grpc")
         # Their stage clocks counted the proxies' own work on those requests.
         assert r["stage_clock_us"] > 0 and r["predicted_stage_sum_us"] > 0
         assert r["p50_with_us"] > 0 and r["p50_without_us"] > 0 and r["rate"] > 0
