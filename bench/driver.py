@@ -163,11 +163,27 @@ class GrpcExchanger(Exchanger):
         self.channel.close()
 
 
+class GrpcFutureExchanger(GrpcExchanger):
+    """A call as the validation app's services make theirs (validation_app.call_all):
+    ``stub.future`` then ``result()``. grpcio answers a future on its channel's own polling
+    thread, which then wakes the waiting one; a blocking call's thread polls for its answer
+    itself. A hop between meshed apps is profiled with this client (GRPC_CALLER)."""
+
+    def exchange(self) -> None:
+        if len(self.stub.future(self.payload, timeout=10).result()) != self.size:
+            raise ConnectionError("gRPC echo of the wrong length")
+
+
+# the client of a call between two services (an app calling another), where it differs from
+# the load's: what a profile's whole hop is driven with
+GRPC_CALLER = "grpc-future"
+
 EXCHANGERS: dict[str, Callable[[str, int], Exchanger]] = {
     "tcp": TcpExchanger,
     "http": HttpExchanger,
     "http2": Http2Exchanger,
     "grpc": GrpcExchanger,
+    GRPC_CALLER: GrpcFutureExchanger,
 }
 
 

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyproxy.bench.driver import wait_ready
+from pyproxy.bench.driver import GRPC_CALLER, wait_ready
 from pyproxy.bench.filter_configs import filter_entry
 from pyproxy.bench.model import (
     HOP_PREFIX,
@@ -271,7 +271,7 @@ class PodTarget:
                 "lane_reads": reads}  # fmt: skip
 
     def pair(self, size: int) -> PodPair:
-        pair = PodPair(self.client, self.setup.mode, self.direct, self.proxied, size)
+        pair = PodPair(self.client, driver_protocol(self.setup), self.direct, self.proxied, size)
         # once the sidecars have answered, their workers have forked: their trees are complete
         self.pids = [pid for root in self.sidecars for pid in tree_pids(root)]
         if self.pinned:
@@ -283,6 +283,13 @@ class PodTarget:
             if self.shielded:  # as `validate --pin` shields the application's processes
                 shield(echoes + [pair.pid] + self.pids)
         return pair
+
+
+def driver_protocol(setup: Setup) -> str:
+    """The client a setup is driven with: a whole gRPC hop stands for one meshed service
+    calling another, so it is driven as the validation app's services call (GRPC_CALLER); a
+    single pass stands for the load's call into the first service, driven as the load calls."""
+    return GRPC_CALLER if setup.hop and setup.mode == "grpc" else setup.mode
 
 
 def _open_target(

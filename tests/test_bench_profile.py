@@ -226,3 +226,40 @@ def test_a_latency_point_records_lane_reads_and_stage_events_a_proxied_exchange(
     [latency] = [p for p in measure_size(_CountingTarget(), 100, 0.01, 0) if p["kind"] == "latency"]
     assert latency["lane_reads"] == {"all": 2.0, "whole": 1.0}
     assert latency["stage_events"] == {"read": 1.0}
+
+
+def test_a_whole_grpc_hop_is_driven_as_the_validation_apps_call_and_a_pass_as_the_load():
+    from pyproxy.bench.driver import GRPC_CALLER
+    from pyproxy.bench.profile import Setup, driver_protocol
+
+    assert driver_protocol(Setup("hop:grpc", "grpc", hop=True)) == GRPC_CALLER
+    assert driver_protocol(Setup("grpc", "grpc")) == "grpc"
+    assert driver_protocol(Setup("hop:http", "http", hop=True)) == "http"
+
+
+def test_the_future_client_exchanges_with_the_grpc_echo():
+    import threading
+
+    from conftest import free_port
+    from pyproxy.bench.driver import EXCHANGERS, GRPC_CALLER, wait_ready
+    from pyproxy.bench.echo_server import serve_grpc
+
+    port = free_port()
+    threading.Thread(target=serve_grpc, args=(port,), daemon=True).start()
+    wait_ready(GRPC_CALLER, f"127.0.0.1:{port}")
+    exchanger = EXCHANGERS[GRPC_CALLER](f"127.0.0.1:{port}", 100)
+    try:
+        for _ in range(3):
+            exchanger.exchange()
+    finally:
+        exchanger.close()
+
+
+def test_the_speed_probe_times_each_cpu_it_has():
+    import os
+
+    from pyproxy.bench.procs import speed_probe
+
+    speeds = speed_probe((0, 1, 4096), rounds=2)
+    assert set(speeds) == {c for c in (0, 1) if c < (os.cpu_count() or 1)}
+    assert all(0 < us < 1e6 for us in speeds.values())
