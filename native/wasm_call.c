@@ -171,7 +171,7 @@ static PyObject *enter(PyObject *self, PyObject *const *argv, Py_ssize_t argc)
         return NULL;
     }
     EntryState *rt = (EntryState *)argv[4];
-    Py_SETREF(rt->filter, Py_NewRef(argv[6]));
+    Py_XSETREF(rt->filter, Py_NewRef(argv[6])); /* NULL if deleted from Python */
     rt->host_calls = rt->host_bytes = 0;
     ((EntryState *)argv[5])->entries++;
     PyObject *call_argv[9] = {argv[0], argv[1], argv[2], argv[3], argv[7], argv[8], argv[9], argv[10], argv[11]};
@@ -214,6 +214,7 @@ static int edit_plain(HostFunc *h, char *raw)
     int done = 0;
     PyObject *filter = NULL, *headers = NULL, *view = NULL, *list = NULL, *name = NULL, *value = NULL;
     EntryState *rt = (EntryState *)h->runtime;
+    if (rt->filter == NULL) goto out; /* deleted from Python: the callable decides */
     filter = Py_NewRef(rt->filter);
     if (filter == Py_None) goto out;
     headers = PyObject_GetAttr(filter, map_id == MAP_REQUEST ? s_request : s_response);
