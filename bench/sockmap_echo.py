@@ -13,8 +13,8 @@
    the `ipc` stage and the sidecar's CPU time per message, and 64 MB bulk throughput (echoed,
    so 128 MB cross the sidecar; TCP and sockmap only: the bulk client speaks TCP). The app
    directly (no sidecar) is in the same rounds, so the added latency is p50 - direct p50.
-   Twice: processes placed by the scheduler, then client, sidecar and app on one CPU. The client
-   and the app are the C pair by default (`--instrument python`: the Python pair).
+   Three times: processes placed by the scheduler; client, sidecar and app on one CPU; the
+   sidecar alone on its CPU, client and app on the other. The client and the app are the C pair by default (`--instrument python`: the Python pair).
 Rounds alternate between the paths so drift on a shared machine hits both alike.
 Run as root: `python -m pyproxy.bench.sockmap_echo` (a results folder, TARGET lines at the end).
 """
@@ -48,7 +48,8 @@ from pyproxy.native import sockmap
 
 PY = sys.executable
 SIDECAR_TCP, SIDECAR_SOCKMAP, APP_PORT = 15001, 15002, 9000
-SIDECAR_CPU = 1  # the one-CPU placement of the sidecar phase
+# The sidecar phase's placements: report key -> (the sidecar's CPU, the client's and app's).
+PLACEMENTS = {"sidecar": (None, None), "sidecar_one_cpu": (1, 1), "sidecar_own_cpu": (1, 0)}
 
 
 @dataclass(frozen=True)
@@ -233,12 +234,16 @@ def bare(pod: Pod, args: argparse.Namespace) -> dict:
         path.remove()
 
 
-def through_sidecar(pod: Pod, args: argparse.Namespace, config: Path, cpu: int | None) -> dict:
+def through_sidecar(
+    pod: Pod, args: argparse.Namespace, config: Path, cpu: int | None, peers: int | None
+) -> dict:
     """The three listeners and the app directly (for the added latency), in alternating rounds.
 
-    With `cpu`, the echo app, the sidecar and the client share that CPU: every wake-up is then
-    local, where spread over CPUs each send that wakes a sleeper on another CPU pays for the
-    cross-CPU wake-up (an IPI; on a VM, an exit) on both paths alike.
+    The sidecar runs on `cpu`, the client and the echo app on `peers` (None: wherever the
+    scheduler puts them). On one CPU every wake-up is local, where spread over CPUs each send
+    that wakes a sleeper on another CPU pays for the cross-CPU wake-up (an IPI; on a VM, an
+    exit) on both paths alike. With the sidecar alone on its CPU (the placement the other
+    benches give a proxy) no woken client or app runs inside its calls.
 
     The client and the echo app are the C pair (`--instrument c`, the default) or the Python
     pair. On one CPU the sidecar's send to the client wakes it, and the client often preempts
@@ -248,10 +253,10 @@ def through_sidecar(pod: Pod, args: argparse.Namespace, config: Path, cpu: int |
     (diagnostic) keeps every woken task out of the sidecar's calls (bench/README.md).
     """
     if args.instrument == "c":
-        pair = Pair((APP_PORT, APP_PORT), cpus=None if cpu is None else (cpu, cpu))
+        pair = Pair((APP_PORT, APP_PORT), cpus=None if peers is None else (peers, peers))
         app, measure = _native_echo(pod, APP_PORT, pair), _native_rtts(pair)
     else:
-        app, measure = _echo(pod, APP_PORT, cpu), _python_rtts(cpu)
+        app, measure = _echo(pod, APP_PORT, peers), _python_rtts(peers)
     argv = pinned(cpu, [PY, "-m", "pyproxy", "run", "-c", str(config)])
     if args.sidecar_fifo:
         argv = realtime(argv)
@@ -390,9 +395,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             config = Path(args.output) / "sidecar.yaml"
             config.parent.mkdir(parents=True, exist_ok=True)
             config.write_text(SIDECAR_CONFIG)
-            # Spread as the scheduler likes (the usual case), then all on one CPU.
-            report["sidecar"] = through_sidecar(pod, args, config, None)
-            report["sidecar_one_cpu"] = through_sidecar(pod, args, config, SIDECAR_CPU)
+            # Spread as the scheduler likes (the usual case), all on one CPU, then the sidecar
+            # alone on its CPU with the client and the app on the other.
+            for key, (cpu, peers) in PLACEMENTS.items():
+                report[key] = through_sidecar(pod, args, config, cpu, peers)
     lines = target_lines(report)
     text = json.dumps(report, indent=2)
     write_results(args.output, report, "\n".join([f"```json\n{text}\n```", *lines]), args)
@@ -414,7 +420,7 @@ def target_lines(report: dict) -> list[str]:
                                      "TCP, 100 B–10 KiB p50", f"{low:.2f}× at the slowest size"))  # fmt: skip
     # A FIFO sidecar's figures are the calls' own, not the stage a deployed sidecar reports.
     fifo = " (diagnostic: sidecar SCHED_FIFO)" if report["params"].get("sidecar_fifo") else ""
-    for key in ("sidecar", "sidecar_one_cpu"):
+    for key in PLACEMENTS:
         if (result := report.get(key)) is None:
             continue
         for what, cut, goal in (("ipc stage", "ipc_stage_cut", IPC_CUT),

@@ -478,13 +478,11 @@ def _headers_hook(callback: str, stream: int):
         try:
             context_id = self.context_id
             if context_id and self.generation == rt.generation:
-                # The context exists (the response's headers, say): _enter's case 1, inline.
-                rt.filter = self
-                rt.time_limit.entries += 1
-                rt.host_calls = rt.host_bytes = 0
+                # The context exists (the response's headers, say): _enter's case 1, its
+                # bookkeeping done by rt.enter with the call.
                 func, n = rt.exports[callback]
-                entry = rt.entry  # an attribute, not a method: a plain load is the cheap one
-                action = entry(func, n, context_id, count, end_stream)
+                enter = rt.enter  # an attribute, not a method: a plain load is the cheap one
+                action = enter(self, func, n, context_id, count, end_stream)
             elif not context_id and rt.store is not None:
                 # The request's first hook (_enter's case 2, and _began, without their calls).
                 context_id = rt.open(self)
@@ -492,10 +490,14 @@ def _headers_hook(callback: str, stream: int):
                 self.started_ns = getattr(exchange, "started_ns", 0) or 0
                 joined = rt.entering.get(callback)
                 if joined is None:
+                    rt.filter = self
+                    rt.new_entry()
                     self._create()
                     joined = rt.exports[callback]
-                entry = rt.entry
-                action = entry(joined[0], joined[1], context_id, count, end_stream)
+                    action = rt.entry(joined[0], joined[1], context_id, count, end_stream)
+                else:
+                    enter = rt.enter
+                    action = enter(self, joined[0], joined[1], context_id, count, end_stream)
             else:
                 entered = self._enter()
                 if not entered:
@@ -543,18 +545,20 @@ def _body_hook(callback: str, stream: int):
             size = len(data)
         try:
             if self.context_id and self.generation == rt.generation:
-                rt.filter = self  # _enter's case 1, inline (as in the headers hook)
-                rt.time_limit.entries += 1
-                rt.host_calls = rt.host_bytes = 0
+                enter = rt.enter  # _enter's case 1: its bookkeeping done with the call
             elif not self._begin_entry():
                 return self._unavailable()
+            else:
+                enter = None  # the entry begun (and the context made) by _begin_entry
             # The body is built only if the guest asks for it (guest_body).
             self.body_parts = (held, data)
             self.body_stream = stream
             self.body_changed = False
             func, n = rt.exports[callback]
-            entry = rt.entry
-            action = entry(func, n, self.context_id, size, end_stream)
+            if enter is not None:
+                action = enter(self, func, n, self.context_id, size, end_stream)
+            else:
+                action = rt.entry(func, n, self.context_id, size, end_stream)
             if action is None:
                 raise rt._fault()
         except WasmFault as exc:

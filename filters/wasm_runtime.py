@@ -54,7 +54,7 @@ import wasmtime
 from pyproxy.filters.callout import GrpcResult, GrpcStream, grpc_call, http_call
 from pyproxy.filters.wasm_attributes import property_value
 from pyproxy.filters.wasm_encoding import deserialize_pairs, serialize_pairs
-from pyproxy.filters.wasm_time_limit import NATIVE_TICKER, TimeLimit, start_ticker
+from pyproxy.filters.wasm_time_limit import NATIVE_TICKER, EntryState, TimeLimit, start_ticker
 from pyproxy.native import native_extension
 from wasmtime import _bindings as _capi
 
@@ -228,9 +228,25 @@ def _enter_ctypes(ctx: int, args: int, faults: int, func: int, n: int, a: int, b
     return raw[0]
 
 
+def _enter_hook_ctypes(
+    ctx: int, args: int, faults: int, rt: Runtime, time_limit: TimeLimit, context: Any,
+    func: int, n: int, a: int, b: int, c: int,
+) -> int | None:  # fmt: skip
+    """_wasmcall.enter's contract: a hook's entry begins for `context` (Runtime.new_entry, with
+    the runtime's current context set), then _enter_ctypes' call."""
+    rt.filter = context
+    rt.host_calls = rt.host_bytes = 0
+    time_limit.entries += 1
+    return _enter_ctypes(ctx, args, faults, func, n, a, b, c)
+
+
 # _enter(ctx, args, faults, func, n, a, b, c): a partial of the C call adds no Python frame (and
 # a runtime's partial of this, holding its store's ctx and buffers, none either: Runtime.entry).
 _enter = partial(_wasmcall.call, _CALL_UNCHECKED) if _wasmcall is not None else _enter_ctypes
+# The same with a hook's entry begun first (Runtime.enter).
+_enter_hook = (
+    partial(_wasmcall.enter, _CALL_UNCHECKED) if _wasmcall is not None else _enter_hook_ctypes
+)
 
 
 def _addr(pointer) -> int:
@@ -368,8 +384,10 @@ def _env_functions() -> frozenset[str]:
 # ---- the runtime: one store and instance -----------------------------------------------------
 
 
-class Runtime:
-    """One instance of a module (per worker per filter) and the host functions it calls."""
+class Runtime(EntryState):
+    """One instance of a module (per worker per filter) and the host functions it calls. Its
+    current context (`filter`) and entry budgets (`host_calls`, `host_bytes`) are EntryState
+    fields, which the native crossings use directly."""
 
     def __init__(
         self,
@@ -490,6 +508,11 @@ class Runtime:
             _enter, self.ctx, self.raw_addr, self.faults_addr
         )
         self.entry_alloc = partial(_enter, self.ctx, self.raw_alloc_addr, self.faults_addr)
+        # enter(context, func, n, a, b, c): new_entry() for `context`'s hook, then entry(...)
+        # in one crossing.
+        self.enter: Callable[..., int | None] = partial(
+            _enter_hook, self.ctx, self.raw_addr, self.faults_addr, self, self.time_limit
+        )
         self.live.clear()
         self.filter = None
         self._init_guest()
@@ -522,16 +545,13 @@ class Runtime:
 
     def open(self, context: StreamContext) -> int:
         """A new stream context in the current instance (the store is up): its id, noted on
-        it; an entry for it begins."""
+        it. No entry begins: the caller's enter (or new_entry) begins it."""
         self.next_id = context_id = (
             self.next_id + 1 if self.next_id < MAX_CONTEXT_ID else ROOT_CONTEXT_ID + 1
         )
         context.context_id = context_id
         context.generation = self.generation
         self.live[context_id] = context
-        self.filter = context
-        self.time_limit.entries += 1  # new_entry(), without the call
-        self.host_calls = self.host_bytes = 0
         return context_id
 
     def new_entry(self) -> None:
@@ -1825,6 +1845,8 @@ class StreamContext:
         if rt.store is None and not rt.usable():
             return 0
         rt.open(self)
+        rt.filter = self
+        rt.new_entry()
         return 2
 
     def _create(self) -> None:
@@ -1853,16 +1875,15 @@ class StreamContext:
         rt = self.runtime
         self.ended_ns = time.perf_counter_ns()
         rt.live.pop(context_id, None)
-        rt.filter = self
-        rt.time_limit.entries += 1  # rt.new_entry(), without the call
-        rt.host_calls = rt.host_bytes = 0
         try:
             ending = rt.ending
             if ending is not None:  # done, log and delete in one entry
-                entry = rt.entry  # an attribute, not a method: a plain load is the cheap one
-                if entry(ending[0], ending[1], context_id, 0, 0) is None:
+                enter = rt.enter  # an attribute, not a method: a plain load is the cheap one
+                if enter(self, ending[0], ending[1], context_id, 0, 0) is None:
                     raise rt._fault()
             else:
+                rt.filter = self
+                rt.new_entry()
                 exports = rt.exports
                 for name in END_CALLBACKS:
                     func = exports.get(name)

@@ -22,6 +22,7 @@ import math
 import threading
 import time
 from ctypes import CFUNCTYPE, c_char_p, c_uint8, c_uint64, c_void_p
+from typing import TYPE_CHECKING, Any
 
 import wasmtime
 from wasmtime import _bindings as _capi
@@ -35,6 +36,23 @@ DEFAULT_CALL_TIME_LIMIT = 0.020
 NATIVE_TICKER = native.lib is not None
 
 _dll = _capi.dll
+
+
+class _EntryState:
+    """native/wasm_call.c's EntryState without the native module: the same fields, plain
+    attributes (set per instance once used)."""
+
+    filter: Any = None
+    host_calls = host_bytes = entries = 0
+
+
+# The base of the Runtime and of its TimeLimit: an entry's state the native crossings keep as
+# C fields (see native/wasm_call.c; its Python attributes read and write the same fields).
+_wasmcall = native.native_extension("_wasmcall") if NATIVE_TICKER else None
+if TYPE_CHECKING:
+    EntryState = _EntryState
+else:
+    EntryState = _wasmcall.EntryState if _wasmcall is not None else _EntryState
 
 
 def _c(name: str, restype, *argtypes):
@@ -77,14 +95,15 @@ def limit_ticks(seconds: float) -> int:
     return max(1, math.ceil(seconds * 1000 / TICK_MS - 1e-9))
 
 
-class TimeLimit:
-    """One runtime's bound on its entries; `arm` it on each new store."""
+class TimeLimit(EntryState):
+    """One runtime's bound on its entries; `arm` it on each new store. Its `entries` (an
+    EntryState field) is bumped by the host as each entry begins."""
 
-    __slots__ = ("limit", "entries", "_seen", "_ticks", "exceeded", "_callback")
+    __slots__ = ("limit", "_seen", "_ticks", "exceeded", "_callback")
 
     def __init__(self, seconds: float) -> None:
         self.limit = limit_ticks(seconds)
-        self.entries = 0  # bumped by the host as each entry begins
+        self.entries = 0
         self._seen = -1  # `entries` when the deadline last passed
         self._ticks = 0  # ticks the entry `_seen` has seen pass
         self.exceeded = False  # an entry was stopped: the instance is replaced (arm clears it)

@@ -22,18 +22,28 @@
  * HostFunc(callable, params, has_result, runtime, edit, limits) also carries, for the header
  *   edits proxy_add_header_map_value (edit 1) and proxy_replace_header_map_value (edit 2), a
  *   plain case done here without entering Python: the request's or response's header map of
- *   runtime.filter (its .request / .response, a HeaderMap), name and value inside
- *   runtime.view, the entry's budgets (runtime.host_calls, runtime.host_bytes) below limits
+ *   runtime.filter (its .request / .response, a HeaderMap; runtime an EntryState), name and
+ *   value inside runtime.view, the entry's budgets (runtime.host_calls, .host_bytes) below limits
  *   (calls, bytes), a name with no CR, LF or colon and a value with no CR or LF. The field is
  *   appended (edit 1) or replaces every field of that name (edit 2) as HeaderMap.add / set do,
  *   with the name lower-cased, and the map marked changed. Anything else (another map, a
  *   pseudo-header, a name or value HeaderMap refuses, an access past the view, a budget
  *   spent) goes to the callable, which decides it: this path never refuses anything itself.
  *
+ * EntryState: the base of the Runtime and of its TimeLimit, an entry's state as C fields the
+ *   crossings below use directly: filter (the context whose callback runs, None when none),
+ *   host_calls and host_bytes (the entry's budgets, the Runtime's), entries (the TimeLimit's).
+ *
+ * enter(fn, ctx, args, faults, runtime, time_limit, context, func, nargs, a, b, c) -> int | None
+ *   A hook's entry: first what Runtime.new_entry does, with the runtime's current context set
+ *   (runtime.filter = context, host_calls = host_bytes = 0, time_limit.entries += 1, from which
+ *   the deadline tells a new entry), then call's guest call. Runtime.enter is a partial of it.
+ *
  * init(trap_new) sets wasmtime_trap_new's address, used to make those traps.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -51,12 +61,9 @@ static int as_pointer(PyObject *o, void **out)
     return !(*out == NULL && PyErr_Occurred());
 }
 
-static PyObject *call(PyObject *self, PyObject *const *argv, Py_ssize_t argc)
+/* The guest call shared by call and enter: argv holds fn, ctx, args, faults, func, nargs, a, b, c. */
+static PyObject *guest_call(PyObject *const *argv)
 {
-    if (argc != 9) {
-        PyErr_SetString(PyExc_TypeError, "call(fn, ctx, args, faults, func, nargs, a, b, c)");
-        return NULL;
-    }
     void *fn, *ctx, *func, *args, *faults;
     if (!as_pointer(argv[0], &fn) || !as_pointer(argv[1], &ctx) || !as_pointer(argv[2], &args)
         || !as_pointer(argv[3], &faults) || !as_pointer(argv[4], &func))
@@ -82,42 +89,112 @@ static PyObject *call(PyObject *self, PyObject *const *argv, Py_ssize_t argc)
     return PyLong_FromLong(result);
 }
 
+static PyObject *call(PyObject *self, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 9) {
+        PyErr_SetString(PyExc_TypeError, "call(fn, ctx, args, faults, func, nargs, a, b, c)");
+        return NULL;
+    }
+    return guest_call(argv);
+}
+
+/* An entry's state, kept in C so the crossings read and write it as fields (through the
+ * generic attribute and dict calls it cost more than the Python lines it replaced): the
+ * Runtime's current context (`filter`) and host-work budgets, the TimeLimit's entry count.
+ * Both classes derive from it; each uses its part. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *filter; /* never NULL: None when no context's callback runs */
+    long long host_calls, host_bytes, entries;
+} EntryState;
+
+static PyTypeObject EntryStateType;
+
+static PyObject *entrystate_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
+{
+    EntryState *e = (EntryState *)type->tp_alloc(type, 0);
+    if (e != NULL)
+        e->filter = Py_NewRef(Py_None);
+    return (PyObject *)e;
+}
+
+static int entrystate_traverse(EntryState *e, visitproc visit, void *arg)
+{
+    Py_VISIT(e->filter); /* a subclass's traverse visits its type and dict, then this */
+    return 0;
+}
+
+static int entrystate_clear(EntryState *e)
+{
+    Py_CLEAR(e->filter);
+    return 0;
+}
+
+static void entrystate_dealloc(EntryState *e)
+{
+    PyObject_GC_UnTrack(e);
+    entrystate_clear(e);
+    Py_TYPE(e)->tp_free((PyObject *)e);
+}
+
+static PyMemberDef entrystate_members[] = {
+    {"filter", T_OBJECT_EX, offsetof(EntryState, filter), 0, "the context whose callback runs, or None"},
+    {"host_calls", T_LONGLONG, offsetof(EntryState, host_calls), 0, "this entry's host calls"},
+    {"host_bytes", T_LONGLONG, offsetof(EntryState, host_bytes), 0, "bytes this entry handed the host"},
+    {"entries", T_LONGLONG, offsetof(EntryState, entries), 0, "entries begun (the time limit's count)"},
+    {NULL},
+};
+
+static PyTypeObject EntryStateType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "pyproxy.native._wasmcall.EntryState",
+    .tp_basicsize = sizeof(EntryState),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_new = entrystate_new,
+    .tp_dealloc = (destructor)entrystate_dealloc,
+    .tp_traverse = (traverseproc)entrystate_traverse,
+    .tp_clear = (inquiry)entrystate_clear,
+    .tp_members = entrystate_members,
+    .tp_doc = "An entry's state the native crossings keep as fields (see the module's docstring).",
+};
+
+/* enter: a hook's entry begins (Runtime.new_entry's bookkeeping, with the context whose hook
+ * it is), then the guest call, in one crossing. */
+static PyObject *enter(PyObject *self, PyObject *const *argv, Py_ssize_t argc)
+{
+    if (argc != 12) {
+        PyErr_SetString(PyExc_TypeError,
+                        "enter(fn, ctx, args, faults, runtime, time_limit, context, func, nargs, a, b, c)");
+        return NULL;
+    }
+    if (!PyObject_TypeCheck(argv[4], &EntryStateType) || !PyObject_TypeCheck(argv[5], &EntryStateType)) {
+        PyErr_SetString(PyExc_TypeError, "enter: runtime and time_limit are EntryStates");
+        return NULL;
+    }
+    EntryState *rt = (EntryState *)argv[4];
+    Py_XSETREF(rt->filter, Py_NewRef(argv[6])); /* NULL if deleted from Python */
+    rt->host_calls = rt->host_bytes = 0;
+    ((EntryState *)argv[5])->entries++;
+    PyObject *call_argv[9] = {argv[0], argv[1], argv[2], argv[3], argv[7], argv[8], argv[9], argv[10], argv[11]};
+    return guest_call(call_argv);
+}
+
 typedef struct {
     PyObject_HEAD
     PyObject *callable;
     int nparams;
     int has_result;
     char kinds[MAX_PARAMS];
-    PyObject *runtime; /* with edit: whose filter's header maps are edited here (see above) */
-    PyObject *rdict;   /* runtime.__dict__: its attributes read and written without the generic
-                        * attribute machinery (a header edit's bookkeeping cost more than the edit) */
+    PyObject *runtime; /* with edit: whose filter's header maps are edited here (see above), an
+                        * EntryState: its context and budgets are fields */
+    PyObject *rdict;   /* runtime.__dict__: its view read without the generic attribute machinery
+                        * (a header edit's bookkeeping cost more than the edit) */
     int edit;          /* 0 none, 1 add, 2 replace */
     long long max_calls, max_bytes;
 } HostFunc;
 
 enum { EDIT_ADD = 1, EDIT_REPLACE = 2, MAP_REQUEST = 0, MAP_RESPONSE = 2, OK = 0 };
 
-static PyObject *s_filter, *s_request, *s_response, *s_view, *s_host_calls, *s_host_bytes,
-    *s_headers, *s_changed;
-
-/* runtime.<name> (its __dict__'s entry) as a C long long (-1: missing or not an int). */
-static long long int_item(PyObject *dict, PyObject *name)
-{
-    PyObject *v = PyDict_GetItemWithError(dict, name); /* borrowed */
-    if (v == NULL || !PyLong_CheckExact(v)) { PyErr_Clear(); return -1; }
-    long long n = PyLong_AsLongLong(v);
-    if (n == -1 && PyErr_Occurred()) PyErr_Clear();
-    return n;
-}
-
-static int set_int_item(PyObject *dict, PyObject *name, long long n)
-{
-    PyObject *v = PyLong_FromLongLong(n);
-    if (v == NULL) return -1;
-    int r = PyDict_SetItem(dict, name, v);
-    Py_DECREF(v);
-    return r;
-}
+static PyObject *s_request, *s_response, *s_view, *s_headers, *s_changed;
 
 /* Whether [p, p + n) holds no CR and no LF (and, with colon, no ':'). */
 static int clean(const char *p, size_t n, int colon)
@@ -136,18 +213,17 @@ static int edit_plain(HostFunc *h, char *raw)
     if ((map_id != MAP_REQUEST && map_id != MAP_RESPONSE) || ksize == 0) return 0;
     int done = 0;
     PyObject *filter = NULL, *headers = NULL, *view = NULL, *list = NULL, *name = NULL, *value = NULL;
-    PyObject *rdict = h->rdict;
-    filter = PyDict_GetItemWithError(rdict, s_filter);
-    if (filter == NULL) { if (PyErr_Occurred()) goto fail; goto out; }
-    Py_INCREF(filter);
+    EntryState *rt = (EntryState *)h->runtime;
+    if (rt->filter == NULL) goto out; /* deleted from Python: the callable decides */
+    filter = Py_NewRef(rt->filter);
     if (filter == Py_None) goto out;
     headers = PyObject_GetAttr(filter, map_id == MAP_REQUEST ? s_request : s_response);
     if (headers == NULL) goto fail;
     if (headers == Py_None) goto out;
-    long long calls = int_item(rdict, s_host_calls), bytes = int_item(rdict, s_host_bytes);
+    long long calls = rt->host_calls, bytes = rt->host_bytes;
     if (calls < 0 || bytes < 0 || calls + 1 > h->max_calls || bytes + (long long)(ksize + vsize) > h->max_bytes)
         goto out;
-    view = PyDict_GetItemWithError(rdict, s_view);
+    view = PyDict_GetItemWithError(h->rdict, s_view);
     if (view == NULL) { if (PyErr_Occurred()) goto fail; goto out; }
     Py_INCREF(view);
     if (!PyMemoryView_Check(view)) goto out;
@@ -189,9 +265,9 @@ static int edit_plain(HostFunc *h, char *raw)
     Py_DECREF(field);
     if (!changed) goto fail; /* the map is as it was: the callable tries again */
     /* The field is in: from here on the edit is done whatever else fails (never twice). */
-    if (PyObject_SetAttr(headers, s_changed, Py_True) < 0 ||
-        set_int_item(rdict, s_host_calls, calls + 1) < 0 ||
-        set_int_item(rdict, s_host_bytes, bytes + (long long)(ksize + vsize)) < 0)
+    rt->host_calls = calls + 1;
+    rt->host_bytes = bytes + (long long)(ksize + vsize);
+    if (PyObject_SetAttr(headers, s_changed, Py_True) < 0)
         PyErr_WriteUnraisable(h->callable);
     memset(raw, 0, RAW);
     done = 1;
@@ -290,6 +366,10 @@ static PyObject *hostfunc_new(PyTypeObject *type, PyObject *args, PyObject *kwar
         PyErr_SetString(PyExc_ValueError, "a header edit takes five i32 and answers an i32");
         return NULL;
     }
+    if (edit && !PyObject_TypeCheck(runtime, &EntryStateType)) {
+        PyErr_SetString(PyExc_TypeError, "a header edit's runtime is an EntryState");
+        return NULL;
+    }
     if (nparams > MAX_PARAMS) {
         PyErr_SetString(PyExc_ValueError, "too many parameters");
         return NULL;
@@ -357,6 +437,7 @@ static PyObject *init(PyObject *self, PyObject *arg)
 
 static PyMethodDef methods[] = {
     {"call", (PyCFunction)(void (*)(void))call, METH_FASTCALL, "enter the guest (see the module)"},
+    {"enter", (PyCFunction)(void (*)(void))enter, METH_FASTCALL, "begin a hook's entry, then call (see the module)"},
     {"trampoline", trampoline, METH_NOARGS, "the host callback's address"},
     {"init", init, METH_O, "set wasmtime_trap_new's address"},
     {NULL},
@@ -369,18 +450,17 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__wasmcall(void)
 {
-    static const char *names[] = {"filter", "request", "response", "view", "host_calls", "host_bytes",
-                                  "headers", "changed"};
-    PyObject **slots[] = {&s_filter, &s_request, &s_response, &s_view, &s_host_calls, &s_host_bytes,
-                          &s_headers, &s_changed};
+    static const char *names[] = {"request", "response", "view", "headers", "changed"};
+    PyObject **slots[] = {&s_request, &s_response, &s_view, &s_headers, &s_changed};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if ((*slots[i] = PyUnicode_InternFromString(names[i])) == NULL) return NULL;
-    if (PyType_Ready(&HostFuncType) < 0)
+    if (PyType_Ready(&HostFuncType) < 0 || PyType_Ready(&EntryStateType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddObjectRef(m, "HostFunc", (PyObject *)&HostFuncType) < 0) {
+    if (PyModule_AddObjectRef(m, "HostFunc", (PyObject *)&HostFuncType) < 0
+        || PyModule_AddObjectRef(m, "EntryState", (PyObject *)&EntryStateType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -999,3 +999,102 @@ def test_header_edits_plain_and_refused_answer_as_the_host_does(
         # BAD_ARGUMENT (map 9 does not exist).
         assert headers["x-statuses"] == "000002020002", headers
     assert proxy.listener()["filters"]["edits"]["traps"] == 0
+
+
+# A guest that acts in one hook (`where`: 1 request headers, 2 response headers, 3 response
+# body) as `mode` says: 1 pause, 2 a local reply (403), 3 a trap, 4 run away; else continue.
+_ACTOR = """(module
+  (import "env" "proxy_send_local_response"
+    (func $reply (param i32 i32 i32 i32 i32 i32 i32 i32) (result i32)))
+  (import "env" "proxy_add_header_map_value" (func $add (param i32 i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (data (i32.const 0) "deniedx-seen")
+  (global $mode (mut i32) (i32.const 0))
+  (global $where (mut i32) (i32.const 0))
+  (func (export "proxy_abi_version_0_2_1"))
+  (func (export "proxy_on_memory_allocate") (param i32) (result i32) (i32.const 1024))
+  (func (export "proxy_on_context_create") (param i32 i32))
+  (func (export "act") (param i32 i32) (global.set $mode (local.get 0)) (global.set $where (local.get 1)))
+  (func $hook (param $at i32) (result i32)
+    (drop (call $add (i32.const 0) (i32.const 6) (i32.const 6) (i32.const 0) (i32.const 6)))
+    (if (i32.ne (global.get $where) (local.get $at)) (then (return (i32.const 0))))
+    (if (i32.eq (global.get $mode) (i32.const 1)) (then (return (i32.const 1))))
+    (if (i32.eq (global.get $mode) (i32.const 2))
+      (then (drop (call $reply (i32.const 403) (i32.const 0) (i32.const 0) (i32.const 0)
+        (i32.const 6) (i32.const 0) (i32.const 0) (i32.const -1)))))
+    (if (i32.eq (global.get $mode) (i32.const 3)) (then unreachable))
+    (if (i32.eq (global.get $mode) (i32.const 4)) (then (loop $spin (br $spin))))
+    (i32.const 0))
+  (func (export "proxy_on_request_headers") (param i32 i32 i32) (result i32) (call $hook (i32.const 1)))
+  (func (export "proxy_on_response_headers") (param i32 i32 i32) (result i32) (call $hook (i32.const 2)))
+  (func (export "proxy_on_response_body") (param i32 i32 i32) (result i32) (call $hook (i32.const 3)))
+  (func (export "proxy_on_done") (param i32) (result i32) (i32.const 1)))"""
+
+
+def _act(python_path: bool, monkeypatch, mode: int, where: int) -> list:
+    """One request through _ACTOR's hooks, as a chain of one filter runs them (stopping at the
+    first hook that does not continue): what the host did, on the native or the Python path."""
+    import asyncio
+
+    from pyproxy.filters import wasm_runtime
+    from pyproxy.filters.wasm import WasmFactory
+
+    from pyproxy.chain.api import FactoryContext, HeaderMap
+
+    if python_path:  # every entry a hook begins, through the Python crossing
+        monkeypatch.setattr(wasm_runtime, "_enter_hook", wasm_runtime._enter_hook_ctypes)
+    validated = WasmFactory.validate({"code_wat": _ACTOR, "call_time_limit": "50ms"})
+    factory = WasmFactory(validated, FactoryContext(None, "main", "http"))
+    rt = factory.runtime
+    loop = asyncio.new_event_loop()
+    try:
+        rt.instance.exports(rt.store)["act"](rt.store, mode, where)
+        instance = factory.create()
+        instance.callbacks = replies = _Replies()
+        replies.loop = loop  # type: ignore[attr-defined]
+        request = HeaderMap([(b"host", b"x")], {b":method": b"GET", b":path": b"/"})
+        response = HeaderMap([(b"content-length", b"2")], {b":status": b"200"})
+        entries = rt.time_limit.entries
+        statuses = []
+        for hook, payload, end in (
+            (instance.decode_headers, request, True),
+            (instance.encode_headers, response, False),
+            (instance.encode_data, b"ok", True),
+        ):
+            statuses.append(hook(payload, end))
+            if statuses[-1] != 0:
+                break
+        seen = (rt.filter is instance, rt.host_calls, rt.host_bytes)
+        instance.on_destroy()
+        return [
+            statuses, replies.sent, list(factory.counters), instance.paused, seen,
+            rt.time_limit.entries - entries, rt.filter, request.headers, response.headers,
+        ]  # fmt: skip
+    finally:
+        loop.close()
+        factory.close()
+
+
+@pytest.mark.parametrize(
+    ("mode", "where"),
+    [(0, 0), (1, 1), (1, 2), (2, 1), (2, 3), (3, 1), (3, 2), (4, 1), (4, 3)],
+    ids=["through", "pause-request", "pause-response", "reply-request", "reply-body",
+         "trap-request", "trap-response", "runaway-request", "runaway-body"],
+)  # fmt: skip
+def test_native_hook_entry_answers_as_the_python_one(monkeypatch, mode, where):
+    """Runtime.enter (native/wasm_call.c's enter: the entry's bookkeeping and the guest call in
+    one crossing, the state in EntryState fields) does what its Python form does, through a
+    request that continues, pauses, replies, traps or runs past call_time_limit."""
+    from pyproxy.filters import wasm_runtime
+
+    if wasm_runtime._wasmcall is None:
+        pytest.skip("the native crossing is not built")
+    native = _act(False, monkeypatch, mode, where)
+    python = _act(True, monkeypatch, mode, where)
+    assert native == python
+    if mode == 4:
+        assert native[2][1] == 1  # over_time_limit
+    if mode == 0:
+        # Each hook's entry its own budget: one header added in each, one counted in the last.
+        assert native[0] == [0, 0, 0] and native[7].count((b"x-seen", b"denied")) == 3
+        assert native[4] == (True, 1, 12) and native[5] == 4

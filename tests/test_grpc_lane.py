@@ -519,6 +519,30 @@ def test_grpc_timeout_is_enforced_by_the_sidecar_for_lane_calls(raw_proxy, lane)
         client.close()
 
 
+def test_a_deadline_after_the_response_head_ends_the_call_with_trailers(raw_proxy, lane):
+    """The server sends its head at once and the rest a second later; the call's grpc-timeout
+    passes in between: the sidecar ends the call itself with trailers after that head (not a
+    second head), and the server's late answer never reaches the client. (The reset upstream
+    is checked with a server that never answers: this one has ended the stream by the time it
+    reads the reset, which h2 then drops.)"""
+    process, raw, port = raw_proxy("answer")
+    client = H2Client(port)
+    try:
+        _until_taken(process, lambda: client.wait([_h2_call(client, "/pkg.Svc/Do", frame(b"x"))]))
+        before = process.listener()
+        started = time.monotonic()
+        sid = _h2_call(client, SLOW.decode(), frame(b"x"), [("grpc-timeout", "300m")])
+        (response,) = client.wait([sid])
+        assert 0.25 < time.monotonic() - started < 0.9  # not the server's answer, due at 1 s
+        assert response["status"] == 200 and response["reset"] is None
+        assert dict(response["trailers"])[b"grpc-status"] == b"4"
+        assert bytes(response["body"]) == b""
+        after = process.wait_for(lambda s: s["flags"].get("UT", 0) > before["flags"].get("UT", 0))
+        assert after["flags"].get("UT", 0) - before["flags"].get("UT", 0) == 1
+    finally:
+        client.close()
+
+
 def test_an_empty_request_body_goes_upstream(raw_proxy, lane):
     """HEADERS, then an empty DATA frame that ends the stream: a call like any other."""
     process, raw, port = raw_proxy("answer")

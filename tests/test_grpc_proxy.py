@@ -273,7 +273,10 @@ def test_deadline_reaches_client_and_server_sees_cancellation(pb, echo, upstream
 
 
 def test_sidecar_enforces_grpc_timeout_itself(proxy, upstream, pb):
-    """A caller that never cancels (raw h2): the sidecar answers DEADLINE_EXCEEDED and cancels upstream."""
+    """A caller that never cancels (raw h2) gets DEADLINE_EXCEEDED on time, before and after
+    replies flowed, and the server sees the cancel. (This grpcio server ends the call at the same
+    forwarded deadline; that the sidecar does it alone is checked in test_grpc_lane.py with
+    servers that do not.)"""
     _drain(upstream.cancelled)
     client = H2Client(proxy.ports["main"])
     started = time.monotonic()

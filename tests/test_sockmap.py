@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import http_get, recv_exactly, require_capability, start_listener
+from pyproxy.bench.sockmap_echo import PLACEMENTS
 from pyproxy.iptables.netns import Pod, missing_capabilities, mount_point, pods
 from pyproxy.native import bpf, sockmap
 from test_capture_pods import PY, Sidecar, bulk, settled, start_echo
@@ -262,7 +263,7 @@ def test_bare_echo_bench_runs_each_pair_of_programs_over_tcp_and_sockmap(tmp_pat
 
 @pytest.mark.usefixtures("require_sockmap")
 @pytest.mark.parametrize("instrument", ["c", "python"])
-def test_sidecar_echo_bench_measures_the_app_directly_beside_each_listener_in_both_placements(
+def test_sidecar_echo_bench_measures_the_app_directly_beside_each_listener_in_every_placement(
     tmp_path, instrument
 ):
     out = tmp_path / "sockmap_echo"
@@ -272,7 +273,7 @@ def test_sidecar_echo_bench_measures_the_app_directly_beside_each_listener_in_bo
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((out / "results.json").read_text())
-    for placement in ("sidecar", "sidecar_one_cpu"):
+    for placement in PLACEMENTS:
         result = report[placement]
         direct = result["direct"]["p50_us"]
         for name in ("tcp", "sockmap"):
@@ -318,8 +319,10 @@ def test_sidecar_fifo_diagnostic_keeps_woken_apps_out_of_the_sidecar_and_says_so
     report = json.loads((out / "results.json").read_text())
     # No task of the ordinary class preempts a FIFO sidecar: what the app and the echo do when
     # its sends wake them waits until it blocks (a few RT kernel threads may still run first).
-    for placement in ("sidecar", "sidecar_one_cpu"):
+    for placement in PLACEMENTS:
         for name in ("tcp", "sockmap"):
             assert sum(report[placement][name]["sidecar_preempted_rounds"]) < 2 * 400 * 0.05
     lines = [line for line in (out / "table.md").read_text().splitlines() if "TARGET" in line]
-    assert len(lines) == 4 and all("(diagnostic: sidecar SCHED_FIFO)" in line for line in lines)
+    assert len(lines) == 2 * len(PLACEMENTS) and all(
+        "(diagnostic: sidecar SCHED_FIFO)" in line for line in lines
+    )
