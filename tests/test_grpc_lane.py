@@ -284,6 +284,12 @@ class _RawUpstream:
             threading.Thread(target=self._one, args=(conn,), daemon=True).start()
 
     def _one(self, conn: socket.socket) -> None:
+        try:
+            self._converse(conn)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the proxy went away first (a late SLOW answer to a call it ended): done
+
+    def _converse(self, conn: socket.socket) -> None:
         h2 = H2Connection(H2Configuration(client_side=False, header_encoding=None))
         h2.initiate_connection()
         h2.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 1000})
