@@ -65,6 +65,38 @@ def realtime(argv: list[str]) -> list[str]:
     return ["chrt", "-f", "1", *argv]
 
 
+HALT_POLL = "/sys/module/haltpoll/parameters/guest_halt_poll_ns"
+
+
+def halt_poll_ns() -> int | None:
+    """How long an idle vCPU polls before it halts (the guest haltpoll cpuidle governor's
+    guest_halt_poll_ns); None when the kernel does not use that governor."""
+    try:
+        return int(Path(HALT_POLL).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def halt_polling(ns: int | None) -> Iterator[int | None]:
+    """With `ns`, idle vCPUs poll that long before halting while the block runs (restored after).
+    A halted vCPU is woken by an IPI, a VM exit its waker pays inside the syscall that woke it
+    (tens of µs a round trip on some VMs); a polling one notices the wake-up without one. The
+    kernel's default is 200 µs; a VM may boot with 0 (as this project's does). Yields the value
+    in effect (None: no haltpoll governor, and `ns` must then be None)."""
+    before = halt_poll_ns()
+    if ns is None:
+        yield before
+        return
+    if before is None:
+        raise RuntimeError(f"--halt-poll-ns needs the haltpoll cpuidle governor ({HALT_POLL})")
+    Path(HALT_POLL).write_text(str(ns))
+    try:
+        yield halt_poll_ns()  # read back: what the kernel took
+    finally:
+        Path(HALT_POLL).write_text(str(before))
+
+
 def move_to_cpu(pids: list[int], cpu: int) -> None:
     """Every thread of the running processes onto one CPU (a proxy alone under load)."""
     for pid in pids:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import http_get, recv_exactly, require_capability, start_listener
+from pyproxy.bench.procs import halt_poll_ns
 from pyproxy.bench.sockmap_echo import PLACEMENTS
 from pyproxy.iptables.netns import Pod, missing_capabilities, mount_point, pods
 from pyproxy.native import bpf, sockmap
@@ -259,6 +260,24 @@ def test_bare_echo_bench_runs_each_pair_of_programs_over_tcp_and_sockmap(tmp_pat
     # One target line per pair, met or not, at the end of the report.
     lines = [line for line in (out / "table.md").read_text().splitlines() if "TARGET" in line]
     assert len(lines) == 4 and all("bare " in line for line in lines)
+
+
+@pytest.mark.usefixtures("require_sockmap")
+def test_bare_echo_bench_lets_idle_vcpus_poll_for_its_run_and_restores_the_setting(tmp_path):
+    before = halt_poll_ns()
+    wanted = (before or 0) + 12345
+    out = tmp_path / "sockmap_echo"
+    argv = [PY, "-m", "pyproxy.bench.sockmap_echo", "--only", "bare", "--rounds", "1"]
+    argv += ["--per-round", "20", "--halt-poll-ns", str(wanted), "--output", str(out)]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    if before is None:  # no haltpoll governor: refused up front, with what is missing
+        assert proc.returncode == 2 and "haltpoll" in proc.stderr
+        return
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "results.json").read_text())["halt_poll_ns"] == wanted  # read back
+    assert halt_poll_ns() == before
+    lines = [line for line in (out / "table.md").read_text().splitlines() if "TARGET" in line]
+    assert len(lines) == 4 and all(f"(idle vCPUs polling {wanted} ns)" in line for line in lines)
 
 
 @pytest.mark.usefixtures("require_sockmap")
