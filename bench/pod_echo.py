@@ -36,7 +36,15 @@ from pyproxy.bench.echo_client import (
     stream_echo,
 )
 from pyproxy.bench.pod_sidecar import ADMIN, PROXY_UID
-from pyproxy.bench.procs import move_to_cpu, on_cpus, pinned, tree_pids
+from pyproxy.bench.procs import (
+    add_halt_poll_option,
+    halt_poll_refused,
+    halt_polling,
+    move_to_cpu,
+    on_cpus,
+    pinned,
+    tree_pids,
+)
 from pyproxy.bench.results_folder import write_results
 from pyproxy.iptables.netns import Pod, missing_capabilities, pods
 
@@ -389,6 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "its wake-ups crossed CPUs)",
     )  # fmt: skip
     parser.add_argument("--output", help="also write a results folder here")
+    add_halt_poll_option(parser)
     parser.add_argument(
         "--client", metavar="HOST", help=argparse.SUPPRESS
     )  # internal: run inside pod A
@@ -422,7 +431,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing:
         print(f"pod_echo needs: {', '.join(missing)}", file=sys.stderr)
         return 2
-    report = run_compare(args) if args.compare else run_bench(args)
+    if refused := halt_poll_refused(args.halt_poll_ns):
+        print(f"pod_echo: {refused}", file=sys.stderr)
+        return 2
+    with halt_polling(args.halt_poll_ns) as polled:
+        report = run_compare(args) if args.compare else run_bench(args)
+    report["halt_poll_ns"] = polled
     text = json.dumps(report, indent=2)
     print(text)
     if args.output:

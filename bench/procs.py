@@ -77,6 +77,24 @@ def halt_poll_ns() -> int | None:
         return None
 
 
+def add_halt_poll_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--halt-poll-ns", type=int, metavar="NS",
+        help="idle vCPUs poll NS ns before halting during the run (the haltpoll governor's "
+        "guest_halt_poll_ns, restored after; the kernel's default is 200000): a halted vCPU's "
+        "wake-up costs its waker a VM exit inside the syscall that woke it",
+    )  # fmt: skip
+
+
+def halt_poll_refused(ns: int | None) -> str | None:
+    """Why `--halt-poll-ns ns` cannot be honoured here (None: it can, or was not asked for)."""
+    if ns is not None and halt_poll_ns() is None:
+        return f"--halt-poll-ns needs the haltpoll cpuidle governor ({HALT_POLL})"
+    if ns is not None and ns < 0:
+        return "--halt-poll-ns must be 0 or more"
+    return None
+
+
 @contextlib.contextmanager
 def halt_polling(ns: int | None) -> Iterator[int | None]:
     """With `ns`, idle vCPUs poll that long before halting while the block runs (restored after).

@@ -36,9 +36,9 @@ from pathlib import Path
 
 from pyproxy.bench.echo_client import NATIVE_ECHO, measure_rtts, summarize
 from pyproxy.bench.procs import (
-    HALT_POLL,
+    add_halt_poll_option,
     cpu_ns,
-    halt_poll_ns,
+    halt_poll_refused,
     halt_polling,
     pinned,
     preemptions,
@@ -375,12 +375,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="diagnostic: the sidecar SCHED_FIFO, so no woken app runs inside its timed calls and "
         "the ipc stage is the calls' own time (latency then suffers: not a deployment setting)",
     )  # fmt: skip
-    parser.add_argument(
-        "--halt-poll-ns", type=int, metavar="NS",
-        help="idle vCPUs poll NS ns before halting during the run (the haltpoll governor's "
-        "guest_halt_poll_ns, restored after; the kernel's default is 200000): a halted vCPU's "
-        "wake-up costs its waker a VM exit inside the send",
-    )  # fmt: skip
+    add_halt_poll_option(parser)
     parser.add_argument("--output", default=str(default_out("sockmap_echo")), help="results folder")
     parser.add_argument("--size", type=int, default=100, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=1000, help=argparse.SUPPRESS)
@@ -397,9 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if missing or reason:
         print(f"sockmap_echo needs: {', '.join(missing + [reason or ''])}", file=sys.stderr)
         return 2
-    if args.halt_poll_ns is not None and halt_poll_ns() is None:
-        print(f"sockmap_echo: --halt-poll-ns needs the haltpoll cpuidle governor ({HALT_POLL})",
-              file=sys.stderr)  # fmt: skip
+    if refused := halt_poll_refused(args.halt_poll_ns):
+        print(f"sockmap_echo: {refused}", file=sys.stderr)
         return 2
     report: dict = {"benchmark": "sockmap_echo", "params": vars(args) | {"sizes": SIZES}}
     with (

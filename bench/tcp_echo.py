@@ -46,10 +46,13 @@ from pyproxy.bench.procs import (
     Noise,
     Processes,
     add_baseline_tree,
+    add_halt_poll_option,
     baseline_tree_python,
     cpu_ns,
     get_json,
     git_state,
+    halt_poll_refused,
+    halt_polling,
     noise_note,
     on_cpus,
     run_tool,
@@ -233,8 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=int, default=4, help="iperf3 duration per path")
     parser.add_argument("--out", default=str(default_out("tcp_echo")), help="results folder")
     add_baseline_tree(parser)
+    add_halt_poll_option(parser)
     args = parser.parse_args(argv)
     baseline = baseline_tree_python(parser, args)
+    if refused := halt_poll_refused(args.halt_poll_ns):
+        parser.error(refused)
     result: dict = {
         "config": inputs_of(args),
         "machine": {"cpus": os.cpu_count(), "kernel": os.uname().release},
@@ -246,7 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     procs = Processes()
     # the echo client beside the app, like every latency target
-    with on_cpus(0), tempfile.TemporaryDirectory(prefix="pyproxy-bench-") as tmp:
+    with (
+        halt_polling(args.halt_poll_ns) as polled,
+        on_cpus(0),
+        tempfile.TemporaryDirectory(prefix="pyproxy-bench-") as tmp,
+    ):
+        result["machine"]["halt_poll_ns"] = polled
         workdir = Path(tmp)
         try:
             upstream = peers.native_echo_server if args.instrument == "c" else peers.echo_server
