@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import http_get, recv_exactly, require_capability, start_listener
-from pyproxy.bench.procs import halt_poll_ns
+from pyproxy.bench.procs import halt_poll_ns, halt_poll_refused
 from pyproxy.bench.sockmap_echo import PLACEMENTS
 from pyproxy.iptables.netns import Pod, missing_capabilities, mount_point, pods
 from pyproxy.native import bpf, sockmap
@@ -260,6 +260,20 @@ def test_bare_echo_bench_runs_each_pair_of_programs_over_tcp_and_sockmap(tmp_pat
     # One target line per pair, met or not, at the end of the report.
     lines = [line for line in (out / "table.md").read_text().splitlines() if "TARGET" in line]
     assert len(lines) == 4 and all("bare " in line for line in lines)
+
+
+def test_halt_poll_option_is_refused_plainly_when_it_cannot_be_honoured():
+    assert halt_poll_refused(None) is None
+    assert "0 or more" in (halt_poll_refused(-1) or "")
+    if halt_poll_ns() is None:
+        assert "haltpoll" in (halt_poll_refused(1000) or "")
+    else:
+        assert halt_poll_refused(1000) is None
+    # pod_echo and tcp_echo share the rule: both refuse a negative value before running anything.
+    for bench in ("pod_echo", "tcp_echo"):
+        argv = [PY, "-m", f"pyproxy.bench.{bench}", "--halt-poll-ns", "-5"]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and "0 or more" in proc.stderr, (bench, proc.stderr)
 
 
 @pytest.mark.usefixtures("require_sockmap")
