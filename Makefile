@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 # node bundles its own npm.
 APT_BUILD := gcc libc6-dev python3-dev python3-venv acl clang llvm libbpf-dev linux-libc-dev bpftool libnghttp2-dev
 APT_TEST := iptables iproute2 util-linux curl procps wrk nghttp2-client openssl podman runc buildah debootstrap chromium
-APT_BENCH := nginx-light libnginx-mod-stream libnginx-mod-http-lua iperf3 haproxy caddy
+APT_BENCH := nginx-light libnginx-mod-stream libnginx-mod-http-lua iperf3 haproxy caddy bpftrace
 
 .PHONY: demo test bench soak fuzz lint fresh-check system-deps system-deps-bench clean apt
 
