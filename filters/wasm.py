@@ -490,8 +490,7 @@ def _headers_hook(callback: str, stream: int):
                 self.started_ns = getattr(exchange, "started_ns", 0) or 0
                 joined = rt.entering.get(callback)
                 if joined is None:
-                    rt.filter = self
-                    rt.new_entry()
+                    rt.begin(self)
                     self._create()
                     joined = rt.exports[callback]
                     action = rt.entry(joined[0], joined[1], context_id, count, end_stream)

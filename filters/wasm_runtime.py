@@ -232,11 +232,9 @@ def _enter_hook_ctypes(
     ctx: int, args: int, faults: int, rt: Runtime, time_limit: TimeLimit, context: Any,
     func: int, n: int, a: int, b: int, c: int,
 ) -> int | None:  # fmt: skip
-    """_wasmcall.enter's contract: a hook's entry begins for `context` (Runtime.new_entry, with
-    the runtime's current context set), then _enter_ctypes' call."""
-    rt.filter = context
-    rt.host_calls = rt.host_bytes = 0
-    time_limit.entries += 1
+    """_wasmcall.enter's contract: Runtime.begin(context), then _enter_ctypes' call (time_limit
+    is the runtime's own, passed for the C form)."""
+    rt.begin(context)
     return _enter_ctypes(ctx, args, faults, func, n, a, b, c)
 
 
@@ -508,8 +506,7 @@ class Runtime(EntryState):
             _enter, self.ctx, self.raw_addr, self.faults_addr
         )
         self.entry_alloc = partial(_enter, self.ctx, self.raw_alloc_addr, self.faults_addr)
-        # enter(context, func, n, a, b, c): new_entry() for `context`'s hook, then entry(...)
-        # in one crossing.
+        # enter(context, func, n, a, b, c): begin(context), then entry(...) in one crossing.
         self.enter: Callable[..., int | None] = partial(
             _enter_hook, self.ctx, self.raw_addr, self.faults_addr, self, self.time_limit
         )
@@ -545,7 +542,7 @@ class Runtime(EntryState):
 
     def open(self, context: StreamContext) -> int:
         """A new stream context in the current instance (the store is up): its id, noted on
-        it. No entry begins: the caller's enter (or new_entry) begins it."""
+        it. No entry begins: the caller's enter (or begin) begins it."""
         self.next_id = context_id = (
             self.next_id + 1 if self.next_id < MAX_CONTEXT_ID else ROOT_CONTEXT_ID + 1
         )
@@ -558,6 +555,12 @@ class Runtime(EntryState):
         """An entry (one hook's guest calls) begins: its own time and host-work budgets."""
         self.time_limit.entries += 1
         self.host_calls = self.host_bytes = 0
+
+    def begin(self, context: Any) -> None:
+        """An entry for `context`'s hook begins: it is the current context (whose headers and
+        body the host calls see), with new_entry's budgets. `enter` does this in its crossing."""
+        self.filter = context
+        self.new_entry()
 
     def charge(self, size: int) -> None:
         """Bytes the guest hands the host to keep or emit (headers, logs, shared data)."""
@@ -1838,15 +1841,12 @@ class StreamContext:
         if self.context_id:
             if self.generation != rt.generation:
                 return 0
-            rt.filter = self
-            rt.time_limit.entries += 1  # rt.new_entry(), without the call
-            rt.host_calls = rt.host_bytes = 0
+            rt.begin(self)
             return 1
         if rt.store is None and not rt.usable():
             return 0
         rt.open(self)
-        rt.filter = self
-        rt.new_entry()
+        rt.begin(self)
         return 2
 
     def _create(self) -> None:
@@ -1882,8 +1882,7 @@ class StreamContext:
                 if enter(self, ending[0], ending[1], context_id, 0, 0) is None:
                     raise rt._fault()
             else:
-                rt.filter = self
-                rt.new_entry()
+                rt.begin(self)
                 exports = rt.exports
                 for name in END_CALLBACKS:
                     func = exports.get(name)

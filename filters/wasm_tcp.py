@@ -204,8 +204,7 @@ class WasmTcpFilter(StreamContext, TcpFilter):
             for name, peer in sides:
                 callback = rt.exports.get(name)
                 if callback is not None:
-                    rt.filter = self
-                    rt.new_entry()
+                    rt.begin(self)
                     rt.call_raw(callback[0], callback[1], self.context_id, peer)
         except WasmFault as exc:
             rt.failed(exc, name, self.factory.counters)

@@ -35,7 +35,7 @@
  *   host_calls and host_bytes (the entry's budgets, the Runtime's), entries (the TimeLimit's).
  *
  * enter(fn, ctx, args, faults, runtime, time_limit, context, func, nargs, a, b, c) -> int | None
- *   A hook's entry: first what Runtime.new_entry does, with the runtime's current context set
+ *   A hook's entry: first what Runtime.begin(context) does
  *   (runtime.filter = context, host_calls = host_bytes = 0, time_limit.entries += 1, from which
  *   the deadline tells a new entry), then call's guest call. Runtime.enter is a partial of it.
  *
