@@ -125,12 +125,13 @@ GRPC_NAME_WORDS = 15  # 120 bytes of method name per entry
 GRPC_ENTRY = 2 + 17 + GRPC_NAME_WORDS  # name length, started, one per grpc-status, name
 GRPC_SLOTS = 2 + len(BUCKETS) + 3 + (GRPC_METHOD_SLOTS + 1) * GRPC_ENTRY
 REJECT_BASE = GRPC_BASE + GRPC_SLOTS  # downstream input refused, one slot per REJECTS reason
-# gRPC lane reads (http/grpc_lane.py): every read of a lane's two connections, and those the
-# lane took whole in one C call (GrpcLane.carry); the rest went on in Python (a PING, SETTINGS,
-# a HEADERS the lane does not take...), which costs a pass more: the bench tells the two apart.
-LANE_READS = REJECT_BASE + len(REJECTS)
-LANE_READS_WHOLE = LANE_READS + 1
-LISTENER_SLOTS = LANE_READS_WHOLE + 1
+# gRPC lane reads (http/grpc_lane.py): those of a lane's two connections the lane took whole in
+# one C call (GrpcLane.carry), and the rest, which went on in Python (a PING, SETTINGS, a HEADERS
+# the lane does not take...) and cost a pass more: the bench tells the two apart. Each read
+# counts once, on its own path (/stats adds them up as `all`).
+LANE_READS_WHOLE = REJECT_BASE + len(REJECTS)
+LANE_READS_PYTHON = LANE_READS_WHOLE + 1
+LISTENER_SLOTS = LANE_READS_PYTHON + 1
 
 # Per-worker header slots.
 W_PID = 0

@@ -46,7 +46,10 @@ def snapshot(store: CounterStore, config: ProxyConfig) -> dict:
             "requests": block[c.REQUESTS],
             "express_requests": block[c.EXPRESS_REQUESTS],
             "native_requests": block[c.NATIVE_REQUESTS],
-            "lane_reads": {"all": block[c.LANE_READS], "whole": block[c.LANE_READS_WHOLE]},
+            "lane_reads": {
+                "all": block[c.LANE_READS_WHOLE] + block[c.LANE_READS_PYTHON],
+                "whole": block[c.LANE_READS_WHOLE],
+            },
             "refused": {
                 "connections": block[c.REFUSED_CONNECTIONS],
                 "requests": block[c.REFUSED_REQUESTS],

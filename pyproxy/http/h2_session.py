@@ -22,7 +22,7 @@ from h2.settings import SettingCodes, Settings
 
 from pyproxy.codec import http2_native
 from pyproxy.codec.http2 import FrameScanner, HeaderBlockTooLarge, goaway_frame, parse_goaway
-from pyproxy.counters import LANE_READS
+from pyproxy.counters import LANE_READS_PYTHON
 from pyproxy.io.stream import Stream
 
 if TYPE_CHECKING:
@@ -252,11 +252,11 @@ class H2Session:
             self.conn.window_events = bool(stalled)
             carrier = self.carrier
             if carrier is not None:
-                self.ctx.block[LANE_READS] += 1
                 if not stalled and self.scanner.passes(data):
                     carried = carrier.carry(self, data, t0)
                     if carried is None:  # the lane took all of it and wrote what it owed
                         return
+                self.ctx.block[LANE_READS_PYTHON] += 1
         goaways: Sequence[bytes] = ()  # the scanner lifts GOAWAYs out; a carried read has none
         try:
             if carried is not None:
