@@ -432,8 +432,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"pod_echo needs: {', '.join(missing)}", file=sys.stderr)
         return 2
     if refused := halt_poll_refused(args.halt_poll_ns):
-        print(f"pod_echo: {refused}", file=sys.stderr)
-        return 2
+        parser.error(refused)
     with halt_polling(args.halt_poll_ns) as polled:
         report = run_compare(args) if args.compare else run_bench(args)
     report["halt_poll_ns"] = polled

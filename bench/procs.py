@@ -88,11 +88,11 @@ def add_halt_poll_option(parser: argparse.ArgumentParser) -> None:
 
 def halt_poll_refused(ns: int | None) -> str | None:
     """Why `--halt-poll-ns ns` cannot be honoured here (None: it can, or was not asked for)."""
-    if ns is not None and halt_poll_ns() is None:
+    if ns is None:
+        return None
+    if halt_poll_ns() is None:
         return f"--halt-poll-ns needs the haltpoll cpuidle governor ({HALT_POLL})"
-    if ns is not None and ns < 0:
-        return "--halt-poll-ns must be 0 or more"
-    return None
+    return "--halt-poll-ns must be 0 or more" if ns < 0 else None
 
 
 @contextlib.contextmanager
@@ -102,12 +102,12 @@ def halt_polling(ns: int | None) -> Iterator[int | None]:
     (tens of µs a round trip on some VMs); a polling one notices the wake-up without one. The
     kernel's default is 200 µs; a VM may boot with 0 (as this project's does). Yields the value
     in effect (None: no haltpoll governor, and `ns` must then be None)."""
+    if refused := halt_poll_refused(ns):
+        raise RuntimeError(refused)  # the benches ask halt_poll_refused first and say it plainly
     before = halt_poll_ns()
     if ns is None:
         yield before
         return
-    if before is None:
-        raise RuntimeError(f"--halt-poll-ns needs the haltpoll cpuidle governor ({HALT_POLL})")
     Path(HALT_POLL).write_text(str(ns))
     try:
         yield halt_poll_ns()  # read back: what the kernel took

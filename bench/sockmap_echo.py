@@ -393,8 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sockmap_echo needs: {', '.join(missing + [reason or ''])}", file=sys.stderr)
         return 2
     if refused := halt_poll_refused(args.halt_poll_ns):
-        print(f"sockmap_echo: {refused}", file=sys.stderr)
-        return 2
+        parser.error(refused)
     report: dict = {"benchmark": "sockmap_echo", "params": vars(args) | {"sizes": SIZES}}
     with (
         halt_polling(args.halt_poll_ns) as polled,
