@@ -54,8 +54,13 @@ import wasmtime
 from pyproxy.filters.callout import GrpcResult, GrpcStream, grpc_call, http_call
 from pyproxy.filters.wasm_attributes import property_value
 from pyproxy.filters.wasm_encoding import deserialize_pairs, serialize_pairs
-from pyproxy.filters.wasm_time_limit import NATIVE_TICKER, EntryState, TimeLimit, start_ticker
-from pyproxy.native import native_extension
+from pyproxy.filters.wasm_time_limit import (
+    NATIVE_TICKER,
+    WASMCALL,
+    EntryState,
+    TimeLimit,
+    start_ticker,
+)
 from wasmtime import _bindings as _capi
 
 from pyproxy.chain.api import (
@@ -209,7 +214,7 @@ _define_unchecked = _c(
 _RAW = 16  # sizeof(wasmtime_val_raw_t)
 _CALL_UNCHECKED = ctypes.cast(_dll.wasmtime_func_call_unchecked, c_void_p).value
 # native/wasm_call.c; only where the guest may keep the GIL (the native ticker stops runaways).
-_wasmcall = native_extension("_wasmcall") if NATIVE_TICKER else None
+_wasmcall = WASMCALL
 if _wasmcall is not None:
     _wasmcall.init(ctypes.cast(_dll.wasmtime_trap_new, c_void_p).value)
 

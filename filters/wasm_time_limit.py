@@ -48,11 +48,13 @@ class _EntryState:
 
 # The base of the Runtime and of its TimeLimit: an entry's state the native crossings keep as
 # C fields (see native/wasm_call.c; its Python attributes read and write the same fields).
-_wasmcall = native.native_extension("_wasmcall") if NATIVE_TICKER else None
+# The host's crossings into and out of wasmtime (native/wasm_call.c), used when the native
+# module is: loaded here, once, so EntryState and the runtime's calls come from the same build.
+WASMCALL = native.native_extension("_wasmcall") if NATIVE_TICKER else None
 if TYPE_CHECKING:
     EntryState = _EntryState
 else:
-    EntryState = _wasmcall.EntryState if _wasmcall is not None else _EntryState
+    EntryState = WASMCALL.EntryState if WASMCALL is not None else _EntryState
 
 
 def _c(name: str, restype, *argtypes):
