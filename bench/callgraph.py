@@ -395,16 +395,22 @@ def read_otlp_lines(path: Path) -> dict:
 
 
 def graphs_from_traces(
-    data: dict, where: str = "<traces>", services: dict[str, Service] | None = None
+    data: dict,
+    where: str = "<traces>",
+    services: dict[str, Service] | None = None,
+    since_ns: int = 0,
 ) -> list[CallGraph]:
     """One call graph per trace in a Jaeger JSON or OTLP JSON document.
 
     `services` overlays what traces cannot say (filters, IPC backend, which
-    services have sidecars); the mode comes from the span attributes.
+    services have sidecars); the mode comes from the span attributes. With
+    `since_ns`, only the traces whose every span started at or after it (ns
+    since the epoch, as spans are stamped).
     """
     traces = _jaeger_spans(data, where) if "data" in data else _otlp_spans(data, where)
+    traces = {t: spans for t, spans in traces.items() if min(s.start_ns for s in spans) >= since_ns}
     if not traces:
-        raise GraphError(f"{where}: no spans")
+        raise GraphError(f"{where}: no spans" + (f" from {since_ns} ns on" if since_ns else ""))
     graphs = []
     for trace_id, spans in traces.items():
         known = dict(services or {})

@@ -211,8 +211,7 @@ def run_case(topology: str, case: Case, args: argparse.Namespace, workdir: Path)
                 "--mesh-app-roots", ",".join(map(str, mesh.app_roots)),
                 "--plain-app-roots", ",".join(map(str, plain.app_roots)),
                 "--traced-app-roots", ",".join(map(str, traced.app_roots))] + (["--pin"] if args.pin else []) + (["--shield"] if args.pin and args.shield else [])  # fmt: skip
-        tracing = ["--traced", traced.entry, "--trace-file", str(trace),
-                   "--traced-requests", str(args.traced_requests)]  # fmt: skip
+        tracing = ["--traced", traced.entry, "--traced-requests", str(args.traced_requests)]
         noise = Noise()
 
         def load(extra: list[str], phases: int) -> dict:
@@ -229,6 +228,8 @@ def run_case(topology: str, case: Case, args: argparse.Namespace, workdir: Path)
             measured["profile"] = profile_file
         measured["foreign_cpus"] = noise.cpus()
         measured["captured"] = {n: _captured(made["m" + n]) for n in names}
+        for name in names:  # the traced services write the spans they held as they stop
+            made["t" + name].stop_processes()
     measured |= {"topology": topology, "case": case.text, "trace": trace.name, "pinned": args.pin,
                  "size": args.size, "work_us": args.work_us}  # fmt: skip
     return measured
@@ -290,6 +291,8 @@ def _interleaved(
         part = load(["--closed-rate", repr(measured["closed"]["rate"]), "--loads", fraction,
                      *last], 1)  # fmt: skip
         measured["captured_by_phase"].append(captured())
+        if last:
+            measured["traced_from_ns"] = part["traced_from_ns"]
         measured["paced"] += part["paced"]
         measured["mesh_exchanges"] += part["mesh_exchanges"]
     block()
@@ -430,7 +433,9 @@ def rows_for(topology: str, case: Case, m: dict, profile: Profile, args, out: Pa
     external = profile.external_view()
     trace = out / m["trace"]
     overlay = {s: Service(s, case.mode, case.filters) for s in TOPOLOGIES[topology]}
-    graphs = graphs_from_traces(read_otlp_lines(trace), str(trace), overlay)
+    # the traced requests' traces (a run before traced_from_ns kept only those in its file)
+    since = m.get("traced_from_ns", 0)
+    graphs = graphs_from_traces(read_otlp_lines(trace), str(trace), overlay, since)
     phases = [("closed", m["closed"])] + [(f"{p['load']:g}", p) for p in m["paced"]]
     # pinned, the apps share CPU 0 and the sidecars CPU 1: predict the schedule on them
     placement = PINNED if m.get("pinned") else UNPLACED

@@ -10,7 +10,10 @@ body of every downstream call, and echoed back once they all answered.
 With `--trace FILE` the service records OpenTelemetry spans (a server span
 per request, a client span per downstream call, W3C `traceparent`
 propagated in HTTP headers or gRPC metadata) and appends them to FILE as OTLP
-JSON, one export per line.
+JSON, one export per line, when it stops (SIGTERM): the SDK's batch processor
+holds them until then, so exporting never runs on, or beside, the requests
+the spans time (a span ended before the service answers would otherwise make
+its caller wait for the export, and its trace report that wait as the hop's).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import signal
 from collections.abc import Iterator
 
 from pyproxy.bench.driver import GRPC_METHOD
@@ -165,8 +169,10 @@ def serve_http(listen: str, calls: list[str], parallel: bool, work_ns: int, span
             await server.serve_forever()
 
     loop = new_event_loop()
-    with contextlib.suppress(KeyboardInterrupt):
-        loop.run_until_complete(serve())
+    serving = loop.create_task(serve())
+    loop.add_signal_handler(signal.SIGTERM, serving.cancel)
+    with contextlib.suppress(KeyboardInterrupt, asyncio.CancelledError):
+        loop.run_until_complete(serving)
 
 
 # ---- gRPC ---------------------------------------------------------------------------------------
@@ -216,6 +222,7 @@ def serve_grpc(listen: str, calls: list[str], parallel: bool, work_ns: int, span
     host, port = listen.rsplit(":", 1)
     server.add_insecure_port(f"{'[::]' if host in ('0.0.0.0', '') else host}:{port}")
     server.start()
+    signal.signal(signal.SIGTERM, lambda *_: server.stop(0))
     with contextlib.suppress(KeyboardInterrupt):
         server.wait_for_termination()
 
@@ -223,14 +230,19 @@ def serve_grpc(listen: str, calls: list[str], parallel: bool, work_ns: int, span
 # ---- tracing ------------------------------------------------------------------------------------
 
 
+# Spans held per service until it stops: far more than a validation run's traced requests make.
+HELD_SPANS = 1 << 16
+
+
 def _tracer(service: str, path: str):
-    """An OpenTelemetry tracer whose spans land in `path` as OTLP JSON lines."""
+    """An OpenTelemetry tracer whose spans land in `path` as OTLP JSON lines when its provider
+    shuts down, and the provider."""
     # lazy: only a traced run loads the SDK, protobuf and the OTLP encoder
     from google.protobuf.json_format import MessageToJson
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
     class OtlpJsonFile(SpanExporter):
         def export(self, spans):
@@ -240,8 +252,11 @@ def _tracer(service: str, path: str):
             return SpanExportResult.SUCCESS
 
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    provider.add_span_processor(SimpleSpanProcessor(OtlpJsonFile()))
-    return provider.get_tracer("pyproxy.bench.validation_app")
+    # No timed export and no batch that fills up during a run: only shutdown() writes the spans.
+    held = BatchSpanProcessor(OtlpJsonFile(), max_queue_size=HELD_SPANS,
+                              max_export_batch_size=HELD_SPANS, schedule_delay_millis=86_400_000)  # fmt: skip
+    provider.add_span_processor(held)
+    return provider.get_tracer("pyproxy.bench.validation_app"), provider
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -254,9 +269,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="service", help="service.name of its spans")
     parser.add_argument("--trace", help="append OTLP JSON spans to this file")
     args = parser.parse_args(argv)
-    spans = Spans(_tracer(args.name, args.trace) if args.trace else None, args.protocol)
+    tracer, provider = _tracer(args.name, args.trace) if args.trace else (None, None)
     serve = serve_grpc if args.protocol == "grpc" else serve_http
-    serve(args.listen, args.call, args.parallel, int(args.work_us * 1000), spans)
+    try:
+        serve(args.listen, args.call, args.parallel, int(args.work_us * 1000),
+              Spans(tracer, args.protocol))  # fmt: skip
+    finally:
+        if provider is not None:
+            provider.shutdown()  # the held spans written
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ of the rounds apart, the measurement's own repeatability. With `--closed-rate R`
 loop is not run and the loads are paced at fractions of R (a closed loop an earlier run
 measured: `validate --interleave` runs one phase per invocation). With `--traced ADDR`, a third deployment
 (the app exporting OpenTelemetry spans) gets `--traced-requests` requests
-after one that sets up its connections. Prints one JSON document.
+after one that sets up its connections; `traced_from_ns` is when they began (wall clock, as spans
+are stamped). Prints one JSON document.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import argparse
 import json
 import os
 import statistics
-from pathlib import Path
+import time
 
 from pyproxy.bench.driver import EXCHANGERS, drive_paired, wait_ready
 from pyproxy.bench.procs import cpu_ns, move_to_cpu, run_delay_ns, shield, tree_pids
@@ -169,7 +170,8 @@ def run(args: argparse.Namespace) -> dict:
         traced = make(args.traced, args.size)
         try:
             traced.exchange()  # connections and thread pools set up
-            Path(args.trace_file).write_text("")  # neither that nor the probes are the workload
+            # the traces that began from now on are the workload's (not the probes', not that one's)
+            out["traced_from_ns"] = time.time_ns()
             for _ in range(args.traced_requests):
                 traced.exchange()
         finally:
@@ -197,7 +199,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--traced", help="entry address of the traced deployment")
     parser.add_argument("--traced-app-roots", default="", help="pinned with the apps (--pin)")
-    parser.add_argument("--trace-file", help="the file its spans go to (emptied before measuring)")
     parser.add_argument("--traced-requests", type=int, default=20)
     parser.add_argument(
         "--pin",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 from pyproxy.bench.callgraph import graphs_from_traces, read_otlp_lines
 from pyproxy.bench.driver import HttpExchanger, wait_ready
@@ -26,12 +27,15 @@ def test_a_fanout_traced_by_the_app_imports_as_its_call_graph(tmp_path):
             wait_ready("http", address)
         client = HttpExchanger(entry, 1000)
         client.exchange()  # connections and thread pools set up
-        trace.write_text("")  # only the measured request's spans
+        since = time.time_ns()  # only the measured request's trace
         client.exchange()
         client.close()
+        assert trace.read_text() == ""  # the services hold their spans while they serve...
     finally:
-        procs.stop_all()
-    [graph] = graphs_from_traces(read_otlp_lines(trace), "app", {})
+        procs.stop_all()  # ... and write them as they stop
+    spans = read_otlp_lines(trace)
+    assert len(graphs_from_traces(spans, "app", {})) > 1  # the probes' and the warm-up's too
+    [graph] = graphs_from_traces(spans, "app", {}, since_ns=since)
     root = graph.root
     assert root.callee == "a" and graph.services["a"].mode == "http"
     assert sorted(c.callee for c in root.children) == ["b", "c"]
