@@ -30,7 +30,7 @@ def test_a_fanout_traced_by_the_app_imports_as_its_call_graph(tmp_path):
         since = time.time_ns()  # only the measured request's trace
         client.exchange()
         client.close()
-        assert trace.read_text() == ""  # the services hold their spans while they serve...
+        assert not trace.exists()  # the services hold their spans while they serve...
     finally:
         procs.stop_all()  # ... and write them as they stop
     spans = read_otlp_lines(trace)
