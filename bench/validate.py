@@ -38,7 +38,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyproxy.bench.callgraph import Service, graph_from_data, graphs_from_traces, read_otlp_lines
+from pyproxy.bench.callgraph import (
+    CallGraph,
+    Service,
+    graph_from_data,
+    graphs_from_traces,
+    read_otlp_lines,
+)
 from pyproxy.bench.model import PODS, Profile, check_platform, check_setting, current_platform
 from pyproxy.bench.pod_echo import admin_get
 from pyproxy.bench.pod_sidecar import start_captured_sidecar
@@ -351,8 +357,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--topologies", default=",".join(TOPOLOGIES))
     parser.add_argument("--size", type=int, default=100)
     parser.add_argument("--work-us", type=float, default=100.0)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=1.0)
+    # Five rounds of 6 s: with 3 of 1 s a gRPC fan-out's rounds held 56-216 exchanges per
+    # deployment, too few for a p50 whose spread is milliseconds (its halves differed 25-43 %).
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per phase")
+    parser.add_argument("--seconds", type=float, default=6.0, help="per round, at least")
     parser.add_argument(
         "--loads",
         default="0.3,0.7",
@@ -410,12 +418,31 @@ def app_own_us(topology: str, work_us: float, measured: dict) -> float:
     call, whose client is the load outside the apps, a client side (the caller's); the stack's
     CPU is shared evenly by those sides. On shared CPUs it decides how much of the sidecars'
     work overlaps the apps'."""
-    cores, rate = measured.get("cores", {}).get("apps_plain"), measured["rate"]
-    if not cores or not rate:
-        return 0.0
     calls = len(TOPOLOGIES[topology])  # one call into each service per request
     sides = 2 * calls - 1
-    return max(0.0, (cores * 1e6 / rate - calls * work_us) / sides)
+    return max(0.0, (plain_app_cpu_us(measured) - calls * work_us) / sides)
+
+
+def plain_app_cpu_us(measured: dict) -> float:
+    """The plain deployment's apps' CPU per request (µs, /proc), 0 where not measured."""
+    cores, rate = measured.get("cores", {}).get("apps_plain"), measured["rate"]
+    return cores * 1e6 / rate if cores and rate else 0.0
+
+
+def timed_on_shared_cpus(graph: CallGraph, app_cpu_us: float) -> None:
+    """Time a graph built from traces for a schedule on shared CPUs. There a span also times its
+    neighbours' work (a sibling call's callee that ran first, the tracer's own bookkeeping) and a
+    hop's span both stacks' CPU, none of which is a delay on no CPU. So the traces give the
+    graph's shape (calls, order, parallel groups, sizes) and each callee's work (its server
+    span's own time); the apps' CPU per request measured without sidecars (`app_cpu_us`) gives
+    the rest, as each side's stack CPU, as in the hand-built graph (`app_own_us`)."""
+    calls = graph.calls()
+    sides = 2 * len(calls) - 1  # the root call's client is the load, outside the apps
+    stack_ns = max(0.0, (app_cpu_us * 1000 - sum(c.work_ns for c in calls)) / sides)
+    for call in calls:
+        call.network_ns = 0.0
+        call.app_ns = stack_ns
+        call.client_ns = stack_ns if call.parent is not None else 0.0
 
 
 def lane_share(captured: dict) -> str:
@@ -455,6 +482,8 @@ def rows_for(topology: str, case: Case, m: dict, profile: Profile, args, out: Pa
         )
         for g in graphs:
             g.root.rate = rate
+            if placement.shared:
+                timed_on_shared_cpus(g, plain_app_cpu_us(measured))
         from_traces: list[Prediction] = [predict(profile, g, placement=placement) for g in graphs]
         row = {"topology": topology, "app": case.protocol, "mode": case.label, "load": load,
                "pinned": placement.shared,

@@ -11,10 +11,17 @@ import sys
 import time
 
 import pytest
-from pyproxy.bench.callgraph import graphs_from_traces, read_otlp_lines
+from pyproxy.bench.callgraph import graph_from_data, graphs_from_traces, read_otlp_lines
 from pyproxy.bench.model import Profile, current_platform
 from pyproxy.bench.procs import move_to_cpu, shield, tree_pids
-from pyproxy.bench.validate import Case, halves_differ, held_out, held_out_table, pod_factors
+from pyproxy.bench.validate import (
+    Case,
+    halves_differ,
+    held_out,
+    held_out_table,
+    pod_factors,
+    timed_on_shared_cpus,
+)
 from pyproxy.bench.validation_load import summarize
 from pyproxy.iptables.netns import NAME_PREFIX, list_namespaces, missing_capabilities
 
@@ -139,6 +146,28 @@ def test_the_traces_the_pods_exported_are_the_fanout_in_each_protocol(validated)
     for r in rows:
         assert r["traces"] == 5
         assert r["predicted_from_traces_us"] == pytest.approx(r["predicted_us"], rel=0.1)
+
+
+def test_a_traced_graph_on_shared_cpus_keeps_its_shape_and_work_and_takes_the_apps_cpu():
+    # a -> (b || c), as spans on one shared CPU time it: each hop's span holds the stacks and
+    # the sibling that ran first, which the schedule puts on the CPU itself
+    graph = graph_from_data({"calls": [
+        {"id": "a", "callee": "a", "rate": 100, "work_us": 150},
+        {"id": "b", "parent": "a", "callee": "b", "group": 0, "work_us": 120, "network_us": 400},
+        {"id": "c", "parent": "a", "callee": "c", "group": 0, "work_us": 130, "network_us": 650},
+    ]})  # fmt: skip
+    timed_on_shared_cpus(graph, app_cpu_us=900.0)
+    a, b, c = graph.root, *graph.root.children
+    assert [x.work_ns for x in (a, b, c)] == [150_000, 120_000, 130_000]
+    assert (b.group, c.group) == (0, 0)
+    # the rest of the apps' 900 µs a request, over five sides: a, b and c serving, a calling b, c
+    stack = (900_000 - 400_000) / 5
+    assert [x.app_ns for x in (a, b, c)] == [stack] * 3
+    assert [x.client_ns for x in (a, b, c)] == [0.0, stack, stack]  # the load calls a
+    assert [x.network_ns for x in (a, b, c)] == [0.0] * 3
+    # work beyond the measured CPU leaves no stack CPU, never a negative one
+    timed_on_shared_cpus(graph, app_cpu_us=100.0)
+    assert [x.app_ns for x in (a, b, c)] == [0.0] * 3
 
 
 def test_a_case_names_the_app_protocol_and_the_sidecars():
