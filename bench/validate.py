@@ -49,7 +49,13 @@ from pyproxy.bench.model import PODS, Profile, check_platform, check_setting, cu
 from pyproxy.bench.pod_echo import admin_get
 from pyproxy.bench.pod_sidecar import start_captured_sidecar
 from pyproxy.bench.predict import HANDOFF_STAGE, IDLE_STAGE, Prediction, WhatIf, predict
-from pyproxy.bench.procs import Noise, speed_probe
+from pyproxy.bench.procs import (
+    Noise,
+    add_halt_poll_option,
+    halt_poll_refused,
+    halt_polling,
+    speed_probe,
+)
 from pyproxy.bench.profile import (
     IDLE_RATES,
     PodTarget,
@@ -396,6 +402,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="measure nothing: predict again for the cases already measured into --out",
     )
+    add_halt_poll_option(parser)
 
 
 def _error(predicted: float, measured: float | None) -> float | None:
@@ -557,6 +564,9 @@ def run(args: argparse.Namespace) -> int:
     if missing:
         print(f"pyproxy bench validate: pods need {', '.join(missing)}", file=sys.stderr)
         return 2
+    if refused := halt_poll_refused(args.halt_poll_ns):
+        print(f"pyproxy bench validate: {refused}", file=sys.stderr)
+        return 2
     out = args.out or RESULTS / time.strftime("validate-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     inputs = {k: str(v) for k, v in vars(args).items() if k != "func"}
@@ -564,17 +574,19 @@ def run(args: argparse.Namespace) -> int:
         f.write(json.dumps(inputs) + "\n")  # every invocation that measured into this folder
     failed: dict[str, str] = {}
     try:
-        for topology in [] if args.predict_only else args.topologies.split(","):
-            for case in cases:
-                name = f"{topology}/{case.text}"
-                try:
-                    measured = run_case(topology, case, args, out)
-                except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
-                    failed[name] = str(exc)  # one broken case is reported, the others still run
-                    print(f"  validate: {name} FAILED: {exc}", file=sys.stderr, flush=True)
-                    continue
-                _measurement_file(out, topology, case).write_text(json.dumps(measured) + "\n")
-                print(f"  validate: {name} done", file=sys.stderr, flush=True)
+        with halt_polling(None if args.predict_only else args.halt_poll_ns) as polled:
+            for topology in [] if args.predict_only else args.topologies.split(","):
+                for case in cases:
+                    name = f"{topology}/{case.text}"
+                    try:
+                        measured = run_case(topology, case, args, out)
+                    except (OSError, RuntimeError, ValueError, subprocess.SubprocessError) as exc:
+                        failed[name] = str(exc)  # one broken case is reported, the others run
+                        print(f"  validate: {name} FAILED: {exc}", file=sys.stderr, flush=True)
+                        continue
+                    measured["halt_poll_ns"] = polled  # as read back while it ran
+                    _measurement_file(out, topology, case).write_text(json.dumps(measured) + "\n")
+                    print(f"  validate: {name} done", file=sys.stderr, flush=True)
     except KeyboardInterrupt:
         print("pyproxy bench validate: interrupted; writing what was measured", file=sys.stderr)
     # The table covers every case measured into this folder: a validation run in chunks (one

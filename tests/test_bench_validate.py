@@ -13,7 +13,7 @@ import time
 import pytest
 from pyproxy.bench.callgraph import graph_from_data, graphs_from_traces, read_otlp_lines
 from pyproxy.bench.model import Profile, current_platform
-from pyproxy.bench.procs import move_to_cpu, shield, tree_pids
+from pyproxy.bench.procs import halt_poll_ns, move_to_cpu, shield, tree_pids
 from pyproxy.bench.validate import (
     Case,
     halves_differ,
@@ -168,6 +168,14 @@ def test_a_traced_graph_on_shared_cpus_keeps_its_shape_and_work_and_takes_the_ap
     # work beyond the measured CPU leaves no stack CPU, never a negative one
     timed_on_shared_cpus(graph, app_cpu_us=100.0)
     assert [x.app_ns for x in (a, b, c)] == [0.0] * 3
+
+
+def test_validate_refuses_an_idle_polling_time_it_cannot_set(tmp_path, capsys):
+    out = tmp_path / "v"
+    argv = ["bench", "validate", "--interleave", "--halt-poll-ns", "-1", "--out", str(out)]
+    assert main(argv) == 2
+    assert "--halt-poll-ns must be 0 or more" in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was measured or written
 
 
 def test_a_case_names_the_app_protocol_and_the_sidecars():
@@ -328,12 +336,17 @@ def test_an_interleaved_validation_profiles_each_case_between_its_phases(tmp_pat
     blocks around the case's phases (the pass and the whole hop, the echoes spinning the app's
     work), prices its rows; the hop a → b is priced whole, the root call per pass."""
     out = tmp_path / "v"
+    before = halt_poll_ns()
+    polling = [] if before is None else ["--halt-poll-ns", str(before + 12345)]
     argv = ["bench", "validate", "--interleave", "--cases", "http/http+fault+ratelimit",
             "--topologies", "chain", "--rounds", "1", "--seconds", "0.2", "--loads", "0.5",
             "--traced-requests", "3", "--profile-seconds", "0.1", "--profile-idle-rates", "300",
-            "--out", str(out)]  # fmt: skip
+            *polling, "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     measured = json.loads((out / "measured-chain-http-http+fault+ratelimit.json").read_text())
+    # idle vCPUs polled as asked while the case ran (the value read back), and as before after
+    assert measured["halt_poll_ns"] == (None if before is None else before + 12345)
+    assert halt_poll_ns() == before
     assert measured["profile_blocks"] == 3  # before the closed loop, between, after the paced
     # the meshed pods' counters after each phase (the closed loop, the paced load), each
     # stage's time and how often it ran, and every group's run-queue wait per phase
