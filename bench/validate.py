@@ -487,10 +487,11 @@ def rows_for(topology: str, case: Case, m: dict, profile: Profile, args, out: Pa
             if profile.handoff
             else by_stage
         )
+        app_cpu_us = plain_app_cpu_us(measured)
         for g in graphs:
             g.root.rate = rate
             if placement.shared:
-                timed_on_shared_cpus(g, plain_app_cpu_us(measured))
+                timed_on_shared_cpus(g, app_cpu_us)
         from_traces: list[Prediction] = [predict(profile, g, placement=placement) for g in graphs]
         row = {"topology": topology, "app": case.protocol, "mode": case.label, "load": load,
                "pinned": placement.shared,
