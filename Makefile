@@ -17,8 +17,12 @@ APT_BENCH := nginx-light libnginx-mod-stream libnginx-mod-http-lua iperf3 haprox
 demo: system-deps $(VENV)/.installed-test
 	$(PY) -m pyproxy demo
 
+# The suite on parallel workers (a test module stays on one worker, its fixtures set up once),
+# then, alone, the modules that touch what the whole host shares (tests/conftest.py: HOST_WIDE).
+TEST_WORKERS ?= auto
 test: system-deps $(VENV)/.installed-test
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadfile -m "not host_wide"
+	$(VENV)/bin/pytest -m host_wide
 
 # Every bench measures its own baselines in the same run; results land in bench/results/.
 BENCHES := tcp_echo http_bench filter_bench filtered_path grpc_bench native_paths h2_codec_bench

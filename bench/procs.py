@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -22,14 +23,49 @@ from pathlib import Path
 
 _handed_out: set[int] = set()
 
+# Where the ports of one of several test processes running at once come from (pytest-xdist's
+# workers: PYTEST_XDIST_WORKER=gwN of PYTEST_XDIST_WORKER_COUNT): a block of its own below the
+# kernel's ephemeral range. A port found free is bound by its user a moment later (a proxy
+# starting up); meanwhile the kernel could give it to another process's socket bound to port 0
+# or connecting out, which it numbers from the ephemeral range only, and another worker's search
+# could find it free too.
+PORT_BLOCKS_FROM = 10_000
+EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
+
+
+def _port_block() -> range | None:
+    """This process's own ports, or None: take any the kernel gives."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    try:
+        index, count = int(worker.removeprefix("gw")), int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+        ephemeral_from = int(Path(EPHEMERAL_RANGE).read_text().split()[0])
+    except (KeyError, OSError, ValueError, IndexError):
+        return None
+    size = (ephemeral_from - PORT_BLOCKS_FROM) // max(count, 1)
+    if not worker.startswith("gw") or not 0 <= index < count or size < 100:
+        return None  # not a worker, or no room below the range: as a single process
+    start = PORT_BLOCKS_FROM + index * size
+    return range(start, start + size)
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nothing is bound to now that this process has not handed out before: the kernel
-    may give a just-closed port again, and callers often take several before binding any."""
+    may give a just-closed port again, and callers often take several before binding any.
+    Among parallel test workers, from this worker's block (_port_block), from a random place in
+    it: the processes a worker starts search its block too, and must not all begin with the
+    ports it handed out and has yet to bind."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    for _ in range(100):
+    block = _port_block()
+    first = random.randrange(len(block)) if block else 0
+    for attempt in range(100):
+        port = block[(first + attempt) % len(block)] if block else 0
+        if port in _handed_out:
+            continue
         with socket.socket(family) as s:
-            s.bind((host, 0))
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue  # bound by someone: the next one
             port = s.getsockname()[1]
         if port not in _handed_out:
             _handed_out.add(port)

@@ -312,11 +312,23 @@ def _lane_on_hyper_h2(item: pytest.Item) -> bool:
     )
 
 
+# Modules whose tests change or count what the whole host shares, so that another test running
+# beside them would disturb them or be disturbed: idle vCPUs' halt polling (set and restored by
+# the validate and sockmap benches), a SCHED_FIFO sidecar (sockmap), the host's list of loaded
+# eBPF programs (counted by the eBPF capture test). Marked `host_wide`: `make test` runs the rest
+# on parallel workers, then these alone.
+HOST_WIDE = frozenset({"test_bench_validate.py", "test_sockmap.py", "test_capture_pods.py"})
+
+
+@pytest.hookimpl(tryfirst=True)  # marked before `-m` selects by the marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """The HTTP/2 lane (a module fixture's `lane-on` id) rides the native codec only: its
     pairings with hyper-h2 are left out at collection rather than collected and skipped
-    (CI forbids skips)."""
+    (CI forbids skips). The HOST_WIDE modules' tests are marked `host_wide`."""
     dropped = [item for item in items if _lane_on_hyper_h2(item)]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
         items[:] = [item for item in items if not _lane_on_hyper_h2(item)]
+    for item in items:
+        if item.path.name in HOST_WIDE:
+            item.add_marker(pytest.mark.host_wide)
