@@ -362,8 +362,9 @@ def _trace_graph(
         if s.service not in services:
             services[s.service] = Service(s.service, mode)
         groups = _groups([hop(k) for k in children.get(s.span_id, [])])
-        # A parallel group costs its slowest member, as the prediction prices it.
-        waited = sum(max(k.end_ns - k.start_ns for k in g) for g in groups)
+        # Its work is its self time, as Jaeger counts it: the time none of its calls was in
+        # flight (a parallel group waits from its first call's start to its last one's end).
+        waited = sum(max(k.end_ns for k in g) - min(k.start_ns for k in g) for g in groups)
         outer = hop(s)
         calls[s.span_id] = Call(
             id=s.span_id,
