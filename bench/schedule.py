@@ -158,19 +158,17 @@ class _Plan:
             return (0 if going_on else 1, ran.get(process, 0.0))
 
         while waiting:
-            best, best_start = -1, 0.0
+            best, best_start, best_turn = -1, 0.0, (0, 0.0)
             for i in sorted(waiting):
                 task = self.tasks[i]
                 if not all(done[j] for j in task.after):
                     continue
                 ready = max((end[j] for j in task.after), default=0.0)
                 start = max([ready] + [free.get(r, 0.0) for r in task.resources])
-                if (
-                    best < 0
-                    or start < best_start
-                    or (start == best_start and turn(i, start) < turn(best, start))
-                ):
-                    best, best_start = i, start
+                if best < 0 or start < best_start:
+                    best, best_start, best_turn = i, start, turn(i, start)
+                elif start == best_start and (mine := turn(i, start)) < best_turn:
+                    best, best_turn = i, mine
             task = self.tasks[best]
             duration = task.duration
             cpu = next((r for r in task.resources if r in shared_cpu), None)
