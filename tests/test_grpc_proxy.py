@@ -75,8 +75,10 @@ class Upstream:
 
         class Servicer(services.EchoServicer):
             def Unary(self, request, context):
+                handled = outer._watch(context)
                 outer.metadata.append(dict(context.invocation_metadata()))
                 outer._wait(request.delay_ms, context)
+                handled.set()
                 context.send_initial_metadata([("x-initial", "i1")])
                 context.set_trailing_metadata([("x-trailer", "t1"), ("x-bin-bin", b"\x00\xff")])
                 if request.code:
@@ -86,10 +88,12 @@ class Upstream:
                 return messages.Msg(data=_reply(request))
 
             def ServerStream(self, request, context):
+                handled = outer._watch(context)
                 for _ in range(request.count):
                     if not outer._wait(request.delay_ms, context):
                         return
                     yield messages.Msg(data=_reply(request))
+                handled.set()
 
             def ClientStream(self, request_iterator, context):
                 count = size = 0
@@ -110,16 +114,28 @@ class Upstream:
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
 
-    def _wait(self, delay_ms: int, context) -> bool:
-        """Sleep in steps, as a careful server does; report a cancellation once."""
-        if not delay_ms:
-            return True
-        seen = threading.Event()
-        context.add_callback(seen.set)
+    def _watch(self, context) -> threading.Event:
+        """Record the call as cancelled if it ends before the handler sets the returned event.
+
+        The termination callback, not the handler, records it: grpcio stops resuming a
+        streaming handler whose call was cancelled while a reply was being sent, so a check
+        inside the handler can miss a cancellation that did reach the server."""
+        handled = threading.Event()
+
+        def ended() -> None:
+            if not handled.is_set():
+                self.cancelled.put(time.monotonic())
+
+        if not context.add_callback(ended):
+            ended()
+        return handled
+
+    @staticmethod
+    def _wait(delay_ms: int, context) -> bool:
+        """Sleep in steps, as a careful server does; False once the call is no longer active."""
         deadline = time.monotonic() + delay_ms / 1000
         while time.monotonic() < deadline:
-            if not context.is_active() or seen.is_set():
-                self.cancelled.put(time.monotonic())
+            if not context.is_active():
                 return False
             time.sleep(0.01)
         return True
