@@ -18,9 +18,7 @@ request to (filtered_path.py sets this beside nginx).
   nothing), no-op WASM (`filters/wasm_examples/noop.wat`, hand-written), and
   `wasm_sdk`: the AssemblyScript SDK's headers example built from source by
   the SDK (`filters/wasm_examples/assemblyscript/assembly/headers.ts`: adds a
-  request and a response header), Envoy's 26.3 µs its target too; and
-  `wasm_sdk_unbounded`, the same module with `call_time_limit: off`, as Envoy
-  runs guests (compiled without the epoch checks the time limit needs);
+  request and a response header), Envoy's 26.3 µs its target too;
 * combinations: the three native filters (fault+ratelimit+tap), lua+wasm,
   lua+native, wasm+native, all five.
 
@@ -83,9 +81,8 @@ ENVOY_US = {
     "lua": 80.6,
     "wasm": 26.3,
     "wasm_sdk": 26.3,
-    "wasm_sdk_unbounded": 26.3,
 }
-SINGLES = ("fault", "ratelimit", "tap", "lua", "wasm", "wasm_sdk", "wasm_sdk_unbounded")
+SINGLES = ("fault", "ratelimit", "tap", "lua", "wasm", "wasm_sdk")
 NATIVE = ("fault", "ratelimit", "tap")
 COMBOS = {
     "native3": NATIVE,
@@ -94,8 +91,7 @@ COMBOS = {
     "wasm+native3": ("wasm", *NATIVE),
     "all5": ("lua", "wasm", *NATIVE),
 }
-# native, then scripted
-CHAIN_ORDER = ("fault", "ratelimit", "tap", "lua", "wasm", "wasm_sdk", "wasm_sdk_unbounded")
+CHAIN_ORDER = ("fault", "ratelimit", "tap", "lua", "wasm", "wasm_sdk")  # native, then scripted
 ADDITIVITY_TOLERANCE = 0.20
 
 
@@ -199,7 +195,7 @@ def sanity(name: str, filters: tuple[str, ...], costs: dict) -> list[str]:
         c = counters["tap"]
         if c["dropped"] or c["tapped"] < costs["requests"] - 8:
             problems.append(f"{name}: tap tapped {c['tapped']} dropped {c['dropped']}")
-    for kind in ("lua", "wasm", "wasm_sdk", "wasm_sdk_unbounded"):
+    for kind in ("lua", "wasm", "wasm_sdk"):
         if kind in filters and any(counters[kind].values()):
             problems.append(f"{name}: {kind} {counters[kind]}")
     return problems

@@ -33,11 +33,9 @@ def filter_entry(kind: str, workdir: Path, config_name: str) -> dict:
         config = {"inline_code": "function envoy_on_request(handle)\nend\n"}
     elif kind == "wasm":
         config = {"wasm_file": str(WASM_NOOP)}
-    elif kind in ("wasm_sdk", "wasm_sdk_unbounded"):
+    elif kind == "wasm_sdk":
         module = sdk_modules.assemblyscript_module("headers")
         config = {"wasm_file": str(module), "root_id": "add_header", "configuration": "bench"}
-        if kind == "wasm_sdk_unbounded":  # as Envoy runs it: no time limit, no epoch checks
-            config["call_time_limit"] = "off"
         return {"name": kind, "type": "wasm", "config": config}
     else:
         raise ValueError(kind)

@@ -88,7 +88,7 @@ def count(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", default="wasm,wasm_sdk,wasm_sdk_unbounded",
+    parser.add_argument("--only", default="wasm,wasm_sdk",
                         help="comma-separated configurations besides no filter")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--requests", type=int, default=1000)

@@ -13,7 +13,6 @@ Config (Envoy's `envoy.extensions.wasm.v3.PluginConfig` names, plus shortcuts an
     wasm_file: plugin.wasm             # shortcut for vm_config.code.local.filename
     code_wat: "(module ...)"           # shortcut for vm_config.code.local.inline_string
     call_time_limit: 20ms              # how long one host→guest entry may run; past it: 500
-                                       # off: unbounded, as Envoy runs guests (no epoch checks)
     max_memory_bytes: 16777216         # the guest's linear memory cap (memory.grow fails past it)
     pause_timeout: 5s                  # a request the guest pauses without replying gets a 500 after this
 
@@ -59,7 +58,7 @@ from pyproxy.filters.wasm_runtime import (
     engine,
 )
 from pyproxy.filters.wasm_tcp import WasmTcpFilter
-from pyproxy.filters.wasm_time_limit import DEFAULT_CALL_TIME_LIMIT, TICK_MS, UNBOUNDED, bounded
+from pyproxy.filters.wasm_time_limit import DEFAULT_CALL_TIME_LIMIT, TICK_MS
 
 from pyproxy.chain.api import (
     CONTINUE,
@@ -148,23 +147,19 @@ def _source(config: dict) -> tuple[str, str | bytes]:
 
 
 def _call_time_limit(config: dict) -> float:
-    """call_time_limit in seconds, or UNBOUNDED for `off` (YAML reads a bare off as false). The
-    fuel_per_call of earlier configs is still accepted (so they load) but no longer bounds
-    anything: guests are bounded by time, not instructions."""
+    """call_time_limit in seconds. The fuel_per_call of earlier configs is still accepted (so
+    they load) but no longer bounds anything: guests are bounded by time, not instructions."""
     if "fuel_per_call" in config:
         _positive_int(config.pop("fuel_per_call"), "fuel_per_call")
         log.warning("wasm filter: fuel_per_call is ignored; call_time_limit bounds each guest call")
-    value = config.pop("call_time_limit", DEFAULT_CALL_TIME_LIMIT)
-    if value is False or (isinstance(value, str) and value.strip().lower() == "off"):
-        return UNBOUNDED
     try:
-        limit = parse_duration(value)
+        limit = parse_duration(config.pop("call_time_limit", DEFAULT_CALL_TIME_LIMIT))
     except ValueError as exc:
         raise FilterConfigError("call_time_limit", str(exc)) from None
     if not 0 < limit <= 60:
         raise FilterConfigError(
             "call_time_limit",
-            f"expected off, or a duration above 0 and at most 60s (counted in {TICK_MS} ms ticks)",
+            f"expected a duration above 0 and at most 60s (counted in {TICK_MS} ms ticks)",
         )
     return limit
 
@@ -212,7 +207,7 @@ class WasmFactory(FilterFactory):
         config.pop("vm_config")
         if config:
             raise FilterConfigError(next(iter(config)), "unknown field")
-        module = compile_module(field, code, bounded(out))
+        module = compile_module(field, code)
         check_module(field, module)
         # Instantiate and configure once here: a module that traps, exceeds the memory cap or
         # refuses its configuration is refused at load, not on the first request.
@@ -230,7 +225,7 @@ class WasmFactory(FilterFactory):
 
     def __init__(self, config: dict, context) -> None:
         super().__init__(config, context)
-        module = wasmtime.Module.deserialize(engine(bounded(config)), config["module"].artifact)
+        module = wasmtime.Module.deserialize(engine(), config["module"].artifact)
         settings = dict(config, name=config["name"] or context.filter_name or "wasm")
         self.runtime = Runtime(module, settings, context.loop, worker_metrics())
         self.runtime.clusters = context.clusters

@@ -59,7 +59,6 @@ from pyproxy.filters.wasm_time_limit import (
     WASMCALL,
     EntryState,
     TimeLimit,
-    bounded,
     start_ticker,
 )
 from wasmtime import _bindings as _capi
@@ -257,29 +256,26 @@ def _addr(pointer) -> int:
     return ctypes.cast(pointer, c_void_p).value or 0
 
 
-_engines: dict[tuple[int, bool], wasmtime.Engine] = {}
+_engines: dict[int, wasmtime.Engine] = {}
 # Guest instructions counted with fuel instead of time bounded by epochs: only for
 # bench/wasm_cost.py's counting child (count_instructions), never in a proxy.
 _fuel_metering = False
 
 
-def engine(bounded: bool = True) -> wasmtime.Engine:
-    """One engine per process and kind: a forked worker never touches the engine its parent
-    compiled with (nor has its parent's epoch ticker: threads do not survive fork). A bounded
-    engine's code checks the epoch (call_time_limit); an unbounded one's does not, and a module
-    compiled for one cannot run in the other."""
-    key = (os.getpid(), bounded)
-    found = _engines.get(key)
+def engine() -> wasmtime.Engine:
+    """One engine per process: a forked worker never touches the engine its parent compiled with
+    (nor has its parent's epoch ticker: threads do not survive fork)."""
+    pid = os.getpid()
+    found = _engines.get(pid)
     if found is None:
         config = wasmtime.Config()
-        config.epoch_interruption = bounded
+        config.epoch_interruption = True
         config.consume_fuel = _fuel_metering
         config.parallel_compilation = False  # no compiler threads in a process that forks
         # A memory never moves (Runtime.view relies on it): growing past the reservation fails.
         _capi.wasmtime_config_memory_may_move_set(config.ptr(), False)
-        found = _engines[key] = wasmtime.Engine(config)
-        if bounded:
-            start_ticker(found)
+        found = _engines[pid] = wasmtime.Engine(config)
+        start_ticker(found)
     return found
 
 
@@ -326,9 +322,9 @@ class _ProcExit(Exception):
 # ---- config ----------------------------------------------------------------------------------
 
 
-def compile_module(field: str, code: str | bytes, bounded: bool = True) -> wasmtime.Module:
+def compile_module(field: str, code: str | bytes) -> wasmtime.Module:
     try:
-        return wasmtime.Module(engine(bounded), code)
+        return wasmtime.Module(engine(), code)
     except wasmtime.WasmtimeError as exc:
         text = " ".join(str(exc).split())
         raise FilterConfigError(field, f"invalid module: {text[:200]}") from None
@@ -410,7 +406,7 @@ class Runtime(EntryState):
         self.time_limit = TimeLimit(settings["call_time_limit"])
         self.vm_config = settings["vm_configuration"].encode()
         self.plugin_config = settings["configuration"].encode()
-        self.engine = engine(bounded(settings))
+        self.engine = engine()
         self.linker = wasmtime.Linker(self.engine)
         self._host_callbacks: list = []  # must outlive every store made from the linker
         self._link()

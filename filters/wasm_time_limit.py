@@ -31,10 +31,6 @@ from pyproxy import native
 
 TICK_MS = 5
 DEFAULT_CALL_TIME_LIMIT = 0.020
-# `call_time_limit: off`: no bound, as Envoy runs guests. The module is compiled without
-# epoch checks (about a sixth of an SDK-built module's instructions per request), and its
-# engine has no ticker; an endless loop then holds its worker for good.
-UNBOUNDED = 0.0
 # With the native ticker the guest may keep the GIL while it runs (no Python thread needs it to
 # stop a runaway); else the Python ticker must be able to run meanwhile.
 NATIVE_TICKER = native.lib is not None
@@ -96,11 +92,6 @@ def start_ticker(engine: wasmtime.Engine) -> None:
     threading.Thread(target=run, name="wasm-epoch-ticker", daemon=True).start()
 
 
-def bounded(settings: dict) -> bool:
-    """Whether a filter's validated settings bound its guest entries (see UNBOUNDED)."""
-    return settings["call_time_limit"] != UNBOUNDED
-
-
 def limit_ticks(seconds: float) -> int:
     """The ticks an entry may run for a call_time_limit (at least one)."""
     return max(1, math.ceil(seconds * 1000 / TICK_MS - 1e-9))
@@ -113,7 +104,7 @@ class TimeLimit(EntryState):
     __slots__ = ("limit", "_seen", "_ticks", "exceeded", "_callback")
 
     def __init__(self, seconds: float) -> None:
-        self.limit = limit_ticks(seconds) if seconds != UNBOUNDED else 0  # 0: no bound
+        self.limit = limit_ticks(seconds)
         self.entries = 0
         self._seen = -1  # `entries` when the deadline last passed
         self._ticks = 0  # ticks the entry `_seen` has seen pass
@@ -122,8 +113,6 @@ class TimeLimit(EntryState):
 
     def arm(self, store: wasmtime.Store) -> None:
         self.exceeded = False
-        if not self.limit:
-            return  # an unbounded store's engine has no epochs
         store.set_epoch_deadline(1)
         store_ptr = ctypes.cast(store.ptr(), c_void_p).value
         _set_deadline_callback(store_ptr, self._callback, None, None)
