@@ -33,6 +33,26 @@ def listener_block() -> memoryview:
     return memoryview(bytearray(8 * LISTENER_SLOTS)).cast("q")
 
 
+def hold_numbers_below(number: int) -> list[int] | None:
+    """Make `number` the lowest free fd number: every free number below it is taken by a
+    placeholder (returned; the caller closes them). None if `number` itself is taken.
+
+    A test that wants the kernel's next socket on a given number cannot count on the holes
+    below it staying as they are: on an xdist worker the process is shared with the modules run
+    before, whose leftover sockets the garbage collector closes whenever it runs, and whose
+    threads still winding down close theirs. So the holes are filled first; what is freed after
+    that can still win the number, and the test checks which socket got it."""
+    held: list[int] = []
+    while (spare := os.open(os.devnull, os.O_RDONLY)) < number:
+        held.append(spare)
+    os.close(spare)
+    if spare > number:
+        for fd in held:
+            os.close(fd)
+        return None
+    return held
+
+
 def http_get(
     url: str, method: str = "GET", timeout: float = 5.0, headers: dict[str, str] | None = None
 ) -> tuple[int, bytes]:

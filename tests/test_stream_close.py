@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import socket
 import struct
 
 import pytest
-from conftest import listener_block
+from conftest import hold_numbers_below, listener_block
 
 from pyproxy.counters import DOWNSTREAM_RX, DOWNSTREAM_TX, IPC, READ
 from pyproxy.io.stream import Stream
@@ -56,12 +57,40 @@ def _closing_stream(loop, listener: socket.socket) -> tuple[Stream, socket.socke
     return stream, peer
 
 
+def _accept_onto(listener: socket.socket, number: int, queued: int) -> socket.socket:
+    """Accept one of the `queued` connections waiting on `listener` onto the free fd `number`
+    (onto whatever number is lowest if `number` is taken). A lower number freed in the instant
+    between filling the holes and the accept (conftest.hold_numbers_below) takes the accepted
+    socket instead: it is held, and the next connection tried."""
+    wrong: list[socket.socket] = []
+    try:
+        for _ in range(queued - 1):
+            held = hold_numbers_below(number)
+            if held is None:
+                break
+            try:
+                new, _ = listener.accept()
+            finally:
+                for spare in held:
+                    os.close(spare)
+            if new.fileno() == number:
+                return new
+            wrong.append(new)
+        new, _ = listener.accept()
+        return new
+    finally:
+        for sock in wrong:
+            sock.close()
+
+
 async def _closed_stream_then_peer_resets() -> tuple[bool, bool]:
     loop = asyncio.get_running_loop()
     with socket.create_server(("127.0.0.1", 0)) as listener:
         stream, peer = _closing_stream(loop, listener)
         fd = stream.fd
         assert not stream.closed
+        # Connections waiting in the backlog, made while the stream's number is still taken.
+        others = [socket.create_connection(listener.getsockname()) for _ in range(4)]
         peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         peer.close()  # a reset, not a read
         for _ in range(50):
@@ -71,10 +100,7 @@ async def _closed_stream_then_peer_resets() -> tuple[bool, bool]:
         closed_by_itself = stream.closed
         del stream
         gc.collect()  # whatever is left open is closed now, as the garbage collector would
-        # The kernel hands out the lowest free numbers: the peer's and the stream's, in that
-        # order, so the accepted socket gets the number the stream had.
-        other = socket.create_connection(listener.getsockname())
-        new, _ = listener.accept()
+        new = _accept_onto(listener, fd, len(others))
         new.setblocking(False)
         try:
             loop.add_reader(new.fileno(), lambda: None)
@@ -84,7 +110,8 @@ async def _closed_stream_then_peer_resets() -> tuple[bool, bool]:
             watchable = False
         assert new.fileno() == fd or not closed_by_itself
         new.close()
-        other.close()
+        for other in others:
+            other.close()
         return closed_by_itself, watchable
 
 
