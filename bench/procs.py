@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import random
@@ -33,6 +34,7 @@ PORT_BLOCKS_FROM = 10_000
 EPHEMERAL_RANGE = "/proc/sys/net/ipv4/ip_local_port_range"
 
 
+@functools.cache  # a process's worker index and the ephemeral range do not change while it runs
 def _port_block() -> range | None:
     """This process's own ports, or None: take any the kernel gives."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
