@@ -170,7 +170,8 @@ class IdleCurve:
     paced points) is the part of each point's latency that the proxy's own
     stages took beyond the closed loop: its code running on cold caches; the
     rest is outside the stages (waking the CPU and the processes across it).
-    It says where the cost goes; prediction prices the whole by the CPU's gap.
+    It says where the cost goes; prediction prices the whole by the gap a
+    sidecar process had since it last ran (in the profile, its CPU's gap too).
     """
 
     points: tuple[tuple[float, float, float], ...]

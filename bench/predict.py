@@ -27,8 +27,11 @@ With a placement that puts processes on shared CPUs (`--pin`: the apps on one
 CPU, the sidecars on the other), the latency is no longer a critical path:
 `schedule` lays every pass and every app's work on its CPU, so parallel calls'
 apps take turns, sidecar passes overlap other calls' app work, and a pass pays
-the idle curve for the idle gap its CPU had before it rather than per pass at
-the call's rate.
+the idle curve for the gap its own sidecar process had before it (since that
+process last ran), rather than per pass at the call's rate: a sidecar's code
+and data go cold while it waits, whether its CPU idles or runs other sidecars
+meanwhile. A whole hop's curve was measured with both sidecars waiting as long;
+each of its two passes pays half of it after its own gap.
 """
 
 from __future__ import annotations
@@ -400,9 +403,10 @@ def _placed(
 
     Apps on one CPU take turns, a sidecar's pass overlaps other calls' work on the other CPU,
     and the calls of a parallel group queue on their caller's sidecar, all in the schedule. A
-    sidecar then pays to wake up when its CPU idled before its pass, priced by the idle curve at
-    that idle gap (`IdleCurve.after_gap`), rather than at the call's rate: on a CPU that several
-    sidecars share, only some passes find it idle. `path_stages` and `cpu_stages` get the schedule's
+    sidecar then pays to wake up after its own process waited, priced by the idle curve at that
+    gap (`IdleCurve.after_gap`), rather than at the call's rate: a pass that follows its
+    sidecar's previous one closely pays nothing, one that follows a long wait pays, whatever
+    ran on the CPU meanwhile. `path_stages` and `cpu_stages` get the schedule's
     `idle` in place of each pass's.
     """
     factor = dict(what_if.factors).get(IDLE_STAGE, 1.0)
@@ -420,11 +424,13 @@ def _placed(
         out = graph.services[hop.caller] if hop.caller is not None else None
         inbound = graph.services[hop.callee]
         if hop.whole:
-            # the hop's curve was measured for both passes at once: its outbound pass pays it
+            # The hop's curve was measured for both passes at once, each sidecar idle as long
+            # as the other: each pays half of it after its own gap.
             curve = profile.idle.get(hop.whole) if wakes and factor else None
-            return HopCost(hop.outbound_ns, hop.inbound_ns, hop.stages_ns.get(HANDOFF_STAGE, 0.0),
-                           (lambda gap: _scaled(factor, curve.after_gap(gap)))
-                           if curve is not None else None)  # fmt: skip
+            half = (lambda gap: _scaled(factor / 2, curve.after_gap(gap))) if curve else None
+            return HopCost(
+                hop.outbound_ns, hop.inbound_ns, hop.stages_ns.get(HANDOFF_STAGE, 0.0), half, half
+            )
         return HopCost(hop.outbound_ns, hop.inbound_ns, hop.stages_ns.get(HANDOFF_STAGE, 0.0),
                        wake(out if out is not None and out.sidecar and wakes else None),
                        wake(inbound if inbound.sidecar and wakes else None))  # fmt: skip

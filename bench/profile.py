@@ -171,7 +171,7 @@ def _stages_delta(after: dict, before: dict) -> dict[str, int]:
     }
 
 
-class _Target:
+class LoopbackTarget:
     """A running proxy + echo upstream pair for one setup."""
 
     def __init__(
@@ -299,7 +299,7 @@ def _open_target(
     workdir: Path,
     pinned: bool,
     work_us: float = 0.0,
-) -> _Target | PodTarget:
+) -> LoopbackTarget | PodTarget:
     """The setup's running proxy and echoes in `setting`, torn down when `stack` closes."""
     if setting == PODS:
         made = stack.enter_context(pods(PodTarget.ROLES, ipv6_subnet=None))
@@ -307,11 +307,11 @@ def _open_target(
         return PodTarget(made, setup, workdir, pinned, work_us, shielded=pinned)
     procs = Processes()
     stack.callback(procs.stop_all)
-    return _Target(procs, setup, workdir, pinned, work_us)
+    return LoopbackTarget(procs, setup, workdir, pinned, work_us)
 
 
 def measure_size(
-    target: _Target | PodTarget,
+    target: LoopbackTarget | PodTarget,
     size: int,
     seconds: float,
     warmup: int,
@@ -376,7 +376,7 @@ def measure_size(
 
 
 def _idle_points(
-    target: _Target | PodTarget,
+    target: LoopbackTarget | PodTarget,
     pair: Pair | PodPair,
     base: dict,
     seconds: float,

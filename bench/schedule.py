@@ -64,8 +64,8 @@ UNPLACED = Placement()
 PINNED = Placement(apps=0, sidecars=1)
 
 
-# What waking a sidecar costs after its CPU idled: the idle gap (ns) -> (latency ns, CPU ns),
-# the profile's IdleCurve read on its gap axis (`IdleCurve.after_gap`).
+# What waking a sidecar costs after its process waited: the gap since it last ran (ns) ->
+# (latency ns, CPU ns), the profile's IdleCurve read on its gap axis (`IdleCurve.after_gap`).
 Wake = Callable[[float], tuple[float, float]]
 
 
@@ -76,7 +76,7 @@ class HopCost:
     outbound_ns: float = 0.0  # the caller's sidecar (0: none)
     inbound_ns: float = 0.0  # the callee's sidecar (0: none)
     delay_ns: float = 0.0  # hand-off and wake-ups: latency on no CPU
-    # with these, a pass on a shared CPU also pays for the CPU's idle time before it
+    # with these, a pass also pays for its process's wait since it last ran
     outbound_wake: Wake | None = None
     inbound_wake: Wake | None = None
 
@@ -134,7 +134,7 @@ class _Plan:
     def run(self, free: dict[object, float] | None = None) -> tuple[float, dict[object, float]]:
         """The time the last task ends, scheduled earliest-startable first, and when each
         resource was last busy. `free`: when each resource was last busy before the request
-        (negative: in the previous one); a pass on a CPU that idled since pays to wake it."""
+        (negative: in the previous one); a pass whose process waited since pays to wake it."""
         end = [0.0] * len(self.tasks)
         free = dict(free or {})
         shared_cpu = {r for task in self.tasks for r in task.resources if isinstance(r, tuple)
@@ -172,11 +172,14 @@ class _Plan:
             task = self.tasks[best]
             duration = task.duration
             cpu = next((r for r in task.resources if r in shared_cpu), None)
-            if task.wake is not None and cpu is not None and cpu in free:
-                # The whole wake-up falls on the half that follows the idle gap: the profile's
-                # paced exchange paid its curve's cost after one long gap (before its request),
-                # its answer following the echo's short work as in the closed loop.
-                gap = best_start - free[cpu]
+            process = task.resources[0] if task.resources else None
+            if task.wake is not None and process in free:
+                # The whole wake-up falls on the half that follows the process's own gap: the
+                # profile's paced exchange paid its curve's cost after one long gap (before its
+                # request), its answer following the echo's short work as in the closed loop.
+                # The process's gap, not its CPU's: its code and data go cold while it waits,
+                # whether the CPU idles or runs other sidecars meanwhile.
+                gap = best_start - free[process]
                 if gap > 0:
                     wake_ns, wake_cpu = task.wake(gap)
                     duration += wake_ns
@@ -201,14 +204,14 @@ def latency(
 ) -> tuple[float, float]:
     """One request's latency (ns) through the graph, its processes placed on shared CPUs, and
     the CPU (ns) its sidecars' wake-ups cost. With `period_ns` (one request every that many ns),
-    a shared CPU idles from its last task of one request to its first of the next, and passes
-    that follow an idle CPU pay the wake-up the profile measured after as long an idle gap."""
+    each process waits from its last task of one request to its first of the next, and a pass
+    pays the wake-up the profile measured after as long a gap since its sidecar last ran."""
     plan = _Plan(placement)
     start = plan.add(0.0, None, [])
     plan.call(graph, graph.root, None, start, costs)
     if not period_ns:
         return plan.run()[0], 0.0
-    # the previous request, as this one: each CPU last busy one period before its last task
+    # the previous request, as this one: each resource last busy one period before its last task
     _, free = plan.run()
     total, _ = plan.run({r: t - period_ns for r, t in free.items()})
     return total, plan.wake_cpu_ns

@@ -715,7 +715,7 @@ def table(rows: list[dict]) -> str:
         )
     if any(r.get("pinned") for r in rows):
         lines.append("\npinned rows: predicted as a schedule of the apps' work on CPU 0 and the "
-                     "sidecars' passes on CPU 1, each pass waking its CPU after the idle gap it had")  # fmt: skip
+                     "sidecars' passes on CPU 1, each pass waking after the gap its sidecar had since it last ran")  # fmt: skip
     if rows:
         lines.append(
             "\nmedian / worst absolute error, latency: "

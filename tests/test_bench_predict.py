@@ -575,7 +575,7 @@ def test_predict_on_shared_cpus_prices_plain_and_meshed_with_the_schedule():
     assert placed.cpu_cores == pytest.approx(predict(base, graph).cpu_cores)
 
 
-def test_on_shared_cpus_a_pass_pays_to_wake_only_after_its_cpu_idled():
+def test_on_shared_cpus_a_pass_pays_to_wake_only_after_its_own_process_idled():
     chain = graph_from_data({"calls": [{"id": "a", "callee": "a", "work_us": 100},
                                        {"id": "b", "parent": "a", "callee": "b", "work_us": 100}]})  # fmt: skip
 
@@ -585,13 +585,16 @@ def test_on_shared_cpus_a_pass_pays_to_wake_only_after_its_cpu_idled():
     def cost(call):
         return HopCost(0.0 if call.parent is None else 10_000, 10_000, 0.0, wake, wake)
 
-    # Without a period every CPU starts busy: passes 30 µs on 200 µs of work.
+    # Without a period every process starts busy: passes 30 µs on 200 µs of work.
     assert schedule_latency(chain, PINNED, cost) == (pytest.approx(230_000), 0.0)
-    # One request every 10 ms: CPU 1 idled 9.77 ms before a's inbound pass, whose request half
-    # pays the whole 20 µs; the other passes follow 100 µs of app work and pay nothing. Priced
-    # per pass at the call's rate, the same curve would add 60 µs.
+    # One request every 10 ms: a's sidecar last ran in the previous request, so its inbound
+    # request half pays the whole 20 µs; so does b's inbound one, though CPU 1 ran a's
+    # outbound pass just before it: b's own sidecar had waited 9.7 ms. a's outbound pass
+    # follows a's inbound one by 100 µs of app work, and every response half follows its
+    # request half by the work below it: they pay nothing. Priced per pass at the call's rate,
+    # the same curve would add 60 µs.
     total, wake_cpu = schedule_latency(chain, PINNED, cost, period_ns=10_000_000)
-    assert total == pytest.approx(250_000) and wake_cpu == pytest.approx(5_000)
+    assert total == pytest.approx(270_000) and wake_cpu == pytest.approx(10_000)
 
 
 def test_predict_on_shared_cpus_puts_the_schedules_wake_ups_in_the_idle_stage():
@@ -604,12 +607,13 @@ def test_predict_on_shared_cpus_puts_the_schedules_wake_ups_in_the_idle_stage():
     per_pass = predict(profile, chain)
     placed = predict(profile, chain, placement=PINNED)
     assert per_pass.path_stages_ns["idle"] == pytest.approx(3 * 40_000)
-    # Pinned, only f's inbound pass follows CPU 1's idle gap between requests: all of its
-    # 40 µs on its request half; its response half follows a's inbound one directly, which
-    # followed a's work: a curve without gaps reads 100 µs as 10 kHz, no idle gap at all.
-    assert placed.path_stages_ns["idle"] == pytest.approx(40_000)
-    assert placed.overhead_ns == pytest.approx(3 * 3100 + 40_000)
-    assert placed.cpu_stages["idle"] == pytest.approx(100 * 8_000 / 1e9)
+    # Pinned, f's inbound pass and a's inbound pass each follow their own sidecar's idle gap
+    # between requests: 40 µs each, on their request halves. f's outbound pass follows f's
+    # inbound one by f's work (100 µs, which a curve without gaps reads as 10 kHz: no idle
+    # gap at all), and each response half follows its request half closely.
+    assert placed.path_stages_ns["idle"] == pytest.approx(2 * 40_000)
+    assert placed.overhead_ns == pytest.approx(3 * 3100 + 2 * 40_000)
+    assert placed.cpu_stages["idle"] == pytest.approx(100 * 2 * 8_000 / 1e9)
 
 
 def test_an_apps_own_cpu_is_half_taking_the_call_half_answering_it():
@@ -800,7 +804,12 @@ def test_a_profiled_hop_prices_a_call_between_two_sidecars_of_its_setup_whole():
     assert (hop.name, hop.mode, hop.hop, hop.filter_type) == ("hop:http", "http", True, None)
     profile = build_profile([Setup("http", "http"), hop], points, current_platform(), PODS)
     profile = dataclasses.replace(
-        profile, idle={"hop:http": IdleCurve(((100.0, 30_000.0, 4000.0), (1000.0, 0.0, 0.0)))}
+        profile,
+        idle={
+            "hop:http": IdleCurve(
+                ((100.0, 30_000.0, 4000.0), (110.0, 30_000.0, 4000.0), (1000.0, 0.0, 0.0))
+            )
+        },  # fmt: skip
     )
     graph = _f_calls_a()  # client → f → a at 100 /s, both http sidecars
     p = predict(profile, graph)
@@ -814,6 +823,12 @@ def test_a_profiled_hop_prices_a_call_between_two_sidecars_of_its_setup_whole():
     assert x.cpu_cores == pytest.approx(100 * (20_000 + 50_000 + 4000) / 1e9)
     assert (x.outbound_ns, x.inbound_ns) == (pytest.approx(10_000), pytest.approx(10_000))
     assert p.overhead_ns == pytest.approx(47_000 + 150_000)
+    # Pinned, the hop's curve is paid half by each of its passes, after its own sidecar's gap:
+    # a's inbound waited since the previous request (15 µs, 2 µs CPU); f's outbound pass
+    # follows f's inbound one by f's 100 µs of work, 10 kHz on a curve without gaps: nothing.
+    placed = predict(profile, graph, placement=PINNED)
+    assert placed.path_stages_ns["idle"] == pytest.approx(15_000)
+    assert placed.cpu_stages["idle"] == pytest.approx(100 * 2000 / 1e9)
     # a what-if scales the hop's stages as it scales a pass's
     assert predict(profile, graph, WhatIf.parse(["handoff=0"])).overhead_ns == pytest.approx(
         7000 + 20_000 + 30_000
