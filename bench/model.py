@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform as _platform
+import statistics
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -170,8 +171,9 @@ class IdleCurve:
     paced points) is the part of each point's latency that the proxy's own
     stages took beyond the closed loop: its code running on cold caches; the
     rest is outside the stages (waking the CPU and the processes across it).
-    It says where the cost goes; prediction prices the whole by the gap a
-    sidecar process had since it last ran (in the profile, its CPU's gap too).
+    It says where the cost goes. In the profile a sidecar's wait and its CPU's
+    idling are the same gap; a schedule where other sidecars ran in the wait
+    prices it with `after_gaps` and the setup's busy share (`fit_busy_share`).
     """
 
     points: tuple[tuple[float, float, float], ...]
@@ -218,6 +220,19 @@ class IdleCurve:
         before it (see `_read`)."""
         lat, cpu, _ = self._read(gap_ns)
         return lat, cpu
+
+    def after_gaps(
+        self, process_gap_ns: float, cpu_gap_ns: float, busy_share: float, scale: float = 1.0
+    ) -> tuple[float, float]:
+        """(latency ns, CPU ns) beyond the closed loop of a pass whose sidecar waited
+        `process_gap_ns` since it last ran, on a CPU that idled `cpu_gap_ns` of that wait: the
+        curve at the CPU's idle gap, and `busy_share` (`fit_busy_share`) of what the curve adds
+        for the rest of the sidecar's wait, when its CPU ran other work instead of idling.
+        Scaled by `scale` (a whole hop's curve is shared by its two passes)."""
+        idle_lat, idle_cpu = self.after_gap(cpu_gap_ns) if cpu_gap_ns > 0 else (0.0, 0.0)
+        wait_lat, wait_cpu = self.after_gap(process_gap_ns) if process_gap_ns > 0 else (0.0, 0.0)
+        return (scale * (idle_lat + busy_share * max(0.0, wait_lat - idle_lat)),
+                scale * (idle_cpu + busy_share * max(0.0, wait_cpu - idle_cpu)))  # fmt: skip
 
     def to_json(self) -> list[dict]:
         gaps = self.gaps_ns or (None,) * len(self.points)
@@ -328,6 +343,24 @@ def fit_idle_curve(
     return IdleCurve(tuple(zip(rates, latency, cpu, strict=True)), tuple(gaps), tuple(stage))
 
 
+def fit_busy_share(points: Sequence[Mapping]) -> float | None:
+    """How much of its idle curve a setup's pass pays after waiting on a CPU that ran other work
+    meanwhile, from 0 (nothing: the cost is the CPU's, waking from idle) to 1 (all of it: the
+    cost is the sidecar's own, its code and data gone cold whatever ran). From a `busy` point
+    (`profile.busy_points`, the most sidecars taking turns): per round, the extra CPU per call
+    of K sidecars taking turns on a busy CPU and of one paced as slowly on an idle one, each
+    beyond one called back to back; the ratio of their medians, held within [0, 1]. None
+    without such a point; 0 when pacing added nothing (the curve is flat there anyway)."""
+    busy = [p for p in points if p["kind"] == "busy"]
+    if not busy:
+        return None
+    point = max(busy, key=lambda p: p["turns"])
+    one = point["one_cpu_ns"]
+    turns = statistics.median([t - o for t, o in zip(point["turns_cpu_ns"], one, strict=True)])
+    paced = statistics.median([p - o for p, o in zip(point["paced_cpu_ns"], one, strict=True)])
+    return 0.0 if paced <= 0 else min(1.0, max(0.0, turns / paced))
+
+
 @dataclass(frozen=True)
 class Profile:
     """Stage models per mode, per IPC backend (the `ipc` stage) and per filter, for one platform.
@@ -351,6 +384,9 @@ class Profile:
     # per setup: the CPU per exchange that no stage times (see `fit_untimed_cpu`)
     untimed: dict[str, Linear] = field(default_factory=dict)
     setting: str = LOOPBACK
+    # per setup: the share of its idle curve a pass pays after waiting on a busy CPU
+    # (`fit_busy_share`); a setup without one pays its curve by its CPU's idle gap only
+    busy_share: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         def models(table: dict[str, StageModel]) -> dict:
@@ -367,6 +403,7 @@ class Profile:
             "handoff": {name: h.to_json() for name, h in self.handoff.items()},
             "untimed_cpu": {name: line.to_json() for name, line in self.untimed.items()},
             "setting": self.setting,
+            "busy_share": self.busy_share,
             "points": self.points,
         }
 
@@ -390,6 +427,7 @@ class Profile:
             untimed={name: Linear.from_json(u) for name, u in data.get("untimed_cpu", {}).items()},
             # profiles that do not say were all taken on loopback
             setting=str(data.get("setting", LOOPBACK)),
+            busy_share={name: float(v) for name, v in data.get("busy_share", {}).items()},
         )
 
     def external_view(self) -> Profile:
@@ -413,7 +451,7 @@ class Profile:
             ):
                 filters[kind] = model.minus(self.external[mode])
         return Profile(self.platform, modes, {}, filters, self.external, self.points, self.idle,
-                       setting=self.setting)  # fmt: skip
+                       setting=self.setting, busy_share=self.busy_share)  # fmt: skip
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n")

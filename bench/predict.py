@@ -27,11 +27,12 @@ With a placement that puts processes on shared CPUs (`--pin`: the apps on one
 CPU, the sidecars on the other), the latency is no longer a critical path:
 `schedule` lays every pass and every app's work on its CPU, so parallel calls'
 apps take turns, sidecar passes overlap other calls' app work, and a pass pays
-the idle curve for the gap its own sidecar process had before it (since that
-process last ran), rather than per pass at the call's rate: a sidecar's code
-and data go cold while it waits, whether its CPU idles or runs other sidecars
-meanwhile. A whole hop's curve was measured with both sidecars waiting as long;
-each of its two passes pays half of it after its own gap.
+the idle curve for the gaps it had rather than per pass at the call's rate: the
+curve at the time its CPU idled before it, and the setup's busy share of what
+the curve adds for the rest of its sidecar's own wait, while the CPU ran other
+sidecars. The profile measures that share (`fit_busy_share`): about all of it
+for a gRPC sidecar, whose code and data go cold whatever ran meanwhile, about
+none for a TCP one, whose cost is waking the idle CPU.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from dataclasses import dataclass, field
 
 from pyproxy.bench.callgraph import Call, CallGraph, Service
 from pyproxy.bench.model import HOP_PREFIX, Linear, Profile, StageModel
-from pyproxy.bench.schedule import UNPLACED, HopCost, Placement
+from pyproxy.bench.schedule import UNPLACED, HopCost, Placement, Wake
 from pyproxy.bench.schedule import latency as schedule_latency
 
 # The stage a sidecar's wake-ups cost at rates below its closed loop (the profile's IdleCurve).
@@ -403,35 +404,43 @@ def _placed(
 
     Apps on one CPU take turns, a sidecar's pass overlaps other calls' work on the other CPU,
     and the calls of a parallel group queue on their caller's sidecar, all in the schedule. A
-    sidecar then pays to wake up after its own process waited, priced by the idle curve at that
-    gap (`IdleCurve.after_gap`), rather than at the call's rate: a pass that follows its
-    sidecar's previous one closely pays nothing, one that follows a long wait pays, whatever
-    ran on the CPU meanwhile. `path_stages` and `cpu_stages` get the schedule's
-    `idle` in place of each pass's.
+    sidecar then pays to wake up by its idle curve (`IdleCurve.after_gaps`): at the gap its CPU
+    idled before the pass, and the setup's busy share (`fit_busy_share`) of what the curve adds
+    for the rest of the sidecar's own wait, when its CPU ran other sidecars instead of idling.
+    A pass that follows its sidecar's previous one closely pays nothing. `path_stages` and
+    `cpu_stages` get the schedule's `idle` in place of each pass's.
     """
     factor = dict(what_if.factors).get(IDLE_STAGE, 1.0)
     rate = graph.root.rate or 0.0
     period = 1e9 / rate if rate else 0.0
 
-    def wake(service: Service | None):
-        curve = profile.idle.get(setup_key(profile, service)) if service and factor else None
+    def waking(name: str, setup: str, scale: float = 1.0) -> Wake | None:
+        curve = profile.idle.get(name) if factor else None
         if curve is None:
             return None
-        return lambda gap: _scaled(factor, curve.after_gap(gap))
+        share = profile.busy_share.get(setup, 0.0)
+        return lambda gap, cpu_gap: curve.after_gaps(gap, cpu_gap, share, factor * scale)
+
+    def wake(service: Service | None) -> Wake | None:
+        if service is None:
+            return None
+        key = setup_key(profile, service)
+        return waking(key, key)
 
     def cost(call: Call, wakes: bool = True) -> HopCost:
         hop = hops[call.id]
         out = graph.services[hop.caller] if hop.caller is not None else None
         inbound = graph.services[hop.callee]
+        handoff = hop.stages_ns.get(HANDOFF_STAGE, 0.0)
         if hop.whole:
-            # The hop's curve was measured for both passes at once, each sidecar idle as long
-            # as the other: each pays half of it after its own gap.
-            curve = profile.idle.get(hop.whole) if wakes and factor else None
-            half = (lambda gap: _scaled(factor / 2, curve.after_gap(gap))) if curve else None
-            return HopCost(
-                hop.outbound_ns, hop.inbound_ns, hop.stages_ns.get(HANDOFF_STAGE, 0.0), half, half
-            )
-        return HopCost(hop.outbound_ns, hop.inbound_ns, hop.stages_ns.get(HANDOFF_STAGE, 0.0),
+            # The hop's curve was measured for both passes at once, its first pass after the
+            # CPU's idle gap, the second after as long a wait on the busy CPU: the curve is
+            # 1 + share of one pass's, and each pass pays its part after its own gaps.
+            setup = hop.whole.removeprefix(HOP_PREFIX)
+            share = profile.busy_share.get(setup, 0.0)
+            part = waking(hop.whole, setup, 1 / (1 + share)) if wakes else None
+            return HopCost(hop.outbound_ns, hop.inbound_ns, handoff, part, part)
+        return HopCost(hop.outbound_ns, hop.inbound_ns, handoff,
                        wake(out if out is not None and out.sidecar and wakes else None),
                        wake(inbound if inbound.sidecar and wakes else None))  # fmt: skip
 
@@ -442,10 +451,6 @@ def _placed(
         path_stages[IDLE_STAGE] = mesh - asleep
         cpu_stages[IDLE_STAGE] = rate * wake_cpu_ns / 1e9
     return base, mesh
-
-
-def _scaled(factor: float, cost: tuple[float, float]) -> tuple[float, float]:
-    return factor * cost[0], factor * cost[1]
 
 
 def percentile(values: Sequence[float], fraction: float) -> float:

@@ -25,6 +25,7 @@ import contextlib
 import csv
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyproxy.bench.driver import GRPC_CALLER, wait_ready
+from pyproxy.bench.driver import EXCHANGERS, GRPC_CALLER, Exchanger, wait_ready
 from pyproxy.bench.filter_configs import filter_entry
 from pyproxy.bench.model import (
     HOP_PREFIX,
@@ -47,6 +48,7 @@ from pyproxy.bench.model import (
     Profile,
     StageModel,
     current_platform,
+    fit_busy_share,
     fit_cpu,
     fit_handoff,
     fit_idle_curve,
@@ -63,6 +65,7 @@ from pyproxy.bench.procs import (
     cpu_ns,
     free_port,
     move_to_cpu,
+    on_cpus,
     shield,
     tree_pids,
     wait_port,
@@ -79,6 +82,10 @@ IDLE_SAMPLES = 150
 IDLE_PASSES = 3
 # The echo's port in its pod (the capture redirects it to the sidecar in the meshed pod).
 POD_ECHO_PORT = 8080
+# How many sidecars take turns when the profile measures a setup's busy share (busy_points).
+BUSY_TURNS = 8
+BUSY_ROUNDS = 3
+BUSY_WARMUP = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +161,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="message sizes, bytes")
     parser.add_argument("--seconds", type=float, default=1.0, help="per measured point")
+    add_busy_option(parser)
     parser.add_argument(
         "--idle-rates",
         default=",".join(f"{r:g}" for r in IDLE_RATES),
@@ -161,6 +169,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--out", type=Path, help="results folder (default bench/results/profile-<time>)"
+    )
+
+
+def add_busy_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--busy-turns",
+        type=int,
+        default=BUSY_TURNS,
+        help="sidecars taking turns on one CPU when each setup's busy share is measured, on "
+        "loopback (how much of its idle curve a pass pays after waiting on a busy CPU); 0: none",
     )
 
 
@@ -420,6 +438,94 @@ def _idle_points(
     return out
 
 
+def busy_calls(seconds: float) -> int:
+    """Calls per busy measurement for a profile given `seconds` per point."""
+    return max(20, int(2000 * seconds))
+
+
+def take_turns(
+    targets: Sequence[LoopbackTarget],
+    exchangers: Sequence[Exchanger],
+    calls: int,
+    period_s: float | None = None,
+) -> dict:
+    """`calls` calls over the targets in turn, back to back or one every `period_s`: per call,
+    their sidecars' stage clock and CPU (ns), the round trip (ns, the mean), and how long each
+    sidecar waited between its calls (ns)."""
+    pids = [pid for target in targets for pid in target.pids]
+
+    def stage_ns() -> int:
+        return sum(s["ns"] for target in targets for s in target.stats()["stages"].values())
+
+    stages0, cpu0 = stage_ns(), cpu_ns(pids)
+    start = due = time.perf_counter_ns()
+    busy = 0
+    for i in range(calls):
+        sent = time.perf_counter_ns()
+        exchangers[i % len(exchangers)].exchange()
+        busy += time.perf_counter_ns() - sent
+        if period_s is not None:
+            due += int(period_s * 1e9)
+            if (wait := due - time.perf_counter_ns()) > 0:
+                time.sleep(wait / 1e9)
+    wall = time.perf_counter_ns() - start
+    return {
+        "stage_ns": (stage_ns() - stages0) / calls,
+        "cpu_ns": (cpu_ns(pids) - cpu0) / calls,
+        "round_trip_ns": busy / calls,
+        "gap_ns": (wall * len(exchangers) - busy) / calls,
+    }
+
+
+def busy_points(
+    setup: Setup,
+    workdir: Path,
+    work_us: float,
+    size: int,
+    calls: int,
+    rounds: int = BUSY_ROUNDS,
+    turns: Sequence[int] = (BUSY_TURNS,),
+) -> list[dict]:
+    """Whether a setup's wake-up cost is its CPU's or its own (`fit_busy_share`): max(turns)
+    sidecars of the setup on loopback, alone on CPU 1, each with its echo; the driver (this
+    process, for the while) and the echoes on CPU 0. Per round: one sidecar called back to back;
+    then, in a shuffled order, for each K in `turns` the first K taking turns back to back (CPU
+    1 never idles, yet each sidecar waits while the others pass theirs) and one paced at K of
+    its round trips (its CPU idles as long as it waits). One point per K, each figure a list
+    over the rounds."""
+    points = {k: {"setup": setup.name, "kind": "busy", "size": size, "turns": k}
+              for k in turns}  # fmt: skip
+    with contextlib.ExitStack() as stack, on_cpus(None):  # the targets pin this process
+        procs = Processes()
+        stack.callback(procs.stop_all)
+        targets = [LoopbackTarget(procs, setup, workdir, pinned=True, work_us=work_us)
+                   for _ in range(max(turns))]  # fmt: skip
+        exchangers = [EXCHANGERS[driver_protocol(setup)](t.proxied, size) for t in targets]
+        for exchanger in exchangers:
+            stack.callback(exchanger.close)
+            for _ in range(BUSY_WARMUP):
+                exchanger.exchange()
+        for _ in range(rounds):
+            one = take_turns(targets[:1], exchangers[:1], calls)
+            for point in points.values():
+                _add_round(point, "one", one)
+            plan = [(kind, k) for kind in ("turns", "paced") for k in turns]
+            random.shuffle(plan)
+            for kind, k in plan:
+                if kind == "turns":
+                    got = take_turns(targets[:k], exchangers[:k], calls)
+                else:
+                    period = k * one["round_trip_ns"] / 1e9
+                    got = take_turns(targets[:1], exchangers[:1], max(1, calls // k), period)
+                _add_round(points[k], kind, got)
+    return list(points.values())
+
+
+def _add_round(point: dict, kind: str, figures: dict) -> None:
+    for name, value in figures.items():
+        point.setdefault(f"{kind}_{name}", []).append(value)
+
+
 def _median_of(values: list) -> object:
     """The median of numbers, of dicts of numbers (key by key), or of lists (concatenated)."""
     if isinstance(values[0], dict):
@@ -436,11 +542,12 @@ def pooled(points: list[dict]) -> list[dict]:
     """Repeated measurements of the same points (a setup measured in several blocks, between
     which the machine's other load came and went) as one point each: every figure the median
     over the blocks (a paced point's passes all kept), so a block that a burst of other work
-    struck moves nothing. Points are the same when their setup, kind, size, load (CPU points)
-    and paced rate (idle points) are; `blocks` says how many were pooled."""
+    struck moves nothing. Points are the same when their setup, kind, size, load (CPU points),
+    paced rate (idle points) and turns (busy points) are; `blocks` says how many were
+    pooled."""
     groups: dict[tuple, list[dict]] = {}
     for p in points:
-        key = (p["setup"], p["kind"], p["size"], p.get("load"), p.get("paced_rate"))
+        key = (p["setup"], p["kind"], p["size"], p.get("load"), p.get("paced_rate"), p.get("turns"))
         groups.setdefault(key, []).append(p)
     out = []
     for same in groups.values():
@@ -537,6 +644,7 @@ def build_profile(
     idle: dict[str, IdleCurve] = {}
     handoff: dict[str, Handoff] = {}
     untimed: dict[str, Linear] = {}
+    busy: dict[str, float] = {}
     for setup in plan:
         mine = [p for p in points if p["setup"] == setup.name]
         if not mine:
@@ -549,6 +657,8 @@ def build_profile(
             handoff[setup.name] = gap
         if (unseen := fit_setup_untimed(mine)) is not None:
             untimed[setup.name] = unseen
+        if (share := fit_busy_share(mine)) is not None:
+            busy[setup.name] = share
         if setup.hop or len(setup.filters) > 1:
             modes[setup.name] = stages  # a hop, or this combination of filters: priced whole
         elif setup.filter_type:
@@ -563,7 +673,8 @@ def build_profile(
             ipc[setup.ipc] = stages["ipc"]
         else:
             modes[setup.mode] = stages
-    return Profile(platform, modes, ipc, filters, external, points, idle, handoff, untimed, setting)
+    return Profile(platform, modes, ipc, filters, external, points, idle, handoff, untimed, setting,
+                   busy)  # fmt: skip
 
 
 def _progress(total: int):
@@ -627,6 +738,9 @@ def run(args: argparse.Namespace) -> int:
                         points += measure_size(target, size, args.seconds, warmup, idle)
                         if bar is not None:
                             bar.update()
+                    if args.busy_turns and not setup.hop and setup.ipc == "tcp":
+                        points += busy_points(setup, Path(tmp), args.echo_work_us, min(sizes),
+                                              busy_calls(args.seconds), turns=(args.busy_turns,))  # fmt: skip
                 except (RuntimeError, OSError, ConnectionError, subprocess.SubprocessError) as exc:
                     skipped[setup.name] = str(exc)
                     print(f"pyproxy bench profile: {setup.name} skipped: {exc}", file=sys.stderr)

@@ -64,9 +64,10 @@ UNPLACED = Placement()
 PINNED = Placement(apps=0, sidecars=1)
 
 
-# What waking a sidecar costs after its process waited: the gap since it last ran (ns) ->
-# (latency ns, CPU ns), the profile's IdleCurve read on its gap axis (`IdleCurve.after_gap`).
-Wake = Callable[[float], tuple[float, float]]
+# What waking a sidecar costs: (the gap since its process last ran, the part of it its CPU
+# idled; ns) -> (latency ns, CPU ns), the profile's IdleCurve read on its gap axis
+# (`IdleCurve.after_gaps`).
+Wake = Callable[[float, float], tuple[float, float]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +77,7 @@ class HopCost:
     outbound_ns: float = 0.0  # the caller's sidecar (0: none)
     inbound_ns: float = 0.0  # the callee's sidecar (0: none)
     delay_ns: float = 0.0  # hand-off and wake-ups: latency on no CPU
-    # with these, a pass also pays for its process's wait since it last ran
+    # with these, a pass also pays for its process's wait since it last ran and its CPU's idling
     outbound_wake: Wake | None = None
     inbound_wake: Wake | None = None
 
@@ -177,11 +178,12 @@ class _Plan:
                 # The whole wake-up falls on the half that follows the process's own gap: the
                 # profile's paced exchange paid its curve's cost after one long gap (before its
                 # request), its answer following the echo's short work as in the closed loop.
-                # The process's gap, not its CPU's: its code and data go cold while it waits,
-                # whether the CPU idles or runs other sidecars meanwhile.
+                # Both gaps count: the CPU's idling (waking it) and the process's own wait (its
+                # code and data gone cold, even while the CPU ran other sidecars).
                 gap = best_start - free[process]
+                cpu_gap = min(gap, best_start - free[cpu]) if cpu in free else gap
                 if gap > 0:
-                    wake_ns, wake_cpu = task.wake(gap)
+                    wake_ns, wake_cpu = task.wake(gap, max(cpu_gap, 0.0))
                     duration += wake_ns
                     self.wake_cpu_ns += wake_cpu
             end[best] = best_start + duration
@@ -204,8 +206,8 @@ def latency(
 ) -> tuple[float, float]:
     """One request's latency (ns) through the graph, its processes placed on shared CPUs, and
     the CPU (ns) its sidecars' wake-ups cost. With `period_ns` (one request every that many ns),
-    each process waits from its last task of one request to its first of the next, and a pass
-    pays the wake-up the profile measured after as long a gap since its sidecar last ran."""
+    each process and CPU waits from its last task of one request to its first of the next, and
+    a pass pays the wake-up its costs price for its sidecar's wait and its CPU's idling."""
     plan = _Plan(placement)
     start = plan.add(0.0, None, [])
     plan.call(graph, graph.root, None, start, costs)

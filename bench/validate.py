@@ -59,7 +59,10 @@ from pyproxy.bench.procs import (
 from pyproxy.bench.profile import (
     IDLE_RATES,
     PodTarget,
+    add_busy_option,
     build_profile,
+    busy_calls,
+    busy_points,
     hop_setup,
     measure_size,
     pooled,
@@ -262,8 +265,9 @@ def _interleaved(
     """The case's phases (closed loop, then each paced load) with a block of the profile of its
     sidecars' setup before, between and after them: the same echo pods, sidecar and driver as
     `profile --setting pods` (a separate measurement, not of the application), taken in the same
-    minutes, so the machine's other load, which comes and goes, weighs on both alike. The
-    profile fitted from the blocks (each point the median over the blocks) is under "profile"."""
+    minutes, so the machine's other load, which comes and goes, weighs on both alike; and once
+    the setup's busy share (`profile.busy_points`). The profile fitted from the blocks (each
+    point the median over the blocks) is under "profile"."""
     setup = setup_for(case.mode, case.filters)
     plan = [setup, hop_setup(setup)]
     targets = [
@@ -293,6 +297,9 @@ def _interleaved(
     # the machine's speed before each profile block and after each phase, in order
     speeds: list[dict[int, float]] = []
     block()
+    if args.busy_turns:  # once: how much of its idle curve a pass pays after a busy wait
+        points.extend(busy_points(setup, workdir, args.work_us, args.size,
+                                  busy_calls(args.profile_seconds), turns=(args.busy_turns,)))  # fmt: skip
     measured = load(["--loads", ""], 1)
     # the meshed pods' counters after each phase: each phase's own stage clock and events
     measured["captured_by_phase"] = [captured()]
@@ -402,6 +409,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="measure nothing: predict again for the cases already measured into --out",
     )
+    add_busy_option(parser)
     add_halt_poll_option(parser)
 
 

@@ -30,6 +30,7 @@ from pyproxy.bench.model import (
     check_platform,
     check_setting,
     current_platform,
+    fit_busy_share,
     fit_cpu,
     fit_handoff,
     fit_idle_curve,
@@ -365,6 +366,38 @@ def test_idle_curve_read_by_the_idle_gap_interpolates_in_log_gap():
     assert old.after_gap(10_000_000) == old.at(100)
 
 
+def test_after_gaps_prices_the_cpus_idling_whole_and_the_busy_share_of_the_rest_of_the_wait():
+    # 8 µs (4 µs CPU) after 10 ms, 2 µs (1 µs CPU) after 1 ms, nothing after 100 µs
+    curve = IdleCurve(((100, 8000, 4000), (1000, 2000, 1000), (10_000, 0, 0)),
+                      (10_000_000, 1_000_000, 100_000))  # fmt: skip
+    # the sidecar waited 10 ms, its CPU idled 1 ms of it and ran other sidecars the rest
+    assert curve.after_gaps(10_000_000, 1_000_000, 0.0) == (2000, 1000)  # the CPU's only
+    assert curve.after_gaps(10_000_000, 1_000_000, 1.0) == (8000, 4000)  # the sidecar's wait
+    assert curve.after_gaps(10_000_000, 1_000_000, 0.5) == (5000, 2500)
+    assert curve.after_gaps(10_000_000, 0.0, 0.5, scale=0.5) == (2000, 1000)
+    # a CPU that idled the whole wait: the curve, whatever the share
+    assert curve.after_gaps(10_000_000, 10_000_000, 0.0) == curve.after_gaps(
+        10_000_000, 10_000_000, 1.0
+    )
+
+
+def test_fit_busy_share_is_what_taking_turns_adds_over_what_pacing_adds_held_in_0_to_1():
+    def point(turns: int, one: list[float], taking: list[float], paced: list[float]) -> dict:
+        return {"setup": "grpc", "kind": "busy", "size": 100, "turns": turns,
+                "one_cpu_ns": one, "turns_cpu_ns": taking, "paced_cpu_ns": paced}  # fmt: skip
+
+    # per round beyond one called back to back: taking turns +30, +10, +20 (median 20 µs),
+    # paced +40, +50, +60 (median 50 µs): 0.4; the point with the most sidecars counts
+    rounds = point(8, [100e3, 110e3, 90e3], [130e3, 120e3, 110e3], [140e3, 160e3, 150e3])
+    assert fit_busy_share([point(2, [1.0], [1.0], [9.0]), rounds]) == pytest.approx(0.4)
+    assert fit_busy_share([point(8, [100e3], [300e3], [150e3])]) == 1.0  # held at 1
+    assert fit_busy_share([point(8, [100e3], [90e3], [150e3])]) == 0.0  # and at 0
+    assert fit_busy_share([point(8, [100e3], [150e3], [95e3])]) == 0.0  # pacing added nothing
+    assert fit_busy_share([]) is None
+    stored = dataclasses.replace(hand_profile(), busy_share={"grpc": 0.4}).to_json()
+    assert Profile.from_json(json.loads(json.dumps(stored))).busy_share == {"grpc": 0.4}
+
+
 def test_fit_idle_curve_gives_each_point_the_idle_gap_before_its_exchange():
     # the proxied exchange took 200 µs closed loop (4000 /s), 260 µs at 100 /s, 240 µs at 1000 /s
     spans = {100: 260_000.0, 1000: 240_000.0, 4000.0: 200_000.0}
@@ -575,26 +608,34 @@ def test_predict_on_shared_cpus_prices_plain_and_meshed_with_the_schedule():
     assert placed.cpu_cores == pytest.approx(predict(base, graph).cpu_cores)
 
 
-def test_on_shared_cpus_a_pass_pays_to_wake_only_after_its_own_process_idled():
+def test_on_shared_cpus_a_pass_pays_for_its_own_wait_and_its_cpus_idling():
     chain = graph_from_data({"calls": [{"id": "a", "callee": "a", "work_us": 100},
                                        {"id": "b", "parent": "a", "callee": "b", "work_us": 100}]})  # fmt: skip
+    seen: list[tuple[float, float]] = []
 
-    def wake(gap_ns: float) -> tuple[float, float]:  # 20 µs (5 µs CPU) after idling 1 ms or more
-        return (20_000.0, 5_000.0) if gap_ns >= 1_000_000 else (0.0, 0.0)
+    def wake(gap_ns: float, cpu_gap_ns: float) -> tuple[float, float]:
+        """20 µs (5 µs CPU) after the CPU idled 1 ms or more; 10 µs (2 µs) after the sidecar
+        alone waited that long, its CPU busy."""
+        seen.append((gap_ns, cpu_gap_ns))
+        if cpu_gap_ns >= 1_000_000:
+            return 20_000.0, 5_000.0
+        return (10_000.0, 2_000.0) if gap_ns >= 1_000_000 else (0.0, 0.0)
 
     def cost(call):
         return HopCost(0.0 if call.parent is None else 10_000, 10_000, 0.0, wake, wake)
 
     # Without a period every process starts busy: passes 30 µs on 200 µs of work.
     assert schedule_latency(chain, PINNED, cost) == (pytest.approx(230_000), 0.0)
-    # One request every 10 ms: a's sidecar last ran in the previous request, so its inbound
-    # request half pays the whole 20 µs; so does b's inbound one, though CPU 1 ran a's
-    # outbound pass just before it: b's own sidecar had waited 9.7 ms. a's outbound pass
-    # follows a's inbound one by 100 µs of app work, and every response half follows its
-    # request half by the work below it: they pay nothing. Priced per pass at the call's rate,
-    # the same curve would add 60 µs.
+    # One request every 10 ms: a's sidecar last ran in the previous request, and CPU 1 idled
+    # since: its inbound request half pays 20 µs. b's sidecar waited as long, but CPU 1 ran
+    # a's outbound pass just before its inbound one: 10 µs. a's outbound pass follows a's
+    # inbound one by 100 µs of app work, and every response half follows its request half by
+    # the work below it: they pay nothing. Priced per pass at the call's rate, the same curve
+    # would add 60 µs.
+    seen.clear()
     total, wake_cpu = schedule_latency(chain, PINNED, cost, period_ns=10_000_000)
-    assert total == pytest.approx(270_000) and wake_cpu == pytest.approx(10_000)
+    assert total == pytest.approx(260_000) and wake_cpu == pytest.approx(7_000)
+    assert all(0 <= cpu_gap <= gap for gap, cpu_gap in seen)
 
 
 def test_predict_on_shared_cpus_puts_the_schedules_wake_ups_in_the_idle_stage():
@@ -607,13 +648,19 @@ def test_predict_on_shared_cpus_puts_the_schedules_wake_ups_in_the_idle_stage():
     per_pass = predict(profile, chain)
     placed = predict(profile, chain, placement=PINNED)
     assert per_pass.path_stages_ns["idle"] == pytest.approx(3 * 40_000)
-    # Pinned, f's inbound pass and a's inbound pass each follow their own sidecar's idle gap
-    # between requests: 40 µs each, on their request halves. f's outbound pass follows f's
-    # inbound one by f's work (100 µs, which a curve without gaps reads as 10 kHz: no idle
-    # gap at all), and each response half follows its request half closely.
-    assert placed.path_stages_ns["idle"] == pytest.approx(2 * 40_000)
-    assert placed.overhead_ns == pytest.approx(3 * 3100 + 2 * 40_000)
-    assert placed.cpu_stages["idle"] == pytest.approx(100 * 2 * 8_000 / 1e9)
+    # Pinned, only f's inbound pass follows CPU 1's idle gap between requests: all of its
+    # 40 µs on its request half; its response half follows a's inbound one directly, which
+    # followed a's work: a curve without gaps reads 100 µs as 10 kHz, no idle gap at all.
+    # a's inbound pass follows f's outbound one on a busy CPU: without a busy share it pays
+    # nothing for its sidecar's own wait.
+    assert placed.path_stages_ns["idle"] == pytest.approx(40_000)
+    assert placed.overhead_ns == pytest.approx(3 * 3100 + 40_000)
+    assert placed.cpu_stages["idle"] == pytest.approx(100 * 8_000 / 1e9)
+    # With all of the curve paid after a wait on a busy CPU (a busy share of 1), a's too.
+    busy = predict(dataclasses.replace(profile, busy_share={"http": 1.0}), chain,
+                   placement=PINNED)  # fmt: skip
+    assert busy.path_stages_ns["idle"] == pytest.approx(2 * 40_000)
+    assert busy.cpu_stages["idle"] == pytest.approx(100 * 2 * 8_000 / 1e9)
 
 
 def test_an_apps_own_cpu_is_half_taking_the_call_half_answering_it():
@@ -823,12 +870,16 @@ def test_a_profiled_hop_prices_a_call_between_two_sidecars_of_its_setup_whole():
     assert x.cpu_cores == pytest.approx(100 * (20_000 + 50_000 + 4000) / 1e9)
     assert (x.outbound_ns, x.inbound_ns) == (pytest.approx(10_000), pytest.approx(10_000))
     assert p.overhead_ns == pytest.approx(47_000 + 150_000)
-    # Pinned, the hop's curve is paid half by each of its passes, after its own sidecar's gap:
-    # a's inbound waited since the previous request (15 µs, 2 µs CPU); f's outbound pass
-    # follows f's inbound one by f's 100 µs of work, 10 kHz on a curve without gaps: nothing.
-    placed = predict(profile, graph, placement=PINNED)
+    # Pinned, with a busy share of 1 the hop's curve is two passes' worth: each pays half after
+    # its own wait. a's inbound waited since the previous request (15 µs, 2 µs CPU), CPU 1
+    # busy with f's outbound pass just before; f's outbound pass follows f's inbound one by
+    # f's 100 µs of work, 10 kHz on a curve without gaps: nothing. Without a busy share the
+    # curve is the first pass's, and that one's CPU idled only through f's work: nothing.
+    placed = predict(dataclasses.replace(profile, busy_share={"http": 1.0}), graph,
+                     placement=PINNED)  # fmt: skip
     assert placed.path_stages_ns["idle"] == pytest.approx(15_000)
     assert placed.cpu_stages["idle"] == pytest.approx(100 * 2000 / 1e9)
+    assert predict(profile, graph, placement=PINNED).path_stages_ns["idle"] == 0.0
     # a what-if scales the hop's stages as it scales a pass's
     assert predict(profile, graph, WhatIf.parse(["handoff=0"])).overhead_ns == pytest.approx(
         7000 + 20_000 + 30_000

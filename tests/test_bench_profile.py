@@ -16,7 +16,8 @@ from pyproxy.cli import main
 def profiled(tmp_path_factory):
     out = tmp_path_factory.mktemp("profile")
     argv = ["bench", "profile", "--modes", "tcp", "--ipc", "tcp,unix", "--filters", "",
-            "--sizes", "100,2048", "--seconds", "0.1", "--idle-rates", "300", "--out", str(out)]  # fmt: skip
+            "--sizes", "100,2048", "--seconds", "0.1", "--idle-rates", "300", "--busy-turns", "2",
+            "--out", str(out)]  # fmt: skip
     assert main(argv) == 0
     return out
 
@@ -45,7 +46,15 @@ def test_profile_fits_every_stage_from_real_runs_and_keys_it_by_platform(profile
     gap = small["proxy_p50_ns"] - small["direct_p50_ns"] - sum(small["stages_ns"].values())
     handoff = profile.handoff["tcp"]
     assert abs(handoff.latency.at(100) - gap) <= handoff.spread_ns + 1e-6
+    # The busy share: two sidecars taking turns and one paced, on the TCP setup only.
+    [busy] = [p for p in profile.points if p["kind"] == "busy"]
+    assert (busy["setup"], busy["turns"], busy["size"]) == ("tcp", 2, 100)
+    for kind in ("one", "turns", "paced"):
+        assert len(busy[f"{kind}_cpu_ns"]) == 3 and min(busy[f"{kind}_stage_ns"]) > 0
+    assert set(profile.busy_share) == {"tcp"} and 0.0 <= profile.busy_share["tcp"] <= 1.0
     for p in profile.points:
+        if p["kind"] == "busy":
+            continue
         if p["kind"] == "latency":
             assert p["exchanges"] > 0 and p["proxy_p50_ns"] > 0
         elif p["kind"] == "cpu":
@@ -61,8 +70,8 @@ def test_profile_writes_a_reproducible_results_folder_with_plots(profiled):
         "interrupted": False,
         "skipped": {},
     }
-    # 2 setups × 2 sizes × (1 latency + 4 CPU points), and 1 idle point per setup
-    assert len((profiled / "points.csv").read_text().splitlines()) == 1 + 2 * 2 * 5 + 2
+    # 2 setups × 2 sizes × (1 latency + 4 CPU points), 1 idle point per setup, 1 busy point
+    assert len((profiled / "points.csv").read_text().splitlines()) == 1 + 2 * 2 * 5 + 2 + 1
     for plot in ("stages.png", "latency_vs_size.png", "cpu_vs_rate.png"):
         assert (profiled / plot).stat().st_size > 1000
 
@@ -103,7 +112,8 @@ def test_ctrl_c_stops_cleanly_and_keeps_what_was_measured(tmp_path):
     from pyproxy.bench.procs import tree_pids
 
     argv = [sys.executable, "-m", "pyproxy", "bench", "profile", "--modes", "tcp,http", "--ipc", "tcp",
-            "--filters", "", "--sizes", "100,2048,4096", "--seconds", "0.2", "--out", str(tmp_path)]  # fmt: skip
+            "--filters", "", "--sizes", "100,2048,4096", "--seconds", "0.2", "--busy-turns", "0",
+            "--out", str(tmp_path)]  # fmt: skip
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     children: list[int] = []
@@ -127,7 +137,8 @@ def test_profile_http2_mode_speaks_h2c_on_both_sides(tmp_path):
     """HTTP/2 is profiled as an http listener with h2c on both sides: the driver's client, the
     proxy, and the h2c echo upstream, each exchange's body echoed whole."""
     argv = ["bench", "profile", "--modes", "http2", "--ipc", "tcp", "--filters", "",
-            "--sizes", "100,2048", "--seconds", "0.1", "--idle-rates", "", "--out", str(tmp_path)]  # fmt: skip
+            "--sizes", "100,2048", "--seconds", "0.1", "--idle-rates", "", "--busy-turns", "0",
+            "--out", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
     profile = Profile.load(tmp_path / "profile.json")
     stages = profile.modes["http2"]
