@@ -96,6 +96,16 @@ class ProxyProcess:
     def output(self) -> str:
         return "".join(self._output)
 
+    def wait_output(self, text: str, timeout: float = 10.0) -> bool:
+        """Whether `text` shows in the output within `timeout`: a line the proxy logs reaches
+        this process through a pipe and a reader thread, after the answer that it logs."""
+        deadline = time.monotonic() + timeout
+        while text not in self.output:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
     @property
     def admin(self) -> str:
         return f"http://127.0.0.1:{self.admin_port}"

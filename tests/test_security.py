@@ -53,7 +53,7 @@ def test_admin_mutation_from_a_foreign_host_or_origin_is_refused(tcp_proxy, path
         b"LIVE\n",
     )  # still running, still accepting
     assert tcp_proxy.stats()["admin"]["refused_requests"] == before + 1
-    assert f"admin: refused POST {path}" in tcp_proxy.output
+    assert tcp_proxy.wait_output(f"admin: refused POST {path}"), tcp_proxy.output
     status, body = http_get(tcp_proxy.admin + "/stats/prometheus")
     assert b"pyproxy_admin_refused_requests_total" in body
 
