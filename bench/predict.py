@@ -414,18 +414,20 @@ def _placed(
     rate = graph.root.rate or 0.0
     period = 1e9 / rate if rate else 0.0
 
-    def waking(name: str, setup: str, scale: float = 1.0) -> Wake | None:
-        curve = profile.idle.get(name) if factor else None
+    def waking(setup: str, hop: bool = False) -> Wake | None:
+        """The wake-up of a pass of `setup`; of each pass of its whole hop with `hop`. The hop's
+        curve was measured for both passes at once, its first pass after the CPU's idle gap,
+        the second after as long a wait on the busy CPU: the curve is 1 + share of one pass's,
+        and each pass pays its part after its own gaps."""
+        curve = profile.idle.get(HOP_PREFIX + setup if hop else setup) if factor else None
         if curve is None:
             return None
         share = profile.busy_share.get(setup, 0.0)
-        return lambda gap, cpu_gap: curve.after_gaps(gap, cpu_gap, share, factor * scale)
+        scale = factor / (1 + share) if hop else factor
+        return lambda gap, cpu_gap: curve.after_gaps(gap, cpu_gap, share, scale)
 
     def wake(service: Service | None) -> Wake | None:
-        if service is None:
-            return None
-        key = setup_key(profile, service)
-        return waking(key, key)
+        return None if service is None else waking(setup_key(profile, service))
 
     def cost(call: Call, wakes: bool = True) -> HopCost:
         hop = hops[call.id]
@@ -433,12 +435,7 @@ def _placed(
         inbound = graph.services[hop.callee]
         handoff = hop.stages_ns.get(HANDOFF_STAGE, 0.0)
         if hop.whole:
-            # The hop's curve was measured for both passes at once, its first pass after the
-            # CPU's idle gap, the second after as long a wait on the busy CPU: the curve is
-            # 1 + share of one pass's, and each pass pays its part after its own gaps.
-            setup = hop.whole.removeprefix(HOP_PREFIX)
-            share = profile.busy_share.get(setup, 0.0)
-            part = waking(hop.whole, setup, 1 / (1 + share)) if wakes else None
+            part = waking(hop.whole.removeprefix(HOP_PREFIX), hop=True) if wakes else None
             return HopCost(hop.outbound_ns, hop.inbound_ns, handoff, part, part)
         return HopCost(hop.outbound_ns, hop.inbound_ns, handoff,
                        wake(out if out is not None and out.sidecar and wakes else None),

@@ -457,6 +457,7 @@ def take_turns(
     def stage_ns() -> int:
         return sum(s["ns"] for target in targets for s in target.stats()["stages"].values())
 
+    period_ns = None if period_s is None else int(period_s * 1e9)
     stages0, cpu0 = stage_ns(), cpu_ns(pids)
     start = due = time.perf_counter_ns()
     busy = 0
@@ -464,8 +465,8 @@ def take_turns(
         sent = time.perf_counter_ns()
         exchangers[i % len(exchangers)].exchange()
         busy += time.perf_counter_ns() - sent
-        if period_s is not None:
-            due += int(period_s * 1e9)
+        if period_ns is not None:
+            due += period_ns
             if (wait := due - time.perf_counter_ns()) > 0:
                 time.sleep(wait / 1e9)
     wall = time.perf_counter_ns() - start

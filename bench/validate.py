@@ -723,7 +723,8 @@ def table(rows: list[dict]) -> str:
         )
     if any(r.get("pinned") for r in rows):
         lines.append("\npinned rows: predicted as a schedule of the apps' work on CPU 0 and the "
-                     "sidecars' passes on CPU 1, each pass waking after the gap its sidecar had since it last ran")  # fmt: skip
+                     "sidecars' passes on CPU 1, each pass waking after its CPU's idle gap and, by the setup's "
+                     "busy share, its sidecar's own wait")  # fmt: skip
     if rows:
         lines.append(
             "\nmedian / worst absolute error, latency: "
