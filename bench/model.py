@@ -299,6 +299,16 @@ def fit_untimed_cpu(
     )
 
 
+def fit_app_cpu(
+    sizes: Sequence[float], mesh_ns: Sequence[float], plain_ns: Sequence[float]
+) -> Linear:
+    """The CPU a sidecar pass adds to the app behind it, L + s·l ns per exchange: per size, the
+    CPU per exchange of the app (the echo) behind the captured sidecar less that of the same
+    app without one, both answering the same paired exchanges. The app's sends and receives
+    now go to a process on another CPU, through the capture's rules, and cost it more."""
+    return fit_latency(sizes, [m - p for m, p in zip(mesh_ns, plain_ns, strict=True)])
+
+
 def _falling(values: Sequence[float]) -> list[float]:
     """The closest non-increasing sequence (pool adjacent violators, equal weights): a lower rate
     never costs less per exchange, so a point that says so was disturbed, and is averaged with
@@ -387,6 +397,9 @@ class Profile:
     # per setup: the share of its idle curve a pass pays after waiting on a busy CPU
     # (`fit_busy_share`); a setup without one pays its curve by its CPU's idle gap only
     busy_share: dict[str, float] = field(default_factory=dict)
+    # per setup: the CPU a pass adds to the app behind the sidecar, per exchange
+    # (`fit_app_cpu`): the mesh costs the app's own kernel work too
+    app_cpu: dict[str, Linear] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         def models(table: dict[str, StageModel]) -> dict:
@@ -404,6 +417,7 @@ class Profile:
             "untimed_cpu": {name: line.to_json() for name, line in self.untimed.items()},
             "setting": self.setting,
             "busy_share": self.busy_share,
+            "app_cpu": {name: line.to_json() for name, line in self.app_cpu.items()},
             "points": self.points,
         }
 
@@ -428,6 +442,7 @@ class Profile:
             # profiles that do not say were all taken on loopback
             setting=str(data.get("setting", LOOPBACK)),
             busy_share={name: float(v) for name, v in data.get("busy_share", {}).items()},
+            app_cpu={name: Linear.from_json(a) for name, a in data.get("app_cpu", {}).items()},
         )
 
     def external_view(self) -> Profile:
@@ -451,7 +466,8 @@ class Profile:
             ):
                 filters[kind] = model.minus(self.external[mode])
         return Profile(self.platform, modes, {}, filters, self.external, self.points, self.idle,
-                       setting=self.setting, busy_share=self.busy_share)  # fmt: skip
+                       setting=self.setting, busy_share=self.busy_share,
+                       app_cpu=self.app_cpu)  # fmt: skip
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_json(), indent=2) + "\n")

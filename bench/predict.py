@@ -162,6 +162,7 @@ class Hop:
     outbound_ns: float = 0.0
     inbound_ns: float = 0.0
     whole: str = ""  # the profile's whole-hop setup that priced it (see `hop_key`), if one did
+    app_cpu_cores: float = 0.0  # what its sidecars add to the apps' own CPU (`Profile.app_cpu`)
 
 
 @dataclass(slots=True)
@@ -176,6 +177,7 @@ class Prediction:
     cpu_cores: float
     path_stages_ns: dict[str, float] = field(default_factory=dict)
     cpu_stages: dict[str, float] = field(default_factory=dict)
+    app_cpu_cores: float = 0.0  # the apps' own CPU the sidecars add, beside their own
 
     @property
     def overhead_ns(self) -> float:
@@ -204,6 +206,7 @@ class Prediction:
             "critical_path_after": self.path_after,
             "critical_path_moved": self.path_moved,
             "cpu_overhead_cores": self.cpu_cores,
+            "app_cpu_overhead_cores": self.app_cpu_cores,
             "dominant_latency_stage": self.dominant_latency,
             "dominant_cpu_stage": self.dominant_cpu,
             "critical_path_stages_us": {k: v / 1000 for k, v in self.path_stages_ns.items()},
@@ -217,6 +220,7 @@ class Prediction:
                     "rate_per_s": h.rate,
                     "latency_overhead_us": h.latency_ns / 1000,
                     "cpu_overhead_cores": h.cpu_cores,
+                    "app_cpu_overhead_cores": h.app_cpu_cores,
                 }
                 for h in self.hops
             ],
@@ -238,6 +242,7 @@ def _hop(
     factors = dict(what_if.factors)
     outbound_cpu_ns = 0.0
     handoff_ns = 0.0
+    app_ns = 0.0  # per exchange, on the apps either side of the call
     side_ns = [0.0, 0.0]  # outbound, inbound
     for side, service in enumerate(sides):
         if not service.sidecar:
@@ -258,6 +263,9 @@ def _hop(
             cpu_stages[UNTIMED_STAGE] = cpu_stages.get(UNTIMED_STAGE, 0.0) + (
                 factors.get(UNTIMED_STAGE, 1.0) * rate * untimed / 1e9
             )
+        if (added := _per_setup(profile, profile.app_cpu, service, size)) is not None:
+            # the caller's side through its outbound sidecar, the callee's through its inbound
+            app_ns += max(0.0, added)
         handoffs = {name: h.latency for name, h in profile.handoff.items()}
         if (handoff := _per_setup(profile, handoffs, service, size)) is not None:
             handoff_ns = max(handoff_ns, handoff)
@@ -270,7 +278,7 @@ def _hop(
         stages_ns[HANDOFF_STAGE] = factors.get(HANDOFF_STAGE, 1.0) * handoff_ns
     return Hop(call.id, caller, call.callee, size, rate, sum(stages_ns.values()),
                sum(cpu_stages.values()), stages_ns, cpu_stages, outbound_cpu_ns,
-               side_ns[0], side_ns[1])  # fmt: skip
+               side_ns[0], side_ns[1], app_cpu_cores=rate * app_ns / 1e9)  # fmt: skip
 
 
 def hop_key(profile: Profile, caller: Service | None, callee: Service, what_if: WhatIf) -> str:
@@ -307,10 +315,13 @@ def _whole_hop(
         cpu_stages[UNTIMED_STAGE] = factors.get(UNTIMED_STAGE, 1.0) * rate * untimed.at(size) / 1e9
     if (handoff := profile.handoff.get(key)) is not None:
         stages_ns[HANDOFF_STAGE] = factors.get(HANDOFF_STAGE, 1.0) * handoff.latency.at(size)
+    # the profile saw the callee's side only (its driver answered both paths); the caller's
+    # side crosses its own sidecar the same way
+    app_ns = 2 * max(0.0, added.at(size)) if (added := profile.app_cpu.get(key)) else 0.0
     cores = sum(cpu_stages.values())
     return Hop(call.id, caller, call.callee, size, rate, sum(stages_ns.values()), cores,
                stages_ns, cpu_stages, cores * 1e9 / rate / 2 if rate > 0 else 0.0,
-               passes_ns / 2, passes_ns / 2, key)  # fmt: skip
+               passes_ns / 2, passes_ns / 2, key, rate * app_ns / 1e9)  # fmt: skip
 
 
 def _per_setup(
@@ -388,7 +399,8 @@ def predict(
     if placement.shared:
         base, mesh = _placed(profile, graph, placement, by_call, what_if, path_stages, cpu_stages)
     return Prediction(graph.name, what_if.label(), hops, base, mesh, before, after,
-                      sum(cpu_stages.values()), path_stages, cpu_stages)  # fmt: skip
+                      sum(cpu_stages.values()), path_stages, cpu_stages,
+                      sum(h.app_cpu_cores for h in hops))  # fmt: skip
 
 
 def _placed(
@@ -490,7 +502,9 @@ def report(predictions: Sequence[Prediction]) -> str:
         out.append(
             f"\nend-to-end: {p.base_ns / 1000:.1f} µs → {p.mesh_ns / 1000:.1f} µs, overhead "
             f"**{p.overhead_ns / 1000:.1f} µs**; critical path {' → '.join(p.path_after)}{moved}; "
-            f"CPU overhead **{p.cpu_cores:.4f} cores**; dominant: {p.dominant_latency} (latency), "
+            f"CPU overhead **{p.cpu_cores:.4f} cores** in the sidecars"
+            + (f", {p.app_cpu_cores:.4f} in the apps" if p.app_cpu_cores else "")
+            + f"; dominant: {p.dominant_latency} (latency), "
             f"{p.dominant_cpu} (CPU)\n"
         )
     return "\n".join(out)

@@ -48,6 +48,7 @@ from pyproxy.bench.model import (
     Profile,
     StageModel,
     current_platform,
+    fit_app_cpu,
     fit_busy_share,
     fit_cpu,
     fit_handoff,
@@ -219,6 +220,8 @@ class LoopbackTarget:
         self.proc = procs.start(argv)
         wait_port(self.admin, timeout=30)  # a loaded machine starts workers slowly
         self.direct, self.proxied = upstream, f"127.0.0.1:{listen}"
+        # one echo answers both paths: what the proxy adds to it cannot be told apart
+        self.app_pids: dict[str, list[int]] = {}
         wait_ready(protocol, self.direct)
         wait_ready(protocol, self.proxied)
         self.pids = tree_pids(self.proc.pid)
@@ -272,6 +275,7 @@ class PodTarget:
         self.direct = f"{made['plain'].ipv4}:{POD_ECHO_PORT}"
         self.proxied = f"{self.mesh.ipv4}:{POD_ECHO_PORT}"
         self.pids: list[int] = []
+        self.app_pids: dict[str, list[int]] = {}  # each path's echo, once they have answered
 
     def stats(self) -> dict:
         """The stage clock of the listeners the proxied exchanges cross: the echo pod's inbound
@@ -292,10 +296,12 @@ class PodTarget:
         pair = PodPair(self.client, driver_protocol(self.setup), self.direct, self.proxied, size)
         # once the sidecars have answered, their workers have forked: their trees are complete
         self.pids = [pid for root in self.sidecars for pid in tree_pids(root)]
+        self.app_pids = {role: tree_pids(proc.pid)
+                         for role, proc in zip(("plain", "mesh"), self.echoes, strict=True)}  # fmt: skip
         if self.pinned:
             # as `validate --pin` places a pod's processes: the sidecar alone on CPU 1, the
             # apps (the echoes) and the load (the driver) on CPU 0
-            echoes = [pid for proc in self.echoes for pid in tree_pids(proc.pid)]
+            echoes = [pid for pids in self.app_pids.values() for pid in pids]
             move_to_cpu(echoes + [pair.pid], 0)
             move_to_cpu(self.pids, 1)
             if self.shielded:  # as `validate --pin` shields the application's processes
@@ -347,9 +353,13 @@ def measure_size(
     try:
         before = target.stats()
         cpu0 = cpu_ns(target.pids)
+        apps0 = {role: cpu_ns(pids) for role, pids in target.app_pids.items()}
         # Alternating exchanges: direct and proxied see the same machine at the same moments.
         direct_rtts, rtts, wall = pair.paired(seconds, warmup=warmup)
         cpu = cpu_ns(target.pids) - cpu0
+        # each path's echo answered its own exchanges, as many as the other's
+        apps = {role: (cpu_ns(target.app_pids[role]) - ns) / (len(rtts) + warmup)
+                for role, ns in apps0.items()}  # fmt: skip
         after = target.stats()
         stages = _stages_delta(after, before)
         exchanges = len(rtts) + warmup
@@ -370,6 +380,7 @@ def measure_size(
                 "stages_ns": {k: v / exchanges for k, v in stages.items()},
                 "stage_events": events,
             } | ({"lane_reads": reads} if reads["all"] else {})
+            | ({"app_cpu_ns": apps} if apps else {})
         ]  # fmt: skip
         max_rate = 1e9 / statistics.fmean(rtts)
         for load in LOADS:
@@ -591,6 +602,16 @@ def fit_setup_handoff(points: list[dict]) -> Handoff | None:
     )
 
 
+def fit_setup_app_cpu(points: list[dict]) -> Linear | None:
+    """One setup's CPU added to the app behind its sidecar (`fit_app_cpu`), from the latency
+    points that measured both paths' echoes (the pods setting); None elsewhere."""
+    lat = [p for p in points if p["kind"] == "latency" and "app_cpu_ns" in p]
+    if not lat:
+        return None
+    return fit_app_cpu([p["size"] for p in lat], [p["app_cpu_ns"]["mesh"] for p in lat],
+                       [p["app_cpu_ns"]["plain"] for p in lat])  # fmt: skip
+
+
 def fit_setup_untimed(points: list[dict]) -> Linear | None:
     """One setup's untimed CPU per exchange: at each CPU point, the proxy's /proc CPU less its
     stage clock's sum, fitted r·(U + s·u) over rates and sizes."""
@@ -646,6 +667,7 @@ def build_profile(
     handoff: dict[str, Handoff] = {}
     untimed: dict[str, Linear] = {}
     busy: dict[str, float] = {}
+    app_cpu: dict[str, Linear] = {}
     for setup in plan:
         mine = [p for p in points if p["setup"] == setup.name]
         if not mine:
@@ -660,6 +682,8 @@ def build_profile(
             untimed[setup.name] = unseen
         if (share := fit_busy_share(mine)) is not None:
             busy[setup.name] = share
+        if (added := fit_setup_app_cpu(mine)) is not None:
+            app_cpu[setup.name] = added
         if setup.hop or len(setup.filters) > 1:
             modes[setup.name] = stages  # a hop, or this combination of filters: priced whole
         elif setup.filter_type:
@@ -675,7 +699,7 @@ def build_profile(
         else:
             modes[setup.mode] = stages
     return Profile(platform, modes, ipc, filters, external, points, idle, handoff, untimed, setting,
-                   busy)  # fmt: skip
+                   busy, app_cpu)  # fmt: skip
 
 
 def _progress(total: int):

@@ -438,6 +438,18 @@ def app_own_us(topology: str, work_us: float, measured: dict) -> float:
     return max(0.0, (plain_app_cpu_us(measured) - calls * work_us) / sides)
 
 
+def apps_added_cores(measured: dict) -> tuple[float | None, list[float]]:
+    """The apps' CPU the sidecars add: the meshed deployment's apps' cores less the plain one's,
+    which served the same paired exchanges; and the same for each half of the rounds."""
+    cores, halves = measured.get("cores", {}), measured.get("cores_halves", {})
+    if "apps_mesh" not in cores or "apps_plain" not in cores:
+        return None, []
+    return cores["apps_mesh"] - cores["apps_plain"], [
+        m - p
+        for m, p in zip(halves.get("apps_mesh", []), halves.get("apps_plain", []), strict=False)
+    ]
+
+
 def plain_app_cpu_us(measured: dict) -> float:
     """The plain deployment's apps' CPU per request (µs, /proc), 0 where not measured."""
     cores, rate = measured.get("cores", {}).get("apps_plain"), measured["rate"]
@@ -548,6 +560,14 @@ def rows_for(topology: str, case: Case, m: dict, profile: Profile, args, out: Pa
         row["error_from_traces"] = _error(row["predicted_from_traces_us"], row["overhead_us"])
         row["cpu_error"] = _error(row["predicted_cores"], cores)
         row["cpu_error_external"] = _error(row["predicted_external_cores"], cores)
+        added, added_halves = apps_added_cores(measured)
+        row["apps_added_cores"] = added
+        row["apps_added_halves_differ"] = halves_differ(added_halves)
+        row["predicted_app_cores"] = by_stage.app_cpu_cores
+        # a profile without the apps' side (loopback, or older) predicts none: nothing to check
+        row["app_cpu_error"] = (
+            _error(by_stage.app_cpu_cores, added) if profile.app_cpu else None
+        )
         rows.append(row)
     return rows
 
@@ -704,6 +724,23 @@ def _summary(name: str, errors: list[float | None]) -> str:
     return f"{name} {statistics.median(known) * 100:.0f} % / {known[-1] * 100:.0f} %"
 
 
+def _apps_added_table(rows: list[dict]) -> list[str]:
+    """What the sidecars add to the apps' own CPU, measured (meshed apps less plain ones) beside
+    the profile's `app_cpu` lines."""
+    lines = ["", "| app | protocol | sidecars | load | apps' CPU the sidecars add, cores | halves differ "
+             "| predicted | error |", "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |"]  # fmt: skip
+    for r in rows:
+        added = "–" if r.get("apps_added_cores") is None else f"{r['apps_added_cores']:.3f}"
+        lines.append(f"| {r['topology']} | {r['app']} | {r['mode']} | {r['load']} | {added} "
+                     f"| {_pct(r.get('apps_added_halves_differ'))} | {r['predicted_app_cores']:.3f} "
+                     f"| {_pct(r.get('app_cpu_error'))} |")  # fmt: skip
+    lines.append(
+        "\nmedian / worst absolute error, the apps' added CPU: "
+        + _summary("from the profile", [r.get("app_cpu_error") for r in rows])
+    )
+    return lines
+
+
 def table(rows: list[dict]) -> str:
     lines = [
         "| app | protocol | sidecars | load | rate /s | measured overhead µs | halves differ | predicted (stages) µs | error "
@@ -740,6 +777,8 @@ def table(rows: list[dict]) -> str:
             + "; ".join((_summary("stage models", [r["cpu_error"] for r in rows]),
                          _summary("external models", [r["cpu_error_external"] for r in rows])))
         )  # fmt: skip
+    if any(r.get("app_cpu_error") is not None for r in rows):
+        lines += _apps_added_table(rows)
     lines += [
         "",
         "| app | protocol | sidecars | proxies' own work per request: stage clocks in the pods µs "

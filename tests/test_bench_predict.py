@@ -30,6 +30,7 @@ from pyproxy.bench.model import (
     check_platform,
     check_setting,
     current_platform,
+    fit_app_cpu,
     fit_busy_share,
     fit_cpu,
     fit_handoff,
@@ -760,6 +761,50 @@ def test_predict_adds_each_passes_untimed_cpu_and_no_latency():
     assert off.cpu_cores == pytest.approx(without.cpu_cores)
     with pytest.raises(WhatIfError, match="no stage 'untimed'"):
         predict(base, graph, WhatIf.parse(["untimed=2"]))
+
+
+def test_profile_fits_what_a_pass_adds_to_the_app_behind_the_sidecar():
+    # Known answer: the meshed echo costs 40 µs + 0.1 ns/B more per exchange than the plain one.
+    sizes = [100, 1000, 4000]
+    line = fit_app_cpu(sizes, [150_000 + 40_000 + 0.1 * s for s in sizes], [150_000.0] * 3)
+    assert (line.base, line.per_byte) == (pytest.approx(40_000), pytest.approx(0.1))
+    points = [_latency_point("http", s, 20_000.0, 30_000.0, {"read": 1000.0})
+              | {"app_cpu_ns": {"mesh": 190_000 + 0.1 * s, "plain": 150_000.0}} for s in sizes]  # fmt: skip
+    profile = build_profile([Setup("http", "http")], points, current_platform(), PODS)
+    assert profile.app_cpu["http"].at(1000) == pytest.approx(40_100)
+    assert Profile.from_json(json.loads(json.dumps(profile.to_json()))).app_cpu == profile.app_cpu
+    # points without both echoes timed (loopback: one echo answers both paths) fit nothing
+    plain = build_profile([Setup("http", "http")], [_latency_point("http", 100, 1.0, 2.0, {})],
+                          current_platform())  # fmt: skip
+    assert plain.app_cpu == {}
+
+
+def test_predict_adds_the_apps_cpu_each_side_of_every_call_through_a_sidecar():
+    # 20 µs per exchange for every http pass, 30 µs more on f's filtered one; 100 /s, 100 B.
+    # r: f's app behind its inbound sidecar (the client is outside the mesh): 50 µs.
+    # x: f's app through its outbound sidecar (50 µs) and a's behind its inbound one (20 µs).
+    base = hand_profile()
+    profile = dataclasses.replace(
+        base, app_cpu={"http": Linear(20_000, 0.0), "http+fault": Linear(50_000, 0.0)}
+    )
+    graph = _f_calls_a(f_filters=("fault",))
+    p, without = predict(profile, graph), predict(base, graph)
+    hops = {h.call: h for h in p.hops}
+    assert hops["r"].app_cpu_cores == pytest.approx(100 * 50_000 / 1e9)
+    assert hops["x"].app_cpu_cores == pytest.approx(100 * 70_000 / 1e9)
+    assert p.app_cpu_cores == pytest.approx(100 * 120_000 / 1e9)
+    assert p.to_json()["app_cpu_overhead_cores"] == pytest.approx(p.app_cpu_cores)
+    # beside the sidecars' own CPU, which it leaves as it was, as it leaves the latency
+    assert (p.cpu_cores, p.overhead_ns) == (without.cpu_cores, without.overhead_ns)
+    assert without.app_cpu_cores == 0.0
+    # a whole profiled hop saw its callee's side: its caller's is taken to cost the same
+    hop = dataclasses.replace(
+        profile,
+        modes=profile.modes | {"hop:http": profile.modes["http"]},
+        app_cpu={"http": Linear(20_000, 0.0), "hop:http": Linear(25_000, 0.0)},
+    )
+    x = {h.call: h for h in predict(hop, _f_calls_a()).hops}["x"]
+    assert x.whole == "hop:http" and x.app_cpu_cores == pytest.approx(100 * 50_000 / 1e9)
 
 
 def test_a_profiled_combination_of_filters_prices_its_sidecars_as_measured():

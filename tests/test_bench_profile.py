@@ -210,6 +210,7 @@ class _CountingTarget:
 
         self.setup = Setup("grpc", "grpc", "tcp", ())
         self.work_us, self.pids, self.reads = 0.0, [], 0
+        self.app_pids: dict[str, list[int]] = {}  # one echo for both paths, as on loopback
 
     def stats(self) -> dict:
         n = self.reads
@@ -237,6 +238,7 @@ def test_a_latency_point_records_lane_reads_and_stage_events_a_proxied_exchange(
     [latency] = [p for p in measure_size(_CountingTarget(), 100, 0.01, 0) if p["kind"] == "latency"]
     assert latency["lane_reads"] == {"all": 2.0, "whole": 1.0}
     assert latency["stage_events"] == {"read": 1.0}
+    assert "app_cpu_ns" not in latency  # one echo answered both paths: nothing to tell apart
 
 
 def test_a_whole_grpc_hop_is_driven_as_the_validation_apps_call_and_a_pass_as_the_load():

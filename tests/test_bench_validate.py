@@ -16,6 +16,7 @@ from pyproxy.bench.model import Profile, current_platform
 from pyproxy.bench.procs import halt_poll_ns, move_to_cpu, shield, tree_pids
 from pyproxy.bench.validate import (
     Case,
+    apps_added_cores,
     halves_differ,
     held_out,
     held_out_table,
@@ -56,6 +57,11 @@ def test_the_pods_profile_measured_a_sidecar_behind_capture_from_a_client_pod(pr
         # through the sidecar is slower than straight to the plain pod's echo
         assert hot["proxy_p50_ns"] > hot["direct_p50_ns"] > 0
         assert setup in profile.untimed and setup in profile.handoff
+        # each path's echo timed on its own: the app behind the sidecar and the plain one
+        assert hot["app_cpu_ns"]["mesh"] > 0 and hot["app_cpu_ns"]["plain"] > 0
+        assert profile.app_cpu[setup].base == pytest.approx(
+            hot["app_cpu_ns"]["mesh"] - hot["app_cpu_ns"]["plain"]
+        )
     # every HTTP request was parsed and filtered: the driver's connections were not taken for a
     # server-first protocol and relayed as opaque TCP
     [filtered] = [p for p in profile.points if (p["setup"], p["kind"]) == ("http+fault", "latency")]
@@ -121,9 +127,14 @@ def test_both_apps_ran_in_captured_pods_with_and_without_sidecars(validated):
         assert r["predicted_without_handoff_us"] > 0 and r["error_without_handoff"] is not None
         # the sidecars' CPU is measured in every phase, the closed loop too
         assert r["sidecar_cores"] > 0 and r["predicted_cores"] > 0
+        # and what they add to the apps' own CPU, measured and predicted from the profile (a
+        # run this short may measure less than nothing: a noisy difference of two CPU times)
+        assert r["apps_added_cores"] is not None and r["predicted_app_cores"] >= 0
+        assert r["app_cpu_error"] is not None
     assert (validated / "predicted_vs_measured.png").stat().st_size > 1000
     table = (validated / "table.md").read_text()
     assert "| fanout | grpc | grpc | closed |" in table and "median / worst" in table
+    assert "the apps' added CPU: from the profile" in table
 
 
 def test_the_traces_the_pods_exported_are_the_fanout_in_each_protocol(validated):
@@ -184,6 +195,15 @@ def test_a_case_names_the_app_protocol_and_the_sidecars():
     for bad in ("http", "smtp/tcp", "grpc/http", "http/grpc"):
         with pytest.raises(ValueError, match="case"):
             Case.parse(bad)
+
+
+def test_the_apps_added_cpu_is_the_meshed_apps_less_the_plain_ones_whole_and_by_halves():
+    measured = {"cores": {"apps_mesh": 0.30, "apps_plain": 0.25, "sidecars": 0.2},
+                "cores_halves": {"apps_mesh": [0.29, 0.31], "apps_plain": [0.25, 0.25]}}  # fmt: skip
+    added, halves = apps_added_cores(measured)
+    assert added == pytest.approx(0.05) and halves == pytest.approx([0.04, 0.06])
+    assert halves_differ(halves) == pytest.approx(0.4)
+    assert apps_added_cores({"cores": {"sidecars": 0.2}}) == (None, [])  # not measured
 
 
 def test_the_halves_of_a_measurement_that_agree_differ_by_nothing():
