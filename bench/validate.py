@@ -565,9 +565,7 @@ def rows_for(topology: str, case: Case, m: dict, profile: Profile, args, out: Pa
         row["apps_added_halves_differ"] = halves_differ(added_halves)
         row["predicted_app_cores"] = by_stage.app_cpu_cores
         # a profile without the apps' side (loopback, or older) predicts none: nothing to check
-        row["app_cpu_error"] = (
-            _error(by_stage.app_cpu_cores, added) if profile.app_cpu else None
-        )
+        row["app_cpu_error"] = _error(by_stage.app_cpu_cores, added) if profile.app_cpu else None
         rows.append(row)
     return rows
 
