@@ -33,6 +33,14 @@ the curve adds for the rest of its sidecar's own wait, while the CPU ran other
 sidecars. The profile measures that share (`fit_busy_share`): about all of it
 for a gRPC sidecar, whose code and data go cold whatever ran meanwhile, about
 none for a TCP one, whose cost is waking the idle CPU.
+
+The mesh also costs the apps' own CPU: an app's sends and receives go to a
+sidecar on another CPU, through the capture's rules. A pods profile measures
+it per setup (`Profile.app_cpu`: the echo behind the sidecar less the plain
+echo, per exchange), and each call pays it once for each side that crosses a
+sidecar: the callee's behind its inbound one, the caller's through its
+outbound one. It is reported beside the sidecars' CPU (`app_cpu_cores`), not
+in it; no what-if changes it.
 """
 
 from __future__ import annotations
@@ -472,17 +480,20 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 
 def distribution(predictions: Sequence[Prediction]) -> dict:
     """Batch mode: the spread of end-to-end overhead and CPU over many graphs."""
-    latency = [p.overhead_ns / 1000 for p in predictions]
-    cpu = [p.cpu_cores for p in predictions]
+
+    def spread(values: list[float]) -> dict[str, float]:
+        return {f"p{q}": percentile(values, q / 100) for q in (50, 90, 99)} | {
+            "max": max(values, default=0.0)
+        }
+
     dominant: dict[str, int] = {}
     for p in predictions:
         dominant[p.dominant_latency] = dominant.get(p.dominant_latency, 0) + 1
     return {
         "graphs": len(predictions),
-        "latency_overhead_us": {f"p{q}": percentile(latency, q / 100) for q in (50, 90, 99)}
-        | {"max": max(latency, default=0.0)},
-        "cpu_overhead_cores": {f"p{q}": percentile(cpu, q / 100) for q in (50, 90, 99)}
-        | {"max": max(cpu, default=0.0)},
+        "latency_overhead_us": spread([p.overhead_ns / 1000 for p in predictions]),
+        "cpu_overhead_cores": spread([p.cpu_cores for p in predictions]),
+        "app_cpu_overhead_cores": spread([p.app_cpu_cores for p in predictions]),
         "critical_path_moved": sum(p.path_moved for p in predictions),
         "dominant_latency_stage": dominant,
     }
