@@ -170,7 +170,14 @@ class Hop:
     outbound_ns: float = 0.0
     inbound_ns: float = 0.0
     whole: str = ""  # the profile's whole-hop setup that priced it (see `hop_key`), if one did
-    app_cpu_cores: float = 0.0  # what its sidecars add to the apps' own CPU (`Profile.app_cpu`)
+    # what its sidecars add to the apps' own CPU per exchange (`Profile.app_cpu`): the caller's
+    # app through its outbound sidecar, the callee's behind its inbound one
+    outbound_app_ns: float = 0.0
+    inbound_app_ns: float = 0.0
+
+    @property
+    def app_cpu_cores(self) -> float:
+        return self.rate * (self.outbound_app_ns + self.inbound_app_ns) / 1e9
 
 
 @dataclass(slots=True)
@@ -250,7 +257,7 @@ def _hop(
     factors = dict(what_if.factors)
     outbound_cpu_ns = 0.0
     handoff_ns = 0.0
-    app_ns = 0.0  # per exchange, on the apps either side of the call
+    app_ns = [0.0, 0.0]  # per exchange: the caller's app, the callee's
     side_ns = [0.0, 0.0]  # outbound, inbound
     for side, service in enumerate(sides):
         if not service.sidecar:
@@ -273,7 +280,7 @@ def _hop(
             )
         if (added := _per_setup(profile, profile.app_cpu, service, size)) is not None:
             # the caller's side through its outbound sidecar, the callee's through its inbound
-            app_ns += max(0.0, added)
+            app_ns[side if caller is not None else 1] = max(0.0, added)
         handoffs = {name: h.latency for name, h in profile.handoff.items()}
         if (handoff := _per_setup(profile, handoffs, service, size)) is not None:
             handoff_ns = max(handoff_ns, handoff)
@@ -286,7 +293,7 @@ def _hop(
         stages_ns[HANDOFF_STAGE] = factors.get(HANDOFF_STAGE, 1.0) * handoff_ns
     return Hop(call.id, caller, call.callee, size, rate, sum(stages_ns.values()),
                sum(cpu_stages.values()), stages_ns, cpu_stages, outbound_cpu_ns,
-               side_ns[0], side_ns[1], app_cpu_cores=rate * app_ns / 1e9)  # fmt: skip
+               side_ns[0], side_ns[1], "", app_ns[0], app_ns[1])  # fmt: skip
 
 
 def hop_key(profile: Profile, caller: Service | None, callee: Service, what_if: WhatIf) -> str:
@@ -325,11 +332,11 @@ def _whole_hop(
         stages_ns[HANDOFF_STAGE] = factors.get(HANDOFF_STAGE, 1.0) * handoff.latency.at(size)
     # the profile saw the callee's side only (its driver answered both paths); the caller's
     # side crosses its own sidecar the same way
-    app_ns = 2 * max(0.0, added.at(size)) if (added := profile.app_cpu.get(key)) else 0.0
+    app_ns = max(0.0, added.at(size)) if (added := profile.app_cpu.get(key)) else 0.0
     cores = sum(cpu_stages.values())
     return Hop(call.id, caller, call.callee, size, rate, sum(stages_ns.values()), cores,
                stages_ns, cpu_stages, cores * 1e9 / rate / 2 if rate > 0 else 0.0,
-               passes_ns / 2, passes_ns / 2, key, rate * app_ns / 1e9)  # fmt: skip
+               passes_ns / 2, passes_ns / 2, key, app_ns, app_ns)  # fmt: skip
 
 
 def _per_setup(

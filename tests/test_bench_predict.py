@@ -792,6 +792,11 @@ def test_predict_adds_the_apps_cpu_each_side_of_every_call_through_a_sidecar():
     hops = {h.call: h for h in p.hops}
     assert hops["r"].app_cpu_cores == pytest.approx(100 * 50_000 / 1e9)
     assert hops["x"].app_cpu_cores == pytest.approx(100 * 70_000 / 1e9)
+    assert (hops["r"].outbound_app_ns, hops["r"].inbound_app_ns) == (0.0, pytest.approx(50_000))
+    assert (hops["x"].outbound_app_ns, hops["x"].inbound_app_ns) == (
+        pytest.approx(50_000),
+        pytest.approx(20_000),
+    )
     assert p.app_cpu_cores == pytest.approx(100 * 120_000 / 1e9)
     assert p.to_json()["app_cpu_overhead_cores"] == pytest.approx(p.app_cpu_cores)
     # beside the sidecars' own CPU, which it leaves as it was, as it leaves the latency
