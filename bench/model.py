@@ -305,7 +305,7 @@ def fit_app_cpu(
     """The CPU a sidecar pass adds to the app behind it, L + s·l ns per exchange: per size, the
     CPU per exchange of the app (the echo) behind the captured sidecar less that of the same
     app without one, both answering the same paired exchanges. The app's sends and receives
-    now go to a process on another CPU, through the capture's rules, and cost it more."""
+    now go through the capture's rules to a sidecar, and cost it more."""
     return fit_latency(sizes, [m - p for m, p in zip(mesh_ns, plain_ns, strict=True)])
 
 
@@ -398,7 +398,7 @@ class Profile:
     # (`fit_busy_share`); a setup without one pays its curve by its CPU's idle gap only
     busy_share: dict[str, float] = field(default_factory=dict)
     # per setup: the CPU a pass adds to the app behind the sidecar, per exchange
-    # (`fit_app_cpu`): the mesh costs the app's own kernel work too
+    # (`fit_app_cpu`): the mesh costs the app's own CPU too
     app_cpu: dict[str, Linear] = field(default_factory=dict)
 
     def to_json(self) -> dict:

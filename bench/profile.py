@@ -357,8 +357,9 @@ def measure_size(
         # Alternating exchanges: direct and proxied see the same machine at the same moments.
         direct_rtts, rtts, wall = pair.paired(seconds, warmup=warmup)
         cpu = cpu_ns(target.pids) - cpu0
-        # each path's echo answered its own exchanges, as many as the other's
-        apps = {role: (cpu_ns(target.app_pids[role]) - ns) / (len(rtts) + warmup)
+        # each path's echo answered its own exchanges
+        answered = {"plain": len(direct_rtts) + warmup, "mesh": len(rtts) + warmup}
+        apps = {role: (cpu_ns(target.app_pids[role]) - ns) / answered[role]
                 for role, ns in apps0.items()}  # fmt: skip
         after = target.stats()
         stages = _stages_delta(after, before)
