@@ -262,11 +262,12 @@ def _hop(
     for side, service in enumerate(sides):
         if not service.sidecar:
             continue
+        slot = side if caller is not None else 1  # the root's one side is the callee's
         cpu_before = sum(cpu_stages.values())
         for stage, model in sidecar_stages(profile, service, what_if).items():
             ns = model.latency.at(size)
             stages_ns[stage] = stages_ns.get(stage, 0.0) + ns
-            side_ns[side if caller is not None else 1] += ns
+            side_ns[slot] += ns
             cpu_stages[stage] = cpu_stages.get(stage, 0.0) + rate * model.cpu.at(size) / 1e9
         if (curve := profile.idle.get(setup_key(profile, service))) is not None:
             # Below the closed-loop rate the sidecar idles between exchanges and pays to wake up.
@@ -280,7 +281,7 @@ def _hop(
             )
         if (added := _per_setup(profile, profile.app_cpu, service, size)) is not None:
             # the caller's side through its outbound sidecar, the callee's through its inbound
-            app_ns[side if caller is not None else 1] = max(0.0, added)
+            app_ns[slot] = max(0.0, added)
         handoffs = {name: h.latency for name, h in profile.handoff.items()}
         if (handoff := _per_setup(profile, handoffs, service, size)) is not None:
             handoff_ns = max(handoff_ns, handoff)
@@ -293,7 +294,8 @@ def _hop(
         stages_ns[HANDOFF_STAGE] = factors.get(HANDOFF_STAGE, 1.0) * handoff_ns
     return Hop(call.id, caller, call.callee, size, rate, sum(stages_ns.values()),
                sum(cpu_stages.values()), stages_ns, cpu_stages, outbound_cpu_ns,
-               side_ns[0], side_ns[1], "", app_ns[0], app_ns[1])  # fmt: skip
+               side_ns[0], side_ns[1], outbound_app_ns=app_ns[0],
+               inbound_app_ns=app_ns[1])  # fmt: skip
 
 
 def hop_key(profile: Profile, caller: Service | None, callee: Service, what_if: WhatIf) -> str:
